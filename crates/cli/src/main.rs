@@ -1,0 +1,3 @@
+//! The `pf` command line.
+
+fn main() {}

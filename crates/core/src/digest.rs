@@ -1,0 +1,212 @@
+//! `Digest256`: `sha256:<64 lowercase hex>` of a blob's raw bytes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use sha2::{Digest as _, Sha256};
+
+const PREFIX: &str = "sha256:";
+
+/// The SHA-256 of a blob's raw (uncompressed) bytes, written `sha256:<64 lowercase hex>`.
+///
+/// Parsing is strict: the prefix, exactly 64 hex digits, lower case only. A value of this type is
+/// therefore always safe to turn into a file name.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest256([u8; 32]);
+
+/// Why a string is not a [`Digest256`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseDigestError {
+    /// The string does not start with `sha256:`.
+    #[error("digest {input:?} does not start with \"sha256:\"")]
+    Prefix { input: String },
+    /// The hex part is not 64 characters long.
+    #[error("digest {input:?} has {len} hex digits, expected 64")]
+    Length { input: String, len: usize },
+    /// The hex part holds something other than `0-9a-f`.
+    #[error("digest {input:?} has a character that is not lowercase hex: {bad:?}")]
+    NotHex { input: String, bad: char },
+}
+
+impl Digest256 {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    /// A digest from its 32 raw bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The 32 raw bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The 64 lowercase hex digits, without the `sha256:` prefix.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl FromStr for Digest256 {
+    type Err = ParseDigestError;
+
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let Some(hex_part) = input.strip_prefix(PREFIX) else {
+            return Err(ParseDigestError::Prefix {
+                input: input.to_owned(),
+            });
+        };
+        if let Some(bad) = hex_part
+            .chars()
+            .find(|c| !matches!(c, '0'..='9' | 'a'..='f'))
+        {
+            return Err(ParseDigestError::NotHex {
+                input: input.to_owned(),
+                bad,
+            });
+        }
+        if hex_part.len() != 64 {
+            return Err(ParseDigestError::Length {
+                input: input.to_owned(),
+                len: hex_part.len(),
+            });
+        }
+        let mut out = [0u8; 32];
+        // Cannot fail: 64 lowercase hex digits were checked above.
+        hex::decode_to_slice(hex_part, &mut out).map_err(|_| ParseDigestError::Length {
+            input: input.to_owned(),
+            len: hex_part.len(),
+        })?;
+        Ok(Self(out))
+    }
+}
+
+impl fmt::Display for Digest256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PREFIX}{}", self.hex())
+    }
+}
+
+impl fmt::Debug for Digest256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest256({self})")
+    }
+}
+
+impl serde::Serialize for Digest256 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest256 {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An incremental SHA-256 that ends in a [`Digest256`].
+#[derive(Clone, Default)]
+pub struct DigestHasher {
+    inner: Sha256,
+    len: u64,
+}
+
+impl fmt::Debug for DigestHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DigestHasher")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DigestHasher {
+    /// A hasher that has seen no bytes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feed more bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.inner.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// How many bytes have been fed.
+    pub const fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no bytes have been fed.
+    pub const fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest256 {
+        Digest256(self.inner.finalize().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn digest_of_empty_is_known() {
+        assert_eq!(Digest256::of(b"").to_string(), EMPTY);
+        assert_eq!(EMPTY.parse::<Digest256>(), Ok(Digest256::of(b"")));
+    }
+
+    #[test]
+    fn incremental_equals_one_shot() {
+        let mut h = DigestHasher::new();
+        h.update(b"hello ");
+        h.update(b"world");
+        assert_eq!(h.len(), 11);
+        assert_eq!(h.finish(), Digest256::of(b"hello world"));
+    }
+
+    #[test]
+    fn parse_rejects_malformed() {
+        let upper = EMPTY.to_uppercase().replace("SHA256:", "sha256:");
+        let cases = [
+            ("", "prefix"),
+            ("e3b0c442", "prefix"),
+            ("sha512:e3b0", "prefix"),
+            ("SHA256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "prefix"),
+            ("sha256:", "length"),
+            ("sha256:e3b0", "length"),
+            (&format!("{EMPTY}00"), "length"),
+            (upper.as_str(), "hex"),
+            ("sha256:../../x", "hex"),
+            ("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85/", "hex"),
+            ("sha256:zz", "hex"),
+        ];
+        for (input, why) in cases {
+            let err = input.parse::<Digest256>().expect_err(input);
+            let got = match err {
+                ParseDigestError::Prefix { .. } => "prefix",
+                ParseDigestError::Length { .. } => "length",
+                ParseDigestError::NotHex { .. } => "hex",
+            };
+            assert_eq!(got, why, "{input}");
+        }
+    }
+
+    #[test]
+    fn serde_round_trip_and_validation() {
+        let d = Digest256::of(b"x");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{d}\""));
+        assert_eq!(serde_json::from_str::<Digest256>(&json).unwrap(), d);
+        assert!(serde_json::from_str::<Digest256>("\"sha256:../../etc/passwd\"").is_err());
+        assert!(serde_json::from_str::<Digest256>("\"sha256:ABC\"").is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! An in-memory [`BlobStore`], for tests and embedding.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::{Arc, RwLock};
+
+use crate::digest::{Digest256, DigestHasher};
+use crate::error::{Error, Result};
+use crate::store::{BlobStore, Put, validate_name};
+
+/// A [`BlobStore`] that keeps blobs and names in memory.
+#[derive(Debug, Default)]
+pub struct MemBlobStore {
+    blobs: RwLock<BTreeMap<Digest256, Arc<[u8]>>>,
+    names: RwLock<BTreeMap<String, Digest256>>,
+}
+
+impl MemBlobStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replace a stored blob's bytes without changing its digest: for tests of corruption.
+    pub fn corrupt_for_test(&self, digest: &Digest256, bytes: &[u8]) {
+        self.blobs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(*digest, bytes.into());
+    }
+
+    fn blob(&self, digest: &Digest256) -> Result<Arc<[u8]>> {
+        self.blobs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(digest)
+            .cloned()
+            .ok_or(Error::NotFound { digest: *digest })
+    }
+}
+
+impl BlobStore for MemBlobStore {
+    fn put(&self, bytes: &[u8]) -> Result<Digest256> {
+        let digest = Digest256::of(bytes);
+        self.blobs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(digest)
+            .or_insert_with(|| bytes.into());
+        Ok(digest)
+    }
+
+    fn put_reader(&self, reader: &mut dyn Read) -> Result<Put> {
+        let mut bytes = Vec::new();
+        reader
+            .read_to_end(&mut bytes)
+            .map_err(|source| Error::Input { source })?;
+        let digest = self.put(&bytes)?;
+        Ok(Put {
+            digest,
+            size: bytes.len() as u64,
+        })
+    }
+
+    fn get(&self, digest: &Digest256) -> Result<Vec<u8>> {
+        let bytes = self.blob(digest)?;
+        let actual = Digest256::of(&bytes);
+        if actual != *digest {
+            return Err(Error::Integrity {
+                digest: *digest,
+                actual,
+                path: None,
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
+    fn open(&self, digest: &Digest256) -> Result<Box<dyn Read + Send>> {
+        let bytes = self.blob(digest)?;
+        Ok(Box::new(VerifyingReader::new(
+            ArcReader { bytes, pos: 0 },
+            *digest,
+            None,
+        )))
+    }
+
+    fn contains(&self, digest: &Digest256) -> Result<bool> {
+        Ok(self
+            .blobs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(digest))
+    }
+
+    fn remove(&self, digest: &Digest256) -> Result<bool> {
+        Ok(self
+            .blobs
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(digest)
+            .is_some())
+    }
+
+    fn list(&self) -> Result<Vec<Digest256>> {
+        Ok(self
+            .blobs
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect())
+    }
+
+    fn stored_size(&self, digest: &Digest256) -> Result<u64> {
+        Ok(self.blob(digest)?.len() as u64)
+    }
+
+    fn set_name(&self, name: &str, digest: &Digest256) -> Result<()> {
+        validate_name(name)?;
+        if !self.contains(digest)? {
+            return Err(Error::NotFound { digest: *digest });
+        }
+        self.names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned(), *digest);
+        Ok(())
+    }
+
+    fn get_name(&self, name: &str) -> Result<Digest256> {
+        validate_name(name)?;
+        self.names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::NameNotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    fn names(&self) -> Result<Vec<(String, Digest256)>> {
+        Ok(self
+            .names
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(n, d)| (n.clone(), *d))
+            .collect())
+    }
+
+    fn remove_name(&self, name: &str) -> Result<bool> {
+        validate_name(name)?;
+        Ok(self
+            .names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name)
+            .is_some())
+    }
+}
+
+struct ArcReader {
+    bytes: Arc<[u8]>,
+    pos: usize,
+}
+
+impl Read for ArcReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = &self.bytes[self.pos..];
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Wraps a reader of a blob's raw bytes; at EOF, fails unless they hash to `digest`.
+pub(crate) struct VerifyingReader<R> {
+    inner: R,
+    hasher: Option<DigestHasher>,
+    digest: Digest256,
+    path: Option<std::path::PathBuf>,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    pub(crate) fn new(inner: R, digest: Digest256, path: Option<std::path::PathBuf>) -> Self {
+        Self {
+            inner,
+            hasher: Some(DigestHasher::new()),
+            digest,
+            path,
+        }
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        match (n, self.hasher.as_mut()) {
+            (0, Some(_)) => {
+                let actual = self.hasher.take().map(DigestHasher::finish);
+                if let Some(actual) = actual
+                    && actual != self.digest
+                {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        Error::Integrity {
+                            digest: self.digest,
+                            actual,
+                            path: self.path.clone(),
+                        },
+                    ));
+                }
+                Ok(0)
+            }
+            (n, Some(h)) => {
+                h.update(&buf[..n]);
+                Ok(n)
+            }
+            (n, None) => Ok(n),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_open_round_trip() {
+        let s = MemBlobStore::new();
+        let d = s.put(b"hello").unwrap();
+        assert_eq!(d, Digest256::of(b"hello"));
+        assert_eq!(s.get(&d).unwrap(), b"hello");
+        let mut out = Vec::new();
+        s.open(&d).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hello");
+        let p = s.put_reader(&mut &b"hello"[..]).unwrap();
+        assert_eq!(p, Put { digest: d, size: 5 });
+        assert_eq!(s.list().unwrap(), vec![d]);
+    }
+
+    #[test]
+    fn corruption_is_an_integrity_error() {
+        let s = MemBlobStore::new();
+        let d = s.put(b"hello").unwrap();
+        s.corrupt_for_test(&d, b"jello");
+        assert!(matches!(s.get(&d), Err(Error::Integrity { .. })));
+        let mut out = Vec::new();
+        let err = s.open(&d).unwrap().read_to_end(&mut out).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains(&d.to_string()), "{err}");
+    }
+
+    #[test]
+    fn unknown_digest_is_not_found() {
+        let s = MemBlobStore::new();
+        let d = Digest256::of(b"nope");
+        assert!(matches!(s.get(&d), Err(Error::NotFound { .. })));
+        assert!(matches!(s.open(&d), Err(Error::NotFound { .. })));
+        assert!(matches!(s.set_name("x", &d), Err(Error::NotFound { .. })));
+    }
+
+    #[test]
+    fn names_point_at_blobs() {
+        let s = MemBlobStore::new();
+        let d = s.put(b"a").unwrap();
+        s.set_name("snap", &d).unwrap();
+        assert_eq!(s.resolve("snap").unwrap(), d);
+        assert_eq!(s.resolve(&d.to_string()).unwrap(), d);
+        assert!(matches!(s.resolve("nope"), Err(Error::NameNotFound { .. })));
+        assert!(s.remove_name("snap").unwrap());
+        assert!(!s.remove_name("snap").unwrap());
+    }
+}

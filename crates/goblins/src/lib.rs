@@ -1,0 +1,1 @@
+//! pf-goblins: processes that speak only through stdin, stdout and stderr.

@@ -1,0 +1,1 @@
+//! pf-world-procs: runs CRIU to capture and restore process trees through a pf store.

@@ -1,0 +1,3 @@
+//! Project automation: `cargo xtask ci | live | install-criu | bench | demo`.
+
+fn main() {}
