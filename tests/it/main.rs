@@ -1,1 +1,1 @@
-//! Black-box tests of the `pf` binary.
+//! Black-box tests of the `pf` binary: one module per subcommand.

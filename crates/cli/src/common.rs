@@ -1,0 +1,63 @@
+//! What every subcommand shares: global flags, the store root, logging and error printing.
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+/// Flags accepted by every subcommand.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Global {
+    /// Store directory [default: $PF_STORE, else $XDG_DATA_HOME/pf, else ~/.local/share/pf]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub(crate) store: Option<PathBuf>,
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+}
+
+/// Where the store lives: `--store`, else `$PF_STORE`, else `$XDG_DATA_HOME/pf`, else
+/// `~/.local/share/pf`.
+pub(crate) fn store_root(global: &Global) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &global.store {
+        return Ok(dir.clone());
+    }
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(dir) = env("PF_STORE") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = env("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(dir).join("pf"));
+    }
+    let home = env("HOME").context("cannot find the store: set --store, $PF_STORE or $HOME")?;
+    Ok(PathBuf::from(home).join(".local/share/pf"))
+}
+
+/// Log to stderr; `RUST_LOG` wins over `-v`.
+pub(crate) fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .init();
+}
+
+/// Print an error chain on stderr as `error: outer: inner: …`.
+#[allow(clippy::print_stderr)]
+pub(crate) fn print_error(err: &anyhow::Error) {
+    eprintln!("error: {err:#}");
+}
+
+/// Whether progress may be drawn: only when stderr is a terminal.
+pub(crate) fn progress_enabled() -> bool {
+    std::io::stderr().is_terminal()
+}
