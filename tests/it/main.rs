@@ -1,1 +1,3 @@
 //! Black-box tests of the `pf` binary: one module per subcommand.
+
+mod support;
