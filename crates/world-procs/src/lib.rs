@@ -1,1 +1,3 @@
 //! pf-world-procs: runs CRIU to capture and restore process trees through a pf store.
+
+pub mod images;
