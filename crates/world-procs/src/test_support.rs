@@ -1,0 +1,65 @@
+//! Helpers for live tests (root + a working CRIU) across the workspace: the gate, a pid killer,
+//! and a spawner that leaks no descriptors into the process a test will dump.
+//!
+//! Not part of the stable API: hidden from docs, used by tests of every pf crate.
+
+use std::process::{Child, Command};
+
+/// Whether live tests may run: true when `PF_HAS_CRIU=1`.
+///
+/// Otherwise prints a one-line reason on stderr and returns false — except when `CI` is set,
+/// where a skipped live test is a failure, so it panics.
+#[allow(clippy::print_stderr)]
+pub fn live(what: &str) -> bool {
+    if std::env::var("PF_HAS_CRIU").is_ok_and(|v| v == "1") {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| !v.is_empty()) {
+        panic!(
+            "live test {what} would be skipped in CI: PF_HAS_CRIU is not 1 (run `cargo xtask live`)"
+        );
+    }
+    eprintln!("skipping live test {what}: set PF_HAS_CRIU=1 (cargo xtask live)");
+    false
+}
+
+/// SIGKILLs the pid when dropped, and reaps it if it is our child.
+///
+/// When it is not our child (a restored process reparented elsewhere), waits up to 5 s for it to
+/// be gone from `/proc` or be a zombie, so a following restore of the same pid does not collide.
+#[derive(Debug)]
+pub struct KillOnDrop(pub i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::sys::wait::waitpid;
+        use nix::unistd::Pid;
+        if self.0 <= 1 {
+            return;
+        }
+        let pid = Pid::from_raw(self.0);
+        if kill(pid, Signal::SIGKILL).is_err() {
+            let _ = waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            return;
+        }
+        if waitpid(pid, None).is_ok() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
+                Err(_) => return,
+                Ok(stat) if crate::proc::stat_state(&stat) == Some('Z') => return,
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    }
+}
+
+/// Spawn `cmd` with every descriptor above 2 closed in the child (CRIU cannot dump a process
+/// holding a leaked descriptor it cannot resolve). Stdio is whatever `cmd` says.
+pub fn spawn_clean(cmd: &mut Command) -> std::io::Result<Child> {
+    crate::sys::only_these_fds(cmd, Vec::new());
+    cmd.spawn()
+}
