@@ -180,13 +180,19 @@ mod tests {
             ("", "prefix"),
             ("e3b0c442", "prefix"),
             ("sha512:e3b0", "prefix"),
-            ("SHA256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "prefix"),
+            (
+                "SHA256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                "prefix",
+            ),
             ("sha256:", "length"),
             ("sha256:e3b0", "length"),
             (&format!("{EMPTY}00"), "length"),
             (upper.as_str(), "hex"),
             ("sha256:../../x", "hex"),
-            ("sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85/", "hex"),
+            (
+                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b85/",
+                "hex",
+            ),
             ("sha256:zz", "hex"),
         ];
         for (input, why) in cases {

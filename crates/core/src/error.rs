@@ -29,6 +29,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Reading a blob failed for a reason the store could not classify further.
+    #[error("reading blob {digest}")]
+    Read {
+        digest: Digest256,
+        #[source]
+        source: std::io::Error,
+    },
     /// A file-system operation failed.
     #[error("{op} {}", .path.display())]
     Io {
@@ -43,6 +50,11 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The input of a put yielded a different number of bytes than the caller announced.
+    #[error(
+        "the input to store yielded {actual} bytes where {expected} were announced (did the file change while it was read?)"
+    )]
+    InputLength { expected: u64, actual: u64 },
     /// A string that should be a digest is not one.
     #[error(transparent)]
     InvalidDigest(#[from] ParseDigestError),
@@ -70,6 +82,34 @@ fn path_suffix(path: &Option<PathBuf>) -> String {
 }
 
 impl Error {
+    /// The store error inside an `io::Error` returned by a reader from [`crate::BlobStore::open`]
+    /// (an integrity or decode failure), if that is what it is.
+    pub fn from_read_error(err: &std::io::Error) -> Option<&Self> {
+        err.get_ref().and_then(|inner| inner.downcast_ref::<Self>())
+    }
+
+    /// Wrap this error in an `io::Error` of kind `InvalidData`, as blob readers return it.
+    pub(crate) fn into_read_error(self) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, self)
+    }
+
+    /// The error a blob reader's `io::Error` stands for: the store error inside it, or the
+    /// `fallback` wrapping it.
+    pub(crate) fn from_read(
+        err: std::io::Error,
+        fallback: impl FnOnce(std::io::Error) -> Self,
+    ) -> Self {
+        if Self::from_read_error(&err).is_none() {
+            return fallback(err);
+        }
+        let kind = err.kind();
+        match err.into_inner().map(|inner| inner.downcast::<Self>()) {
+            Some(Ok(inner)) => *inner,
+            Some(Err(other)) => fallback(std::io::Error::new(kind, other)),
+            None => fallback(std::io::Error::from(kind)),
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             op,

@@ -1,15 +1,20 @@
 //! pf-core: a content-addressed blob store.
 //!
 //! Blobs are named by [`Digest256`], the SHA-256 of their raw bytes. A [`BlobStore`] holds blobs
-//! and names (refs) that point at them; [`MemBlobStore`] keeps them in memory and `FsBlobStore`
-//! on disk. This crate knows nothing about processes, CRIU or tar.
+//! and names (refs) that point at them; [`MemBlobStore`] keeps them in memory and
+//! [`FsBlobStore`] on disk. [`gc`] removes what no name reaches. This crate knows nothing about
+//! processes, CRIU or tar.
 
 mod digest;
 mod error;
+mod fs;
+mod gc;
 mod mem;
 mod store;
 
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
 pub use crate::error::{Error, Result};
+pub use crate::fs::FsBlobStore;
+pub use crate::gc::{GcBlob, GcOptions, GcReport, gc};
 pub use crate::mem::MemBlobStore;
 pub use crate::store::{BlobStore, Put, validate_name};

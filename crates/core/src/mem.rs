@@ -175,12 +175,14 @@ impl Read for ArcReader {
     }
 }
 
-/// Wraps a reader of a blob's raw bytes; at EOF, fails unless they hash to `digest`.
+/// Wraps a reader of a blob's raw bytes; at EOF, fails unless they hash to `digest`. Once it
+/// failed, every later read fails too, so a caller that retries never sees a clean EOF.
 pub(crate) struct VerifyingReader<R> {
     inner: R,
     hasher: Option<DigestHasher>,
     digest: Digest256,
     path: Option<std::path::PathBuf>,
+    mismatch: Option<Digest256>,
 }
 
 impl<R: Read> VerifyingReader<R> {
@@ -190,30 +192,37 @@ impl<R: Read> VerifyingReader<R> {
             hasher: Some(DigestHasher::new()),
             digest,
             path,
+            mismatch: None,
         }
+    }
+
+    fn integrity_error(&self, actual: Digest256) -> std::io::Error {
+        Error::Integrity {
+            digest: self.digest,
+            actual,
+            path: self.path.clone(),
+        }
+        .into_read_error()
     }
 }
 
 impl<R: Read> Read for VerifyingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        if let Some(actual) = self.mismatch {
+            return Err(self.integrity_error(actual));
+        }
         if buf.is_empty() {
             return Ok(0);
         }
+        let n = self.inner.read(buf)?;
         match (n, self.hasher.as_mut()) {
             (0, Some(_)) => {
                 let actual = self.hasher.take().map(DigestHasher::finish);
                 if let Some(actual) = actual
                     && actual != self.digest
                 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        Error::Integrity {
-                            digest: self.digest,
-                            actual,
-                            path: self.path.clone(),
-                        },
-                    ));
+                    self.mismatch = Some(actual);
+                    return Err(self.integrity_error(actual));
                 }
                 Ok(0)
             }
@@ -254,6 +263,22 @@ mod tests {
         let err = s.open(&d).unwrap().read_to_end(&mut out).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
         assert!(err.to_string().contains(&d.to_string()), "{err}");
+        assert!(matches!(
+            Error::from_read_error(&err),
+            Some(Error::Integrity { digest, .. }) if *digest == d
+        ));
+    }
+
+    #[test]
+    fn a_failed_reader_keeps_failing() {
+        let s = MemBlobStore::new();
+        let d = s.put(b"hello").unwrap();
+        s.corrupt_for_test(&d, b"jello");
+        let mut r = s.open(&d).unwrap();
+        let mut out = Vec::new();
+        assert!(r.read_to_end(&mut out).is_err());
+        let mut buf = [0u8; 4];
+        assert!(r.read(&mut buf).is_err());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! The [`BlobStore`] trait: blobs by digest, and names (refs) that point at them.
 
 use std::io::Read;
+use std::path::PathBuf;
+use std::time::SystemTime;
 
 use crate::digest::Digest256;
 use crate::error::{Error, Result};
+use crate::gc::GcOptions;
 
 /// What a streaming put stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +67,80 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         }
         self.get_name(digest_or_name)
     }
+
+    /// Like [`put_reader`](Self::put_reader), for a caller that knows how many bytes `reader`
+    /// will yield: a store may record the size up front (`FsBlobStore` writes it into the zstd
+    /// frame header, so `raw_size` needs no decoding). A reader that yields another count is an
+    /// [`Error::InputLength`], and nothing is stored.
+    fn put_reader_with_len(&self, reader: &mut dyn Read, len: u64) -> Result<Put> {
+        let mut checked = ExactLen::new(reader, len);
+        self.put_reader(&mut checked).map_err(|err| match err {
+            Error::Input { source } => Error::from_read(source, |source| Error::Input { source }),
+            other => other,
+        })
+    }
+
+    /// The blob's raw (uncompressed) size. The default reads the whole blob, verifying it.
+    fn raw_size(&self, digest: &Digest256) -> Result<u64> {
+        let mut reader = self.open(digest)?;
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(|err| {
+            Error::from_read(err, |source| Error::Read {
+                digest: *digest,
+                source,
+            })
+        })
+    }
+
+    /// When the blob was last stored (written, or put again while already present), if the
+    /// store keeps such times. `gc` spares unreachable blobs younger than its grace period.
+    fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
+        let _ = digest;
+        Ok(None)
+    }
+
+    /// Remove (or with `dry_run`, only list) temp files left behind by writers that died
+    /// mid-put. Stores without temp files have nothing to do.
+    fn sweep_temp(&self, options: &GcOptions) -> Result<Vec<PathBuf>> {
+        let _ = options;
+        Ok(Vec::new())
+    }
+}
+
+/// A reader that fails with [`Error::InputLength`] (wrapped in an `io::Error`) when its inner
+/// reader yields more or fewer than `expected` bytes. The bytes past `expected` are never
+/// returned.
+pub(crate) struct ExactLen<R> {
+    inner: R,
+    expected: u64,
+    seen: u64,
+}
+
+impl<R: Read> ExactLen<R> {
+    pub(crate) fn new(inner: R, expected: u64) -> Self {
+        Self {
+            inner,
+            expected,
+            seen: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for ExactLen<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        self.seen += n as u64;
+        if self.seen > self.expected || (n == 0 && self.seen < self.expected) {
+            return Err(Error::InputLength {
+                expected: self.expected,
+                actual: self.seen,
+            }
+            .into_read_error());
+        }
+        Ok(n)
+    }
 }
 
 /// Check that `name` is acceptable as a ref: 1–200 bytes, no `/`, no `\0` or other control
@@ -102,12 +179,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn exact_len_refuses_short_and_long_input() {
+        let mut out = Vec::new();
+        let err = ExactLen::new(&b"abc"[..], 4)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(matches!(
+            Error::from_read_error(&err),
+            Some(Error::InputLength {
+                expected: 4,
+                actual: 3
+            })
+        ));
+        let err = ExactLen::new(&b"abcde"[..], 4)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(matches!(
+            Error::from_read_error(&err),
+            Some(Error::InputLength { expected: 4, .. })
+        ));
+        out.clear();
+        ExactLen::new(&b"abcd"[..], 4)
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, b"abcd");
+    }
+
+    #[test]
     fn names_are_validated() {
         for ok in ["repl", "python-3.11_warm", "a.b", "x@1"] {
             assert!(validate_name(ok).is_ok(), "{ok}");
         }
         let long = "x".repeat(201);
-        for bad in ["", ".", "..", ".hidden", "a/b", "../x", "a\0b", "a\nb", "sha256:00", "a b", &long] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../x",
+            "a\0b",
+            "a\nb",
+            "sha256:00",
+            "a b",
+            &long,
+        ] {
             assert!(
                 matches!(validate_name(bad), Err(Error::InvalidName { .. })),
                 "{bad:?}"

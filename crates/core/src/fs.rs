@@ -1,0 +1,1220 @@
+//! [`FsBlobStore`]: blobs as zstd files in a directory tree, names as small files beside them.
+//!
+//! The layout is the reference pf-core store's, so either reads what the other wrote:
+//!
+//! ```text
+//! <root>/blobs/sha256/<first 2 hex>/<64 hex>.zst   one zstd frame of the blob's raw bytes
+//! <root>/refs/<name>                                "sha256:<64 hex>\n"
+//! ```
+//!
+//! Writers stream into `.tmp-<pid>-<n>-<random>` files (in `blobs/sha256/` or `refs/`) on which
+//! they hold an exclusive `flock`, fsync them, rename them into place and fsync the directory, so
+//! a reader sees a whole blob or none. A writer killed midway leaves an unlocked temp file that
+//! [`BlobStore::sweep_temp`] removes. Directories are 0700 and files 0600 whatever the umask:
+//! blobs hold process memory, and process memory holds secrets.
+
+use std::collections::hash_map::RandomState;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::io::{self, BufReader, Read, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use zstd::stream::raw::{CParameter, InBuffer, Operation as _, OutBuffer};
+
+use crate::digest::{Digest256, DigestHasher};
+use crate::error::{Error, Result};
+use crate::gc::GcOptions;
+use crate::mem::VerifyingReader;
+use crate::store::{BlobStore, ExactLen, Put, validate_name};
+
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+const TEMP_PREFIX: &str = ".tmp-";
+/// zstd level 1: the fastest regular level; process memory is mostly zeros or incompressible.
+const LEVEL: i32 = 1;
+/// Unit of reading, compressing, writing and handing between threads.
+const CHUNK: usize = 1 << 20;
+/// Inputs at least this large (or of unknown size past the first chunk) compress on zstd's
+/// worker threads.
+const MULTITHREAD_MIN: u64 = 4 << 20;
+/// A background thread starts the disk writing of a blob every this many compressed bytes, so
+/// the final fsync waits for little.
+const SYNC_EVERY: u64 = 32 << 20;
+/// Blob files at least this large are decoded and hashed on two threads of their own.
+const THREADED_READ_MIN: u64 = 4 << 20;
+/// Chunks that may be in flight between the threads of one reader (memory bound).
+const READ_QUEUE: usize = 2;
+/// An unlocked temp file whose writer may still be alive is left alone until it is this old.
+const TEMP_MIN_AGE: Duration = Duration::from_secs(60);
+/// `ZSTD_FRAMEHEADERSIZE_MAX`: enough of a file to read the frame's content size.
+const FRAME_HEADER_MAX: usize = 18;
+
+/// A [`BlobStore`] on disk: zstd-compressed blobs under `<root>/blobs/sha256/`, names under
+/// `<root>/refs/`.
+///
+/// Writes are atomic (temp file, fsync, rename, fsync of the directory) and stream with flat
+/// memory whatever the blob size; reads verify the digest. Several processes may use one store at
+/// once.
+#[derive(Debug)]
+pub struct FsBlobStore {
+    root: PathBuf,
+    blobs: PathBuf,
+    refs: PathBuf,
+}
+
+impl FsBlobStore {
+    /// Open the store at `root`, creating the directory (mode 0700) when it is missing.
+    ///
+    /// Subdirectories are created on the first write, so a read-only store can be read.
+    pub fn open(root: &Path) -> Result<Self> {
+        match fs::metadata(root) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::io(
+                    "opening the store",
+                    root,
+                    io::Error::from(io::ErrorKind::NotADirectory),
+                ));
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                ensure_dir(root)?;
+            }
+            Err(err) => return Err(Error::io("opening the store", root, err)),
+        }
+        Ok(Self {
+            root: root.to_owned(),
+            blobs: root.join("blobs").join("sha256"),
+            refs: root.join("refs"),
+        })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob with `digest` lives (whether or not it is there).
+    pub fn blob_path(&self, digest: &Digest256) -> PathBuf {
+        let hex = digest.hex();
+        self.blobs.join(&hex[..2]).join(format!("{hex}.zst"))
+    }
+
+    fn fanout_dir(&self, digest: &Digest256) -> PathBuf {
+        self.blobs.join(&digest.hex()[..2])
+    }
+
+    fn ref_path(&self, name: &str) -> PathBuf {
+        self.refs.join(name)
+    }
+
+    /// Compress everything `input` yields into a temp file, then move it into place.
+    ///
+    /// `len` is pledged into the frame header when known; `known` skips hashing when the caller
+    /// already hashed the bytes.
+    fn write_blob(
+        &self,
+        input: &mut dyn Read,
+        len: Option<u64>,
+        known: Option<Digest256>,
+    ) -> Result<Put> {
+        let started = std::time::Instant::now();
+        ensure_dir(&self.blobs)?;
+        let temp = TempFile::create(&self.blobs)?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = fill(input, &mut buf).map_err(input_error)?;
+        let mut eof = n < CHUNK;
+        let pledged = len.or(if eof { Some(n as u64) } else { None });
+        let mut encoder = Compressor::new(&temp, pledged)?;
+        let mut hasher = known.is_none().then(DigestHasher::new);
+        let mut size = 0u64;
+        while n > 0 {
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf[..n]);
+            }
+            size += n as u64;
+            encoder.compress(&buf[..n])?;
+            if eof {
+                break;
+            }
+            n = fill(input, &mut buf).map_err(input_error)?;
+            eof = n < CHUNK;
+        }
+        let stored = encoder.finish()?;
+        let digest = match known {
+            Some(d) => d,
+            None => hasher.unwrap_or_default().finish(),
+        };
+        self.install(temp, &digest)?;
+        tracing::debug!(%digest, size, stored, elapsed = ?started.elapsed(), "stored blob");
+        Ok(Put { digest, size })
+    }
+
+    /// Move a finished, synced temp file to the blob's path, unless the blob is already there.
+    fn install(&self, temp: TempFile, digest: &Digest256) -> Result<()> {
+        let dir = self.fanout_dir(digest);
+        ensure_dir(&dir)?;
+        let dest = self.blob_path(digest);
+        if path_exists(&dest)? {
+            // Another writer got there first: same bytes, so ours is not needed.
+            touch(&dest);
+            return Ok(());
+        }
+        temp.persist(&dest)?;
+        sync_dir(&dir)
+    }
+
+    fn decoder(&self, digest: &Digest256, file: File, path: &Path) -> Result<DecodeReader> {
+        let capacity = file
+            .metadata()
+            .map(|m| usize::try_from(m.len()).unwrap_or(CHUNK).clamp(4096, CHUNK))
+            .unwrap_or(CHUNK);
+        let inner =
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(capacity, file))
+                .map_err(|source| Error::Decode {
+                    digest: *digest,
+                    path: path.to_owned(),
+                    source,
+                })?;
+        Ok(DecodeReader {
+            inner,
+            digest: *digest,
+            path: path.to_owned(),
+            failed: false,
+        })
+    }
+
+    fn open_blob_file(&self, digest: &Digest256) -> Result<(File, PathBuf)> {
+        let path = self.blob_path(digest);
+        match File::open(&path) {
+            Ok(file) => Ok((file, path)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                Err(Error::NotFound { digest: *digest })
+            }
+            Err(err) => Err(Error::io("opening blob", path, err)),
+        }
+    }
+
+    /// Temp files in `dir` (not recursive).
+    fn temp_files_in(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(Error::io("listing", dir, err)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|err| Error::io("listing", dir, err))?;
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+            {
+                out.push(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// The fan-out directories (`blobs/sha256/<2 hex>`) that exist.
+    fn fanout_dirs(&self) -> Result<Vec<PathBuf>> {
+        let entries = match fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(Error::io("listing", &self.blobs, err)),
+        };
+        let mut dirs = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|err| Error::io("listing", &self.blobs, err))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.len() == 2 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                dirs.push(entry.path());
+            }
+        }
+        dirs.sort();
+        Ok(dirs)
+    }
+}
+
+impl BlobStore for FsBlobStore {
+    fn put(&self, bytes: &[u8]) -> Result<Digest256> {
+        let digest = Digest256::of(bytes);
+        let dest = self.blob_path(&digest);
+        if path_exists(&dest)? {
+            touch(&dest);
+            return Ok(digest);
+        }
+        self.write_blob(&mut &bytes[..], Some(bytes.len() as u64), Some(digest))?;
+        Ok(digest)
+    }
+
+    fn put_reader(&self, reader: &mut dyn Read) -> Result<Put> {
+        self.write_blob(reader, None, None)
+    }
+
+    fn put_reader_with_len(&self, reader: &mut dyn Read, len: u64) -> Result<Put> {
+        self.write_blob(&mut ExactLen::new(reader, len), Some(len), None)
+    }
+
+    fn get(&self, digest: &Digest256) -> Result<Vec<u8>> {
+        let (file, path) = self.open_blob_file(digest)?;
+        let mut reader = self.reader(digest, file, &path)?;
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).map_err(|err| {
+            Error::from_read(err, |source| Error::Decode {
+                digest: *digest,
+                path: path.clone(),
+                source,
+            })
+        })?;
+        Ok(out)
+    }
+
+    fn open(&self, digest: &Digest256) -> Result<Box<dyn Read + Send>> {
+        let (file, path) = self.open_blob_file(digest)?;
+        self.reader(digest, file, &path)
+    }
+
+    fn contains(&self, digest: &Digest256) -> Result<bool> {
+        path_exists(&self.blob_path(digest))
+    }
+
+    fn remove(&self, digest: &Digest256) -> Result<bool> {
+        let path = self.blob_path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(Error::io("removing blob", path, err)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<Digest256>> {
+        let mut out = Vec::new();
+        for dir in self.fanout_dirs()? {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(Error::io("listing", &dir, err)),
+            };
+            let prefix = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            for entry in entries {
+                let entry = entry.map_err(|err| Error::io("listing", &dir, err))?;
+                let name = entry.file_name();
+                let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".zst")) else {
+                    continue;
+                };
+                if !hex.starts_with(prefix) {
+                    continue;
+                }
+                if let Ok(digest) = format!("sha256:{hex}").parse::<Digest256>() {
+                    out.push(digest);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn stored_size(&self, digest: &Digest256) -> Result<u64> {
+        let path = self.blob_path(digest);
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta.len()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                Err(Error::NotFound { digest: *digest })
+            }
+            Err(err) => Err(Error::io("reading metadata of", path, err)),
+        }
+    }
+
+    fn raw_size(&self, digest: &Digest256) -> Result<u64> {
+        let (mut file, path) = self.open_blob_file(digest)?;
+        let mut header = [0u8; FRAME_HEADER_MAX];
+        let n = fill(&mut file, &mut header).map_err(|err| Error::io("reading", &path, err))?;
+        if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(&header[..n]) {
+            return Ok(size);
+        }
+        // No size in the header (a stream of unknown length): count by decoding.
+        let (file, path) = self.open_blob_file(digest)?;
+        let mut decoder = self.decoder(digest, file, &path)?;
+        io::copy(&mut decoder, &mut io::sink()).map_err(|err| {
+            Error::from_read(err, |source| Error::Decode {
+                digest: *digest,
+                path: path.clone(),
+                source,
+            })
+        })
+    }
+
+    fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
+        let path = self.blob_path(digest);
+        match fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(time) => Ok(Some(time)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                Err(Error::NotFound { digest: *digest })
+            }
+            Err(err) => Err(Error::io("reading metadata of", path, err)),
+        }
+    }
+
+    fn set_name(&self, name: &str, digest: &Digest256) -> Result<()> {
+        validate_name(name)?;
+        if !self.contains(digest)? {
+            return Err(Error::NotFound { digest: *digest });
+        }
+        ensure_dir(&self.refs)?;
+        let mut temp = TempFile::create(&self.refs)?;
+        temp.file
+            .write_all(format!("{digest}\n").as_bytes())
+            .and_then(|()| temp.file.sync_all())
+            .map_err(|err| Error::io("writing", &temp.path, err))?;
+        temp.persist(&self.ref_path(name))?;
+        sync_dir(&self.refs)
+    }
+
+    fn get_name(&self, name: &str) -> Result<Digest256> {
+        validate_name(name)?;
+        let path = self.ref_path(name);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NameNotFound {
+                    name: name.to_owned(),
+                });
+            }
+            Err(err) => return Err(Error::io("reading name", path, err)),
+        };
+        String::from_utf8_lossy(&bytes)
+            .trim()
+            .parse()
+            .map_err(|source| Error::CorruptName {
+                name: name.to_owned(),
+                path,
+                source,
+            })
+    }
+
+    fn names(&self) -> Result<Vec<(String, Digest256)>> {
+        let entries = match fs::read_dir(&self.refs) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(Error::io("listing", &self.refs, err)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|err| Error::io("listing", &self.refs, err))?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
+                tracing::warn!(path = %entry.path().display(), "skipping a ref whose name is not UTF-8");
+                continue;
+            };
+            if name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            if validate_name(name).is_err() {
+                tracing::warn!(path = %entry.path().display(), "skipping a ref with an invalid name");
+                continue;
+            }
+            out.push((name.to_owned(), self.get_name(name)?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn remove_name(&self, name: &str) -> Result<bool> {
+        validate_name(name)?;
+        let path = self.ref_path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(&self.refs)?;
+                Ok(true)
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(Error::io("removing name", path, err)),
+        }
+    }
+
+    fn sweep_temp(&self, options: &GcOptions) -> Result<Vec<PathBuf>> {
+        let mut candidates = Vec::new();
+        Self::temp_files_in(&self.blobs, &mut candidates)?;
+        for dir in self.fanout_dirs()? {
+            Self::temp_files_in(&dir, &mut candidates)?;
+        }
+        Self::temp_files_in(&self.refs, &mut candidates)?;
+        let mut swept = Vec::new();
+        for path in candidates {
+            if !temp_is_abandoned(&path)? {
+                continue;
+            }
+            if !options.dry_run {
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                    Err(err) => return Err(Error::io("removing temp file", path, err)),
+                }
+            }
+            swept.push(path);
+        }
+        swept.sort();
+        Ok(swept)
+    }
+}
+
+impl FsBlobStore {
+    /// The verifying reader for an open blob file: threaded for large files.
+    fn reader(&self, digest: &Digest256, file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
+        let stored = file
+            .metadata()
+            .map_err(|err| Error::io("reading metadata of", path, err))?
+            .len();
+        let decoder = self.decoder(digest, file, path)?;
+        if stored >= THREADED_READ_MIN {
+            return Ok(Box::new(ThreadedReader::spawn(decoder, *digest, path)?));
+        }
+        Ok(Box::new(VerifyingReader::new(
+            decoder,
+            *digest,
+            Some(path.to_owned()),
+        )))
+    }
+}
+
+/// zstd's streaming decoder over a blob file; every failure becomes an [`Error::Decode`] naming
+/// the digest and the file, and later reads fail too.
+struct DecodeReader {
+    inner: zstd::stream::read::Decoder<'static, BufReader<File>>,
+    digest: Digest256,
+    path: PathBuf,
+    failed: bool,
+}
+
+impl Read for DecodeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(Error::Decode {
+                digest: self.digest,
+                path: self.path.clone(),
+                source: io::Error::other("an earlier read of this blob failed"),
+            }
+            .into_read_error());
+        }
+        match self.inner.read(buf) {
+            Ok(n) => Ok(n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => Err(err),
+            Err(source) => {
+                self.failed = true;
+                Err(Error::Decode {
+                    digest: self.digest,
+                    path: self.path.clone(),
+                    source,
+                }
+                .into_read_error())
+            }
+        }
+    }
+}
+
+enum Chunk {
+    Data(Vec<u8>),
+    /// The decoder reached the end of the frame; with the digest of everything once hashed.
+    End(Option<Digest256>),
+    Failed(io::Error),
+}
+
+/// A verifying reader that decodes on one thread and hashes on another, so a reader of a large
+/// blob goes at the speed of the slower of the two rather than of their sum.
+struct ThreadedReader {
+    chunks: mpsc::Receiver<Chunk>,
+    recycle: mpsc::SyncSender<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+    digest: Digest256,
+    path: PathBuf,
+    state: ReadState,
+}
+
+#[derive(PartialEq, Eq)]
+enum ReadState {
+    Reading,
+    Done,
+    Failed,
+}
+
+impl ThreadedReader {
+    fn spawn(mut decoder: DecodeReader, digest: Digest256, path: &Path) -> Result<Self> {
+        let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Chunk>(READ_QUEUE);
+        let (hashed_tx, hashed_rx) = mpsc::sync_channel::<Chunk>(READ_QUEUE);
+        let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(2 * READ_QUEUE + 2);
+        let spawn_error = |source| Error::Read { digest, source };
+        thread::Builder::new()
+            .name("pf-blob-decode".into())
+            .spawn(move || {
+                loop {
+                    let mut buf = recycle_rx.try_recv().unwrap_or_default();
+                    buf.resize(CHUNK, 0);
+                    let msg = match fill(&mut decoder, &mut buf) {
+                        Ok(0) => Chunk::End(None),
+                        Ok(n) => {
+                            buf.truncate(n);
+                            Chunk::Data(buf)
+                        }
+                        Err(err) => Chunk::Failed(err),
+                    };
+                    let last = !matches!(msg, Chunk::Data(_));
+                    if decoded_tx.send(msg).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(spawn_error)?;
+        thread::Builder::new()
+            .name("pf-blob-hash".into())
+            .spawn(move || {
+                let mut hasher = DigestHasher::new();
+                for msg in decoded_rx {
+                    let msg = match msg {
+                        Chunk::Data(buf) => {
+                            hasher.update(&buf);
+                            Chunk::Data(buf)
+                        }
+                        Chunk::End(_) => Chunk::End(Some(std::mem::take(&mut hasher).finish())),
+                        Chunk::Failed(err) => Chunk::Failed(err),
+                    };
+                    let last = !matches!(msg, Chunk::Data(_));
+                    if hashed_tx.send(msg).is_err() || last {
+                        return;
+                    }
+                }
+            })
+            .map_err(spawn_error)?;
+        Ok(Self {
+            chunks: hashed_rx,
+            recycle: recycle_tx,
+            current: Vec::new(),
+            pos: 0,
+            digest,
+            path: path.to_owned(),
+            state: ReadState::Reading,
+        })
+    }
+
+    fn failure(&self, source: io::Error) -> io::Error {
+        Error::Read {
+            digest: self.digest,
+            source,
+        }
+        .into_read_error()
+    }
+}
+
+impl Read for ThreadedReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state {
+                ReadState::Done => return Ok(0),
+                ReadState::Failed => {
+                    return Err(
+                        self.failure(io::Error::other("an earlier read of this blob failed"))
+                    );
+                }
+                ReadState::Reading => {}
+            }
+            if self.pos < self.current.len() {
+                let n = buf.len().min(self.current.len() - self.pos);
+                buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            let used = std::mem::take(&mut self.current);
+            if used.capacity() > 0 {
+                // The decoder thread may be gone (end of blob): then the buffer is just freed.
+                let _ = self.recycle.try_send(used);
+            }
+            self.pos = 0;
+            match self.chunks.recv() {
+                Ok(Chunk::Data(data)) => self.current = data,
+                Ok(Chunk::End(actual)) => {
+                    let actual = actual.unwrap_or_else(|| DigestHasher::new().finish());
+                    if actual == self.digest {
+                        self.state = ReadState::Done;
+                        return Ok(0);
+                    }
+                    self.state = ReadState::Failed;
+                    return Err(Error::Integrity {
+                        digest: self.digest,
+                        actual,
+                        path: Some(self.path.clone()),
+                    }
+                    .into_read_error());
+                }
+                Ok(Chunk::Failed(err)) => {
+                    self.state = ReadState::Failed;
+                    return Err(err);
+                }
+                Err(mpsc::RecvError) => {
+                    self.state = ReadState::Failed;
+                    return Err(self.failure(io::Error::other("a blob reader thread stopped")));
+                }
+            }
+        }
+    }
+}
+
+/// zstd compression of one blob into a temp file, with output buffered in large writes and the
+/// disk writing started in the background as the file grows.
+struct Compressor<'a> {
+    encoder: zstd::stream::raw::Encoder<'static>,
+    temp: &'a TempFile,
+    out: Vec<u8>,
+    written: u64,
+    synced_at: u64,
+    flusher: Option<Flusher>,
+}
+
+impl<'a> Compressor<'a> {
+    fn new(temp: &'a TempFile, pledged: Option<u64>) -> Result<Self> {
+        let zstd_error = |err| Error::io("starting zstd for", &temp.path, err);
+        let mut encoder = zstd::stream::raw::Encoder::new(LEVEL).map_err(zstd_error)?;
+        if pledged.is_none_or(|size| size >= MULTITHREAD_MIN) {
+            encoder
+                .set_parameter(CParameter::NbWorkers(worker_count()))
+                .map_err(zstd_error)?;
+        }
+        encoder
+            .set_parameter(CParameter::ContentSizeFlag(true))
+            .map_err(zstd_error)?;
+        encoder.set_pledged_src_size(pledged).map_err(zstd_error)?;
+        Ok(Self {
+            encoder,
+            temp,
+            out: Vec::with_capacity(CHUNK),
+            written: 0,
+            synced_at: 0,
+            flusher: None,
+        })
+    }
+
+    fn compress(&mut self, data: &[u8]) -> Result<()> {
+        let mut input = InBuffer::around(data);
+        while input.pos() < data.len() {
+            let pos = self.out.len();
+            let mut output = OutBuffer::around_pos(&mut self.out, pos);
+            self.encoder
+                .run(&mut input, &mut output)
+                .map_err(|err| Error::io("compressing into", &self.temp.path, err))?;
+            if self.out.len() == self.out.capacity() {
+                self.write_out()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// End the frame, write everything out and fsync; returns the compressed size.
+    fn finish(mut self) -> Result<u64> {
+        loop {
+            let pos = self.out.len();
+            let mut output = OutBuffer::around_pos(&mut self.out, pos);
+            let remaining = self
+                .encoder
+                .finish(&mut output, true)
+                .map_err(|err| Error::io("compressing into", &self.temp.path, err))?;
+            if self.out.len() == self.out.capacity() || remaining == 0 {
+                self.write_out()?;
+            }
+            if remaining == 0 {
+                break;
+            }
+        }
+        if let Some(flusher) = self.flusher.take() {
+            flusher.stop();
+        }
+        self.temp
+            .file
+            .sync_all()
+            .map_err(|err| Error::io("syncing", &self.temp.path, err))?;
+        Ok(self.written)
+    }
+
+    fn write_out(&mut self) -> Result<()> {
+        (&self.temp.file)
+            .write_all(&self.out)
+            .map_err(|err| Error::io("writing", &self.temp.path, err))?;
+        self.written += self.out.len() as u64;
+        self.out.clear();
+        if self.written - self.synced_at >= SYNC_EVERY {
+            self.synced_at = self.written;
+            if self.flusher.is_none() {
+                self.flusher = Flusher::start(&self.temp.file);
+            }
+            if let Some(flusher) = &self.flusher {
+                flusher.poke();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A thread that fdatasyncs a file being written whenever poked, so its data goes to disk while
+/// compression goes on instead of all at the final fsync.
+struct Flusher {
+    poke: mpsc::SyncSender<()>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl Flusher {
+    fn start(file: &File) -> Option<Self> {
+        let file = file.try_clone().ok()?;
+        let (poke, pokes) = mpsc::sync_channel::<()>(1);
+        let thread = thread::Builder::new()
+            .name("pf-blob-sync".into())
+            .spawn(move || {
+                for () in pokes {
+                    if let Err(err) = file.sync_data() {
+                        // The final fsync on the writing thread reports it.
+                        tracing::debug!(%err, "background sync of a blob being written failed");
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Self { poke, thread })
+    }
+
+    fn poke(&self) {
+        // A full channel means a sync is pending anyway.
+        let _ = self.poke.try_send(());
+    }
+
+    fn stop(self) {
+        drop(self.poke);
+        let _ = self.thread.join();
+    }
+}
+
+/// A temp file being written, locked by its writer, removed on drop unless persisted.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    persisted: bool,
+}
+
+impl TempFile {
+    fn create(dir: &Path) -> Result<Self> {
+        let mut attempts = 0;
+        loop {
+            let path = dir.join(temp_name());
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&path)
+            {
+                Ok(file) => {
+                    let temp = Self {
+                        path,
+                        file,
+                        persisted: false,
+                    };
+                    temp.file
+                        .set_permissions(Permissions::from_mode(FILE_MODE))
+                        .map_err(|err| Error::io("setting the mode of", &temp.path, err))?;
+                    // The lock tells `sweep_temp` that the writer is alive. A sweeper may hold it
+                    // for a moment while it looks at the file: then this waits.
+                    if let Err(err) = temp.file.lock() {
+                        tracing::debug!(path = %temp.path.display(), %err, "cannot lock temp file");
+                    }
+                    return Ok(temp);
+                }
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists && attempts < 8 => {
+                    attempts += 1;
+                }
+                Err(err) => return Err(Error::io("creating a temp file in", dir, err)),
+            }
+        }
+    }
+
+    fn persist(mut self, dest: &Path) -> Result<()> {
+        fs::rename(&self.path, dest)
+            .map_err(|err| Error::io("renaming a temp file to", dest, err))?;
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// `.tmp-<pid>-<counter>-<random>`: unique across processes, threads and pid reuse.
+fn temp_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(n);
+    if let Ok(now) = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        hasher.write_u128(now.as_nanos());
+    }
+    format!(
+        "{TEMP_PREFIX}{}-{n}-{:016x}",
+        std::process::id(),
+        hasher.finish()
+    )
+}
+
+/// The writer's pid from a temp file name.
+fn temp_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(TEMP_PREFIX)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Whether a temp file's writer is gone: nobody holds its lock, and its writer's pid is not
+/// running or the file has not been written for a while.
+fn temp_is_abandoned(path: &Path) -> Result<bool> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(err) => return Err(Error::io("opening temp file", path, err)),
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Ok(false),
+        Err(std::fs::TryLockError::Error(err)) => {
+            tracing::debug!(path = %path.display(), %err, "cannot lock temp file; judging by pid and age");
+        }
+    }
+    let pid = path.file_name().and_then(|n| n.to_str()).and_then(temp_pid);
+    let proc_mounted = Path::new("/proc/self").exists();
+    let writer_gone = match pid {
+        Some(pid) => proc_mounted && !Path::new("/proc").join(pid.to_string()).exists(),
+        None => true,
+    };
+    let age = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default();
+    Ok(writer_gone || age >= TEMP_MIN_AGE)
+}
+
+fn worker_count() -> u32 {
+    thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(1).min(8))
+        .unwrap_or(1)
+}
+
+/// Read until `buf` is full or the input ends; returns how many bytes were read.
+fn fill(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
+}
+
+fn input_error(err: io::Error) -> Error {
+    Error::from_read(err, |source| Error::Input { source })
+}
+
+fn path_exists(path: &Path) -> Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(Error::io("reading metadata of", path, err)),
+    }
+}
+
+/// Mark an existing blob as freshly stored, so `gc`'s grace period spares it. Best effort: a
+/// read-only store still succeeds in storing a blob it already has.
+fn touch(path: &Path) {
+    if let Err(err) = File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
+        tracing::debug!(path = %path.display(), %err, "cannot update the mtime of a blob");
+    }
+}
+
+/// Create `path` (and missing parents) with mode 0700 whatever the umask, fsyncing the parent of
+/// each directory created.
+fn ensure_dir(path: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+                return Err(Error::io("creating directory", path, err));
+            };
+            ensure_dir(parent)?;
+            match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+                Err(err) => return Err(Error::io("creating directory", path, err)),
+            }
+        }
+        Err(err) => return Err(Error::io("creating directory", path, err)),
+    }
+    fs::set_permissions(path, Permissions::from_mode(DIR_MODE))
+        .map_err(|err| Error::io("setting the mode of", path, err))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|err| Error::io("syncing directory", dir, err))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, FsBlobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(&dir.path().join("store")).unwrap();
+        (dir, store)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn small_blob_round_trip_and_layout() {
+        let (_dir, s) = store();
+        let d = s.put(b"hello").unwrap();
+        assert_eq!(d, Digest256::of(b"hello"));
+        let path = s.blob_path(&d);
+        let hex = d.hex();
+        assert!(path.ends_with(format!("blobs/sha256/{}/{hex}.zst", &hex[..2])));
+        assert_eq!(
+            zstd::decode_all(File::open(&path).unwrap()).unwrap(),
+            b"hello"
+        );
+        assert_eq!(s.get(&d).unwrap(), b"hello");
+        assert_eq!(s.raw_size(&d).unwrap(), 5);
+        assert_eq!(
+            s.stored_size(&d).unwrap(),
+            fs::metadata(&path).unwrap().len()
+        );
+        assert_eq!(s.list().unwrap(), vec![d]);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(mode(s.root()), 0o700);
+    }
+
+    #[test]
+    fn put_twice_is_one_blob() {
+        let (_dir, s) = store();
+        let a = s.put(b"same").unwrap();
+        let b = s.put_reader(&mut &b"same"[..]).unwrap();
+        assert_eq!(b, Put { digest: a, size: 4 });
+        assert_eq!(s.list().unwrap(), vec![a]);
+        assert!(s.sweep_temp(&GcOptions::dry_run_now()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn empty_blob() {
+        let (_dir, s) = store();
+        let p = s.put_reader(&mut io::empty()).unwrap();
+        assert_eq!(p.digest, Digest256::of(b""));
+        assert_eq!(p.size, 0);
+        assert_eq!(s.get(&p.digest).unwrap(), b"");
+        assert_eq!(s.raw_size(&p.digest).unwrap(), 0);
+    }
+
+    #[test]
+    fn streamed_blob_of_unknown_length_round_trips() {
+        let (_dir, s) = store();
+        // Past the first chunk, so the frame has no content size and sizes come from decoding.
+        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let p = s.put_reader(&mut &data[..]).unwrap();
+        assert_eq!(p.size, data.len() as u64);
+        assert_eq!(s.raw_size(&p.digest).unwrap(), data.len() as u64);
+        assert_eq!(s.get(&p.digest).unwrap(), data);
+    }
+
+    #[test]
+    fn announced_length_is_checked() {
+        let (_dir, s) = store();
+        let err = s.put_reader_with_len(&mut &b"abc"[..], 4).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InputLength {
+                    expected: 4,
+                    actual: 3
+                }
+            ),
+            "{err:?}"
+        );
+        let err = s.put_reader_with_len(&mut &b"abcde"[..], 4).unwrap_err();
+        assert!(
+            matches!(err, Error::InputLength { expected: 4, .. }),
+            "{err:?}"
+        );
+        assert!(s.list().unwrap().is_empty());
+        assert!(s.sweep_temp(&GcOptions::dry_run_now()).unwrap().is_empty());
+        let p = s.put_reader_with_len(&mut &b"abcd"[..], 4).unwrap();
+        assert_eq!(s.raw_size(&p.digest).unwrap(), 4);
+    }
+
+    #[test]
+    fn flipped_byte_is_detected() {
+        let (_dir, s) = store();
+        let d = s.put(&[7u8; 1000]).unwrap();
+        let path = s.blob_path(&d);
+        // Rewrite the file as a valid frame of other bytes: only the digest check can tell.
+        let mut other = vec![7u8; 1000];
+        other[500] = 8;
+        fs::write(&path, zstd::encode_all(&other[..], 1).unwrap()).unwrap();
+        let err = s.get(&d).unwrap_err();
+        assert!(
+            matches!(err, Error::Integrity { digest, .. } if digest == d),
+            "{err:?}"
+        );
+        let mut out = Vec::new();
+        let err = s.open(&d).unwrap().read_to_end(&mut out).unwrap_err();
+        assert!(
+            matches!(Error::from_read_error(&err), Some(Error::Integrity { digest, .. }) if *digest == d),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn names_round_trip_atomically() {
+        let (_dir, s) = store();
+        let d = s.put(b"x").unwrap();
+        s.set_name("snap", &d).unwrap();
+        assert_eq!(s.get_name("snap").unwrap(), d);
+        assert_eq!(
+            fs::read_to_string(s.root().join("refs/snap")).unwrap(),
+            format!("{d}\n")
+        );
+        assert_eq!(mode(&s.root().join("refs/snap")), 0o600);
+        assert_eq!(mode(&s.root().join("refs")), 0o700);
+        let e = s.put(b"y").unwrap();
+        s.set_name("snap", &e).unwrap();
+        assert_eq!(s.names().unwrap(), vec![("snap".to_owned(), e)]);
+        assert!(matches!(
+            s.set_name("other", &Digest256::of(b"missing")),
+            Err(Error::NotFound { .. })
+        ));
+        assert!(matches!(
+            s.set_name("../x", &d),
+            Err(Error::InvalidName { .. })
+        ));
+        assert!(s.remove_name("snap").unwrap());
+        assert!(!s.remove_name("snap").unwrap());
+        assert!(matches!(
+            s.get_name("snap"),
+            Err(Error::NameNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn corrupt_ref_is_reported() {
+        let (_dir, s) = store();
+        let d = s.put(b"x").unwrap();
+        s.set_name("snap", &d).unwrap();
+        fs::write(s.root().join("refs/snap"), "sha256:nothex\n").unwrap();
+        assert!(matches!(s.get_name("snap"), Err(Error::CorruptName { .. })));
+        assert!(matches!(s.names(), Err(Error::CorruptName { .. })));
+    }
+
+    #[test]
+    fn list_ignores_strangers() {
+        let (_dir, s) = store();
+        let d = s.put(b"x").unwrap();
+        let fan = s.blob_path(&d).parent().unwrap().to_owned();
+        fs::write(fan.join(".tmp-1-2-3"), b"").unwrap();
+        fs::write(fan.join("README"), b"").unwrap();
+        // A valid digest file in the wrong fan-out directory is not listed.
+        let wrong = s.root().join("blobs/sha256/zz");
+        fs::create_dir_all(&wrong).unwrap();
+        fs::write(
+            wrong.join(format!("{}.zst", Digest256::of(b"y").hex())),
+            b"",
+        )
+        .unwrap();
+        assert_eq!(s.list().unwrap(), vec![d]);
+    }
+
+    #[test]
+    fn temp_files_of_dead_writers_are_swept_and_live_ones_kept() {
+        let (_dir, s) = store();
+        s.put(b"x").unwrap();
+        let blobs = s.root().join("blobs/sha256");
+        // pid 0 is never a process: its writer is gone.
+        let dead = blobs.join(".tmp-0-1-00");
+        fs::write(&dead, b"half a blob").unwrap();
+        // A live writer: our own pid, and we hold the lock.
+        let live = blobs.join(format!(".tmp-{}-999-00", std::process::id()));
+        let held = File::create(&live).unwrap();
+        held.lock().unwrap();
+        assert_eq!(
+            s.sweep_temp(&GcOptions::dry_run_now()).unwrap(),
+            vec![dead.clone()]
+        );
+        assert!(dead.exists());
+        let swept = s
+            .sweep_temp(&GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            })
+            .unwrap();
+        assert_eq!(swept, vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert!(live.exists());
+        // Unlocked but its writer (us) alive and the file fresh: still kept.
+        drop(held);
+        assert!(s.sweep_temp(&GcOptions::dry_run_now()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn temp_names_are_unique_and_carry_the_pid() {
+        let a = temp_name();
+        let b = temp_name();
+        assert_ne!(a, b);
+        assert_eq!(temp_pid(&a), Some(std::process::id()));
+        assert_eq!(temp_pid(".tmp-x-1"), None);
+    }
+
+    #[test]
+    fn store_root_that_is_a_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let err = FsBlobStore::open(&file).unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { path, .. } if *path == file),
+            "{err:?}"
+        );
+        let err = FsBlobStore::open(&file.join("store")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&file.join("store").display().to_string()),
+            "{err}"
+        );
+    }
+}
