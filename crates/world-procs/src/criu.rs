@@ -1,0 +1,526 @@
+//! Finding a usable `criu`: where it is, its version, whether `criu check` passes, and how we
+//! get the privileges it needs. Probed once per process ([`probe`]) and cached.
+//!
+//! The probe is a pure function of its inputs ([`ProbeInputs`]: the OS, `$PF_CRIU`, `$PATH`,
+//! whether we are root) plus what the programs it runs answer, so tests can probe with any
+//! environment without touching the process's own.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::runner::{self, Invocation};
+
+/// The oldest criu we drive. Older ones lack options we pass; note that Debian 12's 3.17.1 passes
+/// this bar but fails `criu check` on kernels with a `[vvar_vclock]` mapping, which the check
+/// step reports.
+pub const MIN_VERSION: CriuVersion = CriuVersion {
+    major: 3,
+    minor: 17,
+    sublevel: 0,
+};
+
+/// `--unprivileged` (CAP_CHECKPOINT_RESTORE instead of root) needs this criu.
+const MIN_UNPRIVILEGED: CriuVersion = CriuVersion {
+    major: 3,
+    minor: 18,
+    sublevel: 0,
+};
+
+/// Directories searched after `$PATH`.
+const FALLBACK_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+
+/// The fix we suggest for a missing or broken criu.
+const INSTALL_HINT: &str = "install criu 4.x with `cargo xtask install-criu` (or point $PF_CRIU at a working criu)";
+
+/// A criu release number, as printed by `criu --version` (`Version: 4.1.1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CriuVersion {
+    /// Major.
+    pub major: u32,
+    /// Minor.
+    pub minor: u32,
+    /// Sublevel (0 when not printed).
+    pub sublevel: u32,
+}
+
+impl std::fmt::Display for CriuVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.sublevel)
+    }
+}
+
+/// Parse the output of `criu --version`: the first `Version: X.Y[.Z]` line.
+pub fn parse_version(output: &str) -> Option<CriuVersion> {
+    let line = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Version:"))?;
+    let mut parts = line.trim().split('.');
+    let mut num = |required: bool| -> Option<u32> {
+        match parts.next() {
+            Some(p) => {
+                let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().ok()
+            }
+            None if required => None,
+            None => Some(0),
+        }
+    };
+    Some(CriuVersion {
+        major: num(true)?,
+        minor: num(true)?,
+        sublevel: num(false)?,
+    })
+}
+
+/// How criu gets the privileges it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// We are root: run criu directly.
+    Root,
+    /// Through `sudo -n` (passwordless sudo for criu).
+    Sudo,
+    /// criu carries CAP_CHECKPOINT_RESTORE: run it with `--unprivileged`.
+    Unprivileged,
+}
+
+impl std::fmt::Display for Privilege {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Root => "root",
+            Self::Sudo => "sudo -n",
+            Self::Unprivileged => "--unprivileged (CAP_CHECKPOINT_RESTORE)",
+        })
+    }
+}
+
+/// A criu that passed `criu check` with the privileges we have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Criu {
+    /// The binary.
+    pub path: PathBuf,
+    /// Its version.
+    pub version: CriuVersion,
+    /// How it is run.
+    pub privilege: Privilege,
+}
+
+/// Why there is no usable criu, with what to do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unavailable {
+    /// Not Linux: CRIU exists only there.
+    #[error("process capture needs Linux with CRIU; this is {os}")]
+    NotLinux {
+        /// `std::env::consts::OS`.
+        os: String,
+    },
+    /// `$PF_CRIU` names a file that does not exist (no fallback search then).
+    #[error("$PF_CRIU is {} but there is no such file: fix $PF_CRIU or unset it", .path.display())]
+    EnvPathMissing {
+        /// The value of `$PF_CRIU`.
+        path: PathBuf,
+    },
+    /// No criu anywhere we looked.
+    #[error("criu not found in $PATH, /usr/local/sbin, /usr/sbin or /sbin: {INSTALL_HINT}")]
+    NotFound,
+    /// `criu --version` could not be run.
+    #[error("cannot run {} --version: {INSTALL_HINT}", .path.display())]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// `criu --version` printed no version.
+    #[error("{} --version printed no `Version: X.Y` line (got {output:?}): {INSTALL_HINT}", .path.display())]
+    NoVersion {
+        /// The binary.
+        path: PathBuf,
+        /// What it printed (trimmed).
+        output: String,
+    },
+    /// The criu is older than [`MIN_VERSION`].
+    #[error("criu {version} at {} is too old (need {MIN_VERSION} or newer): {INSTALL_HINT}", .path.display())]
+    TooOld {
+        /// The binary.
+        path: PathBuf,
+        /// Its version.
+        version: CriuVersion,
+    },
+    /// `criu check` failed.
+    #[error(
+        "`criu check` fails with criu {version} at {}{}: this kernel or criu is not fit for \
+         checkpointing; {INSTALL_HINT} (criu before 4.x fails on kernels with [vvar_vclock])",
+        .path.display(),
+        first_line(.errors)
+    )]
+    CheckFailed {
+        /// The binary.
+        path: PathBuf,
+        /// Its version.
+        version: CriuVersion,
+        /// criu's `Error (…)` lines (or its stderr when it wrote no log).
+        errors: Vec<String>,
+        /// The kept log, when there is one.
+        log: Option<PathBuf>,
+    },
+    /// Not root, and neither sudo nor capabilities work.
+    #[error(
+        "not root, and criu cannot get privileges: `sudo -n` failed ({sudo}) and criu with \
+         --unprivileged failed ({unprivileged}); run pf as root, allow passwordless sudo for {}, \
+         or give it the capability: sudo setcap cap_checkpoint_restore+eip {}",
+        .path.display(),
+        .path.display()
+    )]
+    NoPrivilege {
+        /// The binary.
+        path: PathBuf,
+        /// Why sudo did not work.
+        sudo: String,
+        /// Why --unprivileged did not work.
+        unprivileged: String,
+    },
+}
+
+fn first_line(errors: &[String]) -> String {
+    errors
+        .first()
+        .map(|l| format!(": {l}"))
+        .unwrap_or_default()
+}
+
+/// What the probe looks at, taken from the process by [`ProbeInputs::from_process`] or built
+/// by hand in tests.
+#[derive(Debug, Clone)]
+pub struct ProbeInputs {
+    /// `std::env::consts::OS`.
+    pub os: String,
+    /// `$PF_CRIU` (an empty value counts as unset).
+    pub pf_criu: Option<OsString>,
+    /// `$PATH`.
+    pub path_var: Option<OsString>,
+    /// Whether the effective uid is 0.
+    pub is_root: bool,
+}
+
+impl ProbeInputs {
+    /// This process's OS, environment and effective uid.
+    pub fn from_process() -> Self {
+        Self {
+            os: std::env::consts::OS.to_owned(),
+            pf_criu: std::env::var_os("PF_CRIU").filter(|v| !v.is_empty()),
+            path_var: std::env::var_os("PATH"),
+            is_root: nix::unistd::geteuid().is_root(),
+        }
+    }
+}
+
+/// What the probe found: the binary and version when there is one, and whether it is usable.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The criu binary found (usable or not).
+    pub path: Option<PathBuf>,
+    /// Its version, when `criu --version` answered.
+    pub version: Option<CriuVersion>,
+    /// A usable criu, or why there is none.
+    pub result: Result<Criu, Unavailable>,
+}
+
+impl Probe {
+    /// The usable criu, or why there is none.
+    pub fn criu(&self) -> Result<&Criu, Unavailable> {
+        self.result.as_ref().map_err(Clone::clone)
+    }
+}
+
+/// The probe for this process, run on first use and cached.
+pub fn probe() -> &'static Probe {
+    static PROBE: OnceLock<Probe> = OnceLock::new();
+    PROBE.get_or_init(|| probe_with(&ProbeInputs::from_process()))
+}
+
+/// Probe with explicit inputs (runs `criu --version` and `criu check`).
+pub fn probe_with(inputs: &ProbeInputs) -> Probe {
+    let mut probe = Probe {
+        path: None,
+        version: None,
+        result: Err(Unavailable::NotFound),
+    };
+    if inputs.os != "linux" {
+        probe.result = Err(Unavailable::NotLinux {
+            os: inputs.os.clone(),
+        });
+        return probe;
+    }
+    let path = match locate(inputs.pf_criu.as_deref(), inputs.path_var.as_deref()) {
+        Ok(path) => path,
+        Err(e) => {
+            probe.result = Err(e);
+            return probe;
+        }
+    };
+    probe.path = Some(path.clone());
+    let version = match read_version(&path) {
+        Ok(v) => v,
+        Err(e) => {
+            probe.result = Err(e);
+            return probe;
+        }
+    };
+    probe.version = Some(version);
+    if version < MIN_VERSION {
+        probe.result = Err(Unavailable::TooOld { path, version });
+        return probe;
+    }
+    probe.result = choose_privilege(&path, version, inputs.is_root);
+    tracing::debug!(?probe, "criu probed");
+    probe
+}
+
+/// Find criu: `$PF_CRIU` when set (and then nowhere else), else `$PATH`, then the sbin dirs.
+pub(crate) fn locate(
+    pf_criu: Option<&std::ffi::OsStr>,
+    path_var: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, Unavailable> {
+    if let Some(p) = pf_criu.filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(p);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Unavailable::EnvPathMissing { path })
+        };
+    }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    if let Ok(found) = which::which_in("criu", path_var, cwd) {
+        return Ok(found);
+    }
+    FALLBACK_DIRS
+        .iter()
+        .map(|d| Path::new(d).join("criu"))
+        .find(|p| is_executable(p))
+        .ok_or(Unavailable::NotFound)
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn read_version(path: &Path) -> Result<CriuVersion, Unavailable> {
+    let out = runner::output(path, &["--version"], Duration::from_secs(20)).map_err(|source| {
+        Unavailable::Spawn {
+            path: path.to_owned(),
+            source: Arc::new(source),
+        }
+    })?;
+    parse_version(&out).ok_or_else(|| Unavailable::NoVersion {
+        path: path.to_owned(),
+        output: out.trim().chars().take(200).collect(),
+    })
+}
+
+/// Root → direct; else `sudo -n`; else `--unprivileged`; each must pass `criu check`.
+fn choose_privilege(
+    path: &Path,
+    version: CriuVersion,
+    is_root: bool,
+) -> Result<Criu, Unavailable> {
+    let candidate = |privilege| Criu {
+        path: path.to_owned(),
+        version,
+        privilege,
+    };
+    if is_root {
+        let criu = candidate(Privilege::Root);
+        return match check(&criu) {
+            Ok(()) => Ok(criu),
+            Err(e) => Err(check_failed(&criu, e)),
+        };
+    }
+    let sudo = candidate(Privilege::Sudo);
+    let sudo_reason = match check(&sudo) {
+        Ok(()) => return Ok(sudo),
+        Err(e) => reason(&e),
+    };
+    let unprivileged_reason = if version < MIN_UNPRIVILEGED {
+        format!("criu {version} predates --unprivileged ({MIN_UNPRIVILEGED})")
+    } else {
+        let unpriv = candidate(Privilege::Unprivileged);
+        match check(&unpriv) {
+            Ok(()) => return Ok(unpriv),
+            Err(e) => reason(&e),
+        }
+    };
+    Err(Unavailable::NoPrivilege {
+        path: path.to_owned(),
+        sudo: sudo_reason,
+        unprivileged: unprivileged_reason,
+    })
+}
+
+/// One line saying why a check failed, for [`Unavailable::NoPrivilege`].
+fn reason(e: &crate::Error) -> String {
+    match e {
+        crate::Error::Criu { errors, status, .. } => {
+            errors.first().cloned().unwrap_or_else(|| status.clone())
+        }
+        crate::Error::Timeout { after, .. } => format!("no answer within {after:?}"),
+        crate::Error::Spawn { source, .. } => format!("cannot start: {source}"),
+        other => format!("{other}"),
+    }
+}
+
+fn check_failed(criu: &Criu, e: crate::Error) -> Unavailable {
+    let (errors, log) = match e {
+        crate::Error::Criu { errors, log, .. } => (errors, Some(log)),
+        crate::Error::Timeout { after, log, .. } => {
+            (vec![format!("no answer within {after:?}")], Some(log))
+        }
+        other => (vec![format!("{other}")], None),
+    };
+    Unavailable::CheckFailed {
+        path: criu.path.clone(),
+        version: criu.version,
+        errors,
+        log,
+    }
+}
+
+/// `criu check`, trusting its exit status.
+fn check(criu: &Criu) -> crate::Result<()> {
+    Invocation::new(criu, "check", Vec::new(), &[], Duration::from_secs(60))?
+        .run()
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    fn inputs(pf_criu: Option<&Path>) -> ProbeInputs {
+        ProbeInputs {
+            os: "linux".into(),
+            pf_criu: pf_criu.map(|p| p.as_os_str().to_owned()),
+            path_var: Some(OsString::from("/nonexistent-dir")),
+            is_root: true,
+        }
+    }
+
+    fn fake_criu(dir: &Path, script: &str) -> PathBuf {
+        let path = dir.join("criu");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write fake criu");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
+    #[test]
+    fn versions_parse() {
+        let v = |a, b, c| CriuVersion {
+            major: a,
+            minor: b,
+            sublevel: c,
+        };
+        assert_eq!(parse_version("Version: 4.1.1\n"), Some(v(4, 1, 1)));
+        assert_eq!(
+            parse_version("Version: 3.17\nGitID: v3.17-1-g0\n"),
+            Some(v(3, 17, 0))
+        );
+        assert_eq!(parse_version("  Version: 4.0.1-rc2\n"), Some(v(4, 0, 1)));
+        assert_eq!(parse_version("criu 4.1"), None);
+        assert_eq!(parse_version("Version: x"), None);
+        assert!(v(3, 17, 1) < v(4, 1, 1) && v(3, 16, 9) < MIN_VERSION);
+        assert_eq!(v(4, 1, 1).to_string(), "4.1.1");
+    }
+
+    #[test]
+    fn pf_criu_pointing_nowhere_is_the_answer() {
+        let p = probe_with(&inputs(Some(Path::new("/nonexistent/criu"))));
+        assert!(matches!(
+            &p.result,
+            Err(Unavailable::EnvPathMissing { path }) if path == Path::new("/nonexistent/criu")
+        ));
+        assert_eq!(p.path, None);
+        let msg = p.result.expect_err("unavailable").to_string();
+        assert!(msg.contains("$PF_CRIU"), "{msg}");
+    }
+
+    #[test]
+    fn off_linux_is_unsupported() {
+        let mut i = inputs(None);
+        i.os = "macos".into();
+        assert!(matches!(
+            probe_with(&i).result,
+            Err(Unavailable::NotLinux { os }) if os == "macos"
+        ));
+    }
+
+    #[test]
+    fn too_old_and_no_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = fake_criu(dir.path(), "echo 'Version: 3.15'");
+        let p = probe_with(&inputs(Some(&old)));
+        assert!(matches!(
+            &p.result,
+            Err(Unavailable::TooOld { version, .. }) if version.to_string() == "3.15.0"
+        ));
+        assert!(p.result.unwrap_err().to_string().contains("install-criu"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let garbled = fake_criu(dir.path(), "echo hello");
+        assert!(matches!(
+            probe_with(&inputs(Some(&garbled))).result,
+            Err(Unavailable::NoVersion { output, .. }) if output == "hello"
+        ));
+    }
+
+    #[test]
+    fn failing_check_reports_criu_error_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A criu whose `check` writes a log like the real one and fails.
+        let script = r#"
+case "$1" in
+  --version) echo 'Version: 4.1.1' ;;
+  check)
+    log=""
+    while [ $# -gt 0 ]; do [ "$1" = "--log-file" ] && log="$2"; shift; done
+    echo '(00.000100) Error (criu/util.c:1): rlimit: Can'"'"'t setup RLIMIT_NOFILE for self' > "$log"
+    echo '(00.000200) Error (criu/vdso.c:2): vdso: Unexpected rt vDSO area bounds' >> "$log"
+    exit 1 ;;
+esac"#;
+        let criu = fake_criu(dir.path(), script);
+        let p = probe_with(&inputs(Some(&criu)));
+        let Err(Unavailable::CheckFailed { errors, log, .. }) = &p.result else {
+            panic!("expected CheckFailed, got {:?}", p.result);
+        };
+        assert_eq!(
+            errors,
+            &vec!["Error (criu/vdso.c:2): vdso: Unexpected rt vDSO area bounds".to_owned()]
+        );
+        let log = log.clone().expect("log kept");
+        assert!(log.is_file());
+        let msg = p.result.unwrap_err().to_string();
+        assert!(msg.contains("Unexpected rt vDSO"), "{msg}");
+        std::fs::remove_dir_all(log.parent().expect("log dir")).expect("cleanup");
+    }
+
+    #[test]
+    fn fake_working_criu_is_usable_as_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let criu = fake_criu(
+            dir.path(),
+            "[ \"$1\" = --version ] && echo 'Version: 4.1.1'; [ \"$1\" = check ] && echo 'Looks good.'; exit 0",
+        );
+        let p = probe_with(&inputs(Some(&criu)));
+        assert_eq!(
+            p.criu().expect("usable"),
+            &Criu {
+                path: criu,
+                version: parse_version("Version: 4.1.1").expect("v"),
+                privilege: Privilege::Root,
+            }
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! The crate's error type: every variant names what it was working on (pid, path, digest) and,
+//! for CRIU failures, carries CRIU's own `Error (…)` lines and the path of the kept log.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pf_core::Digest256;
+
+use crate::criu::Unavailable;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong capturing or restoring a process tree.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No usable criu on this machine (missing, too old, `criu check` fails, no privileges).
+    #[error("criu is not usable here: {0}")]
+    Unavailable(#[from] Unavailable),
+    /// criu ran and exited unsuccessfully.
+    #[error(
+        "criu {action} failed ({status}){}; full log kept in {}",
+        error_lines(.errors),
+        .log.display()
+    )]
+    Criu {
+        /// `dump`, `restore`, `check`.
+        action: &'static str,
+        /// How it ended: `exit status 1`, `killed by signal 9`.
+        status: String,
+        /// CRIU's `Error (…)` lines from its log (harmless ones left out).
+        errors: Vec<String>,
+        /// The kept log file.
+        log: PathBuf,
+    },
+    /// criu did not finish within its deadline and was killed.
+    #[error(
+        "criu {action} did not finish within {after:?} and was killed; log kept in {}",
+        .log.display()
+    )]
+    Timeout {
+        /// `dump`, `restore`, `check`.
+        action: &'static str,
+        /// The deadline.
+        after: Duration,
+        /// The kept log file.
+        log: PathBuf,
+    },
+    /// A program could not be started.
+    #[error("cannot run {}", .program.display())]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pid to capture does not exist (or is a zombie).
+    #[error("process {pid} does not exist")]
+    NoSuchProcess {
+        /// The pid asked for.
+        pid: i32,
+    },
+    /// The process exited while criu was dumping it.
+    #[error("process {pid} exited while criu was dumping it; nothing was stored")]
+    ExitedDuringDump {
+        /// The pid asked for.
+        pid: i32,
+        /// criu's failure.
+        #[source]
+        source: Box<Error>,
+    },
+    /// A file-system operation failed.
+    #[error("{op} {}", .path.display())]
+    Io {
+        /// What was being done: `create`, `read`, `write`, …
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("{op} failed")]
+    Sys {
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blob store failed.
+    #[error("{what}")]
+    Store {
+        /// What was being done.
+        what: String,
+        /// The store's error.
+        #[source]
+        source: pf_core::Error,
+    },
+    /// A blob that should be a procs blob is not one.
+    #[error("blob {digest} is not a procs blob")]
+    NotProcs {
+        /// The blob.
+        digest: Digest256,
+        /// Why it does not decode.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The procs blob is an honest placeholder: nothing was dumped, nothing can be restored.
+    #[error("{digest} holds no process images (captured on {unsupported_on}: {note})")]
+    Unsupported {
+        /// The placeholder blob.
+        digest: Digest256,
+        /// Where it was made.
+        unsupported_on: String,
+        /// Why nothing was dumped.
+        note: String,
+    },
+    /// The images tar holds something that must not be extracted.
+    #[error("refusing to extract the images of {digest}: entry {entry:?} {reason}")]
+    UnsafeTar {
+        /// The criu_dump blob.
+        digest: Digest256,
+        /// The entry's path as written in the tar.
+        entry: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The images tar is not a valid tar (or reading it failed).
+    #[error("cannot read the images tar {digest}")]
+    Tar {
+        /// The criu_dump blob.
+        digest: Digest256,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pid to restore is held by a live process.
+    #[error(
+        "pid {pid} is in use by a running process ({holder}), so the tree cannot get its pid back; \
+         stop that process or restore into a new pid namespace (--new-pidns)"
+    )]
+    PidInUse {
+        /// The pid the tree needs.
+        pid: i32,
+        /// `/proc/<pid>/comm` of the holder.
+        holder: String,
+    },
+    /// The pid to restore stayed a zombie too long.
+    #[error(
+        "pid {pid} is still taken by an exited process that its parent {ppid} has not reaped \
+         after {waited:?}; reap it (wait for it in process {ppid}) or restore with --new-pidns"
+    )]
+    PidZombie {
+        /// The pid the tree needs.
+        pid: i32,
+        /// The parent that should reap it.
+        ppid: i32,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// criu said it restored the tree, but the root is not running.
+    #[error("criu restored pid {pid} but it is not running any more ({status})")]
+    RestoredDied {
+        /// The root's pid.
+        pid: i32,
+        /// How it ended.
+        status: String,
+    },
+    /// The namespace init reported a failure before criu could run.
+    #[error("setting up the new pid namespace failed at {step} (errno {errno})")]
+    Namespace {
+        /// The step: `mount --make-rprivate /`, `mount /proc`, `fork`, `exec criu`.
+        step: &'static str,
+        /// The errno.
+        errno: i32,
+    },
+}
+
+fn error_lines(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", lines.join(" | "))
+    }
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn store(what: impl Into<String>, source: pf_core::Error) -> Self {
+        Self::Store {
+            what: what.into(),
+            source,
+        }
+    }
+}

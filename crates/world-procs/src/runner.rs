@@ -1,0 +1,313 @@
+//! The one way this workspace runs `criu`.
+//!
+//! Every call gets `--no-default-config` (no `/etc/criu/default.conf` surprises), `-v4`, a
+//! private work directory (`--work-dir`, 0700, outside any images directory: criu writes its
+//! stats files there) holding `criu.log`, `criu.stdout` and `criu.stderr`; stdin is `/dev/null`
+//! and the child starts with only fds 0–2 and the descriptors the caller passes on purpose.
+//! Each call has a deadline after which criu is SIGKILLed by its pid.
+//!
+//! On success the work directory is removed. On failure it is kept and the error carries its log
+//! path and criu's `Error (…)` lines, minus the harmless `rlimit: Can't setup RLIMIT_NOFILE`
+//! that appears in every log on machines without CAP_SYS_RESOURCE.
+//!
+//! stdout and stderr go to files, not pipes, so there is no pipe to fill up and deadlock on.
+
+use std::ffi::{OsStr, OsString};
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::criu::{Criu, Privilege};
+use crate::error::{Error, Result};
+
+/// A prepared criu call: the full command line and its work directory.
+#[derive(Debug)]
+pub(crate) struct Invocation {
+    action: &'static str,
+    /// The program to exec (criu, or sudo).
+    pub(crate) program: PathBuf,
+    /// Arguments after the program.
+    pub(crate) args: Vec<OsString>,
+    work: tempfile::TempDir,
+    log: PathBuf,
+    deadline: Duration,
+    keep_fds: Vec<RawFd>,
+}
+
+impl Invocation {
+    /// Prepare `criu <action> <common options> <args>`; `keep_fds` are descriptors the child
+    /// must inherit (for `--inherit-fd`).
+    pub(crate) fn new(
+        criu: &Criu,
+        action: &'static str,
+        args: Vec<OsString>,
+        keep_fds: &[RawFd],
+        deadline: Duration,
+    ) -> Result<Self> {
+        let work = tempfile::Builder::new()
+            .prefix(&format!("pf-criu-{action}-"))
+            .tempdir()
+            .map_err(|e| Error::io("create a work directory in", std::env::temp_dir(), e))?;
+        let log = work.path().join("criu.log");
+        let mut argv: Vec<OsString> = Vec::new();
+        let program = match criu.privilege {
+            Privilege::Root | Privilege::Unprivileged => criu.path.clone(),
+            Privilege::Sudo => {
+                argv.push("-n".into());
+                if let Some(max) = keep_fds.iter().max() {
+                    argv.push(format!("-C{}", max + 1).into());
+                }
+                argv.push(criu.path.clone().into());
+                PathBuf::from("sudo")
+            }
+        };
+        argv.push(action.into());
+        argv.push("--no-default-config".into());
+        argv.push("-v4".into());
+        argv.push("--work-dir".into());
+        argv.push(work.path().into());
+        argv.push("--log-file".into());
+        argv.push(log.clone().into());
+        if criu.privilege == Privilege::Unprivileged {
+            argv.push("--unprivileged".into());
+        }
+        argv.extend(args);
+        Ok(Self {
+            action,
+            program,
+            args: argv,
+            work,
+            log,
+            deadline,
+            keep_fds: keep_fds.to_vec(),
+        })
+    }
+
+    /// The work directory (for pidfiles and the like; removed on success).
+    pub(crate) fn work_dir(&self) -> &Path {
+        self.work.path()
+    }
+
+    pub(crate) fn stdout_path(&self) -> PathBuf {
+        self.work.path().join("criu.stdout")
+    }
+
+    pub(crate) fn stderr_path(&self) -> PathBuf {
+        self.work.path().join("criu.stderr")
+    }
+
+    /// Run criu as our child and wait for it (within the deadline).
+    pub(crate) fn run(self) -> Result<Finished> {
+        let _span = tracing::debug_span!("criu", action = self.action).entered();
+        let out = self.stdio_file(self.stdout_path())?;
+        let err = self.stdio_file(self.stderr_path())?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .current_dir(self.work.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        crate::sys::only_these_fds(&mut cmd, self.keep_fds.clone());
+        tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu");
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
+        match wait_with_deadline(child, self.deadline) {
+            Ok(Some(status)) => self.conclude(exit_of(status)),
+            Ok(None) => Err(Error::Timeout {
+                action: self.action,
+                after: self.deadline,
+                log: self.keep(),
+            }),
+            Err(source) => Err(Error::Sys {
+                op: "waiting for criu",
+                source,
+            }),
+        }
+    }
+
+    fn stdio_file(&self, path: PathBuf) -> Result<std::fs::File> {
+        std::fs::File::create(&path).map_err(|e| Error::io("create", path, e))
+    }
+
+    /// Turn criu's exit into a result: success removes the work dir; failure keeps it and
+    /// collects criu's error lines.
+    pub(crate) fn conclude(self, exit: crate::Exit) -> Result<Finished> {
+        if exit == crate::Exit::Code(0) {
+            let stdout = std::fs::read_to_string(self.stdout_path()).unwrap_or_default();
+            return Ok(Finished { stdout });
+        }
+        let mut errors = std::fs::read_to_string(&self.log)
+            .map(|log| error_lines(&log))
+            .unwrap_or_default();
+        if errors.is_empty() {
+            // No log (criu never started, sudo refused, bad option): its stderr says why.
+            let stderr = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
+            errors = stderr
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(8)
+                .map(str::to_owned)
+                .collect();
+        }
+        let action = self.action;
+        let log = self.keep();
+        tracing::debug!(action, %exit, ?errors, log = %log.display(), "criu failed");
+        Err(Error::Criu {
+            action,
+            status: exit.to_string(),
+            errors,
+            log,
+        })
+    }
+
+    /// Keep the work directory; return the log's path.
+    pub(crate) fn keep(self) -> PathBuf {
+        let log = self.log;
+        let _ = self.work.keep();
+        log
+    }
+}
+
+/// What a successful criu call printed on stdout.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) stdout: String,
+}
+
+/// criu's `Error (…)` lines from a log, without the timestamp prefix and without the harmless
+/// RLIMIT_NOFILE complaint; at most 8.
+pub(crate) fn error_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.find("Error (").map(|i| l[i..].trim_end()))
+        .filter(|l| !l.contains("Can't setup RLIMIT_NOFILE"))
+        .take(8)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The exit of a child as [`crate::Exit`].
+pub(crate) fn exit_of(status: ExitStatus) -> crate::Exit {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => crate::Exit::Code(code),
+        (None, Some(sig)) => crate::Exit::Signal(sig),
+        (None, None) => crate::Exit::Code(-1),
+    }
+}
+
+/// Wait for `child`; after `deadline`, SIGKILL it by pid and return `None`.
+///
+/// The wait runs on a helper thread so that the common case returns the moment the child
+/// exits, without polling.
+pub(crate) fn wait_with_deadline(
+    mut child: Child,
+    deadline: Duration,
+) -> std::io::Result<Option<ExitStatus>> {
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(status) => {
+            let _ = waiter.join();
+            status.map(Some)
+        }
+        Err(_) => {
+            tracing::warn!(pid, ?deadline, "child exceeded its deadline, killing it");
+            // The child cannot have been reaped yet: the waiter would have sent its status.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = rx.recv();
+            let _ = waiter.join();
+            Ok(None)
+        }
+    }
+}
+
+/// Run `program args` (no criu conventions), capture its stdout, within `deadline`. For
+/// `criu --version`.
+pub(crate) fn output(program: &Path, args: &[&str], deadline: Duration) -> std::io::Result<String> {
+    let out = tempfile::tempfile()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(Stdio::null());
+    crate::sys::only_these_fds(&mut cmd, Vec::new());
+    let child = cmd.spawn()?;
+    match wait_with_deadline(child, deadline)? {
+        Some(_) => {
+            use std::io::{Read as _, Seek as _};
+            let mut out = out;
+            out.rewind()?;
+            let mut text = String::new();
+            out.take(1 << 16).read_to_string(&mut text)?;
+            Ok(text)
+        }
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {deadline:?}"),
+        )),
+    }
+}
+
+/// An `OsStr` argument list from strings.
+pub(crate) fn os_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Vec<OsString> {
+    args.into_iter().map(OsString::from).collect()
+}
+
+/// Add `--flag value`.
+pub(crate) fn push_opt(args: &mut Vec<OsString>, flag: &str, value: impl AsRef<OsStr>) {
+    args.push(flag.into());
+    args.push(value.as_ref().to_owned());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_lines_skip_rlimit_and_timestamps() {
+        let log = "(00.000010) Version: 4.1.1\n\
+(00.000100) Error (criu/util.c:633): rlimit: Can't setup RLIMIT_NOFILE for self\n\
+(00.010000) Error (criu/cr-restore.c:1480): Can't fork for 1234: File exists\n\
+(00.010100) Error (criu/cr-restore.c:2610): Restoring FAILED.\n";
+        assert_eq!(
+            error_lines(log),
+            vec![
+                "Error (criu/cr-restore.c:1480): Can't fork for 1234: File exists",
+                "Error (criu/cr-restore.c:2610): Restoring FAILED.",
+            ]
+        );
+        assert!(error_lines("").is_empty());
+    }
+
+    #[test]
+    fn deadline_kills_a_hung_child() {
+        let child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let start = std::time::Instant::now();
+        let got = wait_with_deadline(child, Duration::from_millis(100)).expect("wait");
+        assert_eq!(got, None);
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn output_captures_stdout() {
+        let out = output(Path::new("/bin/echo"), &["Version: 9.9"], Duration::from_secs(10))
+            .expect("echo");
+        assert_eq!(out, "Version: 9.9\n");
+    }
+}
