@@ -144,7 +144,8 @@ impl<R: Read> Read for ExactLen<R> {
 }
 
 /// Check that `name` is acceptable as a ref: 1–200 bytes, no `/`, no `\0` or other control
-/// characters, not `.` or `..`, not starting with `.` (temp files), not a digest.
+/// characters or white space, not `.` or `..`, not starting with `.` (temp files), and not like a
+/// digest (`sha256:` in any case, or 64 hex digits).
 pub fn validate_name(name: &str) -> Result<()> {
     let invalid = |reason| Error::InvalidName {
         name: name.to_owned(),
@@ -165,7 +166,11 @@ pub fn validate_name(name: &str) -> Result<()> {
     if name.chars().any(char::is_control) {
         return Err(invalid("it contains a control character"));
     }
-    if name.starts_with("sha256:") {
+    let looks_like_digest = name
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("sha256:"))
+        || (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()));
+    if looks_like_digest {
         return Err(invalid("it looks like a digest"));
     }
     if name.chars().any(char::is_whitespace) {
@@ -221,6 +226,8 @@ mod tests {
             "a\0b",
             "a\nb",
             "sha256:00",
+            "SHA256:00",
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
             "a b",
             &long,
         ] {

@@ -1,0 +1,88 @@
+//! Many writers of the same blob at once, in threads and in processes: one valid blob results.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Barrier;
+
+use pf_core::{BlobStore, FsBlobStore};
+
+use crate::support::{TestData, drain, temp_files};
+
+/// Set in the child processes this test starts: `<store dir>\n<input file>`.
+const CHILD_ENV: &str = "PF_CORE_IT_CONCURRENT_PUT_CHILD";
+const TEST_NAME: &str = "concurrency::same_blob_from_8_threads_and_4_processes";
+
+fn put_file(store: &Path, input: &Path) -> pf_core::Put {
+    let s = FsBlobStore::open(store).unwrap();
+    let mut file = std::fs::File::open(input).unwrap();
+    s.put_reader(&mut file).unwrap()
+}
+
+#[test]
+fn same_blob_from_8_threads_and_4_processes() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        // Child mode: one more writer, started by the parent run of this test.
+        let (store, input) = spec.split_once('\n').expect("child spec");
+        let put = put_file(Path::new(store), Path::new(input));
+        #[allow(clippy::print_stdout)]
+        {
+            println!("child put {}", put.digest);
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let input = dir.path().join("input");
+    let data = TestData::new(42, 100 << 20);
+    data.write_to(&input);
+    let want = data.digest();
+    let s = FsBlobStore::open(&store_dir).unwrap();
+
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&exe)
+                .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+                .env(
+                    CHILD_ENV,
+                    format!("{}\n{}", store_dir.display(), input.display()),
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let barrier = Barrier::new(8);
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            scope.spawn(|| {
+                barrier.wait();
+                let put = put_file(&store_dir, &input);
+                assert_eq!(put.digest, want);
+                assert_eq!(put.size, 100 << 20);
+            });
+        }
+    });
+    for child in children {
+        // `wait_with_output` drains stdout and stderr together, so neither pipe can fill up and
+        // block the child.
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("child put {want}")), "{stdout}");
+    }
+    assert_eq!(s.list().unwrap(), vec![want]);
+    assert_eq!(
+        drain(&mut *s.open(&want).unwrap()).unwrap(),
+        (want, 100 << 20)
+    );
+    let leftovers: Vec<PathBuf> = temp_files(&store_dir);
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
