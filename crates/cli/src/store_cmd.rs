@@ -1,12 +1,622 @@
-//! `pf store`: Manage the store.
+//! `pf store`: put, cat, list, verify, name, remove and collect blobs in the content-addressed
+//! store.
 
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use crate::common::Global;
+use anyhow::{Context as _, bail};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use pf_core::{BlobStore, Digest256, FsBlobStore, GcOptions};
 
+use crate::common::{Global, progress_enabled, store_root};
+
+/// Inputs and outputs at least this large show progress (on a terminal).
+const PROGRESS_MIN: u64 = 64 << 20;
+/// Unit of copying in `cat`.
+const COPY_CHUNK: usize = 1 << 20;
+
+const STORE_HELP: &str = "\
+Blobs are named by the SHA-256 of their raw bytes (sha256:<64 hex>), kept zstd-compressed under
+<store>/blobs/sha256/, and checked against their digest on every read. Names (tags) point at blobs;
+`pf store gc` removes what no name reaches. Every command that takes a DIGEST also takes a NAME.
+
+Examples:
+  pf store put dump.tar --tag before-upgrade   store a file, name it, print its digest
+  tar c dir | pf store put -                   store stdin
+  pf store cat before-upgrade > dump.tar       write a blob to stdout (verified at the end)
+  pf store ls --json                           every blob with sizes and names
+  pf store verify                              check every blob; exit 1 naming each bad one
+  pf store gc --dry-run                        what gc would remove
+
+Store: --store DIR, else $PF_STORE, else $XDG_DATA_HOME/pf, else ~/.local/share/pf";
+
+/// Manage the content-addressed snapshot store.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum Command {}
+#[command(after_help = STORE_HELP)]
+pub(crate) enum Command {
+    /// Store a file, or stdin with `-`, and print its digest
+    #[command(after_help = "\
+Examples:
+  pf store put image.tar                 prints sha256:…
+  pf store put image.tar --tag base      also points the name `base` at it
+  some-command | pf store put -          stores stdin
 
-pub(crate) fn run(_global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    match command {}
+The blob streams through: memory stays flat whatever its size. Storing a blob that is already
+there succeeds and prints the same digest.")]
+    Put(PutArgs),
+    /// Write a blob's raw bytes to stdout, verifying them against the digest
+    #[command(after_help = "\
+Examples:
+  pf store cat base > image.tar
+  pf store cat sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 | tar t
+
+The bytes stream out as they are decoded; the digest can only be checked at the end. If the blob
+turns out corrupt, pf exits 1 with an error naming the digest after the bytes already written:
+discard that output.")]
+    Cat(CatArgs),
+    /// List blobs: digest, raw size, stored size and the names pointing at each
+    #[command(after_help = "\
+Examples:
+  pf store ls
+  pf store ls --json | jq '.[] | select(.names == [])'
+
+`--json` prints an array of {\"digest\", \"size\", \"stored_size\", \"names\"}, sizes in bytes.")]
+    Ls(LsArgs),
+    /// Check blobs against their digests (all blobs and names when none are given)
+    #[command(after_help = "\
+Examples:
+  pf store verify              every blob, and every name's target
+  pf store verify base         one blob
+
+Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.")]
+    Verify(VerifyArgs),
+    /// Point a name at a blob (replacing what it pointed at)
+    #[command(after_help = "\
+Examples:
+  pf store tag base sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824
+  pf store tag previous base   copy a name
+
+Names: 1-200 bytes, no `/`, white space or control characters, not starting with `.`.")]
+    Tag(TagArgs),
+    /// Remove a name (the blob stays until `pf store gc`)
+    Untag(UntagArgs),
+    /// List names and the digests they point at
+    #[command(after_help = "`--json` prints an array of {\"name\", \"digest\"}.")]
+    Tags(TagsArgs),
+    /// Remove blobs no name reaches, and temp files of interrupted puts
+    #[command(after_help = "\
+A blob is kept when a name points at it, or when a kept blob is JSON holding its digest as a
+string (a procs snapshot keeps its CRIU dump that way). Unreachable blobs stored within the grace
+period are kept too, so a capture running right now does not lose its dump before naming it.
+
+Examples:
+  pf store gc --dry-run        list what would go
+  pf store gc --grace 0        remove every unreachable blob now
+  pf store gc --json")]
+    Gc(GcArgs),
+    /// Remove a blob now, and the names given for it
+    #[command(after_help = "\
+Examples:
+  pf store rm base                      removes the blob `base` points at, and the name `base`
+  pf store rm sha256:…                  refuses if names point at the blob
+  pf store rm sha256:… --force          also removes those names
+
+Blobs that refer to the removed one (JSON holding its digest) are not changed: a snapshot whose
+dump is removed cannot be restored. Prefer `pf store untag` and `pf store gc`.")]
+    Rm(RmArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct PutArgs {
+    /// File to store, or `-` for stdin
+    #[arg(value_name = "FILE|-")]
+    input: OsString,
+    /// Also point NAME at the stored blob
+    #[arg(long, value_name = "NAME")]
+    tag: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CatArgs {
+    /// The blob's digest (sha256:…) or a name pointing at it
+    #[arg(value_name = "DIGEST|NAME")]
+    blob: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct LsArgs {
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct VerifyArgs {
+    /// Blobs to check, by digest or name [default: every blob and every name]
+    #[arg(value_name = "DIGEST|NAME")]
+    blobs: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TagArgs {
+    /// The name to set
+    name: String,
+    /// The blob it points at: a digest, or another name
+    #[arg(value_name = "DIGEST|NAME")]
+    target: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct UntagArgs {
+    /// The name to remove
+    name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TagsArgs {
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct GcArgs {
+    /// List what would be removed, remove nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON on stdout
+    #[arg(long)]
+    json: bool,
+    /// Keep unreachable blobs stored less than this long ago (e.g. 0, 90s, 10m, 2h, 1d)
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
+    grace: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RmArgs {
+    /// The blob to remove: a digest, or a name (the name is removed too)
+    #[arg(value_name = "DIGEST|NAME")]
+    blob: String,
+    /// Also remove the other names that point at the blob
+    #[arg(long)]
+    force: bool,
+}
+
+pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
+    let root = store_root(global)?;
+    let store = FsBlobStore::open(&root).context("cannot open the store")?;
+    match command {
+        Command::Put(args) => put(&store, &args),
+        Command::Cat(args) => cat(&store, &args),
+        Command::Ls(args) => ls(&store, &args),
+        Command::Verify(args) => verify(&store, &args),
+        Command::Tag(args) => {
+            let digest = resolve(&store, &args.target)?;
+            store
+                .set_name(&args.name, &digest)
+                .with_context(|| format!("cannot point {:?} at {digest}", args.name))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Untag(args) => {
+            if !store.remove_name(&args.name)? {
+                bail!("no name {:?} in the store (see `pf store tags`)", args.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tags(args) => tags(&store, &args),
+        Command::Gc(args) => gc(&store, &args),
+        Command::Rm(args) => rm(&store, &args),
+    }
+}
+
+fn resolve(store: &dyn BlobStore, digest_or_name: &str) -> anyhow::Result<Digest256> {
+    store.resolve(digest_or_name).with_context(|| {
+        if digest_or_name.starts_with("sha256:") {
+            "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
+        } else {
+            format!("{digest_or_name:?} is neither a digest nor a name (see `pf store tags`)")
+        }
+    })
+}
+
+fn put(store: &FsBlobStore, args: &PutArgs) -> anyhow::Result<ExitCode> {
+    if let Some(name) = &args.tag {
+        // Refuse a bad name before storing a GiB.
+        pf_core::validate_name(name)?;
+    }
+    let result = if args.input == "-" {
+        let mut stdin = io::stdin().lock();
+        let bar = progress_bar(None);
+        let mut reader = bar.wrap_read(&mut stdin);
+        let result = store.put_reader(&mut reader).context("cannot store stdin");
+        bar.finish_and_clear();
+        result?
+    } else {
+        let path = PathBuf::from(&args.input);
+        let mut file =
+            File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot read metadata of {}", path.display()))?;
+        let len = meta.is_file().then_some(meta.len());
+        let bar = progress_bar(len);
+        let mut reader = bar.wrap_read(&mut file);
+        let result = match len {
+            Some(len) => store.put_reader_with_len(&mut reader, len),
+            None => store.put_reader(&mut reader),
+        }
+        .with_context(|| format!("cannot store {}", path.display()));
+        bar.finish_and_clear();
+        result?
+    };
+    if let Some(name) = &args.tag {
+        store
+            .set_name(name, &result.digest)
+            .with_context(|| format!("stored {}, but cannot name it {name:?}", result.digest))?;
+    }
+    writeln!(io::stdout().lock(), "{}", result.digest)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr for `len` bytes (`None`: unknown), hidden unless stderr is a
+/// terminal and the transfer is long.
+fn progress_bar(len: Option<u64>) -> ProgressBar {
+    if !progress_enabled() || len.is_some_and(|n| n < PROGRESS_MIN) {
+        return ProgressBar::hidden();
+    }
+    match len {
+        Some(len) => ProgressBar::new(len).with_style(
+            ProgressStyle::with_template(
+                "{bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {binary_bytes} {binary_bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    }
+}
+
+fn cat(store: &FsBlobStore, args: &CatArgs) -> anyhow::Result<ExitCode> {
+    let digest = resolve(store, &args.blob)?;
+    let mut reader = store.open(&digest)?;
+    // An unbuffered handle on stdout: the chunks are large already.
+    let mut out = File::from(
+        io::stdout()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("cannot duplicate stdout")?,
+    );
+    // The raw size may be unknown without decoding: judge by the stored size, show no total.
+    let long = store
+        .stored_size(&digest)
+        .is_ok_and(|n| n >= PROGRESS_MIN / 4);
+    let bar = if long {
+        progress_bar(None)
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut written = 0u64;
+    let result = loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => break Err(err),
+        };
+        match out.write_all(&buf[..n]) {
+            Ok(()) => {}
+            // The reader of our output went away (`pf store cat x | head`): not our failure.
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
+                bar.finish_and_clear();
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(err) => {
+                bar.finish_and_clear();
+                return Err(err).context("cannot write to stdout");
+            }
+        }
+        written += n as u64;
+        bar.set_position(written);
+    };
+    bar.finish_and_clear();
+    if let Err(err) = result {
+        let what = if pf_core::Error::from_read_error(&err).is_some() {
+            "failed verification"
+        } else {
+            "could not be read"
+        };
+        return Err(anyhow::Error::new(err).context(format!(
+            "blob {digest} {what} after {written} bytes were written to stdout: discard that output"
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every name, grouped by the digest it points at.
+fn names_by_digest(store: &dyn BlobStore) -> anyhow::Result<BTreeMap<Digest256, Vec<String>>> {
+    let mut by_digest: BTreeMap<Digest256, Vec<String>> = BTreeMap::new();
+    for (name, digest) in store.names()? {
+        by_digest.entry(digest).or_default().push(name);
+    }
+    Ok(by_digest)
+}
+
+fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
+    let names = names_by_digest(store)?;
+    let mut rows = Vec::new();
+    for digest in store.list()? {
+        let stored = match store.stored_size(&digest) {
+            Ok(n) => n,
+            // Removed while we listed.
+            Err(pf_core::Error::NotFound { .. }) => continue,
+            Err(err) => return Err(err.into()),
+        };
+        let size = match store.raw_size(&digest) {
+            Ok(n) => Some(n),
+            Err(pf_core::Error::NotFound { .. }) => continue,
+            Err(err) => {
+                tracing::warn!("{:#}", anyhow::Error::new(err));
+                None
+            }
+        };
+        let names = names.get(&digest).cloned().unwrap_or_default();
+        rows.push((digest, size, stored, names));
+    }
+    let mut out = io::stdout().lock();
+    if args.json {
+        let json: Vec<_> = rows
+            .iter()
+            .map(|(digest, size, stored, names)| {
+                serde_json::json!({
+                    "digest": digest,
+                    "size": size,
+                    "stored_size": stored,
+                    "names": names,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &json)?;
+        writeln!(out)?;
+    } else {
+        for (digest, size, stored, names) in &rows {
+            let size = size.map_or_else(|| "?".to_owned(), |n| HumanBytes(n).to_string());
+            writeln!(
+                out,
+                "{digest}  {size:>10}  {:>10}  {}",
+                HumanBytes(*stored).to_string(),
+                names.join(",")
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let mut bad = 0usize;
+    let mut out = io::stdout().lock();
+    let digests = if args.blobs.is_empty() {
+        for (name, digest) in store.names()? {
+            if !store.contains(&digest)? {
+                bad += 1;
+                writeln!(
+                    out,
+                    "{digest} BAD: name {name:?} points at it but it is missing"
+                )?;
+            }
+        }
+        store.list()?
+    } else {
+        let mut digests = Vec::new();
+        for arg in &args.blobs {
+            digests.push(resolve(store, arg)?);
+        }
+        digests
+    };
+    for digest in &digests {
+        match check(store, digest) {
+            Ok(()) => writeln!(out, "{digest} ok")?,
+            Err(err) => {
+                bad += 1;
+                writeln!(out, "{digest} BAD: {err:#}")?;
+            }
+        }
+    }
+    out.flush()?;
+    drop(out);
+    if bad > 0 {
+        say(&format!(
+            "error: {bad} of {} checked blobs are bad; remove each with `pf store rm --force`, \
+             then put the same bytes again if you have them",
+            digests.len()
+        ));
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Read a blob to its end through the verifying reader.
+fn check(store: &dyn BlobStore, digest: &Digest256) -> anyhow::Result<()> {
+    let mut reader = store.open(digest)?;
+    io::copy(&mut reader, &mut io::sink())?;
+    Ok(())
+}
+
+fn tags(store: &FsBlobStore, args: &TagsArgs) -> anyhow::Result<ExitCode> {
+    let names = store.names()?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let json: Vec<_> = names
+            .iter()
+            .map(|(name, digest)| serde_json::json!({ "name": name, "digest": digest }))
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &json)?;
+        writeln!(out)?;
+    } else {
+        for (name, digest) in &names {
+            writeln!(out, "{name}  {digest}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
+    let options = GcOptions {
+        dry_run: args.dry_run,
+        grace: args.grace,
+    };
+    let report = pf_core::gc(store, &options).context(
+        "gc stopped without removing anything it had not removed yet; check the blob with \
+         `pf store verify`",
+    )?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        let json = serde_json::json!({
+            "dry_run": report.dry_run,
+            "removed": report.removed.iter().map(|b| serde_json::json!({
+                "digest": b.digest,
+                "stored_size": b.stored_size,
+            })).collect::<Vec<_>>(),
+            "freed_bytes": report.freed_bytes(),
+            "reachable": report.reachable,
+            "recent": report.recent,
+            "missing": report.missing,
+            "temp_files": report.temp_files,
+        });
+        serde_json::to_writer_pretty(&mut out, &json)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    for blob in &report.removed {
+        writeln!(
+            out,
+            "{verb} {} ({})",
+            blob.digest,
+            HumanBytes(blob.stored_size)
+        )?;
+    }
+    for path in &report.temp_files {
+        writeln!(out, "{verb} temp file {}", path.display())?;
+    }
+    out.flush()?;
+    drop(out);
+    for digest in &report.missing {
+        say(&format!(
+            "warning: {digest} is referred to but not in the store"
+        ));
+    }
+    let mut summary = format!(
+        "{verb} {} blobs ({}) and {} temp files; kept {} reachable",
+        report.removed.len(),
+        HumanBytes(report.freed_bytes()),
+        report.temp_files.len(),
+        report.reachable.len(),
+    );
+    if !report.recent.is_empty() {
+        summary.push_str(&format!(
+            " and {} unreachable but stored within {} (--grace 0 removes them)",
+            report.recent.len(),
+            format_duration(args.grace)
+        ));
+    }
+    say(&summary);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
+    let digest = resolve(store, &args.blob)?;
+    let given_name = (!args.blob.starts_with("sha256:")).then_some(args.blob.as_str());
+    let others: Vec<String> = store
+        .names()?
+        .into_iter()
+        .filter(|(name, d)| *d == digest && Some(name.as_str()) != given_name)
+        .map(|(name, _)| name)
+        .collect();
+    if !others.is_empty() && !args.force {
+        bail!(
+            "names point at {digest}: {}; untag them first, or pass --force to remove them too",
+            others.join(", ")
+        );
+    }
+    if !store.contains(&digest)? {
+        bail!("blob {digest} is not in the store");
+    }
+    for name in given_name
+        .into_iter()
+        .chain(others.iter().map(String::as_str))
+    {
+        store.remove_name(name)?;
+    }
+    store.remove(&digest)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stderr)]
+fn say(line: &str) {
+    eprintln!("{line}");
+}
+
+/// `0`, `90`, `90s`, `10m`, `2h`, `1d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 0, 90s, 10m, 2h or 1d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{text:?}: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s > 0 && s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        for bad in ["", "m", "10x", "-1", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(600)), "10m");
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+    }
 }
