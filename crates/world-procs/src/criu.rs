@@ -32,7 +32,8 @@ const MIN_UNPRIVILEGED: CriuVersion = CriuVersion {
 const FALLBACK_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
 
 /// The fix we suggest for a missing or broken criu.
-const INSTALL_HINT: &str = "install criu 4.x with `cargo xtask install-criu` (or point $PF_CRIU at a working criu)";
+const INSTALL_HINT: &str =
+    "install criu 4.x with `cargo xtask install-criu` (or point $PF_CRIU at a working criu)";
 
 /// A criu release number, as printed by `criu --version` (`Version: 4.1.1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -186,10 +187,7 @@ pub enum Unavailable {
 }
 
 fn first_line(errors: &[String]) -> String {
-    errors
-        .first()
-        .map(|l| format!(": {l}"))
-        .unwrap_or_default()
+    errors.first().map(|l| format!(": {l}")).unwrap_or_default()
 }
 
 /// What the probe looks at, taken from the process by [`ProbeInputs::from_process`] or built
@@ -323,11 +321,7 @@ fn read_version(path: &Path) -> Result<CriuVersion, Unavailable> {
 }
 
 /// Root → direct; else `sudo -n`; else `--unprivileged`; each must pass `criu check`.
-fn choose_privilege(
-    path: &Path,
-    version: CriuVersion,
-    is_root: bool,
-) -> Result<Criu, Unavailable> {
+fn choose_privilege(path: &Path, version: CriuVersion, is_root: bool) -> Result<Criu, Unavailable> {
     let candidate = |privilege| Criu {
         path: path.to_owned(),
         version,

@@ -1,19 +1,36 @@
 //! pf-world-procs: runs CRIU to capture and restore process trees through a pf store.
 //!
 //! This is the only crate in the workspace that runs the `criu` binary or reads CRIU images.
-//! [`criu::probe`] finds a usable criu (cached per process).
+//! [`criu::probe`] finds a usable criu (cached per process); [`capture`] dumps a tree into a
+//! store as a deterministic images tar plus a [`ProcsBlob`]; [`restore`] brings it back as a
+//! [`Restored`] tree that is our child. Everything criu does goes through one runner (log, work
+//! dir, deadline, error lines).
 
+mod capture;
 pub mod criu;
 mod error;
 pub mod images;
+mod nsinit;
 mod proc;
+mod restore;
 mod runner;
 mod sys;
+mod tarball;
 #[doc(hidden)]
 pub mod test_support;
+mod wire;
 
+pub use crate::capture::{
+    CaptureOptions, CaptureProgress, Captured, DumpReport, capture, capture_with_progress,
+    dump_to_dir,
+};
 pub use crate::criu::probe;
 pub use crate::error::{Error, Result};
+pub use crate::restore::{
+    ImagesDir, InheritFd, RestoreOptions, Restored, extract_images, load_procs, restore,
+    restore_dir,
+};
+pub use crate::wire::{CriuProcs, DumpOptions, ProcsBlob};
 
 /// How a process ended: its exit code, or the signal that killed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,7 +27,11 @@ pub(crate) fn parse_children(text: &str) -> Vec<i32> {
 /// The innermost pid from the `NSpid:` line of `/proc/<pid>/status`.
 pub(crate) fn status_inner_pid(status: &str) -> Option<i32> {
     let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
-    line["NSpid:".len()..].split_whitespace().last()?.parse().ok()
+    line["NSpid:".len()..]
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
 }
 
 /// What `/proc/<pid>` says about a pid right now.

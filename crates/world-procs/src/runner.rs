@@ -46,8 +46,10 @@ impl Invocation {
         keep_fds: &[RawFd],
         deadline: Duration,
     ) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
         let work = tempfile::Builder::new()
             .prefix(&format!("pf-criu-{action}-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()
             .map_err(|e| Error::io("create a work directory in", std::env::temp_dir(), e))?;
         let log = work.path().join("criu.log");
@@ -98,8 +100,9 @@ impl Invocation {
         self.work.path().join("criu.stderr")
     }
 
-    /// Run criu as our child and wait for it (within the deadline).
-    pub(crate) fn run(self) -> Result<Finished> {
+    /// Run criu as our child and wait for it (within the deadline). On success, returns the
+    /// work directory (removed when dropped) for files such as a pidfile.
+    pub(crate) fn run(self) -> Result<tempfile::TempDir> {
         let _span = tracing::debug_span!("criu", action = self.action).entered();
         let out = self.stdio_file(self.stdout_path())?;
         let err = self.stdio_file(self.stderr_path())?;
@@ -129,16 +132,15 @@ impl Invocation {
         }
     }
 
-    fn stdio_file(&self, path: PathBuf) -> Result<std::fs::File> {
+    pub(crate) fn stdio_file(&self, path: PathBuf) -> Result<std::fs::File> {
         std::fs::File::create(&path).map_err(|e| Error::io("create", path, e))
     }
 
-    /// Turn criu's exit into a result: success removes the work dir; failure keeps it and
-    /// collects criu's error lines.
-    pub(crate) fn conclude(self, exit: crate::Exit) -> Result<Finished> {
+    /// Turn criu's exit into a result: success hands back the work dir (removed on drop);
+    /// failure keeps it and collects criu's error lines.
+    pub(crate) fn conclude(self, exit: crate::Exit) -> Result<tempfile::TempDir> {
         if exit == crate::Exit::Code(0) {
-            let stdout = std::fs::read_to_string(self.stdout_path()).unwrap_or_default();
-            return Ok(Finished { stdout });
+            return Ok(self.work);
         }
         let mut errors = std::fs::read_to_string(&self.log)
             .map(|log| error_lines(&log))
@@ -171,12 +173,6 @@ impl Invocation {
         let _ = self.work.keep();
         log
     }
-}
-
-/// What a successful criu call printed on stdout.
-#[derive(Debug)]
-pub(crate) struct Finished {
-    pub(crate) stdout: String,
 }
 
 /// criu's `Error (…)` lines from a log, without the timestamp prefix and without the harmless
@@ -260,11 +256,6 @@ pub(crate) fn output(program: &Path, args: &[&str], deadline: Duration) -> std::
     }
 }
 
-/// An `OsStr` argument list from strings.
-pub(crate) fn os_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Vec<OsString> {
-    args.into_iter().map(OsString::from).collect()
-}
-
 /// Add `--flag value`.
 pub(crate) fn push_opt(args: &mut Vec<OsString>, flag: &str, value: impl AsRef<OsStr>) {
     args.push(flag.into());
@@ -306,8 +297,12 @@ mod tests {
 
     #[test]
     fn output_captures_stdout() {
-        let out = output(Path::new("/bin/echo"), &["Version: 9.9"], Duration::from_secs(10))
-            .expect("echo");
+        let out = output(
+            Path::new("/bin/echo"),
+            &["Version: 9.9"],
+            Duration::from_secs(10),
+        )
+        .expect("echo");
         assert_eq!(out, "Version: 9.9\n");
     }
 }

@@ -1,0 +1,316 @@
+//! Capture: `criu dump` of a process tree into a private scratch directory, then the images as a
+//! deterministic tar streamed into the store, then the procs JSON blob that names it.
+//!
+//! Nothing is written to the store until criu has succeeded, and the procs blob (the only thing
+//! a caller could name) is written last, so a failed capture leaves no blob a name could point
+//! at. Without a usable criu, capture stores an honest `procs.unsupported.v1` placeholder.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use pf_core::{BlobStore, Digest256};
+
+use crate::criu::{Criu, CriuVersion, Unavailable};
+use crate::error::{Error, Result};
+use crate::proc::{PidState, pid_state};
+use crate::runner::{Invocation, push_opt};
+use crate::tarball::ImagesTar;
+use crate::wire::{CriuProcs, DumpOptions, ProcsBlob};
+
+/// How long one `criu dump` may take before it is killed.
+const DUMP_DEADLINE: Duration = Duration::from_secs(600);
+
+/// How to dump a process tree. There is no `Default`: say what you want.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// Keep the tree running after the dump (`--leave-running`); otherwise criu kills it.
+    pub leave_running: bool,
+    /// The tree is a job of a shell: its session or terminal is outside it (`--shell-job`).
+    pub shell_job: bool,
+    /// Dump established TCP connections (`--tcp-established`).
+    pub tcp_established: bool,
+    /// Allow unix sockets connected to peers outside the tree (`--ext-unix-sk`).
+    pub ext_unix_sk: bool,
+    /// Dump file locks (`--file-locks`).
+    pub file_locks: bool,
+    /// Labels recorded in the procs blob.
+    pub labels: BTreeMap<String, String>,
+    /// More arguments for `criu dump`.
+    pub extra_args: Vec<String>,
+}
+
+/// What a dump into a directory did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpReport {
+    /// The tree's pids just before the dump, root first.
+    pub pids: Vec<i32>,
+    /// `readlink /proc/<root>/fd/{0,1,2}` just before the dump (empty string: closed).
+    pub stdio: Vec<String>,
+    /// The criu that dumped.
+    pub criu_version: CriuVersion,
+}
+
+/// A finished capture: the procs blob's digest and its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    /// The digest of the procs JSON blob.
+    pub procs: Digest256,
+    /// The blob (`Unsupported` when nothing could be dumped here).
+    pub blob: ProcsBlob,
+}
+
+/// Where a capture is, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CaptureProgress {
+    /// criu is dumping.
+    Dumping,
+    /// The images are streaming into the store.
+    Storing {
+        /// Tar bytes stored so far.
+        done: u64,
+        /// Tar bytes in all.
+        total: u64,
+    },
+}
+
+/// Dump `pid`'s tree into the existing empty directory `images_dir`: plain CRIU images, nothing
+/// else (criu's log and stats go to a work directory of their own).
+pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result<DumpReport> {
+    let criu = crate::criu::probe().criu()?;
+    ensure_alive(pid)?;
+    dump_with(criu, pid, images_dir, opts)
+}
+
+/// Dump `pid`'s tree, stream the images into `store`, store the procs blob; return its digest.
+///
+/// Without a usable criu (or off Linux) this stores and returns a `procs.unsupported.v1`
+/// placeholder whose note says which check failed.
+pub fn capture(store: &dyn BlobStore, pid: i32, opts: &CaptureOptions) -> Result<Captured> {
+    capture_with_progress(store, pid, opts, &mut |_| {})
+}
+
+/// [`capture`], reporting progress.
+pub fn capture_with_progress(
+    store: &dyn BlobStore,
+    pid: i32,
+    opts: &CaptureOptions,
+    progress: &mut dyn FnMut(CaptureProgress),
+) -> Result<Captured> {
+    let _span = tracing::info_span!("capture", pid).entered();
+    let criu = match crate::criu::probe().criu() {
+        Ok(criu) => criu,
+        Err(why) => {
+            if cfg!(target_os = "linux") {
+                ensure_alive(pid)?;
+            }
+            return store_placeholder(store, pid, &why);
+        }
+    };
+    ensure_alive(pid)?;
+    let images = scratch_dir("pf-dump-")?;
+    progress(CaptureProgress::Dumping);
+    let report = dump_with(criu, pid, images.path(), opts)?;
+    let mut tar = ImagesTar::new(images.path())?;
+    let total = tar.len();
+    let mut counting = Counting {
+        inner: &mut tar,
+        done: 0,
+        total,
+        last: 0,
+        progress,
+    };
+    let put = store
+        .put_reader(&mut counting)
+        .map_err(|e| Error::store(format!("storing the images of pid {pid}"), e))?;
+    (counting.progress)(CaptureProgress::Storing { done: total, total });
+    drop(images);
+    tracing::info!(criu_dump = %put.digest, size = put.size, "images stored");
+    let blob = ProcsBlob::Criu(CriuProcs {
+        criu_dump: put.digest,
+        pids: report.pids,
+        root_pid: Some(pid),
+        criu_version: Some(report.criu_version.to_string()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .map(|s| s.trim().to_owned()),
+        arch: Some(std::env::consts::ARCH.to_owned()),
+        captured_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs()),
+        options: Some(DumpOptions {
+            leave_running: opts.leave_running,
+            shell_job: opts.shell_job,
+            tcp_established: opts.tcp_established,
+            ext_unix_sk: opts.ext_unix_sk,
+            file_locks: opts.file_locks,
+            extra_args: opts.extra_args.clone(),
+        }),
+        stdio: report.stdio,
+        labels: opts.labels.clone(),
+    });
+    let procs = store
+        .put(&blob.to_json())
+        .map_err(|e| Error::store(format!("storing the procs blob of pid {pid}"), e))?;
+    Ok(Captured { procs, blob })
+}
+
+fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Result<Captured> {
+    let unsupported_on = match why {
+        Unavailable::NotLinux { os } => os.clone(),
+        _ => "linux-no-criu".to_owned(),
+    };
+    tracing::warn!(%why, "no usable criu: storing a procs.unsupported.v1 placeholder");
+    let blob = ProcsBlob::Unsupported {
+        unsupported_on,
+        note: format!("nothing was dumped (would have dumped pid {pid}): {why}"),
+    };
+    let procs = store
+        .put(&blob.to_json())
+        .map_err(|e| Error::store("storing a procs.unsupported.v1 placeholder", e))?;
+    Ok(Captured { procs, blob })
+}
+
+fn ensure_alive(pid: i32) -> Result<()> {
+    if pid <= 0 || pid_state(pid) != PidState::Alive {
+        return Err(Error::NoSuchProcess { pid });
+    }
+    Ok(())
+}
+
+fn dump_with(
+    criu: &Criu,
+    pid: i32,
+    images_dir: &Path,
+    opts: &CaptureOptions,
+) -> Result<DumpReport> {
+    let images_dir =
+        std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
+    // Before the dump: afterwards (without leave_running) the tree is gone.
+    let stdio = (0..3)
+        .map(|fd| crate::proc::fd_target(pid, fd).unwrap_or_default())
+        .collect();
+    let pids = crate::proc::tree(pid);
+    let mut args: Vec<OsString> = Vec::new();
+    push_opt(&mut args, "--tree", pid.to_string());
+    push_opt(&mut args, "--images-dir", &images_dir);
+    for (on, flag) in [
+        (opts.leave_running, "--leave-running"),
+        (opts.shell_job, "--shell-job"),
+        (opts.tcp_established, "--tcp-established"),
+        (opts.ext_unix_sk, "--ext-unix-sk"),
+        (opts.file_locks, "--file-locks"),
+    ] {
+        if on {
+            args.push(flag.into());
+        }
+    }
+    args.extend(opts.extra_args.iter().map(OsString::from));
+    tracing::debug!(?pids, "dumping");
+    let result = Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.run();
+    if let Err(err) = result {
+        if pid_state(pid) != PidState::Alive {
+            return Err(Error::ExitedDuringDump {
+                pid,
+                source: Box::new(err),
+            });
+        }
+        return Err(err);
+    }
+    Ok(DumpReport {
+        pids,
+        stdio,
+        criu_version: criu.version,
+    })
+}
+
+/// A fresh private (0700) directory for images: under `$TMPDIR` when set, else on `/dev/shm`
+/// (tmpfs: dumps and restores run at memory speed), else in `/tmp`.
+pub(crate) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut builder = tempfile::Builder::new();
+    builder
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700));
+    if std::env::var_os("TMPDIR").is_none_or(|v| v.is_empty())
+        && let Ok(dir) = builder.tempdir_in("/dev/shm")
+    {
+        return Ok(dir);
+    }
+    builder
+        .tempdir()
+        .map_err(|e| Error::io("create a scratch directory in", std::env::temp_dir(), e))
+}
+
+/// Counts bytes through a reader and reports progress every 64 MiB.
+struct Counting<'a> {
+    inner: &'a mut dyn Read,
+    done: u64,
+    total: u64,
+    last: u64,
+    progress: &'a mut dyn FnMut(CaptureProgress),
+}
+
+impl Read for Counting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.done - self.last >= 64 << 20 {
+            self.last = self.done;
+            (self.progress)(CaptureProgress::Storing {
+                done: self.done,
+                total: self.total,
+            });
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_dirs_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = scratch_dir("pf-test-").expect("scratch");
+        let mode = std::fs::metadata(d.path())
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn placeholder_says_why() {
+        let store = pf_core::MemBlobStore::new();
+        let why = Unavailable::EnvPathMissing {
+            path: "/nonexistent/criu".into(),
+        };
+        let c = store_placeholder(&store, 42, &why).expect("placeholder");
+        let ProcsBlob::Unsupported {
+            unsupported_on,
+            note,
+        } = &c.blob
+        else {
+            panic!("expected Unsupported, got {:?}", c.blob);
+        };
+        assert_eq!(unsupported_on, "linux-no-criu");
+        assert!(
+            note.contains("$PF_CRIU") && note.contains("pid 42"),
+            "{note}"
+        );
+        let stored: ProcsBlob =
+            serde_json::from_slice(&store.get(&c.procs).expect("get")).expect("json");
+        assert_eq!(stored, c.blob);
+        let mac = store_placeholder(&store, 1, &Unavailable::NotLinux { os: "macos".into() })
+            .expect("placeholder");
+        assert!(
+            matches!(mac.blob, ProcsBlob::Unsupported { unsupported_on, .. } if unsupported_on == "macos")
+        );
+    }
+}

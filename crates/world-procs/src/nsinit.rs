@@ -1,0 +1,410 @@
+//! A tiny init of ours as PID 1 of a fresh PID + mount namespace, which runs
+//! `criu restore -d -S` and then waits for the restored root and exits with its status.
+//!
+//! This is what lets a tree be restored beside its still-running original (every pid is free in
+//! a new namespace) and lets the caller learn the root's real exit status (a foreground
+//! `criu restore` as PID 1 exits 0 whatever the root does). CRIU needs its own `/proc` for the
+//! new namespace, hence the mount namespace: without it criu fails in its vdso helper.
+//!
+//! The init is a `clone(CLONE_NEWPID | CLONE_NEWNS | SIGCHLD)` of this process — a fork, so the
+//! child runs with a copy of our memory and only the calling thread. From then on it makes only
+//! async-signal-safe system calls on data prepared before the clone (no allocation, no locks):
+//!
+//! 1. make every mount private (`mount --make-rprivate /`) and mount a fresh proc on `/proc`;
+//! 2. fork; the child sets up fds 0–2 (null, criu.stdout, criu.stderr), clears close-on-exec on
+//!    the inherited descriptors, marks every other one close-on-exec, and execs criu;
+//! 3. the init points its own 0–2 at `/dev/null` and closes every other descriptor except its
+//!    report pipe (it must not keep a caller's pipe or terminal open), waits for criu and reports
+//!    criu's wait status;
+//! 4. reads the pidfile criu wrote, reaps every child (orphans of the tree land on it) until the
+//!    root exits, reports the root's wait status and exits with it (code, or 128 + signal).
+//!
+//! When the init exits, the kernel kills everything left in the namespace: that is how the
+//! caller's `kill()` cleans up (SIGKILL to the init). No parent-death signal is set anywhere, so
+//! the init and the tree survive the caller's exit.
+//!
+//! Reports are fixed 12-byte records (`tag`, `a`, `b` as native-endian `i32`s) on a pipe, written
+//! in one `write` each (atomic below PIPE_BUF).
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::os::fd::{AsRawFd as _, RawFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+
+/// A setup step failed: `a` = step, `b` = errno.
+pub(crate) const TAG_FAILED: i32 = 1;
+/// criu finished: `a` = its raw wait status.
+pub(crate) const TAG_CRIU_DONE: i32 = 2;
+/// The restored root exited: `a` = its raw wait status.
+pub(crate) const TAG_ROOT_DONE: i32 = 3;
+
+/// The steps that can fail inside the init, by number.
+pub(crate) const STEPS: [&str; 6] = [
+    "mount --make-rprivate /",
+    "mount proc on /proc",
+    "fork criu",
+    "exec criu",
+    "read the pidfile",
+    "wait for the restored root",
+];
+
+/// A report record from the init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub(crate) tag: i32,
+    pub(crate) a: i32,
+    pub(crate) b: i32,
+}
+
+impl Record {
+    pub(crate) fn decode(bytes: &[u8; 12]) -> Self {
+        let word =
+            |i: usize| i32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        Self {
+            tag: word(0),
+            a: word(4),
+            b: word(8),
+        }
+    }
+}
+
+/// What the caller passes to the init.
+#[derive(Debug)]
+pub(crate) struct InitPlan<'a> {
+    /// The program to exec (criu).
+    pub(crate) program: &'a Path,
+    /// Its arguments (without argv[0]).
+    pub(crate) args: &'a [OsString],
+    /// criu's stdout and stderr.
+    pub(crate) stdout: &'a File,
+    pub(crate) stderr: &'a File,
+    /// Descriptors criu inherits (for `--inherit-fd`), at their own numbers.
+    pub(crate) keep: &'a [RawFd],
+    /// Where criu writes the root's pid (as seen inside the namespace).
+    pub(crate) pidfile: &'a Path,
+}
+
+/// The running init: its host pid and the read end of its report pipe.
+#[derive(Debug)]
+pub(crate) struct Init {
+    pub(crate) pid: i32,
+    pub(crate) report: File,
+}
+
+fn cstring(bytes: &[u8]) -> std::io::Result<CString> {
+    CString::new(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "argument holds a NUL byte",
+        )
+    })
+}
+
+/// Start the init. Needs CAP_SYS_ADMIN (root).
+pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
+    // Everything the child touches is built here, before the clone.
+    let program = cstring(plan.program.as_os_str().as_bytes())?;
+    let mut argv_owned = vec![program.clone()];
+    for a in plan.args {
+        argv_owned.push(cstring(a.as_bytes())?);
+    }
+    let mut argv: Vec<*const libc::c_char> = argv_owned.iter().map(|c| c.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let env_owned: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = env_owned.iter().map(|c| c.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let pidfile = cstring(plan.pidfile.as_os_str().as_bytes())?;
+    let devnull = File::open("/dev/null")?;
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let ctx = Ctx {
+        program: program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        pidfile: pidfile.as_ptr(),
+        devnull: devnull.as_raw_fd(),
+        stdout: plan.stdout.as_raw_fd(),
+        stderr: plan.stderr.as_raw_fd(),
+        keep: plan.keep,
+        report: write_end.as_raw_fd(),
+    };
+    let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
+    // SAFETY: a clone without CLONE_VM and with a null stack behaves like fork: the child gets
+    // a copy of our address space and continues here on its copy of the stack. The child only
+    // runs `init_main`, which makes raw async-signal-safe system calls on `ctx`'s data (built
+    // above, still alive in the child's copy) and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == 0 {
+        init_main(&ctx);
+    }
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(write_end);
+    drop((argv_owned, env_owned, devnull));
+    Ok(Init {
+        pid: pid as i32,
+        report: File::from(read_end),
+    })
+}
+
+/// Raw pointers and numbers the child uses.
+struct Ctx<'a> {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    pidfile: *const libc::c_char,
+    devnull: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    keep: &'a [RawFd],
+    report: RawFd,
+}
+
+fn report(fd: RawFd, tag: i32, a: i32, b: i32) {
+    let mut buf = [0u8; 12];
+    buf[..4].copy_from_slice(&tag.to_ne_bytes());
+    buf[4..8].copy_from_slice(&a.to_ne_bytes());
+    buf[8..].copy_from_slice(&b.to_ne_bytes());
+    // SAFETY: write from a stack buffer we own; the result is deliberately ignored (the reader
+    // may be gone after a detach).
+    unsafe {
+        libc::write(fd, buf.as_ptr().cast(), buf.len());
+    }
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn fail(ctx: &Ctx<'_>, step: i32) -> ! {
+    report(ctx.report, TAG_FAILED, step, errno());
+    // SAFETY: _exit is always safe to call.
+    unsafe { libc::_exit(120) }
+}
+
+/// Raw fork (no atfork handlers: another thread of the parent may have held malloc's lock).
+fn raw_fork() -> libc::c_long {
+    // SAFETY: as in `spawn`: a fork-like clone; the caller handles both sides.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    }
+}
+
+/// PID 1 of the new namespace. Never returns.
+fn init_main(ctx: &Ctx<'_>) -> ! {
+    // SAFETY (for every block in this function and in `exec_criu`): raw system calls on
+    // integers, on NUL-terminated strings and pointer arrays built before the clone, and on
+    // stack buffers we own. No allocation, no locks.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        let none: *const libc::c_char = std::ptr::null();
+        if libc::mount(
+            none,
+            c"/".as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(ctx, 0);
+        }
+        if libc::mount(
+            c"proc".as_ptr(),
+            c"/proc".as_ptr(),
+            c"proc".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail(ctx, 1);
+        }
+    }
+    let criu = raw_fork();
+    if criu == 0 {
+        exec_criu(ctx);
+    }
+    if criu < 0 {
+        fail(ctx, 2);
+    }
+    let criu = criu as libc::pid_t;
+    // SAFETY: see above.
+    unsafe {
+        // Keep nothing of the caller's: only the report pipe.
+        libc::dup2(ctx.devnull, 0);
+        libc::dup2(ctx.devnull, 1);
+        libc::dup2(ctx.devnull, 2);
+        close_all_but(ctx.report);
+        let mut status = 0;
+        while libc::waitpid(criu, &mut status, 0) < 0 {
+            if errno() != libc::EINTR {
+                fail(ctx, 5);
+            }
+        }
+        report(ctx.report, TAG_CRIU_DONE, status, 0);
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            libc::_exit(121);
+        }
+        let root = read_pid(ctx.pidfile);
+        if root <= 0 {
+            fail(ctx, 4);
+        }
+        loop {
+            let got = libc::waitpid(-1, &mut status, 0);
+            if got == root {
+                report(ctx.report, TAG_ROOT_DONE, status, 0);
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+                libc::_exit(code);
+            }
+            if got < 0 && errno() != libc::EINTR {
+                fail(ctx, 5);
+            }
+        }
+    }
+}
+
+/// The criu child of the init: stdio, descriptors, signals, exec. Never returns.
+fn exec_criu(ctx: &Ctx<'_>) -> ! {
+    // SAFETY: see `init_main`.
+    unsafe {
+        libc::dup2(ctx.devnull, 0);
+        libc::dup2(ctx.stdout, 1);
+        libc::dup2(ctx.stderr, 2);
+        crate::sys::mark_all_cloexec_from(3);
+        for &fd in ctx.keep {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+        }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::execve(ctx.program, ctx.argv, ctx.envp);
+        // The report pipe is still open (close-on-exec only fires on success).
+        report(ctx.report, TAG_FAILED, 3, errno());
+        libc::_exit(127);
+    }
+}
+
+/// Close every descriptor from 3 up, except `keep`.
+fn close_all_but(keep: RawFd) {
+    let close = |first: RawFd, last: RawFd| {
+        if first <= last {
+            // SAFETY: closing descriptors by number in our own (child) process.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    first as libc::c_uint,
+                    last as libc::c_uint,
+                    0,
+                );
+            }
+        }
+    };
+    close(3, keep - 1);
+    close(keep + 1, libc::c_int::MAX);
+}
+
+/// Read a decimal pid from a file; 0 on any failure.
+fn read_pid(path: *const libc::c_char) -> libc::pid_t {
+    let mut buf = [0u8; 32];
+    // SAFETY: open/read/close into a stack buffer we own.
+    let n = unsafe {
+        let fd = libc::open(path, libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return 0;
+        }
+        let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+        libc::close(fd);
+        n
+    };
+    parse_pid(&buf[..n.max(0) as usize])
+}
+
+/// A decimal pid, optionally followed by white space; 0 when malformed.
+pub(crate) fn parse_pid(bytes: &[u8]) -> libc::pid_t {
+    let mut pid: libc::pid_t = 0;
+    let mut digits = 0;
+    for &b in bytes {
+        match b {
+            b'0'..=b'9' if digits < 9 => {
+                pid = pid * 10 + libc::pid_t::from(b - b'0');
+                digits += 1;
+            }
+            b'\n' | b' ' | b'\r' | b'\t' if digits > 0 => break,
+            _ => return 0,
+        }
+    }
+    pid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_parse() {
+        assert_eq!(parse_pid(b"1234\n"), 1234);
+        assert_eq!(parse_pid(b"77"), 77);
+        assert_eq!(parse_pid(b""), 0);
+        assert_eq!(parse_pid(b"12a"), 0);
+        assert_eq!(parse_pid(b"\n"), 0);
+        assert_eq!(parse_pid(b"9999999999"), 0);
+    }
+
+    #[test]
+    fn records_decode() {
+        let mut b = [0u8; 12];
+        b[..4].copy_from_slice(&TAG_CRIU_DONE.to_ne_bytes());
+        b[4..8].copy_from_slice(&256i32.to_ne_bytes());
+        assert_eq!(
+            Record::decode(&b),
+            Record {
+                tag: TAG_CRIU_DONE,
+                a: 256,
+                b: 0
+            }
+        );
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        report(w.as_raw_fd(), TAG_FAILED, 3, 2);
+        let mut got = [0u8; 12];
+        use std::io::Read as _;
+        File::from(r).read_exact(&mut got).expect("read");
+        assert_eq!(
+            Record::decode(&got),
+            Record {
+                tag: TAG_FAILED,
+                a: 3,
+                b: 2
+            }
+        );
+    }
+}

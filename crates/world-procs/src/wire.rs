@@ -1,0 +1,168 @@
+//! The procs wire format: the JSON blob that names a CRIU dump in the store.
+//!
+//! `{"kind":"procs.criu.v1","criu_dump":"sha256:…","pids":[…]}` is what the reference pf-world
+//! writes; every other field is optional (serde defaults), so its blobs still read and ours stay
+//! readable by it (unknown fields are ignored). `procs.unsupported.v1` is the honest placeholder
+//! written where nothing could be dumped. These are the only serde types in this crate.
+
+use std::collections::BTreeMap;
+
+use pf_core::Digest256;
+use serde::{Deserialize, Serialize};
+
+/// A captured process tree, or the placeholder that says why there is none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum ProcsBlob {
+    /// A real CRIU dump.
+    #[serde(rename = "procs.criu.v1")]
+    Criu(CriuProcs),
+    /// Nothing was dumped: not Linux, or no working criu.
+    #[serde(rename = "procs.unsupported.v1")]
+    Unsupported {
+        /// `std::env::consts::OS`, or `linux-no-criu` on Linux without a usable criu.
+        unsupported_on: String,
+        /// Which check failed, and what to do.
+        note: String,
+    },
+}
+
+/// A CRIU dump in the store and what is known about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CriuProcs {
+    /// The deterministic tar of the images directory.
+    pub criu_dump: Digest256,
+    /// The tree's pids at capture, root first.
+    pub pids: Vec<i32>,
+    /// The root's pid (the one `criu dump -t` was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_pid: Option<i32>,
+    /// `criu --version` of the dumping criu, e.g. `4.1.1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criu_version: Option<String>,
+    /// `uname -r` of the dumping kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// `std::env::consts::ARCH`, e.g. `x86_64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Unix seconds when the dump finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_at: Option<u64>,
+    /// The options the dump ran with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<DumpOptions>,
+    /// `readlink /proc/<root>/fd/{0,1,2}` before the dump (`pipe:[1234]`, `/dev/null`, …); an
+    /// empty string for a closed descriptor.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stdio: Vec<String>,
+    /// Free-form labels set by the capturer (pf-goblins sets `goblin = v1`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The `criu dump` options recorded in a [`CriuProcs`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpOptions {
+    /// `--leave-running`.
+    #[serde(default)]
+    pub leave_running: bool,
+    /// `--shell-job`.
+    #[serde(default)]
+    pub shell_job: bool,
+    /// `--tcp-established`.
+    #[serde(default)]
+    pub tcp_established: bool,
+    /// `--ext-unix-sk`.
+    #[serde(default)]
+    pub ext_unix_sk: bool,
+    /// `--file-locks`.
+    #[serde(default)]
+    pub file_locks: bool,
+    /// Anything else passed to `criu dump`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+impl ProcsBlob {
+    /// The blob's JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising these plain structs cannot fail: no maps with non-string keys, no floats.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn reads_the_reference_pf_world_blobs() {
+        let criu =
+            format!(r#"{{"kind":"procs.criu.v1","criu_dump":"{DIGEST}","pids":[1234,5678]}}"#);
+        let blob: ProcsBlob = serde_json::from_str(&criu).expect("criu blob");
+        let ProcsBlob::Criu(c) = &blob else {
+            panic!("expected Criu, got {blob:?}");
+        };
+        assert_eq!(c.criu_dump.to_string(), DIGEST);
+        assert_eq!(c.pids, vec![1234, 5678]);
+        assert_eq!(
+            (c.root_pid, c.options.is_none(), c.stdio.len()),
+            (None, true, 0)
+        );
+        // Written back, it is byte-for-byte what the reference wrote.
+        assert_eq!(String::from_utf8(blob.to_json()).expect("utf8"), criu);
+
+        let unsupported = r#"{"kind":"procs.unsupported.v1","unsupported_on":"macos","note":"in-flight subprocess capture only available on Linux via CRIU; would have dumped pids=[1]"}"#;
+        let blob: ProcsBlob = serde_json::from_str(unsupported).expect("unsupported blob");
+        assert!(
+            matches!(&blob, ProcsBlob::Unsupported { unsupported_on, .. } if unsupported_on == "macos")
+        );
+        assert_eq!(
+            String::from_utf8(blob.to_json()).expect("utf8"),
+            unsupported
+        );
+    }
+
+    #[test]
+    fn full_blob_round_trips_and_ignores_unknown_fields() {
+        let blob = ProcsBlob::Criu(CriuProcs {
+            criu_dump: DIGEST.parse().expect("digest"),
+            pids: vec![7, 8],
+            root_pid: Some(7),
+            criu_version: Some("4.1.1".into()),
+            kernel: Some("6.18.0".into()),
+            arch: Some("x86_64".into()),
+            captured_at: Some(1_700_000_000),
+            options: Some(DumpOptions {
+                leave_running: true,
+                shell_job: false,
+                tcp_established: false,
+                ext_unix_sk: false,
+                file_locks: true,
+                extra_args: vec!["--link-remap".into()],
+            }),
+            stdio: vec!["pipe:[1]".into(), "pipe:[2]".into(), "/dev/null".into()],
+            labels: BTreeMap::from([("goblin".to_owned(), "v1".to_owned())]),
+        });
+        let json = blob.to_json();
+        assert_eq!(
+            serde_json::from_slice::<ProcsBlob>(&json).expect("back"),
+            blob
+        );
+        let mut value: serde_json::Value = serde_json::from_slice(&json).expect("value");
+        value["from_the_future"] = serde_json::json!(42);
+        let again: ProcsBlob = serde_json::from_value(value).expect("unknown field ignored");
+        assert_eq!(again, blob);
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_and_bad_digests() {
+        let wrong_kind = format!(r#"{{"kind":"procs.criu.v2","criu_dump":"{DIGEST}","pids":[]}}"#);
+        assert!(serde_json::from_str::<ProcsBlob>(&wrong_kind).is_err());
+        let bad = r#"{"kind":"procs.criu.v1","criu_dump":"sha256:xyz","pids":[]}"#;
+        assert!(serde_json::from_str::<ProcsBlob>(bad).is_err());
+    }
+}
