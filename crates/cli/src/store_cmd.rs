@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,8 +18,6 @@ use crate::common::{Global, progress_enabled, store_root};
 
 /// Inputs and outputs at least this large show progress (on a terminal).
 const PROGRESS_MIN: u64 = 64 << 20;
-/// Unit of copying in `cat`.
-const COPY_CHUNK: usize = 1 << 20;
 
 const STORE_HELP: &str = "\
 Blobs are named by the SHA-256 of their raw bytes (sha256:<64 hex>), kept zstd-compressed under
@@ -286,9 +284,8 @@ fn progress_bar(len: Option<u64>) -> ProgressBar {
 
 fn cat(store: &FsBlobStore, args: &CatArgs) -> anyhow::Result<ExitCode> {
     let digest = resolve(store, &args.blob)?;
-    let mut reader = store.open(&digest)?;
-    // An unbuffered handle on stdout: the chunks are large already.
-    let mut out = File::from(
+    // An unbuffered handle on stdout: the store writes large chunks already.
+    let stdout = File::from(
         io::stdout()
             .as_fd()
             .try_clone_to_owned()
@@ -303,42 +300,48 @@ fn cat(store: &FsBlobStore, args: &CatArgs) -> anyhow::Result<ExitCode> {
     } else {
         ProgressBar::hidden()
     };
-    let mut buf = vec![0u8; COPY_CHUNK];
-    let mut written = 0u64;
-    let result = loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break Ok(()),
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => break Err(err),
-        };
-        match out.write_all(&buf[..n]) {
-            Ok(()) => {}
-            // The reader of our output went away (`pf store cat x | head`): not our failure.
-            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
-                bar.finish_and_clear();
-                return Ok(ExitCode::SUCCESS);
-            }
-            Err(err) => {
-                bar.finish_and_clear();
-                return Err(err).context("cannot write to stdout");
-            }
-        }
-        written += n as u64;
-        bar.set_position(written);
+    let mut out = CountingWriter {
+        inner: stdout,
+        written: 0,
+        bar: &bar,
     };
+    let result = store.copy_to(&digest, &mut out);
     bar.finish_and_clear();
-    if let Err(err) = result {
-        let what = if pf_core::Error::from_read_error(&err).is_some() {
-            "failed verification"
-        } else {
-            "could not be read"
-        };
-        return Err(anyhow::Error::new(err).context(format!(
-            "blob {digest} {what} after {written} bytes were written to stdout: discard that output"
-        )));
+    match result {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        // The reader of our output went away (`pf store cat x | head`): not our failure.
+        Err(pf_core::Error::Output { source, .. })
+            if source.kind() == io::ErrorKind::BrokenPipe =>
+        {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(err @ pf_core::Error::Output { .. }) => Err(err).context("cannot write to stdout"),
+        Err(err) if out.written == 0 => Err(err.into()),
+        Err(err) => Err(anyhow::Error::new(err).context(format!(
+            "blob {digest} failed after {} bytes of it were written to stdout: discard that output",
+            out.written
+        ))),
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// Counts what goes through to stdout, for the progress bar and for error messages.
+struct CountingWriter<'a> {
+    inner: File,
+    written: u64,
+    bar: &'a ProgressBar,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n as u64;
+        self.bar.set_position(self.written);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Every name, grouped by the digest it points at.

@@ -50,6 +50,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a blob's bytes to the caller's output failed (in [`crate::BlobStore::copy_to`]).
+    #[error("writing blob {digest} out")]
+    Output {
+        digest: Digest256,
+        #[source]
+        source: std::io::Error,
+    },
     /// The input of a put yielded a different number of bytes than the caller announced.
     #[error(
         "the input to store yielded {actual} bytes where {expected} were announced (did the file change while it was read?)"

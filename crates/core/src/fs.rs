@@ -16,7 +16,7 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::hash::{BuildHasher as _, Hasher as _};
-use std::io::{self, BufReader, Read, Write as _};
+use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +30,7 @@ use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::mem::VerifyingReader;
-use crate::store::{BlobStore, ExactLen, Put, validate_name};
+use crate::store::{BlobStore, ExactLen, Put, copy_reader, validate_name, write_out};
 
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
@@ -48,7 +48,7 @@ const SYNC_EVERY: u64 = 32 << 20;
 /// Blob files at least this large are decoded and hashed on two threads of their own.
 const THREADED_READ_MIN: u64 = 4 << 20;
 /// Chunks that may be in flight between the threads of one reader (memory bound).
-const READ_QUEUE: usize = 2;
+const READ_QUEUE: usize = 4;
 /// An unlocked temp file whose writer may still be alive is left alone until it is this old.
 const TEMP_MIN_AGE: Duration = Duration::from_secs(60);
 /// `ZSTD_FRAMEHEADERSIZE_MAX`: enough of a file to read the frame's content size.
@@ -277,6 +277,59 @@ impl BlobStore for FsBlobStore {
     fn open(&self, digest: &Digest256) -> Result<Box<dyn Read + Send>> {
         let (file, path) = self.open_blob_file(digest)?;
         self.reader(digest, file, &path)
+    }
+
+    fn copy_to(&self, digest: &Digest256, out: &mut dyn Write) -> Result<u64> {
+        let (file, path) = self.open_blob_file(digest)?;
+        let stored = file
+            .metadata()
+            .map_err(|err| Error::io("reading metadata of", &path, err))?
+            .len();
+        let decoder = self.decoder(digest, file, &path)?;
+        if stored < THREADED_READ_MIN {
+            let mut reader = VerifyingReader::new(decoder, *digest, Some(path));
+            return copy_reader(&mut reader, digest, out);
+        }
+        // Chunks go from the hashing thread straight to `out`, without a copy into a buffer.
+        let pipeline = Pipeline::spawn(decoder, *digest)?;
+        let mut written = 0u64;
+        loop {
+            match pipeline.chunks.recv() {
+                Ok(Chunk::Data(buf)) => {
+                    write_out(out, &buf, digest)?;
+                    written += buf.len() as u64;
+                    pipeline.recycle(buf);
+                }
+                Ok(Chunk::End(actual)) => {
+                    let actual = actual.unwrap_or_else(|| DigestHasher::new().finish());
+                    if actual != *digest {
+                        return Err(Error::Integrity {
+                            digest: *digest,
+                            actual,
+                            path: Some(path),
+                        });
+                    }
+                    out.flush().map_err(|source| Error::Output {
+                        digest: *digest,
+                        source,
+                    })?;
+                    return Ok(written);
+                }
+                Ok(Chunk::Failed(err)) => {
+                    return Err(Error::from_read(err, |source| Error::Decode {
+                        digest: *digest,
+                        path,
+                        source,
+                    }));
+                }
+                Err(mpsc::RecvError) => {
+                    return Err(Error::Read {
+                        digest: *digest,
+                        source: io::Error::other("a blob reader thread stopped"),
+                    });
+                }
+            }
+        }
     }
 
     fn contains(&self, digest: &Digest256) -> Result<bool> {
@@ -524,27 +577,15 @@ enum Chunk {
     Failed(io::Error),
 }
 
-/// A verifying reader that decodes on one thread and hashes on another, so a reader of a large
-/// blob goes at the speed of the slower of the two rather than of their sum.
-struct ThreadedReader {
+/// A blob decoded on one thread and hashed on another, handed over in chunks: a reader of a
+/// large blob goes at the speed of the slower of the two rather than of their sum.
+struct Pipeline {
     chunks: mpsc::Receiver<Chunk>,
     recycle: mpsc::SyncSender<Vec<u8>>,
-    current: Vec<u8>,
-    pos: usize,
-    digest: Digest256,
-    path: PathBuf,
-    state: ReadState,
 }
 
-#[derive(PartialEq, Eq)]
-enum ReadState {
-    Reading,
-    Done,
-    Failed,
-}
-
-impl ThreadedReader {
-    fn spawn(mut decoder: DecodeReader, digest: Digest256, path: &Path) -> Result<Self> {
+impl Pipeline {
+    fn spawn(mut decoder: DecodeReader, digest: Digest256) -> Result<Self> {
         let (decoded_tx, decoded_rx) = mpsc::sync_channel::<Chunk>(READ_QUEUE);
         let (hashed_tx, hashed_rx) = mpsc::sync_channel::<Chunk>(READ_QUEUE);
         let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(2 * READ_QUEUE + 2);
@@ -593,6 +634,39 @@ impl ThreadedReader {
         Ok(Self {
             chunks: hashed_rx,
             recycle: recycle_tx,
+        })
+    }
+
+    /// Hand a used chunk back to the decoder thread. If it is gone (end of blob), the buffer is
+    /// just freed.
+    fn recycle(&self, buf: Vec<u8>) {
+        if buf.capacity() > 0 {
+            let _ = self.recycle.try_send(buf);
+        }
+    }
+}
+
+/// The verifying reader over a [`Pipeline`].
+struct ThreadedReader {
+    pipeline: Pipeline,
+    current: Vec<u8>,
+    pos: usize,
+    digest: Digest256,
+    path: PathBuf,
+    state: ReadState,
+}
+
+#[derive(PartialEq, Eq)]
+enum ReadState {
+    Reading,
+    Done,
+    Failed,
+}
+
+impl ThreadedReader {
+    fn spawn(decoder: DecodeReader, digest: Digest256, path: &Path) -> Result<Self> {
+        Ok(Self {
+            pipeline: Pipeline::spawn(decoder, digest)?,
             current: Vec::new(),
             pos: 0,
             digest,
@@ -631,13 +705,9 @@ impl Read for ThreadedReader {
                 self.pos += n;
                 return Ok(n);
             }
-            let used = std::mem::take(&mut self.current);
-            if used.capacity() > 0 {
-                // The decoder thread may be gone (end of blob): then the buffer is just freed.
-                let _ = self.recycle.try_send(used);
-            }
+            self.pipeline.recycle(std::mem::take(&mut self.current));
             self.pos = 0;
-            match self.chunks.recv() {
+            match self.pipeline.chunks.recv() {
                 Ok(Chunk::Data(data)) => self.current = data,
                 Ok(Chunk::End(actual)) => {
                     let actual = actual.unwrap_or_else(|| DigestHasher::new().finish());

@@ -1,6 +1,6 @@
 //! The [`BlobStore`] trait: blobs by digest, and names (refs) that point at them.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -80,6 +80,15 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// Write the blob's raw bytes to `out`, verifying them, and return how many were written.
+    ///
+    /// The bytes stream: a failed check ([`Error::Integrity`], [`Error::Decode`]) comes after
+    /// they were written, so the caller must then discard its output. A failure of `out` itself
+    /// is an [`Error::Output`]. Stores may override this to skip the copy through a `Read` buffer.
+    fn copy_to(&self, digest: &Digest256, out: &mut dyn Write) -> Result<u64> {
+        copy_reader(&mut *self.open(digest)?, digest, out)
+    }
+
     /// The blob's raw (uncompressed) size. The default reads the whole blob, verifying it.
     fn raw_size(&self, digest: &Digest256) -> Result<u64> {
         let mut reader = self.open(digest)?;
@@ -104,6 +113,43 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         let _ = options;
         Ok(Vec::new())
     }
+}
+
+/// Copy a blob reader from [`BlobStore::open`] to `out`, for [`BlobStore::copy_to`].
+pub(crate) fn copy_reader(
+    reader: &mut dyn Read,
+    digest: &Digest256,
+    out: &mut dyn Write,
+) -> Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut written = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                return Err(Error::from_read(err, |source| Error::Read {
+                    digest: *digest,
+                    source,
+                }));
+            }
+        };
+        write_out(out, &buf[..n], digest)?;
+        written += n as u64;
+    }
+    out.flush().map_err(|source| Error::Output {
+        digest: *digest,
+        source,
+    })?;
+    Ok(written)
+}
+
+pub(crate) fn write_out(out: &mut dyn Write, bytes: &[u8], digest: &Digest256) -> Result<()> {
+    out.write_all(bytes).map_err(|source| Error::Output {
+        digest: *digest,
+        source,
+    })
 }
 
 /// A reader that fails with [`Error::InputLength`] (wrapped in an `io::Error`) when its inner

@@ -7,6 +7,15 @@ use pf_core::{BlobStore, Digest256, Error, FsBlobStore};
 
 use crate::support::{TestData, store};
 
+/// What `copy_to` gives: the error, and how many bytes reached the output before it.
+fn copy_error(s: &FsBlobStore, digest: &Digest256) -> (Error, usize) {
+    let mut out = Vec::new();
+    let err = s
+        .copy_to(digest, &mut out)
+        .expect_err("copying a damaged blob must fail");
+    (err, out.len())
+}
+
 /// What reading `digest` fully through `get` and through `open` gives.
 fn read_both_ways(s: &FsBlobStore, digest: &Digest256) -> (Error, Error) {
     let get = s.get(digest).expect_err("get of a damaged blob must fail");
@@ -69,6 +78,7 @@ fn a_flipped_byte_is_an_error_naming_the_digest() {
         let (get, open) = read_both_ways(&s, &d);
         assert_names_digest(&get, &d);
         assert_names_digest(&open, &d);
+        assert_names_digest(&copy_error(&s, &d).0, &d);
     }
 }
 
@@ -90,6 +100,33 @@ fn a_flipped_byte_in_a_stored_random_block_is_an_integrity_error() {
         matches!(open, Error::Integrity { digest, .. } if digest == d),
         "{open:?}"
     );
+    // The bytes streamed out in full before the check at the end failed.
+    let (copy, copied) = copy_error(&s, &d);
+    assert!(
+        matches!(copy, Error::Integrity { digest, .. } if digest == d),
+        "{copy:?}"
+    );
+    assert_eq!(copied, 60_000);
+}
+
+#[test]
+fn a_large_blob_of_other_bytes_fails_copy_to_after_streaming() {
+    let (_dir, s) = store();
+    let d = s
+        .put_reader(&mut TestData::new(13, 12 << 20))
+        .unwrap()
+        .digest;
+    let other = s
+        .put_reader(&mut TestData::new(14, 12 << 20))
+        .unwrap()
+        .digest;
+    fs::copy(s.blob_path(&other), s.blob_path(&d)).unwrap();
+    let (copy, copied) = copy_error(&s, &d);
+    assert!(
+        matches!(copy, Error::Integrity { digest, actual, .. } if digest == d && actual == other),
+        "{copy:?}"
+    );
+    assert_eq!(copied, 12 << 20);
 }
 
 #[test]
@@ -110,6 +147,9 @@ fn a_truncated_file_is_an_error_not_short_data() {
             let (get, open) = read_both_ways(&s, &d);
             assert_names_digest(&get, &d);
             assert_names_digest(&open, &d);
+            let (copy, copied) = copy_error(&s, &d);
+            assert_names_digest(&copy, &d);
+            assert!((copied as u64) < len, "a truncated blob copied in full");
         }
     }
 }

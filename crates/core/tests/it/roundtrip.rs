@@ -29,7 +29,71 @@ fn large_streamed_blob_round_trips() {
     assert_eq!((got, got_len), (want, len));
     let bytes = s.get(&want).unwrap();
     assert_eq!(Digest256::of(&bytes), want);
+    let mut copied = HashingWriter::default();
+    assert_eq!(s.copy_to(&want, &mut copied).unwrap(), len);
+    assert_eq!(copied.0.finish(), want);
     assert!(temp_files(s.root()).is_empty());
+}
+
+#[derive(Default)]
+struct HashingWriter(pf_core::DigestHasher);
+
+impl std::io::Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that fails after `left` bytes.
+struct FailingWriter {
+    left: usize,
+}
+
+impl std::io::Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "reader gone",
+            ));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn copy_to_reports_a_failing_output_as_such() {
+    let (_dir, s) = store();
+    let small = s.put(b"small blob").unwrap();
+    let large = s
+        .put_reader(&mut TestData::new(4, 16 << 20))
+        .unwrap()
+        .digest;
+    for d in [small, large] {
+        let err = s.copy_to(&d, &mut FailingWriter { left: 5 }).unwrap_err();
+        assert!(
+            matches!(&err, Error::Output { digest, source } if *digest == d && source.kind() == std::io::ErrorKind::BrokenPipe),
+            "{err:?}"
+        );
+    }
+    let mut out = Vec::new();
+    assert_eq!(s.copy_to(&small, &mut out).unwrap(), 10);
+    assert_eq!(out, b"small blob");
+    assert!(matches!(
+        s.copy_to(&Digest256::of(b"absent"), &mut out),
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[test]
