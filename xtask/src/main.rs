@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod bench_store;
 mod ci;
 mod criu;
 mod demo;
@@ -23,7 +24,8 @@ commands:
                  against a real CRIU (installed first if missing; needs root)
   live           only the live tests (PF_HAS_CRIU=1, one at a time, each with a deadline)
   install-criu   make sure a CRIU >= 4.1 that passes `criu check` is installed (see --help)
-  demo           the main job end to end on this machine";
+  demo           the main job end to end on this machine
+  bench store    pf store put/cat of 1 GiB against zstd, with peak memory (see --help)";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,6 +50,13 @@ fn main() -> ExitCode {
                 .map(|_| ExitCode::SUCCESS)
         }
         Some("demo") if args.len() == 1 => demo::demo(&root),
+        Some("bench") if args.get(1).is_some_and(|a| a == "store") => {
+            if args[2..].iter().any(|a| a == "--help" || a == "-h") {
+                println!("{}", bench_store::USAGE);
+                return ExitCode::SUCCESS;
+            }
+            bench_store::run(&root, &args[2..])
+        }
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
