@@ -1,3 +1,4 @@
 //! Black-box tests of the `pf` binary: one module per subcommand.
 
+mod store;
 mod support;
