@@ -1,4 +1,5 @@
 //! Black-box tests of the `pf` binary: one module per subcommand.
 
+mod doctor;
 mod store;
 mod support;

@@ -1,17 +1,783 @@
 //! `pf doctor`: can this machine checkpoint and restore, and what to fix.
+//!
+//! Each check is ✓ or ✗ with a one-line fix. The criu checks read pf-world-procs' probe (the only
+//! crate that runs criu); the others look at the kernel, sudo, namespaces, userfaultfd and the
+//! store directory directly. Nothing here panics or stops early: a missing file or program is a
+//! failed check. Exit status 0 only when every required check passes.
 
-use std::process::ExitCode;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Output, Stdio};
 
-use crate::common::Global;
+use anyhow::Context as _;
+use pf_world_procs::criu::{CriuVersion, Privilege, Probe, Unavailable};
+
+use crate::common::{self, Global};
 
 /// Check kernel, criu, privileges, namespaces, userfaultfd and the store directory.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Each line is one check, ✓ or ✗; a ✗ line is followed by the fix. Checks marked optional do not
+change the exit status.
+
+Exit status: 0 when every required check passes, 1 otherwise.
+
+Examples:
+  pf doctor
+  pf doctor --json | jq '.checks[] | select(.ok | not)'
+  PF_CRIU=/opt/criu/sbin/criu pf doctor     # try a particular criu")]
 pub(crate) struct Args {
-    /// Print the checks as JSON on stdout
+    /// Print the checks as JSON on stdout (`{"kind":"pf.doctor.v1","ok":…,"checks":[…]}`)
     #[arg(long)]
     json: bool,
 }
 
-pub(crate) fn run(_global: &Global, _args: &Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("pf doctor is being built in this session")
+/// The criu version doctor asks for: 3.17 (Debian 12) fails `criu check` on these kernels.
+const WANT_CRIU: CriuVersion = CriuVersion {
+    major: 4,
+    minor: 1,
+    sublevel: 0,
+};
+
+const INSTALL_CRIU: &str = "run `cargo xtask install-criu` (as root, in the pf source tree) to build CRIU 4.1.1, or set $PF_CRIU to a criu ≥ 4.1";
+
+/// The fix of a check that could not run because an earlier one failed.
+const FIX_CRIU_FOUND: &str = "fix `criu found` first";
+
+/// One check's outcome.
+#[derive(Debug)]
+struct Check {
+    /// Stable identifier for programs (`criu-check`).
+    id: &'static str,
+    /// Short label for people (`criu check`).
+    label: &'static str,
+    ok: bool,
+    /// Whether a failure makes doctor exit 1.
+    required: bool,
+    /// What was found.
+    detail: String,
+    /// What to do when `ok` is false.
+    fix: Option<String>,
+}
+
+impl Check {
+    fn pass(id: &'static str, label: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            id,
+            label,
+            ok: true,
+            required: true,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(
+        id: &'static str,
+        label: &'static str,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self {
+            id,
+            label,
+            ok: false,
+            required: true,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    fn optional(mut self) -> Self {
+        self.required = false;
+        self
+    }
+}
+
+pub(crate) fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
+    let is_root = nix::unistd::geteuid().is_root();
+    let probe = pf_world_procs::criu::probe();
+    let sudo = if is_root { None } else { Some(sudo_works()) };
+
+    let mut checks = vec![kernel_check()];
+    checks.extend(criu_checks(probe));
+    checks.push(privilege_check(is_root, probe, sudo.as_ref()));
+    checks.push(namespace_check(is_root, sudo.as_ref()));
+    checks.push(userfaultfd_check(is_root, probe));
+    checks.push(store_check(global));
+
+    let all_required_ok = checks.iter().all(|c| c.ok || !c.required);
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let doc = to_json(&checks, probe, all_required_ok);
+        writeln!(out, "{doc:#}").context("write to stdout")?;
+    } else {
+        write_human(&mut out, &checks, all_required_ok).context("write to stdout")?;
+    }
+    Ok(if all_required_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn write_human(out: &mut dyn std::io::Write, checks: &[Check], ok: bool) -> std::io::Result<()> {
+    let width = checks
+        .iter()
+        .map(|c| c.label.chars().count())
+        .max()
+        .unwrap_or(0);
+    for c in checks {
+        let mark = if c.ok { "✓" } else { "✗" };
+        let optional = if c.ok || c.required {
+            ""
+        } else {
+            " (optional)"
+        };
+        let pad = width - c.label.chars().count();
+        writeln!(out, "{mark} {}{:pad$}  {}{optional}", c.label, "", c.detail)?;
+        if let Some(fix) = c.fix.as_deref().filter(|_| !c.ok) {
+            writeln!(out, "  {:width$}  fix: {fix}", "")?;
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.ok && c.required).count();
+    if ok {
+        writeln!(out, "\nthis machine can checkpoint and restore")
+    } else {
+        writeln!(
+            out,
+            "\n{failed} required check(s) failed: apply the fixes above and run `pf doctor` again"
+        )
+    }
+}
+
+fn to_json(checks: &[Check], probe: &Probe, ok: bool) -> serde_json::Value {
+    let criu = probe.criu().ok();
+    serde_json::json!({
+        "kind": "pf.doctor.v1",
+        "ok": ok,
+        "criu": {
+            "path": probe.path.as_ref().map(|p| p.display().to_string()),
+            "version": probe.version.map(|v| v.to_string()),
+            "usable": criu.is_some(),
+            "privilege": criu.map(|c| privilege_name(c.privilege)),
+        },
+        "checks": checks.iter().map(|c| serde_json::json!({
+            "id": c.id,
+            "label": c.label,
+            "ok": c.ok,
+            "required": c.required,
+            "detail": c.detail,
+            "fix": c.fix,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn privilege_name(p: Privilege) -> &'static str {
+    match p {
+        Privilege::Root => "root",
+        Privilege::Sudo => "sudo",
+        Privilege::Unprivileged => "unprivileged",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+
+/// What a kernel config says about one option.
+#[derive(Debug, PartialEq, Eq)]
+enum ConfigValue {
+    Yes,
+    Module,
+    NotSet,
+    Absent,
+}
+
+/// Look up `option` (`CONFIG_X`) in kernel config text.
+fn config_value(text: &str, option: &str) -> ConfigValue {
+    for line in text.lines().map(str::trim) {
+        if let Some(value) = line.strip_prefix(option).and_then(|r| r.strip_prefix('=')) {
+            return match value {
+                "y" => ConfigValue::Yes,
+                "m" => ConfigValue::Module,
+                _ => ConfigValue::NotSet,
+            };
+        }
+        if line == format!("# {option} is not set") {
+            return ConfigValue::NotSet;
+        }
+    }
+    ConfigValue::Absent
+}
+
+/// `/proc/config.gz` (through `gzip -dc`), else `/boot/config-<release>`: the text and where it
+/// came from.
+fn kernel_config() -> Option<(String, String)> {
+    let gz = Path::new("/proc/config.gz");
+    if gz.exists() {
+        let mut cmd = spawn("gzip");
+        cmd.arg("-dc").arg(gz);
+        if let Ok(out) = cmd.output().filter_ok() {
+            return Some((
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                gz.display().to_string(),
+            ));
+        }
+    }
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let boot = PathBuf::from(format!("/boot/config-{}", release.trim()));
+    let text = std::fs::read_to_string(&boot).ok()?;
+    Some((text, boot.display().to_string()))
+}
+
+fn kernel_check() -> Check {
+    const ID: &str = "kernel";
+    const LABEL: &str = "kernel";
+    const OPTION: &str = "CONFIG_CHECKPOINT_RESTORE";
+    if std::env::consts::OS != "linux" {
+        return Check::fail(
+            ID,
+            LABEL,
+            format!("{} is not Linux", std::env::consts::OS),
+            "CRIU runs only on Linux",
+        );
+    }
+    let fix =
+        "boot a kernel built with CONFIG_CHECKPOINT_RESTORE=y (most distribution kernels are)";
+    if let Some((text, source)) = kernel_config() {
+        match config_value(&text, OPTION) {
+            ConfigValue::Yes => return Check::pass(ID, LABEL, format!("{OPTION}=y ({source})")),
+            ConfigValue::Module | ConfigValue::NotSet => {
+                return Check::fail(ID, LABEL, format!("{OPTION} is not set ({source})"), fix);
+            }
+            ConfigValue::Absent => {}
+        }
+    }
+    // No readable config: these files exist only with CONFIG_CHECKPOINT_RESTORE.
+    let probes = ["/proc/self/map_files", "/proc/sys/kernel/ns_last_pid"];
+    let missing: Vec<&str> = probes
+        .iter()
+        .copied()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
+    if missing.is_empty() {
+        Check::pass(
+            ID,
+            LABEL,
+            "checkpoint/restore support (no kernel config to read; /proc/self/map_files and \
+             /proc/sys/kernel/ns_last_pid exist)",
+        )
+    } else {
+        Check::fail(
+            ID,
+            LABEL,
+            format!(
+                "no checkpoint/restore support: {} missing",
+                missing.join(" and ")
+            ),
+            fix,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// criu
+
+fn criu_source(path: &Path) -> &'static str {
+    if std::env::var_os("PF_CRIU").is_some_and(|v| !v.is_empty()) {
+        return "from $PF_CRIU";
+    }
+    let in_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|dir| Some(dir.as_path()) == path.parent()));
+    if in_path {
+        "on PATH"
+    } else {
+        "in a standard sbin directory"
+    }
+}
+
+/// criu found, its version, version ≥ 4.1, `criu check`.
+fn criu_checks(probe: &Probe) -> Vec<Check> {
+    let found = match (&probe.path, &probe.result) {
+        (Some(path), _) => Check::pass(
+            "criu-found",
+            "criu found",
+            format!("{} ({})", path.display(), criu_source(path)),
+        ),
+        (None, Err(Unavailable::EnvPathMissing { path })) => Check::fail(
+            "criu-found",
+            "criu found",
+            format!("$PF_CRIU is {} but there is no such file", path.display()),
+            "unset $PF_CRIU or point it at a criu ≥ 4.1; `cargo xtask install-criu` builds one",
+        ),
+        (None, Err(Unavailable::NotLinux { os })) => Check::fail(
+            "criu-found",
+            "criu found",
+            format!("CRIU needs Linux; this is {os}"),
+            "run pf on Linux",
+        ),
+        (None, _) => Check::fail(
+            "criu-found",
+            "criu found",
+            "no criu in $PATH, /usr/local/sbin, /usr/sbin or /sbin",
+            INSTALL_CRIU,
+        ),
+    };
+    let Some(path) = &probe.path else {
+        let detail = "no criu to ask";
+        return vec![
+            found,
+            Check::fail("criu-version", "criu version", detail, FIX_CRIU_FOUND),
+            Check::fail("criu-version-ok", "criu ≥ 4.1", detail, FIX_CRIU_FOUND),
+            Check::fail("criu-check", "criu check", detail, FIX_CRIU_FOUND),
+        ];
+    };
+    let (version, new_enough) = match probe.version {
+        Some(v) => {
+            let version = Check::pass("criu-version", "criu version", v.to_string());
+            let new_enough = if v >= WANT_CRIU {
+                Check::pass(
+                    "criu-version-ok",
+                    "criu ≥ 4.1",
+                    format!("{v} ≥ {WANT_CRIU}"),
+                )
+            } else {
+                Check::fail(
+                    "criu-version-ok",
+                    "criu ≥ 4.1",
+                    format!(
+                        "{v} is older than {WANT_CRIU} (criu before 4.x fails on kernels with a [vvar_vclock] mapping)"
+                    ),
+                    INSTALL_CRIU,
+                )
+            };
+            (version, new_enough)
+        }
+        None => {
+            let why = match &probe.result {
+                Err(e) => e.to_string(),
+                Ok(_) => "no version reported".to_owned(),
+            };
+            let version = Check::fail("criu-version", "criu version", why, INSTALL_CRIU);
+            let new_enough = Check::fail(
+                "criu-version-ok",
+                "criu ≥ 4.1",
+                "unknown version",
+                INSTALL_CRIU,
+            );
+            (version, new_enough)
+        }
+    };
+    let check = match &probe.result {
+        Ok(criu) => Check::pass(
+            "criu-check",
+            "criu check",
+            format!("passes (run {})", privilege_phrase(criu.privilege)),
+        ),
+        Err(Unavailable::CheckFailed { errors, log, .. }) => {
+            let first = telling_error(errors).unwrap_or("no Error line in its log");
+            let log = log
+                .as_ref()
+                .map(|l| format!(" (log: {})", l.display()))
+                .unwrap_or_default();
+            Check::fail(
+                "criu-check",
+                "criu check",
+                format!("fails: {first}{log}"),
+                INSTALL_CRIU,
+            )
+        }
+        Err(Unavailable::NoPrivilege { .. }) => Check::fail(
+            "criu-check",
+            "criu check",
+            "could not be run: no privileges (see privileges)",
+            "see the privileges fix",
+        ),
+        Err(Unavailable::TooOld { .. }) => Check::fail(
+            "criu-check",
+            "criu check",
+            format!("not run: {} is too old for pf to drive", path.display()),
+            INSTALL_CRIU,
+        ),
+        Err(e) => Check::fail(
+            "criu-check",
+            "criu check",
+            format!("not run: {e}"),
+            INSTALL_CRIU,
+        ),
+    };
+    vec![found, version, new_enough, check]
+}
+
+fn privilege_phrase(p: Privilege) -> &'static str {
+    match p {
+        Privilege::Root => "as root",
+        Privilege::Sudo => "through `sudo -n`",
+        Privilege::Unprivileged => "with --unprivileged (criu carries CAP_CHECKPOINT_RESTORE)",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Privileges, namespaces, userfaultfd
+
+/// Whether `sudo -n true` works; `Err` says why not (no sudo binary, needs a password, …).
+fn sudo_works() -> Result<(), String> {
+    let mut cmd = spawn("sudo");
+    cmd.args(["-n", "true"]);
+    match cmd.output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(first_line_or(
+            &out.stderr,
+            &format!("sudo -n true: {}", out.status),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("sudo is not installed".into()),
+        Err(e) => Err(format!("cannot run sudo: {e}")),
+    }
+}
+
+fn privilege_check(is_root: bool, probe: &Probe, sudo: Option<&Result<(), String>>) -> Check {
+    const ID: &str = "privileges";
+    const LABEL: &str = "privileges";
+    if is_root {
+        return Check::pass(ID, LABEL, "root: pf runs criu directly");
+    }
+    if let Ok(criu) = probe.criu() {
+        return Check::pass(
+            ID,
+            LABEL,
+            format!(
+                "not root: pf runs criu {}",
+                privilege_phrase(criu.privilege)
+            ),
+        );
+    }
+    let criu_path = probe.path.as_ref().map_or_else(
+        || "/usr/local/sbin/criu".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let fix = format!(
+        "run pf as root, allow passwordless sudo, or `sudo setcap cap_checkpoint_restore+eip {criu_path}`"
+    );
+    match (&probe.result, sudo) {
+        (
+            Err(Unavailable::NoPrivilege {
+                sudo, unprivileged, ..
+            }),
+            _,
+        ) => Check::fail(
+            ID,
+            LABEL,
+            format!("not root; `sudo -n` failed ({sudo}); --unprivileged failed ({unprivileged})"),
+            fix,
+        ),
+        (_, Some(Ok(()))) => Check::pass(ID, LABEL, "not root: pf runs criu through `sudo -n`"),
+        (_, Some(Err(why))) => Check::fail(
+            ID,
+            LABEL,
+            format!(
+                "not root and `sudo -n` does not work ({why}); criu capabilities unknown without a criu"
+            ),
+            fix,
+        ),
+        (_, None) => Check::fail(ID, LABEL, "not root", fix),
+    }
+}
+
+fn namespace_check(is_root: bool, sudo: Option<&Result<(), String>>) -> Check {
+    const ID: &str = "namespaces";
+    const LABEL: &str = "namespaces";
+    const ARGS: [&str; 5] = ["--pid", "--fork", "--mount-proc", "--", "true"];
+    let mut cmd = if is_root {
+        spawn("unshare")
+    } else if let Some(Ok(())) = sudo {
+        let mut cmd = spawn("sudo");
+        cmd.args(["-n", "unshare"]);
+        cmd
+    } else {
+        return Check::fail(
+            ID,
+            LABEL,
+            "not tried: new PID + mount namespaces need root or passwordless sudo (fork needs them)",
+            "run pf as root or allow passwordless sudo",
+        );
+    };
+    cmd.args(ARGS);
+    match cmd.output() {
+        Ok(out) if out.status.success() => Check::pass(
+            ID,
+            LABEL,
+            "a new PID + mount namespace with its own /proc can be created (fork)",
+        ),
+        Ok(out) => Check::fail(
+            ID,
+            LABEL,
+            format!(
+                "`unshare --pid --fork --mount-proc true` failed: {}",
+                first_line_or(&out.stderr, &out.status.to_string())
+            ),
+            "fork needs PID and mount namespaces: allow them (e.g. outside a restrictive container, \
+             or with `--privileged` for a container)",
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Check::fail(
+            ID,
+            LABEL,
+            "cannot probe: `unshare` is not installed",
+            "apt-get install util-linux",
+        ),
+        Err(e) => Check::fail(
+            ID,
+            LABEL,
+            format!("cannot run unshare: {e}"),
+            "apt-get install util-linux",
+        ),
+    }
+}
+
+fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
+    const ID: &str = "userfaultfd";
+    const LABEL: &str = "userfaultfd";
+    let dev = Path::new("/dev/userfaultfd");
+    let sysctl = Path::new("/proc/sys/vm/unprivileged_userfaultfd");
+    if !dev.exists() && !sysctl.exists() {
+        return Check::fail(
+            ID,
+            LABEL,
+            "kernel without userfaultfd (neither /dev/userfaultfd nor vm.unprivileged_userfaultfd)",
+            "lazy thaw needs a kernel built with CONFIG_USERFAULTFD=y; full thaw works without it",
+        )
+        .optional();
+    }
+    let privileged = is_root || probe.criu().is_ok_and(|c| c.privilege == Privilege::Sudo);
+    if privileged {
+        return Check::pass(ID, LABEL, "available to criu (lazy thaw)");
+    }
+    let unprivileged = std::fs::read_to_string(sysctl).is_ok_and(|v| v.trim() == "1");
+    let dev_ok = nix::unistd::access(
+        dev,
+        nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+    )
+    .is_ok();
+    if unprivileged || dev_ok {
+        Check::pass(ID, LABEL, "available without root (lazy thaw)")
+    } else {
+        Check::fail(
+            ID,
+            LABEL,
+            "the kernel has it, but not for unprivileged users",
+            "sysctl vm.unprivileged_userfaultfd=1, or give your user access to /dev/userfaultfd",
+        )
+        .optional()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The store
+
+fn store_check(global: &Global) -> Check {
+    const ID: &str = "store";
+    const LABEL: &str = "store";
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = match common::store_root(global) {
+        Ok(root) => root,
+        Err(e) => {
+            return Check::fail(
+                ID,
+                LABEL,
+                format!("{e:#}"),
+                "pass --store DIR or set $PF_STORE",
+            );
+        }
+    };
+    let shown = root.display();
+    match std::fs::metadata(&root) {
+        Ok(meta) if !meta.is_dir() => Check::fail(
+            ID,
+            LABEL,
+            format!("{shown} exists but is not a directory"),
+            "move it away, or pass --store DIR",
+        ),
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o7777;
+            let writable = nix::unistd::access(
+                &root,
+                nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            )
+            .is_ok();
+            if mode & 0o077 != 0 {
+                Check::fail(
+                    ID,
+                    LABEL,
+                    format!("{shown} is mode {mode:04o}: others can read process images"),
+                    format!("chmod 700 {shown}"),
+                )
+            } else if !writable {
+                Check::fail(
+                    ID,
+                    LABEL,
+                    format!("{shown} is not writable by this user"),
+                    format!("chown to your user and chmod 700 {shown}, or pass --store DIR"),
+                )
+            } else {
+                Check::pass(ID, LABEL, format!("{shown} (mode {mode:04o})"))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let ancestor = root.ancestors().skip(1).find(|a| a.exists());
+            match ancestor {
+                Some(a)
+                    if nix::unistd::access(
+                        a,
+                        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+                    )
+                    .is_ok() =>
+                {
+                    Check::pass(
+                        ID,
+                        LABEL,
+                        format!("{shown} does not exist yet; pf creates it with mode 0700"),
+                    )
+                }
+                Some(a) => Check::fail(
+                    ID,
+                    LABEL,
+                    format!("{shown} does not exist and {} is not writable", a.display()),
+                    format!("mkdir -m 700 -p {shown} as a user who may, or pass --store DIR"),
+                ),
+                None => Check::fail(
+                    ID,
+                    LABEL,
+                    format!("{shown} has no existing parent directory"),
+                    "pass --store DIR with an absolute path",
+                ),
+            }
+        }
+        Err(e) => Check::fail(
+            ID,
+            LABEL,
+            format!("cannot stat {shown}: {e}"),
+            "fix the permissions of its parent directories, or pass --store DIR",
+        ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// The one way doctor starts a probe process: stdin closed, working directory `/`, stdout and
+/// stderr piped. Callers use `Command::output`, which reads both pipes at once, so a chatty child
+/// cannot deadlock on a full pipe. The probes (`gzip -dc`, `sudo -n true`, `unshare … true`) do
+/// not wait for input, so they need no deadline.
+fn spawn(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+trait OutputExt {
+    fn filter_ok(self) -> Result<Output, ()>;
+}
+
+impl OutputExt for std::io::Result<Output> {
+    /// Only a run that exited 0.
+    fn filter_ok(self) -> Result<Output, ()> {
+        match self {
+            Ok(out) if out.status.success() => Ok(out),
+            _ => Err(()),
+        }
+    }
+}
+
+/// The `Error` line of a failed `criu check` that says most: the first one that does not merely
+/// report a helper's exit (`Error (criu/util.c:642): exited, status=1` comes first in 3.17's log
+/// and says nothing), else the first.
+fn telling_error(errors: &[String]) -> Option<&str> {
+    errors
+        .iter()
+        .find(|l| !l.contains("exited, status="))
+        .or_else(|| errors.first())
+        .map(String::as_str)
+}
+
+/// The first non-empty line of a child's stderr, else `fallback`.
+fn first_line_or(bytes: &[u8], fallback: &str) -> String {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map_or_else(|| fallback.to_owned(), str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_kernel_config_values() {
+        let text = "#\n# General setup\nCONFIG_CHECKPOINT_RESTORE=y\nCONFIG_USERFAULTFD=m\n\
+                    # CONFIG_FOO is not set\nCONFIG_FOOBAR=y\n";
+        assert_eq!(
+            config_value(text, "CONFIG_CHECKPOINT_RESTORE"),
+            ConfigValue::Yes
+        );
+        assert_eq!(
+            config_value(text, "CONFIG_USERFAULTFD"),
+            ConfigValue::Module
+        );
+        assert_eq!(config_value(text, "CONFIG_FOO"), ConfigValue::NotSet);
+        assert_eq!(config_value(text, "CONFIG_BAR"), ConfigValue::Absent);
+        assert_eq!(
+            config_value("", "CONFIG_CHECKPOINT_RESTORE"),
+            ConfigValue::Absent
+        );
+    }
+
+    #[test]
+    fn human_output_shows_fixes_for_failures_only() {
+        let checks = [
+            Check::pass("a", "first", "fine"),
+            Check::fail("b", "second one", "broken", "do this"),
+            Check::fail("c", "third", "missing", "maybe that").optional(),
+        ];
+        let mut out = Vec::new();
+        write_human(&mut out, &checks, false).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(
+            text,
+            "✓ first       fine\n\
+             ✗ second one  broken\n\
+             \x20             fix: do this\n\
+             ✗ third       missing (optional)\n\
+             \x20             fix: maybe that\n\
+             \n1 required check(s) failed: apply the fixes above and run `pf doctor` again\n"
+        );
+    }
+
+    #[test]
+    fn picks_the_criu_error_that_names_the_cause() {
+        let errors: Vec<String> = [
+            "Error (criu/util.c:642): exited, status=1",
+            "Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds",
+            "Error (criu/crtools.c:260): Could not initialize kernel features detection.",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            telling_error(&errors),
+            Some("Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds")
+        );
+        assert_eq!(telling_error(&errors[..1]), Some(errors[0].as_str()));
+        assert_eq!(telling_error(&[]), None);
+    }
+
+    #[test]
+    fn first_line_of_stderr() {
+        assert_eq!(
+            first_line_or(b"\n  unshare: nope \nmore", "x"),
+            "unshare: nope"
+        );
+        assert_eq!(first_line_or(b"", "exit status: 1"), "exit status: 1");
+    }
 }

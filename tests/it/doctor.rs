@@ -1,0 +1,194 @@
+//! `pf doctor`: a failed check is ✗ with its fix and exit status 1; on a machine with a working
+//! CRIU everything is ✓ and the exit status is 0.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Output;
+
+use crate::support::pf;
+
+/// Every check, in the order pf prints them.
+const CHECK_IDS: [&str; 9] = [
+    "kernel",
+    "criu-found",
+    "criu-version",
+    "criu-version-ok",
+    "criu-check",
+    "privileges",
+    "namespaces",
+    "userfaultfd",
+    "store",
+];
+
+/// `pf doctor` with `PF_CRIU` set to `criu`, a PATH without criu, and temp files under `tmp`.
+fn doctor(store: &Path, tmp: &Path, criu: &Path, json: bool) -> Output {
+    let mut cmd = pf(store);
+    cmd.arg("doctor")
+        .env("PF_CRIU", criu)
+        .env("PATH", "/usr/bin:/bin")
+        .env("TMPDIR", tmp);
+    if json {
+        cmd.arg("--json");
+    }
+    cmd.output().expect("run pf doctor")
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pf doctor --json printed no JSON ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn check<'a>(doc: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    doc["checks"]
+        .as_array()
+        .expect("checks array")
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id} in {doc:#}"))
+}
+
+#[test]
+fn doctor_without_criu_fails_and_says_how_to_install_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = doctor(
+        &dir.path().join("store"),
+        dir.path(),
+        Path::new("/nonexistent/criu"),
+        false,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("✗ criu found"), "{stdout}");
+    assert!(stdout.contains("$PF_CRIU is /nonexistent/criu"), "{stdout}");
+    assert!(stdout.contains("cargo xtask install-criu"), "{stdout}");
+    assert!(stdout.contains("required check(s) failed"), "{stdout}");
+}
+
+#[test]
+fn doctor_json_lists_every_check_with_fixes_for_failures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = doctor(
+        &dir.path().join("store"),
+        dir.path(),
+        Path::new("/nonexistent/criu"),
+        true,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    assert_eq!(doc["kind"], "pf.doctor.v1");
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["criu"]["path"], serde_json::Value::Null);
+    assert_eq!(doc["criu"]["usable"], false);
+    let ids: Vec<&str> = doc["checks"]
+        .as_array()
+        .expect("checks array")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id is a string"))
+        .collect();
+    assert_eq!(ids, CHECK_IDS);
+    for c in doc["checks"].as_array().expect("checks") {
+        assert!(c["ok"].is_boolean() && c["required"].is_boolean(), "{c}");
+        assert!(c["detail"].as_str().is_some_and(|d| !d.is_empty()), "{c}");
+        if c["ok"] == false {
+            assert!(c["fix"].as_str().is_some_and(|f| !f.is_empty()), "{c}");
+        } else {
+            assert_eq!(c["fix"], serde_json::Value::Null, "{c}");
+        }
+    }
+    let found = check(&doc, "criu-found");
+    assert_eq!(found["ok"], false);
+    assert!(
+        found["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("cargo xtask install-criu"))
+    );
+    // The store does not exist yet but can be created: that passes.
+    assert_eq!(check(&doc, "store")["ok"], true, "{doc:#}");
+}
+
+#[test]
+fn doctor_rejects_a_criu_that_is_too_old_and_fails_its_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Behaves like Debian 12's criu 3.17.1 on this kernel.
+    let criu = dir.path().join("criu");
+    std::fs::write(
+        &criu,
+        r#"#!/bin/sh
+case "$1" in
+  --version) echo 'Version: 3.17.1'; exit 0 ;;
+esac
+log=/dev/null
+while [ $# -gt 0 ]; do [ "$1" = "--log-file" ] && log="$2"; shift; done
+echo '(00.001) Error (criu/vdso.c:95): vdso: Unexpected rt vDSO area bounds' >> "$log"
+echo 'Error (criu/vdso.c:95): vdso: Unexpected rt vDSO area bounds' >&2
+exit 1
+"#,
+    )
+    .expect("write fake criu");
+    std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = doctor(&dir.path().join("store"), dir.path(), &criu, true);
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    assert_eq!(doc["criu"]["version"], "3.17.1");
+    assert_eq!(check(&doc, "criu-found")["ok"], true);
+    assert_eq!(check(&doc, "criu-version")["ok"], true);
+    let too_old = check(&doc, "criu-version-ok");
+    assert_eq!(too_old["ok"], false);
+    assert!(
+        too_old["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("3.17.1 is older than 4.1.0")),
+        "{too_old}"
+    );
+    assert_eq!(check(&doc, "criu-check")["ok"], false);
+}
+
+#[test]
+fn doctor_flags_a_store_others_can_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("mkdir store");
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = doctor(&store, dir.path(), Path::new("/nonexistent/criu"), true);
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    let c = check(&doc, "store");
+    assert_eq!(c["ok"], false, "{c}");
+    assert_eq!(c["fix"], format!("chmod 700 {}", store.display()));
+
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let doc = json_of(&doctor(
+        &store,
+        dir.path(),
+        Path::new("/nonexistent/criu"),
+        true,
+    ));
+    assert_eq!(check(&doc, "store")["ok"], true);
+}
+
+#[test]
+fn live_doctor_passes_on_a_machine_with_criu() {
+    if !pf_world_procs::test_support::live("pf doctor all ✓") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = pf(&dir.path().join("store"));
+    cmd.arg("doctor");
+    let out = cmd.output().expect("run pf doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(!stdout.contains('✗'), "{stdout}");
+    assert!(stdout.contains("✓ criu check"), "{stdout}");
+
+    let out = cmd.arg("--json").output().expect("run pf doctor --json");
+    let doc = json_of(&out);
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["criu"]["usable"], true);
+    for c in doc["checks"].as_array().expect("checks") {
+        assert_eq!(c["ok"], true, "{c}");
+    }
+}
