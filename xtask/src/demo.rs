@@ -1,15 +1,52 @@
-//! `cargo xtask demo`: the main job, end to end, on this machine.
+//! `cargo xtask demo`: the main job, end to end, on this machine, through the real `pf` binary.
 //!
-//! Today it makes sure CRIU works, builds `pf` and asks `pf doctor` whether this machine can
-//! checkpoint. Every step is real; steps are added here as the pieces they show exist.
+//! Makes sure CRIU works and builds `pf`, asks `pf doctor` whether this machine can checkpoint,
+//! then shows what pf is for: a Python session that takes a while to warm up is started as a
+//! goblin and frozen the moment it is ready (`pf goblin spawn --until`), thawed once to answer
+//! a question (`pf goblin thaw`), and forked into four clones that each start from the warm
+//! state and answer differently (`pf goblin fork`). Every step is real and timed; nothing is
+//! simulated. The store is left in `target/pf-demo/store` to play with.
 
+use std::io::Write as _;
 use std::path::Path;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
+use std::time::Instant;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 
 use crate::install_criu;
 use crate::process::{self, Out};
+
+/// The goblin of the demo: really computes its warm state (every prime below 5 million) before
+/// it says it is ready, then answers questions from it and keeps notes (state that diverges
+/// between clones).
+const KB: &str = r#"import os, sys, time
+
+start = time.time()
+print("warming up: sieving the primes below 5,000,000 ...")
+limit = 5_000_000
+sieve = bytearray([1]) * limit
+sieve[0:2] = b"\0\0"
+for i in range(2, int(limit ** 0.5) + 1):
+    if sieve[i]:
+        sieve[i * i :: i] = bytes(len(range(i * i, limit, i)))
+primes = [i for i, p in enumerate(sieve) if p]
+notes = []
+print(f"ready: {len(primes):,} primes in {time.time() - start:.1f} s (pid {os.getpid()})")
+
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "nth":
+        k = int(arg)
+        print(f"prime #{k:,} is {primes[k - 1]:,}")
+    elif cmd == "note":
+        notes.append(arg)
+        print(f"noted ({len(notes)} note{'s' if len(notes) > 1 else ''}: {'; '.join(notes)})")
+    elif cmd == "whoami":
+        print(f"pid {os.getpid()} in my namespace, {len(primes):,} primes in memory")
+    else:
+        print(f"unknown command {cmd!r}; try: nth K | note TEXT | whoami")
+"#;
 
 #[allow(clippy::print_stderr)]
 pub(crate) fn demo(root: &Path) -> anyhow::Result<ExitCode> {
@@ -28,7 +65,8 @@ pub(crate) fn demo(root: &Path) -> anyhow::Result<ExitCode> {
     build.args(["build", "--quiet", "--package", "pf-cli", "--bin", "pf"]);
     process::run(&mut build)?;
     let pf = root.join("target/debug/pf");
-    let store = root.join("target/pf-demo/store");
+    let demo_dir = root.join("target/pf-demo");
+    let store = demo_dir.join("store");
 
     eprintln!("\n==> pf doctor --store {}", store.display());
     let mut doctor = process::command(&pf, root, Out::Inherit, Out::Inherit);
@@ -38,5 +76,98 @@ pub(crate) fn demo(root: &Path) -> anyhow::Result<ExitCode> {
         .arg("doctor")
         .env("PF_CRIU", &criu);
     process::run(&mut doctor).context("this machine cannot checkpoint yet: see the fixes above")?;
+
+    let mut python = process::command("python3", root, Out::Null, Out::Null);
+    python.arg("--version");
+    process::run(&mut python).context("the demo's goblin is a Python program: install python3")?;
+    std::fs::create_dir_all(&demo_dir)
+        .with_context(|| format!("cannot create {}", demo_dir.display()))?;
+    let kb = demo_dir.join("kb.py");
+    std::fs::write(&kb, KB).with_context(|| format!("cannot write {}", kb.display()))?;
+    let pf_cmd = |args: &[&str]| {
+        let mut cmd = process::command(&pf, &demo_dir, Out::Inherit, Out::Inherit);
+        cmd.arg("--store")
+            .arg(&store)
+            .args(args)
+            .env("PF_CRIU", &criu);
+        cmd
+    };
+
+    eprintln!(
+        "\n==> a slow-starting Python session, frozen the moment it is warm:\n    \
+         pf goblin spawn --tag kb --until '^ready' -- python3 -u kb.py"
+    );
+    let started = Instant::now();
+    let mut spawn = pf_cmd(&["goblin", "spawn", "--tag", "kb", "--until", "^ready", "--"]);
+    spawn.args(["python3", "-u"]).arg(&kb);
+    process::run(&mut spawn)?;
+    let warm = started.elapsed();
+    eprintln!(
+        "    (warm-up and freeze took {:.2} s; the digest above is now named kb)",
+        warm.as_secs_f64()
+    );
+
+    eprintln!("\n==> thaw it once and ask a question:\n    echo 'nth 300000' | pf goblin thaw kb");
+    let started = Instant::now();
+    let mut thaw = pf_cmd(&["goblin", "thaw", "kb"]);
+    run_with_input(&mut thaw, b"nth 300000\nwhoami\n")?;
+    let thawed = started.elapsed();
+    eprintln!(
+        "    (thawed, answered and exited in {:.2} s, against {:.2} s to warm up from scratch)",
+        thawed.as_secs_f64(),
+        warm.as_secs_f64()
+    );
+
+    eprintln!(
+        "\n==> fork it into 4 clones; each starts from the same warm state and is asked something\n    \
+         different (`{{i}}` is the clone's number):\n    \
+         pf goblin fork kb -n 4 --send 'nth {{i}}00000' --send 'note I am clone {{i}}' --send whoami"
+    );
+    let started = Instant::now();
+    let mut fork = pf_cmd(&[
+        "goblin",
+        "fork",
+        "kb",
+        "-n",
+        "4",
+        "--send",
+        "nth {i}00000",
+        "--send",
+        "note I am clone {i}",
+        "--send",
+        "whoami",
+    ]);
+    process::run(&mut fork)?;
+    eprintln!(
+        "    (4 clones thawed, answered and exited in {:.2} s; each ran in its own pid namespace,\n     \
+         which is why every one of them has the pid the original had)",
+        started.elapsed().as_secs_f64()
+    );
+
+    eprintln!(
+        "\n==> done. The snapshot stays in {}; try:\n    \
+         echo 'nth 42' | {} --store {} goblin thaw kb",
+        store.display(),
+        pf.display(),
+        store.display()
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run `cmd` with `input` on its stdin (then end of input); fail unless it exits 0.
+fn run_with_input(cmd: &mut std::process::Command, input: &[u8]) -> anyhow::Result<()> {
+    cmd.stdin(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", process::display(cmd)))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input)
+            .context("cannot write to pf's stdin")?;
+    }
+    let status = child.wait().context("cannot wait for pf")?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", process::display(cmd));
+    }
+    Ok(())
 }

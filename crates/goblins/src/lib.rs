@@ -1,1 +1,69 @@
-//! pf-goblins: processes that speak only through stdin, stdout and stderr.
+//! pf-goblins: processes that speak only through stdin, stdout and stderr — frozen with CRIU,
+//! thawed onto fresh pipes, forked into many clones.
+//!
+//! A *goblin* is a process whose descriptors 0, 1 and 2 are pipes and nothing else matters to
+//! the outside world: a REPL, a language server over stdio, a Python or Lean session that took
+//! minutes to warm up. Because its whole interface is three pipes, a snapshot of it can be
+//! brought back any number of times, each copy wired to pipes of its own.
+//!
+//! - [`spawn`] starts a program as a goblin (its own session, stdio on pipes, no stray fds).
+//! - [`freeze`] checkpoints a goblin into the store (a procs blob labelled `goblin=v1`) or into a
+//!   plain CRIU images directory with a `goblin.json` beside the images.
+//! - [`thaw`] restores one copy, in its own pid and mount namespaces, on three fresh pipes, and
+//!   returns a [`Goblin`] you talk to and wait for; `thaw_async` (feature `tokio`) does the same
+//!   over tokio pipes.
+//! - [`fork`] restores `n` copies of one snapshot side by side, reading the images once.
+//!
+//! Bytes that were written to a goblin's stdin but not yet read when it was frozen are saved in
+//! the snapshot and reach every thawed copy before anything written after the thaw.
+//!
+//! ```no_run
+//! use std::io::{BufRead, BufReader, Write};
+//! use pf_goblins::{FreezeOptions, FreezeTarget, Source, ThawOptions};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = pf_core::MemBlobStore::default();
+//! let cmd = ["python3", "-u", "-c", "import sys\nn = 0\nfor l in sys.stdin:\n n += 1\n print(n)"];
+//! let cmd: Vec<std::ffi::OsString> = cmd.iter().map(Into::into).collect();
+//! let mut goblin = pf_goblins::spawn(&cmd, &pf_goblins::SpawnOptions::in_dir("/".into()))?;
+//! goblin.stdin.as_mut().unwrap().write_all(b"a\nb\n")?;
+//! let mut out = BufReader::new(goblin.stdout.take().unwrap());
+//! let mut line = String::new();
+//! out.read_line(&mut line)?; // "1"
+//! out.read_line(&mut line)?; // "2"
+//! let frozen = pf_goblins::freeze(
+//!     goblin.pid(),
+//!     FreezeTarget::Store(&store),
+//!     &FreezeOptions { leave_running: false, shell_job: false },
+//! )?;
+//! let digest = frozen.digest().expect("frozen into the store");
+//! let source = Source::Store { store: &store, digest };
+//! for mut clone in pf_goblins::fork(&source, 4)? {
+//!     clone.stdin.as_mut().unwrap().write_all(b"c\n")?; // each clone prints "3"
+//! }
+//! let again = pf_goblins::thaw(&source, &ThawOptions { new_pid_namespace: true })?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod freeze;
+mod goblin;
+mod spawn;
+mod stdio;
+mod sys;
+mod thaw;
+#[cfg(feature = "tokio")]
+mod thaw_async;
+mod wire;
+
+pub use crate::error::{Error, Result};
+pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
+pub use crate::goblin::{Goblin, Killer};
+pub use crate::spawn::{SpawnOptions, spawn};
+pub use crate::stdio::{StdioKind, Streams};
+pub use crate::thaw::{Source, ThawOptions, fork, thaw};
+#[cfg(feature = "tokio")]
+pub use crate::thaw_async::{AsyncGoblin, thaw_async};
+
+/// The label a goblin's procs blob carries (`labels["goblin"]`), with this format's version.
+pub const GOBLIN_LABEL: (&str, &str) = ("goblin", "v1");

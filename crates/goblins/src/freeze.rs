@@ -1,0 +1,261 @@
+//! [`freeze`]: checkpoint a goblin into the store or into an images directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pf_core::{BlobStore, Digest256};
+
+use crate::GOBLIN_LABEL;
+use crate::error::{Error, Result};
+use crate::stdio::Streams;
+use crate::wire::GoblinMeta;
+
+/// Where a frozen goblin goes.
+#[derive(Debug, Clone, Copy)]
+pub enum FreezeTarget<'a> {
+    /// Into the store: the images as a deterministic tar, plus a procs blob labelled
+    /// `goblin=v1` that records the stdio pipe ids. [`Frozen::snapshot`] is its digest.
+    Store(&'a dyn BlobStore),
+    /// Into this directory (created if missing, must be empty): plain CRIU images plus
+    /// `goblin.json`. Restorable by `pf goblin thaw --images DIR`, or by hand with
+    /// `criu restore -D DIR --inherit-fd fd[K]:pipe:[N] …` for each pipe in `goblin.json`.
+    Images(&'a Path),
+}
+
+/// How to freeze a goblin.
+#[derive(Debug, Clone)]
+pub struct FreezeOptions {
+    /// Let the goblin run on after the dump (it then continues from the same state as the
+    /// snapshot). When false, CRIU kills it once the dump is complete.
+    pub leave_running: bool,
+    /// Dump a goblin that does not lead its own session (`criu --shell-job`). Thawing it then
+    /// also restores it as a shell job.
+    pub shell_job: bool,
+}
+
+/// A frozen goblin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frozen {
+    /// The pid that was frozen.
+    pub pid: i32,
+    /// Its stdin, stdout and stderr, all pipes.
+    pub streams: Streams,
+    /// Where the snapshot is.
+    pub snapshot: Snapshot,
+}
+
+/// Where a snapshot was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Snapshot {
+    /// The digest of the procs blob in the store.
+    Stored(Digest256),
+    /// The images directory.
+    Images(PathBuf),
+}
+
+impl Frozen {
+    /// The digest of the procs blob, when frozen into the store.
+    pub fn digest(&self) -> Option<&Digest256> {
+        match &self.snapshot {
+            Snapshot::Stored(d) => Some(d),
+            Snapshot::Images(_) => None,
+        }
+    }
+}
+
+/// Checkpoint the goblin `pid` with CRIU.
+///
+/// Refused before CRIU runs, with an error saying what is wrong: a pid that does not exist
+/// ([`Error::NoSuchProcess`]), stdin/stdout/stderr that are not all pipes ([`Error::NotPipes`],
+/// naming what each one is), a process that does not lead its session unless
+/// [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
+///
+/// Bytes written to the goblin's stdin but not yet read are kept in the snapshot (CRIU saves
+/// pipe contents) and replayed into the stdin of every thawed copy.
+pub fn freeze(pid: i32, target: FreezeTarget<'_>, options: &FreezeOptions) -> Result<Frozen> {
+    let _span = tracing::info_span!("freeze", pid).entered();
+    let streams = check_goblin(pid, options.shell_job)?;
+    // Without a usable criu, `capture` would store an honest placeholder; a goblin freeze that
+    // cannot dump is an error instead.
+    pf_world_procs::probe()
+        .criu()
+        .map_err(|why| Error::Freeze {
+            pid,
+            source: Box::new(why.clone().into()),
+        })?;
+    let capture = pf_world_procs::CaptureOptions {
+        leave_running: options.leave_running,
+        shell_job: options.shell_job,
+        tcp_established: false,
+        ext_unix_sk: false,
+        file_locks: false,
+        labels: BTreeMap::from([(GOBLIN_LABEL.0.to_owned(), GOBLIN_LABEL.1.to_owned())]),
+        extra_args: Vec::new(),
+    };
+    let snapshot = match target {
+        FreezeTarget::Store(store) => {
+            let captured =
+                pf_world_procs::capture(store, pid, &capture).map_err(|source| Error::Freeze {
+                    pid,
+                    source: Box::new(source),
+                })?;
+            Snapshot::Stored(captured.procs)
+        }
+        FreezeTarget::Images(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                op: "create the images directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+            let report = pf_world_procs::dump_to_dir(pid, dir, &capture).map_err(|source| {
+                Error::Freeze {
+                    pid,
+                    source: Box::new(source),
+                }
+            })?;
+            GoblinMeta::V1 {
+                pid,
+                stdio: report.stdio,
+                shell_job: options.shell_job,
+                frozen_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            }
+            .write(dir)?;
+            Snapshot::Images(dir.to_owned())
+        }
+    };
+    tracing::info!(pid, ?snapshot, "froze goblin");
+    Ok(Frozen {
+        pid,
+        streams,
+        snapshot,
+    })
+}
+
+/// The goblin checks that come before CRIU: the pid exists, fds 0–2 are pipes, it leads its
+/// session (unless it is to be dumped as a shell job).
+fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
+    if pid <= 0 || is_gone(pid) {
+        return Err(Error::NoSuchProcess { pid });
+    }
+    let streams = Streams::of_pid(pid)?;
+    if streams.pipes().is_none() {
+        return Err(Error::NotPipes { pid, streams });
+    }
+    if !shell_job {
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid)))
+            .map_err(|_| Error::NoSuchProcess { pid })?
+            .as_raw();
+        if sid != pid {
+            return Err(Error::NotSessionLeader { pid, sid });
+        }
+    }
+    Ok(streams)
+}
+
+/// Whether `pid` is absent or a zombie (exited, not yet reaped: nothing left to freeze).
+fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_none_or(|state| state == "Z"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::stdio::StdioKind;
+
+    fn sleeper(stdout: Stdio) -> std::process::Child {
+        Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sleep")
+    }
+
+    fn pid_of(child: &std::process::Child) -> i32 {
+        i32::try_from(child.id()).expect("pid fits")
+    }
+
+    #[test]
+    fn refuses_a_process_writing_to_a_file() {
+        let file = tempfile::tempfile().expect("tempfile");
+        let mut child = sleeper(Stdio::from(file));
+        let result = check_goblin(pid_of(&child), false);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        let err = result.expect_err("stdout is a file");
+        let Error::NotPipes { streams, .. } = &err else {
+            panic!("wrong error: {err:?}");
+        };
+        assert!(matches!(streams.0[0], StdioKind::Pipe(_)));
+        assert!(
+            matches!(&streams.0[1], StdioKind::File(p) if p.ends_with("(deleted)")),
+            "{streams}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("stdout is a file"), "{text}");
+    }
+
+    #[test]
+    fn refuses_a_process_that_does_not_lead_its_session() {
+        let mut child = sleeper(Stdio::piped());
+        let pid = pid_of(&child);
+        let result = check_goblin(pid, false);
+        let as_shell_job = check_goblin(pid, true);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(matches!(
+            result,
+            Err(Error::NotSessionLeader { pid: p, sid }) if p == pid && sid != pid
+        ));
+        assert!(as_shell_job.expect("shell job is fine").pipes().is_some());
+    }
+
+    #[test]
+    fn accepts_a_spawned_goblin_and_refuses_missing_or_exited_pids() {
+        let cmd: Vec<OsString> = vec!["sleep".into(), "30".into()];
+        let mut goblin =
+            crate::spawn(&cmd, &crate::SpawnOptions::in_dir("/".into())).expect("spawn");
+        let pid = goblin.pid();
+        assert!(
+            check_goblin(pid, false)
+                .expect("a goblin")
+                .pipes()
+                .is_some()
+        );
+        let mut zombie = Command::new("true").spawn().expect("spawn true");
+        let zpid = pid_of(&zombie);
+        // Give it time to exit; it stays a zombie until reaped below.
+        while !is_gone(zpid) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            matches!(check_goblin(zpid, false), Err(Error::NoSuchProcess { pid: p }) if p == zpid)
+        );
+        zombie.wait().expect("reap");
+        goblin.kill().expect("kill");
+        assert!(matches!(
+            check_goblin(pid, false),
+            Err(Error::NoSuchProcess { .. })
+        ));
+        assert!(matches!(
+            check_goblin(0, false),
+            Err(Error::NoSuchProcess { pid: 0 })
+        ));
+        assert!(matches!(
+            check_goblin(-5, false),
+            Err(Error::NoSuchProcess { pid: -5 })
+        ));
+    }
+}

@@ -1,0 +1,241 @@
+//! [`Goblin`]: a running goblin — spawned or thawed — with our ends of its three pipes.
+
+use std::io::{PipeReader, PipeWriter};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::unix::process::ExitStatusExt as _;
+use std::process::{Child, ExitStatus};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// A running goblin and our ends of its stdin, stdout and stderr.
+///
+/// The pipes are public fields, like [`std::process::Child`]'s: take them (`goblin.stdout.take()`)
+/// to move them into other threads. Read stdout and stderr concurrently (or one of them on a
+/// thread) when the goblin may write much to both: a goblin blocked on a full stderr pipe never
+/// answers on stdout.
+///
+/// Dropping a goblin that has not been waited for kills it (its whole process group, or its whole
+/// pid namespace when thawed) and reaps it: no zombie and no helper process outlives the value.
+/// Call [`Goblin::detach`] to leave it running instead.
+#[derive(Debug)]
+pub struct Goblin {
+    /// Our end of the goblin's stdin: write to it; drop it to send EOF.
+    pub stdin: Option<PipeWriter>,
+    /// Our end of the goblin's stdout.
+    pub stdout: Option<PipeReader>,
+    /// Our end of the goblin's stderr; `None` when the goblin's stderr is the same pipe as its
+    /// stdout (it was started with `2>&1`): its stderr then arrives on `stdout`.
+    pub stderr: Option<PipeReader>,
+    pid: i32,
+    pidfd: Arc<OwnedFd>,
+    process: Process,
+}
+
+/// What the goblin's life is tied to.
+#[derive(Debug)]
+pub(crate) enum Process {
+    /// A child of ours started by [`crate::spawn`].
+    Spawned {
+        child: Child,
+        status: Option<ExitStatus>,
+    },
+    /// A tree restored by CRIU, possibly inside its own pid namespace.
+    Thawed(Box<pf_world_procs::Restored>),
+    /// Waited for or killed: nothing left to do.
+    Done(ExitStatus),
+}
+
+impl Goblin {
+    pub(crate) fn new(
+        pid: i32,
+        pidfd: OwnedFd,
+        process: Process,
+        stdin: Option<PipeWriter>,
+        stdout: Option<PipeReader>,
+        stderr: Option<PipeReader>,
+    ) -> Goblin {
+        Goblin {
+            stdin,
+            stdout,
+            stderr,
+            pid,
+            pidfd: Arc::new(pidfd),
+            process,
+        }
+    }
+
+    /// The goblin's pid as seen from here (for a thawed goblin in its own pid namespace, the
+    /// host's pid, not the one it sees itself).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Close stdin (so the goblin sees EOF), wait for the goblin to exit and reap it.
+    ///
+    /// The status is the goblin's own: its exit code, or the signal that killed it. Waiting again
+    /// returns the same status.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        drop(self.stdin.take());
+        let pid = self.pid;
+        let status = match &mut self.process {
+            Process::Spawned {
+                status: Some(s), ..
+            } => *s,
+            Process::Spawned { child, status } => {
+                let s = child
+                    .wait()
+                    .map_err(|e| Error::sys(format!("wait for goblin {pid}"), e))?;
+                *status = Some(s);
+                s
+            }
+            Process::Thawed(restored) => {
+                let code = restored.wait().map_err(|source| Error::Wait {
+                    pid,
+                    source: Box::new(source),
+                })?;
+                exit_status(code)
+            }
+            Process::Done(s) => *s,
+        };
+        self.finish(status);
+        Ok(status)
+    }
+
+    /// The exit status if the goblin has exited (and reap it then), `None` while it runs.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        let pid = self.pid;
+        let status = match &mut self.process {
+            Process::Spawned {
+                status: Some(s), ..
+            } => Some(*s),
+            Process::Spawned { child, status } => {
+                let s = child
+                    .try_wait()
+                    .map_err(|e| Error::sys(format!("check on goblin {pid}"), e))?;
+                *status = s;
+                s
+            }
+            Process::Thawed(restored) => restored
+                .try_wait()
+                .map_err(|source| Error::Wait {
+                    pid,
+                    source: Box::new(source),
+                })?
+                .map(exit_status),
+            Process::Done(s) => Some(*s),
+        };
+        if let Some(s) = status {
+            self.finish(s);
+        }
+        Ok(status)
+    }
+
+    /// Kill the goblin with SIGKILL (its process group, or its whole pid namespace when thawed)
+    /// and reap it. Killing a goblin that has already exited is not an error.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let pid = self.pid;
+        if let Process::Spawned { status: None, .. } = &self.process {
+            kill_group(pid);
+        }
+        if let Process::Thawed(restored) = &mut self.process {
+            restored.kill().map_err(|source| Error::Wait {
+                pid,
+                source: Box::new(source),
+            })?;
+        }
+        self.wait()
+    }
+
+    /// A handle that can kill this goblin from another thread (say, a signal handler thread)
+    /// while this one waits on it.
+    pub fn killer(&self) -> Killer {
+        Killer {
+            pid: self.pid,
+            pidfd: Arc::clone(&self.pidfd),
+        }
+    }
+
+    /// A duplicate of the goblin's pidfd (readable once it has exited).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn pidfd(&self) -> Result<OwnedFd> {
+        self.pidfd
+            .try_clone()
+            .map_err(|e| Error::sys(format!("duplicate the pidfd of goblin {}", self.pid), e))
+    }
+
+    /// Leave the goblin running after this value is dropped; our pipe ends close (so the goblin
+    /// sees EOF on stdin and SIGPIPE on output). Nobody will reap it but init.
+    pub fn detach(mut self) {
+        // `self` is consumed, so the placeholder status is never observed: it only tells Drop
+        // that there is nothing left to kill.
+        let placeholder = Process::Done(ExitStatus::from_raw(0));
+        match std::mem::replace(&mut self.process, placeholder) {
+            Process::Thawed(restored) => restored.detach(),
+            Process::Spawned { child, .. } => drop(child),
+            Process::Done(_) => {}
+        }
+    }
+
+    fn finish(&mut self, status: ExitStatus) {
+        let process = std::mem::replace(&mut self.process, Process::Done(status));
+        // A thawed tree's handle is dropped only once reaped: its Drop then has nothing to kill.
+        drop(process);
+    }
+}
+
+impl Drop for Goblin {
+    fn drop(&mut self) {
+        let unfinished = matches!(
+            self.process,
+            Process::Spawned { status: None, .. } | Process::Thawed(_)
+        );
+        if unfinished && let Err(err) = self.kill() {
+            tracing::warn!(pid = self.pid, error = %err, "could not kill a dropped goblin");
+        }
+    }
+}
+
+/// Kills one goblin from anywhere, race-free: it holds a pidfd, which can never reach a process
+/// that merely reuses the goblin's pid.
+#[derive(Debug, Clone)]
+pub struct Killer {
+    pid: i32,
+    pidfd: Arc<OwnedFd>,
+}
+
+impl Killer {
+    /// Send SIGKILL to the goblin. Its owner's `wait` then returns. A goblin that has already
+    /// exited is not an error.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Send `signal` (say `libc::SIGINT`) to the goblin's main process. A goblin that has
+    /// already exited is not an error.
+    pub fn signal(&self, signal: i32) -> Result<()> {
+        match sys::pidfd_send_signal(self.pidfd.as_fd(), signal) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(Error::sys(format!("signal goblin {}", self.pid), e)),
+        }
+    }
+}
+
+/// SIGKILL the process group `pgid` (a spawned goblin leads its own). Safe from pid reuse while
+/// the leader is our unreaped child: its pid, and so the group id, cannot be handed out again.
+fn kill_group(pgid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// An [`ExitStatus`] (a raw wait status) from world-procs' report of how a restored root ended.
+fn exit_status(exit: pf_world_procs::Exit) -> ExitStatus {
+    match exit {
+        pf_world_procs::Exit::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
+        pf_world_procs::Exit::Signal(s) => ExitStatus::from_raw(s & 0x7f),
+    }
+}

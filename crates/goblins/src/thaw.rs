@@ -1,0 +1,373 @@
+//! [`thaw`] and [`fork`]: bring a frozen goblin back on fresh pipes, once or many times.
+//!
+//! How a thaw plugs new pipes in: the snapshot records the inodes of the goblin's stdin, stdout
+//! and stderr pipes (`pipe:[N]`, the key CRIU gives a pipe). We create fresh pipes, hand the
+//! goblin's ends to `criu restore` with `--inherit-fd fd[K]:pipe:[N]`, and keep the other ends.
+//! CRIU then opens our pipes wherever the goblin had the old ones, and does not refill them with
+//! the bytes it saved from the old stdin pipe — so we write those in ourselves, before the goblin
+//! runs. Each copy is restored in fresh pid and mount namespaces (its own /proc), so any number
+//! of copies of one snapshot run at once, beside the original, each with its original pid inside.
+
+use std::io::{PipeReader, PipeWriter, Write as _};
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::path::Path;
+
+use pf_core::{BlobStore, Digest256};
+use pf_world_procs::{InheritFd, RestoreOptions};
+
+use crate::GOBLIN_LABEL;
+use crate::error::{Error, Result};
+use crate::goblin::{Goblin, Process};
+use crate::stdio::{Streams, pipe_key};
+use crate::sys;
+use crate::wire::GoblinMeta;
+
+/// A frozen goblin to thaw.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A procs blob in a store (as made by [`crate::freeze`] with [`crate::FreezeTarget::Store`]).
+    Store {
+        /// The store.
+        store: &'a dyn BlobStore,
+        /// The procs blob.
+        digest: &'a Digest256,
+    },
+    /// An images directory with `goblin.json` beside the images.
+    Images(&'a Path),
+}
+
+/// How to thaw a goblin.
+#[derive(Debug, Clone)]
+pub struct ThawOptions {
+    /// Restore into fresh pid and mount namespaces (the goblin keeps its old pid inside and gets
+    /// a new one outside). With this any number of copies, and the original, run at once.
+    /// Without it the goblin takes its old pid back on the host, which fails while anything
+    /// holds that pid — including the original goblin.
+    pub new_pid_namespace: bool,
+}
+
+/// Restore one copy of a frozen goblin on three fresh pipes and return once it runs.
+///
+/// A failed restore is an [`Error::Thaw`] whose source carries CRIU's own error lines. A
+/// snapshot that is not a goblin's (no `goblin=v1` label, stdio not pipes) is an
+/// [`Error::NotAGoblin`].
+pub fn thaw(source: &Source<'_>, options: &ThawOptions) -> Result<Goblin> {
+    let prepared = Prepared::new(source)?;
+    prepared.thaw_one(options.new_pid_namespace)
+}
+
+/// Restore `n` copies of a frozen goblin side by side, each in its own pid and mount
+/// namespaces on its own pipes. The images are read (and, from the store, extracted) once.
+///
+/// Either all `n` are returned running, or none is left running and the first error is
+/// returned.
+pub fn fork(source: &Source<'_>, n: usize) -> Result<Vec<Goblin>> {
+    let prepared = Prepared::new(source)?;
+    let _span = tracing::info_span!("fork", n, snapshot = %prepared.name).entered();
+    // A restore spends much of its time waiting (forks, namespace setup, page faults), so two
+    // restores per core keep the cores busy. Measured on 2 cores, 8 clones of a 64 MiB goblin
+    // with raw criu: 0.95 s one at a time, 0.50 s two at a time, 0.35-0.39 s four or more.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = (2 * cores).clamp(1, n.max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<(usize, Result<Goblin>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        let result = prepared.thaw_one(true);
+                        let failed = result.is_err();
+                        mine.push((i, result));
+                        if failed {
+                            // Stop handing out work: the caller gets an error either way.
+                            next.store(n, std::sync::atomic::Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let mut results = results;
+    results.sort_by_key(|(i, _)| *i);
+    let mut goblins = Vec::with_capacity(n);
+    for (_, result) in results {
+        // On the first error the goblins gathered so far are dropped: killed and reaped.
+        goblins.push(result?);
+    }
+    if goblins.len() != n {
+        return Err(Error::sys(
+            format!("fork {n} goblins"),
+            std::io::Error::other("a restore thread panicked"),
+        ));
+    }
+    Ok(goblins)
+}
+
+/// A snapshot checked and ready to restore, any number of times.
+struct Prepared {
+    /// The digest or directory, for messages.
+    name: String,
+    images: Images,
+    /// The inodes of the goblin's stdin, stdout and stderr pipes.
+    pipes: [u64; 3],
+    shell_job: bool,
+    /// What was waiting unread in the stdin pipe at freeze.
+    stdin_backlog: Vec<u8>,
+}
+
+/// The images directory: the caller's, or one extracted from the store (removed on drop).
+enum Images {
+    Dir(std::path::PathBuf),
+    Extracted(pf_world_procs::ImagesDir),
+}
+
+impl Images {
+    fn path(&self) -> &Path {
+        match self {
+            Images::Dir(p) => p,
+            Images::Extracted(d) => d.path(),
+        }
+    }
+}
+
+impl Prepared {
+    fn new(source: &Source<'_>) -> Result<Prepared> {
+        let (name, images, pipes, shell_job) = match *source {
+            Source::Store { store, digest } => {
+                let name = digest.to_string();
+                let thaw_err = |source| Error::Thaw {
+                    snapshot: name.clone(),
+                    source: Box::new(source),
+                };
+                let blob = pf_world_procs::load_procs(store, digest).map_err(thaw_err)?;
+                let procs = match blob {
+                    pf_world_procs::ProcsBlob::Criu(procs) => procs,
+                    pf_world_procs::ProcsBlob::Unsupported {
+                        unsupported_on,
+                        note,
+                    } => {
+                        return Err(Error::NotAGoblin {
+                            snapshot: name,
+                            reason: format!(
+                                "it holds no process images (captured on {unsupported_on}: {note})"
+                            ),
+                        });
+                    }
+                };
+                if procs.labels.get(GOBLIN_LABEL.0).map(String::as_str) != Some(GOBLIN_LABEL.1) {
+                    return Err(Error::NotAGoblin {
+                        snapshot: name,
+                        reason: format!(
+                            "it has no {}={} label (it was captured as a plain process tree; \
+                             restore it with `pf procs restore`)",
+                            GOBLIN_LABEL.0, GOBLIN_LABEL.1
+                        ),
+                    });
+                }
+                let pipes = check_pipes(&procs.stdio).map_err(|reason| Error::NotAGoblin {
+                    snapshot: name.clone(),
+                    reason,
+                })?;
+                let shell_job = procs.options.as_ref().is_some_and(|o| o.shell_job);
+                let dir = pf_world_procs::extract_images(store, &procs).map_err(thaw_err)?;
+                (name, Images::Extracted(dir), pipes, shell_job)
+            }
+            Source::Images(dir) => {
+                let name = dir.display().to_string();
+                let meta = GoblinMeta::read(dir)?;
+                let GoblinMeta::V1 {
+                    stdio, shell_job, ..
+                } = meta;
+                let pipes = check_pipes(&stdio).map_err(|reason| Error::NotAGoblin {
+                    snapshot: name.clone(),
+                    reason,
+                })?;
+                (name, Images::Dir(dir.to_owned()), pipes, shell_job)
+            }
+        };
+        let stdin_backlog =
+            pf_world_procs::images::pipe_data(images.path(), pipes[0]).map_err(Error::PipeData)?;
+        if !stdin_backlog.is_empty() {
+            tracing::debug!(
+                bytes = stdin_backlog.len(),
+                "stdin had unread bytes at freeze"
+            );
+        }
+        Ok(Prepared {
+            name,
+            images,
+            pipes,
+            shell_job,
+            stdin_backlog,
+        })
+    }
+
+    /// Restore one copy on fresh pipes.
+    fn thaw_one(&self, new_pid_namespace: bool) -> Result<Goblin> {
+        let [stdin_ino, stdout_ino, stderr_ino] = self.pipes;
+        let (stdin_r, mut stdin_w) = pipe("stdin")?;
+        let (stdout_r, stdout_w) = pipe("stdout")?;
+        let mut inherit = vec![
+            inherit_fd(stdin_r.into(), stdin_ino),
+            inherit_fd(stdout_w.into(), stdout_ino),
+        ];
+        let stderr_r = if stderr_ino == stdout_ino {
+            None
+        } else {
+            let (r, w) = pipe("stderr")?;
+            inherit.push(inherit_fd(w.into(), stderr_ino));
+            Some(r)
+        };
+        if !self.stdin_backlog.is_empty() {
+            fill(&mut stdin_w, &self.stdin_backlog)?;
+        }
+        let options = RestoreOptions {
+            new_pidns: new_pid_namespace,
+            shell_job: self.shell_job,
+            inherit,
+            extra_args: Vec::new(),
+        };
+        let restored =
+            pf_world_procs::restore_dir(self.images.path(), options).map_err(|source| {
+                Error::Thaw {
+                    snapshot: self.name.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+        let pid = restored.pid();
+        // The root cannot have been reaped yet: its reaper is our child (the namespace's init)
+        // or ourselves, and neither has waited for it.
+        let pidfd = sys::pidfd_open(pid)
+            .map_err(|e| Error::sys(format!("open a pidfd for goblin {pid}"), e))?;
+        tracing::info!(pid, ns_pid = restored.ns_pid(), snapshot = %self.name, "thawed goblin");
+        Ok(Goblin::new(
+            pid,
+            pidfd,
+            Process::Thawed(Box::new(restored)),
+            Some(stdin_w),
+            Some(stdout_r),
+            stderr_r,
+        ))
+    }
+}
+
+fn inherit_fd(fd: OwnedFd, ino: u64) -> InheritFd {
+    InheritFd {
+        fd,
+        key: pipe_key(ino),
+    }
+}
+
+fn pipe(which: &str) -> Result<(PipeReader, PipeWriter)> {
+    std::io::pipe().map_err(|e| Error::sys(format!("create the {which} pipe"), e))
+}
+
+/// Put `bytes` into the empty pipe behind `w` without blocking: grow the pipe first if they do
+/// not fit its default 64 KiB. (They fit the pipe they came from, which had the same limits.)
+fn fill(w: &mut PipeWriter, bytes: &[u8]) -> Result<()> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let capacity = fcntl(w.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
+        .map_err(|e| Error::sys("read the stdin pipe's size", e.into()))?;
+    let capacity = usize::try_from(capacity).unwrap_or(0);
+    if bytes.len() > capacity {
+        let want = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+        fcntl(w.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(want)).map_err(|e| {
+            Error::sys(
+                format!("grow the stdin pipe to hold {} unread bytes", bytes.len()),
+                e.into(),
+            )
+        })?;
+    }
+    w.write_all(bytes)
+        .map_err(|e| Error::sys("write the unread stdin bytes into the new stdin pipe", e))
+}
+
+/// The pipe inodes of a recorded stdio, or why it is not a goblin's.
+fn check_pipes(stdio: &[String]) -> std::result::Result<[u64; 3], String> {
+    let streams = Streams::from_links(stdio).ok_or_else(|| {
+        if stdio.is_empty() {
+            "it records no stdin/stdout/stderr".to_owned()
+        } else {
+            format!("it records {} stdio entries instead of 3", stdio.len())
+        }
+    })?;
+    let pipes = streams
+        .pipes()
+        .ok_or_else(|| format!("its {streams}; only pipes can be reconnected"))?;
+    if pipes[0] == pipes[1] || pipes[0] == pipes[2] {
+        return Err(format!(
+            "its stdin is the same pipe as its output ({}); a goblin reading its own output cannot \
+             be given separate pipes",
+            pipe_key(pipes[0])
+        ));
+    }
+    Ok(pipes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn accepts_three_pipes_or_shared_output() {
+        assert_eq!(
+            check_pipes(&links(&["pipe:[1]", "pipe:[2]", "pipe:[3]"])),
+            Ok([1, 2, 3])
+        );
+        assert_eq!(
+            check_pipes(&links(&["pipe:[1]", "pipe:[2]", "pipe:[2]"])),
+            Ok([1, 2, 2])
+        );
+    }
+
+    #[test]
+    fn explains_why_a_recorded_stdio_is_not_a_goblins() {
+        assert_eq!(
+            check_pipes(&[]),
+            Err("it records no stdin/stdout/stderr".to_owned())
+        );
+        assert_eq!(
+            check_pipes(&links(&["pipe:[1]"])),
+            Err("it records 1 stdio entries instead of 3".to_owned())
+        );
+        assert_eq!(
+            check_pipes(&links(&["/dev/pts/0", "pipe:[2]", "pipe:[3]"])),
+            Err(
+                "its stdin is a terminal (/dev/pts/0), stdout is a pipe (pipe:[2]), stderr is a \
+                 pipe (pipe:[3]); only pipes can be reconnected"
+                    .to_owned()
+            )
+        );
+        assert!(
+            check_pipes(&links(&["pipe:[1]", "pipe:[1]", "pipe:[3]"]))
+                .expect_err("same pipe")
+                .contains("same pipe")
+        );
+    }
+
+    #[test]
+    fn fill_grows_the_pipe_for_a_large_backlog() {
+        let (mut r, mut w) = pipe("test").expect("pipe");
+        let backlog: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fill(&mut w, &backlog).expect("fill without blocking");
+        drop(w);
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut got).expect("read");
+        assert_eq!(got, backlog);
+    }
+}

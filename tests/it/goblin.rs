@@ -1,0 +1,547 @@
+//! `pf goblin`: spawn a warm goblin, freeze a running one, thaw (pf becomes the goblin: stdin,
+//! stdout, stderr, exit code), fork, and the clear refusals. Live tests need root and CRIU
+//! (`PF_HAS_CRIU=1`); every process a test starts is killed by pid before it returns.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pf_core::BlobStore as _;
+use pf_world_procs::test_support::{KillOnDrop, live, spawn_clean};
+
+use crate::support::pf;
+
+/// Longest any single `pf` invocation may take in these tests.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A stateful goblin: `inc` prints the counter, `set k=v` prints ok, `get k` the value, `exit N`
+/// exits N; at end of input it prints `eof N`.
+const COUNTER: &str = r#"
+import sys
+n = 0
+d = {}
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "inc":
+        n += 1
+        print(n)
+    elif cmd == "set":
+        k, _, v = arg.partition("=")
+        d[k] = v
+        print("ok")
+    elif cmd == "get":
+        print(d.get(arg, "-"))
+    elif cmd == "exit":
+        sys.exit(int(arg))
+print("eof", n)
+"#;
+
+/// Loads slowly, says it is ready, then answers `get KEY` from what it loaded.
+const SLOW_START: &str = r#"
+import sys, time
+print("loading...")
+time.sleep(1.5)
+table = {"answer": 42, "pid": __import__("os").getpid()}
+print("ready", flush=True)
+for line in sys.stdin:
+    print(table.get(line.strip().removeprefix("get "), "-"))
+"#;
+
+/// Sleeps before reading anything, then echoes each line as `got LINE`.
+const SLOW_READER: &str = r#"
+import sys, time
+print("started")
+time.sleep(3)
+for line in sys.stdin:
+    print("got", line.strip())
+print("eof")
+"#;
+
+/// Run `cmd` with `input` on its stdin; kill it if it takes longer than [`DEADLINE`].
+fn run(mut cmd: Command, input: &[u8]) -> Output {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("start pf");
+    finish(child, input)
+}
+
+/// Feed `input` to a started `pf`, collect its output, enforcing [`DEADLINE`].
+fn finish(mut child: Child, input: &[u8]) -> Output {
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read(child.stdout.take().map(|r| Box::new(r) as Box<_>));
+    let err = read(child.stderr.take().map(|r| Box::new(r) as Box<_>));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "pf did not finish within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::mem::forget(guard);
+    let _ = writer.join();
+    Output {
+        status,
+        stdout: out.join().expect("stdout"),
+        stderr: err.join().expect("stderr"),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn failed(out: &Output, what: &str) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what} should fail with exit 1:\nstdout: {}\nstderr: {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+fn py(script: &str) -> Vec<String> {
+    ["python3", "-u", "-c", script]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+/// `pf goblin spawn --tag TAG ARGS… -- CMD…`
+fn spawn_goblin(store: &Path, tag: &str, args: &[&str], cmd: &[String]) -> Output {
+    let mut pf = pf(store);
+    pf.args(["goblin", "spawn", "--tag", tag])
+        .args(args)
+        .arg("--")
+        .args(cmd);
+    run(pf, b"")
+}
+
+/// `pf goblin thaw SNAPSHOT` with `input` on stdin.
+fn thaw(store: &Path, snapshot: &str, input: &[u8]) -> Output {
+    let mut cmd = pf(store);
+    cmd.args(["goblin", "thaw", snapshot]);
+    run(cmd, input)
+}
+
+/// A goblin started by the test itself (its own session, pipes, no stray fds): the process and
+/// our line reader on its stdout.
+struct Started {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    _guard: KillOnDrop,
+}
+
+fn start(script: &str) -> Started {
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    Started {
+        child,
+        lines,
+        _guard: guard,
+    }
+}
+
+impl Started {
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to goblin");
+    }
+
+    fn line(&mut self) -> String {
+        self.lines.next().expect("a line").expect("read line")
+    }
+}
+
+#[test]
+fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
+    if !live("live_spawn_until_then_two_thaws_answer_from_the_warm_state") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let out = spawn_goblin(
+        &store,
+        "warm",
+        &["--until", "^ready$", "--json"],
+        &py(SLOW_START),
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&out, "spawn")).expect("json");
+    let digest = json["digest"].as_str().expect("digest").to_owned();
+    assert!(digest.starts_with("sha256:"), "{json}");
+    assert_eq!(json["tag"], "warm");
+    assert!(
+        json["warmup_ms"].as_u64().expect("warmup_ms") >= 1500,
+        "{json}"
+    );
+    // What the goblin said while warming up is not lost: pf echoed it on stderr.
+    let err = text(&out.stderr);
+    assert!(err.contains("loading...\nready\n"), "{err}");
+
+    // Two thaws at once, by name and by digest, each answering from the warm state at once.
+    let started = Instant::now();
+    let mut a = pf(&store);
+    a.args(["goblin", "thaw", "warm"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut b = pf(&store);
+    b.args(["goblin", "thaw", &digest])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let a = a.spawn().expect("thaw a");
+    let b = b.spawn().expect("thaw b");
+    let a = finish(a, b"get answer\nget pid\n");
+    let b = finish(b, b"get answer\nget pid\n");
+    let (a, b) = (ok(&a, "thaw by name"), ok(&b, "thaw by digest"));
+    assert_eq!(
+        a, b,
+        "both copies run with the same pid inside their namespaces"
+    );
+    let lines: Vec<&str> = a.lines().collect();
+    assert_eq!(lines.len(), 2, "{a}");
+    assert_eq!(lines[0], "42");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500) * 2,
+        "thaws skip the slow start: {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn live_thaw_is_the_goblin_exit_code_and_eof() {
+    if !live("live_thaw_is_the_goblin_exit_code_and_eof") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // Without --until: frozen once it has been quiet for a moment.
+    let out = spawn_goblin(&store, "counter", &["--quiet-ms", "300"], &py(COUNTER));
+    let digest = ok(&out, "spawn");
+    assert!(digest.trim().starts_with("sha256:"), "{digest}");
+
+    let seven = thaw(&store, "counter", b"inc\nexit 7\n");
+    assert_eq!(text(&seven.stdout), "1\n");
+    assert_eq!(
+        seven.status.code(),
+        Some(7),
+        "pf exits with the goblin's code"
+    );
+
+    let eof = thaw(&store, "counter", b"inc\ninc\n");
+    assert_eq!(
+        ok(&eof, "thaw to eof"),
+        "1\n2\neof 2\n",
+        "end of input reaches the goblin"
+    );
+
+    let empty = thaw(&store, "counter", b"");
+    assert_eq!(ok(&empty, "thaw with no input"), "eof 0\n");
+}
+
+#[test]
+fn live_freeze_pid_with_unread_stdin_then_thaw_gets_all_lines_in_order() {
+    if !live("live_freeze_pid_with_unread_stdin_then_thaw_gets_all_lines_in_order") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut goblin = start(SLOW_READER);
+    assert_eq!(goblin.line(), "started");
+    goblin.send("one");
+    goblin.send("two");
+    let mut freeze = pf(&store);
+    freeze.args([
+        "goblin",
+        "freeze",
+        "--pid",
+        &goblin.pid(),
+        "--kill",
+        "--tag",
+        "slow",
+        "--json",
+    ]);
+    let out = run(freeze, b"");
+    let json: serde_json::Value = serde_json::from_str(&ok(&out, "freeze")).expect("json");
+    assert_eq!(json["left_running"], false);
+    assert_eq!(json["tag"], "slow");
+    assert!(
+        json["stdio"][0]
+            .as_str()
+            .expect("stdio")
+            .starts_with("a pipe"),
+        "{json}"
+    );
+    let status = goblin.child.wait().expect("reap");
+    assert!(!status.success(), "--kill stopped the original");
+
+    let out = thaw(&store, "slow", b"three\n");
+    assert_eq!(ok(&out, "thaw"), "got one\ngot two\ngot three\neof\n");
+}
+
+#[test]
+fn live_freeze_into_images_leaves_it_running_and_thaws_from_the_directory() {
+    if !live("live_freeze_into_images_leaves_it_running_and_thaws_from_the_directory") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let images = dir.path().join("images");
+    let mut goblin = start(COUNTER);
+    goblin.send("inc");
+    assert_eq!(goblin.line(), "1");
+    let mut freeze = pf(&store);
+    freeze
+        .args(["goblin", "freeze", "--pid", &goblin.pid(), "--images"])
+        .arg(&images);
+    let out = run(freeze, b"");
+    assert_eq!(
+        ok(&out, "freeze --images").trim(),
+        images.display().to_string()
+    );
+    assert!(images.join("goblin.json").is_file());
+    assert!(images.join("pstree.img").is_file(), "plain CRIU images");
+    goblin.send("inc");
+    assert_eq!(goblin.line(), "2", "left running by default");
+
+    let mut thaw = pf(&store);
+    thaw.args(["goblin", "thaw", "--images"]).arg(&images);
+    let out = run(thaw, b"inc\n");
+    assert_eq!(ok(&out, "thaw --images"), "2\neof 2\n");
+    goblin.send("inc");
+    assert_eq!(goblin.line(), "3", "the original still answers");
+}
+
+#[test]
+fn live_fork_prints_every_copy_in_order() {
+    if !live("live_fork_prints_every_copy_in_order") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut goblin = start(COUNTER);
+    goblin.send("inc");
+    assert_eq!(goblin.line(), "1");
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &goblin.pid(), "--tag", "c"]);
+    ok(&run(freeze, b""), "freeze");
+
+    let mut fork = pf(&store);
+    fork.args([
+        "goblin",
+        "fork",
+        "c",
+        "-n",
+        "3",
+        "--send",
+        "inc",
+        "--send",
+        "set x={i}",
+    ])
+    .args(["--send", "get x", "--json"]);
+    let out = run(fork, b"");
+    let lines: Vec<serde_json::Value> = ok(&out, "fork")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (k, copy) in lines.iter().enumerate() {
+        assert_eq!(copy["clone"], k + 1);
+        assert_eq!(copy["exit_code"], 0);
+        assert_eq!(
+            copy["stdout"],
+            format!("2\nok\n{}\neof 2\n", k + 1),
+            "{copy}"
+        );
+    }
+
+    let mut fork = pf(&store);
+    fork.args(["goblin", "fork", "c", "-n", "2"]);
+    let out = run(fork, b"inc\nexit 3\n");
+    assert_eq!(out.status.code(), Some(1), "a copy exited 3");
+    assert_eq!(text(&out.stdout), "[1] 2\n[2] 2\n");
+    assert!(
+        text(&out.stderr).contains("[1] exit code 3"),
+        "{}",
+        text(&out.stderr)
+    );
+    goblin.send("inc");
+    assert_eq!(goblin.line(), "2", "the original still answers");
+}
+
+#[test]
+fn live_freeze_refuses_terminals_files_and_missing_pids() {
+    if !live("live_freeze_refuses_terminals_files_and_missing_pids") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+
+    // A process on a terminal: `script` gives it a pty and it writes its pid down.
+    let pidfile = dir.path().join("pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    let mut term = Command::new("script");
+    term.args(["-qec", &script, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut script_child = spawn_clean(&mut term).expect("start script");
+    let _script_guard = KillOnDrop(i32::try_from(script_child.id()).expect("pid"));
+    let started = Instant::now();
+    let tty_pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(started.elapsed() < DEADLINE, "script never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _tty_guard = KillOnDrop(tty_pid);
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &tty_pid.to_string()]);
+    let err = failed(&run(freeze, b""), "freeze of a terminal process");
+    assert!(err.contains("stdin is a terminal (/dev/pts/"), "{err}");
+    assert!(err.contains("stdout is a terminal"), "{err}");
+    assert!(
+        Path::new(&format!("/proc/{tty_pid}")).exists(),
+        "a refused freeze leaves the process alone"
+    );
+
+    // A process writing to a file.
+    let log = dir.path().join("out.log");
+    let mut to_file = Command::new("setsid");
+    to_file
+        .args(["sleep", "60"])
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&log).expect("log file"))
+        .stderr(Stdio::piped());
+    let mut file_child = spawn_clean(&mut to_file).expect("start sleep");
+    let _file_guard = KillOnDrop(i32::try_from(file_child.id()).expect("pid"));
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &file_child.id().to_string()]);
+    let err = failed(&run(freeze, b""), "freeze of a process writing a file");
+    assert!(
+        err.contains(&format!("stdout is a file ({})", log.display())),
+        "{err}"
+    );
+    assert!(err.contains("stdin is a pipe"), "{err}");
+    file_child.kill().expect("kill sleep");
+    file_child.wait().expect("reap sleep");
+    // The terminal's sleep is in script's session: killing script hangs it up; kill both.
+    script_child.kill().expect("kill script");
+    script_child.wait().expect("reap script");
+
+    // A pid that does not exist.
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", "2147483000"]);
+    let err = failed(&run(freeze, b""), "freeze of a missing pid");
+    assert!(err.contains("process 2147483000 does not exist"), "{err}");
+}
+
+#[test]
+fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let store = pf_core::FsBlobStore::open(&store_dir).expect("store");
+
+    let err = failed(
+        &thaw(&store_dir, "nosuchname", b""),
+        "thaw of an unknown name",
+    );
+    assert!(err.contains("no snapshot \"nosuchname\""), "{err}");
+
+    let unknown = pf_core::Digest256::of(b"never stored").to_string();
+    let err = failed(
+        &thaw(&store_dir, &unknown, b""),
+        "thaw of an unknown digest",
+    );
+    assert!(err.contains(&unknown), "{err}");
+
+    // A procs blob without the goblin label (a plain process tree).
+    let dump = store.put(b"not really a tar").expect("put");
+    let procs = format!(r#"{{"kind":"procs.criu.v1","criu_dump":"{dump}","pids":[4242]}}"#);
+    let procs = store.put(procs.as_bytes()).expect("put procs");
+    let err = failed(
+        &thaw(&store_dir, &procs.to_string(), b""),
+        "thaw of a plain tree",
+    );
+    assert!(err.contains("is not a goblin snapshot"), "{err}");
+    assert!(err.contains("goblin=v1"), "{err}");
+
+    // A labelled blob whose stdio was a terminal.
+    let procs = format!(
+        r#"{{"kind":"procs.criu.v1","criu_dump":"{dump}","pids":[4242],
+            "stdio":["/dev/pts/0","pipe:[7]","pipe:[7]"],"labels":{{"goblin":"v1"}}}}"#
+    );
+    let procs = store.put(procs.as_bytes()).expect("put procs");
+    let mut fork = pf(&store_dir);
+    fork.args([
+        "goblin",
+        "fork",
+        &procs.to_string(),
+        "-n",
+        "2",
+        "--send",
+        "x",
+    ]);
+    let err = failed(&run(fork, b""), "fork of a terminal goblin");
+    assert!(err.contains("stdin is a terminal (/dev/pts/0)"), "{err}");
+
+    // A blob that is not JSON at all.
+    let err = failed(
+        &thaw(&store_dir, &dump.to_string(), b""),
+        "thaw of raw bytes",
+    );
+    assert!(err.contains(&dump.to_string()), "{err}");
+
+    let mut thaw = pf(&store_dir);
+    thaw.args(["goblin", "thaw", "--images"]).arg(dir.path());
+    let err = failed(&run(thaw, b""), "thaw of a directory without goblin.json");
+    assert!(err.contains("goblin.json"), "{err}");
+}
