@@ -265,13 +265,16 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
                 fail(ctx, 5);
             }
         }
-        report(ctx.report, TAG_CRIU_DONE, status, 0);
-        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-            libc::_exit(121);
-        }
-        let root = read_pid(ctx.pidfile);
-        if root <= 0 {
+        // Read the pidfile *before* reporting: the caller removes criu's work dir (and the
+        // pidfile in it) as soon as it sees TAG_CRIU_DONE.
+        let criu_ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        let root = if criu_ok { read_pid(ctx.pidfile) } else { 0 };
+        if criu_ok && root <= 0 {
             fail(ctx, 4);
+        }
+        report(ctx.report, TAG_CRIU_DONE, status, 0);
+        if !criu_ok {
+            libc::_exit(121);
         }
         loop {
             let got = libc::waitpid(-1, &mut status, 0);

@@ -1,9 +1,13 @@
 //! Helpers for live tests (root + a working CRIU) across the workspace: the gate, a pid killer,
-//! and a spawner that leaks no descriptors into the process a test will dump.
+//! a per-test deadline, and a spawner that leaks no descriptors into the process a test will
+//! dump.
 //!
 //! Not part of the stable API: hidden from docs, used by tests of every pf crate.
 
 use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Whether live tests may run: true when `PF_HAS_CRIU=1`.
 ///
@@ -62,4 +66,57 @@ impl Drop for KillOnDrop {
 pub fn spawn_clean(cmd: &mut Command) -> std::io::Result<Child> {
     crate::sys::only_these_fds(cmd, Vec::new());
     cmd.spawn()
+}
+
+/// A test's deadline: if it is not dropped within `limit`, the watched pids are SIGKILLed and the
+/// whole test process exits with status 101, so a hung CRIU call cannot hang CI.
+#[derive(Debug)]
+pub struct Deadline {
+    done: Arc<AtomicBool>,
+    pids: Arc<Mutex<Vec<i32>>>,
+}
+
+impl Deadline {
+    /// Start the clock for the test `what`.
+    #[allow(clippy::print_stderr)]
+    pub fn start(what: &str, limit: Duration) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let pids = Arc::new(Mutex::new(Vec::new()));
+        let (d, p, what) = (done.clone(), pids.clone(), what.to_owned());
+        std::thread::spawn(move || {
+            let end = Instant::now() + limit;
+            while Instant::now() < end {
+                if d.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if d.load(Ordering::SeqCst) {
+                return;
+            }
+            eprintln!("live test {what} exceeded its deadline of {limit:?}: killing its processes");
+            let pids = p.lock().map(|v| v.clone()).unwrap_or_default();
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::process::exit(101);
+        });
+        Self { done, pids }
+    }
+
+    /// Kill `pid` too if the deadline passes.
+    pub fn watch(&self, pid: i32) {
+        if let Ok(mut v) = self.pids.lock() {
+            v.push(pid);
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
 }
