@@ -31,7 +31,7 @@ fn header(what: &str) {
 fn cargo_step(root: &Path, args: &[&str], fix: &str) -> anyhow::Result<()> {
     let mut cmd = process::command(cargo(), root, Out::Inherit, Out::Inherit);
     cmd.args(args);
-    header(&process::display(&cmd).replace(&*cargo().to_string_lossy(), "cargo"));
+    header(&process::display(&cmd));
     process::run(&mut cmd).with_context(|| fix.to_owned())
 }
 
@@ -65,7 +65,7 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
     header("build tests");
     let bins = testrun::build(root)?;
     let mut tally = Tally::default();
-    header("unit, integration and doc tests (live_* skipped, PF_HAS_CRIU unset)");
+    header("unit, integration and doc tests (live_… skipped, PF_HAS_CRIU unset)");
     testrun::pass_non_live(root, &bins, &mut tally)?;
 
     header("CRIU for the live tests");
@@ -132,8 +132,8 @@ fn finish(tally: &Tally, with_non_live: bool, start: Instant) -> anyhow::Result<
     }
     if tally.live.passed == 0 {
         bail!(
-            "no live test ran: the live tests (names containing `{}`) must run here",
-            testrun::LIVE_MARK
+            "no live test ran: the live tests (named `{}…`) must run here",
+            testrun::LIVE_PREFIX
         );
     }
     Ok(ExitCode::SUCCESS)

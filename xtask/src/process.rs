@@ -47,8 +47,14 @@ pub(crate) fn command(program: impl AsRef<OsStr>, dir: &Path, stdout: Out, stder
 }
 
 /// How a command line reads in messages: `cargo fmt --all --check`.
+/// `$CARGO` is shown as plain `cargo`.
 pub(crate) fn display(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    let program = Path::new(cmd.get_program());
+    let mut s = if program.file_name().is_some_and(|n| n == "cargo") {
+        "cargo".to_owned()
+    } else {
+        program.to_string_lossy().into_owned()
+    };
     for arg in cmd.get_args() {
         s.push(' ');
         s.push_str(&arg.to_string_lossy());

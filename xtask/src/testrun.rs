@@ -1,8 +1,8 @@
 //! Running the workspace's tests in two passes and counting what ran.
 //!
-//! Pass 1 runs every test whose name does not contain `live_`, in parallel, with `PF_HAS_CRIU`
-//! unset. Pass 2 runs the `live_` tests (root + CRIU) one at a time, each in its own process with
-//! `PF_HAS_CRIU=1` and a deadline. Test binaries are built once with
+//! A live test (root + CRIU) is one whose own name (the last `::` segment) starts with `live_`.
+//! Pass 1 runs every other test, in parallel, with `PF_HAS_CRIU` unset. Pass 2 runs the live tests
+//! one at a time, each in its own process with `PF_HAS_CRIU=1` and a deadline. Test binaries are built once with
 //! `cargo test --no-run --message-format=json` and then run directly, so each pass knows which
 //! binary is unit and which is integration, and a hung live test is killed alone.
 
@@ -13,8 +13,15 @@ use anyhow::{Context as _, bail};
 
 use crate::process::{self, Finished, Out};
 
-/// The substring that marks a live test (root + CRIU): pass 1 skips it, pass 2 runs only it.
-pub(crate) const LIVE_MARK: &str = "live_";
+/// How a live test's own name starts: pass 1 skips those tests, pass 2 runs only them.
+pub(crate) const LIVE_PREFIX: &str = "live_";
+
+/// Whether a libtest name (`module::live_x`) is a live test.
+pub(crate) fn is_live(name: &str) -> bool {
+    name.rsplit("::")
+        .next()
+        .is_some_and(|own| own.starts_with(LIVE_PREFIX))
+}
 
 /// Deadline of one non-live test binary.
 const BINARY_DEADLINE: Duration = Duration::from_secs(600);
@@ -218,29 +225,23 @@ pub(crate) fn pass_non_live(
     tally: &mut Tally,
 ) -> anyhow::Result<()> {
     for bin in bins {
-        let counts = run_binary(
-            bin,
-            &["--skip", LIVE_MARK],
-            None,
-            BINARY_DEADLINE,
-            &mut tally.problems,
-        )?;
+        let live: Vec<String> = list_tests(bin)?
+            .into_iter()
+            .filter(|n| is_live(n))
+            .collect();
+        let mut args = vec!["--exact"];
+        for name in &live {
+            args.extend(["--skip", name.as_str()]);
+        }
+        let counts = run_binary(bin, &args, None, BINARY_DEADLINE, &mut tally.problems)?;
         match bin.kind {
             Kind::Unit => tally.unit += counts,
             Kind::Integration => tally.integration += counts,
         }
     }
     let mut cmd = process::command(cargo(), root, Out::Pipe, Out::Inherit);
-    cmd.args([
-        "test",
-        "--workspace",
-        "--all-features",
-        "--doc",
-        "--",
-        "--skip",
-        LIVE_MARK,
-    ])
-    .env_remove("PF_HAS_CRIU");
+    cmd.args(["test", "--workspace", "--all-features", "--doc"])
+        .env_remove("PF_HAS_CRIU");
     let (finished, lines) = process::run_streaming(&mut cmd, DOC_DEADLINE)?;
     let (counts, _) = parse_results(lines.iter().map(String::as_str));
     tally.doc += counts;
@@ -266,10 +267,10 @@ pub(crate) fn pass_non_live(
     Ok(())
 }
 
-/// The live tests one binary holds, from `--list` (`path::live_x: test` lines).
-fn list_live(bin: &TestBinary) -> anyhow::Result<Vec<String>> {
+/// The tests one binary holds, from `--list` (`path::name: test` lines).
+fn list_tests(bin: &TestBinary) -> anyhow::Result<Vec<String>> {
     let mut cmd = process::command(&bin.path, &bin.manifest_dir, Out::Pipe, Out::Pipe);
-    cmd.args(["--list", LIVE_MARK])
+    cmd.arg("--list")
         .env("CARGO", cargo())
         .env("CARGO_MANIFEST_DIR", &bin.manifest_dir);
     let out = process::output(&mut cmd)?;
@@ -284,11 +285,10 @@ fn list_live(bin: &TestBinary) -> anyhow::Result<Vec<String>> {
     Ok(parse_list(&String::from_utf8_lossy(&out.stdout)))
 }
 
-/// Test names from libtest's `--list` output that carry the live mark.
+/// Test names from libtest's `--list` output (benchmarks left out).
 fn parse_list(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.strip_suffix(": test"))
-        .filter(|name| name.contains(LIVE_MARK))
         .map(str::to_owned)
         .collect()
 }
@@ -301,7 +301,7 @@ pub(crate) fn pass_live(bins: &[TestBinary], criu: &Path, tally: &mut Tally) -> 
         .and_then(|s| s.parse().ok())
         .map_or(LIVE_DEADLINE, Duration::from_secs);
     for bin in bins {
-        for name in list_live(bin)? {
+        for name in list_tests(bin)?.into_iter().filter(|n| is_live(n)) {
             let counts = run_binary(
                 bin,
                 &["--exact", &name, "--test-threads=1"],
@@ -338,10 +338,19 @@ mod tests {
     }
 
     #[test]
-    fn lists_only_live_tests() {
+    fn lists_tests_and_tells_live_ones() {
         let out = "doctor::live_doctor_passes: test\ndoctor::json_parses: test\n\
                    x::live_bench: benchmark\n\n2 tests, 1 benchmark\n";
-        assert_eq!(parse_list(out), ["doctor::live_doctor_passes"]);
+        assert_eq!(
+            parse_list(out),
+            ["doctor::live_doctor_passes", "doctor::json_parses"]
+        );
+        assert!(is_live("doctor::live_doctor_passes"));
+        assert!(is_live("live_top_level"));
+        assert!(is_live("live::live_capture"));
+        assert!(!is_live("live::capture_is_honest"));
+        assert!(!is_live("proc::tests::own_process_is_alive_with_stdio"));
+        assert!(!is_live("fs::tests::dead_writers_swept_and_live_ones_kept"));
     }
 
     #[test]
