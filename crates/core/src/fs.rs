@@ -415,9 +415,13 @@ impl BlobStore for FsBlobStore {
 
     fn set_name(&self, name: &str, digest: &Digest256) -> Result<()> {
         validate_name(name)?;
-        if !self.contains(digest)? {
+        let blob = self.blob_path(digest);
+        if !path_exists(&blob)? {
             return Err(Error::NotFound { digest: *digest });
         }
+        // A gc that listed the names before this one was written may still be deciding what to
+        // remove: a fresh mtime puts the blob in its grace period.
+        touch(&blob);
         ensure_dir(&self.refs)?;
         let mut temp = TempFile::create(&self.refs)?;
         temp.file

@@ -109,6 +109,15 @@ fn the_grace_period_spares_new_unreachable_blobs() {
     )
     .unwrap();
     assert_eq!(report.recent, vec![fresh]);
+
+    // Naming an old blob makes it new too: a gc that listed the names before it keeps it.
+    fs::File::open(s.blob_path(&fresh))
+        .unwrap()
+        .set_modified(an_hour_ago)
+        .unwrap();
+    s.set_name("late", &fresh).unwrap();
+    let modified = s.modified(&fresh).unwrap().unwrap();
+    assert!(modified.elapsed().unwrap() < Duration::from_secs(600));
 }
 
 #[test]
