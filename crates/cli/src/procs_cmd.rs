@@ -1,12 +1,314 @@
-//! `pf procs`: Capture and restore process trees.
+//! `pf procs`: capture whole process trees with CRIU into the store, restore them, show them.
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::process::ExitCode;
 
-use crate::common::Global;
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use pf_core::{BlobStore as _, Digest256, FsBlobStore};
+use pf_world_procs::{CaptureOptions, CaptureProgress, ProcsBlob, RestoreOptions};
 
+use crate::common::{Global, progress_enabled, store_root};
+
+/// Dumps at least this large show a progress bar while they stream into the store.
+const PROGRESS_MIN: u64 = 64 << 20;
+
+const PROCS_HELP: &str = "\
+A capture is a CRIU dump of a process and all its descendants, stored as two blobs: a
+deterministic tar of CRIU's images, and a small JSON `procs.criu.v1` blob that names it (its
+digest is what `capture` prints). Needs root (or passwordless sudo for criu) and criu 4.x:
+run `pf doctor` first. Without a usable criu, `capture` stores an honest `procs.unsupported.v1`
+placeholder, says why, and exits 1.
+
+Examples:
+  pf procs capture --pid 4242 --tag web         freeze pid 4242's tree (it stops) and name it
+  pf procs capture --pid 4242 --leave-running   snapshot it and let it run on
+  pf procs restore web                          bring it back under its old pids
+  pf procs restore web --new-pidns              a copy beside the still-running original
+  pf procs show web                             the procs JSON (pids, criu version, kernel…)";
+
+/// Capture and restore whole process trees with CRIU.
 #[derive(Debug, clap::Subcommand)]
-pub(crate) enum Command {}
+#[command(after_help = PROCS_HELP)]
+pub(crate) enum Command {
+    /// Dump a process and its descendants into the store; print the procs digest
+    #[command(after_help = "\
+Examples:
+  pf procs capture --pid 4242                     the tree is dumped, then killed by criu
+  pf procs capture --pid 4242 --leave-running     the tree keeps running
+  pf procs capture --pid \"$(pgrep -o -x myrepl)\" --tag repl-warm --json
 
-pub(crate) fn run(_global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    match command {}
+The process must lead its own session (started with `setsid`, as daemons are), or be a job of
+your shell, then pass --shell-job (and --shell-job again when restoring). Its open files must
+still exist at restore, with the same size. Established TCP connections need --tcp-established;
+unix sockets to peers outside the tree need --ext-unix-sk.
+
+Prints the digest of the procs blob; --json prints {\"procs\", \"criu_dump\", \"pids\", \"tag\"}.")]
+    Capture(CaptureArgs),
+    /// Restore a captured tree; print its pids (root first). It keeps running after pf exits
+    #[command(after_help = "\
+Examples:
+  pf procs restore web                  the tree gets its original pids back
+  pf procs restore web --new-pidns      restore in a new pid namespace (original may still run)
+  pf procs restore sha256:… --json
+
+Without --new-pidns the tree needs its original pids: if a live process holds one (say the
+original, captured with --leave-running), the restore fails and says so; use --new-pidns. Then
+the tree runs under a small init of pf's (PID 1 of the namespace, pid printed on stderr) that
+exits with the root's status and takes the namespace down with it: kill that init to kill the
+copy. The printed pids are host pids; inside, the tree has its original pids.
+
+The restored tree is detached: pf exits, the tree runs on and is reparented to init (or the
+nearest subreaper), which reaps it when it exits. Stop it with `kill <pid>`.
+
+--json prints {\"pid\", \"ns_pid\", \"pids\", \"init\"} (init is null without --new-pidns).")]
+    Restore(RestoreArgs),
+    /// Print a procs blob as JSON
+    #[command(after_help = "\
+Examples:
+  pf procs show web
+  pf procs show web | jq .criu_dump        the images tar (see `pf store cat`)")]
+    Show(ShowArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct CaptureArgs {
+    /// The root of the tree to dump
+    #[arg(long)]
+    pid: i32,
+    /// Leave the tree running after the dump (otherwise criu kills it once dumped)
+    #[arg(long)]
+    leave_running: bool,
+    /// The tree is a job of a shell (its session or terminal lies outside it)
+    #[arg(long)]
+    shell_job: bool,
+    /// Dump established TCP connections too
+    #[arg(long)]
+    tcp_established: bool,
+    /// Allow unix sockets connected to peers outside the tree
+    #[arg(long)]
+    ext_unix_sk: bool,
+    /// Dump file locks too
+    #[arg(long)]
+    file_locks: bool,
+    /// A label KEY=VALUE recorded in the procs blob (repeatable)
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// An extra argument for `criu dump` (repeatable), e.g. --criu-arg=--link-remap
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    criu_arg: Vec<String>,
+    /// Point NAME at the procs blob once the capture succeeded
+    #[arg(long, value_name = "NAME")]
+    tag: Option<String>,
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct RestoreArgs {
+    /// The procs blob: its digest, or a name pointing at it
+    #[arg(value_name = "DIGEST|NAME")]
+    procs: String,
+    /// Restore inside new pid and mount namespaces (works while the original pids are taken)
+    #[arg(long)]
+    new_pidns: bool,
+    /// The tree was captured with --shell-job
+    #[arg(long)]
+    shell_job: bool,
+    /// An extra argument for `criu restore` (repeatable)
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    criu_arg: Vec<String>,
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ShowArgs {
+    /// The procs blob: its digest, or a name pointing at it
+    #[arg(value_name = "DIGEST|NAME")]
+    procs: String,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
+    let root = store_root(global)?;
+    let store = FsBlobStore::open(&root)
+        .with_context(|| format!("cannot open the store at {}", root.display()))?;
+    match command {
+        Command::Capture(args) => capture(&store, &args),
+        Command::Restore(args) => restore(&store, &args),
+        Command::Show(args) => show(&store, &args),
+    }
+}
+
+fn resolve(store: &FsBlobStore, digest_or_name: &str) -> anyhow::Result<Digest256> {
+    store.resolve(digest_or_name).with_context(|| {
+        if digest_or_name.starts_with("sha256:") {
+            "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
+        } else {
+            format!("{digest_or_name:?} is neither a digest nor a name (see `pf store tags`)")
+        }
+    })
+}
+
+fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> {
+    if let Some(name) = &args.tag {
+        // Refuse a bad name before dumping (and, without --leave-running, killing) anything.
+        pf_core::validate_name(name)?;
+    }
+    let opts = CaptureOptions {
+        leave_running: args.leave_running,
+        shell_job: args.shell_job,
+        tcp_established: args.tcp_established,
+        ext_unix_sk: args.ext_unix_sk,
+        file_locks: args.file_locks,
+        labels: args.label.iter().cloned().collect::<BTreeMap<_, _>>(),
+        extra_args: args.criu_arg.clone(),
+    };
+    let bar = Progress::new(args.pid);
+    let result = pf_world_procs::capture_with_progress(store, args.pid, &opts, &mut |p| {
+        bar.update(p);
+    });
+    bar.finish();
+    let captured = result.with_context(|| format!("cannot capture process {}", args.pid))?;
+    let procs = match &captured.blob {
+        ProcsBlob::Criu(procs) => procs,
+        ProcsBlob::Unsupported { note, .. } => {
+            bail!(
+                "{note}; stored the placeholder {} (see `pf doctor`)",
+                captured.procs
+            );
+        }
+    };
+    if let Some(name) = &args.tag {
+        store.set_name(name, &captured.procs).with_context(|| {
+            format!("captured {}, but cannot name it {name:?}", captured.procs)
+        })?;
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let json = serde_json::json!({
+            "procs": captured.procs,
+            "criu_dump": procs.criu_dump,
+            "pids": procs.pids,
+            "tag": args.tag,
+        });
+        writeln!(out, "{json}")?;
+    } else {
+        writeln!(out, "{}", captured.procs)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let digest = resolve(store, &args.procs)?;
+    let opts = RestoreOptions {
+        new_pidns: args.new_pidns,
+        shell_job: args.shell_job,
+        inherit: Vec::new(),
+        extra_args: args.criu_arg.clone(),
+    };
+    let restored = pf_world_procs::restore(store, &digest, opts)
+        .with_context(|| format!("cannot restore {}", args.procs))?;
+    let pids = restored.pids();
+    let (pid, ns_pid, init) = (restored.pid(), restored.ns_pid(), restored.init_pid());
+    // Leave it running after we exit.
+    restored.detach();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let json = serde_json::json!({
+            "pid": pid,
+            "ns_pid": ns_pid,
+            "pids": pids,
+            "init": init,
+        });
+        writeln!(out, "{json}")?;
+    } else {
+        for p in &pids {
+            writeln!(out, "{p}")?;
+        }
+        if let Some(init) = init {
+            tracing::info!(init, ns_pid, "restored in a new pid namespace");
+            note(&format!(
+                "restored in a new pid namespace: root is pid {ns_pid} inside, {pid} outside; \
+                 its init is pid {init} (kill it to stop the copy)"
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(store: &FsBlobStore, args: &ShowArgs) -> anyhow::Result<ExitCode> {
+    let digest = resolve(store, &args.procs)?;
+    // Check it is a procs blob, then print it as stored (fields newer than this pf included).
+    pf_world_procs::load_procs(store, &digest)?;
+    let bytes = store.get(&digest)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{digest} is not JSON"))?;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &value)?;
+    writeln!(out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stderr)]
+fn note(text: &str) {
+    eprintln!("{text}");
+}
+
+/// A spinner while criu dumps, then a bar while a large dump streams into the store; drawn only
+/// when stderr is a terminal.
+struct Progress {
+    bar: ProgressBar,
+    pid: i32,
+}
+
+impl Progress {
+    fn new(pid: i32) -> Self {
+        let bar = if progress_enabled() {
+            ProgressBar::new_spinner()
+        } else {
+            ProgressBar::hidden()
+        };
+        Self { bar, pid }
+    }
+
+    fn update(&self, p: CaptureProgress) {
+        match p {
+            CaptureProgress::Dumping => {
+                self.bar
+                    .set_message(format!("criu is dumping process {}", self.pid));
+                self.bar
+                    .enable_steady_tick(std::time::Duration::from_millis(100));
+            }
+            CaptureProgress::Storing { done, total } if total >= PROGRESS_MIN => {
+                if self.bar.length() != Some(total) {
+                    self.bar.disable_steady_tick();
+                    self.bar.set_length(total);
+                    self.bar.set_style(
+                        ProgressStyle::with_template(
+                            "storing images {bar:30} {binary_bytes}/{binary_total_bytes} \
+                             {binary_bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                }
+                self.bar.set_position(done);
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }

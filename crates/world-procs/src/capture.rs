@@ -124,7 +124,7 @@ pub fn capture_with_progress(
         progress,
     };
     let put = store
-        .put_reader(&mut counting)
+        .put_reader_with_len(&mut counting, total)
         .map_err(|e| Error::store(format!("storing the images of pid {pid}"), e))?;
     (counting.progress)(CaptureProgress::Storing { done: total, total });
     drop(images);

@@ -222,6 +222,8 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
     // stack buffers we own. No allocation, no locks.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // Shows as `pf-ns-init` in ps instead of a second `pf`.
+        libc::prctl(libc::PR_SET_NAME, c"pf-ns-init".as_ptr());
         let none: *const libc::c_char = std::ptr::null();
         if libc::mount(
             none,
