@@ -215,6 +215,23 @@ fn a_corrupt_blob_fails_cat_and_verify_naming_the_digest() {
     let err = fails(&store, &["cat", "bad"]);
     assert!(err.contains(&digest.to_string()), "{err}");
     assert_eq!(store_cmd(&store, &["verify"]).status.code(), Some(1));
+
+    // And a name whose blob is gone.
+    fs::remove_file(&path).unwrap();
+    let out = store_cmd(&store, &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains(&format!(
+            "{digest} BAD: name \"bad\" points at it but it is missing"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    let err = fails(&store, &["cat", "bad"]);
+    assert!(
+        err.contains(&format!("blob {digest} is not in the store")),
+        "{err}"
+    );
 }
 
 #[test]
