@@ -2,5 +2,6 @@
 
 mod doctor;
 mod goblin;
+mod procs;
 mod store;
 mod support;

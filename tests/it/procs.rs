@@ -1,0 +1,291 @@
+//! `pf procs`: capture, restore and show process trees. The live tests (root + CRIU,
+//! `PF_HAS_CRIU=1`) run an ordinary shell loop nobody wrote for pf and bring it back.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
+
+use crate::support::pf;
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("run pf")
+}
+
+/// `pf store put FILE` of `bytes`; returns the digest.
+fn put(store: &Path, bytes: &[u8]) -> String {
+    let file = store.with_extension("input");
+    std::fs::write(&file, bytes).expect("write input");
+    let out = run(pf(store).args(["store", "put"]).arg(&file));
+    assert!(out.status.success(), "pf store put: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn capture_without_criu_stores_an_honest_placeholder_and_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let me = std::process::id().to_string();
+    let out = run(pf(&store)
+        .args(["procs", "capture", "--pid", &me, "--tag", "never"])
+        .env("PF_CRIU", "/nonexistent/criu"));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        out.stdout.is_empty(),
+        "no digest on stdout for a failed capture"
+    );
+    let err = text(&out.stderr);
+    assert!(err.contains("$PF_CRIU is /nonexistent/criu"), "{err}");
+    assert!(err.contains("nothing was dumped"), "{err}");
+    let digest = err
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap_or_else(|| panic!("no placeholder digest in {err}"));
+    let show = run(pf(&store).args(["procs", "show", digest]));
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
+    assert_eq!(json["kind"], "procs.unsupported.v1");
+    let on = if cfg!(target_os = "linux") {
+        "linux-no-criu"
+    } else {
+        std::env::consts::OS
+    };
+    assert_eq!(json["unsupported_on"], on);
+    assert!(
+        json["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("$PF_CRIU"))
+    );
+    // The name was not set, and restoring the placeholder is a clear error.
+    let named = run(pf(&store).args(["procs", "show", "never"]));
+    assert_eq!(named.status.code(), Some(1));
+    let restore = run(pf(&store).args(["procs", "restore", digest]));
+    assert_eq!(restore.status.code(), Some(1));
+    assert!(
+        text(&restore.stderr).contains("holds no process images"),
+        "{}",
+        text(&restore.stderr)
+    );
+}
+
+#[test]
+fn capture_of_a_missing_pid_fails_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(pf(&dir.path().join("store")).args(["procs", "capture", "--pid", "0"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("process 0 does not exist"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn show_reads_reference_pf_world_blobs_and_rejects_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let dump = put(&store, b"not really a tar");
+    let reference =
+        format!(r#"{{"kind":"procs.criu.v1","criu_dump":"{dump}","pids":[1234,5678]}}"#);
+    let procs = put(&store, reference.as_bytes());
+    let out = run(pf(&store).args(["procs", "show", &procs]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let want: serde_json::Value = serde_json::from_str(&reference).expect("json");
+    assert_eq!(shown, want);
+
+    let other = put(&store, br#"{"kind":"something.else"}"#);
+    let out = run(pf(&store).args(["procs", "show", &other]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not a procs blob"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// The last tick number in the ticker's file.
+fn last_tick(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.split(' ').next()?.parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// An ordinary shell loop under its own session, ticking into a file.
+fn start_ticker(dir: &Path) -> (std::process::Child, std::path::PathBuf) {
+    let file = dir.join("ticks.log");
+    let mut cmd = Command::new("setsid");
+    cmd.args([
+        "sh",
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo \"tick $i\" >> \"$1\"; sleep 0.05; done",
+        "ticker",
+    ])
+    .arg(&file)
+    .current_dir(dir)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let child = spawn_clean(&mut cmd).expect("spawn the ticker");
+    (child, file)
+}
+
+fn pids_of(stdout: &[u8]) -> Vec<i32> {
+    text(stdout)
+        .lines()
+        .map(|l| l.trim().parse().expect("a pid per line"))
+        .collect()
+}
+
+#[test]
+fn live_cli_captures_and_restores_a_shell_loop() {
+    if !live("live_cli_captures_and_restores_a_shell_loop") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_cli_captures_and_restores_a_shell_loop",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let (mut child, file) = start_ticker(dir.path());
+    let pid = child.id() as i32;
+    deadline.watch(pid);
+    let _kill = KillOnDrop(pid);
+    assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 5));
+
+    let out = run(pf(&store).args([
+        "procs",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+        "--tag",
+        "ticker",
+    ]));
+    assert!(out.status.success(), "capture: {}", text(&out.stderr));
+    let digest = text(&out.stdout).trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    assert!(
+        !child.wait().expect("reap").success(),
+        "criu ended the original"
+    );
+    let stopped = last_tick(&file);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(last_tick(&file), stopped, "no ticks while captured");
+
+    let shown = run(pf(&store).args(["procs", "show", "ticker"]));
+    let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("show json");
+    assert_eq!(json["kind"], "procs.criu.v1");
+    assert_eq!(json["root_pid"], pid);
+
+    // pf exits; the restored loop runs on.
+    let out = run(pf(&store).args(["procs", "restore", "ticker"]));
+    assert!(out.status.success(), "restore: {}", text(&out.stderr));
+    let pids = pids_of(&out.stdout);
+    let _kill_all: Vec<KillOnDrop> = pids.iter().map(|&p| KillOnDrop(p)).collect();
+    pids.iter().for_each(|&p| deadline.watch(p));
+    assert_eq!(pids.first(), Some(&pid), "root first, with its old pid");
+    assert!(
+        wait_until(Duration::from_secs(10), || last_tick(&file) >= stopped + 5),
+        "the loop ticks on after pf exited"
+    );
+    // It went on counting from where it was: every tick exactly once, in order.
+    let ticks: Vec<u64> = std::fs::read_to_string(&file)
+        .expect("ticks")
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect();
+    let want: Vec<u64> = (1..=ticks.len() as u64).collect();
+    assert_eq!(ticks, want);
+}
+
+#[test]
+fn live_cli_restores_a_copy_beside_the_original() {
+    if !live("live_cli_restores_a_copy_beside_the_original") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_cli_restores_a_copy_beside_the_original",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let (mut child, file) = start_ticker(dir.path());
+    let pid = child.id() as i32;
+    deadline.watch(pid);
+    let _kill = KillOnDrop(pid);
+    assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
+
+    let out = run(pf(&store).args([
+        "procs",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+        "--leave-running",
+        "--json",
+    ]));
+    assert!(out.status.success(), "capture: {}", text(&out.stderr));
+    let captured: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let digest = captured["procs"].as_str().expect("procs digest").to_owned();
+    assert_eq!(captured["pids"][0], pid);
+
+    let plain = run(pf(&store).args(["procs", "restore", &digest]));
+    assert_eq!(plain.status.code(), Some(1));
+    assert!(
+        text(&plain.stderr).contains("--new-pidns"),
+        "{}",
+        text(&plain.stderr)
+    );
+
+    let out = run(pf(&store).args(["procs", "restore", &digest, "--new-pidns", "--json"]));
+    assert!(out.status.success(), "restore: {}", text(&out.stderr));
+    let restored: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let init = restored["init"].as_i64().expect("init pid") as i32;
+    let copy = restored["pid"].as_i64().expect("pid") as i32;
+    deadline.watch(init);
+    let _kill_init = KillOnDrop(init);
+    assert_eq!(restored["ns_pid"], pid);
+    assert_ne!(copy, pid);
+    let comm = std::fs::read_to_string(format!("/proc/{init}/comm")).expect("init comm");
+    assert_eq!(comm.trim(), "pf-ns-init");
+    // Both tick into the same file now: twice the pace.
+    let from = last_tick(&file);
+    assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= from + 10));
+    assert!(Path::new(&format!("/proc/{copy}")).exists());
+    assert_eq!(
+        child.try_wait().expect("try_wait"),
+        None,
+        "the original runs on"
+    );
+    // Killing the init takes the copy down with it.
+    drop(_kill_init);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{copy}/stat"))
+                .map_or(true, |s| s.contains(") Z"))
+        }),
+        "the copy died with its init"
+    );
+}
