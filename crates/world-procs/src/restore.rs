@@ -96,6 +96,8 @@ pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<Images
 /// Restore the procs blob `procs` (a digest; resolve names with `BlobStore::resolve`).
 pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -> Result<Restored> {
     let _span = tracing::info_span!("restore", %procs).entered();
+    // Before extracting a GiB: is there a criu to hand it to?
+    crate::criu::probe().criu()?;
     match load_procs(store, procs)? {
         ProcsBlob::Criu(c) => {
             let images = extract_images(store, &c)?;
