@@ -49,9 +49,11 @@ How it works:
   `stdbuf -oL CMD`, or the program's own flag, or --until never sees the ready line.
 
 Examples:
-  pf goblin spawn --tag py --until '>>> $' -- python3 -u -i -q
-  pf goblin spawn --tag kb --input setup.txt --until 'ready' -- python3 -u kb.py
-  echo 'print(6*7)' | pf goblin thaw py";
+  printf 'import json\\nprint(\"ready\")\\n' > warm.py
+  pf goblin spawn --tag py --input warm.py --until '^ready$' -- python3 -u -i -q
+  echo 'print(json.dumps([6 * 7]))' | pf goblin thaw py     # prints [42]
+  pf goblin spawn --tag kb --until '^ready' -- python3 -u kb.py  # kb.py prints ready when loaded
+  pf goblin spawn --tag sh --quiet-ms 200 -- sh              # no ready line: wait for silence";
 
 const FREEZE_HELP: &str = "\
 The process must be a goblin: stdin, stdout and stderr all pipes (pf says what each one is when
@@ -73,7 +75,7 @@ pf's stderr, forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, and exits with 
 (128+N when signal N ended it). So `pf goblin thaw NAME` behaves like running the program.
 
 Examples:
-  echo '2+2' | pf goblin thaw py
+  echo 'print(2 + 2)' | pf goblin thaw py
   pf goblin thaw sha256:3a…e1 < questions.txt > answers.txt
   pf goblin thaw --images /tmp/g";
 
