@@ -392,12 +392,12 @@ fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
     } else {
         for (digest, size, stored, names) in &rows {
             let size = size.map_or_else(|| "?".to_owned(), |n| HumanBytes(n).to_string());
-            writeln!(
-                out,
+            let line = format!(
                 "{digest}  {size:>10}  {:>10}  {}",
                 HumanBytes(*stored).to_string(),
                 names.join(",")
-            )?;
+            );
+            writeln!(out, "{}", line.trim_end())?;
         }
     }
     Ok(ExitCode::SUCCESS)
