@@ -190,9 +190,9 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
         }
     };
     if let Some(name) = &args.tag {
-        store.set_name(name, &captured.procs).with_context(|| {
-            format!("captured {}, but cannot name it {name:?}", captured.procs)
-        })?;
+        store
+            .set_name(name, &captured.procs)
+            .with_context(|| format!("captured {}, but cannot name it {name:?}", captured.procs))?;
     }
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -293,6 +293,8 @@ impl Progress {
             CaptureProgress::Storing { done, total } if total >= PROGRESS_MIN => {
                 if self.bar.length() != Some(total) {
                     self.bar.disable_steady_tick();
+                    // The rate counts from here, not from the start of the dump.
+                    self.bar.reset();
                     self.bar.set_length(total);
                     self.bar.set_style(
                         ProgressStyle::with_template(

@@ -116,6 +116,7 @@ pub fn capture_with_progress(
     let report = dump_with(criu, pid, images.path(), opts)?;
     let mut tar = ImagesTar::new(images.path())?;
     let total = tar.len();
+    progress(CaptureProgress::Storing { done: 0, total });
     let mut counting = Counting {
         inner: &mut tar,
         done: 0,

@@ -96,10 +96,10 @@ pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<Images
 /// Restore the procs blob `procs` (a digest; resolve names with `BlobStore::resolve`).
 pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -> Result<Restored> {
     let _span = tracing::info_span!("restore", %procs).entered();
-    // Before extracting a GiB: is there a criu to hand it to?
-    crate::criu::probe().criu()?;
     match load_procs(store, procs)? {
         ProcsBlob::Criu(c) => {
+            // Before extracting a GiB: is there a criu to hand it to?
+            crate::criu::probe().criu()?;
             let images = extract_images(store, &c)?;
             restore_dir(images.path(), opts)
         }
@@ -476,6 +476,10 @@ fn wait_for_free_pids(pids: &[i32]) -> Result<()> {
 
 /// A restored tree. Its root is our child (host namespace), or its namespace init is our child
 /// and exits with the root's status (`new_pidns`).
+///
+/// When criu runs through `sudo -n` (not root), the root is sudo's child rather than ours and
+/// gets reparented when sudo exits: [`Restored::wait`] then fails with ECHILD; kill and pids
+/// still work.
 ///
 /// Dropping it kills and reaps the tree unless [`Restored::detach`] was called.
 #[derive(Debug)]
