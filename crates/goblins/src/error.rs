@@ -52,6 +52,15 @@ pub enum Error {
         /// Its session id.
         sid: i32,
     },
+    /// The process runs in a pid namespace other than ours: a thawed copy.
+    #[error(
+        "process {pid} runs in a pid namespace of its own (it is a thawed copy); freezing a thawed \
+         copy is not supported yet: freeze the original goblin instead"
+    )]
+    OtherPidNamespace {
+        /// The process.
+        pid: i32,
+    },
     /// Freezing failed in CRIU or while storing the images.
     #[error("cannot freeze process {pid}")]
     Freeze {

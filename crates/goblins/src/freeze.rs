@@ -66,9 +66,10 @@ impl Frozen {
 /// Checkpoint the goblin `pid` with CRIU.
 ///
 /// Refused before CRIU runs, with an error saying what is wrong: a pid that does not exist
-/// ([`Error::NoSuchProcess`]), stdin/stdout/stderr that are not all pipes ([`Error::NotPipes`],
-/// naming what each one is), a process that does not lead its session unless
-/// [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
+/// ([`Error::NoSuchProcess`]), a thawed copy running in a pid namespace of its own
+/// ([`Error::OtherPidNamespace`]), stdin/stdout/stderr that are not all pipes
+/// ([`Error::NotPipes`], naming what each one is), a process that does not lead its session
+/// unless [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
 ///
 /// Bytes written to the goblin's stdin but not yet read are kept in the snapshot (CRIU saves
 /// pipe contents) and replayed into the stdin of every thawed copy.
@@ -133,11 +134,17 @@ pub fn freeze(pid: i32, target: FreezeTarget<'_>, options: &FreezeOptions) -> Re
     })
 }
 
-/// The goblin checks that come before CRIU: the pid exists, fds 0–2 are pipes, it leads its
-/// session (unless it is to be dumped as a shell job).
+/// The goblin checks that come before CRIU: the pid exists and lives in our pid namespace, fds
+/// 0–2 are pipes, it leads its session (unless it is to be dumped as a shell job).
 fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
     if pid <= 0 || is_gone(pid) {
         return Err(Error::NoSuchProcess { pid });
+    }
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    if let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self"))
+        && theirs != ours
+    {
+        return Err(Error::OtherPidNamespace { pid });
     }
     let streams = Streams::of_pid(pid)?;
     if streams.pipes().is_none() {

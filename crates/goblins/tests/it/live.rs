@@ -63,9 +63,15 @@ fn live_thaw_continues_the_state_beside_the_original() {
     assert_eq!(copy.ask("get color"), "green");
     assert_eq!(copy.ask("err to-stderr"), "ok");
     assert_eq!(talk.ask("inc"), "4", "the original is unaffected");
+    let refreeze = pf_goblins::freeze(thawed.pid(), FreezeTarget::Store(&store), &KEEP);
+    assert!(
+        matches!(refreeze, Err(Error::OtherPidNamespace { pid }) if pid == thawed.pid()),
+        "{refreeze:?}"
+    );
+    assert_eq!(copy.ask("inc"), "4", "a refused freeze leaves the copy running");
 
     copy.close();
-    assert_eq!(copy.rest(), ["eof 3"]);
+    assert_eq!(copy.rest(), ["eof 4"]);
     let mut err = String::new();
     thawed
         .stderr
