@@ -68,7 +68,11 @@ fn live_thaw_continues_the_state_beside_the_original() {
         matches!(refreeze, Err(Error::OtherPidNamespace { pid }) if pid == thawed.pid()),
         "{refreeze:?}"
     );
-    assert_eq!(copy.ask("inc"), "4", "a refused freeze leaves the copy running");
+    assert_eq!(
+        copy.ask("inc"),
+        "4",
+        "a refused freeze leaves the copy running"
+    );
 
     copy.close();
     assert_eq!(copy.rest(), ["eof 4"]);
