@@ -370,7 +370,7 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
             "digest": digest,
             "tag": args.tag,
             "pid": pid,
-            "stdio": frozen.streams.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "stdio": stdio_json(&frozen.streams),
             "warmup_ms": u64::try_from(warm.as_millis()).unwrap_or(u64::MAX),
         });
         writeln!(stdout, "{json}")?;
@@ -447,7 +447,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         let mut json = serde_json::json!({
             "pid": frozen.pid,
             "left_running": options.leave_running,
-            "stdio": frozen.streams.0.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "stdio": stdio_json(&frozen.streams),
         });
         match &frozen.snapshot {
             Snapshot::Stored(digest) => {
@@ -551,6 +551,20 @@ fn pump(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<()> {
         };
         to.write_all(&buf[..n])?;
         to.flush()?;
+    }
+}
+
+/// The goblin's stdio as CRIU names it: `["pipe:[N]", …]`.
+fn stdio_json(streams: &pf_goblins::Streams) -> serde_json::Value {
+    match streams.pipes() {
+        Some(pipes) => serde_json::json!(pipes.map(|ino| format!("pipe:[{ino}]"))),
+        None => serde_json::json!(
+            streams
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+        ),
     }
 }
 
