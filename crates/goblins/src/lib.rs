@@ -13,6 +13,8 @@
 //!   returns a [`Goblin`] you talk to and wait for; `thaw_async` (feature `tokio`) does the same
 //!   over tokio pipes.
 //! - [`fork`] restores `n` copies of one snapshot side by side, reading the images once.
+//! - [`load`] checks a snapshot and extracts its images once, for any number of later thaws and
+//!   forks ([`Loaded::thaw`], [`Loaded::fork`]).
 //!
 //! Bytes that were written to a goblin's stdin but not yet read when it was frozen are saved in
 //! the snapshot and reach every thawed copy before anything written after the thaw.
@@ -61,7 +63,7 @@ pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};
 pub use crate::spawn::{SpawnOptions, spawn};
 pub use crate::stdio::{StdioKind, Streams};
-pub use crate::thaw::{Source, ThawOptions, fork, thaw};
+pub use crate::thaw::{Loaded, Source, ThawOptions, fork, load, thaw};
 #[cfg(feature = "tokio")]
 pub use crate::thaw_async::{AsyncGoblin, thaw_async};
 

@@ -50,10 +50,9 @@ pub struct ThawOptions {
 ///
 /// A failed restore is an [`Error::Thaw`] whose source carries CRIU's own error lines. A
 /// snapshot that is not a goblin's (no `goblin=v1` label, stdio not pipes) is an
-/// [`Error::NotAGoblin`].
+/// [`Error::NotAGoblin`]. To thaw one snapshot many times, [`load`] it once instead.
 pub fn thaw(source: &Source<'_>, options: &ThawOptions) -> Result<Goblin> {
-    let prepared = Prepared::new(source)?;
-    prepared.thaw_one(options.new_pid_namespace)
+    load(source)?.thaw(options)
 }
 
 /// Restore `n` copies of a frozen goblin side by side, each in its own pid and mount
@@ -62,60 +61,21 @@ pub fn thaw(source: &Source<'_>, options: &ThawOptions) -> Result<Goblin> {
 /// Either all `n` are returned running, or none is left running and the first error is
 /// returned.
 pub fn fork(source: &Source<'_>, n: usize) -> Result<Vec<Goblin>> {
-    let prepared = Prepared::new(source)?;
-    let _span = tracing::info_span!("fork", n, snapshot = %prepared.name).entered();
-    // A restore spends much of its time waiting (forks, namespace setup, page faults), so two
-    // restores per core keep the cores busy. Measured on 2 cores, 8 clones of a 64 MiB goblin
-    // with raw criu: 0.95 s one at a time, 0.50 s two at a time, 0.35-0.39 s four or more.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let workers = (2 * cores).clamp(1, n.max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<(usize, Result<Goblin>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= n {
-                            break;
-                        }
-                        let result = prepared.thaw_one(true);
-                        let failed = result.is_err();
-                        mine.push((i, result));
-                        if failed {
-                            // Stop handing out work: the caller gets an error either way.
-                            next.store(n, std::sync::atomic::Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                    mine
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    let mut results = results;
-    results.sort_by_key(|(i, _)| *i);
-    let mut goblins = Vec::with_capacity(n);
-    for (_, result) in results {
-        // On the first error the goblins gathered so far are dropped: killed and reaped.
-        goblins.push(result?);
-    }
-    if goblins.len() != n {
-        return Err(Error::sys(
-            format!("fork {n} goblins"),
-            std::io::Error::other("a restore thread panicked"),
-        ));
-    }
-    Ok(goblins)
+    load(source)?.fork(n)
 }
 
-/// A snapshot checked and ready to restore, any number of times.
-struct Prepared {
+/// Check a frozen goblin and get its images ready to restore (from the store: verified and
+/// extracted into a private directory on tmpfs). Thawing a [`Loaded`] goblin skips that work,
+/// so an agent that thaws one snapshot again and again loads it once and keeps it.
+pub fn load(source: &Source<'_>) -> Result<Loaded> {
+    Loaded::new(source)
+}
+
+/// A frozen goblin checked and ready to restore, any number of times ([`load`]). Its extracted
+/// images (if it came from the store) are removed when it is dropped; goblins thawed from it
+/// keep running.
+#[derive(Debug)]
+pub struct Loaded {
     /// The digest or directory, for messages.
     name: String,
     images: Images,
@@ -127,6 +87,7 @@ struct Prepared {
 }
 
 /// The images directory: the caller's, or one extracted from the store (removed on drop).
+#[derive(Debug)]
 enum Images {
     Dir(std::path::PathBuf),
     Extracted(pf_world_procs::ImagesDir),
@@ -141,8 +102,8 @@ impl Images {
     }
 }
 
-impl Prepared {
-    fn new(source: &Source<'_>) -> Result<Prepared> {
+impl Loaded {
+    fn new(source: &Source<'_>) -> Result<Loaded> {
         let (name, images, pipes, shell_job) = match *source {
             Source::Store { store, digest } => {
                 let name = digest.to_string();
@@ -204,13 +165,76 @@ impl Prepared {
                 "stdin had unread bytes at freeze"
             );
         }
-        Ok(Prepared {
+        Ok(Loaded {
             name,
             images,
             pipes,
             shell_job,
             stdin_backlog,
         })
+    }
+
+    /// The digest or images directory this was loaded from.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Restore one copy on three fresh pipes and return once it runs (see [`thaw`]).
+    pub fn thaw(&self, options: &ThawOptions) -> Result<Goblin> {
+        self.thaw_one(options.new_pid_namespace)
+    }
+
+    /// Restore `n` copies side by side (see [`fork`]).
+    pub fn fork(&self, n: usize) -> Result<Vec<Goblin>> {
+        let _span = tracing::info_span!("fork", n, snapshot = %self.name).entered();
+        // A restore spends much of its time waiting (forks, namespace setup, page faults), so
+        // two restores per core keep the cores busy. Measured on 2 cores, 8 clones of a 64 MiB
+        // goblin with raw criu: 0.95 s one at a time, 0.50 s two at a time, 0.35-0.39 s four or
+        // more.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let workers = (2 * cores).clamp(1, n.max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut results: Vec<(usize, Result<Goblin>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if i >= n {
+                                break;
+                            }
+                            let result = self.thaw_one(true);
+                            let failed = result.is_err();
+                            mine.push((i, result));
+                            if failed {
+                                // Stop handing out work: the caller gets an error either way.
+                                next.store(n, std::sync::atomic::Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_default())
+                .collect()
+        });
+        results.sort_by_key(|(i, _)| *i);
+        let mut goblins = Vec::with_capacity(n);
+        for (_, result) in results {
+            // On the first error the goblins gathered so far are dropped: killed and reaped.
+            goblins.push(result?);
+        }
+        if goblins.len() != n {
+            return Err(Error::sys(
+                format!("fork {n} goblins"),
+                std::io::Error::other("a restore thread panicked"),
+            ));
+        }
+        Ok(goblins)
     }
 
     /// Restore one copy on fresh pipes.

@@ -158,8 +158,13 @@ fn live_fork_eight_from_one_state_then_diverge() {
         store: &store,
         digest: &digest,
     };
-    let mut clones = pf_goblins::fork(&source, 8).expect("fork 8");
+    let loaded = pf_goblins::load(&source).expect("load");
+    let mut clones = loaded.fork(8).expect("fork 8");
     assert_eq!(clones.len(), 8);
+    let mut ninth = loaded.thaw(&NEW_NS).expect("a ninth from the same load");
+    // The extracted images go with `loaded`; the goblins run on.
+    drop(loaded);
+    assert_eq!(Talk::new(&mut ninth).ask("inc"), "4");
     let mut pids: Vec<i32> = clones.iter().map(|g| g.pid()).collect();
     pids.sort_unstable();
     pids.dedup();
