@@ -3,5 +3,6 @@
 mod doctor;
 mod goblin;
 mod procs;
+mod shell;
 mod store;
 mod support;

@@ -11,7 +11,10 @@ mod common;
 mod doctor;
 mod goblin_cmd;
 mod procs_cmd;
+mod shell_cmd;
+mod shell_inspect;
 mod store_cmd;
+mod terminal;
 
 /// Freeze, store, thaw and fork live Linux processes with CRIU.
 ///
@@ -39,6 +42,9 @@ enum Command {
     /// Freeze, thaw and fork goblins: processes that speak only through stdin/stdout/stderr
     #[command(subcommand)]
     Goblin(goblin_cmd::Command),
+    /// Move a terminal shell session: freeze it, thaw it here, or beam a copy of it here
+    #[command(subcommand)]
+    Shell(shell_cmd::Command),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +55,7 @@ fn main() -> ExitCode {
         Command::Store(cmd) => store_cmd::run(&cli.global, cmd),
         Command::Procs(cmd) => procs_cmd::run(&cli.global, cmd),
         Command::Goblin(cmd) => goblin_cmd::run(&cli.global, cmd),
+        Command::Shell(cmd) => shell_cmd::run(&cli.global, cmd),
     };
     match result {
         Ok(code) => code,

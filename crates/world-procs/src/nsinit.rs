@@ -84,6 +84,8 @@ pub(crate) struct InitPlan<'a> {
     pub(crate) keep: &'a [RawFd],
     /// Where criu writes the root's pid (as seen inside the namespace).
     pub(crate) pidfile: &'a Path,
+    /// criu keeps our stdin (a shell job's terminal) instead of `/dev/null`.
+    pub(crate) stdin_is_ours: bool,
 }
 
 /// The running init: its host pid and the read end of its report pipe.
@@ -131,6 +133,7 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
         envp: envp.as_ptr(),
         pidfile: pidfile.as_ptr(),
         devnull: devnull.as_raw_fd(),
+        stdin_is_ours: plan.stdin_is_ours,
         stdout: plan.stdout.as_raw_fd(),
         stderr: plan.stderr.as_raw_fd(),
         keep: plan.keep,
@@ -172,6 +175,7 @@ struct Ctx<'a> {
     envp: *const *const libc::c_char,
     pidfile: *const libc::c_char,
     devnull: RawFd,
+    stdin_is_ours: bool,
     stdout: RawFd,
     stderr: RawFd,
     keep: &'a [RawFd],
@@ -300,7 +304,9 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
 fn exec_criu(ctx: &Ctx<'_>) -> ! {
     // SAFETY: see `init_main`.
     unsafe {
-        libc::dup2(ctx.devnull, 0);
+        if !ctx.stdin_is_ours {
+            libc::dup2(ctx.devnull, 0);
+        }
         libc::dup2(ctx.stdout, 1);
         libc::dup2(ctx.stderr, 2);
         crate::sys::mark_all_cloexec_from(3);

@@ -156,6 +156,8 @@ pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> 
     // The pidfile goes into criu's work dir; its path is only known once the invocation exists,
     // so it is appended last.
     let mut inv = Invocation::new(criu, "restore", args, &keep, RESTORE_DEADLINE)?;
+    // A shell job takes the session of criu's terminal: criu must have it on stdin.
+    inv.stdin_is_ours = opts.shell_job;
     let pidfile = inv.work_dir().join("restore.pid");
     inv.args.push("--pidfile".into());
     inv.args.push(pidfile.clone().into());
@@ -214,6 +216,7 @@ fn restore_in_new_pidns(inv: Invocation, keep: &[RawFd], pidfile: &Path) -> Resu
         stderr: &stderr,
         keep,
         pidfile,
+        stdin_is_ours: inv.stdin_is_ours,
     };
     let init = nsinit::spawn(&plan).map_err(|source| Error::Sys {
         op: "starting an init in a new pid and mount namespace (needs root)",

@@ -34,6 +34,9 @@ pub(crate) struct Invocation {
     log: PathBuf,
     deadline: Duration,
     keep_fds: Vec<RawFd>,
+    /// criu's stdin is ours (a shell job's terminal, whose session criu hands to the restored
+    /// tree) rather than `/dev/null`.
+    pub(crate) stdin_is_ours: bool,
 }
 
 impl Invocation {
@@ -84,6 +87,7 @@ impl Invocation {
             log,
             deadline,
             keep_fds: keep_fds.to_vec(),
+            stdin_is_ours: false,
         })
     }
 
@@ -109,7 +113,11 @@ impl Invocation {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
             .current_dir(self.work.path())
-            .stdin(Stdio::null())
+            .stdin(if self.stdin_is_ours {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stdout(out)
             .stderr(err);
         crate::sys::only_these_fds(&mut cmd, self.keep_fds.clone());

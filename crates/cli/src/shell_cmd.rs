@@ -1,0 +1,280 @@
+//! `pf shell freeze|thaw|beam`: move a terminal shell session (CRIU's shell-job mode).
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use pf_core::BlobStore as _;
+
+use crate::common::{self, Global};
+use crate::shell_inspect;
+
+const FREEZE_HELP: &str = "\
+Examples:
+  pf shell freeze --pid 4242 --tag work        # dump the shell in tmux pane 4242, stop it
+  pf shell freeze --pgrep 'bash --login' --leave-running --tag copy
+  pf shell freeze --pid 4242 --images ./shell.img
+
+The shell must own a /dev/pts terminal (tmux, screen, a terminal emulator). Shells in VS Code's
+integrated terminal, or with no controlling terminal, are refused with the reason; --force tries
+anyway and reports what CRIU says.";
+
+const THAW_HELP: &str = "\
+Examples:
+  pf shell thaw work                 # the frozen shell takes over this terminal
+  pf shell thaw --images ./shell.img
+
+pf waits until the shell exits and exits with its status. The shell gets its original pid back,
+so thaw a snapshot whose shell still runs with `pf shell beam` instead, or stop the original.";
+
+const BEAM_HELP: &str = "\
+Examples:
+  pf shell beam --pgrep 'bash.*project'   # a copy of that shell session, here, now
+
+The original keeps running; the copy runs in fresh PID and mount namespaces beside it, in this
+terminal, until it exits.";
+
+/// Which shell: by pid or by a pattern over command lines.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct Target {
+    /// The shell's pid
+    #[arg(long)]
+    pid: Option<i32>,
+    /// A regex matched against full command lines; exactly one process must match (pf itself
+    /// and its ancestors never do)
+    #[arg(long, value_name = "PATTERN")]
+    pgrep: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Dump a shell and its jobs into the store (or an images directory)
+    #[command(after_help = FREEZE_HELP)]
+    Freeze {
+        #[command(flatten)]
+        target: Target,
+        /// Name the snapshot in the store
+        #[arg(long, conflicts_with = "images")]
+        tag: Option<String>,
+        /// Write plain CRIU images into this (new or empty) directory instead of the store
+        #[arg(long, value_name = "DIR")]
+        images: Option<PathBuf>,
+        /// Keep the shell running after the dump
+        #[arg(long)]
+        leave_running: bool,
+        /// Dump even when the terminal checks say CRIU will fail
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a frozen shell in the foreground of this terminal
+    #[command(after_help = THAW_HELP)]
+    Thaw {
+        /// Digest or name of the snapshot
+        #[arg(required_unless_present = "images", conflicts_with = "images")]
+        snapshot: Option<String>,
+        /// Restore from a directory of CRIU images written by `pf shell freeze --images`
+        #[arg(long, value_name = "DIR")]
+        images: Option<PathBuf>,
+    },
+    /// Copy a running shell session into this terminal: freeze with --leave-running, thaw here
+    #[command(after_help = BEAM_HELP)]
+    Beam {
+        #[command(flatten)]
+        target: Target,
+        /// Dump even when the terminal checks say CRIU will fail
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Freeze {
+            target,
+            tag,
+            images,
+            leave_running,
+            force,
+            json,
+        } => {
+            let pid = resolve_target(&target)?;
+            check_terminal(pid, force)?;
+            let opts = capture_options(leave_running);
+            if let Some(dir) = images {
+                pf_world_procs::dump_to_dir(pid, &dir, &opts)
+                    .map_err(with_tty_hint)
+                    .with_context(|| format!("freezing shell {pid} into {}", dir.display()))?;
+                print_result(
+                    json,
+                    &serde_json::json!({ "images": dir, "pid": pid }),
+                    &dir.display().to_string(),
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let store = open_store(global)?;
+            let captured = pf_world_procs::capture(&store, pid, &opts)
+                .map_err(with_tty_hint)
+                .with_context(|| format!("freezing shell {pid}"))?;
+            if let Some(name) = &tag {
+                store
+                    .set_name(name, &captured.procs)
+                    .with_context(|| format!("naming the snapshot {name:?}"))?;
+            }
+            print_result(
+                json,
+                &serde_json::json!({ "digest": captured.procs, "pid": pid, "tag": tag }),
+                &captured.procs.to_string(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Thaw { snapshot, images } => {
+            require_terminal()?;
+            let opts = restore_options(false);
+            let restored = match (snapshot, images) {
+                (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
+                (Some(s), None) => {
+                    let store = open_store(global)?;
+                    let digest = store
+                        .resolve(&s)
+                        .with_context(|| format!("finding {s:?}"))?;
+                    pf_world_procs::restore(&store, &digest, opts)
+                }
+                (None, None) => bail!("name a snapshot or pass --images DIR"),
+            }
+            .map_err(with_tty_hint)
+            .context("thawing the shell")?;
+            foreground(restored)
+        }
+        Command::Beam { target, force } => {
+            require_terminal()?;
+            let pid = resolve_target(&target)?;
+            check_terminal(pid, force)?;
+            let dir = tempdir_for_images()?;
+            pf_world_procs::dump_to_dir(pid, dir.path(), &capture_options(true))
+                .map_err(with_tty_hint)
+                .with_context(|| format!("freezing shell {pid}"))?;
+            let restored = pf_world_procs::restore_dir(dir.path(), restore_options(true))
+                .map_err(with_tty_hint)
+                .context("thawing the copy of the shell")?;
+            drop(dir);
+            foreground(restored)
+        }
+    }
+}
+
+fn resolve_target(target: &Target) -> anyhow::Result<i32> {
+    match (target.pid, &target.pgrep) {
+        (Some(pid), _) => {
+            shell_inspect::read_stat(pid)?;
+            Ok(pid)
+        }
+        (None, Some(pattern)) => {
+            let re = regex::Regex::new(pattern)
+                .with_context(|| format!("--pgrep {pattern:?} is not a valid regex"))?;
+            let found = shell_inspect::pgrep(&re)?;
+            shell_inspect::pick_one(pattern, &found)
+        }
+        (None, None) => bail!("pass --pid PID or --pgrep PATTERN"),
+    }
+}
+
+fn check_terminal(pid: i32, force: bool) -> anyhow::Result<()> {
+    match shell_inspect::terminal_problem(pid)? {
+        None => Ok(()),
+        Some(problem) if force => {
+            tracing::warn!("{problem}; trying anyway (--force)");
+            Ok(())
+        }
+        Some(problem) => bail!("{problem} (--force tries anyway)"),
+    }
+}
+
+fn require_terminal() -> anyhow::Result<()> {
+    if std::io::stdin().is_terminal() {
+        Ok(())
+    } else {
+        bail!(
+            "a shell is thawed onto this terminal, but stdin is not a terminal: run pf in a terminal (tmux, screen, a terminal emulator)"
+        )
+    }
+}
+
+fn capture_options(leave_running: bool) -> pf_world_procs::CaptureOptions {
+    pf_world_procs::CaptureOptions {
+        leave_running,
+        shell_job: true,
+        tcp_established: false,
+        ext_unix_sk: false,
+        file_locks: false,
+        labels: [("shell".to_owned(), "v1".to_owned())].into(),
+        extra_args: Vec::new(),
+    }
+}
+
+fn restore_options(new_pidns: bool) -> pf_world_procs::RestoreOptions {
+    pf_world_procs::RestoreOptions {
+        new_pidns,
+        shell_job: true,
+        inherit: Vec::new(),
+        extra_args: Vec::new(),
+    }
+}
+
+/// A private (0700) directory for the images of a beam, removed when dropped.
+fn tempdir_for_images() -> anyhow::Result<tempfile::TempDir> {
+    let base = ["/dev/shm", "/tmp"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| std::path::Path::new("."));
+    tempfile::Builder::new()
+        .prefix("pf-beam-")
+        .tempdir_in(base)
+        .with_context(|| {
+            format!(
+                "creating a private directory for the images in {}",
+                base.display()
+            )
+        })
+}
+
+fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
+    let root = common::store_root(global)?;
+    pf_core::FsBlobStore::open(&root)
+        .with_context(|| format!("cannot open the store at {}", root.display()))
+}
+
+#[allow(clippy::print_stdout)]
+fn print_result(json: bool, value: &serde_json::Value, plain: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{plain}");
+    }
+}
+
+/// Add the terminal hint to CRIU's `No task found with sid` failure.
+fn with_tty_hint(err: pf_world_procs::Error) -> anyhow::Error {
+    let text = format!("{err:#}");
+    let err = anyhow::Error::new(err);
+    if text.contains("No task found with sid") {
+        err.context(shell_inspect::NO_SID_HINT)
+    } else {
+        err
+    }
+}
+
+/// Hand the terminal to the restored shell, wait for it, and exit with its status.
+fn foreground(mut restored: pf_world_procs::Restored) -> anyhow::Result<ExitCode> {
+    let _guard = crate::terminal::Foreground::give(restored.pid());
+    let exit = restored.wait().context("waiting for the shell")?;
+    Ok(ExitCode::from(match exit {
+        pf_world_procs::Exit::Code(code) => u8::try_from(code & 0xff).unwrap_or(1),
+        pf_world_procs::Exit::Signal(sig) => u8::try_from(128 + (sig & 0x7f)).unwrap_or(1),
+    }))
+}

@@ -1,0 +1,383 @@
+//! `pf shell freeze|thaw|beam`: real bash sessions in a private tmux server, read back through
+//! `capture-pane`. The live tests need root, CRIU and tmux (`cargo xtask ci` installs tmux).
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
+
+use crate::support::{pf, pf_bin};
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A tmux server of this test's own (own socket); on drop every process under it is killed by
+/// pid, then the server.
+struct Tmux {
+    socket: String,
+    server: i32,
+}
+
+impl Tmux {
+    /// A server with a `keep` session, so that it outlives the shells a test freezes.
+    fn start(test: &str) -> Self {
+        let socket = format!("pf-test-{}-{test}", std::process::id());
+        let status = Command::new("tmux")
+            .args(["-L", &socket, "-f", "/dev/null", "new-session", "-d"])
+            .args(["-s", "keep", "sleep 600"])
+            .env_remove("TMUX")
+            .stdin(Stdio::null())
+            .status()
+            .expect("run tmux (apt-get install tmux)");
+        assert!(status.success(), "tmux new-session failed");
+        let mut tmux = Self { socket, server: 0 };
+        tmux.server = tmux.query("keep", "#{pid}");
+        tmux
+    }
+
+    fn tmux(&self) -> Command {
+        let mut cmd = Command::new("tmux");
+        cmd.args(["-L", &self.socket]).stdin(Stdio::null());
+        cmd
+    }
+
+    fn new_session(&self, name: &str, command: &str) {
+        let ok = self
+            .tmux()
+            .args([
+                "new-session",
+                "-d",
+                "-s",
+                name,
+                "-x",
+                "160",
+                "-y",
+                "40",
+                command,
+            ])
+            .status()
+            .expect("tmux new-session");
+        assert!(ok.success());
+    }
+
+    fn query(&self, session: &str, format: &str) -> i32 {
+        let out = self
+            .tmux()
+            .args(["display-message", "-p", "-t", session, format])
+            .output()
+            .expect("tmux display-message");
+        text(&out.stdout).trim().parse().expect("a pid from tmux")
+    }
+
+    fn send(&self, session: &str, line: &str) {
+        let ok = self
+            .tmux()
+            .args(["send-keys", "-t", session, "-l", line])
+            .status()
+            .expect("tmux send-keys");
+        assert!(ok.success());
+        self.tmux()
+            .args(["send-keys", "-t", session, "Enter"])
+            .status()
+            .expect("tmux send-keys Enter");
+    }
+
+    fn screen(&self, session: &str) -> String {
+        let out = self
+            .tmux()
+            .args(["capture-pane", "-p", "-J", "-S", "-200", "-t", session])
+            .output()
+            .expect("tmux capture-pane");
+        text(&out.stdout)
+    }
+
+    /// Wait until `session`'s screen holds a line containing `needle`; panics with the screen.
+    fn wait_for(&self, session: &str, needle: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = self.screen(session);
+            if screen.lines().any(|l| l.contains(needle)) {
+                return screen;
+            }
+            assert!(
+                Instant::now() < end,
+                "{needle:?} never appeared in tmux session {session}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Tmux {
+    /// Wait until the `pf` in `session` has a restored bash under it and criu is done.
+    fn wait_for_restored_shell(&self, session: &str) {
+        let pane = self.query(session, "#{pane_pid}");
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let names: Vec<String> = descendants(pane)
+                .into_iter()
+                .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).ok())
+                .map(|c| c.trim().to_owned())
+                .collect();
+            if names.iter().any(|n| n == "bash") && !names.iter().any(|n| n == "criu") {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "no restored shell under pf in session {session} ({names:?}):\n{}",
+                self.screen(session)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Every descendant of `pid` (children first found, deepest last).
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                out.push(child);
+                todo.push(child);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        for pid in descendants(self.server).into_iter().rev() {
+            drop(KillOnDrop(pid));
+        }
+        drop(KillOnDrop(self.server));
+    }
+}
+
+/// A child of this test, killed and reaped on drop.
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn shell_command() -> String {
+    // No rc files, no history file: what the test types is all the shell knows.
+    "env -u HISTFILE PS1='pf-test$ ' HISTFILE= bash --norc --noprofile -i".to_owned()
+}
+
+fn pf_line(store: &Path, args: &str) -> String {
+    format!(
+        "{} --store {} {args}; echo pf-exit=$?; sleep 120",
+        pf_bin().display(),
+        store.display()
+    )
+}
+
+#[test]
+fn live_shell_freeze_then_thaw_in_another_terminal() {
+    if !live("live_shell_freeze_then_thaw_in_another_terminal") {
+        return;
+    }
+    let deadline = Deadline::start("live_shell_freeze_then_thaw", Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let workdir = dir.path().join("work place");
+    std::fs::create_dir(&workdir).expect("mkdir");
+
+    let tmux = Tmux::start("thaw");
+    deadline.watch(tmux.server);
+    tmux.new_session("orig", &shell_command());
+    tmux.wait_for("orig", "pf-test$");
+    tmux.send(
+        "orig",
+        &format!(
+            "export PF_T=thawed-42; cd '{}'; echo marker-$((6*7))",
+            workdir.display()
+        ),
+    );
+    tmux.wait_for("orig", "marker-42");
+    let shell = tmux.query("orig", "#{pane_pid}");
+
+    let out = pf(&store)
+        .args([
+            "shell",
+            "freeze",
+            "--pid",
+            &shell.to_string(),
+            "--tag",
+            "sh",
+        ])
+        .output()
+        .expect("pf shell freeze");
+    assert!(out.status.success(), "freeze: {}", text(&out.stderr));
+    assert!(text(&out.stdout).trim().starts_with("sha256:"));
+
+    tmux.new_session("thaw", &pf_line(&store, "shell thaw sh"));
+    tmux.wait_for_restored_shell("thaw");
+    tmux.send("thaw", "echo \"var=$PF_T dir=$PWD\"; history");
+    let screen = tmux.wait_for("thaw", "var=thawed-42");
+    assert!(
+        screen.contains(&format!("dir={}", workdir.display())),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("echo marker-$((6*7))"),
+        "history is gone:\n{screen}"
+    );
+    tmux.send("thaw", "exit 3");
+    tmux.wait_for("thaw", "pf-exit=3");
+}
+
+#[test]
+fn live_shell_beam_copies_a_running_shell() {
+    if !live("live_shell_beam_copies_a_running_shell") {
+        return;
+    }
+    let deadline = Deadline::start("live_shell_beam", Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+
+    let tmux = Tmux::start("beam");
+    deadline.watch(tmux.server);
+    tmux.new_session("orig", &shell_command());
+    tmux.wait_for("orig", "pf-test$");
+    tmux.send("orig", "export PF_T=beamed; echo ready-$((1+1))");
+    tmux.wait_for("orig", "ready-2");
+    let shell = tmux.query("orig", "#{pane_pid}");
+
+    tmux.new_session(
+        "copy",
+        &pf_line(&store, &format!("shell beam --pid {shell}")),
+    );
+    tmux.wait_for_restored_shell("copy");
+    tmux.send("copy", "echo \"copy=$PF_T-$((2+3))\"");
+    tmux.wait_for("copy", "copy=beamed-5");
+    tmux.send("orig", "echo \"orig=$PF_T-$((3+4))\"");
+    tmux.wait_for("orig", "orig=beamed-7");
+    tmux.send("copy", "exit 4");
+    tmux.wait_for("copy", "pf-exit=4");
+    // The original still answers after the copy is gone.
+    tmux.send("orig", "echo still-$((4+4))");
+    tmux.wait_for("orig", "still-8");
+}
+
+#[test]
+fn pgrep_with_no_match_or_two_matches_lists_candidates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let tag = format!("pf-pgrep-{}", std::process::id());
+    let none = pf(&store)
+        .args(["shell", "freeze", "--pgrep", &format!("{tag}-nothing")])
+        .output()
+        .expect("pf");
+    assert_eq!(none.status.code(), Some(1));
+    assert!(
+        text(&none.stderr).contains("no process matches"),
+        "{}",
+        text(&none.stderr)
+    );
+
+    // Two processes whose command lines match: `sleep` with durations unique to this test (no
+    // shell in between, whose forks would briefly match too).
+    let spawn = |n: u32| {
+        Reaped(
+            spawn_clean(
+                Command::new("sleep")
+                    .arg(format!("600.{}{n}", std::process::id()))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+            .expect("spawn sleep"),
+        )
+    };
+    let (a, b) = (spawn(1), spawn(2));
+    let pattern = format!("sleep 600\\.{}[12]", std::process::id());
+    let two: Output = pf(&store)
+        .args(["shell", "freeze", "--pgrep", &pattern])
+        .output()
+        .expect("pf");
+    assert_eq!(two.status.code(), Some(1));
+    let err = text(&two.stderr);
+    assert!(err.contains("2 processes match"), "{err}");
+    assert!(err.contains(&a.pid()) && err.contains(&b.pid()), "{err}");
+    assert!(
+        err.contains(&format!("sleep 600.{}1", std::process::id())),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_shell_without_a_terminal_is_refused_with_the_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // setsid: its own session, and with pipes for stdio, no controlling terminal. `read` is a
+    // builtin, so no grandchild outlives the test.
+    let shell = Reaped(
+        spawn_clean(
+            Command::new("setsid")
+                .args(["bash", "--norc", "-c", "read -t 60 line; true"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )
+        .expect("spawn setsid bash"),
+    );
+    let out = pf(&store)
+        .args(["shell", "freeze", "--pid", &shell.pid(), "--leave-running"])
+        .output()
+        .expect("pf");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("no controlling terminal"), "{err}");
+    assert!(
+        err.contains("tmux or screen") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    if !live("a_shell_without_a_terminal_is_refused_with_the_hint (--force)") {
+        return;
+    }
+    // --force: whatever CRIU says comes back honestly: a digest, or an error naming criu.
+    let forced = pf(&store)
+        .args([
+            "shell",
+            "freeze",
+            "--pid",
+            &shell.pid(),
+            "--leave-running",
+            "--force",
+        ])
+        .output()
+        .expect("pf");
+    if forced.status.success() {
+        assert!(text(&forced.stdout).trim().starts_with("sha256:"));
+    } else {
+        assert_eq!(forced.status.code(), Some(1));
+        assert!(
+            text(&forced.stderr).contains("criu"),
+            "{}",
+            text(&forced.stderr)
+        );
+    }
+}
