@@ -68,9 +68,8 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
     header("unit, integration and doc tests (live_… skipped, PF_HAS_CRIU unset)");
     testrun::pass_non_live(root, &bins, &mut tally)?;
 
-    header("CRIU for the live tests");
-    let criu = install_criu::ensure(root, &default_install())
-        .context("the live tests need a working CRIU; CI fails without one")?;
+    header("CRIU and tmux for the live tests");
+    let criu = ensure_live_prerequisites(root)?;
     header("live tests (PF_HAS_CRIU=1, one at a time)");
     testrun::pass_live(&bins, &criu, &mut tally)?;
     finish(&tally, true, start)
@@ -78,15 +77,31 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    header("CRIU for the live tests");
-    let criu = install_criu::ensure(root, &default_install())
-        .context("the live tests need a working CRIU")?;
+    header("CRIU and tmux for the live tests");
+    let criu = ensure_live_prerequisites(root)?;
     header("build tests");
     let bins = testrun::build(root)?;
     let mut tally = Tally::default();
     header("live tests (PF_HAS_CRIU=1, one at a time)");
     testrun::pass_live(&bins, &criu, &mut tally)?;
     finish(&tally, false, start)
+}
+
+/// Debian packages the live tests drive besides CRIU: tmux runs the shells of `pf shell`'s tests.
+const LIVE_TEST_PACKAGES: &[&str] = &["tmux"];
+
+/// CRIU and the other programs the live tests need; the path of criu.
+fn ensure_live_prerequisites(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let criu = install_criu::ensure(root, &default_install())
+        .context("the live tests need a working CRIU; CI fails without one")?;
+    install_criu::ensure_debian_packages(LIVE_TEST_PACKAGES).with_context(|| {
+        format!(
+            "the live tests need {}: run `apt-get install -y {}`",
+            LIVE_TEST_PACKAGES.join(", "),
+            LIVE_TEST_PACKAGES.join(" ")
+        )
+    })?;
+    Ok(criu)
 }
 
 fn default_install() -> install_criu::Options {

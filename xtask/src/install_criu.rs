@@ -100,7 +100,7 @@ pub(crate) fn ensure(root: &Path, opts: &Options) -> anyhow::Result<PathBuf> {
     }
     eprintln!("install-criu: building CRIU {VERSION} from Debian's source tarball");
     let build_dir = root.join("target/criu-build");
-    step("1/5 build dependencies", install_build_deps(&build_dir))?;
+    step("1/5 build dependencies", ensure_debian_packages(BUILD_DEPS))?;
     let tarball = step("2/5 download", download(&build_dir))?;
     let src = step("3/5 unpack", unpack(&build_dir, &tarball))?;
     let built = step("4/5 build", build(&src))?;
@@ -130,20 +130,17 @@ fn effective_uid(status: &str) -> Option<u32> {
         .and_then(|uid| uid.parse().ok())
 }
 
+/// Install those of Debian's `packages` that are missing (apt-get; needs root). Quiet when all
+/// are there.
 #[allow(clippy::print_stderr)]
-fn install_build_deps(build_dir: &Path) -> anyhow::Result<()> {
-    let mut query = process::command(
-        "dpkg-query",
-        build_dir_or_root(build_dir),
-        Out::Pipe,
-        Out::Pipe,
-    );
+pub(crate) fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let mut query = process::command("dpkg-query", Path::new("/"), Out::Pipe, Out::Pipe);
     query
         .args(["-W", "-f=${db:Status-Abbrev} ${Package}\\n"])
-        .args(BUILD_DEPS);
+        .args(packages);
     // dpkg-query exits 1 when a package is unknown; its stdout still lists the known ones.
     let out = process::output(&mut query)?;
-    let missing = missing_packages(&String::from_utf8_lossy(&out.stdout), BUILD_DEPS);
+    let missing = missing_packages(&String::from_utf8_lossy(&out.stdout), packages);
     if missing.is_empty() {
         return Ok(());
     }
@@ -151,7 +148,7 @@ fn install_build_deps(build_dir: &Path) -> anyhow::Result<()> {
         "run `apt-get update && apt-get install -y {}` by hand to see why",
         missing.join(" ")
     );
-    eprintln!("install-criu: apt-get install {}", missing.join(" "));
+    eprintln!("apt-get install {}", missing.join(" "));
     let apt = |args: &[&str]| {
         let mut cmd = process::command("apt-get", Path::new("/"), Out::Null, Out::Inherit);
         cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
@@ -162,14 +159,6 @@ fn install_build_deps(build_dir: &Path) -> anyhow::Result<()> {
     install.args(&missing);
     process::run(&mut install).with_context(|| fix.clone())?;
     Ok(())
-}
-
-fn build_dir_or_root(build_dir: &Path) -> &Path {
-    if build_dir.is_dir() {
-        build_dir
-    } else {
-        Path::new("/")
-    }
 }
 
 /// The packages of `wanted` that `dpkg-query -f '${db:Status-Abbrev} ${Package}\n'` does not
