@@ -99,7 +99,7 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
     match load_procs(store, procs)? {
         ProcsBlob::Criu(c) => {
             // Before extracting a GiB: is there a criu to hand it to?
-            crate::criu::probe().criu()?;
+            crate::criu::for_restore()?;
             let images = extract_images(store, &c)?;
             restore_dir(images.path(), opts)
         }
@@ -116,7 +116,7 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
 
 /// Restore the tree whose CRIU images are in `images_dir`.
 pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> {
-    let criu = crate::criu::probe().criu()?;
+    let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
     // Our own copies at numbers >= 3 (close-on-exec here; cleared for criu only).
