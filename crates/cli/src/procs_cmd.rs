@@ -44,7 +44,9 @@ your shell, then pass --shell-job (and --shell-job again when restoring). Its op
 still exist at restore, with the same size. Established TCP connections need --tcp-established;
 unix sockets to peers outside the tree need --ext-unix-sk.
 
-Prints the digest of the procs blob; --json prints {\"procs\", \"criu_dump\", \"pids\", \"tag\"}.")]
+Prints the digest of the procs blob; --json prints {\"procs\", \"criu_dump\", \"pids\", \"tag\",
+\"dump_stats\"}, where dump_stats holds CRIU's own figures for the dump (microseconds and pages:
+frozen_time_us is how long the tree stood still; null if criu wrote none).")]
     Capture(CaptureArgs),
     /// Restore a captured tree; print its pids (root first). It keeps running after pf exits
     #[command(after_help = "\
@@ -201,6 +203,7 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
             "criu_dump": procs.criu_dump,
             "pids": procs.pids,
             "tag": args.tag,
+            "dump_stats": procs.dump_stats,
         });
         writeln!(out, "{json}")?;
     } else {

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::proc::{PidState, pid_state};
 use crate::runner::{Invocation, push_opt};
 use crate::tarball::ImagesTar;
-use crate::wire::{CriuProcs, DumpOptions, ProcsBlob};
+use crate::wire::{CriuProcs, DumpOptions, DumpStats, ProcsBlob};
 
 /// How long one `criu dump` may take before it is killed.
 const DUMP_DEADLINE: Duration = Duration::from_secs(600);
@@ -51,6 +51,9 @@ pub struct DumpReport {
     pub stdio: Vec<String>,
     /// The criu that dumped.
     pub criu_version: CriuVersion,
+    /// CRIU's statistics of this dump (`None` if its `stats-dump` was missing or unreadable:
+    /// they are informational, so that does not fail the dump).
+    pub dump_stats: Option<DumpStats>,
 }
 
 /// A finished capture: the procs blob's digest and its content.
@@ -60,6 +63,16 @@ pub struct Captured {
     pub procs: Digest256,
     /// The blob (`Unsupported` when nothing could be dumped here).
     pub blob: ProcsBlob,
+}
+
+impl Captured {
+    /// CRIU's statistics of the dump (`frozen_time_us` is the tree's pause), when it left them.
+    pub fn dump_stats(&self) -> Option<&DumpStats> {
+        match &self.blob {
+            ProcsBlob::Criu(procs) => procs.dump_stats.as_ref(),
+            ProcsBlob::Unsupported { .. } => None,
+        }
+    }
 }
 
 /// Where a capture is, for progress displays.
@@ -153,6 +166,7 @@ pub fn capture_with_progress(
         }),
         stdio: report.stdio,
         labels: opts.labels.clone(),
+        dump_stats: report.dump_stats,
     });
     let procs = store
         .put(&blob.to_json())
@@ -212,20 +226,36 @@ fn dump_with(
     }
     args.extend(opts.extra_args.iter().map(OsString::from));
     tracing::debug!(?pids, "dumping");
-    let result = Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.run();
-    if let Err(err) = result {
-        if pid_state(pid) != PidState::Alive {
+    let work = match Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.run() {
+        Ok(work) => work,
+        Err(err) if pid_state(pid) != PidState::Alive => {
             return Err(Error::ExitedDuringDump {
                 pid,
                 source: Box::new(err),
             });
         }
-        return Err(err);
-    }
+        Err(err) => return Err(err),
+    };
+    // criu writes `stats-dump` into its work directory (ours, removed when `work` drops).
+    let dump_stats = match crate::images::dump_stats(work.path()) {
+        Ok(stats) => {
+            tracing::debug!(
+                frozen_us = stats.frozen_time_us,
+                pages_written = stats.pages_written,
+                "dump statistics"
+            );
+            Some(stats)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "criu left no readable dump statistics");
+            None
+        }
+    };
     Ok(DumpReport {
         pids,
         stdio,
         criu_version: criu.version,
+        dump_stats,
     })
 }
 

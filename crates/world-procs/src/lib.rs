@@ -30,7 +30,7 @@ pub use crate::restore::{
     ImagesDir, InheritFd, RestoreOptions, Restored, extract_images, load_procs, restore,
     restore_dir,
 };
-pub use crate::wire::{CriuProcs, DumpOptions, ProcsBlob};
+pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, ProcsBlob};
 
 /// How a process ended: its exit code, or the signal that killed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

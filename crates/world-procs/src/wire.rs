@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 /// A captured process tree, or the placeholder that says why there is none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one blob per capture or restore: its size on the stack does not matter"
+)]
 pub enum ProcsBlob {
     /// A real CRIU dump.
     #[serde(rename = "procs.criu.v1")]
@@ -59,6 +63,40 @@ pub struct CriuProcs {
     /// Free-form labels set by the capturer (pf-goblins sets `goblin = v1`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// CRIU's own statistics of the dump (absent when criu wrote none, and in older blobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump_stats: Option<DumpStats>,
+}
+
+/// CRIU's statistics of one dump, from the `stats-dump` file it writes on success. Times are
+/// microseconds, as CRIU measures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DumpStats {
+    /// Freezing the tree (cgroup freezer or ptrace seize).
+    #[serde(default)]
+    pub freezing_time_us: u64,
+    /// How long the tree stood still: from frozen until criu let it run again (with
+    /// `--leave-running`) or killed it. This is the process's pause.
+    #[serde(default)]
+    pub frozen_time_us: u64,
+    /// Draining memory out of the tree into pipes.
+    #[serde(default)]
+    pub memdump_time_us: u64,
+    /// Writing those pages into the images.
+    #[serde(default)]
+    pub memwrite_time_us: u64,
+    /// Pages looked at.
+    #[serde(default)]
+    pub pages_scanned: u64,
+    /// Pages left out because a parent (pre-)dump already holds them.
+    #[serde(default)]
+    pub pages_skipped_parent: u64,
+    /// Pages written into the images.
+    #[serde(default)]
+    pub pages_written: u64,
+    /// Pages left for lazy restore.
+    #[serde(default)]
+    pub pages_lazy: u64,
 }
 
 /// The `criu dump` options recorded in a [`CriuProcs`].
@@ -146,6 +184,16 @@ mod tests {
             }),
             stdio: vec!["pipe:[1]".into(), "pipe:[2]".into(), "/dev/null".into()],
             labels: BTreeMap::from([("goblin".to_owned(), "v1".to_owned())]),
+            dump_stats: Some(DumpStats {
+                freezing_time_us: 104,
+                frozen_time_us: 16732,
+                memdump_time_us: 314,
+                memwrite_time_us: 90,
+                pages_scanned: 58,
+                pages_skipped_parent: 0,
+                pages_written: 30,
+                pages_lazy: 0,
+            }),
         });
         let json = blob.to_json();
         assert_eq!(

@@ -91,6 +91,14 @@ fn live_leave_running_then_new_pidns_beside_it() {
         None,
         "original still running"
     );
+    // CRIU's statistics of the dump are kept: it stood still for a while and wrote pages.
+    let stats = *captured.dump_stats().expect("dump statistics");
+    assert!(stats.frozen_time_us > 0, "{stats:?}");
+    assert!(stats.frozen_time_us < 60_000_000, "{stats:?}");
+    assert!(
+        stats.pages_written > 0 && stats.pages_written <= stats.pages_scanned,
+        "{stats:?}"
+    );
     let before = max_count(&out, "p");
     assert!(wait_until(Duration::from_secs(10), || max_count(&out, "p")
         > before + 10));
