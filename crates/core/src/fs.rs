@@ -30,7 +30,7 @@ use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::mem::VerifyingReader;
-use crate::store::{BlobStore, ExactLen, Put, copy_reader, validate_name, write_out};
+use crate::store::{BlobStore, ExactLen, Put, WRITE_SLICE, copy_reader, validate_name, write_out};
 
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
@@ -816,9 +816,11 @@ impl<'a> Compressor<'a> {
     }
 
     fn write_out(&mut self) -> Result<()> {
-        (&self.temp.file)
-            .write_all(&self.out)
-            .map_err(|err| Error::io("writing", &self.temp.path, err))?;
+        for slice in self.out.chunks(WRITE_SLICE) {
+            (&self.temp.file)
+                .write_all(slice)
+                .map_err(|err| Error::io("writing", &self.temp.path, err))?;
+        }
         self.written += self.out.len() as u64;
         self.out.clear();
         if self.written - self.synced_at >= SYNC_EVERY {

@@ -145,11 +145,20 @@ pub(crate) fn copy_reader(
     Ok(written)
 }
 
+/// Largest single `write` to a file. Measured on the 6.18 kernel here (ext4, 2 cores with 1 MiB
+/// of L2 each): writing 1 GiB in 1 MiB writes took 1-2.5 s of system time, in 128 KiB writes
+/// 0.4 s; 256 KiB was as good, 512 KiB already slow.
+pub(crate) const WRITE_SLICE: usize = 128 * 1024;
+
+/// Write `bytes` to the caller's output in slices of at most [`WRITE_SLICE`].
 pub(crate) fn write_out(out: &mut dyn Write, bytes: &[u8], digest: &Digest256) -> Result<()> {
-    out.write_all(bytes).map_err(|source| Error::Output {
-        digest: *digest,
-        source,
-    })
+    for slice in bytes.chunks(WRITE_SLICE) {
+        out.write_all(slice).map_err(|source| Error::Output {
+            digest: *digest,
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// A reader that fails with [`Error::InputLength`] (wrapped in an `io::Error`) when its inner
