@@ -160,6 +160,9 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     remove(&out)?;
     let stored = dir_size(&store.join("blobs"));
     let zst_size = fs::metadata(&zst).map(|m| m.len()).unwrap_or(0);
+    // Keep the input for the next run; the outputs are as large and not needed.
+    remove(&store)?;
+    remove(&zst)?;
 
     let mib = |kib: u64| kib as f64 / 1024.0;
     let report = [
