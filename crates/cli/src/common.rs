@@ -33,6 +33,13 @@ pub(crate) fn store_root(global: &Global) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/pf"))
 }
 
+/// Open (creating if missing) the store at [`store_root`].
+pub(crate) fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
+    let root = store_root(global)?;
+    pf_core::FsBlobStore::open(&root)
+        .with_context(|| format!("cannot open the store at {}", root.display()))
+}
+
 /// Log to stderr; `RUST_LOG` wins over `-v`.
 pub(crate) fn init_tracing(verbose: u8) {
     let default = match verbose {

@@ -16,7 +16,7 @@ use anyhow::{Context as _, bail};
 use pf_core::{BlobStore, Digest256};
 use pf_goblins::{FreezeOptions, FreezeTarget, Goblin, Killer, Snapshot, Source, ThawOptions};
 
-use crate::common::{Global, store_root};
+use crate::common::{self, Global};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -187,12 +187,6 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
     }
 }
 
-fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
-    let root = store_root(global)?;
-    pf_core::FsBlobStore::open(&root)
-        .with_context(|| format!("cannot open the store at {}", root.display()))
-}
-
 // ---------------------------------------------------------------------------------------------
 // spawn
 
@@ -227,7 +221,7 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
             Some(std::fs::read(p).with_context(|| format!("cannot read --input {}", p.display()))?)
         }
     };
-    let store = open_store(global)?;
+    let store = common::open_store(global)?;
     let cwd = match &args.cwd {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().context("cannot find the current directory")?,
@@ -430,7 +424,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
             if let Some(tag) = &args.tag {
                 pf_core::validate_name(tag).context("--tag is not a usable name")?;
             }
-            store = open_store(global)?;
+            store = common::open_store(global)?;
             FreezeTarget::Store(&store)
         }
     };
@@ -484,7 +478,7 @@ impl Resolved {
             .snapshot
             .as_deref()
             .context("name a snapshot or give --images")?;
-        let store = open_store(global)?;
+        let store = common::open_store(global)?;
         let digest = store
             .resolve(name)
             .with_context(|| format!("no snapshot {name:?} in the store (see `pf store ls`)"))?;

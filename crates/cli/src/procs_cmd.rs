@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pf_core::{BlobStore as _, Digest256, FsBlobStore};
 use pf_world_procs::{CaptureOptions, CaptureProgress, ProcsBlob, RestoreOptions};
 
-use crate::common::{Global, progress_enabled, store_root};
+use crate::common::{self, Global, progress_enabled};
 
 /// Dumps at least this large show a progress bar while they stream into the store.
 const PROGRESS_MIN: u64 = 64 << 20;
@@ -142,9 +142,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    let root = store_root(global)?;
-    let store = FsBlobStore::open(&root)
-        .with_context(|| format!("cannot open the store at {}", root.display()))?;
+    let store = common::open_store(global)?;
     match command {
         Command::Capture(args) => capture(&store, &args),
         Command::Restore(args) => restore(&store, &args),

@@ -116,7 +116,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let store = open_store(global)?;
+            let store = common::open_store(global)?;
             let captured = pf_world_procs::capture(&store, pid, &opts)
                 .map_err(with_tty_hint)
                 .with_context(|| format!("freezing shell {pid}"))?;
@@ -138,7 +138,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             let restored = match (snapshot, images) {
                 (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
                 (Some(s), None) => {
-                    let store = open_store(global)?;
+                    let store = common::open_store(global)?;
                     let digest = store
                         .resolve(&s)
                         .with_context(|| format!("finding {s:?}"))?;
@@ -241,12 +241,6 @@ fn tempdir_for_images() -> anyhow::Result<tempfile::TempDir> {
                 base.display()
             )
         })
-}
-
-fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
-    let root = common::store_root(global)?;
-    pf_core::FsBlobStore::open(&root)
-        .with_context(|| format!("cannot open the store at {}", root.display()))
 }
 
 #[allow(clippy::print_stdout)]

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use pf_core::{BlobStore, Digest256, FsBlobStore, GcOptions};
 
-use crate::common::{Global, progress_enabled, store_root};
+use crate::common::{self, Global, progress_enabled};
 
 /// Inputs and outputs at least this large show progress (on a terminal).
 const PROGRESS_MIN: u64 = 64 << 20;
@@ -187,8 +187,7 @@ pub(crate) struct RmArgs {
 }
 
 pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    let root = store_root(global)?;
-    let store = FsBlobStore::open(&root).context("cannot open the store")?;
+    let store = common::open_store(global)?;
     match command {
         Command::Put(args) => put(&store, &args),
         Command::Cat(args) => cat(&store, &args),
