@@ -63,13 +63,6 @@ struct Sample {
 
 pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     let opts = parse_args(args)?;
-    for tool in ["zstd", TIME] {
-        let mut probe = process::command(tool, root, Out::Null, Out::Null);
-        probe.arg("--version");
-        process::run(&mut probe).with_context(|| {
-            format!("{tool} is needed for the store benchmark: apt-get install -y zstd time")
-        })?;
-    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = process::command(&cargo, root, Out::Inherit, Out::Inherit);
     build.args([
@@ -83,11 +76,36 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     ]);
     process::run(&mut build)?;
     let pf = root.join("target/release/pf");
+    let (lines, _) = measure(root, &pf, opts.size_mib, opts.runs, &say)?;
+    for line in lines {
+        say(&line);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Measure `pf` (already built) on `size_mib` MiB, `runs` times; progress goes to `say`.
+/// Returns the report lines and the figures (for `cargo xtask bench`).
+pub(crate) fn measure(
+    root: &Path,
+    pf: &Path,
+    size_mib: u64,
+    runs: usize,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<(Vec<String>, crate::bench_report::StoreSummary)> {
+    let opts = Options { size_mib, runs };
+    for tool in ["zstd", TIME] {
+        let mut probe = process::command(tool, root, Out::Null, Out::Null);
+        probe.arg("--version");
+        process::run(&mut probe).with_context(|| {
+            format!("{tool} is needed for the store benchmark: apt-get install -y zstd time")
+        })?;
+    }
+    let pf = pf.to_owned();
 
     let dir = root.join("target/bench-store");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let input = dir.join(format!("input-{}mib.bin", opts.size_mib));
-    make_input(&input, opts.size_mib << 20)?;
+    make_input(&input, opts.size_mib << 20, say)?;
     let store = dir.join("store");
     let zst = dir.join("input.zst");
     let out = dir.join("out.bin");
@@ -176,6 +194,25 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
             1.0,
         ),
     ];
+    let summary = crate::bench_report::StoreSummary {
+        size_mib: opts.size_mib,
+        runs: opts.runs,
+        pf_bytes: stored,
+        zstd_bytes: zst_size,
+        rows: report
+            .iter()
+            .map(
+                |(name, ours, theirs_name, theirs, target)| crate::bench_report::StoreRow {
+                    what: (*name).to_owned(),
+                    pf_s: median(ours, |s| s.secs),
+                    baseline: (*theirs_name).to_owned(),
+                    baseline_s: median(theirs, |s| s.secs),
+                    target: *target,
+                    rss_kib: ours.iter().map(|s| s.rss_kib).max().unwrap_or(0),
+                },
+            )
+            .collect(),
+    };
     let mut lines = vec![format!(
         "input {} MiB (half random, half text), {} runs, medians; {digest}",
         opts.size_mib, opts.runs
@@ -197,10 +234,7 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
             verdict(mib(rss) < 64.0),
         ));
     }
-    for line in lines {
-        say(&line);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok((lines, summary))
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -277,7 +311,7 @@ fn median(samples: &[Sample], key: impl Fn(&Sample) -> f64) -> f64 {
 }
 
 /// Half pseudo-random bytes, then half text that zstd compresses about 3:1.
-fn make_input(path: &Path, len: u64) -> anyhow::Result<()> {
+fn make_input(path: &Path, len: u64, say: &dyn Fn(&str)) -> anyhow::Result<()> {
     if fs::metadata(path).is_ok_and(|m| m.len() == len) {
         return Ok(());
     }

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask ci | live | install-criu | demo`.
+//! Project automation: `cargo xtask ci | live | install-criu | demo | bench`.
 //!
 //! No dependencies beyond anyhow and serde_json; every process goes through [`process`], and cargo
 //! is `$CARGO`, the one that runs us.
@@ -6,6 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod bench;
+mod bench_criu;
+mod bench_proc;
+mod bench_report;
 mod bench_store;
 mod ci;
 mod criu;
@@ -25,6 +29,8 @@ commands:
   live           only the live tests (PF_HAS_CRIU=1, one at a time, each with a deadline)
   install-criu   make sure a CRIU >= 4.1 that passes `criu check` is installed (see --help)
   demo           the main job end to end on this machine
+  bench          freeze, pause, thaw, fork and bytes stored beside raw criu; writes
+                 docs/benchmarks.md (--quick: a one-minute check of the harness; see --help)
   bench store    pf store put/cat of 1 GiB against zstd, with peak memory (see --help)";
 
 fn root() -> PathBuf {
@@ -56,6 +62,13 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             bench_store::run(&root, &args[2..])
+        }
+        Some("bench") => {
+            if args[1..].iter().any(|a| a == "--help" || a == "-h") {
+                println!("{}", bench::USAGE);
+                return ExitCode::SUCCESS;
+            }
+            bench::run(&root, &args[1..])
         }
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");

@@ -1,0 +1,533 @@
+//! `cargo xtask bench [--quick] [--json]`: pf's freeze, pause, thaw, fork and bytes stored, each
+//! beside raw CRIU on the same process in the same run, so the ratios hold on a noisy machine.
+//!
+//! For each goblin size (64 MiB, 256 MiB, 1 GiB: half random, half compressible pages) it
+//! starts one goblin (`bench_proc`) and, `--runs` times (median reported):
+//! - raw `criu dump --leave-running` into an empty tmpfs directory, against
+//!   `pf goblin freeze --leave-running` into an empty store (to the digest). Both leave the
+//!   goblin running: the only way to dump one process several times, and what an agent does;
+//! - the pause: CRIU's `frozen_time` from its `stats-dump`, for both (pf keeps it in the procs
+//!   blob, read back with `pf procs show`);
+//! - raw `criu restore` from that tmpfs directory, against `pf goblin thaw` from the store, each
+//!   timed from starting the command to the goblin's first answer. Both restore into fresh pid +
+//!   mount namespaces on fresh pipes (`unshare --pid --fork --mount-proc criu restore
+//!   --inherit-fd …` for raw; pf does the same through its own init), because the original
+//!   still runs and holds the pid; both answers are checked against the original's;
+//! - `pf goblin fork -n 8` from the store until all eight have answered (and exited);
+//! - pf's own peak resident memory in each command (sampled `VmHWM`).
+//!
+//! Then bytes in the store: one snapshot, and 10 successive snapshots of the goblin with 5% of
+//! its pages rewritten between them. Last, `bench store`'s put/cat against zstd. The results go
+//! to stdout as a markdown table (and, for a full run, to `docs/benchmarks.md`), or as JSON with
+//! `--json` (progress goes to stderr). Nothing here asserts a timing: it reports.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use crate::bench_criu;
+use crate::bench_proc::{Collected, Goblin, Guard, Lines, PeakRss, ScratchDir, dir_bytes};
+use crate::bench_report::Report;
+use crate::process::{self, Out};
+
+pub(crate) const USAGE: &str = "\
+usage: cargo xtask bench [--quick] [--json] [--runs N] [--sizes MIB,MIB,…] [--no-store]
+       cargo xtask bench store [--size MIB] [--runs N]
+
+Freezes, thaws and forks goblins of 64, 256 and 1024 MiB with pf and with raw criu in the same
+run and prints a markdown table of the medians (3 runs), the ratios pf/raw and the targets;
+a full run also writes it to docs/benchmarks.md. Needs root, criu (cargo xtask install-criu),
+python3, unshare and zstd.
+
+  --quick      64 MiB only, one run, the store section on 64 MiB, the debug build of pf:
+               proves the harness works in about a minute; figures are not representative
+               and docs/benchmarks.md is left alone
+  --json       print the results as JSON on stdout (progress goes to stderr)
+  --runs N     runs per size (default 3; 1 with --quick)
+  --sizes LIST goblin sizes in MiB (default 64,256,1024)
+  --no-store   skip the store put/cat section";
+
+/// The design targets (DESIGN.md): ratios to raw CRIU, or seconds.
+pub(crate) const FREEZE_TARGET: f64 = 1.3;
+pub(crate) const PAUSE_TARGET: f64 = 1.05;
+pub(crate) const THAW_TARGET: f64 = 1.3;
+pub(crate) const FORK_TARGET_SECS: f64 = 0.5;
+/// The goblin size the fork target is set for.
+pub(crate) const FORK_TARGET_MIB: u64 = 64;
+pub(crate) const FORK_CLONES: usize = 8;
+/// Snapshots in the series that measures bytes stored over time.
+pub(crate) const SERIES: usize = 10;
+
+#[derive(Debug)]
+struct Options {
+    quick: bool,
+    json: bool,
+    runs: usize,
+    sizes: Vec<u64>,
+    store: bool,
+}
+
+fn parse_args(args: &[String]) -> anyhow::Result<Options> {
+    let mut opts = Options {
+        quick: false,
+        json: false,
+        runs: 0,
+        sizes: Vec::new(),
+        store: true,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .with_context(|| format!("{name} needs a value\n\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--quick" => opts.quick = true,
+            "--json" => opts.json = true,
+            "--no-store" => opts.store = false,
+            "--runs" => opts.runs = value("--runs")?.parse().context("--runs N")?,
+            "--sizes" => {
+                opts.sizes = value("--sizes")?
+                    .split(',')
+                    .map(|s| s.trim().parse::<u64>())
+                    .collect::<Result<_, _>>()
+                    .context("--sizes MIB,MIB,…")?;
+            }
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    if opts.runs == 0 {
+        opts.runs = if opts.quick { 1 } else { 3 };
+    }
+    if opts.sizes.is_empty() {
+        opts.sizes = if opts.quick {
+            vec![64]
+        } else {
+            vec![64, 256, 1024]
+        };
+    }
+    if opts.sizes.iter().any(|&s| s < 2 || s % 2 != 0) {
+        bail!("goblin sizes must be even numbers of MiB, at least 2");
+    }
+    Ok(opts)
+}
+
+/// What one run measured on one goblin.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    raw_dump_s: f64,
+    raw_pause_us: u64,
+    pf_freeze_s: f64,
+    pf_pause_us: u64,
+    raw_restore_s: f64,
+    pf_thaw_s: f64,
+    fork_s: f64,
+    freeze_rss_kib: u64,
+    thaw_rss_kib: u64,
+    fork_rss_kib: u64,
+}
+
+/// Everything measured on one goblin size.
+#[derive(Debug)]
+struct SizeResult {
+    mib: u64,
+    runs: Vec<Run>,
+    /// The raw images directory (without criu's log).
+    images_bytes: u64,
+    /// The store after one snapshot.
+    store_one_bytes: u64,
+    /// The store after each of the successive snapshots.
+    series_bytes: Vec<u64>,
+}
+
+/// Where things run: the pf binary, criu, python, the scratch parents.
+#[derive(Debug)]
+struct Env {
+    root: PathBuf,
+    pf: PathBuf,
+    criu: PathBuf,
+    python: PathBuf,
+    /// Parent of the stores (on the disk the project lives on, like a user's store).
+    stores: PathBuf,
+    /// Parent of the raw images directories (tmpfs).
+    tmpfs: PathBuf,
+}
+
+pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
+    let opts = parse_args(args)?;
+    let started = Instant::now();
+    let criu = match crate::criu::find_working().found {
+        Some((path, _)) => path,
+        None => bail!("no working criu >= 4.1: run `cargo xtask install-criu` (as root)"),
+    };
+    for tool in ["unshare", "zstd"] {
+        let mut probe = process::command(tool, root, Out::Null, Out::Null);
+        probe.arg("--version");
+        process::run(&mut probe)
+            .with_context(|| format!("{tool} is needed: apt-get install -y util-linux zstd"))?;
+    }
+    let python = ["/usr/bin/python3", "/bin/python3"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("python3"));
+    let profile = if opts.quick { "debug" } else { "release" };
+    progress(&format!("building pf ({profile})"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = process::command(&cargo, root, Out::Null, Out::Inherit);
+    build.args(["build", "--quiet", "--package", "pf-cli", "--bin", "pf"]);
+    if !opts.quick {
+        build.arg("--release");
+    }
+    process::run(&mut build)?;
+    let env = Env {
+        root: root.to_owned(),
+        pf: root.join("target").join(profile).join("pf"),
+        criu,
+        python,
+        stores: root.join("target/bench"),
+        tmpfs: PathBuf::from("/dev/shm"),
+    };
+    std::fs::create_dir_all(&env.stores)
+        .with_context(|| format!("cannot create {}", env.stores.display()))?;
+    let machine = crate::bench_report::machine(&env.criu, &env.stores, &env.tmpfs);
+
+    let mut sizes = Vec::new();
+    for &mib in &opts.sizes {
+        sizes.push(measure_size(&env, mib, opts.runs)?);
+    }
+    let store = if opts.store {
+        let size = if opts.quick { 64 } else { 1024 };
+        progress(&format!("store put/cat against zstd, {size} MiB"));
+        let (_, summary) =
+            crate::bench_store::measure(root, &env.pf, size, opts.runs, &|l| progress(l))?;
+        Some(summary)
+    } else {
+        None
+    };
+    let report = Report {
+        quick: opts.quick,
+        profile,
+        runs: opts.runs,
+        machine,
+        sizes: sizes.iter().map(summarize).collect(),
+        store,
+        took: started.elapsed(),
+    };
+    let markdown = report.markdown();
+    if opts.json {
+        say(&report.json().to_string());
+    } else {
+        say(&markdown);
+    }
+    if opts.quick {
+        progress("--quick: docs/benchmarks.md left as it is");
+    } else {
+        let path = root.join("docs/benchmarks.md");
+        let existing = std::fs::read_to_string(&path).unwrap_or_default();
+        std::fs::write(&path, Report::document(&existing, &markdown))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        progress(&format!("wrote {}", path.display()));
+    }
+    progress(&format!(
+        "bench took {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Spawn one goblin of `mib` MiB and measure it `runs` times, then the snapshot series.
+fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> {
+    progress(&format!("{mib} MiB goblin: starting"));
+    let mut goblin = Goblin::spawn(&env.python, mib, &env.root)?;
+    let pid = goblin.pid();
+    let expected = goblin.ask("sum")?;
+    let mut result = SizeResult {
+        mib,
+        runs: Vec::new(),
+        images_bytes: 0,
+        store_one_bytes: 0,
+        series_bytes: Vec::new(),
+    };
+    for i in 1..=runs {
+        progress(&format!("{mib} MiB goblin (pid {pid}): run {i} of {runs}"));
+        let images = ScratchDir::new(&env.tmpfs, "pf-bench-images")?;
+        let raw = bench_criu::dump(&env.criu, pid, images.path())?;
+        result.images_bytes = dir_bytes(images.path())
+            - std::fs::metadata(images.path().join("dump.log")).map_or(0, |m| m.len());
+        let store = ScratchDir::new(&env.stores, "store")?;
+        let (freeze_s, digest, freeze_rss) = pf_freeze(env, store.path(), pid)?;
+        result.store_one_bytes = dir_bytes(&store.path().join("blobs"));
+        let pf_pause_us = pf_pause(env, store.path(), &digest)?;
+        let still = goblin.ask("sum")?;
+        if still != expected {
+            bail!("after the dumps the goblin answers {still:?}, not {expected:?}");
+        }
+        let (raw_restore_s, answer) =
+            bench_criu::restore(&env.criu, images.path(), goblin.pipes, "sum")?;
+        check_answer("raw criu restore", &answer, &expected)?;
+        let (thaw_s, answer, thaw_rss) = pf_thaw(env, store.path(), &digest, "sum")?;
+        check_answer("pf goblin thaw", &answer, &expected)?;
+        let (fork_s, fork_rss) = pf_fork(env, store.path(), &digest, &expected)?;
+        let run = Run {
+            raw_dump_s: raw.secs,
+            raw_pause_us: raw.frozen_us,
+            pf_freeze_s: freeze_s,
+            pf_pause_us,
+            raw_restore_s,
+            pf_thaw_s: thaw_s,
+            fork_s,
+            freeze_rss_kib: freeze_rss,
+            thaw_rss_kib: thaw_rss,
+            fork_rss_kib: fork_rss,
+        };
+        progress(&format!(
+            "  dump {:.3} s / freeze {:.3} s; pause {:.1} / {:.1} ms; restore {:.3} s / thaw \
+             {:.3} s; fork {FORK_CLONES} {:.3} s",
+            run.raw_dump_s,
+            run.pf_freeze_s,
+            run.raw_pause_us as f64 / 1e3,
+            run.pf_pause_us as f64 / 1e3,
+            run.raw_restore_s,
+            run.pf_thaw_s,
+            run.fork_s
+        ));
+        result.runs.push(run);
+    }
+    progress(&format!(
+        "{mib} MiB goblin: {SERIES} snapshots, 5% of its pages rewritten between them"
+    ));
+    let store = ScratchDir::new(&env.stores, "series")?;
+    for i in 0..SERIES {
+        if i > 0 {
+            let said = goblin.ask("mutate")?;
+            if said != format!("mutated {i}") {
+                bail!("the goblin said {said:?} to `mutate`");
+            }
+        }
+        pf_freeze(env, store.path(), pid)?;
+        result
+            .series_bytes
+            .push(dir_bytes(&store.path().join("blobs")));
+    }
+    Ok(result)
+}
+
+fn check_answer(what: &str, answer: &str, expected: &str) -> anyhow::Result<()> {
+    if answer != expected {
+        bail!("{what}: the goblin answered {answer:?}, the original {expected:?}");
+    }
+    Ok(())
+}
+
+/// A pf command run to completion: wall seconds, stdout, pf's peak RSS in KiB.
+fn run_pf(env: &Env, store: &Path, args: &[&str]) -> anyhow::Result<(f64, String, u64)> {
+    let mut cmd = process::command(&env.pf, &env.root, Out::Pipe, Out::Pipe);
+    cmd.arg("--store").arg(store).args(args);
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
+    let rss = PeakRss::watch(child.id());
+    let out = Collected::from(child.stdout.take().context("stdout")?);
+    let err = Collected::from(child.stderr.take().context("stderr")?);
+    let mut guard = Guard::new(child, process::display(&cmd));
+    let status = guard.wait(Duration::from_secs(600))?;
+    let secs = start.elapsed().as_secs_f64();
+    let rss = rss.finish();
+    let stdout = out.finish(Duration::from_secs(10));
+    let stderr = err.finish(Duration::from_secs(10));
+    if !status.success() {
+        bail!("`{}` failed ({status}): {stderr}", process::display(&cmd));
+    }
+    Ok((secs, stdout, rss))
+}
+
+/// `pf goblin freeze --pid PID --leave-running --json` into `store`: seconds, digest, peak RSS.
+fn pf_freeze(env: &Env, store: &Path, pid: u32) -> anyhow::Result<(f64, String, u64)> {
+    let pid = pid.to_string();
+    let (secs, stdout, rss) = run_pf(
+        env,
+        store,
+        &[
+            "goblin",
+            "freeze",
+            "--pid",
+            &pid,
+            "--leave-running",
+            "--json",
+        ],
+    )?;
+    let value: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("pf goblin freeze --json printed {stdout:?}"))?;
+    let digest = value["digest"]
+        .as_str()
+        .with_context(|| format!("no digest in {value}"))?
+        .to_owned();
+    Ok((secs, digest, rss))
+}
+
+/// The frozen time CRIU recorded for the dump behind `digest` (from `pf procs show`).
+fn pf_pause(env: &Env, store: &Path, digest: &str) -> anyhow::Result<u64> {
+    let (_, stdout, _) = run_pf(env, store, &["procs", "show", digest])?;
+    let value: Value = serde_json::from_str(&stdout).context("pf procs show printed no JSON")?;
+    value["dump_stats"]["frozen_time_us"]
+        .as_u64()
+        .with_context(|| format!("the procs blob {digest} records no dump_stats.frozen_time_us"))
+}
+
+/// `pf goblin thaw DIGEST`, timed from its start to the goblin's answer to `question`; then its
+/// stdin is closed, the goblin ends and pf exits with its status.
+fn pf_thaw(
+    env: &Env,
+    store: &Path,
+    digest: &str,
+    question: &str,
+) -> anyhow::Result<(f64, String, u64)> {
+    use std::io::Write as _;
+    let mut cmd = process::command(&env.pf, &env.root, Out::Pipe, Out::Pipe);
+    cmd.arg("--store")
+        .arg(store)
+        .args(["goblin", "thaw", digest])
+        .stdin(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
+    let rss = PeakRss::watch(child.id());
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let out = Lines::new(child.stdout.take().context("stdout")?);
+    let err = Collected::from(child.stderr.take().context("stderr")?);
+    let mut guard = Guard::new(child, "pf goblin thaw");
+    writeln!(stdin, "{question}").context("write to pf goblin thaw")?;
+    let answer = out
+        .next(Duration::from_secs(120))
+        .with_context(|| format!("pf goblin thaw: {}", err.tail()))?;
+    let secs = start.elapsed().as_secs_f64();
+    // pf's own peak is behind it by now: it has read the blob and run criu.
+    let rss = rss.finish();
+    drop(stdin);
+    let status = guard.wait(Duration::from_secs(60))?;
+    if !status.success() {
+        bail!("pf goblin thaw ended with {status}: {}", err.tail());
+    }
+    Ok((secs, answer, rss))
+}
+
+/// `pf goblin fork DIGEST -n 8 --send sum --json`: seconds until all copies answered and
+/// exited, and pf's peak RSS; every copy's answer is checked.
+fn pf_fork(env: &Env, store: &Path, digest: &str, expected: &str) -> anyhow::Result<(f64, u64)> {
+    let n = FORK_CLONES.to_string();
+    let (secs, stdout, rss) = run_pf(
+        env,
+        store,
+        &[
+            "goblin", "fork", digest, "-n", &n, "--send", "sum", "--json",
+        ],
+    )?;
+    let copies: Vec<Value> = stdout
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("pf goblin fork --json printed {stdout:?}"))?;
+    if copies.len() != FORK_CLONES {
+        bail!("pf goblin fork printed {} copies: {stdout}", copies.len());
+    }
+    for copy in &copies {
+        let answer = copy["stdout"].as_str().unwrap_or_default().trim();
+        check_answer("pf goblin fork", answer, expected)?;
+    }
+    Ok((secs, rss))
+}
+
+fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
+    let m = |f: fn(&Run) -> f64| median(size.runs.iter().map(f).collect());
+    let max = |f: fn(&Run) -> u64| size.runs.iter().map(f).max().unwrap_or(0);
+    crate::bench_report::SizeSummary {
+        mib: size.mib,
+        raw_dump_s: m(|r| r.raw_dump_s),
+        pf_freeze_s: m(|r| r.pf_freeze_s),
+        raw_pause_ms: m(|r| r.raw_pause_us as f64 / 1e3),
+        pf_pause_ms: m(|r| r.pf_pause_us as f64 / 1e3),
+        raw_restore_s: m(|r| r.raw_restore_s),
+        pf_thaw_s: m(|r| r.pf_thaw_s),
+        fork_s: m(|r| r.fork_s),
+        freeze_rss_kib: max(|r| r.freeze_rss_kib),
+        thaw_rss_kib: max(|r| r.thaw_rss_kib),
+        fork_rss_kib: max(|r| r.fork_rss_kib),
+        images_bytes: size.images_bytes,
+        store_one_bytes: size.store_one_bytes,
+        series_bytes: size.series_bytes.clone(),
+        samples: size
+            .runs
+            .iter()
+            .map(|r| {
+                json!({
+                    "raw_dump_s": r.raw_dump_s,
+                    "pf_freeze_s": r.pf_freeze_s,
+                    "raw_pause_us": r.raw_pause_us,
+                    "pf_pause_us": r.pf_pause_us,
+                    "raw_restore_s": r.raw_restore_s,
+                    "pf_thaw_s": r.pf_thaw_s,
+                    "fork_s": r.fork_s,
+                    "freeze_rss_kib": r.freeze_rss_kib,
+                    "thaw_rss_kib": r.thaw_rss_kib,
+                    "fork_rss_kib": r.fork_rss_kib,
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The median (the upper one of an even count); NaN for none.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Progress and notes go to stderr; stdout carries the results.
+#[allow(clippy::print_stderr)]
+pub(crate) fn progress(line: &str) {
+    eprintln!("bench: {line}");
+}
+
+#[allow(clippy::print_stdout)]
+fn say(text: &str) {
+    println!("{text}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn options_default_and_quick() {
+        let o = parse_args(&[]).expect("defaults");
+        assert_eq!((o.quick, o.json, o.runs, o.store), (false, false, 3, true));
+        assert_eq!(o.sizes, vec![64, 256, 1024]);
+        let o = parse_args(&args(&["--quick", "--json"])).expect("quick");
+        assert_eq!((o.quick, o.json, o.runs), (true, true, 1));
+        assert_eq!(o.sizes, vec![64]);
+        let o = parse_args(&args(&["--sizes", "8, 16", "--runs", "5", "--no-store"]))
+            .expect("explicit");
+        assert_eq!((o.sizes, o.runs, o.store), (vec![8, 16], 5, false));
+        assert!(parse_args(&args(&["--sizes", "3"])).is_err());
+        assert!(parse_args(&args(&["--sizes", "x"])).is_err());
+        assert!(parse_args(&args(&["--runs"])).is_err());
+        assert!(parse_args(&args(&["--fast"])).is_err());
+    }
+
+    #[test]
+    fn median_of_odd_even_and_none() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0]), 4.0);
+        assert!(median(Vec::new()).is_nan());
+    }
+}

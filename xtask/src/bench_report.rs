@@ -1,0 +1,496 @@
+//! How `cargo xtask bench` reports: the machine it ran on, a markdown table with the targets,
+//! JSON for programs, and `docs/benchmarks.md`, whose generated part sits between two markers so
+//! that the analysis written around it survives the next run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::bench::{
+    FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, PAUSE_TARGET, SERIES,
+    THAW_TARGET,
+};
+use crate::process::{self, Out};
+
+/// The generated part of docs/benchmarks.md starts after this line …
+pub(crate) const BEGIN: &str = "<!-- cargo xtask bench: generated from here -->";
+/// … and ends before this one.
+pub(crate) const END: &str = "<!-- cargo xtask bench: generated up to here -->";
+
+/// The medians for one goblin size.
+#[derive(Debug)]
+pub(crate) struct SizeSummary {
+    pub(crate) mib: u64,
+    pub(crate) raw_dump_s: f64,
+    pub(crate) pf_freeze_s: f64,
+    pub(crate) raw_pause_ms: f64,
+    pub(crate) pf_pause_ms: f64,
+    pub(crate) raw_restore_s: f64,
+    pub(crate) pf_thaw_s: f64,
+    pub(crate) fork_s: f64,
+    pub(crate) freeze_rss_kib: u64,
+    pub(crate) thaw_rss_kib: u64,
+    pub(crate) fork_rss_kib: u64,
+    pub(crate) images_bytes: u64,
+    pub(crate) store_one_bytes: u64,
+    pub(crate) series_bytes: Vec<u64>,
+    /// Every run's figures, for the JSON.
+    pub(crate) samples: Vec<Value>,
+}
+
+/// One line of the store comparison: a pf command against its zstd baseline.
+#[derive(Debug)]
+pub(crate) struct StoreRow {
+    pub(crate) what: String,
+    pub(crate) pf_s: f64,
+    pub(crate) baseline: String,
+    pub(crate) baseline_s: f64,
+    /// pf may take at most this times the baseline.
+    pub(crate) target: f64,
+    pub(crate) rss_kib: u64,
+}
+
+/// `bench store`'s figures.
+#[derive(Debug)]
+pub(crate) struct StoreSummary {
+    pub(crate) size_mib: u64,
+    pub(crate) runs: usize,
+    pub(crate) pf_bytes: u64,
+    pub(crate) zstd_bytes: u64,
+    pub(crate) rows: Vec<StoreRow>,
+}
+
+/// Where the bench ran.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    pub(crate) cpu: String,
+    pub(crate) cores: usize,
+    pub(crate) memory_gib: f64,
+    pub(crate) os: String,
+    pub(crate) kernel: String,
+    pub(crate) criu: String,
+    pub(crate) store_fs: String,
+    pub(crate) tmpfs_fs: String,
+    pub(crate) commit: String,
+}
+
+/// A whole bench run.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) quick: bool,
+    pub(crate) profile: &'static str,
+    pub(crate) runs: usize,
+    pub(crate) machine: Machine,
+    pub(crate) sizes: Vec<SizeSummary>,
+    pub(crate) store: Option<StoreSummary>,
+    pub(crate) took: Duration,
+}
+
+/// Describe this machine; what cannot be read says "unknown".
+pub(crate) fn machine(criu: &Path, store_parent: &Path, tmpfs: &Path) -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or_else(|| "unknown".to_owned(), |(_, v)| v.trim().to_owned());
+    let memory_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let os = read("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map_or_else(|| "unknown".to_owned(), |v| v.trim_matches('"').to_owned());
+    let mounts = read("/proc/self/mounts");
+    let criu_version = output(criu, &["--version"])
+        .and_then(|t| crate::criu::parse_version(&t))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let commit = output(Path::new("git"), &["rev-parse", "--short", "HEAD"])
+        .map_or_else(|| "unknown".to_owned(), |s| s.trim().to_owned());
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        memory_gib,
+        os,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        criu: criu_version,
+        store_fs: fs_type(&mounts, store_parent),
+        tmpfs_fs: fs_type(&mounts, tmpfs),
+        commit,
+    }
+}
+
+/// A command's stdout, if it ran and exited 0.
+fn output(program: &Path, args: &[&str]) -> Option<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = process::command(program, dir, Out::Pipe, Out::Null);
+    cmd.args(args);
+    let out = process::output(&mut cmd).ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The file system type of the mount that holds `path`, from `/proc/self/mounts` text: the
+/// longest mount point that is a prefix of it (`ext4 (/dev/vda on /)`).
+fn fs_type(mounts: &str, path: &Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, at, kind) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at).then_some((at, dev, kind))
+        })
+        .max_by_key(|(at, _, _)| at.len())
+        .map_or_else(
+            || "unknown".to_owned(),
+            |(at, dev, kind)| format!("{kind} ({dev} on {at})"),
+        )
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// `1.12× met` or `2.20× **missed**`.
+fn ratio_cell(ours: f64, theirs: f64, target: f64) -> String {
+    let ratio = ours / theirs;
+    if !ratio.is_finite() {
+        return "n/a".to_owned();
+    }
+    format!("{ratio:.2}× {}", verdict(ratio <= target))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+impl Report {
+    /// The tables and the machine, as markdown.
+    pub(crate) fn markdown(&self) -> String {
+        let mut md = String::new();
+        let line = |md: &mut String, s: &str| {
+            md.push_str(s);
+            md.push('\n');
+        };
+        if self.quick {
+            line(
+                &mut md,
+                &format!(
+                    "**--quick: one run, {} build of pf. These figures prove the harness \
+                     works; they are not the benchmark.**\n",
+                    self.profile
+                ),
+            );
+        }
+        if !self.sizes.is_empty() {
+            line(
+                &mut md,
+                &format!(
+                    "### Goblins: pf against raw CRIU (median of {} run{}, {} build)\n",
+                    self.runs,
+                    if self.runs == 1 { "" } else { "s" },
+                    self.profile
+                ),
+            );
+            let mut header = "| |".to_owned();
+            let mut rule = "|---|".to_owned();
+            for s in &self.sizes {
+                header.push_str(&format!(" {} MiB |", s.mib));
+                rule.push_str("---:|");
+            }
+            line(&mut md, &format!("{header} target |"));
+            line(&mut md, &format!("{rule}---|"));
+            let row =
+                |md: &mut String, name: &str, cell: &dyn Fn(&SizeSummary) -> String, t: &str| {
+                    let cells: String = self
+                        .sizes
+                        .iter()
+                        .map(|s| format!(" {} |", cell(s)))
+                        .collect();
+                    line(md, &format!("| {name} |{cells} {t} |"));
+                };
+            row(
+                &mut md,
+                "raw `criu dump` to tmpfs (s)",
+                &|s| format!("{:.3}", s.raw_dump_s),
+                "",
+            );
+            row(
+                &mut md,
+                "`pf goblin freeze` to the digest in the store (s)",
+                &|s| format!("{:.3}", s.pf_freeze_s),
+                "",
+            );
+            row(
+                &mut md,
+                "freeze: pf / raw",
+                &|s| ratio_cell(s.pf_freeze_s, s.raw_dump_s, FREEZE_TARGET),
+                &format!("≤ {FREEZE_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "pause, raw criu (ms, CRIU's frozen time)",
+                &|s| format!("{:.1}", s.raw_pause_ms),
+                "",
+            );
+            row(
+                &mut md,
+                "pause, pf (ms, CRIU's frozen time)",
+                &|s| format!("{:.1}", s.pf_pause_ms),
+                "",
+            );
+            row(
+                &mut md,
+                "pause: pf / raw",
+                &|s| ratio_cell(s.pf_pause_ms, s.raw_pause_ms, PAUSE_TARGET),
+                &format!("≤ {PAUSE_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "raw `criu restore` from tmpfs to the first answer (s)",
+                &|s| format!("{:.3}", s.raw_restore_s),
+                "",
+            );
+            row(
+                &mut md,
+                "`pf goblin thaw` from the store to the first answer (s)",
+                &|s| format!("{:.3}", s.pf_thaw_s),
+                "",
+            );
+            row(
+                &mut md,
+                "thaw: pf / raw",
+                &|s| ratio_cell(s.pf_thaw_s, s.raw_restore_s, THAW_TARGET),
+                &format!("≤ {THAW_TARGET}×"),
+            );
+            row(
+                &mut md,
+                &format!("`pf goblin fork -n {FORK_CLONES}`, until all answered (s)"),
+                &|s| {
+                    if s.mib == FORK_TARGET_MIB {
+                        format!("{:.3} {}", s.fork_s, verdict(s.fork_s <= FORK_TARGET_SECS))
+                    } else {
+                        format!("{:.3}", s.fork_s)
+                    }
+                },
+                &format!("≤ {FORK_TARGET_SECS} s at {FORK_TARGET_MIB} MiB"),
+            );
+            row(
+                &mut md,
+                "raw images on tmpfs (MiB)",
+                &|s| format!("{:.1}", mib(s.images_bytes)),
+                "",
+            );
+            row(
+                &mut md,
+                "store, one snapshot (MiB)",
+                &|s| format!("{:.1}", mib(s.store_one_bytes)),
+                "",
+            );
+            row(
+                &mut md,
+                &format!("store, {SERIES} snapshots, 5% of pages rewritten between (MiB)"),
+                &|s| format!("{:.1}", mib(s.series_bytes.last().copied().unwrap_or(0))),
+                "",
+            );
+            row(
+                &mut md,
+                "pf peak RSS: freeze / thaw / fork (MiB)",
+                &|s| {
+                    format!(
+                        "{:.0} / {:.0} / {:.0}",
+                        kib_to_mib(s.freeze_rss_kib),
+                        kib_to_mib(s.thaw_rss_kib),
+                        kib_to_mib(s.fork_rss_kib)
+                    )
+                },
+                "",
+            );
+            line(&mut md, "");
+        }
+        if let Some(store) = &self.store {
+            line(
+                &mut md,
+                &format!(
+                    "### Store: `pf store put`/`cat` against zstd ({} MiB, half random, half \
+                     text; median of {} run{})\n",
+                    store.size_mib,
+                    store.runs,
+                    if store.runs == 1 { "" } else { "s" }
+                ),
+            );
+            line(
+                &mut md,
+                "| pf | s | baseline | s | pf / baseline | target | pf peak RSS (MiB) |",
+            );
+            line(&mut md, "|---|---:|---|---:|---:|---|---:|");
+            for r in &store.rows {
+                line(
+                    &mut md,
+                    &format!(
+                        "| `pf store {}` | {:.2} | `{}` | {:.2} | {} | ≤ {}× | {:.1} {} |",
+                        r.what,
+                        r.pf_s,
+                        r.baseline,
+                        r.baseline_s,
+                        ratio_cell(r.pf_s, r.baseline_s, r.target),
+                        r.target,
+                        kib_to_mib(r.rss_kib),
+                        verdict(kib_to_mib(r.rss_kib) < 64.0)
+                    ),
+                );
+            }
+            line(
+                &mut md,
+                &format!(
+                    "\nStored: {:.1} MiB by pf, {:.1} MiB by `zstd -1`. Peak RSS target: < 64 MiB.\n",
+                    mib(store.pf_bytes),
+                    mib(store.zstd_bytes)
+                ),
+            );
+        }
+        let m = &self.machine;
+        line(&mut md, "### Machine\n");
+        line(
+            &mut md,
+            &format!(
+                "- CPU: {}, {} cores; memory {:.1} GiB\n- {}, kernel {}, criu {}\n- store on \
+                 {}; raw images and pf's scratch on {}\n- pf at commit {}; the bench took {:.0} s",
+                m.cpu,
+                m.cores,
+                m.memory_gib,
+                m.os,
+                m.kernel,
+                m.criu,
+                m.store_fs,
+                m.tmpfs_fs,
+                m.commit,
+                self.took.as_secs_f64()
+            ),
+        );
+        md
+    }
+
+    /// The same as JSON (`pf.bench.v1`).
+    pub(crate) fn json(&self) -> Value {
+        let m = &self.machine;
+        json!({
+            "kind": "pf.bench.v1",
+            "quick": self.quick,
+            "profile": self.profile,
+            "runs": self.runs,
+            "took_s": self.took.as_secs_f64(),
+            "machine": {
+                "cpu": m.cpu, "cores": m.cores, "memory_gib": m.memory_gib, "os": m.os,
+                "kernel": m.kernel, "criu": m.criu, "store_fs": m.store_fs,
+                "tmpfs_fs": m.tmpfs_fs, "commit": m.commit,
+            },
+            "targets": {
+                "freeze_ratio": FREEZE_TARGET, "pause_ratio": PAUSE_TARGET,
+                "thaw_ratio": THAW_TARGET, "fork_secs": FORK_TARGET_SECS,
+                "fork_clones": FORK_CLONES, "fork_mib": FORK_TARGET_MIB,
+            },
+            "sizes": self.sizes.iter().map(|s| json!({
+                "mib": s.mib,
+                "raw_dump_s": s.raw_dump_s,
+                "pf_freeze_s": s.pf_freeze_s,
+                "freeze_ratio": s.pf_freeze_s / s.raw_dump_s,
+                "raw_pause_ms": s.raw_pause_ms,
+                "pf_pause_ms": s.pf_pause_ms,
+                "pause_ratio": s.pf_pause_ms / s.raw_pause_ms,
+                "raw_restore_s": s.raw_restore_s,
+                "pf_thaw_s": s.pf_thaw_s,
+                "thaw_ratio": s.pf_thaw_s / s.raw_restore_s,
+                "fork_s": s.fork_s,
+                "images_bytes": s.images_bytes,
+                "store_one_bytes": s.store_one_bytes,
+                "series_bytes": s.series_bytes,
+                "freeze_rss_kib": s.freeze_rss_kib,
+                "thaw_rss_kib": s.thaw_rss_kib,
+                "fork_rss_kib": s.fork_rss_kib,
+                "runs": s.samples,
+            })).collect::<Vec<_>>(),
+            "store": self.store.as_ref().map(|st| json!({
+                "size_mib": st.size_mib,
+                "runs": st.runs,
+                "pf_bytes": st.pf_bytes,
+                "zstd_bytes": st.zstd_bytes,
+                "rows": st.rows.iter().map(|r| json!({
+                    "what": r.what, "pf_s": r.pf_s, "baseline": r.baseline,
+                    "baseline_s": r.baseline_s, "ratio": r.pf_s / r.baseline_s,
+                    "target": r.target, "rss_kib": r.rss_kib,
+                })).collect::<Vec<_>>(),
+            })),
+        })
+    }
+
+    /// docs/benchmarks.md: `existing` with the part between the markers replaced by
+    /// `generated`, or, without markers, a short page around it.
+    pub(crate) fn document(existing: &str, generated: &str) -> String {
+        if let (Some(b), Some(e)) = (existing.find(BEGIN), existing.find(END))
+            && b < e
+        {
+            return format!(
+                "{}{BEGIN}\n\n{generated}\n{}",
+                &existing[..b],
+                &existing[e..]
+            );
+        }
+        format!(
+            "# Benchmarks\n\n`cargo xtask bench` wrote the figures below; run it again to \
+             refresh them.\n\n{BEGIN}\n\n{generated}\n{END}\n"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_mount_of_a_path() {
+        let mounts = "/dev/vda / ext4 rw 0 0\nproc /proc proc rw 0 0\n\
+tmpfs /dev/shm tmpfs rw 0 0\n/dev/vdb /work ext4 rw 0 0\n";
+        assert_eq!(
+            fs_type(mounts, Path::new("/dev/shm/x")),
+            "tmpfs (tmpfs on /dev/shm)"
+        );
+        assert_eq!(
+            fs_type(mounts, Path::new("/work/main/target/bench")),
+            "ext4 (/dev/vdb on /work)"
+        );
+        assert_eq!(fs_type(mounts, Path::new("/usr")), "ext4 (/dev/vda on /)");
+        assert_eq!(fs_type("", Path::new("/usr")), "unknown");
+    }
+
+    #[test]
+    fn ratios_and_verdicts() {
+        assert_eq!(ratio_cell(1.2, 1.0, 1.3), "1.20× met");
+        assert_eq!(ratio_cell(2.2, 1.0, 1.3), "2.20× **missed**");
+        assert_eq!(ratio_cell(1.0, 0.0, 1.3), "n/a");
+    }
+
+    #[test]
+    fn document_keeps_what_is_around_the_markers() {
+        let fresh = Report::document("", "TABLE");
+        assert!(fresh.starts_with("# Benchmarks"));
+        assert!(fresh.contains(&format!("{BEGIN}\n\nTABLE\n{END}")));
+        let edited = format!("# B\n\nintro\n\n{BEGIN}\nold\n{END}\n\n## Analysis\nkept\n");
+        let again = Report::document(&edited, "NEW");
+        assert_eq!(
+            again,
+            format!("# B\n\nintro\n\n{BEGIN}\n\nNEW\n{END}\n\n## Analysis\nkept\n")
+        );
+    }
+}
