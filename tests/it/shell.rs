@@ -326,13 +326,10 @@ fn pgrep_with_no_match_or_two_matches_lists_candidates() {
     );
 }
 
-#[test]
-fn a_shell_without_a_terminal_is_refused_with_the_hint() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = dir.path().join("store");
-    // setsid: its own session, and with pipes for stdio, no controlling terminal. `read` is a
-    // builtin, so no grandchild outlives the test.
-    let shell = Reaped(
+/// A shell in its own session with pipes for stdio: no controlling terminal. `read` is a
+/// builtin, so no grandchild outlives the test.
+fn shell_without_terminal() -> Reaped {
+    Reaped(
         spawn_clean(
             Command::new("setsid")
                 .args(["bash", "--norc", "-c", "read -t 60 line; true"])
@@ -341,7 +338,14 @@ fn a_shell_without_a_terminal_is_refused_with_the_hint() {
                 .stderr(Stdio::null()),
         )
         .expect("spawn setsid bash"),
-    );
+    )
+}
+
+#[test]
+fn a_shell_without_a_terminal_is_refused_with_the_hint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let shell = shell_without_terminal();
     let out = pf(&store)
         .args(["shell", "freeze", "--pid", &shell.pid(), "--leave-running"])
         .output()
@@ -354,11 +358,22 @@ fn a_shell_without_a_terminal_is_refused_with_the_hint() {
         "{err}"
     );
     assert!(out.stdout.is_empty());
+    assert!(
+        !store.join("refs").exists(),
+        "a refused freeze names nothing"
+    );
+}
 
-    if !live("a_shell_without_a_terminal_is_refused_with_the_hint (--force)") {
+#[test]
+fn live_shell_force_without_a_terminal_reports_what_criu_says() {
+    if !live("live_shell_force_without_a_terminal_reports_what_criu_says") {
         return;
     }
-    // --force: whatever CRIU says comes back honestly: a digest, or an error naming criu.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let shell = shell_without_terminal();
+    // --force: whatever CRIU says comes back honestly: a digest of a real dump, or an error
+    // naming criu. Never both, never neither.
     let forced = pf(&store)
         .args([
             "shell",
@@ -368,12 +383,21 @@ fn a_shell_without_a_terminal_is_refused_with_the_hint() {
             "--leave-running",
             "--force",
         ])
+        .args(["--tag", "forced"])
         .output()
         .expect("pf");
     if forced.status.success() {
-        assert!(text(&forced.stdout).trim().starts_with("sha256:"));
+        let digest = text(&forced.stdout).trim().to_owned();
+        assert!(digest.starts_with("sha256:"), "{digest}");
+        let show = pf(&store)
+            .args(["procs", "show", "forced"])
+            .output()
+            .expect("pf procs show");
+        let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("procs json");
+        assert_eq!(json["kind"], "procs.criu.v1", "{json}");
     } else {
         assert_eq!(forced.status.code(), Some(1));
+        assert!(forced.stdout.is_empty());
         assert!(
             text(&forced.stderr).contains("criu"),
             "{}",

@@ -88,3 +88,62 @@ fn no_unfinished_or_debugging_code() {
         bad.join("\n")
     );
 }
+
+/// The tests in `text` that call the live-test gate but are not named `live_…`: CI's first pass
+/// (`--skip live_`, `CI` set) would run them, and the gate panics there by design.
+fn live_gate_without_live_name(text: &str) -> Vec<String> {
+    let gate = concat!("li", "ve(\"");
+    let mut bad = Vec::new();
+    for segment in text.split("#[test]").skip(1) {
+        let Some(name) = segment
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix("fn "))
+            .and_then(|rest| rest.split('(').next())
+        else {
+            continue;
+        };
+        let calls_gate = segment.match_indices(gate).any(|(at, _)| {
+            !segment[..at]
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_alphanumeric() || c == '_')
+        });
+        if calls_gate && !name.starts_with("live_") {
+            bad.push(name.to_owned());
+        }
+    }
+    bad
+}
+
+#[test]
+fn tests_that_use_the_live_gate_are_named_live() {
+    let bad: Vec<String> = all_rust_files()
+        .into_iter()
+        .flat_map(|(p, text)| {
+            live_gate_without_live_name(&text)
+                .into_iter()
+                .map(move |name| format!("{}: {name}", p.display()))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "these tests call the live gate but their names do not start with `live_`, so CI's \
+         non-live pass would run them and the gate would fail it; rename them or split off the \
+         live part:\n{}",
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn live_gate_check_finds_misnamed_tests() {
+    let gate = concat!("li", "ve(\"x\")");
+    let text = format!(
+        "#[test]\nfn live_ok() {{ if !{gate} {{ return; }} }}\n\
+         #[test]\nfn sneaky() {{ if !{gate} {{ return; }} }}\n\
+         #[test]\nfn plain() {{ assert!(is_{gate}) }}\n"
+    );
+    assert_eq!(
+        live_gate_without_live_name(&text),
+        vec!["sneaky".to_owned()]
+    );
+}
