@@ -44,7 +44,8 @@ python3, unshare and zstd.
 
   --quick      64 MiB only, one run, the store section on 64 MiB, the debug build of pf:
                proves the harness works in about a minute; figures are not representative
-               and docs/benchmarks.md is left alone
+               and docs/benchmarks.md is left alone (as by any run with fewer sizes,
+               runs or sections than the default)
   --json       print the results as JSON on stdout (progress goes to stderr)
   --runs N     runs per size (default 3; 1 with --quick)
   --sizes LIST goblin sizes in MiB (default 64,256,1024)
@@ -68,6 +69,8 @@ struct Options {
     runs: usize,
     sizes: Vec<u64>,
     store: bool,
+    /// Every size, every section, at least 3 runs: the only kind of run written to the docs.
+    full: bool,
 }
 
 fn parse_args(args: &[String]) -> anyhow::Result<Options> {
@@ -77,6 +80,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
         runs: 0,
         sizes: Vec::new(),
         store: true,
+        full: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -109,6 +113,7 @@ fn parse_args(args: &[String]) -> anyhow::Result<Options> {
             vec![64, 256, 1024]
         };
     }
+    opts.full = !opts.quick && opts.store && opts.runs >= 3 && opts.sizes == [64, 256, 1024];
     if opts.sizes.iter().any(|&s| s < 2 || s % 2 != 0) {
         bail!("goblin sizes must be even numbers of MiB, at least 2");
     }
@@ -223,8 +228,8 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     } else {
         say(&markdown);
     }
-    if opts.quick {
-        progress("--quick: docs/benchmarks.md left as it is");
+    if opts.quick || !opts.full {
+        progress("not a full run: docs/benchmarks.md left as it is");
     } else {
         let path = root.join("docs/benchmarks.md");
         let existing = std::fs::read_to_string(&path).unwrap_or_default();
@@ -511,13 +516,17 @@ mod tests {
     fn options_default_and_quick() {
         let o = parse_args(&[]).expect("defaults");
         assert_eq!((o.quick, o.json, o.runs, o.store), (false, false, 3, true));
+        assert!(o.full);
         assert_eq!(o.sizes, vec![64, 256, 1024]);
         let o = parse_args(&args(&["--quick", "--json"])).expect("quick");
         assert_eq!((o.quick, o.json, o.runs), (true, true, 1));
         assert_eq!(o.sizes, vec![64]);
         let o = parse_args(&args(&["--sizes", "8, 16", "--runs", "5", "--no-store"]))
             .expect("explicit");
-        assert_eq!((o.sizes, o.runs, o.store), (vec![8, 16], 5, false));
+        assert_eq!(
+            (o.sizes, o.runs, o.store, o.full),
+            (vec![8, 16], 5, false, false)
+        );
         assert!(parse_args(&args(&["--sizes", "3"])).is_err());
         assert!(parse_args(&args(&["--sizes", "x"])).is_err());
         assert!(parse_args(&args(&["--runs"])).is_err());
