@@ -226,7 +226,10 @@ fn dump_with(
     }
     args.extend(opts.extra_args.iter().map(OsString::from));
     tracing::debug!(?pids, "dumping");
-    let work = match Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.run() {
+    let work = match Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?
+        .watching(pid)
+        .run()
+    {
         Ok(work) => work,
         Err(err) if pid_state(pid) != PidState::Alive => {
             return Err(Error::ExitedDuringDump {

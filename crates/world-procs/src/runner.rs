@@ -4,7 +4,10 @@
 //! private work directory (`--work-dir`, 0700, outside any images directory: criu writes its
 //! stats files there) holding `criu.log`, `criu.stdout` and `criu.stderr`; stdin is `/dev/null`
 //! and the child starts with only fds 0–2 and the descriptors the caller passes on purpose.
-//! Each call has a deadline after which criu is SIGKILLed by its pid.
+//! Each call has a deadline after which criu is SIGKILLed by its pid. A dump also watches its
+//! target: criu 4.1.1 can hang for good (a futex wait in its SIGCHLD handler) when the target is
+//! killed mid-dump, so once the target is gone criu gets [`TARGET_GONE_GRACE`] to exit by itself
+//! and is then SIGKILLed, and the failure carries the errors it logged.
 //!
 //! On success the work directory is removed. On failure it is kept and the error carries its log
 //! path and criu's `Error (…)` lines, minus the harmless `rlimit: Can't setup RLIMIT_NOFILE`
@@ -34,6 +37,8 @@ pub(crate) struct Invocation {
     log: PathBuf,
     deadline: Duration,
     keep_fds: Vec<RawFd>,
+    /// The dump's target: when it is gone, criu has [`TARGET_GONE_GRACE`] left.
+    target: Option<i32>,
     /// criu's stdin is ours (a shell job's terminal, whose session criu hands to the restored
     /// tree) rather than `/dev/null`.
     pub(crate) stdin_is_ours: bool,
@@ -87,8 +92,15 @@ impl Invocation {
             log,
             deadline,
             keep_fds: keep_fds.to_vec(),
+            target: None,
             stdin_is_ours: false,
         })
+    }
+
+    /// Watch `pid` while criu runs: once it is gone, criu gets [`TARGET_GONE_GRACE`] to exit.
+    pub(crate) fn watching(mut self, pid: i32) -> Self {
+        self.target = Some(pid);
+        self
     }
 
     /// The work directory (for pidfiles and the like; removed on success).
@@ -126,9 +138,15 @@ impl Invocation {
             program: self.program.clone(),
             source,
         })?;
-        match wait_with_deadline(child, self.deadline) {
-            Ok(Some(status)) => self.conclude(exit_of(status)),
-            Ok(None) => Err(Error::Timeout {
+        match wait_watching(child, self.deadline, self.target, TARGET_GONE_GRACE) {
+            Ok(Waited::Exited(status)) => self.conclude(exit_of(status)),
+            Ok(Waited::TargetGone) => {
+                // Its log says what it saw (`… was killed by 9 unexpectedly`).
+                self.conclude(crate::Exit::Signal(
+                    nix::sys::signal::Signal::SIGKILL as i32,
+                ))
+            }
+            Ok(Waited::Deadline) => Err(Error::Timeout {
                 action: self.action,
                 after: self.deadline,
                 log: self.keep(),
@@ -204,36 +222,100 @@ pub(crate) fn exit_of(status: ExitStatus) -> crate::Exit {
     }
 }
 
+/// How long criu may go on after the process it dumps is gone. A dump without
+/// `--leave-running` kills its target itself and exits within milliseconds; a criu still running
+/// seconds later is stuck.
+pub(crate) const TARGET_GONE_GRACE: Duration = Duration::from_secs(5);
+
+/// How often a watched target is looked at.
+const TARGET_POLL: Duration = Duration::from_millis(50);
+
+/// How a wait for a child ended.
+#[derive(Debug)]
+pub(crate) enum Waited {
+    /// It exited by itself.
+    Exited(ExitStatus),
+    /// It outlived its deadline and was killed.
+    Deadline,
+    /// Its target was gone for [`TARGET_GONE_GRACE`] and it was still running: it was killed.
+    TargetGone,
+}
+
 /// Wait for `child`; after `deadline`, SIGKILL it by pid and return `None`.
-///
-/// The wait runs on a helper thread so that the common case returns the moment the child
-/// exits, without polling.
 pub(crate) fn wait_with_deadline(
-    mut child: Child,
+    child: Child,
     deadline: Duration,
 ) -> std::io::Result<Option<ExitStatus>> {
+    Ok(
+        match wait_watching(child, deadline, None, TARGET_GONE_GRACE)? {
+            Waited::Exited(status) => Some(status),
+            Waited::Deadline | Waited::TargetGone => None,
+        },
+    )
+}
+
+/// Wait for `child`, SIGKILLing it by pid after `deadline`, or `grace` after `target` (when
+/// given) stopped being a live process.
+///
+/// The wait runs on a helper thread so that the common case returns the moment the child
+/// exits; without a target nothing polls.
+fn wait_watching(
+    mut child: Child,
+    deadline: Duration,
+    target: Option<i32>,
+    grace: Duration,
+) -> std::io::Result<Waited> {
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let _ = tx.send(child.wait());
     });
-    match rx.recv_timeout(deadline) {
-        Ok(status) => {
-            let _ = waiter.join();
-            status.map(Some)
+    let start = std::time::Instant::now();
+    let mut gone_since: Option<std::time::Instant> = None;
+    let ended = loop {
+        let left = deadline.saturating_sub(start.elapsed());
+        let slice = if target.is_some() {
+            left.min(TARGET_POLL)
+        } else {
+            left
+        };
+        match rx.recv_timeout(slice) {
+            Ok(status) => {
+                let _ = waiter.join();
+                return status.map(Waited::Exited);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = waiter.join();
+                return Err(std::io::Error::other("the criu waiter thread stopped"));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
-        Err(_) => {
+        if start.elapsed() >= deadline {
             tracing::warn!(pid, ?deadline, "child exceeded its deadline, killing it");
-            // The child cannot have been reaped yet: the waiter would have sent its status.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = rx.recv();
-            let _ = waiter.join();
-            Ok(None)
+            break Waited::Deadline;
         }
-    }
+        if let Some(target) = target
+            && crate::proc::pid_state(target) != crate::proc::PidState::Alive
+        {
+            let since = *gone_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= grace {
+                tracing::warn!(
+                    pid,
+                    target,
+                    "the dumped process is gone and criu hangs, killing it"
+                );
+                break Waited::TargetGone;
+            }
+        }
+    };
+    // The child cannot have been reaped yet: the waiter would have sent its status.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = rx.recv();
+    let _ = waiter.join();
+    Ok(ended)
 }
 
 /// Run `program args` (no criu conventions), capture its stdout, within `deadline`. For
@@ -301,6 +383,49 @@ mod tests {
         let got = wait_with_deadline(child, Duration::from_millis(100)).expect("wait");
         assert_eq!(got, None);
         assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_child_outliving_its_target_is_killed_after_the_grace() {
+        let mut gone = Command::new("true")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn true");
+        let gone_pid = gone.id() as i32;
+        gone.wait().expect("reap");
+        let child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let start = std::time::Instant::now();
+        let got = wait_watching(
+            child,
+            Duration::from_secs(60),
+            Some(gone_pid),
+            Duration::from_millis(200),
+        )
+        .expect("wait");
+        assert!(matches!(got, Waited::TargetGone), "{got:?}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_live_target_does_not_hurry_the_child() {
+        let child = Command::new("sleep")
+            .arg("0.3")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        let me = std::process::id() as i32;
+        let got = wait_watching(
+            child,
+            Duration::from_secs(60),
+            Some(me),
+            Duration::from_millis(50),
+        )
+        .expect("wait");
+        assert!(matches!(got, Waited::Exited(s) if s.success()), "{got:?}");
     }
 
     #[test]
