@@ -540,3 +540,57 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     let err = failed(&run(thaw, b""), "thaw of a directory without goblin.json");
     assert!(err.contains("goblin.json"), "{err}");
 }
+
+/// Says `ready`, then prints where its stdin, stdout and stderr lead, once per line of input.
+const FDS: &str = r#"
+import os, sys
+print("ready")
+for line in sys.stdin:
+    print(" ".join(os.readlink("/proc/self/fd/%d" % fd) for fd in range(3)))
+"#;
+
+#[test]
+fn live_thaw_hands_pipes_straight_to_the_goblin_and_pumps_the_rest() {
+    if !live("live_thaw_hands_pipes_straight_to_the_goblin_and_pumps_the_rest") {
+        return;
+    }
+    use std::os::fd::AsRawFd as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(
+        &spawn_goblin(&store, "fds", &["--until", "^ready$"], &py(FDS)),
+        "spawn",
+    );
+    let err_file = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "thaw", "fds"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(err_file);
+    let mut child = cmd.spawn().expect("start pf");
+    let _guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let ino = |fd: i32| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/proc/self/fd/{fd}"))
+            .expect("stat a pipe")
+            .ino()
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let (in_ino, out_ino) = (ino(stdin.as_raw_fd()), ino(stdout.as_raw_fd()));
+    writeln!(stdin, "where").expect("write");
+    drop(stdin);
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().expect("an answer").expect("read");
+    let fds: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fds.len(), 3, "{line}");
+    assert_eq!(fds[0], format!("pipe:[{in_ino}]"), "stdin passed through");
+    assert_eq!(fds[1], format!("pipe:[{out_ino}]"), "stdout passed through");
+    assert!(
+        fds[2].starts_with("pipe:[") && !fds[2].contains("stderr"),
+        "a file is pumped through a pipe of pf's: {line}"
+    );
+    assert!(lines.next().is_none(), "end of input ends the goblin");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

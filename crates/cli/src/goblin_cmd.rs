@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -68,10 +69,12 @@ Examples:
   pf goblin freeze --pid 4242 --json";
 
 const THAW_HELP: &str = "\
-The goblin is restored in its own pid and mount namespaces on fresh pipes, so any number of
-thaws of one snapshot run at once, and beside the original. pf copies its stdin to the goblin
-(end of input closes the goblin's stdin), the goblin's stdout to pf's stdout and its stderr to
-pf's stderr, forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, and exits with its exit code
+The goblin is restored in its own pid and mount namespaces, so any number of thaws of one
+snapshot run at once, and beside the original. Where pf's stdin, stdout or stderr is a pipe, the
+goblin gets that pipe itself and pf copies nothing; a terminal or a file is pumped: pf copies its
+stdin to the goblin (end of input closes the goblin's stdin), the goblin's stdout to pf's stdout
+and its stderr to pf's stderr. (Input the goblin had not read when it was frozen goes in first,
+so then stdin is pumped too.) pf forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it, and exits with its exit code
 (128+N when signal N ended it). So `pf goblin thaw NAME` behaves like running the program.
 
 Examples:
@@ -495,13 +498,29 @@ impl Resolved {
 
 fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
     let resolved = Resolved::new(global, &args.from)?;
-    let mut goblin = pf_goblins::thaw(
-        &resolved.source(),
+    let loaded = pf_goblins::load(&resolved.source())?;
+    // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
+    // The unread input saved in the snapshot must go first, through a pipe of pf's.
+    let stdin_through = loaded.stdin_backlog().is_empty();
+    let wiring = pf_goblins::Wiring {
+        stdin: pass_pipe(std::io::stdin().as_fd(), stdin_through)?,
+        stdout: pass_pipe(std::io::stdout().as_fd(), true)?,
+        stderr: pass_pipe(std::io::stderr().as_fd(), true)?,
+    };
+    let mut goblin = loaded.thaw_wired(
         &ThawOptions {
             new_pid_namespace: true,
         },
+        wiring,
     )?;
-    tracing::info!(pid = goblin.pid(), "goblin thawed");
+    drop(loaded);
+    tracing::info!(
+        pid = goblin.pid(),
+        stdin_pumped = goblin.stdin.is_some(),
+        stdout_pumped = goblin.stdout.is_some(),
+        stderr_pumped = goblin.stderr.is_some(),
+        "goblin thawed"
+    );
     let killer = goblin.killer();
     forward_signals_to(block_signals(), move |sig| {
         tracing::info!(sig, "forwarding signal to the goblin");
@@ -529,6 +548,19 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
     let status = goblin.wait().context("cannot wait for the goblin")?;
     tracing::info!(status = %describe_status(status), "goblin exited");
     Ok(exit_code(status))
+}
+
+/// `fd` itself for the goblin when it is a pipe and `allowed`, else a new pipe pf pumps.
+fn pass_pipe(fd: std::os::fd::BorrowedFd<'_>, allowed: bool) -> anyhow::Result<pf_goblins::Wire> {
+    let is_pipe = nix::sys::stat::fstat(fd.as_raw_fd())
+        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+    if !(allowed && is_pipe) {
+        return Ok(pf_goblins::Wire::NewPipe);
+    }
+    let own = fd
+        .try_clone_to_owned()
+        .context("cannot duplicate a standard stream for the goblin")?;
+    Ok(pf_goblins::Wire::Fd(own))
 }
 
 /// Copy `from` to `to` chunk by chunk, flushing each one (a prompt without a newline must show
@@ -745,6 +777,7 @@ fn forward_signals_to(set: nix::sys::signal::SigSet, on_signal: impl Fn(i32) + S
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
     use std::os::unix::process::ExitStatusExt as _;
 
     use super::*;

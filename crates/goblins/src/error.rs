@@ -121,6 +121,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A descriptor was given for a thawed goblin's stdin, but the snapshot holds bytes that
+    /// were waiting unread in its stdin pipe; they must reach the goblin first, through a pipe
+    /// of pf's.
+    #[error(
+        "{snapshot} has {bytes} unread bytes waiting for its stdin: give it a new pipe \
+         (`Wire::NewPipe`) and copy your input after them"
+    )]
+    StdinBacklog {
+        /// The digest or images directory.
+        snapshot: String,
+        /// How many bytes were waiting.
+        bytes: usize,
+    },
     /// A system call on a pipe or process failed.
     #[error("cannot {op}")]
     Sys {

@@ -63,7 +63,7 @@ pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};
 pub use crate::spawn::{SpawnOptions, spawn};
 pub use crate::stdio::{StdioKind, Streams};
-pub use crate::thaw::{Loaded, Source, ThawOptions, fork, load, thaw};
+pub use crate::thaw::{Loaded, Source, ThawOptions, Wire, Wiring, fork, load, thaw};
 #[cfg(feature = "tokio")]
 pub use crate::thaw_async::{AsyncGoblin, thaw_async};
 

@@ -46,6 +46,42 @@ pub struct ThawOptions {
     pub new_pid_namespace: bool,
 }
 
+/// Where one of a thawed goblin's standard streams goes.
+#[derive(Debug)]
+pub enum Wire {
+    /// A fresh pipe; pf keeps the other end in the returned [`Goblin`] (`stdin`, `stdout` or
+    /// `stderr`).
+    NewPipe,
+    /// This descriptor itself, handed to the goblin in place of its old pipe: a pipe of the
+    /// caller's passes straight through, with nothing copied on the way. The [`Goblin`]'s field
+    /// for the stream is then `None`.
+    Fd(OwnedFd),
+}
+
+/// How a thawed goblin's stdin, stdout and stderr are connected ([`Loaded::thaw_wired`]).
+#[derive(Debug)]
+pub struct Wiring {
+    /// Its stdin. A [`Wire::Fd`] is refused when the snapshot holds unread stdin bytes
+    /// ([`Loaded::stdin_backlog`]): they must go in first, through a new pipe.
+    pub stdin: Wire,
+    /// Its stdout.
+    pub stdout: Wire,
+    /// Its stderr. When the goblin's stdout and stderr were one pipe, they stay one: this is
+    /// ignored and both go where `stdout` says.
+    pub stderr: Wire,
+}
+
+impl Wiring {
+    /// Three fresh pipes, as [`thaw`] gives.
+    pub fn new_pipes() -> Wiring {
+        Wiring {
+            stdin: Wire::NewPipe,
+            stdout: Wire::NewPipe,
+            stderr: Wire::NewPipe,
+        }
+    }
+}
+
 /// Restore one copy of a frozen goblin on three fresh pipes and return once it runs.
 ///
 /// A failed restore is an [`Error::Thaw`] whose source carries CRIU's own error lines. A
@@ -179,9 +215,22 @@ impl Loaded {
         &self.name
     }
 
+    /// The bytes that were waiting unread in the goblin's stdin pipe when it was frozen; every
+    /// thawed copy reads them first.
+    pub fn stdin_backlog(&self) -> &[u8] {
+        &self.stdin_backlog
+    }
+
     /// Restore one copy on three fresh pipes and return once it runs (see [`thaw`]).
     pub fn thaw(&self, options: &ThawOptions) -> Result<Goblin> {
-        self.thaw_one(options.new_pid_namespace)
+        self.thaw_one(options.new_pid_namespace, Wiring::new_pipes())
+    }
+
+    /// Restore one copy with its stdin, stdout and stderr connected as `wiring` says, and
+    /// return once it runs. `pf goblin thaw` passes its own stdin and stdout through this way
+    /// when they are pipes.
+    pub fn thaw_wired(&self, options: &ThawOptions, wiring: Wiring) -> Result<Goblin> {
+        self.thaw_one(options.new_pid_namespace, wiring)
     }
 
     /// Restore `n` copies side by side (see [`fork`]).
@@ -204,7 +253,7 @@ impl Loaded {
                             if i >= n {
                                 break;
                             }
-                            let result = self.thaw_one(true);
+                            let result = self.thaw_one(true, Wiring::new_pipes());
                             let failed = result.is_err();
                             mine.push((i, result));
                             if failed {
@@ -237,25 +286,53 @@ impl Loaded {
         Ok(goblins)
     }
 
-    /// Restore one copy on fresh pipes.
-    fn thaw_one(&self, new_pid_namespace: bool) -> Result<Goblin> {
+    /// Restore one copy, wired as asked.
+    fn thaw_one(&self, new_pid_namespace: bool, wiring: Wiring) -> Result<Goblin> {
         let [stdin_ino, stdout_ino, stderr_ino] = self.pipes;
-        let (stdin_r, mut stdin_w) = pipe("stdin")?;
-        let (stdout_r, stdout_w) = pipe("stdout")?;
-        let mut inherit = vec![
-            inherit_fd(stdin_r.into(), stdin_ino),
-            inherit_fd(stdout_w.into(), stdout_ino),
-        ];
-        let stderr_r = if stderr_ino == stdout_ino {
-            None
-        } else {
-            let (r, w) = pipe("stderr")?;
-            inherit.push(inherit_fd(w.into(), stderr_ino));
-            Some(r)
+        let mut inherit = Vec::with_capacity(3);
+        let stdin_w = match wiring.stdin {
+            Wire::NewPipe => {
+                let (r, mut w) = pipe("stdin")?;
+                if !self.stdin_backlog.is_empty() {
+                    fill(&mut w, &self.stdin_backlog)?;
+                }
+                inherit.push(inherit_fd(r.into(), stdin_ino));
+                Some(w)
+            }
+            Wire::Fd(_) if !self.stdin_backlog.is_empty() => {
+                return Err(Error::StdinBacklog {
+                    snapshot: self.name.clone(),
+                    bytes: self.stdin_backlog.len(),
+                });
+            }
+            Wire::Fd(fd) => {
+                inherit.push(inherit_fd(fd, stdin_ino));
+                None
+            }
         };
-        if !self.stdin_backlog.is_empty() {
-            fill(&mut stdin_w, &self.stdin_backlog)?;
-        }
+        let stdout_r = match wiring.stdout {
+            Wire::NewPipe => {
+                let (r, w) = pipe("stdout")?;
+                inherit.push(inherit_fd(w.into(), stdout_ino));
+                Some(r)
+            }
+            Wire::Fd(fd) => {
+                inherit.push(inherit_fd(fd, stdout_ino));
+                None
+            }
+        };
+        let stderr_r = match wiring.stderr {
+            _ if stderr_ino == stdout_ino => None,
+            Wire::NewPipe => {
+                let (r, w) = pipe("stderr")?;
+                inherit.push(inherit_fd(w.into(), stderr_ino));
+                Some(r)
+            }
+            Wire::Fd(fd) => {
+                inherit.push(inherit_fd(fd, stderr_ino));
+                None
+            }
+        };
         let options = RestoreOptions {
             new_pidns: new_pid_namespace,
             shell_job: self.shell_job,
@@ -279,8 +356,8 @@ impl Loaded {
             pid,
             pidfd,
             Process::Thawed(Box::new(restored)),
-            Some(stdin_w),
-            Some(stdout_r),
+            stdin_w,
+            stdout_r,
             stderr_r,
         ))
     }

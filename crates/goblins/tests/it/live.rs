@@ -364,6 +364,111 @@ fn live_refusals_say_what_is_wrong() {
     assert!(matches!(err, Error::Metadata { op: "read", .. }), "{err:?}");
 }
 
+/// Prints where its stdin, stdout and stderr lead, once per line of input.
+const FDS: &str = r#"
+import os, sys
+for line in sys.stdin:
+    print(" ".join(os.readlink("/proc/self/fd/%d" % fd) for fd in range(3)))
+print("eof")
+"#;
+
+#[test]
+fn live_wired_thaw_passes_the_callers_pipes_through() {
+    if !live("live_wired_thaw_passes_the_callers_pipes_through") {
+        return;
+    }
+    use std::io::{BufRead as _, Write as _};
+    use std::os::fd::AsRawFd as _;
+    let store = MemBlobStore::default();
+    let mut original = spawn(&python(FDS, &[]));
+    let frozen =
+        pf_goblins::freeze(original.pid(), FreezeTarget::Store(&store), &KILL).expect("freeze");
+    original.wait().expect("reap original");
+    let digest = *frozen.digest().expect("stored");
+    let loaded = pf_goblins::load(&Source::Store {
+        store: &store,
+        digest: &digest,
+    })
+    .expect("load");
+    assert!(loaded.stdin_backlog().is_empty());
+
+    let (in_r, mut in_w) = std::io::pipe().expect("pipe");
+    let (out_r, out_w) = std::io::pipe().expect("pipe");
+    let ino = |fd: i32| nix::sys::stat::fstat(fd).expect("fstat").st_ino;
+    let (in_ino, out_ino) = (ino(in_w.as_raw_fd()), ino(out_r.as_raw_fd()));
+    let mut thawed = loaded
+        .thaw_wired(
+            &NEW_NS,
+            pf_goblins::Wiring {
+                stdin: pf_goblins::Wire::Fd(in_r.into()),
+                stdout: pf_goblins::Wire::Fd(out_w.into()),
+                stderr: pf_goblins::Wire::NewPipe,
+            },
+        )
+        .expect("thaw wired");
+    assert!(thawed.stdin.is_none() && thawed.stdout.is_none());
+    let err_r = thawed.stderr.take().expect("stderr on a new pipe");
+    let err_ino = ino(err_r.as_raw_fd());
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out_r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(crate::support::ANSWER)
+            .expect("an answer on our own stdout pipe")
+    };
+    writeln!(in_w, "where").expect("write");
+    assert_eq!(
+        next(),
+        format!("pipe:[{in_ino}] pipe:[{out_ino}] pipe:[{err_ino}]"),
+        "the goblin holds our pipes themselves"
+    );
+    drop(in_w);
+    assert_eq!(
+        next(),
+        "eof",
+        "closing our pipe is the goblin's end of input"
+    );
+    assert_eq!(thawed.wait().expect("wait").code(), Some(0));
+
+    // Unread input must go in first, through a pipe of pf's: a descriptor for stdin is refused.
+    let mut slow = spawn(&python(SLOW_READER, &["3"]));
+    let mut talk = Talk::new(&mut slow);
+    assert_eq!(talk.line(), "started");
+    talk.send("one");
+    let frozen =
+        pf_goblins::freeze(slow.pid(), FreezeTarget::Store(&store), &KILL).expect("freeze");
+    slow.wait().expect("reap");
+    let digest = *frozen.digest().expect("stored");
+    let loaded = pf_goblins::load(&Source::Store {
+        store: &store,
+        digest: &digest,
+    })
+    .expect("load");
+    assert_eq!(loaded.stdin_backlog(), b"one\n");
+    let (in_r, _in_w) = std::io::pipe().expect("pipe");
+    let err = loaded
+        .thaw_wired(
+            &NEW_NS,
+            pf_goblins::Wiring {
+                stdin: pf_goblins::Wire::Fd(in_r.into()),
+                stdout: pf_goblins::Wire::NewPipe,
+                stderr: pf_goblins::Wire::NewPipe,
+            },
+        )
+        .expect_err("unread input first");
+    assert!(
+        matches!(err, Error::StdinBacklog { bytes: 4, .. }),
+        "{err:?}"
+    );
+}
+
 fn pipe_ino(kind: &StdioKind) -> u64 {
     match kind {
         StdioKind::Pipe(ino) => *ino,
