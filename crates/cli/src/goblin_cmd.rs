@@ -777,9 +777,6 @@ fn forward_signals_to(set: nix::sys::signal::SigSet, on_signal: impl Fn(i32) + S
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    use std::os::unix::process::ExitStatusExt as _;
-
     use super::*;
 
     #[test]
