@@ -103,11 +103,6 @@ pub fn freeze(pid: i32, target: FreezeTarget<'_>, options: &FreezeOptions) -> Re
             Snapshot::Stored(captured.procs)
         }
         FreezeTarget::Images(dir) => {
-            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-                op: "create the images directory",
-                path: dir.to_owned(),
-                source,
-            })?;
             let report = pf_world_procs::dump_to_dir(pid, dir, &capture).map_err(|source| {
                 Error::Freeze {
                     pid,

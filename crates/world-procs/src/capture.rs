@@ -90,12 +90,36 @@ pub enum CaptureProgress {
     },
 }
 
-/// Dump `pid`'s tree into the existing empty directory `images_dir`: plain CRIU images, nothing
-/// else (criu's log and stats go to a work directory of their own).
+/// Dump `pid`'s tree into `images_dir`: plain CRIU images, nothing else (criu's log and stats
+/// go to a work directory of their own). The directory is made (private, 0700: images hold the
+/// process's memory) when it does not exist; one that holds anything is refused, so two dumps
+/// never mix.
 pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result<DumpReport> {
     let criu = crate::criu::probe().criu()?;
     ensure_alive(pid)?;
+    prepare_images_dir(images_dir)?;
     dump_with(criu, pid, images_dir, opts)
+}
+
+/// Make `dir` (0700) if it is missing; refuse it if it holds anything.
+fn prepare_images_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(Error::ImagesDirNotEmpty {
+                    path: dir.to_owned(),
+                });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Error::io("create the images directory", dir, e)),
+        Err(e) => Err(Error::io("read the images directory", dir, e)),
+    }
 }
 
 /// Dump `pid`'s tree, stream the images into `store`, store the procs blob; return its digest.
@@ -346,5 +370,26 @@ mod tests {
         assert!(
             matches!(mac.blob, ProcsBlob::Unsupported { unsupported_on, .. } if unsupported_on == "macos")
         );
+    }
+
+    #[test]
+    fn images_dir_is_made_private_or_must_be_empty() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let new = tmp.path().join("a/b");
+        prepare_images_dir(&new).expect("made");
+        let mode = std::fs::metadata(&new).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        prepare_images_dir(&new).expect("empty is fine");
+        std::fs::write(new.join("core-1.img"), b"x").expect("write");
+        let err = prepare_images_dir(&new).expect_err("not empty");
+        assert!(
+            matches!(&err, Error::ImagesDirNotEmpty { path } if path == &new),
+            "{err:?}"
+        );
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").expect("write");
+        let err = prepare_images_dir(&file).expect_err("a file");
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
     }
 }

@@ -71,6 +71,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The directory to dump into already holds files.
+    #[error(
+        "the images directory {} is not empty; give a new or empty directory so two dumps never mix",
+        .path.display()
+    )]
+    ImagesDirNotEmpty {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A file-system operation failed.
     #[error("{op} {}", .path.display())]
     Io {
