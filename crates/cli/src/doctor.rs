@@ -102,7 +102,7 @@ pub(crate) fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
     let mut checks = vec![kernel_check()];
     checks.extend(criu_checks(probe));
     checks.push(privilege_check(is_root, probe, sudo.as_ref()));
-    checks.push(namespace_check(is_root, sudo.as_ref()));
+    checks.push(namespace_check(is_root));
     checks.push(userfaultfd_check(is_root, probe));
     checks.push(store_check(global));
 
@@ -483,24 +483,22 @@ fn privilege_check(is_root: bool, probe: &Probe, sudo: Option<&Result<(), String
     }
 }
 
-fn namespace_check(is_root: bool, sudo: Option<&Result<(), String>>) -> Check {
+fn namespace_check(is_root: bool) -> Check {
     const ID: &str = "namespaces";
     const LABEL: &str = "namespaces";
     const ARGS: [&str; 5] = ["--pid", "--fork", "--mount-proc", "--", "true"];
-    let mut cmd = if is_root {
-        spawn("unshare")
-    } else if let Some(Ok(())) = sudo {
-        let mut cmd = spawn("sudo");
-        cmd.args(["-n", "unshare"]);
-        cmd
-    } else {
+    if !is_root {
+        // pf makes the namespaces itself (its own init as PID 1), not through sudo: creating a
+        // PID namespace needs CAP_SYS_ADMIN in pf's own process.
         return Check::fail(
             ID,
             LABEL,
-            "not tried: new PID + mount namespaces need root or passwordless sudo (fork needs them)",
-            "run pf as root or allow passwordless sudo",
+            "not root: pf creates the new PID + mount namespaces that goblin thaw and fork, shell \
+             beam and procs restore --new-pidns use in its own process, which needs root",
+            "run pf as root (e.g. `sudo pf …`)",
         );
-    };
+    }
+    let mut cmd = spawn("unshare");
     cmd.args(ARGS);
     match cmd.output() {
         Ok(out) if out.status.success() => Check::pass(
@@ -543,13 +541,19 @@ fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
             ID,
             LABEL,
             "kernel without userfaultfd (neither /dev/userfaultfd nor vm.unprivileged_userfaultfd)",
-            "lazy thaw needs a kernel built with CONFIG_USERFAULTFD=y; full thaw works without it",
+            "only CRIU's lazy restore needs a kernel built with CONFIG_USERFAULTFD=y; pf's thaw does \
+             not use it",
         )
         .optional();
     }
     let privileged = is_root || probe.criu().is_ok_and(|c| c.privilege == Privilege::Sudo);
     if privileged {
-        return Check::pass(ID, LABEL, "available to criu (lazy thaw)");
+        return Check::pass(
+            ID,
+            LABEL,
+            "available to criu (for CRIU's lazy restore; pf does not use it yet)",
+        )
+        .optional();
     }
     let unprivileged = std::fs::read_to_string(sysctl).is_ok_and(|v| v.trim() == "1");
     let dev_ok = nix::unistd::access(
@@ -558,7 +562,12 @@ fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
     )
     .is_ok();
     if unprivileged || dev_ok {
-        Check::pass(ID, LABEL, "available without root (lazy thaw)")
+        Check::pass(
+            ID,
+            LABEL,
+            "available without root (for CRIU's lazy restore; pf does not use it yet)",
+        )
+        .optional()
     } else {
         Check::fail(
             ID,

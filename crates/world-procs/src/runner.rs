@@ -174,13 +174,7 @@ impl Invocation {
         if errors.is_empty() {
             // No log (criu never started, sudo refused, bad option): its stderr says why.
             let stderr = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
-            errors = stderr
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .take(8)
-                .map(str::to_owned)
-                .collect();
+            errors = stderr_reasons(&stderr);
         }
         let action = self.action;
         let log = self.keep();
@@ -210,6 +204,27 @@ pub(crate) fn error_lines(log: &str) -> Vec<String> {
         .take(8)
         .map(str::to_owned)
         .collect()
+}
+
+/// What criu said on stderr when its log has no `Error (…)` line: its plain lines (a refusal
+/// such as `CRIU needs to have the CAP_SYS_ADMIN …`), without the timestamped chatter
+/// (`(00.000000) CRIU run id = …`) unless that is all there is; at most 8.
+pub(crate) fn stderr_reasons(stderr: &str) -> Vec<String> {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let timestamped = |l: &&str| {
+        l.strip_prefix('(')
+            .and_then(|rest| rest.split_once(") "))
+            .is_some_and(|(t, _)| {
+                !t.is_empty() && t.chars().all(|c| c.is_ascii_digit() || c == '.')
+            })
+    };
+    let plain: Vec<&str> = lines.iter().copied().filter(|l| !timestamped(l)).collect();
+    let chosen = if plain.is_empty() { lines } else { plain };
+    chosen.into_iter().take(8).map(str::to_owned).collect()
 }
 
 /// The exit of a child as [`crate::Exit`].
@@ -370,6 +385,25 @@ mod tests {
             ]
         );
         assert!(error_lines("").is_empty());
+    }
+
+    #[test]
+    fn stderr_reasons_skip_timestamped_chatter() {
+        let stderr = "(00.000000) CRIU run id = c9d3\n\
+CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: \n\
+setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
+        assert_eq!(
+            stderr_reasons(stderr),
+            vec![
+                "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability:",
+                "setcap cap_checkpoint_restore+eip /usr/local/sbin/criu",
+            ]
+        );
+        assert_eq!(
+            stderr_reasons("(00.1) only chatter\n"),
+            vec!["(00.1) only chatter"]
+        );
+        assert!(stderr_reasons("").is_empty());
     }
 
     #[test]
