@@ -192,3 +192,74 @@ fn live_doctor_passes_on_a_machine_with_criu() {
         assert_eq!(c["ok"], true, "{c}");
     }
 }
+
+/// Not root (as `nobody` when the tests run as root): every check still runs, nothing panics, and
+/// what needs root says so with its fix.
+#[test]
+fn doctor_without_root_says_what_needs_root() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd;
+    if nix_is_root() {
+        // `nobody` must be able to run the binary: a world-readable copy in a 0755 directory.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tempdir");
+        let bin = dir.path().join("pf");
+        std::fs::copy(crate::support::pf_bin(), &bin).expect("copy pf");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod pf");
+        cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&bin);
+    } else {
+        cmd = std::process::Command::new(crate::support::pf_bin());
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .env_remove("PF_STORE")
+        .env("HOME", dir.path())
+        .env("PATH", "/usr/local/sbin:/usr/bin:/bin")
+        .env("TMPDIR", "/tmp")
+        .args(["--store"])
+        .arg(dir.path().join("store"))
+        .args(["doctor", "--json"]);
+    let out = cmd.output().expect("run pf doctor without root");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let doc = json_of(&out);
+    let ids: Vec<&str> = doc["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, CHECK_IDS);
+    let ns = check(&doc, "namespaces");
+    assert_eq!(ns["ok"], false, "{ns}");
+    assert!(
+        ns["detail"]
+            .as_str()
+            .expect("detail")
+            .contains("needs root"),
+        "{ns}"
+    );
+    assert!(ns["fix"].as_str().expect("fix").contains("root"), "{ns}");
+    let privileges = check(&doc, "privileges");
+    if privileges["ok"] == false {
+        let detail = privileges["detail"].as_str().expect("detail");
+        assert!(
+            !detail.contains("CRIU run id"),
+            "a reason, not criu's chatter: {detail}"
+        );
+    }
+    assert_eq!(check(&doc, "userfaultfd")["required"], false);
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}

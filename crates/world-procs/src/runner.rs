@@ -172,9 +172,12 @@ impl Invocation {
             .map(|log| error_lines(&log))
             .unwrap_or_default();
         if errors.is_empty() {
-            // No log (criu never started, sudo refused, bad option): its stderr says why.
-            let stderr = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
-            errors = stderr_reasons(&stderr);
+            // No log lines (criu never started, sudo refused, bad option, missing capability):
+            // what it printed says why; criu prints some refusals on stdout.
+            let mut said = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
+            said.push('\n');
+            said.push_str(&std::fs::read_to_string(self.stdout_path()).unwrap_or_default());
+            errors = stderr_reasons(&said);
         }
         let action = self.action;
         let log = self.keep();
@@ -206,7 +209,7 @@ pub(crate) fn error_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
-/// What criu said on stderr when its log has no `Error (…)` line: its plain lines (a refusal
+/// What criu printed (stderr, then stdout) when its log has no `Error (…)` line: its plain lines (a refusal
 /// such as `CRIU needs to have the CAP_SYS_ADMIN …`), without the timestamped chatter
 /// (`(00.000000) CRIU run id = …`) unless that is all there is; at most 8.
 pub(crate) fn stderr_reasons(stderr: &str) -> Vec<String> {
