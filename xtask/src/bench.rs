@@ -190,10 +190,10 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     process::run(&mut build)?;
     let env = Env {
         root: root.to_owned(),
-        pf: root.join("target").join(profile).join("pf"),
+        pf: process::target_dir(root).join(profile).join("pf"),
         criu,
         python,
-        stores: root.join("target/bench"),
+        stores: process::target_dir(root).join("bench"),
         tmpfs: PathBuf::from("/dev/shm"),
     };
     std::fs::create_dir_all(&env.stores)

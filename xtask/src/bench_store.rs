@@ -75,7 +75,7 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
         "pf",
     ]);
     process::run(&mut build)?;
-    let pf = root.join("target/release/pf");
+    let pf = process::target_dir(root).join("release/pf");
     let (lines, _) = measure(root, &pf, opts.size_mib, opts.runs, &say)?;
     for line in lines {
         say(&line);
@@ -102,7 +102,7 @@ pub(crate) fn measure(
     }
     let pf = pf.to_owned();
 
-    let dir = root.join("target/bench-store");
+    let dir = process::target_dir(root).join("bench-store");
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let input = dir.join(format!("input-{}mib.bin", opts.size_mib));
     make_input(&input, opts.size_mib << 20, say)?;

@@ -62,14 +62,16 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
         "fix the dependency or, with a reason, deny.toml",
     )?;
 
+    header("programs the tests drive (python3, zstd, tmux)");
+    ensure_test_packages()?;
     header("build tests");
     let bins = testrun::build(root)?;
     let mut tally = Tally::default();
     header("unit, integration and doc tests (live_… skipped, PF_HAS_CRIU unset)");
     testrun::pass_non_live(root, &bins, &mut tally)?;
 
-    header("CRIU and tmux for the live tests");
-    let criu = ensure_live_prerequisites(root)?;
+    header("CRIU for the live tests");
+    let criu = ensure_criu(root)?;
     header("live tests (PF_HAS_CRIU=1, one at a time)");
     testrun::pass_live(&bins, &criu, &mut tally)?;
     finish(&tally, true, start)
@@ -77,8 +79,9 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    header("CRIU and tmux for the live tests");
-    let criu = ensure_live_prerequisites(root)?;
+    header("CRIU, python3, zstd and tmux for the live tests");
+    ensure_test_packages()?;
+    let criu = ensure_criu(root)?;
     header("build tests");
     let bins = testrun::build(root)?;
     let mut tally = Tally::default();
@@ -87,21 +90,25 @@ pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
     finish(&tally, false, start)
 }
 
-/// Debian packages the live tests drive besides CRIU: tmux runs the shells of `pf shell`'s tests.
-const LIVE_TEST_PACKAGES: &[&str] = &["tmux"];
+/// Debian packages the tests drive besides CRIU: python3 runs their goblins, zstd is the
+/// reference the store's interop tests compare with, tmux runs the shells of `pf shell`'s tests.
+const TEST_PACKAGES: &[&str] = &["python3", "zstd", "tmux"];
 
-/// CRIU and the other programs the live tests need; the path of criu.
-fn ensure_live_prerequisites(root: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let criu = install_criu::ensure(root, &default_install())
-        .context("the live tests need a working CRIU; CI fails without one")?;
-    install_criu::ensure_debian_packages(LIVE_TEST_PACKAGES).with_context(|| {
+/// The programs the tests need besides CRIU (installed with apt when missing and root).
+fn ensure_test_packages() -> anyhow::Result<()> {
+    install_criu::ensure_debian_packages(TEST_PACKAGES).with_context(|| {
         format!(
-            "the live tests need {}: run `apt-get install -y {}`",
-            LIVE_TEST_PACKAGES.join(", "),
-            LIVE_TEST_PACKAGES.join(" ")
+            "the tests need {}: run `apt-get install -y {}`",
+            TEST_PACKAGES.join(", "),
+            TEST_PACKAGES.join(" ")
         )
-    })?;
-    Ok(criu)
+    })
+}
+
+/// A working CRIU for the live tests (built when missing); its path.
+fn ensure_criu(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    install_criu::ensure(root, &default_install())
+        .context("the live tests need a working CRIU; CI fails without one")
 }
 
 fn default_install() -> install_criu::Options {

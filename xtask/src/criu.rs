@@ -11,6 +11,9 @@ use crate::process::{self, Out};
 /// The oldest CRIU that works on these kernels (3.17 fails `criu check` on the vvar_vclock vDSO).
 pub(crate) const MIN_VERSION: (u32, u32) = (4, 1);
 
+/// How long `criu --version` or `criu check` may take before the candidate counts as broken.
+const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Where to look, in order: `$PF_CRIU`, each `criu` on `PATH`, then the usual sbin directories.
 pub(crate) fn candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -61,7 +64,7 @@ pub(crate) fn probe(path: &Path) -> Probe {
     }
     let mut cmd = process::command(path, Path::new("/"), Out::Pipe, Out::Pipe);
     cmd.arg("--version");
-    let version = match process::output(&mut cmd) {
+    let version = match process::output_within(&mut cmd, PROBE_DEADLINE) {
         Ok(out) if out.status.success() => {
             match parse_version(&String::from_utf8_lossy(&out.stdout)) {
                 Some(v) => v,
@@ -76,7 +79,7 @@ pub(crate) fn probe(path: &Path) -> Probe {
     }
     let mut cmd = process::command(path, Path::new("/"), Out::Pipe, Out::Pipe);
     cmd.arg("check");
-    match process::output(&mut cmd) {
+    match process::output_within(&mut cmd, PROBE_DEADLINE) {
         Ok(out) if out.status.success() => Probe::Works { version },
         Ok(out) => {
             let text = format!(

@@ -69,8 +69,8 @@ pub(crate) fn demo(root: &Path) -> anyhow::Result<ExitCode> {
     let mut build = process::command(cargo, root, Out::Inherit, Out::Inherit);
     build.args(["build", "--quiet", "--package", "pf-cli", "--bin", "pf"]);
     process::run(&mut build)?;
-    let pf = root.join("target/debug/pf");
-    let demo_dir = root.join("target/pf-demo");
+    let pf = process::target_dir(root).join("debug/pf");
+    let demo_dir = process::target_dir(root).join("pf-demo");
     let store = demo_dir.join("store");
 
     eprintln!("\n==> pf doctor --store {}", store.display());

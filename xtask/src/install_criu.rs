@@ -99,7 +99,7 @@ pub(crate) fn ensure(root: &Path, opts: &Options) -> anyhow::Result<PathBuf> {
         );
     }
     eprintln!("install-criu: building CRIU {VERSION} from Debian's source tarball");
-    let build_dir = root.join("target/criu-build");
+    let build_dir = process::target_dir(root).join("criu-build");
     step("1/5 build dependencies", ensure_debian_packages(BUILD_DEPS))?;
     let tarball = step("2/5 download", download(&build_dir))?;
     let src = step("3/5 unpack", unpack(&build_dir, &tarball))?;
