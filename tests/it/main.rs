@@ -3,6 +3,7 @@
 mod doctor;
 mod goblin;
 mod procs;
+mod procs_net;
 mod shell;
 mod store;
 mod support;

@@ -54,6 +54,8 @@ pub(crate) enum Probe {
     },
     Works {
         version: String,
+        /// What `criu --version` says after `GitID:`, if anything.
+        gitid: Option<String>,
     },
 }
 
@@ -64,10 +66,11 @@ pub(crate) fn probe(path: &Path) -> Probe {
     }
     let mut cmd = process::command(path, Path::new("/"), Out::Pipe, Out::Pipe);
     cmd.arg("--version");
-    let version = match process::output_within(&mut cmd, PROBE_DEADLINE) {
+    let (version, gitid) = match process::output_within(&mut cmd, PROBE_DEADLINE) {
         Ok(out) if out.status.success() => {
-            match parse_version(&String::from_utf8_lossy(&out.stdout)) {
-                Some(v) => v,
+            let text = String::from_utf8_lossy(&out.stdout);
+            match parse_version(&text) {
+                Some(v) => (v, parse_gitid(&text)),
                 None => return Probe::NoVersion("no `Version:` line in `criu --version`".into()),
             }
         }
@@ -80,7 +83,7 @@ pub(crate) fn probe(path: &Path) -> Probe {
     let mut cmd = process::command(path, Path::new("/"), Out::Pipe, Out::Pipe);
     cmd.arg("check");
     match process::output_within(&mut cmd, PROBE_DEADLINE) {
-        Ok(out) if out.status.success() => Probe::Works { version },
+        Ok(out) if out.status.success() => Probe::Works { version, gitid },
         Ok(out) => {
             let text = format!(
                 "{}{}",
@@ -113,7 +116,11 @@ pub(crate) fn find_working() -> Search {
     for path in candidates() {
         match probe(&path) {
             Probe::Missing => {}
-            Probe::Works { version } => {
+            Probe::Works { version, gitid } => {
+                if let Some(why) = lacks_patches(&version, gitid.as_deref()) {
+                    search.rejected.push((path, why));
+                    continue;
+                }
                 search.found = Some((path, version));
                 break;
             }
@@ -131,6 +138,27 @@ pub(crate) fn find_working() -> Search {
         }
     }
     search
+}
+
+/// Why a working criu still won't do: a 4.1 without pf's patches (built elsewhere, or by an older
+/// install-criu) cannot dump TCP/UDP sockets on Linux ≥ 6.16. 4.2 and later are taken as they are.
+pub(crate) fn lacks_patches(version: &str, gitid: Option<&str>) -> Option<String> {
+    if version_at_least(version, (4, 2)) || gitid == Some(crate::install_criu::BUILD_ID) {
+        return None;
+    }
+    Some(format!(
+        "{version} lacks pf's CRIU patches ({}; it cannot dump TCP/UDP sockets on Linux 6.16 and \
+         later): building one",
+        crate::install_criu::BUILD_ID
+    ))
+}
+
+/// `GitID: pf-4.1.1-1` → `pf-4.1.1-1`.
+pub(crate) fn parse_gitid(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("GitID:"))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 /// `Version: 4.1.1` → `4.1.1`.
@@ -171,6 +199,20 @@ mod tests {
             Some("3.17.1")
         );
         assert_eq!(parse_version("criu, who knows\n"), None);
+    }
+
+    #[test]
+    fn only_patched_or_newer_criu_is_taken() {
+        let ours = crate::install_criu::BUILD_ID;
+        assert_eq!(
+            parse_gitid(&format!("Version: 4.1.1\nGitID: {ours}\n")).as_deref(),
+            Some(ours)
+        );
+        assert_eq!(parse_gitid("Version: 4.1.1\n"), None);
+        assert_eq!(lacks_patches("4.1.1", Some(ours)), None);
+        assert_eq!(lacks_patches("4.2", None), None);
+        assert!(lacks_patches("4.1.1", None).is_some());
+        assert!(lacks_patches("4.1.1", Some("v4.1.1")).is_some());
     }
 
     #[test]
