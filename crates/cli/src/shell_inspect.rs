@@ -2,7 +2,7 @@
 //! CRIU will be able to restore its terminal.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
@@ -152,6 +152,23 @@ pub(crate) fn terminal_problem(pid: i32) -> anyhow::Result<Option<String>> {
              tmux or screen, or detach it with setsid/script"
         )));
     }
+    // Its standard streams must be on that terminal: CRIU takes one terminal per shell job, and
+    // a second pts fails the dump (`Only one slave external peer is allowed`, checked here).
+    let links: Vec<String> = (0..3)
+        .map(|fd| {
+            fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    if let Some((fd, other)) = foreign_pts(&pts, &links) {
+        return Ok(Some(format!(
+            "process {pid}'s fd {fd} is {other}, a terminal other than its controlling terminal \
+             {}; CRIU dumps a shell job with one terminal only (`tty: Only one slave external peer \
+             is allowed`): run the shell in tmux or screen with its input and output on that terminal",
+            pts.display()
+        )));
+    }
     // The session that owns the terminal must be the shell's own: its session leader must have
     // this terminal as its controlling terminal.
     match read_stat(stat.session) {
@@ -164,6 +181,13 @@ pub(crate) fn terminal_problem(pid: i32) -> anyhow::Result<Option<String>> {
             stat.session
         ))),
     }
+}
+
+/// The first of fds 0–2 (as `readlink` shows them) that is a pseudo-terminal other than `ctty`.
+fn foreign_pts(ctty: &Path, links: &[String]) -> Option<(usize, String)> {
+    links.iter().enumerate().find_map(|(fd, link)| {
+        (link.starts_with("/dev/pts/") && Path::new(link) != ctty).then(|| (fd, link.clone()))
+    })
 }
 
 fn is_vscode_terminal(pid: i32) -> bool {
@@ -210,6 +234,22 @@ mod tests {
         // /dev/tty1 is major 4
         assert_eq!(pts_path((4 << 8) | 1), None);
         assert_eq!(pts_path(0), None);
+    }
+
+    #[test]
+    fn streams_on_another_terminal_are_found() {
+        let ctty = Path::new("/dev/pts/3");
+        let l = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(foreign_pts(ctty, &l(&["/dev/pts/3"; 3])), None);
+        assert_eq!(
+            foreign_pts(ctty, &l(&["/dev/null", "pipe:[7]", "/dev/pts/3"])),
+            None
+        );
+        assert_eq!(
+            foreign_pts(ctty, &l(&["/dev/pts/3", "/dev/pts/4", "/dev/pts/3"])),
+            Some((1, "/dev/pts/4".to_owned()))
+        );
+        assert_eq!(foreign_pts(ctty, &l(&["", "", ""])), None);
     }
 
     #[test]
