@@ -144,7 +144,24 @@ exit 1
             .is_some_and(|d| d.contains("3.17.1 is older than 4.1.0")),
         "{too_old}"
     );
-    assert_eq!(check(&doc, "criu-check")["ok"], false);
+    // criu's own Error line is what the check shows, in JSON and to people.
+    let error = "Error (criu/vdso.c:95): vdso: Unexpected rt vDSO area bounds";
+    let failed = check(&doc, "criu-check");
+    assert_eq!(failed["ok"], false);
+    assert!(
+        failed["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with(&format!("fails: {error}"))),
+        "{failed}"
+    );
+    let out = doctor(&dir.path().join("store"), dir.path(), &criu, false);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("✗ criu check"))
+        .unwrap_or_else(|| panic!("no ✗ criu check line in:\n{stdout}"));
+    assert!(line.contains(&format!("fails: {error}")), "{stdout}");
 }
 
 #[test]

@@ -8,12 +8,89 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pf_core::BlobStore as _;
-use pf_world_procs::test_support::{KillOnDrop, live, spawn_clean};
+use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
 use crate::support::pf;
 
 /// Longest any single `pf` invocation may take in these tests.
 const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A mark in the environment of every process a test starts: `pf`, and through it criu, the
+/// namespace inits and the goblins (a thawed copy keeps the environment it was frozen with), so
+/// the test can list whatever of its own is still running.
+struct Mark(String);
+
+impl Mark {
+    const VAR: &'static str = "PF_TEST_MARK";
+
+    fn new(test: &str) -> Self {
+        Self(format!("{test}-{}", std::process::id()))
+    }
+
+    fn on(&self, mut cmd: Command) -> Command {
+        cmd.env(Self::VAR, &self.0);
+        cmd
+    }
+
+    /// Pids of the marked processes that are running (a zombie has no environment left).
+    fn running(&self) -> Vec<i32> {
+        let needle = format!("{}={}", Self::VAR, self.0);
+        let mut pids: Vec<i32> = std::fs::read_dir("/proc")
+            .expect("list /proc")
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|var| var == needle.as_bytes()))
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Within 10 s, exactly `want` of this test's processes are running (`[]`: none is left).
+    fn assert_running(&self, want: &[i32], after: &str) {
+        let mut want = want.to_vec();
+        want.sort_unstable();
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let running = self.running();
+            if running == want {
+                return;
+            }
+            if Instant::now() >= end {
+                let what: Vec<String> = running
+                    .iter()
+                    .map(|p| {
+                        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                        format!("{p}: {}", String::from_utf8_lossy(&cmd).replace('\0', " "))
+                    })
+                    .collect();
+                panic!("after {after}: want {want:?} running, found {what:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Whether `pid` has exited: no such process, or a zombie (within 10 s).
+fn exited(pid: i32) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return true,
+            Ok(stat)
+                if stat
+                    .rsplit_once(") ")
+                    .is_some_and(|(_, s)| s.starts_with('Z')) =>
+            {
+                return true;
+            }
+            Ok(_) if Instant::now() >= end => return false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
 
 /// A stateful goblin: `inc` prints the counter, `set k=v` prints ok, `get k` the value, `exit N`
 /// exits N; at end of input it prints `eof N`.
@@ -149,11 +226,16 @@ fn spawn_goblin(store: &Path, tag: &str, args: &[&str], cmd: &[String]) -> Outpu
     run(pf, b"")
 }
 
-/// `pf goblin thaw SNAPSHOT` with `input` on stdin.
-fn thaw(store: &Path, snapshot: &str, input: &[u8]) -> Output {
+/// `pf goblin thaw SNAPSHOT`.
+fn thaw_cmd(store: &Path, snapshot: &str) -> Command {
     let mut cmd = pf(store);
     cmd.args(["goblin", "thaw", snapshot]);
-    run(cmd, input)
+    cmd
+}
+
+/// `pf goblin thaw SNAPSHOT` with `input` on stdin.
+fn thaw(store: &Path, snapshot: &str, input: &[u8]) -> Output {
+    run(thaw_cmd(store, snapshot), input)
 }
 
 /// A goblin started by the test itself (its own session, pipes, no stray fds): the process and
@@ -201,14 +283,21 @@ fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
     if !live("live_spawn_until_then_two_thaws_answer_from_the_warm_state") {
         return;
     }
+    let _deadline = Deadline::start(
+        "live_spawn_until_then_two_thaws_answer_from_the_warm_state",
+        Duration::from_secs(120),
+    );
+    let mark = Mark::new("spawn-until");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let out = spawn_goblin(
-        &store,
-        "warm",
-        &["--until", "^ready$", "--json"],
-        &py(SLOW_START),
-    );
+    let mut spawn = pf(&store);
+    spawn
+        .args([
+            "goblin", "spawn", "--tag", "warm", "--until", "^ready$", "--json",
+        ])
+        .arg("--")
+        .args(py(SLOW_START));
+    let out = run(mark.on(spawn), b"");
     let json: serde_json::Value = serde_json::from_str(&ok(&out, "spawn")).expect("json");
     let digest = json["digest"].as_str().expect("digest").to_owned();
     assert!(digest.starts_with("sha256:"), "{json}");
@@ -220,17 +309,18 @@ fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
     // What the goblin said while warming up is not lost: pf echoed it on stderr.
     let err = text(&out.stderr);
     assert!(err.contains("loading...\nready\n"), "{err}");
+    // Once frozen, the goblin pf started is stopped, and nothing else of ours runs (no criu).
+    let goblin = i32::try_from(json["pid"].as_i64().expect("pid")).expect("pid");
+    assert!(exited(goblin), "the spawned goblin {goblin} still runs");
+    mark.assert_running(&[], "pf goblin spawn --until");
 
-    // Two thaws at once, by name and by digest, each answering from the warm state at once.
-    let started = Instant::now();
-    let mut a = pf(&store);
-    a.args(["goblin", "thaw", "warm"])
-        .stdin(Stdio::piped())
+    // Two thaws at once, by name and by digest, each answering from the warm state.
+    let mut a = mark.on(thaw_cmd(&store, "warm"));
+    a.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut b = pf(&store);
-    b.args(["goblin", "thaw", &digest])
-        .stdin(Stdio::piped())
+    let mut b = mark.on(thaw_cmd(&store, &digest));
+    b.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let a = a.spawn().expect("thaw a");
@@ -242,14 +332,10 @@ fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
         a, b,
         "both copies run with the same pid inside their namespaces"
     );
-    let lines: Vec<&str> = a.lines().collect();
-    assert_eq!(lines.len(), 2, "{a}");
-    assert_eq!(lines[0], "42");
-    assert!(
-        started.elapsed() < Duration::from_millis(1500) * 2,
-        "thaws skip the slow start: {:?}",
-        started.elapsed()
-    );
+    // No `loading...`/`ready` again: each copy starts after the slow start, with the table it
+    // built then (holding the pid the goblin had while it warmed up, which it keeps).
+    assert_eq!(a, format!("42\n{goblin}\n"));
+    mark.assert_running(&[], "two thaws");
 }
 
 #[test]
@@ -413,19 +499,26 @@ fn live_freeze_refuses_terminals_files_and_missing_pids() {
     if !live("live_freeze_refuses_terminals_files_and_missing_pids") {
         return;
     }
+    let deadline = Deadline::start(
+        "live_freeze_refuses_terminals_files_and_missing_pids",
+        Duration::from_secs(120),
+    );
+    let mark = Mark::new("freeze-refuses");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
 
     // A process on a terminal: `script` gives it a pty and it writes its pid down.
     let pidfile = dir.path().join("pid");
     let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
-    let mut term = Command::new("script");
+    let mut term = mark.on(Command::new("script"));
     term.args(["-qec", &script, "/dev/null"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut script_child = spawn_clean(&mut term).expect("start script");
-    let _script_guard = KillOnDrop(i32::try_from(script_child.id()).expect("pid"));
+    let script_pid = i32::try_from(script_child.id()).expect("pid");
+    deadline.watch(script_pid);
+    let _script_guard = KillOnDrop(script_pid);
     let started = Instant::now();
     let tty_pid = loop {
         if let Some(pid) = std::fs::read_to_string(&pidfile)
@@ -437,77 +530,82 @@ fn live_freeze_refuses_terminals_files_and_missing_pids() {
         assert!(started.elapsed() < DEADLINE, "script never started");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let _tty_guard = KillOnDrop(tty_pid);
-    let mut freeze = pf(&store);
+    deadline.watch(tty_pid);
+    let tty_guard = KillOnDrop(tty_pid);
+    mark.assert_running(&[script_pid, tty_pid], "starting script");
+    let mut freeze = mark.on(pf(&store));
     freeze.args(["goblin", "freeze", "--pid", &tty_pid.to_string()]);
     let err = failed(&run(freeze, b""), "freeze of a terminal process");
     assert!(err.contains("stdin is a terminal (/dev/pts/"), "{err}");
     assert!(err.contains("stdout is a terminal"), "{err}");
-    assert!(
-        Path::new(&format!("/proc/{tty_pid}")).exists(),
-        "a refused freeze leaves the process alone"
-    );
+    // A refused freeze leaves the process alone and starts nothing (no criu is left over).
+    mark.assert_running(&[script_pid, tty_pid], "the refused freeze of a terminal");
 
     // A process writing to a file.
     let log = dir.path().join("out.log");
-    let mut to_file = Command::new("setsid");
+    let mut to_file = mark.on(Command::new("setsid"));
     to_file
         .args(["sleep", "60"])
         .stdin(Stdio::piped())
         .stdout(std::fs::File::create(&log).expect("log file"))
         .stderr(Stdio::piped());
     let mut file_child = spawn_clean(&mut to_file).expect("start sleep");
-    let _file_guard = KillOnDrop(i32::try_from(file_child.id()).expect("pid"));
-    let mut freeze = pf(&store);
-    freeze.args(["goblin", "freeze", "--pid", &file_child.id().to_string()]);
+    let file_pid = i32::try_from(file_child.id()).expect("pid");
+    deadline.watch(file_pid);
+    let _file_guard = KillOnDrop(file_pid);
+    let mut freeze = mark.on(pf(&store));
+    freeze.args(["goblin", "freeze", "--pid", &file_pid.to_string()]);
     let err = failed(&run(freeze, b""), "freeze of a process writing a file");
     assert!(
         err.contains(&format!("stdout is a file ({})", log.display())),
         "{err}"
     );
     assert!(err.contains("stdin is a pipe"), "{err}");
+    mark.assert_running(
+        &[script_pid, tty_pid, file_pid],
+        "the refused freeze of a process writing a file",
+    );
     file_child.kill().expect("kill sleep");
     file_child.wait().expect("reap sleep");
     // The terminal's sleep is in script's session: killing script hangs it up; kill both.
     script_child.kill().expect("kill script");
     script_child.wait().expect("reap script");
+    drop(tty_guard);
+    mark.assert_running(&[], "killing what the test started");
 
     // A pid that does not exist.
-    let mut freeze = pf(&store);
+    let mut freeze = mark.on(pf(&store));
     freeze.args(["goblin", "freeze", "--pid", "2147483000"]);
     let err = failed(&run(freeze, b""), "freeze of a missing pid");
     assert!(err.contains("process 2147483000 does not exist"), "{err}");
+    mark.assert_running(&[], "the refused freeze of a missing pid");
 }
 
 #[test]
 fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
+    let mark = Mark::new("thaw-refuses");
     let dir = tempfile::tempdir().expect("tempdir");
     let store_dir = dir.path().join("store");
     let store = pf_core::FsBlobStore::open(&store_dir).expect("store");
+    let thaw = |snapshot: &str| run(mark.on(thaw_cmd(&store_dir, snapshot)), b"");
 
-    let err = failed(
-        &thaw(&store_dir, "nosuchname", b""),
-        "thaw of an unknown name",
-    );
+    let err = failed(&thaw("nosuchname"), "thaw of an unknown name");
     assert!(err.contains("no snapshot \"nosuchname\""), "{err}");
+    mark.assert_running(&[], "the thaw of an unknown name");
 
     let unknown = pf_core::Digest256::of(b"never stored").to_string();
-    let err = failed(
-        &thaw(&store_dir, &unknown, b""),
-        "thaw of an unknown digest",
-    );
+    let err = failed(&thaw(&unknown), "thaw of an unknown digest");
     assert!(err.contains(&unknown), "{err}");
+    mark.assert_running(&[], "the thaw of an unknown digest");
 
     // A procs blob without the goblin label (a plain process tree).
     let dump = store.put(b"not really a tar").expect("put");
     let procs = format!(r#"{{"kind":"procs.criu.v1","criu_dump":"{dump}","pids":[4242]}}"#);
     let procs = store.put(procs.as_bytes()).expect("put procs");
-    let err = failed(
-        &thaw(&store_dir, &procs.to_string(), b""),
-        "thaw of a plain tree",
-    );
+    let err = failed(&thaw(&procs.to_string()), "thaw of a plain tree");
     assert!(err.contains("is not a goblin snapshot"), "{err}");
     assert!(err.contains("goblin=v1"), "{err}");
+    mark.assert_running(&[], "the thaw of a plain tree");
 
     // A labelled blob whose stdio was a terminal.
     let procs = format!(
@@ -515,7 +613,7 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
             "stdio":["/dev/pts/0","pipe:[7]","pipe:[7]"],"labels":{{"goblin":"v1"}}}}"#
     );
     let procs = store.put(procs.as_bytes()).expect("put procs");
-    let mut fork = pf(&store_dir);
+    let mut fork = mark.on(pf(&store_dir));
     fork.args([
         "goblin",
         "fork",
@@ -527,18 +625,18 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     ]);
     let err = failed(&run(fork, b""), "fork of a terminal goblin");
     assert!(err.contains("stdin is a terminal (/dev/pts/0)"), "{err}");
+    mark.assert_running(&[], "the fork of a terminal goblin");
 
     // A blob that is not JSON at all.
-    let err = failed(
-        &thaw(&store_dir, &dump.to_string(), b""),
-        "thaw of raw bytes",
-    );
+    let err = failed(&thaw(&dump.to_string()), "thaw of raw bytes");
     assert!(err.contains(&dump.to_string()), "{err}");
+    mark.assert_running(&[], "the thaw of raw bytes");
 
-    let mut thaw = pf(&store_dir);
+    let mut thaw = mark.on(pf(&store_dir));
     thaw.args(["goblin", "thaw", "--images"]).arg(dir.path());
     let err = failed(&run(thaw, b""), "thaw of a directory without goblin.json");
     assert!(err.contains("goblin.json"), "{err}");
+    mark.assert_running(&[], "the thaw of a directory without goblin.json");
 }
 
 /// Says `ready`, then prints where its stdin, stdout and stderr lead, once per line of input.

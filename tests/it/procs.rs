@@ -119,6 +119,30 @@ fn last_tick(file: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Every tick number in the ticker's file, in file order (complete lines only: a line being
+/// appended could be read half-written).
+fn ticks(file: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..=i]);
+    complete
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.parse().ok())
+        .collect()
+}
+
+/// Tick numbers that appear twice, ascending. One loop never repeats a number, so each of these
+/// was written by a second loop: a copy counting on from an earlier tick.
+fn ticks_written_twice(file: &Path) -> Vec<u64> {
+    let mut seen = std::collections::BTreeMap::<u64, u32>::new();
+    for t in ticks(file) {
+        *seen.entry(t).or_default() += 1;
+    }
+    seen.into_iter()
+        .filter(|&(_, n)| n >= 2)
+        .map(|(t, _)| t)
+        .collect()
+}
+
 fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
     while Instant::now() < end {
@@ -238,6 +262,7 @@ fn live_cli_restores_a_copy_beside_the_original() {
     let _kill = KillOnDrop(pid);
     assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
 
+    let before = last_tick(&file);
     let out = run(pf(&store).args([
         "procs",
         "capture",
@@ -247,6 +272,8 @@ fn live_cli_restores_a_copy_beside_the_original() {
         "--json",
     ]));
     assert!(out.status.success(), "capture: {}", text(&out.stderr));
+    // The dump saw the loop at a tick in before..=after.
+    let after = last_tick(&file);
     let captured: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let digest = captured["procs"].as_str().expect("procs digest").to_owned();
     assert_eq!(captured["pids"][0], pid);
@@ -257,6 +284,12 @@ fn live_cli_restores_a_copy_beside_the_original() {
         text(&plain.stderr).contains("--new-pidns"),
         "{}",
         text(&plain.stderr)
+    );
+
+    assert_eq!(
+        ticks_written_twice(&file),
+        Vec::<u64>::new(),
+        "one loop so far"
     );
 
     let out = run(pf(&store).args(["procs", "restore", &digest, "--new-pidns", "--json"]));
@@ -270,10 +303,27 @@ fn live_cli_restores_a_copy_beside_the_original() {
     assert_ne!(copy, pid);
     let comm = std::fs::read_to_string(format!("/proc/{init}/comm")).expect("init comm");
     assert_eq!(comm.trim(), "pf-ns-init");
-    // Both tick into the same file now: twice the pace.
-    let from = last_tick(&file);
-    assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= from + 10));
-    assert!(Path::new(&format!("/proc/{copy}")).exists());
+    // Both tick into the same file now, twice the pace: the copy counts on from the tick it was
+    // dumped at, so every tick it writes is one the original wrote before.
+    assert!(
+        wait_until(Duration::from_secs(20), || ticks_written_twice(&file).len()
+            >= 10),
+        "the copy never ticked 10 times: {:?}",
+        ticks_written_twice(&file)
+    );
+    let twice = ticks_written_twice(&file);
+    assert!(
+        (before + 1..=after + 1).contains(&twice[0]),
+        "the copy went on from the dumped tick ({before}..={after}): {twice:?}"
+    );
+    let want: Vec<u64> = (twice[0]..twice[0] + twice.len() as u64).collect();
+    assert_eq!(twice, want, "the copy ticks 1, 2, 3, … on from there");
+    assert!(
+        ticks(&file).iter().max() > twice.last(),
+        "the original ticks on ahead of the copy"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{copy}/stat")).expect("the copy's stat");
+    assert!(!stat.contains(") Z"), "the copy is running: {stat}");
     assert_eq!(
         child.try_wait().expect("try_wait"),
         None,

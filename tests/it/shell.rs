@@ -326,19 +326,42 @@ fn pgrep_with_no_match_or_two_matches_lists_candidates() {
     );
 }
 
-/// A shell in its own session with pipes for stdio: no controlling terminal. `read` is a
-/// builtin, so no grandchild outlives the test.
+/// A shell in its own session with pipes for stdio: no controlling terminal. It reads a line,
+/// answers `got LINE` and exits 3. `read` and `echo` are builtins, so no grandchild outlives the
+/// test.
 fn shell_without_terminal() -> Reaped {
     Reaped(
         spawn_clean(
             Command::new("setsid")
-                .args(["bash", "--norc", "-c", "read -t 60 line; true"])
+                .args([
+                    "bash",
+                    "--norc",
+                    "-c",
+                    "read -t 60 line; echo \"got $line\"; exit 3",
+                ])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null()),
         )
         .expect("spawn setsid bash"),
     )
+}
+
+/// Write `line` to a shell from [`shell_without_terminal`], read its answer to the end, reap it.
+fn ask(shell: &mut Reaped, line: &str) -> (String, std::process::ExitStatus) {
+    use std::io::{Read as _, Write as _};
+    let mut stdin = shell.0.stdin.take().expect("stdin");
+    writeln!(stdin, "{line}").expect("write to the shell");
+    drop(stdin);
+    let mut answer = String::new();
+    shell
+        .0
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut answer)
+        .expect("read the shell's answer");
+    (answer, shell.0.wait().expect("reap the shell"))
 }
 
 #[test]
@@ -365,43 +388,108 @@ fn a_shell_without_a_terminal_is_refused_with_the_hint() {
 }
 
 #[test]
-fn live_shell_force_without_a_terminal_reports_what_criu_says() {
-    if !live("live_shell_force_without_a_terminal_reports_what_criu_says") {
+fn live_shell_force_without_a_terminal_dumps_a_working_copy() {
+    if !live("live_shell_force_without_a_terminal_dumps_a_working_copy") {
         return;
     }
+    let deadline = Deadline::start(
+        "live_shell_force_without_a_terminal_dumps_a_working_copy",
+        Duration::from_secs(120),
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let shell = shell_without_terminal();
-    // --force: whatever CRIU says comes back honestly: a digest of a real dump, or an error
-    // naming criu. Never both, never neither.
+    let mut shell = shell_without_terminal();
+    let shell_pid = i32::try_from(shell.0.id()).expect("pid");
+    deadline.watch(shell_pid);
+    let stdio: Vec<String> = (0..2)
+        .map(|fd| {
+            std::fs::read_link(format!("/proc/{shell_pid}/fd/{fd}"))
+                .expect("the shell's stdio")
+                .display()
+                .to_string()
+        })
+        .collect();
+    // Without --force pf refuses (the test above); with it, CRIU dumps the shell: a session
+    // leader whose stdio are pipes is an ordinary tree to CRIU, no terminal is needed.
     let forced = pf(&store)
         .args([
             "shell",
             "freeze",
             "--pid",
-            &shell.pid(),
+            &shell_pid.to_string(),
             "--leave-running",
             "--force",
         ])
         .args(["--tag", "forced"])
         .output()
         .expect("pf");
-    if forced.status.success() {
-        let digest = text(&forced.stdout).trim().to_owned();
-        assert!(digest.starts_with("sha256:"), "{digest}");
-        let show = pf(&store)
-            .args(["procs", "show", "forced"])
-            .output()
-            .expect("pf procs show");
-        let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("procs json");
-        assert_eq!(json["kind"], "procs.criu.v1", "{json}");
-    } else {
-        assert_eq!(forced.status.code(), Some(1));
-        assert!(forced.stdout.is_empty());
-        assert!(
-            text(&forced.stderr).contains("criu"),
-            "{}",
-            text(&forced.stderr)
-        );
+    let err = text(&forced.stderr);
+    assert!(forced.status.success(), "{err}");
+    assert!(
+        err.contains("no controlling terminal") && err.contains("trying anyway (--force)"),
+        "{err}"
+    );
+    let digest = text(&forced.stdout).trim().to_owned();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    let show = pf(&store)
+        .args(["procs", "show", "forced"])
+        .output()
+        .expect("pf procs show");
+    let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("procs json");
+    assert_eq!(json["kind"], "procs.criu.v1", "{json}");
+    assert_eq!(json["pids"], serde_json::json!([shell_pid]), "{json}");
+    assert_eq!(json["labels"]["shell"], "v1", "{json}");
+    assert_eq!(json["options"]["shell_job"], true, "{json}");
+    assert_eq!(json["stdio"][0], stdio[0], "{json}");
+    assert_eq!(json["stdio"][1], stdio[1], "{json}");
+
+    // The dump is a working shell: restored beside the original on fresh pipes, it reads a
+    // line, answers and exits 3.
+    let fs_store = pf_core::FsBlobStore::open(&store).expect("open the store");
+    let procs = pf_core::BlobStore::resolve(&fs_store, "forced").expect("resolve");
+    let (in_r, mut in_w) = std::io::pipe().expect("pipe");
+    let (mut out_r, out_w) = std::io::pipe().expect("pipe");
+    let mut copy = pf_world_procs::restore(
+        &fs_store,
+        &procs,
+        pf_world_procs::RestoreOptions {
+            new_pidns: true,
+            shell_job: true,
+            inherit: vec![
+                pf_world_procs::InheritFd {
+                    fd: in_r.into(),
+                    key: stdio[0].clone(),
+                },
+                pf_world_procs::InheritFd {
+                    fd: out_w.into(),
+                    key: stdio[1].clone(),
+                },
+            ],
+            extra_args: Vec::new(),
+        },
+    )
+    .expect("restore the forced dump");
+    if let Some(init) = copy.init_pid() {
+        deadline.watch(init);
     }
+    assert_eq!(copy.ns_pid(), shell_pid);
+    {
+        use std::io::{Read as _, Write as _};
+        writeln!(in_w, "to the copy").expect("write to the copy");
+        drop(in_w);
+        let mut answer = String::new();
+        out_r
+            .read_to_string(&mut answer)
+            .expect("read the copy's answer");
+        assert_eq!(answer, "got to the copy\n");
+    }
+    assert_eq!(copy.wait().expect("wait"), pf_world_procs::Exit::Code(3));
+
+    // The original was left running, untouched.
+    let (answer, status) = ask(&mut shell, "to the original");
+    assert_eq!(answer, "got to the original\n");
+    assert_eq!(status.code(), Some(3));
 }

@@ -255,7 +255,7 @@ fn dump_with(
         .run()
     {
         Ok(work) => work,
-        Err(err) if pid_state(pid) != PidState::Alive => {
+        Err(err) if crate::proc::has_ended(pid) => {
             return Err(Error::ExitedDuringDump {
                 pid,
                 source: Box::new(err),

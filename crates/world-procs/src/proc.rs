@@ -17,6 +17,27 @@ pub(crate) fn stat_ppid(stat: &str) -> Option<i32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The kernel's `PF_EXITING` task flag: the task has started to exit (`do_exit`).
+const PF_EXITING: u64 = 0x4;
+
+/// The task flags (`PF_*`, the 9th field) of a `/proc/<pid>/stat` line.
+pub(crate) fn stat_flags(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(6)?.parse().ok()
+}
+
+/// Whether a `/proc/<pid>/status` text shows a SIGKILL pending for the thread group
+/// (`ShdPnd:`) or the task (`SigPnd:`): it is about to exit.
+pub(crate) fn status_sigkill_pending(status: &str) -> bool {
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        l.strip_prefix("ShdPnd:")
+            .or_else(|| l.strip_prefix("SigPnd:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|mask| mask & sigkill != 0)
+    })
+}
+
 /// Pids in a `/proc/<pid>/task/<tid>/children` file: space-separated decimal numbers.
 pub(crate) fn parse_children(text: &str) -> Vec<i32> {
     text.split_whitespace()
@@ -60,6 +81,23 @@ pub(crate) fn pid_state(pid: i32) -> PidState {
             Some(_) => PidState::Alive,
         },
     }
+}
+
+/// Whether `pid` has ended or is ending: gone, a zombie, or killed and still tearing itself
+/// down. A process SIGKILLed while it owns a lot of memory keeps state `R` (with `PF_EXITING`
+/// set) for a while after the kill, and a criu that failed because of it may exit first.
+pub(crate) fn has_ended(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    if !matches!(stat_state(&stat), Some(s) if s != 'Z' && s != 'X') {
+        return true;
+    }
+    if stat_flags(&stat).is_some_and(|f| f & PF_EXITING != 0) {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_or(true, |status| status_sigkill_pending(&status))
 }
 
 /// The direct children of every thread of `pid`, in ascending order.
@@ -114,6 +152,31 @@ mod tests {
         assert_eq!(stat_ppid(s), Some(17));
         assert_eq!(stat_state("1 (x) Z 0 0"), Some('Z'));
         assert_eq!(stat_state("garbage"), None);
+        assert_eq!(stat_flags(s), Some(4_194_560));
+        assert_eq!(stat_flags("1 (x) Z 0 0"), None, "too few fields");
+        let full = "4242 (py (x)) R 1 4242 4242 0 -1 4195340 7 0 0 0 0 0";
+        assert_eq!(stat_flags(full), Some(4_195_340));
+        assert_eq!(stat_flags(full).map(|f| f & PF_EXITING), Some(PF_EXITING));
+        let sleeping = "4242 (py) S 1 4242 4242 0 -1 4194560 7 0";
+        assert_eq!(stat_flags(sleeping).map(|f| f & PF_EXITING), Some(0));
+    }
+
+    #[test]
+    fn sigkill_pending_is_read_from_either_mask() {
+        let status = |shd: &str, sig: &str| format!("Name:\tx\nSigPnd:\t{sig}\nShdPnd:\t{shd}\n");
+        assert!(status_sigkill_pending(&status(
+            "0000000000000100",
+            "0000000000000000"
+        )));
+        assert!(status_sigkill_pending(&status(
+            "0000000000000000",
+            "0000000000000100"
+        )));
+        assert!(!status_sigkill_pending(&status(
+            "0000000000000002",
+            "0000000000004000"
+        )));
+        assert!(!status_sigkill_pending("Name:\tx\n"));
     }
 
     #[test]
@@ -134,5 +197,7 @@ mod tests {
         assert!(fd_target(me, 0).is_some() || fd_target(me, 1).is_some());
         assert_eq!(fd_target(me, 1 << 20), None);
         assert_eq!(pid_state(i32::MAX), PidState::Gone);
+        assert!(!has_ended(me));
+        assert!(has_ended(i32::MAX));
     }
 }

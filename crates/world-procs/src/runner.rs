@@ -313,7 +313,7 @@ fn wait_watching(
             break Waited::Deadline;
         }
         if let Some(target) = target
-            && crate::proc::pid_state(target) != crate::proc::PidState::Alive
+            && crate::proc::has_ended(target)
         {
             let since = *gone_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() >= grace {

@@ -10,8 +10,9 @@ use pf_world_procs::{CriuProcs, Error, ProcsBlob, capture, extract_images, resto
 
 use crate::support::*;
 
-/// A one-entry tar with a hand-written header (tar's builder refuses bad paths).
-fn raw_tar(name: &str, kind: tar::EntryType, body: &[u8], link: &str) -> Vec<u8> {
+/// One tar entry with a hand-written header (tar's builder refuses bad paths): the header block
+/// and the body padded to whole blocks, without the end-of-archive blocks.
+fn raw_entry(name: &str, kind: tar::EntryType, body: &[u8], link: &str) -> Vec<u8> {
     let mut h = tar::Header::new_ustar();
     h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
     h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
@@ -21,7 +22,37 @@ fn raw_tar(name: &str, kind: tar::EntryType, body: &[u8], link: &str) -> Vec<u8>
     h.set_cksum();
     let mut out = h.as_bytes().to_vec();
     out.extend_from_slice(body);
-    out.resize(out.len().div_ceil(512) * 512 + 1024, 0);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A one-entry tar made by [`raw_entry`].
+fn raw_tar(name: &str, kind: tar::EntryType, body: &[u8], link: &str) -> Vec<u8> {
+    let mut out = raw_entry(name, kind, body, link);
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// The entries of a tar as raw bytes (header block and padded body), in order, by name.
+fn raw_entries(tar_bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(tar_bytes);
+    archive
+        .entries()
+        .expect("entries")
+        .map(|e| {
+            let e = e.expect("entry");
+            let start = e.raw_header_position() as usize;
+            let end = e.raw_file_position() as usize + (e.size() as usize).div_ceil(512) * 512;
+            let name = String::from_utf8(e.path_bytes().into_owned()).expect("utf-8 name");
+            (name, tar_bytes[start..end].to_vec())
+        })
+        .collect()
+}
+
+/// A tar of these raw entries, with the end-of-archive blocks.
+fn tar_of<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out: Vec<u8> = entries.into_iter().flatten().copied().collect();
+    out.resize(out.len() + 1024, 0);
     out
 }
 
@@ -39,6 +70,25 @@ fn escape_targets(name: &str) -> Vec<PathBuf> {
         PathBuf::from("/dev/shm").join(name),
         std::env::temp_dir().join(name),
     ]
+}
+
+/// Scratch directories of restores (`pf-restore-*`) still holding an extracted image of `pid`.
+fn leftover_extractions(pid: i32) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for base in [PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+        for entry in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let core = entry.path().join(format!("core-{pid}.img"));
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("pf-restore-")
+                && core.exists()
+            {
+                out.push(core);
+            }
+        }
+    }
+    out
 }
 
 /// Rewrite a stored blob's raw bytes in place (decompress, change, recompress), as disk
@@ -135,15 +185,46 @@ fn live_bad_blobs_restore_nothing() {
     };
     let frozen = counts(&out);
 
-    // The real pstree.img and core images, plus a hostile entry.
+    // The real dump's images, all of them, plus one hostile entry: were the hostile entry
+    // skipped instead of refused, these tars would restore the tree.
+    let real_tar = store.get(&good.criu_dump).expect("get the images tar");
+    let real = raw_entries(&real_tar);
+    let names: Vec<&str> = real.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        names.contains(&"pstree.img") && names.contains(&format!("core-{pid}.img").as_str()),
+        "{names:?}"
+    );
+    assert_eq!(
+        tar_of(real.iter().map(|(_, raw)| raw.as_slice())),
+        real_tar,
+        "the real entries alone make the very tar that was stored"
+    );
     let evil = format!("pf-evil-{}", std::process::id());
-    for (tar, why) in [
+    let link_target = escape_targets(&format!("{evil}-link"))[0].clone();
+    // `../pf-evil-…` after every real image: they are extracted first, then it is refused.
+    let escaping = raw_entry(&format!("../{evil}"), tar::EntryType::Regular, b"pwned", "");
+    let mut with_escape: Vec<&[u8]> = real.iter().map(|(_, raw)| raw.as_slice()).collect();
+    with_escape.push(&escaping);
+    // A symlink `pstree.img` pointing out of the directory, just before the real pstree.img
+    // (which a careless extractor would then write through it).
+    let link = raw_entry(
+        "pstree.img",
+        tar::EntryType::Symlink,
+        b"",
+        link_target.to_str().expect("utf-8 path"),
+    );
+    let mut with_link: Vec<&[u8]> = Vec::new();
+    for (name, raw) in &real {
+        if name == "pstree.img" {
+            with_link.push(&link);
+        }
+        with_link.push(raw);
+    }
+    for (tar, entry, why) in [
+        (tar_of(with_escape), format!("../{evil}"), "has a `/`"),
         (
-            raw_tar(&format!("../{evil}"), tar::EntryType::Regular, b"pwned", ""),
-            "has a `/`",
-        ),
-        (
-            raw_tar("pstree.img", tar::EntryType::Symlink, b"", "/etc/passwd"),
+            tar_of(with_link),
+            "pstree.img".to_owned(),
             "is not a regular file",
         ),
     ] {
@@ -159,13 +240,18 @@ fn live_bad_blobs_restore_nothing() {
             .expect("put procs");
         let err = restore(&store, &procs, restore_opts(false)).expect_err("refused");
         assert!(
-            matches!(&err, Error::UnsafeTar { reason, .. } if reason.starts_with(why)),
+            matches!(&err, Error::UnsafeTar { digest, entry: e, reason }
+                if *digest == criu_dump && *e == entry && reason.starts_with(why)),
             "{err:?}"
         );
-        assert!(!alive(pid), "nothing was restored");
-    }
-    for path in escape_targets(&evil) {
-        assert!(!path.exists(), "{} was written", path.display());
+        for p in &good.pids {
+            assert!(!alive(*p), "pid {p} was restored");
+        }
+        for path in escape_targets(&evil).iter().chain([&link_target]) {
+            assert!(!path.exists(), "{} was written", path.display());
+        }
+        assert_eq!(counts(&out), frozen, "nobody counts");
+        assert_eq!(leftover_extractions(pid), Vec::<PathBuf>::new());
     }
 
     flip_a_byte(&store, &good.criu_dump);

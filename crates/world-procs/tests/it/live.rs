@@ -212,7 +212,11 @@ fn live_capture_of_missing_or_dying_pid_stores_nothing() {
     assert!(wait_until(Duration::from_secs(30), || ready.exists()));
     let result = std::thread::scope(|s| {
         let dumping = s.spawn(|| capture(&store, big_pid, &capture_opts(false)));
-        std::thread::sleep(Duration::from_millis(400));
+        // Mid-dump: criu has seized the target (ptrace), so it is its tracer now.
+        assert!(
+            wait_until(Duration::from_secs(20), || tracer_pid(big_pid) > 0),
+            "criu never seized pid {big_pid}"
+        );
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(big_pid),
             nix::sys::signal::Signal::SIGKILL,
