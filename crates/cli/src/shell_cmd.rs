@@ -64,7 +64,7 @@ pub(crate) enum Command {
         /// Keep the shell running after the dump
         #[arg(long)]
         leave_running: bool,
-        /// Dump even when the terminal checks say CRIU will fail
+        /// Dump even when the terminal checks refuse it (no or a foreign terminal, VS Code, another session)
         #[arg(long)]
         force: bool,
         /// Print the result as JSON
@@ -86,7 +86,7 @@ pub(crate) enum Command {
     Beam {
         #[command(flatten)]
         target: Target,
-        /// Dump even when the terminal checks say CRIU will fail
+        /// Dump even when the terminal checks refuse it (no or a foreign terminal, VS Code, another session)
         #[arg(long)]
         force: bool,
     },
