@@ -318,9 +318,11 @@ fn live_cli_restores_a_copy_beside_the_original() {
     );
     let want: Vec<u64> = (twice[0]..twice[0] + twice.len() as u64).collect();
     assert_eq!(twice, want, "the copy ticks 1, 2, 3, … on from there");
+    // The original was never behind: it had written every tick the copy writes (when the
+    // restore came within one 50 ms tick of the dump they can be level, so not strictly ahead).
     assert!(
-        ticks(&file).iter().max() > twice.last(),
-        "the original ticks on ahead of the copy"
+        ticks(&file).iter().max() >= twice.last(),
+        "the original is not behind the copy"
     );
     let stat = std::fs::read_to_string(format!("/proc/{copy}/stat")).expect("the copy's stat");
     assert!(!stat.contains(") Z"), "the copy is running: {stat}");
