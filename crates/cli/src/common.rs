@@ -50,12 +50,17 @@ pub(crate) fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    if verbose >= 2 {
+        // Debugging a slow step: each line says when, in seconds since pf started.
+        fmt.with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    } else {
+        fmt.without_time().init();
+    }
 }
 
 /// Print an error chain on stderr as `error: outer: inner: …`.

@@ -140,6 +140,7 @@ impl Images {
 
 impl Loaded {
     fn new(source: &Source<'_>) -> Result<Loaded> {
+        tracing::debug!("loading the snapshot");
         let (name, images, pipes, shell_job) = match *source {
             Source::Store { store, digest } => {
                 let name = digest.to_string();
