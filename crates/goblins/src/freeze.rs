@@ -78,12 +78,10 @@ pub fn freeze(pid: i32, target: FreezeTarget<'_>, options: &FreezeOptions) -> Re
     let streams = check_goblin(pid, options.shell_job)?;
     // Without a usable criu, `capture` would store an honest placeholder; a goblin freeze that
     // cannot dump is an error instead.
-    pf_world_procs::probe()
-        .criu()
-        .map_err(|why| Error::Freeze {
-            pid,
-            source: Box::new(why.clone().into()),
-        })?;
+    pf_world_procs::criu::for_capture().map_err(|why| Error::Freeze {
+        pid,
+        source: Box::new(why.into()),
+    })?;
     let capture = pf_world_procs::CaptureOptions {
         leave_running: options.leave_running,
         shell_job: options.shell_job,

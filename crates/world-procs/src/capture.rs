@@ -95,10 +95,10 @@ pub enum CaptureProgress {
 /// process's memory) when it does not exist; one that holds anything is refused, so two dumps
 /// never mix.
 pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result<DumpReport> {
-    let criu = crate::criu::probe().criu()?;
+    let criu = crate::criu::for_capture()?;
     ensure_alive(pid)?;
     prepare_images_dir(images_dir)?;
-    dump_with(criu, pid, images_dir, opts)
+    dump_with(&criu, pid, images_dir, opts)
 }
 
 /// Make `dir` (0700) if it is missing; refuse it if it holds anything.
@@ -138,7 +138,7 @@ pub fn capture_with_progress(
     progress: &mut dyn FnMut(CaptureProgress),
 ) -> Result<Captured> {
     let _span = tracing::info_span!("capture", pid).entered();
-    let criu = match crate::criu::probe().criu() {
+    let criu = match crate::criu::for_capture() {
         Ok(criu) => criu,
         Err(why) => {
             if cfg!(target_os = "linux") {
@@ -150,7 +150,7 @@ pub fn capture_with_progress(
     ensure_alive(pid)?;
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
-    let report = dump_with(criu, pid, images.path(), opts)?;
+    let report = dump_with(&criu, pid, images.path(), opts)?;
     let mut tar = ImagesTar::new(images.path())?;
     let total = tar.len();
     progress(CaptureProgress::Storing { done: 0, total });

@@ -272,6 +272,94 @@ pub(crate) fn for_restore() -> Result<&'static Criu, Unavailable> {
     .map_err(Clone::clone)
 }
 
+/// Where a passed `criu check` is remembered between pf processes, as root: `/run` is emptied
+/// by a reboot, and only root writes there.
+const CHECKED_DIR: &str = "/run/pf";
+/// The file in [`CHECKED_DIR`]: one line, the criu binary's identity then its version.
+const CHECKED_FILE: &str = "criu-checked.v1";
+
+/// A criu for a capture: the full [`probe`], except that as root a criu that passed
+/// `criu check` since this boot is taken without checking again (~30 ms a `pf goblin freeze`)
+/// as long as it is the very same file (device, inode, size, modification time). `pf doctor`
+/// always probes in full; a criu that stopped working since fails the dump with its own errors.
+pub fn for_capture() -> Result<Criu, Unavailable> {
+    static CAPTURE: OnceLock<Result<Criu, Unavailable>> = OnceLock::new();
+    if let Some(probe) = PROBE.get() {
+        return probe.result.clone();
+    }
+    CAPTURE
+        .get_or_init(|| {
+            let inputs = ProbeInputs::from_process();
+            if inputs.os != "linux" || !inputs.is_root {
+                return probe().result.clone();
+            }
+            let Ok(path) = locate(inputs.pf_criu.as_deref(), inputs.path_var.as_deref()) else {
+                return probe().result.clone();
+            };
+            let dir = Path::new(CHECKED_DIR);
+            let key = binary_identity(&path);
+            if let Some(version) = key.as_deref().and_then(|k| read_checked(dir, k)) {
+                tracing::debug!(path = %path.display(), %version, "criu passed `criu check` earlier this boot");
+                return Ok(Criu {
+                    path,
+                    version,
+                    privilege: Privilege::Root,
+                });
+            }
+            let result = probe().result.clone();
+            if let (Ok(criu), Some(key)) = (&result, key)
+                && criu.path == path
+                && criu.privilege == Privilege::Root
+                && let Err(err) = write_checked(dir, &key, criu.version)
+            {
+                tracing::debug!(error = %err, "cannot remember the passed `criu check`");
+            }
+            result
+        })
+        .clone()
+}
+
+/// Who `path` is this boot: its path, device, inode, size, modification time and the boot id.
+fn binary_identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(format!(
+        "{}\t{}:{}\t{}\t{}.{}\t{}",
+        path.display(),
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        boot.trim()
+    ))
+}
+
+/// The version remembered for `key` in `dir`, if that is what the file holds.
+fn read_checked(dir: &Path, key: &str) -> Option<CriuVersion> {
+    let text = std::fs::read_to_string(dir.join(CHECKED_FILE)).ok()?;
+    let (held, version) = text.trim_end_matches('\n').rsplit_once('\t')?;
+    (held == key).then(|| parse_version(&format!("Version: {version}")))?
+}
+
+/// Remember that the criu `key` names, of `version`, passed `criu check` (0700 dir, 0600 file,
+/// written to a temp file and renamed).
+fn write_checked(dir: &Path, key: &str, version: CriuVersion) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".criu-checked-")
+        .tempfile_in(dir)?;
+    writeln!(tmp, "{key}\t{version}")?;
+    tmp.persist(dir.join(CHECKED_FILE)).map_err(|e| e.error)?;
+    Ok(())
+}
+
 /// Probe with explicit inputs (runs `criu --version` and `criu check`).
 pub fn probe_with(inputs: &ProbeInputs) -> Probe {
     let mut probe = Probe {
@@ -482,6 +570,30 @@ mod tests {
             probe_with(&i).result,
             Err(Unavailable::NotLinux { os }) if os == "macos"
         ));
+    }
+
+    #[test]
+    fn a_passed_check_is_remembered_only_for_the_same_binary() {
+        let v = |major, minor, sublevel| CriuVersion {
+            major,
+            minor,
+            sublevel,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = fake_criu(dir.path(), "echo 'Version: 4.1.1'");
+        let key = binary_identity(&bin).expect("identity");
+        assert_eq!(read_checked(dir.path(), &key), None);
+        write_checked(&dir.path().join("run"), &key, v(4, 1, 1)).expect("write");
+        assert_eq!(
+            read_checked(&dir.path().join("run"), &key),
+            Some(v(4, 1, 1))
+        );
+        // Another binary (here: the same path rewritten) is not the one that passed.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let rewritten = fake_criu(dir.path(), "echo 'Version: 4.1.1'; echo changed");
+        let other = binary_identity(&rewritten).expect("identity");
+        assert_ne!(other, key);
+        assert_eq!(read_checked(&dir.path().join("run"), &other), None);
     }
 
     #[test]
