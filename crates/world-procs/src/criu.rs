@@ -258,7 +258,13 @@ pub(crate) fn for_restore() -> Result<&'static Criu, Unavailable> {
             return probe().result.clone();
         }
         let path = locate(inputs.pf_criu.as_deref(), inputs.path_var.as_deref())?;
-        let version = read_version(&path)?;
+        // A binary that passed `criu check` this boot: its version is known, no exec needed.
+        let remembered =
+            binary_identity(&path).and_then(|key| read_checked(Path::new(CHECKED_DIR), &key));
+        let version = match remembered {
+            Some(version) => version,
+            None => read_version(&path)?,
+        };
         if version < MIN_VERSION {
             return Err(Unavailable::TooOld { path, version });
         }
