@@ -446,8 +446,14 @@ fn privilege_check(is_root: bool, probe: &Probe, sudo: Option<&Result<(), String
             ID,
             LABEL,
             format!(
-                "not root: pf runs criu {}",
-                privilege_phrase(criu.privilege)
+                "not root: pf runs criu {}{}",
+                privilege_phrase(criu.privilege),
+                if criu.privilege == Privilege::Sudo {
+                    " (a restore hands criu descriptors with `sudo -C`, which sudoers must allow: \
+                     `Defaults closefrom_override`)"
+                } else {
+                    ""
+                }
             ),
         );
     }
@@ -470,7 +476,12 @@ fn privilege_check(is_root: bool, probe: &Probe, sudo: Option<&Result<(), String
             format!("not root; `sudo -n` failed ({sudo}); --unprivileged failed ({unprivileged})"),
             fix,
         ),
-        (_, Some(Ok(()))) => Check::pass(ID, LABEL, "not root: pf runs criu through `sudo -n`"),
+        (_, Some(Ok(()))) => Check::pass(
+            ID,
+            LABEL,
+            "not root: pf runs criu through `sudo -n` (a thaw hands criu descriptors with \
+             `sudo -C`, which sudoers must allow: `Defaults closefrom_override`)",
+        ),
         (_, Some(Err(why))) => Check::fail(
             ID,
             LABEL,

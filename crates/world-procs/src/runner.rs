@@ -39,6 +39,9 @@ pub(crate) struct Invocation {
     keep_fds: Vec<RawFd>,
     /// The dump's target: when it is gone, criu has [`TARGET_GONE_GRACE`] left.
     target: Option<i32>,
+    /// criu runs under `sudo`, which we may not SIGKILL through: stop it with SIGTERM (which
+    /// sudo relays to criu) before SIGKILL.
+    through_sudo: bool,
     /// criu's stdin is ours (a shell job's terminal, whose session criu hands to the restored
     /// tree) rather than `/dev/null`.
     pub(crate) stdin_is_ours: bool,
@@ -93,6 +96,7 @@ impl Invocation {
             deadline,
             keep_fds: keep_fds.to_vec(),
             target: None,
+            through_sudo: criu.privilege == Privilege::Sudo,
             stdin_is_ours: false,
         })
     }
@@ -138,7 +142,12 @@ impl Invocation {
             program: self.program.clone(),
             source,
         })?;
-        match wait_watching(child, self.deadline, self.target, TARGET_GONE_GRACE) {
+        let stop = if self.through_sudo {
+            Stop::TermThenKill
+        } else {
+            Stop::Kill
+        };
+        match wait_watching(child, self.deadline, self.target, TARGET_GONE_GRACE, stop) {
             Ok(Waited::Exited(status)) => self.conclude(exit_of(status)),
             Ok(Waited::TargetGone) => {
                 // Its log says what it saw (`… was killed by 9 unexpectedly`).
@@ -248,6 +257,19 @@ pub(crate) const TARGET_GONE_GRACE: Duration = Duration::from_secs(5);
 /// How often a watched target is looked at.
 const TARGET_POLL: Duration = Duration::from_millis(50);
 
+/// How a child that has to go is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// SIGKILL by its pid.
+    Kill,
+    /// SIGTERM, then SIGKILL after [`TERM_GRACE`]: for `sudo criu`, where our SIGKILL ends sudo
+    /// but not the root criu below it, and sudo relays SIGTERM.
+    TermThenKill,
+}
+
+/// How long a child stopped with SIGTERM has before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(3);
+
 /// How a wait for a child ended.
 #[derive(Debug)]
 pub(crate) enum Waited {
@@ -265,7 +287,7 @@ pub(crate) fn wait_with_deadline(
     deadline: Duration,
 ) -> std::io::Result<Option<ExitStatus>> {
     Ok(
-        match wait_watching(child, deadline, None, TARGET_GONE_GRACE)? {
+        match wait_watching(child, deadline, None, TARGET_GONE_GRACE, Stop::Kill)? {
             Waited::Exited(status) => Some(status),
             Waited::Deadline | Waited::TargetGone => None,
         },
@@ -282,6 +304,7 @@ fn wait_watching(
     deadline: Duration,
     target: Option<i32>,
     grace: Duration,
+    stop: Stop,
 ) -> std::io::Result<Waited> {
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel();
@@ -327,10 +350,17 @@ fn wait_watching(
         }
     };
     // The child cannot have been reaped yet: the waiter would have sent its status.
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let signal = |sig| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    };
+    if stop == Stop::TermThenKill {
+        signal(nix::sys::signal::Signal::SIGTERM);
+        if rx.recv_timeout(TERM_GRACE).is_ok() {
+            let _ = waiter.join();
+            return Ok(ended);
+        }
+    }
+    signal(nix::sys::signal::Signal::SIGKILL);
     let _ = rx.recv();
     let _ = waiter.join();
     Ok(ended)
@@ -441,6 +471,7 @@ setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
             Duration::from_secs(60),
             Some(gone_pid),
             Duration::from_millis(200),
+            Stop::Kill,
         )
         .expect("wait");
         assert!(matches!(got, Waited::TargetGone), "{got:?}");
@@ -460,9 +491,36 @@ setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
             Duration::from_secs(60),
             Some(me),
             Duration::from_millis(50),
+            Stop::Kill,
         )
         .expect("wait");
         assert!(matches!(got, Waited::Exited(s) if s.success()), "{got:?}");
+    }
+
+    #[test]
+    fn a_child_under_sudo_gets_sigterm_first() {
+        // A shell that leaves a mark when SIGTERM comes: it came before any SIGKILL.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mark = dir.path().join("termed");
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                "trap 'touch \"$0\"; exit 3' TERM; while :; do sleep 0.05; done",
+            ])
+            .arg(&mark)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        let got = wait_watching(
+            child,
+            Duration::from_millis(300),
+            None,
+            TARGET_GONE_GRACE,
+            Stop::TermThenKill,
+        )
+        .expect("wait");
+        assert!(matches!(got, Waited::Deadline), "{got:?}");
+        assert!(mark.exists(), "SIGTERM first");
     }
 
     #[test]
