@@ -692,3 +692,78 @@ fn live_thaw_hands_pipes_straight_to_the_goblin_and_pumps_the_rest() {
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }
+
+/// The direct children of `pid` (all its threads'), from `/proc`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for task in tasks.flatten() {
+            let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+fn comm(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn live_a_killed_thaw_takes_its_goblin_along() {
+    if !live("live_a_killed_thaw_takes_its_goblin_along") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(
+        &spawn_goblin(&store, "counter", &["--quiet-ms", "300"], &py(COUNTER)),
+        "spawn",
+    );
+    // Our stdin pipe goes to the goblin itself and stays open: only pf's death can end it.
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "thaw", "counter"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start pf");
+    let pf_pid = i32::try_from(child.id()).expect("pid");
+    let _guard = KillOnDrop(pf_pid);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    writeln!(stdin, "inc").expect("write");
+    assert_eq!(lines.next().expect("an answer").expect("read"), "1");
+    let init = children_of(pf_pid)
+        .into_iter()
+        .find(|&p| comm(&p.to_string()) == "pf-ns-init")
+        .expect("pf's namespace init");
+    let _guard_init = KillOnDrop(init);
+    let tree: Vec<i32> = children_of(init);
+    assert!(!tree.is_empty(), "the goblin runs under the init");
+
+    nix_kill(pf_pid);
+    child.wait().expect("reap pf");
+    for pid in std::iter::once(init).chain(tree.iter().copied()) {
+        assert!(
+            exited(pid),
+            "{pid} ({}) outlived the pf that was killed",
+            comm(&pid.to_string())
+        );
+    }
+    drop(stdin);
+}
+
+/// SIGKILL `pid`.
+fn nix_kill(pid: i32) {
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .stdin(Stdio::null())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -KILL {pid}");
+}

@@ -20,8 +20,14 @@
 //!    root exits, reports the root's wait status and exits with it (code, or 128 + signal).
 //!
 //! When the init exits, the kernel kills everything left in the namespace: that is how the
-//! caller's `kill()` cleans up (SIGKILL to the init). No parent-death signal is set anywhere, so
-//! the init and the tree survive the caller's exit.
+//! caller's `kill()` cleans up (SIGKILL to the init).
+//!
+//! The caller holds the write end of a *lifeline* pipe. Once criu is done, the init forks a
+//! watcher that blocks reading it: end of file (the caller died, even by SIGKILL, or dropped the
+//! restore) makes the watcher exit 1, and the init then exits, taking the namespace down, so a
+//! killed pf leaves no goblin behind. A detach writes `D` first: the watcher exits 0 and the
+//! tree outlives the caller. (No parent-death signal: that fires when the *thread* that cloned
+//! the init ends, and forks restore on worker threads.)
 //!
 //! Reports are fixed 12-byte records (`tag`, `a`, `b` as native-endian `i32`s) on a pipe, written
 //! in one `write` each (atomic below PIPE_BUF).
@@ -88,11 +94,27 @@ pub(crate) struct InitPlan<'a> {
     pub(crate) stdin_is_ours: bool,
 }
 
-/// The running init: its host pid and the read end of its report pipe.
+/// The running init: its host pid, the read end of its report pipe and the write end of its
+/// lifeline (closing it without writing [`UNTIE`] ends the namespace).
 #[derive(Debug)]
 pub(crate) struct Init {
     pub(crate) pid: i32,
     pub(crate) report: File,
+    pub(crate) lifeline: Option<File>,
+}
+
+/// Written on the lifeline before closing it: the tree is to outlive the caller.
+pub(crate) const UNTIE: u8 = b'D';
+
+impl Init {
+    /// Let the tree outlive the caller: tell the watcher, then close the lifeline.
+    pub(crate) fn untie(&mut self) {
+        use std::io::Write as _;
+        if let Some(mut lifeline) = self.lifeline.take() {
+            // A gone watcher (the tree already ended) is fine.
+            let _ = lifeline.write_all(&[UNTIE]);
+        }
+    }
 }
 
 fn cstring(bytes: &[u8]) -> std::io::Result<CString> {
@@ -127,6 +149,7 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
     let pidfile = cstring(plan.pidfile.as_os_str().as_bytes())?;
     let devnull = File::open("/dev/null")?;
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (life_r, life_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let ctx = Ctx {
         program: program.as_ptr(),
         argv: argv.as_ptr(),
@@ -138,6 +161,7 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
         stderr: plan.stderr.as_raw_fd(),
         keep: plan.keep,
         report: write_end.as_raw_fd(),
+        lifeline: life_r.as_raw_fd(),
     };
     let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
     // SAFETY: a clone without CLONE_VM and with a null stack behaves like fork: the child gets
@@ -160,11 +184,12 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
     if pid < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    drop(write_end);
+    drop((write_end, life_r));
     drop((argv_owned, env_owned, devnull));
     Ok(Init {
         pid: pid as i32,
         report: File::from(read_end),
+        lifeline: Some(File::from(life_w)),
     })
 }
 
@@ -180,6 +205,7 @@ struct Ctx<'a> {
     stderr: RawFd,
     keep: &'a [RawFd],
     report: RawFd,
+    lifeline: RawFd,
 }
 
 fn report(fd: RawFd, tag: i32, a: i32, b: i32) {
@@ -260,11 +286,11 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
     let criu = criu as libc::pid_t;
     // SAFETY: see above.
     unsafe {
-        // Keep nothing of the caller's: only the report pipe.
+        // Keep nothing of the caller's: only the report pipe and the lifeline.
         libc::dup2(ctx.devnull, 0);
         libc::dup2(ctx.devnull, 1);
         libc::dup2(ctx.devnull, 2);
-        close_all_but(ctx.report);
+        close_all_but(ctx.report, ctx.lifeline);
         let mut status = 0;
         while libc::waitpid(criu, &mut status, 0) < 0 {
             if errno() != libc::EINTR {
@@ -282,8 +308,20 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         if !criu_ok {
             libc::_exit(121);
         }
+        let watcher = raw_fork();
+        if watcher == 0 {
+            watch_lifeline(ctx.lifeline);
+        }
+        libc::close(ctx.lifeline);
         loop {
             let got = libc::waitpid(-1, &mut status, 0);
+            if watcher > 0
+                && got == watcher as libc::pid_t
+                && !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+            {
+                // The caller is gone without untying: end the namespace with us.
+                libc::_exit(137);
+            }
             if got == root {
                 report(ctx.report, TAG_ROOT_DONE, status, 0);
                 let code = if libc::WIFEXITED(status) {
@@ -295,6 +333,28 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
             }
             if got < 0 && errno() != libc::EINTR {
                 fail(ctx, 5);
+            }
+        }
+    }
+}
+
+/// The watcher child of the init: exit 0 when the caller unties the tree, 1 when the lifeline
+/// closes without that (the caller is gone). Never returns.
+fn watch_lifeline(lifeline: RawFd) -> ! {
+    // SAFETY: prctl with a static NUL-terminated name.
+    unsafe {
+        libc::prctl(libc::PR_SET_NAME, c"pf-ns-watch".as_ptr());
+    }
+    let mut byte = [0u8; 1];
+    loop {
+        // SAFETY: a read into a stack buffer we own; _exit is always safe.
+        unsafe {
+            let n = libc::read(lifeline, byte.as_mut_ptr().cast(), 1);
+            if n == 1 && byte[0] == UNTIE {
+                libc::_exit(0);
+            }
+            if n == 0 || (n < 0 && errno() != libc::EINTR) {
+                libc::_exit(1);
             }
         }
     }
@@ -325,8 +385,9 @@ fn exec_criu(ctx: &Ctx<'_>) -> ! {
     }
 }
 
-/// Close every descriptor from 3 up, except `keep`.
-fn close_all_but(keep: RawFd) {
+/// Close every descriptor from 3 up, except `a` and `b`.
+fn close_all_but(a: RawFd, b: RawFd) {
+    let (lo, hi) = (a.min(b), a.max(b));
     let close = |first: RawFd, last: RawFd| {
         if first <= last {
             // SAFETY: closing descriptors by number in our own (child) process.
@@ -340,8 +401,9 @@ fn close_all_but(keep: RawFd) {
             }
         }
     };
-    close(3, keep - 1);
-    close(keep + 1, libc::c_int::MAX);
+    close(3, lo - 1);
+    close(lo + 1, hi - 1);
+    close(hi + 1, libc::c_int::MAX);
 }
 
 /// Read a decimal pid from a file; 0 on any failure.

@@ -611,6 +611,9 @@ impl Restored {
     /// zombie after exiting until this process exits (then init reaps it). A CLI that detaches
     /// and exits at once leaves nothing behind.
     pub fn detach(mut self) {
+        if let Some(init) = self.init.as_mut() {
+            init.untie();
+        }
         self.detached = true;
     }
 }
