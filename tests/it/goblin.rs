@@ -756,6 +756,20 @@ fn live_a_killed_thaw_takes_its_goblin_along() {
         );
     }
     drop(stdin);
+    // Whatever extracted images the killed pf left (it may have died before removing them) go
+    // with the next pf that extracts.
+    let again = thaw(&store, "counter", b"inc\n");
+    assert_eq!(ok(&again, "a thaw after the killed one"), "1\neof 1\n");
+    let base = std::env::var_os("TMPDIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| std::path::PathBuf::from("/dev/shm"), Into::into);
+    let left: Vec<String> = std::fs::read_dir(&base)
+        .expect("list the scratch directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("pf-restore-{pf_pid}-")))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "images left by the killed pf");
 }
 
 /// SIGKILL `pid`.

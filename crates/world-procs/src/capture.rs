@@ -288,20 +288,63 @@ fn dump_with(
 
 /// A fresh private (0700) directory for images: under `$TMPDIR` when set, else on `/dev/shm`
 /// (tmpfs: dumps and restores run at memory speed), else in `/tmp`.
+///
+/// Its name carries our pid (`pf-restore-<pid>-…`). Images are as large as the process they
+/// hold and sit in memory on tmpfs, so before making one we remove those that a pf killed
+/// mid-way (SIGKILL leaves no chance to clean up) left behind: same prefix, same owner, and a
+/// pid that no longer runs.
 pub(crate) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt as _;
     let mut builder = tempfile::Builder::new();
+    let named = format!("{prefix}{}-", std::process::id());
     builder
-        .prefix(prefix)
+        .prefix(&named)
         .permissions(std::fs::Permissions::from_mode(0o700));
-    if std::env::var_os("TMPDIR").is_none_or(|v| v.is_empty())
-        && let Ok(dir) = builder.tempdir_in("/dev/shm")
-    {
-        return Ok(dir);
+    if std::env::var_os("TMPDIR").is_none_or(|v| v.is_empty()) {
+        let shm = Path::new("/dev/shm");
+        sweep_abandoned(shm, prefix);
+        if let Ok(dir) = builder.tempdir_in(shm) {
+            return Ok(dir);
+        }
     }
+    sweep_abandoned(&std::env::temp_dir(), prefix);
     builder
         .tempdir()
         .map_err(|e| Error::io("create a scratch directory in", std::env::temp_dir(), e))
+}
+
+/// Remove the directories `<prefix><pid>-…` in `base` that we own and whose pid is gone.
+fn sweep_abandoned(base: &Path, prefix: &str) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() || meta.uid() != me || crate::proc::pid_state(pid) != PidState::Gone {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => {
+                tracing::info!(dir = %entry.path().display(), pid, "removed images a killed pf left behind")
+            }
+            Err(err) => {
+                tracing::debug!(dir = %entry.path().display(), %err, "cannot remove abandoned images")
+            }
+        }
+    }
 }
 
 /// Counts bytes through a reader and reports progress every 64 MiB.
@@ -370,6 +413,28 @@ mod tests {
         assert!(
             matches!(mac.blob, ProcsBlob::Unsupported { unsupported_on, .. } if unsupported_on == "macos")
         );
+    }
+
+    #[test]
+    fn scratch_dirs_of_dead_pids_are_swept() {
+        let base = tempfile::tempdir().expect("tempdir");
+        let mut dead = std::process::Command::new("true")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn true");
+        let dead_pid = dead.id();
+        dead.wait().expect("reap");
+        let abandoned = base.path().join(format!("pf-x-{dead_pid}-abc"));
+        let ours = base.path().join(format!("pf-x-{}-abc", std::process::id()));
+        let other = base.path().join(format!("pf-y-{dead_pid}-abc"));
+        let odd = base.path().join("pf-x-notapid-abc");
+        for d in [&abandoned, &ours, &other, &odd] {
+            std::fs::create_dir(d).expect("mkdir");
+            std::fs::write(d.join("pages-1.img"), b"x").expect("write");
+        }
+        sweep_abandoned(base.path(), "pf-x-");
+        assert!(!abandoned.exists(), "a dead pid's images are removed");
+        assert!(ours.exists() && other.exists() && odd.exists());
     }
 
     #[test]
