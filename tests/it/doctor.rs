@@ -8,12 +8,13 @@ use std::process::Output;
 use crate::support::pf;
 
 /// Every check, in the order pf prints them.
-const CHECK_IDS: [&str; 9] = [
+const CHECK_IDS: [&str; 10] = [
     "kernel",
     "criu-found",
     "criu-version",
     "criu-version-ok",
     "criu-check",
+    "criu-sockets",
     "privileges",
     "namespaces",
     "userfaultfd",

@@ -101,6 +101,7 @@ pub(crate) fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
 
     let mut checks = vec![kernel_check()];
     checks.extend(criu_checks(probe));
+    checks.push(socket_check(probe));
     checks.push(privilege_check(is_root, probe, sudo.as_ref()));
     checks.push(namespace_check(is_root));
     checks.push(userfaultfd_check(is_root, probe));
@@ -539,6 +540,27 @@ fn namespace_check(is_root: bool) -> Check {
             format!("cannot run unshare: {e}"),
             "apt-get install util-linux",
         ),
+    }
+}
+
+/// Whether the criu found can dump TCP/UDP sockets on this kernel (optional: goblins on pipes
+/// need none).
+fn socket_check(probe: &Probe) -> Check {
+    const ID: &str = "criu-sockets";
+    const LABEL: &str = "criu sockets";
+    let (Some(path), Some(version)) = (&probe.path, probe.version) else {
+        return Check::fail(ID, LABEL, "no criu to ask", FIX_CRIU_FOUND).optional();
+    };
+    match pf_world_procs::criu::inet_sockets(path, version) {
+        pf_world_procs::criu::InetSockets::Yes(why) => Check::pass(ID, LABEL, why).optional(),
+        pf_world_procs::criu::InetSockets::No(why) => Check::fail(
+            ID,
+            LABEL,
+            why,
+            "processes without TCP/UDP sockets still work; `cargo xtask install-criu` (in pf's \
+             source tree) builds CRIU 4.1.1 with pf's patch for them",
+        )
+        .optional(),
     }
 }
 

@@ -278,6 +278,66 @@ pub(crate) fn for_restore() -> Result<&'static Criu, Unavailable> {
     .map_err(Clone::clone)
 }
 
+/// Whether a criu can dump a process holding a TCP or UDP socket on this kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InetSockets {
+    /// It can; the reason.
+    Yes(String),
+    /// It cannot; the reason.
+    No(String),
+}
+
+/// Whether the criu at `path` (of `version`) can dump TCP/UDP sockets here. Linux 6.16 refuses
+/// SO_PASSCRED/SO_PASSSEC on such sockets, which CRIU before 4.2 treats as fatal; the CRIU
+/// that `cargo xtask install-criu` builds carries pf's patch for it (`GitID: pf-…`).
+pub fn inet_sockets(path: &Path, version: CriuVersion) -> InetSockets {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let gitid = runner::output(path, &["--version"], Duration::from_secs(20))
+        .ok()
+        .and_then(|out| parse_gitid(&out));
+    inet_sockets_verdict(kernel.trim(), version, gitid.as_deref())
+}
+
+/// `GitID: pf-4.1.1-1` in `criu --version` output → `pf-4.1.1-1`.
+pub fn parse_gitid(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("GitID:"))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// [`inet_sockets`] on its inputs: the kernel release, criu's version and GitID.
+pub fn inet_sockets_verdict(
+    kernel: &str,
+    version: CriuVersion,
+    gitid: Option<&str>,
+) -> InetSockets {
+    let mut parts = kernel.split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().flatten(), parts.next().flatten());
+    let fixed_kernel = matches!((major, minor), (Some(a), Some(b)) if (a, b) >= (6, 16));
+    if !fixed_kernel {
+        return InetSockets::Yes(format!(
+            "Linux {kernel} still allows what criu {version} asks"
+        ));
+    }
+    let new_enough = CriuVersion {
+        major: 4,
+        minor: 2,
+        sublevel: 0,
+    };
+    if version >= new_enough {
+        return InetSockets::Yes(format!("criu {version} knows Linux 6.16's socket options"));
+    }
+    if let Some(id) = gitid.filter(|id| id.starts_with("pf-")) {
+        return InetSockets::Yes(format!("criu {version} built with pf's patch ({id})"));
+    }
+    InetSockets::No(format!(
+        "criu {version} cannot dump a process with a TCP/UDP socket on Linux {kernel} \
+         (`sockets: Can't get 1:16 opt: Operation not supported`)"
+    ))
+}
+
 /// Where a passed `criu check` is remembered between pf processes, as root: `/run` is emptied
 /// by a reboot, and only root writes there.
 const CHECKED_DIR: &str = "/run/pf";
@@ -600,6 +660,27 @@ mod tests {
         let other = binary_identity(&rewritten).expect("identity");
         assert_ne!(other, key);
         assert_eq!(read_checked(&dir.path().join("run"), &other), None);
+    }
+
+    #[test]
+    fn inet_sockets_need_a_new_or_patched_criu_on_6_16() {
+        let v = |major, minor, sublevel| CriuVersion {
+            major,
+            minor,
+            sublevel,
+        };
+        let yes = |k, ver, id| matches!(inet_sockets_verdict(k, ver, id), InetSockets::Yes(_));
+        assert!(yes("6.1.0-18-amd64", v(4, 1, 1), None));
+        assert!(yes("6.15.9", v(4, 1, 1), None));
+        assert!(!yes("6.16.0", v(4, 1, 1), None));
+        assert!(!yes("6.18.44-fc-v857", v(4, 1, 1), Some("v4.1.1")));
+        assert!(yes("6.18.44-fc-v857", v(4, 1, 1), Some("pf-4.1.1-1")));
+        assert!(yes("7.0.1", v(4, 2, 0), None));
+        assert_eq!(
+            parse_gitid("Version: 4.1.1\nGitID: pf-4.1.1-1\n").as_deref(),
+            Some("pf-4.1.1-1")
+        );
+        assert_eq!(parse_gitid("Version: 4.1.1\n"), None);
     }
 
     #[test]
