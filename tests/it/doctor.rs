@@ -216,6 +216,10 @@ fn live_doctor_passes_on_a_machine_with_criu() {
 #[test]
 fn doctor_without_root_says_what_needs_root() {
     let dir = tempfile::tempdir().expect("tempdir");
+    // Where pf (and criu) keep their work files: writable by `nobody`, inside `dir`.
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir(&scratch).expect("mkdir");
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let mut cmd;
     if nix_is_root() {
         // `nobody` must be able to run the binary: a world-readable copy in a 0755 directory.
@@ -234,11 +238,12 @@ fn doctor_without_root_says_what_needs_root() {
         .env_remove("PF_STORE")
         .env("HOME", dir.path())
         .env("PATH", "/usr/local/sbin:/usr/bin:/bin")
-        .env("TMPDIR", "/tmp")
+        .env("TMPDIR", &scratch)
         .args(["--store"])
         .arg(dir.path().join("store"))
         .args(["doctor", "--json"]);
     let out = cmd.output().expect("run pf doctor without root");
+    // criu's kept logs of its failed checks stay in `scratch`, removed with `dir`.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -725,9 +725,14 @@ fn live_a_killed_thaw_takes_its_goblin_along() {
         &spawn_goblin(&store, "counter", &["--quiet-ms", "300"], &py(COUNTER)),
         "spawn",
     );
+    // pf's scratch (extracted images, criu's work dirs) goes here, so what the killed pf leaves
+    // is ours to look at and goes with `dir`.
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir(&scratch).expect("mkdir");
     // Our stdin pipe goes to the goblin itself and stays open: only pf's death can end it.
     let mut cmd = pf(&store);
-    cmd.args(["goblin", "thaw", "counter"])
+    cmd.env("TMPDIR", &scratch)
+        .args(["goblin", "thaw", "counter"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
@@ -758,12 +763,13 @@ fn live_a_killed_thaw_takes_its_goblin_along() {
     drop(stdin);
     // Whatever extracted images the killed pf left (it may have died before removing them) go
     // with the next pf that extracts.
-    let again = thaw(&store, "counter", b"inc\n");
+    let mut again = pf(&store);
+    again
+        .env("TMPDIR", &scratch)
+        .args(["goblin", "thaw", "counter"]);
+    let again = run(again, b"inc\n");
     assert_eq!(ok(&again, "a thaw after the killed one"), "1\neof 1\n");
-    let base = std::env::var_os("TMPDIR")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| std::path::PathBuf::from("/dev/shm"), Into::into);
-    let left: Vec<String> = std::fs::read_dir(&base)
+    let left: Vec<String> = std::fs::read_dir(&scratch)
         .expect("list the scratch directory")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())

@@ -286,34 +286,72 @@ fn dump_with(
     })
 }
 
+/// A scratch directory for images, removed when dropped. While it lives, an exclusive `flock`
+/// on the directory itself says it is in use.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+impl Scratch {
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 /// A fresh private (0700) directory for images: under `$TMPDIR` when set, else on `/dev/shm`
 /// (tmpfs: dumps and restores run at memory speed), else in `/tmp`.
 ///
-/// Its name carries our pid (`pf-restore-<pid>-…`). Images are as large as the process they
-/// hold and sit in memory on tmpfs, so before making one we remove those that a pf killed
-/// mid-way (SIGKILL leaves no chance to clean up) left behind: same prefix, same owner, and a
-/// pid that no longer runs.
-pub(crate) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
+/// Its name carries our pid (`pf-restore-<pid>-…`) and it is `flock`ed while in use. Images
+/// are as large as the process they hold and sit in memory on tmpfs, so before making one we
+/// remove those a pf killed mid-way (SIGKILL leaves no chance to clean up) left behind: same
+/// prefix, same owner, a pid that no longer runs here, and no lock held (the lock also covers a
+/// pf in another pid namespace, whose pid means nothing here).
+pub(crate) fn scratch_dir(prefix: &str) -> Result<Scratch> {
     use std::os::unix::fs::PermissionsExt as _;
     let mut builder = tempfile::Builder::new();
     let named = format!("{prefix}{}-", std::process::id());
     builder
         .prefix(&named)
         .permissions(std::fs::Permissions::from_mode(0o700));
+    let mut made = None;
     if std::env::var_os("TMPDIR").is_none_or(|v| v.is_empty()) {
         let shm = Path::new("/dev/shm");
         sweep_abandoned(shm, prefix);
-        if let Ok(dir) = builder.tempdir_in(shm) {
-            return Ok(dir);
-        }
+        made = builder.tempdir_in(shm).ok();
     }
-    sweep_abandoned(&std::env::temp_dir(), prefix);
-    builder
-        .tempdir()
-        .map_err(|e| Error::io("create a scratch directory in", std::env::temp_dir(), e))
+    let dir = match made {
+        Some(dir) => dir,
+        None => {
+            sweep_abandoned(&std::env::temp_dir(), prefix);
+            builder
+                .tempdir()
+                .map_err(|e| Error::io("create a scratch directory in", std::env::temp_dir(), e))?
+        }
+    };
+    let lock = lock_dir(dir.path(), false)
+        .map_err(|e| Error::io("lock the scratch directory", dir.path(), e))?;
+    Ok(Scratch { dir, _lock: lock })
 }
 
-/// Remove the directories `<prefix><pid>-…` in `base` that we own and whose pid is gone.
+/// An exclusive `flock` on the directory `path` (close-on-exec); `try_only`: fail at once when
+/// someone holds it.
+fn lock_dir(path: &Path, try_only: bool) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::open(path)?;
+    if try_only {
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::Error(e) => e,
+            std::fs::TryLockError::WouldBlock => std::io::ErrorKind::WouldBlock.into(),
+        })?;
+    } else {
+        file.lock()?;
+    }
+    Ok(file)
+}
+
+/// Remove the directories `<prefix><pid>-…` in `base` that we own, whose pid is gone and whose
+/// lock nobody holds.
 fn sweep_abandoned(base: &Path, prefix: &str) {
     use std::os::unix::fs::MetadataExt as _;
     let Ok(entries) = std::fs::read_dir(base) else {
@@ -330,18 +368,23 @@ fn sweep_abandoned(base: &Path, prefix: &str) {
         else {
             continue;
         };
-        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
         if !meta.is_dir() || meta.uid() != me || crate::proc::pid_state(pid) != PidState::Gone {
             continue;
         }
-        match std::fs::remove_dir_all(entry.path()) {
+        // Held while we remove it, so a second sweeper skips it.
+        let Ok(_held) = lock_dir(&path, true) else {
+            continue;
+        };
+        match std::fs::remove_dir_all(&path) {
             Ok(()) => {
-                tracing::info!(dir = %entry.path().display(), pid, "removed images a killed pf left behind")
+                tracing::info!(dir = %path.display(), pid, "removed images a killed pf left behind");
             }
             Err(err) => {
-                tracing::debug!(dir = %entry.path().display(), %err, "cannot remove abandoned images")
+                tracing::debug!(dir = %path.display(), %err, "cannot remove abandoned images")
             }
         }
     }
@@ -432,9 +475,17 @@ mod tests {
             std::fs::create_dir(d).expect("mkdir");
             std::fs::write(d.join("pages-1.img"), b"x").expect("write");
         }
+        // A dead pid's directory that someone still holds (a pf in another pid namespace).
+        let held = base.path().join(format!("pf-x-{dead_pid}-held"));
+        std::fs::create_dir(&held).expect("mkdir");
+        let lock = lock_dir(&held, false).expect("lock");
         sweep_abandoned(base.path(), "pf-x-");
         assert!(!abandoned.exists(), "a dead pid's images are removed");
         assert!(ours.exists() && other.exists() && odd.exists());
+        assert!(held.exists(), "a locked directory is in use");
+        drop(lock);
+        sweep_abandoned(base.path(), "pf-x-");
+        assert!(!held.exists());
     }
 
     #[test]

@@ -346,7 +346,7 @@ const CHECKED_FILE: &str = "criu-checked.v1";
 
 /// A criu for a capture: the full [`probe`], except that as root a criu that passed
 /// `criu check` since this boot is taken without checking again (~30 ms a `pf goblin freeze`)
-/// as long as it is the very same file (device, inode, size, modification time). `pf doctor`
+/// as long as it is the very same file (device, inode, size, change time). `pf doctor`
 /// always probes in full; a criu that stopped working since fails the dump with its own errors.
 pub fn for_capture() -> Result<Criu, Unavailable> {
     static CAPTURE: OnceLock<Result<Criu, Unavailable>> = OnceLock::new();
@@ -364,7 +364,11 @@ pub fn for_capture() -> Result<Criu, Unavailable> {
             };
             let dir = Path::new(CHECKED_DIR);
             let key = binary_identity(&path);
-            if let Some(version) = key.as_deref().and_then(|k| read_checked(dir, k)) {
+            if let Some(version) = key
+                .as_deref()
+                .and_then(|k| read_checked(dir, k))
+                .filter(|v| *v >= MIN_VERSION)
+            {
                 tracing::debug!(path = %path.display(), %version, "criu passed `criu check` earlier this boot");
                 return Ok(Criu {
                     path,
@@ -385,19 +389,20 @@ pub fn for_capture() -> Result<Criu, Unavailable> {
         .clone()
 }
 
-/// Who `path` is this boot: its path, device, inode, size, modification time and the boot id.
+/// Who `path` is this boot: its path, device, inode, size, change time and the boot id.
 fn binary_identity(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = std::fs::metadata(path).ok()?;
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    // ctime, unlike mtime, cannot be set back by hand after the file is rewritten.
     Some(format!(
         "{}\t{}:{}\t{}\t{}.{}\t{}",
         path.display(),
         meta.dev(),
         meta.ino(),
         meta.size(),
-        meta.mtime(),
-        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
         boot.trim()
     ))
 }

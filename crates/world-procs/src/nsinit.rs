@@ -162,6 +162,7 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
         keep: plan.keep,
         report: write_end.as_raw_fd(),
         lifeline: life_r.as_raw_fd(),
+        lifeline_w: life_w.as_raw_fd(),
     };
     let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
     // SAFETY: a clone without CLONE_VM and with a null stack behaves like fork: the child gets
@@ -206,6 +207,9 @@ struct Ctx<'a> {
     keep: &'a [RawFd],
     report: RawFd,
     lifeline: RawFd,
+    /// The caller's end of the lifeline, which the init's copy of the fd table holds too:
+    /// closed first thing, or end of file would never come.
+    lifeline_w: RawFd,
 }
 
 fn report(fd: RawFd, tag: i32, a: i32, b: i32) {
@@ -251,6 +255,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
     // integers, on NUL-terminated strings and pointer arrays built before the clone, and on
     // stack buffers we own. No allocation, no locks.
     unsafe {
+        libc::close(ctx.lifeline_w);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         // Shows as `pf-ns-init` in ps instead of a second `pf`.
         libc::prctl(libc::PR_SET_NAME, c"pf-ns-init".as_ptr());
@@ -308,19 +313,21 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         if !criu_ok {
             libc::_exit(121);
         }
-        let watcher = raw_fork();
+        let mut watcher = raw_fork() as libc::pid_t;
         if watcher == 0 {
             watch_lifeline(ctx.lifeline);
         }
+        // A watcher that could not be forked leaves the tree untied (as a detach would).
         libc::close(ctx.lifeline);
         loop {
             let got = libc::waitpid(-1, &mut status, 0);
-            if watcher > 0
-                && got == watcher as libc::pid_t
-                && !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
-            {
-                // The caller is gone without untying: end the namespace with us.
-                libc::_exit(137);
+            if watcher > 0 && got == watcher {
+                if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                    // The caller is gone without untying: end the namespace with us.
+                    libc::_exit(137);
+                }
+                // Untied; its pid may come back as one of the tree's.
+                watcher = 0;
             }
             if got == root {
                 report(ctx.report, TAG_ROOT_DONE, status, 0);
@@ -341,9 +348,14 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
 /// The watcher child of the init: exit 0 when the caller unties the tree, 1 when the lifeline
 /// closes without that (the caller is gone). Never returns.
 fn watch_lifeline(lifeline: RawFd) -> ! {
-    // SAFETY: prctl with a static NUL-terminated name.
+    // SAFETY: prctl with a static NUL-terminated name; sigprocmask on a stack set we own.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"pf-ns-watch".as_ptr());
+        // It shares pf's process group: a Ctrl-C on pf's terminal (which pf forwards to the
+        // goblin) must not end it, or the namespace would go down with it.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
     let mut byte = [0u8; 1];
     loop {

@@ -60,7 +60,7 @@ pub struct RestoreOptions {
 /// A private directory of extracted images, removed on drop.
 #[derive(Debug)]
 pub struct ImagesDir {
-    dir: tempfile::TempDir,
+    dir: crate::capture::Scratch,
 }
 
 impl ImagesDir {

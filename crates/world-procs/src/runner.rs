@@ -349,7 +349,13 @@ fn wait_watching(
             }
         }
     };
-    // The child cannot have been reaped yet: the waiter would have sent its status.
+    // It may have exited since the last look: then its status wins, nothing is signalled.
+    if let Ok(status) = rx.try_recv() {
+        let _ = waiter.join();
+        return status.map(Waited::Exited);
+    }
+    // A small window remains in which the waiter reaps it just before the signal below; the
+    // pid is then free but not reused within that window in practice.
     let signal = |sig| {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     };
