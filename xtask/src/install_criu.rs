@@ -376,13 +376,18 @@ fn install(built: &Path, dest: &Path) -> anyhow::Result<()> {
     std::fs::rename(&tmp, dest)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
     match criu::probe(dest) {
-        criu::Probe::Works { version, .. } => {
+        criu::Probe::Works { version, gitid } if gitid.as_deref() == Some(BUILD_ID) => {
             println!(
-                "criu {version} installed at {}; `criu check` passes",
+                "criu {version} ({BUILD_ID}) installed at {}; `criu check` passes",
                 dest.display()
             );
             Ok(())
         }
+        criu::Probe::Works { gitid, .. } => bail!(
+            "the installed {} says GitID {gitid:?}, not {BUILD_ID}: the build did not take pf's \
+             patches; run `cargo xtask install-criu --force`",
+            dest.display()
+        ),
         other => bail!(
             "the installed {} does not work: {other:?}\nrun `{} check` to see why",
             dest.display(),
