@@ -708,7 +708,7 @@ fn children_of(pid: i32) -> Vec<i32> {
     out
 }
 
-fn comm(pid: &str) -> String {
+fn comm(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
@@ -745,19 +745,19 @@ fn live_a_killed_thaw_takes_its_goblin_along() {
     assert_eq!(lines.next().expect("an answer").expect("read"), "1");
     let init = children_of(pf_pid)
         .into_iter()
-        .find(|&p| comm(&p.to_string()) == "pf-ns-init")
+        .find(|&p| comm(p) == "pf-ns-init")
         .expect("pf's namespace init");
     let _guard_init = KillOnDrop(init);
     let tree: Vec<i32> = children_of(init);
     assert!(!tree.is_empty(), "the goblin runs under the init");
 
-    nix_kill(pf_pid);
+    child.kill().expect("SIGKILL pf");
     child.wait().expect("reap pf");
     for pid in std::iter::once(init).chain(tree.iter().copied()) {
         assert!(
             exited(pid),
             "{pid} ({}) outlived the pf that was killed",
-            comm(&pid.to_string())
+            comm(pid)
         );
     }
     drop(stdin);
@@ -776,14 +776,4 @@ fn live_a_killed_thaw_takes_its_goblin_along() {
         .filter(|n| n.starts_with(&format!("pf-restore-{pf_pid}-")))
         .collect();
     assert_eq!(left, Vec::<String>::new(), "images left by the killed pf");
-}
-
-/// SIGKILL `pid`.
-fn nix_kill(pid: i32) {
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .stdin(Stdio::null())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -KILL {pid}");
 }

@@ -89,14 +89,6 @@ pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<Images
         .open(digest)
         .map_err(|e| Error::store(format!("opening the images {digest}"), e))?;
     let dir = crate::capture::scratch_dir("pf-restore-")?;
-    // The restore that follows needs criu's version (`criu --version`, ~8 ms): ask while the
-    // images are being extracted. The answer is cached for the process; a restore that asks
-    // before it is in waits for it.
-    let _ = std::thread::Builder::new()
-        .name("pf-criu-probe".into())
-        .spawn(|| {
-            let _ = crate::criu::for_restore();
-        });
     crate::tarball::extract(source, digest, dir.path())?;
     tracing::debug!(%digest, dir = %dir.path().display(), "images extracted");
     Ok(ImagesDir { dir })
