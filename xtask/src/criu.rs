@@ -143,13 +143,12 @@ pub(crate) fn find_working() -> Search {
 /// Why a working criu still won't do: a 4.1 without pf's patches (built elsewhere, or by an older
 /// install-criu) cannot dump TCP/UDP sockets on Linux ≥ 6.16. 4.2 and later are taken as they are.
 pub(crate) fn lacks_patches(version: &str, gitid: Option<&str>) -> Option<String> {
-    if version_at_least(version, (4, 2)) || gitid == Some(crate::install_criu::BUILD_ID) {
+    if version_at_least(version, (4, 2)) || gitid.is_some_and(|g| g.starts_with("pf-")) {
         return None;
     }
     Some(format!(
-        "{version} lacks pf's CRIU patches ({}; it cannot dump TCP/UDP sockets on Linux 6.16 and \
-         later): building one",
-        crate::install_criu::BUILD_ID
+        "{version} lacks the fix for TCP/UDP sockets on Linux 6.16 and later (CRIU 4.2 has it, or \
+         a 4.1 built with pf's patch, `GitID: pf-…`): building CRIU 4.2.1"
     ))
 }
 
@@ -203,7 +202,7 @@ mod tests {
 
     #[test]
     fn only_patched_or_newer_criu_is_taken() {
-        let ours = crate::install_criu::BUILD_ID;
+        let ours = "pf-4.1.1-1";
         assert_eq!(
             parse_gitid(&format!("Version: 4.1.1\nGitID: {ours}\n")).as_deref(),
             Some(ours)

@@ -1,12 +1,12 @@
-//! `cargo xtask install-criu`: make sure a CRIU ≥ 4.1 that passes `criu check` is installed.
+//! `cargo xtask install-criu`: make sure a CRIU that pf accepts and that passes `criu check` is
+//! installed.
 //!
 //! Debian 12's criu 3.17 fails on these kernels, and Debian's newer binary packages would drag in a
-//! newer libc, so CRIU 4.1.1 is built from Debian's source tarball with Debian 12's build
+//! newer libc, so CRIU 4.2.1 is built from Debian's source tarball with Debian 12's build
 //! dependencies and installed as `/usr/local/sbin/criu`. Nothing from testing/trixie is installed.
-//!
-//! The build carries pf's own patches from `xtask/criu-patches/` (one today: dumping TCP/UDP
-//! sockets on Linux ≥ 6.16) and says so in `criu --version` (`GitID: pf-…`), so a later run can
-//! tell a criu it built from one that lacks them.
+//! 4.2 carries upstream's fix for dumping TCP/UDP sockets on Linux ≥ 6.16 (commit 4b7398595), so
+//! the build takes no patch of pf's; it is marked `GitID: pf-4.2.1` in `criu --version` so that
+//! a later run can tell a criu it built.
 
 use std::path::{Path, PathBuf};
 
@@ -15,48 +15,42 @@ use anyhow::{Context as _, bail};
 use crate::criu;
 use crate::process::{self, Out};
 
-const VERSION: &str = "4.1.1";
-const TARBALL: &str = "criu_4.1.1.orig.tar.xz";
-const SHA256: &str = "f80a66cb3726bb2116266d4759ce3bcbfab7abdb6b6d430bf20dd41911717afe";
+const VERSION: &str = "4.2.1";
+const TARBALL: &str = "criu_4.2.1.orig.tar.xz";
+const SHA256: &str = "29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9";
 const POOL_PATH: &str = "pool/main/c/criu";
 const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 pub(crate) const DEFAULT_DEST: &str = "/usr/local/sbin/criu";
 
-/// pf's patches to CRIU 4.1.1, applied in order with `patch -p1` after unpacking.
-const PATCHES: &[(&str, &str)] = &[(
-    "0001-sockopts-linux-6.16.patch",
-    include_str!("../criu-patches/0001-sockopts-linux-6.16.patch"),
-)];
-
-/// What a criu built here says after `GitID:` in `criu --version`; bump it with [`PATCHES`].
-pub(crate) const BUILD_ID: &str = "pf-4.1.1-1";
+/// What a criu built here says after `GitID:` in `criu --version`.
+pub(crate) const BUILD_ID: &str = "pf-4.2.1";
 
 /// Build dependencies, all from Debian 12 (each one proven necessary, plus libbsd for
-/// `setproctitle` and xz-utils to unpack the tarball).
+/// `setproctitle` and xz-utils to unpack the tarball; 4.2 also runs protoc).
 const BUILD_DEPS: &[&str] = &[
     "build-essential",
     "pkg-config",
     "libprotobuf-dev",
     "libprotobuf-c-dev",
     "protobuf-c-compiler",
+    "protobuf-compiler",
     "libnl-3-dev",
     "libnet1-dev",
     "libcap-dev",
     "uuid-dev",
     "libbsd-dev",
     "xz-utils",
-    "patch",
 ];
 
 pub(crate) const USAGE: &str = "\
 cargo xtask install-criu [--force] [--dest PATH]
 
 Make sure a CRIU that passes `criu check` and can dump sockets on this kernel is installed: 4.2 or
-newer, or a 4.1.1 built here (its `criu --version` says `GitID: pf-…`). If one is found ($PF_CRIU,
-PATH, /usr/local/sbin, /usr/sbin, /sbin) this prints one line and does nothing. Otherwise it
-installs the Debian 12 build dependencies, downloads Debian's criu_4.1.1.orig.tar.xz from the apt
-mirror, verifies its sha256, applies pf's patches (xtask/criu-patches/: TCP/UDP sockets on Linux
-6.16 and later), builds it and installs it as /usr/local/sbin/criu. Needs root.
+newer, or a 4.1.1 built by an older install-criu with pf's patch (its `criu --version` says
+`GitID: pf-4.1.1-1`). If one is found ($PF_CRIU, PATH, /usr/local/sbin, /usr/sbin, /sbin) this
+prints one line and does nothing. Otherwise it installs the Debian 12 build dependencies, downloads
+Debian's criu_4.2.1.orig.tar.xz from the apt mirror, verifies its sha256, builds it and installs it
+as /usr/local/sbin/criu. Needs root.
 
   --force       build and install even if a working criu is already there
   --dest PATH   install the built binary at PATH instead of /usr/local/sbin/criu";
@@ -118,7 +112,7 @@ pub(crate) fn ensure(root: &Path, opts: &Options) -> anyhow::Result<PathBuf> {
     let build_dir = process::target_dir(root).join("criu-build");
     step("1/5 build dependencies", ensure_debian_packages(BUILD_DEPS))?;
     let tarball = step("2/5 download", download(&build_dir))?;
-    let src = step("3/5 unpack and patch", unpack(&build_dir, &tarball))?;
+    let src = step("3/5 unpack", unpack(&build_dir, &tarball))?;
     let built = step("4/5 build", build(&src))?;
     step("5/5 install and check", install(&built, &opts.dest))?;
     Ok(opts.dest.clone())
@@ -308,15 +302,6 @@ fn unpack(build_dir: &Path, tarball: &Path) -> anyhow::Result<PathBuf> {
     if !src.join("Makefile").is_file() {
         bail!("{} has no Makefile after unpacking", src.display());
     }
-    for (name, text) in PATCHES {
-        let file = build_dir.join(name);
-        std::fs::write(&file, text).with_context(|| format!("cannot write {}", file.display()))?;
-        let mut cmd = process::command("patch", &src, Out::Null, Out::Inherit);
-        cmd.args(["-p1", "--forward", "--batch", "--input"])
-            .arg(&file);
-        process::run(&mut cmd)
-            .with_context(|| format!("pf's patch {name} does not apply to CRIU {VERSION}"))?;
-    }
     Ok(src)
 }
 
@@ -384,8 +369,8 @@ fn install(built: &Path, dest: &Path) -> anyhow::Result<()> {
             Ok(())
         }
         criu::Probe::Works { gitid, .. } => bail!(
-            "the installed {} says GitID {gitid:?}, not {BUILD_ID}: the build did not take pf's \
-             patches; run `cargo xtask install-criu --force`",
+            "the installed {} says GitID {gitid:?}, not {BUILD_ID}: it is not the binary this run \
+             built; run `cargo xtask install-criu --force`",
             dest.display()
         ),
         other => bail!(
