@@ -2,7 +2,9 @@
 //!
 //! `ci`: rustfmt, clippy (`-D warnings`, all targets), cargo-deny (bans, licenses, sources; the
 //! advisory database cannot be fetched from the CI machines), the unit, integration and doc tests,
-//! then the live tests against a real CRIU. A live test that did not run is a failure here.
+//! then the live tests against a real CRIU, then the Python package's pytest suite (built into a
+//! virtual environment of its own, live tests included). A live test that did not run is a
+//! failure here.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,6 +14,7 @@ use anyhow::{Context as _, bail};
 
 use crate::install_criu;
 use crate::process::{self, Out};
+use crate::python;
 use crate::testrun::{self, Tally};
 
 /// cargo-deny version installed when none is present (`cargo install --locked`).
@@ -74,6 +77,10 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
     let criu = ensure_criu(root)?;
     header("live tests (PF_HAS_CRIU=1, one at a time)");
     testrun::pass_live(&bins, &criu, &mut tally)?;
+    header("Python package: maturin develop into target/py-venv");
+    let venv = python::build(root)?;
+    header("Python tests: pytest python/tests (PF_HAS_CRIU=1)");
+    tally.python += python::test(root, &venv, &criu, &mut tally.problems)?;
     finish(&tally, true, start)
 }
 
@@ -90,9 +97,10 @@ pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
     finish(&tally, false, start)
 }
 
-/// Debian packages the tests drive besides CRIU: python3 runs their goblins, zstd is the
-/// reference the store's interop tests compare with, tmux runs the shells of `pf shell`'s tests.
-const TEST_PACKAGES: &[&str] = &["python3", "zstd", "tmux"];
+/// Debian packages the tests drive besides CRIU: python3 runs their goblins (and, with
+/// python3-venv, the Python package's tests), zstd is the reference the store's interop tests
+/// compare with, tmux runs the shells of `pf shell`'s tests.
+const TEST_PACKAGES: &[&str] = &["python3", "python3-venv", "zstd", "tmux"];
 
 /// The programs the tests need besides CRIU (installed with apt when missing and root).
 fn ensure_test_packages() -> anyhow::Result<()> {
@@ -128,11 +136,13 @@ fn finish(tally: &Tally, with_non_live: bool, start: Instant) -> anyhow::Result<
     }
     if with_non_live {
         println!(
-            "unit: {} passed, integration: {} passed, doc: {} passed, live: {} passed ({:.0} s)",
+            "unit: {} passed, integration: {} passed, doc: {} passed, live: {} passed, \
+             python: {} passed ({:.0} s)",
             tally.unit.passed,
             tally.integration.passed,
             tally.doc.passed,
             tally.live.passed,
+            tally.python.passed,
             start.elapsed().as_secs_f64()
         );
     } else {

@@ -16,6 +16,7 @@ mod criu;
 mod demo;
 mod install_criu;
 mod process;
+mod python;
 mod testrun;
 #[cfg(test)]
 mod tidy;

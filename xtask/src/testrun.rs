@@ -71,6 +71,8 @@ pub(crate) struct Tally {
     pub(crate) integration: Counts,
     pub(crate) doc: Counts,
     pub(crate) live: Counts,
+    /// The Python package's pytest run (live tests included).
+    pub(crate) python: Counts,
     /// Binaries or tests that crashed or hit their deadline, for the final report.
     pub(crate) problems: Vec<String>,
 }
@@ -78,7 +80,13 @@ pub(crate) struct Tally {
 impl Tally {
     pub(crate) fn total(&self) -> Counts {
         let mut t = Counts::default();
-        for c in [self.unit, self.integration, self.doc, self.live] {
+        for c in [
+            self.unit,
+            self.integration,
+            self.doc,
+            self.live,
+            self.python,
+        ] {
             t += c;
         }
         t

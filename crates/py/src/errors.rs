@@ -1,0 +1,132 @@
+//! Rust errors → `pf.errors` exceptions: the class follows what went wrong (a missing blob, a
+//! corrupt store, no criu, not root, CRIU's failure …), the message is the whole error chain, and
+//! CRIU failures carry CRIU's own `Error (…)` lines as `criu_errors` and the kept log as `log`.
+
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+/// Which `pf.errors` class an error becomes, and what it carries besides its message.
+#[derive(Debug, Default)]
+struct Class {
+    name: &'static str,
+    criu_errors: Vec<String>,
+    log: Option<std::path::PathBuf>,
+}
+
+impl Class {
+    fn named(name: &'static str) -> Class {
+        Class {
+            name,
+            ..Class::default()
+        }
+    }
+}
+
+/// The class of a store error.
+fn core_class(err: &pf_core::Error) -> Class {
+    use pf_core::Error as E;
+    Class::named(match err {
+        E::NotFound { .. } | E::NameNotFound { .. } => "NotFound",
+        E::Integrity { .. } | E::Decode { .. } | E::CorruptName { .. } => "StoreCorrupt",
+        E::InvalidDigest(_) | E::InvalidName { .. } => "InvalidArgument",
+        _ => "StoreError",
+    })
+}
+
+/// The class of a CRIU or procs error.
+fn procs_class(err: &pf_world_procs::Error) -> Class {
+    use pf_world_procs::Error as E;
+    use pf_world_procs::criu::Unavailable as U;
+    match err {
+        E::Unavailable(U::NoPrivilege { .. }) => Class::named("NeedsRoot"),
+        E::Unavailable(_) => Class::named("CriuMissing"),
+        E::Criu { errors, log, .. } => Class {
+            name: "CriuFailed",
+            criu_errors: errors.clone(),
+            log: Some(log.clone()),
+        },
+        E::Timeout { log, .. } => Class {
+            name: "CriuFailed",
+            criu_errors: Vec::new(),
+            log: Some(log.clone()),
+        },
+        E::NoSuchProcess { .. } => Class::named("NoSuchProcess"),
+        E::ExitedDuringDump { .. } => Class::named("NoSuchProcess"),
+        E::PidInUse { .. } | E::PidZombie { .. } => Class::named("PidInUse"),
+        E::Store { source, .. } => core_class(source),
+        E::NotProcs { .. } | E::Unsupported { .. } | E::UnsafeTar { .. } | E::Tar { .. } => {
+            Class::named("InvalidSnapshot")
+        }
+        _ => Class::named("Error"),
+    }
+}
+
+/// The class of a goblin error.
+fn goblin_class(err: &pf_goblins::Error) -> Class {
+    use pf_goblins::Error as E;
+    match err {
+        E::EmptyCommand => Class::named("InvalidArgument"),
+        E::Spawn { .. } => Class::named("SpawnFailed"),
+        E::NoSuchProcess { .. } => Class::named("NoSuchProcess"),
+        E::NotPipes { .. }
+        | E::NotSessionLeader { .. }
+        | E::OtherPidNamespace { .. }
+        | E::NotAGoblin { .. } => Class::named("NotAGoblin"),
+        E::Freeze { source, .. } | E::Thaw { source, .. } | E::Wait { source, .. } => {
+            procs_class(source)
+        }
+        _ => Class::named("Error"),
+    }
+}
+
+/// The whole chain, `outer: inner: …`, as the CLI prints it.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Build the exception of `class` with `message`.
+fn raise(class: Class, message: String) -> PyErr {
+    Python::attach(|py| match build(py, &class, &message) {
+        Ok(err) => err,
+        Err(err) => err,
+    })
+}
+
+fn build(py: Python<'_>, class: &Class, message: &str) -> PyResult<PyErr> {
+    let module = py.import("pf.errors")?;
+    let cls = module.getattr(class.name)?;
+    let exc = cls.call1((message,))?;
+    exc.setattr("criu_errors", PyList::new(py, &class.criu_errors)?)?;
+    exc.setattr("log", class.log.as_ref().map(|p| p.display().to_string()))?;
+    Ok(PyErr::from_value(exc))
+}
+
+/// A store error as a Python exception.
+pub(crate) fn from_core(err: pf_core::Error) -> PyErr {
+    raise(core_class(&err), chain(&err))
+}
+
+/// A goblin error as a Python exception.
+pub(crate) fn from_goblin(err: pf_goblins::Error) -> PyErr {
+    raise(goblin_class(&err), chain(&err))
+}
+
+/// A bad argument (`pf.errors.InvalidArgument`, also a `ValueError`).
+pub(crate) fn invalid(message: String) -> PyErr {
+    raise(Class::named("InvalidArgument"), message)
+}
+
+/// A wait that ran out of time (`pf.errors.Timeout`, also a `TimeoutError`).
+pub(crate) fn timeout(message: String) -> PyErr {
+    raise(Class::named("Timeout"), message)
+}

@@ -1,0 +1,52 @@
+"""pf: freeze, store, thaw and fork live Linux processes with CRIU.
+
+``pf.Store`` is pf's content-addressed store (the one the ``pf`` command uses, unless you pass a
+path). ``pf.goblins`` freezes processes that talk only through stdin/stdout/stderr ("goblins")
+and thaws or forks them onto fresh pipes. Errors are ``pf.errors.Error`` subclasses, re-exported
+here (``pf.NotAGoblin``, ``pf.CriuFailed`` ...).
+
+The engine is Rust (pf-core, pf-world-procs, pf-goblins); this package is a thin binding and
+releases the GIL while it freezes, thaws or forks.
+"""
+
+from pf import errors, goblins
+from pf._native import Store, __version__
+from pf.errors import (
+    CriuFailed,
+    CriuMissing,
+    Error,
+    InvalidArgument,
+    InvalidSnapshot,
+    NeedsRoot,
+    NoSuchProcess,
+    NotAGoblin,
+    NotFound,
+    PidInUse,
+    SpawnFailed,
+    StoreCorrupt,
+    StoreError,
+    Timeout,
+)
+from pf.goblins import Goblin
+
+__all__ = [
+    "CriuFailed",
+    "CriuMissing",
+    "Error",
+    "Goblin",
+    "InvalidArgument",
+    "InvalidSnapshot",
+    "NeedsRoot",
+    "NoSuchProcess",
+    "NotAGoblin",
+    "NotFound",
+    "PidInUse",
+    "SpawnFailed",
+    "Store",
+    "StoreCorrupt",
+    "StoreError",
+    "Timeout",
+    "__version__",
+    "errors",
+    "goblins",
+]

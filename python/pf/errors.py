@@ -1,0 +1,80 @@
+"""The exceptions pf raises: one class per thing a caller can act on.
+
+Every one is a ``pf.errors.Error``; some are also the built-in exception a Python programmer
+would catch for the same situation (``NotFound`` is a ``LookupError``, ``NeedsRoot`` a
+``PermissionError``, ``Timeout`` a ``TimeoutError``, ``InvalidArgument`` a ``ValueError``).
+The message is pf's whole error chain, the same text the ``pf`` command prints.
+
+Every instance has ``criu_errors`` (CRIU's own ``Error (...)`` lines, for ``CriuFailed``; else
+empty) and ``log`` (the path of the CRIU log pf kept, or ``None``).
+"""
+
+from typing import List, Optional
+
+
+class Error(Exception):
+    """Anything pf reports."""
+
+    criu_errors: List[str]
+    log: Optional[str]
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.criu_errors = []
+        self.log = None
+
+
+class InvalidArgument(Error, ValueError):
+    """An argument pf cannot use (a malformed digest or name, an empty command, n < 1 ...)."""
+
+
+class Timeout(Error, TimeoutError):
+    """A wait ran out of time; the goblin still runs."""
+
+
+class NotFound(Error, LookupError):
+    """No blob with that digest, or no such name, in the store."""
+
+
+class StoreError(Error):
+    """The store could not be read or written (permissions, a full disk ...)."""
+
+
+class StoreCorrupt(StoreError):
+    """A blob's bytes do not match its digest, or cannot be decoded: pf never returns them."""
+
+
+class InvalidSnapshot(Error):
+    """The blob is not a usable snapshot (not a procs record, hostile or broken images)."""
+
+
+class NotAGoblin(Error):
+    """The process or snapshot is not a goblin's (stdio not pipes, not a session leader,
+    a plain process tree)."""
+
+
+class NoSuchProcess(Error, ProcessLookupError):
+    """The pid does not exist, or the process exited while it was being frozen."""
+
+
+class SpawnFailed(Error, OSError):
+    """The program could not be started."""
+
+
+class CriuMissing(Error):
+    """No usable criu on this machine; the message says how to get one
+    (``cargo xtask install-criu`` in pf's source tree)."""
+
+
+class NeedsRoot(CriuMissing, PermissionError):
+    """criu is there but pf lacks the privileges to run it: run as root."""
+
+
+class CriuFailed(Error):
+    """CRIU itself failed; ``criu_errors`` holds its ``Error (...)`` lines and ``log`` the
+    path of its full log."""
+
+
+class PidInUse(CriuFailed):
+    """The snapshot's pid is taken on this machine; thaw into a new pid namespace (the
+    default) instead."""

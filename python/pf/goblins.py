@@ -1,0 +1,309 @@
+"""Goblins: processes that talk only through stdin, stdout and stderr, frozen with CRIU and
+thawed onto fresh pipes, once or many times.
+
+    import pf, subprocess
+    g = pf.goblins.spawn(["python3", "-u", "-i"])          # or any process you started
+    digest = pf.goblins.freeze(g.pid, pf.Store(), tag="repl")  # leave_running=True by default
+    with pf.goblins.thaw("repl") as copy:                   # a new process, fresh pipes
+        copy.stdin.write(b"print(6 * 7)\\n")
+        print(copy.stdout.readline())                       # b'42\\n'
+
+A snapshot is named by a digest or a name in a store (``store=``, default ``pf.Store()``), or
+is an images directory (a ``str`` or ``os.PathLike`` naming an existing directory, as made by
+``freeze(pid, "/some/dir")``). Thawed copies run in their own pid and mount namespaces, so any
+number of them, and the original, run at once.
+
+A ``Goblin`` owns its process: leaving a ``with`` block, ``kill()``, or the handle being
+garbage-collected kills it and reaps it (its whole process group, or its pid namespace when
+thawed). Call ``detach()`` to leave it running instead.
+"""
+
+import asyncio
+import os
+from typing import IO, List, Mapping, Optional, Sequence, Union
+
+from pf import _native
+from pf._native import Store
+
+Snapshot = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "AsyncGoblin",
+    "Goblin",
+    "Loaded",
+    "fork",
+    "fork_async",
+    "freeze",
+    "load",
+    "spawn",
+    "thaw",
+    "thaw_async",
+]
+
+
+def _is_images_dir(snapshot: Snapshot) -> bool:
+    return isinstance(snapshot, os.PathLike) or os.path.isdir(snapshot)
+
+
+class Goblin:
+    """A running goblin: ``pid``, binary file objects ``stdin`` (unbuffered), ``stdout`` and
+    ``stderr`` (buffered readers; ``stderr`` is ``None`` when it shares ``stdout``'s pipe), and
+    ``returncode`` once it has exited (minus the signal number if a signal killed it), like
+    ``subprocess.Popen``.
+
+    Read ``stdout`` and ``stderr`` concurrently (or one on a thread) if the goblin may write a
+    lot to both: a goblin blocked on a full stderr pipe never answers on stdout.
+    """
+
+    stdin: Optional[IO[bytes]]
+    stdout: Optional[IO[bytes]]
+    stderr: Optional[IO[bytes]]
+    returncode: Optional[int]
+
+    def __init__(self, native: "_native.NativeGoblin") -> None:
+        self._native = native
+        fin, fout, ferr = native.take_fds()
+        self.stdin = open(fin, "wb", buffering=0) if fin is not None else None
+        self.stdout = open(fout, "rb") if fout is not None else None
+        self.stderr = open(ferr, "rb") if ferr is not None else None
+        self.returncode = None
+
+    @property
+    def pid(self) -> int:
+        """The goblin's pid as seen from here (a thawed copy has another inside its namespace)."""
+        return self._native.pid
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait until the goblin exits, reap it and return its returncode. With ``timeout``
+        (seconds), raise ``pf.Timeout`` if it still runs then. Like ``Popen.wait``, this does not
+        close stdin: close ``stdin`` first if the goblin waits for end of input."""
+        self.returncode = self._native.wait(timeout)
+        return self.returncode
+
+    def poll(self) -> Optional[int]:
+        """The returncode if the goblin has exited (reaping it), else ``None``."""
+        code = self._native.poll()
+        if code is not None:
+            self.returncode = code
+        return code
+
+    def send_signal(self, signal: int) -> None:
+        """Send ``signal`` to the goblin's main process (an exited goblin is not an error)."""
+        self._native.send_signal(int(signal))
+
+    def terminate(self) -> None:
+        """Send SIGTERM."""
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> int:
+        """SIGKILL the goblin (its process group, or its whole pid namespace when thawed), reap
+        it and return its returncode. Killing an exited goblin is not an error."""
+        self.returncode = self._native.kill()
+        return self.returncode
+
+    def detach(self) -> None:
+        """Let the goblin run on after this handle is gone; pf will not kill or reap it."""
+        self._native.detach()
+
+    def close(self) -> None:
+        """Close our ends of the goblin's pipes."""
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> "Goblin":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.kill()
+        finally:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<pf.Goblin pid={self.pid} returncode={self.returncode}>"
+
+
+class Loaded:
+    """A snapshot checked and ready to thaw or fork any number of times (``load``): the images
+    are read (and, from a store, verified and extracted) once."""
+
+    def __init__(self, native: "_native.NativeLoaded") -> None:
+        self._native = native
+
+    @property
+    def name(self) -> str:
+        """The digest or images directory it was loaded from."""
+        return self._native.name
+
+    def thaw(self, *, new_pid_namespace: bool = True) -> Goblin:
+        """Restore one copy on fresh pipes."""
+        return Goblin(self._native.thaw(new_pid_namespace=new_pid_namespace))
+
+    def fork(self, n: int) -> List[Goblin]:
+        """Restore ``n`` copies side by side: all of them, or none and an error."""
+        return [Goblin(g) for g in self._native.fork(n)]
+
+
+def spawn(
+    argv: Sequence[str],
+    cwd: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+) -> Goblin:
+    """Start ``argv`` as a goblin: leader of its own session, stdin/stdout/stderr on fresh
+    pipes, no other descriptor open. ``env`` entries are added to (or replace entries of) the
+    inherited environment; ``cwd`` defaults to the current directory and must exist wherever
+    the goblin is thawed later. Run Python with ``-u`` (line-by-line goblins must not
+    block-buffer their output)."""
+    return Goblin(
+        _native.spawn(
+            [os.fsdecode(a) for a in argv],
+            os.fspath(cwd) if cwd is not None else os.getcwd(),
+            list((env or {}).items()),
+        )
+    )
+
+
+def freeze(
+    pid: int,
+    store_or_dir: Union[Store, Snapshot],
+    leave_running: bool = True,
+    tag: Optional[str] = None,
+    *,
+    shell_job: bool = False,
+) -> str:
+    """Checkpoint the goblin ``pid`` with CRIU into a ``pf.Store`` (naming it ``tag``) or into
+    an images directory (created if missing, must be empty). Returns the snapshot's digest, or
+    the directory.
+
+    ``leave_running=True`` (as in pdum-criu) lets the goblin run on from the same state;
+    ``False`` ends it once the dump is complete. The process must lead its own session with
+    its stdin, stdout and stderr on pipes (``subprocess.Popen(..., stdin=PIPE, stdout=PIPE,
+    stderr=PIPE, start_new_session=True)`` does), unless ``shell_job``."""
+    if isinstance(store_or_dir, Store):
+        return _native.freeze(
+            pid, store=store_or_dir, leave_running=leave_running, tag=tag, shell_job=shell_job
+        )
+    return _native.freeze(
+        pid,
+        images_dir=os.fspath(store_or_dir),
+        leave_running=leave_running,
+        tag=tag,
+        shell_job=shell_job,
+    )
+
+
+def load(snapshot: Snapshot, store: Optional[Store] = None) -> Loaded:
+    """Check a snapshot and get it ready to thaw or fork many times."""
+    if _is_images_dir(snapshot):
+        return Loaded(_native.load(images_dir=os.fspath(snapshot)))
+    return Loaded(_native.load(store=store if store is not None else Store(), reference=snapshot))
+
+
+def thaw(
+    snapshot: Snapshot, store: Optional[Store] = None, *, new_pid_namespace: bool = True
+) -> Goblin:
+    """Restore one copy of a frozen goblin on fresh pipes and return it running.
+
+    ``new_pid_namespace=True`` (the default) runs it in its own pid and mount namespaces, beside
+    the original and any other copy; ``False`` takes its old pid back on the host, which fails
+    with ``pf.PidInUse`` while anything holds that pid."""
+    return load(snapshot, store).thaw(new_pid_namespace=new_pid_namespace)
+
+
+def fork(snapshot: Snapshot, n: int, store: Optional[Store] = None) -> List[Goblin]:
+    """Restore ``n`` copies of a frozen goblin side by side, each on its own pipes."""
+    return load(snapshot, store).fork(n)
+
+
+class AsyncGoblin:
+    """A goblin for asyncio: ``stdin`` is an ``asyncio.StreamWriter``, ``stdout`` and
+    ``stderr`` are ``asyncio.StreamReader``s, and ``wait()`` is awaitable. Like ``Goblin``, it
+    owns its process: ``kill()`` it, or use ``async with``."""
+
+    stdin: Optional[asyncio.StreamWriter]
+    stdout: Optional[asyncio.StreamReader]
+    stderr: Optional[asyncio.StreamReader]
+    returncode: Optional[int]
+
+    def __init__(self) -> None:
+        raise TypeError("AsyncGoblin comes from thaw_async / fork_async")
+
+    @classmethod
+    async def _wrap(cls, native: "_native.NativeGoblin") -> "AsyncGoblin":
+        self = object.__new__(cls)
+        self._native = native
+        self.returncode = None
+        loop = asyncio.get_running_loop()
+        fin, fout, ferr = native.take_fds()
+
+        async def reader(fd: Optional[int]) -> Optional[asyncio.StreamReader]:
+            if fd is None:
+                return None
+            stream = asyncio.StreamReader()
+            await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(stream), open(fd, "rb", buffering=0)
+            )
+            return stream
+
+        self.stdout = await reader(fout)
+        self.stderr = await reader(ferr)
+        self.stdin = None
+        if fin is not None:
+            transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, open(fin, "wb", buffering=0)
+            )
+            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The goblin's pid as seen from here."""
+        return self._native.pid
+
+    async def wait(self) -> int:
+        """Wait (without blocking the event loop) until the goblin exits; its returncode."""
+        loop = asyncio.get_running_loop()
+        self.returncode = await loop.run_in_executor(None, self._native.wait, None)
+        return self.returncode
+
+    def send_signal(self, signal: int) -> None:
+        """Send ``signal`` to the goblin's main process."""
+        self._native.send_signal(int(signal))
+
+    async def kill(self) -> int:
+        """SIGKILL the goblin, reap it, return its returncode."""
+        loop = asyncio.get_running_loop()
+        self.returncode = await loop.run_in_executor(None, self._native.kill)
+        if self.stdin is not None:
+            self.stdin.close()
+        return self.returncode
+
+    async def __aenter__(self) -> "AsyncGoblin":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+
+async def thaw_async(
+    snapshot: Snapshot, store: Optional[Store] = None, *, new_pid_namespace: bool = True
+) -> AsyncGoblin:
+    """``thaw`` for asyncio: the restore runs on a worker thread (the GIL released), and the
+    goblin's pipes become asyncio streams."""
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(None, load, snapshot, store)
+    native = await loop.run_in_executor(
+        None, lambda: loaded._native.thaw(new_pid_namespace=new_pid_namespace)
+    )
+    return await AsyncGoblin._wrap(native)
+
+
+async def fork_async(snapshot: Snapshot, n: int, store: Optional[Store] = None) -> List[AsyncGoblin]:
+    """``fork`` for asyncio: ``n`` copies, each with asyncio streams."""
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(None, load, snapshot, store)
+    natives = await loop.run_in_executor(None, loaded._native.fork, n)
+    return [await AsyncGoblin._wrap(g) for g in natives]

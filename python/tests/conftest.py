@@ -1,0 +1,28 @@
+"""Shared fixtures: a private store per test, and the live-test gate.
+
+Live tests (named ``test_live_*``) freeze and thaw for real: they need root and a working CRIU
+and run only with ``PF_HAS_CRIU=1``, as the Rust live tests do. Under ``CI`` a live test that
+would skip fails instead, so CI never passes by skipping them.
+"""
+
+import os
+
+import pytest
+
+import pf
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty store of the test's own."""
+    return pf.Store(str(tmp_path / "store"))
+
+
+@pytest.fixture
+def live():
+    """Gate a live test: run it with PF_HAS_CRIU=1, fail it under CI, skip it otherwise."""
+    if os.environ.get("PF_HAS_CRIU") == "1":
+        return
+    if os.environ.get("CI"):
+        pytest.fail("a live test would be skipped in CI: PF_HAS_CRIU is not 1")
+    pytest.skip("live test: needs root and CRIU; run with PF_HAS_CRIU=1")

@@ -1,0 +1,271 @@
+"""pf.goblins: spawn, freeze, thaw, fork and the errors a caller branches on.
+
+Tests named ``test_live_*`` freeze and thaw with CRIU for real (the ``live`` fixture gates them);
+the others check what pf refuses before CRIU runs.
+"""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pf
+
+# A goblin with state: counts the lines it was sent and echoes each with the count.
+COUNTER = [
+    sys.executable,
+    "-u",
+    "-c",
+    "import sys\n"
+    "n = 0\n"
+    "print('ready', flush=True)\n"
+    "for line in sys.stdin:\n"
+    "    n += 1\n"
+    "    print(n, line.strip(), flush=True)\n",
+]
+
+
+def ask(goblin, line):
+    """Send one line, read one answer."""
+    goblin.stdin.write(line.encode() + b"\n")
+    return goblin.stdout.readline().decode().strip()
+
+
+def alive(pid):
+    """Whether pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def counter():
+    """A spawned counter goblin that has answered one line ("1 a")."""
+    with pf.goblins.spawn(COUNTER) as goblin:
+        assert goblin.stdout.readline() == b"ready\n"
+        assert ask(goblin, "a") == "1 a"
+        yield goblin
+
+
+# --- refused before CRIU runs --------------------------------------------------------------------
+
+
+def test_spawn_refuses_an_empty_command_and_a_missing_program():
+    with pytest.raises(pf.InvalidArgument):
+        pf.goblins.spawn([])
+    with pytest.raises(pf.SpawnFailed, match="no-such-program-here"):
+        pf.goblins.spawn(["/no-such-program-here"])
+
+
+def test_a_spawned_goblin_answers_and_with_kills_and_reaps_it():
+    with pf.goblins.spawn(COUNTER) as goblin:
+        pid = goblin.pid
+        assert goblin.stdout.readline() == b"ready\n"
+        assert ask(goblin, "x") == "1 x"
+        assert goblin.poll() is None
+    assert goblin.returncode == -9
+    assert not alive(pid)
+
+
+def test_wait_returns_the_exit_status_and_times_out():
+    goblin = pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(7)"])
+    with pytest.raises(pf.Timeout) as err:
+        goblin.wait(timeout=0.05)
+    assert isinstance(err.value, TimeoutError)
+    goblin.stdin.close()
+    assert goblin.wait(timeout=30) == 7
+    assert goblin.returncode == 7
+
+
+def test_freezing_a_dead_pid_raises_no_such_process(tmp_path, store):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    with pytest.raises(pf.NoSuchProcess) as err:
+        pf.goblins.freeze(proc.pid, store)
+    assert isinstance(err.value, ProcessLookupError)
+    assert str(proc.pid) in str(err.value)
+    assert store.blobs() == []
+
+
+def test_freezing_a_process_that_is_not_a_goblin_raises_not_a_goblin(store):
+    # Not its own session leader: CRIU would need --shell-job.
+    proc = subprocess.Popen(
+        COUNTER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        with pytest.raises(pf.NotAGoblin, match="session"):
+            pf.goblins.freeze(proc.pid, store)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert store.blobs() == []
+
+
+def test_thawing_what_is_not_a_goblin_snapshot_raises(store):
+    with pytest.raises(pf.NotFound):
+        pf.goblins.thaw("no-such-snapshot", store)
+    record = b'{"kind":"procs.unsupported.v1","unsupported_on":"plan9","note":"no criu"}'
+    store.tag("plan9", store.put(record))
+    with pytest.raises(pf.NotAGoblin, match="plan9"):
+        pf.goblins.thaw("plan9", store)
+    store.tag("text", store.put(b"just text"))
+    with pytest.raises(pf.InvalidSnapshot):
+        pf.goblins.thaw("text", store)
+
+
+def test_a_missing_criu_raises_criu_missing(tmp_path):
+    # In a fresh interpreter: the criu probe is cached per process.
+    script = (
+        "import subprocess, sys, pf\n"
+        "g = pf.goblins.spawn([sys.executable, '-c', 'import sys; sys.stdin.read()'])\n"
+        "try:\n"
+        "    pf.goblins.freeze(g.pid, pf.Store(sys.argv[1]))\n"
+        "except pf.CriuMissing as e:\n"
+        "    print('CriuMissing', e)\n"
+        "finally:\n"
+        "    g.kill()\n"
+    )
+    env = dict(os.environ, PF_CRIU=str(tmp_path / "no-criu-here"))
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "store")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.stdout.startswith("CriuMissing"), out.stdout + out.stderr
+    assert "no-criu-here" in out.stdout
+
+
+# --- live: CRIU for real -------------------------------------------------------------------------
+
+
+def test_live_freeze_thaw_keeps_state_and_the_original_runs_on(live, store, counter):
+    digest = pf.goblins.freeze(counter.pid, store, tag="counter")
+    assert digest.startswith("sha256:")
+    assert store.resolve("counter") == digest
+    # leave_running=True is the default: the original goes on from the same state.
+    assert ask(counter, "b") == "2 b"
+    with pf.goblins.thaw("counter", store) as copy:
+        assert copy.pid != counter.pid
+        assert ask(copy, "c") == "2 c"
+        copy.stdin.close()
+        assert copy.wait(timeout=30) == 0
+    assert copy.returncode == 0
+
+
+def test_live_fork_of_four_answers_each_from_the_same_state(live, store, counter):
+    pf.goblins.freeze(counter.pid, store, tag="base")
+    copies = pf.goblins.fork("base", 4, store)
+    try:
+        assert len({c.pid for c in copies}) == 4
+        answers = [ask(c, f"copy {i}") for i, c in enumerate(copies)]
+        assert answers == [f"2 copy {i}" for i in range(4)]
+        # Each diverges on its own.
+        assert ask(copies[0], "again") == "3 again"
+        assert ask(copies[1], "other") == "3 other"
+    finally:
+        for c in copies:
+            c.kill()
+            c.close()
+    for c in copies:
+        assert c.returncode == -9
+        assert not alive(c.pid)
+
+
+def test_live_with_kills_and_reaps_a_thawed_goblin(live, store, counter):
+    pf.goblins.freeze(counter.pid, store, tag="k")
+    loaded = pf.goblins.load("k", store)
+    with loaded.thaw() as copy:
+        pid = copy.pid
+        assert alive(pid)
+    assert copy.returncode == -9
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not alive(pid)
+
+
+def test_live_asyncio_thaw_and_fork(live, store, counter):
+    pf.goblins.freeze(counter.pid, store, tag="aio")
+
+    async def main():
+        copy = await pf.goblins.thaw_async("aio", store)
+        async with copy:
+            copy.stdin.write(b"async\n")
+            await copy.stdin.drain()
+            line = await asyncio.wait_for(copy.stdout.readline(), 30)
+            assert line == b"2 async\n"
+        assert copy.returncode == -9
+        twins = await pf.goblins.fork_async("aio", 2, store)
+        lines = []
+        for i, twin in enumerate(twins):
+            twin.stdin.write(f"twin {i}\n".encode())
+            await twin.stdin.drain()
+            lines.append(await asyncio.wait_for(twin.stdout.readline(), 30))
+            twin.stdin.close()
+            assert await asyncio.wait_for(twin.wait(), 30) == 0
+        return lines
+
+    assert asyncio.run(main()) == [b"2 twin 0\n", b"2 twin 1\n"]
+
+
+def test_live_thaw_on_the_host_pid_while_the_original_runs_raises_pid_in_use(
+    live, store, counter
+):
+    pf.goblins.freeze(counter.pid, store, tag="busy")
+    with pytest.raises(pf.PidInUse) as err:
+        pf.goblins.thaw("busy", store, new_pid_namespace=False)
+    assert str(counter.pid) in str(err.value)
+    assert ask(counter, "still") == "2 still"
+
+
+def test_live_broken_images_raise_criu_failed_with_criu_lines(live, tmp_path, counter):
+    images = tmp_path / "images"
+    assert pf.goblins.freeze(counter.pid, str(images)) == str(images)
+    cores = [p for p in images.iterdir() if p.name.startswith("core-")]
+    assert cores
+    for core in cores:
+        core.write_bytes(b"\x00" * 16)
+    with pytest.raises(pf.CriuFailed) as err:
+        pf.goblins.thaw(images)
+    assert err.value.criu_errors, str(err.value)
+    assert all(line.startswith("Error") for line in err.value.criu_errors)
+    assert err.value.log and os.path.isfile(err.value.log)
+
+
+def test_live_a_seed_style_script_runs_on_pf(live, tmp_path):
+    """pdum-criu's goblins usage, ported line by line as python/README.md's table says."""
+    # Before: from pdum.criu import goblins
+    from pf import goblins
+
+    proc = subprocess.Popen(
+        COUNTER,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        proc.stdin.write(b"warm\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"1 warm\n"
+        images_dir = str(tmp_path / "goblin-images")
+        # Before: goblins.freeze(proc.pid, images_dir, leave_running=True)
+        goblins.freeze(proc.pid, images_dir, leave_running=True)
+        # Before: handle = goblins.thaw(images_dir)
+        handle = goblins.thaw(images_dir)
+        handle.stdin.write(b"hello\n")
+        assert handle.stdout.readline() == b"2 hello\n"
+        # Before: handle.terminate() (and no exit status)
+        handle.terminate()
+        assert handle.wait(timeout=30) == -15
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,104 @@
+"""pf.Store: blobs by digest, names, gc and verify, through the Rust store."""
+
+import hashlib
+import os
+
+import pytest
+
+import pf
+
+
+def test_put_get_round_trip_named_by_sha256(store):
+    data = b"hello, pf\n" * 1000
+    digest = store.put(data)
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.get(digest) == data
+    assert store.contains(digest)
+    assert digest in store.blobs()
+
+
+def test_put_file_streams_a_file(store, tmp_path):
+    path = tmp_path / "big"
+    data = os.urandom(3 << 20)
+    path.write_bytes(data)
+    digest = store.put_file(str(path))
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert store.get(digest) == data
+
+
+def test_names_point_at_blobs(store):
+    digest = store.put(b"a")
+    store.tag("first", digest)
+    store.tag("second", "first")
+    assert store.resolve("second") == digest
+    assert store.names() == {"first": digest, "second": digest}
+    assert store.untag("first") is True
+    assert store.untag("first") is False
+    assert store.names() == {"second": digest}
+
+
+def test_unknown_digest_and_name_raise_not_found(store):
+    missing = "sha256:" + "0" * 64
+    with pytest.raises(pf.NotFound) as err:
+        store.get(missing)
+    assert isinstance(err.value, LookupError)
+    assert missing in str(err.value)
+    with pytest.raises(pf.NotFound, match="nope"):
+        store.resolve("nope")
+    assert store.contains("nope") is False
+
+
+def test_bad_names_and_digests_are_invalid_arguments(store):
+    digest = store.put(b"x")
+    with pytest.raises(pf.InvalidArgument) as err:
+        store.tag("has space", digest)
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(pf.InvalidArgument):
+        store.get("sha256:xyz")
+
+
+def test_a_corrupt_blob_raises_and_verify_names_it(store, tmp_path):
+    good = store.put(b"good bytes")
+    bad = store.put(b"bytes that will rot")
+    hexd = bad.split(":")[1]
+    blob_file = tmp_path / "store" / "blobs" / "sha256" / hexd[:2] / (hexd + ".zst")
+    assert blob_file.is_file()
+    # A valid zstd frame of other bytes: decodes fine, hashes wrong.
+    other = pf.Store(str(tmp_path / "other"))
+    forged = other.put(b"other bytes entirely")
+    fh = forged.split(":")[1]
+    forged_file = tmp_path / "other" / "blobs" / "sha256" / fh[:2] / (fh + ".zst")
+    os.chmod(blob_file, 0o600)
+    blob_file.write_bytes(forged_file.read_bytes())
+    with pytest.raises(pf.StoreCorrupt) as err:
+        store.get(bad)
+    assert bad in str(err.value)
+    problems = store.verify()
+    assert list(problems) == [bad]
+    assert store.verify(good) == {}
+
+
+def test_gc_removes_what_no_name_reaches(store):
+    kept = store.put(b"kept")
+    store.tag("keep", kept)
+    dropped = store.put(b"dropped")
+    dry = store.gc(grace=0, dry_run=True)
+    assert dry["removed"] == [dropped] and dry["dry_run"] is True
+    assert store.contains(dropped)
+    report = store.gc(grace=0)
+    assert report["removed"] == [dropped]
+    assert report["freed_bytes"] > 0
+    assert not store.contains(dropped)
+    assert store.get("keep") == b"kept"
+    with pytest.raises(pf.InvalidArgument):
+        store.gc(grace=-1)
+
+
+def test_default_store_follows_pf_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("PF_STORE", str(tmp_path / "env-store"))
+    store = pf.Store()
+    assert store.path == str(tmp_path / "env-store") or str(store.path) == str(
+        tmp_path / "env-store"
+    )
+    store.put(b"z")
+    assert (tmp_path / "env-store" / "blobs").is_dir()
