@@ -36,8 +36,12 @@ pub(crate) fn store_root(global: &Global) -> anyhow::Result<PathBuf> {
 /// Open (creating if missing) the store at [`store_root`].
 pub(crate) fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
     let root = store_root(global)?;
-    pf_core::FsBlobStore::open(&root)
-        .with_context(|| format!("cannot open the store at {}", root.display()))
+    pf_core::FsBlobStore::open(&root).with_context(|| {
+        format!(
+            "cannot use the store at {} (--store DIR or $PF_STORE picks another)",
+            root.display()
+        )
+    })
 }
 
 /// Log to stderr; `RUST_LOG` wins over `-v`.

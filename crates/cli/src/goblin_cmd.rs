@@ -334,6 +334,8 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
     }
     let warm = started.elapsed();
     tracing::info!(pid, ?warm, "goblin is warm; freezing");
+    // Held from the first blob to the name (see agent_docs/formats.md).
+    let writing = store.writer_lock();
     let frozen = pf_goblins::freeze(
         pid,
         FreezeTarget::Store(&store),
@@ -353,6 +355,7 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
             stderr.write_all(&bytes).ok();
         }
     }
+    let _writing = writing.context("cannot lock the store for writing")?;
     let frozen = frozen.with_context(|| format!("cannot freeze goblin {pid}"))?;
     status.context("cannot reap the frozen goblin")?;
     let digest = frozen
@@ -430,6 +433,15 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
             store = common::open_store(global)?;
             FreezeTarget::Store(&store)
         }
+    };
+    // Held from the first blob to the name (see agent_docs/formats.md).
+    let _writing = match target {
+        FreezeTarget::Store(store) => Some(
+            store
+                .writer_lock()
+                .context("cannot lock the store for writing")?,
+        ),
+        FreezeTarget::Images(_) => None,
     };
     let frozen = pf_goblins::freeze(args.pid, target, &options)?;
     if let (Some(tag), FreezeTarget::Store(store), Some(digest)) =

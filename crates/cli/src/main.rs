@@ -48,7 +48,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    quiet_on_closed_stdout_panics();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return parse_error(&err),
+    };
     common::init_tracing(cli.global.verbose);
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(&cli.global, &args),
@@ -59,9 +63,112 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader of our output went away (`pf store ls | head -1`): as in every Unix tool,
+        // that ends pf quietly, and it is not a failure.
+        Err(err) if is_broken_pipe(&err) && stdout_is_closed() => ExitCode::SUCCESS,
         Err(err) => {
             common::print_error(&err);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error comes from a write into a pipe whose reader is gone.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .is_some_and(|e| e.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
+    })
+}
+
+/// Whether nobody reads our stdout any more (a pipe or socket whose other end is closed). Only
+/// then is a broken pipe ours to ignore: one to a child process is a real failure.
+fn stdout_is_closed() -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let stdout = std::io::stdout();
+    let mut fds = [PollFd::new(
+        std::os::fd::AsFd::as_fd(&stdout),
+        PollFlags::POLLOUT,
+    )];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)),
+        Err(_) => false,
+    }
+}
+
+/// `println!` panics when stdout is a closed pipe: end quietly with success then too, and leave
+/// every other panic to the default hook.
+fn quiet_on_closed_stdout_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && stdout_is_closed() {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+/// Print clap's error, with a tip that works for an option value that starts with `-`: clap
+/// suggests `-- -x`, which makes `-x` a positional argument, while `--tag=-x` is what it accepts.
+fn parse_error(err: &clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let args: Vec<String> = std::env::args().collect();
+    let option = match (err.kind(), err.get(ContextKind::InvalidArg)) {
+        (ErrorKind::UnknownArgument, Some(ContextValue::String(value))) => {
+            option_before(&args, value)
+        }
+        _ => None,
+    };
+    let Some((option, value)) = option else {
+        err.exit();
+    };
+    let rendered = err.render().to_string();
+    let mut text = String::new();
+    for (i, line) in rendered.lines().enumerate() {
+        if line.trim_start().starts_with("tip:") {
+            continue;
+        }
+        text.push_str(line);
+        text.push('\n');
+        if i == 0 {
+            text.push_str(&format!(
+                "\n  tip: to pass '{value}' as the value of '{option}', write '{option}={value}'\n"
+            ));
+        }
+    }
+    #[allow(clippy::print_stderr)]
+    {
+        eprint!("{}", text.replace("\n\n\n", "\n\n"));
+    }
+    ExitCode::from(2)
+}
+
+/// The long option right before `value` on the command line, when it is one that takes a value:
+/// `value` was meant as its value.
+fn option_before(args: &[String], value: &str) -> Option<(String, String)> {
+    let at = args.iter().skip(1).position(|a| a == value)? + 1;
+    let option = args.get(at - 1)?;
+    let name = option.strip_prefix("--").filter(|n| !n.contains('='))?;
+    takes_value(&<Cli as clap::CommandFactory>::command(), name)
+        .then(|| (option.clone(), value.to_owned()))
+}
+
+/// Whether any (sub)command has a long option `name` that takes a value.
+fn takes_value(command: &clap::Command, name: &str) -> bool {
+    command
+        .get_arguments()
+        .any(|a| a.get_long() == Some(name) && a.get_action().takes_values())
+        || command.get_subcommands().any(|c| takes_value(c, name))
 }

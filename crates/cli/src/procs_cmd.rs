@@ -174,6 +174,10 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
         labels: args.label.iter().cloned().collect::<BTreeMap<_, _>>(),
         extra_args: args.criu_arg.clone(),
     };
+    // Held from the first blob to the name (see agent_docs/formats.md).
+    let _writing = store
+        .writer_lock()
+        .context("cannot lock the store for writing")?;
     let bar = Progress::new(args.pid);
     let result = pf_world_procs::capture_with_progress(store, args.pid, &opts, &mut |p| {
         bar.update(p);

@@ -117,6 +117,8 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                 return Ok(ExitCode::SUCCESS);
             }
             let store = common::open_store(global)?;
+            // Held from the first blob to the name (see agent_docs/formats.md).
+            let _writing = store.writer_lock()?;
             let captured = pf_world_procs::capture(&store, pid, &opts)
                 .map_err(with_tty_hint)
                 .with_context(|| format!("freezing shell {pid}"))?;

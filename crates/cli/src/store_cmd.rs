@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,7 +47,10 @@ Examples:
   some-command | pf store put -          stores stdin
 
 The blob streams through: memory stays flat whatever its size. Storing a blob that is already
-there succeeds and prints the same digest.")]
+there succeeds and prints the same digest; if the stored copy was corrupt, the new one replaces it
+(putting the same bytes again repairs a blob `pf store verify` calls BAD).
+
+Files whose size lies (/proc, /sys) are read to their end.")]
     Put(PutArgs),
     /// Write a blob's raw bytes to stdout, verifying them against the digest
     #[command(after_help = "\
@@ -72,7 +76,8 @@ Examples:
   pf store verify              every blob, and every name's target
   pf store verify base         one blob
 
-Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.")]
+Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.
+`pf store put` of the same bytes repairs a bad blob (it writes the blob again over the bad copy).")]
     Verify(VerifyArgs),
     /// Point a name at a blob (replacing what it pointed at)
     #[command(after_help = "\
@@ -227,6 +232,11 @@ fn put(store: &FsBlobStore, args: &PutArgs) -> anyhow::Result<ExitCode> {
         // Refuse a bad name before storing a GiB.
         pf_core::validate_name(name)?;
     }
+    // Held from the blob to its name: a gc running meanwhile waits instead of removing the blob
+    // in between (see agent_docs/formats.md).
+    let _writing = store
+        .writer_lock()
+        .context("cannot lock the store for writing")?;
     let result = if args.input == "-" {
         let mut stdin = io::stdin().lock();
         let bar = progress_bar(None);
@@ -241,7 +251,10 @@ fn put(store: &FsBlobStore, args: &PutArgs) -> anyhow::Result<ExitCode> {
         let meta = file
             .metadata()
             .with_context(|| format!("cannot read metadata of {}", path.display()))?;
-        let len = meta.is_file().then_some(meta.len());
+        // The size is announced (and checked: a file that changes while it is read is an error)
+        // only for a regular file with data on disk. Files of procfs, sysfs and the like have no
+        // blocks and a size that lies (0 or 4096): they are read to their end.
+        let len = (meta.is_file() && meta.blocks() > 0).then_some(meta.len());
         let bar = progress_bar(len);
         let mut reader = bar.wrap_read(&mut file);
         let result = match len {
@@ -436,8 +449,9 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     drop(out);
     if bad > 0 {
         say(&format!(
-            "error: {bad} of {} checked blobs are bad; remove each with `pf store rm --force`, \
-             then put the same bytes again if you have them",
+            "error: {bad} of {} checked blobs are bad; if you have their bytes, \
+             `pf store put FILE` repairs each (it writes the blob again over the bad copy), \
+             else `pf store rm --force DIGEST` removes it and the names pointing at it",
             digests.len()
         ));
         return Ok(ExitCode::FAILURE);

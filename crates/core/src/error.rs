@@ -71,6 +71,46 @@ pub enum Error {
     /// No name (ref) of this spelling exists.
     #[error("no name {name:?} in the store")]
     NameNotFound { name: String },
+    /// The store (its root, `refs/` or `blobs/`) belongs to another user: its owner decides what
+    /// its names point at, so it is not used.
+    #[error(
+        "{} belongs to {owner} and you are {me}: pf uses only a store of your own, since whoever owns it decides what its names point at; use your own store, or run pf as its owner{}",
+        .path.display(),
+        take_over_hint(.me, .root)
+    )]
+    StoreNotOwned {
+        root: PathBuf,
+        path: PathBuf,
+        owner: String,
+        me: String,
+    },
+    /// Group or others may write the store's root, `refs/` or `blobs/`: they could plant names.
+    #[error(
+        "{} is writable by {} (mode {mode:04o}): another user could plant names that pf would follow; make it private with `chmod go-w {}` (pf creates its directories 0700), then check that every name in `pf store tags` is yours",
+        .path.display(),
+        writers(*.mode),
+        .path.display()
+    )]
+    StoreWritableByOthers {
+        root: PathBuf,
+        path: PathBuf,
+        mode: u32,
+    },
+    /// A directory on the way to the store does not let this user through.
+    #[error(
+        "you, {me}, may not use the store at {}: {} (owner {owner}, mode {mode:04o}) does not let you in; use a store of your own, or run pf as its owner",
+        .path.display(),
+        .blocked.display()
+    )]
+    StoreUnreachable {
+        path: PathBuf,
+        blocked: PathBuf,
+        owner: String,
+        mode: u32,
+        me: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// A ref file holds something that is not a digest.
     #[error("name {name:?} in {} does not hold a digest", .path.display())]
     CorruptName {
@@ -79,6 +119,27 @@ pub enum Error {
         #[source]
         source: ParseDigestError,
     },
+}
+
+/// Who may write a directory of this mode besides its owner.
+fn writers(mode: u32) -> &'static str {
+    match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "group and others",
+        (true, false) => "its group",
+        _ => "others",
+    }
+}
+
+/// For root only: how to take over a store root trusts.
+fn take_over_hint(me: &str, root: &std::path::Path) -> String {
+    if me.ends_with("(uid 0)") || me == "uid 0" {
+        format!(
+            " (if you trust every name and blob in it: `chown -R root: {}`)",
+            root.display()
+        )
+    } else {
+        String::new()
+    }
 }
 
 fn path_suffix(path: &Option<PathBuf>) -> String {

@@ -5,6 +5,7 @@
 //! ```text
 //! <root>/blobs/sha256/<first 2 hex>/<64 hex>.zst   one zstd frame of the blob's raw bytes
 //! <root>/refs/<name>                                "sha256:<64 hex>\n"
+//! <root>/lock                                       empty; `flock`ed (see below)
 //! ```
 //!
 //! Writers stream into `.tmp-<pid>-<n>-<random>` files (in `blobs/sha256/` or `refs/`) on which
@@ -12,6 +13,13 @@
 //! a reader sees a whole blob or none. A writer killed midway leaves an unlocked temp file that
 //! [`BlobStore::sweep_temp`] removes. Directories are 0700 and files 0600 whatever the umask:
 //! blobs hold process memory, and process memory holds secrets.
+//!
+//! Writers hold a shared `flock` on `<root>/lock` from their first blob to the name that keeps it
+//! ([`BlobStore::writer_lock`]); `gc` holds it exclusively ([`BlobStore::gc_lock`]).
+//!
+//! A store is used only by its owner and only when nobody else can write to it: [`FsBlobStore::open`]
+//! refuses a root, `refs/` or `blobs/` that another user owns or that group or others may write
+//! (anyone who can write names decides what pf restores).
 
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions, Permissions};
@@ -29,6 +37,7 @@ use zstd::stream::raw::{CParameter, InBuffer, Operation as _, OutBuffer};
 use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
+use crate::lock::StoreLock;
 use crate::mem::VerifyingReader;
 use crate::store::{BlobStore, ExactLen, Put, WRITE_SLICE, copy_reader, validate_name, write_out};
 
@@ -70,10 +79,15 @@ pub struct FsBlobStore {
 impl FsBlobStore {
     /// Open the store at `root`, creating the directory (mode 0700) when it is missing.
     ///
-    /// Subdirectories are created on the first write, so a read-only store can be read.
+    /// Subdirectories are created on the first write, so a read-only store can be read. A store
+    /// that is not private is refused: an [`Error::StoreNotOwned`] when the root, `refs/` or
+    /// `blobs/` belongs to another user (root included: a name planted by its owner would make
+    /// root restore images of their choosing), an [`Error::StoreWritableByOthers`] when group or
+    /// others may write one of them, an [`Error::StoreUnreachable`] when a directory on the way
+    /// does not let this user through.
     pub fn open(root: &Path) -> Result<Self> {
         match fs::metadata(root) {
-            Ok(meta) if meta.is_dir() => {}
+            Ok(meta) if meta.is_dir() => check_private(root)?,
             Ok(_) => {
                 return Err(Error::io(
                     "opening the store",
@@ -83,6 +97,9 @@ impl FsBlobStore {
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 ensure_dir(root)?;
+            }
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(unreachable_store(root, err));
             }
             Err(err) => return Err(Error::io("opening the store", root, err)),
         }
@@ -110,6 +127,19 @@ impl FsBlobStore {
 
     fn ref_path(&self, name: &str) -> PathBuf {
         self.refs.join(name)
+    }
+
+    /// The store's lock file, created (0600) when missing.
+    fn lock_file(&self) -> Result<File> {
+        let path = self.root.join("lock");
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .map_err(|err| Error::io("opening the store's lock", path, err))
     }
 
     /// Compress everything `input` yields into a temp file, then move it into place.
@@ -154,18 +184,41 @@ impl FsBlobStore {
         Ok(Put { digest, size })
     }
 
-    /// Move a finished, synced temp file to the blob's path, unless the blob is already there.
+    /// Move a finished, synced temp file to the blob's path.
+    ///
+    /// A blob already there is replaced: the new file holds the same bytes, just written and
+    /// hashed, while the old one may have rotted since (a put of the same bytes repairs a corrupt
+    /// blob). Readers that opened the old file read it to its end.
     fn install(&self, temp: TempFile, digest: &Digest256) -> Result<()> {
         let dir = self.fanout_dir(digest);
         ensure_dir(&dir)?;
-        let dest = self.blob_path(digest);
-        if path_exists(&dest)? {
-            // Another writer got there first: same bytes, so ours is not needed.
-            touch(&dest);
-            return Ok(());
-        }
-        temp.persist(&dest)?;
+        temp.persist(&self.blob_path(digest))?;
         sync_dir(&dir)
+    }
+
+    /// Whether the stored blob at `path` decodes to exactly `bytes`. Cheaper than a put: one
+    /// decode, no compression, no write; any failure counts as no.
+    fn holds(&self, digest: &Digest256, path: &Path, bytes: &[u8]) -> bool {
+        let Ok(file) = File::open(path) else {
+            return false;
+        };
+        let Ok(mut decoder) = self.decoder(digest, file, path) else {
+            return false;
+        };
+        let mut buf = vec![0u8; bytes.len().clamp(1, CHUNK)];
+        let mut seen = 0usize;
+        loop {
+            match fill(&mut decoder, &mut buf) {
+                Ok(0) => return seen == bytes.len(),
+                Ok(n) => {
+                    if bytes.get(seen..seen + n) != Some(&buf[..n]) {
+                        return false;
+                    }
+                    seen += n;
+                }
+                Err(_) => return false,
+            }
+        }
     }
 
     fn decoder(&self, digest: &Digest256, file: File, path: &Path) -> Result<DecodeReader> {
@@ -244,10 +297,11 @@ impl BlobStore for FsBlobStore {
     fn put(&self, bytes: &[u8]) -> Result<Digest256> {
         let digest = Digest256::of(bytes);
         let dest = self.blob_path(&digest);
-        if path_exists(&dest)? {
+        if path_exists(&dest)? && self.holds(&digest, &dest, bytes) {
             touch(&dest);
             return Ok(digest);
         }
+        // Missing, or corrupt: write it (again).
         self.write_blob(&mut &bytes[..], Some(bytes.len() as u64), Some(digest))?;
         Ok(digest)
     }
@@ -415,6 +469,8 @@ impl BlobStore for FsBlobStore {
 
     fn set_name(&self, name: &str, digest: &Digest256) -> Result<()> {
         validate_name(name)?;
+        // A gc must not remove the blob between this check and the name.
+        let _writing = self.writer_lock()?;
         let blob = self.blob_path(digest);
         if !path_exists(&blob)? {
             return Err(Error::NotFound { digest: *digest });
@@ -492,6 +548,29 @@ impl BlobStore for FsBlobStore {
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(err) => Err(Error::io("removing name", path, err)),
         }
+    }
+
+    fn writer_lock(&self) -> Result<StoreLock> {
+        let file = self.lock_file()?;
+        file.lock_shared()
+            .map_err(|err| Error::io("locking (shared)", self.root.join("lock"), err))?;
+        Ok(StoreLock::file(file))
+    }
+
+    fn gc_lock(&self) -> Result<StoreLock> {
+        let file = self.lock_file()?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                tracing::info!(store = %self.root.display(), "waiting for writers to finish");
+                file.lock()
+                    .map_err(|err| Error::io("locking", self.root.join("lock"), err))?;
+            }
+            Err(fs::TryLockError::Error(err)) => {
+                return Err(Error::io("locking", self.root.join("lock"), err));
+            }
+        }
+        Ok(StoreLock::file(file))
     }
 
     fn sweep_temp(&self, options: &GcOptions) -> Result<Vec<PathBuf>> {
@@ -1051,6 +1130,75 @@ fn ensure_dir(path: &Path) -> Result<()> {
         sync_dir(parent)?;
     }
     Ok(())
+}
+
+/// Refuse a store that someone other than this user could change: see [`FsBlobStore::open`].
+fn check_private(root: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = nix::unistd::geteuid().as_raw();
+    for path in [root.to_owned(), root.join("refs"), root.join("blobs")] {
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == io::ErrorKind::NotFound && path != root => continue,
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(unreachable_store(&path, err));
+            }
+            Err(err) => return Err(Error::io("reading metadata of", path, err)),
+        };
+        if meta.uid() != me {
+            return Err(Error::StoreNotOwned {
+                root: root.to_owned(),
+                path,
+                owner: describe_user(meta.uid()),
+                me: describe_user(me),
+            });
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(Error::StoreWritableByOthers {
+                root: root.to_owned(),
+                path,
+                mode,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The error for a store path this user may not reach: names the directory in the way.
+fn unreachable_store(path: &Path, source: io::Error) -> Error {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = nix::unistd::geteuid().as_raw();
+    // The first directory on the way that does not let us search it.
+    let blocked = path
+        .ancestors()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .find(|dir| nix::unistd::access(*dir, nix::unistd::AccessFlags::X_OK).is_err())
+        .unwrap_or(path);
+    let (owner, mode) = match fs::metadata(blocked) {
+        Ok(meta) => (describe_user(meta.uid()), meta.mode() & 0o7777),
+        Err(_) => ("?".to_owned(), 0),
+    };
+    Error::StoreUnreachable {
+        path: path.to_owned(),
+        blocked: blocked.to_owned(),
+        owner,
+        mode,
+        me: describe_user(me),
+        source,
+    }
+}
+
+/// `name (uid N)`, or `uid N` for a uid without a name.
+fn describe_user(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("{} (uid {uid})", user.name),
+        _ => format!("uid {uid}"),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {

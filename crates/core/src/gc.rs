@@ -62,8 +62,33 @@ impl GcReport {
 /// Remove every blob that no name reaches (see the module docs), and temp files left by writers
 /// that died. A reachable blob that cannot be read stops gc with its error: its children are
 /// unknown, so removing anything could lose data.
+///
+/// gc holds the store's lock exclusively ([`BlobStore::gc_lock`]) from before it reads the names
+/// until it has swept, waiting for writers that hold it shared: a blob a name points at when gc
+/// returns exists, whatever the grace period. A dry run removes nothing and takes no lock.
 pub fn gc(store: &dyn BlobStore, options: &GcOptions) -> Result<GcReport> {
     let _span = tracing::info_span!("gc", dry_run = options.dry_run).entered();
+    let _lock = if options.dry_run {
+        None
+    } else {
+        Some(store.gc_lock()?)
+    };
+    let reachable = mark(store)?;
+    let mut report = sweep(store, options, &reachable.reachable)?;
+    report.temp_files = store.sweep_temp(options)?;
+    report.reachable = reachable.reachable.into_iter().collect();
+    report.missing = reachable.missing.into_iter().collect();
+    Ok(report)
+}
+
+/// What the names reach, and what they refer to that is missing.
+struct Marked {
+    reachable: BTreeSet<Digest256>,
+    missing: BTreeSet<Digest256>,
+}
+
+/// Follow every name, and every reachable blob's children, to the blobs they reach.
+fn mark(store: &dyn BlobStore) -> Result<Marked> {
     let mut reachable = BTreeSet::new();
     let mut missing = BTreeSet::new();
     let mut queue: VecDeque<Digest256> = store.names()?.into_iter().map(|(_, d)| d).collect();
@@ -80,7 +105,16 @@ pub fn gc(store: &dyn BlobStore, options: &GcOptions) -> Result<GcReport> {
             queue.push_back(child);
         }
     }
+    Ok(Marked { reachable, missing })
+}
 
+/// Remove (or list, in a dry run) the blobs outside `reachable` that are older than the grace
+/// period.
+fn sweep(
+    store: &dyn BlobStore,
+    options: &GcOptions,
+    reachable: &BTreeSet<Digest256>,
+) -> Result<GcReport> {
     let now = SystemTime::now();
     let mut report = GcReport {
         dry_run: options.dry_run,
@@ -115,9 +149,6 @@ pub fn gc(store: &dyn BlobStore, options: &GcOptions) -> Result<GcReport> {
             stored_size,
         });
     }
-    report.temp_files = store.sweep_temp(options)?;
-    report.reachable = reachable.into_iter().collect();
-    report.missing = missing.into_iter().collect();
     Ok(report)
 }
 

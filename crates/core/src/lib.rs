@@ -2,13 +2,15 @@
 //!
 //! Blobs are named by [`Digest256`], the SHA-256 of their raw bytes. A [`BlobStore`] holds blobs
 //! and names (refs) that point at them; [`MemBlobStore`] keeps them in memory and
-//! [`FsBlobStore`] on disk. [`gc`] removes what no name reaches. This crate knows nothing about
+//! [`FsBlobStore`] on disk. [`gc`] removes what no name reaches; writers and gc
+//! coordinate through the store's lock ([`BlobStore::writer_lock`], [`StoreLock`]). This crate knows nothing about
 //! processes, CRIU or tar.
 
 mod digest;
 mod error;
 mod fs;
 mod gc;
+mod lock;
 mod mem;
 mod store;
 
@@ -16,5 +18,6 @@ pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
 pub use crate::error::{Error, Result};
 pub use crate::fs::FsBlobStore;
 pub use crate::gc::{GcBlob, GcOptions, GcReport, gc};
+pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
 pub use crate::store::{BlobStore, Put, validate_name};

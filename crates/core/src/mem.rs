@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
+use crate::lock::{SharedExclusive, StoreLock};
 use crate::store::{BlobStore, Put, validate_name};
 
 /// A [`BlobStore`] that keeps blobs and names in memory.
@@ -13,6 +14,7 @@ use crate::store::{BlobStore, Put, validate_name};
 pub struct MemBlobStore {
     blobs: RwLock<BTreeMap<Digest256, Arc<[u8]>>>,
     names: RwLock<BTreeMap<String, Digest256>>,
+    lock: SharedExclusive,
 }
 
 impl MemBlobStore {
@@ -42,11 +44,14 @@ impl MemBlobStore {
 impl BlobStore for MemBlobStore {
     fn put(&self, bytes: &[u8]) -> Result<Digest256> {
         let digest = Digest256::of(bytes);
-        self.blobs
+        let mut blobs = self
+            .blobs
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(digest)
-            .or_insert_with(|| bytes.into());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A stored copy that differs is corrupt: the good bytes replace it.
+        if blobs.get(&digest).is_none_or(|old| **old != *bytes) {
+            blobs.insert(digest, bytes.into());
+        }
         Ok(digest)
     }
 
@@ -117,6 +122,8 @@ impl BlobStore for MemBlobStore {
 
     fn set_name(&self, name: &str, digest: &Digest256) -> Result<()> {
         validate_name(name)?;
+        // A gc must not remove the blob between this check and the name.
+        let _writing = self.writer_lock()?;
         if !self.contains(digest)? {
             return Err(Error::NotFound { digest: *digest });
         }
@@ -157,6 +164,14 @@ impl BlobStore for MemBlobStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name)
             .is_some())
+    }
+
+    fn writer_lock(&self) -> Result<StoreLock> {
+        Ok(self.lock.shared())
+    }
+
+    fn gc_lock(&self) -> Result<StoreLock> {
+        Ok(self.lock.exclusive())
     }
 }
 

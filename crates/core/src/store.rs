@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use crate::digest::Digest256;
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
+use crate::lock::StoreLock;
 
 /// What a streaming put stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,17 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
 
     /// Remove `name`; `Ok(false)` when it did not exist.
     fn remove_name(&self, name: &str) -> Result<bool>;
+
+    /// Take the store's lock shared, as a writer: hold it from before the first blob you store
+    /// until the name that keeps them is written (or you give up). [`gc`](crate::gc()) takes it
+    /// exclusively ([`gc_lock`](Self::gc_lock)) for its mark and sweep, so it never removes a
+    /// blob between its put and its name, whatever its grace period. Writers do not exclude each
+    /// other, and a writer may take it again while it holds it. Blocks while a gc holds it.
+    fn writer_lock(&self) -> Result<StoreLock>;
+
+    /// Take the store's lock exclusively, as [`gc`](crate::gc()) does: wait until no writer
+    /// holds it, and keep new writers out until the returned lock is dropped.
+    fn gc_lock(&self) -> Result<StoreLock>;
 
     /// A digest, or a name that points at one.
     fn resolve(&self, digest_or_name: &str) -> Result<Digest256> {

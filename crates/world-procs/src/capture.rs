@@ -148,6 +148,11 @@ pub fn capture_with_progress(
         }
     };
     ensure_alive(pid)?;
+    // Shared from the dump blob to the procs blob that refers to it, so a gc cannot remove the
+    // dump in between; a caller that names the procs blob holds its own from before this call.
+    let _writing = store
+        .writer_lock()
+        .map_err(|e| Error::store(format!("locking the store to capture pid {pid}"), e))?;
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
     let report = dump_with(&criu, pid, images.path(), opts)?;
