@@ -549,7 +549,7 @@ fn puts_with_tags_racing_gc_grace_0_leave_no_dangling_name() {
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
                 let store = &store;
-                scope.spawn(move || {
+                scope.spawn(move || -> Result<(), String> {
                     for i in 0..PUTS {
                         let name = format!("p{w}-{i}");
                         // Large enough that storing takes a while: the window gc used to hit.
@@ -560,27 +560,28 @@ fn puts_with_tags_racing_gc_grace_0_leave_no_dangling_name() {
                             .stdout(Stdio::piped())
                             .stderr(Stdio::piped())
                             .spawn()
-                            .unwrap();
-                        let mut stdin = child.stdin.take().unwrap();
-                        stdin.write_all(&data).unwrap();
+                            .map_err(|e| e.to_string())?;
+                        let mut stdin = child.stdin.take().ok_or("no stdin")?;
+                        stdin.write_all(&data).map_err(|e| e.to_string())?;
                         drop(stdin);
-                        let out = child.wait_with_output().unwrap();
-                        assert!(
-                            out.status.success(),
-                            "put --tag {name} failed: {}",
-                            stderr(&out)
-                        );
-                        // Check at once, while gc keeps running.
-                        let digest: Digest256 = stdout(&out).trim().parse().unwrap();
-                        assert_eq!(digest, Digest256::of(&data));
+                        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                        if !out.status.success() {
+                            return Err(format!("put --tag {name} failed: {}", stderr(&out)));
+                        }
+                        if stdout(&out).trim() != Digest256::of(&data).to_string() {
+                            return Err(format!("put --tag {name} printed {}", stdout(&out)));
+                        }
                     }
+                    Ok(())
                 })
             })
             .collect();
-        for w in writers {
-            w.join().unwrap();
-        }
+        // Every writer is joined (and gc stopped) before anything is asserted.
+        let results: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for result in results {
+            result.expect("writer thread").unwrap();
+        }
         gc.join().unwrap()
     });
     assert!(gcs > 1, "gc ran only {gcs} times beside the puts");

@@ -74,15 +74,19 @@ pub enum Error {
     /// The store (its root, `refs/` or `blobs/`) belongs to another user: its owner decides what
     /// its names point at, so it is not used.
     #[error(
-        "{} belongs to {owner} and you are {me}: pf uses only a store of your own, since whoever owns it decides what its names point at; use your own store, or run pf as its owner{}",
+        "{} belongs to {} and you are {}: pf uses only a store of your own, since whoever owns it decides what its names point at; use your own store, or run pf as its owner{}",
         .path.display(),
-        take_over_hint(.me, .root)
+        describe_user(*.owner),
+        describe_user(*.me),
+        take_over_hint(*.me, .root)
     )]
     StoreNotOwned {
         root: PathBuf,
         path: PathBuf,
-        owner: String,
-        me: String,
+        /// The uid that owns `path`.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
     },
     /// Group or others may write the store's root, `refs/` or `blobs/`: they could plant names.
     #[error(
@@ -98,16 +102,21 @@ pub enum Error {
     },
     /// A directory on the way to the store does not let this user through.
     #[error(
-        "you, {me}, may not use the store at {}: {} (owner {owner}, mode {mode:04o}) does not let you in; use a store of your own, or run pf as its owner",
+        "you, {}, may not use the store at {}: {} (owner {}, mode {mode:04o}) does not let you in; use a store of your own, or run pf as its owner",
+        describe_user(*.me),
         .path.display(),
-        .blocked.display()
+        .blocked.display(),
+        describe_user(*.owner)
     )]
     StoreUnreachable {
         path: PathBuf,
+        /// The first directory on the way that this user may not search.
         blocked: PathBuf,
-        owner: String,
+        /// The uid that owns `blocked`.
+        owner: u32,
         mode: u32,
-        me: String,
+        /// This process's effective uid.
+        me: u32,
         #[source]
         source: std::io::Error,
     },
@@ -130,9 +139,17 @@ fn writers(mode: u32) -> &'static str {
     }
 }
 
+/// `name (uid N)`, or `uid N` for a uid without a name.
+fn describe_user(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => format!("{} (uid {uid})", user.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
 /// For root only: how to take over a store root trusts.
-fn take_over_hint(me: &str, root: &std::path::Path) -> String {
-    if me.ends_with("(uid 0)") || me == "uid 0" {
+fn take_over_hint(me: u32, root: &std::path::Path) -> String {
+    if me == 0 {
         format!(
             " (if you trust every name and blob in it: `chown -R root: {}`)",
             root.display()

@@ -129,7 +129,8 @@ impl FsBlobStore {
         self.refs.join(name)
     }
 
-    /// The store's lock file, created (0600) when missing.
+    /// The store's lock file, created (0600) when missing. `flock` needs no write access: on a
+    /// store this user may not write, an existing lock file is opened read-only.
     fn lock_file(&self) -> Result<File> {
         let path = self.root.join("lock");
         OpenOptions::new()
@@ -139,6 +140,7 @@ impl FsBlobStore {
             .truncate(false)
             .mode(FILE_MODE)
             .open(&path)
+            .or_else(|err| File::open(&path).map_err(|_| err))
             .map_err(|err| Error::io("opening the store's lock", path, err))
     }
 
@@ -1149,8 +1151,8 @@ fn check_private(root: &Path) -> Result<()> {
             return Err(Error::StoreNotOwned {
                 root: root.to_owned(),
                 path,
-                owner: describe_user(meta.uid()),
-                me: describe_user(me),
+                owner: meta.uid(),
+                me,
             });
         }
         let mode = meta.mode() & 0o7777;
@@ -1180,24 +1182,16 @@ fn unreachable_store(path: &Path, source: io::Error) -> Error {
         .find(|dir| nix::unistd::access(*dir, nix::unistd::AccessFlags::X_OK).is_err())
         .unwrap_or(path);
     let (owner, mode) = match fs::metadata(blocked) {
-        Ok(meta) => (describe_user(meta.uid()), meta.mode() & 0o7777),
-        Err(_) => ("?".to_owned(), 0),
+        Ok(meta) => (meta.uid(), meta.mode() & 0o7777),
+        Err(_) => (u32::MAX, 0),
     };
     Error::StoreUnreachable {
         path: path.to_owned(),
         blocked: blocked.to_owned(),
         owner,
         mode,
-        me: describe_user(me),
+        me,
         source,
-    }
-}
-
-/// `name (uid N)`, or `uid N` for a uid without a name.
-fn describe_user(uid: u32) -> String {
-    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-        Ok(Some(user)) => format!("{} (uid {uid})", user.name),
-        _ => format!("uid {uid}"),
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Barrier;
 
-use pf_core::{BlobStore, FsBlobStore};
+use pf_core::{BlobStore, Digest256, FsBlobStore};
 
 use crate::support::{TestData, drain, temp_files};
 
@@ -85,4 +85,63 @@ fn same_blob_from_8_threads_and_4_processes() {
     );
     let leftovers: Vec<PathBuf> = temp_files(&store_dir);
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+}
+
+/// A writer holding the store's lock between its blob and its name, and a `gc` with no grace
+/// period started in that window: gc waits, the name is written, and its blob survives. Without
+/// the lock gc removed the blob and the name could not be written (issue 15 item 2).
+fn gc_waits_for_a_writer_between_blob_and_name(store: &dyn BlobStore) {
+    let (put_tx, put_rx) = std::sync::mpsc::channel();
+    let now = pf_core::GcOptions {
+        dry_run: false,
+        grace: std::time::Duration::ZERO,
+    };
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let lock = store.writer_lock().unwrap();
+            let digest = store.put(b"named soon").unwrap();
+            put_tx.send(digest).unwrap();
+            // gc starts meanwhile and must not sweep before the name is there.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            store.set_name("soon", &digest).unwrap();
+            drop(lock);
+            digest
+        });
+        let digest = put_rx.recv().unwrap();
+        let loose = {
+            // A blob nobody names, put outside any lock: gc removes it.
+            store.put(b"loose").unwrap()
+        };
+        let report = pf_core::gc(store, &now).unwrap();
+        assert_eq!(writer.join().unwrap(), digest);
+        assert_eq!(report.reachable, vec![digest]);
+        assert_eq!(report.removed.len(), 1);
+        assert_eq!(report.removed[0].digest, loose);
+    });
+    assert_eq!(
+        store.get_name("soon").unwrap(),
+        Digest256::of(b"named soon")
+    );
+    assert_eq!(
+        store.get(&Digest256::of(b"named soon")).unwrap(),
+        b"named soon"
+    );
+}
+
+#[test]
+fn gc_waits_for_a_writer_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsBlobStore::open(&dir.path().join("store")).unwrap();
+    gc_waits_for_a_writer_between_blob_and_name(&store);
+    // The lock file is private like the rest of the store, and gc keeps it.
+    let meta = std::fs::metadata(dir.path().join("store/lock")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn gc_waits_for_a_writer_in_memory() {
+    gc_waits_for_a_writer_between_blob_and_name(&pf_core::MemBlobStore::new());
 }

@@ -114,7 +114,7 @@ fn child(dir: &Path) {
         "-t",
         "tmpfs",
         "-o",
-        "ro,size=1m",
+        "ro,size=1m,mode=700",
         "tmpfs",
         ro.to_str().unwrap(),
     ]);
@@ -139,7 +139,7 @@ fn child(dir: &Path) {
         "-t",
         "tmpfs",
         "-o",
-        "size=4m",
+        "size=4m,mode=700",
         "tmpfs",
         frozen.to_str().unwrap(),
     ]);
@@ -168,7 +168,7 @@ fn child(dir: &Path) {
         "-t",
         "tmpfs",
         "-o",
-        "size=1m",
+        "size=1m,mode=700",
         "tmpfs",
         full.to_str().unwrap(),
     ]);
