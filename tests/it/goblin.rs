@@ -777,3 +777,86 @@ fn live_a_killed_thaw_takes_its_goblin_along() {
         .collect();
     assert_eq!(left, Vec::<String>::new(), "images left by the killed pf");
 }
+
+/// Issue 15 item 2: `pf goblin spawn --tag` racing `pf store gc --grace 0` in a loop left dangling
+/// tags (6 of 6): gc removed the dump or the procs blob between the freeze and the name. Spawn
+/// holds the store's writer lock from the freeze to the name and gc waits for it: every tag points
+/// at a procs blob whose dump exists, and every snapshot still thaws.
+#[test]
+fn live_goblin_spawns_racing_gc_leave_no_dangling_tag() {
+    if !live("live_goblin_spawns_racing_gc_leave_no_dangling_tag") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_goblin_spawns_racing_gc_leave_no_dangling_tag",
+        Duration::from_secs(240),
+    );
+    let mark = Mark::new("spawn-gc-race");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let spawns = 4;
+    std::thread::scope(|scope| {
+        let gc = scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut cmd = pf(&store);
+                cmd.args(["store", "gc", "--grace", "0"]);
+                ok(&run(cmd, b""), "gc --grace 0");
+            }
+        });
+        let results: Vec<Output> = (0..spawns)
+            .map(|i| {
+                let mut cmd = pf(&store);
+                cmd.args([
+                    "goblin",
+                    "spawn",
+                    "--tag",
+                    &format!("g{i}"),
+                    "--until",
+                    "^ready$",
+                ])
+                // Exits a moment after answering: a goblin that exits at once is issue 15 item 1's.
+                .args([
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo ready; read x; echo \"got $x\"; sleep 1",
+                ]);
+                run(mark.on(cmd), b"")
+            })
+            .collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        gc.join().expect("gc loop");
+        for (i, out) in results.iter().enumerate() {
+            ok(out, &format!("spawn g{i}"));
+        }
+    });
+    let s = pf_core::FsBlobStore::open(&store).expect("open store");
+    let names = s.names().expect("names");
+    assert_eq!(names.len(), spawns, "{names:?}");
+    let mut verify = pf(&store);
+    verify.args(["store", "verify"]);
+    let report = ok(&run(verify, b""), "verify");
+    assert!(!report.contains("BAD"), "{report}");
+    for (name, digest) in &names {
+        let procs: serde_json::Value =
+            serde_json::from_slice(&s.get(digest).expect("procs blob")).expect("procs JSON");
+        let dump: pf_core::Digest256 = procs["criu_dump"]
+            .as_str()
+            .expect("criu_dump")
+            .parse()
+            .expect("digest");
+        assert!(
+            s.contains(&dump).expect("contains"),
+            "{name}: dump {dump} removed"
+        );
+        let out = thaw(&store, name, b"still here\n");
+        assert_eq!(
+            text(&out.stdout),
+            "got still here\n",
+            "{name}: {}",
+            text(&out.stderr)
+        );
+    }
+    mark.assert_running(&[], "the thaws");
+}
