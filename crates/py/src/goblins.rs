@@ -248,6 +248,9 @@ pub(crate) fn freeze(
             }
             let store = std::sync::Arc::clone(&store.inner);
             py.detach(|| {
+                // Held from the first blob to the name (see agent_docs/formats.md).
+                let _writing =
+                    pf_core::BlobStore::writer_lock(store.as_ref()).map_err(errors::from_core)?;
                 let frozen = pf_goblins::freeze(pid, FreezeTarget::Store(store.as_ref()), &options)
                     .map_err(errors::from_goblin)?;
                 let digest = frozen
