@@ -95,8 +95,10 @@ Names: 1-200 bytes, no `/`, white space or control characters, not starting with
     /// Remove blobs no name reaches, and temp files of interrupted puts
     #[command(after_help = "\
 A blob is kept when a name points at it, or when a kept blob is JSON holding its digest as a
-string (a procs snapshot keeps its CRIU dump that way). Unreachable blobs stored within the grace
-period are kept too, so a capture running right now does not lose its dump before naming it.
+string (a procs snapshot keeps its CRIU dump that way). gc waits for the writers (puts, captures,
+freezes) that are between their first blob and its name, so whatever the grace period it never
+removes what they are about to name; unreachable blobs stored within the grace period are kept
+too, for writers that do not take the store's lock.
 
 Examples:
   pf store gc --dry-run        list what would go
