@@ -1,0 +1,288 @@
+//! Reading `/proc`: `/proc/PID/stat`, `/proc/PID/status`, `/proc/PID/fd` links, the process tree.
+//!
+//! Parsing is pure (`&str` in, value out) and unit-tested on captured text; the thin readers
+//! around it do the I/O.
+
+use std::io;
+use std::path::PathBuf;
+
+/// The fields of a `/proc/PID/stat` line pf uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// The state letter (`R`, `S`, `Z`, …).
+    pub state: char,
+    /// The parent pid.
+    pub ppid: i32,
+    /// The process group.
+    pub pgrp: i32,
+    /// The session.
+    pub session: i32,
+    /// The controlling terminal's device number (0: none).
+    pub tty_nr: u32,
+    /// The kernel's task flags (`PF_*`).
+    pub flags: u64,
+}
+
+/// The kernel's `PF_EXITING` task flag: the task has started to exit (`do_exit`).
+pub const PF_EXITING: u64 = 0x4;
+
+impl Stat {
+    /// Whether the state is `Z` (zombie) or `X` (dead): exited, nothing left to run.
+    pub fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+
+    /// Whether the task has started to exit (`PF_EXITING`).
+    pub fn is_exiting(&self) -> bool {
+        self.flags & PF_EXITING != 0
+    }
+}
+
+/// Parse a `/proc/PID/stat` line. The command name may itself hold `)` and spaces, so the fields
+/// are read after the *last* `)`.
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    let session = fields.next()?.parse().ok()?;
+    let tty_nr = u32::try_from(fields.next()?.parse::<i64>().ok()?).ok()?;
+    let _tpgid = fields.next()?;
+    let flags = fields.next()?.parse().ok()?;
+    Some(Stat {
+        state,
+        ppid,
+        pgrp,
+        session,
+        tty_nr,
+        flags,
+    })
+}
+
+/// Whether a `/proc/PID/status` text shows a SIGKILL pending for the thread group (`ShdPnd:`)
+/// or the task (`SigPnd:`): it is about to exit.
+pub fn status_sigkill_pending(status: &str) -> bool {
+    let sigkill = 1u64 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        l.strip_prefix("ShdPnd:")
+            .or_else(|| l.strip_prefix("SigPnd:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|mask| mask & sigkill != 0)
+    })
+}
+
+/// The innermost pid from the `NSpid:` line of a `/proc/PID/status` text.
+pub fn status_inner_pid(status: &str) -> Option<i32> {
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line["NSpid:".len()..]
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// Pids in a `/proc/PID/task/TID/children` file: space-separated decimal numbers.
+pub fn parse_children(text: &str) -> Vec<i32> {
+    text.split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The inode of an anonymous-inode `/proc/PID/fd` link of kind `kind`: `link_inode("pipe:[42]",
+/// "pipe") == Some(42)`; `socket` likewise.
+pub fn link_inode(link: &str, kind: &str) -> Option<u64> {
+    link.strip_prefix(kind)?
+        .strip_prefix(":[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// `/proc/PID/stat` of `pid`, parsed; `None` when there is no such process (or it is unreadable).
+pub fn stat(pid: i32) -> Option<Stat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// What `/proc/PID` says about a pid right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidState {
+    /// No such process.
+    Gone,
+    /// Exited, waiting for its parent to reap it.
+    Zombie {
+        /// Its parent, which has to reap it.
+        ppid: i32,
+    },
+    /// Running or sleeping.
+    Alive,
+}
+
+/// The state of `pid`.
+pub fn pid_state(pid: i32) -> PidState {
+    match stat(pid) {
+        None => PidState::Gone,
+        Some(s) if s.is_zombie() => PidState::Zombie { ppid: s.ppid },
+        Some(_) => PidState::Alive,
+    }
+}
+
+/// Whether `pid` has ended or is ending: gone, a zombie, or killed and still tearing itself
+/// down. A process SIGKILLed while it owns a lot of memory keeps state `R` (with `PF_EXITING`
+/// set) for a while after the kill.
+pub fn has_ended(pid: i32) -> bool {
+    let Some(stat) = stat(pid) else {
+        return true;
+    };
+    if stat.is_zombie() || stat.is_exiting() {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_or(true, |status| status_sigkill_pending(&status))
+}
+
+/// The inner (own namespace) pid of `pid`, from its `NSpid:` line.
+pub fn inner_pid(pid: i32) -> Option<i32> {
+    status_inner_pid(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `/proc/PID/comm`, trimmed; `None` when there is no such process.
+pub fn comm(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// The direct children of every thread of `pid`, in ascending order.
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(parse_children(&text));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `pid` and every descendant, root first then breadth-first with siblings ascending.
+pub fn tree(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 100_000 {
+        for k in children(out[i]) {
+            if !out.contains(&k) {
+                out.push(k);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Where `/proc/PID/fd/FD` points (`pipe:[123]`, `/dev/pts/3`, …): `Ok(None)` when the
+/// descriptor is not open, an error of kind `NotFound` when there is no process `pid`.
+pub fn fd_link(pid: i32, fd: i32) -> io::Result<Option<String>> {
+    let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+    match std::fs::read_link(&path) {
+        Ok(target) => Ok(Some(target.to_string_lossy().into_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no process {pid}"),
+                ))
+            } else {
+                Ok(None)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cat /proc/PID/stat` of a sleeping bash on this machine (Linux 6.x).
+    const BASH: &str = "3021 (bash) S 3015 3021 3021 34816 3050 4194560 1170 2447 0 0 1 0 2 0 20 \
+                        0 1 0 5270 8900608 1187 18446744073709551615 1 1 0 0 0 0 65536 3686404 \
+                        1266761467 0 0 0 17 1 0 0 0 0 0";
+
+    #[test]
+    fn stat_parses_captured_and_odd_names() {
+        let s = parse_stat(BASH).expect("bash");
+        assert_eq!(
+            s,
+            Stat {
+                state: 'S',
+                ppid: 3015,
+                pgrp: 3021,
+                session: 3021,
+                tty_nr: 34816,
+                flags: 4_194_560
+            }
+        );
+        assert!(!s.is_zombie() && !s.is_exiting());
+        let odd = parse_stat("4242 (we) i rd) Z 17 4242 4242 0 -1 4194564 7").expect("odd");
+        assert_eq!((odd.state, odd.ppid), ('Z', 17));
+        assert!(odd.is_zombie() && odd.is_exiting());
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) Z 0 0"), None, "too few fields");
+        assert_eq!(parse_stat("1 (x) S 0 1 1 -5 -1 0"), None, "negative tty");
+    }
+
+    #[test]
+    fn status_fields() {
+        let status = |shd: &str, sig: &str| format!("Name:\tx\nSigPnd:\t{sig}\nShdPnd:\t{shd}\n");
+        assert!(status_sigkill_pending(&status(
+            "0000000000000100",
+            "0000000000000000"
+        )));
+        assert!(status_sigkill_pending(&status(
+            "0000000000000000",
+            "0000000000000100"
+        )));
+        assert!(!status_sigkill_pending(&status(
+            "0000000000000002",
+            "0000000000004000"
+        )));
+        assert!(!status_sigkill_pending("Name:\tx\n"));
+        let status = "Name:\tx\nNSpid:\t5551\t3021\nNSsid:\t1\n";
+        assert_eq!(status_inner_pid(status), Some(3021));
+        assert_eq!(status_inner_pid("NSpid:\t77\n"), Some(77));
+        assert_eq!(status_inner_pid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn children_and_links() {
+        assert_eq!(parse_children("12 345 \n"), vec![12, 345]);
+        assert_eq!(parse_children(""), Vec::<i32>::new());
+        assert_eq!(link_inode("pipe:[4242]", "pipe"), Some(4242));
+        assert_eq!(link_inode("socket:[7]", "socket"), Some(7));
+        assert_eq!(link_inode("socket:[7]", "pipe"), None);
+        assert_eq!(link_inode("pipe:[x]", "pipe"), None);
+        assert_eq!(link_inode("/dev/pts/3", "pipe"), None);
+    }
+
+    #[test]
+    fn own_process_is_alive_with_stdio() {
+        let me = std::process::id() as i32;
+        assert_eq!(pid_state(me), PidState::Alive);
+        assert_eq!(tree(me)[0], me);
+        let open = fd_link(me, 0).expect("fd 0").is_some() || fd_link(me, 1).expect("1").is_some();
+        assert!(open);
+        assert_eq!(fd_link(me, 1 << 20).expect("closed fd"), None);
+        let err = fd_link(i32::MAX, 0).expect_err("no such process");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert_eq!(pid_state(i32::MAX), PidState::Gone);
+        assert!(!has_ended(me));
+        assert!(has_ended(i32::MAX));
+        assert!(inner_pid(me).is_some());
+        assert!(comm(me).is_some());
+    }
+}
