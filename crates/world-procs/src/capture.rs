@@ -15,7 +15,7 @@ use pf_core::{BlobStore, Digest256};
 
 use crate::criu::{Criu, CriuVersion, Unavailable};
 use crate::error::{Error, Result};
-use crate::proc::{PidState, pid_state};
+use pf_os::proc::{PidState, pid_state};
 use crate::runner::{Invocation, push_opt};
 use crate::tarball::ImagesTar;
 use crate::wire::{CriuProcs, DumpOptions, DumpStats, ProcsBlob};
@@ -236,9 +236,9 @@ fn dump_with(
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
     // Before the dump: afterwards (without leave_running) the tree is gone.
     let stdio = (0..3)
-        .map(|fd| crate::proc::fd_target(pid, fd).unwrap_or_default())
+        .map(|fd| pf_os::proc::fd_link(pid, fd).ok().flatten().unwrap_or_default())
         .collect();
-    let pids = crate::proc::tree(pid);
+    let pids = pf_os::proc::tree(pid);
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--tree", pid.to_string());
     push_opt(&mut args, "--images-dir", &images_dir);
@@ -260,7 +260,7 @@ fn dump_with(
         .run()
     {
         Ok(work) => work,
-        Err(err) if crate::proc::has_ended(pid) => {
+        Err(err) if pf_os::proc::has_ended(pid) => {
             return Err(Error::ExitedDuringDump {
                 pid,
                 source: Box::new(err),
@@ -291,107 +291,20 @@ fn dump_with(
     })
 }
 
-/// A scratch directory for images, removed when dropped. While it lives, an exclusive `flock`
-/// on the directory itself says it is in use.
-#[derive(Debug)]
-pub(crate) struct Scratch {
-    dir: tempfile::TempDir,
-    _lock: std::fs::File,
-}
-
-impl Scratch {
-    pub(crate) fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
+pub(crate) use pf_os::scratch::Scratch;
 
 /// A fresh private (0700) directory for images: under `$TMPDIR` when set, else on `/dev/shm`
-/// (tmpfs: dumps and restores run at memory speed), else in `/tmp`.
-///
-/// Its name carries our pid (`pf-restore-<pid>-…`) and it is `flock`ed while in use. Images
-/// are as large as the process they hold and sit in memory on tmpfs, so before making one we
-/// remove those a pf killed mid-way (SIGKILL leaves no chance to clean up) left behind: same
-/// prefix, same owner, a pid that no longer runs here, and no lock held (the lock also covers a
-/// pf in another pid namespace, whose pid means nothing here).
+/// (tmpfs: dumps and restores run at memory speed), else in `/tmp`; named
+/// `<prefix><our pid>-…`, `flock`ed while in use, and made after sweeping the ones a killed pf
+/// left behind (see `pf_os::scratch`).
 pub(crate) fn scratch_dir(prefix: &str) -> Result<Scratch> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut builder = tempfile::Builder::new();
-    let named = format!("{prefix}{}-", std::process::id());
-    builder
-        .prefix(&named)
-        .permissions(std::fs::Permissions::from_mode(0o700));
-    let mut made = None;
-    if std::env::var_os("TMPDIR").is_none_or(|v| v.is_empty()) {
-        let shm = Path::new("/dev/shm");
-        sweep_abandoned(shm, prefix);
-        made = builder.tempdir_in(shm).ok();
-    }
-    let dir = match made {
-        Some(dir) => dir,
-        None => {
-            sweep_abandoned(&std::env::temp_dir(), prefix);
-            builder
-                .tempdir()
-                .map_err(|e| Error::io("create a scratch directory in", std::env::temp_dir(), e))?
-        }
-    };
-    let lock = lock_dir(dir.path(), false)
-        .map_err(|e| Error::io("lock the scratch directory", dir.path(), e))?;
-    Ok(Scratch { dir, _lock: lock })
+    pf_os::scratch::images_dir(prefix).map_err(os_error)
 }
 
-/// An exclusive `flock` on the directory `path` (close-on-exec); `try_only`: fail at once when
-/// someone holds it.
-fn lock_dir(path: &Path, try_only: bool) -> std::io::Result<std::fs::File> {
-    let file = std::fs::File::open(path)?;
-    if try_only {
-        file.try_lock().map_err(|e| match e {
-            std::fs::TryLockError::Error(e) => e,
-            std::fs::TryLockError::WouldBlock => std::io::ErrorKind::WouldBlock.into(),
-        })?;
-    } else {
-        file.lock()?;
-    }
-    Ok(file)
-}
-
-/// Remove the directories `<prefix><pid>-…` in `base` that we own, whose pid is gone and whose
-/// lock nobody holds.
-fn sweep_abandoned(base: &Path, prefix: &str) {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    let me = nix::unistd::geteuid().as_raw();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix))
-            .and_then(|rest| rest.split_once('-'))
-            .and_then(|(pid, _)| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let path = entry.path();
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        if !meta.is_dir() || meta.uid() != me || crate::proc::pid_state(pid) != PidState::Gone {
-            continue;
-        }
-        // Held while we remove it, so a second sweeper skips it.
-        let Ok(_held) = lock_dir(&path, true) else {
-            continue;
-        };
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {
-                tracing::info!(dir = %path.display(), pid, "removed images a killed pf left behind");
-            }
-            Err(err) => {
-                tracing::debug!(dir = %path.display(), %err, "cannot remove abandoned images")
-            }
-        }
+/// A pf-os error as ours.
+pub(crate) fn os_error(e: pf_os::Error) -> Error {
+    match e {
+        pf_os::Error::Io { op, path, source } => Error::io(op, path, source),
     }
 }
 
@@ -461,36 +374,6 @@ mod tests {
         assert!(
             matches!(mac.blob, ProcsBlob::Unsupported { unsupported_on, .. } if unsupported_on == "macos")
         );
-    }
-
-    #[test]
-    fn scratch_dirs_of_dead_pids_are_swept() {
-        let base = tempfile::tempdir().expect("tempdir");
-        let mut dead = std::process::Command::new("true")
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn true");
-        let dead_pid = dead.id();
-        dead.wait().expect("reap");
-        let abandoned = base.path().join(format!("pf-x-{dead_pid}-abc"));
-        let ours = base.path().join(format!("pf-x-{}-abc", std::process::id()));
-        let other = base.path().join(format!("pf-y-{dead_pid}-abc"));
-        let odd = base.path().join("pf-x-notapid-abc");
-        for d in [&abandoned, &ours, &other, &odd] {
-            std::fs::create_dir(d).expect("mkdir");
-            std::fs::write(d.join("pages-1.img"), b"x").expect("write");
-        }
-        // A dead pid's directory that someone still holds (a pf in another pid namespace).
-        let held = base.path().join(format!("pf-x-{dead_pid}-held"));
-        std::fs::create_dir(&held).expect("mkdir");
-        let lock = lock_dir(&held, false).expect("lock");
-        sweep_abandoned(base.path(), "pf-x-");
-        assert!(!abandoned.exists(), "a dead pid's images are removed");
-        assert!(ours.exists() && other.exists() && odd.exists());
-        assert!(held.exists(), "a locked directory is in use");
-        drop(lock);
-        sweep_abandoned(base.path(), "pf-x-");
-        assert!(!held.exists());
     }
 
     #[test]

@@ -138,6 +138,20 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The images would not fit in the room left where they are extracted.
+    #[error(
+        "the images need at least {needed} bytes but only {available} are free in {}; free \
+         some space there, or point TMPDIR at a larger file system",
+        dir.display()
+    )]
+    NoRoom {
+        /// Where they were to be extracted.
+        dir: PathBuf,
+        /// The bytes the entries read so far declare.
+        needed: u64,
+        /// The bytes free there (`statvfs`, available to us).
+        available: u64,
+    },
     /// The images tar is not a valid tar (or reading it failed).
     #[error("cannot read the images tar {digest}")]
     Tar {
@@ -146,6 +160,15 @@ pub enum Error {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A CRIU image could not be read.
+    #[error("cannot read {what} from the images")]
+    Image {
+        /// Which image (`the process tree (pstree.img)`).
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: crate::images::ImageError,
     },
     /// The pid to restore is held by a live process.
     #[error(

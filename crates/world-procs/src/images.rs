@@ -33,6 +33,8 @@ const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const PIPES_DATA_MAGIC: u32 = 0x5645_3709;
 /// The file, inside an images directory, that holds unread pipe bytes.
 const PIPES_DATA_FILE: &str = "pipes-data.img";
+/// `PSTREE_MAGIC`: the second `u32` of `pstree.img`.
+const PSTREE_MAGIC: u32 = 0x5027_3030;
 /// `IMG_SERVICE_MAGIC`: the first `u32` of CRIU's service files (stats, irmap cache).
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 /// `STATS_MAGIC`: the second `u32` of `stats-dump` and `stats-restore`.
@@ -136,6 +138,62 @@ fn parse_pipe_data_entry(msg: &[u8]) -> Result<(u32, u32), ParseError> {
         (Some(pipe_id), Some(bytes)) => Ok((pipe_id, bytes)),
         _ => Err((0, "pipe_data_entry lacks pipe_id or bytes")),
     }
+}
+
+/// Every pid and thread id recorded in `images_dir`'s `pstree.img`, root first, deduplicated
+/// (these must be free for a restore in our pid namespace).
+pub(crate) fn pstree_pids(images_dir: &Path) -> Result<Vec<i32>, ImageError> {
+    let path = images_dir.join("pstree.img");
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    parse_pstree(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
+        path,
+        offset,
+        reason,
+    })
+}
+
+/// Parse `pstree.img`: the magics, then `u32` length + `pstree_entry { pid = 1; ppid = 2;
+/// pgid = 3; sid = 4; repeated threads = 5 }` records (threads plain or packed).
+fn parse_pstree(img: &[u8]) -> Result<Vec<i32>, ParseError> {
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != PSTREE_MAGIC {
+        return Err((4, "not a pstree image (bad magic)"));
+    }
+    let mut out: Vec<i32> = Vec::new();
+    let mut push = |at: usize, v: u64| -> Result<(), ParseError> {
+        let v = i32::try_from(v).map_err(|_| (at, "pid out of range"))?;
+        if !out.contains(&v) {
+            out.push(v);
+        }
+        Ok(())
+    };
+    while r.pos < img.len() {
+        let len = r.u32_le()? as usize;
+        let msg_at = r.pos;
+        let msg = r.take(len, "entry runs past the end of the file")?;
+        for_each_field(msg, &mut |field, at, value| match (field, value) {
+            (1 | 5, Field::Varint(v)) => push(msg_at + at, v),
+            (5, Field::Bytes(packed)) => {
+                let mut p = Reader {
+                    buf: packed,
+                    pos: 0,
+                };
+                while p.pos < packed.len() {
+                    push(msg_at + at + p.pos, p.varint()?)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        })
+        .map_err(|(off, why)| (msg_at + off, why))?;
+    }
+    Ok(out)
 }
 
 /// CRIU's own figures for the dump that wrote `stats-dump` into `work_dir` (criu's work
@@ -290,6 +348,33 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pstree_parses_a_real_image() {
+        // pstree.img from CRIU 4.1.1: one process 23655 (pid, ppid 0, pgid, sid, one thread).
+        let img = b"\x19\x43\x56\x54\x30\x30\x27\x50\x12\x00\x00\x00\x08\xe7\xb8\x01\
+\x10\x00\x18\xe7\xb8\x01\x20\xe7\xb8\x01\x28\xe7\xb8\x01";
+        assert_eq!(parse_pstree(img), Ok(vec![23655]));
+        assert!(parse_pstree(&img[..20]).is_err());
+        assert_eq!(
+            parse_pstree(b"\0\0\0\0\x30\x30\x27\x50"),
+            Err((0, "not a criu image (bad common magic)"))
+        );
+    }
+
+    #[test]
+    fn pstree_reads_packed_threads_and_many_entries() {
+        let mut img = b"\x19\x43\x56\x54\x30\x30\x27\x50".to_vec();
+        // pid 10, threads packed [10, 11]
+        let e1 = [0x08, 10, 0x10, 0, 0x2a, 2, 10, 11];
+        // pid 12, ppid 10, thread 12
+        let e2 = [0x08, 12, 0x10, 10, 0x28, 12];
+        for e in [&e1[..], &e2[..]] {
+            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            img.extend_from_slice(e);
+        }
+        assert_eq!(parse_pstree(&img), Ok(vec![10, 11, 12]));
+    }
 
     /// The bytes of a real `pipes-data.img` written by CRIU 4.1.1 for a process whose stdin
     /// pipe (inode 21989) held "hello line one\nsecond\n" unread.

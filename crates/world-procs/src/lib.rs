@@ -11,10 +11,8 @@ pub mod criu;
 mod error;
 pub mod images;
 mod nsinit;
-mod proc;
 mod restore;
 mod runner;
-mod sys;
 mod tarball;
 #[doc(hidden)]
 pub mod test_support;
@@ -32,20 +30,5 @@ pub use crate::restore::{
 };
 pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, ProcsBlob};
 
-/// How a process ended: its exit code, or the signal that killed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// Exited with this code.
-    Code(i32),
-    /// Killed by this signal.
-    Signal(i32),
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Code(c) => write!(f, "exit status {c}"),
-            Self::Signal(s) => write!(f, "killed by signal {s}"),
-        }
-    }
-}
+/// How a process ended (pf-os's one exit type, re-exported for callers of [`Restored::wait`]).
+pub use pf_os::Exit;

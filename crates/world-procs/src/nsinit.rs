@@ -1,6 +1,10 @@
 //! A tiny init of ours as PID 1 of a fresh PID + mount namespace, which runs
 //! `criu restore -d -S` and then waits for the restored root and exits with its status.
 //!
+//! Only the runner starts it (`Invocation::run_in_new_pidns` in `runner.rs`): the command line,
+//! work directory, deadline and errors are the runner's; this file only execs the program the
+//! runner prepared, inside the namespace.
+//!
 //! This is what lets a tree be restored beside its still-running original (every pid is free in
 //! a new namespace) and lets the caller learn the root's real exit status (a foreground
 //! `criu restore` as PID 1 exits 0 whatever the root does). CRIU needs its own `/proc` for the
@@ -107,6 +111,13 @@ pub(crate) struct Init {
 pub(crate) const UNTIE: u8 = b'D';
 
 impl Init {
+    /// SIGKILL the init (the kernel then kills everything in its namespace) and reap it.
+    pub(crate) fn kill_and_reap(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitpid(pid, None) {}
+    }
+
     /// Let the tree outlive the caller: tell the watcher, then close the lifeline.
     pub(crate) fn untie(&mut self) {
         use std::io::Write as _;
@@ -251,7 +262,7 @@ fn raw_fork() -> libc::c_long {
 
 /// PID 1 of the new namespace. Never returns.
 fn init_main(ctx: &Ctx<'_>) -> ! {
-    // SAFETY (for every block in this function and in `exec_criu`): raw system calls on
+    // SAFETY (for every block in this function and in `exec_program`): raw system calls on
     // integers, on NUL-terminated strings and pointer arrays built before the clone, and on
     // stack buffers we own. No allocation, no locks.
     unsafe {
@@ -283,7 +294,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
     }
     let criu = raw_fork();
     if criu == 0 {
-        exec_criu(ctx);
+        exec_program(ctx);
     }
     if criu < 0 {
         fail(ctx, 2);
@@ -295,7 +306,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         libc::dup2(ctx.devnull, 0);
         libc::dup2(ctx.devnull, 1);
         libc::dup2(ctx.devnull, 2);
-        close_all_but(ctx.report, ctx.lifeline);
+        pf_os::fd::close_all_but(ctx.report, ctx.lifeline);
         let mut status = 0;
         while libc::waitpid(criu, &mut status, 0) < 0 {
             if errno() != libc::EINTR {
@@ -372,8 +383,9 @@ fn watch_lifeline(lifeline: RawFd) -> ! {
     }
 }
 
-/// The criu child of the init: stdio, descriptors, signals, exec. Never returns.
-fn exec_criu(ctx: &Ctx<'_>) -> ! {
+/// The child of the init that becomes the runner's program (criu): stdio, descriptors, signals,
+/// exec. Never returns.
+fn exec_program(ctx: &Ctx<'_>) -> ! {
     // SAFETY: see `init_main`.
     unsafe {
         if !ctx.stdin_is_ours {
@@ -381,10 +393,9 @@ fn exec_criu(ctx: &Ctx<'_>) -> ! {
         }
         libc::dup2(ctx.stdout, 1);
         libc::dup2(ctx.stderr, 2);
-        crate::sys::mark_all_cloexec_from(3);
+        pf_os::fd::mark_all_cloexec_from(3);
         for &fd in ctx.keep {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            let _ = pf_os::fd::keep_across_exec(fd);
         }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -395,27 +406,6 @@ fn exec_criu(ctx: &Ctx<'_>) -> ! {
         report(ctx.report, TAG_FAILED, 3, errno());
         libc::_exit(127);
     }
-}
-
-/// Close every descriptor from 3 up, except `a` and `b`.
-fn close_all_but(a: RawFd, b: RawFd) {
-    let (lo, hi) = (a.min(b), a.max(b));
-    let close = |first: RawFd, last: RawFd| {
-        if first <= last {
-            // SAFETY: closing descriptors by number in our own (child) process.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_close_range,
-                    first as libc::c_uint,
-                    last as libc::c_uint,
-                    0,
-                );
-            }
-        }
-    };
-    close(3, lo - 1);
-    close(lo + 1, hi - 1);
-    close(hi + 1, libc::c_int::MAX);
 }
 
 /// Read a decimal pid from a file; 0 on any failure.

@@ -17,22 +17,18 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use pf_core::{BlobStore, Digest256};
+use pf_os::Exit;
+use pf_os::proc::{PidState, pid_state};
 
-use crate::Exit;
 use crate::error::{Error, Result};
 use crate::nsinit;
-use crate::proc::{PidState, pid_state};
 use crate::runner::{Invocation, push_opt};
 use crate::wire::{CriuProcs, ProcsBlob};
 
 /// How long one `criu restore` may take before it is killed.
 const RESTORE_DEADLINE: Duration = Duration::from_secs(300);
-/// How long a zombie holding a pid we need may take to be reaped.
+/// How long a process holding a pid we need may take to finish exiting and be reaped.
 const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
-/// `PSTREE_MAGIC`: the second `u32` of `pstree.img`.
-const PSTREE_MAGIC: u32 = 0x5027_3030;
-/// `IMG_COMMON_MAGIC`: the first `u32` of every image.
-const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 
 /// A descriptor for the restored tree to inherit: CRIU reconnects the tree's file that it
 /// recorded as `key` (e.g. `pipe:[1234]`) to `fd` (`--inherit-fd fd[N]:key`).
@@ -60,7 +56,7 @@ pub struct RestoreOptions {
 /// A private directory of extracted images, removed on drop.
 #[derive(Debug)]
 pub struct ImagesDir {
-    dir: crate::capture::Scratch,
+    dir: pf_os::scratch::Scratch,
 }
 
 impl ImagesDir {
@@ -116,7 +112,7 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
 }
 
 /// Restore the tree whose CRIU images are in `images_dir`.
-pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> {
+pub fn restore_dir(images_dir: &Path, mut opts: RestoreOptions) -> Result<Restored> {
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
@@ -133,12 +129,52 @@ pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> 
                 })
         })
         .collect::<Result<_>>()?;
-    drop(opts.inherit);
+    drop(std::mem::take(&mut opts.inherit));
     let keep: Vec<RawFd> = inherit.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
-    if !opts.new_pidns {
-        let pids = pstree_pids(&images_dir)?;
-        wait_for_free_pids(&pids)?;
-    }
+    let restored = if opts.new_pidns {
+        run_restore(criu, &images_dir, &opts, &inherit, &keep)
+    } else {
+        let pids = crate::images::pstree_pids(&images_dir).map_err(|source| Error::Image {
+            what: "the process tree (pstree.img)",
+            source,
+        })?;
+        let start = Instant::now();
+        wait_for_free_pids(&pids, start)?;
+        match run_restore(criu, &images_dir, &opts, &inherit, &keep) {
+            // A pid that looked free was not yet (the kernel frees a pid a moment after /proc
+            // stops showing it): wait again, within the same bound, and try once more.
+            Err(e) if pid_clash(&e).is_some() => {
+                let pid = pid_clash(&e).unwrap_or(0);
+                tracing::info!(pid, "criu found a pid still taken; waiting for it and retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                wait_for_free_pids(&pids, start)?;
+                run_restore(criu, &images_dir, &opts, &inherit, &keep).map_err(|e| {
+                    match pid_clash(&e) {
+                        Some(pid) => Error::PidInUse {
+                            pid,
+                            holder: holder_of(pid),
+                        },
+                        None => e,
+                    }
+                })
+            }
+            other => other,
+        }
+    };
+    drop(inherit);
+    let restored = restored?;
+    tracing::info!(pid = restored.root, ns_pid = restored.ns_root, "restored");
+    Ok(restored)
+}
+
+/// One `criu restore` of `images_dir`.
+fn run_restore(
+    criu: &crate::criu::Criu,
+    images_dir: &Path,
+    opts: &RestoreOptions,
+    inherit: &[(OwnedFd, String)],
+    keep: &[RawFd],
+) -> Result<Restored> {
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--images-dir", &images_dir);
     args.push("--restore-detached".into());
@@ -146,7 +182,7 @@ pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> 
     if opts.shell_job {
         args.push("--shell-job".into());
     }
-    for (fd, key) in &inherit {
+    for (fd, key) in inherit {
         push_opt(
             &mut args,
             "--inherit-fd",
@@ -156,22 +192,57 @@ pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> 
     args.extend(opts.extra_args.iter().map(OsString::from));
     // The pidfile goes into criu's work dir; its path is only known once the invocation exists,
     // so it is appended last.
-    let mut inv = Invocation::new(criu, "restore", args, &keep, RESTORE_DEADLINE)?;
+    let mut inv = Invocation::new(criu, "restore", args, keep, RESTORE_DEADLINE)?;
     // A shell job takes the session of criu's terminal: criu must have it on stdin.
     inv.stdin_is_ours = opts.shell_job;
     let pidfile = inv.work_dir().join("restore.pid");
     inv.args.push("--pidfile".into());
     inv.args.push(pidfile.clone().into());
     tracing::debug!(new_pidns = opts.new_pidns, "running criu restore");
-    let restored = if opts.new_pidns {
-        restore_in_new_pidns(inv, &keep, &pidfile)
+    if opts.new_pidns {
+        restore_in_new_pidns(inv, &pidfile)
     } else {
         restore_here(inv, &pidfile)
+    }
+}
+
+/// The pid criu could not give back because it was taken (`Can't fork for PID: File exists`,
+/// or `Pid N already exists`), from a failed restore's log lines.
+fn pid_clash(err: &Error) -> Option<i32> {
+    let Error::Criu { errors, .. } = err else {
+        return None;
     };
-    drop(inherit);
-    let restored = restored?;
-    tracing::info!(pid = restored.root, ns_pid = restored.ns_root, "restored");
-    Ok(restored)
+    errors.iter().find_map(|line| clash_in_line(line))
+}
+
+/// The pid in one of CRIU's "that pid is taken" log lines.
+fn clash_in_line(line: &str) -> Option<i32> {
+    let num = |s: &str| {
+        s.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    if line.contains("File exists")
+        && let Some(at) = line.find("Can't fork for ")
+    {
+        return num(&line[at + "Can't fork for ".len()..]);
+    }
+    None
+}
+
+/// What holds `pid` right now, for an error message: `name (state S, parent P)`, or what the
+/// kernel shows when no process is visible.
+fn holder_of(pid: i32) -> String {
+    match (pf_os::proc::comm(pid), pf_os::proc::stat(pid)) {
+        (Some(comm), Some(stat)) => {
+            format!("{comm}, state {}, parent {}", stat.state, stat.ppid)
+        }
+        _ => "no process visible in /proc: the kernel had not released the pid of an exited \
+              process yet"
+            .to_owned(),
+    }
 }
 
 fn read_pidfile(path: &Path) -> Result<i32> {
@@ -197,282 +268,79 @@ fn restore_here(inv: Invocation, pidfile: &Path) -> Result<Restored> {
         exit: None,
         detached: false,
     };
-    if pid_state(root) != PidState::Alive {
-        let status = match restored.try_wait() {
-            Ok(Some(exit)) => exit.to_string(),
-            _ => "gone".to_owned(),
-        };
+    // A root that ran and exited already (its stdin at end of file, say) is a zombie child of
+    // ours: a success, whose status the caller collects with `wait`. Only a root that is gone
+    // without a status for us (criu ran through sudo) is an error.
+    if pid_state(root) == PidState::Gone {
         restored.detached = true;
-        return Err(Error::RestoredDied { pid: root, status });
+        return Err(Error::RestoredDied {
+            pid: root,
+            status: "gone, reaped by another process".to_owned(),
+        });
     }
     Ok(restored)
 }
 
-fn restore_in_new_pidns(inv: Invocation, keep: &[RawFd], pidfile: &Path) -> Result<Restored> {
-    let stdout = inv.stdio_file(inv.stdout_path())?;
-    let stderr = inv.stdio_file(inv.stderr_path())?;
-    let plan = nsinit::InitPlan {
-        program: &inv.program,
-        args: &inv.args,
-        stdout: &stdout,
-        stderr: &stderr,
-        keep,
-        pidfile,
-        stdin_is_ours: inv.stdin_is_ours,
-    };
-    let init = nsinit::spawn(&plan).map_err(|source| Error::Sys {
-        op: "starting an init in a new pid and mount namespace (needs root)",
-        source,
-    })?;
-    drop((stdout, stderr));
+fn restore_in_new_pidns(inv: Invocation, pidfile: &Path) -> Result<Restored> {
+    let (work, init) = inv.run_in_new_pidns(pidfile)?;
     let init_pid = init.pid;
     let mut restored = Restored {
-        root: 0,
+        root: init_pid,
         ns_root: 0,
         init: Some(init),
         exit: None,
         detached: false,
     };
-    let first = match read_record(&mut restored, RESTORE_DEADLINE) {
-        Ok(r) => r,
-        Err(timed_out) => {
-            let _ = restored.kill();
-            restored.detached = true;
-            if timed_out {
-                return Err(Error::Timeout {
-                    action: "restore",
-                    after: RESTORE_DEADLINE,
-                    log: inv.keep(),
-                });
-            }
-            return Err(Error::Criu {
-                action: "restore",
-                status: "the namespace init died".to_owned(),
-                errors: Vec::new(),
-                log: inv.keep(),
-            });
-        }
-    };
-    let mut record = first;
-    let mut setup_failure = None;
-    while record.tag == nsinit::TAG_FAILED {
-        setup_failure = Some(record);
-        match read_record(&mut restored, Duration::from_secs(10)) {
-            Ok(r) => record = r,
-            Err(_) => break,
-        }
-    }
-    if record.tag != nsinit::TAG_CRIU_DONE {
-        let _ = restored.kill();
-        restored.detached = true;
-        let r = setup_failure.unwrap_or(record);
-        return Err(Error::Namespace {
-            step: nsinit::STEPS
-                .get(r.a as usize)
-                .copied()
-                .unwrap_or("unknown step"),
-            errno: r.b,
-        });
-    }
-    let criu_exit = decode_wait_status(record.a);
-    if criu_exit != Exit::Code(0) {
-        let _ = restored.kill();
-        restored.detached = true;
-        if let Some(r) = setup_failure {
-            let _ = inv.keep();
-            return Err(Error::Namespace {
-                step: nsinit::STEPS
-                    .get(r.a as usize)
-                    .copied()
-                    .unwrap_or("unknown step"),
-                errno: r.b,
-            });
-        }
-        return Err(inv.conclude(criu_exit).err().unwrap_or(Error::Criu {
-            action: "restore",
-            status: criu_exit.to_string(),
-            errors: Vec::new(),
-            log: pidfile.to_owned(),
-        }));
-    }
-    let ns_root = read_pidfile(pidfile)?;
-    drop(inv.conclude(criu_exit)?);
-    restored.ns_root = ns_root;
+    restored.ns_root = read_pidfile(pidfile)?;
+    drop(work);
     // The root is the init's only child now (criu is reaped); find its host pid.
-    let host = crate::proc::children(init_pid).into_iter().find(|&c| {
-        std::fs::read_to_string(format!("/proc/{c}/status"))
-            .ok()
-            .and_then(|s| crate::proc::status_inner_pid(&s))
-            == Some(ns_root)
-    });
+    let host = pf_os::proc::children(init_pid)
+        .into_iter()
+        .find(|&c| pf_os::proc::inner_pid(c) == Some(restored.ns_root));
     match host {
-        Some(root) if pid_state(root) == PidState::Alive => {
-            restored.root = root;
-            Ok(restored)
-        }
-        _ => {
-            let status = match restored.wait() {
-                Ok(exit) => exit.to_string(),
-                Err(_) => "gone".to_owned(),
-            };
-            restored.detached = true;
-            Err(Error::RestoredDied {
-                pid: ns_root,
-                status,
-            })
-        }
+        Some(root) if pid_state(root) == PidState::Alive => restored.root = root,
+        // It ran and exited already (its stdin at end of file, say): a success. The init has
+        // its status and stays our unreaped child until `wait`, so the init's pid stands for
+        // the tree and cannot be recycled meanwhile.
+        _ => tracing::debug!(
+            ns_pid = restored.ns_root,
+            "the restored root has already exited"
+        ),
     }
+    Ok(restored)
 }
 
-/// Read one record from the init; `Err(true)` on timeout, `Err(false)` on EOF.
-fn read_record(
-    restored: &mut Restored,
-    deadline: Duration,
-) -> std::result::Result<nsinit::Record, bool> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    use std::os::fd::AsFd as _;
-    let Some(init) = restored.init.as_mut() else {
-        return Err(false);
-    };
-    let end = Instant::now() + deadline;
+/// Wait (bounded by [`ZOMBIE_WAIT`] from `start`) while processes holding our pids are exiting
+/// or are zombies waiting to be reaped; fail on a live holder.
+fn wait_for_free_pids(pids: &[i32], start: Instant) -> Result<()> {
     loop {
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(true);
-        }
-        let timeout =
-            PollTimeout::try_from(left.min(Duration::from_secs(60))).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(init.report.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, timeout) {
-            Ok(0) => continue,
-            Ok(_) => break,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return Err(false),
-        }
-    }
-    let mut buf = [0u8; 12];
-    match init.report.read_exact(&mut buf) {
-        Ok(()) => Ok(nsinit::Record::decode(&buf)),
-        Err(_) => Err(false),
-    }
-}
-
-/// A raw `waitpid` status as [`Exit`].
-fn decode_wait_status(status: i32) -> Exit {
-    if libc::WIFEXITED(status) {
-        Exit::Code(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Exit::Signal(libc::WTERMSIG(status))
-    } else {
-        Exit::Code(-1)
-    }
-}
-
-/// Every pid and thread id in `pstree.img` (these must be free for a restore in our namespace).
-fn pstree_pids(images_dir: &Path) -> Result<Vec<i32>> {
-    let path = images_dir.join("pstree.img");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
-    parse_pstree(&bytes).ok_or_else(|| {
-        Error::io(
-            "parse",
-            &path,
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "not a criu pstree image"),
-        )
-    })
-}
-
-/// Parse `pstree.img`: magics, then `u32` length + `pstree_entry { pid=1 ppid=2 pgid=3 sid=4
-/// repeated threads=5 }` records. Returns pids and thread ids, root first, deduplicated.
-pub(crate) fn parse_pstree(img: &[u8]) -> Option<Vec<i32>> {
-    let u32_at = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(img.get(at..at + 4)?.try_into().ok()?))
-    };
-    if u32_at(0)? != IMG_COMMON_MAGIC || u32_at(4)? != PSTREE_MAGIC {
-        return None;
-    }
-    let mut pos = 8;
-    let mut out = Vec::new();
-    let mut push = |v: u64| {
-        if let Ok(v) = i32::try_from(v)
-            && !out.contains(&v)
-        {
-            out.push(v);
-        }
-    };
-    while pos < img.len() {
-        let len = u32_at(pos)? as usize;
-        pos += 4;
-        let msg = img.get(pos..pos.checked_add(len)?)?;
-        pos += len;
-        let mut at = 0;
-        while at < msg.len() {
-            let key = varint(msg, &mut at)?;
-            match (key >> 3, key & 7) {
-                (1, 0) | (5, 0) => push(varint(msg, &mut at)?),
-                (5, 2) => {
-                    let n = varint(msg, &mut at)? as usize;
-                    let end = at.checked_add(n)?;
-                    let packed = msg.get(at..end)?;
-                    let mut p = 0;
-                    while p < packed.len() {
-                        push(varint(packed, &mut p)?);
-                    }
-                    at = end;
-                }
-                (_, 0) => {
-                    varint(msg, &mut at)?;
-                }
-                (_, 2) => {
-                    let n = varint(msg, &mut at)? as usize;
-                    at = at.checked_add(n).filter(|&e| e <= msg.len())?;
-                }
-                (_, 1) => at += 8,
-                (_, 5) => at += 4,
-                _ => return None,
-            }
-        }
-    }
-    Some(out)
-}
-
-fn varint(buf: &[u8], at: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *buf.get(*at)?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// Wait (bounded) for zombies holding our pids to be reaped; fail on a live holder.
-fn wait_for_free_pids(pids: &[i32]) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let mut zombie = None;
+        let mut waiting = None;
         for &pid in pids {
             match pid_state(pid) {
                 PidState::Gone => {}
-                PidState::Alive => {
-                    let holder = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .map(|s| s.trim().to_owned())
-                        .unwrap_or_else(|_| "unknown".to_owned());
-                    return Err(Error::PidInUse { pid, holder });
+                // Killed and still tearing itself down (a dump without --leave-running killed
+                // it a moment ago): it is about to be a zombie.
+                PidState::Alive if pf_os::proc::has_ended(pid) => {
+                    let ppid = pf_os::proc::stat(pid).map_or(0, |s| s.ppid);
+                    waiting = Some((pid, ppid));
                 }
-                PidState::Zombie { ppid } => zombie = Some((pid, ppid)),
+                PidState::Alive => {
+                    return Err(Error::PidInUse {
+                        pid,
+                        holder: holder_of(pid),
+                    });
+                }
+                PidState::Zombie { ppid } => waiting = Some((pid, ppid)),
             }
         }
-        let Some((pid, ppid)) = zombie else {
+        let Some((pid, ppid)) = waiting else {
             return Ok(());
         };
         if start.elapsed() >= ZOMBIE_WAIT {
             return Err(Error::PidZombie {
                 pid,
                 ppid,
-                waited: ZOMBIE_WAIT,
+                waited: start.elapsed(),
             });
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -497,7 +365,9 @@ pub struct Restored {
 }
 
 impl Restored {
-    /// The root's pid as seen from this process's namespace.
+    /// The root's pid as seen from this process's namespace. With `new_pidns`, when the root
+    /// had already exited by the time criu was done, the namespace init's pid: the init holds
+    /// the root's status and stays unreaped (so its pid stays ours) until [`Restored::wait`].
     pub fn pid(&self) -> i32 {
         self.root
     }
@@ -517,7 +387,7 @@ impl Restored {
         if self.exit.is_some() {
             return Vec::new();
         }
-        crate::proc::tree(self.root)
+        pf_os::proc::tree(self.root)
     }
 
     /// Wait for the root to exit; its real exit status.
@@ -566,7 +436,7 @@ impl Restored {
                 while init.report.read_exact(&mut buf).is_ok() {
                     let r = nsinit::Record::decode(&buf);
                     if r.tag == nsinit::TAG_ROOT_DONE {
-                        got = Some(decode_wait_status(r.a));
+                        got = Some(Exit::from_wait_status(r.a));
                     }
                 }
                 got.unwrap_or(exit)
@@ -588,7 +458,7 @@ impl Restored {
             }
             None => {
                 // Root first (so it forks no more), then whatever is left below it.
-                let tree = crate::proc::tree(self.root);
+                let tree = pf_os::proc::tree(self.root);
                 for pid in tree {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
@@ -626,42 +496,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pstree_parses_a_real_image() {
-        // pstree.img from CRIU 4.1.1: one process 23655 (pid, ppid 0, pgid, sid, one thread).
-        let img = b"\x19\x43\x56\x54\x30\x30\x27\x50\x12\x00\x00\x00\x08\xe7\xb8\x01\
-\x10\x00\x18\xe7\xb8\x01\x20\xe7\xb8\x01\x28\xe7\xb8\x01";
-        assert_eq!(parse_pstree(img), Some(vec![23655]));
-        assert_eq!(parse_pstree(&img[..20]), None);
-        assert_eq!(parse_pstree(b"\0\0\0\0\x30\x30\x27\x50"), None);
-    }
-
-    #[test]
-    fn pstree_reads_packed_threads_and_many_entries() {
-        let mut img = b"\x19\x43\x56\x54\x30\x30\x27\x50".to_vec();
-        // pid 10, threads packed [10, 11]
-        let e1 = [0x08, 10, 0x10, 0, 0x2a, 2, 10, 11];
-        // pid 12, ppid 10, thread 12
-        let e2 = [0x08, 12, 0x10, 10, 0x28, 12];
-        for e in [&e1[..], &e2[..]] {
-            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
-            img.extend_from_slice(e);
-        }
-        assert_eq!(parse_pstree(&img), Some(vec![10, 11, 12]));
-    }
-
-    #[test]
-    fn wait_statuses_decode() {
-        assert_eq!(decode_wait_status(7 << 8), Exit::Code(7));
-        assert_eq!(decode_wait_status(9), Exit::Signal(9));
-    }
-
-    #[test]
     fn free_and_taken_pids() {
-        assert!(wait_for_free_pids(&[i32::MAX]).is_ok());
+        assert!(wait_for_free_pids(&[i32::MAX], Instant::now()).is_ok());
         let me = std::process::id() as i32;
-        assert!(matches!(
-            wait_for_free_pids(&[me]),
-            Err(Error::PidInUse { pid, .. }) if pid == me
-        ));
+        let err = wait_for_free_pids(&[me], Instant::now()).expect_err("we hold it");
+        assert!(matches!(&err, Error::PidInUse { pid, .. } if *pid == me), "{err:?}");
+        assert!(err.to_string().contains("state "), "says what holds it: {err}");
+    }
+
+    #[test]
+    fn a_zombie_holding_a_pid_is_waited_out() {
+        // A child that exits at once and is reaped 300 ms later, as a parent slow to reap is.
+        let mut child = std::process::Command::new("true")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id() as i32;
+        while pid_state(pid) == PidState::Alive {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let reaper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            child.wait().expect("reap")
+        });
+        let start = Instant::now();
+        wait_for_free_pids(&[pid], start).expect("free once reaped");
+        assert!(start.elapsed() >= Duration::from_millis(250));
+        assert!(reaper.join().expect("reaper").success());
+    }
+
+    #[test]
+    fn a_pid_clash_in_criu_log_is_recognised() {
+        let err = |lines: &[&str]| Error::Criu {
+            action: "restore",
+            status: "exit status 1".to_owned(),
+            errors: lines.iter().map(|l| (*l).to_owned()).collect(),
+            log: "/tmp/x/criu.log".into(),
+        };
+        let clash = err(&[
+            "Error (criu/cr-restore.c:1480): Can't fork for 1234: File exists",
+            "Error (criu/cr-restore.c:2610): Restoring FAILED.",
+        ]);
+        assert_eq!(pid_clash(&clash), Some(1234));
+        assert_eq!(pid_clash(&err(&["Error (x): Restoring FAILED."])), None);
+        assert_eq!(
+            pid_clash(&err(&["Error (x): Can't fork for 77: Operation not permitted"])),
+            None
+        );
     }
 }

@@ -9,21 +9,38 @@
 //! killed mid-dump, so once the target is gone criu gets [`TARGET_GONE_GRACE`] to exit by itself
 //! and is then SIGKILLed, and the failure carries the errors it logged.
 //!
-//! On success the work directory is removed. On failure it is kept and the error carries its log
-//! path and criu's `Error (…)` lines, minus the harmless `rlimit: Can't setup RLIMIT_NOFILE`
-//! that appears in every log on machines without CAP_SYS_RESOURCE.
+//! The work directory is `$TMPDIR/pf-criu-<action>-<our pid>-…`, `flock`ed while criu runs, so
+//! the one a pf killed mid-restore leaves is swept by the next run (`pf_os::scratch`). On success
+//! it is removed. On failure it is renamed `pf-criu-failed-<action>-…` and kept (only the
+//! [`FAILED_LOGS_KEPT`] newest stay), and the error carries its log path and criu's `Error (…)`
+//! lines, minus the harmless `rlimit: Can't setup RLIMIT_NOFILE` that appears in every log on
+//! machines without CAP_SYS_RESOURCE.
+//!
+//! A restore into a new PID namespace runs criu the same way, as the child of a small init of
+//! ours ([`Invocation::run_in_new_pidns`], `nsinit.rs`): same command line, work directory,
+//! deadline and errors.
 //!
 //! stdout and stderr go to files, not pipes, so there is no pipe to fill up and deadlock on.
 
 use std::ffi::{OsStr, OsString};
+use std::io::Read as _;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use pf_os::Exit;
+use pf_os::scratch::Scratch;
 
 use crate::criu::{Criu, Privilege};
 use crate::error::{Error, Result};
+use crate::nsinit;
+
+/// How many work directories of failed criu runs are kept (the newest).
+pub(crate) const FAILED_LOGS_KEPT: usize = 16;
+/// The name prefix of a kept work directory of a failed criu run.
+const FAILED_PREFIX: &str = "pf-criu-failed-";
 
 /// A prepared criu call: the full command line and its work directory.
 #[derive(Debug)]
@@ -33,7 +50,7 @@ pub(crate) struct Invocation {
     pub(crate) program: PathBuf,
     /// Arguments after the program.
     pub(crate) args: Vec<OsString>,
-    work: tempfile::TempDir,
+    work: Scratch,
     log: PathBuf,
     deadline: Duration,
     keep_fds: Vec<RawFd>,
@@ -57,12 +74,20 @@ impl Invocation {
         keep_fds: &[RawFd],
         deadline: Duration,
     ) -> Result<Self> {
-        use std::os::unix::fs::PermissionsExt as _;
-        let work = tempfile::Builder::new()
-            .prefix(&format!("pf-criu-{action}-"))
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir()
-            .map_err(|e| Error::io("create a work directory in", std::env::temp_dir(), e))?;
+        Self::new_in(&std::env::temp_dir(), criu, action, args, keep_fds, deadline)
+    }
+
+    /// [`Invocation::new`] with its work directory in `base`.
+    fn new_in(
+        base: &Path,
+        criu: &Criu,
+        action: &'static str,
+        args: Vec<OsString>,
+        keep_fds: &[RawFd],
+        deadline: Duration,
+    ) -> Result<Self> {
+        let work = pf_os::scratch::scratch_in(base, &format!("pf-criu-{action}-"))
+            .map_err(crate::capture::os_error)?;
         let log = work.path().join("criu.log");
         let mut argv: Vec<OsString> = Vec::new();
         let program = match criu.privilege {
@@ -122,7 +147,7 @@ impl Invocation {
 
     /// Run criu as our child and wait for it (within the deadline). On success, returns the
     /// work directory (removed when dropped) for files such as a pidfile.
-    pub(crate) fn run(self) -> Result<tempfile::TempDir> {
+    pub(crate) fn run(self) -> Result<Scratch> {
         let _span = tracing::debug_span!("criu", action = self.action).entered();
         let out = self.stdio_file(self.stdout_path())?;
         let err = self.stdio_file(self.stderr_path())?;
@@ -136,7 +161,7 @@ impl Invocation {
             })
             .stdout(out)
             .stderr(err);
-        crate::sys::only_these_fds(&mut cmd, self.keep_fds.clone());
+        pf_os::fd::only_these_fds(&mut cmd, self.keep_fds.clone());
         tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu");
         let child = cmd.spawn().map_err(|source| Error::Spawn {
             program: self.program.clone(),
@@ -148,12 +173,10 @@ impl Invocation {
             Stop::Kill
         };
         match wait_watching(child, self.deadline, self.target, TARGET_GONE_GRACE, stop) {
-            Ok(Waited::Exited(status)) => self.conclude(exit_of(status)),
+            Ok(Waited::Exited(status)) => self.conclude(Exit::from(status)),
             Ok(Waited::TargetGone) => {
                 // Its log says what it saw (`… was killed by 9 unexpectedly`).
-                self.conclude(crate::Exit::Signal(
-                    nix::sys::signal::Signal::SIGKILL as i32,
-                ))
+                self.conclude(Exit::Signal(nix::sys::signal::Signal::SIGKILL as i32))
             }
             Ok(Waited::Deadline) => Err(Error::Timeout {
                 action: self.action,
@@ -171,12 +194,85 @@ impl Invocation {
         std::fs::File::create(&path).map_err(|e| Error::io("create", path, e))
     }
 
+    /// Run criu as the child of a fresh init of ours, PID 1 of new PID + mount namespaces
+    /// (`nsinit.rs`; needs root), and wait for criu within the deadline. On success, returns the
+    /// work directory and the running init, which now waits for the restored root.
+    pub(crate) fn run_in_new_pidns(self, pidfile: &Path) -> Result<(Scratch, nsinit::Init)> {
+        let _span = tracing::debug_span!("criu", action = self.action, new_pidns = true).entered();
+        let stdout = self.stdio_file(self.stdout_path())?;
+        let stderr = self.stdio_file(self.stderr_path())?;
+        let plan = nsinit::InitPlan {
+            program: &self.program,
+            args: &self.args,
+            stdout: &stdout,
+            stderr: &stderr,
+            keep: &self.keep_fds,
+            pidfile,
+            stdin_is_ours: self.stdin_is_ours,
+        };
+        tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu in a new pid namespace");
+        let mut init = nsinit::spawn(&plan).map_err(|source| Error::Sys {
+            op: "starting an init in a new pid and mount namespace (needs root)",
+            source,
+        })?;
+        drop((stdout, stderr));
+        let kill_init = |init: &mut nsinit::Init| init.kill_and_reap();
+        let mut record = match read_record(&mut init.report, self.deadline) {
+            Ok(r) => r,
+            Err(timed_out) => {
+                kill_init(&mut init);
+                if timed_out {
+                    return Err(Error::Timeout {
+                        action: self.action,
+                        after: self.deadline,
+                        log: self.keep(),
+                    });
+                }
+                // The init died before criu was done, taking criu with it: nothing was restored.
+                return Err(self.failure(Exit::Signal(libc::SIGKILL)));
+            }
+        };
+        let mut setup_failure = None;
+        while record.tag == nsinit::TAG_FAILED {
+            setup_failure = Some(record);
+            match read_record(&mut init.report, Duration::from_secs(10)) {
+                Ok(r) => record = r,
+                Err(_) => break,
+            }
+        }
+        if record.tag != nsinit::TAG_CRIU_DONE || setup_failure.is_some() {
+            kill_init(&mut init);
+            let failed = setup_failure.unwrap_or(record);
+            let _ = self.keep();
+            return Err(Error::Namespace {
+                step: nsinit::STEPS
+                    .get(failed.a as usize)
+                    .copied()
+                    .unwrap_or("unknown step"),
+                errno: failed.b,
+            });
+        }
+        match self.conclude(Exit::from_wait_status(record.a)) {
+            Ok(work) => Ok((work, init)),
+            Err(e) => {
+                kill_init(&mut init);
+                Err(e)
+            }
+        }
+    }
+
     /// Turn criu's exit into a result: success hands back the work dir (removed on drop);
     /// failure keeps it and collects criu's error lines.
-    pub(crate) fn conclude(self, exit: crate::Exit) -> Result<tempfile::TempDir> {
-        if exit == crate::Exit::Code(0) {
+    pub(crate) fn conclude(self, exit: Exit) -> Result<Scratch> {
+        if exit == Exit::Code(0) {
             return Ok(self.work);
         }
+        Err(self.failure(exit))
+    }
+
+    /// The error for criu's failed `exit`, with the `Error (…)` lines of its log; the work
+    /// directory is kept.
+    fn failure(self, exit: Exit) -> Error {
         let mut errors = std::fs::read_to_string(&self.log)
             .map(|log| error_lines(&log))
             .unwrap_or_default();
@@ -191,19 +287,58 @@ impl Invocation {
         let action = self.action;
         let log = self.keep();
         tracing::debug!(action, %exit, ?errors, log = %log.display(), "criu failed");
-        Err(Error::Criu {
+        Error::Criu {
             action,
             status: exit.to_string(),
             errors,
             log,
-        })
+        }
     }
 
-    /// Keep the work directory; return the log's path.
+    /// Keep the work directory (renamed `pf-criu-failed-<action>-…`, only the
+    /// [`FAILED_LOGS_KEPT`] newest stay); return the log's path.
     pub(crate) fn keep(self) -> PathBuf {
-        let log = self.log;
-        let _ = self.work.keep();
-        log
+        let base = self.work.path().parent().map(Path::to_owned);
+        let name = self.log.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        let dir = self.work.keep_as(
+            &format!("{FAILED_PREFIX}{}-", self.action),
+            &format!("pf-criu-{}-", self.action),
+        );
+        if let Some(base) = base {
+            pf_os::scratch::keep_newest(&base, FAILED_PREFIX, FAILED_LOGS_KEPT);
+        }
+        dir.join(name)
+    }
+}
+
+/// Read one 12-byte record from the init's report pipe within `deadline`; `Err(true)` on
+/// timeout, `Err(false)` on end of file or a read error.
+pub(crate) fn read_record(
+    report: &mut std::fs::File,
+    deadline: Duration,
+) -> std::result::Result<nsinit::Record, bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd as _;
+    let end = Instant::now() + deadline;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(true);
+        }
+        let timeout =
+            PollTimeout::try_from(left.min(Duration::from_secs(60))).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(report.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Ok(0) => continue,
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return Err(false),
+        }
+    }
+    let mut buf = [0u8; 12];
+    match report.read_exact(&mut buf) {
+        Ok(()) => Ok(nsinit::Record::decode(&buf)),
+        Err(_) => Err(false),
     }
 }
 
@@ -237,16 +372,6 @@ pub(crate) fn stderr_reasons(stderr: &str) -> Vec<String> {
     let plain: Vec<&str> = lines.iter().copied().filter(|l| !timestamped(l)).collect();
     let chosen = if plain.is_empty() { lines } else { plain };
     chosen.into_iter().take(8).map(str::to_owned).collect()
-}
-
-/// The exit of a child as [`crate::Exit`].
-pub(crate) fn exit_of(status: ExitStatus) -> crate::Exit {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => crate::Exit::Code(code),
-        (None, Some(sig)) => crate::Exit::Signal(sig),
-        (None, None) => crate::Exit::Code(-1),
-    }
 }
 
 /// How long criu may go on after the process it dumps is gone. A dump without
@@ -336,7 +461,7 @@ fn wait_watching(
             break Waited::Deadline;
         }
         if let Some(target) = target
-            && crate::proc::has_ended(target)
+            && pf_os::proc::has_ended(target)
         {
             let since = *gone_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() >= grace {
@@ -382,7 +507,7 @@ pub(crate) fn output(program: &Path, args: &[&str], deadline: Duration) -> std::
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(Stdio::null());
-    crate::sys::only_these_fds(&mut cmd, Vec::new());
+    pf_os::fd::only_these_fds(&mut cmd, Vec::new());
     let child = cmd.spawn()?;
     match wait_with_deadline(child, deadline)? {
         Some(_) => {

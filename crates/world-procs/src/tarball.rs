@@ -228,16 +228,19 @@ pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &P
     use std::os::unix::fs::OpenOptionsExt as _;
     let unsafe_entry = |entry: &[u8], reason| Error::UnsafeTar {
         digest: *digest,
-        entry: String::from_utf8_lossy(entry).into_owned(),
+        entry: entry.escape_ascii().to_string(),
         reason,
     };
     let tar_err = |source: std::io::Error| match store_error(source) {
         Ok(store) => Error::store(format!("reading the images {digest}"), store),
         Err(source) => Error::Tar {
             digest: *digest,
-            source,
+            source: printable(source),
         },
     };
+    // Checked before each entry is written: a small blob can declare a huge file, and tmpfs
+    // fills memory.
+    let available = room_in(dest)?;
     let mut archive = tar::Archive::new(source);
     let (mut count, mut total) = (0usize, 0u64);
     // Large copies: 8 KiB ones cost one write syscall each, 130 000 for a 1 GiB dump.
@@ -258,6 +261,13 @@ pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &P
         total = total.saturating_add(entry.size());
         if total > MAX_TOTAL {
             return Err(unsafe_entry(&name, "takes the archive past 1 TiB"));
+        }
+        if total > available {
+            return Err(Error::NoRoom {
+                dir: dest.to_owned(),
+                needed: total,
+                available,
+            });
         }
         let name = std::str::from_utf8(&name)
             .map_err(|_| unsafe_entry(&name, "has a name that is not UTF-8"))?;
@@ -280,6 +290,24 @@ pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &P
     let mut rest = archive.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink()).map_err(tar_err)?;
     Ok(())
+}
+
+/// The bytes free for us in the file system holding `dir` (`statvfs`: available blocks times
+/// the fragment size).
+fn room_in(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
+    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+}
+
+/// `e` with its message made printable: tar's parse errors quote the bytes they met, and a
+/// garbage blob's bytes would reach the terminal raw.
+fn printable(e: std::io::Error) -> std::io::Error {
+    let text = e.to_string();
+    if text.chars().all(|c| !c.is_control()) {
+        return e;
+    }
+    let escaped: String = text.chars().flat_map(char::escape_debug).collect();
+    std::io::Error::new(e.kind(), escaped)
 }
 
 /// Buffer size for extraction copies.
@@ -524,5 +552,67 @@ mod tests {
         garbage[0] ^= 0xff;
         let (r, _p) = try_extract(garbage);
         assert!(matches!(r, Err(Error::Tar { .. })), "{r:?}");
+    }
+
+    /// The error chain as `pf` prints it.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cur = e.source();
+        while let Some(s) = cur {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            cur = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn garbage_bytes_are_escaped_in_errors() {
+        // A header of binary bytes, as a random blob's first 512 are: tar quotes the name
+        // field in its checksum error.
+        let mut garbage = raw_tar(b"a\x1b[2J\x07\x01b", tar::EntryType::Regular, b"1", b"");
+        garbage[148..156].copy_from_slice(b"\xff\x1b[2J\x07\x01z");
+        let (r, _p) = try_extract(garbage);
+        let err = r.expect_err("garbage");
+        let text = chain(&err);
+        assert!(
+            text.chars().all(|c| !c.is_control()),
+            "no raw control bytes: {text:?}"
+        );
+        let name = raw_tar(b"a\x1b[2Jb\xff.img", tar::EntryType::Regular, b"1", b"");
+        let (r, _p) = try_extract(name);
+        let text = chain(&r.expect_err("bad name"));
+        assert!(text.chars().all(|c| !c.is_control()), "{text:?}");
+    }
+
+    #[test]
+    fn refuses_images_larger_than_the_room_left() {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let free = room_in(parent.path()).expect("statvfs");
+        // A header declaring one byte more than the free space, and no body: the refusal must
+        // come before anything is written.
+        let mut h = tar::Header::new_ustar();
+        h.set_path("pages-1.img").expect("path");
+        h.set_size(free + 1);
+        h.set_mode(0o600);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.resize(4096, 0);
+        let (r, p) = try_extract(bytes);
+        match r {
+            Err(Error::NoRoom {
+                needed, available, ..
+            }) => {
+                assert_eq!(needed, free + 1);
+                assert!(available <= free + (1 << 20), "{available} vs {free}");
+            }
+            other => panic!("expected NoRoom, got {other:?}"),
+        }
+        assert_eq!(
+            std::fs::read_dir(p.path().join("images")).expect("ls").count(),
+            0,
+            "nothing written"
+        );
     }
 }

@@ -52,10 +52,11 @@ impl Drop for KillOnDrop {
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
-            match std::fs::read_to_string(format!("/proc/{}/stat", self.0)) {
-                Err(_) => return,
-                Ok(stat) if crate::proc::stat_state(&stat) == Some('Z') => return,
-                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            match pf_os::proc::pid_state(self.0) {
+                pf_os::proc::PidState::Alive => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                _ => return,
             }
         }
     }
@@ -64,7 +65,7 @@ impl Drop for KillOnDrop {
 /// Spawn `cmd` with every descriptor above 2 closed in the child (CRIU cannot dump a process
 /// holding a leaked descriptor it cannot resolve). Stdio is whatever `cmd` says.
 pub fn spawn_clean(cmd: &mut Command) -> std::io::Result<Child> {
-    crate::sys::only_these_fds(cmd, Vec::new());
+    pf_os::fd::only_these_fds(cmd, Vec::new());
     cmd.spawn()
 }
 
