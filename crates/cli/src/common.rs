@@ -44,6 +44,21 @@ pub(crate) fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore
     })
 }
 
+/// The digest `digest_or_name` stands for in `store`, or an error that says what a digest looks
+/// like and where the names are.
+pub(crate) fn resolve(
+    store: &dyn pf_core::BlobStore,
+    digest_or_name: &str,
+) -> anyhow::Result<pf_core::Digest256> {
+    store.resolve(digest_or_name).with_context(|| {
+        if digest_or_name.starts_with("sha256:") {
+            "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
+        } else {
+            format!("{digest_or_name:?} is neither a digest nor a name (see `pf store tags`)")
+        }
+    })
+}
+
 /// Log to stderr; `RUST_LOG` wins over `-v`.
 pub(crate) fn init_tracing(verbose: u8) {
     let default = match verbose {

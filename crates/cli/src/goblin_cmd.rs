@@ -608,11 +608,7 @@ fn stdio_json(streams: &pf_goblins::Streams) -> serde_json::Value {
 
 /// pf's exit code for a goblin's status: its code, or 128+N for signal N (as shells do).
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)),
-        (None, Some(sig)) => ExitCode::from(u8::try_from(128 + (sig & 0x7f)).unwrap_or(1)),
-        (None, None) => ExitCode::FAILURE,
-    }
+    ExitCode::from(pf_os::Exit::from(status).exit_code())
 }
 
 fn describe_status(status: std::process::ExitStatus) -> String {

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use pf_core::{BlobStore as _, Digest256, FsBlobStore};
+use pf_core::{BlobStore as _, FsBlobStore};
 use pf_world_procs::{CaptureOptions, CaptureProgress, ProcsBlob, RestoreOptions};
 
-use crate::common::{self, Global, progress_enabled};
+use crate::common::{self, Global, progress_enabled, resolve};
 
 /// Dumps at least this large show a progress bar while they stream into the store.
 const PROGRESS_MIN: u64 = 64 << 20;
@@ -150,15 +150,6 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
     }
 }
 
-fn resolve(store: &FsBlobStore, digest_or_name: &str) -> anyhow::Result<Digest256> {
-    store.resolve(digest_or_name).with_context(|| {
-        if digest_or_name.starts_with("sha256:") {
-            "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
-        } else {
-            format!("{digest_or_name:?} is neither a digest nor a name (see `pf store tags`)")
-        }
-    })
-}
 
 fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> {
     if let Some(name) = &args.tag {

@@ -227,22 +227,12 @@ fn restore_options(new_pidns: bool) -> pf_world_procs::RestoreOptions {
     }
 }
 
-/// A private (0700) directory for the images of a beam, removed when dropped.
-fn tempdir_for_images() -> anyhow::Result<tempfile::TempDir> {
-    let base = ["/dev/shm", "/tmp"]
-        .into_iter()
-        .map(std::path::Path::new)
-        .find(|p| p.is_dir())
-        .unwrap_or_else(|| std::path::Path::new("."));
-    tempfile::Builder::new()
-        .prefix("pf-beam-")
-        .tempdir_in(base)
-        .with_context(|| {
-            format!(
-                "creating a private directory for the images in {}",
-                base.display()
-            )
-        })
+/// A private (0700) directory for the images of a beam (`pf-beam-<pid>-…` on /dev/shm unless
+/// `$TMPDIR` says otherwise), locked while in use and removed when dropped; making it sweeps the
+/// ones a killed beam left (`pf_os::scratch`).
+fn tempdir_for_images() -> anyhow::Result<pf_os::scratch::Scratch> {
+    pf_os::scratch::images_dir("pf-beam-")
+        .context("creating a private directory for the images")
 }
 
 #[allow(clippy::print_stdout)]
@@ -269,8 +259,35 @@ fn with_tty_hint(err: pf_world_procs::Error) -> anyhow::Error {
 fn foreground(mut restored: pf_world_procs::Restored) -> anyhow::Result<ExitCode> {
     let _guard = crate::terminal::Foreground::give(restored.pid());
     let exit = restored.wait().context("waiting for the shell")?;
-    Ok(ExitCode::from(match exit {
-        pf_world_procs::Exit::Code(code) => u8::try_from(code & 0xff).unwrap_or(1),
-        pf_world_procs::Exit::Signal(sig) => u8::try_from(128 + (sig & 0x7f)).unwrap_or(1),
-    }))
+    Ok(ExitCode::from(exit.exit_code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_beams_images_are_swept_by_the_next_beam() {
+        // What a SIGKILLed beam leaves: `pf-beam-<its pid>-…` holding a dump, no lock.
+        let mut dead = std::process::Command::new("true")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn true");
+        let dead_pid = dead.id();
+        dead.wait().expect("reap");
+        let base = pf_os::scratch::images_base();
+        let left = base.join(format!("pf-beam-{dead_pid}-killed"));
+        std::fs::create_dir(&left).expect("mkdir");
+        std::fs::write(left.join("pages-1.img"), vec![0u8; 4096]).expect("write");
+        let dir = tempdir_for_images().expect("beam dir");
+        assert!(!left.exists(), "the killed beam's dump is swept");
+        let name = dir.path().file_name().and_then(|n| n.to_str()).expect("name");
+        assert!(
+            name.starts_with(&format!("pf-beam-{}-", std::process::id())),
+            "{name}"
+        );
+        let path = dir.path().to_owned();
+        drop(dir);
+        assert!(!path.exists());
+    }
 }

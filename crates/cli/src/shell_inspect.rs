@@ -13,37 +13,11 @@ pub(crate) struct Candidate {
     pub(crate) cmdline: String,
 }
 
-/// The fields of `/proc/PID/stat` that matter here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stat {
-    pub(crate) ppid: i32,
-    pub(crate) pgrp: i32,
-    pub(crate) session: i32,
-    pub(crate) tty_nr: u32,
-}
+use pf_os::proc::Stat;
 
-/// Parse `/proc/PID/stat`. The command name may hold spaces and parentheses, so fields are read
-/// after the last `)`.
-pub(crate) fn parse_stat(text: &str) -> Option<Stat> {
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let _state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    let session = fields.next()?.parse().ok()?;
-    let tty_nr = fields.next()?.parse::<i64>().ok()?;
-    Some(Stat {
-        ppid,
-        pgrp,
-        session,
-        tty_nr: u32::try_from(tty_nr).ok()?,
-    })
-}
-
+/// `/proc/PID/stat` of `pid` (parsed by pf-os).
 pub(crate) fn read_stat(pid: i32) -> anyhow::Result<Stat> {
-    let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).with_context(|| format!("no process {pid} ({path})"))?;
-    parse_stat(&text).with_context(|| format!("cannot parse {path}"))
+    pf_os::proc::stat(pid).with_context(|| format!("no process {pid} (/proc/{pid}/stat)"))
 }
 
 /// The device path of a `tty_nr`, when it is a pseudo-terminal slave (`/dev/pts/N`).
@@ -156,8 +130,9 @@ pub(crate) fn terminal_problem(pid: i32) -> anyhow::Result<Option<String>> {
     // a second pts fails the dump (`Only one slave external peer is allowed`, checked here).
     let links: Vec<String> = (0..3)
         .map(|fd| {
-            fs::read_link(format!("/proc/{pid}/fd/{fd}"))
-                .map(|l| l.to_string_lossy().into_owned())
+            pf_os::proc::fd_link(pid, fd)
+                .ok()
+                .flatten()
                 .unwrap_or_default()
         })
         .collect();
@@ -205,21 +180,6 @@ pub(crate) const NO_SID_HINT: &str = "CRIU could not find the session that owns 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stat_with_spaces_and_parens_in_name() {
-        let text = "4242 (my (odd) shell) S 4200 4242 4242 34816 4300 4194560 0 0";
-        assert_eq!(
-            parse_stat(text),
-            Some(Stat {
-                ppid: 4200,
-                pgrp: 4242,
-                session: 4242,
-                tty_nr: 34816
-            })
-        );
-        assert_eq!(parse_stat("garbage"), None);
-    }
 
     #[test]
     fn pts_device_numbers() {

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use pf_core::{BlobStore, Digest256, FsBlobStore, GcOptions};
 
-use crate::common::{self, Global, progress_enabled};
+use crate::common::{self, Global, progress_enabled, resolve};
 
 /// Inputs and outputs at least this large show progress (on a terminal).
 const PROGRESS_MIN: u64 = 64 << 20;
@@ -219,15 +219,6 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
     }
 }
 
-fn resolve(store: &dyn BlobStore, digest_or_name: &str) -> anyhow::Result<Digest256> {
-    store.resolve(digest_or_name).with_context(|| {
-        if digest_or_name.starts_with("sha256:") {
-            "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
-        } else {
-            format!("{digest_or_name:?} is neither a digest nor a name (see `pf store tags`)")
-        }
-    })
-}
 
 fn put(store: &FsBlobStore, args: &PutArgs) -> anyhow::Result<ExitCode> {
     if let Some(name) = &args.tag {

@@ -156,13 +156,7 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
 
 /// Whether `pid` is absent or a zombie (exited, not yet reaped: nothing left to freeze).
 fn is_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_none_or(|state| state == "Z"),
-    }
+    !matches!(pf_os::proc::pid_state(pid), pf_os::proc::PidState::Alive)
 }
 
 #[cfg(test)]

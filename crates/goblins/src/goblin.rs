@@ -7,7 +7,6 @@ use std::process::{Child, ExitStatus};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::sys;
 
 /// A running goblin and our ends of its stdin, stdout and stderr.
 ///
@@ -95,7 +94,7 @@ impl Goblin {
                     pid,
                     source: Box::new(source),
                 })?;
-                exit_status(code)
+                pf_os::Exit::to_status(code)
             }
             Process::Done(s) => *s,
         };
@@ -123,7 +122,7 @@ impl Goblin {
                     pid,
                     source: Box::new(source),
                 })?
-                .map(exit_status),
+                .map(pf_os::Exit::to_status),
             Process::Done(s) => Some(*s),
         };
         if let Some(s) = status {
@@ -215,7 +214,7 @@ impl Killer {
     /// Send `signal` (say `libc::SIGINT`) to the goblin's main process. A goblin that has
     /// already exited is not an error.
     pub fn signal(&self, signal: i32) -> Result<()> {
-        match sys::pidfd_send_signal(self.pidfd.as_fd(), signal) {
+        match pf_os::fd::pidfd_send_signal(self.pidfd.as_fd(), signal) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(e) => Err(Error::sys(format!("signal goblin {}", self.pid), e)),
@@ -230,12 +229,4 @@ fn kill_group(pgid: i32) {
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
-}
-
-/// An [`ExitStatus`] (a raw wait status) from world-procs' report of how a restored root ended.
-fn exit_status(exit: pf_world_procs::Exit) -> ExitStatus {
-    match exit {
-        pf_world_procs::Exit::Code(c) => ExitStatus::from_raw((c & 0xff) << 8),
-        pf_world_procs::Exit::Signal(s) => ExitStatus::from_raw(s & 0x7f),
-    }
 }

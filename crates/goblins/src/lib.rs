@@ -52,6 +52,7 @@ mod freeze;
 mod goblin;
 mod spawn;
 mod stdio;
+#[cfg(feature = "tokio")]
 mod sys;
 mod thaw;
 #[cfg(feature = "tokio")]

@@ -6,7 +6,6 @@ use std::process::Command;
 
 use crate::error::{Error, Result};
 use crate::goblin::{Goblin, Process};
-use crate::sys;
 
 /// How to start a goblin.
 #[derive(Debug, Clone)]
@@ -52,7 +51,7 @@ pub fn spawn(command: &[OsString], options: &SpawnOptions) -> Result<Goblin> {
             .stdin(stdin_r)
             .stdout(stdout_w)
             .stderr(stderr_w);
-        sys::make_goblin_child(&mut cmd);
+        pf_os::fd::new_session_only_stdio(&mut cmd);
         cmd.spawn().map_err(|source| Error::Spawn {
             program: program.to_string_lossy().into_owned(),
             source,
@@ -64,7 +63,7 @@ pub fn spawn(command: &[OsString], options: &SpawnOptions) -> Result<Goblin> {
             std::io::Error::other("pid out of range"),
         )
     })?;
-    let pidfd = match sys::pidfd_open(pid) {
+    let pidfd = match pf_os::fd::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
             let mut child = child;

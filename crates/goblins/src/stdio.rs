@@ -33,16 +33,10 @@ impl StdioKind {
         let Some(link) = link else {
             return StdioKind::Closed;
         };
-        let inode = |prefix: &str| {
-            link.strip_prefix(prefix)?
-                .strip_suffix(']')?
-                .parse::<u64>()
-                .ok()
-        };
-        if let Some(ino) = inode("pipe:[") {
+        if let Some(ino) = pf_os::proc::link_inode(link, "pipe") {
             return StdioKind::Pipe(ino);
         }
-        if let Some(ino) = inode("socket:[") {
+        if let Some(ino) = pf_os::proc::link_inode(link, "socket") {
             return StdioKind::Socket(ino);
         }
         let is_tty = link.starts_with("/dev/pts/")
@@ -82,20 +76,13 @@ pub(crate) const STREAMS: [&str; 3] = ["stdin", "stdout", "stderr"];
 impl Streams {
     /// Read `/proc/PID/fd/{0,1,2}`.
     pub(crate) fn of_pid(pid: i32) -> Result<Streams> {
-        let read = |fd: usize| -> Result<StdioKind> {
-            let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
-            match std::fs::read_link(&path) {
-                Ok(target) => Ok(StdioKind::from_link(Some(&target.to_string_lossy()))),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if std::fs::metadata(format!("/proc/{pid}")).is_err() {
-                        Err(Error::NoSuchProcess { pid })
-                    } else {
-                        Ok(StdioKind::Closed)
-                    }
-                }
+        let read = |fd: i32| -> Result<StdioKind> {
+            match pf_os::proc::fd_link(pid, fd) {
+                Ok(link) => Ok(StdioKind::from_link(link.as_deref())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NoSuchProcess { pid }),
                 Err(source) => Err(Error::Io {
                     op: "read",
-                    path,
+                    path: PathBuf::from(format!("/proc/{pid}/fd/{fd}")),
                     source,
                 }),
             }

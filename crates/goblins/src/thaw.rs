@@ -19,7 +19,6 @@ use crate::GOBLIN_LABEL;
 use crate::error::{Error, Result};
 use crate::goblin::{Goblin, Process};
 use crate::stdio::{Streams, pipe_key};
-use crate::sys;
 use crate::wire::GoblinMeta;
 
 /// A frozen goblin to thaw.
@@ -350,7 +349,7 @@ impl Loaded {
         let pid = restored.pid();
         // The root cannot have been reaped yet: its reaper is our child (the namespace's init)
         // or ourselves, and neither has waited for it.
-        let pidfd = sys::pidfd_open(pid)
+        let pidfd = pf_os::fd::pidfd_open(pid)
             .map_err(|e| Error::sys(format!("open a pidfd for goblin {pid}"), e))?;
         tracing::info!(pid, ns_pid = restored.ns_pid(), snapshot = %self.name, "thawed goblin");
         Ok(Goblin::new(
