@@ -859,4 +859,38 @@ fn live_goblin_spawns_racing_gc_leave_no_dangling_tag() {
         );
     }
     mark.assert_running(&[], "the thaws");
+#[test]
+fn live_a_goblin_that_exits_at_once_after_thaw_delivers_its_output() {
+    if !live("live_a_goblin_that_exits_at_once_after_thaw_delivers_its_output") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let out = spawn_goblin(&store, "catg", &["--quiet-ms", "200"], &["cat".to_owned()]);
+    ok(&out, "spawn cat");
+    // `echo hi | pf goblin thaw catg > out`: the input is all there, so cat writes it and
+    // exits at once, possibly before criu is done; that is a success with cat's status and
+    // every byte it wrote (it was `RestoredDied`, rc 1, out empty).
+    for (round, stdout_is_a_file) in [(0, true), (1, true), (2, false), (3, true)] {
+        let out_path = dir.path().join(format!("out{round}"));
+        let mut cmd = thaw_cmd(&store, "catg");
+        cmd.stdin(Stdio::piped()).stderr(Stdio::piped());
+        if stdout_is_a_file {
+            cmd.stdout(std::fs::File::create(&out_path).expect("out file"));
+        } else {
+            cmd.stdout(Stdio::piped());
+        }
+        let got = finish(cmd.spawn().expect("pf goblin thaw"), b"hi\n");
+        let printed = if stdout_is_a_file {
+            std::fs::read(&out_path).expect("read out")
+        } else {
+            got.stdout.clone()
+        };
+        assert_eq!(
+            (got.status.code(), text(&printed)),
+            (Some(0), "hi\n".to_owned()),
+            "round {round}: {}",
+            text(&got.stderr)
+        );
+    }
 }

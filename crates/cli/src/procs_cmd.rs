@@ -150,7 +150,6 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
     }
 }
 
-
 fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> {
     if let Some(name) = &args.tag {
         // Refuse a bad name before dumping (and, without --leave-running, killing) anything.

@@ -231,8 +231,7 @@ fn restore_options(new_pidns: bool) -> pf_world_procs::RestoreOptions {
 /// `$TMPDIR` says otherwise), locked while in use and removed when dropped; making it sweeps the
 /// ones a killed beam left (`pf_os::scratch`).
 fn tempdir_for_images() -> anyhow::Result<pf_os::scratch::Scratch> {
-    pf_os::scratch::images_dir("pf-beam-")
-        .context("creating a private directory for the images")
+    pf_os::scratch::images_dir("pf-beam-").context("creating a private directory for the images")
 }
 
 #[allow(clippy::print_stdout)]
@@ -281,7 +280,11 @@ mod tests {
         std::fs::write(left.join("pages-1.img"), vec![0u8; 4096]).expect("write");
         let dir = tempdir_for_images().expect("beam dir");
         assert!(!left.exists(), "the killed beam's dump is swept");
-        let name = dir.path().file_name().and_then(|n| n.to_str()).expect("name");
+        let name = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("name");
         assert!(
             name.starts_with(&format!("pf-beam-{}-", std::process::id())),
             "{name}"

@@ -219,7 +219,6 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
     }
 }
 
-
 fn put(store: &FsBlobStore, args: &PutArgs) -> anyhow::Result<ExitCode> {
     if let Some(name) = &args.tag {
         // Refuse a bad name before storing a GiB.

@@ -86,7 +86,12 @@ mod tests {
 
     #[test]
     fn converts_both_ways_and_to_pf_codes() {
-        for exit in [Exit::Code(0), Exit::Code(3), Exit::Code(255), Exit::Signal(9)] {
+        for exit in [
+            Exit::Code(0),
+            Exit::Code(3),
+            Exit::Code(255),
+            Exit::Signal(9),
+        ] {
             assert_eq!(Exit::from(exit.to_status()), exit);
         }
         assert_eq!(Exit::Code(3).exit_code(), 3);

@@ -175,7 +175,11 @@ pub fn keep_newest(base: &Path, prefix: &str, keep: usize) -> usize {
     let me = nix::unistd::geteuid().as_raw();
     let mut dirs: Vec<(i64, i64, OsString, PathBuf)> = entries
         .flatten()
-        .filter(|e| e.file_name().as_encoded_bytes().starts_with(prefix.as_bytes()))
+        .filter(|e| {
+            e.file_name()
+                .as_encoded_bytes()
+                .starts_with(prefix.as_bytes())
+        })
         .filter_map(|e| {
             let meta = std::fs::symlink_metadata(e.path()).ok()?;
             (meta.is_dir() && meta.uid() == me).then(|| {
@@ -246,8 +250,16 @@ mod tests {
         let d = scratch_in(&base, "pf-t-").expect("scratch");
         let kept = d.keep_as("pf-t-kept-", "pf-t-");
         assert!(kept.is_dir());
-        assert!(kept.file_name().and_then(|n| n.to_str()).expect("name").starts_with("pf-t-kept-"));
-        assert!(lock_dir(&kept, true).is_ok(), "a kept directory is unlocked");
+        assert!(
+            kept.file_name()
+                .and_then(|n| n.to_str())
+                .expect("name")
+                .starts_with("pf-t-kept-")
+        );
+        assert!(
+            lock_dir(&kept, true).is_ok(),
+            "a kept directory is unlocked"
+        );
         std::fs::remove_dir_all(&base).expect("clean");
     }
 
@@ -286,11 +298,18 @@ mod tests {
             let d = base.join(format!("pf-failed-{i}"));
             std::fs::create_dir(&d).expect("mkdir");
             let when = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000 + i);
-            File::open(&d).expect("open").set_modified(when).expect("mtime");
+            File::open(&d)
+                .expect("open")
+                .set_modified(when)
+                .expect("mtime");
         }
         std::fs::create_dir(base.join("other-0")).expect("mkdir");
         let held = lock_dir(&base.join("pf-failed-0"), false).expect("lock");
-        assert_eq!(keep_newest(&base, "pf-failed-", 3), 2, "the locked oldest stays");
+        assert_eq!(
+            keep_newest(&base, "pf-failed-", 3),
+            2,
+            "the locked oldest stays"
+        );
         let mut left: Vec<String> = std::fs::read_dir(&base)
             .expect("read")
             .flatten()
@@ -299,7 +318,13 @@ mod tests {
         left.sort();
         assert_eq!(
             left,
-            ["other-0", "pf-failed-0", "pf-failed-3", "pf-failed-4", "pf-failed-5"]
+            [
+                "other-0",
+                "pf-failed-0",
+                "pf-failed-3",
+                "pf-failed-4",
+                "pf-failed-5"
+            ]
         );
         drop(held);
         assert_eq!(keep_newest(&base, "pf-failed-", 3), 1);

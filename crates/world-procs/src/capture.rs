@@ -15,10 +15,10 @@ use pf_core::{BlobStore, Digest256};
 
 use crate::criu::{Criu, CriuVersion, Unavailable};
 use crate::error::{Error, Result};
-use pf_os::proc::{PidState, pid_state};
 use crate::runner::{Invocation, push_opt};
 use crate::tarball::ImagesTar;
 use crate::wire::{CriuProcs, DumpOptions, DumpStats, ProcsBlob};
+use pf_os::proc::{PidState, pid_state};
 
 /// How long one `criu dump` may take before it is killed.
 const DUMP_DEADLINE: Duration = Duration::from_secs(600);
@@ -236,7 +236,12 @@ fn dump_with(
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
     // Before the dump: afterwards (without leave_running) the tree is gone.
     let stdio = (0..3)
-        .map(|fd| pf_os::proc::fd_link(pid, fd).ok().flatten().unwrap_or_default())
+        .map(|fd| {
+            pf_os::proc::fd_link(pid, fd)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        })
         .collect();
     let pids = pf_os::proc::tree(pid);
     let mut args: Vec<OsString> = Vec::new();

@@ -145,17 +145,20 @@ pub fn restore_dir(images_dir: &Path, mut opts: RestoreOptions) -> Result<Restor
             // stops showing it): wait again, within the same bound, and try once more.
             Err(e) if pid_clash(&e).is_some() => {
                 let pid = pid_clash(&e).unwrap_or(0);
-                tracing::info!(pid, "criu found a pid still taken; waiting for it and retrying");
+                tracing::info!(
+                    pid,
+                    "criu found a pid still taken; waiting for it and retrying"
+                );
                 std::thread::sleep(Duration::from_millis(100));
                 wait_for_free_pids(&pids, start)?;
-                run_restore(criu, &images_dir, &opts, &inherit, &keep).map_err(|e| {
-                    match pid_clash(&e) {
-                        Some(pid) => Error::PidInUse {
-                            pid,
-                            holder: holder_of(pid),
-                        },
-                        None => e,
-                    }
+                run_restore(criu, &images_dir, &opts, &inherit, &keep).map_err(|e| match pid_clash(
+                    &e,
+                ) {
+                    Some(pid) => Error::PidInUse {
+                        pid,
+                        holder: holder_of(pid),
+                    },
+                    None => e,
                 })
             }
             other => other,
@@ -500,8 +503,14 @@ mod tests {
         assert!(wait_for_free_pids(&[i32::MAX], Instant::now()).is_ok());
         let me = std::process::id() as i32;
         let err = wait_for_free_pids(&[me], Instant::now()).expect_err("we hold it");
-        assert!(matches!(&err, Error::PidInUse { pid, .. } if *pid == me), "{err:?}");
-        assert!(err.to_string().contains("state "), "says what holds it: {err}");
+        assert!(
+            matches!(&err, Error::PidInUse { pid, .. } if *pid == me),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("state "),
+            "says what holds it: {err}"
+        );
     }
 
     #[test]
@@ -540,7 +549,9 @@ mod tests {
         assert_eq!(pid_clash(&clash), Some(1234));
         assert_eq!(pid_clash(&err(&["Error (x): Restoring FAILED."])), None);
         assert_eq!(
-            pid_clash(&err(&["Error (x): Can't fork for 77: Operation not permitted"])),
+            pid_clash(&err(&[
+                "Error (x): Can't fork for 77: Operation not permitted"
+            ])),
             None
         );
     }

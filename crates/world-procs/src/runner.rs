@@ -74,7 +74,14 @@ impl Invocation {
         keep_fds: &[RawFd],
         deadline: Duration,
     ) -> Result<Self> {
-        Self::new_in(&std::env::temp_dir(), criu, action, args, keep_fds, deadline)
+        Self::new_in(
+            &std::env::temp_dir(),
+            criu,
+            action,
+            args,
+            keep_fds,
+            deadline,
+        )
     }
 
     /// [`Invocation::new`] with its work directory in `base`.
@@ -299,7 +306,11 @@ impl Invocation {
     /// [`FAILED_LOGS_KEPT`] newest stay); return the log's path.
     pub(crate) fn keep(self) -> PathBuf {
         let base = self.work.path().parent().map(Path::to_owned);
-        let name = self.log.file_name().map(|n| n.to_owned()).unwrap_or_default();
+        let name = self
+            .log
+            .file_name()
+            .map(|n| n.to_owned())
+            .unwrap_or_default();
         let dir = self.work.keep_as(
             &format!("{FAILED_PREFIX}{}-", self.action),
             &format!("pf-criu-{}-", self.action),
@@ -652,6 +663,102 @@ setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
         .expect("wait");
         assert!(matches!(got, Waited::Deadline), "{got:?}");
         assert!(mark.exists(), "SIGTERM first");
+    }
+
+    fn fake_criu(dir: &Path, script: &str) -> Criu {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("criu");
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write fake criu");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Criu {
+            path,
+            version: crate::criu::CriuVersion {
+                major: 4,
+                minor: 2,
+                sublevel: 1,
+            },
+            privilege: Privilege::Root,
+        }
+    }
+
+    fn names(base: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(base)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn failed_runs_keep_only_the_newest_logs() {
+        // A non-root `criu check` fails on every run: its logs must not pile up.
+        let bin = tempfile::tempdir().expect("tempdir");
+        let base = tempfile::tempdir().expect("tempdir");
+        let criu = fake_criu(bin.path(), "echo 'Error (x): no' >&2; exit 1");
+        let mut logs = Vec::new();
+        for _ in 0..FAILED_LOGS_KEPT + 4 {
+            let inv = Invocation::new_in(
+                base.path(),
+                &criu,
+                "check",
+                Vec::new(),
+                &[],
+                Duration::from_secs(10),
+            )
+            .expect("invocation");
+            match inv.run() {
+                Err(Error::Criu { log, .. }) => logs.push(log),
+                other => panic!("expected a criu failure: {other:?}"),
+            }
+        }
+        let left = names(base.path());
+        assert_eq!(left.len(), FAILED_LOGS_KEPT, "{left:?}");
+        assert!(
+            left.iter().all(|n| n.starts_with("pf-criu-failed-check-")),
+            "{left:?}"
+        );
+        let newest = logs.last().expect("a log");
+        assert!(
+            newest.parent().is_some_and(Path::is_dir),
+            "the newest log stays: {newest:?}"
+        );
+        assert!(
+            logs[0].parent().is_some_and(|p| !p.exists()),
+            "the oldest is gone"
+        );
+    }
+
+    #[test]
+    fn a_killed_runs_work_dir_is_swept_and_a_good_run_leaves_nothing() {
+        let bin = tempfile::tempdir().expect("tempdir");
+        let base = tempfile::tempdir().expect("tempdir");
+        // What a pf SIGKILLed during `criu restore` leaves: its unlocked work dir.
+        let mut dead = Command::new("true")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn true");
+        let dead_pid = dead.id();
+        dead.wait().expect("reap");
+        let left = base
+            .path()
+            .join(format!("pf-criu-restore-{dead_pid}-abcdef"));
+        std::fs::create_dir(&left).expect("mkdir");
+        std::fs::write(left.join("criu.log"), b"x").expect("write");
+        let criu = fake_criu(bin.path(), "exit 0");
+        let inv = Invocation::new_in(
+            base.path(),
+            &criu,
+            "restore",
+            Vec::new(),
+            &[],
+            Duration::from_secs(10),
+        )
+        .expect("invocation");
+        assert!(!left.exists(), "the killed run's work dir is swept");
+        drop(inv.run().expect("fake restore succeeds"));
+        assert!(names(base.path()).is_empty(), "{:?}", names(base.path()));
     }
 
     #[test]

@@ -610,7 +610,9 @@ mod tests {
             other => panic!("expected NoRoom, got {other:?}"),
         }
         assert_eq!(
-            std::fs::read_dir(p.path().join("images")).expect("ls").count(),
+            std::fs::read_dir(p.path().join("images"))
+                .expect("ls")
+                .count(),
             0,
             "nothing written"
         );
