@@ -118,25 +118,14 @@ impl Drop for Guard {
 
 /// Every descendant of `pid` (host pids), found through `/proc/<pid>/task/*/children`.
 fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut todo = vec![pid];
-    while let Some(p) = todo.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Ok(text) = std::fs::read_to_string(task.path().join("children")) else {
-                continue;
-            };
-            for kid in text.split_whitespace().filter_map(|s| s.parse().ok()) {
-                if !out.contains(&kid) {
-                    out.push(kid);
-                    todo.push(kid);
-                }
-            }
-        }
-    }
-    out
+    let Ok(pid) = i32::try_from(pid) else {
+        return Vec::new();
+    };
+    pf_os::proc::tree(pid)
+        .into_iter()
+        .skip(1)
+        .filter_map(|p| u32::try_from(p).ok())
+        .collect()
 }
 
 /// SIGKILL `pid`'s descendants (not `pid` itself), all found before any is killed.
@@ -298,12 +287,10 @@ impl Goblin {
 /// The inode of the pipe at `/proc/<pid>/fd/<fd>`.
 fn pipe_inode(pid: u32, fd: usize) -> anyhow::Result<u64> {
     let link = format!("/proc/{pid}/fd/{fd}");
-    let target = std::fs::read_link(&link).with_context(|| format!("cannot read {link}"))?;
-    let target = target.to_string_lossy();
-    target
-        .strip_prefix("pipe:[")
-        .and_then(|s| s.strip_suffix(']'))
-        .and_then(|s| s.parse().ok())
+    let target = pf_os::proc::fd_link(i32::try_from(pid)?, i32::try_from(fd)?)
+        .with_context(|| format!("cannot read {link}"))?
+        .with_context(|| format!("{link} is not open"))?;
+    pf_os::proc::link_inode(&target, "pipe")
         .with_context(|| format!("{link} is {target}, not a pipe"))
 }
 
@@ -437,8 +424,10 @@ mod tests {
         drop(guard);
         // The sleep was sh's child: killed, and reaped by init (not ours to reap).
         let gone = |pid: u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map_or(true, |s| s.contains(") Z "))
+            !matches!(
+                pf_os::proc::pid_state(pid as i32),
+                pf_os::proc::PidState::Alive
+            )
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(gone(sleep) && gone(sh)) && Instant::now() < deadline {
