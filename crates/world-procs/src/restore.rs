@@ -179,7 +179,7 @@ fn run_restore(
     keep: &[RawFd],
 ) -> Result<Restored> {
     let mut args: Vec<OsString> = Vec::new();
-    push_opt(&mut args, "--images-dir", &images_dir);
+    push_opt(&mut args, "--images-dir", images_dir);
     args.push("--restore-detached".into());
     args.push("--restore-sibling".into());
     if opts.shell_job {

@@ -296,7 +296,10 @@ pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &P
 /// the fragment size).
 fn room_in(dir: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
-    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    // The field types differ between libc targets (u32 on some).
+    #[allow(clippy::useless_conversion)]
+    let room = u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+    Ok(room)
 }
 
 /// `e` with its message made printable: tar's parse errors quote the bytes they met, and a
