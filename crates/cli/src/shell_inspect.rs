@@ -128,14 +128,7 @@ pub(crate) fn terminal_problem(pid: i32) -> anyhow::Result<Option<String>> {
     }
     // Its standard streams must be on that terminal: CRIU takes one terminal per shell job, and
     // a second pts fails the dump (`Only one slave external peer is allowed`, checked here).
-    let links: Vec<String> = (0..3)
-        .map(|fd| {
-            pf_os::proc::fd_link(pid, fd)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        })
-        .collect();
+    let links = pf_os::proc::stdio_links(pid);
     if let Some((fd, other)) = foreign_pts(&pts, &links) {
         return Ok(Some(format!(
             "process {pid}'s fd {fd} is {other}, a terminal other than its controlling terminal \

@@ -83,21 +83,26 @@ pub fn mark_all_cloexec_from(first: RawFd) {
     if rc == 0 {
         return;
     }
+    for fd in first as RawFd..fd_limit() {
+        // SAFETY: fcntl on an integer fd; EBADF for closed ones is ignored.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+}
+
+/// One past the highest descriptor number that can be open: the soft `RLIMIT_NOFILE` (at most
+/// 2^20), or 1024 when it cannot be read. Async-signal-safe.
+fn fd_limit() -> RawFd {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we own.
-    let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
         lim.rlim_cur.min(1 << 20) as RawFd
     } else {
         1024
-    };
-    for fd in first as RawFd..max {
-        // SAFETY: fcntl on an integer fd; EBADF for closed ones is ignored.
-        unsafe {
-            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-        }
     }
 }
 
@@ -121,17 +126,7 @@ pub fn close_all_but(a: RawFd, b: RawFd) {
         if rc == 0 {
             return;
         }
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit writes into the struct we own.
-        let max = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-            lim.rlim_cur.min(1 << 20) as RawFd
-        } else {
-            1024
-        };
-        for fd in first..=last.min(max) {
+        for fd in first..=last.min(fd_limit()) {
             // SAFETY: as above; EBADF for closed ones is ignored.
             unsafe {
                 libc::close(fd);

@@ -204,6 +204,13 @@ pub fn fd_link(pid: i32, fd: i32) -> io::Result<Option<String>> {
     }
 }
 
+/// The link targets of `pid`'s fds 0, 1 and 2, each empty when it cannot be read.
+pub fn stdio_links(pid: i32) -> Vec<String> {
+    (0..3)
+        .map(|fd| fd_link(pid, fd).ok().flatten().unwrap_or_default())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +284,8 @@ mod tests {
         let open = fd_link(me, 0).expect("fd 0").is_some() || fd_link(me, 1).expect("1").is_some();
         assert!(open);
         assert_eq!(fd_link(me, 1 << 20).expect("closed fd"), None);
+        assert_eq!(stdio_links(me).len(), 3);
+        assert_eq!(stdio_links(i32::MAX), ["", "", ""]);
         let err = fd_link(i32::MAX, 0).expect_err("no such process");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         assert_eq!(pid_state(i32::MAX), PidState::Gone);

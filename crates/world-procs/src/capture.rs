@@ -235,14 +235,7 @@ fn dump_with(
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
     // Before the dump: afterwards (without leave_running) the tree is gone.
-    let stdio = (0..3)
-        .map(|fd| {
-            pf_os::proc::fd_link(pid, fd)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        })
-        .collect();
+    let stdio = pf_os::proc::stdio_links(pid);
     let pids = pf_os::proc::tree(pid);
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--tree", pid.to_string());
