@@ -138,31 +138,9 @@ pub fn restore_dir(images_dir: &Path, mut opts: RestoreOptions) -> Result<Restor
             what: "the process tree (pstree.img)",
             source,
         })?;
-        let start = Instant::now();
-        wait_for_free_pids(&pids, start)?;
-        match run_restore(criu, &images_dir, &opts, &inherit, &keep) {
-            // A pid that looked free was not yet (the kernel frees a pid a moment after /proc
-            // stops showing it): wait again, within the same bound, and try once more.
-            Err(e) if pid_clash(&e).is_some() => {
-                let pid = pid_clash(&e).unwrap_or(0);
-                tracing::info!(
-                    pid,
-                    "criu found a pid still taken; waiting for it and retrying"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-                wait_for_free_pids(&pids, start)?;
-                run_restore(criu, &images_dir, &opts, &inherit, &keep).map_err(|e| match pid_clash(
-                    &e,
-                ) {
-                    Some(pid) => Error::PidInUse {
-                        pid,
-                        holder: holder_of(pid),
-                    },
-                    None => e,
-                })
-            }
-            other => other,
-        }
+        retry_on_pid_clash(&pids, || {
+            run_restore(criu, &images_dir, &opts, &inherit, &keep)
+        })
     };
     drop(inherit);
     let restored = restored?;
@@ -206,6 +184,34 @@ fn run_restore(
         restore_in_new_pidns(inv, &pidfile)
     } else {
         restore_here(inv, &pidfile)
+    }
+}
+
+/// Run `attempt` (a `criu restore` in our pid namespace of a tree with `pids`) once the pids are
+/// free, waiting (bounded) for the processes holding them to exit and be reaped. When criu still
+/// meets a taken pid (the kernel frees a pid a moment after /proc stops showing it, and an
+/// exiting process can take a while), wait again within the same bound and try once more; a
+/// second clash names the process holding the pid.
+fn retry_on_pid_clash<T>(pids: &[i32], mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let start = Instant::now();
+    wait_for_free_pids(pids, start)?;
+    match attempt() {
+        Err(e) if let Some(pid) = pid_clash(&e) => {
+            tracing::info!(
+                pid,
+                "criu found a pid still taken; waiting for it and retrying"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            wait_for_free_pids(pids, start)?;
+            attempt().map_err(|e| match pid_clash(&e) {
+                Some(pid) => Error::PidInUse {
+                    pid,
+                    holder: holder_of(pid),
+                },
+                None => e,
+            })
+        }
+        other => other,
     }
 }
 
@@ -532,6 +538,58 @@ mod tests {
         wait_for_free_pids(&[pid], start).expect("free once reaped");
         assert!(start.elapsed() >= Duration::from_millis(250));
         assert!(reaper.join().expect("reaper").success());
+    }
+
+    #[test]
+    fn a_pid_clash_is_retried_once_then_names_the_holder() {
+        let clash = || Error::Criu {
+            action: "restore",
+            status: "exit status 1".to_owned(),
+            errors: vec!["Error (criu/cr-restore.c:1480): Can't fork for 4242: File exists".into()],
+            log: "/tmp/x/criu.log".into(),
+        };
+        let mut calls = 0;
+        let got = retry_on_pid_clash(&[i32::MAX], || {
+            calls += 1;
+            if calls == 1 { Err(clash()) } else { Ok(7) }
+        });
+        assert_eq!((got.ok(), calls), (Some(7), 2), "retried after a clash");
+
+        let me = std::process::id() as i32;
+        let mut calls = 0;
+        let err = retry_on_pid_clash(&[i32::MAX], || {
+            calls += 1;
+            Err::<(), _>(Error::Criu {
+                action: "restore",
+                status: "exit status 1".to_owned(),
+                errors: vec![format!("Error (x): Can't fork for {me}: File exists")],
+                log: "/tmp/x/criu.log".into(),
+            })
+        })
+        .expect_err("clashes twice");
+        assert_eq!(calls, 2);
+        assert!(
+            matches!(&err, Error::PidInUse { pid, .. } if *pid == me),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("state "),
+            "names the holder: {err}"
+        );
+
+        let mut calls = 0;
+        let err = retry_on_pid_clash(&[i32::MAX], || {
+            calls += 1;
+            Err::<(), _>(Error::Criu {
+                action: "restore",
+                status: "exit status 1".to_owned(),
+                errors: vec!["Error (x): Restoring FAILED.".into()],
+                log: "/tmp/x/criu.log".into(),
+            })
+        })
+        .expect_err("another failure");
+        assert_eq!(calls, 1, "other failures are not retried");
+        assert!(matches!(err, Error::Criu { .. }));
     }
 
     #[test]

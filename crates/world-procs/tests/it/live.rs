@@ -244,3 +244,39 @@ fn live_capture_of_missing_or_dying_pid_stores_nothing() {
     assert_eq!(store.list().expect("list"), vec![], "no blob was stored");
     assert_eq!(store.names().expect("names"), vec![]);
 }
+
+#[test]
+fn live_a_restore_right_after_the_original_dies_waits_for_its_pids() {
+    if !live("live_a_restore_right_after_the_original_dies_waits_for_its_pids") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_a_restore_right_after_the_original_dies_waits_for_its_pids",
+        LIMIT,
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FsBlobStore::open(&dir.path().join("store")).expect("store");
+    let (mut child, out) = spawn_counter(dir.path(), Mode::Lines);
+    let pid = child.id() as i32;
+    deadline.watch(pid);
+    let _kill = KillOnDrop(pid);
+    assert!(all_counted_past(&out, 5), "the tree never counted");
+    let kid = children(pid)[0];
+    let _kill_kid = KillOnDrop(kid);
+    // The dump kills the tree; its root stays a zombie of ours until we reap it, 700 ms later,
+    // as a slow parent would (`Can't fork for PID: File exists` when criu runs meanwhile).
+    let captured = capture(&store, pid, &capture_opts(false)).expect("capture");
+    let reaper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        child.wait().expect("reap")
+    });
+    let start = std::time::Instant::now();
+    let mut restored = restore(&store, &captured.procs, restore_opts(false))
+        .expect("the restore waits for the pids to be free");
+    deadline.watch(restored.pid());
+    assert!(start.elapsed() >= Duration::from_millis(600), "it waited");
+    assert_eq!(restored.pid(), pid, "the same pid back");
+    assert!(!reaper.join().expect("reaper").success());
+    restored.kill().expect("kill");
+    assert_eq!(restored.wait().expect("wait"), Exit::Signal(9));
+}
