@@ -342,12 +342,8 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
             }
             if got == root {
                 report(ctx.report, TAG_ROOT_DONE, status, 0);
-                let code = if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else {
-                    128 + libc::WTERMSIG(status)
-                };
-                libc::_exit(code);
+                // Plain arithmetic on the status: async-signal-safe.
+                libc::_exit(i32::from(pf_os::Exit::from_wait_status(status).exit_code()));
             }
             if got < 0 && errno() != libc::EINTR {
                 fail(ctx, 5);
