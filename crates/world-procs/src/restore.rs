@@ -3,8 +3,10 @@
 //!
 //! In the host pid namespace, `criu restore -d -S` makes the restored root a child of this
 //! process, so [`Restored::wait`] gets its real exit status. The tree needs its original pids:
-//! a zombie holding one is waited out (bounded), a live holder is an error that suggests
-//! `new_pidns`. With `new_pidns`, the tree is restored inside fresh PID + mount namespaces under a
+//! a process holding one that is exiting or a zombie is waited out (bounded), a live holder is
+//! an error that suggests `new_pidns`, and a pid criu still finds taken is waited for and retried
+//! once before the error names its holder. A root that ran and exited before criu was done is a
+//! success: the caller collects its status with [`Restored::wait`]. With `new_pidns`, the tree is restored inside fresh PID + mount namespaces under a
 //! small init of ours (see `nsinit.rs`), beside anything holding the same pids.
 
 use std::ffi::OsString;
