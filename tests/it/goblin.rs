@@ -894,3 +894,45 @@ fn live_a_goblin_that_exits_at_once_after_thaw_delivers_its_output() {
         );
     }
 }
+
+#[test]
+fn live_what_a_killed_pf_left_in_tmpdir_is_swept_by_the_next_thaw() {
+    if !live("live_what_a_killed_pf_left_in_tmpdir_is_swept_by_the_next_thaw") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir tmp");
+    let out = spawn_goblin(&store, "catg", &["--quiet-ms", "200"], &["cat".to_owned()]);
+    ok(&out, "spawn cat");
+    // What a pf SIGKILLed (or SIGTERMed) during `criu restore` leaves: criu's work dir and the
+    // extracted images, named after its pid, unlocked.
+    let mut dead = Command::new("true")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn true");
+    let dead_pid = dead.id();
+    dead.wait().expect("reap");
+    let left = [
+        tmp.join(format!("pf-criu-restore-{dead_pid}-abcdef")),
+        tmp.join(format!("pf-restore-{dead_pid}-abcdef")),
+    ];
+    for d in &left {
+        std::fs::create_dir(d).expect("mkdir");
+        std::fs::write(d.join("criu.log"), b"x").expect("write");
+    }
+    let mut cmd = thaw_cmd(&store, "catg");
+    cmd.env("TMPDIR", &tmp);
+    let got = run(cmd, b"hi\n");
+    assert_eq!(ok(&got, "thaw"), "hi\n");
+    for d in &left {
+        assert!(!d.exists(), "{} is swept", d.display());
+    }
+    let rest: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("ls tmp")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(rest.is_empty(), "a good thaw leaves nothing: {rest:?}");
+}
