@@ -166,9 +166,13 @@ fn parse_pstree(img: &[u8]) -> Result<Vec<i32>, ParseError> {
         return Err((4, "not a pstree image (bad magic)"));
     }
     let mut out: Vec<i32> = Vec::new();
-    let mut push = |at: usize, v: u64| -> Result<(), ParseError> {
-        let v = i32::try_from(v).map_err(|_| (at, "pid out of range"))?;
-        if !out.contains(&v) {
+    // A zombie's entry carries a meaningless thread id (CRIU 4.2.1 wrote 3280913872 for a
+    // `sleep` that had just exited): numbers no pid can be are skipped, not errors.
+    let mut push = |_at: usize, v: u64| -> Result<(), ParseError> {
+        if let Ok(v) = i32::try_from(v)
+            && v > 0
+            && !out.contains(&v)
+        {
             out.push(v);
         }
         Ok(())
@@ -374,6 +378,15 @@ mod tests {
             img.extend_from_slice(e);
         }
         assert_eq!(parse_pstree(&img), Ok(vec![10, 11, 12]));
+    }
+
+    #[test]
+    fn pstree_skips_a_zombies_meaningless_thread_id() {
+        // Written by CRIU 4.2.1 for `sh` (15877) whose `sleep` child (7966) had just exited.
+        let img = b"\x19\x43\x56\x54\x30\x30\x27\x50\x0e\x00\x00\x00\x08\x85\x3e\x10\
+\x00\x18\x85\x3e\x20\x85\x3e\x28\x85\x3e\x12\x00\x00\x00\x08\x9e\x3e\x10\x85\x3e\x18\x85\
+\x3e\x20\x85\x3e\x28\xd0\x8b\xbb\x9c\x0c";
+        assert_eq!(parse_pstree(img), Ok(vec![7941, 7966]));
     }
 
     /// The bytes of a real `pipes-data.img` written by CRIU 4.1.1 for a process whose stdin
