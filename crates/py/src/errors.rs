@@ -54,9 +54,11 @@ fn procs_class(err: &pf_world_procs::Error) -> Class {
         E::ExitedDuringDump { .. } => Class::named("NoSuchProcess"),
         E::PidInUse { .. } | E::PidZombie { .. } => Class::named("PidInUse"),
         E::Store { source, .. } => core_class(source),
-        E::NotProcs { .. } | E::Unsupported { .. } | E::UnsafeTar { .. } | E::Tar { .. } => {
-            Class::named("InvalidSnapshot")
-        }
+        E::NotProcs { .. }
+        | E::Unsupported { .. }
+        | E::UnsafeTar { .. }
+        | E::Tar { .. }
+        | E::Image { .. } => Class::named("InvalidSnapshot"),
         _ => Class::named("Error"),
     }
 }
