@@ -284,10 +284,14 @@ mod tests {
         assert!(ours.exists() && other.exists() && odd.exists());
         assert!(held.exists(), "a locked directory is in use");
         drop(lock);
-        // Making a new one sweeps too.
-        let fresh = scratch_in(&base, "pf-x-").expect("scratch");
+        // Making a new one sweeps too. (A child another test thread forks at this moment holds
+        // a copy of the lock's descriptor until its exec: try again for a moment.)
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while held.exists() && std::time::Instant::now() < end {
+            drop(scratch_in(&base, "pf-x-").expect("scratch"));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         assert!(!held.exists());
-        drop(fresh);
         std::fs::remove_dir_all(&base).expect("clean");
     }
 
