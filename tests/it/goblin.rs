@@ -908,12 +908,7 @@ fn live_what_a_killed_pf_left_in_tmpdir_is_swept_by_the_next_thaw() {
     ok(&out, "spawn cat");
     // What a pf SIGKILLed (or SIGTERMed) during `criu restore` leaves: criu's work dir and the
     // extracted images, named after its pid, unlocked.
-    let mut dead = Command::new("true")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn true");
-    let dead_pid = dead.id();
-    dead.wait().expect("reap");
+    let dead_pid = pf_world_procs::test_support::dead_pid();
     let left = [
         tmp.join(format!("pf-criu-restore-{dead_pid}-abcdef")),
         tmp.join(format!("pf-restore-{dead_pid}-abcdef")),

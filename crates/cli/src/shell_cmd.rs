@@ -268,12 +268,7 @@ mod tests {
     #[test]
     fn a_killed_beams_images_are_swept_by_the_next_beam() {
         // What a SIGKILLed beam leaves: `pf-beam-<its pid>-…` holding a dump, no lock.
-        let mut dead = std::process::Command::new("true")
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn true");
-        let dead_pid = dead.id();
-        dead.wait().expect("reap");
+        let dead_pid = pf_world_procs::test_support::dead_pid();
         let base = pf_os::scratch::images_base();
         let left = base.join(format!("pf-beam-{dead_pid}-killed"));
         std::fs::create_dir(&left).expect("mkdir");

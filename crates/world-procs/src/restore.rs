@@ -542,13 +542,22 @@ mod tests {
         assert!(reaper.join().expect("reaper").success());
     }
 
-    #[test]
-    fn a_pid_clash_is_retried_once_then_names_the_holder() {
-        let clash = || Error::Criu {
+    /// A failed `criu restore` whose log said `errors`.
+    fn criu_failed(errors: Vec<String>) -> Error {
+        Error::Criu {
             action: "restore",
             status: "exit status 1".to_owned(),
-            errors: vec!["Error (criu/cr-restore.c:1480): Can't fork for 4242: File exists".into()],
+            errors,
             log: "/tmp/x/criu.log".into(),
+        }
+    }
+
+    #[test]
+    fn a_pid_clash_is_retried_once_then_names_the_holder() {
+        let clash = || {
+            criu_failed(vec![
+                "Error (criu/cr-restore.c:1480): Can't fork for 4242: File exists".into(),
+            ])
         };
         let mut calls = 0;
         let got = retry_on_pid_clash(&[i32::MAX], || {
@@ -561,12 +570,9 @@ mod tests {
         let mut calls = 0;
         let err = retry_on_pid_clash(&[i32::MAX], || {
             calls += 1;
-            Err::<(), _>(Error::Criu {
-                action: "restore",
-                status: "exit status 1".to_owned(),
-                errors: vec![format!("Error (x): Can't fork for {me}: File exists")],
-                log: "/tmp/x/criu.log".into(),
-            })
+            Err::<(), _>(criu_failed(vec![format!(
+                "Error (x): Can't fork for {me}: File exists"
+            )]))
         })
         .expect_err("clashes twice");
         assert_eq!(calls, 2);
@@ -582,12 +588,7 @@ mod tests {
         let mut calls = 0;
         let err = retry_on_pid_clash(&[i32::MAX], || {
             calls += 1;
-            Err::<(), _>(Error::Criu {
-                action: "restore",
-                status: "exit status 1".to_owned(),
-                errors: vec!["Error (x): Restoring FAILED.".into()],
-                log: "/tmp/x/criu.log".into(),
-            })
+            Err::<(), _>(criu_failed(vec!["Error (x): Restoring FAILED.".into()]))
         })
         .expect_err("another failure");
         assert_eq!(calls, 1, "other failures are not retried");
@@ -596,12 +597,7 @@ mod tests {
 
     #[test]
     fn a_pid_clash_in_criu_log_is_recognised() {
-        let err = |lines: &[&str]| Error::Criu {
-            action: "restore",
-            status: "exit status 1".to_owned(),
-            errors: lines.iter().map(|l| (*l).to_owned()).collect(),
-            log: "/tmp/x/criu.log".into(),
-        };
+        let err = |lines: &[&str]| criu_failed(lines.iter().map(|l| (*l).to_owned()).collect());
         let clash = err(&[
             "Error (criu/cr-restore.c:1480): Can't fork for 1234: File exists",
             "Error (criu/cr-restore.c:2610): Restoring FAILED.",

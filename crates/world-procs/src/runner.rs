@@ -596,12 +596,7 @@ setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
 
     #[test]
     fn a_child_outliving_its_target_is_killed_after_the_grace() {
-        let mut gone = Command::new("true")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn true");
-        let gone_pid = gone.id() as i32;
-        gone.wait().expect("reap");
+        let gone_pid = crate::test_support::dead_pid();
         let child = Command::new("sleep")
             .arg("30")
             .stdin(Stdio::null())
@@ -735,12 +730,7 @@ setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
         let bin = tempfile::tempdir().expect("tempdir");
         let base = tempfile::tempdir().expect("tempdir");
         // What a pf SIGKILLed during `criu restore` leaves: its unlocked work dir.
-        let mut dead = Command::new("true")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn true");
-        let dead_pid = dead.id();
-        dead.wait().expect("reap");
+        let dead_pid = crate::test_support::dead_pid();
         let left = base
             .path()
             .join(format!("pf-criu-restore-{dead_pid}-abcdef"));

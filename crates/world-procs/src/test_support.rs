@@ -62,6 +62,18 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The pid of a process that ran and has been reaped: a pid no process holds right now (what
+/// a killed pf's pid is to the next pf).
+pub fn dead_pid() -> i32 {
+    let mut dead = Command::new("true")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn true");
+    let pid = dead.id() as i32;
+    dead.wait().expect("reap true");
+    pid
+}
+
 /// Spawn `cmd` with every descriptor above 2 closed in the child (CRIU cannot dump a process
 /// holding a leaked descriptor it cannot resolve). Stdio is whatever `cmd` says.
 pub fn spawn_clean(cmd: &mut Command) -> std::io::Result<Child> {
