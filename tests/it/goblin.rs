@@ -859,6 +859,8 @@ fn live_goblin_spawns_racing_gc_leave_no_dangling_tag() {
         );
     }
     mark.assert_running(&[], "the thaws");
+}
+
 #[test]
 fn live_a_goblin_that_exits_at_once_after_thaw_delivers_its_output() {
     if !live("live_a_goblin_that_exits_at_once_after_thaw_delivers_its_output") {
