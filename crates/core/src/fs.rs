@@ -39,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::lock::StoreLock;
 use crate::mem::VerifyingReader;
+use crate::page_index::PageIndex;
 use crate::store::{BlobStore, ExactLen, Put, WRITE_SLICE, copy_reader, validate_name, write_out};
 
 const DIR_MODE: u32 = 0o700;
@@ -573,6 +574,10 @@ impl BlobStore for FsBlobStore {
             }
         }
         Ok(StoreLock::file(file))
+    }
+
+    fn page_index(&self) -> PageIndex {
+        PageIndex::in_dir(&self.root.join("index").join("pages"))
     }
 
     fn sweep_temp(&self, options: &GcOptions) -> Result<Vec<PathBuf>> {

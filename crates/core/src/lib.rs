@@ -5,6 +5,10 @@
 //! [`FsBlobStore`] on disk. [`gc`] removes what no name reaches; writers and gc
 //! coordinate through the store's lock ([`BlobStore::writer_lock`], [`StoreLock`]). This crate knows nothing about
 //! processes, CRIU or tar.
+//!
+//! [`pack`], [`page_index`] and [`pages`] store files made of 4 KiB pages page by page: each
+//! distinct page once per store, in packs of independently decodable zstd frames, each page
+//! readable and checkable on its own.
 
 mod digest;
 mod error;
@@ -12,6 +16,9 @@ mod fs;
 mod gc;
 mod lock;
 mod mem;
+pub mod pack;
+pub mod page_index;
+pub mod pages;
 mod store;
 
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};

@@ -8,6 +8,7 @@ use crate::digest::Digest256;
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::lock::StoreLock;
+use crate::page_index::PageIndex;
 
 /// What a streaming put stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +118,13 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
         let _ = digest;
         Ok(None)
+    }
+
+    /// The store's page index (which pages its packs hold; see [`crate::page_index`]). Stores
+    /// that keep none answer [`PageIndex::none`]: page writers then deduplicate only within
+    /// their own session.
+    fn page_index(&self) -> PageIndex {
+        PageIndex::none()
     }
 
     /// Remove (or with `dry_run`, only list) temp files left behind by writers that died

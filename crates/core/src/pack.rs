@@ -1,0 +1,574 @@
+//! Packs: blobs holding many 4 KiB pages, compressed in independently decodable zstd frames,
+//! with an index that names every page by its SHA-256 so one page can be read and checked on
+//! its own.
+//!
+//! A pack is an ordinary blob (its digest is the SHA-256 of the bytes below, stored like any
+//! other blob), laid out as:
+//!
+//! ```text
+//! "PFPACK\0\x01"                                  8 bytes, the magic and format version 1
+//! frame 0 … frame F-1                             each one zstd frame of up to FRAME_PAGES pages
+//! index:  u32 F, u32 P                            frame and page counts (little endian)
+//!         F × (u64 offset, u32 length, u32 first slot, u32 pages)
+//!         P × 32-byte SHA-256 of each page, in slot order
+//! trailer: u64 index offset, u64 index length, "PFPKEND1"
+//! ```
+//!
+//! A page is addressed by its *slot* (its position in the pack). To read slot `s`, find the frame
+//! whose slot range holds it, decode that frame alone and take the page; its hash must equal the
+//! digest in the index (and the digest the caller expects). Zero pages never enter a pack: the
+//! page lists that reference packs mark them as zero instead.
+
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest256;
+
+/// The page size packs are made of.
+pub const PAGE_SIZE: usize = 4096;
+/// Pages per zstd frame: 32 pages = 128 KiB, small enough that reading one page decodes little,
+/// large enough that zstd's per-frame cost is noise.
+pub const FRAME_PAGES: usize = 32;
+/// Most pages per pack: 2048 pages = 8 MiB raw, so a 1 GiB process needs at most 128 packs and
+/// a writer or reader holds at most one pack in memory.
+pub const PACK_PAGES: usize = 2048;
+/// zstd level for frames (level 1: process memory is mostly incompressible or very compressible).
+const LEVEL: i32 = 1;
+
+const MAGIC: &[u8; 8] = b"PFPACK\0\x01";
+const END_MAGIC: &[u8; 8] = b"PFPKEND1";
+const TRAILER_LEN: usize = 24;
+const FRAME_ENTRY_LEN: usize = 20;
+
+/// Why a pack cannot be written, parsed or read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PackError {
+    /// The bytes are not a pack (bad magic, truncated, inconsistent index).
+    #[error("pack {pack} is malformed: {reason}")]
+    Malformed {
+        /// The pack blob.
+        pack: Digest256,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A frame does not decode.
+    #[error("pack {pack} is corrupt: frame {frame} does not decode")]
+    Frame {
+        /// The pack blob.
+        pack: Digest256,
+        /// The frame's number.
+        frame: usize,
+        /// zstd's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A page's bytes do not hash to the digest it is stored under.
+    #[error(
+        "pack {pack} is corrupt: page in slot {slot} should hash to {expected} but hashes to {actual}"
+    )]
+    BadPage {
+        /// The pack blob.
+        pack: Digest256,
+        /// The page's slot in the pack.
+        slot: u32,
+        /// The digest the index (or the caller) expects.
+        expected: Digest256,
+        /// What the bytes hash to.
+        actual: Digest256,
+    },
+    /// The slot is past the end of the pack.
+    #[error("pack {pack} has {pages} pages, no slot {slot}")]
+    NoSuchSlot {
+        /// The pack blob.
+        pack: Digest256,
+        /// The slot asked for.
+        slot: u32,
+        /// Pages in the pack.
+        pages: u32,
+    },
+    /// Compressing a frame failed.
+    #[error("compressing a frame of a pack")]
+    Compress {
+        /// zstd's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The digest of one 4 KiB page (the SHA-256 of its bytes).
+pub fn page_digest(page: &[u8]) -> Digest256 {
+    Digest256::from_bytes(Sha256::digest(page).into())
+}
+
+/// Whether every byte of `page` is zero.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    // Compare in u64 chunks: the compiler vectorises this.
+    page.chunks_exact(8)
+        .all(|c| u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) == 0)
+        && page.chunks_exact(8).remainder().iter().all(|&b| b == 0)
+}
+
+/// Builds one pack in memory (at most [`PACK_PAGES`] pages, so at most 8 MiB raw plus its
+/// compressed form). Frames are compressed on up to `threads` threads when the pack is finished.
+#[derive(Debug)]
+pub struct PackBuilder {
+    raw: Vec<u8>,
+    digests: Vec<Digest256>,
+    threads: usize,
+}
+
+impl PackBuilder {
+    /// An empty pack that compresses on `threads` threads (at least one).
+    pub fn new(threads: usize) -> Self {
+        Self {
+            raw: Vec::with_capacity(PACK_PAGES * PAGE_SIZE),
+            digests: Vec::with_capacity(PACK_PAGES),
+            threads: threads.max(1),
+        }
+    }
+
+    /// Pages so far.
+    pub fn len(&self) -> usize {
+        self.digests.len()
+    }
+
+    /// Whether no page was added.
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// Whether the pack holds [`PACK_PAGES`] pages.
+    pub fn is_full(&self) -> bool {
+        self.digests.len() >= PACK_PAGES
+    }
+
+    /// Add one page whose digest the caller computed; returns its slot. The caller must not add
+    /// more than [`PACK_PAGES`] pages (check [`is_full`](Self::is_full)).
+    pub fn push(&mut self, page: &[u8], digest: Digest256) -> u32 {
+        debug_assert_eq!(page.len(), PAGE_SIZE);
+        debug_assert!(!self.is_full());
+        self.raw.extend_from_slice(page);
+        self.digests.push(digest);
+        (self.digests.len() - 1) as u32
+    }
+
+    /// The pack's bytes: frames compressed in parallel, then the index and trailer.
+    pub fn finish(self) -> Result<Vec<u8>, PackError> {
+        let chunks: Vec<&[u8]> = self.raw.chunks(FRAME_PAGES * PAGE_SIZE).collect();
+        let mut frames: Vec<Option<Result<Vec<u8>, std::io::Error>>> =
+            (0..chunks.len()).map(|_| None).collect();
+        let per_thread = chunks.len().div_ceil(self.threads).max(1);
+        std::thread::scope(|s| {
+            for (outs, ins) in frames.chunks_mut(per_thread).zip(chunks.chunks(per_thread)) {
+                s.spawn(move || {
+                    for (out, input) in outs.iter_mut().zip(ins) {
+                        *out = Some(zstd::bulk::compress(input, LEVEL));
+                    }
+                });
+            }
+        });
+        let mut out = Vec::with_capacity(self.raw.len() / 2 + 4096);
+        out.extend_from_slice(MAGIC);
+        let mut table = Vec::with_capacity(frames.len() * FRAME_ENTRY_LEN);
+        for (n, frame) in frames.into_iter().enumerate() {
+            let frame = frame
+                .unwrap_or_else(|| Err(std::io::ErrorKind::Other.into()))
+                .map_err(|source| PackError::Compress { source })?;
+            let first = n * FRAME_PAGES;
+            let pages = (self.digests.len() - first).min(FRAME_PAGES);
+            table.extend_from_slice(&(out.len() as u64).to_le_bytes());
+            table.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+            table.extend_from_slice(&(first as u32).to_le_bytes());
+            table.extend_from_slice(&(pages as u32).to_le_bytes());
+            out.extend_from_slice(&frame);
+        }
+        let index_at = out.len() as u64;
+        let frame_count = (table.len() / FRAME_ENTRY_LEN) as u32;
+        out.extend_from_slice(&frame_count.to_le_bytes());
+        out.extend_from_slice(&(self.digests.len() as u32).to_le_bytes());
+        out.extend_from_slice(&table);
+        for d in &self.digests {
+            out.extend_from_slice(d.as_bytes());
+        }
+        let index_len = out.len() as u64 - index_at;
+        out.extend_from_slice(&index_at.to_le_bytes());
+        out.extend_from_slice(&index_len.to_le_bytes());
+        out.extend_from_slice(END_MAGIC);
+        Ok(out)
+    }
+}
+
+/// What [`Pack::for_each_page`] hands each checked page to: `(slot, page bytes)`.
+pub type PageSink<'f, E> = dyn FnMut(u32, &[u8]) -> Result<(), E> + 'f;
+
+/// One frame of a pack, from its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Frame {
+    offset: usize,
+    len: usize,
+    first: u32,
+    pages: u32,
+}
+
+/// A pack's bytes with their index parsed; pages are decoded on demand.
+#[derive(Debug)]
+pub struct Pack<'a> {
+    digest: Digest256,
+    bytes: &'a [u8],
+    frames: Vec<Frame>,
+    digests: &'a [u8],
+}
+
+impl<'a> Pack<'a> {
+    /// Parse the index of the pack `digest` whose bytes are `bytes` (the caller got them from
+    /// the store, which verified them against `digest`).
+    pub fn parse(digest: Digest256, bytes: &'a [u8]) -> Result<Self, PackError> {
+        let bad = |reason| PackError::Malformed {
+            pack: digest,
+            reason,
+        };
+        if bytes.len() < MAGIC.len() + TRAILER_LEN || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(bad("it does not start with the pack magic"));
+        }
+        let trailer = &bytes[bytes.len() - TRAILER_LEN..];
+        if &trailer[16..] != END_MAGIC {
+            return Err(bad("it does not end with the pack trailer"));
+        }
+        let index_at = u64_at(trailer, 0) as usize;
+        let index_len = u64_at(trailer, 8) as usize;
+        let index_end = index_at
+            .checked_add(index_len)
+            .filter(|&e| e == bytes.len() - TRAILER_LEN && index_at >= MAGIC.len())
+            .ok_or(bad("its index does not end at the trailer"))?;
+        let index = &bytes[index_at..index_end];
+        if index.len() < 8 {
+            return Err(bad("its index is truncated"));
+        }
+        let frame_count = u32_at(index, 0) as usize;
+        let page_count = u32_at(index, 4) as usize;
+        let want = frame_count
+            .checked_mul(FRAME_ENTRY_LEN)
+            .and_then(|f| page_count.checked_mul(32).and_then(|p| p.checked_add(f)))
+            .and_then(|n| n.checked_add(8));
+        if want != Some(index.len()) {
+            return Err(bad("its index length does not match its counts"));
+        }
+        let mut frames = Vec::with_capacity(frame_count);
+        let mut next_slot = 0u32;
+        for n in 0..frame_count {
+            let e = &index[8 + n * FRAME_ENTRY_LEN..8 + (n + 1) * FRAME_ENTRY_LEN];
+            let frame = Frame {
+                offset: u64_at(e, 0) as usize,
+                len: u32_at(e, 8) as usize,
+                first: u32_at(e, 12),
+                pages: u32_at(e, 16),
+            };
+            let in_bounds = frame.offset >= MAGIC.len()
+                && frame
+                    .offset
+                    .checked_add(frame.len)
+                    .is_some_and(|end| end <= index_at);
+            if !in_bounds || frame.first != next_slot || frame.pages == 0 {
+                return Err(bad("a frame lies outside the pack or out of order"));
+            }
+            next_slot += frame.pages;
+            frames.push(frame);
+        }
+        if next_slot as usize != page_count {
+            return Err(bad("its frames do not cover its pages"));
+        }
+        let digests = &index[8 + frame_count * FRAME_ENTRY_LEN..];
+        Ok(Self {
+            digest,
+            bytes,
+            frames,
+            digests,
+        })
+    }
+
+    /// The pack's digest.
+    pub fn digest(&self) -> &Digest256 {
+        &self.digest
+    }
+
+    /// Pages in the pack.
+    pub fn pages(&self) -> u32 {
+        (self.digests.len() / 32) as u32
+    }
+
+    /// The digest the index records for `slot`.
+    pub fn page_digest(&self, slot: u32) -> Result<Digest256, PackError> {
+        let at = slot as usize * 32;
+        let raw = self.digests.get(at..at + 32).ok_or(PackError::NoSuchSlot {
+            pack: self.digest,
+            slot,
+            pages: self.pages(),
+        })?;
+        let mut out = [0u8; 32];
+        out.copy_from_slice(raw);
+        Ok(Digest256::from_bytes(out))
+    }
+
+    /// Every (digest, slot) the pack holds, in slot order.
+    pub fn entries(&self) -> impl Iterator<Item = (Digest256, u32)> + '_ {
+        self.digests.chunks_exact(32).enumerate().map(|(n, d)| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d);
+            (Digest256::from_bytes(out), n as u32)
+        })
+    }
+
+    /// Decode frame `n` into `out` (cleared first); returns the frame's first slot.
+    fn decode_frame(&self, n: usize, out: &mut Vec<u8>) -> Result<u32, PackError> {
+        let f = self.frames[n];
+        let src = &self.bytes[f.offset..f.offset + f.len];
+        out.clear();
+        let want = f.pages as usize * PAGE_SIZE;
+        let mut decoder = zstd::bulk::Decompressor::new().map_err(|source| PackError::Frame {
+            pack: self.digest,
+            frame: n,
+            source,
+        })?;
+        *out = decoder
+            .decompress(src, want)
+            .map_err(|source| PackError::Frame {
+                pack: self.digest,
+                frame: n,
+                source,
+            })?;
+        if out.len() != want {
+            return Err(PackError::Frame {
+                pack: self.digest,
+                frame: n,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "frame holds fewer pages than its index says",
+                ),
+            });
+        }
+        Ok(f.first)
+    }
+
+    /// The frame holding `slot`.
+    fn frame_of(&self, slot: u32) -> Result<usize, PackError> {
+        let n = self.frames.partition_point(|f| f.first + f.pages <= slot);
+        if n >= self.frames.len() {
+            return Err(PackError::NoSuchSlot {
+                pack: self.digest,
+                slot,
+                pages: self.pages(),
+            });
+        }
+        Ok(n)
+    }
+
+    /// Read the page in `slot` into `out` (4 KiB), decoding only its frame, and check that it
+    /// hashes to `expected`.
+    pub fn read_page(
+        &self,
+        slot: u32,
+        expected: &Digest256,
+        out: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), PackError> {
+        let n = self.frame_of(slot)?;
+        let mut buf = Vec::new();
+        let first = self.decode_frame(n, &mut buf)?;
+        let at = (slot - first) as usize * PAGE_SIZE;
+        let page = &buf[at..at + PAGE_SIZE];
+        check_page(self.digest, slot, page, expected)?;
+        out.copy_from_slice(page);
+        Ok(())
+    }
+
+    /// Call `f(slot, page)` for every requested slot (sorted ascending), decoding each frame at
+    /// most once and checking each page against its `expected` digest before `f` sees it.
+    pub fn for_each_page<E: From<PackError>>(
+        &self,
+        wanted: &[(u32, Digest256)],
+        f: &mut PageSink<'_, E>,
+    ) -> Result<(), E> {
+        let mut buf = Vec::new();
+        let mut have: Option<usize> = None;
+        for (slot, expected) in wanted {
+            let n = self.frame_of(*slot)?;
+            if have != Some(n) {
+                self.decode_frame(n, &mut buf)?;
+                have = Some(n);
+            }
+            let at = (slot - self.frames[n].first) as usize * PAGE_SIZE;
+            let page = &buf[at..at + PAGE_SIZE];
+            check_page(self.digest, *slot, page, expected)?;
+            f(*slot, page)?;
+        }
+        Ok(())
+    }
+
+    /// Decode every frame and check every page against the index; returns the page count.
+    pub fn verify(&self) -> Result<u32, PackError> {
+        let mut buf = Vec::new();
+        for n in 0..self.frames.len() {
+            let first = self.decode_frame(n, &mut buf)?;
+            for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                let slot = first + i as u32;
+                check_page(self.digest, slot, page, &self.page_digest(slot)?)?;
+            }
+        }
+        Ok(self.pages())
+    }
+}
+
+fn check_page(
+    pack: Digest256,
+    slot: u32,
+    page: &[u8],
+    expected: &Digest256,
+) -> Result<(), PackError> {
+    let actual = page_digest(page);
+    if &actual != expected {
+        return Err(PackError::BadPage {
+            pack,
+            slot,
+            expected: *expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page filled from `seed` (distinct seeds give distinct pages).
+    pub(crate) fn page(seed: u32) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE];
+        for (i, c) in p.chunks_exact_mut(4).enumerate() {
+            c.copy_from_slice(&(seed.wrapping_mul(2_654_435_761) ^ i as u32).to_le_bytes());
+        }
+        p
+    }
+
+    fn build(n: u32) -> (Vec<u8>, Vec<Digest256>) {
+        let mut b = PackBuilder::new(2);
+        let mut ds = Vec::new();
+        for s in 0..n {
+            let p = page(s);
+            let d = page_digest(&p);
+            assert_eq!(b.push(&p, d), s);
+            ds.push(d);
+        }
+        (b.finish().expect("finish"), ds)
+    }
+
+    #[test]
+    fn pages_round_trip_one_at_a_time() {
+        let (bytes, ds) = build(100);
+        let digest = Digest256::of(&bytes);
+        let pack = Pack::parse(digest, &bytes).expect("parse");
+        assert_eq!(pack.pages(), 100);
+        assert_eq!(pack.frames.len(), 4);
+        assert_eq!(pack.verify().expect("verify"), 100);
+        let mut out = [0u8; PAGE_SIZE];
+        for s in [0, 31, 32, 63, 99] {
+            pack.read_page(s, &ds[s as usize], &mut out).expect("read");
+            assert_eq!(&out[..], &page(s)[..]);
+            assert_eq!(pack.page_digest(s).expect("digest"), ds[s as usize]);
+        }
+        assert!(matches!(
+            pack.read_page(100, &ds[0], &mut out),
+            Err(PackError::NoSuchSlot {
+                slot: 100,
+                pages: 100,
+                ..
+            })
+        ));
+        // A page asked for under another digest is refused.
+        assert!(matches!(
+            pack.read_page(1, &ds[2], &mut out),
+            Err(PackError::BadPage { slot: 1, .. })
+        ));
+        let wanted: Vec<_> = [3u32, 40, 41, 98]
+            .iter()
+            .map(|&s| (s, ds[s as usize]))
+            .collect();
+        let mut seen = Vec::new();
+        pack.for_each_page(&wanted, &mut |s, p| -> Result<(), PackError> {
+            assert_eq!(p, &page(s)[..]);
+            seen.push(s);
+            Ok(())
+        })
+        .expect("each");
+        assert_eq!(seen, vec![3, 40, 41, 98]);
+    }
+
+    #[test]
+    fn a_corrupt_page_is_named_by_its_slot() {
+        // Incompressible pages are stored nearly verbatim: flip a byte inside slot 5's bytes.
+        let mut b = PackBuilder::new(1);
+        let mut pages = Vec::new();
+        let mut x = 0x1234_5678u64;
+        for _ in 0..8 {
+            let mut p = vec![0u8; PAGE_SIZE];
+            for c in p.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            b.push(&p, page_digest(&p));
+            pages.push(p);
+        }
+        let mut bytes = b.finish().expect("finish");
+        let needle = &pages[5][100..132];
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("raw block");
+        bytes[at] ^= 0xff;
+        let pack = Pack::parse(Digest256::of(&bytes), &bytes).expect("parse");
+        let err = pack.verify().expect_err("corrupt");
+        assert!(matches!(err, PackError::BadPage { slot: 5, .. }), "{err}");
+        assert!(err.to_string().contains("slot 5"), "{err}");
+        let mut out = [0u8; PAGE_SIZE];
+        pack.read_page(4, &page_digest(&pages[4]), &mut out)
+            .expect("its neighbours still read");
+    }
+
+    #[test]
+    fn malformed_packs_are_refused() {
+        let (bytes, _) = build(3);
+        let d = Digest256::of(&bytes);
+        for bad in [
+            &bytes[..10],
+            &bytes[1..],
+            &bytes[..bytes.len() - 1],
+            b"PFPACK\0\x01 not a pack at all, just text ....".as_slice(),
+        ] {
+            assert!(
+                matches!(Pack::parse(d, bad), Err(PackError::Malformed { .. })),
+                "{}",
+                bad.len()
+            );
+        }
+    }
+
+    #[test]
+    fn zero_pages_are_recognised() {
+        assert!(is_zero_page(&[0u8; PAGE_SIZE]));
+        let mut p = [0u8; PAGE_SIZE];
+        p[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero_page(&p));
+    }
+}

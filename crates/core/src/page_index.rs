@@ -1,0 +1,411 @@
+//! The page index: which page digests the store's packs already hold, and where (pack + slot),
+//! so a writer stores each page once per store.
+//!
+//! On disk it is a directory of *runs*, each a file of records sorted by page digest:
+//!
+//! ```text
+//! "PFPIDX01", u32 N, N × 32-byte pack digests, u64 R,
+//! R × (32-byte page digest, u32 pack number < N, u32 slot)     sorted by page digest
+//! ```
+//!
+//! A writer adds one run per session (the pages it put into new packs) with temp file + rename,
+//! so readers never see half a run and concurrent writers never collide. When there are more
+//! than [`MAX_RUNS`] runs, the writer that notices merges them all into one, under an exclusive
+//! `flock` on the directory's `lock` file (readers take no lock: a run removed while read stays
+//! readable through its open descriptor, and one missed only costs a missed dedup).
+//!
+//! A lookup takes the writer's page digests sorted and merge-joins them against each run,
+//! reading runs sequentially: 40 bytes per page stored on disk (≈ 10 MiB per GiB of unique pages),
+//! read once per lookup, and memory for the queried digests only (32 bytes per page looked up)
+//! plus one buffered reader. The index is derived data: a hit names a pack that may since have
+//! been removed by gc, so callers check that the pack is still in the store before trusting it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest256;
+
+/// Runs kept before a writer merges them into one.
+pub const MAX_RUNS: usize = 8;
+
+const MAGIC: &[u8; 8] = b"PFPIDX01";
+const RUN_PREFIX: &str = "run-";
+const RUN_SUFFIX: &str = ".pidx";
+
+/// Where a page lives: in which pack, at which slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageLoc {
+    /// The pack blob.
+    pub pack: Digest256,
+    /// The page's slot in the pack.
+    pub slot: u32,
+}
+
+/// Why the page index could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IndexError {
+    /// A file-system operation failed.
+    #[error("page index: {op} {}", .path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A run file is not in the format above (remove it: the index is derived data).
+    #[error("page index run {} is malformed: {reason} (remove it; pf rebuilds what it needs)", .path.display())]
+    Malformed {
+        /// The run file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// The store's page index, kept in a directory (or nowhere, for stores without one: then every
+/// lookup misses).
+#[derive(Debug, Clone)]
+pub struct PageIndex {
+    dir: Option<PathBuf>,
+}
+
+impl PageIndex {
+    /// The index kept in `dir` (created on the first write).
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            dir: Some(dir.to_owned()),
+        }
+    }
+
+    /// An index that holds nothing and forgets what it is told.
+    pub fn none() -> Self {
+        Self { dir: None }
+    }
+
+    /// The directory, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    fn runs(&self) -> Result<Vec<PathBuf>, IndexError> {
+        let Some(dir) = &self.dir else {
+            return Ok(Vec::new());
+        };
+        let read = match std::fs::read_dir(dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(io("list", dir, source)),
+        };
+        let mut out = Vec::new();
+        for entry in read {
+            let entry = entry.map_err(|source| io("list", dir, source))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(RUN_PREFIX) && name.ends_with(RUN_SUFFIX) {
+                out.push(entry.path());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Where each of `wanted` (sorted ascending, no duplicates) is, for those the index knows.
+    pub fn lookup(&self, wanted: &[Digest256]) -> Result<HashMap<Digest256, PageLoc>, IndexError> {
+        debug_assert!(wanted.windows(2).all(|w| w[0] < w[1]));
+        let mut found = HashMap::new();
+        if wanted.is_empty() {
+            return Ok(found);
+        }
+        for path in self.runs()? {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                // Merged away between listing and opening: its records are in the merged run,
+                // which a later lookup sees; this one only misses some dedup.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(io("open", &path, source)),
+            };
+            let mut run = RunReader::new(file, &path)?;
+            let mut q = 0;
+            while q < wanted.len() {
+                let Some((digest, loc)) = run.next()? else {
+                    break;
+                };
+                while q < wanted.len() && wanted[q] < digest {
+                    q += 1;
+                }
+                if q < wanted.len() && wanted[q] == digest {
+                    found.entry(digest).or_insert(loc);
+                    q += 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Record `entries` (any order) as a new run; then merge the runs if there are too many.
+    pub fn add(&self, mut entries: Vec<(Digest256, PageLoc)>) -> Result<(), IndexError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        entries.sort_by_key(|e| e.0);
+        entries.dedup_by(|a, b| a.0 == b.0);
+        create_dir(dir)?;
+        write_run(dir, &entries)?;
+        if self.runs()?.len() > MAX_RUNS {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Merge every run into one, under the directory's lock.
+    pub fn compact(&self) -> Result<(), IndexError> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        create_dir(dir)?;
+        let lock_path = dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| io("open", &lock_path, source))?;
+        lock.lock()
+            .map_err(|source| io("lock", &lock_path, source))?;
+        let runs = self.runs()?;
+        if runs.len() <= 1 {
+            return Ok(());
+        }
+        // Runs are small next to the pages they describe (1% of them): merge in memory.
+        let mut all = Vec::new();
+        for path in &runs {
+            let file = match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(io("open", path, source)),
+            };
+            let mut run = RunReader::new(file, path)?;
+            while let Some(rec) = run.next()? {
+                all.push(rec);
+            }
+        }
+        all.sort_by_key(|e| e.0);
+        all.dedup_by(|a, b| a.0 == b.0);
+        let merged = write_run(dir, &all)?;
+        for path in runs {
+            if path != merged {
+                std::fs::remove_file(&path).map_err(|source| io("remove", &path, source))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn io(op: &'static str, path: &Path, source: std::io::Error) -> IndexError {
+    IndexError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), IndexError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| io("create", dir, source))
+}
+
+/// Write sorted, deduplicated `entries` as a run; returns its path (named by its content's hash,
+/// so two writers of the same run agree).
+fn write_run(dir: &Path, entries: &[(Digest256, PageLoc)]) -> Result<PathBuf, IndexError> {
+    let mut packs: Vec<Digest256> = entries.iter().map(|(_, l)| l.pack).collect();
+    packs.sort();
+    packs.dedup();
+    let tmp = tempfile_in(dir)?;
+    let tmp_path = tmp.1.clone();
+    let mut hasher = crate::digest::DigestHasher::new();
+    let mut out = BufWriter::new(tmp.0);
+    let mut put = |bytes: &[u8]| -> Result<(), IndexError> {
+        hasher.update(bytes);
+        out.write_all(bytes)
+            .map_err(|source| io("write", &tmp_path, source))
+    };
+    put(MAGIC)?;
+    put(&(packs.len() as u32).to_le_bytes())?;
+    for p in &packs {
+        put(p.as_bytes())?;
+    }
+    put(&(entries.len() as u64).to_le_bytes())?;
+    for (digest, loc) in entries {
+        let n = packs.binary_search(&loc.pack).unwrap_or(0) as u32;
+        put(digest.as_bytes())?;
+        put(&n.to_le_bytes())?;
+        put(&loc.slot.to_le_bytes())?;
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| io("write", &tmp_path, e.into_error()))?;
+    file.sync_all()
+        .map_err(|source| io("sync", &tmp_path, source))?;
+    let name = format!("{RUN_PREFIX}{}{RUN_SUFFIX}", &hasher.finish().hex()[..32]);
+    let path = dir.join(name);
+    std::fs::rename(&tmp_path, &path).map_err(|source| io("rename", &tmp_path, source))?;
+    Ok(path)
+}
+
+fn tempfile_in(dir: &Path) -> Result<(File, PathBuf), IndexError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    for n in 0u32.. {
+        let path = dir.join(format!(".tmp-run-{}-{n}", std::process::id()));
+        match File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(f) => return Ok((f, path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+            Err(source) => return Err(io("create", &path, source)),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Reads a run's records in order.
+struct RunReader {
+    input: BufReader<File>,
+    path: PathBuf,
+    packs: Vec<Digest256>,
+    left: u64,
+    last: Option<Digest256>,
+}
+
+impl RunReader {
+    fn new(file: File, path: &Path) -> Result<Self, IndexError> {
+        let mut input = BufReader::with_capacity(256 * 1024, file);
+        let mut head = [0u8; 12];
+        read_exact(&mut input, &mut head, path)?;
+        if &head[..8] != MAGIC {
+            return Err(malformed(path, "bad magic"));
+        }
+        let n = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+        let mut packs = Vec::with_capacity(n.min(1 << 16));
+        for _ in 0..n {
+            let mut d = [0u8; 32];
+            read_exact(&mut input, &mut d, path)?;
+            packs.push(Digest256::from_bytes(d));
+        }
+        let mut count = [0u8; 8];
+        read_exact(&mut input, &mut count, path)?;
+        Ok(Self {
+            input,
+            path: path.to_owned(),
+            packs,
+            left: u64::from_le_bytes(count),
+            last: None,
+        })
+    }
+
+    fn next(&mut self) -> Result<Option<(Digest256, PageLoc)>, IndexError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let mut rec = [0u8; 40];
+        read_exact(&mut self.input, &mut rec, &self.path)?;
+        self.left -= 1;
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&rec[..32]);
+        let digest = Digest256::from_bytes(d);
+        if self.last.is_some_and(|last| last >= digest) {
+            return Err(malformed(&self.path, "records are not sorted"));
+        }
+        self.last = Some(digest);
+        let n = u32::from_le_bytes([rec[32], rec[33], rec[34], rec[35]]) as usize;
+        let slot = u32::from_le_bytes([rec[36], rec[37], rec[38], rec[39]]);
+        let pack = *self
+            .packs
+            .get(n)
+            .ok_or_else(|| malformed(&self.path, "a record names a pack the run does not list"))?;
+        Ok(Some((digest, PageLoc { pack, slot })))
+    }
+}
+
+fn read_exact(input: &mut dyn Read, buf: &mut [u8], path: &Path) -> Result<(), IndexError> {
+    input.read_exact(buf).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            malformed(path, "truncated")
+        } else {
+            io("read", path, e)
+        }
+    })
+}
+
+fn malformed(path: &Path, reason: &'static str) -> IndexError {
+    IndexError::Malformed {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u32) -> Digest256 {
+        Digest256::of(&n.to_le_bytes())
+    }
+
+    fn loc(p: u32, slot: u32) -> PageLoc {
+        PageLoc {
+            pack: d(1000 + p),
+            slot,
+        }
+    }
+
+    #[test]
+    fn lookups_find_what_runs_hold_and_survive_compaction() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let index = PageIndex::in_dir(&tmp.path().join("idx"));
+        let mut all = HashMap::new();
+        for run in 0..(MAX_RUNS as u32 + 2) {
+            let entries: Vec<_> = (0..50).map(|i| (d(run * 100 + i), loc(run, i))).collect();
+            all.extend(entries.iter().copied());
+            index.add(entries).expect("add");
+        }
+        assert!(index.runs().expect("runs").len() <= MAX_RUNS, "compacted");
+        let mut wanted: Vec<_> = (0..1200).map(d).collect();
+        wanted.sort();
+        let found = index.lookup(&wanted).expect("lookup");
+        assert_eq!(found, all);
+        index.compact().expect("compact");
+        assert_eq!(index.runs().expect("runs").len(), 1);
+        assert_eq!(index.lookup(&wanted).expect("lookup"), all);
+    }
+
+    #[test]
+    fn no_dir_means_no_hits_and_a_bad_run_is_named() {
+        let none = PageIndex::none();
+        none.add(vec![(d(1), loc(0, 0))]).expect("add");
+        assert!(none.lookup(&[d(1)]).expect("lookup").is_empty());
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let index = PageIndex::in_dir(tmp.path());
+        std::fs::write(tmp.path().join("run-x.pidx"), b"PFPIDX01\x01").expect("write");
+        let err = index.lookup(&[d(1)]).expect_err("malformed");
+        assert!(
+            matches!(&err, IndexError::Malformed { path, .. } if path.ends_with("run-x.pidx")),
+            "{err}"
+        );
+    }
+}
