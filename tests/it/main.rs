@@ -2,6 +2,7 @@
 
 mod doctor;
 mod goblin;
+mod pages_v2;
 mod procs;
 mod procs_net;
 mod shell;

@@ -148,6 +148,7 @@ pub fn capture_with_progress(
         }
     };
     ensure_alive(pid)?;
+    let format = crate::v2::format_from_env()?;
     // Shared from the dump blob to the procs blob that refers to it, so a gc cannot remove the
     // dump in between; a caller that names the procs blob holds its own from before this call.
     let _writing = store
@@ -156,24 +157,17 @@ pub fn capture_with_progress(
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
     let report = dump_with(&criu, pid, images.path(), opts)?;
-    let mut tar = ImagesTar::new(images.path())?;
-    let total = tar.len();
-    progress(CaptureProgress::Storing { done: 0, total });
-    let mut counting = Counting {
-        inner: &mut tar,
-        done: 0,
-        total,
-        last: 0,
-        progress,
+    let (criu_dump, memory) = match format {
+        crate::v2::Format::V1 => (store_tar(store, pid, images.path(), progress)?, None),
+        crate::v2::Format::V2 => {
+            progress(CaptureProgress::Storing { done: 0, total: 0 });
+            let (tar, memory) = crate::v2::store_images(store, images.path(), pid)?;
+            (tar, Some(memory))
+        }
     };
-    let put = store
-        .put_reader_with_len(&mut counting, total)
-        .map_err(|e| Error::store(format!("storing the images of pid {pid}"), e))?;
-    (counting.progress)(CaptureProgress::Storing { done: total, total });
     drop(images);
-    tracing::info!(criu_dump = %put.digest, size = put.size, "images stored");
     let blob = ProcsBlob::Criu(CriuProcs {
-        criu_dump: put.digest,
+        criu_dump,
         pids: report.pids,
         root_pid: Some(pid),
         criu_version: Some(report.criu_version.to_string()),
@@ -196,11 +190,37 @@ pub fn capture_with_progress(
         stdio: report.stdio,
         labels: opts.labels.clone(),
         dump_stats: report.dump_stats,
+        memory,
     });
     let procs = store
         .put(&blob.to_json())
         .map_err(|e| Error::store(format!("storing the procs blob of pid {pid}"), e))?;
     Ok(Captured { procs, blob })
+}
+
+/// Stream the images directory into `store` as one deterministic tar (`procs.criu.v1`).
+fn store_tar(
+    store: &dyn BlobStore,
+    pid: i32,
+    images: &Path,
+    progress: &mut dyn FnMut(CaptureProgress),
+) -> Result<Digest256> {
+    let mut tar = ImagesTar::new(images)?;
+    let total = tar.len();
+    progress(CaptureProgress::Storing { done: 0, total });
+    let mut counting = Counting {
+        inner: &mut tar,
+        done: 0,
+        total,
+        last: 0,
+        progress,
+    };
+    let put = store
+        .put_reader_with_len(&mut counting, total)
+        .map_err(|e| Error::store(format!("storing the images of pid {pid}"), e))?;
+    (counting.progress)(CaptureProgress::Storing { done: total, total });
+    tracing::info!(criu_dump = %put.digest, size = put.size, "images stored");
+    Ok(put.digest)
 }
 
 fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Result<Captured> {

@@ -202,6 +202,44 @@ pub enum Error {
         /// How it ended.
         status: String,
     },
+    /// A memory page of a `procs.criu.v2` snapshot does not match its recorded digest (or
+    /// cannot be decoded): the snapshot is damaged, and nothing was restored from it.
+    #[error(
+        "{}page {page} of {file}{} is corrupt: its stored bytes do not match their digest; \
+         nothing was restored (thaw another snapshot, or restore the store from a copy)",
+        .snapshot.map(|s| format!("snapshot {s}: ")).unwrap_or_default(),
+        .vaddr.map(|a| format!(" (address {a:#x})")).unwrap_or_default()
+    )]
+    CorruptPage {
+        /// The procs blob, when known.
+        snapshot: Option<Digest256>,
+        /// The pages file, e.g. `pages-1.img`.
+        file: String,
+        /// The page's number in the file.
+        page: u64,
+        /// The page's address in the process, from the pagemap.
+        vaddr: Option<u64>,
+        /// What the pack said.
+        #[source]
+        source: Box<pf_core::pages::PagesError>,
+    },
+    /// Storing or rebuilding the memory pages of a `procs.criu.v2` snapshot failed.
+    #[error("{what}")]
+    Pages {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<pf_core::pages::PagesError>,
+    },
+    /// `$PF_SNAPSHOT_FORMAT` names no format this pf writes.
+    #[error(
+        "PF_SNAPSHOT_FORMAT={value:?} is not a snapshot format: set it to v1 or v2, or unset it (v1)"
+    )]
+    BadSnapshotFormat {
+        /// The value found.
+        value: String,
+    },
     /// The namespace init reported a failure before criu could run.
     #[error("setting up the new pid namespace failed at {step} (errno {errno})")]
     Namespace {
@@ -226,6 +264,26 @@ impl Error {
             op,
             path: path.into(),
             source,
+        }
+    }
+
+    /// This error, naming the procs blob `snapshot` when it is about a page of it.
+    pub(crate) fn in_snapshot(self, procs: &Digest256) -> Self {
+        match self {
+            Self::CorruptPage {
+                snapshot: None,
+                file,
+                page,
+                vaddr,
+                source,
+            } => Self::CorruptPage {
+                snapshot: Some(*procs),
+                file,
+                page,
+                vaddr,
+                source,
+            },
+            other => other,
         }
     }
 

@@ -19,6 +19,12 @@
 //! CRIU writes this data back only into pipes it creates itself: a pipe handed to `criu restore`
 //! with `--inherit-fd` comes back empty, so a caller that inherits a pipe refills it from here.
 //!
+//! `pagemap-<id>.img` (magic `PAGEMAP_MAGIC` 0x56084025; shared memory's
+//! `pagemap-shmem-<id>.img` too) says where the raw bytes of `pages-<pages_id>.img` belong: one
+//! `pagemap_head { required uint32 pages_id = 1; }` entry, then one entry per run of pages
+//! (see [`pagemap`]). The pages file itself has no header: it is the present runs' pages, 4 KiB
+//! each, in entry order.
+//!
 //! `stats-dump` is a *service* file, written into criu's work directory at the end of a
 //! successful dump: `IMG_SERVICE_MAGIC` 0x55105940, `STATS_MAGIC` 0x57093306, then one entry, a
 //! `stats_entry` whose field 1 is a `dump_stats_entry` (see [`dump_stats`]).
@@ -35,6 +41,14 @@ const PIPES_DATA_MAGIC: u32 = 0x5645_3709;
 const PIPES_DATA_FILE: &str = "pipes-data.img";
 /// `PSTREE_MAGIC`: the second `u32` of `pstree.img`.
 const PSTREE_MAGIC: u32 = 0x5027_3030;
+/// `PAGEMAP_MAGIC`: the second `u32` of `pagemap-*.img`.
+const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+/// `PE_PARENT`: the run's pages are in the parent images (pre-dump chains; pf makes none).
+pub const PE_PARENT: u32 = 1 << 0;
+/// `PE_LAZY`: the run's pages may be restored lazily.
+pub const PE_LAZY: u32 = 1 << 1;
+/// `PE_PRESENT`: the run's pages are in this dump's pages file.
+pub const PE_PRESENT: u32 = 1 << 2;
 /// `IMG_SERVICE_MAGIC`: the first `u32` of CRIU's service files (stats, irmap cache).
 const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
 /// `STATS_MAGIC`: the second `u32` of `stats-dump` and `stats-restore`.
@@ -269,6 +283,127 @@ fn parse_dump_stats(img: &[u8]) -> Result<DumpStats, ParseError> {
         pages_written: required(7)?,
         pages_lazy: got[9].unwrap_or(0),
     })
+}
+
+/// A parsed `pagemap-*.img`: which pages file it describes and its runs of pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pagemap {
+    /// The `N` of the `pages-N.img` that holds the present runs' bytes.
+    pub pages_id: u32,
+    /// The runs, in file order.
+    pub entries: Vec<PagemapEntry>,
+}
+
+/// One `pagemap_entry`: `nr_pages` pages from `vaddr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagemapEntry {
+    /// The first page's address.
+    pub vaddr: u64,
+    /// How many pages.
+    pub nr_pages: u64,
+    /// `PE_PARENT`, `PE_LAZY`, `PE_PRESENT`.
+    pub flags: u32,
+}
+
+impl Pagemap {
+    /// Pages the pages file holds: the sum over runs with `PE_PRESENT`.
+    pub fn present_pages(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.flags & PE_PRESENT != 0)
+            .map(|e| e.nr_pages)
+            .sum()
+    }
+
+    /// The address of page number `n` of the pages file (the `n`-th present page).
+    pub fn address_of(&self, mut n: u64) -> Option<u64> {
+        for e in self.entries.iter().filter(|e| e.flags & PE_PRESENT != 0) {
+            if n < e.nr_pages {
+                return e.vaddr.checked_add(n.checked_mul(4096)?);
+            }
+            n -= e.nr_pages;
+        }
+        None
+    }
+}
+
+/// Parse the pagemap image at `path`.
+pub fn pagemap(path: &Path) -> Result<Pagemap, ImageError> {
+    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_pagemap(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
+        path: path.to_owned(),
+        offset,
+        reason,
+    })
+}
+
+/// Parse a whole `pagemap-*.img`:
+///
+/// ```text
+/// message pagemap_head  { required uint32 pages_id = 1; }
+/// message pagemap_entry {
+///     required uint64 vaddr = 1;
+///     optional uint32 compat_nr_pages = 2;   (CRIU < 4.2: `required uint32 nr_pages = 2`)
+///     optional bool   in_parent = 3;         (before flags existed)
+///     optional uint32 flags = 4;             (PE_PARENT 1, PE_LAZY 2, PE_PRESENT 4)
+///     optional uint64 nr_pages = 5;          (CRIU >= 4.2)
+/// }
+/// ```
+///
+/// `nr_pages` is field 5 when present, else field 2; an entry without flags is `PE_PARENT` when
+/// `in_parent` is set, else `PE_PRESENT` (what CRIU itself assumes for old images).
+fn parse_pagemap(img: &[u8]) -> Result<Pagemap, ParseError> {
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != PAGEMAP_MAGIC {
+        return Err((4, "not a pagemap image (bad magic)"));
+    }
+    let head_at = r.pos;
+    let len = r.u32_le()? as usize;
+    let head = r.take(len, "entry runs past the end of the file")?;
+    let mut pages_id = None;
+    for_each_field(head, &mut |field, at, value| {
+        if let (1, Field::Varint(v)) = (field, value) {
+            pages_id = Some(u32::try_from(v).map_err(|_| (at, "uint32 out of range"))?);
+        }
+        Ok(())
+    })
+    .map_err(|(off, why)| (head_at + 4 + off, why))?;
+    let pages_id = pages_id.ok_or((head_at, "pagemap_head lacks pages_id"))?;
+    let mut entries = Vec::new();
+    while r.pos < img.len() {
+        let entry_at = r.pos;
+        let len = r.u32_le()? as usize;
+        let msg = r.take(len, "entry runs past the end of the file")?;
+        let mut got = [None::<u64>; 6];
+        for_each_field(msg, &mut |field, _, value| {
+            if let (Some(slot), Field::Varint(v)) = (got.get_mut(field as usize), value) {
+                *slot = Some(v);
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (entry_at + 4 + off, why))?;
+        let vaddr = got[1].ok_or((entry_at, "pagemap_entry lacks vaddr"))?;
+        let nr_pages = got[5]
+            .or(got[2])
+            .ok_or((entry_at, "pagemap_entry lacks nr_pages"))?;
+        let flags = match got[4] {
+            Some(f) => u32::try_from(f).map_err(|_| (entry_at, "flags out of range"))?,
+            None if got[3].unwrap_or(0) != 0 => PE_PARENT,
+            None => PE_PRESENT,
+        };
+        entries.push(PagemapEntry {
+            vaddr,
+            nr_pages,
+            flags,
+        });
+    }
+    Ok(Pagemap { pages_id, entries })
 }
 
 /// One protobuf field's value: a varint, or the bytes of a length-delimited field (fixed-size
@@ -539,6 +674,80 @@ mod tests {
         assert_eq!(
             parse_dump_stats(&partial),
             Err((14, "dump_stats_entry lacks a required field"))
+        );
+    }
+
+    /// The first 50 bytes of a real `pagemap-<pid>.img` written by CRIU 4.2.1: the head
+    /// (pages_id 1) and two runs, written with 4.2's field 5 `nr_pages` and `compat_nr_pages` 0.
+    const REAL_PAGEMAP: &[u8] = b"\x19\x43\x56\x54\x25\x40\x08\x56\x02\x00\x00\x00\x08\x01\x0e\x00\x00\x00\x08\x80\xa0\x95\x8e\x98\xbe\x15\x10\x00\x20\x04\x28\x01\x0e\x00\x00\x00\x08\x80\xe0\x95\x8e\x98\xbe\x15\x10\x00\x20\x04\x28\x02";
+
+    #[test]
+    fn parses_a_real_criu_4_2_pagemap() {
+        let map = parse_pagemap(REAL_PAGEMAP).expect("parse");
+        assert_eq!(map.pages_id, 1);
+        assert_eq!(
+            map.entries,
+            vec![
+                PagemapEntry {
+                    vaddr: 94_495_752_671_232,
+                    nr_pages: 1,
+                    flags: PE_PRESENT
+                },
+                PagemapEntry {
+                    vaddr: 94_495_752_679_424,
+                    nr_pages: 2,
+                    flags: PE_PRESENT
+                },
+            ]
+        );
+        assert_eq!(map.present_pages(), 3);
+        assert_eq!(map.address_of(0), Some(94_495_752_671_232));
+        assert_eq!(map.address_of(2), Some(94_495_752_679_424 + 4096));
+        assert_eq!(map.address_of(3), None);
+    }
+
+    #[test]
+    fn pagemap_reads_old_fields_and_refuses_garbage() {
+        let mut img = REAL_PAGEMAP[..14].to_vec();
+        // CRIU < 4.2: nr_pages in field 2, no flags: present.
+        let old = [0x08, 0x80, 0x20, 0x10, 0x03];
+        // in_parent without flags: a parent run, not in the pages file.
+        let parent = [0x08, 0x80, 0x40, 0x10, 0x05, 0x18, 0x01];
+        // flags PE_LAZY|PE_PRESENT and both counts: field 5 wins.
+        let both = [0x08, 0x80, 0x60, 0x10, 0x09, 0x20, 0x06, 0x28, 0x02];
+        for e in [&old[..], &parent[..], &both[..]] {
+            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            img.extend_from_slice(e);
+        }
+        let map = parse_pagemap(&img).expect("parse");
+        let got: Vec<_> = map
+            .entries
+            .iter()
+            .map(|e| (e.vaddr, e.nr_pages, e.flags))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x1000, 3, PE_PRESENT),
+                (0x2000, 5, PE_PARENT),
+                (0x3000, 2, PE_LAZY | PE_PRESENT),
+            ]
+        );
+        assert_eq!(map.present_pages(), 5);
+        assert_eq!(map.address_of(3), Some(0x3000));
+        assert_eq!(
+            parse_pagemap(REAL),
+            Err((4, "not a pagemap image (bad magic)"))
+        );
+        assert_eq!(
+            parse_pagemap(&REAL_PAGEMAP[..40]),
+            Err((36, "entry runs past the end of the file"))
+        );
+        let mut no_count = REAL_PAGEMAP[..14].to_vec();
+        no_count.extend_from_slice(&[2, 0, 0, 0, 0x08, 0x01]);
+        assert_eq!(
+            parse_pagemap(&no_count),
+            Err((14, "pagemap_entry lacks nr_pages"))
         );
     }
 }

@@ -16,6 +16,7 @@ mod runner;
 mod tarball;
 #[doc(hidden)]
 pub mod test_support;
+mod v2;
 mod wire;
 
 pub use crate::capture::{
@@ -28,7 +29,8 @@ pub use crate::restore::{
     ImagesDir, InheritFd, RestoreOptions, Restored, extract_images, load_procs, restore,
     restore_dir,
 };
-pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, ProcsBlob};
+pub use crate::v2::FORMAT_ENV;
+pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, PagesImage, ProcsBlob};
 
 /// How a process ended (pf-os's one exit type, re-exported for callers of [`Restored::wait`]).
 pub use pf_os::Exit;

@@ -83,6 +83,12 @@ pub fn load_procs(store: &dyn BlobStore, digest: &Digest256) -> Result<ProcsBlob
 /// directory (regular files with plain names only; see `tarball::extract`).
 pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<ImagesDir> {
     let digest = &procs.criu_dump;
+    if let Some(memory) = &procs.memory {
+        let dir = crate::capture::scratch_dir("pf-restore-")?;
+        crate::v2::extract_into(store, procs, memory, dir.path())?;
+        tracing::debug!(%digest, dir = %dir.path().display(), "v2 images rebuilt");
+        return Ok(ImagesDir { dir });
+    }
     let source = store
         .open(digest)
         .map_err(|e| Error::store(format!("opening the images {digest}"), e))?;
@@ -99,7 +105,7 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
         ProcsBlob::Criu(c) => {
             // Before extracting a GiB: is there a criu to hand it to?
             crate::criu::for_restore()?;
-            let images = extract_images(store, &c)?;
+            let images = extract_images(store, &c).map_err(|e| e.in_snapshot(procs))?;
             restore_dir(images.path(), opts)
         }
         ProcsBlob::Unsupported {

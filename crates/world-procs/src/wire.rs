@@ -11,18 +11,20 @@ use pf_core::Digest256;
 use serde::{Deserialize, Serialize};
 
 /// A captured process tree, or the placeholder that says why there is none.
+///
+/// A [`CriuProcs`] with `memory` is written as `procs.criu.v2` (memory stored page by page),
+/// one without as `procs.criu.v1` (the whole images directory in one tar); both read back as
+/// [`ProcsBlob::Criu`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind")]
+#[serde(try_from = "Tagged", into = "Tagged")]
 #[allow(
     clippy::large_enum_variant,
     reason = "one blob per capture or restore: its size on the stack does not matter"
 )]
 pub enum ProcsBlob {
-    /// A real CRIU dump.
-    #[serde(rename = "procs.criu.v1")]
+    /// A real CRIU dump (`procs.criu.v1` or `procs.criu.v2`).
     Criu(CriuProcs),
     /// Nothing was dumped: not Linux, or no working criu.
-    #[serde(rename = "procs.unsupported.v1")]
     Unsupported {
         /// `std::env::consts::OS`, or `linux-no-criu` on Linux without a usable criu.
         unsupported_on: String,
@@ -31,10 +33,82 @@ pub enum ProcsBlob {
     },
 }
 
+/// [`ProcsBlob`] as it is written: the `kind` tag says the format version.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one blob per capture or restore: its size on the stack does not matter"
+)]
+enum Tagged {
+    #[serde(rename = "procs.criu.v1")]
+    V1(CriuProcs),
+    #[serde(rename = "procs.criu.v2")]
+    V2(CriuProcs),
+    #[serde(rename = "procs.unsupported.v1")]
+    Unsupported {
+        unsupported_on: String,
+        note: String,
+    },
+}
+
+impl TryFrom<Tagged> for ProcsBlob {
+    type Error = &'static str;
+
+    fn try_from(tagged: Tagged) -> Result<Self, Self::Error> {
+        match tagged {
+            // A v1 reader never looked at `memory`: a v1 blob is whole without it.
+            Tagged::V1(procs) => Ok(Self::Criu(CriuProcs {
+                memory: None,
+                ..procs
+            })),
+            Tagged::V2(procs) if procs.memory.is_none() => {
+                Err("a procs.criu.v2 blob must have a \"memory\" field")
+            }
+            Tagged::V2(procs) => Ok(Self::Criu(procs)),
+            Tagged::Unsupported {
+                unsupported_on,
+                note,
+            } => Ok(Self::Unsupported {
+                unsupported_on,
+                note,
+            }),
+        }
+    }
+}
+
+impl From<ProcsBlob> for Tagged {
+    fn from(blob: ProcsBlob) -> Self {
+        match blob {
+            ProcsBlob::Criu(procs) if procs.memory.is_some() => Self::V2(procs),
+            ProcsBlob::Criu(procs) => Self::V1(procs),
+            ProcsBlob::Unsupported {
+                unsupported_on,
+                note,
+            } => Self::Unsupported {
+                unsupported_on,
+                note,
+            },
+        }
+    }
+}
+
+/// One pages file of a `procs.criu.v2` dump, stored page by page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagesImage {
+    /// The file's name in the images directory, e.g. `pages-1.img`.
+    pub file: String,
+    /// Its `pages.manifest.v1` blob (see `pf_core::pages`).
+    pub manifest: Digest256,
+    /// Pages in the file.
+    pub pages: u64,
+}
+
 /// A CRIU dump in the store and what is known about it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CriuProcs {
-    /// The deterministic tar of the images directory.
+    /// The deterministic tar of the images directory (with `memory`: of every file but the
+    /// pages files).
     pub criu_dump: Digest256,
     /// The tree's pids at capture, root first.
     pub pids: Vec<i32>,
@@ -66,6 +140,9 @@ pub struct CriuProcs {
     /// CRIU's own statistics of the dump (absent when criu wrote none, and in older blobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dump_stats: Option<DumpStats>,
+    /// `procs.criu.v2` only: the pages files, stored page by page (absent in v1 blobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Vec<PagesImage>>,
 }
 
 /// CRIU's statistics of one dump, from the `stats-dump` file it writes on success. Times are
@@ -194,6 +271,7 @@ mod tests {
                 pages_written: 30,
                 pages_lazy: 0,
             }),
+            memory: None,
         });
         let json = blob.to_json();
         assert_eq!(
@@ -207,8 +285,32 @@ mod tests {
     }
 
     #[test]
+    fn v2_blobs_carry_memory_and_say_so_in_their_kind() {
+        let v2 = format!(
+            r#"{{"kind":"procs.criu.v2","criu_dump":"{DIGEST}","pids":[7],"memory":[{{"file":"pages-1.img","manifest":"{DIGEST}","pages":3}}]}}"#
+        );
+        let blob: ProcsBlob = serde_json::from_str(&v2).expect("v2 blob");
+        let ProcsBlob::Criu(c) = &blob else {
+            panic!("expected Criu, got {blob:?}");
+        };
+        assert_eq!(c.memory.as_ref().map(Vec::len), Some(1));
+        assert_eq!(String::from_utf8(blob.to_json()).expect("utf8"), v2);
+        // v2 without memory is refused; v1 with a stray memory field is read as v1 (as a v1
+        // reader would) and written back without it.
+        let bare = format!(r#"{{"kind":"procs.criu.v2","criu_dump":"{DIGEST}","pids":[]}}"#);
+        assert!(serde_json::from_str::<ProcsBlob>(&bare).is_err());
+        let stray = v2.replace("procs.criu.v2", "procs.criu.v1");
+        let blob: ProcsBlob = serde_json::from_str(&stray).expect("v1 blob");
+        assert!(
+            !String::from_utf8(blob.to_json())
+                .expect("utf8")
+                .contains("memory")
+        );
+    }
+
+    #[test]
     fn rejects_unknown_kinds_and_bad_digests() {
-        let wrong_kind = format!(r#"{{"kind":"procs.criu.v2","criu_dump":"{DIGEST}","pids":[]}}"#);
+        let wrong_kind = format!(r#"{{"kind":"procs.criu.v3","criu_dump":"{DIGEST}","pids":[]}}"#);
         assert!(serde_json::from_str::<ProcsBlob>(&wrong_kind).is_err());
         let bad = r#"{"kind":"procs.criu.v1","criu_dump":"sha256:xyz","pids":[]}"#;
         assert!(serde_json::from_str::<ProcsBlob>(bad).is_err());

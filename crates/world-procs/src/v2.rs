@@ -1,0 +1,245 @@
+//! `procs.criu.v2`: memory stored page by page.
+//!
+//! After `criu dump` has written its images, every `pages-<N>.img` is stored with
+//! [`pf_core::pages::PageWriter`]: each distinct non-zero 4 KiB page once per store, in packs,
+//! deduplicated against the store's page index (so a re-freeze stores about its changed pages),
+//! hashed and compressed on every core. The pages files are then removed from the scratch
+//! directory and the rest (core, mm, pagemap, fds …, a few KiB to a few MiB) goes into the same
+//! deterministic tar as v1 (`criu_dump`). The procs blob lists the pages files with their
+//! manifests (`memory`).
+//!
+//! Restore extracts the tar, then rebuilds each pages file from its packs, checking every page
+//! against its digest before it is written: a bad page is [`Error::CorruptPage`] naming the
+//! file, the page and its address (from the pagemap), and criu never runs.
+//!
+//! Which format `capture` writes is chosen by `$PF_SNAPSHOT_FORMAT` (`v1`, the default, or
+//! `v2`); restore reads both.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use pf_core::pages::{PageWriter, PagesError, read_pages};
+use pf_core::{BlobStore, Digest256};
+
+use crate::error::{Error, Result};
+use crate::images::Pagemap;
+use crate::wire::{CriuProcs, PagesImage};
+
+/// The environment variable that picks the format `capture` writes.
+pub const FORMAT_ENV: &str = "PF_SNAPSHOT_FORMAT";
+
+/// The snapshot formats `capture` can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `procs.criu.v1`: the images directory as one tar.
+    V1,
+    /// `procs.criu.v2`: pages files page by page, the rest as a tar.
+    V2,
+}
+
+/// The format `$PF_SNAPSHOT_FORMAT` asks for (v1 when unset or empty).
+pub(crate) fn format_from_env() -> Result<Format> {
+    parse_format(std::env::var_os(FORMAT_ENV).as_deref())
+}
+
+fn parse_format(value: Option<&std::ffi::OsStr>) -> Result<Format> {
+    match value.map(|v| v.to_string_lossy()) {
+        None => Ok(Format::V1),
+        Some(v) if v.is_empty() || v == "v1" => Ok(Format::V1),
+        Some(v) if v == "v2" => Ok(Format::V2),
+        Some(v) => Err(Error::BadSnapshotFormat {
+            value: v.into_owned(),
+        }),
+    }
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Whether `name` is a CRIU pages file (`pages-<digits>.img`).
+fn is_pages_file(name: &str) -> bool {
+    name.strip_prefix("pages-")
+        .and_then(|rest| rest.strip_suffix(".img"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Every pagemap in `dir`, by the `N` of the `pages-N.img` it describes.
+fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
+    let mut out = HashMap::new();
+    let read = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    for entry in read {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("pagemap-") && name.ends_with(".img") {
+            let map = crate::images::pagemap(&entry.path()).map_err(|source| Error::Image {
+                what: "the memory map (pagemap-*.img)",
+                source,
+            })?;
+            out.insert(format!("pages-{}.img", map.pages_id), map);
+        }
+    }
+    Ok(out)
+}
+
+/// Store the pages files of the images in `dir` page by page, remove them from `dir`, and store
+/// the rest as a tar. Returns the tar's digest and the pages files' manifests.
+pub(crate) fn store_images(
+    store: &dyn BlobStore,
+    dir: &Path,
+    pid: i32,
+) -> Result<(Digest256, Vec<PagesImage>)> {
+    let maps = pagemaps(dir)?;
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("list", dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| is_pages_file(n))
+        .collect();
+    names.sort();
+    let mut writer = PageWriter::new(store, store.page_index(), threads());
+    let mut memory = Vec::with_capacity(names.len());
+    for name in names {
+        let path = dir.join(&name);
+        let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        let stored = writer
+            .write_file(&file, &path)
+            .map_err(|source| Error::Pages {
+                what: format!("storing the memory of pid {pid} ({name})"),
+                source: Box::new(source),
+            })?;
+        if let Some(map) = maps.get(&name)
+            && map.present_pages() != stored.pages
+        {
+            return Err(Error::Image {
+                what: "the memory (pages-*.img)",
+                source: crate::images::ImageError::Malformed {
+                    path,
+                    offset: 0,
+                    reason: "the pages file does not hold the pages its pagemap says are present",
+                },
+            });
+        }
+        tracing::debug!(
+            file = %name,
+            pages = stored.pages,
+            zero = stored.zero_pages,
+            new = stored.new_pages,
+            pack_bytes = stored.pack_bytes,
+            "memory stored"
+        );
+        drop(file);
+        std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+        memory.push(PagesImage {
+            file: name,
+            manifest: stored.manifest,
+            pages: stored.pages,
+        });
+    }
+    let mut tar = crate::tarball::ImagesTar::new(dir)?;
+    let len = tar.len();
+    let put = store
+        .put_reader_with_len(&mut tar, len)
+        .map_err(|e| Error::store(format!("storing the images of pid {pid}"), e))?;
+    writer.commit().map_err(|source| Error::Pages {
+        what: format!("recording the pages of pid {pid} in the store's page index"),
+        source: Box::new(source),
+    })?;
+    Ok((put.digest, memory))
+}
+
+/// Extract a v2 snapshot's images into `dest`: the tar, then every pages file rebuilt from its
+/// packs, each page checked before it is written.
+pub(crate) fn extract_into(
+    store: &dyn BlobStore,
+    procs: &CriuProcs,
+    memory: &[PagesImage],
+    dest: &Path,
+) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let source = store
+        .open(&procs.criu_dump)
+        .map_err(|e| Error::store(format!("opening the images {}", procs.criu_dump), e))?;
+    crate::tarball::extract(source, &procs.criu_dump, dest)?;
+    let maps = pagemaps(dest)?;
+    for image in memory {
+        if !is_pages_file(&image.file) {
+            return Err(Error::UnsafeTar {
+                digest: procs.criu_dump,
+                entry: image.file.clone(),
+                reason: "is not a pages file name (pages-<N>.img)",
+            });
+        }
+        let path = dest.join(&image.file);
+        let out = File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        let map = maps.get(&image.file);
+        read_pages(store, &image.manifest, &out, &path, threads()).map_err(
+            |source| match source {
+                PagesError::BadPage { page, .. } => Error::CorruptPage {
+                    snapshot: None,
+                    file: image.file.clone(),
+                    page,
+                    vaddr: map.and_then(|m| m.address_of(page)),
+                    source: Box::new(source),
+                },
+                source => Error::Pages {
+                    what: format!(
+                        "rebuilding {} of the images {}",
+                        image.file, procs.criu_dump
+                    ),
+                    source: Box::new(source),
+                },
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_comes_from_the_environment_value() {
+        use std::ffi::OsStr;
+        assert_eq!(parse_format(None).expect("unset"), Format::V1);
+        assert_eq!(
+            parse_format(Some(OsStr::new(""))).expect("empty"),
+            Format::V1
+        );
+        assert_eq!(
+            parse_format(Some(OsStr::new("v1"))).expect("v1"),
+            Format::V1
+        );
+        assert_eq!(
+            parse_format(Some(OsStr::new("v2"))).expect("v2"),
+            Format::V2
+        );
+        let err = parse_format(Some(OsStr::new("V2"))).expect_err("bad");
+        assert!(err.to_string().contains("set it to v1 or v2"), "{err}");
+    }
+
+    #[test]
+    fn pages_files_are_recognised() {
+        for ok in ["pages-1.img", "pages-123.img"] {
+            assert!(is_pages_file(ok), "{ok}");
+        }
+        for bad in [
+            "pages-.img",
+            "pages-1.img.x",
+            "pagemap-1.img",
+            "pages-a.img",
+            "../pages-1.img",
+        ] {
+            assert!(!is_pages_file(bad), "{bad}");
+        }
+    }
+}
