@@ -548,15 +548,13 @@ fn write_from_pack(
         let k = want.partition_point(|(s, _, _)| *s < slot);
         want.get(k).map_or(0, |(_, _, n)| *n)
     };
+    // Pages that follow each other in the file are written with one call (up to WRITE_RUN
+    // bytes): a first snapshot's packs hold pages in file order, so most writes are long.
+    let mut run = Run::new(out, out_path);
     let mut write = |slot: u32, page: &[u8]| -> Result<(), PagesError> {
         let k = want.partition_point(|(s, _, _)| *s < slot);
         for (_, _, n) in want[k..].iter().take_while(|(s, _, _)| *s == slot) {
-            out.write_all_at(page, n * PAGE_SIZE as u64)
-                .map_err(|source| PagesError::Io {
-                    op: "write",
-                    path: out_path.to_owned(),
-                    source,
-                })?;
+            run.push(*n, page)?;
         }
         Ok(())
     };
@@ -568,7 +566,58 @@ fn write_from_pack(
                 source,
             },
             other => other,
-        })
+        })?;
+    run.flush()
+}
+
+/// Most bytes written by one call when rebuilding a file.
+const WRITE_RUN: usize = 256 * 1024;
+
+/// Consecutive pages gathered for one `pwrite`.
+struct Run<'a> {
+    out: &'a File,
+    path: &'a std::path::Path,
+    first: u64,
+    buf: Vec<u8>,
+}
+
+impl<'a> Run<'a> {
+    fn new(out: &'a File, path: &'a std::path::Path) -> Self {
+        Self {
+            out,
+            path,
+            first: 0,
+            buf: Vec::with_capacity(WRITE_RUN),
+        }
+    }
+
+    /// Add page number `n`; write what is gathered first when `n` does not follow it.
+    fn push(&mut self, n: u64, page: &[u8]) -> Result<(), PagesError> {
+        let next = self.first + (self.buf.len() / PAGE_SIZE) as u64;
+        if !self.buf.is_empty() && (n != next || self.buf.len() >= WRITE_RUN) {
+            self.flush()?;
+        }
+        if self.buf.is_empty() {
+            self.first = n;
+        }
+        self.buf.extend_from_slice(page);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), PagesError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.out
+            .write_all_at(&self.buf, self.first * PAGE_SIZE as u64)
+            .map_err(|source| PagesError::Io {
+                op: "write",
+                path: self.path.to_owned(),
+                source,
+            })?;
+        self.buf.clear();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
