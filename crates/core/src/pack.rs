@@ -318,33 +318,34 @@ impl<'a> Pack<'a> {
         })
     }
 
-    /// Decode frame `n` into `out` (cleared first); returns the frame's first slot.
-    fn decode_frame(&self, n: usize, out: &mut Vec<u8>) -> Result<u32, PackError> {
+    /// Decode frame `n` into `out` (cleared first, its allocation reused) with `decoder`;
+    /// returns the frame's first slot.
+    fn decode_frame(
+        &self,
+        decoder: &mut Option<zstd::bulk::Decompressor<'static>>,
+        n: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<u32, PackError> {
         let f = self.frames[n];
         let src = &self.bytes[f.offset..f.offset + f.len];
-        out.clear();
-        let want = f.pages as usize * PAGE_SIZE;
-        let mut decoder = zstd::bulk::Decompressor::new().map_err(|source| PackError::Frame {
+        let frame_err = |source| PackError::Frame {
             pack: self.digest,
             frame: n,
             source,
-        })?;
-        *out = decoder
-            .decompress(src, want)
-            .map_err(|source| PackError::Frame {
-                pack: self.digest,
-                frame: n,
-                source,
-            })?;
+        };
+        let want = f.pages as usize * PAGE_SIZE;
+        out.clear();
+        out.reserve(want);
+        let decoder = match decoder {
+            Some(d) => d,
+            None => decoder.insert(zstd::bulk::Decompressor::new().map_err(frame_err)?),
+        };
+        decoder.decompress_to_buffer(src, out).map_err(frame_err)?;
         if out.len() != want {
-            return Err(PackError::Frame {
-                pack: self.digest,
-                frame: n,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "frame holds fewer pages than its index says",
-                ),
-            });
+            return Err(frame_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "frame holds fewer pages than its index says",
+            )));
         }
         Ok(f.first)
     }
@@ -372,7 +373,7 @@ impl<'a> Pack<'a> {
     ) -> Result<(), PackError> {
         let n = self.frame_of(slot)?;
         let mut buf = Vec::new();
-        let first = self.decode_frame(n, &mut buf)?;
+        let first = self.decode_frame(&mut None, n, &mut buf)?;
         let at = (slot - first) as usize * PAGE_SIZE;
         let page = &buf[at..at + PAGE_SIZE];
         check_page(self.digest, slot, page, expected)?;
@@ -388,11 +389,12 @@ impl<'a> Pack<'a> {
         f: &mut PageSink<'_, E>,
     ) -> Result<(), E> {
         let mut buf = Vec::new();
+        let mut decoder = None;
         let mut have: Option<usize> = None;
         for (slot, expected) in wanted {
             let n = self.frame_of(*slot)?;
             if have != Some(n) {
-                self.decode_frame(n, &mut buf)?;
+                self.decode_frame(&mut decoder, n, &mut buf)?;
                 have = Some(n);
             }
             let at = (slot - self.frames[n].first) as usize * PAGE_SIZE;
@@ -406,8 +408,9 @@ impl<'a> Pack<'a> {
     /// Decode every frame and check every page against the index; returns the page count.
     pub fn verify(&self) -> Result<u32, PackError> {
         let mut buf = Vec::new();
+        let mut decoder = None;
         for n in 0..self.frames.len() {
-            let first = self.decode_frame(n, &mut buf)?;
+            let first = self.decode_frame(&mut decoder, n, &mut buf)?;
             for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
                 let slot = first + i as u32;
                 check_page(self.digest, slot, page, &self.page_digest(slot)?)?;

@@ -506,12 +506,14 @@ pub fn read_pages(
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> Result<(), PagesError> {
+                    // One pack's bytes at a time, the allocation reused from pack to pack.
+                    let mut bytes = Vec::new();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some((pack, want)) = jobs.get(i) else {
                             return Ok(());
                         };
-                        write_from_pack(store, pack, want, out, out_path)?;
+                        write_from_pack(store, pack, want, out, out_path, &mut bytes)?;
                     }
                 })
             })
@@ -532,15 +534,19 @@ fn write_from_pack(
     want: &[Wanted],
     out: &File,
     out_path: &std::path::Path,
+    bytes: &mut Vec<u8>,
 ) -> Result<(), PagesError> {
     if want.is_empty() {
         return Ok(());
     }
-    let bytes = store.get(pack).map_err(|source| PagesError::Store {
-        what: format!("reading pack {pack}"),
-        source,
-    })?;
-    let parsed = Pack::parse(*pack, &bytes)?;
+    bytes.clear();
+    store
+        .copy_to(pack, bytes)
+        .map_err(|source| PagesError::Store {
+            what: format!("reading pack {pack}"),
+            source,
+        })?;
+    let parsed = Pack::parse(*pack, bytes)?;
     // One stored page may be used at several places: decode each distinct slot once.
     let mut distinct: Vec<(u32, Digest256)> = want.iter().map(|(s, d, _)| (*s, *d)).collect();
     distinct.dedup_by_key(|(s, _)| *s);
