@@ -33,6 +33,8 @@ const LIST_ENTRY: usize = 40;
 const ZERO_PACK: u32 = u32::MAX;
 /// Pages read (and hashed) per batch by each thread: 1 MiB.
 const BATCH_PAGES: usize = 256;
+/// Finished packs (8 MiB raw each, less compressed) waiting for the store.
+const PUT_QUEUE: usize = 1;
 
 /// The manifest of one file stored page by page (the only serde type of this module).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,46 +194,46 @@ impl<'a> PageWriter<'a> {
                 self.known.insert(digest, loc);
             }
         }
-        // Pass 2: the new pages into packs, in file order.
-        let mut pack = PackBuilder::new(self.threads);
-        let mut in_pack: Vec<Digest256> = Vec::new();
-        let mut pending: HashMap<Digest256, u32> = HashMap::new();
-        let mut new_pages = 0u64;
-        let mut pack_bytes = 0u64;
-        let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-        for start in (0..pages).step_by(BATCH_PAGES) {
-            let n = BATCH_PAGES.min(pages - start);
-            let wants_bytes = digests[start..start + n]
-                .iter()
-                .flatten()
-                .any(|d| !self.known.contains_key(d) && !pending.contains_key(d));
-            if !wants_bytes {
-                continue;
-            }
-            read_at(
-                file,
-                path,
-                &mut buf[..n * PAGE_SIZE],
-                start as u64 * PAGE_SIZE as u64,
-            )?;
-            for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
-                let Some(digest) = digests[start + i] else {
-                    continue;
-                };
-                if self.known.contains_key(&digest) || pending.contains_key(&digest) {
-                    continue;
+        // Pass 2: the new pages into packs, in file order. Packs are compressed here and stored
+        // by a second thread (at most PUT_QUEUE finished packs wait for it), so the store's
+        // writes and fsyncs overlap the next pack's reading and compression.
+        let store = self.store;
+        let threads = self.threads;
+        let (stored, packed) = std::thread::scope(|s| {
+            let (send, recv) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUT_QUEUE);
+            let putter = s.spawn(move || -> Result<Vec<(Digest256, u64)>, PagesError> {
+                let mut done = Vec::new();
+                for bytes in recv {
+                    let digest = store.put(&bytes).map_err(|source| PagesError::Store {
+                        what: "storing a pack".to_owned(),
+                        source,
+                    })?;
+                    done.push((digest, bytes.len() as u64));
                 }
-                let slot = pack.push(page, digest);
-                pending.insert(digest, slot);
-                in_pack.push(digest);
-                new_pages += 1;
-                if pack.is_full() {
-                    pack_bytes += self.flush(&mut pack, &mut in_pack, &mut pending)?;
-                }
-            }
+                Ok(done)
+            });
+            let packed = self.pack_new_pages(file, path, &digests, threads, &send);
+            drop(send);
+            let stored = putter
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (stored, packed)
+        });
+        // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
+        let stored = stored?;
+        let pending = packed?;
+        let new_pages = pending.len() as u64;
+        let pack_bytes = stored.iter().map(|(_, len)| len).sum();
+        for (digest, (pack_no, slot)) in pending {
+            let loc = PageLoc {
+                pack: stored[pack_no].0,
+                slot,
+            };
+            self.known.insert(digest, loc);
+            self.added.push((digest, loc));
         }
-        if !pack.is_empty() {
-            pack_bytes += self.flush(&mut pack, &mut in_pack, &mut pending)?;
+        for (digest, _) in &stored {
+            self.packs_checked.insert(*digest, true);
         }
         // The page list, in file order.
         let mut packs: Vec<Digest256> = Vec::new();
@@ -307,30 +309,64 @@ impl<'a> PageWriter<'a> {
         Ok(present)
     }
 
-    /// Finish `pack`, store it, and make its pages known; returns its size.
-    fn flush(
-        &mut self,
-        pack: &mut PackBuilder,
-        in_pack: &mut Vec<Digest256>,
-        pending: &mut HashMap<Digest256, u32>,
-    ) -> Result<u64, PagesError> {
-        let full = std::mem::replace(pack, PackBuilder::new(self.threads));
-        let bytes = full.finish()?;
-        let digest = self.store.put(&bytes).map_err(|source| PagesError::Store {
-            what: "storing a pack".to_owned(),
-            source,
-        })?;
-        self.packs_checked.insert(digest, true);
-        for d in in_pack.drain(..) {
-            let loc = PageLoc {
-                pack: digest,
-                slot: pending[&d],
-            };
-            self.known.insert(d, loc);
-            self.added.push((d, loc));
+    /// Put every page of `digests` the store does not hold into packs, in file order, and send
+    /// each finished pack to `send`. Returns each new page's (pack number, slot).
+    fn pack_new_pages(
+        &self,
+        file: &File,
+        path: &std::path::Path,
+        digests: &[Option<Digest256>],
+        threads: usize,
+        send: &std::sync::mpsc::SyncSender<Vec<u8>>,
+    ) -> Result<HashMap<Digest256, (usize, u32)>, PagesError> {
+        let pages = digests.len();
+        let mut pack = PackBuilder::new(threads);
+        let mut packs_sent = 0usize;
+        let mut pending: HashMap<Digest256, (usize, u32)> = HashMap::new();
+        let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+        let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
+            let full = std::mem::replace(pack, PackBuilder::new(threads));
+            send.send(full.finish()?).map_err(|_| PagesError::Io {
+                op: "store the packs of",
+                path: path.to_owned(),
+                source: std::io::Error::other("the pack writer stopped"),
+            })?;
+            Ok(())
+        };
+        for start in (0..pages).step_by(BATCH_PAGES) {
+            let n = BATCH_PAGES.min(pages - start);
+            let wants_bytes = digests[start..start + n]
+                .iter()
+                .flatten()
+                .any(|d| !self.known.contains_key(d) && !pending.contains_key(d));
+            if !wants_bytes {
+                continue;
+            }
+            read_at(
+                file,
+                path,
+                &mut buf[..n * PAGE_SIZE],
+                start as u64 * PAGE_SIZE as u64,
+            )?;
+            for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+                let Some(digest) = digests[start + i] else {
+                    continue;
+                };
+                if self.known.contains_key(&digest) || pending.contains_key(&digest) {
+                    continue;
+                }
+                let slot = pack.push(page, digest);
+                pending.insert(digest, (packs_sent, slot));
+                if pack.is_full() {
+                    finish(&mut pack)?;
+                    packs_sent += 1;
+                }
+            }
         }
-        pending.clear();
-        Ok(bytes.len() as u64)
+        if !pack.is_empty() {
+            finish(&mut pack)?;
+        }
+        Ok(pending)
     }
 
     /// Every page's digest (None for a zero page), hashed on `threads` threads.
