@@ -139,7 +139,8 @@ pub struct PageWriter<'a> {
     /// packs are known to be in the store.
     known: HashMap<Digest256, PageLoc>,
     packs_checked: HashMap<Digest256, bool>,
-    added: Vec<(Digest256, PageLoc)>,
+    /// The packs this session wrote (their pages go into the index on commit).
+    new_packs: std::collections::HashSet<Digest256>,
 }
 
 impl<'a> PageWriter<'a> {
@@ -151,7 +152,7 @@ impl<'a> PageWriter<'a> {
             threads: threads.max(1),
             known: HashMap::new(),
             packs_checked: HashMap::new(),
-            added: Vec::new(),
+            new_packs: std::collections::HashSet::new(),
         }
     }
 
@@ -189,7 +190,9 @@ impl<'a> PageWriter<'a> {
             .collect();
         unknown.sort();
         unknown.dedup();
-        for (digest, loc) in self.index.lookup(&unknown)? {
+        let found = self.index.lookup(&unknown)?;
+        drop(unknown);
+        for (digest, loc) in found {
             if self.pack_present(&loc.pack)? {
                 self.known.insert(digest, loc);
             }
@@ -226,14 +229,14 @@ impl<'a> PageWriter<'a> {
         let pack_bytes = stored.iter().map(|(_, len)| len).sum();
         for (digest, (pack_no, slot)) in pending {
             let loc = PageLoc {
-                pack: stored[pack_no].0,
+                pack: stored[pack_no as usize].0,
                 slot,
             };
             self.known.insert(digest, loc);
-            self.added.push((digest, loc));
         }
         for (digest, _) in &stored {
             self.packs_checked.insert(*digest, true);
+            self.new_packs.insert(*digest);
         }
         // The page list, in file order.
         let mut packs: Vec<Digest256> = Vec::new();
@@ -290,7 +293,13 @@ impl<'a> PageWriter<'a> {
 
     /// Add the pages this session stored to the index.
     pub fn commit(self) -> Result<(), PagesError> {
-        self.index.add(self.added)?;
+        let added = self
+            .known
+            .iter()
+            .filter(|(_, loc)| self.new_packs.contains(&loc.pack))
+            .map(|(d, loc)| (*d, *loc))
+            .collect();
+        self.index.add(added)?;
         Ok(())
     }
 
@@ -318,11 +327,11 @@ impl<'a> PageWriter<'a> {
         digests: &[Option<Digest256>],
         threads: usize,
         send: &std::sync::mpsc::SyncSender<Vec<u8>>,
-    ) -> Result<HashMap<Digest256, (usize, u32)>, PagesError> {
+    ) -> Result<HashMap<Digest256, (u32, u32)>, PagesError> {
         let pages = digests.len();
         let mut pack = PackBuilder::new(threads);
-        let mut packs_sent = 0usize;
-        let mut pending: HashMap<Digest256, (usize, u32)> = HashMap::new();
+        let mut packs_sent = 0u32;
+        let mut pending: HashMap<Digest256, (u32, u32)> = HashMap::new();
         let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
         let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
             let full = std::mem::replace(pack, PackBuilder::new(threads));
