@@ -1,5 +1,6 @@
-//! Finding a usable `criu`: where it is, its version, whether `criu check` passes, and how we
-//! get the privileges it needs. Probed once per process ([`probe`]) and cached.
+//! Finding a usable `criu`: where it is, its version, whether pf's policy accepts it
+//! ([`policy`]), whether `criu check` passes, and how we get the privileges it needs. Probed once
+//! per process ([`probe`]) and cached.
 //!
 //! The probe is a pure function of its inputs ([`ProbeInputs`]: the OS, `$PF_CRIU`, `$PATH`,
 //! whether we are root) plus what the programs it runs answer, so tests can probe with any
@@ -12,28 +13,9 @@ use std::time::Duration;
 
 use crate::runner::{self, Invocation};
 
-/// The oldest criu we drive. Older ones lack options we pass; note that Debian 12's 3.17.1 passes
-/// this bar but fails `criu check` on kernels with a `[vvar_vclock]` mapping, which the check
-/// step reports.
-pub const MIN_VERSION: CriuVersion = CriuVersion {
-    major: 3,
-    minor: 17,
-    sublevel: 0,
-};
+pub mod policy;
 
-/// `--unprivileged` (CAP_CHECKPOINT_RESTORE instead of root) needs this criu.
-const MIN_UNPRIVILEGED: CriuVersion = CriuVersion {
-    major: 3,
-    minor: 18,
-    sublevel: 0,
-};
-
-/// Directories searched after `$PATH`.
-const FALLBACK_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
-
-/// The fix we suggest for a missing or broken criu.
-const INSTALL_HINT: &str =
-    "install criu 4.x with `cargo xtask install-criu` (or point $PF_CRIU at a working criu)";
+pub use policy::{INSTALL_HINT, Verdict};
 
 /// A criu release number, as printed by `criu --version` (`Version: 4.1.1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -123,7 +105,7 @@ pub enum Unavailable {
         /// The value of `$PF_CRIU`.
         path: PathBuf,
     },
-    /// No criu anywhere we looked.
+    /// No criu anywhere we looked ([`policy::candidates`]).
     #[error("criu not found in $PATH, /usr/local/sbin, /usr/sbin or /sbin: {INSTALL_HINT}")]
     NotFound,
     /// `criu --version` could not be run.
@@ -143,18 +125,27 @@ pub enum Unavailable {
         /// What it printed (trimmed).
         output: String,
     },
-    /// The criu is older than [`MIN_VERSION`].
-    #[error("criu {version} at {} is too old (need {MIN_VERSION} or newer): {INSTALL_HINT}", .path.display())]
-    TooOld {
+    /// pf's policy refuses this criu ([`Verdict::TooOld`] or [`Verdict::Unpatched`]).
+    #[error(
+        "criu {version} at {} is not one pf accepts ({}): pf needs {}; {INSTALL_HINT}",
+        .path.display(),
+        refusal(*.verdict, .gitid.as_deref()),
+        policy::ACCEPTED
+    )]
+    Refused {
         /// The binary.
         path: PathBuf,
         /// Its version.
         version: CriuVersion,
+        /// Its `GitID:`, if it printed one.
+        gitid: Option<String>,
+        /// What the policy says of it.
+        verdict: Verdict,
     },
     /// `criu check` failed.
     #[error(
         "`criu check` fails with criu {version} at {}{}: this kernel or criu is not fit for \
-         checkpointing; {INSTALL_HINT} (criu before 4.x fails on kernels with [vvar_vclock])",
+         checkpointing; {INSTALL_HINT}",
         .path.display(),
         first_line(.errors)
     )]
@@ -170,8 +161,8 @@ pub enum Unavailable {
     },
     /// Not root, and neither sudo nor capabilities work.
     #[error(
-        "not root, and criu cannot get privileges: `sudo -n` failed ({sudo}) and criu with \
-         --unprivileged failed ({unprivileged}); run pf as root, allow passwordless sudo for {}, \
+        "not root, and criu cannot get privileges: `sudo -n` {sudo} and criu with \
+         --unprivileged {unprivileged}; run pf as root, allow passwordless sudo for {}, \
          or give it the capability: sudo setcap cap_checkpoint_restore+eip {}",
         .path.display(),
         .path.display()
@@ -180,14 +171,57 @@ pub enum Unavailable {
         /// The binary.
         path: PathBuf,
         /// Why sudo did not work.
-        sudo: String,
+        sudo: Refusal,
         /// Why --unprivileged did not work.
-        unprivileged: String,
+        unprivileged: Refusal,
     },
 }
 
+/// Why one way of giving criu its privileges (`sudo -n`, `--unprivileged`) did not work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The program to run (sudo) is not installed.
+    NotInstalled,
+    /// The program could not be started for another reason (its `io::Error`, rendered).
+    CannotStart(String),
+    /// It refused for lack of privileges: sudo wants a password, or criu has not the
+    /// CAP_CHECKPOINT_RESTORE capability. CRIU's or sudo's own line.
+    NoPrivilege(String),
+    /// `criu check` failed for another reason: its most telling line.
+    CheckFailed(String),
+    /// No answer within this long.
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotInstalled => f.write_str("is not installed"),
+            Self::CannotStart(why) => write!(f, "cannot start ({why})"),
+            Self::NoPrivilege(said) => write!(f, "is refused ({said})"),
+            Self::CheckFailed(said) => write!(f, "fails `criu check` ({said})"),
+            Self::Timeout(after) => write!(f, "gave no answer within {after:?}"),
+        }
+    }
+}
+
 fn first_line(errors: &[String]) -> String {
-    errors.first().map(|l| format!(": {l}")).unwrap_or_default()
+    crate::criu_log::telling_line(errors)
+        .map(|l| format!(": {l}"))
+        .unwrap_or_default()
+}
+
+fn refusal(verdict: Verdict, gitid: Option<&str>) -> String {
+    match verdict {
+        Verdict::TooOld => "too old".to_owned(),
+        Verdict::Unpatched => format!(
+            "a 4.1 without pf's socket patch{}: it cannot dump TCP/UDP sockets on Linux 6.16 and \
+             later",
+            gitid.map(|g| format!(", GitID {g}")).unwrap_or_default()
+        ),
+        Verdict::Upstream | Verdict::Patched => "accepted".to_owned(),
+    }
 }
 
 /// What the probe looks at, taken from the process by [`ProbeInputs::from_process`] or built
@@ -223,6 +257,10 @@ pub struct Probe {
     pub path: Option<PathBuf>,
     /// Its version, when `criu --version` answered.
     pub version: Option<CriuVersion>,
+    /// Its `GitID:`, when `criu --version` printed one.
+    pub gitid: Option<String>,
+    /// What pf's policy says of it, when its version is known.
+    pub verdict: Option<Verdict>,
     /// A usable criu, or why there is none.
     pub result: Result<Criu, Unavailable>,
 }
@@ -261,12 +299,18 @@ pub(crate) fn for_restore() -> Result<&'static Criu, Unavailable> {
         // A binary that passed `criu check` this boot: its version is known, no exec needed.
         let remembered =
             binary_identity(&path).and_then(|key| read_checked(Path::new(CHECKED_DIR), &key));
-        let version = match remembered {
-            Some(version) => version,
+        let (version, gitid) = match remembered {
+            Some(known) => known,
             None => read_version(&path)?,
         };
-        if version < MIN_VERSION {
-            return Err(Unavailable::TooOld { path, version });
+        let verdict = policy::judge(version, gitid.as_deref());
+        if !verdict.accepted() {
+            return Err(Unavailable::Refused {
+                path,
+                version,
+                gitid,
+                verdict,
+            });
         }
         Ok(Criu {
             path,
@@ -287,15 +331,12 @@ pub enum InetSockets {
     No(String),
 }
 
-/// Whether the criu at `path` (of `version`) can dump TCP/UDP sockets here. Linux 6.16 refuses
-/// SO_PASSCRED/SO_PASSSEC on such sockets, which CRIU before 4.2 treats as fatal; the CRIU
-/// that `cargo xtask install-criu` builds carries pf's patch for it (`GitID: pf-…`).
-pub fn inet_sockets(path: &Path, version: CriuVersion) -> InetSockets {
+/// Whether a criu of `version` that says `gitid` can dump TCP/UDP sockets on this kernel. Linux
+/// 6.16 refuses SO_PASSCRED/SO_PASSSEC on such sockets, which CRIU before 4.2 treats as fatal
+/// unless built with pf's patch (`GitID: pf-…`); every criu pf's policy accepts can.
+pub fn inet_sockets(version: CriuVersion, gitid: Option<&str>) -> InetSockets {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let gitid = runner::output(path, &["--version"], Duration::from_secs(20))
-        .ok()
-        .and_then(|out| parse_gitid(&out));
-    inet_sockets_verdict(kernel.trim(), version, gitid.as_deref())
+    inet_sockets_verdict(kernel.trim(), version, gitid)
 }
 
 /// `GitID: pf-4.1.1-1` in `criu --version` output → `pf-4.1.1-1`.
@@ -321,16 +362,17 @@ pub fn inet_sockets_verdict(
             "Linux {kernel} still allows what criu {version} asks"
         ));
     }
-    let new_enough = CriuVersion {
-        major: 4,
-        minor: 2,
-        sublevel: 0,
-    };
-    if version >= new_enough {
-        return InetSockets::Yes(format!("criu {version} knows Linux 6.16's socket options"));
-    }
-    if let Some(id) = gitid.filter(|id| id.starts_with("pf-")) {
-        return InetSockets::Yes(format!("criu {version} built with pf's patch ({id})"));
+    match policy::judge(version, gitid) {
+        Verdict::Upstream => {
+            return InetSockets::Yes(format!("criu {version} knows Linux 6.16's socket options"));
+        }
+        Verdict::Patched => {
+            return InetSockets::Yes(format!(
+                "criu {version} built with pf's patch ({})",
+                gitid.unwrap_or_default()
+            ));
+        }
+        Verdict::TooOld | Verdict::Unpatched => {}
     }
     InetSockets::No(format!(
         "criu {version} cannot dump a process with a TCP/UDP socket on Linux {kernel} \
@@ -341,8 +383,9 @@ pub fn inet_sockets_verdict(
 /// Where a passed `criu check` is remembered between pf processes, as root: `/run` is emptied
 /// by a reboot, and only root writes there.
 const CHECKED_DIR: &str = "/run/pf";
-/// The file in [`CHECKED_DIR`]: one line, the criu binary's identity then its version.
-const CHECKED_FILE: &str = "criu-checked.v1";
+/// The file in [`CHECKED_DIR`]: one line, the criu binary's identity, its version and its
+/// `GitID:` (`-` when none), tab-separated.
+const CHECKED_FILE: &str = "criu-checked.v2";
 
 /// A criu for a capture: the full [`probe`], except that as root a criu that passed
 /// `criu check` since this boot is taken without checking again (~30 ms a `pf goblin freeze`)
@@ -364,10 +407,10 @@ pub fn for_capture() -> Result<Criu, Unavailable> {
             };
             let dir = Path::new(CHECKED_DIR);
             let key = binary_identity(&path);
-            if let Some(version) = key
+            if let Some((version, _)) = key
                 .as_deref()
                 .and_then(|k| read_checked(dir, k))
-                .filter(|v| *v >= MIN_VERSION)
+                .filter(|(v, gitid)| policy::judge(*v, gitid.as_deref()).accepted())
             {
                 tracing::debug!(path = %path.display(), %version, "criu passed `criu check` earlier this boot");
                 return Ok(Criu {
@@ -380,7 +423,7 @@ pub fn for_capture() -> Result<Criu, Unavailable> {
             if let (Ok(criu), Some(key)) = (&result, key)
                 && criu.path == path
                 && criu.privilege == Privilege::Root
-                && let Err(err) = write_checked(dir, &key, criu.version)
+                && let Err(err) = write_checked(dir, &key, criu.version, probe().gitid.as_deref())
             {
                 tracing::debug!(error = %err, "cannot remember the passed `criu check`");
             }
@@ -407,16 +450,23 @@ fn binary_identity(path: &Path) -> Option<String> {
     ))
 }
 
-/// The version remembered for `key` in `dir`, if that is what the file holds.
-fn read_checked(dir: &Path, key: &str) -> Option<CriuVersion> {
+/// The version and `GitID:` remembered for `key` in `dir`, if that is what the file holds.
+fn read_checked(dir: &Path, key: &str) -> Option<(CriuVersion, Option<String>)> {
     let text = std::fs::read_to_string(dir.join(CHECKED_FILE)).ok()?;
-    let (held, version) = text.trim_end_matches('\n').rsplit_once('\t')?;
-    (held == key).then(|| parse_version(&format!("Version: {version}")))?
+    let (rest, gitid) = text.trim_end_matches('\n').rsplit_once('\t')?;
+    let (held, version) = rest.rsplit_once('\t')?;
+    let version = (held == key).then(|| parse_version(&format!("Version: {version}")))??;
+    Some((version, Some(gitid).filter(|g| *g != "-").map(str::to_owned)))
 }
 
-/// Remember that the criu `key` names, of `version`, passed `criu check` (0700 dir, 0600 file,
-/// written to a temp file and renamed).
-fn write_checked(dir: &Path, key: &str, version: CriuVersion) -> std::io::Result<()> {
+/// Remember that the criu `key` names, of `version` and `gitid`, passed `criu check` (0700 dir,
+/// 0600 file, written to a temp file and renamed).
+fn write_checked(
+    dir: &Path,
+    key: &str,
+    version: CriuVersion,
+    gitid: Option<&str>,
+) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::DirBuilderExt as _;
     std::fs::DirBuilder::new()
@@ -426,7 +476,7 @@ fn write_checked(dir: &Path, key: &str, version: CriuVersion) -> std::io::Result
     let mut tmp = tempfile::Builder::new()
         .prefix(".criu-checked-")
         .tempfile_in(dir)?;
-    writeln!(tmp, "{key}\t{version}")?;
+    writeln!(tmp, "{key}\t{version}\t{}", gitid.unwrap_or("-"))?;
     tmp.persist(dir.join(CHECKED_FILE)).map_err(|e| e.error)?;
     Ok(())
 }
@@ -436,6 +486,8 @@ pub fn probe_with(inputs: &ProbeInputs) -> Probe {
     let mut probe = Probe {
         path: None,
         version: None,
+        gitid: None,
+        verdict: None,
         result: Err(Unavailable::NotFound),
     };
     if inputs.os != "linux" {
@@ -452,16 +504,24 @@ pub fn probe_with(inputs: &ProbeInputs) -> Probe {
         }
     };
     probe.path = Some(path.clone());
-    let version = match read_version(&path) {
+    let (version, gitid) = match read_version(&path) {
         Ok(v) => v,
         Err(e) => {
             probe.result = Err(e);
             return probe;
         }
     };
+    let verdict = policy::judge(version, gitid.as_deref());
     probe.version = Some(version);
-    if version < MIN_VERSION {
-        probe.result = Err(Unavailable::TooOld { path, version });
+    probe.gitid.clone_from(&gitid);
+    probe.verdict = Some(verdict);
+    if !verdict.accepted() {
+        probe.result = Err(Unavailable::Refused {
+            path,
+            version,
+            gitid,
+            verdict,
+        });
         return probe;
     }
     probe.result = choose_privilege(&path, version, inputs.is_root);
@@ -469,28 +529,17 @@ pub fn probe_with(inputs: &ProbeInputs) -> Probe {
     probe
 }
 
-/// Find criu: `$PF_CRIU` when set (and then nowhere else), else `$PATH`, then the sbin dirs.
+/// Find criu as [`policy::locate`] says: `$PF_CRIU` when set (and then nowhere else), else
+/// `$PATH`, then the sbin dirs.
 pub(crate) fn locate(
     pf_criu: Option<&std::ffi::OsStr>,
     path_var: Option<&std::ffi::OsStr>,
 ) -> Result<PathBuf, Unavailable> {
-    if let Some(p) = pf_criu.filter(|p| !p.is_empty()) {
-        let path = PathBuf::from(p);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(Unavailable::EnvPathMissing { path })
-        };
+    match policy::locate(pf_criu, path_var, is_executable) {
+        Ok(path) if path.is_file() => Ok(path),
+        Ok(path) => Err(Unavailable::EnvPathMissing { path }),
+        Err(_) => Err(Unavailable::NotFound),
     }
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    if let Ok(found) = which::which_in("criu", path_var, cwd) {
-        return Ok(found);
-    }
-    FALLBACK_DIRS
-        .iter()
-        .map(|d| Path::new(d).join("criu"))
-        .find(|p| is_executable(p))
-        .ok_or(Unavailable::NotFound)
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -498,17 +547,19 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn read_version(path: &Path) -> Result<CriuVersion, Unavailable> {
+/// `criu --version`: the version and the `GitID:`, if any.
+fn read_version(path: &Path) -> Result<(CriuVersion, Option<String>), Unavailable> {
     let out = runner::output(path, &["--version"], Duration::from_secs(20)).map_err(|source| {
         Unavailable::Spawn {
             path: path.to_owned(),
             source: Arc::new(source),
         }
     })?;
-    parse_version(&out).ok_or_else(|| Unavailable::NoVersion {
+    let version = parse_version(&out).ok_or_else(|| Unavailable::NoVersion {
         path: path.to_owned(),
         output: out.trim().chars().take(200).collect(),
-    })
+    })?;
+    Ok((version, parse_gitid(&out)))
 }
 
 /// Root → direct; else `sudo -n`; else `--unprivileged`; each must pass `criu check`.
@@ -530,14 +581,11 @@ fn choose_privilege(path: &Path, version: CriuVersion, is_root: bool) -> Result<
         Ok(()) => return Ok(sudo),
         Err(e) => reason(&e),
     };
-    let unprivileged_reason = if version < MIN_UNPRIVILEGED {
-        format!("criu {version} predates --unprivileged ({MIN_UNPRIVILEGED})")
-    } else {
-        let unpriv = candidate(Privilege::Unprivileged);
-        match check(&unpriv) {
-            Ok(()) => return Ok(unpriv),
-            Err(e) => reason(&e),
-        }
+    // Every criu the policy accepts knows --unprivileged (3.18 and later).
+    let unpriv = candidate(Privilege::Unprivileged);
+    let unprivileged_reason = match check(&unpriv) {
+        Ok(()) => return Ok(unpriv),
+        Err(e) => reason(&e),
     };
     Err(Unavailable::NoPrivilege {
         path: path.to_owned(),
@@ -546,15 +594,32 @@ fn choose_privilege(path: &Path, version: CriuVersion, is_root: bool) -> Result<
     })
 }
 
-/// One line saying why a check failed, for [`Unavailable::NoPrivilege`].
-fn reason(e: &crate::Error) -> String {
+/// Why a check with one privilege mode failed, for [`Unavailable::NoPrivilege`].
+fn reason(e: &crate::Error) -> Refusal {
     match e {
-        crate::Error::Criu { errors, status, .. } => {
-            errors.first().cloned().unwrap_or_else(|| status.clone())
+        crate::Error::Criu {
+            errors,
+            exit,
+            failure,
+            ..
+        } => {
+            // CRIU's refusal ends with a colon before the next line's setcap command, which
+            // the message says in full anyway.
+            let said = crate::criu_log::telling_line(errors).map_or_else(
+                || exit.to_string(),
+                |l| l.trim_end_matches(|c: char| c == ':' || c.is_whitespace()).to_owned(),
+            );
+            match failure {
+                Some(crate::criu_log::CriuFailure::NoPrivilege) => Refusal::NoPrivilege(said),
+                _ => Refusal::CheckFailed(said),
+            }
         }
-        crate::Error::Timeout { after, .. } => format!("no answer within {after:?}"),
-        crate::Error::Spawn { source, .. } => format!("cannot start: {source}"),
-        other => format!("{other}"),
+        crate::Error::Timeout { after, .. } => Refusal::Timeout(*after),
+        crate::Error::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Refusal::NotInstalled
+        }
+        crate::Error::Spawn { source, .. } => Refusal::CannotStart(source.to_string()),
+        other => Refusal::CannotStart(other.to_string()),
     }
 }
 
@@ -617,7 +682,7 @@ mod tests {
         assert_eq!(parse_version("  Version: 4.0.1-rc2\n"), Some(v(4, 0, 1)));
         assert_eq!(parse_version("criu 4.1"), None);
         assert_eq!(parse_version("Version: x"), None);
-        assert!(v(3, 17, 1) < v(4, 1, 1) && v(3, 16, 9) < MIN_VERSION);
+        assert!(v(3, 17, 1) < v(4, 1, 1) && v(4, 0, 9) < policy::OLDEST_PATCHED);
         assert_eq!(v(4, 1, 1).to_string(), "4.1.1");
     }
 
@@ -654,10 +719,16 @@ mod tests {
         let bin = fake_criu(dir.path(), "echo 'Version: 4.1.1'");
         let key = binary_identity(&bin).expect("identity");
         assert_eq!(read_checked(dir.path(), &key), None);
-        write_checked(&dir.path().join("run"), &key, v(4, 1, 1)).expect("write");
+        write_checked(&dir.path().join("run"), &key, v(4, 1, 1), Some("pf-4.1.1-1"))
+            .expect("write");
         assert_eq!(
             read_checked(&dir.path().join("run"), &key),
-            Some(v(4, 1, 1))
+            Some((v(4, 1, 1), Some("pf-4.1.1-1".to_owned())))
+        );
+        write_checked(&dir.path().join("run"), &key, v(4, 2, 1), None).expect("write");
+        assert_eq!(
+            read_checked(&dir.path().join("run"), &key),
+            Some((v(4, 2, 1), None))
         );
         // Another binary (here: the same path rewritten) is not the one that passed.
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -695,7 +766,8 @@ mod tests {
         let p = probe_with(&inputs(Some(&old)));
         assert!(matches!(
             &p.result,
-            Err(Unavailable::TooOld { version, .. }) if version.to_string() == "3.15.0"
+            Err(Unavailable::Refused { version, verdict: Verdict::TooOld, .. })
+                if version.to_string() == "3.15.0"
         ));
         assert!(p.result.unwrap_err().to_string().contains("install-criu"));
         let dir = tempfile::tempdir().expect("tempdir");
@@ -712,7 +784,7 @@ mod tests {
         // A criu whose `check` writes a log like the real one and fails.
         let script = r#"
 case "$1" in
-  --version) echo 'Version: 4.1.1' ;;
+  --version) echo 'Version: 4.2.1' ;;
   check)
     log=""
     while [ $# -gt 0 ]; do [ "$1" = "--log-file" ] && log="$2"; shift; done
@@ -741,16 +813,114 @@ esac"#;
         let dir = tempfile::tempdir().expect("tempdir");
         let criu = fake_criu(
             dir.path(),
-            "[ \"$1\" = --version ] && echo 'Version: 4.1.1'; [ \"$1\" = check ] && echo 'Looks good.'; exit 0",
+            "[ \"$1\" = --version ] && echo 'Version: 4.2.1'; [ \"$1\" = check ] && echo 'Looks good.'; exit 0",
         );
         let p = probe_with(&inputs(Some(&criu)));
         assert_eq!(
             p.criu().expect("usable"),
             &Criu {
                 path: criu,
-                version: parse_version("Version: 4.1.1").expect("v"),
+                version: parse_version("Version: 4.2.1").expect("v"),
                 privilege: Privilege::Root,
             }
         );
+    }
+
+    /// The machine states of pf's CRIU policy, as `criu --version` prints them, and whether pf
+    /// (and so `pf doctor` and `cargo xtask install-criu`) takes each.
+    #[test]
+    fn the_policy_decides_every_machine_state() {
+        let states = [
+            ("Version: 3.17.1\nGitID: v3.17.1\n", Some(Verdict::TooOld)),
+            ("Version: 4.1.1\n", Some(Verdict::Unpatched)),
+            ("Version: 4.1.1\nGitID: pf-4.1.1-1\n", Some(Verdict::Patched)),
+            ("Version: 4.2.1\nGitID: pf-4.2.1\n", Some(Verdict::Upstream)),
+            ("Version: 4.2.1\n", Some(Verdict::Upstream)),
+        ];
+        for (version, verdict) in states {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let criu = fake_criu(
+                dir.path(),
+                &format!(
+                    "[ \"$1\" = --version ] && printf '{}'; [ \"$1\" = check ] && echo 'Looks good.'; exit 0",
+                    version.replace('\n', "\\n")
+                ),
+            );
+            let p = probe_with(&inputs(Some(&criu)));
+            assert_eq!(p.verdict, verdict, "{version}");
+            let accepted = verdict.is_some_and(Verdict::accepted);
+            assert_eq!(p.result.is_ok(), accepted, "{version}: {:?}", p.result);
+            if !accepted {
+                let msg = p.result.expect_err("refused").to_string();
+                assert!(msg.contains("install-criu") && msg.contains("4.2.1"), "{msg}");
+            }
+        }
+        // No criu at all: $PATH and the sbin dirs hold none.
+        let mut none = inputs(None);
+        none.path_var = Some(OsString::from("/nonexistent-dir"));
+        if policy::SEARCH_DIRS
+            .iter()
+            .all(|d| !Path::new(d).join("criu").exists())
+        {
+            assert!(matches!(
+                probe_with(&none).result,
+                Err(Unavailable::NotFound)
+            ));
+        }
+    }
+
+    #[test]
+    fn no_privilege_says_why_once_and_cleanly() {
+        // A criu run as `nobody` without the capability: sudo is missing, criu refuses with
+        // its two-line message on stdout.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let criu = fake_criu(
+            dir.path(),
+            "case \"$1\" in --version) echo 'Version: 4.2.1';; *) \
+             echo 'CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: '; \
+             echo \"setcap cap_checkpoint_restore+eip $0\"; exit 1;; esac",
+        );
+        let mut i = inputs(Some(&criu));
+        i.is_root = false;
+        let p = probe_with(&i);
+        let Err(Unavailable::NoPrivilege {
+            unprivileged,
+            sudo,
+            ..
+        }) = &p.result
+        else {
+            panic!("expected NoPrivilege, got {:?}", p.result);
+        };
+        assert_eq!(
+            unprivileged,
+            &Refusal::NoPrivilege(
+                "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability"
+                    .to_owned()
+            )
+        );
+        assert!(!matches!(sudo, Refusal::CheckFailed(_)), "{sudo:?}");
+        let err = crate::Error::from(p.result.clone().expect_err("no privilege"));
+        assert_eq!(err.kind(), crate::ErrorKind::NeedsPrivilege);
+        // The chain as anyhow's `{:#}` prints it: the explanation once, no stray `capability:)`.
+        let mut chain = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            chain.push_str(": ");
+            chain.push_str(&s.to_string());
+            source = s.source();
+        }
+        assert_eq!(chain.matches("cannot get privileges").count(), 1, "{chain}");
+        assert!(!chain.contains("capability:)"), "{chain}");
+        // The failed checks kept their work dirs: remove those of this fake criu.
+        for entry in std::fs::read_dir(std::env::temp_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let said = std::fs::read_to_string(entry.path().join("criu.stdout"));
+            if said.is_ok_and(|s| s.contains(&*criu.to_string_lossy())) {
+                std::fs::remove_dir_all(entry.path()).expect("remove kept work dir");
+            }
+        }
     }
 }

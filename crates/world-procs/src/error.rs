@@ -7,6 +7,7 @@ use std::time::Duration;
 use pf_core::Digest256;
 
 use crate::criu::Unavailable;
+use crate::criu_log::CriuFailure;
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -15,20 +16,25 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// No usable criu on this machine (missing, too old, `criu check` fails, no privileges).
-    #[error("criu is not usable here: {0}")]
+    /// No usable criu on this machine (missing, refused by pf's policy, `criu check` fails, no
+    /// privileges).
+    #[error("criu is not usable here")]
     Unavailable(#[from] Unavailable),
     /// criu ran and exited unsuccessfully.
     #[error(
-        "criu {action} failed ({status}){}; full log kept in {}",
+        "criu {action} failed ({exit}){}{}; full log kept in {}",
         error_lines(.errors),
+        failure.map(|f| format!("; {}", f.fix())).unwrap_or_default(),
         .log.display()
     )]
     Criu {
         /// `dump`, `restore`, `check`.
         action: &'static str,
-        /// How it ended: `exit status 1`, `killed by signal 9`.
-        status: String,
+        /// How it ended.
+        exit: crate::Exit,
+        /// What CRIU's log says went wrong, when it is a failure pf knows
+        /// ([`crate::criu_log::classify`]).
+        failure: Option<CriuFailure>,
         /// CRIU's `Error (…)` lines from its log (harmless ones left out).
         errors: Vec<String>,
         /// The kept log file.
@@ -248,6 +254,109 @@ pub enum Error {
         /// The errno.
         errno: i32,
     },
+}
+
+/// What kind of failure an [`Error`] is, for a caller that acts on it: the same enum for
+/// pf-world-procs' and pf-goblins' errors (`pf_goblins::Error::kind` returns it too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No usable criu: none found, refused by pf's policy (too old, a 4.1 without pf's patch),
+    /// `criu check` fails, or not Linux. Fix: `cargo xtask install-criu`, or `$PF_CRIU`.
+    CriuUnavailable,
+    /// criu lacks the privileges it needs: run as root, allow sudo, or give criu the capability.
+    NeedsPrivilege,
+    /// This criu cannot dump TCP/UDP sockets on this kernel: install CRIU 4.2 or newer.
+    SocketsUnsupported,
+    /// The tree uses a terminal of a session outside it (CRIU's `No task found with sid`).
+    ForeignTerminal,
+    /// A pid the restored tree needs is taken (by a live process, or an unreaped zombie).
+    PidInUse,
+    /// criu ran and failed for another reason, timed out, or the restored tree died at once.
+    CriuFailed,
+    /// The process to capture does not exist or exited meanwhile.
+    NoSuchProcess,
+    /// The snapshot is not of a goblin (pf-goblins).
+    NotAGoblin,
+    /// The snapshot cannot be restored: not a procs blob, an honest placeholder, an unsafe or
+    /// broken images tar, unreadable images.
+    InvalidSnapshot,
+    /// A blob or name is not in the store.
+    NotFound,
+    /// The store holds a blob or name that is corrupt.
+    StoreCorrupt,
+    /// The caller asked for something that cannot be done as asked (a non-empty images
+    /// directory, an empty command, an invalid name …).
+    InvalidInput,
+    /// Not enough free space to extract the images (fix: free some, or point TMPDIR elsewhere).
+    NoSpace,
+    /// A file-system or system-call failure.
+    Io,
+}
+
+impl ErrorKind {
+    /// The kind of a store error.
+    pub fn of_store(err: &pf_core::Error) -> Self {
+        match err {
+            pf_core::Error::NotFound { .. } | pf_core::Error::NameNotFound { .. } => {
+                Self::NotFound
+            }
+            pf_core::Error::Integrity { .. }
+            | pf_core::Error::Decode { .. }
+            | pf_core::Error::CorruptName { .. } => Self::StoreCorrupt,
+            pf_core::Error::InvalidDigest(_) | pf_core::Error::InvalidName { .. } => {
+                Self::InvalidInput
+            }
+            _ => Self::Io,
+        }
+    }
+}
+
+impl From<CriuFailure> for ErrorKind {
+    fn from(failure: CriuFailure) -> Self {
+        match failure {
+            CriuFailure::SocketsUnsupported => Self::SocketsUnsupported,
+            CriuFailure::ForeignTerminal { .. } => Self::ForeignTerminal,
+            CriuFailure::PidInUse { .. } => Self::PidInUse,
+            CriuFailure::NoPrivilege => Self::NeedsPrivilege,
+        }
+    }
+}
+
+impl Error {
+    /// What kind of failure this is (see [`ErrorKind`]).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Unavailable(Unavailable::NoPrivilege { .. }) => ErrorKind::NeedsPrivilege,
+            Self::Unavailable(_) => ErrorKind::CriuUnavailable,
+            Self::Criu { failure, .. } => failure.map_or(ErrorKind::CriuFailed, ErrorKind::from),
+            Self::Timeout { .. } | Self::RestoredDied { .. } => {
+                ErrorKind::CriuFailed
+            }
+            Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
+            Self::ImagesDirNotEmpty { .. } => ErrorKind::InvalidInput,
+            Self::Spawn { .. } | Self::Io { .. } | Self::Sys { .. } => ErrorKind::Io,
+            Self::Store { source, .. } => ErrorKind::of_store(source),
+            Self::NotProcs { .. }
+            | Self::Unsupported { .. }
+            | Self::UnsafeTar { .. }
+            | Self::Tar { .. }
+            | Self::Image { .. } => ErrorKind::InvalidSnapshot,
+            Self::NoRoom { .. } => ErrorKind::NoSpace,
+            Self::PidInUse { .. } | Self::PidZombie { .. } => ErrorKind::PidInUse,
+            Self::Namespace { errno, .. } if *errno == libc::EPERM => ErrorKind::NeedsPrivilege,
+            Self::Namespace { .. } => ErrorKind::Io,
+        }
+    }
+
+    /// The CRIU failure its log named, when this is (or wraps) a failed criu run.
+    pub fn criu_failure(&self) -> Option<CriuFailure> {
+        match self {
+            Self::Criu { failure, .. } => *failure,
+            Self::ExitedDuringDump { source, .. } => source.criu_failure(),
+            _ => None,
+        }
+    }
 }
 
 fn error_lines(lines: &[String]) -> String {

@@ -8,6 +8,7 @@
 
 mod capture;
 pub mod criu;
+pub mod criu_log;
 mod error;
 pub mod images;
 mod nsinit;
@@ -24,7 +25,7 @@ pub use crate::capture::{
     dump_to_dir,
 };
 pub use crate::criu::probe;
-pub use crate::error::{Error, Result};
+pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::restore::{
     ImagesDir, InheritFd, RestoreOptions, Restored, extract_images, load_procs, restore,
     restore_dir,

@@ -223,30 +223,13 @@ fn retry_on_pid_clash<T>(pids: &[i32], mut attempt: impl FnMut() -> Result<T>) -
     }
 }
 
-/// The pid criu could not give back because it was taken (`Can't fork for PID: File exists`,
-/// or `Pid N already exists`), from a failed restore's log lines.
+/// The pid criu could not give back because it was taken, as its log said
+/// (`Can't fork for PID: File exists`, classified by [`crate::criu_log`]).
 fn pid_clash(err: &Error) -> Option<i32> {
-    let Error::Criu { errors, .. } = err else {
-        return None;
-    };
-    errors.iter().find_map(|line| clash_in_line(line))
-}
-
-/// The pid in one of CRIU's "that pid is taken" log lines.
-fn clash_in_line(line: &str) -> Option<i32> {
-    let num = |s: &str| {
-        s.trim_start()
-            .split(|c: char| !c.is_ascii_digit())
-            .next()?
-            .parse()
-            .ok()
-    };
-    if line.contains("File exists")
-        && let Some(at) = line.find("Can't fork for ")
-    {
-        return num(&line[at + "Can't fork for ".len()..]);
+    match err.criu_failure() {
+        Some(crate::criu_log::CriuFailure::PidInUse { pid }) => Some(pid),
+        _ => None,
     }
-    None
 }
 
 /// What holds `pid` right now, for an error message: `name (state S, parent P)`, or what the
@@ -552,7 +535,8 @@ mod tests {
     fn criu_failed(errors: Vec<String>) -> Error {
         Error::Criu {
             action: "restore",
-            status: "exit status 1".to_owned(),
+            exit: Exit::Code(1),
+            failure: crate::criu_log::classify(errors.iter().map(String::as_str)),
             errors,
             log: "/tmp/x/criu.log".into(),
         }

@@ -34,6 +34,7 @@ use pf_os::Exit;
 use pf_os::scratch::Scratch;
 
 use crate::criu::{Criu, Privilege};
+use crate::criu_log;
 use crate::error::{Error, Result};
 use crate::nsinit;
 
@@ -277,26 +278,27 @@ impl Invocation {
         Err(self.failure(exit))
     }
 
-    /// The error for criu's failed `exit`, with the `Error (…)` lines of its log; the work
-    /// directory is kept.
+    /// The error for criu's failed `exit`, with the `Error (…)` lines of its log and the failure
+    /// they name ([`criu_log::classify`]); the work directory is kept.
     fn failure(self, exit: Exit) -> Error {
-        let mut errors = std::fs::read_to_string(&self.log)
-            .map(|log| error_lines(&log))
-            .unwrap_or_default();
+        let log_text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut errors = error_lines(&log_text);
+        // What it printed: criu prints some refusals on stdout, sudo on stderr.
+        let mut said = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
+        said.push('\n');
+        said.push_str(&std::fs::read_to_string(self.stdout_path()).unwrap_or_default());
         if errors.is_empty() {
-            // No log lines (criu never started, sudo refused, bad option, missing capability):
-            // what it printed says why; criu prints some refusals on stdout.
-            let mut said = std::fs::read_to_string(self.stderr_path()).unwrap_or_default();
-            said.push('\n');
-            said.push_str(&std::fs::read_to_string(self.stdout_path()).unwrap_or_default());
+            // No log lines (criu never started, sudo refused, bad option, missing capability).
             errors = stderr_reasons(&said);
         }
+        let failure = criu_log::classify(log_text.lines().chain(said.lines()));
         let action = self.action;
         let log = self.keep();
-        tracing::debug!(action, %exit, ?errors, log = %log.display(), "criu failed");
+        tracing::debug!(action, %exit, ?failure, ?errors, log = %log.display(), "criu failed");
         Error::Criu {
             action,
-            status: exit.to_string(),
+            exit,
+            failure,
             errors,
             log,
         }

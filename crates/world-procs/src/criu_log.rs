@@ -1,0 +1,221 @@
+//! What CRIU's own words say went wrong: a pure classifier of the lines of its log (and of what
+//! it prints on stdout/stderr when it stops before logging), so that a failure a caller can act
+//! on becomes a typed [`CriuFailure`] where the log is read, not a string to match further up.
+//!
+//! The lines recognised, as CRIU 4.1 and 4.2 write them (source file:line of 4.2.1):
+//! - `sockets: Can't get 1:16 opt: Operation not supported` (criu/sockets.c:640; 1:34 is
+//!   SO_PASSSEC): Linux ≥ 6.16 refuses SO_PASSCRED/SO_PASSSEC on TCP/UDP sockets, which a CRIU
+//!   before 4.2 without pf's patch treats as fatal;
+//! - `tty: No task found with sid N` (criu/tty.c:1453): the tree uses a terminal whose session
+//!   leader is not in it (a shell job's terminal);
+//! - `Can't fork for N: File exists` (criu/cr-restore.c:1237): pid N, which the tree needs, is
+//!   taken;
+//! - `CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability:`
+//!   (criu/cr-check.c:1961), `Running as non-root requires '--unprivileged'` (:1946), and sudo's
+//!   `sudo: a password is required`: criu has not the privileges it needs.
+
+use std::fmt;
+
+/// A failure of CRIU's that a caller can act on, recognised from its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CriuFailure {
+    /// This criu cannot dump TCP/UDP sockets on this kernel (Linux ≥ 6.16, CRIU < 4.2).
+    SocketsUnsupported,
+    /// The tree uses a terminal of a session that is not part of it.
+    ForeignTerminal {
+        /// The session CRIU looked for.
+        sid: i32,
+    },
+    /// A pid the restored tree needs is held by another process.
+    PidInUse {
+        /// The pid.
+        pid: i32,
+    },
+    /// criu lacks the privileges it needs (not root, no capability, sudo wants a password).
+    NoPrivilege,
+}
+
+impl CriuFailure {
+    /// What to do about it.
+    pub fn fix(self) -> &'static str {
+        match self {
+            Self::SocketsUnsupported => {
+                "this criu cannot dump TCP/UDP sockets on Linux 6.16 and later (SO_PASSCRED/\
+                 SO_PASSSEC); `cargo xtask install-criu` in pf's source tree builds CRIU 4.2.1, \
+                 which can"
+            }
+            Self::ForeignTerminal { .. } => {
+                "the tree uses a terminal whose session is not part of it: start the process \
+                 with setsid, or dump it together with its session leader"
+            }
+            Self::PidInUse { .. } => {
+                "another process holds a pid the tree needs: stop it, or restore into a new pid \
+                 namespace"
+            }
+            Self::NoPrivilege => {
+                "criu needs root: run pf as root, allow passwordless sudo for criu, or give criu \
+                 the capability (sudo setcap cap_checkpoint_restore+eip <criu>)"
+            }
+        }
+    }
+}
+
+impl fmt::Display for CriuFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SocketsUnsupported => f.write_str("sockets unsupported on this kernel"),
+            Self::ForeignTerminal { sid } => write!(f, "terminal of another session ({sid})"),
+            Self::PidInUse { pid } => write!(f, "pid {pid} in use"),
+            Self::NoPrivilege => f.write_str("missing privileges"),
+        }
+    }
+}
+
+/// The failure one line of CRIU's log or output names, if any.
+pub fn classify_line(line: &str) -> Option<CriuFailure> {
+    if line.contains("Can't get 1:16 opt: Operation not supported")
+        || line.contains("Can't get 1:34 opt: Operation not supported")
+    {
+        return Some(CriuFailure::SocketsUnsupported);
+    }
+    if let Some(rest) = line.split("No task found with sid ").nth(1) {
+        return Some(CriuFailure::ForeignTerminal {
+            sid: leading_number(rest)?,
+        });
+    }
+    if let Some(rest) = line.split("Can't fork for ").nth(1)
+        && rest.contains("File exists")
+    {
+        return Some(CriuFailure::PidInUse {
+            pid: leading_number(rest)?,
+        });
+    }
+    let privileges = [
+        "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability",
+        "Running as non-root requires '--unprivileged'",
+        "sudo: a password is required",
+    ];
+    if privileges.iter().any(|p| line.contains(p)) {
+        return Some(CriuFailure::NoPrivilege);
+    }
+    None
+}
+
+/// The first failure the lines name, in their order.
+pub fn classify<'a>(lines: impl IntoIterator<Item = &'a str>) -> Option<CriuFailure> {
+    lines.into_iter().find_map(classify_line)
+}
+
+/// Of CRIU's `Error (…)` lines, the one that says most: the first that does not merely report a
+/// helper's exit (`Error (criu/util.c:642): exited, status=1` comes first in 3.17's `criu check`
+/// log and says nothing), else the first.
+pub fn telling_line(errors: &[String]) -> Option<&str> {
+    errors
+        .iter()
+        .find(|l| !is_helper_exit(l))
+        .or_else(|| errors.first())
+        .map(String::as_str)
+}
+
+/// `Error (criu/util.c:642): exited, status=1`: a helper's exit, not a cause.
+fn is_helper_exit(line: &str) -> bool {
+    line.split_once("): ")
+        .is_some_and(|(_, msg)| msg.starts_with("exited, status="))
+}
+
+fn leading_number(text: &str) -> Option<i32> {
+    let digits: String = text
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_unsupported_on_6_16() {
+        // criu 4.1.1 dumping a process with a TCP listener on Linux 6.18.
+        let line = "(00.021413) Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: \
+                    Operation not supported";
+        assert_eq!(classify_line(line), Some(CriuFailure::SocketsUnsupported));
+        let passsec = "Error (criu/sockets.c:640): sockets: Can't get 1:34 opt: Operation not \
+                       supported";
+        assert_eq!(classify_line(passsec), Some(CriuFailure::SocketsUnsupported));
+        assert_eq!(
+            classify_line("Error (criu/sockets.c:640): sockets: Can't get 1:16 opt: Bad file"),
+            None
+        );
+    }
+
+    #[test]
+    fn terminal_of_another_session() {
+        let line = "(00.004211) Error (criu/tty.c:1453): tty: No task found with sid 4242";
+        assert_eq!(
+            classify_line(line),
+            Some(CriuFailure::ForeignTerminal { sid: 4242 })
+        );
+    }
+
+    #[test]
+    fn pid_in_use() {
+        let line = "(00.031190) 12345: Error (criu/cr-restore.c:1237): Can't fork for 12345: \
+                    File exists";
+        assert_eq!(
+            classify_line(line),
+            Some(CriuFailure::PidInUse { pid: 12345 })
+        );
+        // Another fork failure is not a pid in use.
+        assert_eq!(
+            classify_line("Error (criu/cr-restore.c:1237): Can't fork for 7: Resource busy"),
+            None
+        );
+    }
+
+    #[test]
+    fn missing_privileges() {
+        // What criu 4.2.1 prints on stdout, run as `nobody` with --unprivileged and no
+        // capability, and what it prints without --unprivileged; sudo without a rule.
+        for line in [
+            "CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: ",
+            "Running as non-root requires '--unprivileged'",
+            "sudo: a password is required",
+        ] {
+            assert_eq!(classify_line(line), Some(CriuFailure::NoPrivilege), "{line}");
+        }
+    }
+
+    #[test]
+    fn unrelated_lines_are_no_class() {
+        let log = "(00.000100) Error (criu/util.c:1): rlimit: Can't setup RLIMIT_NOFILE for self\n\
+                   (00.000200) Error (criu/vdso.c:2): vdso: Unexpected rt vDSO area bounds\n\
+                   (00.004211) Error (criu/tty.c:1453): tty: No task found with sid 9\n";
+        assert_eq!(
+            classify(log.lines()),
+            Some(CriuFailure::ForeignTerminal { sid: 9 })
+        );
+        assert_eq!(classify(log.lines().take(2)), None);
+        assert_eq!(classify(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn picks_the_criu_error_that_names_the_cause() {
+        let errors: Vec<String> = [
+            "Error (criu/util.c:642): exited, status=1",
+            "Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds",
+            "Error (criu/crtools.c:260): Could not initialize kernel features detection.",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(
+            telling_line(&errors),
+            Some("Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds")
+        );
+        assert_eq!(telling_line(&errors[..1]), Some(errors[0].as_str()));
+        assert_eq!(telling_line(&[]), None);
+    }
+}
