@@ -166,7 +166,10 @@ pub(crate) fn run(root: &Path, args: &[String]) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let criu = match crate::criu::find_working().found {
         Some((path, _)) => path,
-        None => bail!("no working criu >= 4.1: run `cargo xtask install-criu` (as root)"),
+        None => bail!(
+            "no criu pf accepts ({}): run `cargo xtask install-criu` (as root)",
+            pf_world_procs::criu::policy::ACCEPTED
+        ),
     };
     for tool in ["unshare", "zstd"] {
         let mut probe = process::command(tool, root, Out::Null, Out::Null);

@@ -108,7 +108,8 @@ pub(crate) fn machine(criu: &Path, store_parent: &Path, tmpfs: &Path) -> Machine
         .map_or_else(|| "unknown".to_owned(), |v| v.trim_matches('"').to_owned());
     let mounts = read("/proc/self/mounts");
     let criu_version = output(criu, &["--version"])
-        .and_then(|t| crate::criu::parse_version(&t))
+        .and_then(|t| pf_world_procs::criu::parse_version(&t))
+        .map(|v| v.to_string())
         .unwrap_or_else(|| "unknown".to_owned());
     let commit = output(Path::new("git"), &["rev-parse", "--short", "HEAD"])
         .map_or_else(|| "unknown".to_owned(), |s| s.trim().to_owned());

@@ -1,5 +1,6 @@
 //! `cargo xtask install-criu`: make sure a CRIU that pf accepts and that passes `criu check` is
-//! installed.
+//! installed. "Accepts" is pf's own policy (`pf_world_procs::criu::policy`), applied by pf's own
+//! probe, so install-criu, pf and `pf doctor` decide alike on every machine.
 //!
 //! Debian 12's criu 3.17 fails on these kernels, and Debian's newer binary packages would drag in a
 //! newer libc, so CRIU 4.2.1 is built from Debian's source tarball with Debian 12's build
@@ -15,7 +16,7 @@ use anyhow::{Context as _, bail};
 use crate::criu;
 use crate::process::{self, Out};
 
-const VERSION: &str = "4.2.1";
+const VERSION: &str = pf_world_procs::criu::policy::INSTALLED_RELEASE;
 const TARBALL: &str = "criu_4.2.1.orig.tar.xz";
 const SHA256: &str = "29ec0ee09e296479fe7048c80980e8ef1d0684d0b0204c2b101dfea19f6725b9";
 const POOL_PATH: &str = "pool/main/c/criu";
@@ -45,12 +46,13 @@ const BUILD_DEPS: &[&str] = &[
 pub(crate) const USAGE: &str = "\
 cargo xtask install-criu [--force] [--dest PATH]
 
-Make sure a CRIU that passes `criu check` and can dump sockets on this kernel is installed: 4.2 or
-newer, or a 4.1.1 built by an older install-criu with pf's patch (its `criu --version` says
-`GitID: pf-4.1.1-1`). If one is found ($PF_CRIU, PATH, /usr/local/sbin, /usr/sbin, /sbin) this
-prints one line and does nothing. Otherwise it installs the Debian 12 build dependencies, downloads
-Debian's criu_4.2.1.orig.tar.xz from the apt mirror, verifies its sha256, builds it and installs it
-as /usr/local/sbin/criu. Needs root.
+Make sure the criu pf uses passes `criu check` and is one pf accepts: 4.2 or newer, or a 4.1 built
+by an older install-criu with pf's patch (its `criu --version` says `GitID: pf-4.1.1-1`). pf looks
+at $PF_CRIU alone when it is set, else the first criu on PATH, then in /usr/local/sbin, /usr/sbin,
+/sbin. If that criu will do, this prints one line and does nothing. Otherwise it installs the
+Debian 12 build dependencies, downloads Debian's criu_4.2.1.orig.tar.xz from the apt mirror,
+verifies its sha256, builds it and installs it as /usr/local/sbin/criu, and fails if pf would still
+use another criu ($PF_CRIU, or one earlier on PATH). Needs root.
 
   --force       build and install even if a working criu is already there
   --dest PATH   install the built binary at PATH instead of /usr/local/sbin/criu";
@@ -115,7 +117,41 @@ pub(crate) fn ensure(root: &Path, opts: &Options) -> anyhow::Result<PathBuf> {
     let src = step("3/5 unpack", unpack(&build_dir, &tarball))?;
     let built = step("4/5 build", build(&src))?;
     step("5/5 install and check", install(&built, &opts.dest))?;
+    uses_installed(&opts.dest)?;
     Ok(opts.dest.clone())
+}
+
+/// After an install: the criu pf now uses must work, or the install did not help (pf looks at
+/// `$PF_CRIU` alone when set, and takes the first criu on `PATH`).
+#[allow(clippy::print_stdout)]
+fn uses_installed(dest: &Path) -> anyhow::Result<PathBuf> {
+    let search = criu::find_working();
+    match search.found {
+        Some((path, _)) => {
+            if path != dest {
+                println!(
+                    "note: pf uses {} ($PF_CRIU or earlier on PATH), which pf also accepts",
+                    path.display()
+                );
+            }
+            Ok(path)
+        }
+        None => {
+            let (path, why) = search
+                .rejected
+                .first()
+                .cloned()
+                .unwrap_or_else(|| (dest.to_owned(), "not found".to_owned()));
+            bail!(
+                "installed {} but pf uses {}, which will not do: {why}
+                 unset $PF_CRIU or point it at {}, or remove {} from PATH",
+                dest.display(),
+                path.display(),
+                dest.display(),
+                path.display()
+            )
+        }
+    }
 }
 
 /// Label a step's error so the user knows which one failed.
@@ -360,22 +396,30 @@ fn install(built: &Path, dest: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot chmod 0755 {}", tmp.display()))?;
     std::fs::rename(&tmp, dest)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), dest.display()))?;
-    match criu::probe(dest) {
-        criu::Probe::Works { version, gitid } if gitid.as_deref() == Some(BUILD_ID) => {
+    // pf's own probe of exactly this binary, as root.
+    let mut inputs = pf_world_procs::criu::ProbeInputs::from_process();
+    inputs.pf_criu = Some(dest.as_os_str().to_owned());
+    let search = criu::find_working_with(&inputs);
+    match (search.found, search.gitid) {
+        (Some((_, version)), Some(gitid)) if gitid == BUILD_ID => {
             println!(
                 "criu {version} ({BUILD_ID}) installed at {}; `criu check` passes",
                 dest.display()
             );
             Ok(())
         }
-        criu::Probe::Works { gitid, .. } => bail!(
+        (Some(_), gitid) => bail!(
             "the installed {} says GitID {gitid:?}, not {BUILD_ID}: it is not the binary this run \
              built; run `cargo xtask install-criu --force`",
             dest.display()
         ),
-        other => bail!(
-            "the installed {} does not work: {other:?}\nrun `{} check` to see why",
+        (None, _) => bail!(
+            "the installed {} does not work: {}\nrun `{} check` to see why",
             dest.display(),
+            search
+                .rejected
+                .first()
+                .map_or("no answer", |(_, why)| why.as_str()),
             dest.display()
         ),
     }

@@ -6,7 +6,7 @@
 //! [`run_streaming`] pipes stdout only and leaves stderr on ours.
 
 use std::ffi::OsStr;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -79,46 +79,6 @@ pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<Output> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.output()
         .with_context(|| format!("cannot start `{}`", display(cmd)))
-}
-
-/// [`output`] with a deadline: past it the child is SIGKILLed (by its pid) and this fails. For
-/// programs that could hang, such as `criu check` on a broken kernel.
-pub(crate) fn output_within(cmd: &mut Command, deadline: Duration) -> anyhow::Result<Output> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
-    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<_>));
-    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<_>));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().context("wait for a child")? {
-            break status;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!(
-                "`{}` did not finish within {deadline:?}; killed it",
-                display(cmd)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
 }
 
 /// The cargo target directory: `$CARGO_TARGET_DIR` (relative to `root` when relative), else

@@ -82,48 +82,15 @@ pub(crate) fn init_tracing(verbose: u8) {
     }
 }
 
-/// Print an error chain on stderr as `error: outer: inner: …`.
+/// Print an error chain on stderr as `error: outer: inner: …`. What to do about a CRIU failure
+/// pf recognises is part of the error itself (pf-world-procs classifies CRIU's log), not found
+/// here by matching its text.
 #[allow(clippy::print_stderr)]
 pub(crate) fn print_error(err: &anyhow::Error) {
-    let text = format!("{err:#}");
-    eprintln!("error: {text}");
-    for hint in hints(&text) {
-        eprintln!("hint: {hint}");
-    }
-}
-
-/// What to do about failures of CRIU's that pf recognises by its own words.
-fn hints(error: &str) -> Vec<&'static str> {
-    const KNOWN: &[(&[&str], &str)] = &[(
-        &[
-            "Can't get 1:16 opt: Operation not supported",
-            "Can't get 1:34 opt: Operation not supported",
-        ],
-        "this criu cannot dump TCP/UDP sockets on Linux 6.16 and later (SO_PASSCRED/SO_PASSSEC); \
-         `cargo xtask install-criu` in pf's source tree builds CRIU 4.1.1 with pf's patch for it",
-    )];
-    KNOWN
-        .iter()
-        .filter(|(needles, _)| needles.iter().any(|n| error.contains(n)))
-        .map(|(_, hint)| *hint)
-        .collect()
+    eprintln!("error: {err:#}");
 }
 
 /// Whether progress may be drawn: only when stderr is a terminal.
 pub(crate) fn progress_enabled() -> bool {
     std::io::stderr().is_terminal()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn known_criu_failures_get_a_hint() {
-        let err = "cannot capture process 7: criu dump failed (exit status 1): Error \
-                   (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported";
-        assert_eq!(hints(err).len(), 1);
-        assert!(hints(err)[0].contains("install-criu"));
-        assert!(hints("criu dump failed: something else").is_empty());
-    }
 }

@@ -1,7 +1,8 @@
 //! `pf doctor`: can this machine checkpoint and restore, and what to fix.
 //!
 //! Each check is ✓ or ✗ with a one-line fix. The criu checks read pf-world-procs' probe (the only
-//! crate that runs criu); the others look at the kernel, sudo, namespaces, userfaultfd and the
+//! crate that runs criu), which applies pf's one CRIU policy (`pf_world_procs::criu::policy`, the
+//! same that `cargo xtask install-criu` follows): doctor says ✓ exactly where pf works. The others look at the kernel, sudo, namespaces, userfaultfd and the
 //! store directory directly. Nothing here panics or stops early: a missing file or program is a
 //! failed check. Exit status 0 only when every required check passes.
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Output, Stdio};
 
 use anyhow::Context as _;
-use pf_world_procs::criu::{CriuVersion, Privilege, Probe, Unavailable};
+use pf_world_procs::criu::{Privilege, Probe, Unavailable, Verdict, policy};
 
 use crate::common::{self, Global};
 
@@ -32,14 +33,11 @@ pub(crate) struct Args {
     json: bool,
 }
 
-/// The criu version doctor asks for: 3.17 (Debian 12) fails `criu check` on these kernels.
-const WANT_CRIU: CriuVersion = CriuVersion {
-    major: 4,
-    minor: 1,
-    sublevel: 0,
-};
+/// The fix for a missing, refused or broken criu.
+const INSTALL_CRIU: &str = policy::INSTALL_HINT;
 
-const INSTALL_CRIU: &str = "run `cargo xtask install-criu` (as root, in the pf source tree) to build CRIU 4.1.1, or set $PF_CRIU to a criu ≥ 4.1";
+/// The label of the policy check.
+const POLICY_LABEL: &str = "criu accepted";
 
 /// The fix of a check that could not run because an earlier one failed.
 const FIX_CRIU_FOUND: &str = "fix `criu found` first";
@@ -309,7 +307,8 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
             "criu-found",
             "criu found",
             format!("$PF_CRIU is {} but there is no such file", path.display()),
-            "unset $PF_CRIU or point it at a criu ≥ 4.1; `cargo xtask install-criu` builds one",
+            "unset $PF_CRIU or point it at a criu 4.2 or newer; `cargo xtask install-criu` builds \
+             CRIU 4.2.1",
         ),
         (None, Err(Unavailable::NotLinux { os })) => Check::fail(
             "criu-found",
@@ -329,32 +328,39 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
         return vec![
             found,
             Check::fail("criu-version", "criu version", detail, FIX_CRIU_FOUND),
-            Check::fail("criu-version-ok", "criu ≥ 4.1", detail, FIX_CRIU_FOUND),
+            Check::fail("criu-version-ok", POLICY_LABEL, detail, FIX_CRIU_FOUND),
             Check::fail("criu-check", "criu check", detail, FIX_CRIU_FOUND),
         ];
     };
-    let (version, new_enough) = match probe.version {
-        Some(v) => {
-            let version = Check::pass("criu-version", "criu version", v.to_string());
-            let new_enough = if v >= WANT_CRIU {
-                Check::pass(
-                    "criu-version-ok",
-                    "criu ≥ 4.1",
-                    format!("{v} ≥ {WANT_CRIU}"),
-                )
-            } else {
-                Check::fail(
-                    "criu-version-ok",
-                    "criu ≥ 4.1",
-                    format!(
-                        "{v} is older than {WANT_CRIU} (criu before 4.x fails on kernels with a [vvar_vclock] mapping)"
-                    ),
-                    INSTALL_CRIU,
-                )
+    let (version, new_enough) = match (probe.version, probe.verdict) {
+        (Some(v), Some(verdict)) => {
+            let gitid = probe
+                .gitid
+                .as_deref()
+                .map(|g| format!(" (GitID {g})"))
+                .unwrap_or_default();
+            let version = Check::pass("criu-version", "criu version", format!("{v}{gitid}"));
+            let ok = |detail: String| Check::pass("criu-version-ok", POLICY_LABEL, detail);
+            let refused = |detail: String| {
+                Check::fail("criu-version-ok", POLICY_LABEL, detail, INSTALL_CRIU)
+            };
+            let new_enough = match verdict {
+                Verdict::Upstream => ok(format!("{v} ≥ {}", policy::UPSTREAM_FIXED)),
+                Verdict::Patched => ok(format!("{v} with pf's socket patch{gitid}")),
+                Verdict::TooOld => refused(format!(
+                    "{v} is too old: pf needs {} (criu before 4.x fails on kernels with a \
+                     [vvar_vclock] mapping)",
+                    policy::ACCEPTED
+                )),
+                Verdict::Unpatched => refused(format!(
+                    "{v} without pf's socket patch cannot dump TCP/UDP sockets on Linux 6.16 and \
+                     later: pf needs {}",
+                    policy::ACCEPTED
+                )),
             };
             (version, new_enough)
         }
-        None => {
+        _ => {
             let why = match &probe.result {
                 Err(e) => e.to_string(),
                 Ok(_) => "no version reported".to_owned(),
@@ -362,7 +368,7 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
             let version = Check::fail("criu-version", "criu version", why, INSTALL_CRIU);
             let new_enough = Check::fail(
                 "criu-version-ok",
-                "criu ≥ 4.1",
+                POLICY_LABEL,
                 "unknown version",
                 INSTALL_CRIU,
             );
@@ -376,7 +382,8 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
             format!("passes (run {})", privilege_phrase(criu.privilege)),
         ),
         Err(Unavailable::CheckFailed { errors, log, .. }) => {
-            let first = telling_error(errors).unwrap_or("no Error line in its log");
+            let first = pf_world_procs::criu_log::telling_line(errors)
+                .unwrap_or("no Error line in its log");
             let log = log
                 .as_ref()
                 .map(|l| format!(" (log: {})", l.display()))
@@ -394,10 +401,10 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
             "could not be run: no privileges (see privileges)",
             "see the privileges fix",
         ),
-        Err(Unavailable::TooOld { .. }) => Check::fail(
+        Err(Unavailable::Refused { .. }) => Check::fail(
             "criu-check",
             "criu check",
-            format!("not run: {} is too old for pf to drive", path.display()),
+            format!("not run: pf does not use {} (see {POLICY_LABEL})", path.display()),
             INSTALL_CRIU,
         ),
         Err(e) => Check::fail(
@@ -474,7 +481,7 @@ fn privilege_check(is_root: bool, probe: &Probe, sudo: Option<&Result<(), String
         ) => Check::fail(
             ID,
             LABEL,
-            format!("not root; `sudo -n` failed ({sudo}); --unprivileged failed ({unprivileged})"),
+            format!("not root; `sudo -n` {sudo}; criu with --unprivileged {unprivileged}"),
             fix,
         ),
         (_, Some(Ok(()))) => Check::pass(
@@ -548,17 +555,16 @@ fn namespace_check(is_root: bool) -> Check {
 fn socket_check(probe: &Probe) -> Check {
     const ID: &str = "criu-sockets";
     const LABEL: &str = "criu sockets";
-    let (Some(path), Some(version)) = (&probe.path, probe.version) else {
+    let Some(version) = probe.version else {
         return Check::fail(ID, LABEL, "no criu to ask", FIX_CRIU_FOUND).optional();
     };
-    match pf_world_procs::criu::inet_sockets(path, version) {
+    match pf_world_procs::criu::inet_sockets(version, probe.gitid.as_deref()) {
         pf_world_procs::criu::InetSockets::Yes(why) => Check::pass(ID, LABEL, why).optional(),
         pf_world_procs::criu::InetSockets::No(why) => Check::fail(
             ID,
             LABEL,
             why,
-            "processes without TCP/UDP sockets still work; `cargo xtask install-criu` (in pf's \
-             source tree) builds CRIU 4.1.1 with pf's patch for them",
+            "`cargo xtask install-criu` (in pf's source tree) builds CRIU 4.2.1, which can",
         )
         .optional(),
     }
@@ -732,17 +738,6 @@ impl OutputExt for std::io::Result<Output> {
     }
 }
 
-/// The `Error` line of a failed `criu check` that says most: the first one that does not merely
-/// report a helper's exit (`Error (criu/util.c:642): exited, status=1` comes first in 3.17's log
-/// and says nothing), else the first.
-fn telling_error(errors: &[String]) -> Option<&str> {
-    errors
-        .iter()
-        .find(|l| !l.contains("exited, status="))
-        .or_else(|| errors.first())
-        .map(String::as_str)
-}
-
 /// The first non-empty line of a child's stderr, else `fallback`.
 fn first_line_or(bytes: &[u8], fallback: &str) -> String {
     String::from_utf8_lossy(bytes)
@@ -795,23 +790,6 @@ mod tests {
              \x20             fix: maybe that\n\
              \n1 required check(s) failed: apply the fixes above and run `pf doctor` again\n"
         );
-    }
-
-    #[test]
-    fn picks_the_criu_error_that_names_the_cause() {
-        let errors: Vec<String> = [
-            "Error (criu/util.c:642): exited, status=1",
-            "Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds",
-            "Error (criu/crtools.c:260): Could not initialize kernel features detection.",
-        ]
-        .map(String::from)
-        .into();
-        assert_eq!(
-            telling_error(&errors),
-            Some("Error (criu/vdso.c:381): vdso: Unexpected rt vDSO area bounds")
-        );
-        assert_eq!(telling_error(&errors[..1]), Some(errors[0].as_str()));
-        assert_eq!(telling_error(&[]), None);
     }
 
     #[test]

@@ -243,11 +243,11 @@ fn print_result(json: bool, value: &serde_json::Value, plain: &str) {
     }
 }
 
-/// Add the terminal hint to CRIU's `No task found with sid` failure.
+/// Add the shell's terminal hint to CRIU's failure on a terminal of another session.
 fn with_tty_hint(err: pf_world_procs::Error) -> anyhow::Error {
-    let text = format!("{err:#}");
+    let foreign = err.kind() == pf_world_procs::ErrorKind::ForeignTerminal;
     let err = anyhow::Error::new(err);
-    if text.contains("No task found with sid") {
+    if foreign {
         err.context(shell_inspect::NO_SID_HINT)
     } else {
         err

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use crate::stdio::Streams;
 
+pub use pf_world_procs::ErrorKind;
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -85,7 +87,7 @@ pub enum Error {
         /// The digest or images directory.
         snapshot: String,
         /// What is missing or wrong.
-        reason: String,
+        reason: NotAGoblinReason,
     },
     /// Waiting for or killing a thawed goblin failed.
     #[error("cannot wait for goblin {pid}")]
@@ -145,6 +147,80 @@ pub enum Error {
     },
 }
 
+/// Why a snapshot is not a goblin's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotAGoblinReason {
+    /// It is an honest placeholder: nothing was dumped.
+    #[error("it holds no process images (captured on {unsupported_on}: {note})")]
+    NoImages {
+        /// Where it was made.
+        unsupported_on: String,
+        /// Why nothing was dumped.
+        note: String,
+    },
+    /// It was captured as a plain process tree.
+    #[error(
+        "it has no {}={} label (it was captured as a plain process tree; restore it with \
+         `pf procs restore`)",
+        crate::GOBLIN_LABEL.0,
+        crate::GOBLIN_LABEL.1
+    )]
+    NoGoblinLabel,
+    /// It records no stdio at all.
+    #[error("it records no stdin/stdout/stderr")]
+    NoStdio,
+    /// It records other than three stdio entries.
+    #[error("it records {found} stdio entries instead of 3")]
+    StdioCount {
+        /// How many it records.
+        found: usize,
+    },
+    /// Its stdin, stdout or stderr is not a pipe.
+    #[error("its {streams}; only pipes can be reconnected")]
+    NotPipes {
+        /// What its descriptors 0–2 were.
+        streams: Streams,
+    },
+    /// Its stdin is the pipe it writes to.
+    #[error(
+        "its stdin is the same pipe as its output (pipe:[{pipe}]); a goblin reading its own \
+         output cannot be given separate pipes"
+    )]
+    StdinIsOutput {
+        /// The pipe's inode.
+        pipe: u64,
+    },
+}
+
+impl Error {
+    /// What kind of failure this is: the same [`ErrorKind`] as pf-world-procs', whose errors a
+    /// freeze, thaw or wait passes through.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::EmptyCommand | Self::OtherPidNamespace { .. } | Self::StdinBacklog { .. } => {
+                ErrorKind::InvalidInput
+            }
+            Self::NoSuchProcess { .. } => ErrorKind::NoSuchProcess,
+            Self::NotPipes { .. } | Self::NotSessionLeader { .. } | Self::NotAGoblin { .. } => {
+                ErrorKind::NotAGoblin
+            }
+            Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::Wait { source, .. } => {
+                source.kind()
+            }
+            Self::Metadata { op: "read", source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                ErrorKind::NotAGoblin
+            }
+            Self::Metadata { op: "decode", .. } | Self::PipeData(_) => ErrorKind::InvalidSnapshot,
+            Self::Spawn { .. } | Self::Metadata { .. } | Self::Io { .. } | Self::Sys { .. } => {
+                ErrorKind::Io
+            }
+        }
+    }
+}
+
 fn metadata_hint(op: &str) -> &'static str {
     if op == "read" {
         " (an images directory made by `pf goblin freeze --images` has one)"
@@ -159,5 +235,117 @@ impl Error {
             op: op.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stdio::StdioKind;
+
+    #[test]
+    fn kinds_tell_not_a_goblin_from_criu_failed_from_store_corrupt() {
+        let criu = pf_world_procs::Error::Criu {
+            action: "restore",
+            exit: pf_world_procs::Exit::Code(1),
+            failure: Some(pf_world_procs::criu_log::CriuFailure::PidInUse { pid: 4 }),
+            errors: Vec::new(),
+            log: PathBuf::from("/l"),
+        };
+        let corrupt = pf_world_procs::Error::Store {
+            what: "loading".into(),
+            source: pf_core::Error::Integrity {
+                digest: pf_core::Digest256::of(b"x"),
+                actual: pf_core::Digest256::of(b"y"),
+                path: None,
+            },
+        };
+        let cases = [
+            (
+                Error::NotAGoblin {
+                    snapshot: "s".into(),
+                    reason: NotAGoblinReason::NoGoblinLabel,
+                },
+                ErrorKind::NotAGoblin,
+            ),
+            (
+                Error::NotPipes {
+                    pid: 1,
+                    streams: Streams([StdioKind::Pipe(1), StdioKind::Pipe(2), StdioKind::Pipe(3)]),
+                },
+                ErrorKind::NotAGoblin,
+            ),
+            (
+                Error::NotSessionLeader { pid: 1, sid: 2 },
+                ErrorKind::NotAGoblin,
+            ),
+            (
+                Error::Thaw {
+                    snapshot: "s".into(),
+                    source: Box::new(criu),
+                },
+                ErrorKind::PidInUse,
+            ),
+            (
+                Error::Thaw {
+                    snapshot: "s".into(),
+                    source: Box::new(corrupt),
+                },
+                ErrorKind::StoreCorrupt,
+            ),
+            (
+                Error::Freeze {
+                    pid: 1,
+                    source: Box::new(pf_world_procs::Error::NoSuchProcess { pid: 1 }),
+                },
+                ErrorKind::NoSuchProcess,
+            ),
+            (
+                Error::Metadata {
+                    op: "read",
+                    path: PathBuf::from("/d/goblin.json"),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                },
+                ErrorKind::NotAGoblin,
+            ),
+            (
+                Error::Metadata {
+                    op: "decode",
+                    path: PathBuf::from("/d/goblin.json"),
+                    source: std::io::Error::other("bad"),
+                },
+                ErrorKind::InvalidSnapshot,
+            ),
+            (Error::EmptyCommand, ErrorKind::InvalidInput),
+            (Error::NoSuchProcess { pid: 1 }, ErrorKind::NoSuchProcess),
+            (
+                Error::sys("create a pipe", std::io::Error::other("x")),
+                ErrorKind::Io,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+        }
+    }
+
+    #[test]
+    fn not_a_goblin_reasons_read_as_before() {
+        let err = Error::NotAGoblin {
+            snapshot: "sha256:ab".into(),
+            reason: NotAGoblinReason::NoImages {
+                unsupported_on: "macos".into(),
+                note: "no criu".into(),
+            },
+        };
+        assert_eq!(
+            err.to_string(),
+            "sha256:ab is not a goblin snapshot: it holds no process images (captured on macos: \
+             no criu)"
+        );
+        assert!(
+            NotAGoblinReason::NoGoblinLabel
+                .to_string()
+                .contains("goblin=v1 label")
+        );
     }
 }

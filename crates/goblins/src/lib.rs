@@ -59,7 +59,7 @@ mod thaw;
 mod thaw_async;
 mod wire;
 
-pub use crate::error::{Error, Result};
+pub use crate::error::{Error, ErrorKind, NotAGoblinReason, Result};
 pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};
 pub use crate::spawn::{SpawnOptions, spawn};

@@ -16,7 +16,7 @@ use pf_core::{BlobStore, Digest256};
 use pf_world_procs::{InheritFd, RestoreOptions};
 
 use crate::GOBLIN_LABEL;
-use crate::error::{Error, Result};
+use crate::error::{Error, NotAGoblinReason, Result};
 use crate::goblin::{Goblin, Process};
 use crate::stdio::{Streams, pipe_key};
 use crate::wire::GoblinMeta;
@@ -156,20 +156,17 @@ impl Loaded {
                     } => {
                         return Err(Error::NotAGoblin {
                             snapshot: name,
-                            reason: format!(
-                                "it holds no process images (captured on {unsupported_on}: {note})"
-                            ),
+                            reason: NotAGoblinReason::NoImages {
+                                unsupported_on,
+                                note,
+                            },
                         });
                     }
                 };
                 if procs.labels.get(GOBLIN_LABEL.0).map(String::as_str) != Some(GOBLIN_LABEL.1) {
                     return Err(Error::NotAGoblin {
                         snapshot: name,
-                        reason: format!(
-                            "it has no {}={} label (it was captured as a plain process tree; \
-                             restore it with `pf procs restore`)",
-                            GOBLIN_LABEL.0, GOBLIN_LABEL.1
-                        ),
+                        reason: NotAGoblinReason::NoGoblinLabel,
                     });
                 }
                 let pipes = check_pipes(&procs.stdio).map_err(|reason| Error::NotAGoblin {
@@ -395,23 +392,21 @@ fn fill(w: &mut PipeWriter, bytes: &[u8]) -> Result<()> {
 }
 
 /// The pipe inodes of a recorded stdio, or why it is not a goblin's.
-fn check_pipes(stdio: &[String]) -> std::result::Result<[u64; 3], String> {
+fn check_pipes(stdio: &[String]) -> std::result::Result<[u64; 3], NotAGoblinReason> {
     let streams = Streams::from_links(stdio).ok_or_else(|| {
         if stdio.is_empty() {
-            "it records no stdin/stdout/stderr".to_owned()
+            NotAGoblinReason::NoStdio
         } else {
-            format!("it records {} stdio entries instead of 3", stdio.len())
+            NotAGoblinReason::StdioCount { found: stdio.len() }
         }
     })?;
     let pipes = streams
         .pipes()
-        .ok_or_else(|| format!("its {streams}; only pipes can be reconnected"))?;
+        .ok_or_else(|| NotAGoblinReason::NotPipes {
+            streams: streams.clone(),
+        })?;
     if pipes[0] == pipes[1] || pipes[0] == pipes[2] {
-        return Err(format!(
-            "its stdin is the same pipe as its output ({}); a goblin reading its own output cannot \
-             be given separate pipes",
-            pipe_key(pipes[0])
-        ));
+        return Err(NotAGoblinReason::StdinIsOutput { pipe: pipes[0] });
     }
     Ok(pipes)
 }
@@ -438,26 +433,29 @@ mod tests {
 
     #[test]
     fn explains_why_a_recorded_stdio_is_not_a_goblins() {
+        let why = |links: &[String]| check_pipes(links).map_err(|r| r.to_string());
+        assert_eq!(why(&[]), Err("it records no stdin/stdout/stderr".to_owned()));
+        assert_eq!(check_pipes(&[]), Err(NotAGoblinReason::NoStdio));
         assert_eq!(
-            check_pipes(&[]),
-            Err("it records no stdin/stdout/stderr".to_owned())
-        );
-        assert_eq!(
-            check_pipes(&links(&["pipe:[1]"])),
+            why(&links(&["pipe:[1]"])),
             Err("it records 1 stdio entries instead of 3".to_owned())
         );
         assert_eq!(
-            check_pipes(&links(&["/dev/pts/0", "pipe:[2]", "pipe:[3]"])),
+            why(&links(&["/dev/pts/0", "pipe:[2]", "pipe:[3]"])),
             Err(
                 "its stdin is a terminal (/dev/pts/0), stdout is a pipe (pipe:[2]), stderr is a \
                  pipe (pipe:[3]); only pipes can be reconnected"
                     .to_owned()
             )
         );
+        assert_eq!(
+            check_pipes(&links(&["pipe:[1]", "pipe:[1]", "pipe:[3]"])),
+            Err(NotAGoblinReason::StdinIsOutput { pipe: 1 })
+        );
         assert!(
-            check_pipes(&links(&["pipe:[1]", "pipe:[1]", "pipe:[3]"]))
+            why(&links(&["pipe:[1]", "pipe:[1]", "pipe:[3]"]))
                 .expect_err("same pipe")
-                .contains("same pipe")
+                .contains("same pipe as its output (pipe:[1])")
         );
     }
 

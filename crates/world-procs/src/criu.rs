@@ -236,6 +236,8 @@ pub struct ProbeInputs {
     pub path_var: Option<OsString>,
     /// Whether the effective uid is 0.
     pub is_root: bool,
+    /// The directories searched after `$PATH` ([`policy::SEARCH_DIRS`]; others only in tests).
+    pub search_dirs: Vec<PathBuf>,
 }
 
 impl ProbeInputs {
@@ -246,6 +248,7 @@ impl ProbeInputs {
             pf_criu: std::env::var_os("PF_CRIU").filter(|v| !v.is_empty()),
             path_var: std::env::var_os("PATH"),
             is_root: nix::unistd::geteuid().is_root(),
+            search_dirs: policy::search_dirs(),
         }
     }
 }
@@ -295,7 +298,11 @@ pub(crate) fn for_restore() -> Result<&'static Criu, Unavailable> {
         if inputs.os != "linux" || !inputs.is_root {
             return probe().result.clone();
         }
-        let path = locate(inputs.pf_criu.as_deref(), inputs.path_var.as_deref())?;
+        let path = locate(
+            inputs.pf_criu.as_deref(),
+            inputs.path_var.as_deref(),
+            &inputs.search_dirs,
+        )?;
         // A binary that passed `criu check` this boot: its version is known, no exec needed.
         let remembered =
             binary_identity(&path).and_then(|key| read_checked(Path::new(CHECKED_DIR), &key));
@@ -402,7 +409,11 @@ pub fn for_capture() -> Result<Criu, Unavailable> {
             if inputs.os != "linux" || !inputs.is_root {
                 return probe().result.clone();
             }
-            let Ok(path) = locate(inputs.pf_criu.as_deref(), inputs.path_var.as_deref()) else {
+            let Ok(path) = locate(
+            inputs.pf_criu.as_deref(),
+            inputs.path_var.as_deref(),
+            &inputs.search_dirs,
+        ) else {
                 return probe().result.clone();
             };
             let dir = Path::new(CHECKED_DIR);
@@ -496,7 +507,11 @@ pub fn probe_with(inputs: &ProbeInputs) -> Probe {
         });
         return probe;
     }
-    let path = match locate(inputs.pf_criu.as_deref(), inputs.path_var.as_deref()) {
+    let path = match locate(
+            inputs.pf_criu.as_deref(),
+            inputs.path_var.as_deref(),
+            &inputs.search_dirs,
+        ) {
         Ok(path) => path,
         Err(e) => {
             probe.result = Err(e);
@@ -534,8 +549,9 @@ pub fn probe_with(inputs: &ProbeInputs) -> Probe {
 pub(crate) fn locate(
     pf_criu: Option<&std::ffi::OsStr>,
     path_var: Option<&std::ffi::OsStr>,
+    search_dirs: &[PathBuf],
 ) -> Result<PathBuf, Unavailable> {
-    match policy::locate(pf_criu, path_var, is_executable) {
+    match policy::locate(pf_criu, path_var, search_dirs, is_executable) {
         Ok(path) if path.is_file() => Ok(path),
         Ok(path) => Err(Unavailable::EnvPathMissing { path }),
         Err(_) => Err(Unavailable::NotFound),
@@ -657,6 +673,7 @@ mod tests {
             pf_criu: pf_criu.map(|p| p.as_os_str().to_owned()),
             path_var: Some(OsString::from("/nonexistent-dir")),
             is_root: true,
+            search_dirs: Vec::new(),
         }
     }
 
@@ -855,18 +872,10 @@ esac"#;
                 assert!(msg.contains("install-criu") && msg.contains("4.2.1"), "{msg}");
             }
         }
-        // No criu at all: $PATH and the sbin dirs hold none.
-        let mut none = inputs(None);
-        none.path_var = Some(OsString::from("/nonexistent-dir"));
-        if policy::SEARCH_DIRS
-            .iter()
-            .all(|d| !Path::new(d).join("criu").exists())
-        {
-            assert!(matches!(
-                probe_with(&none).result,
-                Err(Unavailable::NotFound)
-            ));
-        }
+        // No criu at all: neither $PATH nor the directories after it hold one.
+        let p = probe_with(&inputs(None));
+        assert!(matches!(p.result, Err(Unavailable::NotFound)), "{p:?}");
+        assert_eq!((p.path, p.verdict), (None, None));
     }
 
     #[test]

@@ -403,3 +403,177 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::criu::{CriuVersion, Refusal, Verdict};
+
+    fn criu_error(failure: Option<CriuFailure>) -> Error {
+        Error::Criu {
+            action: "dump",
+            exit: crate::Exit::Code(1),
+            failure,
+            errors: vec!["Error (criu/x.c:1): something".to_owned()],
+            log: PathBuf::from("/tmp/pf-criu-dump-x/criu.log"),
+        }
+    }
+
+    #[test]
+    fn criu_failure_classes_have_their_kind_and_fix() {
+        let cases = [
+            (
+                Some(CriuFailure::SocketsUnsupported),
+                ErrorKind::SocketsUnsupported,
+                "install-criu",
+            ),
+            (
+                Some(CriuFailure::ForeignTerminal { sid: 5 }),
+                ErrorKind::ForeignTerminal,
+                "setsid",
+            ),
+            (
+                Some(CriuFailure::PidInUse { pid: 9 }),
+                ErrorKind::PidInUse,
+                "new pid namespace",
+            ),
+            (
+                Some(CriuFailure::NoPrivilege),
+                ErrorKind::NeedsPrivilege,
+                "setcap",
+            ),
+            (None, ErrorKind::CriuFailed, "full log kept in"),
+        ];
+        for (failure, kind, says) in cases {
+            let err = criu_error(failure);
+            assert_eq!(err.kind(), kind, "{err}");
+            assert_eq!(err.criu_failure(), failure);
+            let msg = err.to_string();
+            assert!(msg.contains(says), "{msg}");
+            assert!(msg.starts_with("criu dump failed (exit status 1): Error"), "{msg}");
+        }
+        let exited = Error::ExitedDuringDump {
+            pid: 3,
+            source: Box::new(criu_error(Some(CriuFailure::SocketsUnsupported))),
+        };
+        assert_eq!(exited.kind(), ErrorKind::NoSuchProcess);
+        assert_eq!(
+            exited.criu_failure(),
+            Some(CriuFailure::SocketsUnsupported)
+        );
+    }
+
+    #[test]
+    fn every_other_class_has_its_kind() {
+        let v = CriuVersion {
+            major: 4,
+            minor: 1,
+            sublevel: 1,
+        };
+        let digest = pf_core::Digest256::of(b"x");
+        let io = || std::io::Error::other("x");
+        let cases: Vec<(Error, ErrorKind)> = vec![
+            (
+                Unavailable::NotFound.into(),
+                ErrorKind::CriuUnavailable,
+            ),
+            (
+                Unavailable::Refused {
+                    path: "/c".into(),
+                    version: v,
+                    gitid: None,
+                    verdict: Verdict::Unpatched,
+                }
+                .into(),
+                ErrorKind::CriuUnavailable,
+            ),
+            (
+                Unavailable::NoPrivilege {
+                    path: "/c".into(),
+                    sudo: Refusal::NotInstalled,
+                    unprivileged: Refusal::NoPrivilege("no cap".into()),
+                }
+                .into(),
+                ErrorKind::NeedsPrivilege,
+            ),
+            (
+                Error::Timeout {
+                    action: "dump",
+                    after: Duration::from_secs(1),
+                    log: "/l".into(),
+                },
+                ErrorKind::CriuFailed,
+            ),
+            (Error::NoSuchProcess { pid: 1 }, ErrorKind::NoSuchProcess),
+            (
+                Error::PidInUse {
+                    pid: 1,
+                    holder: "sh".into(),
+                },
+                ErrorKind::PidInUse,
+            ),
+            (
+                Error::PidZombie {
+                    pid: 1,
+                    ppid: 2,
+                    waited: Duration::from_secs(1),
+                },
+                ErrorKind::PidInUse,
+            ),
+            (
+                Error::store(
+                    "loading",
+                    pf_core::Error::NotFound {
+                        digest: digest.clone(),
+                    },
+                ),
+                ErrorKind::NotFound,
+            ),
+            (
+                Error::store(
+                    "loading",
+                    pf_core::Error::NameNotFound { name: "x".into() },
+                ),
+                ErrorKind::NotFound,
+            ),
+            (
+                Error::Unsupported {
+                    digest: digest.clone(),
+                    unsupported_on: "macos".into(),
+                    note: "n".into(),
+                },
+                ErrorKind::InvalidSnapshot,
+            ),
+            (
+                Error::UnsafeTar {
+                    digest,
+                    entry: "../x".into(),
+                    reason: "escapes",
+                },
+                ErrorKind::InvalidSnapshot,
+            ),
+            (
+                Error::ImagesDirNotEmpty { path: "/d".into() },
+                ErrorKind::InvalidInput,
+            ),
+            (Error::io("read", "/x", io()), ErrorKind::Io),
+            (
+                Error::Namespace {
+                    step: "fork",
+                    errno: libc::EPERM,
+                },
+                ErrorKind::NeedsPrivilege,
+            ),
+            (
+                Error::InitDied {
+                    action: "restore",
+                    log: "/l".into(),
+                },
+                ErrorKind::CriuFailed,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(err.kind(), kind, "{err}");
+        }
+    }
+}

@@ -210,8 +210,24 @@ impl ImagesTar {
     }
 }
 
+/// A failure reading one file into the archive: which file, with the cause as its source.
+#[derive(Debug, thiserror::Error)]
+#[error("archiving {}", .path.display())]
+struct ArchiveError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// `e` with the file it happened on, keeping its kind and itself as the source (not as text).
 fn with_path(e: std::io::Error, path: &Path) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+    std::io::Error::new(
+        e.kind(),
+        ArchiveError {
+            path: path.to_owned(),
+            source: e,
+        },
+    )
 }
 
 impl Read for ImagesTar {
@@ -373,6 +389,19 @@ fn store_error(e: std::io::Error) -> std::result::Result<pf_core::Error, std::io
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_error_keeps_its_kind_path_and_cause() {
+        let cause = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = with_path(cause, Path::new("/imgs/pages-1.img"));
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        assert_eq!(e.to_string(), "archiving /imgs/pages-1.img");
+        let source = std::error::Error::source(&e).expect("the cause is the source");
+        let source = source
+            .downcast_ref::<std::io::Error>()
+            .expect("an io::Error");
+        assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied);
+    }
     use pf_core::{BlobStore as _, MemBlobStore};
 
     fn dir_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {

@@ -41,6 +41,11 @@ pub const INSTALLED_RELEASE: &str = "4.2.1";
 /// Directories searched after `$PATH`, in order.
 pub const SEARCH_DIRS: [&str; 3] = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
 
+/// [`SEARCH_DIRS`] as paths, for [`candidates`].
+pub fn search_dirs() -> Vec<PathBuf> {
+    SEARCH_DIRS.iter().map(PathBuf::from).collect()
+}
+
 /// The fix for a missing, refused or broken criu.
 pub const INSTALL_HINT: &str = "run `cargo xtask install-criu` (as root, in pf's source tree) to \
     build CRIU 4.2.1, or set $PF_CRIU to a criu 4.2 or newer";
@@ -91,8 +96,13 @@ pub enum Candidates {
     Search(Vec<PathBuf>),
 }
 
-/// The places to look for criu, given `$PF_CRIU` (an empty value counts as unset) and `$PATH`.
-pub fn candidates(pf_criu: Option<&OsStr>, path_var: Option<&OsStr>) -> Candidates {
+/// The places to look for criu, given `$PF_CRIU` (an empty value counts as unset), `$PATH` and
+/// the directories searched after it ([`SEARCH_DIRS`] but in tests).
+pub fn candidates(
+    pf_criu: Option<&OsStr>,
+    path_var: Option<&OsStr>,
+    search_dirs: &[PathBuf],
+) -> Candidates {
     if let Some(p) = pf_criu.filter(|p| !p.is_empty()) {
         return Candidates::Env(PathBuf::from(p));
     }
@@ -104,7 +114,7 @@ pub fn candidates(pf_criu: Option<&OsStr>, path_var: Option<&OsStr>) -> Candidat
     let dirs = dirs
         .into_iter()
         .filter(|d| d.is_absolute())
-        .chain(SEARCH_DIRS.iter().map(PathBuf::from));
+        .chain(search_dirs.iter().cloned());
     for dir in dirs {
         let path = dir.join("criu");
         if !out.contains(&path) {
@@ -120,9 +130,10 @@ pub fn candidates(pf_criu: Option<&OsStr>, path_var: Option<&OsStr>) -> Candidat
 pub fn locate(
     pf_criu: Option<&OsStr>,
     path_var: Option<&OsStr>,
+    search_dirs: &[PathBuf],
     is_executable: impl Fn(&Path) -> bool,
 ) -> Result<PathBuf, Vec<PathBuf>> {
-    match candidates(pf_criu, path_var) {
+    match candidates(pf_criu, path_var, search_dirs) {
         Candidates::Env(path) => Ok(path),
         Candidates::Search(paths) => match paths.iter().find(|p| is_executable(p)) {
             Some(found) => Ok(found.clone()),
@@ -162,12 +173,17 @@ mod tests {
     fn pf_criu_is_the_only_candidate_when_set() {
         let path = OsStr::new("/usr/bin:/bin");
         assert_eq!(
-            candidates(Some(OsStr::new("/opt/criu")), Some(path)),
+            candidates(Some(OsStr::new("/opt/criu")), Some(path), &search_dirs()),
             Candidates::Env(PathBuf::from("/opt/criu"))
         );
         // Even when it does not exist: the caller reports it, nothing else is tried.
         assert_eq!(
-            locate(Some(OsStr::new("/nonexistent/criu")), Some(path), |_| true),
+            locate(
+                Some(OsStr::new("/nonexistent/criu")),
+                Some(path),
+                &search_dirs(),
+                |_| true
+            ),
             Ok(PathBuf::from("/nonexistent/criu"))
         );
     }
@@ -177,6 +193,7 @@ mod tests {
         let Candidates::Search(paths) = candidates(
             Some(OsStr::new("")),
             Some(OsStr::new("/usr/local/sbin:/opt/x/bin::rel/dir:/usr/bin")),
+            &search_dirs(),
         ) else {
             panic!("an empty $PF_CRIU counts as unset");
         };
@@ -190,10 +207,14 @@ mod tests {
         .map(PathBuf::from)
         .into();
         assert_eq!(paths, want);
-        let found = locate(None, Some(OsStr::new("/a:/b")), |p| {
+        let found = locate(None, Some(OsStr::new("/a:/b")), &search_dirs(), |p| {
             p == Path::new("/b/criu") || p == Path::new("/sbin/criu")
         });
         assert_eq!(found, Ok(PathBuf::from("/b/criu")));
-        assert!(locate(None, None, |_| false).is_err());
+        assert!(locate(None, None, &search_dirs(), |_| false).is_err());
+        assert_eq!(
+            locate(None, Some(OsStr::new("/a")), &[], |_| false),
+            Err(vec![PathBuf::from("/a/criu")])
+        );
     }
 }
