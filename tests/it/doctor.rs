@@ -111,26 +111,36 @@ fn doctor_json_lists_every_check_with_fixes_for_failures() {
     assert_eq!(check(&doc, "store")["ok"], true, "{doc:#}");
 }
 
-#[test]
-fn doctor_rejects_a_criu_that_is_too_old_and_fails_its_check() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    // Behaves like Debian 12's criu 3.17.1 on this kernel.
-    let criu = dir.path().join("criu");
+/// A fake criu at `dir/criu` whose `--version` prints `version` and whose every other command
+/// fails like Debian 12's 3.17.1 on this kernel: a helper's exit first, then the cause.
+fn failing_criu(dir: &Path, version: &str) -> std::path::PathBuf {
+    let criu = dir.join("criu");
     std::fs::write(
         &criu,
-        r#"#!/bin/sh
+        format!(
+            r#"#!/bin/sh
 case "$1" in
-  --version) echo 'Version: 3.17.1'; exit 0 ;;
+  --version) echo 'Version: {version}'; exit 0 ;;
 esac
 log=/dev/null
 while [ $# -gt 0 ]; do [ "$1" = "--log-file" ] && log="$2"; shift; done
+echo '(00.001) Error (criu/util.c:642): exited, status=1' >> "$log"
 echo '(00.001) Error (criu/vdso.c:95): vdso: Unexpected rt vDSO area bounds' >> "$log"
 echo 'Error (criu/vdso.c:95): vdso: Unexpected rt vDSO area bounds' >&2
 exit 1
-"#,
+"#
+        ),
     )
     .expect("write fake criu");
     std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    criu
+}
+
+#[test]
+fn doctor_rejects_a_criu_that_is_too_old_and_fails_its_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Debian 12's criu 3.17.1: pf's policy refuses it before running `criu check`.
+    let criu = failing_criu(dir.path(), "3.17.1");
     let out = doctor(&dir.path().join("store"), dir.path(), &criu, true);
     assert_eq!(out.status.code(), Some(1));
     let doc = json_of(&out);
@@ -142,10 +152,23 @@ exit 1
     assert!(
         too_old["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("3.17.1 is older than 4.1.0")),
+            .is_some_and(|d| d.contains("3.17.1 is too old")),
         "{too_old}"
     );
-    // criu's own Error line is what the check shows, in JSON and to people.
+    assert!(
+        too_old["fix"]
+            .as_str()
+            .is_some_and(|d| d.contains("builds CRIU 4.2.1")),
+        "{too_old}"
+    );
+    // A criu pf accepts whose `criu check` fails: criu's own Error line that names the cause
+    // (not the helper's `exited, status=1` before it) is what the check shows, in JSON and to
+    // people.
+    let criu = failing_criu(dir.path(), "4.2.1");
+    let out = doctor(&dir.path().join("store"), dir.path(), &criu, true);
+    assert_eq!(out.status.code(), Some(1));
+    let doc = json_of(&out);
+    assert_eq!(check(&doc, "criu-version-ok")["ok"], true);
     let error = "Error (criu/vdso.c:95): vdso: Unexpected rt vDSO area bounds";
     let failed = check(&doc, "criu-check");
     assert_eq!(failed["ok"], false);
@@ -285,4 +308,136 @@ fn nix_is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
         })
         .unwrap_or(false)
+}
+
+/// pf's one CRIU policy: on every machine state `pf doctor` says ✓ exactly where pf uses the criu
+/// and where `cargo xtask install-criu` leaves it alone (xtask's
+/// `install_criu_decides_as_pf_on_every_machine_state` asserts the same table).
+#[test]
+fn doctor_agrees_with_install_criu_on_every_machine_state() {
+    let states = [
+        // (criu --version, pf uses it and install-criu does nothing)
+        (None, false),
+        (Some("Version: 3.17.1\nGitID: v3.17.1\n"), false),
+        (Some("Version: 4.1.1\n"), false),
+        (Some("Version: 4.1.1\nGitID: pf-4.1.1-1\n"), true),
+        (Some("Version: 4.2.1\nGitID: pf-4.2.1\n"), true),
+        (Some("Version: 4.2.1\n"), true),
+    ];
+    for (version, works) in states {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let criu = dir.path().join("criu");
+        if let Some(version) = version {
+            std::fs::write(
+                &criu,
+                format!(
+                    "#!/bin/sh\n[ \"$1\" = --version ] && printf '{}'\n\
+                     [ \"$1\" = check ] && echo 'Looks good.'\nexit 0\n",
+                    version.replace('\n', "\\n")
+                ),
+            )
+            .expect("write fake criu");
+            std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        }
+        let out = doctor(&dir.path().join("store"), dir.path(), &criu, true);
+        let doc = json_of(&out);
+        let state = format!("{version:?}: {doc:#}");
+        assert_eq!(doc["criu"]["usable"], works, "{state}");
+        for id in ["criu-found", "criu-version", "criu-version-ok", "criu-check"] {
+            let c = check(&doc, id);
+            let expect = works || (version.is_some() && matches!(id, "criu-found" | "criu-version"));
+            assert_eq!(c["ok"], expect, "{id} in {state}");
+            if c["ok"] == false {
+                assert!(
+                    c["fix"]
+                        .as_str()
+                        .is_some_and(|f| f.contains("install-criu") || f.contains("fix `criu found`")
+                            || f.contains("see the")),
+                    "{id} in {state}"
+                );
+            }
+        }
+        if !works {
+            assert_eq!(out.status.code(), Some(1), "{state}");
+        }
+        if version.is_some() && !works {
+            let refused = check(&doc, "criu-version-ok");
+            assert!(
+                refused["fix"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("builds CRIU 4.2.1")),
+                "{refused}"
+            );
+        }
+    }
+}
+
+/// Issue 15 item 7a: as a user without root, why criu cannot be used is said once, without
+/// CRIU's dangling `capability:)`.
+#[test]
+fn without_root_the_privilege_explanation_is_printed_once() {
+    if !nix_is_root() {
+        // Only root can become `nobody`; as another user, criu may well work through sudo.
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let scratch = dir.path().join("tmp");
+    std::fs::create_dir(&scratch).expect("mkdir");
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("mkdir");
+    std::os::unix::fs::chown(&store, Some(65534), Some(65534)).expect("chown store to nobody");
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let bin = dir.path().join("pf");
+    std::fs::copy(crate::support::pf_bin(), &bin).expect("copy pf");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod pf");
+    // What criu 4.2.1 prints without the capability, run by `nobody` (criu/cr-check.c:1961).
+    let criu = dir.path().join("criu");
+    std::fs::write(
+        &criu,
+        "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'Version: 4.2.1'; exit 0; }\n\
+         echo 'CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability: '\n\
+         echo \"setcap cap_checkpoint_restore+eip $0\"\nexit 1\n",
+    )
+    .expect("write fake criu");
+    std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .stdin(std::process::Stdio::null())
+        .env_remove("PF_STORE")
+        .env("HOME", dir.path())
+        .env("PATH", "/usr/bin:/bin")
+        .env("PF_CRIU", &criu)
+        .env("TMPDIR", &scratch)
+        .arg("--store")
+        .arg(&store)
+        .args(["goblin", "spawn", "--tag", "t", "--", "cat"])
+        .output()
+        .expect("run pf as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("criu cannot get privileges").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("criu is not usable here").count(), 1, "{stderr}");
+    assert!(!stderr.contains("capability:)"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "--unprivileged is refused (CRIU needs to have the CAP_SYS_ADMIN or the \
+             CAP_CHECKPOINT_RESTORE capability)"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "sudo setcap cap_checkpoint_restore+eip {}",
+            criu.display()
+        )),
+        "{stderr}"
+    );
 }

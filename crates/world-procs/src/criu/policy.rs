@@ -47,8 +47,8 @@ pub fn search_dirs() -> Vec<PathBuf> {
 }
 
 /// The fix for a missing, refused or broken criu.
-pub const INSTALL_HINT: &str = "run `cargo xtask install-criu` (as root, in pf's source tree) to \
-    build CRIU 4.2.1, or set $PF_CRIU to a criu 4.2 or newer";
+pub const INSTALL_HINT: &str = "`cargo xtask install-criu` (as root, in pf's source tree) builds \
+    CRIU 4.2.1; or set $PF_CRIU to a criu 4.2 or newer";
 
 /// What the policy says of one criu build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
