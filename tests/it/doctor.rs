@@ -337,23 +337,27 @@ fn doctor_agrees_with_install_criu_on_every_machine_state() {
                 ),
             )
             .expect("write fake criu");
-            std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755))
-                .expect("chmod");
+            std::fs::set_permissions(&criu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         let out = doctor(&dir.path().join("store"), dir.path(), &criu, true);
         let doc = json_of(&out);
         let state = format!("{version:?}: {doc:#}");
         assert_eq!(doc["criu"]["usable"], works, "{state}");
-        for id in ["criu-found", "criu-version", "criu-version-ok", "criu-check"] {
+        for id in [
+            "criu-found",
+            "criu-version",
+            "criu-version-ok",
+            "criu-check",
+        ] {
             let c = check(&doc, id);
-            let expect = works || (version.is_some() && matches!(id, "criu-found" | "criu-version"));
+            let expect =
+                works || (version.is_some() && matches!(id, "criu-found" | "criu-version"));
             assert_eq!(c["ok"], expect, "{id} in {state}");
             if c["ok"] == false {
                 assert!(
-                    c["fix"]
-                        .as_str()
-                        .is_some_and(|f| f.contains("install-criu") || f.contains("fix `criu found`")
-                            || f.contains("see the")),
+                    c["fix"].as_str().is_some_and(|f| f.contains("install-criu")
+                        || f.contains("fix `criu found`")
+                        || f.contains("see the")),
                     "{id} in {state}"
                 );
             }
@@ -424,7 +428,11 @@ fn without_root_the_privilege_explanation_is_printed_once() {
         1,
         "{stderr}"
     );
-    assert_eq!(stderr.matches("criu is not usable here").count(), 1, "{stderr}");
+    assert_eq!(
+        stderr.matches("criu is not usable here").count(),
+        1,
+        "{stderr}"
+    );
     assert!(!stderr.contains("capability:)"), "{stderr}");
     assert!(
         stderr.contains(

@@ -28,7 +28,7 @@ commands:
   ci             fmt, clippy, cargo-deny, unit + integration + doc tests, then the live tests
                  against a real CRIU (installed first if missing; needs root)
   live           only the live tests (PF_HAS_CRIU=1, one at a time, each with a deadline)
-  install-criu   make sure a CRIU >= 4.1 that passes `criu check` is installed (see --help)
+  install-criu   make sure a CRIU pf accepts (4.2+) that passes `criu check` is installed (see --help)
   demo           the main job end to end on this machine
   bench          freeze, pause, thaw, fork and bytes stored beside raw criu; writes
                  docs/benchmarks.md (--quick: a one-minute check of the harness; see --help)

@@ -295,7 +295,7 @@ fn criu_source(path: &Path) -> &'static str {
     }
 }
 
-/// criu found, its version, version ≥ 4.1, `criu check`.
+/// criu found, its version, whether pf's CRIU policy accepts it, `criu check`.
 fn criu_checks(probe: &Probe) -> Vec<Check> {
     let found = match (&probe.path, &probe.result) {
         (Some(path), _) => Check::pass(
@@ -341,9 +341,8 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
                 .unwrap_or_default();
             let version = Check::pass("criu-version", "criu version", format!("{v}{gitid}"));
             let ok = |detail: String| Check::pass("criu-version-ok", POLICY_LABEL, detail);
-            let refused = |detail: String| {
-                Check::fail("criu-version-ok", POLICY_LABEL, detail, INSTALL_CRIU)
-            };
+            let refused =
+                |detail: String| Check::fail("criu-version-ok", POLICY_LABEL, detail, INSTALL_CRIU);
             let new_enough = match verdict {
                 Verdict::Upstream => ok(format!("{v} ≥ {}", policy::UPSTREAM_FIXED)),
                 Verdict::Patched => ok(format!("{v} with pf's socket patch{gitid}")),
@@ -404,7 +403,10 @@ fn criu_checks(probe: &Probe) -> Vec<Check> {
         Err(Unavailable::Refused { .. }) => Check::fail(
             "criu-check",
             "criu check",
-            format!("not run: pf does not use {} (see {POLICY_LABEL})", path.display()),
+            format!(
+                "not run: pf does not use {} (see {POLICY_LABEL})",
+                path.display()
+            ),
             INSTALL_CRIU,
         ),
         Err(e) => Check::fail(

@@ -1,5 +1,5 @@
 //! Fork a warm goblin: start a Python counter, warm it up, freeze it into a store, thaw N clones
-//! side by side (`cargo run -p pf-goblins --example fork -- 8`; needs root and CRIU ≥ 4.1).
+//! side by side (`cargo run -p pf-goblins --example fork -- 8`; needs root and CRIU 4.2 or newer).
 //!
 //! Every clone starts from the frozen state (the counter at 3), then each is told something
 //! different and answers on its own pipes. Each runs in its own pid namespace, beside the

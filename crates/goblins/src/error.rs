@@ -208,11 +208,9 @@ impl Error {
             Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::Wait { source, .. } => {
                 source.kind()
             }
-            Self::Metadata { op: "read", source, .. }
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                ErrorKind::NotAGoblin
-            }
+            Self::Metadata {
+                op: "read", source, ..
+            } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotAGoblin,
             Self::Metadata { op: "decode", .. } | Self::PipeData(_) => ErrorKind::InvalidSnapshot,
             Self::Spawn { .. } | Self::Metadata { .. } | Self::Io { .. } | Self::Sys { .. } => {
                 ErrorKind::Io

@@ -393,18 +393,14 @@ fn fill(w: &mut PipeWriter, bytes: &[u8]) -> Result<()> {
 
 /// The pipe inodes of a recorded stdio, or why it is not a goblin's.
 fn check_pipes(stdio: &[String]) -> std::result::Result<[u64; 3], NotAGoblinReason> {
-    let streams = Streams::from_links(stdio).ok_or_else(|| {
-        if stdio.is_empty() {
-            NotAGoblinReason::NoStdio
-        } else {
-            NotAGoblinReason::StdioCount { found: stdio.len() }
-        }
+    let streams = Streams::from_links(stdio).ok_or(if stdio.is_empty() {
+        NotAGoblinReason::NoStdio
+    } else {
+        NotAGoblinReason::StdioCount { found: stdio.len() }
     })?;
-    let pipes = streams
-        .pipes()
-        .ok_or_else(|| NotAGoblinReason::NotPipes {
-            streams: streams.clone(),
-        })?;
+    let pipes = streams.pipes().ok_or_else(|| NotAGoblinReason::NotPipes {
+        streams: streams.clone(),
+    })?;
     if pipes[0] == pipes[1] || pipes[0] == pipes[2] {
         return Err(NotAGoblinReason::StdinIsOutput { pipe: pipes[0] });
     }
@@ -434,7 +430,10 @@ mod tests {
     #[test]
     fn explains_why_a_recorded_stdio_is_not_a_goblins() {
         let why = |links: &[String]| check_pipes(links).map_err(|r| r.to_string());
-        assert_eq!(why(&[]), Err("it records no stdin/stdout/stderr".to_owned()));
+        assert_eq!(
+            why(&[]),
+            Err("it records no stdin/stdout/stderr".to_owned())
+        );
         assert_eq!(check_pipes(&[]), Err(NotAGoblinReason::NoStdio));
         assert_eq!(
             why(&links(&["pipe:[1]"])),

@@ -467,7 +467,10 @@ fn read_checked(dir: &Path, key: &str) -> Option<(CriuVersion, Option<String>)> 
     let (rest, gitid) = text.trim_end_matches('\n').rsplit_once('\t')?;
     let (held, version) = rest.rsplit_once('\t')?;
     let version = (held == key).then(|| parse_version(&format!("Version: {version}")))??;
-    Some((version, Some(gitid).filter(|g| *g != "-").map(str::to_owned)))
+    Some((
+        version,
+        Some(gitid).filter(|g| *g != "-").map(str::to_owned),
+    ))
 }
 
 /// Remember that the criu `key` names, of `version` and `gitid`, passed `criu check` (0700 dir,
@@ -508,10 +511,10 @@ pub fn probe_with(inputs: &ProbeInputs) -> Probe {
         return probe;
     }
     let path = match locate(
-            inputs.pf_criu.as_deref(),
-            inputs.path_var.as_deref(),
-            &inputs.search_dirs,
-        ) {
+        inputs.pf_criu.as_deref(),
+        inputs.path_var.as_deref(),
+        &inputs.search_dirs,
+    ) {
         Ok(path) => path,
         Err(e) => {
             probe.result = Err(e);
@@ -623,7 +626,10 @@ fn reason(e: &crate::Error) -> Refusal {
             // the message says in full anyway.
             let said = crate::criu_log::telling_line(errors).map_or_else(
                 || exit.to_string(),
-                |l| l.trim_end_matches(|c: char| c == ':' || c.is_whitespace()).to_owned(),
+                |l| {
+                    l.trim_end_matches(|c: char| c == ':' || c.is_whitespace())
+                        .to_owned()
+                },
             );
             match failure {
                 Some(crate::criu_log::CriuFailure::NoPrivilege) => Refusal::NoPrivilege(said),
@@ -736,8 +742,13 @@ mod tests {
         let bin = fake_criu(dir.path(), "echo 'Version: 4.1.1'");
         let key = binary_identity(&bin).expect("identity");
         assert_eq!(read_checked(dir.path(), &key), None);
-        write_checked(&dir.path().join("run"), &key, v(4, 1, 1), Some("pf-4.1.1-1"))
-            .expect("write");
+        write_checked(
+            &dir.path().join("run"),
+            &key,
+            v(4, 1, 1),
+            Some("pf-4.1.1-1"),
+        )
+        .expect("write");
         assert_eq!(
             read_checked(&dir.path().join("run"), &key),
             Some((v(4, 1, 1), Some("pf-4.1.1-1".to_owned())))
@@ -850,7 +861,10 @@ esac"#;
         let states = [
             ("Version: 3.17.1\nGitID: v3.17.1\n", Some(Verdict::TooOld)),
             ("Version: 4.1.1\n", Some(Verdict::Unpatched)),
-            ("Version: 4.1.1\nGitID: pf-4.1.1-1\n", Some(Verdict::Patched)),
+            (
+                "Version: 4.1.1\nGitID: pf-4.1.1-1\n",
+                Some(Verdict::Patched),
+            ),
             ("Version: 4.2.1\nGitID: pf-4.2.1\n", Some(Verdict::Upstream)),
             ("Version: 4.2.1\n", Some(Verdict::Upstream)),
         ];
@@ -869,7 +883,10 @@ esac"#;
             assert_eq!(p.result.is_ok(), accepted, "{version}: {:?}", p.result);
             if !accepted {
                 let msg = p.result.expect_err("refused").to_string();
-                assert!(msg.contains("install-criu") && msg.contains("4.2.1"), "{msg}");
+                assert!(
+                    msg.contains("install-criu") && msg.contains("4.2.1"),
+                    "{msg}"
+                );
             }
         }
         // No criu at all: neither $PATH nor the directories after it hold one.
@@ -893,9 +910,7 @@ esac"#;
         i.is_root = false;
         let p = probe_with(&i);
         let Err(Unavailable::NoPrivilege {
-            unprivileged,
-            sudo,
-            ..
+            unprivileged, sudo, ..
         }) = &p.result
         else {
             panic!("expected NoPrivilege, got {:?}", p.result);

@@ -145,7 +145,10 @@ mod tests {
         assert_eq!(classify_line(line), Some(CriuFailure::SocketsUnsupported));
         let passsec = "Error (criu/sockets.c:640): sockets: Can't get 1:34 opt: Operation not \
                        supported";
-        assert_eq!(classify_line(passsec), Some(CriuFailure::SocketsUnsupported));
+        assert_eq!(
+            classify_line(passsec),
+            Some(CriuFailure::SocketsUnsupported)
+        );
         assert_eq!(
             classify_line("Error (criu/sockets.c:640): sockets: Can't get 1:16 opt: Bad file"),
             None
@@ -185,7 +188,11 @@ mod tests {
             "Running as non-root requires '--unprivileged'",
             "sudo: a password is required",
         ] {
-            assert_eq!(classify_line(line), Some(CriuFailure::NoPrivilege), "{line}");
+            assert_eq!(
+                classify_line(line),
+                Some(CriuFailure::NoPrivilege),
+                "{line}"
+            );
         }
     }
 

@@ -298,9 +298,7 @@ impl ErrorKind {
     /// The kind of a store error.
     pub fn of_store(err: &pf_core::Error) -> Self {
         match err {
-            pf_core::Error::NotFound { .. } | pf_core::Error::NameNotFound { .. } => {
-                Self::NotFound
-            }
+            pf_core::Error::NotFound { .. } | pf_core::Error::NameNotFound { .. } => Self::NotFound,
             pf_core::Error::Integrity { .. }
             | pf_core::Error::Decode { .. }
             | pf_core::Error::CorruptName { .. } => Self::StoreCorrupt,
@@ -450,17 +448,17 @@ mod tests {
             assert_eq!(err.criu_failure(), failure);
             let msg = err.to_string();
             assert!(msg.contains(says), "{msg}");
-            assert!(msg.starts_with("criu dump failed (exit status 1): Error"), "{msg}");
+            assert!(
+                msg.starts_with("criu dump failed (exit status 1): Error"),
+                "{msg}"
+            );
         }
         let exited = Error::ExitedDuringDump {
             pid: 3,
             source: Box::new(criu_error(Some(CriuFailure::SocketsUnsupported))),
         };
         assert_eq!(exited.kind(), ErrorKind::NoSuchProcess);
-        assert_eq!(
-            exited.criu_failure(),
-            Some(CriuFailure::SocketsUnsupported)
-        );
+        assert_eq!(exited.criu_failure(), Some(CriuFailure::SocketsUnsupported));
     }
 
     #[test]
@@ -473,10 +471,7 @@ mod tests {
         let digest = pf_core::Digest256::of(b"x");
         let io = || std::io::Error::other("x");
         let cases: Vec<(Error, ErrorKind)> = vec![
-            (
-                Unavailable::NotFound.into(),
-                ErrorKind::CriuUnavailable,
-            ),
+            (Unavailable::NotFound.into(), ErrorKind::CriuUnavailable),
             (
                 Unavailable::Refused {
                     path: "/c".into(),
@@ -524,21 +519,18 @@ mod tests {
                 Error::store(
                     "loading",
                     pf_core::Error::NotFound {
-                        digest: digest.clone(),
+                        digest,
                     },
                 ),
                 ErrorKind::NotFound,
             ),
             (
-                Error::store(
-                    "loading",
-                    pf_core::Error::NameNotFound { name: "x".into() },
-                ),
+                Error::store("loading", pf_core::Error::NameNotFound { name: "x".into() }),
                 ErrorKind::NotFound,
             ),
             (
                 Error::Unsupported {
-                    digest: digest.clone(),
+                    digest,
                     unsupported_on: "macos".into(),
                     note: "n".into(),
                 },
