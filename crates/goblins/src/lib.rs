@@ -19,6 +19,10 @@
 //! Bytes that were written to a goblin's stdin but not yet read when it was frozen are saved in
 //! the snapshot and reach every thawed copy before anything written after the thaw.
 //!
+//! Every [`Error`] has a [`Error::kind`]: the same [`ErrorKind`] as pf-world-procs' errors, so
+//! "not a goblin" ([`ErrorKind::NotAGoblin`], with a [`NotAGoblinReason`]), "criu failed", "pid in
+//! use" or "store corrupt" are told apart without matching text.
+//!
 //! ```no_run
 //! use std::io::{BufRead, BufReader, Write};
 //! use pf_goblins::{FreezeOptions, FreezeTarget, Source, ThawOptions};

@@ -4,7 +4,14 @@
 //! [`criu::probe`] finds a usable criu (cached per process); [`capture`] dumps a tree into a
 //! store as a deterministic images tar plus a [`ProcsBlob`]; [`restore`] brings it back as a
 //! [`Restored`] tree that is our child. Everything criu does goes through one runner (log, work
-//! dir, deadline, error lines).
+//! dir, deadline, error lines). Which criu builds pf accepts and where it looks for criu is
+//! [`criu::policy`], the one definition pf, `pf doctor` and `cargo xtask install-criu` share.
+//!
+//! Errors: [`Error::kind`] returns an [`ErrorKind`] (`CriuUnavailable`, `NeedsPrivilege`,
+//! `SocketsUnsupported`, `ForeignTerminal`, `PidInUse`, `CriuFailed`, `NoSuchProcess`,
+//! `InvalidSnapshot`, `NotFound`, `StoreCorrupt`, `InvalidInput`, `Io`; pf-goblins adds
+//! `NotAGoblin`) so a caller acts on a failure without matching its text; a failed criu run
+//! carries the [`criu_log::CriuFailure`] its log names, when pf recognises one.
 
 mod capture;
 pub mod criu;
