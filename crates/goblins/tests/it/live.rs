@@ -348,6 +348,17 @@ fn live_refusals_say_what_is_wrong() {
     .expect_err("not a goblin");
     assert!(matches!(err, Error::NotAGoblin { .. }), "{err:?}");
     assert!(err.to_string().contains("goblin=v1"), "{err}");
+    assert_eq!(err.kind(), pf_goblins::ErrorKind::NotAGoblin);
+    assert!(
+        matches!(
+            &err,
+            Error::NotAGoblin {
+                reason: pf_goblins::NotAGoblinReason::NoGoblinLabel,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let err = pf_goblins::fork(
         &Source::Store {
             store: &store,

@@ -110,6 +110,7 @@ fn live_leave_running_then_new_pidns_beside_it() {
         "{err:?}"
     );
     assert!(err.to_string().contains("--new-pidns"), "{err}");
+    assert_eq!(err.kind(), pf_world_procs::ErrorKind::PidInUse);
 
     let mut restored = restore(&store, &captured.procs, restore_opts(true)).expect("restore");
     let init = restored.init_pid().expect("an init");
@@ -191,6 +192,7 @@ fn live_capture_of_missing_or_dying_pid_stores_nothing() {
         matches!(err, Error::NoSuchProcess { pid } if pid == gone_pid),
         "{err:?}"
     );
+    assert_eq!(err.kind(), pf_world_procs::ErrorKind::NoSuchProcess);
 
     // A 1 GiB process killed while criu dumps it.
     let ready = dir.path().join("ready");
@@ -238,6 +240,7 @@ fn live_capture_of_missing_or_dying_pid_stores_nothing() {
         log.display()
     );
     assert!(err.to_string().contains("nothing was stored"), "{err}");
+    assert_eq!(err.kind(), pf_world_procs::ErrorKind::NoSuchProcess);
     // The kept log is ours to remove.
     std::fs::remove_dir_all(log.parent().expect("log dir")).expect("remove kept log");
     big.wait().expect("reap");
