@@ -409,11 +409,8 @@ pub fn for_capture() -> Result<Criu, Unavailable> {
             if inputs.os != "linux" || !inputs.is_root {
                 return probe().result.clone();
             }
-            let Ok(path) = locate(
-            inputs.pf_criu.as_deref(),
-            inputs.path_var.as_deref(),
-            &inputs.search_dirs,
-        ) else {
+            let (pf_criu, path_var) = (inputs.pf_criu.as_deref(), inputs.path_var.as_deref());
+            let Ok(path) = locate(pf_criu, path_var, &inputs.search_dirs) else {
                 return probe().result.clone();
             };
             let dir = Path::new(CHECKED_DIR);

@@ -516,12 +516,7 @@ mod tests {
                 ErrorKind::PidInUse,
             ),
             (
-                Error::store(
-                    "loading",
-                    pf_core::Error::NotFound {
-                        digest,
-                    },
-                ),
+                Error::store("loading", pf_core::Error::NotFound { digest }),
                 ErrorKind::NotFound,
             ),
             (
