@@ -198,13 +198,12 @@ impl Error {
     /// freeze, thaw or wait passes through.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::EmptyCommand | Self::OtherPidNamespace { .. } | Self::StdinBacklog { .. } => {
-                ErrorKind::InvalidInput
-            }
+            Self::EmptyCommand | Self::StdinBacklog { .. } => ErrorKind::InvalidInput,
             Self::NoSuchProcess { .. } => ErrorKind::NoSuchProcess,
-            Self::NotPipes { .. } | Self::NotSessionLeader { .. } | Self::NotAGoblin { .. } => {
-                ErrorKind::NotAGoblin
-            }
+            Self::NotPipes { .. }
+            | Self::NotSessionLeader { .. }
+            | Self::OtherPidNamespace { .. }
+            | Self::NotAGoblin { .. } => ErrorKind::NotAGoblin,
             Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::Wait { source, .. } => {
                 source.kind()
             }

@@ -1,4 +1,4 @@
-//! Rust errors → `pf.errors` exceptions: the class follows what went wrong (a missing blob, a
+//! Rust errors → `pf.errors` exceptions: the class follows the error's `kind()` (a missing blob, a
 //! corrupt store, no criu, not root, CRIU's failure …), the message is the whole error chain, and
 //! CRIU failures carry CRIU's own `Error (…)` lines as `criu_errors` and the kept log as `log`.
 
@@ -33,33 +33,42 @@ fn core_class(err: &pf_core::Error) -> Class {
     })
 }
 
-/// The class of a CRIU or procs error.
+/// The `pf.errors` class of an error's kind (`pf_world_procs::ErrorKind`, which pf-goblins'
+/// errors share): the classification is the libraries', not repeated here.
+fn kind_class(kind: pf_world_procs::ErrorKind) -> &'static str {
+    use pf_world_procs::ErrorKind as K;
+    match kind {
+        K::CriuUnavailable => "CriuMissing",
+        K::NeedsPrivilege => "NeedsRoot",
+        K::PidInUse => "PidInUse",
+        K::SocketsUnsupported | K::ForeignTerminal | K::CriuFailed => "CriuFailed",
+        K::NoSuchProcess => "NoSuchProcess",
+        K::NotAGoblin => "NotAGoblin",
+        K::InvalidSnapshot => "InvalidSnapshot",
+        K::NotFound => "NotFound",
+        K::StoreCorrupt => "StoreCorrupt",
+        K::InvalidInput => "InvalidArgument",
+        K::NoSpace => "StoreError",
+        _ => "Error",
+    }
+}
+
+/// The class of a CRIU or procs error, with CRIU's lines and log when criu ran.
 fn procs_class(err: &pf_world_procs::Error) -> Class {
     use pf_world_procs::Error as E;
-    use pf_world_procs::criu::Unavailable as U;
     match err {
-        E::Unavailable(U::NoPrivilege { .. }) => Class::named("NeedsRoot"),
-        E::Unavailable(_) => Class::named("CriuMissing"),
+        E::Store { source, .. } => core_class(source),
         E::Criu { errors, log, .. } => Class {
-            name: "CriuFailed",
+            name: kind_class(err.kind()),
             criu_errors: errors.clone(),
             log: Some(log.clone()),
         },
         E::Timeout { log, .. } => Class {
-            name: "CriuFailed",
+            name: kind_class(err.kind()),
             criu_errors: Vec::new(),
             log: Some(log.clone()),
         },
-        E::NoSuchProcess { .. } => Class::named("NoSuchProcess"),
-        E::ExitedDuringDump { .. } => Class::named("NoSuchProcess"),
-        E::PidInUse { .. } | E::PidZombie { .. } => Class::named("PidInUse"),
-        E::Store { source, .. } => core_class(source),
-        E::NotProcs { .. }
-        | E::Unsupported { .. }
-        | E::UnsafeTar { .. }
-        | E::Tar { .. }
-        | E::Image { .. } => Class::named("InvalidSnapshot"),
-        _ => Class::named("Error"),
+        _ => Class::named(kind_class(err.kind())),
     }
 }
 
@@ -67,17 +76,11 @@ fn procs_class(err: &pf_world_procs::Error) -> Class {
 fn goblin_class(err: &pf_goblins::Error) -> Class {
     use pf_goblins::Error as E;
     match err {
-        E::EmptyCommand => Class::named("InvalidArgument"),
         E::Spawn { .. } => Class::named("SpawnFailed"),
-        E::NoSuchProcess { .. } => Class::named("NoSuchProcess"),
-        E::NotPipes { .. }
-        | E::NotSessionLeader { .. }
-        | E::OtherPidNamespace { .. }
-        | E::NotAGoblin { .. } => Class::named("NotAGoblin"),
         E::Freeze { source, .. } | E::Thaw { source, .. } | E::Wait { source, .. } => {
             procs_class(source)
         }
-        _ => Class::named("Error"),
+        _ => Class::named(kind_class(err.kind())),
     }
 }
 
