@@ -328,9 +328,7 @@ impl Error {
             Self::Unavailable(Unavailable::NoPrivilege { .. }) => ErrorKind::NeedsPrivilege,
             Self::Unavailable(_) => ErrorKind::CriuUnavailable,
             Self::Criu { failure, .. } => failure.map_or(ErrorKind::CriuFailed, ErrorKind::from),
-            Self::Timeout { .. } | Self::RestoredDied { .. } => {
-                ErrorKind::CriuFailed
-            }
+            Self::Timeout { .. } | Self::RestoredDied { .. } => ErrorKind::CriuFailed,
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
             Self::ImagesDirNotEmpty { .. } => ErrorKind::InvalidInput,
             Self::Spawn { .. } | Self::Io { .. } | Self::Sys { .. } => ErrorKind::Io,
@@ -545,18 +543,19 @@ mod tests {
             ),
             (Error::io("read", "/x", io()), ErrorKind::Io),
             (
+                Error::NoRoom {
+                    dir: "/dev/shm/x".into(),
+                    needed: 2,
+                    available: 1,
+                },
+                ErrorKind::NoSpace,
+            ),
+            (
                 Error::Namespace {
                     step: "fork",
                     errno: libc::EPERM,
                 },
                 ErrorKind::NeedsPrivilege,
-            ),
-            (
-                Error::InitDied {
-                    action: "restore",
-                    log: "/l".into(),
-                },
-                ErrorKind::CriuFailed,
             ),
         ];
         for (err, kind) in cases {

@@ -9,7 +9,7 @@
 //!
 //! Errors: [`Error::kind`] returns an [`ErrorKind`] (`CriuUnavailable`, `NeedsPrivilege`,
 //! `SocketsUnsupported`, `ForeignTerminal`, `PidInUse`, `CriuFailed`, `NoSuchProcess`,
-//! `InvalidSnapshot`, `NotFound`, `StoreCorrupt`, `InvalidInput`, `Io`; pf-goblins adds
+//! `InvalidSnapshot`, `NotFound`, `StoreCorrupt`, `InvalidInput`, `NoSpace`, `Io`; pf-goblins adds
 //! `NotAGoblin`) so a caller acts on a failure without matching its text; a failed criu run
 //! carries the [`criu_log::CriuFailure`] its log names, when pf recognises one.
 
