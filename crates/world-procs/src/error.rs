@@ -339,6 +339,15 @@ impl Error {
             | Self::Tar { .. }
             | Self::Image { .. } => ErrorKind::InvalidSnapshot,
             Self::NoRoom { .. } => ErrorKind::NoSpace,
+            Self::CorruptPage { .. } => ErrorKind::StoreCorrupt,
+            Self::BadSnapshotFormat { .. } => ErrorKind::InvalidInput,
+            Self::Pages { source, .. } => match source.as_ref() {
+                pf_core::pages::PagesError::Store { source, .. } => ErrorKind::of_store(source),
+                pf_core::pages::PagesError::Pack(_)
+                | pf_core::pages::PagesError::BadPage { .. }
+                | pf_core::pages::PagesError::Malformed { .. } => ErrorKind::StoreCorrupt,
+                _ => ErrorKind::Io,
+            },
             Self::PidInUse { .. } | Self::PidZombie { .. } => ErrorKind::PidInUse,
             Self::Namespace { errno, .. } if *errno == libc::EPERM => ErrorKind::NeedsPrivilege,
             Self::Namespace { .. } => ErrorKind::Io,
@@ -542,6 +551,23 @@ mod tests {
                 ErrorKind::InvalidInput,
             ),
             (Error::io("read", "/x", io()), ErrorKind::Io),
+            (
+                Error::BadSnapshotFormat { value: "v9".into() },
+                ErrorKind::InvalidInput,
+            ),
+            (
+                Error::CorruptPage {
+                    snapshot: None,
+                    file: "pages-1.img".into(),
+                    page: 3,
+                    vaddr: None,
+                    source: Box::new(pf_core::pages::PagesError::NotPages {
+                        path: "/x".into(),
+                        len: 1,
+                    }),
+                },
+                ErrorKind::StoreCorrupt,
+            ),
             (
                 Error::NoRoom {
                     dir: "/dev/shm/x".into(),
