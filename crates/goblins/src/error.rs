@@ -145,6 +145,93 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The pid is a kernel thread (kthreadd, a worker): it has no memory or stdio of its own to
+    /// freeze.
+    #[error(
+        "process {pid} is a kernel thread ({name}), not a program: only user processes can be \
+         frozen"
+    )]
+    KernelThread {
+        /// The pid.
+        pid: i32,
+        /// Its name (`/proc/PID/comm`).
+        name: String,
+    },
+    /// CRIU cannot be used here, found before a warm-up starts anything.
+    #[error("cannot freeze goblins on this machine")]
+    CriuUnavailable(#[source] Box<pf_world_procs::Error>),
+    /// The readiness pattern of a warm-up is not a valid regular expression.
+    #[error("{pattern:?} is not a valid regular expression")]
+    Pattern {
+        /// The pattern as given.
+        pattern: String,
+        /// The cause.
+        #[source]
+        source: Box<regex::Error>,
+    },
+    /// A warm-up's tag cannot be used, or the snapshot cannot be named.
+    #[error("cannot name the snapshot {tag:?}")]
+    Tag {
+        /// The name.
+        tag: String,
+        /// The cause.
+        #[source]
+        source: pf_core::Error,
+    },
+    /// A warm-up was asked to name a snapshot written to an images directory.
+    #[error("cannot name the snapshot {tag:?}: only a snapshot frozen into the store has names")]
+    TagWithImages {
+        /// The name.
+        tag: String,
+    },
+    /// A warm-up's goblin was not warm by its deadline; it has been stopped.
+    #[error(
+        "goblin {pid} was not warm after {} s{}; it has been stopped",
+        .waited.as_secs(),
+        not_warm_hint(*.quiet)
+    )]
+    NotWarm {
+        /// The goblin.
+        pid: i32,
+        /// How long it was given.
+        waited: std::time::Duration,
+        /// Whether it was waited on for quiet (else for a pattern).
+        quiet: bool,
+    },
+    /// A warm-up's goblin exited before it was warm.
+    #[error("goblin {pid} exited ({}) before it was warm", describe_status(.status))]
+    ExitedWarming {
+        /// The goblin.
+        pid: i32,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+    /// A warm-up's goblin closed its stdin before it took all the input.
+    #[error("goblin {pid} closed its stdin before taking all the input; it has been stopped")]
+    InputRefused {
+        /// The goblin.
+        pid: i32,
+        /// The cause (a broken pipe).
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller cancelled the work ([`crate::Cancel`]) before the snapshot was made; the
+    /// goblin (if one was started) has been stopped.
+    #[error("cancelled{}{}", cancelled_by(*.signal), cancelled_pid(*.pid))]
+    Cancelled {
+        /// The goblin, when one was running.
+        pid: Option<i32>,
+        /// The signal the cancel carried.
+        signal: Option<i32>,
+    },
+    /// A collect was given a different number of inputs than goblins.
+    #[error("{inputs} inputs for {goblins} goblins: give one input per goblin")]
+    InputCount {
+        /// How many inputs.
+        inputs: usize,
+        /// How many goblins.
+        goblins: usize,
+    },
 }
 
 /// Why a snapshot is not a goblin's.
@@ -223,6 +310,33 @@ fn metadata_hint(op: &str) -> &'static str {
         " (an images directory made by `pf goblin freeze --images` has one)"
     } else {
         ""
+    }
+}
+
+fn not_warm_hint(quiet: bool) -> &'static str {
+    if quiet {
+        " (it never stopped printing for the quiet time)"
+    } else {
+        " (its stdout never matched the ready pattern; is it buffering its output? try \
+         `python3 -u` or `stdbuf -oL`)"
+    }
+}
+
+fn cancelled_by(signal: Option<i32>) -> String {
+    signal.map_or_else(String::new, |s| format!(" by signal {s}"))
+}
+
+fn cancelled_pid(pid: Option<i32>) -> String {
+    pid.map_or_else(String::new, |p| format!("; goblin {p} has been stopped"))
+}
+
+/// A wait status as people say it: `exit code 3`, `killed by signal 9`.
+pub(crate) fn describe_status(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => status.to_string(),
     }
 }
 

@@ -157,7 +157,6 @@ impl Goblin {
     }
 
     /// A duplicate of the goblin's pidfd (readable once it has exited).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn pidfd(&self) -> Result<OwnedFd> {
         self.pidfd
             .try_clone()

@@ -13,6 +13,12 @@
 //!   returns a [`Goblin`] you talk to and wait for; `thaw_async` (feature `tokio`) does the same
 //!   over tokio pipes.
 //! - [`fork`] restores `n` copies of one snapshot side by side, reading the images once.
+//! - [`warm_up`] is the whole road to a warm snapshot: start a command, feed it input, wait for a
+//!   ready line or for quiet (with a deadline, and a [`Cancel`]), freeze it, name the snapshot,
+//!   drain what it printed.
+//! - [`fork_and_collect`] thaws N clones, gives each its own input (see
+//!   [`inputs_from_template`]), and gathers each one's output and exit status, each within its
+//!   deadline. [`attach`] runs one goblin as if it were this program.
 //! - [`load`] checks a snapshot and extracts its images once, for any number of later thaws and
 //!   forks ([`Loaded::thaw`], [`Loaded::fork`]).
 //!
@@ -51,9 +57,13 @@
 //! # Ok(()) }
 //! ```
 
+mod attach;
+mod cancel;
+mod collect;
 mod error;
 mod freeze;
 mod goblin;
+mod pump;
 mod spawn;
 mod stdio;
 #[cfg(feature = "tokio")]
@@ -61,6 +71,7 @@ mod sys;
 mod thaw;
 #[cfg(feature = "tokio")]
 mod thaw_async;
+mod warm;
 mod wire;
 
 pub use crate::error::{Error, ErrorKind, NotAGoblinReason, Result};
@@ -68,7 +79,11 @@ pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};
 pub use crate::spawn::{SpawnOptions, spawn};
 pub use crate::stdio::{StdioKind, Streams};
+pub use crate::pump::Stream;
 pub use crate::thaw::{Loaded, Source, ThawOptions, Wire, Wiring, fork, load, thaw};
+pub use crate::warm::{
+    Drain, PipeHolder, Ready, WarmFrom, WarmOptions, Warmed, criu_ready, warm_up,
+};
 #[cfg(feature = "tokio")]
 pub use crate::thaw_async::{AsyncGoblin, thaw_async};
 
