@@ -32,10 +32,12 @@ pub enum Error {
         /// The pid asked for.
         pid: i32,
     },
-    /// The process's stdin, stdout and stderr are not all pipes.
+    /// The process's stdin, stdout or stderr cannot be reconnected at a thaw: a terminal, a
+    /// socket, or a stdout that is not a pipe.
     #[error(
-        "process {pid} is not a goblin: {streams}; a goblin's stdin, stdout and stderr must all be \
-         pipes (start it with `pf goblin spawn`, or with `setsid` and all three on pipes)"
+        "process {pid} is not a goblin: {streams}; {} (start it with `pf goblin spawn`, or with \
+         `setsid` and its stdout on a pipe)",
+        crate::freeze::stdio_problem(streams).unwrap_or("its stdio cannot be reconnected")
     )]
     NotPipes {
         /// The process.
@@ -263,8 +265,12 @@ pub enum NotAGoblinReason {
         /// How many it records.
         found: usize,
     },
-    /// Its stdin, stdout or stderr is not a pipe.
-    #[error("its {streams}; only pipes can be reconnected")]
+    /// Its stdio cannot be given back at a thaw: a terminal, a socket, or a stdout that is not
+    /// a pipe (stdin and stderr may be files or `/dev/null`).
+    #[error(
+        "its {streams}; {}",
+        crate::freeze::stdio_problem(streams).unwrap_or("its stdio cannot be reconnected")
+    )]
     NotPipes {
         /// What its descriptors 0–2 were.
         streams: Streams,
@@ -285,7 +291,18 @@ impl Error {
     /// freeze, thaw or wait passes through.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::EmptyCommand | Self::StdinBacklog { .. } => ErrorKind::InvalidInput,
+            Self::EmptyCommand
+            | Self::StdinBacklog { .. }
+            | Self::Pattern { .. }
+            | Self::TagWithImages { .. }
+            | Self::InputCount { .. } => ErrorKind::InvalidInput,
+            Self::Tag { source, .. } => ErrorKind::of_store(source),
+            Self::KernelThread { .. } => ErrorKind::NotAGoblin,
+            Self::CriuUnavailable(source) => source.kind(),
+            Self::NotWarm { .. } | Self::ExitedWarming { .. } | Self::InputRefused { .. } => {
+                ErrorKind::NotWarm
+            }
+            Self::Cancelled { .. } => ErrorKind::Cancelled,
             Self::NoSuchProcess { .. } => ErrorKind::NoSuchProcess,
             Self::NotPipes { .. }
             | Self::NotSessionLeader { .. }

@@ -7,7 +7,7 @@ use pf_core::{BlobStore, Digest256};
 
 use crate::GOBLIN_LABEL;
 use crate::error::{Error, Result};
-use crate::stdio::Streams;
+use crate::stdio::{StdioKind, Streams};
 use crate::wire::GoblinMeta;
 
 /// Where a frozen goblin goes.
@@ -127,8 +127,9 @@ pub fn freeze(pid: i32, target: FreezeTarget<'_>, options: &FreezeOptions) -> Re
     })
 }
 
-/// The goblin checks that come before CRIU: the pid exists and lives in our pid namespace, fds
-/// 0–2 are pipes, it leads its session (unless it is to be dumped as a shell job).
+/// The goblin checks that come before CRIU: the pid exists, is not a kernel thread and lives in
+/// our pid namespace, its stdio can be reconnected at thaw ([`stdio_problem`]), it leads its
+/// session (unless it is to be dumped as a shell job).
 fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
     if pid <= 0 || is_gone(pid) {
         return Err(Error::NoSuchProcess { pid });
@@ -139,8 +140,11 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
     {
         return Err(Error::OtherPidNamespace { pid });
     }
+    if let Some(name) = kernel_thread(pid) {
+        return Err(Error::KernelThread { pid, name });
+    }
     let streams = Streams::of_pid(pid)?;
-    if streams.pipes().is_none() {
+    if stdio_problem(&streams).is_some() {
         return Err(Error::NotPipes { pid, streams });
     }
     if !shell_job {
@@ -154,6 +158,54 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
     Ok(streams)
 }
 
+/// Why a goblin with these stdin, stdout and stderr could not be thawed again (`None`: it
+/// can). Its stdout must be a pipe — it is how a goblin answers, and what a thaw wires to fresh
+/// pipes. Its stdin and stderr may be pipes, files (`/dev/null` included: CRIU reopens them by
+/// path) or closed. A terminal or a socket cannot come back: CRIU cannot hand a thawed copy the
+/// terminal or the other end of the connection.
+pub(crate) fn stdio_problem(streams: &Streams) -> Option<&'static str> {
+    let [stdin, stdout, stderr] = &streams.0;
+    let all = [stdin, stdout, stderr];
+    if all.iter().any(|k| matches!(k, StdioKind::Terminal(_))) {
+        return Some(
+            "a terminal cannot be handed to a thawed copy (freeze a job on a terminal with \
+             `pf shell freeze`)",
+        );
+    }
+    if all.iter().any(|k| matches!(k, StdioKind::Socket(_))) {
+        return Some("a socket cannot be reconnected to a thawed copy");
+    }
+    if !matches!(stdout, StdioKind::Pipe(_)) {
+        return Some(
+            "a goblin's stdout must be a pipe: it is how it answers (its stdin and stderr may \
+             also be files or /dev/null)",
+        );
+    }
+    let reopenable = |k: &StdioKind| {
+        matches!(
+            k,
+            StdioKind::Pipe(_) | StdioKind::File(_) | StdioKind::Closed
+        )
+    };
+    if !reopenable(stdin) || !reopenable(stderr) {
+        return Some("only pipes, files and /dev/null can be reconnected to a thawed copy");
+    }
+    None
+}
+
+/// The name of `pid` when it is a kernel thread (flag `PF_KTHREAD` in `/proc/PID/stat`).
+fn kernel_thread(pid: i32) -> Option<String> {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    // After the name: state, ppid, pgrp, session, tty_nr, tpgid, flags (field 9).
+    let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
+    if flags & PF_KTHREAD == 0 {
+        return None;
+    }
+    Some(head.split_once('(').map_or("", |(_, n)| n).to_owned())
+}
+
 /// Whether `pid` is absent or a zombie (exited, not yet reaped: nothing left to freeze).
 fn is_gone(pid: i32) -> bool {
     !matches!(pf_os::proc::pid_state(pid), pf_os::proc::PidState::Alive)
@@ -165,7 +217,6 @@ mod tests {
     use std::process::{Command, Stdio};
 
     use super::*;
-    use crate::stdio::StdioKind;
 
     fn sleeper(stdout: Stdio) -> std::process::Child {
         Command::new("sleep")
@@ -199,6 +250,58 @@ mod tests {
         );
         let text = err.to_string();
         assert!(text.contains("stdout is a file"), "{text}");
+    }
+
+    #[test]
+    fn stdin_and_stderr_may_be_files_but_not_terminals_or_sockets() {
+        let pipe = StdioKind::Pipe(1);
+        let null = StdioKind::File("/dev/null".into());
+        let ok = |a: &StdioKind, b: &StdioKind, c: &StdioKind| {
+            stdio_problem(&Streams([a.clone(), b.clone(), c.clone()]))
+        };
+        assert_eq!(ok(&pipe, &pipe, &pipe), None);
+        assert_eq!(ok(&null, &pipe, &null), None);
+        assert_eq!(ok(&StdioKind::Closed, &pipe, &StdioKind::File("/tmp/log".into())), None);
+        let tty = StdioKind::Terminal("/dev/pts/0".into());
+        assert!(ok(&tty, &pipe, &pipe).expect("terminal").contains("terminal"));
+        let sock = StdioKind::Socket(9);
+        assert!(ok(&pipe, &pipe, &sock).expect("socket").contains("socket"));
+        assert!(ok(&pipe, &null, &pipe).expect("stdout").contains("stdout must be a pipe"));
+        let other = StdioKind::Other("anon_inode:[eventfd]".into());
+        assert!(ok(&other, &pipe, &pipe).expect("other").contains("only pipes, files"));
+    }
+
+    #[test]
+    fn a_kernel_thread_is_named_as_one() {
+        // kthreadd is pid 2 wherever the kernel's threads are visible.
+        if kernel_thread(2).is_some() {
+            let err = check_goblin(2, false).expect_err("kthreadd");
+            assert!(
+                matches!(&err, Error::KernelThread { pid: 2, name } if name == "kthreadd"),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("is a kernel thread (kthreadd)"), "{err}");
+        }
+        assert_eq!(kernel_thread(i32::try_from(std::process::id()).expect("pid")), None);
+    }
+
+    #[test]
+    fn freezes_a_goblin_with_stdin_and_stderr_on_dev_null() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let pid = pid_of(&child);
+        // As a shell job: the session is not what this test is about.
+        let result = check_goblin(pid, true);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        let streams = result.expect("accepted");
+        assert_eq!(streams.0[0], StdioKind::File("/dev/null".into()));
+        assert!(matches!(streams.0[1], StdioKind::Pipe(_)));
     }
 
     #[test]

@@ -20,12 +20,15 @@ use crate::error::{Error, Result};
 /// Call [`Goblin::detach`] to leave it running instead.
 #[derive(Debug)]
 pub struct Goblin {
-    /// Our end of the goblin's stdin: write to it; drop it to send EOF.
+    /// Our end of the goblin's stdin: write to it; drop it to send EOF. `None` for a thawed
+    /// goblin whose stdin was not a pipe when frozen (`/dev/null` or a file, which CRIU reopens
+    /// as it was), or was wired to a descriptor of the caller's.
     pub stdin: Option<PipeWriter>,
     /// Our end of the goblin's stdout.
     pub stdout: Option<PipeReader>,
     /// Our end of the goblin's stderr; `None` when the goblin's stderr is the same pipe as its
-    /// stdout (it was started with `2>&1`): its stderr then arrives on `stdout`.
+    /// stdout (it was started with `2>&1`: its stderr then arrives on `stdout`), or was not a
+    /// pipe when frozen (`/dev/null`, a log file: CRIU reopens it as it was).
     pub stderr: Option<PipeReader>,
     pid: i32,
     pidfd: Arc<OwnedFd>,

@@ -74,6 +74,11 @@ mod thaw_async;
 mod warm;
 mod wire;
 
+pub use crate::attach::{Attach, attach};
+pub use crate::cancel::Cancel;
+pub use crate::collect::{
+    CollectOptions, Collected, collect, fork_and_collect, inputs_from_template,
+};
 pub use crate::error::{Error, ErrorKind, NotAGoblinReason, Result};
 pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};

@@ -53,6 +53,18 @@ impl StdioKind {
     }
 }
 
+impl StdioKind {
+    /// The `/proc/PID/fd/N` link this was read from (the inverse of `from_link`).
+    pub fn link(&self) -> String {
+        match self {
+            StdioKind::Pipe(ino) => pipe_key(*ino),
+            StdioKind::Socket(ino) => format!("socket:[{ino}]"),
+            StdioKind::Terminal(s) | StdioKind::File(s) | StdioKind::Other(s) => s.clone(),
+            StdioKind::Closed => String::new(),
+        }
+    }
+}
+
 impl fmt::Display for StdioKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -93,13 +105,18 @@ impl Streams {
     /// Parse the three `pipe:[N]` strings recorded in a snapshot.
     pub(crate) fn from_links(links: &[String]) -> Option<Streams> {
         match links {
-            [a, b, c] => Some(Streams([
-                StdioKind::from_link(Some(a)),
-                StdioKind::from_link(Some(b)),
-                StdioKind::from_link(Some(c)),
-            ])),
+            // A descriptor that was not open is recorded as "".
+            [a, b, c] => Some(Streams([a, b, c].map(|l| {
+                StdioKind::from_link((!l.is_empty()).then_some(l.as_str()))
+            }))),
             _ => None,
         }
+    }
+
+    /// The three links as `/proc/PID/fd/N` shows them and snapshots record them: `pipe:[N]`,
+    /// `/dev/null`, a path, `""` for a descriptor that is not open.
+    pub fn links(&self) -> [String; 3] {
+        self.0.clone().map(|k| k.link())
     }
 
     /// The three pipe inodes, when all three are pipes.
@@ -179,8 +196,13 @@ mod tests {
         let stdio = Streams([StdioKind::Pipe(1), StdioKind::Pipe(2), StdioKind::Pipe(2)]);
         assert_eq!(stdio.pipes(), Some([1, 2, 2]));
         let links = ["pipe:[1]", "pipe:[2]", "pipe:[2]"].map(String::from);
-        assert_eq!(Streams::from_links(&links), Some(stdio));
+        assert_eq!(Streams::from_links(&links), Some(stdio.clone()));
         assert_eq!(Streams::from_links(&links[..2]), None);
+        assert_eq!(Streams::from_links(&stdio.links()), Some(stdio));
+        let odd = ["", "/dev/null", "socket:[4]"].map(String::from);
+        let parsed = Streams::from_links(&odd).expect("three");
+        assert_eq!(parsed.0[0], StdioKind::Closed);
+        assert_eq!(parsed.links(), odd);
     }
 
     #[test]

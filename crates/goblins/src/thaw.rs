@@ -18,7 +18,7 @@ use pf_world_procs::{InheritFd, RestoreOptions};
 use crate::GOBLIN_LABEL;
 use crate::error::{Error, NotAGoblinReason, Result};
 use crate::goblin::{Goblin, Process};
-use crate::stdio::{Streams, pipe_key};
+use crate::stdio::{StdioKind, Streams, pipe_key};
 use crate::wire::GoblinMeta;
 
 /// A frozen goblin to thaw.
@@ -114,8 +114,8 @@ pub struct Loaded {
     /// The digest or directory, for messages.
     name: String,
     images: Images,
-    /// The inodes of the goblin's stdin, stdout and stderr pipes.
-    pipes: [u64; 3],
+    /// Which of the goblin's stdin, stdout and stderr are pipes, by inode.
+    pipes: StdioPipes,
     shell_job: bool,
     /// What was waiting unread in the stdin pipe at freeze.
     stdin_backlog: Vec<u8>,
@@ -190,8 +190,12 @@ impl Loaded {
                 (name, Images::Dir(dir.to_owned()), pipes, shell_job)
             }
         };
-        let stdin_backlog =
-            pf_world_procs::images::pipe_data(images.path(), pipes[0]).map_err(Error::PipeData)?;
+        let stdin_backlog = match pipes.stdin {
+            Some(ino) => {
+                pf_world_procs::images::pipe_data(images.path(), ino).map_err(Error::PipeData)?
+            }
+            None => Vec::new(),
+        };
         if !stdin_backlog.is_empty() {
             tracing::debug!(
                 bytes = stdin_backlog.len(),
@@ -285,10 +289,16 @@ impl Loaded {
 
     /// Restore one copy, wired as asked.
     fn thaw_one(&self, new_pid_namespace: bool, wiring: Wiring) -> Result<Goblin> {
-        let [stdin_ino, stdout_ino, stderr_ino] = self.pipes;
+        let StdioPipes {
+            stdin: stdin_ino,
+            stdout: stdout_ino,
+            stderr: stderr_ino,
+        } = self.pipes;
         let mut inherit = Vec::with_capacity(3);
-        let stdin_w = match wiring.stdin {
-            Wire::NewPipe => {
+        let stdin_w = match (stdin_ino, wiring.stdin) {
+            // Not a pipe: CRIU reopens it as it was (a file by its path, /dev/null).
+            (None, _) => None,
+            (Some(stdin_ino), Wire::NewPipe) => {
                 let (r, mut w) = pipe("stdin")?;
                 if !self.stdin_backlog.is_empty() {
                     fill(&mut w, &self.stdin_backlog)?;
@@ -296,13 +306,13 @@ impl Loaded {
                 inherit.push(inherit_fd(r.into(), stdin_ino));
                 Some(w)
             }
-            Wire::Fd(_) if !self.stdin_backlog.is_empty() => {
+            (Some(_), Wire::Fd(_)) if !self.stdin_backlog.is_empty() => {
                 return Err(Error::StdinBacklog {
                     snapshot: self.name.clone(),
                     bytes: self.stdin_backlog.len(),
                 });
             }
-            Wire::Fd(fd) => {
+            (Some(stdin_ino), Wire::Fd(fd)) => {
                 inherit.push(inherit_fd(fd, stdin_ino));
                 None
             }
@@ -318,14 +328,15 @@ impl Loaded {
                 None
             }
         };
-        let stderr_r = match wiring.stderr {
-            _ if stderr_ino == stdout_ino => None,
-            Wire::NewPipe => {
+        let stderr_r = match (stderr_ino, wiring.stderr) {
+            (None, _) => None,
+            (Some(ino), _) if ino == stdout_ino => None,
+            (Some(stderr_ino), Wire::NewPipe) => {
                 let (r, w) = pipe("stderr")?;
                 inherit.push(inherit_fd(w.into(), stderr_ino));
                 Some(r)
             }
-            Wire::Fd(fd) => {
+            (Some(stderr_ino), Wire::Fd(fd)) => {
                 inherit.push(inherit_fd(fd, stderr_ino));
                 None
             }
@@ -391,18 +402,42 @@ fn fill(w: &mut PipeWriter, bytes: &[u8]) -> Result<()> {
         .map_err(|e| Error::sys("write the unread stdin bytes into the new stdin pipe", e))
 }
 
-/// The pipe inodes of a recorded stdio, or why it is not a goblin's.
-fn check_pipes(stdio: &[String]) -> std::result::Result<[u64; 3], NotAGoblinReason> {
+/// The pipe inodes of a goblin's stdio: its stdout is always a pipe; its stdin and stderr are
+/// pipes (`Some`) or something CRIU reopens by itself (`None`: a file, `/dev/null`, closed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StdioPipes {
+    stdin: Option<u64>,
+    stdout: u64,
+    stderr: Option<u64>,
+}
+
+/// The pipes of a recorded stdio, or why it is not a goblin's.
+fn check_pipes(stdio: &[String]) -> std::result::Result<StdioPipes, NotAGoblinReason> {
     let streams = Streams::from_links(stdio).ok_or(if stdio.is_empty() {
         NotAGoblinReason::NoStdio
     } else {
         NotAGoblinReason::StdioCount { found: stdio.len() }
     })?;
-    let pipes = streams.pipes().ok_or_else(|| NotAGoblinReason::NotPipes {
+    let not_pipes = || NotAGoblinReason::NotPipes {
         streams: streams.clone(),
-    })?;
-    if pipes[0] == pipes[1] || pipes[0] == pipes[2] {
-        return Err(NotAGoblinReason::StdinIsOutput { pipe: pipes[0] });
+    };
+    if crate::freeze::stdio_problem(&streams).is_some() {
+        return Err(not_pipes());
+    }
+    let pipe = |k: &StdioKind| match k {
+        StdioKind::Pipe(ino) => Some(*ino),
+        _ => None,
+    };
+    let [stdin, stdout, stderr] = &streams.0;
+    let pipes = StdioPipes {
+        stdin: pipe(stdin),
+        stdout: pipe(stdout).ok_or_else(not_pipes)?,
+        stderr: pipe(stderr),
+    };
+    if let Some(ino) = pipes.stdin
+        && (Some(ino) == Some(pipes.stdout) || Some(ino) == pipes.stderr)
+    {
+        return Err(NotAGoblinReason::StdinIsOutput { pipe: ino });
     }
     Ok(pipes)
 }
@@ -419,11 +454,36 @@ mod tests {
     fn accepts_three_pipes_or_shared_output() {
         assert_eq!(
             check_pipes(&links(&["pipe:[1]", "pipe:[2]", "pipe:[3]"])),
-            Ok([1, 2, 3])
+            Ok(StdioPipes {
+                stdin: Some(1),
+                stdout: 2,
+                stderr: Some(3)
+            })
         );
         assert_eq!(
             check_pipes(&links(&["pipe:[1]", "pipe:[2]", "pipe:[2]"])),
-            Ok([1, 2, 2])
+            Ok(StdioPipes {
+                stdin: Some(1),
+                stdout: 2,
+                stderr: Some(2)
+            })
+        );
+        // Python's `Popen(stdin=PIPE, stdout=PIPE, stderr=DEVNULL)`, and a closed stdin.
+        assert_eq!(
+            check_pipes(&links(&["pipe:[1]", "pipe:[2]", "/dev/null"])),
+            Ok(StdioPipes {
+                stdin: Some(1),
+                stdout: 2,
+                stderr: None
+            })
+        );
+        assert_eq!(
+            check_pipes(&links(&["", "pipe:[2]", "/var/log/app.log"])),
+            Ok(StdioPipes {
+                stdin: None,
+                stdout: 2,
+                stderr: None
+            })
         );
     }
 
@@ -443,13 +503,19 @@ mod tests {
             why(&links(&["/dev/pts/0", "pipe:[2]", "pipe:[3]"])),
             Err(
                 "its stdin is a terminal (/dev/pts/0), stdout is a pipe (pipe:[2]), stderr is a \
-                 pipe (pipe:[3]); only pipes can be reconnected"
+                 pipe (pipe:[3]); a terminal cannot be handed to a thawed copy (freeze a job on \
+                 a terminal with `pf shell freeze`)"
                     .to_owned()
             )
         );
         assert_eq!(
             check_pipes(&links(&["pipe:[1]", "pipe:[1]", "pipe:[3]"])),
             Err(NotAGoblinReason::StdinIsOutput { pipe: 1 })
+        );
+        assert!(
+            why(&links(&["pipe:[1]", "/dev/null", "pipe:[3]"]))
+                .expect_err("stdout a file")
+                .contains("stdout must be a pipe")
         );
         assert!(
             why(&links(&["pipe:[1]", "pipe:[1]", "pipe:[3]"]))

@@ -290,6 +290,11 @@ pub enum ErrorKind {
     InvalidInput,
     /// Not enough free space to extract the images (fix: free some, or point TMPDIR elsewhere).
     NoSpace,
+    /// A goblin did not become warm (pf-goblins' warm-up): not by its deadline, or it exited or
+    /// closed its stdin first. It has been stopped.
+    NotWarm,
+    /// The caller cancelled the work (pf-goblins' `Cancel`, say on Ctrl-C).
+    Cancelled,
     /// A file-system or system-call failure.
     Io,
 }
