@@ -1,21 +1,23 @@
 //! `pf goblin`: make warm snapshots of stdio-only processes, thaw them, fork them.
 //!
-//! Every subcommand is a thin layer over `pf_goblins`; what is specific to a terminal lives here:
-//! pumping pf's own stdin/stdout/stderr to a thawed goblin, forwarding signals, the readiness
-//! wait of `spawn`, and printing.
+//! Every subcommand is a thin layer over `pf_goblins` (`warm_up`, `freeze`, `attach`,
+//! `fork_and_collect`): here are only the arguments, the printing, and the glue that turns pf's
+//! own signals into a goblin's signal or a `Cancel`.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::io::{Read as _, Write as _};
+use std::os::fd::AsFd as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use pf_core::{BlobStore, Digest256};
-use pf_goblins::{FreezeOptions, FreezeTarget, Goblin, Killer, Snapshot, Source, ThawOptions};
+use pf_goblins::{
+    Attach, Cancel, CollectOptions, Drain, FreezeOptions, FreezeTarget, Ready, Snapshot, Source,
+    ThawOptions, WarmFrom, WarmOptions, Wire,
+};
 
 use crate::common::{self, Global};
 
@@ -24,7 +26,7 @@ pub(crate) enum Command {
     /// Start a command as a goblin, wait until it is warm, freeze it into the store under a name
     #[command(after_help = SPAWN_HELP)]
     Spawn(SpawnArgs),
-    /// Freeze a running goblin (a process whose stdin, stdout and stderr are pipes)
+    /// Freeze a running goblin (a process whose stdout is a pipe, stdin and stderr pipes or files)
     #[command(after_help = FREEZE_HELP)]
     Freeze(FreezeArgs),
     /// Thaw a goblin: its stdin, stdout and stderr become pf's own; pf exits with its exit code
@@ -41,9 +43,13 @@ How it works:
   its stdin (stdin stays open), and waits until it is warm: until its stdout matches --until, or,
   without --until, until it has printed nothing for --quiet-ms. Then it freezes CMD into the
   store, names the snapshot --tag, stops CMD and prints the snapshot's digest on stdout.
+  pf checks that CRIU can freeze here before it starts CMD.
 
   Everything CMD printed while warming up is copied to pf's stderr as it arrives, so nothing it
-  said is lost; thawed copies continue right after it. Input CMD had not read yet when it was
+  said is lost; thawed copies continue right after it. After the freeze pf reads what is left
+  for at most --drain-ms; a process CMD started in a session of its own (setsid) may hold the
+  output open longer: pf names it and finishes. Ctrl-C (SIGINT, SIGTERM, SIGHUP) stops CMD
+  before the freeze, and ends the drain after it. Input CMD had not read yet when it was
   frozen is kept in the snapshot and reaches every thawed copy first.
 
   Line-oriented programs must not buffer their output when it is a pipe: use `python3 -u`,
@@ -57,8 +63,10 @@ Examples:
   pf goblin spawn --tag sh --quiet-ms 200 -- sh              # no ready line: wait for silence";
 
 const FREEZE_HELP: &str = "\
-The process must be a goblin: stdin, stdout and stderr all pipes (pf says what each one is when
-they are not), leading its own session (`setsid`), unless --shell-job.
+The process must be a goblin: its stdout a pipe, its stdin and stderr pipes, files or /dev/null
+(a thaw gives it fresh pipes for its pipes; CRIU reopens the files by path), none of them a
+terminal or a socket (pf says what each one is when it refuses), leading its own session
+(`setsid`), unless --shell-job.
 
 By default the goblin keeps running after the freeze (--leave-running); --kill stops it once the
 snapshot is complete. Bytes written to its stdin but not read yet are kept in the snapshot.
@@ -87,7 +95,9 @@ Every copy starts from the same frozen state and runs in its own namespaces. Eac
 input — the --send lines, else all of pf's stdin — then end of input; pf waits for all of them
 and prints what each wrote, in order: lines prefixed with `[K] ` (K = 1..N), or one JSON object
 per copy with --json. In --send text, `{i}` becomes the copy's number, so copies can be asked
-different things. Exits 0 when every copy exited 0, else 1.
+different things. With --timeout, a copy still running that long after its thaw is killed.
+Signals pf receives (Ctrl-C) are passed on to every copy. Exits 0 when every copy exited 0,
+else 1.
 
 Examples:
   pf goblin fork kb -n 4 --send 'nth {i}000'
@@ -111,6 +121,10 @@ pub(crate) struct SpawnArgs {
     /// Give up (and stop the command) if it is not warm after this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     timeout: u64,
+    /// After the freeze, read what the goblin printed for at most this long (processes it
+    /// started with setsid may hold its output open; pf names them and moves on)
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    drain_ms: u64,
     /// Working directory of the goblin [default: pf's]
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
@@ -176,7 +190,10 @@ pub(crate) struct ForkArgs {
     /// A line to write to every copy's stdin (repeatable; `{i}` becomes the copy's number)
     #[arg(long, value_name = "TEXT")]
     send: Vec<String>,
-    /// Print one JSON object per copy (clone, pid, exit_code, signal, stdout, stderr)
+    /// Kill a copy still running this many seconds after it was thawed [default: no limit]
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Print one JSON object per copy (clone, pid, exit_code, signal, timed_out, stdout, stderr)
     #[arg(long)]
     json: bool,
 }
@@ -193,185 +210,99 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
 // ---------------------------------------------------------------------------------------------
 // spawn
 
-/// What the threads watching a warming goblin report.
-enum Warmup {
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
-    StdoutClosed,
-    StderrClosed,
-    InputDone(std::io::Result<()>),
-    Signal(i32),
-}
-
 fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
     pf_core::validate_name(&args.tag).context("--tag is not a usable name")?;
-    let until = args
-        .until
-        .as_deref()
-        .map(|re| regex::bytes::RegexBuilder::new(re).multi_line(true).build())
-        .transpose()
-        .context("--until is not a valid regular expression")?;
     let input = match &args.input {
-        None => None,
+        None => Vec::new(),
         Some(p) if p == Path::new("-") => {
             let mut buf = Vec::new();
             std::io::stdin()
                 .read_to_end(&mut buf)
                 .context("cannot read pf's stdin for --input -")?;
-            Some(buf)
+            buf
         }
-        Some(p) => {
-            Some(std::fs::read(p).with_context(|| format!("cannot read --input {}", p.display()))?)
-        }
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read --input {}", p.display()))?,
     };
     let store = common::open_store(global)?;
     let cwd = match &args.cwd {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().context("cannot find the current directory")?,
     };
-    let started = Instant::now();
-    let mut goblin = pf_goblins::spawn(&args.command, &pf_goblins::SpawnOptions::in_dir(cwd))
-        .context("cannot start the goblin")?;
-    let pid = goblin.pid();
-    tracing::info!(pid, "goblin started; waiting until it is warm");
-
-    let (tx, rx) = mpsc::channel();
-    let signals = block_signals();
-    forward_signals_to(signals, {
-        let tx = tx.clone();
-        move |sig| {
-            let _ = tx.send(Warmup::Signal(sig));
-        }
+    let cancel = Cancel::new()?;
+    forward_signals_to(block_signals(), {
+        let cancel = cancel.clone();
+        move |sig| cancel.cancel_with_signal(sig)
     });
-    let stdin = goblin.stdin.take().context("goblin has no stdin")?;
-    let stdin_holder = std::thread::spawn({
-        let tx = tx.clone();
-        move || {
-            let mut stdin = stdin;
-            if let Some(bytes) = input {
-                let _ = tx.send(Warmup::InputDone(stdin.write_all(&bytes)));
-            } else {
-                let _ = tx.send(Warmup::InputDone(Ok(())));
-            }
-            // Keep stdin open until the goblin is frozen: a REPL exits on end of input.
-            stdin
-        }
-    });
-    let out = goblin.stdout.take().context("goblin has no stdout")?;
-    let err = goblin.stderr.take().context("goblin has no stderr")?;
-    let out_thread = read_into(out, tx.clone(), Warmup::Stdout, Warmup::StdoutClosed);
-    let err_thread = read_into(err, tx, Warmup::Stderr, Warmup::StderrClosed);
-
-    let deadline = started + Duration::from_secs(args.timeout);
-    let quiet = Duration::from_millis(args.quiet_ms);
-    let mut seen: Vec<u8> = Vec::new();
-    let mut input_done = false;
-    let mut last_output = Instant::now();
-    let mut open_streams = 2;
-    let mut stderr = std::io::stderr();
-    let ready = loop {
-        let now = Instant::now();
-        if now >= deadline {
-            goblin.kill().ok();
-            bail!(
-                "goblin {pid} was not warm after {} s{}; it has been stopped (raise --timeout?)",
-                args.timeout,
-                until_hint(args)
-            );
-        }
-        let wake = if until.is_none() && input_done {
-            deadline.min(last_output + quiet)
-        } else {
-            deadline
-        };
-        match rx.recv_timeout(wake.saturating_duration_since(now)) {
-            Ok(Warmup::Stdout(bytes)) => {
-                stderr.write_all(&bytes).ok();
-                last_output = Instant::now();
-                seen.extend_from_slice(&bytes);
-                if let Some(re) = &until
-                    && input_done
-                    && re.is_match(&seen)
-                {
-                    break true;
-                }
-            }
-            Ok(Warmup::Stderr(bytes)) => {
-                stderr.write_all(&bytes).ok();
-                last_output = Instant::now();
-            }
-            Ok(Warmup::InputDone(result)) => {
-                result.context("cannot write --input into the goblin's stdin")?;
-                input_done = true;
-                if until.as_ref().is_some_and(|re| re.is_match(&seen)) {
-                    break true;
-                }
-            }
-            Ok(Warmup::StdoutClosed | Warmup::StderrClosed) => {
-                open_streams -= 1;
-                if open_streams == 0 {
-                    break false;
-                }
-            }
-            Ok(Warmup::Signal(sig)) => {
-                goblin.kill().ok();
-                bail!("interrupted by signal {sig}; goblin {pid} has been stopped");
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if until.is_none() && input_done && last_output.elapsed() >= quiet {
-                    break true;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break false,
-        }
-    };
-    if !ready {
-        let status = goblin.wait().context("cannot wait for the goblin")?;
-        bail!(
-            "goblin {pid} exited ({}) before it was warm; its output is above",
-            describe_status(status)
-        );
-    }
-    let warm = started.elapsed();
-    tracing::info!(pid, ?warm, "goblin is warm; freezing");
-    // Held from the first blob to the name (see agent_docs/formats.md).
-    let writing = store.writer_lock();
-    let frozen = pf_goblins::freeze(
-        pid,
-        FreezeTarget::Store(&store),
-        &FreezeOptions {
+    let options = WarmOptions {
+        input,
+        ready: match &args.until {
+            Some(re) => Ready::Matches(re.clone()),
+            None => Ready::Quiet(Duration::from_millis(args.quiet_ms)),
+        },
+        timeout: Duration::from_secs(args.timeout),
+        freeze: FreezeOptions {
             leave_running: false,
             shell_job: false,
         },
+        tag: Some(args.tag.clone()),
+        drain: Duration::from_millis(args.drain_ms),
+    };
+    let from = WarmFrom::Command {
+        command: args.command.clone(),
+        spawn: pf_goblins::SpawnOptions::in_dir(cwd),
+    };
+    // What the goblin prints while it warms up goes to pf's stderr as it arrives.
+    let mut stderr = std::io::stderr();
+    let warmed = pf_goblins::warm_up(
+        from,
+        FreezeTarget::Store(&store),
+        &options,
+        &cancel,
+        &mut |_, bytes| {
+            stderr.write_all(bytes).ok();
+        },
     );
-    // The dump stopped the goblin (or failed): reap it, then let the readers drain what it said
-    // between being warm and being frozen.
-    let status = goblin.kill();
-    drop(stdin_holder.join());
-    let _ = out_thread.join();
-    let _ = err_thread.join();
-    for event in rx.try_iter() {
-        if let Warmup::Stdout(bytes) | Warmup::Stderr(bytes) = event {
-            stderr.write_all(&bytes).ok();
+    let warmed = match warmed {
+        Ok(w) => w,
+        Err(e @ pf_goblins::Error::NotWarm { .. }) => bail!("{e} (raise --timeout?)"),
+        Err(e @ pf_goblins::Error::ExitedWarming { .. }) => bail!("{e}; its output is above"),
+        Err(e @ pf_goblins::Error::Pattern { .. }) => {
+            return Err(anyhow::Error::new(e).context("--until is not usable"));
         }
+        Err(e) => return Err(e.into()),
+    };
+    match &warmed.drain {
+        Drain::HeldOpen(holders) => note(&format!(
+            "the goblin's output was still held open {} ms after the freeze by {}: processes it \
+             started outside its process group; pf stopped reading and left them running",
+            args.drain_ms,
+            holders
+                .iter()
+                .map(|h| format!("pid {} ({})", h.pid, h.command))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        Drain::Cancelled => note(&format!(
+            "interrupted{} after the snapshot was complete; what the goblin printed after that \
+             may be missing above",
+            cancel
+                .signal()
+                .map_or_else(String::new, |s| format!(" by signal {s}"))
+        )),
+        Drain::Complete | Drain::LeftRunning => {}
     }
-    let _writing = writing.context("cannot lock the store for writing")?;
-    let frozen = frozen.with_context(|| format!("cannot freeze goblin {pid}"))?;
-    status.context("cannot reap the frozen goblin")?;
-    let digest = frozen
+    let digest = warmed
+        .frozen
         .digest()
         .context("freeze into the store gave no digest")?;
-    store
-        .set_name(&args.tag, digest)
-        .with_context(|| format!("cannot name the snapshot {}", args.tag))?;
     let mut stdout = std::io::stdout().lock();
     if args.json {
         let json = serde_json::json!({
             "digest": digest,
             "tag": args.tag,
-            "pid": pid,
-            "stdio": stdio_json(&frozen.streams),
-            "warmup_ms": u64::try_from(warm.as_millis()).unwrap_or(u64::MAX),
+            "pid": warmed.pid,
+            "stdio": warmed.frozen.streams.links(),
+            "warmup_ms": u64::try_from(warmed.warmup.as_millis()).unwrap_or(u64::MAX),
         });
         writeln!(stdout, "{json}")?;
     } else {
@@ -381,38 +312,9 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn until_hint(args: &SpawnArgs) -> &'static str {
-    if args.until.is_some() {
-        " (its stdout never matched --until; is it buffering its output? try `python3 -u` or \
-         `stdbuf -oL`)"
-    } else {
-        " (it never stopped printing for --quiet-ms)"
-    }
-}
-
-/// Read `from` on a thread, sending each chunk as `chunk(bytes)` and `closed` at the end.
-fn read_into(
-    mut from: std::io::PipeReader,
-    tx: mpsc::Sender<Warmup>,
-    chunk: fn(Vec<u8>) -> Warmup,
-    closed: Warmup,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx.send(chunk(buf[..n].to_vec())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        let _ = tx.send(closed);
-    })
+#[allow(clippy::print_stderr)]
+fn note(text: &str) {
+    eprintln!("pf: {text}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -456,7 +358,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         let mut json = serde_json::json!({
             "pid": frozen.pid,
             "left_running": options.leave_running,
-            "stdio": stdio_json(&frozen.streams),
+            "stdio": frozen.streams.links(),
         });
         match &frozen.snapshot {
             Snapshot::Stored(digest) => {
@@ -513,11 +415,14 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
     let loaded = pf_goblins::load(&resolved.source())?;
     // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
     // The unread input saved in the snapshot must go first, through a pipe of pf's.
-    let stdin_through = loaded.stdin_backlog().is_empty();
     let wiring = pf_goblins::Wiring {
-        stdin: pass_pipe(std::io::stdin().as_fd(), stdin_through)?,
-        stdout: pass_pipe(std::io::stdout().as_fd(), true)?,
-        stderr: pass_pipe(std::io::stderr().as_fd(), true)?,
+        stdin: if loaded.stdin_backlog().is_empty() {
+            Wire::pipe_or_new(std::io::stdin().as_fd())?
+        } else {
+            Wire::NewPipe
+        },
+        stdout: Wire::pipe_or_new(std::io::stdout().as_fd())?,
+        stderr: Wire::pipe_or_new(std::io::stderr().as_fd())?,
     };
     let mut goblin = loaded.thaw_wired(
         &ThawOptions {
@@ -538,72 +443,17 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(sig, "forwarding signal to the goblin");
         let _ = killer.signal(sig);
     });
-    if let Some(stdin) = goblin.stdin.take() {
-        // Not joined: it may sit in a read of pf's stdin after the goblin is gone.
-        std::thread::spawn(move || {
-            let mut stdin = stdin;
-            let _ = pump(&mut std::io::stdin().lock(), &mut stdin);
-            // Dropping our end is the goblin's end of input.
-        });
-    }
-    let out = goblin
-        .stdout
-        .take()
-        .map(|r| std::thread::spawn(move || pump(&mut { r }, &mut std::io::stdout().lock())));
-    let err = goblin
-        .stderr
-        .take()
-        .map(|r| std::thread::spawn(move || pump(&mut { r }, &mut std::io::stderr().lock())));
-    for t in [out, err].into_iter().flatten() {
-        let _ = t.join();
-    }
-    let status = goblin.wait().context("cannot wait for the goblin")?;
+    let status = pf_goblins::attach(
+        &mut goblin,
+        Attach {
+            stdin: Box::new(std::io::stdin()),
+            stdout: Box::new(std::io::stdout()),
+            stderr: Box::new(std::io::stderr()),
+        },
+    )
+    .context("cannot wait for the goblin")?;
     tracing::info!(status = %describe_status(status), "goblin exited");
     Ok(exit_code(status))
-}
-
-/// `fd` itself for the goblin when it is a pipe and `allowed`, else a new pipe pf pumps.
-fn pass_pipe(fd: std::os::fd::BorrowedFd<'_>, allowed: bool) -> anyhow::Result<pf_goblins::Wire> {
-    let is_pipe = nix::sys::stat::fstat(fd.as_raw_fd())
-        .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
-    if !(allowed && is_pipe) {
-        return Ok(pf_goblins::Wire::NewPipe);
-    }
-    let own = fd
-        .try_clone_to_owned()
-        .context("cannot duplicate a standard stream for the goblin")?;
-    Ok(pf_goblins::Wire::Fd(own))
-}
-
-/// Copy `from` to `to` chunk by chunk, flushing each one (a prompt without a newline must show
-/// up at once). Ends at end of input, or when either side fails (a closed reader on our stdout
-/// is the goblin's SIGPIPE, as in a shell pipeline).
-fn pump(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        to.flush()?;
-    }
-}
-
-/// The goblin's stdio as CRIU names it: `["pipe:[N]", …]`.
-fn stdio_json(streams: &pf_goblins::Streams) -> serde_json::Value {
-    match streams.pipes() {
-        Some(pipes) => serde_json::json!(pipes.map(|ino| format!("pipe:[{ino}]"))),
-        None => serde_json::json!(
-            streams
-                .0
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        ),
-    }
 }
 
 /// pf's exit code for a goblin's status: its code, or 128+N for signal N (as shells do).
@@ -623,63 +473,52 @@ fn describe_status(status: std::process::ExitStatus) -> String {
 // fork
 
 fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
-    let input_template: Option<Vec<String>> = (!args.send.is_empty()).then(|| args.send.clone());
-    let stdin_input = if input_template.is_none() {
+    let n = usize::from(args.count);
+    let inputs = if args.send.is_empty() {
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
             .context("cannot read pf's stdin")?;
-        buf
+        vec![buf; n]
     } else {
-        Vec::new()
+        let template: String = args.send.iter().map(|l| format!("{l}\n")).collect();
+        pf_goblins::inputs_from_template(template.as_bytes(), n)
     };
     let resolved = Resolved::new(global, &args.from)?;
-    let n = usize::from(args.count);
-    let started = Instant::now();
-    let goblins = pf_goblins::fork(&resolved.source(), n)?;
-    let thawed = started.elapsed();
-    tracing::info!(n, ?thawed, "copies thawed");
-    let killers: Vec<Killer> = goblins.iter().map(Goblin::killer).collect();
-    forward_signals_to(block_signals(), move |sig| {
-        for k in &killers {
-            let _ = k.signal(sig);
-        }
+    let cancel = Cancel::new()?;
+    forward_signals_to(block_signals(), {
+        let cancel = cancel.clone();
+        move |sig| cancel.cancel_with_signal(sig)
     });
-    let handles: Vec<_> = goblins
-        .into_iter()
-        .enumerate()
-        .map(|(k, goblin)| {
-            let input = match &input_template {
-                Some(lines) => lines
-                    .iter()
-                    .map(|l| format!("{}\n", l.replace("{i}", &(k + 1).to_string())))
-                    .collect::<String>()
-                    .into_bytes(),
-                None => stdin_input.clone(),
-            };
-            std::thread::spawn(move || run_copy(goblin, &input))
-        })
-        .collect();
+    let started = Instant::now();
+    let copies = pf_goblins::fork_and_collect(
+        &resolved.source(),
+        &CollectOptions {
+            inputs,
+            deadline: args.timeout.map(Duration::from_secs),
+        },
+        &cancel,
+    )?;
+    tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;
     let mut stdout = std::io::stdout().lock();
-    for (k, handle) in handles.into_iter().enumerate() {
-        let copy = handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the thread talking to copy {} panicked", k + 1))??;
+    for copy in &copies {
+        let k = copy.clone;
         all_ok &= copy.status.success();
         if args.json {
             let json = serde_json::json!({
-                "clone": k + 1,
+                "clone": k,
                 "pid": copy.pid,
                 "exit_code": copy.status.code(),
                 "signal": copy.status.signal(),
+                "timed_out": copy.timed_out,
                 "stdout": String::from_utf8_lossy(&copy.stdout),
                 "stderr": String::from_utf8_lossy(&copy.stderr),
             });
             writeln!(stdout, "{json}")?;
         } else {
             for line in copy.stdout.split_inclusive(|&b| b == b'\n') {
-                write!(stdout, "[{}] ", k + 1)?;
+                write!(stdout, "[{k}] ")?;
                 stdout.write_all(line)?;
                 if !line.ends_with(b"\n") {
                     writeln!(stdout)?;
@@ -687,14 +526,20 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
             }
             let mut stderr = std::io::stderr().lock();
             for line in copy.stderr.split_inclusive(|&b| b == b'\n') {
-                write!(stderr, "[{}] ", k + 1)?;
+                write!(stderr, "[{k}] ")?;
                 stderr.write_all(line)?;
                 if !line.ends_with(b"\n") {
                     writeln!(stderr)?;
                 }
             }
-            if !copy.status.success() {
-                writeln!(stderr, "[{}] {}", k + 1, describe_status(copy.status))?;
+            if copy.timed_out {
+                writeln!(
+                    stderr,
+                    "[{k}] still running after --timeout {} s: killed",
+                    args.timeout.unwrap_or(0)
+                )?;
+            } else if !copy.status.success() {
+                writeln!(stderr, "[{k}] {}", describe_status(copy.status))?;
             }
         }
     }
@@ -702,46 +547,6 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
-}
-
-/// What one forked copy did.
-struct Copy {
-    pid: i32,
-    status: std::process::ExitStatus,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-}
-
-/// Give a copy its input and end of input, collect all it writes, wait for it. Stdout and stderr
-/// are read on separate threads, so a copy filling one pipe cannot stall the other.
-fn run_copy(mut goblin: Goblin, input: &[u8]) -> anyhow::Result<Copy> {
-    let pid = goblin.pid();
-    let read_all = |r: Option<std::io::PipeReader>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = read_all(goblin.stdout.take());
-    let err = read_all(goblin.stderr.take());
-    if let Some(mut stdin) = goblin.stdin.take() {
-        // A copy that exits without reading all of it is not an error.
-        let _ = stdin.write_all(input);
-    }
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    let status = goblin
-        .wait()
-        .with_context(|| format!("cannot wait for copy {pid}"))?;
-    Ok(Copy {
-        pid,
-        status,
-        stdout,
-        stderr,
     })
 }
 
@@ -799,11 +604,4 @@ mod tests {
         );
     }
 
-    #[test]
-    fn pump_copies_everything_and_flushes() {
-        let mut from: &[u8] = b"hello\nworld";
-        let mut to = Vec::new();
-        pump(&mut from, &mut to).expect("pump");
-        assert_eq!(to, b"hello\nworld");
-    }
 }
