@@ -33,16 +33,24 @@ pub fn only_these_fds(cmd: &mut Command, keep: Vec<RawFd>) {
     }
 }
 
-/// Make `cmd`'s child the leader of a new session holding no descriptor above 2 once it runs:
-/// what a goblin needs (CRIU dumps a session leader without `--shell-job`, and a stray inherited
-/// fd makes the dump fail). No parent-death signal is set: a restored root with one is killed
-/// when `criu restore` exits.
+/// Make `cmd`'s child the leader of a new session holding no descriptor above 2 and blocking no
+/// signal once it runs: what a goblin needs (CRIU dumps a session leader without `--shell-job`,
+/// and a stray inherited fd makes the dump fail). The signal mask is cleared because the caller
+/// may block signals to handle them on a thread of its own (pf does, for Ctrl-C): a goblin that
+/// inherited that mask would never see SIGINT or SIGTERM, nor would anything it starts. No
+/// parent-death signal is set: a restored root with one is killed when `criu restore` exits.
 pub fn new_session_only_stdio(cmd: &mut Command) {
     // SAFETY: the closure runs in the child between fork and exec. It makes only
-    // async-signal-safe system calls (setsid, close_range or fcntl, getrlimit) on integers,
-    // allocates nothing, takes no locks and touches no state shared with the parent.
+    // async-signal-safe system calls (sigemptyset/sigprocmask on a set on its own stack, setsid,
+    // close_range or fcntl, getrlimit) on integers, allocates nothing, takes no locks and touches
+    // no state shared with the parent.
     unsafe {
         cmd.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -220,6 +228,26 @@ mod tests {
         nix::unistd::close(kept).expect("close");
         assert_eq!(lines[..4], ["0", "1", "2", "3"], "{lines:?}");
         assert_eq!(lines[4].trim(), lines[5].trim(), "sid == pid: {lines:?}");
+    }
+
+    #[test]
+    fn a_new_session_child_starts_with_no_signal_blocked() {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set.thread_block().expect("block");
+        let mut cmd = Command::new("grep");
+        cmd.args(["^SigBlk", "/proc/self/status"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .current_dir("/");
+        new_session_only_stdio(&mut cmd);
+        let out = cmd.output();
+        set.thread_unblock().expect("unblock");
+        let text = String::from_utf8(out.expect("run grep").stdout).expect("utf-8");
+        assert_eq!(text.trim(), "SigBlk:\t0000000000000000", "{text}");
     }
 
     #[test]
