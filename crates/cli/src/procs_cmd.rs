@@ -204,6 +204,9 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long `pf procs restore` watches a restored goblin before it reports success.
+const GOBLIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let digest = resolve(store, &args.procs)?;
     let opts = RestoreOptions {
@@ -212,8 +215,47 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
         inherit: Vec::new(),
         extra_args: args.criu_arg.clone(),
     };
-    let restored = pf_world_procs::restore(store, &digest, opts)
-        .with_context(|| format!("cannot restore {}", args.procs))?;
+    // A goblin's stdin and stdout are pipes whose other ends were pf's: restored this way they
+    // lead nowhere, so most goblins see end of input or a broken pipe and exit at once.
+    let is_goblin = matches!(
+        pf_world_procs::load_procs(store, &digest),
+        Ok(ProcsBlob::Criu(procs)) if procs.labels.get(pf_goblins::GOBLIN_LABEL.0).map(String::as_str)
+            == Some(pf_goblins::GOBLIN_LABEL.1)
+    );
+    let goblin_hint = || {
+        format!(
+            "{} is a goblin snapshot: restored by `pf procs restore` its stdin and stdout pipes \
+             have nothing at the other end; thaw it with `pf goblin thaw {}`",
+            args.procs, args.procs
+        )
+    };
+    let restored = match pf_world_procs::restore(store, &digest, opts) {
+        Ok(r) => r,
+        Err(e) if is_goblin => {
+            note(&format!("note: {}", goblin_hint()));
+            return Err(e).with_context(|| format!("cannot restore {}", args.procs));
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot restore {}", args.procs)),
+    };
+    let mut restored = restored;
+    if is_goblin {
+        // Give it a moment to show whether it survives without its pipes.
+        let until = std::time::Instant::now() + GOBLIN_GRACE;
+        loop {
+            if let Some(exit) = restored.try_wait().context("cannot check the restored goblin")? {
+                bail!(
+                    "the restored process {} exited at once ({exit}); {}",
+                    restored.pid(),
+                    goblin_hint()
+                );
+            }
+            if std::time::Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        note(&format!("note: {}", goblin_hint()));
+    }
     let pids = restored.pids();
     let (pid, ns_pid, init) = (restored.pid(), restored.ns_pid(), restored.init_pid());
     // Leave it running after we exit.
