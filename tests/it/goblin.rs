@@ -933,3 +933,312 @@ fn live_what_a_killed_pf_left_in_tmpdir_is_swept_by_the_next_thaw() {
         .collect();
     assert!(rest.is_empty(), "a good thaw leaves nothing: {rest:?}");
 }
+
+/// `kill -SIG PID`, for a process this test started.
+fn send_signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid}");
+}
+
+/// Issue 15 item 3: a descendant that called setsid keeps the goblin's stdout and stderr open
+/// after the freeze. `pf goblin spawn` used to wait for it (15 s, or forever) and ignore Ctrl-C;
+/// now it drains for --drain-ms, names who holds the pipes, and obeys SIGINT at every stage.
+#[test]
+fn live_spawn_drains_with_a_deadline_names_what_holds_its_output_and_obeys_sigint() {
+    if !live("live_spawn_drains_with_a_deadline_names_what_holds_its_output_and_obeys_sigint") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_spawn_drains_with_a_deadline_names_what_holds_its_output_and_obeys_sigint",
+        Duration::from_secs(180),
+    );
+    let mark = Mark::new("spawn-setsid");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let detached: Vec<String> = ["bash", "-c", "(setsid sleep 120 &); echo ready; exec cat"]
+        .map(String::from)
+        .to_vec();
+    // Kills whatever this test left running (the setsid sleeps), by pid, when it ends.
+    let sweep =
+        |mark: &Mark| -> Vec<KillOnDrop> { mark.running().into_iter().map(KillOnDrop).collect() };
+
+    // 1. The drain ends after --drain-ms, and pf says who holds the pipes.
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "spawn", "--tag", "bg", "--until", "^ready$"])
+        .args(["--drain-ms", "500", "--"])
+        .args(&detached);
+    let started = Instant::now();
+    let out = run(mark.on(cmd), b"");
+    let took = started.elapsed();
+    let holders = mark.running();
+    let _guards = sweep(&mark);
+    let digest = ok(&out, "spawn with a setsid descendant");
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert!(took < Duration::from_secs(30), "spawn took {took:?}");
+    assert_eq!(holders.len(), 1, "one setsid sleep: {holders:?}");
+    assert_eq!(comm(holders[0]), "sleep");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "held open 500 ms after the freeze by pid {} (sleep)",
+            holders[0]
+        )),
+        "{err}"
+    );
+    drop(_guards);
+
+    // 2. SIGINT during the drain: pf ends at once; the snapshot is complete and named.
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "spawn", "--tag", "bg2", "--until", "^ready$"])
+        .args(["--drain-ms", "120000", "--"])
+        .args(&detached)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = mark.on(cmd).spawn().expect("start pf");
+    let pf_pid = child.id();
+    let fs = pf_core::FsBlobStore::open(&store).expect("store");
+    let named = Instant::now();
+    while fs.get_name("bg2").is_err() {
+        assert!(named.elapsed() < DEADLINE, "spawn never named bg2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The name is set before the drain starts; give pf a moment to be in it.
+    std::thread::sleep(Duration::from_millis(200));
+    let interrupted = Instant::now();
+    send_signal(pf_pid, "INT");
+    let out = finish(child, b"");
+    let _guards = sweep(&mark);
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(10),
+        "pf took {:?} to obey SIGINT",
+        interrupted.elapsed()
+    );
+    let digest = ok(&out, "spawn interrupted while draining");
+    assert_eq!(
+        digest.trim(),
+        fs.get_name("bg2").expect("named").to_string(),
+        "the snapshot was kept and printed"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("interrupted by signal 2 after the snapshot was complete"),
+        "{err}"
+    );
+    drop(_guards);
+
+    // 3. SIGINT while waiting to be warm: the command is stopped, pf fails saying so.
+    let mut cmd = pf(&store);
+    cmd.args([
+        "goblin", "spawn", "--tag", "bg3", "--until", "^never$", "--",
+    ])
+    .args(["sh", "-c", "echo waiting; exec cat"])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = mark.on(cmd).spawn().expect("start pf");
+    let pf_pid = child.id();
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("read");
+    assert_eq!(line, "waiting\n", "the goblin is up");
+    let interrupted = Instant::now();
+    send_signal(pf_pid, "INT");
+    let out = finish(child, b"");
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).expect("read");
+    assert!(interrupted.elapsed() < Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{rest}");
+    assert!(rest.contains("cancelled by signal 2; goblin"), "{rest}");
+    assert!(rest.contains("has been stopped"), "{rest}");
+    mark.assert_running(&[], "a spawn interrupted while warming up");
+    assert!(fs.get_name("bg3").is_err(), "nothing was named");
+}
+
+/// Issue 15 item 7: `spawn` checks that criu can be used before it starts (and warms up) the
+/// command.
+#[test]
+fn spawn_checks_criu_before_starting_the_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("started");
+    let mut cmd = pf(&dir.path().join("store"));
+    cmd.env("PF_CRIU", dir.path().join("no-such-criu"))
+        .args(["goblin", "spawn", "--tag", "t", "--quiet-ms", "100", "--"])
+        .args(["sh", "-c", &format!("touch {}; exec cat", marker.display())]);
+    let err = failed(&run(cmd, b""), "spawn without a usable criu");
+    assert!(
+        err.contains("cannot freeze goblins on this machine"),
+        "{err}"
+    );
+    assert!(err.contains("PF_CRIU"), "{err}");
+    assert!(
+        !marker.exists(),
+        "the command was started before criu was checked"
+    );
+}
+
+/// Issue 15 item 7: pid 2 (kthreadd) is named as a kernel thread, not described by its stdio.
+#[test]
+fn freeze_names_a_kernel_thread_as_one() {
+    let comm2 = std::fs::read_to_string("/proc/2/comm").unwrap_or_default();
+    if comm2.trim() != "kthreadd" {
+        // In a pid namespace of its own, pid 2 is an ordinary process: nothing to check here.
+        eprintln!("pid 2 is not kthreadd here ({comm2:?}); skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = pf(&dir.path().join("store"));
+    cmd.args(["goblin", "freeze", "--pid", "2"]);
+    let err = failed(&run(cmd, b""), "freeze of pid 2");
+    assert!(
+        err.contains("process 2 is a kernel thread (kthreadd), not a program"),
+        "{err}"
+    );
+    assert!(!err.contains("stdin is"), "{err}");
+}
+
+/// Issue 15 item 7: `pf procs restore` of a goblin snapshot no longer reports success while the
+/// goblin exits at once; it says what happened and points at `pf goblin thaw`.
+#[test]
+fn live_procs_restore_of_a_goblin_snapshot_says_it_is_one() {
+    if !live("live_procs_restore_of_a_goblin_snapshot_says_it_is_one") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_procs_restore_of_a_goblin_snapshot_says_it_is_one",
+        Duration::from_secs(120),
+    );
+    let mark = Mark::new("procs-restore-goblin");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let cat: Vec<String> = vec!["cat".into()];
+    ok(
+        &run(
+            mark.on({
+                let mut c = pf(&store);
+                c.args([
+                    "goblin",
+                    "spawn",
+                    "--tag",
+                    "catg",
+                    "--quiet-ms",
+                    "200",
+                    "--",
+                ])
+                .args(&cat);
+                c
+            }),
+            b"",
+        ),
+        "spawn cat",
+    );
+    let mut restore = pf(&store);
+    restore.args(["procs", "restore", "--new-pidns", "catg"]);
+    let out = run(mark.on(restore), b"");
+    let err = failed(&out, "procs restore of a goblin whose stdin leads nowhere");
+    assert!(err.contains("catg is a goblin snapshot"), "{err}");
+    assert!(err.contains("pf goblin thaw catg"), "{err}");
+    mark.assert_running(&[], "the failed restore");
+
+    // A goblin that survives without its pipes is restored, with the same note.
+    let sleeper: Vec<String> = ["sh", "-c", "sleep 120; cat"].map(String::from).to_vec();
+    ok(
+        &run(
+            mark.on({
+                let mut c = pf(&store);
+                c.args(["goblin", "spawn", "--tag", "sl", "--quiet-ms", "200", "--"])
+                    .args(&sleeper);
+                c
+            }),
+            b"",
+        ),
+        "spawn sleeper",
+    );
+    let mut restore = pf(&store);
+    restore.args(["procs", "restore", "--new-pidns", "--json", "sl"]);
+    let out = run(mark.on(restore), b"");
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&out, "procs restore of a sleeping goblin")).expect("json");
+    let init = i32::try_from(json["init"].as_i64().expect("init")).expect("pid");
+    let _init = KillOnDrop(init);
+    let err = text(&out.stderr);
+    assert!(err.contains("sl is a goblin snapshot"), "{err}");
+    assert!(err.contains("pf goblin thaw sl"), "{err}");
+    drop(_init);
+    mark.assert_running(&[], "killing the restored namespace");
+}
+
+/// Issue 10 item 6: a goblin started as Python's
+/// `subprocess.Popen(..., stdin=PIPE, stdout=PIPE, stderr=DEVNULL, start_new_session=True)`
+/// freezes, thaws, and answers from its state.
+#[test]
+fn live_a_popen_goblin_with_stderr_on_dev_null_freezes_thaws_and_answers() {
+    if !live("live_a_popen_goblin_with_stderr_on_dev_null_freezes_thaws_and_answers") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_a_popen_goblin_with_stderr_on_dev_null_freezes_thaws_and_answers",
+        Duration::from_secs(120),
+    );
+    let mark = Mark::new("popen-devnull");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // The seed's way to start a goblin, line for line; it freezes it with pf and checks that the
+    // original still answers.
+    let driver = r#"
+import subprocess, sys
+pf, store, counter = sys.argv[1], sys.argv[2], sys.argv[3]
+p = subprocess.Popen([sys.executable, "-u", "-c", counter], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+def ask(line):
+    p.stdin.write(line.encode() + b"\n"); p.stdin.flush()
+    return p.stdout.readline().decode().strip()
+print("first", ask("inc"), ask("set k=v"))
+r = subprocess.run([pf, "--store", store, "goblin", "freeze", "--pid", str(p.pid), "--tag", "popen",
+                    "--json"], capture_output=True, text=True)
+print("freeze", r.returncode, r.stdout.strip(), r.stderr.strip().replace("\n", " | "))
+print("after", ask("inc"))
+p.kill(); p.wait()
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", driver])
+        .arg(crate::support::pf_bin())
+        .arg(&store)
+        .arg(COUNTER)
+        .current_dir("/");
+    let out = run(mark.on(cmd), b"");
+    let said = ok(&out, "the Popen driver");
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines[0], "first 1 ok", "{said}");
+    let freeze = lines[1]
+        .strip_prefix("freeze 0 ")
+        .unwrap_or_else(|| panic!("{said}"));
+    let json: serde_json::Value = serde_json::from_str(freeze).expect("freeze json");
+    assert!(
+        json["stdio"][0]
+            .as_str()
+            .is_some_and(|s| s.starts_with("pipe:[")),
+        "{json}"
+    );
+    assert!(
+        json["stdio"][1]
+            .as_str()
+            .is_some_and(|s| s.starts_with("pipe:[")),
+        "{json}"
+    );
+    assert_eq!(json["stdio"][2], "/dev/null", "{json}");
+    assert_eq!(
+        lines[2], "after 2",
+        "the original answers after the freeze: {said}"
+    );
+    mark.assert_running(&[], "the driver");
+
+    let out = thaw(&store, "popen", b"inc\nget k\n");
+    assert_eq!(ok(&out, "thaw of the Popen goblin"), "2\nv\neof 2\n");
+    let out = thaw(&store, "popen", b"inc\ninc\ninc\n");
+    assert_eq!(ok(&out, "a second thaw"), "2\n3\n4\neof 4\n");
+    mark.assert_running(&[], "two thaws");
+}

@@ -221,7 +221,9 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
                 .context("cannot read pf's stdin for --input -")?;
             buf
         }
-        Some(p) => std::fs::read(p).with_context(|| format!("cannot read --input {}", p.display()))?,
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("cannot read --input {}", p.display()))?
+        }
     };
     let store = common::open_store(global)?;
     let cwd = match &args.cwd {
@@ -603,5 +605,4 @@ mod tests {
             "killed by signal 9"
         );
     }
-
 }

@@ -242,7 +242,10 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
         // Give it a moment to show whether it survives without its pipes.
         let until = std::time::Instant::now() + GOBLIN_GRACE;
         loop {
-            if let Some(exit) = restored.try_wait().context("cannot check the restored goblin")? {
+            if let Some(exit) = restored
+                .try_wait()
+                .context("cannot check the restored goblin")?
+            {
                 bail!(
                     "the restored process {} exited at once ({exit}); {}",
                     restored.pid(),

@@ -132,8 +132,11 @@ mod tests {
 
     #[test]
     fn attach_runs_a_goblin_like_a_program() {
-        let cmd: Vec<std::ffi::OsString> =
-            vec!["sh".into(), "-c".into(), "read x; echo out $x; echo err >&2; exit 4".into()];
+        let cmd: Vec<std::ffi::OsString> = vec![
+            "sh".into(),
+            "-c".into(),
+            "read x; echo out $x; echo err >&2; exit 4".into(),
+        ];
         let mut g = crate::spawn(&cmd, &crate::SpawnOptions::in_dir("/".into())).expect("spawn");
         let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let err = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));

@@ -256,13 +256,19 @@ mod tests {
         assert_eq!(got[1].stdout, b"b\n");
         assert!(got[1].timed_out, "{:?}", got[1]);
         assert_eq!(got[1].status.signal(), Some(libc::SIGKILL));
-        assert_eq!(got[2].status.code(), Some(0), "unread input is not an error");
+        assert_eq!(
+            got[2].status.code(),
+            Some(0),
+            "unread input is not an error"
+        );
         assert!(!got[2].timed_out);
     }
 
     #[test]
     fn a_cancel_passes_its_signal_on() {
-        let goblins = vec![spawn("trap 'echo bye; exit 5' INT; echo up; while :; do sleep 0.05; done")];
+        let goblins = vec![spawn(
+            "trap 'echo bye; exit 5' INT; echo up; while :; do sleep 0.05; done",
+        )];
         let options = CollectOptions {
             inputs: vec![Vec::new()],
             deadline: None,
@@ -280,6 +286,15 @@ mod tests {
         assert_eq!(got[0].stdout, b"up\nbye\n");
         assert_eq!(got[0].status.code(), Some(5));
         let err = collect(Vec::new(), &options, &cancel).expect_err("count");
-        assert!(matches!(err, Error::InputCount { inputs: 1, goblins: 0 }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                Error::InputCount {
+                    inputs: 1,
+                    goblins: 0
+                }
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -261,14 +261,33 @@ mod tests {
         };
         assert_eq!(ok(&pipe, &pipe, &pipe), None);
         assert_eq!(ok(&null, &pipe, &null), None);
-        assert_eq!(ok(&StdioKind::Closed, &pipe, &StdioKind::File("/tmp/log".into())), None);
+        assert_eq!(
+            ok(
+                &StdioKind::Closed,
+                &pipe,
+                &StdioKind::File("/tmp/log".into())
+            ),
+            None
+        );
         let tty = StdioKind::Terminal("/dev/pts/0".into());
-        assert!(ok(&tty, &pipe, &pipe).expect("terminal").contains("terminal"));
+        assert!(
+            ok(&tty, &pipe, &pipe)
+                .expect("terminal")
+                .contains("terminal")
+        );
         let sock = StdioKind::Socket(9);
         assert!(ok(&pipe, &pipe, &sock).expect("socket").contains("socket"));
-        assert!(ok(&pipe, &null, &pipe).expect("stdout").contains("stdout must be a pipe"));
+        assert!(
+            ok(&pipe, &null, &pipe)
+                .expect("stdout")
+                .contains("stdout must be a pipe")
+        );
         let other = StdioKind::Other("anon_inode:[eventfd]".into());
-        assert!(ok(&other, &pipe, &pipe).expect("other").contains("only pipes, files"));
+        assert!(
+            ok(&other, &pipe, &pipe)
+                .expect("other")
+                .contains("only pipes, files")
+        );
     }
 
     #[test]
@@ -280,9 +299,15 @@ mod tests {
                 matches!(&err, Error::KernelThread { pid: 2, name } if name == "kthreadd"),
                 "{err:?}"
             );
-            assert!(err.to_string().contains("is a kernel thread (kthreadd)"), "{err}");
+            assert!(
+                err.to_string().contains("is a kernel thread (kthreadd)"),
+                "{err}"
+            );
         }
-        assert_eq!(kernel_thread(i32::try_from(std::process::id()).expect("pid")), None);
+        assert_eq!(
+            kernel_thread(i32::try_from(std::process::id()).expect("pid")),
+            None
+        );
     }
 
     #[test]

@@ -82,15 +82,15 @@ pub use crate::collect::{
 pub use crate::error::{Error, ErrorKind, NotAGoblinReason, Result};
 pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};
+pub use crate::pump::Stream;
 pub use crate::spawn::{SpawnOptions, spawn};
 pub use crate::stdio::{StdioKind, Streams};
-pub use crate::pump::Stream;
 pub use crate::thaw::{Loaded, Source, ThawOptions, Wire, Wiring, fork, load, thaw};
+#[cfg(feature = "tokio")]
+pub use crate::thaw_async::{AsyncGoblin, thaw_async};
 pub use crate::warm::{
     Drain, PipeHolder, Ready, WarmFrom, WarmOptions, Warmed, criu_ready, warm_up,
 };
-#[cfg(feature = "tokio")]
-pub use crate::thaw_async::{AsyncGoblin, thaw_async};
 
 /// The label a goblin's procs blob carries (`labels["goblin"]`), with this format's version.
 pub const GOBLIN_LABEL: (&str, &str) = ("goblin", "v1");

@@ -106,9 +106,11 @@ impl Streams {
     pub(crate) fn from_links(links: &[String]) -> Option<Streams> {
         match links {
             // A descriptor that was not open is recorded as "".
-            [a, b, c] => Some(Streams([a, b, c].map(|l| {
-                StdioKind::from_link((!l.is_empty()).then_some(l.as_str()))
-            }))),
+            [a, b, c] => {
+                Some(Streams([a, b, c].map(|l| {
+                    StdioKind::from_link((!l.is_empty()).then_some(l.as_str()))
+                })))
+            }
             _ => None,
         }
     }

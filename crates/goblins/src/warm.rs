@@ -454,7 +454,10 @@ mod tests {
             &mut |_, _| {},
         )
         .expect_err("bad pattern");
-        assert!(matches!(&err, Error::Pattern { pattern, .. } if pattern == "("), "{err:?}");
+        assert!(
+            matches!(&err, Error::Pattern { pattern, .. } if pattern == "("),
+            "{err:?}"
+        );
         let err = warm_up(
             from(),
             FreezeTarget::Images(dir.path()),
@@ -463,7 +466,10 @@ mod tests {
             &mut |_, _| {},
         )
         .expect_err("tag without a store");
-        assert!(matches!(&err, Error::TagWithImages { tag } if tag == "t"), "{err:?}");
+        assert!(
+            matches!(&err, Error::TagWithImages { tag } if tag == "t"),
+            "{err:?}"
+        );
         let store = pf_core::MemBlobStore::default();
         let err = warm_up(
             from(),
@@ -473,7 +479,10 @@ mod tests {
             &mut |_, _| {},
         )
         .expect_err("bad tag");
-        assert!(matches!(&err, Error::Tag { tag, .. } if tag == ".x"), "{err:?}");
+        assert!(
+            matches!(&err, Error::Tag { tag, .. } if tag == ".x"),
+            "{err:?}"
+        );
         assert!(!touched.exists(), "nothing was started");
     }
 }
