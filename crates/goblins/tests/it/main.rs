@@ -6,3 +6,4 @@ mod live;
 mod support;
 #[cfg(feature = "tokio")]
 mod thaw_async;
+mod workflow;
