@@ -1082,6 +1082,7 @@ fn spawn_checks_criu_before_starting_the_command() {
 
 /// Issue 15 item 7: pid 2 (kthreadd) is named as a kernel thread, not described by its stdio.
 #[test]
+#[allow(clippy::print_stderr)]
 fn freeze_names_a_kernel_thread_as_one() {
     let comm2 = std::fs::read_to_string("/proc/2/comm").unwrap_or_default();
     if comm2.trim() != "kthreadd" {

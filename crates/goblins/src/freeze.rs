@@ -38,7 +38,8 @@ pub struct FreezeOptions {
 pub struct Frozen {
     /// The pid that was frozen.
     pub pid: i32,
-    /// Its stdin, stdout and stderr, all pipes.
+    /// Its stdin, stdout and stderr as they were at the freeze (`links()` gives them as CRIU
+    /// names them).
     pub streams: Streams,
     /// Where the snapshot is.
     pub snapshot: Snapshot,
@@ -67,9 +68,14 @@ impl Frozen {
 ///
 /// Refused before CRIU runs, with an error saying what is wrong: a pid that does not exist
 /// ([`Error::NoSuchProcess`]), a thawed copy running in a pid namespace of its own
-/// ([`Error::OtherPidNamespace`]), stdin/stdout/stderr that are not all pipes
-/// ([`Error::NotPipes`], naming what each one is), a process that does not lead its session
-/// unless [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
+/// ([`Error::OtherPidNamespace`]), a kernel thread ([`Error::KernelThread`]), stdio that a thaw
+/// could not give back — a terminal, a socket, a stdout that is not a pipe ([`Error::NotPipes`],
+/// naming what each one is; stdin and stderr may be files or `/dev/null`) — and a process that
+/// does not lead its session unless [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
+///
+/// There is no default for [`FreezeOptions::leave_running`]: the seed's `freeze(pid, dir,
+/// leave_running=True)` left the process running, and so does `pf goblin freeze`; a warm-up
+/// ([`crate::warm_up`]) stops it.
 ///
 /// Bytes written to the goblin's stdin but not yet read are kept in the snapshot (CRIU saves
 /// pipe contents) and replayed into the stdin of every thawed copy.

@@ -1,10 +1,11 @@
 //! pf-goblins: processes that speak only through stdin, stdout and stderr — frozen with CRIU,
 //! thawed onto fresh pipes, forked into many clones.
 //!
-//! A *goblin* is a process whose descriptors 0, 1 and 2 are pipes and nothing else matters to
-//! the outside world: a REPL, a language server over stdio, a Python or Lean session that took
-//! minutes to warm up. Because its whole interface is three pipes, a snapshot of it can be
-//! brought back any number of times, each copy wired to pipes of its own.
+//! A *goblin* is a process whose stdout is a pipe, whose stdin and stderr are pipes, files or
+//! `/dev/null`, and nothing else matters to the outside world: a REPL, a language server over stdio, a Python or Lean session that took
+//! minutes to warm up. Because its whole interface is its pipes, a snapshot of it can be
+//! brought back any number of times, each copy wired to pipes of its own (files are reopened by
+//! path, as CRIU does).
 //!
 //! - [`spawn`] starts a program as a goblin (its own session, stdio on pipes, no stray fds).
 //! - [`freeze`] checkpoints a goblin into the store (a procs blob labelled `goblin=v1`) or into a
