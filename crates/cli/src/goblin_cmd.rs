@@ -274,6 +274,10 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
         Err(e) => return Err(e.into()),
     };
     match &warmed.drain {
+        Drain::HeldOpen(holders) if holders.is_empty() => note(&format!(
+            "the goblin's output was still open {} ms after the freeze; pf stopped reading",
+            args.drain_ms
+        )),
         Drain::HeldOpen(holders) => note(&format!(
             "the goblin's output was still held open {} ms after the freeze by {}: processes it \
              started outside its process group; pf stopped reading and left them running",
