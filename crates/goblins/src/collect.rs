@@ -72,7 +72,7 @@ pub fn fork_and_collect(
 /// A goblin still running at its deadline is killed and reported with `timed_out`. A
 /// [`Cancel`] passes its signal (SIGKILL when it has none) to every goblin still running; what
 /// they print until they end is still collected, and one that has not ended
-/// [`CANCEL_GRACE`] (5 s) later is killed. A goblin that exits without reading all its input
+/// 5 s later is killed. A goblin that exits without reading all its input
 /// is not an error.
 pub fn collect(
     goblins: Vec<Goblin>,
