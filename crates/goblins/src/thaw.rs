@@ -58,6 +58,8 @@ pub enum Wire {
 }
 
 /// How a thawed goblin's stdin, stdout and stderr are connected ([`Loaded::thaw_wired`]).
+/// Only the streams that were pipes at freeze are wired; for a stdin or stderr that was
+/// `/dev/null` or a file the wire is ignored (CRIU reopens it as it was).
 #[derive(Debug)]
 pub struct Wiring {
     /// Its stdin. A [`Wire::Fd`] is refused when the snapshot holds unread stdin bytes
@@ -81,7 +83,8 @@ impl Wiring {
     }
 }
 
-/// Restore one copy of a frozen goblin on three fresh pipes and return once it runs.
+/// Restore one copy of a frozen goblin on fresh pipes (one for each of its stdin, stdout and
+/// stderr that was a pipe) and return once it runs.
 ///
 /// A failed restore is an [`Error::Thaw`] whose source carries CRIU's own error lines. A
 /// snapshot that is not a goblin's (no `goblin=v1` label, stdio not pipes) is an
@@ -222,7 +225,7 @@ impl Loaded {
         &self.stdin_backlog
     }
 
-    /// Restore one copy on three fresh pipes and return once it runs (see [`thaw`]).
+    /// Restore one copy on fresh pipes and return once it runs (see [`thaw`]).
     pub fn thaw(&self, options: &ThawOptions) -> Result<Goblin> {
         self.thaw_one(options.new_pid_namespace, Wiring::new_pipes())
     }
