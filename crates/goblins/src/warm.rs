@@ -175,6 +175,15 @@ pub fn warm_up(
     };
     let pid = goblin.pid();
     let _span = tracing::info_span!("warm_up", pid).entered();
+    if !options.input.is_empty() && goblin.stdin.is_none() {
+        return Err(Error::InputRefused {
+            pid,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotConnected,
+                "the goblin's stdin pipe was taken out of it",
+            ),
+        });
+    }
     let started = Instant::now();
     let deadline = started + options.timeout;
     let mut pipes = Pipes::new(
