@@ -201,7 +201,7 @@ pub enum Error {
         quiet: bool,
     },
     /// A warm-up's goblin exited before it was warm.
-    #[error("goblin {pid} exited ({}) before it was warm", describe_status(.status))]
+    #[error("goblin {pid} exited ({}) before it was warm", pf_os::Exit::from(*.status))]
     ExitedWarming {
         /// The goblin.
         pid: i32,
@@ -345,16 +345,6 @@ fn cancelled_by(signal: Option<i32>) -> String {
 
 fn cancelled_pid(pid: Option<i32>) -> String {
     pid.map_or_else(String::new, |p| format!("; goblin {p} has been stopped"))
-}
-
-/// A wait status as people say it: `exit code 3`, `killed by signal 9`.
-pub(crate) fn describe_status(status: &std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        (None, None) => status.to_string(),
-    }
 }
 
 impl Error {

@@ -199,17 +199,10 @@ pub(crate) fn stdio_problem(streams: &Streams) -> Option<&'static str> {
     None
 }
 
-/// The name of `pid` when it is a kernel thread (flag `PF_KTHREAD` in `/proc/PID/stat`).
+/// The name of `pid` when it is a kernel thread (`PF_KTHREAD` in `/proc/PID/stat`).
 fn kernel_thread(pid: i32) -> Option<String> {
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (head, rest) = stat.rsplit_once(')')?;
-    // After the name: state, ppid, pgrp, session, tty_nr, tpgid, flags (field 9).
-    let flags: u64 = rest.split_whitespace().nth(6)?.parse().ok()?;
-    if flags & PF_KTHREAD == 0 {
-        return None;
-    }
-    Some(head.split_once('(').map_or("", |(_, n)| n).to_owned())
+    pf_os::proc::stat(pid).filter(pf_os::proc::Stat::is_kernel_thread)?;
+    Some(pf_os::proc::comm(pid).unwrap_or_default())
 }
 
 /// Whether `pid` is absent or a zombie (exited, not yet reaped: nothing left to freeze).

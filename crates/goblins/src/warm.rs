@@ -262,7 +262,21 @@ pub fn warm_up(
     }
     let warmup = started.elapsed();
     tracing::info!(pid, ?warmup, "goblin is warm; freezing");
-    let frozen = crate::freeze(pid, target, &options.freeze);
+    // Held from the first blob to the name, so a gc cannot remove the snapshot in between (see
+    // agent_docs/formats.md).
+    let writing = match (&options.tag, target) {
+        (Some(tag), FreezeTarget::Store(store)) => {
+            store.writer_lock().map(Some).map_err(|source| Error::Tag {
+                tag: tag.clone(),
+                source,
+            })
+        }
+        _ => Ok(None),
+    };
+    let (writing, frozen) = match writing {
+        Err(e) => (None, Err(e)),
+        Ok(lock) => (lock, crate::freeze(pid, target, &options.freeze)),
+    };
     let frozen = match frozen {
         Ok(f) => f,
         Err(e) => {
@@ -281,6 +295,7 @@ pub fn warm_up(
             source,
         })?;
     }
+    drop(writing);
     if options.freeze.leave_running {
         goblin.stdin = pipes.stdin.take();
         goblin.stdout = pipes.stdout.take();
@@ -393,9 +408,7 @@ fn pipe_holders(inodes: &[u64]) -> Vec<PipeHolder> {
         })
         .map(|pid| PipeHolder {
             pid,
-            command: std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|s| s.trim_end().to_owned())
-                .unwrap_or_default(),
+            command: pf_os::proc::comm(pid).unwrap_or_default(),
         })
         .collect();
     holders.sort_by_key(|h| h.pid);

@@ -25,6 +25,8 @@ pub struct Stat {
 
 /// The kernel's `PF_EXITING` task flag: the task has started to exit (`do_exit`).
 pub const PF_EXITING: u64 = 0x4;
+/// The kernel's `PF_KTHREAD` task flag: a kernel thread (kthreadd, workers), not a program.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
 
 impl Stat {
     /// Whether the state is `Z` (zombie) or `X` (dead): exited, nothing left to run.
@@ -35,6 +37,11 @@ impl Stat {
     /// Whether the task has started to exit (`PF_EXITING`).
     pub fn is_exiting(&self) -> bool {
         self.flags & PF_EXITING != 0
+    }
+
+    /// Whether the task is a kernel thread (`PF_KTHREAD`).
+    pub fn is_kernel_thread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0
     }
 }
 
@@ -234,7 +241,11 @@ mod tests {
                 flags: 4_194_560
             }
         );
-        assert!(!s.is_zombie() && !s.is_exiting());
+        assert!(!s.is_zombie() && !s.is_exiting() && !s.is_kernel_thread());
+        // kthreadd, pid 2, on this machine.
+        let kthreadd = parse_stat("2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0")
+            .expect("kthreadd");
+        assert!(kthreadd.is_kernel_thread());
         let odd = parse_stat("4242 (we) i rd) Z 17 4242 4242 0 -1 4194564 7").expect("odd");
         assert_eq!((odd.state, odd.ppid), ('Z', 17));
         assert!(odd.is_zombie() && odd.is_exiting());
