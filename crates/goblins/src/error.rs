@@ -178,7 +178,7 @@ pub enum Error {
         tag: String,
         /// The cause.
         #[source]
-        source: pf_core::Error,
+        source: Box<pf_core::Error>,
     },
     /// A warm-up was asked to name a snapshot written to an images directory.
     #[error("cannot name the snapshot {tag:?}: only a snapshot frozen into the store has names")]

@@ -156,7 +156,7 @@ pub fn warm_up(
         match target {
             FreezeTarget::Store(_) => pf_core::validate_name(tag).map_err(|source| Error::Tag {
                 tag: tag.clone(),
-                source,
+                source: Box::new(source),
             })?,
             FreezeTarget::Images(_) => return Err(Error::TagWithImages { tag: tag.clone() }),
         }
@@ -268,7 +268,7 @@ pub fn warm_up(
         (Some(tag), FreezeTarget::Store(store)) => {
             store.writer_lock().map(Some).map_err(|source| Error::Tag {
                 tag: tag.clone(),
-                source,
+                source: Box::new(source),
             })
         }
         _ => Ok(None),
@@ -292,7 +292,7 @@ pub fn warm_up(
     {
         store.set_name(tag, digest).map_err(|source| Error::Tag {
             tag: tag.clone(),
-            source,
+            source: Box::new(source),
         })?;
     }
     drop(writing);
@@ -505,6 +505,7 @@ mod tests {
             matches!(&err, Error::Tag { tag, .. } if tag == ".x"),
             "{err:?}"
         );
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidInput);
         assert!(!touched.exists(), "nothing was started");
     }
 }

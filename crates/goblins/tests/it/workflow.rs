@@ -194,6 +194,7 @@ fn live_warm_up_leaves_a_goblin_running_or_stops_it_on_cancel() {
     .expect_err("cancelled");
     t.join().expect("join");
     assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(err.kind(), pf_goblins::ErrorKind::Cancelled);
     let Error::Cancelled {
         pid: Some(pid),
         signal: Some(libc::SIGINT),
