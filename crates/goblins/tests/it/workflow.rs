@@ -227,4 +227,5 @@ fn live_warm_up_leaves_a_goblin_running_or_stops_it_on_cancel() {
         err.to_string().contains("never matched the ready pattern"),
         "{err}"
     );
+    assert_eq!(err.kind(), pf_goblins::ErrorKind::NotWarm);
 }
