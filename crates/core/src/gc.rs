@@ -152,6 +152,13 @@ fn sweep(
     Ok(report)
 }
 
+/// The digests a blob refers to, as gc follows them: the string tokens of a JSON blob that are
+/// digests, sorted and deduplicated; none for a blob that is not JSON. Anything that moves a
+/// snapshot's blob graph (pf-registry) walks it with this, so it carries exactly what gc keeps.
+pub fn references(store: &dyn BlobStore, digest: &Digest256) -> Result<Vec<Digest256>> {
+    children(store, digest)
+}
+
 /// The digests a blob refers to: the string tokens of a JSON blob that are digests.
 fn children(store: &dyn BlobStore, digest: &Digest256) -> Result<Vec<Digest256>> {
     let mut reader = store.open(digest)?;

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::digest::Digest256;
+use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
 use crate::gc::GcOptions;
 use crate::lock::StoreLock;
@@ -93,6 +93,30 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// Like [`put_reader_with_len`](Self::put_reader_with_len), for bytes that must hash to
+    /// `expected` (a blob fetched from elsewhere under that digest): bytes that hash to anything
+    /// else are an [`Error::Integrity`] naming `expected`, and nothing is stored. The check runs
+    /// when the reader reaches its end, before the store commits the blob.
+    fn put_reader_expecting(
+        &self,
+        reader: &mut dyn Read,
+        len: u64,
+        expected: &Digest256,
+    ) -> Result<Put> {
+        let mut checked = Expecting {
+            inner: reader,
+            hasher: Some(DigestHasher::new()),
+            expected: *expected,
+        };
+        self.put_reader_with_len(&mut checked, len)
+            .map_err(|err| match err {
+                Error::Input { source } => {
+                    Error::from_read(source, |source| Error::Input { source })
+                }
+                other => other,
+            })
+    }
+
     /// Write the blob's raw bytes to `out`, verifying them, and return how many were written.
     ///
     /// The bytes stream: a failed check ([`Error::Integrity`], [`Error::Decode`]) comes after
@@ -179,6 +203,41 @@ pub(crate) fn write_out(out: &mut dyn Write, bytes: &[u8], digest: &Digest256) -
         })?;
     }
     Ok(())
+}
+
+/// A reader that hashes what it yields and, at its end, fails with [`Error::Integrity`] (wrapped
+/// in an `io::Error`) when that is not `expected`.
+struct Expecting<'a> {
+    inner: &'a mut dyn Read,
+    hasher: Option<DigestHasher>,
+    expected: Digest256,
+}
+
+impl Read for Expecting<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            if let Some(hasher) = self.hasher.as_mut() {
+                hasher.update(&buf[..n]);
+            }
+            return Ok(n);
+        }
+        if let Some(hasher) = self.hasher.take() {
+            let actual = hasher.finish();
+            if actual != self.expected {
+                return Err(Error::Integrity {
+                    digest: self.expected,
+                    actual,
+                    path: None,
+                }
+                .into_read_error());
+            }
+        }
+        Ok(0)
+    }
 }
 
 /// A reader that fails with [`Error::InputLength`] (wrapped in an `io::Error`) when its inner
@@ -283,6 +342,40 @@ mod tests {
             .read_to_end(&mut out)
             .unwrap();
         assert_eq!(out, b"abcd");
+    }
+
+    #[test]
+    fn put_expecting_stores_only_the_expected_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = crate::FsBlobStore::open(dir.path()).unwrap();
+        let mem = crate::MemBlobStore::new();
+        let stores: [&dyn BlobStore; 2] = [&fs, &mem];
+        for store in stores {
+            let good = Digest256::of(b"good bytes");
+            let put = store
+                .put_reader_expecting(&mut &b"good bytes"[..], 10, &good)
+                .unwrap();
+            assert_eq!(put.digest, good);
+            assert!(store.contains(&good).unwrap());
+
+            let want = Digest256::of(b"other byte");
+            let err = store
+                .put_reader_expecting(&mut &b"tampered!!"[..], 10, &want)
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::Integrity { digest, actual, .. }
+                    if digest == want && actual == Digest256::of(b"tampered!!")),
+                "{err:?}"
+            );
+            assert_eq!(store.list().unwrap(), vec![good], "{store:?}");
+        }
+        // The refused bytes left no temp file behind either.
+        let temps: Vec<_> = std::fs::read_dir(dir.path().join("blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".tmp-"))
+            .collect();
+        assert!(temps.is_empty(), "{temps:?}");
     }
 
     #[test]
