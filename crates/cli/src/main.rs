@@ -11,6 +11,7 @@ mod common;
 mod doctor;
 mod goblin_cmd;
 mod procs_cmd;
+mod registry_cmd;
 mod shell_cmd;
 mod shell_inspect;
 mod store_cmd;
@@ -45,6 +46,10 @@ enum Command {
     /// Move a terminal shell session: freeze it, thaw it here, or beam a copy of it here
     #[command(subcommand)]
     Shell(shell_cmd::Command),
+    /// Upload a snapshot to an OCI registry (only the blobs it lacks)
+    Push(registry_cmd::PushArgs),
+    /// Fetch a snapshot from an OCI registry into the store (only the blobs it lacks)
+    Pull(registry_cmd::PullArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,8 @@ fn main() -> ExitCode {
         Command::Procs(cmd) => procs_cmd::run(&cli.global, cmd),
         Command::Goblin(cmd) => goblin_cmd::run(&cli.global, cmd),
         Command::Shell(cmd) => shell_cmd::run(&cli.global, cmd),
+        Command::Push(args) => registry_cmd::push(&cli.global, &args),
+        Command::Pull(args) => registry_cmd::pull(&cli.global, &args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,301 @@
+//! `pf push` and `pf pull`: snapshots to and from OCI registries (pf-registry does the work).
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use pf_core::BlobStore as _;
+use pf_registry::{ConnectOptions, Event, PullOptions, PushOptions, Reference};
+
+use crate::common::{self, Global, progress_enabled};
+
+const PUSH_HELP: &str = "\
+Examples:
+  pf push repl localhost:5000/team/repl:warm        the snapshot named `repl`
+  pf push sha256:6f1e… ghcr.io/me/repl:v1            by digest
+  pf push repl registry.example.com/repl:v1 --json   one JSON line for programs
+
+What travels is the snapshot's blob graph: the snapshot's record and every blob it reaches (its
+images, page packs …), exactly what `pf store gc` keeps for it. It becomes one OCI image manifest
+(artifactType application/vnd.pf.snapshot.v1+json) under the tag; each blob is uploaded as its raw
+bytes, so the registry names it by the same sha256 as the store. Blobs the registry already has
+(a HEAD per blob) are skipped: pushing the same snapshot again uploads nothing, and a push that
+was interrupted completes when run again. Large blobs go up in 8 MiB chunks, 4 blobs at a time.
+
+Registries: REGISTRY/REPOSITORY:TAG, the host first (pf has no default registry; Docker Hub is
+docker.io/USER/REPO:TAG). https with the system's root certificates, except loopback hosts
+(localhost, 127.0.0.0/8, [::1]), which are plain http; --insecure allows plain http to others.
+Credentials: anonymous, or `auths.<host>.auth` in $DOCKER_CONFIG/config.json, else
+~/.docker/config.json (what `docker login` writes); basic and bearer-token registries both work.
+
+Progress goes to stderr (a bar on a terminal), the snapshot's digest to stdout.";
+
+const PULL_HELP: &str = "\
+Examples:
+  pf pull localhost:5000/team/repl:warm --tag repl   fetch it and name it `repl`
+  pf goblin thaw repl                                 then thaw it as any snapshot
+  pf pull ghcr.io/me/repl:v1 --json
+
+Only the blobs this store lacks are fetched; every byte is checked against its sha256 before it
+enters the store, and a blob that does not match is refused, naming its digest. The name is
+written last, once every blob of the snapshot is in: a pull that fails leaves nothing of itself
+behind (no name, no blob). Without --tag the snapshot is stored unnamed: its digest is printed,
+and `pf store gc` removes it after the grace period unless you name it (`pf store tag`).
+
+Registries and credentials as for `pf push` (see `pf push --help`).";
+
+/// Arguments shared by push and pull.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Connect {
+    /// Plain http to a registry that is not on loopback (loopback is always plain http)
+    #[arg(long)]
+    insecure: bool,
+    /// Use no credentials, even if the docker config has some for this registry
+    #[arg(long)]
+    anonymous: bool,
+    /// How many blobs move at once
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    parallel: u16,
+    /// Print one JSON object on stdout instead of the digest
+    #[arg(long)]
+    json: bool,
+}
+
+impl Connect {
+    fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            insecure: self.insecure,
+            docker_config: if self.anonymous {
+                None
+            } else {
+                pf_registry::default_docker_config()
+            },
+            parallel: usize::from(self.parallel),
+        }
+    }
+}
+
+/// Upload a snapshot to an OCI registry, sending only the blobs it lacks
+#[derive(Debug, clap::Args)]
+#[command(after_help = PUSH_HELP)]
+pub(crate) struct PushArgs {
+    /// The snapshot: a name in the store, or a digest (sha256:…)
+    #[arg(value_name = "NAME|DIGEST")]
+    snapshot: String,
+    /// Where to: REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/repl:warm
+    #[arg(value_name = "REGISTRY/REPO:TAG")]
+    reference: String,
+    #[command(flatten)]
+    connect: Connect,
+}
+
+/// Fetch a snapshot from an OCI registry into the store, fetching only the blobs it lacks
+#[derive(Debug, clap::Args)]
+#[command(after_help = PULL_HELP)]
+pub(crate) struct PullArgs {
+    /// What to fetch: REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/repl:warm
+    #[arg(value_name = "REGISTRY/REPO:TAG")]
+    reference: String,
+    /// Name the pulled snapshot NAME in the store (written once every blob is in)
+    #[arg(long, value_name = "NAME")]
+    tag: Option<String>,
+    #[command(flatten)]
+    connect: Connect,
+}
+
+pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode> {
+    let reference = Reference::parse(&args.reference)?;
+    let store = common::open_store(global)?;
+    let root = store
+        .resolve(&args.snapshot)
+        .with_context(|| format!("cannot find snapshot {:?} in the store", args.snapshot))?;
+    let meter = Meter::new("pushed", "uploaded");
+    let started = Instant::now();
+    let options = PushOptions {
+        connect: args.connect.options(),
+    };
+    let report = pf_registry::push(&store, &root, &reference, &options, &|e| meter.event(e))
+        .with_context(|| format!("cannot push {} to {reference}", args.snapshot));
+    meter.finish();
+    let report = report?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.connect.json {
+        let json = serde_json::json!({
+            "reference": reference.to_string(),
+            "snapshot": report.snapshot,
+            "manifest_digest": report.manifest_digest,
+            "blobs": report.blobs,
+            "uploaded": report.uploaded,
+            "skipped": report.skipped,
+            "bytes_total": report.bytes_total,
+            "bytes_uploaded": report.bytes_uploaded,
+            "seconds": seconds,
+        });
+        writeln!(std::io::stdout().lock(), "{json}")?;
+    } else {
+        say(&format!(
+            "pushed {reference}: {} of {} blobs uploaded ({}), {} skipped, in {:.1} s ({}/s)",
+            report.uploaded,
+            report.blobs,
+            HumanBytes(report.bytes_uploaded),
+            report.skipped,
+            seconds,
+            HumanBytes(rate(report.bytes_uploaded, seconds)),
+        ));
+        writeln!(std::io::stdout().lock(), "{}", report.snapshot)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode> {
+    let reference = Reference::parse(&args.reference)?;
+    let store = common::open_store(global)?;
+    let meter = Meter::new("pulled", "fetched");
+    let started = Instant::now();
+    let options = PullOptions {
+        connect: args.connect.options(),
+        name: args.tag.clone(),
+    };
+    let report = pf_registry::pull(&store, &reference, &options, &|e| meter.event(e))
+        .with_context(|| format!("cannot pull {reference}"));
+    meter.finish();
+    let report = report?;
+    let seconds = started.elapsed().as_secs_f64();
+    if args.connect.json {
+        let json = serde_json::json!({
+            "reference": reference.to_string(),
+            "snapshot": report.snapshot,
+            "name": report.name,
+            "blobs": report.blobs,
+            "fetched": report.fetched,
+            "skipped": report.skipped,
+            "bytes_total": report.bytes_total,
+            "bytes_fetched": report.bytes_fetched,
+            "seconds": seconds,
+        });
+        writeln!(std::io::stdout().lock(), "{json}")?;
+    } else {
+        say(&format!(
+            "pulled {reference}: {} of {} blobs fetched ({}), {} already here, in {:.1} s ({}/s){}",
+            report.fetched,
+            report.blobs,
+            HumanBytes(report.bytes_fetched),
+            report.skipped,
+            seconds,
+            HumanBytes(rate(report.bytes_fetched, seconds)),
+            report
+                .name
+                .as_deref()
+                .map(|n| format!(", named {n}"))
+                .unwrap_or_default(),
+        ));
+        writeln!(std::io::stdout().lock(), "{}", report.snapshot)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rate(bytes: u64, seconds: f64) -> u64 {
+    if seconds <= 0.0 {
+        return 0;
+    }
+    (bytes as f64 / seconds) as u64
+}
+
+/// Progress of a transfer on stderr: a bar on a terminal, else a line every few seconds.
+struct Meter {
+    verb: &'static str,
+    moved_word: &'static str,
+    bar: ProgressBar,
+    started: Instant,
+    last_line: Mutex<Instant>,
+    total_bytes: AtomicU64,
+    bytes: AtomicU64,
+    skipped: AtomicUsize,
+    moved: AtomicUsize,
+}
+
+/// How often a transfer without a terminal reports.
+const LINE_EVERY: Duration = Duration::from_secs(5);
+
+impl Meter {
+    fn new(verb: &'static str, moved_word: &'static str) -> Self {
+        let bar = if progress_enabled() {
+            ProgressBar::new(0).with_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            )
+        } else {
+            ProgressBar::hidden()
+        };
+        Self {
+            verb,
+            moved_word,
+            bar,
+            started: Instant::now(),
+            last_line: Mutex::new(Instant::now()),
+            total_bytes: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            skipped: AtomicUsize::new(0),
+            moved: AtomicUsize::new(0),
+        }
+    }
+
+    fn event(&self, event: Event<'_>) {
+        match event {
+            Event::Planned { bytes, .. } => {
+                self.total_bytes.store(bytes, Ordering::Relaxed);
+                self.bar.set_length(bytes);
+            }
+            Event::Skipped { size, .. } => {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                // Skipped bytes count as done, so the bar ends full.
+                self.bar.inc(size);
+            }
+            Event::Transferred { bytes } => {
+                self.bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.bar.inc(bytes);
+            }
+            Event::Moved { .. } => {
+                self.moved.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let (moved, skipped) = (
+            self.moved.load(Ordering::Relaxed),
+            self.skipped.load(Ordering::Relaxed),
+        );
+        self.bar.set_message(format!(
+            "{moved} blobs {}, {skipped} skipped",
+            self.moved_word
+        ));
+        if self.bar.is_hidden() {
+            let mut last = self.last_line.lock().unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() >= LINE_EVERY {
+                *last = Instant::now();
+                let bytes = self.bytes.load(Ordering::Relaxed);
+                say(&format!(
+                    "{} {} of {} so far ({}/s), {moved} blobs {}, {skipped} skipped",
+                    self.verb,
+                    HumanBytes(bytes),
+                    HumanBytes(self.total_bytes.load(Ordering::Relaxed)),
+                    HumanBytes(rate(bytes, self.started.elapsed().as_secs_f64())),
+                    self.moved_word,
+                ));
+            }
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn say(line: &str) {
+    eprintln!("{line}");
+}

@@ -1,0 +1,641 @@
+//! The distribution API over blocking HTTP: `/v2/` ping, auth (basic and bearer token), blobs
+//! (HEAD, chunked or monolithic upload, GET), manifests and tags.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pf_core::Digest256;
+use ureq::http::{Method, Request, Response};
+use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
+use ureq::{Agent, Body};
+
+use crate::auth::{self, Challenge, Credentials};
+use crate::error::{Error, Result};
+use crate::reference::Reference;
+use crate::{ConnectOptions, Event, Progress};
+
+/// Blobs up to this size go up in one PUT; larger ones in PATCH chunks of this size. Memory per
+/// upload in flight is one chunk.
+pub(crate) const CHUNK: usize = 8 << 20;
+/// The manifest media types pf asks for.
+const ACCEPT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The most of an error body pf reads to explain a failure.
+const DETAIL_LIMIT: u64 = 64 * 1024;
+
+/// What a client will do in the repository, for the token's scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    Pull,
+    Push,
+}
+
+impl Access {
+    fn actions(self) -> &'static str {
+        match self {
+            Self::Pull => "pull",
+            Self::Push => "pull,push",
+        }
+    }
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Pull => "pull",
+            Self::Push => "push",
+        }
+    }
+}
+
+/// One repository of one registry, authenticated.
+#[derive(Debug)]
+pub(crate) struct Client {
+    agent: Agent,
+    base: String,
+    registry: String,
+    repository: String,
+    access: Access,
+    credentials: Option<Credentials>,
+    config: Option<PathBuf>,
+    /// The `Authorization` header value, once a challenge asked for one.
+    authorization: Mutex<Option<String>>,
+}
+
+impl Client {
+    /// Reach the registry, check that it is one (`GET /v2/`), and authenticate when it asks.
+    pub(crate) fn connect(
+        reference: &Reference,
+        options: &ConnectOptions,
+        access: Access,
+    ) -> Result<Self> {
+        let scheme = if reference.is_loopback() || options.insecure {
+            "http"
+        } else {
+            "https"
+        };
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(RootCerts::PlatformVerifier)
+            .unversioned_rustls_crypto_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .build();
+        let config = Agent::config_builder()
+            .http_status_as_error(false)
+            .tls_config(tls)
+            .timeout_connect(Some(Duration::from_secs(15)))
+            .timeout_recv_response(Some(Duration::from_secs(120)))
+            .timeout_send_body(Some(Duration::from_secs(120)))
+            .timeout_recv_body(Some(Duration::from_secs(600)))
+            .max_redirects(10)
+            .user_agent(concat!("pf/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let credentials = match &options.docker_config {
+            Some(path) => auth::load(path, reference.registry())?,
+            None => None,
+        };
+        let client = Self {
+            agent: config.into(),
+            base: format!("{scheme}://{}", reference.api_host()),
+            registry: reference.registry().to_owned(),
+            repository: reference.repository().to_owned(),
+            access,
+            credentials,
+            config: options.docker_config.clone(),
+            authorization: Mutex::new(None),
+        };
+        client.ping()?;
+        Ok(client)
+    }
+
+    /// `GET /v2/`: a registry answers 200, or 401 with a challenge.
+    fn ping(&self) -> Result<()> {
+        let url = format!("{}/v2/", self.base);
+        let request = Request::get(&url).body(()).map_err(|e| http_error(&url, e))?;
+        let mut response = self
+            .agent
+            .run(request)
+            .map_err(|source| Error::Unreachable {
+                url: url.clone(),
+                source: Box::new(source),
+            })?;
+        match response.status().as_u16() {
+            200 => {
+                let versioned = response
+                    .headers()
+                    .get("docker-distribution-api-version")
+                    .is_some();
+                let body = read_detail(&mut response);
+                let json = body
+                    .as_deref()
+                    .is_some_and(|b| serde_json::from_str::<serde_json::Value>(b).is_ok());
+                if versioned || json {
+                    Ok(())
+                } else {
+                    Err(Error::NotARegistry {
+                        url,
+                        status: 200,
+                        detail: Some("not the JSON a registry answers".into()),
+                    })
+                }
+            }
+            401 => {
+                let challenge = header(&response, "www-authenticate");
+                self.authenticate(challenge.as_deref())?;
+                let response = self.request(Method::GET, &url, &[], None)?;
+                match response.status().as_u16() {
+                    200 => Ok(()),
+                    status => Err(self.status_error("GET", &url, status, response)),
+                }
+            }
+            status => Err(Error::NotARegistry {
+                url,
+                status,
+                detail: None,
+            }),
+        }
+    }
+
+    /// Answer a 401's challenge: basic credentials, or a token from the bearer realm.
+    fn authenticate(&self, challenge: Option<&str>) -> Result<()> {
+        let parsed = challenge.and_then(auth::parse_challenge);
+        let value = match parsed {
+            Some(Challenge::Basic) => match &self.credentials {
+                Some(creds) => creds.basic_header(),
+                None => return Err(self.credentials_needed()),
+            },
+            Some(Challenge::Bearer { realm, service }) => self.token(&realm, service.as_deref())?,
+            None => {
+                return Err(Error::UnknownChallenge {
+                    registry: self.registry.clone(),
+                    challenge: challenge.unwrap_or("(none)").to_owned(),
+                });
+            }
+        };
+        *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+        Ok(())
+    }
+
+    /// The bearer flow: GET the realm with service and scope (and basic credentials if any).
+    fn token(&self, realm: &str, service: Option<&str>) -> Result<String> {
+        let scope = format!("repository:{}:{}", self.repository, self.access.actions());
+        let mut url = format!("{realm}?scope={}", query_escape(&scope));
+        if let Some(service) = service {
+            url.push_str(&format!("&service={}", query_escape(service)));
+        }
+        let mut builder = Request::get(&url);
+        if let Some(creds) = &self.credentials {
+            builder = builder.header("Authorization", creds.basic_header());
+        }
+        let request = builder.body(()).map_err(|e| http_error(&url, e))?;
+        let mut response = self.agent.run(request).map_err(|source| Error::Transport {
+            method: "GET",
+            url: realm.to_owned(),
+            source: Box::new(source),
+        })?;
+        let status = response.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(match &self.credentials {
+                Some(creds) => self.credentials_refused(creds),
+                None => self.credentials_needed(),
+            });
+        }
+        let body = read_detail(&mut response);
+        if status != 200 {
+            return Err(Error::Token {
+                realm: realm.to_owned(),
+                registry: self.registry.clone(),
+                status,
+                detail: body,
+            });
+        }
+        let token = body
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+            .and_then(|v| {
+                v.get("token")
+                    .or_else(|| v.get("access_token"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned)
+            })
+            .ok_or_else(|| Error::Token {
+                realm: realm.to_owned(),
+                registry: self.registry.clone(),
+                status,
+                detail: Some("the answer holds no token".into()),
+            })?;
+        Ok(format!("Bearer {token}"))
+    }
+
+    fn credentials_needed(&self) -> Error {
+        Error::CredentialsNeeded {
+            registry: self.registry.clone(),
+            repository: self.repository.clone(),
+            config: self.config.clone(),
+        }
+    }
+
+    fn credentials_refused(&self, creds: &Credentials) -> Error {
+        Error::CredentialsRefused {
+            registry: self.registry.clone(),
+            user: creds.user.clone(),
+            config: creds.source.clone(),
+        }
+    }
+
+    /// Send a request with the current authorization; on a 401, answer the challenge once and
+    /// send it again. A second 401 is an auth error.
+    fn request(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Response<Body>> {
+        let mut answered = false;
+        loop {
+            let mut builder = Request::builder().method(method.clone()).uri(url);
+            for (name, value) in headers {
+                builder = builder.header(*name, *value);
+            }
+            let authorization = self
+                .authorization
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(value) = authorization {
+                builder = builder.header("Authorization", value);
+            }
+            let result = match body {
+                Some(bytes) => builder
+                    .body(bytes)
+                    .map_err(|e| http_error(url, e))
+                    .and_then(|r| self.agent.run(r).map_err(|e| transport(&method, url, e))),
+                None => builder
+                    .body(())
+                    .map_err(|e| http_error(url, e))
+                    .and_then(|r| self.agent.run(r).map_err(|e| transport(&method, url, e))),
+            };
+            let response = result?;
+            if response.status().as_u16() != 401 {
+                return Ok(response);
+            }
+            if answered {
+                return Err(match &self.credentials {
+                    Some(creds) => self.credentials_refused(creds),
+                    None => self.credentials_needed(),
+                });
+            }
+            answered = true;
+            let challenge = header(&response, "www-authenticate");
+            self.authenticate(challenge.as_deref())?;
+        }
+    }
+
+    /// The error for an unexpected status, with the registry's own error code and message.
+    fn status_error(
+        &self,
+        method: &'static str,
+        url: &str,
+        status: u16,
+        mut response: Response<Body>,
+    ) -> Error {
+        let detail = read_detail(&mut response).map(|b| explain_body(&b));
+        if status == 403 {
+            return Error::Denied {
+                registry: self.registry.clone(),
+                repository: self.repository.clone(),
+                action: self.access.verb(),
+                detail,
+            };
+        }
+        if status == 401 {
+            return self.credentials_needed();
+        }
+        Error::Status {
+            method,
+            url: url.to_owned(),
+            status,
+            detail,
+        }
+    }
+
+    fn blob_url(&self, digest: &Digest256) -> String {
+        format!("{}/v2/{}/blobs/{digest}", self.base, self.repository)
+    }
+
+    /// Whether the repository holds the blob (`HEAD`).
+    pub(crate) fn has_blob(&self, digest: &Digest256) -> Result<bool> {
+        let url = self.blob_url(digest);
+        let response = self.request(Method::HEAD, &url, &[], None)?;
+        match response.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            status => Err(self.status_error("HEAD", &url, status, response)),
+        }
+    }
+
+    /// Upload a blob of `size` raw bytes read from `reader`: one PUT up to [`CHUNK`], PATCH
+    /// chunks and a closing PUT beyond. The registry checks the digest when it commits.
+    pub(crate) fn upload(
+        &self,
+        digest: &Digest256,
+        size: u64,
+        reader: &mut dyn Read,
+        progress: Progress<'_>,
+    ) -> Result<()> {
+        let start = format!("{}/v2/{}/blobs/uploads/", self.base, self.repository);
+        let response = self.request(Method::POST, &start, &[], Some(&[]))?;
+        let mut location = self.expect_location("POST", &start, 202, response)?;
+        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(CHUNK).min(CHUNK)];
+        let read_local = |source| Error::ReadLocal {
+            digest: *digest,
+            source,
+        };
+        if size <= CHUNK as u64 {
+            let n = fill(reader, &mut buf).map_err(read_local)?;
+            // The reader must end here: reading on checks the digest at its end.
+            if n as u64 != size || fill(reader, &mut [0u8; 1]).map_err(read_local)? != 0 {
+                return Err(read_local(std::io::Error::other(
+                    "the blob's size changed while it was read",
+                )));
+            }
+            let url = with_digest(&location, digest);
+            let response = self.request(
+                Method::PUT,
+                &url,
+                &[("Content-Type", "application/octet-stream")],
+                Some(&buf[..n]),
+            )?;
+            self.expect_status("PUT", &url, 201, response)?;
+            progress(Event::Transferred { bytes: n as u64 });
+            return Ok(());
+        }
+        let mut offset = 0u64;
+        loop {
+            let n = fill(reader, &mut buf).map_err(read_local)?;
+            if n == 0 {
+                break;
+            }
+            let range = format!("{}-{}", offset, offset + n as u64 - 1);
+            let response = self.request(
+                Method::PATCH,
+                &location,
+                &[
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Range", &range),
+                ],
+                Some(&buf[..n]),
+            )?;
+            location = self.expect_location("PATCH", &location, 202, response)?;
+            offset += n as u64;
+            progress(Event::Transferred { bytes: n as u64 });
+        }
+        let url = with_digest(&location, digest);
+        let response = self.request(Method::PUT, &url, &[], Some(&[]))?;
+        self.expect_status("PUT", &url, 201, response)
+    }
+
+    /// Store a manifest under a tag; the registry's digest of it, when it says.
+    pub(crate) fn put_manifest(&self, tag: &str, bytes: &[u8]) -> Result<Option<String>> {
+        let url = format!("{}/v2/{}/manifests/{tag}", self.base, self.repository);
+        let response = self.request(
+            Method::PUT,
+            &url,
+            &[("Content-Type", ACCEPT_MANIFEST)],
+            Some(bytes),
+        )?;
+        let digest = header(&response, "docker-content-digest");
+        self.expect_status("PUT", &url, 201, response)?;
+        Ok(digest)
+    }
+
+    /// The manifest a tag names, and its media type. A missing tag is told apart from a missing
+    /// repository by the repository's tag list.
+    pub(crate) fn get_manifest(&self, tag: &str) -> Result<(Vec<u8>, Option<String>)> {
+        let url = format!("{}/v2/{}/manifests/{tag}", self.base, self.repository);
+        let mut response = self.request(Method::GET, &url, &[("Accept", ACCEPT_MANIFEST)], None)?;
+        match response.status().as_u16() {
+            200 => {
+                let media_type = header(&response, "content-type");
+                let bytes = response
+                    .body_mut()
+                    .with_config()
+                    .limit(4 << 20)
+                    .read_to_vec()
+                    .map_err(|e| transport(&Method::GET, &url, e))?;
+                Ok((bytes, media_type))
+            }
+            404 => Err(match self.tags()? {
+                None => Error::RepositoryNotFound {
+                    registry: self.registry.clone(),
+                    repository: self.repository.clone(),
+                },
+                Some(tags) => Error::TagNotFound {
+                    registry: self.registry.clone(),
+                    repository: self.repository.clone(),
+                    tag: tag.to_owned(),
+                    tags,
+                },
+            }),
+            status => Err(self.status_error("GET", &url, status, response)),
+        }
+    }
+
+    /// The repository's tags; `None` when the registry does not know the repository.
+    fn tags(&self) -> Result<Option<Vec<String>>> {
+        let url = format!("{}/v2/{}/tags/list", self.base, self.repository);
+        let mut response = self.request(Method::GET, &url, &[], None)?;
+        match response.status().as_u16() {
+            200 => {
+                let value: serde_json::Value = response
+                    .body_mut()
+                    .with_config()
+                    .limit(4 << 20)
+                    .read_to_string()
+                    .ok()
+                    .and_then(|text| serde_json::from_str(&text).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                let tags = value
+                    .get("tags")
+                    .and_then(|t| t.as_array())
+                    .map(|t| {
+                        t.iter()
+                            .filter_map(|t| t.as_str().map(str::to_owned))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                // A repository with no tags is one nobody can pull from.
+                Ok(if tags.is_empty() { None } else { Some(tags) })
+            }
+            404 => Ok(None),
+            status => Err(self.status_error("GET", &url, status, response)),
+        }
+    }
+
+    /// A reader over a blob's bytes (unverified: the caller verifies).
+    pub(crate) fn get_blob(&self, digest: &Digest256) -> Result<(impl Read + use<>, String)> {
+        let url = self.blob_url(digest);
+        let response = self.request(Method::GET, &url, &[], None)?;
+        match response.status().as_u16() {
+            200 => Ok((response.into_body().into_reader(), url)),
+            status => Err(self.status_error("GET", &url, status, response)),
+        }
+    }
+
+    fn expect_status(
+        &self,
+        method: &'static str,
+        url: &str,
+        want: u16,
+        response: Response<Body>,
+    ) -> Result<()> {
+        let status = response.status().as_u16();
+        if status == want {
+            return Ok(());
+        }
+        Err(self.status_error(method, url, status, response))
+    }
+
+    /// Check the status and return the (absolute) `Location` an upload continues at.
+    fn expect_location(
+        &self,
+        method: &'static str,
+        url: &str,
+        want: u16,
+        response: Response<Body>,
+    ) -> Result<String> {
+        let location = header(&response, "location");
+        self.expect_status(method, url, want, response)?;
+        let Some(location) = location else {
+            return Err(Error::Status {
+                method,
+                url: url.to_owned(),
+                status: want,
+                detail: Some("the answer has no Location header".into()),
+            });
+        };
+        Ok(if location.starts_with("http://") || location.starts_with("https://") {
+            location
+        } else if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            format!("{}/{location}", self.base)
+        })
+    }
+}
+
+fn header(response: &Response<Body>, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Up to [`DETAIL_LIMIT`] bytes of a body, as text.
+fn read_detail(response: &mut Response<Body>) -> Option<String> {
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(DETAIL_LIMIT)
+        .read_to_string()
+        .ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
+}
+
+/// The registry's `{"errors":[{"code","message"}]}` as `CODE: message`, else the text cut short.
+pub(crate) fn explain_body(body: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let first = parsed
+        .as_ref()
+        .and_then(|v| v.get("errors"))
+        .and_then(|e| e.as_array())
+        .and_then(|e| e.first());
+    if let Some(err) = first {
+        let code = err.get("code").and_then(|c| c.as_str()).unwrap_or("");
+        let message = err.get("message").and_then(|m| m.as_str()).unwrap_or("");
+        return format!("{code}: {message}");
+    }
+    let one_line: String = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    one_line.chars().take(200).collect()
+}
+
+fn transport(method: &Method, url: &str, source: ureq::Error) -> Error {
+    let method = match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        _ => "request",
+    };
+    Error::Transport {
+        method,
+        url: url.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn http_error(url: &str, source: ureq::http::Error) -> Error {
+    Error::Transport {
+        method: "request",
+        url: url.to_owned(),
+        source: Box::new(ureq::Error::Http(source)),
+    }
+}
+
+/// `location` with `digest=` added to its query.
+fn with_digest(location: &str, digest: &Digest256) -> String {
+    let sep = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{sep}digest={digest}")
+}
+
+/// Percent-encode a query value.
+fn query_escape(value: &str) -> String {
+    let mut out = String::new();
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Read until `buf` is full or the reader ends; how many bytes were read.
+pub(crate) fn fill(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explains_registry_errors() {
+        assert_eq!(
+            explain_body(r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#),
+            "BLOB_UNKNOWN: blob unknown to registry"
+        );
+        assert_eq!(explain_body("<html>\n<b>nope</b>\n</html>"), "<html> <b>nope</b> </html>");
+    }
+
+    #[test]
+    fn adds_the_digest_to_an_upload_location() {
+        let d = Digest256::of(b"x");
+        assert_eq!(with_digest("http://h/u?_state=a", &d), format!("http://h/u?_state=a&digest={d}"));
+        assert_eq!(with_digest("http://h/u", &d), format!("http://h/u?digest={d}"));
+        assert_eq!(query_escape("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+    }
+}

@@ -1,0 +1,230 @@
+//! Pull: a snapshot from a registry into the store, fetching only what the store lacks, every
+//! byte verified before it enters, the name written last.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Read;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use pf_core::{BlobStore, Digest256};
+
+use crate::client::{Access, Client};
+use crate::error::{Error, Result};
+use crate::manifest::{CONFIG_MEDIA_TYPE, Descriptor, MANIFEST_MEDIA_TYPE, Manifest};
+use crate::reference::Reference;
+use crate::{ConnectOptions, Event, Progress, parallel};
+
+/// How [`pull`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullOptions {
+    /// How to reach the registry.
+    pub connect: ConnectOptions,
+    /// The name to give the snapshot in the store, written once every blob is in.
+    pub name: Option<String>,
+}
+
+/// What [`pull`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullReport {
+    /// The snapshot's root blob (the manifest's config).
+    pub snapshot: Digest256,
+    /// The name written, if any.
+    pub name: Option<String>,
+    /// Blobs in the snapshot (the root included).
+    pub blobs: usize,
+    /// Blobs fetched.
+    pub fetched: usize,
+    /// Blobs the store already had.
+    pub skipped: usize,
+    /// Raw bytes of every blob of the snapshot.
+    pub bytes_total: u64,
+    /// Raw bytes fetched.
+    pub bytes_fetched: u64,
+}
+
+/// Pull the snapshot `reference` tags into `store`. Blobs the store holds are not fetched; each
+/// fetched blob is verified against its digest as it is stored, and a blob whose bytes do not
+/// match is refused. Only when every blob the root reaches is in the store is the name written;
+/// on any failure the blobs this pull stored are removed again, so nothing of it stays.
+pub fn pull(
+    store: &dyn BlobStore,
+    reference: &Reference,
+    options: &PullOptions,
+    progress: Progress<'_>,
+) -> Result<PullReport> {
+    let _span = tracing::info_span!("pull", %reference).entered();
+    if let Some(name) = &options.name {
+        pf_core::validate_name(name)?;
+    }
+    let client = Client::connect(reference, &options.connect, Access::Pull)?;
+    let (bytes, content_type) = client.get_manifest(reference.tag())?;
+    let manifest = parse_manifest(reference, &bytes, content_type.as_deref())?;
+    let root = manifest.config.digest;
+    let mut blobs: Vec<Descriptor> = vec![manifest.config.clone()];
+    let mut listed = BTreeSet::from([root]);
+    for layer in &manifest.layers {
+        if listed.insert(layer.digest) {
+            blobs.push(layer.clone());
+        }
+    }
+    let bytes_total = blobs.iter().map(|b| b.size).sum();
+    progress(Event::Planned {
+        blobs: blobs.len(),
+        bytes: bytes_total,
+    });
+
+    let added = Mutex::new(Vec::new());
+    let fetched = AtomicUsize::new(0);
+    let bytes_fetched = AtomicU64::new(0);
+    let outcome = parallel(&blobs, options.connect.parallel, |blob| {
+        if store.contains(&blob.digest)? {
+            progress(Event::Skipped {
+                digest: &blob.digest,
+                size: blob.size,
+            });
+            return Ok(());
+        }
+        fetch(store, &client, reference, blob, progress)?;
+        added
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(blob.digest);
+        fetched.fetch_add(1, Ordering::Relaxed);
+        bytes_fetched.fetch_add(blob.size, Ordering::Relaxed);
+        progress(Event::Moved {
+            digest: &blob.digest,
+            size: blob.size,
+        });
+        Ok(())
+    })
+    .and_then(|()| check_whole(store, reference, &root))
+    .and_then(|()| match &options.name {
+        Some(name) => Ok(store.set_name(name, &root)?),
+        None => Ok(()),
+    });
+    if let Err(err) = outcome {
+        let added = added.into_inner().unwrap_or_else(|p| p.into_inner());
+        for digest in &added {
+            if let Err(remove) = store.remove(digest) {
+                tracing::warn!(%digest, error = %remove, "removing a blob of a failed pull");
+            }
+        }
+        return Err(err);
+    }
+    let fetched = fetched.into_inner();
+    Ok(PullReport {
+        snapshot: root,
+        name: options.name.clone(),
+        blobs: blobs.len(),
+        fetched,
+        skipped: blobs.len() - fetched,
+        bytes_total,
+        bytes_fetched: bytes_fetched.into_inner(),
+    })
+}
+
+/// Parse a manifest and check that it is a pf snapshot's.
+fn parse_manifest(
+    reference: &Reference,
+    bytes: &[u8],
+    content_type: Option<&str>,
+) -> Result<Manifest> {
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|err| Error::BadManifest {
+        reference: reference.to_string(),
+        reason: err.to_string(),
+    })?;
+    let media_type = manifest
+        .media_type
+        .as_deref()
+        .or(content_type)
+        .unwrap_or("");
+    if media_type != MANIFEST_MEDIA_TYPE {
+        return Err(Error::NotASnapshot {
+            reference: reference.to_string(),
+            what: "manifest media type",
+            found: media_type.to_owned(),
+            expected: MANIFEST_MEDIA_TYPE,
+        });
+    }
+    if manifest.config.media_type != CONFIG_MEDIA_TYPE {
+        return Err(Error::NotASnapshot {
+            reference: reference.to_string(),
+            what: "config media type",
+            found: manifest.config.media_type.clone(),
+            expected: CONFIG_MEDIA_TYPE,
+        });
+    }
+    Ok(manifest)
+}
+
+/// Fetch one blob into the store, verified against its digest and size.
+fn fetch(
+    store: &dyn BlobStore,
+    client: &Client,
+    reference: &Reference,
+    blob: &Descriptor,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let (reader, url) = client.get_blob(&blob.digest)?;
+    let mut counting = Counting {
+        inner: reader,
+        progress,
+    };
+    match store.put_reader_expecting(&mut counting, blob.size, &blob.digest) {
+        Ok(_) => Ok(()),
+        Err(pf_core::Error::Integrity { digest, actual, .. }) => Err(Error::Tampered {
+            reference: reference.to_string(),
+            digest,
+            actual,
+        }),
+        Err(pf_core::Error::InputLength { expected, actual }) => Err(Error::BodyRead {
+            digest: blob.digest,
+            url,
+            source: std::io::Error::other(format!(
+                "the registry sent {actual} bytes where the manifest says {expected}"
+            )),
+        }),
+        Err(pf_core::Error::Input { source }) => Err(Error::BodyRead {
+            digest: blob.digest,
+            url,
+            source,
+        }),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// Every blob the root reaches is in the store (the manifest left none out).
+fn check_whole(store: &dyn BlobStore, reference: &Reference, root: &Digest256) -> Result<()> {
+    let mut seen = BTreeSet::from([*root]);
+    let mut queue = VecDeque::from([*root]);
+    while let Some(digest) = queue.pop_front() {
+        if !store.contains(&digest)? {
+            return Err(Error::Incomplete {
+                reference: reference.to_string(),
+                missing: digest,
+            });
+        }
+        for child in pf_core::references(store, &digest)? {
+            if seen.insert(child) {
+                queue.push_back(child);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A reader that reports the bytes it yields.
+struct Counting<'a, R> {
+    inner: R,
+    progress: Progress<'a>,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            (self.progress)(Event::Transferred { bytes: n as u64 });
+        }
+        Ok(n)
+    }
+}
