@@ -1,1 +1,336 @@
-//! tests
+//! pf-registry against a real registry: Debian's `docker-registry` (the CNCF distribution
+//! server) started by each test on a free loopback port with its own storage, stopped by pid.
+//! No CRIU needed: the snapshots are synthetic blob graphs of the shape pf stores.
+
+use std::io::Read as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pf_core::{BlobStore, Digest256, FsBlobStore};
+use pf_registry::test_support::{Registry, docker_config, htpasswd};
+use pf_registry::{ConnectOptions, Error, ErrorKind, PullOptions, PushOptions, Reference};
+
+/// Pseudo-random, incompressible bytes (xorshift), `len` of them, from `seed`.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A snapshot shaped like pf's: a root record naming an images tar and a page manifest that
+/// names packs. Returns the root's digest.
+fn snapshot(store: &dyn BlobStore, seed: u64, packs: &[Vec<u8>]) -> Digest256 {
+    let tar = store.put(&noise(seed, 300_000)).unwrap();
+    let packs: Vec<String> = packs
+        .iter()
+        .map(|p| store.put(p).unwrap().to_string())
+        .collect();
+    let pages = store
+        .put(serde_json::json!({"kind": "pages.v1", "packs": packs}).to_string().as_bytes())
+        .unwrap();
+    store
+        .put(
+            serde_json::json!({"kind": "procs.criu.v2", "criu_dump": tar, "pages": pages, "pids": [seed]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap()
+}
+
+fn connect() -> ConnectOptions {
+    ConnectOptions {
+        insecure: false,
+        docker_config: None,
+        parallel: 4,
+    }
+}
+
+fn push_opts() -> PushOptions {
+    PushOptions { connect: connect() }
+}
+
+fn pull_opts(name: Option<&str>) -> PullOptions {
+    PullOptions {
+        connect: connect(),
+        name: name.map(str::to_owned),
+    }
+}
+
+fn reference(registry: &Registry, path: &str) -> Reference {
+    Reference::parse(&format!("{}/{path}", registry.addr())).unwrap()
+}
+
+fn quiet(_: pf_registry::Event<'_>) {}
+
+fn store(dir: &Path, name: &str) -> FsBlobStore {
+    FsBlobStore::open(&dir.join(name)).unwrap()
+}
+
+#[test]
+fn push_then_pull_moves_only_missing_blobs_and_keeps_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let base = noise(1, 3 << 20);
+    let big = noise(2, 20 << 20); // larger than one upload chunk: PATCHed in pieces
+    let root = snapshot(&a, 10, &[base.clone(), big.clone()]);
+    let r1 = reference(&registry, "team/repl:one");
+
+    let first = pf_registry::push(&a, &root, &r1, &push_opts(), &quiet).unwrap();
+    assert_eq!((first.blobs, first.uploaded, first.skipped), (5, 5, 0));
+    assert_eq!(first.bytes_uploaded, first.bytes_total);
+    assert!(first.manifest_digest.is_some());
+
+    let again = pf_registry::push(&a, &root, &r1, &push_opts(), &quiet).unwrap();
+    assert_eq!((again.uploaded, again.skipped, again.bytes_uploaded), (0, 5, 0));
+
+    // The next snapshot shares the big pack: only what changed goes up.
+    let changed = noise(3, 1 << 20);
+    let next = snapshot(&a, 11, &[changed.clone(), big.clone()]);
+    let r2 = reference(&registry, "team/repl:two");
+    let second = pf_registry::push(&a, &next, &r2, &push_opts(), &quiet).unwrap();
+    assert_eq!((second.uploaded, second.skipped), (4, 1));
+    assert!(
+        second.bytes_uploaded < changed.len() as u64 + 400_000,
+        "{second:?}"
+    );
+
+    // Pull into an empty store: every blob arrives under its own digest, then the name.
+    let b = store(dir.path(), "b");
+    let moved = AtomicUsize::new(0);
+    let pulled = pf_registry::pull(&b, &r1, &pull_opts(Some("repl")), &|e| {
+        if let pf_registry::Event::Moved { .. } = e {
+            moved.fetch_add(1, Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    assert_eq!(pulled.snapshot, root);
+    assert_eq!((pulled.fetched, pulled.skipped), (5, 0));
+    assert_eq!(moved.load(Ordering::Relaxed), 5);
+    assert_eq!(b.get_name("repl").unwrap(), root);
+    assert_eq!(b.list().unwrap(), a_closure(&a, &root));
+    assert_eq!(b.get(&Digest256::of(&big)).unwrap(), big);
+
+    // Pulling the next snapshot fetches only what the store lacks.
+    let pulled = pf_registry::pull(&b, &r2, &pull_opts(None), &quiet).unwrap();
+    assert_eq!((pulled.fetched, pulled.skipped), (4, 1));
+    assert_eq!(pulled.snapshot, next);
+    assert!(pf_core::references(&b, &next).is_ok());
+}
+
+/// Every blob `root` reaches in `store`, sorted.
+fn a_closure(store: &dyn BlobStore, root: &Digest256) -> Vec<Digest256> {
+    let mut seen = std::collections::BTreeSet::from([*root]);
+    let mut todo = vec![*root];
+    while let Some(d) = todo.pop() {
+        for c in pf_core::references(store, &d).unwrap() {
+            if seen.insert(c) {
+                todo.push(c);
+            }
+        }
+    }
+    seen.into_iter().collect()
+}
+
+#[test]
+fn a_tampered_blob_is_refused_and_nothing_of_the_pull_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let pack = noise(5, 2 << 20);
+    let root = snapshot(&a, 20, &[pack.clone(), noise(6, 100)]);
+    let r = reference(&registry, "repl:t");
+    pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+
+    // Flip one byte of the pack in the registry's own storage (same length).
+    let digest = Digest256::of(&pack);
+    let path = registry.blob_data_path(&digest.hex());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let b = store(dir.path(), "b");
+    let err = pf_registry::pull(&b, &r, &pull_opts(Some("repl")), &quiet).unwrap_err();
+    assert!(
+        matches!(&err, Error::Tampered { digest: d, .. } if *d == digest),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Integrity);
+    assert!(err.to_string().contains(&digest.to_string()), "{err}");
+    assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
+    assert!(b.names().unwrap().is_empty());
+}
+
+#[test]
+fn basic_auth_from_docker_config_and_its_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = htpasswd(dir.path(), "ann", "right-horse");
+    let registry = Registry::start(&dir.path().join("registry"), Some(&auth));
+    let a = store(dir.path(), "a");
+    let root = snapshot(&a, 30, &[noise(7, 1000)]);
+    let r = reference(&registry, "private/repl:v1");
+    let with = |password: &str| {
+        let conf = tempfile::tempdir_in(dir.path()).unwrap().keep();
+        PushOptions {
+            connect: ConnectOptions {
+                docker_config: Some(docker_config(&conf, &registry.addr(), "ann", password)),
+                ..connect()
+            },
+        }
+    };
+
+    let err = pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap_err();
+    assert!(matches!(err, Error::CredentialsNeeded { .. }), "{err:?}");
+    assert!(err.to_string().contains("docker login"), "{err}");
+
+    let err = pf_registry::push(&a, &root, &r, &with("wrong"), &quiet).unwrap_err();
+    assert!(
+        matches!(&err, Error::CredentialsRefused { user, .. } if user == "ann"),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Auth);
+
+    let ok = pf_registry::push(&a, &root, &r, &with("right-horse"), &quiet).unwrap();
+    assert_eq!(ok.uploaded, 4);
+    let b = store(dir.path(), "b");
+    let pull = PullOptions {
+        connect: with("right-horse").connect,
+        name: Some("p".into()),
+    };
+    assert_eq!(pf_registry::pull(&b, &r, &pull, &quiet).unwrap().snapshot, root);
+}
+
+#[test]
+fn unknown_repository_tag_and_host_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let root = snapshot(&a, 40, &[noise(8, 10)]);
+    pf_registry::push(&a, &root, &reference(&registry, "here:v1"), &push_opts(), &quiet).unwrap();
+    let b = store(dir.path(), "b");
+
+    let err = pf_registry::pull(&b, &reference(&registry, "nowhere:v1"), &pull_opts(None), &quiet)
+        .unwrap_err();
+    assert!(matches!(err, Error::RepositoryNotFound { .. }), "{err:?}");
+    let err = pf_registry::pull(&b, &reference(&registry, "here:v2"), &pull_opts(None), &quiet)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::TagNotFound { tags, .. } if tags == &["v1".to_owned()]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("(it has v1)"), "{err}");
+
+    let port = registry.port();
+    drop(registry);
+    let gone = Reference::parse(&format!("127.0.0.1:{port}/here:v1")).unwrap();
+    let err = pf_registry::pull(&b, &gone, &pull_opts(None), &quiet).unwrap_err();
+    assert!(matches!(err, Error::Unreachable { .. }), "{err:?}");
+    assert!(b.list().unwrap().is_empty());
+}
+
+#[test]
+fn a_web_server_is_not_a_registry() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 (apt-get install -y python3)");
+    let _kill = KillChild(&mut server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = store(dir.path(), "b");
+    let r = Reference::parse(&format!("127.0.0.1:{port}/repl:v1")).unwrap();
+    let err = pf_registry::pull(&b, &r, &pull_opts(None), &quiet).unwrap_err();
+    assert!(
+        matches!(err, Error::NotARegistry { status: 404, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("check the registry address"), "{err}");
+}
+
+/// Kills (by pid) and reaps a child when dropped.
+struct KillChild<'a>(&'a mut std::process::Child);
+
+impl Drop for KillChild<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_push_cut_off_by_a_dead_registry_completes_when_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let a = store(dir.path(), "a");
+    let big = noise(9, 160 << 20);
+    let root = snapshot(&a, 50, &[noise(10, 4096), big.clone()]);
+    let r = reference(&registry, "repl:big");
+    let port = registry.port();
+
+    let err = std::thread::scope(|scope| {
+        let pushing = scope.spawn(|| pf_registry::push(&a, &root, &r, &push_opts(), &quiet));
+        // Stop the registry once part of the big blob is in its upload area.
+        let uploads = storage.join("docker/registry/v2/repositories/repl/_uploads");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if uploaded_bytes(&uploads) > 24 << 20 {
+                break;
+            }
+            assert!(!pushing.is_finished(), "the push ended before it could be cut off");
+            assert!(Instant::now() < deadline, "the upload never reached 24 MiB");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        registry.stop();
+        pushing.join().unwrap().unwrap_err()
+    });
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err:?}");
+    assert!(err.to_string().contains("run the same command again"), "{err}");
+
+    let registry = Registry::start_on(&storage, port, None);
+    let done = pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+    assert!(done.skipped >= 1, "{done:?}");
+    assert!(done.uploaded >= 1, "{done:?}");
+    assert_eq!(done.uploaded + done.skipped, 5);
+
+    let b = store(dir.path(), "b");
+    pf_registry::pull(&b, &r, &pull_opts(Some("big")), &quiet).unwrap();
+    let mut got = Vec::new();
+    b.open(&Digest256::of(&big)).unwrap().read_to_end(&mut got).unwrap();
+    assert!(got == big);
+    drop(registry);
+}
+
+/// Bytes in the registry's upload area (partial uploads).
+fn uploaded_bytes(uploads: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(uploads) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::metadata(e.path().join("data")).ok())
+        .map(|m| m.len())
+        .max()
+        .unwrap_or(0)
+}
