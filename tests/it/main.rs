@@ -5,6 +5,7 @@ mod goblin;
 mod pages_v2;
 mod procs;
 mod procs_net;
+mod registry;
 mod shell;
 mod store;
 mod support;

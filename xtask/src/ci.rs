@@ -65,7 +65,7 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
         "fix the dependency or, with a reason, deny.toml",
     )?;
 
-    header("programs the tests drive (python3, zstd, tmux)");
+    header("programs the tests drive (python3, zstd, tmux, docker-registry, htpasswd)");
     ensure_test_packages()?;
     header("build tests");
     let bins = testrun::build(root)?;
@@ -86,7 +86,7 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
-    header("CRIU, python3, zstd and tmux for the live tests");
+    header("CRIU and the programs the live tests drive");
     ensure_test_packages()?;
     let criu = ensure_criu(root)?;
     header("build tests");
@@ -99,8 +99,18 @@ pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
 
 /// Debian packages the tests drive besides CRIU: python3 runs their goblins (and, with
 /// python3-venv, the Python package's tests), zstd is the reference the store's interop tests
-/// compare with, tmux runs the shells of `pf shell`'s tests.
-const TEST_PACKAGES: &[&str] = &["python3", "python3-venv", "zstd", "tmux"];
+/// compare with, tmux runs the shells of `pf shell`'s tests, docker-registry (the CNCF
+/// distribution server) is the real registry of pf-registry's and `pf push|pull`'s tests (each
+/// starts its own on loopback; the package's service is not used), and apache2-utils'
+/// `htpasswd -B` writes the bcrypt password file of its basic-auth instance.
+const TEST_PACKAGES: &[&str] = &[
+    "python3",
+    "python3-venv",
+    "zstd",
+    "tmux",
+    "docker-registry",
+    "apache2-utils",
+];
 
 /// The programs the tests need besides CRIU (installed with apt when missing and root).
 fn ensure_test_packages() -> anyhow::Result<()> {

@@ -1,0 +1,320 @@
+//! `pf push` and `pf pull` against a real registry (Debian's `docker-registry`, started by each
+//! test on a free loopback port and stopped by pid): the errors a user meets, each one line with
+//! the fix, and (live) a goblin frozen here, pushed through a registry that dies midway, pulled
+//! into another store and thawed in a new network namespace.
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pf_core::BlobStore as _;
+use pf_registry::test_support::{Registry, docker_config, htpasswd};
+use pf_world_procs::test_support::{Deadline, KillOnDrop, live};
+
+use crate::support::{pf, pf_bin};
+
+/// Run a command to its end (stdin closed), at most 120 s.
+fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("start pf");
+    wait(child, b"")
+}
+
+/// Feed `input`, collect the output, kill the child after 120 s.
+fn wait(mut child: Child, input: &[u8]) -> Output {
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    if let Some(mut stdin) = child.stdin.take() {
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+    }
+    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read(child.stdout.take().map(|r| Box::new(r) as Box<_>));
+    let err = read(child.stderr.take().map(|r| Box::new(r) as Box<_>));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "pf hung");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(guard);
+    Output {
+        status,
+        stdout: out.join().expect("stdout"),
+        stderr: err.join().expect("stderr"),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Exit 1 with exactly one line on stderr, `error: …` holding every one of `words`.
+fn one_line_error(out: &Output, what: &str, words: &[&str]) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+    assert_eq!(err.lines().count(), 1, "{what}: not one line: {err}");
+    assert!(err.starts_with("error: "), "{what}: {err}");
+    for word in words {
+        assert!(err.contains(word), "{what}: no {word:?} in {err}");
+    }
+    assert!(out.stdout.is_empty(), "{what}: {}", text(&out.stdout));
+    err
+}
+
+/// `pf` with its docker config in `conf` (a dir; none there means anonymous).
+fn pf_with(store: &Path, conf: &Path) -> Command {
+    let mut cmd = pf(store);
+    cmd.env("DOCKER_CONFIG", conf).env_remove("HOME");
+    cmd
+}
+
+/// A small synthetic snapshot in `store`: a record naming one blob. Its name is `snap`.
+fn put_snapshot(store: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"\x00some images").unwrap();
+    let digest = ok(&run({
+        let mut c = pf(store);
+        c.args(["store", "put"]).arg(&data);
+        c
+    }), "put");
+    let record = dir.path().join("record");
+    std::fs::write(
+        &record,
+        format!(r#"{{"kind":"procs.criu.v1","criu_dump":"{}","pids":[1]}}"#, digest.trim()),
+    )
+    .unwrap();
+    let mut c = pf(store);
+    c.args(["store", "put", "--tag", "snap"]).arg(&record);
+    ok(&run(c), "put record");
+}
+
+#[test]
+fn push_and_pull_errors_are_one_line_saying_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = htpasswd(dir.path(), "ann", "right-horse");
+    let registry = Registry::start(&dir.path().join("registry"), Some(&auth));
+    let addr = registry.addr();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    put_snapshot(&a);
+    let none = dir.path().join("no-config");
+    let wrong = dir.path().join("wrong");
+    let right = dir.path().join("right");
+    for d in [&none, &wrong, &right] {
+        std::fs::create_dir(d).unwrap();
+    }
+    docker_config(&wrong, &addr, "ann", "wrong-horse");
+    docker_config(&right, &addr, "ann", "right-horse");
+    let push = |conf: &Path, target: &str| {
+        let mut c = pf_with(&a, conf);
+        c.args(["push", "snap", target]);
+        run(c)
+    };
+    let pull = |conf: &Path, source: &str| {
+        let mut c = pf_with(&b, conf);
+        c.args(["pull", source, "--tag", "got"]);
+        run(c)
+    };
+    let target = format!("{addr}/team/repl:v1");
+
+    one_line_error(&push(&none, &target), "no credentials", &["needs credentials", "docker login"]);
+    one_line_error(
+        &push(&wrong, &target),
+        "wrong password",
+        &["refused the credentials", "\"ann\"", "check the user and password"],
+    );
+    one_line_error(
+        &pull(&wrong, &target),
+        "wrong password (pull)",
+        &["refused the credentials"],
+    );
+    let out = push(&right, &target);
+    ok(&out, "push with the right password");
+    assert!(text(&out.stderr).contains("2 of 2 blobs uploaded"), "{}", text(&out.stderr));
+
+    one_line_error(
+        &pull(&right, &format!("{addr}/team/nothing:v1")),
+        "unknown repository",
+        &["has no repository team/nothing", "check the name"],
+    );
+    one_line_error(
+        &pull(&right, &format!("{addr}/team/repl:v9")),
+        "unknown tag",
+        &["has no tag \"v9\"", "(it has v1)", "check the tag"],
+    );
+    one_line_error(
+        &pull(&right, "team/repl:v1"),
+        "no registry host",
+        &["invalid reference", "localhost:5000/repl:warm"],
+    );
+    one_line_error(
+        &push(&right, &format!("{addr}/team/repl")),
+        "no tag",
+        &["it has no tag"],
+    );
+
+    // A plain web server on loopback is not a registry.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let web = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3");
+    let _web = KillOnDrop(i32::try_from(web.id()).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "http.server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    one_line_error(
+        &pull(&none, &format!("127.0.0.1:{port}/repl:v1")),
+        "a web server",
+        &["is not an OCI registry", "404", "check the registry address"],
+    );
+
+    // None of the failed pulls left anything in store B.
+    let store_b = pf_core::FsBlobStore::open(&b).unwrap();
+    assert!(store_b.list().unwrap().is_empty());
+    assert!(store_b.names().unwrap().is_empty());
+    drop(registry);
+}
+
+/// A goblin holding 96 MiB of random bytes; it prints `ready <hash>` once they are in memory,
+/// and answers `check` with the hash of what it holds then.
+const HOARD: &str = r#"
+import hashlib, os, sys
+data = os.urandom(96 << 20)
+print("ready", hashlib.sha256(data).hexdigest()[:16], flush=True)
+for line in sys.stdin:
+    if line.strip() == "check":
+        print(hashlib.sha256(data).hexdigest()[:16], flush=True)
+"#;
+
+#[test]
+fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
+    const NAME: &str = "live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere";
+    if !live(NAME) {
+        return;
+    }
+    let _deadline = Deadline::start(NAME, Duration::from_secs(170));
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let target = format!("{}/goblins/hoard:v1", registry.addr());
+
+    // Freeze the goblin once it holds its bytes.
+    let mut spawn = pf(&a);
+    spawn
+        .args(["goblin", "spawn", "--tag", "hoard", "--until", "^ready ", "--"])
+        .args(["python3", "-u", "-c", HOARD]);
+    let out = run(spawn);
+    ok(&out, "goblin spawn");
+    let stderr = text(&out.stderr);
+    let hash = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ready "))
+        .unwrap_or_else(|| panic!("no ready line in {stderr}"))
+        .to_owned();
+
+    // Push, and kill the registry once a good part of the images is in its upload area.
+    let mut push = pf(&a);
+    push.args(["push", "hoard", &target])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = push.spawn().expect("pf push");
+    let uploads = storage.join("docker/registry/v2/repositories/goblins/hoard/_uploads");
+    let started = Instant::now();
+    while upload_bytes(&uploads) < 24 << 20 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the upload never reached 24 MiB");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    registry.stop();
+    let out = wait(child, b"");
+    let err = one_line_error(&out, "push to a dead registry", &["run the same command again"]);
+    assert!(err.contains("cannot push hoard"), "{err}");
+
+    // Same storage, same address: the rerun completes, sending only what is missing.
+    let registry = Registry::start_on(&storage, port, None);
+    let mut push = pf(&a);
+    push.args(["push", "hoard", &target, "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&run(push), "push again")).unwrap();
+    assert!(json["skipped"].as_u64().unwrap() >= 1, "{json}");
+    assert!(json["uploaded"].as_u64().unwrap() >= 1, "{json}");
+    let mut push = pf(&a);
+    push.args(["push", "hoard", &target, "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&run(push), "push a third time")).unwrap();
+    assert_eq!(json["uploaded"], 0, "{json}");
+    assert_eq!(json["bytes_uploaded"], 0, "{json}");
+
+    // Pull into an empty store and thaw there, in a network namespace of its own.
+    let mut pull = pf(&b);
+    pull.args(["pull", &target, "--tag", "hoard", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&run(pull), "pull")).unwrap();
+    assert_eq!(json["fetched"], json["blobs"], "{json}");
+    let mut thaw = Command::new("unshare");
+    thaw.args(["--net", "--"])
+        .arg(pf_bin())
+        .arg("--store")
+        .arg(&b)
+        .args(["goblin", "thaw", "hoard"])
+        .env_remove("PF_STORE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = thaw.spawn().expect("unshare --net pf goblin thaw");
+    let out = wait(child, b"check\n");
+    assert_eq!(ok(&out, "thaw from the pulled store"), format!("{hash}\n"));
+    drop(registry);
+}
+
+/// The largest partial upload in the registry's upload area.
+fn upload_bytes(uploads: &Path) -> u64 {
+    std::fs::read_dir(uploads)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| std::fs::metadata(e.path().join("data")).ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
