@@ -65,7 +65,7 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
         "fix the dependency or, with a reason, deny.toml",
     )?;
 
-    header("programs the tests drive (python3, zstd, tmux, docker-registry, htpasswd)");
+    header("programs the tests drive (python3, zstd, tmux, docker-registry, htpasswd, ip)");
     ensure_test_packages()?;
     header("build tests");
     let bins = testrun::build(root)?;
@@ -101,8 +101,9 @@ pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
 /// python3-venv, the Python package's tests), zstd is the reference the store's interop tests
 /// compare with, tmux runs the shells of `pf shell`'s tests, docker-registry (the CNCF
 /// distribution server) is the real registry of pf-registry's and `pf push|pull`'s tests (each
-/// starts its own on loopback; the package's service is not used), and apache2-utils'
-/// `htpasswd -B` writes the bcrypt password file of its basic-auth instance.
+/// starts its own on loopback; the package's service is not used), apache2-utils'
+/// `htpasswd -B` writes the bcrypt password file of its basic-auth instance, and iproute2's `ip`
+/// brings up the loopback of the network namespace a pulled goblin thaws in.
 const TEST_PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
@@ -110,6 +111,16 @@ const TEST_PACKAGES: &[&str] = &[
     "tmux",
     "docker-registry",
     "apache2-utils",
+    "iproute2",
+];
+const TEST_PACKAGES: &[&str] = &[
+    "python3",
+    "python3-venv",
+    "zstd",
+    "tmux",
+    "docker-registry",
+    "apache2-utils",
+    "iproute2",
 ];
 
 /// The programs the tests need besides CRIU (installed with apt when missing and root).

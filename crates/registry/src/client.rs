@@ -572,9 +572,14 @@ fn transport(method: &Method, url: &str, source: ureq::Error) -> Error {
     };
     Error::Transport {
         method,
-        url: url.to_owned(),
+        url: without_query(url).to_owned(),
         source: Box::new(source),
     }
+}
+
+/// A URL without its query (an upload's `_state` is long and tells a user nothing).
+fn without_query(url: &str) -> &str {
+    url.split('?').next().unwrap_or(url)
 }
 
 fn http_error(url: &str, source: ureq::http::Error) -> Error {
