@@ -99,15 +99,21 @@ fn put_snapshot(store: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::write(&data, b"\x00some images").unwrap();
-    let digest = ok(&run({
-        let mut c = pf(store);
-        c.args(["store", "put"]).arg(&data);
-        c
-    }), "put");
+    let digest = ok(
+        &run({
+            let mut c = pf(store);
+            c.args(["store", "put"]).arg(&data);
+            c
+        }),
+        "put",
+    );
     let record = dir.path().join("record");
     std::fs::write(
         &record,
-        format!(r#"{{"kind":"procs.criu.v1","criu_dump":"{}","pids":[1]}}"#, digest.trim()),
+        format!(
+            r#"{{"kind":"procs.criu.v1","criu_dump":"{}","pids":[1]}}"#,
+            digest.trim()
+        ),
     )
     .unwrap();
     let mut c = pf(store);
@@ -144,11 +150,19 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
     };
     let target = format!("{addr}/team/repl:v1");
 
-    one_line_error(&push(&none, &target), "no credentials", &["needs credentials", "docker login"]);
+    one_line_error(
+        &push(&none, &target),
+        "no credentials",
+        &["needs credentials", "docker login"],
+    );
     one_line_error(
         &push(&wrong, &target),
         "wrong password",
-        &["refused the credentials", "\"ann\"", "check the user and password"],
+        &[
+            "refused the credentials",
+            "\"ann\"",
+            "check the user and password",
+        ],
     );
     one_line_error(
         &pull(&wrong, &target),
@@ -157,7 +171,11 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
     );
     let out = push(&right, &target);
     ok(&out, "push with the right password");
-    assert!(text(&out.stderr).contains("2 of 2 blobs uploaded"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("2 of 2 blobs uploaded"),
+        "{}",
+        text(&out.stderr)
+    );
 
     one_line_error(
         &pull(&right, &format!("{addr}/team/nothing:v1")),
@@ -186,15 +204,22 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
         .local_addr()
         .unwrap()
         .port();
-    let web = Command::new("python3")
-        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3");
-    let _web = KillOnDrop(i32::try_from(web.id()).unwrap());
+    let _web = KillChild(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "http.server did not start");
@@ -203,7 +228,11 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
     one_line_error(
         &pull(&none, &format!("127.0.0.1:{port}/repl:v1")),
         "a web server",
-        &["is not an OCI registry", "404", "check the registry address"],
+        &[
+            "is not an OCI registry",
+            "404",
+            "check the registry address",
+        ],
     );
 
     // None of the failed pulls left anything in store B.
@@ -211,6 +240,16 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
     assert!(store_b.list().unwrap().is_empty());
     assert!(store_b.names().unwrap().is_empty());
     drop(registry);
+}
+
+/// Kills (by pid) and reaps a child when dropped.
+struct KillChild(Child);
+
+impl Drop for KillChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A goblin holding 96 MiB of random bytes; it prints `ready <hash>` once they are in memory,
@@ -244,7 +283,9 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     // Freeze the goblin once it holds its bytes.
     let mut spawn = pf(&a);
     spawn
-        .args(["goblin", "spawn", "--tag", "hoard", "--until", "^ready ", "--"])
+        .args([
+            "goblin", "spawn", "--tag", "hoard", "--until", "^ready ", "--",
+        ])
         .args(["python3", "-u", "-c", HOARD]);
     let out = run(spawn);
     ok(&out, "goblin spawn");
@@ -265,12 +306,19 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     let uploads = storage.join("docker/registry/v2/repositories/goblins/hoard/_uploads");
     let started = Instant::now();
     while upload_bytes(&uploads) < 24 << 20 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the upload never reached 24 MiB");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the upload never reached 24 MiB"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     registry.stop();
     let out = wait(child, b"");
-    let err = one_line_error(&out, "push to a dead registry", &["run the same command again"]);
+    let err = one_line_error(
+        &out,
+        "push to a dead registry",
+        &["run the same command again"],
+    );
     assert!(err.contains("cannot push hoard"), "{err}");
 
     // Same storage, same address: the rerun completes, sending only what is missing.
@@ -282,7 +330,8 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     assert!(json["uploaded"].as_u64().unwrap() >= 1, "{json}");
     let mut push = pf(&a);
     push.args(["push", "hoard", &target, "--json"]);
-    let json: serde_json::Value = serde_json::from_str(&ok(&run(push), "push a third time")).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&run(push), "push a third time")).unwrap();
     assert_eq!(json["uploaded"], 0, "{json}");
     assert_eq!(json["bytes_uploaded"], 0, "{json}");
 
@@ -293,15 +342,21 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     let json: serde_json::Value = serde_json::from_str(&ok(&run(pull), "pull")).unwrap();
     assert_eq!(json["fetched"], json["blobs"], "{json}");
     let mut thaw = Command::new("unshare");
-    thaw.args(["--net", "--", "sh", "-c", r#"ip link set lo up && exec "$0" "$@""#])
-        .arg(pf_bin())
-        .arg("--store")
-        .arg(&b)
-        .args(["goblin", "thaw", "hoard"])
-        .env_remove("PF_STORE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    thaw.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        r#"ip link set lo up && exec "$0" "$@""#,
+    ])
+    .arg(pf_bin())
+    .arg("--store")
+    .arg(&b)
+    .args(["goblin", "thaw", "hoard"])
+    .env_remove("PF_STORE")
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let child = thaw.spawn().expect("unshare --net pf goblin thaw");
     let out = wait(child, b"check\n");
     assert_eq!(ok(&out, "thaw from the pulled store"), format!("{hash}\n"));

@@ -65,7 +65,10 @@ pub(crate) fn load(path: &Path, registry: &str) -> Result<Option<Credentials>> {
 /// The user and password of `auths.<registry>.auth` (base64 of `user:password`) in a docker
 /// config. Keys may carry a scheme and a path (`https://index.docker.io/v1/`); Docker Hub
 /// (`docker.io`) also matches `index.docker.io` and `registry-1.docker.io`.
-fn parse_config(text: &str, registry: &str) -> std::result::Result<Option<(String, String)>, String> {
+fn parse_config(
+    text: &str,
+    registry: &str,
+) -> std::result::Result<Option<(String, String)>, String> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|err| format!("it is not JSON ({err})"))?;
     let Some(auths) = value.get("auths").and_then(|a| a.as_object()) else {
@@ -202,7 +205,10 @@ mod tests {
 
     #[test]
     fn parses_challenges() {
-        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(
             parse_challenge(
                 r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/x:pull,push""#

@@ -75,9 +75,7 @@ impl Client {
         let tls = TlsConfig::builder()
             .provider(TlsProvider::Rustls)
             .root_certs(RootCerts::PlatformVerifier)
-            .unversioned_rustls_crypto_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .build();
         let config = Agent::config_builder()
             .http_status_as_error(false)
@@ -110,7 +108,9 @@ impl Client {
     /// `GET /v2/`: a registry answers 200, or 401 with a challenge.
     fn ping(&self) -> Result<()> {
         let url = format!("{}/v2/", self.base);
-        let request = Request::get(&url).body(()).map_err(|e| http_error(&url, e))?;
+        let request = Request::get(&url)
+            .body(())
+            .map_err(|e| http_error(&url, e))?;
         let mut response = self
             .agent
             .run(request)
@@ -514,13 +514,15 @@ impl Client {
                 detail: Some("the answer has no Location header".into()),
             });
         };
-        Ok(if location.starts_with("http://") || location.starts_with("https://") {
-            location
-        } else if location.starts_with('/') {
-            format!("{}{location}", self.base)
-        } else {
-            format!("{}/{location}", self.base)
-        })
+        Ok(
+            if location.starts_with("http://") || location.starts_with("https://") {
+                location
+            } else if location.starts_with('/') {
+                format!("{}{location}", self.base)
+            } else {
+                format!("{}/{location}", self.base)
+            },
+        )
     }
 }
 
@@ -630,17 +632,31 @@ mod tests {
     #[test]
     fn explains_registry_errors() {
         assert_eq!(
-            explain_body(r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#),
+            explain_body(
+                r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#
+            ),
             "BLOB_UNKNOWN: blob unknown to registry"
         );
-        assert_eq!(explain_body("<html>\n<b>nope</b>\n</html>"), "<html> <b>nope</b> </html>");
+        assert_eq!(
+            explain_body("<html>\n<b>nope</b>\n</html>"),
+            "<html> <b>nope</b> </html>"
+        );
     }
 
     #[test]
     fn adds_the_digest_to_an_upload_location() {
         let d = Digest256::of(b"x");
-        assert_eq!(with_digest("http://h/u?_state=a", &d), format!("http://h/u?_state=a&digest={d}"));
-        assert_eq!(with_digest("http://h/u", &d), format!("http://h/u?digest={d}"));
-        assert_eq!(query_escape("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
+        assert_eq!(
+            with_digest("http://h/u?_state=a", &d),
+            format!("http://h/u?_state=a&digest={d}")
+        );
+        assert_eq!(
+            with_digest("http://h/u", &d),
+            format!("http://h/u?digest={d}")
+        );
+        assert_eq!(
+            query_escape("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
     }
 }

@@ -141,10 +141,7 @@ pub enum Error {
     },
     /// A manifest pf cannot parse.
     #[error("the manifest of {reference} is not valid: {reason}")]
-    BadManifest {
-        reference: String,
-        reason: String,
-    },
+    BadManifest { reference: String, reason: String },
     /// A pulled blob whose bytes do not hash to its digest.
     #[error(
         "blob {digest} from {reference} is corrupt: its bytes hash to {actual}; nothing of this pull was kept (the registry's copy is damaged: push the snapshot again)"
@@ -166,10 +163,7 @@ pub enum Error {
     #[error(
         "snapshot {root} is not whole in the store: blob {missing} is missing (`pf store verify` tells more)"
     )]
-    SnapshotNotWhole {
-        root: Digest256,
-        missing: Digest256,
-    },
+    SnapshotNotWhole { root: Digest256, missing: Digest256 },
     /// The root blob is not a JSON object with a `kind`.
     #[error("blob {digest} is not a snapshot: {reason}")]
     NotSnapshotBlob {

@@ -52,7 +52,11 @@ pub fn default_docker_config() -> Option<std::path::PathBuf> {
     }
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
-        .map(|home| std::path::PathBuf::from(home).join(".docker").join("config.json"))
+        .map(|home| {
+            std::path::PathBuf::from(home)
+                .join(".docker")
+                .join("config.json")
+        })
 }
 
 /// What a transfer reports while it runs, for progress displays.

@@ -63,8 +63,11 @@ mod tests {
         assert_eq!(m.media_type.as_deref(), Some(MANIFEST_MEDIA_TYPE));
         assert_eq!(m.artifact_type.as_deref(), Some(ARTIFACT_TYPE));
         assert_eq!(m.config.media_type, CONFIG_MEDIA_TYPE);
-        assert!(m.layers.iter().all(|l| l.media_type == BLOB_MEDIA_TYPE
-            || l.media_type == JSON_BLOB_MEDIA_TYPE));
+        assert!(
+            m.layers
+                .iter()
+                .all(|l| l.media_type == BLOB_MEDIA_TYPE || l.media_type == JSON_BLOB_MEDIA_TYPE)
+        );
         assert!(m.annotations.contains_key(KIND_ANNOTATION));
     }
 }

@@ -197,9 +197,13 @@ mod tests {
         let s = MemBlobStore::new();
         let pack = s.put(b"\x00pages").unwrap();
         let tar = s.put(b"\x00tar").unwrap();
-        let pages = s.put(format!(r#"{{"packs":["{pack}","{pack}"]}}"#).as_bytes()).unwrap();
+        let pages = s
+            .put(format!(r#"{{"packs":["{pack}","{pack}"]}}"#).as_bytes())
+            .unwrap();
         let root = s
-            .put(format!(r#"{{"kind":"procs.x","criu_dump":"{tar}","pages":"{pages}"}}"#).as_bytes())
+            .put(
+                format!(r#"{{"kind":"procs.x","criu_dump":"{tar}","pages":"{pages}"}}"#).as_bytes(),
+            )
             .unwrap();
         let nodes = walk(&s, &root).unwrap();
         let digests: Vec<_> = nodes.iter().map(|n| n.digest).collect();
@@ -209,7 +213,14 @@ mod tests {
         let m = manifest(&nodes, root_kind(&s, &root).unwrap());
         assert_eq!(m.config.digest, root);
         assert_eq!(m.annotations[KIND_ANNOTATION], "procs.x");
-        let of = |d: Digest256| m.layers.iter().find(|l| l.digest == d).unwrap().media_type.clone();
+        let of = |d: Digest256| {
+            m.layers
+                .iter()
+                .find(|l| l.digest == d)
+                .unwrap()
+                .media_type
+                .clone()
+        };
         assert_eq!(of(pages), JSON_BLOB_MEDIA_TYPE);
         assert_eq!(of(pack), BLOB_MEDIA_TYPE);
         assert_eq!(m.layers.iter().find(|l| l.digest == tar).unwrap().size, 4);

@@ -30,7 +30,10 @@ impl Reference {
                 "it names no registry host first; write REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/repl:warm or ghcr.io/USER/repl:warm",
             ));
         }
-        if registry.chars().any(|c| c.is_whitespace() || c.is_control()) || registry.contains('@')
+        if registry
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+            || registry.contains('@')
         {
             return Err(invalid("the registry host is not a host[:port]"));
         }
@@ -122,7 +125,9 @@ fn valid_component(c: &str) -> bool {
     !bytes.is_empty()
         && bytes.first().is_some_and(alnum)
         && bytes.last().is_some_and(alnum)
-        && bytes.iter().all(|b| alnum(b) || matches!(b, b'.' | b'_' | b'-'))
+        && bytes
+            .iter()
+            .all(|b| alnum(b) || matches!(b, b'.' | b'_' | b'-'))
         && !c.contains("..")
         && !c.contains("___")
 }
@@ -155,12 +160,27 @@ mod tests {
         assert_eq!(r.repository(), "me/pf/repl");
         assert!(!r.is_loopback());
         let r = Reference::parse("docker.io/repl:v1").unwrap();
-        assert_eq!((r.api_host(), r.repository()), ("registry-1.docker.io", "library/repl"));
+        assert_eq!(
+            (r.api_host(), r.repository()),
+            ("registry-1.docker.io", "library/repl")
+        );
         for loopback in ["127.0.0.1:5000", "127.3.2.1", "[::1]:5000", "LOCALHOST:1"] {
-            assert!(Reference::parse(&format!("{loopback}/a:b")).unwrap().is_loopback());
+            assert!(
+                Reference::parse(&format!("{loopback}/a:b"))
+                    .unwrap()
+                    .is_loopback()
+            );
         }
-        assert!(!Reference::parse("128.0.0.1:5000/a:b").unwrap().is_loopback());
-        assert!(!Reference::parse("localhost.evil.com/a:b").unwrap().is_loopback());
+        assert!(
+            !Reference::parse("128.0.0.1:5000/a:b")
+                .unwrap()
+                .is_loopback()
+        );
+        assert!(
+            !Reference::parse("localhost.evil.com/a:b")
+                .unwrap()
+                .is_loopback()
+        );
     }
 
     #[test]

@@ -34,7 +34,11 @@ fn snapshot(store: &dyn BlobStore, seed: u64, packs: &[Vec<u8>]) -> Digest256 {
         .map(|p| store.put(p).unwrap().to_string())
         .collect();
     let pages = store
-        .put(serde_json::json!({"kind": "pages.v1", "packs": packs}).to_string().as_bytes())
+        .put(
+            serde_json::json!({"kind": "pages.v1", "packs": packs})
+                .to_string()
+                .as_bytes(),
+        )
         .unwrap();
     store
         .put(
@@ -90,7 +94,10 @@ fn push_then_pull_moves_only_missing_blobs_and_keeps_digests() {
     assert!(first.manifest_digest.is_some());
 
     let again = pf_registry::push(&a, &root, &r1, &push_opts(), &quiet).unwrap();
-    assert_eq!((again.uploaded, again.skipped, again.bytes_uploaded), (0, 5, 0));
+    assert_eq!(
+        (again.uploaded, again.skipped, again.bytes_uploaded),
+        (0, 5, 0)
+    );
 
     // The next snapshot shares the big pack: only what changed goes up.
     let changed = noise(3, 1 << 20);
@@ -205,7 +212,10 @@ fn basic_auth_from_docker_config_and_its_refusals() {
         connect: with("right-horse").connect,
         name: Some("p".into()),
     };
-    assert_eq!(pf_registry::pull(&b, &r, &pull, &quiet).unwrap().snapshot, root);
+    assert_eq!(
+        pf_registry::pull(&b, &r, &pull, &quiet).unwrap().snapshot,
+        root
+    );
 }
 
 #[test]
@@ -214,14 +224,31 @@ fn unknown_repository_tag_and_host_are_told_apart() {
     let registry = Registry::start(&dir.path().join("registry"), None);
     let a = store(dir.path(), "a");
     let root = snapshot(&a, 40, &[noise(8, 10)]);
-    pf_registry::push(&a, &root, &reference(&registry, "here:v1"), &push_opts(), &quiet).unwrap();
+    pf_registry::push(
+        &a,
+        &root,
+        &reference(&registry, "here:v1"),
+        &push_opts(),
+        &quiet,
+    )
+    .unwrap();
     let b = store(dir.path(), "b");
 
-    let err = pf_registry::pull(&b, &reference(&registry, "nowhere:v1"), &pull_opts(None), &quiet)
-        .unwrap_err();
+    let err = pf_registry::pull(
+        &b,
+        &reference(&registry, "nowhere:v1"),
+        &pull_opts(None),
+        &quiet,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::RepositoryNotFound { .. }), "{err:?}");
-    let err = pf_registry::pull(&b, &reference(&registry, "here:v2"), &pull_opts(None), &quiet)
-        .unwrap_err();
+    let err = pf_registry::pull(
+        &b,
+        &reference(&registry, "here:v2"),
+        &pull_opts(None),
+        &quiet,
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, Error::TagNotFound { tags, .. } if tags == &["v1".to_owned()]),
         "{err:?}"
@@ -245,7 +272,13 @@ fn a_web_server_is_not_a_registry() {
         .unwrap()
         .port();
     let mut server = std::process::Command::new("python3")
-        .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string()])
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
         .current_dir(dir.path())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -265,7 +298,10 @@ fn a_web_server_is_not_a_registry() {
         matches!(err, Error::NotARegistry { status: 404, .. }),
         "{err:?}"
     );
-    assert!(err.to_string().contains("check the registry address"), "{err}");
+    assert!(
+        err.to_string().contains("check the registry address"),
+        "{err}"
+    );
 }
 
 /// Kills (by pid) and reaps a child when dropped.
@@ -298,7 +334,10 @@ fn a_push_cut_off_by_a_dead_registry_completes_when_run_again() {
             if uploaded_bytes(&uploads) > 24 << 20 {
                 break;
             }
-            assert!(!pushing.is_finished(), "the push ended before it could be cut off");
+            assert!(
+                !pushing.is_finished(),
+                "the push ended before it could be cut off"
+            );
             assert!(Instant::now() < deadline, "the upload never reached 24 MiB");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -306,7 +345,10 @@ fn a_push_cut_off_by_a_dead_registry_completes_when_run_again() {
         pushing.join().unwrap().unwrap_err()
     });
     assert_eq!(err.kind(), ErrorKind::Unreachable, "{err:?}");
-    assert!(err.to_string().contains("run the same command again"), "{err}");
+    assert!(
+        err.to_string().contains("run the same command again"),
+        "{err}"
+    );
 
     let registry = Registry::start_on(&storage, port, None);
     let done = pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
@@ -317,7 +359,10 @@ fn a_push_cut_off_by_a_dead_registry_completes_when_run_again() {
     let b = store(dir.path(), "b");
     pf_registry::pull(&b, &r, &pull_opts(Some("big")), &quiet).unwrap();
     let mut got = Vec::new();
-    b.open(&Digest256::of(&big)).unwrap().read_to_end(&mut got).unwrap();
+    b.open(&Digest256::of(&big))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
     assert!(got == big);
     drop(registry);
 }
