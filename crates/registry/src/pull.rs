@@ -73,6 +73,9 @@ pub fn pull(
         bytes: bytes_total,
     });
 
+    // Held from the first blob stored until the name is written (or the blobs removed again), so
+    // a concurrent gc never takes a blob of this pull before its name keeps it.
+    let _writing = store.writer_lock()?;
     let added = Mutex::new(Vec::new());
     let fetched = AtomicUsize::new(0);
     let bytes_fetched = AtomicU64::new(0);
