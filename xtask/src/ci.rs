@@ -113,15 +113,6 @@ const TEST_PACKAGES: &[&str] = &[
     "apache2-utils",
     "iproute2",
 ];
-const TEST_PACKAGES: &[&str] = &[
-    "python3",
-    "python3-venv",
-    "zstd",
-    "tmux",
-    "docker-registry",
-    "apache2-utils",
-    "iproute2",
-];
 
 /// The programs the tests need besides CRIU (installed with apt when missing and root).
 fn ensure_test_packages() -> anyhow::Result<()> {
