@@ -102,8 +102,10 @@ pub(crate) fn live(root: &Path) -> anyhow::Result<ExitCode> {
 /// compare with, tmux runs the shells of `pf shell`'s tests, docker-registry (the CNCF
 /// distribution server) is the real registry of pf-registry's and `pf push|pull`'s tests (each
 /// starts its own on loopback; the package's service is not used), apache2-utils'
-/// `htpasswd -B` writes the bcrypt password file of its basic-auth instance, and iproute2's `ip`
-/// brings up the loopback of the network namespace a pulled goblin thaws in.
+/// `htpasswd -B` writes the bcrypt password file of its basic-auth instance, openssl and
+/// python3-cryptography make the key and sign the JWTs of its bearer-token instance's token
+/// server, and iproute2's `ip` brings up the loopback of the network namespace a pulled goblin
+/// thaws in.
 const TEST_PACKAGES: &[&str] = &[
     "python3",
     "python3-venv",
@@ -111,6 +113,8 @@ const TEST_PACKAGES: &[&str] = &[
     "tmux",
     "docker-registry",
     "apache2-utils",
+    "openssl",
+    "python3-cryptography",
     "iproute2",
 ];
 

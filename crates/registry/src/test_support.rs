@@ -23,17 +23,29 @@ pub struct Registry {
     conf: tempfile::TempDir,
 }
 
-/// `user:password` pairs and where their htpasswd file is.
+/// How a test registry authenticates: the `auth:` section of its config.
 #[derive(Debug, Clone)]
-pub struct BasicAuth {
-    /// The htpasswd file (bcrypt hashes).
-    pub htpasswd: PathBuf,
+pub struct RegistryAuth {
+    yaml: String,
+}
+
+impl RegistryAuth {
+    /// The bearer-token flow: clients get a token from `realm` (a token server the test runs),
+    /// signed by the key of `cert` (PEM), issued by `issuer` for `service`.
+    pub fn token(realm: &str, service: &str, issuer: &str, cert: &Path) -> Self {
+        Self {
+            yaml: format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+                cert.display()
+            ),
+        }
+    }
 }
 
 impl Registry {
     /// Start a registry storing into `storage` on a free loopback port, with htpasswd basic
     /// auth when `auth` is given. Panics with the fix when the server is not installed.
-    pub fn start(storage: &Path, auth: Option<&BasicAuth>) -> Self {
+    pub fn start(storage: &Path, auth: Option<&RegistryAuth>) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -42,7 +54,7 @@ impl Registry {
     }
 
     /// Start a registry on a given port (to restart one on the same storage and address).
-    pub fn start_on(storage: &Path, port: u16, auth: Option<&BasicAuth>) -> Self {
+    pub fn start_on(storage: &Path, port: u16, auth: Option<&RegistryAuth>) -> Self {
         let binary = registry_binary();
         assert!(
             binary.exists(),
@@ -50,14 +62,7 @@ impl Registry {
             binary.display()
         );
         let conf = tempfile::tempdir().expect("a temp dir");
-        let auth_yaml = auth
-            .map(|a| {
-                format!(
-                    "auth:\n  htpasswd:\n    realm: pf-test\n    path: {}\n",
-                    a.htpasswd.display()
-                )
-            })
-            .unwrap_or_default();
+        let auth_yaml = auth.map(|a| a.yaml.clone()).unwrap_or_default();
         let yaml = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n{auth_yaml}",
             storage.display()
@@ -158,7 +163,7 @@ impl Drop for Registry {
 
 /// Write an htpasswd file for `user` and `password` into `dir` with `htpasswd -B` (bcrypt, as
 /// the registry requires; Debian's `apache2-utils`).
-pub fn htpasswd(dir: &Path, user: &str, password: &str) -> BasicAuth {
+pub fn htpasswd(dir: &Path, user: &str, password: &str) -> RegistryAuth {
     let path = dir.join("htpasswd");
     let out = Command::new("htpasswd")
         .args(["-Bbn", user, password])
@@ -170,7 +175,12 @@ pub fn htpasswd(dir: &Path, user: &str, password: &str) -> BasicAuth {
         .expect("htpasswd is missing: `apt-get install -y apache2-utils` (cargo xtask ci does)");
     assert!(out.status.success(), "htpasswd failed: {}", out.status);
     std::fs::write(&path, &out.stdout).expect("writing htpasswd");
-    BasicAuth { htpasswd: path }
+    RegistryAuth {
+        yaml: format!(
+            "auth:\n  htpasswd:\n    realm: pf-test\n    path: {}\n",
+            path.display()
+        ),
+    }
 }
 
 /// Write a docker config holding basic credentials for `registry` into `dir`; its path.

@@ -379,3 +379,105 @@ fn uploaded_bytes(uploads: &Path) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// The token server of [`bearer_token_flow_with_basic_credentials`].
+const TOKEN_SERVER: &str = include_str!("token_server.py");
+
+#[test]
+fn bearer_token_flow_with_basic_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let cert = dir.path().join("cert.pem");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=pf-test-token",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (apt-get install -y openssl)");
+    assert!(status.success());
+    let script = dir.path().join("token_server.py");
+    std::fs::write(&script, TOKEN_SERVER).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&key)
+        .arg(&cert)
+        .args([&port.to_string(), "ann", "right-horse", "pf-test-issuer"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("python3 with python3-cryptography");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    let _server = KillChild(&mut server);
+    assert_eq!(ready.trim(), "listening");
+
+    let auth = pf_registry::test_support::RegistryAuth::token(
+        &format!("http://127.0.0.1:{port}/token"),
+        "pf-test-registry",
+        "pf-test-issuer",
+        &cert,
+    );
+    let registry = Registry::start(&dir.path().join("registry"), Some(&auth));
+    let a = store(dir.path(), "a");
+    let root = snapshot(&a, 60, &[noise(11, 5000)]);
+    let r = reference(&registry, "team/tokened:v1");
+    let with = |password: &str| {
+        let conf = tempfile::tempdir_in(dir.path()).unwrap().keep();
+        ConnectOptions {
+            docker_config: Some(docker_config(&conf, &registry.addr(), "ann", password)),
+            ..connect()
+        }
+    };
+
+    let err = pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap_err();
+    assert!(matches!(err, Error::CredentialsNeeded { .. }), "{err:?}");
+    let wrong = PushOptions {
+        connect: with("wrong"),
+    };
+    let err = pf_registry::push(&a, &root, &r, &wrong, &quiet).unwrap_err();
+    assert!(matches!(err, Error::CredentialsRefused { .. }), "{err:?}");
+
+    let right = PushOptions {
+        connect: with("right-horse"),
+    };
+    let pushed = pf_registry::push(&a, &root, &r, &right, &quiet).unwrap();
+    assert_eq!(pushed.uploaded, 4);
+    let b = store(dir.path(), "b");
+    let pull = PullOptions {
+        connect: with("right-horse"),
+        name: Some("t".into()),
+    };
+    let pulled = pf_registry::pull(&b, &r, &pull, &quiet).unwrap();
+    assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
+}
