@@ -280,21 +280,7 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     let port = registry.port();
     let target = format!("{}/goblins/hoard:v1", registry.addr());
 
-    // Freeze the goblin once it holds its bytes.
-    let mut spawn = pf(&a);
-    spawn
-        .args([
-            "goblin", "spawn", "--tag", "hoard", "--until", "^ready ", "--",
-        ])
-        .args(["python3", "-u", "-c", HOARD]);
-    let out = run(spawn);
-    ok(&out, "goblin spawn");
-    let stderr = text(&out.stderr);
-    let hash = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("ready "))
-        .unwrap_or_else(|| panic!("no ready line in {stderr}"))
-        .to_owned();
+    let hash = spawn_hoard(&a, "v1");
 
     // Push, and kill the registry once a good part of the images is in its upload area.
     let mut push = pf(&a);
@@ -341,6 +327,33 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     pull.args(["pull", &target, "--tag", "hoard", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&ok(&run(pull), "pull")).unwrap();
     assert_eq!(json["fetched"], json["blobs"], "{json}");
+    assert_eq!(thaw_in_new_netns(&b, "hoard"), hash);
+    drop(registry);
+}
+
+/// Freeze a [`HOARD`] goblin into `store` as `hoard` in snapshot format `format`; the hash of
+/// its bytes.
+fn spawn_hoard(store: &Path, format: &str) -> String {
+    let mut spawn = pf(store);
+    spawn
+        .env("PF_SNAPSHOT_FORMAT", format)
+        .args([
+            "goblin", "spawn", "--tag", "hoard", "--until", "^ready ", "--",
+        ])
+        .args(["python3", "-u", "-c", HOARD]);
+    let out = run(spawn);
+    ok(&out, "goblin spawn");
+    let stderr = text(&out.stderr);
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ready "))
+        .unwrap_or_else(|| panic!("no ready line in {stderr}"))
+        .to_owned()
+}
+
+/// Thaw `name` from `store` in a new network namespace (loopback up: CRIU's kernel probes
+/// connect a socket before restoring anything) and ask it for the hash of its bytes.
+fn thaw_in_new_netns(store: &Path, name: &str) -> String {
     let mut thaw = Command::new("unshare");
     thaw.args([
         "--net",
@@ -351,15 +364,51 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     ])
     .arg(pf_bin())
     .arg("--store")
-    .arg(&b)
-    .args(["goblin", "thaw", "hoard"])
+    .arg(store)
+    .args(["goblin", "thaw", name])
     .env_remove("PF_STORE")
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let child = thaw.spawn().expect("unshare --net pf goblin thaw");
     let out = wait(child, b"check\n");
-    assert_eq!(ok(&out, "thaw from the pulled store"), format!("{hash}\n"));
+    ok(&out, "thaw from the pulled store").trim().to_owned()
+}
+
+#[test]
+fn live_v2_snapshot_travels_with_its_page_packs_and_thaws_elsewhere() {
+    const NAME: &str = "live_v2_snapshot_travels_with_its_page_packs_and_thaws_elsewhere";
+    if !live(NAME) {
+        return;
+    }
+    pf_bin();
+    let _deadline = Deadline::start(NAME, Duration::from_secs(170));
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let target = format!("{}/goblins/hoard:v2", registry.addr());
+    let hash = spawn_hoard(&a, "v2");
+    let store_a = pf_core::FsBlobStore::open(&a).unwrap();
+    let record = store_a.get(&store_a.get_name("hoard").unwrap()).unwrap();
+    assert!(text(&record).contains("procs.criu.v2"), "{}", text(&record));
+
+    let push = |what: &str| {
+        let mut c = pf(&a);
+        c.args(["push", "hoard", &target, "--json"]);
+        serde_json::from_str::<serde_json::Value>(&ok(&run(c), what)).unwrap()
+    };
+    let first = push("push");
+    // The record, the images tar, a pages manifest and its list, and 12 or more 8 MiB packs.
+    assert!(first["blobs"].as_u64().unwrap() >= 16, "{first}");
+    assert_eq!(first["uploaded"], first["blobs"], "{first}");
+    let again = push("push again");
+    assert_eq!(again["uploaded"], 0, "{again}");
+
+    let mut pull = pf(&b);
+    pull.args(["pull", &target, "--tag", "hoard", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&run(pull), "pull")).unwrap();
+    assert_eq!(json["fetched"], first["blobs"], "{json}");
+    assert_eq!(thaw_in_new_netns(&b, "hoard"), hash);
     drop(registry);
 }
 
