@@ -12,15 +12,18 @@ releases the GIL while it freezes, thaws or forks.
 from pf import errors, goblins
 from pf._native import Store, __version__
 from pf.errors import (
+    Cancelled,
     CriuFailed,
     CriuMissing,
     Error,
     InvalidArgument,
     InvalidSnapshot,
     NeedsRoot,
+    NoSpace,
     NoSuchProcess,
     NotAGoblin,
     NotFound,
+    NotWarm,
     PidInUse,
     SpawnFailed,
     StoreCorrupt,
@@ -30,6 +33,7 @@ from pf.errors import (
 from pf.goblins import Goblin
 
 __all__ = [
+    "Cancelled",
     "CriuFailed",
     "CriuMissing",
     "Error",
@@ -37,9 +41,11 @@ __all__ = [
     "InvalidArgument",
     "InvalidSnapshot",
     "NeedsRoot",
+    "NoSpace",
     "NoSuchProcess",
     "NotAGoblin",
     "NotFound",
+    "NotWarm",
     "PidInUse",
     "SpawnFailed",
     "Store",

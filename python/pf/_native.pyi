@@ -57,3 +57,34 @@ def load(
     reference: Optional[str] = None,
     images_dir: Optional[str] = None,
 ) -> NativeLoaded: ...
+
+class Cancel:
+    def __init__(self) -> None: ...
+    def cancel(self) -> None: ...
+    @property
+    def cancelled(self) -> bool: ...
+
+def warm_up(
+    *,
+    argv: Optional[Sequence[str]] = None,
+    goblin: Optional[NativeGoblin] = None,
+    cwd: str,
+    env: Sequence[Tuple[str, str]],
+    store: Optional[Store] = None,
+    images_dir: Optional[str] = None,
+    input: bytes,
+    ready: Optional[str] = None,
+    quiet: Optional[float] = None,
+    timeout: float,
+    leave_running: bool,
+    tag: Optional[str] = None,
+    drain: float,
+    cancel: Optional[Cancel] = None,
+) -> Dict[str, object]: ...
+def fork_and_collect(
+    loaded: NativeLoaded,
+    inputs: Sequence[bytes],
+    *,
+    deadline: Optional[float] = None,
+    cancel: Optional[Cancel] = None,
+) -> List[Dict[str, object]]: ...

@@ -75,6 +75,21 @@ class CriuFailed(Error):
     path of its full log."""
 
 
+class NoSpace(StoreError):
+    """Not enough room left (the store's disk, or tmpfs for a snapshot's images); the message
+    says how much is needed and how much is free."""
+
+
+class NotWarm(Error, TimeoutError):
+    """``warm_up``: the goblin did not become ready within the timeout (or exited first); it
+    was stopped and nothing was frozen."""
+
+
+class Cancelled(Error):
+    """The work was cancelled (a ``Cancel``, or Ctrl-C) before it was done; nothing was
+    frozen and nothing is left running."""
+
+
 class PidInUse(CriuFailed):
     """The snapshot's pid is taken on this machine; thaw into a new pid namespace (the
     default) instead."""

@@ -20,7 +20,7 @@ thawed). Call ``detach()`` to leave it running instead.
 
 import asyncio
 import os
-from typing import IO, List, Mapping, Optional, Sequence, Union
+from typing import IO, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from pf import _native
 from pf._native import Store
@@ -29,16 +29,23 @@ Snapshot = Union[str, "os.PathLike[str]"]
 
 __all__ = [
     "AsyncGoblin",
+    "Cancel",
+    "Collected",
     "Goblin",
     "Loaded",
+    "Warmed",
     "fork",
+    "fork_and_collect",
     "fork_async",
     "freeze",
     "load",
     "spawn",
     "thaw",
     "thaw_async",
+    "warm_up",
 ]
+
+Cancel = _native.Cancel
 
 
 def _is_images_dir(snapshot: Snapshot) -> bool:
@@ -145,6 +152,113 @@ class Loaded:
     def fork(self, n: int) -> List[Goblin]:
         """Restore ``n`` copies side by side: all of them, or none and an error."""
         return [Goblin(g) for g in self._native.fork(n)]
+
+
+class Warmed(NamedTuple):
+    """What ``warm_up`` did: the ``snapshot`` (digest, or images directory), the goblin's
+    ``pid``, seconds until it was ``warmup``-ready, all it printed on ``stdout`` and ``stderr``,
+    its ``returncode`` when the freeze stopped it, how the ``drain`` after the freeze ended
+    (``"complete"``, ``"held_open"`` with the holders' ``(pid, command)`` in ``held_by``,
+    ``"cancelled"``, ``"left_running"``) and, with ``leave_running=True``, the running
+    ``goblin``."""
+
+    snapshot: str
+    pid: int
+    warmup: float
+    stdout: bytes
+    stderr: bytes
+    returncode: Optional[int]
+    drain: str
+    held_by: List[Tuple[int, str]]
+    goblin: Optional["Goblin"]
+
+
+class Collected(NamedTuple):
+    """One clone of ``fork_and_collect``: its number ``clone`` (from 1), ``pid``,
+    ``returncode``, everything it wrote on ``stdout`` and ``stderr``, whether it overran the
+    deadline and was killed (``timed_out``) and whether a cancel reached it."""
+
+    clone: int
+    pid: int
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    cancelled: bool
+
+
+def warm_up(
+    argv_or_goblin: Union[Sequence[str], "Goblin"],
+    store_or_dir: Union[Store, Snapshot],
+    *,
+    input: bytes = b"",
+    ready: Optional[str] = None,
+    quiet: Optional[float] = None,
+    timeout: float,
+    leave_running: bool = False,
+    tag: Optional[str] = None,
+    drain: float = 2.0,
+    cwd: Optional[str] = None,
+    env: Optional[Mapping[str, str]] = None,
+    cancel: Optional[Cancel] = None,
+) -> Warmed:
+    """Warm a goblin up and freeze it, in one call: start ``argv`` (or take a ``Goblin`` from
+    ``spawn``), write ``input`` to its stdin (which then stays open), wait until its stdout
+    matches the regex ``ready`` or it has been quiet for ``quiet`` seconds — at most
+    ``timeout`` seconds, else ``pf.NotWarm`` — freeze it into ``store_or_dir`` (naming it
+    ``tag``), then read what it printed for at most ``drain`` seconds.
+
+    Unlike ``freeze``, the goblin is stopped once frozen unless ``leave_running=True`` (it is
+    then in ``Warmed.goblin``, its pipes ready). Ctrl-C, or ``cancel.cancel()`` from another
+    thread, stops a warm-up that is still waiting (``pf.Cancelled``) and ends a drain early.
+    """
+    kwargs = dict(
+        input=bytes(input),
+        ready=ready,
+        quiet=quiet,
+        timeout=timeout,
+        leave_running=leave_running,
+        tag=tag,
+        drain=drain,
+        cwd=os.fspath(cwd) if cwd is not None else os.getcwd(),
+        env=list((env or {}).items()),
+        cancel=cancel,
+    )
+    if isinstance(argv_or_goblin, Goblin):
+        kwargs["goblin"] = argv_or_goblin._native
+    else:
+        kwargs["argv"] = [os.fsdecode(a) for a in argv_or_goblin]
+    if isinstance(store_or_dir, Store):
+        kwargs["store"] = store_or_dir
+    else:
+        kwargs["images_dir"] = os.fspath(store_or_dir)
+    out = _native.warm_up(**kwargs)
+    native = out.pop("goblin")
+    return Warmed(goblin=Goblin(native) if native is not None else None, **out)
+
+
+def fork_and_collect(
+    snapshot: Snapshot,
+    inputs: Sequence[bytes],
+    store: Optional[Store] = None,
+    *,
+    deadline: Optional[float] = None,
+    cancel: Optional[Cancel] = None,
+) -> List[Collected]:
+    """Thaw one clone per input, give each its input and then end of input, and return what
+    each printed and how it ended, in order. Each clone gets at most ``deadline`` seconds
+    (``None``: no limit); one still running then is killed (``timed_out``). Ctrl-C or
+    ``cancel.cancel()`` kills the clones and returns what they printed. No clone is left
+    running when this returns. The shape of an agent exploring N branches from one warm
+    state::
+
+        branches = pf.goblins.fork_and_collect("warm", [b"1+1\n", b"2+2\n"], deadline=10)
+    """
+    loaded = load(snapshot, store)
+    clones = _native.fork_and_collect(
+        loaded._native, [bytes(i) for i in inputs], deadline=deadline, cancel=cancel
+    )
+    return [Collected(**c) for c in clones]
 
 
 def spawn(

@@ -269,3 +269,110 @@ def test_live_a_seed_style_script_runs_on_pf(live, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- the workflow: warm_up and fork_and_collect --------------------------------------------------
+
+# A REPL-like goblin that takes a while to warm up and then evaluates expressions line by line.
+REPL = [
+    sys.executable,
+    "-u",
+    "-c",
+    "import sys, time\n"
+    "table = {i: i * i for i in range(100000)}\n"
+    "print('warm', len(table), flush=True)\n"
+    "for line in sys.stdin:\n"
+    "    print(eval(line, {'table': table}), flush=True)\n",
+]
+
+
+def test_live_warm_up_that_never_gets_ready_raises_not_warm_and_stops_it(live, store):
+    with pytest.raises(pf.NotWarm) as err:
+        pf.goblins.warm_up(
+            [sys.executable, "-c", "import time; time.sleep(30)"],
+            store,
+            ready="never",
+            timeout=0.5,
+        )
+    assert isinstance(err.value, TimeoutError)
+    assert store.names() == {}
+
+
+def test_live_a_cancel_from_another_thread_stops_a_warm_up(live, store):
+    import threading
+
+    cancel = pf.goblins.Cancel()
+    threading.Timer(0.3, cancel.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(pf.Cancelled):
+        pf.goblins.warm_up(
+            [sys.executable, "-c", "import time; time.sleep(30)"],
+            store,
+            ready="never",
+            timeout=30,
+            cancel=cancel,
+        )
+    assert cancel.cancelled
+    assert time.monotonic() - started < 10
+
+
+def test_live_ctrl_c_stops_a_warm_up_and_raises_keyboard_interrupt(live, tmp_path):
+    script = (
+        "import sys, time, pf\n"
+        "print('started', flush=True)\n"
+        "try:\n"
+        "    pf.goblins.warm_up([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                       pf.Store(sys.argv[1]), ready='never', timeout=60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "store")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline() == "started\n"
+        time.sleep(0.5)
+        proc.send_signal(2)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert out == "interrupted\n"
+
+
+def test_live_warm_up_then_fork_and_collect_branches(live, store):
+    warmed = pf.goblins.warm_up(REPL, store, ready=r"^warm \d+$", timeout=60, tag="repl")
+    assert warmed.snapshot == store.resolve("repl")
+    assert warmed.stdout == b"warm 100000\n"
+    assert warmed.goblin is None and warmed.returncode is not None
+    assert warmed.drain == "complete"
+    assert not alive(warmed.pid)
+    branches = pf.goblins.fork_and_collect(
+        "repl",
+        [b"table[3]\n", b"table[99999] + 1\n", b"len(table)\n"],
+        store,
+        deadline=30,
+    )
+    assert [b.stdout for b in branches] == [b"9\n", b"9999800002\n", b"100000\n"]
+    assert [b.returncode for b in branches] == [0, 0, 0]
+    assert [b.clone for b in branches] == [1, 2, 3]
+    assert not any(b.timed_out for b in branches)
+    assert all(not alive(b.pid) for b in branches)
+
+
+def test_live_fork_and_collect_kills_a_branch_that_overruns(live, store):
+    # The whole line, newline included: the rest of it would otherwise wait in the pipe.
+    warmed = pf.goblins.warm_up(REPL, store, ready=r"warm \d+\n", timeout=60, leave_running=True)
+    assert warmed.goblin is not None
+    with warmed.goblin as original:
+        assert ask(original, "table[2]") == "4"
+    branches = pf.goblins.fork_and_collect(
+        warmed.snapshot,
+        [b"table[4]\n", b"__import__('time').sleep(60)\n"],
+        store,
+        deadline=2,
+    )
+    assert branches[0].stdout == b"16\n" and not branches[0].timed_out
+    assert branches[1].timed_out and branches[1].returncode == -9

@@ -48,7 +48,9 @@ fn kind_class(kind: pf_world_procs::ErrorKind) -> &'static str {
         K::NotFound => "NotFound",
         K::StoreCorrupt => "StoreCorrupt",
         K::InvalidInput => "InvalidArgument",
-        K::NoSpace => "StoreError",
+        K::NoSpace => "NoSpace",
+        K::NotWarm => "NotWarm",
+        K::Cancelled => "Cancelled",
         _ => "Error",
     }
 }

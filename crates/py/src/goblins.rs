@@ -12,7 +12,9 @@ use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use pf_goblins::{FreezeOptions, FreezeTarget, Goblin, Killer, Loaded, Source, ThawOptions};
+use pf_goblins::{
+    Cancel, FreezeOptions, FreezeTarget, Goblin, Killer, Loaded, Source, ThawOptions,
+};
 use pyo3::prelude::*;
 
 use crate::errors;
@@ -313,4 +315,252 @@ pub(crate) fn load(
     Ok(NativeLoaded {
         loaded: loaded.map_err(errors::from_goblin)?,
     })
+}
+
+/// A cancellation token for `warm_up` and `fork_and_collect`: call `cancel()` from any thread
+/// (a Ctrl-C in the thread that waits cancels too).
+#[pyclass(frozen, module = "pf.goblins", name = "Cancel")]
+#[derive(Debug)]
+pub(crate) struct PyCancel {
+    inner: Cancel,
+}
+
+#[pymethods]
+impl PyCancel {
+    #[new]
+    fn new() -> PyResult<PyCancel> {
+        Ok(PyCancel {
+            inner: Cancel::new().map_err(errors::from_goblin)?,
+        })
+    }
+
+    /// Cancel: a warm-up still waiting stops its goblin and raises `pf.Cancelled`; clones of a
+    /// fork-and-collect are killed and what they printed is returned.
+    fn cancel(&self) {
+        self.inner.cancel();
+    }
+
+    /// Whether it was cancelled.
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.inner.is_cancelled()
+    }
+}
+
+/// Run `work` on a thread of its own with the GIL released, while this thread watches for
+/// Python signals: a KeyboardInterrupt (or any exception a signal handler raises) cancels the
+/// work with that signal, waits for it to wind down, and is raised.
+fn cancellable<T: Send>(
+    py: Python<'_>,
+    cancel: &Cancel,
+    work: impl FnOnce() -> pf_goblins::Result<T> + Send,
+) -> PyResult<T> {
+    let (result, interrupted) = py.detach(|| {
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(work);
+            let mut interrupted = None;
+            while !worker.is_finished() {
+                std::thread::sleep(Duration::from_millis(20));
+                if interrupted.is_none()
+                    && let Err(err) = Python::attach(|py| py.check_signals())
+                {
+                    cancel.cancel_with_signal(libc_sigint());
+                    interrupted = Some(err);
+                }
+            }
+            (worker.join(), interrupted)
+        })
+    });
+    if let Some(err) = interrupted {
+        return Err(err);
+    }
+    match result {
+        Ok(r) => r.map_err(errors::from_goblin),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// SIGINT's number (2 on every Linux architecture).
+const fn libc_sigint() -> i32 {
+    2
+}
+
+/// The warm-up's result as a dict for `pf.goblins.Warmed`.
+fn warmed_dict<'py>(
+    py: Python<'py>,
+    warmed: pf_goblins::Warmed,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let dict = pyo3::types::PyDict::new(py);
+    let snapshot = match &warmed.frozen.snapshot {
+        pf_goblins::Snapshot::Stored(d) => d.to_string(),
+        pf_goblins::Snapshot::Images(p) => p.display().to_string(),
+    };
+    dict.set_item("snapshot", snapshot)?;
+    dict.set_item("pid", warmed.pid)?;
+    dict.set_item("warmup", warmed.warmup.as_secs_f64())?;
+    dict.set_item("stdout", pyo3::types::PyBytes::new(py, &warmed.stdout))?;
+    dict.set_item("stderr", pyo3::types::PyBytes::new(py, &warmed.stderr))?;
+    dict.set_item("returncode", warmed.status.map(returncode))?;
+    let (drain, holders) = match &warmed.drain {
+        pf_goblins::Drain::Complete => ("complete", Vec::new()),
+        pf_goblins::Drain::HeldOpen(h) => (
+            "held_open",
+            h.iter().map(|p| (p.pid, p.command.clone())).collect(),
+        ),
+        pf_goblins::Drain::Cancelled => ("cancelled", Vec::new()),
+        pf_goblins::Drain::LeftRunning => ("left_running", Vec::new()),
+    };
+    dict.set_item("drain", drain)?;
+    dict.set_item("held_by", holders)?;
+    dict.set_item("goblin", warmed.goblin.map(NativeGoblin::new))?;
+    Ok(dict)
+}
+
+/// Warm a goblin up and freeze it: start `argv` (or take `goblin`), write `input`, wait until
+/// its stdout matches `ready` (a regex) or it is quiet for `quiet` seconds — at most `timeout`
+/// seconds — freeze it into `store` (naming it `tag`) or `images_dir`, and drain what it
+/// printed for at most `drain` seconds.
+#[pyfunction]
+#[pyo3(signature = (*, argv=None, goblin=None, cwd, env, store=None, images_dir=None, input, ready=None, quiet=None, timeout, leave_running, tag=None, drain, cancel=None))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn warm_up<'py>(
+    py: Python<'py>,
+    argv: Option<Vec<OsString>>,
+    goblin: Option<PyRef<'_, NativeGoblin>>,
+    cwd: PathBuf,
+    env: Vec<(OsString, OsString)>,
+    store: Option<PyRef<'_, Store>>,
+    images_dir: Option<PathBuf>,
+    input: Vec<u8>,
+    ready: Option<String>,
+    quiet: Option<f64>,
+    timeout: f64,
+    leave_running: bool,
+    tag: Option<String>,
+    drain: f64,
+    cancel: Option<PyRef<'_, PyCancel>>,
+) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let seconds = |what: &str, v: f64| {
+        if v.is_finite() && v >= 0.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(errors::invalid(format!(
+                "{what} must be a number of seconds >= 0, not {v}"
+            )))
+        }
+    };
+    let ready = match (ready, quiet) {
+        (Some(pattern), None) => pf_goblins::Ready::Matches(pattern),
+        (None, Some(q)) => pf_goblins::Ready::Quiet(seconds("quiet", q)?),
+        _ => {
+            return Err(errors::invalid(
+                "give exactly one of ready (a regex its stdout must match) and quiet (seconds \
+                 of silence)"
+                    .into(),
+            ));
+        }
+    };
+    let from = match (argv, goblin) {
+        (Some(command), None) => pf_goblins::WarmFrom::Command {
+            command,
+            spawn: pf_goblins::SpawnOptions { cwd, env },
+        },
+        (None, Some(g)) => {
+            let taken = g
+                .goblin
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+                .ok_or_else(|| {
+                    errors::invalid(format!("goblin {} was detached or already warmed", g.pid))
+                })?;
+            pf_goblins::WarmFrom::Goblin(taken)
+        }
+        _ => {
+            return Err(errors::invalid(
+                "give exactly one of argv and goblin".into(),
+            ));
+        }
+    };
+    let options = pf_goblins::WarmOptions {
+        input,
+        ready,
+        timeout: seconds("timeout", timeout)?,
+        freeze: FreezeOptions {
+            leave_running,
+            shell_job: false,
+        },
+        tag,
+        drain: seconds("drain", drain)?,
+    };
+    let cancel = match cancel {
+        Some(c) => c.inner.clone(),
+        None => Cancel::new().map_err(errors::from_goblin)?,
+    };
+    let store = store.map(|s| std::sync::Arc::clone(&s.inner));
+    let target = match (&store, &images_dir) {
+        (Some(store), None) => FreezeTarget::Store(store.as_ref()),
+        (None, Some(dir)) => FreezeTarget::Images(dir),
+        _ => {
+            return Err(errors::invalid(
+                "give exactly one of store and images_dir".into(),
+            ));
+        }
+    };
+    let warmed = cancellable(py, &cancel, || {
+        pf_goblins::warm_up(from, target, &options, &cancel, &mut |_, _| {})
+    })?;
+    warmed_dict(py, warmed)
+}
+
+/// Thaw one clone of a loaded snapshot per input, give each its input then end of input, and
+/// gather each one's stdout, stderr and returncode, each within `deadline` seconds (a clone
+/// still running then is killed). Returns one dict per clone, in order.
+#[pyfunction]
+#[pyo3(signature = (loaded, inputs, *, deadline=None, cancel=None))]
+pub(crate) fn fork_and_collect<'py>(
+    py: Python<'py>,
+    loaded: PyRef<'_, NativeLoaded>,
+    inputs: Vec<Vec<u8>>,
+    deadline: Option<f64>,
+    cancel: Option<PyRef<'_, PyCancel>>,
+) -> PyResult<Vec<Bound<'py, pyo3::types::PyDict>>> {
+    if inputs.is_empty() {
+        return Err(errors::invalid(
+            "fork_and_collect needs at least one input".into(),
+        ));
+    }
+    let deadline = match deadline {
+        None => None,
+        Some(d) if d.is_finite() && d >= 0.0 => Some(Duration::from_secs_f64(d)),
+        Some(d) => {
+            return Err(errors::invalid(format!(
+                "deadline must be a number of seconds >= 0, not {d}"
+            )));
+        }
+    };
+    let options = pf_goblins::CollectOptions { inputs, deadline };
+    let cancel = match cancel {
+        Some(c) => c.inner.clone(),
+        None => Cancel::new().map_err(errors::from_goblin)?,
+    };
+    let source: &Loaded = &loaded.loaded;
+    let collected = cancellable(py, &cancel, || {
+        let goblins = source.fork(options.inputs.len())?;
+        pf_goblins::collect(goblins, &options, &cancel)
+    })?;
+    collected
+        .into_iter()
+        .map(|c| {
+            let dict = pyo3::types::PyDict::new(py);
+            dict.set_item("clone", c.clone)?;
+            dict.set_item("pid", c.pid)?;
+            dict.set_item("returncode", returncode(c.status))?;
+            dict.set_item("stdout", pyo3::types::PyBytes::new(py, &c.stdout))?;
+            dict.set_item("stderr", pyo3::types::PyBytes::new(py, &c.stderr))?;
+            dict.set_item("timed_out", c.timed_out)?;
+            dict.set_item("cancelled", c.cancelled)?;
+            Ok(dict)
+        })
+        .collect()
 }

@@ -21,6 +21,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(goblins::spawn, m)?)?;
     m.add_function(wrap_pyfunction!(goblins::freeze, m)?)?;
     m.add_function(wrap_pyfunction!(goblins::load, m)?)?;
+    m.add_class::<goblins::PyCancel>()?;
+    m.add_function(wrap_pyfunction!(goblins::warm_up, m)?)?;
+    m.add_function(wrap_pyfunction!(goblins::fork_and_collect, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
