@@ -1,5 +1,6 @@
 //! Black-box tests of the `pf` binary: one module per subcommand.
 
+mod docs;
 mod doctor;
 mod goblin;
 mod pages_v2;

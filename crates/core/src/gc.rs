@@ -81,6 +81,25 @@ pub fn gc(store: &dyn BlobStore, options: &GcOptions) -> Result<GcReport> {
     Ok(report)
 }
 
+/// Take back blobs a writer stored and then gave up on (a failed pull), without taking one that
+/// another writer has named meanwhile: under the gc lock (so every writer that found one of them
+/// already in the store and relied on it has written its name), remove those of `candidates`
+/// that no name reaches. The caller must not hold the writer lock. Returns what was removed.
+pub fn remove_unreachable(
+    store: &dyn BlobStore,
+    candidates: &[Digest256],
+) -> Result<Vec<Digest256>> {
+    let _lock = store.gc_lock()?;
+    let reachable = mark(store)?.reachable;
+    let mut removed = Vec::new();
+    for digest in candidates {
+        if !reachable.contains(digest) && store.remove(digest)? {
+            removed.push(*digest);
+        }
+    }
+    Ok(removed)
+}
+
 /// What the names reach, and what they refer to that is missing.
 struct Marked {
     reachable: BTreeSet<Digest256>,

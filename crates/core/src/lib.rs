@@ -24,7 +24,7 @@ mod store;
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
 pub use crate::error::{Error, Result};
 pub use crate::fs::FsBlobStore;
-pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references};
+pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreachable};
 pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
 pub use crate::store::{BlobStore, Put, validate_name};

@@ -73,9 +73,9 @@ pub fn pull(
         bytes: bytes_total,
     });
 
-    // Held from the first blob stored until the name is written (or the blobs removed again), so
-    // a concurrent gc never takes a blob of this pull before its name keeps it.
-    let _writing = store.writer_lock()?;
+    // Held from the first blob stored until the name is written, so a concurrent gc never takes
+    // a blob of this pull before its name keeps it.
+    let writing = store.writer_lock()?;
     let added = Mutex::new(Vec::new());
     let fetched = AtomicUsize::new(0);
     let bytes_fetched = AtomicU64::new(0);
@@ -105,12 +105,13 @@ pub fn pull(
         Some(name) => Ok(store.set_name(name, &root)?),
         None => Ok(()),
     });
+    drop(writing);
     if let Err(err) = outcome {
+        // Another writer (a second pull of the same tag, a capture) may have found one of these
+        // blobs here and named a snapshot that needs it: only what no name reaches goes.
         let added = added.into_inner().unwrap_or_else(|p| p.into_inner());
-        for digest in &added {
-            if let Err(remove) = store.remove(digest) {
-                tracing::warn!(%digest, error = %remove, "removing a blob of a failed pull");
-            }
+        if let Err(remove) = pf_core::remove_unreachable(store, &added) {
+            tracing::warn!(error = %remove, "taking back the blobs of a failed pull; gc will");
         }
         return Err(err);
     }

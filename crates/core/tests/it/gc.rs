@@ -147,3 +147,23 @@ fn gc_sweeps_temp_files_of_dead_writers() {
     // The temp file is not a blob and not a name.
     assert!(s.names().unwrap().is_empty());
 }
+
+#[test]
+fn a_writer_that_gives_up_takes_back_only_what_no_name_reaches() {
+    let (_dir, s) = store();
+    let shared = s.put(b"a blob another writer also needs").unwrap();
+    let child = s.put(b"a child of the other writer's snapshot").unwrap();
+    let mine = s.put(b"a blob only the failed writer stored").unwrap();
+    // The other writer names a snapshot that reaches `shared` and `child`.
+    let root = s
+        .put(format!(r#"{{"kind":"x","a":"{shared}","b":"{child}"}}"#).as_bytes())
+        .unwrap();
+    s.set_name("theirs", &root).unwrap();
+
+    let removed = pf_core::remove_unreachable(&s, &[shared, child, mine]).unwrap();
+    assert_eq!(removed, [mine]);
+    assert!(s.contains(&shared).unwrap() && s.contains(&child).unwrap());
+    assert!(!s.contains(&mine).unwrap());
+    // Removing what is already gone is not an error.
+    assert!(pf_core::remove_unreachable(&s, &[mine]).unwrap().is_empty());
+}
