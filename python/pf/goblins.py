@@ -209,8 +209,10 @@ def warm_up(
     ``tag``), then read what it printed for at most ``drain`` seconds.
 
     Unlike ``freeze``, the goblin is stopped once frozen unless ``leave_running=True`` (it is
-    then in ``Warmed.goblin``, its pipes ready). Ctrl-C, or ``cancel.cancel()`` from another
-    thread, stops a warm-up that is still waiting (``pf.Cancelled``) and ends a drain early.
+    then in ``Warmed.goblin``, its pipes ready). ``cancel.cancel()`` from another thread stops a
+    warm-up that is still waiting (``pf.Cancelled``; Ctrl-C does the same and raises
+    ``KeyboardInterrupt``); after the freeze, either ends the drain early and the result is
+    returned (``drain == "cancelled"``).
     """
     kwargs = dict(
         input=bytes(input),
@@ -247,8 +249,9 @@ def fork_and_collect(
 ) -> List[Collected]:
     """Thaw one clone per input, give each its input and then end of input, and return what
     each printed and how it ended, in order. Each clone gets at most ``deadline`` seconds
-    (``None``: no limit); one still running then is killed (``timed_out``). Ctrl-C or
-    ``cancel.cancel()`` kills the clones and returns what they printed. No clone is left
+    (``None``: no limit); one still running then is killed (``timed_out``). Ctrl-C (SIGINT
+    passed on) or ``cancel.cancel()`` (SIGKILL) ends the clones and returns what they printed,
+    each marked ``cancelled``. No clone is left
     running when this returns. The shape of an agent exploring N branches from one warm
     state::
 
@@ -293,9 +296,11 @@ def freeze(
     the directory.
 
     ``leave_running=True`` (as in pdum-criu) lets the goblin run on from the same state;
-    ``False`` ends it once the dump is complete. The process must lead its own session with
-    its stdin, stdout and stderr on pipes (``subprocess.Popen(..., stdin=PIPE, stdout=PIPE,
-    stderr=PIPE, start_new_session=True)`` does), unless ``shell_job``."""
+    ``False`` ends it once the dump is complete. The process must lead its own session
+    (unless ``shell_job``) with its stdout on a pipe; its stdin and stderr may be pipes,
+    ``/dev/null``, a file or closed, never a terminal or a socket
+    (``subprocess.Popen(..., stdin=PIPE, stdout=PIPE, stderr=DEVNULL,
+    start_new_session=True)`` will do)."""
     if isinstance(store_or_dir, Store):
         return _native.freeze(
             pid, store=store_or_dir, leave_running=leave_running, tag=tag, shell_job=shell_job

@@ -316,30 +316,52 @@ def test_live_a_cancel_from_another_thread_stops_a_warm_up(live, store):
     assert time.monotonic() - started < 10
 
 
+def processes_with(marker):
+    """Pids whose command line holds marker."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read() and alive(int(entry)):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
 def test_live_ctrl_c_stops_a_warm_up_and_raises_keyboard_interrupt(live, tmp_path):
+    marker = f"pf-ctrl-c-test-{os.getpid()}-{time.monotonic_ns()}"
     script = (
         "import sys, time, pf\n"
         "print('started', flush=True)\n"
         "try:\n"
-        "    pf.goblins.warm_up([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "    pf.goblins.warm_up([sys.executable, '-c', 'import time; time.sleep(60)', sys.argv[2]],\n"
         "                       pf.Store(sys.argv[1]), ready='never', timeout=60)\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', flush=True)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path / "store")],
+        [sys.executable, "-c", script, str(tmp_path / "store"), marker],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert proc.stdout.readline() == "started\n"
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        goblins = []
+        while not goblins and time.monotonic() < deadline:
+            goblins = [p for p in processes_with(marker) if p != proc.pid]
+            time.sleep(0.02)
+        assert goblins, "the goblin never started"
         proc.send_signal(2)
         out, _ = proc.communicate(timeout=20)
     finally:
         proc.kill()
         proc.wait()
     assert out == "interrupted\n"
+    # The warm-up stopped its goblin (in a session of its own, out of reach of proc.kill()).
+    assert processes_with(marker) == []
 
 
 def test_live_warm_up_then_fork_and_collect_branches(live, store):

@@ -51,7 +51,8 @@ fn wait(mut child: Child, input: &[u8]) -> Output {
         assert!(started.elapsed() < Duration::from_secs(120), "pf hung");
         std::thread::sleep(Duration::from_millis(10));
     };
-    drop(guard);
+    // Reaped: its pid may already be someone else's, so the guard must not kill it.
+    std::mem::forget(guard);
     Output {
         status,
         stdout: out.join().expect("stdout"),

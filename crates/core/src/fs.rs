@@ -1143,7 +1143,16 @@ fn ensure_dir(path: &Path) -> Result<()> {
 fn check_private(root: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let me = nix::unistd::geteuid().as_raw();
-    for path in [root.to_owned(), root.join("refs"), root.join("blobs")] {
+    // `index/pages` holds the page index: derived data that restore never trusts (every page
+    // is checked), but what decides which pages a freeze stores, so it is the owner's alone too.
+    let dirs = [
+        root.to_owned(),
+        root.join("refs"),
+        root.join("blobs"),
+        root.join("index"),
+        root.join("index/pages"),
+    ];
+    for path in dirs {
         let meta = match fs::metadata(&path) {
             Ok(meta) => meta,
             Err(err) if err.kind() == io::ErrorKind::NotFound && path != root => continue,

@@ -251,6 +251,12 @@ pub fn warm_up(
         let pidfd = goblin.pidfd()?;
         if !wait_exit(pidfd.as_fd(), Some(deadline), Some(cancel))? {
             drop(goblin);
+            if cancel.is_cancelled() {
+                return Err(Error::Cancelled {
+                    pid: Some(pid),
+                    signal: cancel.signal(),
+                });
+            }
             return Err(Error::NotWarm {
                 pid,
                 waited: options.timeout,

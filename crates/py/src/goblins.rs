@@ -349,7 +349,9 @@ impl PyCancel {
 
 /// Run `work` on a thread of its own with the GIL released, while this thread watches for
 /// Python signals: a KeyboardInterrupt (or any exception a signal handler raises) cancels the
-/// work with that signal, waits for it to wind down, and is raised.
+/// work with SIGINT and waits for it to wind down. Work that still completes (a warm-up whose
+/// drain the cancel cut short, clones collected until they were killed) returns its result;
+/// work that the cancel stopped raises the KeyboardInterrupt.
 fn cancellable<T: Send>(
     py: Python<'_>,
     cancel: &Cancel,
@@ -371,12 +373,11 @@ fn cancellable<T: Send>(
             (worker.join(), interrupted)
         })
     });
-    if let Some(err) = interrupted {
-        return Err(err);
-    }
-    match result {
-        Ok(r) => r.map_err(errors::from_goblin),
-        Err(panic) => std::panic::resume_unwind(panic),
+    match (result, interrupted) {
+        (Ok(Ok(done)), _) => Ok(done),
+        (Ok(Err(_)), Some(interrupt)) => Err(interrupt),
+        (Ok(Err(err)), None) => Err(errors::from_goblin(err)),
+        (Err(panic), _) => std::panic::resume_unwind(panic),
     }
 }
 

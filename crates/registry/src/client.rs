@@ -177,6 +177,12 @@ impl Client {
 
     /// The bearer flow: GET the realm with service and scope (and basic credentials if any).
     fn token(&self, realm: &str, service: Option<&str>) -> Result<String> {
+        if self.base.starts_with("https://") && !realm.starts_with("https://") {
+            return Err(Error::InsecureRealm {
+                registry: self.registry.clone(),
+                realm: realm.to_owned(),
+            });
+        }
         let scope = format!("repository:{}:{}", self.repository, self.access.actions());
         let mut url = format!("{realm}?scope={}", query_escape(&scope));
         if let Some(service) = service {
@@ -262,7 +268,8 @@ impl Client {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            if let Some(value) = authorization {
+            // Only to the registry itself: an upload Location may name another host.
+            if let Some(value) = authorization.filter(|_| self.is_registry_url(url)) {
                 builder = builder.header("Authorization", value);
             }
             let result = match body {
@@ -496,6 +503,12 @@ impl Client {
         Err(self.status_error(method, url, status, response))
     }
 
+    /// Whether `url` is on the registry itself (same scheme, host and port), where its
+    /// credentials may go.
+    fn is_registry_url(&self, url: &str) -> bool {
+        same_origin(&self.base, url)
+    }
+
     /// Check the status and return the (absolute) `Location` an upload continues at.
     fn expect_location(
         &self,
@@ -524,6 +537,14 @@ impl Client {
             },
         )
     }
+}
+
+/// Whether `url` starts with `base` (`scheme://host[:port]`) and goes on with a path, a query
+/// or nothing: `http://h:5000/v2` is on `http://h:5000`, `http://h:50001/` and
+/// `http://h:5000.evil/` are not.
+fn same_origin(base: &str, url: &str) -> bool {
+    url.strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
 }
 
 fn header(response: &Response<Body>, name: &str) -> Option<String> {
@@ -641,6 +662,23 @@ mod tests {
             explain_body("<html>\n<b>nope</b>\n</html>"),
             "<html> <b>nope</b> </html>"
         );
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_registry_itself() {
+        let base = "https://r.example:5000";
+        assert!(same_origin(
+            base,
+            "https://r.example:5000/v2/a/blobs/uploads/x?_state=1"
+        ));
+        assert!(same_origin(base, "https://r.example:5000"));
+        assert!(!same_origin(base, "https://r.example:50001/v2/"));
+        assert!(!same_origin(
+            base,
+            "https://r.example:5000.evil.example/v2/"
+        ));
+        assert!(!same_origin(base, "http://r.example:5000/v2/"));
+        assert!(!same_origin(base, "https://storage.example/upload"));
     }
 
     #[test]

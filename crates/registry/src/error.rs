@@ -113,6 +113,13 @@ pub enum Error {
     /// A `WWW-Authenticate` challenge pf does not understand.
     #[error("{registry} asks for authentication pf does not speak: {challenge:?}")]
     UnknownChallenge { registry: String, challenge: String },
+    /// An https registry sent its token requests to a plain-http realm: credentials would
+    /// travel in clear text.
+    #[error(
+        "{registry} sends token requests to {realm}, over plain http; refused, it would carry \
+         your credentials in clear text (ask the registry's operator for an https realm)"
+    )]
+    InsecureRealm { registry: String, realm: String },
     /// The repository does not exist in the registry.
     #[error(
         "{registry} has no repository {repository}; check the name (pf push creates it on its first push)"
@@ -220,7 +227,8 @@ impl Error {
             | Self::CredentialsRefused { .. }
             | Self::Denied { .. }
             | Self::Token { .. }
-            | Self::UnknownChallenge { .. } => ErrorKind::Auth,
+            | Self::UnknownChallenge { .. }
+            | Self::InsecureRealm { .. } => ErrorKind::Auth,
             Self::RepositoryNotFound { .. } | Self::TagNotFound { .. } => ErrorKind::NotFound,
             Self::Tampered { .. } | Self::Incomplete { .. } | Self::SnapshotNotWhole { .. } => {
                 ErrorKind::Integrity

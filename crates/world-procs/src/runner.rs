@@ -169,6 +169,13 @@ impl Invocation {
             })
             .stdout(out)
             .stderr(err);
+        if !self.stdin_is_ours {
+            // A process group of its own: a Ctrl-C typed at pf's terminal goes to pf's group, and
+            // pf decides what it means (a warm-up obeys it once criu returns); killed half-way
+            // through a dump, criu could leave its target with parasite code in it. A shell
+            // job's restore keeps pf's group: it takes over the terminal criu has on stdin.
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         pf_os::fd::only_these_fds(&mut cmd, self.keep_fds.clone());
         tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu");
         let child = cmd.spawn().map_err(|source| Error::Spawn {

@@ -433,13 +433,11 @@ fn bearer_token_flow_with_basic_credentials() {
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("python3 with python3-cryptography");
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    // Guarded before anything can fail, so the server never outlives the test.
     let _server = KillChild(&mut server);
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready).unwrap();
     assert_eq!(ready.trim(), "listening");
 
     let auth = pf_registry::test_support::RegistryAuth::token(
