@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pf_core::BlobStore as _;
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
-use crate::support::pf;
+use crate::support::{pf, text};
 
 /// Longest any single `pf` invocation may take in these tests.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -145,46 +145,8 @@ fn run(mut cmd: Command, input: &[u8]) -> Output {
 }
 
 /// Feed `input` to a started `pf`, collect its output, enforcing [`DEADLINE`].
-fn finish(mut child: Child, input: &[u8]) -> Output {
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = read(child.stdout.take().map(|r| Box::new(r) as Box<_>));
-    let err = read(child.stderr.take().map(|r| Box::new(r) as Box<_>));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "pf did not finish within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    std::mem::forget(guard);
-    let _ = writer.join();
-    Output {
-        status,
-        stdout: out.join().expect("stdout"),
-        stderr: err.join().expect("stderr"),
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn finish(child: Child, input: &[u8]) -> Output {
+    crate::support::finish(child, input, DEADLINE)
 }
 
 fn ok(out: &Output, what: &str) -> String {

@@ -2,10 +2,10 @@
 //! page by page, shared across successive snapshots, every page checked on thaw. Live tests need
 //! root and CRIU (`PF_HAS_CRIU=1`); every process a test starts is killed by pid before it returns.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pf_core::pack::{Pack, PackBuilder};
 use pf_core::pages::{PagesManifest, load_manifest};
@@ -13,7 +13,7 @@ use pf_core::{BlobStore as _, Digest256, FsBlobStore};
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 use pf_world_procs::{FORMAT_ENV, ProcsBlob};
 
-use crate::support::pf;
+use crate::support::{pf, text};
 
 /// Longest any single `pf` invocation may take here.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -85,46 +85,9 @@ fn run(mut cmd: Command, input: &[u8]) -> Output {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("start pf");
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let collect = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = collect(child.stdout.take().map(|r| Box::new(r) as Box<_>));
-    let err = collect(child.stderr.take().map(|r| Box::new(r) as Box<_>));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(started.elapsed() < DEADLINE, "pf did not finish in time");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    std::mem::forget(guard);
-    let _ = writer.join();
-    Output {
-        status,
-        stdout: out.join().expect("stdout"),
-        stderr: err.join().expect("stderr"),
-    }
+    crate::support::finish(cmd.spawn().expect("start pf"), input, DEADLINE)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// `pf goblin freeze --pid PID --tag TAG` writing `procs.criu.v2`; the procs digest.
 fn freeze_v2(store: &Path, pid: &str, tag: &str) -> Digest256 {
     let mut cmd = pf(store);
     cmd.env(FORMAT_ENV, "v2")

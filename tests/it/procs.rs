@@ -7,11 +7,7 @@ use std::time::{Duration, Instant};
 
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
-use crate::support::pf;
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use crate::support::{pf, text};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run pf")

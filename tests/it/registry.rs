@@ -3,16 +3,15 @@
 //! the fix, and (live) a goblin frozen here, pushed through a registry that dies midway, pulled
 //! into another store and thawed in a new network namespace.
 
-use std::io::{Read as _, Write as _};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pf_core::BlobStore as _;
 use pf_registry::test_support::{Registry, docker_config, htpasswd};
-use pf_world_procs::test_support::{Deadline, KillOnDrop, live};
+use pf_world_procs::test_support::{Deadline, live};
 
-use crate::support::{pf, pf_bin};
+use crate::support::{pf, pf_bin, text};
 
 /// Run a command to its end (stdin closed), at most 120 s.
 fn run(mut cmd: Command) -> Output {
@@ -24,44 +23,8 @@ fn run(mut cmd: Command) -> Output {
 }
 
 /// Feed `input`, collect the output, kill the child after 120 s.
-fn wait(mut child: Child, input: &[u8]) -> Output {
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    if let Some(mut stdin) = child.stdin.take() {
-        let input = input.to_vec();
-        std::thread::spawn(move || {
-            let _ = stdin.write_all(&input);
-        });
-    }
-    let read = |r: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = read(child.stdout.take().map(|r| Box::new(r) as Box<_>));
-    let err = read(child.stderr.take().map(|r| Box::new(r) as Box<_>));
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "pf hung");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    // Reaped: its pid may already be someone else's, so the guard must not kill it.
-    std::mem::forget(guard);
-    Output {
-        status,
-        stdout: out.join().expect("stdout"),
-        stderr: err.join().expect("stderr"),
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn wait(child: Child, input: &[u8]) -> Output {
+    crate::support::finish(child, input, Duration::from_secs(120))
 }
 
 fn ok(out: &Output, what: &str) -> String {

@@ -7,11 +7,7 @@ use std::time::{Duration, Instant};
 
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
-use crate::support::{pf, pf_bin};
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use crate::support::{pf, pf_bin, text};
 
 /// A tmux server of this test's own (own socket); on drop every process under it is killed by
 /// pid, then the server.

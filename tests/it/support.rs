@@ -1,8 +1,12 @@
 //! Helpers for running the `pf` binary in tests.
 
+use std::io::{Read, Write as _};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use pf_world_procs::test_support::KillOnDrop;
 
 /// The path of a freshly built `pf` binary (built once per test run, in the test's profile).
 ///
@@ -45,4 +49,55 @@ pub(crate) fn pf(store: &std::path::Path) -> Command {
         .arg("--store")
         .arg(store);
     cmd
+}
+
+/// Feed `input` to a started `pf` (its stdin, stdout and stderr piped), collect what it prints
+/// on both outputs, and wait for it; past `deadline` the test fails and pf is killed by pid.
+pub(crate) fn finish(mut child: Child, input: &[u8], deadline: Duration) -> Output {
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let writer = child.stdin.take().map(|mut stdin| {
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        })
+    });
+    // Both outputs are read at once, each on its own thread: pf blocked on a full stderr pipe
+    // would never finish writing stdout.
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = read(child.stdout.take().map(|r| Box::new(r) as Box<_>));
+    let err = read(child.stderr.take().map(|r| Box::new(r) as Box<_>));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "pf did not finish within {deadline:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Reaped: its pid may already be someone else's, so the guard must not kill it.
+    std::mem::forget(guard);
+    if let Some(writer) = writer {
+        let _ = writer.join();
+    }
+    Output {
+        status,
+        stdout: out.join().expect("stdout"),
+        stderr: err.join().expect("stderr"),
+    }
+}
+
+/// Output bytes as text, for assertions and messages.
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
