@@ -4,9 +4,23 @@
 //!
 //! ```text
 //! <root>/blobs/sha256/<first 2 hex>/<64 hex>.zst   one zstd frame of the blob's raw bytes
+//! <root>/blobs/sha256/<first 2 hex>/<64 hex>.raw   or: the blob's raw bytes as they are
 //! <root>/refs/<name>                                "sha256:<64 hex>\n"
 //! <root>/lock                                       empty; `flock`ed (see below)
 //! ```
+//!
+//! A blob has one of two encodings. `.zst` is the default ([`BlobStore::put`] and the streaming
+//! puts). `.raw` is for bytes that are already compressed, [packs](crate::pack) above all
+//! ([`BlobStore::put_raw`]): compressing them again gains nothing, and stored as they are,
+//! [`BlobStore::read_at`] is one `pread` (a pack's frames are read one at a time). Either way
+//! the digest is the SHA-256 of the raw bytes, and every verified read (`get`, `open`,
+//! `copy_to`) checks it. Stores written before `.raw` existed hold only `.zst` files and read
+//! as before.
+//!
+//! Normally a blob has one file. A put that writes a blob moves its file into place first and
+//! then removes the other encoding's file, so for a moment both may exist; readers look for
+//! `.raw`, then `.zst`, then `.raw` again, which finds the blob whichever way such a change
+//! goes. A put over a corrupt copy writes the encoding the put asks for and removes the other.
 //!
 //! Writers stream into `.tmp-<pid>-<n>-<random>` files (in `blobs/sha256/` or `refs/`) on which
 //! they hold an exclusive `flock`, fsync them, rename them into place and fsync the directory, so
@@ -41,6 +55,31 @@ use crate::lock::StoreLock;
 use crate::mem::VerifyingReader;
 use crate::page_index::PageIndex;
 use crate::store::{BlobStore, ExactLen, Put, WRITE_SLICE, copy_reader, validate_name, write_out};
+
+/// How a blob's bytes are kept in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// `<hex>.zst`: one zstd frame.
+    Zstd,
+    /// `<hex>.raw`: the raw bytes as they are (bytes already compressed, like packs).
+    Raw,
+}
+
+impl Encoding {
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Zstd => "zst",
+            Self::Raw => "raw",
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Zstd => Self::Raw,
+            Self::Raw => Self::Zstd,
+        }
+    }
+}
 
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
@@ -116,10 +155,35 @@ impl FsBlobStore {
         &self.root
     }
 
-    /// Where the blob with `digest` lives (whether or not it is there).
+    /// Where the blob with `digest` lives: its file when it is there (`<hex>.raw` for a blob
+    /// stored with [`BlobStore::put_raw`], else `<hex>.zst`), else where [`BlobStore::put`]
+    /// would write it (`<hex>.zst`).
     pub fn blob_path(&self, digest: &Digest256) -> PathBuf {
+        match self.existing(digest) {
+            Ok(Some((path, _))) => path,
+            _ => self.path_of(digest, Encoding::Zstd),
+        }
+    }
+
+    /// The file of `digest` in `encoding` (whether or not it is there).
+    fn path_of(&self, digest: &Digest256, encoding: Encoding) -> PathBuf {
         let hex = digest.hex();
-        self.blobs.join(&hex[..2]).join(format!("{hex}.zst"))
+        self.blobs
+            .join(&hex[..2])
+            .join(format!("{hex}.{}", encoding.suffix()))
+    }
+
+    /// The blob's file and its encoding, if it is there. Looks for `.raw`, `.zst`, then `.raw`
+    /// again: a put that changes a blob's encoding installs the new file before it removes the
+    /// old one, so one of the three looks finds it whichever way the change goes.
+    fn existing(&self, digest: &Digest256) -> Result<Option<(PathBuf, Encoding)>> {
+        for encoding in [Encoding::Raw, Encoding::Zstd, Encoding::Raw] {
+            let path = self.path_of(digest, encoding);
+            if path_exists(&path)? {
+                return Ok(Some((path, encoding)));
+            }
+        }
+        Ok(None)
     }
 
     fn fanout_dir(&self, digest: &Digest256) -> PathBuf {
@@ -182,36 +246,47 @@ impl FsBlobStore {
             Some(d) => d,
             None => hasher.unwrap_or_default().finish(),
         };
-        self.install(temp, &digest)?;
+        self.install(temp, &digest, Encoding::Zstd)?;
         tracing::debug!(%digest, size, stored, elapsed = ?started.elapsed(), "stored blob");
         Ok(Put { digest, size })
     }
 
-    /// Move a finished, synced temp file to the blob's path.
+    /// Move a finished, synced temp file to the blob's path in `encoding`, then remove the
+    /// blob's file in the other encoding if there is one.
     ///
     /// A blob already there is replaced: the new file holds the same bytes, just written and
     /// hashed, while the old one may have rotted since (a put of the same bytes repairs a corrupt
     /// blob). Readers that opened the old file read it to its end.
-    fn install(&self, temp: TempFile, digest: &Digest256) -> Result<()> {
+    fn install(&self, temp: TempFile, digest: &Digest256, encoding: Encoding) -> Result<()> {
         let dir = self.fanout_dir(digest);
         ensure_dir(&dir)?;
-        temp.persist(&self.blob_path(digest))?;
+        temp.persist(&self.path_of(digest, encoding))?;
+        let other = self.path_of(digest, encoding.other());
+        match fs::remove_file(&other) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(Error::io("removing the old copy of a blob", other, err)),
+        }
         sync_dir(&dir)
     }
 
-    /// Whether the stored blob at `path` decodes to exactly `bytes`. Cheaper than a put: one
-    /// decode, no compression, no write; any failure counts as no.
-    fn holds(&self, digest: &Digest256, path: &Path, bytes: &[u8]) -> bool {
+    /// Whether the stored blob at `path` (in `encoding`) is exactly `bytes`. Cheaper than a put:
+    /// one read (and decode), no compression, no write; any failure counts as no.
+    fn holds(&self, digest: &Digest256, path: &Path, encoding: Encoding, bytes: &[u8]) -> bool {
         let Ok(file) = File::open(path) else {
             return false;
         };
-        let Ok(mut decoder) = self.decoder(digest, file, path) else {
-            return false;
+        let mut reader: Box<dyn Read> = match encoding {
+            Encoding::Raw => Box::new(file),
+            Encoding::Zstd => match self.decoder(digest, file, path) {
+                Ok(decoder) => Box::new(decoder),
+                Err(_) => return false,
+            },
         };
         let mut buf = vec![0u8; bytes.len().clamp(1, CHUNK)];
         let mut seen = 0usize;
         loop {
-            match fill(&mut decoder, &mut buf) {
+            match fill(&mut reader, &mut buf) {
                 Ok(0) => return seen == bytes.len(),
                 Ok(n) => {
                     if bytes.get(seen..seen + n) != Some(&buf[..n]) {
@@ -244,14 +319,50 @@ impl FsBlobStore {
         })
     }
 
-    fn open_blob_file(&self, digest: &Digest256) -> Result<(File, PathBuf)> {
-        let path = self.blob_path(digest);
-        match File::open(&path) {
-            Ok(file) => Ok((file, path)),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                Err(Error::NotFound { digest: *digest })
+    /// Open the blob's file (see [`existing`](Self::existing) for the order of the looks).
+    fn open_blob_file(&self, digest: &Digest256) -> Result<(File, PathBuf, Encoding)> {
+        for encoding in [Encoding::Raw, Encoding::Zstd, Encoding::Raw] {
+            let path = self.path_of(digest, encoding);
+            match File::open(&path) {
+                Ok(file) => return Ok((file, path, encoding)),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io("opening blob", path, err)),
             }
-            Err(err) => Err(Error::io("opening blob", path, err)),
+        }
+        Err(Error::NotFound { digest: *digest })
+    }
+
+    /// Write `bytes` as they are into a temp file, fsync it, and move it into place as the
+    /// blob's `.raw` file.
+    fn write_raw(&self, bytes: &[u8], digest: &Digest256) -> Result<()> {
+        ensure_dir(&self.blobs)?;
+        let temp = TempFile::create(&self.blobs)?;
+        for slice in bytes.chunks(WRITE_SLICE) {
+            (&temp.file)
+                .write_all(slice)
+                .map_err(|err| Error::io("writing", &temp.path, err))?;
+        }
+        temp.file
+            .sync_all()
+            .map_err(|err| Error::io("syncing", &temp.path, err))?;
+        self.install(temp, digest, Encoding::Raw)
+    }
+
+    /// A put of `bytes` whose digest is `digest`, in `encoding`: nothing to write when the
+    /// store holds exactly these bytes already (in either encoding).
+    fn put_bytes(&self, bytes: &[u8], digest: Digest256, encoding: Encoding) -> Result<()> {
+        if let Some((path, found)) = self.existing(&digest)?
+            && self.holds(&digest, &path, found, bytes)
+        {
+            touch(&path);
+            return Ok(());
+        }
+        // Missing, or corrupt: write it (again).
+        match encoding {
+            Encoding::Raw => self.write_raw(bytes, &digest),
+            Encoding::Zstd => self
+                .write_blob(&mut &bytes[..], Some(bytes.len() as u64), Some(digest))
+                .map(drop),
         }
     }
 
@@ -299,14 +410,54 @@ impl FsBlobStore {
 impl BlobStore for FsBlobStore {
     fn put(&self, bytes: &[u8]) -> Result<Digest256> {
         let digest = Digest256::of(bytes);
-        let dest = self.blob_path(&digest);
-        if path_exists(&dest)? && self.holds(&digest, &dest, bytes) {
-            touch(&dest);
-            return Ok(digest);
-        }
-        // Missing, or corrupt: write it (again).
-        self.write_blob(&mut &bytes[..], Some(bytes.len() as u64), Some(digest))?;
+        self.put_bytes(bytes, digest, Encoding::Zstd)?;
         Ok(digest)
+    }
+
+    fn put_raw(&self, bytes: &[u8]) -> Result<Digest256> {
+        let digest = Digest256::of(bytes);
+        self.put_bytes(bytes, digest, Encoding::Raw)?;
+        Ok(digest)
+    }
+
+    fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        use std::os::unix::fs::FileExt as _;
+        let (file, path, encoding) = self.open_blob_file(digest)?;
+        match encoding {
+            Encoding::Raw => {
+                // No file is that long (and `pread` refuses offsets past i64::MAX).
+                if offset > i64::MAX as u64 {
+                    return Ok(0);
+                }
+                let mut filled = 0usize;
+                while filled < buf.len() {
+                    let at = offset.saturating_add(filled as u64);
+                    match file.read_at(&mut buf[filled..], at) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                        Err(err) => return Err(Error::io("reading", path, err)),
+                    }
+                }
+                Ok(filled)
+            }
+            Encoding::Zstd => {
+                let mut decoder = self.decoder(digest, file, &path)?;
+                let decode_error = |err| {
+                    Error::from_read(err, |source| Error::Decode {
+                        digest: *digest,
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let skipped = io::copy(&mut (&mut decoder).take(offset), &mut io::sink())
+                    .map_err(decode_error)?;
+                if skipped < offset {
+                    return Ok(0);
+                }
+                fill(&mut decoder, buf).map_err(decode_error)
+            }
+        }
     }
 
     fn put_reader(&self, reader: &mut dyn Read) -> Result<Put> {
@@ -318,8 +469,8 @@ impl BlobStore for FsBlobStore {
     }
 
     fn get(&self, digest: &Digest256) -> Result<Vec<u8>> {
-        let (file, path) = self.open_blob_file(digest)?;
-        let mut reader = self.reader(digest, file, &path)?;
+        let (file, path, encoding) = self.open_blob_file(digest)?;
+        let mut reader = self.reader(digest, file, &path, encoding)?;
         let mut out = Vec::new();
         reader.read_to_end(&mut out).map_err(|err| {
             Error::from_read(err, |source| Error::Decode {
@@ -332,12 +483,17 @@ impl BlobStore for FsBlobStore {
     }
 
     fn open(&self, digest: &Digest256) -> Result<Box<dyn Read + Send>> {
-        let (file, path) = self.open_blob_file(digest)?;
-        self.reader(digest, file, &path)
+        let (file, path, encoding) = self.open_blob_file(digest)?;
+        self.reader(digest, file, &path, encoding)
     }
 
     fn copy_to(&self, digest: &Digest256, out: &mut dyn Write) -> Result<u64> {
-        let (file, path) = self.open_blob_file(digest)?;
+        let (file, path, encoding) = self.open_blob_file(digest)?;
+        if encoding == Encoding::Raw {
+            let mut reader =
+                VerifyingReader::new(BufReader::with_capacity(CHUNK, file), *digest, Some(path));
+            return copy_reader(&mut reader, digest, out);
+        }
         let stored = file
             .metadata()
             .map_err(|err| Error::io("reading metadata of", &path, err))?
@@ -390,16 +546,20 @@ impl BlobStore for FsBlobStore {
     }
 
     fn contains(&self, digest: &Digest256) -> Result<bool> {
-        path_exists(&self.blob_path(digest))
+        Ok(self.existing(digest)?.is_some())
     }
 
     fn remove(&self, digest: &Digest256) -> Result<bool> {
-        let path = self.blob_path(digest);
-        match fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(err) => Err(Error::io("removing blob", path, err)),
+        let mut removed = false;
+        for encoding in [Encoding::Zstd, Encoding::Raw] {
+            let path = self.path_of(digest, encoding);
+            match fs::remove_file(&path) {
+                Ok(()) => removed = true,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io("removing blob", path, err)),
+            }
         }
+        Ok(removed)
     }
 
     fn list(&self) -> Result<Vec<Digest256>> {
@@ -414,7 +574,10 @@ impl BlobStore for FsBlobStore {
             for entry in entries {
                 let entry = entry.map_err(|err| Error::io("listing", &dir, err))?;
                 let name = entry.file_name();
-                let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".zst")) else {
+                let Some(hex) = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".zst").or_else(|| n.strip_suffix(".raw")))
+                else {
                     continue;
                 };
                 if !hex.starts_with(prefix) {
@@ -426,11 +589,15 @@ impl BlobStore for FsBlobStore {
             }
         }
         out.sort();
+        // A blob whose encoding is being changed has two files for a moment.
+        out.dedup();
         Ok(out)
     }
 
     fn stored_size(&self, digest: &Digest256) -> Result<u64> {
-        let path = self.blob_path(digest);
+        let Some((path, _)) = self.existing(digest)? else {
+            return Err(Error::NotFound { digest: *digest });
+        };
         match fs::metadata(&path) {
             Ok(meta) => Ok(meta.len()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -441,14 +608,20 @@ impl BlobStore for FsBlobStore {
     }
 
     fn raw_size(&self, digest: &Digest256) -> Result<u64> {
-        let (mut file, path) = self.open_blob_file(digest)?;
+        let (mut file, path, encoding) = self.open_blob_file(digest)?;
+        if encoding == Encoding::Raw {
+            return Ok(file
+                .metadata()
+                .map_err(|err| Error::io("reading metadata of", &path, err))?
+                .len());
+        }
         let mut header = [0u8; FRAME_HEADER_MAX];
         let n = fill(&mut file, &mut header).map_err(|err| Error::io("reading", &path, err))?;
         if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(&header[..n]) {
             return Ok(size);
         }
         // No size in the header (a stream of unknown length): count by decoding.
-        let (file, path) = self.open_blob_file(digest)?;
+        let (file, path, _) = self.open_blob_file(digest)?;
         let mut decoder = self.decoder(digest, file, &path)?;
         io::copy(&mut decoder, &mut io::sink()).map_err(|err| {
             Error::from_read(err, |source| Error::Decode {
@@ -460,7 +633,9 @@ impl BlobStore for FsBlobStore {
     }
 
     fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
-        let path = self.blob_path(digest);
+        let Some((path, _)) = self.existing(digest)? else {
+            return Err(Error::NotFound { digest: *digest });
+        };
         match fs::metadata(&path).and_then(|m| m.modified()) {
             Ok(time) => Ok(Some(time)),
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -474,10 +649,9 @@ impl BlobStore for FsBlobStore {
         validate_name(name)?;
         // A gc must not remove the blob between this check and the name.
         let _writing = self.writer_lock()?;
-        let blob = self.blob_path(digest);
-        if !path_exists(&blob)? {
+        let Some((blob, _)) = self.existing(digest)? else {
             return Err(Error::NotFound { digest: *digest });
-        }
+        };
         // A gc that listed the names before this one was written may still be deciding what to
         // remove: a fresh mtime puts the blob in its grace period.
         touch(&blob);
@@ -607,8 +781,21 @@ impl BlobStore for FsBlobStore {
 }
 
 impl FsBlobStore {
-    /// The verifying reader for an open blob file: threaded for large files.
-    fn reader(&self, digest: &Digest256, file: File, path: &Path) -> Result<Box<dyn Read + Send>> {
+    /// The verifying reader for an open blob file: threaded for large compressed files.
+    fn reader(
+        &self,
+        digest: &Digest256,
+        file: File,
+        path: &Path,
+        encoding: Encoding,
+    ) -> Result<Box<dyn Read + Send>> {
+        if encoding == Encoding::Raw {
+            return Ok(Box::new(VerifyingReader::new(
+                BufReader::with_capacity(CHUNK, file),
+                *digest,
+                Some(path.to_owned()),
+            )));
+        }
         let stored = file
             .metadata()
             .map_err(|err| Error::io("reading metadata of", path, err))?
@@ -1253,6 +1440,118 @@ mod tests {
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
         assert_eq!(mode(s.root()), 0o700);
+    }
+
+    #[test]
+    fn raw_blobs_round_trip_and_read_at_any_offset() {
+        let (_dir, s) = store();
+        let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let d = s.put_raw(&data).unwrap();
+        assert_eq!(d, Digest256::of(&data));
+        let path = s.blob_path(&d);
+        let hex = d.hex();
+        assert!(path.ends_with(format!("blobs/sha256/{}/{hex}.raw", &hex[..2])));
+        assert_eq!(fs::read(&path).unwrap(), data, "stored as it is");
+        assert_eq!(mode(&path), 0o600);
+        assert!(!s.path_of(&d, Encoding::Zstd).exists());
+        assert_eq!(s.get(&d).unwrap(), data);
+        let mut out = Vec::new();
+        s.open(&d).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        let mut out = Vec::new();
+        assert_eq!(s.copy_to(&d, &mut out).unwrap(), data.len() as u64);
+        assert_eq!(out, data);
+        assert_eq!(s.raw_size(&d).unwrap(), data.len() as u64);
+        assert_eq!(s.stored_size(&d).unwrap(), data.len() as u64);
+        assert!(s.contains(&d).unwrap());
+        assert!(s.modified(&d).unwrap().is_some());
+        s.set_name("raw", &d).unwrap();
+        // A compressed blob beside it: read_at reads both, short only at the end.
+        let z = s.put(&data[..CHUNK + 5]).unwrap();
+        assert!(s.blob_path(&z).to_string_lossy().ends_with(".zst"));
+        assert_eq!(s.list().unwrap(), {
+            let mut v = vec![d, z];
+            v.sort();
+            v
+        });
+        for (digest, len) in [(d, data.len()), (z, CHUNK + 5)] {
+            for at in [0usize, CHUNK - 3, len - 4, len] {
+                let mut buf = vec![0u8; 10];
+                let n = s.read_at(&digest, at as u64, &mut buf).unwrap();
+                assert_eq!(n, 10.min(len - at), "{digest} at {at}");
+                assert_eq!(buf[..n], data[at..at + n], "{digest} at {at}");
+            }
+            let mut buf = [0u8; 4];
+            assert_eq!(s.read_at(&digest, u64::MAX - 1, &mut buf).unwrap(), 0);
+        }
+        let missing = Digest256::of(b"missing");
+        assert!(matches!(
+            s.read_at(&missing, 0, &mut [0u8; 4]),
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn raw_blobs_are_verified_repaired_and_removed_like_any_other() {
+        let (_dir, s) = store();
+        let data = vec![9u8; 10_000];
+        let d = s.put_raw(&data).unwrap();
+        let raw = s.path_of(&d, Encoding::Raw);
+        let zst = s.path_of(&d, Encoding::Zstd);
+        // A flipped byte: verified reads fail, read_at hands it out (its caller checks).
+        let mut bad = data.clone();
+        bad[5000] = 8;
+        fs::write(&raw, &bad).unwrap();
+        assert!(matches!(s.get(&d), Err(Error::Integrity { digest, .. }) if digest == d));
+        assert!(matches!(
+            s.copy_to(&d, &mut Vec::new()),
+            Err(Error::Integrity { .. })
+        ));
+        let mut buf = [0u8; 1];
+        s.read_at(&d, 5000, &mut buf).unwrap();
+        assert_eq!(buf, [8]);
+        // A compressed put of the same bytes repairs it, as a `.zst`, and the bad `.raw` goes.
+        assert_eq!(s.put(&data).unwrap(), d);
+        assert!(zst.exists() && !raw.exists());
+        assert_eq!(s.get(&d).unwrap(), data);
+        // A raw put of bytes already stored (either way) writes nothing.
+        let ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&zst).unwrap());
+        assert_eq!(s.put_raw(&data).unwrap(), d);
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(&zst).unwrap()),
+            ino
+        );
+        // A corrupt `.zst` is repaired by a raw put, which leaves only the `.raw`.
+        fs::write(&zst, zstd::encode_all(&bad[..], 1).unwrap()).unwrap();
+        assert_eq!(s.put_raw(&data).unwrap(), d);
+        assert!(raw.exists() && !zst.exists());
+        assert_eq!(s.get(&d).unwrap(), data);
+        // Both files at once (a put was changing the encoding): listed once, read from `.raw`,
+        // both removed.
+        fs::write(&zst, zstd::encode_all(&data[..], 1).unwrap()).unwrap();
+        assert_eq!(s.list().unwrap(), vec![d]);
+        assert_eq!(s.blob_path(&d), raw);
+        assert!(s.remove(&d).unwrap());
+        assert!(!raw.exists() && !zst.exists());
+        assert!(!s.contains(&d).unwrap());
+        assert!(!s.remove(&d).unwrap());
+        // gc removes an unnamed raw blob and keeps a named one.
+        let kept = s.put_raw(b"kept").unwrap();
+        let dropped = s.put_raw(b"dropped").unwrap();
+        s.set_name("kept", &kept).unwrap();
+        let report = crate::gc(
+            &s,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            report.removed.iter().map(|b| b.digest).collect::<Vec<_>>(),
+            vec![dropped]
+        );
+        assert_eq!(s.list().unwrap(), vec![kept]);
     }
 
     #[test]

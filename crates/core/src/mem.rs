@@ -120,6 +120,20 @@ impl BlobStore for MemBlobStore {
         Ok(self.blob(digest)?.len() as u64)
     }
 
+    fn raw_size(&self, digest: &Digest256) -> Result<u64> {
+        Ok(self.blob(digest)?.len() as u64)
+    }
+
+    fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let bytes = self.blob(digest)?;
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let n = buf.len().min(bytes.len() - start);
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(n)
+    }
+
     fn set_name(&self, name: &str, digest: &Digest256) -> Result<()> {
         validate_name(name)?;
         // A gc must not remove the blob between this check and the name.
@@ -294,6 +308,27 @@ mod tests {
         assert!(r.read_to_end(&mut out).is_err());
         let mut buf = [0u8; 4];
         assert!(r.read(&mut buf).is_err());
+    }
+
+    #[test]
+    fn read_at_reads_raw_bytes_unverified_and_short_only_at_the_end() {
+        let s = MemBlobStore::new();
+        let d = s.put(b"0123456789").unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(s.read_at(&d, 3, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"3456");
+        assert_eq!(s.read_at(&d, 8, &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"89");
+        assert_eq!(s.read_at(&d, 10, &mut buf).unwrap(), 0);
+        assert_eq!(s.read_at(&d, u64::MAX, &mut buf).unwrap(), 0);
+        // Not verified: the caller checks what it reads.
+        s.corrupt_for_test(&d, b"0123x56789");
+        assert_eq!(s.read_at(&d, 3, &mut buf).unwrap(), 4);
+        assert_eq!(&buf, b"3x56");
+        assert!(matches!(
+            s.read_at(&Digest256::of(b"nope"), 0, &mut buf),
+            Err(Error::NotFound { .. })
+        ));
     }
 
     #[test]

@@ -36,8 +36,12 @@ const LEVEL: i32 = 1;
 
 const MAGIC: &[u8; 8] = b"PFPACK\0\x01";
 const END_MAGIC: &[u8; 8] = b"PFPKEND1";
-const TRAILER_LEN: usize = 24;
-const FRAME_ENTRY_LEN: usize = 20;
+/// Bytes of the trailer at the end of a pack.
+pub(crate) const TRAILER_LEN: usize = 24;
+/// Bytes of the index before its frame table (frame and page counts).
+pub(crate) const INDEX_HEAD_LEN: usize = 8;
+/// Bytes of one frame table entry.
+pub(crate) const FRAME_ENTRY_LEN: usize = 20;
 
 /// Why a pack cannot be written, parsed or read.
 #[derive(Debug, thiserror::Error)]
@@ -203,11 +207,139 @@ pub type PageSink<'f, E> = dyn FnMut(u32, &[u8]) -> Result<(), E> + 'f;
 
 /// One frame of a pack, from its index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Frame {
-    offset: usize,
-    len: usize,
-    first: u32,
+pub(crate) struct Frame {
+    /// Where its compressed bytes start in the pack.
+    pub(crate) offset: usize,
+    /// How many compressed bytes it has.
+    pub(crate) len: usize,
+    /// Its first page's slot.
+    pub(crate) first: u32,
+    /// Pages in it (1 to [`FRAME_PAGES`]).
+    pub(crate) pages: u32,
+}
+
+/// Where a pack's index lies, from its trailer (the last [`TRAILER_LEN`] bytes of a pack of
+/// `len` bytes): `(index offset, index length)`, checked to end at the trailer.
+pub(crate) fn parse_trailer(
+    pack: Digest256,
+    len: u64,
+    trailer: &[u8],
+) -> Result<(usize, usize), PackError> {
+    let bad = |reason| PackError::Malformed { pack, reason };
+    if len < (MAGIC.len() + TRAILER_LEN) as u64 || trailer.len() != TRAILER_LEN {
+        return Err(bad("it is too short to be a pack"));
+    }
+    if &trailer[16..] != END_MAGIC {
+        return Err(bad("it does not end with the pack trailer"));
+    }
+    let index_at = u64_at(trailer, 0);
+    let index_len = u64_at(trailer, 8);
+    index_at
+        .checked_add(index_len)
+        .filter(|&e| e == len - TRAILER_LEN as u64 && index_at >= MAGIC.len() as u64)
+        .ok_or(bad("its index does not end at the trailer"))?;
+    let at = usize::try_from(index_at).map_err(|_| bad("its index lies out of reach"))?;
+    let n = usize::try_from(index_len).map_err(|_| bad("its index lies out of reach"))?;
+    if n < INDEX_HEAD_LEN {
+        return Err(bad("its index is truncated"));
+    }
+    Ok((at, n))
+}
+
+/// The frame count an index head (its first [`INDEX_HEAD_LEN`] bytes) announces.
+pub(crate) fn frame_count(head: &[u8]) -> usize {
+    u32_at(head, 0) as usize
+}
+
+/// Parse and check a pack's frame table. `index` holds at least the index's head and frame
+/// table (the page digests after them are not needed); `index_at` and `index_len` come from
+/// [`parse_trailer`]. Returns the frames and the page count. Every frame must lie between the
+/// magic and the index, hold 1 to [`FRAME_PAGES`] pages in slot order, and be no longer than
+/// zstd's bound for that many pages, so a reader never decodes more than a frame's worth.
+pub(crate) fn parse_frames(
+    pack: Digest256,
+    index: &[u8],
+    index_at: usize,
+    index_len: usize,
+) -> Result<(Vec<Frame>, u32), PackError> {
+    let bad = |reason| PackError::Malformed { pack, reason };
+    if index.len() < INDEX_HEAD_LEN {
+        return Err(bad("its index is truncated"));
+    }
+    let frame_count = frame_count(index);
+    let page_count = u32_at(index, 4) as usize;
+    let want = frame_count
+        .checked_mul(FRAME_ENTRY_LEN)
+        .and_then(|f| page_count.checked_mul(32).and_then(|p| p.checked_add(f)))
+        .and_then(|n| n.checked_add(INDEX_HEAD_LEN));
+    if want != Some(index_len) {
+        return Err(bad("its index length does not match its counts"));
+    }
+    let table_end = INDEX_HEAD_LEN + frame_count * FRAME_ENTRY_LEN;
+    if index.len() < table_end {
+        return Err(bad("its index is truncated"));
+    }
+    let max_frame = zstd::zstd_safe::compress_bound(FRAME_PAGES * PAGE_SIZE);
+    let mut frames = Vec::with_capacity(frame_count);
+    let mut next_slot = 0u32;
+    for e in index[INDEX_HEAD_LEN..table_end].chunks_exact(FRAME_ENTRY_LEN) {
+        let frame = Frame {
+            offset: u64_at(e, 0) as usize,
+            len: u32_at(e, 8) as usize,
+            first: u32_at(e, 12),
+            pages: u32_at(e, 16),
+        };
+        let in_bounds = frame.offset >= MAGIC.len()
+            && frame
+                .offset
+                .checked_add(frame.len)
+                .is_some_and(|end| end <= index_at);
+        if !in_bounds
+            || frame.first != next_slot
+            || frame.pages == 0
+            || frame.pages as usize > FRAME_PAGES
+            || frame.len > max_frame
+        {
+            return Err(bad("a frame lies outside the pack or out of order"));
+        }
+        next_slot += frame.pages;
+        frames.push(frame);
+    }
+    if next_slot as usize != page_count {
+        return Err(bad("its frames do not cover its pages"));
+    }
+    Ok((frames, page_count as u32))
+}
+
+/// The frame of `frames` (sorted, as [`parse_frames`] returns them) that holds `slot`.
+pub(crate) fn frame_holding(frames: &[Frame], slot: u32) -> Option<usize> {
+    let n = frames.partition_point(|f| f.first + f.pages <= slot);
+    (n < frames.len()).then_some(n)
+}
+
+/// Decode one frame's compressed bytes `src` into `out` (cleared first, its allocation
+/// reused), which must come to exactly `pages` pages.
+pub(crate) fn decode_frame_bytes(
+    decoder: &mut Option<zstd::bulk::Decompressor<'static>>,
+    src: &[u8],
     pages: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), std::io::Error> {
+    let want = pages as usize * PAGE_SIZE;
+    out.clear();
+    out.reserve(want);
+    let decoder = match decoder {
+        Some(d) => d,
+        None => decoder.insert(zstd::bulk::Decompressor::new()?),
+    };
+    decoder.decompress_to_buffer(src, out)?;
+    if out.len() != want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame holds fewer pages than its index says",
+        ));
+    }
+    Ok(())
 }
 
 /// A pack's bytes with their index parsed; pages are decoded on demand.
@@ -230,54 +362,12 @@ impl<'a> Pack<'a> {
         if bytes.len() < MAGIC.len() + TRAILER_LEN || &bytes[..MAGIC.len()] != MAGIC {
             return Err(bad("it does not start with the pack magic"));
         }
-        let trailer = &bytes[bytes.len() - TRAILER_LEN..];
-        if &trailer[16..] != END_MAGIC {
-            return Err(bad("it does not end with the pack trailer"));
-        }
-        let index_at = u64_at(trailer, 0) as usize;
-        let index_len = u64_at(trailer, 8) as usize;
-        let index_end = index_at
-            .checked_add(index_len)
-            .filter(|&e| e == bytes.len() - TRAILER_LEN && index_at >= MAGIC.len())
-            .ok_or(bad("its index does not end at the trailer"))?;
-        let index = &bytes[index_at..index_end];
-        if index.len() < 8 {
-            return Err(bad("its index is truncated"));
-        }
-        let frame_count = u32_at(index, 0) as usize;
-        let page_count = u32_at(index, 4) as usize;
-        let want = frame_count
-            .checked_mul(FRAME_ENTRY_LEN)
-            .and_then(|f| page_count.checked_mul(32).and_then(|p| p.checked_add(f)))
-            .and_then(|n| n.checked_add(8));
-        if want != Some(index.len()) {
-            return Err(bad("its index length does not match its counts"));
-        }
-        let mut frames = Vec::with_capacity(frame_count);
-        let mut next_slot = 0u32;
-        for n in 0..frame_count {
-            let e = &index[8 + n * FRAME_ENTRY_LEN..8 + (n + 1) * FRAME_ENTRY_LEN];
-            let frame = Frame {
-                offset: u64_at(e, 0) as usize,
-                len: u32_at(e, 8) as usize,
-                first: u32_at(e, 12),
-                pages: u32_at(e, 16),
-            };
-            let in_bounds = frame.offset >= MAGIC.len()
-                && frame
-                    .offset
-                    .checked_add(frame.len)
-                    .is_some_and(|end| end <= index_at);
-            if !in_bounds || frame.first != next_slot || frame.pages == 0 {
-                return Err(bad("a frame lies outside the pack or out of order"));
-            }
-            next_slot += frame.pages;
-            frames.push(frame);
-        }
-        if next_slot as usize != page_count {
-            return Err(bad("its frames do not cover its pages"));
-        }
-        let digests = &index[8 + frame_count * FRAME_ENTRY_LEN..];
+        let len = bytes.len() as u64;
+        let (index_at, index_len) =
+            parse_trailer(digest, len, &bytes[bytes.len() - TRAILER_LEN..])?;
+        let index = &bytes[index_at..index_at + index_len];
+        let (frames, _) = parse_frames(digest, index, index_at, index_len)?;
+        let digests = &index[INDEX_HEAD_LEN + frames.len() * FRAME_ENTRY_LEN..];
         Ok(Self {
             digest,
             bytes,
@@ -328,39 +418,21 @@ impl<'a> Pack<'a> {
     ) -> Result<u32, PackError> {
         let f = self.frames[n];
         let src = &self.bytes[f.offset..f.offset + f.len];
-        let frame_err = |source| PackError::Frame {
+        decode_frame_bytes(decoder, src, f.pages, out).map_err(|source| PackError::Frame {
             pack: self.digest,
             frame: n,
             source,
-        };
-        let want = f.pages as usize * PAGE_SIZE;
-        out.clear();
-        out.reserve(want);
-        let decoder = match decoder {
-            Some(d) => d,
-            None => decoder.insert(zstd::bulk::Decompressor::new().map_err(frame_err)?),
-        };
-        decoder.decompress_to_buffer(src, out).map_err(frame_err)?;
-        if out.len() != want {
-            return Err(frame_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "frame holds fewer pages than its index says",
-            )));
-        }
+        })?;
         Ok(f.first)
     }
 
     /// The frame holding `slot`.
     fn frame_of(&self, slot: u32) -> Result<usize, PackError> {
-        let n = self.frames.partition_point(|f| f.first + f.pages <= slot);
-        if n >= self.frames.len() {
-            return Err(PackError::NoSuchSlot {
-                pack: self.digest,
-                slot,
-                pages: self.pages(),
-            });
-        }
-        Ok(n)
+        frame_holding(&self.frames, slot).ok_or(PackError::NoSuchSlot {
+            pack: self.digest,
+            slot,
+            pages: self.pages(),
+        })
     }
 
     /// Read the page in `slot` into `out` (4 KiB), decoding only its frame, and check that it
@@ -420,7 +492,8 @@ impl<'a> Pack<'a> {
     }
 }
 
-fn check_page(
+/// Check that `page` (slot `slot` of pack `pack`) hashes to `expected`.
+pub(crate) fn check_page(
     pack: Digest256,
     slot: u32,
     page: &[u8],

@@ -100,6 +100,19 @@ pub enum PagesError {
         /// Its length.
         len: u64,
     },
+    /// A read asked for pages the file does not have, or for a part of a page.
+    #[error(
+        "cannot read {len} bytes from page {first} of a file of {pages} pages: reads are whole \
+         pages inside the file"
+    )]
+    OutOfRange {
+        /// The first page asked for.
+        first: u64,
+        /// Bytes asked for.
+        len: usize,
+        /// Pages in the file.
+        pages: u64,
+    },
     /// A manifest or page list is not what this version writes.
     #[error("blob {digest} is not a valid {what}: {reason}")]
     Malformed {
@@ -207,7 +220,7 @@ impl<'a> PageWriter<'a> {
             let putter = s.spawn(move || -> Result<Vec<(Digest256, u64)>, PagesError> {
                 let mut done = Vec::new();
                 for bytes in recv {
-                    let digest = store.put(&bytes).map_err(|source| PagesError::Store {
+                    let digest = store.put_raw(&bytes).map_err(|source| PagesError::Store {
                         what: "storing a pack".to_owned(),
                         source,
                     })?;
@@ -508,6 +521,300 @@ pub fn parse_list(
             })
         })
         .collect()
+}
+
+/// Decoded frames a [`PagesReader`] keeps, most recently used first.
+const FRAME_CACHE: usize = 16;
+
+/// The store a [`PagesReader`] reads from: borrowed, or shared so the reader can be `'static`.
+#[derive(Debug)]
+enum StoreRef<'s> {
+    Borrowed(&'s dyn BlobStore),
+    Shared(std::sync::Arc<dyn BlobStore>),
+}
+
+impl StoreRef<'_> {
+    fn get(&self) -> &dyn BlobStore {
+        match self {
+            Self::Borrowed(store) => *store,
+            Self::Shared(store) => &**store,
+        }
+    }
+}
+
+/// What a [`PagesReader`] knows of one pack: its frame table, read once.
+#[derive(Debug)]
+struct PackFrames {
+    frames: Vec<crate::pack::Frame>,
+}
+
+/// A decoded frame in the cache: (pack number, frame number, its pages).
+type CachedFrame = (u32, usize, std::sync::Arc<Vec<u8>>);
+
+/// Random access to the pages of a file stored by [`PageWriter`]: any run of pages, each one
+/// decoded from its frame alone and checked against its digest before it is handed out.
+///
+/// Opening reads and verifies the manifest and the page list whole (40 bytes a page); a pack's
+/// trailer and frame table are read once, on its first use, with
+/// [`BlobStore::read_at`] (unverified: a damaged table can only point at bytes that then fail
+/// the page check, never yield a wrong page); each frame is read with one `read_at` and decoded
+/// alone. The last [`FRAME_CACHE`] (16) decoded frames are kept, so consecutive single-page
+/// reads inside one 128 KiB frame decode it once; pages are hashed on every read. Many threads
+/// may call [`read`](Self::read) at once.
+#[derive(Debug)]
+pub struct PagesReader<'s> {
+    store: StoreRef<'s>,
+    manifest: Digest256,
+    packs: Vec<Digest256>,
+    list: Vec<ListedPage>,
+    tables: Vec<std::sync::OnceLock<std::sync::Arc<PackFrames>>>,
+    cache: std::sync::Mutex<std::collections::VecDeque<CachedFrame>>,
+}
+
+impl<'s> PagesReader<'s> {
+    /// Open the file whose manifest is `manifest` in `store`.
+    pub fn open(store: &'s dyn BlobStore, manifest: &Digest256) -> Result<Self, PagesError> {
+        Self::with_store(StoreRef::Borrowed(store), manifest)
+    }
+
+    fn with_store(store: StoreRef<'s>, manifest: &Digest256) -> Result<Self, PagesError> {
+        let m = load_manifest(store.get(), manifest)?;
+        let list_bytes = store
+            .get()
+            .get(&m.list)
+            .map_err(|source| PagesError::Store {
+                what: format!("reading the page list {}", m.list),
+                source,
+            })?;
+        let list = parse_list(&m.list, &list_bytes, &m)?;
+        drop(list_bytes);
+        Ok(Self {
+            store,
+            manifest: *manifest,
+            tables: (0..m.packs.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            packs: m.packs,
+            list,
+            cache: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FRAME_CACHE)),
+        })
+    }
+
+    /// Pages in the file.
+    pub fn pages(&self) -> u64 {
+        self.list.len() as u64
+    }
+
+    /// The manifest this reader was opened on.
+    pub fn manifest(&self) -> &Digest256 {
+        &self.manifest
+    }
+
+    /// What the page list records for page `page` (its digest, and whether it is a zero page:
+    /// `at` is `None`), or `None` past the end of the file.
+    pub fn listed(&self, page: u64) -> Option<ListedPage> {
+        usize::try_from(page)
+            .ok()
+            .and_then(|n| self.list.get(n))
+            .copied()
+    }
+
+    /// Fill `out` (a whole number of pages) with the pages from `first` on, each checked
+    /// against the page list's digest; zero pages are zero-filled. A page whose bytes do not
+    /// check is [`PagesError::BadPage`] naming it (and `out` must then be discarded).
+    pub fn read(&self, first: u64, out: &mut [u8]) -> Result<(), PagesError> {
+        let count = (out.len() / PAGE_SIZE) as u64;
+        let fits = first
+            .checked_add(count)
+            .is_some_and(|end| end <= self.pages());
+        if !out.len().is_multiple_of(PAGE_SIZE) || !fits {
+            return Err(PagesError::OutOfRange {
+                first,
+                len: out.len(),
+                pages: self.pages(),
+            });
+        }
+        let mut current: Option<CachedFrame> = None;
+        for (i, dst) in out.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            let page = first + i as u64;
+            let listed = self.list[page as usize];
+            let Some((pack_no, slot)) = listed.at else {
+                dst.fill(0);
+                continue;
+            };
+            let table = self.table(pack_no)?;
+            let bad = |source| PagesError::BadPage { page, source };
+            let frame_no = crate::pack::frame_holding(&table.frames, slot).ok_or_else(|| {
+                bad(PackError::NoSuchSlot {
+                    pack: self.packs[pack_no as usize],
+                    slot,
+                    pages: table.frames.last().map_or(0, |f| f.first + f.pages),
+                })
+            })?;
+            let hit = matches!(&current, Some((p, f, _)) if *p == pack_no && *f == frame_no);
+            if !hit {
+                current = Some((
+                    pack_no,
+                    frame_no,
+                    self.cached_frame(pack_no, &table, frame_no, page)?,
+                ));
+            }
+            let Some((_, _, bytes)) = &current else {
+                unreachable!("a frame was just decoded");
+            };
+            let at = (slot - table.frames[frame_no].first) as usize * PAGE_SIZE;
+            let src = &bytes[at..at + PAGE_SIZE];
+            crate::pack::check_page(self.packs[pack_no as usize], slot, src, &listed.digest)
+                .map_err(bad)?;
+            dst.copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// The frame table of pack `pack_no`, read on first use.
+    fn table(&self, pack_no: u32) -> Result<std::sync::Arc<PackFrames>, PagesError> {
+        let cell = &self.tables[pack_no as usize];
+        if let Some(table) = cell.get() {
+            return Ok(table.clone());
+        }
+        let table = std::sync::Arc::new(self.read_table(pack_no)?);
+        // Another thread may have read it meanwhile: either copy is the same.
+        Ok(cell.get_or_init(|| table).clone())
+    }
+
+    fn read_table(&self, pack_no: u32) -> Result<PackFrames, PagesError> {
+        use crate::pack::{FRAME_ENTRY_LEN, INDEX_HEAD_LEN, TRAILER_LEN};
+        let pack = self.packs[pack_no as usize];
+        let store = self.store.get();
+        let len = store.raw_size(&pack).map_err(|source| PagesError::Store {
+            what: format!("reading the size of pack {pack}"),
+            source,
+        })?;
+        let mut trailer = [0u8; TRAILER_LEN];
+        self.read_exact(&pack, len.saturating_sub(TRAILER_LEN as u64), &mut trailer)?;
+        let (index_at, index_len) = crate::pack::parse_trailer(pack, len, &trailer)?;
+        let mut head = [0u8; INDEX_HEAD_LEN];
+        self.read_exact(&pack, index_at as u64, &mut head)?;
+        let table_len = crate::pack::frame_count(&head)
+            .checked_mul(FRAME_ENTRY_LEN)
+            .and_then(|n| n.checked_add(INDEX_HEAD_LEN))
+            .filter(|&n| n <= index_len)
+            .ok_or(PackError::Malformed {
+                pack,
+                reason: "its index length does not match its counts",
+            })?;
+        let mut index = vec![0u8; table_len];
+        self.read_exact(&pack, index_at as u64, &mut index)?;
+        let (frames, _) = crate::pack::parse_frames(pack, &index, index_at, index_len)?;
+        Ok(PackFrames { frames })
+    }
+
+    /// `read_at` that must fill `buf`: a pack shorter than its own index says is malformed.
+    fn read_exact(&self, pack: &Digest256, at: u64, buf: &mut [u8]) -> Result<(), PagesError> {
+        let n = self
+            .store
+            .get()
+            .read_at(pack, at, buf)
+            .map_err(|source| PagesError::Store {
+                what: format!("reading pack {pack}"),
+                source,
+            })?;
+        if n < buf.len() {
+            return Err(PackError::Malformed {
+                pack: *pack,
+                reason: "it is shorter than its index says",
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Frame `frame_no` of pack `pack_no` decoded, from the cache or read and decoded now (and
+    /// cached). `page` names the page wanted in errors.
+    fn cached_frame(
+        &self,
+        pack_no: u32,
+        table: &PackFrames,
+        frame_no: usize,
+        page: u64,
+    ) -> Result<std::sync::Arc<Vec<u8>>, PagesError> {
+        {
+            let mut cache = self
+                .cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(k) = cache
+                .iter()
+                .position(|(p, f, _)| *p == pack_no && *f == frame_no)
+            {
+                let hit = cache.remove(k).unwrap_or_else(|| unreachable!("found"));
+                let bytes = hit.2.clone();
+                cache.push_front(hit);
+                return Ok(bytes);
+            }
+        }
+        let mut bytes = Vec::new();
+        let mut src = Vec::new();
+        self.decode_frame(pack_no, table, frame_no, page, &mut src, &mut bytes)?;
+        let bytes = std::sync::Arc::new(bytes);
+        let mut cache = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !cache
+            .iter()
+            .any(|(p, f, _)| *p == pack_no && *f == frame_no)
+        {
+            cache.truncate(FRAME_CACHE - 1);
+            cache.push_front((pack_no, frame_no, bytes.clone()));
+        }
+        Ok(bytes)
+    }
+
+    /// Read frame `frame_no` of pack `pack_no` (into `src`) and decode it into `out`; `page`
+    /// names a page wanted from it in errors: a frame that does not decode is that page's
+    /// [`PagesError::BadPage`].
+    fn decode_frame(
+        &self,
+        pack_no: u32,
+        table: &PackFrames,
+        frame_no: usize,
+        page: u64,
+        src: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), PagesError> {
+        thread_local! {
+            static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let pack = self.packs[pack_no as usize];
+        let f = table.frames[frame_no];
+        src.resize(f.len, 0);
+        self.read_exact(&pack, f.offset as u64, src)?;
+        DECODER
+            .with(|decoder| {
+                crate::pack::decode_frame_bytes(&mut decoder.borrow_mut(), src, f.pages, out)
+            })
+            .map_err(|source| PagesError::BadPage {
+                page,
+                source: PackError::Frame {
+                    pack,
+                    frame: frame_no,
+                    source,
+                },
+            })
+    }
+}
+
+impl PagesReader<'static> {
+    /// Like [`open`](Self::open), for a reader that owns a share of the store (one that can be
+    /// kept by a long-lived server, or moved to another thread).
+    pub fn open_shared(
+        store: std::sync::Arc<dyn BlobStore>,
+        manifest: &Digest256,
+    ) -> Result<Self, PagesError> {
+        Self::with_store(StoreRef::Shared(store), manifest)
+    }
 }
 
 /// Rebuild the file described by manifest `manifest` into `out` (which must be empty), checking
@@ -841,6 +1148,178 @@ mod tests {
             parsed.verify(),
             Err(PackError::BadPage { slot: 42, .. })
         ));
+    }
+
+    /// A file of `n` pages (every 7th a zero page, the rest distinct) stored in `store`.
+    fn stored_file(store: &dyn BlobStore, dir: &std::path::Path, n: u64) -> (Digest256, Vec<u8>) {
+        let layout: Vec<Option<u64>> = (0..n).map(|i| (i % 7 != 3).then_some(i)).collect();
+        let (file, path) = file_of(dir, &format!("f{n}"), &layout);
+        let mut w = PageWriter::new(store, PageIndex::none(), 2);
+        let stored = w.write_file(&file, &path).expect("store");
+        (stored.manifest, std::fs::read(&path).expect("original"))
+    }
+
+    #[test]
+    fn pages_reader_reads_any_run_of_pages_from_either_store() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<PagesReader<'static>>();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let mem = MemBlobStore::new();
+        let stores: [&dyn BlobStore; 2] = [&fs, &mem];
+        for store in stores {
+            let (manifest, original) = stored_file(store, tmp.path(), 5000);
+            let reader = PagesReader::open(store, &manifest).expect("open");
+            assert_eq!(reader.pages(), 5000);
+            // The whole file in one read, and in runs that cross frames and packs.
+            let mut all = vec![0u8; original.len()];
+            reader.read(0, &mut all).expect("read all");
+            assert_eq!(all, original);
+            for (first, n) in [(0u64, 1usize), (31, 2), (2040, 20), (4999, 1), (3, 1)] {
+                let mut out = vec![0xaau8; n * PAGE_SIZE];
+                reader.read(first, &mut out).expect("read run");
+                let at = first as usize * PAGE_SIZE;
+                assert_eq!(out, original[at..at + out.len()], "pages {first}+{n}");
+            }
+            // Random single pages (a fixed xorshift sequence), zero pages zero-filled.
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let mut page = vec![0u8; PAGE_SIZE];
+            for _ in 0..300 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let n = x % 5000;
+                page.fill(0x55);
+                reader.read(n, &mut page).expect("read page");
+                let at = n as usize * PAGE_SIZE;
+                assert_eq!(page, original[at..at + PAGE_SIZE], "page {n}");
+                assert_eq!(reader.listed(n).expect("listed").at.is_none(), n % 7 == 3);
+            }
+            // Many threads at once.
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let (reader, original) = (&reader, &original);
+                    s.spawn(move || {
+                        let mut page = vec![0u8; PAGE_SIZE];
+                        for n in (t..5000).step_by(37) {
+                            reader.read(n, &mut page).expect("read");
+                            let at = n as usize * PAGE_SIZE;
+                            assert_eq!(page, original[at..at + PAGE_SIZE]);
+                        }
+                    });
+                }
+            });
+            // Reads past the end, or of part of a page, are refused.
+            for (first, len) in [(5000u64, PAGE_SIZE), (4999, 2 * PAGE_SIZE), (0, 100)] {
+                let mut out = vec![0u8; len];
+                assert!(
+                    matches!(
+                        reader.read(first, &mut out),
+                        Err(PagesError::OutOfRange { pages: 5000, .. })
+                    ),
+                    "{first}+{len}"
+                );
+            }
+        }
+        // The shared form outlives the borrow and moves between threads.
+        let shared: std::sync::Arc<dyn BlobStore> = std::sync::Arc::new(mem);
+        let (manifest, original) = stored_file(&*shared, tmp.path(), 100);
+        let reader = PagesReader::open_shared(shared, &manifest).expect("open");
+        let page = std::thread::spawn(move || {
+            let mut page = vec![0u8; PAGE_SIZE];
+            reader.read(99, &mut page).expect("read");
+            page
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(page, original[99 * PAGE_SIZE..]);
+    }
+
+    #[test]
+    fn pages_reader_names_a_corrupt_page_and_never_hands_it_out() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let (manifest, original) = stored_file(&fs, tmp.path(), 100);
+        let m = load_manifest(&fs, &manifest).expect("manifest");
+        // Packs are stored raw: flip one byte of page 42's (incompressible) bytes in the file.
+        let path = fs.blob_path(&m.packs[0]);
+        assert!(
+            path.to_string_lossy().ends_with(".raw"),
+            "{}",
+            path.display()
+        );
+        let mut bytes = std::fs::read(&path).expect("pack");
+        let needle = &original[42 * PAGE_SIZE + 64..42 * PAGE_SIZE + 96];
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("page 42 in the pack");
+        bytes[at] ^= 1;
+        std::fs::write(&path, &bytes).expect("corrupt");
+        let reader = PagesReader::open(&fs, &manifest).expect("open");
+        let mut page = vec![0u8; PAGE_SIZE];
+        let err = reader.read(42, &mut page).expect_err("corrupt page");
+        assert!(matches!(err, PagesError::BadPage { page: 42, .. }), "{err}");
+        assert!(err.to_string().contains("page 42"), "{err}");
+        // A run that holds it fails the same way; its neighbours in the same frame still read.
+        let mut run = vec![0u8; 10 * PAGE_SIZE];
+        let err = reader.read(40, &mut run).expect_err("corrupt run");
+        assert!(matches!(err, PagesError::BadPage { page: 42, .. }), "{err}");
+        reader.read(43, &mut page).expect("neighbour");
+        assert_eq!(page, original[43 * PAGE_SIZE..44 * PAGE_SIZE]);
+        // The store's own check of the whole blob sees it too.
+        assert!(matches!(fs.get(&m.packs[0]), Err(Error::Integrity { .. })));
+    }
+
+    #[test]
+    fn a_damaged_pack_index_is_an_error_never_a_wrong_page() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let (manifest, original) = stored_file(&store, tmp.path(), 100);
+        let m = load_manifest(&store, &manifest).expect("manifest");
+        let pack = m.packs[0];
+        let good = store.get(&pack).expect("pack");
+        // Everything after the frames: the index (counts, frame table, page digests) and the
+        // trailer. Flip each byte in turn (every byte of the counts, frame table and trailer,
+        // a sample of the digests): each read gives the right pages or fails.
+        let parsed = Pack::parse(pack, &good).expect("parse");
+        let index_at = {
+            let t = &good[good.len() - 24..];
+            u64::from_le_bytes(t[..8].try_into().expect("8 bytes")) as usize
+        };
+        assert_eq!(parsed.pages(), 86, "100 pages less the 14 zero ones");
+        let table_end = index_at + 8 + 3 * 20;
+        let mut failures = 0;
+        let offsets: Vec<usize> = (index_at..table_end)
+            .chain((table_end..good.len() - 24).step_by(97))
+            .chain(good.len() - 24..good.len())
+            .collect();
+        for at in offsets {
+            for flip in [0x01u8, 0x80] {
+                let mut bad = good.clone();
+                bad[at] ^= flip;
+                store.corrupt_for_test(&pack, &bad);
+                let reader = PagesReader::open(&store, &manifest).expect("open");
+                let mut all = vec![0u8; original.len()];
+                match reader.read(0, &mut all) {
+                    Ok(()) => assert_eq!(all, original, "byte {at} ^ {flip:#x}"),
+                    Err(_) => failures += 1,
+                }
+                // Page by page too (each page decoded from its own frame).
+                let mut page = vec![0u8; PAGE_SIZE];
+                for n in [0u64, 33, 64, 99] {
+                    if reader.read(n, &mut page).is_ok() {
+                        let at = n as usize * PAGE_SIZE;
+                        assert_eq!(page, original[at..at + PAGE_SIZE], "page {n}");
+                    }
+                }
+            }
+        }
+        assert!(
+            failures > 100,
+            "most damage to the table is noticed: {failures}"
+        );
+        store.corrupt_for_test(&pack, &good);
     }
 
     #[test]

@@ -137,6 +137,44 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         })
     }
 
+    /// Store `bytes`, which are already compressed (a [pack](crate::pack) of zstd frames), so
+    /// that [`read_at`](Self::read_at) is a plain positional read: `FsBlobStore` keeps them
+    /// uncompressed on disk (`<hex>.raw`) instead of in a zstd frame. Everything else about the
+    /// blob is as [`put`](Self::put): same digest, verified reads, a put over a corrupt copy
+    /// repairs it. Stores with one encoding just [`put`](Self::put).
+    fn put_raw(&self, bytes: &[u8]) -> Result<Digest256> {
+        self.put(bytes)
+    }
+
+    /// Read up to `buf.len()` of the blob's raw bytes from `offset` into `buf`; returns how many
+    /// were read, fewer only at the end of the blob (0 at or past it).
+    ///
+    /// **The bytes are NOT verified.** Nothing here hashes the blob: a corrupted file yields
+    /// wrong bytes without an error. Only callers that check what they read against digests of
+    /// their own may use this, as [`pages::PagesReader`](crate::pages::PagesReader) does (every
+    /// page carries its own SHA-256 in a page list that is itself verified whole). Anything
+    /// else reads with [`get`](Self::get), [`open`](Self::open) or [`copy_to`](Self::copy_to).
+    ///
+    /// Cheap on a blob stored with [`put_raw`](Self::put_raw) (`FsBlobStore`: one `pread`); on
+    /// a compressed blob it decodes from the start and skips to `offset` (correct, slower).
+    fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut reader = self.open(digest)?;
+        let read_error = |err| {
+            Error::from_read(err, |source| Error::Read {
+                digest: *digest,
+                source,
+            })
+        };
+        // `open` verifies only at the end of the blob: skipping and reading part of it never
+        // reaches that check (and must not: the caller verifies what it reads).
+        let skipped = std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
+            .map_err(read_error)?;
+        if skipped < offset {
+            return Ok(0);
+        }
+        read_full(&mut reader, buf).map_err(read_error)
+    }
+
     /// When the blob was last stored (written, or put again while already present), if the
     /// store keeps such times. `gc` spares unreachable blobs younger than its grace period.
     fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
@@ -187,6 +225,20 @@ pub(crate) fn copy_reader(
         source,
     })?;
     Ok(written)
+}
+
+/// Read until `buf` is full or the reader ends; returns how many bytes were read.
+pub(crate) fn read_full(reader: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(filled)
 }
 
 /// Largest single `write` to a file. Measured on the 6.18 kernel here (ext4, 2 cores with 1 MiB
