@@ -177,6 +177,11 @@ pub(crate) struct SnapshotArg {
 pub(crate) struct ThawArgs {
     #[command(flatten)]
     from: SnapshotArg,
+    /// Serve the goblin's memory from the store on demand: it answers as soon as CRIU has
+    /// rebuilt it, pages it touches come first (each checked against its digest), the rest
+    /// follows in the background (needs a snapshot frozen with PF_SNAPSHOT_FORMAT=v2)
+    #[arg(long)]
+    lazy: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -196,6 +201,10 @@ pub(crate) struct ForkArgs {
     /// Print one JSON object per copy (clone, pid, exit_code, signal, timed_out, stdout, stderr)
     #[arg(long)]
     json: bool,
+    /// Serve every copy's memory from the store on demand (see `pf goblin thaw --lazy`); the
+    /// copies share one page cache
+    #[arg(long)]
+    lazy: bool,
 }
 
 pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
@@ -414,11 +423,23 @@ impl Resolved {
             Resolved::Images(dir) => Source::Images(dir),
         }
     }
+
+    /// Load the snapshot for thaws: lazy ones (memory served from the store) or eager ones.
+    fn load(self, lazy: bool) -> anyhow::Result<pf_goblins::Loaded> {
+        match (self, lazy) {
+            (Resolved::Store(store, digest), true) => {
+                Ok(pf_goblins::load_lazy(std::sync::Arc::new(store), &digest)?)
+            }
+            (Resolved::Images(_), true) => anyhow::bail!(
+                "--lazy serves memory from the store: name a snapshot in the store, not --images"
+            ),
+            (resolved, false) => Ok(pf_goblins::load(&resolved.source())?),
+        }
+    }
 }
 
 fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
-    let resolved = Resolved::new(global, &args.from)?;
-    let loaded = pf_goblins::load(&resolved.source())?;
+    let loaded = Resolved::new(global, &args.from)?.load(args.lazy)?;
     // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
     // The unread input saved in the snapshot must go first, through a pipe of pf's.
     let wiring = pf_goblins::Wiring {
@@ -497,14 +518,16 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         move |sig| cancel.cancel_with_signal(sig)
     });
     let started = Instant::now();
-    let copies = pf_goblins::fork_and_collect(
-        &resolved.source(),
-        &CollectOptions {
-            inputs,
-            deadline: args.timeout.map(Duration::from_secs),
-        },
-        &cancel,
-    )?;
+    let options = CollectOptions {
+        inputs,
+        deadline: args.timeout.map(Duration::from_secs),
+    };
+    let copies = if args.lazy {
+        let loaded = resolved.load(true)?;
+        pf_goblins::collect(loaded.fork(n)?, &options, &cancel)?
+    } else {
+        pf_goblins::fork_and_collect(&resolved.source(), &options, &cancel)?
+    };
     tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;
     let mut stdout = std::io::stdout().lock();

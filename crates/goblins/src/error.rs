@@ -100,6 +100,16 @@ pub enum Error {
         #[source]
         source: Box<pf_world_procs::Error>,
     },
+    /// A goblin thawed lazily was killed because its memory could not be served (a page that
+    /// failed its hash, the page server or CRIU's lazy-pages daemon gone).
+    #[error("goblin {pid} was killed: its memory could not be served")]
+    PagesFailed {
+        /// The goblin.
+        pid: i32,
+        /// Why.
+        #[source]
+        source: Box<pf_world_procs::Error>,
+    },
     /// The goblin metadata beside an images directory cannot be read or written.
     #[error("cannot {op} goblin metadata {}{}", .path.display(), metadata_hint(op))]
     Metadata {
@@ -308,9 +318,10 @@ impl Error {
             | Self::NotSessionLeader { .. }
             | Self::OtherPidNamespace { .. }
             | Self::NotAGoblin { .. } => ErrorKind::NotAGoblin,
-            Self::Freeze { source, .. } | Self::Thaw { source, .. } | Self::Wait { source, .. } => {
-                source.kind()
-            }
+            Self::Freeze { source, .. }
+            | Self::Thaw { source, .. }
+            | Self::Wait { source, .. }
+            | Self::PagesFailed { source, .. } => source.kind(),
             Self::Metadata {
                 op: "read", source, ..
             } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotAGoblin,

@@ -97,12 +97,54 @@ impl Goblin {
                     pid,
                     source: Box::new(source),
                 })?;
+                // Killed because its memory could not be served: that is the error to report.
+                if code == pf_os::Exit::Signal(libc::SIGKILL)
+                    && let Some(source) = restored.lazy_error()
+                {
+                    self.finish(pf_os::Exit::to_status(code));
+                    return Err(Error::PagesFailed {
+                        pid,
+                        source: Box::new(source),
+                    });
+                }
                 pf_os::Exit::to_status(code)
             }
             Process::Done(s) => *s,
         };
         self.finish(status);
         Ok(status)
+    }
+
+    /// For a goblin thawed lazily ([`crate::load_lazy`]): wait until every page of its memory
+    /// is in, at most `timeout` (`Ok(false)` when it ran out). From then on it owes pf nothing
+    /// (it may be detached). If serving failed, the goblin has been killed and this is the error
+    /// saying why. Any other goblin has nothing to wait for (`Ok(true)`).
+    pub fn wait_pages(&mut self, timeout: Option<std::time::Duration>) -> Result<bool> {
+        let pid = self.pid;
+        match &mut self.process {
+            Process::Thawed(restored) => {
+                restored
+                    .wait_pages(timeout)
+                    .map_err(|source| Error::PagesFailed {
+                        pid,
+                        source: Box::new(source),
+                    })
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Whether the goblin was thawed lazily and still needs pages served by this process.
+    pub fn owes_pages(&self) -> bool {
+        matches!(&self.process, Process::Thawed(r) if r.owes_pages())
+    }
+
+    /// Pages of its memory served on demand so far (0 unless thawed lazily).
+    pub fn pages_served(&self) -> u64 {
+        match &self.process {
+            Process::Thawed(r) => r.pages_served(),
+            _ => 0,
+        }
     }
 
     /// The exit status if the goblin has exited (and reap it then), `None` while it runs.
@@ -167,7 +209,8 @@ impl Goblin {
     }
 
     /// Leave the goblin running after this value is dropped; our pipe ends close (so the goblin
-    /// sees EOF on stdin and SIGPIPE on output). Nobody will reap it but init.
+    /// sees EOF on stdin and SIGPIPE on output). Nobody will reap it but init. A goblin thawed
+    /// lazily is detached only once every page is in (this waits for that).
     pub fn detach(mut self) {
         // `self` is consumed, so the placeholder status is never observed: it only tells Drop
         // that there is nothing left to kill.

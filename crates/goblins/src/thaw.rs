@@ -11,6 +11,7 @@
 use std::io::{PipeReader, PipeWriter, Write as _};
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::Path;
+use std::sync::Arc;
 
 use pf_core::{BlobStore, Digest256};
 use pf_world_procs::{InheritFd, RestoreOptions};
@@ -109,6 +110,16 @@ pub fn load(source: &Source<'_>) -> Result<Loaded> {
     Loaded::new(source)
 }
 
+/// Like [`load`], for thaws whose memory is served on demand from the store ("lazy"): only
+/// the small image files and the pages that cannot be served lazily are extracted; each thawed
+/// copy runs as soon as CRIU has rebuilt it and gets every page it touches from the store,
+/// checked against its digest, the rest following in the background. The store is shared with
+/// the page servers of the thawed copies, which live as long as a copy still needs pages. Only
+/// snapshots in the page-level format (`procs.criu.v2`) can be thawed lazily.
+pub fn load_lazy(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
+    Loaded::new_lazy(store, digest)
+}
+
 /// A frozen goblin checked and ready to restore, any number of times ([`load`]). Its extracted
 /// images (if it came from the store) are removed when it is dropped; goblins thawed from it
 /// keep running.
@@ -129,6 +140,8 @@ pub struct Loaded {
 enum Images {
     Dir(std::path::PathBuf),
     Extracted(pf_world_procs::ImagesDir),
+    /// Extracted for lazy thaws: memory served from the store on demand.
+    Lazy(pf_world_procs::LazyImages),
 }
 
 impl Images {
@@ -136,6 +149,7 @@ impl Images {
         match self {
             Images::Dir(p) => p,
             Images::Extracted(d) => d.path(),
+            Images::Lazy(l) => l.path(),
         }
     }
 }
@@ -145,39 +159,13 @@ impl Loaded {
         tracing::debug!("loading the snapshot");
         let (name, images, pipes, shell_job) = match *source {
             Source::Store { store, digest } => {
-                let name = digest.to_string();
-                let thaw_err = |source| Error::Thaw {
-                    snapshot: name.clone(),
-                    source: Box::new(source),
-                };
-                let blob = pf_world_procs::load_procs(store, digest).map_err(thaw_err)?;
-                let procs = match blob {
-                    pf_world_procs::ProcsBlob::Criu(procs) => procs,
-                    pf_world_procs::ProcsBlob::Unsupported {
-                        unsupported_on,
-                        note,
-                    } => {
-                        return Err(Error::NotAGoblin {
-                            snapshot: name,
-                            reason: NotAGoblinReason::NoImages {
-                                unsupported_on,
-                                note,
-                            },
-                        });
+                let (name, procs, pipes, shell_job) = check_snapshot(store, digest)?;
+                let dir = pf_world_procs::extract_images(store, &procs).map_err(|source| {
+                    Error::Thaw {
+                        snapshot: name.clone(),
+                        source: Box::new(source),
                     }
-                };
-                if procs.labels.get(GOBLIN_LABEL.0).map(String::as_str) != Some(GOBLIN_LABEL.1) {
-                    return Err(Error::NotAGoblin {
-                        snapshot: name,
-                        reason: NotAGoblinReason::NoGoblinLabel,
-                    });
-                }
-                let pipes = check_pipes(&procs.stdio).map_err(|reason| Error::NotAGoblin {
-                    snapshot: name.clone(),
-                    reason,
                 })?;
-                let shell_job = procs.options.as_ref().is_some_and(|o| o.shell_job);
-                let dir = pf_world_procs::extract_images(store, &procs).map_err(thaw_err)?;
                 (name, Images::Extracted(dir), pipes, shell_job)
             }
             Source::Images(dir) => {
@@ -193,6 +181,21 @@ impl Loaded {
                 (name, Images::Dir(dir.to_owned()), pipes, shell_job)
             }
         };
+        Self::finish(name, images, pipes, shell_job)
+    }
+
+    fn new_lazy(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
+        tracing::debug!("loading the snapshot for lazy thaws");
+        let (name, _, pipes, shell_job) = check_snapshot(store.as_ref(), digest)?;
+        let images =
+            pf_world_procs::extract_images_lazy(store, digest).map_err(|source| Error::Thaw {
+                snapshot: name.clone(),
+                source: Box::new(source),
+            })?;
+        Self::finish(name, Images::Lazy(images), pipes, shell_job)
+    }
+
+    fn finish(name: String, images: Images, pipes: StdioPipes, shell_job: bool) -> Result<Loaded> {
         let stdin_backlog = match pipes.stdin {
             Some(ino) => {
                 pf_world_procs::images::pipe_data(images.path(), ino).map_err(Error::PipeData)?
@@ -217,6 +220,11 @@ impl Loaded {
     /// The digest or images directory this was loaded from.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether thaws of this serve memory on demand ([`load_lazy`]).
+    pub fn is_lazy(&self) -> bool {
+        matches!(self.images, Images::Lazy(_))
     }
 
     /// The bytes that were waiting unread in the goblin's stdin pipe when it was frozen; every
@@ -350,13 +358,14 @@ impl Loaded {
             inherit,
             extra_args: Vec::new(),
         };
-        let restored =
-            pf_world_procs::restore_dir(self.images.path(), options).map_err(|source| {
-                Error::Thaw {
-                    snapshot: self.name.clone(),
-                    source: Box::new(source),
-                }
-            })?;
+        let restored = match &self.images {
+            Images::Lazy(images) => pf_world_procs::restore_lazy(images, options),
+            images => pf_world_procs::restore_dir(images.path(), options),
+        }
+        .map_err(|source| Error::Thaw {
+            snapshot: self.name.clone(),
+            source: Box::new(source),
+        })?;
         let pid = restored.pid();
         // The root cannot have been reaped yet: its reaper is our child (the namespace's init)
         // or ourselves, and neither has waited for it.
@@ -372,6 +381,46 @@ impl Loaded {
             stderr_r,
         ))
     }
+}
+
+/// The procs record `digest` of `store`, checked to be a goblin's: its name for messages, the
+/// record, its stdio pipes and whether it was a shell job.
+fn check_snapshot(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+) -> Result<(String, pf_world_procs::CriuProcs, StdioPipes, bool)> {
+    let name = digest.to_string();
+    let blob = pf_world_procs::load_procs(store, digest).map_err(|source| Error::Thaw {
+        snapshot: name.clone(),
+        source: Box::new(source),
+    })?;
+    let procs = match blob {
+        pf_world_procs::ProcsBlob::Criu(procs) => procs,
+        pf_world_procs::ProcsBlob::Unsupported {
+            unsupported_on,
+            note,
+        } => {
+            return Err(Error::NotAGoblin {
+                snapshot: name,
+                reason: NotAGoblinReason::NoImages {
+                    unsupported_on,
+                    note,
+                },
+            });
+        }
+    };
+    if procs.labels.get(GOBLIN_LABEL.0).map(String::as_str) != Some(GOBLIN_LABEL.1) {
+        return Err(Error::NotAGoblin {
+            snapshot: name,
+            reason: NotAGoblinReason::NoGoblinLabel,
+        });
+    }
+    let pipes = check_pipes(&procs.stdio).map_err(|reason| Error::NotAGoblin {
+        snapshot: name.clone(),
+        reason,
+    })?;
+    let shell_job = procs.options.as_ref().is_some_and(|o| o.shell_job);
+    Ok((name, procs, pipes, shell_job))
 }
 
 fn inherit_fd(fd: OwnedFd, ino: u64) -> InheritFd {

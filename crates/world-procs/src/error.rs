@@ -238,6 +238,26 @@ pub enum Error {
         #[source]
         source: Box<pf_core::pages::PagesError>,
     },
+    /// A lazy restore could not serve the tree's memory; the tree was killed (or never ran).
+    #[error(
+        "the memory of snapshot {snapshot} could not be served to the restored processes: {reason}"
+    )]
+    LazyFailed {
+        /// The procs blob.
+        snapshot: Digest256,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A lazy restore was asked of a snapshot whose memory is not stored page by page.
+    #[error(
+        "snapshot {snapshot} is a procs.criu.v1 snapshot, whose memory is one archive: only \
+         procs.criu.v2 snapshots can be thawed lazily (thaw it without lazy, or freeze the \
+         process again with PF_SNAPSHOT_FORMAT=v2)"
+    )]
+    LazyNeedsV2 {
+        /// The procs blob.
+        snapshot: Digest256,
+    },
     /// `$PF_SNAPSHOT_FORMAT` names no format this pf writes.
     #[error(
         "PF_SNAPSHOT_FORMAT={value:?} is not a snapshot format: set it to v1 or v2, or unset it (v1)"
@@ -345,7 +365,8 @@ impl Error {
             | Self::Image { .. } => ErrorKind::InvalidSnapshot,
             Self::NoRoom { .. } => ErrorKind::NoSpace,
             Self::CorruptPage { .. } => ErrorKind::StoreCorrupt,
-            Self::BadSnapshotFormat { .. } => ErrorKind::InvalidInput,
+            Self::BadSnapshotFormat { .. } | Self::LazyNeedsV2 { .. } => ErrorKind::InvalidInput,
+            Self::LazyFailed { .. } => ErrorKind::CriuFailed,
             Self::Pages { source, .. } => match source.as_ref() {
                 pf_core::pages::PagesError::Store { source, .. } => ErrorKind::of_store(source),
                 pf_core::pages::PagesError::Pack(_)

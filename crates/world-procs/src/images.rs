@@ -43,6 +43,8 @@ const PIPES_DATA_FILE: &str = "pipes-data.img";
 const PSTREE_MAGIC: u32 = 0x5027_3030;
 /// `PAGEMAP_MAGIC`: the second `u32` of `pagemap-*.img`.
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+/// `MM_MAGIC`: the second `u32` of `mm-<pid>.img`.
+const MM_MAGIC: u32 = 0x5749_2820;
 /// `PE_PARENT`: the run's pages are in the parent images (pre-dump chains; pf makes none).
 pub const PE_PARENT: u32 = 1 << 0;
 /// `PE_LAZY`: the run's pages may be restored lazily.
@@ -406,6 +408,139 @@ fn parse_pagemap(img: &[u8]) -> Result<Pagemap, ParseError> {
     Ok(Pagemap { pages_id, entries })
 }
 
+/// One memory area of a process, from `mm-<pid>.img` (the fields lazy restore needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vma {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// `mmap` flags (`MAP_PRIVATE`, `MAP_ANONYMOUS`, …).
+    pub flags: u32,
+    /// CRIU's `VMA_AREA_*` status bits.
+    pub status: u32,
+}
+
+/// CRIU's `VMA_AREA_VSYSCALL`, `VMA_AREA_VDSO` and `VMA_AREA_VVAR` status bits: areas the kernel
+/// provides, never served lazily.
+const VMA_AREA_KERNEL: u32 = (1 << 2) | (1 << 3) | (1 << 12);
+
+impl Vma {
+    /// Whether CRIU restores this area's pages through userfaultfd when asked to restore lazily
+    /// (CRIU's `vma_entry_can_be_lazy`: private anonymous memory, not locked, not huge pages,
+    /// not an area the kernel provides).
+    pub fn can_be_lazy(&self) -> bool {
+        let flags = self.flags as i32;
+        flags & libc::MAP_ANONYMOUS != 0
+            && flags & libc::MAP_PRIVATE != 0
+            && flags & libc::MAP_LOCKED == 0
+            && flags & libc::MAP_HUGETLB == 0
+            && self.status & VMA_AREA_KERNEL == 0
+    }
+}
+
+/// The memory areas recorded in the `mm-<pid>.img` at `path`, in address order.
+pub fn mm_vmas(path: &Path) -> Result<Vec<Vma>, ImageError> {
+    let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_mm_vmas(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
+        path: path.to_owned(),
+        offset,
+        reason,
+    })
+}
+
+/// Parse the VMAs of a whole `mm-*.img`: one `mm_entry` whose field 14 is
+/// `repeated vma_entry { required uint64 start = 1; required uint64 end = 2; …
+/// required uint32 flags = 6; required uint32 status = 7; … }`.
+fn parse_mm_vmas(img: &[u8]) -> Result<Vec<Vma>, ParseError> {
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != MM_MAGIC {
+        return Err((4, "not an mm image (bad magic)"));
+    }
+    let entry_at = r.pos;
+    let len = r.u32_le()? as usize;
+    let msg = r.take(len, "entry runs past the end of the file")?;
+    let mut vmas = Vec::new();
+    for_each_field(msg, &mut |field, at, value| {
+        let (14, Field::Bytes(vma)) = (field, value) else {
+            return Ok(());
+        };
+        let mut got = [None::<u64>; 8];
+        for_each_field(vma, &mut |field, _, value| {
+            if let (Some(slot), Field::Varint(v)) = (got.get_mut(field as usize), value) {
+                *slot = Some(v);
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (at + off, why))?;
+        let need = |i: usize, why| got[i].ok_or((at, why));
+        let small = |v: u64| u32::try_from(v).map_err(|_| (at, "uint32 out of range"));
+        let vma = Vma {
+            start: need(1, "vma_entry lacks start")?,
+            end: need(2, "vma_entry lacks end")?,
+            flags: small(need(6, "vma_entry lacks flags")?)?,
+            status: small(need(7, "vma_entry lacks status")?)?,
+        };
+        if vma.end < vma.start {
+            return Err((at, "vma_entry ends before it starts"));
+        }
+        vmas.push(vma);
+        Ok(())
+    })
+    .map_err(|(off, why)| (entry_at + 4 + off, why))?;
+    vmas.sort_by_key(|v| v.start);
+    Ok(vmas)
+}
+
+/// Write `map` as a `pagemap-*.img` at `path` (replacing it), as CRIU 4.2 writes one: every
+/// entry with its `flags` and a 64-bit `nr_pages` (and the legacy 32-bit field at 0, which
+/// CRIU ignores when the 64-bit one is there).
+pub fn write_pagemap(path: &Path, map: &Pagemap) -> Result<(), ImageError> {
+    let mut out = Vec::with_capacity(16 + map.entries.len() * 24);
+    out.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    out.extend_from_slice(&PAGEMAP_MAGIC.to_le_bytes());
+    let mut msg = Vec::new();
+    put_varint_field(&mut msg, 1, u64::from(map.pages_id));
+    push_entry(&mut out, &msg);
+    for e in &map.entries {
+        msg.clear();
+        put_varint_field(&mut msg, 1, e.vaddr);
+        put_varint_field(&mut msg, 2, 0);
+        put_varint_field(&mut msg, 4, u64::from(e.flags));
+        put_varint_field(&mut msg, 5, e.nr_pages);
+        push_entry(&mut out, &msg);
+    }
+    std::fs::write(path, &out).map_err(|source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn push_entry(out: &mut Vec<u8>, msg: &[u8]) {
+    // Entries are a few bytes: far below u32::MAX.
+    out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    out.extend_from_slice(msg);
+}
+
+fn put_varint_field(out: &mut Vec<u8>, field: u64, value: u64) {
+    put_varint(out, field << 3);
+    put_varint(out, value);
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 /// One protobuf field's value: a varint, or the bytes of a length-delimited field (fixed-size
 /// fields are skipped; no CRIU message read here has one).
 #[derive(Debug, Clone, Copy)]
@@ -704,6 +839,82 @@ mod tests {
         assert_eq!(map.address_of(0), Some(94_495_752_671_232));
         assert_eq!(map.address_of(2), Some(94_495_752_679_424 + 4096));
         assert_eq!(map.address_of(3), None);
+    }
+
+    #[test]
+    fn a_written_pagemap_is_byte_for_byte_what_criu_writes() {
+        let map = parse_pagemap(REAL_PAGEMAP).expect("parse");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pagemap-1.img");
+        write_pagemap(&path, &map).expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), REAL_PAGEMAP);
+        let lazy = Pagemap {
+            pages_id: 3,
+            entries: vec![PagemapEntry {
+                vaddr: 1 << 40,
+                nr_pages: 5 << 32,
+                flags: PE_LAZY,
+            }],
+        };
+        write_pagemap(&path, &lazy).expect("write");
+        assert_eq!(pagemap(&path).expect("read back"), lazy);
+    }
+
+    /// An `mm-*.img` holding `vmas` as (start, end, flags, status), plus fields lazy restore
+    /// does not read.
+    fn mm_image(vmas: &[(u64, u64, u32, u32)]) -> Vec<u8> {
+        let mut mm = Vec::new();
+        put_varint_field(&mut mm, 1, 0x400000); // mm_start_code
+        for &(start, end, flags, status) in vmas {
+            let mut vma = Vec::new();
+            for (field, value) in [
+                (1, start),
+                (2, end),
+                (3, 0),
+                (4, 0),
+                (5, 3),
+                (6, u64::from(flags)),
+                (7, u64::from(status)),
+            ] {
+                put_varint_field(&mut vma, field, value);
+            }
+            put_varint(&mut mm, (14 << 3) | 2);
+            put_varint(&mut mm, vma.len() as u64);
+            mm.extend_from_slice(&vma);
+        }
+        let mut img = Vec::new();
+        img.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+        img.extend_from_slice(&MM_MAGIC.to_le_bytes());
+        push_entry(&mut img, &mm);
+        img
+    }
+
+    #[test]
+    fn mm_vmas_say_which_areas_can_be_lazy() {
+        let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32;
+        let img = mm_image(&[
+            (0x7000, 0x9000, anon, 1),
+            (0x1000, 0x3000, libc::MAP_PRIVATE as u32, 1),
+            (0xa000, 0xb000, anon, 1 | (1 << 3)),
+            (0xc000, 0xd000, anon | libc::MAP_LOCKED as u32, 1),
+            (
+                0xe000,
+                0xf000,
+                libc::MAP_SHARED as u32 | libc::MAP_ANONYMOUS as u32,
+                1,
+            ),
+        ]);
+        let vmas = parse_mm_vmas(&img).expect("parse");
+        assert_eq!(vmas.len(), 5);
+        assert_eq!(vmas[0].start, 0x1000, "sorted by address");
+        let lazy: Vec<bool> = vmas.iter().map(Vma::can_be_lazy).collect();
+        assert_eq!(lazy, [false, true, false, false, false]);
+        let mut bad = img.clone();
+        bad[4] ^= 1;
+        assert!(parse_mm_vmas(&bad).is_err(), "wrong magic");
+        assert!(parse_mm_vmas(&img[..img.len() - 3]).is_err(), "truncated");
+        let backwards = mm_image(&[(0x9000, 0x7000, anon, 1)]);
+        assert!(parse_mm_vmas(&backwards).is_err(), "ends before it starts");
     }
 
     #[test]

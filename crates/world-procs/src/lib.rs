@@ -18,6 +18,7 @@ pub mod criu;
 pub mod criu_log;
 mod error;
 pub mod images;
+mod lazy;
 mod nsinit;
 mod restore;
 mod runner;
@@ -34,8 +35,8 @@ pub use crate::capture::{
 pub use crate::criu::probe;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::restore::{
-    ImagesDir, InheritFd, RestoreOptions, Restored, extract_images, load_procs, restore,
-    restore_dir,
+    ImagesDir, InheritFd, LazyImages, RestoreOptions, Restored, extract_images,
+    extract_images_lazy, load_procs, restore, restore_dir, restore_lazy,
 };
 pub use crate::v2::FORMAT_ENV;
 pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, PagesImage, ProcsBlob};

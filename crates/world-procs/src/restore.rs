@@ -98,6 +98,106 @@ pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<Images
     Ok(ImagesDir { dir })
 }
 
+/// A snapshot's images extracted for a lazy restore: every image file, with the memory that
+/// can be served on demand left out of the pages files, and what serves it (see `lazy.rs`).
+/// Any number of lazy restores may run from one; they share its page cache. Removed on drop.
+#[derive(Debug)]
+pub struct LazyImages {
+    dir: std::sync::Arc<ImagesDir>,
+    memory: std::sync::Arc<crate::lazy::LazyMemory>,
+}
+
+impl LazyImages {
+    /// Where the images are.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Pages served on demand to each restored copy.
+    pub fn lazy_pages(&self) -> u64 {
+        self.memory.lazy_pages()
+    }
+}
+
+/// Extract the procs blob `digest` for [`restore_lazy`]: the small image files, the pages that
+/// cannot be served lazily (checked), and the map of the rest. Only `procs.criu.v2` snapshots
+/// (memory stored page by page) can be restored lazily ([`Error::LazyNeedsV2`]).
+pub fn extract_images_lazy(
+    store: std::sync::Arc<dyn BlobStore>,
+    digest: &Digest256,
+) -> Result<LazyImages> {
+    let procs = match load_procs(store.as_ref(), digest)? {
+        ProcsBlob::Criu(c) => c,
+        ProcsBlob::Unsupported {
+            unsupported_on,
+            note,
+        } => {
+            return Err(Error::Unsupported {
+                digest: *digest,
+                unsupported_on,
+                note,
+            });
+        }
+    };
+    let Some(memory) = &procs.memory else {
+        return Err(Error::LazyNeedsV2 { snapshot: *digest });
+    };
+    let dir = crate::capture::scratch_dir("pf-restore-")?;
+    let lazy = crate::lazy::extract(&store, digest, &procs, memory, dir.path())
+        .map_err(|e| e.in_snapshot(digest))?;
+    tracing::debug!(%digest, dir = %dir.path().display(), lazy_pages = lazy.lazy_pages(), "images extracted for a lazy restore");
+    Ok(LazyImages {
+        dir: std::sync::Arc::new(ImagesDir { dir }),
+        memory: std::sync::Arc::new(lazy),
+    })
+}
+
+/// Restore the tree of `images` with its memory served on demand: it runs as soon as CRIU has
+/// rebuilt it, each page it touches comes from the store (checked against its digest) when it
+/// first touches it, and the rest follows in the background. The returned [`Restored`] holds
+/// the serving side: [`Restored::wait_pages`] says when every page is in. If serving fails
+/// (a corrupt page, the daemon gone), the tree is killed and [`Restored::lazy_error`] says why.
+pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Restored> {
+    let criu = crate::criu::for_restore()?;
+    let images_dir =
+        std::path::absolute(images.path()).map_err(|e| Error::io("resolve", images.path(), e))?;
+    let started = crate::lazy::start(
+        criu,
+        &images_dir,
+        std::sync::Arc::clone(&images.memory),
+        std::sync::Arc::clone(&images.dir),
+    )?;
+    opts.extra_args.push("--lazy-pages".into());
+    opts.extra_args.push("--work-dir".into());
+    opts.extra_args
+        .push(started.work_dir.to_string_lossy().into_owned());
+    let serving = started.serving;
+    match restore_prepared(criu, &images_dir, opts, false) {
+        Ok(mut restored) => {
+            let killer = match &restored.init {
+                Some(init) => match pf_os::fd::pidfd_open(init.pid) {
+                    Ok(fd) => crate::lazy::Killer::Init(fd),
+                    Err(source) => {
+                        serving.abandon();
+                        return Err(Error::Sys {
+                            op: "opening a pidfd for the namespace init",
+                            source,
+                        });
+                    }
+                },
+                None => crate::lazy::Killer::Root(restored.root),
+            };
+            serving.set_killer(killer);
+            restored.lazy = Some(serving);
+            Ok(restored)
+        }
+        Err(e) => {
+            serving.abandon();
+            Err(e)
+        }
+    }
+}
+
 /// Restore the procs blob `procs` (a digest; resolve names with `BlobStore::resolve`).
 pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -> Result<Restored> {
     let _span = tracing::info_span!("restore", %procs).entered();
@@ -120,10 +220,21 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
 }
 
 /// Restore the tree whose CRIU images are in `images_dir`.
-pub fn restore_dir(images_dir: &Path, mut opts: RestoreOptions) -> Result<Restored> {
+pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> {
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
+    restore_prepared(criu, &images_dir, opts, true)
+}
+
+/// [`restore_dir`] with criu found and the images dir absolute; `retry` allows a second
+/// attempt when criu meets a taken pid (not for a lazy restore, whose daemon serves one).
+fn restore_prepared(
+    criu: &crate::criu::Criu,
+    images_dir: &Path,
+    mut opts: RestoreOptions,
+    retry: bool,
+) -> Result<Restored> {
     // Our own copies at numbers >= 3 (close-on-exec here; cleared for criu only).
     let inherit: Vec<(OwnedFd, String)> = opts
         .inherit
@@ -140,15 +251,20 @@ pub fn restore_dir(images_dir: &Path, mut opts: RestoreOptions) -> Result<Restor
     drop(std::mem::take(&mut opts.inherit));
     let keep: Vec<RawFd> = inherit.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
     let restored = if opts.new_pidns {
-        run_restore(criu, &images_dir, &opts, &inherit, &keep)
+        run_restore(criu, images_dir, &opts, &inherit, &keep)
     } else {
-        let pids = crate::images::pstree_pids(&images_dir).map_err(|source| Error::Image {
+        let pids = crate::images::pstree_pids(images_dir).map_err(|source| Error::Image {
             what: "the process tree (pstree.img)",
             source,
         })?;
-        retry_on_pid_clash(&pids, || {
-            run_restore(criu, &images_dir, &opts, &inherit, &keep)
-        })
+        if retry {
+            retry_on_pid_clash(&pids, || {
+                run_restore(criu, images_dir, &opts, &inherit, &keep)
+            })
+        } else {
+            wait_for_free_pids(&pids, Instant::now())?;
+            run_restore(criu, images_dir, &opts, &inherit, &keep)
+        }
     };
     drop(inherit);
     let restored = restored?;
@@ -267,6 +383,7 @@ fn restore_here(inv: Invocation, pidfile: &Path) -> Result<Restored> {
         init: None,
         exit: None,
         detached: false,
+        lazy: None,
     };
     // A root that ran and exited already (its stdin at end of file, say) is a zombie child of
     // ours: a success, whose status the caller collects with `wait`. Only a root that is gone
@@ -290,6 +407,7 @@ fn restore_in_new_pidns(inv: Invocation, pidfile: &Path) -> Result<Restored> {
         init: Some(init),
         exit: None,
         detached: false,
+        lazy: None,
     };
     restored.ns_root = read_pidfile(pidfile)?;
     drop(work);
@@ -362,6 +480,8 @@ pub struct Restored {
     init: Option<nsinit::Init>,
     exit: Option<Exit>,
     detached: bool,
+    /// The serving side of a lazy restore (dropped after the tree is killed).
+    lazy: Option<crate::lazy::Serving>,
 }
 
 impl Restored {
@@ -467,12 +587,57 @@ impl Restored {
         self.wait().map(drop)
     }
 
+    /// Whether the tree was restored lazily and still waits for pages from this process.
+    pub fn owes_pages(&self) -> bool {
+        self.lazy.as_ref().is_some_and(|l| l.outcome().is_none())
+    }
+
+    /// Pages served on demand so far (0 for an eager restore).
+    pub fn pages_served(&self) -> u64 {
+        self.lazy.as_ref().map_or(0, |l| l.pages_served())
+    }
+
+    /// For a lazy restore: wait until every page is in (`Ok(true)`), at most `timeout`
+    /// (`Ok(false)` when it ran out). When serving failed the tree has been killed and this is
+    /// the error that says why. An eager restore has nothing to wait for.
+    pub fn wait_pages(&mut self, timeout: Option<Duration>) -> Result<bool> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(true);
+        };
+        match lazy.wait(timeout) {
+            None => Ok(false),
+            Some(crate::lazy::LazyOutcome::Complete) => Ok(true),
+            Some(crate::lazy::LazyOutcome::Failed(reason)) => {
+                Err(lazy.take_error().unwrap_or(Error::LazyFailed {
+                    snapshot: lazy.snapshot(),
+                    reason,
+                }))
+            }
+        }
+    }
+
+    /// Why serving a lazy restore's memory failed (the tree was killed then), if it did; the
+    /// error is handed out once.
+    pub fn lazy_error(&mut self) -> Option<Error> {
+        let lazy = self.lazy.as_ref()?;
+        match lazy.outcome()? {
+            crate::lazy::LazyOutcome::Complete => None,
+            crate::lazy::LazyOutcome::Failed(_) => lazy.take_error(),
+        }
+    }
+
     /// Leave the tree running, unwatched.
     ///
     /// The root (or init) stays our child: if this process keeps running, it lingers as a
     /// zombie after exiting until this process exits (then init reaps it). A CLI that detaches
     /// and exits at once leaves nothing behind.
+    ///
+    /// A lazily restored tree is detached only once every page is in (this waits for that): a
+    /// tree that still needs pages must not outlive the process that serves them.
     pub fn detach(mut self) {
+        if let Some(lazy) = &self.lazy {
+            let _ = lazy.wait(None);
+        }
         if let Some(init) = self.init.as_mut() {
             init.untie();
         }

@@ -205,6 +205,36 @@ impl Invocation {
         }
     }
 
+    /// Start criu as our child in a process group of its own and return at once (a daemon such
+    /// as `criu lazy-pages`, which runs beside a restore). It is not bound by the deadline:
+    /// its owner ends it ([`Background`]).
+    pub(crate) fn spawn_background(self) -> Result<Background> {
+        let out = self.stdio_file(self.stdout_path())?;
+        let err = self.stdio_file(self.stderr_path())?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .current_dir(self.work.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        pf_os::fd::only_these_fds(&mut cmd, self.keep_fds.clone());
+        tracing::debug!(program = %self.program.display(), args = ?self.args, "starting criu in the background");
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
+        let pidfd = pf_os::fd::pidfd_open(child.id() as i32).map_err(|source| Error::Sys {
+            op: "opening a pidfd for a criu daemon",
+            source,
+        })?;
+        Ok(Background {
+            child,
+            pidfd,
+            inv: self,
+        })
+    }
+
     pub(crate) fn stdio_file(&self, path: PathBuf) -> Result<std::fs::File> {
         std::fs::File::create(&path).map_err(|e| Error::io("create", path, e))
     }
@@ -328,6 +358,41 @@ impl Invocation {
             pf_os::scratch::keep_newest(&base, FAILED_PREFIX, FAILED_LOGS_KEPT);
         }
         dir.join(name)
+    }
+}
+
+/// A criu started with [`Invocation::spawn_background`].
+#[derive(Debug)]
+pub(crate) struct Background {
+    child: Child,
+    pidfd: std::os::fd::OwnedFd,
+    inv: Invocation,
+}
+
+impl Background {
+    /// Its work directory.
+    pub(crate) fn work_dir(&self) -> &Path {
+        self.inv.work_dir()
+    }
+
+    /// A pidfd of the daemon, to signal it from another thread without racing its reaping.
+    pub(crate) fn pidfd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.pidfd.try_clone()
+    }
+
+    /// Wait for it to exit; a failure carries its log's error lines and keeps its work dir.
+    pub(crate) fn wait(mut self) -> Result<Scratch> {
+        let status = loop {
+            match self.child.wait() {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let status = status.map_err(|source| Error::Sys {
+            op: "waiting for a criu daemon",
+            source,
+        })?;
+        self.inv.conclude(Exit::from(status))
     }
 }
 

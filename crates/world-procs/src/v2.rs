@@ -158,11 +158,22 @@ pub(crate) fn extract_into(
     memory: &[PagesImage],
     dest: &Path,
 ) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let source = store
         .open(&procs.criu_dump)
         .map_err(|e| Error::store(format!("opening the images {}", procs.criu_dump), e))?;
     crate::tarball::extract(source, &procs.criu_dump, dest)?;
+    rebuild_pages_files(store, procs, memory, dest)
+}
+
+/// Rebuild the pages files `memory` of the images extracted into `dest` from their packs,
+/// each page checked before it is written.
+pub(crate) fn rebuild_pages_files(
+    store: &dyn BlobStore,
+    procs: &CriuProcs,
+    memory: &[PagesImage],
+    dest: &Path,
+) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let maps = pagemaps(dest)?;
     for image in memory {
         if !is_pages_file(&image.file) {
