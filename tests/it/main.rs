@@ -3,6 +3,7 @@
 mod docs;
 mod doctor;
 mod goblin;
+mod lazy;
 mod pages_v2;
 mod procs;
 mod procs_net;

@@ -449,6 +449,7 @@ impl Shared {
 
     fn complete(&self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        tracing::info!(pages = state.pages_served, "lazy restore served every page");
         if state.outcome.is_none() {
             state.outcome = Some(LazyOutcome::Complete);
         }

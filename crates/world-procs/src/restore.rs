@@ -188,6 +188,11 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
                 None => crate::lazy::Killer::Root(restored.root),
             };
             serving.set_killer(killer);
+            tracing::info!(
+                pid = restored.root,
+                lazy_pages = images.lazy_pages(),
+                "restored lazily: memory is served on demand"
+            );
             restored.lazy = Some(serving);
             Ok(restored)
         }

@@ -1,0 +1,393 @@
+//! Lazy thaw and fork through the `pf` binary (`pf goblin thaw|fork --lazy`): a goblin's memory
+//! served from the store on demand, each page checked before CRIU hands it to the kernel. Live
+//! tests need root and CRIU (`PF_HAS_CRIU=1`); every process a test starts is killed by pid
+//! before it returns (restored copies are found by a marker in their command line, unique to
+//! the test).
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pf_core::Digest256;
+use pf_world_procs::FORMAT_ENV;
+use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
+
+use crate::support::{pf, text};
+
+/// Longest any single `pf` invocation may take here.
+const DEADLINE: Duration = Duration::from_secs(120);
+
+/// A goblin holding `argv[1]` MiB: half random bytes, half distinct compressible text pages.
+/// `sum` prints the SHA-256 of all of it (equal only if every page is), `ping` answers `pong`
+/// touching little, `mut K` rewrites 8 bytes in every 20th page from page K. `argv[2]` becomes
+/// its name (`/proc/PID/comm`, kernel state CRIU restores; its command line lives in its own
+/// memory, which a lazily restored process may not have yet), a marker that tells the test's
+/// processes from anyone else's.
+const GOBLIN: &str = r#"
+import ctypes, hashlib, os, sys
+ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)
+n = int(sys.argv[1]) << 20
+buf = bytearray(os.urandom(n // 2)) + bytearray(b"".join(b"%4096d" % i for i in range(n // 2 // 4096)))
+print("ready", flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words[0] == "sum":
+        print(hashlib.sha256(buf).hexdigest(), flush=True)
+    elif words[0] == "ping":
+        print("pong", flush=True)
+    elif words[0] == "mut":
+        for p in range(int(words[1]), n // 4096, 20):
+            buf[p * 4096 : p * 4096 + 8] = os.urandom(8)
+        print("ok", flush=True)
+print("eof", flush=True)
+"#;
+
+/// The original goblin, started by the test in its own session with pipes.
+struct Goblin {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    guard: Option<KillOnDrop>,
+}
+
+impl Goblin {
+    fn start(mib: u32, marker: &str) -> Self {
+        let mut cmd = Command::new("setsid");
+        cmd.args(["python3", "-u", "-c", GOBLIN, &mib.to_string(), marker])
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = spawn_clean(&mut cmd).expect("start goblin");
+        let guard = Some(KillOnDrop(i32::try_from(child.id()).expect("pid")));
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut goblin = Self {
+            child,
+            lines,
+            guard,
+        };
+        assert_eq!(goblin.line(), "ready");
+        goblin
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{line}").expect("write to goblin");
+        self.line()
+    }
+
+    fn line(&mut self) -> String {
+        self.lines.next().expect("a line").expect("read line")
+    }
+
+    /// Freeze it into `store` as `tag` in `format`, and stop it (so only thawed copies carry
+    /// the marker from then on).
+    fn freeze_and_stop(mut self, store: &Path, tag: &str, format: &str) -> Digest256 {
+        let mut cmd = pf(store);
+        cmd.env(FORMAT_ENV, format).args([
+            "goblin",
+            "freeze",
+            "--pid",
+            &self.child.id().to_string(),
+            "--tag",
+            tag,
+        ]);
+        let out = run(cmd, b"");
+        assert!(out.status.success(), "freeze failed: {}", text(&out.stderr));
+        drop(self.guard.take());
+        let _ = self.child.wait();
+        text(&out.stdout).trim().parse().expect("a digest")
+    }
+}
+
+/// Run `cmd` with `input` on stdin, within [`DEADLINE`].
+fn run(mut cmd: Command, input: &[u8]) -> Output {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    crate::support::finish(cmd.spawn().expect("start pf"), input, DEADLINE)
+}
+
+/// `pf goblin thaw --lazy SNAPSHOT` fed `input`, with `-v` so it says how serving ended.
+fn thaw_lazy(store: &Path, snapshot: &str, input: &[u8]) -> Output {
+    let mut cmd = pf(store);
+    cmd.args(["-v", "goblin", "thaw", "--lazy", snapshot]);
+    run(cmd, input)
+}
+
+/// A process name (at most 15 bytes) unique to this test and run.
+fn marker(test: char) -> String {
+    format!("pfl{test}{}", std::process::id() % 10_000_000)
+}
+
+/// Pids of live processes whose command line holds `needle`, or (with `by_name`) whose name
+/// is `needle`.
+fn processes_with(needle: &str) -> Vec<i32> {
+    processes(|dir| {
+        let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+        text(&cmdline).replace('\0', " ").contains(needle)
+    })
+}
+
+/// Pids of live processes named `name` (`/proc/PID/comm`).
+fn processes_named(name: &str) -> Vec<i32> {
+    processes(|dir| std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == name))
+}
+
+fn processes(matches: impl Fn(&Path) -> bool) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'));
+        if !zombie && matches(&entry.path()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Wait up to `limit` until `find` finds no live process; kill (by pid) and name what is
+/// still there then.
+fn assert_gone_within(find: impl Fn() -> Vec<i32>, limit: Duration, what: &str) {
+    let start = Instant::now();
+    loop {
+        let left = find();
+        if left.is_empty() {
+            return;
+        }
+        if start.elapsed() > limit {
+            for pid in &left {
+                drop(KillOnDrop(*pid));
+            }
+            panic!("{what}: processes {left:?} still run {limit:?} later");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The largest blob file in the store (a pack of random pages).
+fn largest_blob(store: &Path) -> PathBuf {
+    fn walk(dir: &Path, best: &mut Option<(u64, PathBuf)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let meta = e.metadata().expect("stat");
+            if meta.is_dir() {
+                walk(&e.path(), best);
+            } else if best.as_ref().is_none_or(|(len, _)| meta.len() > *len) {
+                *best = Some((meta.len(), e.path()));
+            }
+        }
+    }
+    let mut best = None;
+    walk(&store.join("blobs"), &mut best);
+    best.expect("a blob").1
+}
+
+#[test]
+fn live_lazy_thaw_of_a_256_mib_goblin_answers_from_its_state_with_every_page() {
+    let name = "live_lazy_thaw_of_a_256_mib_goblin_answers_from_its_state_with_every_page";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('a');
+    let mut goblin = Goblin::start(256, &mark);
+    let sum = goblin.ask("sum");
+    goblin.freeze_and_stop(&store, "g", "v2");
+    let out = thaw_lazy(&store, "g", b"ping\nsum\n");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "lazy thaw failed: {stderr}");
+    assert_eq!(text(&out.stdout), format!("pong\n{sum}\neof\n"));
+    assert!(
+        stderr.contains("restored lazily"),
+        "pf says the memory is served on demand: {stderr}"
+    );
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "after the goblin exited",
+    );
+}
+
+#[test]
+fn live_lazy_fork_of_8_answers_diverges_and_every_clone_gets_every_page() {
+    let name = "live_lazy_fork_of_8_answers_diverges_and_every_clone_gets_every_page";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('f');
+    let mut goblin = Goblin::start(64, &mark);
+    let sum = goblin.ask("sum");
+    goblin.freeze_and_stop(&store, "g", "v2");
+    let mut cmd = pf(&store);
+    cmd.args([
+        "goblin", "fork", "--lazy", "-n", "8", "--json", "g", "--send", "sum", "--send", "mut {i}",
+        "--send", "sum",
+    ]);
+    let out = run(cmd, b"");
+    assert!(
+        out.status.success(),
+        "lazy fork failed: {}",
+        text(&out.stderr)
+    );
+    let mut second = std::collections::HashSet::new();
+    let stdout = text(&out.stdout);
+    for line in stdout.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let answer = v["stdout"].as_str().expect("stdout").to_owned();
+        let lines: Vec<&str> = answer.lines().collect();
+        assert_eq!(lines.len(), 4, "clone {}: {answer:?}", v["clone"]);
+        assert_eq!(lines[0], sum, "clone {} has every page", v["clone"]);
+        assert_eq!(lines[1], "ok");
+        assert_ne!(lines[2], sum, "clone {} changed its memory", v["clone"]);
+        second.insert(lines[2].to_owned());
+    }
+    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+    assert_eq!(second.len(), 8, "the 8 clones diverged: {second:?}");
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "after the fork",
+    );
+}
+
+#[test]
+fn live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down() {
+    let name = "live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('k');
+    let goblin = Goblin::start(512, &mark);
+    goblin.freeze_and_stop(&store, "g", "v2");
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "thaw", "--lazy", "g"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start pf");
+    let pf_pid = i32::try_from(child.id()).expect("pid");
+    let guard = KillOnDrop(pf_pid);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    writeln!(stdin, "ping").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "pong");
+    // pf's lazy-pages daemon still fetches the other 500 MiB in the background.
+    let daemon = format!("pf-criu-lazy-pages-{pf_pid}-");
+    assert!(
+        !processes_with(&daemon).is_empty(),
+        "the goblin answered before its memory was all in: the daemon still runs"
+    );
+    assert!(!processes_named(&mark).is_empty(), "the thawed goblin runs");
+    drop(guard); // SIGKILL pf
+    let _ = child.wait();
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "the goblin after pf was killed",
+    );
+    assert_gone_within(
+        || processes_with(&daemon),
+        Duration::from_secs(10),
+        "criu lazy-pages after pf was killed",
+    );
+    // What the killed pf left on tmpfs is swept by the next thaw.
+    let out = thaw_lazy(&store, "g", b"ping\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for base in [pf_os::scratch::images_base(), std::env::temp_dir()] {
+        let left: Vec<_> = std::fs::read_dir(&base)
+            .expect("scratch base")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("pf-") && n.contains(&format!("-{pf_pid}-")))
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", base.display());
+    }
+}
+
+#[test]
+fn live_lazy_thaw_of_a_corrupt_page_kills_the_goblin_naming_the_snapshot() {
+    let name = "live_lazy_thaw_of_a_corrupt_page_kills_the_goblin_naming_the_snapshot";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('c');
+    let mut goblin = Goblin::start(64, &mark);
+    let sum = goblin.ask("sum");
+    let digest = goblin.freeze_and_stop(&store, "g", "v2");
+    // Flip a byte in the middle of the largest pack: a page of random memory.
+    let pack = largest_blob(&store);
+    let mut bytes = std::fs::read(&pack).expect("read pack");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&pack, &bytes).expect("write pack");
+    let out = thaw_lazy(&store, "g", b"ping\nsum\n");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "a corrupt page must fail: {stderr}");
+    assert!(
+        !text(&out.stdout).contains(&sum),
+        "no answer computed from the bad page"
+    );
+    assert!(
+        stderr.contains(&digest.to_string()),
+        "names the snapshot: {stderr}"
+    );
+    assert!(
+        stderr.contains("killed"),
+        "says the goblin was killed: {stderr}"
+    );
+    assert!(stderr.contains("0x"), "names the page's address: {stderr}");
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "the killed goblin",
+    );
+}
+
+#[test]
+fn live_lazy_thaw_of_a_v1_snapshot_says_lazy_needs_the_page_format() {
+    let name = "live_lazy_thaw_of_a_v1_snapshot_says_lazy_needs_the_page_format";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('o');
+    let goblin = Goblin::start(8, &mark);
+    goblin.freeze_and_stop(&store, "g", "v1");
+    let out = thaw_lazy(&store, "g", b"ping\n");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("procs.criu.v1") && stderr.contains("PF_SNAPSHOT_FORMAT=v2"),
+        "says lazy needs the page-level format and how to get it: {stderr}"
+    );
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(5),
+        "nothing was thawed",
+    );
+}
