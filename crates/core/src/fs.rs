@@ -754,6 +754,10 @@ impl BlobStore for FsBlobStore {
         PageIndex::in_dir(&self.root.join("index").join("pages"))
     }
 
+    fn hint_path(&self, kind: &str, key: &Digest256) -> Option<PathBuf> {
+        Some(self.root.join("index").join(kind).join(key.hex()))
+    }
+
     fn sweep_temp(&self, options: &GcOptions) -> Result<Vec<PathBuf>> {
         let mut candidates = Vec::new();
         Self::temp_files_in(&self.blobs, &mut candidates)?;

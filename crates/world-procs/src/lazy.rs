@@ -61,6 +61,8 @@ const IOV_LEN: usize = 32;
 const MAX_REQUEST_PAGES: u64 = 1024;
 /// Pages read per thread when a request is large.
 const SPLIT_PAGES: u64 = 64;
+/// Held while a background (more than one page) request is read and checked.
+static BACKGROUND: Mutex<()> = Mutex::new(());
 /// How long a daemon may take to say it is listening.
 const DAEMON_READY: Duration = Duration::from_secs(30);
 /// How long a server that must kill the tree waits for the restore to say what the tree is.
@@ -100,12 +102,100 @@ pub(crate) struct LazyMemory {
     snapshot: Digest256,
     tasks: HashMap<u64, TaskMemory>,
     lazy_pages: u64,
+    /// Where the hint of the pages thaws touch first is kept (None: the store keeps none).
+    hot_path: Option<std::path::PathBuf>,
+    /// Pages loaded eagerly because the hint named them.
+    hot_pages: u64,
+    /// Pages faulted in within [`HOT_WINDOW`] of a thaw, by pages file, not yet saved.
+    touched: Mutex<HashMap<String, std::collections::BTreeSet<u64>>>,
+}
+
+/// A hint of the pages thaws of a snapshot touched first: `{"kind":"pf.hot_pages.v1",
+/// "files":{"pages-1.img":[page numbers …]}}` in `<store>/index/hot/<snapshot hex>`.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename = "pf.hot_pages.v1")]
+struct HotPages {
+    files: std::collections::BTreeMap<String, Vec<u64>>,
+}
+
+/// The kind of store hint lazy thaws keep.
+const HOT_HINT: &str = "hot";
+/// Faults within this long of a thaw count as the snapshot's working set.
+const HOT_WINDOW: Duration = Duration::from_secs(2);
+/// At most this many pages (256 MiB) are loaded eagerly because of the hint.
+const HOT_MAX: usize = 65_536;
+
+impl HotPages {
+    /// The hint at `path`, or an empty one when there is none or it does not parse (a hint is
+    /// never trusted: a bad one only costs speed).
+    fn load(path: Option<&Path>) -> HotPages {
+        let Some(path) = path else {
+            return HotPages::default();
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::debug!(path = %path.display(), error = %e, "ignoring a malformed hint");
+                HotPages::default()
+            }),
+            Err(_) => HotPages::default(),
+        }
+    }
 }
 
 impl LazyMemory {
     /// Pages served on demand (over all tasks).
     pub(crate) fn lazy_pages(&self) -> u64 {
         self.lazy_pages
+    }
+
+    /// Pages loaded eagerly because earlier thaws touched them first.
+    pub(crate) fn hot_pages(&self) -> u64 {
+        self.hot_pages
+    }
+
+    /// Remember that a thaw faulted in page `vaddr` of task `pid` early.
+    fn touched(&self, pid: u64, vaddr: u64) {
+        let Some(task) = self.tasks.get(&pid) else {
+            return;
+        };
+        let Some((run, off)) = find_run(&task.runs, vaddr) else {
+            return;
+        };
+        let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        touched
+            .entry(task.file.clone())
+            .or_default()
+            .insert(run.first + off);
+    }
+
+    /// Add the pages touched early to the snapshot's hint (best effort: a hint that cannot be
+    /// written only costs the next thaw some speed).
+    fn save_hot(&self) {
+        let Some(path) = &self.hot_path else {
+            return;
+        };
+        let touched = std::mem::take(&mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()));
+        if touched.is_empty() {
+            return;
+        }
+        let mut hint = HotPages::load(Some(path));
+        let mut total: usize = hint.files.values().map(Vec::len).sum();
+        for (file, pages) in touched {
+            let entry = hint.files.entry(file).or_default();
+            let mut all: std::collections::BTreeSet<u64> = entry.iter().copied().collect();
+            for p in pages {
+                if total >= HOT_MAX {
+                    break;
+                }
+                if all.insert(p) {
+                    total += 1;
+                }
+            }
+            *entry = all.into_iter().collect();
+        }
+        if let Err(e) = write_private(path, &serde_json::to_vec(&hint).unwrap_or_default()) {
+            tracing::debug!(path = %path.display(), error = %e, "cannot save the hot pages hint");
+        }
     }
 
     /// Fill `out` with the pages from `vaddr` of task `pid` (at most the rest of their run):
@@ -178,7 +268,7 @@ fn task_pagemap(name: &str) -> Option<u64> {
 /// Split the present runs of `map` at the edges of `vmas`: runs inside areas that can be lazy
 /// become `PE_LAZY` [`Run`]s; the rest stay present. Returns the new pagemap, the lazy runs
 /// and the page ranges (first, count) of the old pages file that stay in it, in order.
-fn split(map: &Pagemap, vmas: &[Vma]) -> (Pagemap, Vec<Run>, Vec<(u64, u64)>) {
+fn split(map: &Pagemap, vmas: &[Vma], hot: &[u64]) -> (Pagemap, Vec<Run>, Vec<(u64, u64)>) {
     let mut entries: Vec<PagemapEntry> = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
     let mut kept: Vec<(u64, u64)> = Vec::new();
@@ -202,7 +292,26 @@ fn split(map: &Pagemap, vmas: &[Vma]) -> (Pagemap, Vec<Run>, Vec<(u64, u64)>) {
                 Some(v) if at < v.end => (end.min(v.end), v.can_be_lazy()),
                 _ => (end.min(vmas.get(i).map_or(end, |v| v.start)), false),
             };
-            let n = (seg_end - at).div_ceil(PAGE);
+            let mut n = (seg_end - at).div_ceil(PAGE);
+            // A page a thaw touched first (the hint) is loaded with the rest of the eager
+            // memory: split the lazy segment at the first hot page in it.
+            let mut lazy = lazy;
+            if lazy {
+                let h = hot.partition_point(|&p| p < page);
+                match hot.get(h) {
+                    Some(&p) if p == page => {
+                        let run = hot[h..]
+                            .iter()
+                            .enumerate()
+                            .take_while(|&(k, &q)| q == page + k as u64 && (k as u64) < n)
+                            .count();
+                        lazy = false;
+                        n = run as u64;
+                    }
+                    Some(&p) if p < page + n => n = p - page,
+                    _ => {}
+                }
+            }
             if lazy {
                 push(
                     &mut entries,
@@ -223,12 +332,14 @@ fn split(map: &Pagemap, vmas: &[Vma]) -> (Pagemap, Vec<Run>, Vec<(u64, u64)>) {
                     }),
                 }
             } else {
+                // Present, and not lazy: CRIU marks pages of lazy-capable areas `PE_LAZY` in
+                // every dump, and a lazy restore skips those.
                 push(
                     &mut entries,
                     PagemapEntry {
                         vaddr: at,
                         nr_pages: n,
-                        flags: e.flags,
+                        flags: e.flags & !PE_LAZY,
                     },
                 );
                 match kept.last_mut() {
@@ -265,6 +376,9 @@ pub(crate) fn extract(
     let mut tasks = HashMap::new();
     let mut claimed = std::collections::HashSet::new();
     let mut lazy_pages = 0;
+    let hot_path = store.hint_path(HOT_HINT, snapshot);
+    let hint = HotPages::load(hot_path.as_deref());
+    let mut hot_pages = 0;
     let mut names: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dest)
         .map_err(|e| Error::io("list", dest, e))?
         .filter_map(|e| e.ok())
@@ -290,7 +404,12 @@ pub(crate) fn extract(
                     source: Box::new(source),
                 }
             })?;
-        let (new_map, runs, kept) = split(&map, &vmas);
+        tracing::debug!(pid, pages = reader.pages(), "page list read");
+        let hot = hint.files.get(&file).map_or(&[][..], Vec::as_slice);
+        let hot = &hot[..hot.len().min(HOT_MAX)];
+        let (new_map, runs, kept) = split(&map, &vmas, hot);
+        let kept_pages: u64 = kept.iter().map(|&(_, n)| n).sum();
+        hot_pages += kept_pages.min(hot.len() as u64);
         let task = TaskMemory {
             file: file.clone(),
             pages: Arc::new(reader),
@@ -313,7 +432,32 @@ pub(crate) fn extract(
         snapshot: *snapshot,
         tasks,
         lazy_pages,
+        hot_path,
+        hot_pages,
+        touched: Mutex::new(HashMap::new()),
     })
+}
+
+/// Write `bytes` to `path` atomically (a private temp file renamed over it), creating the
+/// directory (private) when missing.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(".tmp-{}-hot", std::process::id()));
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    drop(file);
+    std::fs::rename(&tmp, path)
 }
 
 /// Write the pages that stay in the pages file (`kept` ranges of the old file, in order) to a
@@ -421,7 +565,9 @@ impl Shared {
     /// page meanwhile, so nothing runs on memory pf did not serve.
     fn fail(&self, error: Error) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(state.outcome, Some(LazyOutcome::Complete)) {
+        if matches!(state.outcome, Some(LazyOutcome::Complete)) || state.abandoned {
+            // Done, or ended by its owner (who killed the tree first): nothing more to say.
+            tracing::debug!(error = %error, "lazy serving ended");
             return;
         }
         tracing::warn!(error = %error, "lazy restore failed; killing the restored tree");
@@ -449,7 +595,10 @@ impl Shared {
 
     fn complete(&self) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        tracing::info!(pages = state.pages_served, "lazy restore served every page");
+        tracing::info!(
+            pages = state.pages_served,
+            "lazy restore done: the tree needs no more pages"
+        );
         if state.outcome.is_none() {
             state.outcome = Some(LazyOutcome::Complete);
         }
@@ -512,7 +661,7 @@ pub(crate) fn start(
     };
     if !ready {
         let _ = pf_os::fd::pidfd_send_signal(daemon_pidfd.as_fd(), libc::SIGKILL);
-        return Err(match daemon.wait() {
+        return Err(match daemon.wait(|| false) {
             Err(e) => e,
             Ok(_) => Error::LazyFailed {
                 snapshot: memory.snapshot,
@@ -520,6 +669,7 @@ pub(crate) fn start(
             },
         });
     }
+    tracing::debug!("criu lazy-pages is listening");
     let shared = Arc::new(Shared::default());
     let snapshot = memory.snapshot;
     let server = {
@@ -527,7 +677,9 @@ pub(crate) fn start(
         std::thread::Builder::new()
             .name("pf-page-server".into())
             .spawn(move || {
-                if let Err(e) = serve(ours, &memory, &shared) {
+                let result = serve(ours, &memory, &shared);
+                memory.save_hot();
+                if let Err(e) = result {
                     shared.fail(e);
                 }
             })
@@ -538,10 +690,18 @@ pub(crate) fn start(
         std::thread::Builder::new()
             .name("pf-lazy-daemon".into())
             .spawn(move || {
-                let result = daemon.wait();
+                // Killed by us (the handle was dropped, or serving failed first): not news.
+                let ours = || {
+                    shared
+                        .state
+                        .lock()
+                        .map(|s| s.abandoned || matches!(s.outcome, Some(LazyOutcome::Failed(_))))
+                        .unwrap_or(true)
+                };
+                let result = daemon.wait(ours);
                 let done = matches!(
                     shared.state.lock().map(|s| s.outcome.clone()),
-                    Ok(Some(LazyOutcome::Complete))
+                    Ok(Some(LazyOutcome::Complete) | Some(LazyOutcome::Failed(_)))
                 );
                 match result {
                     Ok(_) if done => {}
@@ -586,6 +746,7 @@ fn wait_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> bool {
 
 /// Answer the daemon's requests until it closes the session.
 fn serve(mut sock: UnixStream, memory: &LazyMemory, shared: &Shared) -> Result<()> {
+    let started = std::time::Instant::now();
     let io = |what: &'static str| move |source| Error::Sys { op: what, source };
     let mut buf = Vec::with_capacity((MAX_REQUEST_PAGES * PAGE) as usize);
     loop {
@@ -605,7 +766,18 @@ fn serve(mut sock: UnixStream, memory: &LazyMemory, shared: &Shared) -> Result<(
         let (nr_pages, vaddr, dst_id) = (word(8), word(16), word(24));
         match cmd & PS_CMD_MASK {
             PS_IOV_GET => {
-                let n = memory.read(dst_id, vaddr, nr_pages, &mut buf)?;
+                tracing::trace!(pid = dst_id, vaddr, nr_pages, "page request");
+                // A fault (one page) is served at once; background transfers (more pages) take
+                // turns across every tree this process serves, so that N clones filling in
+                // their memory leave a core for restores and for the faults of the others.
+                if nr_pages == 1 && started.elapsed() < HOT_WINDOW {
+                    memory.touched(dst_id, vaddr);
+                }
+                let n = {
+                    let _turn = (nr_pages > 1)
+                        .then(|| BACKGROUND.lock().unwrap_or_else(|p| p.into_inner()));
+                    memory.read(dst_id, vaddr, nr_pages, &mut buf)?
+                };
                 let mut head = [0u8; IOV_LEN];
                 head[0..4]
                     .copy_from_slice(&(PS_IOV_ADD_F | (PE_PRESENT << PS_CMD_BITS)).to_le_bytes());
@@ -800,7 +972,7 @@ mod tests {
                 entry(0x30000, 1, PE_PRESENT),
             ],
         };
-        let (new, runs, kept) = split(&map, &vmas);
+        let (new, runs, kept) = split(&map, &vmas, &[]);
         assert_eq!(
             new.entries,
             vec![
@@ -829,12 +1001,55 @@ mod tests {
     }
 
     #[test]
+    fn hot_pages_are_cut_out_of_the_lazy_runs() {
+        let vmas = [vma(0x10000, 0x20000, ANON)];
+        let map = Pagemap {
+            pages_id: 1,
+            entries: vec![entry(0x10000, 8, PE_PRESENT)],
+        };
+        // Pages 0, 3 and 4 were touched first by an earlier thaw; 99 is not in this file.
+        let (new, runs, kept) = split(&map, &vmas, &[0, 3, 4, 99]);
+        // CRIU marks the pages of lazy-capable areas PE_LAZY in every dump: the eager ones
+        // must lose the mark.
+        let marked = Pagemap {
+            pages_id: 1,
+            entries: vec![entry(0x10000, 8, PE_PRESENT | PE_LAZY)],
+        };
+        assert_eq!(split(&marked, &vmas, &[0, 3, 4, 99]).0, new);
+        assert_eq!(
+            new.entries,
+            vec![
+                entry(0x10000, 1, PE_PRESENT),
+                entry(0x11000, 2, PE_LAZY),
+                entry(0x13000, 2, PE_PRESENT),
+                entry(0x15000, 3, PE_LAZY),
+            ]
+        );
+        assert_eq!(kept, vec![(0, 1), (3, 2)]);
+        assert_eq!(
+            runs,
+            vec![
+                Run {
+                    vaddr: 0x11000,
+                    pages: 2,
+                    first: 1
+                },
+                Run {
+                    vaddr: 0x15000,
+                    pages: 3,
+                    first: 5
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn pages_outside_any_area_stay_in_the_file() {
         let map = Pagemap {
             pages_id: 2,
             entries: vec![entry(0x1000, 2, PE_PRESENT), entry(0x9000, 1, PE_PRESENT)],
         };
-        let (new, runs, kept) = split(&map, &[vma(0x9000, 0xa000, ANON)]);
+        let (new, runs, kept) = split(&map, &[vma(0x9000, 0xa000, ANON)], &[]);
         assert_eq!(
             new.entries,
             vec![entry(0x1000, 2, PE_PRESENT), entry(0x9000, 1, PE_LAZY)]

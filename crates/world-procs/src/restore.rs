@@ -145,7 +145,13 @@ pub fn extract_images_lazy(
     let dir = crate::capture::scratch_dir("pf-restore-")?;
     let lazy = crate::lazy::extract(&store, digest, &procs, memory, dir.path())
         .map_err(|e| e.in_snapshot(digest))?;
-    tracing::debug!(%digest, dir = %dir.path().display(), lazy_pages = lazy.lazy_pages(), "images extracted for a lazy restore");
+    tracing::debug!(
+        %digest,
+        dir = %dir.path().display(),
+        lazy_pages = lazy.lazy_pages(),
+        hot_pages = lazy.hot_pages(),
+        "images extracted for a lazy restore"
+    );
     Ok(LazyImages {
         dir: std::sync::Arc::new(ImagesDir { dir }),
         memory: std::sync::Arc::new(lazy),

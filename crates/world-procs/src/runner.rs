@@ -380,8 +380,10 @@ impl Background {
         self.pidfd.try_clone()
     }
 
-    /// Wait for it to exit; a failure carries its log's error lines and keeps its work dir.
-    pub(crate) fn wait(mut self) -> Result<Scratch> {
+    /// Wait for it to exit; a failure carries its log's error lines and keeps its work dir,
+    /// unless `expected_end` says (once it has exited) that its end was ours to cause (we
+    /// killed it): then its work dir is removed and the result is `Ok`.
+    pub(crate) fn wait(mut self, expected_end: impl FnOnce() -> bool) -> Result<Scratch> {
         let status = loop {
             match self.child.wait() {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -392,6 +394,9 @@ impl Background {
             op: "waiting for a criu daemon",
             source,
         })?;
+        if expected_end() {
+            return Ok(self.inv.work);
+        }
         self.inv.conclude(Exit::from(status))
     }
 }
