@@ -110,8 +110,21 @@ class Goblin:
         self.returncode = self._native.kill()
         return self.returncode
 
+    def wait_pages(self, timeout: Optional[float] = None) -> bool:
+        """For a goblin thawed lazily (``lazy=True``): wait until every page of its memory is
+        in and return ``True`` (``False`` if ``timeout`` seconds ran out first). From then on
+        it needs nothing from this process. Raises if its memory could not be served (the
+        goblin was killed then). Any other goblin returns ``True`` at once."""
+        return self._native.wait_pages(timeout)
+
+    @property
+    def pages_served(self) -> int:
+        """Pages of its memory served on demand so far (0 unless thawed lazily)."""
+        return self._native.pages_served
+
     def detach(self) -> None:
-        """Let the goblin run on after this handle is gone; pf will not kill or reap it."""
+        """Let the goblin run on after this handle is gone; pf will not kill or reap it. A
+        goblin thawed lazily is detached once every page is in (this waits for that)."""
         self._native.detach()
 
     def close(self) -> None:
@@ -144,6 +157,11 @@ class Loaded:
     def name(self) -> str:
         """The digest or images directory it was loaded from."""
         return self._native.name
+
+    @property
+    def lazy(self) -> bool:
+        """Whether its thaws serve memory on demand (``load(..., lazy=True)``)."""
+        return self._native.lazy
 
     def thaw(self, *, new_pid_namespace: bool = True) -> Goblin:
         """Restore one copy on fresh pipes."""
@@ -314,27 +332,41 @@ def freeze(
     )
 
 
-def load(snapshot: Snapshot, store: Optional[Store] = None) -> Loaded:
-    """Check a snapshot and get it ready to thaw or fork many times."""
+def load(snapshot: Snapshot, store: Optional[Store] = None, *, lazy: bool = False) -> Loaded:
+    """Check a snapshot and get it ready to thaw or fork many times.
+
+    With ``lazy=True`` its thaws serve memory from the store on demand: each copy runs as soon
+    as CRIU has rebuilt it, pages it touches come first (each checked against its digest), the
+    rest follows in the background, and copies share one page cache. Only snapshots frozen in
+    the page-level format (``PF_SNAPSHOT_FORMAT=v2``) in a store can be thawed lazily."""
     if _is_images_dir(snapshot):
-        return Loaded(_native.load(images_dir=os.fspath(snapshot)))
-    return Loaded(_native.load(store=store if store is not None else Store(), reference=snapshot))
+        return Loaded(_native.load(images_dir=os.fspath(snapshot), lazy=lazy))
+    return Loaded(
+        _native.load(store=store if store is not None else Store(), reference=snapshot, lazy=lazy)
+    )
 
 
 def thaw(
-    snapshot: Snapshot, store: Optional[Store] = None, *, new_pid_namespace: bool = True
+    snapshot: Snapshot,
+    store: Optional[Store] = None,
+    *,
+    new_pid_namespace: bool = True,
+    lazy: bool = False,
 ) -> Goblin:
     """Restore one copy of a frozen goblin on fresh pipes and return it running.
 
     ``new_pid_namespace=True`` (the default) runs it in its own pid and mount namespaces, beside
     the original and any other copy; ``False`` takes its old pid back on the host, which fails
-    with ``pf.PidInUse`` while anything holds that pid."""
-    return load(snapshot, store).thaw(new_pid_namespace=new_pid_namespace)
+    with ``pf.PidInUse`` while anything holds that pid. ``lazy=True``: see ``load``."""
+    return load(snapshot, store, lazy=lazy).thaw(new_pid_namespace=new_pid_namespace)
 
 
-def fork(snapshot: Snapshot, n: int, store: Optional[Store] = None) -> List[Goblin]:
-    """Restore ``n`` copies of a frozen goblin side by side, each on its own pipes."""
-    return load(snapshot, store).fork(n)
+def fork(
+    snapshot: Snapshot, n: int, store: Optional[Store] = None, *, lazy: bool = False
+) -> List[Goblin]:
+    """Restore ``n`` copies of a frozen goblin side by side, each on its own pipes
+    (``lazy=True``: see ``load``)."""
+    return load(snapshot, store, lazy=lazy).fork(n)
 
 
 class AsyncGoblin:

@@ -398,3 +398,38 @@ def test_live_fork_and_collect_kills_a_branch_that_overruns(live, store):
     )
     assert branches[0].stdout == b"16\n" and not branches[0].timed_out
     assert branches[1].timed_out and branches[1].returncode == -9
+
+
+# --- lazy thaw: memory served from the store on demand ------------------------------------------
+
+
+def test_lazy_thaw_from_an_images_directory_is_refused(tmp_path):
+    with pytest.raises(pf.InvalidArgument, match="store"):
+        pf.goblins.load(tmp_path, lazy=True)
+
+
+def test_live_lazy_fork_answers_diverges_and_gets_every_page(live, store, counter, monkeypatch):
+    monkeypatch.setenv("PF_SNAPSHOT_FORMAT", "v2")
+    pf.goblins.freeze(counter.pid, store, tag="lz")
+    loaded = pf.goblins.load("lz", store, lazy=True)
+    assert loaded.lazy
+    copies = loaded.fork(2)
+    try:
+        assert [ask(c, f"x{i}") for i, c in enumerate(copies)] == ["2 x0", "2 x1"]
+        for c in copies:
+            assert c.wait_pages(timeout=60) is True
+            assert c.pages_served > 0
+        assert ask(copies[0], "y") == "3 y"
+    finally:
+        for c in copies:
+            c.kill()
+            c.close()
+
+
+def test_live_lazy_thaw_of_a_v1_snapshot_says_it_needs_the_page_format(
+    live, store, counter, monkeypatch
+):
+    monkeypatch.setenv("PF_SNAPSHOT_FORMAT", "v1")
+    pf.goblins.freeze(counter.pid, store, tag="old")
+    with pytest.raises(pf.InvalidArgument, match="PF_SNAPSHOT_FORMAT=v2"):
+        pf.goblins.thaw("old", store, lazy=True)

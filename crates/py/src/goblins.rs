@@ -158,6 +158,28 @@ impl NativeGoblin {
         py.detach(|| self.with(|g| g.kill().map(returncode).map_err(errors::from_goblin)))
     }
 
+    /// For a goblin thawed lazily: wait until every page of its memory is in (True), at most
+    /// `timeout` seconds (False when it ran out). Raises if serving failed (the goblin was
+    /// killed). True at once for any other goblin.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_pages(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let timeout = match timeout {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(errors::invalid(format!(
+                    "timeout must be a number of seconds >= 0, not {t}"
+                )));
+            }
+            t => t.map(std::time::Duration::from_secs_f64),
+        };
+        py.detach(|| self.with(|g| g.wait_pages(timeout).map_err(errors::from_goblin)))
+    }
+
+    /// Pages of its memory served on demand so far (0 unless thawed lazily).
+    #[getter]
+    fn pages_served(&self) -> PyResult<u64> {
+        self.with(|g| Ok(g.pages_served()))
+    }
+
     /// Leave the goblin running once pf lets go of it; nobody will reap it but init.
     fn detach(&self) {
         let goblin = self
@@ -184,6 +206,12 @@ impl NativeLoaded {
     #[getter]
     fn name(&self) -> &str {
         self.loaded.name()
+    }
+
+    /// Whether its thaws serve memory on demand.
+    #[getter]
+    fn lazy(&self) -> bool {
+        self.loaded.is_lazy()
     }
 
     /// Restore one copy on fresh pipes.
@@ -287,14 +315,27 @@ pub(crate) fn freeze(
 /// Check a frozen goblin (a digest or name in `store`, or an images directory) and get it ready
 /// to thaw and fork any number of times.
 #[pyfunction]
-#[pyo3(signature = (*, store=None, reference=None, images_dir=None))]
+#[pyo3(signature = (*, store=None, reference=None, images_dir=None, lazy=false))]
 pub(crate) fn load(
     py: Python<'_>,
     store: Option<PyRef<'_, Store>>,
     reference: Option<String>,
     images_dir: Option<PathBuf>,
+    lazy: bool,
 ) -> PyResult<NativeLoaded> {
     let loaded = match (store, reference, images_dir) {
+        (Some(store), Some(reference), None) if lazy => {
+            let digest = store.resolve_ref(&reference)?;
+            let store: std::sync::Arc<dyn pf_core::BlobStore> = store.inner.clone();
+            py.detach(|| pf_goblins::load_lazy(store, &digest))
+        }
+        (None, None, Some(_)) if lazy => {
+            return Err(errors::invalid(
+                "lazy thaws serve memory from a store: give a store and a reference, not an \
+                 images directory"
+                    .into(),
+            ));
+        }
         (Some(store), Some(reference), None) => {
             let digest = store.resolve_ref(&reference)?;
             let store = std::sync::Arc::clone(&store.inner);
