@@ -582,8 +582,8 @@ fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
             ID,
             LABEL,
             "kernel without userfaultfd (neither /dev/userfaultfd nor vm.unprivileged_userfaultfd)",
-            "only CRIU's lazy restore needs a kernel built with CONFIG_USERFAULTFD=y; pf's thaw does \
-             not use it",
+            "lazy thaw (`pf goblin thaw|fork --lazy`) needs a kernel built with \
+             CONFIG_USERFAULTFD=y; eager thaws (the default) work without it",
         )
         .optional();
     }
@@ -592,7 +592,7 @@ fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
         return Check::pass(
             ID,
             LABEL,
-            "available to criu (for CRIU's lazy restore; pf does not use it yet)",
+            "available to criu (required for lazy thaw: `pf goblin thaw|fork --lazy`)",
         )
         .optional();
     }
@@ -606,14 +606,14 @@ fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
         Check::pass(
             ID,
             LABEL,
-            "available without root (for CRIU's lazy restore; pf does not use it yet)",
+            "available without root (required for lazy thaw: `pf goblin thaw|fork --lazy`)",
         )
         .optional()
     } else {
         Check::fail(
             ID,
             LABEL,
-            "the kernel has it, but not for unprivileged users",
+            "the kernel has it, but not for unprivileged users: lazy thaw (`--lazy`) cannot work",
             "sysctl vm.unprivileged_userfaultfd=1, or give your user access to /dev/userfaultfd",
         )
         .optional()

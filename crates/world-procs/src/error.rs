@@ -248,6 +248,12 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A lazy restore needs userfaultfd, which this kernel lacks.
+    #[error(
+        "this kernel has no userfaultfd (CONFIG_USERFAULTFD), which lazy thaw needs: thaw \
+         without lazy (see `pf doctor`)"
+    )]
+    NoUserfaultfd,
     /// A lazy restore was asked of a snapshot whose memory is not stored page by page.
     #[error(
         "snapshot {snapshot} is a procs.criu.v1 snapshot, whose memory is one archive: only \
@@ -367,6 +373,7 @@ impl Error {
             Self::CorruptPage { .. } => ErrorKind::StoreCorrupt,
             Self::BadSnapshotFormat { .. } | Self::LazyNeedsV2 { .. } => ErrorKind::InvalidInput,
             Self::LazyFailed { .. } => ErrorKind::CriuFailed,
+            Self::NoUserfaultfd => ErrorKind::CriuUnavailable,
             Self::Pages { source, .. } => match source.as_ref() {
                 pf_core::pages::PagesError::Store { source, .. } => ErrorKind::of_store(source),
                 pf_core::pages::PagesError::Pack(_)

@@ -142,6 +142,11 @@ pub fn extract_images_lazy(
     let Some(memory) = &procs.memory else {
         return Err(Error::LazyNeedsV2 { snapshot: *digest });
     };
+    if !Path::new("/dev/userfaultfd").exists()
+        && !Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists()
+    {
+        return Err(Error::NoUserfaultfd);
+    }
     let dir = crate::capture::scratch_dir("pf-restore-")?;
     let lazy = crate::lazy::extract(&store, digest, &procs, memory, dir.path())
         .map_err(|e| e.in_snapshot(digest))?;
