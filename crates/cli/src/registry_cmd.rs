@@ -60,6 +60,10 @@ pub(crate) struct Connect {
     /// How many blobs move at once
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
+    /// Give up a blob when its connection moves no byte for SECONDS (a slow transfer that keeps
+    /// moving never times out)
+    #[arg(long, value_name = "SECONDS", default_value_t = pf_registry::DEFAULT_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout: u64,
     /// Print one JSON object on stdout instead of the digest
     #[arg(long)]
     json: bool,
@@ -75,6 +79,7 @@ impl Connect {
                 pf_registry::default_docker_config()
             },
             parallel: usize::from(self.parallel),
+            idle_timeout: Duration::from_secs(self.idle_timeout),
         }
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct Client {
     config: Option<PathBuf>,
     /// The `Authorization` header value, once a challenge asked for one.
     authorization: Mutex<Option<String>>,
+    /// How long a connection may move nothing (see [`ConnectOptions::idle_timeout`]).
+    idle: Duration,
 }
 
 impl Client {
@@ -81,9 +83,11 @@ impl Client {
             .http_status_as_error(false)
             .tls_config(tls)
             .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_send_body(Some(Duration::from_secs(120)))
-            .timeout_recv_body(Some(Duration::from_secs(600)))
+            // Idle, not total: every read and write of the connection (the answer's head, a
+            // blob's body either way) may wait this long for a byte, and a transfer that keeps
+            // moving goes on however long it takes.
+            .timeout_per_read(Some(options.idle_timeout))
+            .timeout_per_write(Some(options.idle_timeout))
             .max_redirects(10)
             .user_agent(concat!("pf/", env!("CARGO_PKG_VERSION")))
             .build();
@@ -100,6 +104,7 @@ impl Client {
             credentials,
             config: options.docker_config.clone(),
             authorization: Mutex::new(None),
+            idle: options.idle_timeout,
         };
         client.ping()?;
         Ok(client)
@@ -276,6 +281,18 @@ impl Client {
                 Some(bytes) => builder
                     .body(bytes)
                     .map_err(|e| http_error(url, e))
+                    .map(|r| {
+                        // Once the body's last byte is written, up to a send buffer of it is
+                        // still on its way, and nothing pf can see moves until the answer:
+                        // the wait for it allows the idle timeout plus that tail's time at a
+                        // slow link's pace.
+                        self.agent
+                            .configure_request(r)
+                            .timeout_per_read(None)
+                            .timeout_recv_response(Some(answer_wait(self.idle, bytes.len())))
+                            .timeout_recv_body(Some(self.idle))
+                            .build()
+                    })
                     .and_then(|r| self.agent.run(r).map_err(|e| transport(&method, url, e))),
                 None => builder
                     .body(())
@@ -342,8 +359,20 @@ impl Client {
     }
 
     /// Upload a blob of `size` raw bytes read from `reader`: one PUT up to [`CHUNK`], PATCH
-    /// chunks and a closing PUT beyond. The registry checks the digest when it commits.
+    /// chunks and a closing PUT beyond. The registry checks the digest when it commits. A
+    /// connection idle for the idle timeout is [`Error::Stalled`].
     pub(crate) fn upload(
+        &self,
+        digest: &Digest256,
+        size: u64,
+        reader: &mut dyn Read,
+        progress: Progress<'_>,
+    ) -> Result<()> {
+        self.upload_blob(digest, size, reader, progress)
+            .map_err(|err| self.stalled(err, digest, "uploading"))
+    }
+
+    fn upload_blob(
         &self,
         digest: &Digest256,
         size: u64,
@@ -482,10 +511,37 @@ impl Client {
     /// A reader over a blob's bytes (unverified: the caller verifies).
     pub(crate) fn get_blob(&self, digest: &Digest256) -> Result<(impl Read + use<>, String)> {
         let url = self.blob_url(digest);
-        let response = self.request(Method::GET, &url, &[], None)?;
+        let response = self
+            .request(Method::GET, &url, &[], None)
+            .map_err(|err| self.stalled(err, digest, "downloading"))?;
         match response.status().as_u16() {
             200 => Ok((response.into_body().into_reader(), url)),
             status => Err(self.status_error("GET", &url, status, response)),
+        }
+    }
+
+    /// `err` as [`Error::Stalled`] when it is the idle timeout of a connection moving `digest`
+    /// (`action` is "uploading" or "downloading"); any other error as it is.
+    pub(crate) fn stalled(&self, err: Error, digest: &Digest256, action: &'static str) -> Error {
+        let idle = match &err {
+            Error::Transport { source, .. } => is_idle_timeout(source),
+            Error::BodyRead { source, .. } => io_is_idle_timeout(source),
+            _ => false,
+        };
+        if !idle {
+            return err;
+        }
+        let source = match err {
+            Error::Transport { source, .. } => source.into_io(),
+            Error::BodyRead { source, .. } => source,
+            _ => unreachable!("matched above"),
+        };
+        Error::Stalled {
+            registry: self.registry.clone(),
+            action,
+            digest: *digest,
+            idle: self.idle,
+            source,
         }
     }
 
@@ -600,6 +656,33 @@ fn transport(method: &Method, url: &str, source: ureq::Error) -> Error {
     }
 }
 
+/// The most of a request body the kernel may still hold when its last byte is written (Linux's
+/// default `net.core.wmem_max`).
+const IN_FLIGHT: u64 = 4 << 20;
+/// The slowest pace at which an upload's tail is still waited for.
+const SLOW_LINK: u64 = 32 << 10;
+
+/// How long the answer to a request with a `len`-byte body may take once the body is written:
+/// the idle timeout plus the bytes still in flight at [`SLOW_LINK`] bytes a second.
+fn answer_wait(idle: Duration, len: usize) -> Duration {
+    idle + Duration::from_secs((len as u64).min(IN_FLIGHT) / SLOW_LINK)
+}
+
+/// Whether a transport error is a connection's idle timeout (a read or a write waited too long).
+fn is_idle_timeout(err: &ureq::Error) -> bool {
+    matches!(
+        err,
+        ureq::Error::Timeout(ureq::Timeout::PerRead | ureq::Timeout::PerWrite)
+    )
+}
+
+/// Whether an I/O error of a body reader is a connection's idle timeout.
+fn io_is_idle_timeout(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(is_idle_timeout)
+}
+
 /// A URL without its query (an upload's `_state` is long and tells a user nothing).
 fn without_query(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
@@ -679,6 +762,21 @@ mod tests {
         ));
         assert!(!same_origin(base, "http://r.example:5000/v2/"));
         assert!(!same_origin(base, "https://storage.example/upload"));
+    }
+
+    #[test]
+    fn an_uploads_answer_may_wait_for_its_tail_at_a_slow_pace() {
+        let idle = Duration::from_secs(60);
+        assert_eq!(answer_wait(idle, 0), idle);
+        assert_eq!(answer_wait(idle, 1 << 20), idle + Duration::from_secs(32));
+        // Never more than a send buffer is in flight.
+        assert_eq!(answer_wait(idle, 8 << 20), idle + Duration::from_secs(128));
+        let timeout = ureq::Error::Timeout(ureq::Timeout::PerRead);
+        assert!(is_idle_timeout(&timeout));
+        assert!(io_is_idle_timeout(&timeout.into_io()));
+        assert!(!is_idle_timeout(&ureq::Error::Timeout(
+            ureq::Timeout::Connect
+        )));
     }
 
     #[test]

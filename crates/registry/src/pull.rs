@@ -188,11 +188,15 @@ fn fetch(
                 "the registry sent {actual} bytes where the manifest says {expected}"
             )),
         }),
-        Err(pf_core::Error::Input { source }) => Err(Error::BodyRead {
-            digest: blob.digest,
-            url,
-            source,
-        }),
+        Err(pf_core::Error::Input { source }) => Err(client.stalled(
+            Error::BodyRead {
+                digest: blob.digest,
+                url,
+                source,
+            },
+            &blob.digest,
+            "downloading",
+        )),
         Err(other) => Err(other.into()),
     }
 }

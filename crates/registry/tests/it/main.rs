@@ -2,6 +2,8 @@
 //! server) started by each test on a free loopback port with its own storage, stopped by pid.
 //! No CRIU needed: the snapshots are synthetic blob graphs of the shape pf stores.
 
+mod relay;
+
 use std::io::Read as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,6 +56,7 @@ fn connect() -> ConnectOptions {
         insecure: false,
         docker_config: None,
         parallel: 4,
+        idle_timeout: pf_registry::DEFAULT_IDLE_TIMEOUT,
     }
 }
 
@@ -478,4 +481,140 @@ fn bearer_token_flow_with_basic_credentials() {
     };
     let pulled = pf_registry::pull(&b, &r, &pull, &quiet).unwrap();
     assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
+}
+
+/// Options whose idle timeout is `idle`, one blob at a time.
+fn idle_opts(idle: Duration) -> ConnectOptions {
+    ConnectOptions {
+        parallel: 1,
+        idle_timeout: idle,
+        ..connect()
+    }
+}
+
+#[test]
+fn a_slow_transfer_that_keeps_moving_never_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    // 64 KiB every 100 ms both ways: each blob's body takes seconds, no gap reaches the 1 s
+    // idle timeout.
+    let slow = relay::Relay::start(
+        registry.port(),
+        relay::Wire::Slow {
+            bytes: 64 << 10,
+            every: Duration::from_millis(100),
+        },
+    );
+    let a = store(dir.path(), "a");
+    let pack = noise(12, 1536 << 10);
+    let root = snapshot(&a, 70, std::slice::from_ref(&pack));
+    let r = Reference::parse(&format!("{}/slow:v1", slow.addr())).unwrap();
+    let idle = Duration::from_secs(1);
+
+    let started = Instant::now();
+    let pushed = pf_registry::push(
+        &a,
+        &root,
+        &r,
+        &PushOptions {
+            connect: idle_opts(idle),
+        },
+        &quiet,
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(pushed.uploaded, 4);
+    assert!(took > 2 * idle, "the push was not slow: {took:?}");
+
+    let b = store(dir.path(), "b");
+    let started = Instant::now();
+    let pulled = pf_registry::pull(
+        &b,
+        &r,
+        &PullOptions {
+            connect: idle_opts(idle),
+            name: Some("slow".into()),
+        },
+        &quiet,
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
+    assert!(took > 2 * idle, "the pull was not slow: {took:?}");
+    assert_eq!(b.get(&Digest256::of(&pack)).unwrap(), pack);
+}
+
+#[test]
+fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let pack = noise(13, 4 << 20);
+    let root = snapshot(&a, 80, std::slice::from_ref(&pack));
+    let direct = reference(&registry, "silent:v1");
+    pf_registry::push(&a, &root, &direct, &push_opts(), &quiet).unwrap();
+    let idle = Duration::from_secs(1);
+
+    // Pull: the registry's answers stop after 1 MiB, inside the 4 MiB pack (the root, the
+    // 300 kB images blob and the page list come first, one blob at a time).
+    let silent = relay::Relay::start(
+        registry.port(),
+        relay::Wire::Stall {
+            upstream: false,
+            after: 1 << 20,
+        },
+    );
+    let r = Reference::parse(&format!("{}/silent:v1", silent.addr())).unwrap();
+    let b = store(dir.path(), "b");
+    let started = Instant::now();
+    let pulling = PullOptions {
+        connect: idle_opts(idle),
+        name: Some("s".into()),
+    };
+    let err = pf_registry::pull(&b, &r, &pulling, &quiet).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "{err:?}");
+    let digest = Digest256::of(&pack);
+    assert!(
+        matches!(&err, Error::Stalled { digest: d, action: "downloading", .. } if *d == digest),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Unreachable);
+    let text = err.to_string();
+    assert!(text.contains(&silent.addr()), "{text}");
+    assert!(text.contains(&digest.to_string()), "{text}");
+    assert!(text.contains("run the same command again"), "{text}");
+    assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
+    drop(silent);
+
+    // Push: the registry stops reading 512 KiB in (past the root, the 300 kB images blob and
+    // the page list, early in the first 8 MiB chunk of a 20 MiB pack), so pf's writes block
+    // once the socket buffers are full.
+    let big = noise(14, 20 << 20);
+    let next = snapshot(&a, 81, std::slice::from_ref(&big));
+    let silent = relay::Relay::start(
+        registry.port(),
+        relay::Wire::Stall {
+            upstream: true,
+            after: 512 << 10,
+        },
+    );
+    let r = Reference::parse(&format!("{}/silent:v2", silent.addr())).unwrap();
+    let started = Instant::now();
+    let err = pf_registry::push(
+        &a,
+        &next,
+        &r,
+        &PushOptions {
+            connect: idle_opts(idle),
+        },
+        &quiet,
+    )
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "{err:?}");
+    let digest = Digest256::of(&big);
+    assert!(
+        matches!(&err, Error::Stalled { digest: d, action: "uploading", .. } if *d == digest),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&digest.to_string()), "{err}");
 }
