@@ -24,7 +24,11 @@ images, page packs …), exactly what `pf store gc` keeps for it. It becomes one
 (artifactType application/vnd.pf.snapshot.v1+json) under the tag; each blob is uploaded as its raw
 bytes, so the registry names it by the same sha256 as the store. Blobs the registry already has
 (a HEAD per blob) are skipped: pushing the same snapshot again uploads nothing, and a push that
-was interrupted completes when run again. Large blobs go up in 8 MiB chunks, 4 blobs at a time.
+was interrupted completes when run again. Large blobs go up in 8 MiB chunks, 4 blobs at a time;
+a large blob cut off midway continues from the registry's last acknowledged chunk when the same
+push runs again (its upload session is kept in STORE/registry/uploads until it completes; a
+registry that lost or refuses the session gets the blob whole). A connection that moves no byte
+for --idle-timeout seconds fails the push; a slow transfer that keeps moving does not.
 
 Registries: REGISTRY/REPOSITORY:TAG, the host first (pf has no default registry; Docker Hub is
 docker.io/USER/REPO:TAG). https with the system's root certificates, except loopback hosts
@@ -122,6 +126,7 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
     let started = Instant::now();
     let options = PushOptions {
         connect: args.connect.options(),
+        sessions: Some(store.root().join("registry").join("uploads")),
     };
     let report = pf_registry::push(&store, &root, &reference, &options, &|e| meter.event(e))
         .with_context(|| format!("cannot push {} to {reference}", args.snapshot));

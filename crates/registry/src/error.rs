@@ -214,6 +214,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The file that keeps an upload in progress (for a rerun to continue it) cannot be written.
+    #[error("keeping the upload session in {}", .path.display())]
+    UploadSession {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] pf_core::Error),

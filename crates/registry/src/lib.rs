@@ -18,6 +18,7 @@ mod manifest;
 mod pull;
 mod push;
 mod reference;
+mod resume;
 #[doc(hidden)]
 pub mod test_support;
 

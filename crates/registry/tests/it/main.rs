@@ -61,7 +61,10 @@ fn connect() -> ConnectOptions {
 }
 
 fn push_opts() -> PushOptions {
-    PushOptions { connect: connect() }
+    PushOptions {
+        connect: connect(),
+        sessions: None,
+    }
 }
 
 fn pull_opts(name: Option<&str>) -> PullOptions {
@@ -194,6 +197,7 @@ fn basic_auth_from_docker_config_and_its_refusals() {
                 docker_config: Some(docker_config(&conf, &registry.addr(), "ann", password)),
                 ..connect()
             },
+            sessions: None,
         }
     };
 
@@ -465,12 +469,14 @@ fn bearer_token_flow_with_basic_credentials() {
     assert!(matches!(err, Error::CredentialsNeeded { .. }), "{err:?}");
     let wrong = PushOptions {
         connect: with("wrong"),
+        sessions: None,
     };
     let err = pf_registry::push(&a, &root, &r, &wrong, &quiet).unwrap_err();
     assert!(matches!(err, Error::CredentialsRefused { .. }), "{err:?}");
 
     let right = PushOptions {
         connect: with("right-horse"),
+        sessions: None,
     };
     let pushed = pf_registry::push(&a, &root, &r, &right, &quiet).unwrap();
     assert_eq!(pushed.uploaded, 4);
@@ -518,6 +524,7 @@ fn a_slow_transfer_that_keeps_moving_never_times_out() {
         &r,
         &PushOptions {
             connect: idle_opts(idle),
+            sessions: None,
         },
         &quiet,
     )
@@ -606,6 +613,7 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
         &r,
         &PushOptions {
             connect: idle_opts(idle),
+            sessions: None,
         },
         &quiet,
     )
@@ -617,4 +625,117 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
         "{err:?}"
     );
     assert!(err.to_string().contains(&digest.to_string()), "{err}");
+}
+
+/// A push of a 40 MiB pack cut off after its first 8 MiB chunk: the registry is killed while pf
+/// is between that chunk and the next (the progress callback holds the upload there).
+fn push_cut_after_one_chunk(
+    registry: &mut Registry,
+    store: &FsBlobStore,
+    root: &Digest256,
+    r: &Reference,
+    options: &PushOptions,
+) -> Error {
+    use std::sync::mpsc;
+    let (chunk_done, wait_chunk) = mpsc::channel::<()>();
+    let (go_on, wait_go) = mpsc::channel::<()>();
+    let chunk_done = std::sync::Mutex::new(Some(chunk_done));
+    let wait_go = std::sync::Mutex::new(wait_go);
+    std::thread::scope(|scope| {
+        let pushing = scope.spawn(|| {
+            pf_registry::push(store, root, r, options, &|e| {
+                if let pf_registry::Event::Transferred { bytes } = e
+                    && bytes == 8 << 20
+                    && let Some(done) = chunk_done.lock().unwrap().take()
+                {
+                    done.send(()).unwrap();
+                    wait_go.lock().unwrap().recv().unwrap();
+                }
+            })
+        });
+        wait_chunk
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the first chunk never went up");
+        registry.stop();
+        go_on.send(()).unwrap();
+        pushing.join().unwrap().unwrap_err()
+    })
+}
+
+#[test]
+fn a_push_cut_off_mid_blob_continues_from_where_the_registry_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let a = store(dir.path(), "a");
+    let big = noise(15, 40 << 20);
+    let root = snapshot(&a, 90, std::slice::from_ref(&big));
+    let r = reference(&registry, "resume:v1");
+    let sessions = dir.path().join("a/registry/uploads");
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: Some(sessions.clone()),
+    };
+
+    let err = push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err:?}");
+    let kept: Vec<_> = std::fs::read_dir(&sessions).unwrap().collect();
+    assert_eq!(kept.len(), 1, "one upload session kept: {kept:?}");
+
+    let registry = Registry::start_on(&storage, port, None);
+    let done = pf_registry::push(&a, &root, &r, &options, &quiet).unwrap();
+    assert_eq!(done.uploaded, 1, "{done:?}");
+    assert_eq!(
+        done.bytes_uploaded,
+        big.len() as u64 - (8 << 20),
+        "the rerun sends only what the registry lacks: {done:?}"
+    );
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 0);
+
+    let b = store(dir.path(), "b");
+    pf_registry::pull(&b, &r, &pull_opts(Some("resumed")), &quiet).unwrap();
+    let mut got = Vec::new();
+    b.open(&Digest256::of(&big))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == big);
+    drop(registry);
+}
+
+#[test]
+fn an_upload_session_the_registry_lost_falls_back_to_a_fresh_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let a = store(dir.path(), "a");
+    let big = noise(16, 40 << 20);
+    let root = snapshot(&a, 91, std::slice::from_ref(&big));
+    let r = reference(&registry, "lost:v1");
+    let sessions = dir.path().join("a/registry/uploads");
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: Some(sessions.clone()),
+    };
+    push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 1);
+
+    // The registry purged its half-done uploads (as its upload purging does after a week).
+    std::fs::remove_dir_all(storage.join("docker/registry/v2/repositories/lost/_uploads")).unwrap();
+    let registry = Registry::start_on(&storage, port, None);
+    let done = pf_registry::push(&a, &root, &r, &options, &quiet).unwrap();
+    assert_eq!(done.bytes_uploaded, big.len() as u64, "{done:?}");
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 0);
+    let b = store(dir.path(), "b");
+    pf_registry::pull(&b, &r, &pull_opts(Some("fresh")), &quiet).unwrap();
+    assert_eq!(b.get(&Digest256::of(&big)).unwrap().len(), big.len());
+    drop(registry);
 }

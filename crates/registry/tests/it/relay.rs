@@ -44,6 +44,9 @@ impl Relay {
                         break;
                     }
                     let Ok(client) = client else { continue };
+                    // A small receive buffer, so that a relay that stops reading blocks pf's
+                    // writes soon (the kernel would otherwise take megabytes unread).
+                    let _ = socket2::SockRef::from(&client).set_recv_buffer_size(64 << 10);
                     let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                         continue;
                     };
