@@ -185,6 +185,7 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
             "skipped": report.skipped,
             "bytes_total": report.bytes_total,
             "bytes_fetched": report.bytes_fetched,
+            "pages_indexed": report.pages_indexed,
             "seconds": seconds,
         });
         writeln!(std::io::stdout().lock(), "{json}")?;

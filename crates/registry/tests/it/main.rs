@@ -739,3 +739,77 @@ fn an_upload_session_the_registry_lost_falls_back_to_a_fresh_upload() {
     assert_eq!(b.get(&Digest256::of(&big)).unwrap().len(), big.len());
     drop(registry);
 }
+
+/// A page pack of `pages` distinct pages from `seed`, as pf-core writes them; its bytes and the
+/// pages' digests. With `lying`, the index names a digest its page does not hash to.
+fn pack(seed: u64, pages: usize, lying: bool) -> (Vec<u8>, Vec<Digest256>) {
+    use pf_core::pack::{PAGE_SIZE, PackBuilder, page_digest};
+    let mut builder = PackBuilder::new(1);
+    let mut digests = Vec::new();
+    for n in 0..pages {
+        let page = noise(seed * 10_000 + n as u64, PAGE_SIZE);
+        let digest = if lying {
+            Digest256::of(format!("not page {n}").as_bytes())
+        } else {
+            page_digest(&page)
+        };
+        builder.push(&page, digest);
+        digests.push(digest);
+    }
+    (builder.finish().unwrap(), digests)
+}
+
+#[test]
+fn pulled_packs_join_the_page_index_once_their_pages_check_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let (good, good_pages) = pack(17, 300, false);
+    let (lying, lying_pages) = pack(18, 20, true);
+    let root = snapshot(&a, 100, &[good.clone(), lying.clone()]);
+    let r = reference(&registry, "indexed:v1");
+    pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+
+    let b = store(dir.path(), "b");
+    let mut sorted = good_pages.clone();
+    sorted.sort();
+    assert!(b.page_index().lookup(&sorted).unwrap().is_empty());
+    let pulled = pf_registry::pull(&b, &r, &pull_opts(Some("p")), &quiet).unwrap();
+    assert_eq!(pulled.pages_indexed, 300, "{pulled:?}");
+
+    // Every page of the good pack is found where it is, so a freeze into b stores none again.
+    let found = b.page_index().lookup(&sorted).unwrap();
+    assert_eq!(found.len(), 300);
+    let good_digest = Digest256::of(&good);
+    for (slot, page) in good_pages.iter().enumerate() {
+        let loc = found[page];
+        assert_eq!((loc.pack, loc.slot), (good_digest, slot as u32));
+    }
+    // A freeze into b (pf-core's page writer, as capture runs it) of a memory image holding
+    // those 300 pages and 10 new ones stores only the 10.
+    let image = dir.path().join("pages-1.img");
+    let mut bytes = Vec::new();
+    for n in 0..300u64 {
+        bytes.extend_from_slice(&noise(17 * 10_000 + n, pf_core::pack::PAGE_SIZE));
+    }
+    for n in 0..10u64 {
+        bytes.extend_from_slice(&noise(19 * 10_000 + n, pf_core::pack::PAGE_SIZE));
+    }
+    std::fs::write(&image, &bytes).unwrap();
+    let mut writer = pf_core::pages::PageWriter::new(&b, b.page_index(), 1);
+    let stored = writer
+        .write_file(&std::fs::File::open(&image).unwrap(), &image)
+        .unwrap();
+    assert_eq!((stored.pages, stored.new_pages), (310, 10), "{stored:?}");
+
+    // A pack whose index names pages it does not hold is stored (its bytes are what was
+    // pushed) but never offered for dedup.
+    let mut sorted = lying_pages.clone();
+    sorted.sort();
+    assert!(b.page_index().lookup(&sorted).unwrap().is_empty());
+    assert!(b.contains(&Digest256::of(&lying)).unwrap());
+
+    // Pulled again into the same store: nothing fetched, nothing indexed twice.
+    let again = pf_registry::pull(&b, &r, &pull_opts(None), &quiet).unwrap();
+    assert_eq!((again.fetched, again.pages_indexed), (0, 0));
+}
