@@ -270,6 +270,17 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
         &["run the same command again"],
     );
     assert!(err.contains("cannot push hoard"), "{err}");
+    // The images blob's upload session is kept for the rerun, private to the store's owner.
+    let sessions = a.join("registry/uploads");
+    let kept: Vec<_> = std::fs::read_dir(&sessions)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        assert_eq!(std::fs::metadata(&kept[0]).unwrap().mode() & 0o777, 0o600);
+    }
 
     // Same storage, same address: the rerun completes, sending only what is missing.
     let registry = Registry::start_on(&storage, port, None);
@@ -278,6 +289,7 @@ fn live_goblin_pushed_through_a_registry_that_dies_midway_thaws_elsewhere() {
     let json: serde_json::Value = serde_json::from_str(&ok(&run(push), "push again")).unwrap();
     assert!(json["skipped"].as_u64().unwrap() >= 1, "{json}");
     assert!(json["uploaded"].as_u64().unwrap() >= 1, "{json}");
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 0);
     let mut push = pf(&a);
     push.args(["push", "hoard", &target, "--json"]);
     let json: serde_json::Value =
@@ -372,6 +384,8 @@ fn live_v2_snapshot_travels_with_its_page_packs_and_thaws_elsewhere() {
     pull.args(["pull", &target, "--tag", "hoard", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&ok(&run(pull), "pull")).unwrap();
     assert_eq!(json["fetched"], first["blobs"], "{json}");
+    // The pulled packs' pages are in b's page index: a freeze there dedups against them.
+    assert!(json["pages_indexed"].as_u64().unwrap() > 20_000, "{json}");
     assert_eq!(thaw_in_new_netns(&b, "hoard"), hash);
     drop(registry);
 }

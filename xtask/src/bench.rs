@@ -61,6 +61,14 @@ pub(crate) const FORK_TARGET_MIB: u64 = 64;
 pub(crate) const FORK_CLONES: usize = 8;
 /// Snapshots in the series that measures bytes stored over time.
 pub(crate) const SERIES: usize = 10;
+/// Issue 11's targets for `procs.criu.v2`: first freeze and re-freeze after 5% changed against
+/// raw dump, thaw against raw restore, 10 snapshots against one.
+pub(crate) const V2_FREEZE_TARGET: f64 = 1.6;
+pub(crate) const V2_REFREEZE_TARGET: f64 = 1.3;
+pub(crate) const V2_THAW_TARGET: f64 = 1.3;
+pub(crate) const V2_SERIES_TARGET: f64 = 1.75;
+/// Issue 13's target: bytes a push of the 10th snapshot sends against its new pages' stored size.
+pub(crate) const SENT_TARGET: f64 = 1.2;
 
 #[derive(Debug)]
 struct Options {
@@ -133,6 +141,11 @@ struct Run {
     freeze_rss_kib: u64,
     thaw_rss_kib: u64,
     fork_rss_kib: u64,
+    /// The same freeze and thaw with `PF_SNAPSHOT_FORMAT=v2`, into an empty store.
+    v2_freeze_s: f64,
+    v2_thaw_s: f64,
+    v2_freeze_rss_kib: u64,
+    v2_thaw_rss_kib: u64,
 }
 
 /// Everything measured on one goblin size.
@@ -146,6 +159,16 @@ struct SizeResult {
     store_one_bytes: u64,
     /// The store after each of the successive snapshots.
     series_bytes: Vec<u64>,
+    /// Seconds of each freeze of the series after the first (5% of pages changed before each).
+    refreeze_s: Vec<f64>,
+    /// The same series in v2.
+    v2_store_one_bytes: u64,
+    v2_series_bytes: Vec<u64>,
+    v2_refreeze_s: Vec<f64>,
+    /// The v1 snapshot of the last run pushed and pulled through a local registry.
+    transfer: Option<crate::bench_registry::Transfer>,
+    /// What pushing each v2 snapshot of the series sent (none without a registry).
+    v2_sent: Vec<crate::bench_registry::Sent>,
 }
 
 /// Where things run: the pf binary, criu, python, the scratch parents.
@@ -259,7 +282,14 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         images_bytes: 0,
         store_one_bytes: 0,
         series_bytes: Vec::new(),
+        refreeze_s: Vec::new(),
+        v2_store_one_bytes: 0,
+        v2_series_bytes: Vec::new(),
+        v2_refreeze_s: Vec::new(),
+        transfer: None,
+        v2_sent: Vec::new(),
     };
+    let mut last_store = None;
     for i in 1..=runs {
         progress(&format!("{mib} MiB goblin (pid {pid}): run {i} of {runs}"));
         let images = ScratchDir::new(&env.tmpfs, "pf-bench-images")?;
@@ -267,7 +297,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         result.images_bytes = dir_bytes(images.path())
             - std::fs::metadata(images.path().join("dump.log")).map_or(0, |m| m.len());
         let store = ScratchDir::new(&env.stores, "store")?;
-        let (freeze_s, digest, freeze_rss) = pf_freeze(env, store.path(), pid)?;
+        let (freeze_s, digest, freeze_rss) = pf_freeze(env, store.path(), pid, Format::V1)?;
         result.store_one_bytes = dir_bytes(&store.path().join("blobs"));
         let pf_pause_us = pf_pause(env, store.path(), &digest)?;
         let still = goblin.ask("sum")?;
@@ -280,6 +310,13 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         let (thaw_s, answer, thaw_rss) = pf_thaw(env, store.path(), &digest, "sum")?;
         check_answer("pf goblin thaw", &answer, &expected)?;
         let (fork_s, fork_rss) = pf_fork(env, store.path(), &digest, &expected)?;
+        let v2_store = ScratchDir::new(&env.stores, "store-v2")?;
+        let (v2_freeze_s, v2_digest, v2_freeze_rss) =
+            pf_freeze(env, v2_store.path(), pid, Format::V2)?;
+        result.v2_store_one_bytes = dir_bytes(&v2_store.path().join("blobs"));
+        let (v2_thaw_s, answer, v2_thaw_rss) = pf_thaw(env, v2_store.path(), &v2_digest, "sum")?;
+        check_answer("pf goblin thaw (v2)", &answer, &expected)?;
+        drop(v2_store);
         let run = Run {
             raw_dump_s: raw.secs,
             raw_pause_us: raw.frozen_us,
@@ -291,37 +328,127 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             freeze_rss_kib: freeze_rss,
             thaw_rss_kib: thaw_rss,
             fork_rss_kib: fork_rss,
+            v2_freeze_s,
+            v2_thaw_s,
+            v2_freeze_rss_kib: v2_freeze_rss,
+            v2_thaw_rss_kib: v2_thaw_rss,
         };
         progress(&format!(
             "  dump {:.3} s / freeze {:.3} s; pause {:.1} / {:.1} ms; restore {:.3} s / thaw \
-             {:.3} s; fork {FORK_CLONES} {:.3} s",
+             {:.3} s; fork {FORK_CLONES} {:.3} s; v2 freeze {:.3} s, thaw {:.3} s",
             run.raw_dump_s,
             run.pf_freeze_s,
             run.raw_pause_us as f64 / 1e3,
             run.pf_pause_us as f64 / 1e3,
             run.raw_restore_s,
             run.pf_thaw_s,
-            run.fork_s
+            run.fork_s,
+            run.v2_freeze_s,
+            run.v2_thaw_s,
         ));
         result.runs.push(run);
+        last_store = Some((store, digest));
     }
+    let registry = crate::bench_registry::Local::start(&env.stores)?;
+    if let (Some(local), Some((store, digest))) = (&registry, &last_store) {
+        progress(&format!(
+            "{mib} MiB goblin: pf push / pull through a local registry, and curl"
+        ));
+        let pf = |store: &Path, args: &[&str]| run_pf(env, store, args);
+        let t = crate::bench_registry::transfer(
+            local,
+            &pf,
+            store.path(),
+            digest,
+            &env.stores,
+            &format!("g{mib}"),
+        )?;
+        progress(&format!(
+            "  {:.1} MiB in {} blobs: push {:.3} s, curl PUT {:.3} s; pull {:.3} s, curl GET {:.3} s",
+            t.bytes as f64 / 1_048_576.0,
+            t.blobs,
+            t.push_s,
+            t.curl_put_s,
+            t.pull_s,
+            t.curl_get_s
+        ));
+        result.transfer = Some(t);
+    }
+    drop(last_store);
     progress(&format!(
         "{mib} MiB goblin: {SERIES} snapshots, 5% of its pages rewritten between them"
     ));
     let store = ScratchDir::new(&env.stores, "series")?;
     for i in 0..SERIES {
         if i > 0 {
-            let said = goblin.ask("mutate")?;
-            if said != format!("mutated {i}") {
-                bail!("the goblin said {said:?} to `mutate`");
-            }
+            mutate(&mut goblin, i)?;
         }
-        pf_freeze(env, store.path(), pid)?;
+        let (secs, _, _) = pf_freeze(env, store.path(), pid, Format::V1)?;
+        if i > 0 {
+            result.refreeze_s.push(secs);
+        }
         result
             .series_bytes
             .push(dir_bytes(&store.path().join("blobs")));
     }
+    drop(store);
+    progress(&format!(
+        "{mib} MiB goblin: the same in v2{}",
+        if registry.is_some() {
+            ", each snapshot pushed to the registry"
+        } else {
+            ""
+        }
+    ));
+    let store = ScratchDir::new(&env.stores, "series-v2")?;
+    let mut previous: Option<String> = None;
+    for i in 0..SERIES {
+        // The v1 series mutated it SERIES - 1 times already.
+        mutate(&mut goblin, SERIES - 1 + i + 1)?;
+        let (secs, digest, _) = pf_freeze(env, store.path(), pid, Format::V2)?;
+        if i > 0 {
+            result.v2_refreeze_s.push(secs);
+        }
+        result
+            .v2_series_bytes
+            .push(dir_bytes(&store.path().join("blobs")));
+        if let Some(local) = &registry {
+            let pf = |store: &Path, args: &[&str]| run_pf(env, store, args);
+            let sent = crate::bench_registry::push_next(
+                local,
+                &pf,
+                store.path(),
+                &digest,
+                previous.as_deref(),
+                &format!("bench/series{mib}"),
+                &format!("s{}", i + 1),
+            )?;
+            result.v2_sent.push(sent);
+        }
+        previous = Some(digest);
+    }
+    if let Some(last) = result.v2_sent.last() {
+        progress(&format!(
+            "  snapshot {SERIES}: sent {:.2} MiB, its new packs store {:.2} MiB; by role (raw MiB): {}",
+            last.bytes as f64 / 1_048_576.0,
+            last.new_packs_stored as f64 / 1_048_576.0,
+            last.by_role
+                .iter()
+                .map(|(k, v)| format!("{k} {:.2}", *v as f64 / 1_048_576.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     Ok(result)
+}
+
+/// Ask the goblin to rewrite 5% of its pages, the `n`th time.
+fn mutate(goblin: &mut Goblin, n: usize) -> anyhow::Result<()> {
+    let said = goblin.ask("mutate")?;
+    if said != format!("mutated {n}") {
+        bail!("the goblin said {said:?} to `mutate`");
+    }
+    Ok(())
 }
 
 fn check_answer(what: &str, answer: &str, expected: &str) -> anyhow::Result<()> {
@@ -333,8 +460,21 @@ fn check_answer(what: &str, answer: &str, expected: &str) -> anyhow::Result<()> 
 
 /// A pf command run to completion: wall seconds, stdout, pf's peak RSS in KiB.
 fn run_pf(env: &Env, store: &Path, args: &[&str]) -> anyhow::Result<(f64, String, u64)> {
+    run_pf_in(env, store, args, Format::V1)
+}
+
+/// [`run_pf`] with `$PF_SNAPSHOT_FORMAT` set to `format`.
+fn run_pf_in(
+    env: &Env,
+    store: &Path,
+    args: &[&str],
+    format: Format,
+) -> anyhow::Result<(f64, String, u64)> {
     let mut cmd = process::command(&env.pf, &env.root, Out::Pipe, Out::Pipe);
-    cmd.arg("--store").arg(store).args(args);
+    cmd.arg("--store")
+        .arg(store)
+        .args(args)
+        .env("PF_SNAPSHOT_FORMAT", format.env());
     let start = Instant::now();
     let mut child = cmd
         .spawn()
@@ -354,10 +494,32 @@ fn run_pf(env: &Env, store: &Path, args: &[&str]) -> anyhow::Result<(f64, String
     Ok((secs, stdout, rss))
 }
 
-/// `pf goblin freeze --pid PID --leave-running --json` into `store`: seconds, digest, peak RSS.
-fn pf_freeze(env: &Env, store: &Path, pid: u32) -> anyhow::Result<(f64, String, u64)> {
+/// A snapshot format pf writes (`$PF_SNAPSHOT_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    V1,
+    V2,
+}
+
+impl Format {
+    fn env(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+/// `pf goblin freeze --pid PID --leave-running --json` into `store` in `format`: seconds,
+/// digest, peak RSS.
+fn pf_freeze(
+    env: &Env,
+    store: &Path,
+    pid: u32,
+    format: Format,
+) -> anyhow::Result<(f64, String, u64)> {
     let pid = pid.to_string();
-    let (secs, stdout, rss) = run_pf(
+    let (secs, stdout, rss) = run_pf_in(
         env,
         store,
         &[
@@ -368,6 +530,7 @@ fn pf_freeze(env: &Env, store: &Path, pid: u32) -> anyhow::Result<(f64, String, 
             "--leave-running",
             "--json",
         ],
+        format,
     )?;
     let value: Value = serde_json::from_str(stdout.trim())
         .with_context(|| format!("pf goblin freeze --json printed {stdout:?}"))?;
@@ -469,6 +632,16 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
         images_bytes: size.images_bytes,
         store_one_bytes: size.store_one_bytes,
         series_bytes: size.series_bytes.clone(),
+        v2_freeze_s: m(|r| r.v2_freeze_s),
+        v2_thaw_s: m(|r| r.v2_thaw_s),
+        v2_freeze_rss_kib: max(|r| r.v2_freeze_rss_kib),
+        v2_thaw_rss_kib: max(|r| r.v2_thaw_rss_kib),
+        refreeze_s: median(size.refreeze_s.clone()),
+        v2_refreeze_s: median(size.v2_refreeze_s.clone()),
+        v2_store_one_bytes: size.v2_store_one_bytes,
+        v2_series_bytes: size.v2_series_bytes.clone(),
+        transfer: size.transfer,
+        v2_sent: size.v2_sent.clone(),
         samples: size
             .runs
             .iter()
@@ -484,6 +657,10 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
                     "freeze_rss_kib": r.freeze_rss_kib,
                     "thaw_rss_kib": r.thaw_rss_kib,
                     "fork_rss_kib": r.fork_rss_kib,
+                    "v2_freeze_s": r.v2_freeze_s,
+                    "v2_thaw_s": r.v2_thaw_s,
+                    "v2_freeze_rss_kib": r.v2_freeze_rss_kib,
+                    "v2_thaw_rss_kib": r.v2_thaw_rss_kib,
                 })
             })
             .collect(),

@@ -8,9 +8,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::bench::{
-    FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, PAUSE_TARGET, SERIES,
-    THAW_TARGET,
+    FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, PAUSE_TARGET, SENT_TARGET,
+    SERIES, THAW_TARGET, V2_FREEZE_TARGET, V2_REFREEZE_TARGET, V2_SERIES_TARGET, V2_THAW_TARGET,
 };
+use crate::bench_registry::{Sent, Transfer};
 use crate::process::{self, Out};
 
 /// The generated part of docs/benchmarks.md starts after this line …
@@ -35,6 +36,17 @@ pub(crate) struct SizeSummary {
     pub(crate) images_bytes: u64,
     pub(crate) store_one_bytes: u64,
     pub(crate) series_bytes: Vec<u64>,
+    pub(crate) v2_freeze_s: f64,
+    pub(crate) v2_thaw_s: f64,
+    pub(crate) v2_freeze_rss_kib: u64,
+    pub(crate) v2_thaw_rss_kib: u64,
+    /// Medians of the series' freezes after the first.
+    pub(crate) refreeze_s: f64,
+    pub(crate) v2_refreeze_s: f64,
+    pub(crate) v2_store_one_bytes: u64,
+    pub(crate) v2_series_bytes: Vec<u64>,
+    pub(crate) transfer: Option<Transfer>,
+    pub(crate) v2_sent: Vec<Sent>,
     /// Every run's figures, for the JSON.
     pub(crate) samples: Vec<Value>,
 }
@@ -157,6 +169,48 @@ fn fs_type(mounts: &str, path: &Path) -> String {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1_048_576.0
+}
+
+fn v2_json(s: &SizeSummary) -> Value {
+    json!({
+        "freeze_s": s.v2_freeze_s,
+        "freeze_ratio": s.v2_freeze_s / s.raw_dump_s,
+        "refreeze_s": s.v2_refreeze_s,
+        "refreeze_ratio": s.v2_refreeze_s / s.raw_dump_s,
+        "thaw_s": s.v2_thaw_s,
+        "thaw_ratio": s.v2_thaw_s / s.raw_restore_s,
+        "store_one_bytes": s.v2_store_one_bytes,
+        "series_bytes": s.v2_series_bytes,
+        "freeze_rss_kib": s.v2_freeze_rss_kib,
+        "thaw_rss_kib": s.v2_thaw_rss_kib,
+    })
+}
+
+fn registry_json(s: &SizeSummary) -> Value {
+    let Some(t) = s.transfer else {
+        return Value::Null;
+    };
+    let sent: Vec<Value> = s
+        .v2_sent
+        .iter()
+        .map(|x| {
+            json!({
+                "bytes": x.bytes, "new_packs_stored": x.new_packs_stored,
+                "pages": x.pages, "by_role": x.by_role,
+            })
+        })
+        .collect();
+    json!({
+        "bytes": t.bytes, "blobs": t.blobs, "push_s": t.push_s,
+        "curl_put_s": t.curl_put_s, "pull_s": t.pull_s, "curl_get_s": t.curl_get_s,
+        "push_rss_kib": t.push_rss_kib, "pull_rss_kib": t.pull_rss_kib,
+        "series_sent": sent,
+    })
+}
+
+/// The store after the last snapshot of a series against the store after its first.
+fn series_ratio(series: &[u64]) -> f64 {
+    series.last().copied().unwrap_or(0) as f64 / series.first().copied().unwrap_or(0) as f64
 }
 
 fn kib_to_mib(kib: u64) -> f64 {
@@ -307,6 +361,87 @@ impl Report {
             );
             row(
                 &mut md,
+                &format!("store, {SERIES} snapshots / the first of them"),
+                &|s| format!("{:.2}×", series_ratio(&s.series_bytes)),
+                "",
+            );
+            row(
+                &mut md,
+                "re-freeze after 5% of pages changed (s)",
+                &|s| format!("{:.3}", s.refreeze_s),
+                "",
+            );
+            row(
+                &mut md,
+                "v2: `pf goblin freeze`, fresh store (s)",
+                &|s| format!("{:.3}", s.v2_freeze_s),
+                "",
+            );
+            row(
+                &mut md,
+                "v2 freeze: pf / raw",
+                &|s| ratio_cell(s.v2_freeze_s, s.raw_dump_s, V2_FREEZE_TARGET),
+                &format!("≤ {V2_FREEZE_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "v2: re-freeze after 5% of pages changed (s)",
+                &|s| format!("{:.3}", s.v2_refreeze_s),
+                "",
+            );
+            row(
+                &mut md,
+                "v2 re-freeze: pf / raw dump",
+                &|s| ratio_cell(s.v2_refreeze_s, s.raw_dump_s, V2_REFREEZE_TARGET),
+                &format!("≤ {V2_REFREEZE_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "v2: `pf goblin thaw` to the first answer (s)",
+                &|s| format!("{:.3}", s.v2_thaw_s),
+                "",
+            );
+            row(
+                &mut md,
+                "v2 thaw: pf / raw",
+                &|s| ratio_cell(s.v2_thaw_s, s.raw_restore_s, V2_THAW_TARGET),
+                &format!("≤ {V2_THAW_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "v2: store, one snapshot (MiB)",
+                &|s| format!("{:.1}", mib(s.v2_store_one_bytes)),
+                "",
+            );
+            row(
+                &mut md,
+                &format!("v2: store, {SERIES} snapshots, 5% of pages rewritten between (MiB)"),
+                &|s| format!("{:.1}", mib(s.v2_series_bytes.last().copied().unwrap_or(0))),
+                "",
+            );
+            row(
+                &mut md,
+                &format!("v2: store, {SERIES} snapshots / the first of them"),
+                &|s| {
+                    let r = series_ratio(&s.v2_series_bytes);
+                    format!("{r:.2}× {}", verdict(r <= V2_SERIES_TARGET))
+                },
+                &format!("≤ {V2_SERIES_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "v2: pf peak RSS, freeze / thaw (MiB)",
+                &|s| {
+                    format!(
+                        "{:.0} / {:.0}",
+                        kib_to_mib(s.v2_freeze_rss_kib),
+                        kib_to_mib(s.v2_thaw_rss_kib)
+                    )
+                },
+                "< 128",
+            );
+            row(
+                &mut md,
                 "pf peak RSS: freeze / thaw / fork (MiB)",
                 &|s| {
                     format!(
@@ -319,6 +454,9 @@ impl Report {
                 "",
             );
             line(&mut md, "");
+        }
+        if self.sizes.iter().any(|s| s.transfer.is_some()) {
+            self.registry_markdown(&mut md);
         }
         if let Some(store) = &self.store {
             line(
@@ -383,6 +521,131 @@ impl Report {
         md
     }
 
+    /// The registry table: push and pull beside curl, and what the series' pushes sent.
+    fn registry_markdown(&self, md: &mut String) {
+        let sizes: Vec<&SizeSummary> = self.sizes.iter().filter(|s| s.transfer.is_some()).collect();
+        md.push_str(
+            "### Registry: `pf push` / `pf pull` through a local registry (Debian's \
+             docker-registry on loopback, storage on the store's disk), beside `curl` moving the \
+             same bytes as one blob\n\n",
+        );
+        let mut header = "| |".to_owned();
+        let mut rule = "|---|".to_owned();
+        for s in &sizes {
+            header.push_str(&format!(" {} MiB |", s.mib));
+            rule.push_str("---:|");
+        }
+        md.push_str(&format!("{header} target |\n{rule}---|\n"));
+        let row = |md: &mut String, name: &str, cell: &dyn Fn(&SizeSummary) -> String, t: &str| {
+            let cells: String = sizes.iter().map(|s| format!(" {} |", cell(s))).collect();
+            md.push_str(&format!("| {name} |{cells} {t} |\n"));
+        };
+        let t = |s: &SizeSummary| s.transfer.expect("filtered");
+        let rate = |bytes: u64, secs: f64| bytes as f64 / 1e6 / secs;
+        row(
+            md,
+            "the v1 snapshot: raw MiB (blobs)",
+            &|s| format!("{:.1} ({})", mib(t(s).bytes), t(s).blobs),
+            "",
+        );
+        row(
+            md,
+            "`pf push` to an empty repository (s, MB/s)",
+            &|s| format!("{:.3}, {:.0}", t(s).push_s, rate(t(s).bytes, t(s).push_s)),
+            "",
+        );
+        row(
+            md,
+            "`curl -T`, the same bytes in one PUT (s, MB/s)",
+            &|s| {
+                format!(
+                    "{:.3}, {:.0}",
+                    t(s).curl_put_s,
+                    rate(t(s).bytes, t(s).curl_put_s)
+                )
+            },
+            "",
+        );
+        row(
+            md,
+            "push: pf / curl",
+            &|s| format!("{:.2}×", t(s).push_s / t(s).curl_put_s),
+            "",
+        );
+        row(
+            md,
+            "`pf pull` into an empty store (s, MB/s)",
+            &|s| format!("{:.3}, {:.0}", t(s).pull_s, rate(t(s).bytes, t(s).pull_s)),
+            "",
+        );
+        row(
+            md,
+            "`curl` GET of that one blob (s, MB/s)",
+            &|s| {
+                format!(
+                    "{:.3}, {:.0}",
+                    t(s).curl_get_s,
+                    rate(t(s).bytes, t(s).curl_get_s)
+                )
+            },
+            "",
+        );
+        row(
+            md,
+            "pull: pf / curl",
+            &|s| format!("{:.2}×", t(s).pull_s / t(s).curl_get_s),
+            "",
+        );
+        row(
+            md,
+            "pf peak RSS: push / pull (MiB)",
+            &|s| {
+                format!(
+                    "{:.0} / {:.0}",
+                    kib_to_mib(t(s).push_rss_kib),
+                    kib_to_mib(t(s).pull_rss_kib)
+                )
+            },
+            "",
+        );
+        let last = |s: &SizeSummary| s.v2_sent.last().cloned().unwrap_or_default();
+        row(
+            md,
+            &format!("v2 snapshot {SERIES} of the series: bytes `pf push` sent (MiB)"),
+            &|s| format!("{:.2}", mib(last(s).bytes)),
+            "",
+        );
+        row(
+            md,
+            &format!("v2 snapshot {SERIES}: its new packs as stored (MiB)"),
+            &|s| format!("{:.2}", mib(last(s).new_packs_stored)),
+            "",
+        );
+        row(
+            md,
+            "sent / new packs stored",
+            &|s| {
+                let l = last(s);
+                ratio_cell(l.bytes as f64, l.new_packs_stored as f64, SENT_TARGET)
+            },
+            &format!("≤ {SENT_TARGET}×"),
+        );
+        row(
+            md,
+            "where the sent bytes go (raw MiB)",
+            &|s| {
+                last(s)
+                    .by_role
+                    .iter()
+                    .map(|(k, v)| format!("{k} {:.2}", mib(*v)))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            },
+            "",
+        );
+        md.push('\n');
+    }
+
     /// The same as JSON (`pf.bench.v1`).
     pub(crate) fn json(&self) -> Value {
         let m = &self.machine;
@@ -420,6 +683,9 @@ impl Report {
                 "freeze_rss_kib": s.freeze_rss_kib,
                 "thaw_rss_kib": s.thaw_rss_kib,
                 "fork_rss_kib": s.fork_rss_kib,
+                "refreeze_s": s.refreeze_s,
+                "v2": v2_json(s),
+                "registry": registry_json(s),
                 "runs": s.samples,
             })).collect::<Vec<_>>(),
             "store": self.store.as_ref().map(|st| json!({

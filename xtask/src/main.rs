@@ -9,6 +9,7 @@ use std::process::ExitCode;
 mod bench;
 mod bench_criu;
 mod bench_proc;
+mod bench_registry;
 mod bench_report;
 mod bench_store;
 mod ci;

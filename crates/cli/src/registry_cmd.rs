@@ -24,7 +24,11 @@ images, page packs …), exactly what `pf store gc` keeps for it. It becomes one
 (artifactType application/vnd.pf.snapshot.v1+json) under the tag; each blob is uploaded as its raw
 bytes, so the registry names it by the same sha256 as the store. Blobs the registry already has
 (a HEAD per blob) are skipped: pushing the same snapshot again uploads nothing, and a push that
-was interrupted completes when run again. Large blobs go up in 8 MiB chunks, 4 blobs at a time.
+was interrupted completes when run again. Large blobs go up in 8 MiB chunks, 4 blobs at a time;
+a large blob cut off midway continues from the registry's last acknowledged chunk when the same
+push runs again (its upload session is kept in STORE/registry/uploads until it completes; a
+registry that lost or refuses the session gets the blob whole). A connection that moves no byte
+for --idle-timeout seconds fails the push; a slow transfer that keeps moving does not.
 
 Registries: REGISTRY/REPOSITORY:TAG, the host first (pf has no default registry; Docker Hub is
 docker.io/USER/REPO:TAG). https with the system's root certificates, except loopback hosts
@@ -60,6 +64,10 @@ pub(crate) struct Connect {
     /// How many blobs move at once
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
+    /// Give up a blob when its connection moves no byte for SECONDS (a slow transfer that keeps
+    /// moving never times out)
+    #[arg(long, value_name = "SECONDS", default_value_t = pf_registry::DEFAULT_IDLE_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    idle_timeout: u64,
     /// Print one JSON object on stdout instead of the digest
     #[arg(long)]
     json: bool,
@@ -75,6 +83,7 @@ impl Connect {
                 pf_registry::default_docker_config()
             },
             parallel: usize::from(self.parallel),
+            idle_timeout: Duration::from_secs(self.idle_timeout),
         }
     }
 }
@@ -117,6 +126,7 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
     let started = Instant::now();
     let options = PushOptions {
         connect: args.connect.options(),
+        sessions: Some(store.root().join("registry").join("uploads")),
     };
     let report = pf_registry::push(&store, &root, &reference, &options, &|e| meter.event(e))
         .with_context(|| format!("cannot push {} to {reference}", args.snapshot));
@@ -175,6 +185,7 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
             "skipped": report.skipped,
             "bytes_total": report.bytes_total,
             "bytes_fetched": report.bytes_fetched,
+            "pages_indexed": report.pages_indexed,
             "seconds": seconds,
         });
         writeln!(std::io::stdout().lock(), "{json}")?;

@@ -13,7 +13,9 @@ use ureq::{Agent, Body};
 
 use crate::auth::{self, Challenge, Credentials};
 use crate::error::{Error, Result};
+use crate::manifest::{UPLOAD_SESSION_KIND, UploadSession};
 use crate::reference::Reference;
+use crate::resume::Sessions;
 use crate::{ConnectOptions, Event, Progress};
 
 /// Blobs up to this size go up in one PUT; larger ones in PATCH chunks of this size. Memory per
@@ -58,6 +60,8 @@ pub(crate) struct Client {
     config: Option<PathBuf>,
     /// The `Authorization` header value, once a challenge asked for one.
     authorization: Mutex<Option<String>>,
+    /// How long a connection may move nothing (see [`ConnectOptions::idle_timeout`]).
+    idle: Duration,
 }
 
 impl Client {
@@ -81,9 +85,11 @@ impl Client {
             .http_status_as_error(false)
             .tls_config(tls)
             .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_send_body(Some(Duration::from_secs(120)))
-            .timeout_recv_body(Some(Duration::from_secs(600)))
+            // Idle, not total: every read and write of the connection (the answer's head, a
+            // blob's body either way) may wait this long for a byte, and a transfer that keeps
+            // moving goes on however long it takes.
+            .timeout_per_read(Some(options.idle_timeout))
+            .timeout_per_write(Some(options.idle_timeout))
             .max_redirects(10)
             .user_agent(concat!("pf/", env!("CARGO_PKG_VERSION")))
             .build();
@@ -100,6 +106,7 @@ impl Client {
             credentials,
             config: options.docker_config.clone(),
             authorization: Mutex::new(None),
+            idle: options.idle_timeout,
         };
         client.ping()?;
         Ok(client)
@@ -276,6 +283,18 @@ impl Client {
                 Some(bytes) => builder
                     .body(bytes)
                     .map_err(|e| http_error(url, e))
+                    .map(|r| {
+                        // Once the body's last byte is written, up to a send buffer of it is
+                        // still on its way, and nothing pf can see moves until the answer:
+                        // the wait for it allows the idle timeout plus that tail's time at a
+                        // slow link's pace.
+                        self.agent
+                            .configure_request(r)
+                            .timeout_per_read(None)
+                            .timeout_recv_response(Some(answer_wait(self.idle, bytes.len())))
+                            .timeout_recv_body(Some(self.idle))
+                            .build()
+                    })
                     .and_then(|r| self.agent.run(r).map_err(|e| transport(&method, url, e))),
                 None => builder
                     .body(())
@@ -342,64 +361,196 @@ impl Client {
     }
 
     /// Upload a blob of `size` raw bytes read from `reader`: one PUT up to [`CHUNK`], PATCH
-    /// chunks and a closing PUT beyond. The registry checks the digest when it commits.
+    /// chunks and a closing PUT beyond. The registry checks the digest when it commits. A
+    /// connection idle for the idle timeout is [`Error::Stalled`]. With `sessions`, a chunked
+    /// upload is kept there after every acknowledged chunk, and one kept by an earlier run is
+    /// continued from the offset the registry reports. Returns the bytes sent.
     pub(crate) fn upload(
         &self,
         digest: &Digest256,
         size: u64,
         reader: &mut dyn Read,
+        sessions: Option<&Sessions>,
         progress: Progress<'_>,
-    ) -> Result<()> {
+    ) -> Result<u64> {
+        let sent = if size <= CHUNK as u64 {
+            self.upload_whole(digest, size, reader, progress)
+        } else {
+            self.upload_chunked(digest, size, reader, sessions, progress)
+        };
+        sent.map_err(|err| self.stalled(err, digest, "uploading"))
+    }
+
+    /// POST for a new upload session; its location.
+    fn start_upload(&self) -> Result<String> {
         let start = format!("{}/v2/{}/blobs/uploads/", self.base, self.repository);
         let response = self.request(Method::POST, &start, &[], Some(&[]))?;
-        let mut location = self.expect_location("POST", &start, 202, response)?;
+        self.expect_location("POST", &start, 202, response)
+    }
+
+    /// A small blob in one PUT.
+    fn upload_whole(
+        &self,
+        digest: &Digest256,
+        size: u64,
+        reader: &mut dyn Read,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let location = self.start_upload()?;
         let mut buf = vec![0u8; usize::try_from(size).unwrap_or(CHUNK).min(CHUNK)];
         let read_local = |source| Error::ReadLocal {
             digest: *digest,
             source,
         };
-        if size <= CHUNK as u64 {
-            let n = fill(reader, &mut buf).map_err(read_local)?;
-            // The reader must end here: reading on checks the digest at its end.
-            if n as u64 != size || fill(reader, &mut [0u8; 1]).map_err(read_local)? != 0 {
-                return Err(read_local(std::io::Error::other(
-                    "the blob's size changed while it was read",
-                )));
-            }
-            let url = with_digest(&location, digest);
-            let response = self.request(
-                Method::PUT,
-                &url,
-                &[("Content-Type", "application/octet-stream")],
-                Some(&buf[..n]),
-            )?;
-            self.expect_status("PUT", &url, 201, response)?;
-            progress(Event::Transferred { bytes: n as u64 });
-            return Ok(());
-        }
-        let mut offset = 0u64;
-        loop {
-            let n = fill(reader, &mut buf).map_err(read_local)?;
-            if n == 0 {
-                break;
-            }
-            let range = format!("{}-{}", offset, offset + n as u64 - 1);
-            let response = self.request(
-                Method::PATCH,
-                &location,
-                &[
-                    ("Content-Type", "application/octet-stream"),
-                    ("Content-Range", &range),
-                ],
-                Some(&buf[..n]),
-            )?;
-            location = self.expect_location("PATCH", &location, 202, response)?;
-            offset += n as u64;
-            progress(Event::Transferred { bytes: n as u64 });
+        let n = fill(reader, &mut buf).map_err(read_local)?;
+        // The reader must end here: reading on checks the digest at its end.
+        if n as u64 != size || fill(reader, &mut [0u8; 1]).map_err(read_local)? != 0 {
+            return Err(read_local(std::io::Error::other(
+                "the blob's size changed while it was read",
+            )));
         }
         let url = with_digest(&location, digest);
-        let response = self.request(Method::PUT, &url, &[], Some(&[]))?;
-        self.expect_status("PUT", &url, 201, response)
+        let response = self.request(
+            Method::PUT,
+            &url,
+            &[("Content-Type", "application/octet-stream")],
+            Some(&buf[..n]),
+        )?;
+        self.expect_status("PUT", &url, 201, response)?;
+        progress(Event::Transferred { bytes: n as u64 });
+        Ok(n as u64)
+    }
+
+    /// A large blob in PATCH chunks, continuing a kept session when the registry still knows
+    /// it. A session the registry refuses or lost is forgotten and the upload starts afresh; one
+    /// cut off by the network or a dead registry stays for the next run.
+    fn upload_chunked(
+        &self,
+        digest: &Digest256,
+        size: u64,
+        reader: &mut dyn Read,
+        sessions: Option<&Sessions>,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let resumed = match sessions
+            .and_then(|s| s.load(&self.base, &self.repository, digest, size))
+        {
+            Some(saved) => {
+                let status = self.upload_status(&saved.location, size)?;
+                if status.is_none() {
+                    tracing::info!(%digest, "the registry no longer knows the upload; starting afresh");
+                }
+                status
+            }
+            None => None,
+        };
+        let (mut location, mut offset) = match resumed {
+            Some((location, offset)) => {
+                tracing::info!(%digest, offset, "continuing the upload");
+                (location, offset)
+            }
+            None => (self.start_upload()?, 0),
+        };
+        let read_local = |source| Error::ReadLocal {
+            digest: *digest,
+            source,
+        };
+        if offset > 0 {
+            // The registry has these: read past them (the reader checks the digest at its end).
+            let skipped = std::io::copy(&mut reader.take(offset), &mut std::io::sink())
+                .map_err(read_local)?;
+            if skipped != offset {
+                return Err(read_local(std::io::Error::other(
+                    "the blob is shorter than the registry's part of it",
+                )));
+            }
+        }
+        let keep = |location: &str, offset: u64| match sessions {
+            Some(sessions) => sessions.save(&UploadSession {
+                kind: UPLOAD_SESSION_KIND.to_owned(),
+                registry: self.base.clone(),
+                repository: self.repository.clone(),
+                digest: *digest,
+                size,
+                location: location.to_owned(),
+                offset,
+            }),
+            None => Ok(()),
+        };
+        let forget = || {
+            if let Some(sessions) = sessions {
+                sessions.remove(&self.base, &self.repository, digest);
+            }
+        };
+        keep(&location, offset)?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        let outcome = (|| {
+            loop {
+                let n = fill(reader, &mut buf).map_err(read_local)?;
+                if n == 0 {
+                    break;
+                }
+                let range = format!("{}-{}", offset, offset + n as u64 - 1);
+                let response = self.request(
+                    Method::PATCH,
+                    &location,
+                    &[
+                        ("Content-Type", "application/octet-stream"),
+                        ("Content-Range", &range),
+                    ],
+                    Some(&buf[..n]),
+                )?;
+                location = self.expect_location("PATCH", &location, 202, response)?;
+                offset += n as u64;
+                sent += n as u64;
+                keep(&location, offset)?;
+                progress(Event::Transferred { bytes: n as u64 });
+            }
+            let url = with_digest(&location, digest);
+            let response = self.request(Method::PUT, &url, &[], Some(&[]))?;
+            self.expect_status("PUT", &url, 201, response)
+        })();
+        match outcome {
+            Ok(()) => {
+                forget();
+                Ok(sent)
+            }
+            // Cut off: the session stays for the next run.
+            Err(err @ (Error::Transport { .. } | Error::ReadLocal { .. })) => Err(err),
+            // The registry refused it: a next run starts afresh.
+            Err(err) => {
+                forget();
+                Err(err)
+            }
+        }
+    }
+
+    /// Where an upload session stands (`GET` on its location): the location to continue at
+    /// and how many bytes the registry holds, from its `Range: 0-<last byte>`; `None` when the
+    /// registry no longer knows or refuses the session, or reports nothing usable.
+    fn upload_status(&self, location: &str, size: u64) -> Result<Option<(String, u64)>> {
+        let response = self.request(Method::GET, location, &[], None)?;
+        let status = response.status().as_u16();
+        if status != 204 && status != 200 {
+            tracing::debug!(status, "upload status refused");
+            return Ok(None);
+        }
+        let range = header(&response, "range");
+        let next = header(&response, "location");
+        // `0-0` is ambiguous (no byte, or one): not worth a guess.
+        let held = range
+            .as_deref()
+            .and_then(parse_upload_range)
+            .filter(|&held| held > 1 && held <= size);
+        let Some(held) = held else {
+            return Ok(None);
+        };
+        let location = match next {
+            Some(next) => self.absolute(next),
+            None => location.to_owned(),
+        };
+        Ok(Some((location, held)))
     }
 
     /// Store a manifest under a tag; the registry's digest of it, when it says.
@@ -482,10 +633,37 @@ impl Client {
     /// A reader over a blob's bytes (unverified: the caller verifies).
     pub(crate) fn get_blob(&self, digest: &Digest256) -> Result<(impl Read + use<>, String)> {
         let url = self.blob_url(digest);
-        let response = self.request(Method::GET, &url, &[], None)?;
+        let response = self
+            .request(Method::GET, &url, &[], None)
+            .map_err(|err| self.stalled(err, digest, "downloading"))?;
         match response.status().as_u16() {
             200 => Ok((response.into_body().into_reader(), url)),
             status => Err(self.status_error("GET", &url, status, response)),
+        }
+    }
+
+    /// `err` as [`Error::Stalled`] when it is the idle timeout of a connection moving `digest`
+    /// (`action` is "uploading" or "downloading"); any other error as it is.
+    pub(crate) fn stalled(&self, err: Error, digest: &Digest256, action: &'static str) -> Error {
+        let idle = match &err {
+            Error::Transport { source, .. } => is_idle_timeout(source),
+            Error::BodyRead { source, .. } => io_is_idle_timeout(source),
+            _ => false,
+        };
+        if !idle {
+            return err;
+        }
+        let source = match err {
+            Error::Transport { source, .. } => source.into_io(),
+            Error::BodyRead { source, .. } => source,
+            _ => unreachable!("matched above"),
+        };
+        Error::Stalled {
+            registry: self.registry.clone(),
+            action,
+            digest: *digest,
+            idle: self.idle,
+            source,
         }
     }
 
@@ -527,16 +705,28 @@ impl Client {
                 detail: Some("the answer has no Location header".into()),
             });
         };
-        Ok(
-            if location.starts_with("http://") || location.starts_with("https://") {
-                location
-            } else if location.starts_with('/') {
-                format!("{}{location}", self.base)
-            } else {
-                format!("{}/{location}", self.base)
-            },
-        )
+        Ok(self.absolute(location))
     }
+
+    /// A `Location` made absolute against the registry's base.
+    fn absolute(&self, location: String) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location
+        } else if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            format!("{}/{location}", self.base)
+        }
+    }
+}
+
+/// The bytes an upload holds from its `Range: 0-<last byte>` (`0-0` gives 1).
+fn parse_upload_range(range: &str) -> Option<u64> {
+    let (first, last) = range.trim().split_once('-')?;
+    if first.trim() != "0" {
+        return None;
+    }
+    last.trim().parse::<u64>().ok()?.checked_add(1)
 }
 
 /// Whether `url` starts with `base` (`scheme://host[:port]`) and goes on with a path, a query
@@ -598,6 +788,40 @@ fn transport(method: &Method, url: &str, source: ureq::Error) -> Error {
         url: without_query(url).to_owned(),
         source: Box::new(source),
     }
+}
+
+/// The most of a request body the kernel may still hold when its last byte is written (Linux's
+/// default `net.core.wmem_max`).
+const IN_FLIGHT: u64 = 4 << 20;
+/// The slowest pace at which an upload's tail is still waited for.
+const SLOW_LINK: u64 = 32 << 10;
+
+/// How long the answer to a request with a `len`-byte body may take once the body is written:
+/// the idle timeout plus the bytes still in flight at [`SLOW_LINK`] bytes a second.
+fn answer_wait(idle: Duration, len: usize) -> Duration {
+    idle + Duration::from_secs((len as u64).min(IN_FLIGHT) / SLOW_LINK)
+}
+
+/// Whether a transport error is a connection's idle timeout: a read or a write waited too long,
+/// or the answer to an upload did not come within [`answer_wait`] (the only total timeouts pf
+/// sets).
+fn is_idle_timeout(err: &ureq::Error) -> bool {
+    matches!(
+        err,
+        ureq::Error::Timeout(
+            ureq::Timeout::PerRead
+                | ureq::Timeout::PerWrite
+                | ureq::Timeout::RecvResponse
+                | ureq::Timeout::RecvBody
+        )
+    )
+}
+
+/// Whether an I/O error of a body reader is a connection's idle timeout.
+fn io_is_idle_timeout(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<ureq::Error>())
+        .is_some_and(is_idle_timeout)
 }
 
 /// A URL without its query (an upload's `_state` is long and tells a user nothing).
@@ -679,6 +903,30 @@ mod tests {
         ));
         assert!(!same_origin(base, "http://r.example:5000/v2/"));
         assert!(!same_origin(base, "https://storage.example/upload"));
+    }
+
+    #[test]
+    fn an_uploads_answer_may_wait_for_its_tail_at_a_slow_pace() {
+        let idle = Duration::from_secs(60);
+        assert_eq!(answer_wait(idle, 0), idle);
+        assert_eq!(answer_wait(idle, 1 << 20), idle + Duration::from_secs(32));
+        // Never more than a send buffer is in flight.
+        assert_eq!(answer_wait(idle, 8 << 20), idle + Duration::from_secs(128));
+        let timeout = ureq::Error::Timeout(ureq::Timeout::PerRead);
+        assert!(is_idle_timeout(&timeout));
+        assert!(io_is_idle_timeout(&timeout.into_io()));
+        assert!(!is_idle_timeout(&ureq::Error::Timeout(
+            ureq::Timeout::Connect
+        )));
+    }
+
+    #[test]
+    fn reads_how_much_an_upload_holds() {
+        assert_eq!(parse_upload_range("0-8388607"), Some(8 << 20));
+        assert_eq!(parse_upload_range(" 0 - 9 "), Some(10));
+        assert_eq!(parse_upload_range("0-0"), Some(1));
+        assert_eq!(parse_upload_range("5-9"), None);
+        assert_eq!(parse_upload_range("bytes=0-9x"), None);
     }
 
     #[test]

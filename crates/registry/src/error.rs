@@ -58,6 +58,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A blob's connection moved no byte, either way, for the idle timeout.
+    #[error(
+        "{registry} moved no byte for {} s while {action} blob {digest} (check the network and that the registry is alive, then run the same command again to resume)",
+        .idle.as_secs_f64()
+    )]
+    Stalled {
+        registry: String,
+        action: &'static str,
+        digest: Digest256,
+        idle: std::time::Duration,
+        #[source]
+        source: std::io::Error,
+    },
     /// `GET /v2/` did not answer as a registry does.
     #[error(
         "{url} is not an OCI registry (GET /v2/ answered {status}{}); check the registry address",
@@ -201,6 +214,13 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The file that keeps an upload in progress (for a rerun to continue it) cannot be written.
+    #[error("keeping the upload session in {}", .path.display())]
+    UploadSession {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] pf_core::Error),
@@ -220,9 +240,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::InvalidReference { .. } => ErrorKind::Usage,
-            Self::Unreachable { .. } | Self::Transport { .. } | Self::BodyRead { .. } => {
-                ErrorKind::Unreachable
-            }
+            Self::Unreachable { .. }
+            | Self::Transport { .. }
+            | Self::BodyRead { .. }
+            | Self::Stalled { .. } => ErrorKind::Unreachable,
             Self::CredentialsNeeded { .. }
             | Self::CredentialsRefused { .. }
             | Self::Denied { .. }

@@ -18,6 +18,7 @@ mod manifest;
 mod pull;
 mod push;
 mod reference;
+mod resume;
 #[doc(hidden)]
 pub mod test_support;
 
@@ -43,7 +44,14 @@ pub struct ConnectOptions {
     pub docker_config: Option<std::path::PathBuf>,
     /// How many blobs move at once.
     pub parallel: usize,
+    /// How long a connection may move no byte, either way, before the transfer is given up
+    /// ([`Error::Stalled`] for a blob). A slow transfer that keeps moving never times out.
+    /// [`DEFAULT_IDLE_TIMEOUT`] is pf's choice.
+    pub idle_timeout: std::time::Duration,
 }
+
+/// The idle timeout `pf push` and `pf pull` use: a minute without a byte either way.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Docker's credentials file: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
 pub fn default_docker_config() -> Option<std::path::PathBuf> {

@@ -36,6 +36,25 @@ pub(crate) struct Manifest {
     pub(crate) annotations: BTreeMap<String, String>,
 }
 
+/// The `kind` of an upload session file.
+pub(crate) const UPLOAD_SESSION_KIND: &str = "pf.registry.upload.v1";
+
+/// An upload in progress, kept by [`crate::resume`] so that a push run again continues it: where
+/// the registry said the upload goes on, for which blob, and how many bytes it acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct UploadSession {
+    pub(crate) kind: String,
+    /// `scheme://host[:port]` of the registry.
+    pub(crate) registry: String,
+    pub(crate) repository: String,
+    pub(crate) digest: Digest256,
+    pub(crate) size: u64,
+    /// The upload URL from the registry's last answer (its `Location`).
+    pub(crate) location: String,
+    /// Bytes the registry acknowledged when it gave that location.
+    pub(crate) offset: u64,
+}
+
 /// A blob in a manifest: media type, digest of its raw bytes, raw size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -6,11 +6,15 @@ use std::io::Read;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use pf_core::pack::Pack;
+use pf_core::page_index::PageLoc;
 use pf_core::{BlobStore, Digest256};
 
 use crate::client::{Access, Client};
 use crate::error::{Error, Result};
-use crate::manifest::{CONFIG_MEDIA_TYPE, Descriptor, MANIFEST_MEDIA_TYPE, Manifest};
+use crate::manifest::{
+    BLOB_MEDIA_TYPE, CONFIG_MEDIA_TYPE, Descriptor, MANIFEST_MEDIA_TYPE, Manifest,
+};
 use crate::reference::Reference;
 use crate::{ConnectOptions, Event, Progress, parallel};
 
@@ -40,6 +44,9 @@ pub struct PullReport {
     pub bytes_total: u64,
     /// Raw bytes fetched.
     pub bytes_fetched: u64,
+    /// Pages of the fetched page packs added to the store's page index (so a later freeze
+    /// into this store stores none of them again).
+    pub pages_indexed: usize,
 }
 
 /// Pull the snapshot `reference` tags into `store`. Blobs the store holds are not fetched; each
@@ -77,6 +84,7 @@ pub fn pull(
     // a blob of this pull before its name keeps it.
     let writing = store.writer_lock()?;
     let added = Mutex::new(Vec::new());
+    let pages = Mutex::new(Vec::new());
     let fetched = AtomicUsize::new(0);
     let bytes_fetched = AtomicU64::new(0);
     let outcome = parallel(&blobs, options.connect.parallel, |blob| {
@@ -92,6 +100,13 @@ pub fn pull(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(blob.digest);
+        if blob.media_type == BLOB_MEDIA_TYPE && blob.size <= PACK_LIMIT {
+            let found = pack_pages(store, &blob.digest);
+            pages
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(found);
+        }
         fetched.fetch_add(1, Ordering::Relaxed);
         bytes_fetched.fetch_add(blob.size, Ordering::Relaxed);
         progress(Event::Moved {
@@ -115,6 +130,17 @@ pub fn pull(
         }
         return Err(err);
     }
+    // Derived data: a pull whose pages could not be indexed is still whole (later freezes only
+    // store those pages again).
+    let pages = pages.into_inner().unwrap_or_else(|p| p.into_inner());
+    let pages_indexed = pages.len();
+    let pages_indexed = match store.page_index().add(pages) {
+        Ok(()) => pages_indexed,
+        Err(err) => {
+            tracing::warn!(error = %err, "adding the pulled pages to the page index");
+            0
+        }
+    };
     let fetched = fetched.into_inner();
     Ok(PullReport {
         snapshot: root,
@@ -124,7 +150,44 @@ pub fn pull(
         skipped: blobs.len() - fetched,
         bytes_total,
         bytes_fetched: bytes_fetched.into_inner(),
+        pages_indexed,
     })
+}
+
+/// The most raw bytes a page pack can have (2048 pages of 4 KiB, compressed frames that may
+/// grow a little, and its index): larger blobs are not tried as packs.
+const PACK_LIMIT: u64 = 2 * (pf_core::pack::PACK_PAGES * pf_core::pack::PAGE_SIZE) as u64;
+
+/// The pages of `digest` if it is a page pack whose every page hashes to the digest its index
+/// gives (pf-core's pack format; anything else yields none): index entries for the store's page
+/// index. A pack's index is checked page by page before it is trusted, because a later freeze
+/// would refer to these pages without reading them.
+fn pack_pages(store: &dyn BlobStore, digest: &Digest256) -> Vec<(Digest256, PageLoc)> {
+    let bytes = match store.get(digest) {
+        Ok(bytes) => bytes,
+        Err(err) => {
+            tracing::warn!(%digest, error = %err, "reading a pulled blob back to index its pages");
+            return Vec::new();
+        }
+    };
+    let Ok(pack) = Pack::parse(*digest, &bytes) else {
+        return Vec::new();
+    };
+    if let Err(err) = pack.verify() {
+        tracing::warn!(%digest, error = %err, "a pulled pack does not hold the pages its index names; not indexed");
+        return Vec::new();
+    }
+    pack.entries()
+        .map(|(page, slot)| {
+            (
+                page,
+                PageLoc {
+                    pack: *digest,
+                    slot,
+                },
+            )
+        })
+        .collect()
 }
 
 /// Parse a manifest and check that it is a pf snapshot's.
@@ -188,11 +251,15 @@ fn fetch(
                 "the registry sent {actual} bytes where the manifest says {expected}"
             )),
         }),
-        Err(pf_core::Error::Input { source }) => Err(Error::BodyRead {
-            digest: blob.digest,
-            url,
-            source,
-        }),
+        Err(pf_core::Error::Input { source }) => Err(client.stalled(
+            Error::BodyRead {
+                digest: blob.digest,
+                url,
+                source,
+            },
+            &blob.digest,
+            "downloading",
+        )),
         Err(other) => Err(other.into()),
     }
 }

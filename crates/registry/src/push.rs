@@ -12,6 +12,7 @@ use crate::manifest::{
     KIND_ANNOTATION, MANIFEST_MEDIA_TYPE, Manifest,
 };
 use crate::reference::Reference;
+use crate::resume::Sessions;
 use crate::{ConnectOptions, Event, Progress, parallel};
 
 /// How [`push`] runs.
@@ -19,6 +20,11 @@ use crate::{ConnectOptions, Event, Progress, parallel};
 pub struct PushOptions {
     /// How to reach the registry.
     pub connect: ConnectOptions,
+    /// Where uploads in progress are kept (one private file per blob) so that a push run again
+    /// continues a blob cut off midway from where the registry has it, not from its start;
+    /// `None` keeps nothing (an interrupted blob is sent whole again). `pf push` uses
+    /// `<store>/registry/uploads`.
+    pub sessions: Option<std::path::PathBuf>,
 }
 
 /// What [`push`] did.
@@ -36,7 +42,7 @@ pub struct PushReport {
     pub skipped: usize,
     /// Raw bytes of every blob of the snapshot.
     pub bytes_total: u64,
-    /// Raw bytes uploaded.
+    /// Raw bytes sent (a blob continued from an earlier run counts only what this run sent).
     pub bytes_uploaded: u64,
 }
 
@@ -67,6 +73,7 @@ pub fn push(
         blobs: nodes.len(),
         bytes: bytes_total,
     });
+    let sessions = options.sessions.as_deref().map(Sessions::new);
     let uploaded = AtomicUsize::new(0);
     let bytes_uploaded = AtomicU64::new(0);
     parallel(&nodes, options.connect.parallel, |node| {
@@ -79,9 +86,15 @@ pub fn push(
             return Ok(());
         }
         let mut reader = store.open(&node.digest)?;
-        client.upload(&node.digest, node.size, &mut reader, progress)?;
+        let sent = client.upload(
+            &node.digest,
+            node.size,
+            &mut reader,
+            sessions.as_ref(),
+            progress,
+        )?;
         uploaded.fetch_add(1, Ordering::Relaxed);
-        bytes_uploaded.fetch_add(node.size, Ordering::Relaxed);
+        bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
         progress(Event::Moved {
             digest: &node.digest,
             size: node.size,

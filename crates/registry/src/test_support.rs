@@ -62,9 +62,12 @@ impl Registry {
             binary.display()
         );
         let conf = tempfile::tempdir().expect("a temp dir");
+        // `http.secret` signs upload sessions' `_state`: a fixed one lets a registry started
+        // again on the same storage continue uploads begun before (as a real deployment's
+        // configured secret does; without one each start draws a random secret).
         let auth_yaml = auth.map(|a| a.yaml.clone()).unwrap_or_default();
         let yaml = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n{auth_yaml}",
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: pf-test-upload-secret\n{auth_yaml}",
             storage.display()
         );
         let config = conf.path().join("config.yml");

@@ -2,6 +2,8 @@
 //! server) started by each test on a free loopback port with its own storage, stopped by pid.
 //! No CRIU needed: the snapshots are synthetic blob graphs of the shape pf stores.
 
+mod relay;
+
 use std::io::Read as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,11 +56,15 @@ fn connect() -> ConnectOptions {
         insecure: false,
         docker_config: None,
         parallel: 4,
+        idle_timeout: pf_registry::DEFAULT_IDLE_TIMEOUT,
     }
 }
 
 fn push_opts() -> PushOptions {
-    PushOptions { connect: connect() }
+    PushOptions {
+        connect: connect(),
+        sessions: None,
+    }
 }
 
 fn pull_opts(name: Option<&str>) -> PullOptions {
@@ -191,6 +197,7 @@ fn basic_auth_from_docker_config_and_its_refusals() {
                 docker_config: Some(docker_config(&conf, &registry.addr(), "ann", password)),
                 ..connect()
             },
+            sessions: None,
         }
     };
 
@@ -462,12 +469,14 @@ fn bearer_token_flow_with_basic_credentials() {
     assert!(matches!(err, Error::CredentialsNeeded { .. }), "{err:?}");
     let wrong = PushOptions {
         connect: with("wrong"),
+        sessions: None,
     };
     let err = pf_registry::push(&a, &root, &r, &wrong, &quiet).unwrap_err();
     assert!(matches!(err, Error::CredentialsRefused { .. }), "{err:?}");
 
     let right = PushOptions {
         connect: with("right-horse"),
+        sessions: None,
     };
     let pushed = pf_registry::push(&a, &root, &r, &right, &quiet).unwrap();
     assert_eq!(pushed.uploaded, 4);
@@ -478,4 +487,329 @@ fn bearer_token_flow_with_basic_credentials() {
     };
     let pulled = pf_registry::pull(&b, &r, &pull, &quiet).unwrap();
     assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
+}
+
+/// Options whose idle timeout is `idle`, one blob at a time.
+fn idle_opts(idle: Duration) -> ConnectOptions {
+    ConnectOptions {
+        parallel: 1,
+        idle_timeout: idle,
+        ..connect()
+    }
+}
+
+#[test]
+fn a_slow_transfer_that_keeps_moving_never_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    // 64 KiB every 100 ms both ways: each blob's body takes seconds, no gap reaches the 1 s
+    // idle timeout.
+    let slow = relay::Relay::start(
+        registry.port(),
+        relay::Wire::Slow {
+            bytes: 64 << 10,
+            every: Duration::from_millis(100),
+        },
+    );
+    let a = store(dir.path(), "a");
+    let pack = noise(12, 1536 << 10);
+    let root = snapshot(&a, 70, std::slice::from_ref(&pack));
+    let r = Reference::parse(&format!("{}/slow:v1", slow.addr())).unwrap();
+    let idle = Duration::from_secs(1);
+
+    let started = Instant::now();
+    let pushed = pf_registry::push(
+        &a,
+        &root,
+        &r,
+        &PushOptions {
+            connect: idle_opts(idle),
+            sessions: None,
+        },
+        &quiet,
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(pushed.uploaded, 4);
+    assert!(took > 2 * idle, "the push was not slow: {took:?}");
+
+    let b = store(dir.path(), "b");
+    let started = Instant::now();
+    let pulled = pf_registry::pull(
+        &b,
+        &r,
+        &PullOptions {
+            connect: idle_opts(idle),
+            name: Some("slow".into()),
+        },
+        &quiet,
+    )
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
+    assert!(took > 2 * idle, "the pull was not slow: {took:?}");
+    assert_eq!(b.get(&Digest256::of(&pack)).unwrap(), pack);
+}
+
+#[test]
+fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let pack = noise(13, 4 << 20);
+    let root = snapshot(&a, 80, std::slice::from_ref(&pack));
+    let direct = reference(&registry, "silent:v1");
+    pf_registry::push(&a, &root, &direct, &push_opts(), &quiet).unwrap();
+    let idle = Duration::from_secs(1);
+
+    // Pull: the registry's answers stop after 1 MiB, inside the 4 MiB pack (the root, the
+    // 300 kB images blob and the page list come first, one blob at a time).
+    let silent = relay::Relay::start(
+        registry.port(),
+        relay::Wire::Stall {
+            upstream: false,
+            after: 1 << 20,
+        },
+    );
+    let r = Reference::parse(&format!("{}/silent:v1", silent.addr())).unwrap();
+    let b = store(dir.path(), "b");
+    let started = Instant::now();
+    let pulling = PullOptions {
+        connect: idle_opts(idle),
+        name: Some("s".into()),
+    };
+    let err = pf_registry::pull(&b, &r, &pulling, &quiet).unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "{err:?}");
+    let digest = Digest256::of(&pack);
+    assert!(
+        matches!(&err, Error::Stalled { digest: d, action: "downloading", .. } if *d == digest),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Unreachable);
+    let text = err.to_string();
+    assert!(text.contains(&silent.addr()), "{text}");
+    assert!(text.contains(&digest.to_string()), "{text}");
+    assert!(text.contains("run the same command again"), "{text}");
+    assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
+    drop(silent);
+
+    // Push: the registry stops reading 512 KiB in (past the root, the 300 kB images blob and
+    // the page list, early in the first 8 MiB chunk of a 20 MiB pack), so pf's writes block
+    // once the socket buffers are full.
+    let big = noise(14, 20 << 20);
+    let next = snapshot(&a, 81, std::slice::from_ref(&big));
+    let silent = relay::Relay::start(
+        registry.port(),
+        relay::Wire::Stall {
+            upstream: true,
+            after: 512 << 10,
+        },
+    );
+    let r = Reference::parse(&format!("{}/silent:v2", silent.addr())).unwrap();
+    let started = Instant::now();
+    let err = pf_registry::push(
+        &a,
+        &next,
+        &r,
+        &PushOptions {
+            connect: idle_opts(idle),
+            sessions: None,
+        },
+        &quiet,
+    )
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15), "{err:?}");
+    let digest = Digest256::of(&big);
+    assert!(
+        matches!(&err, Error::Stalled { digest: d, action: "uploading", .. } if *d == digest),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&digest.to_string()), "{err}");
+}
+
+/// A push of a 40 MiB pack cut off after its first 8 MiB chunk: the registry is killed while pf
+/// is between that chunk and the next (the progress callback holds the upload there).
+fn push_cut_after_one_chunk(
+    registry: &mut Registry,
+    store: &FsBlobStore,
+    root: &Digest256,
+    r: &Reference,
+    options: &PushOptions,
+) -> Error {
+    use std::sync::mpsc;
+    let (chunk_done, wait_chunk) = mpsc::channel::<()>();
+    let (go_on, wait_go) = mpsc::channel::<()>();
+    let chunk_done = std::sync::Mutex::new(Some(chunk_done));
+    let wait_go = std::sync::Mutex::new(wait_go);
+    std::thread::scope(|scope| {
+        let pushing = scope.spawn(|| {
+            pf_registry::push(store, root, r, options, &|e| {
+                if let pf_registry::Event::Transferred { bytes } = e
+                    && bytes == 8 << 20
+                    && let Some(done) = chunk_done.lock().unwrap().take()
+                {
+                    done.send(()).unwrap();
+                    wait_go.lock().unwrap().recv().unwrap();
+                }
+            })
+        });
+        wait_chunk
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the first chunk never went up");
+        registry.stop();
+        go_on.send(()).unwrap();
+        pushing.join().unwrap().unwrap_err()
+    })
+}
+
+#[test]
+fn a_push_cut_off_mid_blob_continues_from_where_the_registry_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let a = store(dir.path(), "a");
+    let big = noise(15, 40 << 20);
+    let root = snapshot(&a, 90, std::slice::from_ref(&big));
+    let r = reference(&registry, "resume:v1");
+    let sessions = dir.path().join("a/registry/uploads");
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: Some(sessions.clone()),
+    };
+
+    let err = push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
+    assert_eq!(err.kind(), ErrorKind::Unreachable, "{err:?}");
+    let kept: Vec<_> = std::fs::read_dir(&sessions).unwrap().collect();
+    assert_eq!(kept.len(), 1, "one upload session kept: {kept:?}");
+
+    let registry = Registry::start_on(&storage, port, None);
+    let done = pf_registry::push(&a, &root, &r, &options, &quiet).unwrap();
+    assert_eq!(done.uploaded, 1, "{done:?}");
+    assert_eq!(
+        done.bytes_uploaded,
+        big.len() as u64 - (8 << 20),
+        "the rerun sends only what the registry lacks: {done:?}"
+    );
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 0);
+
+    let b = store(dir.path(), "b");
+    pf_registry::pull(&b, &r, &pull_opts(Some("resumed")), &quiet).unwrap();
+    let mut got = Vec::new();
+    b.open(&Digest256::of(&big))
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == big);
+    drop(registry);
+}
+
+#[test]
+fn an_upload_session_the_registry_lost_falls_back_to_a_fresh_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let a = store(dir.path(), "a");
+    let big = noise(16, 40 << 20);
+    let root = snapshot(&a, 91, std::slice::from_ref(&big));
+    let r = reference(&registry, "lost:v1");
+    let sessions = dir.path().join("a/registry/uploads");
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: Some(sessions.clone()),
+    };
+    push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 1);
+
+    // The registry purged its half-done uploads (as its upload purging does after a week).
+    std::fs::remove_dir_all(storage.join("docker/registry/v2/repositories/lost/_uploads")).unwrap();
+    let registry = Registry::start_on(&storage, port, None);
+    let done = pf_registry::push(&a, &root, &r, &options, &quiet).unwrap();
+    assert_eq!(done.bytes_uploaded, big.len() as u64, "{done:?}");
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 0);
+    let b = store(dir.path(), "b");
+    pf_registry::pull(&b, &r, &pull_opts(Some("fresh")), &quiet).unwrap();
+    assert_eq!(b.get(&Digest256::of(&big)).unwrap().len(), big.len());
+    drop(registry);
+}
+
+/// A page pack of `pages` distinct pages from `seed`, as pf-core writes them; its bytes and the
+/// pages' digests. With `lying`, the index names a digest its page does not hash to.
+fn pack(seed: u64, pages: usize, lying: bool) -> (Vec<u8>, Vec<Digest256>) {
+    use pf_core::pack::{PAGE_SIZE, PackBuilder, page_digest};
+    let mut builder = PackBuilder::new(1);
+    let mut digests = Vec::new();
+    for n in 0..pages {
+        let page = noise(seed * 10_000 + n as u64, PAGE_SIZE);
+        let digest = if lying {
+            Digest256::of(format!("not page {n}").as_bytes())
+        } else {
+            page_digest(&page)
+        };
+        builder.push(&page, digest);
+        digests.push(digest);
+    }
+    (builder.finish().unwrap(), digests)
+}
+
+#[test]
+fn pulled_packs_join_the_page_index_once_their_pages_check_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let (good, good_pages) = pack(17, 300, false);
+    let (lying, lying_pages) = pack(18, 20, true);
+    let root = snapshot(&a, 100, &[good.clone(), lying.clone()]);
+    let r = reference(&registry, "indexed:v1");
+    pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+
+    let b = store(dir.path(), "b");
+    let mut sorted = good_pages.clone();
+    sorted.sort();
+    assert!(b.page_index().lookup(&sorted).unwrap().is_empty());
+    let pulled = pf_registry::pull(&b, &r, &pull_opts(Some("p")), &quiet).unwrap();
+    assert_eq!(pulled.pages_indexed, 300, "{pulled:?}");
+
+    // Every page of the good pack is found where it is, so a freeze into b stores none again.
+    let found = b.page_index().lookup(&sorted).unwrap();
+    assert_eq!(found.len(), 300);
+    let good_digest = Digest256::of(&good);
+    for (slot, page) in good_pages.iter().enumerate() {
+        let loc = found[page];
+        assert_eq!((loc.pack, loc.slot), (good_digest, slot as u32));
+    }
+    // A freeze into b (pf-core's page writer, as capture runs it) of a memory image holding
+    // those 300 pages and 10 new ones stores only the 10.
+    let image = dir.path().join("pages-1.img");
+    let mut bytes = Vec::new();
+    for n in 0..300u64 {
+        bytes.extend_from_slice(&noise(17 * 10_000 + n, pf_core::pack::PAGE_SIZE));
+    }
+    for n in 0..10u64 {
+        bytes.extend_from_slice(&noise(19 * 10_000 + n, pf_core::pack::PAGE_SIZE));
+    }
+    std::fs::write(&image, &bytes).unwrap();
+    let mut writer = pf_core::pages::PageWriter::new(&b, b.page_index(), 1);
+    let stored = writer
+        .write_file(&std::fs::File::open(&image).unwrap(), &image)
+        .unwrap();
+    assert_eq!((stored.pages, stored.new_pages), (310, 10), "{stored:?}");
+
+    // A pack whose index names pages it does not hold is stored (its bytes are what was
+    // pushed) but never offered for dedup.
+    let mut sorted = lying_pages.clone();
+    sorted.sort();
+    assert!(b.page_index().lookup(&sorted).unwrap().is_empty());
+    assert!(b.contains(&Digest256::of(&lying)).unwrap());
+
+    // Pulled again into the same store: nothing fetched, nothing indexed twice.
+    let again = pf_registry::pull(&b, &r, &pull_opts(None), &quiet).unwrap();
+    assert_eq!((again.fetched, again.pages_indexed), (0, 0));
 }
