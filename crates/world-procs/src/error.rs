@@ -248,6 +248,12 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A lazy restore must run in a new pid namespace (its init takes the tree down before the
+    /// page server goes).
+    #[error(
+        "a lazy restore must run in a new pid namespace (thaw it with a new pid namespace, or without lazy)"
+    )]
+    LazyNeedsPidns,
     /// A lazy restore needs userfaultfd, which this kernel lacks.
     #[error(
         "this kernel has no userfaultfd (CONFIG_USERFAULTFD), which lazy thaw needs: thaw \
@@ -374,6 +380,7 @@ impl Error {
             Self::BadSnapshotFormat { .. } | Self::LazyNeedsV2 { .. } => ErrorKind::InvalidInput,
             Self::LazyFailed { .. } => ErrorKind::CriuFailed,
             Self::NoUserfaultfd => ErrorKind::CriuUnavailable,
+            Self::LazyNeedsPidns => ErrorKind::InvalidInput,
             Self::Pages { source, .. } => match source.as_ref() {
                 pf_core::pages::PagesError::Store { source, .. } => ErrorKind::of_store(source),
                 pf_core::pages::PagesError::Pack(_)

@@ -22,14 +22,21 @@
 //!   answer is the same header with `PS_IOV_ADD_F | PE_PRESENT << 16` and the pages' bytes;
 //!   `PS_IOV_FORCE_CLOSE` ends the session with an `i32` status. The daemon gets its end of a
 //!   socketpair (`--ps-socket`), so no port is open to anyone else.
-//! - **Never wrong memory, never a hang.** A page that fails its hash is not sent: the tree is
-//!   killed first (while its faulting task still waits), then the session is closed. If the
-//!   daemon exits before every page is in, or the session ends without `PS_IOV_FORCE_CLOSE`,
-//!   the tree is killed. Dropping the [`Serving`] handle while pages are owed kills the tree
-//!   before the daemon. What remains open: if pf itself is SIGKILLed, the daemon loses its page
-//!   server and exits, and the kernel then zero-fills the tree's missing pages; the tree's
-//!   namespace init sees pf's lifeline close at the same moment and takes the tree down, so the
-//!   window is the daemon's exit path against the init's (see docs/goblins.md).
+//! - **Never wrong memory, never a hang.** A lazily restored task that touches a missing page
+//!   waits in the kernel until the daemon copies it in; if the daemon's userfaultfd closed
+//!   first, the kernel would hand it zeros. So the tree always dies before the daemon lets go:
+//!   - a page that fails its hash is not sent: the tree is killed, and gone, before the session
+//!     closes;
+//!   - the daemon ends the session the same way whether it is done or gave up, so pf checks
+//!     it holds no userfaultfd any more before it takes the end as "every page is in";
+//!   - the daemon exiting early, or hanging up, kills the tree;
+//!   - dropping the [`Serving`] handle while pages are owed kills the tree before the daemon;
+//!   - if pf itself dies (even SIGKILL), the restore's namespace init, which holds a copy of
+//!     pf's end of the socket, sees pf's lifeline close, kills everything in the namespace and
+//!     reaps it before it exits and lets go of the socket: only then does the daemon see the
+//!     page server gone.
+//!
+//!   Only restores into a new pid namespace can be lazy (that init is what makes this hold).
 
 use std::collections::HashMap;
 use std::io::{Read as _, Write as _};
@@ -57,7 +64,8 @@ const PS_CMD_BITS: u32 = 16;
 const PS_CMD_MASK: u32 = (1 << PS_CMD_BITS) - 1;
 /// `sizeof(struct page_server_iov)` on 64-bit Linux: u32, 4 bytes of padding, 3 × u64.
 const IOV_LEN: usize = 32;
-/// The daemon asks for at most 4 MiB at a time (`MAX_XFER_LEN`); more is refused.
+/// The daemon asks for at most 4 MiB at a time (`MAX_XFER_LEN`); a larger request gets 4 MiB
+/// (a short answer, which CRIU accepts).
 const MAX_REQUEST_PAGES: u64 = 1024;
 /// Pages read per thread when a request is large.
 const SPLIT_PAGES: u64 = 64;
@@ -122,8 +130,8 @@ struct HotPages {
 const HOT_HINT: &str = "hot";
 /// Faults within this long of a thaw count as the snapshot's working set.
 const HOT_WINDOW: Duration = Duration::from_secs(2);
-/// At most this many pages (256 MiB) are loaded eagerly because of the hint.
-const HOT_MAX: usize = 65_536;
+/// At most this many pages (64 MiB) are loaded eagerly because of the hint.
+const HOT_MAX: usize = 16_384;
 
 impl HotPages {
     /// The hint at `path`, or an empty one when there is none or it does not parse (a hint is
@@ -132,13 +140,20 @@ impl HotPages {
         let Some(path) = path else {
             return HotPages::default();
         };
-        match std::fs::read(path) {
+        let mut hint = match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 tracing::debug!(path = %path.display(), error = %e, "ignoring a malformed hint");
                 HotPages::default()
             }),
             Err(_) => HotPages::default(),
+        };
+        // Whatever the file says: sorted, once each, and bounded.
+        for pages in hint.files.values_mut() {
+            pages.sort_unstable();
+            pages.dedup();
+            pages.truncate(HOT_MAX);
         }
+        hint
     }
 }
 
@@ -289,7 +304,12 @@ fn split(map: &Pagemap, vmas: &[Vma], hot: &[u64]) -> (Pagemap, Vec<Run>, Vec<(u
         while at < end {
             let i = vmas.partition_point(|v| v.start <= at);
             let (seg_end, lazy) = match i.checked_sub(1).map(|j| vmas[j]) {
-                Some(v) if at < v.end => (end.min(v.end), v.can_be_lazy()),
+                // CRIU's own choice first: it never marks the page under a thread's stack
+                // pointer lazy (criu/mem.c `is_stack`), and marks the rest of a lazy-capable
+                // area `PE_LAZY` in every dump.
+                Some(v) if at < v.end => {
+                    (end.min(v.end), v.can_be_lazy() && e.flags & PE_LAZY != 0)
+                }
                 _ => (end.min(vmas.get(i).map_or(end, |v| v.start)), false),
             };
             let mut n = (seg_end - at).div_ceil(PAGE);
@@ -447,7 +467,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    let tmp = dir.join(format!(".tmp-{}-hot", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{seq}-hot", std::process::id()));
     let mut file = std::fs::File::options()
         .write(true)
         .create(true)
@@ -455,9 +477,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)?;
-    file.write_all(bytes)?;
+    let written = file.write_all(bytes);
     drop(file);
-    std::fs::rename(&tmp, path)
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// Write the pages that stay in the pages file (`kept` ranges of the old file, in order) to a
@@ -535,23 +563,24 @@ struct SharedState {
 /// How to kill a restored tree from another thread.
 #[derive(Debug)]
 pub(crate) enum Killer {
-    /// Its namespace's init (SIGKILL takes the namespace down), by pidfd.
+    /// Its namespace's init, by pidfd: SIGKILL takes the namespace down.
     Init(OwnedFd),
-    /// Its root in our namespace, by pid (our unreaped child), and what is below it.
-    Root(i32),
 }
 
+/// How long a killed tree may take to be gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
 impl Killer {
+    /// SIGKILL the tree and wait (bounded) until it is gone: the init's pidfd turns readable
+    /// only once the init has exited, which a namespace init does after every other process in
+    /// the namespace has.
     fn kill(&self) {
         match self {
             Killer::Init(pidfd) => {
                 let _ = pf_os::fd::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-            }
-            Killer::Root(root) => {
-                for pid in pf_os::proc::tree(*root) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
+                if !wait_readable(pidfd, KILL_WAIT) {
+                    tracing::warn!(
+                        "a killed lazily restored tree did not end within {KILL_WAIT:?}"
                     );
                 }
             }
@@ -628,6 +657,9 @@ pub(crate) struct Serving {
 pub(crate) struct Started {
     pub(crate) serving: Serving,
     pub(crate) work_dir: std::path::PathBuf,
+    /// A copy of pf's end of the page-server socket, for the namespace init to hold
+    /// (`InitPlan::hold`).
+    pub(crate) hold: OwnedFd,
 }
 
 /// Start CRIU's lazy-pages daemon on `images_dir` and pf's page server for `memory`.
@@ -639,6 +671,10 @@ pub(crate) fn start(
 ) -> Result<Started> {
     let sys = |op| move |source| Error::Sys { op, source };
     let (ours, theirs) = UnixStream::pair().map_err(sys("creating the page server's socket"))?;
+    let hold: OwnedFd = ours
+        .try_clone()
+        .map_err(sys("duplicating the page server's socket"))?
+        .into();
     let (mut ready_r, ready_w) =
         std::io::pipe().map_err(sys("creating the lazy-pages daemon's status pipe"))?;
     let ready_w: OwnedFd = ready_w.into();
@@ -653,6 +689,7 @@ pub(crate) fn start(
     let daemon = inv.spawn_background()?;
     drop((theirs, ready_w));
     let work_dir = daemon.work_dir().to_owned();
+    let daemon_pid = daemon.pid();
     let daemon_pidfd = daemon.pidfd().map_err(sys("duplicating a pidfd"))?;
     // The daemon writes one byte when it listens, or exits.
     let ready = wait_readable(&ready_r, DAEMON_READY) && {
@@ -677,11 +714,15 @@ pub(crate) fn start(
         std::thread::Builder::new()
             .name("pf-page-server".into())
             .spawn(move || {
-                let result = serve(ours, &memory, &shared);
-                memory.save_hot();
+                let mut sock = ours;
+                let result = serve(&mut sock, &memory, &shared, daemon_pid);
                 if let Err(e) = result {
+                    // The tree dies (and is gone) before the daemon hears from us again: a task
+                    // waiting for a page must never get the kernel's zeros instead.
                     shared.fail(e);
                 }
+                drop(sock);
+                memory.save_hot();
             })
             .map_err(sys("starting the page server thread"))?
     };
@@ -723,6 +764,7 @@ pub(crate) fn start(
             threads: vec![server, watcher],
         },
         work_dir,
+        hold,
     })
 }
 
@@ -745,13 +787,13 @@ fn wait_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> bool {
 }
 
 /// Answer the daemon's requests until it closes the session.
-fn serve(mut sock: UnixStream, memory: &LazyMemory, shared: &Shared) -> Result<()> {
+fn serve(sock: &mut UnixStream, memory: &LazyMemory, shared: &Shared, daemon: i32) -> Result<()> {
     let started = std::time::Instant::now();
     let io = |what: &'static str| move |source| Error::Sys { op: what, source };
     let mut buf = Vec::with_capacity((MAX_REQUEST_PAGES * PAGE) as usize);
     loop {
         let mut iov = [0u8; IOV_LEN];
-        match read_full(&mut sock, &mut iov) {
+        match read_full(sock, &mut iov) {
             Ok(true) => {}
             Ok(false) => {
                 return Err(Error::LazyFailed {
@@ -773,9 +815,15 @@ fn serve(mut sock: UnixStream, memory: &LazyMemory, shared: &Shared) -> Result<(
                 if nr_pages == 1 && started.elapsed() < HOT_WINDOW {
                     memory.touched(dst_id, vaddr);
                 }
-                let n = {
-                    let _turn = (nr_pages > 1)
-                        .then(|| BACKGROUND.lock().unwrap_or_else(|p| p.into_inner()));
+                let n = if nr_pages > 1 {
+                    // Answers go back in request order, so a fault queued behind this request
+                    // waits for it: while another tree's background request is being read, this
+                    // one gets a single page (CRIU asks again for the rest).
+                    match BACKGROUND.try_lock() {
+                        Ok(_turn) => memory.read(dst_id, vaddr, nr_pages, &mut buf)?,
+                        Err(_) => memory.read(dst_id, vaddr, 1, &mut buf)?,
+                    }
+                } else {
                     memory.read(dst_id, vaddr, nr_pages, &mut buf)?
                 };
                 let mut head = [0u8; IOV_LEN];
@@ -785,11 +833,23 @@ fn serve(mut sock: UnixStream, memory: &LazyMemory, shared: &Shared) -> Result<(
                 head[16..24].copy_from_slice(&vaddr.to_le_bytes());
                 head[24..32].copy_from_slice(&dst_id.to_le_bytes());
                 sock.write_all(&head)
-                    .and_then(|()| sock.write_all(&buf))
+                    .and_then(|()| sock.write_all(&buf[..(n * PAGE) as usize]))
                     .map_err(io("sending pages to criu lazy-pages"))?;
                 shared.served(n);
             }
             PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
+                // CRIU ends the session the same way when it gives up: then it still holds the
+                // userfaultfd of a task that has not got all its pages (it closes each one as
+                // that task's pages are all in, or the task has exited).
+                if let Some(open) = open_userfaultfds(daemon) {
+                    return Err(Error::LazyFailed {
+                        snapshot: memory.snapshot,
+                        reason: format!(
+                            "criu lazy-pages gave up with {open} task(s) still waiting for pages \
+                             (its log says why)"
+                        ),
+                    });
+                }
                 shared.complete();
                 sock.write_all(&0i32.to_le_bytes())
                     .map_err(io("ending the page server session"))?;
@@ -805,6 +865,18 @@ fn serve(mut sock: UnixStream, memory: &LazyMemory, shared: &Shared) -> Result<(
             }
         }
     }
+}
+
+/// How many userfaultfds process `pid` holds, when it holds any (`None`: none, or it is gone).
+fn open_userfaultfds(pid: i32) -> Option<usize> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let n = fds
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
+        })
+        .count();
+    (n > 0).then_some(n)
 }
 
 /// Fill `buf` from `sock`: `Ok(false)` at end of file before the first byte.
@@ -911,12 +983,13 @@ impl Drop for Serving {
     fn drop(&mut self) {
         {
             let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            // Whatever the daemon does from here on is our doing (we kill it below).
+            state.abandoned = true;
             if !matches!(state.outcome, Some(LazyOutcome::Complete)) {
                 // Pages are owed: the tree must not outlive its server.
                 if let Some(killer) = &state.killer {
                     killer.kill();
                 }
-                state.abandoned = true;
                 if state.outcome.is_none() {
                     state.outcome = Some(LazyOutcome::Failed(
                         "the handle of a lazily restored tree was dropped before every page was in"
@@ -968,8 +1041,8 @@ mod tests {
             pages_id: 1,
             entries: vec![
                 // 2 file pages then 3 anonymous ones, one run in CRIU's pagemap.
-                entry(0x11000, 5, PE_PRESENT),
-                entry(0x30000, 1, PE_PRESENT),
+                entry(0x11000, 5, PE_PRESENT | PE_LAZY),
+                entry(0x30000, 1, PE_PRESENT | PE_LAZY),
             ],
         };
         let (new, runs, kept) = split(&map, &vmas, &[]);
@@ -1005,17 +1078,18 @@ mod tests {
         let vmas = [vma(0x10000, 0x20000, ANON)];
         let map = Pagemap {
             pages_id: 1,
-            entries: vec![entry(0x10000, 8, PE_PRESENT)],
+            entries: vec![entry(0x10000, 8, PE_PRESENT | PE_LAZY)],
         };
         // Pages 0, 3 and 4 were touched first by an earlier thaw; 99 is not in this file.
         let (new, runs, kept) = split(&map, &vmas, &[0, 3, 4, 99]);
-        // CRIU marks the pages of lazy-capable areas PE_LAZY in every dump: the eager ones
-        // must lose the mark.
-        let marked = Pagemap {
+        // Pages CRIU did not mark lazy (the one under a stack pointer) stay in the file.
+        let unmarked = Pagemap {
             pages_id: 1,
-            entries: vec![entry(0x10000, 8, PE_PRESENT | PE_LAZY)],
+            entries: vec![entry(0x10000, 8, PE_PRESENT)],
         };
-        assert_eq!(split(&marked, &vmas, &[0, 3, 4, 99]).0, new);
+        let (all_kept, no_runs, _) = split(&unmarked, &vmas, &[]);
+        assert_eq!(all_kept.entries, vec![entry(0x10000, 8, PE_PRESENT)]);
+        assert!(no_runs.is_empty());
         assert_eq!(
             new.entries,
             vec![
@@ -1047,7 +1121,10 @@ mod tests {
     fn pages_outside_any_area_stay_in_the_file() {
         let map = Pagemap {
             pages_id: 2,
-            entries: vec![entry(0x1000, 2, PE_PRESENT), entry(0x9000, 1, PE_PRESENT)],
+            entries: vec![
+                entry(0x1000, 2, PE_PRESENT | PE_LAZY),
+                entry(0x9000, 1, PE_PRESENT | PE_LAZY),
+            ],
         };
         let (new, runs, kept) = split(&map, &[vma(0x9000, 0xa000, ANON)], &[]);
         assert_eq!(

@@ -92,6 +92,10 @@ pub(crate) struct InitPlan<'a> {
     pub(crate) stderr: &'a File,
     /// Descriptors criu inherits (for `--inherit-fd`), at their own numbers.
     pub(crate) keep: &'a [RawFd],
+    /// A descriptor the init itself holds until everything in the namespace is dead (as its
+    /// stdin), and criu does not inherit: a lazy restore's page-server socket, so that the
+    /// lazy-pages daemon sees the page server go away only after the tree it serves is gone.
+    pub(crate) hold: Option<RawFd>,
     /// Where criu writes the root's pid (as seen inside the namespace).
     pub(crate) pidfile: &'a Path,
     /// criu keeps our stdin (a shell job's terminal) instead of `/dev/null`.
@@ -171,6 +175,7 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
         stdout: plan.stdout.as_raw_fd(),
         stderr: plan.stderr.as_raw_fd(),
         keep: plan.keep,
+        hold: plan.hold.unwrap_or(-1),
         report: write_end.as_raw_fd(),
         lifeline: life_r.as_raw_fd(),
         lifeline_w: life_w.as_raw_fd(),
@@ -216,6 +221,8 @@ struct Ctx<'a> {
     stdout: RawFd,
     stderr: RawFd,
     keep: &'a [RawFd],
+    /// See [`InitPlan::hold`]; -1 for none.
+    hold: RawFd,
     report: RawFd,
     lifeline: RawFd,
     /// The caller's end of the lifeline, which the init's copy of the fd table holds too:
@@ -302,8 +309,9 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
     let criu = criu as libc::pid_t;
     // SAFETY: see above.
     unsafe {
-        // Keep nothing of the caller's: only the report pipe and the lifeline.
-        libc::dup2(ctx.devnull, 0);
+        // Keep nothing of the caller's: only the report pipe, the lifeline, and what it was
+        // asked to hold (as stdin).
+        libc::dup2(if ctx.hold >= 0 { ctx.hold } else { ctx.devnull }, 0);
         libc::dup2(ctx.devnull, 1);
         libc::dup2(ctx.devnull, 2);
         pf_os::fd::close_all_but(ctx.report, ctx.lifeline);
@@ -334,7 +342,12 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
             let got = libc::waitpid(-1, &mut status, 0);
             if watcher > 0 && got == watcher {
                 if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
-                    // The caller is gone without untying: end the namespace with us.
+                    // The caller is gone without untying: end the namespace, and only then
+                    // ourselves. Everything dies while we still hold what we were asked to
+                    // (a lazy restore's page server stays connected: its faulting tasks die
+                    // waiting for a page rather than being handed zeros).
+                    libc::kill(-1, libc::SIGKILL);
+                    while libc::waitpid(-1, &mut status, 0) > 0 || errno() == libc::EINTR {}
                     libc::_exit(137);
                 }
                 // Untied; its pid may come back as one of the tree's.

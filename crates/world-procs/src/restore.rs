@@ -169,6 +169,10 @@ pub fn extract_images_lazy(
 /// the serving side: [`Restored::wait_pages`] says when every page is in. If serving fails
 /// (a corrupt page, the daemon gone), the tree is killed and [`Restored::lazy_error`] says why.
 pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Restored> {
+    if !opts.new_pidns {
+        // Only a namespace init can take the whole tree down before its page server goes.
+        return Err(Error::LazyNeedsPidns);
+    }
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images.path()).map_err(|e| Error::io("resolve", images.path(), e))?;
@@ -183,20 +187,26 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
     opts.extra_args
         .push(started.work_dir.to_string_lossy().into_owned());
     let serving = started.serving;
-    match restore_prepared(criu, &images_dir, opts, false) {
+    let hold = Some(started.hold.as_raw_fd());
+    let restored = restore_prepared(criu, &images_dir, opts, false, hold);
+    drop(started.hold);
+    match restored {
         Ok(mut restored) => {
-            let killer = match &restored.init {
-                Some(init) => match pf_os::fd::pidfd_open(init.pid) {
-                    Ok(fd) => crate::lazy::Killer::Init(fd),
-                    Err(source) => {
-                        serving.abandon();
-                        return Err(Error::Sys {
-                            op: "opening a pidfd for the namespace init",
-                            source,
-                        });
-                    }
-                },
-                None => crate::lazy::Killer::Root(restored.root),
+            let init = restored.init.as_ref().map(|i| i.pid);
+            let pidfd = init
+                .ok_or(std::io::ErrorKind::NotFound.into())
+                .and_then(pf_os::fd::pidfd_open);
+            let killer = match pidfd {
+                Ok(fd) => crate::lazy::Killer::Init(fd),
+                Err(source) => {
+                    // The tree first (killed and reaped), then its server.
+                    drop(restored);
+                    serving.abandon();
+                    return Err(Error::Sys {
+                        op: "opening a pidfd for the namespace init",
+                        source,
+                    });
+                }
             };
             serving.set_killer(killer);
             tracing::info!(
@@ -240,7 +250,7 @@ pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> 
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
-    restore_prepared(criu, &images_dir, opts, true)
+    restore_prepared(criu, &images_dir, opts, true, None)
 }
 
 /// [`restore_dir`] with criu found and the images dir absolute; `retry` allows a second
@@ -250,6 +260,7 @@ fn restore_prepared(
     images_dir: &Path,
     mut opts: RestoreOptions,
     retry: bool,
+    hold: Option<RawFd>,
 ) -> Result<Restored> {
     // Our own copies at numbers >= 3 (close-on-exec here; cleared for criu only).
     let inherit: Vec<(OwnedFd, String)> = opts
@@ -267,7 +278,7 @@ fn restore_prepared(
     drop(std::mem::take(&mut opts.inherit));
     let keep: Vec<RawFd> = inherit.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
     let restored = if opts.new_pidns {
-        run_restore(criu, images_dir, &opts, &inherit, &keep)
+        run_restore(criu, images_dir, &opts, &inherit, &keep, hold)
     } else {
         let pids = crate::images::pstree_pids(images_dir).map_err(|source| Error::Image {
             what: "the process tree (pstree.img)",
@@ -275,11 +286,11 @@ fn restore_prepared(
         })?;
         if retry {
             retry_on_pid_clash(&pids, || {
-                run_restore(criu, images_dir, &opts, &inherit, &keep)
+                run_restore(criu, images_dir, &opts, &inherit, &keep, hold)
             })
         } else {
             wait_for_free_pids(&pids, Instant::now())?;
-            run_restore(criu, images_dir, &opts, &inherit, &keep)
+            run_restore(criu, images_dir, &opts, &inherit, &keep, hold)
         }
     };
     drop(inherit);
@@ -295,6 +306,7 @@ fn run_restore(
     opts: &RestoreOptions,
     inherit: &[(OwnedFd, String)],
     keep: &[RawFd],
+    hold: Option<RawFd>,
 ) -> Result<Restored> {
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--images-dir", images_dir);
@@ -316,6 +328,7 @@ fn run_restore(
     let mut inv = Invocation::new(criu, "restore", args, keep, RESTORE_DEADLINE)?;
     // A shell job takes the session of criu's terminal: criu must have it on stdin.
     inv.stdin_is_ours = opts.shell_job;
+    inv.hold = hold;
     let pidfile = inv.work_dir().join("restore.pid");
     inv.args.push("--pidfile".into());
     inv.args.push(pidfile.clone().into());

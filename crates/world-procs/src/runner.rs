@@ -63,6 +63,8 @@ pub(crate) struct Invocation {
     /// criu's stdin is ours (a shell job's terminal, whose session criu hands to the restored
     /// tree) rather than `/dev/null`.
     pub(crate) stdin_is_ours: bool,
+    /// For a restore in a new pid namespace: a descriptor its init holds (`InitPlan::hold`).
+    pub(crate) hold: Option<RawFd>,
 }
 
 impl Invocation {
@@ -131,6 +133,7 @@ impl Invocation {
             target: None,
             through_sudo: criu.privilege == Privilege::Sudo,
             stdin_is_ours: false,
+            hold: None,
         })
     }
 
@@ -231,7 +234,7 @@ impl Invocation {
         Ok(Background {
             child,
             pidfd,
-            inv: self,
+            inv: Some(self),
         })
     }
 
@@ -252,6 +255,7 @@ impl Invocation {
             stdout: &stdout,
             stderr: &stderr,
             keep: &self.keep_fds,
+            hold: self.hold,
             pidfile,
             stdin_is_ours: self.stdin_is_ours,
         };
@@ -361,18 +365,37 @@ impl Invocation {
     }
 }
 
-/// A criu started with [`Invocation::spawn_background`].
+/// A criu started with [`Invocation::spawn_background`]. Dropped without [`Background::wait`],
+/// it is killed and reaped.
 #[derive(Debug)]
 pub(crate) struct Background {
     child: Child,
     pidfd: std::os::fd::OwnedFd,
-    inv: Invocation,
+    /// `None` once waited for.
+    inv: Option<Invocation>,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.inv.is_some() {
+            let _ =
+                pf_os::fd::pidfd_send_signal(std::os::fd::AsFd::as_fd(&self.pidfd), libc::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Background {
+    /// Its pid (our child, unreaped until [`Background::wait`]).
+    pub(crate) fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// Its work directory.
     pub(crate) fn work_dir(&self) -> &Path {
-        self.inv.work_dir()
+        self.inv
+            .as_ref()
+            .map_or(Path::new(""), Invocation::work_dir)
     }
 
     /// A pidfd of the daemon, to signal it from another thread without racing its reaping.
@@ -390,14 +413,21 @@ impl Background {
                 other => break other,
             }
         };
+        let inv = self.inv.take();
         let status = status.map_err(|source| Error::Sys {
             op: "waiting for a criu daemon",
             source,
         })?;
+        let Some(inv) = inv else {
+            return Err(Error::Sys {
+                op: "waiting for a criu daemon",
+                source: std::io::Error::other("waited for twice"),
+            });
+        };
         if expected_end() {
-            return Ok(self.inv.work);
+            return Ok(inv.work);
         }
-        self.inv.conclude(Exit::from(status))
+        inv.conclude(Exit::from(status))
     }
 }
 
