@@ -420,6 +420,13 @@ impl BlobStore for FsBlobStore {
         Ok(digest)
     }
 
+    fn seekable(&self, digest: &Digest256) -> Result<bool> {
+        match self.existing(digest)? {
+            Some((_, encoding)) => Ok(encoding == Encoding::Raw),
+            None => Err(Error::NotFound { digest: *digest }),
+        }
+    }
+
     fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
         use std::os::unix::fs::FileExt as _;
         let (file, path, encoding) = self.open_blob_file(digest)?;

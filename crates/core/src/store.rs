@@ -175,6 +175,14 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         read_full(&mut reader, buf).map_err(read_error)
     }
 
+    /// Whether [`read_at`](Self::read_at) of this blob is a cheap positional read (`true`) or
+    /// decodes the blob from its start (`false`, the default). Readers of many small parts of
+    /// a blob that is not seekable read it whole instead.
+    fn seekable(&self, digest: &Digest256) -> Result<bool> {
+        let _ = digest;
+        Ok(false)
+    }
+
     /// When the blob was last stored (written, or put again while already present), if the
     /// store keeps such times. `gc` spares unreachable blobs younger than its grace period.
     fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
