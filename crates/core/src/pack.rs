@@ -158,28 +158,47 @@ impl PackBuilder {
 
     /// The pack's bytes: frames compressed in parallel, then the index and trailer.
     pub fn finish(self) -> Result<Vec<u8>, PackError> {
-        let chunks: Vec<&[u8]> = self.raw.chunks(FRAME_PAGES * PAGE_SIZE).collect();
-        let mut frames: Vec<Option<Result<Vec<u8>, std::io::Error>>> =
-            (0..chunks.len()).map(|_| None).collect();
-        let per_thread = chunks.len().div_ceil(self.threads).max(1);
-        std::thread::scope(|s| {
-            for (outs, ins) in frames.chunks_mut(per_thread).zip(chunks.chunks(per_thread)) {
-                s.spawn(move || {
-                    for (out, input) in outs.iter_mut().zip(ins) {
-                        *out = Some(zstd::bulk::compress(input, LEVEL));
-                    }
-                });
-            }
-        });
-        let mut out = Vec::with_capacity(self.raw.len() / 2 + 4096);
+        let Self {
+            raw,
+            digests,
+            threads,
+        } = self;
+        let mut frames: Vec<Option<Result<Vec<u8>, std::io::Error>>> = {
+            let chunks: Vec<&[u8]> = raw.chunks(FRAME_PAGES * PAGE_SIZE).collect();
+            let mut frames: Vec<_> = (0..chunks.len()).map(|_| None).collect();
+            let per_thread = chunks.len().div_ceil(threads).max(1);
+            std::thread::scope(|s| {
+                for (outs, ins) in frames.chunks_mut(per_thread).zip(chunks.chunks(per_thread)) {
+                    s.spawn(move || {
+                        let mut compressor = zstd::bulk::Compressor::new(LEVEL);
+                        for (out, input) in outs.iter_mut().zip(ins) {
+                            *out = Some(match compressor.as_mut() {
+                                Ok(c) => c.compress(input),
+                                Err(err) => Err(std::io::Error::new(err.kind(), err.to_string())),
+                            });
+                        }
+                    });
+                }
+            });
+            frames
+        };
+        // The raw pages are compressed: free them before the pack is assembled.
+        drop(raw);
+        let compressed: usize = frames
+            .iter()
+            .map(|f| f.as_ref().and_then(|f| f.as_ref().ok()).map_or(0, Vec::len))
+            .sum();
+        let index_len = 8 + frames.len() * FRAME_ENTRY_LEN + digests.len() * 32;
+        let mut out = Vec::with_capacity(MAGIC.len() + compressed + index_len + TRAILER_LEN);
         out.extend_from_slice(MAGIC);
         let mut table = Vec::with_capacity(frames.len() * FRAME_ENTRY_LEN);
-        for (n, frame) in frames.into_iter().enumerate() {
+        for (n, frame) in frames.iter_mut().enumerate() {
             let frame = frame
+                .take()
                 .unwrap_or_else(|| Err(std::io::ErrorKind::Other.into()))
                 .map_err(|source| PackError::Compress { source })?;
             let first = n * FRAME_PAGES;
-            let pages = (self.digests.len() - first).min(FRAME_PAGES);
+            let pages = (digests.len() - first).min(FRAME_PAGES);
             table.extend_from_slice(&(out.len() as u64).to_le_bytes());
             table.extend_from_slice(&(frame.len() as u32).to_le_bytes());
             table.extend_from_slice(&(first as u32).to_le_bytes());
@@ -189,9 +208,9 @@ impl PackBuilder {
         let index_at = out.len() as u64;
         let frame_count = (table.len() / FRAME_ENTRY_LEN) as u32;
         out.extend_from_slice(&frame_count.to_le_bytes());
-        out.extend_from_slice(&(self.digests.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
         out.extend_from_slice(&table);
-        for d in &self.digests {
+        for d in &digests {
             out.extend_from_slice(d.as_bytes());
         }
         let index_len = out.len() as u64 - index_at;

@@ -27,15 +27,16 @@ use crate::digest::Digest256;
 use crate::error::Error;
 use crate::pack::{PACK_PAGES, PAGE_SIZE, PackBuilder, PackError, is_zero_page, page_digest};
 use crate::page_index::{IndexError, PageIndex, PageLoc};
-use crate::store::BlobStore;
+use crate::store::{BlobBatch, BlobStore};
 
 const LIST_MAGIC: &[u8; 8] = b"PFPLST01";
 const LIST_ENTRY: usize = 40;
 const ZERO_PACK: u32 = u32::MAX;
 /// Pages read (and hashed) per batch by each thread: 1 MiB.
 const BATCH_PAGES: usize = 256;
-/// Finished packs (8 MiB raw each, less compressed) waiting for the store.
-const PUT_QUEUE: usize = 1;
+/// Finished packs (8 MiB raw each, less compressed) waiting for the store, besides the one
+/// being written: none (writing a pack into a batch is quick).
+const PUT_QUEUE: usize = 0;
 
 /// The manifest of one file stored page by page (the only serde type of this module).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,20 +142,33 @@ pub struct PagesStored {
     pub pack_bytes: u64,
 }
 
-/// A session that stores files page by page into one store. Dropping it without
-/// [`commit`](Self::commit) leaves the blobs it wrote (unreferenced until a caller names a
-/// manifest, so gc removes them) and the index untouched.
+/// Where a session knows a page to be: (the pack's number in the session's pack table, slot).
+type Loc = (u32, u32);
+
+/// A session that stores files page by page into one store.
+///
+/// Its packs, page lists and manifests go into one [`BlobBatch`] of the store: written as they
+/// are made, but made durable and visible together by [`commit`](Self::commit), with one sync
+/// round, before the session's pages enter the page index. So the caller must commit before it
+/// puts anything that names a manifest (the manifests' digests are known at once). Dropping the
+/// session without committing (or after an error, which leaves it unusable) removes what it
+/// wrote and leaves the index untouched.
 #[derive(Debug)]
 pub struct PageWriter<'a> {
     store: &'a dyn BlobStore,
+    batch: Option<Box<dyn BlobBatch + 'a>>,
     index: PageIndex,
     threads: usize,
-    /// Pages this session put into packs, and pages the index or earlier files named, whose
-    /// packs are known to be in the store.
-    known: HashMap<Digest256, PageLoc>,
-    packs_checked: HashMap<Digest256, bool>,
-    /// The packs this session wrote (their pages go into the index on commit).
-    new_packs: std::collections::HashSet<Digest256>,
+    /// The session's pack table: every pack it knows pages in (named by the index and found in
+    /// the store, or written by the session), by number.
+    packs: Vec<Digest256>,
+    /// Whether the session wrote the pack of the same number (its pages go into the index).
+    written: Vec<bool>,
+    pack_ids: HashMap<Digest256, u32>,
+    /// Packs the index named that are no longer in the store.
+    missing: std::collections::HashSet<Digest256>,
+    /// Every distinct page the session knows where to find: 40 bytes each.
+    known: HashMap<Digest256, Loc>,
 }
 
 impl<'a> PageWriter<'a> {
@@ -162,17 +176,20 @@ impl<'a> PageWriter<'a> {
     pub fn new(store: &'a dyn BlobStore, index: PageIndex, threads: usize) -> Self {
         Self {
             store,
+            batch: None,
             index,
             threads: threads.max(1),
+            packs: Vec::new(),
+            written: Vec::new(),
+            pack_ids: HashMap::new(),
+            missing: std::collections::HashSet::new(),
             known: HashMap::new(),
-            packs_checked: HashMap::new(),
-            new_packs: std::collections::HashSet::new(),
         }
     }
 
     /// Store the pages of `file` (at `path`, named in errors), whose length must be a multiple
-    /// of 4096, and return its manifest. The file is read twice (once to hash, once to pack the
-    /// new pages), so it must not change meanwhile.
+    /// of 4096, and return its manifest (visible once the session is committed). The file is
+    /// read twice (once to hash, once to pack the new pages), so it must not change meanwhile.
     pub fn write_file(
         &mut self,
         file: &File,
@@ -186,13 +203,20 @@ impl<'a> PageWriter<'a> {
                 source,
             })?
             .len();
-        if len % PAGE_SIZE as u64 != 0 {
+        if !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(PagesError::NotPages {
                 path: path.to_owned(),
                 len,
             });
         }
         let pages = (len / PAGE_SIZE as u64) as usize;
+        if self.batch.is_none() {
+            let batch = self.store.batch().map_err(|source| PagesError::Store {
+                what: "starting a batch of puts".to_owned(),
+                source,
+            })?;
+            self.batch = Some(batch);
+        }
         // Pass 1: hash every page on every thread; None marks a zero page.
         let digests = self.hash_all(file, path, pages)?;
         // Which of them the store already has.
@@ -202,26 +226,33 @@ impl<'a> PageWriter<'a> {
             .filter(|d| !self.known.contains_key(d))
             .copied()
             .collect();
-        unknown.sort();
+        unknown.sort_unstable();
         unknown.dedup();
         let found = self.index.lookup(&unknown)?;
+        let new_estimate = unknown.len().saturating_sub(found.len());
         drop(unknown);
+        self.known.reserve(found.len() + new_estimate);
         for (digest, loc) in found {
-            if self.pack_present(&loc.pack)? {
-                self.known.insert(digest, loc);
+            if let Some(id) = self.present_pack(&loc.pack)? {
+                self.known.insert(digest, (id, loc.slot));
             }
         }
-        // Pass 2: the new pages into packs, in file order. Packs are compressed here and stored
-        // by a second thread (at most PUT_QUEUE finished packs wait for it), so the store's
-        // writes and fsyncs overlap the next pack's reading and compression.
-        let store = self.store;
+        // Pass 2: the new pages into packs, in file order. Packs are compressed here and handed
+        // to a second thread that writes them into the batch (unsynced), so writing overlaps
+        // the next pack's reading and compression. The k-th new pack is number `base + k`.
+        let base = self.packs.len() as u32;
         let threads = self.threads;
+        let batch: &dyn BlobBatch = self
+            .batch
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("the batch was just started"));
+        let known = &mut self.known;
         let (stored, packed) = std::thread::scope(|s| {
             let (send, recv) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUT_QUEUE);
             let putter = s.spawn(move || -> Result<Vec<(Digest256, u64)>, PagesError> {
                 let mut done = Vec::new();
                 for bytes in recv {
-                    let digest = store.put_raw(&bytes).map_err(|source| PagesError::Store {
+                    let digest = batch.put_raw(&bytes).map_err(|source| PagesError::Store {
                         what: "storing a pack".to_owned(),
                         source,
                     })?;
@@ -229,7 +260,7 @@ impl<'a> PageWriter<'a> {
                 }
                 Ok(done)
             });
-            let packed = self.pack_new_pages(file, path, &digests, threads, &send);
+            let packed = pack_new_pages(file, path, &digests, known, base, threads, &send);
             drop(send);
             let stored = putter
                 .join()
@@ -238,23 +269,18 @@ impl<'a> PageWriter<'a> {
         });
         // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
         let stored = stored?;
-        let pending = packed?;
-        let new_pages = pending.len() as u64;
+        let new_pages = packed?;
         let pack_bytes = stored.iter().map(|(_, len)| len).sum();
-        for (digest, (pack_no, slot)) in pending {
-            let loc = PageLoc {
-                pack: stored[pack_no as usize].0,
-                slot,
-            };
-            self.known.insert(digest, loc);
-        }
         for (digest, _) in &stored {
-            self.packs_checked.insert(*digest, true);
-            self.new_packs.insert(*digest);
+            self.packs.push(*digest);
+            self.written.push(true);
+            self.pack_ids
+                .entry(*digest)
+                .or_insert(self.packs.len() as u32 - 1);
         }
-        // The page list, in file order.
-        let mut packs: Vec<Digest256> = Vec::new();
-        let mut pack_no: HashMap<Digest256, u32> = HashMap::new();
+        // The page list, in file order; the manifest's packs are numbered as they first appear.
+        let mut manifest_packs: Vec<Digest256> = Vec::new();
+        let mut pack_no: HashMap<u32, u32> = HashMap::new();
         let mut list = Vec::with_capacity(16 + pages * LIST_ENTRY);
         list.extend_from_slice(LIST_MAGIC);
         list.extend_from_slice(&(pages as u64).to_le_bytes());
@@ -269,33 +295,39 @@ impl<'a> PageWriter<'a> {
                     list.extend_from_slice(&0u32.to_le_bytes());
                 }
                 Some(digest) => {
-                    let loc = self.known[digest];
-                    let n = *pack_no.entry(loc.pack).or_insert_with(|| {
-                        packs.push(loc.pack);
-                        (packs.len() - 1) as u32
+                    let (id, slot) = self.known[digest];
+                    let n = *pack_no.entry(id).or_insert_with(|| {
+                        manifest_packs.push(self.packs[id as usize]);
+                        (manifest_packs.len() - 1) as u32
                     });
                     list.extend_from_slice(digest.as_bytes());
                     list.extend_from_slice(&n.to_le_bytes());
-                    list.extend_from_slice(&loc.slot.to_le_bytes());
+                    list.extend_from_slice(&slot.to_le_bytes());
                 }
             }
         }
-        let list = self.store.put(&list).map_err(|source| PagesError::Store {
-            what: format!("storing the page list of {}", path.display()),
-            source,
-        })?;
+        drop(digests);
+        // Page digests do not compress: the list is stored as it is.
+        let list = batch_of(&self.batch)
+            .put_raw(&list)
+            .map_err(|source| PagesError::Store {
+                what: format!("storing the page list of {}", path.display()),
+                source,
+            })?;
         let manifest = PagesManifest {
             page_size: PAGE_SIZE as u32,
             pages: pages as u64,
             zero_pages,
-            packs,
+            packs: manifest_packs,
             list,
         };
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
-        let manifest = self.store.put(&json).map_err(|source| PagesError::Store {
-            what: format!("storing the pages manifest of {}", path.display()),
-            source,
-        })?;
+        let manifest = batch_of(&self.batch)
+            .put(&json)
+            .map_err(|source| PagesError::Store {
+                what: format!("storing the pages manifest of {}", path.display()),
+                source,
+            })?;
         Ok(PagesStored {
             manifest,
             pages: pages as u64,
@@ -305,21 +337,38 @@ impl<'a> PageWriter<'a> {
         })
     }
 
-    /// Add the pages this session stored to the index.
-    pub fn commit(self) -> Result<(), PagesError> {
-        let added = self
-            .known
-            .iter()
-            .filter(|(_, loc)| self.new_packs.contains(&loc.pack))
-            .map(|(d, loc)| (*d, *loc))
-            .collect();
+    /// Make everything the session stored durable and visible (one sync round for all of it),
+    /// then add the pages it put into new packs to the index.
+    pub fn commit(mut self) -> Result<(), PagesError> {
+        if let Some(batch) = self.batch.take() {
+            batch.commit().map_err(|source| PagesError::Store {
+                what: "syncing the packs, page lists and manifests".to_owned(),
+                source,
+            })?;
+        }
+        let known = std::mem::take(&mut self.known);
+        let count = known
+            .values()
+            .filter(|(id, _)| self.written[*id as usize])
+            .count();
+        let mut added = Vec::with_capacity(count);
+        for (digest, (id, slot)) in known {
+            if self.written[id as usize] {
+                let pack = self.packs[id as usize];
+                added.push((digest, PageLoc { pack, slot }));
+            }
+        }
         self.index.add(added)?;
         Ok(())
     }
 
-    fn pack_present(&mut self, pack: &Digest256) -> Result<bool, PagesError> {
-        if let Some(&present) = self.packs_checked.get(pack) {
-            return Ok(present);
+    /// The session's number for `pack`, a pack the index named, if it is still in the store.
+    fn present_pack(&mut self, pack: &Digest256) -> Result<Option<u32>, PagesError> {
+        if let Some(&id) = self.pack_ids.get(pack) {
+            return Ok(Some(id));
+        }
+        if self.missing.contains(pack) {
+            return Ok(None);
         }
         let present = self
             .store
@@ -328,68 +377,15 @@ impl<'a> PageWriter<'a> {
                 what: format!("looking for pack {pack}"),
                 source,
             })?;
-        self.packs_checked.insert(*pack, present);
-        Ok(present)
-    }
-
-    /// Put every page of `digests` the store does not hold into packs, in file order, and send
-    /// each finished pack to `send`. Returns each new page's (pack number, slot).
-    fn pack_new_pages(
-        &self,
-        file: &File,
-        path: &std::path::Path,
-        digests: &[Option<Digest256>],
-        threads: usize,
-        send: &std::sync::mpsc::SyncSender<Vec<u8>>,
-    ) -> Result<HashMap<Digest256, (u32, u32)>, PagesError> {
-        let pages = digests.len();
-        let mut pack = PackBuilder::new(threads);
-        let mut packs_sent = 0u32;
-        let mut pending: HashMap<Digest256, (u32, u32)> = HashMap::new();
-        let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-        let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
-            let full = std::mem::replace(pack, PackBuilder::new(threads));
-            send.send(full.finish()?).map_err(|_| PagesError::Io {
-                op: "store the packs of",
-                path: path.to_owned(),
-                source: std::io::Error::other("the pack writer stopped"),
-            })?;
-            Ok(())
-        };
-        for start in (0..pages).step_by(BATCH_PAGES) {
-            let n = BATCH_PAGES.min(pages - start);
-            let wants_bytes = digests[start..start + n]
-                .iter()
-                .flatten()
-                .any(|d| !self.known.contains_key(d) && !pending.contains_key(d));
-            if !wants_bytes {
-                continue;
-            }
-            read_at(
-                file,
-                path,
-                &mut buf[..n * PAGE_SIZE],
-                start as u64 * PAGE_SIZE as u64,
-            )?;
-            for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
-                let Some(digest) = digests[start + i] else {
-                    continue;
-                };
-                if self.known.contains_key(&digest) || pending.contains_key(&digest) {
-                    continue;
-                }
-                let slot = pack.push(page, digest);
-                pending.insert(digest, (packs_sent, slot));
-                if pack.is_full() {
-                    finish(&mut pack)?;
-                    packs_sent += 1;
-                }
-            }
+        if !present {
+            self.missing.insert(*pack);
+            return Ok(None);
         }
-        if !pack.is_empty() {
-            finish(&mut pack)?;
-        }
-        Ok(pending)
+        self.packs.push(*pack);
+        self.written.push(false);
+        let id = self.packs.len() as u32 - 1;
+        self.pack_ids.insert(*pack, id);
+        Ok(Some(id))
     }
 
     /// Every page's digest (None for a zero page), hashed on `threads` threads.
@@ -429,6 +425,76 @@ impl<'a> PageWriter<'a> {
         })?;
         Ok(digests)
     }
+}
+
+/// The session's batch, which [`PageWriter::write_file`] starts before it puts anything.
+fn batch_of<'b>(batch: &'b Option<Box<dyn BlobBatch + '_>>) -> &'b dyn BlobBatch {
+    batch
+        .as_deref()
+        .unwrap_or_else(|| unreachable!("the batch was started"))
+}
+
+/// Put every page of `digests` that `known` does not hold into packs, in file order, and send
+/// each finished pack to `send`; the k-th pack sent is number `base + k`, and each new page
+/// goes into `known` as it is packed. Returns how many pages were packed.
+fn pack_new_pages(
+    file: &File,
+    path: &std::path::Path,
+    digests: &[Option<Digest256>],
+    known: &mut HashMap<Digest256, Loc>,
+    base: u32,
+    threads: usize,
+    send: &std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Result<u64, PagesError> {
+    let pages = digests.len();
+    let mut pack = PackBuilder::new(threads);
+    let mut packs_sent = 0u32;
+    let mut new_pages = 0u64;
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+    let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
+        let full = std::mem::replace(pack, PackBuilder::new(threads));
+        send.send(full.finish()?).map_err(|_| PagesError::Io {
+            op: "store the packs of",
+            path: path.to_owned(),
+            source: std::io::Error::other("the pack writer stopped"),
+        })?;
+        Ok(())
+    };
+    for start in (0..pages).step_by(BATCH_PAGES) {
+        let n = BATCH_PAGES.min(pages - start);
+        let wants_bytes = digests[start..start + n]
+            .iter()
+            .flatten()
+            .any(|d| !known.contains_key(d));
+        if !wants_bytes {
+            continue;
+        }
+        read_at(
+            file,
+            path,
+            &mut buf[..n * PAGE_SIZE],
+            start as u64 * PAGE_SIZE as u64,
+        )?;
+        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+            let Some(digest) = digests[start + i] else {
+                continue;
+            };
+            if known.contains_key(&digest) {
+                continue;
+            }
+            let slot = pack.push(page, digest);
+            known.insert(digest, (base + packs_sent, slot));
+            new_pages += 1;
+            if pack.is_full() {
+                finish(&mut pack)?;
+                packs_sent += 1;
+            }
+        }
+    }
+    if !pack.is_empty() {
+        finish(&mut pack)?;
+    }
+    Ok(new_pages)
 }
 
 fn read_at(file: &File, path: &std::path::Path, buf: &mut [u8], at: u64) -> Result<(), PagesError> {
@@ -1283,6 +1349,7 @@ mod tests {
         let (file, path) = file_of(dir, &format!("f{n}"), &layout);
         let mut w = PageWriter::new(store, PageIndex::none(), 2);
         let stored = w.write_file(&file, &path).expect("store");
+        w.commit().expect("commit");
         (stored.manifest, std::fs::read(&path).expect("original"))
     }
 
@@ -1492,6 +1559,51 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_session_becomes_visible_and_indexed_only_when_committed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let layout: Vec<Option<u64>> = (0..3000).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "a", &layout);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let stored = w.write_file(&file, &path).expect("store");
+        // A second file in the same session shares the first one's (uncommitted) packs.
+        let (file2, path2) = file_of(tmp.path(), "b", &layout[..100]);
+        let second = w.write_file(&file2, &path2).expect("store");
+        assert_eq!(second.new_pages, 0);
+        assert!(!fs.contains(&stored.manifest).expect("contains"));
+        assert!(fs.list().expect("list").is_empty(), "nothing visible yet");
+        let digests: Vec<Digest256> = (0..3000u64).map(|i| page_digest(&page(i))).collect();
+        let mut sorted = digests.clone();
+        sorted.sort();
+        assert!(fs.page_index().lookup(&sorted).expect("lookup").is_empty());
+        w.commit().expect("commit");
+        let m = load_manifest(&fs, &stored.manifest).expect("visible");
+        assert_eq!(m.packs.len(), 2);
+        assert_eq!(
+            fs.page_index().lookup(&sorted).expect("lookup").len(),
+            3000,
+            "indexed"
+        );
+        assert_eq!(
+            rebuild(&fs, &second.manifest, tmp.path()).expect("rebuild"),
+            std::fs::read(&path2).expect("original")
+        );
+        // A session dropped uncommitted leaves nothing behind.
+        let before = fs.list().expect("list");
+        let other: Vec<Option<u64>> = (5000..5100).map(Some).collect();
+        let (file3, path3) = file_of(tmp.path(), "c", &other);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        w.write_file(&file3, &path3).expect("store");
+        drop(w);
+        assert_eq!(fs.list().expect("list"), before);
+        assert!(
+            fs.sweep_temp(&crate::GcOptions::dry_run_now())
+                .expect("sweep")
+                .is_empty()
         );
     }
 

@@ -5,12 +5,15 @@
 //! deduplicated against the store's page index (so a re-freeze stores about its changed pages),
 //! hashed and compressed on every core. The pages files are then removed from the scratch
 //! directory and the rest (core, mm, pagemap, fds …, a few KiB to a few MiB) goes into the same
-//! deterministic tar as v1 (`criu_dump`). The procs blob lists the pages files with their
-//! manifests (`memory`).
+//! deterministic tar as v1 (`criu_dump`). The packs, page lists and manifests are written
+//! unsynced into one batch of the store and made durable and visible together (one sync round)
+//! before [`store_images`] returns, so before the procs blob that lists the pages files with
+//! their manifests (`memory`) names them.
 //!
-//! Restore extracts the tar, then rebuilds each pages file from its packs, checking every page
-//! against its digest before it is written: a bad page is [`Error::CorruptPage`] naming the
-//! file, the page and its address (from the pagemap), and criu never runs.
+//! Restore extracts the tar, then rebuilds each pages file from its packs frame by frame
+//! ([`pf_core::pages::PagesReader::write_to`], on every core), checking every page against its
+//! digest before it is written: a bad page is [`Error::CorruptPage`] naming the file, the page
+//! and its address (from the pagemap), and criu never runs.
 //!
 //! Which format `capture` writes is chosen by `$PF_SNAPSHOT_FORMAT` (`v1`, the default, or
 //! `v2`); restore reads both.
@@ -85,7 +88,8 @@ fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
 }
 
 /// Store the pages files of the images in `dir` page by page, remove them from `dir`, and store
-/// the rest as a tar. Returns the tar's digest and the pages files' manifests.
+/// the rest as a tar. Returns the tar's digest and the pages files' manifests, all durable and
+/// visible by then.
 pub(crate) fn store_images(
     store: &dyn BlobStore,
     dir: &Path,
