@@ -249,6 +249,8 @@ impl<'a> PageWriter<'a> {
         let known = &mut self.known;
         let (stored, packed) = std::thread::scope(|s| {
             let (send, recv) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUT_QUEUE);
+            // Written packs' buffers go back to be filled again.
+            let (spare_send, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
             let putter = s.spawn(move || -> Result<Vec<(Digest256, u64)>, PagesError> {
                 let mut done = Vec::new();
                 for bytes in recv {
@@ -257,10 +259,12 @@ impl<'a> PageWriter<'a> {
                         source,
                     })?;
                     done.push((digest, bytes.len() as u64));
+                    let _ = spare_send.try_send(bytes);
                 }
                 Ok(done)
             });
-            let packed = pack_new_pages(file, path, &digests, known, base, threads, &send);
+            let packed =
+                pack_new_pages(file, path, &digests, known, base, threads, (&send, &spare));
             drop(send);
             let stored = putter
                 .join()
@@ -444,7 +448,10 @@ fn pack_new_pages(
     known: &mut HashMap<Digest256, Loc>,
     base: u32,
     threads: usize,
-    send: &std::sync::mpsc::SyncSender<Vec<u8>>,
+    (send, spare): (
+        &std::sync::mpsc::SyncSender<Vec<u8>>,
+        &std::sync::mpsc::Receiver<Vec<u8>>,
+    ),
 ) -> Result<u64, PagesError> {
     let pages = digests.len();
     let mut pack = PackBuilder::new(threads);
@@ -452,8 +459,9 @@ fn pack_new_pages(
     let mut new_pages = 0u64;
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
-        let full = std::mem::replace(pack, PackBuilder::new(threads));
-        send.send(full.finish()?).map_err(|_| PagesError::Io {
+        let mut bytes = spare.try_recv().unwrap_or_default();
+        pack.finish_into(&mut bytes)?;
+        send.send(bytes).map_err(|_| PagesError::Io {
             op: "store the packs of",
             path: path.to_owned(),
             source: std::io::Error::other("the pack writer stopped"),
