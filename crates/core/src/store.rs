@@ -198,9 +198,6 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// The store's page index (which pages its packs hold; see [`crate::page_index`]). Stores
-    /// that keep none answer [`PageIndex::none`]: page writers then deduplicate only within
-    /// their own session.
     /// Where this store keeps a hint of kind `kind` about the blob `key` (for example which
     /// pages of a snapshot a thawed process touched first), or `None` when it keeps none. Hints
     /// are derived data, private to the store's owner, and never trusted: they may steer how
@@ -210,6 +207,9 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The store's page index (which pages its packs hold; see [`crate::page_index`]). Stores
+    /// that keep none answer [`PageIndex::none`]: page writers then deduplicate only within
+    /// their own session.
     fn page_index(&self) -> PageIndex {
         PageIndex::none()
     }
