@@ -266,3 +266,76 @@ fn live_v2_corrupt_page_fails_the_thaw_naming_the_snapshot() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
 }
+
+/// Packs are stored as they are (`.raw`) and a thaw reads them frame by frame, unverified by the
+/// store: a byte of page data rotting on disk must still fail the thaw (naming the snapshot and
+/// the page's address, before anything runs), and `pf store verify` must name the pack.
+#[test]
+fn live_v2_a_rotten_byte_in_a_raw_pack_file_fails_the_thaw_and_verify() {
+    if !live("live_v2_a_rotten_byte_in_a_raw_pack_file_fails_the_thaw_and_verify") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_v2_a_rotten_byte_in_a_raw_pack_file_fails_the_thaw_and_verify",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let mut goblin = Goblin::start();
+    deadline.watch(goblin.child.id() as i32);
+    let sum = goblin.ask("sum");
+    let snap = freeze_v2(&store_dir, &goblin.pid(), "snap");
+    drop(goblin);
+    let store = FsBlobStore::open(&store_dir).expect("store");
+    let procs = memory_of(&store, &snap);
+    let image = procs
+        .memory
+        .as_ref()
+        .and_then(|m| m.iter().max_by_key(|m| m.pages))
+        .expect("a pages file")
+        .clone();
+    let manifest = load_manifest(&store, &image.manifest).expect("manifest");
+    let pack = manifest.packs[0];
+    let path = store.blob_path(&pack);
+    assert!(
+        path.to_string_lossy().ends_with(".raw"),
+        "packs are stored raw: {}",
+        path.display()
+    );
+    // The goblin's random pages are stored nearly verbatim: flip a byte in the middle of the
+    // pack's frames (well before its index), which lands in some page's bytes.
+    let mut bytes = std::fs::read(&path).expect("read pack");
+    let parsed = Pack::parse(pack, &bytes).expect("parse");
+    assert!(parsed.pages() > 64, "{}", parsed.pages());
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("rot a byte");
+
+    let out = thaw(&store_dir, "snap", b"sum\n");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
+    assert!(
+        stderr.contains(&snap.to_string()) && stderr.contains("is corrupt"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("of {} (address 0x", image.file)),
+        "{stderr}"
+    );
+    let mut cmd = pf(&store_dir);
+    cmd.args(["store", "verify"]);
+    let out = run(cmd, b"");
+    assert!(!out.status.success(), "verify passed a rotten pack");
+    assert!(
+        text(&out.stdout).contains(&format!("{pack} BAD")),
+        "{}",
+        text(&out.stdout)
+    );
+    // Putting the pack's bytes back (a repair) makes the snapshot whole again.
+    bytes[at] ^= 0x40;
+    assert_eq!(store.put_raw(&bytes).expect("repair"), pack);
+    let out = thaw(&store_dir, "snap", b"sum\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+}

@@ -54,7 +54,9 @@ use crate::gc::GcOptions;
 use crate::lock::StoreLock;
 use crate::mem::VerifyingReader;
 use crate::page_index::PageIndex;
-use crate::store::{BlobStore, ExactLen, Put, WRITE_SLICE, copy_reader, validate_name, write_out};
+use crate::store::{
+    BlobBatch, BlobStore, ExactLen, Put, WRITE_SLICE, copy_reader, validate_name, write_out,
+};
 
 /// How a blob's bytes are kept in its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +222,21 @@ impl FsBlobStore {
         known: Option<Digest256>,
     ) -> Result<Put> {
         let started = std::time::Instant::now();
+        let (temp, put, stored) = self.compress_to_temp(input, len, known, true)?;
+        self.install(temp, &put.digest, Encoding::Zstd)?;
+        tracing::debug!(digest = %put.digest, size = put.size, stored, elapsed = ?started.elapsed(), "stored blob");
+        Ok(put)
+    }
+
+    /// Compress everything `input` yields into a new temp file (fsynced when `sync`); returns
+    /// it with what was stored and the compressed size.
+    fn compress_to_temp(
+        &self,
+        input: &mut dyn Read,
+        len: Option<u64>,
+        known: Option<Digest256>,
+        sync: bool,
+    ) -> Result<(TempFile, Put, u64)> {
         ensure_dir(&self.blobs)?;
         let temp = TempFile::create(&self.blobs)?;
         let mut buf = vec![0u8; CHUNK];
@@ -241,23 +258,33 @@ impl FsBlobStore {
             n = fill(input, &mut buf).map_err(input_error)?;
             eof = n < CHUNK;
         }
-        let stored = encoder.finish()?;
+        let stored = encoder.finish(sync)?;
         let digest = match known {
             Some(d) => d,
             None => hasher.unwrap_or_default().finish(),
         };
-        self.install(temp, &digest, Encoding::Zstd)?;
-        tracing::debug!(%digest, size, stored, elapsed = ?started.elapsed(), "stored blob");
-        Ok(Put { digest, size })
+        Ok((temp, Put { digest, size }, stored))
     }
 
     /// Move a finished, synced temp file to the blob's path in `encoding`, then remove the
-    /// blob's file in the other encoding if there is one.
+    /// blob's file in the other encoding if there is one, and fsync the directory.
     ///
     /// A blob already there is replaced: the new file holds the same bytes, just written and
     /// hashed, while the old one may have rotted since (a put of the same bytes repairs a corrupt
     /// blob). Readers that opened the old file read it to its end.
     fn install(&self, temp: TempFile, digest: &Digest256, encoding: Encoding) -> Result<()> {
+        let dir = self.install_unsynced(temp, digest, encoding)?;
+        sync_dir(&dir)
+    }
+
+    /// [`install`](Self::install) without the directory's fsync: returns the directory, which
+    /// the caller must sync.
+    fn install_unsynced(
+        &self,
+        temp: TempFile,
+        digest: &Digest256,
+        encoding: Encoding,
+    ) -> Result<PathBuf> {
         let dir = self.fanout_dir(digest);
         ensure_dir(&dir)?;
         temp.persist(&self.path_of(digest, encoding))?;
@@ -267,7 +294,7 @@ impl FsBlobStore {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             Err(err) => return Err(Error::io("removing the old copy of a blob", other, err)),
         }
-        sync_dir(&dir)
+        Ok(dir)
     }
 
     /// Whether the stored blob at `path` (in `encoding`) is exactly `bytes`. Cheaper than a put:
@@ -335,6 +362,15 @@ impl FsBlobStore {
     /// Write `bytes` as they are into a temp file, fsync it, and move it into place as the
     /// blob's `.raw` file.
     fn write_raw(&self, bytes: &[u8], digest: &Digest256) -> Result<()> {
+        let temp = self.raw_to_temp(bytes)?;
+        temp.file
+            .sync_all()
+            .map_err(|err| Error::io("syncing", &temp.path, err))?;
+        self.install(temp, digest, Encoding::Raw)
+    }
+
+    /// Write `bytes` as they are into a new temp file (not synced).
+    fn raw_to_temp(&self, bytes: &[u8]) -> Result<TempFile> {
         ensure_dir(&self.blobs)?;
         let temp = TempFile::create(&self.blobs)?;
         for slice in bytes.chunks(WRITE_SLICE) {
@@ -342,19 +378,25 @@ impl FsBlobStore {
                 .write_all(slice)
                 .map_err(|err| Error::io("writing", &temp.path, err))?;
         }
-        temp.file
-            .sync_all()
-            .map_err(|err| Error::io("syncing", &temp.path, err))?;
-        self.install(temp, digest, Encoding::Raw)
+        Ok(temp)
+    }
+
+    /// Whether the store holds exactly `bytes` under `digest` (in either encoding); if so, its
+    /// mtime is refreshed, as for a put.
+    fn already_holds(&self, digest: &Digest256, bytes: &[u8]) -> Result<bool> {
+        if let Some((path, found)) = self.existing(digest)?
+            && self.holds(digest, &path, found, bytes)
+        {
+            touch(&path);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// A put of `bytes` whose digest is `digest`, in `encoding`: nothing to write when the
     /// store holds exactly these bytes already (in either encoding).
     fn put_bytes(&self, bytes: &[u8], digest: Digest256, encoding: Encoding) -> Result<()> {
-        if let Some((path, found)) = self.existing(&digest)?
-            && self.holds(&digest, &path, found, bytes)
-        {
-            touch(&path);
+        if self.already_holds(&digest, bytes)? {
             return Ok(());
         }
         // Missing, or corrupt: write it (again).
@@ -418,6 +460,13 @@ impl BlobStore for FsBlobStore {
         let digest = Digest256::of(bytes);
         self.put_bytes(bytes, digest, Encoding::Raw)?;
         Ok(digest)
+    }
+
+    fn seekable(&self, digest: &Digest256) -> Result<bool> {
+        match self.existing(digest)? {
+            Some((_, encoding)) => Ok(encoding == Encoding::Raw),
+            None => Err(Error::NotFound { digest: *digest }),
+        }
     }
 
     fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -750,6 +799,13 @@ impl BlobStore for FsBlobStore {
         Ok(StoreLock::file(file))
     }
 
+    fn batch(&self) -> Result<Box<dyn BlobBatch + '_>> {
+        Ok(Box::new(FsBatch {
+            store: self,
+            staged: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
     fn page_index(&self) -> PageIndex {
         PageIndex::in_dir(&self.root.join("index").join("pages"))
     }
@@ -813,6 +869,115 @@ impl FsBlobStore {
             *digest,
             Some(path.to_owned()),
         )))
+    }
+}
+
+/// A batch of puts into an [`FsBlobStore`]: each blob is written to a locked temp file and its
+/// disk writing started, but neither synced nor renamed until [`commit`](BlobBatch::commit),
+/// which syncs them all (on several threads, so the file system can fold their journal
+/// commits), renames them into place and syncs each directory they went into once.
+#[derive(Debug)]
+struct FsBatch<'s> {
+    store: &'s FsBlobStore,
+    staged: std::sync::Mutex<Vec<(TempFile, Digest256, Encoding)>>,
+}
+
+impl FsBatch<'_> {
+    fn staged(&self) -> std::sync::MutexGuard<'_, Vec<(TempFile, Digest256, Encoding)>> {
+        self.staged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn put_as(&self, bytes: &[u8], encoding: Encoding) -> Result<Digest256> {
+        let digest = Digest256::of(bytes);
+        if self.staged().iter().any(|(_, d, _)| *d == digest) {
+            return Ok(digest);
+        }
+        if self.store.already_holds(&digest, bytes)? {
+            return Ok(digest);
+        }
+        let temp = match encoding {
+            Encoding::Raw => {
+                let temp = self.store.raw_to_temp(bytes)?;
+                start_writeback(&temp);
+                temp
+            }
+            Encoding::Zstd => {
+                let len = Some(bytes.len() as u64);
+                self.store
+                    .compress_to_temp(&mut &bytes[..], len, Some(digest), false)?
+                    .0
+            }
+        };
+        self.staged().push((temp, digest, encoding));
+        Ok(digest)
+    }
+}
+
+impl BlobBatch for FsBatch<'_> {
+    fn put(&self, bytes: &[u8]) -> Result<Digest256> {
+        self.put_as(bytes, Encoding::Zstd)
+    }
+
+    fn put_raw(&self, bytes: &[u8]) -> Result<Digest256> {
+        self.put_as(bytes, Encoding::Raw)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        let staged = std::mem::take(&mut *self.staged());
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        // Sync every file first: nothing is renamed into place before all of it is on disk.
+        let per = staged.len().div_ceil(worker_count() as usize).max(1);
+        thread::scope(|s| {
+            let handles: Vec<_> = staged
+                .chunks(per)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk.iter().try_for_each(|(temp, _, _)| {
+                            temp.file
+                                .sync_all()
+                                .map_err(|err| Error::io("syncing", &temp.path, err))
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
+        let count = staged.len();
+        let mut dirs = Vec::new();
+        for (temp, digest, encoding) in staged {
+            dirs.push(self.store.install_unsynced(temp, &digest, encoding)?);
+        }
+        dirs.sort();
+        dirs.dedup();
+        let per = dirs.len().div_ceil(worker_count() as usize).max(1);
+        thread::scope(|s| {
+            let handles: Vec<_> = dirs
+                .chunks(per)
+                .map(|chunk| s.spawn(move || chunk.iter().try_for_each(|dir| sync_dir(dir))))
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
+        tracing::debug!(blobs = count, dirs = dirs.len(), elapsed = ?started.elapsed(), "committed a batch of blobs");
+        Ok(())
+    }
+}
+
+/// Ask the kernel to start writing a temp file's data to disk now (and drop its pages from
+/// the cache once written), so the sync at commit waits for little. Best effort.
+fn start_writeback(temp: &TempFile) {
+    use std::os::fd::AsRawFd as _;
+    let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
+    if let Err(err) = nix::fcntl::posix_fadvise(temp.file.as_raw_fd(), 0, 0, advice) {
+        tracing::debug!(path = %temp.path.display(), %err, "cannot start the writing of a temp file");
     }
 }
 
@@ -1066,8 +1231,9 @@ impl<'a> Compressor<'a> {
         Ok(())
     }
 
-    /// End the frame, write everything out and fsync; returns the compressed size.
-    fn finish(mut self) -> Result<u64> {
+    /// End the frame, write everything out and fsync (or, unless `sync`, start the disk
+    /// writing and return); returns the compressed size.
+    fn finish(mut self, sync: bool) -> Result<u64> {
         loop {
             let pos = self.out.len();
             let mut output = OutBuffer::around_pos(&mut self.out, pos);
@@ -1085,10 +1251,14 @@ impl<'a> Compressor<'a> {
         if let Some(flusher) = self.flusher.take() {
             flusher.stop();
         }
-        self.temp
-            .file
-            .sync_all()
-            .map_err(|err| Error::io("syncing", &self.temp.path, err))?;
+        if sync {
+            self.temp
+                .file
+                .sync_all()
+                .map_err(|err| Error::io("syncing", &self.temp.path, err))?;
+        } else {
+            start_writeback(self.temp);
+        }
         Ok(self.written)
     }
 
@@ -1151,6 +1321,7 @@ impl Flusher {
 }
 
 /// A temp file being written, locked by its writer, removed on drop unless persisted.
+#[derive(Debug)]
 struct TempFile {
     path: PathBuf,
     file: File,
@@ -1556,6 +1727,53 @@ mod tests {
             vec![dropped]
         );
         assert_eq!(s.list().unwrap(), vec![kept]);
+    }
+
+    #[test]
+    fn a_batch_is_invisible_until_committed_and_gone_if_dropped() {
+        let (_dir, s) = store();
+        let old = s.put(b"already here").unwrap();
+        let batch = s.batch().unwrap();
+        let raw = batch.put_raw(&[5u8; 100_000]).unwrap();
+        let zst = batch.put(b"a manifest").unwrap();
+        assert_eq!(batch.put(b"already here").unwrap(), old);
+        assert_eq!(
+            batch.put_raw(&[5u8; 100_000]).unwrap(),
+            raw,
+            "twice in one batch"
+        );
+        assert!(!s.contains(&raw).unwrap() && !s.contains(&zst).unwrap());
+        assert_eq!(s.list().unwrap(), vec![old]);
+        assert!(matches!(s.get(&raw), Err(Error::NotFound { .. })));
+        // Its temp files belong to a live writer: a sweep leaves them.
+        let temps = || {
+            fs::read_dir(s.root().join("blobs/sha256"))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(TEMP_PREFIX)
+                })
+                .count()
+        };
+        assert_eq!(temps(), 2);
+        assert!(s.sweep_temp(&GcOptions::dry_run_now()).unwrap().is_empty());
+        batch.commit().unwrap();
+        assert_eq!(temps(), 0);
+        assert_eq!(s.get(&raw).unwrap(), vec![5u8; 100_000]);
+        assert!(s.blob_path(&raw).to_string_lossy().ends_with(".raw"));
+        assert_eq!(s.get(&zst).unwrap(), b"a manifest");
+        assert!(s.blob_path(&zst).to_string_lossy().ends_with(".zst"));
+        assert_eq!(mode(&s.blob_path(&raw)), 0o600);
+        // Dropped uncommitted: nothing visible, nothing left.
+        let batch = s.batch().unwrap();
+        let lost = batch.put_raw(b"never named").unwrap();
+        drop(batch);
+        assert!(!s.contains(&lost).unwrap());
+        assert_eq!(temps(), 0);
+        assert_eq!(s.list().unwrap().len(), 3);
     }
 
     #[test]

@@ -27,4 +27,4 @@ pub use crate::fs::FsBlobStore;
 pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreachable};
 pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
-pub use crate::store::{BlobStore, Put, validate_name};
+pub use crate::store::{BlobBatch, BlobStore, Put, validate_name};

@@ -124,6 +124,10 @@ impl BlobStore for MemBlobStore {
         Ok(self.blob(digest)?.len() as u64)
     }
 
+    fn seekable(&self, digest: &Digest256) -> Result<bool> {
+        self.blob(digest).map(|_| true)
+    }
+
     fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let bytes = self.blob(digest)?;
         let start = usize::try_from(offset)

@@ -114,20 +114,67 @@ pub fn is_zero_page(page: &[u8]) -> bool {
 
 /// Builds one pack in memory (at most [`PACK_PAGES`] pages, so at most 8 MiB raw plus its
 /// compressed form). Frames are compressed on up to `threads` threads when the pack is finished.
+/// [`finish_into`](Self::finish_into) starts the next pack in the same buffers, so a writer of
+/// many packs allocates (and the kernel zeroes) its buffers once.
 #[derive(Debug)]
 pub struct PackBuilder {
     raw: Vec<u8>,
     digests: Vec<Digest256>,
     threads: usize,
+    /// One per thread: its compressor and the frames it compressed, kept from pack to pack.
+    workers: Vec<FrameWorker>,
+}
+
+/// A thread's share of compressing a pack.
+struct FrameWorker {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// One frame's compressed bytes.
+    frame: Vec<u8>,
+    /// Its frames' compressed bytes, one after another.
+    out: Vec<u8>,
+    /// Their lengths.
+    lens: Vec<usize>,
+}
+
+impl std::fmt::Debug for FrameWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameWorker")
+            .field("out", &self.out.len())
+            .field("lens", &self.lens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FrameWorker {
+    /// Compress `inputs`, one frame each, into `out` (cleared first).
+    fn compress(&mut self, inputs: &[&[u8]]) -> Result<(), std::io::Error> {
+        self.out.clear();
+        self.lens.clear();
+        let compressor = match &mut self.compressor {
+            Some(c) => c,
+            None => self.compressor.insert(zstd::bulk::Compressor::new(LEVEL)?),
+        };
+        for input in inputs {
+            self.frame.clear();
+            self.frame
+                .reserve(zstd::zstd_safe::compress_bound(input.len()));
+            let n = compressor.compress_to_buffer(input, &mut self.frame)?;
+            self.out.extend_from_slice(&self.frame[..n]);
+            self.lens.push(n);
+        }
+        Ok(())
+    }
 }
 
 impl PackBuilder {
     /// An empty pack that compresses on `threads` threads (at least one).
     pub fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
         Self {
             raw: Vec::with_capacity(PACK_PAGES * PAGE_SIZE),
             digests: Vec::with_capacity(PACK_PAGES),
-            threads: threads.max(1),
+            threads,
+            workers: Vec::new(),
         }
     }
 
@@ -157,38 +204,66 @@ impl PackBuilder {
     }
 
     /// The pack's bytes: frames compressed in parallel, then the index and trailer.
-    pub fn finish(self) -> Result<Vec<u8>, PackError> {
+    pub fn finish(mut self) -> Result<Vec<u8>, PackError> {
+        let mut out = Vec::new();
+        self.finish_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Write the pack's bytes into `out` (cleared first, its allocation reused) and start an
+    /// empty pack in the same buffers.
+    pub fn finish_into(&mut self, out: &mut Vec<u8>) -> Result<(), PackError> {
         let chunks: Vec<&[u8]> = self.raw.chunks(FRAME_PAGES * PAGE_SIZE).collect();
-        let mut frames: Vec<Option<Result<Vec<u8>, std::io::Error>>> =
-            (0..chunks.len()).map(|_| None).collect();
         let per_thread = chunks.len().div_ceil(self.threads).max(1);
-        std::thread::scope(|s| {
-            for (outs, ins) in frames.chunks_mut(per_thread).zip(chunks.chunks(per_thread)) {
-                s.spawn(move || {
-                    for (out, input) in outs.iter_mut().zip(ins) {
-                        *out = Some(zstd::bulk::compress(input, LEVEL));
-                    }
-                });
-            }
+        let groups: Vec<&[&[u8]]> = chunks.chunks(per_thread).collect();
+        while self.workers.len() < groups.len() {
+            self.workers.push(FrameWorker {
+                compressor: None,
+                frame: Vec::new(),
+                out: Vec::new(),
+                lens: Vec::new(),
+            });
+        }
+        let workers = &mut self.workers[..groups.len()];
+        let results: Vec<Result<(), std::io::Error>> = std::thread::scope(|s| {
+            let handles: Vec<_> = workers
+                .iter_mut()
+                .zip(&groups)
+                .map(|(worker, inputs)| s.spawn(move || worker.compress(inputs)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
         });
-        let mut out = Vec::with_capacity(self.raw.len() / 2 + 4096);
+        for result in results {
+            result.map_err(|source| PackError::Compress { source })?;
+        }
+        let workers = &self.workers[..groups.len()];
+        let compressed: usize = workers.iter().map(|w| w.out.len()).sum();
+        let frame_count = chunks.len();
+        let index_len = 8 + frame_count * FRAME_ENTRY_LEN + self.digests.len() * 32;
+        out.clear();
+        out.reserve(MAGIC.len() + compressed + index_len + TRAILER_LEN);
         out.extend_from_slice(MAGIC);
-        let mut table = Vec::with_capacity(frames.len() * FRAME_ENTRY_LEN);
-        for (n, frame) in frames.into_iter().enumerate() {
-            let frame = frame
-                .unwrap_or_else(|| Err(std::io::ErrorKind::Other.into()))
-                .map_err(|source| PackError::Compress { source })?;
-            let first = n * FRAME_PAGES;
-            let pages = (self.digests.len() - first).min(FRAME_PAGES);
-            table.extend_from_slice(&(out.len() as u64).to_le_bytes());
-            table.extend_from_slice(&(frame.len() as u32).to_le_bytes());
-            table.extend_from_slice(&(first as u32).to_le_bytes());
-            table.extend_from_slice(&(pages as u32).to_le_bytes());
-            out.extend_from_slice(&frame);
+        let mut table = Vec::with_capacity(frame_count * FRAME_ENTRY_LEN);
+        let mut n = 0usize;
+        for worker in workers {
+            let mut offset = out.len();
+            for len in &worker.lens {
+                let first = n * FRAME_PAGES;
+                let pages = (self.digests.len() - first).min(FRAME_PAGES);
+                table.extend_from_slice(&(offset as u64).to_le_bytes());
+                table.extend_from_slice(&(*len as u32).to_le_bytes());
+                table.extend_from_slice(&(first as u32).to_le_bytes());
+                table.extend_from_slice(&(pages as u32).to_le_bytes());
+                offset += len;
+                n += 1;
+            }
+            out.extend_from_slice(&worker.out);
         }
         let index_at = out.len() as u64;
-        let frame_count = (table.len() / FRAME_ENTRY_LEN) as u32;
-        out.extend_from_slice(&frame_count.to_le_bytes());
+        out.extend_from_slice(&(frame_count as u32).to_le_bytes());
         out.extend_from_slice(&(self.digests.len() as u32).to_le_bytes());
         out.extend_from_slice(&table);
         for d in &self.digests {
@@ -198,7 +273,9 @@ impl PackBuilder {
         out.extend_from_slice(&index_at.to_le_bytes());
         out.extend_from_slice(&index_len.to_le_bytes());
         out.extend_from_slice(END_MAGIC);
-        Ok(out)
+        self.raw.clear();
+        self.digests.clear();
+        Ok(())
     }
 }
 

@@ -19,22 +19,24 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest256;
 use crate::error::Error;
-use crate::pack::{PACK_PAGES, PAGE_SIZE, Pack, PackBuilder, PackError, is_zero_page, page_digest};
+use crate::pack::{PACK_PAGES, PAGE_SIZE, PackBuilder, PackError, is_zero_page, page_digest};
 use crate::page_index::{IndexError, PageIndex, PageLoc};
-use crate::store::BlobStore;
+use crate::store::{BlobBatch, BlobStore};
 
 const LIST_MAGIC: &[u8; 8] = b"PFPLST01";
 const LIST_ENTRY: usize = 40;
 const ZERO_PACK: u32 = u32::MAX;
 /// Pages read (and hashed) per batch by each thread: 1 MiB.
 const BATCH_PAGES: usize = 256;
-/// Finished packs (8 MiB raw each, less compressed) waiting for the store.
-const PUT_QUEUE: usize = 1;
+/// Finished packs (8 MiB raw each, less compressed) waiting for the store, besides the one
+/// being written: none (writing a pack into a batch is quick).
+const PUT_QUEUE: usize = 0;
 
 /// The manifest of one file stored page by page (the only serde type of this module).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,20 +142,33 @@ pub struct PagesStored {
     pub pack_bytes: u64,
 }
 
-/// A session that stores files page by page into one store. Dropping it without
-/// [`commit`](Self::commit) leaves the blobs it wrote (unreferenced until a caller names a
-/// manifest, so gc removes them) and the index untouched.
+/// Where a session knows a page to be: (the pack's number in the session's pack table, slot).
+type Loc = (u32, u32);
+
+/// A session that stores files page by page into one store.
+///
+/// Its packs, page lists and manifests go into one [`BlobBatch`] of the store: written as they
+/// are made, but made durable and visible together by [`commit`](Self::commit), with one sync
+/// round, before the session's pages enter the page index. So the caller must commit before it
+/// puts anything that names a manifest (the manifests' digests are known at once). Dropping the
+/// session without committing (or after an error, which leaves it unusable) removes what it
+/// wrote and leaves the index untouched.
 #[derive(Debug)]
 pub struct PageWriter<'a> {
     store: &'a dyn BlobStore,
+    batch: Option<Box<dyn BlobBatch + 'a>>,
     index: PageIndex,
     threads: usize,
-    /// Pages this session put into packs, and pages the index or earlier files named, whose
-    /// packs are known to be in the store.
-    known: HashMap<Digest256, PageLoc>,
-    packs_checked: HashMap<Digest256, bool>,
-    /// The packs this session wrote (their pages go into the index on commit).
-    new_packs: std::collections::HashSet<Digest256>,
+    /// The session's pack table: every pack it knows pages in (named by the index and found in
+    /// the store, or written by the session), by number.
+    packs: Vec<Digest256>,
+    /// Whether the session wrote the pack of the same number (its pages go into the index).
+    written: Vec<bool>,
+    pack_ids: HashMap<Digest256, u32>,
+    /// Packs the index named that are no longer in the store.
+    missing: std::collections::HashSet<Digest256>,
+    /// Every distinct page the session knows where to find: 40 bytes each.
+    known: HashMap<Digest256, Loc>,
 }
 
 impl<'a> PageWriter<'a> {
@@ -161,17 +176,20 @@ impl<'a> PageWriter<'a> {
     pub fn new(store: &'a dyn BlobStore, index: PageIndex, threads: usize) -> Self {
         Self {
             store,
+            batch: None,
             index,
             threads: threads.max(1),
+            packs: Vec::new(),
+            written: Vec::new(),
+            pack_ids: HashMap::new(),
+            missing: std::collections::HashSet::new(),
             known: HashMap::new(),
-            packs_checked: HashMap::new(),
-            new_packs: std::collections::HashSet::new(),
         }
     }
 
     /// Store the pages of `file` (at `path`, named in errors), whose length must be a multiple
-    /// of 4096, and return its manifest. The file is read twice (once to hash, once to pack the
-    /// new pages), so it must not change meanwhile.
+    /// of 4096, and return its manifest (visible once the session is committed). The file is
+    /// read twice (once to hash, once to pack the new pages), so it must not change meanwhile.
     pub fn write_file(
         &mut self,
         file: &File,
@@ -185,13 +203,20 @@ impl<'a> PageWriter<'a> {
                 source,
             })?
             .len();
-        if len % PAGE_SIZE as u64 != 0 {
+        if !len.is_multiple_of(PAGE_SIZE as u64) {
             return Err(PagesError::NotPages {
                 path: path.to_owned(),
                 len,
             });
         }
         let pages = (len / PAGE_SIZE as u64) as usize;
+        if self.batch.is_none() {
+            let batch = self.store.batch().map_err(|source| PagesError::Store {
+                what: "starting a batch of puts".to_owned(),
+                source,
+            })?;
+            self.batch = Some(batch);
+        }
         // Pass 1: hash every page on every thread; None marks a zero page.
         let digests = self.hash_all(file, path, pages)?;
         // Which of them the store already has.
@@ -201,34 +226,45 @@ impl<'a> PageWriter<'a> {
             .filter(|d| !self.known.contains_key(d))
             .copied()
             .collect();
-        unknown.sort();
+        unknown.sort_unstable();
         unknown.dedup();
         let found = self.index.lookup(&unknown)?;
+        let new_estimate = unknown.len().saturating_sub(found.len());
         drop(unknown);
+        self.known.reserve(found.len() + new_estimate);
         for (digest, loc) in found {
-            if self.pack_present(&loc.pack)? {
-                self.known.insert(digest, loc);
+            if let Some(id) = self.present_pack(&loc.pack)? {
+                self.known.insert(digest, (id, loc.slot));
             }
         }
-        // Pass 2: the new pages into packs, in file order. Packs are compressed here and stored
-        // by a second thread (at most PUT_QUEUE finished packs wait for it), so the store's
-        // writes and fsyncs overlap the next pack's reading and compression.
-        let store = self.store;
+        // Pass 2: the new pages into packs, in file order. Packs are compressed here and handed
+        // to a second thread that writes them into the batch (unsynced), so writing overlaps
+        // the next pack's reading and compression. The k-th new pack is number `base + k`.
+        let base = self.packs.len() as u32;
         let threads = self.threads;
+        let batch: &dyn BlobBatch = self
+            .batch
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("the batch was just started"));
+        let known = &mut self.known;
         let (stored, packed) = std::thread::scope(|s| {
             let (send, recv) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUT_QUEUE);
+            // Written packs' buffers go back to be filled again.
+            let (spare_send, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
             let putter = s.spawn(move || -> Result<Vec<(Digest256, u64)>, PagesError> {
                 let mut done = Vec::new();
                 for bytes in recv {
-                    let digest = store.put_raw(&bytes).map_err(|source| PagesError::Store {
+                    let digest = batch.put_raw(&bytes).map_err(|source| PagesError::Store {
                         what: "storing a pack".to_owned(),
                         source,
                     })?;
                     done.push((digest, bytes.len() as u64));
+                    let _ = spare_send.try_send(bytes);
                 }
                 Ok(done)
             });
-            let packed = self.pack_new_pages(file, path, &digests, threads, &send);
+            let packed =
+                pack_new_pages(file, path, &digests, known, base, threads, (&send, &spare));
             drop(send);
             let stored = putter
                 .join()
@@ -237,23 +273,18 @@ impl<'a> PageWriter<'a> {
         });
         // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
         let stored = stored?;
-        let pending = packed?;
-        let new_pages = pending.len() as u64;
+        let new_pages = packed?;
         let pack_bytes = stored.iter().map(|(_, len)| len).sum();
-        for (digest, (pack_no, slot)) in pending {
-            let loc = PageLoc {
-                pack: stored[pack_no as usize].0,
-                slot,
-            };
-            self.known.insert(digest, loc);
-        }
         for (digest, _) in &stored {
-            self.packs_checked.insert(*digest, true);
-            self.new_packs.insert(*digest);
+            self.packs.push(*digest);
+            self.written.push(true);
+            self.pack_ids
+                .entry(*digest)
+                .or_insert(self.packs.len() as u32 - 1);
         }
-        // The page list, in file order.
-        let mut packs: Vec<Digest256> = Vec::new();
-        let mut pack_no: HashMap<Digest256, u32> = HashMap::new();
+        // The page list, in file order; the manifest's packs are numbered as they first appear.
+        let mut manifest_packs: Vec<Digest256> = Vec::new();
+        let mut pack_no: HashMap<u32, u32> = HashMap::new();
         let mut list = Vec::with_capacity(16 + pages * LIST_ENTRY);
         list.extend_from_slice(LIST_MAGIC);
         list.extend_from_slice(&(pages as u64).to_le_bytes());
@@ -268,33 +299,39 @@ impl<'a> PageWriter<'a> {
                     list.extend_from_slice(&0u32.to_le_bytes());
                 }
                 Some(digest) => {
-                    let loc = self.known[digest];
-                    let n = *pack_no.entry(loc.pack).or_insert_with(|| {
-                        packs.push(loc.pack);
-                        (packs.len() - 1) as u32
+                    let (id, slot) = self.known[digest];
+                    let n = *pack_no.entry(id).or_insert_with(|| {
+                        manifest_packs.push(self.packs[id as usize]);
+                        (manifest_packs.len() - 1) as u32
                     });
                     list.extend_from_slice(digest.as_bytes());
                     list.extend_from_slice(&n.to_le_bytes());
-                    list.extend_from_slice(&loc.slot.to_le_bytes());
+                    list.extend_from_slice(&slot.to_le_bytes());
                 }
             }
         }
-        let list = self.store.put(&list).map_err(|source| PagesError::Store {
-            what: format!("storing the page list of {}", path.display()),
-            source,
-        })?;
+        drop(digests);
+        // Page digests do not compress: the list is stored as it is.
+        let list = batch_of(&self.batch)
+            .put_raw(&list)
+            .map_err(|source| PagesError::Store {
+                what: format!("storing the page list of {}", path.display()),
+                source,
+            })?;
         let manifest = PagesManifest {
             page_size: PAGE_SIZE as u32,
             pages: pages as u64,
             zero_pages,
-            packs,
+            packs: manifest_packs,
             list,
         };
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
-        let manifest = self.store.put(&json).map_err(|source| PagesError::Store {
-            what: format!("storing the pages manifest of {}", path.display()),
-            source,
-        })?;
+        let manifest = batch_of(&self.batch)
+            .put(&json)
+            .map_err(|source| PagesError::Store {
+                what: format!("storing the pages manifest of {}", path.display()),
+                source,
+            })?;
         Ok(PagesStored {
             manifest,
             pages: pages as u64,
@@ -304,21 +341,38 @@ impl<'a> PageWriter<'a> {
         })
     }
 
-    /// Add the pages this session stored to the index.
-    pub fn commit(self) -> Result<(), PagesError> {
-        let added = self
-            .known
-            .iter()
-            .filter(|(_, loc)| self.new_packs.contains(&loc.pack))
-            .map(|(d, loc)| (*d, *loc))
-            .collect();
+    /// Make everything the session stored durable and visible (one sync round for all of it),
+    /// then add the pages it put into new packs to the index.
+    pub fn commit(mut self) -> Result<(), PagesError> {
+        if let Some(batch) = self.batch.take() {
+            batch.commit().map_err(|source| PagesError::Store {
+                what: "syncing the packs, page lists and manifests".to_owned(),
+                source,
+            })?;
+        }
+        let known = std::mem::take(&mut self.known);
+        let count = known
+            .values()
+            .filter(|(id, _)| self.written[*id as usize])
+            .count();
+        let mut added = Vec::with_capacity(count);
+        for (digest, (id, slot)) in known {
+            if self.written[id as usize] {
+                let pack = self.packs[id as usize];
+                added.push((digest, PageLoc { pack, slot }));
+            }
+        }
         self.index.add(added)?;
         Ok(())
     }
 
-    fn pack_present(&mut self, pack: &Digest256) -> Result<bool, PagesError> {
-        if let Some(&present) = self.packs_checked.get(pack) {
-            return Ok(present);
+    /// The session's number for `pack`, a pack the index named, if it is still in the store.
+    fn present_pack(&mut self, pack: &Digest256) -> Result<Option<u32>, PagesError> {
+        if let Some(&id) = self.pack_ids.get(pack) {
+            return Ok(Some(id));
+        }
+        if self.missing.contains(pack) {
+            return Ok(None);
         }
         let present = self
             .store
@@ -327,68 +381,15 @@ impl<'a> PageWriter<'a> {
                 what: format!("looking for pack {pack}"),
                 source,
             })?;
-        self.packs_checked.insert(*pack, present);
-        Ok(present)
-    }
-
-    /// Put every page of `digests` the store does not hold into packs, in file order, and send
-    /// each finished pack to `send`. Returns each new page's (pack number, slot).
-    fn pack_new_pages(
-        &self,
-        file: &File,
-        path: &std::path::Path,
-        digests: &[Option<Digest256>],
-        threads: usize,
-        send: &std::sync::mpsc::SyncSender<Vec<u8>>,
-    ) -> Result<HashMap<Digest256, (u32, u32)>, PagesError> {
-        let pages = digests.len();
-        let mut pack = PackBuilder::new(threads);
-        let mut packs_sent = 0u32;
-        let mut pending: HashMap<Digest256, (u32, u32)> = HashMap::new();
-        let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-        let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
-            let full = std::mem::replace(pack, PackBuilder::new(threads));
-            send.send(full.finish()?).map_err(|_| PagesError::Io {
-                op: "store the packs of",
-                path: path.to_owned(),
-                source: std::io::Error::other("the pack writer stopped"),
-            })?;
-            Ok(())
-        };
-        for start in (0..pages).step_by(BATCH_PAGES) {
-            let n = BATCH_PAGES.min(pages - start);
-            let wants_bytes = digests[start..start + n]
-                .iter()
-                .flatten()
-                .any(|d| !self.known.contains_key(d) && !pending.contains_key(d));
-            if !wants_bytes {
-                continue;
-            }
-            read_at(
-                file,
-                path,
-                &mut buf[..n * PAGE_SIZE],
-                start as u64 * PAGE_SIZE as u64,
-            )?;
-            for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
-                let Some(digest) = digests[start + i] else {
-                    continue;
-                };
-                if self.known.contains_key(&digest) || pending.contains_key(&digest) {
-                    continue;
-                }
-                let slot = pack.push(page, digest);
-                pending.insert(digest, (packs_sent, slot));
-                if pack.is_full() {
-                    finish(&mut pack)?;
-                    packs_sent += 1;
-                }
-            }
+        if !present {
+            self.missing.insert(*pack);
+            return Ok(None);
         }
-        if !pack.is_empty() {
-            finish(&mut pack)?;
-        }
-        Ok(pending)
+        self.packs.push(*pack);
+        self.written.push(false);
+        let id = self.packs.len() as u32 - 1;
+        self.pack_ids.insert(*pack, id);
+        Ok(Some(id))
     }
 
     /// Every page's digest (None for a zero page), hashed on `threads` threads.
@@ -428,6 +429,80 @@ impl<'a> PageWriter<'a> {
         })?;
         Ok(digests)
     }
+}
+
+/// The session's batch, which [`PageWriter::write_file`] starts before it puts anything.
+fn batch_of<'b>(batch: &'b Option<Box<dyn BlobBatch + '_>>) -> &'b dyn BlobBatch {
+    batch
+        .as_deref()
+        .unwrap_or_else(|| unreachable!("the batch was started"))
+}
+
+/// Put every page of `digests` that `known` does not hold into packs, in file order, and send
+/// each finished pack to `send`; the k-th pack sent is number `base + k`, and each new page
+/// goes into `known` as it is packed. Returns how many pages were packed.
+fn pack_new_pages(
+    file: &File,
+    path: &std::path::Path,
+    digests: &[Option<Digest256>],
+    known: &mut HashMap<Digest256, Loc>,
+    base: u32,
+    threads: usize,
+    (send, spare): (
+        &std::sync::mpsc::SyncSender<Vec<u8>>,
+        &std::sync::mpsc::Receiver<Vec<u8>>,
+    ),
+) -> Result<u64, PagesError> {
+    let pages = digests.len();
+    let mut pack = PackBuilder::new(threads);
+    let mut packs_sent = 0u32;
+    let mut new_pages = 0u64;
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
+    let finish = |pack: &mut PackBuilder| -> Result<(), PagesError> {
+        let mut bytes = spare.try_recv().unwrap_or_default();
+        pack.finish_into(&mut bytes)?;
+        send.send(bytes).map_err(|_| PagesError::Io {
+            op: "store the packs of",
+            path: path.to_owned(),
+            source: std::io::Error::other("the pack writer stopped"),
+        })?;
+        Ok(())
+    };
+    for start in (0..pages).step_by(BATCH_PAGES) {
+        let n = BATCH_PAGES.min(pages - start);
+        let wants_bytes = digests[start..start + n]
+            .iter()
+            .flatten()
+            .any(|d| !known.contains_key(d));
+        if !wants_bytes {
+            continue;
+        }
+        read_at(
+            file,
+            path,
+            &mut buf[..n * PAGE_SIZE],
+            start as u64 * PAGE_SIZE as u64,
+        )?;
+        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+            let Some(digest) = digests[start + i] else {
+                continue;
+            };
+            if known.contains_key(&digest) {
+                continue;
+            }
+            let slot = pack.push(page, digest);
+            known.insert(digest, (base + packs_sent, slot));
+            new_pages += 1;
+            if pack.is_full() {
+                finish(&mut pack)?;
+                packs_sent += 1;
+            }
+        }
+    }
+    if !pack.is_empty() {
+        finish(&mut pack)?;
+    }
+    Ok(new_pages)
 }
 
 fn read_at(file: &File, path: &std::path::Path, buf: &mut [u8], at: u64) -> Result<(), PagesError> {
@@ -525,6 +600,8 @@ pub fn parse_list(
 
 /// Decoded frames a [`PagesReader`] keeps, most recently used first.
 const FRAME_CACHE: usize = 16;
+/// Whole packs a [`PagesReader`] keeps of those it cannot read in place (at most 8 MiB each).
+const WHOLE_PACKS: usize = 4;
 
 /// The store a [`PagesReader`] reads from: borrowed, or shared so the reader can be `'static`.
 #[derive(Debug)]
@@ -549,7 +626,7 @@ struct PackFrames {
 }
 
 /// A decoded frame in the cache: (pack number, frame number, its pages).
-type CachedFrame = (u32, usize, std::sync::Arc<Vec<u8>>);
+type CachedFrame = (u32, usize, Arc<Vec<u8>>);
 
 /// Random access to the pages of a file stored by [`PageWriter`]: any run of pages, each one
 /// decoded from its frame alone and checked against its digest before it is handed out.
@@ -567,8 +644,10 @@ pub struct PagesReader<'s> {
     manifest: Digest256,
     packs: Vec<Digest256>,
     list: Vec<ListedPage>,
-    tables: Vec<std::sync::OnceLock<std::sync::Arc<PackFrames>>>,
+    tables: Vec<std::sync::OnceLock<Arc<PackFrames>>>,
+    seekable: Vec<std::sync::OnceLock<bool>>,
     cache: std::sync::Mutex<std::collections::VecDeque<CachedFrame>>,
+    whole: std::sync::Mutex<std::collections::VecDeque<(u32, Arc<Vec<u8>>)>>,
 }
 
 impl<'s> PagesReader<'s> {
@@ -594,9 +673,13 @@ impl<'s> PagesReader<'s> {
             tables: (0..m.packs.len())
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
+            seekable: (0..m.packs.len())
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
             packs: m.packs,
             list,
             cache: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FRAME_CACHE)),
+            whole: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(WHOLE_PACKS)),
         })
     }
 
@@ -634,7 +717,8 @@ impl<'s> PagesReader<'s> {
                 pages: self.pages(),
             });
         }
-        let mut current: Option<CachedFrame> = None;
+        let mut pack_now: Option<(u32, PackBytes, Arc<PackFrames>)> = None;
+        let mut frame_now: Option<CachedFrame> = None;
         for (i, dst) in out.chunks_exact_mut(PAGE_SIZE).enumerate() {
             let page = first + i as u64;
             let listed = self.list[page as usize];
@@ -642,59 +726,234 @@ impl<'s> PagesReader<'s> {
                 dst.fill(0);
                 continue;
             };
-            let table = self.table(pack_no)?;
-            let bad = |source| PagesError::BadPage { page, source };
-            let frame_no = crate::pack::frame_holding(&table.frames, slot).ok_or_else(|| {
-                bad(PackError::NoSuchSlot {
-                    pack: self.packs[pack_no as usize],
-                    slot,
-                    pages: table.frames.last().map_or(0, |f| f.first + f.pages),
-                })
-            })?;
-            let hit = matches!(&current, Some((p, f, _)) if *p == pack_no && *f == frame_no);
-            if !hit {
-                current = Some((
-                    pack_no,
-                    frame_no,
-                    self.cached_frame(pack_no, &table, frame_no, page)?,
-                ));
+            if pack_now.as_ref().is_none_or(|(p, _, _)| *p != pack_no) {
+                let bytes = self.pack_bytes(pack_no)?;
+                let table = self.table(pack_no, &bytes)?;
+                pack_now = Some((pack_no, bytes, table));
             }
-            let Some((_, _, bytes)) = &current else {
+            let Some((_, bytes, table)) = &pack_now else {
+                unreachable!("the pack was just opened");
+            };
+            let pack = self.packs[pack_no as usize];
+            let bad = |source| PagesError::BadPage { page, source };
+            let frame_no = self.frame_no(pack_no, table, slot).map_err(bad)?;
+            if !matches!(&frame_now, Some((p, f, _)) if *p == pack_no && *f == frame_no) {
+                let decoded = self.cached_frame(pack_no, bytes, table, frame_no, page)?;
+                frame_now = Some((pack_no, frame_no, decoded));
+            }
+            let Some((_, _, decoded)) = &frame_now else {
                 unreachable!("a frame was just decoded");
             };
             let at = (slot - table.frames[frame_no].first) as usize * PAGE_SIZE;
-            let src = &bytes[at..at + PAGE_SIZE];
-            crate::pack::check_page(self.packs[pack_no as usize], slot, src, &listed.digest)
-                .map_err(bad)?;
+            let src = &decoded[at..at + PAGE_SIZE];
+            crate::pack::check_page(pack, slot, src, &listed.digest).map_err(bad)?;
             dst.copy_from_slice(src);
         }
         Ok(())
     }
 
+    /// Rebuild the whole file into `out` (empty, or holding only zeros), on `threads` threads:
+    /// each thread takes a pack at a time, reads each frame that holds wanted pages once (one
+    /// `read_at`), decodes it, hashes each distinct page once against the page list and writes
+    /// it (consecutive pages in one `pwrite`). Zero pages are left as holes. Nothing is written
+    /// that has not been checked. Returns the file's length.
+    pub fn write_to(
+        &self,
+        out: &File,
+        out_path: &std::path::Path,
+        threads: usize,
+    ) -> Result<u64, PagesError> {
+        let len = self.pages() * PAGE_SIZE as u64;
+        out.set_len(len).map_err(|source| PagesError::Io {
+            op: "size",
+            path: out_path.to_owned(),
+            source,
+        })?;
+        // For each pack, its (slot, page number) pairs, sorted by slot.
+        let mut wanted: Vec<Vec<(u32, u64)>> = vec![Vec::new(); self.packs.len()];
+        for (n, page) in self.list.iter().enumerate() {
+            if let Some((pack, slot)) = page.at {
+                wanted[pack as usize].push((slot, n as u64));
+            }
+        }
+        for w in &mut wanted {
+            w.sort_unstable();
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = threads.max(1).min(wanted.len().max(1));
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| -> Result<(), PagesError> {
+                        let mut decoder = None;
+                        let mut src = Vec::new();
+                        let mut frame = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(want) = wanted.get(i) else {
+                                return Ok(());
+                            };
+                            if want.is_empty() {
+                                continue;
+                            }
+                            let mut bufs = FrameBufs {
+                                decoder: &mut decoder,
+                                src: &mut src,
+                                out: &mut frame,
+                            };
+                            self.write_pack(i as u32, want, out, out_path, &mut bufs)?;
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })?;
+        Ok(len)
+    }
+
+    /// Write the pages `want` ((slot, page number), sorted) of pack `pack_no` into `out`.
+    fn write_pack(
+        &self,
+        pack_no: u32,
+        want: &[(u32, u64)],
+        out: &File,
+        out_path: &std::path::Path,
+        bufs: &mut FrameBufs<'_>,
+    ) -> Result<(), PagesError> {
+        let pack = self.packs[pack_no as usize];
+        let bytes = self.pack_bytes(pack_no)?;
+        let table = self.table(pack_no, &bytes)?;
+        let mut run = Run::new(out, out_path);
+        let mut k = 0;
+        while k < want.len() {
+            let (slot, page) = want[k];
+            let frame_no = self
+                .frame_no(pack_no, &table, slot)
+                .map_err(|source| PagesError::BadPage { page, source })?;
+            let f = table.frames[frame_no];
+            self.decode_frame(pack_no, &bytes, &table, frame_no, page, bufs)?;
+            let end = f.first + f.pages;
+            while k < want.len() && want[k].0 < end {
+                let (slot, first_page) = want[k];
+                let at = (slot - f.first) as usize * PAGE_SIZE;
+                let src = &bufs.out[at..at + PAGE_SIZE];
+                let digest = self.list[first_page as usize].digest;
+                crate::pack::check_page(pack, slot, src, &digest).map_err(|source| {
+                    PagesError::BadPage {
+                        page: first_page,
+                        source,
+                    }
+                })?;
+                // The same stored page may stand at several places in the file.
+                while k < want.len() && want[k].0 == slot {
+                    let n = want[k].1;
+                    let expected = self.list[n as usize].digest;
+                    if expected != digest {
+                        crate::pack::check_page(pack, slot, src, &expected)
+                            .map_err(|source| PagesError::BadPage { page: n, source })?;
+                    }
+                    run.push(n, src)?;
+                    k += 1;
+                }
+            }
+        }
+        run.flush()
+    }
+
+    /// The frame of pack `pack_no` that holds `slot`.
+    fn frame_no(&self, pack_no: u32, table: &PackFrames, slot: u32) -> Result<usize, PackError> {
+        crate::pack::frame_holding(&table.frames, slot).ok_or_else(|| PackError::NoSuchSlot {
+            pack: self.packs[pack_no as usize],
+            slot,
+            pages: table.frames.last().map_or(0, |f| f.first + f.pages),
+        })
+    }
+
+    /// How pack `pack_no`'s bytes are read. A pack the store keeps where `read_at` is cheap is
+    /// read in place; any other (a store that compressed it) is read whole once, verified by
+    /// the store, and kept among the last [`WHOLE_PACKS`] such packs.
+    fn pack_bytes(&self, pack_no: u32) -> Result<PackBytes, PagesError> {
+        let pack = self.packs[pack_no as usize];
+        let store = self.store.get();
+        let cell = &self.seekable[pack_no as usize];
+        let seekable = match cell.get() {
+            Some(seekable) => *seekable,
+            None => {
+                let seekable = store.seekable(&pack).map_err(|source| PagesError::Store {
+                    what: format!("looking for pack {pack}"),
+                    source,
+                })?;
+                *cell.get_or_init(|| seekable)
+            }
+        };
+        if seekable {
+            return Ok(PackBytes::Seekable);
+        }
+        {
+            let mut whole = self
+                .whole
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(k) = whole.iter().position(|(p, _)| *p == pack_no) {
+                let hit = whole.remove(k).unwrap_or_else(|| unreachable!("found"));
+                let bytes = hit.1.clone();
+                whole.push_front(hit);
+                return Ok(PackBytes::Whole(bytes));
+            }
+        }
+        let mut bytes = Vec::new();
+        store
+            .copy_to(&pack, &mut bytes)
+            .map_err(|source| PagesError::Store {
+                what: format!("reading pack {pack}"),
+                source,
+            })?;
+        let bytes = Arc::new(bytes);
+        let mut whole = self
+            .whole
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !whole.iter().any(|(p, _)| *p == pack_no) {
+            whole.truncate(WHOLE_PACKS - 1);
+            whole.push_front((pack_no, bytes.clone()));
+        }
+        Ok(PackBytes::Whole(bytes))
+    }
+
     /// The frame table of pack `pack_no`, read on first use.
-    fn table(&self, pack_no: u32) -> Result<std::sync::Arc<PackFrames>, PagesError> {
+    fn table(&self, pack_no: u32, bytes: &PackBytes) -> Result<Arc<PackFrames>, PagesError> {
         let cell = &self.tables[pack_no as usize];
         if let Some(table) = cell.get() {
             return Ok(table.clone());
         }
-        let table = std::sync::Arc::new(self.read_table(pack_no)?);
+        let table = Arc::new(self.read_table(pack_no, bytes)?);
         // Another thread may have read it meanwhile: either copy is the same.
         Ok(cell.get_or_init(|| table).clone())
     }
 
-    fn read_table(&self, pack_no: u32) -> Result<PackFrames, PagesError> {
+    fn read_table(&self, pack_no: u32, bytes: &PackBytes) -> Result<PackFrames, PagesError> {
         use crate::pack::{FRAME_ENTRY_LEN, INDEX_HEAD_LEN, TRAILER_LEN};
         let pack = self.packs[pack_no as usize];
-        let store = self.store.get();
-        let len = store.raw_size(&pack).map_err(|source| PagesError::Store {
-            what: format!("reading the size of pack {pack}"),
-            source,
-        })?;
+        let len = match bytes {
+            PackBytes::Whole(bytes) => bytes.len() as u64,
+            PackBytes::Seekable => {
+                self.store
+                    .get()
+                    .raw_size(&pack)
+                    .map_err(|source| PagesError::Store {
+                        what: format!("reading the size of pack {pack}"),
+                        source,
+                    })?
+            }
+        };
         let mut trailer = [0u8; TRAILER_LEN];
-        self.read_exact(&pack, len.saturating_sub(TRAILER_LEN as u64), &mut trailer)?;
+        let trailer_at = len.saturating_sub(TRAILER_LEN as u64);
+        self.read_pack(pack_no, bytes, trailer_at, &mut trailer)?;
         let (index_at, index_len) = crate::pack::parse_trailer(pack, len, &trailer)?;
         let mut head = [0u8; INDEX_HEAD_LEN];
-        self.read_exact(&pack, index_at as u64, &mut head)?;
+        self.read_pack(pack_no, bytes, index_at as u64, &mut head)?;
         let table_len = crate::pack::frame_count(&head)
             .checked_mul(FRAME_ENTRY_LEN)
             .and_then(|n| n.checked_add(INDEX_HEAD_LEN))
@@ -704,24 +963,41 @@ impl<'s> PagesReader<'s> {
                 reason: "its index length does not match its counts",
             })?;
         let mut index = vec![0u8; table_len];
-        self.read_exact(&pack, index_at as u64, &mut index)?;
+        self.read_pack(pack_no, bytes, index_at as u64, &mut index)?;
         let (frames, _) = crate::pack::parse_frames(pack, &index, index_at, index_len)?;
         Ok(PackFrames { frames })
     }
 
-    /// `read_at` that must fill `buf`: a pack shorter than its own index says is malformed.
-    fn read_exact(&self, pack: &Digest256, at: u64, buf: &mut [u8]) -> Result<(), PagesError> {
-        let n = self
-            .store
-            .get()
-            .read_at(pack, at, buf)
-            .map_err(|source| PagesError::Store {
-                what: format!("reading pack {pack}"),
-                source,
-            })?;
+    /// Fill `buf` from pack `pack_no` at `at` (unverified when read in place: see
+    /// [`BlobStore::read_at`]); a pack shorter than its own index says is malformed.
+    fn read_pack(
+        &self,
+        pack_no: u32,
+        bytes: &PackBytes,
+        at: u64,
+        buf: &mut [u8],
+    ) -> Result<(), PagesError> {
+        let pack = self.packs[pack_no as usize];
+        let n = match bytes {
+            PackBytes::Seekable => {
+                self.store
+                    .get()
+                    .read_at(&pack, at, buf)
+                    .map_err(|source| PagesError::Store {
+                        what: format!("reading pack {pack}"),
+                        source,
+                    })?
+            }
+            PackBytes::Whole(bytes) => {
+                let start = usize::try_from(at).unwrap_or(usize::MAX).min(bytes.len());
+                let n = buf.len().min(bytes.len() - start);
+                buf[..n].copy_from_slice(&bytes[start..start + n]);
+                n
+            }
+        };
         if n < buf.len() {
             return Err(PackError::Malformed {
-                pack: *pack,
+                pack,
                 reason: "it is shorter than its index says",
             }
             .into());
@@ -734,10 +1010,15 @@ impl<'s> PagesReader<'s> {
     fn cached_frame(
         &self,
         pack_no: u32,
+        bytes: &PackBytes,
         table: &PackFrames,
         frame_no: usize,
         page: u64,
-    ) -> Result<std::sync::Arc<Vec<u8>>, PagesError> {
+    ) -> Result<Arc<Vec<u8>>, PagesError> {
+        thread_local! {
+            static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
         {
             let mut cache = self
                 .cache
@@ -748,15 +1029,22 @@ impl<'s> PagesReader<'s> {
                 .position(|(p, f, _)| *p == pack_no && *f == frame_no)
             {
                 let hit = cache.remove(k).unwrap_or_else(|| unreachable!("found"));
-                let bytes = hit.2.clone();
+                let decoded = hit.2.clone();
                 cache.push_front(hit);
-                return Ok(bytes);
+                return Ok(decoded);
             }
         }
-        let mut bytes = Vec::new();
         let mut src = Vec::new();
-        self.decode_frame(pack_no, table, frame_no, page, &mut src, &mut bytes)?;
-        let bytes = std::sync::Arc::new(bytes);
+        let mut decoded = Vec::new();
+        DECODER.with(|decoder| {
+            let mut bufs = FrameBufs {
+                decoder: &mut decoder.borrow_mut(),
+                src: &mut src,
+                out: &mut decoded,
+            };
+            self.decode_frame(pack_no, bytes, table, frame_no, page, &mut bufs)
+        })?;
+        let decoded = Arc::new(decoded);
         let mut cache = self
             .cache
             .lock()
@@ -766,44 +1054,54 @@ impl<'s> PagesReader<'s> {
             .any(|(p, f, _)| *p == pack_no && *f == frame_no)
         {
             cache.truncate(FRAME_CACHE - 1);
-            cache.push_front((pack_no, frame_no, bytes.clone()));
+            cache.push_front((pack_no, frame_no, decoded.clone()));
         }
-        Ok(bytes)
+        Ok(decoded)
     }
 
-    /// Read frame `frame_no` of pack `pack_no` (into `src`) and decode it into `out`; `page`
-    /// names a page wanted from it in errors: a frame that does not decode is that page's
+    /// Read frame `frame_no` of pack `pack_no` and decode it into `bufs.out`; `page` names a
+    /// page wanted from it in errors: a frame that does not decode is that page's
     /// [`PagesError::BadPage`].
     fn decode_frame(
         &self,
         pack_no: u32,
+        bytes: &PackBytes,
         table: &PackFrames,
         frame_no: usize,
         page: u64,
-        src: &mut Vec<u8>,
-        out: &mut Vec<u8>,
+        bufs: &mut FrameBufs<'_>,
     ) -> Result<(), PagesError> {
-        thread_local! {
-            static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
         let pack = self.packs[pack_no as usize];
         let f = table.frames[frame_no];
-        src.resize(f.len, 0);
-        self.read_exact(&pack, f.offset as u64, src)?;
-        DECODER
-            .with(|decoder| {
-                crate::pack::decode_frame_bytes(&mut decoder.borrow_mut(), src, f.pages, out)
-            })
-            .map_err(|source| PagesError::BadPage {
+        bufs.src.resize(f.len, 0);
+        self.read_pack(pack_no, bytes, f.offset as u64, bufs.src)?;
+        crate::pack::decode_frame_bytes(bufs.decoder, bufs.src, f.pages, bufs.out).map_err(
+            |source| PagesError::BadPage {
                 page,
                 source: PackError::Frame {
                     pack,
                     frame: frame_no,
                     source,
                 },
-            })
+            },
+        )
     }
+}
+
+/// A thread's buffers for decoding frames: its decoder, a frame's compressed bytes, its pages.
+struct FrameBufs<'b> {
+    decoder: &'b mut Option<zstd::bulk::Decompressor<'static>>,
+    src: &'b mut Vec<u8>,
+    out: &'b mut Vec<u8>,
+}
+
+/// How a [`PagesReader`] reads one pack's bytes.
+#[derive(Debug, Clone)]
+enum PackBytes {
+    /// In place, with [`BlobStore::read_at`].
+    Seekable,
+    /// From a verified copy of the whole pack.
+    Whole(Arc<Vec<u8>>),
 }
 
 impl PagesReader<'static> {
@@ -818,8 +1116,8 @@ impl PagesReader<'static> {
 }
 
 /// Rebuild the file described by manifest `manifest` into `out` (which must be empty), checking
-/// every page against its digest before writing it; zero pages are left as holes. Packs are
-/// read one at a time per thread, on `threads` threads. Returns the file's length.
+/// every page against its digest before writing it; zero pages are left as holes. Runs on
+/// `threads` threads (see [`PagesReader::write_to`]). Returns the file's length.
 pub fn read_pages(
     store: &dyn BlobStore,
     manifest: &Digest256,
@@ -827,105 +1125,7 @@ pub fn read_pages(
     out_path: &std::path::Path,
     threads: usize,
 ) -> Result<u64, PagesError> {
-    let m = load_manifest(store, manifest)?;
-    let list_bytes = store.get(&m.list).map_err(|source| PagesError::Store {
-        what: format!("reading the page list {}", m.list),
-        source,
-    })?;
-    let list = parse_list(&m.list, &list_bytes, &m)?;
-    drop(list_bytes);
-    let len = m.pages * PAGE_SIZE as u64;
-    out.set_len(len).map_err(|source| PagesError::Io {
-        op: "size",
-        path: out_path.to_owned(),
-        source,
-    })?;
-    // For each pack, the (slot, digest, page number) it must give, sorted by slot.
-    let mut wanted: Vec<Vec<Wanted>> = vec![Vec::new(); m.packs.len()];
-    for (n, page) in list.iter().enumerate() {
-        if let Some((pack, slot)) = page.at {
-            wanted[pack as usize].push((slot, page.digest, n as u64));
-        }
-    }
-    drop(list);
-    for w in &mut wanted {
-        w.sort_by_key(|(slot, _, page)| (*slot, *page));
-    }
-    let jobs: Vec<(Digest256, Vec<Wanted>)> = m.packs.iter().copied().zip(wanted).collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let threads = threads.max(1).min(jobs.len().max(1));
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| -> Result<(), PagesError> {
-                    // One pack's bytes at a time, the allocation reused from pack to pack.
-                    let mut bytes = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some((pack, want)) = jobs.get(i) else {
-                            return Ok(());
-                        };
-                        write_from_pack(store, pack, want, out, out_path, &mut bytes)?;
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })?;
-    Ok(len)
-}
-
-/// A page to take from a pack: (slot, digest, page number in the file).
-type Wanted = (u32, Digest256, u64);
-
-fn write_from_pack(
-    store: &dyn BlobStore,
-    pack: &Digest256,
-    want: &[Wanted],
-    out: &File,
-    out_path: &std::path::Path,
-    bytes: &mut Vec<u8>,
-) -> Result<(), PagesError> {
-    if want.is_empty() {
-        return Ok(());
-    }
-    bytes.clear();
-    store
-        .copy_to(pack, bytes)
-        .map_err(|source| PagesError::Store {
-            what: format!("reading pack {pack}"),
-            source,
-        })?;
-    let parsed = Pack::parse(*pack, bytes)?;
-    // One stored page may be used at several places: decode each distinct slot once.
-    let mut distinct: Vec<(u32, Digest256)> = want.iter().map(|(s, d, _)| (*s, *d)).collect();
-    distinct.dedup_by_key(|(s, _)| *s);
-    let first_page = |slot: u32| {
-        let k = want.partition_point(|(s, _, _)| *s < slot);
-        want.get(k).map_or(0, |(_, _, n)| *n)
-    };
-    // Pages that follow each other in the file are written with one call (up to WRITE_RUN
-    // bytes): a first snapshot's packs hold pages in file order, so most writes are long.
-    let mut run = Run::new(out, out_path);
-    let mut write = |slot: u32, page: &[u8]| -> Result<(), PagesError> {
-        let k = want.partition_point(|(s, _, _)| *s < slot);
-        for (_, _, n) in want[k..].iter().take_while(|(s, _, _)| *s == slot) {
-            run.push(*n, page)?;
-        }
-        Ok(())
-    };
-    parsed
-        .for_each_page(&distinct, &mut write)
-        .map_err(|err| match err {
-            PagesError::Pack(source @ PackError::BadPage { slot, .. }) => PagesError::BadPage {
-                page: first_page(slot),
-                source,
-            },
-            other => other,
-        })?;
-    run.flush()
+    PagesReader::open(store, manifest)?.write_to(out, out_path, threads)
 }
 
 /// Most bytes written by one call when rebuilding a file.
@@ -982,6 +1182,7 @@ impl<'a> Run<'a> {
 mod tests {
     use super::*;
     use crate::MemBlobStore;
+    use crate::pack::Pack;
 
     /// A page that is the same for the same `seed` and incompressible.
     fn page(seed: u64) -> Vec<u8> {
@@ -1156,6 +1357,7 @@ mod tests {
         let (file, path) = file_of(dir, &format!("f{n}"), &layout);
         let mut w = PageWriter::new(store, PageIndex::none(), 2);
         let stored = w.write_file(&file, &path).expect("store");
+        w.commit().expect("commit");
         (stored.manifest, std::fs::read(&path).expect("original"))
     }
 
@@ -1320,6 +1522,97 @@ mod tests {
             "most damage to the table is noticed: {failures}"
         );
         store.corrupt_for_test(&pack, &good);
+    }
+
+    #[test]
+    fn packs_a_store_compressed_are_read_whole_and_verified() {
+        // A store written before packs were kept raw (or a pack pulled from a registry): the
+        // same pack as a `.zst` file.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let (manifest, original) = stored_file(&fs, tmp.path(), 3000);
+        let m = load_manifest(&fs, &manifest).expect("manifest");
+        for pack in &m.packs {
+            assert!(fs.seekable(pack).expect("seekable"));
+            let bytes = fs.get(pack).expect("pack");
+            fs.put(&bytes).expect("put");
+            std::fs::remove_file(fs.blob_path(pack)).expect("remove the raw copy");
+            fs.put(&bytes).expect("put compressed");
+            assert!(fs.blob_path(pack).to_string_lossy().ends_with(".zst"));
+            assert!(!fs.seekable(pack).expect("seekable"));
+        }
+        assert_eq!(
+            rebuild(&fs, &manifest, tmp.path()).expect("rebuild"),
+            original
+        );
+        let reader = PagesReader::open(&fs, &manifest).expect("open");
+        let mut page = vec![0u8; PAGE_SIZE];
+        for n in [2999u64, 0, 2100, 5] {
+            reader.read(n, &mut page).expect("read");
+            let at = n as usize * PAGE_SIZE;
+            assert_eq!(page, original[at..at + PAGE_SIZE]);
+        }
+        // Read whole, such a pack is verified by the store: a flipped byte is its error.
+        let path = fs.blob_path(&m.packs[0]);
+        let mut other = fs.get(&m.packs[0]).expect("pack");
+        other[5000] ^= 1;
+        std::fs::write(&path, zstd::encode_all(&other[..], 1).expect("zstd")).expect("write");
+        let err = rebuild(&fs, &manifest, tmp.path()).expect_err("corrupt");
+        assert!(
+            matches!(
+                &err,
+                PagesError::Store {
+                    source: Error::Integrity { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_session_becomes_visible_and_indexed_only_when_committed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let layout: Vec<Option<u64>> = (0..3000).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "a", &layout);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let stored = w.write_file(&file, &path).expect("store");
+        // A second file in the same session shares the first one's (uncommitted) packs.
+        let (file2, path2) = file_of(tmp.path(), "b", &layout[..100]);
+        let second = w.write_file(&file2, &path2).expect("store");
+        assert_eq!(second.new_pages, 0);
+        assert!(!fs.contains(&stored.manifest).expect("contains"));
+        assert!(fs.list().expect("list").is_empty(), "nothing visible yet");
+        let digests: Vec<Digest256> = (0..3000u64).map(|i| page_digest(&page(i))).collect();
+        let mut sorted = digests.clone();
+        sorted.sort();
+        assert!(fs.page_index().lookup(&sorted).expect("lookup").is_empty());
+        w.commit().expect("commit");
+        let m = load_manifest(&fs, &stored.manifest).expect("visible");
+        assert_eq!(m.packs.len(), 2);
+        assert_eq!(
+            fs.page_index().lookup(&sorted).expect("lookup").len(),
+            3000,
+            "indexed"
+        );
+        assert_eq!(
+            rebuild(&fs, &second.manifest, tmp.path()).expect("rebuild"),
+            std::fs::read(&path2).expect("original")
+        );
+        // A session dropped uncommitted leaves nothing behind.
+        let before = fs.list().expect("list");
+        let other: Vec<Option<u64>> = (5000..5100).map(Some).collect();
+        let (file3, path3) = file_of(tmp.path(), "c", &other);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        w.write_file(&file3, &path3).expect("store");
+        drop(w);
+        assert_eq!(fs.list().expect("list"), before);
+        assert!(
+            fs.sweep_temp(&crate::GcOptions::dry_run_now())
+                .expect("sweep")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -175,6 +175,22 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         read_full(&mut reader, buf).map_err(read_error)
     }
 
+    /// Start a batch of puts that are made durable and visible together, with one sync round
+    /// instead of one per blob ([`BlobBatch::commit`]). Until then the blobs are in no
+    /// listing, no `contains` and no read; dropping the batch uncommitted removes them. Stores
+    /// with nothing to sync write through (each put is visible at once).
+    fn batch(&self) -> Result<Box<dyn BlobBatch + '_>> {
+        Ok(Box::new(WriteThrough { store: self }))
+    }
+
+    /// Whether [`read_at`](Self::read_at) of this blob is a cheap positional read (`true`) or
+    /// decodes the blob from its start (`false`, the default). Readers of many small parts of
+    /// a blob that is not seekable read it whole instead.
+    fn seekable(&self, digest: &Digest256) -> Result<bool> {
+        let _ = digest;
+        Ok(false)
+    }
+
     /// When the blob was last stored (written, or put again while already present), if the
     /// store keeps such times. `gc` spares unreachable blobs younger than its grace period.
     fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {
@@ -182,9 +198,6 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
-    /// The store's page index (which pages its packs hold; see [`crate::page_index`]). Stores
-    /// that keep none answer [`PageIndex::none`]: page writers then deduplicate only within
-    /// their own session.
     /// Where this store keeps a hint of kind `kind` about the blob `key` (for example which
     /// pages of a snapshot a thawed process touched first), or `None` when it keeps none. Hints
     /// are derived data, private to the store's owner, and never trusted: they may steer how
@@ -194,6 +207,9 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The store's page index (which pages its packs hold; see [`crate::page_index`]). Stores
+    /// that keep none answer [`PageIndex::none`]: page writers then deduplicate only within
+    /// their own session.
     fn page_index(&self) -> PageIndex {
         PageIndex::none()
     }
@@ -203,6 +219,43 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     fn sweep_temp(&self, options: &GcOptions) -> Result<Vec<PathBuf>> {
         let _ = options;
         Ok(Vec::new())
+    }
+}
+
+/// Puts that become durable and visible together: see [`BlobStore::batch`].
+///
+/// A writer that must not name a blob before it is safely stored puts its blobs here, commits,
+/// and only then puts what names them. A crash before the commit leaves none of the batch
+/// visible (only temp files, which [`BlobStore::sweep_temp`] removes).
+pub trait BlobBatch: Send + Sync + std::fmt::Debug {
+    /// Like [`BlobStore::put`], visible when the batch is committed.
+    fn put(&self, bytes: &[u8]) -> Result<Digest256>;
+
+    /// Like [`BlobStore::put_raw`], visible when the batch is committed.
+    fn put_raw(&self, bytes: &[u8]) -> Result<Digest256>;
+
+    /// Make every blob of the batch durable, then visible. On an error, none of the blobs not
+    /// yet visible becomes so.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// The batch of a store that has nothing to sync: every put goes straight to the store.
+#[derive(Debug)]
+struct WriteThrough<'s, S: ?Sized> {
+    store: &'s S,
+}
+
+impl<S: BlobStore + ?Sized> BlobBatch for WriteThrough<'_, S> {
+    fn put(&self, bytes: &[u8]) -> Result<Digest256> {
+        self.store.put(bytes)
+    }
+
+    fn put_raw(&self, bytes: &[u8]) -> Result<Digest256> {
+        self.store.put_raw(bytes)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        Ok(())
     }
 }
 

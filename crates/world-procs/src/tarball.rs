@@ -310,7 +310,7 @@ pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &P
 
 /// The bytes free for us in the file system holding `dir` (`statvfs`: available blocks times
 /// the fragment size).
-fn room_in(dir: &Path) -> Result<u64> {
+pub(crate) fn room_in(dir: &Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
     // The field types differ between libc targets (u32 on some).
     #[allow(clippy::useless_conversion)]

@@ -5,12 +5,15 @@
 //! deduplicated against the store's page index (so a re-freeze stores about its changed pages),
 //! hashed and compressed on every core. The pages files are then removed from the scratch
 //! directory and the rest (core, mm, pagemap, fds …, a few KiB to a few MiB) goes into the same
-//! deterministic tar as v1 (`criu_dump`). The procs blob lists the pages files with their
-//! manifests (`memory`).
+//! deterministic tar as v1 (`criu_dump`). The packs, page lists and manifests are written
+//! unsynced into one batch of the store and made durable and visible together (one sync round)
+//! before [`store_images`] returns, so before the procs blob that lists the pages files with
+//! their manifests (`memory`) names them.
 //!
-//! Restore extracts the tar, then rebuilds each pages file from its packs, checking every page
-//! against its digest before it is written: a bad page is [`Error::CorruptPage`] naming the
-//! file, the page and its address (from the pagemap), and criu never runs.
+//! Restore extracts the tar, then rebuilds each pages file from its packs frame by frame
+//! ([`pf_core::pages::PagesReader::write_to`], on every core), checking every page against its
+//! digest before it is written: a bad page is [`Error::CorruptPage`] naming the file, the page
+//! and its address (from the pagemap), and criu never runs.
 //!
 //! Which format `capture` writes is chosen by `$PF_SNAPSHOT_FORMAT` (`v1`, the default, or
 //! `v2`); restore reads both.
@@ -19,7 +22,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 
-use pf_core::pages::{PageWriter, PagesError, read_pages};
+use pf_core::pack::PAGE_SIZE;
+use pf_core::pages::{PageWriter, PagesError, load_manifest, read_pages};
 use pf_core::{BlobStore, Digest256};
 
 use crate::error::{Error, Result};
@@ -85,7 +89,8 @@ fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
 }
 
 /// Store the pages files of the images in `dir` page by page, remove them from `dir`, and store
-/// the rest as a tar. Returns the tar's digest and the pages files' manifests.
+/// the rest as a tar. Returns the tar's digest and the pages files' manifests, all durable and
+/// visible by then.
 pub(crate) fn store_images(
     store: &dyn BlobStore,
     dir: &Path,
@@ -183,6 +188,9 @@ pub(crate) fn rebuild_pages_files(
                 reason: "is not a pages file name (pages-<N>.img)",
             });
         }
+    }
+    check_room(store, memory, dest)?;
+    for image in memory {
         let path = dest.join(&image.file);
         let out = File::options()
             .write(true)
@@ -214,6 +222,30 @@ pub(crate) fn rebuild_pages_files(
     Ok(())
 }
 
+/// Refuse to rebuild the pages files into `dest` when their non-zero pages (zero pages stay
+/// holes) need more room than is free there: [`Error::NoRoom`] says how much is needed and free,
+/// before anything is written.
+fn check_room(store: &dyn BlobStore, memory: &[PagesImage], dest: &Path) -> Result<()> {
+    let mut needed = 0u64;
+    for image in memory {
+        let m = load_manifest(store, &image.manifest).map_err(|source| Error::Pages {
+            what: format!("reading the pages manifest of {}", image.file),
+            source: Box::new(source),
+        })?;
+        let stored = m.pages.saturating_sub(m.zero_pages);
+        needed = needed.saturating_add(stored.saturating_mul(PAGE_SIZE as u64));
+    }
+    let available = crate::tarball::room_in(dest)?;
+    if needed > available {
+        return Err(Error::NoRoom {
+            dir: dest.to_owned(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +268,113 @@ mod tests {
         );
         let err = parse_format(Some(OsStr::new("V2"))).expect_err("bad");
         assert!(err.to_string().contains("set it to v1 or v2"), "{err}");
+    }
+
+    /// Item: a v2 thaw into a file system too small for its memory fails before rebuilding
+    /// anything, saying how much it needs and how much is free. Needs root (it mounts a small
+    /// tmpfs), so it runs with the live tests.
+    #[test]
+    fn live_v2_extract_refuses_pages_that_do_not_fit() {
+        if !crate::test_support::live("live_v2_extract_refuses_pages_that_do_not_fit") {
+            return;
+        }
+        let store = pf_core::MemBlobStore::new();
+        let work = tempfile::tempdir().expect("tempdir");
+        // A pages file of 512 distinct pages (2 MiB) and one of zeros (no room needed).
+        let src = work.path().join("src");
+        std::fs::create_dir(&src).expect("mkdir");
+        let mut bytes = vec![0u8; 512 * PAGE_SIZE];
+        for (i, page) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        }
+        std::fs::write(src.join("pages-1.img"), &bytes).expect("write");
+        std::fs::write(src.join("pages-2.img"), vec![0u8; 256 * PAGE_SIZE]).expect("write");
+        let mut writer = PageWriter::new(&store, pf_core::page_index::PageIndex::none(), 2);
+        let mut memory = Vec::new();
+        for name in ["pages-1.img", "pages-2.img"] {
+            let path = src.join(name);
+            let file = File::open(&path).expect("open");
+            let stored = writer.write_file(&file, &path).expect("store pages");
+            memory.push(PagesImage {
+                file: name.to_owned(),
+                manifest: stored.manifest,
+                pages: stored.pages,
+            });
+            std::fs::remove_file(&path).expect("rm");
+        }
+        writer.commit().expect("commit");
+        std::fs::write(src.join("core-1.img"), b"core").expect("write");
+        let mut tar = crate::tarball::ImagesTar::new(&src).expect("tar");
+        let len = tar.len();
+        let criu_dump = store
+            .put_reader_with_len(&mut tar, len)
+            .expect("put tar")
+            .digest;
+        let procs = CriuProcs {
+            criu_dump,
+            pids: vec![1],
+            root_pid: None,
+            criu_version: None,
+            kernel: None,
+            arch: None,
+            captured_at: None,
+            options: None,
+            stdio: Vec::new(),
+            labels: std::collections::BTreeMap::new(),
+            dump_stats: None,
+            memory: Some(memory.clone()),
+        };
+        // 1 MiB of tmpfs: the tar fits, the 2 MiB of pages do not.
+        let small = work.path().join("small");
+        std::fs::create_dir(&small).expect("mkdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &small,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m,mode=0700"),
+        )
+        .expect("mount a small tmpfs");
+        struct Unmount<'p>(&'p Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(&small);
+        let dest = small.join("images");
+        std::fs::create_dir(&dest).expect("mkdir");
+        let err = extract_into(&store, &procs, &memory, &dest).expect_err("too small");
+        match &err {
+            Error::NoRoom {
+                dir,
+                needed,
+                available,
+            } => {
+                assert_eq!(dir, &dest);
+                assert_eq!(*needed, 512 * PAGE_SIZE as u64, "zero pages need no room");
+                assert!(*available < 1 << 20, "{available}");
+            }
+            other => panic!("expected NoRoom, got {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("{}", 512 * PAGE_SIZE)) && text.contains("are free in"),
+            "{text}"
+        );
+        assert!(!dest.join("pages-1.img").exists(), "nothing rebuilt");
+        // With room, the same snapshot extracts page for page.
+        let roomy = work.path().join("roomy");
+        std::fs::create_dir(&roomy).expect("mkdir");
+        extract_into(&store, &procs, &memory, &roomy).expect("extract");
+        assert_eq!(
+            std::fs::read(roomy.join("pages-1.img")).expect("read"),
+            bytes
+        );
+        assert_eq!(
+            std::fs::read(roomy.join("pages-2.img")).expect("read"),
+            vec![0u8; 256 * PAGE_SIZE]
+        );
     }
 
     #[test]
