@@ -61,7 +61,7 @@ def load(
     store: Optional[Store] = None,
     reference: Optional[str] = None,
     images_dir: Optional[str] = None,
-    lazy: bool = False,
+    lazy: Optional[bool] = None,
 ) -> NativeLoaded: ...
 
 class Cancel:

@@ -332,13 +332,17 @@ def freeze(
     )
 
 
-def load(snapshot: Snapshot, store: Optional[Store] = None, *, lazy: bool = False) -> Loaded:
+def load(
+    snapshot: Snapshot, store: Optional[Store] = None, *, lazy: Optional[bool] = None
+) -> Loaded:
     """Check a snapshot and get it ready to thaw or fork many times.
 
     With ``lazy=True`` its thaws serve memory from the store on demand: each copy runs as soon
     as CRIU has rebuilt it, pages it touches come first (each checked against its digest), the
     rest follows in the background, and copies share one page cache. Only snapshots frozen in
-    the page-level format (``PF_SNAPSHOT_FORMAT=v2``) in a store can be thawed lazily."""
+    the page-level format (``PF_SNAPSHOT_FORMAT=v2``) in a store can be thawed lazily.
+    ``lazy=False`` rebuilds all memory first. ``None`` (the default) is lazy for such snapshots
+    holding 128 MiB or more, eager otherwise."""
     if _is_images_dir(snapshot):
         return Loaded(_native.load(images_dir=os.fspath(snapshot), lazy=lazy))
     return Loaded(
@@ -351,7 +355,7 @@ def thaw(
     store: Optional[Store] = None,
     *,
     new_pid_namespace: bool = True,
-    lazy: bool = False,
+    lazy: Optional[bool] = None,
 ) -> Goblin:
     """Restore one copy of a frozen goblin on fresh pipes and return it running.
 
@@ -362,7 +366,7 @@ def thaw(
 
 
 def fork(
-    snapshot: Snapshot, n: int, store: Optional[Store] = None, *, lazy: bool = False
+    snapshot: Snapshot, n: int, store: Optional[Store] = None, *, lazy: Optional[bool] = None
 ) -> List[Goblin]:
     """Restore ``n`` copies of a frozen goblin side by side, each on its own pipes
     (``lazy=True``: see ``load``)."""

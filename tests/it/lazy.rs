@@ -110,8 +110,13 @@ fn run(mut cmd: Command, input: &[u8]) -> Output {
 
 /// `pf goblin thaw --lazy SNAPSHOT` fed `input`, with `-v` so it says how serving ended.
 fn thaw_lazy(store: &Path, snapshot: &str, input: &[u8]) -> Output {
+    thaw_with(store, "--lazy", snapshot, input)
+}
+
+/// `pf -v goblin thaw MODE SNAPSHOT` fed `input` (MODE `--lazy`, `--eager` or `-v` for none).
+fn thaw_with(store: &Path, mode: &str, snapshot: &str, input: &[u8]) -> Output {
     let mut cmd = pf(store);
-    cmd.args(["-v", "goblin", "thaw", "--lazy", snapshot]);
+    cmd.args(["-v", "goblin", "thaw", mode, snapshot]);
     run(cmd, input)
 }
 
@@ -207,7 +212,8 @@ fn live_lazy_thaw_of_a_256_mib_goblin_answers_from_its_state_with_every_page() {
     let mut goblin = Goblin::start(256, &mark);
     let sum = goblin.ask("sum");
     goblin.freeze_and_stop(&store, "g", "v2");
-    let out = thaw_lazy(&store, "g", b"ping\nsum\n");
+    // 256 MiB stored page by page: lazy without being asked.
+    let out = thaw_with(&store, "-v", "g", b"ping\nsum\n");
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "lazy thaw failed: {stderr}");
     assert_eq!(text(&out.stdout), format!("pong\n{sum}\neof\n"));
@@ -215,6 +221,23 @@ fn live_lazy_thaw_of_a_256_mib_goblin_answers_from_its_state_with_every_page() {
         stderr.contains("restored lazily"),
         "pf says the memory is served on demand: {stderr}"
     );
+    // A later thaw loads the pages the first touched early, and still has every page.
+    let out = thaw_lazy(&store, "g", b"sum\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+    let hints = store.join("index/hot");
+    assert_eq!(
+        std::fs::read_dir(&hints).map(|d| d.count()).unwrap_or(0),
+        1,
+        "one hint of early pages in {}",
+        hints.display()
+    );
+    // --eager rebuilds it all first.
+    let out = thaw_with(&store, "--eager", "g", b"sum\n");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+    assert!(!stderr.contains("restored lazily"), "{stderr}");
     assert_gone_within(
         || processes_named(&mark),
         Duration::from_secs(10),

@@ -177,11 +177,34 @@ pub(crate) struct SnapshotArg {
 pub(crate) struct ThawArgs {
     #[command(flatten)]
     from: SnapshotArg,
+    #[command(flatten)]
+    mode: ModeArgs,
+}
+
+/// Lazy or eager; by default lazy for snapshots of 128 MiB of memory or more stored page by
+/// page (PF_SNAPSHOT_FORMAT=v2), eager otherwise.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ModeArgs {
     /// Serve the goblin's memory from the store on demand: it answers as soon as CRIU has
     /// rebuilt it, pages it touches come first (each checked against its digest), the rest
-    /// follows in the background (needs a snapshot frozen with PF_SNAPSHOT_FORMAT=v2)
-    #[arg(long)]
+    /// follows in the background (needs a snapshot frozen with PF_SNAPSHOT_FORMAT=v2) [default
+    /// for such snapshots of 128 MiB or more]
+    #[arg(long, conflicts_with = "eager")]
     lazy: bool,
+    /// Rebuild all of the goblin's memory before it runs
+    #[arg(long)]
+    eager: bool,
+}
+
+impl ModeArgs {
+    /// `Some(true)` lazy, `Some(false)` eager, `None` pf's choice.
+    fn lazy(&self) -> Option<bool> {
+        match (self.lazy, self.eager) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,10 +224,9 @@ pub(crate) struct ForkArgs {
     /// Print one JSON object per copy (clone, pid, exit_code, signal, timed_out, stdout, stderr)
     #[arg(long)]
     json: bool,
-    /// Serve every copy's memory from the store on demand (see `pf goblin thaw --lazy`); the
-    /// copies share one page cache
-    #[arg(long)]
-    lazy: bool,
+    /// Lazy (copies share one page cache) or eager, as for `pf goblin thaw`
+    #[command(flatten)]
+    mode: ModeArgs,
 }
 
 pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
@@ -424,22 +446,26 @@ impl Resolved {
         }
     }
 
-    /// Load the snapshot for thaws: lazy ones (memory served from the store) or eager ones.
-    fn load(self, lazy: bool) -> anyhow::Result<pf_goblins::Loaded> {
+    /// Load the snapshot for thaws: lazy ones (memory served from the store), eager ones, or
+    /// (`None`) whichever suits it.
+    fn load(self, lazy: Option<bool>) -> anyhow::Result<pf_goblins::Loaded> {
         match (self, lazy) {
-            (Resolved::Store(store, digest), true) => {
+            (Resolved::Store(store, digest), Some(true)) => {
                 Ok(pf_goblins::load_lazy(std::sync::Arc::new(store), &digest)?)
             }
-            (Resolved::Images(_), true) => anyhow::bail!(
+            (Resolved::Store(store, digest), None) => {
+                Ok(pf_goblins::load_auto(std::sync::Arc::new(store), &digest)?)
+            }
+            (Resolved::Images(_), Some(true)) => anyhow::bail!(
                 "--lazy serves memory from the store: name a snapshot in the store, not --images"
             ),
-            (resolved, false) => Ok(pf_goblins::load(&resolved.source())?),
+            (resolved, _) => Ok(pf_goblins::load(&resolved.source())?),
         }
     }
 }
 
 fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
-    let loaded = Resolved::new(global, &args.from)?.load(args.lazy)?;
+    let loaded = Resolved::new(global, &args.from)?.load(args.mode.lazy())?;
     // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
     // The unread input saved in the snapshot must go first, through a pipe of pf's.
     let wiring = pf_goblins::Wiring {
@@ -522,12 +548,8 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         inputs,
         deadline: args.timeout.map(Duration::from_secs),
     };
-    let copies = if args.lazy {
-        let loaded = resolved.load(true)?;
-        pf_goblins::collect(loaded.fork(n)?, &options, &cancel)?
-    } else {
-        pf_goblins::fork_and_collect(&resolved.source(), &options, &cancel)?
-    };
+    let loaded = resolved.load(args.mode.lazy())?;
+    let copies = pf_goblins::collect(loaded.fork(n)?, &options, &cancel)?;
     tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;
     let mut stdout = std::io::stdout().lock();

@@ -86,7 +86,9 @@ pub use crate::goblin::{Goblin, Killer};
 pub use crate::pump::Stream;
 pub use crate::spawn::{SpawnOptions, spawn};
 pub use crate::stdio::{StdioKind, Streams};
-pub use crate::thaw::{Loaded, Source, ThawOptions, Wire, Wiring, fork, load, load_lazy, thaw};
+pub use crate::thaw::{
+    Loaded, Source, ThawOptions, Wire, Wiring, fork, load, load_auto, load_lazy, thaw,
+};
 #[cfg(feature = "tokio")]
 pub use crate::thaw_async::{AsyncGoblin, thaw_async};
 pub use crate::warm::{

@@ -120,6 +120,26 @@ pub fn load_lazy(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded
     Loaded::new_lazy(store, digest)
 }
 
+/// [`load_lazy`] or [`load`], whichever suits the snapshot: lazy when its memory is stored page
+/// by page and is at least [`pf_world_procs::LAZY_MIN_BYTES`] (128 MiB), and the kernel has
+/// userfaultfd; eager otherwise. This is what `pf goblin thaw|fork` do without `--lazy` or
+/// `--eager` (docs/goblins.md says why).
+pub fn load_auto(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
+    let lazy =
+        pf_world_procs::lazy_suits(store.as_ref(), digest).map_err(|source| Error::Thaw {
+            snapshot: digest.to_string(),
+            source: Box::new(source),
+        })?;
+    if lazy {
+        Loaded::new_lazy(store, digest)
+    } else {
+        Loaded::new(&Source::Store {
+            store: store.as_ref(),
+            digest,
+        })
+    }
+}
+
 /// A frozen goblin checked and ready to restore, any number of times ([`load`]). Its extracted
 /// images (if it came from the store) are removed when it is dropped; goblins thawed from it
 /// keep running.

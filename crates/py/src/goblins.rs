@@ -315,21 +315,25 @@ pub(crate) fn freeze(
 /// Check a frozen goblin (a digest or name in `store`, or an images directory) and get it ready
 /// to thaw and fork any number of times.
 #[pyfunction]
-#[pyo3(signature = (*, store=None, reference=None, images_dir=None, lazy=false))]
+#[pyo3(signature = (*, store=None, reference=None, images_dir=None, lazy=None))]
 pub(crate) fn load(
     py: Python<'_>,
     store: Option<PyRef<'_, Store>>,
     reference: Option<String>,
     images_dir: Option<PathBuf>,
-    lazy: bool,
+    lazy: Option<bool>,
 ) -> PyResult<NativeLoaded> {
     let loaded = match (store, reference, images_dir) {
-        (Some(store), Some(reference), None) if lazy => {
+        (Some(store), Some(reference), None) if lazy != Some(false) => {
             let digest = store.resolve_ref(&reference)?;
             let store: std::sync::Arc<dyn pf_core::BlobStore> = store.inner.clone();
-            py.detach(|| pf_goblins::load_lazy(store, &digest))
+            if lazy == Some(true) {
+                py.detach(|| pf_goblins::load_lazy(store, &digest))
+            } else {
+                py.detach(|| pf_goblins::load_auto(store, &digest))
+            }
         }
-        (None, None, Some(_)) if lazy => {
+        (None, None, Some(_)) if lazy == Some(true) => {
             return Err(errors::invalid(
                 "lazy thaws serve memory from a store: give a store and a reference, not an \
                  images directory"

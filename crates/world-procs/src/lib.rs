@@ -35,8 +35,8 @@ pub use crate::capture::{
 pub use crate::criu::probe;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::restore::{
-    ImagesDir, InheritFd, LazyImages, RestoreOptions, Restored, extract_images,
-    extract_images_lazy, load_procs, restore, restore_dir, restore_lazy,
+    ImagesDir, InheritFd, LAZY_MIN_BYTES, LazyImages, RestoreOptions, Restored, extract_images,
+    extract_images_lazy, lazy_suits, load_procs, restore, restore_dir, restore_lazy,
 };
 pub use crate::v2::FORMAT_ENV;
 pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, PagesImage, ProcsBlob};

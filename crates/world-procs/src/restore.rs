@@ -119,6 +119,30 @@ impl LazyImages {
     }
 }
 
+/// Snapshots whose memory is at least this large are thawed lazily unless the caller says
+/// otherwise ([`lazy_suits`]).
+pub const LAZY_MIN_BYTES: u64 = 128 << 20;
+
+/// Whether a thaw of the procs blob `digest` should serve its memory on demand when the caller
+/// has no preference: its memory is stored page by page (`procs.criu.v2`), it holds at least
+/// [`LAZY_MIN_BYTES`], and this kernel has userfaultfd. Below that size an eager restore is as
+/// fast (the lazy-pages daemon's start costs what copying a few dozen MiB does).
+pub fn lazy_suits(store: &dyn BlobStore, digest: &Digest256) -> Result<bool> {
+    let ProcsBlob::Criu(procs) = load_procs(store, digest)? else {
+        return Ok(false);
+    };
+    let Some(memory) = &procs.memory else {
+        return Ok(false);
+    };
+    let bytes: u64 = memory.iter().map(|m| m.pages.saturating_mul(4096)).sum();
+    Ok(bytes >= LAZY_MIN_BYTES && userfaultfd_available())
+}
+
+fn userfaultfd_available() -> bool {
+    Path::new("/dev/userfaultfd").exists()
+        || Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists()
+}
+
 /// Extract the procs blob `digest` for [`restore_lazy`]: the small image files, the pages that
 /// cannot be served lazily (checked), and the map of the rest. Only `procs.criu.v2` snapshots
 /// (memory stored page by page) can be restored lazily ([`Error::LazyNeedsV2`]).
@@ -142,9 +166,7 @@ pub fn extract_images_lazy(
     let Some(memory) = &procs.memory else {
         return Err(Error::LazyNeedsV2 { snapshot: *digest });
     };
-    if !Path::new("/dev/userfaultfd").exists()
-        && !Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists()
-    {
+    if !userfaultfd_available() {
         return Err(Error::NoUserfaultfd);
     }
     let dir = crate::capture::scratch_dir("pf-restore-")?;
