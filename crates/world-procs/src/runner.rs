@@ -160,31 +160,7 @@ impl Invocation {
     /// work directory (removed when dropped) for files such as a pidfile.
     pub(crate) fn run(self) -> Result<Scratch> {
         let _span = tracing::debug_span!("criu", action = self.action).entered();
-        let out = self.stdio_file(self.stdout_path())?;
-        let err = self.stdio_file(self.stderr_path())?;
-        let mut cmd = Command::new(&self.program);
-        cmd.args(&self.args)
-            .current_dir(self.work.path())
-            .stdin(if self.stdin_is_ours {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .stdout(out)
-            .stderr(err);
-        if !self.stdin_is_ours {
-            // A process group of its own: a Ctrl-C typed at pf's terminal goes to pf's group, and
-            // pf decides what it means (a warm-up obeys it once criu returns); killed half-way
-            // through a dump, criu could leave its target with parasite code in it. A shell
-            // job's restore keeps pf's group: it takes over the terminal criu has on stdin.
-            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        }
-        pf_os::fd::only_these_fds(&mut cmd, self.keep_fds.clone());
-        tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu");
-        let child = cmd.spawn().map_err(|source| Error::Spawn {
-            program: self.program.clone(),
-            source,
-        })?;
+        let child = self.spawn()?;
         let stop = if self.through_sudo {
             Stop::TermThenKill
         } else {
@@ -208,25 +184,41 @@ impl Invocation {
         }
     }
 
-    /// Start criu as our child in a process group of its own and return at once (a daemon such
-    /// as `criu lazy-pages`, which runs beside a restore). It is not bound by the deadline:
-    /// its owner ends it ([`Background`]).
-    pub(crate) fn spawn_background(self) -> Result<Background> {
+    /// Start criu as our child: stdout and stderr to files in the work dir, stdin `/dev/null`
+    /// (or ours for a shell job), only the descriptors asked for.
+    fn spawn(&self) -> Result<Child> {
         let out = self.stdio_file(self.stdout_path())?;
         let err = self.stdio_file(self.stderr_path())?;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
             .current_dir(self.work.path())
-            .stdin(Stdio::null())
+            .stdin(if self.stdin_is_ours {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stdout(out)
             .stderr(err);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if !self.stdin_is_ours {
+            // A process group of its own: a Ctrl-C typed at pf's terminal goes to pf's group, and
+            // pf decides what it means (a warm-up obeys it once criu returns); killed half-way
+            // through a dump, criu could leave its target with parasite code in it. A shell
+            // job's restore keeps pf's group: it takes over the terminal criu has on stdin.
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         pf_os::fd::only_these_fds(&mut cmd, self.keep_fds.clone());
-        tracing::debug!(program = %self.program.display(), args = ?self.args, "starting criu in the background");
-        let child = cmd.spawn().map_err(|source| Error::Spawn {
+        tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu");
+        cmd.spawn().map_err(|source| Error::Spawn {
             program: self.program.clone(),
             source,
-        })?;
+        })
+    }
+
+    /// Start criu as our child in a process group of its own and return at once (a daemon such
+    /// as `criu lazy-pages`, which runs beside a restore). It is not bound by the deadline:
+    /// its owner ends it ([`Background`]).
+    pub(crate) fn spawn_background(self) -> Result<Background> {
+        let child = self.spawn()?;
         let pidfd = pf_os::fd::pidfd_open(child.id() as i32).map_err(|source| Error::Sys {
             op: "opening a pidfd for a criu daemon",
             source,
