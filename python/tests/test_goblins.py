@@ -6,6 +6,7 @@ the others check what pf refuses before CRIU runs.
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -341,10 +342,13 @@ def test_live_ctrl_c_stops_a_warm_up_and_raises_keyboard_interrupt(live, tmp_pat
         "except KeyboardInterrupt:\n"
         "    print('interrupted', flush=True)\n"
     )
+    # SIGINT's default action, as at a terminal: run as a background job of a script, pytest
+    # and so its children would inherit it ignored, and Python installs no KeyboardInterrupt.
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path / "store"), marker],
         stdout=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stdout.readline() == "started\n"

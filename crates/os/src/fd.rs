@@ -39,17 +39,25 @@ pub fn only_these_fds(cmd: &mut Command, keep: Vec<RawFd>) {
 /// may block signals to handle them on a thread of its own (pf does, for Ctrl-C): a goblin that
 /// inherited that mask would never see SIGINT or SIGTERM, nor would anything it starts. No
 /// parent-death signal is set: a restored root with one is killed when `criu restore` exits.
+/// SIGINT and SIGQUIT get their default action back: a shell ignores them in every command it
+/// starts in the background (`pf … &` in a script), and a goblin that inherited that would
+/// ignore the Ctrl-C pf passes on to it.
 pub fn new_session_only_stdio(cmd: &mut Command) {
     // SAFETY: the closure runs in the child between fork and exec. It makes only
-    // async-signal-safe system calls (sigemptyset/sigprocmask on a set on its own stack, setsid,
-    // close_range or fcntl, getrlimit) on integers, allocates nothing, takes no locks and touches
-    // no state shared with the parent.
+    // async-signal-safe system calls (sigemptyset/sigprocmask on a set on its own stack, signal,
+    // setsid, close_range or fcntl, getrlimit) on integers, allocates nothing, takes no locks and
+    // touches no state shared with the parent.
     unsafe {
         cmd.pre_exec(|| {
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            for sig in [libc::SIGINT, libc::SIGQUIT] {
+                if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(io::Error::last_os_error());
+                }
             }
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
@@ -185,6 +193,31 @@ mod tests {
     use std::process::Stdio;
 
     use super::*;
+
+    #[test]
+    fn a_goblin_gets_sigint_and_sigquit_back_even_if_ours_are_ignored() {
+        // As a background job of a script would be started: SIGINT and SIGQUIT ignored (set in
+        // the child only, before the goblin's own hook runs, so this process is untouched).
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "grep '^SigIgn' /proc/self/status"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        // SAFETY: signal() is async-signal-safe and touches only the child's dispositions.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        new_session_only_stdio(&mut cmd);
+        let out = cmd.output().expect("run sh");
+        let line = String::from_utf8(out.stdout).expect("utf-8");
+        let mask = u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16)
+            .expect("a hex mask");
+        let bit = |sig: i32| 1u64 << (sig - 1);
+        assert_eq!(mask & (bit(libc::SIGINT) | bit(libc::SIGQUIT)), 0, "{line}");
+    }
 
     fn fds_of(cmd: &mut Command) -> Vec<String> {
         let out = cmd.output().expect("run sh");
