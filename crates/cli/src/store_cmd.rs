@@ -540,9 +540,10 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     if checked.bad > 0 {
         say(&format!(
-            "error: {} problems in the memory of page-level snapshots (lines with BAD above name \
-             the snapshots, pages files and pages); those snapshots cannot be thawed: freeze the \
-             goblin again if it still runs, else `pf store untag` the names and `pf store gc`",
+            "error: {} bad pages, packs or page lists in the memory of page-level snapshots (the \
+             lines with BAD above name the snapshots, pages files and pages); those snapshots \
+             cannot be thawed: freeze the goblin again if it still runs, else `pf store untag` \
+             their names and `pf store gc`",
             checked.bad
         ));
     }

@@ -278,8 +278,9 @@ impl PackUsage {
 }
 
 /// How much of the packs `graph`'s manifests name is used by their page lists. Reads every page
-/// list, and every pack whole (for its index); packs or lists that cannot be read are left out
-/// (`pf store verify` names them).
+/// list (verified) and each pack's trailer and frame table only ([`BlobStore::read_at`], one or
+/// two small unverified reads: this is a report, and a damaged pack is `pf store verify`'s to
+/// name); packs or lists that cannot be read are left out.
 pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, ReportError> {
     // Per pack, which slots some list uses.
     let mut used: BTreeMap<Digest256, BTreeSet<u32>> = BTreeMap::new();
@@ -302,22 +303,15 @@ pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, Rep
         }
     }
     let mut out = PackUsage::default();
-    let mut bytes = Vec::new();
     for (pack, slots) in used {
-        bytes.clear();
-        match store.copy_to(&pack, &mut bytes) {
-            Ok(_) => {}
+        let pages = match pack_pages(store, &pack) {
+            Ok(n) => n,
             Err(Error::NotFound { .. }) => continue,
             Err(err) => {
-                tracing::warn!(%pack, error = %err, "pack unreadable");
+                tracing::warn!(%pack, error = %chain(&err), "pack unreadable");
                 continue;
             }
-        }
-        let Ok(parsed) = Pack::parse(pack, &bytes) else {
-            tracing::warn!(%pack, "pack malformed");
-            continue;
         };
-        let pages = parsed.pages();
         let live = slots.iter().filter(|s| **s < pages).count() as u32;
         let stored = size_or_zero(store.stored_size(&pack), &pack)?;
         out.packs += 1;
@@ -330,6 +324,65 @@ pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, Rep
         out.per_pack.push((pack, pages, live, stored));
     }
     Ok(out)
+}
+
+/// How many pages pack `pack` holds, from its trailer and frame table (unverified reads).
+fn pack_pages(store: &dyn BlobStore, pack: &Digest256) -> Result<u32, Error> {
+    use crate::pack::{INDEX_HEAD_LEN, TRAILER_LEN, frame_count, parse_frames, parse_trailer};
+    let malformed = |source: PackError| Error::Read {
+        digest: *pack,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, source),
+    };
+    let len = store.raw_size(pack)?;
+    let mut trailer = [0u8; TRAILER_LEN];
+    read_exact_at(
+        store,
+        pack,
+        len.saturating_sub(TRAILER_LEN as u64),
+        &mut trailer,
+    )?;
+    let (index_at, index_len) = parse_trailer(*pack, len, &trailer).map_err(malformed)?;
+    let mut head = vec![0u8; INDEX_HEAD_LEN];
+    read_exact_at(store, pack, index_at as u64, &mut head)?;
+    let table = frame_count(&head)
+        .checked_mul(crate::pack::FRAME_ENTRY_LEN)
+        .filter(|n| INDEX_HEAD_LEN + n <= index_len)
+        .ok_or_else(|| {
+            malformed(PackError::Malformed {
+                pack: *pack,
+                reason: "its frame table is longer than its index",
+            })
+        })?;
+    head.resize(INDEX_HEAD_LEN + table, 0);
+    read_exact_at(
+        store,
+        pack,
+        index_at as u64 + INDEX_HEAD_LEN as u64,
+        &mut head[INDEX_HEAD_LEN..],
+    )?;
+    let (_, pages) = parse_frames(*pack, &head, index_at, index_len).map_err(malformed)?;
+    Ok(pages)
+}
+
+/// Fill `buf` from `offset` of blob `digest` with [`BlobStore::read_at`].
+fn read_exact_at(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), Error> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = store.read_at(digest, offset + done as u64, &mut buf[done..])?;
+        if n == 0 {
+            return Err(Error::Read {
+                digest: *digest,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 /// Where a page list uses a page: page number `page` of the file manifest `manifest` describes.
