@@ -1071,7 +1071,7 @@ fn ls_show_and_gc_tell_logical_stored_shared_and_dead_sizes() {
         serde_json::from_str(&ok(&store, &["show", "b", "--json"])).unwrap();
     assert_eq!(show["digest"], b.to_string(), "{show}");
     assert_eq!(show["names"], serde_json::json!(["b"]));
-    assert_eq!(show["kind"], "test.v1");
+    assert_eq!(show["record_kind"], "test.v1");
     assert_eq!(show["pages"], 1000);
     assert_eq!(show["zero_pages"], 0);
     // The pages, and the root's own JSON (its page list and packs count nothing logical).

@@ -108,7 +108,7 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
         let mut v = json!({
             "digest": digest,
             "names": my_names,
-            "kind": kind,
+            "record_kind": kind,
             "shared_with": shared_with,
             "missing": missing_here,
         });
