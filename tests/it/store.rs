@@ -1140,3 +1140,35 @@ fn ls_show_and_gc_tell_logical_stored_shared_and_dead_sizes() {
         serde_json::from_str(&ok(&store, &["show", &b.to_string(), "--json"])).unwrap();
     assert_eq!(show["shared_size"], 0, "{show}");
 }
+
+#[test]
+fn ls_still_lists_when_a_named_json_blob_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let child = Digest256::of(b"child");
+    let input = dir.path().join("record.json");
+    fs::write(&input, format!(r#"{{"kind":"test.v1","child":"{child}"}}"#)).unwrap();
+    let record: Digest256 = ok(&store, &["put", input.to_str().unwrap(), "--tag", "rec"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ok(&store, &["ls"]).contains("keeps"));
+    // Damage the stored record so that it no longer hashes to its digest.
+    let path = blob_file(&store, &record);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let out = store_cmd(&store, &["ls"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&record.to_string()),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("cannot tell what the names keep"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -404,8 +404,19 @@ impl Write for CountingWriter<'_> {
 
 fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
     let names = pages::names_by_digest(store)?;
-    let graph = pages::load_graph(store, &names, &[])?;
-    let usage = pages::usage_by_root(store, &graph, &names)?;
+    // What each name keeps needs every JSON blob they reach; a corrupt one must not hide the
+    // listing (`pf store verify` names it).
+    let usage = match pages::load_graph(store, &names, &[])
+        .and_then(|graph| pages::usage_by_root(store, &graph, &names))
+    {
+        Ok(usage) => usage,
+        Err(err) => {
+            say(&format!(
+                "warning: cannot tell what the names keep: {err:#} (run `pf store verify`)"
+            ));
+            std::collections::HashMap::new()
+        }
+    };
     let mut rows = Vec::new();
     for digest in store.list()? {
         let stored = match store.stored_size(&digest) {
@@ -587,7 +598,13 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         "gc stopped without removing anything it had not removed yet; check the blob with \
          `pf store verify`",
     )?;
-    let packs = pack_report(store)?;
+    // gc has done its work: a failure to report on the packs is a warning, not gc's failure.
+    let packs = pack_report(store).unwrap_or_else(|err| {
+        say(&format!(
+            "warning: cannot tell how much of the kept packs is dead: {err:#} (run `pf store verify`)"
+        ));
+        pf_core::pages_report::PackUsage::default()
+    });
     let mut out = io::stdout().lock();
     if args.json {
         let json = serde_json::json!({
