@@ -38,6 +38,55 @@ for line in sys.stdin:
 print("eof", flush=True)
 "#;
 
+/// [`MEMORY_GOBLIN`]'s memory and commands, plus `new` (rewrite every random page) and
+/// `fork PID`: fork a copy that leads a session of its own and talks on the pipes that process
+/// `PID` (a stand-in the test started) has as its stdin and stdout, opened through `/proc`; the
+/// copy says `child <pid>` there first. A copy shares every page with its parent until it writes
+/// one, as a thawed fork of a snapshot does (pf cannot freeze a thawed copy yet: it runs in a
+/// pid namespace of its own), and it is a goblin pf can freeze.
+const FORK_GOBLIN: &str = r#"
+import hashlib, os, sys
+buf = bytearray(os.urandom(16 << 20)) + bytearray(16 << 20)
+for i in range(16 << 20, 32 << 20, 4096):
+    buf[i] = 0
+def serve(inp, out):
+    for line in inp:
+        words = line.split()
+        if words[0] == "sum":
+            out.write(hashlib.sha256(buf).hexdigest() + "\n")
+        elif words[0] == "mut":
+            for p in range(int(words[1]), 4096, 20):
+                buf[p * 4096 : p * 4096 + 8] = os.urandom(8)
+            out.write("ok\n")
+        elif words[0] == "new":
+            buf[: 16 << 20] = os.urandom(16 << 20)
+            out.write("ok\n")
+        elif words[0] == "fork":
+            pid = os.fork()
+            if pid == 0:
+                os.setsid()
+                fd_in = os.open("/proc/%s/fd/0" % words[1], os.O_RDONLY)
+                fd_out = os.open("/proc/%s/fd/1" % words[1], os.O_WRONLY)
+                null = os.open("/dev/null", os.O_WRONLY)
+                os.dup2(fd_in, 0)
+                os.dup2(fd_out, 1)
+                os.dup2(null, 2)
+                for fd in (fd_in, fd_out, null):
+                    os.close(fd)
+                child_out = os.fdopen(1, "w")
+                child_out.write("child %d\n" % os.getpid())
+                child_out.flush()
+                serve(os.fdopen(0, "r"), child_out)
+                os._exit(0)
+            out.write("forked %d\n" % pid)
+        out.flush()
+    out.write("eof\n")
+    out.flush()
+sys.stdout.write("ready\n")
+sys.stdout.flush()
+serve(sys.stdin, sys.stdout)
+"#;
+
 /// The goblin, started by the test in its own session with pipes and no stray descriptors.
 struct Goblin {
     child: Child,
@@ -47,8 +96,12 @@ struct Goblin {
 
 impl Goblin {
     fn start() -> Self {
+        Self::start_script(MEMORY_GOBLIN)
+    }
+
+    fn start_script(script: &str) -> Self {
         let mut cmd = Command::new("setsid");
-        cmd.args(["python3", "-u", "-c", MEMORY_GOBLIN])
+        cmd.args(["python3", "-u", "-c", script])
             .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -198,7 +251,7 @@ fn live_v2_corrupt_page_fails_the_thaw_naming_the_snapshot() {
     }
     let deadline = Deadline::start(
         "live_v2_corrupt_page_fails_the_thaw_naming_the_snapshot",
-        Duration::from_secs(120),
+        Duration::from_secs(300),
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let store_dir = dir.path().join("store");
@@ -261,6 +314,45 @@ fn live_v2_corrupt_page_fails_the_thaw_naming_the_snapshot() {
         stderr.contains(&format!("of {} (address 0x", image.file)),
         "{stderr}"
     );
+    // pf store verify names the same page: the name, the snapshot, the pages file, the address.
+    let address = stderr
+        .split("(address ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("the thaw's error names the address")
+        .to_owned();
+    let verify = store_cmd(&store_dir, &["verify"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", text(&verify.stderr));
+    let report = text(&verify.stdout);
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(&format!("{forged} BAD:")))
+        .unwrap_or_else(|| panic!("no line for the forged pack:\n{report}"));
+    assert!(
+        line.contains(&format!("slot {victim}"))
+            && line.contains(&format!("\"bad\" ({bad}) {}", image.file))
+            && line.contains(&format!("at address {address}")),
+        "{line}"
+    );
+    assert!(
+        !report.contains(&format!("{pack_digest} BAD")),
+        "the good pack is fine: {report}"
+    );
+    let verify = store_cmd(&store_dir, &["verify", "--json", "bad"]);
+    let json: serde_json::Value = serde_json::from_slice(&verify.stdout).expect("json");
+    let problem = &json["pages"]["problems"][0];
+    assert_eq!(problem["kind"], "bad_page", "{json}");
+    assert_eq!(problem["slot"], victim, "{json}");
+    let snapshot = &problem["uses"][0]["snapshots"][0];
+    assert_eq!(snapshot["names"], serde_json::json!(["bad"]), "{json}");
+    assert_eq!(snapshot["file"], image.file.as_str(), "{json}");
+    assert_eq!(
+        format!("{:#x}", snapshot["address"].as_u64().expect("address")),
+        address,
+        "{json}"
+    );
+    let clean = store_cmd(&store_dir, &["verify", "good"]);
+    assert!(clean.status.success(), "{}", text(&clean.stdout));
     // The good snapshot still thaws.
     let out = thaw(&store_dir, "good", b"sum\n");
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -338,4 +430,281 @@ fn live_v2_a_rotten_byte_in_a_raw_pack_file_fails_the_thaw_and_verify() {
     let out = thaw(&store_dir, "snap", b"sum\n");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+}
+
+/// Every file under the store's `blobs/` (blobs and temp files), by path.
+fn blob_files(store: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.insert(path);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&store.join("blobs"), &mut out);
+    out
+}
+
+/// `pf store ARGS…` within [`DEADLINE`].
+fn store_cmd(store: &Path, args: &[&str]) -> Output {
+    let mut cmd = pf(store);
+    cmd.arg("store").args(args);
+    run(cmd, b"")
+}
+
+#[test]
+// What it measured goes to stderr (shown with --nocapture), for the record.
+#[allow(clippy::print_stderr)]
+fn live_v2_a_freeze_killed_while_it_writes_packs_leaves_nothing_gc_would_keep() {
+    if !live("live_v2_a_freeze_killed_while_it_writes_packs_leaves_nothing_gc_would_keep") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_v2_a_freeze_killed_while_it_writes_packs_leaves_nothing_gc_would_keep",
+        Duration::from_secs(300),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let mut goblin = Goblin::start_script(FORK_GOBLIN);
+    deadline.watch(goblin.child.id() as i32);
+    let sum = goblin.ask("sum");
+    freeze_v2(&store_dir, &goblin.pid(), "base");
+    let before = stored_bytes(&store_dir);
+    let files_before = blob_files(&store_dir);
+    let tags_before = store_cmd(&store_dir, &["tags"]);
+    // 16 MiB of new pages: the next freeze writes two packs, a page list, a manifest, the images
+    // and the record, in that order, before the name.
+    assert_eq!(goblin.ask("new"), "ok");
+    let mut cmd = pf(&store_dir);
+    cmd.env(FORMAT_ENV, "v2")
+        .args([
+            "goblin",
+            "freeze",
+            "--pid",
+            &goblin.pid(),
+            "--tag",
+            "killed",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut freeze = cmd.spawn().expect("start pf");
+    let guard = KillOnDrop(freeze.id() as i32);
+    // Kill it as soon as its first pack (or the temp file it streams into) appears.
+    let started = std::time::Instant::now();
+    let new_file = loop {
+        if let Some(status) = freeze.try_wait().expect("try_wait") {
+            std::mem::forget(guard);
+            panic!("the freeze finished ({status}) before it wrote a pack");
+        }
+        if let Some(f) = blob_files(&store_dir).difference(&files_before).next() {
+            break f.clone();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the freeze wrote nothing within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    freeze.kill().expect("SIGKILL pf");
+    freeze.wait().expect("reap pf");
+    std::mem::forget(guard);
+    eprintln!("killed the freeze once {} appeared", new_file.display());
+    assert!(
+        blob_files(&store_dir).len() > files_before.len(),
+        "it left something for gc to take"
+    );
+
+    // No new name, and what is named verifies clean.
+    let tags = store_cmd(&store_dir, &["tags"]);
+    assert_eq!(text(&tags.stdout), text(&tags_before.stdout));
+    let verify = store_cmd(&store_dir, &["verify"]);
+    assert!(
+        verify.status.success(),
+        "verify: {}\n{}",
+        text(&verify.stdout),
+        text(&verify.stderr)
+    );
+    assert!(
+        !text(&verify.stdout).contains("BAD"),
+        "{}",
+        text(&verify.stdout)
+    );
+
+    // gc takes every leftover: the store is back to what it was.
+    let gc = store_cmd(&store_dir, &["gc", "--grace", "0"]);
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    let after = stored_bytes(&store_dir);
+    assert_eq!(
+        blob_files(&store_dir),
+        files_before,
+        "gc left files: {}",
+        text(&gc.stderr)
+    );
+    assert_eq!(after, before);
+
+    // The store still works: the base thaws, and the goblin freezes again.
+    let out = thaw(&store_dir, "base", b"sum\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+    freeze_v2(&store_dir, &goblin.pid(), "again");
+}
+
+/// A process holding a pipe at its stdin and another at its stdout for a forked goblin to
+/// open through `/proc` (it never reads or writes them); the test keeps the other ends.
+struct Stand {
+    child: Child,
+    _guard: KillOnDrop,
+}
+
+impl Stand {
+    fn start() -> Self {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600")
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let child = spawn_clean(&mut cmd).expect("start sleep");
+        let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+        Self {
+            child,
+            _guard: guard,
+        }
+    }
+}
+
+/// A forked copy of the goblin, talking on a [`Stand`]'s pipes.
+struct Fork {
+    pid: i32,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    _guard: KillOnDrop,
+}
+
+impl Fork {
+    fn ask(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("write to fork");
+        self.lines.next().expect("a line").expect("read line")
+    }
+}
+
+fn fork(goblin: &mut Goblin) -> Fork {
+    let mut stand = Stand::start();
+    let forked = goblin.ask(&format!("fork {}", stand.child.id()));
+    let pid: i32 = forked
+        .strip_prefix("forked ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("fork: {forked}"));
+    let guard = KillOnDrop(pid);
+    let stdin = stand.child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(stand.child.stdout.take().expect("stdout")).lines();
+    let hello = lines.next().expect("a line").expect("read line");
+    assert_eq!(hello, format!("child {pid}"));
+    // The copy has its own descriptors on the pipes now: the stand-in can go.
+    drop(stand);
+    Fork {
+        pid,
+        stdin,
+        lines,
+        _guard: guard,
+    }
+}
+
+#[test]
+// What it measured goes to stderr (shown with --nocapture), for the record.
+#[allow(clippy::print_stderr)]
+fn live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_own_state() {
+    if !live(
+        "live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_own_state",
+    ) {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_own_state",
+        Duration::from_secs(400),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let mut goblin = Goblin::start_script(FORK_GOBLIN);
+    deadline.watch(goblin.child.id() as i32);
+    let base_sum = goblin.ask("sum");
+    freeze_v2(&store_dir, &goblin.pid(), "base");
+    let base = stored_bytes(&store_dir);
+    let store = FsBlobStore::open(&store_dir).expect("store");
+    // Four copies, each rewriting its own 5% of the random pages (every 20th page from k, so
+    // no two rewrite the same page), each frozen again.
+    let mut sums = Vec::new();
+    let mut bound = 0u64;
+    let mut grown = Vec::new();
+    for k in 1..=4u32 {
+        let mut copy = fork(&mut goblin);
+        deadline.watch(copy.pid);
+        assert_eq!(copy.ask(&format!("mut {k}")), "ok");
+        sums.push(copy.ask("sum"));
+        let size = stored_bytes(&store_dir);
+        let digest = freeze_v2(&store_dir, &copy.pid.to_string(), &format!("fork{k}"));
+        grown.push(stored_bytes(&store_dir) - size);
+        // What this snapshot must store: its changed pages (205 incompressible ones), its page
+        // lists (40 bytes per page), its images tar and its small JSON blobs.
+        let procs = memory_of(&store, &digest);
+        let list_bytes: u64 = procs
+            .memory
+            .as_ref()
+            .expect("memory")
+            .iter()
+            .map(|m| 16 + 40 * m.pages)
+            .sum();
+        let images = store.stored_size(&procs.criu_dump).expect("images size");
+        let changed = 205 * 4096;
+        bound += changed + list_bytes + images;
+        eprintln!(
+            "fork{k}: grew the store by {} bytes; changed pages {changed}, page lists {list_bytes}, images {images}",
+            grown[grown.len() - 1]
+        );
+    }
+    let total: u64 = grown.iter().sum();
+    eprintln!("base {base} bytes; four forks {total} bytes; bound {bound} × 1.5");
+    assert!(
+        total < bound * 3 / 2,
+        "four forks stored {total} bytes ({grown:?}), more than 1.5 × their changes ({bound}): the base must be shared"
+    );
+    assert!(
+        total < base / 2,
+        "four forks stored {total} bytes, the base alone took {base}"
+    );
+    // Each thaws with its own memory (the sum covers every page of it), and the base with its.
+    for (k, sum) in sums.iter().enumerate() {
+        let out = thaw(&store_dir, &format!("fork{}", k + 1), b"sum\n");
+        assert!(
+            out.status.success(),
+            "thaw fork{} failed: {}",
+            k + 1,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "fork{}", k + 1);
+    }
+    let out = thaw(&store_dir, "base", b"sum\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{base_sum}\neof\n"));
+    // And pf store show says what each shares.
+    let show = store_cmd(&store_dir, &["show", "fork1", "--json"]);
+    assert!(show.status.success(), "{}", text(&show.stderr));
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
+    let shared = show["shared_size"].as_u64().expect("shared");
+    let stored = show["stored_size"].as_u64().expect("stored");
+    assert!(
+        shared > stored / 2,
+        "fork1 shares most of what it keeps with the base: {show}"
+    );
+    assert!(
+        show["logical_size"].as_u64().expect("logical") > 32 << 20,
+        "{show}"
+    );
 }

@@ -929,3 +929,246 @@ fn files_whose_size_lies_are_stored_whole() {
         }
     }
 }
+
+/// A file of `pages` incompressible 4 KiB pages from `seed` (page `i` is the same for the same
+/// seed and `i`, whatever `pages` is).
+fn pages_file(dir: &Path, name: &str, seeds: impl Iterator<Item = u64>) -> PathBuf {
+    let path = dir.join(name);
+    let bytes: Vec<u8> = seeds.flat_map(page_bytes).collect();
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The 4 KiB page of seed `s` (distinct seeds, distinct pages).
+fn page_bytes(s: u64) -> Vec<u8> {
+    random_bytes(
+        (s.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03) << 1,
+        4096,
+    )
+}
+
+/// Store the file at `path` page by page (as a `procs.criu.v2` snapshot stores its memory),
+/// deduplicated against the store's page index, under a small JSON root named `name`; returns
+/// (root, manifest). pf writes such roots only from CRIU dumps: the test plants them.
+fn plant_pages(store: &Path, path: &Path, name: &str) -> (Digest256, Digest256) {
+    use pf_core::BlobStore as _;
+    let fs_store = pf_core::FsBlobStore::open(store).unwrap();
+    let mut writer =
+        pf_core::pages::PageWriter::new(&fs_store, pf_core::BlobStore::page_index(&fs_store), 2);
+    let stored = writer
+        .write_file(&fs::File::open(path).unwrap(), path)
+        .unwrap();
+    writer.commit().unwrap();
+    let root = fs_store
+        .put(format!(r#"{{"kind":"test.v1","memory":"{}"}}"#, stored.manifest).as_bytes())
+        .unwrap();
+    fs_store.set_name(name, &root).unwrap();
+    (root, stored.manifest)
+}
+
+/// The on-disk file of a blob, found through the layout whatever its suffix.
+fn blob_file(store: &Path, digest: &Digest256) -> PathBuf {
+    let hex = digest.hex();
+    let dir = store.join("blobs/sha256").join(&hex[..2]);
+    fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(&hex))
+        .unwrap_or_else(|| panic!("no file for {digest} in {}", dir.display()))
+}
+
+#[test]
+fn verify_names_a_corrupt_page_by_snapshot_and_page_and_a_clean_store_verifies_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // 600 pages; page 450 repeats page 100, so one bad stored page is used twice.
+    let seeds = (0..600u64).map(|i| if i == 450 { 100 } else { i });
+    let path = pages_file(dir.path(), "mem", seeds);
+    let (root, manifest) = plant_pages(&store, &path, "snap");
+
+    let clean = ok(&store, &["verify"]);
+    assert!(!clean.contains("BAD"), "{clean}");
+    let json: serde_json::Value = serde_json::from_str(&ok(&store, &["verify", "--json"])).unwrap();
+    assert_eq!(json["ok"], true, "{json}");
+    assert_eq!(json["pages"]["manifests"], 1, "{json}");
+    assert_eq!(
+        json["pages"]["pages"], 599,
+        "every distinct page hashed: {json}"
+    );
+    assert_eq!(json["pages"]["list_entries"], 600, "{json}");
+    assert_eq!(json["pages"]["problems"], serde_json::json!([]), "{json}");
+
+    // Flip one byte of page 100 where it lies in its pack's file on disk (the pages are
+    // incompressible, so their bytes are there as they are).
+    let fs_store = pf_core::FsBlobStore::open(&store).unwrap();
+    let m = pf_core::pages::load_manifest(&fs_store, &manifest).unwrap();
+    let needle = &page_bytes(100)[1000..1032];
+    let (pack, file, at) = m
+        .packs
+        .iter()
+        .find_map(|p| {
+            let file = blob_file(&store, p);
+            let bytes = fs::read(&file).unwrap();
+            let at = bytes.windows(needle.len()).position(|w| w == needle)?;
+            Some((*p, file, at))
+        })
+        .expect("page 100's bytes in a pack file");
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[at] ^= 0x40;
+    fs::write(&file, &bytes).unwrap();
+
+    let out = store_cmd(&store, &["verify"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report = stdout(&out);
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(&format!("{pack} BAD:")) && l.contains("slot"))
+        .unwrap_or_else(|| panic!("no page line for {pack}:\n{report}"));
+    assert!(
+        line.contains(&format!("\"snap\" ({root})"))
+            && line.contains(" page 100")
+            && line.contains(" page 450"),
+        "{line}"
+    );
+    assert!(
+        stderr(&out).contains("cannot be thawed"),
+        "{}",
+        stderr(&out)
+    );
+    let out = store_cmd(&store, &["verify", "--json", "snap"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["ok"], false);
+    let problems = json["pages"]["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{json}");
+    let p = &problems[0];
+    assert_eq!(p["kind"], "bad_page", "{p}");
+    assert_eq!(p["pack"], pack.to_string(), "{p}");
+    assert_eq!(p["use_count"], 2, "{p}");
+    assert_eq!(p["uses"][0]["manifest"], manifest.to_string(), "{p}");
+    assert_eq!(p["uses"][0]["page"], 100, "{p}");
+    assert_eq!(p["uses"][1]["page"], 450, "{p}");
+    assert_eq!(
+        p["uses"][0]["snapshots"][0]["names"],
+        serde_json::json!(["snap"])
+    );
+    assert_eq!(p["uses"][0]["snapshots"][0]["snapshot"], root.to_string());
+}
+
+#[test]
+fn ls_show_and_gc_tell_logical_stored_shared_and_dead_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // a: pages 0..1000; b: 900 of them and 100 new ones (written after a, so it shares a's pack
+    // through the page index).
+    let a_path = pages_file(dir.path(), "a", 0..1000);
+    let b_path = pages_file(dir.path(), "b", 100..1100);
+    let (a, _) = plant_pages(&store, &a_path, "a");
+    let (b, _) = plant_pages(&store, &b_path, "b");
+
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["show", "b", "--json"])).unwrap();
+    assert_eq!(show["digest"], b.to_string(), "{show}");
+    assert_eq!(show["names"], serde_json::json!(["b"]));
+    assert_eq!(show["record_kind"], "test.v1");
+    assert_eq!(show["pages"], 1000);
+    assert_eq!(show["zero_pages"], 0);
+    // The pages, and the root's own JSON (its page list and packs count nothing logical).
+    let root_len = r#"{"kind":"test.v1","memory":""}"#.len() + b.to_string().len();
+    assert_eq!(
+        show["logical_size"],
+        1000 * 4096 + root_len as u64,
+        "{show}"
+    );
+    let stored = show["stored_size"].as_u64().unwrap();
+    let shared = show["shared_size"].as_u64().unwrap();
+    assert!(stored > 1000 * 4096, "b's packs are whole packs: {show}");
+    assert!(
+        shared > 0 && shared < stored,
+        "b shares a's pack, not its own: {show}"
+    );
+    assert_eq!(show["shared_with"], serde_json::json!(["a"]), "{show}");
+    let text = ok(&store, &["show", "b"]);
+    for want in ["logical size", "stored size", "shared", "with a", "own"] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+
+    // ls: the named rows say what they keep; the others have `keeps: null`.
+    let rows = ls_json(&store);
+    let row_a = rows
+        .iter()
+        .find(|r| r["digest"] == a.to_string())
+        .expect("a's row");
+    assert_eq!(row_a["keeps"]["pages"], 1000, "{row_a}");
+    let row_b = rows
+        .iter()
+        .find(|r| r["digest"] == b.to_string())
+        .expect("b's row");
+    assert_eq!(row_b["keeps"]["logical_size"], show["logical_size"]);
+    assert_eq!(row_b["keeps"]["stored_size"], show["stored_size"]);
+    assert_eq!(row_b["keeps"]["shared_size"], show["shared_size"]);
+    assert!(
+        rows.iter()
+            .filter(|r| r["names"] == serde_json::json!([]))
+            .all(|r| r["keeps"].is_null()),
+        "{rows:?}"
+    );
+    assert!(ok(&store, &["ls"]).contains("logical"));
+
+    // Nothing is dead while both are named; without a, its first 100 pages are.
+    let gc: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["gc", "--grace", "0", "--json"])).unwrap();
+    assert_eq!(gc["packs"]["pages"], 1100, "{gc}");
+    assert_eq!(gc["packs"]["dead_pages"], 0, "{gc}");
+    ok(&store, &["untag", "a"]);
+    let out = store_cmd(&store, &["gc", "--grace", "0"]);
+    assert!(out.status.success());
+    assert!(
+        stderr(&out).contains("100 of their 1100 pages"),
+        "{}",
+        stderr(&out)
+    );
+    let gc: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["gc", "--grace", "0", "--json"])).unwrap();
+    assert_eq!(gc["packs"]["live_pages"], 1000, "{gc}");
+    assert_eq!(gc["packs"]["dead_pages"], 100, "{gc}");
+    let dead = gc["packs"]["dead_stored_size"].as_u64().unwrap();
+    assert!(dead > 90 * 4096 && dead < 110 * 4096, "{gc}");
+    // b alone now shares nothing.
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["show", &b.to_string(), "--json"])).unwrap();
+    assert_eq!(show["shared_size"], 0, "{show}");
+}
+
+#[test]
+fn ls_still_lists_when_a_named_json_blob_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let child = Digest256::of(b"child");
+    let input = dir.path().join("record.json");
+    fs::write(&input, format!(r#"{{"kind":"test.v1","child":"{child}"}}"#)).unwrap();
+    let record: Digest256 = ok(&store, &["put", input.to_str().unwrap(), "--tag", "rec"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(ok(&store, &["ls"]).contains("keeps"));
+    // Damage the stored record so that it no longer hashes to its digest.
+    let path = blob_file(&store, &record);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    fs::write(&path, &bytes).unwrap();
+    let out = store_cmd(&store, &["ls"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&record.to_string()),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("cannot tell what the names keep"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,5 +1,8 @@
-//! `pf store`: put, cat, list, verify, name, remove and collect blobs in the content-addressed
-//! store.
+//! `pf store`: put, cat, list, show, verify, name, remove and collect blobs in the
+//! content-addressed store. The page-level parts (packs, page lists, what each name keeps) are in
+//! `pages.rs`.
+
+mod pages;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -30,7 +33,9 @@ Examples:
   tar c dir | pf store put -                   store stdin
   pf store cat before-upgrade > dump.tar       write a blob to stdout (verified at the end)
   pf store ls --json                           every blob with sizes and names
-  pf store verify                              check every blob; exit 1 naming each bad one
+  pf store show base                           what a snapshot stands for, stores and shares
+  pf store verify                              check every blob, pack and page; exit 1 naming
+                                               each bad one
   pf store gc --dry-run                        what gc would remove
 
 Store: --store DIR, else $PF_STORE, else $XDG_DATA_HOME/pf, else ~/.local/share/pf";
@@ -68,8 +73,26 @@ Examples:
   pf store ls
   pf store ls --json | jq '.[] | select(.names == [])'
 
-`--json` prints an array of {\"digest\", \"size\", \"stored_size\", \"names\"}, sizes in bytes.")]
+A blob that names point at also gets what it keeps: its logical size (what it stands for: the pages
+of its page-level memory at 4 KiB each plus the raw size of its other blobs), the bytes all its
+blobs take in the store, and how many of those other names' blobs share.
+
+`--json` prints an array of {\"digest\", \"size\", \"stored_size\", \"names\", \"keeps\"}, sizes in
+bytes; `keeps` is null for a blob no name points at, else {\"blobs\", \"pages\", \"zero_pages\",
+\"logical_size\", \"stored_size\", \"shared_size\"}.")]
     Ls(LsArgs),
+    /// Tell what a snapshot (or any blob) stands for, stores and shares with other names
+    #[command(after_help = "\
+Examples:
+  pf store show base
+  pf store show sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 --json
+
+Counts every blob the snapshot reaches (its procs record, images, pages manifests, page lists and
+packs): the logical size is what it stands for (pages × 4 KiB plus the raw size of its other
+blobs), the stored size what those blobs take on disk, shared what of that other names' blobs
+reach too, and own the rest: what removing its names frees at the next `pf store gc`.
+A pack counts whole wherever one of its pages is used.")]
+    Show(ShowArgs),
     /// Check blobs against their digests (all blobs and names when none are given)
     #[command(after_help = "\
 Examples:
@@ -77,7 +100,15 @@ Examples:
   pf store verify base         one blob
 
 Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.
-`pf store put` of the same bytes repairs a bad blob (it writes the blob again over the bad copy).")]
+`pf store put` of the same bytes repairs a bad blob (it writes the blob again over the bad copy).
+
+Then the memory of page-level snapshots (procs.criu.v2) that the names (or the blobs given) reach:
+every pack decodes and every page in it hashes to the digest its index records, and every page
+list entry names a slot of its pack that holds the page it says. A bad page is one line
+`<pack> BAD: … slot N …; used by \"NAME\" (sha256:…) pages-1.img page 42 at address 0x…`.
+
+`--json` prints {\"ok\", \"blobs\": [{\"digest\", \"ok\", \"error\"}], \"missing_names\",
+\"pages\": {\"manifests\", \"packs\", \"pages\", \"list_entries\", \"problems\"}}.")]
     Verify(VerifyArgs),
     /// Point a name at a blob (replacing what it pointed at)
     #[command(after_help = "\
@@ -95,7 +126,9 @@ Names: 1-200 bytes, no `/`, white space or control characters, not starting with
     /// Remove blobs no name reaches, and temp files of interrupted puts
     #[command(after_help = "\
 A blob is kept when a name points at it, or when a kept blob is JSON holding its digest as a
-string (a procs snapshot keeps its CRIU dump that way). gc waits for the writers (puts, captures,
+string (a procs snapshot keeps its CRIU dump that way; a pages manifest its page list and packs).
+gc then reports how much of the kept packs is dead: pages that no kept page list uses any more
+(a pack is kept whole while any of its pages is used). gc waits for the writers (puts, captures,
 freezes) that are between their first blob and its name, so whatever the grace period it never
 removes what they are about to name; unreachable blobs stored within the grace period are kept
 too, for writers that do not take the store's lock.
@@ -142,10 +175,23 @@ pub(crate) struct LsArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub(crate) struct ShowArgs {
+    /// The snapshot: a digest (sha256:…) or a name
+    #[arg(value_name = "DIGEST|NAME")]
+    blob: String,
+    /// Print JSON on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
     /// Blobs to check, by digest or name [default: every blob and every name]
     #[arg(value_name = "DIGEST|NAME")]
     blobs: Vec<String>,
+    /// Print one JSON object on stdout
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,6 +245,14 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
         Command::Put(args) => put(&store, &args),
         Command::Cat(args) => cat(&store, &args),
         Command::Ls(args) => ls(&store, &args),
+        Command::Show(args) => {
+            let digest = resolve(&store, &args.blob)?;
+            if !store.contains(&digest)? {
+                bail!("blob {digest} is not in the store");
+            }
+            pages::show(&store, digest, args.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Verify(args) => verify(&store, &args),
         Command::Tag(args) => {
             let digest = resolve(&store, &args.target)?;
@@ -348,17 +402,21 @@ impl Write for CountingWriter<'_> {
     }
 }
 
-/// Every name, grouped by the digest it points at.
-fn names_by_digest(store: &dyn BlobStore) -> anyhow::Result<BTreeMap<Digest256, Vec<String>>> {
-    let mut by_digest: BTreeMap<Digest256, Vec<String>> = BTreeMap::new();
-    for (name, digest) in store.names()? {
-        by_digest.entry(digest).or_default().push(name);
-    }
-    Ok(by_digest)
-}
-
 fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
-    let names = names_by_digest(store)?;
+    let names = pages::names_by_digest(store)?;
+    // What each name keeps needs every JSON blob they reach; a corrupt one must not hide the
+    // listing (`pf store verify` names it).
+    let usage = match pages::load_graph(store, &names, &[])
+        .and_then(|graph| pages::usage_by_root(store, &graph, &names))
+    {
+        Ok(usage) => usage,
+        Err(err) => {
+            say(&format!(
+                "warning: cannot tell what the names keep: {err:#} (run `pf store verify`)"
+            ));
+            std::collections::HashMap::new()
+        }
+    };
     let mut rows = Vec::new();
     for digest in store.list()? {
         let stored = match store.stored_size(&digest) {
@@ -388,6 +446,7 @@ fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
                     "size": size,
                     "stored_size": stored,
                     "names": names,
+                    "keeps": usage.get(digest).map(pages::usage_json),
                 })
             })
             .collect();
@@ -396,8 +455,12 @@ fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
     } else {
         for (digest, size, stored, names) in &rows {
             let size = size.map_or_else(|| "?".to_owned(), |n| HumanBytes(n).to_string());
+            let keeps = usage
+                .get(digest)
+                .map(|u| format!("  {}", pages::usage_words(u)))
+                .unwrap_or_default();
             let line = format!(
-                "{digest}  {size:>10}  {:>10}  {}",
+                "{digest}  {size:>10}  {:>10}  {}{keeps}",
                 HumanBytes(*stored).to_string(),
                 names.join(",")
             );
@@ -408,44 +471,94 @@ fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let mut bad = 0usize;
-    let mut out = io::stdout().lock();
-    let digests = if args.blobs.is_empty() {
+    let names = pages::names_by_digest(store)?;
+    let mut missing_names = Vec::new();
+    // The blobs to check, and the roots whose page-level memory to check (with their names).
+    let (digests, roots) = if args.blobs.is_empty() {
         for (name, digest) in store.names()? {
             if !store.contains(&digest)? {
-                bad += 1;
-                writeln!(
-                    out,
-                    "{digest} BAD: name {name:?} points at it but it is missing"
-                )?;
+                missing_names.push((name, digest));
             }
         }
-        store.list()?
+        (store.list()?, names)
     } else {
         let mut digests = Vec::new();
+        let mut roots = BTreeMap::new();
         for arg in &args.blobs {
-            digests.push(resolve(store, arg)?);
+            let digest = resolve(store, arg)?;
+            digests.push(digest);
+            roots.insert(digest, names.get(&digest).cloned().unwrap_or_default());
         }
-        digests
+        (digests, roots)
     };
+    let mut out = io::stdout().lock();
+    let mut bad_blobs = 0usize;
+    let mut blob_rows = Vec::with_capacity(digests.len());
+    for (name, digest) in &missing_names {
+        if !args.json {
+            writeln!(
+                out,
+                "{digest} BAD: name {name:?} points at it but it is missing"
+            )?;
+        }
+    }
     for digest in &digests {
-        match check(store, digest) {
-            Ok(()) => writeln!(out, "{digest} ok")?,
-            Err(err) => {
-                bad += 1;
-                writeln!(out, "{digest} BAD: {err:#}")?;
+        let error = check(store, digest).err().map(|e| format!("{e:#}"));
+        if error.is_some() {
+            bad_blobs += 1;
+        }
+        if !args.json {
+            match &error {
+                None => writeln!(out, "{digest} ok")?,
+                Some(why) => writeln!(out, "{digest} BAD: {why}")?,
             }
+        }
+        blob_rows.push(serde_json::json!({
+            "digest": digest,
+            "ok": error.is_none(),
+            "error": error,
+        }));
+    }
+    let checked = pages::verify(store, &roots);
+    let bad = bad_blobs + missing_names.len() + checked.bad;
+    if args.json {
+        let json = serde_json::json!({
+            "ok": bad == 0,
+            "blobs": blob_rows,
+            "missing_names": missing_names
+                .iter()
+                .map(|(name, digest)| serde_json::json!({"name": name, "digest": digest}))
+                .collect::<Vec<_>>(),
+            "pages": checked.json,
+        });
+        serde_json::to_writer(&mut out, &json)?;
+        writeln!(out)?;
+    } else {
+        for line in &checked.lines {
+            writeln!(out, "{line}")?;
         }
     }
     out.flush()?;
     drop(out);
-    if bad > 0 {
+    if bad_blobs + missing_names.len() > 0 {
         say(&format!(
-            "error: {bad} of {} checked blobs are bad; if you have their bytes, \
+            "error: {} of {} checked blobs are bad; if you have their bytes, \
              `pf store put FILE` repairs each (it writes the blob again over the bad copy), \
              else `pf store rm --force DIGEST` removes it and the names pointing at it",
+            bad_blobs + missing_names.len(),
             digests.len()
         ));
+    }
+    if checked.bad > 0 {
+        say(&format!(
+            "error: {} bad pages, packs or page lists in the memory of page-level snapshots (the \
+             lines with BAD above name the snapshots, pages files and pages); those snapshots \
+             cannot be thawed: freeze the goblin again if it still runs, else `pf store untag` \
+             their names and `pf store gc`",
+            checked.bad
+        ));
+    }
+    if bad > 0 {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -485,6 +598,13 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         "gc stopped without removing anything it had not removed yet; check the blob with \
          `pf store verify`",
     )?;
+    // gc has done its work: a failure to report on the packs is a warning, not gc's failure.
+    let packs = pack_report(store).unwrap_or_else(|err| {
+        say(&format!(
+            "warning: cannot tell how much of the kept packs is dead: {err:#} (run `pf store verify`)"
+        ));
+        pf_core::pages_report::PackUsage::default()
+    });
     let mut out = io::stdout().lock();
     if args.json {
         let json = serde_json::json!({
@@ -498,6 +618,14 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
             "recent": report.recent,
             "missing": report.missing,
             "temp_files": report.temp_files,
+            "packs": serde_json::json!({
+                "count": packs.packs,
+                "pages": packs.pages,
+                "live_pages": packs.live_pages,
+                "dead_pages": packs.dead_pages(),
+                "stored_size": packs.stored_size,
+                "dead_stored_size": packs.dead_stored_size,
+            }),
         });
         serde_json::to_writer_pretty(&mut out, &json)?;
         writeln!(out)?;
@@ -541,7 +669,35 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     say(&summary);
+    if packs.packs > 0 {
+        say(&format!(
+            "kept {} packs ({}): {} of their {} pages ({:.1}%, about {}) are dead, used by no \
+             kept snapshot; a pack stays whole while any of its pages is used",
+            packs.packs,
+            HumanBytes(packs.stored_size),
+            packs.dead_pages(),
+            packs.pages,
+            percent(packs.dead_pages(), packs.pages),
+            HumanBytes(packs.dead_stored_size),
+        ));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How much of the packs the names keep is dead.
+fn pack_report(store: &FsBlobStore) -> anyhow::Result<pf_core::pages_report::PackUsage> {
+    let names = pages::names_by_digest(store)?;
+    let graph = pages::load_graph(store, &names, &[])?;
+    pf_core::pages_report::pack_usage(store, &graph)
+        .context("cannot tell how much of the kept packs is used")
+}
+
+/// `part` of `whole` in percent (0 when `whole` is 0).
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    part as f64 * 100.0 / whole as f64
 }
 
 fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {

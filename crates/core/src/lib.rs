@@ -8,7 +8,8 @@
 //!
 //! [`pack`], [`page_index`] and [`pages`] store files made of 4 KiB pages page by page: each
 //! distinct page once per store, in packs of independently decodable zstd frames, each page
-//! readable and checkable on its own.
+//! readable and checkable on its own. [`pages_report`] tells what named snapshots stand for and
+//! store, how much of the kept packs is dead, and checks every pack and page list.
 
 mod digest;
 mod error;
@@ -19,6 +20,7 @@ mod mem;
 pub mod pack;
 pub mod page_index;
 pub mod pages;
+pub mod pages_report;
 mod store;
 
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};

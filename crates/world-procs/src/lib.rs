@@ -19,6 +19,7 @@ pub mod criu_log;
 mod error;
 pub mod images;
 mod lazy;
+pub mod memory_map;
 mod nsinit;
 mod restore;
 mod runner;

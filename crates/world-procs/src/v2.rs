@@ -70,7 +70,7 @@ fn is_pages_file(name: &str) -> bool {
 }
 
 /// Every pagemap in `dir`, by the `N` of the `pages-N.img` it describes.
-fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
+pub(crate) fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
     let mut out = HashMap::new();
     let read = std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     for entry in read {

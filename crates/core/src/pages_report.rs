@@ -1,0 +1,1043 @@
+//! What a store's page-level data holds, and whether it is sound: the blob graph of named
+//! snapshots with their [pages manifests](crate::pages), how much each name stands for and
+//! stores, how much of the kept packs no page list uses any more, and a check of every pack and
+//! page list.
+//!
+//! It reads the store only through [`BlobStore`] and the public parts of [`crate::pack`] and
+//! [`crate::pages`], and knows nothing of what a snapshot is beyond that: a name's *logical size*
+//! is what its blobs stand for (each pages manifest counts its pages × 4 KiB; its page list and
+//! packs count nothing of their own; every other blob counts its raw size), its *stored size* the
+//! bytes its blobs take in the store.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::Read as _;
+
+use crate::digest::Digest256;
+use crate::error::Error;
+use crate::pack::{PAGE_SIZE, Pack, PackError};
+use crate::pages::{PagesManifest, parse_list};
+use crate::store::BlobStore;
+
+/// JSON blobs at most this large (stored) are looked at as possible pages manifests; a manifest
+/// takes about 75 bytes per pack, so this covers files of tens of TiB.
+const MANIFEST_MAX: u64 = 16 << 20;
+
+/// Uses of one bad page or pack listed in a [`PageProblem`]; the rest are only counted.
+const USES_LISTED: usize = 16;
+
+/// Why a report could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// The store failed on something every answer depends on (listing names, reading a JSON blob
+    /// the walk must follow).
+    #[error("{what}")]
+    Store {
+        /// What was being done.
+        what: String,
+        /// The store's error.
+        #[source]
+        source: Error,
+    },
+}
+
+/// The blobs some roots reach, with the pages manifests among them, read once.
+#[derive(Debug, Default)]
+pub struct Graph {
+    children: HashMap<Digest256, Vec<Digest256>>,
+    manifests: BTreeMap<Digest256, PagesManifest>,
+    missing: BTreeSet<Digest256>,
+}
+
+impl Graph {
+    /// Walk from `roots` (digests, typically what the store's names point at) to every blob they
+    /// reach, following `sha256:` strings in JSON blobs as gc does, and parse the pages manifests
+    /// on the way. A reachable blob that cannot be read is an error: what it reaches is unknown.
+    /// Digests referred to but absent are [`missing`](Self::missing).
+    pub fn load(store: &dyn BlobStore, roots: &[Digest256]) -> Result<Self, ReportError> {
+        let mut graph = Self::default();
+        let mut queue: VecDeque<Digest256> = roots.iter().copied().collect();
+        while let Some(digest) = queue.pop_front() {
+            if graph.children.contains_key(&digest) || graph.missing.contains(&digest) {
+                continue;
+            }
+            let present = store
+                .contains(&digest)
+                .map_err(|source| ReportError::Store {
+                    what: format!("looking for blob {digest}"),
+                    source,
+                })?;
+            if !present {
+                graph.missing.insert(digest);
+                continue;
+            }
+            let children =
+                crate::gc::references(store, &digest).map_err(|source| ReportError::Store {
+                    what: format!("reading blob {digest} to find what it refers to"),
+                    source,
+                })?;
+            if !children.is_empty()
+                && let Some(manifest) = read_manifest(store, &digest)?
+            {
+                graph.manifests.insert(digest, manifest);
+            }
+            queue.extend(children.iter().copied());
+            graph.children.insert(digest, children);
+        }
+        Ok(graph)
+    }
+
+    /// Every blob reached (present in the store), sorted.
+    pub fn blobs(&self) -> BTreeSet<Digest256> {
+        self.children.keys().copied().collect()
+    }
+
+    /// Digests referred to that are not in the store, sorted.
+    pub fn missing(&self) -> &BTreeSet<Digest256> {
+        &self.missing
+    }
+
+    /// What blob `digest` refers to (empty when it was not reached or refers to nothing).
+    pub fn children(&self, digest: &Digest256) -> &[Digest256] {
+        self.children.get(digest).map_or(&[], Vec::as_slice)
+    }
+
+    /// The pages manifests reached, by digest.
+    pub fn manifests(&self) -> &BTreeMap<Digest256, PagesManifest> {
+        &self.manifests
+    }
+
+    /// The blobs `root` reaches (itself included), from what [`load`](Self::load) read.
+    pub fn reach(&self, root: &Digest256) -> BTreeSet<Digest256> {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![*root];
+        while let Some(d) = stack.pop() {
+            if let Some(children) = self.children.get(&d)
+                && seen.insert(d)
+            {
+                stack.extend(children.iter().copied());
+            }
+        }
+        seen
+    }
+}
+
+/// The manifest in blob `digest`, if it is one.
+fn read_manifest(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+) -> Result<Option<PagesManifest>, ReportError> {
+    let stored = store
+        .stored_size(digest)
+        .map_err(|source| ReportError::Store {
+            what: format!("reading the size of blob {digest}"),
+            source,
+        })?;
+    if stored > MANIFEST_MAX {
+        return Ok(None);
+    }
+    let bytes = store.get(digest).map_err(|source| ReportError::Store {
+        what: format!("reading blob {digest}"),
+        source,
+    })?;
+    let kind = b"\"pages.manifest.v1\"";
+    if !bytes.windows(kind.len()).any(|w| w == kind) {
+        return Ok(None);
+    }
+    Ok(serde_json::from_slice::<PagesManifest>(&bytes)
+        .ok()
+        .filter(|m| m.page_size as usize == PAGE_SIZE))
+}
+
+/// How much one root stands for and stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    /// The root.
+    pub root: Digest256,
+    /// Blobs it reaches (itself included).
+    pub blobs: u64,
+    /// Pages in its pages manifests (zero pages included).
+    pub pages: u64,
+    /// Zero pages among them (stored nowhere).
+    pub zero_pages: u64,
+    /// What it stands for: pages × 4 KiB plus the raw size of every blob that is not a pages
+    /// manifest, page list or pack.
+    pub logical_size: u64,
+    /// Bytes its blobs take in the store.
+    pub stored_size: u64,
+    /// Of `stored_size`, bytes in blobs that another of the roots asked about also reaches.
+    pub shared_size: u64,
+}
+
+/// The [`Usage`] of each of `roots` (deduplicated, sorted), each against the others: `shared_size`
+/// counts the blobs another root reaches too. `graph` must have been loaded from (at least) the
+/// same roots.
+pub fn usage(
+    store: &dyn BlobStore,
+    graph: &Graph,
+    roots: &[Digest256],
+) -> Result<Vec<Usage>, ReportError> {
+    let roots: BTreeSet<Digest256> = roots.iter().copied().collect();
+    let reaches: Vec<(Digest256, BTreeSet<Digest256>)> =
+        roots.iter().map(|r| (*r, graph.reach(r))).collect();
+    // How many roots reach each blob.
+    let mut reached_by: HashMap<Digest256, u32> = HashMap::new();
+    for (_, reach) in &reaches {
+        for d in reach {
+            *reached_by.entry(*d).or_default() += 1;
+        }
+    }
+    // Page lists and packs count nothing logical of their own.
+    let mut structure: BTreeSet<Digest256> = BTreeSet::new();
+    for m in graph.manifests.values() {
+        structure.insert(m.list);
+        structure.extend(m.packs.iter().copied());
+    }
+    let mut stored_of: HashMap<Digest256, u64> = HashMap::new();
+    let mut raw_of: HashMap<Digest256, u64> = HashMap::new();
+    let mut out = Vec::with_capacity(reaches.len());
+    for (root, reach) in reaches {
+        let mut u = Usage {
+            root,
+            blobs: reach.len() as u64,
+            pages: 0,
+            zero_pages: 0,
+            logical_size: 0,
+            stored_size: 0,
+            shared_size: 0,
+        };
+        for d in &reach {
+            let stored = match stored_of.get(d) {
+                Some(n) => *n,
+                None => {
+                    let n = size_or_zero(store.stored_size(d), d)?;
+                    stored_of.insert(*d, n);
+                    n
+                }
+            };
+            u.stored_size += stored;
+            if reached_by.get(d).copied().unwrap_or(0) > 1 {
+                u.shared_size += stored;
+            }
+            if let Some(m) = graph.manifests.get(d) {
+                u.pages += m.pages;
+                u.zero_pages += m.zero_pages;
+                u.logical_size += m.pages * PAGE_SIZE as u64;
+            } else if !structure.contains(d) {
+                let raw = match raw_of.get(d) {
+                    Some(n) => *n,
+                    None => {
+                        let n = size_or_zero(store.raw_size(d), d)?;
+                        raw_of.insert(*d, n);
+                        n
+                    }
+                };
+                u.logical_size += raw;
+            }
+        }
+        out.push(u);
+    }
+    Ok(out)
+}
+
+/// A size, or 0 for a blob removed meanwhile.
+fn size_or_zero(size: Result<u64, Error>, digest: &Digest256) -> Result<u64, ReportError> {
+    match size {
+        Ok(n) => Ok(n),
+        Err(Error::NotFound { .. }) => Ok(0),
+        Err(source) => Err(ReportError::Store {
+            what: format!("reading the size of blob {digest}"),
+            source,
+        }),
+    }
+}
+
+/// How much of the packs that `graph`'s page lists use is dead (no page list uses the page).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PackUsage {
+    /// Packs the manifests name (and the store holds).
+    pub packs: u64,
+    /// Pages in them.
+    pub pages: u64,
+    /// Pages some page list uses.
+    pub live_pages: u64,
+    /// Bytes the packs take in the store.
+    pub stored_size: u64,
+    /// Of `stored_size`, the part of each pack in proportion to its dead pages (frames compress
+    /// differently, so this is an estimate).
+    pub dead_stored_size: u64,
+    /// Per pack: (pack, pages, live pages, stored size), sorted by pack.
+    pub per_pack: Vec<(Digest256, u32, u32, u64)>,
+}
+
+impl PackUsage {
+    /// Pages no page list uses.
+    pub fn dead_pages(&self) -> u64 {
+        self.pages - self.live_pages
+    }
+}
+
+/// How much of the packs `graph`'s manifests name is used by their page lists. Reads every page
+/// list (verified) and each pack's trailer and frame table only ([`BlobStore::read_at`], one or
+/// two small unverified reads: this is a report, and a damaged pack is `pf store verify`'s to
+/// name); packs or lists that cannot be read are left out.
+pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, ReportError> {
+    // Per pack, which slots some list uses.
+    let mut used: BTreeMap<Digest256, BTreeSet<u32>> = BTreeMap::new();
+    for (digest, m) in &graph.manifests {
+        for p in &m.packs {
+            used.entry(*p).or_default();
+        }
+        let Ok(bytes) = store.get(&m.list) else {
+            tracing::warn!(manifest = %digest, list = %m.list, "page list unreadable");
+            continue;
+        };
+        let Ok(list) = parse_list(&m.list, &bytes, m) else {
+            tracing::warn!(manifest = %digest, list = %m.list, "page list malformed");
+            continue;
+        };
+        for page in list {
+            if let Some((k, slot)) = page.at {
+                used.entry(m.packs[k as usize]).or_default().insert(slot);
+            }
+        }
+    }
+    let mut out = PackUsage::default();
+    for (pack, slots) in used {
+        let pages = match pack_pages(store, &pack) {
+            Ok(n) => n,
+            Err(Error::NotFound { .. }) => continue,
+            Err(err) => {
+                tracing::warn!(%pack, error = %chain(&err), "pack unreadable");
+                continue;
+            }
+        };
+        let live = slots.iter().filter(|s| **s < pages).count() as u32;
+        let stored = size_or_zero(store.stored_size(&pack), &pack)?;
+        out.packs += 1;
+        out.pages += u64::from(pages);
+        out.live_pages += u64::from(live);
+        out.stored_size += stored;
+        if pages > 0 {
+            out.dead_stored_size += stored * u64::from(pages - live) / u64::from(pages);
+        }
+        out.per_pack.push((pack, pages, live, stored));
+    }
+    Ok(out)
+}
+
+/// How many pages pack `pack` holds, from its trailer and frame table (unverified reads).
+fn pack_pages(store: &dyn BlobStore, pack: &Digest256) -> Result<u32, Error> {
+    use crate::pack::{INDEX_HEAD_LEN, TRAILER_LEN, frame_count, parse_frames, parse_trailer};
+    let malformed = |source: PackError| Error::Read {
+        digest: *pack,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, source),
+    };
+    let len = store.raw_size(pack)?;
+    let mut trailer = [0u8; TRAILER_LEN];
+    read_exact_at(
+        store,
+        pack,
+        len.saturating_sub(TRAILER_LEN as u64),
+        &mut trailer,
+    )?;
+    let (index_at, index_len) = parse_trailer(*pack, len, &trailer).map_err(malformed)?;
+    let mut head = vec![0u8; INDEX_HEAD_LEN];
+    read_exact_at(store, pack, index_at as u64, &mut head)?;
+    let table = frame_count(&head)
+        .checked_mul(crate::pack::FRAME_ENTRY_LEN)
+        .filter(|n| INDEX_HEAD_LEN + n <= index_len)
+        .ok_or_else(|| {
+            malformed(PackError::Malformed {
+                pack: *pack,
+                reason: "its frame table is longer than its index",
+            })
+        })?;
+    head.resize(INDEX_HEAD_LEN + table, 0);
+    read_exact_at(
+        store,
+        pack,
+        index_at as u64 + INDEX_HEAD_LEN as u64,
+        &mut head[INDEX_HEAD_LEN..],
+    )?;
+    let (_, pages) = parse_frames(*pack, &head, index_at, index_len).map_err(malformed)?;
+    Ok(pages)
+}
+
+/// Fill `buf` from `offset` of blob `digest` with [`BlobStore::read_at`].
+fn read_exact_at(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), Error> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = store.read_at(digest, offset + done as u64, &mut buf[done..])?;
+        if n == 0 {
+            return Err(Error::Read {
+                digest: *digest,
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Where a page list uses a page: page number `page` of the file manifest `manifest` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PageUse {
+    /// The pages manifest.
+    pub manifest: Digest256,
+    /// The page's number in its file.
+    pub page: u64,
+}
+
+/// What is wrong.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Fault {
+    /// A page in a pack does not hash to the digest the pack's index records, or its frame does
+    /// not decode.
+    BadPage {
+        /// The pack.
+        pack: Digest256,
+        /// The page's slot.
+        slot: u32,
+        /// What the pack said.
+        reason: String,
+    },
+    /// A pack cannot be read, or is not a pack; none of its pages can be trusted.
+    BadPack {
+        /// The pack.
+        pack: Digest256,
+        /// Why.
+        reason: String,
+    },
+    /// A page list entry names a slot the pack does not have, or one holding another page.
+    WrongSlot {
+        /// The pack the entry names.
+        pack: Digest256,
+        /// The slot it names.
+        slot: u32,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A manifest's page list cannot be read or does not match the manifest.
+    BadList {
+        /// The manifest naming it.
+        manifest: Digest256,
+        /// The page list.
+        list: Digest256,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadPage { reason, .. } => write!(f, "{reason}"),
+            Self::BadPack { pack, reason } => write!(f, "pack {pack} is unusable: {reason}"),
+            Self::WrongSlot { pack, slot, reason } => {
+                write!(
+                    f,
+                    "a page list names slot {slot} of pack {pack}, which {reason}"
+                )
+            }
+            Self::BadList { list, reason, .. } => {
+                write!(f, "page list {list} is unusable: {reason}")
+            }
+        }
+    }
+}
+
+/// One problem [`verify_pages`] found, with the places that use what is bad.
+#[derive(Debug)]
+pub struct PageProblem {
+    /// What is wrong.
+    pub fault: Fault,
+    /// Up to 16 uses of the bad page (or of the pack's pages, or of the list's pages).
+    pub uses: Vec<PageUse>,
+    /// How many uses there are in all.
+    pub use_count: u64,
+}
+
+/// What [`verify_pages`] checked and found.
+#[derive(Debug, Default)]
+pub struct PagesVerified {
+    /// Pages manifests checked.
+    pub manifests: u64,
+    /// Packs checked.
+    pub packs: u64,
+    /// Pages decoded and hashed.
+    pub pages: u64,
+    /// Page list entries checked.
+    pub list_entries: u64,
+    /// What is wrong, sorted by pack, slot and list.
+    pub problems: Vec<PageProblem>,
+}
+
+/// One pack, checked.
+#[derive(Debug, Default)]
+struct PackCheck {
+    /// The index's digests, when the pack parsed.
+    index: Option<Vec<Digest256>>,
+    /// Why the whole pack is unusable, if it is.
+    unusable: Option<String>,
+    /// Bad slots and why.
+    bad: BTreeMap<u32, String>,
+}
+
+/// Check every pack and page list of `graph`'s manifests: every pack decodes and every page in it
+/// hashes to the digest its index records; every page list entry names a slot its pack has,
+/// holding the page the list says. Packs are checked on `threads` threads, one pack in memory
+/// per thread; the packs' indexes (32 bytes per stored page) are kept for the list check.
+pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> PagesVerified {
+    let packs: Vec<Digest256> = graph
+        .manifests
+        .values()
+        .flat_map(|m| m.packs.iter().copied())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let checks: Vec<std::sync::Mutex<Option<PackCheck>>> =
+        packs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let pages_checked = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1).min(packs.len().max(1)) {
+            s.spawn(|| {
+                let mut bytes = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(pack) = packs.get(i) else { return };
+                    let (check, n) = check_pack(store, pack, &mut bytes);
+                    pages_checked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    if let Ok(mut slot) = checks[i].lock() {
+                        *slot = Some(check);
+                    }
+                }
+            });
+        }
+    });
+    let checks: HashMap<Digest256, PackCheck> = packs
+        .iter()
+        .zip(checks)
+        .map(|(p, c)| {
+            let c = c.into_inner().ok().flatten().unwrap_or_default();
+            (*p, c)
+        })
+        .collect();
+    let mut report = PagesVerified {
+        manifests: graph.manifests.len() as u64,
+        packs: packs.len() as u64,
+        pages: pages_checked.into_inner(),
+        ..PagesVerified::default()
+    };
+    // Problems keyed for sorting and merging uses: (pack, slot) for page and slot faults,
+    // (pack, MAX) for whole packs, lists by their digest.
+    let mut by_page: BTreeMap<(Digest256, u32, u8), PageProblem> = BTreeMap::new();
+    let mut by_list: BTreeMap<Digest256, PageProblem> = BTreeMap::new();
+    let mut note = |key: (Digest256, u32, u8), fault: &dyn Fn() -> Fault, at: PageUse| {
+        let p = by_page.entry(key).or_insert_with(|| PageProblem {
+            fault: fault(),
+            uses: Vec::new(),
+            use_count: 0,
+        });
+        p.use_count += 1;
+        if p.uses.len() < USES_LISTED {
+            p.uses.push(at);
+        }
+    };
+    for (digest, m) in &graph.manifests {
+        let list = match store.get(&m.list) {
+            Ok(bytes) => parse_list(&m.list, &bytes, m).map_err(|e| e.to_string()),
+            Err(e) => Err(chain(&e)),
+        };
+        let list = match list {
+            Ok(list) => list,
+            Err(reason) => {
+                by_list.insert(
+                    m.list,
+                    PageProblem {
+                        fault: Fault::BadList {
+                            manifest: *digest,
+                            list: m.list,
+                            reason,
+                        },
+                        uses: Vec::new(),
+                        use_count: m.pages,
+                    },
+                );
+                continue;
+            }
+        };
+        for (n, page) in list.iter().enumerate() {
+            report.list_entries += 1;
+            let Some((k, slot)) = page.at else { continue };
+            let pack = m.packs[k as usize];
+            let at = PageUse {
+                manifest: *digest,
+                page: n as u64,
+            };
+            let Some(check) = checks.get(&pack) else {
+                continue;
+            };
+            if let Some(reason) = &check.unusable {
+                note(
+                    (pack, u32::MAX, 0),
+                    &|| Fault::BadPack {
+                        pack,
+                        reason: reason.clone(),
+                    },
+                    at,
+                );
+                continue;
+            }
+            let Some(index) = &check.index else { continue };
+            match index.get(slot as usize) {
+                None => note(
+                    (pack, slot, 1),
+                    &|| Fault::WrongSlot {
+                        pack,
+                        slot,
+                        reason: format!("has only {} pages", index.len()),
+                    },
+                    at,
+                ),
+                Some(d) if *d != page.digest => note(
+                    (pack, slot, 1),
+                    &|| Fault::WrongSlot {
+                        pack,
+                        slot,
+                        reason: format!("holds page {d}, not {}", page.digest),
+                    },
+                    at,
+                ),
+                Some(_) => {
+                    if let Some(err) = check.bad.get(&slot) {
+                        note(
+                            (pack, slot, 0),
+                            &|| Fault::BadPage {
+                                pack,
+                                slot,
+                                reason: err.clone(),
+                            },
+                            at,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Bad pages and unusable packs no list uses are problems too.
+    for (pack, check) in &checks {
+        if let Some(reason) = &check.unusable {
+            by_page
+                .entry((*pack, u32::MAX, 0))
+                .or_insert_with(|| PageProblem {
+                    fault: Fault::BadPack {
+                        pack: *pack,
+                        reason: reason.clone(),
+                    },
+                    uses: Vec::new(),
+                    use_count: 0,
+                });
+        }
+        for (slot, err) in &check.bad {
+            by_page
+                .entry((*pack, *slot, 0))
+                .or_insert_with(|| PageProblem {
+                    fault: Fault::BadPage {
+                        pack: *pack,
+                        slot: *slot,
+                        reason: err.clone(),
+                    },
+                    uses: Vec::new(),
+                    use_count: 0,
+                });
+        }
+    }
+    report.problems = by_page.into_values().chain(by_list.into_values()).collect();
+    report
+}
+
+/// Read pack `pack` whole into `bytes` and check every page; returns the check and how many
+/// pages were hashed. A pack whose blob does not hash to its digest is still parsed from the
+/// bytes read, so the bad pages are named; if none is, the pack is unusable as a whole.
+fn check_pack(store: &dyn BlobStore, pack: &Digest256, bytes: &mut Vec<u8>) -> (PackCheck, u64) {
+    bytes.clear();
+    let blob_error = match store.open(pack) {
+        Ok(mut reader) => match reader.read_to_end(bytes) {
+            Ok(_) => None,
+            Err(err) => Some(match Error::from_read_error(&err) {
+                Some(e) => chain(e),
+                None => err.to_string(),
+            }),
+        },
+        Err(err) => {
+            return (
+                PackCheck {
+                    unusable: Some(chain(&err)),
+                    ..PackCheck::default()
+                },
+                0,
+            );
+        }
+    };
+    let parsed = match Pack::parse(*pack, bytes) {
+        Ok(p) => p,
+        Err(err) => {
+            return (
+                PackCheck {
+                    unusable: Some(blob_error.unwrap_or_else(|| err.to_string())),
+                    ..PackCheck::default()
+                },
+                0,
+            );
+        }
+    };
+    let index: Vec<Digest256> = parsed.entries().map(|(d, _)| d).collect();
+    let mut bad = BTreeMap::new();
+    let mut hashed = 0u64;
+    let mut from = 0usize;
+    let wanted: Vec<(u32, Digest256)> = index
+        .iter()
+        .enumerate()
+        .map(|(s, d)| (s as u32, *d))
+        .collect();
+    // Check every slot; after a bad one, go on from the next.
+    while from < wanted.len() {
+        let mut seen = 0usize;
+        let result = parsed.for_each_page(&wanted[from..], &mut |_, _| -> Result<(), PackError> {
+            seen += 1;
+            Ok(())
+        });
+        hashed += seen as u64;
+        match result {
+            Ok(()) => break,
+            Err(err) => {
+                let slot = wanted[from + seen].0;
+                bad.insert(slot, err.to_string());
+                from += seen + 1;
+            }
+        }
+    }
+    let unusable = match (&blob_error, bad.is_empty()) {
+        // The blob's bytes are wrong but every page is right: the damage is in the index or
+        // the frames' framing, which no page check can place.
+        (Some(e), true) => Some(e.clone()),
+        _ => None,
+    };
+    (
+        PackCheck {
+            index: unusable.is_none().then_some(index),
+            unusable,
+            bad,
+        },
+        hashed,
+    )
+}
+
+/// An error with its causes, `: `-separated.
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemBlobStore;
+    use crate::page_index::PageIndex;
+    use crate::pages::{PageWriter, load_manifest};
+
+    /// An incompressible page, the same for the same seed.
+    fn page(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut p = vec![0u8; PAGE_SIZE];
+        for c in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    /// Store a file of pages (`None`: a zero page) and a JSON root naming its manifest; returns
+    /// (root, manifest).
+    fn snapshot(
+        store: &MemBlobStore,
+        dir: &std::path::Path,
+        name: &str,
+        layout: &[Option<u64>],
+    ) -> (Digest256, Digest256) {
+        let path = dir.join(name);
+        let mut bytes = Vec::new();
+        for p in layout {
+            match p {
+                Some(seed) => bytes.extend_from_slice(&page(*seed)),
+                None => bytes.extend_from_slice(&[0u8; PAGE_SIZE]),
+            }
+        }
+        std::fs::write(&path, &bytes).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        let mut w = PageWriter::new(store, PageIndex::none(), 2);
+        let stored = w.write_file(&file, &path).expect("store");
+        let extra = store
+            .put(format!("images of {name}").as_bytes())
+            .expect("put");
+        let root = store
+            .put(
+                format!(
+                    r#"{{"kind":"test","images":"{extra}","memory":["{}"]}}"#,
+                    stored.manifest
+                )
+                .as_bytes(),
+            )
+            .expect("put");
+        store.set_name(name, &root).expect("name");
+        (root, stored.manifest)
+    }
+
+    fn roots(store: &MemBlobStore) -> Vec<Digest256> {
+        store
+            .names()
+            .expect("names")
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
+    }
+
+    #[test]
+    fn usage_tells_logical_stored_and_shared_sizes() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let base: Vec<Option<u64>> = (0..100).map(|i| (i % 4 != 0).then_some(i)).collect();
+        let (a, ma) = snapshot(&store, tmp.path(), "a", &base);
+        // b: the same pages with 5 changed, written by a session of its own without an index,
+        // so into packs of its own.
+        let changed: Vec<Option<u64>> = base
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if i % 20 == 1 {
+                    Some(1000 + i as u64)
+                } else {
+                    *p
+                }
+            })
+            .collect();
+        let (b, mb) = snapshot(&store, tmp.path(), "b", &changed);
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        assert_eq!(graph.manifests().len(), 2);
+        assert!(graph.missing().is_empty());
+        let u = usage(&store, &graph, &[a, b]).expect("usage");
+        assert_eq!(u.len(), 2);
+        let ua = u.iter().find(|u| u.root == a).expect("a");
+        let ub = u.iter().find(|u| u.root == b).expect("b");
+        for (u, name) in [(ua, "a"), (ub, "b")] {
+            assert_eq!(u.pages, 100);
+            assert_eq!(u.zero_pages, 25);
+            let images = format!("images of {name}").len() as u64;
+            let root = store.stored_size(&u.root).expect("size");
+            assert_eq!(u.logical_size, 100 * 4096 + images + root, "{name}");
+            // root, images, manifest, list, packs.
+            let m = load_manifest(&store, if name == "a" { &ma } else { &mb }).expect("m");
+            assert_eq!(u.blobs, 4 + m.packs.len() as u64, "{name}");
+        }
+        // Each wrote its own pack (no shared index): nothing is shared.
+        assert_eq!(ua.shared_size, 0);
+        // A third name on b's root: b's whole graph is shared with it, a's still is not.
+        let c = store.put(format!(r#"["{b}"]"#).as_bytes()).expect("put");
+        store.set_name("c", &c).expect("name");
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        let u = usage(&store, &graph, &[a, b, c]).expect("usage");
+        let ub = u.iter().find(|u| u.root == b).expect("b");
+        assert_eq!(ub.shared_size, ub.stored_size);
+        assert_eq!(u.iter().find(|u| u.root == a).expect("a").shared_size, 0);
+    }
+
+    #[test]
+    fn shared_packs_count_as_shared_and_dead_pages_are_counted() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let index = PageIndex::in_dir(&tmp.path().join("index"));
+        let write = |name: &str, layout: &[Option<u64>]| {
+            let path = tmp.path().join(name);
+            let bytes: Vec<u8> = layout
+                .iter()
+                .flat_map(|p| p.map_or_else(|| vec![0u8; PAGE_SIZE], page))
+                .collect();
+            std::fs::write(&path, &bytes).expect("write");
+            let mut w = PageWriter::new(&store, index.clone(), 2);
+            let stored = w
+                .write_file(&std::fs::File::open(&path).expect("open"), &path)
+                .expect("store");
+            w.commit().expect("commit");
+            let root = store
+                .put(format!(r#"{{"memory":"{}"}}"#, stored.manifest).as_bytes())
+                .expect("put");
+            store.set_name(name, &root).expect("name");
+            root
+        };
+        let a = write("a", &(0..200).map(Some).collect::<Vec<_>>());
+        // b shares 150 of a's pages and adds 50 of its own.
+        let b = write("b", &(50..250).map(Some).collect::<Vec<_>>());
+        let graph = Graph::load(&store, &[a, b]).expect("graph");
+        let u = usage(&store, &graph, &[a, b]).expect("usage");
+        let ub = u.iter().find(|u| u.root == b).expect("b");
+        let a_pack = load_manifest(&store, graph.manifests().keys().next().expect("m"))
+            .expect("m")
+            .packs;
+        assert!(
+            ub.shared_size > 0 && ub.shared_size < ub.stored_size,
+            "{ub:?}"
+        );
+        let both = pack_usage(&store, &graph).expect("usage");
+        assert_eq!((both.packs, both.pages, both.live_pages), (2, 250, 250));
+        assert_eq!(both.dead_pages(), 0);
+        // Only b kept: a's first 50 pages are dead in a's pack.
+        let graph = Graph::load(&store, &[b]).expect("graph");
+        let only_b = pack_usage(&store, &graph).expect("usage");
+        assert_eq!(
+            (only_b.packs, only_b.pages, only_b.live_pages),
+            (2, 250, 200)
+        );
+        assert_eq!(only_b.dead_pages(), 50);
+        let a_stored = store.stored_size(&a_pack[0]).expect("size");
+        assert_eq!(only_b.dead_stored_size, a_stored * 50 / 200);
+    }
+
+    #[test]
+    fn a_clean_store_verifies_clean() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let layout: Vec<Option<u64>> = (0..3000).map(|i| (i % 7 != 0).then_some(i)).collect();
+        snapshot(&store, tmp.path(), "a", &layout);
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        let v = verify_pages(&store, &graph, 2);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.manifests, v.packs), (1, 2));
+        assert_eq!(v.pages, 3000 - 3000_u64.div_ceil(7));
+        assert_eq!(v.list_entries, 3000);
+    }
+
+    #[test]
+    fn a_corrupt_page_is_named_by_pack_slot_and_the_pages_that_use_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        // Page 10 is repeated at 90: both uses are named.
+        let mut layout: Vec<Option<u64>> = (0..100).map(Some).collect();
+        layout[90] = Some(10);
+        let (_, manifest) = snapshot(&store, tmp.path(), "a", &layout);
+        let m = load_manifest(&store, &manifest).expect("m");
+        let pack = m.packs[0];
+        // Damage the stored bytes of the page in slot 10, as a bad disk would: the blob no longer
+        // hashes to its digest, but the pages around it are fine.
+        let mut bytes = store.get(&pack).expect("pack");
+        let needle = page(10)[200..232].to_vec();
+        let at = bytes
+            .windows(32)
+            .position(|w| w == needle)
+            .expect("raw page");
+        bytes[at] ^= 1;
+        store.corrupt_for_test(&pack, &bytes);
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        let v = verify_pages(&store, &graph, 2);
+        assert_eq!(v.problems.len(), 1, "{:?}", v.problems);
+        let p = &v.problems[0];
+        assert!(
+            matches!(&p.fault, Fault::BadPage { pack: got, slot: 10, .. } if *got == pack),
+            "{:?}",
+            p.fault
+        );
+        assert_eq!(p.use_count, 2);
+        assert_eq!(
+            p.uses,
+            vec![
+                PageUse { manifest, page: 10 },
+                PageUse { manifest, page: 90 }
+            ]
+        );
+        assert!(p.fault.to_string().contains("slot 10"), "{}", p.fault);
+    }
+
+    #[test]
+    fn missing_packs_and_lists_and_wrong_slots_are_named() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let (_, ma) = snapshot(
+            &store,
+            tmp.path(),
+            "a",
+            &(0..10).map(Some).collect::<Vec<_>>(),
+        );
+        let (_, mb) = snapshot(
+            &store,
+            tmp.path(),
+            "b",
+            &(20..30).map(Some).collect::<Vec<_>>(),
+        );
+        let a = load_manifest(&store, &ma).expect("m");
+        let b = load_manifest(&store, &mb).expect("m");
+        store.remove(&a.packs[0]).expect("rm");
+        store.remove(&b.list).expect("rm");
+        // c: a manifest whose list points into b's pack at slots holding other pages.
+        let path = tmp.path().join("c");
+        let bytes: Vec<u8> = (21..31).flat_map(page).collect();
+        std::fs::write(&path, &bytes).expect("write");
+        let mut w = PageWriter::new(&store, PageIndex::none(), 1);
+        let c = w
+            .write_file(&std::fs::File::open(&path).expect("open"), &path)
+            .expect("store");
+        let cm = load_manifest(&store, &c.manifest).expect("m");
+        let forged = PagesManifest {
+            packs: vec![b.packs[0]],
+            ..cm
+        };
+        let forged = store
+            .put(&serde_json::to_vec(&forged).expect("json"))
+            .expect("put");
+        let root = store
+            .put(format!(r#"["{forged}"]"#).as_bytes())
+            .expect("put");
+        store.set_name("c", &root).expect("name");
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        assert_eq!(graph.missing().iter().copied().collect::<Vec<_>>().len(), 2);
+        let v = verify_pages(&store, &graph, 2);
+        let faults: Vec<String> = v.problems.iter().map(|p| p.fault.to_string()).collect();
+        assert!(
+            v.problems.iter().any(
+                |p| matches!(&p.fault, Fault::BadPack { pack, .. } if *pack == a.packs[0])
+                    && p.use_count == 10
+            ),
+            "{faults:?}"
+        );
+        assert!(
+            v.problems
+                .iter()
+                .any(|p| matches!(&p.fault, Fault::BadList { list, .. } if *list == b.list)),
+            "{faults:?}"
+        );
+        // c's pages 0..9 are b's pages 1..10: slot 9 is past b's pack, the rest hold other pages.
+        let wrong: Vec<u32> = v
+            .problems
+            .iter()
+            .filter_map(|p| match &p.fault {
+                Fault::WrongSlot { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(wrong, (0..10).collect::<Vec<_>>(), "{faults:?}");
+    }
+}
