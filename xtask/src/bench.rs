@@ -13,7 +13,8 @@
 //!   mount namespaces on fresh pipes (`unshare --pid --fork --mount-proc criu restore
 //!   --inherit-fd …` for raw; pf does the same through its own init), because the original
 //!   still runs and holds the pid; both answers are checked against the original's;
-//! - `pf goblin fork -n 8` from the store until all eight have answered (and exited);
+//! - `pf goblin fork -n 8` from the store until all eight have answered (and exited). These
+//!   thaws and forks, v1 and v2, pass `--eager` (pf's default is lazy for large v2 snapshots);
 //! - lazy thaw (issue 12), on the v2 snapshot of the same run in its own fresh store: `pf goblin
 //!   thaw --lazy` to the first answer twice (the first finds no hint of the pages thaws touch
 //!   first, the second finds the one the first left under the store's `index/hot/`); then
@@ -343,7 +344,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             pf_freeze(env, v2_store.path(), pid, Format::V2)?;
         result.v2_store_one_bytes = dir_bytes(&v2_store.path().join("blobs"));
         let v2_thaw = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Eager)?;
-        check_answer("pf goblin thaw (v2)", &v2_thaw.answer, &expected)?;
+        check_answer("pf goblin thaw --eager (v2)", &v2_thaw.answer, &expected)?;
         let hints = v2_store.path().join("index").join("hot");
         if dir_bytes(&hints) > 0 {
             bail!(
@@ -622,6 +623,16 @@ enum Thaw {
     LazyUntilDone,
 }
 
+impl Thaw {
+    /// Always explicit: pf's own default is lazy for large v2 snapshots.
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Eager => "--eager",
+            Self::Lazy | Self::LazyUntilDone => "--lazy",
+        }
+    }
+}
+
 /// What the line pf logs (with `-v`) when a lazy restore needs no more pages contains.
 const LAZY_DONE_LOG: &str = "lazy restore done";
 
@@ -637,7 +648,7 @@ struct Thawed {
     rss_kib: u64,
 }
 
-/// `pf goblin thaw [--lazy] DIGEST`, timed from its start to the goblin's answer to `question`
+/// `pf goblin thaw --eager|--lazy DIGEST`, timed from its start to the goblin's answer to `question`
 /// (and, for [`Thaw::LazyUntilDone`], on to pf's `lazy restore done` log line, its stdin still
 /// open); then its stdin is closed, the goblin ends and pf exits with its status.
 fn pf_thaw(
@@ -653,10 +664,7 @@ fn pf_thaw(
     if how == Thaw::LazyUntilDone {
         cmd.arg("-v");
     }
-    cmd.args(["goblin", "thaw"]);
-    if how != Thaw::Eager {
-        cmd.arg("--lazy");
-    }
+    cmd.args(["goblin", "thaw", how.flag()]);
     cmd.arg(digest).stdin(Stdio::piped());
     let what = process::display(&cmd);
     let start = Instant::now();
@@ -718,7 +726,7 @@ fn pf_thaw(
     })
 }
 
-/// `pf goblin fork [--lazy] DIGEST -n 8 --send sum --json`: seconds until all copies answered
+/// `pf goblin fork --eager|--lazy DIGEST -n 8 --send sum --json`: seconds until all copies answered
 /// and exited, and pf's peak RSS; every copy's answer is checked.
 fn pf_fork(
     env: &Env,
@@ -728,11 +736,17 @@ fn pf_fork(
     how: Thaw,
 ) -> anyhow::Result<(f64, u64)> {
     let n = FORK_CLONES.to_string();
-    let mut args = vec!["goblin", "fork"];
-    if how != Thaw::Eager {
-        args.push("--lazy");
-    }
-    args.extend([digest, "-n", &n, "--send", "sum", "--json"]);
+    let args = [
+        "goblin",
+        "fork",
+        how.flag(),
+        digest,
+        "-n",
+        &n,
+        "--send",
+        "sum",
+        "--json",
+    ];
     let (secs, stdout, rss) = run_pf(env, store, &args)?;
     let copies: Vec<Value> = stdout
         .lines()

@@ -437,7 +437,7 @@ impl Report {
             );
             row(
                 &mut md,
-                "v2: `pf goblin thaw` to the first answer (s)",
+                "v2: `pf goblin thaw --eager` to the first answer (s)",
                 &|s| format!("{:.3}", s.v2_thaw_s),
                 "",
             );
