@@ -13,7 +13,13 @@
 //!   mount namespaces on fresh pipes (`unshare --pid --fork --mount-proc criu restore
 //!   --inherit-fd …` for raw; pf does the same through its own init), because the original
 //!   still runs and holds the pid; both answers are checked against the original's;
-//! - `pf goblin fork -n 8` from the store until all eight have answered (and exited);
+//! - `pf goblin fork -n 8` from the store until all eight have answered (and exited). These
+//!   thaws and forks, v1 and v2, pass `--eager` (pf's default is lazy for large v2 snapshots);
+//! - lazy thaw (issue 12), on the v2 snapshot of the same run in its own fresh store: `pf goblin
+//!   thaw --lazy` to the first answer twice (the first finds no hint of the pages thaws touch
+//!   first, the second finds the one the first left under the store's `index/hot/`); then
+//!   `pf -v goblin thaw --lazy` until pf logs `lazy restore done` (every page is in), against
+//!   the eager v2 thaw of the same run; then `pf goblin fork --lazy -n 8` until all answered;
 //! - pf's own peak resident memory in each command (sampled `VmHWM`).
 //!
 //! Then bytes in the store: one snapshot, and 10 successive snapshots of the goblin with 5% of
@@ -43,7 +49,7 @@ a full run also writes it to docs/benchmarks.md. Needs root, criu (cargo xtask i
 python3, unshare and zstd.
 
   --quick      64 MiB only, one run, the store section on 64 MiB, the debug build of pf:
-               proves the harness works in about a minute; figures are not representative
+               proves the harness works in a few minutes; figures are not representative
                and docs/benchmarks.md is left alone (as by any run with fewer sizes,
                runs or sections than the default)
   --json       print the results as JSON on stdout (progress goes to stderr)
@@ -67,6 +73,16 @@ pub(crate) const V2_FREEZE_TARGET: f64 = 1.6;
 pub(crate) const V2_REFREEZE_TARGET: f64 = 1.3;
 pub(crate) const V2_THAW_TARGET: f64 = 1.3;
 pub(crate) const V2_SERIES_TARGET: f64 = 1.75;
+/// Issue 12's targets: the second lazy thaw (with the first one's hint) to the first answer, in
+/// seconds, at [`LAZY_THAW_TARGET_MIB`] …
+pub(crate) const LAZY_THAW_TARGET_SECS: f64 = 0.1;
+pub(crate) const LAZY_THAW_TARGET_MIB: u64 = 1024;
+/// … a lazy thaw until every page is in against the eager v2 thaw …
+pub(crate) const LAZY_DONE_TARGET: f64 = 1.3;
+/// … `pf goblin fork --lazy -n 8` until all answered, in seconds at a goblin size in MiB …
+pub(crate) const LAZY_FORK_TARGETS: [(u64, f64); 2] = [(64, 0.3), (1024, 1.0)];
+/// … and pf's peak RSS while it serves those 8 clones, in MiB.
+pub(crate) const LAZY_FORK_RSS_TARGET_MIB: f64 = 256.0;
 /// Issue 13's target: bytes a push of the 10th snapshot sends against its new pages' stored size.
 pub(crate) const SENT_TARGET: f64 = 1.2;
 
@@ -146,6 +162,19 @@ struct Run {
     v2_thaw_s: f64,
     v2_freeze_rss_kib: u64,
     v2_thaw_rss_kib: u64,
+    /// Lazy thaws of that v2 snapshot to the first answer: the first (no hint yet), the second
+    /// (with the hint the first left).
+    lazy_first_s: f64,
+    lazy_second_s: f64,
+    /// Bytes of hints under the store's `index/hot/` after the first lazy thaw (0: none written,
+    /// so the second had nothing to go by).
+    lazy_hint_bytes: u64,
+    /// A third lazy thaw, until pf logs that every page is in, and pf's peak RSS meanwhile.
+    lazy_done_s: f64,
+    lazy_done_rss_kib: u64,
+    /// `pf goblin fork --lazy -n 8` until all answered, and pf's peak RSS.
+    lazy_fork_s: f64,
+    lazy_fork_rss_kib: u64,
 }
 
 /// Everything measured on one goblin size.
@@ -307,15 +336,34 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         let (raw_restore_s, answer) =
             bench_criu::restore(&env.criu, images.path(), goblin.pipes, "sum")?;
         check_answer("raw criu restore", &answer, &expected)?;
-        let (thaw_s, answer, thaw_rss) = pf_thaw(env, store.path(), &digest, "sum")?;
-        check_answer("pf goblin thaw", &answer, &expected)?;
-        let (fork_s, fork_rss) = pf_fork(env, store.path(), &digest, &expected)?;
+        let thaw = pf_thaw(env, store.path(), &digest, "sum", Thaw::Eager)?;
+        check_answer("pf goblin thaw", &thaw.answer, &expected)?;
+        let (fork_s, fork_rss) = pf_fork(env, store.path(), &digest, &expected, Thaw::Eager)?;
         let v2_store = ScratchDir::new(&env.stores, "store-v2")?;
         let (v2_freeze_s, v2_digest, v2_freeze_rss) =
             pf_freeze(env, v2_store.path(), pid, Format::V2)?;
         result.v2_store_one_bytes = dir_bytes(&v2_store.path().join("blobs"));
-        let (v2_thaw_s, answer, v2_thaw_rss) = pf_thaw(env, v2_store.path(), &v2_digest, "sum")?;
-        check_answer("pf goblin thaw (v2)", &answer, &expected)?;
+        let v2_thaw = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Eager)?;
+        check_answer("pf goblin thaw --eager (v2)", &v2_thaw.answer, &expected)?;
+        let hints = v2_store.path().join("index").join("hot");
+        if dir_bytes(&hints) > 0 {
+            bail!(
+                "{} holds a hint before the first lazy thaw: the first would not be a first",
+                hints.display()
+            );
+        }
+        let first = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Lazy)?;
+        check_answer("pf goblin thaw --lazy (first)", &first.answer, &expected)?;
+        let lazy_hint_bytes = dir_bytes(&hints);
+        if lazy_hint_bytes == 0 {
+            progress("  the first lazy thaw left no hint: the second has nothing to go by");
+        }
+        let second = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Lazy)?;
+        check_answer("pf goblin thaw --lazy (second)", &second.answer, &expected)?;
+        let done = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::LazyUntilDone)?;
+        check_answer("pf -v goblin thaw --lazy", &done.answer, &expected)?;
+        let (lazy_fork_s, lazy_fork_rss) =
+            pf_fork(env, v2_store.path(), &v2_digest, &expected, Thaw::Lazy)?;
         drop(v2_store);
         let run = Run {
             raw_dump_s: raw.secs,
@@ -323,19 +371,29 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             pf_freeze_s: freeze_s,
             pf_pause_us,
             raw_restore_s,
-            pf_thaw_s: thaw_s,
+            pf_thaw_s: thaw.answer_s,
             fork_s,
             freeze_rss_kib: freeze_rss,
-            thaw_rss_kib: thaw_rss,
+            thaw_rss_kib: thaw.rss_kib,
             fork_rss_kib: fork_rss,
             v2_freeze_s,
-            v2_thaw_s,
+            v2_thaw_s: v2_thaw.answer_s,
             v2_freeze_rss_kib: v2_freeze_rss,
-            v2_thaw_rss_kib: v2_thaw_rss,
+            v2_thaw_rss_kib: v2_thaw.rss_kib,
+            lazy_first_s: first.answer_s,
+            lazy_second_s: second.answer_s,
+            lazy_hint_bytes,
+            lazy_done_s: done
+                .done_s
+                .context("a lazy thaw until done has its done time")?,
+            lazy_done_rss_kib: done.rss_kib,
+            lazy_fork_s,
+            lazy_fork_rss_kib: lazy_fork_rss,
         };
         progress(&format!(
             "  dump {:.3} s / freeze {:.3} s; pause {:.1} / {:.1} ms; restore {:.3} s / thaw \
-             {:.3} s; fork {FORK_CLONES} {:.3} s; v2 freeze {:.3} s, thaw {:.3} s",
+             {:.3} s; fork {FORK_CLONES} {:.3} s; v2 freeze {:.3} s, thaw {:.3} s; lazy thaw \
+             {:.3} s, again {:.3} s, all pages in {:.3} s; lazy fork {FORK_CLONES} {:.3} s",
             run.raw_dump_s,
             run.pf_freeze_s,
             run.raw_pause_us as f64 / 1e3,
@@ -345,6 +403,10 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             run.fork_s,
             run.v2_freeze_s,
             run.v2_thaw_s,
+            run.lazy_first_s,
+            run.lazy_second_s,
+            run.lazy_done_s,
+            run.lazy_fork_s,
         ));
         result.runs.push(run);
         last_store = Some((store, digest));
@@ -550,55 +612,142 @@ fn pf_pause(env: &Env, store: &Path, digest: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("the procs blob {digest} records no dump_stats.frozen_time_us"))
 }
 
-/// `pf goblin thaw DIGEST`, timed from its start to the goblin's answer to `question`; then its
-/// stdin is closed, the goblin ends and pf exits with its status.
+/// How a bench thaw or fork restores memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Thaw {
+    /// All of it before the goblin runs.
+    Eager,
+    /// On demand from the store (`--lazy`).
+    Lazy,
+    /// `-v … --lazy`, waiting after the answer until pf logs that every page is in.
+    LazyUntilDone,
+}
+
+impl Thaw {
+    /// Always explicit: pf's own default is lazy for large v2 snapshots.
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Eager => "--eager",
+            Self::Lazy | Self::LazyUntilDone => "--lazy",
+        }
+    }
+}
+
+/// What the line pf logs (with `-v`) when a lazy restore needs no more pages contains.
+const LAZY_DONE_LOG: &str = "lazy restore done";
+
+/// What one bench thaw measured.
+#[derive(Debug)]
+struct Thawed {
+    /// Seconds from starting pf to the goblin's answer.
+    answer_s: f64,
+    answer: String,
+    /// [`Thaw::LazyUntilDone`]: seconds from starting pf to its log line that every page is in.
+    done_s: Option<f64>,
+    /// pf's peak RSS up to the answer (to the last page, for [`Thaw::LazyUntilDone`]).
+    rss_kib: u64,
+}
+
+/// `pf goblin thaw --eager|--lazy DIGEST`, timed from its start to the goblin's answer to `question`
+/// (and, for [`Thaw::LazyUntilDone`], on to pf's `lazy restore done` log line, its stdin still
+/// open); then its stdin is closed, the goblin ends and pf exits with its status.
 fn pf_thaw(
     env: &Env,
     store: &Path,
     digest: &str,
     question: &str,
-) -> anyhow::Result<(f64, String, u64)> {
+    how: Thaw,
+) -> anyhow::Result<Thawed> {
     use std::io::Write as _;
     let mut cmd = process::command(&env.pf, &env.root, Out::Pipe, Out::Pipe);
-    cmd.arg("--store")
-        .arg(store)
-        .args(["goblin", "thaw", digest])
-        .stdin(Stdio::piped());
+    cmd.arg("--store").arg(store);
+    if how == Thaw::LazyUntilDone {
+        cmd.arg("-v");
+    }
+    cmd.args(["goblin", "thaw", how.flag()]);
+    cmd.arg(digest).stdin(Stdio::piped());
+    let what = process::display(&cmd);
     let start = Instant::now();
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
+        .with_context(|| format!("cannot start `{what}`"))?;
     let rss = PeakRss::watch(child.id());
     let mut stdin = child.stdin.take().context("stdin")?;
     let out = Lines::new(child.stdout.take().context("stdout")?);
-    let err = Collected::from(child.stderr.take().context("stderr")?);
-    let mut guard = Guard::new(child, "pf goblin thaw");
-    writeln!(stdin, "{question}").context("write to pf goblin thaw")?;
-    let answer = out
-        .next(Duration::from_secs(120))
-        .with_context(|| format!("pf goblin thaw: {}", err.tail()))?;
-    let secs = start.elapsed().as_secs_f64();
-    // pf's own peak is behind it by now: it has read the blob and run criu.
-    let rss = rss.finish();
+    // Both pipes are read on threads, so neither can fill up and stall pf.
+    let err = Lines::new(child.stderr.take().context("stderr")?);
+    let mut guard = Guard::new(child, what.clone());
+    let mut log = Vec::new();
+    // What pf said last, for an error: what it wrote within a moment more.
+    let tail = |log: &mut Vec<String>| {
+        let until = Instant::now() + Duration::from_secs(2);
+        while let Ok(line) = err.next(until.saturating_duration_since(Instant::now())) {
+            log.push(line);
+        }
+        log[log.len().saturating_sub(20)..].join("\n")
+    };
+    writeln!(stdin, "{question}").with_context(|| format!("write to `{what}`"))?;
+    let answer = match out.next(Duration::from_secs(120)) {
+        Ok(answer) => answer,
+        Err(e) => bail!("`{what}`: {e:#}: {}", tail(&mut log)),
+    };
+    let answer_s = start.elapsed().as_secs_f64();
+    let mut done_s = None;
+    if how == Thaw::LazyUntilDone {
+        let limit = Duration::from_secs(600);
+        loop {
+            let left = limit.saturating_sub(start.elapsed());
+            match err.next(left) {
+                Ok(line) if line.contains(LAZY_DONE_LOG) => {
+                    done_s = Some(start.elapsed().as_secs_f64());
+                    break;
+                }
+                Ok(line) => log.push(line),
+                Err(e) => bail!(
+                    "`{what}` never logged {LAZY_DONE_LOG:?}: {e:#}: {}",
+                    tail(&mut log)
+                ),
+            }
+        }
+    }
+    // pf's own peak is behind it by now: it has read the blob and run criu (and, lazily, served
+    // every page once it is done; to the answer only, otherwise).
+    let rss_kib = rss.finish();
     drop(stdin);
     let status = guard.wait(Duration::from_secs(60))?;
     if !status.success() {
-        bail!("pf goblin thaw ended with {status}: {}", err.tail());
+        bail!("`{what}` ended with {status}: {}", tail(&mut log));
     }
-    Ok((secs, answer, rss))
+    Ok(Thawed {
+        answer_s,
+        answer,
+        done_s,
+        rss_kib,
+    })
 }
 
-/// `pf goblin fork DIGEST -n 8 --send sum --json`: seconds until all copies answered and
-/// exited, and pf's peak RSS; every copy's answer is checked.
-fn pf_fork(env: &Env, store: &Path, digest: &str, expected: &str) -> anyhow::Result<(f64, u64)> {
+/// `pf goblin fork --eager|--lazy DIGEST -n 8 --send sum --json`: seconds until all copies answered
+/// and exited, and pf's peak RSS; every copy's answer is checked.
+fn pf_fork(
+    env: &Env,
+    store: &Path,
+    digest: &str,
+    expected: &str,
+    how: Thaw,
+) -> anyhow::Result<(f64, u64)> {
     let n = FORK_CLONES.to_string();
-    let (secs, stdout, rss) = run_pf(
-        env,
-        store,
-        &[
-            "goblin", "fork", digest, "-n", &n, "--send", "sum", "--json",
-        ],
-    )?;
+    let args = [
+        "goblin",
+        "fork",
+        how.flag(),
+        digest,
+        "-n",
+        &n,
+        "--send",
+        "sum",
+        "--json",
+    ];
+    let (secs, stdout, rss) = run_pf(env, store, &args)?;
     let copies: Vec<Value> = stdout
         .lines()
         .map(serde_json::from_str)
@@ -609,7 +758,7 @@ fn pf_fork(env: &Env, store: &Path, digest: &str, expected: &str) -> anyhow::Res
     }
     for copy in &copies {
         let answer = copy["stdout"].as_str().unwrap_or_default().trim();
-        check_answer("pf goblin fork", answer, expected)?;
+        check_answer(&format!("`pf {}`", args.join(" ")), answer, expected)?;
     }
     Ok((secs, rss))
 }
@@ -636,6 +785,13 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
         v2_thaw_s: m(|r| r.v2_thaw_s),
         v2_freeze_rss_kib: max(|r| r.v2_freeze_rss_kib),
         v2_thaw_rss_kib: max(|r| r.v2_thaw_rss_kib),
+        lazy_first_s: m(|r| r.lazy_first_s),
+        lazy_second_s: m(|r| r.lazy_second_s),
+        lazy_hint_bytes: max(|r| r.lazy_hint_bytes),
+        lazy_done_s: m(|r| r.lazy_done_s),
+        lazy_done_rss_kib: max(|r| r.lazy_done_rss_kib),
+        lazy_fork_s: m(|r| r.lazy_fork_s),
+        lazy_fork_rss_kib: max(|r| r.lazy_fork_rss_kib),
         refreeze_s: median(size.refreeze_s.clone()),
         v2_refreeze_s: median(size.v2_refreeze_s.clone()),
         v2_store_one_bytes: size.v2_store_one_bytes,
@@ -661,6 +817,13 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
                     "v2_thaw_s": r.v2_thaw_s,
                     "v2_freeze_rss_kib": r.v2_freeze_rss_kib,
                     "v2_thaw_rss_kib": r.v2_thaw_rss_kib,
+                    "lazy_first_s": r.lazy_first_s,
+                    "lazy_second_s": r.lazy_second_s,
+                    "lazy_hint_bytes": r.lazy_hint_bytes,
+                    "lazy_done_s": r.lazy_done_s,
+                    "lazy_done_rss_kib": r.lazy_done_rss_kib,
+                    "lazy_fork_s": r.lazy_fork_s,
+                    "lazy_fork_rss_kib": r.lazy_fork_rss_kib,
                 })
             })
             .collect(),

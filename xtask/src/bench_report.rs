@@ -8,8 +8,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::bench::{
-    FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, PAUSE_TARGET, SENT_TARGET,
-    SERIES, THAW_TARGET, V2_FREEZE_TARGET, V2_REFREEZE_TARGET, V2_SERIES_TARGET, V2_THAW_TARGET,
+    FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, LAZY_DONE_TARGET,
+    LAZY_FORK_RSS_TARGET_MIB, LAZY_FORK_TARGETS, LAZY_THAW_TARGET_MIB, LAZY_THAW_TARGET_SECS,
+    PAUSE_TARGET, SENT_TARGET, SERIES, THAW_TARGET, V2_FREEZE_TARGET, V2_REFREEZE_TARGET,
+    V2_SERIES_TARGET, V2_THAW_TARGET,
 };
 use crate::bench_registry::{Sent, Transfer};
 use crate::process::{self, Out};
@@ -40,6 +42,15 @@ pub(crate) struct SizeSummary {
     pub(crate) v2_thaw_s: f64,
     pub(crate) v2_freeze_rss_kib: u64,
     pub(crate) v2_thaw_rss_kib: u64,
+    /// Lazy thaws of the v2 snapshot (issue 12): to the first answer without and with the hint,
+    /// until every page is in, and `fork --lazy -n 8`; peak RSS of the last two.
+    pub(crate) lazy_first_s: f64,
+    pub(crate) lazy_second_s: f64,
+    pub(crate) lazy_hint_bytes: u64,
+    pub(crate) lazy_done_s: f64,
+    pub(crate) lazy_done_rss_kib: u64,
+    pub(crate) lazy_fork_s: f64,
+    pub(crate) lazy_fork_rss_kib: u64,
     /// Medians of the series' freezes after the first.
     pub(crate) refreeze_s: f64,
     pub(crate) v2_refreeze_s: f64,
@@ -184,6 +195,35 @@ fn v2_json(s: &SizeSummary) -> Value {
         "freeze_rss_kib": s.v2_freeze_rss_kib,
         "thaw_rss_kib": s.v2_thaw_rss_kib,
     })
+}
+
+fn lazy_json(s: &SizeSummary) -> Value {
+    json!({
+        "thaw_first_s": s.lazy_first_s,
+        "thaw_second_s": s.lazy_second_s,
+        "hint_bytes": s.lazy_hint_bytes,
+        "done_s": s.lazy_done_s,
+        "done_ratio": s.lazy_done_s / s.v2_thaw_s,
+        "done_rss_kib": s.lazy_done_rss_kib,
+        "fork_s": s.lazy_fork_s,
+        "fork_rss_kib": s.lazy_fork_rss_kib,
+    })
+}
+
+/// The seconds `pf goblin fork --lazy -n 8` may take at a goblin of `mib` MiB, if set.
+fn lazy_fork_target(mib: u64) -> Option<f64> {
+    LAZY_FORK_TARGETS
+        .iter()
+        .find(|(at, _)| *at == mib)
+        .map(|(_, secs)| *secs)
+}
+
+/// `0.084 met` where `mib` is the size the target is set for, else just the seconds.
+fn secs_cell(secs: f64, mib: u64, target: Option<(u64, f64)>) -> String {
+    match target {
+        Some((at, limit)) if at == mib => format!("{secs:.3} {}", verdict(secs <= limit)),
+        _ => format!("{secs:.3}"),
+    }
 }
 
 fn registry_json(s: &SizeSummary) -> Value {
@@ -397,7 +437,7 @@ impl Report {
             );
             row(
                 &mut md,
-                "v2: `pf goblin thaw` to the first answer (s)",
+                "v2: `pf goblin thaw --eager` to the first answer (s)",
                 &|s| format!("{:.3}", s.v2_thaw_s),
                 "",
             );
@@ -439,6 +479,64 @@ impl Report {
                     )
                 },
                 "< 128",
+            );
+            row(
+                &mut md,
+                "lazy: `pf goblin thaw --lazy` to the first answer, first time (s)",
+                &|s| format!("{:.3}", s.lazy_first_s),
+                "",
+            );
+            row(
+                &mut md,
+                "lazy: the same again, with the first one's hint (s)",
+                &|s| {
+                    secs_cell(
+                        s.lazy_second_s,
+                        s.mib,
+                        Some((LAZY_THAW_TARGET_MIB, LAZY_THAW_TARGET_SECS)),
+                    )
+                },
+                &format!("≤ {LAZY_THAW_TARGET_SECS} s at {LAZY_THAW_TARGET_MIB} MiB"),
+            );
+            row(
+                &mut md,
+                "lazy: `pf goblin thaw --lazy` until every page is in (s)",
+                &|s| format!("{:.3}", s.lazy_done_s),
+                "",
+            );
+            row(
+                &mut md,
+                "lazy until every page is in / v2 thaw",
+                &|s| ratio_cell(s.lazy_done_s, s.v2_thaw_s, LAZY_DONE_TARGET),
+                &format!("≤ {LAZY_DONE_TARGET}×"),
+            );
+            row(
+                &mut md,
+                &format!("lazy: `pf goblin fork --lazy -n {FORK_CLONES}`, until all answered (s)"),
+                &|s| {
+                    let target = lazy_fork_target(s.mib).map(|secs| (s.mib, secs));
+                    secs_cell(s.lazy_fork_s, s.mib, target)
+                },
+                &LAZY_FORK_TARGETS
+                    .iter()
+                    .map(|(mib, secs)| format!("≤ {secs} s at {mib} MiB"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            );
+            row(
+                &mut md,
+                &format!(
+                    "lazy: pf peak RSS, thaw until every page is in / fork of {FORK_CLONES} (MiB)"
+                ),
+                &|s| {
+                    let fork = kib_to_mib(s.lazy_fork_rss_kib);
+                    format!(
+                        "{:.0} / {fork:.0} {}",
+                        kib_to_mib(s.lazy_done_rss_kib),
+                        verdict(fork < LAZY_FORK_RSS_TARGET_MIB)
+                    )
+                },
+                &format!("fork < {LAZY_FORK_RSS_TARGET_MIB}"),
             );
             row(
                 &mut md,
@@ -664,6 +762,13 @@ impl Report {
                 "freeze_ratio": FREEZE_TARGET, "pause_ratio": PAUSE_TARGET,
                 "thaw_ratio": THAW_TARGET, "fork_secs": FORK_TARGET_SECS,
                 "fork_clones": FORK_CLONES, "fork_mib": FORK_TARGET_MIB,
+                "lazy_thaw_secs": LAZY_THAW_TARGET_SECS, "lazy_thaw_mib": LAZY_THAW_TARGET_MIB,
+                "lazy_done_ratio": LAZY_DONE_TARGET,
+                "lazy_fork_secs": LAZY_FORK_TARGETS
+                    .iter()
+                    .map(|(mib, secs)| json!({"mib": mib, "secs": secs}))
+                    .collect::<Vec<_>>(),
+                "lazy_fork_rss_mib": LAZY_FORK_RSS_TARGET_MIB,
             },
             "sizes": self.sizes.iter().map(|s| json!({
                 "mib": s.mib,
@@ -685,6 +790,7 @@ impl Report {
                 "fork_rss_kib": s.fork_rss_kib,
                 "refreeze_s": s.refreeze_s,
                 "v2": v2_json(s),
+                "lazy": lazy_json(s),
                 "registry": registry_json(s),
                 "runs": s.samples,
             })).collect::<Vec<_>>(),
@@ -746,6 +852,18 @@ tmpfs /dev/shm tmpfs rw 0 0\n/dev/vdb /work ext4 rw 0 0\n";
         assert_eq!(ratio_cell(1.2, 1.0, 1.3), "1.20× met");
         assert_eq!(ratio_cell(2.2, 1.0, 1.3), "2.20× **missed**");
         assert_eq!(ratio_cell(1.0, 0.0, 1.3), "n/a");
+    }
+
+    #[test]
+    fn lazy_targets_apply_at_their_sizes_only() {
+        assert_eq!(lazy_fork_target(64), Some(0.3));
+        assert_eq!(lazy_fork_target(1024), Some(1.0));
+        assert_eq!(lazy_fork_target(256), None);
+        let thaw = Some((LAZY_THAW_TARGET_MIB, LAZY_THAW_TARGET_SECS));
+        assert_eq!(secs_cell(0.05, 1024, thaw), "0.050 met");
+        assert_eq!(secs_cell(0.25, 1024, thaw), "0.250 **missed**");
+        assert_eq!(secs_cell(0.25, 64, thaw), "0.250");
+        assert_eq!(secs_cell(0.25, 64, None), "0.250");
     }
 
     #[test]
