@@ -361,7 +361,10 @@ def thaw(
 
     ``new_pid_namespace=True`` (the default) runs it in its own pid and mount namespaces, beside
     the original and any other copy; ``False`` takes its old pid back on the host, which fails
-    with ``pf.PidInUse`` while anything holds that pid. ``lazy=True``: see ``load``."""
+    with ``pf.PidInUse`` while anything holds that pid. ``lazy=True``: see ``load`` (lazy thaws
+    need a new pid namespace, so without one pf's choice is eager)."""
+    if lazy is None and not new_pid_namespace:
+        lazy = False
     return load(snapshot, store, lazy=lazy).thaw(new_pid_namespace=new_pid_namespace)
 
 

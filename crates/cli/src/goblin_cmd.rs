@@ -548,8 +548,9 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         inputs,
         deadline: args.timeout.map(Duration::from_secs),
     };
-    let loaded = resolved.load(args.mode.lazy())?;
-    let copies = pf_goblins::collect(loaded.fork(n)?, &options, &cancel)?;
+    // The loaded images go once the copies run (lazy copies keep what they need themselves).
+    let goblins = resolved.load(args.mode.lazy())?.fork(n)?;
+    let copies = pf_goblins::collect(goblins, &options, &cancel)?;
     tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;
     let mut stdout = std::io::stdout().lock();

@@ -154,6 +154,23 @@ pub fn close_all_but(a: RawFd, b: RawFd) {
     close(hi + 1, libc::c_int::MAX);
 }
 
+/// Whether this process may create a userfaultfd (`userfaultfd(2)`): the kernel has it, no
+/// seccomp filter (a container's default profile, say) forbids it, and the caller is allowed
+/// (root, or `vm.unprivileged_userfaultfd=1`). The descriptor made to find out is closed at
+/// once.
+pub fn userfaultfd_usable() -> bool {
+    // SAFETY: userfaultfd takes only flags and returns a new descriptor (or -1), which we close;
+    // no memory of ours is read or written.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK);
+        if fd < 0 {
+            return false;
+        }
+        libc::close(fd as RawFd);
+    }
+    true
+}
+
 /// A pidfd for `pid` (`pidfd_open(2)`, Linux ≥ 5.3). The caller must know `pid` cannot have been
 /// recycled yet: it is the caller's unreaped child, or lives in a namespace whose init is one.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {

@@ -180,15 +180,16 @@ impl NativeGoblin {
         self.with(|g| Ok(g.pages_served()))
     }
 
-    /// Leave the goblin running once pf lets go of it; nobody will reap it but init.
-    fn detach(&self) {
+    /// Leave the goblin running once pf lets go of it; nobody will reap it but init. (A goblin
+    /// thawed lazily is let go once every page is in: this waits for that, without the GIL.)
+    fn detach(&self, py: Python<'_>) {
         let goblin = self
             .goblin
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
         if let Some(goblin) = goblin {
-            goblin.detach();
+            py.detach(|| goblin.detach());
         }
     }
 }

@@ -251,13 +251,15 @@ pub enum Error {
     /// A lazy restore must run in a new pid namespace (its init takes the tree down before the
     /// page server goes).
     #[error(
-        "a lazy restore must run in a new pid namespace (thaw it with a new pid namespace, or without lazy)"
+        "a lazy restore must run in a new pid namespace: thaw it in a new pid namespace, or \
+         eagerly (--eager, lazy=False)"
     )]
     LazyNeedsPidns,
-    /// A lazy restore needs userfaultfd, which this kernel lacks.
+    /// A lazy restore needs userfaultfd, which cannot be used here.
     #[error(
-        "this kernel has no userfaultfd (CONFIG_USERFAULTFD), which lazy thaw needs: thaw \
-         without lazy (see `pf doctor`)"
+        "userfaultfd cannot be used here (a kernel without CONFIG_USERFAULTFD, or a seccomp \
+         filter forbids it), and lazy thaw needs it: thaw eagerly (--eager, lazy=False; see \
+         `pf doctor`)"
     )]
     NoUserfaultfd,
     /// A lazy restore was asked of a snapshot whose memory is not stored page by page.

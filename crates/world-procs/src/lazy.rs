@@ -727,13 +727,13 @@ pub(crate) fn start(
             .map_err(sys("starting the page server thread"))?
     };
     let watcher = {
-        let shared = Arc::clone(&shared);
+        let theirs = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("pf-lazy-daemon".into())
             .spawn(move || {
                 // Killed by us (the handle was dropped, or serving failed first): not news.
                 let ours = || {
-                    shared
+                    theirs
                         .state
                         .lock()
                         .map(|s| s.abandoned || matches!(s.outcome, Some(LazyOutcome::Failed(_))))
@@ -741,19 +741,28 @@ pub(crate) fn start(
                 };
                 let result = daemon.wait(ours);
                 let done = matches!(
-                    shared.state.lock().map(|s| s.outcome.clone()),
+                    theirs.state.lock().map(|s| s.outcome.clone()),
                     Ok(Some(LazyOutcome::Complete) | Some(LazyOutcome::Failed(_)))
                 );
                 match result {
                     Ok(_) if done => {}
-                    Ok(_) => shared.fail(Error::LazyFailed {
+                    Ok(_) => theirs.fail(Error::LazyFailed {
                         snapshot,
                         reason: "criu lazy-pages exited before every page was in".to_owned(),
                     }),
-                    Err(e) => shared.fail(e),
+                    Err(e) => theirs.fail(e),
                 }
             })
-            .map_err(sys("starting the lazy-pages watcher thread"))?
+            .map_err(|source| {
+                // No Serving will end the server thread's wait for a killer: say nobody will.
+                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.abandoned = true;
+                shared.changed.notify_all();
+                Error::Sys {
+                    op: "starting the lazy-pages watcher thread",
+                    source,
+                }
+            })?
     };
     Ok(Started {
         serving: Serving {
@@ -867,9 +876,14 @@ fn serve(sock: &mut UnixStream, memory: &LazyMemory, shared: &Shared, daemon: i3
     }
 }
 
-/// How many userfaultfds process `pid` holds, when it holds any (`None`: none, or it is gone).
+/// How many userfaultfds process `pid` holds, when it holds any (`None`: none, or it is gone);
+/// a process whose descriptors cannot be read counts as holding one (pf cannot tell).
 fn open_userfaultfds(pid: i32) -> Option<usize> {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(fds) => fds,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(_) => return Some(1),
+    };
     let n = fds
         .flatten()
         .filter(|e| {

@@ -138,9 +138,11 @@ pub fn lazy_suits(store: &dyn BlobStore, digest: &Digest256) -> Result<bool> {
     Ok(bytes >= LAZY_MIN_BYTES && userfaultfd_available())
 }
 
+/// Whether a userfaultfd can be made here (probed once: the kernel has it, and no seccomp
+/// filter forbids it).
 fn userfaultfd_available() -> bool {
-    Path::new("/dev/userfaultfd").exists()
-        || Path::new("/proc/sys/vm/unprivileged_userfaultfd").exists()
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(pf_os::fd::userfaultfd_usable)
 }
 
 /// Extract the procs blob `digest` for [`restore_lazy`]: the small image files, the pages that
