@@ -340,7 +340,8 @@ def load(
     With ``lazy=True`` its thaws serve memory from the store on demand: each copy runs as soon
     as CRIU has rebuilt it, pages it touches come first (each checked against its digest), the
     rest follows in the background, and copies share one page cache. Only snapshots frozen in
-    the page-level format (``PF_SNAPSHOT_FORMAT=v2``) in a store can be thawed lazily.
+    the page-level format (pf's default; not with ``PF_SNAPSHOT_FORMAT=v1``) in a store can be
+    thawed lazily.
     ``lazy=False`` rebuilds all memory first. ``None`` (the default) is lazy for such snapshots
     holding 128 MiB or more, eager otherwise."""
     if _is_images_dir(snapshot):

@@ -217,7 +217,7 @@ fn live_cli_captures_and_restores_a_shell_loop() {
 
     let shown = run(pf(&store).args(["procs", "show", "ticker"]));
     let json: serde_json::Value = serde_json::from_slice(&shown.stdout).expect("show json");
-    assert_eq!(json["kind"], "procs.criu.v1");
+    assert_eq!(json["kind"], "procs.criu.v2");
     assert_eq!(json["root_pid"], pid);
 
     // pf exits; the restored loop runs on.

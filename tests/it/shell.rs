@@ -435,7 +435,7 @@ fn live_shell_force_without_a_terminal_dumps_a_working_copy() {
         .output()
         .expect("pf procs show");
     let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("procs json");
-    assert_eq!(json["kind"], "procs.criu.v1", "{json}");
+    assert_eq!(json["kind"], "procs.criu.v2", "{json}");
     assert_eq!(json["pids"], serde_json::json!([shell_pid]), "{json}");
     assert_eq!(json["labels"]["shell"], "v1", "{json}");
     assert_eq!(json["options"]["shell_job"], true, "{json}");

@@ -182,13 +182,13 @@ pub(crate) struct ThawArgs {
 }
 
 /// Lazy or eager; by default lazy for snapshots of 128 MiB of memory or more stored page by
-/// page (PF_SNAPSHOT_FORMAT=v2), eager otherwise.
+/// page (the default format; not with PF_SNAPSHOT_FORMAT=v1), eager otherwise.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ModeArgs {
     /// Serve the goblin's memory from the store on demand: it answers as soon as CRIU has
     /// rebuilt it, pages it touches come first (each checked against its digest), the rest
-    /// follows in the background (needs a snapshot frozen with PF_SNAPSHOT_FORMAT=v2) [default
-    /// for such snapshots of 128 MiB or more]
+    /// follows in the background (needs a page-level snapshot: pf's default format, not one made
+    /// with PF_SNAPSHOT_FORMAT=v1) [default for such snapshots of 128 MiB or more]
     #[arg(long, conflicts_with = "eager")]
     lazy: bool,
     /// Rebuild all of the goblin's memory before it runs

@@ -15,9 +15,11 @@ use crate::common::{self, Global, progress_enabled, resolve};
 const PROGRESS_MIN: u64 = 64 << 20;
 
 const PROCS_HELP: &str = "\
-A capture is a CRIU dump of a process and all its descendants, stored as two blobs: a
-deterministic tar of CRIU's images, and a small JSON `procs.criu.v1` blob that names it (its
-digest is what `capture` prints). Needs root (or passwordless sudo for criu) and criu 4.x:
+A capture is a CRIU dump of a process and all its descendants. Its memory is stored page by
+page (each distinct 4 KiB page once per store, in compressed packs), the rest of CRIU's images
+as a deterministic tar, and a small JSON `procs.criu.v2` blob names them (its digest is what
+`capture` prints). PF_SNAPSHOT_FORMAT=v1 stores the whole images directory as one archive
+instead, as pf did before; restore reads both. Needs root (or passwordless sudo for criu) and criu 4.x:
 run `pf doctor` first. Without a usable criu, `capture` stores an honest `procs.unsupported.v1`
 placeholder, says why, and exits 1.
 

@@ -266,7 +266,7 @@ pub enum Error {
     #[error(
         "snapshot {snapshot} is a procs.criu.v1 snapshot, whose memory is one archive: only \
          procs.criu.v2 snapshots can be thawed lazily (thaw it without lazy, or freeze the \
-         process again with PF_SNAPSHOT_FORMAT=v2)"
+         process again with PF_SNAPSHOT_FORMAT unset: pf writes v2 by default)"
     )]
     LazyNeedsV2 {
         /// The procs blob.
@@ -274,7 +274,7 @@ pub enum Error {
     },
     /// `$PF_SNAPSHOT_FORMAT` names no format this pf writes.
     #[error(
-        "PF_SNAPSHOT_FORMAT={value:?} is not a snapshot format: set it to v1 or v2, or unset it (v1)"
+        "PF_SNAPSHOT_FORMAT={value:?} is not a snapshot format: set it to v2 or v1, or unset it (v2)"
     )]
     BadSnapshotFormat {
         /// The value found.

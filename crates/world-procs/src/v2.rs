@@ -15,8 +15,8 @@
 //! digest before it is written: a bad page is [`Error::CorruptPage`] naming the file, the page
 //! and its address (from the pagemap), and criu never runs.
 //!
-//! Which format `capture` writes is chosen by `$PF_SNAPSHOT_FORMAT` (`v1`, the default, or
-//! `v2`); restore reads both.
+//! Which format `capture` writes is chosen by `$PF_SNAPSHOT_FORMAT` (`v2`, the default, or
+//! `v1`, the whole-archive format of earlier pf versions); restore reads both.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -42,16 +42,16 @@ pub(crate) enum Format {
     V2,
 }
 
-/// The format `$PF_SNAPSHOT_FORMAT` asks for (v1 when unset or empty).
+/// The format `$PF_SNAPSHOT_FORMAT` asks for (v2 when unset or empty).
 pub(crate) fn format_from_env() -> Result<Format> {
     parse_format(std::env::var_os(FORMAT_ENV).as_deref())
 }
 
 fn parse_format(value: Option<&std::ffi::OsStr>) -> Result<Format> {
     match value.map(|v| v.to_string_lossy()) {
-        None => Ok(Format::V1),
-        Some(v) if v.is_empty() || v == "v1" => Ok(Format::V1),
-        Some(v) if v == "v2" => Ok(Format::V2),
+        None => Ok(Format::V2),
+        Some(v) if v.is_empty() || v == "v2" => Ok(Format::V2),
+        Some(v) if v == "v1" => Ok(Format::V1),
         Some(v) => Err(Error::BadSnapshotFormat {
             value: v.into_owned(),
         }),
@@ -253,10 +253,10 @@ mod tests {
     #[test]
     fn format_comes_from_the_environment_value() {
         use std::ffi::OsStr;
-        assert_eq!(parse_format(None).expect("unset"), Format::V1);
+        assert_eq!(parse_format(None).expect("unset"), Format::V2);
         assert_eq!(
             parse_format(Some(OsStr::new(""))).expect("empty"),
-            Format::V1
+            Format::V2
         );
         assert_eq!(
             parse_format(Some(OsStr::new("v1"))).expect("v1"),
@@ -267,7 +267,7 @@ mod tests {
             Format::V2
         );
         let err = parse_format(Some(OsStr::new("V2"))).expect_err("bad");
-        assert!(err.to_string().contains("set it to v1 or v2"), "{err}");
+        assert!(err.to_string().contains("set it to v2 or v1"), "{err}");
     }
 
     /// Item: a v2 thaw into a file system too small for its memory fails before rebuilding
