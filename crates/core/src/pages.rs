@@ -195,6 +195,18 @@ impl<'a> PageWriter<'a> {
         file: &File,
         path: &std::path::Path,
     ) -> Result<PagesStored, PagesError> {
+        self.write_file_prehashed(file, path, Vec::new())
+    }
+
+    /// [`write_file`](Self::write_file) for a file whose first pages a [`PageFollower`] already
+    /// hashed (`prehashed`, from [`PageFollower::digests`]) while it was being written:
+    /// only the rest is hashed here. The file must have only grown since.
+    pub fn write_file_prehashed(
+        &mut self,
+        file: &File,
+        path: &std::path::Path,
+        prehashed: Vec<Option<Digest256>>,
+    ) -> Result<PagesStored, PagesError> {
         let len = file
             .metadata()
             .map_err(|source| PagesError::Io {
@@ -217,8 +229,23 @@ impl<'a> PageWriter<'a> {
             })?;
             self.batch = Some(batch);
         }
-        // Pass 1: hash every page on every thread; None marks a zero page.
-        let digests = self.hash_all(file, path, pages)?;
+        // Pass 1: hash every page not hashed yet on every thread; None marks a zero page.
+        let started = std::time::Instant::now();
+        if prehashed.len() > pages {
+            return Err(PagesError::Io {
+                op: "hash the pages of",
+                path: path.to_owned(),
+                source: std::io::Error::other(format!(
+                    "the file shrank to {pages} pages after {} were hashed",
+                    prehashed.len()
+                )),
+            });
+        }
+        let prehashed_pages = prehashed.len();
+        let mut digests = prehashed;
+        digests.resize(pages, None);
+        self.hash_all(file, path, prehashed_pages, &mut digests[prehashed_pages..])?;
+        let hashed = started.elapsed();
         // Which of them the store already has.
         let mut unknown: Vec<Digest256> = digests
             .iter()
@@ -229,6 +256,7 @@ impl<'a> PageWriter<'a> {
         unknown.sort_unstable();
         unknown.dedup();
         let found = self.index.lookup(&unknown)?;
+        let looked_up = started.elapsed();
         let new_estimate = unknown.len().saturating_sub(found.len());
         drop(unknown);
         self.known.reserve(found.len() + new_estimate);
@@ -274,6 +302,14 @@ impl<'a> PageWriter<'a> {
         // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
         let stored = stored?;
         let new_pages = packed?;
+        tracing::debug!(
+            file = %path.display(),
+            prehashed_pages,
+            ?hashed,
+            ?looked_up,
+            packed = ?started.elapsed(),
+            "pages hashed, looked up in the index, new ones packed"
+        );
         let pack_bytes = stored.iter().map(|(_, len)| len).sum();
         for (digest, _) in &stored {
             self.packs.push(*digest);
@@ -392,42 +428,112 @@ impl<'a> PageWriter<'a> {
         Ok(Some(id))
     }
 
-    /// Every page's digest (None for a zero page), hashed on `threads` threads.
+    /// The digests (None for a zero page) of the pages from page `from` on into `out`, one
+    /// per page, hashed on `threads` threads.
     fn hash_all(
         &self,
         file: &File,
         path: &std::path::Path,
-        pages: usize,
-    ) -> Result<Vec<Option<Digest256>>, PagesError> {
-        let mut digests: Vec<Option<Digest256>> = vec![None; pages];
-        let per = pages.div_ceil(self.threads).max(1);
+        from: usize,
+        out: &mut [Option<Digest256>],
+    ) -> Result<(), PagesError> {
+        let per = out.len().div_ceil(self.threads).max(1);
         std::thread::scope(|s| {
-            let handles: Vec<_> = digests
+            let handles: Vec<_> = out
                 .chunks_mut(per)
                 .enumerate()
                 .map(|(t, out)| {
                     s.spawn(move || -> Result<(), PagesError> {
                         let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-                        let first = t * per;
-                        for start in (0..out.len()).step_by(BATCH_PAGES) {
-                            let n = BATCH_PAGES.min(out.len() - start);
-                            let at = (first + start) as u64 * PAGE_SIZE as u64;
-                            read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
-                            for (i, page) in
-                                buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate()
-                            {
-                                out[start + i] = (!is_zero_page(page)).then(|| page_digest(page));
-                            }
-                        }
-                        Ok(())
+                        hash_pages(file, path, from + t * per, out, &mut buf)
                     })
                 })
                 .collect();
             handles
                 .into_iter()
                 .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-        })?;
-        Ok(digests)
+        })
+    }
+}
+
+/// Hash the pages of `file` from page `first` on into `out` (None for a zero page), reading
+/// [`BATCH_PAGES`] at a time into `buf`.
+fn hash_pages(
+    file: &File,
+    path: &std::path::Path,
+    first: usize,
+    out: &mut [Option<Digest256>],
+    buf: &mut [u8],
+) -> Result<(), PagesError> {
+    for start in (0..out.len()).step_by(BATCH_PAGES) {
+        let n = BATCH_PAGES.min(out.len() - start);
+        let at = (first + start) as u64 * PAGE_SIZE as u64;
+        read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
+        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+            out[start + i] = (!is_zero_page(page)).then(|| page_digest(page));
+        }
+    }
+    Ok(())
+}
+
+/// Hashes the pages of a file another process is still appending to, a slice at a time, so
+/// [`PageWriter::write_file_prehashed`] need only hash what came after. Made for CRIU's
+/// `pages-<N>.img`, which `criu dump` writes front to back and never rewrites: a page below
+/// the file's size is final. Only whole pages are hashed.
+#[derive(Debug)]
+pub struct PageFollower {
+    file: File,
+    path: std::path::PathBuf,
+    digests: Vec<Option<Digest256>>,
+    buf: Vec<u8>,
+}
+
+impl PageFollower {
+    /// Pages hashed per [`step`](Self::step) at most: 4 MiB.
+    pub const STEP_PAGES: usize = 4 * BATCH_PAGES;
+
+    /// Follow `file`, opened at `path` (named in errors).
+    pub fn new(file: File, path: std::path::PathBuf) -> Self {
+        Self {
+            file,
+            path,
+            digests: Vec::new(),
+            buf: vec![0u8; BATCH_PAGES * PAGE_SIZE],
+        }
+    }
+
+    /// Hash up to [`STEP_PAGES`](Self::STEP_PAGES) whole pages written since the last step;
+    /// returns how many were hashed (0: nothing new yet).
+    pub fn step(&mut self) -> Result<usize, PagesError> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|source| PagesError::Io {
+                op: "stat",
+                path: self.path.clone(),
+                source,
+            })?
+            .len();
+        let whole = usize::try_from(len / PAGE_SIZE as u64).unwrap_or(usize::MAX);
+        let first = self.digests.len();
+        let n = whole.saturating_sub(first).min(Self::STEP_PAGES);
+        if n == 0 {
+            return Ok(0);
+        }
+        self.digests.resize(first + n, None);
+        hash_pages(
+            &self.file,
+            &self.path,
+            first,
+            &mut self.digests[first..],
+            &mut self.buf,
+        )?;
+        Ok(n)
+    }
+
+    /// The digests of the pages hashed so far, in file order (None for a zero page).
+    pub fn digests(&self) -> &[Option<Digest256>] {
+        &self.digests
     }
 }
 
@@ -1229,6 +1335,62 @@ mod tests {
             .expect("create");
         read_pages(store, manifest, &out, &path, 2)?;
         Ok(std::fs::read(&path).expect("read back"))
+    }
+
+    /// Item: pages hashed while the file was still being written (a follower stepping behind an
+    /// appending writer, partial pages left for later) give the same manifest as hashing the
+    /// whole file after, and a file shorter than what was hashed is an error.
+    #[test]
+    fn pages_hashed_while_the_file_grows_store_what_hashing_after_stores() {
+        use std::io::Write as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let seeds: Vec<Option<u64>> = (0..3000)
+            .map(|i| (i % 7 != 3).then_some(i % 1000))
+            .collect();
+        let (_, whole) = file_of(tmp.path(), "whole", &seeds);
+        let bytes = std::fs::read(&whole).expect("read");
+        let path = tmp.path().join("growing");
+        let mut out = File::create(&path).expect("create");
+        let mut follower = PageFollower::new(File::open(&path).expect("open"), path.clone());
+        assert_eq!(follower.step().expect("empty"), 0);
+        // Appended in pieces that end mid-page: only whole pages are hashed.
+        for piece in bytes[..2000 * PAGE_SIZE + 100].chunks(PAGE_SIZE * 333 + 17) {
+            out.write_all(piece).expect("append");
+            while follower.step().expect("step") > 0 {}
+        }
+        assert_eq!(follower.digests().len(), 2000);
+        assert_eq!(follower.digests()[3], None, "a zero page");
+        out.write_all(&bytes[2000 * PAGE_SIZE + 100..]).expect("append");
+        drop(out);
+        let prehashed = follower.digests().to_vec();
+
+        let store = MemBlobStore::new();
+        let mut w = PageWriter::new(&store, PageIndex::none(), 2);
+        let file = File::open(&path).expect("open");
+        let early = w
+            .write_file_prehashed(&file, &path, prehashed.clone())
+            .expect("store prehashed");
+        let after = w
+            .write_file(&File::open(&whole).expect("open"), &whole)
+            .expect("store after");
+        w.commit().expect("commit");
+        assert_eq!(early.manifest, after.manifest);
+        assert_eq!(early.zero_pages, seeds.iter().filter(|s| s.is_none()).count() as u64);
+        assert_eq!(
+            rebuild(&store, &early.manifest, tmp.path()).expect("rebuild"),
+            bytes
+        );
+
+        let (short, short_path) = file_of(tmp.path(), "short", &seeds[..1000]);
+        let mut w = PageWriter::new(&store, PageIndex::none(), 2);
+        let err = w
+            .write_file_prehashed(&short, &short_path, prehashed)
+            .expect_err("shrank");
+        let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(chain.contains("shrank to 1000 pages after 2000"), "{chain}");
     }
 
     #[test]

@@ -156,12 +156,16 @@ pub fn capture_with_progress(
         .map_err(|e| Error::store(format!("locking the store to capture pid {pid}"), e))?;
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
+    // v2 hashes the pages while CRIU writes them.
+    let prehash =
+        (format == crate::v2::Format::V2).then(|| crate::v2::Prehash::start(images.path()));
     let report = dump_with(&criu, pid, images.path(), opts)?;
+    let prehashed = prehash.map(crate::v2::Prehash::finish).unwrap_or_default();
     let (criu_dump, memory) = match format {
         crate::v2::Format::V1 => (store_tar(store, pid, images.path(), progress)?, None),
         crate::v2::Format::V2 => {
             progress(CaptureProgress::Storing { done: 0, total: 0 });
-            let (tar, memory) = crate::v2::store_images(store, images.path(), pid)?;
+            let (tar, memory) = crate::v2::store_images(store, images.path(), pid, prehashed)?;
             (tar, Some(memory))
         }
     };

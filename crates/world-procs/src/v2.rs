@@ -88,13 +88,132 @@ pub(crate) fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
     Ok(out)
 }
 
+/// Hashes the pages files `criu dump` writes into an images directory while it writes them, on
+/// one thread at the lowest priority (CRIU's dump takes about one core and the goblin is frozen
+/// meanwhile: the thread gets only what CRIU leaves idle), so that after the dump only the pages
+/// not reached yet are hashed, on every core. [`finish`](Self::finish) takes what was hashed
+/// without waiting for the thread, which a busy machine may leave unscheduled for a while; the
+/// thread ends at its next step.
+pub(crate) struct Prehash {
+    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
+}
+
+/// What [`Prehash`] hashed: page digests of the first pages of each pages file, by name.
+pub(crate) type Prehashed = HashMap<String, Vec<Option<Digest256>>>;
+
+/// Between [`Prehash`] and its thread: once `stopped`, the thread adds nothing more.
+#[derive(Default)]
+struct Shared {
+    stopped: bool,
+    hashed: Prehashed,
+}
+
+impl Prehash {
+    /// Start following the pages files that appear in `dir`.
+    pub(crate) fn start(dir: &Path) -> Self {
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(Shared::default()));
+        let theirs = std::sync::Arc::clone(&shared);
+        let dir = dir.to_owned();
+        if let Err(e) = std::thread::Builder::new()
+            .name("pf-prehash".to_owned())
+            .spawn(move || follow(&dir, &theirs))
+        {
+            tracing::debug!(error = %e, "no thread to hash pages during the dump");
+        }
+        Self { shared }
+    }
+
+    /// Stop (the dump has ended) and return what was hashed.
+    pub(crate) fn finish(self) -> Prehashed {
+        let mut shared = self
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        shared.stopped = true;
+        std::mem::take(&mut shared.hashed)
+    }
+}
+
+impl Drop for Prehash {
+    fn drop(&mut self) {
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stopped = true;
+    }
+}
+
+/// [`Prehash`]'s thread: until stopped, open every pages file that appears in `dir` and hash
+/// what has been written of it, handing each slice of digests over as it is done. Anything that
+/// goes wrong only means more is hashed after the dump.
+fn follow(dir: &Path, shared: &std::sync::Mutex<Shared>) {
+    use pf_core::pages::PageFollower;
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
+        tracing::debug!(error = %e, "cannot lower this thread's priority; hashing pages after the dump");
+        return;
+    }
+    let stopped = || {
+        shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .stopped
+    };
+    let mut followers: Vec<(String, PageFollower)> = Vec::new();
+    let mut run = || -> std::result::Result<(), String> {
+        while !stopped() {
+            for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())? {
+                let name = entry.map_err(|e| e.to_string())?.file_name();
+                let name = name.to_string_lossy();
+                if is_pages_file(&name) && !followers.iter().any(|(n, _)| *n == name) {
+                    let path = dir.join(&*name);
+                    let file = File::open(&path).map_err(|e| e.to_string())?;
+                    followers.push((name.into_owned(), PageFollower::new(file, path)));
+                }
+            }
+            let mut hashed = 0;
+            for (name, follower) in &mut followers {
+                let n = follower.step().map_err(|e| e.to_string())?;
+                if n == 0 {
+                    continue;
+                }
+                hashed += n;
+                let mut shared = shared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if shared.stopped {
+                    return Ok(());
+                }
+                let digests = follower.digests();
+                shared
+                    .hashed
+                    .entry(name.clone())
+                    .or_default()
+                    .extend_from_slice(&digests[digests.len() - n..]);
+            }
+            if hashed == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+        Ok(())
+    };
+    if let Err(why) = run() {
+        let shared = shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !shared.stopped {
+            tracing::debug!(%why, "hashing pages during the dump stopped; hashing the rest after it");
+        }
+    }
+}
+
 /// Store the pages files of the images in `dir` page by page, remove them from `dir`, and store
 /// the rest as a tar. Returns the tar's digest and the pages files' manifests, all durable and
-/// visible by then.
+/// visible by then. `prehashed` holds the digests of pages [`Prehash`] hashed during the dump.
 pub(crate) fn store_images(
     store: &dyn BlobStore,
     dir: &Path,
     pid: i32,
+    mut prehashed: Prehashed,
 ) -> Result<(Digest256, Vec<PagesImage>)> {
     let maps = pagemaps(dir)?;
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -109,8 +228,9 @@ pub(crate) fn store_images(
     for name in names {
         let path = dir.join(&name);
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
+        let early = prehashed.remove(&name).unwrap_or_default();
         let stored = writer
-            .write_file(&file, &path)
+            .write_file_prehashed(&file, &path, early)
             .map_err(|source| Error::Pages {
                 what: format!("storing the memory of pid {pid} ({name})"),
                 source: Box::new(source),
