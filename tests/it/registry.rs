@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pf_core::BlobStore as _;
-use pf_registry::test_support::{Registry, docker_config, htpasswd};
+use pf_registry::test_support::{Registry, TestCerts, docker_config, htpasswd, non_loopback_ipv4};
 use pf_world_procs::test_support::{Deadline, live};
 
 use crate::support::{pf, pf_bin, text};
@@ -204,6 +204,77 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
     assert!(store_b.list().unwrap().is_empty());
     assert!(store_b.names().unwrap().is_empty());
     drop(registry);
+}
+
+#[test]
+fn https_with_the_systems_roots_and_plain_http_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let ip = std::net::IpAddr::V4(non_loopback_ipv4());
+    let certs = TestCerts::make(dir.path(), ip);
+    let registry = Registry::start_at(
+        &dir.path().join("tls-registry"),
+        ip,
+        Some((&certs.cert, &certs.key)),
+    );
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    put_snapshot(&a);
+    let target = format!("{}/team/repl:v1", registry.addr());
+    // The system's roots, made to hold the test's authority the standard way (SSL_CERT_FILE),
+    // or only another authority.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let other = TestCerts::make(&other, ip);
+    let roots = |cmd: &mut Command, trusted: bool| {
+        cmd.env_remove("SSL_CERT_DIR")
+            .env("SSL_CERT_FILE", if trusted { &certs.ca } else { &other.ca });
+    };
+    let mut push = pf(&a);
+    push.args(["push", "snap", &target, "--json"]);
+    roots(&mut push, true);
+    let pushed: serde_json::Value =
+        serde_json::from_str(&ok(&run(push), "push over https")).unwrap();
+    assert_eq!(pushed["uploaded"], 2, "{pushed}");
+    let mut pull = pf(&b);
+    pull.args(["pull", &target, "--tag", "got"]);
+    roots(&mut pull, true);
+    ok(&run(pull), "pull over https");
+    let store_b = pf_core::FsBlobStore::open(&b).unwrap();
+    assert_eq!(
+        store_b.get_name("got").unwrap().to_string(),
+        pushed["snapshot"].as_str().unwrap()
+    );
+
+    // A certificate the system does not trust: one line that says how to trust it.
+    let mut pull = pf(&b);
+    pull.args(["pull", &target, "--tag", "again"]);
+    roots(&mut pull, false);
+    one_line_error(
+        &run(pull),
+        "untrusted certificate",
+        &["certificate of", "is not trusted", "SSL_CERT_FILE=CA.pem"],
+    );
+
+    // Plain http to an address that is not loopback: refused unless asked for.
+    let plain = Registry::start_at(&dir.path().join("plain-registry"), ip, None);
+    let target = format!("{}/team/repl:v1", plain.addr());
+    let mut push = pf(&a);
+    push.args(["push", "snap", &target]);
+    roots(&mut push, true);
+    one_line_error(
+        &run(push),
+        "plain http",
+        &["does not speak https", "add --insecure"],
+    );
+    let mut push = pf(&a);
+    push.args(["push", "snap", &target, "--insecure"]);
+    ok(&run(push), "push over plain http with --insecure");
+    assert!(
+        pf_core::FsBlobStore::open(&b)
+            .unwrap()
+            .get_name("again")
+            .is_err()
+    );
 }
 
 /// Kills (by pid) and reaps a child when dropped.
@@ -469,7 +540,12 @@ fn freeze_running(store: &Path, pid: u32, tag: &str) -> String {
 fn v2_roles(
     store: &pf_core::FsBlobStore,
     root: &pf_core::Digest256,
-) -> (Vec<pf_core::Digest256>, Vec<pf_core::Digest256>, Vec<pf_core::Digest256>, u64) {
+) -> (
+    Vec<pf_core::Digest256>,
+    Vec<pf_core::Digest256>,
+    Vec<pf_core::Digest256>,
+    u64,
+) {
     let digest = |v: &serde_json::Value| v.as_str().unwrap().parse::<pf_core::Digest256>().unwrap();
     let record: serde_json::Value = serde_json::from_slice(&store.get(root).unwrap()).unwrap();
     let mut other = vec![*root, digest(&record["criu_dump"])];
@@ -513,7 +589,12 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
 
     let push = |tag: &str| {
         let mut c = pf(&a);
-        c.args(["push", tag, &format!("{}/goblins/churn:{tag}", registry.addr()), "--json"]);
+        c.args([
+            "push",
+            tag,
+            &format!("{}/goblins/churn:{tag}", registry.addr()),
+            "--json",
+        ]);
         serde_json::from_str::<serde_json::Value>(&ok(&run(c), "push")).unwrap()
     };
     let first = freeze_running(&a, pid, "s1");
@@ -529,10 +610,19 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
     let new_packs: Vec<_> = packs.iter().filter(|p| !old_packs.contains(p)).collect();
     let new_pages: u64 = new_packs
         .iter()
-        .map(|p| pf_core::pack::Pack::parse(**p, &store.get(p).unwrap()).unwrap().entries().count() as u64)
+        .map(|p| {
+            pf_core::pack::Pack::parse(**p, &store.get(p).unwrap())
+                .unwrap()
+                .entries()
+                .count() as u64
+        })
         .sum();
-    let stored: u64 = new_packs.iter().map(|p| store.stored_size(p).unwrap()).sum();
-    let raw = |ds: &[pf_core::Digest256]| ds.iter().map(|d| store.raw_size(d).unwrap()).sum::<u64>();
+    let stored: u64 = new_packs
+        .iter()
+        .map(|p| store.stored_size(p).unwrap())
+        .sum();
+    let raw =
+        |ds: &[pf_core::Digest256]| ds.iter().map(|d| store.raw_size(d).unwrap()).sum::<u64>();
     let bytes = sent["bytes_uploaded"].as_u64().unwrap();
     let ratio = bytes as f64 / stored as f64;
     let (lists, other) = (raw(&lists), raw(&other));
@@ -543,7 +633,10 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
     // The goblin changed what the issue says: 5% of its pages (the interpreter's own pages
     // and the buffer's 95% stay as they were).
     let share = new_pages as f64 / pages as f64;
-    assert!((0.045..=0.055).contains(&share), "{new_pages} of {pages} pages are new");
+    assert!(
+        (0.045..=0.055).contains(&share),
+        "{new_pages} of {pages} pages are new"
+    );
     // Nothing travels but the new pages and the snapshot's own small blobs: its page list
     // (40 bytes for every page of the snapshot, changed or not), images tar, record and
     // manifests.
@@ -551,7 +644,11 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
     let before: std::collections::BTreeSet<_> = [p1, l1, o1].concat().into_iter().collect();
     let (p2, l2, o2, _) = v2_roles(&store, &next.parse().unwrap());
     let after: std::collections::BTreeSet<_> = [p2, l2, o2].concat().into_iter().collect();
-    assert_eq!(sent["uploaded"], after.difference(&before).count(), "{sent}");
+    assert_eq!(
+        sent["uploaded"],
+        after.difference(&before).count(),
+        "{sent}"
+    );
     assert!(
         bytes <= stored + 40 * pages + 16 + (64 << 10),
         "{bytes} bytes sent: more than the new packs ({stored}), the page list ({} for {pages} pages) and 64 KiB",

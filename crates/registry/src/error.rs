@@ -42,6 +42,16 @@ pub enum Error {
         #[source]
         source: Box<ureq::Error>,
     },
+    /// The registry's TLS certificate does not chain to a root the system trusts.
+    #[error(
+        "the TLS certificate of {registry} is not trusted ({reason}): if the registry is yours, add the certificate of the authority that signed it to the system's roots (update-ca-certificates, or SSL_CERT_FILE=CA.pem for one command)"
+    )]
+    UntrustedCertificate { registry: String, reason: String },
+    /// The registry answered https with something that is not TLS: a plain http server.
+    #[error(
+        "{registry} does not speak https (its answer is not TLS): pf speaks plain http only to loopback registries; for a plain http registry on a network you trust, add --insecure"
+    )]
+    NotTls { registry: String },
     /// A request after the first one failed at the transport level (the registry went away).
     #[error("{method} {url} failed (run the same command again to resume)")]
     Transport {
@@ -241,6 +251,8 @@ impl Error {
         match self {
             Self::InvalidReference { .. } => ErrorKind::Usage,
             Self::Unreachable { .. }
+            | Self::UntrustedCertificate { .. }
+            | Self::NotTls { .. }
             | Self::Transport { .. }
             | Self::BodyRead { .. }
             | Self::Stalled { .. } => ErrorKind::Unreachable,

@@ -278,11 +278,9 @@ fn fetch(
             actual,
         }),
         Err(pf_core::Error::InputLength { actual, .. }) => Err(length_error(actual)),
-        Err(pf_core::Error::Input { source }) => Err(client.stalled(
-            body_error(source),
-            &blob.digest,
-            "downloading",
-        )),
+        Err(pf_core::Error::Input { source }) => {
+            Err(client.stalled(body_error(source), &blob.digest, "downloading"))
+        }
         Err(other) => Err(other.into()),
     }
 }

@@ -789,7 +789,10 @@ fn pulled_packs_join_the_page_index_once_their_pages_check_out() {
     // read), every other blob compressed as an ordinary put.
     let lying_digest = Digest256::of(&lying);
     for digest in [Digest256::of(&good), lying_digest] {
-        assert!(b.seekable(&digest).unwrap(), "pack {digest} is not seekable");
+        assert!(
+            b.seekable(&digest).unwrap(),
+            "pack {digest} is not seekable"
+        );
         assert_eq!(b.get(&digest).unwrap(), a.get(&digest).unwrap());
     }
     for digest in b.list().unwrap() {
