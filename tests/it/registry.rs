@@ -207,6 +207,69 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
 }
 
 #[test]
+fn credentials_from_a_docker_credential_helper() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = htpasswd(dir.path(), "ann", "right-horse");
+    let registry = Registry::start(&dir.path().join("registry"), Some(&auth));
+    let addr = registry.addr();
+    let a = dir.path().join("a");
+    put_snapshot(&a);
+    // A helper as docker runs them: `get`, the registry on stdin, JSON on stdout. It notes what
+    // it was asked.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let asked = dir.path().join("asked");
+    let helper = bin.join("docker-credential-pftest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nserver=$(cat)\necho \"$1 $server\" >> {}\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"ann\",\"Secret\":\"right-horse\"}}' \"$server\"\n",
+            asked.display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let push = |config: serde_json::Value, tag: &str| {
+        let conf = dir.path().join(format!("conf-{tag}"));
+        std::fs::create_dir(&conf).unwrap();
+        std::fs::write(conf.join("config.json"), config.to_string()).unwrap();
+        let mut c = pf_with(&a, &conf);
+        c.env("PATH", &path)
+            .args(["push", "snap", &format!("{addr}/team/repl:{tag}")]);
+        run(c)
+    };
+    ok(
+        &push(serde_json::json!({"credHelpers": {&addr: "pftest"}}), "v1"),
+        "push with credHelpers",
+    );
+    ok(
+        &push(serde_json::json!({"credsStore": "pftest"}), "v2"),
+        "push with credsStore",
+    );
+    let asked = std::fs::read_to_string(&asked).unwrap();
+    assert!(
+        asked.lines().all(|l| l == format!("get {addr}")) && asked.lines().count() >= 2,
+        "{asked}"
+    );
+    one_line_error(
+        &push(
+            serde_json::json!({"credHelpers": {&addr: "pfmissing"}}),
+            "v3",
+        ),
+        "a helper that is not installed",
+        &["docker-credential-pfmissing", "install it on PATH"],
+    );
+}
+
+#[test]
 fn https_with_the_systems_roots_and_plain_http_only_when_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let ip = std::net::IpAddr::V4(non_loopback_ipv4());

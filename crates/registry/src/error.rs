@@ -217,6 +217,15 @@ pub enum Error {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// The credential helper a docker config names could not give a registry's credentials.
+    #[error(
+        "the credential helper {program} (named in the docker config for {registry}) did not give credentials: {reason} (install it on PATH, log in again with `docker login`, or remove it from the config)"
+    )]
+    CredentialHelper {
+        program: String,
+        registry: String,
+        reason: String,
+    },
     /// Reading a blob out of the local store failed while it was being uploaded.
     #[error("reading blob {digest} from the store")]
     ReadLocal {
@@ -257,6 +266,7 @@ impl Error {
             | Self::BodyRead { .. }
             | Self::Stalled { .. } => ErrorKind::Unreachable,
             Self::CredentialsNeeded { .. }
+            | Self::CredentialHelper { .. }
             | Self::CredentialsRefused { .. }
             | Self::Denied { .. }
             | Self::Token { .. }
