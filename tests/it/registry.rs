@@ -625,6 +625,7 @@ fn v2_roles(
 }
 
 #[test]
+#[allow(clippy::print_stderr)]
 fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
     const NAME: &str = "live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages";
     if !live(NAME) {
@@ -644,7 +645,7 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
         .stderr(Stdio::null());
     let mut child = pf_world_procs::test_support::spawn_clean(&mut cmd).expect("start goblin");
     let pid = child.id();
-    let _guard = pf_world_procs::test_support::KillOnDrop(i32::try_from(pid).unwrap());
+    let guard = pf_world_procs::test_support::KillOnDrop(i32::try_from(pid).unwrap());
     let mut stdin = child.stdin.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
     let mut line = || lines.next().expect("a line").expect("read a line");
@@ -724,4 +725,6 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
     // with little room, so that a push that sends more fails here.
     assert!(ratio <= 1.25, "sent {ratio:.3}x the new pages' stored size");
     drop(stdin);
+    drop(guard);
+    let _ = child.wait();
 }
