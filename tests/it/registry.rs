@@ -199,11 +199,39 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
         ],
     );
 
+    // A blob damaged in the registry's storage: the pull names it and keeps nothing.
+    let data = registry.blob_data_path(&put_snapshot_data_hex());
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[3] ^= 0xff;
+    std::fs::write(&data, &bytes).unwrap();
+    one_line_error(
+        &pull(&right, &target),
+        "a corrupt blob in the registry",
+        &[
+            &format!("blob sha256:{} from", put_snapshot_data_hex()),
+            "is corrupt",
+            "nothing of this pull was kept",
+            "delete that blob from the registry's storage, then push the snapshot again",
+        ],
+    );
+
     // None of the failed pulls left anything in store B.
     let store_b = pf_core::FsBlobStore::open(&b).unwrap();
     assert!(store_b.list().unwrap().is_empty());
     assert!(store_b.names().unwrap().is_empty());
+
+    // The fix the error gives works.
+    std::fs::remove_dir_all(data.parent().unwrap()).unwrap();
+    let out = push(&right, &target);
+    ok(&out, "push after the damaged blob was deleted");
+    ok(&pull(&right, &target), "pull after the push again");
+    assert!(store_b.get_name("got").is_ok());
     drop(registry);
+}
+
+/// The hex digest of the data blob [`put_snapshot`] stores.
+fn put_snapshot_data_hex() -> String {
+    pf_core::Digest256::of(b"\x00some images").hex()
 }
 
 #[test]

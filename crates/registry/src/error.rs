@@ -174,7 +174,7 @@ pub enum Error {
     BadManifest { reference: String, reason: String },
     /// A pulled blob whose bytes do not hash to its digest.
     #[error(
-        "blob {digest} from {reference} is corrupt: its bytes hash to {actual}; nothing of this pull was kept (the registry's copy is damaged: push the snapshot again)"
+        "blob {digest} from {reference} is corrupt: its bytes hash to {actual}; nothing of this pull was kept (the registry's copy is damaged: delete that blob from the registry's storage, then push the snapshot again)"
     )]
     Tampered {
         reference: String,
