@@ -61,9 +61,11 @@ pub(crate) fn resolve(
 
 /// Log to stderr; `RUST_LOG` wins over `-v`.
 pub(crate) fn init_tracing(verbose: u8) {
+    // rustls-platform-verifier logs a certificate it refuses as an error of its own; pf's own
+    // error (pf-registry's `UntrustedCertificate`) says it once, with the fix.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
+        0 => "warn,rustls_platform_verifier=off",
+        1 => "info,rustls_platform_verifier=off",
         2 => "debug",
         _ => "trace",
     };

@@ -31,10 +31,13 @@ registry that lost or refuses the session gets the blob whole). A connection tha
 for --idle-timeout seconds fails the push; a slow transfer that keeps moving does not.
 
 Registries: REGISTRY/REPOSITORY:TAG, the host first (pf has no default registry; Docker Hub is
-docker.io/USER/REPO:TAG). https with the system's root certificates, except loopback hosts
+docker.io/USER/REPO:TAG). https with the system's root certificates (a private authority: add
+it with update-ca-certificates, or SSL_CERT_FILE=CA.pem for one command), except loopback hosts
 (localhost, 127.0.0.0/8, [::1]), which are plain http; --insecure allows plain http to others.
-Credentials: anonymous, or `auths.<host>.auth` in $DOCKER_CONFIG/config.json, else
-~/.docker/config.json (what `docker login` writes); basic and bearer-token registries both work.
+Credentials from $DOCKER_CONFIG/config.json, else ~/.docker/config.json (what `docker login`
+writes), found as docker finds them: the helper `credHelpers.<host>` names, else the one
+`credsStore` names (run as `docker-credential-NAME get`), else `auths.<host>.auth`; none there
+means anonymous. Basic and bearer-token registries both work.
 
 Progress goes to stderr (a bar on a terminal), the snapshot's digest to stdout.";
 

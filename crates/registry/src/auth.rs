@@ -35,8 +35,10 @@ impl Credentials {
     }
 }
 
-/// The credentials for `registry` in the docker config at `path`; `None` when the file or an
-/// entry for the registry is missing.
+/// The credentials for `registry` from the docker config at `path`, as docker finds them: the
+/// credential helper `credHelpers.<registry>` names, else the one `credsStore` names (each run
+/// as `docker-credential-<name> get`), else `auths.<registry>.auth`. `None` when the file is
+/// missing or has none for the registry.
 pub(crate) fn load(path: &Path, registry: &str) -> Result<Option<Credentials>> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -48,32 +50,97 @@ pub(crate) fn load(path: &Path, registry: &str) -> Result<Option<Credentials>> {
             });
         }
     };
-    match parse_config(&text, registry) {
-        Ok(Some((user, password))) => Ok(Some(Credentials {
-            user,
-            password,
-            source: path.to_owned(),
-        })),
-        Ok(None) => Ok(None),
-        Err(reason) => Err(Error::DockerConfig {
-            path: path.to_owned(),
-            reason,
-        }),
+    let found = parse_config(&text, registry).map_err(|reason| Error::DockerConfig {
+        path: path.to_owned(),
+        reason,
+    })?;
+    let (user, password) = match found {
+        None => return Ok(None),
+        Some(Found::Basic { user, password }) => (user, password),
+        Some(Found::Helper(helper)) => match run_helper(&helper, registry)? {
+            Some(pair) => pair,
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Credentials {
+        user,
+        password,
+        source: path.to_owned(),
+    }))
+}
+
+/// Where a docker config keeps a registry's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Found {
+    /// In the file: `auths.<registry>.auth`.
+    Basic { user: String, password: String },
+    /// With a credential helper: `docker-credential-<name>`.
+    Helper(String),
+}
+
+/// Run `docker-credential-<helper> get` with `registry` on its stdin, as docker does; the user
+/// and secret it prints, or `None` when it has none for the registry.
+fn run_helper(helper: &str, registry: &str) -> Result<Option<(String, String)>> {
+    use std::io::Write as _;
+    let program = format!("docker-credential-{helper}");
+    let failed = |reason: String| Error::CredentialHelper {
+        program: program.clone(),
+        registry: registry.to_owned(),
+        reason,
+    };
+    // Docker Hub's credentials are kept under its old v1 address.
+    let server = if registry == "docker.io" {
+        "https://index.docker.io/v1/"
+    } else {
+        registry
+    };
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|err| failed(format!("cannot run it ({err})")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading says why on its outputs.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|err| failed(err.to_string()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // docker-credential-helpers' "credentials not found in native keychain".
+        if stdout.contains("credentials not found") {
+            return Ok(None);
+        }
+        let said = format!(
+            "{} {}",
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return Err(failed(format!(
+            "it failed ({}): {}",
+            out.status,
+            said.trim()
+        )));
+    }
+    let value: serde_json::Value = serde_json::from_str(&stdout)
+        .map_err(|err| failed(format!("it printed no JSON ({err})")))?;
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    match (field("Username"), field("Secret")) {
+        (Some(user), Some(secret)) => Ok(Some((user, secret))),
+        _ => Err(failed("it printed no Username and Secret".to_owned())),
     }
 }
 
-/// The user and password of `auths.<registry>.auth` (base64 of `user:password`) in a docker
-/// config. Keys may carry a scheme and a path (`https://index.docker.io/v1/`); Docker Hub
-/// (`docker.io`) also matches `index.docker.io` and `registry-1.docker.io`.
-fn parse_config(
-    text: &str,
-    registry: &str,
-) -> std::result::Result<Option<(String, String)>, String> {
+/// Where the docker config `text` keeps `registry`'s credentials: `credHelpers.<registry>`,
+/// else `credsStore`, else `auths.<registry>.auth` (base64 of `user:password`). Keys may carry a
+/// scheme and a path (`https://index.docker.io/v1/`); Docker Hub (`docker.io`) also matches
+/// `index.docker.io` and `registry-1.docker.io`.
+fn parse_config(text: &str, registry: &str) -> std::result::Result<Option<Found>, String> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|err| format!("it is not JSON ({err})"))?;
-    let Some(auths) = value.get("auths").and_then(|a| a.as_object()) else {
-        return Ok(None);
-    };
     let wanted = |key: &str| {
         let host = key
             .trim_start_matches("https://")
@@ -84,6 +151,27 @@ fn parse_config(
         host.eq_ignore_ascii_case(registry)
             || (registry == "docker.io"
                 && matches!(host, "index.docker.io" | "registry-1.docker.io"))
+    };
+    let helper = value
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|helpers| helpers.iter().find(|(key, _)| wanted(key)))
+        .and_then(|(_, name)| name.as_str())
+        .or_else(|| value.get("credsStore").and_then(|s| s.as_str()))
+        .filter(|name| !name.is_empty());
+    if let Some(name) = helper {
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(format!(
+                "credential helper name {name:?} is not a plain name"
+            ));
+        }
+        return Ok(Some(Found::Helper(name.to_owned())));
+    }
+    let Some(auths) = value.get("auths").and_then(|a| a.as_object()) else {
+        return Ok(None);
     };
     let Some((key, entry)) = auths.iter().find(|(key, _)| wanted(key)) else {
         return Ok(None);
@@ -99,7 +187,10 @@ fn parse_config(
     let Some((user, password)) = decoded.split_once(':') else {
         return Err(format!("auths.{key:?}.auth is not base64 of user:password"));
     };
-    Ok(Some((user.to_owned(), password.to_owned())))
+    Ok(Some(Found::Basic {
+        user: user.to_owned(),
+        password: password.to_owned(),
+    }))
 }
 
 /// A `WWW-Authenticate` challenge.
@@ -184,23 +275,38 @@ mod tests {
 
     #[test]
     fn reads_basic_credentials_from_docker_config() {
+        let basic = |user: &str, password: &str| {
+            Some(Found::Basic {
+                user: user.into(),
+                password: password.into(),
+            })
+        };
         // base64("ann:s3:cret")
         let text = r#"{"auths":{"https://localhost:5000/v1/":{"auth":"YW5uOnMzOmNyZXQ="},
-                       "other:1":{"auth":"eDp5"}},"credsStore":"desktop"}"#;
+                       "other:1":{"auth":"eDp5"}}}"#;
         assert_eq!(
             parse_config(text, "localhost:5000").unwrap(),
-            Some(("ann".into(), "s3:cret".into()))
+            basic("ann", "s3:cret")
         );
         assert_eq!(parse_config(text, "localhost:5001").unwrap(), None);
         let hub = r#"{"auths":{"https://index.docker.io/v1/":{"auth":"eDp5"}}}"#;
-        assert_eq!(
-            parse_config(hub, "docker.io").unwrap(),
-            Some(("x".into(), "y".into()))
-        );
+        assert_eq!(parse_config(hub, "docker.io").unwrap(), basic("x", "y"));
         assert_eq!(parse_config("{}", "docker.io").unwrap(), None);
         assert!(parse_config("nope", "a").is_err());
         assert!(parse_config(r#"{"auths":{"a":{"auth":"!!"}}}"#, "a").is_err());
         assert!(parse_config(r#"{"auths":{"a":{"auth":"eHk="}}}"#, "a").is_err());
+    }
+
+    #[test]
+    fn credential_helpers_come_first_as_in_docker() {
+        let text = r#"{"auths":{"a:1":{"auth":"eDp5"},"b:1":{}},"credsStore":"desktop",
+                       "credHelpers":{"ghcr.io":"gh","b:1":"pass"}}"#;
+        let helper = |name: &str| Some(Found::Helper(name.into()));
+        assert_eq!(parse_config(text, "ghcr.io").unwrap(), helper("gh"));
+        assert_eq!(parse_config(text, "b:1").unwrap(), helper("pass"));
+        // credsStore keeps every other registry's credentials, as in docker.
+        assert_eq!(parse_config(text, "a:1").unwrap(), helper("desktop"));
+        assert!(parse_config(r#"{"credsStore":"../x"}"#, "a").is_err());
     }
 
     #[test]

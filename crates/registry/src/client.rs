@@ -112,6 +112,32 @@ impl Client {
         Ok(client)
     }
 
+    /// The error of a first request that failed at the transport level: a TLS certificate the
+    /// system does not trust, or an answer that is not TLS, each said with its fix; else
+    /// [`Error::Unreachable`].
+    fn unreachable(&self, url: &str, source: ureq::Error) -> Error {
+        let tls = match &source {
+            ureq::Error::Rustls(err) => Some(err),
+            ureq::Error::Io(err) => err
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+            _ => None,
+        };
+        match tls {
+            Some(rustls::Error::InvalidCertificate(reason)) => Error::UntrustedCertificate {
+                registry: self.registry.clone(),
+                reason: reason.to_string(),
+            },
+            Some(rustls::Error::InvalidMessage(_)) => Error::NotTls {
+                registry: self.registry.clone(),
+            },
+            _ => Error::Unreachable {
+                url: url.to_owned(),
+                source: Box::new(source),
+            },
+        }
+    }
+
     /// `GET /v2/`: a registry answers 200, or 401 with a challenge.
     fn ping(&self) -> Result<()> {
         let url = format!("{}/v2/", self.base);
@@ -121,10 +147,7 @@ impl Client {
         let mut response = self
             .agent
             .run(request)
-            .map_err(|source| Error::Unreachable {
-                url: url.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| self.unreachable(&url, source))?;
         match response.status().as_u16() {
             200 => {
                 let versioned = response

@@ -42,6 +42,16 @@ pub enum Error {
         #[source]
         source: Box<ureq::Error>,
     },
+    /// The registry's TLS certificate does not chain to a root the system trusts.
+    #[error(
+        "the TLS certificate of {registry} is not trusted ({reason}): if the registry is yours, add the certificate of the authority that signed it to the system's roots (update-ca-certificates, or SSL_CERT_FILE=CA.pem for one command)"
+    )]
+    UntrustedCertificate { registry: String, reason: String },
+    /// The registry answered https with something that is not TLS: a plain http server.
+    #[error(
+        "{registry} does not speak https (its answer is not TLS): pf speaks plain http only to loopback registries; for a plain http registry on a network you trust, add --insecure"
+    )]
+    NotTls { registry: String },
     /// A request after the first one failed at the transport level (the registry went away).
     #[error("{method} {url} failed (run the same command again to resume)")]
     Transport {
@@ -164,7 +174,7 @@ pub enum Error {
     BadManifest { reference: String, reason: String },
     /// A pulled blob whose bytes do not hash to its digest.
     #[error(
-        "blob {digest} from {reference} is corrupt: its bytes hash to {actual}; nothing of this pull was kept (the registry's copy is damaged: push the snapshot again)"
+        "blob {digest} from {reference} is corrupt: its bytes hash to {actual}; nothing of this pull was kept (the registry's copy is damaged: delete that blob from the registry's storage, then push the snapshot again)"
     )]
     Tampered {
         reference: String,
@@ -207,6 +217,15 @@ pub enum Error {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// The credential helper a docker config names could not give a registry's credentials.
+    #[error(
+        "the credential helper {program} (named in the docker config for {registry}) did not give credentials: {reason} (install it on PATH, log in again with `docker login`, or remove it from the config)"
+    )]
+    CredentialHelper {
+        program: String,
+        registry: String,
+        reason: String,
+    },
     /// Reading a blob out of the local store failed while it was being uploaded.
     #[error("reading blob {digest} from the store")]
     ReadLocal {
@@ -241,10 +260,13 @@ impl Error {
         match self {
             Self::InvalidReference { .. } => ErrorKind::Usage,
             Self::Unreachable { .. }
+            | Self::UntrustedCertificate { .. }
+            | Self::NotTls { .. }
             | Self::Transport { .. }
             | Self::BodyRead { .. }
             | Self::Stalled { .. } => ErrorKind::Unreachable,
             Self::CredentialsNeeded { .. }
+            | Self::CredentialHelper { .. }
             | Self::CredentialsRefused { .. }
             | Self::Denied { .. }
             | Self::Token { .. }

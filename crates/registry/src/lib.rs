@@ -39,8 +39,9 @@ pub struct ConnectOptions {
     /// always spoken to in plain http). Without it every other registry is https, verified
     /// against the system's root certificates.
     pub insecure: bool,
-    /// The docker config file to read credentials from (`auths.<host>.auth`); `None` for
-    /// anonymous access. [`default_docker_config`] gives docker's own choice.
+    /// The docker config file to read credentials from (the credential helper
+    /// `credHelpers.<host>` or `credsStore` names, else `auths.<host>.auth`, as docker reads
+    /// them); `None` for anonymous access. [`default_docker_config`] gives docker's own choice.
     pub docker_config: Option<std::path::PathBuf>,
     /// How many blobs move at once.
     pub parallel: usize,

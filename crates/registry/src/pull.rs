@@ -95,18 +95,15 @@ pub fn pull(
             });
             return Ok(());
         }
-        fetch(store, &client, reference, blob, progress)?;
+        let found = fetch(store, &client, reference, blob, progress)?;
         added
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(blob.digest);
-        if blob.media_type == BLOB_MEDIA_TYPE && blob.size <= PACK_LIMIT {
-            let found = pack_pages(store, &blob.digest);
-            pages
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(found);
-        }
+        pages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(found);
         fetched.fetch_add(1, Ordering::Relaxed);
         bytes_fetched.fetch_add(blob.size, Ordering::Relaxed);
         progress(Event::Moved {
@@ -158,26 +155,29 @@ pub fn pull(
 /// grow a little, and its index): larger blobs are not tried as packs.
 const PACK_LIMIT: u64 = 2 * (pf_core::pack::PACK_PAGES * pf_core::pack::PAGE_SIZE) as u64;
 
-/// The pages of `digest` if it is a page pack whose every page hashes to the digest its index
-/// gives (pf-core's pack format; anything else yields none): index entries for the store's page
-/// index. A pack's index is checked page by page before it is trusted, because a later freeze
-/// would refer to these pages without reading them.
-fn pack_pages(store: &dyn BlobStore, digest: &Digest256) -> Vec<(Digest256, PageLoc)> {
-    let bytes = match store.get(digest) {
-        Ok(bytes) => bytes,
-        Err(err) => {
-            tracing::warn!(%digest, error = %err, "reading a pulled blob back to index its pages");
-            return Vec::new();
-        }
+/// Store a fetched leaf blob whose bytes were checked against its digest: a page pack (it
+/// parses as pf-core's pack format) as it is, with [`BlobStore::put_raw`], as a local freeze
+/// stores it, so that thaws read its frames with one positional read each
+/// ([`BlobStore::seekable`]); anything else with [`BlobStore::put`]. Returns the pack's pages
+/// for the store's page index when its every page hashes to the digest its index gives (a later
+/// freeze would refer to these pages without reading them); none for a pack that lies, which is
+/// still stored (every reader of a pack checks each page against a page list of its own).
+fn store_leaf(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+    bytes: &[u8],
+) -> Result<Vec<(Digest256, PageLoc)>> {
+    let Ok(pack) = Pack::parse(*digest, bytes) else {
+        store.put(bytes)?;
+        return Ok(Vec::new());
     };
-    let Ok(pack) = Pack::parse(*digest, &bytes) else {
-        return Vec::new();
-    };
+    store.put_raw(bytes)?;
     if let Err(err) = pack.verify() {
         tracing::warn!(%digest, error = %err, "a pulled pack does not hold the pages its index names; not indexed");
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    pack.entries()
+    Ok(pack
+        .entries()
         .map(|(page, slot)| {
             (
                 page,
@@ -187,7 +187,7 @@ fn pack_pages(store: &dyn BlobStore, digest: &Digest256) -> Vec<(Digest256, Page
                 },
             )
         })
-        .collect()
+        .collect())
 }
 
 /// Parse a manifest and check that it is a pf snapshot's.
@@ -224,42 +224,63 @@ fn parse_manifest(
     Ok(manifest)
 }
 
-/// Fetch one blob into the store, verified against its digest and size.
+/// Fetch one blob into the store, verified against its digest and size before the store takes
+/// it. A leaf blob small enough to be a page pack is read into memory, checked, and stored as
+/// [`store_leaf`] says (its pages returned for the page index); any other blob streams into the
+/// store through [`BlobStore::put_reader_expecting`].
 fn fetch(
     store: &dyn BlobStore,
     client: &Client,
     reference: &Reference,
     blob: &Descriptor,
     progress: Progress<'_>,
-) -> Result<()> {
+) -> Result<Vec<(Digest256, PageLoc)>> {
     let (reader, url) = client.get_blob(&blob.digest)?;
     let mut counting = Counting {
         inner: reader,
         progress,
     };
+    let body_error = |source| Error::BodyRead {
+        digest: blob.digest,
+        url: url.clone(),
+        source,
+    };
+    let length_error = |actual: u64| {
+        body_error(std::io::Error::other(format!(
+            "the registry sent {actual} bytes where the manifest says {}",
+            blob.size
+        )))
+    };
+    if blob.media_type == BLOB_MEDIA_TYPE && blob.size <= PACK_LIMIT {
+        let mut bytes = Vec::with_capacity(blob.size as usize);
+        (&mut counting)
+            .take(blob.size + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|source| client.stalled(body_error(source), &blob.digest, "downloading"))?;
+        if bytes.len() as u64 != blob.size {
+            return Err(length_error(bytes.len() as u64));
+        }
+        let actual = Digest256::of(&bytes);
+        if actual != blob.digest {
+            return Err(Error::Tampered {
+                reference: reference.to_string(),
+                digest: blob.digest,
+                actual,
+            });
+        }
+        return store_leaf(store, &blob.digest, &bytes);
+    }
     match store.put_reader_expecting(&mut counting, blob.size, &blob.digest) {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(Vec::new()),
         Err(pf_core::Error::Integrity { digest, actual, .. }) => Err(Error::Tampered {
             reference: reference.to_string(),
             digest,
             actual,
         }),
-        Err(pf_core::Error::InputLength { expected, actual }) => Err(Error::BodyRead {
-            digest: blob.digest,
-            url,
-            source: std::io::Error::other(format!(
-                "the registry sent {actual} bytes where the manifest says {expected}"
-            )),
-        }),
-        Err(pf_core::Error::Input { source }) => Err(client.stalled(
-            Error::BodyRead {
-                digest: blob.digest,
-                url,
-                source,
-            },
-            &blob.digest,
-            "downloading",
-        )),
+        Err(pf_core::Error::InputLength { actual, .. }) => Err(length_error(actual)),
+        Err(pf_core::Error::Input { source }) => {
+            Err(client.stalled(body_error(source), &blob.digest, "downloading"))
+        }
         Err(other) => Err(other.into()),
     }
 }

@@ -1,8 +1,9 @@
 //! A real registry for tests: the CNCF distribution server (Debian's `docker-registry`) on a
-//! free loopback port with its own storage directory, stopped by pid when its guard drops.
+//! free port (loopback, or another address of the machine, with TLS if asked) with its own
+//! storage directory, stopped by pid when its guard drops.
 
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ pub fn registry_binary() -> PathBuf {
 #[derive(Debug)]
 pub struct Registry {
     child: Option<Child>,
+    host: IpAddr,
+    tls: bool,
     port: u16,
     storage: PathBuf,
     conf: tempfile::TempDir,
@@ -55,6 +58,26 @@ impl Registry {
 
     /// Start a registry on a given port (to restart one on the same storage and address).
     pub fn start_on(storage: &Path, port: u16, auth: Option<&RegistryAuth>) -> Self {
+        Self::launch(storage, IpAddr::V4(Ipv4Addr::LOCALHOST), port, auth, None)
+    }
+
+    /// Start a registry listening on `host` (e.g. [`non_loopback_ipv4`]) on a free port, plain
+    /// http, or https with `tls` (the server's certificate chain and key, PEM files).
+    pub fn start_at(storage: &Path, host: IpAddr, tls: Option<(&Path, &Path)>) -> Self {
+        let port = TcpListener::bind((host, 0))
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|err| panic!("a free port on {host}: {err}"))
+            .port();
+        Self::launch(storage, host, port, None, tls)
+    }
+
+    fn launch(
+        storage: &Path,
+        host: IpAddr,
+        port: u16,
+        auth: Option<&RegistryAuth>,
+        tls: Option<(&Path, &Path)>,
+    ) -> Self {
         let binary = registry_binary();
         assert!(
             binary.exists(),
@@ -66,9 +89,19 @@ impl Registry {
         // again on the same storage continue uploads begun before (as a real deployment's
         // configured secret does; without one each start draws a random secret).
         let auth_yaml = auth.map(|a| a.yaml.clone()).unwrap_or_default();
+        let tls_yaml = tls
+            .map(|(cert, key)| {
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                )
+            })
+            .unwrap_or_default();
         let yaml = format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: pf-test-upload-secret\n{auth_yaml}",
-            storage.display()
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  maintenance:\n    uploadpurging:\n      enabled: false\nhttp:\n  addr: {}\n  secret: pf-test-upload-secret\n{tls_yaml}{auth_yaml}",
+            storage.display(),
+            std::net::SocketAddr::new(host, port),
         );
         let config = conf.path().join("config.yml");
         std::fs::write(&config, yaml).expect("writing the registry config");
@@ -84,6 +117,8 @@ impl Registry {
             .unwrap_or_else(|err| panic!("starting {}: {err}", binary.display()));
         let mut registry = Self {
             child: Some(child),
+            host,
+            tls: tls.is_some(),
             port,
             storage: storage.to_owned(),
             conf,
@@ -101,8 +136,9 @@ impl Registry {
             {
                 panic!("the registry exited ({status}) at start:\n{}", self.log());
             }
-            if let Some(status) = http_status(self.port, "/v2/")
-                && (status == 200 || status == 401)
+            // A TLS server answers plain http with 400 ("an HTTP request to an HTTPS server").
+            if let Some(status) = http_status(self.host, self.port, "/v2/")
+                && (status == 200 || status == 401 || (self.tls && status == 400))
             {
                 return;
             }
@@ -116,9 +152,9 @@ impl Registry {
         }
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `HOST:PORT` (`127.0.0.1:PORT` unless started [`at`](Self::start_at) another address).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        std::net::SocketAddr::new(self.host, self.port).to_string()
     }
 
     /// The port it listens on.
@@ -196,16 +232,147 @@ pub fn docker_config(dir: &Path, registry: &str, user: &str, password: &str) -> 
     path
 }
 
-/// The status of a plain `GET path` on loopback, if anything answers.
-fn http_status(port: u16, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+/// The status of a plain `GET path` on `host:port`, if anything answers.
+fn http_status(host: IpAddr, port: u16, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect((host, port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-    )
-    .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n").ok()?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).ok()?;
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// An IPv4 address of this machine that is not a loopback one (the source address of its
+/// route towards a public address; no packet is sent). Panics when it has none: a test of
+/// non-loopback registries needs a network interface.
+pub fn non_loopback_ipv4() -> Ipv4Addr {
+    let found = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.255:9").map(|()| s))
+        .or_else(|_| {
+            std::net::UdpSocket::bind("0.0.0.0:0")
+                .and_then(|s| s.connect("203.0.113.1:9").map(|()| s))
+        })
+        .and_then(|s| s.local_addr());
+    match found {
+        Ok(std::net::SocketAddr::V4(addr)) if !addr.ip().is_loopback() => *addr.ip(),
+        other => panic!(
+            "this machine has no non-loopback IPv4 address with a route ({other:?}): the test needs a network interface"
+        ),
+    }
+}
+
+/// A throwaway certificate authority and a server certificate it signed for `ip`, made with the
+/// `openssl` command line in `dir`.
+#[derive(Debug, Clone)]
+pub struct TestCerts {
+    /// The authority's certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    /// The server's certificate (PEM), for `ip` (a subjectAltName), signed by the authority.
+    pub cert: PathBuf,
+    /// The server's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl TestCerts {
+    /// Make them (P-256 keys, valid for two days).
+    pub fn make(dir: &Path, ip: IpAddr) -> Self {
+        let certs = Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            format!(
+                "subjectAltName=IP:{ip}\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .expect("writing the certificate extensions");
+        // A name of its own: two authorities of one test are told apart by name.
+        let authority = format!(
+            "/CN=pf test authority{}",
+            dir.display().to_string().replace(['/', '='], " ")
+        );
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        openssl(
+            dir,
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    &authority,
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            dir,
+            &[
+                &["req"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "server.key",
+                    "-out",
+                    "server.csr",
+                    "-subj",
+                    "/CN=pf test registry",
+                ],
+            ]
+            .concat(),
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        certs
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl is missing: `apt-get install -y openssl` (cargo xtask ci does)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -158,28 +158,37 @@ fn a_tampered_blob_is_refused_and_nothing_of_the_pull_stays() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(&dir.path().join("registry"), None);
     let a = store(dir.path(), "a");
+    // A pack-sized blob (read whole, checked, then stored) and one too large to be a pack
+    // (streamed into the store, checked before it commits).
     let pack = noise(5, 2 << 20);
-    let root = snapshot(&a, 20, &[pack.clone(), noise(6, 100)]);
+    let large = noise(7, 17 << 20);
+    let root = snapshot(&a, 20, &[pack.clone(), noise(6, 100), large.clone()]);
     let r = reference(&registry, "repl:t");
     pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
 
-    // Flip one byte of the pack in the registry's own storage (same length).
-    let digest = Digest256::of(&pack);
-    let path = registry.blob_data_path(&digest.hex());
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[1000] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
-
     let b = store(dir.path(), "b");
-    let err = pf_registry::pull(&b, &r, &pull_opts(Some("repl")), &quiet).unwrap_err();
-    assert!(
-        matches!(&err, Error::Tampered { digest: d, .. } if *d == digest),
-        "{err:?}"
-    );
-    assert_eq!(err.kind(), ErrorKind::Integrity);
-    assert!(err.to_string().contains(&digest.to_string()), "{err}");
-    assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
-    assert!(b.names().unwrap().is_empty());
+    for blob in [&pack, &large] {
+        // Flip one byte of the blob in the registry's own storage (same length).
+        let digest = Digest256::of(blob);
+        let path = registry.blob_data_path(&digest.hex());
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[1000] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let err = pf_registry::pull(&b, &r, &pull_opts(Some("repl")), &quiet).unwrap_err();
+        assert!(
+            matches!(&err, Error::Tampered { digest: d, .. } if *d == digest),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), ErrorKind::Integrity);
+        assert!(err.to_string().contains(&digest.to_string()), "{err}");
+        assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
+        assert!(b.names().unwrap().is_empty());
+        bytes[1000] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    pf_registry::pull(&b, &r, &pull_opts(Some("repl")), &quiet).unwrap();
+    assert_eq!(b.get_name("repl").unwrap(), root);
 }
 
 #[test]
@@ -776,6 +785,21 @@ fn pulled_packs_join_the_page_index_once_their_pages_check_out() {
     assert!(b.page_index().lookup(&sorted).unwrap().is_empty());
     let pulled = pf_registry::pull(&b, &r, &pull_opts(Some("p")), &quiet).unwrap();
     assert_eq!(pulled.pages_indexed, 300, "{pulled:?}");
+    // Packs land as a local freeze stores them (raw, read frame by frame with one positional
+    // read), every other blob compressed as an ordinary put.
+    let lying_digest = Digest256::of(&lying);
+    for digest in [Digest256::of(&good), lying_digest] {
+        assert!(
+            b.seekable(&digest).unwrap(),
+            "pack {digest} is not seekable"
+        );
+        assert_eq!(b.get(&digest).unwrap(), a.get(&digest).unwrap());
+    }
+    for digest in b.list().unwrap() {
+        if digest != Digest256::of(&good) && digest != lying_digest {
+            assert!(!b.seekable(&digest).unwrap(), "{digest} is not a pack");
+        }
+    }
 
     // Every page of the good pack is found where it is, so a freeze into b stores none again.
     let found = b.page_index().lookup(&sorted).unwrap();
