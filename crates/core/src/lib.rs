@@ -15,6 +15,7 @@ mod digest;
 mod error;
 mod fs;
 mod gc;
+pub mod hint;
 mod lock;
 mod mem;
 pub mod pack;

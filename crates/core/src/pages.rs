@@ -30,7 +30,18 @@ use crate::page_index::{IndexError, PageIndex, PageLoc};
 use crate::store::{BlobBatch, BlobStore};
 
 const LIST_MAGIC: &[u8; 8] = b"PFPLST01";
+/// A page list written as the changes from another (its *base*): `"PFPLDL01"`, `u64 N`, the
+/// base list's 32-byte digest, the base's `u64` page count, `u64 K`, then K × (`u64` page
+/// number, a 40-byte entry as in a whole list), page numbers strictly increasing and below N;
+/// every page from the base's count on is among them. Page `i` not among them is the base's
+/// page `i`, with the same pack number: the manifest's `packs` begin with the base manifest's.
+pub const DELTA_MAGIC: &[u8; 8] = b"PFPLDL01";
 const LIST_ENTRY: usize = 40;
+const DELTA_HEAD: usize = 8 + 8 + 32 + 8 + 8;
+const DELTA_ENTRY: usize = 8 + LIST_ENTRY;
+/// A delta's base may itself be a delta, this many deep at most (a writer then writes a whole
+/// list again), so reading a list reads at most this many more.
+pub const MAX_DELTA_DEPTH: usize = 8;
 const ZERO_PACK: u32 = u32::MAX;
 /// Pages read (and hashed) per batch by each thread: 1 MiB.
 const BATCH_PAGES: usize = 256;
@@ -52,6 +63,11 @@ pub struct PagesManifest {
     pub packs: Vec<Digest256>,
     /// The page list blob.
     pub list: Digest256,
+    /// When `list` is a delta (see [`DELTA_MAGIC`]): the page lists it is a delta of, nearest
+    /// first, down to a whole one. Named here so that everything that follows a manifest's
+    /// `sha256:` strings (gc, push, verify) keeps and carries them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bases: Vec<Digest256>,
 }
 
 /// Why pages could not be stored or rebuilt.
@@ -195,17 +211,25 @@ impl<'a> PageWriter<'a> {
         file: &File,
         path: &std::path::Path,
     ) -> Result<PagesStored, PagesError> {
-        self.write_file_prehashed(file, path, Vec::new())
+        self.write_file_prehashed(file, path, Vec::new(), None)
     }
 
     /// [`write_file`](Self::write_file) for a file whose first pages a [`PageFollower`] already
     /// hashed (`prehashed`, from [`PageFollower::digests`]) while it was being written:
     /// only the rest is hashed here. The file must have only grown since.
+    ///
+    /// `base` names the manifest of an earlier version of the same file (the same process's
+    /// previous snapshot), if the caller knows one: when most pages are where that one has
+    /// them, the page list is written as the changes from its list ([`DELTA_MAGIC`]), about 48
+    /// bytes per changed page instead of 40 per page. A base that cannot be read, whose packs
+    /// are not all in the store, or whose chain of deltas is already [`MAX_DELTA_DEPTH`] deep
+    /// is not used (a whole list is written); it never changes what the file reads back as.
     pub fn write_file_prehashed(
         &mut self,
         file: &File,
         path: &std::path::Path,
         prehashed: Vec<Option<Digest256>>,
+        base_manifest: Option<&Digest256>,
     ) -> Result<PagesStored, PagesError> {
         let len = file
             .metadata()
@@ -318,34 +342,26 @@ impl<'a> PageWriter<'a> {
                 .entry(*digest)
                 .or_insert(self.packs.len() as u32 - 1);
         }
-        // The page list, in file order; the manifest's packs are numbered as they first appear.
-        let mut manifest_packs: Vec<Digest256> = Vec::new();
-        let mut pack_no: HashMap<u32, u32> = HashMap::new();
-        let mut list = Vec::with_capacity(16 + pages * LIST_ENTRY);
-        list.extend_from_slice(LIST_MAGIC);
-        list.extend_from_slice(&(pages as u64).to_le_bytes());
-        let zero = zero_page_digest();
-        let mut zero_pages = 0u64;
-        for digest in &digests {
-            match digest {
-                None => {
-                    zero_pages += 1;
-                    list.extend_from_slice(zero.as_bytes());
-                    list.extend_from_slice(&ZERO_PACK.to_le_bytes());
-                    list.extend_from_slice(&0u32.to_le_bytes());
-                }
-                Some(digest) => {
-                    let (id, slot) = self.known[digest];
-                    let n = *pack_no.entry(id).or_insert_with(|| {
-                        manifest_packs.push(self.packs[id as usize]);
-                        (manifest_packs.len() - 1) as u32
-                    });
-                    list.extend_from_slice(digest.as_bytes());
-                    list.extend_from_slice(&n.to_le_bytes());
-                    list.extend_from_slice(&slot.to_le_bytes());
-                }
+        // The page list, in file order: as the changes from the base's where that is small.
+        let base = base_manifest.and_then(|b| self.usable_base(b));
+        let delta = base.as_ref().and_then(|base| {
+            let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
+            delta_of(&list, base).map(|delta| (packs, delta, zero_pages))
+        });
+        let (manifest_packs, list, zero_pages, bases) = match delta {
+            Some((packs, delta, zero_pages)) => {
+                let base = base
+                    .as_ref()
+                    .unwrap_or_else(|| unreachable!("a delta has a base"));
+                let mut bases = vec![base.manifest.list];
+                bases.extend_from_slice(&base.manifest.bases);
+                (packs, delta, zero_pages, bases)
             }
-        }
+            None => {
+                let (packs, list, zero_pages) = self.page_list(&digests, None);
+                (packs, list, zero_pages, Vec::new())
+            }
+        };
         drop(digests);
         // Page digests do not compress: the list is stored as it is.
         let list = batch_of(&self.batch)
@@ -360,6 +376,7 @@ impl<'a> PageWriter<'a> {
             zero_pages,
             packs: manifest_packs,
             list,
+            bases,
         };
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
         let manifest = batch_of(&self.batch)
@@ -400,6 +417,92 @@ impl<'a> PageWriter<'a> {
         }
         self.index.add(added)?;
         Ok(())
+    }
+
+    /// The whole page list of `digests` (every one known to the session): the manifest's pack
+    /// table, the list's bytes and the count of zero pages. With a base, the table begins with
+    /// the base's and a page the base has at the same number keeps the base's entry.
+    fn page_list(
+        &self,
+        digests: &[Option<Digest256>],
+        base: Option<&Base>,
+    ) -> (Vec<Digest256>, Vec<u8>, u64) {
+        let mut packs: Vec<Digest256> = base.map(|b| b.manifest.packs.clone()).unwrap_or_default();
+        let mut number_of: HashMap<Digest256, u32> = packs
+            .iter()
+            .enumerate()
+            .map(|(n, d)| (*d, n as u32))
+            .collect();
+        let mut list = Vec::with_capacity(16 + digests.len() * LIST_ENTRY);
+        list.extend_from_slice(LIST_MAGIC);
+        list.extend_from_slice(&(digests.len() as u64).to_le_bytes());
+        let zero = zero_page_digest();
+        let mut zero_pages = 0u64;
+        for (i, digest) in digests.iter().enumerate() {
+            let Some(digest) = digest else {
+                zero_pages += 1;
+                list.extend_from_slice(zero.as_bytes());
+                list.extend_from_slice(&ZERO_PACK.to_le_bytes());
+                list.extend_from_slice(&0u32.to_le_bytes());
+                continue;
+            };
+            let kept = base
+                .and_then(|b| b.list.get(i))
+                .filter(|p| p.digest == *digest)
+                .and_then(|p| p.at);
+            let (n, slot) = kept.unwrap_or_else(|| {
+                let (id, slot) = self.known[digest];
+                let pack = self.packs[id as usize];
+                let n = *number_of.entry(pack).or_insert_with(|| {
+                    packs.push(pack);
+                    (packs.len() - 1) as u32
+                });
+                (n, slot)
+            });
+            list.extend_from_slice(digest.as_bytes());
+            list.extend_from_slice(&n.to_le_bytes());
+            list.extend_from_slice(&slot.to_le_bytes());
+        }
+        (packs, list, zero_pages)
+    }
+
+    /// The base manifest `digest` and its whole list, if a delta may be written against it.
+    fn usable_base(&self, digest: &Digest256) -> Option<Base> {
+        let why = match self.read_base(digest) {
+            Ok(Ok(base)) => return Some(base),
+            Ok(Err(why)) => why,
+            Err(e) => e.to_string(),
+        };
+        tracing::debug!(base = %digest, %why, "writing a whole page list");
+        None
+    }
+
+    fn read_base(&self, digest: &Digest256) -> Result<Result<Base, String>, PagesError> {
+        let manifest = load_manifest(self.store, digest)?;
+        if manifest.bases.len() + 1 > MAX_DELTA_DEPTH {
+            return Ok(Err("its chain of deltas is as deep as allowed".to_owned()));
+        }
+        for pack in &manifest.packs {
+            let present = self
+                .store
+                .contains(pack)
+                .map_err(|source| PagesError::Store {
+                    what: format!("looking for pack {pack}"),
+                    source,
+                })?;
+            if !present {
+                return Ok(Err(format!("its pack {pack} is not in the store")));
+            }
+        }
+        let bytes = self
+            .store
+            .get(&manifest.list)
+            .map_err(|source| PagesError::Store {
+                what: format!("reading the page list {}", manifest.list),
+                source,
+            })?;
+        let list = parse_list(self.store, &manifest.list, &bytes, &manifest)?;
+        Ok(Ok(Base { manifest, list }))
     }
 
     /// The session's number for `pack`, a pack the index named, if it is still in the store.
@@ -537,6 +640,47 @@ impl PageFollower {
     }
 }
 
+/// A base a page list may be written as the changes from: its manifest and whole list.
+struct Base {
+    manifest: PagesManifest,
+    list: Vec<ListedPage>,
+}
+
+/// `list` (a whole list whose pack numbers begin with `base`'s) as the changes from `base`'s
+/// list, if they are at most a quarter of its pages.
+fn delta_of(list: &[u8], base: &Base) -> Option<Vec<u8>> {
+    let entries = &list[16..];
+    let pages = entries.len() / LIST_ENTRY;
+    let zero = zero_page_digest();
+    let mut changed = Vec::new();
+    for (i, e) in entries.chunks_exact(LIST_ENTRY).enumerate() {
+        let same = base.list.get(i).is_some_and(|b| {
+            let (pack, slot) = b.at.unwrap_or((ZERO_PACK, 0));
+            let digest = if b.at.is_none() { zero } else { b.digest };
+            e[..32] == *digest.as_bytes()
+                && e[32..36] == pack.to_le_bytes()
+                && e[36..40] == slot.to_le_bytes()
+        });
+        if !same {
+            changed.push(i);
+            if changed.len() > pages / 4 {
+                return None;
+            }
+        }
+    }
+    let mut delta = Vec::with_capacity(DELTA_HEAD + changed.len() * DELTA_ENTRY);
+    delta.extend_from_slice(DELTA_MAGIC);
+    delta.extend_from_slice(&(pages as u64).to_le_bytes());
+    delta.extend_from_slice(base.manifest.list.as_bytes());
+    delta.extend_from_slice(&(base.list.len() as u64).to_le_bytes());
+    delta.extend_from_slice(&(changed.len() as u64).to_le_bytes());
+    for i in changed {
+        delta.extend_from_slice(&(i as u64).to_le_bytes());
+        delta.extend_from_slice(&entries[i * LIST_ENTRY..(i + 1) * LIST_ENTRY]);
+    }
+    Some(delta)
+}
+
 /// The session's batch, which [`PageWriter::write_file`] starts before it puts anything.
 fn batch_of<'b>(batch: &'b Option<Box<dyn BlobBatch + '_>>) -> &'b dyn BlobBatch {
     batch
@@ -622,7 +766,8 @@ fn read_at(file: &File, path: &std::path::Path, buf: &mut [u8], at: u64) -> Resu
 
 /// The digest of a 4 KiB page of zeros.
 pub fn zero_page_digest() -> Digest256 {
-    page_digest(&[0u8; PAGE_SIZE])
+    static ZERO: std::sync::OnceLock<Digest256> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| page_digest(&[0u8; PAGE_SIZE]))
 }
 
 /// Read and check the manifest blob `digest`.
@@ -658,50 +803,138 @@ pub struct ListedPage {
     pub at: Option<(u32, u32)>,
 }
 
-/// Parse a page list blob (`digest` names it in errors) against its manifest.
+/// Parse a page list blob (`digest` names it in errors, `bytes` are its bytes) against its
+/// manifest; a delta list's bases are read from `store` (each through the store's digest check).
 pub fn parse_list(
+    store: &dyn BlobStore,
     digest: &Digest256,
     bytes: &[u8],
     manifest: &PagesManifest,
+) -> Result<Vec<ListedPage>, PagesError> {
+    let packs = manifest.packs.len();
+    let list = parse_any(store, digest, bytes, &manifest.bases, packs)?;
+    if list.len() as u64 != manifest.pages {
+        return Err(PagesError::Malformed {
+            digest: *digest,
+            what: "page list",
+            reason: "its length does not match the manifest's page count".to_owned(),
+        });
+    }
+    Ok(list)
+}
+
+/// A whole or delta list whose pack numbers must be below `packs`; `bases` is the chain of the
+/// lists a delta builds on, nearest first.
+fn parse_any(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+    bytes: &[u8],
+    bases: &[Digest256],
+    packs: usize,
 ) -> Result<Vec<ListedPage>, PagesError> {
     let bad = |reason: &str| PagesError::Malformed {
         digest: *digest,
         what: "page list",
         reason: reason.to_owned(),
     };
+    if bytes.len() >= 8 && &bytes[..8] == DELTA_MAGIC {
+        if bytes.len() < DELTA_HEAD {
+            return Err(bad("a delta shorter than its header"));
+        }
+        let u64_at = |at: usize| {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(n)
+        };
+        let n = u64_at(8);
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&bytes[16..48]);
+        let base = Digest256::from_bytes(d);
+        let base_pages = u64_at(48);
+        let k = u64_at(56);
+        if bases.first() != Some(&base) {
+            return Err(bad("its base is not the manifest's (bases)"));
+        }
+        if (bytes.len() - DELTA_HEAD) as u64 != k.saturating_mul(DELTA_ENTRY as u64) || k > n {
+            return Err(bad("its length does not match its count of changes"));
+        }
+        let base_bytes = store.get(&base).map_err(|source| PagesError::Store {
+            what: format!("reading the page list {base}, the base of {digest}"),
+            source,
+        })?;
+        let mut list = parse_any(store, &base, &base_bytes, &bases[1..], packs)?;
+        drop(base_bytes);
+        if list.len() as u64 != base_pages {
+            return Err(bad("its base has another page count than it says"));
+        }
+        let n = usize::try_from(n).map_err(|_| bad("too many pages"))?;
+        list.truncate(n);
+        let mut next = 0u64;
+        for e in bytes[DELTA_HEAD..].chunks_exact(DELTA_ENTRY) {
+            let mut i = [0u8; 8];
+            i.copy_from_slice(&e[..8]);
+            let i = u64::from_le_bytes(i);
+            if i < next || i >= n as u64 {
+                return Err(bad("its changes are out of order or past its end"));
+            }
+            next = i + 1;
+            let page = parse_entry(&e[8..], packs).map_err(|r| bad(r))?;
+            let i = i as usize;
+            if i < list.len() {
+                list[i] = page;
+            } else if i == list.len() {
+                list.push(page);
+            } else {
+                return Err(bad(
+                    "a page past its base's end is missing from its changes",
+                ));
+            }
+        }
+        if list.len() != n {
+            return Err(bad(
+                "a page past its base's end is missing from its changes",
+            ));
+        }
+        return Ok(list);
+    }
+    if !bases.is_empty() {
+        return Err(bad("a whole list where the manifest names bases"));
+    }
     if bytes.len() < 16 || &bytes[..8] != LIST_MAGIC {
         return Err(bad("bad magic"));
     }
     let mut n = [0u8; 8];
     n.copy_from_slice(&bytes[8..16]);
     let n = u64::from_le_bytes(n);
-    if n != manifest.pages || (bytes.len() - 16) as u64 != n * LIST_ENTRY as u64 {
-        return Err(bad("its length does not match the manifest's page count"));
+    if (bytes.len() - 16) as u64 != n.saturating_mul(LIST_ENTRY as u64) {
+        return Err(bad("its length does not match its page count"));
     }
-    let zero = zero_page_digest();
     bytes[16..]
         .chunks_exact(LIST_ENTRY)
-        .map(|e| {
-            let mut d = [0u8; 32];
-            d.copy_from_slice(&e[..32]);
-            let digest = Digest256::from_bytes(d);
-            let pack = u32::from_le_bytes([e[32], e[33], e[34], e[35]]);
-            let slot = u32::from_le_bytes([e[36], e[37], e[38], e[39]]);
-            if pack == ZERO_PACK {
-                if digest != zero {
-                    return Err(bad("a zero page carries another page's digest"));
-                }
-                return Ok(ListedPage { digest, at: None });
-            }
-            if pack as usize >= manifest.packs.len() || slot as usize >= PACK_PAGES {
-                return Err(bad("a page names a pack or slot that cannot exist"));
-            }
-            Ok(ListedPage {
-                digest,
-                at: Some((pack, slot)),
-            })
-        })
+        .map(|e| parse_entry(e, packs).map_err(|r| bad(r)))
         .collect()
+}
+
+/// One 40-byte list entry whose pack number must be below `packs`.
+fn parse_entry(e: &[u8], packs: usize) -> Result<ListedPage, &'static str> {
+    let mut d = [0u8; 32];
+    d.copy_from_slice(&e[..32]);
+    let digest = Digest256::from_bytes(d);
+    let pack = u32::from_le_bytes([e[32], e[33], e[34], e[35]]);
+    let slot = u32::from_le_bytes([e[36], e[37], e[38], e[39]]);
+    if pack == ZERO_PACK {
+        if digest != zero_page_digest() {
+            return Err("a zero page carries another page's digest");
+        }
+        return Ok(ListedPage { digest, at: None });
+    }
+    if pack as usize >= packs || slot as usize >= PACK_PAGES {
+        return Err("a page names a pack or slot that cannot exist");
+    }
+    Ok(ListedPage {
+        digest,
+        at: Some((pack, slot)),
+    })
 }
 
 /// Decoded frames a [`PagesReader`] keeps, most recently used first.
@@ -771,7 +1004,7 @@ impl<'s> PagesReader<'s> {
                 what: format!("reading the page list {}", m.list),
                 source,
             })?;
-        let list = parse_list(&m.list, &list_bytes, &m)?;
+        let list = parse_list(store.get(), &m.list, &list_bytes, &m)?;
         drop(list_bytes);
         Ok(Self {
             store,
@@ -1360,7 +1593,8 @@ mod tests {
         }
         assert_eq!(follower.digests().len(), 2000);
         assert_eq!(follower.digests()[3], None, "a zero page");
-        out.write_all(&bytes[2000 * PAGE_SIZE + 100..]).expect("append");
+        out.write_all(&bytes[2000 * PAGE_SIZE + 100..])
+            .expect("append");
         drop(out);
         let prehashed = follower.digests().to_vec();
 
@@ -1368,14 +1602,17 @@ mod tests {
         let mut w = PageWriter::new(&store, PageIndex::none(), 2);
         let file = File::open(&path).expect("open");
         let early = w
-            .write_file_prehashed(&file, &path, prehashed.clone())
+            .write_file_prehashed(&file, &path, prehashed.clone(), None)
             .expect("store prehashed");
         let after = w
             .write_file(&File::open(&whole).expect("open"), &whole)
             .expect("store after");
         w.commit().expect("commit");
         assert_eq!(early.manifest, after.manifest);
-        assert_eq!(early.zero_pages, seeds.iter().filter(|s| s.is_none()).count() as u64);
+        assert_eq!(
+            early.zero_pages,
+            seeds.iter().filter(|s| s.is_none()).count() as u64
+        );
         assert_eq!(
             rebuild(&store, &early.manifest, tmp.path()).expect("rebuild"),
             bytes
@@ -1384,13 +1621,92 @@ mod tests {
         let (short, short_path) = file_of(tmp.path(), "short", &seeds[..1000]);
         let mut w = PageWriter::new(&store, PageIndex::none(), 2);
         let err = w
-            .write_file_prehashed(&short, &short_path, prehashed)
+            .write_file_prehashed(&short, &short_path, prehashed, None)
             .expect_err("shrank");
         let chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
             .join(": ");
         assert!(chain.contains("shrank to 1000 pages after 2000"), "{chain}");
+    }
+
+    /// Item: a re-freeze's page list is written as the changes from its parent's: about 48
+    /// bytes per changed page, every version reads back whole, a chain stops at
+    /// MAX_DELTA_DEPTH, a base that is gone means a whole list, and a damaged or missing base
+    /// is an error, never wrong pages.
+    #[test]
+    fn page_lists_of_later_versions_are_the_changes_from_their_base() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let index = PageIndex::in_dir(&tmp.path().join("index"));
+        let store_version = |k: u64, base: Option<&Digest256>| {
+            // 2000 pages, a zero page in every 50th, version k rewrites every 20th from k.
+            let seeds: Vec<Option<u64>> = (0..2000u64 + k)
+                .map(|i| {
+                    (i % 50 != 49).then(|| {
+                        let changed = (1..=k).rev().find(|v| i % 20 == v % 20);
+                        changed.map_or(i, |v| 1_000_000 * v + i)
+                    })
+                })
+                .collect();
+            let (file, path) = file_of(tmp.path(), &format!("v{k}"), &seeds);
+            let mut w = PageWriter::new(&store, index.clone(), 2);
+            let stored = w
+                .write_file_prehashed(&file, &path, Vec::new(), base)
+                .expect("store");
+            w.commit().expect("commit");
+            assert_eq!(
+                rebuild(&store, &stored.manifest, tmp.path()).expect("rebuild"),
+                std::fs::read(&path).expect("original"),
+                "version {k} reads back whole"
+            );
+            stored.manifest
+        };
+        let mut manifests = vec![store_version(0, None)];
+        for k in 1..=(MAX_DELTA_DEPTH as u64 + 1) {
+            let base = *manifests.last().expect("one");
+            manifests.push(store_version(k, Some(&base)));
+        }
+        let depth = |m: &Digest256| load_manifest(&store, m).expect("manifest").bases.len();
+        assert_eq!(depth(&manifests[0]), 0);
+        for k in 1..=MAX_DELTA_DEPTH {
+            assert_eq!(depth(&manifests[k]), k, "version {k} is a delta");
+        }
+        assert_eq!(
+            depth(&manifests[MAX_DELTA_DEPTH + 1]),
+            0,
+            "a whole list again"
+        );
+        let list_len = |m: &Digest256| {
+            let m = load_manifest(&store, m).expect("manifest");
+            store.get(&m.list).expect("list").len()
+        };
+        // 100 changed pages (every 20th) + 1 added: 101 × 48 bytes + a 64-byte header.
+        assert_eq!(list_len(&manifests[1]), 64 + 101 * 48);
+        assert_eq!(list_len(&manifests[0]), 16 + 2000 * 40);
+
+        // A base whose manifest is gone: a whole list, and it still reads back.
+        let gone = Digest256::of(b"no such manifest");
+        let whole = store_version(3, Some(&gone));
+        assert_eq!(depth(&whole), 0);
+
+        // A delta whose base list is damaged or missing is an error.
+        let m2 = load_manifest(&store, &manifests[2]).expect("manifest");
+        let base_list = m2.bases[0];
+        let saved = store.get(&base_list).expect("base");
+        store.remove(&base_list).expect("remove");
+        let err = rebuild(&store, &manifests[2], tmp.path()).expect_err("no base");
+        assert!(err.to_string().contains(&base_list.to_string()), "{err}");
+        store.put(&saved).expect("put back");
+        assert!(rebuild(&store, &manifests[2], tmp.path()).is_ok());
+        // A delta that names another base than its manifest says.
+        let mut forged = store.get(&m2.list).expect("list").to_vec();
+        forged[16..48].copy_from_slice(manifests[0].as_bytes());
+        let err = parse_list(&store, &m2.list, &forged, &m2).expect_err("forged");
+        assert!(
+            err.to_string().contains("its base is not the manifest's"),
+            "{err}"
+        );
     }
 
     #[test]

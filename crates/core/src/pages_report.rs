@@ -292,7 +292,7 @@ pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, Rep
             tracing::warn!(manifest = %digest, list = %m.list, "page list unreadable");
             continue;
         };
-        let Ok(list) = parse_list(&m.list, &bytes, m) else {
+        let Ok(list) = parse_list(store, &m.list, &bytes, m) else {
             tracing::warn!(manifest = %digest, list = %m.list, "page list malformed");
             continue;
         };
@@ -553,7 +553,7 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
     };
     for (digest, m) in &graph.manifests {
         let list = match store.get(&m.list) {
-            Ok(bytes) => parse_list(&m.list, &bytes, m).map_err(|e| e.to_string()),
+            Ok(bytes) => parse_list(store, &m.list, &bytes, m).map_err(|e| e.to_string()),
             Err(e) => Err(chain(&e)),
         };
         let list = match list {

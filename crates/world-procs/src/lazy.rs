@@ -208,7 +208,7 @@ impl LazyMemory {
             }
             *entry = all.into_iter().collect();
         }
-        if let Err(e) = write_private(path, &serde_json::to_vec(&hint).unwrap_or_default()) {
+        if let Err(e) = pf_core::hint::write(path, &serde_json::to_vec(&hint).unwrap_or_default()) {
             tracing::debug!(path = %path.display(), error = %e, "cannot save the hot pages hint");
         }
     }
@@ -456,36 +456,6 @@ pub(crate) fn extract(
         hot_pages,
         touched: Mutex::new(HashMap::new()),
     })
-}
-
-/// Write `bytes` to `path` atomically (a private temp file renamed over it), creating the
-/// directory (private) when missing.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".tmp-{}-{seq}-hot", std::process::id()));
-    let mut file = std::fs::File::options()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    let written = file.write_all(bytes);
-    drop(file);
-    match written.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
 }
 
 /// Write the pages that stay in the pages file (`kept` ranges of the old file, in order) to a

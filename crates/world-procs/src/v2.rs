@@ -230,7 +230,7 @@ pub(crate) fn store_images(
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
         let early = prehashed.remove(&name).unwrap_or_default();
         let stored = writer
-            .write_file_prehashed(&file, &path, early)
+            .write_file_prehashed(&file, &path, early, None)
             .map_err(|source| Error::Pages {
                 what: format!("storing the memory of pid {pid} ({name})"),
                 source: Box::new(source),
