@@ -13,10 +13,12 @@
 
 mod digest;
 mod error;
+pub mod forward;
 mod fs;
 mod gc;
 mod lock;
 mod mem;
+mod repack;
 pub mod pack;
 pub mod page_index;
 pub mod pages;
@@ -27,6 +29,7 @@ pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
 pub use crate::error::{Error, Result};
 pub use crate::fs::FsBlobStore;
 pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreachable};
+pub use crate::repack::{RepackOptions, RepackReport, repack};
 pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
 pub use crate::store::{BlobBatch, BlobStore, Put, validate_name};
