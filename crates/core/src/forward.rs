@@ -39,7 +39,8 @@ pub struct Forward {
 impl Forward {
     /// The record's bytes: its JSON text and a newline.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = serde_json::to_vec(self).unwrap_or_else(|_| unreachable!("digests serialise"));
+        let mut out =
+            serde_json::to_vec(self).unwrap_or_else(|_| unreachable!("digests serialise"));
         out.push(b'\n');
         out
     }

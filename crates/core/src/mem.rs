@@ -199,7 +199,10 @@ impl BlobStore for MemBlobStore {
             .forwards
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .range((*pack, Digest256::from_bytes([0; 32]))..=(*pack, Digest256::from_bytes([0xff; 32])))
+            .range(
+                (*pack, Digest256::from_bytes([0; 32]))
+                    ..=(*pack, Digest256::from_bytes([0xff; 32])),
+            )
             .map(|(_, to)| *to)
             .collect())
     }
@@ -226,7 +229,10 @@ impl BlobStore for MemBlobStore {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .map(|(pack, to)| Forward { pack: *pack, to: *to })
+            .map(|(pack, to)| Forward {
+                pack: *pack,
+                to: *to,
+            })
             .collect())
     }
 }

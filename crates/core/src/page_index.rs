@@ -458,7 +458,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let index = PageIndex::in_dir(dir.path());
         index
-            .add(vec![(d(1), loc(1, 0)), (d(2), loc(1, 1)), (d(3), loc(2, 0))])
+            .add(vec![
+                (d(1), loc(1, 0)),
+                (d(2), loc(1, 1)),
+                (d(3), loc(2, 0)),
+            ])
             .expect("add");
         index.add(vec![(d(4), loc(1, 2))]).expect("add");
         let old = loc(1, 0).pack;

@@ -867,11 +867,10 @@ impl<'s> PagesReader<'s> {
     fn make_route(&self, pack_no: u32) -> Result<Route, PagesError> {
         let pack = self.packs[pack_no as usize];
         let store = self.store.get();
-        let located =
-            crate::forward::locate(store, &pack).map_err(|source| PagesError::Store {
-                what: format!("looking for pack {pack} and its forward records"),
-                source,
-            })?;
+        let located = crate::forward::locate(store, &pack).map_err(|source| PagesError::Store {
+            what: format!("looking for pack {pack} and its forward records"),
+            source,
+        })?;
         match located {
             crate::forward::Located::Here => Ok(Route::Direct(self.open_phys(&pack, false)?.0)),
             crate::forward::Located::Forwarded(to) => {
@@ -1246,7 +1245,10 @@ impl<'s> PagesReader<'s> {
                 .cache
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(k) = cache.iter().position(|(p, f, _)| *p == id && *f == frame_no) {
+            if let Some(k) = cache
+                .iter()
+                .position(|(p, f, _)| *p == id && *f == frame_no)
+            {
                 let hit = cache.remove(k).unwrap_or_else(|| unreachable!("found"));
                 let decoded = hit.2.clone();
                 cache.push_front(hit);

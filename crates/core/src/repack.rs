@@ -310,10 +310,7 @@ fn covered(
             queue.extend(store.forwards_of(&t)?);
         }
     }
-    Ok(l
-        .slots
-        .iter()
-        .all(|s| have.contains(&l.index[*s as usize])))
+    Ok(l.slots.iter().all(|s| have.contains(&l.index[*s as usize])))
 }
 
 /// For every present pack some page list reached from `roots` uses (directly, or through a
@@ -405,5 +402,319 @@ fn pages_error(manifest: &Digest256, source: crate::pages::PagesError) -> Error 
     Error::Read {
         digest: *manifest,
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use super::*;
+    use crate::pack::PAGE_SIZE;
+    use crate::pages::{PageWriter, PagesError, PagesReader};
+    use crate::{FsBlobStore, MemBlobStore};
+
+    /// An incompressible page that is the same for the same `seed`.
+    fn page(seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut p = vec![0u8; PAGE_SIZE];
+        for c in p.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        p
+    }
+
+    /// Store a file of the pages `seeds` and name a JSON record of its manifest `name`;
+    /// returns the manifest and the file's bytes.
+    fn snapshot(
+        store: &dyn BlobStore,
+        dir: &std::path::Path,
+        name: &str,
+        seeds: &[u64],
+    ) -> (Digest256, Vec<u8>) {
+        let path = dir.join(name);
+        let bytes: Vec<u8> = seeds.iter().flat_map(|s| page(*s)).collect();
+        std::fs::write(&path, &bytes).expect("write");
+        let file = File::open(&path).expect("open");
+        let mut w = PageWriter::new(store, store.page_index(), 2);
+        let stored = w.write_file(&file, &path).expect("store");
+        w.commit().expect("commit");
+        let record = format!("{{\"kind\":\"test\",\"pages\":\"{}\"}}", stored.manifest);
+        let root = store.put(record.as_bytes()).expect("put");
+        store.set_name(name, &root).expect("name");
+        (stored.manifest, bytes)
+    }
+
+    fn read_all(store: &dyn BlobStore, manifest: &Digest256) -> Result<Vec<u8>, PagesError> {
+        let r = PagesReader::open(store, manifest)?;
+        let mut out = vec![0u8; r.pages() as usize * PAGE_SIZE];
+        r.read(0, &mut out)?;
+        Ok(out)
+    }
+
+    fn options(threshold: f64) -> RepackOptions {
+        RepackOptions {
+            dry_run: false,
+            grace: Duration::ZERO,
+            threshold,
+            threads: 2,
+        }
+    }
+
+    fn stored_total(store: &dyn BlobStore) -> u64 {
+        store
+            .list()
+            .expect("list")
+            .iter()
+            .map(|d| store.stored_size(d).expect("size"))
+            .sum()
+    }
+
+    #[test]
+    fn repack_keeps_digests_shrinks_the_store_and_redirects_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FsBlobStore::open(&dir.path().join("store")).expect("store");
+        // Two packs' worth of pages; the kept snapshot uses 300 of them and 100 new ones.
+        let old: Vec<u64> = (0..3000).collect();
+        let kept: Vec<u64> = (2700..3000).chain(10_000..10_100).collect();
+        let (old_m, _) = snapshot(&store, dir.path(), "old", &old);
+        let (kept_m, kept_bytes) = snapshot(&store, dir.path(), "kept", &kept);
+        let old_packs = crate::pages::load_manifest(&store, &old_m)
+            .expect("m")
+            .packs;
+        assert!(store.remove_name("old").expect("untag"));
+        let gc = crate::gc(
+            &store,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert!(!gc.removed.is_empty());
+        let before = stored_total(&store);
+
+        let dry = repack(
+            &store,
+            &RepackOptions {
+                dry_run: true,
+                ..options(0.5)
+            },
+        )
+        .expect("dry");
+        assert!(!dry.rewritten.is_empty() && dry.new_packs.is_empty());
+        assert_eq!(stored_total(&store), before, "a dry run changes nothing");
+
+        let report = repack(&store, &options(0.5)).expect("repack");
+        // The first pack was wholly dead (plain gc took it); the second is mostly dead.
+        assert_eq!(report.rewritten.len(), 1, "{report:?}");
+        assert_eq!(report.forwards_written, 1);
+        for p in &old_packs {
+            assert!(
+                !store.contains(p).expect("contains"),
+                "old pack {p} removed"
+            );
+        }
+        let after = stored_total(&store);
+        assert!(after < before * 2 / 3, "store shrank: {before} -> {after}");
+        // The snapshot's digests did not change and it reads page for page.
+        assert_eq!(read_all(&store, &kept_m).expect("read"), kept_bytes);
+        let path = dir.path().join("rebuilt");
+        let out = File::options()
+            .create_new(true)
+            .write(true)
+            .open(&path)
+            .expect("create");
+        crate::pages::read_pages(&store, &kept_m, &out, &path, 2).expect("read_pages");
+        assert_eq!(std::fs::read(&path).expect("read"), kept_bytes);
+        // The index points the live pages at the new packs, and knows no dead one.
+        let mut live: Vec<Digest256> = (2700..3000)
+            .map(|s| crate::pack::page_digest(&page(s)))
+            .collect();
+        live.sort();
+        let found = store.page_index().lookup(&live).expect("lookup");
+        assert_eq!(found.len(), live.len());
+        let new: BTreeSet<Digest256> = report.new_packs.iter().map(|(d, _)| *d).collect();
+        assert!(found.values().all(|l| new.contains(&l.pack)));
+        let dead = [crate::pack::page_digest(&page(2100))];
+        assert!(store.page_index().lookup(&dead).expect("lookup").is_empty());
+        // A new freeze deduplicates against the new packs.
+        let (again_m, again) = snapshot(&store, dir.path(), "again", &kept);
+        assert_eq!(read_all(&store, &again_m).expect("read"), again);
+        let again_packs = crate::pages::load_manifest(&store, &again_m)
+            .expect("m")
+            .packs;
+        assert!(
+            again_packs
+                .iter()
+                .all(|p| new.contains(p) || !old_packs.contains(p))
+        );
+        // gc keeps the records and targets; verify is clean; a second repack has nothing to do.
+        crate::gc(
+            &store,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert_eq!(read_all(&store, &kept_m).expect("read"), kept_bytes);
+        let roots: Vec<Digest256> = store
+            .names()
+            .expect("names")
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        let graph = crate::pages_report::Graph::load(&store, &roots).expect("graph");
+        let v = crate::pages_report::verify_pages(&store, &graph, 2);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        let usage = crate::pages_report::pack_usage(&store, &graph).expect("usage");
+        assert_eq!(usage.dead_pages(), 0, "{usage:?}");
+        let second = repack(&store, &options(0.5)).expect("repack");
+        assert!(second.rewritten.is_empty());
+        // Once no snapshot names the old packs, their records go.
+        store.remove_name("kept").expect("untag");
+        store.remove_name("again").expect("untag");
+        let last = crate::gc(
+            &store,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert_eq!(last.forwards_removed.len() as u64, report.forwards_written);
+        assert!(store.forwards().expect("forwards").is_empty());
+    }
+
+    /// A pack with the pages of `from` whose slots `keep` says, in reverse order (so a pack of
+    /// all of them is another pack), put raw; returns its digest.
+    fn copy_pack(store: &dyn BlobStore, from: &Digest256, keep: impl Fn(u32) -> bool) -> Digest256 {
+        let bytes = store.get(from).expect("get");
+        let parsed = Pack::parse(*from, &bytes).expect("parse");
+        let wanted: Vec<(u32, Digest256)> = parsed
+            .entries()
+            .map(|(d, s)| (s, d))
+            .filter(|(s, _)| keep(*s))
+            .collect();
+        let mut pages = Vec::new();
+        parsed
+            .for_each_page(&wanted, &mut |_, p| -> std::result::Result<(), PackError> {
+                pages.push(p.to_vec());
+                Ok(())
+            })
+            .expect("copy");
+        let mut b = PackBuilder::new(1);
+        for p in pages.iter().rev() {
+            b.push(p, crate::pack::page_digest(p));
+        }
+        store.put_raw(&b.finish().expect("finish")).expect("put")
+    }
+
+    #[test]
+    fn readers_follow_chains_and_name_a_missing_target_or_page() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let seeds: Vec<u64> = (0..100).collect();
+        let (m, bytes) = snapshot(&store, dir.path(), "s", &seeds);
+        let p = crate::pages::load_manifest(&store, &m).expect("m").packs[0];
+        // p -> q1 -> q2, p and q1 gone.
+        let q1 = copy_pack(&store, &p, |_| true);
+        store
+            .add_forward(&Forward { pack: p, to: q1 })
+            .expect("fwd");
+        store.remove(&p).expect("rm");
+        let q2 = copy_pack(&store, &q1, |_| true);
+        store
+            .add_forward(&Forward { pack: q1, to: q2 })
+            .expect("fwd");
+        store.remove(&q1).expect("rm");
+        assert_eq!(read_all(&store, &m).expect("chain"), bytes);
+        // gc keeps the chain's records and its end.
+        let gc = crate::gc(
+            &store,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert_eq!(gc.forwards_kept, 2);
+        assert!(gc.missing.is_empty() && store.contains(&q2).expect("q2"));
+        // A target lacking a page: the page is named, never wrong.
+        let half = copy_pack(&store, &q2, |s| s < 50);
+        store
+            .add_forward(&Forward { pack: q1, to: half })
+            .expect("fwd");
+        store.remove(&q2).expect("rm");
+        let r = PagesReader::open(&store, &m).expect("open");
+        let mut out = vec![0u8; PAGE_SIZE];
+        r.read(10, &mut out).expect("a page the target holds");
+        assert_eq!(out, page(10));
+        let err = r.read(70, &mut out).expect_err("a page no target holds");
+        assert!(
+            matches!(&err, PagesError::BadPage { page: 70, source: PackError::NotForwarded { pack, .. } } if *pack == p),
+            "{err:?}"
+        );
+        let roots: Vec<Digest256> = store
+            .names()
+            .expect("names")
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        let graph = crate::pages_report::Graph::load(&store, &roots).expect("graph");
+        let v = crate::pages_report::verify_pages(&store, &graph, 1);
+        assert!(
+            v.problems.iter().any(|pr| matches!(&pr.fault, crate::pages_report::Fault::Unforwarded { pack, .. } if *pack == p)),
+            "{:?}",
+            v.problems
+        );
+        // A target gone: a clear error naming the pack.
+        store.remove(&half).expect("rm");
+        let err = read_all(&store, &m).expect_err("no target");
+        assert!(err.to_string().contains(&p.to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_killed_repack_leaves_every_snapshot_readable_and_is_cleaned_up() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let seeds: Vec<u64> = (0..100).collect();
+        let (m, bytes) = snapshot(&store, dir.path(), "s", &seeds);
+        let p = crate::pages::load_manifest(&store, &m).expect("m").packs[0];
+        // Killed after writing a new pack, before its forward record.
+        let orphan = copy_pack(&store, &p, |_| true);
+        assert_eq!(read_all(&store, &m).expect("read"), bytes);
+        let gc = crate::gc(
+            &store,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert!(gc.removed.iter().any(|b| b.digest == orphan));
+        assert_eq!(read_all(&store, &m).expect("read"), bytes);
+        // Killed after the forward record, before the old pack's removal.
+        let q = copy_pack(&store, &p, |_| true);
+        store.add_forward(&Forward { pack: p, to: q }).expect("fwd");
+        assert_eq!(read_all(&store, &m).expect("read"), bytes);
+        let gc = crate::gc(
+            &store,
+            &GcOptions {
+                dry_run: false,
+                grace: Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert!(gc.removed.is_empty() && gc.forwards_kept == 1);
+        // A rerun (whatever the threshold) finishes the job.
+        let report = repack(&store, &options(0.0)).expect("repack");
+        assert_eq!(report.leftovers_removed, vec![p]);
+        assert!(!store.contains(&p).expect("p") && store.contains(&q).expect("q"));
+        assert_eq!(read_all(&store, &m).expect("read"), bytes);
     }
 }
