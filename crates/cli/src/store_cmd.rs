@@ -774,7 +774,8 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
     if packs.packs > 0 {
         say(&format!(
             "kept {} packs ({}): {} of their {} pages ({:.1}%, about {}) are dead, used by no \
-             kept snapshot; a pack stays whole while any of its pages is used",
+             kept snapshot; a pack stays whole while any of its pages is used (`pf store gc \
+             --repack` rewrites the packs less than half live)",
             packs.packs,
             HumanBytes(packs.stored_size),
             packs.dead_pages(),

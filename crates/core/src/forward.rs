@@ -127,6 +127,19 @@ mod tests {
     use super::*;
     use crate::MemBlobStore;
 
+    /// The example in agent_docs/formats.md is a record, written as pf writes it.
+    #[test]
+    fn formats_md_example_parses() {
+        let doc = include_str!("../../../agent_docs/formats.md");
+        let start = doc
+            .find("```json\n{\"kind\":\"pf.pack_forward.v1\"")
+            .expect("the forward record example in formats.md");
+        let text = &doc[start + 8..];
+        let text = &text[..text.find("```").expect("end")];
+        let rec = Forward::parse(text.as_bytes()).expect("a record");
+        assert_eq!(rec.to_bytes(), text.as_bytes());
+    }
+
     #[test]
     fn records_round_trip_and_chains_are_followed_and_bounded() {
         let store = MemBlobStore::new();

@@ -573,6 +573,12 @@ mod tests {
         assert!(v.problems.is_empty(), "{:?}", v.problems);
         let usage = crate::pages_report::pack_usage(&store, &graph).expect("usage");
         assert_eq!(usage.dead_pages(), 0, "{usage:?}");
+        // `ls`/`show` sizes count the pack a forwarded pack's pages live in now.
+        let kept_root = store.get_name("kept").expect("kept");
+        let sizes = crate::pages_report::usage(&store, &graph, &[kept_root]).expect("usage");
+        let new_bytes: u64 = report.new_packs.iter().map(|(_, n)| n).sum();
+        assert!(sizes[0].stored_size > new_bytes, "{sizes:?}");
+        assert!(graph.reach(&kept_root).iter().any(|d| new.contains(d)));
         let second = repack(&store, &options(0.5)).expect("repack");
         assert!(second.rewritten.is_empty());
         // Once no snapshot names the old packs, their records go.
