@@ -646,6 +646,9 @@ enum Route {
 /// A decoded frame in the cache: (pack id, frame number, its pages).
 type CachedFrame = (u32, usize, Arc<Vec<u8>>);
 
+/// A pack and the (slot, page number) pairs wanted from it.
+type PhysWant = (Arc<Phys>, Vec<(u32, u64)>);
+
 /// Random access to the pages of a file stored by [`PageWriter`]: any run of pages, each one
 /// decoded from its frame alone and checked against its digest before it is handed out.
 ///
@@ -1035,7 +1038,7 @@ impl<'s> PagesReader<'s> {
             return self.write_phys(phys, want, out, out_path, bufs);
         }
         // Forwarded: each page by its digest, grouped by the pack that holds it.
-        let mut by_pack: HashMap<u32, (Arc<Phys>, Vec<(u32, u64)>)> = HashMap::new();
+        let mut by_pack: HashMap<u32, PhysWant> = HashMap::new();
         for &(slot, page) in want {
             let listed = self.list[page as usize];
             let (phys, slot) = self.site(&route, pack_no, &listed, slot, page)?;

@@ -96,6 +96,9 @@ impl RepackReport {
     }
 }
 
+/// Where a live page went: (its digest, the new pack's number, its slot when known).
+type Placed = (Digest256, usize, u32);
+
 /// What a present pack holds and which of its slots are live.
 #[derive(Debug)]
 struct Live {
@@ -171,7 +174,7 @@ pub fn repack(store: &dyn BlobStore, options: &RepackOptions) -> Result<RepackRe
     let mut moved: HashMap<Digest256, HashMap<Digest256, PageLoc>> = HashMap::new();
     let mut placed: HashMap<Digest256, usize> = HashMap::new();
     let mut new_packs: Vec<Vec<u8>> = Vec::new();
-    let mut where_new: Vec<(Digest256, Vec<(Digest256, usize, u32)>)> = Vec::new();
+    let mut where_new: Vec<(Digest256, Vec<Placed>)> = Vec::new();
     let mut builder = PackBuilder::new(options.threads);
     let mut in_builder: Vec<(Digest256, u32)> = Vec::new();
     let mut pending: HashMap<Digest256, u32> = HashMap::new();
@@ -248,6 +251,9 @@ pub fn repack(store: &dyn BlobStore, options: &RepackOptions) -> Result<RepackRe
             pages.insert(*digest, PageLoc { pack: target, slot });
             to.insert(target);
         }
+        // A pack rewritten into the same bytes (a leftover whose pages are all live) is its
+        // own new pack: it stays, with no record.
+        to.remove(pack);
         r.to = to.into_iter().collect();
         for target in &r.to {
             store.add_forward(&Forward {
@@ -280,7 +286,9 @@ pub fn repack(store: &dyn BlobStore, options: &RepackOptions) -> Result<RepackRe
         Err(err) => tracing::warn!(error = %err, "moving the page index entries of repacked packs"),
     }
     for r in &report.rewritten {
-        store.remove(&r.pack)?;
+        if !digests.contains(&r.pack) {
+            store.remove(&r.pack)?;
+        }
     }
     for pack in &report.leftovers_removed {
         store.remove(pack)?;
@@ -329,24 +337,23 @@ fn live_pages(store: &dyn BlobStore, roots: &[Digest256]) -> Result<BTreeMap<Dig
         for page in list {
             let Some((k, slot)) = page.at else { continue };
             let pack = m.packs[k as usize];
-            if !routes.contains_key(&pack) {
-                routes.insert(pack, locate(store, &pack)?);
-            }
-            match &routes[&pack] {
+            let route = match routes.entry(pack) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(locate(store, &pack)?),
+            };
+            match route {
                 Located::Here => {
-                    if !live.contains_key(&pack) {
-                        let index = pack_index(store, &pack)?.into_iter().map(|(d, _)| d);
-                        live.insert(
-                            pack,
-                            Live {
-                                index: index.collect(),
-                                slots: BTreeSet::new(),
-                            },
-                        );
-                    }
-                    if let Some(l) = live.get_mut(&pack)
-                        && (slot as usize) < l.index.len()
-                    {
+                    let l = match live.entry(pack) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => e.insert(Live {
+                            index: pack_index(store, &pack)?
+                                .into_iter()
+                                .map(|(d, _)| d)
+                                .collect(),
+                            slots: BTreeSet::new(),
+                        }),
+                    };
+                    if (slot as usize) < l.index.len() {
                         l.slots.insert(slot);
                     }
                 }
