@@ -708,3 +708,115 @@ fn live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_
         "{show}"
     );
 }
+
+/// [`MEMORY_GOBLIN`] whose `mut K` rewrites 8 bytes in every 10th random page from page K (10%
+/// of them), so nine rounds with K = 1…9 leave only a tenth of the first snapshot's pages live.
+const TENTH_GOBLIN: &str = r#"
+import hashlib, os, sys
+buf = bytearray(os.urandom(16 << 20)) + bytearray(16 << 20)
+for i in range(16 << 20, 32 << 20, 4096):
+    buf[i] = 0
+print("ready", flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words[0] == "sum":
+        print(hashlib.sha256(buf).hexdigest(), flush=True)
+    elif words[0] == "mut":
+        for p in range(int(words[1]), 4096, 10):
+            buf[p * 4096 : p * 4096 + 8] = os.urandom(8)
+        print("ok", flush=True)
+print("eof", flush=True)
+"#;
+
+#[test]
+// What it measured goes to stderr (shown with --nocapture), for the record.
+#[allow(clippy::print_stderr)]
+fn live_v2_gc_repack_after_deleting_9_of_10_snapshots_shrinks_the_store_and_the_last_thaws() {
+    let name =
+        "live_v2_gc_repack_after_deleting_9_of_10_snapshots_shrinks_the_store_and_the_last_thaws";
+    if !live(name) {
+        return;
+    }
+    let deadline = Deadline::start(name, Duration::from_secs(400));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let mut goblin = Goblin::start_script(TENTH_GOBLIN);
+    deadline.watch(goblin.child.id() as i32);
+    let mut digests = vec![freeze_v2(&store_dir, &goblin.pid(), "s0")];
+    let one = stored_bytes(&store_dir);
+    // Nine more snapshots, a different tenth of the random pages rewritten before each.
+    for k in 1..=9 {
+        assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
+        digests.push(freeze_v2(&store_dir, &goblin.pid(), &format!("s{k}")));
+    }
+    let sum = goblin.ask("sum");
+    let ten = stored_bytes(&store_dir);
+    for k in 0..9 {
+        let out = store_cmd(&store_dir, &["untag", &format!("s{k}")]);
+        assert!(out.status.success(), "untag: {}", text(&out.stderr));
+    }
+    // Plain gc keeps s0's packs: a tenth of their pages is still s9's.
+    let out = store_cmd(&store_dir, &["gc", "--grace", "0"]);
+    assert!(out.status.success(), "gc: {}", text(&out.stderr));
+    let after_gc = stored_bytes(&store_dir);
+    assert!(
+        after_gc > one * 3 / 2,
+        "plain gc leaves the mostly dead packs of s0: {after_gc} bytes, one snapshot {one}"
+    );
+    // A dry run tells what would be rewritten and changes nothing.
+    let out = store_cmd(
+        &store_dir,
+        &["gc", "--grace", "0", "--repack", "--dry-run", "--json"],
+    );
+    assert!(out.status.success(), "dry run: {}", text(&out.stderr));
+    let dry: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(
+        !dry["repack"]["rewritten"]
+            .as_array()
+            .expect("rewritten")
+            .is_empty(),
+        "{dry}"
+    );
+    assert_eq!(stored_bytes(&store_dir), after_gc);
+    let out = store_cmd(&store_dir, &["gc", "--grace", "0", "--repack", "--json"]);
+    assert!(out.status.success(), "repack: {}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let repacked = &report["repack"];
+    assert!(
+        repacked["forwards_written"].as_u64().expect("forwards") >= 1,
+        "{report}"
+    );
+    assert!(
+        repacked["pack_bytes_after"].as_u64() < repacked["pack_bytes_before"].as_u64(),
+        "{report}"
+    );
+    let after = stored_bytes(&store_dir);
+    eprintln!(
+        "one snapshot {one} B, ten {ten} B, after untagging 9 and gc {after_gc} B, after \
+         gc --repack {after} B"
+    );
+    assert!(
+        after < one * 6 / 5,
+        "gc --repack shrinks the store to about one snapshot: {after} bytes, one snapshot {one}"
+    );
+    // The kept snapshot's digest did not change; it verifies and thaws page for page, eagerly
+    // and lazily (pages served one by one through the forward records).
+    let store = FsBlobStore::open(&store_dir).expect("store");
+    assert_eq!(store.get_name("s9").expect("s9"), digests[9]);
+    let out = store_cmd(&store_dir, &["verify"]);
+    assert!(out.status.success(), "verify: {}", text(&out.stderr));
+    for how in ["--eager", "--lazy"] {
+        let mut cmd = pf(&store_dir);
+        cmd.args(["goblin", "thaw", how, "s9"]);
+        let out = run(cmd, b"sum\n");
+        assert!(out.status.success(), "thaw {how}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "thaw {how}");
+    }
+    // Once s9 goes too, gc takes the forward records and every pack.
+    let out = store_cmd(&store_dir, &["untag", "s9"]);
+    assert!(out.status.success(), "untag: {}", text(&out.stderr));
+    let out = store_cmd(&store_dir, &["gc", "--grace", "0"]);
+    assert!(out.status.success(), "gc: {}", text(&out.stderr));
+    assert!(store.forwards().expect("forwards").is_empty());
+    assert_eq!(stored_bytes(&store_dir), 0);
+}

@@ -756,3 +756,113 @@ fn live_next_snapshot_after_5_percent_changed_pushes_about_its_new_pages() {
     drop(guard);
     let _ = child.wait();
 }
+
+/// An incompressible page that is the same for the same `seed`.
+fn seeded_page(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut p = vec![0u8; pf_core::pack::PAGE_SIZE];
+    for c in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
+/// Store a file of the pages `seeds` page by page in `store`, and a record naming its manifest
+/// tagged `name`; returns the manifest and the file's bytes.
+fn put_pages_snapshot(
+    store: &pf_core::FsBlobStore,
+    dir: &Path,
+    name: &str,
+    seeds: std::ops::Range<u64>,
+) -> (pf_core::Digest256, Vec<u8>) {
+    let path = dir.join(name);
+    let bytes: Vec<u8> = seeds.flat_map(seeded_page).collect();
+    std::fs::write(&path, &bytes).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let mut w = pf_core::pages::PageWriter::new(store, store.page_index(), 2);
+    let stored = w.write_file(&file, &path).unwrap();
+    w.commit().unwrap();
+    let record = format!(r#"{{"kind":"procs.test","pages":"{}"}}"#, stored.manifest);
+    let root = store.put(record.as_bytes()).unwrap();
+    store.set_name(name, &root).unwrap();
+    (stored.manifest, bytes)
+}
+
+#[test]
+fn a_repacked_snapshot_pushes_its_forward_records_and_pulls_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let store_a = pf_core::FsBlobStore::open(&a).unwrap();
+    // `kept` uses 300 of `old`'s 3000 pages; once `old` goes, its second pack is mostly dead.
+    put_pages_snapshot(&store_a, dir.path(), "old", 0..3000);
+    let (manifest, bytes) = put_pages_snapshot(&store_a, dir.path(), "kept", 2700..3000);
+    ok(
+        &run({
+            let mut c = pf(&a);
+            c.args(["store", "untag", "old"]);
+            c
+        }),
+        "untag",
+    );
+    let repack = ok(
+        &run({
+            let mut c = pf(&a);
+            c.args(["store", "gc", "--grace", "0", "--repack", "--json"]);
+            c
+        }),
+        "gc --repack",
+    );
+    let repack: serde_json::Value = serde_json::from_str(&repack).unwrap();
+    assert!(
+        repack["repack"]["forwards_written"].as_u64().unwrap() >= 1,
+        "{repack}"
+    );
+    let forwards = store_a.forwards().unwrap();
+    assert!(!forwards.is_empty());
+
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let target = format!("{}/team/kept:v1", registry.addr());
+    let pushed: serde_json::Value = serde_json::from_str(&ok(
+        &run({
+            let mut c = pf(&a);
+            c.args(["push", "kept", &target, "--json"]);
+            c
+        }),
+        "push",
+    ))
+    .unwrap();
+    // The record, the manifest, its list, the new pack and one forward record per old pack.
+    assert_eq!(
+        pushed["blobs"].as_u64().unwrap(),
+        4 + forwards.len() as u64,
+        "{pushed}"
+    );
+    let pulled: serde_json::Value = serde_json::from_str(&ok(
+        &run({
+            let mut c = pf(&b);
+            c.args(["pull", &target, "--tag", "kept", "--json"]);
+            c
+        }),
+        "pull",
+    ))
+    .unwrap();
+    assert_eq!(pulled["fetched"], pushed["blobs"], "{pulled}");
+    let store_b = pf_core::FsBlobStore::open(&b).unwrap();
+    assert_eq!(store_b.forwards().unwrap(), forwards);
+    let reader = pf_core::pages::PagesReader::open(&store_b, &manifest).unwrap();
+    let mut out = vec![0u8; bytes.len()];
+    reader.read(0, &mut out).unwrap();
+    assert!(out == bytes, "the pulled snapshot reads page for page");
+    ok(
+        &run({
+            let mut c = pf(&b);
+            c.args(["store", "verify"]);
+            c
+        }),
+        "verify the pulled store",
+    );
+    drop(registry);
+}

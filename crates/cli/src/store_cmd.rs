@@ -133,9 +133,21 @@ freezes) that are between their first blob and its name, so whatever the grace p
 removes what they are about to name; unreachable blobs stored within the grace period are kept
 too, for writers that do not take the store's lock.
 
+--repack then rewrites the packs whose live fraction is below --threshold (default 0.5): their
+live pages are copied, checked, into new packs, and a forward record `old pack -> new pack`
+(<store>/index/forward/) is written before the old pack is removed. Snapshot digests never
+change (a pushed or typed digest keeps working): readers that find a pack gone follow its
+forward records and find each page by its digest, still checked against the page list. It runs
+under the same lock as gc from mark to removal, so freezes wait for it; killed at any point it
+leaves every snapshot readable, and a rerun finishes its work. Cost: the live pages of the
+rewritten packs are read, decoded, hashed and compressed again once.
+
 Examples:
-  pf store gc --dry-run        list what would go
-  pf store gc --grace 0        remove every unreachable blob now
+  pf store gc --dry-run                list what would go
+  pf store gc --grace 0                remove every unreachable blob now
+  pf store gc --repack                 also rewrite packs less than half live
+  pf store gc --repack --threshold 0.9 --dry-run
+                                       which packs less than 90% live would be rewritten
   pf store gc --json")]
     Gc(GcArgs),
     /// Remove a blob now, and the names given for it
@@ -227,6 +239,20 @@ pub(crate) struct GcArgs {
     /// Keep unreachable blobs stored less than this long ago (e.g. 0, 90s, 10m, 2h, 1d)
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     grace: Duration,
+    /// Then rewrite packs whose live fraction is below --threshold, keeping every digest
+    #[arg(long)]
+    repack: bool,
+    /// With --repack: rewrite a pack when less than this fraction of its pages is live (0 to 1)
+    #[arg(long, value_name = "F", default_value = "0.5", requires = "repack", value_parser = parse_fraction)]
+    threshold: f64,
+}
+
+/// A fraction from 0 to 1.
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction from 0 to 1 (e.g. 0.5)")),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -594,10 +620,28 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
         grace: args.grace,
     };
-    let report = pf_core::gc(store, &options).context(
-        "gc stopped without removing anything it had not removed yet; check the blob with \
-         `pf store verify`",
-    )?;
+    let context = "gc stopped without removing anything it had not removed yet; check the blob \
+                   with `pf store verify`";
+    let (report, repacked) = if args.repack {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let repacked = pf_core::repack(
+            store,
+            &pf_core::RepackOptions {
+                dry_run: args.dry_run,
+                grace: args.grace,
+                threshold: args.threshold,
+                threads,
+            },
+        )
+        .context(
+            "repack stopped; every snapshot is still readable (old packs go only after their \
+             pages' new pack and forward record are on disk): run it again, and check with \
+             `pf store verify`",
+        )?;
+        (repacked.gc.clone(), Some(repacked))
+    } else {
+        (pf_core::gc(store, &options).context(context)?, None)
+    };
     // gc has done its work: a failure to report on the packs is a warning, not gc's failure.
     let packs = pack_report(store).unwrap_or_else(|err| {
         say(&format!(
@@ -626,6 +670,32 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
                 "stored_size": packs.stored_size,
                 "dead_stored_size": packs.dead_stored_size,
             }),
+            "forwards_kept": report.forwards_kept,
+            "forwards_removed": report.forwards_removed.len(),
+            "repack": repacked.as_ref().map(|r| serde_json::json!({
+                "threshold": args.threshold,
+                "packs_before": r.packs_before,
+                "pack_bytes_before": r.pack_bytes_before,
+                "pack_bytes_after": pack_bytes_after(r),
+                "rewritten": r.rewritten.iter().map(|p| serde_json::json!({
+                    "pack": p.pack,
+                    "pages": p.pages,
+                    "live_pages": p.live_pages,
+                    "stored_size": p.stored_size,
+                    "to": p.to,
+                })).collect::<Vec<_>>(),
+                "rewritten_bytes": r.rewritten_bytes(),
+                "new_packs": r.new_packs.iter().map(|(d, n)| serde_json::json!({
+                    "digest": d,
+                    "stored_size": n,
+                })).collect::<Vec<_>>(),
+                "new_bytes": r.new_bytes(),
+                "leftovers_removed": r.leftovers_removed,
+                "forwards_written": r.forwards_written,
+                "forwards_removed": r.forwards_removed,
+                "index_moved": r.index_moved,
+                "index_dropped": r.index_dropped,
+            })),
         });
         serde_json::to_writer_pretty(&mut out, &json)?;
         writeln!(out)?;
@@ -668,11 +738,44 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
             format_duration(args.grace)
         ));
     }
+    if !report.forwards_removed.is_empty() {
+        summary.push_str(&format!(
+            "; {verb} {} forward records no snapshot needs",
+            report.forwards_removed.len()
+        ));
+    }
     say(&summary);
+    if let Some(r) = &repacked {
+        let rewrite = if r.gc.dry_run {
+            "would rewrite"
+        } else {
+            "rewrote"
+        };
+        say(&format!(
+            "repack: {rewrite} {} of {} packs less than {:.0}% live ({} holding {} live pages) \
+             into {} new packs ({}); packs {} -> {}; {} forward records written, {} leftover \
+             packs of a killed repack removed",
+            r.rewritten.len(),
+            r.packs_before,
+            args.threshold * 100.0,
+            HumanBytes(r.rewritten_bytes()),
+            r.rewritten
+                .iter()
+                .map(|p| u64::from(p.live_pages))
+                .sum::<u64>(),
+            r.new_packs.len(),
+            HumanBytes(r.new_bytes()),
+            HumanBytes(r.pack_bytes_before),
+            HumanBytes(pack_bytes_after(r)),
+            r.forwards_written,
+            r.leftovers_removed.len(),
+        ));
+    }
     if packs.packs > 0 {
         say(&format!(
             "kept {} packs ({}): {} of their {} pages ({:.1}%, about {}) are dead, used by no \
-             kept snapshot; a pack stays whole while any of its pages is used",
+             kept snapshot; a pack stays whole while any of its pages is used (`pf store gc \
+             --repack` rewrites the packs less than half live)",
             packs.packs,
             HumanBytes(packs.stored_size),
             packs.dead_pages(),
@@ -682,6 +785,21 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stored bytes of the packs in use after a repack (an estimate in a dry run: the rewritten
+/// packs' live share).
+fn pack_bytes_after(r: &pf_core::RepackReport) -> u64 {
+    let gone: u64 = r.rewritten_bytes();
+    let new = if r.gc.dry_run {
+        r.rewritten
+            .iter()
+            .map(|p| p.stored_size * u64::from(p.live_pages) / u64::from(p.pages.max(1)))
+            .sum()
+    } else {
+        r.new_bytes()
+    };
+    r.pack_bytes_before.saturating_sub(gone) + new
 }
 
 /// How much of the packs the names keep is dead.

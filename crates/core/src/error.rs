@@ -120,6 +120,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A forward record file is not the record its path says (see [`crate::forward`]).
+    #[error(
+        "forward record {} is not a pf.pack_forward.v1 record of the packs its path names; remove it only if no snapshot needs the pack it forwards (`pf store verify` tells)",
+        .path.display()
+    )]
+    CorruptForward { path: PathBuf },
     /// A ref file holds something that is not a digest.
     #[error("name {name:?} in {} does not hold a digest", .path.display())]
     CorruptName {

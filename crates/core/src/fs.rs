@@ -50,6 +50,7 @@ use zstd::stream::raw::{CParameter, InBuffer, Operation as _, OutBuffer};
 
 use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
+use crate::forward::Forward;
 use crate::gc::GcOptions;
 use crate::lock::StoreLock;
 use crate::mem::VerifyingReader;
@@ -429,6 +430,11 @@ impl FsBlobStore {
     }
 
     /// The fan-out directories (`blobs/sha256/<2 hex>`) that exist.
+    /// Where forward records are kept: `index/forward/<old-hex>/<new-hex>`.
+    fn forward_dir(&self) -> PathBuf {
+        self.root.join("index").join("forward")
+    }
+
     fn fanout_dirs(&self) -> Result<Vec<PathBuf>> {
         let entries = match fs::read_dir(&self.blobs) {
             Ok(entries) => entries,
@@ -810,6 +816,60 @@ impl BlobStore for FsBlobStore {
         PageIndex::in_dir(&self.root.join("index").join("pages"))
     }
 
+    fn forwards_of(&self, pack: &Digest256) -> Result<Vec<Digest256>> {
+        let dir = self.forward_dir().join(pack.hex());
+        let mut out = Vec::new();
+        for (path, to) in hex_entries(&dir)? {
+            let bytes = fs::read(&path).map_err(|err| Error::io("reading", &path, err))?;
+            match Forward::parse(&bytes) {
+                Some(f) if f.pack == *pack && f.to == to => out.push(to),
+                _ => return Err(Error::CorruptForward { path }),
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn add_forward(&self, forward: &Forward) -> Result<()> {
+        let top = self.forward_dir();
+        let dir = top.join(forward.pack.hex());
+        ensure_dir(&dir)?;
+        let mut temp = TempFile::create(&dir)?;
+        temp.file
+            .write_all(&forward.to_bytes())
+            .and_then(|()| temp.file.sync_all())
+            .map_err(|err| Error::io("writing", &temp.path, err))?;
+        temp.persist(&dir.join(forward.to.hex()))?;
+        sync_dir(&dir)
+    }
+
+    fn remove_forward(&self, forward: &Forward) -> Result<bool> {
+        let dir = self.forward_dir().join(forward.pack.hex());
+        let path = dir.join(forward.to.hex());
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(Error::io("removing", &path, err)),
+        }
+        // The directory goes with its last record (a concurrent writer recreates it).
+        match fs::remove_dir(&dir) {
+            Ok(()) => sync_dir(&self.forward_dir())?,
+            Err(_) => sync_dir(&dir)?,
+        }
+        Ok(true)
+    }
+
+    fn forwards(&self) -> Result<Vec<Forward>> {
+        let mut out = Vec::new();
+        for (_, pack) in hex_entries(&self.forward_dir())? {
+            for to in self.forwards_of(&pack)? {
+                out.push(Forward { pack, to });
+            }
+        }
+        out.sort_by_key(|f| (f.pack, f.to));
+        Ok(out)
+    }
+
     fn hint_path(&self, kind: &str, key: &Digest256) -> Option<PathBuf> {
         Some(self.root.join("index").join(kind).join(key.hex()))
     }
@@ -821,6 +881,9 @@ impl BlobStore for FsBlobStore {
             Self::temp_files_in(&dir, &mut candidates)?;
         }
         Self::temp_files_in(&self.refs, &mut candidates)?;
+        for (dir, _) in hex_entries(&self.forward_dir())? {
+            Self::temp_files_in(&dir, &mut candidates)?;
+        }
         let mut swept = Vec::new();
         for path in candidates {
             if !temp_is_abandoned(&path)? {
@@ -1474,6 +1537,28 @@ fn touch(path: &Path) {
     }
 }
 
+/// The entries of `dir` named by 64 hex digits (a digest), with that digest; none when `dir`
+/// does not exist. Temp files and anything else are skipped.
+fn hex_entries(dir: &Path) -> Result<Vec<(PathBuf, Digest256)>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(Error::io("listing", dir, err)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|err| Error::io("listing", dir, err))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str().filter(|n| n.len() == 64) else {
+            continue;
+        };
+        if let Ok(digest) = format!("sha256:{name}").parse::<Digest256>() {
+            out.push((entry.path(), digest));
+        }
+    }
+    Ok(out)
+}
+
 /// Create `path` (and missing parents) with mode 0700 whatever the umask, fsyncing the parent of
 /// each directory created.
 fn ensure_dir(path: &Path) -> Result<()> {
@@ -1513,6 +1598,7 @@ fn check_private(root: &Path) -> Result<()> {
         root.join("blobs"),
         root.join("index"),
         root.join("index/pages"),
+        root.join("index/forward"),
     ];
     for path in dirs {
         let meta = match fs::metadata(&path) {

@@ -5,6 +5,9 @@
 //! recognised by its first non-white-space byte (`{` or `[`) and scanned as a stream, so a
 //! large blob is never loaded into memory, and a binary blob (a tar, an image) is dropped after
 //! its first bytes.
+//!
+//! A reachable digest with [forward records](crate::forward) (a pack a repack rewrote) keeps
+//! them, and what they point at is reachable too; records nothing reachable needs are removed.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Read;
@@ -13,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::digest::Digest256;
 use crate::error::{Error, Result};
+use crate::forward::Forward;
 use crate::store::BlobStore;
 
 /// How [`gc`] runs.
@@ -50,6 +54,11 @@ pub struct GcReport {
     pub missing: Vec<Digest256>,
     /// Temp files of dead writers removed (or that would be), sorted.
     pub temp_files: Vec<PathBuf>,
+    /// Forward records kept because a reachable blob names the pack they forward (see
+    /// [`crate::forward`]); their targets are among `reachable`.
+    pub forwards_kept: usize,
+    /// Forward records removed (or that would be) because nothing reachable needs them, sorted.
+    pub forwards_removed: Vec<Forward>,
 }
 
 impl GcReport {
@@ -73,12 +82,38 @@ pub fn gc(store: &dyn BlobStore, options: &GcOptions) -> Result<GcReport> {
     } else {
         Some(store.gc_lock()?)
     };
+    gc_locked(store, options)
+}
+
+/// [`gc`], for a caller that holds the gc lock (or runs a dry run).
+pub(crate) fn gc_locked(store: &dyn BlobStore, options: &GcOptions) -> Result<GcReport> {
     let reachable = mark(store)?;
     let mut report = sweep(store, options, &reachable.reachable)?;
     report.temp_files = store.sweep_temp(options)?;
+    report.forwards_kept = reachable.forwards.len();
+    report.forwards_removed = sweep_forwards(store, options.dry_run, &reachable.forwards)?;
     report.reachable = reachable.reachable.into_iter().collect();
     report.missing = reachable.missing.into_iter().collect();
     Ok(report)
+}
+
+/// Remove (or with `dry_run`, only list) the forward records outside `keep`.
+pub(crate) fn sweep_forwards(
+    store: &dyn BlobStore,
+    dry_run: bool,
+    keep: &BTreeSet<Forward>,
+) -> Result<Vec<Forward>> {
+    let mut removed = Vec::new();
+    for forward in store.forwards()? {
+        if keep.contains(&forward) {
+            continue;
+        }
+        if dry_run || store.remove_forward(&forward)? {
+            tracing::debug!(pack = %forward.pack, to = %forward.to, "unneeded forward record");
+            removed.push(forward);
+        }
+    }
+    Ok(removed)
 }
 
 /// Take back blobs a writer stored and then gave up on (a failed pull), without taking one that
@@ -101,22 +136,46 @@ pub fn remove_unreachable(
 }
 
 /// What the names reach, and what they refer to that is missing.
-struct Marked {
-    reachable: BTreeSet<Digest256>,
-    missing: BTreeSet<Digest256>,
+pub(crate) struct Marked {
+    pub(crate) reachable: BTreeSet<Digest256>,
+    pub(crate) missing: BTreeSet<Digest256>,
+    /// The forward records of reached digests (present or not); their targets are reached too.
+    pub(crate) forwards: BTreeSet<Forward>,
 }
 
-/// Follow every name, and every reachable blob's children, to the blobs they reach.
-fn mark(store: &dyn BlobStore) -> Result<Marked> {
+/// Follow every name, and every reachable blob's children, to the blobs they reach. A digest
+/// reached (present or gone) that has forward records keeps them, and their targets are reached
+/// in turn; a gone digest with records is not missing.
+pub(crate) fn mark(store: &dyn BlobStore) -> Result<Marked> {
+    let mut records: std::collections::BTreeMap<Digest256, Vec<Digest256>> =
+        std::collections::BTreeMap::new();
+    for f in store.forwards()? {
+        records.entry(f.pack).or_default().push(f.to);
+    }
     let mut reachable = BTreeSet::new();
     let mut missing = BTreeSet::new();
+    let mut forwards = BTreeSet::new();
+    let mut gone = BTreeSet::new();
     let mut queue: VecDeque<Digest256> = store.names()?.into_iter().map(|(_, d)| d).collect();
     while let Some(digest) = queue.pop_front() {
-        if reachable.contains(&digest) || missing.contains(&digest) {
+        if reachable.contains(&digest) || missing.contains(&digest) || gone.contains(&digest) {
             continue;
         }
+        if let Some(targets) = records.get(&digest) {
+            for to in targets {
+                forwards.insert(Forward {
+                    pack: digest,
+                    to: *to,
+                });
+                queue.push_back(*to);
+            }
+        }
         if !store.contains(&digest)? {
-            missing.insert(digest);
+            if records.contains_key(&digest) {
+                gone.insert(digest);
+            } else {
+                missing.insert(digest);
+            }
             continue;
         }
         reachable.insert(digest);
@@ -124,7 +183,11 @@ fn mark(store: &dyn BlobStore) -> Result<Marked> {
             queue.push_back(child);
         }
     }
-    Ok(Marked { reachable, missing })
+    Ok(Marked {
+        reachable,
+        missing,
+        forwards,
+    })
 }
 
 /// Remove (or list, in a dry run) the blobs outside `reachable` that are older than the grace

@@ -13,6 +13,7 @@
 
 mod digest;
 mod error;
+pub mod forward;
 mod fs;
 mod gc;
 pub mod hint;
@@ -22,6 +23,7 @@ pub mod pack;
 pub mod page_index;
 pub mod pages;
 pub mod pages_report;
+mod repack;
 mod store;
 
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
@@ -30,4 +32,5 @@ pub use crate::fs::FsBlobStore;
 pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreachable};
 pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
+pub use crate::repack::{RepackOptions, RepackReport, repack};
 pub use crate::store::{BlobBatch, BlobStore, Put, validate_name};

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
+use crate::forward::Forward;
 use crate::lock::{SharedExclusive, StoreLock};
 use crate::store::{BlobStore, Put, validate_name};
 
@@ -14,6 +15,7 @@ use crate::store::{BlobStore, Put, validate_name};
 pub struct MemBlobStore {
     blobs: RwLock<BTreeMap<Digest256, Arc<[u8]>>>,
     names: RwLock<BTreeMap<String, Digest256>>,
+    forwards: RwLock<std::collections::BTreeSet<(Digest256, Digest256)>>,
     lock: SharedExclusive,
 }
 
@@ -190,6 +192,48 @@ impl BlobStore for MemBlobStore {
 
     fn gc_lock(&self) -> Result<StoreLock> {
         Ok(self.lock.exclusive())
+    }
+
+    fn forwards_of(&self, pack: &Digest256) -> Result<Vec<Digest256>> {
+        Ok(self
+            .forwards
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .range(
+                (*pack, Digest256::from_bytes([0; 32]))
+                    ..=(*pack, Digest256::from_bytes([0xff; 32])),
+            )
+            .map(|(_, to)| *to)
+            .collect())
+    }
+
+    fn add_forward(&self, forward: &Forward) -> Result<()> {
+        self.forwards
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((forward.pack, forward.to));
+        Ok(())
+    }
+
+    fn remove_forward(&self, forward: &Forward) -> Result<bool> {
+        Ok(self
+            .forwards
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(forward.pack, forward.to)))
+    }
+
+    fn forwards(&self) -> Result<Vec<Forward>> {
+        Ok(self
+            .forwards
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(pack, to)| Forward {
+                pack: *pack,
+                to: *to,
+            })
+            .collect())
     }
 }
 

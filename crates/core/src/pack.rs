@@ -90,6 +90,20 @@ pub enum PackError {
         /// Pages in the pack.
         pages: u32,
     },
+    /// A pack was repacked (it is gone and has forward records), but no pack its records lead
+    /// to holds a page it held.
+    #[error(
+        "pack {pack} was repacked, but the packs it is forwarded to ({}) do not hold page {digest}",
+        .to.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    NotForwarded {
+        /// The repacked pack.
+        pack: Digest256,
+        /// The packs its forward records lead to.
+        to: Vec<Digest256>,
+        /// The page looked for.
+        digest: Digest256,
+    },
     /// Compressing a frame failed.
     #[error("compressing a frame of a pack")]
     Compress {

@@ -166,6 +166,65 @@ impl PageIndex {
         Ok(())
     }
 
+    /// Move or drop the entries of packs a repack rewrote: every entry whose pack is a key of
+    /// `moved` becomes the location that map gives its page (the page's new pack and slot), or
+    /// is dropped when it has none. All runs are merged into one on the way, under the
+    /// directory's lock (a run a writer adds meanwhile is kept as it is: a writer only adds
+    /// pages of packs it wrote itself). Returns how many entries were moved and dropped.
+    pub fn redirect(
+        &self,
+        moved: &HashMap<Digest256, HashMap<Digest256, PageLoc>>,
+    ) -> Result<(u64, u64), IndexError> {
+        let Some(dir) = &self.dir else {
+            return Ok((0, 0));
+        };
+        create_dir(dir)?;
+        let lock_path = dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| io("open", &lock_path, source))?;
+        lock.lock()
+            .map_err(|source| io("lock", &lock_path, source))?;
+        let runs = self.runs()?;
+        let (mut redirected, mut dropped) = (0u64, 0u64);
+        let mut all = Vec::new();
+        for path in &runs {
+            let file = match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(io("open", path, source)),
+            };
+            let mut run = RunReader::new(file, path)?;
+            while let Some((digest, loc)) = run.next()? {
+                match moved.get(&loc.pack) {
+                    None => all.push((digest, loc)),
+                    Some(pages) => match pages.get(&digest) {
+                        Some(new) => {
+                            redirected += 1;
+                            all.push((digest, *new));
+                        }
+                        None => dropped += 1,
+                    },
+                }
+            }
+        }
+        if redirected == 0 && dropped == 0 {
+            return Ok((0, 0));
+        }
+        all.sort_by_key(|e| e.0);
+        all.dedup_by(|a, b| a.0 == b.0);
+        let merged = write_run(dir, &all)?;
+        for path in runs {
+            if path != merged {
+                std::fs::remove_file(&path).map_err(|source| io("remove", &path, source))?;
+            }
+        }
+        Ok((redirected, dropped))
+    }
+
     /// Merge every run into one, under the directory's lock.
     pub fn compact(&self) -> Result<(), IndexError> {
         let Some(dir) = &self.dir else {
@@ -392,6 +451,38 @@ mod tests {
         index.compact().expect("compact");
         assert_eq!(index.runs().expect("runs").len(), 1);
         assert_eq!(index.lookup(&wanted).expect("lookup"), all);
+    }
+
+    #[test]
+    fn redirect_moves_the_pages_of_repacked_packs_and_drops_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = PageIndex::in_dir(dir.path());
+        index
+            .add(vec![
+                (d(1), loc(1, 0)),
+                (d(2), loc(1, 1)),
+                (d(3), loc(2, 0)),
+            ])
+            .expect("add");
+        index.add(vec![(d(4), loc(1, 2))]).expect("add");
+        let old = loc(1, 0).pack;
+        let new = PageLoc {
+            pack: d(900),
+            slot: 7,
+        };
+        let moved = HashMap::from([(old, HashMap::from([(d(2), new)]))]);
+        assert_eq!(index.redirect(&moved).expect("redirect"), (1, 2));
+        let found = index.lookup(&sorted(&[1, 2, 3, 4])).expect("lookup");
+        assert_eq!(found.get(&d(2)), Some(&new));
+        assert_eq!(found.get(&d(3)), Some(&loc(2, 0)));
+        assert!(!found.contains_key(&d(1)) && !found.contains_key(&d(4)));
+        assert_eq!(index.runs().expect("runs").len(), 1);
+    }
+
+    fn sorted(ns: &[u32]) -> Vec<Digest256> {
+        let mut v: Vec<Digest256> = ns.iter().map(|n| d(*n)).collect();
+        v.sort();
+        v
     }
 
     #[test]

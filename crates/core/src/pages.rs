@@ -958,14 +958,35 @@ impl StoreRef<'_> {
     }
 }
 
-/// What a [`PagesReader`] knows of one pack: its frame table, read once.
+/// A pack a [`PagesReader`] reads from: the manifest's own, or one a forward record leads to.
 #[derive(Debug)]
-struct PackFrames {
+struct Phys {
+    /// Its number in the reader (names its frames in the cache).
+    id: u32,
+    pack: Digest256,
+    /// Whether [`BlobStore::read_at`] of it is cheap (else it is read whole).
+    seekable: bool,
     frames: Vec<crate::pack::Frame>,
 }
 
-/// A decoded frame in the cache: (pack number, frame number, its pages).
+/// Where the pages of one of the manifest's packs are read from.
+#[derive(Debug)]
+enum Route {
+    /// The pack itself: the page list's slots hold.
+    Direct(Arc<Phys>),
+    /// The pack was repacked (see [`crate::forward`]): each page is found by its digest in a
+    /// pack its forward records lead to.
+    Forwarded {
+        to: Vec<Digest256>,
+        slots: HashMap<Digest256, (Arc<Phys>, u32)>,
+    },
+}
+
+/// A decoded frame in the cache: (pack id, frame number, its pages).
 type CachedFrame = (u32, usize, Arc<Vec<u8>>);
+
+/// A pack and the (slot, page number) pairs wanted from it.
+type PhysWant = (Arc<Phys>, Vec<(u32, u64)>);
 
 /// Random access to the pages of a file stored by [`PageWriter`]: any run of pages, each one
 /// decoded from its frame alone and checked against its digest before it is handed out.
@@ -977,16 +998,33 @@ type CachedFrame = (u32, usize, Arc<Vec<u8>>);
 /// alone. The last [`FRAME_CACHE`] (16) decoded frames are kept, so consecutive single-page
 /// reads inside one 128 KiB frame decode it once; pages are hashed on every read. Many threads
 /// may call [`read`](Self::read) at once.
+///
+/// A pack that is gone but [forwarded](crate::forward) by a repack is read from the packs its
+/// forward records lead to, each page found by its digest in their indexes (read whole once,
+/// 32 bytes a page); a pack removed by a repack while the reader is open is looked up again
+/// once, so a reader outlives a concurrent `pf store gc --repack`.
 #[derive(Debug)]
 pub struct PagesReader<'s> {
     store: StoreRef<'s>,
     manifest: Digest256,
     packs: Vec<Digest256>,
     list: Vec<ListedPage>,
-    tables: Vec<std::sync::OnceLock<Arc<PackFrames>>>,
-    seekable: Vec<std::sync::OnceLock<bool>>,
+    routes: Vec<std::sync::RwLock<Option<Arc<Route>>>>,
+    phys: std::sync::Mutex<HashMap<Digest256, Arc<Phys>>>,
+    next_id: std::sync::atomic::AtomicU32,
     cache: std::sync::Mutex<std::collections::VecDeque<CachedFrame>>,
-    whole: std::sync::Mutex<std::collections::VecDeque<(u32, Arc<Vec<u8>>)>>,
+    whole: std::sync::Mutex<std::collections::VecDeque<(Digest256, Arc<Vec<u8>>)>>,
+}
+
+/// Whether `err` says a pack is not (or no longer) in the store.
+fn is_gone(err: &PagesError) -> bool {
+    matches!(
+        err,
+        PagesError::Store {
+            source: Error::NotFound { .. },
+            ..
+        }
+    )
 }
 
 impl<'s> PagesReader<'s> {
@@ -1009,14 +1047,13 @@ impl<'s> PagesReader<'s> {
         Ok(Self {
             store,
             manifest: *manifest,
-            tables: (0..m.packs.len())
-                .map(|_| std::sync::OnceLock::new())
-                .collect(),
-            seekable: (0..m.packs.len())
-                .map(|_| std::sync::OnceLock::new())
+            routes: (0..m.packs.len())
+                .map(|_| std::sync::RwLock::new(None))
                 .collect(),
             packs: m.packs,
             list,
+            phys: std::sync::Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU32::new(0),
             cache: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FRAME_CACHE)),
             whole: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(WHOLE_PACKS)),
         })
@@ -1056,7 +1093,6 @@ impl<'s> PagesReader<'s> {
                 pages: self.pages(),
             });
         }
-        let mut pack_now: Option<(u32, PackBytes, Arc<PackFrames>)> = None;
         let mut frame_now: Option<CachedFrame> = None;
         for (i, dst) in out.chunks_exact_mut(PAGE_SIZE).enumerate() {
             let page = first + i as u64;
@@ -1065,30 +1101,197 @@ impl<'s> PagesReader<'s> {
                 dst.fill(0);
                 continue;
             };
-            if pack_now.as_ref().is_none_or(|(p, _, _)| *p != pack_no) {
-                let bytes = self.pack_bytes(pack_no)?;
-                let table = self.table(pack_no, &bytes)?;
-                pack_now = Some((pack_no, bytes, table));
+            match self.read_one(page, &listed, pack_no, slot, dst, &mut frame_now) {
+                Err(err) if is_gone(&err) => {
+                    // Removed by a repack since it was first looked up: look again, once.
+                    self.forget(pack_no);
+                    frame_now = None;
+                    self.read_one(page, &listed, pack_no, slot, dst, &mut frame_now)?;
+                }
+                other => other?,
             }
-            let Some((_, bytes, table)) = &pack_now else {
-                unreachable!("the pack was just opened");
-            };
-            let pack = self.packs[pack_no as usize];
-            let bad = |source| PagesError::BadPage { page, source };
-            let frame_no = self.frame_no(pack_no, table, slot).map_err(bad)?;
-            if !matches!(&frame_now, Some((p, f, _)) if *p == pack_no && *f == frame_no) {
-                let decoded = self.cached_frame(pack_no, bytes, table, frame_no, page)?;
-                frame_now = Some((pack_no, frame_no, decoded));
-            }
-            let Some((_, _, decoded)) = &frame_now else {
-                unreachable!("a frame was just decoded");
-            };
-            let at = (slot - table.frames[frame_no].first) as usize * PAGE_SIZE;
-            let src = &decoded[at..at + PAGE_SIZE];
-            crate::pack::check_page(pack, slot, src, &listed.digest).map_err(bad)?;
-            dst.copy_from_slice(src);
         }
         Ok(())
+    }
+
+    /// Read page `page` (listed as `listed`, in slot `slot` of the manifest's pack `pack_no`)
+    /// into `dst`, checked; `frame_now` is the last frame decoded, reused when it holds it.
+    fn read_one(
+        &self,
+        page: u64,
+        listed: &ListedPage,
+        pack_no: u32,
+        slot: u32,
+        dst: &mut [u8],
+        frame_now: &mut Option<CachedFrame>,
+    ) -> Result<(), PagesError> {
+        let route = self.route(pack_no)?;
+        let (phys, slot) = self.site(&route, pack_no, listed, slot, page)?;
+        let bad = |source| PagesError::BadPage { page, source };
+        let frame_no = frame_no(&phys, slot).map_err(bad)?;
+        if !matches!(frame_now, Some((p, f, _)) if *p == phys.id && *f == frame_no) {
+            let decoded = self.cached_frame(&phys, frame_no, page)?;
+            *frame_now = Some((phys.id, frame_no, decoded));
+        }
+        let Some((_, _, decoded)) = frame_now else {
+            unreachable!("a frame was just decoded");
+        };
+        let at = (slot - phys.frames[frame_no].first) as usize * PAGE_SIZE;
+        let src = &decoded[at..at + PAGE_SIZE];
+        crate::pack::check_page(phys.pack, slot, src, &listed.digest).map_err(bad)?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+
+    /// The pack and slot page `page` is read from, along `route` (the manifest's pack
+    /// `pack_no`, where the page list puts it in `slot`).
+    fn site(
+        &self,
+        route: &Route,
+        pack_no: u32,
+        listed: &ListedPage,
+        slot: u32,
+        page: u64,
+    ) -> Result<(Arc<Phys>, u32), PagesError> {
+        match route {
+            Route::Direct(phys) => Ok((phys.clone(), slot)),
+            Route::Forwarded { to, slots } => {
+                slots
+                    .get(&listed.digest)
+                    .cloned()
+                    .ok_or_else(|| PagesError::BadPage {
+                        page,
+                        source: PackError::NotForwarded {
+                            pack: self.packs[pack_no as usize],
+                            to: to.clone(),
+                            digest: listed.digest,
+                        },
+                    })
+            }
+        }
+    }
+
+    /// Where the pages of the manifest's pack `pack_no` are read from, found on first use.
+    fn route(&self, pack_no: u32) -> Result<Arc<Route>, PagesError> {
+        let cell = &self.routes[pack_no as usize];
+        if let Some(route) = cell
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
+            return Ok(route.clone());
+        }
+        let route = match self.make_route(pack_no) {
+            Err(err) if is_gone(&err) => self.make_route(pack_no)?,
+            other => other?,
+        };
+        let mut slot = cell
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(slot.get_or_insert(Arc::new(route)).clone())
+    }
+
+    /// Forget where the pages of pack `pack_no` were found (its pack has gone).
+    fn forget(&self, pack_no: u32) {
+        let cell = &self.routes[pack_no as usize];
+        let old = cell
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(Route::Direct(phys)) = old.as_deref() {
+            self.phys
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&phys.pack);
+        }
+    }
+
+    fn make_route(&self, pack_no: u32) -> Result<Route, PagesError> {
+        let pack = self.packs[pack_no as usize];
+        let store = self.store.get();
+        let located = crate::forward::locate(store, &pack).map_err(|source| PagesError::Store {
+            what: format!("looking for pack {pack} and its forward records"),
+            source,
+        })?;
+        match located {
+            crate::forward::Located::Here => Ok(Route::Direct(self.open_phys(&pack, false)?.0)),
+            crate::forward::Located::Forwarded(to) => {
+                let mut slots = HashMap::new();
+                for target in &to {
+                    let (phys, digests) = self.open_phys(target, true)?;
+                    for (slot, digest) in digests.into_iter().enumerate() {
+                        slots
+                            .entry(digest)
+                            .or_insert_with(|| (phys.clone(), slot as u32));
+                    }
+                }
+                Ok(Route::Forwarded { to, slots })
+            }
+            crate::forward::Located::Missing { tried } => Err(PagesError::Store {
+                what: if tried.is_empty() {
+                    format!("reading pack {pack}")
+                } else {
+                    format!(
+                        "reading pack {pack}: it was repacked, and the packs its forward records \
+                         lead to are not in the store either ({})",
+                        tried
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+                source: Error::NotFound { digest: pack },
+            }),
+        }
+    }
+
+    /// Pack `pack` opened for reading (its trailer and frame table read), and with `digests`
+    /// its index's page digests, in slot order (else none).
+    fn open_phys(
+        &self,
+        pack: &Digest256,
+        digests: bool,
+    ) -> Result<(Arc<Phys>, Vec<Digest256>), PagesError> {
+        let known = self
+            .phys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(pack)
+            .cloned();
+        if let Some(phys) = &known
+            && !digests
+        {
+            return Ok((phys.clone(), Vec::new()));
+        }
+        let store = self.store.get();
+        let seekable = match &known {
+            Some(phys) => phys.seekable,
+            None => store.seekable(pack).map_err(|source| PagesError::Store {
+                what: format!("looking for pack {pack}"),
+                source,
+            })?,
+        };
+        let bytes = self.pack_bytes(pack, seekable)?;
+        let (frames, index) = self.read_index(pack, &bytes, digests)?;
+        let mut all = self
+            .phys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let phys = all
+            .entry(*pack)
+            .or_insert_with(|| {
+                Arc::new(Phys {
+                    id: self
+                        .next_id
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    pack: *pack,
+                    seekable,
+                    frames,
+                })
+            })
+            .clone();
+        Ok((phys, index))
     }
 
     /// Rebuild the whole file into `out` (empty, or holding only zeros), on `threads` threads:
@@ -1140,7 +1343,14 @@ impl<'s> PagesReader<'s> {
                                 src: &mut src,
                                 out: &mut frame,
                             };
-                            self.write_pack(i as u32, want, out, out_path, &mut bufs)?;
+                            match self.write_pack(i as u32, want, out, out_path, &mut bufs) {
+                                Err(err) if is_gone(&err) => {
+                                    // Removed by a repack meanwhile: look again, once.
+                                    self.forget(i as u32);
+                                    self.write_pack(i as u32, want, out, out_path, &mut bufs)?;
+                                }
+                                other => other?,
+                            }
                         }
                     })
                 })
@@ -1152,7 +1362,8 @@ impl<'s> PagesReader<'s> {
         Ok(len)
     }
 
-    /// Write the pages `want` ((slot, page number), sorted) of pack `pack_no` into `out`.
+    /// Write the pages `want` ((slot, page number), sorted) of the manifest's pack `pack_no`
+    /// into `out`, from the pack itself or the packs it is forwarded to.
     fn write_pack(
         &self,
         pack_no: u32,
@@ -1161,18 +1372,47 @@ impl<'s> PagesReader<'s> {
         out_path: &std::path::Path,
         bufs: &mut FrameBufs<'_>,
     ) -> Result<(), PagesError> {
-        let pack = self.packs[pack_no as usize];
-        let bytes = self.pack_bytes(pack_no)?;
-        let table = self.table(pack_no, &bytes)?;
+        let route = self.route(pack_no)?;
+        if let Route::Direct(phys) = &*route {
+            return self.write_phys(phys, want, out, out_path, bufs);
+        }
+        // Forwarded: each page by its digest, grouped by the pack that holds it.
+        let mut by_pack: HashMap<u32, PhysWant> = HashMap::new();
+        for &(slot, page) in want {
+            let listed = self.list[page as usize];
+            let (phys, slot) = self.site(&route, pack_no, &listed, slot, page)?;
+            by_pack
+                .entry(phys.id)
+                .or_insert_with(|| (phys, Vec::new()))
+                .1
+                .push((slot, page));
+        }
+        for (phys, mut want) in by_pack.into_values() {
+            want.sort_unstable();
+            self.write_phys(&phys, &want, out, out_path, bufs)?;
+        }
+        Ok(())
+    }
+
+    /// Write the pages `want` ((slot, page number), sorted) of pack `phys` into `out`.
+    fn write_phys(
+        &self,
+        phys: &Phys,
+        want: &[(u32, u64)],
+        out: &File,
+        out_path: &std::path::Path,
+        bufs: &mut FrameBufs<'_>,
+    ) -> Result<(), PagesError> {
+        let pack = phys.pack;
+        let bytes = self.pack_bytes(&pack, phys.seekable)?;
         let mut run = Run::new(out, out_path);
         let mut k = 0;
         while k < want.len() {
             let (slot, page) = want[k];
-            let frame_no = self
-                .frame_no(pack_no, &table, slot)
-                .map_err(|source| PagesError::BadPage { page, source })?;
-            let f = table.frames[frame_no];
-            self.decode_frame(pack_no, &bytes, &table, frame_no, page, bufs)?;
+            let frame_no =
+                frame_no(phys, slot).map_err(|source| PagesError::BadPage { page, source })?;
+            let f = phys.frames[frame_no];
+            self.decode_frame(phys, &bytes, frame_no, page, bufs)?;
             let end = f.first + f.pages;
             while k < want.len() && want[k].0 < end {
                 let (slot, first_page) = want[k];
@@ -1201,32 +1441,10 @@ impl<'s> PagesReader<'s> {
         run.flush()
     }
 
-    /// The frame of pack `pack_no` that holds `slot`.
-    fn frame_no(&self, pack_no: u32, table: &PackFrames, slot: u32) -> Result<usize, PackError> {
-        crate::pack::frame_holding(&table.frames, slot).ok_or_else(|| PackError::NoSuchSlot {
-            pack: self.packs[pack_no as usize],
-            slot,
-            pages: table.frames.last().map_or(0, |f| f.first + f.pages),
-        })
-    }
-
-    /// How pack `pack_no`'s bytes are read. A pack the store keeps where `read_at` is cheap is
+    /// How pack `pack`'s bytes are read. A pack the store keeps where `read_at` is cheap is
     /// read in place; any other (a store that compressed it) is read whole once, verified by
     /// the store, and kept among the last [`WHOLE_PACKS`] such packs.
-    fn pack_bytes(&self, pack_no: u32) -> Result<PackBytes, PagesError> {
-        let pack = self.packs[pack_no as usize];
-        let store = self.store.get();
-        let cell = &self.seekable[pack_no as usize];
-        let seekable = match cell.get() {
-            Some(seekable) => *seekable,
-            None => {
-                let seekable = store.seekable(&pack).map_err(|source| PagesError::Store {
-                    what: format!("looking for pack {pack}"),
-                    source,
-                })?;
-                *cell.get_or_init(|| seekable)
-            }
-        };
+    fn pack_bytes(&self, pack: &Digest256, seekable: bool) -> Result<PackBytes, PagesError> {
         if seekable {
             return Ok(PackBytes::Seekable);
         }
@@ -1235,7 +1453,7 @@ impl<'s> PagesReader<'s> {
                 .whole
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(k) = whole.iter().position(|(p, _)| *p == pack_no) {
+            if let Some(k) = whole.iter().position(|(p, _)| p == pack) {
                 let hit = whole.remove(k).unwrap_or_else(|| unreachable!("found"));
                 let bytes = hit.1.clone();
                 whole.push_front(hit);
@@ -1243,8 +1461,9 @@ impl<'s> PagesReader<'s> {
             }
         }
         let mut bytes = Vec::new();
-        store
-            .copy_to(&pack, &mut bytes)
+        self.store
+            .get()
+            .copy_to(pack, &mut bytes)
             .map_err(|source| PagesError::Store {
                 what: format!("reading pack {pack}"),
                 source,
@@ -1254,27 +1473,22 @@ impl<'s> PagesReader<'s> {
             .whole
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !whole.iter().any(|(p, _)| *p == pack_no) {
+        if !whole.iter().any(|(p, _)| p == pack) {
             whole.truncate(WHOLE_PACKS - 1);
-            whole.push_front((pack_no, bytes.clone()));
+            whole.push_front((*pack, bytes.clone()));
         }
         Ok(PackBytes::Whole(bytes))
     }
 
-    /// The frame table of pack `pack_no`, read on first use.
-    fn table(&self, pack_no: u32, bytes: &PackBytes) -> Result<Arc<PackFrames>, PagesError> {
-        let cell = &self.tables[pack_no as usize];
-        if let Some(table) = cell.get() {
-            return Ok(table.clone());
-        }
-        let table = Arc::new(self.read_table(pack_no, bytes)?);
-        // Another thread may have read it meanwhile: either copy is the same.
-        Ok(cell.get_or_init(|| table).clone())
-    }
-
-    fn read_table(&self, pack_no: u32, bytes: &PackBytes) -> Result<PackFrames, PagesError> {
+    /// Pack `pack`'s frame table and, with `digests`, its page digests in slot order.
+    fn read_index(
+        &self,
+        pack: &Digest256,
+        bytes: &PackBytes,
+        digests: bool,
+    ) -> Result<(Vec<crate::pack::Frame>, Vec<Digest256>), PagesError> {
         use crate::pack::{FRAME_ENTRY_LEN, INDEX_HEAD_LEN, TRAILER_LEN};
-        let pack = self.packs[pack_no as usize];
+        let pack = *pack;
         let len = match bytes {
             PackBytes::Whole(bytes) => bytes.len() as u64,
             PackBytes::Seekable => {
@@ -1289,10 +1503,10 @@ impl<'s> PagesReader<'s> {
         };
         let mut trailer = [0u8; TRAILER_LEN];
         let trailer_at = len.saturating_sub(TRAILER_LEN as u64);
-        self.read_pack(pack_no, bytes, trailer_at, &mut trailer)?;
+        self.read_pack(&pack, bytes, trailer_at, &mut trailer)?;
         let (index_at, index_len) = crate::pack::parse_trailer(pack, len, &trailer)?;
         let mut head = [0u8; INDEX_HEAD_LEN];
-        self.read_pack(pack_no, bytes, index_at as u64, &mut head)?;
+        self.read_pack(&pack, bytes, index_at as u64, &mut head)?;
         let table_len = crate::pack::frame_count(&head)
             .checked_mul(FRAME_ENTRY_LEN)
             .and_then(|n| n.checked_add(INDEX_HEAD_LEN))
@@ -1301,27 +1515,38 @@ impl<'s> PagesReader<'s> {
                 pack,
                 reason: "its index length does not match its counts",
             })?;
-        let mut index = vec![0u8; table_len];
-        self.read_pack(pack_no, bytes, index_at as u64, &mut index)?;
+        let mut index = vec![0u8; if digests { index_len } else { table_len }];
+        self.read_pack(&pack, bytes, index_at as u64, &mut index)?;
         let (frames, _) = crate::pack::parse_frames(pack, &index, index_at, index_len)?;
-        Ok(PackFrames { frames })
+        let found = if digests {
+            index[table_len..]
+                .chunks_exact(32)
+                .map(|d| {
+                    let mut out = [0u8; 32];
+                    out.copy_from_slice(d);
+                    Digest256::from_bytes(out)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok((frames, found))
     }
 
-    /// Fill `buf` from pack `pack_no` at `at` (unverified when read in place: see
+    /// Fill `buf` from pack `pack` at `at` (unverified when read in place: see
     /// [`BlobStore::read_at`]); a pack shorter than its own index says is malformed.
     fn read_pack(
         &self,
-        pack_no: u32,
+        pack: &Digest256,
         bytes: &PackBytes,
         at: u64,
         buf: &mut [u8],
     ) -> Result<(), PagesError> {
-        let pack = self.packs[pack_no as usize];
         let n = match bytes {
             PackBytes::Seekable => {
                 self.store
                     .get()
-                    .read_at(&pack, at, buf)
+                    .read_at(pack, at, buf)
                     .map_err(|source| PagesError::Store {
                         what: format!("reading pack {pack}"),
                         source,
@@ -1336,7 +1561,7 @@ impl<'s> PagesReader<'s> {
         };
         if n < buf.len() {
             return Err(PackError::Malformed {
-                pack,
+                pack: *pack,
                 reason: "it is shorter than its index says",
             }
             .into());
@@ -1344,13 +1569,11 @@ impl<'s> PagesReader<'s> {
         Ok(())
     }
 
-    /// Frame `frame_no` of pack `pack_no` decoded, from the cache or read and decoded now (and
+    /// Frame `frame_no` of pack `phys` decoded, from the cache or read and decoded now (and
     /// cached). `page` names the page wanted in errors.
     fn cached_frame(
         &self,
-        pack_no: u32,
-        bytes: &PackBytes,
-        table: &PackFrames,
+        phys: &Phys,
         frame_no: usize,
         page: u64,
     ) -> Result<Arc<Vec<u8>>, PagesError> {
@@ -1358,6 +1581,7 @@ impl<'s> PagesReader<'s> {
             static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
                 const { std::cell::RefCell::new(None) };
         }
+        let id = phys.id;
         {
             let mut cache = self
                 .cache
@@ -1365,7 +1589,7 @@ impl<'s> PagesReader<'s> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(k) = cache
                 .iter()
-                .position(|(p, f, _)| *p == pack_no && *f == frame_no)
+                .position(|(p, f, _)| *p == id && *f == frame_no)
             {
                 let hit = cache.remove(k).unwrap_or_else(|| unreachable!("found"));
                 let decoded = hit.2.clone();
@@ -1373,6 +1597,7 @@ impl<'s> PagesReader<'s> {
                 return Ok(decoded);
             }
         }
+        let bytes = self.pack_bytes(&phys.pack, phys.seekable)?;
         let mut src = Vec::new();
         let mut decoded = Vec::new();
         DECODER.with(|decoder| {
@@ -1381,50 +1606,54 @@ impl<'s> PagesReader<'s> {
                 src: &mut src,
                 out: &mut decoded,
             };
-            self.decode_frame(pack_no, bytes, table, frame_no, page, &mut bufs)
+            self.decode_frame(phys, &bytes, frame_no, page, &mut bufs)
         })?;
         let decoded = Arc::new(decoded);
         let mut cache = self
             .cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !cache
-            .iter()
-            .any(|(p, f, _)| *p == pack_no && *f == frame_no)
-        {
+        if !cache.iter().any(|(p, f, _)| *p == id && *f == frame_no) {
             cache.truncate(FRAME_CACHE - 1);
-            cache.push_front((pack_no, frame_no, decoded.clone()));
+            cache.push_front((id, frame_no, decoded.clone()));
         }
         Ok(decoded)
     }
 
-    /// Read frame `frame_no` of pack `pack_no` and decode it into `bufs.out`; `page` names a
-    /// page wanted from it in errors: a frame that does not decode is that page's
+    /// Read frame `frame_no` of pack `phys` and decode it into `bufs.out`; `page` names a page
+    /// wanted from it in errors: a frame that does not decode is that page's
     /// [`PagesError::BadPage`].
     fn decode_frame(
         &self,
-        pack_no: u32,
+        phys: &Phys,
         bytes: &PackBytes,
-        table: &PackFrames,
         frame_no: usize,
         page: u64,
         bufs: &mut FrameBufs<'_>,
     ) -> Result<(), PagesError> {
-        let pack = self.packs[pack_no as usize];
-        let f = table.frames[frame_no];
+        let f = phys.frames[frame_no];
         bufs.src.resize(f.len, 0);
-        self.read_pack(pack_no, bytes, f.offset as u64, bufs.src)?;
+        self.read_pack(&phys.pack, bytes, f.offset as u64, bufs.src)?;
         crate::pack::decode_frame_bytes(bufs.decoder, bufs.src, f.pages, bufs.out).map_err(
             |source| PagesError::BadPage {
                 page,
                 source: PackError::Frame {
-                    pack,
+                    pack: phys.pack,
                     frame: frame_no,
                     source,
                 },
             },
         )
     }
+}
+
+/// The frame of pack `phys` that holds `slot`.
+fn frame_no(phys: &Phys, slot: u32) -> Result<usize, PackError> {
+    crate::pack::frame_holding(&phys.frames, slot).ok_or_else(|| PackError::NoSuchSlot {
+        pack: phys.pack,
+        slot,
+        pages: phys.frames.last().map_or(0, |f| f.first + f.pages),
+    })
 }
 
 /// A thread's buffers for decoding frames: its decoder, a frame's compressed bytes, its pages.

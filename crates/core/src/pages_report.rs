@@ -47,6 +47,8 @@ pub struct Graph {
     children: HashMap<Digest256, Vec<Digest256>>,
     manifests: BTreeMap<Digest256, PagesManifest>,
     missing: BTreeSet<Digest256>,
+    /// Forward records of reached digests (see [`crate::forward`]): pack → packs it went to.
+    forwards: BTreeMap<Digest256, Vec<Digest256>>,
 }
 
 impl Graph {
@@ -56,10 +58,24 @@ impl Graph {
     /// Digests referred to but absent are [`missing`](Self::missing).
     pub fn load(store: &dyn BlobStore, roots: &[Digest256]) -> Result<Self, ReportError> {
         let mut graph = Self::default();
+        let mut records: BTreeMap<Digest256, Vec<Digest256>> = BTreeMap::new();
+        for f in store.forwards().map_err(|source| ReportError::Store {
+            what: "listing the forward records".to_owned(),
+            source,
+        })? {
+            records.entry(f.pack).or_default().push(f.to);
+        }
         let mut queue: VecDeque<Digest256> = roots.iter().copied().collect();
         while let Some(digest) = queue.pop_front() {
-            if graph.children.contains_key(&digest) || graph.missing.contains(&digest) {
+            if graph.children.contains_key(&digest)
+                || graph.missing.contains(&digest)
+                || graph.forwards.contains_key(&digest)
+            {
                 continue;
+            }
+            if let Some(targets) = records.get(&digest) {
+                graph.forwards.insert(digest, targets.clone());
+                queue.extend(targets.iter().copied());
             }
             let present = store
                 .contains(&digest)
@@ -68,7 +84,9 @@ impl Graph {
                     source,
                 })?;
             if !present {
-                graph.missing.insert(digest);
+                if !graph.forwards.contains_key(&digest) {
+                    graph.missing.insert(digest);
+                }
                 continue;
             }
             let children =
@@ -107,11 +125,23 @@ impl Graph {
         &self.manifests
     }
 
-    /// The blobs `root` reaches (itself included), from what [`load`](Self::load) read.
+    /// The forward records followed: each reached pack that has some, and where they lead.
+    pub fn forwards(&self) -> &BTreeMap<Digest256, Vec<Digest256>> {
+        &self.forwards
+    }
+
+    /// The blobs `root` reaches (itself included, forward records followed), from what
+    /// [`load`](Self::load) read.
     pub fn reach(&self, root: &Digest256) -> BTreeSet<Digest256> {
         let mut seen = BTreeSet::new();
+        let mut followed = BTreeSet::new();
         let mut stack = vec![*root];
         while let Some(d) = stack.pop() {
+            if let Some(targets) = self.forwards.get(&d)
+                && followed.insert(d)
+            {
+                stack.extend(targets.iter().copied());
+            }
             if let Some(children) = self.children.get(&d)
                 && seen.insert(d)
             {
@@ -192,6 +222,9 @@ pub fn usage(
     for m in graph.manifests.values() {
         structure.insert(m.list);
         structure.extend(m.packs.iter().copied());
+    }
+    for targets in graph.forwards.values() {
+        structure.extend(targets.iter().copied());
     }
     let mut stored_of: HashMap<Digest256, u64> = HashMap::new();
     let mut raw_of: HashMap<Digest256, u64> = HashMap::new();
@@ -282,26 +315,7 @@ impl PackUsage {
 /// two small unverified reads: this is a report, and a damaged pack is `pf store verify`'s to
 /// name); packs or lists that cannot be read are left out.
 pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, ReportError> {
-    // Per pack, which slots some list uses.
-    let mut used: BTreeMap<Digest256, BTreeSet<u32>> = BTreeMap::new();
-    for (digest, m) in &graph.manifests {
-        for p in &m.packs {
-            used.entry(*p).or_default();
-        }
-        let Ok(bytes) = store.get(&m.list) else {
-            tracing::warn!(manifest = %digest, list = %m.list, "page list unreadable");
-            continue;
-        };
-        let Ok(list) = parse_list(store, &m.list, &bytes, m) else {
-            tracing::warn!(manifest = %digest, list = %m.list, "page list malformed");
-            continue;
-        };
-        for page in list {
-            if let Some((k, slot)) = page.at {
-                used.entry(m.packs[k as usize]).or_default().insert(slot);
-            }
-        }
-    }
+    let used = used_slots(store, graph);
     let mut out = PackUsage::default();
     for (pack, slots) in used {
         let pages = match pack_pages(store, &pack) {
@@ -324,6 +338,93 @@ pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, Rep
         out.per_pack.push((pack, pages, live, stored));
     }
     Ok(out)
+}
+
+/// Per pack, which of its slots `graph`'s page lists use: the slot a list names in a pack the
+/// store holds, or for a pack gone and [forwarded](crate::forward), the slot that holds the
+/// page's digest in a pack its records lead to (indexes read unverified, 32 bytes a page).
+/// Lists or packs that cannot be read are left out.
+fn used_slots(store: &dyn BlobStore, graph: &Graph) -> BTreeMap<Digest256, BTreeSet<u32>> {
+    let mut used: BTreeMap<Digest256, BTreeSet<u32>> = BTreeMap::new();
+    let mut routes: HashMap<Digest256, Vec<Digest256>> = HashMap::new();
+    let mut indexes: HashMap<Digest256, HashMap<Digest256, u32>> = HashMap::new();
+    for (digest, m) in &graph.manifests {
+        for p in &m.packs {
+            if graph.forwards.contains_key(p) && !graph.children.contains_key(p) {
+                let targets = match crate::forward::locate(store, p) {
+                    Ok(crate::forward::Located::Forwarded(t)) => t,
+                    _ => Vec::new(),
+                };
+                for t in &targets {
+                    if !indexes.contains_key(t) {
+                        let index = pack_digests(store, t).unwrap_or_default();
+                        indexes.insert(*t, index.into_iter().zip(0u32..).collect());
+                    }
+                }
+                routes.insert(*p, targets);
+            } else {
+                used.entry(*p).or_default();
+            }
+        }
+        let Ok(bytes) = store.get(&m.list) else {
+            tracing::warn!(manifest = %digest, list = %m.list, "page list unreadable");
+            continue;
+        };
+        let Ok(list) = parse_list(store, &m.list, &bytes, m) else {
+            tracing::warn!(manifest = %digest, list = %m.list, "page list malformed");
+            continue;
+        };
+        for page in list {
+            if let Some((k, slot)) = page.at {
+                let pack = m.packs[k as usize];
+                match routes.get(&pack) {
+                    None => {
+                        used.entry(pack).or_default().insert(slot);
+                    }
+                    Some(targets) => {
+                        for t in targets {
+                            if let Some(s) = indexes.get(t).and_then(|i| i.get(&page.digest)) {
+                                used.entry(*t).or_default().insert(*s);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    used
+}
+
+/// The page digests of pack `pack`'s index, in slot order (unverified reads).
+fn pack_digests(store: &dyn BlobStore, pack: &Digest256) -> Result<Vec<Digest256>, Error> {
+    use crate::pack::{TRAILER_LEN, parse_frames, parse_trailer};
+    let malformed = |source: PackError| Error::Read {
+        digest: *pack,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, source),
+    };
+    let len = store.raw_size(pack)?;
+    let mut trailer = [0u8; TRAILER_LEN];
+    read_exact_at(
+        store,
+        pack,
+        len.saturating_sub(TRAILER_LEN as u64),
+        &mut trailer,
+    )?;
+    let (index_at, index_len) = parse_trailer(*pack, len, &trailer).map_err(malformed)?;
+    let mut index = vec![0u8; index_len];
+    read_exact_at(store, pack, index_at as u64, &mut index)?;
+    let (frames, pages) = parse_frames(*pack, &index, index_at, index_len).map_err(malformed)?;
+    let at = crate::pack::INDEX_HEAD_LEN + frames.len() * crate::pack::FRAME_ENTRY_LEN;
+    Ok(index[at..]
+        .chunks_exact(32)
+        .take(pages as usize)
+        .map(|d| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d);
+            Digest256::from_bytes(out)
+        })
+        .collect())
 }
 
 /// How many pages pack `pack` holds, from its trailer and frame table (unverified reads).
@@ -424,6 +525,16 @@ pub enum Fault {
         /// What is wrong.
         reason: String,
     },
+    /// A pack is gone and [forwarded](crate::forward), but no pack its records lead to holds
+    /// a page a list needs from it.
+    Unforwarded {
+        /// The repacked pack.
+        pack: Digest256,
+        /// The present packs its records lead to.
+        to: Vec<Digest256>,
+        /// The page missing.
+        digest: Digest256,
+    },
     /// A manifest's page list cannot be read or does not match the manifest.
     BadList {
         /// The manifest naming it.
@@ -446,6 +557,20 @@ impl std::fmt::Display for Fault {
                     "a page list names slot {slot} of pack {pack}, which {reason}"
                 )
             }
+            Self::Unforwarded { pack, to, digest } if to.is_empty() => write!(
+                f,
+                "pack {pack} was repacked, but its forward records lead to no pack in the store \
+                 (page {digest} is lost)"
+            ),
+            Self::Unforwarded { pack, to, digest } => write!(
+                f,
+                "pack {pack} was repacked, but the packs it is forwarded to ({}) do not hold \
+                 page {digest}",
+                to.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             Self::BadList { list, reason, .. } => {
                 write!(f, "page list {list} is unusable: {reason}")
             }
@@ -495,10 +620,24 @@ struct PackCheck {
 /// holding the page the list says. Packs are checked on `threads` threads, one pack in memory
 /// per thread; the packs' indexes (32 bytes per stored page) are kept for the list check.
 pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> PagesVerified {
+    // A pack gone but forwarded is checked through the packs its records lead to.
+    let gone = |p: &Digest256| graph.forwards.contains_key(p) && !graph.children.contains_key(p);
+    let mut routes: HashMap<Digest256, Vec<Digest256>> = HashMap::new();
+    for m in graph.manifests.values() {
+        for p in m.packs.iter().filter(|p| gone(p)) {
+            let to = match crate::forward::locate(store, p) {
+                Ok(crate::forward::Located::Forwarded(to)) => to,
+                _ => Vec::new(),
+            };
+            routes.insert(*p, to);
+        }
+    }
     let packs: Vec<Digest256> = graph
         .manifests
         .values()
         .flat_map(|m| m.packs.iter().copied())
+        .filter(|p| !gone(p))
+        .chain(routes.values().flatten().copied())
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -528,6 +667,14 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
         .map(|(p, c)| {
             let c = c.into_inner().ok().flatten().unwrap_or_default();
             (*p, c)
+        })
+        .collect();
+    let by_digest: HashMap<Digest256, HashMap<Digest256, u32>> = routes
+        .values()
+        .flatten()
+        .filter_map(|t| {
+            let index = checks.get(t)?.index.as_ref()?;
+            Some((*t, index.iter().copied().zip(0u32..).collect()))
         })
         .collect();
     let mut report = PagesVerified {
@@ -577,11 +724,34 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
         for (n, page) in list.iter().enumerate() {
             report.list_entries += 1;
             let Some((k, slot)) = page.at else { continue };
-            let pack = m.packs[k as usize];
+            let mut pack = m.packs[k as usize];
+            let mut slot = slot;
             let at = PageUse {
                 manifest: *digest,
                 page: n as u64,
             };
+            if let Some(to) = routes.get(&pack) {
+                let found = to.iter().find_map(|t| {
+                    let s = by_digest.get(t)?.get(&page.digest)?;
+                    Some((*t, *s))
+                });
+                match found {
+                    Some((t, s)) => (pack, slot) = (t, s),
+                    None => {
+                        let old = pack;
+                        note(
+                            (old, u32::MAX, 2),
+                            &|| Fault::Unforwarded {
+                                pack: old,
+                                to: to.clone(),
+                                digest: page.digest,
+                            },
+                            at,
+                        );
+                        continue;
+                    }
+                }
+            }
             let Some(check) = checks.get(&pack) else {
                 continue;
             };

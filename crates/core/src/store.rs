@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use crate::digest::{Digest256, DigestHasher};
 use crate::error::{Error, Result};
+use crate::forward::Forward;
 use crate::gc::GcOptions;
 use crate::lock::StoreLock;
 use crate::page_index::PageIndex;
@@ -213,6 +214,19 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     fn page_index(&self) -> PageIndex {
         PageIndex::none()
     }
+
+    /// The packs `pack` is forwarded to (its [forward records](crate::forward)), sorted.
+    fn forwards_of(&self, pack: &Digest256) -> Result<Vec<Digest256>>;
+
+    /// Record durably that the live pages of `forward.pack` are in `forward.to` (kept besides
+    /// any other record of the same pack). Done before the old pack is removed.
+    fn add_forward(&self, forward: &Forward) -> Result<()>;
+
+    /// Remove one forward record; false when there was none.
+    fn remove_forward(&self, forward: &Forward) -> Result<bool>;
+
+    /// Every forward record, sorted.
+    fn forwards(&self) -> Result<Vec<Forward>>;
 
     /// Remove (or with `dry_run`, only list) temp files left behind by writers that died
     /// mid-put. Stores without temp files have nothing to do.

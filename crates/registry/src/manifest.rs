@@ -16,6 +16,10 @@ pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.pf.snapshot.config.v1+json"
 pub const JSON_BLOB_MEDIA_TYPE: &str = "application/vnd.pf.blob.v1+json";
 /// Any other layer: raw bytes (an images tar, a pack of pages).
 pub const BLOB_MEDIA_TYPE: &str = "application/vnd.pf.blob.v1";
+/// A forward record (`pf_core::forward::Forward`'s bytes): a pack the snapshot names was
+/// repacked in the pushing store, and its pages are in the pack the record names (also a layer).
+/// A pull stores it as a forward record, not as a blob.
+pub(crate) const FORWARD_MEDIA_TYPE: &str = "application/vnd.pf.pack-forward.v1+json";
 
 /// Annotation naming the root blob's `kind`.
 pub(crate) const KIND_ANNOTATION: &str = "dev.pf.snapshot.kind";
@@ -82,11 +86,9 @@ mod tests {
         assert_eq!(m.media_type.as_deref(), Some(MANIFEST_MEDIA_TYPE));
         assert_eq!(m.artifact_type.as_deref(), Some(ARTIFACT_TYPE));
         assert_eq!(m.config.media_type, CONFIG_MEDIA_TYPE);
-        assert!(
-            m.layers
-                .iter()
-                .all(|l| l.media_type == BLOB_MEDIA_TYPE || l.media_type == JSON_BLOB_MEDIA_TYPE)
-        );
+        assert!(m.layers.iter().all(|l| l.media_type == BLOB_MEDIA_TYPE
+            || l.media_type == JSON_BLOB_MEDIA_TYPE
+            || l.media_type == FORWARD_MEDIA_TYPE));
         assert!(m.annotations.contains_key(KIND_ANNOTATION));
     }
 }

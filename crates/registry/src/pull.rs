@@ -13,7 +13,8 @@ use pf_core::{BlobStore, Digest256};
 use crate::client::{Access, Client};
 use crate::error::{Error, Result};
 use crate::manifest::{
-    BLOB_MEDIA_TYPE, CONFIG_MEDIA_TYPE, Descriptor, MANIFEST_MEDIA_TYPE, Manifest,
+    BLOB_MEDIA_TYPE, CONFIG_MEDIA_TYPE, Descriptor, FORWARD_MEDIA_TYPE, MANIFEST_MEDIA_TYPE,
+    Manifest,
 };
 use crate::reference::Reference;
 use crate::{ConnectOptions, Event, Progress, parallel};
@@ -87,7 +88,19 @@ pub fn pull(
     let pages = Mutex::new(Vec::new());
     let fetched = AtomicUsize::new(0);
     let bytes_fetched = AtomicU64::new(0);
+    let forwards = Mutex::new(Vec::new());
+    let mut forwards_added = Vec::new();
     let outcome = parallel(&blobs, options.connect.parallel, |blob| {
+        if blob.media_type == FORWARD_MEDIA_TYPE {
+            let forward = fetch_forward(&client, reference, blob)?;
+            forwards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(forward);
+            fetched.fetch_add(1, Ordering::Relaxed);
+            bytes_fetched.fetch_add(blob.size, Ordering::Relaxed);
+            return Ok(());
+        }
         if store.contains(&blob.digest)? {
             progress(Event::Skipped {
                 digest: &blob.digest,
@@ -112,6 +125,16 @@ pub fn pull(
         });
         Ok(())
     })
+    .and_then(|()| {
+        // Forward records of packs this store lacks, now that their targets are in.
+        for f in forwards.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            if !store.contains(&f.pack)? && !store.forwards_of(&f.pack)?.contains(&f.to) {
+                store.add_forward(f)?;
+                forwards_added.push(*f);
+            }
+        }
+        Ok(())
+    })
     .and_then(|()| check_whole(store, reference, &root))
     .and_then(|()| match &options.name {
         Some(name) => Ok(store.set_name(name, &root)?),
@@ -122,6 +145,11 @@ pub fn pull(
         // Another writer (a second pull of the same tag, a capture) may have found one of these
         // blobs here and named a snapshot that needs it: only what no name reaches goes.
         let added = added.into_inner().unwrap_or_else(|p| p.into_inner());
+        for f in &forwards_added {
+            if let Err(remove) = store.remove_forward(f) {
+                tracing::warn!(error = %remove, "taking back a forward record of a failed pull; gc will");
+            }
+        }
         if let Err(remove) = pf_core::remove_unreachable(store, &added) {
             tracing::warn!(error = %remove, "taking back the blobs of a failed pull; gc will");
         }
@@ -285,16 +313,63 @@ fn fetch(
     }
 }
 
-/// Every blob the root reaches is in the store (the manifest left none out).
+/// Fetch a forward record layer into memory (a few hundred bytes), verified against its digest.
+fn fetch_forward(
+    client: &Client,
+    reference: &Reference,
+    blob: &Descriptor,
+) -> Result<pf_core::forward::Forward> {
+    let refuse = || Error::BadManifest {
+        reference: reference.to_string(),
+        reason: format!(
+            "layer {} claims to be a forward record but is not one",
+            blob.digest
+        ),
+    };
+    if blob.size > 4096 {
+        return Err(refuse());
+    }
+    let (reader, url) = client.get_blob(&blob.digest)?;
+    let mut bytes = Vec::new();
+    reader
+        .take(4097)
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::BodyRead {
+            digest: blob.digest,
+            url,
+            source,
+        })?;
+    let actual = Digest256::of(&bytes);
+    if actual != blob.digest {
+        return Err(Error::Tampered {
+            reference: reference.to_string(),
+            digest: blob.digest,
+            actual,
+        });
+    }
+    pf_core::forward::Forward::parse(&bytes).ok_or_else(refuse)
+}
+
+/// Every blob the root reaches is in the store (the manifest left none out), packs gone but
+/// forwarded standing for the packs their records lead to.
 fn check_whole(store: &dyn BlobStore, reference: &Reference, root: &Digest256) -> Result<()> {
     let mut seen = BTreeSet::from([*root]);
     let mut queue = VecDeque::from([*root]);
     while let Some(digest) = queue.pop_front() {
         if !store.contains(&digest)? {
-            return Err(Error::Incomplete {
-                reference: reference.to_string(),
-                missing: digest,
-            });
+            let targets = store.forwards_of(&digest)?;
+            if targets.is_empty() {
+                return Err(Error::Incomplete {
+                    reference: reference.to_string(),
+                    missing: digest,
+                });
+            }
+            for to in targets {
+                if seen.insert(to) {
+                    queue.push_back(to);
+                }
+            }
+            continue;
         }
         for child in pf_core::references(store, &digest)? {
             if seen.insert(child) {

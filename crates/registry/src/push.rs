@@ -8,8 +8,8 @@ use pf_core::{BlobStore, Digest256};
 use crate::client::{Access, Client};
 use crate::error::{Error, Result};
 use crate::manifest::{
-    ARTIFACT_TYPE, BLOB_MEDIA_TYPE, CONFIG_MEDIA_TYPE, Descriptor, JSON_BLOB_MEDIA_TYPE,
-    KIND_ANNOTATION, MANIFEST_MEDIA_TYPE, Manifest,
+    ARTIFACT_TYPE, BLOB_MEDIA_TYPE, CONFIG_MEDIA_TYPE, Descriptor, FORWARD_MEDIA_TYPE,
+    JSON_BLOB_MEDIA_TYPE, KIND_ANNOTATION, MANIFEST_MEDIA_TYPE, Manifest,
 };
 use crate::reference::Reference;
 use crate::resume::Sessions;
@@ -52,6 +52,8 @@ struct Node {
     digest: Digest256,
     size: u64,
     refers: bool,
+    /// A forward record sent as a layer of its own (its bytes are the record's), not a blob.
+    forward: Option<pf_core::forward::Forward>,
 }
 
 /// Push the snapshot whose root blob is `root` to `reference`: every blob it reaches (as gc
@@ -85,7 +87,10 @@ pub fn push(
             });
             return Ok(());
         }
-        let mut reader = store.open(&node.digest)?;
+        let mut reader: Box<dyn std::io::Read + Send> = match &node.forward {
+            Some(f) => Box::new(std::io::Cursor::new(f.to_bytes())),
+            None => store.open(&node.digest)?,
+        };
         let sent = client.upload(
             &node.digest,
             node.size,
@@ -144,23 +149,43 @@ fn root_kind(store: &dyn BlobStore, root: &Digest256) -> Result<String> {
         })
 }
 
-/// Every blob `root` reaches, root first, breadth-first, each once; a missing one is an error.
+/// Every blob `root` reaches, root first, breadth-first, each once; a missing one is an error,
+/// unless it is a pack a repack forwarded: then its forward records go as layers, and the packs
+/// they lead to are walked.
 fn walk(store: &dyn BlobStore, root: &Digest256) -> Result<Vec<Node>> {
     let mut seen = BTreeSet::from([*root]);
     let mut queue = VecDeque::from([*root]);
     let mut nodes = Vec::new();
     while let Some(digest) = queue.pop_front() {
         if !store.contains(&digest)? {
-            return Err(Error::SnapshotNotWhole {
-                root: *root,
-                missing: digest,
-            });
+            let targets = store.forwards_of(&digest)?;
+            if targets.is_empty() {
+                return Err(Error::SnapshotNotWhole {
+                    root: *root,
+                    missing: digest,
+                });
+            }
+            for to in targets {
+                let forward = pf_core::forward::Forward { pack: digest, to };
+                let bytes = forward.to_bytes();
+                nodes.push(Node {
+                    digest: Digest256::of(&bytes),
+                    size: bytes.len() as u64,
+                    refers: false,
+                    forward: Some(forward),
+                });
+                if seen.insert(to) {
+                    queue.push_back(to);
+                }
+            }
+            continue;
         }
         let children = pf_core::references(store, &digest)?;
         nodes.push(Node {
             digest,
             size: store.raw_size(&digest)?,
             refers: !children.is_empty(),
+            forward: None,
         });
         for child in children {
             if seen.insert(child) {
@@ -188,7 +213,9 @@ fn manifest(nodes: &[Node], kind: String) -> Manifest {
             .map(|n| {
                 descriptor(
                     n,
-                    if n.refers {
+                    if n.forward.is_some() {
+                        FORWARD_MEDIA_TYPE
+                    } else if n.refers {
                         JSON_BLOB_MEDIA_TYPE
                     } else {
                         BLOB_MEDIA_TYPE

@@ -305,6 +305,7 @@ fn describe(p: &PageProblem, naming: &mut Naming<'_>) -> (String, Value) {
             (*pack, "wrong_slot", Some(*pack), Some(*slot), None)
         }
         Fault::BadList { list, .. } => (*list, "bad_list", None, None, Some(*list)),
+        Fault::Unforwarded { pack, .. } => (*pack, "unforwarded", Some(*pack), None, None),
         _ => {
             return (
                 format!("pages BAD: {}", p.fault),
