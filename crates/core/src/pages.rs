@@ -185,7 +185,17 @@ pub struct PageWriter<'a> {
     missing: std::collections::HashSet<Digest256>,
     /// Every distinct page the session knows where to find: 40 bytes each.
     known: HashMap<Digest256, Loc>,
+    /// The manifests the session wrote, with their packs: at commit each pack's
+    /// [`MANIFEST_HINT`] names the latest manifest using it.
+    manifests: Vec<(Digest256, Vec<Digest256>)>,
 }
+
+/// The hint kind ([`BlobStore::hint_path`]) naming, per pack, the latest manifest written that
+/// uses it: how a writer not told the base of a file finds one (the manifest naming the pack
+/// that holds most of the file's known pages), so the page list of a re-freeze is written as
+/// a delta whoever calls. Only ever a guess: a base changes how a list is written, never what
+/// it reads back as.
+pub const MANIFEST_HINT: &str = "manifest-of-pack";
 
 impl<'a> PageWriter<'a> {
     /// A session writing into `store`, deduplicating against `index`, on `threads` threads.
@@ -200,6 +210,7 @@ impl<'a> PageWriter<'a> {
             pack_ids: HashMap::new(),
             missing: std::collections::HashSet::new(),
             known: HashMap::new(),
+            manifests: Vec::new(),
         }
     }
 
@@ -281,6 +292,21 @@ impl<'a> PageWriter<'a> {
         unknown.dedup();
         let found = self.index.lookup(&unknown)?;
         let looked_up = started.elapsed();
+        // Without a base given, the latest manifest using the pack that holds most known pages.
+        let guessed = match base_manifest {
+            Some(_) => None,
+            None => {
+                let mut votes: HashMap<Digest256, usize> = HashMap::new();
+                for loc in found.values() {
+                    *votes.entry(loc.pack).or_default() += 1;
+                }
+                votes
+                    .into_iter()
+                    .max_by_key(|(pack, n)| (*n, *pack))
+                    .and_then(|(pack, _)| self.manifest_using(&pack))
+            }
+        };
+        let base_manifest = base_manifest.or(guessed.as_ref());
         let new_estimate = unknown.len().saturating_sub(found.len());
         drop(unknown);
         self.known.reserve(found.len() + new_estimate);
@@ -378,6 +404,7 @@ impl<'a> PageWriter<'a> {
             list,
             bases,
         };
+        let packs_used = manifest.packs.clone();
         let json = serde_json::to_vec(&manifest).unwrap_or_default();
         let manifest = batch_of(&self.batch)
             .put(&json)
@@ -385,6 +412,7 @@ impl<'a> PageWriter<'a> {
                 what: format!("storing the pages manifest of {}", path.display()),
                 source,
             })?;
+        self.manifests.push((manifest, packs_used));
         Ok(PagesStored {
             manifest,
             pages: pages as u64,
@@ -416,7 +444,23 @@ impl<'a> PageWriter<'a> {
             }
         }
         self.index.add(added)?;
+        for (manifest, packs) in std::mem::take(&mut self.manifests) {
+            for pack in packs {
+                if let Some(path) = self.store.hint_path(MANIFEST_HINT, &pack)
+                    && let Err(e) = crate::hint::write(&path, manifest.to_string().as_bytes())
+                {
+                    tracing::debug!(error = %e, path = %path.display(), "hint not written");
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The manifest [`MANIFEST_HINT`] says last used `pack`, if any.
+    fn manifest_using(&self, pack: &Digest256) -> Option<Digest256> {
+        let path = self.store.hint_path(MANIFEST_HINT, pack)?;
+        let text = std::fs::read_to_string(path).ok()?;
+        text.trim().parse().ok()
     }
 
     /// The whole page list of `digests` (every one known to the session): the manifest's pack
@@ -1936,6 +1980,37 @@ mod tests {
             err.to_string().contains("its base is not the manifest's"),
             "{err}"
         );
+    }
+
+    /// Item: a writer told no base finds the last version of a file through the store's
+    /// manifest-of-pack hints, so whoever freezes again gets a delta list.
+    #[test]
+    fn a_writer_finds_the_base_itself_through_the_stores_hints() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let version = |k: u64| -> Vec<Option<u64>> {
+            (0..3000u64)
+                .map(|i| Some(if i % 20 == 0 { 1_000_000 * k + i } else { i }))
+                .collect()
+        };
+        let mut manifests = Vec::new();
+        for k in 0..3 {
+            let (file, path) = file_of(tmp.path(), &format!("v{k}"), &version(k));
+            let mut w = PageWriter::new(&store, store.page_index(), 2);
+            let stored = w.write_file(&file, &path).expect("store");
+            w.commit().expect("commit");
+            assert_eq!(
+                rebuild(&store, &stored.manifest, tmp.path()).expect("rebuild"),
+                std::fs::read(&path).expect("original")
+            );
+            manifests.push(stored.manifest);
+        }
+        let bases = |m: &Digest256| load_manifest(&store, m).expect("manifest").bases;
+        assert!(bases(&manifests[0]).is_empty());
+        let first_list = load_manifest(&store, &manifests[0]).expect("m").list;
+        let second_list = load_manifest(&store, &manifests[1]).expect("m").list;
+        assert_eq!(bases(&manifests[1]), vec![first_list]);
+        assert_eq!(bases(&manifests[2]), vec![second_list, first_list]);
     }
 
     #[test]
