@@ -922,7 +922,7 @@ fn parse_any(
                 return Err(bad("its changes are out of order or past its end"));
             }
             next = i + 1;
-            let page = parse_entry(&e[8..], packs).map_err(|r| bad(r))?;
+            let page = parse_entry(&e[8..], packs).map_err(&bad)?;
             let i = i as usize;
             if i < list.len() {
                 list[i] = page;
@@ -955,7 +955,7 @@ fn parse_any(
     }
     bytes[16..]
         .chunks_exact(LIST_ENTRY)
-        .map(|e| parse_entry(e, packs).map_err(|r| bad(r)))
+        .map(|e| parse_entry(e, packs).map_err(&bad))
         .collect()
 }
 
