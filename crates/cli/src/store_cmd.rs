@@ -672,6 +672,7 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
             }),
             "forwards_kept": report.forwards_kept,
             "forwards_removed": report.forwards_removed.len(),
+            "hints_removed": report.hints_removed,
             "repack": repacked.as_ref().map(|r| serde_json::json!({
                 "threshold": args.threshold,
                 "packs_before": r.packs_before,

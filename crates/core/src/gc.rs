@@ -59,6 +59,9 @@ pub struct GcReport {
     pub forwards_kept: usize,
     /// Forward records removed (or that would be) because nothing reachable needs them, sorted.
     pub forwards_removed: Vec<Forward>,
+    /// Hints (`<store>/index/<kind>/`, see [`crate::hint`]) removed (or that would be) because
+    /// the blob they are about is gone.
+    pub hints_removed: usize,
 }
 
 impl GcReport {
@@ -92,6 +95,7 @@ pub(crate) fn gc_locked(store: &dyn BlobStore, options: &GcOptions) -> Result<Gc
     report.temp_files = store.sweep_temp(options)?;
     report.forwards_kept = reachable.forwards.len();
     report.forwards_removed = sweep_forwards(store, options.dry_run, &reachable.forwards)?;
+    report.hints_removed = crate::hint::sweep(store, options.dry_run)?;
     report.reachable = reachable.reachable.into_iter().collect();
     report.missing = reachable.missing.into_iter().collect();
     Ok(report)

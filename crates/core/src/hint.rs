@@ -8,6 +8,56 @@
 use std::io::Write as _;
 use std::path::Path;
 
+use crate::digest::Digest256;
+use crate::store::BlobStore;
+
+/// Pages a lazy thaw touched first, by snapshot (`pf.hot_pages.v1`, pf-world-procs).
+pub const HOT: &str = "hot";
+
+/// Every kind of hint, each a file per key blob: gc removes those whose blob is gone.
+pub const KINDS: &[&str] = &[HOT, crate::pages::MANIFEST_HINT];
+
+/// Remove (or with `dry_run`, only count) the hints of [`KINDS`] whose key blob is not in
+/// `store` any more. Returns how many.
+pub fn sweep(store: &dyn BlobStore, dry_run: bool) -> crate::Result<usize> {
+    let mut removed = 0;
+    for kind in KINDS {
+        let Some(dir) = store
+            .hint_path(kind, &Digest256::of(b""))
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+        else {
+            continue;
+        };
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(crate::Error::io("listing hints", dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| crate::Error::io("listing hints", &dir, e))?;
+            let name = entry.file_name();
+            let Some(key) = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest256>().ok())
+            else {
+                continue;
+            };
+            if store.contains(&key)? {
+                continue;
+            }
+            if !dry_run {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(crate::Error::io("removing a hint", entry.path(), e)),
+                }
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Write `bytes` to `path` atomically (a private temp file beside it, renamed over it),
 /// creating the directory (private) when missing.
 pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -41,6 +91,49 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gc_sweeps_the_hints_of_blobs_that_are_gone() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let kept = store.put(b"kept").expect("put");
+        let gone = Digest256::of(b"gone");
+        for key in [&kept, &gone] {
+            for kind in KINDS {
+                let path = store.hint_path(kind, key).expect("hint path");
+                write(&path, b"hint").expect("write");
+            }
+        }
+        let report = crate::gc(
+            &store,
+            &crate::GcOptions {
+                dry_run: false,
+                grace: std::time::Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        // `kept` has no name, so gc removed it too: every hint goes.
+        assert_eq!(report.hints_removed, 2 * KINDS.len());
+        let kept = store.put(b"kept").expect("put");
+        store.set_name("k", &kept).expect("name");
+        for kind in KINDS {
+            write(&store.hint_path(kind, &kept).expect("path"), b"hint").expect("write");
+            write(&store.hint_path(kind, &gone).expect("path"), b"hint").expect("write");
+        }
+        let report = crate::gc(
+            &store,
+            &crate::GcOptions {
+                dry_run: false,
+                grace: std::time::Duration::ZERO,
+            },
+        )
+        .expect("gc");
+        assert_eq!(report.hints_removed, KINDS.len());
+        for kind in KINDS {
+            assert!(store.hint_path(kind, &kept).expect("path").exists());
+            assert!(!store.hint_path(kind, &gone).expect("path").exists());
+        }
+    }
 
     #[test]
     fn a_hint_replaces_the_last_one_whole_in_a_private_directory() {

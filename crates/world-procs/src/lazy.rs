@@ -127,7 +127,7 @@ struct HotPages {
 }
 
 /// The kind of store hint lazy thaws keep.
-const HOT_HINT: &str = "hot";
+const HOT_HINT: &str = pf_core::hint::HOT;
 /// Faults within this long of a thaw count as the snapshot's working set.
 const HOT_WINDOW: Duration = Duration::from_secs(2);
 /// At most this many pages (64 MiB) are loaded eagerly because of the hint.
