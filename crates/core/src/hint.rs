@@ -36,6 +36,19 @@ pub fn sweep(store: &dyn BlobStore, dry_run: bool) -> crate::Result<usize> {
         for entry in entries {
             let entry = entry.map_err(|e| crate::Error::io("listing hints", &dir, e))?;
             let name = entry.file_name();
+            if name.to_string_lossy().starts_with(".tmp-") {
+                // A writer that died between writing and renaming: gone after an hour.
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+                if old && !dry_run {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                continue;
+            }
             let Some(key) = name
                 .to_str()
                 .and_then(|n| format!("sha256:{n}").parse::<Digest256>().ok())

@@ -10,6 +10,10 @@
 //!   "zero_pages":Z,"packs":["sha256:…"],"list":"sha256:…"}`; pack number `k` in the list is
 //!   `packs[k]`. Its `sha256:` strings make `gc` keep the list and the packs.
 //!
+//! A later version of a file (a re-freeze) may have its list written as the changes from an
+//! earlier version's ([`DELTA_MAGIC`]): the manifest then names that list and the ones it
+//! builds on in `bases`, and its `packs` begin with the earlier manifest's.
+//!
 //! [`PageWriter`] writes files this way in one session: pages are hashed on every thread asked
 //! for, looked up in the store's [`PageIndex`] (and among the pages the session already wrote),
 //! and only new ones go into packs, which are compressed on the same threads; the session's new
@@ -31,14 +35,20 @@ use crate::store::{BlobBatch, BlobStore};
 
 const LIST_MAGIC: &[u8; 8] = b"PFPLST01";
 /// A page list written as the changes from another (its *base*): `"PFPLDL01"`, `u64 N`, the
-/// base list's 32-byte digest, the base's `u64` page count, `u64 K`, then K × (`u64` page
-/// number, a 40-byte entry as in a whole list), page numbers strictly increasing and below N;
-/// every page from the base's count on is among them. Page `i` not among them is the base's
-/// page `i`, with the same pack number: the manifest's `packs` begin with the base manifest's.
+/// base list's 32-byte digest, the base's `u64` page count, `u64 K`, then K operations that
+/// together make the N entries in order, each a `u64` kind and two `u64`s: kind 0 `(start,
+/// count)` copies the base's entries `start..start + count`; kind 1 `(count, 0)` is followed by
+/// `count` entries of 40 bytes as in a whole list. Between the header and the operations, `u64
+/// M` and M `u32`s renumber the base's packs: base pack number `k` is this list's pack number
+/// `map[k]` in copied entries (`u32::MAX - 1`: a pack this list does not use, which no copied
+/// entry may name). Copies from anywhere in the base make a list whose pages moved (a heap that
+/// grew in front of them) as small as one whose pages changed in place.
 pub const DELTA_MAGIC: &[u8; 8] = b"PFPLDL01";
 const LIST_ENTRY: usize = 40;
 const DELTA_HEAD: usize = 8 + 8 + 32 + 8 + 8;
-const DELTA_ENTRY: usize = 8 + LIST_ENTRY;
+const DELTA_OP: usize = 24;
+/// In a delta's renumbering: a base pack the list does not use.
+const UNUSED: u32 = u32::MAX - 1;
 /// A delta's base may itself be a delta, this many deep at most (a writer then writes a whole
 /// list again), so reading a list reads at most this many more.
 pub const MAX_DELTA_DEPTH: usize = 8;
@@ -226,7 +236,7 @@ impl<'a> PageWriter<'a> {
     }
 
     /// [`write_file`](Self::write_file) for a file whose first pages a [`PageFollower`] already
-    /// hashed (`prehashed`, from [`PageFollower::digests`]) while it was being written:
+    /// hashed (`prehashed`, the digests its steps gave) while it was being written:
     /// only the rest is hashed here. The file must have only grown since.
     ///
     /// `base` names the manifest of an earlier version of the same file (the same process's
@@ -372,7 +382,7 @@ impl<'a> PageWriter<'a> {
         let base = base_manifest.and_then(|b| self.usable_base(b));
         let delta = base.as_ref().and_then(|base| {
             let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
-            delta_of(&list, base).map(|delta| (packs, delta, zero_pages))
+            delta_of(&list, &packs, base).map(|delta| (packs, delta, zero_pages))
         });
         let (manifest_packs, list, zero_pages, bases) = match delta {
             Some((packs, delta, zero_pages)) => {
@@ -445,13 +455,7 @@ impl<'a> PageWriter<'a> {
         }
         self.index.add(added)?;
         for (manifest, packs) in std::mem::take(&mut self.manifests) {
-            for pack in packs {
-                if let Some(path) = self.store.hint_path(MANIFEST_HINT, &pack)
-                    && let Err(e) = crate::hint::write(&path, manifest.to_string().as_bytes())
-                {
-                    tracing::debug!(error = %e, path = %path.display(), "hint not written");
-                }
-            }
+            remember_manifest(self.store, &manifest, &packs);
         }
         Ok(())
     }
@@ -471,12 +475,8 @@ impl<'a> PageWriter<'a> {
         digests: &[Option<Digest256>],
         base: Option<&Base>,
     ) -> (Vec<Digest256>, Vec<u8>, u64) {
-        let mut packs: Vec<Digest256> = base.map(|b| b.manifest.packs.clone()).unwrap_or_default();
-        let mut number_of: HashMap<Digest256, u32> = packs
-            .iter()
-            .enumerate()
-            .map(|(n, d)| (*d, n as u32))
-            .collect();
+        let mut packs: Vec<Digest256> = Vec::new();
+        let mut number_of: HashMap<Digest256, u32> = HashMap::new();
         let mut list = Vec::with_capacity(16 + digests.len() * LIST_ENTRY);
         list.extend_from_slice(LIST_MAGIC);
         list.extend_from_slice(&(digests.len() as u64).to_le_bytes());
@@ -490,18 +490,23 @@ impl<'a> PageWriter<'a> {
                 list.extend_from_slice(&0u32.to_le_bytes());
                 continue;
             };
-            let kept = base
-                .and_then(|b| b.list.get(i))
-                .filter(|p| p.digest == *digest)
-                .and_then(|p| p.at);
-            let (n, slot) = kept.unwrap_or_else(|| {
+            // Where the base has it, if it does (so its entry can be copied), else where the
+            // session found or put it.
+            let in_base = base.and_then(|b| {
+                b.list
+                    .get(i)
+                    .filter(|p| p.digest == *digest)
+                    .and_then(|p| p.at)
+                    .or_else(|| b.at.get(digest).copied())
+                    .map(|(k, slot)| (b.manifest.packs[k as usize], slot))
+            });
+            let (pack, slot) = in_base.unwrap_or_else(|| {
                 let (id, slot) = self.known[digest];
-                let pack = self.packs[id as usize];
-                let n = *number_of.entry(pack).or_insert_with(|| {
-                    packs.push(pack);
-                    (packs.len() - 1) as u32
-                });
-                (n, slot)
+                (self.packs[id as usize], slot)
+            });
+            let n = *number_of.entry(pack).or_insert_with(|| {
+                packs.push(pack);
+                (packs.len() - 1) as u32
             });
             list.extend_from_slice(digest.as_bytes());
             list.extend_from_slice(&n.to_le_bytes());
@@ -546,7 +551,13 @@ impl<'a> PageWriter<'a> {
                 source,
             })?;
         let list = parse_list(self.store, &manifest.list, &bytes, &manifest)?;
-        Ok(Ok(Base { manifest, list }))
+        let mut at = HashMap::with_capacity(list.len());
+        for page in &list {
+            if let Some(loc) = page.at {
+                at.entry(page.digest).or_insert(loc);
+            }
+        }
+        Ok(Ok(Base { manifest, list, at }))
     }
 
     /// The session's number for `pack`, a pack the index named, if it is still in the store.
@@ -626,12 +637,14 @@ fn hash_pages(
 /// Hashes the pages of a file another process is still appending to, a slice at a time, so
 /// [`PageWriter::write_file_prehashed`] need only hash what came after. Made for CRIU's
 /// `pages-<N>.img`, which `criu dump` writes front to back and never rewrites: a page below
-/// the file's size is final. Only whole pages are hashed.
+/// the file's size is final. Only whole pages are hashed; each step hands over the digests of
+/// its own pages only, so the caller keeps the one copy.
 #[derive(Debug)]
 pub struct PageFollower {
     file: File,
     path: std::path::PathBuf,
-    digests: Vec<Option<Digest256>>,
+    hashed: usize,
+    step: Vec<Option<Digest256>>,
     buf: Vec<u8>,
 }
 
@@ -644,14 +657,15 @@ impl PageFollower {
         Self {
             file,
             path,
-            digests: Vec::new(),
+            hashed: 0,
+            step: Vec::new(),
             buf: vec![0u8; BATCH_PAGES * PAGE_SIZE],
         }
     }
 
-    /// Hash up to [`STEP_PAGES`](Self::STEP_PAGES) whole pages written since the last step;
-    /// returns how many were hashed (0: nothing new yet).
-    pub fn step(&mut self) -> Result<usize, PagesError> {
+    /// Hash up to [`STEP_PAGES`](Self::STEP_PAGES) whole pages written since the last step and
+    /// return their digests, in file order (None for a zero page; empty: nothing new yet).
+    pub fn step(&mut self) -> Result<&[Option<Digest256>], PagesError> {
         let len = self
             .file
             .metadata()
@@ -662,25 +676,43 @@ impl PageFollower {
             })?
             .len();
         let whole = usize::try_from(len / PAGE_SIZE as u64).unwrap_or(usize::MAX);
-        let first = self.digests.len();
-        let n = whole.saturating_sub(first).min(Self::STEP_PAGES);
-        if n == 0 {
-            return Ok(0);
+        let n = whole.saturating_sub(self.hashed).min(Self::STEP_PAGES);
+        self.step.clear();
+        self.step.resize(n, None);
+        if n > 0 {
+            hash_pages(
+                &self.file,
+                &self.path,
+                self.hashed,
+                &mut self.step,
+                &mut self.buf,
+            )?;
+            self.hashed += n;
         }
-        self.digests.resize(first + n, None);
-        hash_pages(
-            &self.file,
-            &self.path,
-            first,
-            &mut self.digests[first..],
-            &mut self.buf,
-        )?;
-        Ok(n)
+        Ok(&self.step)
     }
 
-    /// The digests of the pages hashed so far, in file order (None for a zero page).
-    pub fn digests(&self) -> &[Option<Digest256>] {
-        &self.digests
+    /// Pages hashed so far.
+    pub fn pages(&self) -> usize {
+        self.hashed
+    }
+
+    /// The file followed.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// Record that `manifest` is the latest to use each of `packs` ([`MANIFEST_HINT`]), so a later
+/// freeze of the same memory finds it as the base of its page list. Best effort: a hint not
+/// written only means a whole list later.
+pub fn remember_manifest(store: &dyn BlobStore, manifest: &Digest256, packs: &[Digest256]) {
+    for pack in packs {
+        if let Some(path) = store.hint_path(MANIFEST_HINT, pack)
+            && let Err(e) = crate::hint::write(&path, manifest.to_string().as_bytes())
+        {
+            tracing::debug!(error = %e, path = %path.display(), "hint not written");
+        }
     }
 }
 
@@ -688,41 +720,126 @@ impl PageFollower {
 struct Base {
     manifest: PagesManifest,
     list: Vec<ListedPage>,
+    /// Where the base has each of its non-zero pages (the first place it lists it).
+    at: HashMap<Digest256, (u32, u32)>,
 }
 
-/// `list` (a whole list whose pack numbers begin with `base`'s) as the changes from `base`'s
-/// list, if they are at most a quarter of its pages.
-fn delta_of(list: &[u8], base: &Base) -> Option<Vec<u8>> {
-    let entries = &list[16..];
-    let pages = entries.len() / LIST_ENTRY;
+/// `list` (a whole list numbering `packs`) as copies from `base`'s list and new entries, if the
+/// new entries are at most a quarter of its pages. A copy continues where the last one ended
+/// when it can (so runs of equal entries, zero pages, stay one copy), else starts at the first
+/// place the base lists the entry; base entries are compared as they read once renumbered.
+fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
+    let entries: Vec<&[u8]> = list[16..].chunks_exact(LIST_ENTRY).collect();
+    let pages = entries.len();
     let zero = zero_page_digest();
-    let mut changed = Vec::new();
-    for (i, e) in entries.chunks_exact(LIST_ENTRY).enumerate() {
-        let same = base.list.get(i).is_some_and(|b| {
-            let (pack, slot) = b.at.unwrap_or((ZERO_PACK, 0));
-            let digest = if b.at.is_none() { zero } else { b.digest };
-            e[..32] == *digest.as_bytes()
-                && e[32..36] == pack.to_le_bytes()
-                && e[36..40] == slot.to_le_bytes()
-        });
-        if !same {
-            changed.push(i);
-            if changed.len() > pages / 4 {
-                return None;
+    // The base's pack numbers as this list numbers them (UNUSED: a pack it does not use).
+    let number_of: HashMap<&Digest256, u32> = packs
+        .iter()
+        .enumerate()
+        .map(|(n, d)| (d, n as u32))
+        .collect();
+    let renumber: Vec<u32> = base
+        .manifest
+        .packs
+        .iter()
+        .map(|d| number_of.get(d).copied().unwrap_or(UNUSED))
+        .collect();
+    let base_entries: Vec<[u8; LIST_ENTRY]> = base
+        .list
+        .iter()
+        .map(|p| {
+            let mut e = [0u8; LIST_ENTRY];
+            let (pack, slot) = match p.at {
+                Some((k, slot)) => (renumber[k as usize], slot),
+                None => (ZERO_PACK, 0),
+            };
+            let digest = if p.at.is_none() { zero } else { p.digest };
+            e[..32].copy_from_slice(digest.as_bytes());
+            e[32..36].copy_from_slice(&pack.to_le_bytes());
+            e[36..40].copy_from_slice(&slot.to_le_bytes());
+            e
+        })
+        .collect();
+    let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(base_entries.len());
+    for (j, e) in base_entries.iter().enumerate() {
+        first.entry(&e[..]).or_insert(j);
+    }
+    enum Op {
+        Copy(usize, usize),
+        New(usize, usize),
+    }
+    let mut ops: Vec<Op> = Vec::new();
+    let mut new_entries = 0usize;
+    let mut next_in_base = usize::MAX;
+    let mut i = 0;
+    while i < pages {
+        let start = if base_entries
+            .get(next_in_base)
+            .is_some_and(|e| e[..] == *entries[i])
+        {
+            Some(next_in_base)
+        } else {
+            first.get(entries[i]).copied()
+        };
+        match start {
+            Some(j) => {
+                let mut n = 1;
+                while i + n < pages
+                    && j + n < base_entries.len()
+                    && base_entries[j + n][..] == *entries[i + n]
+                {
+                    n += 1;
+                }
+                match ops.last_mut() {
+                    Some(Op::Copy(s, c)) if *s + *c == j => *c += n,
+                    _ => ops.push(Op::Copy(j, n)),
+                }
+                next_in_base = j + n;
+                i += n;
+            }
+            None => {
+                new_entries += 1;
+                if new_entries > pages / 4 {
+                    return None;
+                }
+                match ops.last_mut() {
+                    Some(Op::New(_, c)) => *c += 1,
+                    _ => ops.push(Op::New(i, 1)),
+                }
+                i += 1;
             }
         }
     }
-    let mut delta = Vec::with_capacity(DELTA_HEAD + changed.len() * DELTA_ENTRY);
+    let mut delta =
+        Vec::with_capacity(DELTA_HEAD + ops.len() * DELTA_OP + new_entries * LIST_ENTRY);
     delta.extend_from_slice(DELTA_MAGIC);
     delta.extend_from_slice(&(pages as u64).to_le_bytes());
     delta.extend_from_slice(base.manifest.list.as_bytes());
     delta.extend_from_slice(&(base.list.len() as u64).to_le_bytes());
-    delta.extend_from_slice(&(changed.len() as u64).to_le_bytes());
-    for i in changed {
-        delta.extend_from_slice(&(i as u64).to_le_bytes());
-        delta.extend_from_slice(&entries[i * LIST_ENTRY..(i + 1) * LIST_ENTRY]);
+    delta.extend_from_slice(&(ops.len() as u64).to_le_bytes());
+    delta.extend_from_slice(&(renumber.len() as u64).to_le_bytes());
+    for n in &renumber {
+        delta.extend_from_slice(&n.to_le_bytes());
     }
-    Some(delta)
+    for op in &ops {
+        match *op {
+            Op::Copy(start, count) => {
+                delta.extend_from_slice(&0u64.to_le_bytes());
+                delta.extend_from_slice(&(start as u64).to_le_bytes());
+                delta.extend_from_slice(&(count as u64).to_le_bytes());
+            }
+            Op::New(at, count) => {
+                delta.extend_from_slice(&1u64.to_le_bytes());
+                delta.extend_from_slice(&(count as u64).to_le_bytes());
+                delta.extend_from_slice(&0u64.to_le_bytes());
+                for e in &entries[at..at + count] {
+                    delta.extend_from_slice(e);
+                }
+            }
+        }
+    }
+    // A delta no smaller than half the whole list is not worth its reading.
+    (delta.len() < list.len() / 2).then_some(delta)
 }
 
 /// The session's batch, which [`PageWriter::write_file`] starts before it puts anything.
@@ -855,6 +972,16 @@ pub fn parse_list(
     bytes: &[u8],
     manifest: &PagesManifest,
 ) -> Result<Vec<ListedPage>, PagesError> {
+    if manifest.bases.len() > MAX_DELTA_DEPTH {
+        return Err(PagesError::Malformed {
+            digest: *digest,
+            what: "page list",
+            reason: format!(
+                "its manifest names {} bases, more than the {MAX_DELTA_DEPTH} allowed",
+                manifest.bases.len()
+            ),
+        });
+    }
     let packs = manifest.packs.len();
     let list = parse_any(store, digest, bytes, &manifest.bases, packs)?;
     if list.len() as u64 != manifest.pages {
@@ -895,49 +1022,85 @@ fn parse_any(
         d.copy_from_slice(&bytes[16..48]);
         let base = Digest256::from_bytes(d);
         let base_pages = u64_at(48);
-        let k = u64_at(56);
+        let ops = u64_at(56);
         if bases.first() != Some(&base) {
             return Err(bad("its base is not the manifest's (bases)"));
-        }
-        if (bytes.len() - DELTA_HEAD) as u64 != k.saturating_mul(DELTA_ENTRY as u64) || k > n {
-            return Err(bad("its length does not match its count of changes"));
         }
         let base_bytes = store.get(&base).map_err(|source| PagesError::Store {
             what: format!("reading the page list {base}, the base of {digest}"),
             source,
         })?;
-        let mut list = parse_any(store, &base, &base_bytes, &bases[1..], packs)?;
+        // The base's own numbering is checked by the renumbering below.
+        let base_list = parse_any(store, &base, &base_bytes, &bases[1..], usize::MAX)?;
         drop(base_bytes);
-        if list.len() as u64 != base_pages {
+        if base_list.len() as u64 != base_pages {
             return Err(bad("its base has another page count than it says"));
         }
         let n = usize::try_from(n).map_err(|_| bad("too many pages"))?;
-        list.truncate(n);
-        let mut next = 0u64;
-        for e in bytes[DELTA_HEAD..].chunks_exact(DELTA_ENTRY) {
-            let mut i = [0u8; 8];
-            i.copy_from_slice(&e[..8]);
-            let i = u64::from_le_bytes(i);
-            if i < next || i >= n as u64 {
-                return Err(bad("its changes are out of order or past its end"));
+        let m = usize::try_from(u64_at(DELTA_HEAD)).map_err(|_| bad("too many packs"))?;
+        let mut at = DELTA_HEAD + 8;
+        if m > (bytes.len() - at) / 4 {
+            return Err(bad("it ends inside its pack renumbering"));
+        }
+        let renumber: Vec<u32> = bytes[at..at + 4 * m]
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        at += 4 * m;
+        if renumber.iter().any(|&k| k != UNUSED && k as usize >= packs) {
+            return Err(bad("it renumbers a pack to one its manifest does not have"));
+        }
+        let mut list: Vec<ListedPage> = Vec::with_capacity(n.min(1 << 28));
+        for _ in 0..ops {
+            if bytes.len() < at + DELTA_OP {
+                return Err(bad("it ends inside an operation"));
             }
-            next = i + 1;
-            let page = parse_entry(&e[8..], packs).map_err(&bad)?;
-            let i = i as usize;
-            if i < list.len() {
-                list[i] = page;
-            } else if i == list.len() {
-                list.push(page);
-            } else {
-                return Err(bad(
-                    "a page past its base's end is missing from its changes",
-                ));
+            let (kind, a, b) = (u64_at(at), u64_at(at + 8), u64_at(at + 16));
+            at += DELTA_OP;
+            match kind {
+                0 => {
+                    let from = usize::try_from(a).map_err(|_| bad("a copy past its base"))?;
+                    let count = usize::try_from(b).map_err(|_| bad("a copy past its base"))?;
+                    let end = from
+                        .checked_add(count)
+                        .filter(|&e| e <= base_list.len())
+                        .ok_or_else(|| bad("a copy past its base's end"))?;
+                    if list.len() + count > n {
+                        return Err(bad("more pages than it says"));
+                    }
+                    for page in &base_list[from..end] {
+                        let at = match page.at {
+                            None => None,
+                            Some((k, slot)) => match renumber.get(k as usize) {
+                                Some(&n) if n != UNUSED => Some((n, slot)),
+                                _ => return Err(bad("a copy names a pack it does not renumber")),
+                            },
+                        };
+                        list.push(ListedPage {
+                            digest: page.digest,
+                            at,
+                        });
+                    }
+                }
+                1 => {
+                    let count = usize::try_from(a).map_err(|_| bad("too many new entries"))?;
+                    if list.len() + count > n || b != 0 {
+                        return Err(bad("more pages than it says"));
+                    }
+                    let len = count * LIST_ENTRY;
+                    if bytes.len() < at + len {
+                        return Err(bad("it ends inside its new entries"));
+                    }
+                    for e in bytes[at..at + len].chunks_exact(LIST_ENTRY) {
+                        list.push(parse_entry(e, packs).map_err(&bad)?);
+                    }
+                    at += len;
+                }
+                _ => return Err(bad("an operation of an unknown kind")),
             }
         }
-        if list.len() != n {
-            return Err(bad(
-                "a page past its base's end is missing from its changes",
-            ));
+        if at != bytes.len() || list.len() != n {
+            return Err(bad("its operations do not make exactly its pages"));
         }
         return Ok(list);
     }
@@ -1858,18 +2021,25 @@ mod tests {
         let path = tmp.path().join("growing");
         let mut out = File::create(&path).expect("create");
         let mut follower = PageFollower::new(File::open(&path).expect("open"), path.clone());
-        assert_eq!(follower.step().expect("empty"), 0);
+        assert!(follower.step().expect("empty").is_empty());
         // Appended in pieces that end mid-page: only whole pages are hashed.
+        let mut prehashed = Vec::new();
         for piece in bytes[..2000 * PAGE_SIZE + 100].chunks(PAGE_SIZE * 333 + 17) {
             out.write_all(piece).expect("append");
-            while follower.step().expect("step") > 0 {}
+            loop {
+                let step = follower.step().expect("step");
+                if step.is_empty() {
+                    break;
+                }
+                prehashed.extend_from_slice(step);
+            }
         }
-        assert_eq!(follower.digests().len(), 2000);
-        assert_eq!(follower.digests()[3], None, "a zero page");
+        assert_eq!(prehashed.len(), 2000);
+        assert_eq!(follower.pages(), 2000);
+        assert_eq!(prehashed[3], None, "a zero page");
         out.write_all(&bytes[2000 * PAGE_SIZE + 100..])
             .expect("append");
         drop(out);
-        let prehashed = follower.digests().to_vec();
 
         let store = MemBlobStore::new();
         let mut w = PageWriter::new(&store, PageIndex::none(), 2);
@@ -1959,9 +2129,36 @@ mod tests {
             let m = load_manifest(&store, m).expect("manifest");
             store.get(&m.list).expect("list").len()
         };
-        // 100 changed pages (every 20th) + 1 added: 101 × 48 bytes + a 64-byte header.
-        assert_eq!(list_len(&manifests[1]), 64 + 101 * 48);
+        // 100 changed pages (every 20th) + 1 added: 101 new entries of 40 bytes, each with an
+        // operation before it and a copy after, and the 64-byte header.
         assert_eq!(list_len(&manifests[0]), 16 + 2000 * 40);
+        assert!(
+            list_len(&manifests[1]) <= 64 + 8 + 4 * 4 + 101 * (40 + 2 * 24),
+            "{}",
+            list_len(&manifests[1])
+        );
+
+        // Pages that moved (10 new ones in front, as a grown heap puts them) are copies too.
+        let moved: Vec<Option<u64>> = (0..10u64)
+            .map(|i| Some(7_000_000 + i))
+            .chain((0..2000u64).map(|i| (i % 50 != 49).then_some(i)))
+            .collect();
+        let (file, path) = file_of(tmp.path(), "moved", &moved);
+        let mut w = PageWriter::new(&store, index.clone(), 2);
+        let shifted = w
+            .write_file_prehashed(&file, &path, Vec::new(), Some(&manifests[0]))
+            .expect("store");
+        w.commit().expect("commit");
+        assert_eq!(depth(&shifted.manifest), 1);
+        assert!(
+            list_len(&shifted.manifest) <= 64 + 8 + 4 * 4 + 2 * 24 + 10 * 40,
+            "{}",
+            list_len(&shifted.manifest)
+        );
+        assert_eq!(
+            rebuild(&store, &shifted.manifest, tmp.path()).expect("rebuild"),
+            std::fs::read(&path).expect("original")
+        );
 
         // A base whose manifest is gone: a whole list, and it still reads back.
         let gone = Digest256::of(b"no such manifest");

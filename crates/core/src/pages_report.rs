@@ -221,6 +221,7 @@ pub fn usage(
     let mut structure: BTreeSet<Digest256> = BTreeSet::new();
     for m in graph.manifests.values() {
         structure.insert(m.list);
+        structure.extend(m.bases.iter().copied());
         structure.extend(m.packs.iter().copied());
     }
     for targets in graph.forwards.values() {

@@ -166,6 +166,15 @@ pub fn pull(
             0
         }
     };
+    // So that a thaw of this snapshot frozen again writes its page lists as deltas of these.
+    match pf_core::pages_report::Graph::load(store, &[root]) {
+        Ok(graph) => {
+            for (manifest, m) in graph.manifests() {
+                pf_core::pages::remember_manifest(store, manifest, &m.packs);
+            }
+        }
+        Err(err) => tracing::debug!(error = %err, "no manifest hints for the pulled snapshot"),
+    }
     let fetched = fetched.into_inner();
     Ok(PullReport {
         snapshot: root,

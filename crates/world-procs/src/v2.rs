@@ -98,8 +98,55 @@ pub(crate) struct Prehash {
     shared: std::sync::Arc<std::sync::Mutex<Shared>>,
 }
 
-/// What [`Prehash`] hashed: page digests of the first pages of each pages file, by name.
-pub(crate) type Prehashed = HashMap<String, Vec<Option<Digest256>>>;
+/// What [`Prehash`] hashed, by pages file name.
+pub(crate) type Prehashed = HashMap<String, PrehashedFile>;
+
+/// The digests of the first pages of one pages file, and which file it was (device and inode),
+/// so they are used only for that very file.
+#[derive(Debug, Default)]
+pub(crate) struct PrehashedFile {
+    id: (u64, u64),
+    digests: Vec<Option<Digest256>>,
+}
+
+/// A file's (device, inode).
+fn file_id(file: &File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// The digests of `early` if they are of `file` (the same file, at least as long, its last
+/// hashed page and one in the middle hashing the same now), else none: pages are then hashed
+/// after the dump. CRIU only appends to a pages file; this checks that it still holds.
+fn prehash_for(file: &File, path: &Path, early: PrehashedFile) -> Vec<Option<Digest256>> {
+    let n = early.digests.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let same = file_id(file).is_ok_and(|id| id == early.id)
+        && file
+            .metadata()
+            .is_ok_and(|m| m.len() >= n as u64 * PAGE_SIZE as u64);
+    let unchanged = same
+        && [n / 2, n - 1].iter().all(|&i| {
+            let mut page = vec![0u8; PAGE_SIZE];
+            use std::os::unix::fs::FileExt as _;
+            file.read_exact_at(&mut page, i as u64 * PAGE_SIZE as u64)
+                .is_ok()
+                && early.digests[i]
+                    == (!pf_core::pack::is_zero_page(&page))
+                        .then(|| pf_core::pack::page_digest(&page))
+        });
+    if !unchanged {
+        tracing::warn!(
+            file = %path.display(),
+            "a pages file changed after criu wrote it: hashing all of it again"
+        );
+        return Vec::new();
+    }
+    early.digests
+}
 
 /// Between [`Prehash`] and its thread: once `stopped`, the thread adds nothing more.
 #[derive(Default)]
@@ -167,28 +214,37 @@ fn follow(dir: &Path, shared: &std::sync::Mutex<Shared>) {
                 if is_pages_file(&name) && !followers.iter().any(|(n, _)| *n == name) {
                     let path = dir.join(&*name);
                     let file = File::open(&path).map_err(|e| e.to_string())?;
+                    let id = file_id(&file).map_err(|e| e.to_string())?;
+                    shared
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .hashed
+                        .insert(
+                            name.to_string(),
+                            PrehashedFile {
+                                id,
+                                digests: Vec::new(),
+                            },
+                        );
                     followers.push((name.into_owned(), PageFollower::new(file, path)));
                 }
             }
             let mut hashed = 0;
             for (name, follower) in &mut followers {
-                let n = follower.step().map_err(|e| e.to_string())?;
-                if n == 0 {
+                let step = follower.step().map_err(|e| e.to_string())?;
+                if step.is_empty() {
                     continue;
                 }
-                hashed += n;
+                hashed += step.len();
                 let mut shared = shared
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if shared.stopped {
                     return Ok(());
                 }
-                let digests = follower.digests();
-                shared
-                    .hashed
-                    .entry(name.clone())
-                    .or_default()
-                    .extend_from_slice(&digests[digests.len() - n..]);
+                if let Some(file) = shared.hashed.get_mut(name.as_str()) {
+                    file.digests.extend_from_slice(step);
+                }
             }
             if hashed == 0 {
                 std::thread::sleep(std::time::Duration::from_millis(2));
@@ -228,7 +284,10 @@ pub(crate) fn store_images(
     for name in names {
         let path = dir.join(&name);
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-        let early = prehashed.remove(&name).unwrap_or_default();
+        let early = prehashed
+            .remove(&name)
+            .map(|early| prehash_for(&file, &path, early))
+            .unwrap_or_default();
         let stored = writer
             .write_file_prehashed(&file, &path, early, None)
             .map_err(|source| Error::Pages {
@@ -369,6 +428,51 @@ fn check_room(store: &dyn BlobStore, memory: &[PagesImage], dest: &Path) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Item: digests hashed during the dump are used only for the very file they were hashed
+    /// from, unchanged: another file of the same name, or one whose pages changed since, gets
+    /// hashed again.
+    #[test]
+    fn pages_hashed_early_are_used_only_for_the_same_unchanged_file() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pages-1.img");
+        let pages: Vec<u8> = (0..8u8)
+            .flat_map(|i| std::iter::repeat_n(i + 1, PAGE_SIZE))
+            .collect();
+        std::fs::write(&path, &pages).expect("write");
+        let early = |file: &File| {
+            let mut f =
+                pf_core::pages::PageFollower::new(file.try_clone().expect("dup"), path.clone());
+            PrehashedFile {
+                id: file_id(file).expect("id"),
+                digests: f.step().expect("step").to_vec(),
+            }
+        };
+        let file = File::open(&path).expect("open");
+        let got = prehash_for(&file, &path, early(&file));
+        assert_eq!(got.len(), 8, "the same file: used");
+        // The same name, another file.
+        let hashed = early(&file);
+        std::fs::remove_file(&path).expect("rm");
+        std::fs::write(&path, &pages).expect("write again");
+        let other = File::open(&path).expect("open");
+        assert!(
+            prehash_for(&other, &path, hashed).is_empty(),
+            "another file"
+        );
+        // The same file, its last hashed page rewritten.
+        let hashed = early(&other);
+        let mut w = File::options().write(true).open(&path).expect("open rw");
+        use std::os::unix::fs::FileExt as _;
+        w.write_all_at(&[0xAA; 16], 7 * PAGE_SIZE as u64)
+            .expect("rewrite");
+        w.flush().expect("flush");
+        assert!(
+            prehash_for(&other, &path, hashed).is_empty(),
+            "a page changed"
+        );
+    }
 
     #[test]
     fn format_comes_from_the_environment_value() {
