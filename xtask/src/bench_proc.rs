@@ -46,12 +46,15 @@ for i, off in enumerate(range(half, size, MIB)):
     buf[off:off + MIB] = text
     buf[off:off + 8] = i.to_bytes(8, "little")
 gen = 0
+view = memoryview(buf)
+rand = open("/dev/urandom", "rb", buffering=0)
 print("ready", os.getpid(), flush=True)
 for line in sys.stdin:
     if line.strip() == "mutate":
         gen += 1
+        # Read straight into the pages: no temporary objects, so no other page changes.
         for p in range(gen % 20, pages, 20):
-            buf[p * PAGE:(p + 1) * PAGE] = os.urandom(PAGE)
+            rand.readinto(view[p * PAGE:(p + 1) * PAGE])
         print("mutated", gen, flush=True)
     else:
         c = 0
