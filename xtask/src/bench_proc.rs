@@ -27,13 +27,15 @@ use crate::process::{self, Out};
 /// bytes and says `mutated G`; anything else gets `sum G C`, a CRC-32 of 64 pages spread over
 /// the buffer, so a thawed copy proves it has the memory it was frozen with. It closes every fd
 /// above 2 and leads its own session first, as CRIU wants.
-const GOBLIN_PY: &str = r#"import os, random, sys, zlib
+const GOBLIN_PY: &str = r#"import mmap, os, random, sys, zlib
 os.closerange(3, 1 << 16)
 os.setsid()
 MIB, PAGE = 1 << 20, 4096
 size = int(sys.argv[1]) * MIB
 pages, half = size // PAGE, size // 2
-buf = bytearray(size)
+# Page-aligned (a private anonymous mapping, as malloc would give), so that "page p" of the
+# buffer is one page of memory.
+buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
 for off in range(0, half, MIB):
     buf[off:off + MIB] = os.urandom(MIB)
 rnd = random.Random(7)

@@ -317,6 +317,7 @@ impl<'a> PageWriter<'a> {
             }
         };
         let base_manifest = base_manifest.or(guessed.as_ref());
+        tracing::debug!(file = %path.display(), base = ?base_manifest, "the base of its page list");
         let new_estimate = unknown.len().saturating_sub(found.len());
         drop(unknown);
         self.known.reserve(found.len() + new_estimate);
@@ -382,7 +383,14 @@ impl<'a> PageWriter<'a> {
         let base = base_manifest.and_then(|b| self.usable_base(b));
         let delta = base.as_ref().and_then(|base| {
             let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
-            delta_of(&list, &packs, base).map(|delta| (packs, delta, zero_pages))
+            let delta = delta_of(&list, &packs, base);
+            tracing::debug!(
+                file = %path.display(),
+                whole = list.len(),
+                delta = ?delta.as_ref().map(Vec::len),
+                "page list against its base"
+            );
+            delta.map(|delta| (packs, delta, zero_pages))
         });
         let (manifest_packs, list, zero_pages, bases) = match delta {
             Some((packs, delta, zero_pages)) => {
