@@ -105,6 +105,14 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn gc_now(store: &crate::FsBlobStore) -> crate::GcReport {
+        let options = crate::GcOptions {
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        };
+        crate::gc(store, &options).expect("gc")
+    }
+
     #[test]
     fn gc_sweeps_the_hints_of_blobs_that_are_gone() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -117,14 +125,7 @@ mod tests {
                 write(&path, b"hint").expect("write");
             }
         }
-        let report = crate::gc(
-            &store,
-            &crate::GcOptions {
-                dry_run: false,
-                grace: std::time::Duration::ZERO,
-            },
-        )
-        .expect("gc");
+        let report = gc_now(&store);
         // `kept` has no name, so gc removed it too: every hint goes.
         assert_eq!(report.hints_removed, 2 * KINDS.len());
         let kept = store.put(b"kept").expect("put");
@@ -133,14 +134,7 @@ mod tests {
             write(&store.hint_path(kind, &kept).expect("path"), b"hint").expect("write");
             write(&store.hint_path(kind, &gone).expect("path"), b"hint").expect("write");
         }
-        let report = crate::gc(
-            &store,
-            &crate::GcOptions {
-                dry_run: false,
-                grace: std::time::Duration::ZERO,
-            },
-        )
-        .expect("gc");
+        let report = gc_now(&store);
         assert_eq!(report.hints_removed, KINDS.len());
         for kind in KINDS {
             assert!(store.hint_path(kind, &kept).expect("path").exists());

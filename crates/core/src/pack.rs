@@ -614,6 +614,20 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(x)
 }
 
+/// An incompressible 4 KiB page that is the same for the same `seed` (tests of this crate).
+#[cfg(test)]
+pub(crate) fn test_page(seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut p = vec![0u8; PAGE_SIZE];
+    for c in p.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

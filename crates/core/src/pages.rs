@@ -540,14 +540,7 @@ impl<'a> PageWriter<'a> {
             return Ok(Err("its chain of deltas is as deep as allowed".to_owned()));
         }
         for pack in &manifest.packs {
-            let present = self
-                .store
-                .contains(pack)
-                .map_err(|source| PagesError::Store {
-                    what: format!("looking for pack {pack}"),
-                    source,
-                })?;
-            if !present {
+            if !self.has_pack(pack)? {
                 return Ok(Err(format!("its pack {pack} is not in the store")));
             }
         }
@@ -568,6 +561,16 @@ impl<'a> PageWriter<'a> {
         Ok(Ok(Base { manifest, list, at }))
     }
 
+    /// Whether the store holds `pack`.
+    fn has_pack(&self, pack: &Digest256) -> Result<bool, PagesError> {
+        self.store
+            .contains(pack)
+            .map_err(|source| PagesError::Store {
+                what: format!("looking for pack {pack}"),
+                source,
+            })
+    }
+
     /// The session's number for `pack`, a pack the index named, if it is still in the store.
     fn present_pack(&mut self, pack: &Digest256) -> Result<Option<u32>, PagesError> {
         if let Some(&id) = self.pack_ids.get(pack) {
@@ -576,14 +579,7 @@ impl<'a> PageWriter<'a> {
         if self.missing.contains(pack) {
             return Ok(None);
         }
-        let present = self
-            .store
-            .contains(pack)
-            .map_err(|source| PagesError::Store {
-                what: format!("looking for pack {pack}"),
-                source,
-            })?;
-        if !present {
+        if !self.has_pack(pack)? {
             self.missing.insert(*pack);
             return Ok(None);
         }
@@ -1968,16 +1964,9 @@ mod tests {
     use crate::pack::Pack;
 
     /// A page that is the same for the same `seed` and incompressible.
+    /// An incompressible page that is the same for the same `seed`.
     fn page(seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut p = vec![0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        p
+        crate::pack::test_page(seed)
     }
 
     /// A file of pages: `Some(seed)` a page from `seed`, `None` a zero page.

@@ -931,17 +931,9 @@ mod tests {
     use crate::page_index::PageIndex;
     use crate::pages::{PageWriter, load_manifest};
 
-    /// An incompressible page, the same for the same seed.
+    /// An incompressible page that is the same for the same `seed`.
     fn page(seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut p = vec![0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        p
+        crate::pack::test_page(seed)
     }
 
     /// Store a file of pages (`None`: a zero page) and a JSON root naming its manifest; returns

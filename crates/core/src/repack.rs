@@ -423,15 +423,7 @@ mod tests {
 
     /// An incompressible page that is the same for the same `seed`.
     fn page(seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut p = vec![0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        p
+        crate::pack::test_page(seed)
     }
 
     /// Store a file of the pages `seeds` and name a JSON record of its manifest `name`;
