@@ -833,10 +833,15 @@ fn a_repacked_snapshot_pushes_its_forward_records_and_pulls_whole() {
         "push",
     ))
     .unwrap();
-    // The record, the manifest, its list, the new pack and one forward record per old pack.
+    // The record, the manifest, its list (and the lists it is a delta of), the new pack and
+    // one forward record per old pack.
+    let bases = pf_core::pages::load_manifest(&store_a, &manifest)
+        .unwrap()
+        .bases
+        .len() as u64;
     assert_eq!(
         pushed["blobs"].as_u64().unwrap(),
-        4 + forwards.len() as u64,
+        4 + bases + forwards.len() as u64,
         "{pushed}"
     );
     let pulled: serde_json::Value = serde_json::from_str(&ok(
