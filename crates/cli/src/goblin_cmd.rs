@@ -447,12 +447,27 @@ impl Resolved {
     }
 
     /// Load the snapshot for thaws: lazy ones (memory served from the store), eager ones, or
-    /// (`None`) whichever suits it.
-    fn load(self, lazy: Option<bool>) -> anyhow::Result<pf_goblins::Loaded> {
+    /// (`None`) whichever suits it. `once`: for a single thaw, whose eager restore streams the
+    /// memory from the store into CRIU rather than extracting it first.
+    fn load(self, lazy: Option<bool>, once: bool) -> anyhow::Result<pf_goblins::Loaded> {
         match (self, lazy) {
             (Resolved::Store(store, digest), Some(true)) => {
                 Ok(pf_goblins::load_lazy(std::sync::Arc::new(store), &digest)?)
             }
+            (Resolved::Store(store, digest), None) if once => {
+                let store: std::sync::Arc<dyn BlobStore> = std::sync::Arc::new(store);
+                let lazy = pf_world_procs::lazy_suits(store.as_ref(), &digest)
+                    .with_context(|| format!("cannot read the snapshot {digest}"))?;
+                if lazy {
+                    Ok(pf_goblins::load_lazy(store, &digest)?)
+                } else {
+                    Ok(pf_goblins::load_streamed(store, &digest)?)
+                }
+            }
+            (Resolved::Store(store, digest), Some(false)) if once => Ok(pf_goblins::load_streamed(
+                std::sync::Arc::new(store),
+                &digest,
+            )?),
             (Resolved::Store(store, digest), None) => {
                 Ok(pf_goblins::load_auto(std::sync::Arc::new(store), &digest)?)
             }
@@ -465,7 +480,7 @@ impl Resolved {
 }
 
 fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
-    let loaded = Resolved::new(global, &args.from)?.load(args.mode.lazy())?;
+    let loaded = Resolved::new(global, &args.from)?.load(args.mode.lazy(), true)?;
     // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
     // The unread input saved in the snapshot must go first, through a pipe of pf's.
     let wiring = pf_goblins::Wiring {
@@ -549,7 +564,7 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         deadline: args.timeout.map(Duration::from_secs),
     };
     // The loaded images go once the copies run (lazy copies keep what they need themselves).
-    let goblins = resolved.load(args.mode.lazy())?.fork(n)?;
+    let goblins = resolved.load(args.mode.lazy(), false)?.fork(n)?;
     let copies = pf_goblins::collect(goblins, &options, &cancel)?;
     tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;

@@ -120,6 +120,16 @@ pub fn load_lazy(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded
     Loaded::new_lazy(store, digest)
 }
 
+/// Like [`load`] from a store, for a goblin thawed once (what `pf goblin thaw` does): the pages
+/// files of a page-level snapshot (`procs.criu.v2`) are not extracted; each thaw streams them
+/// from the store into CRIU while it restores (every page checked before CRIU gets it), so the
+/// memory is never copied to tmpfs and checking it overlaps the restore. Each thaw reads and
+/// checks all of it again, so a snapshot thawed or forked many times is better [`load`]ed. A
+/// snapshot in the whole-archive format is loaded as by [`load`].
+pub fn load_streamed(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
+    Loaded::new_streamed(store, digest)
+}
+
 /// [`load_lazy`] or [`load`], whichever suits the snapshot: lazy when its memory is stored page
 /// by page and is at least [`pf_world_procs::LAZY_MIN_BYTES`] (128 MiB), and the kernel has
 /// userfaultfd; eager otherwise. This is what `pf goblin thaw|fork` do without `--lazy` or
@@ -162,6 +172,8 @@ enum Images {
     Extracted(pf_world_procs::ImagesDir),
     /// Extracted for lazy thaws: memory served from the store on demand.
     Lazy(pf_world_procs::LazyImages),
+    /// Extracted but for the pages files, which each thaw streams from the store into CRIU.
+    Streamed(pf_world_procs::StreamedImages),
 }
 
 impl Images {
@@ -170,6 +182,7 @@ impl Images {
             Images::Dir(p) => p,
             Images::Extracted(d) => d.path(),
             Images::Lazy(l) => l.path(),
+            Images::Streamed(s) => s.path(),
         }
     }
 }
@@ -213,6 +226,25 @@ impl Loaded {
                 source: Box::new(source),
             })?;
         Self::finish(name, Images::Lazy(images), pipes, shell_job)
+    }
+
+    fn new_streamed(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
+        tracing::debug!("loading the snapshot for a streamed thaw");
+        let (name, _, pipes, shell_job) = check_snapshot(store.as_ref(), digest)?;
+        let images = pf_world_procs::extract_images_streamed(Arc::clone(&store), digest).map_err(
+            |source| Error::Thaw {
+                snapshot: name.clone(),
+                source: Box::new(source),
+            },
+        )?;
+        let Some(images) = images else {
+            // The whole-archive format: its images are extracted whole.
+            return Loaded::new(&Source::Store {
+                store: store.as_ref(),
+                digest,
+            });
+        };
+        Self::finish(name, Images::Streamed(images), pipes, shell_job)
     }
 
     fn finish(name: String, images: Images, pipes: StdioPipes, shell_job: bool) -> Result<Loaded> {
@@ -380,17 +412,29 @@ impl Loaded {
         };
         let restored = match &self.images {
             Images::Lazy(images) => pf_world_procs::restore_lazy(images, options),
+            Images::Streamed(images) => pf_world_procs::restore_streamed(images, options),
             images => pf_world_procs::restore_dir(images.path(), options),
         }
         .map_err(|source| Error::Thaw {
             snapshot: self.name.clone(),
             source: Box::new(source),
         })?;
-        let pid = restored.pid();
-        // The root cannot have been reaped yet: its reaper is our child (the namespace's init)
-        // or ourselves, and neither has waited for it.
-        let pidfd = pf_os::fd::pidfd_open(pid)
-            .map_err(|e| Error::sys(format!("open a pidfd for goblin {pid}"), e))?;
+        let mut pid = restored.pid();
+        // In our pid namespace the root is our child, not reaped until we wait for it. In a
+        // namespace of its own its reaper is the namespace's init: a goblin that answered its
+        // input and exited right after the restore may be reaped already, and then the init
+        // (our child, which holds its exit status until we wait) stands for it, as it does when
+        // the root exits before the restore is over.
+        let pidfd = match pf_os::fd::pidfd_open(pid) {
+            Ok(fd) => Ok(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && restored.init_pid().is_some() => {
+                pid = restored.init_pid().unwrap_or(pid);
+                tracing::debug!(init = pid, "the thawed goblin has exited already");
+                pf_os::fd::pidfd_open(pid)
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| Error::sys(format!("open a pidfd for goblin {pid}"), e))?;
         tracing::info!(pid, ns_pid = restored.ns_pid(), snapshot = %self.name, "thawed goblin");
         Ok(Goblin::new(
             pid,

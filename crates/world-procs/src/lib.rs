@@ -23,6 +23,7 @@ pub mod memory_map;
 mod nsinit;
 mod restore;
 mod runner;
+mod streamer;
 mod tarball;
 #[doc(hidden)]
 pub mod test_support;
@@ -36,8 +37,9 @@ pub use crate::capture::{
 pub use crate::criu::probe;
 pub use crate::error::{Error, ErrorKind, Result};
 pub use crate::restore::{
-    ImagesDir, InheritFd, LAZY_MIN_BYTES, LazyImages, RestoreOptions, Restored, extract_images,
-    extract_images_lazy, lazy_suits, load_procs, restore, restore_dir, restore_lazy,
+    ImagesDir, InheritFd, LAZY_MIN_BYTES, LazyImages, RestoreOptions, Restored, StreamedImages,
+    extract_images, extract_images_lazy, extract_images_streamed, lazy_suits, load_procs, restore,
+    restore_dir, restore_lazy, restore_streamed,
 };
 pub use crate::v2::FORMAT_ENV;
 pub use crate::wire::{CriuProcs, DumpOptions, DumpStats, PagesImage, ProcsBlob};

@@ -255,6 +255,18 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
         ProcsBlob::Criu(c) => {
             // Before extracting a GiB: is there a criu to hand it to?
             crate::criu::for_restore()?;
+            if let Some(memory) = &c.memory {
+                let dir = crate::capture::scratch_dir("pf-restore-")?;
+                let maps = crate::v2::extract_for_stream(store, &c, memory, dir.path())
+                    .map_err(|e| e.in_snapshot(procs))?;
+                let images = crate::streamer::Images {
+                    store,
+                    dir: dir.path(),
+                    pages: memory,
+                    maps: &maps,
+                };
+                return restore_streaming(&images, opts).map_err(|e| e.in_snapshot(procs));
+            }
             let images = extract_images(store, &c).map_err(|e| e.in_snapshot(procs))?;
             restore_dir(images.path(), opts)
         }
@@ -267,6 +279,88 @@ pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -
             note,
         }),
     }
+}
+
+/// A `procs.criu.v2` snapshot's images extracted for streamed restores: every file but the
+/// pages files, which each restore rebuilds from the store while CRIU reads them (`criu restore
+/// --stream`), every page checked before CRIU gets it. No tmpfs copy of the memory is made, and
+/// checking the pages overlaps the restore; but each restore reads and checks every page again,
+/// so this suits a snapshot restored once ([`extract_images`] suits one restored many times).
+/// Removed on drop.
+#[derive(Debug)]
+pub struct StreamedImages {
+    dir: ImagesDir,
+    store: std::sync::Arc<dyn BlobStore>,
+    snapshot: Digest256,
+    memory: Vec<crate::wire::PagesImage>,
+    maps: std::collections::HashMap<String, crate::images::Pagemap>,
+}
+
+impl StreamedImages {
+    /// Where the images (all but the pages files) are.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Extract the snapshot `digest` for streamed restores ([`StreamedImages`]); `None` when it is
+/// not in the page-level format (`procs.criu.v2`), whose pages files can be streamed:
+/// [`extract_images`] it instead.
+pub fn extract_images_streamed(
+    store: std::sync::Arc<dyn BlobStore>,
+    digest: &Digest256,
+) -> Result<Option<StreamedImages>> {
+    let procs = match load_procs(store.as_ref(), digest)? {
+        ProcsBlob::Criu(c) => c,
+        ProcsBlob::Unsupported {
+            unsupported_on,
+            note,
+        } => {
+            return Err(Error::Unsupported {
+                digest: *digest,
+                unsupported_on,
+                note,
+            });
+        }
+    };
+    let Some(memory) = procs.memory.clone() else {
+        return Ok(None);
+    };
+    let dir = crate::capture::scratch_dir("pf-restore-")?;
+    let maps = crate::v2::extract_for_stream(store.as_ref(), &procs, &memory, dir.path())
+        .map_err(|e| e.in_snapshot(digest))?;
+    tracing::debug!(%digest, dir = %dir.path().display(), "images extracted for a streamed restore");
+    Ok(Some(StreamedImages {
+        dir: ImagesDir { dir },
+        store,
+        snapshot: *digest,
+        memory,
+        maps,
+    }))
+}
+
+/// Restore the tree of `images`, its pages files streamed from the store into `criu restore`
+/// as it reads them. A page that fails its check fails the restore ([`Error::CorruptPage`],
+/// naming the snapshot, the file, the page and its address) before the tree runs.
+pub fn restore_streamed(images: &StreamedImages, opts: RestoreOptions) -> Result<Restored> {
+    let serve = crate::streamer::Images {
+        store: images.store.as_ref(),
+        dir: images.path(),
+        pages: &images.memory,
+        maps: &images.maps,
+    };
+    restore_streaming(&serve, opts).map_err(|e| e.in_snapshot(&images.snapshot))
+}
+
+/// `criu restore --stream` of `images`, served by pf's image streamer.
+fn restore_streaming(
+    images: &crate::streamer::Images<'_>,
+    mut opts: RestoreOptions,
+) -> Result<Restored> {
+    let criu = crate::criu::for_restore()?;
+    let dir = std::path::absolute(images.dir).map_err(|e| Error::io("resolve", images.dir, e))?;
+    opts.extra_args.push("--stream".to_owned());
+    crate::streamer::serve_while(images, || restore_prepared(criu, &dir, opts, true, None))
 }
 
 /// Restore the tree whose CRIU images are in `images_dir`.

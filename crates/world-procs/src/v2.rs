@@ -58,7 +58,7 @@ fn parse_format(value: Option<&std::ffi::OsStr>) -> Result<Format> {
     }
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
@@ -349,6 +349,37 @@ pub(crate) fn extract_into(
     rebuild_pages_files(store, procs, memory, dest)
 }
 
+/// Extract a v2 snapshot's images into `dest` but its pages files, which a streamed restore
+/// rebuilds from their packs while CRIU reads them (`streamer.rs`); returns the pagemaps, by
+/// pages file, to place a bad page.
+pub(crate) fn extract_for_stream(
+    store: &dyn BlobStore,
+    procs: &CriuProcs,
+    memory: &[PagesImage],
+    dest: &Path,
+) -> Result<HashMap<String, Pagemap>> {
+    check_pages_names(procs, memory)?;
+    let source = store
+        .open(&procs.criu_dump)
+        .map_err(|e| Error::store(format!("opening the images {}", procs.criu_dump), e))?;
+    crate::tarball::extract(source, &procs.criu_dump, dest)?;
+    pagemaps(dest)
+}
+
+/// Refuse a snapshot whose memory names anything but a pages file.
+fn check_pages_names(procs: &CriuProcs, memory: &[PagesImage]) -> Result<()> {
+    for image in memory {
+        if !is_pages_file(&image.file) {
+            return Err(Error::UnsafeTar {
+                digest: procs.criu_dump,
+                entry: image.file.clone(),
+                reason: "is not a pages file name (pages-<N>.img)",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Rebuild the pages files `memory` of the images extracted into `dest` from their packs,
 /// each page checked before it is written.
 pub(crate) fn rebuild_pages_files(
@@ -359,15 +390,7 @@ pub(crate) fn rebuild_pages_files(
 ) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let maps = pagemaps(dest)?;
-    for image in memory {
-        if !is_pages_file(&image.file) {
-            return Err(Error::UnsafeTar {
-                digest: procs.criu_dump,
-                entry: image.file.clone(),
-                reason: "is not a pages file name (pages-<N>.img)",
-            });
-        }
-    }
+    check_pages_names(procs, memory)?;
     check_room(store, memory, dest)?;
     for image in memory {
         let path = dest.join(&image.file);

@@ -1,0 +1,532 @@
+//! Streamed restore: `criu restore --stream` reads every image through pf, and the pages files
+//! of a `procs.criu.v2` snapshot are rebuilt from their packs while CRIU reads them, instead of
+//! being written whole to tmpfs first.
+//!
+//! The protocol is CRIU's image streamer (criu/img-streamer.c, images/img-streamer.proto). CRIU
+//! connects to `streamer-serve.sock` in the images directory and, for each image it opens, sends
+//! a request (a native-endian `u32` length, then `img_streamer_request_entry {required string
+//! filename = 1}`), reads the reply (`img_streamer_reply_entry {required bool exists = 1}`, the
+//! same framing) and, when the file exists, sends the read end's partner of a fresh pipe (one
+//! `SCM_RIGHTS` message with one dummy byte); it then reads the image from that pipe. Requests
+//! come one at a time; each file is written on a thread of its own, since CRIU reads several at
+//! once (a pagemap and its pages file).
+//!
+//! - The small images were extracted from the snapshot's verified tar into the images directory:
+//!   they are copied from there (any number of times: CRIU opens some twice).
+//! - A pages file is produced in file order (CRIU cannot seek in a stream), in 1 MiB chunks read
+//!   with [`PagesReader::read`] on every core (each page checked against its digest), and
+//!   written to the pipe in order. Nothing reaches CRIU that has not been checked: a page that
+//!   fails is recorded ([`Error::CorruptPage`]) and the pipe closed before it, so CRIU reads a
+//!   short file and the restore fails before the tree ever runs; pf then reports the page.
+//! - When the restore is over, whatever CRIU did not read is abandoned: pf's pipe ends are
+//!   non-blocking and every writer checks a stop flag, so nothing waits on a reader that went.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IoSliceMut, Read as _, Write as _};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use pf_core::BlobStore;
+use pf_core::pack::PAGE_SIZE;
+use pf_core::pages::{PagesError, PagesReader};
+
+use crate::error::{Error, Result};
+use crate::images::Pagemap;
+use crate::wire::PagesImage;
+
+/// The socket CRIU's restore connects to, in the images directory.
+pub(crate) const SOCKET: &str = "streamer-serve.sock";
+/// Pages read (and written to the pipe) at a time.
+const CHUNK_PAGES: usize = 256;
+/// The longest request accepted: a length and a file name.
+const MAX_REQUEST: u32 = 4096;
+/// How often waiting threads look at the stop flag.
+const TICK: Duration = Duration::from_millis(50);
+/// The pipe size asked for (the kernel's default cap, `/proc/sys/fs/pipe-max-size`).
+const PIPE_SIZE: usize = 1 << 20;
+
+/// What a streamed restore serves: the extracted images in `dir` and the pages files `pages`
+/// from `store`, with their pagemaps (`maps`, by pages file) to name a bad page's address.
+pub(crate) struct Images<'a> {
+    pub(crate) store: &'a dyn BlobStore,
+    pub(crate) dir: &'a Path,
+    pub(crate) pages: &'a [PagesImage],
+    pub(crate) maps: &'a HashMap<String, Pagemap>,
+}
+
+/// What the threads of one serving share.
+struct Shared {
+    stop: AtomicBool,
+    /// Hangs up (its write end is closed) when the restore is over, waking every poll at once.
+    woken: OwnedFd,
+    /// The first failure to produce a pages file (a bad page, a missing pack).
+    error: Mutex<Option<Error>>,
+    /// Every connection accepted, to be shut down at the end.
+    conns: Mutex<Vec<UnixStream>>,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, error: Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::warn!(error = %error, "a streamed pages file failed; the restore will too");
+            *slot = Some(error);
+        }
+    }
+}
+
+/// Serve `images` on `streamer-serve.sock` in their directory while `restore` runs (it runs
+/// `criu restore --stream` on that directory, once or more). A pages file that could not be
+/// produced wins over whatever `restore` says: its error is returned, and a tree restored
+/// anyway (CRIU did not need the rest) is dropped, which kills it.
+pub(crate) fn serve_while<T>(
+    images: &Images<'_>,
+    restore: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let path = images.dir.join(SOCKET);
+    let listener = UnixListener::bind(&path).map_err(|e| Error::io("listen on", &path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("set up", &path, e))?;
+    let (woken, wake) = std::io::pipe().map_err(|source| Error::Sys {
+        op: "creating the image streamer's wake-up pipe",
+        source,
+    })?;
+    let shared = Shared {
+        stop: AtomicBool::new(false),
+        woken: woken.into(),
+        error: Mutex::new(None),
+        conns: Mutex::new(Vec::new()),
+    };
+    let result = std::thread::scope(|s| {
+        let acceptor = std::thread::Builder::new()
+            .name("pf-streamer".into())
+            .spawn_scoped(s, || accept(s, &listener, images, &shared))
+            .map_err(|source| Error::Sys {
+                op: "starting the image streamer",
+                source,
+            });
+        let result = match acceptor {
+            Ok(_) => restore(),
+            Err(e) => Err(e),
+        };
+        shared.stop.store(true, Ordering::Relaxed);
+        drop(wake);
+        for conn in shared
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        result
+    });
+    let _ = std::fs::remove_file(&path);
+    let failed = shared.error.into_inner().unwrap_or_else(|p| p.into_inner());
+    match (failed, result) {
+        (Some(e), _) => Err(e),
+        (None, result) => result,
+    }
+}
+
+/// Accept CRIU's connections until told to stop; each is served on a thread of its own.
+fn accept<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    listener: &UnixListener,
+    images: &'scope Images<'env>,
+    shared: &'scope Shared,
+) {
+    while !shared.stopped() {
+        if !poll_either(listener, PollFlags::POLLIN, &shared.woken) {
+            continue;
+        }
+        let conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "the image streamer could not accept");
+                continue;
+            }
+        };
+        if conn.set_nonblocking(false).is_err() {
+            continue;
+        }
+        match conn.try_clone() {
+            Ok(copy) => shared
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(copy),
+            Err(_) => continue,
+        }
+        // Shut down by `serve_while` once the restore is over.
+        let _ = std::thread::Builder::new()
+            .name("pf-streamer-conn".into())
+            .spawn_scoped(s, move || {
+                if let Err(e) = requests(s, conn, images, shared)
+                    && !shared.stopped()
+                {
+                    tracing::debug!(error = %e, "an image streamer session ended");
+                }
+            });
+    }
+}
+
+/// What a requested image is.
+enum Source<'a> {
+    /// A file extracted into the images directory.
+    File(std::path::PathBuf),
+    /// A pages file, rebuilt from the store.
+    Pages(&'a PagesImage),
+}
+
+/// Answer one connection's requests until CRIU hangs up.
+fn requests<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    mut conn: UnixStream,
+    images: &'scope Images<'env>,
+    shared: &'scope Shared,
+) -> std::io::Result<()> {
+    loop {
+        let mut len = [0u8; 4];
+        match conn.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let len = u32::from_ne_bytes(len);
+        if len > MAX_REQUEST {
+            return Err(std::io::Error::other(format!(
+                "an image request of {len} bytes"
+            )));
+        }
+        let mut msg = vec![0u8; len as usize];
+        conn.read_exact(&mut msg)?;
+        let name = parse_request(&msg)
+            .ok_or_else(|| std::io::Error::other("a malformed image request"))?;
+        let source = find(images, &name);
+        tracing::trace!(file = %name, exists = source.is_some(), "image requested");
+        // img_streamer_reply_entry { exists = 1 (varint) }
+        let reply = [2u8, 0, 0, 0, 0x08, u8::from(source.is_some())];
+        conn.write_all(&reply)?;
+        let Some(source) = source else {
+            continue;
+        };
+        let pipe = recv_fd(&conn)?;
+        let _ = std::thread::Builder::new()
+            .name("pf-streamer-file".into())
+            .spawn_scoped(s, move || {
+                let mut out = PipeOut::new(pipe, shared);
+                match source {
+                    Source::File(path) => {
+                        if let Err(e) = copy_file(&path, &mut out) {
+                            tracing::debug!(file = %path.display(), error = %e, "image not sent");
+                        }
+                    }
+                    Source::Pages(image) => {
+                        if let Err(e) = pages_file(images, image, &mut out, shared) {
+                            shared.fail(e);
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// The file name of an `img_streamer_request_entry`, if `msg` is one.
+fn parse_request(msg: &[u8]) -> Option<String> {
+    // Field 1, wire type 2 (length-delimited), a varint length, the bytes.
+    let (&tag, rest) = msg.split_first()?;
+    if tag != 0x0a {
+        return None;
+    }
+    let mut len = 0usize;
+    let mut used = 0usize;
+    for (i, &b) in rest.iter().enumerate().take(3) {
+        len |= usize::from(b & 0x7f) << (7 * i);
+        used = i + 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let name = rest.get(used..used.checked_add(len)?)?;
+    if used + len != rest.len() {
+        return None;
+    }
+    String::from_utf8(name.to_vec()).ok()
+}
+
+/// What `name` is among `images`: only plain file names are served.
+fn find<'a>(images: &Images<'a>, name: &str) -> Option<Source<'a>> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return None;
+    }
+    if let Some(image) = images.pages.iter().find(|p| p.file == name) {
+        return Some(Source::Pages(image));
+    }
+    let path = images.dir.join(name);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    (meta.is_file() && name != SOCKET).then_some(Source::File(path))
+}
+
+/// Receive the pipe CRIU sends after a positive reply.
+fn recv_fd(conn: &UnixStream) -> std::io::Result<OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let got = recvmsg(
+        conn,
+        &mut [IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            for f in fds {
+                fd.get_or_insert(f);
+            }
+        }
+    }
+    match fd {
+        Some(fd) => Ok(fd),
+        None if got.bytes == 0 => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        None => Err(std::io::Error::other("criu sent no pipe")),
+    }
+}
+
+/// pf's end of an image pipe: non-blocking, so a writer notices the stop flag.
+struct PipeOut<'a> {
+    pipe: std::fs::File,
+    shared: &'a Shared,
+}
+
+impl<'a> PipeOut<'a> {
+    fn new(pipe: OwnedFd, shared: &'a Shared) -> Self {
+        let _ = rustix::pipe::fcntl_setpipe_size(&pipe, PIPE_SIZE);
+        if let Ok(flags) = rustix::fs::fcntl_getfl(&pipe) {
+            let _ = rustix::fs::fcntl_setfl(&pipe, flags | rustix::fs::OFlags::NONBLOCK);
+        }
+        Self {
+            pipe: pipe.into(),
+            shared,
+        }
+    }
+
+    /// Write all of `buf`, waiting while the pipe is full; an error once the restore is over
+    /// or CRIU closed its end.
+    fn send(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            match self.pipe.write(buf) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.shared.stopped() {
+                        return Err(std::io::Error::other("the restore is over"));
+                    }
+                    poll_either(&self.pipe, PollFlags::POLLOUT, &self.shared.woken);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Wait (at most [`TICK`]) until `fd` is ready for `events` or `woken` hangs up; whether `fd`
+/// is ready.
+fn poll_either(fd: &impl AsFd, events: PollFlags, woken: &OwnedFd) -> bool {
+    let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
+    let mut fds = [
+        PollFd::new(fd.as_fd(), events),
+        PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+    ];
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+        && fds[0].revents().is_some_and(|r| !r.is_empty())
+}
+
+/// Copy an extracted image into its pipe.
+fn copy_file(path: &Path, out: &mut PipeOut<'_>) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.send(&buf[..n])?;
+    }
+}
+
+/// The chunks of a pages file read so far and not yet written, and the read side's state.
+struct Chunks {
+    ready: BTreeMap<usize, Vec<u8>>,
+    /// Chunks written to the pipe.
+    written: usize,
+    /// Buffers to reuse.
+    spare: Vec<Vec<u8>>,
+    /// A reader failed (its error is in `Shared`), or the writer gave up.
+    over: bool,
+}
+
+/// Produce the pages file `image` into `out` in file order: chunks read and checked on every
+/// core, a bounded window ahead of the pipe, written in order. A chunk that fails is never
+/// written; the first failure is returned.
+fn pages_file(
+    images: &Images<'_>,
+    image: &PagesImage,
+    out: &mut PipeOut<'_>,
+    shared: &Shared,
+) -> Result<()> {
+    let pages_error = |source: PagesError| match source {
+        PagesError::BadPage { page, .. } => Error::CorruptPage {
+            snapshot: None,
+            file: image.file.clone(),
+            page,
+            vaddr: images
+                .maps
+                .get(&image.file)
+                .and_then(|m| m.address_of(page)),
+            source: Box::new(source),
+        },
+        source => Error::Pages {
+            what: format!("reading {} from the store", image.file),
+            source: Box::new(source),
+        },
+    };
+    let reader = PagesReader::open(images.store, &image.manifest).map_err(pages_error)?;
+    let pages = usize::try_from(reader.pages()).unwrap_or(usize::MAX);
+    let chunks = pages.div_ceil(CHUNK_PAGES);
+    let threads = crate::v2::threads().clamp(1, chunks.max(1));
+    let window = 2 * threads + 2;
+    let state = Mutex::new(Chunks {
+        ready: BTreeMap::new(),
+        written: 0,
+        spare: Vec::new(),
+        over: false,
+    });
+    let changed = Condvar::new();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= chunks {
+                        return;
+                    }
+                    let mut buf = {
+                        let mut st = lock();
+                        while !st.over && i >= st.written + window {
+                            st = changed
+                                .wait_timeout(st, TICK)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
+                        }
+                        if st.over {
+                            return;
+                        }
+                        st.spare.pop().unwrap_or_default()
+                    };
+                    let first = i * CHUNK_PAGES;
+                    let n = CHUNK_PAGES.min(pages - first);
+                    buf.resize(n * PAGE_SIZE, 0);
+                    let read = reader.read(first as u64, &mut buf);
+                    let mut st = lock();
+                    match read {
+                        Ok(()) => {
+                            st.ready.insert(i, buf);
+                        }
+                        Err(e) => {
+                            st.over = true;
+                            let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+                            if f.is_none() {
+                                *f = Some(pages_error(e));
+                            }
+                        }
+                    }
+                    changed.notify_all();
+                }
+            });
+        }
+        for i in 0..chunks {
+            let buf = {
+                let mut st = lock();
+                loop {
+                    if let Some(buf) = st.ready.remove(&i) {
+                        break Some(buf);
+                    }
+                    if st.over || shared.stopped() {
+                        st.over = true;
+                        break None;
+                    }
+                    st = changed
+                        .wait_timeout(st, TICK)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            };
+            let Some(buf) = buf else {
+                break;
+            };
+            let sent = out.send(&buf);
+            let mut st = lock();
+            st.spare.push(buf);
+            st.written = i + 1;
+            if let Err(e) = sent {
+                tracing::debug!(file = %image.file, error = %e, "pages not sent");
+                st.over = true;
+            }
+            changed.notify_all();
+            if st.over {
+                break;
+            }
+        }
+        lock().over = true;
+        changed.notify_all();
+    });
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_parsed_and_anything_else_refused() {
+        let mut msg = vec![0x0a, 13];
+        msg.extend_from_slice(b"inventory.img");
+        assert_eq!(parse_request(&msg).as_deref(), Some("inventory.img"));
+        // A two-byte varint length.
+        let long = "a".repeat(200);
+        let mut msg = vec![0x0a, 0xc8, 0x01];
+        msg.extend_from_slice(long.as_bytes());
+        assert_eq!(parse_request(&msg), Some(long));
+        // Wrong field, short, trailing bytes, empty.
+        assert_eq!(parse_request(&[0x08, 1]), None);
+        assert_eq!(parse_request(&[0x0a, 5, b'a']), None);
+        assert_eq!(parse_request(&[0x0a, 1, b'a', b'b']), None);
+        assert_eq!(parse_request(&[]), None);
+    }
+}
