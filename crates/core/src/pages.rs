@@ -883,34 +883,48 @@ fn pack_new_pages(
         })?;
         Ok(())
     };
+    let mut want = Vec::with_capacity(BATCH_PAGES);
     for start in (0..pages).step_by(BATCH_PAGES) {
         let n = BATCH_PAGES.min(pages - start);
-        let wants_bytes = digests[start..start + n]
-            .iter()
-            .flatten()
-            .any(|d| !known.contains_key(d));
-        if !wants_bytes {
+        want.clear();
+        want.extend(
+            (start..start + n).filter(|&i| digests[i].is_some_and(|d| !known.contains_key(&d))),
+        );
+        if want.is_empty() {
             continue;
         }
-        read_at(
-            file,
-            path,
-            &mut buf[..n * PAGE_SIZE],
-            start as u64 * PAGE_SIZE as u64,
-        )?;
-        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
-            let Some(digest) = digests[start + i] else {
-                continue;
-            };
-            if known.contains_key(&digest) {
-                continue;
+        // Only the runs of pages the store lacks are read (a re-freeze's changed pages are
+        // scattered: reading whole batches would read the whole file again), unless they are
+        // most of the batch.
+        let runs: Vec<(usize, usize)> = if want.len() * 2 >= n {
+            vec![(start, n)]
+        } else {
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for &i in &want {
+                match runs.last_mut() {
+                    Some((first, len)) if *first + *len == i => *len += 1,
+                    _ => runs.push((i, 1)),
+                }
             }
-            let slot = pack.push(page, digest);
-            known.insert(digest, (base + packs_sent, slot));
-            new_pages += 1;
-            if pack.is_full() {
-                finish(&mut pack)?;
-                packs_sent += 1;
+            runs
+        };
+        for (first, len) in runs {
+            let bytes = &mut buf[..len * PAGE_SIZE];
+            read_at(file, path, bytes, first as u64 * PAGE_SIZE as u64)?;
+            for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+                let Some(digest) = digests[first + i] else {
+                    continue;
+                };
+                if known.contains_key(&digest) {
+                    continue;
+                }
+                let slot = pack.push(page, digest);
+                known.insert(digest, (base + packs_sent, slot));
+                new_pages += 1;
+                if pack.is_full() {
+                    finish(&mut pack)?;
+                    packs_sent += 1;
+                }
             }
         }
     }

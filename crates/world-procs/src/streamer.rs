@@ -512,6 +512,176 @@ fn pages_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pf_core::pages::{PageWriter, PagesManifest, load_manifest};
+
+    const PAGES: usize = 1500;
+
+    /// A pages file of `PAGES` pages, distinct but for every 7th (zeros), stored in `store`.
+    fn stored_pages(store: &dyn BlobStore, dir: &Path) -> (Vec<u8>, PagesImage) {
+        let mut bytes = vec![0u8; PAGES * PAGE_SIZE];
+        for (i, page) in bytes.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            if i % 7 != 3 {
+                page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+                page[4000] = i as u8;
+            }
+        }
+        let path = dir.join("pages-src.img");
+        std::fs::write(&path, &bytes).expect("write");
+        let mut writer = PageWriter::new(store, pf_core::page_index::PageIndex::none(), 2);
+        let file = std::fs::File::open(&path).expect("open");
+        let stored = writer.write_file(&file, &path).expect("store pages");
+        writer.commit().expect("commit");
+        std::fs::remove_file(&path).expect("rm");
+        let image = PagesImage {
+            file: "pages-1.img".to_owned(),
+            manifest: stored.manifest,
+            pages: stored.pages,
+        };
+        (bytes, image)
+    }
+
+    /// Ask for `name` as CRIU does: `None` when the streamer says it does not exist, else all
+    /// the bytes the pipe gave before it closed.
+    fn fetch(conn: &mut UnixStream, name: &str) -> Option<Vec<u8>> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+        let mut msg = vec![0x0a, u8::try_from(name.len()).expect("short name")];
+        msg.extend_from_slice(name.as_bytes());
+        let mut request = u32::try_from(msg.len())
+            .expect("len")
+            .to_ne_bytes()
+            .to_vec();
+        request.extend_from_slice(&msg);
+        conn.write_all(&request).expect("request");
+        let mut reply = [0u8; 6];
+        conn.read_exact(&mut reply).expect("reply");
+        assert_eq!(&reply[..5], &[2, 0, 0, 0, 0x08], "framing");
+        if reply[5] == 0 {
+            return None;
+        }
+        let (mut r, w) = std::io::pipe().expect("pipe");
+        let w: OwnedFd = w.into();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [w.as_fd()];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        sendmsg(
+            &*conn,
+            &[std::io::IoSlice::new(&[0])],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .expect("send the pipe");
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).expect("read the image");
+        Some(got)
+    }
+
+    /// Item: the streamer answers CRIU's requests: small images from the directory (any number
+    /// of times), a pages file rebuilt from the store byte for byte (zero pages included), and
+    /// "no such file" for anything else, names that leave the directory included.
+    #[test]
+    fn criu_gets_every_image_and_each_pages_file_byte_for_byte() {
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bytes, image) = stored_pages(&store, dir.path());
+        std::fs::write(dir.path().join("inventory.img"), b"inventory").expect("write");
+        let maps = HashMap::new();
+        let pages = [image];
+        let images = Images {
+            store: &store,
+            dir: dir.path(),
+            pages: &pages,
+            maps: &maps,
+        };
+        serve_while(&images, || {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            for _ in 0..2 {
+                assert_eq!(
+                    fetch(&mut conn, "inventory.img").as_deref(),
+                    Some(&b"inventory"[..])
+                );
+            }
+            assert_eq!(fetch(&mut conn, "mm-1.img"), None);
+            assert_eq!(fetch(&mut conn, "../inventory.img"), None);
+            assert_eq!(fetch(&mut conn, SOCKET), None);
+            let got = fetch(&mut conn, "pages-1.img").expect("pages");
+            assert!(got == bytes, "the pages file differs ({} bytes)", got.len());
+            Ok(())
+        })
+        .expect("served");
+        assert!(!dir.path().join(SOCKET).exists(), "the socket is removed");
+    }
+
+    /// Item: a page that fails its check never reaches CRIU: the pipe ends before it (CRIU reads
+    /// a short file and its restore fails), every byte sent before it is right, and the
+    /// streamer's error names the page, winning over whatever the restore said.
+    #[test]
+    fn a_bad_page_ends_the_pages_file_before_it_and_is_the_error() {
+        use pf_core::pack::{Pack, PackBuilder};
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bytes, image) = stored_pages(&store, dir.path());
+        // The pack rewritten with one page's bytes changed but its digest kept.
+        let manifest = load_manifest(&store, &image.manifest).expect("manifest");
+        let pack_digest = manifest.packs[0];
+        let pack_bytes = store.get(&pack_digest).expect("pack");
+        let pack = Pack::parse(pack_digest, &pack_bytes).expect("parse");
+        let victim = 1000u32;
+        let mut forged = PackBuilder::new(1);
+        let mut page = [0u8; PAGE_SIZE];
+        for (digest, slot) in pack.entries() {
+            pack.read_page(slot, &digest, &mut page).expect("page");
+            if slot == victim {
+                page[9] ^= 1;
+            }
+            forged.push(&page, digest);
+        }
+        let forged = store.put(&forged.finish().expect("pack")).expect("put");
+        let mut packs = manifest.packs.clone();
+        packs[0] = forged;
+        let bad = PagesManifest { packs, ..manifest };
+        let bad = store
+            .put(&serde_json::to_vec(&bad).expect("json"))
+            .expect("put manifest");
+        let pages = [PagesImage {
+            manifest: bad,
+            ..image
+        }];
+        let maps = HashMap::new();
+        let images = Images {
+            store: &store,
+            dir: dir.path(),
+            pages: &pages,
+            maps: &maps,
+        };
+        let mut got = Vec::new();
+        let err = serve_while(&images, || {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            got = fetch(&mut conn, "pages-1.img").expect("pages");
+            Ok(())
+        })
+        .expect_err("a bad page");
+        assert!(
+            matches!(&err, Error::CorruptPage { file, .. } if file == "pages-1.img"),
+            "{err}"
+        );
+        // Which page the victim slot holds: the bytes stop at or before it.
+        let victim_page = bytes
+            .chunks_exact(PAGE_SIZE)
+            .position(|p| {
+                p[..8] != [0; 8]
+                    && pf_core::Digest256::of(p)
+                        == pack.entries().nth(victim as usize).expect("entry").0
+            })
+            .expect("the victim's page");
+        assert!(
+            got.len() <= victim_page * PAGE_SIZE,
+            "{} bytes reached CRIU",
+            got.len()
+        );
+        assert!(got.len() % PAGE_SIZE == 0 && got[..] == bytes[..got.len()]);
+    }
 
     #[test]
     fn requests_are_parsed_and_anything_else_refused() {
