@@ -191,7 +191,8 @@ pub(crate) struct ModeArgs {
     /// with PF_SNAPSHOT_FORMAT=v1) [default for such snapshots of 128 MiB or more]
     #[arg(long, conflicts_with = "eager")]
     lazy: bool,
-    /// Rebuild all of the goblin's memory before it runs
+    /// Put all of the goblin's memory in before it runs (from a page-level snapshot, streamed
+    /// from the store into CRIU as it restores, each page checked on the way)
     #[arg(long)]
     eager: bool,
 }

@@ -282,7 +282,7 @@ fn find<'a>(images: &Images<'a>, name: &str) -> Option<Source<'a>> {
 }
 
 /// Receive the pipe CRIU sends after a positive reply.
-fn recv_fd(conn: &UnixStream) -> std::io::Result<OwnedFd> {
+pub(crate) fn recv_fd(conn: &UnixStream) -> std::io::Result<OwnedFd> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);

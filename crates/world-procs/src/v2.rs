@@ -13,7 +13,9 @@
 //! Restore extracts the tar, then rebuilds each pages file from its packs frame by frame
 //! ([`pf_core::pages::PagesReader::write_to`], on every core), checking every page against its
 //! digest before it is written: a bad page is [`Error::CorruptPage`] naming the file, the page
-//! and its address (from the pagemap), and criu never runs.
+//! and its address (from the pagemap), and criu never runs. A restore done once streams the
+//! pages files into `criu restore --stream` instead ([`extract_for_stream`], `streamer.rs`),
+//! with the same checks before CRIU reads a page.
 //!
 //! Which format `capture` writes is chosen by `$PF_SNAPSHOT_FORMAT` (`v2`, the default, or
 //! `v1`, the whole-archive format of earlier pf versions); restore reads both.
