@@ -101,7 +101,7 @@ pub enum Error {
         source: Box<pf_world_procs::Error>,
     },
     /// A goblin thawed lazily was killed because its memory could not be served (a page that
-    /// failed its hash, the page server or CRIU's lazy-pages daemon gone).
+    /// failed its hash, the restore failing midway, pf's lazy-pages daemon gone).
     #[error("goblin {pid} was killed: its memory could not be served")]
     PagesFailed {
         /// The goblin.

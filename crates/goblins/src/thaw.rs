@@ -114,7 +114,7 @@ pub fn load(source: &Source<'_>) -> Result<Loaded> {
 /// the small image files and the pages that cannot be served lazily are extracted; each thawed
 /// copy runs as soon as CRIU has rebuilt it and gets every page it touches from the store,
 /// checked against its digest, the rest following in the background. The store is shared with
-/// the page servers of the thawed copies, which live as long as a copy still needs pages. Only
+/// the lazy-pages daemons of the thawed copies, which live as long as a copy still needs pages. Only
 /// snapshots in the page-level format (`procs.criu.v2`) can be thawed lazily.
 pub fn load_lazy(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
     Loaded::new_lazy(store, digest)

@@ -249,7 +249,7 @@ pub enum Error {
         reason: String,
     },
     /// A lazy restore must run in a new pid namespace (its init takes the tree down before the
-    /// page server goes).
+    /// tree's userfaultfds close).
     #[error(
         "a lazy restore must run in a new pid namespace: thaw it in a new pid namespace, or \
          eagerly (--eager, lazy=False)"

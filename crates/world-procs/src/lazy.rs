@@ -1,14 +1,14 @@
 //! Lazy restore: a tree restored without its private anonymous memory, whose pages are served
-//! from the store on demand, each checked against its digest before CRIU hands it to the kernel.
+//! from the store on demand, each checked against its digest before it is handed to the kernel.
 //!
 //! The pieces, for one restore:
 //!
 //! ```text
-//!  criu restore --lazy-pages ──uffd per task──▶ criu lazy-pages ◀──page-server protocol──▶ pf
-//!  (the tree runs at once;                      (fills faults with      (socketpair,        (PagesReader:
-//!   a touched page faults)                       UFFDIO_COPY, then       --ps-socket)        frame decoded,
-//!                                                 the rest in the                            page hashed)
-//!                                                 background)
+//!  criu restore --lazy-pages ──pid + userfaultfd per task──▶ pf's lazy-pages daemon (a thread)
+//!  (the tree runs at once;       (lazy-pages.socket in          faults: UFFDIO_COPY of the page
+//!   a touched page faults)        its --work-dir)               and the next 15 from PagesReader
+//!                                                               (frame decoded, pages hashed);
+//!                                                               then the rest, 4 MiB at a time
 //! ```
 //!
 //! - **Images.** [`extract`] unpacks the small image files, then rewrites every task's
@@ -16,36 +16,40 @@
 //!   ([`Vma::can_be_lazy`]) become `PE_LAZY` (not in the pages file), the rest stay `PE_PRESENT`
 //!   and only those pages are written to `pages-<N>.img` (checked, as in an eager restore). Pages
 //!   files no task pagemap names (shared memory) are rebuilt whole.
-//! - **Serving.** pf is the page server CRIU's lazy-pages daemon talks to (CRIU's
-//!   `criu/page-xfer.c`): a 32-byte `page_server_iov {u32 cmd; u64 nr_pages; u64 vaddr; u64
-//!   dst_id}` per request (`dst_id` is the task's pid in the images, `cmd` `PS_IOV_GET`); the
-//!   answer is the same header with `PS_IOV_ADD_F | PE_PRESENT << 16` and the pages' bytes;
-//!   `PS_IOV_FORCE_CLOSE` ends the session with an `i32` status. The daemon gets its end of a
-//!   socketpair (`--ps-socket`), so no port is open to anyone else.
+//! - **Serving.** pf is the lazy-pages daemon (what `criu lazy-pages` is, criu/uffd.c): the
+//!   restore connects to `lazy-pages.socket` in its work directory and sends, per task, its pid
+//!   in the images (an `i32`; a zombie's is negative) and its userfaultfd (`SCM_RIGHTS`), then
+//!   `LAZY_PAGES_RESTORE_FINISHED`. pf answers each fault with the page and the next ones of
+//!   its run (`UFFDIO_COPY`), zeros where the snapshot had no page (`UFFDIO_ZEROPAGE`), follows
+//!   the tree's forks (a new userfaultfd with the parent's missing pages), `mremap`s,
+//!   `madvise` removals (unregistered: zeros from then on) and unmaps, and once the restore is
+//!   over copies in the rest, 4 MiB at a time, the trees of one process taking turns. When no
+//!   page is missing it closes the userfaultfds: the tree owes pf nothing. One page cache
+//!   ([`LazyMemory`]) serves every copy restored from the same images.
 //! - **Never wrong memory, never a hang.** A lazily restored task that touches a missing page
-//!   waits in the kernel until the daemon copies it in; if the daemon's userfaultfd closed
-//!   first, the kernel would hand it zeros. So the tree always dies before the daemon lets go:
-//!   - a page that fails its hash is not sent: the tree is killed, and gone, before the session
-//!     closes;
-//!   - the daemon ends the session the same way whether it is done or gave up, so pf checks
-//!     it holds no userfaultfd any more before it takes the end as "every page is in";
-//!   - the daemon exiting early, or hanging up, kills the tree;
-//!   - dropping the [`Serving`] handle while pages are owed kills the tree before the daemon;
-//!   - if pf itself dies (even SIGKILL), the restore's namespace init, which holds a copy of
-//!     pf's end of the socket, sees pf's lifeline close, kills everything in the namespace and
-//!     reaps it before it exits and lets go of the socket: only then does the daemon see the
-//!     page server gone.
+//!   waits in the kernel until pf copies it in; if its userfaultfd closed first, the kernel
+//!   would hand it zeros. So the tree always dies before its userfaultfds close:
+//!   - a page that fails its hash is not copied: the tree is killed, and gone, before pf lets
+//!     go of any userfaultfd;
+//!   - dropping the [`Serving`] handle while pages are owed kills the tree first;
+//!   - if pf itself dies (even SIGKILL), its own copies of the userfaultfds close, but a copy
+//!     of each was sent into a socket whose receiving end the restore's namespace init holds
+//!     (descriptors in flight stay open while the socket does). The init sees pf's lifeline
+//!     close, kills everything in the namespace and reaps it before it exits and lets go of
+//!     the socket: a waiting task dies waiting. pf drains that socket itself once every page
+//!     is in.
 //!
 //!   Only restores into a new pid namespace can be lazy (that init is what makes this hold).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{Read as _, Write as _};
-use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use pf_core::pages::{PagesError, PagesReader};
 use pf_core::{BlobStore, Digest256};
 
@@ -54,26 +58,14 @@ use crate::images::{PE_LAZY, PE_PRESENT, Pagemap, PagemapEntry, Vma};
 use crate::wire::{CriuProcs, PagesImage};
 
 const PAGE: u64 = 4096;
-/// `PS_IOV_ADD_F`, `PS_IOV_GET`, `PS_IOV_CLOSE`, `PS_IOV_FORCE_CLOSE` (criu/page-xfer.c).
-const PS_IOV_ADD_F: u32 = 6;
-const PS_IOV_GET: u32 = 7;
-const PS_IOV_CLOSE: u32 = 0x1023;
-const PS_IOV_FORCE_CLOSE: u32 = 0x1024;
-/// The low 16 bits of `cmd` are the command, the high ones its flags.
-const PS_CMD_BITS: u32 = 16;
-const PS_CMD_MASK: u32 = (1 << PS_CMD_BITS) - 1;
-/// `sizeof(struct page_server_iov)` on 64-bit Linux: u32, 4 bytes of padding, 3 × u64.
-const IOV_LEN: usize = 32;
-/// The daemon asks for at most 4 MiB at a time (`MAX_XFER_LEN`); a larger request gets 4 MiB
-/// (a short answer, which CRIU accepts).
+/// The most pages read at once.
 const MAX_REQUEST_PAGES: u64 = 1024;
-/// Pages read per thread when a request is large.
+/// Pages read per thread when a read is large.
 const SPLIT_PAGES: u64 = 64;
-/// Held while a background (more than one page) request is read and checked.
+/// Held while a background step (4 MiB) is read, checked and copied in: the trees this
+/// process serves take turns, leaving a core for restores and for the faults of the others.
 static BACKGROUND: Mutex<()> = Mutex::new(());
-/// How long a daemon may take to say it is listening.
-const DAEMON_READY: Duration = Duration::from_secs(30);
-/// How long a server that must kill the tree waits for the restore to say what the tree is.
+/// How long a daemon that must kill the tree waits for the restore to say what the tree is.
 const KILLER_WAIT: Duration = Duration::from_secs(300);
 
 /// One run of lazily served pages: `pages` pages from `vaddr`, which are pages `first..` of the
@@ -218,12 +210,12 @@ impl LazyMemory {
     fn read(&self, pid: u64, vaddr: u64, want: u64, out: &mut Vec<u8>) -> Result<u64> {
         let task = self.tasks.get(&pid).ok_or_else(|| Error::LazyFailed {
             snapshot: self.snapshot,
-            reason: format!("criu asked for pages of pid {pid}, which has no lazy memory"),
+            reason: format!("pages of pid {pid} were asked for, but it has no lazy memory"),
         })?;
         let (run, off) = find_run(&task.runs, vaddr).ok_or_else(|| Error::LazyFailed {
             snapshot: self.snapshot,
             reason: format!(
-                "criu asked for pid {pid}'s page at {vaddr:#x}, which is not lazy memory"
+                "pid {pid}'s page at {vaddr:#x} was asked for, but it is not lazy memory"
             ),
         })?;
         let n = want.min(run.pages - off).min(MAX_REQUEST_PAGES);
@@ -247,13 +239,17 @@ impl LazyMemory {
         if n <= SPLIT_PAGES {
             read(first, out)?;
         } else {
-            let chunk = (SPLIT_PAGES * PAGE) as usize;
+            // One part per core (at least SPLIT_PAGES each): a thread costs what hashing a few
+            // pages does.
+            let cores = crate::v2::threads() as u64;
+            let per = n.div_ceil(cores).max(SPLIT_PAGES);
+            let chunk = (per * PAGE) as usize;
             std::thread::scope(|scope| {
                 let jobs: Vec<_> = out
                     .chunks_mut(chunk)
                     .enumerate()
                     .map(|(i, buf)| {
-                        let at = first + i as u64 * SPLIT_PAGES;
+                        let at = first + i as u64 * per;
                         scope.spawn(move || read(at, buf))
                     })
                     .collect();
@@ -604,263 +600,120 @@ impl Shared {
         self.changed.notify_all();
     }
 
+    /// The owner ended serving (the tree is dead, or was never made).
+    fn abandoned(&self) -> bool {
+        self.state.lock().map_or(true, |s| s.abandoned)
+    }
+
     fn served(&self, pages: u64) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.pages_served += pages;
     }
 }
 
-/// The serving side of one lazy restore: pf's page server and CRIU's lazy-pages daemon. Held
+/// The serving side of one lazy restore: pf's lazy-pages daemon, on a thread of its own. Held
 /// by the restored tree's handle.
 #[derive(Debug)]
 pub(crate) struct Serving {
     snapshot: Digest256,
-    /// The images the daemon reads stay until it is gone.
+    /// The images the restore reads stay until serving is over.
     _images: Arc<crate::restore::ImagesDir>,
     shared: Arc<Shared>,
-    daemon: OwnedFd,
+    /// Closed to make the daemon end (the tree is dead, or was never made).
+    wake: Option<OwnedFd>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// A daemon started and its page server running; `work_dir` is where the restore must run
-/// (`--work-dir`: the daemon listens on `lazy-pages.socket` there).
+/// The daemon listening; `work_dir` is where the restore must run (`--work-dir`: CRIU connects
+/// to `lazy-pages.socket` there).
 pub(crate) struct Started {
     pub(crate) serving: Serving,
     pub(crate) work_dir: std::path::PathBuf,
-    /// A copy of pf's end of the page-server socket, for the namespace init to hold
-    /// (`InitPlan::hold`).
+    /// The receiving end of the socket a copy of every userfaultfd is sent into, for the
+    /// namespace init to hold (`InitPlan::hold`): while it does, none of the tree's
+    /// userfaultfds can close.
     pub(crate) hold: OwnedFd,
 }
 
-/// Start CRIU's lazy-pages daemon on `images_dir` and pf's page server for `memory`.
+/// What CRIU sends when the restore is over (`LAZY_PAGES_RESTORE_FINISHED`, "RSTF"): larger
+/// than any pid, so it is told apart from the pids it sends before it.
+const RESTORE_FINISHED: i32 = 0x5253_5446;
+/// Pages copied in per background step (4 MiB) …
+const BACKGROUND_PAGES: u64 = 1024;
+/// … and from a faulting address on (64 KiB): the pages after a touched one are often next.
+const FAULT_PAGES: u64 = 16;
+/// How long the daemon waits for the restore to connect.
+const CONNECT_WAIT: Duration = Duration::from_secs(300);
+/// How often a waiting daemon looks at the clock.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Start pf's lazy-pages daemon for one restore of `memory` (see the module doc).
 pub(crate) fn start(
-    criu: &crate::criu::Criu,
-    images_dir: &Path,
     memory: Arc<LazyMemory>,
     images: Arc<crate::restore::ImagesDir>,
 ) -> Result<Started> {
     let sys = |op| move |source| Error::Sys { op, source };
-    let (ours, theirs) = UnixStream::pair().map_err(sys("creating the page server's socket"))?;
-    let hold: OwnedFd = ours
+    let dir = crate::capture::scratch_dir("pf-lazy-")?;
+    let path = dir.path().join("lazy-pages.socket");
+    let listener = UnixListener::bind(&path).map_err(|e| Error::io("listen on", &path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("set up", &path, e))?;
+    let (keep, held) = UnixStream::pair().map_err(sys("creating the userfaultfd keeper"))?;
+    let drain = held
         .try_clone()
-        .map_err(sys("duplicating the page server's socket"))?
-        .into();
-    let (mut ready_r, ready_w) =
-        std::io::pipe().map_err(sys("creating the lazy-pages daemon's status pipe"))?;
-    let ready_w: OwnedFd = ready_w.into();
-    let theirs: OwnedFd = theirs.into();
-    let mut args = Vec::new();
-    crate::runner::push_opt(&mut args, "--images-dir", images_dir);
-    args.push("--page-server".into());
-    crate::runner::push_opt(&mut args, "--ps-socket", theirs.as_raw_fd().to_string());
-    crate::runner::push_opt(&mut args, "--status-fd", ready_w.as_raw_fd().to_string());
-    let keep = [theirs.as_raw_fd(), ready_w.as_raw_fd()];
-    let inv = crate::runner::Invocation::new(criu, "lazy-pages", args, &keep, DAEMON_READY)?;
-    let daemon = inv.spawn_background()?;
-    drop((theirs, ready_w));
-    let work_dir = daemon.work_dir().to_owned();
-    let daemon_pid = daemon.pid();
-    let daemon_pidfd = daemon.pidfd().map_err(sys("duplicating a pidfd"))?;
-    // The daemon writes one byte when it listens, or exits.
-    let ready = wait_readable(&ready_r, DAEMON_READY) && {
-        let mut byte = [0u8; 1];
-        matches!(ready_r.read(&mut byte), Ok(1))
-    };
-    if !ready {
-        let _ = pf_os::fd::pidfd_send_signal(daemon_pidfd.as_fd(), libc::SIGKILL);
-        return Err(match daemon.wait(|| false) {
-            Err(e) => e,
-            Ok(_) => Error::LazyFailed {
-                snapshot: memory.snapshot,
-                reason: "criu lazy-pages exited before it was ready".to_owned(),
-            },
-        });
-    }
-    tracing::debug!("criu lazy-pages is listening");
+        .map_err(sys("duplicating the userfaultfd keeper"))?;
+    let (woken, wake) = std::io::pipe().map_err(sys("creating the daemon's wake-up pipe"))?;
     let shared = Arc::new(Shared::default());
     let snapshot = memory.snapshot;
-    let server = {
+    let work_dir = dir.path().to_owned();
+    let daemon = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
-            .name("pf-page-server".into())
+            .name("pf-lazy-pages".into())
             .spawn(move || {
-                let mut sock = ours;
-                let result = serve(&mut sock, &memory, &shared, daemon_pid);
-                if let Err(e) = result {
-                    // The tree dies (and is gone) before the daemon hears from us again: a task
-                    // waiting for a page must never get the kernel's zeros instead.
-                    shared.fail(e);
+                let _dir = dir;
+                let mut daemon = Daemon {
+                    memory: &memory,
+                    shared: &shared,
+                    woken: woken.into(),
+                    keep,
+                    drain,
+                    tasks: Vec::new(),
+                    faults: std::collections::VecDeque::new(),
+                    finished: false,
+                    started: std::time::Instant::now(),
+                    buf: Vec::with_capacity((BACKGROUND_PAGES * PAGE) as usize),
+                    next: 0,
+                };
+                match daemon.run(&listener) {
+                    Ok(true) => {
+                        daemon.release();
+                        shared.complete();
+                    }
+                    Ok(false) => daemon.release(),
+                    Err(e) => {
+                        // The tree dies (and is gone) before any of its userfaultfds closes: a
+                        // task waiting for a page must never get the kernel's zeros instead.
+                        shared.fail(e);
+                        daemon.release();
+                    }
                 }
-                drop(sock);
                 memory.save_hot();
             })
-            .map_err(sys("starting the page server thread"))?
-    };
-    let watcher = {
-        let theirs = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("pf-lazy-daemon".into())
-            .spawn(move || {
-                // Killed by us (the handle was dropped, or serving failed first): not news.
-                let ours = || {
-                    theirs
-                        .state
-                        .lock()
-                        .map(|s| s.abandoned || matches!(s.outcome, Some(LazyOutcome::Failed(_))))
-                        .unwrap_or(true)
-                };
-                let result = daemon.wait(ours);
-                let done = matches!(
-                    theirs.state.lock().map(|s| s.outcome.clone()),
-                    Ok(Some(LazyOutcome::Complete) | Some(LazyOutcome::Failed(_)))
-                );
-                match result {
-                    Ok(_) if done => {}
-                    Ok(_) => theirs.fail(Error::LazyFailed {
-                        snapshot,
-                        reason: "criu lazy-pages exited before every page was in".to_owned(),
-                    }),
-                    Err(e) => theirs.fail(e),
-                }
-            })
-            .map_err(|source| {
-                // No Serving will end the server thread's wait for a killer: say nobody will.
-                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.abandoned = true;
-                shared.changed.notify_all();
-                Error::Sys {
-                    op: "starting the lazy-pages watcher thread",
-                    source,
-                }
-            })?
+            .map_err(sys("starting the lazy-pages daemon thread"))?
     };
     Ok(Started {
         serving: Serving {
             snapshot,
             _images: images,
             shared,
-            daemon: daemon_pidfd,
-            threads: vec![server, watcher],
+            wake: Some(wake.into()),
+            threads: vec![daemon],
         },
         work_dir,
-        hold,
+        hold: held.into(),
     })
-}
-
-/// Whether `fd` becomes readable (or hits end of file) within `timeout`.
-fn wait_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> bool {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(ms)) {
-            Ok(0) if left.is_zero() => return false,
-            Ok(0) => continue,
-            Ok(_) => return true,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Answer the daemon's requests until it closes the session.
-fn serve(sock: &mut UnixStream, memory: &LazyMemory, shared: &Shared, daemon: i32) -> Result<()> {
-    let started = std::time::Instant::now();
-    let io = |what: &'static str| move |source| Error::Sys { op: what, source };
-    let mut buf = Vec::with_capacity((MAX_REQUEST_PAGES * PAGE) as usize);
-    loop {
-        let mut iov = [0u8; IOV_LEN];
-        match read_full(sock, &mut iov) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(Error::LazyFailed {
-                    snapshot: memory.snapshot,
-                    reason: "criu lazy-pages hung up before every page was in".to_owned(),
-                });
-            }
-            Err(e) => return Err(io("reading a request from criu lazy-pages")(e)),
-        }
-        let word = |i: usize| u64::from_le_bytes(iov[i..i + 8].try_into().unwrap_or([0; 8]));
-        let cmd = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
-        let (nr_pages, vaddr, dst_id) = (word(8), word(16), word(24));
-        match cmd & PS_CMD_MASK {
-            PS_IOV_GET => {
-                tracing::trace!(pid = dst_id, vaddr, nr_pages, "page request");
-                // A fault (one page) is served at once; background transfers (more pages) take
-                // turns across every tree this process serves, so that N clones filling in
-                // their memory leave a core for restores and for the faults of the others.
-                if nr_pages == 1 && started.elapsed() < HOT_WINDOW {
-                    memory.touched(dst_id, vaddr);
-                }
-                let n = if nr_pages > 1 {
-                    // Answers go back in request order, so a fault queued behind this request
-                    // waits for it: while another tree's background request is being read, this
-                    // one gets a single page (CRIU asks again for the rest).
-                    match BACKGROUND.try_lock() {
-                        Ok(_turn) => memory.read(dst_id, vaddr, nr_pages, &mut buf)?,
-                        Err(_) => memory.read(dst_id, vaddr, 1, &mut buf)?,
-                    }
-                } else {
-                    memory.read(dst_id, vaddr, nr_pages, &mut buf)?
-                };
-                let mut head = [0u8; IOV_LEN];
-                head[0..4]
-                    .copy_from_slice(&(PS_IOV_ADD_F | (PE_PRESENT << PS_CMD_BITS)).to_le_bytes());
-                head[8..16].copy_from_slice(&n.to_le_bytes());
-                head[16..24].copy_from_slice(&vaddr.to_le_bytes());
-                head[24..32].copy_from_slice(&dst_id.to_le_bytes());
-                sock.write_all(&head)
-                    .and_then(|()| sock.write_all(&buf[..(n * PAGE) as usize]))
-                    .map_err(io("sending pages to criu lazy-pages"))?;
-                shared.served(n);
-            }
-            PS_IOV_CLOSE | PS_IOV_FORCE_CLOSE => {
-                // CRIU ends the session the same way when it gives up: then it still holds the
-                // userfaultfd of a task that has not got all its pages (it closes each one as
-                // that task's pages are all in, or the task has exited).
-                if let Some(open) = open_userfaultfds(daemon) {
-                    return Err(Error::LazyFailed {
-                        snapshot: memory.snapshot,
-                        reason: format!(
-                            "criu lazy-pages gave up with {open} task(s) still waiting for pages \
-                             (its log says why)"
-                        ),
-                    });
-                }
-                shared.complete();
-                sock.write_all(&0i32.to_le_bytes())
-                    .map_err(io("ending the page server session"))?;
-                return Ok(());
-            }
-            other => {
-                return Err(Error::LazyFailed {
-                    snapshot: memory.snapshot,
-                    reason: format!(
-                        "criu lazy-pages sent an unknown page server command {other:#x}"
-                    ),
-                });
-            }
-        }
-    }
-}
-
-/// How many userfaultfds process `pid` holds, when it holds any (`None`: none, or it is gone);
-/// a process whose descriptors cannot be read counts as holding one (pf cannot tell).
-fn open_userfaultfds(pid: i32) -> Option<usize> {
-    let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        Ok(fds) => fds,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(_) => return Some(1),
-    };
-    let n = fds
-        .flatten()
-        .filter(|e| {
-            std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
-        })
-        .count();
-    (n > 0).then_some(n)
 }
 
 /// Fill `buf` from `sock`: `Ok(false)` at end of file before the first byte.
@@ -876,6 +729,427 @@ fn read_full(sock: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Whether `fd` becomes readable (or hits end of file) within `timeout`.
+fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => return false,
+            Ok(0) => continue,
+            Ok(_) => return true,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// One userfaultfd: a process of the tree (or a child it forked since) and the lazy memory it
+/// still lacks.
+struct Task {
+    uffd: OwnedFd,
+    /// Its pid in the images (a forked child keeps its parent's: its memory is the parent's).
+    pid: u64,
+    /// Missing pages: start address → (end, where those pages were in the images), not
+    /// overlapping.
+    missing: BTreeMap<u64, (u64, u64)>,
+}
+
+/// pf's lazy-pages daemon for one restore.
+struct Daemon<'a> {
+    memory: &'a LazyMemory,
+    shared: &'a Shared,
+    woken: OwnedFd,
+    /// Sends a copy of every userfaultfd into the socket the namespace init holds.
+    keep: UnixStream,
+    /// Our own copy of that socket's receiving end: drained when serving is over, so the
+    /// copies close.
+    drain: UnixStream,
+    tasks: Vec<Task>,
+    /// Faults read but not served yet: (task, page address).
+    faults: std::collections::VecDeque<(usize, u64)>,
+    /// CRIU said the restore is over: the tree runs, background copying may start.
+    finished: bool,
+    started: std::time::Instant,
+    buf: Vec<u8>,
+    /// The task whose turn it is in the background.
+    next: usize,
+}
+
+/// Remove `[start, end)` from `missing`.
+fn drop_range(missing: &mut BTreeMap<u64, (u64, u64)>, start: u64, end: u64) {
+    let hit: Vec<(u64, (u64, u64))> = missing
+        .range(..end)
+        .rev()
+        .take_while(|(_, (e, _))| *e > start)
+        .map(|(s, v)| (*s, *v))
+        .collect();
+    for (s, (e, img)) in hit {
+        missing.remove(&s);
+        if s < start {
+            missing.insert(s, (start, img));
+        }
+        if e > end {
+            missing.insert(end, (e, img + (end - s)));
+        }
+    }
+}
+
+/// Move what is missing in `[from, from + len)` to `to` (an `mremap`).
+fn move_range(missing: &mut BTreeMap<u64, (u64, u64)>, from: u64, to: u64, len: u64) {
+    let end = from.saturating_add(len);
+    let mut moved = BTreeMap::new();
+    let inside: Vec<(u64, (u64, u64))> = missing
+        .range(..end)
+        .rev()
+        .take_while(|(_, (e, _))| *e > from)
+        .map(|(s, v)| (*s, *v))
+        .collect();
+    for (s, (e, img)) in inside {
+        let (s2, e2) = (s.max(from), e.min(end));
+        moved.insert(to + (s2 - from), (to + (e2 - from), img + (s2 - s)));
+    }
+    drop_range(missing, from, end);
+    drop_range(missing, to, to.saturating_add(len));
+    missing.extend(moved);
+}
+
+/// The missing run holding `addr`: (start, end, image address of start).
+fn missing_at(missing: &BTreeMap<u64, (u64, u64)>, addr: u64) -> Option<(u64, u64, u64)> {
+    let (&s, &(e, img)) = missing.range(..=addr).next_back()?;
+    (addr < e).then_some((s, e, img))
+}
+
+impl Daemon<'_> {
+    fn failed(&self, reason: String) -> Error {
+        Error::LazyFailed {
+            snapshot: self.memory.snapshot,
+            reason,
+        }
+    }
+
+    /// Serve until every page is in (`Ok(true)`) or the daemon is told to stop (`Ok(false)`).
+    fn run(&mut self, listener: &UnixListener) -> Result<bool> {
+        let Some(mut conn) = self.accept(listener)? else {
+            return Ok(false);
+        };
+        let mut conn_open = true;
+        loop {
+            // The faults read so far (one that must wait for an event comes back later).
+            for _ in 0..self.faults.len() {
+                let Some((task, addr)) = self.faults.pop_front() else {
+                    break;
+                };
+                self.fault(task, addr)?;
+            }
+            let pending = self.tasks.iter().any(|t| !t.missing.is_empty());
+            if self.finished && !pending {
+                return Ok(true);
+            }
+            let background = self.finished && pending;
+            let (woken, conn_ready, ready) = {
+                let mut fds = Vec::with_capacity(self.tasks.len() + 2);
+                fds.push(PollFd::new(self.woken.as_fd(), PollFlags::POLLIN));
+                if conn_open {
+                    fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
+                }
+                for t in &self.tasks {
+                    fds.push(PollFd::new(t.uffd.as_fd(), PollFlags::POLLIN));
+                }
+                let timeout = if background {
+                    PollTimeout::ZERO
+                } else {
+                    PollTimeout::from(u16::try_from(TICK.as_millis()).unwrap_or(100))
+                };
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(self.failed(format!("poll failed: {e}"))),
+                }
+                let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+                let conn_ready = conn_open && ready(&fds[1]);
+                let first = if conn_open { 2 } else { 1 };
+                let tasks: Vec<usize> = (0..self.tasks.len())
+                    .filter(|&i| ready(&fds[first + i]))
+                    .collect();
+                (ready(&fds[0]), conn_ready, tasks)
+            };
+            if woken || self.shared.abandoned() {
+                return Ok(false);
+            }
+            if conn_ready {
+                conn_open = self.criu_message(&mut conn)?;
+            }
+            for i in ready {
+                self.events(i)?;
+            }
+            if background && self.faults.is_empty() {
+                self.background()?;
+            }
+        }
+    }
+
+    /// Wait for the restore to connect; `None` when told to stop first.
+    fn accept(&self, listener: &UnixListener) -> Result<Option<UnixStream>> {
+        let deadline = std::time::Instant::now() + CONNECT_WAIT;
+        loop {
+            let mut fds = [
+                PollFd::new(self.woken.as_fd(), PollFlags::POLLIN),
+                PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            ];
+            let ms = u16::try_from(TICK.as_millis()).unwrap_or(100);
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+            if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+                return Ok(None);
+            }
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    conn.set_nonblocking(false).map_err(|source| Error::Sys {
+                        op: "setting up the restore's connection",
+                        source,
+                    })?;
+                    return Ok(Some(conn));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(source) => {
+                    return Err(Error::Sys {
+                        op: "accepting the restore's connection",
+                        source,
+                    });
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(self.failed(format!(
+                    "criu restore did not connect to pf's lazy-pages socket within {CONNECT_WAIT:?}"
+                )));
+            }
+        }
+    }
+
+    /// Read one message of the restore: a task's pid and its userfaultfd, a zombie's negative
+    /// pid, or "restore finished". Whether the connection is still open.
+    fn criu_message(&mut self, conn: &mut UnixStream) -> Result<bool> {
+        let mut word = [0u8; 4];
+        match read_full(conn, &mut word) {
+            Ok(true) => {}
+            Ok(false) if self.finished => return Ok(false),
+            Ok(false) => {
+                return Err(
+                    self.failed("criu restore hung up before the restore was over".to_owned())
+                );
+            }
+            Err(source) => {
+                return Err(Error::Sys {
+                    op: "reading from the restore's connection",
+                    source,
+                });
+            }
+        }
+        let pid = i32::from_ne_bytes(word);
+        if pid == RESTORE_FINISHED {
+            tracing::debug!(
+                tasks = self.tasks.len(),
+                "the restore is over: copying in the rest"
+            );
+            self.finished = true;
+            return Ok(true);
+        }
+        if pid <= 0 {
+            // A zombie: no memory.
+            return Ok(true);
+        }
+        let uffd = crate::streamer::recv_fd(conn).map_err(|source| Error::Sys {
+            op: "receiving a userfaultfd from the restore",
+            source,
+        })?;
+        if !crate::uffd::is_userfaultfd(&uffd) {
+            return Err(self.failed(format!(
+                "criu restore sent pid {pid} something that is not a userfaultfd"
+            )));
+        }
+        let pid = u64::try_from(pid).unwrap_or_default();
+        let missing = self.memory.tasks.get(&pid).map_or_else(BTreeMap::new, |t| {
+            t.runs
+                .iter()
+                .map(|r| (r.vaddr, (r.vaddr + r.pages * PAGE, r.vaddr)))
+                .collect()
+        });
+        tracing::debug!(pid, runs = missing.len(), "a task's userfaultfd");
+        self.adopt(pid, uffd, missing)?;
+        Ok(true)
+    }
+
+    /// Serve a new userfaultfd: a copy goes into the socket the namespace init holds first.
+    fn adopt(&mut self, pid: u64, uffd: OwnedFd, missing: BTreeMap<u64, (u64, u64)>) -> Result<()> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [uffd.as_fd()];
+        let pushed = control.push(SendAncillaryMessage::ScmRights(&fds));
+        let sent = pushed
+            && sendmsg(
+                &self.keep,
+                &[std::io::IoSlice::new(&[0])],
+                &mut control,
+                SendFlags::empty(),
+            )
+            .is_ok();
+        if !sent {
+            return Err(self
+                .failed("could not hand a userfaultfd to the namespace init to hold".to_owned()));
+        }
+        self.tasks.push(Task { uffd, pid, missing });
+        Ok(())
+    }
+
+    /// Read the events of task `i`: faults are queued, the rest handled at once (the kernel
+    /// holds the process until they are read).
+    fn events(&mut self, i: usize) -> Result<()> {
+        use crate::uffd::Event;
+        loop {
+            let event = crate::uffd::read_event(self.tasks[i].uffd.as_fd()).map_err(|source| {
+                Error::Sys {
+                    op: "reading a userfaultfd",
+                    source,
+                }
+            })?;
+            let Some(event) = event else {
+                return Ok(());
+            };
+            tracing::trace!(task = i, ?event, "userfaultfd event");
+            match event {
+                Event::PageFault { address } => self.faults.push_back((i, address & !(PAGE - 1))),
+                Event::Fork { ufd } => {
+                    let uffd = crate::uffd::adopt(ufd).ok_or_else(|| {
+                        self.failed(format!("a fork event with descriptor {ufd}"))
+                    })?;
+                    let (pid, missing) = (self.tasks[i].pid, self.tasks[i].missing.clone());
+                    self.adopt(pid, uffd, missing)?;
+                }
+                Event::Remap { from, to, len } => {
+                    move_range(&mut self.tasks[i].missing, from, to, len);
+                }
+                Event::Remove { start, end } => {
+                    // Zeros from now on: never copy the old pages there, and do not hear of
+                    // faults there either.
+                    let task = &mut self.tasks[i];
+                    let alive = crate::uffd::unregister(task.uffd.as_fd(), start, end - start)
+                        .map_err(|source| Error::Sys {
+                            op: "unregistering a removed range",
+                            source,
+                        })?;
+                    if alive {
+                        drop_range(&mut task.missing, start, end);
+                    } else {
+                        task.missing.clear();
+                    }
+                }
+                Event::Unmap { start, end } => drop_range(&mut self.tasks[i].missing, start, end),
+                Event::Unknown(kind) => {
+                    return Err(self.failed(format!("an unknown userfaultfd event {kind:#x}")));
+                }
+            }
+        }
+    }
+
+    /// Serve a fault of task `i` at page `addr`: its pages from the store, or zeros where the
+    /// snapshot had none. A fault that must wait for an event goes back in the queue.
+    fn fault(&mut self, i: usize, addr: u64) -> Result<()> {
+        match missing_at(&self.tasks[i].missing, addr) {
+            Some((start, end, img)) => {
+                if self.started.elapsed() < HOT_WINDOW {
+                    self.memory.touched(self.tasks[i].pid, img + (addr - start));
+                }
+                let n = FAULT_PAGES.min((end - addr) / PAGE);
+                if !self.fill(i, addr, img + (addr - start), n)? {
+                    self.faults.push_back((i, addr));
+                }
+            }
+            None => {
+                let filled = crate::uffd::zero(self.tasks[i].uffd.as_fd(), addr, PAGE).map_err(
+                    |source| Error::Sys {
+                        op: "mapping a zero page",
+                        source,
+                    },
+                )?;
+                if filled == crate::uffd::Filled::Busy {
+                    // An event waits to be read first (the kernel holds every fill till then).
+                    self.events(i)?;
+                    self.faults.push_back((i, addr));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copy `n` pages into task `i` from `addr` on, which were at `img` in the images: read
+    /// and checked first. What went in is no longer missing. `Ok(false)`: nothing could go in
+    /// before an event was read (it has been now); try again.
+    fn fill(&mut self, i: usize, addr: u64, img: u64, n: u64) -> Result<bool> {
+        use crate::uffd::Filled;
+        let pid = self.tasks[i].pid;
+        let got = self.memory.read(pid, img, n, &mut self.buf)?;
+        let bytes = (got * PAGE) as usize;
+        let filled = crate::uffd::copy(self.tasks[i].uffd.as_fd(), addr, &self.buf[..bytes])
+            .map_err(|source| Error::Sys {
+                op: "copying pages in (UFFDIO_COPY)",
+                source,
+            })?;
+        let task = &mut self.tasks[i];
+        match filled {
+            Filled::Bytes(b) => {
+                drop_range(&mut task.missing, addr, addr + b);
+                self.shared.served(b / PAGE);
+            }
+            // There already, or no longer tracked: nothing to put there.
+            Filled::Exists | Filled::NotTracked => drop_range(&mut task.missing, addr, addr + PAGE),
+            Filled::Gone => {
+                tracing::debug!(pid, "a lazily restored task is gone");
+                task.missing.clear();
+            }
+            Filled::Busy => {
+                // An event is waiting to be read (a fork, a remap): the kernel holds every
+                // fill until it is.
+                self.events(i)?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Copy in the next missing run (up to [`BACKGROUND_PAGES`]) of the next task, taking
+    /// turns with the background copying of every other tree this process serves.
+    fn background(&mut self) -> Result<()> {
+        let n = self.tasks.len();
+        let Some(i) = (0..n)
+            .map(|k| (self.next + k) % n)
+            .find(|&i| !self.tasks[i].missing.is_empty())
+        else {
+            return Ok(());
+        };
+        self.next = i + 1;
+        let Ok(_turn) = BACKGROUND.try_lock() else {
+            // Another tree's turn: wait a moment for events meanwhile.
+            let _ = wait_readable(&self.woken, Duration::from_millis(1));
+            return Ok(());
+        };
+        let Some((&start, &(end, img))) = self.tasks[i].missing.iter().next() else {
+            return Ok(());
+        };
+        let pages = BACKGROUND_PAGES.min((end - start) / PAGE);
+        self.fill(i, start, img, pages).map(|_| ())
+    }
+
+    /// Close every userfaultfd: ours, and the copies in the init's socket (received and
+    /// closed here). The tree is complete or gone by now.
+    fn release(&mut self) {
+        self.tasks.clear();
+        let _ = self.drain.set_nonblocking(true);
+        while crate::streamer::recv_fd(&self.drain).is_ok() {}
+    }
 }
 
 impl Serving {
@@ -983,7 +1257,9 @@ impl Drop for Serving {
             }
             self.shared.changed.notify_all();
         }
-        let _ = pf_os::fd::pidfd_send_signal(self.daemon.as_fd(), libc::SIGKILL);
+        // The daemon wakes and ends: it closes the tree's userfaultfds (the tree is gone, or
+        // needs nothing more).
+        drop(self.wake.take());
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -1140,6 +1416,54 @@ mod tests {
         assert_eq!(find(0x20000), Some((4, 0)));
         assert_eq!(find(0x0f000), None, "before every run");
         assert_eq!(find(0x10001), None, "not page aligned");
+    }
+
+    /// Item: the daemon's record of missing pages follows what the tree does: a removed or
+    /// unmapped range is never filled (it reads as zeros, or is gone), a moved range keeps
+    /// where its pages were in the images, and a fault finds its run.
+    #[test]
+    fn missing_runs_follow_removes_unmaps_and_moves() {
+        const P: u64 = PAGE;
+        let mut m: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        m.insert(0x10 * P, (0x20 * P, 0x10 * P));
+        m.insert(0x30 * P, (0x38 * P, 0x30 * P));
+        // A hole punched in the middle of the first run, and one across the gap.
+        drop_range(&mut m, 0x14 * P, 0x16 * P);
+        drop_range(&mut m, 0x1f * P, 0x31 * P);
+        let runs: Vec<_> = m.iter().map(|(s, (e, i))| (s / P, e / P, i / P)).collect();
+        assert_eq!(
+            runs,
+            [(0x10, 0x14, 0x10), (0x16, 0x1f, 0x16), (0x31, 0x38, 0x31)]
+        );
+        // Move part of a run elsewhere (mremap): its image addresses come along.
+        move_range(&mut m, 0x18 * P, 0x100 * P, 4 * P);
+        let runs: Vec<_> = m.iter().map(|(s, (e, i))| (s / P, e / P, i / P)).collect();
+        assert_eq!(
+            runs,
+            [
+                (0x10, 0x14, 0x10),
+                (0x16, 0x18, 0x16),
+                (0x1c, 0x1f, 0x1c),
+                (0x31, 0x38, 0x31),
+                (0x100, 0x104, 0x18),
+            ]
+        );
+        assert_eq!(
+            missing_at(&m, 0x102 * P),
+            Some((0x100 * P, 0x104 * P, 0x18 * P))
+        );
+        assert_eq!(missing_at(&m, 0x18 * P), None);
+        assert_eq!(missing_at(&m, 0x14 * P), None);
+        assert_eq!(
+            missing_at(&m, 0x37 * P),
+            Some((0x31 * P, 0x38 * P, 0x31 * P))
+        );
+        // A move onto pages that were missing replaces them.
+        move_range(&mut m, 0x100 * P, 0x10 * P, 2 * P);
+        let runs: Vec<_> = m.iter().map(|(s, (e, i))| (s / P, e / P, i / P)).collect();
+        assert_eq!(runs[0], (0x10, 0x12, 0x18));
+        assert_eq!(runs[1], (0x12, 0x14, 0x12));
+        assert_eq!(*runs.last().expect("run"), (0x102, 0x104, 0x1a));
     }
 
     #[test]

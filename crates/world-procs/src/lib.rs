@@ -27,6 +27,7 @@ mod streamer;
 mod tarball;
 #[doc(hidden)]
 pub mod test_support;
+mod uffd;
 mod v2;
 mod wire;
 

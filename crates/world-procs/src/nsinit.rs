@@ -93,8 +93,8 @@ pub(crate) struct InitPlan<'a> {
     /// Descriptors criu inherits (for `--inherit-fd`), at their own numbers.
     pub(crate) keep: &'a [RawFd],
     /// A descriptor the init itself holds until everything in the namespace is dead (as its
-    /// stdin), and criu does not inherit: a lazy restore's page-server socket, so that the
-    /// lazy-pages daemon sees the page server go away only after the tree it serves is gone.
+    /// stdin), and criu does not inherit: a lazy restore's socket holding copies of the tree's
+    /// userfaultfds, so that they close only after the tree they serve is gone.
     pub(crate) hold: Option<RawFd>,
     /// Where criu writes the root's pid (as seen inside the namespace).
     pub(crate) pidfile: &'a Path,
@@ -344,8 +344,8 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
                 if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
                     // The caller is gone without untying: end the namespace, and only then
                     // ourselves. Everything dies while we still hold what we were asked to
-                    // (a lazy restore's page server stays connected: its faulting tasks die
-                    // waiting for a page rather than being handed zeros).
+                    // (a lazy restore's userfaultfds stay open: its faulting tasks die waiting
+                    // for a page rather than being handed zeros).
                     libc::kill(-1, libc::SIGKILL);
                     while libc::waitpid(-1, &mut status, 0) > 0 || errno() == libc::EINTR {}
                     libc::_exit(137);

@@ -126,7 +126,7 @@ pub const LAZY_MIN_BYTES: u64 = 128 << 20;
 /// Whether a thaw of the procs blob `digest` should serve its memory on demand when the caller
 /// has no preference: its memory is stored page by page (`procs.criu.v2`), it holds at least
 /// [`LAZY_MIN_BYTES`], and this kernel has userfaultfd. Below that size an eager restore is as
-/// fast (the lazy-pages daemon's start costs what copying a few dozen MiB does).
+/// fast.
 pub fn lazy_suits(store: &dyn BlobStore, digest: &Digest256) -> Result<bool> {
     let ProcsBlob::Criu(procs) = load_procs(store, digest)? else {
         return Ok(false);
@@ -194,15 +194,13 @@ pub fn extract_images_lazy(
 /// (a corrupt page, the daemon gone), the tree is killed and [`Restored::lazy_error`] says why.
 pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Restored> {
     if !opts.new_pidns {
-        // Only a namespace init can take the whole tree down before its page server goes.
+        // Only a namespace init can take the whole tree down before its userfaultfds close.
         return Err(Error::LazyNeedsPidns);
     }
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images.path()).map_err(|e| Error::io("resolve", images.path(), e))?;
     let started = crate::lazy::start(
-        criu,
-        &images_dir,
         std::sync::Arc::clone(&images.memory),
         std::sync::Arc::clone(&images.dir),
     )?;

@@ -214,22 +214,6 @@ impl Invocation {
         })
     }
 
-    /// Start criu as our child in a process group of its own and return at once (a daemon such
-    /// as `criu lazy-pages`, which runs beside a restore). It is not bound by the deadline:
-    /// its owner ends it ([`Background`]).
-    pub(crate) fn spawn_background(self) -> Result<Background> {
-        let child = self.spawn()?;
-        let pidfd = pf_os::fd::pidfd_open(child.id() as i32).map_err(|source| Error::Sys {
-            op: "opening a pidfd for a criu daemon",
-            source,
-        })?;
-        Ok(Background {
-            child,
-            pidfd,
-            inv: Some(self),
-        })
-    }
-
     pub(crate) fn stdio_file(&self, path: PathBuf) -> Result<std::fs::File> {
         std::fs::File::create(&path).map_err(|e| Error::io("create", path, e))
     }
@@ -354,72 +338,6 @@ impl Invocation {
             pf_os::scratch::keep_newest(&base, FAILED_PREFIX, FAILED_LOGS_KEPT);
         }
         dir.join(name)
-    }
-}
-
-/// A criu started with [`Invocation::spawn_background`]. Dropped without [`Background::wait`],
-/// it is killed and reaped.
-#[derive(Debug)]
-pub(crate) struct Background {
-    child: Child,
-    pidfd: std::os::fd::OwnedFd,
-    /// `None` once waited for.
-    inv: Option<Invocation>,
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        if self.inv.is_some() {
-            let _ =
-                pf_os::fd::pidfd_send_signal(std::os::fd::AsFd::as_fd(&self.pidfd), libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Background {
-    /// Its pid (our child, unreaped until [`Background::wait`]).
-    pub(crate) fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Its work directory.
-    pub(crate) fn work_dir(&self) -> &Path {
-        self.inv
-            .as_ref()
-            .map_or(Path::new(""), Invocation::work_dir)
-    }
-
-    /// A pidfd of the daemon, to signal it from another thread without racing its reaping.
-    pub(crate) fn pidfd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        self.pidfd.try_clone()
-    }
-
-    /// Wait for it to exit; a failure carries its log's error lines and keeps its work dir,
-    /// unless `expected_end` says (once it has exited) that its end was ours to cause (we
-    /// killed it): then its work dir is removed and the result is `Ok`.
-    pub(crate) fn wait(mut self, expected_end: impl FnOnce() -> bool) -> Result<Scratch> {
-        let status = loop {
-            match self.child.wait() {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
-        let inv = self.inv.take();
-        let status = status.map_err(|source| Error::Sys {
-            op: "waiting for a criu daemon",
-            source,
-        })?;
-        let Some(inv) = inv else {
-            return Err(Error::Sys {
-                op: "waiting for a criu daemon",
-                source: std::io::Error::other("waited for twice"),
-            });
-        };
-        if expected_end() {
-            return Ok(inv.work);
-        }
-        inv.conclude(Exit::from(status))
     }
 }
 
