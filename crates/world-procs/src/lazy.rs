@@ -8,7 +8,7 @@
 //!  (the tree runs at once;       (lazy-pages.socket in          faults: UFFDIO_COPY of the page
 //!   a touched page faults)        its --work-dir)               and the next 15 from PagesReader
 //!                                                               (frame decoded, pages hashed);
-//!                                                               then the rest, 4 MiB at a time
+//!                                                               then the rest, ≤ 4 MiB a step
 //! ```
 //!
 //! - **Images.** [`extract`] unpacks the small image files, then rewrites every task's
@@ -23,7 +23,8 @@
 //!   its run (`UFFDIO_COPY`), zeros where the snapshot had no page (`UFFDIO_ZEROPAGE`), follows
 //!   the tree's forks (a new userfaultfd with the parent's missing pages), `mremap`s,
 //!   `madvise` removals (unregistered: zeros from then on) and unmaps, and once the restore is
-//!   over copies in the rest, 4 MiB at a time, the trees of one process taking turns. When no
+//!   over copies in the rest in steps of up to 4 MiB (64 KiB after a fault, doubling with each
+//!   step no fault interrupts), the trees of one process taking turns. When no
 //!   page is missing it closes the userfaultfds: the tree owes pf nothing. One page cache
 //!   ([`LazyMemory`]) serves every copy restored from the same images.
 //! - **Never wrong memory, never a hang.** A lazily restored task that touches a missing page
@@ -638,7 +639,8 @@ pub(crate) struct Started {
 /// What CRIU sends when the restore is over (`LAZY_PAGES_RESTORE_FINISHED`, "RSTF"): larger
 /// than any pid, so it is told apart from the pids it sends before it.
 const RESTORE_FINISHED: i32 = 0x5253_5446;
-/// Pages copied in per background step (4 MiB) …
+/// Pages copied in per background step: at most 4 MiB; after a fault, 64 KiB (a fault waits
+/// for the step under way), doubling with every step that no fault interrupts.
 const BACKGROUND_PAGES: u64 = 1024;
 /// … and from a faulting address on (64 KiB): the pages after a touched one are often next.
 const FAULT_PAGES: u64 = 16;
@@ -685,6 +687,7 @@ pub(crate) fn start(
                     started: std::time::Instant::now(),
                     buf: Vec::with_capacity((BACKGROUND_PAGES * PAGE) as usize),
                     next: 0,
+                    step: FAULT_PAGES,
                 };
                 match daemon.run(&listener) {
                     Ok(true) => {
@@ -778,6 +781,8 @@ struct Daemon<'a> {
     buf: Vec<u8>,
     /// The task whose turn it is in the background.
     next: usize,
+    /// Pages in the next background step.
+    step: u64,
 }
 
 /// Remove `[start, end)` from `missing`.
@@ -1060,6 +1065,7 @@ impl Daemon<'_> {
     fn fault(&mut self, i: usize, addr: u64) -> Result<()> {
         match missing_at(&self.tasks[i].missing, addr) {
             Some((start, end, img)) => {
+                self.step = FAULT_PAGES;
                 if self.started.elapsed() < HOT_WINDOW {
                     self.memory.touched(self.tasks[i].pid, img + (addr - start));
                 }
@@ -1139,7 +1145,8 @@ impl Daemon<'_> {
         let Some((&start, &(end, img))) = self.tasks[i].missing.iter().next() else {
             return Ok(());
         };
-        let pages = BACKGROUND_PAGES.min((end - start) / PAGE);
+        let pages = self.step.min((end - start) / PAGE);
+        self.step = (self.step * 2).min(BACKGROUND_PAGES);
         self.fill(i, start, img, pages).map(|_| ())
     }
 
