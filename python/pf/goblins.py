@@ -342,8 +342,8 @@ def load(
     rest follows in the background, and copies share one page cache. Only snapshots frozen in
     the page-level format (pf's default; not with ``PF_SNAPSHOT_FORMAT=v1``) in a store can be
     thawed lazily.
-    ``lazy=False`` rebuilds all memory first. ``None`` (the default) is lazy for such snapshots
-    holding 128 MiB or more, eager otherwise."""
+    ``lazy=False`` puts all memory in first. ``None`` (the default) is lazy for such snapshots
+    holding 32 MiB or more, eager otherwise."""
     if _is_images_dir(snapshot):
         return Loaded(_native.load(images_dir=os.fspath(snapshot), lazy=lazy))
     return Loaded(

@@ -181,14 +181,14 @@ pub(crate) struct ThawArgs {
     mode: ModeArgs,
 }
 
-/// Lazy or eager; by default lazy for snapshots of 128 MiB of memory or more stored page by
+/// Lazy or eager; by default lazy for snapshots of 32 MiB of memory or more stored page by
 /// page (the default format; not with PF_SNAPSHOT_FORMAT=v1), eager otherwise.
 #[derive(Debug, clap::Args)]
 pub(crate) struct ModeArgs {
     /// Serve the goblin's memory from the store on demand: it answers as soon as CRIU has
     /// rebuilt it, pages it touches come first (each checked against its digest), the rest
     /// follows in the background (needs a page-level snapshot: pf's default format, not one made
-    /// with PF_SNAPSHOT_FORMAT=v1) [default for such snapshots of 128 MiB or more]
+    /// with PF_SNAPSHOT_FORMAT=v1) [default for such snapshots of 32 MiB or more]
     #[arg(long, conflicts_with = "eager")]
     lazy: bool,
     /// Put all of the goblin's memory in before it runs (from a page-level snapshot, streamed

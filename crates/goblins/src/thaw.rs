@@ -131,7 +131,7 @@ pub fn load_streamed(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Lo
 }
 
 /// [`load_lazy`] or [`load`], whichever suits the snapshot: lazy when its memory is stored page
-/// by page and is at least [`pf_world_procs::LAZY_MIN_BYTES`] (128 MiB), and the kernel has
+/// by page and is at least [`pf_world_procs::LAZY_MIN_BYTES`] (32 MiB), and the kernel has
 /// userfaultfd; eager otherwise. This is what `pf goblin thaw|fork` do without `--lazy` or
 /// `--eager` (docs/goblins.md says why).
 pub fn load_auto(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
