@@ -43,6 +43,42 @@ for line in sys.stdin:
 print("eof", flush=True)
 "#;
 
+/// A goblin whose memory changes shape right after a lazy thaw, before its pages are all in:
+/// `shapes` forks a child that hashes buffer A (pages it inherits while they are still
+/// missing), drops half of buffer B (`MADV_DONTNEED`: zeros from then on), grows buffer C
+/// (`mremap`, which may move it), unmaps buffer D, and prints the hashes of A (child and
+/// parent), B and C, each of which it also printed before the freeze as `expect`.
+const SHAPES_GOBLIN: &str = r#"
+import ctypes, hashlib, mmap, os, sys
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+size = 16 << 20
+def buffer():
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    m.write(os.urandom(size))
+    return m
+a, b, c, d = buffer(), buffer(), buffer(), buffer()
+h = lambda m, n=size: hashlib.sha256(m[:n]).hexdigest()[:16]
+b_after = hashlib.sha256(bytes(b[: size // 2]) + bytes(size // 2)).hexdigest()[:16]
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "expect":
+        print(h(a), h(a), b_after, h(c), flush=True)
+    elif line.strip() == "shapes":
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(w, h(a).encode())
+            os._exit(0)
+        os.close(w)
+        child = os.read(r, 64).decode()
+        os.waitpid(pid, 0)
+        b.madvise(mmap.MADV_DONTNEED, size // 2, size // 2)
+        c.resize(4 * size)
+        d.close()
+        print(child, h(a), h(b), h(c, size), flush=True)
+print("eof", flush=True)
+"#;
+
 /// The original goblin, started by the test in its own session with pipes.
 struct Goblin {
     child: Child,
@@ -243,6 +279,49 @@ fn live_lazy_thaw_of_a_256_mib_goblin_answers_from_its_state_with_every_page() {
         || processes_named(&mark),
         Duration::from_secs(10),
         "after the goblin exited",
+    );
+}
+
+/// Item: a lazily thawed goblin that forks, drops memory with `madvise`, moves it with
+/// `mremap` and unmaps it while its pages are still being served gets every page right: the
+/// forked child sees its parent's memory, dropped pages read as zeros (never the old bytes
+/// copied back in), moved pages keep their contents, and nothing hangs.
+#[test]
+fn live_lazy_thaw_follows_fork_madvise_mremap_and_munmap() {
+    let name = "live_lazy_thaw_follows_fork_madvise_mremap_and_munmap";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('s');
+    let mut cmd = Command::new("setsid");
+    cmd.args(["python3", "-u", "-c", SHAPES_GOBLIN, &mark])
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = Some(KillOnDrop(i32::try_from(child.id()).expect("pid")));
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut goblin = Goblin {
+        child,
+        lines,
+        guard,
+    };
+    assert_eq!(goblin.line(), "ready");
+    let expect = goblin.ask("expect");
+    goblin.freeze_and_stop(&store, "g", "v2");
+    for _ in 0..3 {
+        let out = thaw_lazy(&store, "g", b"shapes\n");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{expect}\neof\n"));
+    }
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "after the goblins exited",
     );
 }
 

@@ -419,6 +419,8 @@ pub struct Vma {
     pub flags: u32,
     /// CRIU's `VMA_AREA_*` status bits.
     pub status: u32,
+    /// The `madvise` advice in force, as a bitmap (`1 << MADV_*`; 0 when the image has none).
+    pub madv: u64,
 }
 
 /// CRIU's `VMA_AREA_VSYSCALL`, `VMA_AREA_VDSO` and `VMA_AREA_VVAR` status bits: areas the kernel
@@ -454,7 +456,7 @@ pub fn mm_vmas(path: &Path) -> Result<Vec<Vma>, ImageError> {
 
 /// Parse the VMAs of a whole `mm-*.img`: one `mm_entry` whose field 14 is
 /// `repeated vma_entry { required uint64 start = 1; required uint64 end = 2; …
-/// required uint32 flags = 6; required uint32 status = 7; … }`.
+/// required uint32 flags = 6; required uint32 status = 7; …; optional uint64 madv = 9 … }`.
 fn parse_mm_vmas(img: &[u8]) -> Result<Vec<Vma>, ParseError> {
     let mut r = Reader { buf: img, pos: 0 };
     if r.u32_le()? != IMG_COMMON_MAGIC {
@@ -471,7 +473,7 @@ fn parse_mm_vmas(img: &[u8]) -> Result<Vec<Vma>, ParseError> {
         let (14, Field::Bytes(vma)) = (field, value) else {
             return Ok(());
         };
-        let mut got = [None::<u64>; 8];
+        let mut got = [None::<u64>; 10];
         for_each_field(vma, &mut |field, _, value| {
             if let (Some(slot), Field::Varint(v)) = (got.get_mut(field as usize), value) {
                 *slot = Some(v);
@@ -486,6 +488,7 @@ fn parse_mm_vmas(img: &[u8]) -> Result<Vec<Vma>, ParseError> {
             end: need(2, "vma_entry lacks end")?,
             flags: small(need(6, "vma_entry lacks flags")?)?,
             status: small(need(7, "vma_entry lacks status")?)?,
+            madv: got[9].unwrap_or(0),
         };
         if vma.end < vma.start {
             return Err((at, "vma_entry ends before it starts"));

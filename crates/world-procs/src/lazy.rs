@@ -59,6 +59,9 @@ use crate::images::{PE_LAZY, PE_PRESENT, Pagemap, PagemapEntry, Vma};
 use crate::wire::{CriuProcs, PagesImage};
 
 const PAGE: u64 = 4096;
+/// `1 << MADV_DONTFORK` and `1 << MADV_WIPEONFORK` in a VMA's `madv` bitmap.
+const MADV_DONTFORK: u64 = 1 << 10;
+const MADV_WIPEONFORK: u64 = 1 << 18;
 /// The most pages read at once.
 const MAX_REQUEST_PAGES: u64 = 1024;
 /// Pages read per thread when a read is large.
@@ -85,6 +88,9 @@ struct TaskMemory {
     pages: Arc<PagesReader<'static>>,
     /// By address, not overlapping.
     runs: Vec<Run>,
+    /// Areas (at their addresses in the images) a forked child does not get the task's pages
+    /// of: `MADV_DONTFORK` (not inherited) and `MADV_WIPEONFORK` (inherited empty).
+    not_inherited: Vec<(u64, u64)>,
 }
 
 /// The run of `runs` (by address, not overlapping) holding `vaddr`, and how far into it
@@ -109,6 +115,20 @@ pub(crate) struct LazyMemory {
     hot_pages: u64,
     /// Pages faulted in within [`HOT_WINDOW`] of a thaw, by pages file, not yet saved.
     touched: Mutex<HashMap<String, std::collections::BTreeSet<u64>>>,
+    /// Restores from these images under way: background copying waits for them (the trees of
+    /// a fork all run sooner; faults are served meanwhile).
+    restoring: std::sync::atomic::AtomicUsize,
+}
+
+/// A restore from a [`LazyMemory`]'s images under way ([`LazyMemory::restoring`]).
+pub(crate) struct Restoring<'a>(&'a LazyMemory);
+
+impl Drop for Restoring<'_> {
+    fn drop(&mut self) {
+        self.0
+            .restoring
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A hint of the pages thaws of a snapshot touched first: `{"kind":"pf.hot_pages.v1",
@@ -159,6 +179,13 @@ impl LazyMemory {
     /// Pages loaded eagerly because earlier thaws touched them first.
     pub(crate) fn hot_pages(&self) -> u64 {
         self.hot_pages
+    }
+
+    /// Say that a restore from these images is under way, until the guard is dropped.
+    pub(crate) fn restoring(&self) -> Restoring<'_> {
+        self.restoring
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Restoring(self)
     }
 
     /// Remember that a thaw faulted in page `vaddr` of task `pid` early.
@@ -427,10 +454,16 @@ pub(crate) fn extract(
         let (new_map, runs, kept) = split(&map, &vmas, hot);
         let kept_pages: u64 = kept.iter().map(|&(_, n)| n).sum();
         hot_pages += kept_pages.min(hot.len() as u64);
+        let not_inherited = vmas
+            .iter()
+            .filter(|v| v.madv & (MADV_DONTFORK | MADV_WIPEONFORK) != 0)
+            .map(|v| (v.start, v.end))
+            .collect();
         let task = TaskMemory {
             file: file.clone(),
             pages: Arc::new(reader),
             runs,
+            not_inherited,
         };
         write_kept(snapshot, &task, &map, &kept, &dest.join(&file))?;
         crate::images::write_pagemap(&path, &new_map).map_err(image_err)?;
@@ -452,6 +485,7 @@ pub(crate) fn extract(
         hot_path,
         hot_pages,
         touched: Mutex::new(HashMap::new()),
+        restoring: std::sync::atomic::AtomicUsize::new(0),
     })
 }
 
@@ -524,6 +558,9 @@ struct SharedState {
     killer: Option<Killer>,
     /// The restore failed: there is no tree to kill.
     abandoned: bool,
+    /// The tree is known to be gone (killed and waited for, or never made): its userfaultfds
+    /// may close.
+    tree_gone: bool,
     pages_served: u64,
 }
 
@@ -540,16 +577,18 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 impl Killer {
     /// SIGKILL the tree and wait (bounded) until it is gone: the init's pidfd turns readable
     /// only once the init has exited, which a namespace init does after every other process in
-    /// the namespace has.
-    fn kill(&self) {
+    /// the namespace has. Whether it is gone.
+    fn kill(&self) -> bool {
         match self {
             Killer::Init(pidfd) => {
                 let _ = pf_os::fd::pidfd_send_signal(pidfd.as_fd(), libc::SIGKILL);
-                if !wait_readable(pidfd, KILL_WAIT) {
+                let gone = wait_readable(pidfd, KILL_WAIT);
+                if !gone {
                     tracing::warn!(
                         "a killed lazily restored tree did not end within {KILL_WAIT:?}"
                     );
                 }
+                gone
             }
         }
     }
@@ -584,9 +623,14 @@ impl Shared {
                 .0;
         }
         if let Some(killer) = &state.killer {
-            killer.kill();
+            state.tree_gone = killer.kill();
         }
         self.changed.notify_all();
+    }
+
+    /// Whether the tree is known to be gone.
+    fn tree_gone(&self) -> bool {
+        self.state.lock().is_ok_and(|s| s.tree_gone)
     }
 
     fn complete(&self) {
@@ -644,6 +688,8 @@ const RESTORE_FINISHED: i32 = 0x5253_5446;
 const BACKGROUND_PAGES: u64 = 1024;
 /// … and from a faulting address on (64 KiB): the pages after a touched one are often next.
 const FAULT_PAGES: u64 = 16;
+/// The userfaultfd keeper's send buffer.
+const KEEP_BUFFER: usize = 8 << 20;
 /// How long the daemon waits for the restore to connect.
 const CONNECT_WAIT: Duration = Duration::from_secs(300);
 /// How often a waiting daemon looks at the clock.
@@ -662,6 +708,11 @@ pub(crate) fn start(
         .set_nonblocking(true)
         .map_err(|e| Error::io("set up", &path, e))?;
     let (keep, held) = UnixStream::pair().map_err(sys("creating the userfaultfd keeper"))?;
+    // Each copy in flight takes about 1 KiB of the sender's buffer: room for thousands (a tree
+    // that forks more while its memory is served is killed with a clear error), never a block.
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size_force(&keep, KEEP_BUFFER);
+    keep.set_nonblocking(true)
+        .map_err(sys("setting up the userfaultfd keeper"))?;
     let drain = held
         .try_clone()
         .map_err(sys("duplicating the userfaultfd keeper"))?;
@@ -689,18 +740,28 @@ pub(crate) fn start(
                     next: 0,
                     step: FAULT_PAGES,
                 };
-                match daemon.run(&listener) {
-                    Ok(true) => {
-                        daemon.release();
-                        shared.complete();
-                    }
-                    Ok(false) => daemon.release(),
+                let complete = match daemon.run(&listener) {
+                    Ok(complete) => complete,
                     Err(e) => {
                         // The tree dies (and is gone) before any of its userfaultfds closes: a
                         // task waiting for a page must never get the kernel's zeros instead.
                         shared.fail(e);
-                        daemon.release();
+                        false
                     }
+                };
+                if complete || shared.tree_gone() {
+                    daemon.release();
+                } else {
+                    // Not known to be gone: its userfaultfds stay open for good (a waiting task
+                    // dies waiting if it ever dies), at the cost of a few descriptors.
+                    tracing::warn!(
+                        "a lazily restored tree was not seen to end: keeping its userfaultfds open"
+                    );
+                    daemon.buf = Vec::new();
+                    std::mem::forget(daemon);
+                }
+                if complete {
+                    shared.complete();
                 }
                 memory.save_hot();
             })
@@ -754,12 +815,21 @@ fn wait_readable(fd: &impl AsFd, timeout: Duration) -> bool {
 /// One userfaultfd: a process of the tree (or a child it forked since) and the lazy memory it
 /// still lacks.
 struct Task {
-    uffd: OwnedFd,
+    /// `None` once the process is gone (its address space released).
+    uffd: Option<OwnedFd>,
     /// Its pid in the images (a forked child keeps its parent's: its memory is the parent's).
     pid: u64,
     /// Missing pages: start address → (end, where those pages were in the images), not
     /// overlapping.
     missing: BTreeMap<u64, (u64, u64)>,
+}
+
+impl Task {
+    /// The process is gone: nothing more to serve, and its userfaultfd can close.
+    fn gone(&mut self) {
+        self.missing.clear();
+        self.uffd = None;
+    }
 }
 
 /// pf's lazy-pages daemon for one restore.
@@ -823,6 +893,21 @@ fn move_range(missing: &mut BTreeMap<u64, (u64, u64)>, from: u64, to: u64, len: 
     missing.extend(moved);
 }
 
+/// Remove from `missing` the pages that were at `[start, end)` in the images, wherever they
+/// are now.
+fn drop_image_range(missing: &mut BTreeMap<u64, (u64, u64)>, start: u64, end: u64) {
+    let hit: Vec<(u64, u64)> = missing
+        .iter()
+        .filter_map(|(&s, &(e, img))| {
+            let (a, b) = (start.max(img), end.min(img + (e - s)));
+            (a < b).then(|| (s + (a - img), s + (b - img)))
+        })
+        .collect();
+    for (a, b) in hit {
+        drop_range(missing, a, b);
+    }
+}
+
 /// The missing run holding `addr`: (start, end, image address of start).
 fn missing_at(missing: &BTreeMap<u64, (u64, u64)>, addr: u64) -> Option<(u64, u64, u64)> {
     let (&s, &(e, img)) = missing.range(..=addr).next_back()?;
@@ -857,13 +942,16 @@ impl Daemon<'_> {
             }
             let background = self.finished && pending;
             let (woken, conn_ready, ready) = {
-                let mut fds = Vec::with_capacity(self.tasks.len() + 2);
+                let polled: Vec<usize> = (0..self.tasks.len())
+                    .filter(|&i| self.tasks[i].uffd.is_some())
+                    .collect();
+                let mut fds = Vec::with_capacity(polled.len() + 2);
                 fds.push(PollFd::new(self.woken.as_fd(), PollFlags::POLLIN));
                 if conn_open {
                     fds.push(PollFd::new(conn.as_fd(), PollFlags::POLLIN));
                 }
-                for t in &self.tasks {
-                    fds.push(PollFd::new(t.uffd.as_fd(), PollFlags::POLLIN));
+                for t in self.tasks.iter().filter_map(|t| t.uffd.as_ref()) {
+                    fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
                 }
                 let timeout = if background {
                     PollTimeout::ZERO
@@ -877,8 +965,11 @@ impl Daemon<'_> {
                 let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
                 let conn_ready = conn_open && ready(&fds[1]);
                 let first = if conn_open { 2 } else { 1 };
-                let tasks: Vec<usize> = (0..self.tasks.len())
-                    .filter(|&i| ready(&fds[first + i]))
+                let tasks: Vec<usize> = polled
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| ready(&fds[first + k]))
+                    .map(|(_, &i)| i)
                     .collect();
                 (ready(&fds[0]), conn_ready, tasks)
             };
@@ -987,27 +1078,37 @@ impl Daemon<'_> {
         Ok(true)
     }
 
-    /// Serve a new userfaultfd: a copy goes into the socket the namespace init holds first.
+    /// Serve a new userfaultfd; a copy goes into the socket the namespace init holds. If it
+    /// cannot, the tree is killed (the error), pf's own copy staying open until it is gone.
     fn adopt(&mut self, pid: u64, uffd: OwnedFd, missing: BTreeMap<u64, (u64, u64)>) -> Result<()> {
         use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
         let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         let fds = [uffd.as_fd()];
         let pushed = control.push(SendAncillaryMessage::ScmRights(&fds));
-        let sent = pushed
-            && sendmsg(
+        let sent = if pushed {
+            sendmsg(
                 &self.keep,
                 &[std::io::IoSlice::new(&[0])],
                 &mut control,
-                SendFlags::empty(),
+                SendFlags::DONTWAIT,
             )
-            .is_ok();
-        if !sent {
-            return Err(self
-                .failed("could not hand a userfaultfd to the namespace init to hold".to_owned()));
-        }
-        self.tasks.push(Task { uffd, pid, missing });
-        Ok(())
+            .map(|_| ())
+        } else {
+            Err(rustix::io::Errno::NOBUFS)
+        };
+        self.tasks.push(Task {
+            uffd: Some(uffd),
+            pid,
+            missing,
+        });
+        sent.map_err(|e| {
+            self.failed(format!(
+                "could not hand userfaultfd number {} to the namespace init to hold ({e}): the \
+                 tree made more processes than pf can serve lazily; thaw it eagerly (--eager)",
+                self.tasks.len()
+            ))
+        })
     }
 
     /// Read the events of task `i`: faults are queued, the rest handled at once (the kernel
@@ -1015,11 +1116,12 @@ impl Daemon<'_> {
     fn events(&mut self, i: usize) -> Result<()> {
         use crate::uffd::Event;
         loop {
-            let event = crate::uffd::read_event(self.tasks[i].uffd.as_fd()).map_err(|source| {
-                Error::Sys {
-                    op: "reading a userfaultfd",
-                    source,
-                }
+            let Some(uffd) = self.tasks[i].uffd.as_ref() else {
+                return Ok(());
+            };
+            let event = crate::uffd::read_event(uffd.as_fd()).map_err(|source| Error::Sys {
+                op: "reading a userfaultfd",
+                source,
             })?;
             let Some(event) = event else {
                 return Ok(());
@@ -1031,26 +1133,34 @@ impl Daemon<'_> {
                     let uffd = crate::uffd::adopt(ufd).ok_or_else(|| {
                         self.failed(format!("a fork event with descriptor {ufd}"))
                     })?;
-                    let (pid, missing) = (self.tasks[i].pid, self.tasks[i].missing.clone());
+                    let pid = self.tasks[i].pid;
+                    let mut missing = self.tasks[i].missing.clone();
+                    // Areas a child does not inherit (MADV_DONTFORK) or gets empty
+                    // (MADV_WIPEONFORK): nothing of the parent's goes there.
+                    if let Some(task) = self.memory.tasks.get(&pid) {
+                        for &(start, end) in &task.not_inherited {
+                            drop_image_range(&mut missing, start, end);
+                        }
+                    }
                     self.adopt(pid, uffd, missing)?;
                 }
                 Event::Remap { from, to, len } => {
                     move_range(&mut self.tasks[i].missing, from, to, len);
                 }
                 Event::Remove { start, end } => {
-                    // Zeros from now on: never copy the old pages there, and do not hear of
-                    // faults there either.
+                    // Zeros from now on: never copy the old pages there. Unregistered, the
+                    // kernel zero-fills it; if that cannot be done, pf's faults do (the range
+                    // is no longer missing).
                     let task = &mut self.tasks[i];
-                    let alive = crate::uffd::unregister(task.uffd.as_fd(), start, end - start)
-                        .map_err(|source| Error::Sys {
-                            op: "unregistering a removed range",
-                            source,
-                        })?;
-                    if alive {
-                        drop_range(&mut task.missing, start, end);
-                    } else {
-                        task.missing.clear();
+                    if let Some(uffd) = &task.uffd {
+                        crate::uffd::unregister(uffd.as_fd(), start, end - start).map_err(
+                            |source| Error::Sys {
+                                op: "unregistering a removed range",
+                                source,
+                            },
+                        )?;
                     }
+                    drop_range(&mut task.missing, start, end);
                 }
                 Event::Unmap { start, end } => drop_range(&mut self.tasks[i].missing, start, end),
                 Event::Unknown(kind) => {
@@ -1063,6 +1173,10 @@ impl Daemon<'_> {
     /// Serve a fault of task `i` at page `addr`: its pages from the store, or zeros where the
     /// snapshot had none. A fault that must wait for an event goes back in the queue.
     fn fault(&mut self, i: usize, addr: u64) -> Result<()> {
+        use crate::uffd::Filled;
+        let Some(uffd) = self.tasks[i].uffd.as_ref() else {
+            return Ok(());
+        };
         match missing_at(&self.tasks[i].missing, addr) {
             Some((start, end, img)) => {
                 self.step = FAULT_PAGES;
@@ -1070,60 +1184,85 @@ impl Daemon<'_> {
                     self.memory.touched(self.tasks[i].pid, img + (addr - start));
                 }
                 let n = FAULT_PAGES.min((end - addr) / PAGE);
-                if !self.fill(i, addr, img + (addr - start), n)? {
-                    self.faults.push_back((i, addr));
+                match self.fill(i, addr, img + (addr - start), n)? {
+                    Filled::Busy => self.faults.push_back((i, addr)),
+                    Filled::NotTracked => {
+                        // Gone from under the fault: let the faulting thread try again.
+                        if let Some(uffd) = &self.tasks[i].uffd {
+                            crate::uffd::wake(uffd.as_fd(), addr, PAGE);
+                        }
+                    }
+                    _ => {}
                 }
             }
             None => {
-                let filled = crate::uffd::zero(self.tasks[i].uffd.as_fd(), addr, PAGE).map_err(
-                    |source| Error::Sys {
-                        op: "mapping a zero page",
-                        source,
-                    },
-                )?;
-                if filled == crate::uffd::Filled::Busy {
-                    // An event waits to be read first (the kernel holds every fill till then).
-                    self.events(i)?;
-                    self.faults.push_back((i, addr));
+                match crate::uffd::zero(uffd.as_fd(), addr, PAGE).map_err(|source| Error::Sys {
+                    op: "mapping a zero page",
+                    source,
+                })? {
+                    Filled::Busy => {
+                        // An event waits to be read first (the kernel holds every fill till then).
+                        self.events(i)?;
+                        self.faults.push_back((i, addr));
+                    }
+                    Filled::NotTracked => crate::uffd::wake(uffd.as_fd(), addr, PAGE),
+                    Filled::Gone => self.tasks[i].gone(),
+                    Filled::Bytes(_) | Filled::Exists => {}
                 }
             }
         }
         Ok(())
     }
 
-    /// Copy `n` pages into task `i` from `addr` on, which were at `img` in the images: read
-    /// and checked first. What went in is no longer missing. `Ok(false)`: nothing could go in
-    /// before an event was read (it has been now); try again.
-    fn fill(&mut self, i: usize, addr: u64, img: u64, n: u64) -> Result<bool> {
+    /// Copy up to `n` pages into task `i` from `addr` on, which were at `img` in the images:
+    /// read and checked first. What went in is no longer missing. A copy that would cross into
+    /// an area the userfaultfd does not track (areas split and merge) is tried again shorter,
+    /// down to one page; only a single page found untracked is dropped (`NotTracked`). `Busy`:
+    /// nothing went in before an event was read (it has been now); try again.
+    fn fill(&mut self, i: usize, addr: u64, img: u64, n: u64) -> Result<crate::uffd::Filled> {
         use crate::uffd::Filled;
         let pid = self.tasks[i].pid;
         let got = self.memory.read(pid, img, n, &mut self.buf)?;
-        let bytes = (got * PAGE) as usize;
-        let filled = crate::uffd::copy(self.tasks[i].uffd.as_fd(), addr, &self.buf[..bytes])
-            .map_err(|source| Error::Sys {
-                op: "copying pages in (UFFDIO_COPY)",
-                source,
-            })?;
-        let task = &mut self.tasks[i];
-        match filled {
-            Filled::Bytes(b) => {
-                drop_range(&mut task.missing, addr, addr + b);
-                self.shared.served(b / PAGE);
+        let mut pages = got;
+        loop {
+            let Some(uffd) = self.tasks[i].uffd.as_ref() else {
+                return Ok(Filled::Gone);
+            };
+            let bytes = (pages * PAGE) as usize;
+            let filled =
+                crate::uffd::copy(uffd.as_fd(), addr, &self.buf[..bytes]).map_err(|source| {
+                    Error::Sys {
+                        op: "copying pages in (UFFDIO_COPY)",
+                        source,
+                    }
+                })?;
+            let task = &mut self.tasks[i];
+            match filled {
+                Filled::Bytes(b) => {
+                    drop_range(&mut task.missing, addr, addr + b);
+                    self.shared.served(b / PAGE);
+                }
+                Filled::NotTracked if pages > 1 => {
+                    pages /= 2;
+                    continue;
+                }
+                // There already, or not tracked (unmapped or unregistered meanwhile): nothing
+                // to put there.
+                Filled::Exists | Filled::NotTracked => {
+                    drop_range(&mut task.missing, addr, addr + PAGE);
+                }
+                Filled::Gone => {
+                    tracing::debug!(pid, "a lazily restored task is gone");
+                    task.gone();
+                }
+                Filled::Busy => {
+                    // An event is waiting to be read (a fork, a remap): the kernel holds every
+                    // fill until it is.
+                    self.events(i)?;
+                }
             }
-            // There already, or no longer tracked: nothing to put there.
-            Filled::Exists | Filled::NotTracked => drop_range(&mut task.missing, addr, addr + PAGE),
-            Filled::Gone => {
-                tracing::debug!(pid, "a lazily restored task is gone");
-                task.missing.clear();
-            }
-            Filled::Busy => {
-                // An event is waiting to be read (a fork, a remap): the kernel holds every
-                // fill until it is.
-                self.events(i)?;
-                return Ok(false);
-            }
+            return Ok(filled);
         }
-        Ok(true)
     }
 
     /// Copy in the next missing run (up to [`BACKGROUND_PAGES`]) of the next task, taking
@@ -1137,8 +1276,19 @@ impl Daemon<'_> {
             return Ok(());
         };
         self.next = i + 1;
-        let Ok(_turn) = BACKGROUND.try_lock() else {
-            // Another tree's turn: wait a moment for events meanwhile.
+        let restoring = self
+            .memory
+            .restoring
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0;
+        let turn = if restoring {
+            None
+        } else {
+            BACKGROUND.try_lock().ok()
+        };
+        let Some(_turn) = turn else {
+            // A restore from the same images is under way, or another tree's step: wait a
+            // moment for events meanwhile.
             let _ = wait_readable(&self.woken, Duration::from_millis(1));
             return Ok(());
         };
@@ -1170,7 +1320,7 @@ impl Serving {
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let failed = matches!(state.outcome, Some(LazyOutcome::Failed(_)));
         if failed {
-            killer.kill();
+            state.tree_gone = killer.kill();
         }
         state.killer = Some(killer);
         self.shared.changed.notify_all();
@@ -1238,6 +1388,9 @@ impl Serving {
     pub(crate) fn abandon(self) {
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         state.abandoned = true;
+        // A failed restore leaves no tree: criu killed what it had made, and the namespace's
+        // init, gone with it, took the rest.
+        state.tree_gone = true;
         self.shared.changed.notify_all();
         drop(state);
         drop(self);
@@ -1253,7 +1406,7 @@ impl Drop for Serving {
             if !matches!(state.outcome, Some(LazyOutcome::Complete)) {
                 // Pages are owed: the tree must not outlive its server.
                 if let Some(killer) = &state.killer {
-                    killer.kill();
+                    state.tree_gone = killer.kill();
                 }
                 if state.outcome.is_none() {
                     state.outcome = Some(LazyOutcome::Failed(
@@ -1285,6 +1438,7 @@ mod tests {
             end,
             flags,
             status: 1,
+            madv: 0,
         }
     }
 

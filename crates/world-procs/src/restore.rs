@@ -211,7 +211,9 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
         .push(started.work_dir.to_string_lossy().into_owned());
     let serving = started.serving;
     let hold = Some(started.hold.as_raw_fd());
+    let restoring = images.memory.restoring();
     let restored = restore_prepared(criu, &images_dir, opts, false, hold);
+    drop(restoring);
     drop(started.hold);
     match restored {
         Ok(mut restored) => {

@@ -86,6 +86,23 @@ impl Shared {
     }
 }
 
+/// Stops a serving when dropped: the flag, the wake-up pipe, every connection.
+struct Stop<'a> {
+    shared: &'a Shared,
+    wake: Option<std::io::PipeWriter>,
+}
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        drop(self.wake.take());
+        let conns = self.shared.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for conn in conns.iter() {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// Serve `images` on `streamer-serve.sock` in their directory while `restore` runs (it runs
 /// `criu restore --stream` on that directory, once or more). A pages file that could not be
 /// produced wins over whatever `restore` says: its error is returned, and a tree restored
@@ -110,6 +127,12 @@ pub(crate) fn serve_while<T>(
         conns: Mutex::new(Vec::new()),
     };
     let result = std::thread::scope(|s| {
+        // Ends the serving when the restore is over, or if it panics (the scope would wait
+        // for the acceptor otherwise).
+        let _stop = Stop {
+            shared: &shared,
+            wake: Some(wake),
+        };
         let acceptor = std::thread::Builder::new()
             .name("pf-streamer".into())
             .spawn_scoped(s, || accept(s, &listener, images, &shared))
@@ -117,21 +140,10 @@ pub(crate) fn serve_while<T>(
                 op: "starting the image streamer",
                 source,
             });
-        let result = match acceptor {
+        match acceptor {
             Ok(_) => restore(),
             Err(e) => Err(e),
-        };
-        shared.stop.store(true, Ordering::Relaxed);
-        drop(wake);
-        for conn in shared
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
         }
-        result
     });
     let _ = std::fs::remove_file(&path);
     let failed = shared.error.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -164,11 +176,14 @@ fn accept<'scope, 'env>(
             continue;
         }
         match conn.try_clone() {
-            Ok(copy) => shared
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(copy),
+            Ok(copy) => {
+                let mut conns = shared.conns.lock().unwrap_or_else(|p| p.into_inner());
+                if shared.stopped() {
+                    // Accepted as the restore ended: nothing will shut it down later.
+                    let _ = copy.shutdown(std::net::Shutdown::Both);
+                }
+                conns.push(copy);
+            }
             Err(_) => continue,
         }
         // Shut down by `serve_while` once the restore is over.
@@ -218,8 +233,9 @@ fn requests<'scope, 'env>(
             .ok_or_else(|| std::io::Error::other("a malformed image request"))?;
         let source = find(images, &name);
         tracing::trace!(file = %name, exists = source.is_some(), "image requested");
-        // img_streamer_reply_entry { exists = 1 (varint) }
-        let reply = [2u8, 0, 0, 0, 0x08, u8::from(source.is_some())];
+        // The length (native-endian u32), then img_streamer_reply_entry { exists = 1 (varint) }.
+        let mut reply = 2u32.to_ne_bytes().to_vec();
+        reply.extend_from_slice(&[0x08, u8::from(source.is_some())]);
         conn.write_all(&reply)?;
         let Some(source) = source else {
             continue;

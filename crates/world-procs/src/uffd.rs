@@ -21,6 +21,16 @@ const UFFDIO_COPY: u64 = 0xC028_AA03;
 const UFFDIO_ZEROPAGE: u64 = 0xC020_AA04;
 /// `_IOR(0xAA, 0x01, struct uffdio_range)` (16 bytes).
 const UFFDIO_UNREGISTER: u64 = 0x8010_AA01;
+/// `_IOR(0xAA, 0x02, struct uffdio_range)` (16 bytes).
+const UFFDIO_WAKE: u64 = 0x8010_AA02;
+// The numbers above use the generic `_IOC` encoding (x86, arm, riscv …), not powerpc's, mips' or
+// sparc's.
+#[cfg(any(
+    target_arch = "powerpc64",
+    target_arch = "mips64",
+    target_arch = "sparc64"
+))]
+compile_error!("the userfaultfd ioctl numbers here are for the generic _IOC encoding");
 
 /// One event read from a userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,20 +205,29 @@ pub(crate) fn zero(uffd: BorrowedFd<'_>, start: u64, len: u64) -> std::io::Resul
     }
 }
 
-/// `UFFDIO_UNREGISTER` `[start, start + len)`; `Ok(false)` when the process is gone.
+#[repr(C)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+/// `UFFDIO_UNREGISTER` `[start, start + len)`; `Ok(false)` when it could not be done because
+/// the address space is gone or the area could not be split (`ENOMEM` says either; the caller
+/// then keeps answering faults there itself).
 pub(crate) fn unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> std::io::Result<bool> {
-    #[repr(C)]
-    struct UffdioRange {
-        start: u64,
-        len: u64,
-    }
     let mut arg = UffdioRange { start, len };
     match ioctl(uffd, UFFDIO_UNREGISTER, &mut arg) {
         Ok(()) => Ok(true),
-        // The kernel says ENOMEM when the address space is gone.
         Err(libc::ENOMEM) | Err(libc::ESRCH) => Ok(false),
         Err(errno) => Err(std::io::Error::from_raw_os_error(errno)),
     }
+}
+
+/// `UFFDIO_WAKE` `[start, start + len)`: whoever waits on a fault there tries again (after
+/// pf found nothing to put there: the area went away meanwhile).
+pub(crate) fn wake(uffd: BorrowedFd<'_>, start: u64, len: u64) {
+    let mut arg = UffdioRange { start, len };
+    let _ = ioctl(uffd, UFFDIO_WAKE, &mut arg);
 }
 
 /// Whether `fd` is a userfaultfd (what CRIU must have sent).
