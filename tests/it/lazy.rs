@@ -88,8 +88,14 @@ struct Goblin {
 
 impl Goblin {
     fn start(mib: u32, marker: &str) -> Self {
+        Self::start_script(GOBLIN, &[&mib.to_string(), marker])
+    }
+
+    /// Start python3 on `script` with `args`, and wait for its `ready`.
+    fn start_script(script: &str, args: &[&str]) -> Self {
         let mut cmd = Command::new("setsid");
-        cmd.args(["python3", "-u", "-c", GOBLIN, &mib.to_string(), marker])
+        cmd.args(["python3", "-u", "-c", script])
+            .args(args)
             .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -296,21 +302,7 @@ fn live_lazy_thaw_follows_fork_madvise_mremap_and_munmap() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let mark = marker('s');
-    let mut cmd = Command::new("setsid");
-    cmd.args(["python3", "-u", "-c", SHAPES_GOBLIN, &mark])
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = spawn_clean(&mut cmd).expect("start goblin");
-    let guard = Some(KillOnDrop(i32::try_from(child.id()).expect("pid")));
-    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut goblin = Goblin {
-        child,
-        lines,
-        guard,
-    };
-    assert_eq!(goblin.line(), "ready");
+    let mut goblin = Goblin::start_script(SHAPES_GOBLIN, &[&mark]);
     let expect = goblin.ask("expect");
     goblin.freeze_and_stop(&store, "g", "v2");
     for _ in 0..3 {

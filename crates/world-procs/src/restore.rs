@@ -79,6 +79,22 @@ pub fn load_procs(store: &dyn BlobStore, digest: &Digest256) -> Result<ProcsBlob
     })
 }
 
+/// The CRIU dump `digest` names ([`Error::Unsupported`] for a record of a process CRIU could
+/// not dump).
+fn load_criu_procs(store: &dyn BlobStore, digest: &Digest256) -> Result<CriuProcs> {
+    match load_procs(store, digest)? {
+        ProcsBlob::Criu(c) => Ok(c),
+        ProcsBlob::Unsupported {
+            unsupported_on,
+            note,
+        } => Err(Error::Unsupported {
+            digest: *digest,
+            unsupported_on,
+            note,
+        }),
+    }
+}
+
 /// Extract `procs`'s images through the store's verifying reader into a fresh private
 /// directory (regular files with plain names only; see `tarball::extract`).
 pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<ImagesDir> {
@@ -153,19 +169,7 @@ pub fn extract_images_lazy(
     store: std::sync::Arc<dyn BlobStore>,
     digest: &Digest256,
 ) -> Result<LazyImages> {
-    let procs = match load_procs(store.as_ref(), digest)? {
-        ProcsBlob::Criu(c) => c,
-        ProcsBlob::Unsupported {
-            unsupported_on,
-            note,
-        } => {
-            return Err(Error::Unsupported {
-                digest: *digest,
-                unsupported_on,
-                note,
-            });
-        }
-    };
+    let procs = load_criu_procs(store.as_ref(), digest)?;
     let Some(memory) = &procs.memory else {
         return Err(Error::LazyNeedsV2 { snapshot: *digest });
     };
@@ -311,19 +315,7 @@ pub fn extract_images_streamed(
     store: std::sync::Arc<dyn BlobStore>,
     digest: &Digest256,
 ) -> Result<Option<StreamedImages>> {
-    let procs = match load_procs(store.as_ref(), digest)? {
-        ProcsBlob::Criu(c) => c,
-        ProcsBlob::Unsupported {
-            unsupported_on,
-            note,
-        } => {
-            return Err(Error::Unsupported {
-                digest: *digest,
-                unsupported_on,
-                note,
-            });
-        }
-    };
+    let procs = load_criu_procs(store.as_ref(), digest)?;
     let Some(memory) = procs.memory.clone() else {
         return Ok(None);
     };
