@@ -692,6 +692,9 @@ const FAULT_PAGES: u64 = 16;
 const KEEP_BUFFER: usize = 8 << 20;
 /// How long the daemon waits for the restore to connect.
 const CONNECT_WAIT: Duration = Duration::from_secs(300);
+/// How long a daemon whose background step was held back waits for events before it tries
+/// again (ms).
+const HELD_BACK_MS: u8 = 1;
 /// How often a waiting daemon looks at the clock.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -739,6 +742,7 @@ pub(crate) fn start(
                     buf: Vec::with_capacity((BACKGROUND_PAGES * PAGE) as usize),
                     next: 0,
                     step: FAULT_PAGES,
+                    held_back: false,
                 };
                 let complete = match daemon.run(&listener) {
                     Ok(complete) => complete,
@@ -853,6 +857,8 @@ struct Daemon<'a> {
     next: usize,
     /// Pages in the next background step.
     step: u64,
+    /// The last background step could not run (a restore under way, another tree's turn).
+    held_back: bool,
 }
 
 /// Remove `[start, end)` from `missing`.
@@ -953,8 +959,10 @@ impl Daemon<'_> {
                 for t in self.tasks.iter().filter_map(|t| t.uffd.as_ref()) {
                     fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
                 }
-                let timeout = if background {
+                let timeout = if background && !std::mem::take(&mut self.held_back) {
                     PollTimeout::ZERO
+                } else if background {
+                    PollTimeout::from(HELD_BACK_MS)
                 } else {
                     PollTimeout::from(u16::try_from(TICK.as_millis()).unwrap_or(100))
                 };
@@ -1287,9 +1295,9 @@ impl Daemon<'_> {
             BACKGROUND.try_lock().ok()
         };
         let Some(_turn) = turn else {
-            // A restore from the same images is under way, or another tree's step: wait a
-            // moment for events meanwhile.
-            let _ = wait_readable(&self.woken, Duration::from_millis(1));
+            // A restore from the same images is under way, or another tree's step: the next
+            // poll waits a moment for events instead.
+            self.held_back = true;
             return Ok(());
         };
         let Some((&start, &(end, img))) = self.tasks[i].missing.iter().next() else {
