@@ -583,7 +583,7 @@ fn userfaultfd_check(is_root: bool, probe: &Probe) -> Check {
             LABEL,
             "kernel without userfaultfd (neither /dev/userfaultfd nor vm.unprivileged_userfaultfd)",
             "lazy thaw (`pf goblin thaw|fork --lazy`) needs a kernel built with \
-             CONFIG_USERFAULTFD=y; eager thaws (the default) work without it",
+             CONFIG_USERFAULTFD=y; without it pf thaws eagerly (`--eager`), which works",
         )
         .optional();
     }
