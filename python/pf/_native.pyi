@@ -62,6 +62,7 @@ def load(
     reference: Optional[str] = None,
     images_dir: Optional[str] = None,
     lazy: Optional[bool] = None,
+    once: bool = False,
 ) -> NativeLoaded: ...
 
 class Cancel:

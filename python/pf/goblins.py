@@ -366,7 +366,13 @@ def thaw(
     need a new pid namespace, so without one pf's choice is eager)."""
     if lazy is None and not new_pid_namespace:
         lazy = False
-    return load(snapshot, store, lazy=lazy).thaw(new_pid_namespace=new_pid_namespace)
+    if _is_images_dir(snapshot):
+        return load(snapshot, store, lazy=lazy).thaw(new_pid_namespace=new_pid_namespace)
+    # One thaw: an eager one streams the memory from the store into CRIU as it restores.
+    native = _native.load(
+        store=store if store is not None else Store(), reference=snapshot, lazy=lazy, once=True
+    )
+    return Loaded(native).thaw(new_pid_namespace=new_pid_namespace)
 
 
 def fork(

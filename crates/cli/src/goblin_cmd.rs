@@ -455,16 +455,10 @@ impl Resolved {
             (Resolved::Store(store, digest), Some(true)) => {
                 Ok(pf_goblins::load_lazy(std::sync::Arc::new(store), &digest)?)
             }
-            (Resolved::Store(store, digest), None) if once => {
-                let store: std::sync::Arc<dyn BlobStore> = std::sync::Arc::new(store);
-                let lazy = pf_world_procs::lazy_suits(store.as_ref(), &digest)
-                    .with_context(|| format!("cannot read the snapshot {digest}"))?;
-                if lazy {
-                    Ok(pf_goblins::load_lazy(store, &digest)?)
-                } else {
-                    Ok(pf_goblins::load_streamed(store, &digest)?)
-                }
-            }
+            (Resolved::Store(store, digest), None) if once => Ok(pf_goblins::load_auto_once(
+                std::sync::Arc::new(store),
+                &digest,
+            )?),
             (Resolved::Store(store, digest), Some(false)) if once => Ok(pf_goblins::load_streamed(
                 std::sync::Arc::new(store),
                 &digest,

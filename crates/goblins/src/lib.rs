@@ -87,8 +87,8 @@ pub use crate::pump::Stream;
 pub use crate::spawn::{SpawnOptions, spawn};
 pub use crate::stdio::{StdioKind, Streams};
 pub use crate::thaw::{
-    Loaded, Source, ThawOptions, Wire, Wiring, fork, load, load_auto, load_lazy, load_streamed,
-    thaw,
+    Loaded, Source, ThawOptions, Wire, Wiring, fork, load, load_auto, load_auto_once, load_lazy,
+    load_streamed, thaw,
 };
 #[cfg(feature = "tokio")]
 pub use crate::thaw_async::{AsyncGoblin, thaw_async};

@@ -132,15 +132,10 @@ pub fn load_streamed(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Lo
 
 /// [`load_lazy`] or [`load`], whichever suits the snapshot: lazy when its memory is stored page
 /// by page and is at least [`pf_world_procs::LAZY_MIN_BYTES`] (32 MiB), and the kernel has
-/// userfaultfd; eager otherwise. This is what `pf goblin thaw|fork` do without `--lazy` or
+/// userfaultfd; eager otherwise. This is what `pf goblin fork` does without `--lazy` or
 /// `--eager` (docs/goblins.md says why).
 pub fn load_auto(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
-    let lazy =
-        pf_world_procs::lazy_suits(store.as_ref(), digest).map_err(|source| Error::Thaw {
-            snapshot: digest.to_string(),
-            source: Box::new(source),
-        })?;
-    if lazy {
+    if lazy_suits(store.as_ref(), digest)? {
         Loaded::new_lazy(store, digest)
     } else {
         Loaded::new(&Source::Store {
@@ -148,6 +143,25 @@ pub fn load_auto(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded
             digest,
         })
     }
+}
+
+/// [`load_auto`] for a goblin thawed once (what `pf goblin thaw` does without `--lazy` or
+/// `--eager`): an eager thaw streams the memory from the store into CRIU ([`load_streamed`])
+/// instead of extracting it first.
+pub fn load_auto_once(store: Arc<dyn BlobStore>, digest: &Digest256) -> Result<Loaded> {
+    if lazy_suits(store.as_ref(), digest)? {
+        Loaded::new_lazy(store, digest)
+    } else {
+        Loaded::new_streamed(store, digest)
+    }
+}
+
+/// Whether pf's choice for `digest` is a lazy thaw ([`pf_world_procs::lazy_suits`]).
+fn lazy_suits(store: &dyn BlobStore, digest: &Digest256) -> Result<bool> {
+    pf_world_procs::lazy_suits(store, digest).map_err(|source| Error::Thaw {
+        snapshot: digest.to_string(),
+        source: Box::new(source),
+    })
 }
 
 /// A frozen goblin checked and ready to restore, any number of times ([`load`]). Its extracted

@@ -314,15 +314,17 @@ pub(crate) fn freeze(
 }
 
 /// Check a frozen goblin (a digest or name in `store`, or an images directory) and get it ready
-/// to thaw and fork any number of times.
+/// to thaw and fork any number of times; `once`: for a single thaw, whose eager restore then
+/// streams the memory from the store instead of extracting it first.
 #[pyfunction]
-#[pyo3(signature = (*, store=None, reference=None, images_dir=None, lazy=None))]
+#[pyo3(signature = (*, store=None, reference=None, images_dir=None, lazy=None, once=false))]
 pub(crate) fn load(
     py: Python<'_>,
     store: Option<PyRef<'_, Store>>,
     reference: Option<String>,
     images_dir: Option<PathBuf>,
     lazy: Option<bool>,
+    once: bool,
 ) -> PyResult<NativeLoaded> {
     let loaded = match (store, reference, images_dir) {
         (Some(store), Some(reference), None) if lazy != Some(false) => {
@@ -330,6 +332,8 @@ pub(crate) fn load(
             let store: std::sync::Arc<dyn pf_core::BlobStore> = store.inner.clone();
             if lazy == Some(true) {
                 py.detach(|| pf_goblins::load_lazy(store, &digest))
+            } else if once {
+                py.detach(|| pf_goblins::load_auto_once(store, &digest))
             } else {
                 py.detach(|| pf_goblins::load_auto(store, &digest))
             }
@@ -340,6 +344,11 @@ pub(crate) fn load(
                  images directory"
                     .into(),
             ));
+        }
+        (Some(store), Some(reference), None) if once => {
+            let digest = store.resolve_ref(&reference)?;
+            let store = std::sync::Arc::clone(&store.inner);
+            py.detach(|| pf_goblins::load_streamed(store, &digest))
         }
         (Some(store), Some(reference), None) => {
             let digest = store.resolve_ref(&reference)?;
