@@ -70,6 +70,14 @@ struct Shared {
     error: Mutex<Option<Error>>,
     /// Every connection accepted, to be shut down at the end.
     conns: Mutex<Vec<UnixStream>>,
+    /// Chunks read ahead and not yet written, over every pages file: a tree of many processes
+    /// has as many pages files open at once, and their read-ahead shares `budget` (the chunk
+    /// a pipe waits for is always read, so every file moves).
+    buffered: std::sync::atomic::AtomicUsize,
+    /// The most chunks read ahead over all pages files (1 MiB each).
+    budget: usize,
+    /// Reader threads per pages file (the cores).
+    threads: usize,
 }
 
 impl Shared {
@@ -120,11 +128,15 @@ pub(crate) fn serve_while<T>(
         op: "creating the image streamer's wake-up pipe",
         source,
     })?;
+    let cores = crate::v2::threads();
     let shared = Shared {
         stop: AtomicBool::new(false),
         woken: woken.into(),
         error: Mutex::new(None),
         conns: Mutex::new(Vec::new()),
+        buffered: std::sync::atomic::AtomicUsize::new(0),
+        budget: 4 * cores + 4,
+        threads: cores,
     };
     let result = std::thread::scope(|s| {
         // Ends the serving when the restore is over, or if it panics (the scope would wait
@@ -429,7 +441,7 @@ fn pages_file(
     let reader = PagesReader::open(images.store, &image.manifest).map_err(pages_error)?;
     let pages = usize::try_from(reader.pages()).unwrap_or(usize::MAX);
     let chunks = pages.div_ceil(CHUNK_PAGES);
-    let threads = crate::v2::threads().clamp(1, chunks.max(1));
+    let threads = shared.threads.clamp(1, chunks.max(1));
     let window = 2 * threads + 2;
     let state = Mutex::new(Chunks {
         ready: BTreeMap::new(),
@@ -451,15 +463,28 @@ fn pages_file(
                     }
                     let mut buf = {
                         let mut st = lock();
-                        while !st.over && i >= st.written + window {
+                        loop {
+                            let ahead = i >= st.written + window;
+                            let over_budget = i != st.written
+                                && shared.buffered.load(Ordering::Relaxed) >= shared.budget;
+                            if st.over || !(ahead || over_budget) {
+                                break;
+                            }
+                            // Other files free the budget without notifying this one.
+                            let wait = if ahead {
+                                TICK
+                            } else {
+                                Duration::from_millis(2)
+                            };
                             st = changed
-                                .wait_timeout(st, TICK)
+                                .wait_timeout(st, wait)
                                 .unwrap_or_else(|p| p.into_inner())
                                 .0;
                         }
                         if st.over {
                             return;
                         }
+                        shared.buffered.fetch_add(1, Ordering::Relaxed);
                         st.spare.pop().unwrap_or_default()
                     };
                     let first = i * CHUNK_PAGES;
@@ -473,6 +498,7 @@ fn pages_file(
                         }
                         Err(e) => {
                             st.over = true;
+                            shared.buffered.fetch_sub(1, Ordering::Relaxed);
                             let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
                             if f.is_none() {
                                 *f = Some(pages_error(e));
@@ -504,8 +530,11 @@ fn pages_file(
                 break;
             };
             let sent = out.send(&buf);
+            shared.buffered.fetch_sub(1, Ordering::Relaxed);
             let mut st = lock();
-            st.spare.push(buf);
+            if st.spare.len() < 2 {
+                st.spare.push(buf);
+            }
             st.written = i + 1;
             if let Err(e) = sent {
                 tracing::debug!(file = %image.file, error = %e, "pages not sent");
@@ -519,6 +548,13 @@ fn pages_file(
         lock().over = true;
         changed.notify_all();
     });
+    // What was read and never written gives its budget back.
+    let unsent = state
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .ready
+        .len();
+    shared.buffered.fetch_sub(unsent, Ordering::Relaxed);
     match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
@@ -559,6 +595,15 @@ mod tests {
     /// Ask for `name` as CRIU does: `None` when the streamer says it does not exist, else all
     /// the bytes the pipe gave before it closed.
     fn fetch(conn: &mut UnixStream, name: &str) -> Option<Vec<u8>> {
+        let mut r = open(conn, name)?;
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).expect("read the image");
+        Some(got)
+    }
+
+    /// Ask for `name` as CRIU does: `None` when the streamer says it does not exist, else the
+    /// pipe to read it from.
+    fn open(conn: &mut UnixStream, name: &str) -> Option<std::io::PipeReader> {
         use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
         let mut msg = vec![0x0a, u8::try_from(name.len()).expect("short name")];
         msg.extend_from_slice(name.as_bytes());
@@ -574,7 +619,7 @@ mod tests {
         if reply[5] == 0 {
             return None;
         }
-        let (mut r, w) = std::io::pipe().expect("pipe");
+        let (r, w) = std::io::pipe().expect("pipe");
         let w: OwnedFd = w.into();
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = SendAncillaryBuffer::new(&mut space);
@@ -588,9 +633,42 @@ mod tests {
         )
         .expect("send the pipe");
         drop(w);
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).expect("read the image");
-        Some(got)
+        Some(r)
+    }
+
+    /// Item: pages files CRIU opens together are all produced whatever order it reads them in
+    /// (their read-ahead shares one budget, and the chunk a pipe waits for is always read).
+    #[test]
+    fn pages_files_open_at_once_are_read_in_any_order() {
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (bytes, image) = stored_pages(&store, dir.path());
+        let pages: Vec<PagesImage> = (1..=3)
+            .map(|n| PagesImage {
+                file: format!("pages-{n}.img"),
+                ..image.clone()
+            })
+            .collect();
+        let maps = HashMap::new();
+        let images = Images {
+            store: &store,
+            dir: dir.path(),
+            pages: &pages,
+            maps: &maps,
+        };
+        serve_while(&images, || {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            let mut pipes: Vec<_> = (1..=3)
+                .map(|n| open(&mut conn, &format!("pages-{n}.img")).expect("a pages file"))
+                .collect();
+            for pipe in pipes.iter_mut().rev() {
+                let mut got = Vec::new();
+                pipe.read_to_end(&mut got).expect("read");
+                assert!(got == bytes, "a pages file differs ({} bytes)", got.len());
+            }
+            Ok(())
+        })
+        .expect("served");
     }
 
     /// Item: the streamer answers CRIU's requests: small images from the directory (any number
