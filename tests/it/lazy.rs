@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use pf_core::Digest256;
+use pf_core::{Digest256, FsBlobStore};
 use pf_world_procs::FORMAT_ENV;
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
@@ -76,6 +76,37 @@ for line in sys.stdin:
         c.resize(4 * size)
         d.close()
         print(child, h(a), h(b), h(c, size), flush=True)
+print("eof", flush=True)
+"#;
+
+/// A goblin of two processes, each holding 24 MiB of random bytes in its own mapping (two pages
+/// files): `sum` prints the parent's hash and the child's, which it asks for through a pipe
+/// (the child ends when the parent does).
+const TREE_GOBLIN: &str = r#"
+import ctypes, hashlib, mmap, os, sys
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+size = 24 << 20
+def buffer():
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    m.write(os.urandom(size))
+    return m
+ask_r, ask_w = os.pipe()
+answer_r, answer_w = os.pipe()
+if os.fork() == 0:
+    os.close(ask_w)
+    os.close(answer_r)
+    mine = buffer()
+    while os.read(ask_r, 1):
+        os.write(answer_w, hashlib.sha256(mine).hexdigest()[:16].encode())
+    os._exit(0)
+os.close(ask_r)
+os.close(answer_w)
+mine = buffer()
+print("ready", flush=True)
+for line in sys.stdin:
+    os.write(ask_w, b"?")
+    theirs = os.read(answer_r, 16).decode()
+    print(hashlib.sha256(mine).hexdigest()[:16], theirs, flush=True)
 print("eof", flush=True)
 "#;
 
@@ -309,6 +340,47 @@ fn live_lazy_thaw_follows_fork_madvise_mremap_and_munmap() {
         let out = thaw_lazy(&store, "g", b"shapes\n");
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout), format!("{expect}\neof\n"));
+    }
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "after the goblins exited",
+    );
+}
+
+/// Item: a goblin of two processes thaws with every page of both: eagerly (both pages files
+/// streamed into CRIU at once) and lazily (a userfaultfd per process).
+#[test]
+fn live_a_goblin_of_two_processes_thaws_eagerly_and_lazily_with_every_page() {
+    let name = "live_a_goblin_of_two_processes_thaws_eagerly_and_lazily_with_every_page";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('t');
+    let mut goblin = Goblin::start_script(TREE_GOBLIN, &[&mark]);
+    let sums = goblin.ask("sum");
+    let digest = goblin.freeze_and_stop(&store, "g", "v2");
+    let store_blob = FsBlobStore::open(&store).expect("store");
+    let procs = pf_world_procs::load_procs(&store_blob, &digest).expect("procs");
+    let pf_world_procs::ProcsBlob::Criu(procs) = procs else {
+        panic!("a criu dump");
+    };
+    assert!(
+        procs.memory.as_ref().is_some_and(|m| m.len() >= 2),
+        "a pages file per process: {:?}",
+        procs.memory
+    );
+    for mode in ["--eager", "--lazy"] {
+        let out = thaw_with(&store, mode, "g", b"sum\nsum\n");
+        assert!(out.status.success(), "{mode}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            format!("{sums}\n{sums}\neof\n"),
+            "{mode}"
+        );
     }
     assert_gone_within(
         || processes_named(&mark),
