@@ -1208,7 +1208,27 @@ enum Route {
 }
 
 /// A decoded frame in the cache: (pack id, frame number, its pages).
-type CachedFrame = (u32, usize, Arc<Vec<u8>>);
+type CachedFrame = (u32, usize, Arc<DecodedFrame>);
+
+/// A frame's pages as decoded, and the digest each page was found to have once it was checked,
+/// so a page that many places of a file hold (the same stored page) is hashed once while its
+/// frame stays decoded: the bytes it was checked in are the bytes handed out again, never read
+/// anew.
+#[derive(Debug)]
+struct DecodedFrame {
+    bytes: Vec<u8>,
+    checked: Vec<std::sync::OnceLock<Digest256>>,
+}
+
+impl DecodedFrame {
+    fn new(bytes: Vec<u8>) -> Self {
+        let pages = bytes.len() / PAGE_SIZE;
+        Self {
+            bytes,
+            checked: (0..pages).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+}
 
 /// A pack and the (slot, page number) pairs wanted from it.
 type PhysWant = (Arc<Phys>, Vec<(u32, u64)>);
@@ -1361,9 +1381,12 @@ impl<'s> PagesReader<'s> {
         let Some((_, _, decoded)) = frame_now else {
             unreachable!("a frame was just decoded");
         };
-        let at = (slot - phys.frames[frame_no].first) as usize * PAGE_SIZE;
-        let src = &decoded[at..at + PAGE_SIZE];
-        crate::pack::check_page(phys.pack, slot, src, &listed.digest).map_err(bad)?;
+        let k = (slot - phys.frames[frame_no].first) as usize;
+        let src = &decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
+        if decoded.checked[k].get() != Some(&listed.digest) {
+            crate::pack::check_page(phys.pack, slot, src, &listed.digest).map_err(bad)?;
+            let _ = decoded.checked[k].set(listed.digest);
+        }
         dst.copy_from_slice(src);
         Ok(())
     }
@@ -1801,7 +1824,7 @@ impl<'s> PagesReader<'s> {
         phys: &Phys,
         frame_no: usize,
         page: u64,
-    ) -> Result<Arc<Vec<u8>>, PagesError> {
+    ) -> Result<Arc<DecodedFrame>, PagesError> {
         thread_local! {
             static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
                 const { std::cell::RefCell::new(None) };
@@ -1833,7 +1856,7 @@ impl<'s> PagesReader<'s> {
             };
             self.decode_frame(phys, &bytes, frame_no, page, &mut bufs)
         })?;
-        let decoded = Arc::new(decoded);
+        let decoded = Arc::new(DecodedFrame::new(decoded));
         let mut cache = self
             .cache
             .lock()
@@ -2466,6 +2489,47 @@ mod tests {
         assert_eq!(page, original[43 * PAGE_SIZE..44 * PAGE_SIZE]);
         // The store's own check of the whole blob sees it too.
         assert!(matches!(fs.get(&m.packs[0]), Err(Error::Integrity { .. })));
+    }
+
+    #[test]
+    fn a_page_many_places_hold_is_checked_against_each_places_digest() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        // Pages 0..8 distinct, then the same eight again and again: one stored page each.
+        let layout: Vec<Option<u64>> = (0..64u64).map(|i| Some(i % 8)).collect();
+        let (file, path) = file_of(tmp.path(), "repeats", &layout);
+        let mut w = PageWriter::new(&store, PageIndex::none(), 2);
+        let stored = w.write_file(&file, &path).expect("store");
+        w.commit().expect("commit");
+        let original = std::fs::read(&path).expect("original");
+        let reader = PagesReader::open(&store, &stored.manifest).expect("open");
+        let mut all = vec![0u8; original.len()];
+        reader.read(0, &mut all).expect("read");
+        assert_eq!(all, original);
+        // A list that gives page 20 (stored page 4) the digest of stored page 5, where
+        // stored page 4 lives: once page 4 was checked and its frame is still decoded, page 20
+        // is still checked against its own digest, and fails.
+        let m = load_manifest(&store, &stored.manifest).expect("manifest");
+        let mut list = store.get(&m.list).expect("list");
+        let entry = |i: usize| 16 + i * LIST_ENTRY;
+        let five: [u8; 32] = list[entry(5)..entry(5) + 32].try_into().expect("digest");
+        list[entry(20)..entry(20) + 32].copy_from_slice(&five);
+        let forged_list = store.put(&list).expect("put list");
+        let forged = PagesManifest {
+            list: forged_list,
+            ..m.clone()
+        };
+        let forged = store
+            .put(&serde_json::to_vec(&forged).expect("json"))
+            .expect("put manifest");
+        let reader = PagesReader::open(&store, &forged).expect("open forged");
+        let mut page = vec![0u8; PAGE_SIZE];
+        reader.read(4, &mut page).expect("page 4 itself");
+        let err = reader.read(20, &mut page).expect_err("page 20 forged");
+        assert!(matches!(err, PagesError::BadPage { page: 20, .. }), "{err}");
+        let mut run = vec![0u8; 32 * PAGE_SIZE];
+        let err = reader.read(0, &mut run).expect_err("a run holding page 20");
+        assert!(matches!(err, PagesError::BadPage { page: 20, .. }), "{err}");
     }
 
     #[test]

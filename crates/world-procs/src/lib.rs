@@ -23,6 +23,7 @@ pub mod memory_map;
 mod nsinit;
 mod restore;
 mod runner;
+mod splice;
 mod streamer;
 mod tarball;
 #[doc(hidden)]
