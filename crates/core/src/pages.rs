@@ -166,6 +166,9 @@ pub struct PagesStored {
     pub new_pages: u64,
     /// Raw bytes of the packs this file wrote.
     pub pack_bytes: u64,
+    /// Pages found stored as the same bytes at the same place in the file's base (an earlier
+    /// version of it), so compared instead of hashed.
+    pub compared_pages: u64,
 }
 
 /// Where a session knows a page to be: (the pack's number in the session's pack table, slot).
@@ -289,8 +292,52 @@ impl<'a> PageWriter<'a> {
         let prehashed_pages = prehashed.len();
         let mut digests = prehashed;
         digests.resize(pages, None);
-        self.hash_all(file, path, prehashed_pages, &mut digests[prehashed_pages..])?;
+        // The base, known or guessed from a sample of pages: a page it stores as the same
+        // bytes at the same place is compared, not hashed.
+        let sampled = match base_manifest {
+            Some(_) => None,
+            None => self.guess_base(file, path, pages),
+        };
+        let base_manifest = base_manifest.or(sampled.as_ref());
+        let compare = base_manifest.and_then(|m| {
+            PagesReader::open(self.store, m)
+                .inspect_err(|e| tracing::debug!(base = %m, error = %e, "base not compared"))
+                .ok()
+        });
+        let base_opened = started.elapsed();
+        let compared = self.hash_all(
+            file,
+            path,
+            prehashed_pages,
+            &mut digests[prehashed_pages..],
+            compare.as_ref(),
+        )?;
         let hashed = started.elapsed();
+        // A page the base lists at the same place under the same digest is where the base has
+        // it (if that pack is still in the store): not looked up in the index.
+        if let Some(reader) = &compare {
+            for (i, digest) in digests.iter().enumerate() {
+                let Some(digest) = digest else { continue };
+                if self.known.contains_key(digest) {
+                    continue;
+                }
+                let Some(ListedPage {
+                    digest: listed,
+                    at: Some((k, slot)),
+                }) = reader.listed(i as u64)
+                else {
+                    continue;
+                };
+                if listed != *digest {
+                    continue;
+                }
+                if let Some(pack) = reader.pack(k)
+                    && let Some(id) = self.present_pack(&pack)?
+                {
+                    self.known.insert(*digest, (id, slot));
+                }
+            }
+        }
         // Which of them the store already has.
         let mut unknown: Vec<Digest256> = digests
             .iter()
@@ -366,6 +413,8 @@ impl<'a> PageWriter<'a> {
         tracing::debug!(
             file = %path.display(),
             prehashed_pages,
+            compared,
+            ?base_opened,
             ?hashed,
             ?looked_up,
             packed = ?started.elapsed(),
@@ -380,7 +429,14 @@ impl<'a> PageWriter<'a> {
                 .or_insert(self.packs.len() as u32 - 1);
         }
         // The page list, in file order: as the changes from the base's where that is small.
-        let base = base_manifest.and_then(|b| self.usable_base(b));
+        let base = base_manifest.and_then(|b| {
+            let parsed = compare
+                .as_ref()
+                .filter(|r| r.manifest() == b)
+                .map(PagesReader::list);
+            self.usable_base(b, parsed)
+        });
+        drop(compare);
         let delta = base.as_ref().and_then(|base| {
             let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
             let delta = delta_of(&list, &packs, base);
@@ -437,6 +493,7 @@ impl<'a> PageWriter<'a> {
             zero_pages,
             new_pages,
             pack_bytes,
+            compared_pages: compared as u64,
         })
     }
 
@@ -523,9 +580,10 @@ impl<'a> PageWriter<'a> {
         (packs, list, zero_pages)
     }
 
-    /// The base manifest `digest` and its whole list, if a delta may be written against it.
-    fn usable_base(&self, digest: &Digest256) -> Option<Base> {
-        let why = match self.read_base(digest) {
+    /// The base manifest `digest` and its whole list (`parsed`, if a reader has it already),
+    /// if a delta may be written against it.
+    fn usable_base(&self, digest: &Digest256, parsed: Option<&[ListedPage]>) -> Option<Base> {
+        let why = match self.read_base(digest, parsed) {
             Ok(Ok(base)) => return Some(base),
             Ok(Err(why)) => why,
             Err(e) => e.to_string(),
@@ -534,7 +592,11 @@ impl<'a> PageWriter<'a> {
         None
     }
 
-    fn read_base(&self, digest: &Digest256) -> Result<Result<Base, String>, PagesError> {
+    fn read_base(
+        &self,
+        digest: &Digest256,
+        parsed: Option<&[ListedPage]>,
+    ) -> Result<Result<Base, String>, PagesError> {
         let manifest = load_manifest(self.store, digest)?;
         if manifest.bases.len() + 1 > MAX_DELTA_DEPTH {
             return Ok(Err("its chain of deltas is as deep as allowed".to_owned()));
@@ -544,14 +606,19 @@ impl<'a> PageWriter<'a> {
                 return Ok(Err(format!("its pack {pack} is not in the store")));
             }
         }
-        let bytes = self
-            .store
-            .get(&manifest.list)
-            .map_err(|source| PagesError::Store {
-                what: format!("reading the page list {}", manifest.list),
-                source,
-            })?;
-        let list = parse_list(self.store, &manifest.list, &bytes, &manifest)?;
+        let list = match parsed {
+            Some(list) => list.to_vec(),
+            None => {
+                let bytes = self
+                    .store
+                    .get(&manifest.list)
+                    .map_err(|source| PagesError::Store {
+                        what: format!("reading the page list {}", manifest.list),
+                        source,
+                    })?;
+                parse_list(self.store, &manifest.list, &bytes, &manifest)?
+            }
+        };
         let mut at = HashMap::with_capacity(list.len());
         for page in &list {
             if let Some(loc) = page.at {
@@ -591,51 +658,108 @@ impl<'a> PageWriter<'a> {
     }
 
     /// The digests (None for a zero page) of the pages from page `from` on into `out`, one
-    /// per page, hashed on `threads` threads.
+    /// per page, on `threads` threads: hashed, or where `base` stores the same bytes at the
+    /// same place, its digest. Returns how many were compared equal.
     fn hash_all(
         &self,
         file: &File,
         path: &std::path::Path,
         from: usize,
         out: &mut [Option<Digest256>],
-    ) -> Result<(), PagesError> {
+        base: Option<&PagesReader<'_>>,
+    ) -> Result<usize, PagesError> {
         let per = out.len().div_ceil(self.threads).max(1);
         std::thread::scope(|s| {
             let handles: Vec<_> = out
                 .chunks_mut(per)
                 .enumerate()
                 .map(|(t, out)| {
-                    s.spawn(move || -> Result<(), PagesError> {
+                    s.spawn(move || -> Result<usize, PagesError> {
                         let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-                        hash_pages(file, path, from + t * per, out, &mut buf)
+                        hash_pages(file, path, from + t * per, out, &mut buf, base)
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            handles.into_iter().try_fold(0, |sum, h| {
+                Ok(sum + h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?)
+            })
         })
+    }
+
+    /// The manifest a file of `pages` pages is most likely a later version of: hash a sample
+    /// of its pages (64, spread over it), find them in the index, and take the latest manifest
+    /// ([`MANIFEST_HINT`]) using the pack that holds most. Only ever a guess.
+    fn guess_base(&self, file: &File, path: &std::path::Path, pages: usize) -> Option<Digest256> {
+        const SAMPLE: usize = 64;
+        if pages == 0 {
+            return None;
+        }
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut digests = Vec::with_capacity(SAMPLE);
+        for i in (0..pages).step_by(pages.div_ceil(SAMPLE)) {
+            read_at(file, path, &mut page, (i * PAGE_SIZE) as u64).ok()?;
+            if !is_zero_page(&page) {
+                digests.push(page_digest(&page));
+            }
+        }
+        digests.sort_unstable();
+        digests.dedup();
+        let found = self.index.lookup(&digests).ok()?;
+        let mut votes: HashMap<Digest256, usize> = HashMap::new();
+        for loc in found.values() {
+            *votes.entry(loc.pack).or_default() += 1;
+        }
+        let (pack, _) = votes.into_iter().max_by_key(|(pack, n)| (*n, *pack))?;
+        self.manifest_using(&pack)
     }
 }
 
 /// Hash the pages of `file` from page `first` on into `out` (None for a zero page), reading
-/// [`BATCH_PAGES`] at a time into `buf`.
+/// [`BATCH_PAGES`] at a time into `buf`. A page `base` stores as the same bytes at the same
+/// place ([`PagesReader::same`]) takes the base's digest unhashed; comparing stops once fewer
+/// than a quarter of the pages compared were the same (a base that is not this file's). Returns
+/// how many pages were compared equal.
 fn hash_pages(
     file: &File,
     path: &std::path::Path,
     first: usize,
     out: &mut [Option<Digest256>],
     buf: &mut [u8],
-) -> Result<(), PagesError> {
+    mut base: Option<&PagesReader<'_>>,
+) -> Result<usize, PagesError> {
+    let mut same = [false; BATCH_PAGES];
+    let (mut compared, mut equal) = (0usize, 0usize);
     for start in (0..out.len()).step_by(BATCH_PAGES) {
         let n = BATCH_PAGES.min(out.len() - start);
         let at = (first + start) as u64 * PAGE_SIZE as u64;
-        read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
-        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
-            out[start + i] = (!is_zero_page(page)).then(|| page_digest(page));
+        let bytes = &mut buf[..n * PAGE_SIZE];
+        read_at(file, path, bytes, at)?;
+        same[..n].fill(false);
+        if let Some(b) = base {
+            b.same((first + start) as u64, bytes, &mut same[..n]);
+            compared += n;
+            equal += same[..n].iter().filter(|&&s| s).count();
+            if compared >= 4 * BATCH_PAGES && equal < compared / 4 {
+                base = None;
+            }
+        }
+        for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+            let listed = same[i]
+                .then(|| base_digest(base, first + start + i))
+                .flatten();
+            out[start + i] = if is_zero_page(page) {
+                None
+            } else {
+                Some(listed.unwrap_or_else(|| page_digest(page)))
+            };
         }
     }
-    Ok(())
+    Ok(equal)
+}
+
+/// The digest `base` lists page `page` under.
+fn base_digest(base: Option<&PagesReader<'_>>, page: usize) -> Option<Digest256> {
+    base?.listed(page as u64).map(|p| p.digest)
 }
 
 /// Hashes the pages of a file another process is still appending to, a slice at a time, so
@@ -690,6 +814,7 @@ impl PageFollower {
                 self.hashed,
                 &mut self.step,
                 &mut self.buf,
+                None,
             )?;
             self.hashed += n;
         }
@@ -1163,7 +1288,7 @@ fn parse_entry(e: &[u8], packs: usize) -> Result<ListedPage, &'static str> {
 }
 
 /// Decoded frames a [`PagesReader`] keeps, most recently used first.
-const FRAME_CACHE: usize = 16;
+const FRAME_CACHE: usize = 64;
 /// Whole packs a [`PagesReader`] keeps of those it cannot read in place (at most 8 MiB each).
 const WHOLE_PACKS: usize = 4;
 
@@ -1210,6 +1335,9 @@ enum Route {
 /// A decoded frame in the cache: (pack id, frame number, its pages).
 type CachedFrame = (u32, usize, Arc<DecodedFrame>);
 
+/// A page as stored: its decoded frame, its place in it, and the pack and slot it was read from.
+type StoredPage = (Arc<DecodedFrame>, usize, (Digest256, u32));
+
 /// A frame's pages as decoded, and the digest each page was found to have once it was checked,
 /// so a page that many places of a file hold (the same stored page) is hashed once while its
 /// frame stays decoded: the bytes it was checked in are the bytes handed out again, never read
@@ -1240,7 +1368,7 @@ type PhysWant = (Arc<Phys>, Vec<(u32, u64)>);
 /// trailer and frame table are read once, on its first use, with
 /// [`BlobStore::read_at`] (unverified: a damaged table can only point at bytes that then fail
 /// the page check, never yield a wrong page); each frame is read with one `read_at` and decoded
-/// alone. The last [`FRAME_CACHE`] (16) decoded frames are kept, so consecutive single-page
+/// alone. The last [`FRAME_CACHE`] (64) decoded frames are kept, so consecutive single-page
 /// reads inside one 128 KiB frame decode it once; pages are hashed on every read. Many threads
 /// may call [`read`](Self::read) at once.
 ///
@@ -1314,6 +1442,16 @@ impl<'s> PagesReader<'s> {
         &self.manifest
     }
 
+    /// The whole page list, in file order.
+    pub fn list(&self) -> &[ListedPage] {
+        &self.list
+    }
+
+    /// The manifest's pack number `n`.
+    pub fn pack(&self, n: u32) -> Option<Digest256> {
+        self.packs.get(n as usize).copied()
+    }
+
     /// What the page list records for page `page` (its digest, and whether it is a zero page:
     /// `at` is `None`), or `None` past the end of the file.
     pub fn listed(&self, page: u64) -> Option<ListedPage> {
@@ -1359,17 +1497,54 @@ impl<'s> PagesReader<'s> {
         Ok(())
     }
 
-    /// Read page `page` (listed as `listed`, in slot `slot` of the manifest's pack `pack_no`)
-    /// into `dst`, checked; `frame_now` is the last frame decoded, reused when it holds it.
-    fn read_one(
+    /// For each page from `first` on, whether it is stored as exactly the bytes `bytes` holds
+    /// for it (a whole number of pages; one answer per page into `same`). Nothing is hashed:
+    /// the stored bytes are decoded and compared. A page that cannot be read, is past the end
+    /// of the file or is a zero page is not the same.
+    ///
+    /// What a writer uses to skip hashing a page its base already has: it then lists the page
+    /// under the base's digest. That is never wrong memory, even if the stored bytes were
+    /// damaged: bytes equal to a damaged page do not hash to the digest it is listed under, so
+    /// reading it fails (as reading the base's page does) instead of handing anything out.
+    pub fn same(&self, first: u64, bytes: &[u8], same: &mut [bool]) {
+        let mut frame_now: Option<CachedFrame> = None;
+        for (i, (new, same)) in bytes
+            .chunks_exact(PAGE_SIZE)
+            .zip(same.iter_mut())
+            .enumerate()
+        {
+            *same = false;
+            let page = first + i as u64;
+            let Some(listed) = self.listed(page) else {
+                continue;
+            };
+            let Some((pack_no, slot)) = listed.at else {
+                continue;
+            };
+            match self.stored_page(page, &listed, pack_no, slot, &mut frame_now) {
+                Ok((decoded, k, _)) => {
+                    *same = decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE] == *new;
+                }
+                Err(e) => {
+                    tracing::debug!(page, error = %e, "a base page not compared: hashed instead");
+                    frame_now = None;
+                }
+            }
+        }
+    }
+
+    /// The decoded frame holding page `page` (listed as `listed`, in slot `slot` of the
+    /// manifest's pack `pack_no`), unchecked, the page's place in it, and the pack and slot it
+    /// was found in (a repack's forward may have moved it); `frame_now` is the last frame
+    /// decoded, reused when it holds it.
+    fn stored_page(
         &self,
         page: u64,
         listed: &ListedPage,
         pack_no: u32,
         slot: u32,
-        dst: &mut [u8],
         frame_now: &mut Option<CachedFrame>,
-    ) -> Result<(), PagesError> {
+    ) -> Result<StoredPage, PagesError> {
         let route = self.route(pack_no)?;
         let (phys, slot) = self.site(&route, pack_no, listed, slot, page)?;
         let bad = |source| PagesError::BadPage { page, source };
@@ -1382,9 +1557,26 @@ impl<'s> PagesReader<'s> {
             unreachable!("a frame was just decoded");
         };
         let k = (slot - phys.frames[frame_no].first) as usize;
+        Ok((decoded.clone(), k, (phys.pack, slot)))
+    }
+
+    /// Read page `page` (listed as `listed`, in slot `slot` of the manifest's pack `pack_no`)
+    /// into `dst`, checked; `frame_now` is the last frame decoded, reused when it holds it.
+    fn read_one(
+        &self,
+        page: u64,
+        listed: &ListedPage,
+        pack_no: u32,
+        slot: u32,
+        dst: &mut [u8],
+        frame_now: &mut Option<CachedFrame>,
+    ) -> Result<(), PagesError> {
+        let (decoded, k, (pack, slot)) =
+            self.stored_page(page, listed, pack_no, slot, frame_now)?;
         let src = &decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
         if decoded.checked[k].get() != Some(&listed.digest) {
-            crate::pack::check_page(phys.pack, slot, src, &listed.digest).map_err(bad)?;
+            crate::pack::check_page(pack, slot, src, &listed.digest)
+                .map_err(|source| PagesError::BadPage { page, source })?;
             let _ = decoded.checked[k].set(listed.digest);
         }
         dst.copy_from_slice(src);
@@ -2489,6 +2681,109 @@ mod tests {
         assert_eq!(page, original[43 * PAGE_SIZE..44 * PAGE_SIZE]);
         // The store's own check of the whole blob sees it too.
         assert!(matches!(fs.get(&m.packs[0]), Err(Error::Integrity { .. })));
+    }
+
+    #[test]
+    fn a_later_version_compares_its_unchanged_pages_with_its_base_instead_of_hashing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let first: Vec<Option<u64>> = (0..3000u64).map(|i| (i % 9 != 4).then_some(i)).collect();
+        let (file, path) = file_of(tmp.path(), "v1", &first);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let v1 = w.write_file(&file, &path).expect("v1");
+        w.commit().expect("commit");
+        assert_eq!(v1.compared_pages, 0, "nothing to compare with yet");
+        // Every 10th page rewritten, two zero pages filled, one filled page zeroed.
+        let mut second = first.clone();
+        for (i, p) in second.iter_mut().enumerate() {
+            if i % 10 == 7 {
+                *p = Some(100_000 + i as u64);
+            }
+        }
+        second[4] = Some(7_777_777);
+        second[13] = Some(8_888_888);
+        second[5] = None;
+        let (file, path) = file_of(tmp.path(), "v2", &second);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let v2 = w.write_file(&file, &path).expect("v2");
+        w.commit().expect("commit");
+        let unchanged = first
+            .iter()
+            .zip(&second)
+            .filter(|(a, b)| a.is_some() && a == b)
+            .count() as u64;
+        assert_eq!(
+            v2.compared_pages, unchanged,
+            "the base was found by its sample"
+        );
+        // The page list is what hashing every page gives, and the file reads back.
+        let reader = PagesReader::open(&fs, &v2.manifest).expect("open");
+        let bytes = std::fs::read(&path).expect("v2 bytes");
+        for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
+            let listed = reader.listed(i as u64).expect("listed");
+            if is_zero_page(page) {
+                assert_eq!(listed.at, None, "page {i}");
+            } else {
+                assert_eq!(listed.digest, page_digest(page), "page {i}");
+            }
+        }
+        let mut all = vec![0u8; bytes.len()];
+        reader.read(0, &mut all).expect("read");
+        assert_eq!(all, bytes);
+        // A file that is not a later version of anything is hashed whole.
+        let other: Vec<Option<u64>> = (0..3000u64).map(|i| Some(500_000 + i)).collect();
+        let (file, path) = file_of(tmp.path(), "other", &other);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        assert_eq!(w.write_file(&file, &path).expect("other").compared_pages, 0);
+    }
+
+    #[test]
+    fn a_page_equal_to_a_damaged_base_page_is_never_read_as_the_base_page() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let layout: Vec<Option<u64>> = (0..600u64).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "v1", &layout);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let v1 = w.write_file(&file, &path).expect("v1");
+        w.commit().expect("commit");
+        // Damage page 300 in its (raw) pack, then store a file whose page 300 is those very
+        // damaged bytes: compared, it is "the same" as the base's page 300.
+        let original = std::fs::read(&path).expect("v1 bytes");
+        let m = load_manifest(&fs, &v1.manifest).expect("manifest");
+        let needle = &original[300 * PAGE_SIZE + 64..300 * PAGE_SIZE + 96];
+        let (pack_path, mut pack, at) = m
+            .packs
+            .iter()
+            .find_map(|d| {
+                let path = fs.blob_path(d);
+                let bytes = std::fs::read(&path).ok()?;
+                let at = bytes.windows(needle.len()).position(|w| w == needle)?;
+                Some((path, bytes, at))
+            })
+            .expect("page 300 in a pack");
+        pack[at] ^= 1;
+        std::fs::write(&pack_path, &pack).expect("damage");
+        let mut damaged = original.clone();
+        damaged[300 * PAGE_SIZE + 64] ^= 1;
+        let path2 = tmp.path().join("v2");
+        std::fs::write(&path2, &damaged).expect("v2");
+        let file2 = File::open(&path2).expect("open v2");
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let v2 = w
+            .write_file_prehashed(&file2, &path2, Vec::new(), Some(&v1.manifest))
+            .expect("v2");
+        w.commit().expect("commit");
+        assert_eq!(v2.compared_pages, 600);
+        // Listed under the base's digest, which those bytes do not have: reading it fails.
+        let reader = PagesReader::open(&fs, &v2.manifest).expect("open");
+        let mut page = vec![0u8; PAGE_SIZE];
+        let err = reader.read(300, &mut page).expect_err("damaged");
+        assert!(
+            matches!(err, PagesError::BadPage { page: 300, .. }),
+            "{err}"
+        );
+        reader.read(299, &mut page).expect("a neighbour");
+        assert_eq!(page, original[299 * PAGE_SIZE..300 * PAGE_SIZE]);
     }
 
     #[test]
