@@ -139,6 +139,7 @@ impl PageIndex {
             // A few digests against a long run: binary searches (about 18 small reads each for
             // a GiB of pages) instead of reading the whole run.
             if (wanted.len() as u64).saturating_mul(SPARSE) < run.left {
+                run.check_len()?;
                 for digest in wanted {
                     if let Some(loc) = run.find(digest)? {
                         found.entry(*digest).or_insert(loc);
@@ -400,6 +401,26 @@ impl RunReader {
 
     /// Where `digest` is, by binary search over the records (read with `pread`, leaving the
     /// sequential reader where it was). A run that is not sorted can only make it miss.
+    /// An error unless the file is exactly as long as its header says ([`find`](Self::find)
+    /// reads records where the header puts them).
+    fn check_len(&self) -> Result<(), IndexError> {
+        let len = self
+            .input
+            .get_ref()
+            .metadata()
+            .map_err(|source| io("stat", &self.path, source))?
+            .len();
+        let end = self
+            .records
+            .checked_mul(40)
+            .and_then(|n| n.checked_add(self.records_at));
+        match end {
+            Some(end) if end == len => Ok(()),
+            Some(end) if end > len => Err(malformed(&self.path, "truncated")),
+            _ => Err(malformed(&self.path, "not as long as its header says")),
+        }
+    }
+
     fn find(&self, digest: &Digest256) -> Result<Option<PageLoc>, IndexError> {
         use std::os::unix::fs::FileExt as _;
         let file = self.input.get_ref();

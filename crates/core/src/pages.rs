@@ -166,9 +166,9 @@ pub struct PagesStored {
     pub new_pages: u64,
     /// Raw bytes of the packs this file wrote.
     pub pack_bytes: u64,
-    /// Pages found stored as the same bytes at the same place in the file's base (an earlier
-    /// version of it), so compared instead of hashed.
-    pub compared_pages: u64,
+    /// Pages whose base (an earlier version of the file) lists them at the same place: placed
+    /// where it has them, not looked up in the page index.
+    pub from_base_pages: u64,
 }
 
 /// Where a session knows a page to be: (the pack's number in the session's pack table, slot).
@@ -292,30 +292,26 @@ impl<'a> PageWriter<'a> {
         let prehashed_pages = prehashed.len();
         let mut digests = prehashed;
         digests.resize(pages, None);
-        // The base, known or guessed from a sample of pages: a page it stores as the same
-        // bytes at the same place is compared, not hashed.
+        // The base, known or guessed from a sample of pages: a page it lists at the same place
+        // under the same digest is placed where it has it, without an index lookup.
         let sampled = match base_manifest {
             Some(_) => None,
             None => self.guess_base(file, path, pages),
         };
         let base_manifest = base_manifest.or(sampled.as_ref());
-        let compare = base_manifest.and_then(|m| {
+        let base_list = base_manifest.and_then(|m| {
             PagesReader::open(self.store, m)
-                .inspect_err(|e| tracing::debug!(base = %m, error = %e, "base not compared"))
+                .inspect_err(|e| tracing::debug!(base = %m, error = %e, "no base list"))
                 .ok()
         });
         let base_opened = started.elapsed();
-        let compared = self.hash_all(
-            file,
-            path,
-            prehashed_pages,
-            &mut digests[prehashed_pages..],
-            compare.as_ref(),
-        )?;
+        self.hash_all(file, path, prehashed_pages, &mut digests[prehashed_pages..])?;
         let hashed = started.elapsed();
-        // A page the base lists at the same place under the same digest is where the base has
-        // it (if that pack is still in the store): not looked up in the index.
-        if let Some(reader) = &compare {
+        // Where the base has it, if that pack is still in the store. The digest is the page's
+        // own hash, so a wrong base entry can only make the page unreadable (its bytes there do
+        // not check), never wrong.
+        let mut from_base = 0u64;
+        if let Some(reader) = &base_list {
             for (i, digest) in digests.iter().enumerate() {
                 let Some(digest) = digest else { continue };
                 if self.known.contains_key(digest) {
@@ -335,6 +331,7 @@ impl<'a> PageWriter<'a> {
                     && let Some(id) = self.present_pack(&pack)?
                 {
                     self.known.insert(*digest, (id, slot));
+                    from_base += 1;
                 }
             }
         }
@@ -413,7 +410,7 @@ impl<'a> PageWriter<'a> {
         tracing::debug!(
             file = %path.display(),
             prehashed_pages,
-            compared,
+            from_base,
             ?base_opened,
             ?hashed,
             ?looked_up,
@@ -430,13 +427,13 @@ impl<'a> PageWriter<'a> {
         }
         // The page list, in file order: as the changes from the base's where that is small.
         let base = base_manifest.and_then(|b| {
-            let parsed = compare
+            let parsed = base_list
                 .as_ref()
                 .filter(|r| r.manifest() == b)
                 .map(PagesReader::list);
             self.usable_base(b, parsed)
         });
-        drop(compare);
+        drop(base_list);
         let delta = base.as_ref().and_then(|base| {
             let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
             let delta = delta_of(&list, &packs, base);
@@ -493,7 +490,7 @@ impl<'a> PageWriter<'a> {
             zero_pages,
             new_pages,
             pack_bytes,
-            compared_pages: compared as u64,
+            from_base_pages: from_base,
         })
     }
 
@@ -658,31 +655,29 @@ impl<'a> PageWriter<'a> {
     }
 
     /// The digests (None for a zero page) of the pages from page `from` on into `out`, one
-    /// per page, on `threads` threads: hashed, or where `base` stores the same bytes at the
-    /// same place, its digest. Returns how many were compared equal.
+    /// per page, hashed on `threads` threads.
     fn hash_all(
         &self,
         file: &File,
         path: &std::path::Path,
         from: usize,
         out: &mut [Option<Digest256>],
-        base: Option<&PagesReader<'_>>,
-    ) -> Result<usize, PagesError> {
+    ) -> Result<(), PagesError> {
         let per = out.len().div_ceil(self.threads).max(1);
         std::thread::scope(|s| {
             let handles: Vec<_> = out
                 .chunks_mut(per)
                 .enumerate()
                 .map(|(t, out)| {
-                    s.spawn(move || -> Result<usize, PagesError> {
+                    s.spawn(move || -> Result<(), PagesError> {
                         let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
-                        hash_pages(file, path, from + t * per, out, &mut buf, base)
+                        hash_pages(file, path, from + t * per, out, &mut buf)
                     })
                 })
                 .collect();
-            handles.into_iter().try_fold(0, |sum, h| {
-                Ok(sum + h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?)
-            })
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         })
     }
 
@@ -715,51 +710,23 @@ impl<'a> PageWriter<'a> {
 }
 
 /// Hash the pages of `file` from page `first` on into `out` (None for a zero page), reading
-/// [`BATCH_PAGES`] at a time into `buf`. A page `base` stores as the same bytes at the same
-/// place ([`PagesReader::same`]) takes the base's digest unhashed; comparing stops once fewer
-/// than a quarter of the pages compared were the same (a base that is not this file's). Returns
-/// how many pages were compared equal.
+/// [`BATCH_PAGES`] at a time into `buf`.
 fn hash_pages(
     file: &File,
     path: &std::path::Path,
     first: usize,
     out: &mut [Option<Digest256>],
     buf: &mut [u8],
-    mut base: Option<&PagesReader<'_>>,
-) -> Result<usize, PagesError> {
-    let mut same = [false; BATCH_PAGES];
-    let (mut compared, mut equal) = (0usize, 0usize);
+) -> Result<(), PagesError> {
     for start in (0..out.len()).step_by(BATCH_PAGES) {
         let n = BATCH_PAGES.min(out.len() - start);
         let at = (first + start) as u64 * PAGE_SIZE as u64;
-        let bytes = &mut buf[..n * PAGE_SIZE];
-        read_at(file, path, bytes, at)?;
-        same[..n].fill(false);
-        if let Some(b) = base {
-            b.same((first + start) as u64, bytes, &mut same[..n]);
-            compared += n;
-            equal += same[..n].iter().filter(|&&s| s).count();
-            if compared >= 4 * BATCH_PAGES && equal < compared / 4 {
-                base = None;
-            }
-        }
-        for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
-            let listed = same[i]
-                .then(|| base_digest(base, first + start + i))
-                .flatten();
-            out[start + i] = if is_zero_page(page) {
-                None
-            } else {
-                Some(listed.unwrap_or_else(|| page_digest(page)))
-            };
+        read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
+        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+            out[start + i] = (!is_zero_page(page)).then(|| page_digest(page));
         }
     }
-    Ok(equal)
-}
-
-/// The digest `base` lists page `page` under.
-fn base_digest(base: Option<&PagesReader<'_>>, page: usize) -> Option<Digest256> {
-    base?.listed(page as u64).map(|p| p.digest)
+    Ok(())
 }
 
 /// Hashes the pages of a file another process is still appending to, a slice at a time, so
@@ -814,7 +781,6 @@ impl PageFollower {
                 self.hashed,
                 &mut self.step,
                 &mut self.buf,
-                None,
             )?;
             self.hashed += n;
         }
@@ -1369,8 +1335,9 @@ type PhysWant = (Arc<Phys>, Vec<(u32, u64)>);
 /// [`BlobStore::read_at`] (unverified: a damaged table can only point at bytes that then fail
 /// the page check, never yield a wrong page); each frame is read with one `read_at` and decoded
 /// alone. The last [`FRAME_CACHE`] (64) decoded frames are kept, so consecutive single-page
-/// reads inside one 128 KiB frame decode it once; pages are hashed on every read. Many threads
-/// may call [`read`](Self::read) at once.
+/// reads inside one 128 KiB frame decode it once; a page is hashed the first time it is read
+/// from a kept frame against a listed digest, and handed out again from the very bytes that
+/// checked while the frame is kept. Many threads may call [`read`](Self::read) at once.
 ///
 /// A pack that is gone but [forwarded](crate::forward) by a repack is read from the packs its
 /// forward records lead to, each page found by its digest in their indexes (read whole once,
@@ -1495,42 +1462,6 @@ impl<'s> PagesReader<'s> {
             }
         }
         Ok(())
-    }
-
-    /// For each page from `first` on, whether it is stored as exactly the bytes `bytes` holds
-    /// for it (a whole number of pages; one answer per page into `same`). Nothing is hashed:
-    /// the stored bytes are decoded and compared. A page that cannot be read, is past the end
-    /// of the file or is a zero page is not the same.
-    ///
-    /// What a writer uses to skip hashing a page its base already has: it then lists the page
-    /// under the base's digest. That is never wrong memory, even if the stored bytes were
-    /// damaged: bytes equal to a damaged page do not hash to the digest it is listed under, so
-    /// reading it fails (as reading the base's page does) instead of handing anything out.
-    pub fn same(&self, first: u64, bytes: &[u8], same: &mut [bool]) {
-        let mut frame_now: Option<CachedFrame> = None;
-        for (i, (new, same)) in bytes
-            .chunks_exact(PAGE_SIZE)
-            .zip(same.iter_mut())
-            .enumerate()
-        {
-            *same = false;
-            let page = first + i as u64;
-            let Some(listed) = self.listed(page) else {
-                continue;
-            };
-            let Some((pack_no, slot)) = listed.at else {
-                continue;
-            };
-            match self.stored_page(page, &listed, pack_no, slot, &mut frame_now) {
-                Ok((decoded, k, _)) => {
-                    *same = decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE] == *new;
-                }
-                Err(e) => {
-                    tracing::debug!(page, error = %e, "a base page not compared: hashed instead");
-                    frame_now = None;
-                }
-            }
-        }
     }
 
     /// The decoded frame holding page `page` (listed as `listed`, in slot `slot` of the
@@ -2684,7 +2615,7 @@ mod tests {
     }
 
     #[test]
-    fn a_later_version_compares_its_unchanged_pages_with_its_base_instead_of_hashing() {
+    fn a_later_version_places_its_unchanged_pages_where_its_base_has_them() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
         let first: Vec<Option<u64>> = (0..3000u64).map(|i| (i % 9 != 4).then_some(i)).collect();
@@ -2692,7 +2623,7 @@ mod tests {
         let mut w = PageWriter::new(&fs, fs.page_index(), 2);
         let v1 = w.write_file(&file, &path).expect("v1");
         w.commit().expect("commit");
-        assert_eq!(v1.compared_pages, 0, "nothing to compare with yet");
+        assert_eq!(v1.from_base_pages, 0, "no base yet");
         // Every 10th page rewritten, two zero pages filled, one filled page zeroed.
         let mut second = first.clone();
         for (i, p) in second.iter_mut().enumerate() {
@@ -2713,7 +2644,7 @@ mod tests {
             .filter(|(a, b)| a.is_some() && a == b)
             .count() as u64;
         assert_eq!(
-            v2.compared_pages, unchanged,
+            v2.from_base_pages, unchanged,
             "the base was found by its sample"
         );
         // The page list is what hashing every page gives, and the file reads back.
@@ -2730,60 +2661,14 @@ mod tests {
         let mut all = vec![0u8; bytes.len()];
         reader.read(0, &mut all).expect("read");
         assert_eq!(all, bytes);
-        // A file that is not a later version of anything is hashed whole.
+        // A file that is not a later version of anything has no base: every page is looked up.
         let other: Vec<Option<u64>> = (0..3000u64).map(|i| Some(500_000 + i)).collect();
         let (file, path) = file_of(tmp.path(), "other", &other);
         let mut w = PageWriter::new(&fs, fs.page_index(), 2);
-        assert_eq!(w.write_file(&file, &path).expect("other").compared_pages, 0);
-    }
-
-    #[test]
-    fn a_page_equal_to_a_damaged_base_page_is_never_read_as_the_base_page() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
-        let layout: Vec<Option<u64>> = (0..600u64).map(Some).collect();
-        let (file, path) = file_of(tmp.path(), "v1", &layout);
-        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
-        let v1 = w.write_file(&file, &path).expect("v1");
-        w.commit().expect("commit");
-        // Damage page 300 in its (raw) pack, then store a file whose page 300 is those very
-        // damaged bytes: compared, it is "the same" as the base's page 300.
-        let original = std::fs::read(&path).expect("v1 bytes");
-        let m = load_manifest(&fs, &v1.manifest).expect("manifest");
-        let needle = &original[300 * PAGE_SIZE + 64..300 * PAGE_SIZE + 96];
-        let (pack_path, mut pack, at) = m
-            .packs
-            .iter()
-            .find_map(|d| {
-                let path = fs.blob_path(d);
-                let bytes = std::fs::read(&path).ok()?;
-                let at = bytes.windows(needle.len()).position(|w| w == needle)?;
-                Some((path, bytes, at))
-            })
-            .expect("page 300 in a pack");
-        pack[at] ^= 1;
-        std::fs::write(&pack_path, &pack).expect("damage");
-        let mut damaged = original.clone();
-        damaged[300 * PAGE_SIZE + 64] ^= 1;
-        let path2 = tmp.path().join("v2");
-        std::fs::write(&path2, &damaged).expect("v2");
-        let file2 = File::open(&path2).expect("open v2");
-        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
-        let v2 = w
-            .write_file_prehashed(&file2, &path2, Vec::new(), Some(&v1.manifest))
-            .expect("v2");
-        w.commit().expect("commit");
-        assert_eq!(v2.compared_pages, 600);
-        // Listed under the base's digest, which those bytes do not have: reading it fails.
-        let reader = PagesReader::open(&fs, &v2.manifest).expect("open");
-        let mut page = vec![0u8; PAGE_SIZE];
-        let err = reader.read(300, &mut page).expect_err("damaged");
-        assert!(
-            matches!(err, PagesError::BadPage { page: 300, .. }),
-            "{err}"
+        assert_eq!(
+            w.write_file(&file, &path).expect("other").from_base_pages,
+            0
         );
-        reader.read(299, &mut page).expect("a neighbour");
-        assert_eq!(page, original[299 * PAGE_SIZE..300 * PAGE_SIZE]);
     }
 
     #[test]

@@ -7,9 +7,15 @@
 //!
 //! The pipe then holds pf's pages until CRIU reads them, so they must never change after they
 //! were spliced: each chunk gets a mapping of its own ([`PageBuf`]), filled once, then sealed
-//! ([`Sealed`], which gives no way to write it) and unmapped when done. Unmapping leaves the
-//! pages to the pipe's references; no allocator ever hands them out again. `mmap`, `munmap`
-//! and `vmsplice` are the `unsafe` calls here, each with a `SAFETY` note.
+//! ([`Sealed`], which gives no way to write it) and unmapped when done, or given back for
+//! writing by [`Released`] only once its pages have left the pipe. Unmapping leaves the pages
+//! to the pipe's references; no allocator ever hands them out again. `mmap`, `munmap` and
+//! `vmsplice` are the `unsafe` calls here, each with a `SAFETY` note.
+//!
+//! Only for pipes whose reader copies the bytes out (`read`): CRIU reads pages files that way
+//! (criu/pagemap.c). A reader that splices out of the pipe would take the page references
+//! with it, past the point `Released` counts on; CRIU does that with other images (pipe data,
+//! ghost files), which pf therefore never serves from here.
 #![allow(unsafe_code)]
 
 use std::os::fd::AsFd;
@@ -114,7 +120,7 @@ pub(crate) struct Released {
 }
 
 impl Released {
-    /// For `pipe`, whose size is read now (it must not grow later).
+    /// For `pipe`.
     pub(crate) fn new(pipe: &impl AsFd) -> std::io::Result<Self> {
         let bytes = rustix::pipe::fcntl_getpipe_size(pipe)?;
         Ok(Self {
@@ -134,11 +140,18 @@ impl Released {
         self.waiting.push_back((self.spliced, buf));
     }
 
-    /// A buffer whose pages have all left the pipe, if one has.
-    pub(crate) fn take(&mut self) -> Option<PageBuf> {
+    /// A buffer whose pages have all left `pipe` (the pipe given to [`new`](Self::new)), if
+    /// one has.
+    pub(crate) fn take(&mut self, pipe: &impl AsFd) -> Option<PageBuf> {
         let (end, _) = self.waiting.front()?;
-        // Whole pages after it only: rounding down errs on the side of waiting.
+        // Whole pages after it only: rounding down errs on the side of waiting. The larger of
+        // the size read first and now (the kernel never shrinks a pipe below what it holds).
         if (self.spliced - end) / PAGE < self.capacity {
+            return None;
+        }
+        let now = rustix::pipe::fcntl_getpipe_size(pipe)
+            .map_or(u64::MAX, |bytes| (bytes as u64).div_ceil(PAGE));
+        if (self.spliced - end) / PAGE < now {
             return None;
         }
         self.waiting.pop_front().map(|(_, buf)| buf.unseal())
@@ -155,9 +168,10 @@ pub(crate) fn splice(pipe: &impl AsFd, bufs: &[(&Sealed, usize)]) -> std::io::Re
         .iter()
         .map(|(buf, from)| IoSliceRaw::from_slice(&buf.as_slice()[*from..]))
         .collect();
-    // SAFETY: every slice is of a Sealed buffer, which nothing writes again, and which stays
-    // mapped while borrowed here; what the pipe keeps are page references, valid after the
-    // mapping goes. vmsplice only reads the memory (no SPLICE_F_GIFT).
+    // SAFETY: every slice is of a Sealed buffer, which stays mapped while borrowed here and is
+    // written again only after `Released` gives it back, once the pipe no longer holds its
+    // pages; what the pipe keeps are page references, valid after the mapping goes. vmsplice
+    // only reads the memory (no SPLICE_F_GIFT).
     let n = unsafe { vmsplice(pipe, &slices, SpliceFlags::NONBLOCK) }?;
     Ok(n)
 }
@@ -210,7 +224,7 @@ mod tests {
         released.spliced(splice(&tx, &[(&first, 0)]).expect("splice"));
         released.done(first);
         for k in 1..=capacity {
-            assert!(released.take().is_none(), "back after {k} pages");
+            assert!(released.take(&tx).is_none(), "back after {k} pages");
             // The pipe is full before the last of these: the first page is read to make room.
             if k == capacity {
                 let mut one = [0u8; 4096];
@@ -222,7 +236,7 @@ mod tests {
             released.done(next);
         }
         let mut again = released
-            .take()
+            .take(&tx)
             .expect("the first buffer is out of the pipe");
         again.as_mut_slice().fill(9);
         drop(tx);

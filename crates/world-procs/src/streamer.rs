@@ -50,6 +50,8 @@ const CHUNK_PAGES: usize = 256;
 const MAX_REQUEST: u32 = 4096;
 /// How often waiting threads look at the stop flag.
 const TICK: Duration = Duration::from_millis(50);
+/// Chunks handed to one `vmsplice` at most.
+const SPLICE_CHUNKS: usize = 8;
 /// The pipe size asked for (the kernel's default cap, `/proc/sys/fs/pipe-max-size`).
 const PIPE_SIZE: usize = 1 << 20;
 
@@ -646,8 +648,11 @@ fn pages_file(
             if sending.is_empty() {
                 break;
             }
+            // A pipe takes its size at a time (1 MiB, a chunk): a few chunks a call is plenty,
+            // and well under the kernel's 1024 buffers a call.
             let parts: Vec<(&Sealed, usize)> = sending
                 .iter()
+                .take(SPLICE_CHUNKS)
                 .enumerate()
                 .map(|(k, buf)| (buf, if k == 0 { offset } else { 0 }))
                 .collect();
@@ -685,8 +690,10 @@ fn pages_file(
                     for buf in finished {
                         r.done(buf);
                     }
-                    while let Some(buf) = r.take() {
-                        if st.spare.len() < window {
+                    // Two spares at most: what is mapped stays within the read-ahead budget
+                    // but for them.
+                    while let Some(buf) = r.take(&out.pipe) {
+                        if st.spare.len() < 2 {
                             st.spare.push(buf);
                         }
                     }
