@@ -7,7 +7,8 @@
 //!   `pf goblin freeze --leave-running` into an empty store (to the digest). Both leave the
 //!   goblin running: the only way to dump one process several times, and what an agent does;
 //! - the pause: CRIU's `frozen_time` from its `stats-dump`, for both (pf keeps it in the procs
-//!   blob, read back with `pf procs show`);
+//!   blob, read back with `pf procs show`), and for pf's v2 freeze below (which hashes pages
+//!   beside the dump);
 //! - raw `criu restore` from that tmpfs directory, against `pf goblin thaw` from the store, each
 //!   timed from starting the command to the goblin's first answer. Both restore into fresh pid +
 //!   mount namespaces on fresh pipes (`unshare --pid --fork --mount-proc criu restore
@@ -157,8 +158,10 @@ struct Run {
     freeze_rss_kib: u64,
     thaw_rss_kib: u64,
     fork_rss_kib: u64,
-    /// The same freeze and thaw with `PF_SNAPSHOT_FORMAT=v2`, into an empty store.
+    /// The same freeze and thaw with `PF_SNAPSHOT_FORMAT=v2`, into an empty store, and that
+    /// freeze's pause (CRIU's frozen time, with pf hashing pages beside the dump).
     v2_freeze_s: f64,
+    v2_pause_us: u64,
     v2_thaw_s: f64,
     v2_freeze_rss_kib: u64,
     v2_thaw_rss_kib: u64,
@@ -343,6 +346,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         let (v2_freeze_s, v2_digest, v2_freeze_rss) =
             pf_freeze(env, v2_store.path(), pid, Format::V2)?;
         result.v2_store_one_bytes = dir_bytes(&v2_store.path().join("blobs"));
+        let v2_pause_us = pf_pause(env, v2_store.path(), &v2_digest)?;
         let v2_thaw = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Eager)?;
         check_answer("pf goblin thaw --eager (v2)", &v2_thaw.answer, &expected)?;
         let hints = v2_store.path().join("index").join("hot");
@@ -377,6 +381,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             thaw_rss_kib: thaw.rss_kib,
             fork_rss_kib: fork_rss,
             v2_freeze_s,
+            v2_pause_us,
             v2_thaw_s: v2_thaw.answer_s,
             v2_freeze_rss_kib: v2_freeze_rss,
             v2_thaw_rss_kib: v2_thaw.rss_kib,
@@ -392,7 +397,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         };
         progress(&format!(
             "  dump {:.3} s / freeze {:.3} s; pause {:.1} / {:.1} ms; restore {:.3} s / thaw \
-             {:.3} s; fork {FORK_CLONES} {:.3} s; v2 freeze {:.3} s, thaw {:.3} s; lazy thaw \
+             {:.3} s; fork {FORK_CLONES} {:.3} s; v2 freeze {:.3} s (pause {:.1} ms), thaw {:.3} s; lazy thaw \
              {:.3} s, again {:.3} s, all pages in {:.3} s; lazy fork {FORK_CLONES} {:.3} s",
             run.raw_dump_s,
             run.pf_freeze_s,
@@ -402,6 +407,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             run.pf_thaw_s,
             run.fork_s,
             run.v2_freeze_s,
+            run.v2_pause_us as f64 / 1e3,
             run.v2_thaw_s,
             run.lazy_first_s,
             run.lazy_second_s,
@@ -782,6 +788,7 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
         store_one_bytes: size.store_one_bytes,
         series_bytes: size.series_bytes.clone(),
         v2_freeze_s: m(|r| r.v2_freeze_s),
+        v2_pause_ms: m(|r| r.v2_pause_us as f64 / 1e3),
         v2_thaw_s: m(|r| r.v2_thaw_s),
         v2_freeze_rss_kib: max(|r| r.v2_freeze_rss_kib),
         v2_thaw_rss_kib: max(|r| r.v2_thaw_rss_kib),
@@ -814,6 +821,7 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
                     "thaw_rss_kib": r.thaw_rss_kib,
                     "fork_rss_kib": r.fork_rss_kib,
                     "v2_freeze_s": r.v2_freeze_s,
+                    "v2_pause_us": r.v2_pause_us,
                     "v2_thaw_s": r.v2_thaw_s,
                     "v2_freeze_rss_kib": r.v2_freeze_rss_kib,
                     "v2_thaw_rss_kib": r.v2_thaw_rss_kib,

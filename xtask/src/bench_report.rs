@@ -39,6 +39,8 @@ pub(crate) struct SizeSummary {
     pub(crate) store_one_bytes: u64,
     pub(crate) series_bytes: Vec<u64>,
     pub(crate) v2_freeze_s: f64,
+    /// CRIU's frozen time in the v2 freeze (pf hashes pages beside the dump).
+    pub(crate) v2_pause_ms: f64,
     pub(crate) v2_thaw_s: f64,
     pub(crate) v2_freeze_rss_kib: u64,
     pub(crate) v2_thaw_rss_kib: u64,
@@ -186,6 +188,8 @@ fn v2_json(s: &SizeSummary) -> Value {
     json!({
         "freeze_s": s.v2_freeze_s,
         "freeze_ratio": s.v2_freeze_s / s.raw_dump_s,
+        "pause_ms": s.v2_pause_ms,
+        "pause_ratio": s.v2_pause_ms / s.raw_pause_ms,
         "refreeze_s": s.v2_refreeze_s,
         "refreeze_ratio": s.v2_refreeze_s / s.raw_dump_s,
         "thaw_s": s.v2_thaw_s,
@@ -422,6 +426,18 @@ impl Report {
                 "v2 freeze: pf / raw",
                 &|s| ratio_cell(s.v2_freeze_s, s.raw_dump_s, V2_FREEZE_TARGET),
                 &format!("≤ {V2_FREEZE_TARGET}×"),
+            );
+            row(
+                &mut md,
+                "v2: pause, pf (ms, CRIU's frozen time)",
+                &|s| format!("{:.1}", s.v2_pause_ms),
+                "",
+            );
+            row(
+                &mut md,
+                "v2 pause: pf / raw",
+                &|s| ratio_cell(s.v2_pause_ms, s.raw_pause_ms, PAUSE_TARGET),
+                &format!("≤ {PAUSE_TARGET}×"),
             );
             row(
                 &mut md,
