@@ -24,6 +24,7 @@ pub mod page_index;
 pub mod pages;
 pub mod pages_report;
 mod repack;
+mod sha256_many;
 mod store;
 
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};

@@ -118,6 +118,37 @@ pub fn page_digest(page: &[u8]) -> Digest256 {
     Digest256::from_bytes(Sha256::digest(page).into())
 }
 
+/// The digests of `pages` (4 KiB each), in order, appended to `out`: what [`page_digest`] gives
+/// for each, hashed many side by side where the CPU can (16 at once with AVX-512: about twice
+/// as fast as one at a time).
+pub fn page_digests(pages: &[&[u8]], out: &mut Vec<Digest256>) {
+    crate::sha256_many::digest_many(pages, out);
+}
+
+/// Check each of `pages` (the pack and slot it was read from, its bytes, the digest it must
+/// hash to), hashed many at once; the first that does not match is the error, with its index.
+pub(crate) fn check_pages(
+    pages: &[(Digest256, u32, &[u8], Digest256)],
+) -> Result<(), (usize, PackError)> {
+    let bytes: Vec<&[u8]> = pages.iter().map(|(_, _, page, _)| *page).collect();
+    let mut actual = Vec::with_capacity(pages.len());
+    page_digests(&bytes, &mut actual);
+    for (i, ((pack, slot, _, expected), actual)) in pages.iter().zip(actual).enumerate() {
+        if actual != *expected {
+            return Err((
+                i,
+                PackError::BadPage {
+                    pack: *pack,
+                    slot: *slot,
+                    expected: *expected,
+                    actual,
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether every byte of `page` is zero.
 pub fn is_zero_page(page: &[u8]) -> bool {
     // Compare in u64 chunks: the compiler vectorises this.
@@ -553,17 +584,28 @@ impl<'a> Pack<'a> {
     ) -> Result<(), E> {
         let mut buf = Vec::new();
         let mut decoder = None;
-        let mut have: Option<usize> = None;
-        for (slot, expected) in wanted {
-            let n = self.frame_of(*slot)?;
-            if have != Some(n) {
-                self.decode_frame(&mut decoder, n, &mut buf)?;
-                have = Some(n);
+        let mut k = 0;
+        while k < wanted.len() {
+            // The wanted slots of one frame: decoded once, hashed at once, then handed out.
+            let n = self.frame_of(wanted[k].0)?;
+            let first = self.decode_frame(&mut decoder, n, &mut buf)?;
+            let end = first + self.frames[n].pages;
+            let from = k;
+            while k < wanted.len() && wanted[k].0 >= first && wanted[k].0 < end {
+                k += 1;
             }
-            let at = (slot - self.frames[n].first) as usize * PAGE_SIZE;
-            let page = &buf[at..at + PAGE_SIZE];
-            check_page(self.digest, *slot, page, expected)?;
-            f(*slot, page)?;
+            let page_at = |slot: u32| {
+                let at = (slot - first) as usize * PAGE_SIZE;
+                &buf[at..at + PAGE_SIZE]
+            };
+            let checks: Vec<(Digest256, u32, &[u8], Digest256)> = wanted[from..k]
+                .iter()
+                .map(|(slot, expected)| (self.digest, *slot, page_at(*slot), *expected))
+                .collect();
+            check_pages(&checks).map_err(|(_, err)| err)?;
+            for (slot, _) in &wanted[from..k] {
+                f(*slot, page_at(*slot))?;
+            }
         }
         Ok(())
     }
@@ -574,10 +616,15 @@ impl<'a> Pack<'a> {
         let mut decoder = None;
         for n in 0..self.frames.len() {
             let first = self.decode_frame(&mut decoder, n, &mut buf)?;
-            for (i, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
-                let slot = first + i as u32;
-                check_page(self.digest, slot, page, &self.page_digest(slot)?)?;
-            }
+            let checks = buf
+                .chunks_exact(PAGE_SIZE)
+                .enumerate()
+                .map(|(i, page)| {
+                    let slot = first + i as u32;
+                    Ok((self.digest, slot, page, self.page_digest(slot)?))
+                })
+                .collect::<Result<Vec<_>, PackError>>()?;
+            check_pages(&checks).map_err(|(_, err)| err)?;
         }
         Ok(self.pages())
     }

@@ -718,12 +718,25 @@ fn hash_pages(
     out: &mut [Option<Digest256>],
     buf: &mut [u8],
 ) -> Result<(), PagesError> {
+    let mut at_index = Vec::with_capacity(BATCH_PAGES);
+    let mut digests = Vec::with_capacity(BATCH_PAGES);
     for start in (0..out.len()).step_by(BATCH_PAGES) {
         let n = BATCH_PAGES.min(out.len() - start);
         let at = (first + start) as u64 * PAGE_SIZE as u64;
         read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
+        let mut pages: Vec<&[u8]> = Vec::with_capacity(n);
+        at_index.clear();
         for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
-            out[start + i] = (!is_zero_page(page)).then(|| page_digest(page));
+            out[start + i] = None;
+            if !is_zero_page(page) {
+                pages.push(page);
+                at_index.push(start + i);
+            }
+        }
+        digests.clear();
+        crate::pack::page_digests(&pages, &mut digests);
+        for (&i, d) in at_index.iter().zip(&digests) {
+            out[i] = Some(*d);
         }
     }
     Ok(())
@@ -1327,6 +1340,17 @@ impl DecodedFrame {
 /// A pack and the (slot, page number) pairs wanted from it.
 type PhysWant = (Arc<Phys>, Vec<(u32, u64)>);
 
+/// A page [`PagesReader::read`] copied out before checking it: its place in the output, the
+/// pack and slot it came from, the digest it must have, and its frame (to remember the check).
+struct Unchecked {
+    at: usize,
+    pack: Digest256,
+    slot: u32,
+    digest: Digest256,
+    frame: Arc<DecodedFrame>,
+    k: usize,
+}
+
 /// Random access to the pages of a file stored by [`PageWriter`]: any run of pages, each one
 /// decoded from its frame alone and checked against its digest before it is handed out.
 ///
@@ -1443,7 +1467,10 @@ impl<'s> PagesReader<'s> {
                 pages: self.pages(),
             });
         }
+        // Copy every page out first, noting those whose frame has not checked them against
+        // this digest yet; then hash those copies many at once, and remember what checked.
         let mut frame_now: Option<CachedFrame> = None;
+        let mut unchecked: Vec<Unchecked> = Vec::new();
         for (i, dst) in out.chunks_exact_mut(PAGE_SIZE).enumerate() {
             let page = first + i as u64;
             let listed = self.list[page as usize];
@@ -1451,15 +1478,47 @@ impl<'s> PagesReader<'s> {
                 dst.fill(0);
                 continue;
             };
-            match self.read_one(page, &listed, pack_no, slot, dst, &mut frame_now) {
-                Err(err) if is_gone(&err) => {
-                    // Removed by a repack since it was first looked up: look again, once.
-                    self.forget(pack_no);
-                    frame_now = None;
-                    self.read_one(page, &listed, pack_no, slot, dst, &mut frame_now)?;
-                }
-                other => other?,
+            let (decoded, k, (pack, slot)) =
+                match self.stored_page(page, &listed, pack_no, slot, &mut frame_now) {
+                    Err(err) if is_gone(&err) => {
+                        // Removed by a repack since it was first looked up: look again, once.
+                        self.forget(pack_no);
+                        frame_now = None;
+                        self.stored_page(page, &listed, pack_no, slot, &mut frame_now)?
+                    }
+                    other => other?,
+                };
+            dst.copy_from_slice(&decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
+            if decoded.checked[k].get() != Some(&listed.digest) {
+                unchecked.push(Unchecked {
+                    at: i,
+                    pack,
+                    slot,
+                    digest: listed.digest,
+                    frame: decoded,
+                    k,
+                });
             }
+        }
+        if unchecked.is_empty() {
+            return Ok(());
+        }
+        let pages: Vec<(Digest256, u32, &[u8], Digest256)> = unchecked
+            .iter()
+            .map(|u| {
+                let copy = &out[u.at * PAGE_SIZE..(u.at + 1) * PAGE_SIZE];
+                (u.pack, u.slot, copy, u.digest)
+            })
+            .collect();
+        if let Err((i, source)) = crate::pack::check_pages(&pages) {
+            return Err(PagesError::BadPage {
+                page: first + unchecked[i].at as u64,
+                source,
+            });
+        }
+        for u in &unchecked {
+            // The copy hashed as listed, and it is the frame's bytes: the frame's page checks.
+            let _ = u.frame.checked[u.k].set(u.digest);
         }
         Ok(())
     }
@@ -1489,29 +1548,6 @@ impl<'s> PagesReader<'s> {
         };
         let k = (slot - phys.frames[frame_no].first) as usize;
         Ok((decoded.clone(), k, (phys.pack, slot)))
-    }
-
-    /// Read page `page` (listed as `listed`, in slot `slot` of the manifest's pack `pack_no`)
-    /// into `dst`, checked; `frame_now` is the last frame decoded, reused when it holds it.
-    fn read_one(
-        &self,
-        page: u64,
-        listed: &ListedPage,
-        pack_no: u32,
-        slot: u32,
-        dst: &mut [u8],
-        frame_now: &mut Option<CachedFrame>,
-    ) -> Result<(), PagesError> {
-        let (decoded, k, (pack, slot)) =
-            self.stored_page(page, listed, pack_no, slot, frame_now)?;
-        let src = &decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
-        if decoded.checked[k].get() != Some(&listed.digest) {
-            crate::pack::check_page(pack, slot, src, &listed.digest)
-                .map_err(|source| PagesError::BadPage { page, source })?;
-            let _ = decoded.checked[k].set(listed.digest);
-        }
-        dst.copy_from_slice(src);
-        Ok(())
     }
 
     /// The pack and slot page `page` is read from, along `route` (the manifest's pack
@@ -1785,28 +1821,39 @@ impl<'s> PagesReader<'s> {
             let f = phys.frames[frame_no];
             self.decode_frame(phys, &bytes, frame_no, page, bufs)?;
             let end = f.first + f.pages;
+            let from = k;
             while k < want.len() && want[k].0 < end {
-                let (slot, first_page) = want[k];
+                k += 1;
+            }
+            let here = &want[from..k];
+            let page_at = |slot: u32| {
                 let at = (slot - f.first) as usize * PAGE_SIZE;
-                let src = &bufs.out[at..at + PAGE_SIZE];
-                let digest = self.list[first_page as usize].digest;
-                crate::pack::check_page(pack, slot, src, &digest).map_err(|source| {
-                    PagesError::BadPage {
-                        page: first_page,
-                        source,
-                    }
-                })?;
-                // The same stored page may stand at several places in the file.
-                while k < want.len() && want[k].0 == slot {
-                    let n = want[k].1;
+                &bufs.out[at..at + PAGE_SIZE]
+            };
+            // Each stored page once per digest its places list (the same stored page may
+            // stand at several places in the file; a place listing another digest fails),
+            // all of the frame's hashed at once, before any is written.
+            let mut checks: Vec<(Digest256, u32, &[u8], Digest256)> = Vec::new();
+            let mut check_page_no = Vec::new();
+            for places in here.chunk_by(|a, b| a.0 == b.0) {
+                let slot = places[0].0;
+                let digest = self.list[places[0].1 as usize].digest;
+                checks.push((pack, slot, page_at(slot), digest));
+                check_page_no.push(places[0].1);
+                for &(_, n) in &places[1..] {
                     let expected = self.list[n as usize].digest;
                     if expected != digest {
-                        crate::pack::check_page(pack, slot, src, &expected)
-                            .map_err(|source| PagesError::BadPage { page: n, source })?;
+                        checks.push((pack, slot, page_at(slot), expected));
+                        check_page_no.push(n);
                     }
-                    run.push(n, src)?;
-                    k += 1;
                 }
+            }
+            crate::pack::check_pages(&checks).map_err(|(i, source)| PagesError::BadPage {
+                page: check_page_no[i],
+                source,
+            })?;
+            for &(slot, n) in here {
+                run.push(n, page_at(slot))?;
             }
         }
         run.flush()

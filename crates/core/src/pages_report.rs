@@ -890,9 +890,20 @@ fn check_pack(store: &dyn BlobStore, pack: &Digest256, bytes: &mut Vec<u8>) -> (
         match result {
             Ok(()) => break,
             Err(err) => {
-                let slot = wanted[from + seen].0;
-                bad.insert(slot, err.to_string());
-                from += seen + 1;
+                // A bad page names its slot (the pages of its frame before it checked); any
+                // other error stops at the first slot not handed out.
+                let at = match &err {
+                    PackError::BadPage { slot, .. } => wanted[from..]
+                        .iter()
+                        .position(|(s, _)| s == slot)
+                        .map(|p| from + p),
+                    _ => None,
+                }
+                .filter(|&at| at >= from + seen)
+                .unwrap_or(from + seen);
+                hashed += (at - from - seen) as u64;
+                bad.insert(wanted[at].0, err.to_string());
+                from = at + 1;
             }
         }
     }

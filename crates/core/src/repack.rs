@@ -185,8 +185,9 @@ pub fn repack(store: &dyn BlobStore, options: &RepackOptions) -> Result<RepackRe
         let wanted: Vec<(u32, Digest256)> =
             l.slots.iter().map(|s| (*s, l.index[*s as usize])).collect();
         let mut mine = Vec::with_capacity(wanted.len());
-        let mut sink = |_slot: u32, page: &[u8]| -> std::result::Result<(), PackError> {
-            let digest = crate::pack::page_digest(page);
+        let mut sink = |slot: u32, page: &[u8]| -> std::result::Result<(), PackError> {
+            // `for_each_page` hands out only pages that hash to what the pack's index lists.
+            let digest = l.index[slot as usize];
             if let Some(&n) = placed.get(&digest) {
                 mine.push((digest, n, 0u32));
                 return Ok(());
