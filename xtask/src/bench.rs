@@ -23,6 +23,10 @@
 //!   the eager v2 thaw of the same run; then `pf goblin fork --lazy -n 8` until all answered;
 //! - pf's own peak resident memory in each command (sampled `VmHWM`).
 //!
+//! pf's default format (v2) is measured right beside raw CRIU, in turn: the v2 freeze just
+//! before or just after the raw dump, the eager v2 thaw just before or after the raw restore
+//! (raw first in odd runs, pf first in even ones). The v1 freeze, thaw and fork come after them.
+//!
 //! Then bytes in the store: one snapshot, and 10 successive snapshots of the goblin with 5% of
 //! its pages rewritten between them. Last, `bench store`'s put/cat against zstd. The results go
 //! to stdout as a markdown table (and, for a full run, to `docs/benchmarks.md`), or as JSON with
@@ -325,9 +329,23 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
     for i in 1..=runs {
         progress(&format!("{mib} MiB goblin (pid {pid}): run {i} of {runs}"));
         let images = ScratchDir::new(&env.tmpfs, "pf-bench-images")?;
-        let raw = bench_criu::dump(&env.criu, pid, images.path())?;
+        let v2_store = ScratchDir::new(&env.stores, "store-v2")?;
+        // pf's default format (v2) is taken right beside raw criu, first in odd runs and
+        // second in even ones, so neither gains from the order (the machine's state after
+        // earlier steps: page cache, memory freed by clones that just exited).
+        let raw_first = i % 2 == 1;
+        let v2_freeze = || pf_freeze(env, v2_store.path(), pid, Format::V2);
+        let (raw, (v2_freeze_s, v2_digest, v2_freeze_rss)) = if raw_first {
+            let raw = bench_criu::dump(&env.criu, pid, images.path())?;
+            (raw, v2_freeze()?)
+        } else {
+            let v2 = v2_freeze()?;
+            (bench_criu::dump(&env.criu, pid, images.path())?, v2)
+        };
         result.images_bytes = dir_bytes(images.path())
             - std::fs::metadata(images.path().join("dump.log")).map_or(0, |m| m.len());
+        result.v2_store_one_bytes = dir_bytes(&v2_store.path().join("blobs"));
+        let v2_pause_us = pf_pause(env, v2_store.path(), &v2_digest)?;
         let store = ScratchDir::new(&env.stores, "store")?;
         let (freeze_s, digest, freeze_rss) = pf_freeze(env, store.path(), pid, Format::V1)?;
         result.store_one_bytes = dir_bytes(&store.path().join("blobs"));
@@ -336,19 +354,20 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         if still != expected {
             bail!("after the dumps the goblin answers {still:?}, not {expected:?}");
         }
-        let (raw_restore_s, answer) =
-            bench_criu::restore(&env.criu, images.path(), goblin.pipes, "sum")?;
+        let raw_restore = || bench_criu::restore(&env.criu, images.path(), goblin.pipes, "sum");
+        let v2_thaw = || pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Eager);
+        let ((raw_restore_s, answer), v2_thaw) = if raw_first {
+            let raw = raw_restore()?;
+            (raw, v2_thaw()?)
+        } else {
+            let v2 = v2_thaw()?;
+            (raw_restore()?, v2)
+        };
         check_answer("raw criu restore", &answer, &expected)?;
+        check_answer("pf goblin thaw --eager (v2)", &v2_thaw.answer, &expected)?;
         let thaw = pf_thaw(env, store.path(), &digest, "sum", Thaw::Eager)?;
         check_answer("pf goblin thaw", &thaw.answer, &expected)?;
         let (fork_s, fork_rss) = pf_fork(env, store.path(), &digest, &expected, Thaw::Eager)?;
-        let v2_store = ScratchDir::new(&env.stores, "store-v2")?;
-        let (v2_freeze_s, v2_digest, v2_freeze_rss) =
-            pf_freeze(env, v2_store.path(), pid, Format::V2)?;
-        result.v2_store_one_bytes = dir_bytes(&v2_store.path().join("blobs"));
-        let v2_pause_us = pf_pause(env, v2_store.path(), &v2_digest)?;
-        let v2_thaw = pf_thaw(env, v2_store.path(), &v2_digest, "sum", Thaw::Eager)?;
-        check_answer("pf goblin thaw --eager (v2)", &v2_thaw.answer, &expected)?;
         let hints = v2_store.path().join("index").join("hot");
         if dir_bytes(&hints) > 0 {
             bail!(
