@@ -464,6 +464,26 @@ pub(crate) fn decode_frame_bytes(
     Ok(())
 }
 
+/// Decode one frame's compressed bytes `src` into `out`, which it must fill exactly.
+pub(crate) fn decode_frame_into(
+    decoder: &mut Option<zstd::bulk::Decompressor<'static>>,
+    src: &[u8],
+    out: &mut [u8],
+) -> Result<(), std::io::Error> {
+    let decoder = match decoder {
+        Some(d) => d,
+        None => decoder.insert(zstd::bulk::Decompressor::new()?),
+    };
+    let n = decoder.decompress_to_buffer(src, out)?;
+    if n != out.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame holds fewer pages than its index says",
+        ));
+    }
+    Ok(())
+}
+
 /// A pack's bytes with their index parsed; pages are decoded on demand.
 #[derive(Debug)]
 pub struct Pack<'a> {

@@ -1347,8 +1347,9 @@ struct Unchecked {
     pack: Digest256,
     slot: u32,
     digest: Digest256,
-    frame: Arc<DecodedFrame>,
-    k: usize,
+    /// The kept frame it was copied from and its place there (none: decoded straight into
+    /// the output, see `whole_frame_into`).
+    frame: Option<(Arc<DecodedFrame>, usize)>,
 }
 
 /// Random access to the pages of a file stored by [`PageWriter`]: any run of pages, each one
@@ -1378,6 +1379,8 @@ pub struct PagesReader<'s> {
     next_id: std::sync::atomic::AtomicU32,
     cache: std::sync::Mutex<std::collections::VecDeque<CachedFrame>>,
     whole: std::sync::Mutex<std::collections::VecDeque<(Digest256, Arc<Vec<u8>>)>>,
+    /// Frames once decoded straight into a caller's buffer (pack id, frame number).
+    direct: std::sync::Mutex<std::collections::HashSet<(u32, usize)>>,
 }
 
 /// Whether `err` says a pack is not (or no longer) in the store.
@@ -1420,6 +1423,7 @@ impl<'s> PagesReader<'s> {
             next_id: std::sync::atomic::AtomicU32::new(0),
             cache: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(FRAME_CACHE)),
             whole: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(WHOLE_PACKS)),
+            direct: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -1471,13 +1475,24 @@ impl<'s> PagesReader<'s> {
         // this digest yet; then hash those copies many at once, and remember what checked.
         let mut frame_now: Option<CachedFrame> = None;
         let mut unchecked: Vec<Unchecked> = Vec::new();
-        for (i, dst) in out.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        let mut i = 0;
+        while i < count as usize {
             let page = first + i as u64;
             let listed = self.list[page as usize];
             let Some((pack_no, slot)) = listed.at else {
-                dst.fill(0);
+                out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].fill(0);
+                i += 1;
                 continue;
             };
+            let took =
+                self.whole_frame_into(page, pack_no, slot, &mut out[i * PAGE_SIZE..], |k, u| {
+                    unchecked.push(Unchecked { at: i + k, ..u });
+                });
+            if took > 0 {
+                i += took;
+                continue;
+            }
+            let dst = &mut out[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             let (decoded, k, (pack, slot)) =
                 match self.stored_page(page, &listed, pack_no, slot, &mut frame_now) {
                     Err(err) if is_gone(&err) => {
@@ -1495,10 +1510,10 @@ impl<'s> PagesReader<'s> {
                     pack,
                     slot,
                     digest: listed.digest,
-                    frame: decoded,
-                    k,
+                    frame: Some((decoded, k)),
                 });
             }
+            i += 1;
         }
         if unchecked.is_empty() {
             return Ok(());
@@ -1518,9 +1533,96 @@ impl<'s> PagesReader<'s> {
         }
         for u in &unchecked {
             // The copy hashed as listed, and it is the frame's bytes: the frame's page checks.
-            let _ = u.frame.checked[u.k].set(u.digest);
+            if let Some((frame, k)) = &u.frame {
+                let _ = frame.checked[*k].set(u.digest);
+            }
         }
         Ok(())
+    }
+
+    /// When page `page` (listed in slot `slot` of the manifest's pack `pack_no`) begins a frame
+    /// whose pages are all wanted next, in order, from `out` on (and that frame is not kept
+    /// decoded), decode the frame straight into `out`, tell `unchecked` about each of its
+    /// pages (their place from `page` on, and what they must hash to), and return how many
+    /// pages it filled. Else (or on any error, which the page-at-a-time path then meets and
+    /// reports) 0. Reading a pages file front to back, this saves a copy of every page and the
+    /// frame cache's churn.
+    fn whole_frame_into(
+        &self,
+        page: u64,
+        pack_no: u32,
+        slot: u32,
+        out: &mut [u8],
+        mut unchecked: impl FnMut(usize, Unchecked),
+    ) -> usize {
+        let Ok(route) = self.route(pack_no) else {
+            return 0;
+        };
+        let Route::Direct(phys) = &*route else {
+            return 0;
+        };
+        let Ok(frame_no) = frame_no(phys, slot) else {
+            return 0;
+        };
+        let f = phys.frames[frame_no];
+        let n = f.pages as usize;
+        if f.first != slot || n == 0 || out.len() < n * PAGE_SIZE {
+            return 0;
+        }
+        let in_order = (1..n).all(|k| {
+            self.list
+                .get(page as usize + k)
+                .is_some_and(|l| l.at == Some((pack_no, slot + k as u32)))
+        });
+        let kept = || {
+            self.cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .any(|(p, fr, _)| *p == phys.id && *fr == frame_no)
+        };
+        // A frame met a second time (a stored page many places hold, as a repeated text
+        // is) goes the cached way, where its pages are hashed once while it is kept.
+        let first_time = || {
+            self.direct
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert((phys.id, frame_no))
+        };
+        if !in_order || kept() || !first_time() {
+            return 0;
+        }
+        let Ok(bytes) = self.pack_bytes(&phys.pack, phys.seekable) else {
+            return 0;
+        };
+        let dst = &mut out[..n * PAGE_SIZE];
+        let decoded = DECODER.with(|decoder| {
+            SRC.with(|src| {
+                let mut src = src.borrow_mut();
+                src.resize(f.len, 0);
+                self.read_pack(&phys.pack, &bytes, f.offset as u64, &mut src)
+                    .ok()
+                    .and_then(|()| {
+                        crate::pack::decode_frame_into(&mut decoder.borrow_mut(), &src, dst).ok()
+                    })
+            })
+        });
+        if decoded.is_none() {
+            return 0;
+        }
+        for k in 0..n {
+            unchecked(
+                k,
+                Unchecked {
+                    at: 0,
+                    pack: phys.pack,
+                    slot: slot + k as u32,
+                    digest: self.list[page as usize + k].digest,
+                    frame: None,
+                },
+            );
+        }
+        n
     }
 
     /// The decoded frame holding page `page` (listed as `listed`, in slot `slot` of the
@@ -1995,10 +2097,6 @@ impl<'s> PagesReader<'s> {
         frame_no: usize,
         page: u64,
     ) -> Result<Arc<DecodedFrame>, PagesError> {
-        thread_local! {
-            static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-                const { std::cell::RefCell::new(None) };
-        }
         let id = phys.id;
         {
             let mut cache = self
@@ -2016,15 +2114,16 @@ impl<'s> PagesReader<'s> {
             }
         }
         let bytes = self.pack_bytes(&phys.pack, phys.seekable)?;
-        let mut src = Vec::new();
         let mut decoded = Vec::new();
         DECODER.with(|decoder| {
-            let mut bufs = FrameBufs {
-                decoder: &mut decoder.borrow_mut(),
-                src: &mut src,
-                out: &mut decoded,
-            };
-            self.decode_frame(phys, &bytes, frame_no, page, &mut bufs)
+            SRC.with(|src| {
+                let mut bufs = FrameBufs {
+                    decoder: &mut decoder.borrow_mut(),
+                    src: &mut src.borrow_mut(),
+                    out: &mut decoded,
+                };
+                self.decode_frame(phys, &bytes, frame_no, page, &mut bufs)
+            })
         })?;
         let decoded = Arc::new(DecodedFrame::new(decoded));
         let mut cache = self
@@ -2072,6 +2171,14 @@ fn frame_no(phys: &Phys, slot: u32) -> Result<usize, PackError> {
         slot,
         pages: phys.frames.last().map_or(0, |f| f.first + f.pages),
     })
+}
+
+thread_local! {
+    /// A thread's zstd decoder for [`PagesReader`]'s frames.
+    static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// A thread's buffer for one frame's compressed bytes, kept from frame to frame.
+    static SRC: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A thread's buffers for decoding frames: its decoder, a frame's compressed bytes, its pages.
@@ -2659,6 +2766,52 @@ mod tests {
         assert_eq!(page, original[43 * PAGE_SIZE..44 * PAGE_SIZE]);
         // The store's own check of the whole blob sees it too.
         assert!(matches!(fs.get(&m.packs[0]), Err(Error::Integrity { .. })));
+    }
+
+    #[test]
+    fn whole_frames_read_straight_into_the_output_are_checked_too() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        // No zero pages: every frame's 32 pages are 32 pages of the file in a row.
+        let layout: Vec<Option<u64>> = (0..200).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "dense", &layout);
+        let mut w = PageWriter::new(&fs, PageIndex::none(), 2);
+        let manifest = w.write_file(&file, &path).expect("store").manifest;
+        w.commit().expect("commit");
+        let original = std::fs::read(&path).expect("original");
+        let m = load_manifest(&fs, &manifest).expect("manifest");
+        let mut bytes = std::fs::read(fs.blob_path(&m.packs[0])).expect("pack");
+        let needle = &original[70 * PAGE_SIZE + 64..70 * PAGE_SIZE + 96];
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("page 70 in the pack");
+        bytes[at] ^= 1;
+        std::fs::write(fs.blob_path(&m.packs[0]), &bytes).expect("corrupt");
+        let reader = PagesReader::open(&fs, &manifest).expect("open");
+        let mut all = vec![0u8; 200 * PAGE_SIZE];
+        let err = reader
+            .read(0, &mut all)
+            .expect_err("a bad page in a whole frame");
+        assert!(matches!(err, PagesError::BadPage { page: 70, .. }), "{err}");
+        // Whole frames without it read, the first time straight into the output and then
+        // through the cache: the same bytes each time.
+        for _ in 0..3 {
+            let mut run = vec![0u8; 64 * PAGE_SIZE];
+            reader.read(0, &mut run).expect("two clean frames");
+            assert_eq!(run, original[..64 * PAGE_SIZE]);
+            reader.read(96, &mut run).expect("two clean frames");
+            assert_eq!(run, original[96 * PAGE_SIZE..160 * PAGE_SIZE]);
+        }
+        let direct = reader
+            .direct
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        assert!(
+            direct >= 4,
+            "{direct} frames were read straight into the output"
+        );
     }
 
     #[test]
