@@ -14,6 +14,73 @@ const PREFIX: &str = "sha256:";
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Digest256([u8; 32]);
 
+/// A `HashMap` keyed by digests, hashed the cheap way [`DigestState`] does.
+pub type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestState>;
+
+/// Hashes [`Digest256`] keys for maps. A digest is already uniform, so 8 of its bytes, mixed
+/// with a random per-map key (a folded multiply), are its hash: cheaper than std's SipHash of
+/// all 32 bytes, where a freeze keeps a map entry for every page. The key keeps bucket positions
+/// unknown to whoever chooses the hashed bytes (page contents), so they cannot be crowded.
+/// Meant for digests only: other keys would be hashed by 8 bytes of each write.
+#[derive(Clone, Debug)]
+pub struct DigestState {
+    k0: u64,
+    k1: u64,
+}
+
+impl Default for DigestState {
+    fn default() -> Self {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        // std seeds RandomState from the operating system, and varies it per instance.
+        let random = |n: u64| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(n);
+            h.finish()
+        };
+        Self {
+            k0: random(0),
+            k1: random(1) | 1,
+        }
+    }
+}
+
+impl std::hash::BuildHasher for DigestState {
+    type Hasher = DigestKeyHasher;
+
+    fn build_hasher(&self) -> DigestKeyHasher {
+        DigestKeyHasher {
+            k1: self.k1,
+            acc: self.k0,
+        }
+    }
+}
+
+/// The hasher [`DigestState`] builds.
+#[derive(Debug)]
+pub struct DigestKeyHasher {
+    k1: u64,
+    acc: u64,
+}
+
+impl std::hash::Hasher for DigestKeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.acc ^= u64::from_le_bytes(word);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // An array's length prefix: the same for every digest.
+        self.acc = self.acc.rotate_left(5) ^ n as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        let wide = u128::from(self.acc) * u128::from(self.k1);
+        (wide as u64) ^ ((wide >> 64) as u64)
+    }
+}
+
 /// Why a string is not a [`Digest256`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseDigestError {
@@ -157,6 +224,24 @@ mod tests {
     use super::*;
 
     const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn digest_maps_hash_digests_apart() {
+        use std::hash::BuildHasher as _;
+        let state = DigestState::default();
+        let a = Digest256::of(b"a");
+        let b = Digest256::of(b"b");
+        assert_eq!(state.hash_one(a), state.hash_one(a));
+        assert_ne!(state.hash_one(a), state.hash_one(b));
+        // Another map, another key.
+        assert_ne!(state.hash_one(a), DigestState::default().hash_one(a));
+        let mut map: DigestMap<u32> = DigestMap::default();
+        for i in 0..10_000u32 {
+            map.insert(Digest256::of(&i.to_le_bytes()), i);
+        }
+        assert_eq!(map.len(), 10_000);
+        assert_eq!(map[&Digest256::of(&77u32.to_le_bytes())], 77);
+    }
 
     #[test]
     fn digest_of_empty_is_known() {

@@ -197,7 +197,7 @@ pub struct PageWriter<'a> {
     /// Packs the index named that are no longer in the store.
     missing: std::collections::HashSet<Digest256>,
     /// Every distinct page the session knows where to find: 40 bytes each.
-    known: HashMap<Digest256, Loc>,
+    known: crate::DigestMap<Loc>,
     /// The manifests the session wrote, with their packs: at commit each pack's
     /// [`MANIFEST_HINT`] names the latest manifest using it.
     manifests: Vec<(Digest256, Vec<Digest256>)>,
@@ -222,7 +222,7 @@ impl<'a> PageWriter<'a> {
             written: Vec::new(),
             pack_ids: HashMap::new(),
             missing: std::collections::HashSet::new(),
-            known: HashMap::new(),
+            known: crate::DigestMap::default(),
             manifests: Vec::new(),
         }
     }
@@ -559,7 +559,7 @@ impl<'a> PageWriter<'a> {
                     .get(i)
                     .filter(|p| p.digest == *digest)
                     .and_then(|p| p.at)
-                    .or_else(|| b.at.get(digest).copied())
+                    .or_else(|| b.first.get(digest).and_then(|&j| b.list[j].at))
                     .map(|(k, slot)| (b.manifest.packs[k as usize], slot))
             });
             let (pack, slot) = in_base.unwrap_or_else(|| {
@@ -616,13 +616,17 @@ impl<'a> PageWriter<'a> {
                 parse_list(self.store, &manifest.list, &bytes, &manifest)?
             }
         };
-        let mut at = HashMap::with_capacity(list.len());
-        for page in &list {
-            if let Some(loc) = page.at {
-                at.entry(page.digest).or_insert(loc);
-            }
+        let zero = zero_page_digest();
+        let mut first = crate::DigestMap::with_capacity_and_hasher(list.len(), Default::default());
+        for (j, page) in list.iter().enumerate() {
+            let digest = if page.at.is_none() { zero } else { page.digest };
+            first.entry(digest).or_insert(j);
         }
-        Ok(Ok(Base { manifest, list, at }))
+        Ok(Ok(Base {
+            manifest,
+            list,
+            first,
+        }))
     }
 
     /// Whether the store holds `pack`.
@@ -828,8 +832,8 @@ pub fn remember_manifest(store: &dyn BlobStore, manifest: &Digest256, packs: &[D
 struct Base {
     manifest: PagesManifest,
     list: Vec<ListedPage>,
-    /// Where the base has each of its non-zero pages (the first place it lists it).
-    at: HashMap<Digest256, (u32, u32)>,
+    /// The first place the base lists each digest (zero pages under the zero page's digest).
+    first: crate::DigestMap<usize>,
 }
 
 /// `list` (a whole list numbering `packs`) as copies from `base`'s list and new entries, if the
@@ -868,10 +872,6 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
             e
         })
         .collect();
-    let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(base_entries.len());
-    for (j, e) in base_entries.iter().enumerate() {
-        first.entry(&e[..]).or_insert(j);
-    }
     enum Op {
         Copy(usize, usize),
         New(usize, usize),
@@ -887,7 +887,11 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
         {
             Some(next_in_base)
         } else {
-            first.get(entries[i]).copied()
+            // The first place the base lists this digest, if its entry there is this one.
+            <[u8; 32]>::try_from(&entries[i][..32])
+                .ok()
+                .and_then(|d| base.first.get(&Digest256::from_bytes(d)).copied())
+                .filter(|&j| base_entries[j][..] == *entries[i])
         };
         match start {
             Some(j) => {
@@ -964,7 +968,7 @@ fn pack_new_pages(
     file: &File,
     path: &std::path::Path,
     digests: &[Option<Digest256>],
-    known: &mut HashMap<Digest256, Loc>,
+    known: &mut crate::DigestMap<Loc>,
     base: u32,
     threads: usize,
     (send, spare): (
