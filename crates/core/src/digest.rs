@@ -15,7 +15,7 @@ const PREFIX: &str = "sha256:";
 pub struct Digest256([u8; 32]);
 
 /// A `HashMap` keyed by digests, hashed the cheap way [`DigestState`] does.
-pub type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestState>;
+pub(crate) type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestState>;
 
 /// Hashes [`Digest256`] keys for maps. A digest is already uniform, so 8 of its bytes, mixed
 /// with a random per-map key (a folded multiply), are its hash: cheaper than std's SipHash of
@@ -23,7 +23,7 @@ pub type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestState>;
 /// unknown to whoever chooses the hashed bytes (page contents), so they cannot be crowded.
 /// Meant for digests only: other keys would be hashed by 8 bytes of each write.
 #[derive(Clone, Debug)]
-pub struct DigestState {
+pub(crate) struct DigestState {
     k0: u64,
     k1: u64,
 }
@@ -57,7 +57,7 @@ impl std::hash::BuildHasher for DigestState {
 
 /// The hasher [`DigestState`] builds.
 #[derive(Debug)]
-pub struct DigestKeyHasher {
+pub(crate) struct DigestKeyHasher {
     k1: u64,
     acc: u64,
 }

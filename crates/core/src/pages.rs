@@ -886,6 +886,9 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
             .is_some_and(|e| e[..] == *entries[i])
         {
             Some(next_in_base)
+        } else if base_entries.get(i).is_some_and(|e| e[..] == *entries[i]) {
+            // Where the base has it at the same place (as page_list prefers).
+            Some(i)
         } else {
             // The first place the base lists this digest, if its entry there is this one.
             <[u8; 32]>::try_from(&entries[i][..32])
@@ -1479,6 +1482,7 @@ impl<'s> PagesReader<'s> {
         // this digest yet; then hash those copies many at once, and remember what checked.
         let mut frame_now: Option<CachedFrame> = None;
         let mut unchecked: Vec<Unchecked> = Vec::new();
+        let mut queued_once = std::collections::HashSet::new();
         let mut i = 0;
         while i < count as usize {
             let page = first + i as u64;
@@ -1508,7 +1512,10 @@ impl<'s> PagesReader<'s> {
                     other => other?,
                 };
             dst.copy_from_slice(&decoded.bytes[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
-            if decoded.checked[k].get() != Some(&listed.digest) {
+            // A stored page this read copies to several places is hashed once: the copies are
+            // of the same bytes of the same kept frame.
+            let queued = (Arc::as_ptr(&decoded) as usize, k, listed.digest);
+            if decoded.checked[k].get() != Some(&listed.digest) && queued_once.insert(queued) {
                 unchecked.push(Unchecked {
                     at: i,
                     pack,

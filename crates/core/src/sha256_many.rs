@@ -88,9 +88,11 @@ fn digest_many_with(kernel: Kernel, inputs: &[&[u8]], out: &mut Vec<Digest256>) 
 /// known to have AVX-512 F and BW (`Kernel::X16`).
 #[cfg(target_arch = "x86_64")]
 fn x16(inputs: &[&[u8]; LANES]) -> [[u8; 32]; LANES] {
-    debug_assert!(has_x16());
-    // SAFETY: `Kernel::X16` is only chosen when the CPU has avx512f and avx512bw, the
-    // features `x86::digest16` is compiled for; it checks the lengths itself.
+    // Checked here, not only where `Kernel::X16` is chosen, so that no call can run it on a
+    // CPU without the features (the detection is cached: an atomic load).
+    assert!(has_x16(), "AVX-512 F and BW are needed");
+    // SAFETY: the CPU has avx512f and avx512bw (just checked), the features
+    // `x86::digest16` is compiled for; it checks the lengths itself.
     unsafe { x86::digest16(inputs) }
 }
 
