@@ -255,6 +255,20 @@ impl<'a> PageWriter<'a> {
         prehashed: Vec<Option<Digest256>>,
         base_manifest: Option<&Digest256>,
     ) -> Result<PagesStored, PagesError> {
+        self.write_file_then(file, path, prehashed, base_manifest, &mut || {})
+    }
+
+    /// [`write_file_prehashed`](Self::write_file_prehashed), calling `read` as soon as the file
+    /// was read for the last time (its pages hashed and the new ones packed), before the page
+    /// list is made: the caller may free the file's memory then, beside the work left.
+    pub fn write_file_then(
+        &mut self,
+        file: &File,
+        path: &std::path::Path,
+        prehashed: Vec<Option<Digest256>>,
+        base_manifest: Option<&Digest256>,
+        read: &mut dyn FnMut(),
+    ) -> Result<PagesStored, PagesError> {
         let len = file
             .metadata()
             .map_err(|source| PagesError::Io {
@@ -407,6 +421,7 @@ impl<'a> PageWriter<'a> {
         // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
         let stored = stored?;
         let new_pages = packed?;
+        read();
         tracing::debug!(
             file = %path.display(),
             prehashed_pages,

@@ -283,6 +283,7 @@ pub(crate) fn store_images(
     names.sort();
     let mut writer = PageWriter::new(store, store.page_index(), threads());
     let mut memory = Vec::with_capacity(names.len());
+    let mut freeing = Vec::new();
     for name in names {
         let path = dir.join(&name);
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
@@ -290,8 +291,19 @@ pub(crate) fn store_images(
             .remove(&name)
             .map(|early| prehash_for(&file, &path, early))
             .unwrap_or_default();
+        // Freeing a pages file's memory (tmpfs: 90 ms a GiB) is left to a thread once it was
+        // read, beside the page list, the tar and the commit.
+        let mut free = || {
+            if let Ok(clone) = file.try_clone()
+                && let Ok(handle) = std::thread::Builder::new()
+                    .name("pf-free-pages".to_owned())
+                    .spawn(move || free_pages(&clone))
+            {
+                freeing.push(handle);
+            }
+        };
         let stored = writer
-            .write_file_prehashed(&file, &path, early, None)
+            .write_file_then(&file, &path, early, None, &mut free)
             .map_err(|source| Error::Pages {
                 what: format!("storing the memory of pid {pid} ({name})"),
                 source: Box::new(source),
@@ -333,7 +345,26 @@ pub(crate) fn store_images(
         what: format!("recording the pages of pid {pid} in the store's page index"),
         source: Box::new(source),
     })?;
+    for handle in freeing {
+        let _ = handle.join();
+    }
     Ok((put.digest, memory))
+}
+
+/// Give back the memory of a pages file that was read for the last time, whoever else still
+/// holds it open (the thread that hashed it during the dump may). Best effort: what is not
+/// freed here is freed when the file is closed and removed.
+fn free_pages(file: &File) {
+    use rustix::fs::FallocateFlags;
+    let len = file.metadata().map_or(0, |m| m.len());
+    if let Err(e) = rustix::fs::fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        0,
+        len,
+    ) {
+        tracing::debug!(error = %e, "cannot free a pages file early");
+    }
 }
 
 /// Extract a v2 snapshot's images into `dest`: the tar, then every pages file rebuilt from its
