@@ -291,13 +291,19 @@ pub(crate) fn store_images(
             .remove(&name)
             .map(|early| prehash_for(&file, &path, early))
             .unwrap_or_default();
-        // Freeing a pages file's memory (tmpfs: 90 ms a GiB) is left to a thread once it was
-        // read, beside the page list, the tar and the commit.
+        // Once read, the file leaves the images dir (it must not go into the tar), and freeing
+        // its memory (tmpfs: 90 ms a GiB) is left to a thread, beside the page list, the tar
+        // and the commit. The name goes first: removing it waits for the inode's lock, which
+        // freeing holds.
+        let mut removed = Ok(());
         let mut free = || {
-            if let Ok(clone) = file.try_clone()
+            // Opened for writing: freeing a range of a file is a write.
+            let writable = File::options().write(true).open(&path);
+            removed = std::fs::remove_file(&path);
+            if let Ok(writable) = writable
                 && let Ok(handle) = std::thread::Builder::new()
                     .name("pf-free-pages".to_owned())
-                    .spawn(move || free_pages(&clone))
+                    .spawn(move || free_pages(&writable))
             {
                 freeing.push(handle);
             }
@@ -329,7 +335,7 @@ pub(crate) fn store_images(
             "memory stored"
         );
         drop(file);
-        std::fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))?;
+        removed.map_err(|e| Error::io("remove", &path, e))?;
         memory.push(PagesImage {
             file: name,
             manifest: stored.manifest,
