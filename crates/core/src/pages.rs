@@ -308,18 +308,29 @@ impl<'a> PageWriter<'a> {
         digests.resize(pages, None);
         // The base, known or guessed from a sample of pages: a page it lists at the same place
         // under the same digest is placed where it has it, without an index lookup.
-        let sampled = match base_manifest {
-            Some(_) => None,
-            None => self.guess_base(file, path, pages),
-        };
-        let base_manifest = base_manifest.or(sampled.as_ref());
-        let base_list = base_manifest.and_then(|m| {
-            PagesReader::open(self.store, m)
-                .inspect_err(|e| tracing::debug!(base = %m, error = %e, "no base list"))
-                .ok()
+        // Found and read on a thread of its own while the pages are hashed.
+        let this = &*self;
+        let given = base_manifest.copied();
+        let (base, hashing) = std::thread::scope(|s| {
+            let base = s.spawn(|| {
+                let manifest = given.or_else(|| this.guess_base(file, path, pages));
+                let list = manifest.and_then(|m| {
+                    PagesReader::open(this.store, &m)
+                        .inspect_err(|e| tracing::debug!(base = %m, error = %e, "no base list"))
+                        .ok()
+                });
+                (manifest, list, started.elapsed())
+            });
+            let hashing =
+                this.hash_all(file, path, prehashed_pages, &mut digests[prehashed_pages..]);
+            (
+                base.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                hashing,
+            )
         });
-        let base_opened = started.elapsed();
-        self.hash_all(file, path, prehashed_pages, &mut digests[prehashed_pages..])?;
+        hashing?;
+        let (sampled, base_list, base_opened) = base;
+        let base_manifest = sampled.as_ref();
         let hashed = started.elapsed();
         // Where the base has it, if that pack is still in the store. The digest is the page's
         // own hash, so a wrong base entry can only make the page unreadable (its bytes there do
