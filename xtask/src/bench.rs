@@ -606,6 +606,7 @@ fn pf_freeze(
     format: Format,
 ) -> anyhow::Result<(f64, String, u64)> {
     let pid = pid.to_string();
+    crate::bench_store::sync(store)?;
     let (secs, stdout, rss) = run_pf_in(
         env,
         store,
@@ -684,6 +685,7 @@ fn pf_thaw(
     how: Thaw,
 ) -> anyhow::Result<Thawed> {
     use std::io::Write as _;
+    crate::bench_store::sync(store)?;
     let mut cmd = process::command(&env.pf, &env.root, Out::Pipe, Out::Pipe);
     cmd.arg("--store").arg(store);
     if how == Thaw::LazyUntilDone {
@@ -761,6 +763,7 @@ fn pf_fork(
     how: Thaw,
 ) -> anyhow::Result<(f64, u64)> {
     let n = FORK_CLONES.to_string();
+    crate::bench_store::sync(store)?;
     let args = [
         "goblin",
         "fork",

@@ -23,6 +23,7 @@ pub(crate) struct RawDump {
 /// `criu dump -t PID -D DIR --leave-running` (DIR on tmpfs, empty), timed; the log and
 /// `stats-dump` land in DIR, as they do for anyone who runs criu by hand.
 pub(crate) fn dump(criu: &Path, pid: u32, dir: &Path) -> anyhow::Result<RawDump> {
+    crate::bench_store::sync(dir)?;
     let mut cmd = process::command(criu, dir, Out::Null, Out::Pipe);
     cmd.args(["dump", "-t", &pid.to_string(), "-D"])
         .arg(dir)
@@ -57,6 +58,7 @@ pub(crate) fn restore(
     pipes: [u64; 3],
     question: &str,
 ) -> anyhow::Result<(f64, String)> {
+    crate::bench_store::sync(dir)?;
     let (stdin_r, mut stdin_w) = std::io::pipe().context("pipe")?;
     let (stdout_r, stdout_w) = std::io::pipe().context("pipe")?;
     let (stderr_r, stderr_w) = std::io::pipe().context("pipe")?;

@@ -401,7 +401,7 @@ fn remove(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Write dirty pages back, so one run's writeback does not slow the next.
-fn sync(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn sync(root: &Path) -> anyhow::Result<()> {
     process::run(&mut process::command("sync", root, Out::Null, Out::Inherit))
 }
 
