@@ -83,6 +83,9 @@ pub(crate) fn transfer(
     label: &str,
 ) -> anyhow::Result<Transfer> {
     let reference = local.reference(&format!("bench/{label}"), "pf");
+    // Each timed step starts with nothing left to write back, as in the other benches.
+    let settle = || crate::bench_store::sync(store);
+    settle()?;
     let (push_s, stdout, push_rss_kib) = pf(store, &["push", digest, &reference, "--json"])?;
     let pushed: Value = serde_json::from_str(stdout.trim())
         .with_context(|| format!("pf push --json printed {stdout:?}"))?;
@@ -93,6 +96,7 @@ pub(crate) fn transfer(
         bail!("the registry was not empty: {pushed}");
     }
     let pulled_store = ScratchDir::new(scratch, "pulled")?;
+    settle()?;
     let (pull_s, stdout, pull_rss_kib) = pf(pulled_store.path(), &["pull", &reference, "--json"])?;
     let pulled: Value = serde_json::from_str(stdout.trim())
         .with_context(|| format!("pf pull --json printed {stdout:?}"))?;
@@ -128,6 +132,7 @@ pub(crate) fn transfer(
     };
     let sep = if location.contains('?') { '&' } else { '?' };
     let put_url = format!("{location}{sep}digest={blob_digest}");
+    settle()?;
     let started = Instant::now();
     let code = curl(&[
         "-sS",
@@ -145,6 +150,7 @@ pub(crate) fn transfer(
     if code.trim() != "201" {
         bail!("curl's PUT of the blob answered {code}");
     }
+    settle()?;
     let started = Instant::now();
     let code = curl(&[
         "-sS",

@@ -308,6 +308,7 @@ fn write_run(dir: &Path, entries: &[(Digest256, PageLoc)]) -> Result<PathBuf, In
     let mut packs: Vec<Digest256> = entries.iter().map(|(_, l)| l.pack).collect();
     packs.sort();
     packs.dedup();
+    packs.shrink_to_fit();
     let number: crate::DigestMap<u32> = packs.iter().zip(0u32..).map(|(p, n)| (*p, n)).collect();
     // The whole run in memory (40 bytes an entry, 1% of the pages it describes), hashed and
     // written at once.

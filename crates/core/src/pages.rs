@@ -523,12 +523,7 @@ impl<'a> PageWriter<'a> {
     /// Make everything the session stored durable and visible (one sync round for all of it),
     /// then add the pages it put into new packs to the index.
     pub fn commit(mut self) -> Result<(), PagesError> {
-        if let Some(batch) = self.batch.take() {
-            batch.commit().map_err(|source| PagesError::Store {
-                what: "syncing the packs, page lists and manifests".to_owned(),
-                source,
-            })?;
-        }
+        let batch = self.batch.take();
         let known = std::mem::take(&mut self.known);
         let count = known
             .values()
@@ -541,7 +536,25 @@ impl<'a> PageWriter<'a> {
                 added.push((digest, PageLoc { pack, slot }));
             }
         }
-        self.index.add(added)?;
+        // The index run is sorted and written while the batch syncs: an entry whose pack did
+        // not make it (a failed commit, a crash) is never used, as a writer only takes index
+        // entries whose pack the store has.
+        let index = &self.index;
+        let (committed, indexed) = std::thread::scope(|s| {
+            let indexed = s.spawn(move || index.add(added));
+            let committed = batch.map_or(Ok(()), |batch| batch.commit());
+            (
+                committed,
+                indexed
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            )
+        });
+        committed.map_err(|source| PagesError::Store {
+            what: "syncing the packs, page lists and manifests".to_owned(),
+            source,
+        })?;
+        indexed?;
         for (manifest, packs) in std::mem::take(&mut self.manifests) {
             remember_manifest(self.store, &manifest, &packs);
         }

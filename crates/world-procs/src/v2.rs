@@ -295,11 +295,11 @@ pub(crate) fn store_images(
         // its memory (tmpfs: 90 ms a GiB) is left to a thread, beside the page list, the tar
         // and the commit. The name goes first: removing it waits for the inode's lock, which
         // freeing holds.
-        let mut removed = Ok(());
+        let mut removed = None;
         let mut free = || {
             // Opened for writing: freeing a range of a file is a write.
             let writable = File::options().write(true).open(&path);
-            removed = std::fs::remove_file(&path);
+            removed = Some(std::fs::remove_file(&path));
             if let Ok(writable) = writable
                 && let Ok(handle) = std::thread::Builder::new()
                     .name("pf-free-pages".to_owned())
@@ -335,7 +335,10 @@ pub(crate) fn store_images(
             "memory stored"
         );
         drop(file);
-        removed.map_err(|e| Error::io("remove", &path, e))?;
+        // Removed above; if the callback did not come, here (it must not go into the tar).
+        removed
+            .unwrap_or_else(|| std::fs::remove_file(&path))
+            .map_err(|e| Error::io("remove", &path, e))?;
         memory.push(PagesImage {
             file: name,
             manifest: stored.manifest,
@@ -352,7 +355,9 @@ pub(crate) fn store_images(
         source: Box::new(source),
     })?;
     for handle in freeing {
-        let _ = handle.join();
+        if handle.join().is_err() {
+            tracing::debug!("the thread freeing a pages file panicked");
+        }
     }
     Ok((put.digest, memory))
 }
