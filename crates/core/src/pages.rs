@@ -193,7 +193,7 @@ pub struct PageWriter<'a> {
     packs: Vec<Digest256>,
     /// Whether the session wrote the pack of the same number (its pages go into the index).
     written: Vec<bool>,
-    pack_ids: HashMap<Digest256, u32>,
+    pack_ids: crate::DigestMap<u32>,
     /// Packs the index named that are no longer in the store.
     missing: std::collections::HashSet<Digest256>,
     /// Every distinct page the session knows where to find: 40 bytes each.
@@ -220,7 +220,7 @@ impl<'a> PageWriter<'a> {
             threads: threads.max(1),
             packs: Vec::new(),
             written: Vec::new(),
-            pack_ids: HashMap::new(),
+            pack_ids: crate::DigestMap::default(),
             missing: std::collections::HashSet::new(),
             known: crate::DigestMap::default(),
             manifests: Vec::new(),
@@ -577,7 +577,8 @@ impl<'a> PageWriter<'a> {
         base: Option<&Base>,
     ) -> (Vec<Digest256>, Vec<u8>, u64) {
         let mut packs: Vec<Digest256> = Vec::new();
-        let mut number_of: HashMap<Digest256, u32> = HashMap::new();
+        // Looked up once per page: keyed cheaply.
+        let mut number_of: crate::DigestMap<u32> = crate::DigestMap::default();
         let mut list = Vec::with_capacity(16 + digests.len() * LIST_ENTRY);
         list.extend_from_slice(LIST_MAGIC);
         list.extend_from_slice(&(digests.len() as u64).to_le_bytes());
