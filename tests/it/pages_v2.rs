@@ -142,7 +142,16 @@ fn run(mut cmd: Command, input: &[u8]) -> Output {
 }
 
 fn freeze_v2(store: &Path, pid: &str, tag: &str) -> Digest256 {
+    freeze_v2_by(store, pid, tag, None)
+}
+
+/// [`freeze_v2`] with `$PF_CAPTURE` set to `capture` (`dir`: criu dumps into a directory
+/// instead of streaming its images through pf).
+fn freeze_v2_by(store: &Path, pid: &str, tag: &str, capture: Option<&str>) -> Digest256 {
     let mut cmd = pf(store);
+    if let Some(capture) = capture {
+        cmd.env("PF_CAPTURE", capture);
+    }
     cmd.env(FORMAT_ENV, "v2")
         .args(["goblin", "freeze", "--pid", pid, "--tag", tag]);
     let out = run(cmd, b"");
@@ -242,6 +251,43 @@ fn live_v2_snapshots_thaw_page_for_page_and_share_unchanged_pages() {
         assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "snapshot s{k}");
     }
     assert_eq!(goblin.ask("sum"), sums[3], "the original runs on unchanged");
+}
+
+#[test]
+fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
+    // The default capture streams criu's images through pf; `PF_CAPTURE=dir` has criu dump
+    // into a directory that pf follows. Snapshots of either kind, interleaved and sharing
+    // pages, thaw with their own memory.
+    if !live("live_v2_dumped_into_a_directory_or_streamed_thaw_the_same") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_v2_dumped_into_a_directory_or_streamed_thaw_the_same",
+        Duration::from_secs(300),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let mut goblin = Goblin::start();
+    deadline.watch(goblin.child.id() as i32);
+    let mut sums = Vec::new();
+    for (k, capture) in [Some("dir"), None, Some("dir")].into_iter().enumerate() {
+        assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
+        sums.push(goblin.ask("sum"));
+        let before = stored_bytes(&store_dir);
+        freeze_v2_by(&store_dir, &goblin.pid(), &format!("s{k}"), capture);
+        let grown = stored_bytes(&store_dir) - before;
+        if k > 0 {
+            assert!(
+                grown < 4 << 20,
+                "snapshot {k} ({capture:?}) stored {grown} bytes: unchanged pages are shared"
+            );
+        }
+    }
+    for (k, sum) in sums.iter().enumerate() {
+        let out = thaw(&store_dir, &format!("s{k}"), b"sum\n");
+        assert!(out.status.success(), "thaw s{k}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "snapshot s{k}");
+    }
 }
 
 #[test]

@@ -53,7 +53,7 @@ impl PartialOrd for Digest256 {
 }
 
 /// A `HashMap` keyed by digests, hashed the cheap way [`DigestState`] does.
-pub(crate) type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestState>;
+pub type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestState>;
 
 /// Hashes [`Digest256`] keys for maps. A digest is already uniform, so 8 of its bytes, mixed
 /// with a random per-map key (a folded multiply), are its hash: cheaper than std's SipHash of
@@ -61,7 +61,7 @@ pub(crate) type DigestMap<V> = std::collections::HashMap<Digest256, V, DigestSta
 /// unknown to whoever chooses the hashed bytes (page contents), so they cannot be crowded.
 /// Meant for digests only: other keys would be hashed by 8 bytes of each write.
 #[derive(Clone, Debug)]
-pub(crate) struct DigestState {
+pub struct DigestState {
     k0: u64,
     k1: u64,
 }
@@ -95,7 +95,7 @@ impl std::hash::BuildHasher for DigestState {
 
 /// The hasher [`DigestState`] builds.
 #[derive(Debug)]
-pub(crate) struct DigestKeyHasher {
+pub struct DigestKeyHasher {
     k1: u64,
     acc: u64,
 }

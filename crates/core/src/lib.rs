@@ -27,8 +27,8 @@ mod repack;
 mod sha256_many;
 mod store;
 
-pub(crate) use crate::digest::DigestMap;
 pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
+pub use crate::digest::{DigestMap, DigestState};
 pub use crate::error::{Error, Result};
 pub use crate::fs::FsBlobStore;
 pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreachable};

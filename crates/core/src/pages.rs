@@ -269,6 +269,23 @@ impl<'a> PageWriter<'a> {
         base_manifest: Option<&Digest256>,
         read: &mut dyn FnMut(),
     ) -> Result<PagesStored, PagesError> {
+        self.write_file_kept(file, path, prehashed, base_manifest, None, read)
+    }
+
+    /// [`write_file_then`](Self::write_file_then) for a file whose every page was hashed as it
+    /// was captured (`prehashed` covers the whole file) and in which only the pages `kept`
+    /// marks were written (the others are holes: zero pages, pages seen earlier in the same
+    /// file, pages the store already had). A page the store turns out to lack that was not
+    /// kept is an error, never a packed hole.
+    pub fn write_file_kept(
+        &mut self,
+        file: &File,
+        path: &std::path::Path,
+        prehashed: Vec<Option<Digest256>>,
+        base_manifest: Option<&Digest256>,
+        kept: Option<&[bool]>,
+        read: &mut dyn FnMut(),
+    ) -> Result<PagesStored, PagesError> {
         let len = file
             .metadata()
             .map_err(|source| PagesError::Io {
@@ -421,8 +438,14 @@ impl<'a> PageWriter<'a> {
                 }
                 Ok(done)
             });
-            let packed =
-                pack_new_pages(file, path, &digests, known, base, threads, (&send, &spare));
+            let packed = pack_new_pages(
+                (file, path, kept),
+                &digests,
+                known,
+                base,
+                threads,
+                (&send, &spare),
+            );
             drop(send);
             let stored = putter
                 .join()
@@ -563,9 +586,7 @@ impl<'a> PageWriter<'a> {
 
     /// The manifest [`MANIFEST_HINT`] says last used `pack`, if any.
     fn manifest_using(&self, pack: &Digest256) -> Option<Digest256> {
-        let path = self.store.hint_path(MANIFEST_HINT, pack)?;
-        let text = std::fs::read_to_string(path).ok()?;
-        text.trim().parse().ok()
+        manifest_using(self.store, pack)
     }
 
     /// The whole page list of `digests` (every one known to the session): the manifest's pack
@@ -741,16 +762,34 @@ impl<'a> PageWriter<'a> {
                 digests.push(page_digest(&page));
             }
         }
-        digests.sort_unstable();
-        digests.dedup();
-        let found = self.index.lookup(&digests).ok()?;
-        let mut votes: HashMap<Digest256, usize> = HashMap::new();
-        for loc in found.values() {
-            *votes.entry(loc.pack).or_default() += 1;
-        }
-        let (pack, _) = votes.into_iter().max_by_key(|(pack, n)| (*n, *pack))?;
-        self.manifest_using(&pack)
+        guess_base_of(self.store, &self.index, digests)
     }
+}
+
+/// The manifest a file holding the pages `sample` (digests, any order) is most likely a later
+/// version of: the latest manifest ([`MANIFEST_HINT`]) using the pack of `index` that holds
+/// most of them. Only ever a guess.
+pub fn guess_base_of(
+    store: &dyn BlobStore,
+    index: &PageIndex,
+    mut sample: Vec<Digest256>,
+) -> Option<Digest256> {
+    sample.sort_unstable();
+    sample.dedup();
+    let found = index.lookup(&sample).ok()?;
+    let mut votes: HashMap<Digest256, usize> = HashMap::new();
+    for loc in found.values() {
+        *votes.entry(loc.pack).or_default() += 1;
+    }
+    let (pack, _) = votes.into_iter().max_by_key(|(pack, n)| (*n, *pack))?;
+    manifest_using(store, &pack)
+}
+
+/// The manifest [`MANIFEST_HINT`] says last used `pack`, if any.
+fn manifest_using(store: &dyn BlobStore, pack: &Digest256) -> Option<Digest256> {
+    let path = store.hint_path(MANIFEST_HINT, pack)?;
+    let text = std::fs::read_to_string(path).ok()?;
+    text.trim().parse().ok()
 }
 
 /// Hash the pages of `file` from page `first` on into `out` (None for a zero page), reading
@@ -1008,8 +1047,7 @@ fn batch_of<'b>(batch: &'b Option<Box<dyn BlobBatch + '_>>) -> &'b dyn BlobBatch
 /// each finished pack to `send`; the k-th pack sent is number `base + k`, and each new page
 /// goes into `known` as it is packed. Returns how many pages were packed.
 fn pack_new_pages(
-    file: &File,
-    path: &std::path::Path,
+    (file, path, kept): (&File, &std::path::Path, Option<&[bool]>),
     digests: &[Option<Digest256>],
     known: &mut crate::DigestMap<Loc>,
     base: u32,
@@ -1043,6 +1081,21 @@ fn pack_new_pages(
         );
         if want.is_empty() {
             continue;
+        }
+        if let Some(kept) = kept
+            && let Some(&lost) = want
+                .iter()
+                .find(|&&i| !kept.get(i).copied().unwrap_or(false))
+        {
+            return Err(PagesError::Io {
+                op: "pack the pages of",
+                path: path.to_owned(),
+                source: std::io::Error::other(format!(
+                    "page {lost} was left out while it was captured, as a page the store \
+                     already had, but the store no longer has it (removed by a gc meanwhile?): \
+                     freeze again"
+                )),
+            });
         }
         // Only the runs of pages the store lacks are read (a re-freeze's changed pages are
         // scattered: reading whole batches would read the whole file again), unless they are
@@ -2616,6 +2669,66 @@ mod tests {
         assert_eq!(
             rebuild(&store, &stored.manifest, tmp.path()).expect("rebuild"),
             vec![0u8; 40 * PAGE_SIZE]
+        );
+    }
+
+    #[test]
+    fn a_file_of_kept_pages_packs_only_kept_ones_and_never_a_hole() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let index = PageIndex::in_dir(&tmp.path().join("index"));
+        let first: Vec<Option<u64>> = (0..600).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "one", &first);
+        let mut w = PageWriter::new(&store, index.clone(), 2);
+        let one = w.write_file(&file, &path).expect("store");
+        w.commit().expect("commit");
+        // The next version: every 10th page changed; only those were kept (written), the rest
+        // are holes, as a streamed capture leaves them.
+        let pages: Vec<Option<u64>> = (0..600)
+            .map(|i| Some(if i % 10 == 0 { 50_000 + i } else { i }))
+            .collect();
+        let digests: Vec<Option<Digest256>> = pages
+            .iter()
+            .map(|p| p.map(|seed| page_digest(&page(seed))))
+            .collect();
+        let kept: Vec<bool> = (0..600).map(|i| i % 10 == 0).collect();
+        let sparse: Vec<Option<u64>> = pages
+            .iter()
+            .zip(&kept)
+            .map(|(p, k)| if *k { *p } else { None })
+            .collect();
+        let (file, path) = file_of(tmp.path(), "two", &sparse);
+        let mut w = PageWriter::new(&store, index.clone(), 2);
+        let two = w
+            .write_file_kept(
+                &file,
+                &path,
+                digests.clone(),
+                Some(&one.manifest),
+                Some(&kept),
+                &mut || {},
+            )
+            .expect("store");
+        w.commit().expect("commit");
+        assert_eq!(two.new_pages, 60);
+        let (whole, _) = file_of(tmp.path(), "whole", &pages);
+        drop(whole);
+        assert_eq!(
+            rebuild(&store, &two.manifest, tmp.path()).expect("rebuild"),
+            std::fs::read(tmp.path().join("whole")).expect("whole")
+        );
+        // A page left out that the store lacks is an error, never a packed hole.
+        let mut lacking = kept.clone();
+        lacking[0] = false;
+        let mut digests = digests;
+        digests[0] = Some(page_digest(&page(77_777)));
+        let mut w = PageWriter::new(&store, index, 2);
+        let err = w
+            .write_file_kept(&file, &path, digests, None, Some(&lacking), &mut || {})
+            .expect_err("a hole would be packed");
+        assert!(
+            format!("{err:?}").contains("page 0 was left out"),
+            "{err:?}"
         );
     }
 

@@ -98,7 +98,7 @@ pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result
     let criu = crate::criu::for_capture()?;
     ensure_alive(pid)?;
     prepare_images_dir(images_dir)?;
-    dump_with(&criu, pid, images_dir, opts)
+    dump_with(&criu, pid, images_dir, opts, &[])
 }
 
 /// Make `dir` (0700) if it is missing; refuse it if it holds anything.
@@ -156,16 +156,34 @@ pub fn capture_with_progress(
         .map_err(|e| Error::store(format!("locking the store to capture pid {pid}"), e))?;
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
-    // v2 hashes the pages while CRIU writes them.
-    let prehash =
-        (format == crate::v2::Format::V2).then(|| crate::v2::Prehash::start(images.path()));
-    let report = dump_with(&criu, pid, images.path(), opts)?;
-    let prehashed = prehash.map(crate::v2::Prehash::finish).unwrap_or_default();
+    // v2 hashes the pages while CRIU dumps them: streamed through pf, or followed in the dir.
+    let hold = (format == crate::v2::Format::V2)
+        .then(crate::capture_stream::prepare)
+        .flatten();
+    let (report, early) = if let Some(hold) = hold {
+        let (mut report, pages) =
+            crate::capture_stream::capture_while(hold, store, images.path(), |extra| {
+                dump_with(&criu, pid, images.path(), opts, extra)
+            })?;
+        if let Some(stats) = report.dump_stats.as_mut()
+            && stats.pages_written == 0
+        {
+            let n: usize = pages.values().map(|p| p.digests.len()).sum();
+            stats.pages_written = n as u64;
+        }
+        (report, crate::v2::Early::Streamed(pages))
+    } else {
+        let prehash =
+            (format == crate::v2::Format::V2).then(|| crate::v2::Prehash::start(images.path()));
+        let report = dump_with(&criu, pid, images.path(), opts, &[])?;
+        let prehashed = prehash.map(crate::v2::Prehash::finish).unwrap_or_default();
+        (report, crate::v2::Early::Followed(prehashed))
+    };
     let (criu_dump, memory) = match format {
         crate::v2::Format::V1 => (store_tar(store, pid, images.path(), progress)?, None),
         crate::v2::Format::V2 => {
             progress(CaptureProgress::Storing { done: 0, total: 0 });
-            let (tar, memory) = crate::v2::store_images(store, images.path(), pid, prehashed)?;
+            let (tar, memory) = crate::v2::store_images(store, images.path(), pid, early)?;
             (tar, Some(memory))
         }
     };
@@ -255,6 +273,7 @@ fn dump_with(
     pid: i32,
     images_dir: &Path,
     opts: &CaptureOptions,
+    extra: &[OsString],
 ) -> Result<DumpReport> {
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
@@ -276,6 +295,7 @@ fn dump_with(
         }
     }
     args.extend(opts.extra_args.iter().map(OsString::from));
+    args.extend(extra.iter().cloned());
     tracing::debug!(?pids, "dumping");
     let work = match Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?
         .watching(pid)
@@ -290,8 +310,12 @@ fn dump_with(
         }
         Err(err) => return Err(err),
     };
-    // criu writes `stats-dump` into its work directory (ours, removed when `work` drops).
-    let dump_stats = match crate::images::dump_stats(work.path()) {
+    // criu writes `stats-dump` into its work directory (ours, removed when `work` drops);
+    // streaming, it writes none, and its log says how long the tree stood still.
+    let stats = crate::images::dump_stats(work.path()).or_else(|err| {
+        crate::capture_stream::stats_from_log(&work.path().join("criu.log")).ok_or(err)
+    });
+    let dump_stats = match stats {
         Ok(stats) => {
             tracing::debug!(
                 frozen_us = stats.frozen_time_us,

@@ -14,6 +14,7 @@
 //! carries the [`criu_log::CriuFailure`] its log names, when pf recognises one.
 
 mod capture;
+mod capture_stream;
 pub mod criu;
 pub mod criu_log;
 mod error;

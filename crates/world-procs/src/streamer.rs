@@ -47,9 +47,9 @@ pub(crate) const SOCKET: &str = "streamer-serve.sock";
 /// Pages read (and written to the pipe) at a time.
 const CHUNK_PAGES: usize = 256;
 /// The longest request accepted: a length and a file name.
-const MAX_REQUEST: u32 = 4096;
+pub(crate) const MAX_REQUEST: u32 = 4096;
 /// How often waiting threads look at the stop flag.
-const TICK: Duration = Duration::from_millis(50);
+pub(crate) const TICK: Duration = Duration::from_millis(50);
 /// Chunks handed to one `vmsplice` at most.
 const SPLICE_CHUNKS: usize = 8;
 /// The pipe size asked for (the kernel's default cap, `/proc/sys/fs/pipe-max-size`).
@@ -277,7 +277,7 @@ fn requests<'scope, 'env>(
 }
 
 /// The file name of an `img_streamer_request_entry`, if `msg` is one.
-fn parse_request(msg: &[u8]) -> Option<String> {
+pub(crate) fn parse_request(msg: &[u8]) -> Option<String> {
     // Field 1, wire type 2 (length-delimited), a varint length, the bytes.
     let (&tag, rest) = msg.split_first()?;
     if tag != 0x0a {
@@ -470,7 +470,7 @@ impl<'a> PipeOut<'a> {
 
 /// Wait (at most [`TICK`]) until `fd` is ready for `events` or `woken` hangs up; whether `fd`
 /// is ready.
-fn poll_either(fd: &impl AsFd, events: PollFlags, woken: &OwnedFd) -> bool {
+pub(crate) fn poll_either(fd: &impl AsFd, events: PollFlags, woken: &OwnedFd) -> bool {
     let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
     let mut fds = [
         PollFd::new(fd.as_fd(), events),

@@ -65,7 +65,7 @@ pub(crate) fn threads() -> usize {
 }
 
 /// Whether `name` is a CRIU pages file (`pages-<digits>.img`).
-fn is_pages_file(name: &str) -> bool {
+pub(crate) fn is_pages_file(name: &str) -> bool {
     name.strip_prefix("pages-")
         .and_then(|rest| rest.strip_suffix(".img"))
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
@@ -102,6 +102,15 @@ pub(crate) struct Prehash {
 
 /// What [`Prehash`] hashed, by pages file name.
 pub(crate) type Prehashed = HashMap<String, PrehashedFile>;
+
+/// What was learnt of the pages files while CRIU dumped them.
+pub(crate) enum Early {
+    /// Dumped into the directory, followed by [`Prehash`]: the digests of their first pages.
+    Followed(Prehashed),
+    /// Streamed through pf (`capture_stream`): every page's digest, only the pages the store
+    /// lacks written.
+    Streamed(crate::capture_stream::Streamed),
+}
 
 /// The digests of the first pages of one pages file, and which file it was (device and inode),
 /// so they are used only for that very file.
@@ -271,7 +280,7 @@ pub(crate) fn store_images(
     store: &dyn BlobStore,
     dir: &Path,
     pid: i32,
-    mut prehashed: Prehashed,
+    mut early: Early,
 ) -> Result<(Digest256, Vec<PagesImage>)> {
     let maps = pagemaps(dir)?;
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -287,10 +296,26 @@ pub(crate) fn store_images(
     for name in names {
         let path = dir.join(&name);
         let file = File::open(&path).map_err(|e| Error::io("open", &path, e))?;
-        let early = prehashed
-            .remove(&name)
-            .map(|early| prehash_for(&file, &path, early))
-            .unwrap_or_default();
+        let (digests, kept, base) = match &mut early {
+            Early::Followed(prehashed) => (
+                prehashed
+                    .remove(&name)
+                    .map(|early| prehash_for(&file, &path, early))
+                    .unwrap_or_default(),
+                None,
+                None,
+            ),
+            Early::Streamed(streamed) => {
+                let pages = streamed.remove(&name).ok_or_else(|| {
+                    Error::io(
+                        "store",
+                        &path,
+                        std::io::Error::other("criu's dump did not stream this pages file"),
+                    )
+                })?;
+                (pages.digests, Some(pages.kept), pages.base)
+            }
+        };
         // Once read, the file leaves the images dir (it must not go into the tar), and freeing
         // its memory (tmpfs: 90 ms a GiB) is left to a thread, beside the page list, the tar
         // and the commit. The name goes first: removing it waits for the inode's lock, which
@@ -309,7 +334,14 @@ pub(crate) fn store_images(
             }
         };
         let stored = writer
-            .write_file_then(&file, &path, early, None, &mut free)
+            .write_file_kept(
+                &file,
+                &path,
+                digests,
+                base.as_ref(),
+                kept.as_deref(),
+                &mut free,
+            )
             .map_err(|source| Error::Pages {
                 what: format!("storing the memory of pid {pid} ({name})"),
                 source: Box::new(source),

@@ -1,0 +1,984 @@
+//! Streamed capture: `criu dump --stream` hands every image to pf through a pipe, and pf hashes
+//! each page of the memory as it comes, keeping in the images directory only what the store
+//! will need: the small images whole, and of each pages file only the pages the store and the
+//! file itself do not already hold (the others are holes).
+//!
+//! Why: dumping to tmpfs, CRIU copies every page into the file and pf reads it back to hash it;
+//! a re-freeze that changed 5% of memory wrote and read the other 95% for nothing. Streamed,
+//! CRIU moves page references into the pipe (`splice`, no copy), pf copies each page once to
+//! hash it, and writes only new pages.
+//!
+//! The protocol is CRIU's image streamer (criu/img-streamer.c) in capture mode: CRIU connects to
+//! `streamer-capture.sock` in the images directory and, for each image it writes, sends a
+//! request (a native-endian `u32` length, then `img_streamer_request_entry {filename}`) and
+//! then the read end of a fresh pipe (`SCM_RIGHTS`, one dummy byte); no reply. It then writes
+//! the image into the pipe and closes it.
+//!
+//! - **A pipe holds references to the tree's own pages**, not copies, so a tree that runs again
+//!   (`--leave-running`) could change a page pf has not read yet. CRIU runs its `post-dump`
+//!   action script before it lets the tree go: pf gives CRIU one ([`Hold`]) that asks pf whether
+//!   every image was read to its end, and waits for the answer. A pf that died does not answer:
+//!   the script sees pf gone and fails, and CRIU then leaves the tree running and fails the
+//!   dump.
+//! - **CRIU writes no `stats-dump` when streaming** (it dismisses the streamer first), so the
+//!   pause is read from CRIU's log: from its first "Seized task" to "Unfreezing tasks", the
+//!   span CRIU's own `frozen_time` measures (the two agree to 0.1 ms on a dump to a directory).
+//! - **Which pages are kept**: a page is hashed on whichever of pf's threads read it; then, in
+//!   file order, it is left out if it is a zero page, if it came earlier in the same file, or if
+//!   the snapshot it most likely descends from lists it (guessed from the first pages, as a
+//!   freeze to a directory guesses it). What is left out is only what the store is expected to
+//!   have: storing a page the store turns out to lack is an error, never a packed hole.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::Read as _;
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::unix::fs::FileExt as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use pf_core::pack::PAGE_SIZE;
+use pf_core::{BlobStore, Digest256, DigestMap};
+
+use crate::error::{Error, Result};
+
+/// The socket CRIU's dump connects to, in the images directory.
+pub(crate) const SOCKET: &str = "streamer-capture.sock";
+/// Pages read from a pipe at a time.
+const CHUNK_PAGES: usize = 256;
+/// Pages hashed before the base is guessed from them (and at most used for it).
+const SAMPLE_PAGES: usize = 64;
+/// The pipe size asked for.
+const PIPE_SIZE: usize = 1 << 20;
+/// How long CRIU's post-dump may wait for the images still being read.
+const HOLD_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What a streamed dump's pages file holds: a digest per page (None: a zero page) and which
+/// pages were written into the file (the rest are holes).
+#[derive(Debug, Default)]
+pub(crate) struct StreamedPages {
+    pub(crate) digests: Vec<Option<Digest256>>,
+    pub(crate) kept: Vec<bool>,
+    /// The manifest its pages were left out against, if one was guessed.
+    pub(crate) base: Option<Digest256>,
+}
+
+/// Everything the capture server learnt, by pages file name.
+pub(crate) type Streamed = HashMap<String, StreamedPages>;
+
+/// The post-dump hold a streamed capture needs, unless streamed capture is off
+/// (`PF_CAPTURE=dir`: CRIU dumps into a directory and pf follows the pages files) or cannot run
+/// here (no `bash`, scratch space mounted noexec): then None, and pf dumps into a directory.
+pub(crate) fn prepare() -> Option<Hold> {
+    if std::env::var_os("PF_CAPTURE").is_some_and(|v| v == "dir") {
+        return None;
+    }
+    Hold::new()
+        .inspect_err(|e| tracing::debug!(error = %e, "dumping into a directory, not streamed"))
+        .ok()
+}
+
+fn bash() -> Option<&'static str> {
+    ["/bin/bash", "/usr/bin/bash"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+}
+
+/// State shared by the server, its file threads and the hold.
+struct Shared {
+    stop: AtomicBool,
+    /// Files being read: the hold waits until none is.
+    open: Mutex<usize>,
+    closed: Condvar,
+    pages: Mutex<Streamed>,
+    error: Mutex<Option<Error>>,
+}
+
+impl Shared {
+    fn fail(&self, e: Error) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+
+    fn failed(&self) -> bool {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn opened(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn done(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.closed.notify_all();
+    }
+
+    /// Wait until every file being read is read; false if that took too long.
+    fn wait_all_read(&self) -> bool {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let (open, _) = self
+            .closed
+            .wait_timeout_while(open, HOLD_DEADLINE, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        *open == 0
+    }
+}
+
+/// CRIU's post-dump hold: two FIFOs in a private directory and the action script that uses
+/// them. The script writes a line into `ask` and waits for a line in `answer` (`ok`: let the
+/// tree go; anything else, or pf gone: fail).
+pub(crate) struct Hold {
+    _dir: crate::capture::Scratch,
+    ask: std::fs::File,
+    answer: std::fs::File,
+    script: OsString,
+}
+
+impl Hold {
+    fn new() -> Result<Self> {
+        let bash = bash().ok_or_else(|| Error::Sys {
+            op: "finding bash for criu's post-dump hold",
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        let dir = crate::capture::scratch_dir("pf-hold-")?;
+        let fifo = |name: &str| -> Result<(PathBuf, std::fs::File)> {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let path = dir.path().join(name);
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &path,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+                0,
+            )
+            .map_err(|e| Error::io("make a fifo", &path, e.into()))?;
+            // Read and write, so opening never waits for the other side; non-blocking reads.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&path)
+                .map_err(|e| Error::io("open", &path, e))?;
+            Ok((path, file))
+        };
+        let (ask_path, ask) = fifo("ask")?;
+        let (answer_path, answer) = fifo("answer")?;
+        let quote = |p: &Path| -> Result<String> {
+            let s = p.to_str().filter(|s| !s.contains('\'')).ok_or_else(|| {
+                Error::io(
+                    "quote",
+                    p,
+                    std::io::Error::other("a scratch path criu's shell cannot be given"),
+                )
+            })?;
+            Ok(format!("'{s}'"))
+        };
+        // CRIU runs the script (a path, no arguments) for every action; it acts on post-dump
+        // only. `read -t` returns as soon as the answer comes, and every 50 ms the script
+        // checks that pf still lives.
+        let text = format!(
+            "#!{bash}\n\
+             test \"$CRTOOLS_SCRIPT_ACTION\" = post-dump || exit 0\n\
+             exec 3<>{ask} 4<>{answer}\n\
+             echo >&3\n\
+             while ! read -r -t 0.05 x <&4; do kill -0 {pid} 2>/dev/null || exit 1; done\n\
+             test \"$x\" = ok\n",
+            ask = quote(&ask_path)?,
+            answer = quote(&answer_path)?,
+            pid = std::process::id()
+        );
+        let script = dir.path().join("hold");
+        {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o700)
+                .open(&script)
+                .map_err(|e| Error::io("write", &script, e))?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| Error::io("write", &script, e))?;
+        }
+        let noexec = rustix::fs::statvfs(dir.path())
+            .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::NOEXEC));
+        if noexec {
+            return Err(Error::io(
+                "run criu's post-dump hold from",
+                dir.path(),
+                std::io::Error::other("mounted noexec"),
+            ));
+        }
+        Ok(Self {
+            _dir: dir,
+            ask,
+            answer,
+            script: script.into_os_string(),
+        })
+    }
+}
+
+/// Serve CRIU's capture socket in `dir` while `dump` runs `criu dump --stream` with the extra
+/// arguments it is given; return what `dump` returned and the pages files' digests. The pages
+/// files are left in `dir` with only their kept pages; every other image whole.
+pub(crate) fn capture_while<T>(
+    hold: Hold,
+    store: &dyn BlobStore,
+    dir: &Path,
+    dump: impl FnOnce(&[OsString]) -> Result<T>,
+) -> Result<(T, Streamed)> {
+    let path = dir.join(SOCKET);
+    let listener = UnixListener::bind(&path).map_err(|e| Error::io("listen on", &path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("set up", &path, e))?;
+    let shared = Shared {
+        stop: AtomicBool::new(false),
+        open: Mutex::new(0),
+        closed: Condvar::new(),
+        pages: Mutex::new(HashMap::new()),
+        error: Mutex::new(None),
+    };
+    let extra: Vec<OsString> = vec![
+        "--stream".into(),
+        "--action-script".into(),
+        hold.script.clone(),
+    ];
+    // Closed when the dump is over: wakes the server at once.
+    let (woken, wake) = std::io::pipe().map_err(|source| Error::Sys {
+        op: "creating the capture streamer's wake-up pipe",
+        source,
+    })?;
+    let woken = OwnedFd::from(woken);
+    let result = std::thread::scope(|s| {
+        let server = std::thread::Builder::new()
+            .name("pf-capture".into())
+            .spawn_scoped(s, || {
+                serve(s, (&listener, &path), dir, store, (&hold, &woken), &shared);
+            })
+            .map_err(|source| Error::Sys {
+                op: "starting the capture streamer",
+                source,
+            });
+        let result = match server {
+            Ok(_) => dump(&extra),
+            Err(e) => Err(e),
+        };
+        shared.stop.store(true, Ordering::Relaxed);
+        drop(wake);
+        result
+    });
+    let _ = std::fs::remove_file(&path);
+    let failed = shared.error.into_inner().unwrap_or_else(|p| p.into_inner());
+    let result = result?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let pages = shared.pages.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((result, pages))
+}
+
+/// Accept CRIU's connection, take its images, answer its post-dump hold; until stopped.
+fn serve<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    (listener, path): (&UnixListener, &Path),
+    dir: &'env Path,
+    store: &'env dyn BlobStore,
+    (hold, woken): (&Hold, &OwnedFd),
+    shared: &'scope Shared,
+) {
+    let mut conn: Option<UnixStream> = None;
+    let mut ended = false;
+    let ms = u16::try_from(crate::streamer::TICK.as_millis()).unwrap_or(u16::MAX);
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (conn_ready, asked) = {
+            let mut fds = vec![
+                PollFd::new(hold.ask.as_fd(), PollFlags::POLLIN),
+                PollFd::new(woken.as_fd(), PollFlags::POLLIN),
+            ];
+            match (&conn, ended) {
+                (Some(c), _) => fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN)),
+                (None, false) => fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN)),
+                (None, true) => {}
+            }
+            if !matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0) {
+                continue;
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            (fds.get(2).is_some_and(ready), ready(&fds[0]))
+        };
+        if conn_ready {
+            match conn.as_ref() {
+                None => {
+                    if let Ok((c, _)) = listener.accept()
+                        && c.set_nonblocking(false).is_ok()
+                    {
+                        // Nothing else may connect, and the socket must not be stored.
+                        let _ = std::fs::remove_file(path);
+                        conn = Some(c);
+                    }
+                }
+                Some(c) => match request(s, c, dir, store, shared) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        conn = None;
+                        ended = true;
+                    }
+                    Err(e) => {
+                        shared.fail(e);
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                        conn = None;
+                        ended = true;
+                    }
+                },
+            }
+        }
+        if asked {
+            let mut line = [0u8; 64];
+            let _ = (&hold.ask).read(&mut line);
+            // Every image CRIU will write before the tree goes on was sent already: take the
+            // requests still queued, then wait until every file is read.
+            if let Some(c) = conn.as_ref() {
+                loop {
+                    let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+                    if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+                        break;
+                    }
+                    match request(s, c, dir, store, shared) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            conn = None;
+                            ended = true;
+                            break;
+                        }
+                        Err(e) => {
+                            shared.fail(e);
+                            break;
+                        }
+                    }
+                }
+            }
+            let all_read = shared.wait_all_read();
+            if !all_read {
+                shared.fail(Error::Sys {
+                    op: "reading criu's images before it lets the tree run",
+                    source: std::io::Error::other(format!(
+                        "an image was still being written after {} s",
+                        HOLD_DEADLINE.as_secs()
+                    )),
+                });
+            }
+            let answer: &[u8] = if all_read && !shared.failed() {
+                b"ok\n"
+            } else {
+                b"fail\n"
+            };
+            use std::io::Write as _;
+            if let Err(e) = (&hold.answer).write_all(answer) {
+                tracing::warn!(error = %e, "cannot answer criu's post-dump hold");
+            }
+        }
+    }
+}
+
+/// Take one request from CRIU and start reading its image; false when CRIU hung up.
+fn request<'scope, 'env>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    mut conn: &UnixStream,
+    dir: &'env Path,
+    store: &'env dyn BlobStore,
+    shared: &'scope Shared,
+) -> Result<bool> {
+    let bad = |what: String| Error::Sys {
+        op: "taking an image from criu's dump",
+        source: std::io::Error::other(what),
+    };
+    let mut len = [0u8; 4];
+    match conn.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+        Err(e) => return Err(bad(e.to_string())),
+    }
+    let len = u32::from_ne_bytes(len);
+    if len > crate::streamer::MAX_REQUEST {
+        return Err(bad(format!("an image request of {len} bytes")));
+    }
+    let mut msg = vec![0u8; len as usize];
+    conn.read_exact(&mut msg).map_err(|e| bad(e.to_string()))?;
+    let name = crate::streamer::parse_request(&msg)
+        .filter(|n| !n.is_empty() && !n.contains('/') && n != "." && n != ".." && n != SOCKET)
+        .ok_or_else(|| bad("a malformed image request".to_owned()))?;
+    let pipe = crate::streamer::recv_fd(conn).map_err(|e| bad(e.to_string()))?;
+    let path = dir.join(&name);
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| Error::io("create", &path, e))?;
+    shared.opened();
+    let pages = crate::v2::is_pages_file(&name);
+    let spawned = std::thread::Builder::new()
+        .name("pf-capture-file".into())
+        .spawn_scoped(s, move || {
+            let result = if pages {
+                pages_file(pipe, &out, &path, store).map(|p| {
+                    shared
+                        .pages
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name, p);
+                })
+            } else {
+                let mut pipe = std::fs::File::from(pipe);
+                let mut out = &out;
+                std::io::copy(&mut pipe, &mut out)
+                    .map(drop)
+                    .map_err(|e| Error::io("write", &path, e))
+            };
+            if let Err(e) = result {
+                shared.fail(e);
+            }
+            shared.done();
+        });
+    if let Err(source) = spawned {
+        shared.done();
+        return Err(Error::Sys {
+            op: "starting a thread to read an image",
+            source,
+        });
+    }
+    Ok(true)
+}
+
+/// The reading side of a pages file's pipe, shared by its threads: chunks are numbered in the
+/// order they were read.
+struct Reader {
+    pipe: std::fs::File,
+    next: usize,
+    eof: bool,
+}
+
+/// The in-order side: the decisions made so far.
+struct Decided {
+    next: usize,
+    seen: DigestMap<()>,
+    base: Option<Arc<DigestMap<()>>>,
+    out: StreamedPages,
+}
+
+/// Read a pages file from `pipe` on every core: hash each chunk, then in file order decide which
+/// pages to keep, and write those into `out`.
+fn pages_file(
+    pipe: OwnedFd,
+    out: &std::fs::File,
+    path: &Path,
+    store: &dyn BlobStore,
+) -> Result<StreamedPages> {
+    let _ = rustix::pipe::fcntl_setpipe_size(&pipe, PIPE_SIZE);
+    let reader = Mutex::new(Reader {
+        pipe: std::fs::File::from(pipe),
+        next: 0,
+        eof: false,
+    });
+    let decided = Mutex::new(Decided {
+        next: 0,
+        seen: DigestMap::default(),
+        base: None,
+        out: StreamedPages::default(),
+    });
+    let turn = Condvar::new();
+    let failed = AtomicBool::new(false);
+    let sample: Mutex<Option<Vec<Digest256>>> = Mutex::new(Some(Vec::new()));
+    let threads = crate::v2::threads();
+    let result = std::thread::scope(|s| {
+        let guess = s.spawn(|| {
+            // The base: guessed from the first pages hashed, its list read, its pages a set.
+            let sample = loop {
+                if failed.load(Ordering::Relaxed) {
+                    return None;
+                }
+                {
+                    let mut slot = sample.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.as_ref().is_none_or(|v| v.len() >= SAMPLE_PAGES) {
+                        break slot.take();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }?;
+            let manifest = pf_core::pages::guess_base_of(store, &store.page_index(), sample)?;
+            let list = pf_core::pages::PagesReader::open(store, &manifest)
+                .inspect_err(|e| tracing::debug!(base = %manifest, error = %e, "no base list"))
+                .ok()?;
+            let mut set = DigestMap::default();
+            set.reserve(list.list().len());
+            for page in list.list() {
+                if page.at.is_some() {
+                    set.insert(page.digest, ());
+                }
+            }
+            let set = Arc::new(set);
+            let mut d = decided.lock().unwrap_or_else(|p| p.into_inner());
+            d.base = Some(set);
+            d.out.base = Some(manifest);
+            Some(())
+        });
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = work((&reader, &decided, &turn, &failed), &sample, out, path);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                        turn.notify_all();
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for w in workers {
+            let r = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        // A file shorter than the sample: the guesser stops waiting.
+        sample.lock().unwrap_or_else(|p| p.into_inner()).take();
+        failed.store(true, Ordering::Relaxed);
+        let _ = guess.join();
+        result
+    });
+    result?;
+    let d = decided.into_inner().unwrap_or_else(|p| p.into_inner());
+    let len = d.out.digests.len() as u64 * PAGE_SIZE as u64;
+    out.set_len(len).map_err(|e| Error::io("size", path, e))?;
+    tracing::debug!(
+        file = %path.display(),
+        pages = d.out.digests.len(),
+        kept = d.out.kept.iter().filter(|k| **k).count(),
+        base = ?d.out.base,
+        "pages file captured"
+    );
+    Ok(d.out)
+}
+
+/// One thread of [`pages_file`]: read a chunk, hash it, wait for its turn, decide, write.
+fn work(
+    (reader, decided, turn, failed): (&Mutex<Reader>, &Mutex<Decided>, &Condvar, &AtomicBool),
+    sample: &Mutex<Option<Vec<Digest256>>>,
+    out: &std::fs::File,
+    path: &Path,
+) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK_PAGES * PAGE_SIZE];
+    let mut digests: Vec<Digest256> = Vec::with_capacity(CHUNK_PAGES);
+    let mut hashed: Vec<Option<Digest256>> = Vec::with_capacity(CHUNK_PAGES);
+    let mut keep: Vec<bool> = Vec::with_capacity(CHUNK_PAGES);
+    loop {
+        let (seq, n) = {
+            let mut r = reader.lock().unwrap_or_else(|p| p.into_inner());
+            if r.eof {
+                return Ok(());
+            }
+            let n = read_full(&mut r.pipe, &mut buf).map_err(|e| Error::io("read", path, e))?;
+            if n < buf.len() {
+                r.eof = true;
+            }
+            let seq = r.next;
+            r.next += 1;
+            (seq, n)
+        };
+        if !n.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::io(
+                "read",
+                path,
+                std::io::Error::other(format!(
+                    "criu's pages file ended inside a page ({n} bytes into its last chunk)"
+                )),
+            ));
+        }
+        let pages: Vec<&[u8]> = buf[..n].chunks_exact(PAGE_SIZE).collect();
+        let nonzero: Vec<&[u8]> = pages
+            .iter()
+            .copied()
+            .filter(|p| !pf_core::pack::is_zero_page(p))
+            .collect();
+        digests.clear();
+        pf_core::pack::page_digests(&nonzero, &mut digests);
+        hashed.clear();
+        let mut next = digests.iter();
+        for page in &pages {
+            hashed.push(if pf_core::pack::is_zero_page(page) {
+                None
+            } else {
+                next.next().copied()
+            });
+        }
+        {
+            let mut slot = sample.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = slot.as_mut() {
+                let room = SAMPLE_PAGES.saturating_sub(v.len());
+                v.extend(hashed.iter().flatten().take(room));
+            }
+        }
+        // In file order: the first of equal pages is the one kept.
+        {
+            let mut d = decided.lock().unwrap_or_else(|p| p.into_inner());
+            while d.next != seq {
+                if failed.load(Ordering::Relaxed) {
+                    // Another thread failed: its error is the one reported.
+                    return Ok(());
+                }
+                d = turn
+                    .wait_timeout(d, Duration::from_millis(50))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            keep.clear();
+            let Decided {
+                seen, base, out, ..
+            } = &mut *d;
+            for digest in &hashed {
+                let kept = match digest {
+                    None => false,
+                    Some(digest) => {
+                        base.as_ref().is_none_or(|b| !b.contains_key(digest))
+                            && seen.insert(*digest, ()).is_none()
+                    }
+                };
+                keep.push(kept);
+            }
+            out.digests.extend_from_slice(&hashed);
+            out.kept.extend_from_slice(&keep);
+            d.next += 1;
+        }
+        turn.notify_all();
+        // The kept runs, where they belong.
+        let first = seq * CHUNK_PAGES;
+        let mut i = 0;
+        while i < keep.len() {
+            if !keep[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < keep.len() && keep[i] {
+                i += 1;
+            }
+            out.write_all_at(
+                &buf[start * PAGE_SIZE..i * PAGE_SIZE],
+                ((first + start) * PAGE_SIZE) as u64,
+            )
+            .map_err(|e| Error::io("write", path, e))?;
+        }
+    }
+}
+
+/// Read until `buf` is full or the pipe ends; how much was read.
+fn read_full(pipe: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match pipe.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The dump statistics a streamed dump's log gives (CRIU writes no `stats-dump` then): the
+/// pause, from the first "Seized task" to "Unfreezing tasks" (CRIU's `frozen_time` spans the
+/// same). The pages counts are filled in by the caller, which saw them.
+pub(crate) fn stats_from_log(log: &Path) -> Option<crate::wire::DumpStats> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let at = |line: &str| -> Option<u64> {
+        let stamp = line.strip_prefix('(')?.split_once(')')?.0.trim();
+        let (secs, micros) = stamp.split_once('.')?;
+        Some(secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?)
+    };
+    let seized = text
+        .lines()
+        .find(|l| l.contains(") Seized task "))
+        .and_then(at)?;
+    let unfrozen = text
+        .lines()
+        .rfind(|l| l.contains(") Unfreezing tasks into "))
+        .and_then(at)?;
+    Some(crate::wire::DumpStats {
+        frozen_time_us: unfrozen.checked_sub(seized)?,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+    use std::mem::MaybeUninit;
+
+    /// Send `name` as CRIU's dump does: the request, then the read end of a fresh pipe; the
+    /// write end is returned for the image's bytes.
+    fn send(conn: &mut UnixStream, name: &str) -> std::io::PipeWriter {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+        let mut msg = vec![0x0a, u8::try_from(name.len()).expect("short name")];
+        msg.extend_from_slice(name.as_bytes());
+        let mut request = u32::try_from(msg.len())
+            .expect("len")
+            .to_ne_bytes()
+            .to_vec();
+        request.extend_from_slice(&msg);
+        conn.write_all(&request).expect("request");
+        let (r, w) = std::io::pipe().expect("pipe");
+        let r: OwnedFd = r.into();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [r.as_fd()];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        sendmsg(
+            &*conn,
+            &[std::io::IoSlice::new(&[0])],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .expect("send the pipe");
+        w
+    }
+
+    /// An error and its sources, as the CLI prints them.
+    fn chain(e: &Error) -> String {
+        let mut out = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            out.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        out
+    }
+
+    /// Run the hold script as CRIU does at post-dump: its exit status.
+    fn post_dump(script: &std::ffi::OsStr) -> std::process::ExitStatus {
+        std::process::Command::new(script)
+            .env("CRTOOLS_SCRIPT_ACTION", "post-dump")
+            .status()
+            .expect("run the hold script")
+    }
+
+    /// Page `i` of the test file: zeros every 5th, page 1's bytes again every 7th, else its own.
+    fn page(i: usize) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE];
+        if i % 5 == 4 {
+            return p;
+        }
+        let seed = if i % 7 == 6 { 1 } else { i };
+        p[..8].copy_from_slice(&(seed as u64 + 1).to_le_bytes());
+        p[4095] = seed as u8;
+        p
+    }
+
+    #[test]
+    fn streamed_images_are_kept_whole_and_pages_once_each_with_every_digest() {
+        let Some(hold) = prepare() else {
+            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
+        };
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let n = 3 * CHUNK_PAGES + 17;
+        let bytes: Vec<u8> = (0..n).flat_map(page).collect();
+        let (status, streamed) = capture_while(hold, &store, dir.path(), |extra| {
+            assert_eq!(extra[0], "--stream");
+            assert_eq!(extra[1], "--action-script");
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            let mut inv = send(&mut conn, "inventory.img");
+            let mut pages = send(&mut conn, "pages-1.img");
+            inv.write_all(b"inventory bytes").expect("write");
+            drop(inv);
+            // Written in odd pieces, as a pipe may hand them over.
+            for piece in bytes.chunks(3 * PAGE_SIZE + 100) {
+                pages.write_all(piece).expect("write");
+            }
+            drop(pages);
+            let status = post_dump(&extra[2]);
+            drop(conn);
+            Ok(status)
+        })
+        .expect("capture");
+        assert!(status.success(), "the hold let the dump go on: {status}");
+        assert!(!dir.path().join(SOCKET).exists(), "the socket is gone");
+        assert_eq!(
+            std::fs::read(dir.path().join("inventory.img")).expect("read"),
+            b"inventory bytes"
+        );
+        let got = &streamed["pages-1.img"];
+        assert_eq!(got.digests.len(), n);
+        assert_eq!(got.kept.len(), n);
+        let file = std::fs::read(dir.path().join("pages-1.img")).expect("read");
+        assert_eq!(file.len(), n * PAGE_SIZE);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..n {
+            let p = page(i);
+            let at = &file[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            if pf_core::pack::is_zero_page(&p) {
+                assert_eq!(got.digests[i], None, "page {i}");
+                assert!(!got.kept[i], "page {i}");
+                continue;
+            }
+            let d = pf_core::pack::page_digest(&p);
+            assert_eq!(got.digests[i], Some(d), "page {i}");
+            let first = seen.insert(d);
+            assert_eq!(
+                got.kept[i], first,
+                "page {i}: only the first of equal pages is kept"
+            );
+            if first {
+                assert_eq!(at, &p[..], "page {i} is written where it belongs");
+            } else {
+                assert!(at.iter().all(|b| *b == 0), "page {i} is a hole");
+            }
+        }
+    }
+
+    #[test]
+    fn the_hold_answers_only_once_every_image_is_read() {
+        let Some(hold) = prepare() else {
+            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
+        };
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (status, streamed) = capture_while(hold, &store, dir.path(), |extra| {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            let mut pages = send(&mut conn, "pages-1.img");
+            pages.write_all(&page(0)).expect("write");
+            let script = extra[2].clone();
+            let held = std::thread::spawn(move || post_dump(&script));
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !held.is_finished(),
+                "the hold waits while a pages file is open"
+            );
+            pages.write_all(&page(2)).expect("write");
+            drop(pages);
+            let status = held.join().expect("join");
+            drop(conn);
+            Ok(status)
+        })
+        .expect("capture");
+        assert!(status.success(), "{status}");
+        assert_eq!(streamed["pages-1.img"].digests.len(), 2);
+    }
+
+    #[test]
+    fn a_pages_file_cut_inside_a_page_fails_the_hold_and_the_capture() {
+        let Some(hold) = prepare() else {
+            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
+        };
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = capture_while(hold, &store, dir.path(), |extra| {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            let mut pages = send(&mut conn, "pages-1.img");
+            pages.write_all(&page(0)).expect("write");
+            pages.write_all(&page(1)[..100]).expect("write");
+            drop(pages);
+            let status = post_dump(&extra[2]);
+            assert!(!status.success(), "the hold failed the dump: {status}");
+            drop(conn);
+            Ok(())
+        })
+        .expect_err("a torn page");
+        assert!(chain(&err).contains("inside a page"), "{}", chain(&err));
+    }
+
+    #[test]
+    fn names_that_are_not_plain_files_are_refused() {
+        let Some(hold) = prepare() else {
+            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
+        };
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = capture_while(hold, &store, dir.path(), |_| {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            drop(send(&mut conn, "../escape.img"));
+            // The server hangs up on a bad request.
+            let mut byte = [0u8; 1];
+            let _ = conn.read(&mut byte);
+            Ok(())
+        })
+        .expect_err("refused");
+        assert!(
+            chain(&err).contains("malformed image request"),
+            "{}",
+            chain(&err)
+        );
+        assert!(
+            !dir.path()
+                .parent()
+                .expect("parent")
+                .join("escape.img")
+                .exists()
+        );
+    }
+
+    #[test]
+    fn the_hold_fails_when_pf_is_gone() {
+        let Some(hold) = prepare() else {
+            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
+        };
+        // The script as made, but watching a pid that has ended.
+        let text = std::fs::read_to_string(&hold.script).expect("read");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let dead = child.id();
+        child.wait().expect("wait");
+        let other = text.replace(
+            &format!("kill -0 {}", std::process::id()),
+            &format!("kill -0 {dead}"),
+        );
+        assert_ne!(text, other, "the script watches pf's pid");
+        let path = hold._dir.path().join("hold-dead");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o700)
+                .open(&path)
+                .expect("create");
+            f.write_all(other.as_bytes()).expect("write");
+        }
+        let started = std::time::Instant::now();
+        let status = post_dump(path.as_os_str());
+        assert!(!status.success(), "{status}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Any other action passes straight through.
+        let status = std::process::Command::new(&hold.script)
+            .env("CRTOOLS_SCRIPT_ACTION", "pre-dump")
+            .status()
+            .expect("run");
+        assert!(status.success());
+    }
+
+    #[test]
+    fn the_pause_is_read_from_criu_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("criu.log");
+        std::fs::write(
+            &log,
+            "(00.000000) Running pre-stream scripts\n\
+             (00.012834) Seized task 9580, state 1\n\
+             (00.020000) Seized task 9581, state 1\n\
+             (00.668328) Unfreezing tasks into 1\n\
+             (00.668329) \tUnseizing 9580 into 1\n",
+        )
+        .expect("write");
+        let stats = stats_from_log(&log).expect("stats");
+        assert_eq!(stats.frozen_time_us, 655_494);
+        std::fs::write(&log, "(00.000000) Seized task 1, state 1\n").expect("write");
+        assert!(stats_from_log(&log).is_none(), "never unfrozen: no pause");
+    }
+}
