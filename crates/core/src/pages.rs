@@ -269,20 +269,21 @@ impl<'a> PageWriter<'a> {
         base_manifest: Option<&Digest256>,
         read: &mut dyn FnMut(),
     ) -> Result<PagesStored, PagesError> {
-        self.write_file_kept(file, path, prehashed, base_manifest, None, read)
+        self.write_file_kept(file, path, prehashed, (base_manifest, None), None, read)
     }
 
     /// [`write_file_then`](Self::write_file_then) for a file whose every page was hashed as it
     /// was captured (`prehashed` covers the whole file) and in which only the pages `kept`
     /// marks were written (the others are holes: zero pages, pages seen earlier in the same
     /// file, pages the store already had). A page the store turns out to lack that was not
-    /// kept is an error, never a packed hole.
+    /// kept is an error, never a packed hole. The base may come with its list already open
+    /// (used only if it is that manifest's).
     pub fn write_file_kept(
         &mut self,
         file: &File,
         path: &std::path::Path,
         prehashed: Vec<Option<Digest256>>,
-        base_manifest: Option<&Digest256>,
+        (base_manifest, base_list): (Option<&Digest256>, Option<PagesReader<'a>>),
         kept: Option<&[bool]>,
         read: &mut dyn FnMut(),
     ) -> Result<PagesStored, PagesError> {
@@ -331,10 +332,13 @@ impl<'a> PageWriter<'a> {
         let (base, hashing) = std::thread::scope(|s| {
             let base = s.spawn(|| {
                 let manifest = given.or_else(|| this.guess_base(file, path, pages));
-                let list = manifest.and_then(|m| {
-                    PagesReader::open(this.store, &m)
-                        .inspect_err(|e| tracing::debug!(base = %m, error = %e, "no base list"))
-                        .ok()
+                let opened = base_list.filter(|r| Some(r.manifest()) == manifest.as_ref());
+                let list = opened.or_else(|| {
+                    manifest.and_then(|m| {
+                        PagesReader::open(this.store, &m)
+                            .inspect_err(|e| tracing::debug!(base = %m, error = %e, "no base list"))
+                            .ok()
+                    })
                 });
                 (manifest, list, started.elapsed())
             });
@@ -410,6 +414,29 @@ impl<'a> PageWriter<'a> {
         for (digest, loc) in found {
             if let Some(id) = self.present_pack(&loc.pack)? {
                 self.known.insert(digest, (id, loc.slot));
+            }
+        }
+        // Pages a capture left out because the base lists them, at another place than here and
+        // not found through the index (an entry there may name a pack that is gone): placed
+        // where the base has them.
+        if let (Some(kept), Some(reader)) = (kept, &base_list) {
+            let needed: crate::DigestMap<()> = digests
+                .iter()
+                .zip(kept)
+                .filter_map(|(d, k)| d.filter(|d| !k && !self.known.contains_key(d)))
+                .map(|d| (d, ()))
+                .collect();
+            if !needed.is_empty() {
+                for listed in reader.list() {
+                    if let Some((k, slot)) = listed.at
+                        && needed.contains_key(&listed.digest)
+                        && !self.known.contains_key(&listed.digest)
+                        && let Some(pack) = reader.pack(k)
+                        && let Some(id) = self.present_pack(&pack)?
+                    {
+                        self.known.insert(listed.digest, (id, slot));
+                    }
+                }
             }
         }
         // Pass 2: the new pages into packs, in file order. Packs are compressed here and handed
@@ -1082,21 +1109,6 @@ fn pack_new_pages(
         if want.is_empty() {
             continue;
         }
-        if let Some(kept) = kept
-            && let Some(&lost) = want
-                .iter()
-                .find(|&&i| !kept.get(i).copied().unwrap_or(false))
-        {
-            return Err(PagesError::Io {
-                op: "pack the pages of",
-                path: path.to_owned(),
-                source: std::io::Error::other(format!(
-                    "page {lost} was left out while it was captured, as a page the store \
-                     already had, but the store no longer has it (removed by a gc meanwhile?): \
-                     freeze again"
-                )),
-            });
-        }
         // Only the runs of pages the store lacks are read (a re-freeze's changed pages are
         // scattered: reading whole batches would read the whole file again), unless they are
         // most of the batch.
@@ -1121,6 +1133,18 @@ fn pack_new_pages(
                 };
                 if known.contains_key(&digest) {
                     continue;
+                }
+                let at = first + i;
+                if kept.is_some_and(|kept| !kept.get(at).copied().unwrap_or(false)) {
+                    return Err(PagesError::Io {
+                        op: "pack the pages of",
+                        path: path.to_owned(),
+                        source: std::io::Error::other(format!(
+                            "page {at} was left out while it was captured, as a page the store \
+                             already had, but the store no longer has it (removed by a gc \
+                             meanwhile?): freeze again"
+                        )),
+                    });
                 }
                 let slot = pack.push(page, digest);
                 known.insert(digest, (base + packs_sent, slot));
@@ -2684,14 +2708,21 @@ mod tests {
         w.commit().expect("commit");
         // The next version: every 10th page changed; only those were kept (written), the rest
         // are holes, as a streamed capture leaves them.
+        // Pages 500..600 repeat the new page 490: only its first place was kept.
         let pages: Vec<Option<u64>> = (0..600)
-            .map(|i| Some(if i % 10 == 0 { 50_000 + i } else { i }))
+            .map(|i| {
+                Some(match i {
+                    500.. => 50_490,
+                    _ if i % 10 == 0 => 50_000 + i,
+                    _ => i,
+                })
+            })
             .collect();
         let digests: Vec<Option<Digest256>> = pages
             .iter()
             .map(|p| p.map(|seed| page_digest(&page(seed))))
             .collect();
-        let kept: Vec<bool> = (0..600).map(|i| i % 10 == 0).collect();
+        let kept: Vec<bool> = (0..600).map(|i| i < 500 && i % 10 == 0).collect();
         let sparse: Vec<Option<u64>> = pages
             .iter()
             .zip(&kept)
@@ -2704,18 +2735,55 @@ mod tests {
                 &file,
                 &path,
                 digests.clone(),
-                Some(&one.manifest),
+                (Some(&one.manifest), None),
                 Some(&kept),
                 &mut || {},
             )
             .expect("store");
         w.commit().expect("commit");
-        assert_eq!(two.new_pages, 60);
+        assert_eq!(two.new_pages, 50);
         let (whole, _) = file_of(tmp.path(), "whole", &pages);
         drop(whole);
         assert_eq!(
             rebuild(&store, &two.manifest, tmp.path()).expect("rebuild"),
             std::fs::read(tmp.path().join("whole")).expect("whole")
+        );
+        // Shifted by a page, so that nothing is where the base has it, and through a writer
+        // without an index: the pages left out are placed where the base has them.
+        let shifted: Vec<Option<u64>> = std::iter::once(Some(90_000))
+            .chain(pages[..599].iter().copied())
+            .collect();
+        let (file3, path3) = file_of(
+            tmp.path(),
+            "three",
+            &std::iter::once(Some(90_000))
+                .chain(std::iter::repeat_n(None, 599))
+                .collect::<Vec<_>>(),
+        );
+        let digests3: Vec<Option<Digest256>> = shifted
+            .iter()
+            .map(|p| p.map(|seed| page_digest(&page(seed))))
+            .collect();
+        let kept3: Vec<bool> = (0..600).map(|i| i == 0).collect();
+        let reader = PagesReader::open(&store, &two.manifest).expect("open the base");
+        let mut w = PageWriter::new(&store, PageIndex::none(), 2);
+        let three = w
+            .write_file_kept(
+                &file3,
+                &path3,
+                digests3,
+                (Some(&two.manifest), Some(reader)),
+                Some(&kept3),
+                &mut || {},
+            )
+            .expect("store");
+        w.commit().expect("commit");
+        assert_eq!(three.new_pages, 1);
+        let (whole3, _) = file_of(tmp.path(), "whole3", &shifted);
+        drop(whole3);
+        assert_eq!(
+            rebuild(&store, &three.manifest, tmp.path()).expect("rebuild"),
+            std::fs::read(tmp.path().join("whole3")).expect("whole")
         );
         // A page left out that the store lacks is an error, never a packed hole.
         let mut lacking = kept.clone();
@@ -2724,7 +2792,14 @@ mod tests {
         digests[0] = Some(page_digest(&page(77_777)));
         let mut w = PageWriter::new(&store, index, 2);
         let err = w
-            .write_file_kept(&file, &path, digests, None, Some(&lacking), &mut || {})
+            .write_file_kept(
+                &file,
+                &path,
+                digests,
+                (None, None),
+                Some(&lacking),
+                &mut || {},
+            )
             .expect_err("a hole would be packed");
         assert!(
             format!("{err:?}").contains("page 0 was left out"),

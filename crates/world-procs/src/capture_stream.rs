@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use pf_core::pack::PAGE_SIZE;
+use pf_core::pages::PagesReader;
 use pf_core::{BlobStore, Digest256, DigestMap};
 
 use crate::error::{Error, Result};
@@ -59,16 +60,26 @@ const HOLD_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What a streamed dump's pages file holds: a digest per page (None: a zero page) and which
 /// pages were written into the file (the rest are holes).
-#[derive(Debug, Default)]
-pub(crate) struct StreamedPages {
+#[derive(Default)]
+pub(crate) struct StreamedPages<'s> {
     pub(crate) digests: Vec<Option<Digest256>>,
     pub(crate) kept: Vec<bool>,
-    /// The manifest its pages were left out against, if one was guessed.
-    pub(crate) base: Option<Digest256>,
+    /// The manifest its pages were left out against, if one was guessed, and its list.
+    pub(crate) base: Option<(Digest256, PagesReader<'s>)>,
+}
+
+impl std::fmt::Debug for StreamedPages<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedPages")
+            .field("pages", &self.digests.len())
+            .field("kept", &self.kept.iter().filter(|k| **k).count())
+            .field("base", &self.base.as_ref().map(|(m, _)| m))
+            .finish()
+    }
 }
 
 /// Everything the capture server learnt, by pages file name.
-pub(crate) type Streamed = HashMap<String, StreamedPages>;
+pub(crate) type Streamed<'s> = HashMap<String, StreamedPages<'s>>;
 
 /// The post-dump hold a streamed capture needs, unless streamed capture is off
 /// (`PF_CAPTURE=dir`: CRIU dumps into a directory and pf follows the pages files) or cannot run
@@ -89,16 +100,16 @@ fn bash() -> Option<&'static str> {
 }
 
 /// State shared by the server, its file threads and the hold.
-struct Shared {
+struct Shared<'s> {
     stop: AtomicBool,
     /// Files being read: the hold waits until none is.
     open: Mutex<usize>,
     closed: Condvar,
-    pages: Mutex<Streamed>,
+    pages: Mutex<Streamed<'s>>,
     error: Mutex<Option<Error>>,
 }
 
-impl Shared {
+impl Shared<'_> {
     fn fail(&self, e: Error) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         slot.get_or_insert(e);
@@ -228,12 +239,12 @@ impl Hold {
 /// Serve CRIU's capture socket in `dir` while `dump` runs `criu dump --stream` with the extra
 /// arguments it is given; return what `dump` returned and the pages files' digests. The pages
 /// files are left in `dir` with only their kept pages; every other image whole.
-pub(crate) fn capture_while<T>(
+pub(crate) fn capture_while<'s, T>(
     hold: Hold,
-    store: &dyn BlobStore,
+    store: &'s dyn BlobStore,
     dir: &Path,
     dump: impl FnOnce(&[OsString]) -> Result<T>,
-) -> Result<(T, Streamed)> {
+) -> Result<(T, Streamed<'s>)> {
     let path = dir.join(SOCKET);
     let listener = UnixListener::bind(&path).map_err(|e| Error::io("listen on", &path, e))?;
     listener
@@ -286,13 +297,13 @@ pub(crate) fn capture_while<T>(
 }
 
 /// Accept CRIU's connection, take its images, answer its post-dump hold; until stopped.
-fn serve<'scope, 'env>(
+fn serve<'scope, 'env, 's: 'scope>(
     s: &'scope std::thread::Scope<'scope, 'env>,
     (listener, path): (&UnixListener, &Path),
     dir: &'env Path,
-    store: &'env dyn BlobStore,
+    store: &'s dyn BlobStore,
     (hold, woken): (&Hold, &OwnedFd),
-    shared: &'scope Shared,
+    shared: &'scope Shared<'s>,
 ) {
     let mut conn: Option<UnixStream> = None;
     let mut ended = false;
@@ -389,12 +400,12 @@ fn serve<'scope, 'env>(
 }
 
 /// Take one request from CRIU and start reading its image; false when CRIU hung up.
-fn request<'scope, 'env>(
+fn request<'scope, 'env, 's: 'scope>(
     s: &'scope std::thread::Scope<'scope, 'env>,
     mut conn: &UnixStream,
     dir: &'env Path,
-    store: &'env dyn BlobStore,
-    shared: &'scope Shared,
+    store: &'s dyn BlobStore,
+    shared: &'scope Shared<'s>,
 ) -> Result<bool> {
     let bad = |what: String| Error::Sys {
         op: "taking an image from criu's dump",
@@ -417,9 +428,11 @@ fn request<'scope, 'env>(
         .ok_or_else(|| bad("a malformed image request".to_owned()))?;
     let pipe = crate::streamer::recv_fd(conn).map_err(|e| bad(e.to_string()))?;
     let path = dir.join(&name);
+    // As `criu dump` into a directory would: a file written again replaces the first.
     let out = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .open(&path)
         .map_err(|e| Error::io("create", &path, e))?;
     shared.opened();
@@ -466,21 +479,21 @@ struct Reader {
 }
 
 /// The in-order side: the decisions made so far.
-struct Decided {
+struct Decided<'s> {
     next: usize,
     seen: DigestMap<()>,
     base: Option<Arc<DigestMap<()>>>,
-    out: StreamedPages,
+    out: StreamedPages<'s>,
 }
 
 /// Read a pages file from `pipe` on every core: hash each chunk, then in file order decide which
 /// pages to keep, and write those into `out`.
-fn pages_file(
+fn pages_file<'s>(
     pipe: OwnedFd,
     out: &std::fs::File,
     path: &Path,
-    store: &dyn BlobStore,
-) -> Result<StreamedPages> {
+    store: &'s dyn BlobStore,
+) -> Result<StreamedPages<'s>> {
     let _ = rustix::pipe::fcntl_setpipe_size(&pipe, PIPE_SIZE);
     let reader = Mutex::new(Reader {
         pipe: std::fs::File::from(pipe),
@@ -526,7 +539,7 @@ fn pages_file(
             let set = Arc::new(set);
             let mut d = decided.lock().unwrap_or_else(|p| p.into_inner());
             d.base = Some(set);
-            d.out.base = Some(manifest);
+            d.out.base = Some((manifest, list));
             Some(())
         });
         let workers: Vec<_> = (0..threads)
@@ -562,7 +575,7 @@ fn pages_file(
         file = %path.display(),
         pages = d.out.digests.len(),
         kept = d.out.kept.iter().filter(|k| **k).count(),
-        base = ?d.out.base,
+        base = ?d.out.base.as_ref().map(|(m, _)| m),
         "pages file captured"
     );
     Ok(d.out)
@@ -570,7 +583,7 @@ fn pages_file(
 
 /// One thread of [`pages_file`]: read a chunk, hash it, wait for its turn, decide, write.
 fn work(
-    (reader, decided, turn, failed): (&Mutex<Reader>, &Mutex<Decided>, &Condvar, &AtomicBool),
+    (reader, decided, turn, failed): (&Mutex<Reader>, &Mutex<Decided<'_>>, &Condvar, &AtomicBool),
     sample: &Mutex<Option<Vec<Digest256>>>,
     out: &std::fs::File,
     path: &Path,

@@ -104,12 +104,12 @@ pub(crate) struct Prehash {
 pub(crate) type Prehashed = HashMap<String, PrehashedFile>;
 
 /// What was learnt of the pages files while CRIU dumped them.
-pub(crate) enum Early {
+pub(crate) enum Early<'s> {
     /// Dumped into the directory, followed by [`Prehash`]: the digests of their first pages.
     Followed(Prehashed),
     /// Streamed through pf (`capture_stream`): every page's digest, only the pages the store
     /// lacks written.
-    Streamed(crate::capture_stream::Streamed),
+    Streamed(crate::capture_stream::Streamed<'s>),
 }
 
 /// The digests of the first pages of one pages file, and which file it was (device and inode),
@@ -276,13 +276,15 @@ fn follow(dir: &Path, shared: &std::sync::Mutex<Shared>) {
 /// Store the pages files of the images in `dir` page by page, remove them from `dir`, and store
 /// the rest as a tar. Returns the tar's digest and the pages files' manifests, all durable and
 /// visible by then. `prehashed` holds the digests of pages [`Prehash`] hashed during the dump.
-pub(crate) fn store_images(
-    store: &dyn BlobStore,
+pub(crate) fn store_images<'s>(
+    store: &'s dyn BlobStore,
     dir: &Path,
     pid: i32,
-    mut early: Early,
+    mut early: Early<'s>,
 ) -> Result<(Digest256, Vec<PagesImage>)> {
+    tracing::debug!("storing the images");
     let maps = pagemaps(dir)?;
+    tracing::debug!(files = maps.len(), "pagemaps read");
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| Error::io("list", dir, e))?
         .filter_map(|e| e.ok())
@@ -303,7 +305,7 @@ pub(crate) fn store_images(
                     .map(|early| prehash_for(&file, &path, early))
                     .unwrap_or_default(),
                 None,
-                None,
+                (None, None),
             ),
             Early::Streamed(streamed) => {
                 let pages = streamed.remove(&name).ok_or_else(|| {
@@ -313,7 +315,8 @@ pub(crate) fn store_images(
                         std::io::Error::other("criu's dump did not stream this pages file"),
                     )
                 })?;
-                (pages.digests, Some(pages.kept), pages.base)
+                let (base, list) = pages.base.unzip();
+                (pages.digests, Some(pages.kept), (base, list))
             }
         };
         // Once read, the file leaves the images dir (it must not go into the tar), and freeing
@@ -338,7 +341,7 @@ pub(crate) fn store_images(
                 &file,
                 &path,
                 digests,
-                base.as_ref(),
+                (base.0.as_ref(), base.1),
                 kept.as_deref(),
                 &mut free,
             )
