@@ -161,16 +161,10 @@ pub fn capture_with_progress(
         .then(crate::capture_stream::prepare)
         .flatten();
     let (report, early) = if let Some(hold) = hold {
-        let (mut report, pages) =
+        let (report, pages) =
             crate::capture_stream::capture_while(hold, store, images.path(), |extra| {
                 dump_with(&criu, pid, images.path(), opts, extra)
             })?;
-        if let Some(stats) = report.dump_stats.as_mut()
-            && stats.pages_written == 0
-        {
-            let n: usize = pages.values().map(|p| p.digests.len()).sum();
-            stats.pages_written = n as u64;
-        }
         (report, crate::v2::Early::Streamed(pages))
     } else {
         let prehash =
@@ -310,12 +304,9 @@ fn dump_with(
         }
         Err(err) => return Err(err),
     };
-    // criu writes `stats-dump` into its work directory (ours, removed when `work` drops);
-    // streaming, it writes none, and its log says how long the tree stood still.
-    let stats = crate::images::dump_stats(work.path()).or_else(|err| {
-        crate::capture_stream::stats_from_log(&work.path().join("criu.log")).ok_or(err)
-    });
-    let dump_stats = match stats {
+    // criu writes `stats-dump` into its work directory (ours, removed when `work` drops), also
+    // when it streams its images.
+    let dump_stats = match crate::images::dump_stats(work.path()) {
         Ok(stats) => {
             tracing::debug!(
                 frozen_us = stats.frozen_time_us,

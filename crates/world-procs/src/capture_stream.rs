@@ -20,9 +20,6 @@
 //!   every image was read to its end, and waits for the answer. A pf that died does not answer:
 //!   the script sees pf gone and fails, and CRIU then leaves the tree running and fails the
 //!   dump.
-//! - **CRIU writes no `stats-dump` when streaming** (it dismisses the streamer first), so the
-//!   pause is read from CRIU's log: from its first "Seized task" to "Unfreezing tasks", the
-//!   span CRIU's own `frozen_time` measures (the two agree to 0.1 ms on a dump to a directory).
 //! - **Which pages are kept**: a page is hashed on whichever of pf's threads read it; then, in
 //!   file order, it is left out if it is a zero page, if it came earlier in the same file, or if
 //!   the snapshot it most likely descends from lists it (guessed from the first pages, as a
@@ -89,7 +86,7 @@ pub(crate) fn prepare() -> Option<Hold> {
         return None;
     }
     Hold::new()
-        .inspect_err(|e| tracing::debug!(error = %e, "dumping into a directory, not streamed"))
+        .inspect_err(|e| tracing::info!(error = %e, "dumping into a directory, not streamed"))
         .ok()
 }
 
@@ -192,18 +189,26 @@ impl Hold {
             Ok(format!("'{s}'"))
         };
         // CRIU runs the script (a path, no arguments) for every action; it acts on post-dump
-        // only. `read -t` returns as soon as the answer comes, and every 50 ms the script
-        // checks that pf still lives.
+        // only. `read -t` returns as soon as the answer comes; every 50 ms the script checks
+        // that pf still lives: pf holds an exclusive `flock` on its scratch dir while it does
+        // (a shared one is granted only once pf is gone, even while it is an unreaped zombie),
+        // and its pid must exist. It gives up on its own after the hold's deadline and 30 s.
         let text = format!(
             "#!{bash}\n\
              test \"$CRTOOLS_SCRIPT_ACTION\" = post-dump || exit 0\n\
              exec 3<>{ask} 4<>{answer}\n\
              echo >&3\n\
-             while ! read -r -t 0.05 x <&4; do kill -0 {pid} 2>/dev/null || exit 1; done\n\
+             while ! read -r -t 0.05 x <&4; do\n\
+             \x20 if flock -n -s {dir} true 2>/dev/null; then exit 1; fi\n\
+             \x20 kill -0 {pid} 2>/dev/null || exit 1\n\
+             \x20 (( SECONDS < {limit} )) || exit 1\n\
+             done\n\
              test \"$x\" = ok\n",
             ask = quote(&ask_path)?,
             answer = quote(&answer_path)?,
-            pid = std::process::id()
+            dir = quote(dir.path())?,
+            pid = std::process::id(),
+            limit = HOLD_DEADLINE.as_secs() + 30,
         );
         let script = dir.path().join("hold");
         {
@@ -269,6 +274,12 @@ pub(crate) fn capture_while<'s, T>(
     })?;
     let woken = OwnedFd::from(woken);
     let result = std::thread::scope(|s| {
+        // Stops the server when the dump is over, or if it panics (the scope would wait for
+        // the server otherwise).
+        let _stop = StopOnDrop {
+            stop: &shared.stop,
+            wake: Some(wake),
+        };
         let server = std::thread::Builder::new()
             .name("pf-capture".into())
             .spawn_scoped(s, || {
@@ -278,22 +289,75 @@ pub(crate) fn capture_while<'s, T>(
                 op: "starting the capture streamer",
                 source,
             });
-        let result = match server {
+        match server {
             Ok(_) => dump(&extra),
             Err(e) => Err(e),
-        };
-        shared.stop.store(true, Ordering::Relaxed);
-        drop(wake);
-        result
+        }
     });
     let _ = std::fs::remove_file(&path);
-    let failed = shared.error.into_inner().unwrap_or_else(|p| p.into_inner());
-    let result = result?;
-    if let Some(e) = failed {
+    // pf's own failure first: CRIU's error is then only its consequence (a failed post-dump
+    // script, a broken pipe).
+    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
+    let result = result?;
     let pages = shared.pages.into_inner().unwrap_or_else(|p| p.into_inner());
     Ok((result, pages))
+}
+
+/// Sets the stop flag and closes the wake-up pipe when dropped.
+struct StopOnDrop<'a> {
+    stop: &'a AtomicBool,
+    wake: Option<std::io::PipeWriter>,
+}
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.wake.take());
+    }
+}
+
+/// Answers CRIU's hold with `fail` if the server thread unwinds, so the tree is let go at once.
+struct FailHoldOnPanic<'a>(&'a std::fs::File);
+
+impl Drop for FailHoldOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            use std::io::Write as _;
+            let _ = (&*self.0).write_all(b"fail\n");
+        }
+    }
+}
+
+/// Marks a file read (and failed, if its thread unwinds) when dropped.
+struct DoneOnDrop<'a, 's>(&'a Shared<'s>);
+
+impl Drop for DoneOnDrop<'_, '_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.fail(Error::Sys {
+                op: "reading an image from criu's dump",
+                source: std::io::Error::other("the thread reading it panicked"),
+            });
+        }
+        self.0.done();
+    }
+}
+
+/// Tells the other threads of a pages file to stop if this one unwinds.
+struct FailOnPanic<'a> {
+    failed: &'a AtomicBool,
+    turn: &'a Condvar,
+}
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.failed.store(true, Ordering::Relaxed);
+            self.turn.notify_all();
+        }
+    }
 }
 
 /// Accept CRIU's connection, take its images, answer its post-dump hold; until stopped.
@@ -305,6 +369,7 @@ fn serve<'scope, 'env, 's: 'scope>(
     (hold, woken): (&Hold, &OwnedFd),
     shared: &'scope Shared<'s>,
 ) {
+    let _fail_hold = FailHoldOnPanic(&hold.answer);
     let mut conn: Option<UnixStream> = None;
     let mut ended = false;
     let ms = u16::try_from(crate::streamer::TICK.as_millis()).unwrap_or(u16::MAX);
@@ -371,6 +436,9 @@ fn serve<'scope, 'env, 's: 'scope>(
                         }
                         Err(e) => {
                             shared.fail(e);
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                            conn = None;
+                            ended = true;
                             break;
                         }
                     }
@@ -440,6 +508,7 @@ fn request<'scope, 'env, 's: 'scope>(
     let spawned = std::thread::Builder::new()
         .name("pf-capture-file".into())
         .spawn_scoped(s, move || {
+            let _done = DoneOnDrop(shared);
             let result = if pages {
                 pages_file(pipe, &out, &path, store).map(|p| {
                     shared
@@ -458,7 +527,6 @@ fn request<'scope, 'env, 's: 'scope>(
             if let Err(e) = result {
                 shared.fail(e);
             }
-            shared.done();
         });
     if let Err(source) = spawned {
         shared.done();
@@ -545,6 +613,10 @@ fn pages_file<'s>(
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let _fail = FailOnPanic {
+                        failed: &failed,
+                        turn: &turn,
+                    };
                     let r = work((&reader, &decided, &turn, &failed), &sample, out, path);
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -706,30 +778,6 @@ fn read_full(pipe: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
     Ok(n)
 }
 
-/// The dump statistics a streamed dump's log gives (CRIU writes no `stats-dump` then): the
-/// pause, from the first "Seized task" to "Unfreezing tasks" (CRIU's `frozen_time` spans the
-/// same). The pages counts are filled in by the caller, which saw them.
-pub(crate) fn stats_from_log(log: &Path) -> Option<crate::wire::DumpStats> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let at = |line: &str| -> Option<u64> {
-        let stamp = line.strip_prefix('(')?.split_once(')')?.0.trim();
-        let (secs, micros) = stamp.split_once('.')?;
-        Some(secs.parse::<u64>().ok()? * 1_000_000 + micros.parse::<u64>().ok()?)
-    };
-    let seized = text
-        .lines()
-        .find(|l| l.contains(") Seized task "))
-        .and_then(at)?;
-    let unfrozen = text
-        .lines()
-        .rfind(|l| l.contains(") Unfreezing tasks into "))
-        .and_then(at)?;
-    Some(crate::wire::DumpStats {
-        frozen_time_us: unfrozen.checked_sub(seized)?,
-        ..Default::default()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,9 +845,7 @@ mod tests {
 
     #[test]
     fn streamed_images_are_kept_whole_and_pages_once_each_with_every_digest() {
-        let Some(hold) = prepare() else {
-            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
-        };
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let n = 3 * CHUNK_PAGES + 17;
@@ -859,9 +905,7 @@ mod tests {
 
     #[test]
     fn the_hold_answers_only_once_every_image_is_read() {
-        let Some(hold) = prepare() else {
-            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
-        };
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let (status, streamed) = capture_while(hold, &store, dir.path(), |extra| {
@@ -888,9 +932,7 @@ mod tests {
 
     #[test]
     fn a_pages_file_cut_inside_a_page_fails_the_hold_and_the_capture() {
-        let Some(hold) = prepare() else {
-            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
-        };
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let err = capture_while(hold, &store, dir.path(), |extra| {
@@ -910,17 +952,19 @@ mod tests {
 
     #[test]
     fn names_that_are_not_plain_files_are_refused() {
-        let Some(hold) = prepare() else {
-            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
-        };
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
         let err = capture_while(hold, &store, dir.path(), |_| {
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-            drop(send(&mut conn, "../escape.img"));
-            // The server hangs up on a bad request.
+            // Only the request: the server hangs up before it would take a pipe.
+            let name = b"../escape.img";
+            let mut request = (name.len() as u32 + 2).to_ne_bytes().to_vec();
+            request.extend_from_slice(&[0x0a, name.len() as u8]);
+            request.extend_from_slice(name);
+            conn.write_all(&request).expect("request");
             let mut byte = [0u8; 1];
-            let _ = conn.read(&mut byte);
+            assert_eq!(conn.read(&mut byte).expect("read"), 0, "hung up");
             Ok(())
         })
         .expect_err("refused");
@@ -929,20 +973,11 @@ mod tests {
             "{}",
             chain(&err)
         );
-        assert!(
-            !dir.path()
-                .parent()
-                .expect("parent")
-                .join("escape.img")
-                .exists()
-        );
     }
 
     #[test]
     fn the_hold_fails_when_pf_is_gone() {
-        let Some(hold) = prepare() else {
-            panic!("no bash here: the capture streamer cannot hold criu's post-dump");
-        };
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         // The script as made, but watching a pid that has ended.
         let text = std::fs::read_to_string(&hold.script).expect("read");
         let mut child = std::process::Command::new("true").spawn().expect("spawn");
@@ -953,7 +988,35 @@ mod tests {
             &format!("kill -0 {dead}"),
         );
         assert_ne!(text, other, "the script watches pf's pid");
+        // And, with pf alive (its scratch dir locked), only the pid: the lock check passes.
+        assert!(text.contains("flock -n -s"), "{text}");
         let path = hold._dir.path().join("hold-dead");
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o700)
+                .open(&path)
+                .expect("create");
+            f.write_all(other.as_bytes()).expect("write");
+        }
+        let started = std::time::Instant::now();
+        let status = post_dump(path.as_os_str());
+        assert!(!status.success(), "{status}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // pf's pid alive but its lock gone (a zombie, a reused pid): the lock says pf is gone.
+        let unlocked = tempfile::tempdir().expect("tempdir");
+        let dir = hold._dir.path().to_str().expect("utf-8").to_owned();
+        let other = text.replace(
+            &format!("flock -n -s '{dir}'"),
+            &format!("flock -n -s '{}'", unlocked.path().display()),
+        );
+        assert_ne!(
+            text, other,
+            "the script checks pf's lock on its scratch dir"
+        );
+        let path = hold._dir.path().join("hold-unlocked");
         {
             use std::os::unix::fs::OpenOptionsExt as _;
             let mut f = std::fs::OpenOptions::new()
@@ -974,24 +1037,5 @@ mod tests {
             .status()
             .expect("run");
         assert!(status.success());
-    }
-
-    #[test]
-    fn the_pause_is_read_from_criu_log() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = dir.path().join("criu.log");
-        std::fs::write(
-            &log,
-            "(00.000000) Running pre-stream scripts\n\
-             (00.012834) Seized task 9580, state 1\n\
-             (00.020000) Seized task 9581, state 1\n\
-             (00.668328) Unfreezing tasks into 1\n\
-             (00.668329) \tUnseizing 9580 into 1\n",
-        )
-        .expect("write");
-        let stats = stats_from_log(&log).expect("stats");
-        assert_eq!(stats.frozen_time_us, 655_494);
-        std::fs::write(&log, "(00.000000) Seized task 1, state 1\n").expect("write");
-        assert!(stats_from_log(&log).is_none(), "never unfrozen: no pause");
     }
 }

@@ -146,9 +146,8 @@ pub struct CriuProcs {
 }
 
 /// CRIU's statistics of one dump, from the `stats-dump` file it writes on success. Times are
-/// microseconds, as CRIU measures them. A streamed dump (CRIU writes no `stats-dump` then)
-/// records the pause from CRIU's log and the pages pf received; its other fields are 0.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// microseconds, as CRIU measures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DumpStats {
     /// Freezing the tree (cgroup freezer or ptrace seize).
     #[serde(default)]
