@@ -145,8 +145,8 @@ fn freeze_v2(store: &Path, pid: &str, tag: &str) -> Digest256 {
     freeze_v2_by(store, pid, tag, None)
 }
 
-/// [`freeze_v2`] with `$PF_CAPTURE` set to `capture` (`dir`: criu dumps into a directory
-/// instead of streaming its images through pf).
+/// [`freeze_v2`] with `$PF_CAPTURE` set to `capture` (`dir`: criu dumps into a directory;
+/// `stream`: criu streams its images through pf, even with no base in the store).
 fn freeze_v2_by(store: &Path, pid: &str, tag: &str, capture: Option<&str>) -> Digest256 {
     let mut cmd = pf(store);
     if let Some(capture) = capture {
@@ -255,9 +255,9 @@ fn live_v2_snapshots_thaw_page_for_page_and_share_unchanged_pages() {
 
 #[test]
 fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
-    // The default capture streams criu's images through pf; `PF_CAPTURE=dir` has criu dump
-    // into a directory that pf follows. Snapshots of either kind, interleaved and sharing
-    // pages, thaw with their own memory.
+    // A re-freeze streams criu's images through pf; `PF_CAPTURE=dir` has criu dump into a
+    // directory that pf follows. Snapshots of either kind, interleaved and sharing pages, thaw
+    // with their own memory.
     if !live("live_v2_dumped_into_a_directory_or_streamed_thaw_the_same") {
         return;
     }
@@ -270,7 +270,9 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
     let mut goblin = Goblin::start();
     deadline.watch(goblin.child.id() as i32);
     let mut sums = Vec::new();
-    for (k, capture) in [Some("dir"), None, Some("dir")].into_iter().enumerate() {
+    // A first freeze streamed on request (by default it dumps into a directory: the store has
+    // no base for it), then into a directory, then streamed by default (the base is there).
+    for (k, capture) in [Some("stream"), Some("dir"), None].into_iter().enumerate() {
         assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
         sums.push(goblin.ask("sum"));
         let before = stored_bytes(&store_dir);

@@ -157,7 +157,10 @@ pub fn capture_with_progress(
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
     // v2 hashes the pages while CRIU dumps them: streamed through pf, or followed in the dir.
-    let hold = (format == crate::v2::Format::V2)
+    // Streamed when the store likely holds most of the tree's memory already (a re-freeze):
+    // then only the changed pages are written anywhere. A first freeze writes nearly every page
+    // either way, and CRIU writing them itself keeps the pause shorter.
+    let hold = (format == crate::v2::Format::V2 && crate::capture_stream::has_base(store, pid))
         .then(crate::capture_stream::prepare)
         .flatten();
     let (report, early) = if let Some(hold) = hold {

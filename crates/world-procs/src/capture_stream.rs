@@ -90,6 +90,87 @@ pub(crate) fn prepare() -> Option<Hold> {
         .ok()
 }
 
+/// Whether the store likely holds a snapshot of `pid`'s memory already: 64 pages sampled from
+/// its private writable mappings (`/proc/<pid>/mem`), hashed and looked up as a base is guessed.
+/// A streamed capture writes only the pages the store lacks, so it wins when most are there;
+/// when few are (a first freeze) it writes nearly all of them from pf's threads while CRIU
+/// waits, and dumping into a directory keeps the pause shorter (measured by hand, 1 GiB goblin,
+/// first freeze into an empty store, 8 rounds: pause 0.692 s dumped into a directory, 0.748 s
+/// streamed, raw CRIU 0.636 s). `PF_CAPTURE=stream` streams regardless.
+pub(crate) fn has_base(store: &dyn BlobStore, pid: i32) -> bool {
+    if std::env::var_os("PF_CAPTURE").is_some_and(|v| v == "stream") {
+        return true;
+    }
+    let sample = match sample_pages(pid, SAMPLE_PAGES) {
+        Ok(sample) => sample,
+        Err(e) => {
+            tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
+            return false;
+        }
+    };
+    let base = pf_core::pages::guess_base_of(store, &store.page_index(), sample);
+    tracing::debug!(
+        pid,
+        ?base,
+        "the base of the memory to dump, guessed before the dump"
+    );
+    base.is_some()
+}
+
+/// The digests of up to `n` non-zero pages spread over `pid`'s private writable mappings.
+fn sample_pages(pid: i32, n: usize) -> std::io::Result<Vec<Digest256>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut areas: Vec<(u64, u64)> = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") || !perms.ends_with('p') {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            && end > start
+        {
+            areas.push((start, end));
+        }
+    }
+    let total: u64 = areas.iter().map(|(s, e)| e - s).sum();
+    let page = PAGE_SIZE as u64;
+    let pages = total / page;
+    if pages == 0 {
+        return Ok(Vec::new());
+    }
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let step = pages.div_ceil(n as u64).max(1);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut out = Vec::with_capacity(n);
+    let mut k = 0;
+    while k < pages {
+        // The k-th page of the areas laid end to end.
+        let mut left = k * page;
+        let at = areas.iter().find_map(|(s, e)| {
+            if left < e - s {
+                Some(s + left)
+            } else {
+                left -= e - s;
+                None
+            }
+        });
+        if let Some(at) = at
+            && mem.read_exact_at(&mut buf, at).is_ok()
+            && !pf_core::pack::is_zero_page(&buf)
+        {
+            out.push(pf_core::pack::page_digest(&buf));
+        }
+        k += step;
+    }
+    Ok(out)
+}
+
 fn bash() -> Option<&'static str> {
     ["/bin/bash", "/usr/bin/bash"]
         .into_iter()
@@ -901,6 +982,21 @@ mod tests {
                 assert!(at.iter().all(|b| *b == 0), "page {i} is a hole");
             }
         }
+    }
+
+    #[test]
+    fn a_process_memory_is_sampled_and_an_empty_store_has_no_base_for_it() {
+        // Our own memory: this test binary's data and heap, much of it not zero.
+        let pid = std::process::id() as i32;
+        let sample = sample_pages(pid, SAMPLE_PAGES).expect("sample");
+        assert!(
+            !sample.is_empty() && sample.len() <= SAMPLE_PAGES,
+            "{}",
+            sample.len()
+        );
+        let store = pf_core::MemBlobStore::new();
+        assert!(!has_base(&store, pid), "nothing stored, no base");
+        assert!(sample_pages(-1, SAMPLE_PAGES).is_err(), "no such process");
     }
 
     #[test]
