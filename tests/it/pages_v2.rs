@@ -142,21 +142,37 @@ fn run(mut cmd: Command, input: &[u8]) -> Output {
 }
 
 fn freeze_v2(store: &Path, pid: &str, tag: &str) -> Digest256 {
-    freeze_v2_by(store, pid, tag, None)
+    freeze_v2_by(store, pid, tag, None).0
 }
 
 /// [`freeze_v2`] with `$PF_CAPTURE` set to `capture` (`dir`: criu dumps into a directory;
-/// `stream`: criu streams its images through pf, even with no base in the store).
-fn freeze_v2_by(store: &Path, pid: &str, tag: &str, capture: Option<&str>) -> Digest256 {
+/// `stream`: criu streams its images through pf, even with no base in the store), and whether
+/// the images were streamed, with pf's log lines about it (from its debug log).
+fn freeze_v2_by(
+    store: &Path,
+    pid: &str,
+    tag: &str,
+    capture: Option<&str>,
+) -> (Digest256, bool, String) {
     let mut cmd = pf(store);
     if let Some(capture) = capture {
         cmd.env("PF_CAPTURE", capture);
     }
     cmd.env(FORMAT_ENV, "v2")
-        .args(["goblin", "freeze", "--pid", pid, "--tag", tag]);
+        .args(["-vv", "goblin", "freeze", "--pid", pid, "--tag", tag]);
     let out = run(cmd, b"");
     assert!(out.status.success(), "freeze failed: {}", text(&out.stderr));
-    text(&out.stdout).trim().parse().expect("a digest")
+    let log = text(&out.stderr);
+    let streamed = log.contains("pages file captured");
+    let why: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("capture_stream"))
+        .collect();
+    (
+        text(&out.stdout).trim().parse().expect("a digest"),
+        streamed,
+        why.join("\n"),
+    )
 }
 
 /// `pf goblin thaw SNAPSHOT` fed `input`.
@@ -276,7 +292,12 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
         assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
         sums.push(goblin.ask("sum"));
         let before = stored_bytes(&store_dir);
-        freeze_v2_by(&store_dir, &goblin.pid(), &format!("s{k}"), capture);
+        let (_, streamed, why) = freeze_v2_by(&store_dir, &goblin.pid(), &format!("s{k}"), capture);
+        assert_eq!(
+            streamed,
+            capture != Some("dir"),
+            "snapshot {k} ({capture:?}): streamed on request, or by default with a base\n{why}"
+        );
         let grown = stored_bytes(&store_dir) - before;
         if k > 0 {
             assert!(

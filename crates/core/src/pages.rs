@@ -502,14 +502,11 @@ impl<'a> PageWriter<'a> {
                 .or_insert(self.packs.len() as u32 - 1);
         }
         // The page list, in file order: as the changes from the base's where that is small.
-        let base = base_manifest.and_then(|b| {
-            let parsed = base_list
-                .as_ref()
-                .filter(|r| r.manifest() == b)
-                .map(PagesReader::list);
-            self.usable_base(b, parsed)
-        });
-        drop(base_list);
+        // The base's list moves from its reader (not copied: a GiB's list is 11 MB).
+        let parsed = base_list
+            .filter(|r| Some(r.manifest()) == base_manifest)
+            .map(PagesReader::into_list);
+        let base = base_manifest.and_then(|b| self.usable_base(b, parsed));
         let delta = base.as_ref().and_then(|base| {
             let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
             let delta = delta_of(&list, &packs, base);
@@ -667,7 +664,7 @@ impl<'a> PageWriter<'a> {
 
     /// The base manifest `digest` and its whole list (`parsed`, if a reader has it already),
     /// if a delta may be written against it.
-    fn usable_base(&self, digest: &Digest256, parsed: Option<&[ListedPage]>) -> Option<Base> {
+    fn usable_base(&self, digest: &Digest256, parsed: Option<Vec<ListedPage>>) -> Option<Base> {
         let why = match self.read_base(digest, parsed) {
             Ok(Ok(base)) => return Some(base),
             Ok(Err(why)) => why,
@@ -680,7 +677,7 @@ impl<'a> PageWriter<'a> {
     fn read_base(
         &self,
         digest: &Digest256,
-        parsed: Option<&[ListedPage]>,
+        parsed: Option<Vec<ListedPage>>,
     ) -> Result<Result<Base, String>, PagesError> {
         let manifest = load_manifest(self.store, digest)?;
         if manifest.bases.len() + 1 > MAX_DELTA_DEPTH {
@@ -692,7 +689,7 @@ impl<'a> PageWriter<'a> {
             }
         }
         let list = match parsed {
-            Some(list) => list.to_vec(),
+            Some(list) => list,
             None => {
                 let bytes = self
                     .store
@@ -947,8 +944,9 @@ struct Base {
 /// when it can (so runs of equal entries, zero pages, stay one copy), else starts at the first
 /// place the base lists the entry; base entries are compared as they read once renumbered.
 fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
-    let entries: Vec<&[u8]> = list[16..].chunks_exact(LIST_ENTRY).collect();
-    let pages = entries.len();
+    let body = &list[16..];
+    let pages = body.len() / LIST_ENTRY;
+    let entry = |i: usize| &body[i * LIST_ENTRY..(i + 1) * LIST_ENTRY];
     let zero = zero_page_digest();
     // The base's pack numbers as this list numbers them (UNUSED: a pack it does not use).
     let number_of: HashMap<&Digest256, u32> = packs
@@ -962,22 +960,21 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
         .iter()
         .map(|d| number_of.get(d).copied().unwrap_or(UNUSED))
         .collect();
-    let base_entries: Vec<[u8; LIST_ENTRY]> = base
-        .list
-        .iter()
-        .map(|p| {
-            let mut e = [0u8; LIST_ENTRY];
-            let (pack, slot) = match p.at {
-                Some((k, slot)) => (renumber[k as usize], slot),
-                None => (ZERO_PACK, 0),
-            };
-            let digest = if p.at.is_none() { zero } else { p.digest };
-            e[..32].copy_from_slice(digest.as_bytes());
-            e[32..36].copy_from_slice(&pack.to_le_bytes());
-            e[36..40].copy_from_slice(&slot.to_le_bytes());
-            e
-        })
-        .collect();
+    // Base entry `j` as this list would number it, compared where needed (not materialised:
+    // a GiB's list is 10 MB).
+    let same = |j: usize, e: &[u8]| -> bool {
+        let Some(p) = base.list.get(j) else {
+            return false;
+        };
+        let (pack, slot) = match p.at {
+            Some((k, slot)) => (renumber[k as usize], slot),
+            None => (ZERO_PACK, 0),
+        };
+        let digest = if p.at.is_none() { zero } else { p.digest };
+        e[..32] == *digest.as_bytes()
+            && e[32..36] == pack.to_le_bytes()
+            && e[36..40] == slot.to_le_bytes()
+    };
     enum Op {
         Copy(usize, usize),
         New(usize, usize),
@@ -987,28 +984,22 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
     let mut next_in_base = usize::MAX;
     let mut i = 0;
     while i < pages {
-        let start = if base_entries
-            .get(next_in_base)
-            .is_some_and(|e| e[..] == *entries[i])
-        {
+        let start = if same(next_in_base, entry(i)) {
             Some(next_in_base)
-        } else if base_entries.get(i).is_some_and(|e| e[..] == *entries[i]) {
+        } else if same(i, entry(i)) {
             // Where the base has it at the same place (as page_list prefers).
             Some(i)
         } else {
             // The first place the base lists this digest, if its entry there is this one.
-            <[u8; 32]>::try_from(&entries[i][..32])
+            <[u8; 32]>::try_from(&entry(i)[..32])
                 .ok()
                 .and_then(|d| base.first.get(&Digest256::from_bytes(d)).copied())
-                .filter(|&j| base_entries[j][..] == *entries[i])
+                .filter(|&j| same(j, entry(i)))
         };
         match start {
             Some(j) => {
                 let mut n = 1;
-                while i + n < pages
-                    && j + n < base_entries.len()
-                    && base_entries[j + n][..] == *entries[i + n]
-                {
+                while i + n < pages && same(j + n, entry(i + n)) {
                     n += 1;
                 }
                 match ops.last_mut() {
@@ -1053,9 +1044,7 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
                 delta.extend_from_slice(&1u64.to_le_bytes());
                 delta.extend_from_slice(&(count as u64).to_le_bytes());
                 delta.extend_from_slice(&0u64.to_le_bytes());
-                for e in &entries[at..at + count] {
-                    delta.extend_from_slice(e);
-                }
+                delta.extend_from_slice(&body[at * LIST_ENTRY..(at + count) * LIST_ENTRY]);
             }
         }
     }
@@ -1564,6 +1553,11 @@ impl<'s> PagesReader<'s> {
     /// The whole page list, in file order.
     pub fn list(&self) -> &[ListedPage] {
         &self.list
+    }
+
+    /// The whole page list, taken out of the reader.
+    pub fn into_list(self) -> Vec<ListedPage> {
+        self.list
     }
 
     /// The manifest's pack number `n`.

@@ -98,17 +98,33 @@ pub(crate) fn prepare() -> Option<Hold> {
 /// first freeze into an empty store, 8 rounds: pause 0.692 s dumped into a directory, 0.748 s
 /// streamed, raw CRIU 0.636 s). `PF_CAPTURE=stream` streams regardless.
 pub(crate) fn has_base(store: &dyn BlobStore, pid: i32) -> bool {
-    if std::env::var_os("PF_CAPTURE").is_some_and(|v| v == "stream") {
-        return true;
+    match std::env::var_os("PF_CAPTURE") {
+        Some(v) if v == "stream" => return true,
+        Some(v) if v == "dir" => return false,
+        _ => {}
     }
-    let sample = match sample_pages(pid, SAMPLE_PAGES) {
+    let mut sample = match sample_pages(pid, SAMPLE_PAGES) {
         Ok(sample) => sample,
         Err(e) => {
             tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
             return false;
         }
     };
-    let base = pf_core::pages::guess_base_of(store, &store.page_index(), sample);
+    sample.sort_unstable();
+    sample.dedup();
+    // Most of the sample stored already, not one page a program's every instance has.
+    let index = store.page_index();
+    let found = index.lookup(&sample).map_or(0, |f| f.len());
+    if sample.is_empty() || found * 2 < sample.len() {
+        tracing::debug!(
+            pid,
+            found,
+            sampled = sample.len(),
+            "few of the memory's pages stored"
+        );
+        return false;
+    }
+    let base = pf_core::pages::guess_base_of(store, &index, sample);
     tracing::debug!(
         pid,
         ?base,
@@ -117,56 +133,97 @@ pub(crate) fn has_base(store: &dyn BlobStore, pid: i32) -> bool {
     base.is_some()
 }
 
-/// The digests of up to `n` non-zero pages spread over `pid`'s private writable mappings.
+/// The digests of up to `n` non-zero pages spread over the memory `pid` has in its private
+/// writable anonymous mappings (weighted by each one's `Rss` in `/proc/<pid>/smaps`, so that
+/// large reservations that were never touched do not take the sample), of pages in memory only
+/// (`/proc/<pid>/pagemap`: present, not swapped), so that sampling never faults a page in.
 fn sample_pages(pid: i32, n: usize) -> std::io::Result<Vec<Digest256>> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mut areas: Vec<(u64, u64)> = Vec::new();
-    for line in maps.lines() {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    // (start, end, resident pages) of each area sampled.
+    let mut areas: Vec<(u64, u64, u64)> = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if let Some((start, end)) = current.take() {
+                let kb: u64 = rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                let pages = kb * 1024 / PAGE_SIZE as u64;
+                if pages > 0 {
+                    areas.push((start, end, pages));
+                }
+            }
+            continue;
+        }
         let mut fields = line.split_whitespace();
         let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
             continue;
         };
-        if !perms.starts_with("rw") || !perms.ends_with('p') {
-            continue;
-        }
         let Some((start, end)) = range.split_once('-') else {
             continue;
         };
-        if let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
-            && end > start
-        {
-            areas.push((start, end));
-        }
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        // A header line. Anonymous (no path, or [heap] and the like): a file's data is the
+        // same in every instance of a program.
+        current = (perms.starts_with("rw")
+            && perms.ends_with('p')
+            && !fields.nth(3).is_some_and(|path| path.starts_with('/'))
+            && end > start)
+            .then_some((start, end));
     }
-    let total: u64 = areas.iter().map(|(s, e)| e - s).sum();
-    let page = PAGE_SIZE as u64;
-    let pages = total / page;
-    if pages == 0 {
+    let total: u64 = areas.iter().map(|a| a.2).sum();
+    if total == 0 || n == 0 {
         return Ok(Vec::new());
     }
+    let page = PAGE_SIZE as u64;
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
-    let step = pages.div_ceil(n as u64).max(1);
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
+    let mut entries = vec![0u8; 8 * 64];
     let mut buf = vec![0u8; PAGE_SIZE];
     let mut out = Vec::with_capacity(n);
-    let mut k = 0;
-    while k < pages {
-        // The k-th page of the areas laid end to end.
-        let mut left = k * page;
-        let at = areas.iter().find_map(|(s, e)| {
-            if left < e - s {
-                Some(s + left)
+    for k in 0..n as u64 {
+        // The resident page k/n of the way through, placed proportionally in its area, then
+        // the first resident page from there (64 pages at most).
+        let mut target = (2 * k + 1) * total / (2 * n as u64);
+        let Some(&(start, end, resident)) = areas.iter().find(|a| {
+            if target < a.2 {
+                true
             } else {
-                left -= e - s;
-                None
+                target -= a.2;
+                false
             }
-        });
+        }) else {
+            continue;
+        };
+        let pages = (end - start) / page;
+        let first = start + (target * pages / resident) * page;
+        let probe = ((end - first) / page).min(64) as usize;
+        if probe == 0
+            || pagemap
+                .read_exact_at(&mut entries[..probe * 8], first / page * 8)
+                .is_err()
+        {
+            continue;
+        }
+        let at = entries[..probe * 8]
+            .chunks_exact(8)
+            .position(|e| {
+                let e = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
+                e & (1 << 63) != 0 && e & (1 << 62) == 0
+            })
+            .map(|i| first + i as u64 * page);
         if let Some(at) = at
             && mem.read_exact_at(&mut buf, at).is_ok()
             && !pf_core::pack::is_zero_page(&buf)
         {
             out.push(pf_core::pack::page_digest(&buf));
         }
-        k += step;
     }
     Ok(out)
 }
@@ -277,10 +334,10 @@ impl Hold {
         let text = format!(
             "#!{bash}\n\
              test \"$CRTOOLS_SCRIPT_ACTION\" = post-dump || exit 0\n\
-             exec 3<>{ask} 4<>{answer}\n\
+             exec 3<>{ask} 4<>{answer} 5<{dir} || exit 1\n\
              echo >&3\n\
              while ! read -r -t 0.05 x <&4; do\n\
-             \x20 if flock -n -s {dir} true 2>/dev/null; then exit 1; fi\n\
+             \x20 if flock -n -s 5 2>/dev/null; then exit 1; fi\n\
              \x20 kill -0 {pid} 2>/dev/null || exit 1\n\
              \x20 (( SECONDS < {limit} )) || exit 1\n\
              done\n\
@@ -376,10 +433,17 @@ pub(crate) fn capture_while<'s, T>(
         }
     });
     let _ = std::fs::remove_file(&path);
-    // pf's own failure first: CRIU's error is then only its consequence (a failed post-dump
-    // script, a broken pipe).
+    // pf's own failure first: CRIU's error is then mostly its consequence (a failed post-dump
+    // script, a broken pipe); but a tree that exited during the dump says so.
     if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+        return match result {
+            Err(criu @ Error::ExitedDuringDump { .. }) => Err(criu),
+            Err(criu) => {
+                tracing::warn!(error = %criu, "criu's dump failed too");
+                Err(e)
+            }
+            Ok(_) => Err(e),
+        };
     }
     let result = result?;
     let pages = shared.pages.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -577,15 +641,20 @@ fn request<'scope, 'env, 's: 'scope>(
         .ok_or_else(|| bad("a malformed image request".to_owned()))?;
     let pipe = crate::streamer::recv_fd(conn).map_err(|e| bad(e.to_string()))?;
     let path = dir.join(&name);
-    // As `criu dump` into a directory would: a file written again replaces the first.
+    let pages = crate::v2::is_pages_file(&name);
+    if pages && path.exists() {
+        // Two writers of one pages file would mix their pages under one list of digests.
+        return Err(bad(format!("criu sent {name} twice")));
+    }
+    // As `criu dump` into a directory would: a file written again replaces the first (a new
+    // file: the first one's thread may still be writing its own).
+    let _ = std::fs::remove_file(&path);
     let out = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .open(&path)
         .map_err(|e| Error::io("create", &path, e))?;
     shared.opened();
-    let pages = crate::v2::is_pages_file(&name);
     let spawned = std::thread::Builder::new()
         .name("pf-capture-file".into())
         .spawn_scoped(s, move || {
@@ -678,10 +747,17 @@ fn pages_file<'s>(
             let list = pf_core::pages::PagesReader::open(store, &manifest)
                 .inspect_err(|e| tracing::debug!(base = %manifest, error = %e, "no base list"))
                 .ok()?;
+            // Only pages in packs the store has (one check per pack of the base).
+            let present: Vec<bool> = (0..)
+                .map_while(|k| list.pack(k))
+                .map(|pack| store.contains(&pack).unwrap_or(false))
+                .collect();
             let mut set = DigestMap::default();
             set.reserve(list.list().len());
             for page in list.list() {
-                if page.at.is_some() {
+                if let Some((k, _)) = page.at
+                    && present.get(k as usize).copied().unwrap_or(false)
+                {
                     set.insert(page.digest, ());
                 }
             }
@@ -1054,7 +1130,7 @@ mod tests {
         let err = capture_while(hold, &store, dir.path(), |_| {
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
             // Only the request: the server hangs up before it would take a pipe.
-            let name = b"../escape.img";
+            let name = b"../escape-capture.img";
             let mut request = (name.len() as u32 + 2).to_ne_bytes().to_vec();
             request.extend_from_slice(&[0x0a, name.len() as u8]);
             request.extend_from_slice(name);
@@ -1068,6 +1144,15 @@ mod tests {
             chain(&err).contains("malformed image request"),
             "{}",
             chain(&err)
+        );
+        let outside = dir
+            .path()
+            .parent()
+            .expect("parent")
+            .join("escape-capture.img");
+        assert!(
+            !outside.exists(),
+            "nothing was written outside the images dir"
         );
     }
 
@@ -1085,7 +1170,7 @@ mod tests {
         );
         assert_ne!(text, other, "the script watches pf's pid");
         // And, with pf alive (its scratch dir locked), only the pid: the lock check passes.
-        assert!(text.contains("flock -n -s"), "{text}");
+        assert!(text.contains("flock -n -s 5"), "{text}");
         let path = hold._dir.path().join("hold-dead");
         {
             use std::os::unix::fs::OpenOptionsExt as _;
@@ -1105,8 +1190,8 @@ mod tests {
         let unlocked = tempfile::tempdir().expect("tempdir");
         let dir = hold._dir.path().to_str().expect("utf-8").to_owned();
         let other = text.replace(
-            &format!("flock -n -s '{dir}'"),
-            &format!("flock -n -s '{}'", unlocked.path().display()),
+            &format!("5<'{dir}'"),
+            &format!("5<'{}'", unlocked.path().display()),
         );
         assert_ne!(
             text, other,
