@@ -939,33 +939,13 @@ fn read_full(pipe: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
 mod tests {
     use super::*;
     use std::io::Write as _;
-    use std::mem::MaybeUninit;
 
     /// Send `name` as CRIU's dump does: the request, then the read end of a fresh pipe; the
     /// write end is returned for the image's bytes.
     fn send(conn: &mut UnixStream, name: &str) -> std::io::PipeWriter {
-        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
-        let mut msg = vec![0x0a, u8::try_from(name.len()).expect("short name")];
-        msg.extend_from_slice(name.as_bytes());
-        let mut request = u32::try_from(msg.len())
-            .expect("len")
-            .to_ne_bytes()
-            .to_vec();
-        request.extend_from_slice(&msg);
-        conn.write_all(&request).expect("request");
+        crate::streamer::criu_side::request(conn, name);
         let (r, w) = std::io::pipe().expect("pipe");
-        let r: OwnedFd = r.into();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        let fds = [r.as_fd()];
-        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-        sendmsg(
-            &*conn,
-            &[std::io::IoSlice::new(&[0])],
-            &mut control,
-            SendFlags::empty(),
-        )
-        .expect("send the pipe");
+        crate::streamer::criu_side::send_fd(conn, OwnedFd::from(r).as_fd());
         w
     }
 
@@ -1156,6 +1136,23 @@ mod tests {
         );
     }
 
+    /// Write `script` to `path` and run it at post-dump: it must fail, and at once.
+    fn fails_at_once(path: &Path, script: &str) {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o700)
+            .open(path)
+            .expect("create");
+        f.write_all(script.as_bytes()).expect("write");
+        drop(f);
+        let started = std::time::Instant::now();
+        let status = post_dump(path.as_os_str());
+        assert!(!status.success(), "{status}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
     #[test]
     fn the_hold_fails_when_pf_is_gone() {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
@@ -1172,20 +1169,7 @@ mod tests {
         // And, with pf alive (its scratch dir locked), only the pid: the lock check passes.
         assert!(text.contains("flock -n -s 5"), "{text}");
         let path = hold._dir.path().join("hold-dead");
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o700)
-                .open(&path)
-                .expect("create");
-            f.write_all(other.as_bytes()).expect("write");
-        }
-        let started = std::time::Instant::now();
-        let status = post_dump(path.as_os_str());
-        assert!(!status.success(), "{status}");
-        assert!(started.elapsed() < Duration::from_secs(5));
+        fails_at_once(&path, &other);
         // pf's pid alive but its lock gone (a zombie, a reused pid): the lock says pf is gone.
         let unlocked = tempfile::tempdir().expect("tempdir");
         let dir = hold._dir.path().to_str().expect("utf-8").to_owned();
@@ -1198,20 +1182,7 @@ mod tests {
             "the script checks pf's lock on its scratch dir"
         );
         let path = hold._dir.path().join("hold-unlocked");
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o700)
-                .open(&path)
-                .expect("create");
-            f.write_all(other.as_bytes()).expect("write");
-        }
-        let started = std::time::Instant::now();
-        let status = post_dump(path.as_os_str());
-        assert!(!status.success(), "{status}");
-        assert!(started.elapsed() < Duration::from_secs(5));
+        fails_at_once(&path, &other);
         // Any other action passes straight through.
         let status = std::process::Command::new(&hold.script)
             .env("CRTOOLS_SCRIPT_ACTION", "pre-dump")

@@ -723,6 +723,43 @@ fn pages_file(
     }
 }
 
+/// CRIU's side of the image streamer protocol, for the tests of both directions.
+#[cfg(test)]
+pub(crate) mod criu_side {
+    use std::io::Write as _;
+    use std::mem::MaybeUninit;
+    use std::os::fd::BorrowedFd;
+    use std::os::unix::net::UnixStream;
+
+    /// Send the request for `name`, as CRIU does.
+    pub(crate) fn request(mut conn: &UnixStream, name: &str) {
+        let mut msg = vec![0x0a, u8::try_from(name.len()).expect("short name")];
+        msg.extend_from_slice(name.as_bytes());
+        let mut request = u32::try_from(msg.len())
+            .expect("len")
+            .to_ne_bytes()
+            .to_vec();
+        request.extend_from_slice(&msg);
+        conn.write_all(&request).expect("request");
+    }
+
+    /// Send one end of a pipe, as CRIU does after a request (one dummy byte, `SCM_RIGHTS`).
+    pub(crate) fn send_fd(conn: &UnixStream, fd: BorrowedFd<'_>) {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        let fds = [fd];
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        sendmsg(
+            conn,
+            &[std::io::IoSlice::new(&[0])],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .expect("send the pipe");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -766,15 +803,7 @@ mod tests {
     /// Ask for `name` as CRIU does: `None` when the streamer says it does not exist, else the
     /// pipe to read it from.
     fn open(conn: &mut UnixStream, name: &str) -> Option<std::io::PipeReader> {
-        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
-        let mut msg = vec![0x0a, u8::try_from(name.len()).expect("short name")];
-        msg.extend_from_slice(name.as_bytes());
-        let mut request = u32::try_from(msg.len())
-            .expect("len")
-            .to_ne_bytes()
-            .to_vec();
-        request.extend_from_slice(&msg);
-        conn.write_all(&request).expect("request");
+        criu_side::request(conn, name);
         let mut reply = [0u8; 6];
         conn.read_exact(&mut reply).expect("reply");
         assert_eq!(&reply[..5], &[2, 0, 0, 0, 0x08], "framing");
@@ -782,19 +811,7 @@ mod tests {
             return None;
         }
         let (r, w) = std::io::pipe().expect("pipe");
-        let w: OwnedFd = w.into();
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        let fds = [w.as_fd()];
-        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-        sendmsg(
-            &*conn,
-            &[std::io::IoSlice::new(&[0])],
-            &mut control,
-            SendFlags::empty(),
-        )
-        .expect("send the pipe");
-        drop(w);
+        criu_side::send_fd(conn, OwnedFd::from(w).as_fd());
         Some(r)
     }
 
