@@ -78,6 +78,8 @@ pub(crate) const V2_FREEZE_TARGET: f64 = 1.6;
 pub(crate) const V2_REFREEZE_TARGET: f64 = 1.3;
 pub(crate) const V2_THAW_TARGET: f64 = 1.3;
 pub(crate) const V2_SERIES_TARGET: f64 = 1.75;
+/// … and pf's peak RSS freezing, re-freezing and thawing a 1 GiB goblin, in MiB.
+pub(crate) const V2_RSS_TARGET_MIB: f64 = 128.0;
 /// Issue 12's targets: the second lazy thaw (with the first one's hint) to the first answer, in
 /// seconds, at [`LAZY_THAW_TARGET_MIB`] …
 pub(crate) const LAZY_THAW_TARGET_SECS: f64 = 0.1;
@@ -201,6 +203,8 @@ struct SizeResult {
     v2_store_one_bytes: u64,
     v2_series_bytes: Vec<u64>,
     v2_refreeze_s: Vec<f64>,
+    /// pf's peak RSS over the v2 re-freezes (KiB).
+    v2_refreeze_rss_kib: u64,
     /// The v1 snapshot of the last run pushed and pulled through a local registry.
     transfer: Option<crate::bench_registry::Transfer>,
     /// What pushing each v2 snapshot of the series sent (none without a registry).
@@ -322,6 +326,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         v2_store_one_bytes: 0,
         v2_series_bytes: Vec::new(),
         v2_refreeze_s: Vec::new(),
+        v2_refreeze_rss_kib: 0,
         transfer: None,
         v2_sent: Vec::new(),
     };
@@ -492,9 +497,10 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
     for i in 0..SERIES {
         // The v1 series mutated it SERIES - 1 times already.
         mutate(&mut goblin, SERIES - 1 + i + 1)?;
-        let (secs, digest, _) = pf_freeze(env, store.path(), pid, Format::V2)?;
+        let (secs, digest, rss) = pf_freeze(env, store.path(), pid, Format::V2)?;
         if i > 0 {
             result.v2_refreeze_s.push(secs);
+            result.v2_refreeze_rss_kib = result.v2_refreeze_rss_kib.max(rss);
         }
         result
             .v2_series_bytes
@@ -823,6 +829,7 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
         lazy_fork_rss_kib: max(|r| r.lazy_fork_rss_kib),
         refreeze_s: median(size.refreeze_s.clone()),
         v2_refreeze_s: median(size.v2_refreeze_s.clone()),
+        v2_refreeze_rss_kib: size.v2_refreeze_rss_kib,
         v2_store_one_bytes: size.v2_store_one_bytes,
         v2_series_bytes: size.v2_series_bytes.clone(),
         transfer: size.transfer,
