@@ -491,7 +491,11 @@ impl Report {
                 &mut md,
                 "v2: pf peak RSS, freeze / re-freeze / thaw (MiB)",
                 &|s| {
-                    let all = [s.v2_freeze_rss_kib, s.v2_refreeze_rss_kib, s.v2_thaw_rss_kib];
+                    let all = [
+                        s.v2_freeze_rss_kib,
+                        s.v2_refreeze_rss_kib,
+                        s.v2_thaw_rss_kib,
+                    ];
                     let worst = all.iter().copied().max().unwrap_or(0);
                     format!(
                         "{:.0} / {:.0} / {:.0} {}",

@@ -53,6 +53,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    pf_os::memory::return_large_blocks_at_once();
     quiet_on_closed_stdout_panics();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -10,6 +10,7 @@
 //!   with a fallback for kernels before 5.11), pidfds;
 //! - [`Exit`]: how a process ended, convertible to [`std::process::ExitStatus`] and to pf's exit
 //!   code;
+//! - [`memory`]: large blocks of pf's heap go back to the kernel when freed;
 //! - [`scratch`]: private, `flock`ed scratch directories whose abandoned copies (a killed pf
 //!   cannot clean up) are swept, and bounded keeping of failure directories.
 //!
@@ -18,6 +19,7 @@
 mod error;
 mod exit;
 pub mod fd;
+pub mod memory;
 pub mod proc;
 pub mod scratch;
 
