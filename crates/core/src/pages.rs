@@ -1266,7 +1266,7 @@ fn parse_any(
             source,
         })?;
         // The base's own numbering is checked by the renumbering below.
-        let base_list = parse_any(store, &base, &base_bytes, &bases[1..], usize::MAX)?;
+        let mut base_list = parse_any(store, &base, &base_bytes, &bases[1..], usize::MAX)?;
         drop(base_bytes);
         if base_list.len() as u64 != base_pages {
             return Err(bad("its base has another page count than it says"));
@@ -1284,6 +1284,13 @@ fn parse_any(
         at += 4 * m;
         if renumber.iter().any(|&k| k != UNUSED && k as usize >= packs) {
             return Err(bad("it renumbers a pack to one its manifest does not have"));
+        }
+        // A re-freeze's delta copies every page it keeps from the same place in its base: its
+        // base's list becomes its own in place (renumbered, new entries written over), instead
+        // of a new list per level of the chain (a GiB's list is 11 MB, and a chain 8 deep).
+        if n == base_list.len() && keeps_places(bytes, at, ops, n) {
+            renumber_in_place(bytes, at, ops, (&renumber, packs), &mut base_list).map_err(bad)?;
+            return Ok(base_list);
         }
         let mut list: Vec<ListedPage> = Vec::with_capacity(n.min(1 << 28));
         for _ in 0..ops {
@@ -1355,6 +1362,105 @@ fn parse_any(
         .chunks_exact(LIST_ENTRY)
         .map(|e| parse_entry(e, packs).map_err(&bad))
         .collect()
+}
+
+/// Whether the `ops` operations of a delta, from `at` in `bytes`, are well formed and make `n`
+/// pages with every copy taken from the same place in the base (checked again as they apply).
+fn keeps_places(bytes: &[u8], mut at: usize, ops: u64, n: usize) -> bool {
+    let u64_at = |at: usize| -> Option<u64> {
+        let b = bytes.get(at..at.checked_add(8)?)?;
+        Some(u64::from_le_bytes(b.try_into().ok()?))
+    };
+    let mut pos = 0usize;
+    for _ in 0..ops {
+        let (Some(kind), Some(a), Some(b)) = (u64_at(at), u64_at(at + 8), u64_at(at + 16)) else {
+            return false;
+        };
+        at += DELTA_OP;
+        let Ok(count) = usize::try_from(if kind == 0 { b } else { a }) else {
+            return false;
+        };
+        match kind {
+            0 if a == pos as u64 => {}
+            1 if b == 0 => {
+                let Some(end) = count
+                    .checked_mul(LIST_ENTRY)
+                    .and_then(|len| at.checked_add(len))
+                    .filter(|&end| end <= bytes.len())
+                else {
+                    return false;
+                };
+                at = end;
+            }
+            _ => return false,
+        }
+        match pos.checked_add(count).filter(|&p| p <= n) {
+            Some(p) => pos = p,
+            None => return false,
+        }
+    }
+    pos == n && at == bytes.len()
+}
+
+/// Apply a delta that [`keeps_places`] to its base's `list` in place: copied entries take the
+/// delta's pack numbers (`renumber`, each below `packs`), new entries are written over theirs.
+fn renumber_in_place(
+    bytes: &[u8],
+    mut at: usize,
+    ops: u64,
+    (renumber, packs): (&[u32], usize),
+    list: &mut [ListedPage],
+) -> Result<(), &'static str> {
+    let u64_at = |at: usize| -> Result<u64, &'static str> {
+        let b = bytes.get(at..at + 8).ok_or("it ends inside an operation")?;
+        Ok(u64::from_le_bytes(
+            b.try_into().map_err(|_| "it ends inside an operation")?,
+        ))
+    };
+    let mut pos = 0usize;
+    for _ in 0..ops {
+        let (kind, a, b) = (u64_at(at)?, u64_at(at + 8)?, u64_at(at + 16)?);
+        at += DELTA_OP;
+        match kind {
+            0 => {
+                let count = usize::try_from(b).map_err(|_| "a copy past its base")?;
+                let run = list
+                    .get_mut(pos..pos.checked_add(count).ok_or("a copy past its base's end")?)
+                    .ok_or("a copy past its base's end")?;
+                for page in run {
+                    if let Some((k, slot)) = page.at {
+                        match renumber.get(k as usize) {
+                            Some(&n) if n != UNUSED => page.at = Some((n, slot)),
+                            _ => return Err("a copy names a pack it does not renumber"),
+                        }
+                    }
+                }
+                pos += count;
+            }
+            1 => {
+                let count = usize::try_from(a).map_err(|_| "too many new entries")?;
+                let len = count
+                    .checked_mul(LIST_ENTRY)
+                    .ok_or("too many new entries")?;
+                let entries = bytes
+                    .get(at..at + len)
+                    .ok_or("it ends inside its new entries")?;
+                let run = list
+                    .get_mut(pos..pos + count)
+                    .ok_or("more pages than it says")?;
+                for (page, e) in run.iter_mut().zip(entries.chunks_exact(LIST_ENTRY)) {
+                    *page = parse_entry(e, packs)?;
+                }
+                at += len;
+                pos += count;
+            }
+            _ => return Err("an operation of an unknown kind"),
+        }
+    }
+    if at != bytes.len() || pos != list.len() {
+        return Err("its operations do not make exactly its pages");
+    }
+    Ok(())
 }
 
 /// One 40-byte list entry whose pack number must be below `packs`.
@@ -3285,6 +3391,177 @@ mod tests {
                 .expect("sweep")
                 .is_empty()
         );
+    }
+
+    /// A list entry's 40 bytes.
+    fn entry_bytes(digest: &Digest256, at: Option<(u32, u32)>) -> Vec<u8> {
+        let mut e = digest.as_bytes().to_vec();
+        let (pack, slot) = at.unwrap_or((ZERO_PACK, 0));
+        e.extend_from_slice(&pack.to_le_bytes());
+        e.extend_from_slice(&slot.to_le_bytes());
+        e
+    }
+
+    /// A delta of `base` (`base_pages` pages) by hand: `renumber`, then each op `(kind, a, b,
+    /// new entries)`.
+    fn delta_bytes(
+        (base, base_pages, n): (&Digest256, usize, usize),
+        renumber: &[u32],
+        ops: &[(u64, u64, u64, Vec<u8>)],
+    ) -> Vec<u8> {
+        let mut d = DELTA_MAGIC.to_vec();
+        d.extend_from_slice(&(n as u64).to_le_bytes());
+        d.extend_from_slice(base.as_bytes());
+        d.extend_from_slice(&(base_pages as u64).to_le_bytes());
+        d.extend_from_slice(&(ops.len() as u64).to_le_bytes());
+        d.extend_from_slice(&(renumber.len() as u64).to_le_bytes());
+        for k in renumber {
+            d.extend_from_slice(&k.to_le_bytes());
+        }
+        for (kind, a, b, entries) in ops {
+            for v in [kind, a, b] {
+                d.extend_from_slice(&v.to_le_bytes());
+            }
+            d.extend_from_slice(entries);
+        }
+        d
+    }
+
+    #[test]
+    fn a_delta_that_keeps_places_is_applied_in_place_as_any_other_would_be() {
+        let store = MemBlobStore::new();
+        // Base: 6 pages in packs 0 and 1, one zero page.
+        let digests: Vec<Digest256> = (0..8u64).map(|i| page_digest(&page(i))).collect();
+        let base_at = [
+            Some((0, 0)),
+            Some((0, 1)),
+            None,
+            Some((1, 0)),
+            Some((1, 1)),
+            Some((0, 2)),
+        ];
+        let mut whole = LIST_MAGIC.to_vec();
+        whole.extend_from_slice(&6u64.to_le_bytes());
+        for (i, at) in base_at.iter().enumerate() {
+            let d = if at.is_some() {
+                digests[i]
+            } else {
+                zero_page_digest()
+            };
+            whole.extend_from_slice(&entry_bytes(&d, *at));
+        }
+        let base = store.put(&whole).expect("put");
+        // This list: base packs 0 and 1 are its 1 and 0; page 3 is new (its pack 2, slot 5).
+        let renumber = [1u32, 0];
+        let new = entry_bytes(&digests[7], Some((2, 5)));
+        let expected = |third: ListedPage| {
+            vec![
+                ListedPage {
+                    digest: digests[0],
+                    at: Some((1, 0)),
+                },
+                ListedPage {
+                    digest: digests[1],
+                    at: Some((1, 1)),
+                },
+                ListedPage {
+                    digest: zero_page_digest(),
+                    at: None,
+                },
+                third,
+                ListedPage {
+                    digest: digests[4],
+                    at: Some((0, 1)),
+                },
+                ListedPage {
+                    digest: digests[5],
+                    at: Some((1, 2)),
+                },
+            ]
+        };
+        let third = ListedPage {
+            digest: digests[7],
+            at: Some((2, 5)),
+        };
+        let in_place = delta_bytes(
+            (&base, 6, 6),
+            &renumber,
+            &[
+                (0, 0, 3, Vec::new()),
+                (1, 1, 0, new.clone()),
+                (0, 4, 2, Vec::new()),
+            ],
+        );
+        let d = Digest256::of(&in_place);
+        let bases = [base];
+        assert!(keeps_places(&in_place, DELTA_HEAD + 8 + 8, 3, 6));
+        assert_eq!(
+            parse_any(&store, &d, &in_place, &bases, 3).expect("in place"),
+            expected(third)
+        );
+        // The same list through copies that do not keep places (page 3 copied from page 4's
+        // place, then page 4 from its own): the copying path, the same result for that list.
+        let moved = delta_bytes(
+            (&base, 6, 6),
+            &renumber,
+            &[
+                (0, 0, 3, Vec::new()),
+                (0, 4, 1, Vec::new()),
+                (0, 4, 2, Vec::new()),
+            ],
+        );
+        assert!(!keeps_places(&moved, DELTA_HEAD + 8 + 8, 3, 6));
+        let moved_list =
+            parse_any(&store, &Digest256::of(&moved), &moved, &bases, 3).expect("copied");
+        assert_eq!(
+            moved_list,
+            expected(ListedPage {
+                digest: digests[4],
+                at: Some((0, 1))
+            })
+        );
+        // Hostile deltas that keep places fail as the copying path fails them.
+        let unrenumbered = delta_bytes(
+            (&base, 6, 6),
+            &[1, UNUSED],
+            &[
+                (0, 0, 3, Vec::new()),
+                (1, 1, 0, new.clone()),
+                (0, 4, 2, Vec::new()),
+            ],
+        );
+        let err = parse_any(
+            &store,
+            &Digest256::of(&unrenumbered),
+            &unrenumbered,
+            &bases,
+            3,
+        )
+        .expect_err("a copy of a pack it does not renumber");
+        assert!(err.to_string().contains("does not renumber"), "{err}");
+        let bad_entry = delta_bytes(
+            (&base, 6, 6),
+            &renumber,
+            &[
+                (0, 0, 3, Vec::new()),
+                (1, 1, 0, entry_bytes(&digests[7], Some((9, 0)))),
+                (0, 4, 2, Vec::new()),
+            ],
+        );
+        let err = parse_any(&store, &Digest256::of(&bad_entry), &bad_entry, &bases, 3)
+            .expect_err("a new entry naming a pack the manifest lacks");
+        assert!(err.to_string().contains("cannot exist"), "{err}");
+        let mut cut = in_place.clone();
+        cut.truncate(cut.len() - 3);
+        assert!(!keeps_places(&cut, DELTA_HEAD + 8 + 8, 3, 6));
+        assert!(parse_any(&store, &Digest256::of(&cut), &cut, &bases, 3).is_err());
+        let short = delta_bytes(
+            (&base, 6, 6),
+            &renumber,
+            &[(0, 0, 3, Vec::new()), (1, 1, 0, new)],
+        );
+        assert!(!keeps_places(&short, DELTA_HEAD + 8 + 8, 2, 6));
+        assert!(parse_any(&store, &Digest256::of(&short), &short, &bases, 3).is_err());
     }
 
     #[test]
