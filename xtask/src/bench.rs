@@ -72,6 +72,8 @@ pub(crate) const FORK_TARGET_MIB: u64 = 64;
 pub(crate) const FORK_CLONES: usize = 8;
 /// Snapshots in the series that measures bytes stored over time.
 pub(crate) const SERIES: usize = 10;
+/// The snapshot of the series (from 0) whose page list is a delta `MAX_DELTA_DEPTH` deep.
+pub(crate) const DEEPEST: usize = pf_core::pages::MAX_DELTA_DEPTH;
 /// Issue 11's targets for `procs.criu.v2`: first freeze and re-freeze after 5% changed against
 /// raw dump, thaw against raw restore, 10 snapshots against one.
 pub(crate) const V2_FREEZE_TARGET: f64 = 1.6;
@@ -205,6 +207,9 @@ struct SizeResult {
     v2_refreeze_s: Vec<f64>,
     /// pf's peak RSS over the v2 re-freezes (KiB).
     v2_refreeze_rss_kib: u64,
+    /// The snapshot of the v2 series whose page list is the deepest delta: seconds to the first
+    /// answer of an eager and of a lazy thaw.
+    v2_last_thaw_s: Option<(f64, f64)>,
     /// The v1 snapshot of the last run pushed and pulled through a local registry.
     transfer: Option<crate::bench_registry::Transfer>,
     /// What pushing each v2 snapshot of the series sent (none without a registry).
@@ -327,6 +332,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         v2_series_bytes: Vec::new(),
         v2_refreeze_s: Vec::new(),
         v2_refreeze_rss_kib: 0,
+        v2_last_thaw_s: None,
         transfer: None,
         v2_sent: Vec::new(),
     };
@@ -494,6 +500,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
     ));
     let store = ScratchDir::new(&env.stores, "series-v2")?;
     let mut previous: Option<String> = None;
+    let mut deepest: Option<(String, usize)> = None;
     for i in 0..SERIES {
         // The v1 series mutated it SERIES - 1 times already.
         mutate(&mut goblin, SERIES - 1 + i + 1)?;
@@ -501,6 +508,9 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         if i > 0 {
             result.v2_refreeze_s.push(secs);
             result.v2_refreeze_rss_kib = result.v2_refreeze_rss_kib.max(rss);
+        }
+        if i == DEEPEST {
+            deepest = Some((digest.clone(), SERIES - 1 + i + 1));
         }
         result
             .v2_series_bytes
@@ -519,6 +529,34 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
             result.v2_sent.push(sent);
         }
         previous = Some(digest);
+    }
+    // The snapshot of the series whose page list is the deepest delta (MAX_DELTA_DEPTH: the
+    // one after it starts the chain again), as an agent forking from its newest snapshot may
+    // find it. Its answer must carry its generation; the lazy thaw must answer as the eager
+    // one, which checks every page.
+    if let Some((deepest, generation)) = &deepest {
+        let eager = pf_thaw(env, store.path(), deepest, "sum", Thaw::Eager)?;
+        if !eager.answer.starts_with(&format!("sum {generation} ")) {
+            bail!(
+                "pf goblin thaw --eager of snapshot {} of the series answered {:?}, not from \
+                 generation {generation}",
+                DEEPEST + 1,
+                eager.answer
+            );
+        }
+        let lazy = pf_thaw(env, store.path(), deepest, "sum", Thaw::Lazy)?;
+        check_answer(
+            "pf goblin thaw --lazy (the deepest delta of the series)",
+            &lazy.answer,
+            &eager.answer,
+        )?;
+        progress(&format!(
+            "  snapshot {} thawed: eager {:.3} s, lazy {:.3} s to the first answer",
+            DEEPEST + 1,
+            eager.answer_s,
+            lazy.answer_s
+        ));
+        result.v2_last_thaw_s = Some((eager.answer_s, lazy.answer_s));
     }
     if let Some(last) = result.v2_sent.last() {
         progress(&format!(
@@ -830,6 +868,7 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
         refreeze_s: median(size.refreeze_s.clone()),
         v2_refreeze_s: median(size.v2_refreeze_s.clone()),
         v2_refreeze_rss_kib: size.v2_refreeze_rss_kib,
+        v2_last_thaw_s: size.v2_last_thaw_s,
         v2_store_one_bytes: size.v2_store_one_bytes,
         v2_series_bytes: size.v2_series_bytes.clone(),
         transfer: size.transfer,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::bench::{
-    FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, LAZY_DONE_TARGET,
+    DEEPEST, FORK_CLONES, FORK_TARGET_MIB, FORK_TARGET_SECS, FREEZE_TARGET, LAZY_DONE_TARGET,
     LAZY_FORK_RSS_TARGET_MIB, LAZY_FORK_TARGETS, LAZY_THAW_TARGET_MIB, LAZY_THAW_TARGET_SECS,
     PAUSE_TARGET, SENT_TARGET, SERIES, THAW_TARGET, V2_FREEZE_TARGET, V2_REFREEZE_TARGET,
     V2_RSS_TARGET_MIB, V2_SERIES_TARGET, V2_THAW_TARGET,
@@ -58,6 +58,9 @@ pub(crate) struct SizeSummary {
     pub(crate) v2_refreeze_s: f64,
     /// pf's peak RSS over the v2 re-freezes (KiB).
     pub(crate) v2_refreeze_rss_kib: u64,
+    /// The snapshot of the v2 series whose page list is the deepest delta: seconds to the first
+    /// answer, eager and lazy.
+    pub(crate) v2_last_thaw_s: Option<(f64, f64)>,
     pub(crate) v2_store_one_bytes: u64,
     pub(crate) v2_series_bytes: Vec<u64>,
     pub(crate) transfer: Option<Transfer>,
@@ -201,6 +204,7 @@ fn v2_json(s: &SizeSummary) -> Value {
         "freeze_rss_kib": s.v2_freeze_rss_kib,
         "thaw_rss_kib": s.v2_thaw_rss_kib,
         "refreeze_rss_kib": s.v2_refreeze_rss_kib,
+        "deepest_delta_thaw_s": s.v2_last_thaw_s.map(|(eager, lazy)| json!({"eager": eager, "lazy": lazy})),
     })
 }
 
@@ -465,6 +469,20 @@ impl Report {
                 "v2 thaw: pf / raw",
                 &|s| ratio_cell(s.v2_thaw_s, s.raw_restore_s, V2_THAW_TARGET),
                 &format!("≤ {V2_THAW_TARGET}×"),
+            );
+            row(
+                &mut md,
+                &format!(
+                    "v2: snapshot {} of the series (its page list a delta {} deep), thaw \
+                     --eager / --lazy to the first answer (s)",
+                    DEEPEST + 1,
+                    pf_core::pages::MAX_DELTA_DEPTH
+                ),
+                &|s| match s.v2_last_thaw_s {
+                    Some((eager, lazy)) => format!("{eager:.3} / {lazy:.3}"),
+                    None => "–".to_owned(),
+                },
+                "",
             );
             row(
                 &mut md,
