@@ -53,13 +53,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    pf_os::memory::return_large_blocks_at_once();
+    let large_blocks_returned = pf_os::memory::return_large_blocks_at_once();
     quiet_on_closed_stdout_panics();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return parse_error(&err),
     };
     common::init_tracing(cli.global.verbose);
+    if !large_blocks_returned {
+        tracing::debug!("the heap keeps glibc's own mmap threshold");
+    }
     let result = match cli.command {
         Command::Doctor(args) => doctor::run(&cli.global, &args),
         Command::Store(cmd) => store_cmd::run(&cli.global, cmd),

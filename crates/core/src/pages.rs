@@ -682,12 +682,25 @@ impl<'a> PageWriter<'a> {
             };
             // Where the base has it, if it does (so its entry can be copied), else where the
             // session found or put it.
+            // (A page this session packed anew is not looked for elsewhere in the base: every
+            // pack of a usable base is in the store, so a page the base lists at its own place
+            // was placed from it; one it lists elsewhere is in a new pack only if the index
+            // did not know it, and that pack holds it as well.)
             let in_base = base.and_then(|b| {
                 b.list
                     .get(i)
                     .filter(|p| p.digest == *digest)
                     .and_then(|p| p.at)
-                    .or_else(|| b.first.get(digest).and_then(|&j| b.list[j].at))
+                    .or_else(|| {
+                        let packed_now = self
+                            .known
+                            .get(digest)
+                            .is_some_and(|&(id, _)| self.written[id as usize]);
+                        if packed_now {
+                            return None;
+                        }
+                        b.first_of(digest).and_then(|j| b.list[j].at)
+                    })
                     .map(|(k, slot)| (b.manifest.packs[k as usize], slot))
             });
             let (pack, slot) = in_base.unwrap_or_else(|| {
@@ -744,16 +757,10 @@ impl<'a> PageWriter<'a> {
                 parse_list(self.store, &manifest.list, &bytes, &manifest)?
             }
         };
-        let zero = zero_page_digest();
-        let mut first = crate::DigestMap::with_capacity_and_hasher(list.len(), Default::default());
-        for (j, page) in list.iter().enumerate() {
-            let digest = if page.at.is_none() { zero } else { page.digest };
-            first.entry(digest).or_insert(j);
-        }
         Ok(Ok(Base {
             manifest,
             list,
-            first,
+            first: std::cell::OnceCell::new(),
         }))
     }
 
@@ -978,8 +985,29 @@ pub fn remember_manifest(store: &dyn BlobStore, manifest: &Digest256, packs: &[D
 struct Base {
     manifest: PagesManifest,
     list: Vec<ListedPage>,
-    /// The first place the base lists each digest (zero pages under the zero page's digest).
-    first: crate::DigestMap<usize>,
+    /// The first place the base lists each digest (zero pages under the zero page's digest),
+    /// made when first asked: a re-freeze whose pages stay where they were never asks (a GiB's
+    /// map is 264k entries, ~20 MB).
+    first: std::cell::OnceCell<crate::DigestMap<usize>>,
+}
+
+impl Base {
+    /// The first place the base lists `digest`.
+    fn first_of(&self, digest: &Digest256) -> Option<usize> {
+        self.first
+            .get_or_init(|| {
+                let zero = zero_page_digest();
+                let mut first =
+                    crate::DigestMap::with_capacity_and_hasher(self.list.len(), Default::default());
+                for (j, page) in self.list.iter().enumerate() {
+                    let digest = if page.at.is_none() { zero } else { page.digest };
+                    first.entry(digest).or_insert(j);
+                }
+                first
+            })
+            .get(digest)
+            .copied()
+    }
 }
 
 /// `list` (a whole list numbering `packs`) as copies from `base`'s list and new entries, if the
@@ -1003,6 +1031,18 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
         .iter()
         .map(|d| number_of.get(d).copied().unwrap_or(UNUSED))
         .collect();
+    // Whether an entry names a pack the base has (or is a zero page): only such an entry can
+    // equal a base entry, so only such an entry is looked for elsewhere in the base.
+    let mut base_packs = vec![false; packs.len()];
+    for &n in &renumber {
+        if let Some(b) = base_packs.get_mut(n as usize) {
+            *b = true;
+        }
+    }
+    let could_be_in_base = |e: &[u8]| -> bool {
+        let pack = u32::from_le_bytes([e[32], e[33], e[34], e[35]]);
+        pack == ZERO_PACK || base_packs.get(pack as usize).copied().unwrap_or(false)
+    };
     // Base entry `j` as this list would number it, compared where needed (not materialised:
     // a GiB's list is 10 MB).
     let same = |j: usize, e: &[u8]| -> bool {
@@ -1036,7 +1076,8 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
             // The first place the base lists this digest, if its entry there is this one.
             <[u8; 32]>::try_from(&entry(i)[..32])
                 .ok()
-                .and_then(|d| base.first.get(&Digest256::from_bytes(d)).copied())
+                .filter(|_| could_be_in_base(entry(i)))
+                .and_then(|d| base.first_of(&Digest256::from_bytes(d)))
                 .filter(|&j| same(j, entry(i)))
         };
         match start {
@@ -1297,7 +1338,8 @@ fn parse_any(
         reason: reason.to_owned(),
     };
     if bytes.len() >= 8 && &bytes[..8] == DELTA_MAGIC {
-        if bytes.len() < DELTA_HEAD {
+        // The header, then the renumbering's `u64` count.
+        if bytes.len() < DELTA_HEAD + 8 {
             return Err(bad("a delta shorter than its header"));
         }
         let u64_at = |at: usize| {
@@ -1345,7 +1387,9 @@ fn parse_any(
             renumber_in_place(bytes, at, ops, (&renumber, packs), &mut base_list).map_err(bad)?;
             return Ok(base_list);
         }
-        let mut list: Vec<ListedPage> = Vec::with_capacity(n.min(1 << 28));
+        // Sized by what the bytes can hold (the header's count is theirs to claim).
+        let mut list: Vec<ListedPage> =
+            Vec::with_capacity(n.min(base_list.len() + (bytes.len() - at) / LIST_ENTRY));
         for _ in 0..ops {
             if bytes.len() < at + DELTA_OP {
                 return Err(bad("it ends inside an operation"));
@@ -1360,7 +1404,7 @@ fn parse_any(
                         .checked_add(count)
                         .filter(|&e| e <= base_list.len())
                         .ok_or_else(|| bad("a copy past its base's end"))?;
-                    if list.len() + count > n {
+                    if count > n - list.len() {
                         return Err(bad("more pages than it says"));
                     }
                     for page in &base_list[from..end] {
@@ -1379,13 +1423,13 @@ fn parse_any(
                 }
                 1 => {
                     let count = usize::try_from(a).map_err(|_| bad("too many new entries"))?;
-                    if list.len() + count > n || b != 0 {
+                    if count > n - list.len() || b != 0 {
                         return Err(bad("more pages than it says"));
                     }
-                    let len = count * LIST_ENTRY;
-                    if bytes.len() < at + len {
-                        return Err(bad("it ends inside its new entries"));
-                    }
+                    let len = count
+                        .checked_mul(LIST_ENTRY)
+                        .filter(|&len| len <= bytes.len() - at)
+                        .ok_or_else(|| bad("it ends inside its new entries"))?;
                     for e in bytes[at..at + len].chunks_exact(LIST_ENTRY) {
                         list.push(parse_entry(e, packs).map_err(&bad)?);
                     }
@@ -1465,14 +1509,20 @@ fn renumber_in_place(
     list: &mut [ListedPage],
 ) -> Result<(), &'static str> {
     let u64_at = |at: usize| -> Result<u64, &'static str> {
-        let b = bytes.get(at..at + 8).ok_or("it ends inside an operation")?;
+        let end = at.checked_add(8).ok_or("it ends inside an operation")?;
+        let b = bytes.get(at..end).ok_or("it ends inside an operation")?;
         Ok(u64::from_le_bytes(
             b.try_into().map_err(|_| "it ends inside an operation")?,
         ))
     };
     let mut pos = 0usize;
     for _ in 0..ops {
-        let (kind, a, b) = (u64_at(at)?, u64_at(at + 8)?, u64_at(at + 16)?);
+        // Each read checks its end, so `at + DELTA_OP` is within `bytes` after them.
+        let (kind, a, b) = (
+            u64_at(at)?,
+            u64_at(at.saturating_add(8))?,
+            u64_at(at.saturating_add(16))?,
+        );
         at += DELTA_OP;
         match kind {
             0 => {
@@ -1496,10 +1546,14 @@ fn renumber_in_place(
                     .checked_mul(LIST_ENTRY)
                     .ok_or("too many new entries")?;
                 let entries = bytes
-                    .get(at..at + len)
+                    .get(
+                        at..at
+                            .checked_add(len)
+                            .ok_or("it ends inside its new entries")?,
+                    )
                     .ok_or("it ends inside its new entries")?;
                 let run = list
-                    .get_mut(pos..pos + count)
+                    .get_mut(pos..pos.checked_add(count).ok_or("more pages than it says")?)
                     .ok_or("more pages than it says")?;
                 for (page, e) in run.iter_mut().zip(entries.chunks_exact(LIST_ENTRY)) {
                     *page = parse_entry(e, packs)?;
@@ -3444,6 +3498,63 @@ mod tests {
                 .expect("sweep")
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn hostile_deltas_are_errors_never_panics() {
+        let store = MemBlobStore::new();
+        let digests: Vec<Digest256> = (0..4u64).map(|i| page_digest(&page(i))).collect();
+        let mut whole = LIST_MAGIC.to_vec();
+        whole.extend_from_slice(&4u64.to_le_bytes());
+        for (i, d) in digests.iter().enumerate() {
+            whole.extend_from_slice(&entry_bytes(d, Some((0, i as u32))));
+        }
+        let base = store.put(&whole).expect("put");
+        let bases = [base];
+        let parse = |bytes: &[u8]| parse_any(&store, &Digest256::of(bytes), bytes, &bases, 2);
+        let good = delta_bytes(
+            (&base, 4, 4),
+            &[1],
+            &[
+                (0, 0, 1, Vec::new()),
+                (1, 1, 0, entry_bytes(&digests[3], Some((0, 7)))),
+                (0, 2, 2, Vec::new()),
+            ],
+        );
+        assert!(parse(&good).is_ok());
+        // Cut anywhere, the header included (a delta of 64-71 bytes once read past its end).
+        for len in 8..good.len() {
+            assert!(parse(&good[..len]).is_err(), "cut at {len}");
+        }
+        // Counts that overflow when added or multiplied, on either path.
+        for (kind, a, b) in [
+            (1, u64::MAX, 0),
+            (1, 1 << 60, 0),
+            (0, 0, u64::MAX),
+            (0, u64::MAX, 1),
+        ] {
+            for first in [Vec::new(), vec![(0, 0, 1, Vec::new())]] {
+                let mut ops = first;
+                ops.push((kind, a, b, Vec::new()));
+                let d = delta_bytes((&base, 4, 4), &[1], &ops);
+                assert!(parse(&d).is_err(), "{kind} {a} {b}");
+            }
+        }
+        let huge = delta_bytes((&base, 4, usize::MAX), &[1], &[(1, 1 << 58, 0, Vec::new())]);
+        assert!(parse(&huge).is_err());
+        // Random damage to the good delta: an error or a list, never a panic.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            let mut d = good.clone();
+            for _ in 0..1 + (x % 3) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = 48 + (x as usize) % (d.len() - 48);
+                d[at] = (x >> 32) as u8;
+            }
+            let _ = parse(&d);
+        }
     }
 
     /// A store whose raw puts (packs, page lists) fail once `left` of them went through.

@@ -12,28 +12,33 @@
 /// Blocks of this size or more are mapped on their own and unmapped when freed.
 pub const LARGE_BLOCK: usize = 1 << 20;
 
-/// Fix the heap's `mmap` threshold at [`LARGE_BLOCK`] (glibc only; elsewhere nothing to do).
-/// Call it first thing in `main`, before other threads allocate.
-pub fn return_large_blocks_at_once() {
+/// Fix the heap's `mmap` threshold at [`LARGE_BLOCK`] (glibc only; elsewhere there is nothing
+/// to do). Call it first thing in `main`, before other threads allocate (and before logging
+/// starts: it returns whether the threshold was set, for the caller to log).
+pub fn return_large_blocks_at_once() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only sets an allocator parameter; any value is valid input, and a
         // refusal (0) leaves the default in place.
-        let set = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE_BLOCK as libc::c_int) };
-        if set == 0 {
-            tracing::debug!("the heap's mmap threshold stays glibc's");
-        }
+        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, LARGE_BLOCK as libc::c_int) != 0 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
 
     #[test]
     fn a_large_block_freed_goes_back_to_the_kernel() {
-        return_large_blocks_at_once();
-        // Resident KiB: /proc/self/statm's second field, in pages.
+        assert!(return_large_blocks_at_once(), "glibc took the threshold");
+        // SAFETY: sysconf reads a constant of the system.
+        let page_kib = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64 / 1024;
+        // Resident KiB: /proc/self/statm's second field, in pages. (Process-wide: the other
+        // tests of this crate allocate far less than the 12-16 MiB this one looks for.)
         let rss = || -> u64 {
             let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
             let pages: u64 = statm
@@ -41,7 +46,7 @@ mod tests {
                 .nth(1)
                 .and_then(|n| n.parse().ok())
                 .expect("resident pages");
-            pages * 4
+            pages * page_kib
         };
         // 16 MiB: under glibc's largest dynamic threshold (32 MiB). Two rounds: the first would
         // raise that threshold to 16 MiB if no fixed one were set.
