@@ -10,8 +10,9 @@
 //!
 //! A writer adds one run per session (the pages it put into new packs) with temp file + rename,
 //! so readers never see half a run and concurrent writers never collide. When there are more
-//! than [`MAX_RUNS`] runs, the writer that notices merges them all into one, under an exclusive
-//! `flock` on the directory's `lock` file (readers take no lock: a run removed while read stays
+//! than [`MAX_RUNS`] runs, the writer that notices merges the smallest of them into one (each
+//! no larger than twice the smaller ones together: a large run is left alone until the runs
+//! after it add up to its size), under an exclusive `flock` on the directory's `lock` file (readers take no lock: a run removed while read stays
 //! readable through its open descriptor, and one missed only costs a missed dedup).
 //!
 //! A lookup takes the writer's page digests sorted and merge-joins them against each run,
@@ -177,7 +178,7 @@ impl PageIndex {
         create_dir(dir)?;
         write_run(dir, &entries)?;
         if self.runs()?.len() > MAX_RUNS {
-            self.compact()?;
+            self.merge_smallest()?;
         }
         Ok(())
     }
@@ -243,6 +244,31 @@ impl PageIndex {
 
     /// Merge every run into one, under the directory's lock.
     pub fn compact(&self) -> Result<(), IndexError> {
+        self.merge_runs(|runs| runs.iter().map(|(path, _)| path.clone()).collect())
+    }
+
+    /// Merge the smallest runs into one, under the directory's lock: as many as are each no
+    /// larger than twice the smaller ones together, and at least two. A writer does this when
+    /// there are more than [`MAX_RUNS`] runs; merging them all every time instead rewrote the
+    /// whole index every [`MAX_RUNS`] sessions (a 47 MB run for a 4.8 GB store: 0.58 s of a
+    /// re-freeze, and its peak RSS from 83 to 141 MiB). Tiered, a run is rewritten about once
+    /// each time the runs after it add up to its size.
+    fn merge_smallest(&self) -> Result<(), IndexError> {
+        self.merge_runs(|runs| {
+            let sizes: Vec<u64> = runs.iter().map(|(_, size)| *size).collect();
+            smallest_to_merge(&sizes)
+                .into_iter()
+                .map(|i| runs[i].0.clone())
+                .collect()
+        })
+    }
+
+    /// Merge the runs `pick` chooses (of every run and its size) into one, under the
+    /// directory's lock.
+    fn merge_runs(
+        &self,
+        pick: impl FnOnce(&[(PathBuf, u64)]) -> Vec<PathBuf>,
+    ) -> Result<(), IndexError> {
         let Some(dir) = &self.dir else {
             return Ok(());
         };
@@ -256,7 +282,18 @@ impl PageIndex {
             .map_err(|source| io("open", &lock_path, source))?;
         lock.lock()
             .map_err(|source| io("lock", &lock_path, source))?;
-        let runs = self.runs()?;
+        let sized: Vec<(PathBuf, u64)> = self
+            .runs()?
+            .into_iter()
+            .map(|path| {
+                let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+                (path, size)
+            })
+            .collect();
+        if sized.len() <= 1 {
+            return Ok(());
+        }
+        let runs = pick(&sized);
         if runs.len() <= 1 {
             return Ok(());
         }
@@ -283,6 +320,24 @@ impl PageIndex {
         }
         Ok(())
     }
+}
+
+/// Which of runs of these `sizes` to merge: the smallest, as many as are each no larger than
+/// twice the smaller ones together, and at least two (indexes into `sizes`).
+fn smallest_to_merge(sizes: &[u64]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| sizes[i]);
+    let mut sum = 0u64;
+    let mut take = 0;
+    for (n, &i) in order.iter().enumerate() {
+        if n >= 2 && sizes[i] > sum.saturating_mul(2) {
+            break;
+        }
+        sum = sum.saturating_add(sizes[i]);
+        take = n + 1;
+    }
+    order.truncate(take.max(2));
+    order
 }
 
 fn io(op: &'static str, path: &Path, source: std::io::Error) -> IndexError {
@@ -557,6 +612,35 @@ mod tests {
         assert_eq!(found, all);
         index.compact().expect("compact");
         assert_eq!(index.runs().expect("runs").len(), 1);
+        assert_eq!(index.lookup(&wanted).expect("lookup"), all);
+    }
+
+    #[test]
+    fn a_writer_merges_the_small_runs_and_leaves_a_large_one_alone() {
+        assert_eq!(smallest_to_merge(&[5, 1000, 1, 1, 2]), vec![2, 3, 4, 0]);
+        assert_eq!(smallest_to_merge(&[100, 1, 1000]), vec![1, 0]);
+        assert_eq!(smallest_to_merge(&[3, 3]), vec![0, 1]);
+        let mut even = smallest_to_merge(&[7; 9]);
+        even.sort_unstable();
+        assert_eq!(even, (0..9).collect::<Vec<_>>());
+        // One large run, then sessions of a few pages each: the large run stays as it is.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let index = PageIndex::in_dir(&tmp.path().join("idx"));
+        let mut all = HashMap::new();
+        let large: Vec<_> = (0..5000).map(|i| (d(100_000 + i), loc(999, i))).collect();
+        all.extend(large.iter().copied());
+        index.add(large).expect("add");
+        let large_run = index.runs().expect("runs");
+        for run in 0..(3 * MAX_RUNS as u32) {
+            let entries: Vec<_> = (0..20).map(|i| (d(run * 100 + i), loc(run, i))).collect();
+            all.extend(entries.iter().copied());
+            index.add(entries).expect("add");
+            let runs = index.runs().expect("runs");
+            assert!(runs.len() <= MAX_RUNS, "{} runs", runs.len());
+            assert!(runs.contains(&large_run[0]), "the large run was rewritten");
+        }
+        let mut wanted: Vec<_> = all.keys().copied().collect();
+        wanted.sort();
         assert_eq!(index.lookup(&wanted).expect("lookup"), all);
     }
 
