@@ -3724,35 +3724,18 @@ mod tests {
         // This list: base packs 0 and 1 are its 1 and 0; page 3 is new (its pack 2, slot 5).
         let renumber = [1u32, 0];
         let new = entry_bytes(&digests[7], Some((2, 5)));
+        let listed = |digest: Digest256, at: Option<(u32, u32)>| ListedPage { digest, at };
         let expected = |third: ListedPage| {
             vec![
-                ListedPage {
-                    digest: digests[0],
-                    at: Some((1, 0)),
-                },
-                ListedPage {
-                    digest: digests[1],
-                    at: Some((1, 1)),
-                },
-                ListedPage {
-                    digest: zero_page_digest(),
-                    at: None,
-                },
+                listed(digests[0], Some((1, 0))),
+                listed(digests[1], Some((1, 1))),
+                listed(zero_page_digest(), None),
                 third,
-                ListedPage {
-                    digest: digests[4],
-                    at: Some((0, 1)),
-                },
-                ListedPage {
-                    digest: digests[5],
-                    at: Some((1, 2)),
-                },
+                listed(digests[4], Some((0, 1))),
+                listed(digests[5], Some((1, 2))),
             ]
         };
-        let third = ListedPage {
-            digest: digests[7],
-            at: Some((2, 5)),
-        };
+        let third = listed(digests[7], Some((2, 5)));
         let in_place = delta_bytes(
             (&base, 6, 6),
             &renumber,
@@ -3783,13 +3766,7 @@ mod tests {
         assert!(!keeps_places(&moved, DELTA_HEAD + 8 + 8, 3, 6));
         let moved_list =
             parse_any(&store, &Digest256::of(&moved), &moved, &bases, 3).expect("copied");
-        assert_eq!(
-            moved_list,
-            expected(ListedPage {
-                digest: digests[4],
-                at: Some((0, 1))
-            })
-        );
+        assert_eq!(moved_list, expected(listed(digests[4], Some((0, 1)))));
         // Hostile deltas that keep places fail as the copying path fails them.
         let unrenumbered = delta_bytes(
             (&base, 6, 6),
