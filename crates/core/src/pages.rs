@@ -53,6 +53,10 @@ const UNUSED: u32 = u32::MAX - 1;
 /// A delta's base may itself be a delta, this many deep at most (a writer then writes a whole
 /// list again), so reading a list reads at most this many more.
 pub const MAX_DELTA_DEPTH: usize = 8;
+/// Most pages a file stored page by page may have: 2^35 pages are 128 TiB, the whole of an
+/// x86-64 process's address space. A manifest or page list that claims more is refused before
+/// anything is sized from its claim.
+pub const MAX_PAGES: u64 = 1 << 35;
 const ZERO_PACK: u32 = u32::MAX;
 /// Pages read (and hashed) per batch by each thread: 1 MiB.
 const BATCH_PAGES: usize = 256;
@@ -1274,14 +1278,81 @@ pub fn load_manifest(
         what: "pages manifest",
         reason: e.to_string(),
     })?;
-    if m.page_size != PAGE_SIZE as u32 {
-        return Err(PagesError::Malformed {
-            digest: *digest,
-            what: "pages manifest",
-            reason: format!("page size {} (only 4096 is supported)", m.page_size),
-        });
-    }
+    m.check().map_err(|reason| PagesError::Malformed {
+        digest: *digest,
+        what: "pages manifest",
+        reason,
+    })?;
     Ok(m)
+}
+
+impl PagesManifest {
+    /// Whether the manifest's own claims can be true: 4 KiB pages, at most [`MAX_PAGES`] of
+    /// them, no more zero pages than pages.
+    pub fn check(&self) -> Result<(), String> {
+        if self.page_size != PAGE_SIZE as u32 {
+            return Err(format!(
+                "page size {} (only 4096 is supported)",
+                self.page_size
+            ));
+        }
+        if self.pages > MAX_PAGES {
+            return Err(format!(
+                "it claims {} pages ({}), more than a process's whole address space (128 TiB)",
+                self.pages,
+                human_pages(self.pages)
+            ));
+        }
+        if self.zero_pages > self.pages {
+            return Err(format!(
+                "it claims {} zero pages of {} pages",
+                self.zero_pages, self.pages
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `pages` 4 KiB pages as a size a person reads ("1.5 GiB").
+fn human_pages(pages: u64) -> String {
+    let bytes = pages as f64 * PAGE_SIZE as f64;
+    let (units, mut v) = (["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"], bytes);
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+/// Refuse to read a page list of `entries` entries (a delta's and its base's together) that
+/// would not fit in the memory this machine has free: a hostile delta can claim any number of
+/// pages and make them from a few bytes of copies, so its claim is checked before it is built.
+fn room_for_list(entries: u64) -> Result<(), String> {
+    if entries > 2 * MAX_PAGES {
+        return Err(format!(
+            "it claims {entries} pages, more than a process's whole address space (128 TiB)"
+        ));
+    }
+    let need = entries.saturating_mul(std::mem::size_of::<ListedPage>() as u64);
+    match available_memory() {
+        Some(free) if need > free => Err(format!(
+            "it claims {entries} pages ({} of process memory); reading its page list needs \
+             {:.1} GiB, more than this machine's {:.1} GiB of available memory",
+            human_pages(entries),
+            need as f64 / (1u64 << 30) as f64,
+            free as f64 / (1u64 << 30) as f64
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (`None` where it cannot be read).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// One page as the page list records it.
@@ -1356,6 +1427,8 @@ fn parse_any(
         if bases.first() != Some(&base) {
             return Err(bad("its base is not the manifest's (bases)"));
         }
+        // Its list and its base's are held together while it is read.
+        room_for_list(n.saturating_add(base_pages)).map_err(|reason| bad(&reason))?;
         let base_bytes = store.get(&base).map_err(|source| PagesError::Store {
             what: format!("reading the page list {base}, the base of {digest}"),
             source,
@@ -3542,6 +3615,18 @@ mod tests {
         }
         let huge = delta_bytes((&base, 4, usize::MAX), &[1], &[(1, 1 << 58, 0, Vec::new())]);
         assert!(parse(&huge).is_err());
+        // A few bytes of copies of a large base can claim any number of pages: a claim that
+        // would not fit in memory is refused before its base is even read (this base is not
+        // in the store).
+        let absent = Digest256::of(b"a base list nobody stored");
+        for (claim, says) in [(1u64 << 34, "available memory"), (1 << 40, "address space")] {
+            let copies: Vec<(u64, u64, u64, Vec<u8>)> =
+                (0..64).map(|_| (0, 0, 1 << 28, Vec::new())).collect();
+            let d = delta_bytes((&absent, 1 << 28, claim as usize), &[1], &copies);
+            let err = parse_any(&store, &Digest256::of(&d), &d, &[absent], 2)
+                .expect_err("a claim past memory");
+            assert!(err.to_string().contains(says), "{err}");
+        }
         // Random damage to the good delta: an error or a list, never a panic.
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..20_000 {
@@ -3809,6 +3894,34 @@ mod tests {
         );
         assert!(!keeps_places(&short, DELTA_HEAD + 8 + 8, 2, 6));
         assert!(parse_any(&store, &Digest256::of(&short), &short, &bases, 3).is_err());
+    }
+
+    #[test]
+    fn manifests_that_claim_impossible_counts_are_refused() {
+        let store = MemBlobStore::new();
+        let list = Digest256::of(b"list");
+        for (pages, zero_pages, says) in [
+            (MAX_PAGES + 1, 0, "address space"),
+            (u64::MAX, 0, "address space"),
+            (10, 11, "zero pages"),
+        ] {
+            let m = PagesManifest {
+                page_size: PAGE_SIZE as u32,
+                pages,
+                zero_pages,
+                packs: Vec::new(),
+                list,
+                bases: Vec::new(),
+            };
+            let d = store
+                .put(&serde_json::to_vec(&m).expect("json"))
+                .expect("put");
+            let err = load_manifest(&store, &d).expect_err("impossible counts");
+            assert!(
+                err.to_string().contains(says),
+                "{pages} {zero_pages}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -176,7 +176,7 @@ fn read_manifest(
     }
     Ok(serde_json::from_slice::<PagesManifest>(&bytes)
         .ok()
-        .filter(|m| m.page_size as usize == PAGE_SIZE))
+        .filter(|m| m.check().is_ok()))
 }
 
 /// How much one root stands for and stores.
