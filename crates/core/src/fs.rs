@@ -117,6 +117,9 @@ pub struct FsBlobStore {
     root: PathBuf,
     blobs: PathBuf,
     refs: PathBuf,
+    /// Whether raw blobs are still written with direct I/O (cleared the first time the
+    /// filesystem refuses it).
+    direct: std::sync::atomic::AtomicBool,
 }
 
 impl FsBlobStore {
@@ -150,6 +153,7 @@ impl FsBlobStore {
             root: root.to_owned(),
             blobs: root.join("blobs").join("sha256"),
             refs: root.join("refs"),
+            direct: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -370,14 +374,34 @@ impl FsBlobStore {
         self.install(temp, digest, Encoding::Raw)
     }
 
-    /// Write `bytes` as they are into a new temp file (not synced).
+    /// Write `bytes` as they are into a new temp file (not synced): their whole 4 KiB blocks
+    /// with direct I/O where the filesystem allows it, the rest through the page cache.
     fn raw_to_temp(&self, bytes: &[u8]) -> Result<TempFile> {
+        use std::os::unix::fs::FileExt as _;
         ensure_dir(&self.blobs)?;
         let temp = TempFile::create(&self.blobs)?;
-        for slice in bytes.chunks(WRITE_SLICE) {
-            (&temp.file)
-                .write_all(slice)
+        let direct = if bytes.len() >= DIRECT_MIN && self.direct.load(Ordering::Relaxed) {
+            match write_direct(
+                &temp.path,
+                &bytes[..bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN],
+            ) {
+                Ok(n) => n,
+                Err(err) if err.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    tracing::debug!(path = %temp.path.display(), %err, "no direct I/O here: raw blobs go through the page cache");
+                    self.direct.store(false, Ordering::Relaxed);
+                    0
+                }
+                Err(err) => return Err(Error::io("writing", &temp.path, err)),
+            }
+        } else {
+            0
+        };
+        let mut at = direct;
+        for slice in bytes[direct..].chunks(WRITE_SLICE) {
+            temp.file
+                .write_all_at(slice, at as u64)
                 .map_err(|err| Error::io("writing", &temp.path, err))?;
+            at += slice.len();
         }
         Ok(temp)
     }
@@ -1032,6 +1056,48 @@ impl BlobBatch for FsBatch<'_> {
         tracing::debug!(blobs = count, dirs = dirs.len(), elapsed = ?started.elapsed(), "committed a batch of blobs");
         Ok(())
     }
+}
+
+/// Raw blobs this large or larger are written with direct I/O: 1 MiB.
+const DIRECT_MIN: usize = 1 << 20;
+/// What direct I/O wants its buffers, lengths and offsets aligned to (4 KiB covers disks of
+/// 512-byte and 4 KiB blocks).
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes per direct write: 1 MiB.
+const DIRECT_CHUNK: usize = 1 << 20;
+
+thread_local! {
+    /// A thread's buffer for direct writes, aligned within (`DIRECT_CHUNK` + `DIRECT_ALIGN`).
+    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Write `bytes` (a multiple of [`DIRECT_ALIGN`] long) from the start of the file at `path`
+/// with direct I/O (`O_DIRECT`): the data goes from a buffer of this thread's straight to the
+/// disk, not copied into the page cache first (by hand, 512 MiB to ext4: 0.11–0.13 s of system
+/// time against 0.25–1.39 s written and synced through the cache). Returns the bytes written;
+/// `EINVAL` from the open or the first write says the filesystem does not take direct I/O.
+fn write_direct(path: &Path, bytes: &[u8]) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt as _;
+    debug_assert_eq!(bytes.len() % DIRECT_ALIGN, 0);
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)?;
+    DIRECT_BUF.with_borrow_mut(|buf| {
+        if buf.len() < DIRECT_CHUNK + DIRECT_ALIGN {
+            *buf = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
+        }
+        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let aligned = &mut buf[start..start + DIRECT_CHUNK];
+        let mut at = 0;
+        for chunk in bytes.chunks(DIRECT_CHUNK) {
+            let out = &mut aligned[..chunk.len()];
+            out.copy_from_slice(chunk);
+            file.write_all_at(out, at as u64)?;
+            at += chunk.len();
+        }
+        Ok(at)
+    })
 }
 
 /// Ask the kernel to start writing a temp file's data to disk now (and drop its pages from
@@ -1701,6 +1767,33 @@ mod tests {
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
         assert_eq!(mode(s.root()), 0o700);
+    }
+
+    #[test]
+    fn large_raw_blobs_are_the_same_written_directly_or_through_the_cache() {
+        for direct in [true, false] {
+            let (_dir, s) = store();
+            s.direct.store(direct, Ordering::Relaxed);
+            for len in [
+                DIRECT_MIN - 1,
+                DIRECT_MIN,
+                DIRECT_MIN + 1,
+                2 * DIRECT_CHUNK + DIRECT_ALIGN - 1,
+                3 * DIRECT_CHUNK + 17,
+            ] {
+                let data: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+                // Unaligned in memory too: a slice one byte into a buffer.
+                let mut shifted = vec![0u8; len + 1];
+                shifted[1..].copy_from_slice(&data);
+                let d = s.put_raw(&shifted[1..]).unwrap();
+                assert_eq!(fs::read(s.blob_path(&d)).unwrap(), data, "{len} {direct}");
+                let batch = s.batch().unwrap();
+                let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+                let e = batch.put_raw(&other).unwrap();
+                batch.commit().unwrap();
+                assert_eq!(s.get(&e).unwrap(), other, "{len} {direct}");
+            }
+        }
     }
 
     #[test]
