@@ -60,6 +60,9 @@ pub const MAX_PAGES: u64 = 1 << 35;
 const ZERO_PACK: u32 = u32::MAX;
 /// Pages read (and hashed) per batch by each thread: 1 MiB.
 const BATCH_PAGES: usize = 256;
+/// How often the packer tells its caller how far it has read a file for the last time (so the
+/// file's memory can be freed as the packing goes on): every 32 MiB, a multiple of a batch.
+const READ_STEP_PAGES: usize = 32 * BATCH_PAGES;
 /// Finished packs (8 MiB raw each, less compressed) waiting for the store, besides the ones
 /// being written: none (writing a pack into a batch is quick).
 const PUT_QUEUE: usize = 0;
@@ -264,19 +267,20 @@ impl<'a> PageWriter<'a> {
         prehashed: Vec<Option<Digest256>>,
         base_manifest: Option<&Digest256>,
     ) -> Result<PagesStored, PagesError> {
-        self.write_file_then(file, path, prehashed, base_manifest, &mut || {})
+        self.write_file_then(file, path, prehashed, base_manifest, &mut |_| {})
     }
 
-    /// [`write_file_prehashed`](Self::write_file_prehashed), calling `read` as soon as the file
-    /// was read for the last time (its pages hashed and the new ones packed), before the page
-    /// list is made: the caller may free the file's memory then, beside the work left.
+    /// [`write_file_prehashed`](Self::write_file_prehashed), calling `read(end)` whenever the
+    /// bytes of the file before `end` were read for the last time (its pages hashed, and the
+    /// new ones among them packed), with ends that grow, the last the file's length before the
+    /// page list is made: the caller may free the file's memory as the packing goes on.
     pub fn write_file_then(
         &mut self,
         file: &File,
         path: &std::path::Path,
         prehashed: Vec<Option<Digest256>>,
         base_manifest: Option<&Digest256>,
-        read: &mut dyn FnMut(),
+        read: &mut dyn FnMut(u64),
     ) -> Result<PagesStored, PagesError> {
         self.write_file_kept(file, path, prehashed, (base_manifest, None), None, read)
     }
@@ -294,7 +298,7 @@ impl<'a> PageWriter<'a> {
         prehashed: Vec<Option<Digest256>>,
         (base_manifest, base_list): (Option<&Digest256>, Option<PagesReader<'a>>),
         kept: Option<&[bool]>,
-        read: &mut dyn FnMut(),
+        read: &mut dyn FnMut(u64),
     ) -> Result<PagesStored, PagesError> {
         let len = file
             .metadata()
@@ -503,9 +507,9 @@ impl<'a> PageWriter<'a> {
                 (file, path, kept),
                 &digests,
                 known,
-                base,
-                threads,
+                (base, threads),
                 (&send, &spare),
+                &mut *read,
             );
             drop(send);
             let mut stored = Vec::new();
@@ -529,7 +533,7 @@ impl<'a> PageWriter<'a> {
         // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
         let stored = stored?;
         let new_pages = packed?;
-        read();
+        read(len);
         tracing::debug!(
             file = %path.display(),
             prehashed_pages,
@@ -1167,9 +1171,9 @@ fn pack_new_pages(
     (file, path, kept): (&File, &std::path::Path, Option<&[bool]>),
     digests: &[Option<Digest256>],
     known: &mut crate::DigestMap<Loc>,
-    base: u32,
-    threads: usize,
+    (base, threads): (u32, usize),
     (send, spare): (&PackQueue, &std::sync::mpsc::Receiver<Vec<u8>>),
+    read: &mut dyn FnMut(u64),
 ) -> Result<u64, PagesError> {
     let pages = digests.len();
     let mut pack = PackBuilder::new(threads);
@@ -1188,6 +1192,9 @@ fn pack_new_pages(
     };
     let mut want = Vec::with_capacity(BATCH_PAGES);
     for start in (0..pages).step_by(BATCH_PAGES) {
+        if start > 0 && start.is_multiple_of(READ_STEP_PAGES) {
+            read(start as u64 * PAGE_SIZE as u64);
+        }
         let n = BATCH_PAGES.min(pages - start);
         want.clear();
         want.extend(
@@ -2976,6 +2983,46 @@ mod tests {
         );
     }
 
+    /// Item: the packer says how far it read a file for the last time as it goes, and never
+    /// reads before that again (here, the caller scribbles over what it was told it may free).
+    #[test]
+    fn the_packer_never_reads_what_it_said_it_left_behind() {
+        use std::os::unix::fs::FileExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let index = PageIndex::in_dir(&tmp.path().join("index"));
+        // Distinct pages, then zero pages and pages repeating early ones.
+        let pages: Vec<Option<u64>> = (0..READ_STEP_PAGES as u64 + 300)
+            .map(|i| match i % 97 {
+                0 => None,
+                13 if i > 2000 => Some(i - 1000),
+                _ => Some(i),
+            })
+            .collect();
+        let (file, path) = file_of(tmp.path(), "pages", &pages);
+        let original = std::fs::read(&path).expect("read");
+        let scribbler = File::options().write(true).open(&path).expect("open");
+        let mut ends = Vec::new();
+        let mut w = PageWriter::new(&store, index, 2);
+        let stored = w
+            .write_file_then(&file, &path, Vec::new(), None, &mut |end| {
+                let from = ends.last().copied().unwrap_or(0);
+                if end > from {
+                    let junk = vec![0xa5u8; (end - from) as usize];
+                    scribbler.write_all_at(&junk, from).expect("scribble");
+                }
+                ends.push(end);
+            })
+            .expect("store");
+        w.commit().expect("commit");
+        let len = original.len() as u64;
+        assert_eq!(ends, vec![(READ_STEP_PAGES * PAGE_SIZE) as u64, len]);
+        assert_eq!(
+            rebuild(&store, &stored.manifest, tmp.path()).expect("rebuild"),
+            original
+        );
+    }
+
     #[test]
     fn a_file_of_kept_pages_packs_only_kept_ones_and_never_a_hole() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -3017,7 +3064,7 @@ mod tests {
                 digests.clone(),
                 (Some(&one.manifest), None),
                 Some(&kept),
-                &mut || {},
+                &mut |_| {},
             )
             .expect("store");
         w.commit().expect("commit");
@@ -3054,7 +3101,7 @@ mod tests {
                 digests3,
                 (Some(&two.manifest), Some(reader)),
                 Some(&kept3),
-                &mut || {},
+                &mut |_| {},
             )
             .expect("store");
         w.commit().expect("commit");
@@ -3078,7 +3125,7 @@ mod tests {
                 digests,
                 (None, None),
                 Some(&lacking),
-                &mut || {},
+                &mut |_| {},
             )
             .expect_err("a hole would be packed");
         assert!(

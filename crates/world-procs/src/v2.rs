@@ -319,21 +319,31 @@ pub(crate) fn store_images<'s>(
                 (pages.digests, Some(pages.kept), (base, list))
             }
         };
-        // Once read, the file leaves the images dir (it must not go into the tar), and freeing
-        // its memory (tmpfs: 90 ms a GiB) is left to a thread, beside the page list, the tar
-        // and the commit. The name goes first: removing it waits for the inode's lock, which
-        // freeing holds.
+        // As the packer leaves the file behind, its memory (tmpfs: 90 ms a GiB) is freed by a
+        // thread, beside the packing, the page list, the tar and the commit; the file leaves
+        // the images dir (it must not go into the tar) the first time. The name goes first:
+        // removing it waits for the inode's lock, which freeing holds.
         let mut removed = None;
-        let mut free = || {
-            // Opened for writing: freeing a range of a file is a write.
-            let writable = File::options().write(true).open(&path);
-            removed = Some(std::fs::remove_file(&path));
-            if let Ok(writable) = writable
-                && let Ok(handle) = std::thread::Builder::new()
-                    .name("pf-free-pages".to_owned())
-                    .spawn(move || free_pages(&writable))
-            {
-                freeing.push(handle);
+        let mut freer: Option<std::sync::mpsc::Sender<u64>> = None;
+        let mut started = false;
+        let mut free = |end: u64| {
+            if !started {
+                started = true;
+                // Opened for writing: freeing a range of a file is a write.
+                let writable = File::options().write(true).open(&path);
+                removed = Some(std::fs::remove_file(&path));
+                let (ends, read) = std::sync::mpsc::channel::<u64>();
+                if let Ok(writable) = writable
+                    && let Ok(handle) = std::thread::Builder::new()
+                        .name("pf-free-pages".to_owned())
+                        .spawn(move || free_pages(&writable, &read))
+                {
+                    freeing.push(handle);
+                    freer = Some(ends);
+                }
+            }
+            if let Some(ends) = &freer {
+                let _ = ends.send(end);
             }
         };
         let stored = writer
@@ -348,7 +358,10 @@ pub(crate) fn store_images<'s>(
             .map_err(|source| Error::Pages {
                 what: format!("storing the memory of pid {pid} ({name})"),
                 source: Box::new(source),
-            })?;
+            });
+        // Its freeing thread ends once it freed the last end it was sent.
+        drop(freer);
+        let stored = stored?;
         if let Some(map) = maps.get(&name)
             && map.present_pages() != stored.pages
         {
@@ -397,19 +410,27 @@ pub(crate) fn store_images<'s>(
     Ok((put.digest, memory))
 }
 
-/// Give back the memory of a pages file that was read for the last time, whoever else still
-/// holds it open (the thread that hashed it during the dump may). Best effort: what is not
-/// freed here is freed when the file is closed and removed.
-fn free_pages(file: &File) {
+/// Give back the memory of a pages file up to each end it is sent (its bytes before it were
+/// read for the last time), whoever else still holds it open (the thread that hashed it during
+/// the dump may), until the sender is gone. Best effort: what is not freed here is freed when
+/// the file is closed and removed.
+fn free_pages(file: &File, ends: &std::sync::mpsc::Receiver<u64>) {
     use rustix::fs::FallocateFlags;
-    let len = file.metadata().map_or(0, |m| m.len());
-    if let Err(e) = rustix::fs::fallocate(
-        file,
-        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-        0,
-        len,
-    ) {
-        tracing::debug!(error = %e, "cannot free a pages file early");
+    let mut freed = 0;
+    for end in ends {
+        if end <= freed {
+            continue;
+        }
+        if let Err(e) = rustix::fs::fallocate(
+            file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            freed,
+            end - freed,
+        ) {
+            tracing::debug!(error = %e, "cannot free a pages file early");
+            return;
+        }
+        freed = end;
     }
 }
 
