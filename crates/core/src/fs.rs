@@ -386,12 +386,17 @@ impl FsBlobStore {
                 &bytes[..bytes.len() / DIRECT_ALIGN * DIRECT_ALIGN],
             ) {
                 Ok(n) => n,
-                Err(err) if err.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    tracing::debug!(path = %temp.path.display(), %err, "no direct I/O here: raw blobs go through the page cache");
-                    self.direct.store(false, Ordering::Relaxed);
+                // Written again from the start through the page cache, which reports a real
+                // failure (no space, a disk error) itself.
+                Err(err) => {
+                    if err.raw_os_error() == Some(nix::libc::EINVAL) {
+                        tracing::debug!(path = %temp.path.display(), %err, "no direct I/O here: raw blobs go through the page cache");
+                        self.direct.store(false, Ordering::Relaxed);
+                    } else {
+                        tracing::debug!(path = %temp.path.display(), %err, "a direct write failed: writing through the page cache");
+                    }
                     0
                 }
-                Err(err) => return Err(Error::io("writing", &temp.path, err)),
             }
         } else {
             0
@@ -1075,7 +1080,8 @@ thread_local! {
 /// with direct I/O (`O_DIRECT`): the data goes from a buffer of this thread's straight to the
 /// disk, not copied into the page cache first (by hand, 512 MiB to ext4: 0.11–0.13 s of system
 /// time against 0.25–1.39 s written and synced through the cache). Returns the bytes written;
-/// `EINVAL` from the open or the first write says the filesystem does not take direct I/O.
+/// `EINVAL` says the filesystem does not take direct I/O (or a short write left the next one
+/// unaligned).
 fn write_direct(path: &Path, bytes: &[u8]) -> io::Result<usize> {
     use std::os::unix::fs::FileExt as _;
     debug_assert_eq!(bytes.len() % DIRECT_ALIGN, 0);

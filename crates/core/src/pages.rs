@@ -153,6 +153,27 @@ pub enum PagesError {
         /// Pages in the file.
         pages: u64,
     },
+    /// A page list claims more pages than this machine has the memory to read (a hostile one
+    /// can claim any number; see [`MAX_PAGES`]).
+    #[error(
+        "page list {digest} claims {pages} pages ({}): reading it (with its base) needs {:.1} \
+         GiB of memory, more than the {:.1} GiB this machine has available; read it on a \
+         machine with more memory, or delete the snapshot if it came from someone you do not \
+         trust",
+        human_pages(*.pages),
+        *.need as f64 / (1u64 << 30) as f64,
+        *.available as f64 / (1u64 << 30) as f64
+    )]
+    TooLarge {
+        /// The page list.
+        digest: Digest256,
+        /// The pages it claims.
+        pages: u64,
+        /// Bytes of memory reading it would take.
+        need: u64,
+        /// Bytes of memory available (`MemAvailable` and `SwapFree`).
+        available: u64,
+    },
     /// A manifest or page list is not what this version writes.
     #[error("blob {digest} is not a valid {what}: {reason}")]
     Malformed {
@@ -1332,34 +1353,47 @@ fn human_pages(pages: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
-/// Refuse to read a page list of `entries` entries (a delta's and its base's together) that
-/// would not fit in the memory this machine has free: a hostile delta can claim any number of
-/// pages and make them from a few bytes of copies, so its claim is checked before it is built.
-fn room_for_list(entries: u64) -> Result<(), String> {
-    if entries > 2 * MAX_PAGES {
-        return Err(format!(
-            "it claims {entries} pages, more than a process's whole address space (128 TiB)"
-        ));
+/// Refuse to read the delta page list `digest` of `pages` pages on a base of `base_pages` when
+/// the two lists would not fit in the memory this machine has free: a hostile delta can claim
+/// any number of pages and make them from a few bytes of copies, so its claim is checked before
+/// anything is built from it.
+fn room_for_list(digest: &Digest256, pages: u64, base_pages: u64) -> Result<(), PagesError> {
+    let too_many = |what: &str, n: u64| PagesError::Malformed {
+        digest: *digest,
+        what: "page list",
+        reason: format!(
+            "{what} {n} pages ({}), more than a process's whole address space (128 TiB)",
+            human_pages(n)
+        ),
+    };
+    if pages > MAX_PAGES {
+        return Err(too_many("it claims", pages));
     }
-    let need = entries.saturating_mul(std::mem::size_of::<ListedPage>() as u64);
+    if base_pages > MAX_PAGES {
+        return Err(too_many("it says its base has", base_pages));
+    }
+    let need = (pages + base_pages).saturating_mul(std::mem::size_of::<ListedPage>() as u64);
     match available_memory() {
-        Some(free) if need > free => Err(format!(
-            "it claims {entries} pages ({} of process memory); reading its page list needs \
-             {:.1} GiB, more than this machine's {:.1} GiB of available memory",
-            human_pages(entries),
-            need as f64 / (1u64 << 30) as f64,
-            free as f64 / (1u64 << 30) as f64
-        )),
+        Some(available) if need > available => Err(PagesError::TooLarge {
+            digest: *digest,
+            pages,
+            need,
+            available,
+        }),
         _ => Ok(()),
     }
 }
 
-/// `MemAvailable` from `/proc/meminfo`, in bytes (`None` where it cannot be read).
+/// `MemAvailable` and `SwapFree` from `/proc/meminfo`, in bytes (`None` where it cannot be
+/// read).
 fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
+    let kib = |field: &str| -> Option<u64> {
+        let line = info.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let swap = kib("SwapFree:").unwrap_or(0);
+    kib("MemAvailable:")?.checked_add(swap)?.checked_mul(1024)
 }
 
 /// One page as the page list records it.
@@ -1435,7 +1469,7 @@ fn parse_any(
             return Err(bad("its base is not the manifest's (bases)"));
         }
         // Its list and its base's are held together while it is read.
-        room_for_list(n.saturating_add(base_pages)).map_err(|reason| bad(&reason))?;
+        room_for_list(digest, n, base_pages)?;
         let base_bytes = store.get(&base).map_err(|source| PagesError::Store {
             what: format!("reading the page list {base}, the base of {digest}"),
             source,
@@ -3666,10 +3700,18 @@ mod tests {
         // would not fit in memory is refused before its base is even read (this base is not
         // in the store).
         let absent = Digest256::of(b"a base list nobody stored");
-        for (claim, says) in [(1u64 << 34, "available memory"), (1 << 40, "address space")] {
+        for (claim, base_pages, says) in [
+            (MAX_PAGES, 1 << 28, "GiB this machine has available"),
+            (MAX_PAGES + 1, 1 << 28, "address space"),
+            (1 << 20, MAX_PAGES + 1, "its base has"),
+        ] {
             let copies: Vec<(u64, u64, u64, Vec<u8>)> =
                 (0..64).map(|_| (0, 0, 1 << 28, Vec::new())).collect();
-            let d = delta_bytes((&absent, 1 << 28, claim as usize), &[1], &copies);
+            let d = delta_bytes(
+                (&absent, base_pages as usize, claim as usize),
+                &[1],
+                &copies,
+            );
             let err = parse_any(&store, &Digest256::of(&d), &d, &[absent], 2)
                 .expect_err("a claim past memory");
             assert!(err.to_string().contains(says), "{err}");
