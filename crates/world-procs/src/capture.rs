@@ -158,11 +158,13 @@ pub fn capture_with_progress(
     progress(CaptureProgress::Dumping);
     // v2 hashes the pages while CRIU dumps them: streamed through pf, or followed in the dir.
     // Streamed when the store likely holds most of the tree's memory already (a re-freeze):
-    // then only the changed pages are written anywhere. A first freeze writes nearly every page
-    // either way, and CRIU writing them itself keeps the pause shorter.
-    let hold = (format == crate::v2::Format::V2 && crate::capture_stream::has_base(store, pid))
-        .then(crate::capture_stream::prepare)
-        .flatten();
+    // then only the changed pages are written anywhere; and when its memory is large, where
+    // streaming wins a first freeze too. A small first freeze writes nearly every page either
+    // way, and CRIU writing them itself keeps its pause shorter.
+    let hold = (format == crate::v2::Format::V2
+        && crate::capture_stream::should_stream(store, pid))
+    .then(crate::capture_stream::prepare)
+    .flatten();
     let (report, early) = if let Some(hold) = hold {
         let (report, pages) =
             crate::capture_stream::capture_while(hold, store, images.path(), |extra| {

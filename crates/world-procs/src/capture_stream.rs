@@ -50,6 +50,9 @@ pub(crate) const SOCKET: &str = "streamer-capture.sock";
 const CHUNK_PAGES: usize = 256;
 /// Pages hashed before the base is guessed from them (and at most used for it).
 const SAMPLE_PAGES: usize = 64;
+/// A tree whose root has this much or more in private writable anonymous mappings is dumped
+/// streamed even into a store without its memory ([`should_stream`]).
+const STREAM_MIN_BYTES: u64 = 128 << 20;
 /// The pipe size asked for.
 const PIPE_SIZE: usize = 1 << 20;
 /// How long CRIU's post-dump may wait for the images still being read.
@@ -90,26 +93,33 @@ pub(crate) fn prepare() -> Option<Hold> {
         .ok()
 }
 
-/// Whether the store likely holds a snapshot of `pid`'s memory already: 64 pages sampled from
-/// its private writable mappings (`/proc/<pid>/mem`), hashed and looked up as a base is guessed.
-/// A streamed capture writes only the pages the store lacks, so it wins when most are there;
-/// when few are (a first freeze) it writes nearly all of them from pf's threads while CRIU
-/// waits, and dumping into a directory keeps the pause shorter (measured by hand, 1 GiB goblin,
-/// first freeze into an empty store, 8 rounds: pause 0.692 s dumped into a directory, 0.748 s
-/// streamed, raw CRIU 0.636 s). `PF_CAPTURE=stream` streams regardless.
-pub(crate) fn has_base(store: &dyn BlobStore, pid: i32) -> bool {
+/// Whether to stream `pid`'s dump through pf: when its memory is large, or when the store
+/// likely holds a snapshot of it already. 64 pages are sampled from its private writable
+/// mappings (`/proc/<pid>/mem`), hashed and looked up as a base is guessed. A streamed capture
+/// writes only the pages the store lacks, so it wins when most are there. When few are (a first
+/// freeze) it still writes nearly all of them, from pf's threads while CRIU waits; measured by
+/// hand (first freezes into empty stores, paired runs of the bench goblin), streaming then wins
+/// from a few hundred MiB up and loses below: 1 GiB wall 1.75 -> 1.56 s and pause 0.86 -> 0.70 s
+/// (6 pairs), 256 MiB 0.571 -> 0.546 s and 0.266 -> 0.234 s (6 pairs), 64 MiB 0.287 -> 0.313 s
+/// and 0.075 -> 0.117 s (8 pairs). So a tree whose root has [`STREAM_MIN_BYTES`] or more in
+/// such mappings streams. `PF_CAPTURE=stream|dir` forces either.
+pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> bool {
     match std::env::var_os("PF_CAPTURE") {
         Some(v) if v == "stream" => return true,
         Some(v) if v == "dir" => return false,
         _ => {}
     }
-    let mut sample = match sample_pages(pid, SAMPLE_PAGES) {
-        Ok(sample) => sample,
+    let (mut sample, resident) = match sample_pages(pid, SAMPLE_PAGES) {
+        Ok(sampled) => sampled,
         Err(e) => {
             tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
             return false;
         }
     };
+    if resident >= STREAM_MIN_BYTES {
+        tracing::debug!(pid, resident, "large memory: streamed");
+        return true;
+    }
     sample.sort_unstable();
     sample.dedup();
     // Most of the sample stored already, not one page a program's every instance has.
@@ -136,8 +146,9 @@ pub(crate) fn has_base(store: &dyn BlobStore, pid: i32) -> bool {
 /// The digests of up to `n` non-zero pages spread over the memory `pid` has in its private
 /// writable anonymous mappings (weighted by each one's `Rss` in `/proc/<pid>/smaps`, so that
 /// large reservations that were never touched do not take the sample), of pages in memory only
-/// (`/proc/<pid>/pagemap`: present, not swapped), so that sampling never faults a page in.
-fn sample_pages(pid: i32, n: usize) -> std::io::Result<Vec<Digest256>> {
+/// (`/proc/<pid>/pagemap`: present, not swapped), so that sampling never faults a page in; and
+/// how many bytes those mappings have in memory.
+fn sample_pages(pid: i32, n: usize) -> std::io::Result<(Vec<Digest256>, u64)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     // (start, end, resident pages) of each area sampled.
     let mut areas: Vec<(u64, u64, u64)> = Vec::new();
@@ -178,10 +189,10 @@ fn sample_pages(pid: i32, n: usize) -> std::io::Result<Vec<Digest256>> {
             .then_some((start, end));
     }
     let total: u64 = areas.iter().map(|a| a.2).sum();
-    if total == 0 || n == 0 {
-        return Ok(Vec::new());
-    }
     let page = PAGE_SIZE as u64;
+    if total == 0 || n == 0 {
+        return Ok((Vec::new(), total * page));
+    }
     let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))?;
     let mut entries = vec![0u8; 8 * 64];
@@ -225,7 +236,7 @@ fn sample_pages(pid: i32, n: usize) -> std::io::Result<Vec<Digest256>> {
             out.push(pf_core::pack::page_digest(&buf));
         }
     }
-    Ok(out)
+    Ok((out, total * page))
 }
 
 fn bash() -> Option<&'static str> {
@@ -1041,17 +1052,25 @@ mod tests {
     }
 
     #[test]
-    fn a_process_memory_is_sampled_and_an_empty_store_has_no_base_for_it() {
+    fn a_small_process_memory_is_sampled_and_not_streamed_into_an_empty_store() {
         // Our own memory: this test binary's data and heap, much of it not zero.
         let pid = std::process::id() as i32;
-        let sample = sample_pages(pid, SAMPLE_PAGES).expect("sample");
+        let (sample, resident) = sample_pages(pid, SAMPLE_PAGES).expect("sample");
         assert!(
             !sample.is_empty() && sample.len() <= SAMPLE_PAGES,
             "{}",
             sample.len()
         );
+        assert!(
+            resident >= (sample.len() * PAGE_SIZE) as u64 && resident < STREAM_MIN_BYTES,
+            "{resident} bytes in memory for {} pages sampled",
+            sample.len()
+        );
         let store = pf_core::MemBlobStore::new();
-        assert!(!has_base(&store, pid), "nothing stored, no base");
+        assert!(
+            !should_stream(&store, pid),
+            "small, and nothing stored: no base"
+        );
         assert!(sample_pages(-1, SAMPLE_PAGES).is_err(), "no such process");
     }
 
