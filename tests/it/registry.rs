@@ -646,7 +646,13 @@ fn v2_roles(
         let m: serde_json::Value = serde_json::from_slice(&store.get(&manifest).unwrap()).unwrap();
         other.push(manifest);
         lists.push(digest(&m["list"]));
-        packs.extend(m["packs"].as_array().unwrap().iter().map(digest));
+        // A pack the snapshot's files share (pages packed during the dump, for all of them)
+        // once.
+        for pack in m["packs"].as_array().unwrap().iter().map(digest) {
+            if !packs.contains(&pack) {
+                packs.push(pack);
+            }
+        }
         pages += m["pages"].as_u64().unwrap();
     }
     (packs, lists, other, pages)

@@ -237,6 +237,8 @@ pub struct PageWriter<'a> {
     /// The manifests the session wrote, with their packs: at commit each pack's
     /// [`MANIFEST_HINT`] names the latest manifest using it.
     manifests: Vec<(Digest256, Vec<Digest256>)>,
+    /// Packs numbered below this one were packed during a capture ([`Self::with_prepacked`]).
+    prepacked: u32,
 }
 
 /// The hint kind ([`BlobStore::hint_path`]) naming, per pack, the latest manifest written that
@@ -245,6 +247,114 @@ pub struct PageWriter<'a> {
 /// a delta whoever calls. Only ever a guess: a base changes how a list is written, never what
 /// it reads back as.
 pub const MANIFEST_HINT: &str = "manifest-of-pack";
+
+/// Whole pages for [`prepack`]: `digests[i]` is the SHA-256 of the `i`-th page of `bytes`
+/// (which holds whole pages only, at least as many as `digests` names).
+#[derive(Debug, Default)]
+pub struct PagesIn {
+    /// The pages, one after another.
+    pub bytes: Vec<u8>,
+    /// Their digests, computed by the sender from these very bytes.
+    pub digests: Vec<Digest256>,
+}
+
+/// Packs [`prepack`] made while a capture still ran, in a batch of their own that a
+/// [`PageWriter`] takes over ([`PageWriter::with_prepacked`]): they become durable, visible and
+/// indexed with its commit, or are removed with it.
+pub struct PrePacked<'a> {
+    batch: Box<dyn BlobBatch + 'a>,
+    /// Each pack, in order, with its pages' digests by slot.
+    packs: Vec<(Digest256, Vec<Digest256>)>,
+    pack_bytes: u64,
+}
+
+impl std::fmt::Debug for PrePacked<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrePacked")
+            .field("packs", &self.packs.len())
+            .field("pages", &self.pages())
+            .field("pack_bytes", &self.pack_bytes)
+            .finish()
+    }
+}
+
+impl PrePacked<'_> {
+    /// Pages packed.
+    pub fn pages(&self) -> u64 {
+        self.packs.iter().map(|(_, d)| d.len() as u64).sum()
+    }
+
+    /// Raw bytes of the packs.
+    pub fn pack_bytes(&self) -> u64 {
+        self.pack_bytes
+    }
+}
+
+/// Pack the pages that come through `pages` until every sender is gone, each distinct page once
+/// (a page sent again is left out), into a new batch of `store`: compressed on this thread,
+/// named and written on up to [`PUTTERS`] others. Each [`PagesIn`]'s buffer goes back through
+/// `spare` once its pages are in a pack (dropped if `spare` is full or gone). This is how a
+/// capture packs the pages it must keep while the dump still runs, instead of keeping them in a
+/// file to pack afterwards. The digests are trusted, as the sender computed them: every page is
+/// checked against its digest again whenever it is read.
+pub fn prepack<'a>(
+    store: &'a dyn BlobStore,
+    threads: usize,
+    pages: std::sync::mpsc::Receiver<PagesIn>,
+    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Result<PrePacked<'a>, PagesError> {
+    let batch = store.batch().map_err(|source| PagesError::Store {
+        what: "starting a batch of puts".to_owned(),
+        source,
+    })?;
+    let mut slots: Vec<Vec<Digest256>> = Vec::new();
+    let (stored, packed) = put_packs(&*batch, threads, |send, pack_spare| {
+        let mut seen = crate::DigestMap::<()>::default();
+        let mut pack = PackBuilder::new(1);
+        let mut in_pack: Vec<Digest256> = Vec::with_capacity(PACK_PAGES);
+        let mut finish = |pack: &mut PackBuilder, in_pack: &mut Vec<Digest256>| {
+            let mut bytes = pack_spare.try_recv().unwrap_or_default();
+            pack.finish_into(&mut bytes)?;
+            send.send((slots.len() as u32, bytes))
+                .map_err(|_| PagesError::Store {
+                    what: "storing a pack".to_owned(),
+                    source: crate::Error::Io {
+                        op: "hand over",
+                        path: std::path::PathBuf::new(),
+                        source: std::io::Error::other("the pack writer stopped"),
+                    },
+                })?;
+            slots.push(std::mem::replace(in_pack, Vec::with_capacity(PACK_PAGES)));
+            Ok::<(), PagesError>(())
+        };
+        for batch in pages {
+            for (page, digest) in batch.bytes.chunks_exact(PAGE_SIZE).zip(&batch.digests) {
+                if seen.insert(*digest, ()).is_some() {
+                    continue;
+                }
+                pack.push(page, *digest);
+                in_pack.push(*digest);
+                if pack.is_full() {
+                    finish(&mut pack, &mut in_pack)?;
+                }
+            }
+            let _ = spare.try_send(batch.bytes);
+        }
+        if !pack.is_empty() {
+            finish(&mut pack, &mut in_pack)?;
+        }
+        Ok::<(), PagesError>(())
+    });
+    // A failed put closes the queue, so packing fails too: report the put's error.
+    let stored = stored?;
+    packed?;
+    let pack_bytes = stored.iter().map(|(_, len)| len).sum();
+    Ok(PrePacked {
+        batch,
+        packs: stored.into_iter().map(|(d, _)| d).zip(slots).collect(),
+        pack_bytes,
+    })
+}
 
 impl<'a> PageWriter<'a> {
     /// A session writing into `store`, deduplicating against `index`, on `threads` threads.
@@ -260,7 +370,34 @@ impl<'a> PageWriter<'a> {
             missing: std::collections::HashSet::new(),
             known: crate::DigestMap::default(),
             manifests: Vec::new(),
+            prepacked: 0,
         }
+    }
+
+    /// A session that starts with the packs `prepacked` made: its batch, with them in it, is the
+    /// session's, and their pages are known to it as pages it wrote (indexed at commit), unless
+    /// the page index has them already: a file's pages are then placed where the store had them.
+    pub fn with_prepacked(
+        store: &'a dyn BlobStore,
+        index: PageIndex,
+        threads: usize,
+        prepacked: PrePacked<'a>,
+    ) -> Self {
+        let mut w = Self::new(store, index, threads);
+        w.batch = Some(prepacked.batch);
+        let pages = prepacked.packs.iter().map(|(_, d)| d.len()).sum();
+        w.known.reserve(pages);
+        for (pack, digests) in prepacked.packs {
+            let id = w.packs.len() as u32;
+            w.packs.push(pack);
+            w.written.push(true);
+            w.pack_ids.entry(pack).or_insert(id);
+            for (slot, digest) in (0u32..).zip(digests) {
+                w.known.entry(digest).or_insert((id, slot));
+            }
+        }
+        w.prepacked = w.packs.len() as u32;
+        w
     }
 
     /// Store the pages of `file` (at `path`, named in errors), whose length must be a multiple
@@ -418,11 +555,15 @@ impl<'a> PageWriter<'a> {
                 }
             }
         }
-        // Which of them the store already has.
+        // Which of them the store already has: also those packed during the capture (which
+        // could not look them up then), so that pages the store had are used where they are
+        // (their copies in the capture's packs are then dead bytes, which `gc` reports and
+        // `gc --repack` drops).
+        let prepacked = self.prepacked;
         let mut unknown: Vec<Digest256> = digests
             .iter()
             .flatten()
-            .filter(|d| !self.known.contains_key(d))
+            .filter(|d| self.known.get(d).is_none_or(|(id, _)| *id < prepacked))
             .copied()
             .collect();
         unknown.sort_unstable();
@@ -487,72 +628,15 @@ impl<'a> PageWriter<'a> {
             .as_deref()
             .unwrap_or_else(|| unreachable!("the batch was just started"));
         let known = &mut self.known;
-        let (send, recv) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(PUT_QUEUE);
-        // Shared by the threads putting packs; the first to fail drops it, so that the packer's
-        // next send fails instead of waiting for a taker.
-        let recv = std::sync::Mutex::new(Some(recv));
-        let (stored, packed) = std::thread::scope(|s| {
-            // Written packs' buffers go back to be filled again.
-            let (spare_send, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUTTERS);
-            // Naming a pack (SHA-256 of its bytes, one stream) is the slowest step of packing
-            // new pages: packs are named and written on up to `PUTTERS` threads at once.
-            let putters: Vec<_> = (0..PUTTERS.min(threads + 1).max(1))
-                .map(|_| {
-                    let recv = &recv;
-                    let spare_send = spare_send.clone();
-                    s.spawn(move || -> Result<Vec<(u32, Digest256, u64)>, PagesError> {
-                        // Also when the queue ended: then nothing is sent any more.
-                        let _closing = CloseOnDrop(recv);
-                        let mut done = Vec::new();
-                        loop {
-                            let next = {
-                                let recv = recv.lock().unwrap_or_else(PoisonError::into_inner);
-                                match recv.as_ref() {
-                                    Some(recv) => recv.recv().ok(),
-                                    None => None,
-                                }
-                            };
-                            let Some((k, bytes)) = next else {
-                                return Ok(done);
-                            };
-                            let digest =
-                                batch.put_raw(&bytes).map_err(|source| PagesError::Store {
-                                    what: "storing a pack".to_owned(),
-                                    source,
-                                })?;
-                            done.push((k, digest, bytes.len() as u64));
-                            let _ = spare_send.try_send(bytes);
-                        }
-                    })
-                })
-                .collect();
-            drop(spare_send);
-            let packed = pack_new_pages(
+        let (stored, packed) = put_packs(batch, threads, |send, spare| {
+            pack_new_pages(
                 (file, path, kept),
                 &digests,
                 known,
                 (base, threads),
-                (&send, &spare),
+                (&send, spare),
                 &mut *read,
-            );
-            drop(send);
-            let mut stored = Vec::new();
-            let mut failed = None;
-            for putter in putters {
-                match putter
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-                {
-                    Ok(done) => stored.extend(done),
-                    Err(err) => failed = failed.or(Some(err)),
-                }
-            }
-            stored.sort_unstable_by_key(|(k, _, _)| *k);
-            let stored: Result<Vec<(Digest256, u64)>, PagesError> = match failed {
-                Some(err) => Err(err),
-                None => Ok(stored.into_iter().map(|(_, d, len)| (d, len)).collect()),
-            };
-            (stored, packed)
+            )
         });
         // A failed put closes the queue, so pack_new_pages fails too: report the put's error.
         let stored = stored?;
@@ -1170,6 +1254,75 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
 
 /// Finished packs on their way to the threads putting them: (k, the k-th new pack's bytes).
 type PackQueue = std::sync::mpsc::SyncSender<(u32, Vec<u8>)>;
+
+/// Run `pack`, which sends finished packs to the queue it is given (the k-th one numbered k)
+/// and may take written packs' buffers back from the receiver it is given, while packs are
+/// named and put into `batch` on up to [`PUTTERS`] threads at once (naming a pack, SHA-256 of
+/// its bytes in one stream, is the slowest step of packing new pages). Returns the packs put,
+/// in number order (digest, length), and what `pack` returned. A failed put closes the queue,
+/// so that `pack`'s next send fails instead of waiting for a taker.
+fn put_packs<R>(
+    batch: &dyn BlobBatch,
+    threads: usize,
+    pack: impl FnOnce(PackQueue, &std::sync::mpsc::Receiver<Vec<u8>>) -> R,
+) -> (Result<Vec<(Digest256, u64)>, PagesError>, R) {
+    let (send, recv) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(PUT_QUEUE);
+    // Shared by the threads putting packs; the first to fail drops it.
+    let recv = std::sync::Mutex::new(Some(recv));
+    std::thread::scope(|s| {
+        // Written packs' buffers go back to be filled again.
+        let (spare_send, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUTTERS);
+        let putters: Vec<_> = (0..PUTTERS.min(threads + 1).max(1))
+            .map(|_| {
+                let recv = &recv;
+                let spare_send = spare_send.clone();
+                s.spawn(move || -> Result<Vec<(u32, Digest256, u64)>, PagesError> {
+                    // Also when the queue ended: then nothing is sent any more.
+                    let _closing = CloseOnDrop(recv);
+                    let mut done = Vec::new();
+                    loop {
+                        let next = {
+                            let recv = recv.lock().unwrap_or_else(PoisonError::into_inner);
+                            match recv.as_ref() {
+                                Some(recv) => recv.recv().ok(),
+                                None => None,
+                            }
+                        };
+                        let Some((k, bytes)) = next else {
+                            return Ok(done);
+                        };
+                        let digest = batch.put_raw(&bytes).map_err(|source| PagesError::Store {
+                            what: "storing a pack".to_owned(),
+                            source,
+                        })?;
+                        done.push((k, digest, bytes.len() as u64));
+                        let _ = spare_send.try_send(bytes);
+                    }
+                })
+            })
+            .collect();
+        drop(spare_send);
+        // `send` is dropped when `pack` returns: the putters then end.
+        let packed = pack(send, &spare);
+        let mut stored = Vec::new();
+        let mut failed = None;
+        for putter in putters {
+            match putter
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            {
+                Ok(done) => stored.extend(done),
+                Err(err) => failed = failed.or(Some(err)),
+            }
+        }
+        stored.sort_unstable_by_key(|(k, _, _)| *k);
+        let stored = match failed {
+            Some(err) => Err(err),
+            None => Ok(stored.into_iter().map(|(_, d, len)| (d, len)).collect()),
+        };
+        (stored, packed)
+    })
+}
 
 /// Drops the shared receiving end of the packs queue when a thread putting packs ends, so that
 /// if it failed or panicked the packer's next send fails rather than waits for a taker.
@@ -3658,6 +3811,128 @@ mod tests {
     }
 
     #[test]
+    fn pages_packed_during_a_capture_are_the_sessions_own() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        // The file: 3000 distinct pages, a zero page, and page 10 again at the end. Pages
+        // 0..2500 were packed while captured (holes in the file, not kept), 300 of them sent
+        // twice; the rest were kept in the file.
+        let mut layout: Vec<Option<u64>> = (0..3000).map(Some).collect();
+        layout.push(None);
+        layout.push(Some(10));
+        let original = {
+            let (_, path) = file_of(tmp.path(), "original", &layout);
+            std::fs::read(path).expect("read")
+        };
+        let digests: Vec<Option<Digest256>> = layout
+            .iter()
+            .map(|p| p.map(|seed| page_digest(&page(seed))))
+            .collect();
+        let captured: Vec<Option<u64>> = layout
+            .iter()
+            .enumerate()
+            .map(|(i, p)| if (2500..=3000).contains(&i) { *p } else { None })
+            .collect();
+        let (file, path) = file_of(tmp.path(), "captured", &captured);
+        let kept: Vec<bool> = (0..layout.len())
+            .map(|i| (2500..3000).contains(&i))
+            .collect();
+        fn prepack_in(store: &crate::FsBlobStore) -> PrePacked<'_> {
+            let (send, pages) = std::sync::mpsc::channel::<PagesIn>();
+            let (spare, _spares) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+            for range in [0..1000u64, 700..1000, 1000..2500] {
+                let mut batch = PagesIn::default();
+                for seed in range {
+                    batch.bytes.extend_from_slice(&page(seed));
+                    batch.digests.push(page_digest(&page(seed)));
+                }
+                send.send(batch).expect("send");
+            }
+            drop(send);
+            prepack(store, 2, pages, spare).expect("prepack")
+        }
+        let prepacked = prepack_in(&fs);
+        assert_eq!(prepacked.pages(), 2500, "each page once");
+        assert!(fs.list().expect("list").is_empty(), "nothing visible yet");
+        let mut w = PageWriter::with_prepacked(&fs, fs.page_index(), 2, prepacked);
+        let stored = w
+            .write_file_kept(
+                &file,
+                &path,
+                digests,
+                (None, None),
+                Some(&kept),
+                &mut |_| {},
+            )
+            .expect("store");
+        assert_eq!(stored.new_pages, 500, "only the pages kept in the file");
+        w.commit().expect("commit");
+        assert_eq!(
+            rebuild(&fs, &stored.manifest, tmp.path()).expect("rebuild"),
+            original
+        );
+        let mut sorted: Vec<Digest256> = (0..3000u64).map(|i| page_digest(&page(i))).collect();
+        sorted.sort();
+        assert_eq!(
+            fs.page_index().lookup(&sorted).expect("lookup").len(),
+            3000,
+            "the prepacked pages are indexed too"
+        );
+        // Packed again during a later capture (which cannot look pages up): the store's copies
+        // are used, those packed again are dead.
+        let first_pack = |store: &crate::FsBlobStore, manifest: &Digest256| {
+            let r = PagesReader::open(store, manifest).expect("reader");
+            let (k, _) = r.listed(0).and_then(|p| p.at).expect("placed");
+            r.pack(k).expect("pack")
+        };
+        let old_pack = first_pack(&fs, &stored.manifest);
+        let again: Vec<Option<u64>> = (0..100).chain(9000..9100).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "again", &[None; 200]);
+        let (send, pages) = std::sync::mpsc::channel::<PagesIn>();
+        let (spare, _spares) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let mut batch = PagesIn::default();
+        for seed in again.iter().flatten() {
+            batch.bytes.extend_from_slice(&page(*seed));
+            batch.digests.push(page_digest(&page(*seed)));
+        }
+        send.send(batch).expect("send");
+        drop(send);
+        let prepacked = prepack(&fs, 2, pages, spare).expect("prepack");
+        assert_eq!(prepacked.pages(), 200);
+        let digests: Vec<Option<Digest256>> = again
+            .iter()
+            .map(|p| p.map(|seed| page_digest(&page(seed))))
+            .collect();
+        let mut w = PageWriter::with_prepacked(&fs, fs.page_index(), 2, prepacked);
+        let second = w
+            .write_file_kept(
+                &file,
+                &path,
+                digests,
+                (None, None),
+                Some(&[false; 200]),
+                &mut |_| {},
+            )
+            .expect("store");
+        w.commit().expect("commit");
+        assert_eq!(first_pack(&fs, &second.manifest), old_pack);
+        let expected: Vec<u8> = again.iter().flatten().flat_map(|s| page(*s)).collect();
+        assert!(rebuild(&fs, &second.manifest, tmp.path()).expect("rebuild") == expected);
+        // Packed during a capture that then failed: nothing visible, nothing left.
+        let before = fs.list().expect("list");
+        let fresh = crate::FsBlobStore::open(&tmp.path().join("other")).expect("store");
+        drop(prepack_in(&fresh));
+        assert!(fresh.list().expect("list").is_empty());
+        assert!(
+            fresh
+                .sweep_temp(&crate::GcOptions::dry_run_now())
+                .expect("sweep")
+                .is_empty()
+        );
+        assert_eq!(fs.list().expect("list"), before);
+    }
+
+    #[test]
     fn hostile_deltas_are_errors_never_panics() {
         let store = MemBlobStore::new();
         let digests: Vec<Digest256> = (0..4u64).map(|i| page_digest(&page(i))).collect();
@@ -3837,6 +4112,45 @@ mod tests {
                 .expect("the writer answered (no hang)");
             let err = result.expect_err("a pack the store refused");
             assert!(err.to_string().contains("storing a pack"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_pack_the_store_refuses_fails_prepacking_and_its_senders_never_hang() {
+        for left in [0, 2] {
+            let store: &'static FailingPuts = Box::leak(Box::new(FailingPuts {
+                inner: MemBlobStore::new(),
+                left: std::sync::atomic::AtomicUsize::new(left),
+            }));
+            let (send, pages) = std::sync::mpsc::sync_channel::<PagesIn>(2);
+            let (spare, _spares) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+            // As a capture's file thread: chunks of 256 new pages until a send fails.
+            let sender = std::thread::spawn(move || {
+                for chunk in 0..(5 * PACK_PAGES as u64 / 256) {
+                    let mut batch = PagesIn::default();
+                    for seed in chunk * 256..(chunk + 1) * 256 {
+                        batch.bytes.extend_from_slice(&page(seed));
+                        batch.digests.push(page_digest(&page(seed)));
+                    }
+                    if send.send(batch).is_err() {
+                        return true;
+                    }
+                }
+                false
+            });
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(prepack(store, 2, pages, spare).map(|p| p.pages()));
+            });
+            let result = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("the packer answered (no hang)");
+            let err = result.expect_err("a pack the store refused");
+            assert!(err.to_string().contains("storing a pack"), "{err}");
+            assert!(
+                sender.join().expect("sender"),
+                "the sender's next send failed"
+            );
         }
     }
 

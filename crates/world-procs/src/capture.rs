@@ -166,10 +166,12 @@ pub fn capture_with_progress(
     .then(crate::capture_stream::prepare)
     .flatten();
     let (report, early) = if let Some(hold) = hold {
-        let (report, pages) =
-            crate::capture_stream::capture_while(hold, store, images.path(), |extra| {
-                dump_with(&criu, pid, images.path(), opts, extra)
-            })?;
+        let (report, pages) = crate::capture_stream::capture_while(
+            hold,
+            store,
+            (images.path(), crate::capture_stream::prepack_on()),
+            |extra| dump_with(&criu, pid, images.path(), opts, extra),
+        )?;
         (report, crate::v2::Early::Streamed(pages))
     } else {
         let prehash =

@@ -107,9 +107,9 @@ pub(crate) type Prehashed = HashMap<String, PrehashedFile>;
 pub(crate) enum Early<'s> {
     /// Dumped into the directory, followed by [`Prehash`]: the digests of their first pages.
     Followed(Prehashed),
-    /// Streamed through pf (`capture_stream`): every page's digest, only the pages the store
-    /// lacks written.
-    Streamed(crate::capture_stream::Streamed<'s>),
+    /// Streamed through pf (`capture_stream`): every page's digest, the pages the store lacks
+    /// packed during the dump or written into their files.
+    Streamed(crate::capture_stream::Captured<'s>),
 }
 
 /// The digests of the first pages of one pages file, and which file it was (device and inode),
@@ -292,7 +292,21 @@ pub(crate) fn store_images<'s>(
         .filter(|n| is_pages_file(n))
         .collect();
     names.sort();
-    let mut writer = PageWriter::new(store, store.page_index(), threads());
+    let prepacked = match &mut early {
+        Early::Streamed(captured) => captured.prepacked.take(),
+        Early::Followed(_) => None,
+    };
+    if let Some(p) = &prepacked {
+        tracing::debug!(
+            pages = p.pages(),
+            pack_bytes = p.pack_bytes(),
+            "pages packed during the dump"
+        );
+    }
+    let mut writer = match prepacked {
+        Some(p) => PageWriter::with_prepacked(store, store.page_index(), threads(), p),
+        None => PageWriter::new(store, store.page_index(), threads()),
+    };
     let mut memory = Vec::with_capacity(names.len());
     let mut freeing = Vec::new();
     for name in names {
@@ -307,8 +321,8 @@ pub(crate) fn store_images<'s>(
                 None,
                 (None, None),
             ),
-            Early::Streamed(streamed) => {
-                let pages = streamed.remove(&name).ok_or_else(|| {
+            Early::Streamed(captured) => {
+                let pages = captured.pages.remove(&name).ok_or_else(|| {
                     Error::io(
                         "store",
                         &path,
