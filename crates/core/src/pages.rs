@@ -23,13 +23,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest256;
 use crate::error::Error;
-
 use crate::pack::{PACK_PAGES, PAGE_SIZE, PackBuilder, PackError, is_zero_page, page_digest};
 use crate::page_index::{IndexError, PageIndex, PageLoc};
 use crate::store::{BlobBatch, BlobStore};
@@ -308,7 +308,7 @@ pub fn prepack<'a>(
         source,
     })?;
     let mut slots: Vec<Vec<Digest256>> = Vec::new();
-    let (stored, packed) = put_packs(&*batch, threads, |send, pack_spare| {
+    let (stored, packed) = put_packs(&*batch, threads, |send, pack_spare, failed| {
         let mut seen = crate::DigestMap::<()>::default();
         let mut pack = PackBuilder::new(1);
         let mut in_pack: Vec<Digest256> = Vec::with_capacity(PACK_PAGES);
@@ -328,6 +328,17 @@ pub fn prepack<'a>(
             Ok::<(), PagesError>(())
         };
         for batch in pages {
+            // A pack was refused: stop taking pages at once (the put's error is reported).
+            if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(PagesError::Store {
+                    what: "storing a pack".to_owned(),
+                    source: crate::Error::Io {
+                        op: "hand over",
+                        path: std::path::PathBuf::new(),
+                        source: std::io::Error::other("the pack writer stopped"),
+                    },
+                });
+            }
             for (page, digest) in batch.bytes.chunks_exact(PAGE_SIZE).zip(&batch.digests) {
                 if seen.insert(*digest, ()).is_some() {
                     continue;
@@ -628,7 +639,7 @@ impl<'a> PageWriter<'a> {
             .as_deref()
             .unwrap_or_else(|| unreachable!("the batch was just started"));
         let known = &mut self.known;
-        let (stored, packed) = put_packs(batch, threads, |send, spare| {
+        let (stored, packed) = put_packs(batch, threads, |send, spare, _| {
             pack_new_pages(
                 (file, path, kept),
                 &digests,
@@ -1264,17 +1275,19 @@ type PackQueue = std::sync::mpsc::SyncSender<(u32, Vec<u8>)>;
 fn put_packs<R>(
     batch: &dyn BlobBatch,
     threads: usize,
-    pack: impl FnOnce(PackQueue, &std::sync::mpsc::Receiver<Vec<u8>>) -> R,
+    pack: impl FnOnce(PackQueue, &std::sync::mpsc::Receiver<Vec<u8>>, &AtomicBool) -> R,
 ) -> (Result<Vec<(Digest256, u64)>, PagesError>, R) {
     let (send, recv) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(PUT_QUEUE);
-    // Shared by the threads putting packs; the first to fail drops it.
+    // Shared by the threads putting packs; the first to fail drops it (once the others let go
+    // of it: until then `pack` can see `failed`).
     let recv = std::sync::Mutex::new(Some(recv));
+    let failed = AtomicBool::new(false);
     std::thread::scope(|s| {
         // Written packs' buffers go back to be filled again.
         let (spare_send, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(PUTTERS);
         let putters: Vec<_> = (0..PUTTERS.min(threads + 1).max(1))
             .map(|_| {
-                let recv = &recv;
+                let (recv, failed) = (&recv, &failed);
                 let spare_send = spare_send.clone();
                 s.spawn(move || -> Result<Vec<(u32, Digest256, u64)>, PagesError> {
                     // Also when the queue ended: then nothing is sent any more.
@@ -1291,9 +1304,12 @@ fn put_packs<R>(
                         let Some((k, bytes)) = next else {
                             return Ok(done);
                         };
-                        let digest = batch.put_raw(&bytes).map_err(|source| PagesError::Store {
-                            what: "storing a pack".to_owned(),
-                            source,
+                        let digest = batch.put_raw(&bytes).map_err(|source| {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            PagesError::Store {
+                                what: "storing a pack".to_owned(),
+                                source,
+                            }
                         })?;
                         done.push((k, digest, bytes.len() as u64));
                         let _ = spare_send.try_send(bytes);
@@ -1303,7 +1319,7 @@ fn put_packs<R>(
             .collect();
         drop(spare_send);
         // `send` is dropped when `pack` returns: the putters then end.
-        let packed = pack(send, &spare);
+        let packed = pack(send, &spare, &failed);
         let mut stored = Vec::new();
         let mut failed = None;
         for putter in putters {
@@ -4124,9 +4140,11 @@ mod tests {
             }));
             let (send, pages) = std::sync::mpsc::sync_channel::<PagesIn>(2);
             let (spare, _spares) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
-            // As a capture's file thread: chunks of 256 new pages until a send fails.
+            // As a capture's file thread: chunks of 256 new pages until a send fails (the packer
+            // stops at the first chunk after a pack was refused; a few packs may be taken
+            // before that).
             let sender = std::thread::spawn(move || {
-                for chunk in 0..(5 * PACK_PAGES as u64 / 256) {
+                for chunk in 0..(20 * PACK_PAGES as u64 / 256) {
                     let mut batch = PagesIn::default();
                     for seed in chunk * 256..(chunk + 1) * 256 {
                         batch.bytes.extend_from_slice(&page(seed));

@@ -121,7 +121,15 @@ pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> bool {
         Some(v) if v == "dir" => return false,
         _ => {}
     }
-    let (mut sample, resident) = match sample_pages(pid, SAMPLE_PAGES) {
+    // How much is in memory first (`/proc/<pid>/smaps` only), then the sample if need be.
+    let sampled = sample_pages(pid, 0).and_then(|(_, resident)| {
+        if resident >= STREAM_MIN_BYTES {
+            Ok((Vec::new(), resident))
+        } else {
+            sample_pages(pid, SAMPLE_PAGES)
+        }
+    });
+    let (mut sample, resident) = match sampled {
         Ok(sampled) => sampled,
         Err(e) => {
             tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
@@ -279,6 +287,8 @@ struct Shared<'s> {
     closed: Condvar,
     pages: Mutex<Streamed<'s>>,
     error: Mutex<Option<Error>>,
+    /// The packer's failure: the cause of a file thread's that could not hand it pages.
+    packer_error: Mutex<Option<Error>>,
 }
 
 impl Shared<'_> {
@@ -292,6 +302,11 @@ impl Shared<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some()
+            || self
+                .packer_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
     }
 
     fn opened(&self) {
@@ -454,6 +469,7 @@ pub(crate) fn capture_while<'s, T>(
         closed: Condvar::new(),
         pages: Mutex::new(HashMap::new()),
         error: Mutex::new(None),
+        packer_error: Mutex::new(None),
     };
     let extra: Vec<OsString> = vec![
         "--stream".into(),
@@ -467,27 +483,39 @@ pub(crate) fn capture_while<'s, T>(
     })?;
     let woken = OwnedFd::from(woken);
     let (result, prepacked) = std::thread::scope(|outer| {
+        let shared = &shared;
         // The packer of kept pages, from the start of the dump until every file thread is done.
+        // Its failure is recorded at once, so that the hold answers `fail`.
         let packer = packing.and_then(|(pages, spare)| {
             std::thread::Builder::new()
                 .name("pf-prepack".into())
                 .spawn_scoped(outer, move || {
                     prepack_priority();
                     pf_core::pages::prepack(store, crate::v2::threads(), pages, spare)
+                        .map_err(|source| {
+                            let e = Error::Pages {
+                                what: "packing the pages of the dump".to_owned(),
+                                source: Box::new(source),
+                            };
+                            shared
+                                .packer_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                        })
+                        .ok()
                 })
                 .inspect_err(
                     |e| tracing::debug!(error = %e, "no thread to pack pages during the dump"),
                 )
                 .ok()
         });
-        if packer.is_none()
-            && let Some(prepack) = &shared.prepack
-        {
-            prepack
-                .send
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+        // Dropped whatever happens below, even a panic: the packer then packs what it was sent
+        // and ends (the file threads' own senders are gone with the inner scope).
+        let close = CloseSend(shared.prepack.as_ref());
+        if packer.is_none() {
+            // No packer: file threads write every kept page (their sends would fail).
+            close.close();
         }
         let result = std::thread::scope(|s| {
             // Stops the server when the dump is over, or if it panics (the scope would wait for
@@ -499,7 +527,7 @@ pub(crate) fn capture_while<'s, T>(
             let server = std::thread::Builder::new()
                 .name("pf-capture".into())
                 .spawn_scoped(s, || {
-                    serve(s, (&listener, &path), dir, store, (&hold, &woken), &shared);
+                    serve(s, (&listener, &path), dir, store, (&hold, &woken), shared);
                 })
                 .map_err(|source| Error::Sys {
                     op: "starting the capture streamer",
@@ -510,33 +538,37 @@ pub(crate) fn capture_while<'s, T>(
                 Err(e) => Err(e),
             }
         });
-        // Every file thread is done: the packer packs what it was sent and ends.
-        if let Some(prepack) = &shared.prepack {
-            prepack
-                .send
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-        }
-        let prepacked = packer.map(|p| p.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        drop(close);
+        let prepacked =
+            packer.and_then(|p| p.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
         (result, prepacked)
     });
     let _ = std::fs::remove_file(&path);
     // The packer's failure fails the capture (the pages sent to it are in no file), and is the
     // cause of a file thread's that could not hand it pages; but a tree that exited during the
     // dump says so.
-    let prepacked = match prepacked.transpose() {
-        Ok(prepacked) => prepacked,
-        Err(source) => {
-            return Err(match result {
-                Err(criu @ Error::ExitedDuringDump { .. }) => criu,
-                _ => Error::Pages {
-                    what: "packing the pages of the dump".to_owned(),
-                    source: Box::new(source),
-                },
-            });
+    if let Some(e) = shared
+        .packer_error
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        if let Some(other) = shared
+            .error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            tracing::debug!(error = %other, "a file thread failed too");
         }
-    };
+        return match result {
+            Err(criu @ Error::ExitedDuringDump { .. }) => Err(criu),
+            Err(criu) => {
+                tracing::warn!(error = %criu, "criu's dump failed too");
+                Err(e)
+            }
+            Ok(_) => Err(e),
+        };
+    }
     // pf's own failure first: CRIU's error is then mostly its consequence (a failed post-dump
     // script, a broken pipe); but a tree that exited during the dump says so.
     if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -575,6 +607,28 @@ pub(crate) fn prepack_on() -> bool {
 fn prepack_priority() {
     if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
         tracing::debug!(error = %e, "cannot lower the packer's priority");
+    }
+}
+
+/// Drops the packer's original sender when dropped (the packer ends once the file threads'
+/// clones are gone too).
+struct CloseSend<'a>(Option<&'a Prepack>);
+
+impl CloseSend<'_> {
+    fn close(&self) {
+        if let Some(prepack) = self.0 {
+            prepack
+                .send
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
+    }
+}
+
+impl Drop for CloseSend<'_> {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -1257,20 +1311,26 @@ mod tests {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
-        // More chunks than the packer has buffers, sent at once: those that find no buffer
-        // free go into the file.
+        // Two pages files (two processes) share the packer. The first has more chunks than the
+        // packer has buffers: those that find no buffer free go into the file. The second
+        // repeats 300 of the first one's pages, then has its own.
         let n = 3 * PREPACK_BUFFERS * CHUNK_PAGES + 17;
-        let bytes: Vec<u8> = (0..n).flat_map(page).collect();
+        let first: Vec<u8> = (0..n).flat_map(page).collect();
+        let second: Vec<u8> = (0..300).chain(n + 1000..n + 1600).flat_map(page).collect();
         let (status, captured) = capture_while(hold, &store, (dir.path(), true), |extra| {
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-            let mut pages = send(&mut conn, "pages-1.img");
-            // Pages are packed at once only once the base is settled (none here): the first
-            // chunks likely go into the file.
-            let (early, rest) = bytes.split_at(2 * CHUNK_PAGES * PAGE_SIZE);
-            pages.write_all(early).expect("write");
-            std::thread::sleep(Duration::from_millis(200));
-            pages.write_all(rest).expect("write");
-            drop(pages);
+            for (name, bytes) in [("pages-1.img", &first), ("pages-2.img", &second)] {
+                let mut pages = send(&mut conn, name);
+                // Pages are packed at once only once the base is settled (none here): the
+                // first chunks likely go into the file.
+                for (i, chunk) in bytes.chunks(CHUNK_PAGES * PAGE_SIZE).enumerate() {
+                    pages.write_all(chunk).expect("write");
+                    if i == 1 {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
             let status = post_dump(&extra[2]);
             drop(conn);
             Ok(status)
@@ -1282,39 +1342,44 @@ mod tests {
             prepacked,
         } = captured;
         let prepacked = prepacked.expect("packed during the capture");
-        let got = pages.remove("pages-1.img").expect("the pages file");
-        let distinct: std::collections::HashSet<_> = got.digests.iter().flatten().collect();
-        let kept = got.kept.iter().filter(|k| **k).count() as u64;
         assert!(prepacked.pages() > 0, "some pages packed at once");
-        assert_eq!(
-            prepacked.pages() + kept,
-            distinct.len() as u64,
-            "every distinct page once: packed at once or kept in the file"
-        );
-        // Stored as a freeze stores it, the file reads back whole.
-        let path = dir.path().join("pages-1.img");
-        let file = std::fs::File::open(&path).expect("open");
+        let packed_at_once = prepacked.pages();
+        // Stored as a freeze stores them, in one session: each file reads back whole, and
+        // every distinct page was packed once, at once or from its file.
         let mut w =
             pf_core::pages::PageWriter::with_prepacked(&store, store.page_index(), 2, prepacked);
-        let stored = w
-            .write_file_kept(
-                &file,
-                &path,
-                got.digests,
-                (None, None),
-                Some(&got.kept),
-                &mut |_| {},
-            )
-            .expect("store");
-        assert_eq!(stored.new_pages, kept);
+        let mut distinct = std::collections::HashSet::new();
+        let mut from_files = 0;
+        let mut manifests = Vec::new();
+        for name in ["pages-1.img", "pages-2.img"] {
+            let got = pages.remove(name).expect("the pages file");
+            distinct.extend(got.digests.iter().flatten().copied());
+            let path = dir.path().join(name);
+            let file = std::fs::File::open(&path).expect("open");
+            let stored = w
+                .write_file_kept(
+                    &file,
+                    &path,
+                    got.digests,
+                    (None, None),
+                    Some(&got.kept),
+                    &mut |_| {},
+                )
+                .expect("store");
+            from_files += stored.new_pages;
+            manifests.push(stored.manifest);
+        }
         w.commit().expect("commit");
-        let out_path = dir.path().join("rebuilt");
-        let out = std::fs::File::create(&out_path).expect("create");
-        pf_core::pages::read_pages(&store, &stored.manifest, &out, &out_path, 2).expect("read");
-        assert!(
-            std::fs::read(&out_path).expect("read") == bytes,
-            "read back whole"
-        );
+        assert_eq!(packed_at_once + from_files, distinct.len() as u64);
+        for (manifest, bytes) in manifests.iter().zip([&first, &second]) {
+            let out_path = dir.path().join(format!("rebuilt-{}", manifest.hex()));
+            let out = std::fs::File::create(&out_path).expect("create");
+            pf_core::pages::read_pages(&store, manifest, &out, &out_path, 2).expect("read");
+            assert!(
+                std::fs::read(&out_path).expect("read") == *bytes,
+                "read back whole"
+            );
+        }
     }
 
     #[test]
