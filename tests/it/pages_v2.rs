@@ -166,7 +166,7 @@ fn freeze_v2_by(
     let streamed = log.contains("pages file captured");
     let why: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("capture_stream"))
+        .filter(|l| l.contains("capture_stream") || l.contains("packed during the dump"))
         .collect();
     (
         text(&out.stdout).trim().parse().expect("a digest"),
@@ -273,7 +273,7 @@ fn live_v2_snapshots_thaw_page_for_page_and_share_unchanged_pages() {
 fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
     // A re-freeze streams criu's images through pf; `PF_CAPTURE=dir` has criu dump into a
     // directory that pf follows. Snapshots of either kind, interleaved and sharing pages, thaw
-    // with their own memory.
+    // with their own memory; so does one whose new pages were packed during the dump.
     if !live("live_v2_dumped_into_a_directory_or_streamed_thaw_the_same") {
         return;
     }
@@ -297,6 +297,25 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
             streamed,
             capture != Some("dir"),
             "snapshot {k} ({capture:?}): streamed on request, or by default with a base\n{why}"
+        );
+        // Streamed into a store that has none of its memory: the pages kept once the base was
+        // looked for are packed during the dump (pages-*.img of the random pages, at least).
+        let packed_at_once: u64 = why
+            .lines()
+            .filter(|l| l.contains("pages packed during the dump"))
+            .filter_map(|l| {
+                l.split("pages=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        assert_eq!(
+            packed_at_once > 0,
+            k == 0,
+            "snapshot {k} ({capture:?}): packed during the dump only when new\n{why}"
         );
         let grown = stored_bytes(&store_dir) - before;
         if k > 0 {

@@ -968,9 +968,11 @@ fn pages_file<'s>(
 
 /// The base of a streamed pages file: guessed from the first pages hashed (`sample`), its list
 /// read and its pages made a set, into `decided`; None if there is none (or the file failed).
-/// Then the pages kept from there on may be packed at once ([`Decided::pack_now`]) if there is
-/// a base (the pages kept are those it lacks), or if the store has none of the sample: the
-/// packer cannot look pages up, and pages it packs that the store had are dead bytes.
+/// Then the pages kept from there on are packed at once ([`Decided::pack_now`]) if the store has
+/// none of the sample (new memory: a first freeze): the packer cannot look pages up, and pages it
+/// packs that the store had are dead bytes. Not with a base (a re-freeze keeps a few changed
+/// pages, which cost less to pack after the dump than the packer costs the pause; by hand, 1 GiB,
+/// 5% changed, 5 pairs: 0.917 s and pause 0.613 s without it, 1.027 s and 0.722 s with it).
 fn guess_base<'s>(
     store: &'s dyn BlobStore,
     sample: &Mutex<Option<Vec<Digest256>>>,
@@ -979,7 +981,7 @@ fn guess_base<'s>(
 ) -> Option<()> {
     let mut new_memory = false;
     let based = base_of(store, sample, failed, decided, &mut new_memory);
-    if based.is_some() || new_memory {
+    if based.is_none() && new_memory {
         decided.lock().unwrap_or_else(|p| p.into_inner()).pack_now = true;
     }
     based
