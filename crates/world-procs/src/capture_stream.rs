@@ -544,34 +544,19 @@ pub(crate) fn capture_while<'s, T>(
         (result, prepacked)
     });
     let _ = std::fs::remove_file(&path);
-    // The packer's failure fails the capture (the pages sent to it are in no file), and is the
-    // cause of a file thread's that could not hand it pages; but a tree that exited during the
-    // dump says so.
-    if let Some(e) = shared
+    // pf's own failure first: CRIU's error is then mostly its consequence (a failed post-dump
+    // script, a broken pipe); but a tree that exited during the dump says so. Of pf's, the
+    // packer's: it fails the capture (the pages sent to it are in no file), and is the cause of
+    // a file thread's that could not hand it pages.
+    let packer_error = shared
         .packer_error
         .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-    {
-        if let Some(other) = shared
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
-            tracing::debug!(error = %other, "a file thread failed too");
-        }
-        return match result {
-            Err(criu @ Error::ExitedDuringDump { .. }) => Err(criu),
-            Err(criu) => {
-                tracing::warn!(error = %criu, "criu's dump failed too");
-                Err(e)
-            }
-            Ok(_) => Err(e),
-        };
+        .unwrap_or_else(|p| p.into_inner());
+    let file_error = shared.error.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let (Some(_), Some(other)) = (&packer_error, &file_error) {
+        tracing::debug!(error = %other, "a file thread failed too");
     }
-    // pf's own failure first: CRIU's error is then mostly its consequence (a failed post-dump
-    // script, a broken pipe); but a tree that exited during the dump says so.
-    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = packer_error.or(file_error) {
         return match result {
             Err(criu @ Error::ExitedDuringDump { .. }) => Err(criu),
             Err(criu) => {
