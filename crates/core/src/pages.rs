@@ -2064,6 +2064,51 @@ impl<'s> PagesReader<'s> {
         self.packs.get(n as usize).copied()
     }
 
+    /// The manifest's packs that hold pages, in the order a reading of the file from its start
+    /// first needs them: (the first page that needs it, the pack's number). A pack that only
+    /// pages past others need comes after them, so reading ahead along this order follows the
+    /// reader's own.
+    pub fn packs_by_first_use(&self) -> Vec<(u64, u32)> {
+        let mut first = vec![u64::MAX; self.packs.len()];
+        for (n, page) in self.list.iter().enumerate() {
+            if let Some((pack, _)) = page.at {
+                let at = &mut first[pack as usize];
+                *at = (*at).min(n as u64);
+            }
+        }
+        let mut order: Vec<(u64, u32)> = first
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, page)| page != u64::MAX)
+            .map(|(pack, page)| (page, pack as u32))
+            .collect();
+        order.sort_unstable();
+        order
+    }
+
+    /// Ask the store to bring pack `n`'s bytes into memory ahead of the reads that will want
+    /// them ([`BlobStore::prefetch`]): the pack itself, or for a pack that was repacked, the
+    /// packs its pages moved to. A hint: it reads nothing for the caller and fails quietly
+    /// (a read that follows meets the same problem and reports it).
+    pub fn prefetch(&self, n: u32) {
+        let route = match self.route(n) {
+            Ok(route) => route,
+            Err(err) => {
+                tracing::debug!(pack = n, %err, "not read ahead");
+                return;
+            }
+        };
+        let packs = match &*route {
+            Route::Direct(phys) => vec![phys.pack],
+            Route::Forwarded { to, .. } => to.clone(),
+        };
+        for pack in packs {
+            if let Err(err) = self.store.get().prefetch(&pack) {
+                tracing::debug!(%pack, %err, "not read ahead");
+            }
+        }
+    }
+
     /// What the page list records for page `page` (its digest, and whether it is a zero page:
     /// `at` is `None`), or `None` past the end of the file.
     pub fn listed(&self, page: u64) -> Option<ListedPage> {
@@ -3641,6 +3686,71 @@ mod tests {
             w.write_file(&file, &path).expect("other").from_base_pages,
             0
         );
+    }
+
+    /// Item: a reader lists its packs in the order reading the file from the start first needs
+    /// them (a pack of the base that only later pages use comes after the new pages' pack), and
+    /// reading them ahead leaves every page as it was; a pack the store no longer has is not
+    /// read ahead, quietly, and the read that wants it reports it.
+    #[test]
+    fn packs_are_read_ahead_in_the_order_the_file_first_needs_them() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let first: Vec<Option<u64>> = (0..3000u64).map(Some).collect();
+        let (file, path) = file_of(tmp.path(), "v1", &first);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let v1 = w.write_file(&file, &path).expect("v1");
+        w.commit().expect("commit");
+        // The first 2000 pages rewritten (and page 1 zeroed): they need a new pack first, then
+        // the base's pack of pages 0..2048 from page 2000 on, then its other pack.
+        let mut second = first.clone();
+        for (i, p) in second.iter_mut().enumerate().take(2000) {
+            *p = Some(1_000_000 + i as u64);
+        }
+        second[1] = None;
+        let (file, path) = file_of(tmp.path(), "v2", &second);
+        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
+        let v2 = w.write_file(&file, &path).expect("v2");
+        w.commit().expect("commit");
+        let base = PagesReader::open(&fs, &v1.manifest).expect("open v1");
+        let base_pack_of = |page: u64| {
+            let (n, _) = base.listed(page).expect("listed").at.expect("stored");
+            base.pack(n).expect("pack")
+        };
+        let reader = PagesReader::open(&fs, &v2.manifest).expect("open v2");
+        let order = reader.packs_by_first_use();
+        let firsts: Vec<u64> = order.iter().map(|&(page, _)| page).collect();
+        assert_eq!(firsts, [0, 2000, PACK_PAGES as u64]);
+        let packs: Vec<Digest256> = order
+            .iter()
+            .map(|&(_, n)| reader.pack(n).expect("pack"))
+            .collect();
+        assert!(
+            !load_manifest(&fs, &v1.manifest)
+                .expect("v1 manifest")
+                .packs
+                .contains(&packs[0])
+        );
+        assert_eq!(packs[1..], [base_pack_of(0), base_pack_of(2999)]);
+        for &(_, n) in &order {
+            reader.prefetch(n);
+        }
+        let bytes = std::fs::read(&path).expect("v2 bytes");
+        let mut all = vec![0u8; bytes.len()];
+        reader.read(0, &mut all).expect("read");
+        assert!(
+            all == bytes,
+            "the file reads back after its packs were read ahead"
+        );
+        // Gone from the store: reading it ahead is quiet, reading its pages is the error.
+        assert!(fs.remove(&packs[2]).expect("remove"));
+        let reader = PagesReader::open(&fs, &v2.manifest).expect("open v2 again");
+        reader.prefetch(order[2].1);
+        let mut page_buf = vec![0u8; PAGE_SIZE];
+        let err = reader
+            .read(2999, &mut page_buf)
+            .expect_err("its pack is gone");
+        assert!(is_gone(&err), "{err}");
     }
 
     #[test]

@@ -192,6 +192,16 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         Ok(false)
     }
 
+    /// Bring the blob's stored bytes into memory ahead of the reads that will want them (for
+    /// `FsBlobStore`, into the page cache, without copying them anywhere). A hint: nothing is
+    /// read or verified for the caller, and a store that has no such cache does nothing (the
+    /// default). Readers that know the order they will need many blobs in call this a little
+    /// ahead of themselves, so that reading from a cold disk overlaps their work.
+    fn prefetch(&self, digest: &Digest256) -> Result<()> {
+        let _ = digest;
+        Ok(())
+    }
+
     /// When the blob was last stored (written, or put again while already present), if the
     /// store keeps such times. `gc` spares unreachable blobs younger than its grace period.
     fn modified(&self, digest: &Digest256) -> Result<Option<SystemTime>> {

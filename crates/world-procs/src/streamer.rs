@@ -52,6 +52,9 @@ pub(crate) const MAX_REQUEST: u32 = 4096;
 pub(crate) const TICK: Duration = Duration::from_millis(50);
 /// Chunks handed to one `vmsplice` at most.
 const SPLICE_CHUNKS: usize = 8;
+/// How far ahead of the pipe the packs of a pages file are read into memory (chunks: 256 MiB),
+/// so that reading a cold disk overlaps checking and sending what came before.
+const PREFETCH_CHUNKS: usize = 256;
 /// The pipe size asked for (the kernel's default cap, `/proc/sys/fs/pipe-max-size`).
 const PIPE_SIZE: usize = 1 << 20;
 
@@ -546,7 +549,32 @@ fn pages_file(
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let by_first_use = reader.packs_by_first_use();
     std::thread::scope(|s| {
+        // One thread reads the packs in the order the chunks first need them, a bounded way
+        // ahead: the disk is read at its own pace, not one pack's read-ahead at a time as the
+        // readers below come to it (by hand, 1 GiB right after its freeze: 0.97 s cold, 0.64 s
+        // with the packs in memory).
+        if by_first_use.len() > 1 {
+            let (reader, state, changed) = (&reader, &state, &changed);
+            s.spawn(move || {
+                for &(page, pack) in &by_first_use {
+                    let chunk = usize::try_from(page).unwrap_or(usize::MAX) / CHUNK_PAGES;
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    while !st.over && chunk > st.written + PREFETCH_CHUNKS {
+                        st = changed
+                            .wait_timeout(st, TICK)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    if st.over || shared.stopped() {
+                        return;
+                    }
+                    drop(st);
+                    reader.prefetch(pack);
+                }
+            });
+        }
         for _ in 0..threads {
             s.spawn(|| {
                 loop {
@@ -765,7 +793,8 @@ mod tests {
     use super::*;
     use pf_core::pages::{PageWriter, PagesManifest, load_manifest};
 
-    const PAGES: usize = 1500;
+    /// Three packs' worth: each pages file served is read ahead pack by pack.
+    const PAGES: usize = 5000;
 
     /// A pages file of `PAGES` pages, distinct but for every 7th (zeros), stored in `store`.
     fn stored_pages(store: &dyn BlobStore, dir: &Path) -> (Vec<u8>, PagesImage) {
@@ -884,6 +913,42 @@ mod tests {
         })
         .expect("served");
         assert!(!dir.path().join(SOCKET).exists(), "the socket is removed");
+    }
+
+    /// Item: a pages file whose packs are files on disk is read ahead of the pipe and still
+    /// reaches CRIU byte for byte; and when CRIU stops reading halfway, the serving ends (the
+    /// thread reading ahead with it) instead of waiting for the rest to be read.
+    #[test]
+    fn a_pages_file_read_ahead_from_disk_arrives_whole_or_stops_with_its_reader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = pf_core::FsBlobStore::open(&dir.path().join("store")).expect("store");
+        let (bytes, image) = stored_pages(&store, dir.path());
+        assert!(
+            load_manifest(&store, &image.manifest)
+                .expect("manifest")
+                .packs
+                .len()
+                > 1
+        );
+        let maps = HashMap::new();
+        let pages = [image];
+        let images = Images {
+            store: &store,
+            dir: dir.path(),
+            pages: &pages,
+            maps: &maps,
+        };
+        serve_while(&images, || {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            let got = fetch(&mut conn, "pages-1.img").expect("pages");
+            assert!(got == bytes, "the pages file differs ({} bytes)", got.len());
+            let mut pipe = open(&mut conn, "pages-1.img").expect("pages again");
+            let mut some = vec![0u8; 3 * PAGE_SIZE];
+            pipe.read_exact(&mut some).expect("the first pages");
+            assert!(some[..] == bytes[..some.len()]);
+            Ok(())
+        })
+        .expect("served");
     }
 
     /// Item: a page that fails its check never reaches CRIU: the pipe ends before it (CRIU reads
