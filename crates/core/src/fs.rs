@@ -504,35 +504,29 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    fn prefetch(&self, digest: &Digest256) -> Result<()> {
+    fn prefetch(&self, digest: &Digest256) -> Result<u64> {
         let (file, path, _) = self.open_blob_file(digest)?;
         let len = file
             .metadata()
-            .map_err(|err| Error::io("reading the size of", &path, err))?
+            .map_err(|err| Error::io("reading metadata of", &path, err))?
             .len();
-        let null = DEV_NULL
-            .get_or_init(|| File::options().write(true).open("/dev/null"))
-            .as_ref()
-            .map_err(|err| {
-                Error::io(
-                    "opening",
-                    "/dev/null",
-                    io::Error::new(err.kind(), err.to_string()),
-                )
-            })?;
+        // Opened each time (once per pack): a failure is not kept for the process's lifetime.
+        let null = File::options()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|err| Error::io("opening", "/dev/null", err))?;
         // `sendfile` to /dev/null reads the file through the page cache (with the kernel's
         // read-ahead, waiting for the disk as it goes) and copies nothing.
         let mut at: i64 = 0;
         while (at as u64) < len {
             let left = usize::try_from(len - at as u64).unwrap_or(usize::MAX);
-            match nix::sys::sendfile::sendfile(null, &file, Some(&mut at), left) {
+            match nix::sys::sendfile::sendfile(&null, &file, Some(&mut at), left) {
                 Ok(0) => break,
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => {}
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(err) => return Err(Error::io("reading ahead", &path, io::Error::from(err))),
             }
         }
-        Ok(())
+        Ok(at as u64)
     }
 
     fn read_at(&self, digest: &Digest256, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -1101,9 +1095,6 @@ const DIRECT_MIN: usize = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
 /// Bytes per direct write: 1 MiB.
 const DIRECT_CHUNK: usize = 1 << 20;
-
-/// /dev/null opened for writing, once: where [`FsBlobStore`]'s `prefetch` sends what it reads.
-static DEV_NULL: std::sync::OnceLock<io::Result<File>> = std::sync::OnceLock::new();
 
 thread_local! {
     /// A thread's buffer for direct writes, aligned within (`DIRECT_CHUNK` + `DIRECT_ALIGN`).
@@ -1885,7 +1876,7 @@ mod tests {
         ));
     }
 
-    /// Item: reading a blob ahead works on raw and compressed blobs alike, changes nothing a
+    /// Item: reading a blob ahead reads its whole file, raw or compressed, changes nothing a
     /// read then sees, and names a blob the store does not have.
     #[test]
     fn blobs_are_read_ahead_whatever_their_encoding_and_a_missing_one_is_named() {
@@ -1893,8 +1884,8 @@ mod tests {
         let data: Vec<u8> = (0..3 * CHUNK + 17).map(|i| (i % 251) as u8).collect();
         let raw = s.put_raw(&data).unwrap();
         let zst = s.put(b"compressed").unwrap();
-        s.prefetch(&raw).unwrap();
-        s.prefetch(&zst).unwrap();
+        assert_eq!(s.prefetch(&raw).unwrap(), data.len() as u64);
+        assert_eq!(s.prefetch(&zst).unwrap(), s.stored_size(&zst).unwrap());
         assert_eq!(s.get(&raw).unwrap(), data);
         assert_eq!(s.get(&zst).unwrap(), b"compressed");
         let missing = Digest256::of(b"never stored");

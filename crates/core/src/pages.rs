@@ -2065,48 +2065,61 @@ impl<'s> PagesReader<'s> {
     }
 
     /// The manifest's packs that hold pages, in the order a reading of the file from its start
-    /// first needs them: (the first page that needs it, the pack's number). A pack that only
-    /// pages past others need comes after them, so reading ahead along this order follows the
-    /// reader's own.
-    pub fn packs_by_first_use(&self) -> Vec<(u64, u32)> {
-        let mut first = vec![u64::MAX; self.packs.len()];
+    /// first needs them: (the first page that needs it, the pack's number, how many places of
+    /// the file it holds). A pack that only pages past others need comes after them, so reading
+    /// ahead along this order follows the reader's own.
+    pub fn packs_by_first_use(&self) -> Vec<(u64, u32, u64)> {
+        let mut first = vec![(u64::MAX, 0u64); self.packs.len()];
         for (n, page) in self.list.iter().enumerate() {
             if let Some((pack, _)) = page.at {
-                let at = &mut first[pack as usize];
+                let (at, used) = &mut first[pack as usize];
                 *at = (*at).min(n as u64);
+                *used += 1;
             }
         }
-        let mut order: Vec<(u64, u32)> = first
+        let mut order: Vec<(u64, u32, u64)> = first
             .into_iter()
             .enumerate()
-            .filter(|&(_, page)| page != u64::MAX)
-            .map(|(pack, page)| (page, pack as u32))
+            .filter(|&(_, (page, _))| page != u64::MAX)
+            .map(|(pack, (page, used))| (page, pack as u32, used))
             .collect();
         order.sort_unstable();
         order
     }
 
-    /// Ask the store to bring pack `n`'s bytes into memory ahead of the reads that will want
-    /// them ([`BlobStore::prefetch`]): the pack itself, or for a pack that was repacked, the
-    /// packs its pages moved to. A hint: it reads nothing for the caller and fails quietly
-    /// (a read that follows meets the same problem and reports it).
-    pub fn prefetch(&self, n: u32) {
-        let route = match self.route(n) {
-            Ok(route) => route,
+    /// The packs that hold pack `n`'s pages now: the pack itself, or for a pack that was
+    /// repacked, the packs its pages moved to (none when it is missing). For reading ahead
+    /// ([`BlobStore::prefetch`]): nothing is read from the packs, and a failure is quiet (the
+    /// read that wants the pages meets the same problem and reports it).
+    pub fn pack_sites(&self, n: u32) -> Vec<Digest256> {
+        let cached = self.routes.get(n as usize).and_then(|cell| {
+            cell.read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        });
+        if let Some(route) = cached {
+            return match &*route {
+                Route::Direct(phys) => vec![phys.pack],
+                Route::Forwarded { to, .. } => to.clone(),
+            };
+        }
+        let Some(pack) = self.pack(n) else {
+            return Vec::new();
+        };
+        match crate::forward::locate(self.store.get(), &pack) {
+            Ok(crate::forward::Located::Here) => vec![pack],
+            Ok(crate::forward::Located::Forwarded(to)) => to,
+            Ok(crate::forward::Located::Missing { .. }) => Vec::new(),
             Err(err) => {
-                tracing::debug!(pack = n, %err, "not read ahead");
-                return;
-            }
-        };
-        let packs = match &*route {
-            Route::Direct(phys) => vec![phys.pack],
-            Route::Forwarded { to, .. } => to.clone(),
-        };
-        for pack in packs {
-            if let Err(err) = self.store.get().prefetch(&pack) {
-                tracing::debug!(%pack, %err, "not read ahead");
+                tracing::debug!(%pack, %err, "cannot tell where a pack's pages are");
+                Vec::new()
             }
         }
+    }
+
+    /// The store this reader reads from.
+    pub fn store(&self) -> &dyn BlobStore {
+        self.store.get()
     }
 
     /// What the page list records for page `page` (its digest, and whether it is a zero page:
@@ -3689,9 +3702,10 @@ mod tests {
     }
 
     /// Item: a reader lists its packs in the order reading the file from the start first needs
-    /// them (a pack of the base that only later pages use comes after the new pages' pack), and
-    /// reading them ahead leaves every page as it was; a pack the store no longer has is not
-    /// read ahead, quietly, and the read that wants it reports it.
+    /// them (a pack of the base that only later pages use comes after the new pages' pack), with
+    /// how many places each holds; reading them ahead reads each whole and leaves every page as
+    /// it was; a pack the store no longer has has no site to read ahead, and the read that
+    /// wants it reports it.
     #[test]
     fn packs_are_read_ahead_in_the_order_the_file_first_needs_them() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -3719,11 +3733,19 @@ mod tests {
         };
         let reader = PagesReader::open(&fs, &v2.manifest).expect("open v2");
         let order = reader.packs_by_first_use();
-        let firsts: Vec<u64> = order.iter().map(|&(page, _)| page).collect();
-        assert_eq!(firsts, [0, 2000, PACK_PAGES as u64]);
+        let firsts: Vec<(u64, u64)> = order.iter().map(|&(page, _, used)| (page, used)).collect();
+        assert_eq!(
+            firsts,
+            [
+                (0, 1999),
+                (2000, 48),
+                (PACK_PAGES as u64, 3000 - PACK_PAGES as u64)
+            ],
+            "(first use, places held)"
+        );
         let packs: Vec<Digest256> = order
             .iter()
-            .map(|&(_, n)| reader.pack(n).expect("pack"))
+            .map(|&(_, n, _)| reader.pack(n).expect("pack"))
             .collect();
         assert!(
             !load_manifest(&fs, &v1.manifest)
@@ -3732,8 +3754,14 @@ mod tests {
                 .contains(&packs[0])
         );
         assert_eq!(packs[1..], [base_pack_of(0), base_pack_of(2999)]);
-        for &(_, n) in &order {
-            reader.prefetch(n);
+        for &(_, n, _) in &order {
+            let sites = reader.pack_sites(n);
+            assert_eq!(sites, [reader.pack(n).expect("pack")]);
+            let size = reader.store().raw_size(&sites[0]).expect("size");
+            assert_eq!(
+                reader.store().prefetch(&sites[0]).expect("read ahead"),
+                size
+            );
         }
         let bytes = std::fs::read(&path).expect("v2 bytes");
         let mut all = vec![0u8; bytes.len()];
@@ -3742,10 +3770,10 @@ mod tests {
             all == bytes,
             "the file reads back after its packs were read ahead"
         );
-        // Gone from the store: reading it ahead is quiet, reading its pages is the error.
+        // Gone from the store: nowhere to read it ahead, and reading its pages is the error.
         assert!(fs.remove(&packs[2]).expect("remove"));
         let reader = PagesReader::open(&fs, &v2.manifest).expect("open v2 again");
-        reader.prefetch(order[2].1);
+        assert_eq!(reader.pack_sites(order[2].1), []);
         let mut page_buf = vec![0u8; PAGE_SIZE];
         let err = reader
             .read(2999, &mut page_buf)

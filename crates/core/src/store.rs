@@ -197,9 +197,10 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// read or verified for the caller, and a store that has no such cache does nothing (the
     /// default). Readers that know the order they will need many blobs in call this a little
     /// ahead of themselves, so that reading from a cold disk overlaps their work.
-    fn prefetch(&self, digest: &Digest256) -> Result<()> {
+    /// Returns how many bytes were read ahead (0 for a store that does nothing).
+    fn prefetch(&self, digest: &Digest256) -> Result<u64> {
         let _ = digest;
-        Ok(())
+        Ok(0)
     }
 
     /// When the blob was last stored (written, or put again while already present), if the
