@@ -935,6 +935,29 @@ mod tests {
         (bytes, image)
     }
 
+    /// Serve the images in `dir` and the pages file `image` from `store` while `criu` talks to
+    /// the socket as CRIU would, over one connection.
+    fn serve_one(
+        store: &dyn BlobStore,
+        dir: &Path,
+        image: PagesImage,
+        criu: impl FnOnce(&mut UnixStream),
+    ) -> Result<()> {
+        let maps = HashMap::new();
+        let pages = [image];
+        let images = Images {
+            store,
+            dir,
+            pages: &pages,
+            maps: &maps,
+        };
+        serve_while(&images, || {
+            let mut conn = UnixStream::connect(dir.join(SOCKET)).expect("connect");
+            criu(&mut conn);
+            Ok(())
+        })
+    }
+
     /// Ask for `name` as CRIU does: `None` when the streamer says it does not exist, else all
     /// the bytes the pipe gave before it closed.
     fn fetch(conn: &mut UnixStream, name: &str) -> Option<Vec<u8>> {
@@ -1003,28 +1026,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (bytes, image) = stored_pages(&store, dir.path());
         std::fs::write(dir.path().join("inventory.img"), b"inventory").expect("write");
-        let maps = HashMap::new();
-        let pages = [image];
-        let images = Images {
-            store: &store,
-            dir: dir.path(),
-            pages: &pages,
-            maps: &maps,
-        };
-        serve_while(&images, || {
-            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+        serve_one(&store, dir.path(), image, |conn| {
             for _ in 0..2 {
                 assert_eq!(
-                    fetch(&mut conn, "inventory.img").as_deref(),
+                    fetch(conn, "inventory.img").as_deref(),
                     Some(&b"inventory"[..])
                 );
             }
-            assert_eq!(fetch(&mut conn, "mm-1.img"), None);
-            assert_eq!(fetch(&mut conn, "../inventory.img"), None);
-            assert_eq!(fetch(&mut conn, SOCKET), None);
-            let got = fetch(&mut conn, "pages-1.img").expect("pages");
+            assert_eq!(fetch(conn, "mm-1.img"), None);
+            assert_eq!(fetch(conn, "../inventory.img"), None);
+            assert_eq!(fetch(conn, SOCKET), None);
+            let got = fetch(conn, "pages-1.img").expect("pages");
             assert!(got == bytes, "the pages file differs ({} bytes)", got.len());
-            Ok(())
         })
         .expect("served");
         assert!(!dir.path().join(SOCKET).exists(), "the socket is removed");
@@ -1045,23 +1058,13 @@ mod tests {
                 .len()
                 > 1
         );
-        let maps = HashMap::new();
-        let pages = [image];
-        let images = Images {
-            store: &store,
-            dir: dir.path(),
-            pages: &pages,
-            maps: &maps,
-        };
-        serve_while(&images, || {
-            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-            let got = fetch(&mut conn, "pages-1.img").expect("pages");
+        serve_one(&store, dir.path(), image, |conn| {
+            let got = fetch(conn, "pages-1.img").expect("pages");
             assert!(got == bytes, "the pages file differs ({} bytes)", got.len());
-            let mut pipe = open(&mut conn, "pages-1.img").expect("pages again");
+            let mut pipe = open(conn, "pages-1.img").expect("pages again");
             let mut some = vec![0u8; 3 * PAGE_SIZE];
             pipe.read_exact(&mut some).expect("the first pages");
             assert!(some[..] == bytes[..some.len()]);
-            Ok(())
         })
         .expect("served");
     }
