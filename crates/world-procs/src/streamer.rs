@@ -29,7 +29,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -577,11 +577,16 @@ fn pages_file(
                             (usize::try_from(page).unwrap_or(usize::MAX) / CHUNK_PAGES, n)
                         })
                         .collect();
+                    let started = std::time::Instant::now();
+                    let (packs, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
                     let fetch = |pack: &pf_core::Digest256| {
-                        reader.store().prefetch(pack).unwrap_or_else(|err| {
+                        let n = reader.store().prefetch(pack).unwrap_or_else(|err| {
                             tracing::debug!(%pack, %err, "not read ahead");
                             0
-                        })
+                        });
+                        packs.fetch_add(1, Ordering::Relaxed);
+                        bytes.fetch_add(n, Ordering::Relaxed);
+                        n
                     };
                     read_ahead(
                         &plan,
@@ -589,6 +594,14 @@ fn pages_file(
                         &fetch,
                         &progress,
                         READ_AHEAD,
+                    );
+                    tracing::debug!(
+                        file = %image.file,
+                        planned = plan.len(),
+                        packs = packs.into_inner(),
+                        bytes = bytes.into_inner(),
+                        elapsed = ?started.elapsed(),
+                        "packs read ahead"
                     );
                 });
             if let Err(e) = started {
