@@ -173,9 +173,8 @@ pub struct PackBuilder {
 /// A thread's share of compressing a pack.
 struct FrameWorker {
     compressor: Option<zstd::bulk::Compressor<'static>>,
-    /// One frame's compressed bytes.
-    frame: Vec<u8>,
-    /// Its frames' compressed bytes, one after another.
+    /// Its frames' compressed bytes, one after another (the first thread's go straight into
+    /// the pack instead).
     out: Vec<u8>,
     /// Their lengths.
     lens: Vec<usize>,
@@ -191,20 +190,27 @@ impl std::fmt::Debug for FrameWorker {
 }
 
 impl FrameWorker {
-    /// Compress `inputs`, one frame each, into `out` (cleared first).
-    fn compress(&mut self, inputs: &[&[u8]]) -> Result<(), std::io::Error> {
-        self.out.clear();
+    /// Compress `inputs`, one frame each, appended to `out`; their lengths into `self.lens`.
+    /// Each frame is compressed where it ends up (incompressible pages are copied there once,
+    /// by zstd, as a raw block), not into a buffer of its own first.
+    fn compress(&mut self, inputs: &[&[u8]], out: &mut Vec<u8>) -> Result<(), std::io::Error> {
         self.lens.clear();
         let compressor = match &mut self.compressor {
             Some(c) => c,
             None => self.compressor.insert(zstd::bulk::Compressor::new(LEVEL)?),
         };
+        let bound: usize = inputs
+            .iter()
+            .map(|i| zstd::zstd_safe::compress_bound(i.len()))
+            .sum();
+        out.reserve(bound);
         for input in inputs {
-            self.frame.clear();
-            self.frame
-                .reserve(zstd::zstd_safe::compress_bound(input.len()));
-            let n = compressor.compress_to_buffer(input, &mut self.frame)?;
-            self.out.extend_from_slice(&self.frame[..n]);
+            let at = out.len();
+            out.reserve(zstd::zstd_safe::compress_bound(input.len()));
+            let mut cursor = std::io::Cursor::new(&mut *out);
+            cursor.set_position(at as u64);
+            let n = compressor.compress_to_buffer(input, &mut cursor)?;
+            debug_assert_eq!(out.len(), at + n);
             self.lens.push(n);
         }
         Ok(())
@@ -261,40 +267,53 @@ impl PackBuilder {
         let chunks: Vec<&[u8]> = self.raw.chunks(FRAME_PAGES * PAGE_SIZE).collect();
         let per_thread = chunks.len().div_ceil(self.threads).max(1);
         let groups: Vec<&[&[u8]]> = chunks.chunks(per_thread).collect();
-        while self.workers.len() < groups.len() {
+        while self.workers.len() < groups.len().max(1) {
             self.workers.push(FrameWorker {
                 compressor: None,
-                frame: Vec::new(),
                 out: Vec::new(),
                 lens: Vec::new(),
             });
         }
-        let workers = &mut self.workers[..groups.len()];
+        out.clear();
+        out.extend_from_slice(MAGIC);
+        // The first thread's frames go straight into `out`, the others' into their own buffers,
+        // appended after.
+        let (first, others) = self.workers.split_at_mut(1);
+        let first = &mut first[0];
         let results: Vec<Result<(), std::io::Error>> = std::thread::scope(|s| {
-            let handles: Vec<_> = workers
+            let handles: Vec<_> = others
                 .iter_mut()
-                .zip(&groups)
-                .map(|(worker, inputs)| s.spawn(move || worker.compress(inputs)))
+                .zip(groups.iter().skip(1))
+                .map(|(worker, inputs)| {
+                    s.spawn(move || {
+                        worker.out.clear();
+                        let mut own = std::mem::take(&mut worker.out);
+                        let r = worker.compress(inputs, &mut own);
+                        worker.out = own;
+                        r
+                    })
+                })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+            let mut results = vec![first.compress(groups.first().map_or(&[], |g| *g), out)];
+            results.extend(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+            );
+            results
         });
         for result in results {
             result.map_err(|source| PackError::Compress { source })?;
         }
-        let workers = &self.workers[..groups.len()];
-        let compressed: usize = workers.iter().map(|w| w.out.len()).sum();
+        let workers = &self.workers[..groups.len().max(1)];
+        let compressed: usize = workers[1..].iter().map(|w| w.out.len()).sum();
         let frame_count = chunks.len();
         let index_len = 8 + frame_count * FRAME_ENTRY_LEN + self.digests.len() * 32;
-        out.clear();
-        out.reserve(MAGIC.len() + compressed + index_len + TRAILER_LEN);
-        out.extend_from_slice(MAGIC);
+        out.reserve(compressed + index_len + TRAILER_LEN);
         let mut table = Vec::with_capacity(frame_count * FRAME_ENTRY_LEN);
         let mut n = 0usize;
-        for worker in workers {
-            let mut offset = out.len();
+        let mut offset = MAGIC.len();
+        for (w, worker) in workers.iter().enumerate() {
             for len in &worker.lens {
                 let first = n * FRAME_PAGES;
                 let pages = (self.digests.len() - first).min(FRAME_PAGES);
@@ -305,8 +324,11 @@ impl PackBuilder {
                 offset += len;
                 n += 1;
             }
-            out.extend_from_slice(&worker.out);
+            if w > 0 {
+                out.extend_from_slice(&worker.out);
+            }
         }
+        debug_assert_eq!(offset, out.len());
         let index_at = out.len() as u64;
         out.extend_from_slice(&(frame_count as u32).to_le_bytes());
         out.extend_from_slice(&(self.digests.len() as u32).to_le_bytes());

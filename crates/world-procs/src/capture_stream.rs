@@ -1136,12 +1136,21 @@ fn work(
         }
         turn.notify_all();
         if let (Some(mut bytes), Some((send, _))) = (packing, prepack) {
-            bytes.clear();
             let mut digests = Vec::with_capacity(keep.len());
-            for ((page, kept), digest) in buf.chunks_exact(PAGE_SIZE).zip(&keep).zip(&hashed) {
-                if *kept && let Some(digest) = digest {
-                    bytes.extend_from_slice(page);
-                    digests.push(*digest);
+            if keep.iter().all(|k| *k) {
+                // Every page kept (new memory): the chunk itself goes to the packer, and the
+                // next is read into the buffer that came back from it, instead of a copy.
+                std::mem::swap(&mut buf, &mut bytes);
+                bytes.truncate(n);
+                buf.resize(CHUNK_PAGES * PAGE_SIZE, 0);
+                digests.extend(hashed.iter().flatten());
+            } else {
+                bytes.clear();
+                for ((page, kept), digest) in buf.chunks_exact(PAGE_SIZE).zip(&keep).zip(&hashed) {
+                    if *kept && let Some(digest) = digest {
+                        bytes.extend_from_slice(page);
+                        digests.push(*digest);
+                    }
                 }
             }
             send.send(PagesIn { bytes, digests }).map_err(|_| {
