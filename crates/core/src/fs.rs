@@ -1102,7 +1102,8 @@ thread_local! {
 }
 
 /// Write `bytes` (a multiple of [`DIRECT_ALIGN`] long) from the start of the file at `path`
-/// with direct I/O (`O_DIRECT`): the data goes from a buffer of this thread's straight to the
+/// with direct I/O (`O_DIRECT`): the data goes from `bytes` if it is aligned in memory (a pack
+/// from `PackBuilder::finish_aligned`), else from a buffer of this thread's, straight to the
 /// disk, not copied into the page cache first (by hand, 512 MiB to ext4: 0.11–0.13 s of system
 /// time against 0.25–1.39 s written and synced through the cache). Returns the bytes written;
 /// `EINVAL` says the filesystem does not take direct I/O (or a short write left the next one
@@ -1114,6 +1115,15 @@ fn write_direct(path: &Path, bytes: &[u8]) -> io::Result<usize> {
         .write(true)
         .custom_flags(nix::libc::O_DIRECT)
         .open(path)?;
+    if bytes.as_ptr().addr().is_multiple_of(DIRECT_ALIGN) {
+        // Aligned already (a pack from `PackBuilder::finish_aligned`): straight from `bytes`.
+        let mut at = 0;
+        for chunk in bytes.chunks(DIRECT_CHUNK) {
+            file.write_all_at(chunk, at as u64)?;
+            at += chunk.len();
+        }
+        return Ok(at);
+    }
     DIRECT_BUF.with_borrow_mut(|buf| {
         if buf.len() < DIRECT_CHUNK + DIRECT_ALIGN {
             *buf = vec![0u8; DIRECT_CHUNK + DIRECT_ALIGN];
@@ -1818,6 +1828,20 @@ mod tests {
                 shifted[1..].copy_from_slice(&data);
                 let d = s.put_raw(&shifted[1..]).unwrap();
                 assert_eq!(fs::read(s.blob_path(&d)).unwrap(), data, "{len} {direct}");
+                // And aligned in memory: written straight from the caller's buffer.
+                let mut room = vec![0u8; len + DIRECT_ALIGN];
+                let at = room.as_ptr().align_offset(DIRECT_ALIGN);
+                let aligned = &mut room[at..at + len];
+                aligned
+                    .iter_mut()
+                    .zip(&data)
+                    .for_each(|(a, b)| *a = b ^ 0x33);
+                let a = s.put_raw(aligned).unwrap();
+                assert_eq!(
+                    fs::read(s.blob_path(&a)).unwrap(),
+                    aligned,
+                    "{len} {direct}"
+                );
                 let batch = s.batch().unwrap();
                 let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
                 let e = batch.put_raw(&other).unwrap();

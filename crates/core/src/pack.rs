@@ -35,6 +35,9 @@ pub const PACK_PAGES: usize = 2048;
 const LEVEL: i32 = 1;
 
 const MAGIC: &[u8; 8] = b"PFPACK\0\x01";
+/// What [`PackBuilder::finish_aligned`] aligns a pack's start to: what direct I/O wants of a
+/// buffer (4 KiB covers disks of 512-byte and 4 KiB blocks).
+const ALIGN: usize = 4096;
 const END_MAGIC: &[u8; 8] = b"PFPKEND1";
 /// Bytes of the trailer at the end of a pack.
 pub(crate) const TRAILER_LEN: usize = 24;
@@ -264,7 +267,35 @@ impl PackBuilder {
     /// Write the pack's bytes into `out` (cleared first, its allocation reused) and start an
     /// empty pack in the same buffers.
     pub fn finish_into(&mut self, out: &mut Vec<u8>) -> Result<(), PackError> {
+        self.finish_at(out, 1).map(|_| ())
+    }
+
+    /// Like [`finish_into`](Self::finish_into), but the pack starts at a 4 KiB-aligned address
+    /// inside `out` (after a few zero bytes): returns where. A store can then write it to disk
+    /// with direct I/O straight from `out`, without first copying it into an aligned buffer.
+    pub fn finish_aligned(&mut self, out: &mut Vec<u8>) -> Result<usize, PackError> {
+        self.finish_at(out, ALIGN)
+    }
+
+    /// The pack into `out`, starting at the first address inside it aligned to `align` (a
+    /// power of two); returns that start.
+    fn finish_at(&mut self, out: &mut Vec<u8>, align: usize) -> Result<usize, PackError> {
         let chunks: Vec<&[u8]> = self.raw.chunks(FRAME_PAGES * PAGE_SIZE).collect();
+        // Room for all of it at once: `out` must not move once the start is chosen.
+        let most = align
+            + MAGIC.len()
+            + chunks
+                .iter()
+                .map(|c| zstd::zstd_safe::compress_bound(c.len()))
+                .sum::<usize>()
+            + INDEX_HEAD_LEN
+            + chunks.len() * FRAME_ENTRY_LEN
+            + self.digests.len() * 32
+            + TRAILER_LEN;
+        out.clear();
+        out.reserve(most);
+        let start = out.as_ptr().align_offset(align).min(align - 1);
+        out.resize(start, 0);
         let per_thread = chunks.len().div_ceil(self.threads).max(1);
         let groups: Vec<&[&[u8]]> = chunks.chunks(per_thread).collect();
         while self.workers.len() < groups.len().max(1) {
@@ -274,7 +305,6 @@ impl PackBuilder {
                 lens: Vec::new(),
             });
         }
-        out.clear();
         out.extend_from_slice(MAGIC);
         // The first thread's frames go straight into `out`, the others' into their own buffers,
         // appended after.
@@ -328,21 +358,22 @@ impl PackBuilder {
                 out.extend_from_slice(&worker.out);
             }
         }
-        debug_assert_eq!(offset, out.len());
-        let index_at = out.len() as u64;
+        debug_assert_eq!(start + offset, out.len());
+        let index_at = (out.len() - start) as u64;
         out.extend_from_slice(&(frame_count as u32).to_le_bytes());
         out.extend_from_slice(&(self.digests.len() as u32).to_le_bytes());
         out.extend_from_slice(&table);
         for d in &self.digests {
             out.extend_from_slice(d.as_bytes());
         }
-        let index_len = out.len() as u64 - index_at;
+        let index_len = (out.len() - start) as u64 - index_at;
         out.extend_from_slice(&index_at.to_le_bytes());
         out.extend_from_slice(&index_len.to_le_bytes());
         out.extend_from_slice(END_MAGIC);
+        debug_assert!(out.len() <= most, "the pack outgrew the room made for it");
         self.raw.clear();
         self.digests.clear();
-        Ok(())
+        Ok(start)
     }
 }
 
@@ -781,6 +812,34 @@ mod tests {
         })
         .expect("each");
         assert_eq!(seen, vec![3, 40, 41, 98]);
+    }
+
+    #[test]
+    fn an_aligned_pack_is_the_same_bytes_from_an_aligned_start_in_reused_buffers() {
+        let (whole, _) = build(100);
+        let mut b = PackBuilder::new(2);
+        let mut out = Vec::new();
+        // Twice in the same buffers, and with a pack of another size between.
+        for n in [100u32, 3, 100] {
+            for s in 0..n {
+                let p = page(s);
+                b.push(&p, page_digest(&p));
+            }
+            let start = b.finish_aligned(&mut out).expect("finish");
+            assert_eq!(
+                out.as_ptr().addr().wrapping_add(start) % ALIGN,
+                0,
+                "{n} pages"
+            );
+            assert!(start < ALIGN);
+            assert!(out[..start].iter().all(|b| *b == 0));
+            let pack = &out[start..];
+            if n == 100 {
+                assert_eq!(pack, &whole[..]);
+            }
+            let parsed = Pack::parse(Digest256::of(pack), pack).expect("parse");
+            assert_eq!(parsed.verify().expect("verify"), n);
+        }
     }
 
     #[test]

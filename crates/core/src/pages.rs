@@ -314,8 +314,8 @@ pub fn prepack<'a>(
         let mut in_pack: Vec<Digest256> = Vec::with_capacity(PACK_PAGES);
         let mut finish = |pack: &mut PackBuilder, in_pack: &mut Vec<Digest256>| {
             let mut bytes = pack_spare.try_recv().unwrap_or_default();
-            pack.finish_into(&mut bytes)?;
-            send.send((slots.len() as u32, bytes))
+            let start = pack.finish_aligned(&mut bytes)?;
+            send.send((slots.len() as u32, bytes, start))
                 .map_err(|_| PagesError::Store {
                     what: "storing a pack".to_owned(),
                     source: crate::Error::Io {
@@ -1264,7 +1264,9 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
 }
 
 /// Finished packs on their way to the threads putting them: (k, the k-th new pack's bytes).
-type PackQueue = std::sync::mpsc::SyncSender<(u32, Vec<u8>)>;
+/// Finished packs, numbered, for the threads that put them: each a buffer and where in it the
+/// pack starts ([`PackBuilder::finish_aligned`]).
+type PackQueue = std::sync::mpsc::SyncSender<(u32, Vec<u8>, usize)>;
 
 /// Run `pack`, which sends finished packs to the queue it is given (the k-th one numbered k)
 /// and may take written packs' buffers back from the receiver it is given, while packs are
@@ -1277,7 +1279,7 @@ fn put_packs<R>(
     threads: usize,
     pack: impl FnOnce(PackQueue, &std::sync::mpsc::Receiver<Vec<u8>>, &AtomicBool) -> R,
 ) -> (Result<Vec<(Digest256, u64)>, PagesError>, R) {
-    let (send, recv) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(PUT_QUEUE);
+    let (send, recv) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>, usize)>(PUT_QUEUE);
     // Shared by the threads putting packs; the first to fail drops it (once the others let go
     // of it: until then `pack` can see `failed`).
     let recv = std::sync::Mutex::new(Some(recv));
@@ -1301,17 +1303,18 @@ fn put_packs<R>(
                                 None => None,
                             }
                         };
-                        let Some((k, bytes)) = next else {
+                        let Some((k, bytes, start)) = next else {
                             return Ok(done);
                         };
-                        let digest = batch.put_raw(&bytes).map_err(|source| {
+                        let pack = &bytes[start..];
+                        let digest = batch.put_raw(pack).map_err(|source| {
                             failed.store(true, std::sync::atomic::Ordering::Relaxed);
                             PagesError::Store {
                                 what: "storing a pack".to_owned(),
                                 source,
                             }
                         })?;
-                        done.push((k, digest, bytes.len() as u64));
+                        done.push((k, digest, pack.len() as u64));
                         let _ = spare_send.try_send(bytes);
                     }
                 })
@@ -1375,8 +1378,8 @@ fn pack_new_pages(
     let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     let finish = |pack: &mut PackBuilder, k: u32| -> Result<(), PagesError> {
         let mut bytes = spare.try_recv().unwrap_or_default();
-        pack.finish_into(&mut bytes)?;
-        send.send((k, bytes)).map_err(|_| PagesError::Io {
+        let start = pack.finish_aligned(&mut bytes)?;
+        send.send((k, bytes, start)).map_err(|_| PagesError::Io {
             op: "store the packs of",
             path: path.to_owned(),
             source: std::io::Error::other("the pack writer stopped"),
