@@ -1,14 +1,13 @@
 //! SHA-256 of many inputs of one length at once, where the CPU allows: 16 side by side in the 16
-//! lanes of AVX-512 registers (AVX-512 F and BW), or 4 interleaved through the SHA extensions
-//! (SHA-NI); else one at a time through `sha2`.
+//! lanes of AVX-512 registers (AVX-512 F and BW), else 4 interleaved through the SHA extensions
+//! (SHA-NI), else one at a time through `sha2`.
 //!
 //! Pages are hashed by the gigabyte (every page of a freeze, every page a thaw hands to CRIU), and
 //! a page is a short message: `sha2`'s SHA-NI path hashes one at a time, each 64-byte block
 //! waiting on the one before it. Independent pages side by side keep the units busy instead. On
 //! a Xeon (2.1 GHz), 16 lanes of AVX-512 hashed 2.1–2.5 GB/s a core for 4 KiB pages against
-//! 1.2–1.3 GB/s one at a time; on an AMD EPYC (Zen 4), 4 pages through SHA-NI 2.9–3.2 GB/s,
-//! AVX-512 2.7–2.95 GB/s, one at a time 1.75 GB/s. Where the CPU has both, the faster on a
-//! few pages, timed once per process, is used. `PF_PAGE_HASH=scalar|x16|ni` forces one (to
+//! 1.2–1.3 GB/s one at a time; on an AMD EPYC (Zen 4), AVX-512 2.7–2.95 GB/s, 4 pages through
+//! SHA-NI 2.9–3.2 GB/s, one at a time 1.75 GB/s. `PF_PAGE_HASH=scalar|x16|ni` forces one (to
 //! compare whole commands; one the CPU lacks falls back to `sha2`). The result is SHA-256
 //! exactly (FIPS 180-4), checked against `sha2` in the tests below, so nothing stored changes.
 //!
@@ -37,42 +36,20 @@ fn kernel() -> Kernel {
     static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *KERNEL.get_or_init(|| {
         let forced = std::env::var("PF_PAGE_HASH").ok();
-        let chosen = match forced.as_deref() {
+        match forced.as_deref() {
             Some("scalar") => Kernel::Scalar,
             Some("x16") if has_x16() => Kernel::X16,
             Some("ni") if has_ni() => Kernel::Ni4,
             Some("x16" | "ni") => Kernel::Scalar,
-            _ => match (has_x16(), has_ni()) {
-                (true, true) => faster_of(Kernel::X16, Kernel::Ni4),
-                (true, false) => Kernel::X16,
-                (false, true) => Kernel::Ni4,
-                (false, false) => Kernel::Scalar,
-            },
-        };
-        tracing::debug!(kernel = ?chosen, "pages are hashed with this kernel");
-        chosen
+            // AVX-512 first: alone, 4 pages through SHA-NI hashed a little faster on an AMD
+            // EPYC (2.9-3.2 against 2.7-2.95 GB/s), but a whole freeze, which names its packs
+            // through SHA-NI on the other core meanwhile, was no faster with it (1 GiB, 8
+            // rounds: 1.445 s against 1.406 s, CPU 2.165 against 2.094 s).
+            _ if has_x16() => Kernel::X16,
+            _ if has_ni() => Kernel::Ni4,
+            _ => Kernel::Scalar,
+        }
     })
-}
-
-/// Whichever of `a` and `b` hashes 32 pages faster here (best of 3 each, about 0.3 ms in all).
-fn faster_of(a: Kernel, b: Kernel) -> Kernel {
-    let bytes = vec![0x5au8; 32 * 4096];
-    let pages: Vec<&[u8]> = bytes.chunks_exact(4096).collect();
-    let mut out = Vec::with_capacity(pages.len());
-    let mut best = |k: Kernel| {
-        (0..3)
-            .map(|_| {
-                out.clear();
-                let start = std::time::Instant::now();
-                digest_many_with(k, &pages, &mut out);
-                start.elapsed()
-            })
-            .min()
-            .unwrap_or_default()
-    };
-    let (ta, tb) = (best(a), best(b));
-    tracing::debug!(?a, ?ta, ?b, ?tb, "timed the page hashing kernels");
-    if tb < ta { b } else { a }
 }
 
 #[cfg(target_arch = "x86_64")]
