@@ -1828,7 +1828,10 @@ mod tests {
                 shifted[1..].copy_from_slice(&data);
                 let d = s.put_raw(&shifted[1..]).unwrap();
                 assert_eq!(fs::read(s.blob_path(&d)).unwrap(), data, "{len} {direct}");
-                // And aligned in memory: written straight from the caller's buffer.
+                // And aligned in memory: written straight from the caller's buffer. Where the
+                // file system took the unaligned one directly, it takes this one directly too
+                // (a failed direct write would turn direct I/O off for the store).
+                let took_direct = s.direct.load(Ordering::Relaxed);
                 let mut room = vec![0u8; len + DIRECT_ALIGN];
                 let at = room.as_ptr().align_offset(DIRECT_ALIGN);
                 let aligned = &mut room[at..at + len];
@@ -1840,6 +1843,11 @@ mod tests {
                 assert_eq!(
                     fs::read(s.blob_path(&a)).unwrap(),
                     aligned,
+                    "{len} {direct}"
+                );
+                assert_eq!(
+                    s.direct.load(Ordering::Relaxed),
+                    took_direct,
                     "{len} {direct}"
                 );
                 let batch = s.batch().unwrap();

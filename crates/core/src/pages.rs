@@ -1263,7 +1263,6 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
     (delta.len() < list.len() / 2).then_some(delta)
 }
 
-/// Finished packs on their way to the threads putting them: (k, the k-th new pack's bytes).
 /// Finished packs, numbered, for the threads that put them: each a buffer and where in it the
 /// pack starts ([`PackBuilder::finish_aligned`]).
 type PackQueue = std::sync::mpsc::SyncSender<(u32, Vec<u8>, usize)>;

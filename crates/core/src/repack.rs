@@ -203,6 +203,8 @@ pub fn repack(store: &dyn BlobStore, options: &RepackOptions) -> Result<RepackRe
             if builder.is_full() {
                 let mut out = Vec::new();
                 builder.finish_into(&mut out)?;
+                // Kept until every new pack is written: not with room for a worst case.
+                out.shrink_to_fit();
                 new_packs.push(out);
                 for (d, _) in in_builder.drain(..) {
                     placed.insert(d, new_packs.len() - 1);
@@ -221,6 +223,7 @@ pub fn repack(store: &dyn BlobStore, options: &RepackOptions) -> Result<RepackRe
         builder
             .finish_into(&mut out)
             .map_err(|e| pack_error(&rewrite[0], e))?;
+        out.shrink_to_fit();
         new_packs.push(out);
     }
     // Durable before any record names them.

@@ -18,7 +18,7 @@
 use crate::Digest256;
 use sha2::{Digest as _, Sha256};
 
-/// Inputs hashed side by side.
+/// Inputs hashed side by side by the AVX-512 kernel.
 const LANES: usize = 16;
 
 /// How `digest_many` hashes: chosen once per process.
@@ -40,16 +40,37 @@ fn kernel() -> Kernel {
             Some("scalar") => Kernel::Scalar,
             Some("x16") if has_x16() => Kernel::X16,
             Some("ni") if has_ni() => Kernel::Ni4,
-            Some("x16" | "ni") => Kernel::Scalar,
-            // AVX-512 first: alone, 4 pages through SHA-NI hashed a little faster on an AMD
-            // EPYC (2.9-3.2 against 2.7-2.95 GB/s), but a whole freeze, which names its packs
-            // through SHA-NI on the other core meanwhile, was no faster with it (1 GiB, 8
-            // rounds: 1.445 s against 1.406 s, CPU 2.165 against 2.094 s).
-            _ if has_x16() => Kernel::X16,
-            _ if has_ni() => Kernel::Ni4,
-            _ => Kernel::Scalar,
+            Some(v @ ("x16" | "ni")) => {
+                tracing::warn!(
+                    PF_PAGE_HASH = v,
+                    "this CPU cannot hash pages that way: one at a time instead"
+                );
+                Kernel::Scalar
+            }
+            Some(v) if !v.is_empty() => {
+                tracing::warn!(
+                    PF_PAGE_HASH = v,
+                    "not a way to hash pages (scalar, x16 or ni): ignored"
+                );
+                default_kernel()
+            }
+            _ => default_kernel(),
         }
     })
+}
+
+/// The best kernel this CPU has. AVX-512 first: alone, 4 pages through SHA-NI hashed a little
+/// faster on an AMD EPYC (2.9–3.2 against 2.7–2.95 GB/s), but a whole freeze, which names its
+/// packs through SHA-NI on the other core meanwhile, was no faster with it (1 GiB, 8 rounds:
+/// 1.445 s against 1.406 s, CPU 2.165 against 2.094 s).
+fn default_kernel() -> Kernel {
+    if has_x16() {
+        Kernel::X16
+    } else if has_ni() {
+        Kernel::Ni4
+    } else {
+        Kernel::Scalar
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -667,14 +688,19 @@ mod tests {
     }
 
     #[test]
-    fn mixed_lengths_and_partial_blocks_go_one_at_a_time() {
+    fn mixed_lengths_and_partial_blocks_hash_right_with_every_kernel() {
         let bytes = noise(20_000, 3);
         let mut inputs: Vec<&[u8]> = (0..20).map(|i| &bytes[i..i + 4096]).collect();
         inputs[3] = &bytes[..100];
         inputs.extend((0..16).map(|i| &bytes[i..i + 1000]));
+        for kernel in kernels() {
+            let mut out = Vec::new();
+            digest_many_with(kernel, &inputs, &mut out);
+            assert_eq!(out, reference(&inputs), "{kernel:?}");
+        }
         let mut out = Vec::new();
         digest_many(&inputs, &mut out);
-        assert_eq!(out, reference(&inputs));
+        assert_eq!(out, reference(&inputs), "the kernel chosen here");
     }
 
     #[test]

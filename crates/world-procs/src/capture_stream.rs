@@ -450,7 +450,9 @@ pub(crate) fn capture_while<'s, T>(
         let (send, pages) = std::sync::mpsc::sync_channel::<PagesIn>(PREPACK_BUFFERS);
         let (spare_send, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(PREPACK_BUFFERS);
         for _ in 0..PREPACK_BUFFERS {
-            let _ = spare_send.try_send(Vec::new());
+            // Chunk-sized: a chunk handed over whole is swapped for one of these, read into as
+            // it is (zeros from the kernel, not written until read into).
+            let _ = spare_send.try_send(vec![0u8; CHUNK_PAGES * PAGE_SIZE]);
         }
         (
             Some(Prepack {
@@ -1376,6 +1378,77 @@ mod tests {
                 "read back whole"
             );
         }
+    }
+
+    #[test]
+    fn chunks_of_new_pages_go_to_the_packer_whole_and_read_back_whole() {
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Every page distinct and not zero (new memory): every chunk the packer has a buffer
+        // for goes to it as it is, the short last one too; the rest go into the file.
+        let n = 3 * PREPACK_BUFFERS * CHUNK_PAGES + 17;
+        let distinct = |i: usize| {
+            let mut p = page(i);
+            p[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+            p[PAGE_SIZE - 8..].copy_from_slice(&(!(i as u64)).to_le_bytes());
+            p
+        };
+        let bytes: Vec<u8> = (0..n).flat_map(distinct).collect();
+        let (status, captured) = capture_while(hold, &store, (dir.path(), true), |extra| {
+            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+            let mut pages = send(&mut conn, "pages-1.img");
+            for (i, chunk) in bytes.chunks(CHUNK_PAGES * PAGE_SIZE).enumerate() {
+                pages.write_all(chunk).expect("write");
+                // Time for the base to be settled (none), after which pages are packed at once.
+                if i == 1 {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            drop(pages);
+            let status = post_dump(&extra[2]);
+            drop(conn);
+            Ok(status)
+        })
+        .expect("capture");
+        assert!(status.success(), "{status}");
+        let Captured {
+            mut pages,
+            prepacked,
+        } = captured;
+        let prepacked = prepacked.expect("packed during the capture");
+        let at_once = prepacked.pages();
+        assert!(at_once > 0, "some chunks went to the packer");
+        let got = pages.remove("pages-1.img").expect("the pages file");
+        assert_eq!(got.digests.len(), n, "every page of the file captured");
+        let mut w =
+            pf_core::pages::PageWriter::with_prepacked(&store, store.page_index(), 2, prepacked);
+        let path = dir.path().join("pages-1.img");
+        let file = std::fs::File::open(&path).expect("open");
+        let stored = w
+            .write_file_kept(
+                &file,
+                &path,
+                got.digests,
+                (None, None),
+                Some(&got.kept),
+                &mut |_| {},
+            )
+            .expect("store");
+        w.commit().expect("commit");
+        assert_eq!(
+            at_once + stored.new_pages,
+            n as u64,
+            "every page stored once"
+        );
+        let out_path = dir.path().join("rebuilt");
+        let out = std::fs::File::create(&out_path).expect("create");
+        pf_core::pages::read_pages(&store, &stored.manifest, &out, &out_path, 2).expect("read");
+        assert!(
+            std::fs::read(&out_path).expect("read") == bytes,
+            "read back whole"
+        );
     }
 
     #[test]
