@@ -1304,23 +1304,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn pages_kept_while_the_packer_keeps_up_are_packed_at_once_and_the_rest_written() {
+    /// Capture `files` (name, bytes) in one dump, as CRIU streams them, with the packer on.
+    /// Pages are packed at once only once the base is settled (none here): each file pauses
+    /// after its second chunk, so its first chunks likely go into the file.
+    fn capture_files<'s>(
+        store: &'s pf_core::MemBlobStore,
+        dir: &Path,
+        files: &[(&str, &[u8])],
+    ) -> Captured<'s> {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
-        let store = pf_core::MemBlobStore::new();
-        let dir = tempfile::tempdir().expect("tempdir");
-        // Two pages files (two processes) share the packer. The first has more chunks than the
-        // packer has buffers: those that find no buffer free go into the file. The second
-        // repeats 300 of the first one's pages, then has its own.
-        let n = 3 * PREPACK_BUFFERS * CHUNK_PAGES + 17;
-        let first: Vec<u8> = (0..n).flat_map(page).collect();
-        let second: Vec<u8> = (0..300).chain(n + 1000..n + 1600).flat_map(page).collect();
-        let (status, captured) = capture_while(hold, &store, (dir.path(), true), |extra| {
-            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-            for (name, bytes) in [("pages-1.img", &first), ("pages-2.img", &second)] {
+        let (status, captured) = capture_while(hold, store, (dir, true), |extra| {
+            let mut conn = UnixStream::connect(dir.join(SOCKET)).expect("connect");
+            for (name, bytes) in files {
                 let mut pages = send(&mut conn, name);
-                // Pages are packed at once only once the base is settled (none here): the
-                // first chunks likely go into the file.
                 for (i, chunk) in bytes.chunks(CHUNK_PAGES * PAGE_SIZE).enumerate() {
                     pages.write_all(chunk).expect("write");
                     if i == 1 {
@@ -1335,24 +1331,34 @@ mod tests {
         })
         .expect("capture");
         assert!(status.success(), "{status}");
+        captured
+    }
+
+    /// Store what [`capture_files`] captured of `files` as a freeze stores it, in one session,
+    /// and check that each file reads back whole and every distinct page was packed once (at
+    /// once or from its file). Returns the pages packed at once.
+    fn store_and_read_back(
+        store: &pf_core::MemBlobStore,
+        dir: &Path,
+        captured: Captured<'_>,
+        files: &[(&str, &[u8])],
+    ) -> u64 {
         let Captured {
             mut pages,
             prepacked,
         } = captured;
         let prepacked = prepacked.expect("packed during the capture");
-        assert!(prepacked.pages() > 0, "some pages packed at once");
         let packed_at_once = prepacked.pages();
-        // Stored as a freeze stores them, in one session: each file reads back whole, and
-        // every distinct page was packed once, at once or from its file.
         let mut w =
-            pf_core::pages::PageWriter::with_prepacked(&store, store.page_index(), 2, prepacked);
+            pf_core::pages::PageWriter::with_prepacked(store, store.page_index(), 2, prepacked);
         let mut distinct = std::collections::HashSet::new();
         let mut from_files = 0;
         let mut manifests = Vec::new();
-        for name in ["pages-1.img", "pages-2.img"] {
-            let got = pages.remove(name).expect("the pages file");
+        for (name, bytes) in files {
+            let got = pages.remove(*name).expect("the pages file");
+            assert_eq!(got.digests.len() * PAGE_SIZE, bytes.len(), "{name} whole");
             distinct.extend(got.digests.iter().flatten().copied());
-            let path = dir.path().join(name);
+            let path = dir.join(name);
             let file = std::fs::File::open(&path).expect("open");
             let stored = w
                 .write_file_kept(
@@ -1369,20 +1375,36 @@ mod tests {
         }
         w.commit().expect("commit");
         assert_eq!(packed_at_once + from_files, distinct.len() as u64);
-        for (manifest, bytes) in manifests.iter().zip([&first, &second]) {
-            let out_path = dir.path().join(format!("rebuilt-{}", manifest.hex()));
+        for (manifest, (name, bytes)) in manifests.iter().zip(files) {
+            let out_path = dir.join(format!("rebuilt-{}", manifest.hex()));
             let out = std::fs::File::create(&out_path).expect("create");
-            pf_core::pages::read_pages(&store, manifest, &out, &out_path, 2).expect("read");
+            pf_core::pages::read_pages(store, manifest, &out, &out_path, 2).expect("read");
             assert!(
                 std::fs::read(&out_path).expect("read") == *bytes,
-                "read back whole"
+                "{name} read back whole"
             );
         }
+        packed_at_once
+    }
+
+    #[test]
+    fn pages_kept_while_the_packer_keeps_up_are_packed_at_once_and_the_rest_written() {
+        let store = pf_core::MemBlobStore::new();
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Two pages files (two processes) share the packer. The first has more chunks than the
+        // packer has buffers: those that find no buffer free go into the file. The second
+        // repeats 300 of the first one's pages, then has its own.
+        let n = 3 * PREPACK_BUFFERS * CHUNK_PAGES + 17;
+        let first: Vec<u8> = (0..n).flat_map(page).collect();
+        let second: Vec<u8> = (0..300).chain(n + 1000..n + 1600).flat_map(page).collect();
+        let files = [("pages-1.img", &first[..]), ("pages-2.img", &second[..])];
+        let captured = capture_files(&store, dir.path(), &files);
+        let packed_at_once = store_and_read_back(&store, dir.path(), captured, &files);
+        assert!(packed_at_once > 0, "some pages packed at once");
     }
 
     #[test]
     fn chunks_of_new_pages_go_to_the_packer_whole_and_read_back_whole() {
-        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
         // Every page distinct and not zero (new memory): every chunk the packer has a buffer
@@ -1395,60 +1417,10 @@ mod tests {
             p
         };
         let bytes: Vec<u8> = (0..n).flat_map(distinct).collect();
-        let (status, captured) = capture_while(hold, &store, (dir.path(), true), |extra| {
-            let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-            let mut pages = send(&mut conn, "pages-1.img");
-            for (i, chunk) in bytes.chunks(CHUNK_PAGES * PAGE_SIZE).enumerate() {
-                pages.write_all(chunk).expect("write");
-                // Time for the base to be settled (none), after which pages are packed at once.
-                if i == 1 {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            drop(pages);
-            let status = post_dump(&extra[2]);
-            drop(conn);
-            Ok(status)
-        })
-        .expect("capture");
-        assert!(status.success(), "{status}");
-        let Captured {
-            mut pages,
-            prepacked,
-        } = captured;
-        let prepacked = prepacked.expect("packed during the capture");
-        let at_once = prepacked.pages();
-        assert!(at_once > 0, "some chunks went to the packer");
-        let got = pages.remove("pages-1.img").expect("the pages file");
-        assert_eq!(got.digests.len(), n, "every page of the file captured");
-        let mut w =
-            pf_core::pages::PageWriter::with_prepacked(&store, store.page_index(), 2, prepacked);
-        let path = dir.path().join("pages-1.img");
-        let file = std::fs::File::open(&path).expect("open");
-        let stored = w
-            .write_file_kept(
-                &file,
-                &path,
-                got.digests,
-                (None, None),
-                Some(&got.kept),
-                &mut |_| {},
-            )
-            .expect("store");
-        w.commit().expect("commit");
-        assert_eq!(
-            at_once + stored.new_pages,
-            n as u64,
-            "every page stored once"
-        );
-        let out_path = dir.path().join("rebuilt");
-        let out = std::fs::File::create(&out_path).expect("create");
-        pf_core::pages::read_pages(&store, &stored.manifest, &out, &out_path, 2).expect("read");
-        assert!(
-            std::fs::read(&out_path).expect("read") == bytes,
-            "read back whole"
-        );
+        let files = [("pages-1.img", &bytes[..])];
+        let captured = capture_files(&store, dir.path(), &files);
+        let packed_at_once = store_and_read_back(&store, dir.path(), captured, &files);
+        assert!(packed_at_once > 0, "some chunks went to the packer");
     }
 
     #[test]
