@@ -169,7 +169,7 @@ pub fn capture_with_progress(
         let (report, pages) = crate::capture_stream::capture_while(
             hold,
             store,
-            (images.path(), crate::capture_stream::prepack_on()),
+            (images.path(), crate::capture_stream::prepack_on(), Some(pid)),
             |extra| dump_with(&criu, pid, images.path(), opts, extra),
         )?;
         (report, crate::v2::Early::Streamed(pages))

@@ -289,6 +289,91 @@ struct Shared<'s> {
     error: Mutex<Option<Error>>,
     /// The packer's failure: the cause of a file thread's that could not hand it pages.
     packer_error: Mutex<Option<Error>>,
+    /// The base guessed before the dump, for its first pages file.
+    early: Option<EarlyBase<'s>>,
+    /// Whether a pages file was asked for yet (the first takes [`Shared::early`]).
+    pages_asked: AtomicBool,
+}
+
+/// A base guessed from the root's memory as the dump starts (`/proc/<pid>/mem`, sampled as
+/// [`should_stream`] does), while CRIU seizes the tree and injects its parasite: ready when
+/// the first pages come, where a guess from the pages themselves is ready only after ~100 ms
+/// of them at 1 GiB (reading a base's list and making a set of it), and every page until then
+/// is kept. It goes to the dump's first pages file, the root's (CRIU dumps the root first;
+/// should it be another's, its pages are only compared against a set the store has).
+struct EarlyBase<'s> {
+    /// None until guessed; then the guess (None if the sample could not be taken).
+    guessed: Mutex<Option<Option<Guessed<'s>>>>,
+    ready: Condvar,
+}
+
+impl<'s> EarlyBase<'s> {
+    fn set(&self, guessed: Option<Guessed<'s>>) {
+        *self.guessed.lock().unwrap_or_else(|p| p.into_inner()) = Some(guessed);
+        self.ready.notify_all();
+    }
+
+    /// The guess if it is made (taken), or None if it is not yet: Some(None) if it was made
+    /// without a sample.
+    fn try_take(&self) -> Option<Option<Guessed<'s>>> {
+        self.guessed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Wait for the guess and take it.
+    fn take(&self) -> Option<Guessed<'s>> {
+        let mut slot = self.guessed.lock().unwrap_or_else(|p| p.into_inner());
+        while slot.is_none() {
+            slot = self.ready.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+        slot.take().flatten()
+    }
+}
+
+/// Sets an early guess that was not made (its thread panicked) to none, so no file waits on it.
+struct Unblock<'a, 's>(&'a EarlyBase<'s>);
+
+impl Drop for Unblock<'_, '_> {
+    fn drop(&mut self) {
+        let mut slot = self.0.guessed.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(None);
+            self.0.ready.notify_all();
+        }
+    }
+}
+
+/// What a sample of pages says: whether the store has none of them (new memory), and the
+/// base it most likely descends from with its list and the set of its pages the store has.
+struct Guessed<'s> {
+    new_memory: bool,
+    base: Option<(Arc<DigestMap<()>>, Digest256, PagesReader<'s>)>,
+}
+
+impl<'s> Guessed<'s> {
+    /// Whether it found a base or new memory (else a guess from the file's own pages may).
+    fn telling(&self) -> bool {
+        self.base.is_some() || self.new_memory
+    }
+
+    /// Make it the file's: its base, else packing at once if the memory is new. Whether it had
+    /// a base.
+    fn decide(self, decided: &Mutex<Decided<'s>>) -> bool {
+        let mut d = decided.lock().unwrap_or_else(|p| p.into_inner());
+        match self.base {
+            Some((set, manifest, list)) => {
+                d.base = Some(set);
+                d.out.base = Some((manifest, list));
+                true
+            }
+            None => {
+                d.pack_now = self.new_memory;
+                false
+            }
+        }
+    }
 }
 
 impl Shared<'_> {
@@ -438,7 +523,7 @@ impl Hold {
 pub(crate) fn capture_while<'s, T>(
     hold: Hold,
     store: &'s dyn BlobStore,
-    (dir, prepack): (&Path, bool),
+    (dir, prepack, root): (&Path, bool, Option<i32>),
     dump: impl FnOnce(&[OsString]) -> Result<T>,
 ) -> Result<(T, Captured<'s>)> {
     let path = dir.join(SOCKET);
@@ -472,6 +557,11 @@ pub(crate) fn capture_while<'s, T>(
         pages: Mutex::new(HashMap::new()),
         error: Mutex::new(None),
         packer_error: Mutex::new(None),
+        early: root.map(|_| EarlyBase {
+            guessed: Mutex::new(None),
+            ready: Condvar::new(),
+        }),
+        pages_asked: AtomicBool::new(false),
     };
     let extra: Vec<OsString> = vec![
         "--stream".into(),
@@ -486,6 +576,30 @@ pub(crate) fn capture_while<'s, T>(
     let woken = OwnedFd::from(woken);
     let (result, prepacked) = std::thread::scope(|outer| {
         let shared = &shared;
+        if let (Some(early), Some(pid)) = (&shared.early, root) {
+            let spawned = std::thread::Builder::new()
+                .name("pf-base".into())
+                .spawn_scoped(outer, move || {
+                    let _unblock = Unblock(early);
+                    let started = std::time::Instant::now();
+                    let guessed = sample_pages(pid, SAMPLE_PAGES)
+                        .inspect_err(|e| tracing::debug!(pid, error = %e, "no early sample"))
+                        .ok()
+                        .map(|(sample, _)| guess_from(store, sample));
+                    tracing::debug!(
+                        pid,
+                        base = ?guessed.as_ref().and_then(|g| g.base.as_ref()).map(|b| b.1),
+                        new_memory = guessed.as_ref().is_some_and(|g| g.new_memory),
+                        elapsed = ?started.elapsed(),
+                        "base guessed as the dump starts"
+                    );
+                    early.set(guessed);
+                });
+            if let Err(e) = spawned {
+                tracing::debug!(error = %e, "no thread to guess the base early");
+                early.set(None);
+            }
+        }
         // The packer of kept pages, from the start of the dump until every file thread is done.
         // Its failure is recorded at once, so that the hold answers `fail`.
         let packer = packing.and_then(|(pages, spare)| {
@@ -829,7 +943,11 @@ fn request<'scope, 'env, 's: 'scope>(
         .spawn_scoped(s, move || {
             let _done = DoneOnDrop(shared);
             let result = if pages {
-                pages_file(pipe, &out, &path, store, shared.prepack.as_ref()).map(|p| {
+                let early = shared
+                    .early
+                    .as_ref()
+                    .filter(|_| !shared.pages_asked.swap(true, Ordering::Relaxed));
+                pages_file(pipe, &out, &path, store, (shared.prepack.as_ref(), early)).map(|p| {
                     shared
                         .pages
                         .lock()
@@ -882,7 +1000,7 @@ fn pages_file<'s>(
     out: &std::fs::File,
     path: &Path,
     store: &'s dyn BlobStore,
-    prepack: Option<&Prepack>,
+    (prepack, early): (Option<&Prepack>, Option<&EarlyBase<'s>>),
 ) -> Result<StreamedPages<'s>> {
     let send = prepack.and_then(|p| p.send.lock().unwrap_or_else(|p| p.into_inner()).clone());
     let prepack = send.as_ref().zip(prepack.map(|p| &p.spare));
@@ -903,8 +1021,23 @@ fn pages_file<'s>(
     let failed = AtomicBool::new(false);
     let sample: Mutex<Option<Vec<Digest256>>> = Mutex::new(Some(Vec::new()));
     let threads = crate::v2::threads();
+    // A base guessed before the dump that is ready is the file's before its first page is read;
+    // one still being guessed is waited for beside the reading.
+    let (early, decided_early) = match early.map(EarlyBase::try_take) {
+        Some(Some(Some(guessed))) if guessed.telling() => {
+            guessed.decide(&decided);
+            (None, true)
+        }
+        Some(None) => (early, false),
+        _ => (None, false),
+    };
     let result = std::thread::scope(|s| {
-        let guess = s.spawn(|| guess_base(store, &sample, &failed, &decided));
+        let guess = s.spawn(|| {
+            if decided_early {
+                return None;
+            }
+            guess_base(store, early, &sample, &failed, &decided)
+        });
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
@@ -953,75 +1086,79 @@ fn pages_file<'s>(
     Ok(d.out)
 }
 
-/// The base of a streamed pages file: guessed from the first pages hashed (`sample`), its list
-/// read and its pages made a set, into `decided`; None if there is none (or the file failed).
-/// Then the pages kept from there on are packed at once ([`Decided::pack_now`]) if the store has
-/// none of the sample (new memory: a first freeze): the packer cannot look pages up, and pages it
-/// packs that the store had are dead bytes. Not with a base (a re-freeze keeps a few changed
-/// pages, which cost less to pack after the dump than the packer costs the pause; by hand, 1 GiB,
-/// 5% changed, 5 pairs: 0.917 s and pause 0.613 s without it, 1.027 s and 0.722 s with it).
+/// The base of a streamed pages file: the one guessed before the dump if this file was given
+/// it (`early`) and it found one or found new memory, else guessed from the first pages hashed
+/// (`sample`); its list read and its pages made a set, into `decided`; None if there is none
+/// (or the file failed). Then the pages kept from there on are packed at once
+/// ([`Decided::pack_now`]) if the store has none of the sample (new memory: a first freeze):
+/// the packer cannot look pages up, and pages it packs that the store had are dead bytes. Not
+/// with a base (a re-freeze keeps a few changed pages, which cost less to pack after the dump
+/// than the packer costs the pause; by hand, 1 GiB, 5% changed, 5 pairs: 0.917 s and pause
+/// 0.613 s without it, 1.027 s and 0.722 s with it).
 fn guess_base<'s>(
     store: &'s dyn BlobStore,
+    early: Option<&EarlyBase<'s>>,
     sample: &Mutex<Option<Vec<Digest256>>>,
     failed: &AtomicBool,
     decided: &Mutex<Decided<'s>>,
 ) -> Option<()> {
-    let mut new_memory = false;
-    let based = base_of(store, sample, failed, decided, &mut new_memory);
-    if based.is_none() && new_memory {
-        decided.lock().unwrap_or_else(|p| p.into_inner()).pack_now = true;
-    }
-    based
+    let early = early.and_then(EarlyBase::take).filter(Guessed::telling);
+    let guessed = match early {
+        Some(guessed) => guessed,
+        None => guess_from(store, stream_sample(sample, failed)?),
+    };
+    guessed.decide(decided).then_some(())
 }
 
-/// [`guess_base`]'s guess; `new_memory` is set if the store has none of the sample's pages.
-fn base_of<'s>(
-    store: &'s dyn BlobStore,
+/// The first [`SAMPLE_PAGES`] pages hashed of a file (fewer if it is shorter), when there are;
+/// None if the file failed first.
+fn stream_sample(
     sample: &Mutex<Option<Vec<Digest256>>>,
     failed: &AtomicBool,
-    decided: &Mutex<Decided<'s>>,
-    new_memory: &mut bool,
-) -> Option<()> {
-    let sample = loop {
+) -> Option<Vec<Digest256>> {
+    loop {
         if failed.load(Ordering::Relaxed) {
             return None;
         }
         {
             let mut slot = sample.lock().unwrap_or_else(|p| p.into_inner());
             if slot.as_ref().is_none_or(|v| v.len() >= SAMPLE_PAGES) {
-                break slot.take();
+                return slot.take();
             }
         }
         std::thread::sleep(Duration::from_millis(1));
-    }?;
+    }
+}
+
+/// What `sample` says of the memory it came from: whether the store has none of it, and its
+/// likely base ([`pf_core::pages::guess_base_of`]) with the set of the base's pages in packs the
+/// store has (one check per pack of the base).
+fn guess_from<'s>(store: &'s dyn BlobStore, sample: Vec<Digest256>) -> Guessed<'s> {
     let index = store.page_index();
     let mut sorted = sample.clone();
     sorted.sort_unstable();
     sorted.dedup();
-    *new_memory = !sorted.is_empty() && index.lookup(&sorted).is_ok_and(|f| f.is_empty());
-    let manifest = pf_core::pages::guess_base_of(store, &index, sample)?;
-    let list = pf_core::pages::PagesReader::open(store, &manifest)
-        .inspect_err(|e| tracing::debug!(base = %manifest, error = %e, "no base list"))
-        .ok()?;
-    // Only pages in packs the store has (one check per pack of the base).
-    let present: Vec<bool> = (0..)
-        .map_while(|k| list.pack(k))
-        .map(|pack| store.contains(&pack).unwrap_or(false))
-        .collect();
-    let mut set = DigestMap::default();
-    set.reserve(list.list().len());
-    for page in list.list() {
-        if let Some((k, _)) = page.at
-            && present.get(k as usize).copied().unwrap_or(false)
-        {
-            set.insert(page.digest, ());
+    let new_memory = !sorted.is_empty() && index.lookup(&sorted).is_ok_and(|f| f.is_empty());
+    let base = pf_core::pages::guess_base_of(store, &index, sample).and_then(|manifest| {
+        let list = pf_core::pages::PagesReader::open(store, &manifest)
+            .inspect_err(|e| tracing::debug!(base = %manifest, error = %e, "no base list"))
+            .ok()?;
+        let present: Vec<bool> = (0..)
+            .map_while(|k| list.pack(k))
+            .map(|pack| store.contains(&pack).unwrap_or(false))
+            .collect();
+        let mut set = DigestMap::default();
+        set.reserve(list.list().len());
+        for page in list.list() {
+            if let Some((k, _)) = page.at
+                && present.get(k as usize).copied().unwrap_or(false)
+            {
+                set.insert(page.digest, ());
+            }
         }
-    }
-    let set = Arc::new(set);
-    let mut d = decided.lock().unwrap_or_else(|p| p.into_inner());
-    d.base = Some(set);
-    d.out.base = Some((manifest, list));
-    Some(())
+        Some((Arc::new(set), manifest, list))
+    });
+    Guessed { new_memory, base }
 }
 
 /// One thread of [`pages_file`]: read a chunk, hash it, wait for its turn, decide, then send the
@@ -1251,7 +1388,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let n = 3 * CHUNK_PAGES + 17;
         let bytes: Vec<u8> = (0..n).flat_map(page).collect();
-        let (status, streamed) = capture_while(hold, &store, (dir.path(), false), |extra| {
+        let (status, streamed) = capture_while(hold, &store, (dir.path(), false, None), |extra| {
             assert_eq!(extra[0], "--stream");
             assert_eq!(extra[1], "--action-script");
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
@@ -1313,7 +1450,7 @@ mod tests {
         files: &[(&str, &[u8])],
     ) -> Captured<'s> {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
-        let (status, captured) = capture_while(hold, store, (dir, true), |extra| {
+        let (status, captured) = capture_while(hold, store, (dir, true, None), |extra| {
             let mut conn = UnixStream::connect(dir.join(SOCKET)).expect("connect");
             for (name, bytes) in files {
                 let mut pages = send(&mut conn, name);
@@ -1446,12 +1583,69 @@ mod tests {
         assert!(sample_pages(-1, SAMPLE_PAGES).is_err(), "no such process");
     }
 
+    /// Item: a re-freeze's base is guessed from the root's memory as the dump starts, so that
+    /// every page the base has is left out from the first chunk on (guessed from the file's own
+    /// first pages, the chunks read meanwhile keep all of theirs).
+    #[test]
+    fn a_base_guessed_as_the_dump_starts_leaves_out_every_page_it_has() {
+        // 16 MiB of this process's memory, page-aligned, each page its own.
+        const PAGES: usize = 4096;
+        let mut mem = vec![0u8; (PAGES + 1) * PAGE_SIZE];
+        let skip = mem.as_ptr().align_offset(PAGE_SIZE);
+        let ours = &mut mem[skip..skip + PAGES * PAGE_SIZE];
+        for (i, p) in ours.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            p.fill(0x5a);
+            p[..8].copy_from_slice(&(0x00ba_5e00_0000_0000 + i as u64).to_le_bytes());
+        }
+        // Stored as an earlier snapshot of it.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = pf_core::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let v1 = tmp.path().join("v1");
+        std::fs::write(&v1, &*ours).expect("write v1");
+        let mut w = pf_core::pages::PageWriter::new(&store, store.page_index(), 2);
+        let base = w
+            .write_file(&std::fs::File::open(&v1).expect("open v1"), &v1)
+            .expect("store v1")
+            .manifest;
+        w.commit().expect("commit");
+        // Dumped again with 8 new pages after it; CRIU takes a while before the first page.
+        let mut bytes = ours.to_vec();
+        for i in 0..8u64 {
+            let mut p = vec![0xa5u8; PAGE_SIZE];
+            p[..8].copy_from_slice(&i.to_le_bytes());
+            bytes.extend_from_slice(&p);
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
+        let pid = std::process::id() as i32;
+        let (status, captured) =
+            capture_while(hold, &store, (dir.path(), false, Some(pid)), |extra| {
+                std::thread::sleep(Duration::from_millis(1000));
+                let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
+                send(&mut conn, "pages-1.img")
+                    .write_all(&bytes)
+                    .expect("write");
+                let status = post_dump(&extra[2]);
+                drop(conn);
+                Ok(status)
+            })
+            .expect("capture");
+        assert!(status.success(), "{status}");
+        std::hint::black_box(&mem);
+        let got = &captured.pages["pages-1.img"];
+        assert_eq!(got.base.as_ref().map(|(m, _)| *m), Some(base));
+        assert_eq!(got.kept.len(), PAGES + 8);
+        let kept_of_base = got.kept[..PAGES].iter().filter(|k| **k).count();
+        assert_eq!(kept_of_base, 0, "pages of the base kept");
+        assert!(got.kept[PAGES..].iter().all(|k| *k), "every new page kept");
+    }
+
     #[test]
     fn the_hold_answers_only_once_every_image_is_read() {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
-        let (status, streamed) = capture_while(hold, &store, (dir.path(), false), |extra| {
+        let (status, streamed) = capture_while(hold, &store, (dir.path(), false, None), |extra| {
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
             let mut pages = send(&mut conn, "pages-1.img");
             pages.write_all(&page(0)).expect("write");
@@ -1478,7 +1672,7 @@ mod tests {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = capture_while(hold, &store, (dir.path(), false), |extra| {
+        let err = capture_while(hold, &store, (dir.path(), false, None), |extra| {
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
             let mut pages = send(&mut conn, "pages-1.img");
             pages.write_all(&page(0)).expect("write");
@@ -1498,7 +1692,7 @@ mod tests {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let store = pf_core::MemBlobStore::new();
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = capture_while(hold, &store, (dir.path(), false), |_| {
+        let err = capture_while(hold, &store, (dir.path(), false, None), |_| {
             let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
             // Only the request: the server hangs up before it would take a pipe.
             let name = b"../escape-capture.img";
