@@ -161,15 +161,19 @@ pub fn capture_with_progress(
     // then only the changed pages are written anywhere; and when its memory is large, where
     // streaming wins a first freeze too. A small first freeze writes nearly every page either
     // way, and CRIU writing them itself keeps its pause shorter.
-    let hold = (format == crate::v2::Format::V2
-        && crate::capture_stream::should_stream(store, pid))
-    .then(crate::capture_stream::prepare)
-    .flatten();
-    let (report, early) = if let Some(hold) = hold {
+    let streamed = (format == crate::v2::Format::V2)
+        .then(|| crate::capture_stream::should_stream(store, pid))
+        .flatten()
+        .and_then(|sample| crate::capture_stream::prepare().map(|hold| (hold, sample)));
+    let (report, early) = if let Some((hold, sample)) = streamed {
         let (report, pages) = crate::capture_stream::capture_while(
             hold,
             store,
-            (images.path(), crate::capture_stream::prepack_on(), Some(pid)),
+            (
+                images.path(),
+                crate::capture_stream::prepack_on(),
+                Some((pid, sample)),
+            ),
             |extra| dump_with(&criu, pid, images.path(), opts, extra),
         )?;
         (report, crate::v2::Early::Streamed(pages))

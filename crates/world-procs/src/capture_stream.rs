@@ -115,31 +115,27 @@ pub(crate) fn prepare() -> Option<Hold> {
 /// (6 pairs), 256 MiB 0.571 -> 0.546 s and 0.266 -> 0.234 s (6 pairs), 64 MiB 0.287 -> 0.313 s
 /// and 0.075 -> 0.117 s (8 pairs). So a tree whose root has [`STREAM_MIN_BYTES`] or more in
 /// such mappings streams. `PF_CAPTURE=stream|dir` forces either.
-pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> bool {
+///
+/// Some(the sample) to stream (the capture guesses its base from it as the dump starts; empty
+/// if streaming was forced), None not to.
+pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> Option<Vec<Digest256>> {
     match std::env::var_os("PF_CAPTURE") {
-        Some(v) if v == "stream" => return true,
-        Some(v) if v == "dir" => return false,
+        Some(v) if v == "stream" => return Some(Vec::new()),
+        Some(v) if v == "dir" => return None,
         _ => {}
     }
-    // How much is in memory first (`/proc/<pid>/smaps` only), then the sample if need be.
-    let sampled = sample_pages(pid, 0).and_then(|(_, resident)| {
-        if resident >= STREAM_MIN_BYTES {
-            Ok((Vec::new(), resident))
-        } else {
-            sample_pages(pid, SAMPLE_PAGES)
-        }
-    });
-    let (mut sample, resident) = match sampled {
+    let (taken, resident) = match sample_pages(pid, SAMPLE_PAGES) {
         Ok(sampled) => sampled,
         Err(e) => {
             tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
-            return false;
+            return None;
         }
     };
     if resident >= STREAM_MIN_BYTES {
         tracing::debug!(pid, resident, "large memory: streamed");
-        return true;
+        return Some(taken);
     }
+    let mut sample = taken.clone();
     sample.sort_unstable();
     sample.dedup();
     // Most of the sample stored already, not one page a program's every instance has.
@@ -152,7 +148,7 @@ pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> bool {
             sampled = sample.len(),
             "few of the memory's pages stored"
         );
-        return false;
+        return None;
     }
     let base = pf_core::pages::guess_base_of(store, &index, sample);
     tracing::debug!(
@@ -160,7 +156,7 @@ pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> bool {
         ?base,
         "the base of the memory to dump, guessed before the dump"
     );
-    base.is_some()
+    base.map(|_| taken)
 }
 
 /// The digests of up to `n` non-zero pages spread over the memory `pid` has in its private
@@ -523,7 +519,7 @@ impl Hold {
 pub(crate) fn capture_while<'s, T>(
     hold: Hold,
     store: &'s dyn BlobStore,
-    (dir, prepack, root): (&Path, bool, Option<i32>),
+    (dir, prepack, root): (&Path, bool, Option<(i32, Vec<Digest256>)>),
     dump: impl FnOnce(&[OsString]) -> Result<T>,
 ) -> Result<(T, Captured<'s>)> {
     let path = dir.join(SOCKET);
@@ -557,7 +553,7 @@ pub(crate) fn capture_while<'s, T>(
         pages: Mutex::new(HashMap::new()),
         error: Mutex::new(None),
         packer_error: Mutex::new(None),
-        early: root.map(|_| EarlyBase {
+        early: root.as_ref().map(|_| EarlyBase {
             guessed: Mutex::new(None),
             ready: Condvar::new(),
         }),
@@ -576,16 +572,20 @@ pub(crate) fn capture_while<'s, T>(
     let woken = OwnedFd::from(woken);
     let (result, prepacked) = std::thread::scope(|outer| {
         let shared = &shared;
-        if let (Some(early), Some(pid)) = (&shared.early, root) {
+        if let (Some(early), Some((pid, sample))) = (&shared.early, root) {
             let spawned = std::thread::Builder::new()
                 .name("pf-base".into())
                 .spawn_scoped(outer, move || {
                     let _unblock = Unblock(early);
                     let started = std::time::Instant::now();
-                    let guessed = sample_pages(pid, SAMPLE_PAGES)
+                    let sample = match sample.is_empty() {
+                        false => Ok(sample),
+                        true => sample_pages(pid, SAMPLE_PAGES).map(|(sample, _)| sample),
+                    };
+                    let guessed = sample
                         .inspect_err(|e| tracing::debug!(pid, error = %e, "no early sample"))
                         .ok()
-                        .map(|(sample, _)| guess_from(store, sample));
+                        .map(|sample| guess_from(store, sample));
                     tracing::debug!(
                         pid,
                         base = ?guessed.as_ref().and_then(|g| g.base.as_ref()).map(|b| b.1),
@@ -1577,7 +1577,7 @@ mod tests {
         );
         let store = pf_core::MemBlobStore::new();
         assert!(
-            !should_stream(&store, pid),
+            should_stream(&store, pid).is_none(),
             "small, and nothing stored: no base"
         );
         assert!(sample_pages(-1, SAMPLE_PAGES).is_err(), "no such process");
@@ -1619,7 +1619,7 @@ mod tests {
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let pid = std::process::id() as i32;
         let (status, captured) =
-            capture_while(hold, &store, (dir.path(), false, Some(pid)), |extra| {
+            capture_while(hold, &store, (dir.path(), false, Some((pid, Vec::new()))), |extra| {
                 std::thread::sleep(Duration::from_millis(1000));
                 let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
                 send(&mut conn, "pages-1.img")
