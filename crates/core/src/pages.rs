@@ -931,10 +931,7 @@ impl<'a> PageWriter<'a> {
                 parse_list(self.store, &manifest.list, &bytes, &manifest)?
             }
         };
-        Ok(Ok(Base {
-            manifest,
-            list,
-        }))
+        Ok(Ok(Base { manifest, list }))
     }
 
     /// Whether the store holds `pack`.
@@ -1234,7 +1231,11 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
     let first = base.first_places((0..pages).filter_map(|i| {
         let e = entry(i);
         (could_be_in_base(e) && !same(i, e))
-            .then(|| <[u8; 32]>::try_from(&e[..32]).ok().map(Digest256::from_bytes))
+            .then(|| {
+                <[u8; 32]>::try_from(&e[..32])
+                    .ok()
+                    .map(Digest256::from_bytes)
+            })
             .flatten()
     }));
     enum Op {

@@ -128,7 +128,10 @@ pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> Option<Vec<Diges
         Ok(sampled) => sampled,
         Err(e) => {
             tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
-            return None;
+            // Its size alone, if its pages cannot be read (`/proc/<pid>/smaps` only).
+            return sample_pages(pid, 0)
+                .is_ok_and(|(_, resident)| resident >= STREAM_MIN_BYTES)
+                .then(Vec::new);
         }
     };
     if resident >= STREAM_MIN_BYTES {
@@ -318,11 +321,18 @@ impl<'s> EarlyBase<'s> {
             .take()
     }
 
-    /// Wait for the guess and take it.
-    fn take(&self) -> Option<Guessed<'s>> {
+    /// Wait for the guess and take it; None at once if the file failed meanwhile.
+    fn take(&self, failed: &AtomicBool) -> Option<Guessed<'s>> {
         let mut slot = self.guessed.lock().unwrap_or_else(|p| p.into_inner());
         while slot.is_none() {
-            slot = self.ready.wait(slot).unwrap_or_else(|p| p.into_inner());
+            if failed.load(Ordering::Relaxed) {
+                return None;
+            }
+            slot = self
+                .ready
+                .wait_timeout(slot, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
         slot.take().flatten()
     }
@@ -572,6 +582,9 @@ pub(crate) fn capture_while<'s, T>(
     let woken = OwnedFd::from(woken);
     let (result, prepacked) = std::thread::scope(|outer| {
         let shared = &shared;
+        // Joined below, its panic ignored (a guess is only ever a guess): unjoined, the scope
+        // would panic after CRIU let the tree go.
+        let mut guesser = None;
         if let (Some(early), Some((pid, sample))) = (&shared.early, root) {
             let spawned = std::thread::Builder::new()
                 .name("pf-base".into())
@@ -595,9 +608,12 @@ pub(crate) fn capture_while<'s, T>(
                     );
                     early.set(guessed);
                 });
-            if let Err(e) = spawned {
-                tracing::debug!(error = %e, "no thread to guess the base early");
-                early.set(None);
+            match spawned {
+                Ok(handle) => guesser = Some(handle),
+                Err(e) => {
+                    tracing::debug!(error = %e, "no thread to guess the base early");
+                    early.set(None);
+                }
             }
         }
         // The packer of kept pages, from the start of the dump until every file thread is done.
@@ -657,6 +673,9 @@ pub(crate) fn capture_while<'s, T>(
         drop(close);
         let prepacked =
             packer.and_then(|p| p.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        if guesser.is_some_and(|g| g.join().is_err()) {
+            tracing::debug!("the thread guessing the base early panicked");
+        }
         (result, prepacked)
     });
     let _ = std::fs::remove_file(&path);
@@ -937,16 +956,18 @@ fn request<'scope, 'env, 's: 'scope>(
         .create_new(true)
         .open(&path)
         .map_err(|e| Error::io("create", &path, e))?;
+    // The dump's first pages file (the root's) takes the base guessed as the dump started,
+    // decided here in the order CRIU asked.
+    let early = shared
+        .early
+        .as_ref()
+        .filter(|_| pages && !shared.pages_asked.swap(true, Ordering::Relaxed));
     shared.opened();
     let spawned = std::thread::Builder::new()
         .name("pf-capture-file".into())
         .spawn_scoped(s, move || {
             let _done = DoneOnDrop(shared);
             let result = if pages {
-                let early = shared
-                    .early
-                    .as_ref()
-                    .filter(|_| !shared.pages_asked.swap(true, Ordering::Relaxed));
                 pages_file(pipe, &out, &path, store, (shared.prepack.as_ref(), early)).map(|p| {
                     shared
                         .pages
@@ -1102,7 +1123,7 @@ fn guess_base<'s>(
     failed: &AtomicBool,
     decided: &Mutex<Decided<'s>>,
 ) -> Option<()> {
-    let early = early.and_then(EarlyBase::take).filter(Guessed::telling);
+    let early = early.and_then(|e| e.take(failed)).filter(Guessed::telling);
     let guessed = match early {
         Some(guessed) => guessed,
         None => guess_from(store, stream_sample(sample, failed)?),
@@ -1584,8 +1605,9 @@ mod tests {
     }
 
     /// Item: a re-freeze's base is guessed from the root's memory as the dump starts, so that
-    /// every page the base has is left out from the first chunk on (guessed from the file's own
-    /// first pages, the chunks read meanwhile keep all of theirs).
+    /// every page the base has is left out of the dump's first pages file from its first chunk
+    /// on (guessed from the file's own first pages, the chunks read meanwhile keep all of
+    /// theirs); a second pages file (another process's) guesses its own, and finds it too.
     #[test]
     fn a_base_guessed_as_the_dump_starts_leaves_out_every_page_it_has() {
         // 16 MiB of this process's memory, page-aligned, each page its own.
@@ -1618,18 +1640,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let pid = std::process::id() as i32;
-        let (status, captured) =
-            capture_while(hold, &store, (dir.path(), false, Some((pid, Vec::new()))), |extra| {
-                std::thread::sleep(Duration::from_millis(1000));
+        let (status, captured) = capture_while(
+            hold,
+            &store,
+            (dir.path(), false, Some((pid, Vec::new()))),
+            |extra| {
+                std::thread::sleep(Duration::from_millis(300));
                 let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-                send(&mut conn, "pages-1.img")
-                    .write_all(&bytes)
-                    .expect("write");
+                for name in ["pages-1.img", "pages-2.img"] {
+                    send(&mut conn, name).write_all(&bytes).expect("write");
+                }
                 let status = post_dump(&extra[2]);
                 drop(conn);
                 Ok(status)
-            })
-            .expect("capture");
+            },
+        )
+        .expect("capture");
         assert!(status.success(), "{status}");
         std::hint::black_box(&mem);
         let got = &captured.pages["pages-1.img"];
@@ -1638,6 +1664,13 @@ mod tests {
         let kept_of_base = got.kept[..PAGES].iter().filter(|k| **k).count();
         assert_eq!(kept_of_base, 0, "pages of the base kept");
         assert!(got.kept[PAGES..].iter().all(|k| *k), "every new page kept");
+        let second = &captured.pages["pages-2.img"];
+        assert_eq!(second.base.as_ref().map(|(m, _)| *m), Some(base));
+        assert_eq!(second.digests, got.digests);
+        assert!(
+            second.kept[PAGES..].iter().all(|k| *k),
+            "the second file keeps the pages the store lacks"
+        );
     }
 
     #[test]
