@@ -288,18 +288,48 @@ struct Shared<'s> {
     error: Mutex<Option<Error>>,
     /// The packer's failure: the cause of a file thread's that could not hand it pages.
     packer_error: Mutex<Option<Error>>,
-    /// The base guessed before the dump, for its first pages file.
+    /// The base guessed before the dump, for the root's pages file.
     early: Option<EarlyBase<'s>>,
-    /// Whether a pages file was asked for yet (the first takes [`Shared::early`]).
-    pages_asked: AtomicBool,
+    /// Where CRIU's requests are on the way to the root's pages file ([`Shared::roots`]).
+    root_seen: Mutex<RootSeen>,
+}
+
+/// The root's pages file is the one CRIU asks for right after the first process's pagemap
+/// (`pagemap-<pid>.img`: CRIU dumps the root first, and opens each pagemap and then its pages
+/// file). Not simply the first pages file: a tree's shared anonymous memory comes first, in
+/// `pagemap-shmem-<id>.img` and a pages file of its own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RootSeen {
+    Not,
+    Pagemap,
+    Done,
+}
+
+impl Shared<'_> {
+    /// Whether `name`, asked for now, is the root's pages file.
+    fn roots(&self, name: &str) -> bool {
+        let mut seen = self.root_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let process_pagemap = name
+            .strip_prefix("pagemap-")
+            .and_then(|rest| rest.strip_suffix(".img"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        let (next, roots) = match *seen {
+            RootSeen::Not if process_pagemap => (RootSeen::Pagemap, false),
+            RootSeen::Not => (RootSeen::Not, false),
+            RootSeen::Pagemap => (RootSeen::Done, crate::v2::is_pages_file(name)),
+            RootSeen::Done => (RootSeen::Done, false),
+        };
+        *seen = next;
+        roots
+    }
 }
 
 /// A base guessed from the root's memory as the dump starts (`/proc/<pid>/mem`, sampled as
 /// [`should_stream`] does), while CRIU seizes the tree and injects its parasite: ready when
 /// the first pages come, where a guess from the pages themselves is ready only after ~100 ms
 /// of them at 1 GiB (reading a base's list and making a set of it), and every page until then
-/// is kept. It goes to the dump's first pages file, the root's (CRIU dumps the root first;
-/// should it be another's, its pages are only compared against a set the store has).
+/// is kept. It goes to the root's pages file ([`RootSeen`]); should that be another's, its
+/// pages are only compared against a set the store has, and more of them are kept.
 struct EarlyBase<'s> {
     /// None until guessed; then the guess (None if the sample could not be taken).
     guessed: Mutex<Option<Option<Guessed<'s>>>>,
@@ -567,7 +597,7 @@ pub(crate) fn capture_while<'s, T>(
             guessed: Mutex::new(None),
             ready: Condvar::new(),
         }),
-        pages_asked: AtomicBool::new(false),
+        root_seen: Mutex::new(RootSeen::Not),
     };
     let extra: Vec<OsString> = vec![
         "--stream".into(),
@@ -956,12 +986,9 @@ fn request<'scope, 'env, 's: 'scope>(
         .create_new(true)
         .open(&path)
         .map_err(|e| Error::io("create", &path, e))?;
-    // The dump's first pages file (the root's) takes the base guessed as the dump started,
-    // decided here in the order CRIU asked.
-    let early = shared
-        .early
-        .as_ref()
-        .filter(|_| pages && !shared.pages_asked.swap(true, Ordering::Relaxed));
+    // The root's pages file takes the base guessed as the dump started, decided here in the
+    // order CRIU asked.
+    let early = shared.early.as_ref().filter(|_| shared.roots(&name));
     shared.opened();
     let spawned = std::thread::Builder::new()
         .name("pf-capture-file".into())
@@ -1605,9 +1632,11 @@ mod tests {
     }
 
     /// Item: a re-freeze's base is guessed from the root's memory as the dump starts, so that
-    /// every page the base has is left out of the dump's first pages file from its first chunk
-    /// on (guessed from the file's own first pages, the chunks read meanwhile keep all of
-    /// theirs); a second pages file (another process's) guesses its own, and finds it too.
+    /// every page the base has is left out of the root's pages file from its first chunk on
+    /// (guessed from the file's own first pages, the chunks read meanwhile keep all of theirs).
+    /// The shared memory's pages file, which CRIU sends first, and another process's guess
+    /// their own (the first of a memory the store lacks keeps every page, not left out against
+    /// the root's base).
     #[test]
     fn a_base_guessed_as_the_dump_starts_leaves_out_every_page_it_has() {
         // 16 MiB of this process's memory, page-aligned, each page its own.
@@ -1637,6 +1666,14 @@ mod tests {
             p[..8].copy_from_slice(&i.to_le_bytes());
             bytes.extend_from_slice(&p);
         }
+        // Shared memory the store lacks.
+        let shmem: Vec<u8> = (0..64u64)
+            .flat_map(|i| {
+                let mut p = vec![0x3cu8; PAGE_SIZE];
+                p[..8].copy_from_slice(&i.to_le_bytes());
+                p
+            })
+            .collect();
         let dir = tempfile::tempdir().expect("tempdir");
         let hold = Hold::new().expect("the post-dump hold (bash, an exec-able scratch dir)");
         let pid = std::process::id() as i32;
@@ -1647,8 +1684,15 @@ mod tests {
             |extra| {
                 std::thread::sleep(Duration::from_millis(300));
                 let mut conn = UnixStream::connect(dir.path().join(SOCKET)).expect("connect");
-                for name in ["pages-1.img", "pages-2.img"] {
-                    send(&mut conn, name).write_all(&bytes).expect("write");
+                for (name, bytes) in [
+                    ("pagemap-shmem-9.img", &b"map"[..]),
+                    ("pages-1.img", &shmem),
+                    ("pagemap-4242.img", b"map"),
+                    ("pages-2.img", &bytes),
+                    ("pagemap-4243.img", b"map"),
+                    ("pages-3.img", &bytes),
+                ] {
+                    send(&mut conn, name).write_all(bytes).expect("write");
                 }
                 let status = post_dump(&extra[2]);
                 drop(conn);
@@ -1658,13 +1702,19 @@ mod tests {
         .expect("capture");
         assert!(status.success(), "{status}");
         std::hint::black_box(&mem);
-        let got = &captured.pages["pages-1.img"];
+        let shared = &captured.pages["pages-1.img"];
+        assert!(shared.base.is_none(), "the shared memory has no base");
+        assert!(
+            shared.kept.iter().all(|k| *k),
+            "every page of new memory kept"
+        );
+        let got = &captured.pages["pages-2.img"];
         assert_eq!(got.base.as_ref().map(|(m, _)| *m), Some(base));
         assert_eq!(got.kept.len(), PAGES + 8);
         let kept_of_base = got.kept[..PAGES].iter().filter(|k| **k).count();
         assert_eq!(kept_of_base, 0, "pages of the base kept");
         assert!(got.kept[PAGES..].iter().all(|k| *k), "every new page kept");
-        let second = &captured.pages["pages-2.img"];
+        let second = &captured.pages["pages-3.img"];
         assert_eq!(second.base.as_ref().map(|(m, _)| *m), Some(base));
         assert_eq!(second.digests, got.digests);
         assert!(
