@@ -487,13 +487,7 @@ impl<'a> PageWriter<'a> {
             });
         }
         let pages = (len / PAGE_SIZE as u64) as usize;
-        if self.batch.is_none() {
-            let batch = self.store.batch().map_err(|source| PagesError::Store {
-                what: "starting a batch of puts".to_owned(),
-                source,
-            })?;
-            self.batch = Some(batch);
-        }
+        self.start_batch()?;
         // Pass 1: hash every page not hashed yet on every thread; None marks a zero page.
         let started = std::time::Instant::now();
         if prehashed.len() > pages {
@@ -752,6 +746,29 @@ impl<'a> PageWriter<'a> {
             pack_bytes,
             from_base_pages: from_base,
         })
+    }
+
+    fn start_batch(&mut self) -> Result<(), PagesError> {
+        if self.batch.is_none() {
+            let batch = self.store.batch().map_err(|source| PagesError::Store {
+                what: "starting a batch of puts".to_owned(),
+                source,
+            })?;
+            self.batch = Some(batch);
+        }
+        Ok(())
+    }
+
+    /// Store `bytes` (compressed, as [`BlobStore::put`]) with the session's pages: durable and
+    /// visible with them at [`commit`](Self::commit), in the same sync round.
+    pub fn put_beside(&mut self, bytes: &[u8]) -> Result<Digest256, PagesError> {
+        self.start_batch()?;
+        batch_of(&self.batch)
+            .put(bytes)
+            .map_err(|source| PagesError::Store {
+                what: "storing a blob beside the pages".to_owned(),
+                source,
+            })
     }
 
     /// Make everything the session stored durable and visible (one sync round for all of it),
@@ -4029,6 +4046,10 @@ mod tests {
         let (file2, path2) = file_of(tmp.path(), "b", &layout[..100]);
         let second = w.write_file(&file2, &path2).expect("store");
         assert_eq!(second.new_pages, 0);
+        // A blob stored beside the pages (the images tar of a freeze) goes with them.
+        let beside = w
+            .put_beside(b"images beside the pages")
+            .expect("put beside");
         assert!(!fs.contains(&stored.manifest).expect("contains"));
         assert!(fs.list().expect("list").is_empty(), "nothing visible yet");
         let digests: Vec<Digest256> = (0..3000u64).map(|i| page_digest(&page(i))).collect();
@@ -4038,6 +4059,10 @@ mod tests {
         w.commit().expect("commit");
         let m = load_manifest(&fs, &stored.manifest).expect("visible");
         assert_eq!(m.packs.len(), 2);
+        assert_eq!(
+            fs.get(&beside).expect("beside, visible"),
+            b"images beside the pages"
+        );
         assert_eq!(
             fs.page_index().lookup(&sorted).expect("lookup").len(),
             3000,
