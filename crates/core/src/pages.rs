@@ -687,7 +687,21 @@ impl<'a> PageWriter<'a> {
         let parsed = base_list
             .filter(|r| Some(r.manifest()) == base_manifest)
             .map(PagesReader::into_list);
-        let base = base_manifest.and_then(|b| self.usable_base(b, parsed));
+        let mut base = base_manifest.and_then(|b| self.usable_base(b, parsed));
+        if let Some(b) = &mut base {
+            // Where the base first lists each page that is not at its own place there, for the
+            // page list and the delta alike (one pass over the base's list; a re-freeze's few
+            // moved pages do not pay for a map of the whole base).
+            // And the zero page's (a page that became zero is copied from a zero page there).
+            let moved = digests.iter().enumerate().filter_map(|(i, digest)| {
+                let digest = digest.as_ref()?;
+                b.list
+                    .get(i)
+                    .is_none_or(|p| p.digest != *digest || p.at.is_none())
+                    .then_some(*digest)
+            });
+            b.first = b.first_places(moved.chain([zero_page_digest()]));
+        }
         let delta = base.as_ref().and_then(|base| {
             let (packs, list, zero_pages) = self.page_list(&digests, Some(base));
             let delta = delta_of(&list, &packs, base);
@@ -859,14 +873,6 @@ impl<'a> PageWriter<'a> {
                 .get(digest)
                 .is_some_and(|&(id, _)| self.written[id as usize])
         };
-        // Where the base first lists the pages it does not list at their own place (only
-        // those: a re-freeze's few moved pages do not pay for a map of the whole base).
-        let first = base.map(|b| {
-            b.first_places(digests.iter().enumerate().filter_map(|(i, digest)| {
-                let digest = digest.as_ref()?;
-                (at_same_place(b, i, digest).is_none() && !packed_now(digest)).then_some(*digest)
-            }))
-        });
         for (i, digest) in digests.iter().enumerate() {
             let Some(digest) = digest else {
                 zero_pages += 1;
@@ -881,12 +887,12 @@ impl<'a> PageWriter<'a> {
             // pack of a usable base is in the store, so a page the base lists at its own place
             // was placed from it; one it lists elsewhere is in a new pack only if the index
             // did not know it, and that pack holds it as well.)
-            let in_base = base.zip(first.as_ref()).and_then(|(b, first)| {
+            let in_base = base.and_then(|b| {
                 at_same_place(b, i, digest).or_else(|| {
                     if packed_now(digest) {
                         return None;
                     }
-                    first.get(digest).and_then(|&j| b.list[j].at)
+                    b.first.get(digest).and_then(|&j| b.list[j].at)
                 })
             });
             let (n, slot) = match base.zip(in_base) {
@@ -948,7 +954,11 @@ impl<'a> PageWriter<'a> {
                 parse_list(self.store, &manifest.list, &bytes, &manifest)?
             }
         };
-        Ok(Ok(Base { manifest, list }))
+        Ok(Ok(Base {
+            manifest,
+            list,
+            first: crate::DigestMap::default(),
+        }))
     }
 
     /// Whether the store holds `pack`.
@@ -1172,6 +1182,9 @@ pub fn remember_manifest(store: &dyn BlobStore, manifest: &Digest256, packs: &[D
 struct Base {
     manifest: PagesManifest,
     list: Vec<ListedPage>,
+    /// The first place the base lists each page of the file that it does not list at the
+    /// page's own place ([`Base::first_places`]).
+    first: crate::DigestMap<usize>,
 }
 
 impl Base {
@@ -1243,18 +1256,6 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
             && e[32..36] == pack.to_le_bytes()
             && e[36..40] == slot.to_le_bytes()
     };
-    // The first place the base lists each entry that is not at its own place but could be in
-    // the base elsewhere.
-    let first = base.first_places((0..pages).filter_map(|i| {
-        let e = entry(i);
-        (could_be_in_base(e) && !same(i, e))
-            .then(|| {
-                <[u8; 32]>::try_from(&e[..32])
-                    .ok()
-                    .map(Digest256::from_bytes)
-            })
-            .flatten()
-    }));
     enum Op {
         Copy(usize, usize),
         New(usize, usize),
@@ -1274,7 +1275,7 @@ fn delta_of(list: &[u8], packs: &[Digest256], base: &Base) -> Option<Vec<u8>> {
             <[u8; 32]>::try_from(&entry(i)[..32])
                 .ok()
                 .filter(|_| could_be_in_base(entry(i)))
-                .and_then(|d| first.get(&Digest256::from_bytes(d)).copied())
+                .and_then(|d| base.first.get(&Digest256::from_bytes(d)).copied())
                 .filter(|&j| same(j, entry(i)))
         };
         match start {
