@@ -3717,15 +3717,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_later_version_places_its_unchanged_pages_where_its_base_has_them() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+    /// A store in `dir` holding a first version of a file: 3000 pages, every 9th a zero page.
+    fn stored_first_version(
+        dir: &std::path::Path,
+    ) -> (crate::FsBlobStore, Vec<Option<u64>>, PagesStored) {
+        let fs = crate::FsBlobStore::open(&dir.join("store")).expect("store");
         let first: Vec<Option<u64>> = (0..3000u64).map(|i| (i % 9 != 4).then_some(i)).collect();
-        let (file, path) = file_of(tmp.path(), "v1", &first);
+        let (file, path) = file_of(dir, "v1", &first);
         let mut w = PageWriter::new(&fs, fs.page_index(), 2);
         let v1 = w.write_file(&file, &path).expect("v1");
         w.commit().expect("commit");
+        (fs, first, v1)
+    }
+
+    #[test]
+    fn a_later_version_places_its_unchanged_pages_where_its_base_has_them() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (fs, first, v1) = stored_first_version(tmp.path());
         assert_eq!(v1.from_base_pages, 0, "no base yet");
         // Every 10th page rewritten, two zero pages filled, one filled page zeroed.
         let mut second = first.clone();
@@ -3782,12 +3790,7 @@ mod tests {
     #[test]
     fn moved_pages_are_placed_where_the_base_has_them_and_the_delta_stays_small() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
-        let first: Vec<Option<u64>> = (0..3000u64).map(|i| (i % 9 != 4).then_some(i)).collect();
-        let (file, path) = file_of(tmp.path(), "v1", &first);
-        let mut w = PageWriter::new(&fs, fs.page_index(), 2);
-        let v1 = w.write_file(&file, &path).expect("v1");
-        w.commit().expect("commit");
+        let (fs, first, v1) = stored_first_version(tmp.path());
         let mut second = first.clone();
         second.splice(100..100, [Some(900_001), Some(900_002), Some(900_003)]);
         second[2000] = Some(5);
