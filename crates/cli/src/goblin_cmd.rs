@@ -298,7 +298,12 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
     );
     let warmed = match warmed {
         Ok(w) => w,
-        Err(e @ pf_goblins::Error::NotWarm { .. }) => bail!("{e} (raise --timeout?)"),
+        Err(
+            e @ pf_goblins::Error::NotWarm {
+                on_stderr: false, ..
+            },
+        ) => bail!("{e} (raise --timeout?)"),
+        Err(e @ pf_goblins::Error::NotWarm { .. }) => bail!("{e}"),
         Err(e @ pf_goblins::Error::ExitedWarming { .. }) => bail!("{e}; its output is above"),
         Err(e @ pf_goblins::Error::Pattern { .. }) => {
             return Err(anyhow::Error::new(e).context("--until is not usable"));

@@ -200,7 +200,7 @@ pub enum Error {
     #[error(
         "goblin {pid} was not warm after {} s{}; it has been stopped",
         .waited.as_secs(),
-        not_warm_hint(*.quiet)
+        not_warm_hint(*.quiet, *.on_stderr)
     )]
     NotWarm {
         /// The goblin.
@@ -209,6 +209,8 @@ pub enum Error {
         waited: std::time::Duration,
         /// Whether it was waited on for quiet (else for a pattern).
         quiet: bool,
+        /// Whether the pattern matched what it printed on stderr (a pattern watches stdout).
+        on_stderr: bool,
     },
     /// A warm-up's goblin exited before it was warm.
     #[error("goblin {pid} exited ({}) before it was warm", pf_os::Exit::from(*.status))]
@@ -341,9 +343,13 @@ fn metadata_hint(op: &str) -> &'static str {
     }
 }
 
-fn not_warm_hint(quiet: bool) -> &'static str {
+fn not_warm_hint(quiet: bool, on_stderr: bool) -> &'static str {
     if quiet {
         " (it never stopped printing for the quiet time)"
+    } else if on_stderr {
+        " (the ready pattern matched what it printed on stderr, but it is looked for on stdout \
+         only: `python3 -i` and other REPLs prompt on stderr; have it print a ready line of its \
+         own on stdout, e.g. with --input)"
     } else {
         " (its stdout never matched the ready pattern; is it buffering its output? try \
          `python3 -u` or `stdbuf -oL`)"

@@ -113,6 +113,10 @@ pub struct Warmed {
     pub drain: Drain,
 }
 
+/// How long after the ready pattern matched a goblin's stderr (not its stdout, where it is
+/// looked for) a warm-up says so, unless its stdout matched meanwhile.
+const STDERR_HINT_AFTER: Duration = Duration::from_secs(2);
+
 /// Warm a goblin up and freeze it.
 ///
 /// In order: check what can be checked before anything runs (the pattern, the tag, that CRIU
@@ -195,16 +199,30 @@ pub fn warm_up(
     );
     let mut out = Output::default();
     let mut last_output = Instant::now();
+    // When the pattern matched its stderr (it is looked for on stdout): said once if stdout
+    // has not matched [`STDERR_HINT_AFTER`] later, and in the error.
+    let mut on_stderr: Option<Instant> = None;
+    let mut hinted = false;
     let warm = loop {
         let wake = match quiet {
             Some(q) if pipes.input_done() => deadline.min(last_output + q),
             _ => deadline,
+        };
+        let wake = match on_stderr {
+            Some(at) if !hinted => wake.min(at + STDERR_HINT_AFTER),
+            _ => wake,
         };
         match pipes.next(Some(wake), Some(cancel))? {
             Event::Output(stream, bytes) => {
                 on_output(stream, &bytes);
                 last_output = Instant::now();
                 out.push(stream, &bytes);
+                if stream == Stream::Stderr
+                    && on_stderr.is_none()
+                    && pattern.as_ref().is_some_and(|re| re.is_match(&out.stderr))
+                {
+                    on_stderr = Some(Instant::now());
+                }
                 if stream == Stream::Stdout
                     && pipes.input_done()
                     && pattern.as_ref().is_some_and(|re| re.is_match(&out.stdout))
@@ -231,7 +249,20 @@ pub fn warm_up(
                         pid,
                         waited: options.timeout,
                         quiet: quiet.is_some(),
+                        on_stderr: on_stderr.is_some(),
                     });
+                }
+                if let Some(at) = on_stderr
+                    && !hinted
+                    && now >= at + STDERR_HINT_AFTER
+                {
+                    hinted = true;
+                    tracing::warn!(
+                        pid,
+                        "the ready pattern matched what the goblin printed on stderr, but it is \
+                         looked for on its stdout only: still waiting (have it print a ready \
+                         line of its own on stdout)"
+                    );
                 }
                 if quiet.is_some_and(|q| pipes.input_done() && now >= last_output + q) {
                     break true;
@@ -261,6 +292,7 @@ pub fn warm_up(
                 pid,
                 waited: options.timeout,
                 quiet: quiet.is_some(),
+                on_stderr: on_stderr.is_some(),
             });
         }
         let status = goblin.wait()?;

@@ -228,4 +228,39 @@ fn live_warm_up_leaves_a_goblin_running_or_stops_it_on_cancel() {
         "{err}"
     );
     assert_eq!(err.kind(), pf_goblins::ErrorKind::NotWarm);
+
+    // The pattern printed on stderr (as a REPL prints its prompt): not warm, and the error says
+    // the pattern is looked for on stdout.
+    let mut opts = options(b"", Ready::Matches("^ready$".into()), false, None);
+    opts.timeout = Duration::from_millis(800);
+    let err = pf_goblins::warm_up(
+        WarmFrom::Command {
+            command: python(
+                "import sys, time\nsys.stderr.write('ready\\n')\nsys.stderr.flush()\ntime.sleep(60)",
+                &[],
+            ),
+            spawn: SpawnOptions::in_dir("/".into()),
+        },
+        FreezeTarget::Store(&store),
+        &opts,
+        &fresh,
+        &mut |_, _| {},
+    )
+    .expect_err("not warm");
+    assert!(
+        matches!(
+            err,
+            Error::NotWarm {
+                quiet: false,
+                on_stderr: true,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains("matched what it printed on stderr, but it is looked for on stdout"),
+        "{err}"
+    );
 }
