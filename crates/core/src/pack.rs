@@ -174,6 +174,7 @@ pub struct PackBuilder {
 }
 
 /// A thread's share of compressing a pack.
+#[derive(Default)]
 struct FrameWorker {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     /// Its frames' compressed bytes, one after another (the first thread's go straight into
@@ -302,11 +303,7 @@ impl PackBuilder {
         let per_thread = chunks.len().div_ceil(self.threads).max(1);
         let groups: Vec<&[&[u8]]> = chunks.chunks(per_thread).collect();
         while self.workers.len() < groups.len().max(1) {
-            self.workers.push(FrameWorker {
-                compressor: None,
-                out: Vec::new(),
-                lens: Vec::new(),
-            });
+            self.workers.push(FrameWorker::default());
         }
         out.extend_from_slice(MAGIC);
         // The first thread's frames go straight into `out`, the others' into their own buffers,
@@ -496,6 +493,51 @@ pub(crate) fn parse_frames(
 pub(crate) fn frame_holding(frames: &[Frame], slot: u32) -> Option<usize> {
     let n = frames.partition_point(|f| f.first + f.pages <= slot);
     (n < frames.len()).then_some(n)
+}
+
+/// Most bytes a frame of raw pages has before them: the zstd frame header (magic 4, descriptor
+/// 1, window 1, content size 8; no dictionary) and one block header (3).
+pub(crate) const RAW_HEAD_MAX: usize = 17;
+
+/// Whether `head`, the bytes of a frame before its last `content` bytes, says those bytes are
+/// its pages as they are: a zstd frame header with no dictionary and no checksum (and, if it
+/// gives one, a content size of `content`) and then one last raw block of `content` bytes.
+/// zstd stores a frame that does not compress that way, so its pages can be read straight
+/// from the pack where they are needed, not copied there by the decoder. (Only a saving: the
+/// pages are checked against their digests all the same, and any other frame is decoded.)
+pub(crate) fn is_raw_frame_head(head: &[u8], content: usize) -> bool {
+    const MAGIC: [u8; 4] = 0xFD2F_B528u32.to_le_bytes();
+    let (Some(magic), Some(&descriptor)) = (head.get(..4), head.get(4)) else {
+        return false;
+    };
+    let single_segment = descriptor & 0x20 != 0;
+    // Reserved bit, checksum, dictionary id.
+    if magic != MAGIC || descriptor & 0x08 != 0 || descriptor & 0x04 != 0 || descriptor & 3 != 0 {
+        return false;
+    }
+    let mut at = 5 + usize::from(!single_segment);
+    let size_len = match descriptor >> 6 {
+        0 => usize::from(single_segment),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let Some(size) = head.get(at..at + size_len) else {
+        return false;
+    };
+    let mut le = [0u8; 8];
+    le[..size_len].copy_from_slice(size);
+    let size = u64::from_le_bytes(le) + if size_len == 2 { 256 } else { 0 };
+    if size_len > 0 && size != content as u64 {
+        return false;
+    }
+    at += size_len;
+    let Some(&[b0, b1, b2]) = head.get(at..) else {
+        return false;
+    };
+    let block = u32::from_le_bytes([b0, b1, b2, 0]);
+    // Last block, raw, all of the content.
+    block & 1 == 1 && (block >> 1) & 3 == 0 && (block >> 3) as usize == content
 }
 
 /// Decode one frame's compressed bytes `src` into `out` (cleared first, its allocation
@@ -897,6 +939,62 @@ mod tests {
                 bad.len()
             );
         }
+    }
+
+    /// `pages` incompressible pages (an xorshift stream from `seed`).
+    fn noise(pages: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = vec![0u8; pages * PAGE_SIZE];
+        for c in out.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn a_frame_of_incompressible_pages_is_told_by_its_head_and_holds_them_as_they_are() {
+        let mut worker = FrameWorker::default();
+        for pages in [1, 2, 31, FRAME_PAGES] {
+            let input = noise(pages, pages as u64);
+            let mut frame = Vec::new();
+            worker.compress(&[&input], &mut frame).expect("compress");
+            let head = frame.len() - input.len();
+            assert!((1..=RAW_HEAD_MAX).contains(&head), "{pages} pages: {head}");
+            assert!(is_raw_frame_head(&frame[..head], input.len()), "{pages}");
+            assert_eq!(&frame[head..], &input[..], "{pages}");
+            // Not for another length, nor with any one bit of the head flipped: the magic, a
+            // checksum or a dictionary, the content size, the block's type, size or last bit.
+            assert!(!is_raw_frame_head(&frame[..head], input.len() - PAGE_SIZE));
+            assert!(!is_raw_frame_head(&frame[..head - 1], input.len()));
+            for byte in 0..head {
+                for bit in 0..8 {
+                    let mut bad = frame[..head].to_vec();
+                    bad[byte] ^= 1 << bit;
+                    // The descriptor's unused bit (0x10) means nothing.
+                    if byte == 4 && bit == 4 {
+                        continue;
+                    }
+                    assert!(
+                        !is_raw_frame_head(&bad, input.len()),
+                        "{pages} pages: byte {byte} bit {bit}"
+                    );
+                }
+            }
+        }
+        // A frame that compresses is not one.
+        let text = b"a frame of text compresses well. ".repeat(FRAME_PAGES * PAGE_SIZE / 32);
+        let mut frame = Vec::new();
+        worker
+            .compress(&[&text[..FRAME_PAGES * PAGE_SIZE]], &mut frame)
+            .expect("compress");
+        assert!(frame.len() < FRAME_PAGES * PAGE_SIZE);
+        assert!(!is_raw_frame_head(
+            &frame[..RAW_HEAD_MAX],
+            FRAME_PAGES * PAGE_SIZE
+        ));
     }
 
     #[test]

@@ -2383,19 +2383,37 @@ impl<'s> PagesReader<'s> {
             return 0;
         };
         let dst = &mut out[..n * PAGE_SIZE];
-        let decoded = DECODER.with(|decoder| {
-            SRC.with(|src| {
-                let mut src = src.borrow_mut();
-                src.resize(f.len, 0);
-                self.read_pack(&phys.pack, &bytes, f.offset as u64, &mut src)
-                    .ok()
-                    .and_then(|()| {
-                        crate::pack::decode_frame_into(&mut decoder.borrow_mut(), &src, dst).ok()
-                    })
-            })
-        });
-        if decoded.is_none() {
-            return 0;
+        // A frame of pages that did not compress is read straight into place.
+        let head_len = f.len.wrapping_sub(dst.len());
+        if (1..=crate::pack::RAW_HEAD_MAX).contains(&head_len) {
+            let mut head = [0u8; crate::pack::RAW_HEAD_MAX];
+            let head = &mut head[..head_len];
+            let raw = self
+                .read_pack(&phys.pack, &bytes, f.offset as u64, head)
+                .is_ok()
+                && crate::pack::is_raw_frame_head(head, dst.len())
+                && self
+                    .read_pack(&phys.pack, &bytes, (f.offset + head_len) as u64, dst)
+                    .is_ok();
+            if !raw {
+                return 0;
+            }
+        } else {
+            let decoded = DECODER.with(|decoder| {
+                SRC.with(|src| {
+                    let mut src = src.borrow_mut();
+                    src.resize(f.len, 0);
+                    self.read_pack(&phys.pack, &bytes, f.offset as u64, &mut src)
+                        .ok()
+                        .and_then(|()| {
+                            crate::pack::decode_frame_into(&mut decoder.borrow_mut(), &src, dst)
+                                .ok()
+                        })
+                })
+            });
+            if decoded.is_none() {
+                return 0;
+            }
         }
         for k in 0..n {
             unchecked(
@@ -3749,6 +3767,47 @@ mod tests {
         assert!(
             direct >= 4,
             "{direct} frames were read straight into the output"
+        );
+    }
+
+    #[test]
+    fn whole_frames_that_compressed_and_frames_that_did_not_read_alike() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fs = crate::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        // Frames of text (decoded into place) between frames of noise (read into place), and
+        // a last frame of 8 pages, each page distinct.
+        let mut original = Vec::new();
+        for i in 0..104u64 {
+            if (i / 32) % 2 == 1 {
+                let line = format!("page {i}: a line of text that repeats. ");
+                original.extend(line.bytes().cycle().take(PAGE_SIZE));
+            } else {
+                original.extend_from_slice(&page(i));
+            }
+        }
+        let path = tmp.path().join("mixed");
+        std::fs::write(&path, &original).expect("write");
+        let mut w = PageWriter::new(&fs, PageIndex::none(), 2);
+        let file = File::open(&path).expect("open");
+        let manifest = w.write_file(&file, &path).expect("store").manifest;
+        w.commit().expect("commit");
+        let reader = PagesReader::open(&fs, &manifest).expect("open");
+        let mut all = vec![0u8; 104 * PAGE_SIZE];
+        reader.read(0, &mut all).expect("read");
+        assert!(all == original, "the pages read back differ");
+        let direct = reader
+            .direct
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        assert_eq!(direct, 4, "every frame went straight into the output");
+        let m = load_manifest(&fs, &manifest).expect("manifest");
+        let stored = std::fs::metadata(fs.blob_path(&m.packs[0]))
+            .expect("pack")
+            .len();
+        assert!(
+            stored < 80 * PAGE_SIZE as u64,
+            "{stored} bytes: the text frames were not compressed"
         );
     }
 
