@@ -55,6 +55,14 @@ fn fails(store: &Path, args: &[&str]) -> String {
     stderr(&out)
 }
 
+/// An empty store at `path` (a private directory: what pf makes on its first put), for the
+/// commands that need a store to be there.
+fn make_store(path: &Path) {
+    std::os::unix::fs::DirBuilderExt::mode(&mut fs::DirBuilder::new(), 0o700)
+        .create(path)
+        .unwrap();
+}
+
 /// `len` pseudo-random bytes (incompressible), from `seed`.
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed | 1;
@@ -238,6 +246,7 @@ fn a_corrupt_blob_fails_cat_and_verify_naming_the_digest() {
 fn malformed_digests_are_refused_by_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
+    make_store(&store);
     let good = Digest256::of(b"x").to_string();
     let cases = [
         "sha256:".to_owned(),
@@ -509,6 +518,46 @@ fn a_store_path_below_a_file_fails_naming_it() {
 }
 
 #[test]
+fn a_mistyped_store_is_an_error_for_readers_and_only_a_put_creates_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("typo").join("store");
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    for args in [
+        &["ls"][..],
+        &["tags"],
+        &["verify"],
+        &["gc"],
+        &["cat", &digest],
+        &["show", "mine"],
+        &["tag", "mine", &digest],
+    ] {
+        let err = fails(&store, args);
+        assert!(err.contains("there is no store at"), "{args:?}: {err}");
+        assert!(
+            err.contains(&store.display().to_string()),
+            "{args:?}: {err}"
+        );
+    }
+    for args in [&["procs", "show", "x"][..], &["goblin", "thaw", "x"]] {
+        let out = pf(&store).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            stderr(&out).contains("there is no store at"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(
+        !dir.path().join("typo").exists(),
+        "a reader created the store"
+    );
+    let file = dir.path().join("file");
+    fs::write(&file, b"kept").unwrap();
+    let digest = ok(&store, &["put", file.to_str().unwrap()]);
+    assert_eq!(ok(&store, &["cat", digest.trim()]), "kept");
+}
+
+#[test]
 fn help_teaches_with_examples() {
     let dir = tempfile::tempdir().unwrap();
     let out = store_cmd(dir.path(), &["--help"]);
@@ -533,7 +582,7 @@ fn help_teaches_with_examples() {
 fn puts_with_tags_racing_gc_grace_0_leave_no_dangling_name() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    ok(&store, &["ls"]);
+    make_store(&store);
     let done = std::sync::atomic::AtomicBool::new(false);
     const WRITERS: usize = 6;
     const PUTS: usize = 8;
@@ -709,7 +758,7 @@ fn a_store_of_another_user_is_refused_saying_whose_it_is() {
     fs::create_dir(&private).unwrap();
     fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
     let hidden = private.join("store");
-    ok(&hidden, &["ls"]);
+    make_store(&hidden);
     let out = store_cmd_as_nobody(dir.path(), &hidden, &["tags"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);

@@ -44,6 +44,21 @@ pub(crate) fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore
     })
 }
 
+/// Open the store at [`store_root`] to read it (or to change what it holds): a missing store is
+/// an error, not a new empty one, so a mistyped `--store` does not pass for an empty store.
+pub(crate) fn open_existing_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
+    let root = store_root(global)?;
+    pf_core::FsBlobStore::open_existing(&root).map_err(|err| match err {
+        pf_core::Error::NoStore { .. } => {
+            anyhow::anyhow!("{err}; --store DIR or $PF_STORE picks another store")
+        }
+        err => anyhow::Error::new(err).context(format!(
+            "cannot use the store at {} (--store DIR or $PF_STORE picks another)",
+            root.display()
+        )),
+    })
+}
+
 /// The digest `digest_or_name` stands for in `store`, or an error that says what a digest looks
 /// like and where the names are.
 pub(crate) fn resolve(

@@ -438,7 +438,7 @@ impl Resolved {
             .snapshot
             .as_deref()
             .context("name a snapshot or give --images")?;
-        let store = common::open_store(global)?;
+        let store = common::open_existing_store(global)?;
         let digest = store
             .resolve(name)
             .with_context(|| format!("no snapshot {name:?} in the store (see `pf store ls`)"))?;

@@ -144,7 +144,10 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    let store = common::open_store(global)?;
+    let store = match command {
+        Command::Capture(_) => common::open_store(global)?,
+        _ => common::open_existing_store(global)?,
+    };
     match command {
         Command::Capture(args) => capture(&store, &args),
         Command::Restore(args) => restore(&store, &args),

@@ -121,7 +121,7 @@ pub(crate) struct PullArgs {
 
 pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode> {
     let reference = Reference::parse(&args.reference)?;
-    let store = common::open_store(global)?;
+    let store = common::open_existing_store(global)?;
     let root = store
         .resolve(&args.snapshot)
         .with_context(|| format!("cannot find snapshot {:?} in the store", args.snapshot))?;

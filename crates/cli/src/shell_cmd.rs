@@ -140,7 +140,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             let restored = match (snapshot, images) {
                 (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
                 (Some(s), None) => {
-                    let store = common::open_store(global)?;
+                    let store = common::open_existing_store(global)?;
                     let digest = store
                         .resolve(&s)
                         .with_context(|| format!("finding {s:?}"))?;

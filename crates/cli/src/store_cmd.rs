@@ -266,7 +266,11 @@ pub(crate) struct RmArgs {
 }
 
 pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    let store = common::open_store(global)?;
+    // Only a put makes a store; every other command needs one that is there.
+    let store = match command {
+        Command::Put(_) => common::open_store(global)?,
+        _ => common::open_existing_store(global)?,
+    };
     match command {
         Command::Put(args) => put(&store, &args),
         Command::Cat(args) => cat(&store, &args),

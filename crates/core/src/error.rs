@@ -71,6 +71,14 @@ pub enum Error {
     /// No name (ref) of this spelling exists.
     #[error("no name {name:?} in the store")]
     NameNotFound { name: String },
+    /// No store is at the root a reader asked for: nothing was ever stored there (or the path
+    /// is mistyped). Only [`FsBlobStore::open_existing`](crate::FsBlobStore::open_existing)
+    /// says so; [`FsBlobStore::open`](crate::FsBlobStore::open) creates the store instead.
+    #[error(
+        "there is no store at {}: nothing was ever stored there (freezing a goblin, `pf procs capture` or `pf store put` creates it)",
+        .root.display()
+    )]
+    NoStore { root: PathBuf },
     /// The store (its root, `refs/` or `blobs/`) belongs to another user: its owner decides what
     /// its names point at, so it is not used.
     #[error(

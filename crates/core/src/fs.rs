@@ -132,6 +132,17 @@ impl FsBlobStore {
     /// others may write one of them, an [`Error::StoreUnreachable`] when a directory on the way
     /// does not let this user through.
     pub fn open(root: &Path) -> Result<Self> {
+        Self::open_as(root, true)
+    }
+
+    /// Open the store at `root` to read it, or to change what is already there: like
+    /// [`open`](Self::open), but a missing store is [`Error::NoStore`] and nothing is created,
+    /// so a mistyped path is an error rather than a new empty store.
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        Self::open_as(root, false)
+    }
+
+    fn open_as(root: &Path, create: bool) -> Result<Self> {
         match fs::metadata(root) {
             Ok(meta) if meta.is_dir() => check_private(root)?,
             Ok(_) => {
@@ -142,6 +153,11 @@ impl FsBlobStore {
                 ));
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                if !create {
+                    return Err(Error::NoStore {
+                        root: root.to_owned(),
+                    });
+                }
                 ensure_dir(root)?;
             }
             Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
@@ -1784,6 +1800,32 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn opening_a_missing_store_to_read_it_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("typo").join("store");
+        let err = FsBlobStore::open_existing(&root).expect_err("no store there");
+        assert!(
+            matches!(&err, Error::NoStore { root: r } if *r == root),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("nothing was ever stored there"),
+            "{err}"
+        );
+        assert!(!dir.path().join("typo").exists(), "a directory was created");
+        // Once a writer made it, a reader opens it; a file where the store should be is refused.
+        let s = FsBlobStore::open(&root).unwrap();
+        let d = s.put(b"kept").unwrap();
+        assert_eq!(
+            FsBlobStore::open_existing(&root).unwrap().get(&d).unwrap(),
+            b"kept"
+        );
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        assert!(FsBlobStore::open_existing(&file).is_err());
     }
 
     #[test]

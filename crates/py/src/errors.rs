@@ -26,7 +26,7 @@ impl Class {
 fn core_class(err: &pf_core::Error) -> Class {
     use pf_core::Error as E;
     Class::named(match err {
-        E::NotFound { .. } | E::NameNotFound { .. } => "NotFound",
+        E::NotFound { .. } | E::NameNotFound { .. } | E::NoStore { .. } => "NotFound",
         E::Integrity { .. } | E::Decode { .. } | E::CorruptName { .. } => "StoreCorrupt",
         E::InvalidDigest(_) | E::InvalidName { .. } => "InvalidArgument",
         _ => "StoreError",

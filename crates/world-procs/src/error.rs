@@ -337,7 +337,9 @@ impl ErrorKind {
     /// The kind of a store error.
     pub fn of_store(err: &pf_core::Error) -> Self {
         match err {
-            pf_core::Error::NotFound { .. } | pf_core::Error::NameNotFound { .. } => Self::NotFound,
+            pf_core::Error::NotFound { .. }
+            | pf_core::Error::NameNotFound { .. }
+            | pf_core::Error::NoStore { .. } => Self::NotFound,
             pf_core::Error::Integrity { .. }
             | pf_core::Error::Decode { .. }
             | pf_core::Error::CorruptName { .. } => Self::StoreCorrupt,
