@@ -876,3 +876,63 @@ fn a_repacked_snapshot_pushes_its_forward_records_and_pulls_whole() {
     );
     drop(registry);
 }
+
+#[test]
+fn pulling_again_mends_a_damaged_copy_of_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let store_a = pf_core::FsBlobStore::open(&a).unwrap();
+    let (manifest, bytes) = put_pages_snapshot(&store_a, dir.path(), "snap", 0..300);
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let target = format!("{}/team/snap:v1", registry.addr());
+    let pf_json = |store: &Path, args: &[&str], what: &str| -> serde_json::Value {
+        let out = ok(
+            &run({
+                let mut c = pf(store);
+                c.args(args);
+                c
+            }),
+            what,
+        );
+        serde_json::from_str(&out).unwrap()
+    };
+    pf_json(&a, &["push", "snap", &target, "--json"], "push");
+    pf_json(&b, &["pull", &target, "--tag", "snap", "--json"], "pull");
+
+    // Damage b's copy: cut the record (kept compressed) short, and its first pack (kept raw).
+    let store_b = pf_core::FsBlobStore::open(&b).unwrap();
+    let root = store_b.get_name("snap").unwrap();
+    let pack = pf_core::pages::load_manifest(&store_b, &manifest)
+        .unwrap()
+        .packs[0];
+    for digest in [root, pack] {
+        let path = store_b.blob_path(&digest);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(len - 3).unwrap();
+    }
+    let verify = run({
+        let mut c = pf(&b);
+        c.args(["store", "verify"]);
+        c
+    });
+    assert!(!verify.status.success(), "verify passed a damaged store");
+
+    // Pulling again fetches the two damaged blobs (and only what it must) and mends them.
+    let pulled = pf_json(&b, &["pull", &target, "--json"], "pull again");
+    let fetched = pulled["fetched"].as_u64().unwrap();
+    assert!((2..=3).contains(&fetched), "{pulled}");
+    ok(
+        &run({
+            let mut c = pf(&b);
+            c.args(["store", "verify"]);
+            c
+        }),
+        "verify the mended store",
+    );
+    let reader = pf_core::pages::PagesReader::open(&store_b, &manifest).unwrap();
+    let mut out = vec![0u8; bytes.len()];
+    reader.read(0, &mut out).unwrap();
+    assert!(out == bytes, "the mended snapshot reads page for page");
+    drop(registry);
+}

@@ -47,7 +47,10 @@ Examples:
   pf goblin thaw repl                                 then thaw it as any snapshot
   pf pull ghcr.io/me/repl:v1 --json
 
-Only the blobs this store lacks are fetched; every byte is checked against its sha256 before it
+Only the blobs this store lacks are fetched, and those whose copy here is damaged: cut short,
+or (all but page packs, which are large and checked page by page as they are read) bytes that
+fail their hash. So pulling again mends a damaged record, images archive or page list, and a
+truncated pack. Every byte is checked against its sha256 before it
 enters the store, and a blob that does not match is refused, naming its digest. The name is
 written last, once every blob of the snapshot is in: a pull that fails leaves nothing of itself
 behind (no name, no blob). Without --tag the snapshot is stored unnamed: its digest is printed,

@@ -101,7 +101,7 @@ pub fn pull(
             bytes_fetched.fetch_add(blob.size, Ordering::Relaxed);
             return Ok(());
         }
-        if store.contains(&blob.digest)? {
+        if sound_copy_here(store, blob)? {
             progress(Event::Skipped {
                 digest: &blob.digest,
                 size: blob.size,
@@ -147,11 +147,11 @@ pub fn pull(
         let added = added.into_inner().unwrap_or_else(|p| p.into_inner());
         for f in &forwards_added {
             if let Err(remove) = store.remove_forward(f) {
-                tracing::warn!(error = %remove, "taking back a forward record of a failed pull; gc will");
+                tracing::warn!(error = %remove, "taking back a forward record of a failed pull; gc will remove it");
             }
         }
         if let Err(remove) = pf_core::remove_unreachable(store, &added) {
-            tracing::warn!(error = %remove, "taking back the blobs of a failed pull; gc will");
+            tracing::warn!(error = %remove, "taking back the blobs of a failed pull; gc will remove them");
         }
         return Err(err);
     }
@@ -186,6 +186,44 @@ pub fn pull(
         bytes_fetched: bytes_fetched.into_inner(),
         pages_indexed,
     })
+}
+
+/// Whether this store already holds a sound copy of `blob`, so that the pull can skip it: of
+/// the size the manifest gives and, unless the store keeps it raw (a page pack: its every page
+/// is checked whenever it is read, and by `pf store verify`), hashing to its digest (records,
+/// page lists and images archives, which are small). A damaged copy is fetched again, and
+/// storing the fetched bytes repairs it: pulling again is how a damaged snapshot is mended.
+fn sound_copy_here(store: &dyn BlobStore, blob: &Descriptor) -> Result<bool> {
+    if !store.contains(&blob.digest)? {
+        return Ok(false);
+    }
+    let size = store.raw_size(&blob.digest);
+    let damage = match size {
+        Ok(size) if size != blob.size => Some(format!(
+            "{size} bytes where the manifest says {}",
+            blob.size
+        )),
+        Ok(_) if store.seekable(&blob.digest)? => None,
+        Ok(_) => match store.copy_to(&blob.digest, &mut std::io::sink()) {
+            Ok(_) => None,
+            Err(err) if is_damage(&err) => Some(err.to_string()),
+            Err(err) => return Err(err.into()),
+        },
+        Err(err) if is_damage(&err) => Some(err.to_string()),
+        Err(err) => return Err(err.into()),
+    };
+    if let Some(damage) = &damage {
+        tracing::warn!(digest = %blob.digest, %damage, "the copy here is damaged: fetching it again");
+    }
+    Ok(damage.is_none())
+}
+
+/// Whether a store error says a blob's bytes are bad (rather than that the store cannot be read).
+fn is_damage(err: &pf_core::Error) -> bool {
+    matches!(
+        err,
+        pf_core::Error::Integrity { .. } | pf_core::Error::Decode { .. }
+    )
 }
 
 /// The most raw bytes a page pack can have (2048 pages of 4 KiB, compressed frames that may
