@@ -99,7 +99,7 @@ fn show_reads_reference_pf_world_blobs_and_rejects_others() {
     let out = run(pf(&store).args(["procs", "show", &other]));
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stderr).contains("is not a procs blob"),
+        text(&out.stderr).contains("is not a snapshot: it does not read as a procs record"),
         "{}",
         text(&out.stderr)
     );

@@ -119,7 +119,7 @@ pub(crate) struct SpawnArgs {
     #[arg(long, value_name = "MS", default_value_t = 500)]
     quiet_ms: u64,
     /// Give up (and stop the command) if it is not warm after this many seconds
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     timeout: u64,
     /// After the freeze, read what the goblin printed for at most this long (processes it
     /// started with setsid may hold its output open; pf names them and moves on)
@@ -220,7 +220,7 @@ pub(crate) struct ForkArgs {
     #[arg(long, value_name = "TEXT")]
     send: Vec<String>,
     /// Kill a copy still running this many seconds after it was thawed [default: no limit]
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     timeout: Option<u64>,
     /// Print one JSON object per copy (clone, pid, exit_code, signal, timed_out, stdout, stderr)
     #[arg(long)]

@@ -245,6 +245,16 @@ fn print_result(json: bool, value: &serde_json::Value, plain: &str) {
 
 /// Add the shell's terminal hint to CRIU's failure on a terminal of another session.
 fn with_tty_hint(err: pf_world_procs::Error) -> anyhow::Error {
+    // A shell comes back under its own pids (its jobs and terminal need them): `--new-pidns`,
+    // the fix the library names, is not a `shell thaw` flag; a copy beside the original is
+    // `pf shell beam`.
+    if let pf_world_procs::Error::PidInUse { pid, holder } = &err {
+        return anyhow::anyhow!(
+            "pid {pid} is in use by a running process ({holder}), so the shell cannot get its \
+             pid back; if that is the shell itself, still running, end it first, or take a live \
+             copy of it here with `pf shell beam --pid {pid}`"
+        );
+    }
     let foreign = err.kind() == pf_world_procs::ErrorKind::ForeignTerminal;
     let err = anyhow::Error::new(err);
     if foreign {
@@ -264,6 +274,17 @@ fn foreground(mut restored: pf_world_procs::Restored) -> anyhow::Result<ExitCode
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pid_in_use_points_at_beam_not_at_a_flag_shell_thaw_lacks() {
+        let err = with_tty_hint(pf_world_procs::Error::PidInUse {
+            pid: 4242,
+            holder: "bash".into(),
+        })
+        .to_string();
+        assert!(err.contains("pf shell beam --pid 4242"), "{err}");
+        assert!(!err.contains("--new-pidns"), "{err}");
+    }
 
     #[test]
     fn a_killed_beams_images_are_swept_by_the_next_beam() {

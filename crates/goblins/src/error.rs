@@ -26,6 +26,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The working directory asked for is not one this process can enter.
+    #[error("cannot start {program} in {}: that working directory {}", .dir.display(), cwd_problem(.source))]
+    Cwd {
+        /// The program, as given.
+        program: String,
+        /// The working directory asked for.
+        dir: std::path::PathBuf,
+        /// Why it cannot be used.
+        #[source]
+        source: std::io::Error,
+    },
     /// The pid to freeze does not exist (or has exited and is waiting to be reaped).
     #[error("process {pid} does not exist")]
     NoSuchProcess {
@@ -328,10 +339,21 @@ impl Error {
                 op: "read", source, ..
             } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotAGoblin,
             Self::Metadata { op: "decode", .. } | Self::PipeData(_) => ErrorKind::InvalidSnapshot,
+            Self::Cwd { .. } => ErrorKind::InvalidInput,
             Self::Spawn { .. } | Self::Metadata { .. } | Self::Io { .. } | Self::Sys { .. } => {
                 ErrorKind::Io
             }
         }
+    }
+}
+
+/// What is wrong with a working directory, in words.
+fn cwd_problem(err: &std::io::Error) -> &'static str {
+    match err.kind() {
+        std::io::ErrorKind::NotFound => "does not exist",
+        std::io::ErrorKind::NotADirectory => "is not a directory",
+        std::io::ErrorKind::PermissionDenied => "may not be entered",
+        _ => "cannot be used",
     }
 }
 

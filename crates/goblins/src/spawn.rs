@@ -35,6 +35,18 @@ impl SpawnOptions {
 /// Python with `-u`, C programs with `stdbuf -oL`, and so on.
 pub fn spawn(command: &[OsString], options: &SpawnOptions) -> Result<Goblin> {
     let (program, args) = command.split_first().ok_or(Error::EmptyCommand)?;
+    // Checked first: a start that fails in a missing directory says only "No such file or
+    // directory", as if the program were missing.
+    let cwd_error = |source| Error::Cwd {
+        program: program.to_string_lossy().into_owned(),
+        dir: options.cwd.clone(),
+        source,
+    };
+    match std::fs::metadata(&options.cwd) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(cwd_error(std::io::ErrorKind::NotADirectory.into())),
+        Err(e) => return Err(cwd_error(e)),
+    }
     let pipe = |which: &str| {
         std::io::pipe().map_err(|e| Error::sys(format!("create the {which} pipe"), e))
     };
@@ -189,10 +201,15 @@ mod tests {
         );
         let mut opts = root();
         opts.cwd = PathBuf::from("/nonexistent/dir");
-        assert!(matches!(
-            spawn(&cmd(&["true"]), &opts),
-            Err(Error::Spawn { .. })
-        ));
+        let err = spawn(&cmd(&["true"]), &opts).expect_err("no such directory");
+        assert!(matches!(&err, Error::Cwd { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "cannot start true in /nonexistent/dir: that working directory does not exist"
+        );
+        opts.cwd = PathBuf::from("/etc/passwd");
+        let err = spawn(&cmd(&["true"]), &opts).expect_err("not a directory");
+        assert!(err.to_string().ends_with("is not a directory"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,13 @@ impl Reference {
             reference: text.to_owned(),
             reason,
         };
+        if let Some((scheme, _)) = text.split_once("://") {
+            return Err(invalid(if scheme == "http" {
+                "leave out http://: write REGISTRY/REPOSITORY:TAG; a loopback registry is plain http by itself, and --insecure allows plain http to others"
+            } else {
+                "leave out the scheme: write REGISTRY/REPOSITORY:TAG (https is the default)"
+            }));
+        }
         let Some((registry, rest)) = text.split_once('/') else {
             return Err(invalid(
                 "write REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/repl:warm",
@@ -201,6 +208,14 @@ mod tests {
                 matches!(Reference::parse(bad), Err(Error::InvalidReference { .. })),
                 "{bad}"
             );
+        }
+        // A URL is told to drop its scheme, not that its repository is malformed.
+        for (url, says) in [
+            ("http://127.0.0.1:5000/goblins/b:v1", "leave out http://"),
+            ("https://ghcr.io/me/repl:v1", "leave out the scheme"),
+        ] {
+            let err = Reference::parse(url).expect_err(url).to_string();
+            assert!(err.contains(says), "{url}: {err}");
         }
     }
 }

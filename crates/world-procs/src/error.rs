@@ -116,7 +116,9 @@ pub enum Error {
         source: pf_core::Error,
     },
     /// A blob that should be a procs blob is not one.
-    #[error("blob {digest} is not a procs blob")]
+    #[error(
+        "blob {digest} is not a snapshot: it does not read as a procs record (`pf store show {digest}` says what it holds)"
+    )]
     NotProcs {
         /// The blob.
         digest: Digest256,
