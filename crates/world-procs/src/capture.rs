@@ -266,9 +266,17 @@ fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Resu
     Ok(Captured { procs, blob })
 }
 
+/// The checks before CRIU runs: the pid is a live user process (CRIU's own failure on a kernel
+/// thread is a page of log lines).
 fn ensure_alive(pid: i32) -> Result<()> {
     if pid <= 0 || pid_state(pid) != PidState::Alive {
         return Err(Error::NoSuchProcess { pid });
+    }
+    if pf_os::proc::stat(pid).is_some_and(|s| s.is_kernel_thread()) {
+        return Err(Error::KernelThread {
+            pid,
+            name: pf_os::proc::comm(pid).unwrap_or_default(),
+        });
     }
     Ok(())
 }
@@ -393,6 +401,22 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_kernel_thread_or_a_missing_pid_is_refused_before_criu_runs() {
+        // kthreadd is pid 2 wherever /proc shows the host's kernel threads.
+        if pf_os::proc::stat(2).is_some_and(|s| s.is_kernel_thread()) {
+            let err = ensure_alive(2).expect_err("a kernel thread");
+            assert!(matches!(err, Error::KernelThread { pid: 2, .. }), "{err}");
+            assert!(err.to_string().contains("is a kernel thread"), "{err}");
+        }
+        let dead = crate::test_support::dead_pid();
+        assert!(matches!(
+            ensure_alive(dead),
+            Err(Error::NoSuchProcess { .. })
+        ));
+        ensure_alive(std::process::id() as i32).expect("this process");
     }
 
     #[test]

@@ -68,6 +68,16 @@ pub enum Error {
         /// The pid asked for.
         pid: i32,
     },
+    /// The pid is a kernel thread (kthreadd, a worker): CRIU dumps user processes only.
+    #[error(
+        "process {pid} is a kernel thread ({name}), not a program: only user processes can be captured"
+    )]
+    KernelThread {
+        /// The pid asked for.
+        pid: i32,
+        /// Its name (`/proc/PID/comm`).
+        name: String,
+    },
     /// The process exited while criu was dumping it.
     #[error("process {pid} exited while criu was dumping it; nothing was stored")]
     ExitedDuringDump {
@@ -373,7 +383,7 @@ impl Error {
             Self::Criu { failure, .. } => failure.map_or(ErrorKind::CriuFailed, ErrorKind::from),
             Self::Timeout { .. } | Self::RestoredDied { .. } => ErrorKind::CriuFailed,
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
-            Self::ImagesDirNotEmpty { .. } => ErrorKind::InvalidInput,
+            Self::ImagesDirNotEmpty { .. } | Self::KernelThread { .. } => ErrorKind::InvalidInput,
             Self::Spawn { .. } | Self::Io { .. } | Self::Sys { .. } => ErrorKind::Io,
             Self::Store { source, .. } => ErrorKind::of_store(source),
             Self::NotProcs { .. }
