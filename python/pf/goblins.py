@@ -22,7 +22,7 @@ import asyncio
 import os
 from typing import IO, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
-from pf import _native
+from pf import _native, errors
 from pf._native import Store
 
 Snapshot = Union[str, "os.PathLike[str]"]
@@ -346,6 +346,12 @@ def load(
     holding 32 MiB or more, eager otherwise."""
     if _is_images_dir(snapshot):
         return Loaded(_native.load(images_dir=os.fspath(snapshot), lazy=lazy))
+    if "/" in snapshot:
+        # No digest or name holds a slash: this was meant as an images directory.
+        raise errors.NotFound(
+            f"there is no images directory {snapshot!r} (a snapshot in the store is named by a "
+            "digest or a name, which holds no '/')"
+        )
     return Loaded(
         _native.load(store=store if store is not None else Store(), reference=snapshot, lazy=lazy)
     )

@@ -110,6 +110,9 @@ def test_freezing_a_process_that_is_not_a_goblin_raises_not_a_goblin(store):
 def test_thawing_what_is_not_a_goblin_snapshot_raises(store):
     with pytest.raises(pf.NotFound):
         pf.goblins.thaw("no-such-snapshot", store)
+    # A path that is no directory is said to be one, not a name with a slash in it.
+    with pytest.raises(pf.NotFound, match="no images directory '/nonexistent/images'"):
+        pf.goblins.thaw("/nonexistent/images", store)
     record = b'{"kind":"procs.unsupported.v1","unsupported_on":"plan9","note":"no criu"}'
     store.tag("plan9", store.put(record))
     with pytest.raises(pf.NotAGoblin, match="plan9"):
