@@ -37,6 +37,17 @@ pub(crate) enum Command {
     Fork(ForkArgs),
 }
 
+/// `pf goblin --help`: the whole job in four lines.
+pub(crate) const HELP: &str = "\
+Examples:
+  pf goblin spawn --tag kb --until '^ready' -- python3 -u kb.py   start it, wait for its ready
+                                                                  line, freeze it as `kb`
+  echo 'question' | pf goblin thaw kb              one copy, answering on this terminal
+  pf goblin fork kb -n 4 --send 'question {i}'     four copies at once, each answers
+  pf goblin freeze --pid 4242 --tag warm           a goblin you started yourself
+
+`pf goblin <command> --help` says more about each.";
+
 const SPAWN_HELP: &str = "\
 How it works:
   pf starts CMD in its own session with stdin, stdout and stderr on pipes, writes --input into

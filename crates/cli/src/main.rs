@@ -41,7 +41,7 @@ enum Command {
     #[command(subcommand)]
     Procs(procs_cmd::Command),
     /// Freeze, thaw and fork goblins: processes that speak only through stdin/stdout/stderr
-    #[command(subcommand)]
+    #[command(subcommand, after_help = goblin_cmd::HELP)]
     Goblin(goblin_cmd::Command),
     /// Move a terminal shell session: freeze it, thaw it here, or beam a copy of it here
     #[command(subcommand)]

@@ -56,7 +56,7 @@ pub(crate) enum Command {
         #[command(flatten)]
         target: Target,
         /// Name the snapshot in the store
-        #[arg(long, conflicts_with = "images")]
+        #[arg(long, value_name = "NAME", conflicts_with = "images")]
         tag: Option<String>,
         /// Write plain CRIU images into this (new or empty) directory instead of the store
         #[arg(long, value_name = "DIR")]
@@ -75,7 +75,11 @@ pub(crate) enum Command {
     #[command(after_help = THAW_HELP)]
     Thaw {
         /// Digest or name of the snapshot
-        #[arg(required_unless_present = "images", conflicts_with = "images")]
+        #[arg(
+            value_name = "DIGEST|NAME",
+            required_unless_present = "images",
+            conflicts_with = "images"
+        )]
         snapshot: Option<String>,
         /// Restore from a directory of CRIU images written by `pf shell freeze --images`
         #[arg(long, value_name = "DIR")]
