@@ -212,6 +212,40 @@ fn doctor_flags_a_store_others_can_read() {
 }
 
 #[test]
+fn doctor_says_a_store_on_a_read_only_mount_is_read_only() {
+    // A read-only tmpfs on the store, in a mount namespace of its own (CI runs as root).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("mkdir store");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount -t tmpfs -o ro,mode=700 tmpfs \"$1\" && exec \"$2\" --store \"$1\" doctor --json")
+        .arg("sh")
+        .arg(&store)
+        .arg(crate::support::pf_bin())
+        .env("PF_CRIU", "/nonexistent/criu")
+        .env("PATH", "/usr/bin:/bin")
+        .env_remove("PF_STORE")
+        .output()
+        .expect("run pf doctor in a mount namespace");
+    let doc = json_of(&out);
+    let c = check(&doc, "store");
+    assert_eq!(c["ok"], false, "{c}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("read-only file system")),
+        "{c}"
+    );
+    assert!(
+        c["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("remount it read-write")),
+        "{c}"
+    );
+}
+
+#[test]
 fn live_doctor_passes_on_a_machine_with_criu() {
     if !pf_world_procs::test_support::live("pf doctor all ✓") {
         return;

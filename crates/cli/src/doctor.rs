@@ -648,17 +648,25 @@ fn store_check(global: &Global) -> Check {
         ),
         Ok(meta) => {
             let mode = meta.permissions().mode() & 0o7777;
-            let writable = nix::unistd::access(
+            let access = nix::unistd::access(
                 &root,
                 nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
-            )
-            .is_ok();
+            );
+            let writable = access.is_ok();
             if mode & 0o077 != 0 {
                 Check::fail(
                     ID,
                     LABEL,
                     format!("{shown} is mode {mode:04o}: others can read process images"),
                     format!("chmod 700 {shown}"),
+                )
+            } else if access == Err(nix::errno::Errno::EROFS) {
+                // No owner or mode change helps a read-only mount.
+                Check::fail(
+                    ID,
+                    LABEL,
+                    format!("{shown} is on a read-only file system"),
+                    "remount it read-write, or pass --store DIR on a writable one",
                 )
             } else if !writable {
                 Check::fail(
