@@ -99,7 +99,8 @@ impl Shared {
     fn fail(&self, error: Error) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            tracing::warn!(error = %error, "a streamed pages file failed; the restore will too");
+            // The restore's error is this one: said once, by whoever reports it.
+            tracing::debug!(error = %error, "a streamed pages file failed; the restore will too");
             *slot = Some(error);
         }
     }
