@@ -874,6 +874,18 @@ fn a_repacked_snapshot_pushes_its_forward_records_and_pulls_whole() {
         }),
         "verify the pulled store",
     );
+    // Pulled again, nothing moves: not even the forward records, which are no blobs.
+    let again: serde_json::Value = serde_json::from_str(&ok(
+        &run({
+            let mut c = pf(&b);
+            c.args(["pull", &target, "--json"]);
+            c
+        }),
+        "pull again",
+    ))
+    .unwrap();
+    assert_eq!(again["fetched"], 0, "{again}");
+    assert_eq!(again["skipped"], pushed["blobs"], "{again}");
     drop(registry);
 }
 

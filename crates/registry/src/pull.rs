@@ -90,7 +90,26 @@ pub fn pull(
     let bytes_fetched = AtomicU64::new(0);
     let forwards = Mutex::new(Vec::new());
     let mut forwards_added = Vec::new();
+    // Forward records this store already has, by the digest of their bytes (what the manifest
+    // names them by): a pull again of a repacked snapshot fetches none of them again.
+    let forwards_here: BTreeSet<Digest256> =
+        if blobs.iter().any(|b| b.media_type == FORWARD_MEDIA_TYPE) {
+            store
+                .forwards()?
+                .iter()
+                .map(|f| Digest256::of(&f.to_bytes()))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
     let outcome = parallel(&blobs, options.connect.parallel, |blob| {
+        if blob.media_type == FORWARD_MEDIA_TYPE && forwards_here.contains(&blob.digest) {
+            progress(Event::Skipped {
+                digest: &blob.digest,
+                size: blob.size,
+            });
+            return Ok(());
+        }
         if blob.media_type == FORWARD_MEDIA_TYPE {
             let forward = fetch_forward(&client, reference, blob)?;
             forwards
