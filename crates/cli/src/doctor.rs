@@ -558,7 +558,13 @@ fn socket_check(probe: &Probe) -> Check {
     const ID: &str = "criu-sockets";
     const LABEL: &str = "criu sockets";
     let Some(version) = probe.version else {
-        return Check::fail(ID, LABEL, "no criu to ask", FIX_CRIU_FOUND).optional();
+        // No version: either no criu at all or one the version checks above refused.
+        let fix = if probe.path.is_some() {
+            "fix `criu version` first"
+        } else {
+            FIX_CRIU_FOUND
+        };
+        return Check::fail(ID, LABEL, "no criu to ask", fix).optional();
     };
     match pf_world_procs::criu::inet_sockets(version, probe.gitid.as_deref()) {
         pf_world_procs::criu::InetSockets::Yes(why) => Check::pass(ID, LABEL, why).optional(),

@@ -573,7 +573,15 @@ fn read_version(path: &Path) -> Result<(CriuVersion, Option<String>), Unavailabl
     })?;
     let version = parse_version(&out).ok_or_else(|| Unavailable::NoVersion {
         path: path.to_owned(),
-        output: out.trim().chars().take(200).collect(),
+        // Its first line says what it is (`true (GNU coreutils) 9.1`); the rest is noise.
+        output: {
+            let first = out.trim().lines().next().unwrap_or_default();
+            let mut shown: String = first.chars().take(80).collect();
+            if shown.len() < first.len() || out.trim().lines().nth(1).is_some() {
+                shown.push('…');
+            }
+            shown
+        },
     })?;
     Ok((version, parse_gitid(&out)))
 }
@@ -800,6 +808,19 @@ mod tests {
         assert!(matches!(
             probe_with(&inputs(Some(&garbled))).result,
             Err(Unavailable::NoVersion { output, .. }) if output == "hello"
+        ));
+        // Of a long answer, its first line, cut at 80 characters.
+        let chatty = fake_criu(
+            dir.path(),
+            &format!(
+                "echo '{}'; echo 'Copyright'; echo 'License'",
+                "x".repeat(100)
+            ),
+        );
+        let shown = format!("{}…", "x".repeat(80));
+        assert!(matches!(
+            probe_with(&inputs(Some(&chatty))).result,
+            Err(Unavailable::NoVersion { output, .. }) if output == shown
         ));
     }
 
