@@ -456,6 +456,129 @@ fn live_fork_prints_every_copy_in_order() {
     assert_eq!(goblin.line(), "2", "the original still answers");
 }
 
+/// Opens `@PATH@` (a new file), writes `frozen` into it and deletes it, keeping it open: a
+/// ghost file to CRIU, which dumps its contents and recreates it at a path of its own on every
+/// restore. `w TEXT` rewrites the file, `r` prints what it holds and whether its path exists.
+const GHOST: &str = r#"
+import os, sys
+f = open("@PATH@", "w+")
+f.write("frozen")
+f.flush()
+os.unlink("@PATH@")
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, _, arg = line.strip().partition(" ")
+    if cmd == "w":
+        f.seek(0)
+        f.truncate()
+        f.write(arg)
+        f.flush()
+        print("ok")
+    elif cmd == "r":
+        f.seek(0)
+        print(f.read(), os.path.exists("@PATH@"))
+"#;
+
+#[test]
+fn live_fork_and_concurrent_thaws_of_a_goblin_holding_a_deleted_file_each_get_their_own() {
+    let what =
+        "live_fork_and_concurrent_thaws_of_a_goblin_holding_a_deleted_file_each_get_their_own";
+    if !live(what) {
+        return;
+    }
+    let deadline = Deadline::start(what, Duration::from_secs(170));
+    let mark = Mark::new("ghost");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).expect("mkdir files");
+    let ghost = files.join("ghostfile");
+    let script = GHOST.replace("@PATH@", ghost.to_str().expect("utf-8 path"));
+
+    // The goblin carries the mark, so its thawed copies (frozen with its environment) do too.
+    let mut cmd = mark.on(Command::new("setsid"));
+    cmd.args(py(&script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let goblin = i32::try_from(child.id()).expect("pid");
+    deadline.watch(goblin);
+    let guard = KillOnDrop(goblin);
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut freeze = mark.on(pf(&store));
+    freeze.args([
+        "goblin",
+        "freeze",
+        "--pid",
+        &goblin.to_string(),
+        "--tag",
+        "ghost",
+    ]);
+    ok(&run(freeze, b""), "freeze");
+
+    // Copies restored at once each get a file of their own, with the frozen contents, that
+    // they change without seeing each other's changes.
+    for mode in ["--eager", "--lazy"] {
+        let mut fork = mark.on(pf(&store));
+        fork.args(["goblin", "fork", "ghost", "-n", "4", mode, "--json"])
+            .args(["--send", "r", "--send", "w copy {i}", "--send", "r"]);
+        let out = run(fork, b"");
+        let copies: Vec<serde_json::Value> = ok(&out, &format!("fork {mode}"))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(copies.len(), 4, "{mode}");
+        for (k, copy) in copies.iter().enumerate() {
+            assert_eq!(copy["exit_code"], 0, "{mode}: {copy}");
+            assert_eq!(
+                copy["stdout"],
+                format!("frozen False\nok\ncopy {} False\n", k + 1),
+                "{mode}: {copy}"
+            );
+        }
+    }
+
+    // Two `pf goblin thaw`s of the snapshot at once, in two pf processes.
+    let thaws: Vec<Child> = (0..2)
+        .map(|_| {
+            let mut thaw = mark.on(thaw_cmd(&store, "ghost"));
+            thaw.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let child = thaw.spawn().expect("start pf goblin thaw");
+            deadline.watch(i32::try_from(child.id()).expect("pid"));
+            child
+        })
+        .collect();
+    for (k, thaw) in thaws.into_iter().enumerate() {
+        let input = format!("r\nw thaw {k}\nr\n");
+        let out = finish(thaw, input.as_bytes());
+        assert_eq!(
+            ok(&out, &format!("thaw {k}")),
+            format!("frozen False\nok\nthaw {k} False\n")
+        );
+    }
+
+    // Every restore removed the file it made, and the original still has its own.
+    let left: Vec<_> = std::fs::read_dir(&files)
+        .expect("list files")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "criu's ghost files were left: {left:?}");
+    let stdin = child.stdin.as_mut().expect("stdin");
+    writeln!(stdin, "r").expect("write to goblin");
+    assert_eq!(lines.next().expect("a line").expect("read"), "frozen False");
+    mark.assert_running(&[goblin], "the forks and thaws");
+    child.kill().expect("kill the goblin");
+    child.wait().expect("reap the goblin");
+    drop(guard);
+    mark.assert_running(&[], "killing the goblin");
+}
+
 #[test]
 fn live_freeze_refuses_terminals_files_and_missing_pids() {
     if !live("live_freeze_refuses_terminals_files_and_missing_pids") {

@@ -389,7 +389,7 @@ pub fn inet_sockets_verdict(
 
 /// Where a passed `criu check` is remembered between pf processes, as root: `/run` is emptied
 /// by a reboot, and only root writes there.
-const CHECKED_DIR: &str = "/run/pf";
+pub(crate) const CHECKED_DIR: &str = "/run/pf";
 /// The file in [`CHECKED_DIR`]: one line, the criu binary's identity, its version and its
 /// `GitID:` (`-` when none), tab-separated.
 const CHECKED_FILE: &str = "criu-checked.v2";

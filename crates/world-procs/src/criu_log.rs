@@ -12,7 +12,12 @@
 //!   taken;
 //! - `CRIU needs to have the CAP_SYS_ADMIN or the CAP_CHECKPOINT_RESTORE capability:`
 //!   (criu/cr-check.c:1961), `Running as non-root requires '--unprivileged'` (:1946), and sudo's
-//!   `sudo: a password is required`: criu has not the privileges it needs.
+//!   `sudo: a password is required`: criu has not the privileges it needs;
+//! - `Can't create ghost regfile: File exists` (criu/files-reg.c:467; also `Can't create node for
+//!   ghost file`, `Can't create ghost symlink`, `Can't make ghost dir`): the path where criu
+//!   recreates a deleted file the tree had open is taken. pf's restores of such snapshots take
+//!   turns (`ghosts.rs`), so this is a file left by a restore that was killed, or by a criu
+//!   outside pf.
 
 use std::fmt;
 
@@ -34,6 +39,8 @@ pub enum CriuFailure {
     },
     /// criu lacks the privileges it needs (not root, no capability, sudo wants a password).
     NoPrivilege,
+    /// Where criu recreates a deleted file the tree had open (a ghost file), a file exists.
+    GhostInTheWay,
 }
 
 impl CriuFailure {
@@ -57,6 +64,11 @@ impl CriuFailure {
                 "criu needs root: run pf as root, allow passwordless sudo for criu, or give criu \
                  the capability (sudo setcap cap_checkpoint_restore+eip <criu>)"
             }
+            Self::GhostInTheWay => {
+                "the tree had a deleted file open, which criu recreates at `/<path>.cr.<id>.ghost` \
+                 (criu's log says `Opening ghost file 0x<id> for <path>`), and a file is already \
+                 there, left by a restore that was killed: remove it and try again"
+            }
         }
     }
 }
@@ -68,6 +80,7 @@ impl fmt::Display for CriuFailure {
             Self::ForeignTerminal { sid } => write!(f, "terminal of another session ({sid})"),
             Self::PidInUse { pid } => write!(f, "pid {pid} in use"),
             Self::NoPrivilege => f.write_str("missing privileges"),
+            Self::GhostInTheWay => f.write_str("a ghost file's path is taken"),
         }
     }
 }
@@ -98,6 +111,15 @@ pub fn classify_line(line: &str) -> Option<CriuFailure> {
     ];
     if privileges.iter().any(|p| line.contains(p)) {
         return Some(CriuFailure::NoPrivilege);
+    }
+    let ghost = [
+        "Can't create ghost regfile",
+        "Can't create node for ghost",
+        "Can't create ghost symlink",
+        "Can't make ghost dir",
+    ];
+    if ghost.iter().any(|g| line.contains(g)) && line.ends_with("File exists") {
+        return Some(CriuFailure::GhostInTheWay);
     }
     None
 }
@@ -177,6 +199,24 @@ mod tests {
             classify_line("Error (criu/cr-restore.c:1237): Can't fork for 7: Resource busy"),
             None
         );
+    }
+
+    #[test]
+    fn a_ghost_file_in_the_way() {
+        // What criu 4.2.1 logged when two restores of one snapshot recreated its deleted file.
+        let line = "(00.070956)  16260: Error (criu/files-reg.c:467): Can't create ghost regfile: \
+                    File exists";
+        assert_eq!(classify_line(line), Some(CriuFailure::GhostInTheWay));
+        assert_eq!(
+            classify_line("Error (criu/files-reg.c:467): Can't make ghost dir: File exists"),
+            Some(CriuFailure::GhostInTheWay)
+        );
+        // Another reason to fail making it is not a file in the way.
+        assert_eq!(
+            classify_line("Error (criu/files-reg.c:467): Can't create ghost regfile: No space"),
+            None
+        );
+        assert!(CriuFailure::GhostInTheWay.fix().contains("remove it"));
     }
 
     #[test]

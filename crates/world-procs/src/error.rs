@@ -292,6 +292,20 @@ pub enum Error {
         /// The value found.
         value: String,
     },
+    /// A restore of a snapshot holding deleted (ghost) files waited too long for its turn:
+    /// criu recreates such files at fixed paths, so these restores take turns (see `ghosts.rs`).
+    #[error(
+        "another restore of a snapshot holding deleted files has held {} for {waited:?}: \
+         such restores take turns (criu recreates the files at fixed paths); find the process \
+         holding it with `lslocks`, end it or let it finish, and try again",
+        .path.display()
+    )]
+    GhostLockBusy {
+        /// The lock file.
+        path: PathBuf,
+        /// How long this restore waited.
+        waited: Duration,
+    },
     /// The namespace init reported a failure before criu could run.
     #[error("setting up the new pid namespace failed at {step} (errno {errno})")]
     Namespace {
@@ -370,6 +384,7 @@ impl From<CriuFailure> for ErrorKind {
             CriuFailure::ForeignTerminal { .. } => Self::ForeignTerminal,
             CriuFailure::PidInUse { .. } => Self::PidInUse,
             CriuFailure::NoPrivilege => Self::NeedsPrivilege,
+            CriuFailure::GhostInTheWay => Self::CriuFailed,
         }
     }
 }
@@ -381,7 +396,9 @@ impl Error {
             Self::Unavailable(Unavailable::NoPrivilege { .. }) => ErrorKind::NeedsPrivilege,
             Self::Unavailable(_) => ErrorKind::CriuUnavailable,
             Self::Criu { failure, .. } => failure.map_or(ErrorKind::CriuFailed, ErrorKind::from),
-            Self::Timeout { .. } | Self::RestoredDied { .. } => ErrorKind::CriuFailed,
+            Self::Timeout { .. } | Self::RestoredDied { .. } | Self::GhostLockBusy { .. } => {
+                ErrorKind::CriuFailed
+            }
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
             Self::ImagesDirNotEmpty { .. } | Self::KernelThread { .. } => ErrorKind::InvalidInput,
             Self::Spawn { .. } | Self::Io { .. } | Self::Sys { .. } => ErrorKind::Io,

@@ -156,6 +156,35 @@ fn parse_pipe_data_entry(msg: &[u8]) -> Result<(u32, u32), ParseError> {
     }
 }
 
+/// How many ghost files `images_dir` holds: files the tree had open after they were deleted,
+/// whose contents CRIU keeps in `ghost-file-<id hex>.img` (`CR_FD_GHOST_FILE`, criu/image-desc.c)
+/// and recreates at a fixed path on every restore (see `ghosts.rs`).
+pub(crate) fn ghost_files(images_dir: &Path) -> Result<usize, ImageError> {
+    let io = |source| ImageError::Io {
+        path: images_dir.to_owned(),
+        source,
+    };
+    let mut n = 0;
+    for entry in std::fs::read_dir(images_dir).map_err(io)? {
+        if entry
+            .map_err(io)?
+            .file_name()
+            .to_str()
+            .is_some_and(is_ghost_file_image)
+        {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Whether `name` is CRIU's name for a ghost file's image: `ghost-file-<id in hex>.img`.
+fn is_ghost_file_image(name: &str) -> bool {
+    name.strip_prefix("ghost-file-")
+        .and_then(|rest| rest.strip_suffix(".img"))
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Every pid and thread id recorded in `images_dir`'s `pstree.img`, root first, deduplicated
 /// (these must be free for a restore in our pid namespace).
 pub(crate) fn pstree_pids(images_dir: &Path) -> Result<Vec<i32>, ImageError> {
@@ -625,6 +654,32 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ghost_file_images_are_counted_by_criu_name() {
+        for name in ["ghost-file-1.img", "ghost-file-1a.img", "ghost-file-FF.img"] {
+            assert!(is_ghost_file_image(name), "{name}");
+        }
+        for name in [
+            "ghost-file-.img",
+            "ghost-file-1.img.tmp",
+            "ghost-file-xyz.img",
+            "remap-fpath.img",
+            "files.img",
+            "pages-1.img",
+        ] {
+            assert!(!is_ghost_file_image(name), "{name}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        for name in ["pstree.img", "remap-fpath.img", "ghost-file-1.img"] {
+            std::fs::write(dir.path().join(name), b"").expect("write");
+        }
+        assert_eq!(ghost_files(dir.path()).expect("list"), 1);
+        std::fs::write(dir.path().join("ghost-file-2.img"), b"").expect("write");
+        assert_eq!(ghost_files(dir.path()).expect("list"), 2);
+        let gone = dir.path().join("gone");
+        assert!(matches!(ghost_files(&gone), Err(ImageError::Io { path, .. }) if path == gone));
+    }
 
     #[test]
     fn pstree_parses_a_real_image() {

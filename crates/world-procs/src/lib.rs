@@ -18,6 +18,7 @@ mod capture_stream;
 pub mod criu;
 pub mod criu_log;
 mod error;
+mod ghosts;
 pub mod images;
 mod lazy;
 pub mod memory_map;

@@ -443,6 +443,8 @@ fn run_restore(
     let pidfile = inv.work_dir().join("restore.pid");
     inv.args.push("--pidfile".into());
     inv.args.push(pidfile.clone().into());
+    // Held until criu is done: from its creating the ghost files to its unlinking them.
+    let _turn = crate::ghosts::lock_if_ghosts(images_dir)?;
     tracing::debug!(new_pidns = opts.new_pidns, "running criu restore");
     if opts.new_pidns {
         restore_in_new_pidns(inv, &pidfile)
