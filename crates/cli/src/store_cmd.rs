@@ -101,14 +101,18 @@ Examples:
 
 Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.
 `pf store put` of the same bytes repairs a bad blob (it writes the blob again over the bad copy).
+Also BAD: a name whose ref file holds no digest (`name \"NAME\" BAD: …`; `pf store untag NAME`
+removes it), a name whose blob is gone, and a blob a snapshot needs that is not in the store
+(`<digest> BAD: not in the store; \"NAME\" (sha256:…) needs it as its images tar (criu_dump)`).
 
 Then the memory of page-level snapshots (procs.criu.v2) that the names (or the blobs given) reach:
 every pack decodes and every page in it hashes to the digest its index records, and every page
 list entry names a slot of its pack that holds the page it says. A bad page is one line
 `<pack> BAD: … slot N …; used by \"NAME\" (sha256:…) pages-1.img page 42 at address 0x…`.
 
-`--json` prints {\"ok\", \"blobs\": [{\"digest\", \"ok\", \"error\"}], \"missing_names\",
-\"pages\": {\"manifests\", \"packs\", \"pages\", \"list_entries\", \"problems\"}}.")]
+`--json` prints {\"ok\", \"blobs\": [{\"digest\", \"ok\", \"error\"}], \"bad_names\",
+\"missing_names\", \"missing_blobs\", \"pages\": {\"manifests\", \"packs\", \"pages\",
+\"list_entries\", \"problems\"}}.")]
     Verify(VerifyArgs),
     /// Point a name at a blob (replacing what it pointed at)
     #[command(after_help = "\
