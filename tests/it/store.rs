@@ -1291,6 +1291,7 @@ fn a_bad_ref_is_named_with_its_fix_and_hides_no_other_name() {
     for args in [
         &["gc", "--grace", "0", "--dry-run"][..],
         &["gc", "--grace", "0"],
+        &["gc", "--grace", "0", "--repack"],
     ] {
         let err = fails(&store, args);
         assert!(err.contains("\"junk\"") && err.contains(fix), "{err}");

@@ -771,11 +771,15 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
                 threads,
             },
         )
-        .context(
-            "repack stopped; every snapshot is still readable (old packs go only after their \
-             pages' new pack and forward record are on disk): run it again, and check with \
-             `pf store verify`",
-        )?;
+        .map_err(|err| match err {
+            // Refused before it started: the same refusal as plain gc's.
+            err @ pf_core::Error::CorruptName { .. } => gc_refused(err),
+            err => anyhow::Error::new(err).context(
+                "repack stopped; every snapshot is still readable (old packs go only after their \
+                 pages' new pack and forward record are on disk): run it again, and check with \
+                 `pf store verify`",
+            ),
+        })?;
         (repacked.gc.clone(), Some(repacked))
     } else {
         (pf_core::gc(store, &options).map_err(gc_refused)?, None)
