@@ -1216,8 +1216,253 @@ fn ls_still_lists_when_a_named_json_blob_is_corrupt() {
         stdout(&out)
     );
     assert!(
-        stderr(&out).contains("cannot tell what the names keep"),
+        stderr(&out).contains(&format!(
+            "cannot tell what the names \"rec\" keep: blob {record}"
+        )),
         "{}",
         stderr(&out)
+    );
+}
+
+/// Plant a `procs.criu.v2` record named `name` as a freeze writes one: an images tar (here 64
+/// KiB of random bytes) and the memory of `pages-1.img` stored page by page. Returns (root,
+/// images, manifest).
+fn plant_v2(store: &Path, dir: &Path, name: &str, pages: u64) -> (Digest256, Digest256, Digest256) {
+    use pf_core::BlobStore as _;
+    let path = pages_file(dir, &format!("{name}.mem"), 0..pages);
+    let fs_store = pf_core::FsBlobStore::open(store).unwrap();
+    let mut writer =
+        pf_core::pages::PageWriter::new(&fs_store, pf_core::BlobStore::page_index(&fs_store), 2);
+    let stored = writer
+        .write_file(&fs::File::open(&path).unwrap(), &path)
+        .unwrap();
+    writer.commit().unwrap();
+    let images = fs_store.put(&random_bytes(7, 64 << 10)).unwrap();
+    let root = fs_store
+        .put(
+            format!(
+                r#"{{"kind":"procs.criu.v2","criu_dump":"{images}","pids":[4242],"memory":[{{"file":"pages-1.img","manifest":"{}","pages":{pages}}}]}}"#,
+                stored.manifest
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    fs_store.set_name(name, &root).unwrap();
+    (root, images, stored.manifest)
+}
+
+#[test]
+fn verify_fails_naming_the_snapshot_when_its_images_or_pages_manifest_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let (root, images, manifest) = plant_v2(&store, dir.path(), "ex", 40);
+    assert!(!ok(&store, &["verify"]).contains("BAD"));
+    for (gone, role) in [
+        (images, "its images tar (criu_dump)"),
+        (manifest, "the pages manifest of its pages-1.img"),
+    ] {
+        let file = blob_file(&store, &gone);
+        let kept = fs::read(&file).unwrap();
+        fs::remove_file(&file).unwrap();
+        let out = store_cmd(&store, &["verify"]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        let want = format!("{gone} BAD: not in the store; \"ex\" ({root}) needs it as {role}");
+        assert!(
+            stdout(&out).lines().any(|l| l == want),
+            "want {want:?} in\n{}",
+            stdout(&out)
+        );
+        assert!(
+            stderr(&out).contains("cannot be thawed"),
+            "{}",
+            stderr(&out)
+        );
+        // The same for the snapshot alone, and as JSON.
+        let out = store_cmd(&store, &["verify", "ex", "--json"]);
+        assert_eq!(out.status.code(), Some(1));
+        let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(json["ok"], false, "{json}");
+        let rows = json["missing_blobs"].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{json}");
+        assert_eq!(rows[0]["digest"], gone.to_string());
+        assert_eq!(rows[0]["snapshot"], root.to_string());
+        assert_eq!(rows[0]["names"], serde_json::json!(["ex"]));
+        assert_eq!(rows[0]["role"], role);
+        fs::write(&file, kept).unwrap();
+    }
+    assert!(!ok(&store, &["verify"]).contains("BAD"));
+}
+
+#[test]
+fn a_bad_ref_is_named_with_its_fix_and_hides_no_other_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let input = dir.path().join("a");
+    fs::write(&input, b"kept by a").unwrap();
+    let a = ok(&store, &["put", input.to_str().unwrap(), "--tag", "a"]);
+    let a = a.trim();
+    fs::write(&input, b"named by nobody").unwrap();
+    let loose: Digest256 = ok(&store, &["put", input.to_str().unwrap()])
+        .trim()
+        .parse()
+        .unwrap();
+    fs::write(store.join("refs/junk"), "garbage\n").unwrap();
+    let fix = "`pf store untag junk`";
+
+    let out = store_cmd(&store, &["tags"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("a  {a}\n"));
+    assert!(stderr(&out).contains(fix), "{}", stderr(&out));
+    let tags: serde_json::Value = serde_json::from_str(&ok(&store, &["tags", "--json"])).unwrap();
+    assert_eq!(tags, serde_json::json!([{"name": "a", "digest": a}]));
+    let out = store_cmd(&store, &["ls"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(a) && stdout(&out).contains(" a "));
+    assert!(stderr(&out).contains(fix), "{}", stderr(&out));
+
+    let out = store_cmd(&store, &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("name \"junk\" BAD: ") && l.contains(fix)),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains(&format!("{a} ok")));
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&store_cmd(&store, &["verify", "--json"]))).unwrap();
+    assert_eq!(json["ok"], false);
+    assert_eq!(json["bad_names"][0]["name"], "junk", "{json}");
+    assert!(json["bad_names"][0]["fix"].as_str().unwrap().contains(fix));
+
+    // gc refuses, dry or not, naming the ref and the fix, and removes nothing.
+    for args in [
+        &["gc", "--grace", "0", "--dry-run"][..],
+        &["gc", "--grace", "0"],
+        &["gc", "--grace", "0", "--repack"],
+    ] {
+        let err = fails(&store, args);
+        assert!(err.contains("\"junk\"") && err.contains(fix), "{err}");
+    }
+    assert!(blob_file(&store, &loose).exists());
+
+    // The fix works.
+    ok(&store, &["untag", "junk"]);
+    assert!(!ok(&store, &["verify"]).contains("BAD"));
+    ok(&store, &["gc", "--grace", "0"]);
+    assert!(!blob_path(&store, &loose).exists());
+}
+
+#[test]
+fn verify_says_untag_for_a_name_whose_blob_is_gone_and_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let input = dir.path().join("a");
+    fs::write(&input, b"soon gone").unwrap();
+    let d: Digest256 = ok(&store, &["put", input.to_str().unwrap(), "--tag", "snap"])
+        .trim()
+        .parse()
+        .unwrap();
+    fs::remove_file(blob_file(&store, &d)).unwrap();
+    let out = store_cmd(&store, &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(all.contains("`pf store untag snap`"), "{all}");
+    assert!(!all.contains("rm --force"), "{all}");
+    ok(&store, &["untag", "snap"]);
+    assert!(!ok(&store, &["verify"]).contains("BAD"));
+}
+
+#[test]
+fn a_missing_pack_is_one_short_line_naming_its_snapshot_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let path = pages_file(dir.path(), "mem", 0..600);
+    let (root, manifest) = plant_pages(&store, &path, "snap");
+    let fs_store = pf_core::FsBlobStore::open(&store).unwrap();
+    let m = pf_core::pages::load_manifest(&fs_store, &manifest).unwrap();
+    let pack = m.packs[0];
+    fs::remove_file(blob_file(&store, &pack)).unwrap();
+    let out = store_cmd(&store, &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = stdout(&out);
+    let line = report
+        .lines()
+        .find(|l| l.starts_with(&format!("{pack} BAD:")))
+        .unwrap_or_else(|| panic!("no line for {pack}:\n{report}"));
+    assert_eq!(line.matches("\"snap\"").count(), 1, "{line}");
+    assert_eq!(line.matches(&root.to_string()).count(), 1, "{line}");
+    assert!(line.contains(" more of its pages"), "{line}");
+    assert!(line.len() < 600, "{} bytes: {line}", line.len());
+}
+
+#[test]
+fn one_unreadable_named_blob_hides_no_other_snapshot_from_verify_and_ls() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // snap: page-level memory with one bad page; rec: a named record, truncated on disk.
+    let path = pages_file(dir.path(), "mem", 0..300);
+    let (snap, manifest) = plant_pages(&store, &path, "snap");
+    let input = dir.path().join("record.json");
+    let child = Digest256::of(b"child");
+    fs::write(
+        &input,
+        format!(
+            r#"{{"kind":"test.v1","child":"{child}","pad":"{}"}}"#,
+            "x".repeat(4000)
+        ),
+    )
+    .unwrap();
+    let rec: Digest256 = ok(&store, &["put", input.to_str().unwrap(), "--tag", "rec"])
+        .trim()
+        .parse()
+        .unwrap();
+    let file = blob_file(&store, &rec);
+    let len = fs::metadata(&file).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let fs_store = pf_core::FsBlobStore::open(&store).unwrap();
+    let pack = pf_core::pages::load_manifest(&fs_store, &manifest)
+        .unwrap()
+        .packs[0];
+    let pack_file = blob_file(&store, &pack);
+    let mut bytes = fs::read(&pack_file).unwrap();
+    let needle = &page_bytes(100)[1000..1032];
+    let at = bytes.windows(32).position(|w| w == needle).unwrap();
+    bytes[at] ^= 0x40;
+    fs::write(&pack_file, &bytes).unwrap();
+
+    let out = store_cmd(&store, &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = stdout(&out);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with(&format!("{rec} BAD: "))),
+        "{report}"
+    );
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with(&format!("{pack} BAD: ")) && l.contains(" page 100")),
+        "snap's pages were checked: {report}"
+    );
+    assert!(!report.contains("cannot walk"), "{report}");
+
+    let rows = ls_json(&store);
+    let row = |d: &Digest256| rows.iter().find(|r| r["digest"] == d.to_string()).unwrap();
+    assert_eq!(row(&snap)["keeps"]["pages"], 300, "{rows:?}");
+    assert!(row(&rec)["keeps"].is_null(), "{rows:?}");
+
+    // gc still refuses, naming the blob and the fix.
+    let err = fails(&store, &["gc", "--grace", "0"]);
+    assert!(
+        err.contains(&rec.to_string()) && err.contains("pf store put FILE"),
+        "{err}"
     );
 }

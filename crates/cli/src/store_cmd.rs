@@ -4,7 +4,7 @@
 
 mod pages;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
@@ -101,14 +101,18 @@ Examples:
 
 Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.
 `pf store put` of the same bytes repairs a bad blob (it writes the blob again over the bad copy).
+Also BAD: a name whose ref file holds no digest (`name \"NAME\" BAD: …`; `pf store untag NAME`
+removes it), a name whose blob is gone, and a blob a snapshot needs that is not in the store
+(`<digest> BAD: not in the store; \"NAME\" (sha256:…) needs it as its images tar (criu_dump)`).
 
 Then the memory of page-level snapshots (procs.criu.v2) that the names (or the blobs given) reach:
 every pack decodes and every page in it hashes to the digest its index records, and every page
 list entry names a slot of its pack that holds the page it says. A bad page is one line
 `<pack> BAD: … slot N …; used by \"NAME\" (sha256:…) pages-1.img page 42 at address 0x…`.
 
-`--json` prints {\"ok\", \"blobs\": [{\"digest\", \"ok\", \"error\"}], \"missing_names\",
-\"pages\": {\"manifests\", \"packs\", \"pages\", \"list_entries\", \"problems\"}}.")]
+`--json` prints {\"ok\", \"blobs\": [{\"digest\", \"ok\", \"error\"}], \"bad_names\",
+\"missing_names\", \"missing_blobs\", \"pages\": {\"manifests\", \"packs\", \"pages\",
+\"list_entries\", \"problems\"}}.")]
     Verify(VerifyArgs),
     /// Point a name at a blob (replacing what it pointed at)
     #[command(after_help = "\
@@ -434,11 +438,28 @@ impl Write for CountingWriter<'_> {
 
 fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
     let names = pages::names_by_digest(store)?;
-    // What each name keeps needs every JSON blob they reach; a corrupt one must not hide the
-    // listing (`pf store verify` names it).
-    let usage = match pages::load_graph(store, &names, &[])
-        .and_then(|graph| pages::usage_by_root(store, &graph, &names))
-    {
+    names.warn_bad();
+    let names = names.by_digest;
+    // What each name keeps needs every JSON blob they reach. A blob that cannot be read leaves
+    // only the names that reach it without their sizes (`keeps` unknown); the others are told.
+    let usage = match pages::load_graph(store, &names, &[]).and_then(|graph| {
+        let mut usage = pages::usage_by_root(store, &graph, &names)?;
+        for (blob, why) in graph.unreadable() {
+            let mut left_out = Vec::new();
+            for (root, of) in &names {
+                if graph.reach(root).contains(blob) {
+                    usage.remove(root);
+                    left_out.extend(of.iter().map(|n| format!("{n:?}")));
+                }
+            }
+            say(&format!(
+                "warning: cannot tell what the names {} keep: blob {blob} cannot be read: {why} \
+                 (`pf store verify` tells more)",
+                left_out.join(", ")
+            ));
+        }
+        Ok(usage)
+    }) {
         Ok(usage) => usage,
         Err(err) => {
             say(&format!(
@@ -502,15 +523,21 @@ fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
 
 fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let names = pages::names_by_digest(store)?;
+    let bad_names = if args.blobs.is_empty() {
+        names.bad.clone()
+    } else {
+        Vec::new()
+    };
+    let names = names.by_digest;
     let mut missing_names = Vec::new();
-    // The blobs to check, and the roots whose page-level memory to check (with their names).
+    // The blobs to check, and the roots whose graph to check (with their names).
     let (digests, roots) = if args.blobs.is_empty() {
-        for (name, digest) in store.names()? {
-            if !store.contains(&digest)? {
-                missing_names.push((name, digest));
+        for (digest, of) in &names {
+            if !store.contains(digest)? {
+                missing_names.extend(of.iter().map(|name| (name.clone(), *digest)));
             }
         }
-        (store.list()?, names)
+        (store.list()?, names.clone())
     } else {
         let mut digests = Vec::new();
         let mut roots = BTreeMap::new();
@@ -521,21 +548,58 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         (digests, roots)
     };
+    // What the roots reach. A blob that cannot be read is recorded and the walk goes on, so one
+    // broken blob neither hides the others' pages nor is blamed on page-level snapshots.
+    let graph = pages::load_graph(store, &roots, &[])?;
+    // The snapshots (roots) that reach each blob, to say whose a bad or missing blob is.
+    let reached_by = |d: &Digest256| -> Vec<String> {
+        roots
+            .iter()
+            .filter(|(root, _)| *root != d && graph.reach(root).contains(d))
+            .map(|(root, of)| pages::snapshot_words(root, of))
+            .collect()
+    };
     let mut out = io::stdout().lock();
     let mut bad_blobs = 0usize;
     let mut blob_rows = Vec::with_capacity(digests.len());
+    for (name, why) in &bad_names {
+        if !args.json {
+            writeln!(out, "name {name:?} BAD: {why}; {}", pages::Names::fix(name))?;
+        }
+    }
     for (name, digest) in &missing_names {
         if !args.json {
             writeln!(
                 out,
-                "{digest} BAD: name {name:?} points at it but it is missing"
+                "{digest} BAD: name {name:?} points at it but it is missing; `pf store untag \
+                 {name}` removes the name"
             )?;
         }
     }
-    for digest in &digests {
-        let error = check(store, digest).err().map(|e| format!("{e:#}"));
-        if error.is_some() {
+    // Every blob checked, plus reached blobs the walk could not read that were not asked about.
+    let mut checked_blobs: BTreeSet<Digest256> = BTreeSet::new();
+    let unasked = graph
+        .unreadable()
+        .keys()
+        .filter(|d| !digests.contains(d))
+        .copied()
+        .collect::<Vec<_>>();
+    for digest in digests.iter().chain(&unasked) {
+        if !checked_blobs.insert(*digest) {
+            continue;
+        }
+        let mut error = check(store, digest).err().map(|e| format!("{e:#}"));
+        if error.is_none()
+            && let Some(why) = graph.unreadable().get(digest)
+        {
+            error = Some(why.clone());
+        }
+        if let Some(why) = &mut error {
             bad_blobs += 1;
+            let users = reached_by(digest);
+            if !users.is_empty() {
+                why.push_str(&format!("; needed by {}", users.join(", ")));
+            }
         }
         if !args.json {
             match &error {
@@ -549,16 +613,62 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             "error": error,
         }));
     }
-    let checked = pages::verify(store, &roots);
-    let bad = bad_blobs + missing_names.len() + checked.bad;
+    // Blobs the roots reach that are not in the store (a root itself missing is told above; a
+    // page list or pack, by the page check below with the pages that use it).
+    let mut missing_blobs: BTreeMap<Digest256, Vec<(Digest256, Digest256)>> = BTreeMap::new();
+    for root in roots.keys() {
+        for (missing, parent) in graph.missing_from(root) {
+            let Some(parent) = parent else { continue };
+            if pages::told_by_page_check(&graph, &missing) {
+                continue;
+            }
+            missing_blobs
+                .entry(missing)
+                .or_default()
+                .push((*root, parent));
+        }
+    }
+    let mut missing_rows = Vec::new();
+    for (missing, users) in &missing_blobs {
+        let mut words = Vec::new();
+        for (root, parent) in users {
+            let of = roots.get(root).cloned().unwrap_or_default();
+            let role = pages::missing_role(store, root, missing, parent);
+            words.push(format!(
+                "{} needs it as {role}",
+                pages::snapshot_words(root, &of)
+            ));
+            missing_rows.push(serde_json::json!({
+                "digest": missing,
+                "snapshot": root,
+                "names": of,
+                "referred_by": parent,
+                "role": role,
+            }));
+        }
+        if !args.json {
+            writeln!(out, "{missing} BAD: not in the store; {}", words.join("; "))?;
+        }
+    }
+    let checked = pages::verify(store, &graph, &roots);
+    let bad = bad_names.len() + bad_blobs + missing_names.len() + missing_blobs.len() + checked.bad;
     if args.json {
         let json = serde_json::json!({
             "ok": bad == 0,
             "blobs": blob_rows,
+            "bad_names": bad_names
+                .iter()
+                .map(|(name, why)| serde_json::json!({
+                    "name": name,
+                    "error": why,
+                    "fix": pages::Names::fix(name),
+                }))
+                .collect::<Vec<_>>(),
             "missing_names": missing_names
                 .iter()
                 .map(|(name, digest)| serde_json::json!({"name": name, "digest": digest}))
                 .collect::<Vec<_>>(),
+            "missing_blobs": missing_rows,
             "pages": checked.json,
         });
         serde_json::to_writer(&mut out, &json)?;
@@ -570,13 +680,36 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     drop(out);
-    if bad_blobs + missing_names.len() > 0 {
+    if !bad_names.is_empty() {
         say(&format!(
-            "error: {} of {} checked blobs are bad; if you have their bytes, \
-             `pf store put FILE` repairs each (it writes the blob again over the bad copy), \
-             else `pf store rm --force DIGEST` removes it and the names pointing at it",
-            bad_blobs + missing_names.len(),
-            digests.len()
+            "error: {} names do not hold a digest (the lines with `name … BAD` above); `pf store \
+             untag NAME` removes one, or `pf store tag NAME DIGEST` points it at the blob it \
+             should name; `pf store gc` refuses to run until then",
+            bad_names.len()
+        ));
+    }
+    if !missing_names.is_empty() {
+        say(&format!(
+            "error: {} names point at blobs that are not in the store; `pf store untag NAME` \
+             removes each (or `pf store put FILE` of the blob's bytes brings it back)",
+            missing_names.len()
+        ));
+    }
+    if bad_blobs > 0 {
+        say(&format!(
+            "error: {bad_blobs} of {} checked blobs are bad; if you have their bytes, `pf store \
+             put FILE` repairs each (it writes the blob again over the bad copy), else `pf store \
+             untag` the names that need them and `pf store gc` (or `pf store rm --force DIGEST`)",
+            checked_blobs.len()
+        ));
+    }
+    if !missing_blobs.is_empty() {
+        say(&format!(
+            "error: {} blobs that snapshots need are not in the store (the lines with `BAD: not \
+             in the store` above name the snapshots); those snapshots cannot be thawed: `pf store \
+             put FILE` of a blob's bytes brings it back, else freeze the goblin again if it still \
+             runs, or `pf store untag` their names and `pf store gc`",
+            missing_blobs.len()
         ));
     }
     if checked.bad > 0 {
@@ -602,7 +735,14 @@ fn check(store: &dyn BlobStore, digest: &Digest256) -> anyhow::Result<()> {
 }
 
 fn tags(store: &FsBlobStore, args: &TagsArgs) -> anyhow::Result<ExitCode> {
-    let names = store.names()?;
+    let all = pages::names_by_digest(store)?;
+    all.warn_bad();
+    let mut names: Vec<(String, Digest256)> = all
+        .by_digest
+        .into_iter()
+        .flat_map(|(digest, of)| of.into_iter().map(move |name| (name, digest)))
+        .collect();
+    names.sort();
     let mut out = io::stdout().lock();
     if args.json {
         let json: Vec<_> = names
@@ -624,8 +764,6 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         dry_run: args.dry_run,
         grace: args.grace,
     };
-    let context = "gc stopped without removing anything it had not removed yet; check the blob \
-                   with `pf store verify`";
     let (report, repacked) = if args.repack {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let repacked = pf_core::repack(
@@ -637,14 +775,18 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
                 threads,
             },
         )
-        .context(
-            "repack stopped; every snapshot is still readable (old packs go only after their \
-             pages' new pack and forward record are on disk): run it again, and check with \
-             `pf store verify`",
-        )?;
+        .map_err(|err| match err {
+            // Refused before it started: the same refusal as plain gc's.
+            err @ pf_core::Error::CorruptName { .. } => gc_refused(err),
+            err => anyhow::Error::new(err).context(
+                "repack stopped; every snapshot is still readable (old packs go only after their \
+                 pages' new pack and forward record are on disk): run it again, and check with \
+                 `pf store verify`",
+            ),
+        })?;
         (repacked.gc.clone(), Some(repacked))
     } else {
-        (pf_core::gc(store, &options).context(context)?, None)
+        (pf_core::gc(store, &options).map_err(gc_refused)?, None)
     };
     // gc has done its work: a failure to report on the packs is a warning, not gc's failure.
     let packs = pack_report(store).unwrap_or_else(|err| {
@@ -792,6 +934,28 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// gc's error, with what to do about it. gc refuses to run while it cannot read a name or a blob
+/// a name reaches: it cannot know what that name or blob keeps alive, and removing anything then
+/// could lose a snapshot.
+fn gc_refused(err: pf_core::Error) -> anyhow::Error {
+    let fix = match &err {
+        pf_core::Error::CorruptName { name, .. } => format!(
+            "gc removed nothing: it cannot tell which blob name {name:?} keeps; \
+             {} (`pf store verify` lists every such name)",
+            pages::Names::fix(name)
+        ),
+        pf_core::Error::NotFound { .. } => "gc stopped without removing anything it had not \
+             removed yet: a blob went missing while it ran; run it again"
+            .to_owned(),
+        _ => "gc stopped without removing anything it had not removed yet: it cannot read a blob \
+              the names reach, so it cannot tell what that blob keeps alive; if you have the \
+              blob's bytes `pf store put FILE` repairs it, else `pf store untag` the names that \
+              need it (`pf store verify` names them) and run gc again"
+            .to_owned(),
+    };
+    anyhow::Error::new(err).context(fix)
+}
+
 /// Stored bytes of the packs in use after a repack (an estimate in a dry run: the rewritten
 /// packs' live share).
 fn pack_bytes_after(r: &pf_core::RepackReport) -> u64 {
@@ -809,7 +973,7 @@ fn pack_bytes_after(r: &pf_core::RepackReport) -> u64 {
 
 /// How much of the packs the names keep is dead.
 fn pack_report(store: &FsBlobStore) -> anyhow::Result<pf_core::pages_report::PackUsage> {
-    let names = pages::names_by_digest(store)?;
+    let names = pages::names_by_digest(store)?.by_digest;
     let graph = pages::load_graph(store, &names, &[])?;
     pf_core::pages_report::pack_usage(store, &graph)
         .context("cannot tell how much of the kept packs is used")
@@ -826,11 +990,13 @@ fn percent(part: u64, whole: u64) -> f64 {
 fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
     let digest = resolve(store, &args.blob)?;
     let given_name = (!args.blob.starts_with("sha256:")).then_some(args.blob.as_str());
-    let others: Vec<String> = store
-        .names()?
+    // A name whose ref does not hold a digest points at nothing this could remove.
+    let others: Vec<String> = pages::names_by_digest(store)?
+        .by_digest
+        .remove(&digest)
+        .unwrap_or_default()
         .into_iter()
-        .filter(|(name, d)| *d == digest && Some(name.as_str()) != given_name)
-        .map(|(name, _)| name)
+        .filter(|name| Some(name.as_str()) != given_name)
         .collect();
     if !others.is_empty() && !args.force {
         bail!(

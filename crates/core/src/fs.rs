@@ -813,6 +813,13 @@ impl BlobStore for FsBlobStore {
     }
 
     fn names(&self) -> Result<Vec<(String, Digest256)>> {
+        self.names_or_errors()?
+            .into_iter()
+            .map(|(name, digest)| Ok((name, digest?)))
+            .collect()
+    }
+
+    fn names_or_errors(&self) -> Result<Vec<(String, Result<Digest256>)>> {
         let entries = match fs::read_dir(&self.refs) {
             Ok(entries) => entries,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -833,9 +840,13 @@ impl BlobStore for FsBlobStore {
                 tracing::warn!(path = %entry.path().display(), "skipping a ref with an invalid name");
                 continue;
             }
-            out.push((name.to_owned(), self.get_name(name)?));
+            match self.get_name(name) {
+                // Removed since the directory was listed.
+                Err(Error::NameNotFound { .. }) => {}
+                digest => out.push((name.to_owned(), digest)),
+            }
         }
-        out.sort();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
@@ -2196,6 +2207,36 @@ mod tests {
         fs::write(s.root().join("refs/snap"), "sha256:nothex\n").unwrap();
         assert!(matches!(s.get_name("snap"), Err(Error::CorruptName { .. })));
         assert!(matches!(s.names(), Err(Error::CorruptName { .. })));
+    }
+
+    #[test]
+    fn a_corrupt_ref_hides_no_other_name_from_names_or_errors() {
+        let (_dir, s) = store();
+        let d = s.put(b"x").unwrap();
+        s.set_name("a", &d).unwrap();
+        s.set_name("z", &d).unwrap();
+        fs::write(s.root().join("refs/junk"), "garbage\n").unwrap();
+        let got = s.names_or_errors().unwrap();
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "junk", "z"]);
+        assert_eq!(*got[0].1.as_ref().unwrap(), d);
+        assert!(
+            matches!(&got[1].1, Err(Error::CorruptName { name, .. }) if name == "junk"),
+            "{:?}",
+            got[1].1
+        );
+        assert_eq!(*got[2].1.as_ref().unwrap(), d);
+        // gc's strict listing still refuses: it must not mark without the bad name's blob.
+        assert!(matches!(s.names(), Err(Error::CorruptName { .. })));
+        let gc = crate::gc(
+            &s,
+            &crate::GcOptions {
+                dry_run: false,
+                grace: std::time::Duration::ZERO,
+            },
+        );
+        assert!(matches!(gc, Err(Error::CorruptName { .. })), "{gc:?}");
+        assert!(s.contains(&d).unwrap());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct Graph {
     missing: BTreeSet<Digest256>,
     /// Forward records of reached digests (see [`crate::forward`]): pack → packs it went to.
     forwards: BTreeMap<Digest256, Vec<Digest256>>,
+    /// Reached blobs that could not be read (only with [`Graph::load_partial`]), with why; they
+    /// are in `children` with no children, since what they refer to is unknown.
+    unreadable: BTreeMap<Digest256, String>,
 }
 
 impl Graph {
@@ -57,6 +60,25 @@ impl Graph {
     /// on the way. A reachable blob that cannot be read is an error: what it reaches is unknown.
     /// Digests referred to but absent are [`missing`](Self::missing).
     pub fn load(store: &dyn BlobStore, roots: &[Digest256]) -> Result<Self, ReportError> {
+        Self::walk(store, roots, false)
+    }
+
+    /// [`load`](Self::load), except that a reached blob that cannot be read is recorded
+    /// ([`unreadable`](Self::unreadable)) and the walk goes on: what a report or a check shows
+    /// of everything else. What an unreadable blob refers to is unknown, so such a graph must
+    /// never decide what is dead (gc and repack use [`load`](Self::load) or their own strict
+    /// walk). Still an error: the store failing to list its forward records or to tell whether
+    /// it has a blob.
+    pub fn load_partial(store: &dyn BlobStore, roots: &[Digest256]) -> Result<Self, ReportError> {
+        Self::walk(store, roots, true)
+    }
+
+    /// The walk of [`load`](Self::load) and [`load_partial`](Self::load_partial).
+    fn walk(
+        store: &dyn BlobStore,
+        roots: &[Digest256],
+        partial: bool,
+    ) -> Result<Self, ReportError> {
         let mut graph = Self::default();
         let mut records: BTreeMap<Digest256, Vec<Digest256>> = BTreeMap::new();
         for f in store.forwards().map_err(|source| ReportError::Store {
@@ -89,20 +111,58 @@ impl Graph {
                 }
                 continue;
             }
-            let children =
-                crate::gc::references(store, &digest).map_err(|source| ReportError::Store {
+            let read = crate::gc::references(store, &digest)
+                .map_err(|source| ReportError::Store {
                     what: format!("reading blob {digest} to find what it refers to"),
                     source,
-                })?;
-            if !children.is_empty()
-                && let Some(manifest) = read_manifest(store, &digest)?
-            {
+                })
+                .and_then(|children| {
+                    let manifest = if children.is_empty() {
+                        None
+                    } else {
+                        read_manifest(store, &digest)?
+                    };
+                    Ok((children, manifest))
+                });
+            let (children, manifest) = match read {
+                Ok(read) => read,
+                Err(err) if partial => {
+                    graph.unreadable.insert(digest, chain(&err));
+                    graph.children.insert(digest, Vec::new());
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            if let Some(manifest) = manifest {
                 graph.manifests.insert(digest, manifest);
             }
             queue.extend(children.iter().copied());
             graph.children.insert(digest, children);
         }
         Ok(graph)
+    }
+
+    /// Reached blobs that could not be read, with why (empty unless loaded with
+    /// [`load_partial`](Self::load_partial)).
+    pub fn unreadable(&self) -> &BTreeMap<Digest256, String> {
+        &self.unreadable
+    }
+
+    /// The missing digests `root` reaches, each with a blob that refers to it (or `root` itself
+    /// when the root is missing), sorted.
+    pub fn missing_from(&self, root: &Digest256) -> Vec<(Digest256, Option<Digest256>)> {
+        if self.missing.contains(root) {
+            return vec![(*root, None)];
+        }
+        let mut out = BTreeMap::new();
+        for d in self.reach(root) {
+            for c in self.children(&d) {
+                if self.missing.contains(c) {
+                    out.entry(*c).or_insert(d);
+                }
+            }
+        }
+        out.into_iter().map(|(c, d)| (c, Some(d))).collect()
     }
 
     /// Every blob reached (present in the store), sorted.
@@ -257,7 +317,7 @@ pub fn usage(
                 u.pages += m.pages;
                 u.zero_pages += m.zero_pages;
                 u.logical_size += m.pages * PAGE_SIZE as u64;
-            } else if !structure.contains(d) {
+            } else if !structure.contains(d) && !graph.unreadable.contains_key(d) {
                 let raw = match raw_of.get(d) {
                     Some(n) => *n,
                     None => {
@@ -588,6 +648,10 @@ pub struct PageProblem {
     pub uses: Vec<PageUse>,
     /// How many uses there are in all.
     pub use_count: u64,
+    /// How many uses there are of each manifest's pages (they add up to `use_count`): a pack
+    /// that thousands of pages of one file use is told as one file with a count, not page by
+    /// page.
+    pub use_counts: BTreeMap<Digest256, u64>,
 }
 
 /// What [`verify_pages`] checked and found.
@@ -693,8 +757,10 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
             fault: fault(),
             uses: Vec::new(),
             use_count: 0,
+            use_counts: BTreeMap::new(),
         });
         p.use_count += 1;
+        *p.use_counts.entry(at.manifest).or_default() += 1;
         if p.uses.len() < USES_LISTED {
             p.uses.push(at);
         }
@@ -717,6 +783,7 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
                         },
                         uses: Vec::new(),
                         use_count: m.pages,
+                        use_counts: BTreeMap::from([(*digest, m.pages)]),
                     },
                 );
                 continue;
@@ -815,6 +882,7 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
                     },
                     uses: Vec::new(),
                     use_count: 0,
+                    use_counts: BTreeMap::new(),
                 });
         }
         for (slot, err) in &check.bad {
@@ -828,6 +896,7 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
                     },
                     uses: Vec::new(),
                     use_count: 0,
+                    use_counts: BTreeMap::new(),
                 });
         }
     }
@@ -1194,6 +1263,7 @@ mod tests {
             v.problems.iter().any(
                 |p| matches!(&p.fault, Fault::BadPack { pack, .. } if *pack == a.packs[0])
                     && p.use_count == 10
+                    && p.use_counts == BTreeMap::from([(ma, 10)])
             ),
             "{faults:?}"
         );
@@ -1213,5 +1283,50 @@ mod tests {
             })
             .collect();
         assert_eq!(wrong, (0..10).collect::<Vec<_>>(), "{faults:?}");
+    }
+    #[test]
+    fn a_partial_graph_names_an_unreadable_blob_and_walks_the_rest() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let (a, _) = snapshot(&store, tmp.path(), "a", &[Some(1), Some(2)]);
+        let (b, mb) = snapshot(&store, tmp.path(), "b", &[Some(3), Some(4)]);
+        // a's root no longer hashes to its digest: what it refers to is unknown.
+        store.corrupt_for_test(&a, b"{\"kind\":\"tes");
+        assert!(Graph::load(&store, &roots(&store)).is_err());
+        let graph = Graph::load_partial(&store, &roots(&store)).expect("graph");
+        assert_eq!(
+            graph.unreadable().keys().copied().collect::<Vec<_>>(),
+            vec![a]
+        );
+        assert!(graph.reach(&a).contains(&a));
+        assert_eq!(
+            graph.manifests().keys().copied().collect::<Vec<_>>(),
+            vec![mb]
+        );
+        let v = verify_pages(&store, &graph, 2);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        assert_eq!((v.manifests, v.list_entries), (1, 2));
+        let u = usage(&store, &graph, &[a, b]).expect("usage");
+        assert_eq!(u.iter().find(|u| u.root == b).expect("b").pages, 2);
+    }
+
+    #[test]
+    fn missing_from_names_each_missing_blob_a_root_reaches_and_who_refers_to_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        let (a, ma) = snapshot(&store, tmp.path(), "a", &[Some(1), Some(2)]);
+        let (b, _) = snapshot(&store, tmp.path(), "b", &[Some(3)]);
+        let images = Digest256::of(b"images of a");
+        store.remove(&images).expect("rm");
+        store.remove(&ma).expect("rm");
+        let gone = store.put(b"removed after naming").expect("put");
+        store.set_name("gone", &gone).expect("name");
+        store.remove(&gone).expect("rm");
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        let mut want = vec![(images, Some(a)), (ma, Some(a))];
+        want.sort();
+        assert_eq!(graph.missing_from(&a), want);
+        assert_eq!(graph.missing_from(&b), vec![]);
+        assert_eq!(graph.missing_from(&gone), vec![(gone, None)]);
     }
 }

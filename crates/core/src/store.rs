@@ -57,8 +57,21 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// The digest `name` points at.
     fn get_name(&self, name: &str) -> Result<Digest256>;
 
-    /// Every name with its digest, sorted by name.
+    /// Every name with its digest, sorted by name. One name whose ref cannot be read fails the
+    /// whole call: this is what [`gc`](crate::gc()) marks from, and gc must not run while a name
+    /// it cannot read may be keeping a blob alive.
     fn names(&self) -> Result<Vec<(String, Digest256)>>;
+
+    /// Every name with its digest or why its ref cannot be read, sorted by name: what a listing
+    /// or a check shows, so that one bad ref file hides no other name and can itself be named
+    /// with its fix. Fails only when the names cannot be listed at all.
+    fn names_or_errors(&self) -> Result<Vec<(String, Result<Digest256>)>> {
+        Ok(self
+            .names()?
+            .into_iter()
+            .map(|(name, digest)| (name, Ok(digest)))
+            .collect())
+    }
 
     /// Remove `name`; `Ok(false)` when it did not exist.
     fn remove_name(&self, name: &str) -> Result<bool>;

@@ -13,25 +13,57 @@ use pf_world_procs::ProcsBlob;
 use pf_world_procs::images::Pagemap;
 use serde_json::{Value, json};
 
-/// Every name, grouped by the digest it points at.
-pub(super) fn names_by_digest(
-    store: &dyn BlobStore,
-) -> anyhow::Result<BTreeMap<Digest256, Vec<String>>> {
-    let mut by_digest: BTreeMap<Digest256, Vec<String>> = BTreeMap::new();
-    for (name, digest) in store.names()? {
-        by_digest.entry(digest).or_default().push(name);
-    }
-    Ok(by_digest)
+/// The store's names: the readable ones grouped by the digest they point at, and apart, the
+/// names whose ref file does not hold a digest (with why), which listings warn about and verify
+/// reports instead of failing on: one bad ref must not hide every other name.
+pub(super) struct Names {
+    pub(super) by_digest: BTreeMap<Digest256, Vec<String>>,
+    pub(super) bad: Vec<(String, String)>,
 }
 
-/// The graph of everything the names reach, plus `extra` roots.
+impl Names {
+    /// What to do about bad name `name`.
+    pub(super) fn fix(name: &str) -> String {
+        format!(
+            "`pf store untag {name}` removes it, or `pf store tag {name} DIGEST` points it at the \
+             blob it should name"
+        )
+    }
+
+    /// One warning line on stderr per bad name, for the commands that list.
+    pub(super) fn warn_bad(&self) {
+        for (name, why) in &self.bad {
+            super::say(&format!(
+                "warning: name {name:?} is left out: {why}; {}",
+                Self::fix(name)
+            ));
+        }
+    }
+}
+
+/// Every name, the readable ones grouped by the digest they point at.
+pub(super) fn names_by_digest(store: &dyn BlobStore) -> anyhow::Result<Names> {
+    let mut by_digest: BTreeMap<Digest256, Vec<String>> = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (name, digest) in store.names_or_errors()? {
+        match digest {
+            Ok(digest) => by_digest.entry(digest).or_default().push(name),
+            Err(err) => bad.push((name, format!("{:#}", anyhow::Error::new(err)))),
+        }
+    }
+    Ok(Names { by_digest, bad })
+}
+
+/// The graph of everything the names reach, plus `extra` roots. A blob it cannot read is left
+/// in [`Graph::unreadable`] rather than failing: this graph only reports, never decides what is
+/// dead.
 pub(super) fn load_graph(
     store: &dyn BlobStore,
     names: &BTreeMap<Digest256, Vec<String>>,
     extra: &[Digest256],
 ) -> anyhow::Result<Graph> {
     let roots: Vec<Digest256> = names.keys().chain(extra).copied().collect();
-    Graph::load(store, &roots).context("cannot walk what the store's names reach")
+    Graph::load_partial(store, &roots).context("cannot walk what the store's names reach")
 }
 
 /// The usage of every named blob (each against the others), by digest.
@@ -73,7 +105,15 @@ pub(super) fn usage_words(u: &Usage) -> String {
 /// `pf store show`: what one snapshot stands for, stores and shares.
 pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> anyhow::Result<()> {
     let names = names_by_digest(store)?;
+    names.warn_bad();
+    let names = names.by_digest;
     let graph = load_graph(store, &names, &[digest])?;
+    for (blob, why) in graph.unreadable() {
+        super::say(&format!(
+            "warning: blob {blob} cannot be read, so the sizes leave out what it refers to: \
+             {why} (`pf store verify` tells which names reach it)"
+        ));
+    }
     let mut roots: Vec<Digest256> = names.keys().copied().collect();
     roots.push(digest);
     let usage =
@@ -153,6 +193,9 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
     }
     Ok(())
 }
+
+/// Pages named per snapshot in a verify line; the rest are counted.
+const PAGES_NAMED: usize = 4;
 
 /// One snapshot (a named or given root that is a procs blob) that uses a pages manifest.
 #[derive(Debug, Clone)]
@@ -254,27 +297,16 @@ pub(super) struct PagesChecked {
     pub(super) bad: usize,
 }
 
-/// Check the packs and page lists of every manifest `roots` reach (by digest, with the names
-/// that point at each).
+/// Check the packs and page lists of every manifest in `graph` (loaded from `roots`: by digest,
+/// with the names that point at each).
 pub(super) fn verify(
     store: &dyn BlobStore,
+    graph: &Graph,
     roots: &BTreeMap<Digest256, Vec<String>>,
 ) -> PagesChecked {
-    let all: Vec<Digest256> = roots.keys().copied().collect();
-    let graph = match Graph::load(store, &all) {
-        Ok(g) => g,
-        Err(err) => {
-            let why = format!("{:#}", anyhow::Error::new(err));
-            return PagesChecked {
-                lines: vec![format!("pages BAD: cannot walk the snapshots: {why}")],
-                json: json!({ "error": why }),
-                bad: 1,
-            };
-        }
-    };
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let report = pages_report::verify_pages(store, &graph, threads);
-    let mut naming = Naming::new(store, &graph, roots);
+    let report = pages_report::verify_pages(store, graph, threads);
+    let mut naming = Naming::new(store, graph, roots);
     let mut lines = Vec::new();
     let mut problems = Vec::new();
     for p in &report.problems {
@@ -313,29 +345,34 @@ fn describe(p: &PageProblem, naming: &mut Naming<'_>) -> (String, Value) {
             );
         }
     };
-    let mut uses_text = Vec::new();
+    // The listed uses grouped by (manifest, snapshot), in order of first use: a pack that every
+    // page of a file uses names that file's snapshot once, with a count, not once a page.
+    let mut groups: Vec<UseGroup> = Vec::new();
     let mut uses_json = Vec::new();
     for at in &p.uses {
         let mut snapshots = Vec::new();
+        let mut placed = Vec::new();
         for (u, address) in naming.resolve(at) {
-            let mut t = format!("{} ({})", quote_names(&u.names), u.root);
-            if let Some(file) = &u.file {
-                t.push_str(&format!(" {file}"));
-            }
-            t.push_str(&format!(" page {}", at.page));
+            let mut t = format!("page {}", at.page);
             if let Some(a) = address {
                 t.push_str(&format!(" at address {a:#x}"));
             }
-            uses_text.push(t);
             snapshots.push(json!({
                 "snapshot": u.root,
                 "names": u.names,
                 "file": u.file,
                 "address": address,
             }));
+            placed.push(((at.manifest, Some(u.root)), Some(u), t));
         }
-        if snapshots.is_empty() {
-            uses_text.push(format!("manifest {} page {}", at.manifest, at.page));
+        if placed.is_empty() {
+            placed.push(((at.manifest, None), None, format!("page {}", at.page)));
+        }
+        for (key, user, page) in placed {
+            match groups.iter_mut().find(|g| g.0 == key) {
+                Some(g) => g.2.push(page),
+                None => groups.push((key, user, vec![page])),
+            }
         }
         uses_json.push(json!({
             "manifest": at.manifest,
@@ -343,6 +380,36 @@ fn describe(p: &PageProblem, naming: &mut Naming<'_>) -> (String, Value) {
             "snapshots": snapshots,
         }));
     }
+    let mut uses_text = Vec::new();
+    for ((manifest, _), user, pages) in &groups {
+        let mut t = match user {
+            Some(u) => {
+                let mut t = format!("{} ({})", quote_names(&u.names), u.root);
+                if let Some(file) = &u.file {
+                    t.push_str(&format!(" {file}"));
+                }
+                t
+            }
+            None => format!("manifest {manifest}"),
+        };
+        t.push(' ');
+        t.push_str(&pages[..pages.len().min(PAGES_NAMED)].join(", "));
+        let total = p
+            .use_counts
+            .get(manifest)
+            .copied()
+            .unwrap_or(pages.len() as u64);
+        let more = total.saturating_sub(pages.len().min(PAGES_NAMED) as u64);
+        if more > 0 {
+            t.push_str(&format!(" and {more} more of its pages"));
+        }
+        uses_text.push(t);
+    }
+    let told: BTreeSet<Digest256> = groups.iter().map(|((m, _), _, _)| *m).collect();
+    let told_uses: u64 = told
+        .iter()
+        .map(|m| p.use_counts.get(m).copied().unwrap_or(0))
+        .sum();
     let mut line = format!("{subject} BAD: {}", p.fault);
     if let Fault::BadList { manifest, .. } = &p.fault {
         let users: Vec<String> = naming
@@ -365,11 +432,11 @@ fn describe(p: &PageProblem, naming: &mut Naming<'_>) -> (String, Value) {
     } else if uses_text.is_empty() {
         line.push_str("; no page list uses it");
     } else {
-        line.push_str(&format!("; used by {}", uses_text.join(", ")));
-        if p.use_count > p.uses.len() as u64 {
+        line.push_str(&format!("; used by {}", uses_text.join("; ")));
+        if p.use_count > told_uses {
             line.push_str(&format!(
-                " and {} more pages",
-                p.use_count - p.uses.len() as u64
+                "; and {} more pages of other files",
+                p.use_count - told_uses
             ));
         }
     }
@@ -385,6 +452,14 @@ fn describe(p: &PageProblem, naming: &mut Naming<'_>) -> (String, Value) {
     (line, value)
 }
 
+/// The listed uses of a bad thing by one file of one snapshot: (manifest, snapshot) as the key,
+/// the snapshot, and each page as words (`page N at address A`).
+type UseGroup = (
+    (Digest256, Option<Digest256>),
+    Option<SnapshotUse>,
+    Vec<String>,
+);
+
 /// `"a", "b"`, or `an unnamed snapshot`.
 fn quote_names(names: &[String]) -> String {
     if names.is_empty() {
@@ -395,4 +470,41 @@ fn quote_names(names: &[String]) -> String {
         .map(|n| format!("{n:?}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// What missing blob `missing` is to snapshot `root`, which reaches it through `parent`: its
+/// images tar, the pages manifest of one of its pages files, or a blob `parent` refers to.
+pub(super) fn missing_role(
+    store: &dyn BlobStore,
+    root: &Digest256,
+    missing: &Digest256,
+    parent: &Digest256,
+) -> String {
+    if let Ok(ProcsBlob::Criu(c)) = pf_world_procs::load_procs(store, root) {
+        if c.criu_dump == *missing {
+            return "its images tar (criu_dump)".to_owned();
+        }
+        if let Some(m) = c.memory.iter().flatten().find(|m| m.manifest == *missing) {
+            return format!("the pages manifest of its {}", m.file);
+        }
+    }
+    if parent == root {
+        "a blob it refers to".to_owned()
+    } else {
+        format!("a blob that {parent} refers to")
+    }
+}
+
+/// Whether missing blob `d` is a page list or pack of a manifest in `graph`: the page check
+/// reports those, with the pages that use them.
+pub(super) fn told_by_page_check(graph: &Graph, d: &Digest256) -> bool {
+    graph
+        .manifests()
+        .values()
+        .any(|m| m.list == *d || m.packs.contains(d) || m.bases.contains(d))
+}
+
+/// `"a", "b" (sha256:…)` for a root and its names.
+pub(super) fn snapshot_words(root: &Digest256, names: &[String]) -> String {
+    format!("{} ({root})", quote_names(names))
 }
