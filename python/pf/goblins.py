@@ -52,6 +52,16 @@ def _is_images_dir(snapshot: Snapshot) -> bool:
     return isinstance(snapshot, os.PathLike) or os.path.isdir(snapshot)
 
 
+def _not_a_missing_directory(snapshot: str) -> None:
+    """No digest or name holds a slash: a snapshot that does is an images directory that is not
+    there, and is said to be one (not an invalid name)."""
+    if "/" in snapshot:
+        raise errors.NotFound(
+            f"there is no images directory {snapshot!r} (a snapshot in the store is named by a "
+            "digest or a name, which holds no '/')"
+        )
+
+
 class Goblin:
     """A running goblin: ``pid``, binary file objects ``stdin`` (unbuffered), ``stdout`` and
     ``stderr`` (buffered readers; ``stderr`` is ``None`` when it shares ``stdout``'s pipe), and
@@ -162,6 +172,9 @@ class Loaded:
     def lazy(self) -> bool:
         """Whether its thaws serve memory on demand (``load(..., lazy=True)``)."""
         return self._native.lazy
+
+    def __repr__(self) -> str:
+        return f"<pf.goblins.Loaded {self.name} lazy={self.lazy}>"
 
     def thaw(self, *, new_pid_namespace: bool = True) -> Goblin:
         """Restore one copy on fresh pipes."""
@@ -346,12 +359,7 @@ def load(
     holding 32 MiB or more, eager otherwise."""
     if _is_images_dir(snapshot):
         return Loaded(_native.load(images_dir=os.fspath(snapshot), lazy=lazy))
-    if "/" in snapshot:
-        # No digest or name holds a slash: this was meant as an images directory.
-        raise errors.NotFound(
-            f"there is no images directory {snapshot!r} (a snapshot in the store is named by a "
-            "digest or a name, which holds no '/')"
-        )
+    _not_a_missing_directory(snapshot)
     return Loaded(
         _native.load(store=store if store is not None else Store(), reference=snapshot, lazy=lazy)
     )
@@ -374,6 +382,7 @@ def thaw(
         lazy = False
     if _is_images_dir(snapshot):
         return load(snapshot, store, lazy=lazy).thaw(new_pid_namespace=new_pid_namespace)
+    _not_a_missing_directory(snapshot)
     # One thaw: an eager one streams the memory from the store into CRIU as it restores.
     native = _native.load(
         store=store if store is not None else Store(), reference=snapshot, lazy=lazy, once=True

@@ -420,6 +420,7 @@ def test_live_lazy_fork_answers_diverges_and_gets_every_page(live, store, counte
     pf.goblins.freeze(counter.pid, store, tag="lz")
     loaded = pf.goblins.load("lz", store, lazy=True)
     assert loaded.lazy
+    assert repr(loaded) == f"<pf.goblins.Loaded {loaded.name} lazy=True>"
     copies = loaded.fork(2)
     try:
         assert [ask(c, f"x{i}") for i, c in enumerate(copies)] == ["2 x0", "2 x1"]

@@ -879,6 +879,8 @@ fn live_goblin_spawns_racing_gc_leave_no_dangling_tag() {
     let mark = Mark::new("spawn-gc-race");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
+    // There from the start: a gc of a store that is not there yet is an error.
+    pf_core::FsBlobStore::open(&store).expect("store");
     let done = std::sync::atomic::AtomicBool::new(false);
     let spawns = 4;
     std::thread::scope(|scope| {

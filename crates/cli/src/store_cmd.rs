@@ -24,8 +24,9 @@ use crate::common::{self, Global, progress_enabled, resolve};
 const PROGRESS_MIN: u64 = 64 << 20;
 
 const STORE_HELP: &str = "\
-Blobs are named by the SHA-256 of their raw bytes (sha256:<64 hex>), kept zstd-compressed under
-<store>/blobs/sha256/, and checked against their digest on every read. Names (tags) point at blobs;
+Blobs are named by the SHA-256 of their raw bytes (sha256:<64 hex>), kept under
+<store>/blobs/sha256/ (zstd-compressed; page packs, compressed frame by frame already, as they
+are), and checked against their digest on every read. Names (tags) point at blobs;
 `pf store gc` removes what no name reaches. Every command that takes a DIGEST also takes a NAME.
 
 Examples:

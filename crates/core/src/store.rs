@@ -457,7 +457,9 @@ pub fn validate_name(name: &str) -> Result<()> {
         .is_some_and(|p| p.eq_ignore_ascii_case("sha256:"))
         || (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()));
     if looks_like_digest {
-        return Err(invalid("it looks like a digest"));
+        return Err(invalid(
+            "it looks like a digest (a digest is `sha256:` and 64 lowercase hex digits)",
+        ));
     }
     if name.chars().any(char::is_whitespace) {
         return Err(invalid("it contains white space"));

@@ -160,7 +160,11 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
         return Ok(());
     }
     writeln!(out, "digest        {digest}")?;
-    writeln!(out, "names         {}", my_names.join(", "))?;
+    if my_names.is_empty() {
+        writeln!(out, "names         none")?;
+    } else {
+        writeln!(out, "names         {}", my_names.join(", "))?;
+    }
     if let Some(kind) = &kind {
         writeln!(out, "kind          {kind}")?;
     }
