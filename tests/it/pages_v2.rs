@@ -390,10 +390,22 @@ fn live_v2_corrupt_page_fails_the_thaw_naming_the_snapshot() {
     let bad = store.put(&bad.to_json()).expect("put procs");
     store.set_name("bad", &bad).expect("tag");
 
-    let out = thaw(&store_dir, "bad", b"sum\n");
+    // Its own $TMPDIR: criu's log of a restore the bad page failed is not kept, as the error
+    // never names it.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let mut cmd = pf(&store_dir);
+    cmd.env("TMPDIR", &tmp).args(["goblin", "thaw", "bad"]);
+    let out = run(cmd, b"sum\n");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(out.stdout.is_empty(), "nothing ran: {}", text(&out.stdout));
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in $TMPDIR: {left:?}");
     assert!(
         stderr.contains(&bad.to_string()) && stderr.contains("is corrupt"),
         "{stderr}"

@@ -149,7 +149,13 @@ fn put_cat_ls_and_tags_round_trip() {
     assert_eq!(rows[0]["stored_size"], stored);
     assert!(stored < data.len() as u64);
     assert_eq!(rows[0]["names"], serde_json::json!(["snap"]));
-    assert!(ok(&store, &["ls"]).contains(&want.to_string()));
+    let listing = ok(&store, &["ls"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 2, "a header and the blob:\n{listing}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["DIGEST", "RAW", "STORED", "NAMES"], "{listing}");
+    assert!(lines[1].starts_with(&want.to_string()), "{listing}");
+    assert!(lines[1].contains("  snap  (keeps "), "{listing}");
 
     ok(&store, &["tag", "copy", "snap"]);
     let tags: serde_json::Value = serde_json::from_str(&ok(&store, &["tags", "--json"])).unwrap();

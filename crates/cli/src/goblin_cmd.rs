@@ -530,7 +530,7 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
             stderr: Box::new(std::io::stderr()),
         },
     )
-    .context("cannot wait for the goblin")?;
+    .context("the thawed goblin failed")?;
     tracing::info!(status = %describe_status(status), "goblin exited");
     Ok(exit_code(status))
 }

@@ -505,6 +505,14 @@ fn ls(store: &FsBlobStore, args: &LsArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_writer_pretty(&mut out, &json)?;
         writeln!(out)?;
     } else {
+        if !rows.is_empty() {
+            // The digest column is as wide as a digest: `sha256:` and 64 hex digits.
+            writeln!(
+                out,
+                "{:<71}  {:>10}  {:>10}  NAMES",
+                "DIGEST", "RAW", "STORED"
+            )?;
+        }
         for (digest, size, stored, names) in &rows {
             let size = size.map_or_else(|| "?".to_owned(), |n| HumanBytes(n).to_string());
             let keeps = usage

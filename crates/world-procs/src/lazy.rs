@@ -605,7 +605,8 @@ impl Shared {
             tracing::debug!(error = %error, "lazy serving ended");
             return;
         }
-        tracing::warn!(error = %error, "lazy restore failed; killing the restored tree");
+        // The owner reports the error (the goblin's wait names it): not said twice.
+        tracing::info!(error = %error, "lazy restore failed; killing the restored tree");
         if state.outcome.is_none() {
             state.outcome = Some(LazyOutcome::Failed(error.to_string()));
             state.error = Some(error);

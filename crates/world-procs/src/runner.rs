@@ -341,6 +341,24 @@ impl Invocation {
     }
 }
 
+/// Remove the kept work directory of the failed criu run `err` reports, when another error is
+/// shown instead and explains the failure (a page that failed its check, which criu only saw
+/// as a short read): a log nobody is told about must not pile up in `$TMPDIR`.
+pub(crate) fn discard_kept_log(err: &Error) {
+    let Error::Criu { log, .. } = err else {
+        return;
+    };
+    let Some(dir) = log.parent() else {
+        return;
+    };
+    let ours = dir
+        .file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(FAILED_PREFIX.as_bytes()));
+    if ours && let Err(err) = std::fs::remove_dir_all(dir) {
+        tracing::debug!(dir = %dir.display(), %err, "cannot remove a failed criu run's log");
+    }
+}
+
 /// Read one 12-byte record from the init's report pipe within `deadline`; `Err(true)` on
 /// timeout, `Err(false)` on end of file or a read error.
 pub(crate) fn read_record(
@@ -742,6 +760,31 @@ setcap cap_checkpoint_restore+eip /usr/local/sbin/criu\n";
             logs[0].parent().is_some_and(|p| !p.exists()),
             "the oldest is gone"
         );
+    }
+
+    #[test]
+    fn a_log_another_error_explains_is_discarded() {
+        let bin = tempfile::tempdir().expect("tempdir");
+        let base = tempfile::tempdir().expect("tempdir");
+        let criu = fake_criu(bin.path(), "echo 'Error (x): short read' >&2; exit 1");
+        let inv = Invocation::new_in(
+            base.path(),
+            &criu,
+            "restore",
+            Vec::new(),
+            &[],
+            Duration::from_secs(10),
+        )
+        .expect("invocation");
+        let err = inv.run().expect_err("a criu failure");
+        let Error::Criu { log, .. } = &err else {
+            panic!("expected a criu failure: {err:?}");
+        };
+        assert!(log.parent().is_some_and(Path::is_dir), "kept: {log:?}");
+        discard_kept_log(&err);
+        assert!(names(base.path()).is_empty(), "{:?}", names(base.path()));
+        // Anything else is left alone.
+        discard_kept_log(&Error::NoSuchProcess { pid: 1 });
     }
 
     #[test]

@@ -172,7 +172,12 @@ pub(crate) fn serve_while<T>(
     let _ = std::fs::remove_file(&path);
     let failed = shared.error.into_inner().unwrap_or_else(|p| p.into_inner());
     match (failed, result) {
-        (Some(e), _) => Err(e),
+        (Some(e), result) => {
+            if let Err(criu) = &result {
+                crate::runner::discard_kept_log(criu);
+            }
+            Err(e)
+        }
         (None, result) => result,
     }
 }
