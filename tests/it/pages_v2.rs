@@ -38,53 +38,25 @@ for line in sys.stdin:
 print("eof", flush=True)
 "#;
 
-/// [`MEMORY_GOBLIN`]'s memory and commands, plus `new` (rewrite every random page) and
-/// `fork PID`: fork a copy that leads a session of its own and talks on the pipes that process
-/// `PID` (a stand-in the test started) has as its stdin and stdout, opened through `/proc`; the
-/// copy says `child <pid>` there first. A copy shares every page with its parent until it writes
-/// one, as a thawed fork of a snapshot does (pf cannot freeze a thawed copy yet: it runs in a
-/// pid namespace of its own), and it is a goblin pf can freeze.
+/// [`MEMORY_GOBLIN`]'s memory and commands, plus `new`: rewrite every random page.
 const FORK_GOBLIN: &str = r#"
 import hashlib, os, sys
 buf = bytearray(os.urandom(16 << 20)) + bytearray(16 << 20)
 for i in range(16 << 20, 32 << 20, 4096):
     buf[i] = 0
-def serve(inp, out):
-    for line in inp:
-        words = line.split()
-        if words[0] == "sum":
-            out.write(hashlib.sha256(buf).hexdigest() + "\n")
-        elif words[0] == "mut":
-            for p in range(int(words[1]), 4096, 20):
-                buf[p * 4096 : p * 4096 + 8] = os.urandom(8)
-            out.write("ok\n")
-        elif words[0] == "new":
-            buf[: 16 << 20] = os.urandom(16 << 20)
-            out.write("ok\n")
-        elif words[0] == "fork":
-            pid = os.fork()
-            if pid == 0:
-                os.setsid()
-                fd_in = os.open("/proc/%s/fd/0" % words[1], os.O_RDONLY)
-                fd_out = os.open("/proc/%s/fd/1" % words[1], os.O_WRONLY)
-                null = os.open("/dev/null", os.O_WRONLY)
-                os.dup2(fd_in, 0)
-                os.dup2(fd_out, 1)
-                os.dup2(null, 2)
-                for fd in (fd_in, fd_out, null):
-                    os.close(fd)
-                child_out = os.fdopen(1, "w")
-                child_out.write("child %d\n" % os.getpid())
-                child_out.flush()
-                serve(os.fdopen(0, "r"), child_out)
-                os._exit(0)
-            out.write("forked %d\n" % pid)
-        out.flush()
-    out.write("eof\n")
-    out.flush()
-sys.stdout.write("ready\n")
-sys.stdout.flush()
-serve(sys.stdin, sys.stdout)
+print("ready", flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words[0] == "sum":
+        print(hashlib.sha256(buf).hexdigest(), flush=True)
+    elif words[0] == "mut":
+        for p in range(int(words[1]), 4096, 20):
+            buf[p * 4096 : p * 4096 + 8] = os.urandom(8)
+        print("ok", flush=True)
+    elif words[0] == "new":
+        buf[: 16 << 20] = os.urandom(16 << 20)
+        print("ok", flush=True)
+print("eof", flush=True)
 "#;
 
 /// The goblin, started by the test in its own session with pipes and no stray descriptors.
@@ -656,64 +628,51 @@ fn live_v2_a_freeze_killed_while_it_writes_packs_leaves_nothing_gc_would_keep() 
     freeze_v2(&store_dir, &goblin.pid(), "again");
 }
 
-/// A process holding a pipe at its stdin and another at its stdout for a forked goblin to
-/// open through `/proc` (it never reads or writes them); the test keeps the other ends.
-struct Stand {
-    child: Child,
-    _guard: KillOnDrop,
-}
-
-impl Stand {
-    fn start() -> Self {
-        let mut cmd = Command::new("sleep");
-        cmd.arg("600")
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let child = spawn_clean(&mut cmd).expect("start sleep");
-        let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-        Self {
-            child,
-            _guard: guard,
-        }
-    }
-}
-
-/// A forked copy of the goblin, talking on a [`Stand`]'s pipes.
-struct Fork {
+/// A copy of a snapshot thawed by `pf goblin thaw` (in a pid namespace of its own), the test
+/// holding its stdin and stdout.
+struct Thawed {
+    /// The goblin's pid here (not in its namespace).
     pid: i32,
     stdin: std::process::ChildStdin,
     lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// Killing `pf goblin thaw` takes its goblin along.
     _guard: KillOnDrop,
 }
 
-impl Fork {
-    fn ask(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").expect("write to fork");
-        self.lines.next().expect("a line").expect("read line")
+impl Thawed {
+    // The guard kills and reaps `pf goblin thaw` by its pid.
+    #[allow(clippy::zombie_processes)]
+    fn start(store: &Path, snapshot: &str) -> Self {
+        let mut cmd = pf(store);
+        cmd.args(["goblin", "thaw", snapshot])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("start pf goblin thaw");
+        let thaw = i32::try_from(child.id()).expect("pid");
+        let guard = KillOnDrop(thaw);
+        let stdin = child.stdin.take().expect("stdin");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut thawed = Self {
+            pid: 0,
+            stdin,
+            lines,
+            _guard: guard,
+        };
+        // Once it answers, it runs under pf's namespace init, the child of `pf goblin thaw`.
+        let _ = thawed.ask("sum");
+        let goblin = pf_os::proc::children(thaw)
+            .into_iter()
+            .flat_map(pf_os::proc::children)
+            .find(|&p| pf_os::proc::comm(p).as_deref() == Some("python3"))
+            .expect("the thawed goblin under pf's namespace init");
+        thawed.pid = goblin;
+        thawed
     }
-}
 
-fn fork(goblin: &mut Goblin) -> Fork {
-    let mut stand = Stand::start();
-    let forked = goblin.ask(&format!("fork {}", stand.child.id()));
-    let pid: i32 = forked
-        .strip_prefix("forked ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("fork: {forked}"));
-    let guard = KillOnDrop(pid);
-    let stdin = stand.child.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(stand.child.stdout.take().expect("stdout")).lines();
-    let hello = lines.next().expect("a line").expect("read line");
-    assert_eq!(hello, format!("child {pid}"));
-    // The copy has its own descriptors on the pipes now: the stand-in can go.
-    drop(stand);
-    Fork {
-        pid,
-        stdin,
-        lines,
-        _guard: guard,
+    fn ask(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("write to the thawed copy");
+        self.lines.next().expect("a line").expect("read line")
     }
 }
 
@@ -732,19 +691,21 @@ fn live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let store_dir = dir.path().join("store");
-    let mut goblin = Goblin::start_script(FORK_GOBLIN);
+    let mut goblin = Goblin::start();
     deadline.watch(goblin.child.id() as i32);
     let base_sum = goblin.ask("sum");
     freeze_v2(&store_dir, &goblin.pid(), "base");
+    drop(goblin);
     let base = stored_bytes(&store_dir);
     let store = FsBlobStore::open(&store_dir).expect("store");
-    // Four copies, each rewriting its own 5% of the random pages (every 20th page from k, so
-    // no two rewrite the same page), each frozen again.
+    // Four copies thawed from the base, each in a pid namespace of its own, each rewriting its
+    // own 5% of the random pages (every 20th page from k, so no two rewrite the same page),
+    // each frozen again while it runs.
     let mut sums = Vec::new();
     let mut bound = 0u64;
     let mut grown = Vec::new();
     for k in 1..=4u32 {
-        let mut copy = fork(&mut goblin);
+        let mut copy = Thawed::start(&store_dir, "base");
         deadline.watch(copy.pid);
         assert_eq!(copy.ask(&format!("mut {k}")), "ok");
         sums.push(copy.ask("sum"));

@@ -67,10 +67,11 @@ pub enum Error {
         /// Its session id.
         sid: i32,
     },
-    /// The process runs in a pid namespace other than ours: a thawed copy.
+    /// The process runs in a pid namespace that pf did not make (a thawed copy, whose
+    /// namespace pf made, is frozen from inside it).
     #[error(
-        "process {pid} runs in a pid namespace of its own (it is a thawed copy); freezing a thawed \
-         copy is not supported yet: freeze the original goblin instead"
+        "process {pid} runs in a pid namespace that pf did not make (a container's?): freeze it \
+         with a pf running inside that namespace"
     )]
     OtherPidNamespace {
         /// The process.

@@ -67,8 +67,9 @@ impl Frozen {
 /// Checkpoint the goblin `pid` with CRIU.
 ///
 /// Refused before CRIU runs, with an error saying what is wrong: a pid that does not exist
-/// ([`Error::NoSuchProcess`]), a thawed copy running in a pid namespace of its own
-/// ([`Error::OtherPidNamespace`]), a kernel thread ([`Error::KernelThread`]), stdio that a thaw
+/// ([`Error::NoSuchProcess`]), a process in a pid namespace pf did not make, such as a
+/// container's ([`Error::OtherPidNamespace`]; a thawed copy is frozen from inside the pid
+/// namespace pf gave it), a kernel thread ([`Error::KernelThread`]), stdio that a thaw
 /// could not give back — a terminal, a socket, a stdout that is not a pipe ([`Error::NotPipes`],
 /// naming what each one is; stdin and stderr may be files or `/dev/null`) — and a process that
 /// does not lead its session unless [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
@@ -143,6 +144,7 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
     if let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self"))
         && theirs != ours
+        && !pf_world_procs::restored_by_pf(pid)
     {
         return Err(Error::OtherPidNamespace { pid });
     }

@@ -293,8 +293,11 @@ fn dump_with(
     // Before the dump: afterwards (without leave_running) the tree is gone.
     let stdio = pf_os::proc::stdio_links(pid);
     let pids = pf_os::proc::tree(pid);
+    // A thawed copy (in a pid namespace below ours) is dumped from inside its namespaces.
+    let enter = crate::nsenter::Enter::of(pid)?;
+    let tree = enter.as_ref().map_or(pid, |e| e.inner_pid);
     let mut args: Vec<OsString> = Vec::new();
-    push_opt(&mut args, "--tree", pid.to_string());
+    push_opt(&mut args, "--tree", tree.to_string());
     push_opt(&mut args, "--images-dir", &images_dir);
     for (on, flag) in [
         (opts.leave_running, "--leave-running"),
@@ -309,11 +312,10 @@ fn dump_with(
     }
     args.extend(opts.extra_args.iter().map(OsString::from));
     args.extend(extra.iter().cloned());
-    tracing::debug!(?pids, "dumping");
-    let work = match Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?
-        .watching(pid)
-        .run()
-    {
+    tracing::debug!(?pids, tree, "dumping");
+    let mut dump = Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.watching(pid);
+    dump.enter = enter;
+    let work = match dump.run() {
         Ok(work) => work,
         Err(err) if pf_os::proc::has_ended(pid) => {
             return Err(Error::ExitedDuringDump {

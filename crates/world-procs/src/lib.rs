@@ -22,6 +22,7 @@ mod ghosts;
 pub mod images;
 mod lazy;
 pub mod memory_map;
+mod nsenter;
 mod nsinit;
 mod restore;
 mod runner;
@@ -40,6 +41,7 @@ pub use crate::capture::{
 };
 pub use crate::criu::probe;
 pub use crate::error::{Error, ErrorKind, Result};
+pub use crate::nsenter::restored_by_pf;
 pub use crate::restore::{
     ImagesDir, InheritFd, LAZY_MIN_BYTES, LazyImages, RestoreOptions, Restored, StreamedImages,
     extract_images, extract_images_lazy, extract_images_streamed, lazy_suits, load_procs, restore,

@@ -43,6 +43,10 @@ use std::os::fd::{AsRawFd as _, RawFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 
+/// The init's name in `ps` (`/proc/PID/comm`).
+pub(crate) const INIT_NAME: &str = "pf-ns-init";
+const INIT_NAME_C: &std::ffi::CStr = c"pf-ns-init";
+
 /// A setup step failed: `a` = step, `b` = errno.
 pub(crate) const TAG_FAILED: i32 = 1;
 /// criu finished: `a` = its raw wait status.
@@ -276,7 +280,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         libc::close(ctx.lifeline_w);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         // Shows as `pf-ns-init` in ps instead of a second `pf`.
-        libc::prctl(libc::PR_SET_NAME, c"pf-ns-init".as_ptr());
+        libc::prctl(libc::PR_SET_NAME, INIT_NAME_C.as_ptr());
         let none: *const libc::c_char = std::ptr::null();
         if libc::mount(
             none,

@@ -65,6 +65,8 @@ pub(crate) struct Invocation {
     pub(crate) stdin_is_ours: bool,
     /// For a restore in a new pid namespace: a descriptor its init holds (`InitPlan::hold`).
     pub(crate) hold: Option<RawFd>,
+    /// For a dump of a process in a pid namespace below ours: criu runs in its namespaces.
+    pub(crate) enter: Option<crate::nsenter::Enter>,
 }
 
 impl Invocation {
@@ -134,6 +136,7 @@ impl Invocation {
             through_sudo: criu.privilege == Privilege::Sudo,
             stdin_is_ours: false,
             hold: None,
+            enter: None,
         })
     }
 
@@ -207,7 +210,10 @@ impl Invocation {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
         pf_os::fd::only_these_fds(&mut cmd, self.keep_fds.clone());
-        tracing::debug!(program = %self.program.display(), args = ?self.args, "running criu");
+        if let Some(enter) = &self.enter {
+            enter.hook(&mut cmd, self.work.path())?;
+        }
+        tracing::debug!(program = %self.program.display(), args = ?self.args, entered = self.enter.is_some(), "running criu");
         cmd.spawn().map_err(|source| Error::Spawn {
             program: self.program.clone(),
             source,

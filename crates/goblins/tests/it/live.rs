@@ -63,16 +63,26 @@ fn live_thaw_continues_the_state_beside_the_original() {
     assert_eq!(copy.ask("get color"), "green");
     assert_eq!(copy.ask("err to-stderr"), "ok");
     assert_eq!(talk.ask("inc"), "4", "the original is unaffected");
-    let refreeze = pf_goblins::freeze(thawed.pid(), FreezeTarget::Store(&store), &KEEP);
-    assert!(
-        matches!(refreeze, Err(Error::OtherPidNamespace { pid }) if pid == thawed.pid()),
-        "{refreeze:?}"
-    );
+    // The copy runs in a pid namespace of its own; it freezes all the same, from inside it.
+    let refrozen = pf_goblins::freeze(thawed.pid(), FreezeTarget::Store(&store), &KEEP)
+        .expect("freeze the thawed copy");
+    let redigest = *refrozen.digest().expect("stored");
+    assert_eq!(copy.ask("inc"), "4", "the copy runs on after its freeze");
+    let resource = Source::Store {
+        store: &store,
+        digest: &redigest,
+    };
+    let mut second = pf_goblins::thaw(&resource, &NEW_NS).expect("thaw the copy's snapshot");
+    let mut talk2 = Talk::new(&mut second);
     assert_eq!(
-        copy.ask("inc"),
+        talk2.ask("inc"),
         "4",
-        "a refused freeze leaves the copy running"
+        "a copy of the copy starts from its state"
     );
+    assert_eq!(talk2.ask("get color"), "green");
+    talk2.close();
+    assert_eq!(talk2.rest(), ["eof 4"]);
+    assert_eq!(second.wait().expect("wait").code(), Some(0));
 
     copy.close();
     assert_eq!(copy.rest(), ["eof 4"]);

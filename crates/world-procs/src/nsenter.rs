@@ -1,0 +1,149 @@
+//! Dumping a process that runs in a pid namespace below ours, such as a thawed copy: pf restores
+//! copies into a pid + mount namespace of their own (`nsinit.rs`), where they have their
+//! original pids.
+//!
+//! CRIU dumps a tree as the tree's own pid namespace sees it: its pids, its `/proc`. So criu
+//! runs inside the target's pid and mount namespaces (the mount namespace holds the `/proc` of
+//! that pid namespace): the forked child `setns`es into both, forks again (a pid namespace
+//! applies to the children of whoever entered it), and that grandchild execs criu with
+//! `--tree <the pid inside>`. Its images then say what a dump of the original would have said,
+//! so a re-frozen copy thaws like any snapshot and shares its unchanged pages with its parent.
+//!
+//! The child in between stays outside, closes every descriptor above 2 (it never execs, so
+//! close-on-exec does not apply to it), waits for criu and exits as criu did: the runner's
+//! deadline, target watch and SIGKILL work on it as on criu, and criu holds a parent-death
+//! SIGKILL, so it never outlives the child the runner kills.
+//!
+//! The mount namespace is a copy of the one pf restored it from, so criu finds its own binary,
+//! its work directory and the images directory (or the image streamer's socket) at the same
+//! paths, as long as they are on filesystems mounted before the thaw.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::Command;
+
+use crate::error::{Error, Result};
+
+/// The pid and mount namespaces of a process in a pid namespace below ours.
+#[derive(Debug)]
+pub(crate) struct Enter {
+    pid_ns: OwnedFd,
+    mnt_ns: OwnedFd,
+    /// The pid criu must dump: the process as its own namespace sees it.
+    pub(crate) inner_pid: i32,
+}
+
+impl Enter {
+    /// `None` when `pid` runs in our pid namespace; otherwise its namespaces, opened now (so
+    /// criu enters the very ones `pid` was in, even if the pid is reused).
+    pub(crate) fn of(pid: i32) -> Result<Option<Self>> {
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid"));
+        let theirs = ns(&pid.to_string()).map_err(|e| Error::io("read", pid_ns_path(pid), e))?;
+        let ours = ns("self").map_err(|e| Error::io("read", "/proc/self/ns/pid", e))?;
+        if theirs == ours {
+            return Ok(None);
+        }
+        let open = |kind: &str| {
+            let path = format!("/proc/{pid}/ns/{kind}");
+            std::fs::File::open(&path)
+                .map(OwnedFd::from)
+                .map_err(|e| Error::io("open", path, e))
+        };
+        let pid_ns = open("pid")?;
+        let mnt_ns = open("mnt")?;
+        // A process we can see in another pid namespace is in one below ours: its last NSpid
+        // is its pid in there.
+        let inner_pid = pf_os::proc::inner_pid(pid).ok_or(Error::NoSuchProcess { pid })?;
+        Ok(Some(Self {
+            pid_ns,
+            mnt_ns,
+            inner_pid,
+        }))
+    }
+
+    /// Make `cmd`'s child enter the namespaces, fork, and exec in the grandchild (see the
+    /// module's doc), with `cwd` as its working directory. Call after every other `pre_exec`
+    /// hook that must also run in the child in between (their effects are inherited).
+    pub(crate) fn hook(&self, cmd: &mut Command, cwd: &Path) -> Result<()> {
+        let pid_ns = self.pid_ns.as_raw_fd();
+        let mnt_ns = self.mnt_ns.as_raw_fd();
+        let cwd = CString::new(cwd.as_os_str().as_bytes())
+            .map_err(|e| Error::io("use", cwd, std::io::Error::other(e)))?;
+        // SAFETY: the closure runs in the forked child before exec and makes only
+        // async-signal-safe system calls (setns, chdir, fork, prctl, getppid, close_range,
+        // waitpid, signal, kill, _exit) on integers and on `cwd`, built before the fork and only
+        // read. The branch that does not exec never returns: it exits with `_exit`.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(mnt_ns, libc::CLONE_NEWNS) < 0
+                    || libc::setns(pid_ns, libc::CLONE_NEWPID) < 0
+                    || libc::chdir(cwd.as_ptr()) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                match libc::fork() {
+                    -1 => Err(std::io::Error::last_os_error()),
+                    0 => {
+                        // Inside: the parent is outside the namespace, so getppid() is 0 until
+                        // it dies; then this one goes too.
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        if libc::getppid() != 0 {
+                            libc::_exit(127);
+                        }
+                        Ok(())
+                    }
+                    criu => relay(criu),
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Whether `pid` runs in a pid namespace pf restored it into (its parent is pf's namespace
+/// init): such a process is dumped from inside its namespaces. One in a namespace pf did not
+/// make (a container's) is not: criu's binary and pf's paths need not exist in there.
+pub fn restored_by_pf(pid: i32) -> bool {
+    pf_os::proc::stat(pid)
+        .and_then(|s| pf_os::proc::comm(s.ppid))
+        .is_some_and(|name| name == crate::nsinit::INIT_NAME)
+}
+
+fn pid_ns_path(pid: i32) -> String {
+    format!("/proc/{pid}/ns/pid")
+}
+
+/// The child in between: hold no descriptor of pf's (nor the one its spawner waits on to see
+/// the exec), wait for `criu`, and end as it did.
+///
+/// # Safety
+/// Only between fork and exec, in the child; never returns.
+unsafe fn relay(criu: libc::pid_t) -> ! {
+    // SAFETY: async-signal-safe system calls on integers (see `Enter::hook`).
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let mut status = 0;
+        loop {
+            let got = libc::waitpid(criu, &mut status, 0);
+            if got == criu {
+                break;
+            }
+            if got < 0 && *libc::__errno_location() != libc::EINTR {
+                libc::_exit(127);
+            }
+        }
+        if libc::WIFEXITED(status) {
+            libc::_exit(libc::WEXITSTATUS(status));
+        }
+        let sig = libc::WTERMSIG(status);
+        libc::signal(sig, libc::SIG_DFL);
+        libc::kill(libc::getpid(), sig);
+        libc::_exit(128 + sig)
+    }
+}
