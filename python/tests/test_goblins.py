@@ -83,6 +83,47 @@ def test_wait_returns_the_exit_status_and_times_out():
     assert goblin.returncode == 7
 
 
+def test_wait_with_no_time_left_still_sees_a_goblin_that_has_exited():
+    goblin = pf.goblins.spawn([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, goblin.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+    assert goblin.wait(timeout=0) == 0
+
+
+def test_ctrl_c_ends_a_wait_for_a_goblin_that_never_exits():
+    script = (
+        "import sys, pf\n"
+        "g = pf.goblins.spawn([sys.executable, '-c', 'import sys; sys.stdin.read()'])\n"
+        "print(g.pid, flush=True)\n"
+        "with g:\n"
+        "    try:\n"
+        "        g.wait()\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    # SIGINT's default action, as at a terminal (see the warm-up's Ctrl-C test).
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    goblin = None
+    try:
+        goblin = int(proc.stdout.readline())
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+        # The goblin leads a session of its own: proc.kill() does not reach it.
+        if goblin is not None and alive(goblin):
+            os.kill(goblin, signal.SIGKILL)
+    assert out == "interrupted\n"
+    assert proc.returncode == 0
+    assert not alive(goblin)
+
+
 def test_freezing_a_dead_pid_raises_no_such_process(tmp_path, store):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -103,29 +103,27 @@ impl NativeGoblin {
                 )));
             }
         };
-        let pid = self.pid;
-        py.detach(|| {
-            self.with(|g| match deadline {
-                None => g.wait().map(returncode).map_err(errors::from_goblin),
-                Some(deadline) => {
-                    let mut nap = Duration::from_millis(1);
-                    loop {
-                        if let Some(s) = g.try_wait().map_err(errors::from_goblin)? {
-                            return Ok(returncode(s));
-                        }
-                        let now = Instant::now();
-                        if now >= deadline {
-                            return Err(errors::timeout(format!(
-                                "goblin {pid} still runs after {:.3} s",
-                                timeout.unwrap_or_default()
-                            )));
-                        }
-                        std::thread::sleep(nap.min(deadline - now));
-                        nap = (nap * 2).min(Duration::from_millis(20));
-                    }
-                }
-            })
-        })
+        // Waited in slices, with Python's signal handlers run between them: Ctrl-C ends a
+        // wait for a goblin that never exits (as it does `subprocess.Popen.wait`).
+        const SLICE: Duration = Duration::from_millis(50);
+        loop {
+            let slice = deadline.map_or(SLICE, |d| {
+                d.saturating_duration_since(Instant::now()).min(SLICE)
+            });
+            let status =
+                py.detach(|| self.with(|g| g.wait_timeout(slice).map_err(errors::from_goblin)))?;
+            if let Some(status) = status {
+                return Ok(returncode(status));
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(errors::timeout(format!(
+                    "goblin {} still runs after {:.3} s",
+                    self.pid,
+                    timeout.unwrap_or_default()
+                )));
+            }
+        }
     }
 
     /// The returncode if the goblin has exited (reaping it), else `None`. Never blocks: while
