@@ -62,6 +62,16 @@ def _not_a_missing_directory(snapshot: str) -> None:
         )
 
 
+def _argv(argv: Sequence[str]) -> List[str]:
+    """The command line as a list; one string is refused, not split into one-letter arguments."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError(
+            f"argv is a list of arguments, not one string: {argv!r} "
+            "(split it, e.g. with shlex.split)"
+        )
+    return [os.fsdecode(a) for a in argv]
+
+
 class Goblin:
     """A running goblin: ``pid``, binary file objects ``stdin`` (unbuffered), ``stdout`` and
     ``stderr`` (buffered readers; ``stderr`` is ``None`` when it shares ``stdout``'s pipe), and
@@ -260,7 +270,7 @@ def warm_up(
     if isinstance(argv_or_goblin, Goblin):
         kwargs["goblin"] = argv_or_goblin._native
     else:
-        kwargs["argv"] = [os.fsdecode(a) for a in argv_or_goblin]
+        kwargs["argv"] = _argv(argv_or_goblin)
     if isinstance(store_or_dir, Store):
         kwargs["store"] = store_or_dir
     else:
@@ -307,7 +317,7 @@ def spawn(
     block-buffer their output)."""
     return Goblin(
         _native.spawn(
-            [os.fsdecode(a) for a in argv],
+            _argv(argv),
             os.fspath(cwd) if cwd is not None else os.getcwd(),
             list((env or {}).items()),
         )

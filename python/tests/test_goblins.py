@@ -63,6 +63,23 @@ def test_spawn_refuses_an_empty_command_and_a_missing_program():
         pf.goblins.spawn(["/no-such-program-here"])
 
 
+def test_a_command_line_given_as_one_string_is_refused(store):
+    # Not run as "s" with arguments "l", "e", ...: a str is a sequence of one-letter strings.
+    with pytest.raises(TypeError, match="shlex.split"):
+        pf.goblins.spawn("sleep 60")
+    with pytest.raises(TypeError, match="shlex.split"):
+        pf.goblins.warm_up(b"sleep 60", store, quiet=1, timeout=5)
+    assert store.blobs() == []
+
+
+def test_sending_no_such_signal_raises_invalid_argument():
+    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+        with pytest.raises(pf.InvalidArgument, match="999 is not a signal"):
+            goblin.send_signal(999)
+        goblin.send_signal(0)
+        assert goblin.poll() is None
+
+
 def test_a_spawned_goblin_answers_and_with_kills_and_reaps_it():
     with pf.goblins.spawn(COUNTER) as goblin:
         pid = goblin.pid
@@ -221,6 +238,16 @@ def test_live_fork_of_four_answers_each_from_the_same_state(live, store, counter
     for c in copies:
         assert c.returncode == -9
         assert not alive(c.pid)
+
+
+def test_live_fork_of_fewer_than_one_copy_raises_invalid_argument(live, store, counter):
+    pf.goblins.freeze(counter.pid, store, tag="base")
+    loaded = pf.goblins.load("base", store)
+    for n in (0, -1):
+        with pytest.raises(pf.InvalidArgument, match=f"n >= 1, not {n}"):
+            loaded.fork(n)
+        with pytest.raises(pf.InvalidArgument):
+            pf.goblins.fork("base", n, store)
 
 
 def test_live_with_kills_and_reaps_a_thawed_goblin(live, store, counter):

@@ -145,7 +145,15 @@ impl NativeGoblin {
 
     /// Send `signal` to the goblin's main process (an exited goblin is not an error).
     fn send_signal(&self, signal: i32) -> PyResult<()> {
-        self.killer.signal(signal).map_err(errors::from_goblin)
+        self.killer.signal(signal).map_err(|err| match &err {
+            // EINVAL: no such signal, a bad argument rather than a failure of the goblin.
+            pf_goblins::Error::Sys { source, .. }
+                if source.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                errors::invalid(format!("{signal} is not a signal number"))
+            }
+            _ => errors::from_goblin(err),
+        })
     }
 
     /// SIGKILL the goblin (its whole process group, or its pid namespace when thawed), reap it
@@ -225,10 +233,12 @@ impl NativeLoaded {
 
     /// Restore `n` copies side by side, each in its own pid namespace: all of them, or none
     /// (and an error).
-    fn fork(&self, py: Python<'_>, n: usize) -> PyResult<Vec<NativeGoblin>> {
-        if n == 0 {
-            return Err(errors::invalid("fork needs n >= 1".to_owned()));
-        }
+    fn fork(&self, py: Python<'_>, n: i64) -> PyResult<Vec<NativeGoblin>> {
+        // Taken signed, so that a negative n is told the same as 0 (not an OverflowError).
+        let n = match usize::try_from(n) {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(errors::invalid(format!("fork needs n >= 1, not {n}"))),
+        };
         let goblins = py
             .detach(|| self.loaded.fork(n))
             .map_err(errors::from_goblin)?;
