@@ -20,6 +20,7 @@ thawed). Call ``detach()`` to leave it running instead.
 
 import asyncio
 import os
+import threading
 from typing import IO, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from pf import _native, errors
@@ -82,18 +83,41 @@ class Goblin:
     lot to both: a goblin blocked on a full stderr pipe never answers on stdout.
     """
 
-    stdin: Optional[IO[bytes]]
-    stdout: Optional[IO[bytes]]
-    stderr: Optional[IO[bytes]]
     returncode: Optional[int]
 
     def __init__(self, native: "_native.NativeGoblin") -> None:
         self._native = native
-        fin, fout, ferr = native.take_fds()
-        self.stdin = open(fin, "wb", buffering=0) if fin is not None else None
-        self.stdout = open(fout, "rb") if fout is not None else None
-        self.stderr = open(ferr, "rb") if ferr is not None else None
+        # The pipes become file objects when first used, so that a goblin whose pipes are
+        # untouched can still be handed to ``warm_up`` (which reads them itself).
+        self._pipes: Optional[Tuple[Optional[IO[bytes]], ...]] = None
+        self._pipes_lock = threading.Lock()
         self.returncode = None
+
+    def _files(self) -> Tuple[Optional[IO[bytes]], ...]:
+        with self._pipes_lock:
+            if self._pipes is None:
+                fin, fout, ferr = self._native.take_fds()
+                self._pipes = (
+                    open(fin, "wb", buffering=0) if fin is not None else None,
+                    open(fout, "rb") if fout is not None else None,
+                    open(ferr, "rb") if ferr is not None else None,
+                )
+            return self._pipes
+
+    @property
+    def stdin(self) -> Optional[IO[bytes]]:
+        """The goblin's stdin (unbuffered), or ``None``."""
+        return self._files()[0]
+
+    @property
+    def stdout(self) -> Optional[IO[bytes]]:
+        """The goblin's stdout (a buffered reader), or ``None``."""
+        return self._files()[1]
+
+    @property
+    def stderr(self) -> Optional[IO[bytes]]:
+        """The goblin's stderr (a buffered reader), or ``None`` when it shares stdout's pipe."""
+        return self._files()[2]
 
     @property
     def pid(self) -> int:
@@ -145,11 +169,12 @@ class Goblin:
     def detach(self) -> None:
         """Let the goblin run on after this handle is gone; pf will not kill or reap it. A
         goblin thawed lazily is detached once every page is in (this waits for that)."""
+        self._files()  # its pipes stay ours
         self._native.detach()
 
     def close(self) -> None:
         """Close our ends of the goblin's pipes."""
-        for f in (self.stdin, self.stdout, self.stderr):
+        for f in self._files():
             if f is not None:
                 f.close()
 
@@ -244,10 +269,11 @@ def warm_up(
     cancel: Optional[Cancel] = None,
 ) -> Warmed:
     """Warm a goblin up and freeze it, in one call: start ``argv`` (or take a ``Goblin`` from
-    ``spawn``), write ``input`` to its stdin (which then stays open), wait until its stdout
-    matches the regex ``ready`` or it has been quiet for ``quiet`` seconds — at most
-    ``timeout`` seconds, else ``pf.NotWarm`` — freeze it into ``store_or_dir`` (naming it
-    ``tag``), then read what it printed for at most ``drain`` seconds.
+    ``spawn`` whose pipes are untouched: warm_up reads them), write ``input`` to its stdin
+    (which then stays open), wait until its stdout matches the regex ``ready`` or it has been
+    quiet for ``quiet`` seconds — at most ``timeout`` seconds, else ``pf.NotWarm`` — freeze it
+    into ``store_or_dir`` (naming it ``tag``), then read what it printed for at most ``drain``
+    seconds.
 
     Unlike ``freeze``, the goblin is stopped once frozen unless ``leave_running=True`` (it is
     then in ``Warmed.goblin``, its pipes ready). ``cancel.cancel()`` from another thread stops a
@@ -268,6 +294,15 @@ def warm_up(
         cancel=cancel,
     )
     if isinstance(argv_or_goblin, Goblin):
+        with argv_or_goblin._pipes_lock:
+            if argv_or_goblin._pipes is not None:
+                raise errors.InvalidArgument(
+                    f"goblin {argv_or_goblin.pid}'s pipes are in use here (its stdin, stdout or "
+                    "stderr was touched): warm_up reads them itself, so give it a goblin fresh "
+                    "from spawn, or the command"
+                )
+            # Its pipes go to warm_up with it (and to Warmed.goblin with leave_running=True).
+            argv_or_goblin._pipes = (None, None, None)
         kwargs["goblin"] = argv_or_goblin._native
     else:
         kwargs["argv"] = _argv(argv_or_goblin)

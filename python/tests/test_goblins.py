@@ -439,6 +439,27 @@ def test_live_ctrl_c_stops_a_warm_up_and_raises_keyboard_interrupt(live, tmp_pat
     assert processes_with(marker) == []
 
 
+def test_warm_up_refuses_a_goblin_whose_pipes_are_in_use(store):
+    with pf.goblins.spawn(COUNTER) as goblin:
+        assert goblin.stdout.readline() == b"ready\n"
+        with pytest.raises(pf.InvalidArgument, match="pipes are in use"):
+            pf.goblins.warm_up(goblin, store, ready="ready", timeout=5)
+        assert ask(goblin, "still mine") == "1 still mine"
+    assert store.blobs() == []
+
+
+def test_live_warm_up_of_a_goblin_from_spawn_reads_its_pipes(live, store):
+    goblin = pf.goblins.spawn(COUNTER)
+    warmed = pf.goblins.warm_up(
+        goblin, store, input=b"a\n", ready=r"1 a\n", timeout=30, tag="spawned"
+    )
+    assert warmed.stdout == b"ready\n1 a\n"
+    assert warmed.snapshot == store.resolve("spawned")
+    assert goblin.stdout is None  # its pipes went to warm_up
+    with pf.goblins.thaw("spawned", store) as copy:
+        assert ask(copy, "b") == "2 b"
+
+
 def test_live_warm_up_then_fork_and_collect_branches(live, store):
     warmed = pf.goblins.warm_up(REPL, store, ready=r"^warm \d+$", timeout=60, tag="repl")
     assert warmed.snapshot == store.resolve("repl")

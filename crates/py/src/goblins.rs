@@ -59,7 +59,7 @@ impl NativeGoblin {
         match guard.as_mut() {
             Some(goblin) => f(goblin),
             None => Err(errors::invalid(format!(
-                "goblin {} was detached: pf no longer manages it",
+                "goblin {} was detached (or handed to warm_up): pf no longer manages it here",
                 self.pid
             ))),
         }
