@@ -100,6 +100,19 @@ def test_wait_returns_the_exit_status_and_times_out():
     assert goblin.returncode == 7
 
 
+def test_kill_of_a_detached_goblin_refuses_and_leaves_it_running():
+    goblin = pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"])
+    goblin.detach()
+    try:
+        with pytest.raises(pf.InvalidArgument, match="detached"):
+            goblin.kill()
+        time.sleep(0.05)
+        assert alive(goblin.pid)
+    finally:
+        os.kill(goblin.pid, signal.SIGKILL)
+        os.waitpid(goblin.pid, 0)
+
+
 def test_wait_with_no_time_left_still_sees_a_goblin_that_has_exited():
     goblin = pf.goblins.spawn([sys.executable, "-c", "pass"])
     os.waitid(os.P_PID, goblin.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped

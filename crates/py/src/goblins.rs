@@ -58,11 +58,16 @@ impl NativeGoblin {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match guard.as_mut() {
             Some(goblin) => f(goblin),
-            None => Err(errors::invalid(format!(
-                "goblin {} was detached (or handed to warm_up): pf no longer manages it here",
-                self.pid
-            ))),
+            None => Err(self.let_go()),
         }
+    }
+
+    /// The error of a handle that let go of its goblin.
+    fn let_go(&self) -> PyErr {
+        errors::invalid(format!(
+            "goblin {} was detached (or handed to warm_up): pf no longer manages it here",
+            self.pid
+        ))
     }
 }
 
@@ -159,6 +164,12 @@ impl NativeGoblin {
     /// SIGKILL the goblin (its whole process group, or its pid namespace when thawed), reap it
     /// and return its returncode. Killing an exited goblin is not an error.
     fn kill(&self, py: Python<'_>) -> PyResult<i32> {
+        // A goblin let go of (detached, or handed to warm_up) is not killed through this handle.
+        if let Ok(guard) = self.goblin.try_lock()
+            && guard.is_none()
+        {
+            return Err(self.let_go());
+        }
         // The killer needs no lock, so this ends a `wait` blocked in another thread.
         self.killer.kill().map_err(errors::from_goblin)?;
         py.detach(|| self.with(|g| g.kill().map(returncode).map_err(errors::from_goblin)))
