@@ -91,6 +91,7 @@ class Goblin:
         # untouched can still be handed to ``warm_up`` (which reads them itself).
         self._pipes: Optional[Tuple[Optional[IO[bytes]], ...]] = None
         self._pipes_lock = threading.Lock()
+        self._let_go = False  # detached, or handed to warm_up: leaving `with` leaves it be
         self.returncode = None
 
     def _files(self) -> Tuple[Optional[IO[bytes]], ...]:
@@ -171,6 +172,7 @@ class Goblin:
         goblin thawed lazily is detached once every page is in (this waits for that)."""
         self._files()  # its pipes stay ours
         self._native.detach()
+        self._let_go = True
 
     def close(self) -> None:
         """Close our ends of the goblin's pipes."""
@@ -183,7 +185,8 @@ class Goblin:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self.kill()
+            if not self._let_go:
+                self.kill()
         finally:
             self.close()
 
@@ -303,6 +306,7 @@ def warm_up(
                 )
             # Its pipes go to warm_up with it (and to Warmed.goblin with leave_running=True).
             argv_or_goblin._pipes = (None, None, None)
+            argv_or_goblin._let_go = True
         kwargs["goblin"] = argv_or_goblin._native
     else:
         kwargs["argv"] = _argv(argv_or_goblin)

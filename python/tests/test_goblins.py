@@ -113,6 +113,17 @@ def test_kill_of_a_detached_goblin_refuses_and_leaves_it_running():
         os.waitpid(goblin.pid, 0)
 
 
+def test_leaving_with_leaves_a_goblin_detached_inside_it_running():
+    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+        goblin.detach()
+    try:
+        assert alive(goblin.pid)
+        assert goblin.stdin.closed
+    finally:
+        os.kill(goblin.pid, signal.SIGKILL)
+        os.waitpid(goblin.pid, 0)
+
+
 def test_wait_with_no_time_left_still_sees_a_goblin_that_has_exited():
     goblin = pf.goblins.spawn([sys.executable, "-c", "pass"])
     os.waitid(os.P_PID, goblin.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
@@ -462,10 +473,10 @@ def test_warm_up_refuses_a_goblin_whose_pipes_are_in_use(store):
 
 
 def test_live_warm_up_of_a_goblin_from_spawn_reads_its_pipes(live, store):
-    goblin = pf.goblins.spawn(COUNTER)
-    warmed = pf.goblins.warm_up(
-        goblin, store, input=b"a\n", ready=r"1 a\n", timeout=30, tag="spawned"
-    )
+    with pf.goblins.spawn(COUNTER) as goblin:
+        warmed = pf.goblins.warm_up(
+            goblin, store, input=b"a\n", ready=r"1 a\n", timeout=30, tag="spawned"
+        )
     assert warmed.stdout == b"ready\n1 a\n"
     assert warmed.snapshot == store.resolve("spawned")
     assert goblin.stdout is None  # its pipes went to warm_up
