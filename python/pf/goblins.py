@@ -20,6 +20,7 @@ thawed). Call ``detach()`` to leave it running instead.
 
 import asyncio
 import os
+import threading
 from typing import IO, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from pf import _native, errors
@@ -62,6 +63,16 @@ def _not_a_missing_directory(snapshot: str) -> None:
         )
 
 
+def _argv(argv: Sequence[str]) -> List[str]:
+    """The command line as a list; one string is refused, not split into one-letter arguments."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError(
+            f"argv is a list of arguments, not one string: {argv!r} "
+            "(split it, e.g. with shlex.split)"
+        )
+    return [os.fsdecode(a) for a in argv]
+
+
 class Goblin:
     """A running goblin: ``pid``, binary file objects ``stdin`` (unbuffered), ``stdout`` and
     ``stderr`` (buffered readers; ``stderr`` is ``None`` when it shares ``stdout``'s pipe), and
@@ -72,18 +83,42 @@ class Goblin:
     lot to both: a goblin blocked on a full stderr pipe never answers on stdout.
     """
 
-    stdin: Optional[IO[bytes]]
-    stdout: Optional[IO[bytes]]
-    stderr: Optional[IO[bytes]]
     returncode: Optional[int]
 
     def __init__(self, native: "_native.NativeGoblin") -> None:
         self._native = native
-        fin, fout, ferr = native.take_fds()
-        self.stdin = open(fin, "wb", buffering=0) if fin is not None else None
-        self.stdout = open(fout, "rb") if fout is not None else None
-        self.stderr = open(ferr, "rb") if ferr is not None else None
+        # The pipes become file objects when first used, so that a goblin whose pipes are
+        # untouched can still be handed to ``warm_up`` (which reads them itself).
+        self._pipes: Optional[Tuple[Optional[IO[bytes]], ...]] = None
+        self._pipes_lock = threading.Lock()
+        self._let_go = False  # detached, or handed to warm_up: leaving `with` leaves it be
         self.returncode = None
+
+    def _files(self) -> Tuple[Optional[IO[bytes]], ...]:
+        with self._pipes_lock:
+            if self._pipes is None:
+                fin, fout, ferr = self._native.take_fds()
+                self._pipes = (
+                    open(fin, "wb", buffering=0) if fin is not None else None,
+                    open(fout, "rb") if fout is not None else None,
+                    open(ferr, "rb") if ferr is not None else None,
+                )
+            return self._pipes
+
+    @property
+    def stdin(self) -> Optional[IO[bytes]]:
+        """The goblin's stdin (unbuffered), or ``None``."""
+        return self._files()[0]
+
+    @property
+    def stdout(self) -> Optional[IO[bytes]]:
+        """The goblin's stdout (a buffered reader), or ``None``."""
+        return self._files()[1]
+
+    @property
+    def stderr(self) -> Optional[IO[bytes]]:
+        """The goblin's stderr (a buffered reader), or ``None`` when it shares stdout's pipe."""
+        return self._files()[2]
 
     @property
     def pid(self) -> int:
@@ -135,11 +170,13 @@ class Goblin:
     def detach(self) -> None:
         """Let the goblin run on after this handle is gone; pf will not kill or reap it. A
         goblin thawed lazily is detached once every page is in (this waits for that)."""
+        self._files()  # its pipes stay ours
         self._native.detach()
+        self._let_go = True
 
     def close(self) -> None:
         """Close our ends of the goblin's pipes."""
-        for f in (self.stdin, self.stdout, self.stderr):
+        for f in self._files():
             if f is not None:
                 f.close()
 
@@ -148,7 +185,8 @@ class Goblin:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            self.kill()
+            if not self._let_go:
+                self.kill()
         finally:
             self.close()
 
@@ -234,10 +272,11 @@ def warm_up(
     cancel: Optional[Cancel] = None,
 ) -> Warmed:
     """Warm a goblin up and freeze it, in one call: start ``argv`` (or take a ``Goblin`` from
-    ``spawn``), write ``input`` to its stdin (which then stays open), wait until its stdout
-    matches the regex ``ready`` or it has been quiet for ``quiet`` seconds — at most
-    ``timeout`` seconds, else ``pf.NotWarm`` — freeze it into ``store_or_dir`` (naming it
-    ``tag``), then read what it printed for at most ``drain`` seconds.
+    ``spawn`` whose pipes are untouched: warm_up reads them), write ``input`` to its stdin
+    (which then stays open), wait until its stdout matches the regex ``ready`` or it has been
+    quiet for ``quiet`` seconds — at most ``timeout`` seconds, else ``pf.NotWarm`` — freeze it
+    into ``store_or_dir`` (naming it ``tag``), then read what it printed for at most ``drain``
+    seconds.
 
     Unlike ``freeze``, the goblin is stopped once frozen unless ``leave_running=True`` (it is
     then in ``Warmed.goblin``, its pipes ready). ``cancel.cancel()`` from another thread stops a
@@ -258,9 +297,19 @@ def warm_up(
         cancel=cancel,
     )
     if isinstance(argv_or_goblin, Goblin):
+        with argv_or_goblin._pipes_lock:
+            if argv_or_goblin._pipes is not None:
+                raise errors.InvalidArgument(
+                    f"goblin {argv_or_goblin.pid}'s pipes are in use here (its stdin, stdout or "
+                    "stderr was touched): warm_up reads them itself, so give it a goblin fresh "
+                    "from spawn, or the command"
+                )
+            # Its pipes go to warm_up with it (and to Warmed.goblin with leave_running=True).
+            argv_or_goblin._pipes = (None, None, None)
+            argv_or_goblin._let_go = True
         kwargs["goblin"] = argv_or_goblin._native
     else:
-        kwargs["argv"] = [os.fsdecode(a) for a in argv_or_goblin]
+        kwargs["argv"] = _argv(argv_or_goblin)
     if isinstance(store_or_dir, Store):
         kwargs["store"] = store_or_dir
     else:
@@ -307,7 +356,7 @@ def spawn(
     block-buffer their output)."""
     return Goblin(
         _native.spawn(
-            [os.fsdecode(a) for a in argv],
+            _argv(argv),
             os.fspath(cwd) if cwd is not None else os.getcwd(),
             list((env or {}).items()),
         )

@@ -63,6 +63,23 @@ def test_spawn_refuses_an_empty_command_and_a_missing_program():
         pf.goblins.spawn(["/no-such-program-here"])
 
 
+def test_a_command_line_given_as_one_string_is_refused(store):
+    # Not run as "s" with arguments "l", "e", ...: a str is a sequence of one-letter strings.
+    with pytest.raises(TypeError, match="shlex.split"):
+        pf.goblins.spawn("sleep 60")
+    with pytest.raises(TypeError, match="shlex.split"):
+        pf.goblins.warm_up(b"sleep 60", store, quiet=1, timeout=5)
+    assert store.blobs() == []
+
+
+def test_sending_no_such_signal_raises_invalid_argument():
+    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+        with pytest.raises(pf.InvalidArgument, match="999 is not a signal"):
+            goblin.send_signal(999)
+        goblin.send_signal(0)
+        assert goblin.poll() is None
+
+
 def test_a_spawned_goblin_answers_and_with_kills_and_reaps_it():
     with pf.goblins.spawn(COUNTER) as goblin:
         pid = goblin.pid
@@ -81,6 +98,71 @@ def test_wait_returns_the_exit_status_and_times_out():
     goblin.stdin.close()
     assert goblin.wait(timeout=30) == 7
     assert goblin.returncode == 7
+
+
+def test_kill_of_a_detached_goblin_refuses_and_leaves_it_running():
+    goblin = pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"])
+    goblin.detach()
+    try:
+        with pytest.raises(pf.InvalidArgument, match="detached"):
+            goblin.kill()
+        time.sleep(0.05)
+        assert alive(goblin.pid)
+    finally:
+        os.kill(goblin.pid, signal.SIGKILL)
+        os.waitpid(goblin.pid, 0)
+
+
+def test_leaving_with_leaves_a_goblin_detached_inside_it_running():
+    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+        goblin.detach()
+    try:
+        assert alive(goblin.pid)
+        assert goblin.stdin.closed
+    finally:
+        os.kill(goblin.pid, signal.SIGKILL)
+        os.waitpid(goblin.pid, 0)
+
+
+def test_wait_with_no_time_left_still_sees_a_goblin_that_has_exited():
+    goblin = pf.goblins.spawn([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, goblin.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+    assert goblin.wait(timeout=0) == 0
+
+
+def test_ctrl_c_ends_a_wait_for_a_goblin_that_never_exits():
+    script = (
+        "import sys, pf\n"
+        "g = pf.goblins.spawn([sys.executable, '-c', 'import sys; sys.stdin.read()'])\n"
+        "print(g.pid, flush=True)\n"
+        "with g:\n"
+        "    try:\n"
+        "        g.wait()\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted', flush=True)\n"
+    )
+    # SIGINT's default action, as at a terminal (see the warm-up's Ctrl-C test).
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    goblin = None
+    try:
+        goblin = int(proc.stdout.readline())
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+        proc.wait()
+        # The goblin leads a session of its own: proc.kill() does not reach it.
+        if goblin is not None and alive(goblin):
+            os.kill(goblin, signal.SIGKILL)
+    assert out == "interrupted\n"
+    assert proc.returncode == 0
+    assert not alive(goblin)
 
 
 def test_freezing_a_dead_pid_raises_no_such_process(tmp_path, store):
@@ -180,6 +262,16 @@ def test_live_fork_of_four_answers_each_from_the_same_state(live, store, counter
     for c in copies:
         assert c.returncode == -9
         assert not alive(c.pid)
+
+
+def test_live_fork_of_fewer_than_one_copy_raises_invalid_argument(live, store, counter):
+    pf.goblins.freeze(counter.pid, store, tag="base")
+    loaded = pf.goblins.load("base", store)
+    for n in (0, -1):
+        with pytest.raises(pf.InvalidArgument, match=f"n >= 1, not {n}"):
+            loaded.fork(n)
+        with pytest.raises(pf.InvalidArgument):
+            pf.goblins.fork("base", n, store)
 
 
 def test_live_with_kills_and_reaps_a_thawed_goblin(live, store, counter):
@@ -369,6 +461,27 @@ def test_live_ctrl_c_stops_a_warm_up_and_raises_keyboard_interrupt(live, tmp_pat
     assert out == "interrupted\n"
     # The warm-up stopped its goblin (in a session of its own, out of reach of proc.kill()).
     assert processes_with(marker) == []
+
+
+def test_warm_up_refuses_a_goblin_whose_pipes_are_in_use(store):
+    with pf.goblins.spawn(COUNTER) as goblin:
+        assert goblin.stdout.readline() == b"ready\n"
+        with pytest.raises(pf.InvalidArgument, match="pipes are in use"):
+            pf.goblins.warm_up(goblin, store, ready="ready", timeout=5)
+        assert ask(goblin, "still mine") == "1 still mine"
+    assert store.blobs() == []
+
+
+def test_live_warm_up_of_a_goblin_from_spawn_reads_its_pipes(live, store):
+    with pf.goblins.spawn(COUNTER) as goblin:
+        warmed = pf.goblins.warm_up(
+            goblin, store, input=b"a\n", ready=r"1 a\n", timeout=30, tag="spawned"
+        )
+    assert warmed.stdout == b"ready\n1 a\n"
+    assert warmed.snapshot == store.resolve("spawned")
+    assert goblin.stdout is None  # its pipes went to warm_up
+    with pf.goblins.thaw("spawned", store) as copy:
+        assert ask(copy, "b") == "2 b"
 
 
 def test_live_warm_up_then_fork_and_collect_branches(live, store):

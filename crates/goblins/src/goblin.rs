@@ -5,6 +5,7 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::process::ExitStatusExt as _;
 use std::process::{Child, ExitStatus};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -80,6 +81,27 @@ impl Goblin {
     /// returns the same status.
     pub fn wait(&mut self) -> Result<ExitStatus> {
         drop(self.stdin.take());
+        self.reap()
+    }
+
+    /// Wait at most `timeout` for the goblin to exit, then reap it as [`Goblin::wait`] does;
+    /// `Ok(None)` while it still runs. Unlike `wait`, it leaves stdin open. A caller that must
+    /// stay responsive (to Ctrl-C, say) waits in slices of this.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let running = matches!(
+            self.process,
+            Process::Spawned { status: None, .. } | Process::Thawed(_)
+        );
+        if running
+            && !crate::pump::wait_exit(self.pidfd.as_fd(), Some(Instant::now() + timeout), None)?
+        {
+            return Ok(None);
+        }
+        self.reap().map(Some)
+    }
+
+    /// Wait for the goblin to exit and reap it (the body of [`Goblin::wait`]).
+    fn reap(&mut self) -> Result<ExitStatus> {
         let pid = self.pid;
         let status = match &mut self.process {
             Process::Spawned {

@@ -258,10 +258,8 @@ pub(crate) fn wait_exit(
         let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(d) => {
+                // A deadline already passed still looks once: what has exited by then has.
                 let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(false);
-                }
                 PollTimeout::try_from(left.as_micros().div_ceil(1000)).unwrap_or(PollTimeout::MAX)
             }
         };

@@ -58,11 +58,16 @@ impl NativeGoblin {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match guard.as_mut() {
             Some(goblin) => f(goblin),
-            None => Err(errors::invalid(format!(
-                "goblin {} was detached: pf no longer manages it",
-                self.pid
-            ))),
+            None => Err(self.let_go()),
         }
+    }
+
+    /// The error of a handle that let go of its goblin.
+    fn let_go(&self) -> PyErr {
+        errors::invalid(format!(
+            "goblin {} was detached (or handed to warm_up): pf no longer manages it here",
+            self.pid
+        ))
     }
 }
 
@@ -103,29 +108,27 @@ impl NativeGoblin {
                 )));
             }
         };
-        let pid = self.pid;
-        py.detach(|| {
-            self.with(|g| match deadline {
-                None => g.wait().map(returncode).map_err(errors::from_goblin),
-                Some(deadline) => {
-                    let mut nap = Duration::from_millis(1);
-                    loop {
-                        if let Some(s) = g.try_wait().map_err(errors::from_goblin)? {
-                            return Ok(returncode(s));
-                        }
-                        let now = Instant::now();
-                        if now >= deadline {
-                            return Err(errors::timeout(format!(
-                                "goblin {pid} still runs after {:.3} s",
-                                timeout.unwrap_or_default()
-                            )));
-                        }
-                        std::thread::sleep(nap.min(deadline - now));
-                        nap = (nap * 2).min(Duration::from_millis(20));
-                    }
-                }
-            })
-        })
+        // Waited in slices, with Python's signal handlers run between them: Ctrl-C ends a
+        // wait for a goblin that never exits (as it does `subprocess.Popen.wait`).
+        const SLICE: Duration = Duration::from_millis(50);
+        loop {
+            let slice = deadline.map_or(SLICE, |d| {
+                d.saturating_duration_since(Instant::now()).min(SLICE)
+            });
+            let status =
+                py.detach(|| self.with(|g| g.wait_timeout(slice).map_err(errors::from_goblin)))?;
+            if let Some(status) = status {
+                return Ok(returncode(status));
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(errors::timeout(format!(
+                    "goblin {} still runs after {:.3} s",
+                    self.pid,
+                    timeout.unwrap_or_default()
+                )));
+            }
+        }
     }
 
     /// The returncode if the goblin has exited (reaping it), else `None`. Never blocks: while
@@ -147,12 +150,26 @@ impl NativeGoblin {
 
     /// Send `signal` to the goblin's main process (an exited goblin is not an error).
     fn send_signal(&self, signal: i32) -> PyResult<()> {
-        self.killer.signal(signal).map_err(errors::from_goblin)
+        self.killer.signal(signal).map_err(|err| match &err {
+            // EINVAL: no such signal, a bad argument rather than a failure of the goblin.
+            pf_goblins::Error::Sys { source, .. }
+                if source.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                errors::invalid(format!("{signal} is not a signal number"))
+            }
+            _ => errors::from_goblin(err),
+        })
     }
 
     /// SIGKILL the goblin (its whole process group, or its pid namespace when thawed), reap it
     /// and return its returncode. Killing an exited goblin is not an error.
     fn kill(&self, py: Python<'_>) -> PyResult<i32> {
+        // A goblin let go of (detached, or handed to warm_up) is not killed through this handle.
+        if let Ok(guard) = self.goblin.try_lock()
+            && guard.is_none()
+        {
+            return Err(self.let_go());
+        }
         // The killer needs no lock, so this ends a `wait` blocked in another thread.
         self.killer.kill().map_err(errors::from_goblin)?;
         py.detach(|| self.with(|g| g.kill().map(returncode).map_err(errors::from_goblin)))
@@ -227,10 +244,12 @@ impl NativeLoaded {
 
     /// Restore `n` copies side by side, each in its own pid namespace: all of them, or none
     /// (and an error).
-    fn fork(&self, py: Python<'_>, n: usize) -> PyResult<Vec<NativeGoblin>> {
-        if n == 0 {
-            return Err(errors::invalid("fork needs n >= 1".to_owned()));
-        }
+    fn fork(&self, py: Python<'_>, n: i64) -> PyResult<Vec<NativeGoblin>> {
+        // Taken signed, so that a negative n is told the same as 0 (not an OverflowError).
+        let n = match usize::try_from(n) {
+            Ok(n) if n >= 1 => n,
+            _ => return Err(errors::invalid(format!("fork needs n >= 1, not {n}"))),
+        };
         let goblins = py
             .detach(|| self.loaded.fork(n))
             .map_err(errors::from_goblin)?;

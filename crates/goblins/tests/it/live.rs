@@ -111,6 +111,8 @@ fn live_exit_code_and_eof_reach_the_caller() {
     let mut original = spawn(&python(COUNTER, &[]));
     let mut talk = Talk::new(&mut original);
     assert_eq!(talk.ask("inc"), "1");
+    let short = std::time::Duration::from_millis(50);
+    assert_eq!(original.wait_timeout(short).expect("wait_timeout"), None);
     let frozen =
         pf_goblins::freeze(original.pid(), FreezeTarget::Store(&store), &KILL).expect("freeze");
     assert_eq!(
@@ -127,8 +129,13 @@ fn live_exit_code_and_eof_reach_the_caller() {
     let mut seven = pf_goblins::thaw(&source, &NEW_NS).expect("thaw");
     let mut t7 = Talk::new(&mut seven);
     assert_eq!(t7.ask("inc"), "2");
+    assert_eq!(seven.wait_timeout(short).expect("wait_timeout"), None);
     t7.send("exit 7");
-    assert_eq!(seven.wait().expect("wait").code(), Some(7));
+    let status = seven.wait_timeout(std::time::Duration::from_secs(30));
+    assert_eq!(
+        status.expect("wait_timeout").and_then(|s| s.code()),
+        Some(7)
+    );
     assert_eq!(
         seven.try_wait().expect("again").and_then(|s| s.code()),
         Some(7)
