@@ -264,6 +264,25 @@ def test_live_fork_of_four_answers_each_from_the_same_state(live, store, counter
         assert not alive(c.pid)
 
 
+def test_live_a_thawed_copy_freezes_and_its_snapshot_thaws_from_its_state(live, store, counter):
+    pf.goblins.freeze(counter.pid, store, tag="base")
+    with pf.goblins.thaw("base", store) as branch:
+        assert ask(branch, "step") == "2 step"
+        # The copy runs in a pid namespace of its own; pf freezes it from inside.
+        digest = pf.goblins.freeze(branch.pid, store, tag="branch")
+        assert store.resolve("branch") == digest
+        assert ask(branch, "on") == "3 on", "it runs on after its freeze"
+        copies = pf.goblins.fork("branch", 2, store)
+        try:
+            assert [ask(c, f"c{i}") for i, c in enumerate(copies)] == ["3 c0", "3 c1"]
+        finally:
+            for c in copies:
+                c.kill()
+                c.close()
+        branch.stdin.close()
+        assert branch.wait(timeout=30) == 0
+
+
 def test_live_fork_of_fewer_than_one_copy_raises_invalid_argument(live, store, counter):
     pf.goblins.freeze(counter.pid, store, tag="base")
     loaded = pf.goblins.load("base", store)
