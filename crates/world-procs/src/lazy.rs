@@ -251,17 +251,9 @@ impl LazyMemory {
         out.resize((n * PAGE) as usize, 0);
         let read = |first: u64, buf: &mut [u8]| {
             task.pages.read(first, buf).map_err(|source| {
-                let page = match &source {
-                    PagesError::BadPage { page, .. } => *page,
-                    _ => first,
-                };
-                Error::CorruptPage {
-                    snapshot: Some(self.snapshot),
-                    file: task.file.clone(),
-                    page,
-                    vaddr: Some(run.vaddr + (page - run.first) * PAGE),
-                    source: Box::new(source),
-                }
+                read_error(&self.snapshot, &task.file, first, source, |page| {
+                    Some(run.vaddr + (page - run.first) * PAGE)
+                })
             })
         };
         if n <= SPLIT_PAGES {
@@ -513,17 +505,9 @@ fn write_kept(
             let n = (count - done).min(256);
             buf.resize((n * PAGE) as usize, 0);
             task.pages.read(first + done, &mut buf).map_err(|source| {
-                let page = match &source {
-                    PagesError::BadPage { page, .. } => *page,
-                    _ => first + done,
-                };
-                Error::CorruptPage {
-                    snapshot: Some(*snapshot),
-                    file: task.file.clone(),
-                    page,
-                    vaddr: map.address_of(page),
-                    source: Box::new(source),
-                }
+                read_error(snapshot, &task.file, first + done, source, |page| {
+                    map.address_of(page)
+                })
             })?;
             out.write_all(&buf)
                 .map_err(|e| Error::io("write", path, e))?;
@@ -1435,11 +1419,79 @@ impl Drop for Serving {
     }
 }
 
+/// The error for a failed read of `file`'s pages from page `first`: a page that failed its
+/// check is [`Error::CorruptPage`] (at `vaddr(page)`); anything else, such as a pack gone from
+/// the store, is said as it is, not as a corrupt page.
+fn read_error(
+    snapshot: &pf_core::Digest256,
+    file: &str,
+    first: u64,
+    source: PagesError,
+    vaddr: impl Fn(u64) -> Option<u64>,
+) -> Error {
+    match source {
+        PagesError::BadPage { page, .. } => Error::CorruptPage {
+            snapshot: Some(*snapshot),
+            file: file.to_owned(),
+            page,
+            vaddr: vaddr(page),
+            source: Box::new(source),
+        },
+        source => Error::Pages {
+            what: format!("reading page {first} of {file} of snapshot {snapshot} from the store"),
+            source: Box::new(source),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const ANON: u32 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32;
+
+    #[test]
+    fn a_pack_gone_from_the_store_is_not_called_a_corrupt_page() {
+        let snapshot = pf_core::Digest256::of(b"snapshot");
+        let pack = pf_core::Digest256::of(b"pack");
+        let bad = PagesError::BadPage {
+            page: 7,
+            source: pf_core::pack::PackError::Malformed {
+                pack,
+                reason: "test",
+            },
+        };
+        let err = read_error(&snapshot, "pages-1.img", 5, bad, |p| Some(p * 4096));
+        assert!(
+            matches!(&err, Error::CorruptPage { page: 7, vaddr: Some(0x7000), snapshot: Some(s), .. } if *s == snapshot),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::StoreCorrupt);
+        let gone = PagesError::Store {
+            what: format!("reading pack {pack}"),
+            source: pf_core::Error::NotFound { digest: pack },
+        };
+        let err = read_error(&snapshot, "pages-1.img", 5, gone, |_| None);
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound, "{err}");
+        let text = anyhow_like(&err);
+        assert!(!text.contains("corrupt"), "{text}");
+        assert!(
+            text.contains(&snapshot.to_string()) && text.contains("is not in the store"),
+            "{text}"
+        );
+    }
+
+    /// `err` and its sources, one after the other.
+    fn anyhow_like(err: &Error) -> String {
+        let mut text = err.to_string();
+        let mut source = std::error::Error::source(err);
+        while let Some(s) = source {
+            text.push_str(": ");
+            text.push_str(&s.to_string());
+            source = s.source();
+        }
+        text
+    }
 
     fn vma(start: u64, end: u64, flags: u32) -> Vma {
         Vma {
