@@ -72,6 +72,8 @@ pub(crate) const FORK_TARGET_MIB: u64 = 64;
 pub(crate) const FORK_CLONES: usize = 8;
 /// Snapshots in the series that measures bytes stored over time.
 pub(crate) const SERIES: usize = 10;
+/// Copies thawed from the series' last snapshot, changed and frozen again (median reported).
+const THAWED_REFREEZES: usize = 3;
 /// The snapshot of the series (from 0) whose page list is a delta `MAX_DELTA_DEPTH` deep.
 pub(crate) const DEEPEST: usize = pf_core::pages::MAX_DELTA_DEPTH;
 /// Issue 11's targets for `procs.criu.v2`: first freeze and re-freeze after 5% changed against
@@ -205,8 +207,11 @@ struct SizeResult {
     v2_store_one_bytes: u64,
     v2_series_bytes: Vec<u64>,
     v2_refreeze_s: Vec<f64>,
-    /// pf's peak RSS over the v2 re-freezes (KiB).
+    /// pf's peak RSS over the v2 re-freezes (KiB), those of thawed copies included.
     v2_refreeze_rss_kib: u64,
+    /// Seconds of each freeze of a copy thawed from the series' last snapshot after it
+    /// rewrote 5% of its pages (the copy runs in a pid namespace of its own).
+    v2_thawed_refreeze_s: Vec<f64>,
     /// The snapshot of the v2 series whose page list is the deepest delta: seconds to the first
     /// answer of an eager and of a lazy thaw.
     v2_last_thaw_s: Option<(f64, f64)>,
@@ -332,6 +337,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         v2_series_bytes: Vec::new(),
         v2_refreeze_s: Vec::new(),
         v2_refreeze_rss_kib: 0,
+        v2_thawed_refreeze_s: Vec::new(),
         v2_last_thaw_s: None,
         transfer: None,
         v2_sent: Vec::new(),
@@ -530,6 +536,25 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         }
         previous = Some(digest);
     }
+    // Copies thawed from the last snapshot, each rewriting 5% of its pages and frozen again
+    // while it runs: the re-freeze an agent makes of a branch it thawed.
+    if let Some(last) = &previous {
+        let generation = 2 * SERIES - 1;
+        for _ in 0..THAWED_REFREEZES {
+            let (secs, rss) = refreeze_thawed(env, store.path(), last, generation)?;
+            result.v2_thawed_refreeze_s.push(secs);
+            result.v2_refreeze_rss_kib = result.v2_refreeze_rss_kib.max(rss);
+        }
+        progress(&format!(
+            "  copies of snapshot {SERIES} thawed, changed and frozen again: {}",
+            result
+                .v2_thawed_refreeze_s
+                .iter()
+                .map(|s| format!("{s:.3} s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     // The snapshot of the series whose page list is the deepest delta (MAX_DELTA_DEPTH: the
     // one after it starts the chain again), as an agent forking from its newest snapshot may
     // find it. Its answer must carry its generation; the lazy thaw must answer as the eager
@@ -571,6 +596,63 @@ fn measure_size(env: &Env, mib: u64, runs: usize) -> anyhow::Result<SizeResult> 
         ));
     }
     Ok(result)
+}
+
+/// Thaw `digest` (eagerly; its goblin has rewritten its pages `generation` times), have the copy
+/// rewrite 5% of its pages once more, and freeze the copy into `store` while it runs: seconds of
+/// the freeze and pf's peak RSS in it.
+fn refreeze_thawed(
+    env: &Env,
+    store: &Path,
+    digest: &str,
+    generation: usize,
+) -> anyhow::Result<(f64, u64)> {
+    use std::io::Write as _;
+    let mut cmd = process::command(&env.pf, &env.root, Out::Pipe, Out::Pipe);
+    cmd.arg("--store").arg(store);
+    cmd.args(["goblin", "thaw", "--eager"])
+        .arg(digest)
+        .stdin(Stdio::piped());
+    let what = process::display(&cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    let thaw = child.id();
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let out = Lines::new(child.stdout.take().context("stdout")?);
+    let err = Lines::new(child.stderr.take().context("stderr")?);
+    let mut guard = Guard::new(child, what.clone());
+    writeln!(stdin, "mutate").with_context(|| format!("write to `{what}`"))?;
+    let said = out
+        .next(Duration::from_secs(120))
+        .with_context(|| format!("`{what}` did not answer `mutate`"))?;
+    if said != format!("mutated {}", generation + 1) {
+        bail!("the thawed copy said {said:?} to `mutate`");
+    }
+    let pid = thawed_goblin(thaw)?;
+    let (secs, _, rss) = pf_freeze(env, store, pid, Format::V2)?;
+    drop(stdin);
+    let status = guard.wait(Duration::from_secs(60))?;
+    if !status.success() {
+        let mut log = Vec::new();
+        while let Ok(line) = err.next(Duration::from_millis(200)) {
+            log.push(line);
+        }
+        bail!("`{what}` ended with {status}: {}", log.join("\n"));
+    }
+    Ok((secs, rss))
+}
+
+/// The goblin that `pf goblin thaw` (pid `thaw`) runs: the child of its namespace init that is
+/// not the init's watcher.
+fn thawed_goblin(thaw: u32) -> anyhow::Result<u32> {
+    let thaw = i32::try_from(thaw)?;
+    let goblin = pf_os::proc::children(thaw)
+        .into_iter()
+        .flat_map(pf_os::proc::children)
+        .find(|&p| pf_os::proc::comm(p).is_some_and(|c| c != "pf-ns-watch"))
+        .with_context(|| format!("no goblin under the namespace init of pf (pid {thaw})"))?;
+    Ok(u32::try_from(goblin)?)
 }
 
 /// Ask the goblin to rewrite 5% of its pages, the `n`th time.
@@ -868,6 +950,7 @@ fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
         refreeze_s: median(size.refreeze_s.clone()),
         v2_refreeze_s: median(size.v2_refreeze_s.clone()),
         v2_refreeze_rss_kib: size.v2_refreeze_rss_kib,
+        v2_thawed_refreeze_s: median(size.v2_thawed_refreeze_s.clone()),
         v2_last_thaw_s: size.v2_last_thaw_s,
         v2_store_one_bytes: size.v2_store_one_bytes,
         v2_series_bytes: size.v2_series_bytes.clone(),
