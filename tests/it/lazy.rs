@@ -488,6 +488,67 @@ fn live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down() {
     }
 }
 
+/// A copy frozen right after a lazy thaw, its memory not all in yet: the freeze waits for the
+/// rest (CRIU dumps only the pages present: the others would come back as zeros), and the
+/// snapshot thaws with every page of the original.
+#[test]
+fn live_a_copy_frozen_while_its_memory_is_still_served_lazily_keeps_every_page() {
+    let name = "live_a_copy_frozen_while_its_memory_is_still_served_lazily_keeps_every_page";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('w');
+    let mut goblin = Goblin::start(512, &mark);
+    let sum = goblin.ask("sum");
+    goblin.freeze_and_stop(&store, "g", "v2");
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "thaw", "--lazy", "g"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("start pf");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    writeln!(stdin, "ping").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), "pong");
+    let thawed = processes_named(&mark);
+    assert_eq!(thawed.len(), 1, "the thawed goblin runs: {thawed:?}");
+    let resident = resident_kib(thawed[0]);
+    assert!(
+        resident < 400 << 10,
+        "the goblin answered before its memory was all in: {resident} KiB resident"
+    );
+    let mut freeze = pf(&store);
+    freeze.env(FORMAT_ENV, "v2").args([
+        "goblin",
+        "freeze",
+        "--pid",
+        &thawed[0].to_string(),
+        "--tag",
+        "early",
+    ]);
+    let out = run(freeze, b"");
+    assert!(out.status.success(), "freeze: {}", text(&out.stderr));
+    // The copy runs on with every page, and so does a thaw of its snapshot.
+    writeln!(stdin, "sum").expect("write");
+    assert_eq!(lines.next().expect("a line").expect("read"), sum);
+    let out = thaw_with(&store, "--eager", "early", b"sum\n");
+    assert!(out.status.success(), "thaw: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+    drop(stdin);
+    drop(guard);
+    let _ = child.wait();
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "the thawed copies",
+    );
+}
+
 #[test]
 fn live_lazy_thaw_of_a_corrupt_page_kills_the_goblin_naming_the_snapshot() {
     let name = "live_lazy_thaw_of_a_corrupt_page_kills_the_goblin_naming_the_snapshot";

@@ -22,6 +22,8 @@ use pf_os::proc::{PidState, pid_state};
 
 /// How long one `criu dump` may take before it is killed.
 const DUMP_DEADLINE: Duration = Duration::from_secs(600);
+/// How long a dump waits for the memory a lazy restore still serves to be all in.
+const LAZY_WAIT: Duration = Duration::from_secs(60);
 
 /// How to dump a process tree. There is no `Default`: say what you want.
 #[derive(Debug, Clone)]
@@ -266,6 +268,44 @@ fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Resu
     Ok(Captured { procs, blob })
 }
 
+/// Wait (bounded by [`LAZY_WAIT`]) until no process of the tree `pids` has memory that a lazy
+/// restore still serves: ranges registered with userfaultfd for missing pages (`um` in
+/// `VmFlags`), which pf's lazy server unregisters when every page is in. CRIU dumps only the
+/// pages present, so a copy frozen right after a lazy thaw would come back with zeros where
+/// its pages were not in yet.
+fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let pending = pids.iter().copied().find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+                .is_ok_and(|smaps| serves_missing_pages(&smaps))
+        });
+        let Some(pid) = pending else {
+            return Ok(());
+        };
+        if start.elapsed() >= LAZY_WAIT {
+            return Err(Error::LazyMemoryPending {
+                pid,
+                waited: start.elapsed(),
+            });
+        }
+        tracing::debug!(
+            pid,
+            "waiting for a lazy restore to serve the rest of its memory"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether a `/proc/PID/smaps` text has a mapping registered with userfaultfd for missing
+/// pages (`um` among its `VmFlags`).
+fn serves_missing_pages(smaps: &str) -> bool {
+    smaps.lines().any(|line| {
+        line.strip_prefix("VmFlags:")
+            .is_some_and(|flags| flags.split_whitespace().any(|f| f == "um"))
+    })
+}
+
 /// The checks before CRIU runs: the pid is a live user process (CRIU's own failure on a kernel
 /// thread is a page of log lines).
 fn ensure_alive(pid: i32) -> Result<()> {
@@ -293,6 +333,7 @@ fn dump_with(
     // Before the dump: afterwards (without leave_running) the tree is gone.
     let stdio = pf_os::proc::stdio_links(pid);
     let pids = pf_os::proc::tree(pid);
+    wait_for_lazy_memory(&pids)?;
     // A thawed copy (in a pid namespace below ours) is dumped from inside its namespaces.
     let enter = crate::nsenter::Enter::of(pid)?;
     let tree = enter.as_ref().map_or(pid, |e| e.inner_pid);
@@ -393,6 +434,31 @@ impl Read for Counting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_a_lazy_restore_still_serves_is_seen_in_smaps() {
+        let vma = |flags: &str| {
+            format!(
+                "7f0000000000-7f0000100000 rw-p 00000000 00:00 0\nSize:               1024 kB\n\
+                 Rss:                   4 kB\nVmFlags: {flags}\n"
+            )
+        };
+        assert!(!serves_missing_pages(&vma("rd wr mr mw me ac sd")));
+        assert!(serves_missing_pages(&format!(
+            "{}{}",
+            vma("rd wr mr mw me ac sd"),
+            vma("rd wr mr mw me ac sd um")
+        )));
+        // Write-protect tracking (`uw`) is not missing pages; a name is not a flag.
+        assert!(!serves_missing_pages(&vma("rd wr uw")));
+        assert!(!serves_missing_pages(
+            "7f00-7f01 r--p 0 00:00 0 /tmp/um\nVmFlags: rd\n"
+        ));
+        // Our own memory is all in.
+        let ours = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        assert!(!serves_missing_pages(&ours));
+        assert!(wait_for_lazy_memory(&[std::process::id() as i32]).is_ok());
+    }
 
     #[test]
     fn scratch_dirs_are_private() {

@@ -212,6 +212,18 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+    /// Memory of the tree to dump is still being served by a lazy restore: CRIU dumps only
+    /// the pages present, so the ones not yet in would be lost.
+    #[error(
+        "process {pid} is still being thawed lazily: its memory was not all in after {waited:?} \
+         (the pf that thawed it serves it; is that pf stopped?); freeze it once every page is in"
+    )]
+    LazyMemoryPending {
+        /// The process whose memory is not all in.
+        pid: i32,
+        /// How long we waited.
+        waited: Duration,
+    },
     /// criu said it restored the tree, but the root is not running.
     #[error("criu restored pid {pid} but it is not running any more ({status})")]
     RestoredDied {
@@ -422,6 +434,7 @@ impl Error {
                 _ => ErrorKind::Io,
             },
             Self::PidInUse { .. } | Self::PidZombie { .. } => ErrorKind::PidInUse,
+            Self::LazyMemoryPending { .. } => ErrorKind::CriuFailed,
             Self::Namespace { errno, .. } if *errno == libc::EPERM => ErrorKind::NeedsPrivilege,
             Self::Namespace { .. } => ErrorKind::Io,
         }
