@@ -250,18 +250,24 @@ impl LazyMemory {
         let first = run.first + off;
         out.resize((n * PAGE) as usize, 0);
         let read = |first: u64, buf: &mut [u8]| {
-            task.pages.read(first, buf).map_err(|source| {
-                let page = match &source {
-                    PagesError::BadPage { page, .. } => *page,
-                    _ => first,
-                };
-                Error::CorruptPage {
+            task.pages.read(first, buf).map_err(|source| match source {
+                PagesError::BadPage { page, .. } => Error::CorruptPage {
                     snapshot: Some(self.snapshot),
                     file: task.file.clone(),
                     page,
                     vaddr: Some(run.vaddr + (page - run.first) * PAGE),
                     source: Box::new(source),
-                }
+                },
+                // A pack gone (`pf store rm`) or unreadable: not corrupt, and not its pages' fault.
+                source => Error::Pages {
+                    what: format!(
+                        "snapshot {}: reading page {first} of {} (address {:#x}) from the store",
+                        self.snapshot,
+                        task.file,
+                        run.vaddr + (first - run.first) * PAGE
+                    ),
+                    source: Box::new(source),
+                },
             })
         };
         if n <= SPLIT_PAGES {
@@ -512,19 +518,25 @@ fn write_kept(
         while done < count {
             let n = (count - done).min(256);
             buf.resize((n * PAGE) as usize, 0);
-            task.pages.read(first + done, &mut buf).map_err(|source| {
-                let page = match &source {
-                    PagesError::BadPage { page, .. } => *page,
-                    _ => first + done,
-                };
-                Error::CorruptPage {
-                    snapshot: Some(*snapshot),
-                    file: task.file.clone(),
-                    page,
-                    vaddr: map.address_of(page),
-                    source: Box::new(source),
-                }
-            })?;
+            task.pages
+                .read(first + done, &mut buf)
+                .map_err(|source| match source {
+                    PagesError::BadPage { page, .. } => Error::CorruptPage {
+                        snapshot: Some(*snapshot),
+                        file: task.file.clone(),
+                        page,
+                        vaddr: map.address_of(page),
+                        source: Box::new(source),
+                    },
+                    source => Error::Pages {
+                        what: format!(
+                            "snapshot {snapshot}: reading page {} of {} from the store",
+                            first + done,
+                            task.file
+                        ),
+                        source: Box::new(source),
+                    },
+                })?;
             out.write_all(&buf)
                 .map_err(|e| Error::io("write", path, e))?;
             done += n;
