@@ -185,8 +185,7 @@ pub(crate) fn stdio_problem(streams: &Streams) -> Option<&'static str> {
     if all.iter().any(|k| matches!(k, StdioKind::Fifo(_))) {
         return Some(
             "CRIU reopens a named pipe by path, so a thawed copy would share the original's \
-             FIFO instead of getting pipes of its own (give the goblin anonymous pipes: \
-             `… | cmd`, or `pf goblin spawn`)",
+             FIFO instead of getting pipes of its own",
         );
     }
     if !matches!(stdout, StdioKind::Pipe(_)) {
