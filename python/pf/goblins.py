@@ -378,7 +378,7 @@ def freeze(
     ``leave_running=True`` (as in pdum-criu) lets the goblin run on from the same state;
     ``False`` ends it once the dump is complete. The process must lead its own session
     (unless ``shell_job``) with its stdout on a pipe; its stdin and stderr may be pipes,
-    ``/dev/null``, a file or closed, never a terminal or a socket
+    ``/dev/null``, a file or closed, never a terminal, a socket or a named pipe
     (``subprocess.Popen(..., stdin=PIPE, stdout=PIPE, stderr=DEVNULL,
     start_new_session=True)`` will do)."""
     if isinstance(store_or_dir, Store):

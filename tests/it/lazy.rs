@@ -595,6 +595,46 @@ fn live_lazy_thaw_of_a_corrupt_page_kills_the_goblin_naming_the_snapshot() {
     );
 }
 
+/// A pack that is gone (`pf store rm`, a store copied in part) is said to be missing, not
+/// corrupt: the user is sent to the missing blob, not told its bytes are bad.
+#[test]
+fn live_lazy_thaw_with_a_pack_gone_says_it_is_not_in_the_store() {
+    let name = "live_lazy_thaw_with_a_pack_gone_says_it_is_not_in_the_store";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('m');
+    let mut goblin = Goblin::start(64, &mark);
+    let sum = goblin.ask("sum");
+    let digest = goblin.freeze_and_stop(&store, "g", "v2");
+    let pack = largest_blob(&store);
+    std::fs::remove_file(&pack).expect("remove pack");
+    let out = thaw_lazy(&store, "g", b"ping\nsum\n");
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "a missing pack must fail: {stderr}");
+    assert!(
+        !text(&out.stdout).contains(&sum),
+        "no sum computed without the pack: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        stderr.contains(&digest.to_string()) && stderr.contains("is not in the store"),
+        "names the snapshot and says what is missing: {stderr}"
+    );
+    assert!(
+        !stderr.contains("corrupt") && !stderr.contains("do not match"),
+        "a missing pack is not corrupt: {stderr}"
+    );
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "the killed goblin",
+    );
+}
+
 /// Also the format issue's "a v1 snapshot made by the previous format" still thaws with every
 /// page: v2 is the default now, so this is where a v1 snapshot is thawed and checked whole.
 #[test]

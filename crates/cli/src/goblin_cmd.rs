@@ -76,8 +76,8 @@ Examples:
 const FREEZE_HELP: &str = "\
 The process must be a goblin: its stdout a pipe, its stdin and stderr pipes, files or /dev/null
 (a thaw gives it fresh pipes for its pipes; CRIU reopens the files by path), none of them a
-terminal or a socket (pf says what each one is when it refuses), leading its own session
-(`setsid`), unless --shell-job.
+terminal, a socket or a named pipe (pf says what each one is when it refuses), leading its own
+session (`setsid`), unless --shell-job.
 
 By default the goblin keeps running after the freeze (--leave-running); --kill stops it once the
 snapshot is complete. Bytes written to its stdin but not read yet are kept in the snapshot.

@@ -962,6 +962,9 @@ impl BlobStore for FsBlobStore {
             Self::temp_files_in(&dir, &mut candidates)?;
         }
         Self::temp_files_in(&self.refs, &mut candidates)?;
+        // A page index run whose writer died, or failed on a full disk before this pf removed
+        // its own (they were named `.tmp-run-<pid>-<n>`, which no pid is read from: swept).
+        Self::temp_files_in(&self.root.join("index").join("pages"), &mut candidates)?;
         for (dir, _) in hex_entries(&self.forward_dir())? {
             Self::temp_files_in(&dir, &mut candidates)?;
         }
@@ -2286,6 +2289,19 @@ mod tests {
         // Unlocked but its writer (us) alive and the file fresh: still kept.
         drop(held);
         assert!(s.sweep_temp(&GcOptions::dry_run_now()).unwrap().is_empty());
+        // Page index runs: a dead writer's and one named as before are swept, ours kept.
+        let pages = s.root().join("index/pages");
+        fs::create_dir_all(&pages).unwrap();
+        let dead = pages.join(".tmp-0-run-0");
+        let old = pages.join(".tmp-run-0-0");
+        let live = pages.join(format!(".tmp-{}-run-0", std::process::id()));
+        for path in [&dead, &old, &live] {
+            fs::write(path, b"half a run").unwrap();
+        }
+        assert_eq!(
+            s.sweep_temp(&GcOptions::dry_run_now()).unwrap(),
+            vec![dead, old]
+        );
     }
 
     #[test]

@@ -379,22 +379,32 @@ fn write_run(dir: &Path, entries: &[(Digest256, PageLoc)]) -> Result<PathBuf, In
         bytes.extend_from_slice(&number[&loc.pack].to_le_bytes());
         bytes.extend_from_slice(&loc.slot.to_le_bytes());
     }
-    let (mut file, tmp_path) = tempfile_in(dir)?;
-    file.write_all(&bytes)
-        .map_err(|source| io("write", &tmp_path, source))?;
     let hash = Digest256::of(&bytes);
-    file.sync_all()
-        .map_err(|source| io("sync", &tmp_path, source))?;
     let name = format!("{RUN_PREFIX}{}{RUN_SUFFIX}", &hash.hex()[..32]);
     let path = dir.join(name);
-    std::fs::rename(&tmp_path, &path).map_err(|source| io("rename", &tmp_path, source))?;
-    Ok(path)
+    let (mut file, tmp_path) = tempfile_in(dir)?;
+    let written = file
+        .write_all(&bytes)
+        .map_err(|source| io("write", &tmp_path, source))
+        .and_then(|()| {
+            file.sync_all()
+                .map_err(|source| io("sync", &tmp_path, source))
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp_path, &path).map_err(|source| io("rename", &tmp_path, source))
+        });
+    if written.is_err() {
+        // A full disk fails here: the half-written run would hold its space for good.
+        let _ = std::fs::remove_file(&tmp_path);
+    }
+    written.map(|()| path)
 }
 
 fn tempfile_in(dir: &Path) -> Result<(File, PathBuf), IndexError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     for n in 0u32.. {
-        let path = dir.join(format!(".tmp-run-{}-{n}", std::process::id()));
+        // `.tmp-<pid>-…`, as the store's other temp files: gc sweeps those of dead writers.
+        let path = dir.join(format!(".tmp-{}-run-{n}", std::process::id()));
         match File::options()
             .write(true)
             .create_new(true)
@@ -689,5 +699,29 @@ mod tests {
             matches!(&err, IndexError::Malformed { path, .. } if path.ends_with("run-x.pidx")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_run_that_cannot_be_written_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let entries = [(d(1), loc(0, 0))];
+        create_dir(&tmp.path().join("a")).expect("mkdir");
+        let name = write_run(&tmp.path().join("a"), &entries)
+            .expect("a run")
+            .file_name()
+            .expect("a name")
+            .to_owned();
+        // Where the run goes, a directory that is not empty: the rename fails, as a full disk
+        // fails the write.
+        let dir = tmp.path().join("b");
+        std::fs::create_dir_all(dir.join(&name).join("x")).expect("mkdir");
+        let err = write_run(&dir, &entries).expect_err("rename over a directory");
+        assert!(matches!(&err, IndexError::Io { op: "rename", .. }), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .filter(|n| n != &name)
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -170,7 +170,8 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
 /// can). Its stdout must be a pipe — it is how a goblin answers, and what a thaw wires to fresh
 /// pipes. Its stdin and stderr may be pipes, files (`/dev/null` included: CRIU reopens them by
 /// path) or closed. A terminal or a socket cannot come back: CRIU cannot hand a thawed copy the
-/// terminal or the other end of the connection.
+/// terminal or the other end of the connection. Nor can a named pipe: CRIU would reopen the
+/// FIFO by path, and the copy would read the original's input (a thaw's stdin never reaches it).
 pub(crate) fn stdio_problem(streams: &Streams) -> Option<&'static str> {
     let [stdin, stdout, stderr] = &streams.0;
     let all = [stdin, stdout, stderr];
@@ -182,6 +183,12 @@ pub(crate) fn stdio_problem(streams: &Streams) -> Option<&'static str> {
     }
     if all.iter().any(|k| matches!(k, StdioKind::Socket(_))) {
         return Some("a socket cannot be reconnected to a thawed copy");
+    }
+    if all.iter().any(|k| matches!(k, StdioKind::Fifo(_))) {
+        return Some(
+            "CRIU reopens a named pipe by path, so a thawed copy would share the original's \
+             FIFO instead of getting pipes of its own",
+        );
     }
     if !matches!(stdout, StdioKind::Pipe(_)) {
         return Some(
@@ -251,6 +258,45 @@ mod tests {
         );
         let text = err.to_string();
         assert!(text.contains("stdout is a file"), "{text}");
+    }
+
+    #[test]
+    fn refuses_a_process_reading_a_named_pipe() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("in");
+        let made = Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo: {made}");
+        // Read and write: opening a FIFO so does not wait for the other end.
+        let stdin = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .expect("open the fifo");
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sleep");
+        let result = check_goblin(pid_of(&child), false);
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        let err = result.expect_err("stdin is a named pipe");
+        let Error::NotPipes { streams, .. } = &err else {
+            panic!("wrong error: {err:?}");
+        };
+        assert_eq!(
+            streams.0[0],
+            StdioKind::Fifo(fifo.display().to_string()),
+            "{streams}"
+        );
+        assert!(matches!(streams.0[1], StdioKind::Pipe(_)), "{streams}");
+        let text = err.to_string();
+        assert!(text.contains("stdin is a named pipe"), "{text}");
     }
 
     #[test]

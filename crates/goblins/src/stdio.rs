@@ -21,6 +21,8 @@ pub enum StdioKind {
     Socket(u64),
     /// A file or device by path (including `/dev/null`).
     File(String),
+    /// A named pipe (FIFO) by path: CRIU would reopen that same FIFO in a thawed copy.
+    Fifo(String),
     /// The descriptor is not open.
     Closed,
     /// Anything else the kernel shows, as it shows it (say `anon_inode:[eventfd]`).
@@ -59,7 +61,10 @@ impl StdioKind {
         match self {
             StdioKind::Pipe(ino) => pipe_key(*ino),
             StdioKind::Socket(ino) => format!("socket:[{ino}]"),
-            StdioKind::Terminal(s) | StdioKind::File(s) | StdioKind::Other(s) => s.clone(),
+            StdioKind::Terminal(s)
+            | StdioKind::File(s)
+            | StdioKind::Fifo(s)
+            | StdioKind::Other(s) => s.clone(),
             StdioKind::Closed => String::new(),
         }
     }
@@ -72,6 +77,7 @@ impl fmt::Display for StdioKind {
             StdioKind::Terminal(path) => write!(f, "a terminal ({path})"),
             StdioKind::Socket(ino) => write!(f, "a socket (socket:[{ino}])"),
             StdioKind::File(path) => write!(f, "a file ({path})"),
+            StdioKind::Fifo(path) => write!(f, "a named pipe ({path})"),
             StdioKind::Closed => f.write_str("closed"),
             StdioKind::Other(link) => write!(f, "not a pipe ({link})"),
         }
@@ -90,7 +96,13 @@ impl Streams {
     pub(crate) fn of_pid(pid: i32) -> Result<Streams> {
         let read = |fd: i32| -> Result<StdioKind> {
             match pf_os::proc::fd_link(pid, fd) {
-                Ok(link) => Ok(StdioKind::from_link(link.as_deref())),
+                Ok(link) => Ok(match StdioKind::from_link(link.as_deref()) {
+                    // The link of a named pipe is its path, as a file's is.
+                    StdioKind::File(path) if pf_os::proc::fd_is_fifo(pid, fd) => {
+                        StdioKind::Fifo(path)
+                    }
+                    kind => kind,
+                }),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NoSuchProcess { pid }),
                 Err(source) => Err(Error::Io {
                     op: "read",

@@ -211,6 +211,13 @@ pub fn fd_link(pid: i32, fd: i32) -> io::Result<Option<String>> {
     }
 }
 
+/// Whether `pid`'s descriptor `fd` is a FIFO. An anonymous pipe is one too: ask this of a
+/// descriptor whose [`fd_link`] is a path, to tell a named pipe from a file.
+pub fn fd_is_fifo(pid: i32, fd: i32) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|m| m.file_type().is_fifo())
+}
+
 /// The link targets of `pid`'s fds 0, 1 and 2, each empty when it cannot be read.
 pub fn stdio_links(pid: i32) -> Vec<String> {
     (0..3)
