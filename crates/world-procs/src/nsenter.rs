@@ -44,7 +44,9 @@ impl Enter {
         let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid"));
         let theirs = ns(&pid.to_string()).map_err(|e| Error::io("read", pid_ns_path(pid), e))?;
         let ours = ns("self").map_err(|e| Error::io("read", "/proc/self/ns/pid", e))?;
-        if theirs == ours {
+        if theirs == ours || !restored_by_pf(pid) {
+            // Ours, or a namespace pf did not make: criu dumps it from here (and says so if it
+            // cannot).
             return Ok(None);
         }
         let open = |kind: &str| {
@@ -106,13 +108,27 @@ impl Enter {
     }
 }
 
-/// Whether `pid` runs in a pid namespace pf restored it into (its parent is pf's namespace
-/// init): such a process is dumped from inside its namespaces. One in a namespace pf did not
-/// make (a container's) is not: criu's binary and pf's paths need not exist in there.
+/// Whether `pid` runs in a pid namespace pf restored it into: the namespace's init (its pid 1,
+/// found up the line of parents) is pf's. Such a process is dumped from inside its namespaces;
+/// one in a namespace pf did not make (a container's) is not: criu's binary and pf's paths need
+/// not exist in there.
 pub fn restored_by_pf(pid: i32) -> bool {
-    pf_os::proc::stat(pid)
-        .and_then(|s| pf_os::proc::comm(s.ppid))
-        .is_some_and(|name| name == crate::nsinit::INIT_NAME)
+    let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    let Some(theirs) = ns(pid) else {
+        return false;
+    };
+    let mut at = pid;
+    // A tree deeper than this is not one pf restored.
+    for _ in 0..256 {
+        if pf_os::proc::inner_pid(at) == Some(1) {
+            return pf_os::proc::comm(at).is_some_and(|name| name == crate::nsinit::INIT_NAME);
+        }
+        match pf_os::proc::stat(at) {
+            Some(s) if s.ppid > 0 && ns(s.ppid).as_ref() == Some(&theirs) => at = s.ppid,
+            _ => return false,
+        }
+    }
+    false
 }
 
 fn pid_ns_path(pid: i32) -> String {
@@ -145,5 +161,18 @@ unsafe fn relay(criu: libc::pid_t) -> ! {
         libc::signal(sig, libc::SIG_DFL);
         libc::kill(libc::getpid(), sig);
         libc::_exit(128 + sig)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_own_processes_are_not_restored_by_pf_and_are_dumped_from_here() {
+        let me = std::process::id() as i32;
+        assert!(!restored_by_pf(me));
+        assert!(Enter::of(me).expect("our pid").is_none());
+        assert!(!restored_by_pf(crate::test_support::dead_pid()));
     }
 }
