@@ -53,7 +53,9 @@ pub enum Error {
     )]
     NotTls { registry: String },
     /// A request after the first one failed at the transport level (the registry went away).
-    #[error("{method} {url} failed (run the same command again to resume)")]
+    #[error(
+        "{method} {url} failed (run the same command again: a push goes on from where it stopped)"
+    )]
     Transport {
         method: &'static str,
         url: String,
@@ -61,7 +63,9 @@ pub enum Error {
         source: Box<ureq::Error>,
     },
     /// Reading a blob's bytes from the registry failed midway.
-    #[error("reading blob {digest} from {url} failed (run the same command again to resume)")]
+    #[error(
+        "reading blob {digest} from {url} failed (run the same command again: a push goes on from where it stopped)"
+    )]
     BodyRead {
         digest: Digest256,
         url: String,
@@ -70,7 +74,7 @@ pub enum Error {
     },
     /// A blob's connection moved no byte, either way, for the idle timeout.
     #[error(
-        "{registry} moved no byte for {} s while {action} blob {digest} (check the network and that the registry is alive, then run the same command again to resume)",
+        "{registry} moved no byte for {} s while {action} blob {digest} (check the network and that the registry is alive, then run the same command again: a push goes on from where it stopped)",
         .idle.as_secs_f64()
     )]
     Stalled {
