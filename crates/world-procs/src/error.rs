@@ -233,10 +233,11 @@ pub enum Error {
         status: String,
     },
     /// A memory page of a `procs.criu.v2` snapshot does not match its recorded digest (or
-    /// cannot be decoded): the snapshot is damaged, and nothing was restored from it.
+    /// cannot be decoded): the snapshot is damaged. The page never reached a process: an eager
+    /// restore fails before the tree runs, a lazy one kills the tree instead of serving it.
     #[error(
         "{}page {page} of {file}{} is corrupt: its stored bytes do not match their digest; \
-         nothing was restored (thaw another snapshot, or restore the store from a copy)",
+         no process ran on it (thaw another snapshot, or restore the store from a copy)",
         .snapshot.map(|s| format!("snapshot {s}: ")).unwrap_or_default(),
         .vaddr.map(|a| format!(" (address {a:#x})")).unwrap_or_default()
     )]
