@@ -434,6 +434,64 @@ fn live_lazy_fork_of_8_answers_diverges_and_every_clone_gets_every_page() {
     );
 }
 
+/// `pf goblin thaw --lazy` of `snapshot` (a goblin of 512 MiB named `mark`), answering `ping`
+/// while pf's lazy-pages daemon still copies most of its memory in, in the background.
+struct MidServe {
+    child: Child,
+    /// `pf goblin thaw`'s pid.
+    pf: i32,
+    guard: Option<KillOnDrop>,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// The thawed goblin's pid.
+    goblin: i32,
+}
+
+impl MidServe {
+    fn start(store: &Path, snapshot: &str, mark: &str) -> Self {
+        let mut cmd = pf(store);
+        cmd.args(["goblin", "thaw", "--lazy", snapshot])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("start pf");
+        let pf = i32::try_from(child.id()).expect("pid");
+        let guard = Some(KillOnDrop(pf));
+        let stdin = child.stdin.take();
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut serve = Self {
+            child,
+            pf,
+            guard,
+            stdin,
+            lines,
+            goblin: 0,
+        };
+        assert_eq!(serve.ask("ping"), "pong");
+        let thawed = processes_named(mark);
+        assert_eq!(thawed.len(), 1, "the thawed goblin runs: {thawed:?}");
+        serve.goblin = thawed[0];
+        let resident = resident_kib(serve.goblin);
+        assert!(
+            resident < 400 << 10,
+            "the goblin answered before its memory was all in: {resident} KiB resident"
+        );
+        serve
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        writeln!(self.stdin.as_mut().expect("stdin"), "{line}").expect("write");
+        self.lines.next().expect("a line").expect("read")
+    }
+
+    /// SIGKILL pf (its goblin goes with it, stdin still open) and reap it.
+    fn kill(mut self) {
+        drop(self.guard.take());
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down() {
     let name = "live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down";
@@ -446,29 +504,9 @@ fn live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down() {
     let mark = marker('k');
     let goblin = Goblin::start(512, &mark);
     goblin.freeze_and_stop(&store, "g", "v2");
-    let mut cmd = pf(&store);
-    cmd.args(["goblin", "thaw", "--lazy", "g"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("start pf");
-    let pf_pid = i32::try_from(child.id()).expect("pid");
-    let guard = KillOnDrop(pf_pid);
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    writeln!(stdin, "ping").expect("write");
-    assert_eq!(lines.next().expect("a line").expect("read"), "pong");
-    // pf's lazy-pages daemon still copies the other 500 MiB in, in the background: the
-    // goblin does not hold all of its memory yet.
-    let thawed = processes_named(&mark);
-    assert_eq!(thawed.len(), 1, "the thawed goblin runs: {thawed:?}");
-    let resident = resident_kib(thawed[0]);
-    assert!(
-        resident < 400 << 10,
-        "the goblin answered before its memory was all in: {resident} KiB resident"
-    );
-    drop(guard); // SIGKILL pf
-    let _ = child.wait();
+    let serve = MidServe::start(&store, "g", &mark);
+    let pf_pid = serve.pf;
+    serve.kill();
     assert_gone_within(
         || processes_named(&mark),
         Duration::from_secs(10),
@@ -504,44 +542,24 @@ fn live_a_copy_frozen_while_its_memory_is_still_served_lazily_keeps_every_page()
     let mut goblin = Goblin::start(512, &mark);
     let sum = goblin.ask("sum");
     goblin.freeze_and_stop(&store, "g", "v2");
-    let mut cmd = pf(&store);
-    cmd.args(["goblin", "thaw", "--lazy", "g"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().expect("start pf");
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    writeln!(stdin, "ping").expect("write");
-    assert_eq!(lines.next().expect("a line").expect("read"), "pong");
-    let thawed = processes_named(&mark);
-    assert_eq!(thawed.len(), 1, "the thawed goblin runs: {thawed:?}");
-    let resident = resident_kib(thawed[0]);
-    assert!(
-        resident < 400 << 10,
-        "the goblin answered before its memory was all in: {resident} KiB resident"
-    );
+    let mut serve = MidServe::start(&store, "g", &mark);
     let mut freeze = pf(&store);
     freeze.env(FORMAT_ENV, "v2").args([
         "goblin",
         "freeze",
         "--pid",
-        &thawed[0].to_string(),
+        &serve.goblin.to_string(),
         "--tag",
         "early",
     ]);
     let out = run(freeze, b"");
     assert!(out.status.success(), "freeze: {}", text(&out.stderr));
     // The copy runs on with every page, and so does a thaw of its snapshot.
-    writeln!(stdin, "sum").expect("write");
-    assert_eq!(lines.next().expect("a line").expect("read"), sum);
+    assert_eq!(serve.ask("sum"), sum);
     let out = thaw_with(&store, "--eager", "early", b"sum\n");
     assert!(out.status.success(), "thaw: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
-    drop(stdin);
-    drop(guard);
-    let _ = child.wait();
+    serve.kill();
     assert_gone_within(
         || processes_named(&mark),
         Duration::from_secs(10),

@@ -20,26 +20,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 
 /// A goblin holding 16 MiB of random bytes (4096 pages, each distinct) and 16 MiB of zeros it
 /// has touched: `sum` prints the SHA-256 of all of it (equal only if every page is), `mut K`
-/// rewrites 8 bytes in every 20th random page from page K (5% of them).
+/// rewrites 8 bytes in every 20th random page from page K (5% of them), `new` rewrites every
+/// random page.
 const MEMORY_GOBLIN: &str = r#"
-import hashlib, os, sys
-buf = bytearray(os.urandom(16 << 20)) + bytearray(16 << 20)
-for i in range(16 << 20, 32 << 20, 4096):
-    buf[i] = 0
-print("ready", flush=True)
-for line in sys.stdin:
-    words = line.split()
-    if words[0] == "sum":
-        print(hashlib.sha256(buf).hexdigest(), flush=True)
-    elif words[0] == "mut":
-        for p in range(int(words[1]), 4096, 20):
-            buf[p * 4096 : p * 4096 + 8] = os.urandom(8)
-        print("ok", flush=True)
-print("eof", flush=True)
-"#;
-
-/// [`MEMORY_GOBLIN`]'s memory and commands, plus `new`: rewrite every random page.
-const FORK_GOBLIN: &str = r#"
 import hashlib, os, sys
 buf = bytearray(os.urandom(16 << 20)) + bytearray(16 << 20)
 for i in range(16 << 20, 32 << 20, 4096):
@@ -544,7 +527,7 @@ fn live_v2_a_freeze_killed_while_it_writes_packs_leaves_nothing_gc_would_keep() 
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let store_dir = dir.path().join("store");
-    let mut goblin = Goblin::start_script(FORK_GOBLIN);
+    let mut goblin = Goblin::start();
     deadline.watch(goblin.child.id() as i32);
     let sum = goblin.ask("sum");
     freeze_v2(&store_dir, &goblin.pid(), "base");
