@@ -300,6 +300,72 @@ fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
     mark.assert_running(&[], "two thaws");
 }
 
+/// `pf goblin thaw --pidfile`: the copy's pid, for `pf goblin freeze` to freeze the copy as it
+/// runs (from inside the pid namespace pf gave it); its snapshot goes on from the copy's state.
+#[test]
+// The guard kills and reaps `pf goblin thaw` by its pid.
+#[allow(clippy::zombie_processes)]
+fn live_a_thawed_copy_named_by_its_pidfile_freezes_and_goes_on_from_its_state() {
+    if !live("live_a_thawed_copy_named_by_its_pidfile_freezes_and_goes_on_from_its_state") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(
+        &spawn_goblin(&store, "counter", &["--quiet-ms", "300"], &py(COUNTER)),
+        "spawn",
+    );
+    let pidfile = dir.path().join("copy.pid");
+    let mut cmd = thaw_cmd(&store, "counter");
+    cmd.arg("--pidfile")
+        .arg(&pidfile)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start pf goblin thaw");
+    let _guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut ask = |line: &str| {
+        writeln!(stdin, "{line}").expect("write");
+        lines.next().expect("a line").expect("read")
+    };
+    assert_eq!(ask("inc"), "1");
+    // Written once the copy runs (it reads our pipe straight away, so it may answer first).
+    let start = Instant::now();
+    while !pidfile.exists() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .expect("the pidfile")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/ns/pid")).expect("its pid namespace"),
+        std::fs::read_link("/proc/self/ns/pid").expect("ours"),
+        "the copy runs in a pid namespace of its own"
+    );
+    let mut freeze = pf(&store);
+    freeze.args([
+        "goblin",
+        "freeze",
+        "--pid",
+        &pid.to_string(),
+        "--tag",
+        "copy",
+    ]);
+    ok(&run(freeze, b""), "freeze the thawed copy");
+    assert_eq!(ask("inc"), "2", "the copy runs on");
+    drop(stdin);
+    assert_eq!(lines.next().expect("a line").expect("read"), "eof 2");
+    assert!(child.wait().expect("wait").success());
+    assert!(!pidfile.exists(), "the pidfile goes with the copy");
+    // The copy's snapshot goes on from where the copy was frozen.
+    let again = thaw(&store, "copy", b"inc\n");
+    assert_eq!(ok(&again, "thaw the copy's snapshot"), "2\neof 2\n");
+}
+
 #[test]
 fn live_thaw_is_the_goblin_exit_code_and_eof() {
     if !live("live_thaw_is_the_goblin_exit_code_and_eof") {

@@ -45,6 +45,8 @@ Examples:
   echo 'question' | pf goblin thaw kb              one copy, answering on this terminal
   pf goblin fork kb -n 4 --send 'question {i}'     four copies at once, each answers
   pf goblin freeze --pid 4242 --tag warm           a goblin you started yourself
+  pf goblin thaw kb --pidfile kb.pid               a copy that says its pid; from elsewhere,
+  pf goblin freeze --pid \"$(cat kb.pid)\" --tag kb2  freeze it as it runs (shares kb's pages)
 
 `pf goblin <command> --help` says more about each.";
 
@@ -190,6 +192,10 @@ pub(crate) struct ThawArgs {
     from: SnapshotArg,
     #[command(flatten)]
     mode: ModeArgs,
+    /// Write the goblin's pid (as seen here) to FILE once it runs, and remove FILE when it has
+    /// exited: to freeze this copy while it runs, `pf goblin freeze --pid "$(cat FILE)"`
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
 }
 
 /// Lazy or eager; by default lazy for snapshots of 32 MiB of memory or more stored page by
@@ -517,6 +523,10 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
         stderr_pumped = goblin.stderr.is_some(),
         "goblin thawed"
     );
+    let pidfile = match &args.pidfile {
+        Some(path) => Some(Pidfile::write(path, goblin.pid())?),
+        None => None,
+    };
     let killer = goblin.killer();
     forward_signals_to(block_signals(), move |sig| {
         tracing::info!(sig, "forwarding signal to the goblin");
@@ -531,8 +541,34 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .context("the thawed goblin failed")?;
+    drop(pidfile);
     tracing::info!(status = %describe_status(status), "goblin exited");
     Ok(exit_code(status))
+}
+
+/// A pidfile of a thawed goblin: written whole (to a temporary name, then renamed), removed
+/// when dropped.
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn write(path: &std::path::Path, pid: i32) -> anyhow::Result<Self> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, format!("{pid}\n"))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                anyhow::anyhow!("cannot write the pidfile {}: {e}", path.display())
+            })?;
+        Ok(Self(path.to_owned()))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// pf's exit code for a goblin's status: its code, or 128+N for signal N (as shells do).
