@@ -543,11 +543,21 @@ struct StdioPipes {
 
 /// The pipes of a recorded stdio, or why it is not a goblin's.
 fn check_pipes(stdio: &[String]) -> std::result::Result<StdioPipes, NotAGoblinReason> {
-    let streams = Streams::from_links(stdio).ok_or(if stdio.is_empty() {
+    let mut streams = Streams::from_links(stdio).ok_or(if stdio.is_empty() {
         NotAGoblinReason::NoStdio
     } else {
         NotAGoblinReason::StdioCount { found: stdio.len() }
     })?;
+    // A named pipe is recorded by its path, as a file is; a pf older than the freeze's FIFO
+    // refusal froze such goblins, and CRIU would reopen that FIFO in the copy, whose stdin pf
+    // could then never reach. What the path is now is all the record lets us go by.
+    for kind in &mut streams.0 {
+        if let StdioKind::File(path) = kind
+            && is_fifo(path)
+        {
+            *kind = StdioKind::Fifo(std::mem::take(path));
+        }
+    }
     let not_pipes = || NotAGoblinReason::NotPipes {
         streams: streams.clone(),
     };
@@ -570,6 +580,12 @@ fn check_pipes(stdio: &[String]) -> std::result::Result<StdioPipes, NotAGoblinRe
         return Err(NotAGoblinReason::StdinIsOutput { pipe: ino });
     }
     Ok(pipes)
+}
+
+/// Whether `path` names a FIFO now (`false` when it cannot be read).
+fn is_fifo(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
 }
 
 #[cfg(test)]
@@ -652,6 +668,31 @@ mod tests {
                 .expect_err("same pipe")
                 .contains("same pipe as its output (pipe:[1])")
         );
+    }
+
+    #[test]
+    fn a_recorded_stdin_that_is_a_named_pipe_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("in");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("run mkfifo");
+        assert!(made.success(), "mkfifo: {made}");
+        let fifo = fifo.display().to_string();
+        let why = check_pipes(&links(&[&fifo, "pipe:[2]", "pipe:[3]"]))
+            .expect_err("a FIFO stdin")
+            .to_string();
+        assert!(
+            why.starts_with(&format!("its stdin is a named pipe ({fifo})")),
+            "{why}"
+        );
+        assert!(why.contains("CRIU reopens a named pipe by path"), "{why}");
+        // A regular file at a recorded path is still a file CRIU reopens.
+        let file = dir.path().join("log");
+        std::fs::write(&file, b"").expect("write");
+        let file = file.display().to_string();
+        assert!(check_pipes(&links(&["pipe:[1]", "pipe:[2]", &file])).is_ok());
     }
 
     #[test]
