@@ -753,6 +753,110 @@ fn live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_
     );
 }
 
+#[test]
+// What it measured goes to stderr (shown with --nocapture), for the record.
+#[allow(clippy::print_stderr)]
+fn live_v2_four_copies_frozen_at_once_beside_gc_each_thaw_with_their_own_state() {
+    let name = "live_v2_four_copies_frozen_at_once_beside_gc_each_thaw_with_their_own_state";
+    if !live(name) {
+        return;
+    }
+    let deadline = Deadline::start(name, Duration::from_secs(400));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let mut goblin = Goblin::start();
+    deadline.watch(goblin.child.id() as i32);
+    let base_sum = goblin.ask("sum");
+    freeze_v2(&store_dir, &goblin.pid(), "base");
+    drop(goblin);
+    // Four copies of the base, each with its own 5% of pages rewritten and one with every page
+    // new, so the four freezes look up and write pages in the one store at the same time.
+    let mut copies = Vec::new();
+    let mut sums = Vec::new();
+    for k in 1..=4u32 {
+        let mut copy = Thawed::start(&store_dir, "base");
+        deadline.watch(copy.pid);
+        let change = if k == 4 {
+            "new".to_owned()
+        } else {
+            format!("mut {k}")
+        };
+        assert_eq!(copy.ask(&change), "ok");
+        sums.push(copy.ask("sum"));
+        copies.push(copy);
+    }
+    // Frozen at once, with `pf store gc --grace 0` run over and over until they are done: gc
+    // must neither take a pack a freeze has written but not yet named, nor a base page a freeze
+    // has placed but not yet named (it waits on the store's lock while a writer holds it).
+    let running = std::sync::atomic::AtomicUsize::new(copies.len());
+    let mut gcs = 0;
+    let outputs: Vec<Output> = std::thread::scope(|scope| {
+        let freezes: Vec<_> = copies
+            .iter()
+            .enumerate()
+            .map(|(i, copy)| {
+                let mut cmd = pf(&store_dir);
+                cmd.env(FORMAT_ENV, "v2").args([
+                    "goblin",
+                    "freeze",
+                    "--pid",
+                    &copy.pid.to_string(),
+                    "--tag",
+                    &format!("copy{}", i + 1),
+                ]);
+                let running = &running;
+                scope.spawn(move || {
+                    let out = run(cmd, b"");
+                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    out
+                })
+            })
+            .collect();
+        while running.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            let gc = store_cmd(&store_dir, &["gc", "--grace", "0"]);
+            assert!(gc.status.success(), "gc: {}", text(&gc.stderr));
+            gcs += 1;
+        }
+        freezes
+            .into_iter()
+            .map(|f| f.join().expect("freeze thread"))
+            .collect()
+    });
+    eprintln!("four freezes at once beside {gcs} gc runs");
+    for (i, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "freeze of copy{} failed: {}",
+            i + 1,
+            text(&out.stderr)
+        );
+    }
+    assert!(gcs > 0, "gc never ran beside the freezes");
+    drop(copies);
+    let gc = store_cmd(&store_dir, &["gc", "--grace", "0"]);
+    assert!(gc.status.success(), "gc: {}", text(&gc.stderr));
+    let verify = store_cmd(&store_dir, &["verify"]);
+    assert!(
+        verify.status.success(),
+        "verify after concurrent freezes: {}{}",
+        text(&verify.stdout),
+        text(&verify.stderr)
+    );
+    for (k, sum) in sums.iter().enumerate() {
+        let out = thaw(&store_dir, &format!("copy{}", k + 1), b"sum\n");
+        assert!(
+            out.status.success(),
+            "thaw copy{} failed: {}",
+            k + 1,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "copy{}", k + 1);
+    }
+    let out = thaw(&store_dir, "base", b"sum\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("{base_sum}\neof\n"));
+}
+
 /// [`MEMORY_GOBLIN`] whose `mut K` rewrites 8 bytes in every 10th random page from page K (10%
 /// of them), so nine rounds with K = 1…9 leave only a tenth of the first snapshot's pages live.
 const TENTH_GOBLIN: &str = r#"
