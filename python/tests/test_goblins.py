@@ -245,6 +245,15 @@ def test_live_freeze_thaw_keeps_state_and_the_original_runs_on(live, store, coun
     assert copy.returncode == 0
 
 
+def test_live_freeze_into_a_store_that_is_not_there_creates_it(live, tmp_path, counter):
+    store = pf.Store(str(tmp_path / "new-store"))
+    assert not store.exists
+    digest = pf.goblins.freeze(counter.pid, store, tag="counter")
+    assert store.exists and store.resolve("counter") == digest
+    with pf.goblins.thaw("counter", pf.Store(str(tmp_path / "new-store"))) as copy:
+        assert ask(copy, "b") == "2 b"
+
+
 def test_live_fork_of_four_answers_each_from_the_same_state(live, store, counter):
     pf.goblins.freeze(counter.pid, store, tag="base")
     copies = pf.goblins.fork("base", 4, store)

@@ -133,6 +133,11 @@ pub(crate) fn invalid(message: String) -> PyErr {
     raise(Class::named("InvalidArgument"), message)
 }
 
+/// Something asked for is not there (`pf.errors.NotFound`, also a `LookupError`).
+pub(crate) fn not_found(message: String) -> PyErr {
+    raise(Class::named("NotFound"), message)
+}
+
 /// A wait that ran out of time (`pf.errors.Timeout`, also a `TimeoutError`).
 pub(crate) fn timeout(message: String) -> PyErr {
     raise(Class::named("Timeout"), message)
