@@ -189,6 +189,29 @@ def test_freezing_a_process_that_is_not_a_goblin_raises_not_a_goblin(store):
     assert store.blobs() == []
 
 
+def test_freezing_a_process_this_one_may_not_inspect_raises_access_denied(tmp_path):
+    # A freezer in a user namespace of its own may not look into a process of ours, as a
+    # container's root may not look into the host's pid 1.
+    script = (
+        "import sys, pf\n"
+        "try:\n"
+        "    pf.goblins.freeze(int(sys.argv[1]), sys.argv[2])\n"
+        "except pf.AccessDenied as e:\n"
+        "    print('AccessDenied', isinstance(e, PermissionError), e)\n"
+    )
+    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+        out = subprocess.run(
+            ["unshare", "--user", "--map-root-user", sys.executable, "-c", script]
+            + [str(goblin.pid), str(tmp_path / "images")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.stdout.startswith("AccessDenied True"), out.stdout + out.stderr
+    assert f"may not look into process {goblin.pid}" in out.stdout
+    assert "pf.goblins.spawn" in out.stdout
+
+
 def test_thawing_what_is_not_a_goblin_snapshot_raises(store):
     with pytest.raises(pf.NotFound):
         pf.goblins.thaw("no-such-snapshot", store)
