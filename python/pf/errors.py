@@ -30,7 +30,9 @@ class InvalidArgument(Error, ValueError):
 
 
 class Timeout(Error, TimeoutError):
-    """A wait ran out of time; the goblin still runs."""
+    """A wait ran out of time (``Goblin.wait(timeout=)``), or a read did
+    (``Goblin.readline(timeout=)``, ``read_until``: nothing it had read is lost); the goblin
+    still runs."""
 
 
 class NotFound(Error, LookupError):

@@ -19,9 +19,16 @@ thawed). Call ``detach()`` to leave it running instead.
 """
 
 import asyncio
+import io
+import math
 import os
+import select
 import threading
-from typing import IO, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+import time
+from typing import IO, TYPE_CHECKING, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 from pf import _native, errors
 from pf._native import Store
@@ -73,11 +80,123 @@ def _argv(argv: Sequence[str]) -> List[str]:
     return [os.fsdecode(a) for a in argv]
 
 
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    """The ``time.monotonic()`` at which ``timeout`` seconds from now run out (``None``: never)."""
+    if timeout is None:
+        return None
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+        raise errors.InvalidArgument(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _marker(marker: bytes) -> bytes:
+    if not isinstance(marker, (bytes, bytearray, memoryview)):
+        raise TypeError(f"the marker is bytes (e.g. b'> '), not {type(marker).__name__}")
+    if not marker:
+        raise errors.InvalidArgument("the marker to read up to is empty")
+    return bytes(marker)
+
+
+class _Pipe(io.FileIO):
+    """Our end of a goblin's stdout or stderr, under the ``BufferedReader`` the goblin's
+    ``stdout``/``stderr`` is: a ``FileIO`` whose reads can be given a deadline (by
+    ``Goblin.read_until``, in its own thread only), and that returns first the bytes such a read
+    took from the buffer but gave back (an unfinished line when its time ran out), so that they
+    reach the next reader, in order."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, "rb")
+        self._held = bytearray()
+        self._timed = threading.local()  # .deadline while a timed read waits; .ran_out after
+
+    def readinto(self, buffer: "WriteableBuffer") -> Optional[int]:
+        if self._held:
+            view = memoryview(buffer).cast("B")
+            n = min(len(view), len(self._held))
+            view[:n] = self._held[:n]
+            del self._held[:n]
+            return n
+        deadline = getattr(self._timed, "deadline", None)
+        if deadline is not None:
+            poller = select.poll()
+            poller.register(self.fileno(), select.POLLIN)
+            wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            if not poller.poll(wait_ms):  # readable, at end of input, or gone: read it
+                self._timed.ran_out = True
+                return None  # "would block": the BufferedReader's peek returns b""
+        return super().readinto(buffer)
+
+    def readall(self) -> bytes:
+        held = bytes(self._held)
+        self._held.clear()
+        return held + super().readall()
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        buffer = bytearray(size)
+        # None ("would block") only comes back to a timed read's peek, never here.
+        n = self.readinto(buffer) or 0
+        return bytes(buffer[:n])
+
+    def peek_until(self, reader: "io.BufferedReader", deadline: Optional[float]) -> bytes:
+        """``reader.peek()``: what it holds, or else what one read brings (``b""`` at end of
+        input), waiting at most until ``deadline``; ``Timeout`` when that ran out first."""
+        self._timed.deadline = deadline
+        self._timed.ran_out = False
+        try:
+            chunk = reader.peek()
+        finally:
+            self._timed.deadline = None
+        if self._timed.ran_out:
+            raise _RanOut()
+        return chunk
+
+    def give_back(self, data: bytes) -> None:
+        """Put ``data`` (taken from the buffer above, now empty) back in front of the pipe."""
+        self._held[:0] = data
+
+
+class _RanOut(Exception):
+    """A timed read's deadline passed (turned into ``pf.Timeout`` with what it was waiting for)."""
+
+
+def _read_until(
+    reader: "io.BufferedReader", marker: bytes, deadline: Optional[float]
+) -> Tuple[bytes, bool]:
+    """Read up to and including ``marker``, or to end of input; ``(bytes, True)`` when the
+    deadline passed first, everything taken given back to the stream."""
+    raw = reader.raw
+    assert isinstance(raw, _Pipe)
+    taken = bytearray()
+    try:
+        while True:
+            chunk = raw.peek_until(reader, deadline)
+            if not chunk:
+                return bytes(taken), False  # end of input
+            # The marker may begin in the tail of what was taken before.
+            start = max(0, len(taken) - len(marker) + 1)
+            at = (bytes(taken[start:]) + chunk).find(marker)
+            if at >= 0:
+                taken += reader.read(start + at + len(marker) - len(taken))
+                return bytes(taken), False
+            taken += reader.read(len(chunk))  # all it holds: the next peek reads the pipe
+    except _RanOut:
+        raw.give_back(bytes(taken))
+        return bytes(taken), True
+    except BaseException:  # Ctrl-C while waiting, a closed pipe: nothing taken is lost either
+        raw.give_back(bytes(taken))
+        raise
+
+
 class Goblin:
     """A running goblin: ``pid``, binary file objects ``stdin`` (unbuffered), ``stdout`` and
     ``stderr`` (buffered readers; ``stderr`` is ``None`` when it shares ``stdout``'s pipe), and
     ``returncode`` once it has exited (minus the signal number if a signal killed it), like
     ``subprocess.Popen``.
+
+    ``readline(timeout=)`` and ``read_until(marker, timeout=)`` read an answer with a deadline
+    (``pf.Timeout`` when none came, nothing lost), through the same buffer as ``stdout``.
 
     Read ``stdout`` and ``stderr`` concurrently (or one on a thread) if the goblin may write a
     lot to both: a goblin blocked on a full stderr pipe never answers on stdout.
@@ -100,8 +219,8 @@ class Goblin:
                 fin, fout, ferr = self._native.take_fds()
                 self._pipes = (
                     open(fin, "wb", buffering=0) if fin is not None else None,
-                    open(fout, "rb") if fout is not None else None,
-                    open(ferr, "rb") if ferr is not None else None,
+                    io.BufferedReader(_Pipe(fout)) if fout is not None else None,
+                    io.BufferedReader(_Pipe(ferr)) if ferr is not None else None,
                 )
             return self._pipes
 
@@ -124,6 +243,65 @@ class Goblin:
     def pid(self) -> int:
         """The goblin's pid as seen from here (a thawed copy has another inside its namespace)."""
         return self._native.pid
+
+    def readline(self, timeout: Optional[float] = None, *, stream: str = "stdout") -> bytes:
+        """Read one line from the goblin's stdout (``stream="stderr"``: its stderr), waiting at
+        most ``timeout`` seconds (``None``: as long as it takes; ``0``: only what is there now).
+
+        Returns the line with its ``b"\\n"``. If the goblin closes the stream first (it
+        exited), returns what was left, without ``b"\\n"``, and ``b""`` once nothing is left,
+        as ``file.readline`` does. If the time runs out first, raises ``pf.Timeout`` (also a
+        ``TimeoutError``) and loses nothing: an unfinished line stays in the stream for the
+        next read. A goblin that hangs or never answers costs you ``timeout``, not your agent.
+
+        This reads through the same buffer as ``stdout``: ``readline``, ``read_until`` and
+        ``stdout.readline()``/``read()``/iteration can be mixed freely, each going on where
+        the other stopped (not from two threads at once). ``select()`` on
+        ``stdout.fileno()`` does not see bytes already buffered; use ``readline(timeout=)``
+        instead."""
+        return self.read_until(b"\n", timeout, stream=stream)
+
+    def read_until(
+        self, marker: bytes, timeout: Optional[float] = None, *, stream: str = "stdout"
+    ) -> bytes:
+        """Read from the goblin's stdout (or ``stream="stderr"``) up to and including
+        ``marker`` (say a prompt, ``b">>> "``), waiting at most ``timeout`` seconds; what
+        ``readline`` is for ``b"\\n"``, with the same rules: what was left at end of input
+        (not ending with ``marker``) once the goblin closed the stream, ``pf.Timeout`` with
+        nothing lost when the time runs out first."""
+        marker = _marker(marker)
+        deadline = _deadline(timeout)
+        reader = self._reader(stream)
+        data, ran_out = _read_until(reader, marker, deadline)
+        if ran_out:
+            waiting = "full line" if marker == b"\n" else f"{marker!r}"
+            kept = (
+                f" ({len(data)} byte{'' if len(data) == 1 else 's'} it wrote before that "
+                f"{'is' if len(data) == 1 else 'are'} kept for the next read)"
+                if data
+                else ""
+            )
+            raise errors.Timeout(
+                f"goblin {self.pid} wrote no {waiting} on its {stream} within {timeout:g} s"
+                f"{kept}; its {stream} is still open (the goblin runs, or something it started "
+                "holds the pipe): read again to wait longer, or kill() it"
+            )
+        return data
+
+    def _reader(self, stream: str) -> "io.BufferedReader":
+        """The goblin's stdout or stderr as the buffered reader ``readline`` reads."""
+        if stream not in ("stdout", "stderr"):
+            raise errors.InvalidArgument(f'stream is "stdout" or "stderr", not {stream!r}')
+        reader = self.stdout if stream == "stdout" else self.stderr
+        if reader is None:
+            raise errors.InvalidArgument(
+                f"goblin {self.pid} has no {stream} of its own here"
+                + (" (it shares stdout's pipe: read stdout)" if stream == "stderr" else "")
+            )
+        if reader.closed:
+            raise errors.InvalidArgument(f"goblin {self.pid}'s {stream} was closed here")
+        assert isinstance(reader, io.BufferedReader)
+        return reader
 
     def wait(self, timeout: Optional[float] = None) -> int:
         """Wait until the goblin exits, reap it and return its returncode. With ``timeout``
@@ -449,8 +627,10 @@ def fork(
 
 class AsyncGoblin:
     """A goblin for asyncio: ``stdin`` is an ``asyncio.StreamWriter``, ``stdout`` and
-    ``stderr`` are ``asyncio.StreamReader``s, and ``wait()`` is awaitable. Like ``Goblin``, it
-    owns its process: ``kill()`` it, or use ``async with``."""
+    ``stderr`` are ``asyncio.StreamReader``s, and ``wait()`` is awaitable; ``await
+    readline(timeout=)`` and ``read_until(marker, timeout=)`` read with a deadline, as
+    ``Goblin``'s do. Like ``Goblin``, it owns its process: ``kill()`` it, or use ``async
+    with``."""
 
     stdin: Optional[asyncio.StreamWriter]
     stdout: Optional[asyncio.StreamReader]
@@ -491,6 +671,41 @@ class AsyncGoblin:
     def pid(self) -> int:
         """The goblin's pid as seen from here."""
         return self._native.pid
+
+    async def readline(self, timeout: Optional[float] = None, *, stream: str = "stdout") -> bytes:
+        """``Goblin.readline`` for asyncio: one line from ``stdout`` (or ``stream="stderr"``)
+        within ``timeout`` seconds, else ``pf.Timeout`` with nothing lost (the unfinished line
+        stays in the ``StreamReader``); what was left (``b""`` when nothing) once the goblin
+        closed the stream. The same as ``asyncio.wait_for(stdout.readline(), timeout)`` with
+        pf's error. A line longer than the reader's limit (64 KiB) raises
+        ``asyncio.LimitOverrunError``, its bytes left in the reader."""
+        return await self.read_until(b"\n", timeout, stream=stream)
+
+    async def read_until(
+        self, marker: bytes, timeout: Optional[float] = None, *, stream: str = "stdout"
+    ) -> bytes:
+        """``Goblin.read_until`` for asyncio: up to and including ``marker`` within ``timeout``
+        seconds (``StreamReader.readuntil``), else ``pf.Timeout`` with nothing lost; what was
+        left once the goblin closed the stream."""
+        marker = _marker(marker)
+        _deadline(timeout)  # checks it
+        if stream not in ("stdout", "stderr"):
+            raise errors.InvalidArgument(f'stream is "stdout" or "stderr", not {stream!r}')
+        reader = self.stdout if stream == "stdout" else self.stderr
+        if reader is None:
+            raise errors.InvalidArgument(f"goblin {self.pid} has no {stream} of its own here")
+        try:
+            return await asyncio.wait_for(reader.readuntil(marker), timeout)
+        except asyncio.IncompleteReadError as end:
+            return end.partial
+        except asyncio.TimeoutError:
+            waiting = "full line" if marker == b"\n" else f"{marker!r}"
+            raise errors.Timeout(
+                f"goblin {self.pid} wrote no {waiting} on its {stream} within {timeout:g} s "
+                f"(what it wrote before that is kept for the next read); its {stream} is still "
+                "open (the goblin runs, or something it started holds the pipe): read again to "
+                "wait longer, or kill() it"
+            ) from None
 
     async def wait(self) -> int:
         """Wait (without blocking the event loop) until the goblin exits; its returncode."""

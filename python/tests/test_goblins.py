@@ -28,6 +28,30 @@ COUNTER = [
     "    print(n, line.strip(), flush=True)\n",
 ]
 
+# A goblin that writes what it is sent, unescaped ("ab" writes no newline, "ab\\n" writes one),
+# with "#" replaced by how many lines it has been sent; "err ..." goes to stderr; "exit" ends it.
+TALKER = [
+    sys.executable,
+    "-u",
+    "-c",
+    "import sys\n"
+    "n = 0\n"
+    "for line in sys.stdin:\n"
+    "    n += 1\n"
+    "    if line.strip() == 'exit':\n"
+    "        break\n"
+    "    out = sys.stdout\n"
+    "    if line.startswith('err '):\n"
+    "        out, line = sys.stderr, line[4:]\n"
+    "    out.write(line[:-1].encode().decode('unicode_escape').replace('#', str(n)))\n"
+    "    out.flush()\n",
+]
+
+
+def say(goblin, text):
+    """Have a TALKER goblin write ``text`` (its escapes, such as a newline, written as \\n)."""
+    goblin.stdin.write(text.encode() + b"\n")
+
 
 def ask(goblin, line):
     """Send one line, read one answer."""
@@ -163,6 +187,99 @@ def test_ctrl_c_ends_a_wait_for_a_goblin_that_never_exits():
     assert out == "interrupted\n"
     assert proc.returncode == 0
     assert not alive(goblin)
+
+
+def test_readline_with_a_timeout_returns_a_line_or_raises_and_loses_nothing():
+    with pf.goblins.spawn(TALKER) as goblin:
+        start = time.monotonic()
+        with pytest.raises(pf.Timeout, match="wrote no full line on its stdout within 0.3 s") as err:
+            goblin.readline(timeout=0.3)
+        assert 0.25 < time.monotonic() - start < 5
+        assert isinstance(err.value, TimeoutError)
+        assert goblin.poll() is None
+        # An unfinished line is kept for the next read, whichever reads it.
+        say(goblin, "unfin")
+        with pytest.raises(pf.Timeout, match="5 bytes it wrote before that are kept"):
+            goblin.readline(timeout=0.3)
+        say(goblin, "ished #\\n")
+        assert goblin.readline(timeout=10) == b"unfinished 2\n"
+        say(goblin, "xy")
+        with pytest.raises(pf.Timeout):
+            goblin.readline(timeout=0.1)
+        say(goblin, "z\\n")
+        assert goblin.stdout.readline() == b"xyz\n"
+        # Lines already in stdout's buffer are returned at once, even with no time at all, and
+        # stdout.readline() goes on where readline() stopped.
+        say(goblin, "a\\nb\\nc\\nd")
+        assert goblin.readline(timeout=10) == b"a\n"
+        assert goblin.stdout.readline() == b"b\n"
+        assert goblin.readline(timeout=0) == b"c\n"
+        with pytest.raises(pf.Timeout, match=r"\(1 byte it wrote"):
+            goblin.readline(timeout=0)
+        say(goblin, "\\n")
+        assert goblin.readline(timeout=10) == b"d\n"
+
+
+def test_read_until_a_marker_that_arrives_in_pieces():
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "hello\\n>>> ")
+        assert goblin.read_until(b">>> ", timeout=10) == b"hello\n>>> "
+        say(goblin, "ab")
+        with pytest.raises(pf.Timeout, match="wrote no b'bc' on its stdout"):
+            goblin.read_until(b"bc", timeout=0.2)
+        say(goblin, "cd\\n")
+        assert goblin.read_until(b"bc", timeout=10) == b"abc"
+        assert goblin.readline(timeout=10) == b"d\n"
+        with pytest.raises(pf.InvalidArgument, match="empty"):
+            goblin.read_until(b"", timeout=1)
+        with pytest.raises(TypeError, match="bytes"):
+            goblin.read_until(">>> ", timeout=1)
+
+
+def test_readline_at_end_of_input_returns_what_was_left_then_nothing():
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "one\\ntwo\\nlast words")
+        say(goblin, "exit")
+        assert goblin.readline(timeout=10) == b"one\n"
+        assert next(iter(goblin.stdout)) == b"two\n"
+        assert goblin.readline(timeout=10) == b"last words"
+        assert goblin.readline(timeout=10) == b""
+        assert goblin.stdout.read() == b""
+        assert goblin.read_until(b">", timeout=0) == b""
+        assert goblin.wait(timeout=10) == 0
+
+
+def test_readline_reads_stderr_and_refuses_what_it_cannot_read():
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "err oops\\n")
+        say(goblin, "fine\\n")
+        assert goblin.readline(timeout=10, stream="stderr") == b"oops\n"
+        assert goblin.readline(timeout=10) == b"fine\n"
+        with pytest.raises(pf.Timeout, match="on its stderr"):
+            goblin.readline(timeout=0.1, stream="stderr")
+        with pytest.raises(pf.InvalidArgument, match="stream"):
+            goblin.readline(timeout=1, stream="stdin")
+        for bad in (-1, float("nan"), float("inf"), "1"):
+            with pytest.raises(pf.InvalidArgument, match="timeout"):
+                goblin.readline(timeout=bad)
+
+
+def test_an_interrupted_readline_loses_nothing():
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pf.goblins.spawn(TALKER) as goblin:
+            say(goblin, "half a ")
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                goblin.readline()  # no timeout: only the signal ends it
+            say(goblin, "line\\n")
+            assert goblin.stdout.readline() == b"half a line\n"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_freezing_a_dead_pid_raises_no_such_process(tmp_path, store):
@@ -360,6 +477,52 @@ def test_live_asyncio_thaw_and_fork(live, store, counter):
         return lines
 
     assert asyncio.run(main()) == [b"2 twin 0\n", b"2 twin 1\n"]
+
+
+def test_live_readline_with_a_timeout_on_thawed_and_forked_goblins(live, store):
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "warm #\\n")
+        assert goblin.readline(timeout=10) == b"warm 1\n"
+        pf.goblins.freeze(goblin.pid, store, tag="talker")
+    with pf.goblins.thaw("talker", store) as copy:
+        with pytest.raises(pf.Timeout):
+            copy.readline(timeout=0.2)
+        say(copy, "thawed ")
+        with pytest.raises(pf.Timeout, match="7 bytes"):
+            copy.readline(timeout=0.2)
+        say(copy, "#\\n")
+        assert copy.readline(timeout=10) == b"thawed 3\n"
+    copies = pf.goblins.fork("talker", 2, store)
+    try:
+        for i, twin in enumerate(copies):
+            say(twin, f"twin {i} #\\n>>> ")
+            assert twin.read_until(b">>> ", timeout=10) == f"twin {i} 2\n>>> ".encode()
+            with pytest.raises(pf.Timeout):
+                twin.readline(timeout=0.1)
+            say(twin, "exit")
+            assert twin.readline(timeout=10) == b""
+    finally:
+        for twin in copies:
+            twin.kill()
+            twin.close()
+
+    async def main():
+        copy = await pf.goblins.thaw_async("talker", store)
+        async with copy:
+            with pytest.raises(pf.Timeout, match="within 0.2 s"):
+                await copy.readline(timeout=0.2)
+            copy.stdin.write(b"async \n")
+            await copy.stdin.drain()
+            with pytest.raises(pf.Timeout):
+                await copy.readline(timeout=0.2)
+            copy.stdin.write(b"#\\n>>> \n")
+            line = await copy.readline(timeout=10)
+            prompt = await copy.read_until(b">>> ", timeout=10)
+            copy.stdin.write(b"exit\n")
+            rest = await copy.readline(timeout=10)
+        return line, prompt, rest
+
+    assert asyncio.run(main()) == (b"async 3\n", b">>> ", b"")
 
 
 def test_live_thaw_on_the_host_pid_while_the_original_runs_raises_pid_in_use(
