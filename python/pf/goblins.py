@@ -56,18 +56,63 @@ __all__ = [
 Cancel = _native.Cancel
 
 
-def _is_images_dir(snapshot: Snapshot) -> bool:
-    return isinstance(snapshot, os.PathLike) or os.path.isdir(snapshot)
-
-
-def _not_a_missing_directory(snapshot: str) -> None:
-    """No digest or name holds a slash: a snapshot that does is an images directory that is not
-    there, and is said to be one (not an invalid name)."""
+def _images_dir(snapshot: object) -> Optional[str]:
+    """The images directory ``snapshot`` is, or ``None`` when it names a snapshot in the store;
+    what cannot be a snapshot at all is a ``TypeError`` that says what can."""
+    if isinstance(snapshot, os.PathLike):
+        return os.fsdecode(snapshot)
+    if not isinstance(snapshot, str):
+        if isinstance(snapshot, Loaded):
+            hint = " (a Loaded snapshot thaws with its own thaw() and fork(n))"
+        elif isinstance(snapshot, bytes):
+            hint = " (decode it first)"
+        else:
+            hint = ""
+        raise TypeError(
+            "a snapshot is a digest ('sha256:...') or a name in the store, as a str, or an "
+            "images directory (a str path or an os.PathLike such as pathlib.Path), not "
+            f"{type(snapshot).__name__}: {snapshot!r}{hint}"
+        )
+    if os.path.isdir(snapshot):
+        return snapshot
+    # No digest or name holds a slash: a snapshot that does is an images directory that is not
+    # there, and is said to be one (not an invalid name).
     if "/" in snapshot:
         raise errors.NotFound(
             f"there is no images directory {snapshot!r} (a snapshot in the store is named by a "
             "digest or a name, which holds no '/')"
         )
+    return None
+
+
+def _store(store: object) -> Store:
+    """The store a snapshot is read from: ``store``, or the default one for ``None``."""
+    if store is None:
+        return Store()
+    if isinstance(store, Store):
+        return store
+    hint = (
+        f" (pf.Store({store!r}) is the store at that path)"
+        if isinstance(store, (str, os.PathLike))
+        else ""
+    )
+    raise TypeError(
+        "store is a pf.Store, or None for the store the pf command uses, not "
+        f"{type(store).__name__}: {store!r}{hint}"
+    )
+
+
+def _store_or_dir(store_or_dir: object) -> Union[Store, str]:
+    """Where a freeze goes: a ``pf.Store``, or an images directory's path."""
+    if isinstance(store_or_dir, Store):
+        return store_or_dir
+    if isinstance(store_or_dir, (str, os.PathLike)):
+        return os.fsdecode(store_or_dir)
+    raise TypeError(
+        "a freeze goes into a pf.Store (pf.Store() is the store the pf command uses) or an "
+        "images directory (a str path or an os.PathLike), not "
+        f"{type(store_or_dir).__name__}: {store_or_dir!r}"
+    )
 
 
 def _argv(argv: Sequence[str]) -> List[str]:
@@ -462,6 +507,7 @@ def warm_up(
     ``KeyboardInterrupt``); after the freeze, either ends the drain early and the result is
     returned (``drain == "cancelled"``).
     """
+    target = _store_or_dir(store_or_dir)  # before a goblin is handed over
     kwargs = dict(
         input=bytes(input),
         ready=ready,
@@ -488,10 +534,10 @@ def warm_up(
         kwargs["goblin"] = argv_or_goblin._native
     else:
         kwargs["argv"] = _argv(argv_or_goblin)
-    if isinstance(store_or_dir, Store):
-        kwargs["store"] = store_or_dir
+    if isinstance(target, Store):
+        kwargs["store"] = target
     else:
-        kwargs["images_dir"] = os.fspath(store_or_dir)
+        kwargs["images_dir"] = target
     out = _native.warm_up(**kwargs)
     native = out.pop("goblin")
     return Warmed(goblin=Goblin(native) if native is not None else None, **out)
@@ -559,13 +605,14 @@ def freeze(
     ``/dev/null``, a file or closed, never a terminal, a socket or a named pipe
     (``subprocess.Popen(..., stdin=PIPE, stdout=PIPE, stderr=DEVNULL,
     start_new_session=True)`` will do)."""
-    if isinstance(store_or_dir, Store):
+    target = _store_or_dir(store_or_dir)
+    if isinstance(target, Store):
         return _native.freeze(
-            pid, store=store_or_dir, leave_running=leave_running, tag=tag, shell_job=shell_job
+            pid, store=target, leave_running=leave_running, tag=tag, shell_job=shell_job
         )
     return _native.freeze(
         pid,
-        images_dir=os.fspath(store_or_dir),
+        images_dir=target,
         leave_running=leave_running,
         tag=tag,
         shell_job=shell_job,
@@ -584,12 +631,11 @@ def load(
     thawed lazily.
     ``lazy=False`` puts all memory in first. ``None`` (the default) is lazy for such snapshots
     holding 32 MiB or more, eager otherwise."""
-    if _is_images_dir(snapshot):
-        return Loaded(_native.load(images_dir=os.fspath(snapshot), lazy=lazy))
-    _not_a_missing_directory(snapshot)
-    return Loaded(
-        _native.load(store=store if store is not None else Store(), reference=snapshot, lazy=lazy)
-    )
+    source = _store(store)  # checked even when the snapshot is an images directory
+    images = _images_dir(snapshot)
+    if images is not None:
+        return Loaded(_native.load(images_dir=images, lazy=lazy))
+    return Loaded(_native.load(store=source, reference=str(snapshot), lazy=lazy))
 
 
 def thaw(
@@ -607,13 +653,11 @@ def thaw(
     need a new pid namespace, so without one pf's choice is eager)."""
     if lazy is None and not new_pid_namespace:
         lazy = False
-    if _is_images_dir(snapshot):
+    source = _store(store)
+    if _images_dir(snapshot) is not None:
         return load(snapshot, store, lazy=lazy).thaw(new_pid_namespace=new_pid_namespace)
-    _not_a_missing_directory(snapshot)
     # One thaw: an eager one streams the memory from the store into CRIU as it restores.
-    native = _native.load(
-        store=store if store is not None else Store(), reference=snapshot, lazy=lazy, once=True
-    )
+    native = _native.load(store=source, reference=str(snapshot), lazy=lazy, once=True)
     return Loaded(native).thaw(new_pid_namespace=new_pid_namespace)
 
 

@@ -7,9 +7,11 @@ the others check what pf refuses before CRIU runs.
 import asyncio
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -342,6 +344,40 @@ def test_thawing_what_is_not_a_goblin_snapshot_raises(store):
     store.tag("text", store.put(b"just text"))
     with pytest.raises(pf.InvalidSnapshot):
         pf.goblins.thaw("text", store)
+
+
+def test_what_cannot_be_a_snapshot_or_a_store_is_a_type_error_saying_what_can(tmp_path):
+    what = r"a snapshot is a digest \('sha256:...'\) or a name in the store, as a str, or an images"
+    loaded = pf.goblins.Loaded(types.SimpleNamespace(name="sha256:" + "0" * 64, lazy=False))
+    wrong = [
+        (123, "not int: 123"),
+        (None, "not NoneType"),
+        (b"x", "decode it first"),
+        (loaded, r"its own thaw\(\) and fork\(n\)"),
+    ]
+    for bad, hint in wrong:
+        for call in (
+            lambda: pf.goblins.thaw(bad),
+            lambda: pf.goblins.load(bad),
+            lambda: pf.goblins.fork(bad, 2),
+            lambda: pf.goblins.fork_and_collect(bad, [b""]),
+            lambda: asyncio.run(pf.goblins.thaw_async(bad)),
+            lambda: asyncio.run(pf.goblins.fork_async(bad, 2)),
+        ):
+            with pytest.raises(TypeError, match=what) as err:
+                call()
+            assert re.search(hint, str(err.value)), str(err.value)
+    with pytest.raises(TypeError, match=r"store is a pf.Store, or None .* \(pf.Store\('/s'\) is"):
+        pf.goblins.thaw("base", "/s")
+    with pytest.raises(TypeError, match="store is a pf.Store"):
+        pf.goblins.fork(str(tmp_path), 2, store=1)
+    with pytest.raises(TypeError, match="a freeze goes into a pf.Store .* not NoneType"):
+        pf.goblins.freeze(os.getpid(), None)
+    with pf.goblins.spawn(COUNTER) as goblin:
+        with pytest.raises(TypeError, match="a freeze goes into a pf.Store .* not int"):
+            pf.goblins.warm_up(goblin, 5, ready="ready", timeout=5)
+        # The goblin was not handed over: it is still this handle's.
+        assert goblin.stdout.readline() == b"ready\n"
 
 
 def test_a_missing_criu_raises_criu_missing(tmp_path):
