@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 from pf import _native, errors
 from pf._native import Store
 
-Snapshot = Union[str, "os.PathLike[str]"]
+Snapshot = Union[str, os.PathLike[str]]
 
 __all__ = [
     "AsyncGoblin",
@@ -552,15 +552,22 @@ def fork_and_collect(
     cancel: Optional[Cancel] = None,
 ) -> List[Collected]:
     """Thaw one clone per input, give each its input and then end of input, and return what
-    each printed and how it ended, in order. Each clone gets at most ``deadline`` seconds
-    (``None``: no limit); one still running then is killed (``timed_out``). Ctrl-C (SIGINT
-    passed on) or ``cancel.cancel()`` (SIGKILL) ends the clones and returns what they printed,
-    each marked ``cancelled``. No clone is left
-    running when this returns. The shape of an agent exploring N branches from one warm
-    state::
+    each printed and how it ended, in order. The shape of an agent exploring N branches from
+    one warm state::
 
         branches = pf.goblins.fork_and_collect("warm", [b"1+1\n", b"2+2\n"], deadline=10)
-    """
+
+    ``snapshot`` is a digest or name in ``store`` (``None``: ``pf.Store()``, the store the
+    ``pf`` command uses), or an images directory. Each clone gets at most ``deadline`` seconds
+    (``None``: no limit); one still running then is killed (``timed_out``). Ctrl-C (SIGINT
+    passed on) or ``cancel.cancel()`` (SIGKILL) ends the clones and returns what they
+    printed, each marked ``cancelled``. No clone is left running when this returns, whatever
+    happens: the clones are all thawed or none is (a failed thaw kills those already made).
+
+    Raises what ``fork`` raises (``NotFound``, ``InvalidSnapshot``, ``NotAGoblin``,
+    ``CriuFailed``, ``CriuMissing``/``NeedsRoot``, ``StoreCorrupt``, ``NoSpace``), and
+    ``InvalidArgument`` for no inputs or a negative deadline. A clone that fails or exits
+    early is not an error: its ``returncode`` and output say so."""
     loaded = load(snapshot, store)
     clones = _native.fork_and_collect(
         loaded._native, [bytes(i) for i in inputs], deadline=deadline, cancel=cancel
@@ -597,14 +604,25 @@ def freeze(
 ) -> str:
     """Checkpoint the goblin ``pid`` with CRIU into a ``pf.Store`` (naming it ``tag``) or into
     an images directory (created if missing, must be empty). Returns the snapshot's digest, or
-    the directory.
+    the directory. A store that is not there yet is created (``pf.Store()`` is the store the
+    ``pf`` command uses). Snapshots of one goblin share their unchanged pages in the store.
 
     ``leave_running=True`` (as in pdum-criu) lets the goblin run on from the same state;
     ``False`` ends it once the dump is complete. The process must lead its own session
     (unless ``shell_job``) with its stdout on a pipe; its stdin and stderr may be pipes,
     ``/dev/null``, a file or closed, never a terminal, a socket or a named pipe
     (``subprocess.Popen(..., stdin=PIPE, stdout=PIPE, stderr=DEVNULL,
-    start_new_session=True)`` will do)."""
+    start_new_session=True)`` or ``spawn`` will do). A thawed copy freezes the same way.
+
+    Needs root and a working CRIU. A freeze runs to its end before a Ctrl-C takes effect
+    (with ``tag``, the snapshot is stored and named when ``KeyboardInterrupt`` arrives).
+
+    Raises ``NoSuchProcess`` (no such pid, or it exited meanwhile), ``AccessDenied`` (a
+    process this one may not look into), ``NotAGoblin`` (stdio a terminal or socket, stdout
+    not a pipe, not a session leader, a container's process), ``CriuFailed`` (with CRIU's own
+    lines), ``CriuMissing``/``NeedsRoot``, ``NoSpace``, ``StoreError``, ``InvalidArgument``
+    (a bad ``tag``, a non-empty images directory, ``tag`` with a directory) and
+    ``TypeError`` for a ``store_or_dir`` that is neither."""
     target = _store_or_dir(store_or_dir)
     if isinstance(target, Store):
         return _native.freeze(
@@ -622,7 +640,9 @@ def freeze(
 def load(
     snapshot: Snapshot, store: Optional[Store] = None, *, lazy: Optional[bool] = None
 ) -> Loaded:
-    """Check a snapshot and get it ready to thaw or fork many times.
+    """Check a snapshot and get it ready to thaw or fork many times: a digest or name in
+    ``store`` (``None``: ``pf.Store()``, the store the ``pf`` command uses), or an images
+    directory. Raises as ``thaw`` does when the snapshot is missing or unusable.
 
     With ``lazy=True`` its thaws serve memory from the store on demand: each copy runs as soon
     as CRIU has rebuilt it, pages it touches come first (each checked against its digest), the
@@ -645,12 +665,29 @@ def thaw(
     new_pid_namespace: bool = True,
     lazy: Optional[bool] = None,
 ) -> Goblin:
-    """Restore one copy of a frozen goblin on fresh pipes and return it running.
+    """Restore one copy of a frozen goblin on fresh pipes and return it running, as a
+    ``Goblin`` (its ``stdin``, ``stdout``, ``readline(timeout=)`` ...).
 
-    ``new_pid_namespace=True`` (the default) runs it in its own pid and mount namespaces, beside
-    the original and any other copy; ``False`` takes its old pid back on the host, which fails
-    with ``pf.PidInUse`` while anything holds that pid. ``lazy=True``: see ``load`` (lazy thaws
-    need a new pid namespace, so without one pf's choice is eager)."""
+    ``snapshot`` is a digest or name in ``store`` (``None``: ``pf.Store()``, the store the
+    ``pf`` command uses: ``$PF_STORE``, else ``$XDG_DATA_HOME/pf``, else
+    ``~/.local/share/pf``), or an images directory (a path to an existing directory, or an
+    ``os.PathLike``).
+
+    The copy dies with its handle: leaving ``with``, ``kill()``, the ``Goblin`` being
+    garbage-collected, or this Python process ending (even by SIGKILL) kills it; ``detach()``
+    leaves it running instead. ``new_pid_namespace=True`` (the default) runs it in its own pid
+    and mount namespaces, beside the original and any other copy; ``False`` takes its old pid
+    back on the host, which fails with ``pf.PidInUse`` while anything holds that pid.
+    ``lazy=True``: see ``load`` (lazy thaws need a new pid namespace, so without one pf's
+    choice is eager). Needs root and a working CRIU; the thaw runs to its end before a Ctrl-C
+    takes effect (the copy is then killed).
+
+    Raises ``NotFound`` (no such digest or name, no store at the path, no such images
+    directory), ``InvalidSnapshot`` (not a snapshot, or broken images), ``NotAGoblin`` (a
+    snapshot of a plain process tree), ``StoreCorrupt`` (its bytes do not match their
+    digest: nothing runs on them), ``CriuFailed`` (with CRIU's own lines; ``PidInUse``),
+    ``CriuMissing``/``NeedsRoot``, ``NoSpace`` and ``TypeError`` for what cannot be a
+    snapshot or a store. Nothing is left running when it raises."""
     if lazy is None and not new_pid_namespace:
         lazy = False
     source = _store(store)
@@ -664,8 +701,19 @@ def thaw(
 def fork(
     snapshot: Snapshot, n: int, store: Optional[Store] = None, *, lazy: Optional[bool] = None
 ) -> List[Goblin]:
-    """Restore ``n`` copies of a frozen goblin side by side, each on its own pipes
-    (``lazy=True``: see ``load``)."""
+    """Restore ``n`` copies of a frozen goblin side by side, each in its own pid and mount
+    namespaces on its own pipes, and return them running. The snapshot is read (and checked)
+    once; ``snapshot``, ``store`` (``None``: ``pf.Store()``, the store the ``pf`` command uses)
+    and ``lazy`` are as for ``thaw`` and ``load``.
+
+    All or nothing: either all ``n`` copies are returned running, or none is left running
+    and the first error is raised. Each copy dies with its ``Goblin`` handle, as a thawed one
+    does (leaving ``with``, ``kill()``, garbage collection, this process ending): keep the
+    list, or ``detach()`` those that must outlive it. The fork runs to its end before a
+    Ctrl-C takes effect (the copies are then killed).
+
+    Raises what ``thaw`` raises, and ``InvalidArgument`` for ``n < 1``. To give each copy an
+    input and collect what it printed with a deadline, see ``fork_and_collect``."""
     return load(snapshot, store, lazy=lazy).fork(n)
 
 
@@ -780,7 +828,8 @@ async def thaw_async(
     snapshot: Snapshot, store: Optional[Store] = None, *, new_pid_namespace: bool = True
 ) -> AsyncGoblin:
     """``thaw`` for asyncio: the restore runs on a worker thread (the GIL released), and the
-    goblin's pipes become asyncio streams."""
+    goblin's pipes become asyncio streams. The copy dies with its ``AsyncGoblin`` as with
+    ``thaw``; the same errors."""
     loop = asyncio.get_running_loop()
     loaded = await loop.run_in_executor(None, load, snapshot, store)
     native = await loop.run_in_executor(
@@ -790,7 +839,8 @@ async def thaw_async(
 
 
 async def fork_async(snapshot: Snapshot, n: int, store: Optional[Store] = None) -> List[AsyncGoblin]:
-    """``fork`` for asyncio: ``n`` copies, each with asyncio streams."""
+    """``fork`` for asyncio: ``n`` copies, each with asyncio streams; all or none, as
+    ``fork``."""
     loop = asyncio.get_running_loop()
     loaded = await loop.run_in_executor(None, load, snapshot, store)
     natives = await loop.run_in_executor(None, loaded._native.fork, n)

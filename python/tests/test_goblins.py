@@ -804,3 +804,22 @@ def test_live_lazy_thaw_of_a_v1_snapshot_says_it_needs_the_page_format(
     pf.goblins.freeze(counter.pid, store, tag="old")
     with pytest.raises(pf.InvalidArgument, match="PF_SNAPSHOT_FORMAT unset"):
         pf.goblins.thaw("old", store, lazy=True)
+
+
+def test_help_of_thaw_fork_freeze_and_fork_and_collect_says_what_a_caller_must_know():
+    g = pf.goblins
+    for call in (g.thaw, g.fork, g.fork_and_collect, g.load, g.freeze):
+        assert "pf.Store()" in call.__doc__, call.__name__
+    for call in (g.thaw, g.fork):
+        assert "dies with its" in call.__doc__ and "detach()" in call.__doc__, call.__name__
+        assert "Ctrl-C" in call.__doc__, call.__name__
+    assert "All or nothing" in g.fork.__doc__
+    assert "all thawed or none" in g.fork_and_collect.__doc__
+    for call, raised in [
+        (g.thaw, ["NotFound", "InvalidSnapshot", "NotAGoblin", "CriuFailed", "TypeError"]),
+        (g.fork, ["what ``thaw`` raises", "InvalidArgument"]),
+        (g.fork_and_collect, ["NotFound", "CriuFailed", "InvalidArgument"]),
+        (g.freeze, ["NoSuchProcess", "AccessDenied", "NotAGoblin", "CriuFailed", "TypeError"]),
+    ]:
+        for name in raised:
+            assert name in call.__doc__, (call.__name__, name)
