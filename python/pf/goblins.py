@@ -25,10 +25,24 @@ import os
 import select
 import threading
 import time
-from typing import IO, TYPE_CHECKING, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (
+    IO,
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+
+    from pf._native import NativeGoblin
 
 from pf import _native, errors
 from pf._native import Store
@@ -508,7 +522,7 @@ def warm_up(
     returned (``drain == "cancelled"``).
     """
     target = _store_or_dir(store_or_dir)  # before a goblin is handed over
-    kwargs = dict(
+    kwargs: Dict[str, Any] = dict(
         input=bytes(input),
         ready=ready,
         quiet=quiet,
@@ -724,6 +738,7 @@ class AsyncGoblin:
     ``Goblin``'s do. Like ``Goblin``, it owns its process: ``kill()`` it, or use ``async
     with``."""
 
+    _native: "NativeGoblin"
     stdin: Optional[asyncio.StreamWriter]
     stdout: Optional[asyncio.StreamReader]
     stderr: Optional[asyncio.StreamReader]
@@ -733,7 +748,7 @@ class AsyncGoblin:
         raise TypeError("AsyncGoblin comes from thaw_async / fork_async")
 
     @classmethod
-    async def _wrap(cls, native: "_native.NativeGoblin") -> "AsyncGoblin":
+    async def _wrap(cls, native: "NativeGoblin") -> "AsyncGoblin":
         self = object.__new__(cls)
         self._native = native
         self.returncode = None
@@ -802,8 +817,9 @@ class AsyncGoblin:
     async def wait(self) -> int:
         """Wait (without blocking the event loop) until the goblin exits; its returncode."""
         loop = asyncio.get_running_loop()
-        self.returncode = await loop.run_in_executor(None, self._native.wait, None)
-        return self.returncode
+        code = await loop.run_in_executor(None, self._native.wait, None)
+        self.returncode = code
+        return code
 
     def send_signal(self, signal: int) -> None:
         """Send ``signal`` to the goblin's main process."""
@@ -812,10 +828,11 @@ class AsyncGoblin:
     async def kill(self) -> int:
         """SIGKILL the goblin, reap it, return its returncode."""
         loop = asyncio.get_running_loop()
-        self.returncode = await loop.run_in_executor(None, self._native.kill)
+        code = await loop.run_in_executor(None, self._native.kill)
+        self.returncode = code
         if self.stdin is not None:
             self.stdin.close()
-        return self.returncode
+        return code
 
     async def __aenter__(self) -> "AsyncGoblin":
         return self
