@@ -12,6 +12,7 @@ releases the GIL while it freezes, thaws or forks.
 from pf import errors, goblins
 from pf._native import Store, __version__
 from pf.errors import (
+    AccessDenied,
     Cancelled,
     CriuFailed,
     CriuMissing,
@@ -33,6 +34,7 @@ from pf.errors import (
 from pf.goblins import Goblin
 
 __all__ = [
+    "AccessDenied",
     "Cancelled",
     "CriuFailed",
     "CriuMissing",

@@ -1,8 +1,9 @@
 """The exceptions pf raises: one class per thing a caller can act on.
 
 Every one is a ``pf.errors.Error``; some are also the built-in exception a Python programmer
-would catch for the same situation (``NotFound`` is a ``LookupError``, ``NeedsRoot`` a
-``PermissionError``, ``Timeout`` a ``TimeoutError``, ``InvalidArgument`` a ``ValueError``).
+would catch for the same situation (``NotFound`` is a ``LookupError``, ``NeedsRoot`` and
+``AccessDenied`` are ``PermissionError``s, ``Timeout`` a ``TimeoutError``, ``InvalidArgument``
+a ``ValueError``).
 The message is pf's whole error chain, the same text the ``pf`` command prints.
 
 Every instance has ``criu_errors`` (CRIU's own ``Error (...)`` lines, for ``CriuFailed``; else
@@ -29,7 +30,9 @@ class InvalidArgument(Error, ValueError):
 
 
 class Timeout(Error, TimeoutError):
-    """A wait ran out of time; the goblin still runs."""
+    """A wait ran out of time (``Goblin.wait(timeout=)``), or a read did
+    (``Goblin.readline(timeout=)``, ``read_until``: nothing it had read is lost); the goblin
+    still runs."""
 
 
 class NotFound(Error, LookupError):
@@ -55,6 +58,12 @@ class NotAGoblin(Error):
 
 class NoSuchProcess(Error, ProcessLookupError):
     """The pid does not exist, or the process exited while it was being frozen."""
+
+
+class AccessDenied(Error, PermissionError):
+    """pf may not look into the process it was asked to freeze: it belongs to another user,
+    holds privileges (capabilities) this process lacks (``freeze(1)`` in a container), or a
+    security module forbids it. Nothing was frozen; the message says what to do."""
 
 
 class SpawnFailed(Error, OSError):

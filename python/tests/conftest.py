@@ -14,8 +14,11 @@ import pf
 
 @pytest.fixture
 def store(tmp_path):
-    """An empty store of the test's own."""
-    return pf.Store(str(tmp_path / "store"))
+    """An empty store of the test's own (an empty private directory is an empty store; a
+    ``pf.Store`` whose path does not exist is no store at all until something is put in it)."""
+    root = tmp_path / "store"
+    root.mkdir(mode=0o700)
+    return pf.Store(str(root))
 
 
 @pytest.fixture

@@ -7,9 +7,11 @@ the others check what pf refuses before CRIU runs.
 import asyncio
 import os
 import signal
+import re
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -27,6 +29,30 @@ COUNTER = [
     "    n += 1\n"
     "    print(n, line.strip(), flush=True)\n",
 ]
+
+# A goblin that writes what it is sent, unescaped ("ab" writes no newline, "ab\\n" writes one),
+# with "#" replaced by how many lines it has been sent; "err ..." goes to stderr; "exit" ends it.
+TALKER = [
+    sys.executable,
+    "-u",
+    "-c",
+    "import sys\n"
+    "n = 0\n"
+    "for line in sys.stdin:\n"
+    "    n += 1\n"
+    "    if line.strip() == 'exit':\n"
+    "        break\n"
+    "    out = sys.stdout\n"
+    "    if line.startswith('err '):\n"
+    "        out, line = sys.stderr, line[4:]\n"
+    "    out.write(line[:-1].encode().decode('unicode_escape').replace('#', str(n)))\n"
+    "    out.flush()\n",
+]
+
+
+def say(goblin, text):
+    """Have a TALKER goblin write ``text`` (its escapes, such as a newline, written as \\n)."""
+    goblin.stdin.write(text.encode() + b"\n")
 
 
 def ask(goblin, line):
@@ -165,6 +191,99 @@ def test_ctrl_c_ends_a_wait_for_a_goblin_that_never_exits():
     assert not alive(goblin)
 
 
+def test_readline_with_a_timeout_returns_a_line_or_raises_and_loses_nothing():
+    with pf.goblins.spawn(TALKER) as goblin:
+        start = time.monotonic()
+        with pytest.raises(pf.Timeout, match="wrote no full line on its stdout within 0.3 s") as err:
+            goblin.readline(timeout=0.3)
+        assert 0.25 < time.monotonic() - start < 5
+        assert isinstance(err.value, TimeoutError)
+        assert goblin.poll() is None
+        # An unfinished line is kept for the next read, whichever reads it.
+        say(goblin, "unfin")
+        with pytest.raises(pf.Timeout, match="5 bytes it wrote before that are kept"):
+            goblin.readline(timeout=0.3)
+        say(goblin, "ished #\\n")
+        assert goblin.readline(timeout=10) == b"unfinished 2\n"
+        say(goblin, "xy")
+        with pytest.raises(pf.Timeout):
+            goblin.readline(timeout=0.1)
+        say(goblin, "z\\n")
+        assert goblin.stdout.readline() == b"xyz\n"
+        # Lines already in stdout's buffer are returned at once, even with no time at all, and
+        # stdout.readline() goes on where readline() stopped.
+        say(goblin, "a\\nb\\nc\\nd")
+        assert goblin.readline(timeout=10) == b"a\n"
+        assert goblin.stdout.readline() == b"b\n"
+        assert goblin.readline(timeout=0) == b"c\n"
+        with pytest.raises(pf.Timeout, match=r"\(1 byte it wrote"):
+            goblin.readline(timeout=0)
+        say(goblin, "\\n")
+        assert goblin.readline(timeout=10) == b"d\n"
+
+
+def test_read_until_a_marker_that_arrives_in_pieces():
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "hello\\n>>> ")
+        assert goblin.read_until(b">>> ", timeout=10) == b"hello\n>>> "
+        say(goblin, "ab")
+        with pytest.raises(pf.Timeout, match="wrote no b'bc' on its stdout"):
+            goblin.read_until(b"bc", timeout=0.2)
+        say(goblin, "cd\\n")
+        assert goblin.read_until(b"bc", timeout=10) == b"abc"
+        assert goblin.readline(timeout=10) == b"d\n"
+        with pytest.raises(pf.InvalidArgument, match="empty"):
+            goblin.read_until(b"", timeout=1)
+        with pytest.raises(TypeError, match="bytes"):
+            goblin.read_until(">>> ", timeout=1)
+
+
+def test_readline_at_end_of_input_returns_what_was_left_then_nothing():
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "one\\ntwo\\nlast words")
+        say(goblin, "exit")
+        assert goblin.readline(timeout=10) == b"one\n"
+        assert next(iter(goblin.stdout)) == b"two\n"
+        assert goblin.readline(timeout=10) == b"last words"
+        assert goblin.readline(timeout=10) == b""
+        assert goblin.stdout.read() == b""
+        assert goblin.read_until(b">", timeout=0) == b""
+        assert goblin.wait(timeout=10) == 0
+
+
+def test_readline_reads_stderr_and_refuses_what_it_cannot_read():
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "err oops\\n")
+        say(goblin, "fine\\n")
+        assert goblin.readline(timeout=10, stream="stderr") == b"oops\n"
+        assert goblin.readline(timeout=10) == b"fine\n"
+        with pytest.raises(pf.Timeout, match="on its stderr"):
+            goblin.readline(timeout=0.1, stream="stderr")
+        with pytest.raises(pf.InvalidArgument, match="stream"):
+            goblin.readline(timeout=1, stream="stdin")
+        for bad in (-1, float("nan"), float("inf"), "1"):
+            with pytest.raises(pf.InvalidArgument, match="timeout"):
+                goblin.readline(timeout=bad)
+
+
+def test_an_interrupted_readline_loses_nothing():
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with pf.goblins.spawn(TALKER) as goblin:
+            say(goblin, "half a ")
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(KeyboardInterrupt):
+                goblin.readline()  # no timeout: only the signal ends it
+            say(goblin, "line\\n")
+            assert goblin.stdout.readline() == b"half a line\n"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_freezing_a_dead_pid_raises_no_such_process(tmp_path, store):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -189,6 +308,29 @@ def test_freezing_a_process_that_is_not_a_goblin_raises_not_a_goblin(store):
     assert store.blobs() == []
 
 
+def test_freezing_a_process_this_one_may_not_inspect_raises_access_denied(tmp_path):
+    # A freezer in a user namespace of its own may not look into a process of ours, as a
+    # container's root may not look into the host's pid 1.
+    script = (
+        "import sys, pf\n"
+        "try:\n"
+        "    pf.goblins.freeze(int(sys.argv[1]), sys.argv[2])\n"
+        "except pf.AccessDenied as e:\n"
+        "    print('AccessDenied', isinstance(e, PermissionError), e)\n"
+    )
+    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+        out = subprocess.run(
+            ["unshare", "--user", "--map-root-user", sys.executable, "-c", script]
+            + [str(goblin.pid), str(tmp_path / "images")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.stdout.startswith("AccessDenied True"), out.stdout + out.stderr
+    assert f"may not look into process {goblin.pid}" in out.stdout
+    assert "pf.goblins.spawn" in out.stdout
+
+
 def test_thawing_what_is_not_a_goblin_snapshot_raises(store):
     with pytest.raises(pf.NotFound):
         pf.goblins.thaw("no-such-snapshot", store)
@@ -202,6 +344,40 @@ def test_thawing_what_is_not_a_goblin_snapshot_raises(store):
     store.tag("text", store.put(b"just text"))
     with pytest.raises(pf.InvalidSnapshot):
         pf.goblins.thaw("text", store)
+
+
+def test_what_cannot_be_a_snapshot_or_a_store_is_a_type_error_saying_what_can(tmp_path):
+    what = r"a snapshot is a digest \('sha256:...'\) or a name in the store, as a str, or an images"
+    loaded = pf.goblins.Loaded(types.SimpleNamespace(name="sha256:" + "0" * 64, lazy=False))
+    wrong = [
+        (123, "not int: 123"),
+        (None, "not NoneType"),
+        (b"x", "decode it first"),
+        (loaded, r"its own thaw\(\) and fork\(n\)"),
+    ]
+    for bad, hint in wrong:
+        for call in (
+            lambda: pf.goblins.thaw(bad),
+            lambda: pf.goblins.load(bad),
+            lambda: pf.goblins.fork(bad, 2),
+            lambda: pf.goblins.fork_and_collect(bad, [b""]),
+            lambda: asyncio.run(pf.goblins.thaw_async(bad)),
+            lambda: asyncio.run(pf.goblins.fork_async(bad, 2)),
+        ):
+            with pytest.raises(TypeError, match=what) as err:
+                call()
+            assert re.search(hint, str(err.value)), str(err.value)
+    with pytest.raises(TypeError, match=r"store is a pf.Store, or None .* \(pf.Store\('/s'\) is"):
+        pf.goblins.thaw("base", "/s")
+    with pytest.raises(TypeError, match="store is a pf.Store"):
+        pf.goblins.fork(str(tmp_path), 2, store=1)
+    with pytest.raises(TypeError, match="a freeze goes into a pf.Store .* not NoneType"):
+        pf.goblins.freeze(os.getpid(), None)
+    with pf.goblins.spawn(COUNTER) as goblin:
+        with pytest.raises(TypeError, match="a freeze goes into a pf.Store .* not int"):
+            pf.goblins.warm_up(goblin, 5, ready="ready", timeout=5)
+        # The goblin was not handed over: it is still this handle's.
+        assert goblin.stdout.readline() == b"ready\n"
 
 
 def test_a_missing_criu_raises_criu_missing(tmp_path):
@@ -243,6 +419,15 @@ def test_live_freeze_thaw_keeps_state_and_the_original_runs_on(live, store, coun
         copy.stdin.close()
         assert copy.wait(timeout=30) == 0
     assert copy.returncode == 0
+
+
+def test_live_freeze_into_a_store_that_is_not_there_creates_it(live, tmp_path, counter):
+    store = pf.Store(str(tmp_path / "new-store"))
+    assert not store.exists
+    digest = pf.goblins.freeze(counter.pid, store, tag="counter")
+    assert store.exists and store.resolve("counter") == digest
+    with pf.goblins.thaw("counter", pf.Store(str(tmp_path / "new-store"))) as copy:
+        assert ask(copy, "b") == "2 b"
 
 
 def test_live_fork_of_four_answers_each_from_the_same_state(live, store, counter):
@@ -328,6 +513,52 @@ def test_live_asyncio_thaw_and_fork(live, store, counter):
         return lines
 
     assert asyncio.run(main()) == [b"2 twin 0\n", b"2 twin 1\n"]
+
+
+def test_live_readline_with_a_timeout_on_thawed_and_forked_goblins(live, store):
+    with pf.goblins.spawn(TALKER) as goblin:
+        say(goblin, "warm #\\n")
+        assert goblin.readline(timeout=10) == b"warm 1\n"
+        pf.goblins.freeze(goblin.pid, store, tag="talker")
+    with pf.goblins.thaw("talker", store) as copy:
+        with pytest.raises(pf.Timeout):
+            copy.readline(timeout=0.2)
+        say(copy, "thawed ")
+        with pytest.raises(pf.Timeout, match="7 bytes"):
+            copy.readline(timeout=0.2)
+        say(copy, "#\\n")
+        assert copy.readline(timeout=10) == b"thawed 3\n"
+    copies = pf.goblins.fork("talker", 2, store)
+    try:
+        for i, twin in enumerate(copies):
+            say(twin, f"twin {i} #\\n>>> ")
+            assert twin.read_until(b">>> ", timeout=10) == f"twin {i} 2\n>>> ".encode()
+            with pytest.raises(pf.Timeout):
+                twin.readline(timeout=0.1)
+            say(twin, "exit")
+            assert twin.readline(timeout=10) == b""
+    finally:
+        for twin in copies:
+            twin.kill()
+            twin.close()
+
+    async def main():
+        copy = await pf.goblins.thaw_async("talker", store)
+        async with copy:
+            with pytest.raises(pf.Timeout, match="within 0.2 s"):
+                await copy.readline(timeout=0.2)
+            copy.stdin.write(b"async \n")
+            await copy.stdin.drain()
+            with pytest.raises(pf.Timeout):
+                await copy.readline(timeout=0.2)
+            copy.stdin.write(b"#\\n>>> \n")
+            line = await copy.readline(timeout=10)
+            prompt = await copy.read_until(b">>> ", timeout=10)
+            copy.stdin.write(b"exit\n")
+            rest = await copy.readline(timeout=10)
+        return line, prompt, rest
+
+    assert asyncio.run(main()) == (b"async 3\n", b">>> ", b"")
 
 
 def test_live_thaw_on_the_host_pid_while_the_original_runs_raises_pid_in_use(
@@ -573,3 +804,22 @@ def test_live_lazy_thaw_of_a_v1_snapshot_says_it_needs_the_page_format(
     pf.goblins.freeze(counter.pid, store, tag="old")
     with pytest.raises(pf.InvalidArgument, match="PF_SNAPSHOT_FORMAT unset"):
         pf.goblins.thaw("old", store, lazy=True)
+
+
+def test_help_of_thaw_fork_freeze_and_fork_and_collect_says_what_a_caller_must_know():
+    g = pf.goblins
+    for call in (g.thaw, g.fork, g.fork_and_collect, g.load, g.freeze):
+        assert "pf.Store()" in call.__doc__, call.__name__
+    for call in (g.thaw, g.fork):
+        assert "dies with its" in call.__doc__ and "detach()" in call.__doc__, call.__name__
+        assert "Ctrl-C" in call.__doc__, call.__name__
+    assert "All or nothing" in g.fork.__doc__
+    assert "all thawed or none" in g.fork_and_collect.__doc__
+    for call, raised in [
+        (g.thaw, ["NotFound", "InvalidSnapshot", "NotAGoblin", "CriuFailed", "TypeError"]),
+        (g.fork, ["what ``thaw`` raises", "InvalidArgument"]),
+        (g.fork_and_collect, ["NotFound", "CriuFailed", "InvalidArgument"]),
+        (g.freeze, ["NoSuchProcess", "AccessDenied", "NotAGoblin", "CriuFailed", "TypeError"]),
+    ]:
+        for name in raised:
+            assert name in call.__doc__, (call.__name__, name)

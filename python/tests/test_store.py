@@ -102,3 +102,68 @@ def test_default_store_follows_pf_store(tmp_path, monkeypatch):
     )
     store.put(b"z")
     assert (tmp_path / "env-store" / "blobs").is_dir()
+
+
+def test_a_store_that_is_not_there_is_not_created_by_reading_it(tmp_path):
+    root = tmp_path / "typo"
+    store = pf.Store(str(root))
+    assert not root.exists() and store.exists is False
+    digest = "sha256:" + "0" * 64
+    readers = [
+        lambda: store.names(),
+        lambda: store.blobs(),
+        lambda: store.get(digest),
+        lambda: store.get("base"),
+        lambda: store.contains(digest),
+        lambda: store.resolve("base"),
+        lambda: store.tag("base", digest),
+        lambda: store.untag("base"),
+        lambda: store.verify(),
+        lambda: store.gc(),
+    ]
+    for read in readers:
+        with pytest.raises(pf.NotFound, match=f"there is no store at {root}") as err:
+            read()
+        assert isinstance(err.value, LookupError)
+    # Nor by a thaw, fork or load from it: it says the store is missing, not the name.
+    for thaw in (pf.goblins.thaw, pf.goblins.load, lambda s, st: pf.goblins.fork(s, 2, st)):
+        with pytest.raises(pf.NotFound, match=f"there is no store at {root}"):
+            thaw("base", store)
+    with pytest.raises(pf.NotFound, match=f"there is no store at {root}"):
+        pf.goblins.fork_and_collect("base", [b"x"], store)
+    with pytest.raises(pf.StoreError, match="no-such-file"):
+        store.put_file(str(tmp_path / "no-such-file"))
+    assert not root.exists()
+    # A writer creates it, private, and readers then see it.
+    first = store.put(b"first")
+    assert store.exists is True
+    assert (root.stat().st_mode & 0o777) == 0o700
+    assert store.blobs() == [first]
+    assert pf.Store(str(root)).contains(first)
+
+
+def test_put_file_creates_a_store_that_is_not_there(tmp_path):
+    path = tmp_path / "data"
+    path.write_bytes(b"data")
+    store = pf.Store(str(tmp_path / "new"))
+    digest = store.put_file(str(path))
+    assert store.get(digest) == b"data"
+
+
+def test_the_default_store_is_not_created_by_reading_it(tmp_path, monkeypatch):
+    root = tmp_path / "default-store"
+    monkeypatch.setenv("PF_STORE", str(root))
+    assert pf.Store().exists is False
+    with pytest.raises(pf.NotFound, match=f"there is no store at {root}"):
+        pf.Store().names()
+    with pytest.raises(pf.NotFound, match=f"there is no store at {root}"):
+        pf.goblins.thaw("base")
+    assert not root.exists()
+
+
+def test_a_store_of_another_user_is_refused_when_made(tmp_path):
+    root = tmp_path / "others"
+    root.mkdir(mode=0o700)
+    os.chown(root, 12345, 12345)
+    with pytest.raises(pf.StoreError, match="belongs to"):
+        pf.Store(str(root))

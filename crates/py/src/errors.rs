@@ -74,11 +74,25 @@ fn procs_class(err: &pf_world_procs::Error) -> Class {
     }
 }
 
+/// The process whose `/proc` entry `path` is, when reading it was refused: this process may not
+/// look into that one (ptrace access rules: another user's, or one holding capabilities this
+/// process lacks, or a security module's say).
+fn proc_denied(path: &std::path::Path, source: &std::io::Error) -> Option<i32> {
+    if source.kind() != std::io::ErrorKind::PermissionDenied {
+        return None;
+    }
+    let mut parts = path.strip_prefix("/proc").ok()?.components();
+    parts.next()?.as_os_str().to_str()?.parse().ok()
+}
+
 /// The class of a goblin error.
 fn goblin_class(err: &pf_goblins::Error) -> Class {
     use pf_goblins::Error as E;
     match err {
         E::Spawn { .. } => Class::named("SpawnFailed"),
+        E::Io { path, source, .. } if proc_denied(path, source).is_some() => {
+            Class::named("AccessDenied")
+        }
         E::Freeze { source, .. } | E::Thaw { source, .. } | E::Wait { source, .. } => {
             procs_class(source)
         }
@@ -123,14 +137,39 @@ pub(crate) fn from_core(err: pf_core::Error) -> PyErr {
     raise(core_class(&err), chain(&err))
 }
 
+/// What to do about a goblin error, when its chain does not say.
+fn goblin_hint(err: &pf_goblins::Error) -> Option<String> {
+    match err {
+        pf_goblins::Error::Io { path, source, .. } => proc_denied(path, source).map(|pid| {
+            format!(
+                "; this process may not look into process {pid}: it belongs to another user \
+                 or user namespace, holds privileges (capabilities) this process lacks, or a \
+                 security module forbids it. Freeze a process this one may inspect (one it \
+                 started, e.g. with pf.goblins.spawn), or run as that process's owner, or as \
+                 root with every capability it holds"
+            )
+        }),
+        _ => None,
+    }
+}
+
 /// A goblin error as a Python exception.
 pub(crate) fn from_goblin(err: pf_goblins::Error) -> PyErr {
-    raise(goblin_class(&err), chain(&err))
+    let mut message = chain(&err);
+    if let Some(hint) = goblin_hint(&err) {
+        message.push_str(&hint);
+    }
+    raise(goblin_class(&err), message)
 }
 
 /// A bad argument (`pf.errors.InvalidArgument`, also a `ValueError`).
 pub(crate) fn invalid(message: String) -> PyErr {
     raise(Class::named("InvalidArgument"), message)
+}
+
+/// Something asked for is not there (`pf.errors.NotFound`, also a `LookupError`).
+pub(crate) fn not_found(message: String) -> PyErr {
+    raise(Class::named("NotFound"), message)
 }
 
 /// A wait that ran out of time (`pf.errors.Timeout`, also a `TimeoutError`).

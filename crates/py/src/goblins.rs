@@ -296,7 +296,8 @@ pub(crate) fn freeze(
             if let Some(name) = &tag {
                 pf_core::validate_name(name).map_err(errors::from_core)?;
             }
-            let store = std::sync::Arc::clone(&store.inner);
+            // A freeze into a store that is not there yet creates it.
+            let store = store.for_writing()?;
             py.detach(|| {
                 // Held from the first blob to the name (see agent_docs/formats.md).
                 let _writing =
@@ -348,7 +349,7 @@ pub(crate) fn load(
     let loaded = match (store, reference, images_dir) {
         (Some(store), Some(reference), None) if lazy != Some(false) => {
             let digest = store.resolve_ref(&reference)?;
-            let store: std::sync::Arc<dyn pf_core::BlobStore> = store.inner.clone();
+            let store: std::sync::Arc<dyn pf_core::BlobStore> = store.existing()?;
             if lazy == Some(true) {
                 py.detach(|| pf_goblins::load_lazy(store, &digest))
             } else if once {
@@ -366,12 +367,12 @@ pub(crate) fn load(
         }
         (Some(store), Some(reference), None) if once => {
             let digest = store.resolve_ref(&reference)?;
-            let store = std::sync::Arc::clone(&store.inner);
+            let store = store.existing()?;
             py.detach(|| pf_goblins::load_streamed(store, &digest))
         }
         (Some(store), Some(reference), None) => {
             let digest = store.resolve_ref(&reference)?;
-            let store = std::sync::Arc::clone(&store.inner);
+            let store = store.existing()?;
             py.detach(|| {
                 pf_goblins::load(&Source::Store {
                     store: store.as_ref(),
@@ -572,7 +573,8 @@ pub(crate) fn warm_up<'py>(
         Some(c) => c.inner.clone(),
         None => Cancel::new().map_err(errors::from_goblin)?,
     };
-    let store = store.map(|s| std::sync::Arc::clone(&s.inner));
+    // A warm-up into a store that is not there yet creates it.
+    let store = store.map(|s| s.for_writing()).transpose()?;
     let target = match (&store, &images_dir) {
         (Some(store), None) => FreezeTarget::Store(store.as_ref()),
         (None, Some(dir)) => FreezeTarget::Images(dir),

@@ -1,7 +1,7 @@
 //! `pf.Store`: pf's content-addressed store on disk, as the `pf store` commands see it.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pf_core::{BlobStore as _, Digest256, FsBlobStore, GcOptions};
@@ -13,13 +13,20 @@ use crate::errors;
 /// A pf store: blobs named by the SHA-256 of their bytes (`sha256:<64 hex>`) and names that
 /// point at them.
 ///
-/// `Store()` opens the store the `pf` command uses: `$PF_STORE`, else `$XDG_DATA_HOME/pf`, else
-/// `~/.local/share/pf`; `Store(path)` opens (creating) the one at `path`. Every read is verified
-/// against its digest: a corrupt blob raises `pf.errors.StoreCorrupt`, never wrong bytes.
+/// `Store()` is the store the `pf` command uses: `$PF_STORE`, else `$XDG_DATA_HOME/pf`, else
+/// `~/.local/share/pf`; `Store(path)` is the one at `path`. Making a `Store` creates nothing, as
+/// the `pf` command does: a store comes into being with its first blob (`put`, `put_file`, or a
+/// freeze or warm-up into it), and reading one that is not there (`get`, `names`, `tag`, a thaw
+/// from it …) raises `pf.errors.NotFound` saying there is no store at that path, so a mistyped
+/// path is not taken for an empty store. Every read is verified against its digest: a corrupt
+/// blob raises `pf.errors.StoreCorrupt`, never wrong bytes.
 #[pyclass(frozen, module = "pf")]
 #[derive(Debug)]
 pub(crate) struct Store {
-    pub(crate) inner: Arc<FsBlobStore>,
+    root: PathBuf,
+    /// The store once it is known to be there (opened by a reader that found it, or created by
+    /// a writer).
+    opened: OnceLock<Arc<FsBlobStore>>,
 }
 
 /// The store root the `pf` command would use without `--store`.
@@ -40,9 +47,50 @@ fn default_root() -> PyResult<PathBuf> {
 }
 
 impl Store {
-    /// A digest or a name, resolved.
+    /// The store if it is there (`None`: nothing at its path; nothing is created).
+    fn if_there(&self) -> PyResult<Option<Arc<FsBlobStore>>> {
+        if let Some(store) = self.opened.get() {
+            return Ok(Some(Arc::clone(store)));
+        }
+        match FsBlobStore::open_existing(&self.root) {
+            Ok(store) => Ok(Some(self.keep(store))),
+            Err(pf_core::Error::NoStore { .. }) => Ok(None),
+            Err(err) => Err(errors::from_core(err)),
+        }
+    }
+
+    /// The store to read, or to change what it already holds: `NotFound` when there is none at
+    /// its path (and nothing is created).
+    pub(crate) fn existing(&self) -> PyResult<Arc<FsBlobStore>> {
+        self.if_there()?.ok_or_else(|| {
+            errors::not_found(format!(
+                "there is no store at {}: nothing was ever stored there (Store.put, \
+                 Store.put_file, or pf.goblins.freeze or warm_up into it create it); is the \
+                 path mistyped? (Store() is the store the `pf` command uses)",
+                self.root.display()
+            ))
+        })
+    }
+
+    /// The store to write into, created (mode 0700) when there is none at its path.
+    pub(crate) fn for_writing(&self) -> PyResult<Arc<FsBlobStore>> {
+        if let Some(store) = self.opened.get() {
+            return Ok(Arc::clone(store));
+        }
+        let store = FsBlobStore::open(&self.root).map_err(errors::from_core)?;
+        Ok(self.keep(store))
+    }
+
+    /// Remember the opened store (another thread may have opened it first: either will do).
+    fn keep(&self, store: FsBlobStore) -> Arc<FsBlobStore> {
+        Arc::clone(self.opened.get_or_init(|| Arc::new(store)))
+    }
+
+    /// A digest or a name, resolved in the store (which must be there).
     pub(crate) fn resolve_ref(&self, reference: &str) -> PyResult<Digest256> {
-        self.inner.resolve(reference).map_err(errors::from_core)
+        self.existing()?
+            .resolve(reference)
+            .map_err(errors::from_core)
     }
 }
 
@@ -55,56 +103,74 @@ impl Store {
             Some(p) => p,
             None => default_root()?,
         };
-        let store = py
-            .detach(|| FsBlobStore::open(&root))
-            .map_err(errors::from_core)?;
-        Ok(Store {
-            inner: Arc::new(store),
-        })
+        let store = Store {
+            root,
+            opened: OnceLock::new(),
+        };
+        // A store that is there is checked now (one of another user's is refused at once); one
+        // that is not is left to its first writer.
+        match py.detach(|| FsBlobStore::open_existing(&store.root)) {
+            Ok(opened) => {
+                store.keep(opened);
+            }
+            Err(pf_core::Error::NoStore { .. }) => {}
+            Err(err) => return Err(errors::from_core(err)),
+        }
+        Ok(store)
     }
 
-    /// The store's root directory.
+    /// The store's root directory (whether or not there is a store there yet).
     #[getter]
     fn path(&self) -> PathBuf {
-        self.inner.root().to_path_buf()
+        self.root.clone()
+    }
+
+    /// Whether there is a store at `path` (one was created by a write, here or by the `pf`
+    /// command).
+    #[getter]
+    fn exists(&self) -> PyResult<bool> {
+        Ok(self.if_there()?.is_some())
     }
 
     /// Store `data` and return its digest (`sha256:…`). Storing bytes already there is cheap.
     fn put(&self, py: Python<'_>, data: &[u8]) -> PyResult<String> {
         let data = data.to_vec();
-        let digest = py
-            .detach(|| self.inner.put(&data))
-            .map_err(errors::from_core)?;
+        let store = self.for_writing()?;
+        let digest = py.detach(|| store.put(&data)).map_err(errors::from_core)?;
         Ok(digest.to_string())
     }
 
     /// Store the file at `path`, streaming (memory stays flat whatever its size); return its
     /// digest.
     fn put_file(&self, py: Python<'_>, path: PathBuf) -> PyResult<String> {
-        let put = py.detach(|| -> Result<_, pf_core::Error> {
-            let mut file = std::fs::File::open(&path).map_err(|source| pf_core::Error::Io {
+        // The file is opened first, so that a missing file creates no store.
+        let mut file = std::fs::File::open(&path).map_err(|source| {
+            errors::from_core(pf_core::Error::Io {
                 op: "open",
                 path: path.clone(),
                 source,
-            })?;
-            self.inner.put_reader(&mut file)
-        });
+            })
+        })?;
+        let store = self.for_writing()?;
+        let put = py.detach(|| store.put_reader(&mut file));
         Ok(put.map_err(errors::from_core)?.digest.to_string())
     }
 
     /// The bytes of the blob a digest or name refers to, verified.
     fn get<'py>(&self, py: Python<'py>, reference: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let store = self.existing()?;
         let digest = self.resolve_ref(reference)?;
         let bytes = py
-            .detach(|| self.inner.get(&digest))
+            .detach(|| store.get(&digest))
             .map_err(errors::from_core)?;
         Ok(PyBytes::new(py, &bytes))
     }
 
     /// Whether the store holds the blob a digest refers to (a name must exist to be resolved).
     fn contains(&self, reference: &str) -> PyResult<bool> {
-        match self.inner.resolve(reference) {
-            Ok(digest) => self.inner.contains(&digest).map_err(errors::from_core),
+        let store = self.existing()?;
+        match store.resolve(reference) {
+            Ok(digest) => store.contains(&digest).map_err(errors::from_core),
             Err(pf_core::Error::NameNotFound { .. }) => Ok(false),
             Err(err) => Err(errors::from_core(err)),
         }
@@ -115,22 +181,24 @@ impl Store {
         Ok(self.resolve_ref(reference)?.to_string())
     }
 
-    /// Point `name` at the blob `target` (a digest or another name) refers to.
+    /// Point `name` at the blob `target` (a digest or another name) refers to. The blob must be
+    /// in the store, so the store must be there: tagging never creates one.
     fn tag(&self, name: &str, target: &str) -> PyResult<()> {
+        let store = self.existing()?;
         let digest = self.resolve_ref(target)?;
-        self.inner
-            .set_name(name, &digest)
-            .map_err(errors::from_core)
+        store.set_name(name, &digest).map_err(errors::from_core)
     }
 
     /// Remove `name`; the blob stays until `gc`. Returns whether the name existed.
     fn untag(&self, name: &str) -> PyResult<bool> {
-        self.inner.remove_name(name).map_err(errors::from_core)
+        self.existing()?
+            .remove_name(name)
+            .map_err(errors::from_core)
     }
 
     /// Every name and the digest it points at.
     fn names<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let names = self.inner.names().map_err(errors::from_core)?;
+        let names = self.existing()?.names().map_err(errors::from_core)?;
         let dict = PyDict::new(py);
         for (name, digest) in names {
             dict.set_item(name, digest.to_string())?;
@@ -140,7 +208,7 @@ impl Store {
 
     /// Every blob's digest, sorted.
     fn blobs(&self) -> PyResult<Vec<String>> {
-        let mut list = self.inner.list().map_err(errors::from_core)?;
+        let mut list = self.existing()?.list().map_err(errors::from_core)?;
         list.sort();
         Ok(list.iter().map(ToString::to_string).collect())
     }
@@ -159,8 +227,9 @@ impl Store {
             dry_run,
             grace: Duration::from_secs_f64(grace),
         };
+        let store = self.existing()?;
         let report = py
-            .detach(|| pf_core::gc(self.inner.as_ref(), &options))
+            .detach(|| pf_core::gc(store.as_ref(), &options))
             .map_err(errors::from_core)?;
         let dict = PyDict::new(py);
         let removed: Vec<String> = report
@@ -185,14 +254,15 @@ impl Store {
         py: Python<'py>,
         reference: Option<&str>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let store = self.existing()?;
         let digests = match reference {
             Some(r) => vec![self.resolve_ref(r)?],
-            None => self.inner.list().map_err(errors::from_core)?,
+            None => store.list().map_err(errors::from_core)?,
         };
         let bad = py.detach(|| {
             let mut bad = Vec::new();
             for digest in digests {
-                if let Err(err) = self.inner.copy_to(&digest, &mut std::io::sink()) {
+                if let Err(err) = store.copy_to(&digest, &mut std::io::sink()) {
                     bad.push((digest.to_string(), err.to_string()));
                 }
             }
@@ -206,7 +276,7 @@ impl Store {
     }
 
     fn __repr__(&self) -> String {
-        format!("pf.Store({:?})", display(self.inner.root()))
+        format!("pf.Store({:?})", display(&self.root))
     }
 }
 
