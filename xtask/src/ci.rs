@@ -2,9 +2,9 @@
 //!
 //! `ci`: rustfmt, clippy (`-D warnings`, all targets), cargo-deny (bans, licenses, sources; the
 //! advisory database cannot be fetched from the CI machines), the unit, integration and doc tests,
-//! then the live tests against a real CRIU, then the Python package's pytest suite (built into a
-//! virtual environment of its own, live tests included). A live test that did not run is a
-//! failure here.
+//! then the live tests against a real CRIU, then the Python package: `mypy --strict` and its
+//! pytest suite (built into a virtual environment of its own, live tests included). A live test
+//! that did not run is a failure here.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -79,6 +79,8 @@ pub(crate) fn ci(root: &Path) -> anyhow::Result<ExitCode> {
     testrun::pass_live(&bins, &criu, &mut tally)?;
     header("Python package: maturin develop into target/py-venv");
     let venv = python::build(root)?;
+    header("Python types: mypy --strict python/pf");
+    python::typecheck(root, &venv)?;
     header("Python tests: pytest python/tests (PF_HAS_CRIU=1)");
     tally.python += python::test(root, &venv, &criu, &mut tally.problems)?;
     finish(&tally, true, start)

@@ -12,7 +12,7 @@ use crate::process::{self, Finished, Out};
 use crate::testrun::Counts;
 
 /// The versions pip installs into the test environment.
-const TOOLS: &[&str] = &["maturin==1.16.0", "pytest==9.2.0"];
+const TOOLS: &[&str] = &["maturin==1.16.0", "pytest==9.2.0", "mypy==2.4.1"];
 /// Deadline of the package build and of the pytest run.
 const BUILD_DEADLINE: Duration = Duration::from_secs(900);
 const PYTEST_DEADLINE: Duration = Duration::from_secs(600);
@@ -69,6 +69,22 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<PathBuf> {
             bail!("`maturin develop` in python/ did not finish within {BUILD_DEADLINE:?}")
         }
     }
+}
+
+/// Type-check the package as its users' checkers will see it: `mypy --strict` on python/pf
+/// (the stubs of the native module included). A type error fails CI, as clippy's warnings do.
+pub(crate) fn typecheck(root: &Path, venv: &Path) -> anyhow::Result<()> {
+    let mut mypy = in_venv(
+        process::command(
+            venv.join("bin/python"),
+            &root.join("python"),
+            Out::Inherit,
+            Out::Inherit,
+        ),
+        venv,
+    );
+    mypy.args(["-m", "mypy", "--strict", "--no-incremental", "pf"]);
+    process::run(&mut mypy).context("python/pf has type errors (listed above by mypy --strict)")
 }
 
 /// Run pytest on python/tests with the live tests on; what it counted.
