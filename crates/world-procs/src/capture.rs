@@ -337,11 +337,17 @@ fn dump_with(
     // A thawed copy (in a pid namespace below ours) is dumped from inside its namespaces.
     let enter = crate::nsenter::Enter::of(pid)?;
     let tree = enter.as_ref().map_or(pid, |e| e.inner_pid);
+    // criu inside a copy's pid namespace must not kill the tree itself: the namespace's init
+    // exits with the copy's root, which kills every process left in there, criu too, between
+    // its kill and its exit 0, with the images complete. So criu leaves the tree stopped and pf
+    // kills it once criu is done.
+    let kill_after = enter.is_some() && !opts.leave_running;
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--tree", tree.to_string());
     push_opt(&mut args, "--images-dir", &images_dir);
     for (on, flag) in [
         (opts.leave_running, "--leave-running"),
+        (kill_after, "--leave-stopped"),
         (opts.shell_job, "--shell-job"),
         (opts.tcp_established, "--tcp-established"),
         (opts.ext_unix_sk, "--ext-unix-sk"),
@@ -366,6 +372,15 @@ fn dump_with(
         }
         Err(err) => return Err(err),
     };
+    if kill_after {
+        // Stopped by criu, so none of these pids has been reaped and reused.
+        for &p in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
     // criu writes `stats-dump` into its work directory (ours, removed when `work` drops), also
     // when it streams its images.
     let dump_stats = match crate::images::dump_stats(work.path()) {
