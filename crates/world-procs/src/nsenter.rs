@@ -111,7 +111,11 @@ impl Enter {
 /// Whether `pid` runs in a pid namespace pf restored it into: the namespace's init (its pid 1,
 /// found up the line of parents) is pf's. Such a process is dumped from inside its namespaces;
 /// one in a namespace pf did not make (a container's) is not: criu's binary and pf's paths need
-/// not exist in there.
+/// not exist in there, and what runs as criu in there is that namespace's to choose.
+///
+/// A name is anyone's to take, so the init must also be what only pf makes: in our user
+/// namespace (pf never makes one; anyone can make a mount namespace inside one of their own),
+/// run by our user, with our root directory (a container's is its image).
 pub fn restored_by_pf(pid: i32) -> bool {
     let ns = |p: i32| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
     let Some(theirs) = ns(pid) else {
@@ -121,7 +125,8 @@ pub fn restored_by_pf(pid: i32) -> bool {
     // A tree deeper than this is not one pf restored.
     for _ in 0..256 {
         if pf_os::proc::inner_pid(at) == Some(1) {
-            return pf_os::proc::comm(at).is_some_and(|name| name == crate::nsinit::INIT_NAME);
+            return pf_os::proc::comm(at).is_some_and(|name| name == crate::nsinit::INIT_NAME)
+                && made_by_us(at);
         }
         match pf_os::proc::stat(at) {
             Some(s) if s.ppid > 0 && ns(s.ppid).as_ref() == Some(&theirs) => at = s.ppid,
@@ -129,6 +134,24 @@ pub fn restored_by_pf(pid: i32) -> bool {
         }
     }
     false
+}
+
+/// Whether `init` shares our user namespace and root directory and runs as our user.
+fn made_by_us(init: i32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let user_ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+    let same_user_ns = user_ns(&init.to_string()).is_some_and(|t| Some(t) == user_ns("self"));
+    // `/proc/PID` belongs to the process's effective uid.
+    let ours = rustix::process::geteuid().as_raw();
+    let same_user = std::fs::metadata(format!("/proc/{init}")).is_ok_and(|m| m.uid() == ours);
+    let same_root = match (
+        std::fs::metadata(format!("/proc/{init}/root/")),
+        std::fs::metadata("/"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
+        _ => false,
+    };
+    same_user_ns && same_user && same_root
 }
 
 fn pid_ns_path(pid: i32) -> String {
@@ -167,6 +190,62 @@ unsafe fn relay(criu: libc::pid_t) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_init_that_only_takes_pf_s_name_is_not_pf_s() {
+        // What anyone may build: a user namespace of their own, pid and mount namespaces in
+        // it, pid 1 named pf-ns-init, and a process under it to freeze.
+        let mut fake = std::process::Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--pid",
+                "--mount",
+                "--fork",
+                "--kill-child",
+                "bash",
+                "-c",
+            ])
+            .arg(format!(
+                "printf %s {} > /proc/self/comm; sleep 60 & wait",
+                crate::nsinit::INIT_NAME
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let unshare = fake.id() as i32;
+        let start = std::time::Instant::now();
+        let target = loop {
+            let sleep = pf_os::proc::children(unshare)
+                .into_iter()
+                .flat_map(pf_os::proc::children)
+                .find(|&p| pf_os::proc::comm(p).as_deref() == Some("sleep"));
+            if let Some(p) = sleep {
+                break p;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the fake namespace never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let init = pf_os::proc::children(unshare)[0];
+        let named = pf_os::proc::comm(init);
+        let restored = restored_by_pf(target);
+        let enter = Enter::of(target).map(|e| e.is_some());
+        // `unshare --kill-child` takes its namespace down with it.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(unshare),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = fake.wait();
+        assert_eq!(named.as_deref(), Some(crate::nsinit::INIT_NAME));
+        assert!(
+            !restored,
+            "a look-alike init in a user namespace of its own"
+        );
+        assert!(matches!(enter, Ok(false)), "{enter:?}");
+    }
 
     #[test]
     fn our_own_processes_are_not_restored_by_pf_and_are_dumped_from_here() {
