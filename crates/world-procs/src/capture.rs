@@ -273,8 +273,13 @@ fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Resu
 /// `VmFlags`), which pf's lazy server unregisters when every page is in. CRIU dumps only the
 /// pages present, so a copy frozen right after a lazy thaw would come back with zeros where
 /// its pages were not in yet.
-fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
+///
+/// A tree that holds a userfaultfd itself serves its own memory (pf's lazy restores leave the
+/// descriptor with pf): CRIU cannot dump that, and waiting would not change it, so it is refused
+/// at once.
+pub(crate) fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
     let start = std::time::Instant::now();
+    let mut pause = Duration::from_millis(5);
     loop {
         let pending = pids.iter().copied().find(|&pid| {
             std::fs::read_to_string(format!("/proc/{pid}/smaps"))
@@ -283,6 +288,9 @@ fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
         let Some(pid) = pending else {
             return Ok(());
         };
+        if let Some(&holder) = pids.iter().find(|&&p| holds_userfaultfd(p)) {
+            return Err(Error::OwnUserfaultfd { pid: holder });
+        }
         if start.elapsed() >= LAZY_WAIT {
             return Err(Error::LazyMemoryPending {
                 pid,
@@ -293,8 +301,20 @@ fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
             pid,
             "waiting for a lazy restore to serve the rest of its memory"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(pause);
+        // smaps of a large tree is not free to read: look less often as the wait goes on.
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
+}
+
+/// Whether `pid` has a userfaultfd open (`anon_inode:[userfaultfd]` among its descriptors).
+fn holds_userfaultfd(pid: i32) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:[userfaultfd]")
+    })
 }
 
 /// Whether a `/proc/PID/smaps` text has a mapping registered with userfaultfd for missing

@@ -224,6 +224,16 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+    /// A process of the tree serves its own memory through a userfaultfd, which CRIU cannot
+    /// dump.
+    #[error(
+        "process {pid} holds a userfaultfd (it serves memory of its own on demand, as a VMM or a \
+         lazy restorer does): CRIU cannot dump it; freeze it when it holds none"
+    )]
+    OwnUserfaultfd {
+        /// The process holding it.
+        pid: i32,
+    },
     /// criu said it restored the tree, but the root is not running.
     #[error("criu restored pid {pid} but it is not running any more ({status})")]
     RestoredDied {
@@ -435,7 +445,7 @@ impl Error {
                 _ => ErrorKind::Io,
             },
             Self::PidInUse { .. } | Self::PidZombie { .. } => ErrorKind::PidInUse,
-            Self::LazyMemoryPending { .. } => ErrorKind::CriuFailed,
+            Self::LazyMemoryPending { .. } | Self::OwnUserfaultfd { .. } => ErrorKind::CriuFailed,
             Self::Namespace { errno, .. } if *errno == libc::EPERM => ErrorKind::NeedsPrivilege,
             Self::Namespace { .. } => ErrorKind::Io,
         }

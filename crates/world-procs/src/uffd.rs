@@ -240,6 +240,57 @@ pub(crate) fn is_userfaultfd(fd: &impl AsFd) -> bool {
 mod tests {
     use super::*;
 
+    /// `_IOWR(0xAA, 0x3F, struct uffdio_api)` (24 bytes).
+    const UFFDIO_API: u64 = 0xC018_AA3F;
+    /// `_IOWR(0xAA, 0x00, struct uffdio_register)` (32 bytes).
+    const UFFDIO_REGISTER: u64 = 0xC020_AA00;
+
+    #[test]
+    fn a_tree_holding_a_userfaultfd_of_its_own_is_refused_at_once() {
+        // This process plays one: a page of its memory registered for missing-page faults
+        // (`um` in its smaps) through a userfaultfd it holds. Waiting would not help: it is
+        // refused before the first wait.
+        // SAFETY: a system call on integers; the result is checked before it is used as an fd.
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert!(raw >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nothing else owns.
+        let uffd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let mut api = [0xAAu64, 0, 0];
+        ioctl(uffd.as_fd(), UFFDIO_API, &mut api).expect("UFFDIO_API");
+        let page = 4096usize;
+        // SAFETY: a new private anonymous mapping, never touched (touching it would wait for a
+        // server), unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        // range { start, len }, mode (MISSING), ioctls (out).
+        let mut register = [addr as u64, page as u64, 1, 0];
+        ioctl(uffd.as_fd(), UFFDIO_REGISTER, &mut register).expect("UFFDIO_REGISTER");
+        let me = std::process::id() as i32;
+        let started = std::time::Instant::now();
+        let result = crate::capture::wait_for_lazy_memory(&[me]);
+        let took = started.elapsed();
+        // SAFETY: the mapping made above, not used after this.
+        unsafe { libc::munmap(addr, page) };
+        drop(uffd);
+        assert!(
+            matches!(result, Err(crate::Error::OwnUserfaultfd { pid }) if pid == me),
+            "{result:?}"
+        );
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+        // With the mapping and the descriptor gone, nothing is waited for.
+        crate::capture::wait_for_lazy_memory(&[me]).expect("nothing served");
+    }
+
     fn msg(event: u8, words: [u64; 3]) -> [u8; MSG_LEN] {
         let mut m = [0u8; MSG_LEN];
         m[0] = event;
