@@ -76,9 +76,10 @@ impl Enter {
         let cwd = CString::new(cwd.as_os_str().as_bytes())
             .map_err(|e| Error::io("use", cwd, std::io::Error::other(e)))?;
         // SAFETY: the closure runs in the forked child before exec and makes only
-        // async-signal-safe system calls (setns, chdir, fork, prctl, getppid, close_range,
-        // waitpid, signal, kill, _exit) on integers and on `cwd`, built before the fork and only
-        // read. The branch that does not exec never returns: it exits with `_exit`.
+        // async-signal-safe system calls (setns, chdir, a raw fork-like clone without glibc's
+        // atfork handlers, prctl, getppid, close_range or close, waitpid, setrlimit, signal,
+        // kill, _exit) on integers and on `cwd`, built before the fork and only read. The branch
+        // that does not exec never returns: it exits with `_exit`.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::setns(mnt_ns, libc::CLONE_NEWNS) < 0
@@ -87,7 +88,7 @@ impl Enter {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                match libc::fork() {
+                match crate::nsinit::raw_fork() as libc::pid_t {
                     -1 => Err(std::io::Error::last_os_error()),
                     0 => {
                         // Inside: the parent is outside the namespace, so getppid() is 0 until
@@ -166,7 +167,22 @@ fn pid_ns_path(pid: i32) -> String {
 unsafe fn relay(criu: libc::pid_t) -> ! {
     // SAFETY: async-signal-safe system calls on integers (see `Enter::hook`).
     unsafe {
-        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            // A kernel before 5.9: one by one. Left open, std's exec-error pipe would hold
+            // `spawn` until criu ends, and the runner's deadline with it.
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur.min(1 << 20) as libc::c_int
+            } else {
+                1 << 16
+            };
+            for fd in 3..max {
+                libc::close(fd);
+            }
+        }
         let mut status = 0;
         loop {
             let got = libc::waitpid(criu, &mut status, 0);
@@ -181,6 +197,13 @@ unsafe fn relay(criu: libc::pid_t) -> ! {
             libc::_exit(libc::WEXITSTATUS(status));
         }
         let sig = libc::WTERMSIG(status);
+        // End by the same signal, so the runner reads criu's end; but without a core dump,
+        // which would be of a copy of pf's memory, not criu's.
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
         libc::signal(sig, libc::SIG_DFL);
         libc::kill(libc::getpid(), sig);
         libc::_exit(128 + sig)

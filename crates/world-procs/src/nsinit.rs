@@ -257,7 +257,7 @@ fn fail(ctx: &Ctx<'_>, step: i32) -> ! {
 }
 
 /// Raw fork (no atfork handlers: another thread of the parent may have held malloc's lock).
-fn raw_fork() -> libc::c_long {
+pub(crate) fn raw_fork() -> libc::c_long {
     // SAFETY: as in `spawn`: a fork-like clone; the caller handles both sides.
     unsafe {
         libc::syscall(
