@@ -99,6 +99,7 @@ pub enum CaptureProgress {
 pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result<DumpReport> {
     let criu = crate::criu::for_capture()?;
     ensure_alive(pid)?;
+    wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
     prepare_images_dir(images_dir)?;
     dump_with(&criu, pid, images_dir, opts, &[])
 }
@@ -150,6 +151,9 @@ pub fn capture_with_progress(
         }
     };
     ensure_alive(pid)?;
+    // Before the store's lock (a gc waits on it) and before `should_stream` looks at how much
+    // of the tree's memory is in.
+    wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
     let format = crate::v2::format_from_env()?;
     // Shared from the dump blob to the procs blob that refers to it, so a gc cannot remove the
     // dump in between; a caller that names the procs blob holds its own from before this call.
@@ -353,7 +357,6 @@ fn dump_with(
     // Before the dump: afterwards (without leave_running) the tree is gone.
     let stdio = pf_os::proc::stdio_links(pid);
     let pids = pf_os::proc::tree(pid);
-    wait_for_lazy_memory(&pids)?;
     // A thawed copy (in a pid namespace below ours) is dumped from inside its namespaces.
     let enter = crate::nsenter::Enter::of(pid)?;
     let tree = enter.as_ref().map_or(pid, |e| e.inner_pid);
@@ -381,6 +384,14 @@ fn dump_with(
     args.extend(extra.iter().cloned());
     tracing::debug!(?pids, tree, "dumping");
     let mut dump = Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.watching(pid);
+    if let Some(enter) = &enter {
+        // (A bare criu name is found on the PATH in there, as here.)
+        for path in [criu.path.as_path(), images_dir.as_path(), dump.work_dir()] {
+            if path.is_absolute() {
+                enter.check_sees(path)?;
+            }
+        }
+    }
     dump.enter = enter;
     let work = match dump.run() {
         Ok(work) => work,

@@ -224,6 +224,20 @@ pub enum Error {
         /// How long we waited.
         waited: Duration,
     },
+    /// A path criu needs is not in the mount namespace of the thawed copy it dumps.
+    #[error(
+        "{} is not there for process {pid}: criu dumps a thawed copy from inside its mount \
+         namespace, made as the thawing pf saw the filesystems, and that one lacks it (mounted \
+         since, or a private /tmp); set TMPDIR to a directory on a filesystem both see, such as \
+         /dev/shm",
+        .path.display()
+    )]
+    NotInCopyNamespace {
+        /// The process.
+        pid: i32,
+        /// What criu would not find.
+        path: PathBuf,
+    },
     /// A process of the tree serves its own memory through a userfaultfd, which CRIU cannot
     /// dump.
     #[error(
@@ -423,7 +437,9 @@ impl Error {
                 ErrorKind::CriuFailed
             }
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
-            Self::ImagesDirNotEmpty { .. } | Self::KernelThread { .. } => ErrorKind::InvalidInput,
+            Self::ImagesDirNotEmpty { .. }
+            | Self::KernelThread { .. }
+            | Self::NotInCopyNamespace { .. } => ErrorKind::InvalidInput,
             Self::Spawn { .. } | Self::Io { .. } | Self::Sys { .. } => ErrorKind::Io,
             Self::Store { source, .. } => ErrorKind::of_store(source),
             Self::NotProcs { .. }

@@ -16,7 +16,8 @@
 //!
 //! The mount namespace is a copy of the one pf restored it from, so criu finds its own binary,
 //! its work directory and the images directory (or the image streamer's socket) at the same
-//! paths, as long as they are on filesystems mounted before the thaw.
+//! paths, as long as they are on filesystems mounted before the thaw; each is checked before
+//! criu runs (`Enter::check_sees`), and one that is not there is named.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -31,6 +32,8 @@ use crate::error::{Error, Result};
 /// The pid and mount namespaces of a process in a pid namespace below ours.
 #[derive(Debug)]
 pub(crate) struct Enter {
+    /// The process, as we see it.
+    pid: i32,
     pid_ns: OwnedFd,
     mnt_ns: OwnedFd,
     /// The pid criu must dump: the process as its own namespace sees it.
@@ -42,7 +45,13 @@ impl Enter {
     /// criu enters the very ones `pid` was in, even if the pid is reused).
     pub(crate) fn of(pid: i32) -> Result<Option<Self>> {
         let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid"));
-        let theirs = ns(&pid.to_string()).map_err(|e| Error::io("read", pid_ns_path(pid), e))?;
+        let theirs = ns(&pid.to_string()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+                Error::NoSuchProcess { pid }
+            } else {
+                Error::io("read", pid_ns_path(pid), e)
+            }
+        })?;
         let ours = ns("self").map_err(|e| Error::io("read", "/proc/self/ns/pid", e))?;
         if theirs == ours || !restored_by_pf(pid) {
             // Ours, or a namespace pf did not make: criu dumps it from here (and says so if it
@@ -61,10 +70,29 @@ impl Enter {
         // is its pid in there.
         let inner_pid = pf_os::proc::inner_pid(pid).ok_or(Error::NoSuchProcess { pid })?;
         Ok(Some(Self {
+            pid,
             pid_ns,
             mnt_ns,
             inner_pid,
         }))
+    }
+
+    /// Whether `path` is the same file in the process's mount namespace as in ours: criu,
+    /// run in there, is handed our paths (its binary, its work and images directories). The
+    /// copy's mount namespace is the one of the pf that thawed it, as it was then: a filesystem
+    /// mounted since, or a private `/tmp` of either pf, is not in it.
+    pub(crate) fn check_sees(&self, path: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = std::fs::metadata(path).map_err(|e| Error::io("stat", path, e))?;
+        let mut inside = std::path::PathBuf::from(format!("/proc/{}/root", self.pid));
+        inside.push(path.strip_prefix("/").unwrap_or(path));
+        match std::fs::metadata(&inside) {
+            Ok(theirs) if theirs.dev() == ours.dev() && theirs.ino() == ours.ino() => Ok(()),
+            _ => Err(Error::NotInCopyNamespace {
+                pid: self.pid,
+                path: path.to_owned(),
+            }),
+        }
     }
 
     /// Make `cmd`'s child enter the namespaces, fork, and exec in the grandchild (see the
@@ -268,6 +296,58 @@ mod tests {
             "a look-alike init in a user namespace of its own"
         );
         assert!(matches!(enter, Ok(false)), "{enter:?}");
+    }
+
+    #[test]
+    fn a_path_hidden_in_the_other_mount_namespace_is_named() {
+        // A mount namespace where a tmpfs covers a directory we see bare.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let covered = dir.path().join("covered");
+        std::fs::create_dir(&covered).expect("mkdir");
+        let mut other = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "bash", "-c"])
+            .arg(format!(
+                "mount -t tmpfs pf-test '{}' && touch '{}/ready' && exec sleep 60",
+                covered.display(),
+                covered.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux; needs root, as criu does)");
+        let pid = other.id() as i32;
+        let start = std::time::Instant::now();
+        while !std::path::Path::new(&format!("/proc/{pid}/root{}/ready", covered.display()))
+            .exists()
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the mount never came"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let open = |kind: &str| {
+            OwnedFd::from(std::fs::File::open(format!("/proc/{pid}/ns/{kind}")).expect("ns"))
+        };
+        let enter = Enter {
+            pid,
+            pid_ns: open("pid"),
+            mnt_ns: open("mnt"),
+            inner_pid: pid,
+        };
+        let hidden = enter.check_sees(&covered);
+        let seen = enter.check_sees(dir.path());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = other.wait();
+        assert!(seen.is_ok(), "{seen:?}");
+        let err = hidden.expect_err("covered by a mount only they see");
+        assert!(
+            matches!(&err, Error::NotInCopyNamespace { path, .. } if *path == covered),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("set TMPDIR"), "{err}");
     }
 
     #[test]
