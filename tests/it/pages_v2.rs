@@ -785,9 +785,10 @@ fn live_v2_four_copies_frozen_at_once_beside_gc_each_thaw_with_their_own_state()
         sums.push(copy.ask("sum"));
         copies.push(copy);
     }
-    // Frozen at once, with `pf store gc --grace 0` run over and over until they are done: gc
-    // must neither take a pack a freeze has written but not yet named, nor a base page a freeze
-    // has placed but not yet named (it waits on the store's lock while a writer holds it).
+    // Frozen at once, with `pf store gc --grace 0` (and `--repack`) run over and over until they
+    // are done: gc must neither take a pack a freeze has written but not yet named, nor a base
+    // page a freeze has placed but not yet named (it waits on the store's lock while a writer
+    // holds it).
     let running = std::sync::atomic::AtomicUsize::new(copies.len());
     let mut gcs = 0;
     let outputs: Vec<Output> = std::thread::scope(|scope| {
@@ -806,15 +807,29 @@ fn live_v2_four_copies_frozen_at_once_beside_gc_each_thaw_with_their_own_state()
                 ]);
                 let running = &running;
                 scope.spawn(move || {
-                    let out = run(cmd, b"");
-                    running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                    out
+                    // Counted down even if `run` panics, so the gc loop below ends.
+                    struct Done<'a>(&'a std::sync::atomic::AtomicUsize);
+                    impl Drop for Done<'_> {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    let _done = Done(running);
+                    run(cmd, b"")
                 })
             })
             .collect();
-        while running.load(std::sync::atomic::Ordering::SeqCst) > 0 {
-            let gc = store_cmd(&store_dir, &["gc", "--grace", "0"]);
-            assert!(gc.status.success(), "gc: {}", text(&gc.stderr));
+        // At least one of each (a gc waits for every writer, so the last may come after them).
+        while running.load(std::sync::atomic::Ordering::SeqCst) > 0 || gcs < 2 {
+            // Plain and repacking in turn: a repack rewrites the packs the freezes place their
+            // unchanged pages in.
+            let args: &[&str] = if gcs % 2 == 0 {
+                &["gc", "--grace", "0"]
+            } else {
+                &["gc", "--grace", "0", "--repack"]
+            };
+            let gc = store_cmd(&store_dir, args);
+            assert!(gc.status.success(), "{args:?}: {}", text(&gc.stderr));
             gcs += 1;
         }
         freezes
