@@ -790,6 +790,44 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     mark.assert_running(&[], "the thaw of a directory without goblin.json");
 }
 
+#[test]
+fn fork_of_an_unknown_snapshot_fails_before_it_reads_its_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    pf_core::FsBlobStore::open(&store_dir).expect("store");
+    // No --send: the copies' input is pf's stdin, here a pipe that stays open (as a terminal
+    // does until Ctrl-D). A mistyped name must not wait for its end.
+    let mut fork = pf(&store_dir);
+    fork.args(["goblin", "fork", "nosuchname", "-n", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = fork.spawn().expect("start pf");
+    let stdin_open = child.stdin.take();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for pf") {
+            break status;
+        }
+        if Instant::now() >= end {
+            child.kill().expect("kill pf");
+            child.wait().expect("reap pf");
+            panic!("pf goblin fork of an unknown name still waits for its stdin to end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin_open);
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    assert!(err.contains("no snapshot \"nosuchname\""), "{err}");
+}
+
 /// Says `ready`, then prints where its stdin, stdout and stderr lead, once per line of input.
 const FDS: &str = r#"
 import os, sys

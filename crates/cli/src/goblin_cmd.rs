@@ -5,7 +5,7 @@
 //! own signals into a goblin's signal or a `Cancel`.
 
 use std::ffi::OsString;
-use std::io::{Read as _, Write as _};
+use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
@@ -589,7 +589,16 @@ fn describe_status(status: std::process::ExitStatus) -> String {
 
 fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
     let n = usize::from(args.count);
+    // The snapshot first: a mistyped name fails at once, not after pf's stdin has ended (at a
+    // terminal, only at Ctrl-D).
+    let resolved = Resolved::new(global, &args.from)?;
     let inputs = if args.send.is_empty() {
+        if std::io::stdin().is_terminal() {
+            note(&format!(
+                "reading the input of the {n} copies from this terminal until Ctrl-D (--send \
+                 LINE gives it on the command line instead)"
+            ));
+        }
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
@@ -599,7 +608,6 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         let template: String = args.send.iter().map(|l| format!("{l}\n")).collect();
         pf_goblins::inputs_from_template(template.as_bytes(), n)
     };
-    let resolved = Resolved::new(global, &args.from)?;
     let cancel = Cancel::new()?;
     forward_signals_to(block_signals(), {
         let cancel = cancel.clone();
