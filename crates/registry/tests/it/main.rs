@@ -749,6 +749,38 @@ fn an_upload_session_the_registry_lost_falls_back_to_a_fresh_upload() {
     drop(registry);
 }
 
+#[test]
+fn an_upload_session_of_a_blob_the_registry_has_by_now_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let a = store(dir.path(), "a");
+    let big = noise(17, 40 << 20);
+    let root = snapshot(&a, 92, std::slice::from_ref(&big));
+    let r = reference(&registry, "forgotten:v1");
+    let sessions = dir.path().join("a/registry/uploads");
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: Some(sessions.clone()),
+    };
+    push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 1);
+
+    // The blob reaches the registry another way (a push that keeps no sessions), so the next
+    // push with sessions skips it: the session it kept has nothing left to continue.
+    let registry = Registry::start_on(&storage, port, None);
+    pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+    let done = pf_registry::push(&a, &root, &r, &options, &quiet).unwrap();
+    assert_eq!(done.uploaded, 0, "{done:?}");
+    let left: Vec<_> = std::fs::read_dir(&sessions).unwrap().collect();
+    assert!(left.is_empty(), "upload sessions left behind: {left:?}");
+    drop(registry);
+}
+
 /// A page pack of `pages` distinct pages from `seed`, as pf-core writes them; its bytes and the
 /// pages' digests. With `lying`, the index names a digest its page does not hash to.
 fn pack(seed: u64, pages: usize, lying: bool) -> (Vec<u8>, Vec<Digest256>) {
