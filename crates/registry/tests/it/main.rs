@@ -599,6 +599,7 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
     assert!(text.contains(&silent.addr()), "{text}");
     assert!(text.contains(&digest.to_string()), "{text}");
     assert!(text.contains("run the same command again"), "{text}");
+    assert!(text.contains("a pull starts over"), "{text}");
     assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
     drop(silent);
 
