@@ -111,3 +111,41 @@ pub(crate) fn print_error(err: &anyhow::Error) {
 pub(crate) fn progress_enabled() -> bool {
     std::io::stderr().is_terminal()
 }
+
+/// The signals pf handles itself while a goblin runs or a pull stores blobs.
+fn handled_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
+/// Block the handled signals in this thread (and so in every thread it starts from now on), so
+/// that only the thread of [`forward_signals_to`] receives them. Children started by std get a
+/// clean signal mask.
+pub(crate) fn block_signals() -> nix::sys::signal::SigSet {
+    let set = handled_signals();
+    if let Err(e) = set.thread_block() {
+        tracing::warn!(error = %e, "cannot block signals; Ctrl-C will not reach the goblin or cancel the pull");
+    }
+    set
+}
+
+/// On a thread, wait for the blocked signals forever and hand each to `on_signal`.
+pub(crate) fn forward_signals_to(
+    set: nix::sys::signal::SigSet,
+    on_signal: impl Fn(i32) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        while let Ok(sig) = set.wait() {
+            on_signal(sig as i32);
+        }
+    });
+}

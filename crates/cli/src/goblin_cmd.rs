@@ -19,7 +19,7 @@ use pf_goblins::{
     ThawOptions, WarmFrom, WarmOptions, Wire,
 };
 
-use crate::common::{self, Global};
+use crate::common::{self, Global, block_signals, forward_signals_to};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -670,44 +670,6 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-// ---------------------------------------------------------------------------------------------
-// signals
-
-/// The signals pf handles itself while a goblin runs.
-fn handled_signals() -> nix::sys::signal::SigSet {
-    use nix::sys::signal::Signal;
-    let mut set = nix::sys::signal::SigSet::empty();
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        set.add(sig);
-    }
-    set
-}
-
-/// Block the handled signals in this thread (and so in every thread it starts from now on), so
-/// that only the thread of [`forward_signals_to`] receives them. Children started by std get a
-/// clean signal mask.
-fn block_signals() -> nix::sys::signal::SigSet {
-    let set = handled_signals();
-    if let Err(e) = set.thread_block() {
-        tracing::warn!(error = %e, "cannot block signals; Ctrl-C will not reach the goblin");
-    }
-    set
-}
-
-/// On a thread, wait for the blocked signals forever and hand each to `on_signal`.
-fn forward_signals_to(set: nix::sys::signal::SigSet, on_signal: impl Fn(i32) + Send + 'static) {
-    std::thread::spawn(move || {
-        while let Ok(sig) = set.wait() {
-            on_signal(sig as i32);
-        }
-    });
 }
 
 #[cfg(test)]

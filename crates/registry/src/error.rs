@@ -244,6 +244,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The pull was cancelled ([`crate::PullOptions::cancel`]); what it had stored is removed.
+    #[error("the pull was cancelled; nothing of it was kept")]
+    Cancelled { reference: String },
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] pf_core::Error),

@@ -71,6 +71,7 @@ fn pull_opts(name: Option<&str>) -> PullOptions {
     PullOptions {
         connect: connect(),
         name: name.map(str::to_owned),
+        cancel: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn basic_auth_from_docker_config_and_its_refusals() {
     let pull = PullOptions {
         connect: with("right-horse").connect,
         name: Some("p".into()),
+        cancel: None,
     };
     assert_eq!(
         pf_registry::pull(&b, &r, &pull, &quiet).unwrap().snapshot,
@@ -493,6 +495,7 @@ fn bearer_token_flow_with_basic_credentials() {
     let pull = PullOptions {
         connect: with("right-horse"),
         name: Some("t".into()),
+        cancel: None,
     };
     let pulled = pf_registry::pull(&b, &r, &pull, &quiet).unwrap();
     assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
@@ -550,6 +553,7 @@ fn a_slow_transfer_that_keeps_moving_never_times_out() {
         &PullOptions {
             connect: idle_opts(idle),
             name: Some("slow".into()),
+            cancel: None,
         },
         &quiet,
     )
@@ -586,6 +590,7 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
     let pulling = PullOptions {
         connect: idle_opts(idle),
         name: Some("s".into()),
+        cancel: None,
     };
     let err = pf_registry::pull(&b, &r, &pulling, &quiet).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(15), "{err:?}");
