@@ -241,6 +241,36 @@ impl Started {
 }
 
 #[test]
+fn live_spawn_of_a_command_that_exits_says_what_it_printed() {
+    if !live("live_spawn_of_a_command_that_exits_says_what_it_printed") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_spawn_of_a_command_that_exits_says_what_it_printed",
+        Duration::from_secs(60),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let spawn = |command: &[&str]| {
+        let mut spawn = pf(&store);
+        spawn
+            .args(["goblin", "spawn", "--tag", "t", "--"])
+            .args(command);
+        run(spawn, b"")
+    };
+    // Silent: there is no output "above" to look at.
+    let err = failed(&spawn(&["true"]), "spawn of true");
+    assert!(
+        err.contains("before it was warm, printing nothing"),
+        "{err}"
+    );
+    assert!(!err.contains("above"), "{err}");
+    let err = failed(&spawn(&["sh", "-c", "echo oops; exit 3"]), "spawn of sh");
+    assert!(err.starts_with("oops\n"), "{err}");
+    assert!(err.contains("its output is above"), "{err}");
+}
+
+#[test]
 fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
     if !live("live_spawn_until_then_two_thaws_answer_from_the_warm_state") {
         return;

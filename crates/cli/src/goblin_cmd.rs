@@ -304,12 +304,14 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
     };
     // What the goblin prints while it warms up goes to pf's stderr as it arrives.
     let mut stderr = std::io::stderr();
+    let mut printed = false;
     let warmed = pf_goblins::warm_up(
         from,
         FreezeTarget::Store(&store),
         &options,
         &cancel,
         &mut |_, bytes| {
+            printed |= !bytes.is_empty();
             stderr.write_all(bytes).ok();
         },
     );
@@ -321,7 +323,12 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
             },
         ) => bail!("{e} (raise --timeout?)"),
         Err(e @ pf_goblins::Error::NotWarm { .. }) => bail!("{e}"),
-        Err(e @ pf_goblins::Error::ExitedWarming { .. }) => bail!("{e}; its output is above"),
+        Err(e @ pf_goblins::Error::ExitedWarming { .. }) if printed => {
+            bail!("{e}; its output is above")
+        }
+        Err(e @ pf_goblins::Error::ExitedWarming { .. }) => {
+            bail!("{e}, printing nothing (a goblin must keep running, waiting for its input)")
+        }
         Err(e @ pf_goblins::Error::Pattern { .. }) => {
             return Err(anyhow::Error::new(e).context("--until is not usable"));
         }
