@@ -554,8 +554,12 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A pidfile of a thawed goblin: written whole (to a temporary name, then renamed), removed
-/// when dropped.
-struct Pidfile(PathBuf);
+/// when dropped unless it names another pid by then (a second thaw given the same FILE wrote
+/// its own copy's pid there, and that copy still runs).
+struct Pidfile {
+    path: PathBuf,
+    pid: i32,
+}
 
 impl Pidfile {
     fn write(path: &std::path::Path, pid: i32) -> anyhow::Result<Self> {
@@ -568,13 +572,20 @@ impl Pidfile {
                 let _ = std::fs::remove_file(&tmp);
                 anyhow::anyhow!("cannot write the pidfile {}: {e}", path.display())
             })?;
-        Ok(Self(path.to_owned()))
+        Ok(Self {
+            path: path.to_owned(),
+            pid,
+        })
     }
 }
 
 impl Drop for Pidfile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let ours = std::fs::read_to_string(&self.path)
+            .is_ok_and(|text| text.trim().parse::<i32>().ok() == Some(self.pid));
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -682,6 +693,23 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pidfile_another_thaw_took_over_is_left_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.pid");
+        let first = Pidfile::write(&path, 1111).unwrap();
+        let second = Pidfile::write(&path, 2222).unwrap();
+        drop(first);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "2222\n");
+        drop(second);
+        assert!(!path.exists());
+        let alone = Pidfile::write(&path, 3333).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "3333\n");
+        drop(alone);
+        assert!(!path.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn exit_codes_follow_the_shell() {
