@@ -821,6 +821,31 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
 }
 
 #[test]
+fn a_mistyped_name_gets_the_name_it_is_a_typo_of() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let store = pf_core::FsBlobStore::open(&store_dir).expect("store");
+    let blob = store.put(b"anything").expect("put");
+    store.set_name("counter", &blob).expect("name");
+    for args in [
+        &["goblin", "thaw", "countr"][..],
+        &["goblin", "fork", "countr", "--send", "x"],
+        &["store", "show", "countr"],
+        &["store", "cat", "countr"],
+        &["push", "countr", "127.0.0.1:1/r:t"],
+    ] {
+        let mut cmd = pf(&store_dir);
+        cmd.args(args);
+        let err = failed(&run(cmd, b""), &args.join(" "));
+        assert!(err.contains("did you mean \"counter\"?"), "{args:?}: {err}");
+    }
+    let mut cmd = pf(&store_dir);
+    cmd.args(["goblin", "thaw", "nosuchname"]);
+    let err = failed(&run(cmd, b""), "thaw of a stranger");
+    assert!(!err.contains("did you mean"), "{err}");
+}
+
+#[test]
 fn fork_of_an_unknown_snapshot_fails_before_it_reads_its_input() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store_dir = dir.path().join("store");

@@ -463,9 +463,12 @@ impl Resolved {
             .as_deref()
             .context("name a snapshot or give --images")?;
         let store = common::open_existing_store(global)?;
-        let digest = store
-            .resolve(name)
-            .with_context(|| format!("no snapshot {name:?} in the store (see `pf store ls`)"))?;
+        let digest = store.resolve(name).with_context(|| {
+            format!(
+                "no snapshot {name:?} in the store (see `pf store ls`{})",
+                common::did_you_mean(&store, name)
+            )
+        })?;
         Ok(Resolved::Store(store, digest))
     }
 

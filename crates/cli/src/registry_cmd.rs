@@ -126,9 +126,13 @@ pub(crate) struct PullArgs {
 pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode> {
     let reference = Reference::parse(&args.reference)?;
     let store = common::open_existing_store(global)?;
-    let root = store
-        .resolve(&args.snapshot)
-        .with_context(|| format!("cannot find snapshot {:?} in the store", args.snapshot))?;
+    let root = store.resolve(&args.snapshot).with_context(|| {
+        format!(
+            "cannot find snapshot {:?} in the store (see `pf store tags`{})",
+            args.snapshot,
+            common::did_you_mean(&store, &args.snapshot)
+        )
+    })?;
     let meter = Meter::new("pushed", "uploaded");
     let started = Instant::now();
     let options = PushOptions {

@@ -145,9 +145,12 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                 (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
                 (Some(s), None) => {
                     let store = common::open_existing_store(global)?;
-                    let digest = store
-                        .resolve(&s)
-                        .with_context(|| format!("finding {s:?}"))?;
+                    let digest = store.resolve(&s).with_context(|| {
+                        format!(
+                            "no snapshot {s:?} in the store (see `pf store tags`{})",
+                            common::did_you_mean(&store, &s)
+                        )
+                    })?;
                     pf_world_procs::restore(&store, &digest, opts)
                 }
                 (None, None) => bail!("name a snapshot or pass --images DIR"),
