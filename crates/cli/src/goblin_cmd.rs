@@ -92,8 +92,8 @@ Examples:
 const THAW_HELP: &str = "\
 The goblin is restored in its own pid and mount namespaces, so any number of thaws of one
 snapshot run at once, and beside the original. Where pf's stdin, stdout or stderr is a pipe,
-the goblin gets that pipe itself and pf copies nothing; a terminal or a file is pumped: pf copies
-its stdin to the goblin (end of input closes the goblin's stdin), the goblin's stdout to pf's
+the goblin gets that pipe itself and pf copies nothing; a terminal, a file or a named pipe is
+pumped: pf copies its stdin to the goblin (end of input closes the goblin's stdin), the goblin's stdout to pf's
 stdout and its stderr to pf's stderr. (Input the goblin had not read when it was frozen goes in
 first, so then stdin is pumped too.) pf forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it and
 exits with its exit code (128+N when signal N ended it). So `pf goblin thaw NAME` behaves like running the program.
