@@ -462,6 +462,84 @@ fn live_freeze_pid_with_unread_stdin_then_thaw_gets_all_lines_in_order() {
     assert_eq!(ok(&out, "thaw"), "got one\ngot two\ngot three\neof\n");
 }
 
+/// Ctrl-C while criu dumps with --kill: pf used to die and leave criu to finish the dump and
+/// kill the goblin, with no snapshot stored. Now the freeze goes on to its end, and says so.
+#[test]
+fn live_freeze_kill_interrupted_by_ctrl_c_still_stores_the_snapshot() {
+    if !live("live_freeze_kill_interrupted_by_ctrl_c_still_stores_the_snapshot") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_freeze_kill_interrupted_by_ctrl_c_still_stores_the_snapshot",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut goblin = start(SLOW_READER);
+    assert_eq!(goblin.line(), "started");
+    let mut freeze = pf(&store);
+    freeze
+        .args([
+            "goblin",
+            "freeze",
+            "--pid",
+            &goblin.pid(),
+            "--kill",
+            "--tag",
+            "k",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = freeze.spawn().expect("start pf");
+    let pf_pid = child.id();
+    // Wait for pf's `criu dump`, then Ctrl-C pf (criu runs in a process group of its own).
+    let end = Instant::now() + Duration::from_secs(30);
+    while !criu_dump_child_of(pf_pid) {
+        assert!(Instant::now() < end, "pf started no criu dump in 30 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    send_signal(pf_pid, "INT");
+    let out = finish(child, b"");
+    let digest = ok(&out, "the interrupted freeze");
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("interrupted by signal 2 after the snapshot was complete"),
+        "{err}"
+    );
+    let status = goblin.child.wait().expect("reap");
+    assert!(!status.success(), "--kill stopped the original");
+    let out = thaw(&store, "k", b"three\n");
+    assert_eq!(ok(&out, "thaw"), "got three\neof\n");
+}
+
+/// Whether a `criu dump` runs as a child of `parent`.
+fn criu_dump_child_of(parent: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let dir = e.path();
+        let ppid = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let after = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .to_owned();
+                after.parse::<u32>().ok()
+            });
+        ppid == Some(parent)
+            && std::fs::read(dir.join("cmdline")).is_ok_and(|cmd| {
+                let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+                args.first().is_some_and(|a| a.ends_with(b"criu"))
+                    && args.iter().any(|a| *a == b"dump")
+            })
+    })
+}
+
 #[test]
 fn live_freeze_into_images_leaves_it_running_and_thaws_from_the_directory() {
     if !live("live_freeze_into_images_leaves_it_running_and_thaws_from_the_directory") {

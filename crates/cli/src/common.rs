@@ -207,6 +207,46 @@ pub(crate) fn forward_signals_to(
     });
 }
 
+/// Ctrl-C (the signals of [`block_signals`]) held back while a dump runs: criu, in a process
+/// group of its own, would finish it without pf and, without --leave-running, kill the process,
+/// whose snapshot pf would then never store. The first signal is told on stderr; the caller
+/// reports it once the snapshot is stored ([`Deferred::report`]).
+pub(crate) struct Deferred(std::sync::Arc<std::sync::atomic::AtomicI32>);
+
+impl Deferred {
+    /// Hold back the signals from now on; `what` is the work they wait for ("the freeze").
+    pub(crate) fn start(what: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let signal = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let seen = std::sync::Arc::clone(&signal);
+        forward_signals_to(block_signals(), move |sig| {
+            if seen.swap(sig, Ordering::SeqCst) == 0 {
+                say(&format!(
+                    "pf: signal {sig}: {what} goes on to its end (stopped midway, criu would \
+                     still finish the dump without pf, and without --leave-running stop the \
+                     process, with no snapshot stored)"
+                ));
+            }
+        });
+        Self(signal)
+    }
+
+    /// Say that a signal came, if one did, now that the work is done.
+    pub(crate) fn report(&self) {
+        let sig = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        if sig != 0 {
+            say(&format!(
+                "pf: interrupted by signal {sig} after the snapshot was complete; it is kept"
+            ));
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn say(line: &str) {
+    eprintln!("{line}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -83,6 +83,8 @@ session (`setsid`), unless --shell-job.
 
 By default the goblin keeps running after the freeze (--leave-running); --kill stops it once the
 snapshot is complete. Bytes written to its stdin but not read yet are kept in the snapshot.
+Ctrl-C does not cut a freeze short (criu would finish the dump without pf, and with --kill stop
+the goblin with no snapshot stored): pf says so, finishes, and prints the digest.
 
 Examples:
   pf goblin freeze --pid 4242 --tag warm          # prints sha256:…; `pf goblin thaw warm`
@@ -412,6 +414,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         ),
         FreezeTarget::Images(_) => None,
     };
+    let deferred = common::Deferred::start("the freeze");
     let frozen = pf_goblins::freeze(args.pid, target, &options)?;
     if let (Some(tag), FreezeTarget::Store(store), Some(digest)) =
         (&args.tag, target, frozen.digest())
@@ -420,6 +423,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
             .set_name(tag, digest)
             .with_context(|| format!("cannot name the snapshot {tag}"))?;
     }
+    deferred.report();
     let mut stdout = std::io::stdout().lock();
     if args.json {
         let mut json = serde_json::json!({
