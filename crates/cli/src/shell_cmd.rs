@@ -109,10 +109,12 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             let pid = resolve_target(&target)?;
             check_terminal(pid, force)?;
             let opts = capture_options(leave_running);
+            let deferred = common::Deferred::start("the freeze");
             if let Some(dir) = images {
                 pf_world_procs::dump_to_dir(pid, &dir, &opts)
                     .map_err(with_tty_hint)
                     .with_context(|| format!("freezing shell {pid} into {}", dir.display()))?;
+                deferred.report();
                 print_result(
                     json,
                     &serde_json::json!({ "images": dir, "pid": pid }),
@@ -131,6 +133,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                     .set_name(name, &captured.procs)
                     .with_context(|| format!("naming the snapshot {name:?}"))?;
             }
+            deferred.report();
             print_result(
                 json,
                 &serde_json::json!({ "digest": captured.procs, "pid": pid, "tag": tag }),
