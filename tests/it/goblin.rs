@@ -241,6 +241,36 @@ impl Started {
 }
 
 #[test]
+fn live_spawn_of_a_command_that_exits_says_what_it_printed() {
+    if !live("live_spawn_of_a_command_that_exits_says_what_it_printed") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_spawn_of_a_command_that_exits_says_what_it_printed",
+        Duration::from_secs(60),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let spawn = |command: &[&str]| {
+        let mut spawn = pf(&store);
+        spawn
+            .args(["goblin", "spawn", "--tag", "t", "--"])
+            .args(command);
+        run(spawn, b"")
+    };
+    // Silent: there is no output "above" to look at.
+    let err = failed(&spawn(&["true"]), "spawn of true");
+    assert!(
+        err.contains("before it was warm, printing nothing"),
+        "{err}"
+    );
+    assert!(!err.contains("above"), "{err}");
+    let err = failed(&spawn(&["sh", "-c", "echo oops; exit 3"]), "spawn of sh");
+    assert!(err.starts_with("oops\n"), "{err}");
+    assert!(err.contains("its output is above"), "{err}");
+}
+
+#[test]
 fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
     if !live("live_spawn_until_then_two_thaws_answer_from_the_warm_state") {
         return;
@@ -507,6 +537,84 @@ fn live_freeze_pid_with_unread_stdin_then_thaw_gets_all_lines_in_order() {
 
     let out = thaw(&store, "slow", b"three\n");
     assert_eq!(ok(&out, "thaw"), "got one\ngot two\ngot three\neof\n");
+}
+
+/// Ctrl-C while criu dumps with --kill: pf used to die and leave criu to finish the dump and
+/// kill the goblin, with no snapshot stored. Now the freeze goes on to its end, and says so.
+#[test]
+fn live_freeze_kill_interrupted_by_ctrl_c_still_stores_the_snapshot() {
+    if !live("live_freeze_kill_interrupted_by_ctrl_c_still_stores_the_snapshot") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_freeze_kill_interrupted_by_ctrl_c_still_stores_the_snapshot",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut goblin = start(SLOW_READER);
+    assert_eq!(goblin.line(), "started");
+    let mut freeze = pf(&store);
+    freeze
+        .args([
+            "goblin",
+            "freeze",
+            "--pid",
+            &goblin.pid(),
+            "--kill",
+            "--tag",
+            "k",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = freeze.spawn().expect("start pf");
+    let pf_pid = child.id();
+    // Wait for pf's `criu dump`, then Ctrl-C pf (criu runs in a process group of its own).
+    let end = Instant::now() + Duration::from_secs(30);
+    while !criu_dump_child_of(pf_pid) {
+        assert!(Instant::now() < end, "pf started no criu dump in 30 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    send_signal(pf_pid, "INT");
+    let out = finish(child, b"");
+    let digest = ok(&out, "the interrupted freeze");
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("interrupted by signal 2 after the snapshot was complete"),
+        "{err}"
+    );
+    let status = goblin.child.wait().expect("reap");
+    assert!(!status.success(), "--kill stopped the original");
+    let out = thaw(&store, "k", b"three\n");
+    assert_eq!(ok(&out, "thaw"), "got three\neof\n");
+}
+
+/// Whether a `criu dump` runs as a child of `parent`.
+fn criu_dump_child_of(parent: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let dir = e.path();
+        let ppid = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|stat| {
+                let after = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .to_owned();
+                after.parse::<u32>().ok()
+            });
+        ppid == Some(parent)
+            && std::fs::read(dir.join("cmdline")).is_ok_and(|cmd| {
+                let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+                args.first().is_some_and(|a| a.ends_with(b"criu"))
+                    && args.iter().any(|a| *a == b"dump")
+            })
+    })
 }
 
 #[test]
@@ -865,6 +973,69 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     let err = failed(&run(thaw, b""), "thaw of a directory without goblin.json");
     assert!(err.contains("goblin.json"), "{err}");
     mark.assert_running(&[], "the thaw of a directory without goblin.json");
+}
+
+#[test]
+fn a_mistyped_name_gets_the_name_it_is_a_typo_of() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    let store = pf_core::FsBlobStore::open(&store_dir).expect("store");
+    let blob = store.put(b"anything").expect("put");
+    store.set_name("counter", &blob).expect("name");
+    for args in [
+        &["goblin", "thaw", "countr"][..],
+        &["goblin", "fork", "countr", "--send", "x"],
+        &["store", "show", "countr"],
+        &["store", "cat", "countr"],
+        &["push", "countr", "127.0.0.1:1/r:t"],
+    ] {
+        let mut cmd = pf(&store_dir);
+        cmd.args(args);
+        let err = failed(&run(cmd, b""), &args.join(" "));
+        assert!(err.contains("did you mean \"counter\"?"), "{args:?}: {err}");
+    }
+    let mut cmd = pf(&store_dir);
+    cmd.args(["goblin", "thaw", "nosuchname"]);
+    let err = failed(&run(cmd, b""), "thaw of a stranger");
+    assert!(!err.contains("did you mean"), "{err}");
+}
+
+#[test]
+fn fork_of_an_unknown_snapshot_fails_before_it_reads_its_input() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store_dir = dir.path().join("store");
+    pf_core::FsBlobStore::open(&store_dir).expect("store");
+    // No --send: the copies' input is pf's stdin, here a pipe that stays open (as a terminal
+    // does until Ctrl-D). A mistyped name must not wait for its end.
+    let mut fork = pf(&store_dir);
+    fork.args(["goblin", "fork", "nosuchname", "-n", "2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = fork.spawn().expect("start pf");
+    let stdin_open = child.stdin.take();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for pf") {
+            break status;
+        }
+        if Instant::now() >= end {
+            child.kill().expect("kill pf");
+            child.wait().expect("reap pf");
+            panic!("pf goblin fork of an unknown name still waits for its stdin to end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin_open);
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    assert!(err.contains("no snapshot \"nosuchname\""), "{err}");
 }
 
 /// Says `ready`, then prints where its stdin, stdout and stderr lead, once per line of input.

@@ -948,3 +948,79 @@ fn pulling_again_mends_a_damaged_copy_of_a_snapshot() {
     assert!(out == bytes, "the mended snapshot reads page for page");
     drop(registry);
 }
+
+/// Ctrl-C during a pull, once it stores blobs: pf removes what the pull stored and exits 130,
+/// saying so; no name, no blob, no temp file is left.
+#[test]
+fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = dir.path().join("a");
+    let store = pf_core::FsBlobStore::open(&a).unwrap();
+    // 16 incompressible blobs of 8 MiB, pulled one at a time: long enough to be interrupted.
+    let blobs: Vec<String> = (0..16u64)
+        .map(|i| {
+            let bytes: Vec<u8> = (i * 2048..(i + 1) * 2048).flat_map(seeded_page).collect();
+            store.put(&bytes).unwrap().to_string()
+        })
+        .collect();
+    let record = serde_json::json!({"kind": "procs.test", "blobs": blobs}).to_string();
+    let root = store.put(record.as_bytes()).unwrap();
+    store.set_name("big", &root).unwrap();
+    let reference = format!("{}/cancel/big:v1", registry.addr());
+    let mut push = pf(&a);
+    push.args(["push", "big", &reference]);
+    ok(&run(push), "push");
+
+    let b = dir.path().join("b");
+    let mut pull = pf(&b);
+    pull.args(["pull", &reference, "--tag", "big", "--parallel", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = pull.spawn().expect("start pf pull");
+    let end = Instant::now() + Duration::from_secs(60);
+    let stored = |store: &Path| {
+        blob_files(store)
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "zst" || e == "raw"))
+    };
+    while !stored(&b) {
+        assert!(Instant::now() < end, "the pull stored no blob in 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let out = wait(child, b"");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted by signal 2"), "{err}");
+    assert!(err.contains("nothing of it was kept"), "{err}");
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    let left = blob_files(&b);
+    assert!(left.is_empty(), "the interrupted pull left {left:?}");
+    assert!(!b.join("refs/big").exists());
+    drop(registry);
+}
+
+/// Every file under the store's `blobs/` (blobs and temp files), by path.
+fn blob_files(store: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.insert(path);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&store.join("blobs"), &mut out);
+    out
+}

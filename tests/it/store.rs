@@ -202,6 +202,8 @@ fn a_corrupt_blob_fails_cat_and_verify_naming_the_digest() {
         ok(&store, &["verify"]),
         format!("{} ok\n{} ok\n", digest.min(good), digest.max(good))
     );
+    let clean = store_cmd(&store, &["verify"]);
+    assert_eq!(stderr(&clean), "ok: 2 blobs match their digests\n");
 
     let path = blob_path(&store, &digest);
     let mut bytes = fs::read(&path).unwrap();

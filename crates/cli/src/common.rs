@@ -69,9 +69,66 @@ pub(crate) fn resolve(
         if digest_or_name.starts_with("sha256:") {
             "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
         } else {
-            format!("{digest_or_name:?} is neither a digest nor a name (see `pf store tags`)")
+            format!(
+                "{digest_or_name:?} is neither a digest nor a name (see `pf store tags`{})",
+                did_you_mean(store, digest_or_name)
+            )
         }
     })
+}
+
+/// `; did you mean "NAME"?` when the store has a name close to `name` (a typo away), else
+/// nothing: for the message of a name that is not in the store.
+pub(crate) fn did_you_mean(store: &dyn pf_core::BlobStore, name: &str) -> String {
+    if name.starts_with("sha256:") {
+        return String::new();
+    }
+    let Ok(names) = store.names() else {
+        return String::new();
+    };
+    closest(name, names.iter().map(|(n, _)| n.as_str()))
+        .map(|n| format!("; did you mean {n:?}?"))
+        .unwrap_or_default()
+}
+
+/// The candidate nearest to `name` in edits (insert, remove or change a character, or swap two
+/// adjacent ones), if it is near enough to be a typo of it: at most 1 edit for names of up to 4
+/// characters, 2 for longer ones. Ties go to the first.
+fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = if name.chars().count() <= 4 { 1 } else { 2 };
+    candidates
+        .filter(|c| *c != name)
+        .map(|c| (edits(name, c), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Edits from `a` to `b` (optimal string alignment distance), by characters.
+fn edits(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    // d[i][j]: edits from a[..i] to b[..j].
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// Log to stderr; `RUST_LOG` wins over `-v`.
@@ -110,4 +167,104 @@ pub(crate) fn print_error(err: &anyhow::Error) {
 /// Whether progress may be drawn: only when stderr is a terminal.
 pub(crate) fn progress_enabled() -> bool {
     std::io::stderr().is_terminal()
+}
+
+/// The signals pf handles itself while a goblin runs or a pull stores blobs.
+fn handled_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
+    let mut set = nix::sys::signal::SigSet::empty();
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
+/// Block the handled signals in this thread (and so in every thread it starts from now on), so
+/// that only the thread of [`forward_signals_to`] receives them. Children started by std get a
+/// clean signal mask.
+pub(crate) fn block_signals() -> nix::sys::signal::SigSet {
+    let set = handled_signals();
+    if let Err(e) = set.thread_block() {
+        tracing::warn!(error = %e, "cannot block signals; Ctrl-C will not reach the goblin or cancel the pull");
+    }
+    set
+}
+
+/// On a thread, wait for the blocked signals forever and hand each to `on_signal`.
+pub(crate) fn forward_signals_to(
+    set: nix::sys::signal::SigSet,
+    on_signal: impl Fn(i32) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        while let Ok(sig) = set.wait() {
+            on_signal(sig as i32);
+        }
+    });
+}
+
+/// Ctrl-C (the signals of [`block_signals`]) held back while a dump runs: criu, in a process
+/// group of its own, would finish it without pf and, without --leave-running, kill the process,
+/// whose snapshot pf would then never store. The first signal is told on stderr; the caller
+/// reports it once the snapshot is stored ([`Deferred::report`]).
+pub(crate) struct Deferred(std::sync::Arc<std::sync::atomic::AtomicI32>);
+
+impl Deferred {
+    /// Hold back the signals from now on; `what` is the work they wait for ("the freeze").
+    pub(crate) fn start(what: &'static str) -> Self {
+        use std::sync::atomic::Ordering;
+        let signal = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let seen = std::sync::Arc::clone(&signal);
+        forward_signals_to(block_signals(), move |sig| {
+            if seen.swap(sig, Ordering::SeqCst) == 0 {
+                say(&format!(
+                    "pf: signal {sig}: {what} goes on to its end (stopped midway, criu would \
+                     still finish the dump without pf, and without --leave-running stop the \
+                     process, with no snapshot stored)"
+                ));
+            }
+        });
+        Self(signal)
+    }
+
+    /// Say that a signal came, if one did, now that the work is done.
+    pub(crate) fn report(&self) {
+        let sig = self.0.load(std::sync::atomic::Ordering::SeqCst);
+        if sig != 0 {
+            say(&format!(
+                "pf: interrupted by signal {sig} after the snapshot was complete; it is kept"
+            ));
+        }
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn say(line: &str) {
+    eprintln!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_typo_of_a_name_is_suggested_and_a_stranger_is_not() {
+        let names = ["counter", "c2", "big", "warm-repl"];
+        let near = |n: &str| closest(n, names.iter().copied());
+        assert_eq!(near("countr"), Some("counter"));
+        assert_eq!(near("conuter"), Some("counter"));
+        assert_eq!(near("counter1"), Some("counter"));
+        assert_eq!(near("bog"), Some("big"));
+        assert_eq!(near("warm_repl"), Some("warm-repl"));
+        assert_eq!(near("c3"), Some("c2"));
+        assert_eq!(near("nosuchname"), None);
+        assert_eq!(near("bgi2"), None);
+        assert_eq!(near("counter"), None, "the name itself is no suggestion");
+        assert_eq!(edits("", "abc"), 3);
+        assert_eq!(edits("ab", "ba"), 1);
+    }
 }

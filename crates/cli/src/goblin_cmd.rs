@@ -5,7 +5,7 @@
 //! own signals into a goblin's signal or a `Cancel`.
 
 use std::ffi::OsString;
-use std::io::{Read as _, Write as _};
+use std::io::{IsTerminal as _, Read as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use pf_goblins::{
     ThawOptions, WarmFrom, WarmOptions, Wire,
 };
 
-use crate::common::{self, Global};
+use crate::common::{self, Global, block_signals, forward_signals_to};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -83,6 +83,8 @@ session (`setsid`), unless --shell-job.
 
 By default the goblin keeps running after the freeze (--leave-running); --kill stops it once the
 snapshot is complete. Bytes written to its stdin but not read yet are kept in the snapshot.
+Ctrl-C does not cut a freeze short (criu would finish the dump without pf, and with --kill stop
+the goblin with no snapshot stored): pf says so, finishes, and prints the digest.
 
 Examples:
   pf goblin freeze --pid 4242 --tag warm          # prints sha256:…; `pf goblin thaw warm`
@@ -92,8 +94,8 @@ Examples:
 const THAW_HELP: &str = "\
 The goblin is restored in its own pid and mount namespaces, so any number of thaws of one
 snapshot run at once, and beside the original. Where pf's stdin, stdout or stderr is a pipe,
-the goblin gets that pipe itself and pf copies nothing; a terminal or a file is pumped: pf copies
-its stdin to the goblin (end of input closes the goblin's stdin), the goblin's stdout to pf's
+the goblin gets that pipe itself and pf copies nothing; a terminal, a file or a named pipe is
+pumped: pf copies its stdin to the goblin (end of input closes the goblin's stdin), the goblin's stdout to pf's
 stdout and its stderr to pf's stderr. (Input the goblin had not read when it was frozen goes in
 first, so then stdin is pumped too.) pf forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it and
 exits with its exit code (128+N when signal N ended it). So `pf goblin thaw NAME` behaves like running the program.
@@ -304,12 +306,14 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
     };
     // What the goblin prints while it warms up goes to pf's stderr as it arrives.
     let mut stderr = std::io::stderr();
+    let mut printed = false;
     let warmed = pf_goblins::warm_up(
         from,
         FreezeTarget::Store(&store),
         &options,
         &cancel,
         &mut |_, bytes| {
+            printed |= !bytes.is_empty();
             stderr.write_all(bytes).ok();
         },
     );
@@ -321,7 +325,12 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
             },
         ) => bail!("{e} (raise --timeout?)"),
         Err(e @ pf_goblins::Error::NotWarm { .. }) => bail!("{e}"),
-        Err(e @ pf_goblins::Error::ExitedWarming { .. }) => bail!("{e}; its output is above"),
+        Err(e @ pf_goblins::Error::ExitedWarming { .. }) if printed => {
+            bail!("{e}; its output is above")
+        }
+        Err(e @ pf_goblins::Error::ExitedWarming { .. }) => {
+            bail!("{e}, printing nothing (a goblin must keep running, waiting for its input)")
+        }
         Err(e @ pf_goblins::Error::Pattern { .. }) => {
             return Err(anyhow::Error::new(e).context("--until is not usable"));
         }
@@ -405,6 +414,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         ),
         FreezeTarget::Images(_) => None,
     };
+    let deferred = common::Deferred::start("the freeze");
     let frozen = pf_goblins::freeze(args.pid, target, &options)?;
     if let (Some(tag), FreezeTarget::Store(store), Some(digest)) =
         (&args.tag, target, frozen.digest())
@@ -413,6 +423,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
             .set_name(tag, digest)
             .with_context(|| format!("cannot name the snapshot {tag}"))?;
     }
+    deferred.report();
     let mut stdout = std::io::stdout().lock();
     if args.json {
         let mut json = serde_json::json!({
@@ -456,9 +467,12 @@ impl Resolved {
             .as_deref()
             .context("name a snapshot or give --images")?;
         let store = common::open_existing_store(global)?;
-        let digest = store
-            .resolve(name)
-            .with_context(|| format!("no snapshot {name:?} in the store (see `pf store ls`)"))?;
+        let digest = store.resolve(name).with_context(|| {
+            format!(
+                "no snapshot {name:?} in the store (see `pf store ls`{})",
+                common::did_you_mean(&store, name)
+            )
+        })?;
         Ok(Resolved::Store(store, digest))
     }
 
@@ -547,8 +561,12 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A pidfile of a thawed goblin: written whole (to a temporary name, then renamed), removed
-/// when dropped.
-struct Pidfile(PathBuf);
+/// when dropped unless it names another pid by then (a second thaw given the same FILE wrote
+/// its own copy's pid there, and that copy still runs).
+struct Pidfile {
+    path: PathBuf,
+    pid: i32,
+}
 
 impl Pidfile {
     fn write(path: &std::path::Path, pid: i32) -> anyhow::Result<Self> {
@@ -561,13 +579,20 @@ impl Pidfile {
                 let _ = std::fs::remove_file(&tmp);
                 anyhow::anyhow!("cannot write the pidfile {}: {e}", path.display())
             })?;
-        Ok(Self(path.to_owned()))
+        Ok(Self {
+            path: path.to_owned(),
+            pid,
+        })
     }
 }
 
 impl Drop for Pidfile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let ours = std::fs::read_to_string(&self.path)
+            .is_ok_and(|text| text.trim().parse::<i32>().ok() == Some(self.pid));
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -589,7 +614,16 @@ fn describe_status(status: std::process::ExitStatus) -> String {
 
 fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
     let n = usize::from(args.count);
+    // The snapshot first: a mistyped name fails at once, not after pf's stdin has ended (at a
+    // terminal, only at Ctrl-D).
+    let resolved = Resolved::new(global, &args.from)?;
     let inputs = if args.send.is_empty() {
+        if std::io::stdin().is_terminal() {
+            note(&format!(
+                "reading the input of the {n} copies from this terminal until Ctrl-D (--send \
+                 LINE gives it on the command line instead)"
+            ));
+        }
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
@@ -599,7 +633,6 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         let template: String = args.send.iter().map(|l| format!("{l}\n")).collect();
         pf_goblins::inputs_from_template(template.as_bytes(), n)
     };
-    let resolved = Resolved::new(global, &args.from)?;
     let cancel = Cancel::new()?;
     forward_signals_to(block_signals(), {
         let cancel = cancel.clone();
@@ -664,47 +697,26 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// signals
-
-/// The signals pf handles itself while a goblin runs.
-fn handled_signals() -> nix::sys::signal::SigSet {
-    use nix::sys::signal::Signal;
-    let mut set = nix::sys::signal::SigSet::empty();
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        set.add(sig);
-    }
-    set
-}
-
-/// Block the handled signals in this thread (and so in every thread it starts from now on), so
-/// that only the thread of [`forward_signals_to`] receives them. Children started by std get a
-/// clean signal mask.
-fn block_signals() -> nix::sys::signal::SigSet {
-    let set = handled_signals();
-    if let Err(e) = set.thread_block() {
-        tracing::warn!(error = %e, "cannot block signals; Ctrl-C will not reach the goblin");
-    }
-    set
-}
-
-/// On a thread, wait for the blocked signals forever and hand each to `on_signal`.
-fn forward_signals_to(set: nix::sys::signal::SigSet, on_signal: impl Fn(i32) + Send + 'static) {
-    std::thread::spawn(move || {
-        while let Ok(sig) = set.wait() {
-            on_signal(sig as i32);
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pidfile_another_thaw_took_over_is_left_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.pid");
+        let first = Pidfile::write(&path, 1111).unwrap();
+        let second = Pidfile::write(&path, 2222).unwrap();
+        drop(first);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "2222\n");
+        drop(second);
+        assert!(!path.exists());
+        let alone = Pidfile::write(&path, 3333).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "3333\n");
+        drop(alone);
+        assert!(!path.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn exit_codes_follow_the_shell() {

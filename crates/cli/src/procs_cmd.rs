@@ -173,6 +173,7 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
     let _writing = store
         .writer_lock()
         .context("cannot lock the store for writing")?;
+    let deferred = crate::common::Deferred::start("the capture");
     let bar = Progress::new(args.pid);
     let result = pf_world_procs::capture_with_progress(store, args.pid, &opts, &mut |p| {
         bar.update(p);
@@ -193,6 +194,7 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
             .set_name(name, &captured.procs)
             .with_context(|| format!("captured {}, but cannot name it {name:?}", captured.procs))?;
     }
+    deferred.report();
     let mut out = std::io::stdout().lock();
     if args.json {
         let json = serde_json::json!({

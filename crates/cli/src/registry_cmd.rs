@@ -2,8 +2,8 @@
 
 use std::io::Write as _;
 use std::process::ExitCode;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -53,7 +53,8 @@ fail their hash. So pulling again mends a damaged record, images archive or page
 truncated pack. Every byte is checked against its sha256 before it
 enters the store, and a blob that does not match is refused, naming its digest. The name is
 written last, once every blob of the snapshot is in: a pull that fails leaves nothing of itself
-behind (no name, no blob). Without --tag the snapshot is stored unnamed: its digest is printed,
+behind (no name, no blob), and so does one stopped with Ctrl-C (pf removes what it stored, then
+exits 130; Ctrl-C again stops it at once and leaves that to `pf store gc`). Without --tag the snapshot is stored unnamed: its digest is printed,
 and `pf store gc` removes it after the grace period unless you name it (`pf store tag`).
 
 Registries and credentials as for `pf push` (see `pf push --help`).";
@@ -125,9 +126,13 @@ pub(crate) struct PullArgs {
 pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode> {
     let reference = Reference::parse(&args.reference)?;
     let store = common::open_existing_store(global)?;
-    let root = store
-        .resolve(&args.snapshot)
-        .with_context(|| format!("cannot find snapshot {:?} in the store", args.snapshot))?;
+    let root = store.resolve(&args.snapshot).with_context(|| {
+        format!(
+            "cannot find snapshot {:?} in the store (see `pf store tags`{})",
+            args.snapshot,
+            common::did_you_mean(&store, &args.snapshot)
+        )
+    })?;
     let meter = Meter::new("pushed", "uploaded");
     let started = Instant::now();
     let options = PushOptions {
@@ -172,14 +177,26 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
     let store = common::open_store(global)?;
     let meter = Meter::new("pulled", "fetched");
     let started = Instant::now();
+    let interrupt = Interrupt::watch();
     let options = PullOptions {
         connect: args.connect.options(),
         name: args.tag.clone(),
+        cancel: Some(Arc::clone(&interrupt.cancel)),
     };
-    let report = pf_registry::pull(&store, &reference, &options, &|e| meter.event(e))
-        .with_context(|| format!("cannot pull {reference}"));
+    let report = pf_registry::pull(&store, &reference, &options, &|e| {
+        interrupt.event(&e);
+        meter.event(e);
+    });
     meter.finish();
-    let report = report?;
+    let report = match (report, interrupt.signal()) {
+        (Err(err @ pf_registry::Error::Cancelled { .. }), Some(sig)) => {
+            common::print_error(&anyhow::Error::new(err).context(format!(
+                "cannot pull {reference}, interrupted by signal {sig}"
+            )));
+            return Ok(ExitCode::from(128 + sig));
+        }
+        (report, _) => report.with_context(|| format!("cannot pull {reference}"))?,
+    };
     let seconds = started.elapsed().as_secs_f64();
     if args.connect.json {
         let json = serde_json::json!({
@@ -213,6 +230,59 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
         writeln!(std::io::stdout().lock(), "{}", report.snapshot)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ctrl-C (SIGINT, SIGTERM, SIGHUP, SIGQUIT) during a pull. Until the pull stores its first
+/// blob (it is still asking the registry what to fetch) a signal ends pf at once, since nothing
+/// of the pull is in the store. After that it cancels the pull, which removes what it stored
+/// before it fails; a second signal ends pf at once (a read the registry leaves waiting ends
+/// only at the idle timeout), leaving what was stored to `pf store gc`.
+struct Interrupt {
+    /// Whether the pull may have stored something; held while a signal ends pf at once, so
+    /// that the pull cannot start storing meanwhile.
+    storing: Arc<Mutex<bool>>,
+    cancel: Arc<AtomicBool>,
+    signal: Arc<AtomicI32>,
+}
+
+impl Interrupt {
+    fn watch() -> Self {
+        let interrupt = Self {
+            storing: Arc::new(Mutex::new(false)),
+            cancel: Arc::new(AtomicBool::new(false)),
+            signal: Arc::new(AtomicI32::new(0)),
+        };
+        let storing = Arc::clone(&interrupt.storing);
+        let cancel = Arc::clone(&interrupt.cancel);
+        let signal = Arc::clone(&interrupt.signal);
+        common::forward_signals_to(common::block_signals(), move |sig| {
+            let storing = storing.lock().unwrap_or_else(|p| p.into_inner());
+            if !*storing || cancel.load(Ordering::SeqCst) {
+                std::process::exit(128 + sig);
+            }
+            signal.store(sig, Ordering::SeqCst);
+            cancel.store(true, Ordering::SeqCst);
+            say(&format!(
+                "pf: interrupted by signal {sig}: removing what this pull stored (signal again to \
+                 stop at once and leave it to `pf store gc`)"
+            ));
+        });
+        interrupt
+    }
+
+    /// Follow the pull: once it knows what to fetch, it may store blobs.
+    fn event(&self, event: &Event<'_>) {
+        if let Event::Planned { .. } = event {
+            *self.storing.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        }
+    }
+
+    /// The signal that cancelled the pull, if one did.
+    fn signal(&self) -> Option<u8> {
+        u8::try_from(self.signal.load(Ordering::SeqCst))
+            .ok()
+            .filter(|&s| s != 0 && s < 128)
+    }
 }
 
 fn rate(bytes: u64, seconds: f64) -> u64 {

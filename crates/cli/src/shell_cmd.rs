@@ -109,10 +109,12 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             let pid = resolve_target(&target)?;
             check_terminal(pid, force)?;
             let opts = capture_options(leave_running);
+            let deferred = common::Deferred::start("the freeze");
             if let Some(dir) = images {
                 pf_world_procs::dump_to_dir(pid, &dir, &opts)
                     .map_err(with_tty_hint)
                     .with_context(|| format!("freezing shell {pid} into {}", dir.display()))?;
+                deferred.report();
                 print_result(
                     json,
                     &serde_json::json!({ "images": dir, "pid": pid }),
@@ -131,6 +133,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                     .set_name(name, &captured.procs)
                     .with_context(|| format!("naming the snapshot {name:?}"))?;
             }
+            deferred.report();
             print_result(
                 json,
                 &serde_json::json!({ "digest": captured.procs, "pid": pid, "tag": tag }),
@@ -145,9 +148,12 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                 (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
                 (Some(s), None) => {
                     let store = common::open_existing_store(global)?;
-                    let digest = store
-                        .resolve(&s)
-                        .with_context(|| format!("finding {s:?}"))?;
+                    let digest = store.resolve(&s).with_context(|| {
+                        format!(
+                            "no snapshot {s:?} in the store (see `pf store tags`{})",
+                            common::did_you_mean(&store, &s)
+                        )
+                    })?;
                     pf_world_procs::restore(&store, &digest, opts)
                 }
                 (None, None) => bail!("name a snapshot or pass --images DIR"),

@@ -733,7 +733,27 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     if bad > 0 {
         return Ok(ExitCode::FAILURE);
     }
+    if !args.json {
+        say(&verified_summary(checked_blobs.len(), &checked.json));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a clean `pf store verify` checked, for stderr: the page-level checks leave no line of
+/// their own on stdout when all is well.
+fn verified_summary(blobs: usize, pages: &serde_json::Value) -> String {
+    let count = |key: &str| pages[key].as_u64().unwrap_or(0);
+    let mut line = format!("ok: {blobs} blobs match their digests");
+    if count("manifests") > 0 {
+        line.push_str(&format!(
+            "; the memory of page-level snapshots: {} packs decoded, {} pages hashed, {} page \
+             list entries found in their packs",
+            count("packs"),
+            count("pages"),
+            count("list_entries")
+        ));
+    }
+    line
 }
 
 /// Read a blob to its end through the verifying reader.
@@ -1066,6 +1086,22 @@ fn format_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clean_verify_says_what_it_checked() {
+        let none = serde_json::json!({"manifests": 0, "packs": 0, "pages": 0, "list_entries": 0});
+        assert_eq!(
+            verified_summary(3, &none),
+            "ok: 3 blobs match their digests"
+        );
+        let pages =
+            serde_json::json!({"manifests": 2, "packs": 5, "pages": 900, "list_entries": 1200});
+        assert_eq!(
+            verified_summary(12, &pages),
+            "ok: 12 blobs match their digests; the memory of page-level snapshots: 5 packs \
+             decoded, 900 pages hashed, 1200 page list entries found in their packs"
+        );
+    }
 
     #[test]
     fn durations_parse() {

@@ -88,10 +88,15 @@ fn pump(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<()> {
 
 impl Wire {
     /// `fd` itself when it is a pipe (the goblin gets it and nothing is copied), else
-    /// [`Wire::NewPipe`] (a terminal or a file is copied by the caller, say with [`attach`]).
+    /// [`Wire::NewPipe`] (a terminal, a file or a named pipe is copied by the caller, say with
+    /// [`attach`]). A named pipe (`mkfifo`) is not handed over: the goblin would hold it by its
+    /// path, so a freeze of the thawed copy would refuse it (CRIU reopens a named pipe by path).
     pub fn pipe_or_new(fd: BorrowedFd<'_>) -> Result<Wire> {
+        /// The filesystem of unnamed pipes (`PIPEFS_MAGIC` in linux/magic.h).
+        const PIPEFS: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x5049_5045);
         let is_pipe = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO);
+            .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+            && nix::sys::statfs::fstatfs(fd).is_ok_and(|fs| fs.filesystem_type() == PIPEFS);
         if !is_pipe {
             return Ok(Wire::NewPipe);
         }
@@ -126,6 +131,20 @@ mod tests {
         let file = tempfile::tempfile().expect("file");
         assert!(matches!(
             Wire::pipe_or_new(file.as_fd()).expect("wire"),
+            Wire::NewPipe
+        ));
+        let dir = tempfile::tempdir().expect("dir");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        // Read and write, so that opening it does not wait for a writer.
+        let named = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .expect("open fifo");
+        assert!(matches!(
+            Wire::pipe_or_new(named.as_fd()).expect("wire"),
             Wire::NewPipe
         ));
     }

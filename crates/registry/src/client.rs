@@ -383,6 +383,13 @@ impl Client {
         }
     }
 
+    /// Forget the upload session `sessions` keeps for `digest`, if any: the registry has the
+    /// blob (an earlier push was cut off after the registry committed it, before the session
+    /// was removed, or the blob arrived by another push), so nothing will continue it.
+    pub(crate) fn forget_upload(&self, sessions: &Sessions, digest: &Digest256) {
+        sessions.remove(&self.base, &self.repository, digest);
+    }
+
     /// Upload a blob of `size` raw bytes read from `reader`: one PUT up to [`CHUNK`], PATCH
     /// chunks and a closing PUT beyond. The registry checks the digest when it commits. A
     /// connection idle for the idle timeout is [`Error::Stalled`]. With `sessions`, a chunked

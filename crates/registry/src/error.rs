@@ -54,7 +54,7 @@ pub enum Error {
     NotTls { registry: String },
     /// A request after the first one failed at the transport level (the registry went away).
     #[error(
-        "{method} {url} failed (run the same command again: a push goes on from where it stopped)"
+        "{method} {url} failed (run the same command again once the registry answers: a push goes on from where it stopped, a pull starts over)"
     )]
     Transport {
         method: &'static str,
@@ -64,7 +64,7 @@ pub enum Error {
     },
     /// Reading a blob's bytes from the registry failed midway.
     #[error(
-        "reading blob {digest} from {url} failed (run the same command again: a push goes on from where it stopped)"
+        "reading blob {digest} from {url} failed (run the same command again once the registry answers: the pull starts over, since a failed pull keeps nothing)"
     )]
     BodyRead {
         digest: Digest256,
@@ -74,7 +74,7 @@ pub enum Error {
     },
     /// A blob's connection moved no byte, either way, for the idle timeout.
     #[error(
-        "{registry} moved no byte for {} s while {action} blob {digest} (check the network and that the registry is alive, then run the same command again: a push goes on from where it stopped)",
+        "{registry} moved no byte for {} s while {action} blob {digest} (check the network and that the registry is alive, then run the same command again: a push goes on from where it stopped, a pull starts over)",
         .idle.as_secs_f64()
     )]
     Stalled {
@@ -244,6 +244,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The pull was cancelled ([`crate::PullOptions::cancel`]); what it had stored is removed.
+    #[error("the pull was cancelled; nothing of it was kept")]
+    Cancelled { reference: String },
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] pf_core::Error),

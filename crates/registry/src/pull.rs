@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Read;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pf_core::pack::Pack;
 use pf_core::page_index::PageLoc;
@@ -20,12 +20,16 @@ use crate::reference::Reference;
 use crate::{ConnectOptions, Event, Progress, parallel};
 
 /// How [`pull`] runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PullOptions {
     /// How to reach the registry.
     pub connect: ConnectOptions,
     /// The name to give the snapshot in the store, written once every blob is in.
     pub name: Option<String>,
+    /// Set to cancel the pull (say on Ctrl-C): it stops at its next read or blob, removes what
+    /// it stored, and fails with [`Error::Cancelled`]. A read the registry leaves waiting ends
+    /// at the idle timeout.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// What [`pull`] did.
@@ -102,7 +106,19 @@ pub fn pull(
         } else {
             BTreeSet::new()
         };
+    let cancelled = || {
+        options
+            .cancel
+            .as_deref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+    };
+    let cancel_error = || Error::Cancelled {
+        reference: reference.to_string(),
+    };
     let outcome = parallel(&blobs, options.connect.parallel, |blob| {
+        if cancelled() {
+            return Err(cancel_error());
+        }
         if blob.media_type == FORWARD_MEDIA_TYPE && forwards_here.contains(&blob.digest) {
             progress(Event::Skipped {
                 digest: &blob.digest,
@@ -127,7 +143,7 @@ pub fn pull(
             });
             return Ok(());
         }
-        let found = fetch(store, &client, reference, blob, progress)?;
+        let found = fetch(store, &client, reference, blob, progress, &cancelled)?;
         added
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -155,6 +171,15 @@ pub fn pull(
         Ok(())
     })
     .and_then(|()| check_whole(store, reference, &root))
+    .and_then(|()| {
+        if cancelled() {
+            Err(cancel_error())
+        } else {
+            Ok(())
+        }
+    })
+    // A read cut short by the cancel fails as a read: say why it stopped.
+    .map_err(|err| if cancelled() { cancel_error() } else { err })
     .and_then(|()| match &options.name {
         Some(name) => Ok(store.set_name(name, &root)?),
         None => Ok(()),
@@ -328,11 +353,13 @@ fn fetch(
     reference: &Reference,
     blob: &Descriptor,
     progress: Progress<'_>,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<(Digest256, PageLoc)>> {
     let (reader, url) = client.get_blob(&blob.digest)?;
     let mut counting = Counting {
         inner: reader,
         progress,
+        cancelled,
     };
     let body_error = |source| Error::BodyRead {
         digest: blob.digest,
@@ -446,14 +473,18 @@ fn check_whole(store: &dyn BlobStore, reference: &Reference, root: &Digest256) -
     Ok(())
 }
 
-/// A reader that reports the bytes it yields.
+/// A reader that reports the bytes it yields, and fails once the pull is cancelled.
 struct Counting<'a, R> {
     inner: R,
     progress: Progress<'a>,
+    cancelled: &'a dyn Fn() -> bool,
 }
 
 impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.cancelled)() {
+            return Err(std::io::Error::other("the pull was cancelled"));
+        }
         let n = self.inner.read(buf)?;
         if n > 0 {
             (self.progress)(Event::Transferred { bytes: n as u64 });

@@ -81,6 +81,9 @@ pub fn push(
     parallel(&nodes, options.connect.parallel, |node| {
         if client.has_blob(&node.digest)? {
             tracing::debug!(digest = %node.digest, "the registry has it");
+            if let Some(sessions) = &sessions {
+                client.forget_upload(sessions, &node.digest);
+            }
             progress(Event::Skipped {
                 digest: &node.digest,
                 size: node.size,

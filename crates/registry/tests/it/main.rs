@@ -71,6 +71,7 @@ fn pull_opts(name: Option<&str>) -> PullOptions {
     PullOptions {
         connect: connect(),
         name: name.map(str::to_owned),
+        cancel: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn basic_auth_from_docker_config_and_its_refusals() {
     let pull = PullOptions {
         connect: with("right-horse").connect,
         name: Some("p".into()),
+        cancel: None,
     };
     assert_eq!(
         pf_registry::pull(&b, &r, &pull, &quiet).unwrap().snapshot,
@@ -493,6 +495,7 @@ fn bearer_token_flow_with_basic_credentials() {
     let pull = PullOptions {
         connect: with("right-horse"),
         name: Some("t".into()),
+        cancel: None,
     };
     let pulled = pf_registry::pull(&b, &r, &pull, &quiet).unwrap();
     assert_eq!((pulled.snapshot, pulled.fetched), (root, 4));
@@ -550,6 +553,7 @@ fn a_slow_transfer_that_keeps_moving_never_times_out() {
         &PullOptions {
             connect: idle_opts(idle),
             name: Some("slow".into()),
+            cancel: None,
         },
         &quiet,
     )
@@ -586,6 +590,7 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
     let pulling = PullOptions {
         connect: idle_opts(idle),
         name: Some("s".into()),
+        cancel: None,
     };
     let err = pf_registry::pull(&b, &r, &pulling, &quiet).unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(15), "{err:?}");
@@ -599,6 +604,7 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
     assert!(text.contains(&silent.addr()), "{text}");
     assert!(text.contains(&digest.to_string()), "{text}");
     assert!(text.contains("run the same command again"), "{text}");
+    assert!(text.contains("a pull starts over"), "{text}");
     assert!(b.list().unwrap().is_empty(), "{:?}", b.list().unwrap());
     drop(silent);
 
@@ -746,6 +752,38 @@ fn an_upload_session_the_registry_lost_falls_back_to_a_fresh_upload() {
     let b = store(dir.path(), "b");
     pf_registry::pull(&b, &r, &pull_opts(Some("fresh")), &quiet).unwrap();
     assert_eq!(b.get(&Digest256::of(&big)).unwrap().len(), big.len());
+    drop(registry);
+}
+
+#[test]
+fn an_upload_session_of_a_blob_the_registry_has_by_now_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("registry");
+    let mut registry = Registry::start(&storage, None);
+    let port = registry.port();
+    let a = store(dir.path(), "a");
+    let big = noise(17, 40 << 20);
+    let root = snapshot(&a, 92, std::slice::from_ref(&big));
+    let r = reference(&registry, "forgotten:v1");
+    let sessions = dir.path().join("a/registry/uploads");
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: Some(sessions.clone()),
+    };
+    push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
+    assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 1);
+
+    // The blob reaches the registry another way (a push that keeps no sessions), so the next
+    // push with sessions skips it: the session it kept has nothing left to continue.
+    let registry = Registry::start_on(&storage, port, None);
+    pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+    let done = pf_registry::push(&a, &root, &r, &options, &quiet).unwrap();
+    assert_eq!(done.uploaded, 0, "{done:?}");
+    let left: Vec<_> = std::fs::read_dir(&sessions).unwrap().collect();
+    assert!(left.is_empty(), "upload sessions left behind: {left:?}");
     drop(registry);
 }
 
