@@ -13,7 +13,7 @@ use pf_core::{BlobStore as _, Digest256, FsBlobStore};
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 use pf_world_procs::{FORMAT_ENV, ProcsBlob};
 
-use crate::support::{pf, text};
+use crate::support::{blob_files, pf, text};
 
 /// Longest any single `pf` invocation may take here.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -135,6 +135,17 @@ fn thaw(store: &Path, snapshot: &str, input: &[u8]) -> Output {
     let mut cmd = pf(store);
     cmd.args(["goblin", "thaw", snapshot]);
     run(cmd, input)
+}
+
+/// `snapshot` thaws and answers `sum` with `sum`: every page of its memory is its own.
+fn assert_thaws_with_sum(store: &Path, snapshot: &str, sum: &str) {
+    let out = thaw(store, snapshot, b"sum\n");
+    assert!(
+        out.status.success(),
+        "thaw {snapshot} failed: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "{snapshot}");
 }
 
 /// Bytes the store's blob files take on disk.
@@ -487,26 +498,6 @@ fn live_v2_a_rotten_byte_in_a_raw_pack_file_fails_the_thaw_and_verify() {
     assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
 }
 
-/// Every file under the store's `blobs/` (blobs and temp files), by path.
-fn blob_files(store: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
-    fn walk(dir: &Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else {
-                out.insert(path);
-            }
-        }
-    }
-    let mut out = std::collections::BTreeSet::new();
-    walk(&store.join("blobs"), &mut out);
-    out
-}
-
 /// `pf store ARGS…` within [`DEADLINE`].
 fn store_cmd(store: &Path, args: &[&str]) -> Output {
     let mut cmd = pf(store);
@@ -725,18 +716,9 @@ fn live_v2_four_forks_frozen_again_store_only_their_changes_and_thaw_with_their_
     );
     // Each thaws with its own memory (the sum covers every page of it), and the base with its.
     for (k, sum) in sums.iter().enumerate() {
-        let out = thaw(&store_dir, &format!("fork{}", k + 1), b"sum\n");
-        assert!(
-            out.status.success(),
-            "thaw fork{} failed: {}",
-            k + 1,
-            text(&out.stderr)
-        );
-        assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "fork{}", k + 1);
+        assert_thaws_with_sum(&store_dir, &format!("fork{}", k + 1), sum);
     }
-    let out = thaw(&store_dir, "base", b"sum\n");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), format!("{base_sum}\neof\n"));
+    assert_thaws_with_sum(&store_dir, "base", &base_sum);
     // And pf store show says what each shares.
     let show = store_cmd(&store_dir, &["show", "fork1", "--json"]);
     assert!(show.status.success(), "{}", text(&show.stderr));
@@ -858,18 +840,9 @@ fn live_v2_four_copies_frozen_at_once_beside_gc_each_thaw_with_their_own_state()
         text(&verify.stderr)
     );
     for (k, sum) in sums.iter().enumerate() {
-        let out = thaw(&store_dir, &format!("copy{}", k + 1), b"sum\n");
-        assert!(
-            out.status.success(),
-            "thaw copy{} failed: {}",
-            k + 1,
-            text(&out.stderr)
-        );
-        assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "copy{}", k + 1);
+        assert_thaws_with_sum(&store_dir, &format!("copy{}", k + 1), sum);
     }
-    let out = thaw(&store_dir, "base", b"sum\n");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), format!("{base_sum}\neof\n"));
+    assert_thaws_with_sum(&store_dir, "base", &base_sum);
 }
 
 /// [`MEMORY_GOBLIN`] whose `mut K` rewrites 8 bytes in every 10th random page from page K (10%

@@ -11,7 +11,7 @@ use pf_core::BlobStore as _;
 use pf_registry::test_support::{Registry, TestCerts, docker_config, htpasswd, non_loopback_ipv4};
 use pf_world_procs::test_support::{Deadline, live};
 
-use crate::support::{pf, pf_bin, text};
+use crate::support::{blob_files, pf, pf_bin, text};
 
 /// Run a command to its end (stdin closed), at most 120 s.
 fn run(mut cmd: Command) -> Output {
@@ -1003,24 +1003,4 @@ fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
     assert!(left.is_empty(), "the interrupted pull left {left:?}");
     assert!(!b.join("refs/big").exists());
     drop(registry);
-}
-
-/// Every file under the store's `blobs/` (blobs and temp files), by path.
-fn blob_files(store: &Path) -> std::collections::BTreeSet<std::path::PathBuf> {
-    fn walk(dir: &Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else {
-                out.insert(path);
-            }
-        }
-    }
-    let mut out = std::collections::BTreeSet::new();
-    walk(&store.join("blobs"), &mut out);
-    out
 }

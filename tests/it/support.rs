@@ -101,3 +101,25 @@ pub(crate) fn finish(mut child: Child, input: &[u8], deadline: Duration) -> Outp
 pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Every file under the store's `blobs/` (blobs and temp files), by path.
+pub(crate) fn blob_files(
+    store: &std::path::Path,
+) -> std::collections::BTreeSet<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, out: &mut std::collections::BTreeSet<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.insert(path);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&store.join("blobs"), &mut out);
+    out
+}
