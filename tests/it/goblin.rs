@@ -452,18 +452,13 @@ fn live_thawed_copies_frozen_with_kill_are_each_stored_and_go_on_from_their_stat
     for round in 1..=6 {
         let mut copy = PidfileThaw::start(&store, &from, &dir.path().join("copy.pid"));
         assert_eq!(copy.ask("inc"), round.to_string(), "round {round}");
-        let pid = copy.pid();
+        // Written once the copy runs; frozen by the file, which names it (not stale).
+        let _ = copy.pid();
         let tag = format!("copy{round}");
         let mut freeze = pf(&store);
-        freeze.args([
-            "goblin",
-            "freeze",
-            "--kill",
-            "--pid",
-            &pid.to_string(),
-            "--tag",
-            &tag,
-        ]);
+        freeze
+            .args(["goblin", "freeze", "--kill", "--tag", &tag, "--pidfile"])
+            .arg(&copy.pidfile);
         ok(&run(freeze, b""), &format!("round {round}: freeze --kill"));
         assert!(!copy.wait().success(), "round {round}: the copy was killed");
         assert!(!copy.pidfile.exists(), "round {round}: the pidfile went");
@@ -998,6 +993,67 @@ fn a_mistyped_name_gets_the_name_it_is_a_typo_of() {
     cmd.args(["goblin", "thaw", "nosuchname"]);
     let err = failed(&run(cmd, b""), "thaw of a stranger");
     assert!(!err.contains("did you mean"), "{err}");
+}
+
+#[test]
+fn a_pidfile_that_no_longer_names_its_copy_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // Built first (the first use may build it), so the sleeper's life covers every freeze.
+    let _ = crate::support::pf_bin();
+    let mut sleeper = Command::new("sleep");
+    sleeper
+        .arg("600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    let mut child = spawn_clean(&mut sleeper).expect("start sleep");
+    let pid = i32::try_from(child.id()).expect("pid");
+    let guard = KillOnDrop(pid);
+    let freeze = |file: &Path| {
+        let mut cmd = pf(&store);
+        cmd.args(["goblin", "freeze", "--pidfile"]).arg(file);
+        run(cmd, b"")
+    };
+    // Left by a thaw killed an hour ago: the process now at that pid started after it.
+    let stale = dir.path().join("stale.pid");
+    std::fs::write(&stale, format!("{pid}\n")).expect("write");
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .and_then(|f| f.set_modified(hour_ago))
+        .expect("age the pidfile");
+    let err = failed(&freeze(&stale), "freeze --pidfile of a stale file");
+    assert!(err.contains("is stale"), "{err}");
+    assert!(
+        err.contains(&format!("process {pid} started after")),
+        "{err}"
+    );
+    assert_eq!(
+        pf_os::proc::pid_state(pid),
+        pf_os::proc::PidState::Alive,
+        "the stranger at that pid is left alone"
+    );
+    // Written just now for this very process: not refused as stale (it is no goblin, though).
+    let fresh = dir.path().join("fresh.pid");
+    std::fs::write(&fresh, format!("{pid}\n")).expect("write");
+    let err = text(&freeze(&fresh).stderr);
+    assert!(
+        !err.contains("stale") && !err.contains("has ended"),
+        "{err}"
+    );
+    // A copy gone, and a file that holds no pid.
+    let ended = dir.path().join("ended.pid");
+    let dead = pf_world_procs::test_support::dead_pid();
+    std::fs::write(&ended, format!("{dead}\n")).expect("write");
+    let err = failed(&freeze(&ended), "freeze --pidfile of an ended copy");
+    assert!(err.contains("which has ended"), "{err}");
+    let junk = dir.path().join("junk.pid");
+    std::fs::write(&junk, "hello\n").expect("write");
+    let err = failed(&freeze(&junk), "freeze --pidfile of a file without a pid");
+    assert!(err.contains("does not hold a pid"), "{err}");
+    drop(guard);
+    let _ = child.try_wait();
 }
 
 #[test]

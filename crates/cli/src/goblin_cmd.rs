@@ -46,7 +46,7 @@ Examples:
   pf goblin fork kb -n 4 --send 'question {i}'     four copies at once, each answers
   pf goblin freeze --pid 4242 --tag warm           a goblin you started yourself
   pf goblin thaw kb --pidfile kb.pid               a copy that says its pid; from elsewhere,
-  pf goblin freeze --pid \"$(cat kb.pid)\" --tag kb2  freeze it as it runs (shares kb's pages)
+  pf goblin freeze --pidfile kb.pid --tag kb2      freeze it as it runs (shares kb's pages)
 
 `pf goblin <command> --help` says more about each.";
 
@@ -154,8 +154,12 @@ pub(crate) struct SpawnArgs {
 #[derive(Debug, clap::Args)]
 pub(crate) struct FreezeArgs {
     /// The goblin's pid
-    #[arg(long)]
-    pid: i32,
+    #[arg(long, required_unless_present = "pidfile", conflicts_with = "pidfile")]
+    pid: Option<i32>,
+    /// The pid in FILE, written by `pf goblin thaw --pidfile FILE`; refused if FILE is stale
+    /// (its copy ended and the pid now names a process started since)
+    #[arg(long, value_name = "FILE")]
+    pidfile: Option<PathBuf>,
     /// Keep the goblin running after the freeze [default]
     #[arg(long, conflicts_with = "kill")]
     leave_running: bool,
@@ -195,7 +199,7 @@ pub(crate) struct ThawArgs {
     #[command(flatten)]
     mode: ModeArgs,
     /// Write the goblin's pid (as seen here) to FILE once it runs, and remove FILE when it has
-    /// exited: to freeze this copy while it runs, `pf goblin freeze --pid "$(cat FILE)"`
+    /// exited: to freeze this copy while it runs, `pf goblin freeze --pidfile FILE`
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
 }
@@ -414,8 +418,13 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         ),
         FreezeTarget::Images(_) => None,
     };
+    let pid = match (args.pid, &args.pidfile) {
+        (Some(pid), _) => pid,
+        (None, Some(file)) => pid_from_pidfile(file)?,
+        (None, None) => anyhow::bail!("say which goblin: --pid PID or --pidfile FILE"),
+    };
     let deferred = common::Deferred::start("the freeze");
-    let frozen = pf_goblins::freeze(args.pid, target, &options)?;
+    let frozen = pf_goblins::freeze(pid, target, &options)?;
     if let (Some(tag), FreezeTarget::Store(store), Some(digest)) =
         (&args.tag, target, frozen.digest())
     {
@@ -558,6 +567,41 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
     drop(pidfile);
     tracing::info!(status = %describe_status(status), "goblin exited");
     Ok(exit_code(status))
+}
+
+/// The pid a `pf goblin thaw --pidfile` wrote to `file`, if it still names that copy: a thaw
+/// that was killed leaves its pidfile behind, and once its copy is gone the pid can be another
+/// process's. Such a process started after the file was written.
+fn pid_from_pidfile(file: &std::path::Path) -> anyhow::Result<i32> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the pidfile {}", file.display()))?;
+    let pid: i32 = text.trim().parse().map_err(|_| {
+        anyhow::anyhow!(
+            "the pidfile {} does not hold a pid (it holds {:?})",
+            file.display(),
+            text.chars().take(40).collect::<String>()
+        )
+    })?;
+    let written = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .with_context(|| format!("cannot read the pidfile {}", file.display()))?;
+    let Some(started) = pf_os::proc::started_at(pid) else {
+        anyhow::bail!(
+            "the pidfile {} names process {pid}, which has ended: the copy it was written for \
+             is gone (a pf goblin thaw that was killed leaves its pidfile behind)",
+            file.display()
+        );
+    };
+    // A start time is known to within a second (the boot time is kept in whole seconds).
+    if started > written + std::time::Duration::from_secs(1) {
+        anyhow::bail!(
+            "the pidfile {} is stale: process {pid} started after it was written, so it is not \
+             the copy it was written for (that copy ended and its pid was reused); nothing was \
+             frozen",
+            file.display()
+        );
+    }
+    Ok(pid)
 }
 
 /// A pidfile of a thawed goblin: written whole (to a temporary name, then renamed), removed

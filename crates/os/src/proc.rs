@@ -67,6 +67,34 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The start time of a `/proc/PID/stat` line (field 22), in clock ticks since boot.
+pub fn parse_start_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// When `pid` started, to within a second (the boot time is kept in whole seconds); `None`
+/// when it does not exist.
+pub fn started_at(pid: i32) -> Option<std::time::SystemTime> {
+    let ticks = parse_start_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())?;
+    Some(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(boot)
+            + std::time::Duration::from_millis(ticks * 1000 / per_second.max(1)),
+    )
+}
+
 /// Whether a `/proc/PID/status` text shows a SIGKILL pending for the thread group (`ShdPnd:`)
 /// or the task (`SigPnd:`): it is about to exit.
 pub fn status_sigkill_pending(status: &str) -> bool {
@@ -235,6 +263,21 @@ mod tests {
                         1266761467 0 0 0 17 1 0 0 0 0 0";
 
     #[test]
+    fn this_process_started_a_moment_ago() {
+        let now = std::time::SystemTime::now();
+        let started = started_at(std::process::id() as i32).expect("our start");
+        assert!(
+            started <= now + std::time::Duration::from_secs(1),
+            "{started:?}"
+        );
+        assert!(
+            started + std::time::Duration::from_secs(3600) > now,
+            "{started:?}"
+        );
+        assert_eq!(started_at(i32::MAX), None);
+    }
+
+    #[test]
     fn stat_parses_captured_and_odd_names() {
         let s = parse_stat(BASH).expect("bash");
         assert_eq!(
@@ -256,6 +299,8 @@ mod tests {
         let odd = parse_stat("4242 (we) i rd) Z 17 4242 4242 0 -1 4194564 7").expect("odd");
         assert_eq!((odd.state, odd.ppid), ('Z', 17));
         assert!(odd.is_zombie() && odd.is_exiting());
+        assert_eq!(parse_start_ticks(BASH), Some(5270));
+        assert_eq!(parse_start_ticks("1 (x) Z 0 0"), None, "too few fields");
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) Z 0 0"), None, "too few fields");
         assert_eq!(parse_stat("1 (x) S 0 1 1 -5 -1 0"), None, "negative tty");
