@@ -571,7 +571,13 @@ def test_live_thaw_on_the_host_pid_while_the_original_runs_raises_pid_in_use(
     assert ask(counter, "still") == "2 still"
 
 
-def test_live_broken_images_raise_criu_failed_with_criu_lines(live, tmp_path, counter):
+def test_live_broken_images_raise_criu_failed_with_criu_lines(
+    live, tmp_path, counter, monkeypatch
+):
+    # pf keeps the log of a failed criu run in $TMPDIR: this test's own, not the machine's /tmp.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     images = tmp_path / "images"
     assert pf.goblins.freeze(counter.pid, str(images)) == str(images)
     cores = [p for p in images.iterdir() if p.name.startswith("core-")]
@@ -583,6 +589,7 @@ def test_live_broken_images_raise_criu_failed_with_criu_lines(live, tmp_path, co
     assert err.value.criu_errors, str(err.value)
     assert all(line.startswith("Error") for line in err.value.criu_errors)
     assert err.value.log and os.path.isfile(err.value.log)
+    assert os.path.dirname(os.path.dirname(err.value.log)) == str(scratch)
 
 
 def test_live_a_seed_style_script_runs_on_pf(live, tmp_path):

@@ -526,6 +526,52 @@ fn live_lazy_thaw_killed_mid_serve_takes_the_goblin_and_daemon_down() {
     }
 }
 
+/// The snapshot's name removed and `gc --grace 0` run while a lazily thawed copy's memory is
+/// still served: gc waits until every page is in, then removes the snapshot, and the copy has
+/// every page. Before, gc swept the packs from under pf's lazy-pages daemon and the copy was
+/// killed.
+#[test]
+fn live_gc_waits_for_a_copy_whose_memory_is_still_served_lazily() {
+    let name = "live_gc_waits_for_a_copy_whose_memory_is_still_served_lazily";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(300));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mark = marker('r');
+    let mut goblin = Goblin::start(512, &mark);
+    let sum = goblin.ask("sum");
+    let digest = goblin.freeze_and_stop(&store, "g", "v2");
+    let mut rm = pf(&store);
+    rm.args(["store", "untag", "g"]);
+    let out = run(rm, b"");
+    assert!(out.status.success(), "untag: {}", text(&out.stderr));
+    let mut serve = MidServe::start(&store, &digest.to_string(), &mark);
+    let mut gc = pf(&store);
+    gc.args(["-v", "store", "gc", "--grace", "0"]);
+    let out = run(gc, b"");
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "gc: {stderr}");
+    assert!(
+        stderr.contains("waiting for writers, and thaws reading from the store"),
+        "gc started while the copy was served, and waited: {stderr}"
+    );
+    assert_eq!(serve.ask("sum"), sum, "the copy has every page");
+    // gc removed the snapshot once the copy needed nothing more from it.
+    assert!(
+        !pf_core::BlobStore::contains(&FsBlobStore::open(&store).expect("store"), &digest)
+            .expect("contains"),
+        "the unnamed snapshot was swept"
+    );
+    serve.kill();
+    assert_gone_within(
+        || processes_named(&mark),
+        Duration::from_secs(10),
+        "the thawed copy",
+    );
+}
+
 /// A copy frozen right after a lazy thaw, its memory not all in yet: the freeze waits for the
 /// rest (CRIU dumps only the pages present: the others would come back as zeros), and the
 /// snapshot thaws with every page of the original.

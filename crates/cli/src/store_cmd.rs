@@ -135,8 +135,10 @@ string (a procs snapshot keeps its CRIU dump that way; a pages manifest its page
 gc then reports how much of the kept packs is dead: pages that no kept page list uses any more
 (a pack is kept whole while any of its pages is used). gc waits for the writers (puts, captures,
 freezes) that are between their first blob and its name, so whatever the grace period it never
-removes what they are about to name; unreachable blobs stored within the grace period are kept
-too, for writers that do not take the store's lock.
+removes what they are about to name. It also waits for thaws still reading a snapshot, a lazy
+thaw until every page of its copy is in (about a second per GiB), so removing a name and running
+gc never takes memory from a copy still being served. Unreachable blobs stored within the grace
+period are kept too, for writers that do not take the store's lock.
 
 --repack then rewrites the packs whose live fraction is below --threshold (default 0.5): their
 live pages are copied, checked, into new packs, and a forward record `old pack -> new pack`

@@ -29,7 +29,9 @@
 //! blobs hold process memory, and process memory holds secrets.
 //!
 //! Writers hold a shared `flock` on `<root>/lock` from their first blob to the name that keeps it
-//! ([`BlobStore::writer_lock`]); `gc` holds it exclusively ([`BlobStore::gc_lock`]).
+//! ([`BlobStore::writer_lock`]), readers that must not lose their blobs midway (thaws) take a
+//! share when they can at once ([`BlobStore::reader_lock`]); `gc` holds it exclusively
+//! ([`BlobStore::gc_lock`]).
 //!
 //! A store is used only by its owner and only when nobody else can write to it: [`FsBlobStore::open`]
 //! refuses a root, `refs/` or `blobs/` that another user owns or that group or others may write
@@ -870,12 +872,39 @@ impl BlobStore for FsBlobStore {
         Ok(StoreLock::file(file))
     }
 
+    fn reader_lock(&self) -> Option<StoreLock> {
+        let file = match self.lock_file() {
+            Ok(file) => file,
+            Err(err) => {
+                tracing::debug!(error = %err, "reading the store without its lock");
+                return None;
+            }
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Some(StoreLock::file(file)),
+            Err(fs::TryLockError::WouldBlock) => {
+                tracing::debug!(
+                    store = %self.root.display(),
+                    "a gc holds the store's lock: reading without it"
+                );
+                None
+            }
+            Err(fs::TryLockError::Error(err)) => {
+                tracing::debug!(error = %err, "reading the store without its lock");
+                None
+            }
+        }
+    }
+
     fn gc_lock(&self) -> Result<StoreLock> {
         let file = self.lock_file()?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                tracing::info!(store = %self.root.display(), "waiting for writers to finish");
+                tracing::info!(
+                    store = %self.root.display(),
+                    "waiting for writers, and thaws reading from the store, to finish"
+                );
                 file.lock()
                     .map_err(|err| Error::io("locking", self.root.join("lock"), err))?;
             }

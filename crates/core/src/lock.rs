@@ -1,5 +1,6 @@
-//! The store's lock: writers share it from their first blob to the name that keeps it, `gc`
-//! holds it alone while it decides what to remove and removes it.
+//! The store's lock: writers share it from their first blob to the name that keeps it, readers
+//! that must not lose their blobs midway (thaws) share it when they can without waiting, and
+//! `gc` holds it alone while it decides what to remove and removes it.
 //!
 //! Without it, a gc that read the names before a writer named its new blob removes that blob
 //! (whatever the grace period: at `--grace 0` nothing is spared). With it, a blob a name points
@@ -65,6 +66,20 @@ impl SharedExclusive {
             lock: self.clone(),
             exclusive: false,
         })
+    }
+
+    /// A share when no exclusive holder has it, at once; `None` otherwise.
+    pub(crate) fn try_shared(&self) -> Option<StoreLock> {
+        let (state, _) = &*self.inner;
+        let mut s = state.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.exclusive {
+            return None;
+        }
+        s.shared += 1;
+        Some(StoreLock::mem(MemGuard {
+            lock: self.clone(),
+            exclusive: false,
+        }))
     }
 
     pub(crate) fn exclusive(&self) -> StoreLock {

@@ -190,6 +190,10 @@ impl BlobStore for MemBlobStore {
         Ok(self.lock.shared())
     }
 
+    fn reader_lock(&self) -> Option<StoreLock> {
+        self.lock.try_shared()
+    }
+
     fn gc_lock(&self) -> Result<StoreLock> {
         Ok(self.lock.exclusive())
     }

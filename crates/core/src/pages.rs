@@ -4470,6 +4470,9 @@ mod tests {
         fn writer_lock(&self) -> crate::Result<crate::StoreLock> {
             self.inner.writer_lock()
         }
+        fn reader_lock(&self) -> Option<crate::StoreLock> {
+            self.inner.reader_lock()
+        }
         fn gc_lock(&self) -> crate::Result<crate::StoreLock> {
             self.inner.gc_lock()
         }

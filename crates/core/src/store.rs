@@ -83,6 +83,14 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// other, and a writer may take it again while it holds it. Blocks while a gc holds it.
     fn writer_lock(&self) -> Result<StoreLock>;
 
+    /// Take a share of the store's lock as a reader whose blobs must not go while it reads them
+    /// (a thaw, a lazily thawed tree whose pages are still served), without waiting: while it
+    /// is held, [`gc`](crate::gc()) waits for it as for a writer. `None` while a gc holds the
+    /// lock (the reader goes on without it: gc chose what stays from the names it read before
+    /// the reader began) or where the lock cannot be taken at all (a store on a read-only
+    /// filesystem): a reader is never kept waiting, nor refused, for the sake of the lock.
+    fn reader_lock(&self) -> Option<StoreLock>;
+
     /// Take the store's lock exclusively, as [`gc`](crate::gc()) does: wait until no writer
     /// holds it, and keep new writers out until the returned lock is dropped.
     fn gc_lock(&self) -> Result<StoreLock>;

@@ -107,6 +107,8 @@ fn find_run(runs: &[Run], vaddr: u64) -> Option<(Run, u64)> {
 #[derive(Debug)]
 pub(crate) struct LazyMemory {
     snapshot: Digest256,
+    /// The store the pages come from (each daemon holds a share of its lock while it serves).
+    store: Arc<dyn BlobStore>,
     tasks: HashMap<u64, TaskMemory>,
     lazy_pages: u64,
     /// Where the hint of the pages thaws touch first is kept (None: the store keeps none).
@@ -472,6 +474,7 @@ pub(crate) fn extract(
     crate::v2::rebuild_pages_files(store.as_ref(), procs, &rest, dest)?;
     Ok(LazyMemory {
         snapshot: *snapshot,
+        store: Arc::clone(store),
         tasks,
         lazy_pages,
         hot_path,
@@ -708,12 +711,16 @@ pub(crate) fn start(
     let shared = Arc::new(Shared::default());
     let snapshot = memory.snapshot;
     let work_dir = dir.path().to_owned();
+    // A share of the store's lock, from before the tree exists until serving ends: gc waits
+    // for it rather than sweep the packs of a snapshot whose name was removed meanwhile.
+    let reading = memory.store.reader_lock();
     let daemon = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("pf-lazy-pages".into())
             .spawn(move || {
                 let _dir = dir;
+                let _reading = reading;
                 let mut daemon = Daemon {
                     memory: &memory,
                     shared: &shared,

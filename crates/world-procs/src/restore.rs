@@ -98,6 +98,7 @@ fn load_criu_procs(store: &dyn BlobStore, digest: &Digest256) -> Result<CriuProc
 /// Extract `procs`'s images through the store's verifying reader into a fresh private
 /// directory (regular files with plain names only; see `tarball::extract`).
 pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<ImagesDir> {
+    let _reading = store.reader_lock();
     let digest = &procs.criu_dump;
     if let Some(memory) = &procs.memory {
         let dir = crate::capture::scratch_dir("pf-restore-")?;
@@ -169,6 +170,7 @@ pub fn extract_images_lazy(
     store: std::sync::Arc<dyn BlobStore>,
     digest: &Digest256,
 ) -> Result<LazyImages> {
+    let _reading = store.reader_lock();
     let procs = load_criu_procs(store.as_ref(), digest)?;
     let Some(memory) = &procs.memory else {
         return Err(Error::LazyNeedsV2 { snapshot: *digest });
@@ -256,6 +258,7 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
 /// Restore the procs blob `procs` (a digest; resolve names with `BlobStore::resolve`).
 pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -> Result<Restored> {
     let _span = tracing::info_span!("restore", %procs).entered();
+    let _reading = store.reader_lock();
     match load_procs(store, procs)? {
         ProcsBlob::Criu(c) => {
             // Before extracting a GiB: is there a criu to hand it to?
@@ -315,6 +318,7 @@ pub fn extract_images_streamed(
     store: std::sync::Arc<dyn BlobStore>,
     digest: &Digest256,
 ) -> Result<Option<StreamedImages>> {
+    let _reading = store.reader_lock();
     let procs = load_criu_procs(store.as_ref(), digest)?;
     let Some(memory) = procs.memory.clone() else {
         return Ok(None);
@@ -336,6 +340,7 @@ pub fn extract_images_streamed(
 /// as it reads them. A page that fails its check fails the restore ([`Error::CorruptPage`],
 /// naming the snapshot, the file, the page and its address) before the tree runs.
 pub fn restore_streamed(images: &StreamedImages, opts: RestoreOptions) -> Result<Restored> {
+    let _reading = images.store.reader_lock();
     let serve = crate::streamer::Images {
         store: images.store.as_ref(),
         dir: images.path(),

@@ -145,3 +145,51 @@ fn gc_waits_for_a_writer_on_disk() {
 fn gc_waits_for_a_writer_in_memory() {
     gc_waits_for_a_writer_between_blob_and_name(&pf_core::MemBlobStore::new());
 }
+
+/// A reader's share of the lock (a thaw, a lazily served tree): a `gc` with no grace period
+/// started while it reads an unnamed blob waits, and the blob is there for the whole read; a
+/// reader that comes while gc holds the lock is not kept waiting (it goes on without a share).
+fn gc_waits_for_a_reader_and_a_reader_never_waits_for_gc(store: &dyn BlobStore) {
+    let now = pf_core::GcOptions {
+        dry_run: false,
+        grace: std::time::Duration::ZERO,
+    };
+    let blob = store.put(b"read while gc runs").unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let share = store.reader_lock().expect("no gc holds the lock: a share");
+            held_tx.send(()).unwrap();
+            // gc starts meanwhile and must not sweep the blob before the read is over.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let bytes = store.get(&blob);
+            drop(share);
+            bytes
+        });
+        held_rx.recv().unwrap();
+        let report = pf_core::gc(store, &now).unwrap();
+        assert_eq!(reader.join().unwrap().unwrap(), b"read while gc runs");
+        // Once the reader let go, gc removed the blob nothing names.
+        assert_eq!(report.removed.len(), 1);
+        assert_eq!(report.removed[0].digest, blob);
+    });
+    assert!(!store.contains(&blob).unwrap());
+    let gc = store.gc_lock().unwrap();
+    let started = std::time::Instant::now();
+    assert!(store.reader_lock().is_none(), "no share while gc holds it");
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    drop(gc);
+    assert!(store.reader_lock().is_some());
+}
+
+#[test]
+fn gc_waits_for_a_reader_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsBlobStore::open(&dir.path().join("store")).unwrap();
+    gc_waits_for_a_reader_and_a_reader_never_waits_for_gc(&store);
+}
+
+#[test]
+fn gc_waits_for_a_reader_in_memory() {
+    gc_waits_for_a_reader_and_a_reader_never_waits_for_gc(&pf_core::MemBlobStore::new());
+}
