@@ -1700,3 +1700,92 @@ p.kill(); p.wait()
     assert_eq!(ok(&out, "a second thaw"), "2\n3\n4\neof 4\n");
     mark.assert_running(&[], "two thaws");
 }
+
+/// A goblin whose stderr is a log file (opened for writing, not appending: CRIU then records
+/// its size and reopens it only while it still has that size). A thaw reopens the file as it
+/// was while it can; once the file changed since the freeze, or is gone, a thaw gets a pipe
+/// there instead (pf passes it on to its own stderr) and says so, rather than fail in CRIU with
+/// "has bad size", and the log is left as it was.
+#[test]
+fn live_a_goblin_logging_to_a_file_thaws_after_the_file_changed_or_went() {
+    let name = "live_a_goblin_logging_to_a_file_thaws_after_the_file_changed_or_went";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let log = dir.path().join("goblin.log");
+    let script = r#"
+import sys
+print("ready", flush=True)
+for line in sys.stdin:
+    sys.stderr.write("log " + line)
+    sys.stderr.flush()
+    print("echo " + line.strip(), flush=True)
+"#;
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut freeze = pf(&store);
+    freeze.args([
+        "goblin",
+        "freeze",
+        "--pid",
+        &child.id().to_string(),
+        "--tag",
+        "g",
+    ]);
+    ok(&run(freeze, b""), "freeze");
+    let read_log = || std::fs::read_to_string(&log).expect("read log");
+
+    // The file as it was at the freeze: the copy reopens it and logs into it.
+    let out = thaw(&store, "g", b"a\n");
+    assert_eq!(ok(&out, "thaw onto the unchanged log"), "echo a\n");
+    assert!(
+        !text(&out.stderr).contains("new pipe"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(read_log(), "log a\n");
+
+    // Changed since the freeze (CRIU would refuse it): a pipe, passed on to pf's stderr.
+    let out = thaw(&store, "g", b"b\n");
+    assert_eq!(ok(&out, "thaw after the log changed"), "echo b\n");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("log b\n"),
+        "the copy's stderr reaches pf's: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "stderr was {}, which has changed since the freeze (0 bytes then, 6 now)",
+            log.display()
+        )),
+        "pf says why: {stderr}"
+    );
+    assert_eq!(read_log(), "log a\n", "the log is left alone");
+
+    // Gone: the same.
+    std::fs::remove_file(&log).expect("remove log");
+    let out = thaw(&store, "g", b"c\n");
+    assert_eq!(ok(&out, "thaw after the log went"), "echo c\n");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("log c\n"), "{stderr}");
+    assert!(stderr.contains("which is gone"), "{stderr}");
+    assert!(!log.exists(), "the thaw made no file where the log was");
+
+    // The original runs on.
+    let stdin = child.stdin.as_mut().expect("stdin");
+    writeln!(stdin, "x").expect("write to goblin");
+    assert_eq!(lines.next().expect("a line").expect("read"), "echo x");
+    drop(guard);
+    let _ = child.wait();
+}

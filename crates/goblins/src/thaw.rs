@@ -7,6 +7,12 @@
 //! the bytes it saved from the old stdin pipe — so we write those in ourselves, before the goblin
 //! runs. Each copy is restored in fresh pid and mount namespaces (its own /proc), so any number
 //! of copies of one snapshot run at once, beside the original, each with its original pid inside.
+//!
+//! A stdin or stderr that was a file CRIU reopens by its path, as it was. When it cannot (the
+//! file is gone, or no longer has the size the images record: CRIU checks it for a file not
+//! opened for appending, so a log the original wrote on after the freeze would fail the
+//! thaw), the copy gets a pipe there instead, inherited under the file's path (the key CRIU
+//! gives a file), and pf says so once per snapshot loaded.
 
 use std::io::{PipeReader, PipeWriter, Write as _};
 use std::os::fd::{AsRawFd as _, OwnedFd};
@@ -60,7 +66,8 @@ pub enum Wire {
 
 /// How a thawed goblin's stdin, stdout and stderr are connected ([`Loaded::thaw_wired`]).
 /// Only the streams that were pipes at freeze are wired; for a stdin or stderr that was
-/// `/dev/null` or a file the wire is ignored (CRIU reopens it as it was).
+/// `/dev/null` or a file the wire is ignored (CRIU reopens it as it was), unless the file is gone
+/// or has changed since the freeze: then it is wired as a pipe would be.
 #[derive(Debug)]
 pub struct Wiring {
     /// Its stdin. A [`Wire::Fd`] is refused when the snapshot holds unread stdin bytes
@@ -174,6 +181,11 @@ pub struct Loaded {
     images: Images,
     /// Which of the goblin's stdin, stdout and stderr are pipes, by inode.
     pipes: StdioPipes,
+    /// The sizes the images record for the files by path (CRIU refuses a file unless it still
+    /// has them): what decides, per thaw, whether a stdin or stderr file can be reopened.
+    recorded: Vec<pf_world_procs::images::PathFile>,
+    /// Whether a thaw said that a stdio file had to be replaced (said once).
+    replaced_said: std::sync::atomic::AtomicBool,
     shell_job: bool,
     /// What was waiting unread in the stdin pipe at freeze.
     stdin_backlog: Vec<u8>,
@@ -274,10 +286,21 @@ impl Loaded {
                 "stdin had unread bytes at freeze"
             );
         }
+        let recorded = if pipes.stdin_file.is_some() || pipes.stderr_file.is_some() {
+            // Unreadable: CRIU reopens the files as it would have, and says why if it cannot.
+            pf_world_procs::images::path_files(images.path()).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "cannot read the files the images record");
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
         Ok(Loaded {
             name,
             images,
             pipes,
+            recorded,
+            replaced_said: std::sync::atomic::AtomicBool::new(false),
             shell_job,
             stdin_backlog,
         })
@@ -364,23 +387,49 @@ impl Loaded {
         Ok(goblins)
     }
 
+    /// The key CRIU knows the copy's stdin or stderr (`stream`) by when it is handed a
+    /// descriptor there: its pipe's (`ino`), or, for a file (`file`) CRIU could not reopen as it
+    /// was, the file's path; `None` to let CRIU reopen it.
+    fn stream_key(&self, stream: &str, ino: Option<u64>, file: &Option<String>) -> Option<String> {
+        if let Some(ino) = ino {
+            return Some(pipe_key(ino));
+        }
+        let path = file.as_deref()?;
+        let sizes: Vec<u64> = self
+            .recorded
+            .iter()
+            .filter(|f| f.name == path)
+            .filter_map(|f| f.size)
+            .collect();
+        let why = file_unusable(path, &sizes)?;
+        if !self
+            .replaced_said
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "the goblin's {stream} was {path}, which {why}: a thawed copy gets a new pipe \
+                 there instead"
+            );
+        }
+        // CRIU's name for a file: its path without the leading slash.
+        Some(path.strip_prefix('/').unwrap_or(path).to_owned())
+    }
+
     /// Restore one copy, wired as asked.
     fn thaw_one(&self, new_pid_namespace: bool, wiring: Wiring) -> Result<Goblin> {
-        let StdioPipes {
-            stdin: stdin_ino,
-            stdout: stdout_ino,
-            stderr: stderr_ino,
-        } = self.pipes;
+        let stdout_ino = self.pipes.stdout;
+        let stdin_key = self.stream_key("stdin", self.pipes.stdin, &self.pipes.stdin_file);
+        let stderr_key = self.stream_key("stderr", self.pipes.stderr, &self.pipes.stderr_file);
         let mut inherit = Vec::with_capacity(3);
-        let stdin_w = match (stdin_ino, wiring.stdin) {
+        let stdin_w = match (stdin_key, wiring.stdin) {
             // Not a pipe: CRIU reopens it as it was (a file by its path, /dev/null).
             (None, _) => None,
-            (Some(stdin_ino), Wire::NewPipe) => {
+            (Some(stdin_key), Wire::NewPipe) => {
                 let (r, mut w) = pipe("stdin")?;
                 if !self.stdin_backlog.is_empty() {
                     fill(&mut w, &self.stdin_backlog)?;
                 }
-                inherit.push(inherit_fd(r.into(), stdin_ino));
+                inherit.push(inherit_fd(r.into(), stdin_key));
                 Some(w)
             }
             (Some(_), Wire::Fd(_)) if !self.stdin_backlog.is_empty() => {
@@ -389,32 +438,32 @@ impl Loaded {
                     bytes: self.stdin_backlog.len(),
                 });
             }
-            (Some(stdin_ino), Wire::Fd(fd)) => {
-                inherit.push(inherit_fd(fd, stdin_ino));
+            (Some(stdin_key), Wire::Fd(fd)) => {
+                inherit.push(inherit_fd(fd, stdin_key));
                 None
             }
         };
         let stdout_r = match wiring.stdout {
             Wire::NewPipe => {
                 let (r, w) = pipe("stdout")?;
-                inherit.push(inherit_fd(w.into(), stdout_ino));
+                inherit.push(inherit_fd(w.into(), pipe_key(stdout_ino)));
                 Some(r)
             }
             Wire::Fd(fd) => {
-                inherit.push(inherit_fd(fd, stdout_ino));
+                inherit.push(inherit_fd(fd, pipe_key(stdout_ino)));
                 None
             }
         };
-        let stderr_r = match (stderr_ino, wiring.stderr) {
+        let stderr_r = match (stderr_key, wiring.stderr) {
             (None, _) => None,
-            (Some(ino), _) if ino == stdout_ino => None,
-            (Some(stderr_ino), Wire::NewPipe) => {
+            (Some(key), _) if key == pipe_key(stdout_ino) => None,
+            (Some(stderr_key), Wire::NewPipe) => {
                 let (r, w) = pipe("stderr")?;
-                inherit.push(inherit_fd(w.into(), stderr_ino));
+                inherit.push(inherit_fd(w.into(), stderr_key));
                 Some(r)
             }
-            (Some(stderr_ino), Wire::Fd(fd)) => {
-                inherit.push(inherit_fd(fd, stderr_ino));
+            (Some(stderr_key), Wire::Fd(fd)) => {
+                inherit.push(inherit_fd(fd, stderr_key));
                 None
             }
         };
@@ -501,10 +550,27 @@ fn check_snapshot(
     Ok((name, procs, pipes, shell_job))
 }
 
-fn inherit_fd(fd: OwnedFd, ino: u64) -> InheritFd {
-    InheritFd {
-        fd,
-        key: pipe_key(ino),
+fn inherit_fd(fd: OwnedFd, key: String) -> InheritFd {
+    InheritFd { fd, key }
+}
+
+/// Why CRIU could not reopen the stdio file `path` as it was, if it could not: it is gone, or
+/// it no longer has a size the images record for it (`recorded`: CRIU records one for a file not
+/// opened write-only for appending, and refuses the file unless it still has it).
+fn file_unusable(path: &str, recorded: &[u64]) -> Option<String> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is gone".to_owned()),
+        // Unreadable for another reason: CRIU tries, and says what it finds.
+        Err(_) => None,
+        Ok(now) => recorded
+            .iter()
+            .find(|&&then| now.is_file() && then != now.len())
+            .map(|then| {
+                format!(
+                    "has changed since the freeze ({then} bytes then, {} now)",
+                    now.len()
+                )
+            }),
     }
 }
 
@@ -534,11 +600,15 @@ fn fill(w: &mut PipeWriter, bytes: &[u8]) -> Result<()> {
 
 /// The pipe inodes of a goblin's stdio: its stdout is always a pipe; its stdin and stderr are
 /// pipes (`Some`) or something CRIU reopens by itself (`None`: a file, `/dev/null`, closed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct StdioPipes {
     stdin: Option<u64>,
     stdout: u64,
     stderr: Option<u64>,
+    /// The path of a stdin that was a file opened by its path (not a pipe, not a deleted file).
+    stdin_file: Option<String>,
+    /// The same for stderr.
+    stderr_file: Option<String>,
 }
 
 /// The pipes of a recorded stdio, or why it is not a goblin's.
@@ -568,11 +638,18 @@ fn check_pipes(stdio: &[String]) -> std::result::Result<StdioPipes, NotAGoblinRe
         StdioKind::Pipe(ino) => Some(*ino),
         _ => None,
     };
+    // A deleted file is kept in the images (a ghost): CRIU recreates it whatever is there now.
+    let file = |k: &StdioKind| match k {
+        StdioKind::File(path) if !path.ends_with(" (deleted)") => Some(path.clone()),
+        _ => None,
+    };
     let [stdin, stdout, stderr] = &streams.0;
     let pipes = StdioPipes {
         stdin: pipe(stdin),
         stdout: pipe(stdout).ok_or_else(not_pipes)?,
         stderr: pipe(stderr),
+        stdin_file: file(stdin),
+        stderr_file: file(stderr),
     };
     if let Some(ino) = pipes.stdin
         && (Some(ino) == Some(pipes.stdout) || Some(ino) == pipes.stderr)
@@ -597,13 +674,40 @@ mod tests {
     }
 
     #[test]
+    fn a_stdio_file_is_unusable_when_gone_or_not_the_size_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("err.log");
+        std::fs::write(&log, b"abc").expect("write");
+        let log = log.display().to_string();
+        assert_eq!(file_unusable(&log, &[3]), None, "the size it had");
+        assert_eq!(
+            file_unusable(&log, &[]),
+            None,
+            "no size recorded: appended to"
+        );
+        assert_eq!(
+            file_unusable(&log, &[0]).as_deref(),
+            Some("has changed since the freeze (0 bytes then, 3 now)")
+        );
+        assert_eq!(
+            file_unusable("/dev/null", &[5]),
+            None,
+            "a device has no size"
+        );
+        let gone = dir.path().join("gone").display().to_string();
+        assert_eq!(file_unusable(&gone, &[]).as_deref(), Some("is gone"));
+    }
+
+    #[test]
     fn accepts_three_pipes_or_shared_output() {
         assert_eq!(
             check_pipes(&links(&["pipe:[1]", "pipe:[2]", "pipe:[3]"])),
             Ok(StdioPipes {
                 stdin: Some(1),
                 stdout: 2,
-                stderr: Some(3)
+                stderr: Some(3),
+                stdin_file: None,
+                stderr_file: None,
             })
         );
         assert_eq!(
@@ -611,7 +715,9 @@ mod tests {
             Ok(StdioPipes {
                 stdin: Some(1),
                 stdout: 2,
-                stderr: Some(2)
+                stderr: Some(2),
+                stdin_file: None,
+                stderr_file: None,
             })
         );
         // Python's `Popen(stdin=PIPE, stdout=PIPE, stderr=DEVNULL)`, and a closed stdin.
@@ -620,7 +726,9 @@ mod tests {
             Ok(StdioPipes {
                 stdin: Some(1),
                 stdout: 2,
-                stderr: None
+                stderr: None,
+                stdin_file: None,
+                stderr_file: Some("/dev/null".into()),
             })
         );
         assert_eq!(
@@ -628,8 +736,16 @@ mod tests {
             Ok(StdioPipes {
                 stdin: None,
                 stdout: 2,
-                stderr: None
+                stderr: None,
+                stdin_file: None,
+                stderr_file: Some("/var/log/app.log".into()),
             })
+        );
+        // A deleted file is CRIU's to recreate from the images.
+        assert_eq!(
+            check_pipes(&links(&["/tmp/in (deleted)", "pipe:[2]", "pipe:[3]"]))
+                .map(|p| p.stdin_file),
+            Ok(None)
         );
     }
 

@@ -41,6 +41,10 @@ const PIPES_DATA_MAGIC: u32 = 0x5645_3709;
 const PIPES_DATA_FILE: &str = "pipes-data.img";
 /// `PSTREE_MAGIC`: the second `u32` of `pstree.img`.
 const PSTREE_MAGIC: u32 = 0x5027_3030;
+/// `FILES_MAGIC`: the second `u32` of `files.img`, the tree's open files (all kinds).
+const FILES_MAGIC: u32 = 0x5630_3138;
+/// `FD_TYPES__REG` in a `file_entry`: a file opened by its path (regular files and devices).
+const FD_TYPE_REG: u64 = 1;
 /// `PAGEMAP_MAGIC`: the second `u32` of `pagemap-*.img`.
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 /// `MM_MAGIC`: the second `u32` of `mm-<pid>.img`.
@@ -183,6 +187,87 @@ fn is_ghost_file_image(name: &str) -> bool {
     name.strip_prefix("ghost-file-")
         .and_then(|rest| rest.strip_suffix(".img"))
         .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A file the tree had open by its path (a regular file or a device), as `files.img` records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathFile {
+    /// Its path in the tree's mount namespace, as `/proc/PID/fd/N` showed it (`/tmp/log`).
+    pub name: String,
+    /// The `open` flags (`O_WRONLY`, `O_APPEND`, …).
+    pub flags: u32,
+    /// Its size at the dump, when CRIU recorded one: then a restore refuses the file unless it
+    /// still has that size (criu/files-reg.c `validate_file`; CRIU records none for a device,
+    /// nor for a file opened write-only for appending, such as a log).
+    pub size: Option<u64>,
+}
+
+/// The files `images_dir`'s tree had open by their path (`files.img`: `file_entry { type = 1;
+/// id = 2; reg = 3 }` records, `reg_file_entry { flags = 2; name = 6; size = 8 }`); empty when
+/// the images have no `files.img` (a CRIU that keeps them per type, in `reg-files.img`).
+pub fn path_files(images_dir: &Path) -> Result<Vec<PathFile>, ImageError> {
+    let path = images_dir.join("files.img");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ImageError::Io { path, source }),
+    };
+    parse_files(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
+        path,
+        offset,
+        reason,
+    })
+}
+
+/// Parse `files.img`: the magics, then `u32` length + `file_entry` records; the `reg` of each
+/// of type `REG`.
+fn parse_files(img: &[u8]) -> Result<Vec<PathFile>, ParseError> {
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != FILES_MAGIC {
+        return Err((4, "not a files image (bad magic)"));
+    }
+    let mut out = Vec::new();
+    while r.pos < img.len() {
+        let len = r.u32_le()? as usize;
+        let msg_at = r.pos;
+        let msg = r.take(len, "entry runs past the end of the file")?;
+        let (mut kind, mut reg) = (None, None);
+        for_each_field(msg, &mut |field, _, value| {
+            match (field, value) {
+                (1, Field::Varint(v)) => kind = Some(v),
+                (3, Field::Bytes(b)) => reg = Some(b),
+                _ => {}
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (msg_at + off, why))?;
+        let (Some(FD_TYPE_REG), Some(reg)) = (kind, reg) else {
+            continue;
+        };
+        let reg_at = msg_at + (reg.as_ptr() as usize - msg.as_ptr() as usize);
+        let (mut flags, mut name, mut size) = (None, None, None);
+        for_each_field(reg, &mut |field, at, value| {
+            match (field, value) {
+                (2, Field::Varint(v)) => {
+                    flags = Some(u32::try_from(v).map_err(|_| (at, "uint32 out of range"))?);
+                }
+                // Compared with paths `/proc` shows: a name that is not UTF-8 matches none.
+                (6, Field::Bytes(b)) => name = Some(String::from_utf8_lossy(b).into_owned()),
+                (8, Field::Varint(v)) => size = Some(v),
+                _ => {}
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (reg_at + off, why))?;
+        match (flags, name) {
+            (Some(flags), Some(name)) => out.push(PathFile { name, flags, size }),
+            _ => return Err((reg_at, "reg_file_entry lacks flags or name")),
+        }
+    }
+    Ok(out)
 }
 
 /// Every pid and thread id recorded in `images_dir`'s `pstree.img`, root first, deduplicated
@@ -679,6 +764,61 @@ mod tests {
         assert_eq!(ghost_files(dir.path()).expect("list"), 2);
         let gone = dir.path().join("gone");
         assert!(matches!(ghost_files(&gone), Err(ImageError::Io { path, .. }) if path == gone));
+    }
+
+    /// A `files.img` of three entries: `/tmp/log` opened write-only at 6 bytes, a pipe, and
+    /// `/dev/null` read-write (no size: a device).
+    fn files_img() -> Vec<u8> {
+        let mut img = b"\x19\x43\x56\x54\x38\x31\x30\x56".to_vec();
+        let mut log_reg = vec![0x08, 5, 0x10, 0x01, 0x18, 0, 0x2a, 0, 0x32, 8];
+        log_reg.extend_from_slice(b"/tmp/log");
+        log_reg.extend_from_slice(&[0x40, 6]);
+        let mut null_reg = vec![0x08, 7, 0x10, 0x82, 0x80, 0x02, 0x18, 0, 0x2a, 0, 0x32, 9];
+        null_reg.extend_from_slice(b"/dev/null");
+        let mut entries = Vec::new();
+        for (kind, id, reg) in [(1, 5, Some(log_reg)), (2, 6, None), (1, 7, Some(null_reg))] {
+            let mut e = vec![0x08, kind, 0x10, id];
+            if let Some(reg) = reg {
+                e.push(0x1a);
+                e.push(u8::try_from(reg.len()).expect("short"));
+                e.extend_from_slice(&reg);
+            }
+            entries.push(e);
+        }
+        for e in entries {
+            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            img.extend_from_slice(&e);
+        }
+        img
+    }
+
+    #[test]
+    fn files_image_gives_the_files_opened_by_path_with_their_recorded_size() {
+        let img = files_img();
+        assert_eq!(
+            parse_files(&img),
+            Ok(vec![
+                PathFile {
+                    name: "/tmp/log".into(),
+                    flags: 1,
+                    size: Some(6),
+                },
+                PathFile {
+                    name: "/dev/null".into(),
+                    flags: 0x8002,
+                    size: None,
+                },
+            ])
+        );
+        assert!(parse_files(&img[..img.len() - 3]).is_err(), "truncated");
+        assert_eq!(
+            parse_files(b"\x19\x43\x56\x54\x30\x30\x27\x50"),
+            Err((4, "not a files image (bad magic)"))
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(path_files(dir.path()).expect("no files.img"), vec![]);
+        std::fs::write(dir.path().join("files.img"), &img).expect("write");
+        assert_eq!(path_files(dir.path()).expect("read").len(), 2);
     }
 
     #[test]
