@@ -17,7 +17,12 @@
 //!   ghost file`, `Can't create ghost symlink`, `Can't make ghost dir`): the path where criu
 //!   recreates a deleted file the tree had open is taken. pf's restores of such snapshots take
 //!   turns (`ghosts.rs`), so this is a file left by a restore that was killed, or by a criu
-//!   outside pf.
+//!   outside pf;
+//! - `File <path> has bad size N (expect M)` (criu/files-reg.c:2175), `has bad build-ID` (:2153)
+//!   and `has bad mode` (:2294): a file the tree had open, or its program or a library it
+//!   mapped, is not the file it was at the dump (written to since, or upgraded);
+//! - `Can't open file <path> on restore: No such file or directory` (criu/files-reg.c:2353): a
+//!   file the tree had open is not there (removed since, or another machine).
 
 use std::fmt;
 
@@ -41,6 +46,10 @@ pub enum CriuFailure {
     NoPrivilege,
     /// Where criu recreates a deleted file the tree had open (a ghost file), a file exists.
     GhostInTheWay,
+    /// A file the tree had open or mapped is not the file it was at the dump.
+    FileChanged,
+    /// A file the tree had open or mapped is not there.
+    FileMissing,
 }
 
 impl CriuFailure {
@@ -69,6 +78,19 @@ impl CriuFailure {
                  (criu's log says `Opening ghost file 0x<id> for <path>`), and a file is already \
                  there, left by a restore that was killed: remove it and try again"
             }
+            Self::FileChanged => {
+                "a file the process had open, or its program or a library it mapped, has changed \
+                 since it was frozen (criu's line above names it, without its leading /); a \
+                 snapshot restores only onto the files it was taken with: put that file back as \
+                 it was, or freeze the process again after the change (a package upgrade \
+                 changes programs and libraries)"
+            }
+            Self::FileMissing => {
+                "a file the process had open is not there (criu's line above names it, without \
+                 its leading /); a snapshot restores only onto the files it was taken with: \
+                 put it back at that path as it was, or thaw where it exists (a machine with \
+                 the same files)"
+            }
         }
     }
 }
@@ -81,6 +103,8 @@ impl fmt::Display for CriuFailure {
             Self::PidInUse { pid } => write!(f, "pid {pid} in use"),
             Self::NoPrivilege => f.write_str("missing privileges"),
             Self::GhostInTheWay => f.write_str("a ghost file's path is taken"),
+            Self::FileChanged => f.write_str("a file changed since the dump"),
+            Self::FileMissing => f.write_str("a file of the dump is missing"),
         }
     }
 }
@@ -120,6 +144,14 @@ pub fn classify_line(line: &str) -> Option<CriuFailure> {
     ];
     if ghost.iter().any(|g| line.contains(g)) && line.ends_with("File exists") {
         return Some(CriuFailure::GhostInTheWay);
+    }
+    let changed = [" has bad size ", " has bad build-ID", " has bad mode "];
+    if line.contains("): File ") && changed.iter().any(|c| line.contains(c)) {
+        return Some(CriuFailure::FileChanged);
+    }
+    if line.contains("Can't open file ") && line.ends_with(" on restore: No such file or directory")
+    {
+        return Some(CriuFailure::FileMissing);
     }
     None
 }
@@ -217,6 +249,34 @@ mod tests {
             None
         );
         assert!(CriuFailure::GhostInTheWay.fix().contains("remove it"));
+    }
+
+    #[test]
+    fn a_file_changed_or_missing_since_the_dump() {
+        // What criu 4.2.1 logged restoring a goblin whose stderr log had grown since the dump,
+        // and one whose stderr log had been removed.
+        let grown = "(00.013600) Error (criu/files-reg.c:2175): File work/scratch/err.log has bad \
+                     size 6 (expect 0)";
+        assert_eq!(classify_line(grown), Some(CriuFailure::FileChanged));
+        let rebuilt = "Error (criu/files-reg.c:2153): File usr/lib/libpython3.11.so.1.0 has bad \
+                       build-ID";
+        assert_eq!(classify_line(rebuilt), Some(CriuFailure::FileChanged));
+        let gone = "(00.013461) Error (criu/files-reg.c:2353): Can't open file \
+                    tmp/bash_jobs.0/9ff0669b3f32/stderr on restore: No such file or directory";
+        assert_eq!(classify_line(gone), Some(CriuFailure::FileMissing));
+        // Another reason it cannot be opened is not a missing file.
+        assert_eq!(
+            classify_line(
+                "Error (criu/files-reg.c:2353): Can't open file x on restore: Permission denied"
+            ),
+            None
+        );
+        assert!(
+            CriuFailure::FileChanged
+                .fix()
+                .contains("freeze the process again")
+        );
+        assert!(CriuFailure::FileMissing.fix().contains("put it back"));
     }
 
     #[test]

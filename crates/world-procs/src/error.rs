@@ -421,7 +421,9 @@ impl From<CriuFailure> for ErrorKind {
             CriuFailure::ForeignTerminal { .. } => Self::ForeignTerminal,
             CriuFailure::PidInUse { .. } => Self::PidInUse,
             CriuFailure::NoPrivilege => Self::NeedsPrivilege,
-            CriuFailure::GhostInTheWay => Self::CriuFailed,
+            CriuFailure::GhostInTheWay | CriuFailure::FileChanged | CriuFailure::FileMissing => {
+                Self::CriuFailed
+            }
         }
     }
 }
