@@ -901,7 +901,8 @@ impl BlobStore for FsBlobStore {
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                tracing::info!(
+                // Said by default: gc may wait seconds (a freeze, a lazy thaw serving a GiB).
+                tracing::warn!(
                     store = %self.root.display(),
                     "waiting for writers, and thaws reading from the store, to finish"
                 );

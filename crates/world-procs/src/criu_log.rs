@@ -80,14 +80,15 @@ impl CriuFailure {
             }
             Self::FileChanged => {
                 "a file the process had open, or its program or a library it mapped, has changed \
-                 since it was frozen (criu's line above names it, without its leading /); a \
+                 since it was frozen (criu's error names it, without its leading /); a \
                  snapshot restores only onto the files it was taken with: put that file back as \
                  it was, or freeze the process again after the change (a package upgrade \
                  changes programs and libraries)"
             }
             Self::FileMissing => {
-                "a file the process had open is not there (criu's line above names it, without \
-                 its leading /); a snapshot restores only onto the files it was taken with: \
+                "a file the process had open or mapped, or its working directory, is not there \
+                 (criu's error names it, without its leading /); a snapshot restores only onto \
+                 the files it was taken with: \
                  put it back at that path as it was, or thaw where it exists (a machine with \
                  the same files)"
             }

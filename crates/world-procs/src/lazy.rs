@@ -713,7 +713,7 @@ pub(crate) fn start(
     let work_dir = dir.path().to_owned();
     // A share of the store's lock, from before the tree exists until serving ends: gc waits
     // for it rather than sweep the packs of a snapshot whose name was removed meanwhile.
-    let reading = memory.store.reader_lock();
+    let reading = ServeShare::take(&memory.store);
     let daemon = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -774,6 +774,58 @@ pub(crate) fn start(
         work_dir,
         hold: held.into(),
     })
+}
+
+/// A lazy-pages daemon's share of the store's lock ([`BlobStore::reader_lock`]), let go when
+/// dropped. Taken at once when no gc holds the lock; while one does, a thread waits for it to
+/// let go and then takes the share, so a gc begun later waits for the serve (the serve goes on
+/// meanwhile: the gc under way chose what stays from the names it read before).
+struct ServeShare {
+    slot: Arc<Mutex<ShareSlot>>,
+}
+
+#[derive(Default)]
+struct ShareSlot {
+    lock: Option<pf_core::StoreLock>,
+    /// Serving is over: a share taken late is let go at once.
+    done: bool,
+}
+
+impl ServeShare {
+    fn take(store: &Arc<dyn BlobStore>) -> Self {
+        let slot = Arc::new(Mutex::new(ShareSlot::default()));
+        if let Some(lock) = store.reader_lock() {
+            slot.lock().unwrap_or_else(|p| p.into_inner()).lock = Some(lock);
+            return Self { slot };
+        }
+        let store = Arc::clone(store);
+        let waiting = Arc::clone(&slot);
+        let spawned = std::thread::Builder::new()
+            .name("pf-lazy-share".into())
+            .spawn(move || {
+                // Blocks while the gc holds the lock; fails at once where there is no lock to
+                // take (a read-only store), as `reader_lock` did.
+                let lock = store.writer_lock();
+                let mut slot = waiting.lock().unwrap_or_else(|p| p.into_inner());
+                match lock {
+                    Ok(lock) if !slot.done => slot.lock = Some(lock),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "serving without a share of the lock"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "no thread to wait for the store's lock");
+        }
+        Self { slot }
+    }
+}
+
+impl Drop for ServeShare {
+    fn drop(&mut self) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.done = true;
+        slot.lock = None;
+    }
 }
 
 /// Fill `buf` from `sock`: `Ok(false)` at end of file before the first byte.
@@ -1456,6 +1508,45 @@ mod tests {
     use super::*;
 
     const ANON: u32 = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u32;
+
+    /// Whether a gc could take `store`'s lock within `wait` (it is let go at once).
+    fn gc_gets_the_lock(store: &Arc<dyn BlobStore>, wait: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let store = Arc::clone(store);
+        std::thread::spawn(move || {
+            let lock = store.gc_lock();
+            let _ = tx.send(lock.is_ok());
+        });
+        rx.recv_timeout(wait).unwrap_or(false)
+    }
+
+    #[test]
+    fn a_serve_begun_while_gc_holds_the_lock_takes_its_share_once_gc_lets_go() {
+        let store: Arc<dyn BlobStore> = Arc::new(pf_core::MemBlobStore::new());
+        // No gc: the share is taken at once, and let go with the serve.
+        let share = ServeShare::take(&store);
+        assert!(!gc_gets_the_lock(&store, Duration::from_millis(200)));
+        drop(share);
+        assert!(gc_gets_the_lock(&store, Duration::from_secs(10)));
+        // A gc holds the lock as the serve begins: the serve goes on, and takes its share
+        // once that gc is over, so the next gc waits for it.
+        let gc = store.gc_lock().expect("gc lock");
+        let share = ServeShare::take(&store);
+        drop(gc);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !gc_gets_the_lock(&store, Duration::from_millis(300)),
+            "a later gc waits for the serve"
+        );
+        drop(share);
+        assert!(gc_gets_the_lock(&store, Duration::from_secs(10)));
+        // A serve over before the gc let go: the share its thread takes late is let go at once.
+        let gc = store.gc_lock().expect("gc lock");
+        drop(ServeShare::take(&store));
+        drop(gc);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(gc_gets_the_lock(&store, Duration::from_secs(10)));
+    }
 
     #[test]
     fn a_pack_gone_from_the_store_is_not_called_a_corrupt_page() {
