@@ -1789,3 +1789,85 @@ for line in sys.stdin:
     drop(guard);
     let _ = child.wait();
 }
+
+/// A goblin that keeps a data file open and a file mapped (`mmap`, as
+/// `multiprocessing.shared_memory` maps its file in /dev/shm): CRIU keeps only their names and
+/// sizes and reopens them by path, refusing one that is gone or changed ("has bad size",
+/// "Can't open file"). Once the data file grew, or both went, pf refuses the thaw before CRIU
+/// runs and names each file and what changed; put back as they were, the thaw answers again.
+#[test]
+fn live_a_thaw_names_the_open_files_that_changed_or_went_since_the_freeze() {
+    let name = "live_a_thaw_names_the_open_files_that_changed_or_went_since_the_freeze";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let data = dir.path().join("data.csv");
+    let shared = dir.path().join("shared.bin");
+    std::fs::write(&data, b"a,1\n").expect("write data");
+    std::fs::write(&shared, [7u8; 4096]).expect("write shared");
+    let script = format!(
+        r#"
+import mmap, sys
+data = open({data:?})
+shared_file = open({shared:?}, "r+b")
+shared = mmap.mmap(shared_file.fileno(), 4096)
+print("ready", flush=True)
+for line in sys.stdin:
+    data.seek(0)
+    print(data.readline().strip(), shared[0], flush=True)
+"#,
+        data = data.display().to_string(),
+        shared = shared.display().to_string(),
+    );
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(&script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
+    freeze.args(["--kill", "--tag", "g"]);
+    ok(&run(freeze, b""), "freeze");
+    drop(guard);
+    let _ = child.wait();
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw onto the unchanged files"), "a,1 7\n");
+
+    std::fs::write(&data, b"a,1\nb,2\n").expect("grow data");
+    let out = thaw(&store, "g", b"q\n");
+    assert!(!out.status.success(), "a thaw onto a changed file fails");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the goblin had open {}, which has changed since the freeze (4 bytes then, 8 now)",
+            data.display()
+        )),
+        "pf names the file and what changed: {stderr}"
+    );
+    assert!(stderr.contains("put the files back"), "{stderr}");
+    assert!(!stderr.contains("criu restore failed"), "{stderr}");
+
+    std::fs::remove_file(&data).expect("remove data");
+    std::fs::remove_file(&shared).expect("remove shared");
+    let stderr = text(&thaw(&store, "g", b"q\n").stderr);
+    for gone in [&data, &shared] {
+        assert!(
+            stderr.contains(&format!("{}, which is gone", gone.display())),
+            "pf names every file that went: {stderr}"
+        );
+    }
+
+    std::fs::write(&data, b"a,9\n").expect("put data back");
+    std::fs::write(&shared, [8u8; 4096]).expect("put shared back");
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw onto files of the same size"), "a,9 8\n");
+}

@@ -43,6 +43,9 @@ const PIPES_DATA_FILE: &str = "pipes-data.img";
 const PSTREE_MAGIC: u32 = 0x5027_3030;
 /// `FILES_MAGIC`: the second `u32` of `files.img`, the tree's open files (all kinds).
 const FILES_MAGIC: u32 = 0x5630_3138;
+/// `REMAP_FPATH_MAGIC`: the second `u32` of `remap-fpath.img`, the files CRIU does not reopen
+/// by their path (deleted files kept as ghosts, links to them, `/proc` files of dead pids).
+const REMAP_FPATH_MAGIC: u32 = 0x5913_3954;
 /// `FD_TYPES__REG` in a `file_entry`: a file opened by its path (regular files and devices).
 const FD_TYPE_REG: u64 = 1;
 /// `PAGEMAP_MAGIC`: the second `u32` of `pagemap-*.img`.
@@ -202,26 +205,73 @@ pub struct PathFile {
     pub size: Option<u64>,
 }
 
-/// The files `images_dir`'s tree had open by their path (`files.img`: `file_entry { type = 1;
-/// id = 2; reg = 3 }` records, `reg_file_entry { flags = 2; name = 6; size = 8 }`); empty when
-/// the images have no `files.img` (a CRIU that keeps them per type, in `reg-files.img`).
+/// The files `images_dir`'s tree had open (or mapped, or as its working directory) by their
+/// path (`files.img`: `file_entry { type = 1; id = 2; reg = 3 }` records, `reg_file_entry { id
+/// = 1; flags = 2; name = 6; size = 8 }`), less those `remap-fpath.img` remaps (a deleted file
+/// CRIU recreates from the images whatever is at its path now); empty when the images have no
+/// `files.img` (a CRIU that keeps them per type, in `reg-files.img`).
 pub fn path_files(images_dir: &Path) -> Result<Vec<PathFile>, ImageError> {
-    let path = images_dir.join("files.img");
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ImageError::Io { path, source }),
+    let read = |name: &str| -> Result<Option<(PathBuf, Vec<u8>)>, ImageError> {
+        let path = images_dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some((path, bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ImageError::Io { path, source }),
+        }
     };
-    parse_files(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
-        path,
-        offset,
-        reason,
-    })
+    let malformed = |path: PathBuf| {
+        move |(offset, reason)| ImageError::Malformed {
+            path,
+            offset,
+            reason,
+        }
+    };
+    let Some((path, bytes)) = read("files.img")? else {
+        return Ok(Vec::new());
+    };
+    let files = parse_files(&bytes).map_err(malformed(path))?;
+    let remapped = match read("remap-fpath.img")? {
+        Some((path, bytes)) => parse_remaps(&bytes).map_err(malformed(path))?,
+        None => Vec::new(),
+    };
+    Ok(files
+        .into_iter()
+        .filter(|(id, _)| !remapped.contains(id))
+        .map(|(_, file)| file)
+        .collect())
+}
+
+/// Parse `remap-fpath.img`: the magics, then `u32` length + `remap_file_path_entry { orig_id =
+/// 1; remap_id = 2; remap_type = 3 }` records; the `orig_id` of each.
+fn parse_remaps(img: &[u8]) -> Result<Vec<u32>, ParseError> {
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != REMAP_FPATH_MAGIC {
+        return Err((4, "not a remap-fpath image (bad magic)"));
+    }
+    let mut out = Vec::new();
+    while r.pos < img.len() {
+        let len = r.u32_le()? as usize;
+        let msg_at = r.pos;
+        let msg = r.take(len, "entry runs past the end of the file")?;
+        let mut orig = None;
+        for_each_field(msg, &mut |field, at, value| {
+            if let (1, Field::Varint(v)) = (field, value) {
+                orig = Some(u32::try_from(v).map_err(|_| (at, "uint32 out of range"))?);
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (msg_at + off, why))?;
+        out.push(orig.ok_or((msg_at, "remap_file_path_entry lacks orig_id"))?);
+    }
+    Ok(out)
 }
 
 /// Parse `files.img`: the magics, then `u32` length + `file_entry` records; the `reg` of each
-/// of type `REG`.
-fn parse_files(img: &[u8]) -> Result<Vec<PathFile>, ParseError> {
+/// of type `REG`, with its id.
+fn parse_files(img: &[u8]) -> Result<Vec<(u32, PathFile)>, ParseError> {
     let mut r = Reader { buf: img, pos: 0 };
     if r.u32_le()? != IMG_COMMON_MAGIC {
         return Err((0, "not a criu image (bad common magic)"));
@@ -248,9 +298,12 @@ fn parse_files(img: &[u8]) -> Result<Vec<PathFile>, ParseError> {
             continue;
         };
         let reg_at = msg_at + (reg.as_ptr() as usize - msg.as_ptr() as usize);
-        let (mut flags, mut name, mut size) = (None, None, None);
+        let (mut id, mut flags, mut name, mut size) = (None, None, None, None);
         for_each_field(reg, &mut |field, at, value| {
             match (field, value) {
+                (1, Field::Varint(v)) => {
+                    id = Some(u32::try_from(v).map_err(|_| (at, "uint32 out of range"))?);
+                }
                 (2, Field::Varint(v)) => {
                     flags = Some(u32::try_from(v).map_err(|_| (at, "uint32 out of range"))?);
                 }
@@ -262,9 +315,9 @@ fn parse_files(img: &[u8]) -> Result<Vec<PathFile>, ParseError> {
             Ok(())
         })
         .map_err(|(off, why)| (reg_at + off, why))?;
-        match (flags, name) {
-            (Some(flags), Some(name)) => out.push(PathFile { name, flags, size }),
-            _ => return Err((reg_at, "reg_file_entry lacks flags or name")),
+        match (id, flags, name) {
+            (Some(id), Some(flags), Some(name)) => out.push((id, PathFile { name, flags, size })),
+            _ => return Err((reg_at, "reg_file_entry lacks id, flags or name")),
         }
     }
     Ok(out)
@@ -798,16 +851,22 @@ mod tests {
         assert_eq!(
             parse_files(&img),
             Ok(vec![
-                PathFile {
-                    name: "/tmp/log".into(),
-                    flags: 1,
-                    size: Some(6),
-                },
-                PathFile {
-                    name: "/dev/null".into(),
-                    flags: 0x8002,
-                    size: None,
-                },
+                (
+                    5,
+                    PathFile {
+                        name: "/tmp/log".into(),
+                        flags: 1,
+                        size: Some(6),
+                    }
+                ),
+                (
+                    7,
+                    PathFile {
+                        name: "/dev/null".into(),
+                        flags: 0x8002,
+                        size: None,
+                    }
+                ),
             ])
         );
         assert!(parse_files(&img[..img.len() - 3]).is_err(), "truncated");
@@ -819,6 +878,27 @@ mod tests {
         assert_eq!(path_files(dir.path()).expect("no files.img"), vec![]);
         std::fs::write(dir.path().join("files.img"), &img).expect("write");
         assert_eq!(path_files(dir.path()).expect("read").len(), 2);
+    }
+
+    #[test]
+    fn a_file_remapped_to_a_ghost_is_not_one_opened_by_path() {
+        // remap-fpath.img from CRIU 4.2.1: two deleted files (ids 0x1c, 0x1e) kept as ghosts.
+        let remaps = b"\x19\x43\x56\x54\x54\x39\x13\x59\x06\x00\x00\x00\x08\x1c\x10\x01\
+\x18\x01\x06\x00\x00\x00\x08\x1e\x10\x02\x18\x01";
+        assert_eq!(parse_remaps(remaps), Ok(vec![0x1c, 0x1e]));
+        assert!(parse_remaps(&remaps[..20]).is_err(), "truncated");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("files.img"), files_img()).expect("write");
+        // The log (id 5) was deleted: only /dev/null is opened by its path.
+        let mut remap_log = remaps[..8].to_vec();
+        remap_log.extend_from_slice(b"\x06\x00\x00\x00\x08\x05\x10\x01\x18\x01");
+        std::fs::write(dir.path().join("remap-fpath.img"), &remap_log).expect("write");
+        let names: Vec<String> = path_files(dir.path())
+            .expect("read")
+            .into_iter()
+            .map(|f| f.name)
+            .collect();
+        assert_eq!(names, vec!["/dev/null".to_owned()]);
     }
 
     #[test]
