@@ -1871,3 +1871,74 @@ for line in sys.stdin:
     let out = thaw(&store, "g", b"q\n");
     assert_eq!(ok(&out, "thaw onto files of the same size"), "a,9 8\n");
 }
+
+/// A goblin listening on a localhost TCP port: CRIU restores each copy's socket bound to that
+/// same address (while another listens there), and the kernel hands each connection to any one
+/// of them, so a copy that connects to "its" port may wait forever on another's. One thaw says
+/// nothing; a fork says which address the copies share and what to do.
+#[test]
+fn live_a_fork_of_a_goblin_listening_on_tcp_says_the_copies_share_its_port() {
+    let name = "live_a_fork_of_a_goblin_listening_on_tcp_says_the_copies_share_its_port";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let script = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print("ready", s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    print("port", s.getsockname()[1], flush=True)
+"#;
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines.next().expect("a line").expect("read");
+    let port = ready.strip_prefix("ready ").expect("ready PORT").to_owned();
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
+    freeze.args(["--kill", "--tag", "g"]);
+    ok(&run(freeze, b""), "freeze");
+    drop(guard);
+    let _ = child.wait();
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw"), format!("port {port}\n"));
+    assert!(
+        !text(&out.stderr).contains("listens on TCP"),
+        "one copy shares nothing: {}",
+        text(&out.stderr)
+    );
+
+    let mut fork = pf(&store);
+    fork.args(["goblin", "fork", "g", "-n", "2", "--send", "q"]);
+    let out = run(fork, b"");
+    let stdout = ok(&out, "fork");
+    assert_eq!(
+        stdout.matches(&format!("port {port}")).count(),
+        2,
+        "{stdout}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the goblin listens on TCP 127.0.0.1:{port}: every copy listens on that same address"
+        )),
+        "pf says the copies share the port: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("listens on TCP").count(),
+        1,
+        "said once: {stderr}"
+    );
+}

@@ -184,6 +184,10 @@ pub struct Loaded {
     /// The sizes the images record for the files by path (CRIU refuses a file unless it still
     /// has them): what decides, per thaw, whether a stdin or stderr file can be reopened.
     recorded: Vec<pf_world_procs::images::PathFile>,
+    /// The TCP addresses the goblin listens on: every copy listens on the same one.
+    listening: Vec<std::net::SocketAddr>,
+    /// How many copies were thawed from this load (the second says that they share `listening`).
+    thaws: std::sync::atomic::AtomicUsize,
     /// Whether a thaw said that a stdio file had to be replaced (said once).
     replaced_said: std::sync::atomic::AtomicBool,
     shell_job: bool,
@@ -291,11 +295,17 @@ impl Loaded {
             tracing::debug!(error = %e, "cannot read the files the images record");
             Vec::new()
         });
+        let listening = pf_world_procs::images::listening_tcp(images.path()).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the sockets the images record");
+            Vec::new()
+        });
         Ok(Loaded {
             name,
             images,
             pipes,
             recorded,
+            listening,
+            thaws: std::sync::atomic::AtomicUsize::new(0),
             replaced_said: std::sync::atomic::AtomicBool::new(false),
             shell_job,
             stdin_backlog,
@@ -431,6 +441,21 @@ impl Loaded {
                 snapshot: self.name.clone(),
                 files: changed,
             });
+        }
+        if self
+            .thaws
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            == 1
+            && !self.listening.is_empty()
+        {
+            let addrs: Vec<String> = self.listening.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                "the goblin listens on TCP {}: every copy listens on that same address (and \
+                 the original, while it runs), and the kernel hands each new connection to any \
+                 one of them, so a copy may not get the connections it expects; give each copy \
+                 a port of its own after the thaw (close the socket and listen again on port 0)",
+                addrs.join(", ")
+            );
         }
         let mut inherit = Vec::with_capacity(3);
         let stdin_w = match (stdin_key, wiring.stdin) {
