@@ -1942,3 +1942,70 @@ for line in sys.stdin:
         "said once: {stderr}"
     );
 }
+
+/// A goblin holding a `multiprocessing.Manager()`: its server process listens on a unix socket
+/// in a `pymp-…` directory that Python removes when the server exits. The goblin frozen and
+/// killed, a first thaw answers and, as it ends, removes that directory; CRIU could then bind
+/// the socket in no later thaw ("Can't bind … No such file"). pf refuses before CRIU runs and
+/// names the directory; made again, the thaw answers from the manager's state.
+#[test]
+fn live_a_thaw_names_the_gone_directory_of_a_unix_socket_the_goblin_listens_on() {
+    let name = "live_a_thaw_names_the_gone_directory_of_a_unix_socket_the_goblin_listens_on";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let script = r#"
+import multiprocessing as mp, os, sys
+m = mp.Manager()
+d = m.dict()
+d["a"] = 41
+print("ready", os.path.dirname(m.address), flush=True)
+for line in sys.stdin:
+    print(d["a"] + 1, flush=True)
+"#;
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(script))
+        .current_dir("/")
+        .env("TMPDIR", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines.next().expect("a line").expect("read");
+    let pymp = std::path::PathBuf::from(ready.strip_prefix("ready ").expect("ready DIR"));
+    assert!(pymp.starts_with(dir.path()), "{}", pymp.display());
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
+    freeze.args(["--kill", "--tag", "g"]);
+    ok(&run(freeze, b""), "freeze");
+    drop(guard);
+    let _ = child.wait();
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "a first thaw"), "42\n");
+    assert!(
+        !pymp.exists(),
+        "the copy's manager removed its directory as it ended"
+    );
+
+    let out = thaw(&store, "g", b"q\n");
+    assert!(!out.status.success(), "no socket can be bound there");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "is a unix socket it listens on, in {} which is gone (create that directory again)",
+            pymp.display()
+        )),
+        "pf names the directory: {stderr}"
+    );
+    assert!(!stderr.contains("criu restore failed"), "{stderr}");
+
+    std::fs::create_dir(&pymp).expect("make the directory again");
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "a thaw once the directory is back"), "42\n");
+}

@@ -186,6 +186,8 @@ pub struct Loaded {
     recorded: Vec<pf_world_procs::images::PathFile>,
     /// The TCP addresses the goblin listens on: every copy listens on the same one.
     listening: Vec<std::net::SocketAddr>,
+    /// The paths the goblin listens on with unix sockets: CRIU binds each again there.
+    listening_unix: Vec<std::path::PathBuf>,
     /// How many copies were thawed from this load (the second says that they share `listening`).
     thaws: std::sync::atomic::AtomicUsize,
     /// Whether a thaw said that a stdio file had to be replaced (said once).
@@ -299,12 +301,18 @@ impl Loaded {
             tracing::debug!(error = %e, "cannot read the sockets the images record");
             Vec::new()
         });
+        let listening_unix =
+            pf_world_procs::images::listening_unix(images.path()).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "cannot read the sockets the images record");
+                Vec::new()
+            });
         Ok(Loaded {
             name,
             images,
             pipes,
             recorded,
             listening,
+            listening_unix,
             thaws: std::sync::atomic::AtomicUsize::new(0),
             replaced_said: std::sync::atomic::AtomicBool::new(false),
             shell_job,
@@ -435,7 +443,8 @@ impl Loaded {
             .iter()
             .any(|(key, file)| key.is_some() && file.as_deref() == Some(path))
         };
-        let changed = changed_files(&self.recorded, &replaced);
+        let mut changed = changed_files(&self.recorded, &replaced);
+        changed.extend(socket_dirs_gone(&self.listening_unix));
         if !changed.is_empty() {
             return Err(Error::FilesChanged {
                 snapshot: self.name.clone(),
@@ -615,6 +624,30 @@ fn changed_files(
         }
     }
     out
+}
+
+/// The unix socket paths of `listening` whose directory is gone, each with why: CRIU binds a
+/// listening socket again at its path, and cannot in a directory that is gone (Python's
+/// `multiprocessing.Manager()` listens in a `/tmp/pymp-…` directory that its process removes
+/// when it exits, so once a thawed copy ended no thaw could bind its socket).
+fn socket_dirs_gone(listening: &[std::path::PathBuf]) -> Vec<(String, String)> {
+    listening
+        .iter()
+        .filter_map(|path| {
+            let dir = path.parent()?;
+            match std::fs::metadata(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some((
+                    path.display().to_string(),
+                    format!(
+                        "is a unix socket it listens on, in {} which is gone (create that \
+                         directory again)",
+                        dir.display()
+                    ),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 fn inherit_fd(fd: OwnedFd, key: String) -> InheritFd {
@@ -805,6 +838,24 @@ mod tests {
             changed_files(&[file(&data, Some(4)), file(&gone, None)][..1], &none),
             vec![],
             "the size it has"
+        );
+    }
+
+    #[test]
+    fn a_listening_unix_socket_whose_directory_went_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let here = dir.path().join("listener");
+        let gone = dir.path().join("pymp-1").join("listener");
+        assert_eq!(
+            socket_dirs_gone(&[here, gone.clone()]),
+            vec![(
+                gone.display().to_string(),
+                format!(
+                    "is a unix socket it listens on, in {} which is gone (create that directory \
+                     again)",
+                    dir.path().join("pymp-1").display()
+                )
+            )]
         );
     }
 

@@ -407,6 +407,77 @@ fn parse_listening_tcp(img: &[u8]) -> Result<Vec<std::net::SocketAddr>, ParseErr
     Ok(out)
 }
 
+/// `FD_TYPES__UNIXSK` in a `file_entry`: a unix socket.
+const FD_TYPE_UNIXSK: u64 = 5;
+
+/// The paths `images_dir`'s tree listens on with unix sockets (`files.img`: `file_entry { type =
+/// 1; usk = 16 }` records, `unix_sk_entry { state = 4; name = 11 }` with state `TCP_LISTEN` and a
+/// name that is a path, not an abstract address); empty without a `files.img`. CRIU binds each
+/// again at its path, which fails when its directory is gone.
+pub fn listening_unix(images_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let path = images_dir.join("files.img");
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ImageError::Io { path, source }),
+    };
+    parse_listening_unix(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
+        path,
+        offset,
+        reason,
+    })
+}
+
+/// Parse `files.img` for [`listening_unix`].
+fn parse_listening_unix(img: &[u8]) -> Result<Vec<PathBuf>, ParseError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != FILES_MAGIC {
+        return Err((4, "not a files image (bad magic)"));
+    }
+    let mut out = Vec::new();
+    while r.pos < img.len() {
+        let len = r.u32_le()? as usize;
+        let msg_at = r.pos;
+        let msg = r.take(len, "entry runs past the end of the file")?;
+        let (mut kind, mut usk) = (None, None);
+        for_each_field(msg, &mut |field, _, value| {
+            match (field, value) {
+                (1, Field::Varint(v)) => kind = Some(v),
+                (16, Field::Bytes(b)) => usk = Some(b),
+                _ => {}
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (msg_at + off, why))?;
+        let (Some(FD_TYPE_UNIXSK), Some(usk)) = (kind, usk) else {
+            continue;
+        };
+        let usk_at = msg_at + (usk.as_ptr() as usize - msg.as_ptr() as usize);
+        let (mut state, mut name) = (None, None);
+        for_each_field(usk, &mut |field, _, value| {
+            match (field, value) {
+                (4, Field::Varint(v)) => state = Some(v),
+                (11, Field::Bytes(b)) => name = Some(b),
+                _ => {}
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (usk_at + off, why))?;
+        if let (Some(TCP_LISTEN), Some(name)) = (state, name)
+            && name.first() == Some(&b'/')
+        {
+            // A `sun_path`: the NUL that ends it may be recorded too.
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            out.push(PathBuf::from(std::ffi::OsStr::from_bytes(&name[..end])));
+        }
+    }
+    Ok(out)
+}
+
 /// Every pid and thread id recorded in `images_dir`'s `pstree.img`, root first, deduplicated
 /// (these must be free for a restore in our pid namespace).
 pub(crate) fn pstree_pids(images_dir: &Path) -> Result<Vec<i32>, ImageError> {
@@ -993,6 +1064,40 @@ mod tests {
             "truncated"
         );
         assert_eq!(parse_listening_tcp(&files_img()), Ok(vec![]));
+    }
+
+    #[test]
+    fn files_image_gives_the_unix_socket_paths_listened_on() {
+        // files.img entries from CRIU 4.2.1 of `multiprocessing.Manager()`'s server: the
+        // listening socket bound to its path, and an accepted connection (no name).
+        let mut img = b"\x19\x43\x56\x54\x38\x31\x30\x56".to_vec();
+        let hex = [
+            "0805103382018201083310bc91bc011801200a28023000381040004a0a080010001800200028005\
+             22d0880800d1080800d18002000280030003800400048015800600068007000880100900100980100\
+             b80100c801005a252f746d702f70796d702d33336f686972696d2f6c697374656e65722d386f7370\
+             6f663735006a0808ed830310001800800102",
+            "08051034820156083410be91bc011801200128023000380040bd91bc014a0a0800100018002000280\
+             0522d0880800d1080800d1800200028003000380040004801580060006800700088010090010098010\
+             0b80100c801005a00800102",
+        ];
+        for e in hex {
+            let e: Vec<u8> = (0..e.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&e[i..i + 2], 16).expect("hex"))
+                .collect();
+            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            img.extend_from_slice(&e);
+        }
+        assert_eq!(
+            parse_listening_unix(&img),
+            Ok(vec![PathBuf::from("/tmp/pymp-33ohirim/listener-8ospof75")])
+        );
+        assert_eq!(parse_listening_tcp(&img), Ok(vec![]));
+        assert!(
+            parse_listening_unix(&img[..img.len() - 3]).is_err(),
+            "truncated"
+        );
+        assert_eq!(parse_listening_unix(&files_img()), Ok(vec![]));
     }
 
     #[test]
