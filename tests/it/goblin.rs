@@ -1789,3 +1789,223 @@ for line in sys.stdin:
     drop(guard);
     let _ = child.wait();
 }
+
+/// A goblin that keeps a data file open and a file mapped (`mmap`, as
+/// `multiprocessing.shared_memory` maps its file in /dev/shm): CRIU keeps only their names and
+/// sizes and reopens them by path, refusing one that is gone or changed ("has bad size",
+/// "Can't open file"). Once the data file grew, or both went, pf refuses the thaw before CRIU
+/// runs and names each file and what changed; put back as they were, the thaw answers again.
+#[test]
+fn live_a_thaw_names_the_open_files_that_changed_or_went_since_the_freeze() {
+    let name = "live_a_thaw_names_the_open_files_that_changed_or_went_since_the_freeze";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let data = dir.path().join("data.csv");
+    let shared = dir.path().join("shared.bin");
+    std::fs::write(&data, b"a,1\n").expect("write data");
+    std::fs::write(&shared, [7u8; 4096]).expect("write shared");
+    let script = format!(
+        r#"
+import mmap, sys
+data = open({data:?})
+shared_file = open({shared:?}, "r+b")
+shared = mmap.mmap(shared_file.fileno(), 4096)
+print("ready", flush=True)
+for line in sys.stdin:
+    data.seek(0)
+    print(data.readline().strip(), shared[0], flush=True)
+"#,
+        data = data.display().to_string(),
+        shared = shared.display().to_string(),
+    );
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(&script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
+    freeze.args(["--kill", "--tag", "g"]);
+    ok(&run(freeze, b""), "freeze");
+    drop(guard);
+    let _ = child.wait();
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw onto the unchanged files"), "a,1 7\n");
+
+    std::fs::write(&data, b"a,1\nb,2\n").expect("grow data");
+    let out = thaw(&store, "g", b"q\n");
+    assert!(!out.status.success(), "a thaw onto a changed file fails");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the goblin had open {}, which has changed since the freeze (4 bytes then, 8 now)",
+            data.display()
+        )),
+        "pf names the file and what changed: {stderr}"
+    );
+    assert!(stderr.contains("put the files back"), "{stderr}");
+    assert!(!stderr.contains("criu restore failed"), "{stderr}");
+
+    std::fs::remove_file(&data).expect("remove data");
+    std::fs::remove_file(&shared).expect("remove shared");
+    let stderr = text(&thaw(&store, "g", b"q\n").stderr);
+    for gone in [&data, &shared] {
+        assert!(
+            stderr.contains(&format!("{}, which is gone", gone.display())),
+            "pf names every file that went: {stderr}"
+        );
+    }
+
+    std::fs::write(&data, b"a,9\n").expect("put data back");
+    std::fs::write(&shared, [8u8; 4096]).expect("put shared back");
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw onto files of the same size"), "a,9 8\n");
+}
+
+/// A goblin listening on a localhost TCP port: CRIU restores each copy's socket bound to that
+/// same address (while another listens there), and the kernel hands each connection to any one
+/// of them, so a copy that connects to "its" port may wait forever on another's. One thaw says
+/// nothing; a fork says which address the copies share and what to do.
+#[test]
+fn live_a_fork_of_a_goblin_listening_on_tcp_says_the_copies_share_its_port() {
+    let name = "live_a_fork_of_a_goblin_listening_on_tcp_says_the_copies_share_its_port";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let script = r#"
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print("ready", s.getsockname()[1], flush=True)
+for line in sys.stdin:
+    print("port", s.getsockname()[1], flush=True)
+"#;
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(script))
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines.next().expect("a line").expect("read");
+    let port = ready.strip_prefix("ready ").expect("ready PORT").to_owned();
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
+    freeze.args(["--kill", "--tag", "g"]);
+    ok(&run(freeze, b""), "freeze");
+    drop(guard);
+    let _ = child.wait();
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw"), format!("port {port}\n"));
+    assert!(
+        !text(&out.stderr).contains("listens on TCP"),
+        "one copy shares nothing: {}",
+        text(&out.stderr)
+    );
+
+    let mut fork = pf(&store);
+    fork.args(["goblin", "fork", "g", "-n", "2", "--send", "q"]);
+    let out = run(fork, b"");
+    let stdout = ok(&out, "fork");
+    assert_eq!(
+        stdout.matches(&format!("port {port}")).count(),
+        2,
+        "{stdout}"
+    );
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the goblin listens on TCP 127.0.0.1:{port}: every copy listens on that same address"
+        )),
+        "pf says the copies share the port: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("listens on TCP").count(),
+        1,
+        "said once: {stderr}"
+    );
+}
+
+/// A goblin holding a `multiprocessing.Manager()`: its server process listens on a unix socket
+/// in a `pymp-…` directory that Python removes when the server exits. The goblin frozen and
+/// killed, a first thaw answers and, as it ends, removes that directory; CRIU could then bind
+/// the socket in no later thaw ("Can't bind … No such file"). pf refuses before CRIU runs and
+/// names the directory; made again, the thaw answers from the manager's state.
+#[test]
+fn live_a_thaw_names_the_gone_directory_of_a_unix_socket_the_goblin_listens_on() {
+    let name = "live_a_thaw_names_the_gone_directory_of_a_unix_socket_the_goblin_listens_on";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let script = r#"
+import multiprocessing as mp, os, sys
+m = mp.Manager()
+d = m.dict()
+d["a"] = 41
+print("ready", os.path.dirname(m.address), flush=True)
+for line in sys.stdin:
+    print(d["a"] + 1, flush=True)
+"#;
+    let mut cmd = Command::new("setsid");
+    cmd.args(py(script))
+        .current_dir("/")
+        .env("TMPDIR", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("start goblin");
+    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = lines.next().expect("a line").expect("read");
+    let pymp = std::path::PathBuf::from(ready.strip_prefix("ready ").expect("ready DIR"));
+    assert!(pymp.starts_with(dir.path()), "{}", pymp.display());
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
+    freeze.args(["--kill", "--tag", "g"]);
+    ok(&run(freeze, b""), "freeze");
+    drop(guard);
+    let _ = child.wait();
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "a first thaw"), "42\n");
+    assert!(
+        !pymp.exists(),
+        "the copy's manager removed its directory as it ended"
+    );
+
+    let out = thaw(&store, "g", b"q\n");
+    assert!(!out.status.success(), "no socket can be bound there");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "is a unix socket it listens on, in {} which is gone (create that directory again)",
+            pymp.display()
+        )),
+        "pf names the directory: {stderr}"
+    );
+    assert!(!stderr.contains("criu restore failed"), "{stderr}");
+
+    std::fs::create_dir(&pymp).expect("make the directory again");
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "a thaw once the directory is back"), "42\n");
+}

@@ -95,6 +95,24 @@ pub enum Error {
         #[source]
         source: Box<pf_world_procs::Error>,
     },
+    /// Files the goblin had open, mapped or as its working directory are gone or have another
+    /// size than at the freeze. CRIU reopens such a file by its path (its contents are not in
+    /// the snapshot) and refuses one that changed, so the thaw was not tried. Its kind is
+    /// [`ErrorKind::CriuFailed`]: the restore CRIU would have refused.
+    #[error(
+        "cannot thaw {snapshot}: the goblin had open {}; CRIU reopens a file by its path (the \
+         snapshot holds only its name and size) and refuses one that is gone or changed: put \
+         the files back as they were at the freeze, or freeze the goblin again once it has closed \
+         them",
+        files_changed(.files)
+    )]
+    FilesChanged {
+        /// The digest or images directory.
+        snapshot: String,
+        /// Each file's path and what is wrong with it (`is gone`, `has changed since the
+        /// freeze (292 bytes then, 692 now)`).
+        files: Vec<(String, String)>,
+    },
     /// The snapshot exists but is not of a goblin.
     #[error("{snapshot} is not a goblin snapshot: {reason}")]
     NotAGoblin {
@@ -332,6 +350,7 @@ impl Error {
             | Self::NotSessionLeader { .. }
             | Self::OtherPidNamespace { .. }
             | Self::NotAGoblin { .. } => ErrorKind::NotAGoblin,
+            Self::FilesChanged { .. } => ErrorKind::CriuFailed,
             Self::Freeze { source, .. }
             | Self::Thaw { source, .. }
             | Self::Wait { source, .. }
@@ -346,6 +365,15 @@ impl Error {
             }
         }
     }
+}
+
+/// The files of [`Error::FilesChanged`], in words: `/a/data.csv, which has changed …`.
+fn files_changed(files: &[(String, String)]) -> String {
+    files
+        .iter()
+        .map(|(path, why)| format!("{path}, which {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// What is wrong with a working directory, in words.

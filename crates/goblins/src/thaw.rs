@@ -184,6 +184,12 @@ pub struct Loaded {
     /// The sizes the images record for the files by path (CRIU refuses a file unless it still
     /// has them): what decides, per thaw, whether a stdin or stderr file can be reopened.
     recorded: Vec<pf_world_procs::images::PathFile>,
+    /// The TCP addresses the goblin listens on: every copy listens on the same one.
+    listening: Vec<std::net::SocketAddr>,
+    /// The paths the goblin listens on with unix sockets: CRIU binds each again there.
+    listening_unix: Vec<std::path::PathBuf>,
+    /// How many copies were thawed from this load (the second says that they share `listening`).
+    thaws: std::sync::atomic::AtomicUsize,
     /// Whether a thaw said that a stdio file had to be replaced (said once).
     replaced_said: std::sync::atomic::AtomicBool,
     shell_job: bool,
@@ -286,20 +292,28 @@ impl Loaded {
                 "stdin had unread bytes at freeze"
             );
         }
-        let recorded = if pipes.stdin_file.is_some() || pipes.stderr_file.is_some() {
-            // Unreadable: CRIU reopens the files as it would have, and says why if it cannot.
-            pf_world_procs::images::path_files(images.path()).unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "cannot read the files the images record");
-                Vec::new()
-            })
-        } else {
+        // Unreadable: CRIU reopens the files as it would have, and says why if it cannot.
+        let recorded = pf_world_procs::images::path_files(images.path()).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the files the images record");
             Vec::new()
-        };
+        });
+        let listening = pf_world_procs::images::listening_tcp(images.path()).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the sockets the images record");
+            Vec::new()
+        });
+        let listening_unix =
+            pf_world_procs::images::listening_unix(images.path()).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "cannot read the sockets the images record");
+                Vec::new()
+            });
         Ok(Loaded {
             name,
             images,
             pipes,
             recorded,
+            listening,
+            listening_unix,
+            thaws: std::sync::atomic::AtomicUsize::new(0),
             replaced_said: std::sync::atomic::AtomicBool::new(false),
             shell_job,
             stdin_backlog,
@@ -420,6 +434,38 @@ impl Loaded {
         let stdout_ino = self.pipes.stdout;
         let stdin_key = self.stream_key("stdin", self.pipes.stdin, &self.pipes.stdin_file);
         let stderr_key = self.stream_key("stderr", self.pipes.stderr, &self.pipes.stderr_file);
+        // A stdio file replaced by a pipe is not reopened; every other file is, by its path.
+        let replaced = |path: &str| {
+            [
+                (&stdin_key, &self.pipes.stdin_file),
+                (&stderr_key, &self.pipes.stderr_file),
+            ]
+            .iter()
+            .any(|(key, file)| key.is_some() && file.as_deref() == Some(path))
+        };
+        let mut changed = changed_files(&self.recorded, &replaced);
+        changed.extend(socket_dirs_gone(&self.listening_unix));
+        if !changed.is_empty() {
+            return Err(Error::FilesChanged {
+                snapshot: self.name.clone(),
+                files: changed,
+            });
+        }
+        if self
+            .thaws
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            == 1
+            && !self.listening.is_empty()
+        {
+            let addrs: Vec<String> = self.listening.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                "the goblin listens on TCP {}: every copy listens on that same address (and \
+                 the original, while it runs), and the kernel hands each new connection to any \
+                 one of them, so a copy may not get the connections it expects; give each copy \
+                 a port of its own after the thaw (close the socket and listen again on port 0)",
+                addrs.join(", ")
+            );
+        }
         let mut inherit = Vec::with_capacity(3);
         let stdin_w = match (stdin_key, wiring.stdin) {
             // Not a pipe: CRIU reopens it as it was (a file by its path, /dev/null).
@@ -548,6 +594,60 @@ fn check_snapshot(
     })?;
     let shell_job = procs.options.as_ref().is_some_and(|o| o.shell_job);
     Ok((name, procs, pipes, shell_job))
+}
+
+/// The files of `recorded` (the files the images reopen by their path) that CRIU would refuse
+/// now, each with why ([`file_unusable`]), less those `replaced` says the thaw does not reopen.
+/// `/proc` is not ours to look at: a copy's is its own pid namespace's, and CRIU remaps a
+/// `/proc` file of a dead pid itself.
+fn changed_files(
+    recorded: &[pf_world_procs::images::PathFile],
+    replaced: &dyn Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for file in recorded {
+        let path = file.name.as_str();
+        if path.starts_with("/proc/")
+            || !path.starts_with('/')
+            || replaced(path)
+            || out.iter().any(|(p, _)| p == path)
+        {
+            continue;
+        }
+        let sizes: Vec<u64> = recorded
+            .iter()
+            .filter(|f| f.name == path)
+            .filter_map(|f| f.size)
+            .collect();
+        if let Some(why) = file_unusable(path, &sizes) {
+            out.push((path.to_owned(), why));
+        }
+    }
+    out
+}
+
+/// The unix socket paths of `listening` whose directory is gone, each with why: CRIU binds a
+/// listening socket again at its path, and cannot in a directory that is gone (Python's
+/// `multiprocessing.Manager()` listens in a `/tmp/pymp-…` directory that its process removes
+/// when it exits, so once a thawed copy ended no thaw could bind its socket).
+fn socket_dirs_gone(listening: &[std::path::PathBuf]) -> Vec<(String, String)> {
+    listening
+        .iter()
+        .filter_map(|path| {
+            let dir = path.parent()?;
+            match std::fs::metadata(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some((
+                    path.display().to_string(),
+                    format!(
+                        "is a unix socket it listens on, in {} which is gone (create that \
+                         directory again)",
+                        dir.display()
+                    ),
+                )),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 fn inherit_fd(fd: OwnedFd, key: String) -> InheritFd {
@@ -696,6 +796,67 @@ mod tests {
         );
         let gone = dir.path().join("gone").display().to_string();
         assert_eq!(file_unusable(&gone, &[]).as_deref(), Some("is gone"));
+    }
+
+    #[test]
+    fn files_reopened_by_path_that_changed_or_went_are_named_once() {
+        use pf_world_procs::images::PathFile;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data.csv");
+        std::fs::write(&data, b"1\n2\n").expect("write");
+        let data = data.display().to_string();
+        let gone = dir.path().join("psm_1").display().to_string();
+        let file = |name: &str, size: Option<u64>| PathFile {
+            name: name.to_owned(),
+            flags: 0,
+            size,
+        };
+        let recorded = vec![
+            file(&data, Some(2)),
+            file(&data, Some(2)),
+            file(&gone, Some(4096)),
+            file("/dev/null", None),
+            file("/proc/4242/status", Some(0)),
+        ];
+        let none = |_: &str| false;
+        assert_eq!(
+            changed_files(&recorded, &none),
+            vec![
+                (
+                    data.clone(),
+                    "has changed since the freeze (2 bytes then, 4 now)".to_owned()
+                ),
+                (gone.clone(), "is gone".to_owned()),
+            ]
+        );
+        assert_eq!(
+            changed_files(&recorded, &|p: &str| p == data || p == gone),
+            vec![],
+            "a stdio file handed a pipe is not reopened"
+        );
+        assert_eq!(
+            changed_files(&[file(&data, Some(4)), file(&gone, None)][..1], &none),
+            vec![],
+            "the size it has"
+        );
+    }
+
+    #[test]
+    fn a_listening_unix_socket_whose_directory_went_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let here = dir.path().join("listener");
+        let gone = dir.path().join("pymp-1").join("listener");
+        assert_eq!(
+            socket_dirs_gone(&[here, gone.clone()]),
+            vec![(
+                gone.display().to_string(),
+                format!(
+                    "is a unix socket it listens on, in {} which is gone (create that directory \
+                     again)",
+                    dir.path().join("pymp-1").display()
+                )
+            )]
+        );
     }
 
     #[test]
