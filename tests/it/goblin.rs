@@ -1746,6 +1746,25 @@ for line in sys.stdin:
     ok(&run(freeze, b""), "freeze");
     let read_log = || std::fs::read_to_string(&log).expect("read log");
 
+    // A fork: its copies cannot each reopen the log as it was (the first one's writes change
+    // its size, which CRIU checks for the next), so each gets a pipe, passed on to pf's stderr.
+    let mut fork = pf(&store);
+    fork.args(["goblin", "fork", "g", "-n", "3", "--send", "f{i}"]);
+    let out = run(fork, b"");
+    assert_eq!(
+        ok(&out, "fork onto the unchanged log"),
+        "[1] echo f1\n[2] echo f2\n[3] echo f3\n"
+    );
+    let stderr = text(&out.stderr);
+    for i in 1..=3 {
+        assert!(stderr.contains(&format!("[{i}] log f{i}\n")), "{stderr}");
+    }
+    assert!(
+        stderr.contains("which the copies of a fork cannot each reopen as it was"),
+        "{stderr}"
+    );
+    assert_eq!(read_log(), "", "the log is left alone");
+
     // The file as it was at the freeze: the copy reopens it and logs into it.
     let out = thaw(&store, "g", b"a\n");
     assert_eq!(ok(&out, "thaw onto the unchanged log"), "echo a\n");

@@ -190,8 +190,8 @@ pub struct Loaded {
     listening_unix: Vec<std::path::PathBuf>,
     /// How many copies were thawed from this load (the second says that they share `listening`).
     thaws: std::sync::atomic::AtomicUsize,
-    /// Whether a thaw said that a stdio file had to be replaced (said once).
-    replaced_said: std::sync::atomic::AtomicBool,
+    /// Which stdio files a thaw said it had to replace (bit 0 stdin, bit 1 stderr; said once).
+    replaced_said: std::sync::atomic::AtomicU8,
     shell_job: bool,
     /// What was waiting unread in the stdin pipe at freeze.
     stdin_backlog: Vec<u8>,
@@ -314,7 +314,7 @@ impl Loaded {
             listening,
             listening_unix,
             thaws: std::sync::atomic::AtomicUsize::new(0),
-            replaced_said: std::sync::atomic::AtomicBool::new(false),
+            replaced_said: std::sync::atomic::AtomicU8::new(0),
             shell_job,
             stdin_backlog,
         })
@@ -338,14 +338,14 @@ impl Loaded {
 
     /// Restore one copy on fresh pipes and return once it runs (see [`thaw`]).
     pub fn thaw(&self, options: &ThawOptions) -> Result<Goblin> {
-        self.thaw_one(options.new_pid_namespace, Wiring::new_pipes())
+        self.thaw_one(options.new_pid_namespace, Wiring::new_pipes(), false)
     }
 
     /// Restore one copy with its stdin, stdout and stderr connected as `wiring` says, and
     /// return once it runs. `pf goblin thaw` passes its own stdin and stdout through this way
     /// when they are pipes.
     pub fn thaw_wired(&self, options: &ThawOptions, wiring: Wiring) -> Result<Goblin> {
-        self.thaw_one(options.new_pid_namespace, wiring)
+        self.thaw_one(options.new_pid_namespace, wiring, false)
     }
 
     /// Restore `n` copies side by side (see [`fork`]).
@@ -368,7 +368,7 @@ impl Loaded {
                             if i >= n {
                                 break;
                             }
-                            let result = self.thaw_one(true, Wiring::new_pipes());
+                            let result = self.thaw_one(true, Wiring::new_pipes(), n > 1);
                             let failed = result.is_err();
                             mine.push((i, result));
                             if failed {
@@ -401,25 +401,42 @@ impl Loaded {
         Ok(goblins)
     }
 
-    /// The key CRIU knows the copy's stdin or stderr (`stream`) by when it is handed a
-    /// descriptor there: its pipe's (`ino`), or, for a file (`file`) CRIU could not reopen as it
-    /// was, the file's path; `None` to let CRIU reopen it.
-    fn stream_key(&self, stream: &str, ino: Option<u64>, file: &Option<String>) -> Option<String> {
+    /// The key CRIU knows the copy's stdin or stderr (`stream`, bit `bit` of `replaced_said`)
+    /// by when it is handed a descriptor there: its pipe's (`ino`), or, for a file (`file`) CRIU
+    /// could not reopen as it was, or that the copies of a fork (`many`) would each reopen, the
+    /// file's path; `None` to let CRIU reopen it.
+    ///
+    /// CRIU hands a descriptor given under a file's path to every descriptor of the tree with
+    /// that path: only a path that is this stream's alone (one entry in `files.img`, not both
+    /// stdin and stderr) is replaced; any other is CRIU's to reopen, or the thaw's check of the
+    /// files to name.
+    fn stream_key(
+        &self,
+        (stream, bit): (&str, u8),
+        ino: Option<u64>,
+        file: &Option<String>,
+        many: bool,
+    ) -> Option<String> {
         if let Some(ino) = ino {
             return Some(pipe_key(ino));
         }
         let path = file.as_deref()?;
-        let sizes: Vec<u64> = self
-            .recorded
-            .iter()
-            .filter(|f| f.name == path)
-            .filter_map(|f| f.size)
-            .collect();
-        let why = file_unusable(path, &sizes)?;
-        if !self
+        let entries: Vec<&pf_world_procs::images::PathFile> =
+            self.recorded.iter().filter(|f| f.name == path).collect();
+        if entries.len() > 1 || self.pipes.stdin_file == self.pipes.stderr_file {
+            return None;
+        }
+        let why = file_unusable(path, &entries).or_else(|| {
+            (many && entries.iter().any(|f| f.size.is_some())).then(|| {
+                "the copies of a fork cannot each reopen as it was (CRIU checks its size, which \
+                 the first copy's writes change)"
+                    .to_owned()
+            })
+        })?;
+        let said = self
             .replaced_said
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
-        {
+            .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+        if said & bit == 0 {
             tracing::warn!(
                 "the goblin's {stream} was {path}, which {why}: a thawed copy gets a new pipe \
                  there instead"
@@ -430,10 +447,16 @@ impl Loaded {
     }
 
     /// Restore one copy, wired as asked.
-    fn thaw_one(&self, new_pid_namespace: bool, wiring: Wiring) -> Result<Goblin> {
+    fn thaw_one(&self, new_pid_namespace: bool, wiring: Wiring, many: bool) -> Result<Goblin> {
         let stdout_ino = self.pipes.stdout;
-        let stdin_key = self.stream_key("stdin", self.pipes.stdin, &self.pipes.stdin_file);
-        let stderr_key = self.stream_key("stderr", self.pipes.stderr, &self.pipes.stderr_file);
+        let stdin_key =
+            self.stream_key(("stdin", 1), self.pipes.stdin, &self.pipes.stdin_file, many);
+        let stderr_key = self.stream_key(
+            ("stderr", 2),
+            self.pipes.stderr,
+            &self.pipes.stderr_file,
+            many,
+        );
         // A stdio file replaced by a pipe is not reopened; every other file is, by its path.
         let replaced = |path: &str| {
             [
@@ -614,12 +637,9 @@ fn changed_files(
         {
             continue;
         }
-        let sizes: Vec<u64> = recorded
-            .iter()
-            .filter(|f| f.name == path)
-            .filter_map(|f| f.size)
-            .collect();
-        if let Some(why) = file_unusable(path, &sizes) {
+        let entries: Vec<&pf_world_procs::images::PathFile> =
+            recorded.iter().filter(|f| f.name == path).collect();
+        if let Some(why) = file_unusable(path, &entries) {
             out.push((path.to_owned(), why));
         }
     }
@@ -654,23 +674,33 @@ fn inherit_fd(fd: OwnedFd, key: String) -> InheritFd {
     InheritFd { fd, key }
 }
 
-/// Why CRIU could not reopen the stdio file `path` as it was, if it could not: it is gone, or
-/// it no longer has a size the images record for it (`recorded`: CRIU records one for a file not
-/// opened write-only for appending, and refuses the file unless it still has it).
-fn file_unusable(path: &str, recorded: &[u64]) -> Option<String> {
+/// Why CRIU could not reopen the file `path` as it was, if it could not: it is gone, or it no
+/// longer has a size or a mode the images record for it (`recorded`, its entries in
+/// `files.img`: CRIU records a size for a regular file not opened write-only for appending, and
+/// a mode, and refuses the file unless it still has them).
+fn file_unusable(path: &str, recorded: &[&pf_world_procs::images::PathFile]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is gone".to_owned()),
         // Unreadable for another reason: CRIU tries, and says what it finds.
         Err(_) => None,
-        Ok(now) => recorded
-            .iter()
-            .find(|&&then| now.is_file() && then != now.len())
-            .map(|then| {
+        Ok(now) => recorded.iter().find_map(|then| {
+            if let Some(mode) = then.mode
+                && mode != now.mode()
+            {
+                return Some(format!(
+                    "has changed since the freeze (mode {mode:o} then, {:o} now)",
+                    now.mode()
+                ));
+            }
+            let size = then.size?;
+            (size != now.len()).then(|| {
                 format!(
-                    "has changed since the freeze ({then} bytes then, {} now)",
+                    "has changed since the freeze ({size} bytes then, {} now)",
                     now.len()
                 )
-            }),
+            })
+        }),
     }
 }
 
@@ -774,25 +804,44 @@ mod tests {
     }
 
     #[test]
-    fn a_stdio_file_is_unusable_when_gone_or_not_the_size_recorded() {
+    fn a_file_is_unusable_when_gone_or_not_the_size_or_mode_recorded() {
+        use pf_world_procs::images::PathFile;
+        use std::os::unix::fs::MetadataExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("err.log");
         std::fs::write(&log, b"abc").expect("write");
+        let mode = std::fs::metadata(&log).expect("stat").mode();
         let log = log.display().to_string();
-        assert_eq!(file_unusable(&log, &[3]), None, "the size it had");
+        let entry = |size: Option<u64>, mode: Option<u32>| PathFile {
+            name: log.clone(),
+            flags: 1,
+            size,
+            mode,
+        };
+        let unusable = |e: PathFile| file_unusable(&log, &[&e]);
+        assert_eq!(unusable(entry(Some(3), Some(mode))), None, "as it was");
         assert_eq!(
-            file_unusable(&log, &[]),
+            unusable(entry(None, None)),
             None,
-            "no size recorded: appended to"
+            "nothing recorded: appended to"
         );
         assert_eq!(
-            file_unusable(&log, &[0]).as_deref(),
+            unusable(entry(Some(0), Some(mode))).as_deref(),
             Some("has changed since the freeze (0 bytes then, 3 now)")
         );
         assert_eq!(
-            file_unusable("/dev/null", &[5]),
-            None,
-            "a device has no size"
+            unusable(entry(Some(3), Some(mode ^ 0o022))),
+            Some(format!(
+                "has changed since the freeze (mode {:o} then, {mode:o} now)",
+                mode ^ 0o022
+            ))
+        );
+        // A directory where the file was: another type, so another mode.
+        std::fs::remove_file(&log).expect("rm");
+        std::fs::create_dir(&log).expect("mkdir");
+        assert!(
+            unusable(entry(Some(3), Some(mode)))
+                .is_some_and(|why| why.starts_with("has changed since the freeze (mode")),
         );
         let gone = dir.path().join("gone").display().to_string();
         assert_eq!(file_unusable(&gone, &[]).as_deref(), Some("is gone"));
@@ -810,6 +859,7 @@ mod tests {
             name: name.to_owned(),
             flags: 0,
             size,
+            mode: None,
         };
         let recorded = vec![
             file(&data, Some(2)),

@@ -203,6 +203,9 @@ pub struct PathFile {
     /// still has that size (criu/files-reg.c `validate_file`; CRIU records none for a device,
     /// nor for a file opened write-only for appending, such as a log).
     pub size: Option<u64>,
+    /// Its `st_mode` (type and permissions) at the dump, when CRIU recorded one: then a restore
+    /// refuses the file unless it still has that mode (criu/files-reg.c, "has bad mode").
+    pub mode: Option<u32>,
 }
 
 /// The files `images_dir`'s tree had open (or mapped, or as its working directory) by their
@@ -298,7 +301,7 @@ fn parse_files(img: &[u8]) -> Result<Vec<(u32, PathFile)>, ParseError> {
             continue;
         };
         let reg_at = msg_at + (reg.as_ptr() as usize - msg.as_ptr() as usize);
-        let (mut id, mut flags, mut name, mut size) = (None, None, None, None);
+        let (mut id, mut flags, mut name, mut size, mut mode) = (None, None, None, None, None);
         for_each_field(reg, &mut |field, at, value| {
             match (field, value) {
                 (1, Field::Varint(v)) => {
@@ -310,13 +313,24 @@ fn parse_files(img: &[u8]) -> Result<Vec<(u32, PathFile)>, ParseError> {
                 // Compared with paths `/proc` shows: a name that is not UTF-8 matches none.
                 (6, Field::Bytes(b)) => name = Some(String::from_utf8_lossy(b).into_owned()),
                 (8, Field::Varint(v)) => size = Some(v),
+                (10, Field::Varint(v)) => {
+                    mode = Some(u32::try_from(v).map_err(|_| (at, "uint32 out of range"))?);
+                }
                 _ => {}
             }
             Ok(())
         })
         .map_err(|(off, why)| (reg_at + off, why))?;
         match (id, flags, name) {
-            (Some(id), Some(flags), Some(name)) => out.push((id, PathFile { name, flags, size })),
+            (Some(id), Some(flags), Some(name)) => out.push((
+                id,
+                PathFile {
+                    name,
+                    flags,
+                    size,
+                    mode,
+                },
+            )),
             _ => return Err((reg_at, "reg_file_entry lacks id, flags or name")),
         }
     }
@@ -1000,6 +1014,34 @@ mod tests {
         img
     }
 
+    /// `files.img` written by CRIU 4.2.1 dumping `setsid sleep 1000 < /dev/null >
+    /// /work/scratch-rf/fimg-out.log 2>> /work/scratch-rf/fimg-err.log`.
+    const REAL_FILES: &[u8] = include_bytes!("testdata/files-criu-4.2.1.img");
+
+    #[test]
+    fn a_real_files_image_gives_sizes_and_modes_as_criu_checks_them() {
+        let files = parse_files(REAL_FILES).expect("parse");
+        let find = |name: &str| {
+            files
+                .iter()
+                .map(|(_, f)| f)
+                .find(|f| f.name == name)
+                .unwrap_or_else(|| panic!("{name} in {files:?}"))
+        };
+        // `>`: write-only, not appending: its size is checked (it was empty), and its mode.
+        let out = find("/work/scratch-rf/fimg-out.log");
+        assert_eq!(out.flags & libc::O_ACCMODE as u32, libc::O_WRONLY as u32);
+        assert_eq!(out.size, Some(0));
+        assert_eq!(out.mode.map(|m| m & libc::S_IFMT), Some(libc::S_IFREG));
+        // `>>`: write-only and appending, a log: no size.
+        let err = find("/work/scratch-rf/fimg-err.log");
+        assert_ne!(err.flags & libc::O_APPEND as u32, 0);
+        assert_eq!(err.size, None);
+        // A device: no size; the program, mapped: its size.
+        assert_eq!(find("/dev/null").size, None);
+        assert!(find("/usr/bin/sleep").size.is_some_and(|s| s > 0));
+    }
+
     #[test]
     fn files_image_gives_the_files_opened_by_path_with_their_recorded_size() {
         let img = files_img();
@@ -1012,6 +1054,7 @@ mod tests {
                         name: "/tmp/log".into(),
                         flags: 1,
                         size: Some(6),
+                        mode: None,
                     }
                 ),
                 (
@@ -1020,6 +1063,7 @@ mod tests {
                         name: "/dev/null".into(),
                         flags: 0x8002,
                         size: None,
+                        mode: None,
                     }
                 ),
             ])
