@@ -209,12 +209,24 @@ struct Started {
 }
 
 fn start(script: &str) -> Started {
+    let mut cmd = goblin_cmd(script);
+    cmd.stderr(Stdio::piped());
+    start_cmd(cmd)
+}
+
+/// The command that starts python3 on `script` in a session of its own, from `/`, its stdin and
+/// stdout on pipes (the caller says where its stderr goes).
+fn goblin_cmd(script: &str) -> Command {
     let mut cmd = Command::new("setsid");
     cmd.args(py(script))
         .current_dir("/")
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(Stdio::piped());
+    cmd
+}
+
+/// Start the goblin `cmd` ([`goblin_cmd`]).
+fn start_cmd(mut cmd: Command) -> Started {
     let mut child = spawn_clean(&mut cmd).expect("start goblin");
     let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
     let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -237,6 +249,22 @@ impl Started {
 
     fn line(&mut self) -> String {
         self.lines.next().expect("a line").expect("read line")
+    }
+
+    /// `pf goblin freeze --kill` it into `store` as `tag`, and reap it.
+    fn freeze_and_kill(mut self, store: &Path, tag: &str) {
+        let mut freeze = pf(store);
+        freeze.args([
+            "goblin",
+            "freeze",
+            "--pid",
+            &self.pid(),
+            "--kill",
+            "--tag",
+            tag,
+        ]);
+        ok(&run(freeze, b""), "freeze");
+        let _ = self.child.wait();
     }
 }
 
@@ -1724,25 +1752,12 @@ for line in sys.stdin:
     sys.stderr.flush()
     print("echo " + line.strip(), flush=True)
 "#;
-    let mut cmd = Command::new("setsid");
-    cmd.args(py(script))
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"));
-    let mut child = spawn_clean(&mut cmd).expect("start goblin");
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
+    let mut cmd = goblin_cmd(script);
+    cmd.stderr(std::fs::File::create(&log).expect("log file"));
+    let mut goblin = start_cmd(cmd);
+    assert_eq!(goblin.line(), "ready");
     let mut freeze = pf(&store);
-    freeze.args([
-        "goblin",
-        "freeze",
-        "--pid",
-        &child.id().to_string(),
-        "--tag",
-        "g",
-    ]);
+    freeze.args(["goblin", "freeze", "--pid", &goblin.pid(), "--tag", "g"]);
     ok(&run(freeze, b""), "freeze");
     let read_log = || std::fs::read_to_string(&log).expect("read log");
 
@@ -1802,11 +1817,8 @@ for line in sys.stdin:
     assert!(!log.exists(), "the thaw made no file where the log was");
 
     // The original runs on.
-    let stdin = child.stdin.as_mut().expect("stdin");
-    writeln!(stdin, "x").expect("write to goblin");
-    assert_eq!(lines.next().expect("a line").expect("read"), "echo x");
-    drop(guard);
-    let _ = child.wait();
+    goblin.send("x");
+    assert_eq!(goblin.line(), "echo x");
 }
 
 /// A goblin that keeps a data file open and a file mapped (`mmap`, as
@@ -1841,22 +1853,11 @@ for line in sys.stdin:
         data = data.display().to_string(),
         shared = shared.display().to_string(),
     );
-    let mut cmd = Command::new("setsid");
-    cmd.args(py(&script))
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = spawn_clean(&mut cmd).expect("start goblin");
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("a line").expect("read"), "ready");
-    let mut freeze = pf(&store);
-    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
-    freeze.args(["--kill", "--tag", "g"]);
-    ok(&run(freeze, b""), "freeze");
-    drop(guard);
-    let _ = child.wait();
+    let mut cmd = goblin_cmd(&script);
+    cmd.stderr(Stdio::null());
+    let mut goblin = start_cmd(cmd);
+    assert_eq!(goblin.line(), "ready");
+    goblin.freeze_and_kill(&store, "g");
 
     let out = thaw(&store, "g", b"q\n");
     assert_eq!(ok(&out, "thaw onto the unchanged files"), "a,1 7\n");
@@ -1913,23 +1914,12 @@ print("ready", s.getsockname()[1], flush=True)
 for line in sys.stdin:
     print("port", s.getsockname()[1], flush=True)
 "#;
-    let mut cmd = Command::new("setsid");
-    cmd.args(py(script))
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = spawn_clean(&mut cmd).expect("start goblin");
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = lines.next().expect("a line").expect("read");
+    let mut cmd = goblin_cmd(script);
+    cmd.stderr(Stdio::null());
+    let mut goblin = start_cmd(cmd);
+    let ready = goblin.line();
     let port = ready.strip_prefix("ready ").expect("ready PORT").to_owned();
-    let mut freeze = pf(&store);
-    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
-    freeze.args(["--kill", "--tag", "g"]);
-    ok(&run(freeze, b""), "freeze");
-    drop(guard);
-    let _ = child.wait();
+    goblin.freeze_and_kill(&store, "g");
 
     let out = thaw(&store, "g", b"q\n");
     assert_eq!(ok(&out, "thaw"), format!("port {port}\n"));
@@ -1985,25 +1975,13 @@ print("ready", os.path.dirname(m.address), flush=True)
 for line in sys.stdin:
     print(d["a"] + 1, flush=True)
 "#;
-    let mut cmd = Command::new("setsid");
-    cmd.args(py(script))
-        .current_dir("/")
-        .env("TMPDIR", dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = spawn_clean(&mut cmd).expect("start goblin");
-    let guard = KillOnDrop(i32::try_from(child.id()).expect("pid"));
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = lines.next().expect("a line").expect("read");
+    let mut cmd = goblin_cmd(script);
+    cmd.env("TMPDIR", dir.path()).stderr(Stdio::null());
+    let mut goblin = start_cmd(cmd);
+    let ready = goblin.line();
     let pymp = std::path::PathBuf::from(ready.strip_prefix("ready ").expect("ready DIR"));
     assert!(pymp.starts_with(dir.path()), "{}", pymp.display());
-    let mut freeze = pf(&store);
-    freeze.args(["goblin", "freeze", "--pid", &child.id().to_string()]);
-    freeze.args(["--kill", "--tag", "g"]);
-    ok(&run(freeze, b""), "freeze");
-    drop(guard);
-    let _ = child.wait();
+    goblin.freeze_and_kill(&store, "g");
 
     let out = thaw(&store, "g", b"q\n");
     assert_eq!(ok(&out, "a first thaw"), "42\n");

@@ -272,9 +272,10 @@ fn parse_remaps(img: &[u8]) -> Result<Vec<u32>, ParseError> {
     Ok(out)
 }
 
-/// Parse `files.img`: the magics, then `u32` length + `file_entry` records; the `reg` of each
-/// of type `REG`, with its id.
-fn parse_files(img: &[u8]) -> Result<Vec<(u32, PathFile)>, ParseError> {
+/// The entries of `files.img` (the magics, then `u32` length + `file_entry { type = 1; … }`
+/// records) of type `kind`: each one's message in field `field` (`reg = 3`, `isk = 4`, `usk =
+/// 16`), with its offset in the file.
+fn file_entries(img: &[u8], kind: u64, field: u64) -> Result<Vec<(usize, &[u8])>, ParseError> {
     let mut r = Reader { buf: img, pos: 0 };
     if r.u32_le()? != IMG_COMMON_MAGIC {
         return Err((0, "not a criu image (bad common magic)"));
@@ -287,20 +288,32 @@ fn parse_files(img: &[u8]) -> Result<Vec<(u32, PathFile)>, ParseError> {
         let len = r.u32_le()? as usize;
         let msg_at = r.pos;
         let msg = r.take(len, "entry runs past the end of the file")?;
-        let (mut kind, mut reg) = (None, None);
-        for_each_field(msg, &mut |field, _, value| {
-            match (field, value) {
-                (1, Field::Varint(v)) => kind = Some(v),
-                (3, Field::Bytes(b)) => reg = Some(b),
+        let (mut this, mut inner) = (None, None);
+        for_each_field(msg, &mut |f, _, value| {
+            match (f, value) {
+                (1, Field::Varint(v)) => this = Some(v),
+                (f, Field::Bytes(b)) if f == field => {
+                    inner = Some((b.as_ptr() as usize - msg.as_ptr() as usize, b));
+                }
                 _ => {}
             }
             Ok(())
         })
         .map_err(|(off, why)| (msg_at + off, why))?;
-        let (Some(FD_TYPE_REG), Some(reg)) = (kind, reg) else {
-            continue;
-        };
-        let reg_at = msg_at + (reg.as_ptr() as usize - msg.as_ptr() as usize);
+        if let (Some(this), Some((at, inner))) = (this, inner)
+            && this == kind
+        {
+            out.push((msg_at + at, inner));
+        }
+    }
+    Ok(out)
+}
+
+/// Parse `files.img`: the magics, then `u32` length + `file_entry` records; the `reg` of each
+/// of type `REG`, with its id.
+fn parse_files(img: &[u8]) -> Result<Vec<(u32, PathFile)>, ParseError> {
+    let mut out = Vec::new();
+    for (reg_at, reg) in file_entries(img, FD_TYPE_REG, 3)? {
         let (mut id, mut flags, mut name, mut size, mut mode) = (None, None, None, None, None);
         for_each_field(reg, &mut |field, at, value| {
             match (field, value) {
@@ -362,32 +375,8 @@ pub fn listening_tcp(images_dir: &Path) -> Result<Vec<std::net::SocketAddr>, Ima
 
 /// Parse `files.img` for [`listening_tcp`].
 fn parse_listening_tcp(img: &[u8]) -> Result<Vec<std::net::SocketAddr>, ParseError> {
-    let mut r = Reader { buf: img, pos: 0 };
-    if r.u32_le()? != IMG_COMMON_MAGIC {
-        return Err((0, "not a criu image (bad common magic)"));
-    }
-    if r.u32_le()? != FILES_MAGIC {
-        return Err((4, "not a files image (bad magic)"));
-    }
     let mut out = Vec::new();
-    while r.pos < img.len() {
-        let len = r.u32_le()? as usize;
-        let msg_at = r.pos;
-        let msg = r.take(len, "entry runs past the end of the file")?;
-        let (mut kind, mut isk) = (None, None);
-        for_each_field(msg, &mut |field, _, value| {
-            match (field, value) {
-                (1, Field::Varint(v)) => kind = Some(v),
-                (4, Field::Bytes(b)) => isk = Some(b),
-                _ => {}
-            }
-            Ok(())
-        })
-        .map_err(|(off, why)| (msg_at + off, why))?;
-        let (Some(FD_TYPE_INETSK), Some(isk)) = (kind, isk) else {
-            continue;
-        };
-        let isk_at = msg_at + (isk.as_ptr() as usize - msg.as_ptr() as usize);
+    for (isk_at, isk) in file_entries(img, FD_TYPE_INETSK, 4)? {
         let (mut proto, mut state, mut port, mut addr) = (None, None, None, Vec::new());
         for_each_field(isk, &mut |field, at, value| {
             match (field, value) {
@@ -445,32 +434,8 @@ pub fn listening_unix(images_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
 /// Parse `files.img` for [`listening_unix`].
 fn parse_listening_unix(img: &[u8]) -> Result<Vec<PathBuf>, ParseError> {
     use std::os::unix::ffi::OsStrExt as _;
-    let mut r = Reader { buf: img, pos: 0 };
-    if r.u32_le()? != IMG_COMMON_MAGIC {
-        return Err((0, "not a criu image (bad common magic)"));
-    }
-    if r.u32_le()? != FILES_MAGIC {
-        return Err((4, "not a files image (bad magic)"));
-    }
     let mut out = Vec::new();
-    while r.pos < img.len() {
-        let len = r.u32_le()? as usize;
-        let msg_at = r.pos;
-        let msg = r.take(len, "entry runs past the end of the file")?;
-        let (mut kind, mut usk) = (None, None);
-        for_each_field(msg, &mut |field, _, value| {
-            match (field, value) {
-                (1, Field::Varint(v)) => kind = Some(v),
-                (16, Field::Bytes(b)) => usk = Some(b),
-                _ => {}
-            }
-            Ok(())
-        })
-        .map_err(|(off, why)| (msg_at + off, why))?;
-        let (Some(FD_TYPE_UNIXSK), Some(usk)) = (kind, usk) else {
-            continue;
-        };
-        let usk_at = msg_at + (usk.as_ptr() as usize - msg.as_ptr() as usize);
+    for (usk_at, usk) in file_entries(img, FD_TYPE_UNIXSK, 16)? {
         let (mut state, mut name) = (None, None);
         for_each_field(usk, &mut |field, _, value| {
             match (field, value) {
