@@ -8,7 +8,7 @@ use std::process::Output;
 use crate::support::pf;
 
 /// Every check, in the order pf prints them.
-const CHECK_IDS: [&str; 10] = [
+const CHECK_IDS: [&str; 11] = [
     "kernel",
     "criu-found",
     "criu-version",
@@ -18,6 +18,7 @@ const CHECK_IDS: [&str; 10] = [
     "privileges",
     "namespaces",
     "userfaultfd",
+    "criu-cache",
     "store",
 ];
 
@@ -256,7 +257,11 @@ fn live_doctor_passes_on_a_machine_with_criu() {
     let out = cmd.output().expect("run pf doctor");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(!stdout.contains('✗'), "{stdout}");
+    // Only an optional check may be ✗ (criu's kernel cache needs a tmpfs /run, which CI
+    // machines may not have), and then with its fix.
+    for line in stdout.lines().filter(|l| l.starts_with('✗')) {
+        assert!(line.ends_with("(optional)"), "{stdout}");
+    }
     assert!(stdout.contains("✓ criu check"), "{stdout}");
 
     let out = cmd.arg("--json").output().expect("run pf doctor --json");
@@ -264,7 +269,8 @@ fn live_doctor_passes_on_a_machine_with_criu() {
     assert_eq!(doc["ok"], true);
     assert_eq!(doc["criu"]["usable"], true);
     for c in doc["checks"].as_array().expect("checks") {
-        assert_eq!(c["ok"], true, "{c}");
+        assert!(c["ok"] == true || c["id"] == "criu-cache", "{c}");
+        assert_eq!(c["fix"].is_string(), c["ok"] == false, "{c}");
     }
 }
 
