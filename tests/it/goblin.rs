@@ -1515,7 +1515,8 @@ fn live_spawn_drains_with_a_deadline_names_what_holds_its_output_and_obeys_sigin
     );
     drop(_guards);
 
-    // 3. SIGINT while waiting to be warm: the command is stopped, pf fails saying so.
+    // 3. SIGINT while waiting to be warm: the command is stopped, pf fails saying so, with
+    //    exit status 130.
     let mut cmd = pf(&store);
     cmd.args([
         "goblin", "spawn", "--tag", "bg3", "--until", "^never$", "--",
@@ -1536,7 +1537,11 @@ fn live_spawn_drains_with_a_deadline_names_what_holds_its_output_and_obeys_sigin
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).expect("read");
     assert!(interrupted.elapsed() < Duration::from_secs(10));
-    assert_eq!(out.status.code(), Some(1), "{rest}");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "128 + SIGINT, as a shell says: {rest}"
+    );
     assert!(rest.contains("cancelled by signal 2; goblin"), "{rest}");
     assert!(rest.contains("has been stopped"), "{rest}");
     mark.assert_running(&[], "a spawn interrupted while warming up");

@@ -62,7 +62,8 @@ How it works:
   said is lost; thawed copies continue right after it. After the freeze pf reads what is left
   for at most --drain-ms; a process CMD started in a session of its own (setsid) may hold the
   output open longer: pf names it and finishes. Ctrl-C (SIGINT, SIGTERM, SIGHUP) stops CMD
-  before the freeze, and ends the drain after it. Input CMD had not read yet when it was
+  before the freeze (pf then exits 128 + the signal's number: 130 for Ctrl-C), and ends the
+  drain after it. Input CMD had not read yet when it was
   frozen is kept in the snapshot and reaches every thawed copy first.
 
   Line-oriented programs must not buffer their output when it is a pipe: use `python3 -u`,

@@ -79,9 +79,21 @@ fn main() -> ExitCode {
         Err(err) if is_broken_pipe(&err) && stdout_is_closed() => ExitCode::SUCCESS,
         Err(err) => {
             common::print_error(&err);
-            ExitCode::FAILURE
+            interrupted_by(&err).map_or(ExitCode::FAILURE, |sig| ExitCode::from(128 + sig))
         }
     }
+}
+
+/// The signal that cut the work short, if a signal did (Ctrl-C while a goblin warms up): pf
+/// then exits 128 + its number, as a shell reports a command a signal ended, and as `pf pull`
+/// and an interrupted `pf goblin thaw` do.
+fn interrupted_by(err: &anyhow::Error) -> Option<u8> {
+    err.chain().find_map(|cause| match cause.downcast_ref() {
+        Some(pf_goblins::Error::Cancelled {
+            signal: Some(sig), ..
+        }) => u8::try_from(*sig).ok().filter(|s| *s < 128),
+        _ => None,
+    })
 }
 
 /// Whether an error comes from a write into a pipe whose reader is gone.
