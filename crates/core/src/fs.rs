@@ -620,6 +620,20 @@ impl BlobStore for FsBlobStore {
         self.reader(digest, file, &path, encoding)
     }
 
+    fn read_unchecked(&self, digest: &Digest256) -> Result<Option<(Vec<u8>, Option<PathBuf>)>> {
+        let (mut file, path, encoding) = self.open_blob_file(digest)?;
+        if encoding != Encoding::Raw {
+            return Ok(None);
+        }
+        let len = file.metadata().map_or(0, |m| m.len());
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0).saturating_add(1));
+        file.read_to_end(&mut out).map_err(|source| Error::Read {
+            digest: *digest,
+            source,
+        })?;
+        Ok(Some((out, Some(path))))
+    }
+
     fn copy_to(&self, digest: &Digest256, out: &mut dyn Write) -> Result<u64> {
         let (file, path, encoding) = self.open_blob_file(digest)?;
         if encoding == Encoding::Raw {
@@ -2016,6 +2030,54 @@ mod tests {
         assert!(matches!(
             s.prefetch(&missing),
             Err(Error::NotFound { digest }) if digest == missing
+        ));
+    }
+
+    /// `get_parsed` hands out what the parse made only when the bytes match: a raw blob large
+    /// enough to be hashed beside the parse, a small one, and a compressed one (read through
+    /// `get`); a flipped byte is `Integrity`, though the parse saw nothing wrong.
+    #[test]
+    fn a_parse_while_hashing_is_kept_only_when_the_blob_matches() {
+        let (_dir, s) = store();
+        let parse = |bytes: &[u8]| {
+            (
+                bytes.len(),
+                bytes.iter().map(|&b| u64::from(b)).sum::<u64>(),
+            )
+        };
+        let large: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 253) as u8).collect();
+        let small = vec![7u8; 10_000];
+        for data in [&large, &small] {
+            let d = s.put_raw(data).unwrap();
+            assert_eq!(
+                crate::get_parsed(&s, &d, parse).unwrap(),
+                parse(data.as_slice())
+            );
+            let path = s.path_of(&d, Encoding::Raw);
+            let mut bad = data.clone();
+            bad[data.len() / 2] ^= 1;
+            std::fs::write(&path, &bad).unwrap();
+            let mut parsed = false;
+            let err = crate::get_parsed(&s, &d, |b| {
+                parsed = true;
+                parse(b)
+            })
+            .expect_err("a flipped byte");
+            assert!(
+                matches!(&err, Error::Integrity { digest, path: Some(p), .. } if *digest == d && *p == path),
+                "{err:?}"
+            );
+            assert!(parsed || data.len() < crate::store::PARSE_WHILE_HASHING_MIN);
+        }
+        let zst = s.put(b"compressed, read through get").unwrap();
+        assert_eq!(
+            crate::get_parsed(&s, &zst, |b| b.to_vec()).unwrap(),
+            b"compressed, read through get"
+        );
+        let missing = Digest256::of(b"never stored");
+        assert!(matches!(
+            crate::get_parsed(&s, &missing, |b| b.len()),
+            Err(Error::NotFound { .. })
         ));
     }
 

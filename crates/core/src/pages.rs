@@ -2122,15 +2122,14 @@ impl<'s> PagesReader<'s> {
 
     fn with_store(store: StoreRef<'s>, manifest: &Digest256) -> Result<Self, PagesError> {
         let m = load_manifest(store.get(), manifest)?;
-        let list_bytes = store
-            .get()
-            .get(&m.list)
-            .map_err(|source| PagesError::Store {
-                what: format!("reading the page list {}", m.list),
-                source,
-            })?;
-        let list = parse_list(store.get(), &m.list, &list_bytes, &m)?;
-        drop(list_bytes);
+        // Parsed while it is hashed: nothing of it is used unless it matches.
+        let list = crate::store::get_parsed(store.get(), &m.list, |bytes| {
+            parse_list(store.get(), &m.list, bytes, &m)
+        })
+        .map_err(|source| PagesError::Store {
+            what: format!("reading the page list {}", m.list),
+            source,
+        })??;
         Ok(Self {
             store,
             manifest: *manifest,

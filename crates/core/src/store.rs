@@ -197,6 +197,16 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
         read_full(&mut reader, buf).map_err(read_error)
     }
 
+    /// The whole blob's bytes as stored, with the file they came from, where this store keeps
+    /// them as they are (`FsBlobStore`: a blob stored with [`put_raw`](Self::put_raw));
+    /// `None` otherwise.
+    ///
+    /// **The bytes are NOT verified.** Only [`get_parsed`] calls this, and it hashes them while
+    /// its caller parses them, returning what the caller made of them only once they match.
+    fn read_unchecked(&self, _digest: &Digest256) -> Result<Option<(Vec<u8>, Option<PathBuf>)>> {
+        Ok(None)
+    }
+
     /// Start a batch of puts that are made durable and visible together, with one sync round
     /// instead of one per blob ([`BlobBatch::commit`]). Until then the blobs are in no
     /// listing, no `contains` and no read; dropping the batch uncommitted removes them. Stores
@@ -435,6 +445,58 @@ impl<R: Read> Read for ExactLen<R> {
         }
         Ok(n)
     }
+}
+
+/// Blobs from this many bytes are hashed on a thread of their own while [`get_parsed`]'s caller
+/// parses them (a 1 GiB goblin's page list is 10 MiB: about 6 ms of SHA-256).
+pub(crate) const PARSE_WHILE_HASHING_MIN: usize = 1 << 20;
+
+/// What `parse` makes of the blob's bytes, returned only once the bytes hash to `digest`; when
+/// they do not, the error is [`Error::Integrity`], whatever `parse` said. Where the store keeps
+/// the blob as it is ([`BlobStore::read_unchecked`]), a large one is hashed on another thread
+/// while `parse` runs, instead of before; elsewhere this is [`BlobStore::get`] then `parse`.
+pub fn get_parsed<T>(
+    store: &dyn BlobStore,
+    digest: &Digest256,
+    parse: impl FnOnce(&[u8]) -> T,
+) -> Result<T> {
+    let Some((bytes, path)) = store.read_unchecked(digest)? else {
+        let bytes = store.get(digest)?;
+        return Ok(parse(&bytes));
+    };
+    let (actual, parsed) = if bytes.len() >= PARSE_WHILE_HASHING_MIN {
+        std::thread::scope(|s| {
+            let hashing = std::thread::Builder::new()
+                .name("pf-hash".to_owned())
+                .spawn_scoped(s, || Digest256::of(&bytes));
+            let parsed = parse(&bytes);
+            let actual = match hashing {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+                Err(_) => Digest256::of(&bytes),
+            };
+            (actual, parsed)
+        })
+    } else {
+        let actual = Digest256::of(&bytes);
+        if actual != *digest {
+            return Err(Error::Integrity {
+                digest: *digest,
+                actual,
+                path,
+            });
+        }
+        (actual, parse(&bytes))
+    };
+    if actual != *digest {
+        return Err(Error::Integrity {
+            digest: *digest,
+            actual,
+            path,
+        });
+    }
+    Ok(parsed)
 }
 
 /// Check that `name` is acceptable as a ref: 1–200 bytes, no `/`, no `\0` or other control
