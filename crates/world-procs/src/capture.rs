@@ -28,7 +28,8 @@ const LAZY_WAIT: Duration = Duration::from_secs(60);
 /// How to dump a process tree. There is no `Default`: say what you want.
 #[derive(Debug, Clone)]
 pub struct CaptureOptions {
-    /// Keep the tree running after the dump (`--leave-running`); otherwise criu kills it.
+    /// Keep the tree running after the dump (`--leave-running`); otherwise it is killed once
+    /// the snapshot is stored (a capture that fails lets it run on).
     pub leave_running: bool,
     /// The tree is a job of a shell: its session or terminal is outside it (`--shell-job`).
     pub shell_job: bool,
@@ -101,7 +102,11 @@ pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result
     ensure_alive(pid)?;
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
     prepare_images_dir(images_dir)?;
-    dump_with(&criu, pid, images_dir, opts, &[])
+    let (report, stopped) = dump_with(&criu, pid, images_dir, opts, &[])?;
+    if let Some(stopped) = stopped {
+        stopped.kill();
+    }
+    Ok(report)
 }
 
 /// Make `dir` (0700) if it is missing; refuse it if it holds anything.
@@ -171,7 +176,7 @@ pub fn capture_with_progress(
         .then(|| crate::capture_stream::should_stream(store, pid))
         .flatten()
         .and_then(|sample| crate::capture_stream::prepare().map(|hold| (hold, sample)));
-    let (report, early) = if let Some((hold, sample)) = streamed {
+    let ((report, stopped), early) = if let Some((hold, sample)) = streamed {
         let (report, pages) = crate::capture_stream::capture_while(
             hold,
             store,
@@ -228,7 +233,64 @@ pub fn capture_with_progress(
     let procs = store
         .put(&blob.to_json())
         .map_err(|e| Error::store(format!("storing the procs blob of pid {pid}"), e))?;
+    if let Some(stopped) = stopped {
+        stopped.kill();
+    }
     Ok(Captured { procs, blob })
+}
+
+/// A tree criu left stopped (`--leave-stopped`) because the caller wants it gone after the
+/// dump: killed once what the dump is for is done ([`StoppedTree::kill`]), and let run on
+/// (`SIGCONT`) when it is dropped without that, so a capture that fails after the dump (a full
+/// store, a bad write) never takes the process with it. Each process is held by a pidfd opened
+/// while it is stopped (a stopped process cannot exit, so its pid names it), so neither signal
+/// can reach a process that took a reused pid.
+struct StoppedTree {
+    root: i32,
+    pidfds: Vec<(i32, Option<std::os::fd::OwnedFd>)>,
+}
+
+impl StoppedTree {
+    fn hold(root: i32, pids: &[i32]) -> Self {
+        let pidfds = pids
+            .iter()
+            .map(|&p| (p, pf_os::fd::pidfd_open(p).ok()))
+            .collect();
+        Self { root, pidfds }
+    }
+
+    fn signal_all(&mut self, signal: nix::sys::signal::Signal) {
+        for (pid, fd) in self.pidfds.drain(..) {
+            let sent = match &fd {
+                Some(fd) => {
+                    use std::os::fd::AsFd as _;
+                    pf_os::fd::pidfd_send_signal(fd.as_fd(), signal as i32)
+                }
+                None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+                    .map_err(std::io::Error::from),
+            };
+            if let Err(err) = sent {
+                tracing::debug!(pid, %signal, error = %err, "signalling a process criu left stopped");
+            }
+        }
+    }
+
+    /// Kill the tree: the dump is stored.
+    fn kill(mut self) {
+        self.signal_all(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+impl Drop for StoppedTree {
+    fn drop(&mut self) {
+        if !self.pidfds.is_empty() {
+            tracing::warn!(
+                pid = self.root,
+                "the snapshot could not be stored, so the process was not killed: it runs on"
+            );
+            self.signal_all(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
 }
 
 /// Stream the images directory into `store` as one deterministic tar (`procs.criu.v1`).
@@ -351,7 +413,7 @@ fn dump_with(
     images_dir: &Path,
     opts: &CaptureOptions,
     extra: &[OsString],
-) -> Result<DumpReport> {
+) -> Result<(DumpReport, Option<StoppedTree>)> {
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
     // Before the dump: afterwards (without leave_running) the tree is gone.
@@ -360,11 +422,12 @@ fn dump_with(
     // A thawed copy (in a pid namespace below ours) is dumped from inside its namespaces.
     let enter = crate::nsenter::Enter::of(pid)?;
     let tree = enter.as_ref().map_or(pid, |e| e.inner_pid);
-    // criu inside a copy's pid namespace must not kill the tree itself: the namespace's init
-    // exits with the copy's root, which kills every process left in there, criu too, between
-    // its kill and its exit 0, with the images complete. So criu leaves the tree stopped and pf
-    // kills it once criu is done.
-    let kill_after = enter.is_some() && !opts.leave_running;
+    // criu never kills the tree itself: it leaves it stopped, and the caller kills it once the
+    // dump is stored (or lets it run on when storing fails: a full disk must not take the
+    // process with it). And criu inside a copy's pid namespace must not kill the tree: the
+    // namespace's init exits with the copy's root, which kills every process left in there,
+    // criu too, between its kill and its exit 0, with the images complete.
+    let kill_after = !opts.leave_running;
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--tree", tree.to_string());
     push_opt(&mut args, "--images-dir", &images_dir);
@@ -403,15 +466,8 @@ fn dump_with(
         }
         Err(err) => return Err(err),
     };
-    if kill_after {
-        // Stopped by criu, so none of these pids has been reaped and reused.
-        for &p in &pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
+    // Stopped by criu, so none of these pids has been reaped and reused.
+    let stopped = kill_after.then(|| StoppedTree::hold(pid, &pids));
     // criu writes `stats-dump` into its work directory (ours, removed when `work` drops), also
     // when it streams its images.
     let dump_stats = match crate::images::dump_stats(work.path()) {
@@ -428,12 +484,15 @@ fn dump_with(
             None
         }
     };
-    Ok(DumpReport {
-        pids,
-        stdio,
-        criu_version: criu.version,
-        dump_stats,
-    })
+    Ok((
+        DumpReport {
+            pids,
+            stdio,
+            criu_version: criu.version,
+            dump_stats,
+        },
+        stopped,
+    ))
 }
 
 pub(crate) use pf_os::scratch::Scratch;
