@@ -100,6 +100,7 @@ pub enum CaptureProgress {
 pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result<DumpReport> {
     let criu = crate::criu::for_capture()?;
     ensure_alive(pid)?;
+    ensure_not_ours(pid)?;
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
     prepare_images_dir(images_dir)?;
     let (report, stopped) = dump_with(&criu, pid, images_dir, opts, &[])?;
@@ -156,6 +157,7 @@ pub fn capture_with_progress(
         }
     };
     ensure_alive(pid)?;
+    ensure_not_ours(pid)?;
     // Before the store's lock (a gc waits on it) and before `should_stream` looks at how much
     // of the tree's memory is in.
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
@@ -392,6 +394,30 @@ fn serves_missing_pages(smaps: &str) -> bool {
     })
 }
 
+/// Refuse a tree that holds this process: `pid` is pf or one of its ancestors (a shell that
+/// started pf). criu refuses it only after attaching to every process, with one "The criu
+/// itself is within dumped tree" line per process and a failed-run directory left behind.
+fn ensure_not_ours(pid: i32) -> Result<()> {
+    let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let mut at = me;
+    // A chain of parents ends at pid 1 (or 0 above it); bounded in case /proc changes under us.
+    for _ in 0..4096 {
+        if at == pid {
+            let what = if at == me {
+                "pf itself".to_owned()
+            } else {
+                format!("an ancestor of pf (pid {me})")
+            };
+            return Err(Error::HoldsPf { pid, what });
+        }
+        match pf_os::proc::stat(at) {
+            Some(s) if s.ppid > 0 && s.ppid != at => at = s.ppid,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
 /// The checks before CRIU runs: the pid is a live user process (CRIU's own failure on a kernel
 /// thread is a page of log lines).
 fn ensure_alive(pid: i32) -> Result<()> {
@@ -590,6 +616,30 @@ mod tests {
             Err(Error::NoSuchProcess { .. })
         ));
         ensure_alive(std::process::id() as i32).expect("this process");
+    }
+
+    #[test]
+    fn pf_itself_or_an_ancestor_is_refused_before_criu_runs() {
+        let me = std::process::id() as i32;
+        let err = ensure_not_ours(me).expect_err("this process");
+        assert!(
+            matches!(err, Error::HoldsPf { pid, .. } if pid == me),
+            "{err}"
+        );
+        assert!(err.to_string().contains("pf itself"), "{err}");
+        let parent = pf_os::proc::stat(me).expect("own stat").ppid;
+        let err = ensure_not_ours(parent).expect_err("the parent");
+        assert!(err.to_string().contains("an ancestor of pf"), "{err}");
+        // A child of ours is neither.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start sleep");
+        let result = ensure_not_ours(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("a child is not an ancestor");
     }
 
     #[test]
