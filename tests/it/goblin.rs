@@ -562,6 +562,81 @@ fn live_freeze_pid_with_unread_stdin_then_thaw_gets_all_lines_in_order() {
     assert_eq!(ok(&out, "thaw"), "got one\ngot two\ngot three\neof\n");
 }
 
+/// Holds 8 MiB of random bytes, then echoes each line as `got LINE`.
+const RANDOM_8M: &str = r#"
+import os, sys
+keep = os.urandom(8 << 20)
+print("ready")
+for line in sys.stdin:
+    print("got", line.strip())
+"#;
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, options: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mountpoint");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs on {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg(&self.0)
+            .stdin(Stdio::null())
+            .status();
+    }
+}
+
+/// A freeze --kill whose store is full must not take the goblin with it: criu used to kill it
+/// at the end of the dump, before pf stored a page, so ENOSPC lost the process (found by hand,
+/// a 256 MiB goblin frozen into a 40 MiB tmpfs). Now it runs on, and a retry into a store with
+/// room freezes it.
+#[test]
+fn live_freeze_kill_into_a_full_store_leaves_the_goblin_running() {
+    if !live("live_freeze_kill_into_a_full_store_leaves_the_goblin_running") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_freeze_kill_into_a_full_store_leaves_the_goblin_running",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut goblin = start(RANDOM_8M);
+    assert_eq!(goblin.line(), "ready");
+    let small = Tmpfs::mount(&dir.path().join("small"), "size=2m,mode=700");
+    let full = small.0.join("store");
+    let mut freeze = pf(&full);
+    freeze.args(["goblin", "freeze", "--pid", &goblin.pid(), "--kill"]);
+    let err = failed(&run(freeze, b""), "freeze into a full store");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("not killed"), "{err}");
+    goblin.send("still here");
+    assert_eq!(goblin.line(), "got still here");
+    let mut verify = pf(&full);
+    verify.args(["store", "verify"]);
+    ok(&run(verify, b""), "verify the full store");
+    assert_eq!(
+        crate::support::blob_files(&full),
+        std::collections::BTreeSet::new()
+    );
+    drop(small);
+
+    let store = dir.path().join("store");
+    goblin.freeze_and_kill(&store, "g");
+    let out = thaw(&store, "g", b"again\n");
+    assert_eq!(ok(&out, "thaw"), "got again\n");
+}
+
 /// Ctrl-C while criu dumps with --kill: pf used to die and leave criu to finish the dump and
 /// kill the goblin, with no snapshot stored. Now the freeze goes on to its end, and says so.
 #[test]

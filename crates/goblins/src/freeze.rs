@@ -26,7 +26,8 @@ pub enum FreezeTarget<'a> {
 #[derive(Debug, Clone)]
 pub struct FreezeOptions {
     /// Let the goblin run on after the dump (it then continues from the same state as the
-    /// snapshot). When false, CRIU kills it once the dump is complete.
+    /// snapshot). When false, it is killed once the snapshot is stored; a freeze that fails
+    /// (a full store) lets it run on.
     pub leave_running: bool,
     /// Dump a goblin that does not lead its own session (`criu --shell-job`). Thawing it then
     /// also restores it as a shell job.

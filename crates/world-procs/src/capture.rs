@@ -28,7 +28,8 @@ const LAZY_WAIT: Duration = Duration::from_secs(60);
 /// How to dump a process tree. There is no `Default`: say what you want.
 #[derive(Debug, Clone)]
 pub struct CaptureOptions {
-    /// Keep the tree running after the dump (`--leave-running`); otherwise criu kills it.
+    /// Keep the tree running after the dump (`--leave-running`); otherwise it is killed once
+    /// the snapshot is stored (a capture that fails lets it run on).
     pub leave_running: bool,
     /// The tree is a job of a shell: its session or terminal is outside it (`--shell-job`).
     pub shell_job: bool,
@@ -99,9 +100,14 @@ pub enum CaptureProgress {
 pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result<DumpReport> {
     let criu = crate::criu::for_capture()?;
     ensure_alive(pid)?;
+    ensure_not_ours(pid)?;
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
     prepare_images_dir(images_dir)?;
-    dump_with(&criu, pid, images_dir, opts, &[])
+    let (report, stopped) = dump_with(&criu, pid, images_dir, opts, &[])?;
+    if let Some(stopped) = stopped {
+        stopped.kill();
+    }
+    Ok(report)
 }
 
 /// Make `dir` (0700) if it is missing; refuse it if it holds anything.
@@ -151,6 +157,7 @@ pub fn capture_with_progress(
         }
     };
     ensure_alive(pid)?;
+    ensure_not_ours(pid)?;
     // Before the store's lock (a gc waits on it) and before `should_stream` looks at how much
     // of the tree's memory is in.
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
@@ -171,7 +178,7 @@ pub fn capture_with_progress(
         .then(|| crate::capture_stream::should_stream(store, pid))
         .flatten()
         .and_then(|sample| crate::capture_stream::prepare().map(|hold| (hold, sample)));
-    let (report, early) = if let Some((hold, sample)) = streamed {
+    let ((report, stopped), early) = if let Some((hold, sample)) = streamed {
         let (report, pages) = crate::capture_stream::capture_while(
             hold,
             store,
@@ -228,7 +235,64 @@ pub fn capture_with_progress(
     let procs = store
         .put(&blob.to_json())
         .map_err(|e| Error::store(format!("storing the procs blob of pid {pid}"), e))?;
+    if let Some(stopped) = stopped {
+        stopped.kill();
+    }
     Ok(Captured { procs, blob })
+}
+
+/// A tree criu left stopped (`--leave-stopped`) because the caller wants it gone after the
+/// dump: killed once what the dump is for is done ([`StoppedTree::kill`]), and let run on
+/// (`SIGCONT`) when it is dropped without that, so a capture that fails after the dump (a full
+/// store, a bad write) never takes the process with it. Each process is held by a pidfd opened
+/// while it is stopped (a stopped process cannot exit, so its pid names it), so neither signal
+/// can reach a process that took a reused pid.
+struct StoppedTree {
+    root: i32,
+    pidfds: Vec<(i32, Option<std::os::fd::OwnedFd>)>,
+}
+
+impl StoppedTree {
+    fn hold(root: i32, pids: &[i32]) -> Self {
+        let pidfds = pids
+            .iter()
+            .map(|&p| (p, pf_os::fd::pidfd_open(p).ok()))
+            .collect();
+        Self { root, pidfds }
+    }
+
+    fn signal_all(&mut self, signal: nix::sys::signal::Signal) {
+        for (pid, fd) in self.pidfds.drain(..) {
+            let sent = match &fd {
+                Some(fd) => {
+                    use std::os::fd::AsFd as _;
+                    pf_os::fd::pidfd_send_signal(fd.as_fd(), signal as i32)
+                }
+                None => nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+                    .map_err(std::io::Error::from),
+            };
+            if let Err(err) = sent {
+                tracing::debug!(pid, %signal, error = %err, "signalling a process criu left stopped");
+            }
+        }
+    }
+
+    /// Kill the tree: the dump is stored.
+    fn kill(mut self) {
+        self.signal_all(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+impl Drop for StoppedTree {
+    fn drop(&mut self) {
+        if !self.pidfds.is_empty() {
+            tracing::warn!(
+                pid = self.root,
+                "the snapshot could not be stored, so the process was not killed: it runs on"
+            );
+            self.signal_all(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
 }
 
 /// Stream the images directory into `store` as one deterministic tar (`procs.criu.v1`).
@@ -330,6 +394,30 @@ fn serves_missing_pages(smaps: &str) -> bool {
     })
 }
 
+/// Refuse a tree that holds this process: `pid` is pf or one of its ancestors (a shell that
+/// started pf). criu refuses it only after attaching to every process, with one "The criu
+/// itself is within dumped tree" line per process and a failed-run directory left behind.
+fn ensure_not_ours(pid: i32) -> Result<()> {
+    let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
+    let mut at = me;
+    // A chain of parents ends at pid 1 (or 0 above it); bounded in case /proc changes under us.
+    for _ in 0..4096 {
+        if at == pid {
+            let what = if at == me {
+                "pf itself".to_owned()
+            } else {
+                format!("an ancestor of pf (pid {me})")
+            };
+            return Err(Error::HoldsPf { pid, what });
+        }
+        match pf_os::proc::stat(at) {
+            Some(s) if s.ppid > 0 && s.ppid != at => at = s.ppid,
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
 /// The checks before CRIU runs: the pid is a live user process (CRIU's own failure on a kernel
 /// thread is a page of log lines).
 fn ensure_alive(pid: i32) -> Result<()> {
@@ -351,7 +439,7 @@ fn dump_with(
     images_dir: &Path,
     opts: &CaptureOptions,
     extra: &[OsString],
-) -> Result<DumpReport> {
+) -> Result<(DumpReport, Option<StoppedTree>)> {
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
     // Before the dump: afterwards (without leave_running) the tree is gone.
@@ -360,11 +448,12 @@ fn dump_with(
     // A thawed copy (in a pid namespace below ours) is dumped from inside its namespaces.
     let enter = crate::nsenter::Enter::of(pid)?;
     let tree = enter.as_ref().map_or(pid, |e| e.inner_pid);
-    // criu inside a copy's pid namespace must not kill the tree itself: the namespace's init
-    // exits with the copy's root, which kills every process left in there, criu too, between
-    // its kill and its exit 0, with the images complete. So criu leaves the tree stopped and pf
-    // kills it once criu is done.
-    let kill_after = enter.is_some() && !opts.leave_running;
+    // criu never kills the tree itself: it leaves it stopped, and the caller kills it once the
+    // dump is stored (or lets it run on when storing fails: a full disk must not take the
+    // process with it). And criu inside a copy's pid namespace must not kill the tree: the
+    // namespace's init exits with the copy's root, which kills every process left in there,
+    // criu too, between its kill and its exit 0, with the images complete.
+    let kill_after = !opts.leave_running;
     let mut args: Vec<OsString> = Vec::new();
     push_opt(&mut args, "--tree", tree.to_string());
     push_opt(&mut args, "--images-dir", &images_dir);
@@ -403,15 +492,8 @@ fn dump_with(
         }
         Err(err) => return Err(err),
     };
-    if kill_after {
-        // Stopped by criu, so none of these pids has been reaped and reused.
-        for &p in &pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
+    // Stopped by criu, so none of these pids has been reaped and reused.
+    let stopped = kill_after.then(|| StoppedTree::hold(pid, &pids));
     // criu writes `stats-dump` into its work directory (ours, removed when `work` drops), also
     // when it streams its images.
     let dump_stats = match crate::images::dump_stats(work.path()) {
@@ -428,12 +510,15 @@ fn dump_with(
             None
         }
     };
-    Ok(DumpReport {
-        pids,
-        stdio,
-        criu_version: criu.version,
-        dump_stats,
-    })
+    Ok((
+        DumpReport {
+            pids,
+            stdio,
+            criu_version: criu.version,
+            dump_stats,
+        },
+        stopped,
+    ))
 }
 
 pub(crate) use pf_os::scratch::Scratch;
@@ -531,6 +616,30 @@ mod tests {
             Err(Error::NoSuchProcess { .. })
         ));
         ensure_alive(std::process::id() as i32).expect("this process");
+    }
+
+    #[test]
+    fn pf_itself_or_an_ancestor_is_refused_before_criu_runs() {
+        let me = std::process::id() as i32;
+        let err = ensure_not_ours(me).expect_err("this process");
+        assert!(
+            matches!(err, Error::HoldsPf { pid, .. } if pid == me),
+            "{err}"
+        );
+        assert!(err.to_string().contains("pf itself"), "{err}");
+        let parent = pf_os::proc::stat(me).expect("own stat").ppid;
+        let err = ensure_not_ours(parent).expect_err("the parent");
+        assert!(err.to_string().contains("an ancestor of pf"), "{err}");
+        // A child of ours is neither.
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start sleep");
+        let result = ensure_not_ours(child.id() as i32);
+        let _ = child.kill();
+        let _ = child.wait();
+        result.expect("a child is not an ancestor");
     }
 
     #[test]

@@ -78,6 +78,17 @@ pub enum Error {
         /// Its name (`/proc/PID/comm`).
         name: String,
     },
+    /// The tree to capture holds pf itself: `pid` is pf or one of its ancestors.
+    #[error(
+        "process {pid} is {what}, so its tree holds the pf doing the capture (and criu): \
+         capture a process that is not an ancestor of pf, started apart from it (setsid)"
+    )]
+    HoldsPf {
+        /// The pid asked for.
+        pid: i32,
+        /// "pf itself" or "an ancestor of pf (pid N)".
+        what: String,
+    },
     /// The process exited while criu was dumping it.
     #[error("process {pid} exited while criu was dumping it; nothing was stored")]
     ExitedDuringDump {
@@ -441,6 +452,7 @@ impl Error {
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
             Self::ImagesDirNotEmpty { .. }
             | Self::KernelThread { .. }
+            | Self::HoldsPf { .. }
             | Self::NotInCopyNamespace { .. } => ErrorKind::InvalidInput,
             Self::Spawn { .. } | Self::Io { .. } | Self::Sys { .. } => ErrorKind::Io,
             Self::Store { source, .. } => ErrorKind::of_store(source),
