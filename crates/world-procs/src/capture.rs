@@ -492,8 +492,10 @@ fn dump_with(
         }
         Err(err) => return Err(err),
     };
-    // Stopped by criu, so none of these pids has been reaped and reused.
-    let stopped = kill_after.then(|| StoppedTree::hold(pid, &pids));
+    // The tree as criu dumped and left it, read again now: `pids` was read before the dump,
+    // and a tree that forks (a shell loop's next `sleep`) may have more, or others, by the
+    // time criu froze it. Stopped by criu, none of these can fork, exit or be reaped.
+    let stopped = kill_after.then(|| StoppedTree::hold(pid, &pf_os::proc::tree(pid)));
     // criu writes `stats-dump` into its work directory (ours, removed when `work` drops), also
     // when it streams its images.
     let dump_stats = match crate::images::dump_stats(work.path()) {
