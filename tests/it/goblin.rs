@@ -2319,3 +2319,55 @@ fn live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind() 
     mark.assert_running(&[], "a thaw whose goblin got SIGINT");
     assert_eq!(scratch_of(pf_pid), Vec::<std::path::PathBuf>::new());
 }
+
+/// A `criu` wrapper that runs criu as its child and reaps every child it gets until none is
+/// left, as `strace -f` does: the restored root (criu's sibling, `--restore-sibling`) is the
+/// wrapper's child, and the wrapper reaps it. pf's namespace init used to wait for it forever
+/// (only its lifeline watcher left below it), and pf with it, a SIGTERM to pf going to a goblin
+/// already gone. Now the init watches the root through a pidfd: pf finishes, saying the root's
+/// status is unknown and why.
+#[test]
+fn live_a_copy_reaped_by_a_criu_wrapper_still_ends_the_thaw() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let name = "live_a_copy_reaped_by_a_criu_wrapper_still_ends_the_thaw";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let mark = Mark::new("thaw-reaping-wrapper");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(
+        &spawn_goblin(&store, "counter", &["--quiet-ms", "300"], &py(COUNTER)),
+        "spawn",
+    );
+    let criu = pf_world_procs::probe()
+        .criu()
+        .expect("a working criu")
+        .path
+        .clone();
+    let wrapper = dir.path().join("criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/usr/bin/env python3\nimport os, sys\ncriu = {criu:?}\npid = os.fork()\n\
+             if pid == 0:\n    os.execv(criu, [criu] + sys.argv[1:])\nstatus = 0\n\
+             while True:\n    try:\n        p, s = os.wait()\n    except ChildProcessError:\n\
+             \x20       break\n    if p == pid:\n        status = s\n\
+             sys.exit(os.waitstatus_to_exitcode(status))\n",
+            criu = criu.display().to_string()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut cmd = thaw_cmd(&store, "counter");
+    cmd.env("PF_CRIU", &wrapper);
+    let out = run(mark.on(cmd), b"inc\ninc\n");
+    assert_eq!(text(&out.stdout), "1\n2\neof 2\n", "the copy answered");
+    let stderr = failed(&out, "a thaw whose copy another process reaped");
+    assert!(
+        stderr.contains("another process reaped it, so its exit status is unknown"),
+        "{stderr}"
+    );
+    mark.assert_running(&[], "the thaw");
+}

@@ -552,7 +552,7 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
     let killer = goblin.killer();
     signals.set(move |sig| {
         tracing::info!(sig, "forwarding signal to the goblin");
-        let _ = killer.signal(sig);
+        let _ = killer.forward(sig);
     });
     drop(loaded);
     tracing::info!(
