@@ -348,6 +348,35 @@ mod tests {
     }
 
     #[test]
+    fn making_one_sweeps_every_prefix_of_pf_and_leaves_kept_ones() {
+        let base = test_base();
+        let dead = dead_pid();
+        let dump = base.join(format!("pf-dump-{dead}-abc"));
+        let lazy = base.join(format!("pf-lazy-{dead}-abc"));
+        let kept = base.join(format!("pf-criu-failed-restore-{dead}-abc"));
+        let foreign = base.join(format!("pf-other-{dead}-abc"));
+        for d in [&dump, &lazy, &kept, &foreign] {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        let made = scratch_in(&base, "pf-criu-restore-").expect("scratch");
+        assert!(!dump.exists() && !lazy.exists(), "pf's prefixes are swept");
+        assert!(kept.exists(), "a kept failure log stays");
+        assert!(foreign.exists(), "a prefix that is not pf's stays");
+        let path = made.path().to_owned();
+        assert!(live().contains(&path), "listed while in use");
+        drop(made);
+        assert!(
+            !path.exists() && !live().contains(&path),
+            "removed and unlisted"
+        );
+        let made = scratch_in(&base, "pf-criu-restore-").expect("scratch");
+        let path = made.path().to_owned();
+        let kept = made.keep_as("pf-criu-failed-restore-", "pf-criu-restore-");
+        assert!(kept.is_dir() && !live().contains(&path) && !live().contains(&kept));
+        std::fs::remove_dir_all(&base).expect("clean");
+    }
+
+    #[test]
     fn only_the_newest_kept_directories_stay() {
         let base = test_base();
         for i in 0..6 {
@@ -383,7 +412,15 @@ mod tests {
             ]
         );
         drop(held);
-        assert_eq!(keep_newest(&base, "pf-failed-", 3), 1);
+        // A child another test thread forks at this moment holds a copy of the lock's
+        // descriptor until its exec: try again for a moment.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut removed = keep_newest(&base, "pf-failed-", 3);
+        while removed == 0 && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            removed = keep_newest(&base, "pf-failed-", 3);
+        }
+        assert_eq!(removed, 1);
         std::fs::remove_dir_all(&base).expect("clean");
     }
 }
