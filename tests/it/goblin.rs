@@ -2086,3 +2086,288 @@ for line in sys.stdin:
     let out = thaw(&store, "g", b"q\n");
     assert_eq!(ok(&out, "a thaw once the directory is back"), "42\n");
 }
+
+/// A `criu` for `$PF_CRIU` that holds every restore once it has rebuilt the tree, before the
+/// tree runs (an action script that sleeps at CRIU's `post-restore`), and runs the real criu
+/// for anything else: a thaw stays mid-restore, with criu, the namespace init and the
+/// half-restored copy all there, until it is interrupted, however loaded the machine is.
+fn holding_criu(dir: &Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let criu = pf_world_procs::probe()
+        .criu()
+        .expect("a working criu")
+        .path
+        .clone();
+    let hold = dir.join("hold.sh");
+    std::fs::write(
+        &hold,
+        "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-restore ] && exec sleep 120\nexit 0\n",
+    )
+    .expect("write the hold script");
+    let wrapper = dir.join("criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\nrestore) exec {criu} \"$@\" --action-script {hold} ;;\n\
+             *) exec {criu} \"$@\" ;;\nesac\n",
+            criu = criu.display(),
+            hold = hold.display()
+        ),
+    )
+    .expect("write the criu wrapper");
+    for f in [&hold, &wrapper] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    wrapper
+}
+
+/// The scratch directories named after `pid` (`pf-…-PID-…`, kept failure logs included) in the
+/// places pf makes them.
+fn scratch_of(pid: u32) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for base in [pf_os::scratch::images_base(), std::env::temp_dir()] {
+        for entry in std::fs::read_dir(&base)
+            .expect("list a scratch base")
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("pf-") && name.contains(&format!("-{pid}-")) {
+                out.push(entry.path());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// A goblin holding 64 MiB of random bytes: `sum` prints their SHA-256.
+const BIG: &str = r#"
+import hashlib, os, sys
+buf = os.urandom(64 << 20)
+print("ready", flush=True)
+for line in sys.stdin:
+    print(hashlib.sha256(buf).hexdigest(), flush=True)
+"#;
+
+/// Ctrl-C (or SIGTERM) while `pf goblin thaw` or `fork` unpacks the images or while CRIU
+/// restores: pf exits 128 + the signal, and leaves nothing behind, neither the unpacked
+/// images (the whole memory, for a whole-archive snapshot) nor criu, the namespace init or the
+/// half-restored copy. Before, the signal's default action ended pf with its destructors
+/// unrun: the images stayed on tmpfs until the next thaw, and the restore went on.
+#[test]
+fn live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind() {
+    let name = "live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind";
+    if !live(name) {
+        return;
+    }
+    let deadline = Deadline::start(name, Duration::from_secs(240));
+    let mark = Mark::new("thaw-interrupted");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let criu = holding_criu(dir.path());
+    for (tag, format) in [("v1", "v1"), ("v2", "v2")] {
+        let mut cmd = pf(&store);
+        cmd.env(pf_world_procs::FORMAT_ENV, format)
+            .args(["goblin", "spawn", "--tag", tag, "--until", "^ready$", "--"])
+            .args(py(BIG));
+        ok(&run(mark.on(cmd), b""), "spawn");
+    }
+    mark.assert_running(&[], "the spawns");
+
+    const SIGHUP: i32 = 1;
+    const SIGINT: i32 = 2;
+    const SIGTERM: i32 = 15;
+    // (what, pf's arguments, the signal, the stage at which it is sent)
+    #[derive(Clone, Copy)]
+    enum Stage {
+        /// pf has made its directory for the unpacked images.
+        Unpacking,
+        /// criu has rebuilt the tree (`copies` of it), which waits to run.
+        Restored { copies: usize },
+    }
+    let cases: [(&str, &[&str], i32, Stage); 4] = [
+        (
+            "a thaw of a whole-archive snapshot, while it unpacks",
+            &["goblin", "thaw", "v1"],
+            SIGINT,
+            Stage::Unpacking,
+        ),
+        (
+            "a lazy thaw, its copy rebuilt",
+            &["goblin", "thaw", "--lazy", "v2"],
+            SIGINT,
+            Stage::Restored { copies: 1 },
+        ),
+        (
+            "an eager (streamed) thaw, its copy rebuilt",
+            &["goblin", "thaw", "--eager", "v2"],
+            SIGHUP,
+            Stage::Restored { copies: 1 },
+        ),
+        (
+            "a fork of 2, both copies rebuilt",
+            &["goblin", "fork", "-n", "2", "--send", "sum", "v2"],
+            SIGTERM,
+            Stage::Restored { copies: 2 },
+        ),
+    ];
+    for (what, args, signal, stage) in cases {
+        let mut cmd = pf(&store);
+        cmd.env("PF_CRIU", &criu)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Our stdin stays open: only the signal can end the thaw.
+        let mut child = mark.on(cmd).spawn().expect("start pf");
+        let pf_pid = child.id();
+        deadline.watch(i32::try_from(pf_pid).expect("pid"));
+        let stdin = child.stdin.take();
+        let started = Instant::now();
+        let below = loop {
+            let below: Vec<i32> = pf_os::proc::tree(i32::try_from(pf_pid).expect("pid"))
+                .into_iter()
+                .skip(1)
+                .collect();
+            let there = match stage {
+                Stage::Unpacking => scratch_of(pf_pid)
+                    .iter()
+                    .any(|d| d.to_string_lossy().contains("/pf-restore-")),
+                Stage::Restored { copies } => {
+                    below.iter().filter(|&&p| comm(p) == "sleep").count() == copies
+                }
+            };
+            if there {
+                break below;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let out = finish(child, b"");
+                panic!("{what}: pf ended ({status}) first: {}", text(&out.stderr));
+            }
+            assert!(started.elapsed() < DEADLINE, "{what}: never got there");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if let Stage::Restored { copies } = stage {
+            let inits = below.iter().filter(|&&p| comm(p) == "pf-ns-init").count();
+            let restored = below.iter().filter(|&&p| comm(p) == "python3").count();
+            assert_eq!(
+                (inits, restored),
+                (copies, copies),
+                "{what}: the copies are rebuilt under their inits: {below:?}"
+            );
+        }
+        let sent = Instant::now();
+        send_signal(pf_pid, &signal.to_string());
+        drop(stdin);
+        let out = finish(child, b"");
+        assert!(
+            sent.elapsed() < Duration::from_secs(20),
+            "{what}: pf took {:?} to stop",
+            sent.elapsed()
+        );
+        let stderr = text(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(128 + signal),
+            "{what}: 128 + the signal: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("interrupted by signal {signal}: the "))
+                && stderr.contains("is stopped and leaves nothing behind"),
+            "{what}: pf says so: {stderr}"
+        );
+        assert!(!stderr.contains("error"), "{what}: no error: {stderr}");
+        for pid in &below {
+            assert!(exited(*pid), "{what}: {pid} ({}) outlived pf", comm(*pid));
+        }
+        mark.assert_running(&[], what);
+        assert_eq!(
+            scratch_of(pf_pid),
+            Vec::<std::path::PathBuf>::new(),
+            "{what}: scratch left"
+        );
+    }
+
+    // Once the copy runs, a signal is the goblin's again: SIGINT ends it, pf exits as it did.
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "thaw", "v2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = mark.on(cmd).spawn().expect("start pf");
+    let pf_pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    writeln!(stdin, "sum").expect("write");
+    let sum = lines.next().expect("an answer").expect("read");
+    assert_eq!(sum.len(), 64, "{sum}");
+    send_signal(pf_pid, "INT");
+    let out = finish(child, b"");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "the goblin died of SIGINT: {}",
+        text(&out.stderr)
+    );
+    assert!(
+        !text(&out.stderr).contains("leaves nothing behind"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(stdin);
+    mark.assert_running(&[], "a thaw whose goblin got SIGINT");
+    assert_eq!(scratch_of(pf_pid), Vec::<std::path::PathBuf>::new());
+}
+
+/// A `criu` wrapper that runs criu as its child and reaps every child it gets until none is
+/// left, as `strace -f` does: the restored root (criu's sibling, `--restore-sibling`) is the
+/// wrapper's child, and the wrapper reaps it. pf's namespace init used to wait for it forever
+/// (only its lifeline watcher left below it), and pf with it, a SIGTERM to pf going to a goblin
+/// already gone. Now the init watches the root through a pidfd: pf finishes, saying the root's
+/// status is unknown and why.
+#[test]
+fn live_a_copy_reaped_by_a_criu_wrapper_still_ends_the_thaw() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let name = "live_a_copy_reaped_by_a_criu_wrapper_still_ends_the_thaw";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let mark = Mark::new("thaw-reaping-wrapper");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(
+        &spawn_goblin(&store, "counter", &["--quiet-ms", "300"], &py(COUNTER)),
+        "spawn",
+    );
+    let criu = pf_world_procs::probe()
+        .criu()
+        .expect("a working criu")
+        .path
+        .clone();
+    let wrapper = dir.path().join("criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/usr/bin/env python3\nimport os, sys\ncriu = {criu:?}\npid = os.fork()\n\
+             if pid == 0:\n    os.execv(criu, [criu] + sys.argv[1:])\nstatus = 0\n\
+             while True:\n    try:\n        p, s = os.wait()\n    except ChildProcessError:\n\
+             \x20       break\n    if p == pid:\n        status = s\n\
+             sys.exit(os.waitstatus_to_exitcode(status))\n",
+            criu = criu.display().to_string()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut cmd = thaw_cmd(&store, "counter");
+    cmd.env("PF_CRIU", &wrapper);
+    let out = run(mark.on(cmd), b"inc\ninc\n");
+    assert_eq!(text(&out.stdout), "1\n2\neof 2\n", "the copy answered");
+    let stderr = failed(&out, "a thaw whose copy another process reaped");
+    assert!(
+        stderr.contains("another process reaped it, so its exit status is unknown"),
+        "{stderr}"
+    );
+    mark.assert_running(&[], "the thaw");
+}

@@ -143,9 +143,15 @@ pub(crate) fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Quiet once an interrupt is ending pf (`pf_os::abandon`): what the other threads run into
+    // then (a criu killed under them) is not worth a word.
+    let writer =
+        tracing_subscriber::fmt::writer::MakeWriterExt::with_filter(std::io::stderr, |_| {
+            !pf_os::abandon::is_ending()
+        });
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     if verbose >= 2 {
         // Debugging a slow step: each line says when, in seconds since pf started.
@@ -207,6 +213,72 @@ pub(crate) fn forward_signals_to(
     });
 }
 
+/// pf's signals (those of [`block_signals`]) for a command whose answer to them changes as its
+/// work goes on: blocked from now on in this thread and every thread it starts, and handed by
+/// one thread to the handler of the moment. Start it first thing, before any thread is started:
+/// a thread started earlier keeps the default action, and a signal delivered to it ends pf.
+pub(crate) struct Signals {
+    handler: std::sync::Arc<std::sync::Mutex<Handler>>,
+}
+
+type Handler = Box<dyn FnMut(i32) + Send>;
+
+impl Signals {
+    /// Block the signals and hand each to `handler` until [`Signals::set`] changes it.
+    pub(crate) fn start(handler: impl FnMut(i32) + Send + 'static) -> Self {
+        let handler: std::sync::Arc<std::sync::Mutex<Handler>> =
+            std::sync::Arc::new(std::sync::Mutex::new(Box::new(handler)));
+        let current = std::sync::Arc::clone(&handler);
+        let set = block_signals();
+        std::thread::spawn(move || {
+            while let Ok(sig) = set.wait() {
+                let mut handler = current
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                (*handler)(sig as i32);
+            }
+        });
+        Self { handler }
+    }
+
+    /// Hand the signals to `handler` from now on. (While a handler that ends pf runs, this
+    /// waits for the end.)
+    pub(crate) fn set(&self, handler: impl FnMut(i32) + Send + 'static) {
+        *self
+            .handler
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Box::new(handler);
+    }
+}
+
+/// What a signal does before the work it would cut short has made anything that outlives pf:
+/// say so, then end pf at once, killing every process it started (criu, a restore's namespace
+/// init and the tree in it) and removing every scratch directory it holds (unpacked images), and
+/// exit 128 + the signal's number, as a shell reports a command a signal ended. `what`: the work
+/// stopped ("the thaw").
+pub(crate) fn abandon(what: &'static str) -> impl FnMut(i32) + Send + 'static {
+    move |sig| {
+        say(&format!(
+            "pf: interrupted by signal {sig}: {what} is stopped and leaves nothing behind"
+        ));
+        pf_os::abandon::exit(128 + sig)
+    }
+}
+
+/// A signal's default action, as if pf had never handled it: unblocked in this thread and sent
+/// again (SIGINT, SIGTERM and SIGHUP end pf, SIGQUIT dumps core).
+pub(crate) fn default_action() -> impl FnMut(i32) + Send + 'static {
+    |sig| {
+        if let Ok(signal) = nix::sys::signal::Signal::try_from(sig) {
+            let mut set = nix::sys::signal::SigSet::empty();
+            set.add(signal);
+            let _ = set.thread_unblock();
+            let _ = nix::sys::signal::raise(signal);
+        }
+        std::process::exit(128 + sig);
+    }
+}
+
 /// Ctrl-C (the signals of [`block_signals`]) held back while a dump runs: criu, in a process
 /// group of its own, would finish it without pf and, without --leave-running, kill the process,
 /// whose snapshot pf would then never store. The first signal is told on stderr; the caller
@@ -242,8 +314,9 @@ impl Deferred {
     }
 }
 
+/// A line on stderr.
 #[allow(clippy::print_stderr)]
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     eprintln!("{line}");
 }
 

@@ -19,7 +19,7 @@ use pf_goblins::{
     ThawOptions, WarmFrom, WarmOptions, Wire,
 };
 
-use crate::common::{self, Global, block_signals, forward_signals_to};
+use crate::common::{self, Global, Signals, block_signals, forward_signals_to};
 
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
@@ -101,6 +101,10 @@ stdout and its stderr to pf's stderr. (Input the goblin had not read when it was
 first, so then stdin is pumped too.) pf forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to it and
 exits with its exit code (128+N when signal N ended it). So `pf goblin thaw NAME` behaves like running the program.
 
+Such a signal that comes before the goblin runs (while pf loads the snapshot and CRIU restores
+it) stops the thaw instead: pf kills CRIU and the half-restored copy, removes the images it
+unpacked, and exits 128 + the signal's number (130 for Ctrl-C).
+
 Examples:
   echo 'print(2 + 2)' | pf goblin thaw py
   pf goblin thaw sha256:3a…e1 < questions.txt > answers.txt
@@ -112,8 +116,10 @@ input — the --send lines, else all of pf's stdin — then end of input; pf wai
 and prints what each wrote, in order: lines prefixed with `[K] ` (K = 1..N), or one JSON object
 per copy with --json. In --send text, `{i}` becomes the copy's number, so copies can be asked
 different things. With --timeout, a copy still running that long after its thaw is killed.
-Signals pf receives (Ctrl-C) are passed on to every copy. Exits 0 when every copy exited 0,
-else 1.
+Signals pf receives (Ctrl-C) once the copies run are passed on to every copy; one that comes
+before (while pf reads the input, loads the snapshot and CRIU restores the copies) stops the
+fork: pf kills CRIU and every copy it started, removes the images it unpacked, and exits 128 +
+the signal's number (130 for Ctrl-C). Exits 0 when every copy exited 0, else 1.
 
 Examples:
   pf goblin fork kb -n 4 --send 'nth {i}000'
@@ -521,6 +527,9 @@ impl Resolved {
 }
 
 fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
+    // Until the goblin runs, a signal stops the thaw and leaves nothing behind (first thing:
+    // the loading starts threads, which must not take the signals' default action).
+    let signals = Signals::start(common::abandon("the thaw"));
     let loaded = Resolved::new(global, &args.from)?.load(args.mode.lazy(), true)?;
     // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
     // The unread input saved in the snapshot must go first, through a pipe of pf's.
@@ -539,6 +548,12 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
         },
         wiring,
     )?;
+    // From now on the signals are the goblin's.
+    let killer = goblin.killer();
+    signals.set(move |sig| {
+        tracing::info!(sig, "forwarding signal to the goblin");
+        let _ = killer.forward(sig);
+    });
     drop(loaded);
     tracing::info!(
         pid = goblin.pid(),
@@ -551,11 +566,6 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
         Some(path) => Some(Pidfile::write(path, goblin.pid())?),
         None => None,
     };
-    let killer = goblin.killer();
-    forward_signals_to(block_signals(), move |sig| {
-        tracing::info!(sig, "forwarding signal to the goblin");
-        let _ = killer.signal(sig);
-    });
     let status = pf_goblins::attach(
         &mut goblin,
         Attach {
@@ -658,6 +668,8 @@ fn describe_status(status: std::process::ExitStatus) -> String {
 // fork
 
 fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
+    // Until the copies run, a signal stops the fork and leaves nothing behind.
+    let signals = Signals::start(common::abandon("the fork"));
     let n = usize::from(args.count);
     // The snapshot first: a mistyped name fails at once, not after pf's stdin has ended (at a
     // terminal, only at Ctrl-D).
@@ -679,10 +691,6 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         pf_goblins::inputs_from_template(template.as_bytes(), n)
     };
     let cancel = Cancel::new()?;
-    forward_signals_to(block_signals(), {
-        let cancel = cancel.clone();
-        move |sig| cancel.cancel_with_signal(sig)
-    });
     let started = Instant::now();
     let options = CollectOptions {
         inputs,
@@ -690,6 +698,11 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
     };
     // The loaded images go once the copies run (lazy copies keep what they need themselves).
     let goblins = resolved.load(args.mode.lazy(), false)?.fork(n)?;
+    // From now on a signal is passed on to every copy.
+    signals.set({
+        let cancel = cancel.clone();
+        move |sig| cancel.cancel_with_signal(sig)
+    });
     let copies = pf_goblins::collect(goblins, &options, &cancel)?;
     tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;

@@ -72,6 +72,10 @@ fn main() -> ExitCode {
         Command::Push(args) => registry_cmd::push(&cli.global, &args),
         Command::Pull(args) => registry_cmd::pull(&cli.global, &args),
     };
+    // A signal that stopped the work is ending pf on its own thread (`common::abandon`), which
+    // says so: an error the interrupt caused here (a criu killed under a restore) is no news,
+    // and the exit status is the signal's.
+    pf_os::abandon::wait_if_ending();
     match result {
         Ok(code) => code,
         // The reader of our output went away (`pf store ls | head -1`): as in every Unix tool,
@@ -86,7 +90,7 @@ fn main() -> ExitCode {
 
 /// The signal that cut the work short, if a signal did (Ctrl-C while a goblin warms up): pf
 /// then exits 128 + its number, as a shell reports a command a signal ended, and as `pf pull`
-/// and an interrupted `pf goblin thaw` do.
+/// and an interrupted `pf goblin thaw` or `fork` do (`common::abandon`).
 fn interrupted_by(err: &anyhow::Error) -> Option<u8> {
     err.chain().find_map(|cause| match cause.downcast_ref() {
         Some(pf_goblins::Error::Cancelled {

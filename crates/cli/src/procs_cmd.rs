@@ -64,7 +64,9 @@ exits with the root's status and takes the namespace down with it: kill that ini
 copy. The printed pids are host pids; inside, the tree has its original pids.
 
 The restored tree is detached: pf exits, the tree runs on and is reparented to init (or the
-nearest subreaper), which reaps it when it exits. Stop it with `kill <pid>`.
+nearest subreaper), which reaps it when it exits. Stop it with `kill <pid>`. Ctrl-C (SIGINT,
+SIGTERM, SIGHUP) before that stops the restore: pf kills CRIU and what it restored so far,
+removes the images it unpacked, and exits 128 + the signal's number (130 for Ctrl-C).
 
 --json prints {\"pid\", \"ns_pid\", \"pids\", \"init\"} (init is null without --new-pidns).")]
     Restore(RestoreArgs),
@@ -215,6 +217,8 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
 const GOBLIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    // Until the tree is detached, a signal stops the restore and leaves nothing behind.
+    let signals = common::Signals::start(common::abandon("the restore"));
     let digest = resolve(store, &args.procs)?;
     let opts = RestoreOptions {
         new_pidns: args.new_pidns,
@@ -270,6 +274,7 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
     let (pid, ns_pid, init) = (restored.pid(), restored.ns_pid(), restored.init_pid());
     // Leave it running after we exit.
     restored.detach();
+    signals.set(common::default_action());
     let mut out = std::io::stdout().lock();
     if args.json {
         let json = serde_json::json!({

@@ -3,6 +3,7 @@
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::SeqCst;
 
 use anyhow::{Context as _, bail};
 use pf_core::BlobStore as _;
@@ -26,14 +27,19 @@ Examples:
   pf shell thaw --images ./shell.img
 
 pf waits until the shell exits and exits with its status. The shell gets its original pid back,
-so thaw a snapshot whose shell still runs with `pf shell beam` instead, or stop the original.";
+so thaw a snapshot whose shell still runs with `pf shell beam` instead, or stop the original.
+A signal to pf (SIGINT, SIGTERM, SIGHUP) before the shell runs stops the thaw: pf kills CRIU
+and what it restored so far, removes the images it unpacked, and exits 128 + the signal's
+number.";
 
 const BEAM_HELP: &str = "\
 Examples:
   pf shell beam --pgrep 'bash.*project'   # a copy of that shell session, here, now
 
 The original keeps running; the copy runs in fresh PID and mount namespaces beside it, in this
-terminal, until it exits.";
+terminal, until it exits. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original is dumped
+waits for the dump to end, and from then until the copy runs it stops the beam: pf kills CRIU
+and what it restored so far, removes the images, and exits 128 + the signal's number.";
 
 /// Which shell: by pid or by a pattern over command lines.
 #[derive(Debug, clap::Args)]
@@ -142,6 +148,9 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Command::Thaw { snapshot, images } => {
+            // Until the shell runs, a signal stops the thaw and leaves nothing behind; then
+            // pf's signals act as they would without this.
+            let signals = common::Signals::start(common::abandon("the thaw"));
             require_terminal()?;
             let opts = restore_options(false);
             let restored = match (snapshot, images) {
@@ -160,19 +169,41 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             }
             .map_err(with_tty_hint)
             .context("thawing the shell")?;
+            signals.set(common::default_action());
             foreground(restored)
         }
         Command::Beam { target, force } => {
             require_terminal()?;
             let pid = resolve_target(&target)?;
             check_terminal(pid, force)?;
+            // A signal during the dump waits for its end (stopped midway, criu could leave the
+            // shell with its parasite in it); from then until the copy runs, it stops the beam
+            // and leaves nothing behind.
+            let deferred = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+            let signals = common::Signals::start({
+                let deferred = std::sync::Arc::clone(&deferred);
+                move |sig| {
+                    if deferred.compare_exchange(0, sig, SeqCst, SeqCst).is_ok() {
+                        common::say(&format!(
+                            "pf: signal {sig}: the beam stops once its dump is done (stopped \
+                             midway, criu would still finish it without pf)"
+                        ));
+                    }
+                }
+            });
             let dir = tempdir_for_images()?;
             pf_world_procs::dump_to_dir(pid, dir.path(), &capture_options(true))
                 .map_err(with_tty_hint)
                 .with_context(|| format!("freezing shell {pid}"))?;
+            signals.set(common::abandon("the beam"));
+            let sig = deferred.load(SeqCst);
+            if sig != 0 {
+                common::abandon("the beam")(sig);
+            }
             let restored = pf_world_procs::restore_dir(dir.path(), restore_options(true))
                 .map_err(with_tty_hint)
                 .context("thawing the copy of the shell")?;
+            signals.set(common::default_action());
             drop(dir);
             foreground(restored)
         }

@@ -33,7 +33,19 @@ pub struct Goblin {
     pub stderr: Option<PipeReader>,
     pid: i32,
     pidfd: Arc<OwnedFd>,
+    /// For a goblin thawed in a pid namespace of its own, how to end that namespace.
+    tree: Option<Tree>,
     process: Process,
+}
+
+/// A thawed goblin's namespace: a pidfd of its init, which exits with the goblin's status and
+/// takes everything left in the namespace with it.
+#[derive(Debug, Clone)]
+pub(crate) struct Tree {
+    pub(crate) init: Arc<OwnedFd>,
+    /// The goblin had exited by the time it was thawed: the goblin's pid and pidfd are the
+    /// init's, which stands in for it.
+    pub(crate) stands_in: bool,
 }
 
 /// What the goblin's life is tied to.
@@ -65,8 +77,15 @@ impl Goblin {
             stderr,
             pid,
             pidfd: Arc::new(pidfd),
+            tree: None,
             process,
         }
+    }
+
+    /// The goblin's tree is in a pid namespace of its own, whose init is `tree`.
+    pub(crate) fn in_tree(mut self, tree: Tree) -> Goblin {
+        self.tree = Some(tree);
+        self
     }
 
     /// The goblin's pid as seen from here (for a thawed goblin in its own pid namespace, the
@@ -115,10 +134,19 @@ impl Goblin {
                 s
             }
             Process::Thawed(restored) => {
-                let code = restored.wait().map_err(|source| Error::Wait {
-                    pid,
-                    source: Box::new(source),
-                })?;
+                let code = match restored.wait() {
+                    Ok(code) => code,
+                    Err(source) => {
+                        // Ended, but how is unknown: nothing is left to kill or wait for.
+                        if let Some(end) = restored.ended() {
+                            self.finish(pf_os::Exit::to_status(end));
+                        }
+                        return Err(Error::Wait {
+                            pid,
+                            source: Box::new(source),
+                        });
+                    }
+                };
                 // Killed because its memory could not be served: that is the error to report.
                 if code == pf_os::Exit::Signal(libc::SIGKILL)
                     && let Some(source) = restored.lazy_error()
@@ -220,6 +248,7 @@ impl Goblin {
         Killer {
             pid: self.pid,
             pidfd: Arc::clone(&self.pidfd),
+            tree: self.tree.clone(),
         }
     }
 
@@ -269,7 +298,11 @@ impl Drop for Goblin {
 pub struct Killer {
     pid: i32,
     pidfd: Arc<OwnedFd>,
+    tree: Option<Tree>,
 }
+
+/// How long [`Killer::forward`] lets the namespace of a goblin that has exited end by itself.
+const TREE_GRACE: Duration = Duration::from_secs(1);
 
 impl Killer {
     /// Send SIGKILL to the goblin. Its owner's `wait` then returns. A goblin that has already
@@ -287,6 +320,42 @@ impl Killer {
             Err(e) => Err(Error::sys(format!("signal goblin {}", self.pid), e)),
         }
     }
+
+    /// Pass on a signal this process received, as a program that runs a goblin as itself does
+    /// (`pf goblin thaw`): send it to the goblin ([`Killer::signal`]). When the goblin has exited
+    /// already but its namespace still stands 1 s later (its init should end the moment the
+    /// goblin does), end the namespace (SIGKILL to its init): whoever waits for the goblin then
+    /// gets an answer, rather than the signal going nowhere and the wait on forever.
+    pub fn forward(&self, signal: i32) -> Result<()> {
+        let exited = match &self.tree {
+            Some(tree) if tree.stands_in => true,
+            // Exited already (a zombie nobody reaps, or gone): the signal can change nothing.
+            _ if crate::pump::wait_exit(self.pidfd.as_fd(), Some(Instant::now()), None)? => true,
+            _ => match pf_os::fd::pidfd_send_signal(self.pidfd.as_fd(), signal) {
+                Ok(()) => false,
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => true,
+                Err(e) => return Err(Error::sys(format!("signal goblin {}", self.pid), e)),
+            },
+        };
+        let Some(tree) = self.tree.as_ref().filter(|_| exited) else {
+            return Ok(());
+        };
+        if crate::pump::wait_exit(tree.init.as_fd(), Some(Instant::now() + TREE_GRACE), None)? {
+            return Ok(());
+        }
+        tracing::warn!(
+            pid = self.pid,
+            signal,
+            "the goblin has exited but its pid namespace has not ended: ending it"
+        );
+        match pf_os::fd::pidfd_send_signal(tree.init.as_fd(), libc::SIGKILL) {
+            Err(e) if e.raw_os_error() != Some(libc::ESRCH) => Err(Error::sys(
+                format!("end the pid namespace of goblin {}", self.pid),
+                e,
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// SIGKILL the process group `pgid` (a spawned goblin leads its own). Safe from pid reuse while
@@ -296,4 +365,71 @@ fn kill_group(pgid: i32) {
         nix::unistd::Pid::from_raw(pgid),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt as _;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    /// A child running `sh -c SCRIPT` and a pidfd for it.
+    fn child(script: &str) -> (Child, Arc<OwnedFd>) {
+        let child = Command::new("sh")
+            .args(["-c", script])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sh");
+        let pidfd = pf_os::fd::pidfd_open(child.id() as i32).expect("pidfd");
+        (child, Arc::new(pidfd))
+    }
+
+    #[test]
+    fn a_signal_for_a_goblin_gone_ends_its_namespace_unless_it_ends_by_itself() {
+        // The goblin has exited; its "init" would wait on for good: it is ended.
+        let (mut goblin, goblin_fd) = child("exit 0");
+        goblin.wait().expect("reap the goblin");
+        let (mut init, init_fd) = child("exec sleep 60");
+        let killer = Killer {
+            pid: goblin.id() as i32,
+            pidfd: goblin_fd,
+            tree: Some(Tree {
+                init: init_fd,
+                stands_in: false,
+            }),
+        };
+        killer.forward(libc::SIGTERM).expect("forward");
+        assert_eq!(init.wait().expect("reap").signal(), Some(libc::SIGKILL));
+
+        // An init that ends by itself within the grace is left to do so.
+        let (mut init, init_fd) = child("sleep 0.3; exit 3");
+        let killer = Killer {
+            pid: init.id() as i32,
+            pidfd: Arc::clone(&init_fd),
+            tree: Some(Tree {
+                init: init_fd,
+                stands_in: true,
+            }),
+        };
+        killer.forward(libc::SIGTERM).expect("forward");
+        assert_eq!(init.wait().expect("reap").code(), Some(3));
+
+        // A goblin that runs gets the signal, and its init is left alone.
+        let (mut goblin, goblin_fd) = child("exec sleep 60");
+        let (mut init, init_fd) = child("exec sleep 60");
+        let killer = Killer {
+            pid: goblin.id() as i32,
+            pidfd: goblin_fd,
+            tree: Some(Tree {
+                init: init_fd,
+                stands_in: false,
+            }),
+        };
+        killer.forward(libc::SIGTERM).expect("forward");
+        assert_eq!(goblin.wait().expect("reap").signal(), Some(libc::SIGTERM));
+        assert_eq!(init.try_wait().expect("look"), None, "the init runs on");
+        init.kill().expect("kill");
+        init.wait().expect("reap");
+    }
 }

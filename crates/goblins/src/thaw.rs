@@ -557,25 +557,42 @@ impl Loaded {
         // input and exited right after the restore may be reaped already, and then the init
         // (our child, which holds its exit status until we wait) stands for it, as it does when
         // the root exits before the restore is over.
+        let init = restored
+            .init_pid()
+            .map(|init| {
+                pf_os::fd::pidfd_open(init).map(Arc::new).map_err(|e| {
+                    Error::sys(format!("open a pidfd for the init {init} of a goblin"), e)
+                })
+            })
+            .transpose()?;
         let pidfd = match pf_os::fd::pidfd_open(pid) {
             Ok(fd) => Ok(fd),
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && restored.init_pid().is_some() => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::ESRCH)
+                    && let Some(init) = &init =>
+            {
                 pid = restored.init_pid().unwrap_or(pid);
                 tracing::debug!(init = pid, "the thawed goblin has exited already");
-                pf_os::fd::pidfd_open(pid)
+                init.try_clone()
             }
             Err(e) => Err(e),
         }
         .map_err(|e| Error::sys(format!("open a pidfd for goblin {pid}"), e))?;
+        // The root gone by the time criu was done, or by now: the init's pid stands for it.
+        let stands_in = restored.init_pid() == Some(pid);
         tracing::info!(pid, ns_pid = restored.ns_pid(), snapshot = %self.name, "thawed goblin");
-        Ok(Goblin::new(
+        let goblin = Goblin::new(
             pid,
             pidfd,
             Process::Thawed(Box::new(restored)),
             stdin_w,
             stdout_r,
             stderr_r,
-        ))
+        );
+        Ok(match init {
+            Some(init) => goblin.in_tree(crate::goblin::Tree { init, stands_in }),
+            None => goblin,
+        })
     }
 }
 

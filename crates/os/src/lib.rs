@@ -12,10 +12,13 @@
 //!   code;
 //! - [`memory`]: large blocks of pf's heap go back to the kernel when freed;
 //! - [`scratch`]: private, `flock`ed scratch directories whose abandoned copies (a killed pf
-//!   cannot clean up) are swept, and bounded keeping of failure directories.
+//!   cannot clean up) are swept, and bounded keeping of failure directories;
+//! - [`abandon`]: ending the process at once when its work is interrupted, with every process
+//!   it started killed and every scratch directory it holds removed.
 //!
 //! It knows nothing about CRIU, stores or goblins.
 
+pub mod abandon;
 mod error;
 mod exit;
 pub mod fd;

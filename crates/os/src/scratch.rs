@@ -7,16 +7,56 @@
 //! also covers a pf in another pid namespace, whose pid means nothing here). Images are as large
 //! as the process they hold and sit in memory on tmpfs, so this matters.
 //!
+//! Every sweep removes the abandoned directories of all of pf's own prefixes ([`PREFIXES`]) in
+//! its base, not only of the prefix it makes: what a killed freeze left is gone after the next
+//! thaw, though a thaw makes no directory of that prefix.
+//!
 //! A directory kept on purpose (a failed criu run's log) is renamed out of the swept prefix by
 //! [`Scratch::keep_as`], and [`keep_newest`] bounds how many such directories stay.
+//!
+//! The directories in use are also listed in this process, so that a pf interrupted before its
+//! work is done removes them itself ([`crate::abandon`]): its signal thread takes the list and
+//! holds it to the end, and a directory is made, renamed to be kept, or let go of only while the
+//! list is not held, so none escapes it.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::ffi::OsStringExt as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, Result};
 use crate::proc::{PidState, pid_state};
+
+/// The prefixes of every scratch directory pf makes (the images of a dump, a restore or a beam,
+/// a lazy restore's socket, the hold script of a streamed dump, a pagemap read, and criu's work
+/// directories by action). Each sweep removes the abandoned directories of all of them.
+pub const PREFIXES: &[&str] = &[
+    "pf-restore-",
+    "pf-lazy-",
+    "pf-dump-",
+    "pf-hold-",
+    "pf-pagemaps-",
+    "pf-beam-",
+    "pf-criu-restore-",
+    "pf-criu-dump-",
+    "pf-criu-check-",
+];
+
+/// The scratch directories of this process in use (made and neither removed nor kept yet).
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// The list of [`LIVE`] directories (a panic elsewhere while it was held changes nothing in it).
+pub(crate) fn live() -> MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Take `path` off the list of directories in use.
+fn forget(live: &mut Vec<PathBuf>, path: &Path) {
+    if let Some(i) = live.iter().rposition(|p| p == path) {
+        live.swap_remove(i);
+    }
+}
 
 /// A scratch directory, removed (with everything in it) when dropped, unless kept.
 #[derive(Debug)]
@@ -35,17 +75,21 @@ impl Scratch {
     /// its lock and return the new path. Falls back to the old path when the rename fails.
     pub fn keep_as(mut self, new_prefix: &str, old_prefix: &str) -> PathBuf {
         let path = std::mem::take(&mut self.path);
-        self.lock = None;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let rest = name.strip_prefix(old_prefix).unwrap_or(name);
         let to = path.with_file_name(format!("{new_prefix}{rest}"));
-        match std::fs::rename(&path, &to) {
+        // Renamed while listed: a pf that is being interrupted removes it instead.
+        let mut live = live();
+        let kept = match std::fs::rename(&path, &to) {
             Ok(()) => to,
             Err(err) => {
                 tracing::debug!(dir = %path.display(), %err, "cannot rename a kept directory");
-                path
+                path.clone()
             }
-        }
+        };
+        forget(&mut live, &path);
+        self.lock = None;
+        kept
     }
 }
 
@@ -59,6 +103,8 @@ impl Drop for Scratch {
         {
             tracing::warn!(dir = %self.path.display(), %err, "cannot remove a scratch directory");
         }
+        // Listed until it is gone, so that an interrupted pf removes what is left of it.
+        forget(&mut live(), &self.path);
     }
 }
 
@@ -84,10 +130,14 @@ pub fn images_dir(prefix: &str) -> Result<Scratch> {
 }
 
 /// A fresh private scratch directory `<base>/<prefix><our pid>-XXXXXX`, locked, after sweeping
-/// the abandoned ones of `prefix` in `base`.
+/// the abandoned ones of `prefix` and of pf's [`PREFIXES`] in `base`.
 pub fn scratch_in(base: &Path, prefix: &str) -> Result<Scratch> {
-    sweep_abandoned(base, prefix);
+    sweep_abandoned_of(base, |name| {
+        pid_in_name(name, prefix).or_else(|| PREFIXES.iter().find_map(|p| pid_in_name(name, p)))
+    });
     let template = base.join(format!("{prefix}{}-XXXXXX", std::process::id()));
+    // Made and listed at once: an interrupted pf removes every directory it made.
+    let mut live = live();
     let path = nix::unistd::mkdtemp(&template)
         .map_err(|e| Error::io("create a scratch directory in", base, e.into()))?;
     let lock = match lock_dir(&path, false) {
@@ -97,6 +147,7 @@ pub fn scratch_in(base: &Path, prefix: &str) -> Result<Scratch> {
             return Err(Error::io("lock the scratch directory", path, e));
         }
     };
+    live.push(path.clone());
     Ok(Scratch {
         path,
         lock: Some(lock),
@@ -127,6 +178,11 @@ pub fn pid_in_name(name: &str, prefix: &str) -> Option<i32> {
 /// Remove the directories `<prefix><pid>-…` in `base` that we own, whose pid is gone and whose
 /// lock nobody holds. Returns how many were removed.
 pub fn sweep_abandoned(base: &Path, prefix: &str) -> usize {
+    sweep_abandoned_of(base, |name| pid_in_name(name, prefix))
+}
+
+/// [`sweep_abandoned`] for the directories of `base` whose name `pid_of` gives a pid.
+fn sweep_abandoned_of(base: &Path, pid_of: impl Fn(&str) -> Option<i32>) -> usize {
     use std::os::unix::fs::MetadataExt as _;
     let Ok(entries) = std::fs::read_dir(base) else {
         return 0;
@@ -134,11 +190,7 @@ pub fn sweep_abandoned(base: &Path, prefix: &str) -> usize {
     let me = nix::unistd::geteuid().as_raw();
     let mut removed = 0;
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| pid_in_name(n, prefix))
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(&pid_of) else {
             continue;
         };
         let path = entry.path();
@@ -296,6 +348,35 @@ mod tests {
     }
 
     #[test]
+    fn making_one_sweeps_every_prefix_of_pf_and_leaves_kept_ones() {
+        let base = test_base();
+        let dead = dead_pid();
+        let dump = base.join(format!("pf-dump-{dead}-abc"));
+        let lazy = base.join(format!("pf-lazy-{dead}-abc"));
+        let kept = base.join(format!("pf-criu-failed-restore-{dead}-abc"));
+        let foreign = base.join(format!("pf-other-{dead}-abc"));
+        for d in [&dump, &lazy, &kept, &foreign] {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        let made = scratch_in(&base, "pf-criu-restore-").expect("scratch");
+        assert!(!dump.exists() && !lazy.exists(), "pf's prefixes are swept");
+        assert!(kept.exists(), "a kept failure log stays");
+        assert!(foreign.exists(), "a prefix that is not pf's stays");
+        let path = made.path().to_owned();
+        assert!(live().contains(&path), "listed while in use");
+        drop(made);
+        assert!(
+            !path.exists() && !live().contains(&path),
+            "removed and unlisted"
+        );
+        let made = scratch_in(&base, "pf-criu-restore-").expect("scratch");
+        let path = made.path().to_owned();
+        let kept = made.keep_as("pf-criu-failed-restore-", "pf-criu-restore-");
+        assert!(kept.is_dir() && !live().contains(&path) && !live().contains(&kept));
+        std::fs::remove_dir_all(&base).expect("clean");
+    }
+
+    #[test]
     fn only_the_newest_kept_directories_stay() {
         let base = test_base();
         for i in 0..6 {
@@ -331,7 +412,15 @@ mod tests {
             ]
         );
         drop(held);
-        assert_eq!(keep_newest(&base, "pf-failed-", 3), 1);
+        // A child another test thread forks at this moment holds a copy of the lock's
+        // descriptor until its exec: try again for a moment.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut removed = keep_newest(&base, "pf-failed-", 3);
+        while removed == 0 && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            removed = keep_newest(&base, "pf-failed-", 3);
+        }
+        assert_eq!(removed, 1);
         std::fs::remove_dir_all(&base).expect("clean");
     }
 }

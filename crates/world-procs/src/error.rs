@@ -267,6 +267,19 @@ pub enum Error {
         /// How it ended.
         status: String,
     },
+    /// The restored root (in a pid namespace of its own) has ended, but another process reaped
+    /// it, so its exit status is unknown: criu was run through something that forks it and
+    /// reaps its children (a wrapper script, `strace -f`), whose child the root then was.
+    #[error(
+        "the restored process (pid {ns_pid} in its namespace) has ended, but not as the child of \
+         pf's namespace init: another process reaped it, so its exit status is unknown (is \
+         $PF_CRIU a wrapper that runs criu as its child, such as strace -f? pf needs criu itself \
+         or a wrapper that execs it)"
+    )]
+    RootReapedElsewhere {
+        /// The root's pid inside its namespace.
+        ns_pid: i32,
+    },
     /// A memory page of a `procs.criu.v2` snapshot does not match its recorded digest (or
     /// cannot be decoded): the snapshot is damaged. The page never reached a process: an eager
     /// restore fails before the tree runs, a lazy one kills the tree instead of serving it.
@@ -446,9 +459,10 @@ impl Error {
             Self::Unavailable(Unavailable::NoPrivilege { .. }) => ErrorKind::NeedsPrivilege,
             Self::Unavailable(_) => ErrorKind::CriuUnavailable,
             Self::Criu { failure, .. } => failure.map_or(ErrorKind::CriuFailed, ErrorKind::from),
-            Self::Timeout { .. } | Self::RestoredDied { .. } | Self::GhostLockBusy { .. } => {
-                ErrorKind::CriuFailed
-            }
+            Self::Timeout { .. }
+            | Self::RestoredDied { .. }
+            | Self::RootReapedElsewhere { .. }
+            | Self::GhostLockBusy { .. } => ErrorKind::CriuFailed,
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
             Self::ImagesDirNotEmpty { .. }
             | Self::KernelThread { .. }

@@ -23,6 +23,15 @@
 //! 4. reads the pidfile criu wrote, reaps every child (orphans of the tree land on it) until the
 //!    root exits, reports the root's wait status and exits with it (code, or 128 + signal).
 //!
+//! The root is the init's child because criu restores it as criu's sibling (`--restore-sibling`,
+//! `CLONE_PARENT`). A `criu` that is really a wrapper forking criu (`strace -f`, a script that
+//! runs criu and reaps its children) makes the root the wrapper's child: the wrapper reaps it,
+//! and a wait for the init's own children alone would go on for good with only the watcher
+//! below (found by hand: the copy answered and exited, and pf waited forever). So the init
+//! also watches the root through a pidfd, and SIGCHLD through a signalfd, in one `poll`: a root
+//! that ended without being the init's to reap is reported as gone ([`TAG_ROOT_GONE`]: its
+//! status is unknown) and the init exits, taking the namespace down as usual.
+//!
 //! When the init exits, the kernel kills everything left in the namespace: that is how the
 //! caller's `kill()` cleans up (SIGKILL to the init).
 //!
@@ -53,6 +62,11 @@ pub(crate) const TAG_FAILED: i32 = 1;
 pub(crate) const TAG_CRIU_DONE: i32 = 2;
 /// The restored root exited: `a` = its raw wait status.
 pub(crate) const TAG_ROOT_DONE: i32 = 3;
+/// The restored root ended, but another process reaped it (it was not the init's child): its
+/// status is unknown.
+pub(crate) const TAG_ROOT_GONE: i32 = 4;
+/// The init's exit code after [`TAG_ROOT_GONE`].
+const ROOT_GONE_EXIT: i32 = 125;
 
 /// The steps that can fail inside the init, by number.
 pub(crate) const STEPS: [&str; 6] = [
@@ -336,23 +350,63 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         if !criu_ok {
             libc::_exit(121);
         }
-        let mut watcher = raw_fork() as libc::pid_t;
+        let watcher = raw_fork() as libc::pid_t;
         if watcher == 0 {
             watch_lifeline(ctx.lifeline);
         }
         // A watcher that could not be forked leaves the tree untied (as a detach would).
         libc::close(ctx.lifeline);
+        wait_for_root(ctx, root, watcher)
+    }
+}
+
+/// The init's last step: reap every child (orphans of the tree come to it) until the root ends,
+/// then report and exit with its status; end the namespace when the watcher says the caller is
+/// gone. Never returns.
+///
+/// SAFETY (for every block): raw system calls on integers and on stack buffers we own; no
+/// allocation, no locks.
+fn wait_for_root(ctx: &Ctx<'_>, root: libc::pid_t, mut watcher: libc::pid_t) -> ! {
+    // SIGCHLD blocked and read from a signalfd: one poll waits for a child to reap and for the
+    // root's pidfd. A pending SIGCHLD stays pending while blocked, and every turn reaps before
+    // it polls, so nothing is missed.
+    // SAFETY: see above.
+    let (sigfd, rootfd, root_gone_at_start) = unsafe {
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
+        let sigfd = libc::signalfd(-1, &chld, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        let rootfd = libc::syscall(libc::SYS_pidfd_open, root, 0u32) as i32;
+        // ESRCH: the root is gone already, reaped by another process (a child of ours that has
+        // exited is a zombie, and still has a pidfd).
+        (sigfd, rootfd, rootfd < 0 && errno() == libc::ESRCH)
+    };
+    let mut root_ended = root_gone_at_start;
+    let mut status = 0;
+    loop {
+        // Reap whatever has ended.
         loop {
-            let got = libc::waitpid(-1, &mut status, 0);
+            // SAFETY: see above.
+            let got = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if got == 0 || (got < 0 && errno() != libc::EINTR) {
+                break;
+            }
+            if got < 0 {
+                continue;
+            }
             if watcher > 0 && got == watcher {
                 if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
                     // The caller is gone without untying: end the namespace, and only then
                     // ourselves. Everything dies while we still hold what we were asked to
                     // (a lazy restore's userfaultfds stay open: its faulting tasks die waiting
                     // for a page rather than being handed zeros).
-                    libc::kill(-1, libc::SIGKILL);
-                    while libc::waitpid(-1, &mut status, 0) > 0 || errno() == libc::EINTR {}
-                    libc::_exit(137);
+                    // SAFETY: see above.
+                    unsafe {
+                        libc::kill(-1, libc::SIGKILL);
+                        while libc::waitpid(-1, &mut status, 0) > 0 || errno() == libc::EINTR {}
+                        libc::_exit(137);
+                    }
                 }
                 // Untied; its pid may come back as one of the tree's.
                 watcher = 0;
@@ -360,11 +414,64 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
             if got == root {
                 report(ctx.report, TAG_ROOT_DONE, status, 0);
                 // Plain arithmetic on the status: async-signal-safe.
-                libc::_exit(i32::from(pf_os::Exit::from_wait_status(status).exit_code()));
+                // SAFETY: _exit is always safe.
+                unsafe { libc::_exit(i32::from(pf_os::Exit::from_wait_status(status).exit_code())) }
             }
-            if got < 0 && errno() != libc::EINTR {
-                fail(ctx, 5);
+        }
+        let mut wait_ms = -1;
+        if root_ended {
+            // It ended and was not reaped above: ours but not waitable yet (a zombie another
+            // process traces is that tracer's first), or not ours at all.
+            // SAFETY: see above.
+            let got = unsafe { libc::waitpid(root, &mut status, libc::WNOHANG) };
+            if got == root {
+                report(ctx.report, TAG_ROOT_DONE, status, 0);
+                // SAFETY: _exit is always safe.
+                unsafe { libc::_exit(i32::from(pf_os::Exit::from_wait_status(status).exit_code())) }
             }
+            if got < 0 && errno() == libc::ECHILD {
+                report(ctx.report, TAG_ROOT_GONE, 0, 0);
+                // SAFETY: _exit is always safe.
+                unsafe { libc::_exit(ROOT_GONE_EXIT) }
+            }
+            wait_ms = 100;
+        } else if rootfd < 0 {
+            // No pidfd (a kernel before 5.3): look at the root now and then.
+            // SAFETY: kill with signal 0 only checks that the pid exists.
+            if unsafe { libc::kill(root, 0) } < 0 && errno() == libc::ESRCH {
+                root_ended = true;
+                continue;
+            }
+            wait_ms = 1000;
+        }
+        if sigfd < 0 {
+            wait_ms = if wait_ms < 0 { 100 } else { wait_ms.min(100) };
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: sigfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                // Once the root has ended its pidfd stays readable: no more use polling it.
+                fd: if root_ended { -1 } else { rootfd },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on a stack array we own (negative fds are skipped by the kernel).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, wait_ms) };
+        if ready < 0 && errno() != libc::EINTR {
+            fail(ctx, 5);
+        }
+        if fds[1].revents != 0 {
+            root_ended = true;
+        }
+        if fds[0].revents != 0 {
+            let mut buf = [0u8; 1024];
+            // SAFETY: a non-blocking read into a stack buffer we own, until it is empty.
+            while unsafe { libc::read(sigfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
         }
     }
 }
@@ -466,6 +573,71 @@ mod tests {
         assert_eq!(parse_pid(b"12a"), 0);
         assert_eq!(parse_pid(b"\n"), 0);
         assert_eq!(parse_pid(b"9999999999"), 0);
+    }
+
+    /// Start an init whose "criu" is `sh -c SCRIPT` (`$0` is the pidfile); the records it
+    /// reports until it exits, and how it exited.
+    fn init_running(script: &str) -> (Vec<i32>, i32) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("root.pid");
+        let out = File::create(dir.path().join("out")).expect("out");
+        let args: Vec<OsString> = vec!["-c".into(), script.into(), pidfile.clone().into()];
+        let mut init = spawn(&InitPlan {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            stdout: &out,
+            stderr: &out,
+            keep: &[],
+            hold: None,
+            pidfile: &pidfile,
+            stdin_is_ours: false,
+        })
+        .expect("start an init (needs root)");
+        let mut tags = Vec::new();
+        while let Ok(record) =
+            crate::runner::read_record(&mut init.report, std::time::Duration::from_secs(20))
+        {
+            tags.push(record.tag);
+        }
+        // Not ended within 5 s more: the init waits on, and is killed.
+        let pid = nix::unistd::Pid::from_raw(init.pid);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let status = loop {
+            let status = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            if !matches!(status, Ok(nix::sys::wait::WaitStatus::StillAlive))
+                || std::time::Instant::now() >= end
+            {
+                break status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let code = match status {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, code)) => code,
+            other => {
+                init.kill_and_reap();
+                panic!("the init had not ended ({other:?}) after reporting {tags:?}");
+            }
+        };
+        (tags, code)
+    }
+
+    #[test]
+    fn live_an_init_whose_root_another_process_reaps_ends_and_says_so() {
+        if !crate::test_support::live(
+            "live_an_init_whose_root_another_process_reaps_ends_and_says_so",
+        ) {
+            return;
+        }
+        // A "criu" that waits for the root it started, as a wrapper running criu as its child
+        // does (strace -f): the root is never the init's to reap.
+        let (tags, code) = init_running("sleep 0.3 & echo $! > \"$0\"; wait");
+        assert_eq!(tags, [TAG_CRIU_DONE, TAG_ROOT_GONE]);
+        assert_eq!(code, ROOT_GONE_EXIT);
+        // The same root still running when "criu" exits comes to the init and is reaped there
+        // with its status.
+        let (tags, code) = init_running("sh -c 'sleep 0.3; exit 7' & echo $! > \"$0\"");
+        assert_eq!(tags, [TAG_CRIU_DONE, TAG_ROOT_DONE]);
+        assert_eq!(code, 7);
     }
 
     #[test]

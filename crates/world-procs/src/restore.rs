@@ -529,6 +529,7 @@ fn restore_here(inv: Invocation, pidfile: &Path) -> Result<Restored> {
         ns_root: root,
         init: None,
         exit: None,
+        reaped_elsewhere: false,
         detached: false,
         lazy: None,
     };
@@ -553,6 +554,7 @@ fn restore_in_new_pidns(inv: Invocation, pidfile: &Path) -> Result<Restored> {
         ns_root: 0,
         init: Some(init),
         exit: None,
+        reaped_elsewhere: false,
         detached: false,
         lazy: None,
     };
@@ -626,6 +628,9 @@ pub struct Restored {
     ns_root: i32,
     init: Option<nsinit::Init>,
     exit: Option<Exit>,
+    /// The init said the root ended as another process's child (`TAG_ROOT_GONE`): waits fail
+    /// with [`Error::RootReapedElsewhere`].
+    reaped_elsewhere: bool,
     detached: bool,
     /// The serving side of a lazy restore (dropped after the tree is killed).
     lazy: Option<crate::lazy::Serving>,
@@ -665,6 +670,12 @@ impl Restored {
         })
     }
 
+    /// How the tree ended, once a wait saw it end (the init's status when the root's own is
+    /// unknown: [`Error::RootReapedElsewhere`]).
+    pub fn ended(&self) -> Option<Exit> {
+        self.exit
+    }
+
     /// The root's exit status if it has exited, without blocking.
     pub fn try_wait(&mut self) -> Result<Option<Exit>> {
         self.wait_inner(Some(WaitPidFlag::WNOHANG))
@@ -672,6 +683,11 @@ impl Restored {
 
     fn wait_inner(&mut self, flags: Option<WaitPidFlag>) -> Result<Option<Exit>> {
         if let Some(exit) = self.exit {
+            if self.reaped_elsewhere {
+                return Err(Error::RootReapedElsewhere {
+                    ns_pid: self.ns_root,
+                });
+            }
             return Ok(Some(exit));
         }
         let child = self.init.as_ref().map_or(self.root, |i| i.pid);
@@ -705,11 +721,19 @@ impl Restored {
                     if r.tag == nsinit::TAG_ROOT_DONE {
                         got = Some(Exit::from_wait_status(r.a));
                     }
+                    if r.tag == nsinit::TAG_ROOT_GONE {
+                        self.reaped_elsewhere = true;
+                    }
                 }
                 got.unwrap_or(exit)
             }
         };
         self.exit = Some(exit);
+        if self.reaped_elsewhere {
+            return Err(Error::RootReapedElsewhere {
+                ns_pid: self.ns_root,
+            });
+        }
         Ok(Some(exit))
     }
 
