@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pf_core::{BlobStore as _, FsBlobStore};
 use pf_world_procs::{CaptureOptions, CaptureProgress, ProcsBlob, RestoreOptions};
 
-use crate::common::{self, Global, progress_enabled, resolve};
+use crate::common::{self, Global, progress_enabled};
 
 /// Dumps at least this large show a progress bar while they stream into the store.
 const PROGRESS_MIN: u64 = 64 << 20;
@@ -112,7 +112,8 @@ pub(crate) struct CaptureArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
-    /// The procs blob: its digest, or a name pointing at it
+    /// The procs blob: a name pointing at it, its digest (sha256:…) or a unique prefix of that
+    /// (sha256:3f2a9c, or 8 or more hex digits alone when no name is spelled so)
     #[arg(value_name = "DIGEST|NAME")]
     procs: String,
     /// Restore inside new pid and mount namespaces (works while the original pids are taken)
@@ -131,7 +132,8 @@ pub(crate) struct RestoreArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
-    /// The procs blob: its digest, or a name pointing at it
+    /// The procs blob: a name pointing at it, its digest (sha256:…) or a unique prefix of that
+    /// (sha256:3f2a9c, or 8 or more hex digits alone when no name is spelled so)
     #[arg(value_name = "DIGEST|NAME")]
     procs: String,
 }
@@ -215,7 +217,7 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
 const GOBLIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
-    let digest = resolve(store, &args.procs)?;
+    let digest = common::resolve_as(store, &args.procs, "snapshot")?;
     let opts = RestoreOptions {
         new_pidns: args.new_pidns,
         shell_job: args.shell_job,
@@ -295,7 +297,7 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
 }
 
 fn show(store: &FsBlobStore, args: &ShowArgs) -> anyhow::Result<ExitCode> {
-    let digest = resolve(store, &args.procs)?;
+    let digest = common::resolve_as(store, &args.procs, "snapshot")?;
     // Check it is a procs blob, then print it as stored (fields newer than this pf included).
     pf_world_procs::load_procs(store, &digest)?;
     let bytes = store.get(&digest)?;

@@ -26,9 +26,15 @@ impl Class {
 fn core_class(err: &pf_core::Error) -> Class {
     use pf_core::Error as E;
     Class::named(match err {
-        E::NotFound { .. } | E::NameNotFound { .. } | E::NoStore { .. } => "NotFound",
+        E::NotFound { .. }
+        | E::NameNotFound { .. }
+        | E::PrefixNotFound { .. }
+        | E::NoStore { .. } => "NotFound",
         E::Integrity { .. } | E::Decode { .. } | E::CorruptName { .. } => "StoreCorrupt",
-        E::InvalidDigest(_) | E::InvalidName { .. } => "InvalidArgument",
+        E::InvalidDigest(_)
+        | E::InvalidName { .. }
+        | E::PrefixTooShort { .. }
+        | E::AmbiguousPrefix { .. } => "InvalidArgument",
         _ => "StoreError",
     })
 }

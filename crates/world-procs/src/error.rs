@@ -413,13 +413,15 @@ impl ErrorKind {
         match err {
             pf_core::Error::NotFound { .. }
             | pf_core::Error::NameNotFound { .. }
+            | pf_core::Error::PrefixNotFound { .. }
             | pf_core::Error::NoStore { .. } => Self::NotFound,
             pf_core::Error::Integrity { .. }
             | pf_core::Error::Decode { .. }
             | pf_core::Error::CorruptName { .. } => Self::StoreCorrupt,
-            pf_core::Error::InvalidDigest(_) | pf_core::Error::InvalidName { .. } => {
-                Self::InvalidInput
-            }
+            pf_core::Error::InvalidDigest(_)
+            | pf_core::Error::InvalidName { .. }
+            | pf_core::Error::PrefixTooShort { .. }
+            | pf_core::Error::AmbiguousPrefix { .. } => Self::InvalidInput,
             _ => Self::Io,
         }
     }
