@@ -57,6 +57,7 @@ fn kind_class(kind: pf_world_procs::ErrorKind) -> &'static str {
         K::NoSpace => "NoSpace",
         K::NotWarm => "NotWarm",
         K::Cancelled => "Cancelled",
+        K::Traced => "Traced",
         _ => "Error",
     }
 }
@@ -75,6 +76,14 @@ fn procs_class(err: &pf_world_procs::Error) -> Class {
             name: kind_class(err.kind()),
             criu_errors: Vec::new(),
             log: Some(log.clone()),
+        },
+        // criu's lines and log, when it ran and failed to seize the traced process.
+        E::Traced {
+            source: Some(source),
+            ..
+        } => Class {
+            name: kind_class(err.kind()),
+            ..procs_class(source)
         },
         _ => Class::named(kind_class(err.kind())),
     }
