@@ -30,6 +30,7 @@ from pf.errors import (
     StoreCorrupt,
     StoreError,
     Timeout,
+    Traced,
 )
 from pf.goblins import Goblin
 
@@ -54,6 +55,7 @@ __all__ = [
     "StoreCorrupt",
     "StoreError",
     "Timeout",
+    "Traced",
     "__version__",
     "errors",
     "goblins",

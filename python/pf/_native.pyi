@@ -8,7 +8,10 @@ __version__: str
 class Store:
     """A pf store: blobs named by the SHA-256 of their bytes and names that point at them.
     Making one creates nothing: ``put``, ``put_file`` and a freeze or warm-up into it create the
-    store; reading one that is not there raises ``pf.NotFound`` ("there is no store at ...")."""
+    store; reading one that is not there raises ``pf.NotFound`` ("there is no store at ...").
+    A reference (``get``, ``contains``, ``resolve``, ``verify``, ``tag``'s target) is a name, a
+    digest (``sha256:`` and 64 hex digits), or a unique prefix of one in the store (``sha256:``
+    and at least 4 hex digits, or at least 8 hex digits alone; a name spelled so wins)."""
 
     def __init__(self, path: Optional[Union[str, PathLike[str]]] = None) -> None: ...
     @property

@@ -99,6 +99,13 @@ class Cancelled(Error):
     frozen and nothing is left running."""
 
 
+class Traced(Error):
+    """The process to freeze is traced by another one, so criu cannot seize it: another freeze
+    of it is under way (its criu traces it), or a debugger holds it. Nothing was frozen and it
+    runs on; try again once that freeze is done or the debugger detached. When criu ran and
+    failed to seize it, ``criu_errors`` and ``log`` are criu's."""
+
+
 class PidInUse(CriuFailed):
     """The snapshot's pid is taken on this machine; thaw into a new pid namespace (the
     default) instead."""

@@ -8,8 +8,9 @@ thawed onto fresh pipes, once or many times.
         copy.stdin.write(b"print(6 * 7)\\n")
         print(copy.stdout.readline())                       # b'42\\n'
 
-A snapshot is named by a digest or a name in a store (``store=``, default ``pf.Store()``), or
-is an images directory (a ``str`` or ``os.PathLike`` naming an existing directory, as made by
+A snapshot is named by a digest, a unique prefix of one (``"sha256:3f2a9c"``, at least 4 hex
+digits; or at least 8 hex digits alone, unless a name is spelled so) or a name in a store
+(``store=``, default ``pf.Store()``), or is an images directory (a ``str`` or ``os.PathLike`` naming an existing directory, as made by
 ``freeze(pid, "/some/dir")``). Thawed copies run in their own pid and mount namespaces, so any
 number of them, and the original, run at once.
 

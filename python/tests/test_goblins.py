@@ -421,6 +421,42 @@ def test_live_freeze_thaw_keeps_state_and_the_original_runs_on(live, store, coun
     assert copy.returncode == 0
 
 
+def test_live_freezing_a_traced_goblin_raises_traced_naming_the_tracer(live, store, counter):
+    # A tracer as a debugger (or another freeze's criu) would be: PTRACE_SEIZE, then wait.
+    tracer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ctypes, sys, time\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "libc.prctl(15, b'gdb', 0, 0, 0)\n"
+            "ok = libc.ptrace(ctypes.c_long(0x4206), ctypes.c_long(int(sys.argv[1])), None, None)\n"
+            "print('seized' if ok == 0 else 'failed', flush=True)\n"
+            "time.sleep(600)\n",
+            str(counter.pid),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert tracer.stdout is not None and tracer.stdout.readline() == b"seized\n"
+        with pytest.raises(pf.Traced, match=f"is traced by gdb \\(pid {tracer.pid}\\)") as err:
+            pf.goblins.freeze(counter.pid, store)
+        assert err.value.log is None  # refused before criu ran
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert ask(counter, "b") == "2 b"
+    deadline = time.monotonic() + 20
+    while True:
+        with open(f"/proc/{counter.pid}/status") as f:
+            if "TracerPid:\t0\n" in f.read():
+                break
+        assert time.monotonic() < deadline, "still traced"
+        time.sleep(0.01)
+    assert pf.goblins.freeze(counter.pid, store).startswith("sha256:")
+
+
 def test_live_freeze_into_a_store_that_is_not_there_creates_it(live, tmp_path, counter):
     store = pf.Store(str(tmp_path / "new-store"))
     assert not store.exists

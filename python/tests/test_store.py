@@ -48,6 +48,42 @@ def test_unknown_digest_and_name_raise_not_found(store):
     assert store.contains("nope") is False
 
 
+def test_a_unique_prefix_of_a_digest_resolves(store):
+    digest = store.put(b"prefixed")
+    hexd = digest.split(":")[1]
+    assert store.resolve("sha256:" + hexd[:4]) == digest
+    assert store.resolve(hexd[:8]) == digest
+    assert store.resolve(hexd) == digest
+    assert store.get(hexd[:10]) == b"prefixed"
+    assert store.contains("sha256:" + hexd[:6]) is True
+    store.tag("by-prefix", "sha256:" + hexd[:6])
+    assert store.names()["by-prefix"] == digest
+    # A name spelled like a prefix wins over it.
+    other = store.put(b"other")
+    store.tag(hexd[:8], other)
+    assert store.resolve(hexd[:8]) == other
+    missing = "0000" if not hexd.startswith("0000") else "ffff"
+    assert store.contains("sha256:" + missing) is False
+    with pytest.raises(pf.NotFound, match="no digest in the store starts with"):
+        store.resolve("sha256:" + missing)
+    with pytest.raises(pf.InvalidArgument, match="at least 4 hex digits"):
+        store.resolve("sha256:" + hexd[:3])
+    # Two blobs whose digests share 4 hex digits: the prefix is refused, naming both.
+    seen = {}
+    for i in range(100000):
+        data = b"blob %d" % i
+        head = hashlib.sha256(data).hexdigest()[:4]
+        if head in seen:
+            first, second = seen[head], data
+            break
+        seen[head] = data
+    a, b = store.put(first), store.put(second)
+    with pytest.raises(pf.InvalidArgument, match="is the start of 2 digests") as err:
+        store.resolve("sha256:" + head)
+    assert isinstance(err.value, ValueError)
+    assert a[:19] in str(err.value) and b[:19] in str(err.value)
+
+
 def test_bad_names_and_digests_are_invalid_arguments(store):
     digest = store.put(b"x")
     with pytest.raises(pf.InvalidArgument) as err:

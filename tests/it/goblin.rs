@@ -637,6 +637,137 @@ fn live_freeze_kill_into_a_full_store_leaves_the_goblin_running() {
     assert_eq!(ok(&out, "thaw"), "got again\n");
 }
 
+/// A goblin another process traces (a debugger, or another freeze's criu) is refused before
+/// criu runs, naming the tracer; it runs on, and freezes once the tracer is gone. Before, criu
+/// failed with a raw `Unable to detach from N: No such process`.
+#[test]
+fn live_a_freeze_of_a_traced_goblin_names_the_tracer_before_criu_runs() {
+    if !live("live_a_freeze_of_a_traced_goblin_names_the_tracer_before_criu_runs") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_a_freeze_of_a_traced_goblin_names_the_tracer_before_criu_runs",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut goblin = start(RANDOM_8M);
+    assert_eq!(goblin.line(), "ready");
+    let pid = goblin.pid();
+    let freeze = || {
+        let mut freeze = pf(&store);
+        freeze.args(["goblin", "freeze", "--pid", &pid]);
+        run(freeze, b"")
+    };
+
+    let gdb = pf_world_procs::test_support::trace(goblin.child.id() as i32, "gdb").expect("trace");
+    let err = failed(&freeze(), "freeze of a goblin gdb traces");
+    assert!(
+        err.contains(&format!(
+            "process {} is traced by gdb (pid {}), and criu cannot freeze a process another one \
+             traces: detach it",
+            goblin.pid(),
+            gdb.pid
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("full log kept"), "criu ran: {err}");
+    drop(gdb);
+
+    // As another freeze's criu would (named so, traced by a child of this test).
+    let criu =
+        pf_world_procs::test_support::trace(goblin.child.id() as i32, "criu").expect("trace");
+    let err = failed(&freeze(), "freeze of a goblin criu traces");
+    assert!(
+        err.contains(&format!(
+            "process {} is already being frozen: criu (pid {}, run by ",
+            goblin.pid(),
+            criu.pid
+        )) && err.contains(&format!(", pid {}) traces it", std::process::id()))
+            && err.contains("wait for that one to finish, then freeze again"),
+        "{err}"
+    );
+    assert!(!err.contains("full log kept"), "criu ran: {err}");
+    drop(criu);
+    assert_eq!(crate::support::blob_files(&store), Default::default());
+
+    // It ran on meanwhile, and freezes now.
+    goblin.send("still here");
+    assert_eq!(goblin.line(), "got still here");
+    let start = Instant::now();
+    while pf_os::proc::traced_task(goblin.child.id() as i32).is_some() {
+        assert!(start.elapsed() < Duration::from_secs(20), "still traced");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let digest = ok(&freeze(), "freeze once nothing traces it");
+    assert!(digest.starts_with("sha256:"), "{digest}");
+}
+
+/// Two `pf goblin freeze` of one goblin at once: criu can seize a process only once, so the one
+/// whose criu comes second failed with CRIU's raw `Unable to detach from N: No such process`
+/// (found by hand). Whichever way the race goes, every freeze now succeeds or says that another
+/// freeze of the process is under way; the goblin runs on. (The check before criu runs is
+/// tested on its own above; here both usually pass it and the loser's criu fails to seize.)
+#[test]
+fn live_two_freezes_of_one_goblin_at_once_succeed_or_say_the_other_is_under_way() {
+    if !live("live_two_freezes_of_one_goblin_at_once_succeed_or_say_the_other_is_under_way") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_two_freezes_of_one_goblin_at_once_succeed_or_say_the_other_is_under_way",
+        Duration::from_secs(170),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let mut goblin = start(RANDOM_8M);
+    assert_eq!(goblin.line(), "ready");
+    for round in 0..3 {
+        let freezes: Vec<Child> = (0..2)
+            .map(|_| {
+                let mut freeze = pf(&store);
+                freeze
+                    .args(["goblin", "freeze", "--pid", &goblin.pid()])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped());
+                freeze.spawn().expect("start pf")
+            })
+            .collect();
+        let outs: Vec<Output> = freezes.into_iter().map(|f| finish(f, b"")).collect();
+        let won = outs.iter().filter(|o| o.status.success()).count();
+        assert!(
+            won >= 1,
+            "round {round}: neither freeze succeeded: {outs:?}"
+        );
+        for out in outs.iter().filter(|o| !o.status.success()) {
+            let err = text(&out.stderr);
+            assert!(
+                err.contains(&format!(
+                    "process {} is already being frozen: criu (pid ",
+                    goblin.pid()
+                )) || err
+                    .contains("criu could not seize the process: another process was tracing it"),
+                "round {round}: {err}"
+            );
+            // The loser's criu log, when criu ran, is ours to remove.
+            if let Some(log) = err
+                .split("full log kept in ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+            {
+                let kept = Path::new(log).parent().expect("log dir");
+                assert!(
+                    kept.to_string_lossy().contains("pf-criu-failed-dump-"),
+                    "{log}"
+                );
+                std::fs::remove_dir_all(kept).expect("remove kept log");
+            }
+        }
+        goblin.send(&format!("round {round}"));
+        assert_eq!(goblin.line(), format!("got round {round}"));
+    }
+}
+
 /// Ctrl-C while criu dumps with --kill: pf used to die and leave criu to finish the dump and
 /// kill the goblin, with no snapshot stored. Now the freeze goes on to its end, and says so.
 #[test]

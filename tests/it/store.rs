@@ -281,6 +281,132 @@ fn malformed_digests_are_refused_by_the_cli() {
     assert!(ls_json(&store).is_empty());
 }
 
+/// Two byte strings whose digests share their first `digits` hex digits (found by trying).
+fn colliding(digits: usize) -> (Vec<u8>, Vec<u8>) {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0u64.. {
+        let bytes = format!("blob {i}\n").into_bytes();
+        let hex = Digest256::of(&bytes).hex();
+        if let Some(other) = seen.insert(hex[..digits].to_owned(), bytes.clone()) {
+            return (other, bytes);
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn a_unique_prefix_of_a_digest_names_its_blob_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let put = |bytes: &[u8], tag: Option<&str>| {
+        let path = dir.path().join("input");
+        fs::write(&path, bytes).unwrap();
+        let mut args = vec!["put", path.to_str().unwrap()];
+        args.extend(tag.map(|t| ["--tag", t]).into_iter().flatten());
+        ok(&store, &args).trim().parse::<Digest256>().unwrap()
+    };
+    // a and b share their first 5 hex digits; c is another blob.
+    let (a_bytes, b_bytes) = colliding(5);
+    let a = put(&a_bytes, None);
+    let b = put(&b_bytes, Some("b-snap"));
+    let c = put(b"c bytes\n", None);
+    let (ah, ch) = (a.hex(), c.hex());
+    let common = a
+        .hex()
+        .bytes()
+        .zip(b.hex().bytes())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let a_unique = format!("sha256:{}", &ah[..(common + 1).max(4)]);
+
+    // Unique: `sha256:` and 4 digits or more, or 8 digits or more alone.
+    assert_eq!(ok(&store, &["cat", &a_unique]).as_bytes(), a_bytes);
+    assert_eq!(
+        ok(&store, &["cat", &format!("sha256:{}", &ch[..4])]),
+        "c bytes\n"
+    );
+    assert_eq!(ok(&store, &["cat", &ch[..8]]), "c bytes\n");
+    assert_eq!(ok(&store, &["cat", &ch]), "c bytes\n");
+    ok(&store, &["tag", "c-too", &ch[..10]]);
+    assert!(ok(&store, &["tags"]).contains(&format!("c-too  {c}")));
+    assert!(ok(&store, &["show", &ch[..8]]).contains(&c.to_string()));
+    assert!(ok(&store, &["verify", &a_unique]).contains(&format!("{a} ok")));
+
+    // A name spelled like a prefix of another blob is that name.
+    ok(&store, &["tag", &ch[..8], &a_unique]);
+    assert_eq!(ok(&store, &["cat", &ch[..8]]).as_bytes(), a_bytes);
+    assert_eq!(ok(&store, &["cat", &ch[..9]]), "c bytes\n");
+    ok(&store, &["untag", &ch[..8]]);
+
+    // Ambiguous: refused, naming both (the named one first) with digits that tell them apart.
+    let shared = format!("sha256:{}", &ah[..5]);
+    let err = fails(&store, &["cat", &shared]);
+    assert!(
+        err.contains(&format!("{shared} is the start of 2 digests in the store"))
+            && err.contains("give more of the digest"),
+        "{err}"
+    );
+    let named = err.find("(\"b-snap\")").expect("b's name");
+    let unnamed = err
+        .find(&format!("sha256:{}", &ah[..12]))
+        .expect("a's digits");
+    assert!(
+        err.find(&format!("sha256:{}", &b.hex()[..12])).unwrap() < unnamed && named < unnamed,
+        "{err}"
+    );
+    assert!(ok(&store, &["cat", &a_unique]).as_bytes() == a_bytes);
+
+    // Too short, unknown, and a bare string too short to be taken for a prefix.
+    let err = fails(&store, &["cat", &format!("sha256:{}", &ch[..3])]);
+    assert!(err.contains("give at least 4 hex digits"), "{err}");
+    let absent = if ch.starts_with("ffff") {
+        "0000"
+    } else {
+        "ffff"
+    };
+    let err = fails(&store, &["cat", &format!("sha256:{absent}")]);
+    assert!(
+        err.contains(&format!(
+            "no digest in the store starts with sha256:{absent}"
+        )),
+        "{err}"
+    );
+    let err = fails(&store, &["cat", &format!("{absent}{absent}")]);
+    assert!(
+        err.contains("no name") && err.contains("no digest there starts with"),
+        "{err}"
+    );
+    let err = fails(&store, &["cat", &ch[..6]]);
+    assert!(
+        err.contains(&format!(
+            "a prefix of a digest is written sha256:{}",
+            &ch[..6]
+        )),
+        "{err}"
+    );
+
+    // rm by a prefix removes the blob, and no name of that spelling.
+    ok(&store, &["rm", &format!("sha256:{}", &ch[..6]), "--force"]);
+    assert!(!ok(&store, &["tags"]).contains("c-too"));
+    fails(&store, &["cat", &ch[..8]]);
+
+    // Every command that takes a snapshot resolves prefixes the same way.
+    for args in [
+        &["goblin", "thaw", shared.as_str()][..],
+        &["goblin", "fork", &shared, "--send", "x"],
+        &["procs", "show", &shared],
+        &["procs", "restore", &shared],
+        &["push", &shared, "127.0.0.1:1/r:t"],
+    ] {
+        let out = pf(&store).args(args).output().expect("run pf");
+        let err = stderr(&out);
+        assert!(
+            !out.status.success() && err.contains("is the start of 2 digests"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn gc_removes_only_what_names_do_not_reach() {
     let dir = tempfile::tempdir().unwrap();

@@ -59,22 +59,65 @@ pub(crate) fn open_existing_store(global: &Global) -> anyhow::Result<pf_core::Fs
     })
 }
 
-/// The digest `digest_or_name` stands for in `store`, or an error that says what a digest looks
-/// like and where the names are.
+/// The digest `reference` stands for in `store` (a digest, a unique prefix of one, or a name:
+/// see [`pf_core::BlobStore::resolve`]), or an error that says where to look.
 pub(crate) fn resolve(
     store: &dyn pf_core::BlobStore,
-    digest_or_name: &str,
+    reference: &str,
 ) -> anyhow::Result<pf_core::Digest256> {
-    store.resolve(digest_or_name).with_context(|| {
-        if digest_or_name.starts_with("sha256:") {
-            "not a valid digest (expected `sha256:` and 64 lowercase hex digits)".to_owned()
-        } else {
-            format!(
-                "{digest_or_name:?} is neither a digest nor a name (see `pf store tags`{})",
-                did_you_mean(store, digest_or_name)
-            )
-        }
+    resolve_as(store, reference, "blob")
+}
+
+/// [`resolve`], for a caller that wants a `what` ("snapshot"): the word its errors use.
+pub(crate) fn resolve_as(
+    store: &dyn pf_core::BlobStore,
+    reference: &str,
+    what: &str,
+) -> anyhow::Result<pf_core::Digest256> {
+    use pf_core::Error as E;
+    store.resolve(reference).map_err(|err| {
+        let context = match &err {
+            E::InvalidDigest(_) => format!(
+                "{reference:?} is not a digest (expected `sha256:` and 64 lowercase hex digits, \
+                 or a unique prefix of at least {} of them)",
+                pf_core::PREFIX_MIN_HEX
+            ),
+            E::NameNotFound { .. } => format!(
+                "no {what} {reference:?} in the store (see `pf store tags`{}{})",
+                did_you_mean(store, reference),
+                prefix_hint(reference)
+            ),
+            E::PrefixNotFound { bare: true, .. } => format!(
+                "no {what} {reference:?} in the store (names: `pf store tags`, digests: \
+                 `pf store ls`{})",
+                did_you_mean(store, reference)
+            ),
+            E::PrefixNotFound { bare: false, .. } => {
+                format!("no {what} {reference} in the store (see `pf store ls`)")
+            }
+            // Their own words say it all: which blobs a prefix matches, how long one must be.
+            E::AmbiguousPrefix { .. } | E::PrefixTooShort { .. } => return anyhow::Error::new(err),
+            _ => format!("cannot look up {reference:?} in the store"),
+        };
+        anyhow::Error::new(err).context(context)
     })
+}
+
+/// For a name that is not in the store but looks like the start of a digest too short to be
+/// taken for one without `sha256:`: how to write it as a prefix.
+fn prefix_hint(reference: &str) -> String {
+    let hex = reference
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if hex && (pf_core::PREFIX_MIN_HEX..pf_core::BARE_PREFIX_MIN_HEX).contains(&reference.len()) {
+        format!(
+            "; a prefix of a digest is written sha256:{reference}, or with at least {} hex \
+             digits alone",
+            pf_core::BARE_PREFIX_MIN_HEX
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// `; did you mean "NAME"?` when the store has a name close to `name` (a typo away), else

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use pf_core::{BlobStore, Digest256};
+use pf_core::Digest256;
 use pf_goblins::{
     Attach, Cancel, CollectOptions, Drain, FreezeOptions, FreezeTarget, Ready, Snapshot, Source,
     ThawOptions, WarmFrom, WarmOptions, Wire,
@@ -191,7 +191,8 @@ pub(crate) struct FreezeArgs {
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
 pub(crate) struct SnapshotArg {
-    /// The snapshot: a digest (sha256:…) or a name in the store
+    /// The snapshot: a name in the store, a digest (sha256:…) or a unique prefix of one
+    /// (sha256:3f2a9c, or 8 or more hex digits alone when no name is spelled so)
     #[arg(value_name = "DIGEST|NAME")]
     snapshot: Option<String>,
     /// Thaw from an images directory made by `pf goblin freeze --images`
@@ -483,12 +484,7 @@ impl Resolved {
             .as_deref()
             .context("name a snapshot or give --images")?;
         let store = common::open_existing_store(global)?;
-        let digest = store.resolve(name).with_context(|| {
-            format!(
-                "no snapshot {name:?} in the store (see `pf store ls`{})",
-                common::did_you_mean(&store, name)
-            )
-        })?;
+        let digest = common::resolve_as(&store, name, "snapshot")?;
         Ok(Resolved::Store(store, digest))
     }
 

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pf_core::{BlobStore as _, FsBlobStore};
 use pf_world_procs::{CaptureOptions, CaptureProgress, ProcsBlob, RestoreOptions};
 
-use crate::common::{self, Global, progress_enabled, resolve};
+use crate::common::{self, Global, progress_enabled};
 
 /// Dumps at least this large show a progress bar while they stream into the store.
 const PROGRESS_MIN: u64 = 64 << 20;
@@ -114,7 +114,8 @@ pub(crate) struct CaptureArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RestoreArgs {
-    /// The procs blob: its digest, or a name pointing at it
+    /// The procs blob: a name pointing at it, its digest (sha256:…) or a unique prefix of that
+    /// (sha256:3f2a9c, or 8 or more hex digits alone when no name is spelled so)
     #[arg(value_name = "DIGEST|NAME")]
     procs: String,
     /// Restore inside new pid and mount namespaces (works while the original pids are taken)
@@ -133,7 +134,8 @@ pub(crate) struct RestoreArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
-    /// The procs blob: its digest, or a name pointing at it
+    /// The procs blob: a name pointing at it, its digest (sha256:…) or a unique prefix of that
+    /// (sha256:3f2a9c, or 8 or more hex digits alone when no name is spelled so)
     #[arg(value_name = "DIGEST|NAME")]
     procs: String,
 }
@@ -219,7 +221,7 @@ const GOBLIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     // Until the tree is detached, a signal stops the restore and leaves nothing behind.
     let signals = common::Signals::start(common::abandon("the restore"));
-    let digest = resolve(store, &args.procs)?;
+    let digest = common::resolve_as(store, &args.procs, "snapshot")?;
     let opts = RestoreOptions {
         new_pidns: args.new_pidns,
         shell_job: args.shell_job,
@@ -300,7 +302,7 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
 }
 
 fn show(store: &FsBlobStore, args: &ShowArgs) -> anyhow::Result<ExitCode> {
-    let digest = resolve(store, &args.procs)?;
+    let digest = common::resolve_as(store, &args.procs, "snapshot")?;
     // Check it is a procs blob, then print it as stored (fields newer than this pf included).
     pf_world_procs::load_procs(store, &digest)?;
     let bytes = store.get(&digest)?;

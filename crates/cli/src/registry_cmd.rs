@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use pf_core::BlobStore as _;
 use pf_registry::{ConnectOptions, Event, PullOptions, PushOptions, Reference};
 
 use crate::common::{self, Global, progress_enabled};
@@ -99,7 +98,8 @@ impl Connect {
 #[derive(Debug, clap::Args)]
 #[command(after_help = PUSH_HELP)]
 pub(crate) struct PushArgs {
-    /// The snapshot: a name in the store, or a digest (sha256:…)
+    /// The snapshot: a name in the store, a digest (sha256:…) or a unique prefix of one
+    /// (sha256:3f2a9c, or 8 or more hex digits alone when no name is spelled so)
     #[arg(value_name = "NAME|DIGEST")]
     snapshot: String,
     /// Where to: REGISTRY/REPOSITORY:TAG, e.g. localhost:5000/repl:warm
@@ -126,13 +126,7 @@ pub(crate) struct PullArgs {
 pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode> {
     let reference = Reference::parse(&args.reference)?;
     let store = common::open_existing_store(global)?;
-    let root = store.resolve(&args.snapshot).with_context(|| {
-        format!(
-            "cannot find snapshot {:?} in the store (see `pf store tags`{})",
-            args.snapshot,
-            common::did_you_mean(&store, &args.snapshot)
-        )
-    })?;
+    let root = common::resolve_as(&store, &args.snapshot, "snapshot")?;
     let meter = Meter::new("pushed", "uploaded");
     let started = Instant::now();
     let options = PushOptions {

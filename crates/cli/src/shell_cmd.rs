@@ -80,7 +80,8 @@ pub(crate) enum Command {
     /// Restore a frozen shell in the foreground of this terminal
     #[command(after_help = THAW_HELP)]
     Thaw {
-        /// Digest or name of the snapshot
+        /// The snapshot: a name, a digest (sha256:…) or a unique prefix of one (sha256:3f2a9c,
+        /// or 8 or more hex digits alone when no name is spelled so)
         #[arg(
             value_name = "DIGEST|NAME",
             required_unless_present = "images",
@@ -157,12 +158,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
                 (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
                 (Some(s), None) => {
                     let store = common::open_existing_store(global)?;
-                    let digest = store.resolve(&s).with_context(|| {
-                        format!(
-                            "no snapshot {s:?} in the store (see `pf store tags`{})",
-                            common::did_you_mean(&store, &s)
-                        )
-                    })?;
+                    let digest = common::resolve_as(&store, &s, "snapshot")?;
                     pf_world_procs::restore(&store, &digest, opts)
                 }
                 (None, None) => bail!("name a snapshot or pass --images DIR"),

@@ -27,7 +27,14 @@ const STORE_HELP: &str = "\
 Blobs are named by the SHA-256 of their raw bytes (sha256:<64 hex>), kept under
 <store>/blobs/sha256/ (zstd-compressed; page packs, compressed frame by frame already, as they
 are), and checked against their digest on every read. Names (tags) point at blobs;
-`pf store gc` removes what no name reaches. Every command that takes a DIGEST also takes a NAME.
+`pf store gc` removes what no name reaches.
+
+Every command that takes a DIGEST (here, and `pf goblin thaw|fork`, `pf procs restore|show`,
+`pf shell thaw`, `pf push`) also takes a NAME or a unique prefix of a digest, as git and docker
+take short ids: `sha256:` and at least 4 hex digits (sha256:3f2a9c), or at least 8 hex digits
+alone (3f2a9c01). A name that exists wins over a bare prefix spelled like it (a snapshot tagged
+20240601 is that snapshot); sha256:… is never a name. A prefix that several blobs start with is
+refused, naming them (those with names first): give more digits.
 
 Examples:
   pf store put dump.tar --tag before-upgrade   store a file, name it, print its digest
@@ -181,7 +188,7 @@ pub(crate) struct PutArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct CatArgs {
-    /// The blob's digest (sha256:…) or a name pointing at it
+    /// The blob: its digest (sha256:…), a unique prefix of it, or a name pointing at it
     #[arg(value_name = "DIGEST|NAME")]
     blob: String,
 }
@@ -195,7 +202,7 @@ pub(crate) struct LsArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ShowArgs {
-    /// The snapshot: a digest (sha256:…) or a name
+    /// The snapshot: a digest (sha256:…), a unique prefix of one, or a name
     #[arg(value_name = "DIGEST|NAME")]
     blob: String,
     /// Print JSON on stdout
@@ -205,7 +212,7 @@ pub(crate) struct ShowArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct VerifyArgs {
-    /// Blobs to check, by digest or name [default: every blob and every name]
+    /// Blobs to check, by digest, unique prefix or name [default: every blob and every name]
     #[arg(value_name = "DIGEST|NAME")]
     blobs: Vec<String>,
     /// Print one JSON object on stdout
@@ -217,7 +224,7 @@ pub(crate) struct VerifyArgs {
 pub(crate) struct TagArgs {
     /// The name to set
     name: String,
-    /// The blob it points at: a digest, or another name
+    /// The blob it points at: a digest, a unique prefix of one, or another name
     #[arg(value_name = "DIGEST|NAME")]
     target: String,
 }
@@ -264,7 +271,7 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct RmArgs {
-    /// The blob to remove: a digest, or a name (the name is removed too)
+    /// The blob to remove: a digest, a unique prefix of one, or a name (the name is removed too)
     #[arg(value_name = "DIGEST|NAME")]
     blob: String,
     /// Also remove the other names that point at the blob
@@ -1020,7 +1027,12 @@ fn percent(part: u64, whole: u64) -> f64 {
 
 fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
     let digest = resolve(store, &args.blob)?;
-    let given_name = (!args.blob.starts_with("sha256:")).then_some(args.blob.as_str());
+    // The argument was a name when a name of its spelling points at the blob (a name wins over
+    // a prefix spelled like it); a digest or a prefix removes no name of its own.
+    let given_name = store
+        .get_name(&args.blob)
+        .is_ok_and(|named| named == digest)
+        .then_some(args.blob.as_str());
     // A name whose ref does not hold a digest points at nothing this could remove.
     let others: Vec<String> = pages::names_by_digest(store)?
         .by_digest

@@ -71,6 +71,30 @@ pub enum Error {
     /// No name (ref) of this spelling exists.
     #[error("no name {name:?} in the store")]
     NameNotFound { name: String },
+    /// A digest prefix (`sha256:` and fewer than 64 hex digits) too short to look up.
+    #[error(
+        "digest prefix {prefix:?} is too short: give at least {min} hex digits after `sha256:`"
+    )]
+    PrefixTooShort { prefix: String, min: usize },
+    /// No blob in the store has a digest that starts with the prefix; `bare`: it was typed
+    /// without `sha256:`, so no name is spelled so either.
+    #[error("{}", prefix_not_found(.prefix, *.bare))]
+    PrefixNotFound { prefix: String, bare: bool },
+    /// More than one blob has a digest that starts with the prefix.
+    #[error(
+        "{prefix} is the start of {count} digests in the store: {}; give more of the digest",
+        describe_candidates(.candidates, *.count, *.digits)
+    )]
+    AmbiguousPrefix {
+        /// The prefix as it was typed.
+        prefix: String,
+        /// How many blobs match.
+        count: usize,
+        /// A few of them with the names that point at each, those with names first.
+        candidates: Vec<(Digest256, Vec<String>)>,
+        /// Hex digits that tell every match from the others (at least 12).
+        digits: usize,
+    },
     /// No store is at the root a reader asked for: nothing was ever stored there (or the path
     /// is mistyped). Only [`FsBlobStore::open_existing`](crate::FsBlobStore::open_existing)
     /// says so; [`FsBlobStore::open`](crate::FsBlobStore::open) creates the store instead.
@@ -171,6 +195,39 @@ fn take_over_hint(me: u32, root: &std::path::Path) -> String {
     } else {
         String::new()
     }
+}
+
+fn prefix_not_found(prefix: &str, bare: bool) -> String {
+    if bare {
+        format!("no name {prefix:?} in the store, and no digest there starts with {prefix}")
+    } else {
+        format!("no digest in the store starts with {prefix}")
+    }
+}
+
+/// `sha256:<digits> ("name", "other"), sha256:<digits> and N more`.
+fn describe_candidates(
+    candidates: &[(Digest256, Vec<String>)],
+    count: usize,
+    digits: usize,
+) -> String {
+    let mut out: Vec<String> = candidates
+        .iter()
+        .map(|(digest, names)| {
+            let hex = digest.hex();
+            let short = format!("sha256:{}", &hex[..digits.min(hex.len())]);
+            if names.is_empty() {
+                short
+            } else {
+                let names: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+                format!("{short} ({})", names.join(", "))
+            }
+        })
+        .collect();
+    if count > candidates.len() {
+        out.push(format!("and {} more", count - candidates.len()));
+    }
+    out.join(", ")
 }
 
 fn path_suffix(path: &Option<PathBuf>) -> String {

@@ -712,31 +712,35 @@ impl BlobStore for FsBlobStore {
     fn list(&self) -> Result<Vec<Digest256>> {
         let mut out = Vec::new();
         for dir in self.fanout_dirs()? {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-                Err(err) => return Err(Error::io("listing", &dir, err)),
-            };
-            let prefix = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            for entry in entries {
-                let entry = entry.map_err(|err| Error::io("listing", &dir, err))?;
-                let name = entry.file_name();
-                let Some(hex) = name
-                    .to_str()
-                    .and_then(|n| n.strip_suffix(".zst").or_else(|| n.strip_suffix(".raw")))
-                else {
-                    continue;
-                };
-                if !hex.starts_with(prefix) {
-                    continue;
-                }
-                if let Ok(digest) = format!("sha256:{hex}").parse::<Digest256>() {
-                    out.push(digest);
+            list_fanout_dir(&dir, "", &mut out)?;
+        }
+        out.sort();
+        // A blob whose encoding is being changed has two files for a moment.
+        out.dedup();
+        Ok(out)
+    }
+
+    fn list_prefixed(&self, hex: &str) -> Result<Vec<Digest256>> {
+        if hex.is_empty() || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        match hex.get(..2) {
+            // The one directory the prefix's blobs can be in (`hex` is checked: no `/`, no `..`).
+            Some(fan) => list_fanout_dir(&self.blobs.join(fan), hex, &mut out)?,
+            None => {
+                for dir in self.fanout_dirs()? {
+                    if dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(hex))
+                    {
+                        list_fanout_dir(&dir, hex, &mut out)?;
+                    }
                 }
             }
         }
         out.sort();
-        // A blob whose encoding is being changed has two files for a moment.
         out.dedup();
         Ok(out)
     }
@@ -1722,6 +1726,35 @@ fn touch(path: &Path) {
     if let Err(err) = File::open(path).and_then(|f| f.set_modified(SystemTime::now())) {
         tracing::debug!(path = %path.display(), %err, "cannot update the mtime of a blob");
     }
+}
+
+/// Push the blobs of the fan-out directory `dir` (`blobs/sha256/<2 hex>`, none when it is not
+/// there) whose hex starts with `hex` onto `out`: files `<64 hex>.zst` or `.raw` whose first two
+/// digits are the directory's. Temp files and strangers are skipped.
+fn list_fanout_dir(dir: &Path, hex: &str, out: &mut Vec<Digest256>) -> Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(Error::io("listing", dir, err)),
+    };
+    let fan = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    for entry in entries {
+        let entry = entry.map_err(|err| Error::io("listing", dir, err))?;
+        let name = entry.file_name();
+        let Some(found) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".zst").or_else(|| n.strip_suffix(".raw")))
+        else {
+            continue;
+        };
+        if !found.starts_with(fan) || !found.starts_with(hex) {
+            continue;
+        }
+        if let Ok(digest) = format!("sha256:{found}").parse::<Digest256>() {
+            out.push(digest);
+        }
+    }
+    Ok(())
 }
 
 /// The entries of `dir` named by 64 hex digits (a digest), with that digest; none when `dir`

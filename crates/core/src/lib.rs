@@ -35,4 +35,6 @@ pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreacha
 pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
 pub use crate::repack::{RepackOptions, RepackReport, repack};
-pub use crate::store::{BlobBatch, BlobStore, Put, get_parsed, validate_name};
+pub use crate::store::{
+    BARE_PREFIX_MIN_HEX, BlobBatch, BlobStore, PREFIX_MIN_HEX, Put, get_parsed, validate_name,
+};

@@ -95,12 +95,42 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// holds it, and keep new writers out until the returned lock is dropped.
     fn gc_lock(&self) -> Result<StoreLock>;
 
-    /// A digest, or a name that points at one.
-    fn resolve(&self, digest_or_name: &str) -> Result<Digest256> {
-        if digest_or_name.starts_with("sha256:") {
-            return Ok(digest_or_name.parse()?);
+    /// The digest `reference` stands for, read the way a user types it:
+    ///
+    /// - a digest, `sha256:` and 64 lowercase hex digits (or the 64 digits alone): taken as it
+    ///   is, without looking at the store (reading the blob says whether it is there);
+    /// - a prefix of one, `sha256:` and at least [`PREFIX_MIN_HEX`] hex digits: the one blob in
+    ///   the store whose digest starts so, else [`Error::PrefixNotFound`] or
+    ///   [`Error::AmbiguousPrefix`] (naming a few of the blobs, those names point at first);
+    ///   fewer digits are [`Error::PrefixTooShort`];
+    /// - a name; when no name is spelled so and it is at least [`BARE_PREFIX_MIN_HEX`] lowercase
+    ///   hex digits, a prefix of a digest as above. A name that exists always wins over a bare
+    ///   prefix: a user who tagged a snapshot `20240601` gets that snapshot.
+    ///
+    /// A prefix lists only the blobs that may match ([`list_prefixed`](Self::list_prefixed)).
+    fn resolve(&self, reference: &str) -> Result<Digest256> {
+        match Reference::parse(reference)? {
+            Reference::Digest(digest) => Ok(digest),
+            Reference::Prefix(hex) => resolve_prefix(self, reference, hex, false),
+            Reference::Name { name, prefix } => match (self.get_name(name), prefix) {
+                (Err(Error::NameNotFound { .. }), Some(hex)) => {
+                    resolve_prefix(self, reference, hex, true)
+                }
+                (named, _) => named,
+            },
         }
-        self.get_name(digest_or_name)
+    }
+
+    /// The blobs whose digest's hex starts with `hex`, sorted: none when `hex` is not all
+    /// lowercase hex digits. The default filters [`list`](Self::list); `FsBlobStore` lists the
+    /// one fan-out directory of the first two digits.
+    fn list_prefixed(&self, hex: &str) -> Result<Vec<Digest256>> {
+        if !is_lower_hex(hex) {
+            return Ok(Vec::new());
+        }
+        let mut found = self.list()?;
+        found.retain(|d| d.hex().starts_with(hex));
+        Ok(found)
     }
 
     /// Like [`put_reader`](Self::put_reader), for a caller that knows how many bytes `reader`
@@ -499,6 +529,119 @@ pub fn get_parsed<T>(
     Ok(parsed)
 }
 
+/// Fewest hex digits a digest prefix written with `sha256:` may have (`sha256:3f2a`), as git
+/// asks of an abbreviated object name.
+pub const PREFIX_MIN_HEX: usize = 4;
+
+/// Fewest hex digits a digest prefix written without `sha256:` may have (`3f2a9c01`). Such a
+/// string is also a legal name, which wins when it exists; when it does not, a short string of
+/// hex digits is likelier a mistyped name (`2024`, `cafe`) than a digest: with 10 000 blobs, 4
+/// digits would match some blob 15% of the time, 8 digits once in 400 000.
+pub const BARE_PREFIX_MIN_HEX: usize = 8;
+
+/// Candidates an [`Error::AmbiguousPrefix`] names.
+const AMBIGUOUS_SHOWN: usize = 5;
+
+/// Hex digits an [`Error::AmbiguousPrefix`] shows of each candidate, at least.
+const AMBIGUOUS_DIGITS: usize = 12;
+
+/// How [`BlobStore::resolve`] reads a reference, before it looks at the store.
+#[derive(Debug, PartialEq, Eq)]
+enum Reference<'a> {
+    /// A whole digest.
+    Digest(Digest256),
+    /// `sha256:` and fewer than 64 hex digits (these, without `sha256:`).
+    Prefix(&'a str),
+    /// Anything else: a name, and when it is long enough and all hex, a bare digest prefix too.
+    Name {
+        name: &'a str,
+        prefix: Option<&'a str>,
+    },
+}
+
+impl<'a> Reference<'a> {
+    fn parse(text: &'a str) -> Result<Self> {
+        if let Some(hex) = text.strip_prefix("sha256:") {
+            if !hex.is_empty() && hex.len() < 64 && is_lower_hex(hex) {
+                if hex.len() < PREFIX_MIN_HEX {
+                    return Err(Error::PrefixTooShort {
+                        prefix: text.to_owned(),
+                        min: PREFIX_MIN_HEX,
+                    });
+                }
+                return Ok(Self::Prefix(hex));
+            }
+            return Ok(Self::Digest(text.parse()?));
+        }
+        if text.len() == 64 && is_lower_hex(text) {
+            return Ok(Self::Digest(format!("sha256:{text}").parse()?));
+        }
+        let prefix = (text.len() >= BARE_PREFIX_MIN_HEX && is_lower_hex(text)).then_some(text);
+        Ok(Self::Name { name: text, prefix })
+    }
+}
+
+/// Whether `text` is all lowercase hex digits (and not empty).
+fn is_lower_hex(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The one blob whose digest starts with `hex` (what the user typed: `typed`).
+fn resolve_prefix<S: BlobStore + ?Sized>(
+    store: &S,
+    typed: &str,
+    hex: &str,
+    bare: bool,
+) -> Result<Digest256> {
+    let found = store.list_prefixed(hex)?;
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Error::PrefixNotFound {
+            prefix: typed.to_owned(),
+            bare,
+        }),
+        _ => Err(ambiguous(store, typed, &found)),
+    }
+}
+
+/// The error for a prefix `typed` that `found` (sorted, two or more) start with: the blobs names
+/// point at first (what `pf store ls` shows with a name is what a user copies a prefix from),
+/// each shown with enough digits to tell it from every other match.
+fn ambiguous<S: BlobStore + ?Sized>(store: &S, typed: &str, found: &[Digest256]) -> Error {
+    let hexes: Vec<String> = found.iter().map(Digest256::hex).collect();
+    let common =
+        |a: &String, b: &String| a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let digits = hexes
+        .windows(2)
+        .map(|w| common(&w[0], &w[1]) + 1)
+        .max()
+        .unwrap_or(0)
+        .clamp(AMBIGUOUS_DIGITS, 64);
+    // Names are a help here, not a need: a store whose names cannot be read still says which
+    // blobs match.
+    let names = store.names_or_errors().unwrap_or_default();
+    let mut candidates: Vec<(Digest256, Vec<String>)> = found
+        .iter()
+        .map(|digest| {
+            let of = names
+                .iter()
+                .filter(|(_, d)| d.as_ref().is_ok_and(|d| d == digest))
+                .map(|(name, _)| name.clone())
+                .collect();
+            (*digest, of)
+        })
+        .collect();
+    // Stable: named ones first, each group in digest order.
+    candidates.sort_by_key(|(_, of)| of.is_empty());
+    candidates.truncate(AMBIGUOUS_SHOWN);
+    Error::AmbiguousPrefix {
+        prefix: typed.to_owned(),
+        count: found.len(),
+        candidates,
+        digits,
+    }
+}
+
 /// Check that `name` is acceptable as a ref: 1–200 bytes, no `/`, no `\0` or other control
 /// characters or white space, not `.` or `..`, not starting with `.` (temp files), and not like a
 /// digest (`sha256:` in any case, or 64 hex digits).
@@ -600,6 +743,227 @@ mod tests {
             .filter(|n| n.to_string_lossy().starts_with(".tmp-"))
             .collect();
         assert!(temps.is_empty(), "{temps:?}");
+    }
+
+    /// Two byte strings whose digests share their first `digits` hex digits (found by trying).
+    fn colliding(digits: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0u64.. {
+            let bytes = format!("blob {i}").into_bytes();
+            let hex = Digest256::of(&bytes).hex();
+            if let Some(other) = seen.insert(hex[..digits].to_owned(), bytes.clone()) {
+                return (other, bytes);
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn references_are_read_before_the_store_is_asked() {
+        let d = Digest256::of(b"x");
+        let hex = d.hex();
+        let full = d.to_string();
+        assert_eq!(Reference::parse(&full).unwrap(), Reference::Digest(d));
+        assert_eq!(Reference::parse(&hex).unwrap(), Reference::Digest(d));
+        let short = format!("sha256:{}", &hex[..4]);
+        assert_eq!(
+            Reference::parse(&short).unwrap(),
+            Reference::Prefix(&hex[..4])
+        );
+        let long = format!("sha256:{}", &hex[..63]);
+        assert_eq!(
+            Reference::parse(&long).unwrap(),
+            Reference::Prefix(&hex[..63])
+        );
+        for few in 1..PREFIX_MIN_HEX {
+            let typed = format!("sha256:{}", &hex[..few]);
+            assert!(
+                matches!(
+                    Reference::parse(&typed),
+                    Err(Error::PrefixTooShort { min: 4, .. })
+                ),
+                "{typed}"
+            );
+        }
+        for bad in [
+            "sha256:".to_owned(),
+            format!("sha256:{}", hex.to_uppercase()),
+            format!("sha256:{}", &hex.to_uppercase()[..8]),
+            format!("{full}0"),
+            "sha256:../../etc/passwd".to_owned(),
+        ] {
+            assert!(
+                matches!(Reference::parse(&bad), Err(Error::InvalidDigest(_))),
+                "{bad}"
+            );
+        }
+        // Bare hex is a name, and from 8 digits also a prefix.
+        let seven = &hex[..7];
+        assert_eq!(
+            Reference::parse(seven).unwrap(),
+            Reference::Name {
+                name: seven,
+                prefix: None
+            }
+        );
+        let eight = &hex[..BARE_PREFIX_MIN_HEX];
+        assert_eq!(
+            Reference::parse(eight).unwrap(),
+            Reference::Name {
+                name: eight,
+                prefix: Some(eight)
+            }
+        );
+        let upper = hex[..12].to_uppercase();
+        assert_eq!(
+            Reference::parse(&upper).unwrap(),
+            Reference::Name {
+                name: &upper,
+                prefix: None
+            }
+        );
+        assert_eq!(
+            Reference::parse("repl").unwrap(),
+            Reference::Name {
+                name: "repl",
+                prefix: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_unique_prefix_resolves_and_others_say_why_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = crate::FsBlobStore::open(dir.path()).unwrap();
+        let mem = crate::MemBlobStore::new();
+        let stores: [&dyn BlobStore; 2] = [&fs, &mem];
+        // a and b share 5 digits; c is elsewhere.
+        let (a_bytes, b_bytes) = colliding(5);
+        for store in stores {
+            let a = store.put(&a_bytes).unwrap();
+            let b = store.put(&b_bytes).unwrap();
+            let c = store.put(b"c").unwrap();
+            store.set_name("b-snap", &b).unwrap();
+            store.set_name("b-again", &b).unwrap();
+            let (ah, bh, ch) = (a.hex(), b.hex(), c.hex());
+            let common = ah
+                .bytes()
+                .zip(bh.bytes())
+                .take_while(|(x, y)| x == y)
+                .count();
+            assert!(common >= 5, "{ah} {bh}");
+
+            // Unique: with `sha256:` from 4 digits, bare from 8, and the whole digest.
+            assert_eq!(store.resolve(&format!("sha256:{}", &ch[..4])).unwrap(), c);
+            assert_eq!(store.resolve(&ch[..8]).unwrap(), c);
+            let a_unique = &ah[..=common];
+            assert_eq!(store.resolve(&format!("sha256:{a_unique}")).unwrap(), a);
+            assert_eq!(store.resolve(&ah).unwrap(), a);
+            assert_eq!(store.resolve(&a.to_string()).unwrap(), a);
+            // A whole digest is taken as it is: not looked up, so not even listed.
+            let absent = Digest256::of(b"never stored");
+            assert_eq!(store.resolve(&absent.to_string()).unwrap(), absent);
+
+            // Ambiguous: both named, the named one first, each with digits that tell them
+            // apart, and nothing resolved.
+            let err = store.resolve(&format!("sha256:{}", &ah[..5])).unwrap_err();
+            let Error::AmbiguousPrefix {
+                count,
+                candidates,
+                digits,
+                ..
+            } = &err
+            else {
+                panic!("{err:?}");
+            };
+            assert_eq!(*count, 2);
+            assert_eq!(
+                candidates[0],
+                (b, vec!["b-again".to_owned(), "b-snap".to_owned()])
+            );
+            assert_eq!(candidates[1], (a, vec![]));
+            assert!(*digits >= 12 && *digits > common, "{digits}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "sha256:{} (\"b-again\", \"b-snap\")",
+                    &bh[..*digits]
+                )) && text.contains(&format!("sha256:{}", &ah[..*digits]))
+                    && text.contains("give more of the digest"),
+                "{text}"
+            );
+
+            // None: said differently with `sha256:` and bare.
+            let missing = if ch.starts_with("ffff") {
+                "0000"
+            } else {
+                "ffff"
+            };
+            let err = store.resolve(&format!("sha256:{missing}")).unwrap_err();
+            assert!(
+                matches!(&err, Error::PrefixNotFound { bare: false, prefix } if prefix == &format!("sha256:{missing}")),
+                "{err:?}"
+            );
+            let bare_missing = format!("{missing}{missing}");
+            let err = store.resolve(&bare_missing).unwrap_err();
+            assert!(
+                matches!(err, Error::PrefixNotFound { bare: true, .. }),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("no name"), "{err}");
+
+            // Too short: with `sha256:` an error of its own; bare, only a name.
+            assert!(matches!(
+                store.resolve(&format!("sha256:{}", &ch[..3])),
+                Err(Error::PrefixTooShort { .. })
+            ));
+            assert!(matches!(
+                store.resolve(&ch[..7]),
+                Err(Error::NameNotFound { .. })
+            ));
+
+            // A name spelled like a prefix of another blob is that name.
+            store.set_name(&ch[..8], &a).unwrap();
+            assert_eq!(store.resolve(&ch[..8]).unwrap(), a);
+            assert_eq!(store.resolve(&ch[..9]).unwrap(), c);
+            assert_eq!(store.resolve(&format!("sha256:{}", &ch[..8])).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn an_fs_store_lists_a_prefix_from_its_fan_out_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::FsBlobStore::open(dir.path()).unwrap();
+        let digests: Vec<Digest256> = (0..64u32)
+            .map(|i| store.put(&i.to_le_bytes()).unwrap())
+            .collect();
+        let mut all = digests.clone();
+        all.sort();
+        let d = digests[7];
+        let hex = d.hex();
+        for len in 1..=64 {
+            let want: Vec<Digest256> = all
+                .iter()
+                .copied()
+                .filter(|x| x.hex().starts_with(&hex[..len]))
+                .collect();
+            assert_eq!(store.list_prefixed(&hex[..len]).unwrap(), want, "{len}");
+        }
+        // Nothing that is not lowercase hex matches, and no path is made of it.
+        for odd in ["", "..", "../", "0/", "AB", "zz", "0g"] {
+            assert_eq!(store.list_prefixed(odd).unwrap(), vec![], "{odd:?}");
+        }
+        // A raw blob and a stranger file in the directory.
+        let raw = store.put_raw(b"raw bytes").unwrap();
+        let fan = store.blob_path(&raw).parent().unwrap().to_owned();
+        std::fs::write(fan.join(format!("{}.tmp", raw.hex())), b"").unwrap();
+        assert_eq!(store.list_prefixed(&raw.hex()[..6]).unwrap(), vec![raw]);
+        // Other fan-out directories are not read: one made unreadable does not matter.
+        let other = all.iter().find(|x| x.hex()[..2] != raw.hex()[..2]).unwrap();
+        let other_fan = store.blob_path(other).parent().unwrap().to_owned();
+        std::fs::rename(&other_fan, dir.path().join("moved")).unwrap();
+        std::fs::write(&other_fan, b"not a directory").unwrap();
+        assert_eq!(store.list_prefixed(&raw.hex()[..6]).unwrap(), vec![raw]);
     }
 
     #[test]

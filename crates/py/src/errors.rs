@@ -26,9 +26,15 @@ impl Class {
 fn core_class(err: &pf_core::Error) -> Class {
     use pf_core::Error as E;
     Class::named(match err {
-        E::NotFound { .. } | E::NameNotFound { .. } | E::NoStore { .. } => "NotFound",
+        E::NotFound { .. }
+        | E::NameNotFound { .. }
+        | E::PrefixNotFound { .. }
+        | E::NoStore { .. } => "NotFound",
         E::Integrity { .. } | E::Decode { .. } | E::CorruptName { .. } => "StoreCorrupt",
-        E::InvalidDigest(_) | E::InvalidName { .. } => "InvalidArgument",
+        E::InvalidDigest(_)
+        | E::InvalidName { .. }
+        | E::PrefixTooShort { .. }
+        | E::AmbiguousPrefix { .. } => "InvalidArgument",
         _ => "StoreError",
     })
 }
@@ -51,6 +57,7 @@ fn kind_class(kind: pf_world_procs::ErrorKind) -> &'static str {
         K::NoSpace => "NoSpace",
         K::NotWarm => "NotWarm",
         K::Cancelled => "Cancelled",
+        K::Traced => "Traced",
         _ => "Error",
     }
 }
@@ -69,6 +76,14 @@ fn procs_class(err: &pf_world_procs::Error) -> Class {
             name: kind_class(err.kind()),
             criu_errors: Vec::new(),
             log: Some(log.clone()),
+        },
+        // criu's lines and log, when it ran and failed to seize the traced process.
+        E::Traced {
+            source: Some(source),
+            ..
+        } => Class {
+            name: kind_class(err.kind()),
+            ..procs_class(source)
         },
         _ => Class::named(kind_class(err.kind())),
     }

@@ -86,7 +86,8 @@ impl Store {
         Arc::clone(self.opened.get_or_init(|| Arc::new(store)))
     }
 
-    /// A digest or a name, resolved in the store (which must be there).
+    /// A digest, a unique prefix of one, or a name, resolved in the store (which must be there;
+    /// see `pf_core::BlobStore::resolve`).
     pub(crate) fn resolve_ref(&self, reference: &str) -> PyResult<Digest256> {
         self.existing()?
             .resolve(reference)
@@ -166,17 +167,23 @@ impl Store {
         Ok(PyBytes::new(py, &bytes))
     }
 
-    /// Whether the store holds the blob a digest refers to (a name must exist to be resolved).
+    /// Whether the store holds the blob a digest refers to (a name must exist to be resolved, a
+    /// prefix of a digest must be the start of one blob's only).
     fn contains(&self, reference: &str) -> PyResult<bool> {
         let store = self.existing()?;
         match store.resolve(reference) {
             Ok(digest) => store.contains(&digest).map_err(errors::from_core),
-            Err(pf_core::Error::NameNotFound { .. }) => Ok(false),
+            Err(pf_core::Error::NameNotFound { .. } | pf_core::Error::PrefixNotFound { .. }) => {
+                Ok(false)
+            }
             Err(err) => Err(errors::from_core(err)),
         }
     }
 
-    /// The digest a name (or a digest) refers to.
+    /// The digest a reference stands for: a name, a digest (`sha256:` and 64 hex digits, or the
+    /// digits alone), or a unique prefix of one in the store (`sha256:` and at least 4 hex
+    /// digits, or at least 8 alone; a name spelled so wins). An unknown name or prefix raises
+    /// `NotFound`; a prefix several blobs start with raises `InvalidArgument` naming them.
     fn resolve(&self, reference: &str) -> PyResult<String> {
         Ok(self.resolve_ref(reference)?.to_string())
     }

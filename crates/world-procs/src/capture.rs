@@ -14,6 +14,7 @@ use std::time::Duration;
 use pf_core::{BlobStore, Digest256};
 
 use crate::criu::{Criu, CriuVersion, Unavailable};
+use crate::criu_log::CriuFailure;
 use crate::error::{Error, Result};
 use crate::runner::{Invocation, push_opt};
 use crate::tarball::ImagesTar;
@@ -101,6 +102,7 @@ pub fn dump_to_dir(pid: i32, images_dir: &Path, opts: &CaptureOptions) -> Result
     let criu = crate::criu::for_capture()?;
     ensure_alive(pid)?;
     ensure_not_ours(pid)?;
+    ensure_not_traced(pid)?;
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
     prepare_images_dir(images_dir)?;
     let (report, stopped) = dump_with(&criu, pid, images_dir, opts, &[])?;
@@ -158,6 +160,7 @@ pub fn capture_with_progress(
     };
     ensure_alive(pid)?;
     ensure_not_ours(pid)?;
+    ensure_not_traced(pid)?;
     // Before the store's lock (a gc waits on it) and before `should_stream` looks at how much
     // of the tree's memory is in.
     wait_for_lazy_memory(&pf_os::proc::tree(pid))?;
@@ -418,6 +421,76 @@ fn ensure_not_ours(pid: i32) -> Result<()> {
     Ok(())
 }
 
+/// Refuse a tree a task of which another process traces: criu would fail to seize it with a
+/// raw "Unable to interrupt task: N (Operation not permitted)" / "Unable to detach from N" (found
+/// by hand: two `pf goblin freeze --pid N` at once). The tracer is most often the criu of another
+/// freeze of the same process, which this names; a debugger or strace otherwise.
+fn ensure_not_traced(pid: i32) -> Result<()> {
+    match traced_in_tree(pid) {
+        Some(traced) => Err(traced),
+        None => Ok(()),
+    }
+}
+
+/// [`Error::Traced`] for the first process of `root`'s tree one of whose tasks another process
+/// traces, if any (without a source).
+fn traced_in_tree(root: i32) -> Option<Error> {
+    pf_os::proc::tree(root).into_iter().find_map(|pid| {
+        let (tid, tracer) = pf_os::proc::traced_task(pid)?;
+        let tracer_name = pf_os::proc::comm(tracer).unwrap_or_else(|| "a process".to_owned());
+        // Another dump's criu: say whose (the pf that runs it).
+        let tracer_parent = (tracer_name == "criu")
+            .then(|| pf_os::proc::stat(tracer))
+            .flatten()
+            .filter(|s| s.ppid > 1)
+            .and_then(|s| Some((s.ppid, pf_os::proc::comm(s.ppid)?)));
+        Some(Error::Traced {
+            root,
+            pid,
+            tid,
+            tracer,
+            tracer_name,
+            tracer_parent,
+            source: None,
+        })
+    })
+}
+
+/// criu's failure `err` to dump `root`'s tree, as [`Error::Traced`] when criu could not seize a
+/// task and one is traced now (two freezes started at once: both passed
+/// [`ensure_not_traced`], and the other one's criu seized the tree first). The wrapped criu error
+/// keeps its lines and log but not its guess at the cause, which the outer error states. When no
+/// task is traced any more (that freeze is over), `err` itself says that seizing was refused and
+/// why it may have been.
+fn traced_after(root: i32, err: Error) -> Error {
+    if !matches!(err.criu_failure(), Some(CriuFailure::AlreadyTraced { .. })) {
+        return err;
+    }
+    let Some(mut traced) = traced_in_tree(root) else {
+        return err;
+    };
+    let err = match err {
+        Error::Criu {
+            action,
+            exit,
+            errors,
+            log,
+            ..
+        } => Error::Criu {
+            action,
+            exit,
+            failure: None,
+            errors,
+            log,
+        },
+        other => other,
+    };
+    if let Error::Traced { source, .. } = &mut traced {
+        *source = Some(Box::new(err));
+    }
+    traced
+}
+
 /// The checks before CRIU runs: the pid is a live user process (CRIU's own failure on a kernel
 /// thread is a page of log lines).
 fn ensure_alive(pid: i32) -> Result<()> {
@@ -490,7 +563,7 @@ fn dump_with(
                 source: Box::new(err),
             });
         }
-        Err(err) => return Err(err),
+        Err(err) => return Err(traced_after(pid, err)),
     };
     // The tree as criu dumped and left it, read again now: `pids` was read before the dump,
     // and a tree that forks (a shell loop's next `sleep`) may have more, or others, by the
@@ -618,6 +691,116 @@ mod tests {
             Err(Error::NoSuchProcess { .. })
         ));
         ensure_alive(std::process::id() as i32).expect("this process");
+    }
+
+    /// A tree traced by another process is refused before criu runs, naming the tracer; criu's
+    /// failure to seize a task becomes the same error while a task is traced, and stays criu's
+    /// own (saying why seizing fails) once nothing is. Needs root to trace (a live test).
+    #[test]
+    fn live_a_traced_tree_is_refused_naming_its_tracer() {
+        use crate::test_support::{KillOnDrop, live, spawn_clean, trace};
+        if !live("live_a_traced_tree_is_refused_naming_its_tracer") {
+            return;
+        }
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", "sleep 600 & wait"])
+            .stdin(std::process::Stdio::null());
+        let mut sh = spawn_clean(&mut cmd).expect("spawn sh");
+        let root = i32::try_from(sh.id()).expect("pid");
+        let _root = KillOnDrop(root);
+        // Its child, the sleep.
+        let start = std::time::Instant::now();
+        let child = loop {
+            if let Some(&child) = pf_os::proc::children(root).first() {
+                break child;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no sleep below {root}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _child = KillOnDrop(child);
+        ensure_not_traced(root).expect("nobody traces it yet");
+
+        // A debugger on the child.
+        let gdb = trace(child, "gdb").expect("trace the sleep");
+        let err = ensure_not_traced(root).expect_err("traced");
+        assert!(
+            matches!(&err, Error::Traced { root: r, pid, tid, tracer, tracer_name, tracer_parent: None, source: None }
+                if *r == root && *pid == child && *tid == child && *tracer == gdb.pid && tracer_name == "gdb"),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!(
+                "process {child} (of the tree of {root}) is traced by gdb (pid {})",
+                gdb.pid
+            )) && text.contains("detach it"),
+            "{text}"
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::Traced);
+        drop(gdb);
+
+        // Another freeze's criu on the root.
+        let criu = trace(root, "criu").expect("trace sh");
+        let err = ensure_not_traced(root).expect_err("traced");
+        let text = err.to_string();
+        let me = std::process::id();
+        assert!(
+            text.starts_with(&format!(
+                "process {root} is already being frozen: criu (pid {}, run by ",
+                criu.pid
+            )) && text.contains(&format!(", pid {me}) traces it")),
+            "{text}"
+        );
+        // criu's failure to seize, mapped while the task is traced ...
+        let criu_failed = |failure| Error::Criu {
+            action: "dump",
+            exit: crate::Exit::Code(1),
+            failure,
+            errors: vec![
+                "Error (compel/src/lib/infect.c:417): Unable to detach from 1: No such process"
+                    .to_owned(),
+            ],
+            log: std::path::PathBuf::from("/nonexistent/criu.log"),
+        };
+        let seize_failed = || criu_failed(Some(CriuFailure::AlreadyTraced { pid: root }));
+        let err = traced_after(root, seize_failed());
+        // (criu's lines and log kept, its guess at the cause left to the outer error)
+        assert!(
+            matches!(&err, Error::Traced { source: Some(s), .. }
+                if matches!(&**s, Error::Criu { failure: None, log, errors, .. }
+                    if log.ends_with("criu.log") && errors.len() == 1)),
+            "{err:?}"
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::Traced);
+        assert!(!err.to_string().contains("ptrace_scope"), "{err}");
+        // ... and no other failure.
+        let other = criu_failed(Some(CriuFailure::FileMissing));
+        assert!(matches!(traced_after(root, other), Error::Criu { .. }));
+        assert!(matches!(
+            traced_after(root, criu_failed(None)),
+            Error::Criu { .. }
+        ));
+        drop(criu);
+        // Once nothing traces it, criu's error stays, and says why seizing may fail.
+        let start = std::time::Instant::now();
+        while pf_os::proc::traced_task(root).is_some() {
+            assert!(start.elapsed() < Duration::from_secs(20), "still traced");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let err = traced_after(root, seize_failed());
+        assert!(matches!(err, Error::Criu { .. }), "{err:?}");
+        assert_eq!(err.kind(), crate::ErrorKind::Traced);
+        assert!(
+            err.to_string().contains("another process was tracing it"),
+            "{err}"
+        );
+        ensure_not_traced(root).expect("nobody traces it any more");
+        drop(_child);
+        let _ = sh.kill();
+        let _ = sh.wait();
     }
 
     #[test]

@@ -22,7 +22,12 @@
 //!   and `has bad mode` (:2294): a file the tree had open, or its program or a library it
 //!   mapped, is not the file it was at the dump (written to since, or upgraded);
 //! - `Can't open file <path> on restore: No such file or directory` (criu/files-reg.c:2353): a
-//!   file the tree had open is not there (removed since, or another machine).
+//!   file the tree had open is not there (removed since, or another machine);
+//! - `Unable to interrupt task: N (Operation not permitted)` (compel/src/lib/infect.c:132, a
+//!   warning, followed by `Unable to detach from N: No such process` and `Dumping FAILED`):
+//!   `PTRACE_SEIZE` of a task of the tree was refused, as root because another process traces
+//!   it (another dump of it under way, a debugger), or ptrace is forbidden outright (Yama's
+//!   `ptrace_scope` 3).
 
 use std::fmt;
 
@@ -50,6 +55,12 @@ pub enum CriuFailure {
     FileChanged,
     /// A file the tree had open or mapped is not there.
     FileMissing,
+    /// criu could not seize a task of the tree: another process traced it (another dump of it
+    /// under way, a debugger), or ptrace is forbidden here.
+    AlreadyTraced {
+        /// The task, as criu numbers it.
+        pid: i32,
+    },
 }
 
 impl CriuFailure {
@@ -92,6 +103,12 @@ impl CriuFailure {
                  put it back at that path as it was, or thaw where it exists (a machine with \
                  the same files)"
             }
+            Self::AlreadyTraced { .. } => {
+                "criu could not seize the process: another process was tracing it (another \
+                 freeze or capture of it under way, or a debugger), or ptrace is forbidden here \
+                 (kernel.yama.ptrace_scope = 3); let the other freeze finish or detach the \
+                 debugger, then try again"
+            }
         }
     }
 }
@@ -106,6 +123,7 @@ impl fmt::Display for CriuFailure {
             Self::GhostInTheWay => f.write_str("a ghost file's path is taken"),
             Self::FileChanged => f.write_str("a file changed since the dump"),
             Self::FileMissing => f.write_str("a file of the dump is missing"),
+            Self::AlreadyTraced { pid } => write!(f, "process {pid} could not be seized"),
         }
     }
 }
@@ -153,6 +171,13 @@ pub fn classify_line(line: &str) -> Option<CriuFailure> {
     if line.contains("Can't open file ") && line.ends_with(" on restore: No such file or directory")
     {
         return Some(CriuFailure::FileMissing);
+    }
+    if let Some(rest) = line.split("Unable to interrupt task: ").nth(1)
+        && rest.ends_with("(Operation not permitted)")
+    {
+        return Some(CriuFailure::AlreadyTraced {
+            pid: leading_number(rest)?,
+        });
     }
     None
 }
@@ -295,6 +320,31 @@ mod tests {
                 "{line}"
             );
         }
+    }
+
+    #[test]
+    fn a_task_another_process_traces_cannot_be_seized() {
+        // criu 4.2.1, the second of two dumps of one goblin started at once (its log's tail).
+        let log = "(00.032211) Detected cgroup V1 freezer\n\
+                   (00.032218) Warn  (compel/src/lib/infect.c:132): Unable to interrupt task: \
+                   12756 (Operation not permitted)\n\
+                   (00.032231) net: Unlock network\n\
+                   (00.032289) Unfreezing tasks into 1\n\
+                   (00.032292) \tUnseizing 12756 into 1\n\
+                   (00.032295) Error (compel/src/lib/infect.c:417): Unable to detach from 12756: \
+                   No such process\n\
+                   (00.032305) Error (criu/cr-dump.c:1975): Dumping FAILED.\n";
+        assert_eq!(
+            classify(log.lines()),
+            Some(CriuFailure::AlreadyTraced { pid: 12756 })
+        );
+        // A task that went away is no tracer's doing.
+        assert_eq!(
+            classify_line(
+                "Warn  (compel/src/lib/infect.c:132): Unable to interrupt task: 7 (No such process)"
+            ),
+            None
+        );
     }
 
     #[test]

@@ -89,6 +89,27 @@ pub enum Error {
         /// "pf itself" or "an ancestor of pf (pid N)".
         what: String,
     },
+    /// A task of the tree to dump is traced by another process (`TracerPid:`), so criu cannot
+    /// seize it: another freeze or capture of it is under way (its criu is the tracer), or a
+    /// debugger holds it. Found before criu runs, or after it failed to seize the task.
+    #[error("{}", traced_message(*.root, *.pid, *.tid, *.tracer, .tracer_name, .tracer_parent))]
+    Traced {
+        /// The pid asked for.
+        root: i32,
+        /// The traced process (`root` or a process below it).
+        pid: i32,
+        /// Its traced thread (`pid` for its main thread).
+        tid: i32,
+        /// The tracer's pid.
+        tracer: i32,
+        /// The tracer's name (`/proc/PID/comm`): `criu` for another dump.
+        tracer_name: String,
+        /// The tracer's parent and its name (the pf that runs that criu).
+        tracer_parent: Option<(i32, String)>,
+        /// criu's failure, when it ran and could not seize the task.
+        #[source]
+        source: Option<Box<Error>>,
+    },
     /// The process exited while criu was dumping it.
     #[error("process {pid} exited while criu was dumping it; nothing was stored")]
     ExitedDuringDump {
@@ -418,6 +439,9 @@ pub enum ErrorKind {
     Cancelled,
     /// A file-system or system-call failure.
     Io,
+    /// The process to capture is traced by another process (another freeze of it under way, a
+    /// debugger), so criu cannot seize it: try again once that one is done.
+    Traced,
 }
 
 impl ErrorKind {
@@ -426,13 +450,15 @@ impl ErrorKind {
         match err {
             pf_core::Error::NotFound { .. }
             | pf_core::Error::NameNotFound { .. }
+            | pf_core::Error::PrefixNotFound { .. }
             | pf_core::Error::NoStore { .. } => Self::NotFound,
             pf_core::Error::Integrity { .. }
             | pf_core::Error::Decode { .. }
             | pf_core::Error::CorruptName { .. } => Self::StoreCorrupt,
-            pf_core::Error::InvalidDigest(_) | pf_core::Error::InvalidName { .. } => {
-                Self::InvalidInput
-            }
+            pf_core::Error::InvalidDigest(_)
+            | pf_core::Error::InvalidName { .. }
+            | pf_core::Error::PrefixTooShort { .. }
+            | pf_core::Error::AmbiguousPrefix { .. } => Self::InvalidInput,
             _ => Self::Io,
         }
     }
@@ -448,6 +474,7 @@ impl From<CriuFailure> for ErrorKind {
             CriuFailure::GhostInTheWay | CriuFailure::FileChanged | CriuFailure::FileMissing => {
                 Self::CriuFailed
             }
+            CriuFailure::AlreadyTraced { .. } => Self::Traced,
         }
     }
 }
@@ -464,6 +491,7 @@ impl Error {
             | Self::RootReapedElsewhere { .. }
             | Self::GhostLockBusy { .. } => ErrorKind::CriuFailed,
             Self::NoSuchProcess { .. } | Self::ExitedDuringDump { .. } => ErrorKind::NoSuchProcess,
+            Self::Traced { .. } => ErrorKind::Traced,
             Self::ImagesDirNotEmpty { .. }
             | Self::KernelThread { .. }
             | Self::HoldsPf { .. }
@@ -500,8 +528,49 @@ impl Error {
         match self {
             Self::Criu { failure, .. } => *failure,
             Self::ExitedDuringDump { source, .. } => source.criu_failure(),
+            Self::Traced {
+                source: Some(source),
+                ..
+            } => source.criu_failure(),
             _ => None,
         }
+    }
+}
+
+/// "process P is already being frozen: …" or "process P is traced by gdb (pid T): …".
+fn traced_message(
+    root: i32,
+    pid: i32,
+    tid: i32,
+    tracer: i32,
+    tracer_name: &str,
+    tracer_parent: &Option<(i32, String)>,
+) -> String {
+    let mut what = if pid == root {
+        format!("process {pid}")
+    } else {
+        format!("process {pid} (of the tree of {root})")
+    };
+    if tid != pid {
+        what = format!("thread {tid} of {what}");
+    }
+    let by = match tracer_parent {
+        Some((ppid, parent)) => {
+            format!("{tracer_name} (pid {tracer}, run by {parent}, pid {ppid})")
+        }
+        None => format!("{tracer_name} (pid {tracer})"),
+    };
+    if tracer_name == "criu" {
+        format!(
+            "{what} is already being frozen: {by} traces it, so another freeze, capture or \
+             dump of it is under way and criu cannot seize it twice; wait for that one to \
+             finish, then freeze again"
+        )
+    } else {
+        format!(
+            "{what} is traced by {by}, and criu cannot freeze a process another one traces: \
+             detach it (quit the debugger, stop the strace), then freeze again"
+        )
     }
 }
 
@@ -587,6 +656,11 @@ mod tests {
                 Some(CriuFailure::NoPrivilege),
                 ErrorKind::NeedsPrivilege,
                 "setcap",
+            ),
+            (
+                Some(CriuFailure::AlreadyTraced { pid: 9 }),
+                ErrorKind::Traced,
+                "another process was tracing it",
             ),
             (None, ErrorKind::CriuFailed, "full log kept in"),
         ];

@@ -81,6 +81,50 @@ pub fn spawn_clean(cmd: &mut Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// A process that traces another with `PTRACE_SEIZE` (as a debugger, strace or criu's dump
+/// does: only one tracer at a time) until it is dropped, then is killed, which detaches it.
+#[derive(Debug)]
+pub struct Tracer {
+    /// The tracer's pid (the traced process's `TracerPid:`).
+    pub pid: i32,
+    _kill: KillOnDrop,
+}
+
+/// Trace `pid` from a new process named `name` (its `/proc/PID/comm`: `criu` poses as another
+/// freeze's criu), returning once it holds `pid`. python3 with ctypes: no ptrace in this crate,
+/// whose only `unsafe` is elsewhere.
+pub fn trace(pid: i32, name: &str) -> std::io::Result<Tracer> {
+    use std::io::BufRead as _;
+    const SCRIPT: &str = "import ctypes, os, sys, time\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        libc.prctl(15, sys.argv[2].encode(), 0, 0, 0)\n\
+        if libc.ptrace(ctypes.c_long(0x4206), ctypes.c_long(int(sys.argv[1])), None, None) != 0:\n\
+        \x20   print('PTRACE_SEIZE:', os.strerror(ctypes.get_errno()), flush=True)\n\
+        \x20   sys.exit(1)\n\
+        print('seized', flush=True)\n\
+        time.sleep(3600)\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", SCRIPT, &pid.to_string(), name])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    let mut child = spawn_clean(&mut cmd)?;
+    let kill = KillOnDrop(i32::try_from(child.id()).unwrap_or(0));
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        std::io::BufReader::new(out).read_line(&mut line)?;
+    }
+    if line.trim() != "seized" {
+        return Err(std::io::Error::other(format!(
+            "the tracer of {pid} did not seize it: {line:?}"
+        )));
+    }
+    Ok(Tracer {
+        pid: kill.0,
+        _kill: kill,
+    })
+}
+
 /// A test's deadline: if it is not dropped within `limit`, the watched pids are SIGKILLed and the
 /// whole test process exits with status 101, so a hung CRIU call cannot hang CI.
 #[derive(Debug)]

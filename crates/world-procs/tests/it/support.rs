@@ -163,16 +163,9 @@ pub(crate) fn wchar(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The pid tracing `pid` (`TracerPid:` of `/proc/<pid>/status`); 0 when none, or no such process.
+/// The pid tracing a task of `pid` (`TracerPid:`); 0 when none, or no such process.
 pub(crate) fn tracer_pid(pid: i32) -> i32 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+    pf_os::proc::traced_task(pid).map_or(0, |(_, tracer)| tracer)
 }
 
 /// Options for a plain capture.
