@@ -1146,6 +1146,121 @@ fn live_freeze_refuses_terminals_files_and_missing_pids() {
     mark.assert_running(&[], "the refused freeze of a missing pid");
 }
 
+/// A goblin whose stdout its own child reads (bash's `> >(cat > log)`): the freeze would take
+/// the reader into the snapshot, and CRIU would give the reader's copy the thaw's stdout too, so
+/// a thaw used to print nothing and wait while the answers went to the copy of the reader.
+/// The freeze now refuses it, naming the reader; a thaw of such a snapshot made by an older pf
+/// (taken here with `pf procs capture` and the goblin label) refuses it too, before CRIU runs.
+#[test]
+fn live_a_goblin_whose_own_child_reads_its_stdout_is_refused_at_freeze_and_thaw() {
+    const NAME: &str =
+        "live_a_goblin_whose_own_child_reads_its_stdout_is_refused_at_freeze_and_thaw";
+    if !live(NAME) {
+        return;
+    }
+    let deadline = Deadline::start(NAME, Duration::from_secs(180));
+    let mark = Mark::new("output-read-in-tree");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let log = dir.path().join("out.log");
+
+    // bash forks the process substitution, then becomes sleep: cat is sleep's own child.
+    let script = format!("exec sleep 120 > >(exec cat > {})", log.display());
+    let mut cmd = mark.on(Command::new("setsid"));
+    cmd.args(["bash", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = spawn_clean(&mut cmd).expect("start the goblin");
+    let goblin = i32::try_from(child.id()).expect("pid");
+    deadline.watch(goblin);
+    let _guard = KillOnDrop(goblin);
+    let started = Instant::now();
+    let cat = loop {
+        let comm = std::fs::read_to_string(format!("/proc/{goblin}/comm")).unwrap_or_default();
+        let kids = pf_os::proc::children(goblin);
+        if comm.trim() == "sleep"
+            && let [cat] = kids[..]
+            && pf_os::proc::comm(cat).as_deref() == Some("cat")
+        {
+            break cat;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the goblin never became sleep with cat"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    deadline.watch(cat);
+    let cat_guard = KillOnDrop(cat);
+    mark.assert_running(&[goblin, cat], "starting the goblin");
+
+    let mut freeze = mark.on(pf(&store));
+    freeze.args([
+        "goblin",
+        "freeze",
+        "--pid",
+        &goblin.to_string(),
+        "--tag",
+        "g",
+    ]);
+    let err = failed(
+        &run(freeze, b""),
+        "freeze of a goblin whose child reads its stdout",
+    );
+    assert!(
+        err.contains(&format!("is read by its own descendant {cat} (cat, fd 0)")),
+        "{err}"
+    );
+    assert!(err.contains("process substitution"), "{err}");
+    mark.assert_running(&[goblin, cat], "the refused freeze");
+
+    // What an older pf stored: the same tree, labelled a goblin.
+    let mut capture = mark.on(pf(&store));
+    capture.args([
+        "procs",
+        "capture",
+        "--pid",
+        &goblin.to_string(),
+        "--leave-running",
+        "--label",
+        "goblin=v1",
+        "--tag",
+        "old",
+    ]);
+    ok(
+        &run(capture, b""),
+        "capture of the tree with the goblin label",
+    );
+    mark.assert_running(&[goblin, cat], "the capture");
+    for args in [
+        &["goblin", "thaw", "old"][..],
+        &["goblin", "thaw", "--eager", "old"],
+        &["goblin", "thaw", "--lazy", "old"],
+        &["goblin", "fork", "-n", "2", "old"],
+    ] {
+        let mut cmd = mark.on(pf(&store));
+        cmd.args(args);
+        let err = failed(&run(cmd, b"hello\n"), &args.join(" "));
+        assert!(
+            err.contains("its stdout (pipe:[")
+                && err.contains("was read by a process of its own tree"),
+            "{args:?}: {err}"
+        );
+        mark.assert_running(&[goblin, cat], &args.join(" "));
+    }
+    assert_eq!(
+        std::fs::read(&log).expect("the log"),
+        b"",
+        "nothing reached the reader"
+    );
+
+    child.kill().expect("kill the goblin");
+    child.wait().expect("reap the goblin");
+    drop(cat_guard);
+    mark.assert_running(&[], "killing the goblin and its reader");
+}
+
 #[test]
 fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     let mark = Mark::new("thaw-refuses");

@@ -56,6 +56,24 @@ pub enum Error {
         /// What its descriptors 0–2 are.
         streams: Streams,
     },
+    /// A process of the tree a freeze would take reads the goblin's stdout or stderr: a thawed
+    /// copy of that reader would take the answers meant for pf.
+    #[error(
+        "process {pid} cannot be frozen as a goblin: its {} (pipe:[{}]) is read by {}, inside \
+         the tree a freeze takes, so a thawed copy of that reader would take the answers meant \
+         for pf; start the goblin with its {} on a pipe only its caller reads (not through a \
+         process substitution such as `> >(cat)`), or end that reader first",
+        .reader.stream,
+        .reader.pipe,
+        reader_words(*.pid, .reader),
+        .reader.stream
+    )]
+    OutputReadInTree {
+        /// The process.
+        pid: i32,
+        /// Who reads its output.
+        reader: crate::freeze::OutputReader,
+    },
     /// The process does not lead its own session, so CRIU would need `--shell-job`.
     #[error(
         "process {pid} does not lead its session (its session leader is {sid}); start it with \
@@ -326,6 +344,19 @@ pub enum NotAGoblinReason {
         /// The pipe's inode.
         pipe: u64,
     },
+    /// A process of its tree read its stdout or stderr when it was frozen (a pf older than the
+    /// freeze's refusal froze such goblins).
+    #[error(
+        "its {stream} (pipe:[{pipe}]) was read by a process of its own tree when it was frozen \
+         (a process substitution such as `> >(cat)`?): a thawed copy of that reader would take \
+         the answers meant for pf; freeze it again with its {stream} read only by its caller"
+    )]
+    OutputReadInTree {
+        /// `"stdout"` or `"stderr"`.
+        stream: &'static str,
+        /// The pipe's inode.
+        pipe: u64,
+    },
 }
 
 impl Error {
@@ -347,6 +378,7 @@ impl Error {
             Self::Cancelled { .. } => ErrorKind::Cancelled,
             Self::NoSuchProcess { .. } => ErrorKind::NoSuchProcess,
             Self::NotPipes { .. }
+            | Self::OutputReadInTree { .. }
             | Self::NotSessionLeader { .. }
             | Self::OtherPidNamespace { .. }
             | Self::NotAGoblin { .. } => ErrorKind::NotAGoblin,
@@ -374,6 +406,18 @@ fn files_changed(files: &[(String, String)]) -> String {
         .map(|(path, why)| format!("{path}, which {why}"))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Who reads a goblin's output, in words: the goblin itself or one of its descendants.
+fn reader_words(pid: i32, reader: &crate::freeze::OutputReader) -> String {
+    if reader.pid == pid {
+        format!("the process itself (its fd {})", reader.fd)
+    } else {
+        format!(
+            "its own descendant {} ({}, fd {})",
+            reader.pid, reader.command, reader.fd
+        )
+    }
 }
 
 /// What is wrong with a working directory, in words.

@@ -73,7 +73,9 @@ impl Frozen {
 /// namespace pf gave it), a kernel thread ([`Error::KernelThread`]), stdio that a thaw
 /// could not give back — a terminal, a socket, a stdout that is not a pipe ([`Error::NotPipes`],
 /// naming what each one is; stdin and stderr may be files or `/dev/null`) — and a process that
-/// does not lead its session unless [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]).
+/// does not lead its session unless [`FreezeOptions::shell_job`] ([`Error::NotSessionLeader`]),
+/// and a tree in which the goblin or a descendant reads its stdout or stderr
+/// ([`Error::OutputReadInTree`]: bash's `> >(cat)`, whose copy would take the thaw's answers).
 ///
 /// There is no default for [`FreezeOptions::leave_running`]: the seed's `freeze(pid, dir,
 /// leave_running=True)` left the process running, and so does `pf goblin freeze`; a warm-up
@@ -156,6 +158,9 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
     if stdio_problem(&streams).is_some() {
         return Err(Error::NotPipes { pid, streams });
     }
+    if let Some(reader) = output_reader(pid, &streams) {
+        return Err(Error::OutputReadInTree { pid, reader });
+    }
     if !shell_job {
         let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid)))
             .map_err(|_| Error::NoSuchProcess { pid })?
@@ -165,6 +170,57 @@ fn check_goblin(pid: i32, shell_job: bool) -> Result<Streams> {
         }
     }
     Ok(streams)
+}
+
+/// A process in the tree a freeze takes (the goblin or a descendant) that holds the reading
+/// end of the goblin's stdout or stderr pipe: a child reading it through a process substitution
+/// (`python3 > >(cat > log)`), or the goblin itself on another descriptor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputReader {
+    /// `"stdout"` or `"stderr"`.
+    pub stream: &'static str,
+    /// The pipe's inode.
+    pub pipe: u64,
+    /// The process holding its reading end.
+    pub pid: i32,
+    /// Its command name (`/proc/PID/comm`).
+    pub command: String,
+    /// The descriptor it holds it on.
+    pub fd: i32,
+}
+
+/// The first process of `pid`'s tree that reads `pid`'s stdout or stderr pipe, if any. CRIU
+/// would restore that reader with the thaw's pipe too (it reopens every end of an inherited
+/// pipe from the descriptor it is given), so it would take the answers meant for pf.
+fn output_reader(pid: i32, streams: &Streams) -> Option<OutputReader> {
+    let [_, stdout, stderr] = &streams.0;
+    let outputs: Vec<(&'static str, u64)> = [("stdout", stdout), ("stderr", stderr)]
+        .into_iter()
+        .filter_map(|(name, kind)| match kind {
+            StdioKind::Pipe(ino) => Some((name, *ino)),
+            _ => None,
+        })
+        .collect();
+    for holder in pf_os::proc::tree(pid) {
+        for (fd, link) in pf_os::proc::open_fds(holder) {
+            let Some(ino) = pf_os::proc::link_inode(&link, "pipe") else {
+                continue;
+            };
+            let Some(&(stream, _)) = outputs.iter().find(|(_, out)| *out == ino) else {
+                continue;
+            };
+            if pf_os::proc::fd_flags(holder, fd).is_some_and(pf_os::proc::flags_read) {
+                return Some(OutputReader {
+                    stream,
+                    pipe: ino,
+                    pid: holder,
+                    command: pf_os::proc::comm(holder).unwrap_or_default(),
+                    fd,
+                });
+            }
+        }
+    }
+    None
 }
 
 /// Why a goblin with these stdin, stdout and stderr could not be thawed again (`None`: it

@@ -81,7 +81,7 @@ pub use crate::collect::{
     CollectOptions, Collected, collect, fork_and_collect, inputs_from_template,
 };
 pub use crate::error::{Error, ErrorKind, NotAGoblinReason, Result};
-pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, Snapshot, freeze};
+pub use crate::freeze::{FreezeOptions, FreezeTarget, Frozen, OutputReader, Snapshot, freeze};
 pub use crate::goblin::{Goblin, Killer};
 pub use crate::pump::Stream;
 pub use crate::spawn::{SpawnOptions, spawn};

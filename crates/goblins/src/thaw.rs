@@ -280,6 +280,17 @@ impl Loaded {
     }
 
     fn finish(name: String, images: Images, pipes: StdioPipes, shell_job: bool) -> Result<Loaded> {
+        // Unreadable: CRIU reads the same record, and says what is wrong with it.
+        let ends = pf_world_procs::images::pipe_ends(images.path()).unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot read the pipes the images record");
+            Vec::new()
+        });
+        if let Some((stream, pipe)) = output_read_in_tree(&pipes, &ends) {
+            return Err(Error::NotAGoblin {
+                snapshot: name,
+                reason: NotAGoblinReason::OutputReadInTree { stream, pipe },
+            });
+        }
         let stdin_backlog = match pipes.stdin {
             Some(ino) => {
                 pf_world_procs::images::pipe_data(images.path(), ino).map_err(Error::PipeData)?
@@ -806,6 +817,20 @@ fn check_pipes(stdio: &[String]) -> std::result::Result<StdioPipes, NotAGoblinRe
     Ok(pipes)
 }
 
+/// The goblin's output stream (`"stdout"` or `"stderr"`) and pipe that a process of its own
+/// tree read at the freeze, from the pipe ends the images record. CRIU reopens every end of an
+/// inherited pipe from the descriptor a thaw gives it, so that reader's copy would share the
+/// thaw's stdout with pf and take the answers.
+fn output_read_in_tree(
+    pipes: &StdioPipes,
+    ends: &[pf_world_procs::images::PipeEnd],
+) -> Option<(&'static str, u64)> {
+    [("stdout", Some(pipes.stdout)), ("stderr", pipes.stderr)]
+        .into_iter()
+        .filter_map(|(stream, pipe)| Some((stream, pipe?)))
+        .find(|&(_, pipe)| ends.iter().any(|e| e.pipe == pipe && e.reads()))
+}
+
 /// Whether `path` names a FIFO now (`false` when it cannot be read).
 fn is_fifo(path: &str) -> bool {
     use std::os::unix::fs::FileTypeExt as _;
@@ -974,6 +999,32 @@ mod tests {
             check_pipes(&links(&["/tmp/in (deleted)", "pipe:[2]", "pipe:[3]"]))
                 .map(|p| p.stdin_file),
             Ok(None)
+        );
+    }
+
+    #[test]
+    fn an_output_read_inside_the_tree_is_found_from_the_pipe_ends() {
+        use pf_world_procs::images::PipeEnd;
+        let pipes = check_pipes(&links(&["pipe:[1]", "pipe:[2]", "pipe:[3]"])).expect("pipes");
+        let (r, w) = (libc::O_RDONLY as u32, libc::O_WRONLY as u32 | 0o100_000);
+        let end = |pipe, flags| PipeEnd { pipe, flags };
+        // Its own ends, and a child sharing its stdout and writing its stdin: fine.
+        let own = [end(1, r), end(2, w), end(3, w), end(2, w), end(1, w)];
+        assert_eq!(output_read_in_tree(&pipes, &own), None);
+        let mut cat = own.to_vec();
+        cat.push(end(3, r));
+        assert_eq!(output_read_in_tree(&pipes, &cat), Some(("stderr", 3)));
+        cat.push(end(2, libc::O_RDWR as u32));
+        assert_eq!(output_read_in_tree(&pipes, &cat), Some(("stdout", 2)));
+        let reason = NotAGoblinReason::OutputReadInTree {
+            stream: "stdout",
+            pipe: 2,
+        };
+        assert!(
+            reason
+                .to_string()
+                .contains("its stdout (pipe:[2]) was read by a process of its own tree"),
+            "{reason}"
         );
     }
 

@@ -274,6 +274,42 @@ pub fn fd_is_fifo(pid: i32, fd: i32) -> bool {
     std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).is_ok_and(|m| m.file_type().is_fifo())
 }
 
+/// `pid`'s open descriptors, each with where its `/proc/PID/fd/N` link points, in ascending
+/// order; empty when the process is gone or its descriptors cannot be read.
+pub fn open_fds(pid: i32) -> Vec<(i32, String)> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i32, String)> = fds
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let link = std::fs::read_link(e.path()).ok()?;
+            Some((fd, link.to_string_lossy().into_owned()))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The `open` flags of `pid`'s descriptor `fd` (`/proc/PID/fdinfo/FD`), `None` when it is not
+/// open or cannot be read.
+pub fn fd_flags(pid: i32, fd: i32) -> Option<u32> {
+    parse_fdinfo_flags(&std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?)
+}
+
+/// The `flags:` line of a `/proc/PID/fdinfo/FD` text (octal, as the kernel prints it).
+pub fn parse_fdinfo_flags(text: &str) -> Option<u32> {
+    let value = text.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    u32::from_str_radix(value.trim(), 8).ok()
+}
+
+/// Whether `open` flags let the descriptor read (`O_RDONLY` or `O_RDWR`).
+pub fn flags_read(flags: u32) -> bool {
+    let mode = flags & libc::O_ACCMODE as u32;
+    mode == libc::O_RDONLY as u32 || mode == libc::O_RDWR as u32
+}
+
 /// The link targets of `pid`'s fds 0, 1 and 2, each empty when it cannot be read.
 pub fn stdio_links(pid: i32) -> Vec<String> {
     (0..3)
@@ -289,6 +325,35 @@ mod tests {
     const BASH: &str = "3021 (bash) S 3015 3021 3021 34816 3050 4194560 1170 2447 0 0 1 0 2 0 20 \
                         0 1 0 5270 8900608 1187 18446744073709551615 1 1 0 0 0 0 65536 3686404 \
                         1266761467 0 0 0 17 1 0 0 0 0 0";
+
+    #[test]
+    fn fdinfo_flags_are_octal_and_tell_a_reader_from_a_writer() {
+        let text = "pos:\t0\nflags:\t0100001\nmnt_id:\t15\nino:\t524598\n";
+        let flags = parse_fdinfo_flags(text).expect("flags");
+        assert_eq!(flags, 0o100001);
+        assert!(!flags_read(flags), "O_WRONLY|O_LARGEFILE writes only");
+        assert!(flags_read(0o100000), "O_RDONLY");
+        assert!(flags_read(0o2), "O_RDWR");
+        assert_eq!(parse_fdinfo_flags("pos:\t0\n"), None);
+        assert_eq!(parse_fdinfo_flags("flags:\t9\n"), None, "not octal");
+    }
+
+    #[test]
+    fn our_own_pipe_ends_show_their_direction() {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        use std::os::fd::AsRawFd as _;
+        let me = std::process::id() as i32;
+        let fds = open_fds(me);
+        let link = |fd: i32| fds.iter().find(|(f, _)| *f == fd).map(|(_, l)| l.clone());
+        let (rl, wl) = (
+            link(r.as_raw_fd()).expect("r"),
+            link(w.as_raw_fd()).expect("w"),
+        );
+        assert_eq!(rl, wl, "both ends name one pipe");
+        assert!(link_inode(&rl, "pipe").is_some(), "{rl}");
+        assert!(flags_read(fd_flags(me, r.as_raw_fd()).expect("r flags")));
+        assert!(!flags_read(fd_flags(me, w.as_raw_fd()).expect("w flags")));
+    }
 
     #[test]
     fn this_process_started_a_moment_ago() {

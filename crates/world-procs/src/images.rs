@@ -360,17 +360,76 @@ const TCP_LISTEN: u64 = 10;
 /// }` with state `TCP_LISTEN`), in the order recorded; empty without a `files.img`. CRIU
 /// restores a listening socket bound to its address even while another socket listens there.
 pub fn listening_tcp(images_dir: &Path) -> Result<Vec<std::net::SocketAddr>, ImageError> {
+    parse_files_img(images_dir, parse_listening_tcp)
+}
+
+/// `images_dir`'s `files.img` parsed by `parse`; empty when there is none.
+fn parse_files_img<T>(
+    images_dir: &Path,
+    parse: fn(&[u8]) -> Result<Vec<T>, ParseError>,
+) -> Result<Vec<T>, ImageError> {
     let path = images_dir.join("files.img");
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(ImageError::Io { path, source }),
     };
-    parse_listening_tcp(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
+    parse(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
         path,
         offset,
         reason,
     })
+}
+
+/// `FD_TYPES__PIPE` in a `file_entry`.
+const FD_TYPE_PIPE: u64 = 2;
+
+/// One end of an anonymous pipe the tree had open, as `files.img` records it: one per open
+/// file description, so a pipe both of whose ends were in the tree has at least two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipeEnd {
+    /// The pipe's inode, as `/proc/PID/fd/N` showed it (`pipe:[N]`).
+    pub pipe: u64,
+    /// The `open` flags of this end (`O_WRONLY` for the writing end).
+    pub flags: u32,
+}
+
+impl PipeEnd {
+    /// Whether this is a reading end.
+    pub fn reads(&self) -> bool {
+        self.flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32
+    }
+}
+
+/// The pipe ends `images_dir`'s tree had open (`files.img`: `file_entry { type = 1; pipe = 18
+/// }` records, `pipe_entry { id = 1; pipe_id = 2; flags = 3 }`), in the order recorded; empty
+/// without a `files.img`.
+pub fn pipe_ends(images_dir: &Path) -> Result<Vec<PipeEnd>, ImageError> {
+    parse_files_img(images_dir, parse_pipe_ends)
+}
+
+/// Parse `files.img` for [`pipe_ends`].
+fn parse_pipe_ends(img: &[u8]) -> Result<Vec<PipeEnd>, ParseError> {
+    let mut out = Vec::new();
+    for (at, entry) in file_entries(img, FD_TYPE_PIPE, 18)? {
+        let (mut pipe, mut flags) = (None, None);
+        for_each_field(entry, &mut |field, off, value| {
+            match (field, value) {
+                (2, Field::Varint(v)) => pipe = Some(v),
+                (3, Field::Varint(v)) => {
+                    flags = Some(u32::try_from(v).map_err(|_| (off, "uint32 out of range"))?);
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+        .map_err(|(off, why)| (at + off, why))?;
+        match (pipe, flags) {
+            (Some(pipe), Some(flags)) => out.push(PipeEnd { pipe, flags }),
+            _ => return Err((at, "pipe_entry lacks pipe_id or flags")),
+        }
+    }
+    Ok(out)
 }
 
 /// Parse `files.img` for [`listening_tcp`].
@@ -418,17 +477,7 @@ const FD_TYPE_UNIXSK: u64 = 5;
 /// name that is a path, not an abstract address); empty without a `files.img`. CRIU binds each
 /// again at its path, which fails when its directory is gone.
 pub fn listening_unix(images_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
-    let path = images_dir.join("files.img");
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(ImageError::Io { path, source }),
-    };
-    parse_listening_unix(&bytes).map_err(|(offset, reason)| ImageError::Malformed {
-        path,
-        offset,
-        reason,
-    })
+    parse_files_img(images_dir, parse_listening_unix)
 }
 
 /// Parse `files.img` for [`listening_unix`].
@@ -1107,6 +1156,52 @@ mod tests {
             "truncated"
         );
         assert_eq!(parse_listening_unix(&files_img()), Ok(vec![]));
+    }
+
+    #[test]
+    fn files_image_gives_every_pipe_end_with_its_direction() {
+        // The pipe entries of files.img from CRIU 4.2.1 dumping `python3 -u r8.py < <(sleep
+        // 600) > >(cat > r8.out) 2>&1`: python's stdin (525948, read) and stdout (525952,
+        // written), the descriptors bash left it with, a pipe of the shell that started it
+        // (525943), sleep writing python's stdin and cat reading its stdout.
+        let hex = [
+            "08021015920116081510fc8c2018808002220a08001000180020002800",
+            "08021016920116081610808d2018818002220a08001000180020002800",
+            "08021018920114081810808d201801220a08001000180020002800",
+            "08021019920114081910fc8c201800220a08001000180020002800",
+            "0802101a920114081a10f78c201801220a08001000180020002800",
+            "0802102a920114082a10fc8c201801220a08001000180020002800",
+            "0802102f920114082f10808d201800220a08001000180020002800",
+        ];
+        let mut img = files_img();
+        for e in hex {
+            let e: Vec<u8> = (0..e.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&e[i..i + 2], 16).expect("hex"))
+                .collect();
+            img.extend_from_slice(&(e.len() as u32).to_le_bytes());
+            img.extend_from_slice(&e);
+        }
+        let ends = parse_pipe_ends(&img).expect("parse");
+        let got: Vec<(u64, bool)> = ends.iter().map(|e| (e.pipe, e.reads())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (525_948, true),
+                (525_952, false),
+                (525_952, false),
+                (525_948, true),
+                (525_943, false),
+                (525_948, false),
+                (525_952, true),
+            ]
+        );
+        assert_eq!(ends[1].flags, 0x8001, "O_WRONLY | O_LARGEFILE");
+        assert!(parse_pipe_ends(&img[..img.len() - 3]).is_err(), "truncated");
+        // files_img()'s pipe record carries no pipe_entry: nothing to go by.
+        assert_eq!(parse_pipe_ends(&files_img()), Ok(vec![]));
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(pipe_ends(dir.path()).expect("no files.img"), vec![]);
     }
 
     #[test]
