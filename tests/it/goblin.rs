@@ -2367,6 +2367,110 @@ fn holding_criu(dir: &Path) -> std::path::PathBuf {
     wrapper
 }
 
+/// A `pf goblin freeze --kill` SIGKILLed while criu dumps (held at CRIU's `post-dump` by an
+/// action script, so the kill lands there however loaded the machine is): criu finishes without
+/// pf and leaves the goblin stopped (`--leave-stopped`, for pf to kill once the snapshot is
+/// stored). pf's guard process lets it run on: it used to stay stopped for good.
+#[test]
+fn live_a_freeze_killed_mid_dump_lets_the_goblin_run_on() {
+    use std::os::unix::fs::PermissionsExt as _;
+    const NAME: &str = "live_a_freeze_killed_mid_dump_lets_the_goblin_run_on";
+    if !live(NAME) {
+        return;
+    }
+    let deadline = Deadline::start(NAME, Duration::from_secs(120));
+    let mark = Mark::new("freeze-killed");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let criu = pf_world_procs::probe()
+        .criu()
+        .expect("a working criu")
+        .path
+        .clone();
+    let (hold, held) = (dir.path().join("hold.sh"), dir.path().join("held"));
+    std::fs::write(
+        &hold,
+        format!(
+            "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && {{ touch {}; sleep 2; }}\n\
+             exit 0\n",
+            held.display()
+        ),
+    )
+    .expect("write the hold script");
+    let wrapper = dir.path().join("criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\ndump) exec {criu} \"$@\" --action-script {hold} ;;\n\
+             *) exec {criu} \"$@\" ;;\nesac\n",
+            criu = criu.display(),
+            hold = hold.display()
+        ),
+    )
+    .expect("write the criu wrapper");
+    for f in [&hold, &wrapper] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    let mut cmd = mark.on(Command::new("setsid"));
+    cmd.args(py(COUNTER))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn_clean(&mut cmd).expect("start the goblin");
+    let goblin = i32::try_from(child.id()).expect("pid");
+    deadline.watch(goblin);
+    let guard = KillOnDrop(goblin);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    writeln!(stdin, "inc").expect("write to the goblin");
+    assert_eq!(lines.next().expect("a line").expect("read"), "1");
+
+    let mut freeze = mark.on(pf(&store));
+    freeze
+        .env("PF_CRIU", &wrapper)
+        .args(["goblin", "freeze", "--kill", "--pid", &goblin.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut pf_child = freeze.spawn().expect("start pf");
+    deadline.watch(i32::try_from(pf_child.id()).expect("pid"));
+    let started = Instant::now();
+    while !held.exists() {
+        assert!(started.elapsed() < DEADLINE, "criu never reached post-dump");
+        if let Some(status) = pf_child.try_wait().expect("poll pf") {
+            panic!("pf ended before criu's post-dump: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pf_child.kill().expect("SIGKILL pf");
+    pf_child.wait().expect("reap pf");
+
+    // criu finishes (the hold sleeps 2 s), the guard lets the goblin go and every process pf
+    // started ends: criu, the hold script, the guard.
+    let stopped = || pf_os::proc::stat(goblin).is_some_and(|s| s.state == 'T');
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) || stopped() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the goblin stayed stopped after pf was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    mark.assert_running(&[goblin], "pf was killed mid-dump");
+    writeln!(stdin, "inc").expect("write to the goblin");
+    assert_eq!(
+        lines.next().expect("a line").expect("read"),
+        "2",
+        "the goblin runs on where it was"
+    );
+    drop(stdin);
+    assert_eq!(lines.next().expect("a line").expect("read"), "eof 2");
+    child.wait().expect("reap the goblin");
+    drop(guard);
+    mark.assert_running(&[], "the goblin ended");
+}
+
 /// The scratch directories named after `pid` (`pf-…-PID-…`, kept failure logs included) in the
 /// places pf makes them.
 fn scratch_of(pid: u32) -> Vec<std::path::PathBuf> {

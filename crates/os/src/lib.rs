@@ -14,7 +14,9 @@
 //! - [`scratch`]: private, `flock`ed scratch directories whose abandoned copies (a killed pf
 //!   cannot clean up) are swept, and bounded keeping of failure directories;
 //! - [`abandon`]: ending the process at once when its work is interrupted, with every process
-//!   it started killed and every scratch directory it holds removed.
+//!   it started killed and every scratch directory it holds removed;
+//! - [`guard`]: a process that lets a tree criu left stopped run on when this one dies before
+//!   it could kill it or let it go.
 //!
 //! It knows nothing about CRIU, stores or goblins.
 
@@ -22,6 +24,7 @@ pub mod abandon;
 mod error;
 mod exit;
 pub mod fd;
+pub mod guard;
 pub mod memory;
 pub mod proc;
 pub mod scratch;

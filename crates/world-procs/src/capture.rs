@@ -250,18 +250,26 @@ pub fn capture_with_progress(
 /// store, a bad write) never takes the process with it. Each process is held by a pidfd opened
 /// while it is stopped (a stopped process cannot exit, so its pid names it), so neither signal
 /// can reach a process that took a reused pid.
+///
+/// A pf killed before it could do either (SIGKILL, the OOM killer) leaves that to the guard
+/// started before the dump ([`pf_os::guard`]): it lets the tree run on.
 struct StoppedTree {
     root: i32,
     pidfds: Vec<(i32, Option<std::os::fd::OwnedFd>)>,
+    guard: Option<pf_os::guard::ContinueOnDeath>,
 }
 
 impl StoppedTree {
-    fn hold(root: i32, pids: &[i32]) -> Self {
+    fn hold(root: i32, pids: &[i32], guard: Option<pf_os::guard::ContinueOnDeath>) -> Self {
         let pidfds = pids
             .iter()
             .map(|&p| (p, pf_os::fd::pidfd_open(p).ok()))
             .collect();
-        Self { root, pidfds }
+        Self {
+            root,
+            pidfds,
+            guard,
+        }
     }
 
     fn signal_all(&mut self, signal: nix::sys::signal::Signal) {
@@ -277,6 +285,10 @@ impl StoppedTree {
             if let Err(err) = sent {
                 tracing::debug!(pid, %signal, error = %err, "signalling a process criu left stopped");
             }
+        }
+        // Dealt with: the guard has nothing left to do.
+        if let Some(guard) = self.guard.take() {
+            guard.disarm();
         }
     }
 
@@ -545,6 +557,20 @@ fn dump_with(
     args.extend(opts.extra_args.iter().map(OsString::from));
     args.extend(extra.iter().cloned());
     tracing::debug!(?pids, tree, "dumping");
+    // Started before criu: killed while criu dumps, pf would leave the tree stopped just the
+    // same, as criu finishes without it.
+    let guard = kill_after
+        .then(|| {
+            pf_os::guard::ContinueOnDeath::start(&pids)
+                .inspect_err(|err| {
+                    tracing::warn!(
+                        %err,
+                        "cannot start the guard that lets the process run on if pf is killed"
+                    );
+                })
+                .ok()
+        })
+        .flatten();
     let mut dump = Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.watching(pid);
     if let Some(enter) = &enter {
         // (A bare criu name is found on the PATH in there, as here.)
@@ -568,7 +594,7 @@ fn dump_with(
     // The tree as criu dumped and left it, read again now: `pids` was read before the dump,
     // and a tree that forks (a shell loop's next `sleep`) may have more, or others, by the
     // time criu froze it. Stopped by criu, none of these can fork, exit or be reaped.
-    let stopped = kill_after.then(|| StoppedTree::hold(pid, &pf_os::proc::tree(pid)));
+    let stopped = kill_after.then(|| StoppedTree::hold(pid, &pf_os::proc::tree(pid), guard));
     // criu writes `stats-dump` into its work directory (ours, removed when `work` drops), also
     // when it streams its images.
     let dump_stats = match crate::images::dump_stats(work.path()) {
