@@ -132,6 +132,11 @@ pub fn images_dir(prefix: &str) -> Result<Scratch> {
 /// A fresh private scratch directory `<base>/<prefix><our pid>-XXXXXX`, locked, after sweeping
 /// the abandoned ones of `prefix` and of pf's [`PREFIXES`] in `base`.
 pub fn scratch_in(base: &Path, prefix: &str) -> Result<Scratch> {
+    debug_assert!(
+        PREFIXES.contains(&prefix) || prefix.starts_with("pf-test-"),
+        "scratch prefix {prefix:?} is not in pf_os::scratch::PREFIXES: add it there, or what a \
+         killed pf leaves of it is never swept"
+    );
     sweep_abandoned_of(base, |name| {
         pid_in_name(name, prefix).or_else(|| PREFIXES.iter().find_map(|p| pid_in_name(name, p)))
     });
@@ -288,10 +293,13 @@ mod tests {
     fn scratch_dirs_are_private_locked_and_removed() {
         use std::os::unix::fs::PermissionsExt as _;
         let base = test_base();
-        let d = scratch_in(&base, "pf-t-").expect("scratch");
+        let d = scratch_in(&base, "pf-test-t-").expect("scratch");
         let path = d.path().to_owned();
         let name = path.file_name().and_then(|n| n.to_str()).expect("name");
-        assert_eq!(pid_in_name(name, "pf-t-"), Some(std::process::id() as i32));
+        assert_eq!(
+            pid_in_name(name, "pf-test-t-"),
+            Some(std::process::id() as i32)
+        );
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         assert!(lock_dir(&path, true).is_err(), "locked while in use");
@@ -299,14 +307,14 @@ mod tests {
         drop(d);
         assert!(!path.exists());
 
-        let d = scratch_in(&base, "pf-t-").expect("scratch");
-        let kept = d.keep_as("pf-t-kept-", "pf-t-");
+        let d = scratch_in(&base, "pf-test-t-").expect("scratch");
+        let kept = d.keep_as("pf-test-t-kept-", "pf-test-t-");
         assert!(kept.is_dir());
         assert!(
             kept.file_name()
                 .and_then(|n| n.to_str())
                 .expect("name")
-                .starts_with("pf-t-kept-")
+                .starts_with("pf-test-t-kept-")
         );
         assert!(
             lock_dir(&kept, true).is_ok(),
@@ -319,19 +327,19 @@ mod tests {
     fn scratch_dirs_of_dead_pids_are_swept() {
         let base = test_base();
         let dead = dead_pid();
-        let abandoned = base.join(format!("pf-x-{dead}-abc"));
-        let ours = base.join(format!("pf-x-{}-abc", std::process::id()));
+        let abandoned = base.join(format!("pf-test-x-{dead}-abc"));
+        let ours = base.join(format!("pf-test-x-{}-abc", std::process::id()));
         let other = base.join(format!("pf-y-{dead}-abc"));
-        let odd = base.join("pf-x-notapid-abc");
+        let odd = base.join("pf-test-x-notapid-abc");
         for d in [&abandoned, &ours, &other, &odd] {
             std::fs::create_dir(d).expect("mkdir");
             std::fs::write(d.join("pages-1.img"), b"x").expect("write");
         }
         // A dead pid's directory that someone still holds (a pf in another pid namespace).
-        let held = base.join(format!("pf-x-{dead}-held"));
+        let held = base.join(format!("pf-test-x-{dead}-held"));
         std::fs::create_dir(&held).expect("mkdir");
         let lock = lock_dir(&held, false).expect("lock");
-        assert_eq!(sweep_abandoned(&base, "pf-x-"), 1);
+        assert_eq!(sweep_abandoned(&base, "pf-test-x-"), 1);
         assert!(!abandoned.exists(), "a dead pid's directory is removed");
         assert!(ours.exists() && other.exists() && odd.exists());
         assert!(held.exists(), "a locked directory is in use");
@@ -340,7 +348,7 @@ mod tests {
         // a copy of the lock's descriptor until its exec: try again for a moment.)
         let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while held.exists() && std::time::Instant::now() < end {
-            drop(scratch_in(&base, "pf-x-").expect("scratch"));
+            drop(scratch_in(&base, "pf-test-x-").expect("scratch"));
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(!held.exists());
