@@ -2668,6 +2668,47 @@ fn live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind() 
     drop(stdin);
     mark.assert_running(&[], "a thaw whose goblin got SIGINT");
     assert_eq!(scratch_of(pf_pid), Vec::<std::path::PathBuf>::new());
+
+    // A pf started with SIGINT ignored (a script's background job, `trap '' INT`) keeps
+    // ignoring it: it neither passes it on nor abandons the thaw.
+    let mut cmd = Command::new("sh");
+    cmd.env_remove("RUST_LOG")
+        .args(["-c", "trap '' INT; exec \"$0\" \"$@\""])
+        .arg(crate::support::pf_bin())
+        .args(["--store"])
+        .arg(&store)
+        .args(["goblin", "thaw", "v2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = mark.on(cmd).spawn().expect("start pf");
+    let pf_pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    writeln!(stdin, "sum").expect("write");
+    assert_eq!(lines.next().expect("an answer").expect("read"), sum);
+    send_signal(pf_pid, "INT");
+    std::thread::sleep(Duration::from_millis(300));
+    writeln!(stdin, "sum").expect("write");
+    assert_eq!(
+        lines.next().expect("an answer after SIGINT").expect("read"),
+        sum,
+        "an ignored SIGINT reached the goblin"
+    );
+    drop(stdin);
+    let mut rest = String::new();
+    for line in lines {
+        rest.push_str(&line.expect("read"));
+    }
+    assert_eq!(rest, "", "nothing more");
+    let out = finish(child, b"");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    mark.assert_running(&[], "a thaw that ignored SIGINT");
 }
 
 /// A `criu` wrapper that runs criu as its child and reaps every child it gets until none is

@@ -218,7 +218,10 @@ pub(crate) fn progress_enabled() -> bool {
     std::io::stderr().is_terminal()
 }
 
-/// The signals pf handles itself while a goblin runs or a pull stores blobs.
+/// The signals pf handles itself while a goblin runs or a pull stores blobs: SIGINT, SIGTERM,
+/// SIGHUP and SIGQUIT, less those pf was started ignoring. A shell starts a script's background
+/// job with SIGINT and SIGQUIT ignored, and `nohup` its command with SIGHUP ignored: blocked and
+/// waited for, they would reach pf all the same.
 fn handled_signals() -> nix::sys::signal::SigSet {
     use nix::sys::signal::Signal;
     let mut set = nix::sys::signal::SigSet::empty();
@@ -228,7 +231,9 @@ fn handled_signals() -> nix::sys::signal::SigSet {
         Signal::SIGHUP,
         Signal::SIGQUIT,
     ] {
-        set.add(sig);
+        if !pf_os::proc::ignores_signal(sig as i32) {
+            set.add(sig);
+        }
     }
     set
 }

@@ -107,6 +107,25 @@ pub fn status_sigkill_pending(status: &str) -> bool {
     })
 }
 
+/// The signals a `/proc/PID/status` text shows ignored (`SigIgn:`, a hex mask: bit `N - 1` for
+/// signal `N`); 0 when there is no such line.
+pub fn status_ignored_signals(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// Whether this process ignores `signal` (`SIG_IGN`): a shell starts a background job of a
+/// script, and `nohup` its command, with SIGINT, SIGQUIT or SIGHUP ignored.
+pub fn ignores_signal(signal: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    (1..=64).contains(&signal) && status_ignored_signals(&status) & (1u64 << (signal - 1)) != 0
+}
+
 /// The innermost pid from the `NSpid:` line of a `/proc/PID/status` text.
 pub fn status_inner_pid(status: &str) -> Option<i32> {
     let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
@@ -325,6 +344,18 @@ mod tests {
     const BASH: &str = "3021 (bash) S 3015 3021 3021 34816 3050 4194560 1170 2447 0 0 1 0 2 0 20 \
                         0 1 0 5270 8900608 1187 18446744073709551615 1 1 0 0 0 0 65536 3686404 \
                         1266761467 0 0 0 17 1 0 0 0 0 0";
+
+    #[test]
+    fn ignored_signals_come_from_the_sigign_mask() {
+        // A `sh -c 'sleep 100 &'` job: SIGINT (2) and SIGQUIT (3) ignored.
+        let status = "Name:\tsleep\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000006\n";
+        assert_eq!(status_ignored_signals(status), 0b110);
+        assert_eq!(status_ignored_signals("Name:\tx\n"), 0);
+        assert!(
+            !ignores_signal(libc::SIGTERM),
+            "the test harness handles SIGTERM by default"
+        );
+    }
 
     #[test]
     fn fdinfo_flags_are_octal_and_tell_a_reader_from_a_writer() {
