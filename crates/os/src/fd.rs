@@ -122,6 +122,26 @@ fn fd_limit() -> RawFd {
     }
 }
 
+/// Fork this process with a raw `clone` system call (no atfork handlers: another thread may
+/// have held malloc's lock, so the child must make raw, async-signal-safe system calls only, and
+/// exec or `_exit`). Returns what `clone` does: 0 in the child, the child's pid in the parent,
+/// -1 (with errno set) when it failed.
+pub fn raw_fork() -> libc::c_long {
+    // SAFETY: a clone without CLONE_VM and with a null stack behaves like fork: the child gets a
+    // copy of our address space and continues on its copy of the stack. What the child may do
+    // is the caller's to keep to (see above).
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::SIGCHLD as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    }
+}
+
 /// Close every descriptor `>= 3` except `a` and `b` (`close_range`; older kernels: `close` on
 /// each number up to the soft `RLIMIT_NOFILE`). Async-signal-safe.
 pub fn close_all_but(a: RawFd, b: RawFd) {

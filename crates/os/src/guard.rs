@@ -56,18 +56,9 @@ impl ContinueOnDeath {
             lifeline: life_r.as_raw_fd(),
             lifeline_w: life_w.as_raw_fd(),
         };
-        // SAFETY: a fork-like clone (no CLONE_VM): the child runs only `guard_main`, which makes
-        // raw async-signal-safe system calls on data built above and never returns.
-        let pid = unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                libc::SIGCHLD as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        };
+        // The child runs only `guard_main`, which makes raw async-signal-safe system calls on
+        // data built above and never returns.
+        let pid = crate::fd::raw_fork();
         if pid == 0 {
             guard_main(&plan, &mut pidfds);
         }

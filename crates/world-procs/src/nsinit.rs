@@ -271,19 +271,7 @@ fn fail(ctx: &Ctx<'_>, step: i32) -> ! {
 }
 
 /// Raw fork (no atfork handlers: another thread of the parent may have held malloc's lock).
-pub(crate) fn raw_fork() -> libc::c_long {
-    // SAFETY: as in `spawn`: a fork-like clone; the caller handles both sides.
-    unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::SIGCHLD as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    }
-}
+pub(crate) use pf_os::fd::raw_fork;
 
 /// PID 1 of the new namespace. Never returns.
 fn init_main(ctx: &Ctx<'_>) -> ! {
