@@ -226,6 +226,38 @@ fn a_corrupt_blob_fails_cat_and_verify_naming_the_digest() {
     assert!(stdout(&out).contains(&format!("{digest} BAD")));
     assert!(ok(&store, &["verify", &good.to_string()]).contains("ok"));
 
+    // A snapshot whose images archive is the bad blob: verifying the snapshot by its name
+    // checks every blob it needs, not only its own record.
+    let procs = pf_world_procs::ProcsBlob::Criu(pf_world_procs::CriuProcs {
+        criu_dump: digest,
+        pids: vec![4242],
+        root_pid: Some(4242),
+        criu_version: None,
+        kernel: None,
+        arch: None,
+        captured_at: None,
+        options: None,
+        stdio: Vec::new(),
+        labels: std::collections::BTreeMap::new(),
+        dump_stats: None,
+        memory: None,
+    });
+    let record = dir.path().join("procs.json");
+    fs::write(&record, procs.to_json()).unwrap();
+    let snapshot = ok(&store, &["put", record.to_str().unwrap(), "--tag", "snap"]);
+    let out = store_cmd(&store, &["verify", "snap"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let report = stdout(&out);
+    assert!(
+        report.contains(&format!("{} ok", snapshot.trim())),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!("{digest} BAD")) && report.contains("needed by \"snap\""),
+        "{report}"
+    );
+    ok(&store, &["untag", "snap"]);
+
     // A truncated file too.
     fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
     let err = fails(&store, &["cat", "bad"]);

@@ -105,7 +105,7 @@ A pack counts whole wherever one of its pages is used.")]
     #[command(after_help = "\
 Examples:
   pf store verify              every blob, and every name's target
-  pf store verify base         one blob
+  pf store verify base         one snapshot (or blob) and every blob it needs
 
 Prints `<digest> ok` or `<digest> BAD: <why>` per blob on stdout, and exits 1 when any is bad.
 `pf store put` of the same bytes repairs a bad blob (it writes the blob again over the bad copy).
@@ -569,6 +569,21 @@ fn verify(store: &FsBlobStore, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     // What the roots reach. A blob that cannot be read is recorded and the walk goes on, so one
     // broken blob neither hides the others' pages nor is blamed on page-level snapshots.
     let graph = pages::load_graph(store, &roots, &[])?;
+    // A blob asked about is checked whole: every blob it reaches (a snapshot's images archive,
+    // its manifest, lists and packs) is read through the verifying reader too.
+    let digests = if args.blobs.is_empty() {
+        digests
+    } else {
+        let mut all = digests.clone();
+        for root in roots.keys() {
+            for d in graph.reach(root) {
+                if !all.contains(&d) && store.contains(&d)? {
+                    all.push(d);
+                }
+            }
+        }
+        all
+    };
     // The snapshots (roots) that reach each blob, to say whose a bad or missing blob is.
     let reached_by = |d: &Digest256| -> Vec<String> {
         roots

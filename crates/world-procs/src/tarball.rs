@@ -240,24 +240,55 @@ impl Read for ImagesTar {
 }
 
 /// Extract the images tar `source` (the blob `digest`) into the existing empty directory `dest`.
+///
+/// `source` is read to its end, also after a bad entry: a blob that fails its digest explains
+/// a tar that does not parse (a flipped byte in a header), and is the error then.
 pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &Path) -> Result<()> {
+    let mut archive = tar::Archive::new(source);
+    let unpacked = unpack(&mut archive, digest, dest);
+    // Read to the end so the store's verifying reader checks the digest.
+    let mut rest = archive.into_inner();
+    let drained = std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| tar_error(digest, e));
+    match (unpacked, drained) {
+        (Ok(()), drained) => drained.map(drop),
+        (Err(bad @ (Error::Tar { .. } | Error::UnsafeTar { .. })), Err(corrupt))
+            if !matches!(corrupt, Error::Tar { .. }) =>
+        {
+            tracing::debug!(error = %bad, "the images tar does not parse: its blob is corrupt");
+            Err(corrupt)
+        }
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// An error reading the images tar `digest`: the store's (a blob that fails its digest), or the
+/// tar's.
+fn tar_error(digest: &Digest256, source: std::io::Error) -> Error {
+    match store_error(source) {
+        Ok(store) => Error::store(format!("reading the images {digest}"), store),
+        Err(source) => Error::Tar {
+            digest: *digest,
+            source: printable(source),
+        },
+    }
+}
+
+/// Write the entries of `archive` into `dest`, each checked first.
+fn unpack(
+    archive: &mut tar::Archive<Box<dyn Read + Send>>,
+    digest: &Digest256,
+    dest: &Path,
+) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let unsafe_entry = |entry: &[u8], reason| Error::UnsafeTar {
         digest: *digest,
         entry: entry.escape_ascii().to_string(),
         reason,
     };
-    let tar_err = |source: std::io::Error| match store_error(source) {
-        Ok(store) => Error::store(format!("reading the images {digest}"), store),
-        Err(source) => Error::Tar {
-            digest: *digest,
-            source: printable(source),
-        },
-    };
+    let tar_err = |source: std::io::Error| tar_error(digest, source);
     // Checked before each entry is written: a small blob can declare a huge file, and tmpfs
     // fills memory.
     let available = room_in(dest)?;
-    let mut archive = tar::Archive::new(source);
     let (mut count, mut total) = (0usize, 0u64);
     // Large copies: 8 KiB ones cost one write syscall each, 130 000 for a 1 GiB dump.
     let mut buf = vec![0u8; COPY_BUF];
@@ -302,9 +333,6 @@ pub(crate) fn extract(source: Box<dyn Read + Send>, digest: &Digest256, dest: &P
             return Err(unsafe_entry(name.as_bytes(), "is truncated"));
         }
     }
-    // Read to the end so the store's verifying reader checks the digest.
-    let mut rest = archive.into_inner();
-    std::io::copy(&mut rest, &mut std::io::sink()).map_err(tar_err)?;
     Ok(())
 }
 

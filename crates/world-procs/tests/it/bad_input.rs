@@ -94,11 +94,22 @@ fn leftover_extractions(pid: i32) -> Vec<PathBuf> {
 /// Rewrite a stored blob's raw bytes in place (decompress, change, recompress), as disk
 /// corruption that keeps the zstd frame valid would.
 fn flip_a_byte(store: &FsBlobStore, digest: &Digest256) {
+    flip_byte(store, digest, None);
+}
+
+/// Flip a byte of the blob `digest` in place: at `at`, or inside the largest entry's data when
+/// the blob is a tar (else in its middle).
+fn flip_byte(store: &FsBlobStore, digest: &Digest256, at: Option<usize>) {
     let path = store.blob_path(digest);
     let packed = std::fs::read(&path).expect("read blob file");
     let mut raw = zstd::decode_all(&packed[..]).expect("decode");
-    // Inside the largest entry's data when the blob is a tar: a flip that lands in a header
-    // is refused by the tar reader before the digest is checked, a different error.
+    if let Some(at) = at {
+        raw[at] ^= 0x01;
+        let packed = zstd::encode_all(&raw[..], 1).expect("encode");
+        std::fs::remove_file(&path).expect("remove");
+        std::fs::write(&path, packed).expect("write");
+        return;
+    }
     let mut at = raw.len() / 2;
     if let Ok(entries) = tar::Archive::new(&raw[..]).entries() {
         let largest = entries
@@ -267,18 +278,26 @@ fn live_bad_blobs_restore_nothing() {
         assert_eq!(leftover_extractions(pid), Vec::<PathBuf>::new());
     }
 
-    flip_a_byte(&store, &good.criu_dump);
-    let err = restore(&store, &captured.procs, restore_opts(false)).expect_err("corrupt");
-    assert!(
-        matches!(
-            &err,
-            Error::Store {
-                source: pf_core::Error::Integrity { .. },
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    // A flip in the first entry's header (its checksum field): the tar does not parse, and the
+    // blob's digest says why. Then back, and a flip in the data, which parses.
+    for at in [Some(148), None] {
+        flip_byte(&store, &good.criu_dump, at);
+        let err = restore(&store, &captured.procs, restore_opts(false)).expect_err("corrupt");
+        assert!(
+            matches!(
+                &err,
+                Error::Store {
+                    source: pf_core::Error::Integrity { .. },
+                    ..
+                }
+            ),
+            "flipped at {at:?}: {err:?}"
+        );
+        assert_eq!(leftover_extractions(pid), Vec::<PathBuf>::new());
+        if at.is_some() {
+            flip_byte(&store, &good.criu_dump, at);
+        }
+    }
     assert!(!alive(pid), "nothing was restored");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(counts(&out), frozen, "nobody counts");
