@@ -1261,6 +1261,58 @@ fn live_a_goblin_whose_own_child_reads_its_stdout_is_refused_at_freeze_and_thaw(
     mark.assert_running(&[], "killing the goblin and its reader");
 }
 
+/// pf's stdout a full disk (`/dev/full`): what the goblin printed is lost, so pf fails saying
+/// so, as `cat` would; it used to exit 0 with the output gone. A reader that goes away (`| head
+/// -1`) is still no failure.
+#[test]
+fn live_output_that_cannot_be_written_fails_the_thaw_and_the_fork() {
+    const NAME: &str = "live_output_that_cannot_be_written_fails_the_thaw_and_the_fork";
+    if !live(NAME) {
+        return;
+    }
+    let _deadline = Deadline::start(NAME, Duration::from_secs(180));
+    let mark = Mark::new("output-lost");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(&spawn_goblin(&store, "c", &[], &py(COUNTER)), "spawn");
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("open /dev/full")
+    };
+    for (args, said) in [
+        (
+            &["goblin", "thaw", "c"][..],
+            "cannot pass on the goblin's stdout, so what it wrote from then on is lost (the \
+             goblin ended: ",
+        ),
+        (
+            &["goblin", "fork", "-n", "2", "--send", "inc", "c"],
+            "cannot write what the copies printed: No space left on device",
+        ),
+    ] {
+        let mut cmd = mark.on(pf(&store));
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(full())
+            .stderr(Stdio::piped());
+        let out = finish(cmd.spawn().expect("start pf"), b"inc\n");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(said) && err.contains("No space left on device"),
+            "{args:?}: {err}"
+        );
+        mark.assert_running(&[], &args.join(" "));
+    }
+}
+
 #[test]
 fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     let mark = Mark::new("thaw-refuses");
@@ -2338,6 +2390,16 @@ for line in sys.stdin:
 /// for anything else: a thaw stays mid-restore, with criu, the namespace init and the
 /// half-restored copy all there, until it is interrupted, however loaded the machine is.
 fn holding_criu(dir: &Path) -> std::path::PathBuf {
+    criu_with_action_script(
+        dir,
+        "restore",
+        "[ \"$CRTOOLS_SCRIPT_ACTION\" = post-restore ] && exec sleep 120\nexit 0\n",
+    )
+}
+
+/// A `criu` for `$PF_CRIU` that runs the real criu with the action script `script` (the body of
+/// a shell script, in `dir`) added to its `command` (`dump`, `restore`), and as it is otherwise.
+fn criu_with_action_script(dir: &Path, command: &str, script: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt as _;
     let criu = pf_world_procs::probe()
         .criu()
@@ -2345,16 +2407,12 @@ fn holding_criu(dir: &Path) -> std::path::PathBuf {
         .path
         .clone();
     let hold = dir.join("hold.sh");
-    std::fs::write(
-        &hold,
-        "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-restore ] && exec sleep 120\nexit 0\n",
-    )
-    .expect("write the hold script");
+    std::fs::write(&hold, format!("#!/bin/sh\n{script}")).expect("write the action script");
     let wrapper = dir.join("criu");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\ncase \"$1\" in\nrestore) exec {criu} \"$@\" --action-script {hold} ;;\n\
+            "#!/bin/sh\ncase \"$1\" in\n{command}) exec {criu} \"$@\" --action-script {hold} ;;\n\
              *) exec {criu} \"$@\" ;;\nesac\n",
             criu = criu.display(),
             hold = hold.display()
@@ -2373,7 +2431,6 @@ fn holding_criu(dir: &Path) -> std::path::PathBuf {
 /// stored). pf's guard process lets it run on: it used to stay stopped for good.
 #[test]
 fn live_a_freeze_killed_mid_dump_lets_the_goblin_run_on() {
-    use std::os::unix::fs::PermissionsExt as _;
     const NAME: &str = "live_a_freeze_killed_mid_dump_lets_the_goblin_run_on";
     if !live(NAME) {
         return;
@@ -2382,35 +2439,15 @@ fn live_a_freeze_killed_mid_dump_lets_the_goblin_run_on() {
     let mark = Mark::new("freeze-killed");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
-    let criu = pf_world_procs::probe()
-        .criu()
-        .expect("a working criu")
-        .path
-        .clone();
-    let (hold, held) = (dir.path().join("hold.sh"), dir.path().join("held"));
-    std::fs::write(
-        &hold,
-        format!(
-            "#!/bin/sh\n[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && {{ touch {}; sleep 2; }}\n\
-             exit 0\n",
+    let held = dir.path().join("held");
+    let wrapper = criu_with_action_script(
+        dir.path(),
+        "dump",
+        &format!(
+            "[ \"$CRTOOLS_SCRIPT_ACTION\" = post-dump ] && {{ touch {}; sleep 2; }}\nexit 0\n",
             held.display()
         ),
-    )
-    .expect("write the hold script");
-    let wrapper = dir.path().join("criu");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in\ndump) exec {criu} \"$@\" --action-script {hold} ;;\n\
-             *) exec {criu} \"$@\" ;;\nesac\n",
-            criu = criu.display(),
-            hold = hold.display()
-        ),
-    )
-    .expect("write the criu wrapper");
-    for f in [&hold, &wrapper] {
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
+    );
 
     let mut cmd = mark.on(Command::new("setsid"));
     cmd.args(py(COUNTER))

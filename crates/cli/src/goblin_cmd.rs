@@ -570,7 +570,11 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
             stderr: Box::new(std::io::stderr()),
         },
     )
-    .context("the thawed goblin failed")?;
+    .map_err(|e| match e {
+        // Says itself what went wrong, and the goblin is not what failed.
+        e @ pf_goblins::Error::Output { .. } => anyhow::Error::new(e),
+        e => anyhow::Error::new(e).context("the thawed goblin failed"),
+    })?;
     drop(pidfile);
     tracing::info!(status = %describe_status(status), "goblin exited");
     Ok(exit_code(status))
@@ -703,47 +707,51 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(n, elapsed = ?started.elapsed(), "copies collected");
     let mut all_ok = true;
     let mut stdout = std::io::stdout().lock();
-    for copy in &copies {
-        let k = copy.clone;
-        all_ok &= copy.status.success();
-        if args.json {
-            let json = serde_json::json!({
-                "clone": k,
-                "pid": copy.pid,
-                "exit_code": copy.status.code(),
-                "signal": copy.status.signal(),
-                "timed_out": copy.timed_out,
-                "stdout": String::from_utf8_lossy(&copy.stdout),
-                "stderr": String::from_utf8_lossy(&copy.stderr),
-            });
-            writeln!(stdout, "{json}")?;
-        } else {
-            for line in copy.stdout.split_inclusive(|&b| b == b'\n') {
-                write!(stdout, "[{k}] ")?;
-                stdout.write_all(line)?;
-                if !line.ends_with(b"\n") {
-                    writeln!(stdout)?;
+    let mut print = || -> std::io::Result<()> {
+        for copy in &copies {
+            let k = copy.clone;
+            all_ok &= copy.status.success();
+            if args.json {
+                let json = serde_json::json!({
+                    "clone": k,
+                    "pid": copy.pid,
+                    "exit_code": copy.status.code(),
+                    "signal": copy.status.signal(),
+                    "timed_out": copy.timed_out,
+                    "stdout": String::from_utf8_lossy(&copy.stdout),
+                    "stderr": String::from_utf8_lossy(&copy.stderr),
+                });
+                writeln!(stdout, "{json}")?;
+            } else {
+                for line in copy.stdout.split_inclusive(|&b| b == b'\n') {
+                    write!(stdout, "[{k}] ")?;
+                    stdout.write_all(line)?;
+                    if !line.ends_with(b"\n") {
+                        writeln!(stdout)?;
+                    }
                 }
-            }
-            let mut stderr = std::io::stderr().lock();
-            for line in copy.stderr.split_inclusive(|&b| b == b'\n') {
-                write!(stderr, "[{k}] ")?;
-                stderr.write_all(line)?;
-                if !line.ends_with(b"\n") {
-                    writeln!(stderr)?;
+                let mut stderr = std::io::stderr().lock();
+                for line in copy.stderr.split_inclusive(|&b| b == b'\n') {
+                    write!(stderr, "[{k}] ")?;
+                    stderr.write_all(line)?;
+                    if !line.ends_with(b"\n") {
+                        writeln!(stderr)?;
+                    }
                 }
-            }
-            if copy.timed_out {
-                writeln!(
-                    stderr,
-                    "[{k}] still running after --timeout {} s: killed",
-                    args.timeout.unwrap_or(0)
-                )?;
-            } else if !copy.status.success() {
-                writeln!(stderr, "[{k}] {}", describe_status(copy.status))?;
+                if copy.timed_out {
+                    writeln!(
+                        stderr,
+                        "[{k}] still running after --timeout {} s: killed",
+                        args.timeout.unwrap_or(0)
+                    )?;
+                } else if !copy.status.success() {
+                    writeln!(stderr, "[{k}] {}", describe_status(copy.status))?;
+                }
             }
         }
-    }
+        stdout.flush()
+    };
+    print().context("cannot write what the copies printed")?;
     Ok(if all_ok {
         ExitCode::SUCCESS
     } else {

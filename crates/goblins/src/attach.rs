@@ -34,8 +34,10 @@ impl std::fmt::Debug for Attach {
 ///
 /// The stdin copy runs on a thread of its own that is not waited for: it may sit in a read of
 /// `io.stdin` after the goblin is gone (a terminal nobody types into), and ends with the
-/// process. A writer that fails (a closed pipe on the other side) ends that copy, and the
-/// goblin then gets SIGPIPE on its next write, as in a shell pipeline.
+/// process. A writer that fails ends that copy, and the goblin then gets SIGPIPE (or EPIPE) on
+/// its next write, as in a shell pipeline. A closed pipe on the other side is that pipeline's
+/// business; any other failure (a full disk, `/dev/full`) lost what the goblin wrote, so once the
+/// goblin has ended it is an error ([`Error::Output`]), as in `cat`.
 pub fn attach(goblin: &mut Goblin, io: Attach) -> Result<ExitStatus> {
     let Attach {
         stdin,
@@ -62,27 +64,60 @@ pub fn attach(goblin: &mut Goblin, io: Attach) -> Result<ExitStatus> {
             pump(&mut { r }, &mut to)
         })
     });
-    for t in [out, err].into_iter().flatten() {
-        if let Ok(Err(e)) = t.join() {
-            tracing::debug!(error = %e, "a copy from the goblin ended early");
+    let mut lost = None;
+    for (stream, t) in [("stdout", out), ("stderr", err)] {
+        let Some(Ok(Err(e))) = t.map(std::thread::JoinHandle::join) else {
+            continue;
+        };
+        tracing::debug!(stream, error = %e, "a copy from the goblin ended early");
+        if let Failed::Write(source) = e
+            && source.kind() != std::io::ErrorKind::BrokenPipe
+            && lost.is_none()
+        {
+            lost = Some((stream, source));
         }
     }
-    goblin.wait()
+    let status = goblin.wait()?;
+    match lost {
+        Some((stream, source)) => Err(Error::Output {
+            stream,
+            status,
+            source,
+        }),
+        None => Ok(status),
+    }
+}
+
+/// Which side of a copy failed.
+#[derive(Debug)]
+enum Failed {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Read(e) => write!(f, "reading: {e}"),
+            Self::Write(e) => write!(f, "writing: {e}"),
+        }
+    }
 }
 
 /// Copy `from` to `to` chunk by chunk, flushing each one. Ends at end of input, or when either
 /// side fails.
-fn pump(from: &mut dyn Read, to: &mut dyn Write) -> std::io::Result<()> {
+fn pump(from: &mut dyn Read, to: &mut dyn Write) -> std::result::Result<(), Failed> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(Failed::Read(e)),
         };
-        to.write_all(&buf[..n])?;
-        to.flush()?;
+        to.write_all(&buf[..n])
+            .and_then(|()| to.flush())
+            .map_err(Failed::Write)?;
     }
 }
 
@@ -119,6 +154,20 @@ mod tests {
         let mut to = Vec::new();
         pump(&mut from, &mut to).expect("pump");
         assert_eq!(to, b"hello\nworld");
+    }
+
+    #[test]
+    fn a_failed_write_is_told_from_a_failed_read() {
+        let mut from: &[u8] = b"hello";
+        let mut full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("open /dev/full");
+        let err = pump(&mut from, &mut full).expect_err("no space");
+        assert!(
+            matches!(&err, Failed::Write(e) if e.raw_os_error() == Some(libc::ENOSPC)),
+            "{err}"
+        );
     }
 
     #[test]

@@ -196,6 +196,21 @@ pub enum Error {
         /// How many bytes were waiting.
         bytes: usize,
     },
+    /// What the goblin wrote on `stream` could not be passed on (pf's own stdout is a full
+    /// disk, `/dev/full`): the rest of it is lost. The goblin has ended, with `status`.
+    #[error(
+        "cannot pass on the goblin's {stream}, so what it wrote from then on is lost (the goblin \
+         ended: {})",
+        pf_os::Exit::from(*.status)
+    )]
+    Output {
+        /// `"stdout"` or `"stderr"`.
+        stream: &'static str,
+        /// How the goblin ended.
+        status: std::process::ExitStatus,
+        /// Why the write failed.
+        source: std::io::Error,
+    },
     /// A system call on a pipe or process failed.
     #[error("cannot {op}")]
     Sys {
@@ -392,9 +407,11 @@ impl Error {
             } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotAGoblin,
             Self::Metadata { op: "decode", .. } | Self::PipeData(_) => ErrorKind::InvalidSnapshot,
             Self::Cwd { .. } => ErrorKind::InvalidInput,
-            Self::Spawn { .. } | Self::Metadata { .. } | Self::Io { .. } | Self::Sys { .. } => {
-                ErrorKind::Io
-            }
+            Self::Spawn { .. }
+            | Self::Metadata { .. }
+            | Self::Io { .. }
+            | Self::Sys { .. }
+            | Self::Output { .. } => ErrorKind::Io,
         }
     }
 }
