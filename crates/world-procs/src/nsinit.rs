@@ -363,6 +363,11 @@ fn wait_for_root(ctx: &Ctx<'_>, root: libc::pid_t, mut watcher: libc::pid_t) -> 
         let mut chld: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut chld);
         libc::sigaddset(&mut chld, libc::SIGCHLD);
+        // A namespace's init gets no signal it has no handler for, unless it blocks it: these
+        // are read from the signalfd too, and passed on to the root.
+        for sig in PASSED_ON {
+            libc::sigaddset(&mut chld, sig);
+        }
         libc::sigprocmask(libc::SIG_BLOCK, &chld, std::ptr::null_mut());
         let sigfd = libc::signalfd(-1, &chld, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         let rootfd = libc::syscall(libc::SYS_pidfd_open, root, 0u32) as i32;
@@ -457,11 +462,43 @@ fn wait_for_root(ctx: &Ctx<'_>, root: libc::pid_t, mut watcher: libc::pid_t) -> 
             root_ended = true;
         }
         if fds[0].revents != 0 {
-            let mut buf = [0u8; 1024];
-            // SAFETY: a non-blocking read into a stack buffer we own, until it is empty.
-            while unsafe { libc::read(sigfd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+            let mut buf = [0u8; 8 * SIGINFO_SIZE];
+            loop {
+                // SAFETY: a non-blocking read into a stack buffer we own, until it is empty.
+                let n = unsafe { libc::read(sigfd, buf.as_mut_ptr().cast(), buf.len()) };
+                let Ok(n) = usize::try_from(n) else { break };
+                if n == 0 {
+                    break;
+                }
+                for info in buf[..n].chunks_exact(SIGINFO_SIZE) {
+                    if let Some(sig) = passed_on(info)
+                        && !root_ended
+                    {
+                        // SAFETY: a signal to the root, which is ours (or gone: ESRCH).
+                        unsafe { libc::kill(root, sig) };
+                    }
+                }
+            }
         }
     }
+}
+
+/// The signals the init passes on to the root: `kill INIT` (SIGTERM, as `ps` users and the
+/// help of `pf procs restore --new-pidns` expect) reaches the copy. SIGKILL ends the namespace
+/// by itself.
+const PASSED_ON: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+/// `sizeof(struct signalfd_siginfo)`.
+const SIGINFO_SIZE: usize = 128;
+
+/// The signal to pass on to the root for one `signalfd_siginfo` record (`ssi_signo` at 0,
+/// `ssi_code` at 8), if any: one of [`PASSED_ON`] sent by a process (`kill`, `sigqueue`,
+/// `tgkill`: a code of 0 or below). The kernel's own (`SI_KERNEL`: Ctrl-C at a terminal, which
+/// signals pf's whole process group, the init among it) is not: pf passes those on itself.
+fn passed_on(info: &[u8]) -> Option<libc::c_int> {
+    let word = |at: usize| -> Option<[u8; 4]> { info.get(at..at + 4)?.try_into().ok() };
+    let signo = libc::c_int::try_from(u32::from_ne_bytes(word(0)?)).ok()?;
+    let code = i32::from_ne_bytes(word(8)?);
+    (PASSED_ON.contains(&signo) && code <= 0).then_some(signo)
 }
 
 /// The watcher child of the init: exit 0 when the caller unties the tree, 1 when the lifeline
@@ -552,6 +589,26 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> libc::pid_t {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_signals_a_process_sent_are_passed_on() {
+        let info = |signo: u32, code: i32| {
+            let mut b = [0u8; SIGINFO_SIZE];
+            b[..4].copy_from_slice(&signo.to_ne_bytes());
+            b[8..12].copy_from_slice(&code.to_ne_bytes());
+            b
+        };
+        let term = libc::SIGTERM as u32;
+        assert_eq!(passed_on(&info(term, libc::SI_USER)), Some(libc::SIGTERM));
+        assert_eq!(passed_on(&info(term, libc::SI_TKILL)), Some(libc::SIGTERM));
+        assert_eq!(
+            passed_on(&info(libc::SIGINT as u32, libc::SI_KERNEL)),
+            None,
+            "Ctrl-C"
+        );
+        assert_eq!(passed_on(&info(libc::SIGCHLD as u32, libc::SI_USER)), None);
+        assert_eq!(passed_on(&info(term, libc::SI_USER)[..8]), None, "short");
+    }
 
     #[test]
     fn pids_parse() {
