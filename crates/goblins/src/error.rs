@@ -283,6 +283,18 @@ pub enum Error {
         /// How it ended.
         status: std::process::ExitStatus,
     },
+    /// A warm-up's goblin was warm, then exited on its own before it could be frozen.
+    #[error(
+        "goblin {pid} exited ({}) right after it was warm, before it could be frozen; nothing \
+         was stored (a goblin must wait for its input once it is ready: does it read stdin?)",
+        pf_os::Exit::from(*.status)
+    )]
+    ExitedWhenWarm {
+        /// The goblin.
+        pid: i32,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
     /// A warm-up's goblin closed its stdin before it took all the input.
     #[error("goblin {pid} closed its stdin before taking all the input; it has been stopped")]
     InputRefused {
@@ -387,9 +399,10 @@ impl Error {
             Self::Tag { source, .. } => ErrorKind::of_store(source),
             Self::KernelThread { .. } => ErrorKind::NotAGoblin,
             Self::CriuUnavailable(source) => source.kind(),
-            Self::NotWarm { .. } | Self::ExitedWarming { .. } | Self::InputRefused { .. } => {
-                ErrorKind::NotWarm
-            }
+            Self::NotWarm { .. }
+            | Self::ExitedWarming { .. }
+            | Self::ExitedWhenWarm { .. }
+            | Self::InputRefused { .. } => ErrorKind::NotWarm,
             Self::Cancelled { .. } => ErrorKind::Cancelled,
             Self::NoSuchProcess { .. } => ErrorKind::NoSuchProcess,
             Self::NotPipes { .. }

@@ -318,6 +318,14 @@ pub fn warm_up(
     let frozen = match frozen {
         Ok(f) => f,
         Err(e) => {
+            // A goblin that ended on its own just after its ready line: that is the news, not
+            // criu's failure to seize a process that was gone.
+            // (A failed freeze lets the goblin run on: one that has ended, ended by itself.)
+            if let Ok(Some(status)) = goblin.try_wait() {
+                pipes.close_stdin();
+                drain(&mut pipes, options.drain, cancel, &mut out, on_output)?;
+                return Err(Error::ExitedWhenWarm { pid, status });
+            }
             // Stop it, and still show what it said between being warm and the failed dump.
             let _ = goblin.kill();
             pipes.close_stdin();
