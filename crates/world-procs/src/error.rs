@@ -306,7 +306,7 @@ pub enum Error {
     /// restore fails before the tree runs, a lazy one kills the tree instead of serving it.
     #[error(
         "{}page {page} of {file}{} is corrupt: its stored bytes do not match their digest; \
-         no process ran on it (thaw another snapshot, or restore the store from a copy)",
+         no process ran on that page (thaw another snapshot, or restore the store from a copy)",
         .snapshot.map(|s| format!("snapshot {s}: ")).unwrap_or_default(),
         .vaddr.map(|a| format!(" (address {a:#x})")).unwrap_or_default()
     )]
