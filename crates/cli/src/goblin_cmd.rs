@@ -333,7 +333,9 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
         Ok(w) => w,
         Err(
             e @ pf_goblins::Error::NotWarm {
-                on_stderr: false, ..
+                on_stderr: false,
+                input_taken: None,
+                ..
             },
         ) => bail!("{e} (raise --timeout?)"),
         Err(e @ pf_goblins::Error::NotWarm { .. }) => bail!("{e}"),

@@ -263,7 +263,7 @@ pub enum Error {
     #[error(
         "goblin {pid} was not warm after {} s{}; it has been stopped",
         .waited.as_secs(),
-        not_warm_hint(*.quiet, *.on_stderr)
+        not_warm_hint(*.quiet, *.on_stderr, *.input_taken)
     )]
     NotWarm {
         /// The goblin.
@@ -274,6 +274,9 @@ pub enum Error {
         quiet: bool,
         /// Whether the pattern matched what it printed on stderr (a pattern watches stdout).
         on_stderr: bool,
+        /// When it had not taken all of its input: how many bytes it had, of how many (it is
+        /// warm only once it has them all).
+        input_taken: Option<(usize, usize)>,
     },
     /// A warm-up's goblin exited before it was warm.
     #[error("goblin {pid} exited ({}) before it was warm", pf_os::Exit::from(*.status))]
@@ -468,7 +471,13 @@ fn metadata_hint(op: &str) -> &'static str {
     }
 }
 
-fn not_warm_hint(quiet: bool, on_stderr: bool) -> &'static str {
+fn not_warm_hint(quiet: bool, on_stderr: bool, input_taken: Option<(usize, usize)>) -> String {
+    if let Some((taken, total)) = input_taken {
+        return format!(
+            " (it had taken only {taken} of the {total} bytes of its input: it is warm only once \
+             its stdin has taken all of it, and it reads no more; does it read its stdin?)"
+        );
+    }
     if quiet {
         " (it never stopped printing for the quiet time)"
     } else if on_stderr {
@@ -479,6 +488,7 @@ fn not_warm_hint(quiet: bool, on_stderr: bool) -> &'static str {
         " (its stdout never matched the ready pattern; is it buffering its output? try \
          `python3 -u` or `stdbuf -oL`)"
     }
+    .to_owned()
 }
 
 fn cancelled_by(signal: Option<i32>) -> String {

@@ -82,6 +82,12 @@ impl Pipes {
         self.stdin.is_some() && self.written < self.input.len()
     }
 
+    /// How much of the input has been written, of how much, while some is still to be.
+    pub(crate) fn input_taken(&self) -> Option<(usize, usize)> {
+        self.input_pending()
+            .then_some((self.written, self.input.len()))
+    }
+
     /// Whether all input has been written (or there was none, or no stdin to write it to).
     pub(crate) fn input_done(&self) -> bool {
         !self.input_pending()

@@ -250,6 +250,7 @@ pub fn warm_up(
                         waited: options.timeout,
                         quiet: quiet.is_some(),
                         on_stderr: on_stderr.is_some(),
+                        input_taken: pipes.input_taken(),
                     });
                 }
                 if let Some(at) = on_stderr
@@ -293,6 +294,7 @@ pub fn warm_up(
                 waited: options.timeout,
                 quiet: quiet.is_some(),
                 on_stderr: on_stderr.is_some(),
+                input_taken: pipes.input_taken(),
             });
         }
         let status = goblin.wait()?;

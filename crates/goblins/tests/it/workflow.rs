@@ -263,4 +263,38 @@ fn live_warm_up_leaves_a_goblin_running_or_stops_it_on_cancel() {
             .contains("matched what it printed on stderr, but it is looked for on stdout"),
         "{err}"
     );
+
+    // Ready, but more input than it reads (a pipe holds 64 KiB): the error says how much it
+    // took, not that the pattern never matched.
+    let input = vec![b'a'; 300_000];
+    let mut opts = options(&input, Ready::Matches("^ready$".into()), false, None);
+    opts.timeout = Duration::from_millis(800);
+    let err = pf_goblins::warm_up(
+        WarmFrom::Command {
+            command: python(
+                "import time\nprint('ready', flush=True)\ntime.sleep(60)",
+                &[],
+            ),
+            spawn: SpawnOptions::in_dir("/".into()),
+        },
+        FreezeTarget::Store(&store),
+        &opts,
+        &fresh,
+        &mut |_, _| {},
+    )
+    .expect_err("not warm");
+    let Error::NotWarm {
+        input_taken: Some((taken, 300_000)),
+        ..
+    } = err
+    else {
+        panic!("{err:?}");
+    };
+    assert!(taken < 300_000, "{taken}");
+    assert!(
+        err.to_string().contains(&format!(
+            "it had taken only {taken} of the 300000 bytes of its input"
+        )),
+        "{err}"
+    );
 }
