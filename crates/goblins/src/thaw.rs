@@ -708,7 +708,16 @@ fn inherit_fd(fd: OwnedFd, key: String) -> InheritFd {
 /// a mode, and refuses the file unless it still has them).
 fn file_unusable(path: &str, recorded: &[&pf_world_procs::images::PathFile]) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
+    let directory = recorded
+        .iter()
+        .any(|f| f.mode.is_some_and(|m| m & libc::S_IFMT == libc::S_IFDIR));
     match std::fs::metadata(path) {
+        // A directory: most often the one it was started in (`--cwd`), moved or removed since.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && directory => Some(
+            "is gone: a directory it worked in (or had open); make it again (`mkdir -p`) or put \
+             it back"
+                .to_owned(),
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("is gone".to_owned()),
         // Unreadable for another reason: CRIU tries, and says what it finds.
         Err(_) => None,
@@ -887,6 +896,16 @@ mod tests {
         );
         let gone = dir.path().join("gone").display().to_string();
         assert_eq!(file_unusable(&gone, &[]).as_deref(), Some("is gone"));
+        let cwd = PathFile {
+            name: gone.clone(),
+            flags: 0,
+            size: None,
+            mode: Some(libc::S_IFDIR | 0o755),
+        };
+        assert!(
+            file_unusable(&gone, &[&cwd])
+                .is_some_and(|why| why.starts_with("is gone: a directory it worked in")),
+        );
     }
 
     #[test]
