@@ -1381,6 +1381,18 @@ fn thaw_refuses_unknown_snapshots_and_blobs_that_are_not_goblins() {
     let err = failed(&run(thaw, b""), "thaw of a directory without goblin.json");
     assert!(err.contains("goblin.json"), "{err}");
     mark.assert_running(&[], "the thaw of a directory without goblin.json");
+
+    let gone = dir.path().join("no-such-images");
+    let mut thaw = mark.on(pf(&store_dir));
+    thaw.args(["goblin", "thaw", "--images"]).arg(&gone);
+    let err = failed(&run(thaw, b""), "thaw of a directory that is not there");
+    assert!(
+        err.contains(&format!(
+            "cannot open the images directory {}: No such file",
+            gone.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]

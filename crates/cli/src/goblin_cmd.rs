@@ -159,9 +159,10 @@ pub(crate) struct SpawnArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["pid", "pidfile"])))]
 pub(crate) struct FreezeArgs {
     /// The goblin's pid
-    #[arg(long, required_unless_present = "pidfile", conflicts_with = "pidfile")]
+    #[arg(long)]
     pid: Option<i32>,
     /// The pid in FILE, written by `pf goblin thaw --pidfile FILE`; refused if FILE is stale
     /// (its copy ended and the pid now names a process started since)
@@ -586,8 +587,17 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
 /// that was killed leaves its pidfile behind, and once its copy is gone the pid can be another
 /// process's. Such a process started after the file was written.
 fn pid_from_pidfile(file: &std::path::Path) -> anyhow::Result<i32> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read the pidfile {}", file.display()))?;
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "cannot read the pidfile {}{}",
+            file.display(),
+            if file.exists() {
+                ""
+            } else {
+                " (a pf goblin thaw --pidfile removes it when its copy ends: has it ended?)"
+            }
+        )
+    })?;
     let pid: i32 = text.trim().parse().map_err(|_| {
         anyhow::anyhow!(
             "the pidfile {} does not hold a pid (it holds {:?})",

@@ -51,6 +51,14 @@ impl GoblinMeta {
 
     /// Read the metadata of the images in `dir`.
     pub(crate) fn read(dir: &Path) -> Result<GoblinMeta> {
+        // A directory that is not there is the news, not the file in it.
+        if let Err(source) = std::fs::metadata(dir) {
+            return Err(Error::Io {
+                op: "open the images directory",
+                path: dir.to_owned(),
+                source,
+            });
+        }
         let path = dir.join(META_FILE);
         let json = std::fs::read(&path).map_err(|source| Error::Metadata {
             op: "read",
