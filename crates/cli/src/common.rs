@@ -200,8 +200,39 @@ pub(crate) fn init_tracing(verbose: u8) {
         // Debugging a slow step: each line says when, in seconds since pf started.
         fmt.with_timer(tracing_subscriber::fmt::time::uptime())
             .init();
+    } else if verbose == 0 {
+        // What a user sees unasked (warnings) reads as pf's other messages do: `pf: warning: …`,
+        // not as a log line naming a module.
+        fmt.event_format(Plain).init();
     } else {
         fmt.without_time().init();
+    }
+}
+
+/// Events as `pf: warning: MESSAGE key=value …`: for pf's own warnings when no log was asked.
+struct Plain;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Plain
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warning",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        write!(writer, "pf: {level}: ")?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
     }
 }
 
