@@ -1273,9 +1273,9 @@ fn live_a_goblin_whose_own_child_reads_its_stdout_is_refused_at_freeze_and_thaw(
     mark.assert_running(&[], "killing the goblin and its reader");
 }
 
-/// pf's stdout a full disk (`/dev/full`): what the goblin printed is lost, so pf fails saying
-/// so, as `cat` would; it used to exit 0 with the output gone. A reader that goes away (`| head
-/// -1`) is still no failure.
+/// pf's stdout a full disk (`/dev/full`, not a pipe, so pf copies the goblin's output into it):
+/// what the goblin printed is lost, so pf fails saying so, as `cat` would; it used to exit 0
+/// with the output gone.
 #[test]
 fn live_output_that_cannot_be_written_fails_the_thaw_and_the_fork() {
     const NAME: &str = "live_output_that_cannot_be_written_fails_the_thaw_and_the_fork";
