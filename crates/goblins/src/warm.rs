@@ -324,6 +324,10 @@ pub fn warm_up(
             // criu's failure to seize a process that was gone.
             // (A failed freeze lets the goblin run on: one that has ended, ended by itself.)
             if let Ok(Some(status)) = goblin.try_wait() {
+                // criu's log of a process that went away under it explains nothing here.
+                if let Error::Freeze { source, .. } = &e {
+                    source.discard_kept_log();
+                }
                 pipes.close_stdin();
                 drain(&mut pipes, options.drain, cancel, &mut out, on_output)?;
                 return Err(Error::ExitedWhenWarm { pid, status });

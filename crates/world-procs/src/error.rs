@@ -523,6 +523,24 @@ impl Error {
         }
     }
 
+    /// Remove the directory in which a failed criu run's log was kept, when this is (or wraps)
+    /// one: for a caller that explains the failure otherwise and shows no log (a goblin that
+    /// exited on its own mid-dump). Only a `pf-criu-failed-…` directory is removed.
+    pub fn discard_kept_log(&self) {
+        let log = match self {
+            Self::Criu { log, .. } => log,
+            Self::ExitedDuringDump { source, .. } => return source.discard_kept_log(),
+            _ => return,
+        };
+        if let Some(dir) = log.parent()
+            && dir
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pf-criu-failed-"))
+        {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     /// The CRIU failure its log named, when this is (or wraps) a failed criu run.
     pub fn criu_failure(&self) -> Option<CriuFailure> {
         match self {
