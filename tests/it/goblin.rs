@@ -2772,6 +2772,135 @@ fn live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind() 
     mark.assert_running(&[], "a thaw that ignored SIGINT");
 }
 
+/// A goblin that counts the SIGTERMs it gets and answers each line with the count.
+const COUNTS_TERMS: &str = r#"import signal, sys
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+print("ready", flush=True)
+for line in sys.stdin:
+    print(len(got), flush=True)
+"#;
+
+/// A signal to pf's whole process group (`kill -TERM -PGID`, what `timeout` and many
+/// supervisors send) reaches the thawed goblin once. pf's namespace init used to be in that
+/// group too and passed the signal on as well: the goblin got it twice. And the init shows as
+/// `pf-ns-init` in ps, not as a second `pf goblin thaw …`.
+#[test]
+fn live_a_signal_to_the_thaws_process_group_reaches_the_goblin_once() {
+    use std::os::unix::process::CommandExt as _;
+    let name = "live_a_signal_to_the_thaws_process_group_reaches_the_goblin_once";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let mark = Mark::new("thaw-group-signal");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    ok(
+        &spawn_goblin(&store, "terms", &["--until", "^ready$"], &py(COUNTS_TERMS)),
+        "spawn",
+    );
+    for mode in ["--lazy", "--eager"] {
+        // Its pidfile says when pf has handed the signals to the goblin (before that, a signal
+        // stops the thaw).
+        let pidfile = dir.path().join(format!("terms{mode}.pid"));
+        let mut cmd = pf(&store);
+        cmd.args(["goblin", "thaw", mode, "--pidfile"])
+            .arg(&pidfile)
+            .arg("terms")
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = mark.on(cmd).spawn().expect("start pf");
+        let pgid = child.id();
+        let mut stdin = child.stdin.take().expect("stdin");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut ask = || {
+            writeln!(stdin, "n").ok()?;
+            lines.next()?.ok()
+        };
+        let first = ask();
+        if first.is_none() {
+            let out = finish(child, b"");
+            panic!("{mode}: no answer ({}): {}", out.status, text(&out.stderr));
+        }
+        assert_eq!(first.as_deref(), Some("0"), "{mode}: no SIGTERM yet");
+        let started = Instant::now();
+        while !pidfile.exists() {
+            assert!(started.elapsed() < DEADLINE, "{mode}: no pidfile");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Nothing below pf shows pf's command line in ps (`pgrep -f 'goblin thaw'` finds pf
+        // alone): the init is `pf-ns-init`.
+        let below: Vec<i32> = pf_os::proc::tree(i32::try_from(pgid).expect("pid"))
+            .into_iter()
+            .skip(1)
+            .collect();
+        let cmdline = |pid: i32| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
+            )
+            .replace('\0', " ")
+        };
+        assert!(
+            below
+                .iter()
+                .any(|&p| comm(p) == "pf-ns-init" && cmdline(p).trim_end() == "pf-ns-init"),
+            "{mode}: {below:?}"
+        );
+        for &p in &below {
+            assert!(
+                !cmdline(p).contains("goblin thaw"),
+                "{mode}: {p} ({}) shows pf's command line",
+                comm(p)
+            );
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{pgid}")])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM -{pgid}");
+        let started = Instant::now();
+        let mut answer = ask();
+        while answer.as_deref() == Some("0") {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{mode}: the SIGTERM never reached the goblin"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+            answer = ask();
+        }
+        // A second one, had it been sent, is there by now.
+        if answer.is_some() {
+            std::thread::sleep(Duration::from_millis(500));
+            answer = ask();
+        }
+        drop(stdin);
+        if answer.is_none() {
+            let out = finish(child, b"");
+            panic!(
+                "{mode}: no answer after the SIGTERM ({}): {}",
+                out.status,
+                text(&out.stderr)
+            );
+        }
+        assert_eq!(
+            answer.as_deref(),
+            Some("1"),
+            "{mode}: the goblin got the group's SIGTERM once"
+        );
+        let out = finish(child, b"");
+        assert!(
+            out.status.success(),
+            "{mode}: {}: {}",
+            out.status,
+            text(&out.stderr)
+        );
+        mark.assert_running(&[], mode);
+    }
+}
+
 /// A `criu` wrapper that runs criu as its child and reaps every child it gets until none is
 /// left, as `strace -f` does: the restored root (criu's sibling, `--restore-sibling`) is the
 /// wrapper's child, and the wrapper reaps it. pf's namespace init used to wait for it forever

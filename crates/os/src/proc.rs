@@ -73,6 +73,21 @@ pub fn parse_start_ticks(text: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// Where the command line lies in memory, from a `/proc/PID/stat` line (fields 48 and 49,
+/// `arg_start` and `arg_end`); `None` when they are not there or hidden (shown as 0).
+pub fn parse_arg_area(text: &str) -> Option<(usize, usize)> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(45);
+    let start: usize = fields.next()?.parse().ok()?;
+    let end: usize = fields.next()?.parse().ok()?;
+    (start > 0 && end > start).then_some((start, end))
+}
+
+/// Where this process's command line lies in its memory (what `/proc/self/cmdline` reads).
+pub fn own_arg_area() -> Option<(usize, usize)> {
+    parse_arg_area(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
 /// When `pid` started, to within a second (the boot time is kept in whole seconds); `None`
 /// when it does not exist.
 pub fn started_at(pid: i32) -> Option<std::time::SystemTime> {
@@ -344,6 +359,24 @@ mod tests {
     const BASH: &str = "3021 (bash) S 3015 3021 3021 34816 3050 4194560 1170 2447 0 0 1 0 2 0 20 \
                         0 1 0 5270 8900608 1187 18446744073709551615 1 1 0 0 0 0 65536 3686404 \
                         1266761467 0 0 0 17 1 0 0 0 0 0";
+
+    #[test]
+    fn the_command_line_area_is_fields_48_and_49() {
+        // `cat /proc/self/stat` on this machine (Linux 6.18), a command name with `) ` in it.
+        let cat = "9917 (c) t) R 9914 9914 19173 0 -1 4194304 98 0 0 0 0 0 0 0 20 0 1 0 2247469 \
+                   3133440 358 18446744073709551615 94629526441984 94629526461865 \
+                   140729585785568 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0 94629526477872 \
+                   94629526479488 94629924614144 140729585793753 140729585793773 \
+                   140729585793773 140729585795051 0";
+        assert_eq!(
+            parse_arg_area(cat),
+            Some((140_729_585_793_753, 140_729_585_793_773))
+        );
+        assert_eq!(parse_arg_area(BASH), None, "a line without them");
+        let (start, end) = own_arg_area().expect("our own");
+        let ours = std::fs::read("/proc/self/cmdline").expect("cmdline");
+        assert_eq!(end - start, ours.len(), "the area is what cmdline reads");
+    }
 
     #[test]
     fn ignored_signals_come_from_the_sigign_mask() {

@@ -197,6 +197,7 @@ pub(crate) fn spawn(plan: &InitPlan<'_>) -> std::io::Result<Init> {
         report: write_end.as_raw_fd(),
         lifeline: life_r.as_raw_fd(),
         lifeline_w: life_w.as_raw_fd(),
+        arg_area: pf_os::proc::own_arg_area(),
     };
     let flags = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD;
     // SAFETY: a clone without CLONE_VM and with a null stack behaves like fork: the child gets
@@ -246,6 +247,8 @@ struct Ctx<'a> {
     /// The caller's end of the lifeline, which the init's copy of the fd table holds too:
     /// closed first thing, or end of file would never come.
     lifeline_w: RawFd,
+    /// Where the caller's command line lies in memory (the init's copy of it is overwritten).
+    arg_area: Option<(usize, usize)>,
 }
 
 fn report(fd: RawFd, tag: i32, a: i32, b: i32) {
@@ -281,8 +284,24 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
     unsafe {
         libc::close(ctx.lifeline_w);
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        // Shows as `pf-ns-init` in ps instead of a second `pf`.
+        // Shows as `pf-ns-init` in ps instead of a second `pf`: its name (`comm`), and its
+        // command line, which is otherwise the caller's (`pgrep -f 'goblin thaw kb'` found pf,
+        // the init and its watcher): the name written over our copy of the caller's arguments,
+        // the rest of them zeroed.
         libc::prctl(libc::PR_SET_NAME, INIT_NAME_C.as_ptr());
+        if let Some((start, end)) = ctx.arg_area {
+            let name = INIT_NAME_C.to_bytes();
+            let area = start as *mut u8;
+            std::ptr::write_bytes(area, 0, end - start);
+            std::ptr::copy_nonoverlapping(name.as_ptr(), area, name.len().min(end - start - 1));
+        }
+        // Out of the caller's process group, with criu and the watcher: a signal to that group
+        // (`kill -TERM -PGID`, `timeout`, Ctrl-C) reaches the caller, who passes it on to the
+        // root, and not the init too, which would pass it on a second time. A shell job stays:
+        // CRIU gives the restored tree criu's own process group, the terminal's foreground one.
+        if !ctx.stdin_is_ours {
+            libc::setpgid(0, 0);
+        }
         let none: *const libc::c_char = std::ptr::null();
         if libc::mount(
             none,
@@ -493,7 +512,8 @@ const SIGINFO_SIZE: usize = 128;
 /// The signal to pass on to the root for one `signalfd_siginfo` record (`ssi_signo` at 0,
 /// `ssi_code` at 8), if any: one of [`PASSED_ON`] sent by a process (`kill`, `sigqueue`,
 /// `tgkill`: a code of 0 or below). The kernel's own (`SI_KERNEL`: Ctrl-C at a terminal, which
-/// signals pf's whole process group, the init among it) is not: pf passes those on itself.
+/// signals its whole foreground process group, the init among it when it restores a shell job)
+/// is not: pf passes those on itself.
 fn passed_on(info: &[u8]) -> Option<libc::c_int> {
     let word = |at: usize| -> Option<[u8; 4]> { info.get(at..at + 4)?.try_into().ok() };
     let signo = libc::c_int::try_from(u32::from_ne_bytes(word(0)?)).ok()?;
@@ -507,8 +527,8 @@ fn watch_lifeline(lifeline: RawFd) -> ! {
     // SAFETY: prctl with a static NUL-terminated name; sigprocmask on a stack set we own.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"pf-ns-watch".as_ptr());
-        // It shares pf's process group: a Ctrl-C on pf's terminal (which pf forwards to the
-        // goblin) must not end it, or the namespace would go down with it.
+        // It may share pf's process group (a shell job's): a Ctrl-C on pf's terminal (which pf
+        // forwards to the goblin) must not end it, or the namespace would go down with it.
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
