@@ -515,7 +515,15 @@ fn rm_removes_a_blob_and_its_given_name_and_guards_other_names() {
     );
     let err = fails(&store, &["rm", "a"]);
     assert!(err.contains("b"), "{err}");
-    ok(&store, &["rm", "a", "--force"]);
+    let out = store_cmd(&store, &["rm", "a", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "", "nothing on stdout");
+    assert!(
+        stderr(&out).contains(&format!("removed {digest} and its names a, b;"))
+            && stderr(&out).contains("pf store gc"),
+        "it says what went and what frees the rest: {}",
+        stderr(&out)
+    );
     assert!(ls_json(&store).is_empty());
     assert_eq!(ok(&store, &["tags"]), "");
     let err = fails(&store, &["rm", &digest]);

@@ -1065,13 +1065,24 @@ fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
     if !store.contains(&digest)? {
         bail!("blob {digest} is not in the store");
     }
-    for name in given_name
+    let names: Vec<&str> = given_name
         .into_iter()
         .chain(others.iter().map(String::as_str))
-    {
+        .collect();
+    for name in &names {
         store.remove_name(name)?;
     }
     store.remove(&digest)?;
+    // On stderr, as a note: what a script reads (stdout) stays empty.
+    say(&format!(
+        "removed {digest}{}; `pf store gc` removes what only it used (a snapshot's pages and \
+         images)",
+        match names.len() {
+            0 => String::new(),
+            1 => format!(" and its name {}", names[0]),
+            _ => format!(" and its names {}", names.join(", ")),
+        }
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
