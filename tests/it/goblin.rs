@@ -1156,6 +1156,46 @@ fn live_freeze_refuses_terminals_files_and_missing_pids() {
     let err = failed(&run(freeze, b""), "freeze of a missing pid");
     assert!(err.contains("process 2147483000 does not exist"), "{err}");
     mark.assert_running(&[], "the refused freeze of a missing pid");
+
+    // A process the kernel does not let pf look at (here: root's, to a pf run as `nobody`):
+    // said so, not "Permission denied" on a /proc path.
+    use std::os::unix::fs::PermissionsExt as _;
+    let theirs = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::chown(theirs.path(), Some(65534), Some(65534)).expect("chown");
+    let bin = theirs.path().join("pf");
+    std::fs::copy(crate::support::pf_bin(), &bin).expect("copy pf");
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut root_sleep = mark.on(Command::new("setsid"));
+    root_sleep
+        .args(["sleep", "60"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut sleep_child = spawn_clean(&mut root_sleep).expect("start sleep");
+    let sleep_pid = i32::try_from(sleep_child.id()).expect("pid");
+    deadline.watch(sleep_pid);
+    let _sleep_guard = KillOnDrop(sleep_pid);
+    let mut freeze = Command::new("setpriv");
+    freeze
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .arg("--store")
+        .arg(theirs.path().join("store"))
+        .args(["goblin", "freeze", "--pid", &sleep_pid.to_string()])
+        .env_remove("PF_STORE");
+    let err = failed(
+        &run(mark.on(freeze), b""),
+        "freeze of root's process by nobody",
+    );
+    assert!(
+        err.contains(&format!(
+            "process {sleep_pid} (sleep) is not pf's to look at"
+        )) && err.contains("Only a process pf may ptrace can be frozen"),
+        "{err}"
+    );
+    mark.assert_running(&[sleep_pid], "the refused freeze of a hidden process");
+    sleep_child.kill().expect("kill sleep");
+    sleep_child.wait().expect("reap sleep");
 }
 
 /// A goblin whose stdout its own child reads (bash's `> >(cat > log)`): the freeze would take

@@ -220,6 +220,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel does not let pf read the process's descriptors (`/proc/PID/fd`), nor would it
+    /// let CRIU dump it.
+    #[error(
+        "process {pid} ({name}) is not pf's to look at: the kernel refuses to show its open files \
+         (/proc/{pid}/fd: permission denied), and would refuse CRIU too; it is another user's, \
+         or more privileged than pf (capabilities pf lacks), or not dumpable (it called prctl(PR_SET_DUMPABLE, 0), or \
+         runs a setuid or unreadable program), or in a user namespace pf cannot enter. Only a \
+         process pf may ptrace can be frozen"
+    )]
+    Hidden {
+        /// The pid.
+        pid: i32,
+        /// Its name (`/proc/PID/comm`).
+        name: String,
+    },
     /// The pid is a kernel thread (kthreadd, a worker): it has no memory or stdio of its own to
     /// freeze.
     #[error(
@@ -401,6 +416,7 @@ impl Error {
             | Self::InputCount { .. } => ErrorKind::InvalidInput,
             Self::Tag { source, .. } => ErrorKind::of_store(source),
             Self::KernelThread { .. } => ErrorKind::NotAGoblin,
+            Self::Hidden { .. } => ErrorKind::NeedsPrivilege,
             Self::CriuUnavailable(source) => source.kind(),
             Self::NotWarm { .. }
             | Self::ExitedWarming { .. }
@@ -588,6 +604,13 @@ mod tests {
             ),
             (Error::EmptyCommand, ErrorKind::InvalidInput),
             (Error::NoSuchProcess { pid: 1 }, ErrorKind::NoSuchProcess),
+            (
+                Error::Hidden {
+                    pid: 1,
+                    name: "init".into(),
+                },
+                ErrorKind::NeedsPrivilege,
+            ),
             (
                 Error::sys("create a pipe", std::io::Error::other("x")),
                 ErrorKind::Io,

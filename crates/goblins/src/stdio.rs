@@ -104,6 +104,10 @@ impl Streams {
                     kind => kind,
                 }),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::NoSuchProcess { pid }),
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(Error::Hidden {
+                    pid,
+                    name: pf_os::proc::comm(pid).unwrap_or_else(|| "?".into()),
+                }),
                 Err(source) => Err(Error::Io {
                     op: "read",
                     path: PathBuf::from(format!("/proc/{pid}/fd/{fd}")),
