@@ -289,12 +289,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         // the init and its watcher): the name written over our copy of the caller's arguments,
         // the rest of them zeroed.
         libc::prctl(libc::PR_SET_NAME, INIT_NAME_C.as_ptr());
-        if let Some((start, end)) = ctx.arg_area {
-            let name = INIT_NAME_C.to_bytes();
-            let area = start as *mut u8;
-            std::ptr::write_bytes(area, 0, end - start);
-            std::ptr::copy_nonoverlapping(name.as_ptr(), area, name.len().min(end - start - 1));
-        }
+        show_as(ctx.arg_area, INIT_NAME_C);
         // Out of the caller's process group, with criu and the watcher: a signal to that group
         // (`kill -TERM -PGID`, `timeout`, Ctrl-C) reaches the caller, who passes it on to the
         // root, and not the init too, which would pass it on a second time. A shell job stays:
@@ -359,7 +354,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         }
         let watcher = raw_fork() as libc::pid_t;
         if watcher == 0 {
-            watch_lifeline(ctx.lifeline);
+            watch_lifeline(ctx.lifeline, ctx.arg_area);
         }
         // A watcher that could not be forked leaves the tree untied (as a detach would).
         libc::close(ctx.lifeline);
@@ -523,10 +518,11 @@ fn passed_on(info: &[u8]) -> Option<libc::c_int> {
 
 /// The watcher child of the init: exit 0 when the caller unties the tree, 1 when the lifeline
 /// closes without that (the caller is gone). Never returns.
-fn watch_lifeline(lifeline: RawFd) -> ! {
+fn watch_lifeline(lifeline: RawFd, arg_area: Option<(usize, usize)>) -> ! {
     // SAFETY: prctl with a static NUL-terminated name; sigprocmask on a stack set we own.
     unsafe {
         libc::prctl(libc::PR_SET_NAME, c"pf-ns-watch".as_ptr());
+        show_as(arg_area, c"pf-ns-watch");
         // It may share pf's process group (a shell job's): a Ctrl-C on pf's terminal (which pf
         // forwards to the goblin) must not end it, or the namespace would go down with it.
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -570,6 +566,24 @@ fn exec_program(ctx: &Ctx<'_>) -> ! {
         // The report pipe is still open (close-on-exec only fires on success).
         report(ctx.report, TAG_FAILED, 3, errno());
         libc::_exit(127);
+    }
+}
+
+/// Write `name` over this process's copy of the caller's command line (`area`, from
+/// [`pf_os::proc::own_arg_area`] before the fork), the rest of it zeroed: `ps` and `pgrep -f`
+/// then show `name`.
+///
+/// SAFETY: only in a forked child, on the area the caller read of its own memory (the child's
+/// private copy of it, writable: it lies on the stack). No allocation, no locks.
+unsafe fn show_as(area: Option<(usize, usize)>, name: &std::ffi::CStr) {
+    if let Some((start, end)) = area {
+        let name = name.to_bytes();
+        let at = start as *mut u8;
+        // SAFETY: see above; `end > start` (own_arg_area checks it).
+        unsafe {
+            std::ptr::write_bytes(at, 0, end - start);
+            std::ptr::copy_nonoverlapping(name.as_ptr(), at, name.len().min(end - start - 1));
+        }
     }
 }
 
