@@ -1189,7 +1189,7 @@ fn live_freeze_refuses_terminals_files_and_missing_pids() {
     );
     assert!(
         err.contains(&format!(
-            "process {sleep_pid} (sleep) is not pf's to look at"
+            "pf may not look into process {sleep_pid} (sleep):"
         )) && err.contains("Only a process pf may ptrace can be frozen"),
         "{err}"
     );

@@ -223,7 +223,7 @@ pub enum Error {
     /// The kernel does not let pf read the process's descriptors (`/proc/PID/fd`), nor would it
     /// let CRIU dump it.
     #[error(
-        "process {pid} ({name}) is not pf's to look at: the kernel refuses to show its open files \
+        "pf may not look into process {pid} ({name}): the kernel refuses to show its open files \
          (/proc/{pid}/fd: permission denied), and would refuse CRIU too; it is another user's, \
          or more privileged than pf (capabilities pf lacks), or not dumpable (it called prctl(PR_SET_DUMPABLE, 0), or \
          runs a setuid or unreadable program), or in a user namespace pf cannot enter. Only a \

@@ -108,6 +108,7 @@ fn goblin_class(err: &pf_goblins::Error) -> Class {
         E::Io { path, source, .. } if proc_denied(path, source).is_some() => {
             Class::named("AccessDenied")
         }
+        E::Hidden { .. } => Class::named("AccessDenied"),
         E::Freeze { source, .. } | E::Thaw { source, .. } | E::Wait { source, .. } => {
             procs_class(source)
         }
@@ -154,14 +155,17 @@ pub(crate) fn from_core(err: pf_core::Error) -> PyErr {
 
 /// What to do about a goblin error, when its chain does not say.
 fn goblin_hint(err: &pf_goblins::Error) -> Option<String> {
+    const INSPECTABLE: &str = "Freeze a process this one may inspect (one it started, e.g. \
+                               with pf.goblins.spawn), or run as that process's owner, or as \
+                               root with every capability it holds";
     match err {
+        // Says what the kernel refused, and why it may have.
+        pf_goblins::Error::Hidden { .. } => Some(format!(". {INSPECTABLE}")),
         pf_goblins::Error::Io { path, source, .. } => proc_denied(path, source).map(|pid| {
             format!(
                 "; this process may not look into process {pid}: it belongs to another user \
                  or user namespace, holds privileges (capabilities) this process lacks, or a \
-                 security module forbids it. Freeze a process this one may inspect (one it \
-                 started, e.g. with pf.goblins.spawn), or run as that process's owner, or as \
-                 root with every capability it holds"
+                 security module forbids it. {INSPECTABLE}"
             )
         }),
         _ => None,
