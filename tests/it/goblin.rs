@@ -2394,6 +2394,72 @@ for line in sys.stdin:
     );
 }
 
+/// A goblin mapping a file shared and writable (here one in /dev/shm, as shared-memory
+/// segments are): CRIU maps that same file again in every copy, so what one copy writes the
+/// others see. One thaw says nothing; a fork says which file the copies share, once.
+#[test]
+fn live_a_fork_of_a_goblin_mapping_a_file_shared_says_the_copies_share_it() {
+    let name = "live_a_fork_of_a_goblin_mapping_a_file_shared_says_the_copies_share_it";
+    if !live(name) {
+        return;
+    }
+    let _deadline = Deadline::start(name, Duration::from_secs(120));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // Removed with `dir`'s guard below, whatever happens.
+    let shm = tempfile::Builder::new()
+        .prefix("pf-test-shm-")
+        .tempfile_in("/dev/shm")
+        .expect("a file in /dev/shm");
+    shm.as_file().set_len(4096).expect("size it");
+    let path = shm.path().display().to_string();
+    let script = r#"
+import mmap, os, sys
+m = mmap.mmap(os.open(sys.argv[1], os.O_RDWR), 4096, mmap.MAP_SHARED)
+print("ready", flush=True)
+for line in sys.stdin:
+    m[0] += 1
+    print("count", m[0], flush=True)
+"#;
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "spawn", "--tag", "g", "--until", "^ready$", "--"])
+        .args(py(script))
+        .arg(&path);
+    ok(&run(cmd, b""), "spawn");
+
+    let out = thaw(&store, "g", b"q\n");
+    assert_eq!(ok(&out, "thaw"), "count 1\n");
+    assert!(
+        !text(&out.stderr).contains("shared and writable"),
+        "one copy shares nothing: {}",
+        text(&out.stderr)
+    );
+
+    let mut fork = pf(&store);
+    fork.args(["goblin", "fork", "g", "-n", "2", "--send", "q"]);
+    let out = run(fork, b"");
+    let stdout = ok(&out, "fork");
+    // The first thaw wrote 1; the two copies counted on from there, in the one file.
+    let mut counts: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.rsplit(' ').next().unwrap_or(""))
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, ["2", "3"], "{stdout}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "the goblin maps {path} shared and writable: every copy maps that same file"
+        )),
+        "pf says the copies share the file: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("shared and writable").count(),
+        1,
+        "said once: {stderr}"
+    );
+}
+
 /// A goblin holding a `multiprocessing.Manager()`: its server process listens on a unix socket
 /// in a `pymp-…` directory that Python removes when the server exits. The goblin frozen and
 /// killed, a first thaw answers and, as it ends, removes that directory; CRIU could then bind

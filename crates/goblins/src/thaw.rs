@@ -186,6 +186,8 @@ pub struct Loaded {
     recorded: Vec<pf_world_procs::images::PathFile>,
     /// The TCP addresses the goblin listens on: every copy listens on the same one.
     listening: Vec<std::net::SocketAddr>,
+    /// The files the goblin maps shared and writable: every copy writes the same file.
+    shared_files: Vec<String>,
     /// The paths the goblin listens on with unix sockets: CRIU binds each again there.
     listening_unix: Vec<std::path::PathBuf>,
     /// How many copies were thawed from this load (the second says that they share `listening`).
@@ -312,6 +314,11 @@ impl Loaded {
             tracing::debug!(error = %e, "cannot read the sockets the images record");
             Vec::new()
         });
+        let shared_files = pf_world_procs::images::shared_writable_files(images.path())
+            .unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "cannot read the memory areas the images record");
+                Vec::new()
+            });
         let listening_unix =
             pf_world_procs::images::listening_unix(images.path()).unwrap_or_else(|e| {
                 tracing::debug!(error = %e, "cannot read the sockets the images record");
@@ -323,6 +330,7 @@ impl Loaded {
             pipes,
             recorded,
             listening,
+            shared_files,
             listening_unix,
             thaws: std::sync::atomic::AtomicUsize::new(0),
             replaced_said: std::sync::atomic::AtomicU8::new(0),
@@ -485,12 +493,11 @@ impl Loaded {
                 files: changed,
             });
         }
-        if self
+        let second = self
             .thaws
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            == 1
-            && !self.listening.is_empty()
-        {
+            == 1;
+        if second && !self.listening.is_empty() {
             let addrs: Vec<String> = self.listening.iter().map(ToString::to_string).collect();
             tracing::warn!(
                 "the goblin listens on TCP {}: every copy listens on that same address (and \
@@ -498,6 +505,14 @@ impl Loaded {
                  one of them, so a copy may not get the connections it expects; give each copy \
                  a port of its own after the thaw (close the socket and listen again on port 0)",
                 addrs.join(", ")
+            );
+        }
+        if second && !self.shared_files.is_empty() {
+            tracing::warn!(
+                "the goblin maps {} shared and writable: every copy maps that same file (and \
+                 the original, while it runs), so what one copy writes there the others see; \
+                 give each copy a file of its own after the thaw",
+                self.shared_files.join(", ")
             );
         }
         let mut inherit = Vec::with_capacity(3);

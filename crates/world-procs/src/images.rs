@@ -771,7 +771,16 @@ pub struct Vma {
     pub status: u32,
     /// The `madvise` advice in force, as a bitmap (`1 << MADV_*`; 0 when the image has none).
     pub madv: u64,
+    /// `mmap` protection (`PROT_READ`, `PROT_WRITE`, …).
+    pub prot: u32,
+    /// What the area maps: for a file, the id of its `files.img` record.
+    pub shmid: u64,
 }
+
+/// CRIU's `VMA_FILE_SHARED` status bit: a file mapped `MAP_SHARED`.
+const VMA_FILE_SHARED: u32 = 1 << 7;
+/// CRIU's `VMA_AREA_MEMFD` status bit: a memfd (its `shmid` names no `files.img` record).
+const VMA_AREA_MEMFD: u32 = 1 << 14;
 
 /// CRIU's `VMA_AREA_VSYSCALL`, `VMA_AREA_VDSO` and `VMA_AREA_VVAR` status bits: areas the kernel
 /// provides, never served lazily.
@@ -789,6 +798,54 @@ impl Vma {
             && flags & libc::MAP_HUGETLB == 0
             && self.status & VMA_AREA_KERNEL == 0
     }
+}
+
+impl Vma {
+    /// Whether this area maps a file by its path, shared and writable (`MAP_SHARED`,
+    /// `PROT_WRITE`): a restore maps that same file again, so what one copy of the tree writes
+    /// there every other copy (and the original) sees.
+    pub fn writes_a_shared_file(&self) -> bool {
+        self.status & VMA_FILE_SHARED != 0
+            && self.status & VMA_AREA_MEMFD == 0
+            && self.prot & libc::PROT_WRITE as u32 != 0
+    }
+}
+
+/// The files `images_dir`'s tree maps shared and writable ([`Vma::writes_a_shared_file`], in
+/// any `mm-*.img`), by path, sorted, each once.
+pub fn shared_writable_files(images_dir: &Path) -> Result<Vec<String>, ImageError> {
+    let list = std::fs::read_dir(images_dir).map_err(|source| ImageError::Io {
+        path: images_dir.to_owned(),
+        source,
+    })?;
+    let mut ids = Vec::new();
+    for entry in list {
+        let entry = entry.map_err(|source| ImageError::Io {
+            path: images_dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("mm-") && name.ends_with(".img") {
+            ids.extend(
+                mm_vmas(&entry.path())?
+                    .iter()
+                    .filter(|v| v.writes_a_shared_file())
+                    .map(|v| v.shmid),
+            );
+        }
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut paths: Vec<String> = parse_files_img(images_dir, parse_files)?
+        .into_iter()
+        .filter(|(id, _)| ids.contains(&u64::from(*id)))
+        .map(|(_, file)| file.name)
+        .collect();
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
 }
 
 /// The memory areas recorded in the `mm-<pid>.img` at `path`, in address order.
@@ -839,6 +896,8 @@ fn parse_mm_vmas(img: &[u8]) -> Result<Vec<Vma>, ParseError> {
             flags: small(need(6, "vma_entry lacks flags")?)?,
             status: small(need(7, "vma_entry lacks status")?)?,
             madv: got[9].unwrap_or(0),
+            prot: small(need(5, "vma_entry lacks prot")?)?,
+            shmid: need(4, "vma_entry lacks shmid")?,
         };
         if vma.end < vma.start {
             return Err((at, "vma_entry ends before it starts"));
@@ -1465,16 +1524,25 @@ mod tests {
     /// An `mm-*.img` holding `vmas` as (start, end, flags, status), plus fields lazy restore
     /// does not read.
     fn mm_image(vmas: &[(u64, u64, u32, u32)]) -> Vec<u8> {
+        let full: Vec<_> = vmas
+            .iter()
+            .map(|&(start, end, flags, status)| (start, end, flags, status, 3, 0))
+            .collect();
+        mm_image_of(&full)
+    }
+
+    /// An `mm-*.img` holding `vmas` as (start, end, flags, status, prot, shmid).
+    fn mm_image_of(vmas: &[(u64, u64, u32, u32, u32, u64)]) -> Vec<u8> {
         let mut mm = Vec::new();
         put_varint_field(&mut mm, 1, 0x400000); // mm_start_code
-        for &(start, end, flags, status) in vmas {
+        for &(start, end, flags, status, prot, shmid) in vmas {
             let mut vma = Vec::new();
             for (field, value) in [
                 (1, start),
                 (2, end),
                 (3, 0),
-                (4, 0),
-                (5, 3),
+                (4, shmid),
+                (5, u64::from(prot)),
                 (6, u64::from(flags)),
                 (7, u64::from(status)),
             ] {
@@ -1489,6 +1557,52 @@ mod tests {
         img.extend_from_slice(&MM_MAGIC.to_le_bytes());
         push_entry(&mut img, &mm);
         img
+    }
+
+    #[test]
+    fn files_mapped_shared_and_writable_are_found_by_their_files_img_id() {
+        let shared = libc::MAP_SHARED as u32;
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+        let regular = 1;
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            shared_writable_files(dir.path()).expect("none"),
+            Vec::<String>::new()
+        );
+        std::fs::write(dir.path().join("files.img"), files_img()).expect("write");
+        // files_img(): id 5 is /tmp/log, id 7 /dev/null.
+        let mm = mm_image_of(&[
+            // Shared and writable: /tmp/log, twice (two areas of it).
+            (0x1000, 0x2000, shared, regular | VMA_FILE_SHARED, rw, 5),
+            (0x3000, 0x4000, shared, regular | VMA_FILE_SHARED, rw, 5),
+            // Shared, read only.
+            (0x5000, 0x6000, shared, regular | VMA_FILE_SHARED, 1, 7),
+            // A memfd's id is no files.img record's.
+            (
+                0x7000,
+                0x8000,
+                shared,
+                regular | VMA_FILE_SHARED | VMA_AREA_MEMFD,
+                rw,
+                7,
+            ),
+            // Private: each copy its own.
+            (
+                0x9000,
+                0xa000,
+                libc::MAP_PRIVATE as u32,
+                regular | (1 << 6),
+                rw,
+                7,
+            ),
+        ]);
+        std::fs::write(dir.path().join("mm-1.img"), &mm).expect("write");
+        assert_eq!(
+            shared_writable_files(dir.path()).expect("read"),
+            vec!["/tmp/log".to_owned()]
+        );
+        std::fs::write(dir.path().join("mm-2.img"), &mm[..mm.len() - 2]).expect("write");
+        assert!(shared_writable_files(dir.path()).is_err(), "a truncated mm");
     }
 
     #[test]

@@ -1758,6 +1758,8 @@ mod tests {
             flags,
             status: 1,
             madv: 0,
+            prot: 3,
+            shmid: 0,
         }
     }
 
