@@ -571,19 +571,39 @@ fn exec_program(ctx: &Ctx<'_>) -> ! {
 
 /// Write `name` over this process's copy of the caller's command line (`area`, from
 /// [`pf_os::proc::own_arg_area`] before the fork), the rest of it zeroed: `ps` and `pgrep -f`
-/// then show `name`.
+/// then show `name`. Written through `process_vm_writev` on ourselves, which fails with EFAULT
+/// where plain stores would crash the init (an area a program made read-only): then the
+/// caller's command line shows, and nothing else changes.
 ///
-/// SAFETY: only in a forked child, on the area the caller read of its own memory (the child's
-/// private copy of it, writable: it lies on the stack). No allocation, no locks.
-unsafe fn show_as(area: Option<(usize, usize)>, name: &std::ffi::CStr) {
-    if let Some((start, end)) = area {
-        let name = name.to_bytes();
-        let at = start as *mut u8;
-        // SAFETY: see above; `end > start` (own_arg_area checks it).
-        unsafe {
-            std::ptr::write_bytes(at, 0, end - start);
-            std::ptr::copy_nonoverlapping(name.as_ptr(), at, name.len().min(end - start - 1));
+/// Only in a forked child: raw system calls on integers and on a stack buffer we own; no
+/// allocation, no locks.
+fn show_as(area: Option<(usize, usize)>, name: &std::ffi::CStr) {
+    let Some((start, end)) = area else { return };
+    let mut chunk = [0u8; 4096];
+    let name = name.to_bytes();
+    let len = name.len().min(end - start - 1).min(chunk.len());
+    chunk[..len].copy_from_slice(&name[..len]);
+    let mut at = start;
+    while at < end {
+        let n = (end - at).min(chunk.len());
+        let local = libc::iovec {
+            iov_base: chunk.as_mut_ptr().cast(),
+            iov_len: n,
+        };
+        let remote = libc::iovec {
+            iov_base: at as *mut libc::c_void,
+            iov_len: n,
+        };
+        // SAFETY: reads `n` bytes of our stack buffer; the kernel checks the area it writes
+        // (ours) and fails rather than faulting.
+        let written = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if written != n as isize {
+            return;
         }
+        if at == start {
+            chunk[..len].fill(0);
+        }
+        at += n;
     }
 }
 
@@ -623,6 +643,41 @@ pub(crate) fn parse_pid(bytes: &[u8]) -> libc::pid_t {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn show_as_writes_the_name_then_zeros_and_leaves_a_read_only_area_alone() {
+        let mut area = vec![0xffu8; 5000];
+        let start = area.as_mut_ptr() as usize;
+        show_as(Some((start, start + area.len())), c"pf-ns-init");
+        assert_eq!(&area[..10], b"pf-ns-init");
+        assert!(
+            area[10..].iter().all(|&b| b == 0),
+            "the rest zeroed, past 4 KiB too"
+        );
+        // A name longer than the area: cut, with its last byte NUL.
+        let mut small = [0xffu8; 4];
+        let at = small.as_mut_ptr() as usize;
+        show_as(Some((at, at + 4)), c"pf-ns-init");
+        assert_eq!(&small, b"pf-\0");
+        // SAFETY: a fresh anonymous page of our own, unmapped at the end.
+        unsafe {
+            let page = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(page, libc::MAP_FAILED);
+            std::ptr::write_bytes(page.cast::<u8>(), 0xff, 4096);
+            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
+            show_as(Some((page as usize, page as usize + 100)), c"pf-ns-init");
+            let bytes = std::slice::from_raw_parts(page.cast::<u8>(), 100);
+            assert!(bytes.iter().all(|&b| b == 0xff), "unchanged, and no crash");
+            libc::munmap(page, 4096);
+        }
+    }
 
     #[test]
     fn only_signals_a_process_sent_are_passed_on() {
