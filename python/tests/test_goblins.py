@@ -840,6 +840,23 @@ def test_live_lazy_fork_answers_diverges_and_gets_every_page(live, store, counte
             c.close()
 
 
+def test_live_a_lazy_load_whose_pages_a_gc_removed_thaws_nothing(
+    live, store, counter, monkeypatch
+):
+    # Loaded lazily, then its name removed and a gc run: the packs are gone. A thaw used to
+    # start the copy and kill it at its first page; now it refuses before anything runs.
+    monkeypatch.setenv("PF_SNAPSHOT_FORMAT", "v2")
+    pf.goblins.freeze(counter.pid, store, tag="gone")
+    loaded = pf.goblins.load("gone", store, lazy=True)
+    assert store.untag("gone")
+    store.gc(grace=0)
+    with pytest.raises(pf.NotFound, match="no longer all in the store") as raised:
+        loaded.thaw()
+    assert "nothing was restored" in str(raised.value)
+    with pytest.raises(pf.NotFound):
+        loaded.fork(2)
+
+
 def test_live_lazy_thaw_of_a_v1_snapshot_says_it_needs_the_page_format(
     live, store, counter, monkeypatch
 ):

@@ -122,6 +122,38 @@ pub(crate) struct LazyMemory {
     restoring: std::sync::atomic::AtomicUsize,
 }
 
+impl LazyMemory {
+    /// The store its pages come from.
+    pub(crate) fn store(&self) -> &dyn BlobStore {
+        self.store.as_ref()
+    }
+
+    /// The snapshot it is the memory of.
+    pub(crate) fn snapshot(&self) -> &Digest256 {
+        &self.snapshot
+    }
+
+    /// A pack its pages are in that the store no longer holds (nor the packs a repack moved
+    /// its pages to), if any: looked at before a restore, so that a tree never runs on memory
+    /// that cannot be served.
+    pub(crate) fn missing_pack(&self) -> Option<Digest256> {
+        for task in self.tasks.values() {
+            let pages = &task.pages;
+            for (_, n, _) in pages.packs_by_first_use() {
+                let sites = pages.pack_sites(n);
+                let gone = sites.is_empty()
+                    || sites
+                        .iter()
+                        .any(|d| matches!(self.store.contains(d), Ok(false)));
+                if gone {
+                    return pages.pack(n);
+                }
+            }
+        }
+        None
+    }
+}
+
 /// A restore from a [`LazyMemory`]'s images under way ([`LazyMemory::restoring`]).
 pub(crate) struct Restoring<'a>(&'a LazyMemory);
 

@@ -95,10 +95,22 @@ fn load_criu_procs(store: &dyn BlobStore, digest: &Digest256) -> Result<CriuProc
     }
 }
 
+/// A restore's share of the store's lock ([`BlobStore::reader_lock`]), so that no gc removes
+/// what it reads while it reads it. While a gc holds the lock, waits for it to end: the name
+/// the caller resolved may be one that gc no longer found, and what gc removed is then not
+/// read at all (the load says the blob is not in the store; a lazy restore checks its packs).
+/// `None` where the lock cannot be taken at all (a store on a read-only filesystem).
+pub(crate) fn reading_share(store: &dyn BlobStore) -> Option<pf_core::StoreLock> {
+    store.reader_lock().or_else(|| {
+        tracing::debug!("waiting for the store's gc to end");
+        store.writer_lock().ok()
+    })
+}
+
 /// Extract `procs`'s images through the store's verifying reader into a fresh private
 /// directory (regular files with plain names only; see `tarball::extract`).
 pub fn extract_images(store: &dyn BlobStore, procs: &CriuProcs) -> Result<ImagesDir> {
-    let _reading = store.reader_lock();
+    let _reading = reading_share(store);
     let digest = &procs.criu_dump;
     if let Some(memory) = &procs.memory {
         let dir = crate::capture::scratch_dir("pf-restore-")?;
@@ -170,7 +182,7 @@ pub fn extract_images_lazy(
     store: std::sync::Arc<dyn BlobStore>,
     digest: &Digest256,
 ) -> Result<LazyImages> {
-    let _reading = store.reader_lock();
+    let _reading = reading_share(store.as_ref());
     let procs = load_criu_procs(store.as_ref(), digest)?;
     let Some(memory) = &procs.memory else {
         return Err(Error::LazyNeedsV2 { snapshot: *digest });
@@ -207,6 +219,21 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images.path()).map_err(|e| Error::io("resolve", images.path(), e))?;
+    // Held until the daemon has its own share: no gc begins in between. One that ran since
+    // the images were extracted may have removed packs (the snapshot's name was removed):
+    // said now, before anything runs, not when the tree first touches a page of one.
+    let _reading = reading_share(images.memory.store());
+    if let Some(pack) = images.memory.missing_pack() {
+        return Err(Error::Store {
+            what: format!(
+                "the pages of snapshot {} are no longer all in the store: a gc removed them \
+                 after the snapshot's name was removed, since it was loaded here; nothing was \
+                 restored (keep a snapshot named while it is thawed: pf store tag)",
+                images.memory.snapshot()
+            ),
+            source: pf_core::Error::NotFound { digest: pack },
+        });
+    }
     let started = crate::lazy::start(
         std::sync::Arc::clone(&images.memory),
         std::sync::Arc::clone(&images.dir),
@@ -258,7 +285,7 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
 /// Restore the procs blob `procs` (a digest; resolve names with `BlobStore::resolve`).
 pub fn restore(store: &dyn BlobStore, procs: &Digest256, opts: RestoreOptions) -> Result<Restored> {
     let _span = tracing::info_span!("restore", %procs).entered();
-    let _reading = store.reader_lock();
+    let _reading = reading_share(store);
     match load_procs(store, procs)? {
         ProcsBlob::Criu(c) => {
             // Before extracting a GiB: is there a criu to hand it to?
@@ -318,7 +345,7 @@ pub fn extract_images_streamed(
     store: std::sync::Arc<dyn BlobStore>,
     digest: &Digest256,
 ) -> Result<Option<StreamedImages>> {
-    let _reading = store.reader_lock();
+    let _reading = reading_share(store.as_ref());
     let procs = load_criu_procs(store.as_ref(), digest)?;
     let Some(memory) = procs.memory.clone() else {
         return Ok(None);
@@ -340,7 +367,7 @@ pub fn extract_images_streamed(
 /// as it reads them. A page that fails its check fails the restore ([`Error::CorruptPage`],
 /// naming the snapshot, the file, the page and its address) before the tree runs.
 pub fn restore_streamed(images: &StreamedImages, opts: RestoreOptions) -> Result<Restored> {
-    let _reading = images.store.reader_lock();
+    let _reading = reading_share(images.store.as_ref());
     let serve = crate::streamer::Images {
         store: images.store.as_ref(),
         dir: images.path(),
