@@ -889,6 +889,34 @@ fn live_freeze_into_images_leaves_it_running_and_thaws_from_the_directory() {
     assert_eq!(ok(&out, "thaw --images"), "2\neof 2\n");
     goblin.send("inc");
     assert_eq!(goblin.line(), "3", "the original still answers");
+
+    // A pages file cut short: refused before CRIU runs. CRIU's restorer read it forever
+    // (300 s, then a kept log of gigabytes).
+    let pages: Vec<_> = std::fs::read_dir(&images)
+        .expect("images")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("pages-"))
+        })
+        .collect();
+    assert_eq!(pages.len(), 1, "{pages:?}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages[0])
+        .and_then(|f| f.set_len(4096))
+        .expect("truncate");
+    let mut thaw = pf(&store);
+    thaw.args(["goblin", "thaw", "--images"]).arg(&images);
+    let started = Instant::now();
+    let err = failed(&run(thaw, b"inc\n"), "thaw of truncated images");
+    assert!(
+        err.contains("it ends before the pages its pagemap lists do"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "at once");
+    assert!(!err.contains("log kept"), "no criu ran: {err}");
 }
 
 #[test]

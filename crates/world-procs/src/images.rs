@@ -679,6 +679,49 @@ impl Pagemap {
     }
 }
 
+/// Check that every pages file in `images_dir` holds the pages its `pagemap-*.img` lists
+/// (`PE_PRESENT` runs, 4 KiB each). CRIU's restorer reads a short one forever (`preadv`
+/// returning 0, logged at every turn: gigabytes of log until its deadline), so a truncated or
+/// mismatched file is refused before CRIU runs.
+pub fn check_pages_files(images_dir: &Path) -> Result<(), ImageError> {
+    let list = std::fs::read_dir(images_dir).map_err(|source| ImageError::Io {
+        path: images_dir.to_owned(),
+        source,
+    })?;
+    for entry in list {
+        let entry = entry.map_err(|source| ImageError::Io {
+            path: images_dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
+            continue;
+        }
+        let map = pagemap(&entry.path())?;
+        let want = map.present_pages().saturating_mul(4096);
+        if want == 0 {
+            continue;
+        }
+        let pages = images_dir.join(format!("pages-{}.img", map.pages_id));
+        let len = std::fs::metadata(&pages)
+            .map_err(|source| ImageError::Io {
+                path: pages.clone(),
+                source,
+            })?
+            .len();
+        if len < want {
+            return Err(ImageError::Malformed {
+                path: pages,
+                offset: usize::try_from(len).unwrap_or(usize::MAX),
+                reason: "it ends before the pages its pagemap lists do: truncated, or not of \
+                         these images",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Parse the pagemap image at `path`.
 pub fn pagemap(path: &Path) -> Result<Pagemap, ImageError> {
     let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
@@ -1500,6 +1543,26 @@ mod tests {
         assert_eq!(map.address_of(0), Some(94_495_752_671_232));
         assert_eq!(map.address_of(2), Some(94_495_752_679_424 + 4096));
         assert_eq!(map.address_of(3), None);
+    }
+
+    #[test]
+    fn a_pages_file_shorter_than_its_pagemap_is_refused() {
+        let map = parse_pagemap(REAL_PAGEMAP).expect("parse");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pagemap-7.img"), REAL_PAGEMAP).expect("write");
+        let pages = dir.path().join(format!("pages-{}.img", map.pages_id));
+        let err = check_pages_files(dir.path()).expect_err("no pages file");
+        assert!(matches!(err, ImageError::Io { .. }), "{err}");
+        let want = usize::try_from(map.present_pages()).expect("small") * 4096;
+        std::fs::write(&pages, vec![0u8; want]).expect("write");
+        check_pages_files(dir.path()).expect("whole");
+        std::fs::write(&pages, vec![0u8; want - 1]).expect("write");
+        let err = check_pages_files(dir.path()).expect_err("one byte short");
+        assert!(
+            err.to_string()
+                .contains("it ends before the pages its pagemap lists do"),
+            "{err}"
+        );
     }
 
     #[test]

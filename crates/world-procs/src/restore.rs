@@ -393,6 +393,10 @@ pub fn restore_dir(images_dir: &Path, opts: RestoreOptions) -> Result<Restored> 
     let criu = crate::criu::for_restore()?;
     let images_dir =
         std::path::absolute(images_dir).map_err(|e| Error::io("resolve", images_dir, e))?;
+    crate::images::check_pages_files(&images_dir).map_err(|source| Error::Image {
+        what: "the memory (pagemap and pages files)",
+        source,
+    })?;
     restore_prepared(criu, &images_dir, opts, true, None)
 }
 
