@@ -134,7 +134,7 @@ pub(crate) struct SpawnArgs {
     #[arg(long, value_name = "FILE")]
     input: Option<PathBuf>,
     /// Warm when stdout (all of it so far) matches this regular expression; `^` and `$` match
-    /// at the start and end of every line
+    /// at the start and end of every line (ended by `\n` or `\r\n`)
     #[arg(long, value_name = "REGEX")]
     until: Option<String>,
     /// Without --until: warm once stdout and stderr have been silent this long

@@ -132,6 +132,20 @@ const STDERR_HINT_AFTER: Duration = Duration::from_secs(2);
 /// [`Error::Cancelled`]; a cancel during the dump takes effect when CRIU returns (the dump is
 /// bounded by the runner's deadline); after it, the drain ends at once ([`Drain::Cancelled`]).
 ///
+/// The ready pattern, matched against everything the goblin printed: `^` and `$` at the start
+/// and end of each line, a line ending in `\n` or in `\r\n` (a program that writes CRLF, as
+/// many do on a pipe, is ready at `ready\r\n` for `^ready$`).
+fn ready_pattern(pattern: &str) -> Result<regex::bytes::Regex> {
+    regex::bytes::RegexBuilder::new(pattern)
+        .multi_line(true)
+        .crlf(true)
+        .build()
+        .map_err(|e| Error::Pattern {
+            pattern: pattern.to_owned(),
+            source: Box::new(e),
+        })
+}
+
 /// On any error the goblin is stopped (killed with its process group) and reaped.
 pub fn warm_up(
     from: WarmFrom,
@@ -141,15 +155,7 @@ pub fn warm_up(
     on_output: &mut dyn FnMut(Stream, &[u8]),
 ) -> Result<Warmed> {
     let pattern = match &options.ready {
-        Ready::Matches(p) => Some(
-            regex::bytes::RegexBuilder::new(p)
-                .multi_line(true)
-                .build()
-                .map_err(|e| Error::Pattern {
-                    pattern: p.clone(),
-                    source: Box::new(e),
-                })?,
-        ),
+        Ready::Matches(p) => Some(ready_pattern(p)?),
         Ready::Quiet(_) => None,
     };
     let quiet = match options.ready {
@@ -470,6 +476,19 @@ fn pipe_holders(inodes: &[u64]) -> Vec<PipeHolder> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ready_pattern_matches_whole_lines_ended_by_lf_or_crlf() {
+        let re = ready_pattern("^ready$").expect("pattern");
+        assert!(re.is_match(b"ready\n"));
+        assert!(re.is_match(b"loading\r\nready\r\n"), "CRLF lines");
+        assert!(
+            re.is_match(b"loading\nready"),
+            "the last line, not ended yet"
+        );
+        assert!(!re.is_match(b"ready now\r\n"));
+        assert!(!re.is_match(b"not ready\n"));
+    }
 
     #[test]
     fn finds_who_holds_a_pipe() {
