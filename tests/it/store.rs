@@ -256,6 +256,17 @@ fn a_corrupt_blob_fails_cat_and_verify_naming_the_digest() {
         report.contains(&format!("{digest} BAD")) && report.contains("needed by \"snap\""),
         "{report}"
     );
+    // `show` of the corrupt blob fails, in text and JSON, rather than showing made-up sizes.
+    for args in [&["show", "bad"][..], &["show", "bad", "--json"]] {
+        let out = store_cmd(&store, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        assert_eq!(stdout(&out), "", "{args:?}");
+        assert!(
+            stderr(&out).contains(&format!("cannot show {digest}: blob {digest} is corrupt")),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
     ok(&store, &["untag", "snap"]);
 
     // A truncated file too.

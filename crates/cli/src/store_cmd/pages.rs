@@ -108,6 +108,13 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
     names.warn_bad();
     let names = names.by_digest;
     let graph = load_graph(store, &names, &[digest])?;
+    // The snapshot's own blob unreadable (corrupt, cut short): nothing true can be shown.
+    if let Some(why) = graph.unreadable().get(&digest) {
+        anyhow::bail!(
+            "cannot show {digest}: {why} (`pf store verify` says more; a thaw of it fails \
+             too)"
+        );
+    }
     for (blob, why) in graph.unreadable() {
         super::say(&format!(
             "warning: blob {blob} cannot be read, so the sizes leave out what it refers to: \
@@ -130,10 +137,23 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
             shared_with.extend(root_names.iter().cloned());
         }
     }
-    let kind = store
-        .get(&digest)
+    // Read whole, so its bytes are checked against its digest (the graph reads only as far as
+    // it needs to find what a blob refers to); a large one (not a record) streamed, unkept.
+    let cannot = |why: pf_core::Error| {
+        anyhow::anyhow!(
+            "cannot show {digest}: {why} (`pf store verify` says more; a thaw of it fails too)"
+        )
+    };
+    let own = if store.raw_size(&digest).map_err(cannot)? <= 16 << 20 {
+        store.get(&digest).map_err(cannot)?
+    } else {
+        store
+            .copy_to(&digest, &mut std::io::sink())
+            .map_err(cannot)?;
+        Vec::new()
+    };
+    let kind = serde_json::from_slice::<Value>(&own)
         .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_owned));
     let my_names = names.get(&digest).cloned().unwrap_or_default();
     let missing_here: BTreeSet<Digest256> = reach
@@ -151,6 +171,11 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
             "record_kind": kind,
             "shared_with": shared_with,
             "missing": missing_here,
+            // Blobs it reaches that cannot be read: the sizes leave out what they refer to.
+            "unreadable": reach
+                .iter()
+                .filter_map(|d| graph.unreadable().get(d).map(|why| json!({"digest": d, "why": why})))
+                .collect::<Vec<_>>(),
         });
         if let (Some(obj), Value::Object(u)) = (v.as_object_mut(), usage_json(mine)) {
             obj.extend(u);
