@@ -117,6 +117,20 @@ pub struct Warmed {
 /// looked for) a warm-up says so, unless its stdout matched meanwhile.
 const STDERR_HINT_AFTER: Duration = Duration::from_secs(2);
 
+/// The ready pattern, matched against everything the goblin printed: `^` and `$` at the start
+/// and end of each line, a line ending in `\n`, `\r\n` or a lone `\r` (a program that writes
+/// CRLF is ready at `ready\r\n` for `^ready$`; `.` matches no `\r`).
+fn ready_pattern(pattern: &str) -> Result<regex::bytes::Regex> {
+    regex::bytes::RegexBuilder::new(pattern)
+        .multi_line(true)
+        .crlf(true)
+        .build()
+        .map_err(|e| Error::Pattern {
+            pattern: pattern.to_owned(),
+            source: Box::new(e),
+        })
+}
+
 /// Warm a goblin up and freeze it.
 ///
 /// In order: check what can be checked before anything runs (the pattern, the tag, that CRIU
@@ -132,20 +146,6 @@ const STDERR_HINT_AFTER: Duration = Duration::from_secs(2);
 /// [`Error::Cancelled`]; a cancel during the dump takes effect when CRIU returns (the dump is
 /// bounded by the runner's deadline); after it, the drain ends at once ([`Drain::Cancelled`]).
 ///
-/// The ready pattern, matched against everything the goblin printed: `^` and `$` at the start
-/// and end of each line, a line ending in `\n` or in `\r\n` (a program that writes CRLF, as
-/// many do on a pipe, is ready at `ready\r\n` for `^ready$`).
-fn ready_pattern(pattern: &str) -> Result<regex::bytes::Regex> {
-    regex::bytes::RegexBuilder::new(pattern)
-        .multi_line(true)
-        .crlf(true)
-        .build()
-        .map_err(|e| Error::Pattern {
-            pattern: pattern.to_owned(),
-            source: Box::new(e),
-        })
-}
-
 /// On any error the goblin is stopped (killed with its process group) and reaped.
 pub fn warm_up(
     from: WarmFrom,

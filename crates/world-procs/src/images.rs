@@ -214,6 +214,14 @@ pub struct PathFile {
 /// CRIU recreates from the images whatever is at its path now); empty when the images have no
 /// `files.img` (a CRIU that keeps them per type, in `reg-files.img`).
 pub fn path_files(images_dir: &Path) -> Result<Vec<PathFile>, ImageError> {
+    Ok(path_files_by_id(images_dir)?
+        .into_iter()
+        .map(|(_, file)| file)
+        .collect())
+}
+
+/// [`path_files`] with the id of each record.
+fn path_files_by_id(images_dir: &Path) -> Result<Vec<(u32, PathFile)>, ImageError> {
     let read = |name: &str| -> Result<Option<(PathBuf, Vec<u8>)>, ImageError> {
         let path = images_dir.join(name);
         match std::fs::read(&path) {
@@ -240,7 +248,6 @@ pub fn path_files(images_dir: &Path) -> Result<Vec<PathFile>, ImageError> {
     Ok(files
         .into_iter()
         .filter(|(id, _)| !remapped.contains(id))
-        .map(|(_, file)| file)
         .collect())
 }
 
@@ -855,7 +862,8 @@ impl Vma {
 }
 
 /// The files `images_dir`'s tree maps shared and writable ([`Vma::writes_a_shared_file`], in
-/// any `mm-*.img`), by path, sorted, each once.
+/// any `mm-*.img`) by a path CRIU maps again at a restore (not a deleted file it recreates),
+/// sorted, each once.
 pub fn shared_writable_files(images_dir: &Path) -> Result<Vec<String>, ImageError> {
     let list = std::fs::read_dir(images_dir).map_err(|source| ImageError::Io {
         path: images_dir.to_owned(),
@@ -881,7 +889,9 @@ pub fn shared_writable_files(images_dir: &Path) -> Result<Vec<String>, ImageErro
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut paths: Vec<String> = parse_files_img(images_dir, parse_files)?
+    // A deleted file (`shm_open` then `shm_unlink`) CRIU makes anew for each restore
+    // (remap-fpath.img): the copies do not share it.
+    let mut paths: Vec<String> = path_files_by_id(images_dir)?
         .into_iter()
         .filter(|(id, _)| ids.contains(&u64::from(*id)))
         .map(|(_, file)| file.name)

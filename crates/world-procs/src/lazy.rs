@@ -133,20 +133,24 @@ impl LazyMemory {
         &self.snapshot
     }
 
-    /// A pack its pages are in that the store no longer holds (nor the packs a repack moved
-    /// its pages to), if any: looked at before a restore, so that a tree never runs on memory
-    /// that cannot be served.
+    /// A pack its pages are in that the store no longer holds, nor any pack a repack moved its
+    /// pages to, if any: looked at before a restore, so that a tree never runs on memory that
+    /// cannot be served. Looked up afresh (not where an earlier thaw found the pages: a repack
+    /// since may have moved them on); a pack that cannot be looked up is left to the serve to
+    /// report.
     pub(crate) fn missing_pack(&self) -> Option<Digest256> {
+        let mut seen = std::collections::HashSet::new();
         for task in self.tasks.values() {
             let pages = &task.pages;
             for (_, n, _) in pages.packs_by_first_use() {
-                let sites = pages.pack_sites(n);
-                let gone = sites.is_empty()
-                    || sites
-                        .iter()
-                        .any(|d| matches!(self.store.contains(d), Ok(false)));
-                if gone {
-                    return pages.pack(n);
+                let Some(pack) = pages.pack(n) else { continue };
+                if !seen.insert(pack) {
+                    continue;
+                }
+                match pf_core::forward::locate(self.store.as_ref(), &pack) {
+                    Ok(pf_core::forward::Located::Missing { .. }) => return Some(pack),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%pack, error = %e, "cannot tell where a pack is"),
                 }
             }
         }

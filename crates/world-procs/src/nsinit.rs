@@ -35,8 +35,9 @@
 //! When the init exits, the kernel kills everything left in the namespace: that is how the
 //! caller's `kill()` cleans up (SIGKILL to the init).
 //!
-//! The caller holds the write end of a *lifeline* pipe. Once criu is done, the init forks a
-//! watcher that blocks reading it: end of file (the caller died, even by SIGKILL, or dropped the
+//! The caller holds the write end of a *lifeline* pipe. While criu runs, the init polls it
+//! beside a pidfd of criu, and ends the namespace when it closes. Once criu is done, the init
+//! forks a watcher that blocks reading it: end of file (the caller died, even by SIGKILL, or dropped the
 //! restore) makes the watcher exit 1, and the init then exits, taking the namespace down, so a
 //! killed pf leaves no goblin behind. A detach writes `D` first: the watcher exits 0 and the
 //! tree outlives the caller. (No parent-death signal: that fires when the *thread* that cloned
@@ -335,6 +336,7 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         libc::dup2(ctx.devnull, 1);
         libc::dup2(ctx.devnull, 2);
         pf_os::fd::close_all_but(ctx.report, ctx.lifeline);
+        watch_lifeline_during(criu, ctx.lifeline);
         let mut status = 0;
         while libc::waitpid(criu, &mut status, 0) < 0 {
             if errno() != libc::EINTR {
@@ -360,6 +362,64 @@ fn init_main(ctx: &Ctx<'_>) -> ! {
         libc::close(ctx.lifeline);
         wait_for_root(ctx, root, watcher)
     }
+}
+
+/// While criu restores, the caller's death (the lifeline closed: a SIGKILL, even one to its
+/// whole process group, which no longer reaches the init) ends the namespace at once, criu
+/// with it, rather than once criu is done (a criu that never finishes would stay for good).
+/// Returns when criu has ended (to be reaped), or at once without a pidfd (before Linux 5.3:
+/// the watcher forked after criu is the only one then).
+///
+/// SAFETY (for every block): raw system calls on integers and stack buffers; no allocation.
+fn watch_lifeline_during(criu: libc::pid_t, lifeline: RawFd) {
+    // SAFETY: see above.
+    let criu_fd = unsafe { libc::syscall(libc::SYS_pidfd_open, criu, 0u32) as i32 };
+    if criu_fd < 0 {
+        return;
+    }
+    let mut watch = lifeline;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: criu_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: watch,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll on a stack array we own (a negative fd is skipped).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            break;
+        }
+        if fds[0].revents != 0 {
+            break;
+        }
+        let hup = fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0;
+        if fds[1].revents & libc::POLLIN != 0 {
+            // Bytes on the lifeline (an untie): not ours to read; the watcher forked after
+            // criu reads them. Stop watching it here.
+            watch = -1;
+        } else if hup {
+            // The caller is gone: end everything in the namespace, then ourselves.
+            // SAFETY: see above.
+            unsafe {
+                libc::kill(-1, libc::SIGKILL);
+                let mut status = 0;
+                while libc::waitpid(-1, &mut status, 0) > 0 || errno() == libc::EINTR {}
+                libc::_exit(137);
+            }
+        }
+    }
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(criu_fd) };
 }
 
 /// The init's last step: reap every child (orphans of the tree come to it) until the root ends,
@@ -596,7 +656,11 @@ fn show_as(area: Option<(usize, usize)>, name: &std::ffi::CStr) {
         };
         // SAFETY: reads `n` bytes of our stack buffer; the kernel checks the area it writes
         // (ours) and fails rather than faulting.
-        let written = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+        // The raw getpid: a libc that caches the pid would give the caller's after a raw clone.
+        let written = unsafe {
+            let me = libc::syscall(libc::SYS_getpid) as libc::pid_t;
+            libc::process_vm_writev(me, &local, 1, &remote, 1, 0)
+        };
         if written != n as isize {
             return;
         }

@@ -101,10 +101,13 @@ fn load_criu_procs(store: &dyn BlobStore, digest: &Digest256) -> Result<CriuProc
 /// read at all (the load says the blob is not in the store; a lazy restore checks its packs).
 /// `None` where the lock cannot be taken at all (a store on a read-only filesystem).
 pub(crate) fn reading_share(store: &dyn BlobStore) -> Option<pf_core::StoreLock> {
-    store.reader_lock().or_else(|| {
-        tracing::debug!("waiting for the store's gc to end");
-        store.writer_lock().ok()
-    })
+    if let Some(lock) = store.reader_lock() {
+        return Some(lock);
+    }
+    // (Or the lock cannot be taken at all: then the wait below fails at once.)
+    tracing::info!("a gc of the store may be under way: waiting for it to end before reading");
+    // A second try, should a signal interrupt the wait (a handled one: pf's are blocked).
+    (0..2).find_map(|_| store.writer_lock().ok())
 }
 
 /// Extract `procs`'s images through the store's verifying reader into a fresh private
