@@ -686,26 +686,31 @@ impl Pagemap {
     }
 }
 
+/// The image files `<prefix>*.img` in `images_dir` (one per process: `mm-`, `pagemap-`).
+fn image_files(images_dir: &Path, prefix: &str) -> Result<Vec<PathBuf>, ImageError> {
+    let failed = |source| ImageError::Io {
+        path: images_dir.to_owned(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(images_dir).map_err(failed)? {
+        let entry = entry.map_err(failed)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(prefix) && name.ends_with(".img") {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
 /// Check that every pages file in `images_dir` holds the pages its `pagemap-*.img` lists
 /// (`PE_PRESENT` runs, 4 KiB each). CRIU's restorer reads a short one forever (`preadv`
 /// returning 0, logged at every turn: gigabytes of log until its deadline), so a truncated or
 /// mismatched file is refused before CRIU runs.
 pub fn check_pages_files(images_dir: &Path) -> Result<(), ImageError> {
-    let list = std::fs::read_dir(images_dir).map_err(|source| ImageError::Io {
-        path: images_dir.to_owned(),
-        source,
-    })?;
-    for entry in list {
-        let entry = entry.map_err(|source| ImageError::Io {
-            path: images_dir.to_owned(),
-            source,
-        })?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if !(name.starts_with("pagemap-") && name.ends_with(".img")) {
-            continue;
-        }
-        let map = pagemap(&entry.path())?;
+    for path in image_files(images_dir, "pagemap-")? {
+        let map = pagemap(&path)?;
         let want = map.present_pages().saturating_mul(4096);
         if want == 0 {
             continue;
@@ -865,26 +870,14 @@ impl Vma {
 /// any `mm-*.img`) by a path CRIU maps again at a restore (not a deleted file it recreates),
 /// sorted, each once.
 pub fn shared_writable_files(images_dir: &Path) -> Result<Vec<String>, ImageError> {
-    let list = std::fs::read_dir(images_dir).map_err(|source| ImageError::Io {
-        path: images_dir.to_owned(),
-        source,
-    })?;
     let mut ids = Vec::new();
-    for entry in list {
-        let entry = entry.map_err(|source| ImageError::Io {
-            path: images_dir.to_owned(),
-            source,
-        })?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("mm-") && name.ends_with(".img") {
-            ids.extend(
-                mm_vmas(&entry.path())?
-                    .iter()
-                    .filter(|v| v.writes_a_shared_file())
-                    .map(|v| v.shmid),
-            );
-        }
+    for path in image_files(images_dir, "mm-")? {
+        ids.extend(
+            mm_vmas(&path)?
+                .iter()
+                .filter(|v| v.writes_a_shared_file())
+                .map(|v| v.shmid),
+        );
     }
     if ids.is_empty() {
         return Ok(Vec::new());
