@@ -2918,6 +2918,45 @@ fn live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind() 
     mark.assert_running(&[], "a thaw whose goblin got SIGINT");
     assert_eq!(scratch_of(pf_pid), Vec::<std::path::PathBuf>::new());
 
+    // Ctrl-C while a fork's copies run is passed on to them; pf still prints what they wrote
+    // and exits 130, as a shell expects of a program Ctrl-C ended (a loop around it stops).
+    // It used to exit 1, which a `while pf goblin fork …` loop took for a copy that failed.
+    let marks = dir.path().join("marks");
+    std::fs::create_dir(&marks).expect("mkdir");
+    let mut cmd = pf(&store);
+    cmd.args([
+        "goblin", "spawn", "--tag", "waits", "--until", "^ready$", "--",
+    ])
+    .args(py(WAITS));
+    ok(&run(mark.on(cmd), b""), "spawn the waiting goblin");
+    let mut cmd = pf(&store);
+    cmd.args(["goblin", "fork", "-n", "2", "--send"])
+        .arg(format!("{}/{{i}}", marks.display()))
+        .arg("waits")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = mark.on(cmd).spawn().expect("start pf");
+    let pf_pid = child.id();
+    deadline.watch(i32::try_from(pf_pid).expect("pid"));
+    let started = Instant::now();
+    while !(marks.join("1").exists() && marks.join("2").exists()) {
+        assert!(started.elapsed() < DEADLINE, "the copies never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    send_signal(pf_pid, "INT");
+    let out = finish(child, b"");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "{stdout}{stderr}");
+    for k in 1..=2 {
+        assert!(stdout.contains(&format!("[{k}] waiting")), "{stdout}");
+        assert!(
+            stderr.contains(&format!("[{k}] killed by signal 2")),
+            "{stderr}"
+        );
+    }
+    mark.assert_running(&[], "a fork whose copies got SIGINT");
+    assert_eq!(scratch_of(pf_pid), Vec::<std::path::PathBuf>::new());
+
     // A pf started with SIGINT ignored (a script's background job, `trap '' INT`) keeps
     // ignoring it: it neither passes it on nor abandons the thaw.
     let mut cmd = Command::new("sh");
@@ -2959,6 +2998,16 @@ fn live_a_thaw_or_fork_interrupted_before_the_copy_runs_leaves_nothing_behind() 
     );
     mark.assert_running(&[], "a thaw that ignored SIGINT");
 }
+
+/// A goblin that, given a path, says `waiting`, creates the file and waits for good.
+const WAITS: &str = r#"import signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+print("ready", flush=True)
+for line in sys.stdin:
+    print("waiting", flush=True)
+    open(line.strip(), "w").close()
+    time.sleep(3600)
+"#;
 
 /// A goblin that counts the SIGTERMs it gets and answers each line with the count.
 const COUNTS_TERMS: &str = r#"import signal, sys

@@ -119,7 +119,8 @@ different things. With --timeout, a copy still running that long after its thaw 
 Signals pf receives (Ctrl-C) once the copies run are passed on to every copy; one that comes
 before (while pf reads the input, loads the snapshot and CRIU restores the copies) stops the
 fork: pf kills CRIU and every copy it started, removes the images it unpacked, and exits 128 +
-the signal's number (130 for Ctrl-C). Exits 0 when every copy exited 0, else 1.
+the signal's number (130 for Ctrl-C). Exits 0 when every copy exited 0; else 128 + N when
+signal N reached pf while the copies ran (so Ctrl-C stops a shell loop), else 1.
 
 Examples:
   pf goblin fork kb -n 4 --send 'nth {i}000'
@@ -764,11 +765,18 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         stdout.flush()
     };
     print().context("cannot write what the copies printed")?;
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(fork_exit_code(all_ok, cancel.signal()))
+}
+
+/// A fork's exit code: 0 when every copy exited 0; else 128 + N when signal N reached pf and was
+/// passed on to the copies (so Ctrl-C stops a shell loop around `pf goblin fork`, as it would
+/// stop any program the loop ran), else 1.
+fn fork_exit_code(all_ok: bool, passed_on: Option<i32>) -> ExitCode {
+    match (all_ok, passed_on) {
+        (true, _) => ExitCode::SUCCESS,
+        (false, Some(sig)) => ExitCode::from(u8::try_from(128 + sig).unwrap_or(u8::MAX)),
+        (false, None) => ExitCode::FAILURE,
+    }
 }
 
 #[cfg(test)]
@@ -802,5 +810,16 @@ mod tests {
             describe_status(std::process::ExitStatus::from_raw(libc::SIGKILL)),
             "killed by signal 9"
         );
+    }
+
+    #[test]
+    fn a_fork_a_signal_ended_exits_as_the_shell_expects() {
+        let code = |ok, sig| format!("{:?}", fork_exit_code(ok, sig));
+        assert_eq!(code(true, None), format!("{:?}", ExitCode::SUCCESS));
+        // Copies that caught the signal and ended well: the fork went well.
+        assert_eq!(code(true, Some(2)), format!("{:?}", ExitCode::SUCCESS));
+        assert_eq!(code(false, Some(2)), format!("{:?}", ExitCode::from(130)));
+        assert_eq!(code(false, Some(15)), format!("{:?}", ExitCode::from(143)));
+        assert_eq!(code(false, None), format!("{:?}", ExitCode::FAILURE));
     }
 }
