@@ -58,6 +58,16 @@ impl Tmux {
         assert!(ok.success());
     }
 
+    /// Press a key (`C-c`, `C-z`) in `session`.
+    fn key(&self, session: &str, key: &str) {
+        let ok = self
+            .tmux()
+            .args(["send-keys", "-t", session, key])
+            .status()
+            .expect("tmux send-keys");
+        assert!(ok.success());
+    }
+
     fn query(&self, session: &str, format: &str) -> i32 {
         let out = self
             .tmux()
@@ -107,6 +117,49 @@ impl Tmux {
 }
 
 impl Tmux {
+    /// Wait until a process with the command line `command` runs under `session`'s pane.
+    fn wait_for_process(&self, session: &str, command: &str) {
+        let pane = self.query(session, "#{pane_pid}");
+        let end = Instant::now() + Duration::from_secs(20);
+        while !descendants(pane).into_iter().any(|p| {
+            // NUL-separated arguments, each ended by a NUL.
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                c.strip_suffix(b"\0").is_some_and(|c| {
+                    c.split(|&b| b == 0).collect::<Vec<_>>().join(&b' ') == command.as_bytes()
+                })
+            })
+        }) {
+            assert!(
+                Instant::now() < end,
+                "{command:?} never ran in {session}:\n{}",
+                self.screen(session)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The restored shell in `session` has this terminal, with job control: Ctrl-C ends the
+    /// command it runs, not the shell or pf (which used to die of it, leaving the shell to share
+    /// the terminal with the one that ran pf); with `stop`, Ctrl-Z stops a command and the shell
+    /// takes the terminal back.
+    fn assert_job_control(&self, session: &str, stop: bool) {
+        self.send(session, "sleep 30.5");
+        self.wait_for_process(session, "sleep 30.5");
+        self.key(session, "C-c");
+        self.send(session, "echo int-$((3+4))");
+        let screen = self.wait_for(session, "int-7");
+        assert!(!screen.contains("pf-exit="), "Ctrl-C ended pf:\n{screen}");
+        if stop {
+            self.send(session, "sleep 31.5");
+            self.wait_for_process(session, "sleep 31.5");
+            self.key(session, "C-z");
+            self.wait_for(session, "Stopped");
+            self.send(session, "kill -KILL %1; wait; echo tstp-$((4+4))");
+            let screen = self.wait_for(session, "tstp-8");
+            assert!(!screen.contains("pf-exit="), "Ctrl-Z stopped pf:\n{screen}");
+        }
+    }
+
     /// Wait until the `pf` in `session` has a restored bash under it and criu is done.
     fn wait_for_restored_shell(&self, session: &str) {
         let pane = self.query(session, "#{pane_pid}");
@@ -239,6 +292,7 @@ fn live_shell_freeze_then_thaw_in_another_terminal() {
         screen.contains("echo marker-$((6*7))"),
         "history is gone:\n{screen}"
     );
+    tmux.assert_job_control("thaw", true);
     tmux.send("thaw", "exit 3");
     tmux.wait_for("thaw", "pf-exit=3");
 }
@@ -269,6 +323,7 @@ fn live_shell_beam_copies_a_running_shell() {
     tmux.wait_for("copy", "copy=beamed-5");
     tmux.send("orig", "echo \"orig=$PF_T-$((3+4))\"");
     tmux.wait_for("orig", "orig=beamed-7");
+    tmux.assert_job_control("copy", false);
     tmux.send("copy", "exit 4");
     tmux.wait_for("copy", "pf-exit=4");
     // The original still answers after the copy is gone.

@@ -26,7 +26,9 @@ Examples:
   pf shell thaw work                 # the frozen shell takes over this terminal
   pf shell thaw --images ./shell.img
 
-pf waits until the shell exits and exits with its status. The shell gets its original pid back,
+The shell joins this terminal's session as its foreground job, with job control: Ctrl-C, Ctrl-Z,
+fg and bg act in it as in the original. pf waits until the shell exits and exits with its
+status (its jobs still running then keep running). The shell gets its original pid back,
 so thaw a snapshot whose shell still runs with `pf shell beam` instead, or stop the original.
 A signal to pf (SIGINT, SIGTERM, SIGHUP) before the shell runs stops the thaw: pf kills CRIU
 and what it restored so far, removes the images it unpacked, and exits 128 + the signal's
@@ -37,7 +39,7 @@ Examples:
   pf shell beam --pgrep 'bash.*project'   # a copy of that shell session, here, now
 
 The original keeps running; the copy runs in fresh PID and mount namespaces beside it, in this
-terminal, until it exits. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original is dumped
+terminal (its foreground job, with job control), until it exits; its jobs end with it. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original is dumped
 waits for the dump to end, and from then until the copy runs it stops the beam: pf kills CRIU
 and what it restored so far, removes the images, and exits 128 + the signal's number.";
 

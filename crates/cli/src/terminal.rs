@@ -13,8 +13,9 @@ pub(crate) struct Foreground {
 }
 
 impl Foreground {
-    /// Make `pid`'s process group the foreground group of the terminal on stdin. Best effort: a
-    /// shell restored in its own session cannot take this terminal, and then nothing changes.
+    /// Make `pid`'s process group the foreground group of the terminal on stdin (the restore has
+    /// put the shell in pf's session, so it may have it). Best effort: if it cannot, pf says so
+    /// and nothing changes.
     pub(crate) fn give(pid: i32) -> Self {
         // A background group that sets the foreground gets SIGTTOU unless it is blocked; pf is in
         // the background when it takes the terminal back.
@@ -28,7 +29,12 @@ impl Foreground {
         match getpgid(Some(Pid::from_raw(pid))) {
             Ok(group) => {
                 if let Err(err) = tcsetpgrp(stdin.as_fd(), group) {
-                    tracing::debug!(%err, pid, "cannot give the terminal to the restored shell");
+                    tracing::warn!(
+                        %err,
+                        pid,
+                        "cannot give this terminal to the restored shell: it has no job \
+                         control, and Ctrl-C typed at it reaches pf"
+                    );
                 }
             }
             Err(err) => tracing::debug!(%err, pid, "cannot read the restored shell's group"),

@@ -573,6 +573,136 @@ fn parse_pstree(img: &[u8]) -> Result<Vec<i32>, ParseError> {
     Ok(out)
 }
 
+/// Make a tree whose root leads its own session, dumped as a shell job (a shell in a terminal
+/// emulator or tmux), join the session of whoever restores it, by giving every process of the
+/// root's session a session id that is no pid of the tree (`pstree.img` rewritten in place,
+/// through a temporary file and a rename). `criu restore --shell-job` then moves that session to
+/// its own (criu/pstree.c, `prepare_pstree_for_shell_job`) and makes the root's group the
+/// foreground group of the terminal it inherits (criu/tty.c). Left a session leader, the root
+/// gets a session of its own that no terminal can be given to: no job control, and Ctrl-C or
+/// Ctrl-Z typed at it went to the process that restored it. Returns whether anything changed
+/// (not for a root that was already a job of another session).
+pub fn join_restorers_session(images_dir: &Path) -> Result<bool, ImageError> {
+    let path = images_dir.join("pstree.img");
+    let bytes = std::fs::read(&path).map_err(|source| ImageError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let malformed = |(offset, reason)| ImageError::Malformed {
+        path: path.clone(),
+        offset,
+        reason,
+    };
+    let Some(rewritten) = sessions_joined(&bytes).map_err(malformed)? else {
+        return Ok(false);
+    };
+    let tmp = images_dir.join("pstree.img.pf-tmp");
+    std::fs::write(&tmp, &rewritten)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| {
+            let _ = std::fs::remove_file(&tmp);
+            ImageError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    Ok(true)
+}
+
+/// [`join_restorers_session`] on the bytes of a `pstree.img`: the rewritten image, or `None`
+/// when its root does not lead its session. Every field but `sid` (4) is kept as it was.
+fn sessions_joined(img: &[u8]) -> Result<Option<Vec<u8>>, ParseError> {
+    let mut r = Reader { buf: img, pos: 0 };
+    if r.u32_le()? != IMG_COMMON_MAGIC {
+        return Err((0, "not a criu image (bad common magic)"));
+    }
+    if r.u32_le()? != PSTREE_MAGIC {
+        return Err((4, "not a pstree image (bad magic)"));
+    }
+    let mut entries: Vec<&[u8]> = Vec::new();
+    while r.pos < img.len() {
+        let len = r.u32_le()? as usize;
+        entries.push(r.take(len, "entry runs past the end of the file")?);
+    }
+    // Every number the tree uses as a pid, group or session, and each entry's pid and sid.
+    let mut used: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    let mut ids: Vec<(Option<u64>, Option<u64>)> = Vec::with_capacity(entries.len());
+    for msg in &entries {
+        let (mut pid, mut sid) = (None, None);
+        for_each_field(msg, &mut |field, _, value| {
+            match (field, value) {
+                (1..=5, Field::Varint(v)) => {
+                    used.insert(v);
+                    match field {
+                        1 => pid = Some(v),
+                        4 => sid = Some(v),
+                        _ => {}
+                    }
+                }
+                (5, Field::Bytes(packed)) => {
+                    let mut p = Reader {
+                        buf: packed,
+                        pos: 0,
+                    };
+                    while p.pos < packed.len() {
+                        used.insert(p.varint()?);
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+        ids.push((pid, sid));
+    }
+    let Some(&(Some(root), Some(root_sid))) = ids.first() else {
+        return Err((8, "the root's entry has no pid or no sid"));
+    };
+    if root_sid != root {
+        return Ok(None);
+    }
+    // A number no process of the tree has or leads: criu replaces it with its own session. Small,
+    // because criu raises the kernel's pid_max to the largest number it reads.
+    let outside = (2u64..).find(|n| !used.contains(n)).unwrap_or(2);
+    let mut out = Vec::with_capacity(img.len() + entries.len() * 4);
+    out.extend_from_slice(&img[..8]);
+    for (msg, &(_, sid)) in entries.iter().zip(&ids) {
+        if sid != Some(root) {
+            push_entry(&mut out, msg);
+            continue;
+        }
+        let mut entry = Vec::with_capacity(msg.len() + 4);
+        let mut r = Reader { buf: msg, pos: 0 };
+        while r.pos < msg.len() {
+            let start = r.pos;
+            let key = r.varint()?;
+            match key & 7 {
+                0 if key >> 3 == 4 => {
+                    r.varint()?;
+                    put_varint_field(&mut entry, 4, outside);
+                    continue;
+                }
+                0 => {
+                    r.varint()?;
+                }
+                1 => {
+                    r.take(8, "truncated 64-bit field")?;
+                }
+                2 => {
+                    let len = r.varint()? as usize;
+                    r.take(len, "truncated length-delimited field")?;
+                }
+                5 => {
+                    r.take(4, "truncated 32-bit field")?;
+                }
+                _ => return Err((r.pos, "unsupported protobuf wire type")),
+            }
+            entry.extend_from_slice(&msg[start..r.pos]);
+        }
+        push_entry(&mut out, &entry);
+    }
+    Ok(Some(out))
+}
+
 /// CRIU's own figures for the dump that wrote `stats-dump` into `work_dir` (criu's work
 /// directory, which is the images directory unless `--work-dir` says otherwise).
 pub fn dump_stats(work_dir: &Path) -> Result<DumpStats, ImageError> {
@@ -1341,6 +1471,79 @@ mod tests {
             parse_pstree(b"\0\0\0\0\x30\x30\x27\x50"),
             Err((0, "not a criu image (bad common magic)"))
         );
+    }
+
+    /// A `pstree.img` of `entries` (each its fields as (number, varint value)).
+    fn pstree_of(entries: &[&[(u64, u64)]]) -> Vec<u8> {
+        let mut img = b"\x19\x43\x56\x54\x30\x30\x27\x50".to_vec();
+        for fields in entries {
+            let mut msg = Vec::new();
+            for &(field, value) in *fields {
+                put_varint_field(&mut msg, field, value);
+            }
+            push_entry(&mut img, &msg);
+        }
+        img
+    }
+
+    #[test]
+    fn a_session_leading_shell_joins_the_restorers_session() {
+        // bash 3206 leads its session and group; its job `sleep 1000 &` (3210, group 3210);
+        // a `setsid` daemon it started (3220) leads a session of its own and stays so.
+        let img = pstree_of(&[
+            &[(1, 3206), (2, 0), (3, 3206), (4, 3206), (5, 3206)],
+            &[(1, 3210), (2, 3206), (3, 3210), (4, 3206), (5, 3210)],
+            &[(1, 3220), (2, 3206), (3, 3220), (4, 3220), (5, 3220)],
+        ]);
+        let out = sessions_joined(&img).expect("parse").expect("rewritten");
+        assert_eq!(
+            out,
+            pstree_of(&[
+                &[(1, 3206), (2, 0), (3, 3206), (4, 2), (5, 3206)],
+                &[(1, 3210), (2, 3206), (3, 3210), (4, 2), (5, 3210)],
+                &[(1, 3220), (2, 3206), (3, 3220), (4, 3220), (5, 3220)],
+            ])
+        );
+        assert_eq!(parse_pstree(&out), parse_pstree(&img), "the same pids");
+        // Already a job of another session (a goblin frozen with --shell-job): left alone, and
+        // so is a rewritten image.
+        assert_eq!(sessions_joined(&out), Ok(None));
+        let job = pstree_of(&[&[(1, 500), (2, 0), (3, 500), (4, 400), (5, 500)]]);
+        assert_eq!(sessions_joined(&job), Ok(None));
+        // The number chosen is none the tree uses (here 2 and 3 are pids of it).
+        let low = pstree_of(&[
+            &[(1, 2), (2, 0), (3, 2), (4, 2), (5, 2)],
+            &[(1, 3), (2, 2), (3, 3), (4, 2), (5, 3)],
+        ]);
+        let out = sessions_joined(&low).expect("parse").expect("rewritten");
+        assert_eq!(
+            out,
+            pstree_of(&[
+                &[(1, 2), (2, 0), (3, 2), (4, 4), (5, 2)],
+                &[(1, 3), (2, 2), (3, 3), (4, 4), (5, 3)],
+            ])
+        );
+        assert!(sessions_joined(&img[..20]).is_err());
+        assert!(sessions_joined(&img[..8]).is_err(), "no root");
+    }
+
+    #[test]
+    fn join_restorers_session_rewrites_the_file_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pstree.img");
+        let img = pstree_of(&[&[(1, 77), (2, 0), (3, 77), (4, 77), (5, 77)]]);
+        std::fs::write(&path, &img).expect("write");
+        assert!(join_restorers_session(dir.path()).expect("rewrite"));
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            pstree_of(&[&[(1, 77), (2, 0), (3, 77), (4, 2), (5, 77)]])
+        );
+        assert!(!join_restorers_session(dir.path()).expect("again"));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["pstree.img"]);
     }
 
     #[test]

@@ -47,7 +47,11 @@ pub struct InheritFd {
 pub struct RestoreOptions {
     /// Restore inside fresh PID + mount namespaces (works while the original pids are taken).
     pub new_pidns: bool,
-    /// The tree was dumped with `--shell-job` (`--shell-job` again).
+    /// The tree was dumped with `--shell-job` (`--shell-job` again). Its root takes the session
+    /// and terminal of the restorer: a root that led a session of its own (a shell in a terminal
+    /// window) joins the restorer's instead ([`crate::images::join_restorers_session`]; an
+    /// images dir given is rewritten in place), so that its terminal, job control and Ctrl-C
+    /// work.
     pub shell_job: bool,
     /// Descriptors to hand to the tree.
     pub inherit: Vec<InheritFd>,
@@ -426,6 +430,19 @@ fn restore_prepared(
         })
         .collect::<Result<_>>()?;
     drop(std::mem::take(&mut opts.inherit));
+    if opts.shell_job {
+        // A shell that led its session joins ours, so that it can have this terminal (job
+        // control, Ctrl-C); best effort: an images dir we may not write is restored as it is.
+        match crate::images::join_restorers_session(images_dir) {
+            Ok(true) => tracing::debug!("the shell job's session is the restorer's"),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(
+                error = %err,
+                "the restored tree keeps a session of its own: it cannot take this terminal \
+                 (no job control)"
+            ),
+        }
+    }
     let keep: Vec<RawFd> = inherit.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
     let restored = if opts.new_pidns {
         run_restore(criu, images_dir, &opts, &inherit, &keep, hold)
