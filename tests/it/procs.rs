@@ -343,3 +343,94 @@ fn live_cli_restores_a_copy_beside_the_original() {
     assert!(ended(copy), "the copy died with its init");
     assert!(ended(init), "the init exited");
 }
+
+/// A tree captured with `--shell-job` (a loop started from a shell, not leading its session)
+/// restores without the flag: the capture recorded it. Before, the restore failed after 10 s
+/// with an error blaming an unreaped process. A snapshot of a terminal shell (`shell=v1`) is
+/// pointed at `pf shell thaw` by `pf procs restore` and `pf goblin thaw` alike.
+#[test]
+fn live_a_shell_job_capture_restores_without_the_flag() {
+    if !live("live_a_shell_job_capture_restores_without_the_flag") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_a_shell_job_capture_restores_without_the_flag",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let file = dir.path().join("ticks.log");
+    // Not setsid: a job of this test's session, as a loop started from a shell is.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        "i=0; while :; do i=$((i+1)); echo \"tick $i\" >> \"$1\"; sleep 0.05; done",
+        "ticker",
+    ])
+    .arg(&file)
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut child = spawn_clean(&mut cmd).expect("spawn the ticker");
+    let pid = child.id() as i32;
+    deadline.watch(pid);
+    let _kill = KillOnDrop(pid);
+    assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
+    let plain = run(pf(&store).args(["procs", "capture", "--pid", &pid.to_string()]));
+    assert_eq!(plain.status.code(), Some(1), "{}", text(&plain.stderr));
+    assert!(
+        text(&plain.stderr).contains("--shell-job"),
+        "{}",
+        text(&plain.stderr)
+    );
+    for (tag, label) in [("job", "kind=loop"), ("sh", "shell=v1")] {
+        let out = run(pf(&store).args([
+            "procs",
+            "capture",
+            "--pid",
+            &pid.to_string(),
+            "--shell-job",
+            "--leave-running",
+            "--label",
+            label,
+            "--tag",
+            tag,
+        ]));
+        assert!(out.status.success(), "capture: {}", text(&out.stderr));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let stopped = last_tick(&file);
+
+    for args in [
+        &["procs", "restore", "sh"][..],
+        &["goblin", "thaw", "sh"][..],
+    ] {
+        let out = run(pf(&store).args(args).stdin(Stdio::null()));
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("is a terminal shell") && err.contains("`pf shell thaw"),
+            "{args:?}: {err}"
+        );
+    }
+
+    let started = Instant::now();
+    let out = run(pf(&store)
+        .args(["procs", "restore", "job"])
+        .stdin(Stdio::null()));
+    assert!(out.status.success(), "restore: {}", text(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let pids = pids_of(&out.stdout);
+    let _kill_all: Vec<KillOnDrop> = pids.iter().map(|&p| KillOnDrop(p)).collect();
+    pids.iter().for_each(|&p| deadline.watch(p));
+    assert_eq!(pids.first(), Some(&pid));
+    assert!(
+        wait_until(Duration::from_secs(10), || last_tick(&file) >= stopped + 3),
+        "the loop ticks on"
+    );
+}

@@ -121,7 +121,8 @@ pub(crate) struct RestoreArgs {
     /// Restore inside new pid and mount namespaces (works while the original pids are taken)
     #[arg(long)]
     new_pidns: bool,
-    /// The tree was captured with --shell-job
+    /// Restore it as a job of this shell, taking this terminal (implied when the capture used
+    /// --shell-job, as it records)
     #[arg(long)]
     shell_job: bool,
     /// An extra argument for `criu restore` (repeatable)
@@ -222,19 +223,36 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
     // Until the tree is detached, a signal stops the restore and leaves nothing behind.
     let signals = common::Signals::start(common::abandon("the restore"));
     let digest = common::resolve_as(store, &args.procs, "snapshot")?;
+    let recorded = match pf_world_procs::load_procs(store, &digest) {
+        Ok(ProcsBlob::Criu(procs)) => Some(procs),
+        _ => None,
+    };
+    let labelled = |(key, value): (&str, &str)| {
+        recorded
+            .as_ref()
+            .is_some_and(|p| p.labels.get(key).map(String::as_str) == Some(value))
+    };
+    if labelled(pf_goblins::SHELL_LABEL) {
+        bail!(
+            "{} is a terminal shell (captured by `pf shell freeze`): thaw it with `pf shell thaw              {}` in a terminal",
+            args.procs,
+            args.procs
+        );
+    }
+    // A tree dumped as a shell job restores only as one: what the capture recorded decides.
+    let shell_job = args.shell_job
+        || recorded
+            .as_ref()
+            .is_some_and(|p| p.options.as_ref().is_some_and(|o| o.shell_job));
     let opts = RestoreOptions {
         new_pidns: args.new_pidns,
-        shell_job: args.shell_job,
+        shell_job,
         inherit: Vec::new(),
         extra_args: args.criu_arg.clone(),
     };
     // A goblin's stdin and stdout are pipes whose other ends were pf's: restored this way they
     // lead nowhere, so most goblins see end of input or a broken pipe and exit at once.
-    let is_goblin = matches!(
-        pf_world_procs::load_procs(store, &digest),
-        Ok(ProcsBlob::Criu(procs)) if procs.labels.get(pf_goblins::GOBLIN_LABEL.0).map(String::as_str)
-            == Some(pf_goblins::GOBLIN_LABEL.1)
-    );
+    let is_goblin = labelled(pf_goblins::GOBLIN_LABEL);
     let goblin_hint = || {
         format!(
             "{} is a goblin snapshot: restored by `pf procs restore` its stdin and stdout pipes \

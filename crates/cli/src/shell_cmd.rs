@@ -252,7 +252,11 @@ fn capture_options(leave_running: bool) -> pf_world_procs::CaptureOptions {
         tcp_established: false,
         ext_unix_sk: false,
         file_locks: false,
-        labels: [("shell".to_owned(), "v1".to_owned())].into(),
+        labels: [(
+            pf_goblins::SHELL_LABEL.0.to_owned(),
+            pf_goblins::SHELL_LABEL.1.to_owned(),
+        )]
+        .into(),
         extra_args: Vec::new(),
     }
 }

@@ -361,6 +361,12 @@ pub enum NotAGoblinReason {
         crate::GOBLIN_LABEL.1
     )]
     NoGoblinLabel,
+    /// It is a terminal shell, captured by `pf shell freeze` (label `shell=v1`).
+    #[error(
+        "it is a terminal shell (captured by `pf shell freeze`): thaw it with `pf shell thaw` \
+         in a terminal"
+    )]
+    Shell,
     /// It records no stdio at all.
     #[error("it records no stdin/stdout/stderr")]
     NoStdio,

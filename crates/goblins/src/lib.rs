@@ -98,3 +98,7 @@ pub use crate::warm::{
 
 /// The label a goblin's procs blob carries (`labels["goblin"]`), with this format's version.
 pub const GOBLIN_LABEL: (&str, &str) = ("goblin", "v1");
+
+/// The label `pf shell freeze` gives a terminal shell's procs blob: not a goblin, and thawed
+/// only by `pf shell thaw`.
+pub const SHELL_LABEL: (&str, &str) = ("shell", "v1");

@@ -22,11 +22,11 @@ use std::sync::Arc;
 use pf_core::{BlobStore, Digest256};
 use pf_world_procs::{InheritFd, RestoreOptions};
 
-use crate::GOBLIN_LABEL;
 use crate::error::{Error, NotAGoblinReason, Result};
 use crate::goblin::{Goblin, Process};
 use crate::stdio::{StdioKind, Streams, pipe_key};
 use crate::wire::GoblinMeta;
+use crate::{GOBLIN_LABEL, SHELL_LABEL};
 
 /// A frozen goblin to thaw.
 #[derive(Debug, Clone, Copy)]
@@ -649,9 +649,14 @@ fn check_snapshot(
         }
     };
     if procs.labels.get(GOBLIN_LABEL.0).map(String::as_str) != Some(GOBLIN_LABEL.1) {
+        let shell = procs.labels.get(SHELL_LABEL.0).map(String::as_str) == Some(SHELL_LABEL.1);
         return Err(Error::NotAGoblin {
             snapshot: name,
-            reason: NotAGoblinReason::NoGoblinLabel,
+            reason: if shell {
+                NotAGoblinReason::Shell
+            } else {
+                NotAGoblinReason::NoGoblinLabel
+            },
         });
     }
     let pipes = check_pipes(&procs.stdio).map_err(|reason| Error::NotAGoblin {
