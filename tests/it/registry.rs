@@ -133,6 +133,8 @@ fn push_and_pull_errors_are_one_line_saying_what_to_do() {
         "wrong password (pull)",
         &["refused the credentials"],
     );
+    // The failed pull made no store at b: an empty one would pass for a store from then on.
+    assert!(!b.exists(), "a failed pull left {}", b.display());
     let out = push(&right, &target);
     ok(&out, "push with the right password");
     assert!(
@@ -949,8 +951,26 @@ fn pulling_again_mends_a_damaged_copy_of_a_snapshot() {
     drop(registry);
 }
 
-/// Ctrl-C during a pull, once it stores blobs: pf removes what the pull stored and exits 130,
-/// saying so; no name, no blob, no temp file is left.
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// Ctrl-C during a push ends it saying that the same command goes on, and it does. Ctrl-C
+/// during a pull, once it stores blobs: pf removes what the pull stored and exits 130, saying
+/// so; no name, no blob, no temp file is left.
 #[test]
 fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
     let dir = tempfile::tempdir().unwrap();
@@ -968,9 +988,40 @@ fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
     let root = store.put(record.as_bytes()).unwrap();
     store.set_name("big", &root).unwrap();
     let reference = format!("{}/cancel/big:v1", registry.addr());
+    // Ctrl-C during a push: pf says how to go on, and the same command then does.
+    let mut push = pf(&a);
+    push.args(["push", "big", &reference, "--parallel", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = push.spawn().expect("start pf push");
+    let end = Instant::now() + Duration::from_secs(60);
+    let blob_data = |dir: &Path| -> usize {
+        walk(dir)
+            .iter()
+            .filter(|p| p.ends_with("data") && p.to_string_lossy().contains("/blobs/sha256/"))
+            .count()
+    };
+    while blob_data(&dir.path().join("registry")) == 0 {
+        assert!(Instant::now() < end, "the push sent no blob in 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let out = wait(child, b"");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted by signal 2: the push stopped; run the same `pf push` again"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
     let mut push = pf(&a);
     push.args(["push", "big", &reference]);
-    ok(&run(push), "push");
+    let again = ok(&run(push), "push again");
+    assert_eq!(again.trim(), root.to_string());
 
     let b = dir.path().join("b");
     let mut pull = pf(&b);

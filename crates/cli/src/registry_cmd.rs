@@ -127,6 +127,16 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
     let reference = Reference::parse(&args.reference)?;
     let store = common::open_existing_store(global)?;
     let root = common::resolve_as(&store, &args.snapshot, "snapshot")?;
+    // Ctrl-C ends pf at once, saying how to go on: nothing of the store changes, the registry
+    // keeps what it took, and the same command skips those blobs and resumes a cut upload.
+    common::forward_signals_to(common::block_signals(), |sig| {
+        say(&format!(
+            "pf: interrupted by signal {sig}: the push stopped; run the same `pf push` again to go \
+             on where it stopped (the blobs the registry has are skipped, an upload cut midway \
+             resumes)"
+        ));
+        std::process::exit(128 + sig);
+    });
     let meter = Meter::new("pushed", "uploaded");
     let started = Instant::now();
     let options = PushOptions {
@@ -168,6 +178,32 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
 
 pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode> {
     let reference = Reference::parse(&args.reference)?;
+    // A pull that fails leaves nothing of itself, not even the store it would have made: an
+    // empty directory there would pass for a store from then on, mistyped --store or not.
+    let root = common::store_root(global)?;
+    let made = !root.exists();
+    let result = pull_into(global, args, &reference);
+    if made && !matches!(result, Ok(ExitCode::SUCCESS)) {
+        remove_empty_dirs(&root);
+    }
+    result
+}
+
+/// Remove `dir` and the directories under it, bottom up, as long as each is empty: anything
+/// that holds a file stays, with the directories leading to it.
+fn remove_empty_dirs(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn pull_into(global: &Global, args: &PullArgs, reference: &Reference) -> anyhow::Result<ExitCode> {
+    let reference = reference.clone();
     let store = common::open_store(global)?;
     let meter = Meter::new("pulled", "fetched");
     let started = Instant::now();
