@@ -604,6 +604,9 @@ def test_live_thaw_on_the_host_pid_while_the_original_runs_raises_pid_in_use(
     with pytest.raises(pf.PidInUse) as err:
         pf.goblins.thaw("busy", store, new_pid_namespace=False)
     assert str(counter.pid) in str(err.value)
+    # The fix as this API spells it, not as the command line does.
+    assert "new_pid_namespace=True" in str(err.value), str(err.value)
+    assert "--new-pidns" not in str(err.value)
     assert ask(counter, "still") == "2 still"
 
 
@@ -684,6 +687,7 @@ def test_live_warm_up_that_never_gets_ready_raises_not_warm_and_stops_it(live, s
             timeout=0.5,
         )
     assert isinstance(err.value, TimeoutError)
+    assert "not warm after 0.5 s" in str(err.value), str(err.value)
     assert store.names() == {}
 
 

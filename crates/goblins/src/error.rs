@@ -277,7 +277,7 @@ pub enum Error {
     /// A warm-up's goblin was not warm by its deadline; it has been stopped.
     #[error(
         "goblin {pid} was not warm after {} s{}; it has been stopped",
-        .waited.as_secs(),
+        crate::error::seconds(*.waited),
         not_warm_hint(*.quiet, *.on_stderr, *.input_taken)
     )]
     NotWarm {
@@ -530,6 +530,12 @@ impl Error {
     }
 }
 
+/// A duration as a person gives one in seconds: `3`, `1.5`, `0.25`.
+pub(crate) fn seconds(d: std::time::Duration) -> String {
+    let text = format!("{:.3}", d.as_secs_f64());
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -640,6 +646,10 @@ mod tests {
             err.to_string(),
             "sha256:ab is not a goblin snapshot: it holds no process images (captured on macos: \
              no criu)"
+        );
+        assert_eq!(
+            ["3", "1.5", "0.25", "0", "300"].map(String::from),
+            [3.0, 1.5, 0.25, 0.0, 300.0].map(|s| seconds(std::time::Duration::from_secs_f64(s)))
         );
         assert!(
             NotAGoblinReason::NoGoblinLabel

@@ -128,7 +128,12 @@ fn chain(err: &dyn std::error::Error) -> String {
         }
         cause = c.source();
     }
-    text
+    in_python(&text)
+}
+
+/// The command line's spelling of a fix, as this API spells it.
+fn in_python(text: &str) -> String {
+    text.replace("--new-pidns", "new_pid_namespace=True")
 }
 
 /// Build the exception of `class` with `message`.
