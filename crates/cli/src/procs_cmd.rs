@@ -21,7 +21,8 @@ as a deterministic tar, and a small JSON `procs.criu.v2` blob names them (its di
 `capture` prints). PF_SNAPSHOT_FORMAT=v1 stores the whole images directory as one archive
 instead, as pf did before; restore reads both. Needs root (or passwordless sudo for criu) and criu 4.x:
 run `pf doctor` first. Without a usable criu, `capture` stores an honest `procs.unsupported.v1`
-placeholder, says why, and exits 1.
+placeholder, says why, and exits 1. A pipe the tree shares with a process outside it (`prog |
+less`) is restored with nothing at that end; `capture` names each such pipe.
 
 Examples:
   pf procs capture --pid 4242 --tag web         freeze pid 4242's tree (it stops) and name it
@@ -174,6 +175,8 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
         labels: args.label.iter().cloned().collect::<BTreeMap<_, _>>(),
         extra_args: args.criu_arg.clone(),
     };
+    // Seen before the dump: once it is over the tree may be gone.
+    let outside = pipes_leading_outside(&pf_os::proc::tree(args.pid));
     // Held from the first blob to the name (see agent_docs/formats.md).
     let _writing = store
         .writer_lock()
@@ -200,6 +203,9 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
             .with_context(|| format!("captured {}, but cannot name it {name:?}", captured.procs))?;
     }
     deferred.report();
+    for line in outside_pipe_notes(&outside) {
+        note(&line);
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         let json = serde_json::json!({
@@ -214,6 +220,93 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
         writeln!(out, "{}", captured.procs)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A pipe end of the tree whose other end no process of the tree holds: restored, the pipe has
+/// nothing at that other end.
+#[derive(Debug, PartialEq, Eq)]
+struct OutsidePipe {
+    pid: i32,
+    fd: i32,
+    pipe: u64,
+    reads: bool,
+}
+
+/// What to say of `ends` ([`pipes_leading_outside`]): a line per pipe, then what to do.
+fn outside_pipe_notes(ends: &[OutsidePipe]) -> Vec<String> {
+    let mut pipes: BTreeMap<u64, Vec<&OutsidePipe>> = BTreeMap::new();
+    for end in ends {
+        pipes.entry(end.pipe).or_default().push(end);
+    }
+    let mut notes: Vec<String> = pipes
+        .iter()
+        .map(|(pipe, ends)| {
+            let holders = ends
+                .iter()
+                .map(|e| {
+                    let comm = pf_os::proc::comm(e.pid).unwrap_or_default();
+                    format!("pid {} ({comm}) fd {}", e.pid, e.fd)
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            if ends[0].reads {
+                format!(
+                    "note: pipe:[{pipe}] is read by {holders}, and written outside the captured \
+                     tree: restored, it gives end of input at once"
+                )
+            } else {
+                format!(
+                    "note: pipe:[{pipe}] is written by {holders}, and read outside the captured \
+                     tree: restored, nothing reads it, so writes to it fail (most programs then \
+                     die of SIGPIPE)"
+                )
+            }
+        })
+        .collect();
+    if !notes.is_empty() {
+        notes.push(
+            "note: capture the processes at the other end with it (their common session leader), \
+             or use `pf goblin` for a program that talks through stdin and stdout"
+                .to_owned(),
+        );
+    }
+    notes
+}
+
+/// The pipe ends `pids` hold whose other end none of them holds (a pipe seen only reading, or
+/// only writing), in pid and fd order. A process gone meanwhile shows nothing.
+fn pipes_leading_outside(pids: &[i32]) -> Vec<OutsidePipe> {
+    let mut ends: Vec<OutsidePipe> = Vec::new();
+    for &pid in pids {
+        for (fd, link) in pf_os::proc::open_fds(pid) {
+            let (Some(pipe), Some(flags)) = (
+                pf_os::proc::link_inode(&link, "pipe"),
+                pf_os::proc::fd_flags(pid, fd),
+            ) else {
+                continue;
+            };
+            ends.push(OutsidePipe {
+                pid,
+                fd,
+                pipe,
+                reads: pf_os::proc::flags_read(flags),
+            });
+        }
+    }
+    half_pipes(ends)
+}
+
+/// Of `ends`, those of pipes seen only reading or only writing.
+fn half_pipes(ends: Vec<OutsidePipe>) -> Vec<OutsidePipe> {
+    let both: std::collections::BTreeSet<u64> = ends
+        .iter()
+        .filter(|e| e.reads)
+        .map(|e| e.pipe)
+        .filter(|p| ends.iter().any(|e| !e.reads && e.pipe == *p))
+        .collect();
+    ends.into_iter()
+        .filter(|e| !both.contains(&e.pipe))
+        .collect()
 }
 
 /// How long `pf procs restore` watches a restored goblin before it reports success.
@@ -384,5 +477,64 @@ impl Progress {
 
     fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipe_is_outside_when_the_tree_holds_only_one_of_its_ends() {
+        let end = |pid, fd, pipe, reads| OutsidePipe {
+            pid,
+            fd,
+            pipe,
+            reads,
+        };
+        // 10 writes into 7, which 11 reads (inside); 10's stdout 8 goes to `| cat` (outside);
+        // 11's stdin 9 comes from outside; 12 holds both ends of 5 itself.
+        let ends = vec![
+            end(10, 1, 8, false),
+            end(10, 4, 7, false),
+            end(11, 0, 9, true),
+            end(11, 3, 7, true),
+            end(12, 3, 5, true),
+            end(12, 4, 5, false),
+        ];
+        assert_eq!(
+            half_pipes(ends),
+            vec![end(10, 1, 8, false), end(11, 0, 9, true)]
+        );
+        let own = std::process::id() as i32;
+        assert_eq!(pipes_leading_outside(&[]), vec![]);
+        let (r, w) = std::io::pipe().expect("pipe");
+        let mine = pipes_leading_outside(&[own]);
+        assert!(
+            !mine.iter().any(|e| e.pipe == inode(&r)),
+            "both ends here: {mine:?}"
+        );
+        drop(r);
+        let mine = pipes_leading_outside(&[own]);
+        assert!(
+            mine.iter().any(|e| e.pipe == inode(&w) && !e.reads),
+            "{mine:?}"
+        );
+        let notes = outside_pipe_notes(&mine);
+        assert!(
+            notes.iter().any(|n| n
+                .contains(&format!("pipe:[{}] is written by pid {own}", inode(&w)))
+                && n.contains("SIGPIPE")),
+            "{notes:?}"
+        );
+        assert!(notes.last().is_some_and(|n| n.contains("pf goblin")));
+    }
+
+    fn inode(fd: &impl std::os::fd::AsFd) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::File::from(fd.as_fd().try_clone_to_owned().expect("dup"))
+            .metadata()
+            .expect("fstat")
+            .ino()
     }
 }
