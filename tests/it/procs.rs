@@ -402,15 +402,21 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
     let _ = child.wait();
     let stopped = last_tick(&file);
 
-    for args in [
-        &["procs", "restore", "sh"][..],
-        &["goblin", "thaw", "sh"][..],
+    for (args, fix) in [
+        (
+            &["procs", "restore", "sh"][..],
+            "`pf shell thaw sh` in a terminal",
+        ),
+        (
+            &["goblin", "thaw", "sh"][..],
+            "`pf shell thaw` in a terminal",
+        ),
     ] {
         let out = run(pf(&store).args(args).stdin(Stdio::null()));
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = text(&out.stderr);
         assert!(
-            err.contains("is a terminal shell") && err.contains("`pf shell thaw"),
+            err.contains("is a terminal shell") && err.contains(fix),
             "{args:?}: {err}"
         );
     }

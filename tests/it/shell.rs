@@ -117,18 +117,22 @@ impl Tmux {
 }
 
 impl Tmux {
-    /// Wait until a process with the command line `command` runs under `session`'s pane.
-    fn wait_for_process(&self, session: &str, command: &str) {
+    /// Wait until a process with the command line `command` runs under `session`'s pane; its pid.
+    fn wait_for_process(&self, session: &str, command: &str) -> i32 {
         let pane = self.query(session, "#{pane_pid}");
         let end = Instant::now() + Duration::from_secs(20);
-        while !descendants(pane).into_iter().any(|p| {
-            // NUL-separated arguments, each ended by a NUL.
+        // NUL-separated arguments, each ended by a NUL.
+        let is = |p: &i32| {
             std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
                 c.strip_suffix(b"\0").is_some_and(|c| {
                     c.split(|&b| b == 0).collect::<Vec<_>>().join(&b' ') == command.as_bytes()
                 })
             })
-        }) {
+        };
+        loop {
+            if let Some(pid) = descendants(pane).into_iter().find(is) {
+                return pid;
+            }
             assert!(
                 Instant::now() < end,
                 "{command:?} never ran in {session}:\n{}",
@@ -154,7 +158,16 @@ impl Tmux {
             self.wait_for_process(session, "sleep 31.5");
             self.key(session, "C-z");
             self.wait_for(session, "Stopped");
-            self.send(session, "kill -KILL %1; wait; echo tstp-$((4+4))");
+            // Back in the foreground with `fg`, then ended by Ctrl-C.
+            let sleep = self.wait_for_process(session, "sleep 31.5");
+            self.send(session, "fg");
+            let end = Instant::now() + Duration::from_secs(20);
+            while pf_os::proc::stat(sleep).is_some_and(|s| s.state == 'T') {
+                assert!(Instant::now() < end, "fg never resumed the job");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            self.key(session, "C-c");
+            self.send(session, "echo tstp-$((4+4))");
             let screen = self.wait_for(session, "tstp-8");
             assert!(!screen.contains("pf-exit="), "Ctrl-Z stopped pf:\n{screen}");
         }
@@ -235,7 +248,7 @@ fn shell_command() -> String {
 
 fn pf_line(store: &Path, args: &str) -> String {
     format!(
-        "{} --store {} {args}; echo pf-exit=$?; sleep 120",
+        "{} --store {} {args}; echo pf-exit=$?; read -r line; echo \"after-pf=$line\"; sleep 120",
         pf_bin().display(),
         store.display()
     )
@@ -295,6 +308,9 @@ fn live_shell_freeze_then_thaw_in_another_terminal() {
     tmux.assert_job_control("thaw", true);
     tmux.send("thaw", "exit 3");
     tmux.wait_for("thaw", "pf-exit=3");
+    // The terminal is the caller's again: it reads it (in the background it would stop).
+    tmux.send("thaw", "back");
+    tmux.wait_for("thaw", "after-pf=back");
 }
 
 #[test]
@@ -323,9 +339,11 @@ fn live_shell_beam_copies_a_running_shell() {
     tmux.wait_for("copy", "copy=beamed-5");
     tmux.send("orig", "echo \"orig=$PF_T-$((3+4))\"");
     tmux.wait_for("orig", "orig=beamed-7");
-    tmux.assert_job_control("copy", false);
+    tmux.assert_job_control("copy", true);
     tmux.send("copy", "exit 4");
     tmux.wait_for("copy", "pf-exit=4");
+    tmux.send("copy", "back");
+    tmux.wait_for("copy", "after-pf=back");
     // The original still answers after the copy is gone.
     tmux.send("orig", "echo still-$((4+4))");
     tmux.wait_for("orig", "still-8");
@@ -509,6 +527,7 @@ fn live_shell_force_without_a_terminal_dumps_a_working_copy() {
         pf_world_procs::RestoreOptions {
             new_pidns: true,
             shell_job: true,
+            join_session: false,
             inherit: vec![
                 pf_world_procs::InheritFd {
                     fd: in_r.into(),

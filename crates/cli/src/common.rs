@@ -347,15 +347,21 @@ pub(crate) fn abandon(what: &'static str) -> impl FnMut(i32) + Send + 'static {
 /// A signal's default action, as if pf had never handled it: unblocked in this thread and sent
 /// again (SIGINT, SIGTERM and SIGHUP end pf, SIGQUIT dumps core).
 pub(crate) fn default_action() -> impl FnMut(i32) + Send + 'static {
-    |sig| {
-        if let Ok(signal) = nix::sys::signal::Signal::try_from(sig) {
-            let mut set = nix::sys::signal::SigSet::empty();
-            set.add(signal);
-            let _ = set.thread_unblock();
-            let _ = nix::sys::signal::raise(signal);
-        }
-        std::process::exit(128 + sig);
+    |sig| die_of(sig)
+}
+
+/// End pf by signal `sig`'s default action (pf sets no handler; the signal is unblocked in this
+/// thread and sent to it again), so
+/// that pf's parent sees it killed by that signal: a shell stops a loop whose command Ctrl-C
+/// killed, not one that merely exited 130. Exits 128 + `sig` should the signal not end it.
+pub(crate) fn die_of(sig: i32) -> ! {
+    if let Ok(signal) = nix::sys::signal::Signal::try_from(sig) {
+        let mut set = nix::sys::signal::SigSet::empty();
+        set.add(signal);
+        let _ = set.thread_unblock();
+        let _ = nix::sys::signal::raise(signal);
     }
+    std::process::exit(128 + sig);
 }
 
 /// Ctrl-C (the signals of [`block_signals`]) held back while a dump runs: criu, in a process

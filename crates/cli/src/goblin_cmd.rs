@@ -119,8 +119,9 @@ different things. With --timeout, a copy still running that long after its thaw 
 Signals pf receives (Ctrl-C) once the copies run are passed on to every copy; one that comes
 before (while pf reads the input, loads the snapshot and CRIU restores the copies) stops the
 fork: pf kills CRIU and every copy it started, removes the images it unpacked, and exits 128 +
-the signal's number (130 for Ctrl-C). Exits 0 when every copy exited 0; else 128 + N when
-signal N reached pf while the copies ran (so Ctrl-C stops a shell loop), else 1.
+the signal's number (130 for Ctrl-C). Exits 0 when every copy exited 0; else, when signal N
+reached pf while the copies ran, ends killed by it as they were (a shell says 128 + N, and a
+loop around it stops), else 1.
 
 Examples:
   pf goblin fork kb -n 4 --send 'nth {i}000'
@@ -765,12 +766,18 @@ fn fork(global: &Global, args: &ForkArgs) -> anyhow::Result<ExitCode> {
         stdout.flush()
     };
     print().context("cannot write what the copies printed")?;
-    Ok(fork_exit_code(all_ok, cancel.signal()))
+    let code = fork_exit_code(all_ok, cancel.signal());
+    if let (false, Some(sig)) = (all_ok, cancel.signal()) {
+        // Killed by it, as the copies were: a shell loop around `pf goblin fork` stops.
+        common::die_of(sig);
+    }
+    Ok(code)
 }
 
 /// A fork's exit code: 0 when every copy exited 0; else 128 + N when signal N reached pf and was
-/// passed on to the copies (so Ctrl-C stops a shell loop around `pf goblin fork`, as it would
-/// stop any program the loop ran), else 1.
+/// passed on to the copies (pf then ends by that signal instead, when it can, so that Ctrl-C
+/// stops a shell loop around `pf goblin fork`, as it would stop any program the loop ran), else
+/// 1.
 fn fork_exit_code(all_ok: bool, passed_on: Option<i32>) -> ExitCode {
     match (all_ok, passed_on) {
         (true, _) => ExitCode::SUCCESS,

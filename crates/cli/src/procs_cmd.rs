@@ -327,7 +327,8 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
     };
     if labelled(pf_goblins::SHELL_LABEL) {
         bail!(
-            "{} is a terminal shell (captured by `pf shell freeze`): thaw it with `pf shell thaw              {}` in a terminal",
+            "{} is a terminal shell (captured by `pf shell freeze`): thaw it with \
+             `pf shell thaw {}` in a terminal",
             args.procs,
             args.procs
         );
@@ -340,6 +341,7 @@ fn restore(store: &FsBlobStore, args: &RestoreArgs) -> anyhow::Result<ExitCode> 
     let opts = RestoreOptions {
         new_pidns: args.new_pidns,
         shell_job,
+        join_session: false,
         inherit: Vec::new(),
         extra_args: args.criu_arg.clone(),
     };

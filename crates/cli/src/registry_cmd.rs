@@ -131,11 +131,11 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
     // keeps what it took, and the same command skips those blobs and resumes a cut upload.
     common::forward_signals_to(common::block_signals(), |sig| {
         say(&format!(
-            "pf: interrupted by signal {sig}: the push stopped; run the same `pf push` again to go \
-             on where it stopped (the blobs the registry has are skipped, an upload cut midway \
+            "\npf: interrupted by signal {sig}: the push stopped; run the same `pf push` again to \
+             go on where it stopped (the blobs the registry has are skipped, an upload cut midway \
              resumes)"
         ));
-        std::process::exit(128 + sig);
+        common::die_of(sig);
     });
     let meter = Meter::new("pushed", "uploaded");
     let started = Instant::now();

@@ -155,6 +155,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             // pf's signals act as they would without this.
             let signals = common::Signals::start(common::abandon("the thaw"));
             require_terminal()?;
+            let terminal = crate::terminal::Foreground::keep();
             let opts = restore_options(false);
             let restored = match (snapshot, images) {
                 (_, Some(dir)) => pf_world_procs::restore_dir(&dir, opts),
@@ -168,7 +169,7 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             .map_err(with_tty_hint)
             .context("thawing the shell")?;
             signals.set(common::default_action());
-            foreground(restored)
+            foreground(restored, &terminal)
         }
         Command::Beam { target, force } => {
             require_terminal()?;
@@ -198,12 +199,13 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<ExitCode>
             if sig != 0 {
                 common::abandon("the beam")(sig);
             }
+            let terminal = crate::terminal::Foreground::keep();
             let restored = pf_world_procs::restore_dir(dir.path(), restore_options(true))
                 .map_err(with_tty_hint)
                 .context("thawing the copy of the shell")?;
             signals.set(common::default_action());
             drop(dir);
-            foreground(restored)
+            foreground(restored, &terminal)
         }
     }
 }
@@ -265,6 +267,7 @@ fn restore_options(new_pidns: bool) -> pf_world_procs::RestoreOptions {
     pf_world_procs::RestoreOptions {
         new_pidns,
         shell_job: true,
+        join_session: true,
         inherit: Vec::new(),
         extra_args: Vec::new(),
     }
@@ -308,8 +311,13 @@ fn with_tty_hint(err: pf_world_procs::Error) -> anyhow::Error {
 }
 
 /// Hand the terminal to the restored shell, wait for it, and exit with its status.
-fn foreground(mut restored: pf_world_procs::Restored) -> anyhow::Result<ExitCode> {
-    let _guard = crate::terminal::Foreground::give(restored.pid());
+/// Give the terminal to the restored shell and wait for it; `terminal` gives it back when the
+/// caller drops it.
+fn foreground(
+    mut restored: pf_world_procs::Restored,
+    terminal: &crate::terminal::Foreground,
+) -> anyhow::Result<ExitCode> {
+    terminal.give(restored.pid());
     let exit = restored.wait().context("waiting for the shell")?;
     Ok(ExitCode::from(exit.exit_code()))
 }

@@ -565,6 +565,7 @@ impl Loaded {
         let options = RestoreOptions {
             new_pidns: new_pid_namespace,
             shell_job: self.shell_job,
+            join_session: false,
             inherit,
             extra_args: Vec::new(),
         };

@@ -581,7 +581,7 @@ fn parse_pstree(img: &[u8]) -> Result<Vec<i32>, ParseError> {
 /// foreground group of the terminal it inherits (criu/tty.c). Left a session leader, the root
 /// gets a session of its own that no terminal can be given to: no job control, and Ctrl-C or
 /// Ctrl-Z typed at it went to the process that restored it. Returns whether anything changed
-/// (not for a root that was already a job of another session).
+/// (not for a root that was already a job of another session, nor for a root that is pid 1).
 pub fn join_restorers_session(images_dir: &Path) -> Result<bool, ImageError> {
     let path = images_dir.join("pstree.img");
     let bytes = std::fs::read(&path).map_err(|source| ImageError::Io {
@@ -596,7 +596,12 @@ pub fn join_restorers_session(images_dir: &Path) -> Result<bool, ImageError> {
     let Some(rewritten) = sessions_joined(&bytes).map_err(malformed)? else {
         return Ok(false);
     };
-    let tmp = images_dir.join("pstree.img.pf-tmp");
+    // Our own name: two restores of one images dir may rewrite it at once (the same bytes).
+    let tmp = images_dir.join(format!(
+        "pstree.img.pf-tmp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::write(&tmp, &rewritten)
         .and_then(|()| std::fs::rename(&tmp, &path))
         .map_err(|source| {
@@ -657,7 +662,8 @@ fn sessions_joined(img: &[u8]) -> Result<Option<Vec<u8>>, ParseError> {
     let Some(&(Some(root), Some(root_sid))) = ids.first() else {
         return Err((8, "the root's entry has no pid or no sid"));
     };
-    if root_sid != root {
+    // A root that is pid 1 is a whole pid namespace's init, which must lead its session.
+    if root_sid != root || root == 1 {
         return Ok(None);
     }
     // A number no process of the tree has or leads: criu replaces it with its own session. Small,
@@ -1510,6 +1516,8 @@ mod tests {
         assert_eq!(sessions_joined(&out), Ok(None));
         let job = pstree_of(&[&[(1, 500), (2, 0), (3, 500), (4, 400), (5, 500)]]);
         assert_eq!(sessions_joined(&job), Ok(None));
+        let init = pstree_of(&[&[(1, 1), (2, 0), (3, 1), (4, 1), (5, 1)]]);
+        assert_eq!(sessions_joined(&init), Ok(None), "a pid namespace's init");
         // The number chosen is none the tree uses (here 2 and 3 are pids of it).
         let low = pstree_of(&[
             &[(1, 2), (2, 0), (3, 2), (4, 2), (5, 2)],

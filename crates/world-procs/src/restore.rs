@@ -47,12 +47,16 @@ pub struct InheritFd {
 pub struct RestoreOptions {
     /// Restore inside fresh PID + mount namespaces (works while the original pids are taken).
     pub new_pidns: bool,
-    /// The tree was dumped with `--shell-job` (`--shell-job` again). Its root takes the session
-    /// and terminal of the restorer: a root that led a session of its own (a shell in a terminal
-    /// window) joins the restorer's instead ([`crate::images::join_restorers_session`]; an
-    /// images dir given is rewritten in place), so that its terminal, job control and Ctrl-C
-    /// work.
+    /// The tree was dumped with `--shell-job` (`--shell-job` again).
     pub shell_job: bool,
+    /// With `shell_job`, for a terminal shell (`pf shell thaw|beam`): a root that led a session
+    /// of its own (a shell in a terminal window) joins the restorer's session instead
+    /// ([`crate::images::join_restorers_session`]; an images dir given is rewritten in place),
+    /// so that it can have the restorer's terminal, with job control and Ctrl-C. CRIU hands
+    /// that terminal's foreground to the root's group. Not for a root that is pid 1 (a whole
+    /// pid namespace, which must lead its session), nor for trees that are not terminal shells:
+    /// a copy whose session leader is outside its pid namespace cannot be dumped again.
+    pub join_session: bool,
     /// Descriptors to hand to the tree.
     pub inherit: Vec<InheritFd>,
     /// More arguments for `criu restore`.
@@ -430,7 +434,7 @@ fn restore_prepared(
         })
         .collect::<Result<_>>()?;
     drop(std::mem::take(&mut opts.inherit));
-    if opts.shell_job {
+    if opts.shell_job && opts.join_session {
         // A shell that led its session joins ours, so that it can have this terminal (job
         // control, Ctrl-C); best effort: an images dir we may not write is restored as it is.
         match crate::images::join_restorers_session(images_dir) {

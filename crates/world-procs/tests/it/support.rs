@@ -186,6 +186,7 @@ pub(crate) fn restore_opts(new_pidns: bool) -> pf_world_procs::RestoreOptions {
     pf_world_procs::RestoreOptions {
         new_pidns,
         shell_job: false,
+        join_session: false,
         inherit: Vec::new(),
         extra_args: Vec::new(),
     }
