@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
-use crate::support::{pf, text};
+use crate::support::{pf, pf_bin, text};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run pf")
@@ -360,21 +360,33 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let file = dir.path().join("ticks.log");
-    // Not setsid: a job of this test's session, as a loop started from a shell is.
-    let mut cmd = Command::new("sh");
+    // A job of a shell's session, as a loop started from a shell is: a session leader (setsid,
+    // so that it is inside this pid namespace, which the session of a test run in a container
+    // need not be) with the loop in the background.
+    let mut cmd = Command::new("setsid");
     cmd.args([
+        "sh",
         "-c",
-        "i=0; while :; do i=$((i+1)); echo \"tick $i\" >> \"$1\"; sleep 0.05; done",
-        "ticker",
+        "sh -c 'i=0; while :; do i=$((i+1)); echo \"tick $i\" >> \"$1\"; sleep 0.05; done' \
+         ticker \"$1\" >/dev/null & echo $!; wait",
+        "shell",
     ])
     .arg(&file)
     .stdin(Stdio::null())
-    .stdout(Stdio::null())
+    .stdout(Stdio::piped())
     .stderr(Stdio::null());
-    let mut child = spawn_clean(&mut cmd).expect("spawn the ticker");
-    let pid = child.id() as i32;
+    let mut shell = spawn_clean(&mut cmd).expect("spawn the shell");
+    let _kill_shell = KillOnDrop(shell.id() as i32);
+    deadline.watch(shell.id() as i32);
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(shell.stdout.take().expect("piped")),
+        &mut said,
+    )
+    .expect("the shell says its job's pid");
+    let pid: i32 = said.trim().parse().expect("a pid");
     deadline.watch(pid);
-    let _kill = KillOnDrop(pid);
+    let kill_job = KillOnDrop(pid);
     assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
     let plain = run(pf(&store).args(["procs", "capture", "--pid", &pid.to_string()]));
     assert_eq!(plain.status.code(), Some(1), "{}", text(&plain.stderr));
@@ -398,8 +410,9 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
         ]));
         assert!(out.status.success(), "capture: {}", text(&out.stderr));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    // The job ends, then its shell, which waited for it.
+    drop(kill_job);
+    let _ = shell.wait();
     let stopped = last_tick(&file);
 
     for (args, fix) in [
@@ -439,4 +452,58 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
         wait_until(Duration::from_secs(10), || last_tick(&file) >= stopped + 3),
         "the loop ticks on"
     );
+}
+
+/// In a pid namespace whose first process kept the session of its parent outside (as
+/// `unshare --pid` and many containers start one), a process started without setsid belongs to
+/// a session criu cannot see and will not dump, with --shell-job or without: the capture says
+/// so and how to start the process instead, not just criu's line.
+#[test]
+fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
+    if !live("live_a_session_begun_outside_the_pid_namespace_is_explained") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_a_session_begun_outside_the_pid_namespace_is_explained",
+        Duration::from_secs(60),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    // The namespace's init (pid 1) runs pf on a loop it started; --kill-child ends the whole
+    // namespace with unshare, should the test kill it.
+    let script = "sh -c 'while :; do sleep 0.05; done' </dev/null >/dev/null 2>&1 & job=$!; \
+                  for flag in '' --shell-job; do \
+                  \"$0\" --store \"$1\" procs capture --pid \"$job\" $flag; echo \"pf-exit=$?\" >&2; \
+                  done; kill \"$job\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+        "sh",
+        "-c",
+        script,
+    ])
+    .arg(pf_bin())
+    .arg(&store)
+    .env_remove("PF_STORE")
+    .env_remove("RUST_LOG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let child = spawn_clean(&mut cmd).expect("spawn unshare");
+    deadline.watch(child.id() as i32);
+    let _kill = KillOnDrop(child.id() as i32);
+    let out = child.wait_with_output().expect("wait for unshare");
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.matches("pf-exit=1").count(), 2, "{err}");
+    assert_eq!(
+        err.matches("session was begun outside this pid namespace")
+            .count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("start the process under `setsid`"), "{err}");
 }

@@ -102,6 +102,7 @@ pub(crate) fn run(global: &Global, args: &Args) -> anyhow::Result<ExitCode> {
     checks.push(socket_check(probe));
     checks.push(privilege_check(is_root, probe, sudo.as_ref()));
     checks.push(namespace_check(is_root));
+    checks.push(session_check(nix::unistd::getsid(None).map(|p| p.as_raw())));
     checks.push(userfaultfd_check(is_root, probe));
     checks.push(kernel_cache_check(&KernelCache::read(Path::new(KDAT_DIR))));
     checks.push(store_check(global));
@@ -553,6 +554,38 @@ fn namespace_check(is_root: bool) -> Check {
     }
 }
 
+/// Whether the session pf runs in is led from inside this pid namespace (optional). `getsid` says
+/// 0 when its leader is in an outer namespace, as in a container or `unshare --pid` whose first
+/// process kept its parent's session; criu refuses to dump a process of such a session, so
+/// `pf procs capture` of a program started from here without setsid fails (goblins and shells
+/// pf starts lead sessions of their own).
+fn session_check(sid: nix::Result<i32>) -> Check {
+    const ID: &str = "session";
+    const LABEL: &str = "session";
+    match sid {
+        Ok(0) => Check::fail(
+            ID,
+            LABEL,
+            "this session was begun outside this pid namespace: criu cannot capture a process \
+             started from here without setsid (`pf procs capture --pid`)",
+            "start the programs you will capture with `setsid PROGRAM`",
+        )
+        .optional(),
+        Ok(sid) => Check::pass(
+            ID,
+            LABEL,
+            format!("this session (led by pid {sid}) is inside this pid namespace"),
+        ),
+        Err(err) => Check::fail(
+            ID,
+            LABEL,
+            format!("cannot read this process's session: {err}"),
+            "nothing to do for goblins and shells; `pf procs capture` may fail",
+        )
+        .optional(),
+    }
+}
+
 /// Whether the criu found can dump TCP/UDP sockets on this kernel (optional: goblins on pipes
 /// need none).
 fn socket_check(probe: &Probe) -> Check {
@@ -844,6 +877,22 @@ fn first_line_or(bytes: &[u8], fallback: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_led_from_outside_the_pid_namespace_is_an_optional_failure() {
+        let outside = session_check(Ok(0));
+        assert!(!outside.ok && !outside.required);
+        assert!(outside.detail.contains("outside this pid namespace"));
+        assert!(outside.fix.as_deref().is_some_and(|f| f.contains("setsid")));
+        let inside = session_check(Ok(4242));
+        assert!(
+            inside.ok && inside.detail.contains("4242"),
+            "{}",
+            inside.detail
+        );
+        let unknown = session_check(Err(nix::errno::Errno::EPERM));
+        assert!(!unknown.ok && !unknown.required);
+    }
 
     #[test]
     fn reads_kernel_config_values() {

@@ -27,7 +27,12 @@
 //!   warning, followed by `Unable to detach from N: No such process` and `Dumping FAILED`):
 //!   `PTRACE_SEIZE` of a task of the tree was refused, as root because another process traces
 //!   it (another dump of it under way, a debugger), or ptrace is forbidden outright (Yama's
-//!   `ptrace_scope` 3).
+//!   `ptrace_scope` 3);
+//! - `A session leader of N(M) is outside of its pid namespace` (criu/cr-dump.c:1528, and `… of
+//!   zombie process N(M) …` for a zombie): the task's session was begun by a process of an outer
+//!   pid namespace (`getsid` says 0 inside), as for every process started without `setsid` in a
+//!   container or `unshare --pid` whose first process kept its parent's session. CRIU refuses
+//!   such a task whatever the options (`--shell-job` included).
 
 use std::fmt;
 
@@ -59,6 +64,11 @@ pub enum CriuFailure {
     /// under way, a debugger), or ptrace is forbidden here.
     AlreadyTraced {
         /// The task, as criu numbers it.
+        pid: i32,
+    },
+    /// A task's session leader is in an outer pid namespace, which criu cannot dump.
+    SessionOutsideNamespace {
+        /// The task, as the dumping criu sees it.
         pid: i32,
     },
 }
@@ -109,6 +119,13 @@ impl CriuFailure {
                  (kernel.yama.ptrace_scope = 3); let the other freeze finish or detach the \
                  debugger, then try again"
             }
+            Self::SessionOutsideNamespace { .. } => {
+                "the process's session was begun outside this pid namespace (it was started \
+                 without setsid in a container or `unshare --pid` whose first process kept its \
+                 parent's session), and criu cannot dump a session it cannot see, with \
+                 --shell-job or without: start the process under `setsid`, or from a shell \
+                 started with `setsid` inside this namespace"
+            }
         }
     }
 }
@@ -124,6 +141,9 @@ impl fmt::Display for CriuFailure {
             Self::FileChanged => f.write_str("a file changed since the dump"),
             Self::FileMissing => f.write_str("a file of the dump is missing"),
             Self::AlreadyTraced { pid } => write!(f, "process {pid} could not be seized"),
+            Self::SessionOutsideNamespace { pid } => {
+                write!(f, "process {pid}'s session is outside its pid namespace")
+            }
         }
     }
 }
@@ -176,6 +196,14 @@ pub fn classify_line(line: &str) -> Option<CriuFailure> {
         && rest.ends_with("(Operation not permitted)")
     {
         return Some(CriuFailure::AlreadyTraced {
+            pid: leading_number(rest)?,
+        });
+    }
+    if let Some(rest) = line.split("A session leader of ").nth(1)
+        && rest.ends_with("is outside of its pid namespace")
+    {
+        let rest = rest.strip_prefix("zombie process ").unwrap_or(rest);
+        return Some(CriuFailure::SessionOutsideNamespace {
             pid: leading_number(rest)?,
         });
     }
@@ -303,6 +331,26 @@ mod tests {
                 .contains("freeze the process again")
         );
         assert!(CriuFailure::FileMissing.fix().contains("put it back"));
+    }
+
+    #[test]
+    fn a_session_begun_outside_the_pid_namespace() {
+        // What criu 4.2.1 logged dumping a loop started without setsid under
+        // `unshare --pid --fork --mount-proc` (its session leader is the outer shell).
+        let line = "(00.011902) Error (criu/cr-dump.c:1528): A session leader of 2(2) is outside \
+                    of its pid namespace";
+        assert_eq!(
+            classify_line(line),
+            Some(CriuFailure::SessionOutsideNamespace { pid: 2 })
+        );
+        let zombie = "Error (criu/cr-dump.c:1290): A session leader of zombie process 7(7) is \
+                      outside of its pid namespace";
+        assert_eq!(
+            classify_line(zombie),
+            Some(CriuFailure::SessionOutsideNamespace { pid: 7 })
+        );
+        let fix = CriuFailure::SessionOutsideNamespace { pid: 2 }.fix();
+        assert!(fix.contains("setsid") && fix.contains("--shell-job or without"));
     }
 
     #[test]

@@ -471,9 +471,10 @@ impl From<CriuFailure> for ErrorKind {
             CriuFailure::ForeignTerminal { .. } => Self::ForeignTerminal,
             CriuFailure::PidInUse { .. } => Self::PidInUse,
             CriuFailure::NoPrivilege => Self::NeedsPrivilege,
-            CriuFailure::GhostInTheWay | CriuFailure::FileChanged | CriuFailure::FileMissing => {
-                Self::CriuFailed
-            }
+            CriuFailure::GhostInTheWay
+            | CriuFailure::FileChanged
+            | CriuFailure::FileMissing
+            | CriuFailure::SessionOutsideNamespace { .. } => Self::CriuFailed,
             CriuFailure::AlreadyTraced { .. } => Self::Traced,
         }
     }
@@ -679,6 +680,11 @@ mod tests {
                 Some(CriuFailure::AlreadyTraced { pid: 9 }),
                 ErrorKind::Traced,
                 "another process was tracing it",
+            ),
+            (
+                Some(CriuFailure::SessionOutsideNamespace { pid: 2 }),
+                ErrorKind::CriuFailed,
+                "start the process under `setsid`",
             ),
             (None, ErrorKind::CriuFailed, "full log kept in"),
         ];
