@@ -541,6 +541,54 @@ fn rm_removes_a_blob_and_its_given_name_and_guards_other_names() {
     assert!(err.contains("not in the store"), "{err}");
 }
 
+/// A blob a named snapshot is made of (a pack, a page list, an image), reached through the
+/// snapshot's manifest rather than named itself, is not removed without --force: it would leave
+/// the snapshot unable to thaw.
+#[test]
+fn rm_refuses_a_blob_named_snapshots_are_made_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let put = |name: &str, bytes: &[u8]| {
+        let file = dir.path().join(name);
+        fs::write(&file, bytes).unwrap();
+        ok(&store, &["put", file.to_str().unwrap()])
+            .trim()
+            .to_owned()
+    };
+    let pack = put("pack", b"\x00 pages of memory");
+    let first = put("first", format!(r#"{{"packs":["{pack}"]}}"#).as_bytes());
+    let second = put(
+        "second",
+        format!(r#"{{"pages":{{"p":"{pack}"}}}}"#).as_bytes(),
+    );
+    ok(&store, &["tag", "snap-b", &second]);
+    ok(&store, &["tag", "snap-a", &first]);
+    let err = fails(&store, &["rm", &pack]);
+    assert!(
+        err.contains("is part of named snapshots (snap-a, snap-b)")
+            && err.contains("no longer thaw")
+            && err.contains("--force"),
+        "{err}"
+    );
+    assert!(
+        ls_json(&store).len() == 3,
+        "nothing removed: {:?}",
+        ls_json(&store)
+    );
+    // Once no name needs it, it goes without --force.
+    ok(&store, &["untag", "snap-b"]);
+    let err = fails(&store, &["rm", &pack]);
+    assert!(err.contains("a named snapshot (snap-a)"), "{err}");
+    let out = store_cmd(&store, &["rm", &pack, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("snap-a no longer thaws") && stderr(&out).contains("pf store verify"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(ok(&store, &["tags"]).lines().count(), 1, "the name stays");
+}
+
 #[test]
 fn a_put_killed_halfway_leaves_no_blob_and_gc_sweeps_its_temp_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -168,11 +168,13 @@ Examples:
     #[command(after_help = "\
 Examples:
   pf store rm base                      removes the blob `base` points at, and the name `base`
-  pf store rm sha256:…                  refuses if names point at the blob
-  pf store rm sha256:… --force          also removes those names
+  pf store rm sha256:…                  refuses if names point at the blob, or if named
+                                        snapshots are made of it (a pack, a page list, an image)
+  pf store rm sha256:… --force          also removes those names; removes it anyway
 
-Blobs that refer to the removed one (JSON holding its digest) are not changed: a snapshot whose
-dump is removed cannot be restored. Prefer `pf store untag` and `pf store gc`.")]
+Blobs that refer to the removed one (JSON holding its digest) are not changed: a snapshot one
+of whose blobs is removed cannot be restored, and `pf store verify` names it. Prefer
+`pf store untag` and `pf store gc`.")]
     Rm(RmArgs),
 }
 
@@ -274,7 +276,8 @@ pub(crate) struct RmArgs {
     /// The blob to remove: a digest, a unique prefix of one, or a name (the name is removed too)
     #[arg(value_name = "DIGEST|NAME")]
     blob: String,
-    /// Also remove the other names that point at the blob
+    /// Also remove the other names that point at the blob, and remove it even when named
+    /// snapshots need it (one of their packs, page lists or images: they will no longer thaw)
     #[arg(long)]
     force: bool,
 }
@@ -1065,6 +1068,22 @@ fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
     if !store.contains(&digest)? {
         bail!("blob {digest} is not in the store");
     }
+    // A pack, page list or image blob of named snapshots: removing it breaks them.
+    let needed_by = pf_core::names_reaching(store, &digest)?;
+    if !needed_by.is_empty() && !args.force {
+        bail!(
+            "{digest} is part of {} ({}): removed, {} would no longer thaw; `pf store rm NAME` \
+             removes a snapshot and `pf store gc` then what only it used; --force removes this \
+             blob anyway",
+            if needed_by.len() == 1 {
+                "a named snapshot"
+            } else {
+                "named snapshots"
+            },
+            needed_by.join(", "),
+            if needed_by.len() == 1 { "it" } else { "they" },
+        );
+    }
     let names: Vec<&str> = given_name
         .into_iter()
         .chain(others.iter().map(String::as_str))
@@ -1083,6 +1102,13 @@ fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
             _ => format!(" and its names {}", names.join(", ")),
         }
     ));
+    if !needed_by.is_empty() {
+        say(&format!(
+            "{} no longer thaw{}: `pf store verify` names what is missing",
+            needed_by.join(", "),
+            if needed_by.len() == 1 { "s" } else { "" },
+        ));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -139,6 +139,54 @@ pub fn remove_unreachable(
     Ok(removed)
 }
 
+/// The names that need `digest` without pointing at it: those from whose blob following
+/// references (and forward records), as gc does, reaches it — the snapshots a pack, a page list
+/// or an image blob is part of. Sorted. A blob that cannot be read counts as referring to
+/// nothing (this answers "what would removing it break", which a damaged store must not stop).
+pub fn names_reaching(store: &dyn BlobStore, digest: &Digest256) -> Result<Vec<String>> {
+    let mut records: std::collections::BTreeMap<Digest256, Vec<Digest256>> =
+        std::collections::BTreeMap::new();
+    for f in store.forwards()? {
+        records.entry(f.pack).or_default().push(f.to);
+    }
+    let mut edges: std::collections::HashMap<Digest256, Vec<Digest256>> =
+        std::collections::HashMap::new();
+    let mut names = Vec::new();
+    for (name, root) in store.names()? {
+        if root == *digest {
+            continue;
+        }
+        let mut seen = BTreeSet::new();
+        let mut queue = VecDeque::from([root]);
+        while let Some(at) = queue.pop_front() {
+            if at == *digest {
+                names.push(name);
+                break;
+            }
+            if !seen.insert(at) {
+                continue;
+            }
+            if let Some(targets) = records.get(&at) {
+                queue.extend(targets.iter().copied());
+            }
+            if let std::collections::hash_map::Entry::Vacant(slot) = edges.entry(at) {
+                let refs = if store.contains(&at)? {
+                    children(store, &at).unwrap_or_else(|err| {
+                        tracing::debug!(%err, digest = %at, "unreadable; taken as referring to nothing");
+                        Vec::new()
+                    })
+                } else {
+                    Vec::new()
+                };
+                slot.insert(refs);
+            }
+            queue.extend(edges[&at].iter().copied());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// What the names reach, and what they refer to that is missing.
 pub(crate) struct Marked {
     pub(crate) reachable: BTreeSet<Digest256>,
@@ -466,6 +514,31 @@ mod tests {
         assert_eq!(report.missing, vec![absent]);
         assert!(!s.contains(&loose).unwrap());
         assert_eq!(s.list().unwrap(), want);
+    }
+
+    #[test]
+    fn names_reaching_a_blob_are_those_whose_graph_holds_it() {
+        let s = MemBlobStore::new();
+        let pack = s.put(b"\x00pages").unwrap();
+        let list = s.put(format!(r#"["{pack}"]"#).as_bytes()).unwrap();
+        let first = s
+            .put(format!(r#"{{"pages":"{list}"}}"#).as_bytes())
+            .unwrap();
+        let second = s
+            .put(format!(r#"{{"p":"{pack}","n":1}}"#).as_bytes())
+            .unwrap();
+        let unrelated = s.put(b"{}").unwrap();
+        s.set_name("b", &second).unwrap();
+        s.set_name("a", &first).unwrap();
+        s.set_name("c", &unrelated).unwrap();
+        s.set_name("direct", &pack).unwrap();
+        assert_eq!(names_reaching(&s, &pack).unwrap(), vec!["a", "b"]);
+        assert_eq!(names_reaching(&s, &list).unwrap(), vec!["a"]);
+        // A name pointing at the blob itself is not among them; nothing reaches a root.
+        assert!(names_reaching(&s, &first).unwrap().is_empty());
+        // A blob that cannot be read refers to nothing, and does not stop the answer.
+        s.corrupt_for_test(&list, b"[]");
+        assert_eq!(names_reaching(&s, &pack).unwrap(), vec!["b"]);
     }
 
     #[test]

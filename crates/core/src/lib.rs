@@ -31,7 +31,9 @@ pub use crate::digest::{Digest256, DigestHasher, ParseDigestError};
 pub use crate::digest::{DigestMap, DigestState};
 pub use crate::error::{Error, Result};
 pub use crate::fs::FsBlobStore;
-pub use crate::gc::{GcBlob, GcOptions, GcReport, gc, references, remove_unreachable};
+pub use crate::gc::{
+    GcBlob, GcOptions, GcReport, gc, names_reaching, references, remove_unreachable,
+};
 pub use crate::lock::StoreLock;
 pub use crate::mem::MemBlobStore;
 pub use crate::repack::{RepackOptions, RepackReport, repack};
