@@ -507,3 +507,53 @@ fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
     );
     assert!(err.contains("start the process under `setsid`"), "{err}");
 }
+
+/// A capture into a store on a read-only mount fails before criu runs, saying why and what to
+/// do: the process was neither dumped for nothing nor stopped, and runs on untouched. (It
+/// dumped the whole tree, then failed on the first page with the file system's bare error.)
+#[test]
+fn live_a_capture_into_a_read_only_store_fails_before_the_dump() {
+    if !live("live_a_capture_into_a_read_only_store_fails_before_the_dump") {
+        return;
+    }
+    let deadline = Deadline::start(
+        "live_a_capture_into_a_read_only_store_fails_before_the_dump",
+        Duration::from_secs(60),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("mkdir store");
+    let (mut child, file) = start_ticker(dir.path());
+    let pid = child.id() as i32;
+    deadline.watch(pid);
+    let _kill = KillOnDrop(pid);
+    assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o ro,mode=700 tmpfs \"$1\" && exec \"$2\" --store \"$1\" procs \
+             capture --pid \"$3\"",
+        )
+        .arg("sh")
+        .arg(&store)
+        .arg(pf_bin())
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .env_remove("PF_STORE")
+        .output()
+        .expect("run pf in a mount namespace");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is on a read-only file system") && err.contains("remount it read-write"),
+        "{err}"
+    );
+    assert!(!err.contains("it runs on"), "nothing was stopped: {err}");
+    let before = last_tick(&file);
+    assert!(
+        wait_until(Duration::from_secs(10), || last_tick(&file) >= before + 3),
+        "the process runs on"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

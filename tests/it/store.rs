@@ -725,7 +725,10 @@ fn read_only_and_full_stores_fail_naming_the_path() {
         err.contains(&dir.path().join("mnt").display().to_string()),
         "{err}"
     );
-    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(
+        err.contains("is on a read-only file system") && err.contains("remount it read-write"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 
     let Some(out) = put_on_tmpfs(dir.path(), "size=1m,mode=700", &input) else {

@@ -122,6 +122,13 @@ pub(crate) fn build(root: &Path) -> anyhow::Result<Vec<TestBinary>> {
     if bins.is_empty() {
         bail!("`{}` built no test executables", process::display(&cmd));
     }
+    // The `pf` the integration tests run, built as they build it (tests/it/support.rs
+    // `pf_bin`): one package alone unifies its dependencies' features otherwise than the
+    // workspace, so this compiles them again. Here, rather than inside the first test that
+    // needs pf, which then ran for minutes.
+    let mut pf = process::command(cargo(), root, Out::Inherit, Out::Inherit);
+    pf.args(["build", "--quiet", "--package", "pf-cli", "--bin", "pf"]);
+    process::run(&mut pf).context("cannot build pf for the integration tests")?;
     Ok(bins)
 }
 

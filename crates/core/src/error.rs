@@ -152,6 +152,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A writer (a freeze, a capture, a put, a pull, a tag) was about to use a store it cannot
+    /// write: said before any work starts, not after a whole process has been dumped.
+    #[error(
+        "the store at {} {}: nothing can be stored in it (thawing from it works); {}",
+        .root.display(),
+        if *.read_only_fs { "is on a read-only file system" } else { "is not writable by you" },
+        if *.read_only_fs {
+            "remount it read-write, or pass --store DIR on a writable one"
+        } else {
+            "give yourself write permission on it (`chmod u+w`), or pass --store DIR"
+        }
+    )]
+    StoreNotWritable {
+        root: PathBuf,
+        /// On a read-only mount (else: permissions).
+        read_only_fs: bool,
+    },
     /// A forward record file is not the record its path says (see [`crate::forward`]).
     #[error(
         "forward record {} is not a pf.pack_forward.v1 record of the packs its path names; remove it only if no snapshot needs the pack it forwards (`pf store verify` tells)",

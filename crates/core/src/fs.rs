@@ -890,6 +890,22 @@ impl BlobStore for FsBlobStore {
     }
 
     fn writer_lock(&self) -> Result<StoreLock> {
+        // A writer writes: a store it cannot write is said to be so before its work starts (a
+        // freeze would otherwise dump the whole process, then fail on its first page).
+        let read_only_fs = match nix::unistd::access(
+            &self.root,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        ) {
+            Err(nix::errno::Errno::EROFS) => Some(true),
+            Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => Some(false),
+            _ => None,
+        };
+        if let Some(read_only_fs) = read_only_fs {
+            return Err(Error::StoreNotWritable {
+                root: self.root.clone(),
+                read_only_fs,
+            });
+        }
         let file = self.lock_file()?;
         file.lock_shared()
             .map_err(|err| Error::io("locking (shared)", self.root.join("lock"), err))?;

@@ -81,6 +81,8 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// exclusively ([`gc_lock`](Self::gc_lock)) for its mark and sweep, so it never removes a
     /// blob between its put and its name, whatever its grace period. Writers do not exclude each
     /// other, and a writer may take it again while it holds it. Blocks while a gc holds it.
+    /// A store that cannot be written (a read-only mount) is [`Error::StoreNotWritable`] here,
+    /// before the writer's work begins.
     fn writer_lock(&self) -> Result<StoreLock>;
 
     /// Take a share of the store's lock as a reader whose blobs must not go while it reads them

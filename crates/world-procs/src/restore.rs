@@ -237,9 +237,10 @@ pub fn restore_lazy(images: &LazyImages, mut opts: RestoreOptions) -> Result<Res
     if let Some(pack) = images.memory.missing_pack() {
         return Err(Error::Store {
             what: format!(
-                "the pages of snapshot {} are no longer all in the store: a gc removed them \
-                 after the snapshot's name was removed, since it was loaded here; nothing was \
-                 restored (keep a snapshot named while it is thawed: pf store tag)",
+                "the pages of snapshot {} are no longer all in the store (a pack it needs is \
+                 gone: removed by hand, or by a gc after the snapshot's name was removed since \
+                 it was loaded here); nothing was restored: `pf store verify` names what is \
+                 missing, and a snapshot kept named while it is thawed keeps its packs",
                 images.memory.snapshot()
             ),
             source: pf_core::Error::NotFound { digest: pack },
