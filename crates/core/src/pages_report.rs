@@ -22,8 +22,12 @@ use crate::store::BlobStore;
 /// takes about 75 bytes per pack, so this covers files of tens of TiB.
 const MANIFEST_MAX: u64 = 16 << 20;
 
-/// Uses of one bad page or pack listed in a [`PageProblem`]; the rest are only counted.
-const USES_LISTED: usize = 16;
+/// Uses of one bad page or pack listed in a [`PageProblem`] per manifest (a file of a
+/// snapshot), and manifests listed so; the rest are only counted ([`PageProblem::use_counts`]
+/// still counts every manifest). Per manifest, so that a pack thousands of pages of one
+/// snapshot use does not hide the other snapshots that use it.
+const USES_LISTED_PER_MANIFEST: u64 = 4;
+const MANIFESTS_LISTED: usize = 64;
 
 /// Why a report could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -644,7 +648,8 @@ impl std::fmt::Display for Fault {
 pub struct PageProblem {
     /// What is wrong.
     pub fault: Fault,
-    /// Up to 16 uses of the bad page (or of the pack's pages, or of the list's pages).
+    /// Some uses of the bad page (or of the pack's pages, or of the list's pages): up to 4 of
+    /// each of the first 64 manifests that use it.
     pub uses: Vec<PageUse>,
     /// How many uses there are in all.
     pub use_count: u64,
@@ -760,8 +765,16 @@ pub fn verify_pages(store: &dyn BlobStore, graph: &Graph, threads: usize) -> Pag
             use_counts: BTreeMap::new(),
         });
         p.use_count += 1;
-        *p.use_counts.entry(at.manifest).or_default() += 1;
-        if p.uses.len() < USES_LISTED {
+        let of_manifest = p.use_counts.entry(at.manifest).or_default();
+        *of_manifest += 1;
+        let listed = match *of_manifest {
+            // Its first use: listed while fewer manifests than the cap are.
+            1 => p.use_counts.len() <= MANIFESTS_LISTED,
+            // A few more, if its first was.
+            n if n <= USES_LISTED_PER_MANIFEST => p.uses.iter().any(|u| u.manifest == at.manifest),
+            _ => false,
+        };
+        if listed {
             p.uses.push(at);
         }
     };
@@ -1213,6 +1226,48 @@ mod tests {
             ]
         );
         assert!(p.fault.to_string().contains("slot 10"), "{}", p.fault);
+    }
+
+    /// A pack two snapshots share, gone: both are among its listed uses, however many pages
+    /// the first one (in the order checked) has in it.
+    #[test]
+    fn a_missing_pack_lists_every_snapshot_that_uses_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = MemBlobStore::new();
+        // b: a's 40 pages and one more, written knowing a's (the index): its pages are in a's
+        // pack but for the new one.
+        let index = PageIndex::in_dir(&tmp.path().join("index"));
+        let manifest_of = |name: &str, seeds: std::ops::Range<u64>| {
+            let path = tmp.path().join(name);
+            std::fs::write(&path, seeds.flat_map(page).collect::<Vec<u8>>()).expect("write");
+            let mut w = PageWriter::new(&store, index.clone(), 2);
+            let stored = w
+                .write_file(&std::fs::File::open(&path).expect("open"), &path)
+                .expect("store");
+            w.commit().expect("commit");
+            let root = store
+                .put(format!(r#"{{"memory":["{}"]}}"#, stored.manifest).as_bytes())
+                .expect("put");
+            store.set_name(name, &root).expect("name");
+            stored.manifest
+        };
+        let ma = manifest_of("a", 0..40);
+        let mb = manifest_of("b", 0..41);
+        let a = load_manifest(&store, &ma).expect("m");
+        let b = load_manifest(&store, &mb).expect("m");
+        assert!(b.packs.contains(&a.packs[0]), "b shares a's pack");
+        store.remove(&a.packs[0]).expect("rm");
+        let graph = Graph::load(&store, &roots(&store)).expect("graph");
+        let v = verify_pages(&store, &graph, 2);
+        let problem = v
+            .problems
+            .iter()
+            .find(|p| matches!(&p.fault, Fault::BadPack { .. }))
+            .expect("the pack is named");
+        assert_eq!(problem.use_count, 80);
+        let listed: BTreeSet<Digest256> = problem.uses.iter().map(|u| u.manifest).collect();
+        assert_eq!(listed, BTreeSet::from([ma, mb]));
+        assert_eq!(problem.uses.len(), 2 * USES_LISTED_PER_MANIFEST as usize);
     }
 
     #[test]

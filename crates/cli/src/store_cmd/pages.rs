@@ -476,6 +476,11 @@ fn describe(p: &PageProblem, naming: &mut Naming<'_>) -> (String, Value) {
         "list": list,
         "error": p.fault.to_string(),
         "use_count": p.use_count,
+        "use_counts": p
+            .use_counts
+            .iter()
+            .map(|(m, n)| (m.to_string(), json!(n)))
+            .collect::<serde_json::Map<String, Value>>(),
         "uses": uses_json,
     });
     (line, value)
