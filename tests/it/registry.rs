@@ -1058,5 +1058,7 @@ fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
     let left = blob_files(&b);
     assert!(left.is_empty(), "the interrupted pull left {left:?}");
     assert!(!b.join("refs/big").exists());
+    // Nor the store it made: an empty one there would pass for a store from then on.
+    assert!(!b.exists(), "the interrupted pull left {:?}", walk(&b));
     drop(registry);
 }

@@ -182,11 +182,26 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
     // empty directory there would pass for a store from then on, mistyped --store or not.
     let root = common::store_root(global)?;
     let made = !root.exists();
-    let result = pull_into(global, args, &reference);
+    let result = pull_into(global, args, &reference, made.then(|| root.clone()));
     if made && !matches!(result, Ok(ExitCode::SUCCESS)) {
-        remove_empty_dirs(&root);
+        forget_new_store(&root);
     }
     result
+}
+
+/// Remove the store a failed pull made, if nothing is in it: no blob and no name (the pull has
+/// taken back what it stored). Its lock file and the empty directories go; a file pf does not
+/// know, or one another process stored meanwhile, keeps it.
+fn forget_new_store(root: &std::path::Path) {
+    use pf_core::BlobStore as _;
+    let empty = pf_core::FsBlobStore::open_existing(root).is_ok_and(|store| {
+        store.list().is_ok_and(|blobs| blobs.is_empty())
+            && store.names().is_ok_and(|names| names.is_empty())
+    });
+    if empty {
+        let _ = std::fs::remove_file(root.join("lock"));
+    }
+    remove_empty_dirs(root);
 }
 
 /// Remove `dir` and the directories under it, bottom up, as long as each is empty: anything
@@ -202,12 +217,19 @@ fn remove_empty_dirs(dir: &std::path::Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-fn pull_into(global: &Global, args: &PullArgs, reference: &Reference) -> anyhow::Result<ExitCode> {
+/// `made`: the store's root when this pull creates it (a signal that ends the pull before it
+/// stores anything removes it too).
+fn pull_into(
+    global: &Global,
+    args: &PullArgs,
+    reference: &Reference,
+    made: Option<std::path::PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let reference = reference.clone();
     let store = common::open_store(global)?;
     let meter = Meter::new("pulled", "fetched");
     let started = Instant::now();
-    let interrupt = Interrupt::watch();
+    let interrupt = Interrupt::watch(made);
     let options = PullOptions {
         connect: args.connect.options(),
         name: args.tag.clone(),
@@ -276,7 +298,8 @@ struct Interrupt {
 }
 
 impl Interrupt {
-    fn watch() -> Self {
+    /// `made`: a store directory to remove (if nothing is in it) when a signal ends pf at once.
+    fn watch(made: Option<std::path::PathBuf>) -> Self {
         let interrupt = Self {
             storing: Arc::new(Mutex::new(false)),
             cancel: Arc::new(AtomicBool::new(false)),
@@ -288,6 +311,9 @@ impl Interrupt {
         common::forward_signals_to(common::block_signals(), move |sig| {
             let storing = storing.lock().unwrap_or_else(|p| p.into_inner());
             if !*storing || cancel.load(Ordering::SeqCst) {
+                if let Some(root) = &made {
+                    forget_new_store(root);
+                }
                 std::process::exit(128 + sig);
             }
             signal.store(sig, Ordering::SeqCst);
