@@ -952,6 +952,16 @@ fn pulling_again_mends_a_damaged_copy_of_a_snapshot() {
 }
 
 /// Every file under `dir`.
+/// Send a started pf SIGINT, as Ctrl-C does, and wait for it.
+fn ctrl_c(child: std::process::Child) -> std::process::Output {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    wait(child, b"")
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut todo = vec![dir.to_owned()];
@@ -1005,12 +1015,7 @@ fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
         assert!(Instant::now() < end, "the push sent no blob in 60 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
-    let out = wait(child, b"");
+    let out = ctrl_c(child);
     let err = text(&out.stderr);
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&out.status),
@@ -1044,12 +1049,7 @@ fn a_pull_interrupted_by_ctrl_c_keeps_nothing_of_itself() {
         assert!(Instant::now() < end, "the pull stored no blob in 60 s");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
-    let out = wait(child, b"");
+    let out = ctrl_c(child);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted by signal 2"), "{err}");

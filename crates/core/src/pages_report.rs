@@ -1065,6 +1065,33 @@ mod tests {
         (root, stored.manifest)
     }
 
+    /// Like [`snapshot`], written knowing the pages `index` holds (so it shares them) and
+    /// adding its own to it; returns (root, manifest).
+    fn indexed(
+        store: &MemBlobStore,
+        dir: &std::path::Path,
+        index: &PageIndex,
+        name: &str,
+        layout: &[Option<u64>],
+    ) -> (Digest256, Digest256) {
+        let path = dir.join(name);
+        let bytes: Vec<u8> = layout
+            .iter()
+            .flat_map(|p| p.map_or_else(|| vec![0u8; PAGE_SIZE], page))
+            .collect();
+        std::fs::write(&path, &bytes).expect("write");
+        let mut w = PageWriter::new(store, index.clone(), 2);
+        let stored = w
+            .write_file(&std::fs::File::open(&path).expect("open"), &path)
+            .expect("store");
+        w.commit().expect("commit");
+        let root = store
+            .put(format!(r#"{{"memory":"{}"}}"#, stored.manifest).as_bytes())
+            .expect("put");
+        store.set_name(name, &root).expect("name");
+        (root, stored.manifest)
+    }
+
     fn roots(store: &MemBlobStore) -> Vec<Digest256> {
         store
             .names()
@@ -1129,22 +1156,7 @@ mod tests {
         let store = MemBlobStore::new();
         let index = PageIndex::in_dir(&tmp.path().join("index"));
         let write = |name: &str, layout: &[Option<u64>]| {
-            let path = tmp.path().join(name);
-            let bytes: Vec<u8> = layout
-                .iter()
-                .flat_map(|p| p.map_or_else(|| vec![0u8; PAGE_SIZE], page))
-                .collect();
-            std::fs::write(&path, &bytes).expect("write");
-            let mut w = PageWriter::new(&store, index.clone(), 2);
-            let stored = w
-                .write_file(&std::fs::File::open(&path).expect("open"), &path)
-                .expect("store");
-            w.commit().expect("commit");
-            let root = store
-                .put(format!(r#"{{"memory":"{}"}}"#, stored.manifest).as_bytes())
-                .expect("put");
-            store.set_name(name, &root).expect("name");
-            root
+            indexed(&store, tmp.path(), &index, name, layout).0
         };
         let a = write("a", &(0..200).map(Some).collect::<Vec<_>>());
         // b shares 150 of a's pages and adds 50 of its own.
@@ -1238,18 +1250,14 @@ mod tests {
         // pack but for the new one.
         let index = PageIndex::in_dir(&tmp.path().join("index"));
         let manifest_of = |name: &str, seeds: std::ops::Range<u64>| {
-            let path = tmp.path().join(name);
-            std::fs::write(&path, seeds.flat_map(page).collect::<Vec<u8>>()).expect("write");
-            let mut w = PageWriter::new(&store, index.clone(), 2);
-            let stored = w
-                .write_file(&std::fs::File::open(&path).expect("open"), &path)
-                .expect("store");
-            w.commit().expect("commit");
-            let root = store
-                .put(format!(r#"{{"memory":["{}"]}}"#, stored.manifest).as_bytes())
-                .expect("put");
-            store.set_name(name, &root).expect("name");
-            stored.manifest
+            indexed(
+                &store,
+                tmp.path(),
+                &index,
+                name,
+                &seeds.map(Some).collect::<Vec<_>>(),
+            )
+            .1
         };
         let ma = manifest_of("a", 0..40);
         let mb = manifest_of("b", 0..41);
