@@ -129,7 +129,7 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
     let root = common::resolve_as(&store, &args.snapshot, "snapshot")?;
     // Ctrl-C ends pf at once, saying how to go on: nothing of the store changes, the registry
     // keeps what it took, and the same command skips those blobs and resumes a cut upload.
-    common::forward_signals_to(common::block_signals(), |sig| {
+    let signals = common::Signals::start(|sig| {
         say(&format!(
             "\npf: interrupted by signal {sig}: the push stopped; run the same `pf push` again to \
              go on where it stopped (the blobs the registry has are skipped, an upload cut midway \
@@ -147,6 +147,8 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
         .with_context(|| format!("cannot push {} to {reference}", args.snapshot));
     meter.finish();
     let report = report?;
+    // Pushed: a signal from now on ends pf as if it had none of its own (nothing stopped).
+    signals.set(common::default_action());
     let seconds = started.elapsed().as_secs_f64();
     if args.connect.json {
         let json = serde_json::json!({
