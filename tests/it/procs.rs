@@ -376,7 +376,7 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
     let mut shell = spawn_clean(&mut cmd).expect("spawn the shell");
-    let _kill_shell = KillOnDrop(shell.id() as i32);
+    let kill_shell = KillOnDrop(shell.id() as i32);
     deadline.watch(shell.id() as i32);
     let mut said = String::new();
     std::io::BufRead::read_line(
@@ -413,6 +413,8 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
     // The job ends, then its shell, which waited for it.
     drop(kill_job);
     let _ = shell.wait();
+    // Reaped: its pid may be another process's from now on.
+    std::mem::forget(kill_shell);
     let stopped = last_tick(&file);
 
     for (args, fix) in [
@@ -494,8 +496,9 @@ fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
     .stderr(Stdio::piped());
     let child = spawn_clean(&mut cmd).expect("spawn unshare");
     deadline.watch(child.id() as i32);
-    let _kill = KillOnDrop(child.id() as i32);
+    let kill = KillOnDrop(child.id() as i32);
     let out = child.wait_with_output().expect("wait for unshare");
+    std::mem::forget(kill);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert_eq!(err.matches("pf-exit=1").count(), 2, "{err}");
@@ -526,7 +529,7 @@ fn live_a_capture_into_a_read_only_store_fails_before_the_dump() {
     let (mut child, file) = start_ticker(dir.path());
     let pid = child.id() as i32;
     deadline.watch(pid);
-    let _kill = KillOnDrop(pid);
+    let kill = KillOnDrop(pid);
     assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
@@ -556,4 +559,5 @@ fn live_a_capture_into_a_read_only_store_fails_before_the_dump() {
     );
     let _ = child.kill();
     let _ = child.wait();
+    std::mem::forget(kill);
 }

@@ -340,6 +340,35 @@ fn live_shell_beam_copies_a_running_shell() {
     tmux.send("orig", "echo \"orig=$PF_T-$((3+4))\"");
     tmux.wait_for("orig", "orig=beamed-7");
     tmux.assert_job_control("copy", true);
+    // The copy is in a pid namespace of its own, in the session of its terminal: a freeze of
+    // it says it cannot be frozen again and what to freeze instead.
+    let copy = descendants(tmux.query("copy", "#{pane_pid}"))
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("NSpid:") && l.split_whitespace().count() == 3)
+            }) && std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "bash")
+        })
+        .expect("the beamed copy's shell");
+    let again = pf(&store)
+        .args([
+            "shell",
+            "freeze",
+            "--pid",
+            &copy.to_string(),
+            "--tag",
+            "again",
+        ])
+        .output()
+        .expect("pf shell freeze of the copy");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("cannot be frozen or beamed again; freeze the original"),
+        "{}",
+        text(&again.stderr)
+    );
     tmux.send("copy", "exit 4");
     tmux.wait_for("copy", "pf-exit=4");
     tmux.send("copy", "back");

@@ -557,9 +557,10 @@ fn rm_refuses_a_blob_named_snapshots_are_made_of() {
     };
     let pack = put("pack", b"\x00 pages of memory");
     let first = put("first", format!(r#"{{"packs":["{pack}"]}}"#).as_bytes());
+    let own = put("own", b"\x00 pages of the second alone");
     let second = put(
         "second",
-        format!(r#"{{"pages":{{"p":"{pack}"}}}}"#).as_bytes(),
+        format!(r#"{{"pages":{{"p":"{pack}","q":"{own}"}}}}"#).as_bytes(),
     );
     ok(&store, &["tag", "snap-b", &second]);
     ok(&store, &["tag", "snap-a", &first]);
@@ -571,12 +572,14 @@ fn rm_refuses_a_blob_named_snapshots_are_made_of() {
         "{err}"
     );
     assert!(
-        ls_json(&store).len() == 3,
+        ls_json(&store).len() == 4,
         "nothing removed: {:?}",
         ls_json(&store)
     );
-    // Once no name needs it, it goes without --force.
+    // Untagged, the second snapshot no longer needs anything: what only it used goes without
+    // --force, and the pack is refused for the first alone.
     ok(&store, &["untag", "snap-b"]);
+    ok(&store, &["rm", &own]);
     let err = fails(&store, &["rm", &pack]);
     assert!(err.contains("a named snapshot (snap-a)"), "{err}");
     let out = store_cmd(&store, &["rm", &pack, "--force"]);

@@ -185,10 +185,14 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
     let root = common::store_root(global)?;
     let made = !root.exists();
     let result = pull_into(global, args, &reference, made.then(|| root.clone()));
-    if made && !matches!(result, Ok(ExitCode::SUCCESS)) {
+    if made && !matches!(result, Ok(None)) {
         forget_new_store(&root);
     }
-    result
+    match result? {
+        None => Ok(ExitCode::SUCCESS),
+        // Ended by the signal, as if pf had none of its own: a shell loop around it stops.
+        Some(sig) => common::die_of(sig),
+    }
 }
 
 /// Remove the store a failed pull made, if nothing is in it: no blob and no name (the pull has
@@ -220,13 +224,14 @@ fn remove_empty_dirs(dir: &std::path::Path) {
 }
 
 /// `made`: the store's root when this pull creates it (a signal that ends the pull before it
-/// stores anything removes it too).
+/// stores anything removes it too). `Some(signal)` when a signal stopped the pull, which then
+/// took back what it had stored.
 fn pull_into(
     global: &Global,
     args: &PullArgs,
     reference: &Reference,
     made: Option<std::path::PathBuf>,
-) -> anyhow::Result<ExitCode> {
+) -> anyhow::Result<Option<i32>> {
     let reference = reference.clone();
     let store = common::open_store(global)?;
     let meter = Meter::new("pulled", "fetched");
@@ -247,7 +252,7 @@ fn pull_into(
             common::print_error(&anyhow::Error::new(err).context(format!(
                 "cannot pull {reference}, interrupted by signal {sig}"
             )));
-            return Ok(ExitCode::from(128 + sig));
+            return Ok(Some(i32::from(sig)));
         }
         (report, _) => report.with_context(|| format!("cannot pull {reference}"))?,
     };
@@ -283,7 +288,7 @@ fn pull_into(
         ));
         writeln!(std::io::stdout().lock(), "{}", report.snapshot)?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(None)
 }
 
 /// Ctrl-C (SIGINT, SIGTERM, SIGHUP, SIGQUIT) during a pull. Until the pull stores its first
@@ -316,7 +321,7 @@ impl Interrupt {
                 if let Some(root) = &made {
                     forget_new_store(root);
                 }
-                std::process::exit(128 + sig);
+                common::die_of(sig);
             }
             signal.store(sig, Ordering::SeqCst);
             cancel.store(true, Ordering::SeqCst);

@@ -39,7 +39,9 @@ Examples:
   pf shell beam --pgrep 'bash.*project'   # a copy of that shell session, here, now
 
 The original keeps running; the copy runs in fresh PID and mount namespaces beside it, in this
-terminal (its foreground job, with job control), until it exits; its jobs end with it. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original is dumped
+terminal (its foreground job, with job control), until it exits; its jobs end with it. The copy,
+in this terminal's session whose leader is outside its namespace, cannot itself be frozen or
+beamed again: freeze the original. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original is dumped
 waits for the dump to end, and from then until the copy runs it stops the beam: pf kills CRIU
 and what it restored so far, removes the images, and exits 128 + the signal's number.";
 
@@ -302,9 +304,22 @@ fn with_tty_hint(err: pf_world_procs::Error) -> anyhow::Error {
         );
     }
     let foreign = err.kind() == pf_world_procs::ErrorKind::ForeignTerminal;
+    let beamed = matches!(
+        err.criu_failure(),
+        Some(pf_world_procs::criu_log::CriuFailure::SessionOutsideNamespace { .. })
+    );
     let err = anyhow::Error::new(err);
     if foreign {
         err.context(shell_inspect::NO_SID_HINT)
+    } else if beamed {
+        // `pf shell beam` restores a copy in a pid namespace of its own, joined to the session
+        // of the terminal it was beamed to, whose leader is outside that namespace.
+        err.context(
+            "this shell's session leader is outside its pid namespace, as for a copy made by \
+             `pf shell beam` (in a pid namespace of its own, in the session of the terminal it \
+             was beamed to): such a copy cannot be frozen or beamed again; freeze the original \
+             shell instead",
+        )
     } else {
         err
     }

@@ -1045,6 +1045,9 @@ fn percent(part: u64, whole: u64) -> f64 {
 
 fn rm(store: &FsBlobStore, args: &RmArgs) -> anyhow::Result<ExitCode> {
     let digest = resolve(store, &args.blob)?;
+    // What names point at it or need it is checked under the gc lock, held until it is removed:
+    // no freeze, pull or tag can meanwhile name it or reuse it in a snapshot it names.
+    let _exclusive = store.gc_lock()?;
     // The argument was a name when a name of its spelling points at the blob (a name wins over
     // a prefix spelled like it); a digest or a prefix removes no name of its own.
     let given_name = store

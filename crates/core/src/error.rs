@@ -159,9 +159,9 @@ pub enum Error {
         .root.display(),
         if *.read_only_fs { "is on a read-only file system" } else { "is not writable by you" },
         if *.read_only_fs {
-            "remount it read-write, or pass --store DIR on a writable one"
+            "remount it read-write, or use a store on a writable file system"
         } else {
-            "give yourself write permission on it (`chmod u+w`), or pass --store DIR"
+            "give yourself write permission on it (`chmod u+w`), or use another store"
         }
     )]
     StoreNotWritable {

@@ -892,9 +892,12 @@ impl BlobStore for FsBlobStore {
     fn writer_lock(&self) -> Result<StoreLock> {
         // A writer writes: a store it cannot write is said to be so before its work starts (a
         // freeze would otherwise dump the whole process, then fail on its first page).
-        let read_only_fs = match nix::unistd::access(
+        // As this process's effective ids, which `check_private` and the kernel go by.
+        let read_only_fs = match nix::unistd::faccessat(
+            None,
             &self.root,
             nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            nix::fcntl::AtFlags::AT_EACCESS,
         ) {
             Err(nix::errno::Errno::EROFS) => Some(true),
             Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => Some(false),
@@ -906,6 +909,13 @@ impl BlobStore for FsBlobStore {
                 read_only_fs,
             });
         }
+        let file = self.lock_file()?;
+        file.lock_shared()
+            .map_err(|err| Error::io("locking (shared)", self.root.join("lock"), err))?;
+        Ok(StoreLock::file(file))
+    }
+
+    fn reader_lock_wait(&self) -> Result<StoreLock> {
         let file = self.lock_file()?;
         file.lock_shared()
             .map_err(|err| Error::io("locking (shared)", self.root.join("lock"), err))?;

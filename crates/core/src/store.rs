@@ -93,6 +93,15 @@ pub trait BlobStore: Send + Sync + std::fmt::Debug {
     /// filesystem): a reader is never kept waiting, nor refused, for the sake of the lock.
     fn reader_lock(&self) -> Option<StoreLock>;
 
+    /// Take a share of the store's lock as a reader that will wait for it (a restore that found
+    /// a gc running, a lazily thawed tree that must keep its packs): blocks while a gc holds the
+    /// lock, like [`writer_lock`](Self::writer_lock), but asks nothing of the store a reader
+    /// does not need (a store on a read-only mount can be waited on, unlike written to). Fails
+    /// where the lock cannot be taken at all.
+    fn reader_lock_wait(&self) -> Result<StoreLock> {
+        self.writer_lock()
+    }
+
     /// Take the store's lock exclusively, as [`gc`](crate::gc()) does: wait until no writer
     /// holds it, and keep new writers out until the returned lock is dropped.
     fn gc_lock(&self) -> Result<StoreLock>;

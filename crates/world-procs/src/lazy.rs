@@ -886,9 +886,9 @@ impl ServeShare {
         let spawned = std::thread::Builder::new()
             .name("pf-lazy-share".into())
             .spawn(move || {
-                // Blocks while the gc holds the lock; fails at once where there is no lock to
-                // take (a read-only store), as `reader_lock` did.
-                let lock = store.writer_lock();
+                // Blocks while the gc holds the lock (a store on a read-only mount too); fails
+                // at once only where there is no lock to take, as `reader_lock` did.
+                let lock = store.reader_lock_wait();
                 let mut slot = waiting.lock().unwrap_or_else(|p| p.into_inner());
                 match lock {
                     Ok(lock) if !slot.done => slot.lock = Some(lock),

@@ -115,7 +115,7 @@ pub(crate) fn reading_share(store: &dyn BlobStore) -> Option<pf_core::StoreLock>
     // (Or the lock cannot be taken at all: then the wait below fails at once.)
     tracing::info!("a gc of the store may be under way: waiting for it to end before reading");
     // A second try, should a signal interrupt the wait (a handled one: pf's are blocked).
-    (0..2).find_map(|_| store.writer_lock().ok())
+    (0..2).find_map(|_| store.reader_lock_wait().ok())
 }
 
 /// Extract `procs`'s images through the store's verifying reader into a fresh private
