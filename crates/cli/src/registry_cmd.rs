@@ -53,7 +53,8 @@ truncated pack. Every byte is checked against its sha256 before it
 enters the store, and a blob that does not match is refused, naming its digest. The name is
 written last, once every blob of the snapshot is in: a pull that fails leaves nothing of itself
 behind (no name, no blob), and so does one stopped with Ctrl-C (pf removes what it stored, then
-exits 130; Ctrl-C again stops it at once and leaves that to `pf store gc`). Without --tag the snapshot is stored unnamed: its digest is printed,
+ends by the signal, so a shell reports 130 and a loop around it stops; Ctrl-C again stops it at
+once and leaves that to `pf store gc`). Without --tag the snapshot is stored unnamed: its digest is printed,
 and `pf store gc` removes it after the grace period unless you name it (`pf store tag`).
 
 Registries and credentials as for `pf push` (see `pf push --help`).";
