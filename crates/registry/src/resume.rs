@@ -20,9 +20,37 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
+    /// The sessions in `dir`; the temp files of pushes that died while saving one (killed, or
+    /// ended by a signal mid-save) are removed.
     pub(crate) fn new(dir: &Path) -> Self {
-        Self {
+        let sessions = Self {
             dir: dir.to_owned(),
+        };
+        sessions.sweep_dead_temps();
+        sessions
+    }
+
+    /// Remove `.<hex>.<pid>.tmp` files whose pid is no running process (its writer is gone; a
+    /// live writer's, this process's included, stay).
+    fn sweep_dead_temps(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.starts_with('.'))
+                .and_then(|n| n.strip_suffix(".tmp"))
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                tracing::debug!(path = %entry.path().display(), "a dead push's temp file; removed");
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 
@@ -106,6 +134,29 @@ impl Sessions {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn temp_files_of_dead_pushes_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let uploads = dir.path().join("uploads");
+        std::fs::create_dir(&uploads).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let hex = Digest256::of(b"blob").hex();
+        let of_dead = uploads.join(format!(".{hex}.{dead}.tmp"));
+        let of_mine = uploads.join(format!(".{hex}.{}.tmp", std::process::id()));
+        let session = uploads.join(format!("{hex}.json"));
+        for f in [&of_dead, &of_mine, &session] {
+            std::fs::write(f, b"{}").unwrap();
+        }
+        let _sessions = Sessions::new(&uploads);
+        assert!(!of_dead.exists(), "a dead writer's temp file goes");
+        assert!(
+            of_mine.exists() && session.exists(),
+            "a live writer's and sessions stay"
+        );
+    }
 
     #[test]
     fn saves_privately_loads_only_its_own_blob_and_removes() {
