@@ -496,6 +496,29 @@ fn live_v2_a_rotten_byte_in_a_raw_pack_file_fails_the_thaw_and_verify() {
     let out = thaw(&store_dir, "snap", b"sum\n");
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("{sum}\neof\n"));
+
+    // A page list rotten on disk: `pf store show` says its sizes leave its pages out (the walk
+    // of the snapshot's blobs reads a list only as far as its first bytes).
+    let list_path = store.blob_path(&manifest.list);
+    let mut list = std::fs::read(&list_path).expect("read list");
+    let at = list.len() / 2;
+    list[at] ^= 0x40;
+    std::fs::write(&list_path, &list).expect("rot a byte of the list");
+    let show = store_cmd(&store_dir, &["show", "snap", "--json"]);
+    let err = text(&show.stderr);
+    assert!(
+        err.contains(&format!("page list {} cannot be read", manifest.list)),
+        "{err}"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&show.stdout).expect("json");
+    assert!(
+        json["unreadable"]
+            .as_array()
+            .expect("unreadable")
+            .iter()
+            .any(|u| u["digest"] == manifest.list.to_string()),
+        "{json}"
+    );
 }
 
 /// `pf store ARGS…` within [`DEADLINE`].
