@@ -388,7 +388,13 @@ fn live_a_shell_job_capture_restores_without_the_flag() {
     deadline.watch(pid);
     let kill_job = KillOnDrop(pid);
     assert!(wait_until(Duration::from_secs(10), || last_tick(&file) >= 3));
-    let plain = run(pf(&store).args(["procs", "capture", "--pid", &pid.to_string()]));
+    // criu's kept log of the refused dump goes to the test's directory, removed with it.
+    let plain = run(pf(&store).env("TMPDIR", dir.path()).args([
+        "procs",
+        "capture",
+        "--pid",
+        &pid.to_string(),
+    ]));
     assert_eq!(plain.status.code(), Some(1), "{}", text(&plain.stderr));
     assert!(
         text(&plain.stderr).contains("--shell-job"),
@@ -465,6 +471,8 @@ fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
     if !live("live_a_session_begun_outside_the_pid_namespace_is_explained") {
         return;
     }
+    // Built (if need be) before the deadline starts.
+    let pf_path = pf_bin();
     let deadline = Deadline::start(
         "live_a_session_begun_outside_the_pid_namespace_is_explained",
         Duration::from_secs(60),
@@ -487,10 +495,12 @@ fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
         "-c",
         script,
     ])
-    .arg(pf_bin())
+    .arg(&pf_path)
     .arg(&store)
     .env_remove("PF_STORE")
     .env_remove("RUST_LOG")
+    // criu's kept logs of the refused dumps go to the test's directory, removed with it.
+    .env("TMPDIR", dir.path())
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::piped());

@@ -352,7 +352,9 @@ fn live_shell_beam_copies_a_running_shell() {
                 .is_ok_and(|c| c.trim() == "bash")
         })
         .expect("the beamed copy's shell");
+    // criu's kept log of the refused dump goes to the test's directory, removed with it.
     let again = pf(&store)
+        .env("TMPDIR", dir.path())
         .args([
             "shell",
             "freeze",
