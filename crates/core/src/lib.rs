@@ -18,6 +18,7 @@ mod fs;
 mod gc;
 pub mod hint;
 mod lock;
+mod mapped;
 mod mem;
 pub mod pack;
 pub mod page_index;

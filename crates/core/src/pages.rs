@@ -1108,10 +1108,17 @@ fn hash_pages(
     for start in (0..out.len()).step_by(BATCH_PAGES) {
         let n = BATCH_PAGES.min(out.len() - start);
         let at = (first + start) as u64 * PAGE_SIZE as u64;
-        read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
+        let mapped = crate::mapped::Mapped::of(file, at, n * PAGE_SIZE);
+        let bytes = match &mapped {
+            Some(mapped) => mapped.bytes(),
+            None => {
+                read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
+                &buf[..n * PAGE_SIZE]
+            }
+        };
         let mut pages: Vec<&[u8]> = Vec::with_capacity(n);
         at_index.clear();
-        for (i, page) in buf[..n * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+        for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
             out[start + i] = None;
             if !is_zero_page(page) {
                 pages.push(page);
@@ -1520,8 +1527,15 @@ fn pack_new_pages(
             runs
         };
         for (first, len) in runs {
-            let bytes = &mut buf[..len * PAGE_SIZE];
-            read_at(file, path, bytes, first as u64 * PAGE_SIZE as u64)?;
+            let at = first as u64 * PAGE_SIZE as u64;
+            let mapped = crate::mapped::Mapped::of(file, at, len * PAGE_SIZE);
+            let bytes = match &mapped {
+                Some(mapped) => mapped.bytes(),
+                None => {
+                    read_at(file, path, &mut buf[..len * PAGE_SIZE], at)?;
+                    &buf[..len * PAGE_SIZE]
+                }
+            };
             for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
                 let Some(digest) = digests[first + i] else {
                     continue;
