@@ -151,6 +151,21 @@ pub fn status_inner_pid(status: &str) -> Option<i32> {
         .ok()
 }
 
+/// The resident anonymous memory, in bytes, of a `/proc/PID/status` text (its `RssAnon:` line,
+/// in kB): a counter the kernel keeps, so reading it costs nothing however large the memory,
+/// where `/proc/PID/smaps` walks every page table entry (about 45 ms for 1 GiB here).
+pub fn status_rss_anon(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1024)
+}
+
 /// The pid tracing the task of a `/proc/PID/status` text (its `TracerPid:` line), when one
 /// does: a debugger, `strace`, or criu while it dumps the task.
 pub fn status_tracer(status: &str) -> Option<i32> {
@@ -483,6 +498,13 @@ mod tests {
         assert_eq!(status_inner_pid(status), Some(3021));
         assert_eq!(status_inner_pid("NSpid:\t77\n"), Some(77));
         assert_eq!(status_inner_pid("Name:\tx\n"), None);
+        let status = "VmRSS:\t  1056972 kB\nRssAnon:\t  1050832 kB\nRssFile:\t    6140 kB\n";
+        assert_eq!(status_rss_anon(status), Some(1_050_832 * 1024));
+        assert_eq!(status_rss_anon("RssAnon:\t12\n"), None, "no unit");
+        assert_eq!(status_rss_anon("Name:\tx\n"), None);
+        // This test's own, from the kernel.
+        let mine = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(status_rss_anon(&mine).is_some_and(|b| b > 0));
     }
 
     #[test]
