@@ -5,11 +5,18 @@
 //!
 //! The `unsafe` here is the mapping's: its bytes are handed out as a slice for as long as the
 //! mapping lives. A caller maps only files that nothing shrinks meanwhile (a mapped page past a
-//! file's end is a SIGBUS), and whose mapped bytes nothing rewrites but to zeros (the hole a
-//! thread punches behind a packer is in bytes the packer has read for the last time).
+//! file's end is a SIGBUS), and never bytes a thread may punch a hole in meanwhile (pf frees a
+//! pages file's memory behind its packer, in bytes read for the last time, and only once the
+//! thread that followed the dump is out of its last step). Nor holes: populating a hole in a
+//! tmpfs file allocates it, where reading it does not.
 #![allow(unsafe_code)]
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once populating a mapping was refused as unknown (`EINVAL`: a kernel before 5.14), so
+/// that every later run is read at once instead of mapped and unmapped first.
+static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
 
 /// `len` bytes of a file from a page-aligned offset, mapped read-only.
 pub(crate) struct Mapped {
@@ -27,7 +34,10 @@ impl Mapped {
     /// says so, rather than a later SIGBUS), or no mapping to be had; the caller then reads.
     pub(crate) fn of(file: &File, at: u64, len: usize) -> Option<Self> {
         use rustix::mm::{Advice, MapFlags, ProtFlags};
-        if len == 0 || !at.is_multiple_of(crate::pack::PAGE_SIZE as u64) {
+        if len == 0
+            || !at.is_multiple_of(crate::pack::PAGE_SIZE as u64)
+            || UNSUPPORTED.load(Ordering::Relaxed)
+        {
             return None;
         }
         // SAFETY: a new mapping at an address the kernel chooses, so nothing else is replaced.
@@ -44,8 +54,16 @@ impl Mapped {
         .ok()?;
         let mapped = Self { ptr, len };
         // SAFETY: the range is the mapping just made.
-        unsafe { rustix::mm::madvise(ptr, len, Advice::LinuxPopulateRead) }.ok()?;
-        Some(mapped)
+        match unsafe { rustix::mm::madvise(ptr, len, Advice::LinuxPopulateRead) } {
+            Ok(()) => Some(mapped),
+            Err(e) => {
+                // A kernel before 5.14: never again in this process.
+                if e == rustix::io::Errno::INVAL {
+                    UNSUPPORTED.store(true, Ordering::Relaxed);
+                }
+                None
+            }
+        }
     }
 
     /// The mapped bytes.

@@ -66,7 +66,7 @@ const READ_STEP_PAGES: usize = 32 * BATCH_PAGES;
 /// Runs of pages shorter than this are read with `pread`, longer ones mapped (`mapped.rs`):
 /// mapping and unmapping cost about 10-20 us whatever the length (the unmapping's TLB
 /// shootdown), against about 1.5 us to copy a page. A re-freeze packs its changed pages from
-/// a file in runs of one page: mapped each, 851 of them took 22 ms instead of 4.
+/// a file in runs of one page: mapped each, 851 of them took 22 ms instead of 15.
 const MAP_MIN_PAGES: usize = 16;
 /// Finished packs (8 MiB raw each, less compressed) waiting for the store, besides the ones
 /// being written: none (writing a pack into a batch is quick).
@@ -418,7 +418,9 @@ impl<'a> PageWriter<'a> {
 
     /// Store the pages of `file` (at `path`, named in errors), whose length must be a multiple
     /// of 4096, and return its manifest (visible once the session is committed). The file is
-    /// read twice (once to hash, once to pack the new pages), so it must not change meanwhile.
+    /// read twice (once to hash, once to pack the new pages), so it must not change meanwhile;
+    /// it is read through mappings of it, so it must not shrink either (a page cut off while
+    /// mapped is a SIGBUS): pf stores files of its own scratch directory.
     pub fn write_file(
         &mut self,
         file: &File,
@@ -1099,8 +1101,9 @@ fn manifest_using(store: &dyn BlobStore, pack: &Digest256) -> Option<Digest256> 
     text.trim().parse().ok()
 }
 
-/// Hash the pages of `file` from page `first` on into `out` (None for a zero page), reading
-/// [`BATCH_PAGES`] at a time into `buf`.
+/// Hash the pages of `file` from page `first` on into `out` (None for a zero page), a
+/// [`BATCH_PAGES`] at a time: mapped where they lie, or read into `buf` (a run shorter than
+/// [`MAP_MIN_PAGES`], or mapping refused).
 fn hash_pages(
     file: &File,
     path: &std::path::Path,
@@ -1159,7 +1162,8 @@ impl PageFollower {
     /// Pages hashed per [`step`](Self::step) at most: 4 MiB.
     pub const STEP_PAGES: usize = 4 * BATCH_PAGES;
 
-    /// Follow `file`, opened at `path` (named in errors).
+    /// Follow `file`, opened at `path` (named in errors). It is read through mappings of it,
+    /// so it must only ever grow (a page cut off while mapped is a SIGBUS).
     pub fn new(file: File, path: std::path::PathBuf) -> Self {
         Self {
             file,
@@ -1535,7 +1539,12 @@ fn pack_new_pages(
         };
         for (first, len) in runs {
             let at = first as u64 * PAGE_SIZE as u64;
-            let mapped = (len >= MAP_MIN_PAGES)
+            // A streamed capture's file of kept pages has holes where the others would be
+            // (and where pages packed during the dump would be): mapping a hole on tmpfs
+            // allocates it (reading it does not), so a run of its with pages not wanted here
+            // is read. A run of wanted pages only is all written.
+            let holes = kept.is_some() && len > want.len();
+            let mapped = (len >= MAP_MIN_PAGES && !holes)
                 .then(|| crate::mapped::Mapped::of(file, at, len * PAGE_SIZE))
                 .flatten();
             let bytes = match &mapped {

@@ -94,10 +94,41 @@ pub(crate) fn pagemaps(dir: &Path) -> Result<HashMap<String, Pagemap>> {
 /// one thread at the lowest priority (CRIU's dump takes about one core and the goblin is frozen
 /// meanwhile: the thread gets only what CRIU leaves idle), so that after the dump only the pages
 /// not reached yet are hashed, on every core. [`finish`](Self::finish) takes what was hashed
-/// without waiting for the thread, which a busy machine may leave unscheduled for a while; the
-/// thread ends at its next step.
+/// once the thread is out of the step it is in, if any (at most 4 MiB of pages: it reads them
+/// through mappings, and the files' pages are freed behind the packer once the dump is over);
+/// it never starts another, and ends when it next looks.
 pub(crate) struct Prehash {
-    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
+    shared: std::sync::Arc<Following>,
+}
+
+/// [`Shared`] and the signal that a step of the thread ended.
+#[derive(Default)]
+struct Following {
+    shared: std::sync::Mutex<Shared>,
+    step_done: std::sync::Condvar,
+}
+
+impl Following {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stop the thread, and wait until it is out of the step it is in (if any): it reads the
+    /// files through mappings, and once the dump is over their pages are freed behind the
+    /// packer. The caller is then idle, so a step at nice 19 gets a core to end on.
+    fn stop(&self) -> std::sync::MutexGuard<'_, Shared> {
+        let mut shared = self.lock();
+        shared.stopped = true;
+        while shared.stepping {
+            shared = self
+                .step_done
+                .wait(shared)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        shared
+    }
 }
 
 /// What [`Prehash`] hashed, by pages file name.
@@ -163,13 +194,15 @@ fn prehash_for(file: &File, path: &Path, early: PrehashedFile) -> Vec<Option<Dig
 #[derive(Default)]
 struct Shared {
     stopped: bool,
+    /// The thread is hashing (its files mapped); it never starts a step once stopped.
+    stepping: bool,
     hashed: Prehashed,
 }
 
 impl Prehash {
     /// Start following the pages files that appear in `dir`.
     pub(crate) fn start(dir: &Path) -> Self {
-        let shared = std::sync::Arc::new(std::sync::Mutex::new(Shared::default()));
+        let shared = std::sync::Arc::new(Following::default());
         let theirs = std::sync::Arc::clone(&shared);
         let dir = dir.to_owned();
         if let Err(e) = std::thread::Builder::new()
@@ -183,42 +216,28 @@ impl Prehash {
 
     /// Stop (the dump has ended) and return what was hashed.
     pub(crate) fn finish(self) -> Prehashed {
-        let mut shared = self
-            .shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        shared.stopped = true;
-        std::mem::take(&mut shared.hashed)
+        std::mem::take(&mut self.shared.stop().hashed)
     }
 }
 
 impl Drop for Prehash {
     fn drop(&mut self) {
-        self.shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .stopped = true;
+        drop(self.shared.stop());
     }
 }
 
 /// [`Prehash`]'s thread: until stopped, open every pages file that appears in `dir` and hash
 /// what has been written of it, handing each slice of digests over as it is done. Anything that
 /// goes wrong only means more is hashed after the dump.
-fn follow(dir: &Path, shared: &std::sync::Mutex<Shared>) {
+fn follow(dir: &Path, following: &Following) {
     use pf_core::pages::PageFollower;
     if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19) {
         tracing::debug!(error = %e, "cannot lower this thread's priority; hashing pages after the dump");
         return;
     }
-    let stopped = || {
-        shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .stopped
-    };
     let mut followers: Vec<(String, PageFollower)> = Vec::new();
     let mut run = || -> std::result::Result<(), String> {
-        while !stopped() {
+        while !following.lock().stopped {
             for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())? {
                 let name = entry.map_err(|e| e.to_string())?.file_name();
                 let name = name.to_string_lossy();
@@ -226,30 +245,28 @@ fn follow(dir: &Path, shared: &std::sync::Mutex<Shared>) {
                     let path = dir.join(&*name);
                     let file = File::open(&path).map_err(|e| e.to_string())?;
                     let id = file_id(&file).map_err(|e| e.to_string())?;
-                    shared
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .hashed
-                        .insert(
-                            name.to_string(),
-                            PrehashedFile {
-                                id,
-                                digests: Vec::new(),
-                            },
-                        );
+                    following.lock().hashed.insert(
+                        name.to_string(),
+                        PrehashedFile {
+                            id,
+                            digests: Vec::new(),
+                        },
+                    );
                     followers.push((name.into_owned(), PageFollower::new(file, path)));
                 }
             }
             let mut hashed = 0;
             for (name, follower) in &mut followers {
+                // Never a step once stopped; `Prehash::finish` waits for the one under way.
+                let Some(_stepping) = Stepping::start(following) else {
+                    return Ok(());
+                };
                 let step = follower.step().map_err(|e| e.to_string())?;
                 if step.is_empty() {
                     continue;
                 }
                 hashed += step.len();
-                let mut shared = shared
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut shared = following.lock();
                 if shared.stopped {
                     return Ok(());
                 }
@@ -264,12 +281,32 @@ fn follow(dir: &Path, shared: &std::sync::Mutex<Shared>) {
         Ok(())
     };
     if let Err(why) = run() {
-        let shared = shared
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !shared.stopped {
+        if !following.lock().stopped {
             tracing::debug!(%why, "hashing pages during the dump stopped; hashing the rest after it");
         }
+    }
+}
+
+/// A step of [`follow`] under way: marked in [`Shared::stepping`] from [`start`](Self::start)
+/// until dropped (also on an error or a panic), when whoever waits for it is woken.
+struct Stepping<'a>(&'a Following);
+
+impl<'a> Stepping<'a> {
+    /// None once stopped.
+    fn start(following: &'a Following) -> Option<Self> {
+        let mut shared = following.lock();
+        if shared.stopped {
+            return None;
+        }
+        shared.stepping = true;
+        Some(Self(following))
+    }
+}
+
+impl Drop for Stepping<'_> {
+    fn drop(&mut self) {
+        self.0.lock().stepping = false;
+        self.0.step_done.notify_all();
     }
 }
 
