@@ -280,10 +280,10 @@ fn follow(dir: &Path, following: &Following) {
         }
         Ok(())
     };
-    if let Err(why) = run() {
-        if !following.lock().stopped {
-            tracing::debug!(%why, "hashing pages during the dump stopped; hashing the rest after it");
-        }
+    if let Err(why) = run()
+        && !following.lock().stopped
+    {
+        tracing::debug!(%why, "hashing pages during the dump stopped; hashing the rest after it");
     }
 }
 
