@@ -237,9 +237,10 @@ fn live_v2_snapshots_thaw_page_for_page_and_share_unchanged_pages() {
 
 #[test]
 fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
-    // A re-freeze streams criu's images through pf; `PF_CAPTURE=dir` has criu dump into a
-    // directory that pf follows. Snapshots of either kind, interleaved and sharing pages, thaw
-    // with their own memory; so does one whose new pages were packed during the dump.
+    // By default criu dumps into a directory that pf follows (it has the room); streamed
+    // (`PF_CAPTURE=stream`, or a directory without the room), criu's images go through pf.
+    // Snapshots of either kind, interleaved and sharing pages, thaw with their own memory; so
+    // does one whose new pages were packed during the dump.
     if !live("live_v2_dumped_into_a_directory_or_streamed_thaw_the_same") {
         return;
     }
@@ -252,17 +253,18 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
     let mut goblin = Goblin::start();
     deadline.watch(goblin.child.id() as i32);
     let mut sums = Vec::new();
-    // A first freeze streamed on request (by default it dumps into a directory: the store has
-    // no base for it), then into a directory, then streamed by default (the base is there).
-    for (k, capture) in [Some("stream"), Some("dir"), None].into_iter().enumerate() {
+    // A first freeze streamed on request, then into a directory, a re-freeze streamed against
+    // its base, and one by default (into the directory).
+    let captures = [Some("stream"), Some("dir"), Some("stream"), None];
+    for (k, capture) in captures.into_iter().enumerate() {
         assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
         sums.push(goblin.ask("sum"));
         let before = stored_bytes(&store_dir);
         let (_, streamed, why) = freeze_v2_by(&store_dir, &goblin.pid(), &format!("s{k}"), capture);
         assert_eq!(
             streamed,
-            capture != Some("dir"),
-            "snapshot {k} ({capture:?}): streamed on request, or by default with a base\n{why}"
+            capture == Some("stream"),
+            "snapshot {k} ({capture:?}): streamed on request only (the directory has room)\n{why}"
         );
         // Streamed into a store that has none of its memory: the pages kept once the base was
         // looked for are packed during the dump (pages-*.img of the random pages, at least).
@@ -291,10 +293,56 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
             );
         }
     }
+    // Scratch space without the room for the goblin's memory (a 32 MiB tmpfs, less than its
+    // memory and the margin): streamed without being asked.
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).expect("mkdir");
+    let mounted = SmallTmpfs::mount(&small);
+    let k = captures.len();
+    assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
+    sums.push(goblin.ask("sum"));
+    let mut cmd = pf(&store_dir);
+    cmd.env("TMPDIR", &small)
+        .env_remove("PF_CAPTURE")
+        .env(FORMAT_ENV, "v2")
+        .args(["-vv", "goblin", "freeze", "--pid", &goblin.pid(), "--tag"])
+        .arg(format!("s{k}"));
+    let out = run(cmd, b"");
+    assert!(out.status.success(), "freeze failed: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("pages file captured"),
+        "streamed for want of room: {}",
+        text(&out.stderr)
+    );
+    drop(mounted);
     for (k, sum) in sums.iter().enumerate() {
         let out = thaw(&store_dir, &format!("s{k}"), b"sum\n");
         assert!(out.status.success(), "thaw s{k}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "snapshot s{k}");
+    }
+}
+
+/// A 32 MiB tmpfs mounted on a directory for the length of a test, unmounted when dropped.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl SmallTmpfs {
+    fn mount(at: &Path) -> Self {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=32m", "pf-test-small"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs on {}", at.display());
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(&self.0)
+            .status();
     }
 }
 

@@ -151,19 +151,18 @@ pub fn status_inner_pid(status: &str) -> Option<i32> {
         .ok()
 }
 
-/// The resident anonymous memory, in bytes, of a `/proc/PID/status` text (its `RssAnon:` line,
-/// in kB): a counter the kernel keeps, so reading it costs nothing however large the memory,
-/// where `/proc/PID/smaps` walks every page table entry (about 45 ms for 1 GiB here).
-pub fn status_rss_anon(status: &str) -> Option<u64> {
+/// The value of a `field` (such as `RssAnon:`) of a `/proc/PID/status` text given in kB, in
+/// KiB. The memory counters there are kept by the kernel, so reading them costs nothing
+/// however large the memory, where `/proc/PID/smaps` walks every page table entry.
+pub fn status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .trim()
         .strip_suffix("kB")?
         .trim()
-        .parse::<u64>()
-        .ok()?
-        .checked_mul(1024)
+        .parse()
+        .ok()
 }
 
 /// The pid tracing the task of a `/proc/PID/status` text (its `TracerPid:` line), when one
@@ -499,12 +498,12 @@ mod tests {
         assert_eq!(status_inner_pid("NSpid:\t77\n"), Some(77));
         assert_eq!(status_inner_pid("Name:\tx\n"), None);
         let status = "VmRSS:\t  1056972 kB\nRssAnon:\t  1050832 kB\nRssFile:\t    6140 kB\n";
-        assert_eq!(status_rss_anon(status), Some(1_050_832 * 1024));
-        assert_eq!(status_rss_anon("RssAnon:\t12\n"), None, "no unit");
-        assert_eq!(status_rss_anon("Name:\tx\n"), None);
+        assert_eq!(status_kib(status, "RssAnon:"), Some(1_050_832));
+        assert_eq!(status_kib(status, "RssShmem:"), None);
+        assert_eq!(status_kib("RssAnon:\t12\n", "RssAnon:"), None, "no unit");
         // This test's own, from the kernel.
         let mine = std::fs::read_to_string("/proc/self/status").unwrap();
-        assert!(status_rss_anon(&mine).is_some_and(|b| b > 0));
+        assert!(status_kib(&mine, "RssAnon:").is_some_and(|k| k > 0));
     }
 
     #[test]

@@ -173,12 +173,11 @@ pub fn capture_with_progress(
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
     // v2 hashes the pages while CRIU dumps them: streamed through pf, or followed in the dir.
-    // Streamed when the store likely holds most of the tree's memory already (a re-freeze):
-    // then only the changed pages are written anywhere; and when its memory is large, where
-    // streaming wins a first freeze too. A small first freeze writes nearly every page either
-    // way, and CRIU writing them itself keeps its pause shorter.
+    // Into the images dir, where CRIU writes at its own pace and pf follows the pages files
+    // (the pause stays CRIU's own), unless it lacks the room for the tree's memory: streamed
+    // then, and only the pages the store lacks are written anywhere.
     let streamed = (format == crate::v2::Format::V2)
-        .then(|| crate::capture_stream::should_stream(store, pid))
+        .then(|| crate::capture_stream::should_stream(pid, images.path()))
         .flatten()
         .and_then(|sample| crate::capture_stream::prepare().map(|hold| (hold, sample)));
     let ((report, stopped), early) = if let Some((hold, sample)) = streamed {

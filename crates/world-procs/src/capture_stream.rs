@@ -51,9 +51,6 @@ pub(crate) const SOCKET: &str = "streamer-capture.sock";
 const CHUNK_PAGES: usize = 256;
 /// Pages hashed before the base is guessed from them (and at most used for it).
 const SAMPLE_PAGES: usize = 64;
-/// A tree whose root has this much or more in private writable anonymous mappings is dumped
-/// streamed even into a store without its memory ([`should_stream`]).
-const STREAM_MIN_BYTES: u64 = 128 << 20;
 /// The pipe size asked for.
 const PIPE_SIZE: usize = 1 << 20;
 /// Buffers of kept pages (a chunk each) on their way to the packer at once, at most.
@@ -105,78 +102,65 @@ pub(crate) fn prepare() -> Option<Hold> {
         .ok()
 }
 
-/// Whether to stream `pid`'s dump through pf: when its memory is large, or when the store
-/// likely holds a snapshot of it already. 64 pages are sampled from its private writable
-/// mappings (`/proc/<pid>/mem`), hashed and looked up as a base is guessed. A streamed capture
-/// writes only the pages the store lacks, so it wins when most are there. When few are (a first
-/// freeze) it still writes nearly all of them, from pf's threads while CRIU waits; measured by
-/// hand (first freezes into empty stores, paired runs of the bench goblin), streaming then wins
-/// from a few hundred MiB up and loses below: 1 GiB wall 1.75 -> 1.56 s and pause 0.86 -> 0.70 s
-/// (6 pairs), 256 MiB 0.571 -> 0.546 s and 0.266 -> 0.234 s (6 pairs), 64 MiB 0.287 -> 0.313 s
-/// and 0.075 -> 0.117 s (8 pairs). So a tree whose root has [`STREAM_MIN_BYTES`] or more in
-/// such mappings streams. That is first read from its resident anonymous memory (`RssAnon`, a
-/// counter): a root that large streams at once and is sampled as the dump starts, on a thread
-/// of its own while CRIU seizes the tree (`smaps` walks every page table entry: sampling a
-/// 1 GiB goblin first took 45 ms before CRIU started). `PF_CAPTURE=stream|dir` forces either.
+/// Whether to stream `pid`'s dump through pf rather than have CRIU dump into `dir`: only when
+/// `dir` lacks the room for the tree's memory (`/dev/shm` is small in many containers); then
+/// pf writes only the pages the store lacks, and of those only the ones its packer did not
+/// take during the dump. Into the directory, CRIU writes at its own pace and pf follows the
+/// pages files as they grow, reading them where they lie (mapped), so the pause stays CRIU's
+/// own; streamed, CRIU waits on pf hashing every page. Measured by hand since the files are
+/// mapped (paired runs of the bench goblin, `pf -vv`, directory against streamed): first
+/// freezes, 1 GiB pause 0.59 against 1.04 s and wall 1.45 against 1.43 s (4 pairs; on a
+/// slower run of the machine 0.63–0.95 against 1.21–1.42 s, 2.0 against 1.87 s), 256 MiB
+/// pause 179–204 against 284–341 ms and wall 0.474 against 0.471 s (5 pairs); re-freezes
+/// after 5% changed, 1 GiB pause 0.60–0.75 against 0.80–0.89 s and wall 1.04 against 1.05 s
+/// (4 pairs), 256 MiB 0.38 against 0.45 s, 64 MiB 0.139 against 0.145 s (5 pairs each, the
+/// pause shorter each time). Before the mapping, streaming won re-freezes and large first
+/// freezes. `PF_CAPTURE=stream|dir` forces either.
 ///
-/// Some(the sample) to stream (the capture guesses its base from it as the dump starts; empty
-/// if streaming was forced or the memory is large at a glance: then it samples it itself),
-/// None not to.
-pub(crate) fn should_stream(store: &dyn BlobStore, pid: i32) -> Option<Vec<Digest256>> {
+/// Some(the sample to guess the base from: empty, so the capture takes it as the dump starts)
+/// to stream, None not to.
+pub(crate) fn should_stream(pid: i32, dir: &Path) -> Option<Vec<Digest256>> {
     match std::env::var_os("PF_CAPTURE") {
         Some(v) if v == "stream" => return Some(Vec::new()),
         Some(v) if v == "dir" => return None,
         _ => {}
     }
-    // Large at a glance: streamed, and sampled (for the base) while CRIU starts, not before.
-    if let Some(anon) = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| pf_os::proc::status_rss_anon(&status))
-        && anon >= STREAM_MIN_BYTES
-    {
-        tracing::debug!(
-            pid,
-            anon,
-            "large memory: streamed, sampled as the dump starts"
-        );
-        return Some(Vec::new());
-    }
-    let (taken, resident) = match sample_pages(pid, SAMPLE_PAGES) {
-        Ok(sampled) => sampled,
-        Err(e) => {
-            tracing::debug!(pid, error = %e, "cannot sample the memory to dump");
-            // Its size alone, if its pages cannot be read (`/proc/<pid>/smaps` only).
-            return sample_pages(pid, 0)
-                .is_ok_and(|(_, resident)| resident >= STREAM_MIN_BYTES)
-                .then(Vec::new);
-        }
-    };
-    if resident >= STREAM_MIN_BYTES {
-        tracing::debug!(pid, resident, "large memory: streamed");
-        return Some(taken);
-    }
-    let mut sample = taken.clone();
-    sample.sort_unstable();
-    sample.dedup();
-    // Most of the sample stored already, not one page a program's every instance has.
-    let index = store.page_index();
-    let found = index.lookup(&sample).map_or(0, |f| f.len());
-    if sample.is_empty() || found * 2 < sample.len() {
-        tracing::debug!(
-            pid,
-            found,
-            sampled = sample.len(),
-            "few of the memory's pages stored"
-        );
-        return None;
-    }
-    let base = pf_core::pages::guess_base_of(store, &index, sample);
+    let memory = tree_memory(pid);
+    let room = room_for(dir, memory);
     tracing::debug!(
         pid,
-        ?base,
-        "the base of the memory to dump, guessed before the dump"
+        memory,
+        room,
+        dir = %dir.display(),
+        "into the directory if it has the room, else streamed"
     );
-    base.map(|_| taken)
+    (!room).then(Vec::new)
+}
+
+/// The anonymous memory (private, `RssAnon`, and shared, `RssShmem`) the processes of `pid`'s
+/// tree have in memory, from `/proc/<pid>/status`: counters, so reading them costs nothing
+/// however large the memory (`smaps` walks every page table entry). About what CRIU writes of
+/// their memory; a process gone meanwhile counts nothing.
+fn tree_memory(pid: i32) -> u64 {
+    pf_os::proc::tree(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .map(|status| {
+            ["RssAnon:", "RssShmem:"]
+                .iter()
+                .filter_map(|field| pf_os::proc::status_kib(&status, field))
+                .map(|kib| kib.saturating_mul(1024))
+                .fold(0u64, u64::saturating_add)
+        })
+        .fold(0, u64::saturating_add)
+}
+
+/// Whether `dir`'s filesystem has room for a dump of `bytes` of memory, and an eighth more and
+/// 64 MiB besides (CRIU's other images, other users of the filesystem meanwhile). No when it
+/// cannot tell.
+fn room_for(dir: &Path, bytes: u64) -> bool {
+    let wanted = bytes.saturating_add(bytes / 8).saturating_add(64 << 20);
+    rustix::fs::statvfs(dir).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= wanted)
 }
 
 /// The digests of up to `n` non-zero pages spread over the memory `pid` has in its private
@@ -341,8 +325,8 @@ impl Shared<'_> {
     }
 }
 
-/// A base guessed from the root's memory as the dump starts (`/proc/<pid>/mem`, sampled as
-/// [`should_stream`] does), while CRIU seizes the tree and injects its parasite: ready when
+/// A base guessed from the root's memory as the dump starts (`/proc/<pid>/mem`, sampled by
+/// [`sample_pages`]), while CRIU seizes the tree and injects its parasite: ready when
 /// the first pages come, where a guess from the pages themselves is ready only after ~100 ms
 /// of them at 1 GiB (reading a base's list and making a set of it), and every page until then
 /// is kept. It goes to the root's pages file ([`RootSeen`]); should that be another's, its
@@ -1626,7 +1610,7 @@ mod tests {
     }
 
     #[test]
-    fn a_small_process_memory_is_sampled_and_not_streamed_into_an_empty_store() {
+    fn a_memory_is_sampled_and_dumped_into_a_directory_with_the_room_for_it() {
         // Our own memory: this test binary's data and heap, much of it not zero.
         let pid = std::process::id() as i32;
         let (sample, resident) = sample_pages(pid, SAMPLE_PAGES).expect("sample");
@@ -1636,16 +1620,28 @@ mod tests {
             sample.len()
         );
         assert!(
-            resident >= (sample.len() * PAGE_SIZE) as u64 && resident < STREAM_MIN_BYTES,
+            resident >= (sample.len() * PAGE_SIZE) as u64,
             "{resident} bytes in memory for {} pages sampled",
             sample.len()
         );
-        let store = pf_core::MemBlobStore::new();
-        assert!(
-            should_stream(&store, pid).is_none(),
-            "small, and nothing stored: no base"
-        );
         assert!(sample_pages(-1, SAMPLE_PAGES).is_err(), "no such process");
+        // Counted from the status counters: at least what the sample saw resident.
+        let memory = tree_memory(pid);
+        assert!(memory >= resident, "{memory} < {resident}");
+        assert_eq!(tree_memory(-1), 0, "no such process");
+        let dir = std::env::temp_dir();
+        assert!(room_for(&dir, 0), "64 MiB free where the tests run");
+        assert!(!room_for(&dir, u64::MAX / 2), "no filesystem is that large");
+        assert!(
+            !room_for(Path::new("/no/such/dir"), 0),
+            "no room where it cannot tell"
+        );
+        if std::env::var_os("PF_CAPTURE").is_none() {
+            assert!(
+                should_stream(pid, &dir).is_none(),
+                "room: into the directory"
+            );
+        }
     }
 
     /// Item: a re-freeze's base is guessed from the root's memory as the dump starts, so that
