@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use pf_core::BlobStore as _;
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 
-use crate::support::{pf, text};
+use crate::support::{Tmpfs, pf, text};
 
 /// Longest any single `pf` invocation may take in these tests.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -582,32 +582,6 @@ print("ready")
 for line in sys.stdin:
     print("got", line.strip())
 "#;
-
-/// A tmpfs mounted for a test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, options: &str) -> Self {
-        std::fs::create_dir_all(dir).expect("mountpoint");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount a tmpfs on {}", dir.display());
-        Self(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg(&self.0)
-            .stdin(Stdio::null())
-            .status();
-    }
-}
 
 /// A freeze --kill whose store is full must not take the goblin with it: criu used to kill it
 /// at the end of the dump, before pf stored a page, so ENOSPC lost the process (found by hand,

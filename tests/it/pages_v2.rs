@@ -13,7 +13,7 @@ use pf_core::{BlobStore as _, Digest256, FsBlobStore};
 use pf_world_procs::test_support::{Deadline, KillOnDrop, live, spawn_clean};
 use pf_world_procs::{FORMAT_ENV, ProcsBlob};
 
-use crate::support::{blob_files, pf, text};
+use crate::support::{Tmpfs, blob_files, pf, text};
 
 /// Longest any single `pf` invocation may take here.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -296,8 +296,7 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
     // Scratch space without the room for the goblin's memory (a 32 MiB tmpfs, less than its
     // memory and the margin): streamed without being asked.
     let small = dir.path().join("small");
-    std::fs::create_dir(&small).expect("mkdir");
-    let mounted = SmallTmpfs::mount(&small);
+    let mounted = Tmpfs::mount(&small, "size=32m,mode=700");
     let k = captures.len();
     assert_eq!(goblin.ask(&format!("mut {k}")), "ok");
     sums.push(goblin.ask("sum"));
@@ -319,30 +318,6 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
         let out = thaw(&store_dir, &format!("s{k}"), b"sum\n");
         assert!(out.status.success(), "thaw s{k}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), format!("{sum}\neof\n"), "snapshot s{k}");
-    }
-}
-
-/// A 32 MiB tmpfs mounted on a directory for the length of a test, unmounted when dropped.
-struct SmallTmpfs(std::path::PathBuf);
-
-impl SmallTmpfs {
-    fn mount(at: &Path) -> Self {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=32m", "pf-test-small"])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount a tmpfs on {}", at.display());
-        Self(at.to_owned())
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("--lazy")
-            .arg(&self.0)
-            .status();
     }
 }
 

@@ -123,3 +123,29 @@ pub(crate) fn blob_files(
     walk(&store.join("blobs"), &mut out);
     out
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+pub(crate) struct Tmpfs(pub(crate) std::path::PathBuf);
+
+impl Tmpfs {
+    pub(crate) fn mount(dir: &std::path::Path, options: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mountpoint");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs on {}", dir.display());
+        Self(dir.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.0)
+            .stdin(std::process::Stdio::null())
+            .status();
+    }
+}

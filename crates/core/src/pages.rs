@@ -1116,16 +1116,8 @@ fn hash_pages(
     for start in (0..out.len()).step_by(BATCH_PAGES) {
         let n = BATCH_PAGES.min(out.len() - start);
         let at = (first + start) as u64 * PAGE_SIZE as u64;
-        let mapped = (n >= MAP_MIN_PAGES)
-            .then(|| crate::mapped::Mapped::of(file, at, n * PAGE_SIZE))
-            .flatten();
-        let bytes = match &mapped {
-            Some(mapped) => mapped.bytes(),
-            None => {
-                read_at(file, path, &mut buf[..n * PAGE_SIZE], at)?;
-                &buf[..n * PAGE_SIZE]
-            }
-        };
+        let run = PagesRun::of((file, path), (at, n), true, buf)?;
+        let bytes = run.bytes();
         let mut pages: Vec<&[u8]> = Vec::with_capacity(n);
         at_index.clear();
         for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
@@ -1544,16 +1536,8 @@ fn pack_new_pages(
             // allocates it (reading it does not), so a run of its with pages not wanted here
             // is read. A run of wanted pages only is all written.
             let holes = kept.is_some() && len > want.len();
-            let mapped = (len >= MAP_MIN_PAGES && !holes)
-                .then(|| crate::mapped::Mapped::of(file, at, len * PAGE_SIZE))
-                .flatten();
-            let bytes = match &mapped {
-                Some(mapped) => mapped.bytes(),
-                None => {
-                    read_at(file, path, &mut buf[..len * PAGE_SIZE], at)?;
-                    &buf[..len * PAGE_SIZE]
-                }
-            };
+            let run = PagesRun::of((file, path), (at, len), !holes, &mut buf)?;
+            let bytes = run.bytes();
             for (i, page) in bytes.chunks_exact(PAGE_SIZE).enumerate() {
                 let Some(digest) = digests[first + i] else {
                     continue;
@@ -1587,6 +1571,41 @@ fn pack_new_pages(
         finish(&mut pack, packs_sent)?;
     }
     Ok(new_pages)
+}
+
+/// A run of a file's pages: mapped where they lie, or read into a caller's buffer.
+enum PagesRun<'b> {
+    Mapped(crate::mapped::Mapped),
+    Read(&'b [u8]),
+}
+
+impl<'b> PagesRun<'b> {
+    /// `pages` pages of `file` (at `path`, named in errors) from byte `at`: mapped if `map`
+    /// allows it and the run is long enough ([`MAP_MIN_PAGES`]) and the mapping is granted,
+    /// else read into the front of `buf`.
+    fn of(
+        (file, path): (&File, &std::path::Path),
+        (at, pages): (u64, usize),
+        map: bool,
+        buf: &'b mut [u8],
+    ) -> Result<Self, PagesError> {
+        let len = pages * PAGE_SIZE;
+        if map
+            && pages >= MAP_MIN_PAGES
+            && let Some(mapped) = crate::mapped::Mapped::of(file, at, len)
+        {
+            return Ok(Self::Mapped(mapped));
+        }
+        read_at(file, path, &mut buf[..len], at)?;
+        Ok(Self::Read(&buf[..len]))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Mapped(mapped) => mapped.bytes(),
+            Self::Read(bytes) => bytes,
+        }
+    }
 }
 
 fn read_at(file: &File, path: &std::path::Path, buf: &mut [u8], at: u64) -> Result<(), PagesError> {
