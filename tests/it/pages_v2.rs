@@ -313,6 +313,21 @@ fn live_v2_dumped_into_a_directory_or_streamed_thaw_the_same() {
         "streamed for want of room: {}",
         text(&out.stderr)
     );
+    // Made to dump into it all the same, criu runs out of room: pf says where and what to do,
+    // and the goblin runs on.
+    let mut cmd = pf(&store_dir);
+    cmd.env("TMPDIR", &small)
+        .env("PF_CAPTURE", "dir")
+        .env(FORMAT_ENV, "v2")
+        .args(["goblin", "freeze", "--pid", &goblin.pid(), "--tag", "full"]);
+    let out = run(cmd, b"");
+    let said = text(&out.stderr);
+    assert!(!out.status.success(), "a dump into a full tmpfs: {said}");
+    assert!(
+        said.contains("No space left on device") && said.contains("set TMPDIR to a directory"),
+        "{said}"
+    );
+    assert_eq!(goblin.ask("sum"), sums[k], "the goblin runs on");
     drop(mounted);
     for (k, sum) in sums.iter().enumerate() {
         let out = thaw(&store_dir, &format!("s{k}"), b"sum\n");

@@ -71,6 +71,8 @@ pub enum CriuFailure {
         /// The task, as the dumping criu sees it.
         pid: i32,
     },
+    /// A filesystem criu wrote to is full (`ENOSPC`): while dumping, the images directory.
+    OutOfSpace,
 }
 
 impl CriuFailure {
@@ -126,6 +128,12 @@ impl CriuFailure {
                  --shell-job or without: start the process under `setsid`, or from a shell \
                  started with `setsid` inside this namespace"
             }
+            Self::OutOfSpace => {
+                "a filesystem criu wrote to is full: while freezing, the images directory, which \
+                 pf makes in $TMPDIR when it is set, else in /dev/shm (the full log, kept beside \
+                 it, names the directory); free space there, or set TMPDIR to a directory on a \
+                 filesystem with room for the process's memory, and try again"
+            }
         }
     }
 }
@@ -144,6 +152,7 @@ impl fmt::Display for CriuFailure {
             Self::SessionOutsideNamespace { pid } => {
                 write!(f, "process {pid}'s session is outside its pid namespace")
             }
+            Self::OutOfSpace => f.write_str("no space left on a device"),
         }
     }
 }
@@ -198,6 +207,9 @@ pub fn classify_line(line: &str) -> Option<CriuFailure> {
         return Some(CriuFailure::AlreadyTraced {
             pid: leading_number(rest)?,
         });
+    }
+    if line.contains("No space left on device") {
+        return Some(CriuFailure::OutOfSpace);
     }
     if let Some(rest) = line.split("A session leader of ").nth(1)
         && rest.ends_with("is outside of its pid namespace")
@@ -351,6 +363,21 @@ mod tests {
         );
         let fix = CriuFailure::SessionOutsideNamespace { pid: 2 }.fix();
         assert!(fix.contains("setsid") && fix.contains("--shell-job or without"));
+    }
+
+    #[test]
+    fn a_full_images_directory() {
+        // What criu 4.2.1 logged dumping a 64 MiB goblin into a 16 MiB tmpfs: the first line
+        // names the cause.
+        let lines = [
+            "Error (criu/page-xfer.c:263): page-xfer: Unable to spice data: No space left on \
+             device",
+            "Error (criu/bfd.c:131): bfd: Error flushing image: No space left on device",
+            "Error (criu/mem.c:718): Can't dump page with parasite",
+        ];
+        assert_eq!(classify(lines), Some(CriuFailure::OutOfSpace));
+        let fix = CriuFailure::OutOfSpace.fix();
+        assert!(fix.contains("TMPDIR") && fix.contains("/dev/shm"), "{fix}");
     }
 
     #[test]

@@ -430,7 +430,8 @@ pub enum ErrorKind {
     /// The caller asked for something that cannot be done as asked (a non-empty images
     /// directory, an empty command, an invalid name …).
     InvalidInput,
-    /// Not enough free space to extract the images (fix: free some, or point TMPDIR elsewhere).
+    /// Not enough free space to extract the images, or for criu to write them (fix: free
+    /// some, or point TMPDIR elsewhere).
     NoSpace,
     /// A goblin did not become warm (pf-goblins' warm-up): not by its deadline, or it exited or
     /// closed its stdin first. It has been stopped.
@@ -476,6 +477,7 @@ impl From<CriuFailure> for ErrorKind {
             | CriuFailure::FileMissing
             | CriuFailure::SessionOutsideNamespace { .. } => Self::CriuFailed,
             CriuFailure::AlreadyTraced { .. } => Self::Traced,
+            CriuFailure::OutOfSpace => Self::NoSpace,
         }
     }
 }
@@ -685,6 +687,11 @@ mod tests {
                 Some(CriuFailure::SessionOutsideNamespace { pid: 2 }),
                 ErrorKind::CriuFailed,
                 "start the process under `setsid`",
+            ),
+            (
+                Some(CriuFailure::OutOfSpace),
+                ErrorKind::NoSpace,
+                "set TMPDIR to a directory on a filesystem with room",
             ),
             (None, ErrorKind::CriuFailed, "full log kept in"),
         ];
