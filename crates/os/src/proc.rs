@@ -152,7 +152,7 @@ pub fn status_inner_pid(status: &str) -> Option<i32> {
 }
 
 /// The value of a `field` (such as `RssAnon:`) of a `/proc/PID/status` text given in kB, in
-/// KiB. The memory counters there are kept by the kernel, so reading them costs nothing
+/// KiB (or of `/proc/meminfo`'s, which reads the same). The memory counters there are kept by the kernel, so reading them costs nothing
 /// however large the memory, where `/proc/PID/smaps` walks every page table entry.
 pub fn status_kib(status: &str, field: &str) -> Option<u64> {
     status

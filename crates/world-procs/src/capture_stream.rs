@@ -103,7 +103,8 @@ pub(crate) fn prepare() -> Option<Hold> {
 }
 
 /// Whether to stream `pid`'s dump through pf rather than have CRIU dump into `dir`: only when
-/// `dir` lacks the room for the tree's memory (`/dev/shm` is small in many containers); then
+/// `dir` lacks the room for the tree's memory (`/dev/shm` is small in many containers; on
+/// tmpfs the machine's available memory counts too, [`room_for`]); then
 /// pf writes only the pages the store lacks, and of those only the ones its packer did not
 /// take during the dump. Into the directory, CRIU writes at its own pace and pf follows the
 /// pages files as they grow, reading them where they lie (mapped), so the pause stays CRIU's
@@ -156,11 +157,24 @@ fn tree_memory(pid: i32) -> u64 {
 }
 
 /// Whether `dir`'s filesystem has room for a dump of `bytes` of memory, and an eighth more and
-/// 64 MiB besides (CRIU's other images, other users of the filesystem meanwhile). No when it
-/// cannot tell.
+/// 64 MiB besides (CRIU's other images, other users of the filesystem meanwhile); on tmpfs,
+/// whose files are memory, the machine must have as much available too (`MemAvailable`, swap
+/// left out: a dump swapped out as it is written takes longer than one streamed, and a tmpfs
+/// may be larger than the memory left). No when it cannot tell.
 fn room_for(dir: &Path, bytes: u64) -> bool {
     let wanted = bytes.saturating_add(bytes / 8).saturating_add(64 << 20);
-    rustix::fs::statvfs(dir).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= wanted)
+    let room =
+        rustix::fs::statvfs(dir).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) >= wanted);
+    let in_memory = nix::sys::statfs::statfs(dir).map_or(true, |s| {
+        s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC
+    });
+    room && (!in_memory || memory_available().is_some_and(|m| m >= wanted))
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes.
+fn memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    pf_os::proc::status_kib(&info, "MemAvailable:")?.checked_mul(1024)
 }
 
 /// The digests of up to `n` non-zero pages spread over the memory `pid` has in its private
@@ -1611,9 +1625,12 @@ mod tests {
 
     #[test]
     fn a_memory_is_sampled_and_dumped_into_a_directory_with_the_room_for_it() {
-        // Our own memory: this test binary's data and heap, much of it not zero.
+        // Our own memory: this test binary's data and heap, with 8 MiB of it not zero (run
+        // alone, the test's heap could be all zeros, and a sample has none of those).
+        let ballast: Vec<u8> = (0..8usize << 20).map(|i| (i % 251 + 1) as u8).collect();
         let pid = std::process::id() as i32;
         let (sample, resident) = sample_pages(pid, SAMPLE_PAGES).expect("sample");
+        std::hint::black_box(&ballast);
         assert!(
             !sample.is_empty() && sample.len() <= SAMPLE_PAGES,
             "{}",
@@ -1636,6 +1653,14 @@ mod tests {
             !room_for(Path::new("/no/such/dir"), 0),
             "no room where it cannot tell"
         );
+        // On tmpfs, no more than the memory available, however large the tmpfs.
+        let shm = Path::new("/dev/shm");
+        let available = memory_available().expect("MemAvailable");
+        if nix::sys::statfs::statfs(shm)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+        {
+            assert!(!room_for(shm, available), "{available} bytes available");
+        }
         if std::env::var_os("PF_CAPTURE").is_none() {
             assert!(
                 should_stream(pid, &dir).is_none(),
