@@ -1,7 +1,7 @@
 //! Hints: small files under a store's `index/` ([`BlobStore::hint_path`]) that make later work
 //! faster but are never trusted for content (which pages a thaw touched first, which manifest
-//! last named a pack). Written atomically and privately, best effort: a hint that is missing,
-//! stale or unreadable only costs speed.
+//! last named a pack). Written privately and best effort, whole ([`write`]) or, for a digest, in
+//! place ([`overwrite`]): a hint that is missing, stale or unreadable only costs speed.
 //!
 //! [`BlobStore::hint_path`]: crate::BlobStore::hint_path
 
@@ -101,6 +101,43 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// Write `bytes` over the hint at `path` in place (created, with its directory, when missing),
+/// without [`write`]'s temp file and rename: ext4 writes out a file renamed over another before
+/// the rename returns (`auto_da_alloc`), 0.3 ms a hint against 6 µs in place, and a freeze
+/// updates one hint per pack its snapshot uses (115 for a 1 GiB goblin's tenth snapshot: 23 ms
+/// of its 0.9 s). Only for hints of one length whatever they say (a digest) whose reader checks
+/// what they name: a reader racing the write, or a crash in it, sees the old bytes, the new
+/// ones or a mix of both, which names no blob, so the guess is only missed.
+pub fn overwrite(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    let open = || {
+        std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(path)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt as _;
+            let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            open()?
+        }
+        opened => opened?,
+    };
+    file.write_all_at(bytes, 0)?;
+    if file.metadata()?.len() > bytes.len() as u64 {
+        file.set_len(bytes.len() as u64)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +177,28 @@ mod tests {
             assert!(store.hint_path(kind, &kept).expect("path").exists());
             assert!(!store.hint_path(kind, &gone).expect("path").exists());
         }
+    }
+
+    #[test]
+    fn a_hint_overwritten_in_place_holds_the_new_bytes_only_in_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("index/kind/abc");
+        overwrite(&path, b"a longer first").expect("write");
+        overwrite(&path, b"second").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second");
+        overwrite(&path, b"third!").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"third!");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(path.parent().expect("dir")), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        // A symlink planted where the hint goes is not followed.
+        let target = tmp.path().join("target");
+        std::fs::write(&target, b"kept").expect("write");
+        let planted = tmp.path().join("index/kind/planted");
+        std::os::unix::fs::symlink(&target, &planted).expect("symlink");
+        assert!(overwrite(&planted, b"x").is_err());
+        assert_eq!(std::fs::read(&target).expect("read"), b"kept");
     }
 
     #[test]

@@ -1212,7 +1212,7 @@ impl PageFollower {
 pub fn remember_manifest(store: &dyn BlobStore, manifest: &Digest256, packs: &[Digest256]) {
     for pack in packs {
         if let Some(path) = store.hint_path(MANIFEST_HINT, pack)
-            && let Err(e) = crate::hint::write(&path, manifest.to_string().as_bytes())
+            && let Err(e) = crate::hint::overwrite(&path, manifest.to_string().as_bytes())
         {
             tracing::debug!(error = %e, path = %path.display(), "hint not written");
         }

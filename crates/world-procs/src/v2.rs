@@ -469,11 +469,13 @@ pub(crate) fn store_images<'s>(
         what: format!("recording the pages of pid {pid} in the store's page index"),
         source: Box::new(source),
     })?;
+    tracing::debug!("committed; waiting for the pages files' memory to be freed");
     for handle in freeing {
         if handle.join().is_err() {
             tracing::debug!("the thread freeing a pages file panicked");
         }
     }
+    tracing::debug!("pages files freed");
     Ok((images, memory))
 }
 
