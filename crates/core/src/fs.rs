@@ -1117,6 +1117,9 @@ impl FsBatch<'_> {
     }
 
     fn put_as(&self, bytes: &[u8], encoding: Encoding) -> Result<Digest256> {
+        if encoding == Encoding::Raw && bytes.len() >= DIRECT_MIN {
+            return self.put_raw_named_while_written(bytes);
+        }
         let digest = Digest256::of(bytes);
         if self.staged().iter().any(|(_, d, _)| *d == digest) {
             return Ok(digest);
@@ -1138,6 +1141,35 @@ impl FsBatch<'_> {
             }
         };
         self.staged().push((temp, digest, encoding));
+        Ok(digest)
+    }
+}
+
+impl FsBatch<'_> {
+    /// A large raw put (a pack): written into its temp file on a thread of its own while this
+    /// one names it, instead of named first (SHA-256 of 3.4 MB, 2.3 ms here) and written after
+    /// (3.5 ms with direct I/O): a re-freeze's one new pack is on its critical path. Should the
+    /// store hold the bytes already (a pack's new pages are nearly never stored before), the
+    /// temp file is removed.
+    fn put_raw_named_while_written(&self, bytes: &[u8]) -> Result<Digest256> {
+        let (digest, temp) = thread::scope(|s| {
+            let writing = s.spawn(|| self.store.raw_to_temp(bytes));
+            let digest = Digest256::of(bytes);
+            (
+                digest,
+                writing
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            )
+        });
+        let temp = temp?;
+        if self.staged().iter().any(|(_, d, _)| *d == digest)
+            || self.store.already_holds(&digest, bytes)?
+        {
+            return Ok(digest);
+        }
+        start_writeback(&temp);
+        self.staged().push((temp, digest, Encoding::Raw));
         Ok(digest)
     }
 }
@@ -2248,6 +2280,44 @@ mod tests {
         assert!(!s.contains(&lost).unwrap());
         assert_eq!(temps(), 0);
         assert_eq!(s.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_large_raw_put_written_while_named_leaves_one_blob_and_no_temp_file() {
+        let (_dir, s) = store();
+        let temps = || {
+            fs::read_dir(s.root().join("blobs/sha256"))
+                .map(|d| {
+                    d.filter(|e| {
+                        e.as_ref()
+                            .unwrap()
+                            .file_name()
+                            .to_string_lossy()
+                            .starts_with(TEMP_PREFIX)
+                    })
+                    .count()
+                })
+                .unwrap_or(0)
+        };
+        // Not a multiple of 4 KiB: a direct head and a buffered tail.
+        let pack: Vec<u8> = (0..(DIRECT_MIN + 5000) as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let batch = s.batch().unwrap();
+        let digest = batch.put_raw(&pack).unwrap();
+        assert_eq!(digest, Digest256::of(&pack));
+        assert_eq!(batch.put_raw(&pack).unwrap(), digest, "twice in one batch");
+        assert_eq!(temps(), 1, "the second copy's temp file is removed");
+        batch.commit().unwrap();
+        assert_eq!(temps(), 0);
+        assert_eq!(s.get(&digest).unwrap(), pack);
+        // Put again by a later batch: the store holds it, nothing is staged or left.
+        let batch = s.batch().unwrap();
+        assert_eq!(batch.put_raw(&pack).unwrap(), digest);
+        assert_eq!(temps(), 0);
+        batch.commit().unwrap();
+        assert_eq!(s.get(&digest).unwrap(), pack);
+        assert_eq!(s.list().unwrap(), vec![digest]);
     }
 
     #[test]
