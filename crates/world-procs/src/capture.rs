@@ -195,9 +195,26 @@ pub fn capture_with_progress(
     } else {
         let prehash =
             (format == crate::v2::Format::V2).then(|| crate::v2::Prehash::start(images.path()));
-        let report = dump_with(&criu, pid, images.path(), opts, &[])?;
+        let over = std::sync::atomic::AtomicBool::new(false);
+        let (report, base) = std::thread::scope(|s| {
+            let guesser = prehash.as_ref().and_then(|prehash| {
+                std::thread::Builder::new()
+                    .name("pf-base".into())
+                    .spawn_scoped(s, || crate::v2::early_base(store, prehash, &over))
+                    .inspect_err(
+                        |e| tracing::debug!(error = %e, "no thread to read the base early"),
+                    )
+                    .ok()
+            });
+            let report = dump_with(&criu, pid, images.path(), opts, &[]);
+            // A guess under way is waited for: it is only what the writer would do next.
+            over.store(true, std::sync::atomic::Ordering::Relaxed);
+            let base = guesser.and_then(|g| g.join().ok().flatten());
+            (report, base)
+        });
+        let report = report?;
         let prehashed = prehash.map(crate::v2::Prehash::finish).unwrap_or_default();
-        (report, crate::v2::Early::Followed(prehashed))
+        (report, crate::v2::Early::Followed(prehashed, base.map(Box::new)))
     };
     let (criu_dump, memory) = match format {
         crate::v2::Format::V1 => (store_tar(store, pid, images.path(), progress)?, None),
