@@ -1153,19 +1153,29 @@ impl FsBatch<'_> {
     /// temp file is removed.
     fn put_raw_named_while_written(&self, bytes: &[u8]) -> Result<Digest256> {
         let (digest, temp) = thread::scope(|s| {
-            let writing = s.spawn(|| self.store.raw_to_temp(bytes));
+            let writing = thread::Builder::new()
+                .name("pf-put".to_owned())
+                .spawn_scoped(s, || self.store.raw_to_temp(bytes));
             let digest = Digest256::of(bytes);
-            (
-                digest,
-                writing
+            let temp = match writing {
+                Ok(writing) => writing
                     .join()
                     .unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            )
+                // No thread to spare: written after it was named.
+                Err(_) => self.store.raw_to_temp(bytes),
+            };
+            (digest, temp)
         });
-        let temp = temp?;
-        if self.staged().iter().any(|(_, d, _)| *d == digest)
-            || self.store.already_holds(&digest, bytes)?
-        {
+        let held = || -> Result<bool> {
+            Ok(self.staged().iter().any(|(_, d, _)| *d == digest)
+                || self.store.already_holds(&digest, bytes)?)
+        };
+        let temp = match temp {
+            Ok(temp) => temp,
+            // Bytes held already need no room: the write failing (a full disk) is no failure.
+            Err(err) => return if held()? { Ok(digest) } else { Err(err) },
+        };
+        if held()? {
             return Ok(digest);
         }
         start_writeback(&temp);

@@ -107,19 +107,22 @@ pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// updates one hint per pack its snapshot uses (115 for a 1 GiB goblin's tenth snapshot: 23 ms
 /// of its 0.9 s). Only for hints of one length whatever they say (a digest) whose reader checks
 /// what they name: a reader racing the write, or a crash in it, sees the old bytes, the new
-/// ones or a mix of both, which names no blob, so the guess is only missed.
+/// ones or a mix of both, which names no blob, so the guess is only missed. What is at `path`
+/// and is not a private regular file of one link (a symlink, a directory, a file shared with a
+/// hard-linked copy of the store, one this user cannot write) is replaced whole by [`write`].
 pub fn overwrite(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _};
     let open = || {
         std::fs::File::options()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            // Never waits on a FIFO planted there; a regular file ignores it.
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
             .open(path)
     };
-    let file = match open() {
+    let opened = match open() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use std::os::unix::fs::DirBuilderExt as _;
             let dir = path.parent().ok_or(std::io::ErrorKind::InvalidInput)?;
@@ -127,9 +130,13 @@ pub fn overwrite(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
                 .recursive(true)
                 .mode(0o700)
                 .create(dir)?;
-            open()?
+            open()
         }
-        opened => opened?,
+        opened => opened,
+    };
+    let file = match opened {
+        Ok(file) if file.metadata().is_ok_and(|m| m.is_file() && m.nlink() == 1) => file,
+        _ => return write(path, bytes),
     };
     file.write_all_at(bytes, 0)?;
     if file.metadata()?.len() > bytes.len() as u64 {
@@ -192,13 +199,25 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode(path.parent().expect("dir")), 0o700);
         assert_eq!(mode(&path), 0o600);
-        // A symlink planted where the hint goes is not followed.
+        // A symlink planted where the hint goes is not followed: it is replaced.
         let target = tmp.path().join("target");
         std::fs::write(&target, b"kept").expect("write");
         let planted = tmp.path().join("index/kind/planted");
         std::os::unix::fs::symlink(&target, &planted).expect("symlink");
-        assert!(overwrite(&planted, b"x").is_err());
+        overwrite(&planted, b"x").expect("replaced");
         assert_eq!(std::fs::read(&target).expect("read"), b"kept");
+        assert!(
+            !std::fs::symlink_metadata(&planted)
+                .expect("stat")
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&planted).expect("read"), b"x");
+        // A hint shared with a hard-linked copy of the store is replaced, not written into.
+        let copy = tmp.path().join("copy-of-abc");
+        std::fs::hard_link(&path, &copy).expect("link");
+        overwrite(&path, b"fourth").expect("write");
+        assert_eq!(std::fs::read(&path).expect("read"), b"fourth");
+        assert_eq!(std::fs::read(&copy).expect("read"), b"third!");
     }
 
     #[test]

@@ -206,15 +206,19 @@ pub fn capture_with_progress(
                     )
                     .ok()
             });
+            // Also if the dump panics: the scope waits for the guesser, which waits for this.
+            let ended = crate::v2::SetOnDrop(&over);
             let report = dump_with(&criu, pid, images.path(), opts, &[]);
-            // A guess under way is waited for: it is only what the writer would do next.
-            over.store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(ended);
             let base = guesser.and_then(|g| g.join().ok().flatten());
             (report, base)
         });
         let report = report?;
         let prehashed = prehash.map(crate::v2::Prehash::finish).unwrap_or_default();
-        (report, crate::v2::Early::Followed(prehashed, base.map(Box::new)))
+        (
+            report,
+            crate::v2::Early::Followed(prehashed, base.map(Box::new)),
+        )
     };
     let (criu_dump, memory) = match format {
         crate::v2::Format::V1 => (store_tar(store, pid, images.path(), progress)?, None),

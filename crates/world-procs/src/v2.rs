@@ -150,6 +150,8 @@ pub(crate) enum Early<'s> {
 pub(crate) struct PrehashedFile {
     id: (u64, u64),
     digests: Vec<Option<Digest256>>,
+    /// Of `digests`, those of non-zero pages.
+    nonzero: usize,
 }
 
 /// A file's (device, inode).
@@ -222,11 +224,16 @@ impl Prehash {
         let mut names: Vec<&String> = shared.hashed.keys().collect();
         names.sort();
         names.into_iter().find_map(|name| {
-            let digests = &shared.hashed[name].digests;
-            let hashed = digests.iter().flatten().count();
-            (hashed >= min.max(1)).then(|| {
-                let step = hashed.div_ceil(n.max(1));
-                let sample = digests.iter().flatten().step_by(step).copied().collect();
+            let file = &shared.hashed[name];
+            (file.nonzero >= min.max(1)).then(|| {
+                let step = file.nonzero.div_ceil(n.max(1));
+                let sample = file
+                    .digests
+                    .iter()
+                    .flatten()
+                    .step_by(step)
+                    .copied()
+                    .collect();
                 (name.clone(), sample)
             })
         })
@@ -268,6 +275,7 @@ fn follow(dir: &Path, following: &Following) {
                         PrehashedFile {
                             id,
                             digests: Vec::new(),
+                            nonzero: 0,
                         },
                     );
                     followers.push((name.into_owned(), PageFollower::new(file, path)));
@@ -290,6 +298,7 @@ fn follow(dir: &Path, following: &Following) {
                 }
                 if let Some(file) = shared.hashed.get_mut(name.as_str()) {
                     file.digests.extend_from_slice(step);
+                    file.nonzero += step.iter().flatten().count();
                 }
             }
             if hashed == 0 {
@@ -340,14 +349,28 @@ pub(crate) fn early_base<'s>(
         if let Some(found) = prehash.sample(EARLY_BASE_MIN_PAGES, EARLY_BASE_SAMPLE) {
             break found;
         }
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     };
     let manifest = pf_core::pages::guess_base_of(store, &store.page_index(), sample)?;
+    // The dump over meanwhile: the writer reads it beside hashing the rest, not the dump's
+    // caller waiting for this thread.
+    if over.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
     let list = PagesReader::open(store, &manifest)
         .inspect_err(|e| tracing::debug!(base = %manifest, error = %e, "no early base list"))
         .ok()?;
     tracing::debug!(%file, base = %manifest, elapsed = ?started.elapsed(), "base list read during the dump");
     Some(EarlyBase { file, list })
+}
+
+/// Sets its flag when dropped (a panic too): how [`early_base`] learns the dump is over.
+pub(crate) struct SetOnDrop<'a>(pub(crate) &'a std::sync::atomic::AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A step of [`follow`] under way: marked in [`Shared::stepping`] from [`start`](Self::start)
@@ -700,9 +723,11 @@ mod tests {
         let early = |file: &File| {
             let mut f =
                 pf_core::pages::PageFollower::new(file.try_clone().expect("dup"), path.clone());
+            let digests = f.step().expect("step").to_vec();
             PrehashedFile {
                 id: file_id(file).expect("id"),
-                digests: f.step().expect("step").to_vec(),
+                nonzero: digests.iter().flatten().count(),
+                digests,
             }
         };
         let file = File::open(&path).expect("open");
@@ -855,6 +880,61 @@ mod tests {
             std::fs::read(roomy.join("pages-2.img")).expect("read"),
             vec![0u8; 256 * PAGE_SIZE]
         );
+    }
+
+    #[test]
+    fn a_base_list_is_read_during_the_dump_once_enough_pages_are_hashed() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = pf_core::FsBlobStore::open(&tmp.path().join("store")).expect("store");
+        let path = tmp.path().join("pages-1.img");
+        let n = 2 * EARLY_BASE_MIN_PAGES;
+        // Distinct non-zero pages, and a zero page every tenth (not counted, not sampled).
+        let pages: Vec<u8> = (0..n as u32)
+            .flat_map(|i| {
+                let fill = if i % 10 == 0 { 0 } else { i };
+                std::iter::repeat_n(fill.to_le_bytes(), PAGE_SIZE / 4).flatten()
+            })
+            .collect();
+        std::fs::write(&path, &pages).expect("write");
+        let mut writer = PageWriter::new(&store, store.page_index(), 2);
+        let stored = writer
+            .write_file(&File::open(&path).expect("open"), &path)
+            .expect("stored");
+        writer.commit().expect("commit");
+        let digests: Vec<Option<Digest256>> = pages
+            .chunks(PAGE_SIZE)
+            .map(|p| (!pf_core::pack::is_zero_page(p)).then(|| pf_core::pack::page_digest(p)))
+            .collect();
+        let prehash = Prehash {
+            shared: std::sync::Arc::new(Following::default()),
+        };
+        let hashed = |k: usize| {
+            let digests = digests[..k].to_vec();
+            prehash.shared.lock().hashed.insert(
+                "pages-1.img".to_owned(),
+                PrehashedFile {
+                    id: (0, 0),
+                    nonzero: digests.iter().flatten().count(),
+                    digests,
+                },
+            );
+        };
+        // Too few hashed when the dump ends: no guess.
+        hashed(EARLY_BASE_MIN_PAGES);
+        assert!(prehash.sample(EARLY_BASE_MIN_PAGES, 64).is_none());
+        let over = AtomicBool::new(true);
+        assert!(early_base(&store, &prehash, &over).is_none());
+        // Enough: a sample of non-zero pages, and the list of the snapshot that holds them.
+        hashed(n);
+        let (file, sample) = prehash.sample(EARLY_BASE_MIN_PAGES, 64).expect("sample");
+        assert_eq!(file, "pages-1.img");
+        assert!((60..=64).contains(&sample.len()), "{}", sample.len());
+        assert!(sample.iter().all(|d| digests.contains(&Some(*d))));
+        over.store(false, Ordering::Relaxed);
+        let base = early_base(&store, &prehash, &over).expect("a base");
+        assert_eq!(base.file, "pages-1.img");
+        assert_eq!(base.list.manifest(), &stored.manifest);
     }
 
     #[test]
