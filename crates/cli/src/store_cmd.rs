@@ -851,6 +851,14 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         ));
         pf_core::pages_report::PackUsage::default()
     });
+    if packs.unknown_packs > 0 {
+        say(&format!(
+            "warning: {} of the kept packs are used by a page list that cannot be read: all \
+             their pages count as live (which ones it uses is unknown); `pf store verify` names \
+             the list and the snapshots that need it",
+            packs.unknown_packs
+        ));
+    }
     let mut out = io::stdout().lock();
     if args.json {
         let json = serde_json::json!({
@@ -871,6 +879,7 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
                 "dead_pages": packs.dead_pages(),
                 "stored_size": packs.stored_size,
                 "dead_stored_size": packs.dead_stored_size,
+                "unknown_packs": packs.unknown_packs,
             }),
             "forwards_kept": report.forwards_kept,
             "forwards_removed": report.forwards_removed.len(),

@@ -364,6 +364,10 @@ pub struct PackUsage {
     /// Of `stored_size`, the part of each pack in proportion to its dead pages (frames compress
     /// differently, so this is an estimate).
     pub dead_stored_size: u64,
+    /// Packs a page list that cannot be read uses: which of their pages it uses is unknown, so
+    /// all of them count as live (never a dead figure too high; `pf store verify` names the
+    /// list).
+    pub unknown_packs: u64,
     /// Per pack: (pack, pages, live pages, stored size), sorted by pack.
     pub per_pack: Vec<(Digest256, u32, u32, u64)>,
 }
@@ -380,7 +384,7 @@ impl PackUsage {
 /// two small unverified reads: this is a report, and a damaged pack is `pf store verify`'s to
 /// name); packs or lists that cannot be read are left out.
 pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, ReportError> {
-    let used = used_slots(store, graph);
+    let (used, unknown) = used_slots(store, graph);
     let mut out = PackUsage::default();
     for (pack, slots) in used {
         let pages = match pack_pages(store, &pack) {
@@ -391,7 +395,12 @@ pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, Rep
                 continue;
             }
         };
-        let live = slots.iter().filter(|s| **s < pages).count() as u32;
+        let live = if unknown.contains(&pack) {
+            out.unknown_packs += 1;
+            pages
+        } else {
+            slots.iter().filter(|s| **s < pages).count() as u32
+        };
         let stored = size_or_zero(store.stored_size(&pack), &pack)?;
         out.packs += 1;
         out.pages += u64::from(pages);
@@ -408,9 +417,14 @@ pub fn pack_usage(store: &dyn BlobStore, graph: &Graph) -> Result<PackUsage, Rep
 /// Per pack, which of its slots `graph`'s page lists use: the slot a list names in a pack the
 /// store holds, or for a pack gone and [forwarded](crate::forward), the slot that holds the
 /// page's digest in a pack its records lead to (indexes read unverified, 32 bytes a page).
-/// Lists or packs that cannot be read are left out.
-fn used_slots(store: &dyn BlobStore, graph: &Graph) -> BTreeMap<Digest256, BTreeSet<u32>> {
+/// And the packs (or those they were forwarded to) of lists that cannot be read: which of
+/// their slots are used is unknown.
+fn used_slots(
+    store: &dyn BlobStore,
+    graph: &Graph,
+) -> (BTreeMap<Digest256, BTreeSet<u32>>, BTreeSet<Digest256>) {
     let mut used: BTreeMap<Digest256, BTreeSet<u32>> = BTreeMap::new();
+    let mut unknown: BTreeSet<Digest256> = BTreeSet::new();
     let mut routes: HashMap<Digest256, Vec<Digest256>> = HashMap::new();
     let mut indexes: HashMap<Digest256, HashMap<Digest256, u32>> = HashMap::new();
     for (digest, m) in &graph.manifests {
@@ -431,13 +445,24 @@ fn used_slots(store: &dyn BlobStore, graph: &Graph) -> BTreeMap<Digest256, BTree
                 used.entry(*p).or_default();
             }
         }
-        let Ok(bytes) = store.get(&m.list) else {
-            tracing::warn!(manifest = %digest, list = %m.list, "page list unreadable");
-            continue;
+        let list = match store.get(&m.list) {
+            Ok(bytes) => parse_list(store, &m.list, &bytes, m).map_err(|_| "malformed"),
+            Err(_) => Err("unreadable"),
         };
-        let Ok(list) = parse_list(store, &m.list, &bytes, m) else {
-            tracing::warn!(manifest = %digest, list = %m.list, "page list malformed");
-            continue;
+        let list = match list {
+            Ok(list) => list,
+            Err(why) => {
+                tracing::warn!(manifest = %digest, list = %m.list, "page list {why}: its packs count as live");
+                for p in &m.packs {
+                    match routes.get(p) {
+                        Some(targets) => unknown.extend(targets.iter().copied()),
+                        None => {
+                            unknown.insert(*p);
+                        }
+                    }
+                }
+                continue;
+            }
         };
         for page in list {
             if let Some((k, slot)) = page.at {
@@ -458,7 +483,11 @@ fn used_slots(store: &dyn BlobStore, graph: &Graph) -> BTreeMap<Digest256, BTree
             }
         }
     }
-    used
+    // A forward's target no readable list uses is still one an unreadable list may use.
+    for pack in &unknown {
+        used.entry(*pack).or_default();
+    }
+    (used, unknown)
 }
 
 /// The page digests of pack `pack`'s index, in slot order (unverified reads).
@@ -1184,6 +1213,29 @@ mod tests {
         assert_eq!(only_b.dead_pages(), 50);
         let a_stored = store.stored_size(&a_pack[0]).expect("size");
         assert_eq!(only_b.dead_stored_size, a_stored * 50 / 200);
+        assert_eq!(only_b.unknown_packs, 0);
+        // b's page list damaged: which pages it uses is unknown, so its packs (a's and its
+        // own) count as live whole, never as dead.
+        let b_list = graph
+            .manifests()
+            .values()
+            .next()
+            .expect("b's manifest")
+            .list;
+        store.corrupt_for_test(&b_list, b"not a page list");
+        let damaged = pack_usage(&store, &graph).expect("usage");
+        assert_eq!(
+            (damaged.packs, damaged.pages, damaged.live_pages),
+            (2, 250, 250)
+        );
+        assert_eq!(
+            (
+                damaged.dead_pages(),
+                damaged.dead_stored_size,
+                damaged.unknown_packs
+            ),
+            (0, 0, 2)
+        );
     }
 
     #[test]
