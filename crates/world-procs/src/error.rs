@@ -22,10 +22,11 @@ pub enum Error {
     Unavailable(#[from] Unavailable),
     /// criu ran and exited unsuccessfully.
     #[error(
-        "criu {action} failed ({exit}){}{}; full log kept in {}",
+        "criu {action} failed ({exit}){}{}; full log kept in {}{}",
         error_lines(.errors),
         failure.map(|f| format!("; {}", f.fix())).unwrap_or_default(),
-        .log.display()
+        .log.display(),
+        more_log()
     )]
     Criu {
         /// `dump`, `restore`, `check`.
@@ -42,8 +43,9 @@ pub enum Error {
     },
     /// criu did not finish within its deadline and was killed.
     #[error(
-        "criu {action} did not finish within {after:?} and was killed; log kept in {}",
-        .log.display()
+        "criu {action} did not finish within {after:?} and was killed; log kept in {}{}",
+        .log.display(),
+        more_log()
     )]
     Timeout {
         /// `dump`, `restore`, `check`.
@@ -592,6 +594,15 @@ fn traced_message(
             "{what} is traced by {by}, and criu cannot freeze a process another one traces: \
              detach it (quit the debugger, stop the strace), then freeze again"
         )
+    }
+}
+
+/// How to get CRIU's every step into the kept log, unless it has them already.
+fn more_log() -> &'static str {
+    if crate::runner::log_level() < 4 {
+        " (errors and warnings; PF_CRIU_LOG_LEVEL=4 logs every step)"
+    } else {
+        ""
     }
 }
 
