@@ -2245,6 +2245,20 @@ mod tests {
         assert_eq!(s.list().unwrap(), vec![kept]);
     }
 
+    /// Temp files in the store's blob directory (none when it does not exist yet).
+    fn temp_files(s: &FsBlobStore) -> usize {
+        fs::read_dir(s.root().join("blobs/sha256")).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(TEMP_PREFIX)
+            })
+            .count()
+        })
+    }
+
     #[test]
     fn a_batch_is_invisible_until_committed_and_gone_if_dropped() {
         let (_dir, s) = store();
@@ -2262,18 +2276,7 @@ mod tests {
         assert_eq!(s.list().unwrap(), vec![old]);
         assert!(matches!(s.get(&raw), Err(Error::NotFound { .. })));
         // Its temp files belong to a live writer: a sweep leaves them.
-        let temps = || {
-            fs::read_dir(s.root().join("blobs/sha256"))
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with(TEMP_PREFIX)
-                })
-                .count()
-        };
+        let temps = || temp_files(&s);
         assert_eq!(temps(), 2);
         assert!(s.sweep_temp(&GcOptions::dry_run_now()).unwrap().is_empty());
         batch.commit().unwrap();
@@ -2295,20 +2298,7 @@ mod tests {
     #[test]
     fn a_large_raw_put_written_while_named_leaves_one_blob_and_no_temp_file() {
         let (_dir, s) = store();
-        let temps = || {
-            fs::read_dir(s.root().join("blobs/sha256"))
-                .map(|d| {
-                    d.filter(|e| {
-                        e.as_ref()
-                            .unwrap()
-                            .file_name()
-                            .to_string_lossy()
-                            .starts_with(TEMP_PREFIX)
-                    })
-                    .count()
-                })
-                .unwrap_or(0)
-        };
+        let temps = || temp_files(&s);
         // Not a multiple of 4 KiB: a direct head and a buffered tail.
         let pack: Vec<u8> = (0..(DIRECT_MIN + 5000) as u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
