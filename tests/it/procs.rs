@@ -481,10 +481,11 @@ fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
     let store = dir.path().join("store");
     // The namespace's init (pid 1) runs pf on a loop it started; --kill-child ends the whole
     // namespace with unshare, should the test kill it.
+    // The second run asks for criu's every step in its kept log.
     let script = "sh -c 'while :; do sleep 0.05; done' </dev/null >/dev/null 2>&1 & job=$!; \
-                  for flag in '' --shell-job; do \
-                  \"$0\" --store \"$1\" procs capture --pid \"$job\" $flag; echo \"pf-exit=$?\" >&2; \
-                  done; kill \"$job\"";
+                  \"$0\" --store \"$1\" procs capture --pid \"$job\"; echo \"pf-exit=$?\" >&2; \
+                  PF_CRIU_LOG_LEVEL=4 \"$0\" --store \"$1\" procs capture --pid \"$job\" \
+                  --shell-job; echo \"pf-exit=$?\" >&2; kill \"$job\"";
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--pid",
@@ -519,6 +520,27 @@ fn live_a_session_begun_outside_the_pid_namespace_is_explained() {
         "{err}"
     );
     assert!(err.contains("start the process under `setsid`"), "{err}");
+    // criu logs its errors and warnings, and every step when asked; the message says how.
+    let logs: Vec<String> = err
+        .split("full log kept in ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|log| std::fs::read_to_string(log).expect("kept log"))
+        .collect();
+    assert_eq!(logs.len(), 2, "{err}");
+    assert_eq!(
+        err.matches("PF_CRIU_LOG_LEVEL=4 logs every step").count(),
+        1,
+        "{err}"
+    );
+    let lines = |log: &str| log.lines().count();
+    assert!(logs[0].contains("Error ("), "{}", logs[0]);
+    assert!(
+        lines(&logs[1]) > 5 * lines(&logs[0]),
+        "default {} lines, level 4 {} lines",
+        lines(&logs[0]),
+        lines(&logs[1])
+    );
 }
 
 /// A capture into a store on a read-only mount fails before criu runs, saying why and what to
