@@ -25,6 +25,8 @@ pub(crate) const END: &str = "<!-- cargo xtask bench: generated up to here -->";
 #[derive(Debug)]
 pub(crate) struct SizeSummary {
     pub(crate) mib: u64,
+    /// Runs the medians are of.
+    pub(crate) runs: usize,
     pub(crate) raw_dump_s: f64,
     pub(crate) pf_freeze_s: f64,
     pub(crate) raw_pause_ms: f64,
@@ -112,11 +114,31 @@ pub(crate) struct Machine {
 pub(crate) struct Report {
     pub(crate) quick: bool,
     pub(crate) profile: &'static str,
-    pub(crate) runs: usize,
     pub(crate) machine: Machine,
     pub(crate) sizes: Vec<SizeSummary>,
     pub(crate) store: Option<StoreSummary>,
     pub(crate) took: Duration,
+}
+
+/// How many runs the medians are of, for `(MiB, runs)` per size: "3 runs", or per size when
+/// they differ, "7, 5 and 3 runs (64, 256 and 1024 MiB)".
+fn runs_text(sizes: &[(u64, usize)]) -> String {
+    let and = |items: Vec<String>| match items.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, init)) => format!("{} and {last}", init.join(", ")),
+        None => String::new(),
+    };
+    match sizes {
+        [] => "no runs".to_owned(),
+        [(_, first), rest @ ..] if rest.iter().all(|(_, n)| n == first) => {
+            format!("{first} run{}", if *first == 1 { "" } else { "s" })
+        }
+        _ => format!(
+            "{} runs ({} MiB)",
+            and(sizes.iter().map(|(_, n)| n.to_string()).collect()),
+            and(sizes.iter().map(|(mib, _)| mib.to_string()).collect())
+        ),
+    }
 }
 
 /// Describe this machine; what cannot be read says "unknown".
@@ -286,7 +308,6 @@ fn verdict(met: bool) -> &'static str {
 }
 
 impl Report {
-    /// The tables and the machine, as markdown.
     pub(crate) fn markdown(&self) -> String {
         let mut md = String::new();
         let line = |md: &mut String, s: &str| {
@@ -307,9 +328,14 @@ impl Report {
             line(
                 &mut md,
                 &format!(
-                    "### Goblins: pf against raw CRIU (median of {} run{}, {} build)\n",
-                    self.runs,
-                    if self.runs == 1 { "" } else { "s" },
+                    "### Goblins: pf against raw CRIU (median of {}, {} build)\n",
+                    runs_text(
+                        &self
+                            .sizes
+                            .iter()
+                            .map(|s| (s.mib, s.runs))
+                            .collect::<Vec<_>>()
+                    ),
                     self.profile
                 ),
             );
@@ -812,7 +838,6 @@ impl Report {
             "kind": "pf.bench.v1",
             "quick": self.quick,
             "profile": self.profile,
-            "runs": self.runs,
             "took_s": self.took.as_secs_f64(),
             "machine": {
                 "cpu": m.cpu, "cores": m.cores, "memory_gib": m.memory_gib, "os": m.os,
@@ -833,6 +858,7 @@ impl Report {
             },
             "sizes": self.sizes.iter().map(|s| json!({
                 "mib": s.mib,
+                "run_count": s.runs,
                 "raw_dump_s": s.raw_dump_s,
                 "pf_freeze_s": s.pf_freeze_s,
                 "freeze_ratio": s.pf_freeze_s / s.raw_dump_s,
@@ -906,6 +932,18 @@ tmpfs /dev/shm tmpfs rw 0 0\n/dev/vdb /work ext4 rw 0 0\n";
         );
         assert_eq!(fs_type(mounts, Path::new("/usr")), "ext4 (/dev/vda on /)");
         assert_eq!(fs_type("", Path::new("/usr")), "unknown");
+    }
+
+    #[test]
+    fn says_how_many_runs_each_size_had() {
+        assert_eq!(runs_text(&[(64, 1)]), "1 run");
+        assert_eq!(runs_text(&[(64, 3), (256, 3)]), "3 runs");
+        assert_eq!(
+            runs_text(&[(64, 7), (256, 5), (1024, 3)]),
+            "7, 5 and 3 runs (64, 256 and 1024 MiB)"
+        );
+        assert_eq!(runs_text(&[(8, 7), (16, 5)]), "7 and 5 runs (8 and 16 MiB)");
+        assert_eq!(runs_text(&[]), "no runs");
     }
 
     #[test]
