@@ -21,7 +21,7 @@
 //! - When the restore is over, whatever CRIU did not read is abandoned: pf's pipe ends are
 //!   non-blocking and every writer checks a stop flag, so nothing waits on a reader that went.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{IoSliceMut, Read as _, Write as _};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -113,6 +113,9 @@ impl Shared {
 struct Opened<'a> {
     slots: Mutex<HashMap<String, Slot<'a>>>,
     ready: Condvar,
+    /// Packs read ahead (or being read) so far, by the head start or a file's own read-ahead:
+    /// each is read once.
+    fetched: Mutex<HashSet<pf_core::Digest256>>,
 }
 
 enum Slot<'a> {
@@ -131,16 +134,34 @@ impl<'a> Opened<'a> {
         Self {
             slots: Mutex::new(slots),
             ready: Condvar::new(),
+            fetched: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Open them one after the other, until the serving stops.
-    fn open_all(&self, images: &Images<'a>, shared: &Shared) {
+    /// Whether `pack` is still to be read ahead: `true` once, for the caller who then reads it.
+    fn claim(&self, pack: &pf_core::Digest256) -> bool {
+        self.fetched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*pack)
+    }
+
+    /// Open them one after the other, until the serving stops; the packs each file needs
+    /// first go to `head` (see [`head_start`]) as soon as its list is open.
+    fn open_all(
+        &self,
+        images: &Images<'a>,
+        shared: &Shared,
+        head: Option<std::sync::mpsc::Sender<Vec<pf_core::Digest256>>>,
+    ) {
         for image in images.pages {
             if shared.stopped() {
                 break;
             }
             let reader = PagesReader::open(images.store, &image.manifest);
+            if let (Some(head), Ok(reader)) = (&head, &reader) {
+                let _ = head.send(first_packs(reader));
+            }
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(slot) = slots.get_mut(&image.file) {
                 *slot = Slot::Ready(Box::new(reader));
@@ -222,9 +243,19 @@ pub(crate) fn serve_while<T>(
             shared: &shared,
             wake: Some(wake),
         };
+        let (head, firsts) = std::sync::mpsc::channel();
+        let head = std::thread::Builder::new()
+            .name("pf-head-start".into())
+            .spawn_scoped(s, {
+                let (opened, shared) = (&opened, &shared);
+                move || head_start(images.store, &firsts, opened, shared)
+            })
+            .inspect_err(|e| tracing::debug!(error = %e, "no thread to read packs ahead early"))
+            .ok()
+            .map(|_| head);
         let opener = std::thread::Builder::new()
             .name("pf-open-lists".into())
-            .spawn_scoped(s, || opened.open_all(images, &shared));
+            .spawn_scoped(s, || opened.open_all(images, &shared, head));
         if let Err(e) = opener {
             tracing::debug!(error = %e, "no thread to open page lists ahead");
             opened.open_all(
@@ -233,6 +264,7 @@ pub(crate) fn serve_while<T>(
                     ..*images
                 },
                 &shared,
+                None,
             );
         }
         let acceptor = std::thread::Builder::new()
@@ -670,6 +702,9 @@ fn pages_file<'a>(
                     let started = std::time::Instant::now();
                     let (packs, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
                     let fetch = |pack: &pf_core::Digest256| {
+                        if !opened.claim(pack) {
+                            return 0;
+                        }
                         let n = reader.store().prefetch(pack).unwrap_or_else(|err| {
                             tracing::debug!(%pack, %err, "not read ahead");
                             0
@@ -930,6 +965,53 @@ impl Progress for Written<'_> {
 /// with `fetch` (which returns the bytes it read), each at the packs `sites` names for it: a
 /// pack once the pipe is within `ahead.0` chunks of its first use, and only while less than
 /// `ahead.1` bytes read ahead are not reached yet. Stops as soon as the file is over.
+/// The packs a pages file needs first, in the order it first needs them: what its own
+/// read-ahead (in [`pages_file`]) reads before the pipe has moved at all.
+fn first_packs(reader: &PagesReader<'_>) -> Vec<pf_core::Digest256> {
+    reader
+        .packs_by_first_use()
+        .into_iter()
+        .filter(|&(_, _, used)| used >= READ_AHEAD_MIN_PAGES)
+        .take_while(|&(page, _, _)| {
+            usize::try_from(page).unwrap_or(usize::MAX) / CHUNK_PAGES < READ_AHEAD.0
+        })
+        .flat_map(|(_, n, _)| reader.pack_sites(n))
+        .collect()
+}
+
+/// Read the packs each pages file needs first ([`first_packs`], sent by the thread that opens
+/// the page lists) from the start of the restore, at most [`READ_AHEAD`]'s bytes over all files.
+///
+/// A file's own read-ahead starts only when CRIU asks for the file, 15–30 ms into the restore
+/// (CRIU probes the kernel and reads the small images first), and packs a freeze just wrote are
+/// not in memory (written with direct I/O): CRIU then waited on the disk for the first ones.
+/// Read from the start, they are in memory by the time it asks. Only a hint, as the file's own
+/// read-ahead is (each pack is read once, by whichever comes first).
+fn head_start(
+    store: &dyn BlobStore,
+    firsts: &std::sync::mpsc::Receiver<Vec<pf_core::Digest256>>,
+    opened: &Opened<'_>,
+    shared: &Shared,
+) {
+    let started = std::time::Instant::now();
+    let (mut packs, mut bytes) = (0usize, 0u64);
+    'files: while let Ok(list) = firsts.recv() {
+        for pack in list {
+            if shared.stopped() || bytes >= READ_AHEAD.1 {
+                break 'files;
+            }
+            if opened.claim(&pack) {
+                bytes += store.prefetch(&pack).unwrap_or_else(|err| {
+                    tracing::debug!(%pack, %err, "not read ahead");
+                    0
+                });
+                packs += 1;
+            }
+        }
+    }
+    tracing::debug!(packs, bytes, elapsed = ?started.elapsed(), "packs read ahead from the start");
+}
+
 fn read_ahead(
     plan: &[(usize, u32)],
     sites: &dyn Fn(u32) -> Vec<pf_core::Digest256>,
@@ -1170,6 +1252,67 @@ mod tests {
             assert!(some[..] == bytes[..some.len()]);
         })
         .expect("served");
+    }
+
+    /// Item: the packs a pages file needs first are read from the start of the restore, each
+    /// once: the file's own read-ahead then finds them taken; a serving already stopped reads
+    /// none.
+    #[test]
+    fn the_packs_a_file_needs_first_are_read_once_from_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = pf_core::FsBlobStore::open(&dir.path().join("store")).expect("store");
+        let (_, image) = stored_pages(&store, dir.path());
+        let manifest = load_manifest(&store, &image.manifest).expect("manifest");
+        assert!(manifest.packs.len() > 1, "{} packs", manifest.packs.len());
+        let reader = PagesReader::open(&store, &image.manifest).expect("reader");
+        // A first snapshot's packs hold its pages in file order; the last, with fewer than the
+        // minimum of the file's pages, is left to the kernel's own read-ahead.
+        let firsts = first_packs(&reader);
+        let used: HashMap<u32, u64> = reader
+            .packs_by_first_use()
+            .into_iter()
+            .map(|(_, n, used)| (n, used))
+            .collect();
+        let expected: Vec<pf_core::Digest256> = (0u32..)
+            .zip(&manifest.packs)
+            .filter(|(n, _)| used.get(n).is_some_and(|&u| u >= READ_AHEAD_MIN_PAGES))
+            .map(|(_, pack)| *pack)
+            .collect();
+        assert!(expected.len() >= 2, "{used:?}");
+        assert_eq!(firsts, expected);
+        let maps = HashMap::new();
+        let pages = [image];
+        let images = Images {
+            store: &store,
+            dir: dir.path(),
+            pages: &pages,
+            maps: &maps,
+        };
+        for stopped in [false, true] {
+            let (woken, _wake) = std::io::pipe().expect("pipe");
+            let shared = Shared {
+                stop: AtomicBool::new(stopped),
+                woken: woken.into(),
+                error: Mutex::new(None),
+                conns: Mutex::new(Vec::new()),
+                buffered: AtomicUsize::new(0),
+                budget: 4,
+                threads: 1,
+            };
+            let opened = Opened::new(&images);
+            let (send, firsts_rx) = std::sync::mpsc::channel();
+            send.send(firsts.clone()).expect("send");
+            drop(send);
+            head_start(&store, &firsts_rx, &opened, &shared);
+            for pack in &firsts {
+                assert_eq!(
+                    opened.claim(pack),
+                    stopped,
+                    "{pack} (stopped: {stopped}) to be read by the file's own read-ahead"
+                );
+                assert!(!opened.claim(pack), "{pack} claimed twice");
+            }
+        }
     }
 
     /// A pipe that moves on to whatever chunk is waited for, and is over from `over_at` on.
