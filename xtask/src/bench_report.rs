@@ -328,7 +328,7 @@ impl Report {
             line(
                 &mut md,
                 &format!(
-                    "### Goblins: pf against raw CRIU (median of {}, {} build)\n",
+                    "### Goblins: pf against raw CRIU (median of {}{}, {} build)\n",
                     runs_text(
                         &self
                             .sizes
@@ -336,6 +336,11 @@ impl Report {
                             .map(|s| (s.mib, s.runs))
                             .collect::<Vec<_>>()
                     ),
+                    if self.quick {
+                        ""
+                    } else {
+                        " after a run to warm up"
+                    },
                     self.profile
                 ),
             );
