@@ -961,10 +961,6 @@ impl Progress for Written<'_> {
     }
 }
 
-/// Read the packs of `plan` ((the chunk that first needs it, its number), in that order) ahead
-/// with `fetch` (which returns the bytes it read), each at the packs `sites` names for it: a
-/// pack once the pipe is within `ahead.0` chunks of its first use, and only while less than
-/// `ahead.1` bytes read ahead are not reached yet. Stops as soon as the file is over.
 /// The packs a pages file needs first, in the order it first needs them: what its own
 /// read-ahead (in [`pages_file`]) reads before the pipe has moved at all.
 fn first_packs(reader: &PagesReader<'_>) -> Vec<pf_core::Digest256> {
@@ -1012,6 +1008,10 @@ fn head_start(
     tracing::debug!(packs, bytes, elapsed = ?started.elapsed(), "packs read ahead from the start");
 }
 
+/// Read the packs of `plan` ((the chunk that first needs it, its number), in that order) ahead
+/// with `fetch` (which returns the bytes it read), each at the packs `sites` names for it: a
+/// pack once the pipe is within `ahead.0` chunks of its first use, and only while less than
+/// `ahead.1` bytes read ahead are not reached yet. Stops as soon as the file is over.
 fn read_ahead(
     plan: &[(usize, u32)],
     sites: &dyn Fn(u32) -> Vec<pf_core::Digest256>,
