@@ -2,9 +2,9 @@
 //! beside raw CRIU on the same process in the same run, so the ratios hold on a noisy machine.
 //!
 //! For each goblin size (64 MiB, 256 MiB, 1 GiB: half random, half compressible pages) it
-//! starts one goblin (`bench_proc`) and, after one run that is not counted (but with
-//! `--quick`: this VM's host gives a fresh goblin's memory slowly the first time), `--runs` times
-//! (median reported):
+//! starts one goblin (`bench_proc`) and, after one run that is not counted (this VM's host gives
+//! a fresh goblin's memory slowly the first time; none with `--quick`), `--runs` times (median
+//! reported; peak RSS the largest of every run, the uncounted one too):
 //! - raw `criu dump --leave-running` into an empty tmpfs directory, against
 //!   `pf goblin freeze --leave-running` into an empty store (to the digest). Both leave the
 //!   goblin running: the only way to dump one process several times, and what an agent does;
@@ -227,6 +227,8 @@ struct Run {
 struct SizeResult {
     mib: u64,
     runs: Vec<Run>,
+    /// The run to warm up: not in the medians, but in the peak RSS (the largest of all runs).
+    warm_up: Option<Run>,
     /// The raw images directory (without criu's log).
     images_bytes: u64,
     /// The store after one snapshot.
@@ -367,6 +369,7 @@ fn measure_size(env: &Env, mib: u64, runs: usize, warm_up: bool) -> anyhow::Resu
     let mut result = SizeResult {
         mib,
         runs: Vec::new(),
+        warm_up: None,
         images_bytes: 0,
         store_one_bytes: 0,
         series_bytes: Vec::new(),
@@ -494,6 +497,8 @@ fn measure_size(env: &Env, mib: u64, runs: usize, warm_up: bool) -> anyhow::Resu
         ));
         if i > 0 {
             result.runs.push(run);
+        } else {
+            result.warm_up = Some(run);
         }
         last_store = Some((store, digest));
     }
@@ -963,7 +968,14 @@ fn pf_fork(
 
 fn summarize(size: &SizeResult) -> crate::bench_report::SizeSummary {
     let m = |f: fn(&Run) -> f64| median(size.runs.iter().map(f).collect());
-    let max = |f: fn(&Run) -> u64| size.runs.iter().map(f).max().unwrap_or(0);
+    let max = |f: fn(&Run) -> u64| {
+        size.runs
+            .iter()
+            .chain(&size.warm_up)
+            .map(f)
+            .max()
+            .unwrap_or(0)
+    };
     crate::bench_report::SizeSummary {
         mib: size.mib,
         runs: size.runs.len(),

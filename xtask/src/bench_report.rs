@@ -308,6 +308,7 @@ fn verdict(met: bool) -> &'static str {
 }
 
 impl Report {
+    /// The tables and the machine, as markdown.
     pub(crate) fn markdown(&self) -> String {
         let mut md = String::new();
         let line = |md: &mut String, s: &str| {
@@ -836,11 +837,11 @@ impl Report {
         md.push('\n');
     }
 
-    /// The same as JSON (`pf.bench.v1`).
+    /// The same as JSON (`pf.bench.v2`: v1 had one run count for every size, at the top).
     pub(crate) fn json(&self) -> Value {
         let m = &self.machine;
         json!({
-            "kind": "pf.bench.v1",
+            "kind": "pf.bench.v2",
             "quick": self.quick,
             "profile": self.profile,
             "took_s": self.took.as_secs_f64(),

@@ -21,7 +21,7 @@
 //! - When the restore is over, whatever CRIU did not read is abandoned: pf's pipe ends are
 //!   non-blocking and every writer checks a stop flag, so nothing waits on a reader that went.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IoSliceMut, Read as _, Write as _};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
@@ -113,9 +113,9 @@ impl Shared {
 struct Opened<'a> {
     slots: Mutex<HashMap<String, Slot<'a>>>,
     ready: Condvar,
-    /// Packs read ahead (or being read) so far, by the head start or a file's own read-ahead:
-    /// each is read once.
-    fetched: Mutex<HashSet<pf_core::Digest256>>,
+    /// Packs read ahead (or being read) so far, by the head start or a file's own read-ahead,
+    /// with the bytes read (0 until read): each is read once, and counted as read by both.
+    fetched: Mutex<HashMap<pf_core::Digest256, u64>>,
 }
 
 enum Slot<'a> {
@@ -134,16 +134,26 @@ impl<'a> Opened<'a> {
         Self {
             slots: Mutex::new(slots),
             ready: Condvar::new(),
-            fetched: Mutex::new(HashSet::new()),
+            fetched: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether `pack` is still to be read ahead: `true` once, for the caller who then reads it.
-    fn claim(&self, pack: &pf_core::Digest256) -> bool {
-        self.fetched
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(*pack)
+    /// Read `pack` ahead with `read` (which returns the bytes it read) unless it was already,
+    /// or is being read: the bytes read ahead, by this call or the one before (0 while that
+    /// one is still reading). A claim lasts as long as the serving: a file asked for again
+    /// finds its packs read (a hint only: what was evicted since is read when wanted).
+    fn read_once(&self, pack: &pf_core::Digest256, read: impl FnOnce() -> u64) -> u64 {
+        let lock = || self.fetched.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut fetched = lock();
+            if let Some(&bytes) = fetched.get(pack) {
+                return bytes;
+            }
+            fetched.insert(*pack, 0);
+        }
+        let bytes = read();
+        lock().insert(*pack, bytes);
+        bytes
     }
 
     /// Open them one after the other, until the serving stops; the packs each file needs
@@ -160,7 +170,7 @@ impl<'a> Opened<'a> {
             }
             let reader = PagesReader::open(images.store, &image.manifest);
             if let (Some(head), Ok(reader)) = (&head, &reader) {
-                let _ = head.send(first_packs(reader));
+                let _ = head.send(first_packs(reader, READ_AHEAD.0));
             }
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(slot) = slots.get_mut(&image.file) {
@@ -248,7 +258,7 @@ pub(crate) fn serve_while<T>(
             .name("pf-head-start".into())
             .spawn_scoped(s, {
                 let (opened, shared) = (&opened, &shared);
-                move || head_start(images.store, &firsts, opened, shared)
+                move || head_start(images.store, &firsts, opened, shared, READ_AHEAD.1)
             })
             .inspect_err(|e| tracing::debug!(error = %e, "no thread to read packs ahead early"))
             .ok()
@@ -702,16 +712,15 @@ fn pages_file<'a>(
                     let started = std::time::Instant::now();
                     let (packs, bytes) = (AtomicUsize::new(0), AtomicU64::new(0));
                     let fetch = |pack: &pf_core::Digest256| {
-                        if !opened.claim(pack) {
-                            return 0;
-                        }
-                        let n = reader.store().prefetch(pack).unwrap_or_else(|err| {
-                            tracing::debug!(%pack, %err, "not read ahead");
-                            0
-                        });
-                        packs.fetch_add(1, Ordering::Relaxed);
-                        bytes.fetch_add(n, Ordering::Relaxed);
-                        n
+                        opened.read_once(pack, || {
+                            let n = reader.store().prefetch(pack).unwrap_or_else(|err| {
+                                tracing::debug!(%pack, %err, "not read ahead");
+                                0
+                            });
+                            packs.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(n, Ordering::Relaxed);
+                            n
+                        })
                     };
                     read_ahead(
                         &plan,
@@ -961,22 +970,24 @@ impl Progress for Written<'_> {
     }
 }
 
-/// The packs a pages file needs first, in the order it first needs them: what its own
-/// read-ahead (in [`pages_file`]) reads before the pipe has moved at all.
-fn first_packs(reader: &PagesReader<'_>) -> Vec<pf_core::Digest256> {
+/// The packs a pages file needs first, in the order it first needs them: those its own
+/// read-ahead (in [`pages_file`]) may read before the pipe has moved at all, the packs first
+/// used within `window` chunks of the file's start (its byte bound is [`head_start`]'s).
+fn first_packs(reader: &PagesReader<'_>, window: usize) -> Vec<pf_core::Digest256> {
     reader
         .packs_by_first_use()
         .into_iter()
         .filter(|&(_, _, used)| used >= READ_AHEAD_MIN_PAGES)
         .take_while(|&(page, _, _)| {
-            usize::try_from(page).unwrap_or(usize::MAX) / CHUNK_PAGES < READ_AHEAD.0
+            usize::try_from(page).unwrap_or(usize::MAX) / CHUNK_PAGES < window
         })
         .flat_map(|(_, n, _)| reader.pack_sites(n))
         .collect()
 }
 
 /// Read the packs each pages file needs first ([`first_packs`], sent by the thread that opens
-/// the page lists) from the start of the restore, at most [`READ_AHEAD`]'s bytes over all files.
+/// the page lists) from the start of the restore, until `budget` bytes are read over all files
+/// (the last pack read may go past it).
 ///
 /// A file's own read-ahead starts only when CRIU asks for the file, 15–30 ms into the restore
 /// (CRIU probes the kernel and reads the small images first), and packs a freeze just wrote are
@@ -988,21 +999,22 @@ fn head_start(
     firsts: &std::sync::mpsc::Receiver<Vec<pf_core::Digest256>>,
     opened: &Opened<'_>,
     shared: &Shared,
+    budget: u64,
 ) {
     let started = std::time::Instant::now();
     let (mut packs, mut bytes) = (0usize, 0u64);
     'files: while let Ok(list) = firsts.recv() {
         for pack in list {
-            if shared.stopped() || bytes >= READ_AHEAD.1 {
+            if shared.stopped() || bytes >= budget {
                 break 'files;
             }
-            if opened.claim(&pack) {
-                bytes += store.prefetch(&pack).unwrap_or_else(|err| {
+            bytes += opened.read_once(&pack, || {
+                packs += 1;
+                store.prefetch(&pack).unwrap_or_else(|err| {
                     tracing::debug!(%pack, %err, "not read ahead");
                     0
-                });
-                packs += 1;
-            }
+                })
+            });
         }
     }
     tracing::debug!(packs, bytes, elapsed = ?started.elapsed(), "packs read ahead from the start");
@@ -1254,8 +1266,9 @@ mod tests {
         .expect("served");
     }
 
-    /// Item: the packs a pages file needs first are read from the start of the restore, each
-    /// once: the file's own read-ahead then finds them taken; a serving already stopped reads
+    /// Item: the packs a pages file needs first (those first used within the read-ahead's
+    /// window) are read from the start of the restore, each once, until the byte budget is
+    /// spent: the file's own read-ahead then finds them read; a serving already stopped reads
     /// none.
     #[test]
     fn the_packs_a_file_needs_first_are_read_once_from_the_start() {
@@ -1263,11 +1276,9 @@ mod tests {
         let store = pf_core::FsBlobStore::open(&dir.path().join("store")).expect("store");
         let (_, image) = stored_pages(&store, dir.path());
         let manifest = load_manifest(&store, &image.manifest).expect("manifest");
-        assert!(manifest.packs.len() > 1, "{} packs", manifest.packs.len());
         let reader = PagesReader::open(&store, &image.manifest).expect("reader");
-        // A first snapshot's packs hold its pages in file order; the last, with fewer than the
-        // minimum of the file's pages, is left to the kernel's own read-ahead.
-        let firsts = first_packs(&reader);
+        // A first snapshot's packs hold its pages in file order; one with fewer than the
+        // minimum of the file's pages is left to the kernel's own read-ahead.
         let used: HashMap<u32, u64> = reader
             .packs_by_first_use()
             .into_iter()
@@ -1279,7 +1290,11 @@ mod tests {
             .map(|(_, pack)| *pack)
             .collect();
         assert!(expected.len() >= 2, "{used:?}");
+        let firsts = first_packs(&reader, READ_AHEAD.0);
         assert_eq!(firsts, expected);
+        // Within one chunk of the start: the first pack only.
+        assert_eq!(first_packs(&reader, 1), expected[..1]);
+        assert_eq!(first_packs(&reader, 0), []);
         let maps = HashMap::new();
         let pages = [image];
         let images = Images {
@@ -1288,7 +1303,12 @@ mod tests {
             pages: &pages,
             maps: &maps,
         };
-        for stopped in [false, true] {
+        // (stopped, budget, how many of `firsts` are read)
+        for (stopped, budget, read) in [
+            (false, u64::MAX, firsts.len()),
+            (false, 1, 1),
+            (true, u64::MAX, 0),
+        ] {
             let (woken, _wake) = std::io::pipe().expect("pipe");
             let shared = Shared {
                 stop: AtomicBool::new(stopped),
@@ -1303,14 +1323,24 @@ mod tests {
             let (send, firsts_rx) = std::sync::mpsc::channel();
             send.send(firsts.clone()).expect("send");
             drop(send);
-            head_start(&store, &firsts_rx, &opened, &shared);
-            for pack in &firsts {
+            head_start(&store, &firsts_rx, &opened, &shared, budget);
+            for (k, pack) in firsts.iter().enumerate() {
+                let len = std::fs::metadata(store.blob_path(pack))
+                    .expect("pack file")
+                    .len();
+                let again = opened.read_once(pack, || 7);
+                if k < read {
+                    assert_eq!(again, len, "{pack}: read ahead once, its bytes counted");
+                } else {
+                    assert_eq!(
+                        again, 7,
+                        "{pack} (stopped: {stopped}, budget {budget}) not read"
+                    );
+                }
                 assert_eq!(
-                    opened.claim(pack),
-                    stopped,
-                    "{pack} (stopped: {stopped}) to be read by the file's own read-ahead"
+                    opened.read_once(pack, || panic!("{pack} read twice")),
+                    again
                 );
-                assert!(!opened.claim(pack), "{pack} claimed twice");
             }
         }
     }
