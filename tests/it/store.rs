@@ -823,22 +823,30 @@ fn puts_with_tags_racing_gc_grace_0_leave_no_dangling_name() {
     let store = dir.path().join("store");
     make_store(&store);
     let done = std::sync::atomic::AtomicBool::new(false);
+    // gc runs finished so far: writers go on past PUTS until gc has run a few times beside
+    // them (a gc on a slow machine took longer than all the puts), up to MAX_PUTS each.
+    let gc_runs = std::sync::atomic::AtomicUsize::new(0);
     const WRITERS: usize = 6;
     const PUTS: usize = 8;
-    let gcs = std::thread::scope(|scope| {
+    const MAX_PUTS: usize = 4 * PUTS;
+    let (gcs, puts) = std::thread::scope(|scope| {
         let gc = scope.spawn(|| {
             let mut runs = 0usize;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 ok(&store, &["gc", "--grace", "0"]);
                 runs += 1;
+                gc_runs.store(runs, std::sync::atomic::Ordering::Relaxed);
             }
             runs
         });
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
-                let store = &store;
-                scope.spawn(move || -> Result<(), String> {
-                    for i in 0..PUTS {
+                let (store, gc_runs) = (&store, &gc_runs);
+                scope.spawn(move || -> Result<usize, String> {
+                    let mut i = 0;
+                    while i < PUTS
+                        || (gc_runs.load(std::sync::atomic::Ordering::Relaxed) < 3 && i < MAX_PUTS)
+                    {
                         let name = format!("p{w}-{i}");
                         // Large enough that storing takes a while: the window gc used to hit.
                         let data = random_bytes((w * PUTS + i) as u64 + 1000, 3 << 20);
@@ -859,23 +867,28 @@ fn puts_with_tags_racing_gc_grace_0_leave_no_dangling_name() {
                         if stdout(&out).trim() != Digest256::of(&data).to_string() {
                             return Err(format!("put --tag {name} printed {}", stdout(&out)));
                         }
+                        i += 1;
                     }
-                    Ok(())
+                    Ok(i)
                 })
             })
             .collect();
         // Every writer is joined (and gc stopped) before anything is asserted.
         let results: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
         done.store(true, std::sync::atomic::Ordering::Relaxed);
-        for result in results {
-            result.expect("writer thread").unwrap();
-        }
-        gc.join().unwrap()
+        let puts: usize = results
+            .into_iter()
+            .map(|result| result.expect("writer thread").unwrap())
+            .sum();
+        (gc.join().unwrap(), puts)
     });
-    assert!(gcs > 1, "gc ran only {gcs} times beside the puts");
+    assert!(
+        gcs > 1,
+        "gc ran only {gcs} times beside {puts} puts (at most {MAX_PUTS} a writer)"
+    );
     // Every name, checked after the last gc finished: its blob is there and whole.
     let tags = ok(&store, &["tags"]);
-    assert_eq!(tags.lines().count(), WRITERS * PUTS, "{tags}");
+    assert_eq!(tags.lines().count(), puts, "{tags}");
     for line in tags.lines() {
         let (name, digest) = line.split_once("  ").unwrap();
         let digest: Digest256 = digest.parse().unwrap();
