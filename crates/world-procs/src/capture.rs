@@ -386,7 +386,7 @@ fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Resu
 /// of pf's: one outside our pid namespace (pf restores lazily only into a pid namespace of its
 /// own, [`Error::LazyNeedsPidns`]) or one holding a userfaultfd.
 pub(crate) fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
-    let ours = pid_namespace(std::process::id() as i32);
+    let ours = std::fs::read_link("/proc/self/ns/pid").ok();
     if ours.is_some()
         && pids
             .iter()
