@@ -102,21 +102,34 @@ pub(crate) fn prepare() -> Option<Hold> {
         .ok()
 }
 
-/// Whether to stream `pid`'s dump through pf rather than have CRIU dump into `dir`: only when
-/// `dir` lacks the room for the tree's memory (`/dev/shm` is small in many containers; on
-/// tmpfs the machine's available memory counts too, [`room_for`]); then
-/// pf writes only the pages the store lacks, and of those only the ones its packer did not
-/// take during the dump. Into the directory, CRIU writes at its own pace and pf follows the
-/// pages files as they grow, reading them where they lie (mapped), so the pause stays CRIU's
-/// own; streamed, CRIU waits on pf hashing every page. Measured by hand since the files are
-/// mapped (paired runs of the bench goblin, `pf -vv`, directory against streamed): first
-/// freezes, 1 GiB pause 0.59 against 1.04 s and wall 1.45 against 1.43 s (4 pairs; on a
-/// slower run of the machine 0.63–0.95 against 1.21–1.42 s, 2.0 against 1.87 s), 256 MiB
-/// pause 179–204 against 284–341 ms and wall 0.474 against 0.471 s (5 pairs); re-freezes
-/// after 5% changed, 1 GiB pause 0.60–0.75 against 0.80–0.89 s and wall 1.04 against 1.05 s
-/// (4 pairs), 256 MiB 0.38 against 0.45 s, 64 MiB 0.139 against 0.145 s (5 pairs each, the
-/// pause shorter each time). Before the mapping, streaming won re-freezes and large first
-/// freezes. `PF_CAPTURE=stream|dir` forces either.
+/// Tree memory (private and shared anonymous, [`tree_memory`]) from which a dump is streamed
+/// through pf even when the directory has the room for it: 128 MiB.
+pub(crate) const STREAM_FROM: u64 = 128 << 20;
+
+/// Whether to stream `pid`'s dump through pf rather than have CRIU dump into `dir`: when the
+/// tree has [`STREAM_FROM`] of memory or more, or `dir` lacks the room for it (`/dev/shm` is
+/// small in many containers; on tmpfs the machine's available memory counts too,
+/// [`room_for`]). Streamed, CRIU splices the tree's pages into pipes and pf copies each once
+/// to hash it, writing only the pages the store lacks (and of those only the ones its packer
+/// did not take during the dump); into the directory, CRIU copies every page into tmpfs
+/// memory allocated for it, and pf follows the files as they grow (mapped) and frees them.
+///
+/// Measured by hand (bench goblins, `pf -vv`, paired, `PF_CAPTURE` forcing either, sleeping
+/// 0.2–1 s or 6 s before each freeze): streamed won the wall at 128 MiB and up, and the pause
+/// too. 1 GiB re-freeze after 5% changed: 0.56 against 0.91 s, pause 395 against 635 ms
+/// (after 6 s: 0.66 against 1.86 s, 486 against 1504 ms); first freeze 1.48 against 2.45 s,
+/// pause 777 against 1274 ms. 256 MiB first freeze 0.415 against 0.503 s, pause 183 against
+/// 194 ms; re-freeze 0.179 against 0.231 s, pause 107 against 151 ms. 128 MiB first freeze
+/// 0.202 against 0.244 s, pause 90 against 107 ms; re-freeze 0.127 against 0.134 s, pause 64
+/// against 82 ms. At 64 MiB a first freeze ties on the wall (0.199 against 0.200 s) and its
+/// pause is longer streamed (74 against 60 ms): the directory stays below [`STREAM_FROM`].
+/// Why the directory loses: a dump into tmpfs needs as much fresh memory as the tree has, and
+/// on a VM that reports free memory to its host (virtio-balloon free page reporting, as on
+/// this Firecracker VM: `/sys/module/page_reporting`) memory freed a few seconds earlier comes
+/// back only through the host's page faults (a 1 GiB dump's pause 0.6–3.6 s into the
+/// directory); streamed, pf's buffers are few and reused. An earlier session measured the
+/// directory ahead on the pause (1 GiB re-freeze 0.60–0.75 against 0.80–0.89 s), with its
+/// tmpfs memory warm. `PF_CAPTURE=stream|dir` forces either.
 ///
 /// Some(the sample to guess the base from: empty, so the capture takes it as the dump starts)
 /// to stream, None not to.
@@ -133,9 +146,9 @@ pub(crate) fn should_stream(pid: i32, dir: &Path) -> Option<Vec<Digest256>> {
         memory,
         room,
         dir = %dir.display(),
-        "into the directory if it has the room, else streamed"
+        "streamed from 128 MiB of memory or without the room, else into the directory"
     );
-    (!room).then(Vec::new)
+    (!room || memory >= STREAM_FROM).then(Vec::new)
 }
 
 /// The anonymous memory (private, `RssAnon`, and shared, `RssShmem`) the processes of `pid`'s
