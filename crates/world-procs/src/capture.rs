@@ -173,9 +173,9 @@ pub fn capture_with_progress(
     let images = scratch_dir("pf-dump-")?;
     progress(CaptureProgress::Dumping);
     // v2 hashes the pages while CRIU dumps them: streamed through pf, or followed in the dir.
-    // Into the images dir, where CRIU writes at its own pace and pf follows the pages files
-    // (the pause stays CRIU's own), unless it lacks the room for the tree's memory: streamed
-    // then, and only the pages the store lacks are written anywhere.
+    // Streamed from `STREAM_FROM` (128 MiB) of tree memory or when the images dir lacks the
+    // room for it (only the pages the store lacks are written anywhere), else into the images
+    // dir, where CRIU writes at its own pace and pf follows the pages files.
     let streamed = (format == crate::v2::Format::V2)
         .then(|| crate::capture_stream::should_stream(pid, images.path()))
         .flatten()
@@ -380,20 +380,7 @@ fn store_placeholder(store: &dyn BlobStore, pid: i32, why: &Unavailable) -> Resu
 /// A tree that holds a userfaultfd itself serves its own memory (pf's lazy restores leave the
 /// descriptor with pf): CRIU cannot dump that, and waiting would not change it, so it is refused
 /// at once.
-///
-/// `smaps` is not free to read (the kernel walks the page tables: 2–4 ms for a 64 MiB process,
-/// 14 ms for 1 GiB), so it is read only when some process of the tree may be under a lazy thaw
-/// of pf's: one outside our pid namespace (pf restores lazily only into a pid namespace of its
-/// own, [`Error::LazyNeedsPidns`]) or one holding a userfaultfd.
 pub(crate) fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
-    let ours = std::fs::read_link("/proc/self/ns/pid").ok();
-    if ours.is_some()
-        && pids
-            .iter()
-            .all(|&pid| pid_namespace(pid) == ours && !holds_userfaultfd(pid))
-    {
-        return Ok(());
-    }
     let start = std::time::Instant::now();
     let mut pause = Duration::from_millis(5);
     loop {
@@ -421,12 +408,6 @@ pub(crate) fn wait_for_lazy_memory(pids: &[i32]) -> Result<()> {
         // smaps of a large tree is not free to read: look less often as the wait goes on.
         pause = (pause * 2).min(Duration::from_millis(100));
     }
-}
-
-/// The pid namespace `pid` lives in (the target of `/proc/PID/ns/pid`), if it can be read. A
-/// process that is gone reads as `None`, which is never our namespace.
-fn pid_namespace(pid: i32) -> Option<std::path::PathBuf> {
-    std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
 }
 
 /// Whether `pid` has a userfaultfd open (`anon_inode:[userfaultfd]` among its descriptors).

@@ -148,7 +148,13 @@ pub(crate) fn should_stream(pid: i32, dir: &Path) -> Option<Vec<Digest256>> {
         dir = %dir.display(),
         "streamed from 128 MiB of memory or without the room, else into the directory"
     );
-    (!room || memory >= STREAM_FROM).then(Vec::new)
+    streams(memory, room).then(Vec::new)
+}
+
+/// The choice of [`should_stream`] for a tree of `memory` bytes whose scratch directory has
+/// (`room`) or lacks the room for it.
+fn streams(memory: u64, room: bool) -> bool {
+    !room || memory >= STREAM_FROM
 }
 
 /// The anonymous memory (private, `RssAnon`, and shared, `RssShmem`) the processes of `pid`'s
@@ -1674,12 +1680,17 @@ mod tests {
         {
             assert!(!room_for(shm, available), "{available} bytes available");
         }
-        if std::env::var_os("PF_CAPTURE").is_none() {
+        if std::env::var_os("PF_CAPTURE").is_none() && memory < STREAM_FROM {
             assert!(
                 should_stream(pid, &dir).is_none(),
-                "room: into the directory"
+                "room and less than STREAM_FROM: into the directory"
             );
         }
+        // From STREAM_FROM of memory, or without the room, streamed.
+        assert!(!streams(STREAM_FROM - 1, true));
+        assert!(streams(STREAM_FROM, true));
+        assert!(streams(STREAM_FROM - 1, false));
+        assert!(streams(0, false));
     }
 
     /// Item: a re-freeze's base is guessed from the root's memory as the dump starts, so that
