@@ -593,8 +593,17 @@ fn dump_with(
         .flatten();
     let mut dump = Invocation::new(criu, "dump", args, &[], DUMP_DEADLINE)?.watching(pid);
     if let Some(enter) = &enter {
-        // (A bare criu name is found on the PATH in there, as here.)
-        for path in [criu.path.as_path(), images_dir.as_path(), dump.work_dir()] {
+        // (A bare criu name is found on the PATH in there, as here.) A streamed dump's action
+        // script too: criu runs it in there.
+        let script = extra
+            .iter()
+            .position(|a| a == "--action-script")
+            .and_then(|i| extra.get(i + 1))
+            .map(Path::new);
+        for path in [criu.path.as_path(), images_dir.as_path(), dump.work_dir()]
+            .into_iter()
+            .chain(script)
+        {
             if path.is_absolute() {
                 enter.check_sees(path)?;
             }
