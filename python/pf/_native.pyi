@@ -1,6 +1,7 @@
 """Type stubs of pf's native module (crates/py). Import ``pf``, not this module."""
 
 from os import PathLike
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 __version__: str
@@ -15,7 +16,7 @@ class Store:
 
     def __init__(self, path: Optional[Union[str, PathLike[str]]] = None) -> None: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def exists(self) -> bool: ...
     def put(self, data: bytes) -> str: ...

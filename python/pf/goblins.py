@@ -88,7 +88,11 @@ def _images_dir(snapshot: object) -> Optional[str]:
             "images directory (a str path or an os.PathLike such as pathlib.Path), not "
             f"{type(snapshot).__name__}: {snapshot!r}{hint}"
         )
-    if os.path.isdir(snapshot):
+    # A directory is an images directory when it holds one's goblin.json: a bare name that is
+    # also some other directory here (a project's "warm/") still names a snapshot in the store.
+    if os.path.isdir(snapshot) and (
+        "/" in snapshot or os.path.exists(os.path.join(snapshot, "goblin.json"))
+    ):
         return snapshot
     # No digest or name holds a slash: a snapshot that does is an images directory that is not
     # there, and is said to be one (not an invalid name).
@@ -98,6 +102,15 @@ def _images_dir(snapshot: object) -> Optional[str]:
             "digest or a name, which holds no '/')"
         )
     return None
+
+
+def _bytes(value: object, what: str) -> bytes:
+    """``value`` as bytes, if it is bytes-like (bytes, bytearray, memoryview): an int (which
+    ``bytes()`` would turn into that many NUL bytes) or a str is a ``TypeError`` that says so."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    hint = " (encode it first, e.g. text.encode())" if isinstance(value, str) else ""
+    raise TypeError(f"{what} is bytes, not {type(value).__name__}: {value!r:.60}{hint}")
 
 
 def _store(store: object) -> Store:
@@ -371,7 +384,9 @@ class Goblin:
         return self.returncode
 
     def poll(self) -> Optional[int]:
-        """The returncode if the goblin has exited (reaping it), else ``None``."""
+        """The returncode if the goblin has exited (reaping it), else ``None``. After
+        ``detach()`` (or once handed to ``warm_up``) pf no longer knows: ``InvalidArgument``,
+        as for ``wait`` and ``kill``."""
         code = self._native.poll()
         if code is not None:
             self.returncode = code
@@ -524,7 +539,7 @@ def warm_up(
     """
     target = _store_or_dir(store_or_dir)  # before a goblin is handed over
     kwargs: Dict[str, Any] = dict(
-        input=bytes(input),
+        input=_bytes(input, "input"),
         ready=ready,
         quiet=quiet,
         timeout=timeout,
@@ -583,9 +598,13 @@ def fork_and_collect(
     ``CriuFailed``, ``CriuMissing``/``NeedsRoot``, ``StoreCorrupt``, ``NoSpace``), and
     ``InvalidArgument`` for no inputs or a negative deadline. A clone that fails or exits
     early is not an error: its ``returncode`` and output say so."""
+    given = [_bytes(i, f"inputs[{k}]") for k, i in enumerate(inputs)]
     loaded = load(snapshot, store)
     clones = _native.fork_and_collect(
-        loaded._native, [bytes(i) for i in inputs], deadline=deadline, cancel=cancel
+        loaded._native,
+        given,
+        deadline=deadline,
+        cancel=cancel,
     )
     return [Collected(**c) for c in clones]
 

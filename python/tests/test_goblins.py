@@ -132,6 +132,9 @@ def test_kill_of_a_detached_goblin_refuses_and_leaves_it_running():
     try:
         with pytest.raises(pf.InvalidArgument, match="detached"):
             goblin.kill()
+        # Nor does it pass for running forever.
+        with pytest.raises(pf.InvalidArgument, match="detached"):
+            goblin.poll()
         time.sleep(0.05)
         assert alive(goblin.pid)
     finally:
@@ -378,6 +381,31 @@ def test_what_cannot_be_a_snapshot_or_a_store_is_a_type_error_saying_what_can(tm
             pf.goblins.warm_up(goblin, 5, ready="ready", timeout=5)
         # The goblin was not handed over: it is still this handle's.
         assert goblin.stdout.readline() == b"ready\n"
+
+
+def test_inputs_are_bytes_not_an_int_or_a_str(store):
+    # bytes(4) would be four NUL bytes: refused before anything starts.
+    for bad, hint in [(4, "not int: 4"), ("print(1)", r"encode it first")]:
+        with pytest.raises(TypeError, match="input is bytes, not") as err:
+            pf.goblins.warm_up(["cat"], store, input=bad, quiet=0.3, timeout=5)
+        assert re.search(hint, str(err.value)), str(err.value)
+        with pytest.raises(TypeError, match=r"inputs\[1\] is bytes, not"):
+            pf.goblins.fork_and_collect("base", [b"ok", bad], store)
+
+
+def test_a_directory_here_that_is_not_an_images_directory_does_not_hide_a_name(
+    tmp_path, store, monkeypatch
+):
+    # A project's "warm/" beside the script: "warm" still names a snapshot in the store.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "warm").mkdir()
+    store.tag("warm", store.put(b"not a snapshot"))
+    with pytest.raises(pf.InvalidSnapshot):
+        pf.goblins.thaw("warm", store)
+    # One that holds goblin.json is an images directory.
+    (tmp_path / "warm" / "goblin.json").write_text("{")
+    with pytest.raises(pf.InvalidSnapshot, match="goblin.json"):
+        pf.goblins.thaw("warm", store)
 
 
 def test_a_missing_criu_raises_criu_missing(tmp_path):

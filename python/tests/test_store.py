@@ -26,6 +26,20 @@ def test_put_file_streams_a_file(store, tmp_path):
     assert store.get(digest) == data
 
 
+def test_a_store_path_is_a_path_and_a_directory_of_other_things_is_no_store(tmp_path):
+    import pathlib
+
+    assert isinstance(pf.Store(str(tmp_path / "s")).path, pathlib.Path)
+    project = tmp_path / "project"
+    project.mkdir(mode=0o700)
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(pf.InvalidArgument, match="is not a pf store: the directory holds notes.txt"):
+        pf.Store(str(project))
+    with pytest.raises(pf.InvalidArgument, match="the store's path is empty"):
+        pf.Store("").put(b"x")
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+
+
 def test_names_point_at_blobs(store):
     digest = store.put(b"a")
     store.tag("first", digest)

@@ -310,6 +310,43 @@ fn live_spawn_of_a_command_that_exits_says_what_it_printed() {
     assert!(!err.contains("seize"), "{err}");
 }
 
+/// A spawn into a store on a read-only mount fails before the command starts, saying why and
+/// what to do: a warm-up of minutes is not run only to be lost. (It warmed the command up, then
+/// failed to name the snapshot.)
+#[test]
+fn live_spawn_into_a_read_only_store_fails_before_the_command_starts() {
+    if !live("live_spawn_into_a_read_only_store_fails_before_the_command_starts") {
+        return;
+    }
+    let _deadline = Deadline::start(
+        "live_spawn_into_a_read_only_store_fails_before_the_command_starts",
+        Duration::from_secs(60),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    std::fs::create_dir(&store).expect("mkdir store");
+    let started = dir.path().join("started");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(
+            "mount -t tmpfs -o ro,mode=700 tmpfs \"$1\" && exec \"$2\" --store \"$1\" goblin \
+             spawn --tag t --until ready -- sh -c 'touch \"$3\"; echo ready; exec sleep 60'",
+        )
+        .arg("sh")
+        .arg(&store)
+        .arg(crate::support::pf_bin())
+        .arg(&started)
+        .env_remove("PF_STORE");
+    let err = failed(&run(cmd, b""), "spawn into a read-only store");
+    assert!(
+        err.contains("nothing was started")
+            && err.contains("is on a read-only file system")
+            && err.contains("remount it read-write"),
+        "{err}"
+    );
+    assert!(!started.exists(), "the command was started: {err}");
+}
+
 #[test]
 fn live_spawn_until_then_two_thaws_answer_from_the_warm_state() {
     if !live("live_spawn_until_then_two_thaws_answer_from_the_warm_state") {
@@ -402,15 +439,49 @@ fn live_a_thawed_copy_named_by_its_pidfile_freezes_and_goes_on_from_its_state() 
         "--tag",
         "copy",
     ]);
-    ok(&run(freeze, b""), "freeze the thawed copy");
+    let out = run(freeze, b"");
+    let first = ok(&out, "freeze the thawed copy");
+    assert!(
+        !text(&out.stderr).contains("now points at"),
+        "a new name moved nothing"
+    );
     assert_eq!(copy.ask("inc"), "2", "the copy runs on");
+    // A second thaw given the copy's pidfile is refused before it restores anything: the
+    // first copy's pidfile must stay its own.
+    let taken = thaw_cmd(&store, "counter");
+    let mut taken = taken;
+    taken.arg("--pidfile").arg(&copy.pidfile);
+    let err = failed(&run(taken, b""), "a thaw given a running copy's pidfile");
+    assert!(
+        err.contains(&format!("names process {pid}, which still runs"))
+            && err.contains("nothing was thawed"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&copy.pidfile).expect("the pidfile is still there"),
+        format!("{pid}\n")
+    );
+    // Frozen again under the same name: pf says the name moved, and from what.
+    let mut freeze = pf(&store);
+    freeze.args(["goblin", "freeze", "--pidfile"]);
+    freeze.arg(&copy.pidfile).args(["--tag", "copy"]);
+    let out = run(freeze, b"");
+    ok(&out, "freeze the thawed copy again");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the name \"copy\" now points at this snapshot; it pointed at {}",
+            first.trim()
+        )),
+        "{err}"
+    );
     copy.stdin = None;
     assert_eq!(copy.lines.next().expect("a line").expect("read"), "eof 2");
     assert!(copy.wait().success());
     assert!(!copy.pidfile.exists(), "the pidfile goes with the copy");
     // The copy's snapshot goes on from where the copy was frozen.
     let again = thaw(&store, "copy", b"inc\n");
-    assert_eq!(ok(&again, "thaw the copy's snapshot"), "2\neof 2\n");
+    assert_eq!(ok(&again, "thaw the copy's snapshot"), "3\neof 3\n");
 }
 
 /// `pf goblin thaw SNAPSHOT --pidfile FILE`, talked to line by line.

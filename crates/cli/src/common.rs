@@ -36,11 +36,15 @@ pub(crate) fn store_root(global: &Global) -> anyhow::Result<PathBuf> {
 /// Open (creating if missing) the store at [`store_root`].
 pub(crate) fn open_store(global: &Global) -> anyhow::Result<pf_core::FsBlobStore> {
     let root = store_root(global)?;
-    pf_core::FsBlobStore::open(&root).with_context(|| {
-        format!(
+    pf_core::FsBlobStore::open(&root).map_err(|err| match err {
+        // Says the path and what to do itself.
+        err @ (pf_core::Error::NotAStore { .. } | pf_core::Error::EmptyStorePath) => {
+            anyhow::Error::new(err)
+        }
+        err => anyhow::Error::new(err).context(format!(
             "cannot use the store at {} (--store DIR or $PF_STORE picks another)",
             root.display()
-        )
+        )),
     })
 }
 
@@ -51,6 +55,9 @@ pub(crate) fn open_existing_store(global: &Global) -> anyhow::Result<pf_core::Fs
     pf_core::FsBlobStore::open_existing(&root).map_err(|err| match err {
         pf_core::Error::NoStore { .. } => {
             anyhow::anyhow!("{err}; --store DIR or $PF_STORE picks another store")
+        }
+        err @ (pf_core::Error::NotAStore { .. } | pf_core::Error::EmptyStorePath) => {
+            anyhow::Error::new(err)
         }
         err => anyhow::Error::new(err).context(format!(
             "cannot use the store at {} (--store DIR or $PF_STORE picks another)",

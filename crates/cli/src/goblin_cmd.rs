@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use pf_core::Digest256;
+use pf_core::{BlobStore as _, Digest256};
 use pf_goblins::{
     Attach, Cancel, CollectOptions, Drain, FreezeOptions, FreezeTarget, Ready, Snapshot, Source,
     ThawOptions, WarmFrom, WarmOptions, Wire,
@@ -210,7 +210,8 @@ pub(crate) struct ThawArgs {
     #[command(flatten)]
     mode: ModeArgs,
     /// Write the goblin's pid (as seen here) to FILE once it runs, and remove FILE when it has
-    /// exited: to freeze this copy while it runs, `pf goblin freeze --pidfile FILE`
+    /// exited: to freeze this copy while it runs, `pf goblin freeze --pidfile FILE`. One FILE
+    /// per copy: refused before the thaw if FILE names a copy that still runs, or holds no pid
     #[arg(long, value_name = "FILE")]
     pidfile: Option<PathBuf>,
 }
@@ -292,6 +293,7 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let store = common::open_store(global)?;
+    let was = store.get_name(&args.tag).ok();
     let cwd = match &args.cwd {
         Some(dir) => dir.clone(),
         None => std::env::current_dir().context("cannot find the current directory")?,
@@ -381,6 +383,7 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
         .frozen
         .digest()
         .context("freeze into the store gave no digest")?;
+    moved(&args.tag, was, digest);
     let mut stdout = std::io::stdout().lock();
     if args.json {
         let json = serde_json::json!({
@@ -401,6 +404,17 @@ fn spawn(global: &Global, args: &SpawnArgs) -> anyhow::Result<ExitCode> {
 #[allow(clippy::print_stderr)]
 fn note(text: &str) {
     eprintln!("pf: {text}");
+}
+
+/// Say so when `--tag` moved a name that pointed at another snapshot: that one may now be
+/// named by nothing, and the next gc removes it.
+fn moved(tag: &str, was: Option<Digest256>, now: &Digest256) {
+    if let Some(was) = was.filter(|was| was != now) {
+        note(&format!(
+            "the name {tag:?} now points at this snapshot; it pointed at {was}, which a gc \
+             removes unless another name points at it (`pf store tag NAME {was}` keeps it)"
+        ));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,6 +451,10 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         (None, None) => anyhow::bail!("say which goblin: --pid PID or --pidfile FILE"),
     };
     let deferred = common::Deferred::start("the freeze");
+    let was = match (&args.tag, target) {
+        (Some(tag), FreezeTarget::Store(store)) => store.get_name(tag).ok(),
+        _ => None,
+    };
     let frozen = pf_goblins::freeze(pid, target, &options)?;
     if let (Some(tag), FreezeTarget::Store(store), Some(digest)) =
         (&args.tag, target, frozen.digest())
@@ -444,6 +462,7 @@ fn freeze(global: &Global, args: &FreezeArgs) -> anyhow::Result<ExitCode> {
         store
             .set_name(tag, digest)
             .with_context(|| format!("cannot name the snapshot {tag}"))?;
+        moved(tag, was, digest);
     }
     deferred.report();
     let mut stdout = std::io::stdout().lock();
@@ -490,6 +509,17 @@ impl Resolved {
             .context("name a snapshot or give --images")?;
         let store = common::open_existing_store(global)?;
         let digest = common::resolve_as(&store, name, "snapshot")?;
+        // A name whose snapshot is gone: said with the name and the fix, not as a blob
+        // missing deep in the load.
+        if !store.contains(&digest).unwrap_or(true)
+            && store.get_name(name).is_ok_and(|target| target == digest)
+        {
+            anyhow::bail!(
+                "the name {name:?} points at {digest}, which is not in the store (removed by \
+                 hand, or lost): nothing was thawed; `pf store untag {name}` removes the name, \
+                 and `pf store verify` lists anything else that is missing"
+            );
+        }
         Ok(Resolved::Store(store, digest))
     }
 
@@ -531,6 +561,9 @@ fn thaw(global: &Global, args: &ThawArgs) -> anyhow::Result<ExitCode> {
     // Until the goblin runs, a signal stops the thaw and leaves nothing behind (first thing:
     // the loading starts threads, which must not take the signals' default action).
     let signals = Signals::start(common::abandon("the thaw"));
+    if let Some(path) = &args.pidfile {
+        Pidfile::check(path)?;
+    }
     let loaded = Resolved::new(global, &args.from)?.load(args.mode.lazy(), true)?;
     // A pipe of ours goes to the goblin as it is; anything else (a terminal, a file) is pumped.
     // The unread input saved in the snapshot must go first, through a pipe of pf's.
@@ -638,10 +671,52 @@ struct Pidfile {
 }
 
 impl Pidfile {
-    fn write(path: &std::path::Path, pid: i32) -> anyhow::Result<Self> {
+    /// Before a thaw, so that nothing is restored for a pidfile that cannot be had: FILE can be
+    /// written, and is not the pidfile of a copy that still runs (another thaw's: two copies
+    /// cannot share one, the first to end would remove it) nor a file that holds no pid. A
+    /// stale one (its copy ended, or its pid names a process started since) is overwritten.
+    fn check(path: &std::path::Path) -> anyhow::Result<()> {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.trim().parse::<i32>().is_err() => anyhow::bail!(
+                "--pidfile {} is a file that does not hold a pid: not overwritten; nothing was \
+                 thawed (name a new file, or remove it first)",
+                path.display()
+            ),
+            Ok(_) => {
+                if let Ok(pid) = pid_from_pidfile(path) {
+                    anyhow::bail!(
+                        "the pidfile {} names process {pid}, which still runs (the copy of \
+                         another `pf goblin thaw --pidfile {}`?): give each thaw a pidfile of \
+                         its own; nothing was thawed",
+                        path.display(),
+                        path.display()
+                    );
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot read the pidfile {}: {e}", path.display()),
+        }
+        let tmp = Self::tmp(path);
+        std::fs::write(&tmp, b"")
+            .and_then(|()| std::fs::remove_file(&tmp))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                anyhow::anyhow!(
+                    "cannot write the pidfile {}: {e}; nothing was thawed",
+                    path.display()
+                )
+            })
+    }
+
+    /// Where the pidfile is written before it is renamed into place.
+    fn tmp(path: &std::path::Path) -> PathBuf {
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
+        PathBuf::from(tmp)
+    }
+
+    fn write(path: &std::path::Path, pid: i32) -> anyhow::Result<Self> {
+        let tmp = Self::tmp(path);
         std::fs::write(&tmp, format!("{pid}\n"))
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| {
@@ -805,6 +880,42 @@ mod tests {
         drop(alone);
         assert!(!path.exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_pidfile_is_checked_before_a_thaw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.pid");
+        // None yet, or a stale one (its process gone): fine, and nothing is left behind.
+        Pidfile::check(&path).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = i32::try_from(child.id()).unwrap();
+        child.wait().unwrap();
+        std::fs::write(&path, format!("{gone}\n")).unwrap();
+        Pidfile::check(&path).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // The pidfile of a copy that runs (this process, started before it was written).
+        let me = std::process::id();
+        std::fs::write(&path, format!("{me}\n")).unwrap();
+        let err = Pidfile::check(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("names process {me}, which still runs")),
+            "{err}"
+        );
+        assert!(err.contains("nothing was thawed"), "{err}");
+        // A file that is not a pidfile is not overwritten.
+        std::fs::write(&path, "fn main() {}\n").unwrap();
+        let err = Pidfile::check(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("does not hold a pid: not overwritten"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "fn main() {}\n");
+        // A directory that is not there.
+        let err = Pidfile::check(&dir.path().join("no/such/dir/g.pid"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot write the pidfile"), "{err}");
     }
 
     #[test]

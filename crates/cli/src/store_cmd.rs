@@ -984,10 +984,20 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     if packs.packs > 0 {
+        // After a repack, what is left dead is in packs above its threshold: a lower one is
+        // not the hint; without one, the hint is the default's.
+        let hint = if repacked.is_some() {
+            format!(
+                "packs at least {:.0}% live were kept as they are (a higher --threshold \
+                 rewrites more of them)",
+                args.threshold * 100.0
+            )
+        } else {
+            "`pf store gc --repack` rewrites the packs less than half live".to_owned()
+        };
         say(&format!(
             "kept {} packs ({}): {} of their {} pages ({:.1}%, about {}) are dead, used by no \
-             kept snapshot; a pack stays whole while any of its pages is used (`pf store gc \
-             --repack` rewrites the packs less than half live)",
+             kept snapshot; a pack stays whole while any of its pages is used ({hint})",
             packs.packs,
             HumanBytes(packs.stored_size),
             packs.dead_pages(),

@@ -103,6 +103,21 @@ pub enum Error {
         .root.display()
     )]
     NoStore { root: PathBuf },
+    /// The store's path names a directory that holds other things and no store: most likely a
+    /// mistyped `--store`. Nothing is read from it, and nothing is written into it.
+    #[error(
+        "{} is not a pf store: the directory holds {found} but none of a store's blobs/, refs/, index/ or lock; name the store's own directory (--store DIR, $PF_STORE), or a new or empty one",
+        .root.display()
+    )]
+    NotAStore {
+        /// The path given.
+        root: PathBuf,
+        /// A few of what the directory holds, in words (`notes.txt, src and 4 more`).
+        found: String,
+    },
+    /// The store's path is empty.
+    #[error("the store's path is empty: name a directory (--store DIR, $PF_STORE)")]
+    EmptyStorePath,
     /// The store (its root, `refs/` or `blobs/`) belongs to another user: its owner decides what
     /// its names point at, so it is not used.
     #[error(

@@ -145,8 +145,14 @@ impl FsBlobStore {
     }
 
     fn open_as(root: &Path, create: bool) -> Result<Self> {
+        if root.as_os_str().is_empty() {
+            return Err(Error::EmptyStorePath);
+        }
         match fs::metadata(root) {
-            Ok(meta) if meta.is_dir() => check_private(root)?,
+            Ok(meta) if meta.is_dir() => {
+                check_private(root)?;
+                check_is_store(root)?;
+            }
             Ok(_) => {
                 return Err(Error::io(
                     "opening the store",
@@ -910,8 +916,21 @@ impl BlobStore for FsBlobStore {
             });
         }
         let file = self.lock_file()?;
-        file.lock_shared()
-            .map_err(|err| Error::io("locking (shared)", self.root.join("lock"), err))?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                // Said by default, as gc says it waits: a gc may take seconds (a repack).
+                tracing::warn!(
+                    store = %self.root.display(),
+                    "waiting for a gc of the store to finish before writing to it"
+                );
+                file.lock_shared()
+                    .map_err(|err| Error::io("locking (shared)", self.root.join("lock"), err))?;
+            }
+            Err(fs::TryLockError::Error(err)) => {
+                return Err(Error::io("locking (shared)", self.root.join("lock"), err));
+            }
+        }
         Ok(StoreLock::file(file))
     }
 
@@ -1875,6 +1894,41 @@ fn ensure_dir(path: &Path) -> Result<()> {
 }
 
 /// Refuse a store that someone other than this user could change: see [`FsBlobStore::open`].
+/// What a store's root holds (the first writer creates them; a reader's lock creates `lock`).
+const STORE_ENTRIES: [&str; 4] = ["blobs", "refs", "index", "lock"];
+
+/// An existing directory is a store when it holds one of [`STORE_ENTRIES`], or nothing at all
+/// (a store made and never written to, or a directory made for one): any other directory is a
+/// mistyped path, which must not pass for an empty store nor get blobs written into it.
+fn check_is_store(root: &Path) -> Result<()> {
+    let entries = fs::read_dir(root).map_err(|err| Error::io("listing", root, err))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let name = entry
+            .map_err(|err| Error::io("listing", root, err))?
+            .file_name();
+        if STORE_ENTRIES
+            .iter()
+            .any(|e| name == std::ffi::OsStr::new(e))
+        {
+            return Ok(());
+        }
+        names.push(name.to_string_lossy().into_owned());
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    let mut found = names[..names.len().min(3)].join(", ");
+    if names.len() > 3 {
+        found.push_str(&format!(" and {} more", names.len() - 3));
+    }
+    Err(Error::NotAStore {
+        root: root.to_owned(),
+        found,
+    })
+}
+
 fn check_private(root: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let me = nix::unistd::geteuid().as_raw();
@@ -1965,6 +2019,41 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn a_directory_that_holds_other_things_is_not_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("project");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
+        // Empty: a store made for the purpose (or never written to).
+        FsBlobStore::open_existing(&root).unwrap();
+        for name in ["src", "a.txt", "b.txt", "c.txt", "d.txt"] {
+            fs::write(root.join(name), b"x").unwrap();
+        }
+        for open in [FsBlobStore::open, FsBlobStore::open_existing] {
+            let err = open(&root).expect_err("not a store");
+            assert!(
+                matches!(&err, Error::NotAStore { root: r, .. } if *r == root),
+                "{err}"
+            );
+            let said = err.to_string();
+            assert!(
+                said.contains("is not a pf store")
+                    && said.contains("holds a.txt, b.txt, c.txt and 2 more but"),
+                "{said}"
+            );
+        }
+        assert!(!root.join("blobs").exists() && !root.join("lock").exists());
+        // Any one of a store's own entries makes it one (a reader's lock file alone too).
+        fs::write(root.join("lock"), b"").unwrap();
+        fs::set_permissions(root.join("lock"), fs::Permissions::from_mode(0o600)).unwrap();
+        FsBlobStore::open_existing(&root).unwrap();
+        assert!(matches!(
+            FsBlobStore::open(Path::new("")),
+            Err(Error::EmptyStorePath)
+        ));
     }
 
     #[test]

@@ -268,6 +268,14 @@ pub enum Error {
         #[source]
         source: Box<pf_core::Error>,
     },
+    /// The store a warm-up is to freeze into cannot be written (read-only, not ours): found
+    /// before the command was started, so no warm-up is lost.
+    #[error("cannot warm up a goblin to freeze into this store: nothing was started")]
+    StoreUnwritable {
+        /// The cause (it says what to do).
+        #[source]
+        source: Box<pf_core::Error>,
+    },
     /// A warm-up was asked to name a snapshot written to an images directory.
     #[error("cannot name the snapshot {tag:?}: only a snapshot frozen into the store has names")]
     TagWithImages {
@@ -420,7 +428,9 @@ impl Error {
             | Self::Pattern { .. }
             | Self::TagWithImages { .. }
             | Self::InputCount { .. } => ErrorKind::InvalidInput,
-            Self::Tag { source, .. } => ErrorKind::of_store(source),
+            Self::Tag { source, .. } | Self::StoreUnwritable { source } => {
+                ErrorKind::of_store(source)
+            }
             Self::KernelThread { .. } => ErrorKind::NotAGoblin,
             Self::Hidden { .. } => ErrorKind::NeedsPrivilege,
             Self::CriuUnavailable(source) => source.kind(),

@@ -172,6 +172,17 @@ pub fn warm_up(
         }
     }
     criu_ready()?;
+    // A store the snapshot cannot go into is said before the command starts, not after a
+    // warm-up of minutes (the lock is let go at once: a gc may run while it warms up).
+    if let FreezeTarget::Store(store) = target {
+        drop(
+            store
+                .writer_lock()
+                .map_err(|source| Error::StoreUnwritable {
+                    source: Box::new(source),
+                })?,
+        );
+    }
     if cancel.is_cancelled() {
         return Err(Error::Cancelled {
             pid: None,

@@ -34,7 +34,9 @@ fn core_class(err: &pf_core::Error) -> Class {
         E::InvalidDigest(_)
         | E::InvalidName { .. }
         | E::PrefixTooShort { .. }
-        | E::AmbiguousPrefix { .. } => "InvalidArgument",
+        | E::AmbiguousPrefix { .. }
+        | E::NotAStore { .. }
+        | E::EmptyStorePath => "InvalidArgument",
         _ => "StoreError",
     })
 }
@@ -134,6 +136,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 /// The command line's spelling of a fix, as this API spells it.
 fn in_python(text: &str) -> String {
     text.replace("--new-pidns", "new_pid_namespace=True")
+        .replace("`pf goblin spawn`", "pf.goblins.spawn")
 }
 
 /// Build the exception of `class` with `message`.

@@ -132,7 +132,8 @@ impl NativeGoblin {
     }
 
     /// The returncode if the goblin has exited (reaping it), else `None`. Never blocks: while
-    /// another thread waits for the goblin, it is running as far as this call knows.
+    /// another thread waits for the goblin, it is running as far as this call knows. A goblin
+    /// let go of (detached, or handed to warm_up) is `InvalidArgument`, as for `wait`.
     fn poll(&self) -> PyResult<Option<i32>> {
         let mut guard = match self.goblin.try_lock() {
             Ok(guard) => guard,
@@ -144,7 +145,7 @@ impl NativeGoblin {
                 .try_wait()
                 .map(|s| s.map(returncode))
                 .map_err(errors::from_goblin),
-            None => Ok(None),
+            None => Err(self.let_go()),
         }
     }
 

@@ -461,7 +461,9 @@ impl ErrorKind {
             pf_core::Error::InvalidDigest(_)
             | pf_core::Error::InvalidName { .. }
             | pf_core::Error::PrefixTooShort { .. }
-            | pf_core::Error::AmbiguousPrefix { .. } => Self::InvalidInput,
+            | pf_core::Error::AmbiguousPrefix { .. }
+            | pf_core::Error::NotAStore { .. }
+            | pf_core::Error::EmptyStorePath => Self::InvalidInput,
             _ => Self::Io,
         }
     }
