@@ -629,14 +629,14 @@ def spawn(
 
 
 def freeze(
-    pid: int,
+    pid: Union[int, "Goblin", "AsyncGoblin"],
     store_or_dir: Union[Store, Snapshot],
     leave_running: bool = True,
     tag: Optional[str] = None,
     *,
     shell_job: bool = False,
 ) -> str:
-    """Checkpoint the goblin ``pid`` with CRIU into a ``pf.Store`` (naming it ``tag``) or into
+    """Checkpoint the goblin ``pid`` (or a ``Goblin``) with CRIU into a ``pf.Store`` (naming it ``tag``) or into
     an images directory (created if missing, must be empty). Returns the snapshot's digest, or
     the directory. A store that is not there yet is created (``pf.Store()`` is the store the
     ``pf`` command uses). Snapshots of one goblin share their unchanged pages in the store.
@@ -657,6 +657,8 @@ def freeze(
     lines), ``CriuMissing``/``NeedsRoot``, ``NoSpace``, ``StoreError``, ``InvalidArgument``
     (a bad ``tag``, a non-empty images directory, ``tag`` with a directory) and
     ``TypeError`` for a ``store_or_dir`` that is neither."""
+    if isinstance(pid, (Goblin, AsyncGoblin)):
+        pid = pid.pid
     target = _store_or_dir(store_or_dir)
     if isinstance(target, Store):
         return _native.freeze(
@@ -763,6 +765,7 @@ class AsyncGoblin:
     stdout: Optional[asyncio.StreamReader]
     stderr: Optional[asyncio.StreamReader]
     returncode: Optional[int]
+    _let_go: bool
 
     def __init__(self) -> None:
         raise TypeError("AsyncGoblin comes from thaw_async / fork_async")
@@ -772,6 +775,7 @@ class AsyncGoblin:
         self = object.__new__(cls)
         self._native = native
         self.returncode = None
+        self._let_go = False  # detached: leaving `async with` leaves it be
         loop = asyncio.get_running_loop()
         fin, fout, ferr = native.take_fds()
 
@@ -834,16 +838,49 @@ class AsyncGoblin:
                 "wait longer, or kill() it"
             ) from None
 
-    async def wait(self) -> int:
-        """Wait (without blocking the event loop) until the goblin exits; its returncode."""
+    async def wait(self, timeout: Optional[float] = None) -> int:
+        """Wait (without blocking the event loop) until the goblin exits; its returncode. With
+        ``timeout`` (seconds), raise ``pf.Timeout`` if it still runs then, as ``Goblin.wait``."""
         loop = asyncio.get_running_loop()
-        code = await loop.run_in_executor(None, self._native.wait, None)
+        code = await loop.run_in_executor(None, self._native.wait, timeout)
         self.returncode = code
         return code
+
+    def poll(self) -> Optional[int]:
+        """The returncode if the goblin has exited (reaping it), else ``None``; as
+        ``Goblin.poll``."""
+        code = self._native.poll()
+        if code is not None:
+            self.returncode = code
+        return code
+
+    async def wait_pages(self, timeout: Optional[float] = None) -> bool:
+        """``Goblin.wait_pages`` without blocking the event loop: for a copy thawed lazily,
+        ``True`` once every page of its memory is in (``False`` if ``timeout`` ran out)."""
+        loop = asyncio.get_running_loop()
+        return bool(await loop.run_in_executor(None, self._native.wait_pages, timeout))
+
+    @property
+    def pages_served(self) -> int:
+        """Pages of its memory served on demand so far (0 unless thawed lazily)."""
+        return int(self._native.pages_served)
 
     def send_signal(self, signal: int) -> None:
         """Send ``signal`` to the goblin's main process."""
         self._native.send_signal(int(signal))
+
+    def terminate(self) -> None:
+        """Send SIGTERM."""
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+    async def detach(self) -> None:
+        """Let the goblin run on after this handle is gone, as ``Goblin.detach`` (a copy
+        thawed lazily once every page is in: awaited without blocking the event loop)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._native.detach)
+        self._let_go = True
 
     async def kill(self) -> int:
         """SIGKILL the goblin, reap it, return its returncode."""
@@ -858,27 +895,36 @@ class AsyncGoblin:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.kill()
+        if not self._let_go:
+            await self.kill()
+        elif self.stdin is not None:
+            self.stdin.close()
 
 
 async def thaw_async(
-    snapshot: Snapshot, store: Optional[Store] = None, *, new_pid_namespace: bool = True
+    snapshot: Snapshot,
+    store: Optional[Store] = None,
+    *,
+    new_pid_namespace: bool = True,
+    lazy: Optional[bool] = None,
 ) -> AsyncGoblin:
     """``thaw`` for asyncio: the restore runs on a worker thread (the GIL released), and the
     goblin's pipes become asyncio streams. The copy dies with its ``AsyncGoblin`` as with
-    ``thaw``; the same errors."""
+    ``thaw``; ``lazy`` as for ``thaw``; the same errors."""
     loop = asyncio.get_running_loop()
-    loaded = await loop.run_in_executor(None, load, snapshot, store)
+    loaded = await loop.run_in_executor(None, lambda: load(snapshot, store, lazy=lazy))
     native = await loop.run_in_executor(
         None, lambda: loaded._native.thaw(new_pid_namespace=new_pid_namespace)
     )
     return await AsyncGoblin._wrap(native)
 
 
-async def fork_async(snapshot: Snapshot, n: int, store: Optional[Store] = None) -> List[AsyncGoblin]:
+async def fork_async(
+    snapshot: Snapshot, n: int, store: Optional[Store] = None, *, lazy: Optional[bool] = None
+) -> List[AsyncGoblin]:
     """``fork`` for asyncio: ``n`` copies, each with asyncio streams; all or none, as
-    ``fork``."""
+    ``fork``; ``lazy`` as for ``fork``."""
     loop = asyncio.get_running_loop()
-    loaded = await loop.run_in_executor(None, load, snapshot, store)
+    loaded = await loop.run_in_executor(None, lambda: load(snapshot, store, lazy=lazy))
     natives = await loop.run_in_executor(None, loaded._native.fork, n)
     return [await AsyncGoblin._wrap(g) for g in natives]

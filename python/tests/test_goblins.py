@@ -66,7 +66,7 @@ def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone meanwhile
         return False
 
 
@@ -439,6 +439,8 @@ def test_live_freeze_thaw_keeps_state_and_the_original_runs_on(live, store, coun
     digest = pf.goblins.freeze(counter.pid, store, tag="counter")
     assert digest.startswith("sha256:")
     assert store.resolve("counter") == digest
+    # A Goblin stands for its pid.
+    assert pf.goblins.freeze(counter, store, tag="by-goblin").startswith("sha256:")
     # leave_running=True is the default: the original goes on from the same state.
     assert ask(counter, "b") == "2 b"
     with pf.goblins.thaw("counter", store) as copy:
@@ -566,14 +568,32 @@ def test_live_asyncio_thaw_and_fork(live, store, counter):
             line = await asyncio.wait_for(copy.stdout.readline(), 30)
             assert line == b"2 async\n"
         assert copy.returncode == -9
-        twins = await pf.goblins.fork_async("aio", 2, store)
+        twins = await pf.goblins.fork_async("aio", 2, store, lazy=False)
         lines = []
         for i, twin in enumerate(twins):
+            assert twin.poll() is None
+            with pytest.raises(pf.Timeout):
+                await twin.wait(timeout=0.05)
             twin.stdin.write(f"twin {i}\n".encode())
             await twin.stdin.drain()
             lines.append(await asyncio.wait_for(twin.stdout.readline(), 30))
             twin.stdin.close()
-            assert await asyncio.wait_for(twin.wait(), 30) == 0
+            assert await twin.wait(timeout=30) == 0
+            assert twin.poll() == 0
+        # The same options as thaw's: lazy (the counter's snapshot is small: eager unless
+        # asked), and a copy detached outlives its handle.
+        lazy = await pf.goblins.thaw_async("aio", store, lazy=True)
+        assert await lazy.wait_pages(timeout=30) is True
+        async with lazy:
+            await lazy.detach()
+        try:
+            assert alive(lazy.pid)
+        finally:
+            os.kill(lazy.pid, signal.SIGKILL)
+            end = time.monotonic() + 10
+            while alive(lazy.pid) and time.monotonic() < end:
+                time.sleep(0.01)
+        assert not alive(lazy.pid)
         return lines
 
     assert asyncio.run(main()) == [b"2 twin 0\n", b"2 twin 1\n"]

@@ -40,6 +40,15 @@ def test_a_store_path_is_a_path_and_a_directory_of_other_things_is_no_store(tmp_
     assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
 
 
+def test_a_store_pickles_as_its_path(store):
+    import pickle
+
+    digest = store.put(b"across processes")
+    again = pickle.loads(pickle.dumps(store))
+    assert again.path == store.path
+    assert again.get(digest) == b"across processes"
+
+
 def test_names_point_at_blobs(store):
     digest = store.put(b"a")
     store.tag("first", digest)

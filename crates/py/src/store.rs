@@ -120,6 +120,14 @@ impl Store {
         Ok(store)
     }
 
+    /// A store pickles as its path (for process pools): unpickled, it is the store at that
+    /// path, checked again then.
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(Bound<'py, pyo3::types::PyType>, (PathBuf,))> {
+        Ok((slf.get_type(), (slf.get().root.clone(),)))
+    }
+
     /// The store's root directory (whether or not there is a store there yet).
     #[getter]
     fn path(&self) -> PathBuf {
