@@ -2,14 +2,15 @@
 
 ``pf.Store`` is pf's content-addressed store (the one the ``pf`` command uses, unless you pass a
 path). ``pf.goblins`` freezes processes that talk only through stdin/stdout/stderr ("goblins")
-and thaws or forks them onto fresh pipes. Errors are ``pf.errors.Error`` subclasses, re-exported
+and thaws or forks them onto fresh pipes. ``pf.registry`` pushes snapshots to OCI registries and
+pulls them back. Errors are ``pf.errors.Error`` subclasses, re-exported
 here (``pf.NotAGoblin``, ``pf.CriuFailed`` ...).
 
 The engine is Rust (pf-core, pf-world-procs, pf-goblins); this package is a thin binding and
 releases the GIL while it freezes, thaws or forks.
 """
 
-from pf import errors, goblins
+from pf import errors, goblins, registry
 from pf._native import Store, __version__
 from pf.errors import (
     AccessDenied,
@@ -26,6 +27,10 @@ from pf.errors import (
     NotFound,
     NotWarm,
     PidInUse,
+    RegistryAuth,
+    RegistryCorrupt,
+    RegistryError,
+    RegistryUnreachable,
     SpawnFailed,
     StoreCorrupt,
     StoreError,
@@ -50,6 +55,10 @@ __all__ = [
     "NotFound",
     "NotWarm",
     "PidInUse",
+    "RegistryAuth",
+    "RegistryCorrupt",
+    "RegistryError",
+    "RegistryUnreachable",
     "SpawnFailed",
     "Store",
     "StoreCorrupt",
@@ -59,4 +68,5 @@ __all__ = [
     "__version__",
     "errors",
     "goblins",
+    "registry",
 ]

@@ -103,3 +103,25 @@ def fork_and_collect(
     deadline: Optional[float] = None,
     cancel: Optional[Cancel] = None,
 ) -> List[Dict[str, Any]]: ...
+def push(
+    store: Store,
+    snapshot: str,
+    reference: str,
+    *,
+    insecure: bool = False,
+    docker_config: Optional[str] = None,
+    anonymous: bool = False,
+    parallel: int = 4,
+    idle_timeout: float = 60.0,
+) -> Dict[str, Any]: ...
+def pull(
+    store: Store,
+    reference: str,
+    *,
+    tag: Optional[str] = None,
+    insecure: bool = False,
+    docker_config: Optional[str] = None,
+    anonymous: bool = False,
+    parallel: int = 4,
+    idle_timeout: float = 60.0,
+) -> Dict[str, Any]: ...

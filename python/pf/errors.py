@@ -109,3 +109,23 @@ class Traced(Error):
 class PidInUse(CriuFailed):
     """The snapshot's pid is taken on this machine; thaw into a new pid namespace (the
     default) instead."""
+
+
+class RegistryError(Error):
+    """A push or pull (``pf.registry``) failed at the registry's end; the message says what the
+    registry answered. Nothing of a failed pull is kept in the store."""
+
+
+class RegistryUnreachable(RegistryError, ConnectionError):
+    """The registry could not be reached, or stopped moving bytes for longer than
+    ``idle_timeout`` (the message names the blob)."""
+
+
+class RegistryAuth(RegistryError, PermissionError):
+    """The registry wants credentials, or refuses those given (from the docker config:
+    ``docker login``, or ``docker_config=``)."""
+
+
+class RegistryCorrupt(RegistryError):
+    """Bytes from the registry do not match their digest, or the snapshot there is not whole:
+    nothing of the pull was kept."""

@@ -143,6 +143,7 @@ pub(crate) fn push(global: &Global, args: &PushArgs) -> anyhow::Result<ExitCode>
     let options = PushOptions {
         connect: args.connect.options(),
         sessions: Some(store.root().join("registry").join("uploads")),
+        cancel: None,
     };
     let report = pf_registry::push(&store, &root, &reference, &options, &|e| meter.event(e))
         .with_context(|| format!("cannot push {} to {reference}", args.snapshot));
@@ -187,41 +188,13 @@ pub(crate) fn pull(global: &Global, args: &PullArgs) -> anyhow::Result<ExitCode>
     let made = !root.exists();
     let result = pull_into(global, args, &reference, made.then(|| root.clone()));
     if made && !matches!(result, Ok(None)) {
-        forget_new_store(&root);
+        pf_core::FsBlobStore::forget_if_empty(&root);
     }
     match result? {
         None => Ok(ExitCode::SUCCESS),
         // Ended by the signal, as if pf had none of its own: a shell loop around it stops.
         Some(sig) => common::die_of(sig),
     }
-}
-
-/// Remove the store a failed pull made, if nothing is in it: no blob and no name (the pull has
-/// taken back what it stored). Its lock file and the empty directories go; a file pf does not
-/// know, or one another process stored meanwhile, keeps it.
-fn forget_new_store(root: &std::path::Path) {
-    use pf_core::BlobStore as _;
-    let empty = pf_core::FsBlobStore::open_existing(root).is_ok_and(|store| {
-        store.list().is_ok_and(|blobs| blobs.is_empty())
-            && store.names().is_ok_and(|names| names.is_empty())
-    });
-    if empty {
-        let _ = std::fs::remove_file(root.join("lock"));
-    }
-    remove_empty_dirs(root);
-}
-
-/// Remove `dir` and the directories under it, bottom up, as long as each is empty: anything
-/// that holds a file stays, with the directories leading to it.
-fn remove_empty_dirs(dir: &std::path::Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_empty_dirs(&entry.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 /// `made`: the store's root when this pull creates it (a signal that ends the pull before it
@@ -320,7 +293,7 @@ impl Interrupt {
             let storing = storing.lock().unwrap_or_else(|p| p.into_inner());
             if !*storing || cancel.load(Ordering::SeqCst) {
                 if let Some(root) = &made {
-                    forget_new_store(root);
+                    pf_core::FsBlobStore::forget_if_empty(root);
                 }
                 common::die_of(sig);
             }

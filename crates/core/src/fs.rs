@@ -181,6 +181,20 @@ impl FsBlobStore {
         })
     }
 
+    /// Remove the store at `root` if nothing is in it: no blob and no name (a pull that made
+    /// it and failed has taken back what it stored). Its lock file and the empty directories
+    /// go; a file pf does not know, or a blob another process stored meanwhile, keeps it.
+    pub fn forget_if_empty(root: &Path) {
+        let empty = Self::open_existing(root).is_ok_and(|store| {
+            store.list().is_ok_and(|blobs| blobs.is_empty())
+                && store.names().is_ok_and(|names| names.is_empty())
+        });
+        if empty {
+            let _ = fs::remove_file(root.join("lock"));
+        }
+        remove_empty_dirs(root);
+    }
+
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -1894,6 +1908,19 @@ fn ensure_dir(path: &Path) -> Result<()> {
 }
 
 /// Refuse a store that someone other than this user could change: see [`FsBlobStore::open`].
+/// Remove `dir` and the directories under it, bottom up, as long as each is empty: anything
+/// that holds a file stays, with the directories leading to it.
+fn remove_empty_dirs(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
 /// What a store's root holds (the first writer creates them; a reader's lock creates `lock`).
 const STORE_ENTRIES: [&str; 4] = ["blobs", "refs", "index", "lock"];
 

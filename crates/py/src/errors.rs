@@ -189,6 +189,23 @@ pub(crate) fn from_goblin(err: pf_goblins::Error) -> PyErr {
     raise(goblin_class(&err), message)
 }
 
+/// A push's or pull's error as a Python exception.
+pub(crate) fn from_registry(err: pf_registry::Error) -> PyErr {
+    use pf_registry::ErrorKind as K;
+    let class = match &err {
+        pf_registry::Error::Store(core) => core_class(core),
+        _ => Class::named(match err.kind() {
+            K::Usage => "InvalidArgument",
+            K::Unreachable => "RegistryUnreachable",
+            K::Auth => "RegistryAuth",
+            K::NotFound => "NotFound",
+            K::Integrity => "RegistryCorrupt",
+            _ => "RegistryError",
+        }),
+    };
+    raise(class, chain(&err))
+}
+
 /// A bad argument (`pf.errors.InvalidArgument`, also a `ValueError`).
 pub(crate) fn invalid(message: String) -> PyErr {
     raise(Class::named("InvalidArgument"), message)

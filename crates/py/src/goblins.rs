@@ -433,28 +433,12 @@ fn cancellable<T: Send>(
     cancel: &Cancel,
     work: impl FnOnce() -> pf_goblins::Result<T> + Send,
 ) -> PyResult<T> {
-    let (result, interrupted) = py.detach(|| {
-        std::thread::scope(|scope| {
-            let worker = scope.spawn(work);
-            let mut interrupted = None;
-            while !worker.is_finished() {
-                std::thread::sleep(Duration::from_millis(20));
-                if interrupted.is_none()
-                    && let Err(err) = Python::attach(|py| py.check_signals())
-                {
-                    cancel.cancel_with_signal(libc_sigint());
-                    interrupted = Some(err);
-                }
-            }
-            (worker.join(), interrupted)
-        })
-    });
-    match (result, interrupted) {
-        (Ok(Ok(done)), _) => Ok(done),
-        (Ok(Err(_)), Some(interrupt)) => Err(interrupt),
-        (Ok(Err(err)), None) => Err(errors::from_goblin(err)),
-        (Err(panic), _) => std::panic::resume_unwind(panic),
-    }
+    crate::interruptible(
+        py,
+        || cancel.cancel_with_signal(libc_sigint()),
+        work,
+        errors::from_goblin,
+    )
 }
 
 /// SIGINT's number (2 on every Linux architecture).

@@ -10,7 +10,43 @@ use pyo3::prelude::*;
 
 mod errors;
 mod goblins;
+mod registry;
 mod store;
+
+/// Run `work` on a thread of its own with the GIL released, while this thread watches for
+/// Python signals: the first exception a signal handler raises (Ctrl-C's KeyboardInterrupt)
+/// calls `interrupt` (which tells the work to stop) and is kept while the work winds down. Work
+/// that still completes returns its result; work that failed after the interrupt raises the
+/// interrupt; any other failure is `error`'s exception.
+pub(crate) fn interruptible<T: Send, E: Send>(
+    py: Python<'_>,
+    interrupt: impl Fn() + Sync,
+    work: impl FnOnce() -> Result<T, E> + Send,
+    error: impl FnOnce(E) -> PyErr,
+) -> PyResult<T> {
+    let (result, interrupted) = py.detach(|| {
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(work);
+            let mut interrupted = None;
+            while !worker.is_finished() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                if interrupted.is_none()
+                    && let Err(err) = Python::attach(|py| py.check_signals())
+                {
+                    interrupt();
+                    interrupted = Some(err);
+                }
+            }
+            (worker.join(), interrupted)
+        })
+    });
+    match (result, interrupted) {
+        (Ok(Ok(done)), _) => Ok(done),
+        (Ok(Err(_)), Some(interrupt)) => Err(interrupt),
+        (Ok(Err(err)), None) => Err(error(err)),
+        (Err(panic), _) => std::panic::resume_unwind(panic),
+    }
+}
 
 /// The native half of the `pf` package. Import `pf`, not this module.
 #[pymodule]
@@ -24,6 +60,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<goblins::PyCancel>()?;
     m.add_function(wrap_pyfunction!(goblins::warm_up, m)?)?;
     m.add_function(wrap_pyfunction!(goblins::fork_and_collect, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::push, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::pull, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

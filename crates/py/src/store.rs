@@ -47,6 +47,11 @@ fn default_root() -> PyResult<PathBuf> {
 }
 
 impl Store {
+    /// The store's root directory.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The store if it is there (`None`: nothing at its path; nothing is created).
     fn if_there(&self) -> PyResult<Option<Arc<FsBlobStore>>> {
         if let Some(store) = self.opened.get() {

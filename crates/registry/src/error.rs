@@ -247,6 +247,12 @@ pub enum Error {
     /// The pull was cancelled ([`crate::PullOptions::cancel`]); what it had stored is removed.
     #[error("the pull was cancelled; nothing of it was kept")]
     Cancelled { reference: String },
+    /// The push was cancelled ([`crate::PushOptions::cancel`]): no manifest was written; the
+    /// blobs the registry took stay there.
+    #[error(
+        "the push was cancelled: {reference} was not written; the blobs the registry took stay there, and the same push run again skips them"
+    )]
+    PushCancelled { reference: String },
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] pf_core::Error),

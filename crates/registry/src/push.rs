@@ -16,7 +16,7 @@ use crate::resume::Sessions;
 use crate::{ConnectOptions, Event, Progress, parallel};
 
 /// How [`push`] runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PushOptions {
     /// How to reach the registry.
     pub connect: ConnectOptions,
@@ -25,6 +25,9 @@ pub struct PushOptions {
     /// `None` keeps nothing (an interrupted blob is sent whole again). `pf push` uses
     /// `<store>/registry/uploads`.
     pub sessions: Option<std::path::PathBuf>,
+    /// Set to cancel the push (say on Ctrl-C): it stops at its next blob or read, and writes no
+    /// manifest. What the registry took stays there: the same push run again skips it.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What [`push`] did.
@@ -78,7 +81,19 @@ pub fn push(
     let sessions = options.sessions.as_deref().map(Sessions::new);
     let uploaded = AtomicUsize::new(0);
     let bytes_uploaded = AtomicU64::new(0);
+    let cancelled = || {
+        options
+            .cancel
+            .as_deref()
+            .is_some_and(|c| c.load(Ordering::SeqCst))
+    };
+    let cancel_error = || Error::PushCancelled {
+        reference: reference.to_string(),
+    };
     parallel(&nodes, options.connect.parallel, |node| {
+        if cancelled() {
+            return Err(cancel_error());
+        }
         if client.has_blob(&node.digest)? {
             tracing::debug!(digest = %node.digest, "the registry has it");
             if let Some(sessions) = &sessions {
@@ -90,9 +105,13 @@ pub fn push(
             });
             return Ok(());
         }
-        let mut reader: Box<dyn std::io::Read + Send> = match &node.forward {
+        let inner: Box<dyn std::io::Read + Send> = match &node.forward {
             Some(f) => Box::new(std::io::Cursor::new(f.to_bytes())),
             None => store.open(&node.digest)?,
+        };
+        let mut reader = UntilCancelled {
+            inner,
+            cancelled: &cancelled,
         };
         let sent = client.upload(
             &node.digest,
@@ -108,7 +127,12 @@ pub fn push(
             size: node.size,
         });
         Ok(())
-    })?;
+    })
+    // A read cut short by the cancel fails as a read: say why it stopped.
+    .map_err(|err| if cancelled() { cancel_error() } else { err })?;
+    if cancelled() {
+        return Err(cancel_error());
+    }
     let manifest = manifest(&nodes, kind);
     let bytes = serde_json::to_vec_pretty(&manifest).expect("a manifest serialises");
     let manifest_digest = client.put_manifest(reference.tag(), &bytes)?;
@@ -122,6 +146,21 @@ pub fn push(
         bytes_total,
         bytes_uploaded: bytes_uploaded.into_inner(),
     })
+}
+
+/// A blob's bytes on their way up, failing once the push is cancelled.
+struct UntilCancelled<'a, R> {
+    inner: R,
+    cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<R: std::io::Read> std::io::Read for UntilCancelled<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if (self.cancelled)() {
+            return Err(std::io::Error::other("the push was cancelled"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// The root blob's `kind`: it must be a JSON object that has one.

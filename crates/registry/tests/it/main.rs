@@ -64,6 +64,7 @@ fn push_opts() -> PushOptions {
     PushOptions {
         connect: connect(),
         sessions: None,
+        cancel: None,
     }
 }
 
@@ -140,6 +141,45 @@ fn push_then_pull_moves_only_missing_blobs_and_keeps_digests() {
     assert!(pf_core::references(&b, &next).is_ok());
 }
 
+/// A push cancelled midway (from its progress, as a Ctrl-C watcher would) stops, writes no
+/// manifest, and says so; the same push run again skips what the registry took and ends it.
+#[test]
+fn a_cancelled_push_writes_no_tag_and_a_rerun_finishes_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&dir.path().join("registry"), None);
+    let a = store(dir.path(), "a");
+    let root = snapshot(&a, 20, &[noise(21, 1 << 20), noise(22, 12 << 20)]);
+    let r = reference(&registry, "team/cancel:one");
+    let cancel = Arc::new(AtomicBool::new(false));
+    let options = PushOptions {
+        connect: ConnectOptions {
+            parallel: 1,
+            ..connect()
+        },
+        sessions: None,
+        cancel: Some(Arc::clone(&cancel)),
+    };
+    let err = pf_registry::push(&a, &root, &r, &options, &|e| {
+        if let pf_registry::Event::Transferred { .. } = e {
+            cancel.store(true, Ordering::SeqCst);
+        }
+    })
+    .unwrap_err();
+    assert!(matches!(&err, Error::PushCancelled { .. }), "{err:?}");
+    assert!(err.to_string().contains("run again skips them"), "{err}");
+    // No tag: a pull finds nothing to pull.
+    let b = store(dir.path(), "b");
+    let err = pf_registry::pull(&b, &r, &pull_opts(None), &quiet).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    let again = pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
+    assert!(again.manifest_digest.is_some());
+    assert_eq!(again.uploaded + again.skipped, again.blobs);
+    let pulled = pf_registry::pull(&b, &r, &pull_opts(None), &quiet).unwrap();
+    assert_eq!(pulled.snapshot, root);
+}
+
 /// Every blob `root` reaches in `store`, sorted.
 fn a_closure(store: &dyn BlobStore, root: &Digest256) -> Vec<Digest256> {
     let mut seen = std::collections::BTreeSet::from([*root]);
@@ -208,6 +248,7 @@ fn basic_auth_from_docker_config_and_its_refusals() {
                 ..connect()
             },
             sessions: None,
+            cancel: None,
         }
     };
 
@@ -481,6 +522,7 @@ fn bearer_token_flow_with_basic_credentials() {
     let wrong = PushOptions {
         connect: with("wrong"),
         sessions: None,
+        cancel: None,
     };
     let err = pf_registry::push(&a, &root, &r, &wrong, &quiet).unwrap_err();
     assert!(matches!(err, Error::CredentialsRefused { .. }), "{err:?}");
@@ -488,6 +530,7 @@ fn bearer_token_flow_with_basic_credentials() {
     let right = PushOptions {
         connect: with("right-horse"),
         sessions: None,
+        cancel: None,
     };
     let pushed = pf_registry::push(&a, &root, &r, &right, &quiet).unwrap();
     assert_eq!(pushed.uploaded, 4);
@@ -537,6 +580,7 @@ fn a_slow_transfer_that_keeps_moving_never_times_out() {
         &PushOptions {
             connect: idle_opts(idle),
             sessions: None,
+            cancel: None,
         },
         &quiet,
     )
@@ -629,6 +673,7 @@ fn a_registry_gone_silent_mid_blob_is_an_error_naming_it_and_the_blob() {
         &PushOptions {
             connect: idle_opts(idle),
             sessions: None,
+            cancel: None,
         },
         &quiet,
     )
@@ -694,6 +739,7 @@ fn a_push_cut_off_mid_blob_continues_from_where_the_registry_has_it() {
             ..connect()
         },
         sessions: Some(sessions.clone()),
+        cancel: None,
     };
 
     let err = push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
@@ -739,6 +785,7 @@ fn an_upload_session_the_registry_lost_falls_back_to_a_fresh_upload() {
             ..connect()
         },
         sessions: Some(sessions.clone()),
+        cancel: None,
     };
     push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
     assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 1);
@@ -772,6 +819,7 @@ fn an_upload_session_of_a_blob_the_registry_has_by_now_is_forgotten() {
             ..connect()
         },
         sessions: Some(sessions.clone()),
+        cancel: None,
     };
     push_cut_after_one_chunk(&mut registry, &a, &root, &r, &options);
     assert_eq!(std::fs::read_dir(&sessions).unwrap().count(), 1);
