@@ -1365,7 +1365,7 @@ fn ls_show_and_gc_tell_logical_stored_shared_and_dead_sizes() {
     // through the page index).
     let a_path = pages_file(dir.path(), "a", 0..1000);
     let b_path = pages_file(dir.path(), "b", 100..1100);
-    let (a, _) = plant_pages(&store, &a_path, "a");
+    let (a, a_manifest) = plant_pages(&store, &a_path, "a");
     let (b, _) = plant_pages(&store, &b_path, "b");
 
     let show: serde_json::Value =
@@ -1373,6 +1373,31 @@ fn ls_show_and_gc_tell_logical_stored_shared_and_dead_sizes() {
     assert_eq!(show["digest"], b.to_string(), "{show}");
     assert_eq!(show["names"], serde_json::json!(["b"]));
     assert_eq!(show["record_kind"], "test.v1");
+    assert!(show["what"].is_null(), "{show}");
+    // A pack and a page list are not snapshots: show says what each is instead.
+    let manifest: serde_json::Value = {
+        use pf_core::BlobStore as _;
+        let bytes = pf_core::FsBlobStore::open_existing(&store)
+            .unwrap()
+            .get(&a_manifest)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    let pack = manifest["packs"][0].as_str().unwrap();
+    let text = ok(&store, &["show", pack]);
+    assert!(
+        text.contains("what          a pack of 1000 pages of a snapshot's memory"),
+        "{text}"
+    );
+    let list = manifest["list"].as_str().unwrap();
+    let list_json: serde_json::Value =
+        serde_json::from_str(&ok(&store, &["show", list, "--json"])).unwrap();
+    assert!(
+        list_json["what"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("the page list")),
+        "{list_json}"
+    );
     assert_eq!(show["pages"], 1000);
     assert_eq!(show["zero_pages"], 0);
     // The pages, and the root's own JSON (its page list and packs count nothing logical).

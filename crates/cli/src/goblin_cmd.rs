@@ -115,7 +115,7 @@ Every copy starts from the same frozen state and runs in its own namespaces. Eac
 input — the --send lines, else all of pf's stdin — then end of input; pf waits for all of them
 and prints what each wrote, in order: lines prefixed with `[K] ` (K = 1..N), or one JSON object
 per copy with --json. In --send text, `{i}` becomes the copy's number, so copies can be asked
-different things. With --timeout, a copy still running that long after its thaw is killed.
+different things (`{{i}}` sends a literal `{i}`). With --timeout, a copy still running that long after its thaw is killed.
 Signals pf receives (Ctrl-C) once the copies run are passed on to every copy; one that comes
 before (while pf reads the input, loads the snapshot and CRIU restores the copies) stops the
 fork: pf kills CRIU and every copy it started, removes the images it unpacked, and exits 128 +
@@ -251,7 +251,8 @@ pub(crate) struct ForkArgs {
     #[arg(short = 'n', long = "count", value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=512))]
     count: u16,
-    /// A line to write to every copy's stdin (repeatable; `{i}` becomes the copy's number)
+    /// A line to write to every copy's stdin (repeatable; `{i}` becomes the copy's number,
+    /// `{{i}}` a literal `{i}`)
     #[arg(long, value_name = "TEXT")]
     send: Vec<String>,
     /// Kill a copy still running this many seconds after it was thawed [default: no limit]

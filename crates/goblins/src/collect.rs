@@ -192,7 +192,8 @@ fn run_clone(
     })
 }
 
-/// `n` inputs made from `template`: in the K-th (counting from 1) every `{i}` is replaced by K.
+/// `n` inputs made from `template`: in the K-th (counting from 1) every `{i}` is replaced by K,
+/// and every `{{i}}` by a literal `{i}`.
 /// `inputs_from_template(b"nth {i}\n", 3)` is `nth 1\n`, `nth 2\n`, `nth 3\n`.
 pub fn inputs_from_template(template: &[u8], n: usize) -> Vec<Vec<u8>> {
     (1..=n)
@@ -200,12 +201,18 @@ pub fn inputs_from_template(template: &[u8], n: usize) -> Vec<Vec<u8>> {
             let k = k.to_string();
             let mut out = Vec::with_capacity(template.len());
             let mut rest = template;
-            while let Some(at) = rest.windows(3).position(|w| w == b"{i}") {
-                out.extend_from_slice(&rest[..at]);
-                out.extend_from_slice(k.as_bytes());
-                rest = &rest[at + 3..];
+            while !rest.is_empty() {
+                if let Some(after) = rest.strip_prefix(b"{{i}}") {
+                    out.extend_from_slice(b"{i}");
+                    rest = after;
+                } else if let Some(after) = rest.strip_prefix(b"{i}") {
+                    out.extend_from_slice(k.as_bytes());
+                    rest = after;
+                } else {
+                    out.push(rest[0]);
+                    rest = &rest[1..];
+                }
             }
-            out.extend_from_slice(rest);
             out
         })
         .collect()
@@ -228,6 +235,11 @@ mod tests {
         assert_eq!(
             inputs_from_template(b"q{i} {i}\nend\n", 2),
             [b"q1 1\nend\n".to_vec(), b"q2 2\nend\n".to_vec()]
+        );
+        // `{{i}}` is a literal `{i}`.
+        assert_eq!(
+            inputs_from_template(b"{i} {{i}} {x}", 2),
+            [b"1 {i} {x}".to_vec(), b"2 {i} {x}".to_vec()]
         );
         assert_eq!(inputs_from_template(b"same", 1), [b"same".to_vec()]);
         assert!(inputs_from_template(b"x", 0).is_empty());

@@ -171,6 +171,33 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
     let kind = serde_json::from_slice::<Value>(&own)
         .ok()
         .and_then(|v| v.get("kind").and_then(Value::as_str).map(str::to_owned));
+    // What a blob that is no record is to the snapshots that use it (a thaw of one sends the
+    // user here: "`pf store show` says what it holds").
+    let what = kind.is_none().then(|| {
+        let manifests = graph.manifests();
+        let in_manifest = |pick: &dyn Fn(&pf_core::pages::PagesManifest) -> bool| {
+            manifests.values().any(pick)
+        };
+        if in_manifest(&|m| m.packs.contains(&digest)) {
+            match pf_core::pack::Pack::parse(digest, &own) {
+                Ok(pack) => format!(
+                    "a pack of {} pages of a snapshot's memory (not a snapshot: thaw a snapshot \
+                     that uses it)",
+                    pack.pages()
+                ),
+                Err(_) => "a pack of pages of a snapshot's memory (not a snapshot: thaw a \
+                           snapshot that uses it)"
+                    .to_owned(),
+            }
+        } else if in_manifest(&|m| m.list == digest || m.bases.contains(&digest)) {
+            "the page list of a snapshot's memory (not a snapshot: thaw a snapshot that uses it)"
+                .to_owned()
+        } else if serde_json::from_slice::<Value>(&own).is_ok() {
+            "JSON without a `kind`: no snapshot record of pf's".to_owned()
+        } else {
+            "bytes that are no snapshot (`pf store cat` gives them back)".to_owned()
+        }
+    });
     let my_names = names.get(&digest).cloned().unwrap_or_default();
     let missing_here: BTreeSet<Digest256> = reach
         .iter()
@@ -185,6 +212,7 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
             "digest": digest,
             "names": my_names,
             "record_kind": kind,
+            "what": what,
             "shared_with": shared_with,
             "missing": missing_here,
             // Blobs it reaches that cannot be read: the sizes leave out what they refer to.
@@ -209,6 +237,9 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
     }
     if let Some(kind) = &kind {
         writeln!(out, "kind          {kind}")?;
+    }
+    if let Some(what) = &what {
+        writeln!(out, "what          {what}")?;
     }
     writeln!(out, "blobs         {}", mine.blobs)?;
     if mine.pages > 0 {
