@@ -81,7 +81,8 @@ class NeedsRoot(CriuMissing, PermissionError):
 
 class CriuFailed(Error):
     """CRIU itself failed; ``criu_errors`` holds its ``Error (...)`` lines and ``log`` the
-    path of its full log."""
+    path of its full log. Both are empty when pf found the problem before CRIU ran (a file the
+    snapshot needs is gone or changed: the message names it)."""
 
 
 class NoSpace(StoreError):

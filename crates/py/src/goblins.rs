@@ -394,7 +394,8 @@ pub(crate) fn load(
 }
 
 /// A cancellation token for `warm_up` and `fork_and_collect`: call `cancel()` from any thread
-/// (a Ctrl-C in the thread that waits cancels too).
+/// (a Ctrl-C in the thread that waits cancels too). It stays cancelled: work given a cancelled
+/// token stops at once, so each call that may be cancelled wants a token of its own.
 #[pyclass(frozen, module = "pf.goblins", name = "Cancel")]
 #[derive(Debug)]
 pub(crate) struct PyCancel {
