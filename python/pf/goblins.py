@@ -284,10 +284,16 @@ class Goblin:
         self._pipes: Optional[Tuple[Optional[IO[bytes]], ...]] = None
         self._pipes_lock = threading.Lock()
         self._let_go = False  # detached, or handed to warm_up: leaving `with` leaves it be
+        self._handed = False  # handed to warm_up, its pipes with it
         self.returncode = None
 
     def _files(self) -> Tuple[Optional[IO[bytes]], ...]:
         with self._pipes_lock:
+            if self._handed:
+                raise errors.InvalidArgument(
+                    f"goblin {self.pid} was handed to warm_up, and its pipes with it: use the "
+                    "goblin warm_up returns (Warmed.goblin, with leave_running=True)"
+                )
             if self._pipes is None:
                 fin, fout, ferr = self._native.take_fds()
                 self._pipes = (
@@ -428,7 +434,9 @@ class Goblin:
         self._let_go = True
 
     def close(self) -> None:
-        """Close our ends of the goblin's pipes."""
+        """Close our ends of the goblin's pipes (a goblin handed to ``warm_up`` has none)."""
+        if self._handed:
+            return
         for f in self._files():
             if f is not None:
                 f.close()
@@ -560,6 +568,7 @@ def warm_up(
                 )
             # Its pipes go to warm_up with it (and to Warmed.goblin with leave_running=True).
             argv_or_goblin._pipes = (None, None, None)
+            argv_or_goblin._handed = True
             argv_or_goblin._let_go = True
         kwargs["goblin"] = argv_or_goblin._native
     else:

@@ -824,7 +824,10 @@ def test_live_warm_up_of_a_goblin_from_spawn_reads_its_pipes(live, store):
         )
     assert warmed.stdout == b"ready\n1 a\n"
     assert warmed.snapshot == store.resolve("spawned")
-    assert goblin.stdout is None  # its pipes went to warm_up
+    # Its pipes went to warm_up: the old handle says where they are now.
+    for pipe in ("stdin", "stdout", "stderr"):
+        with pytest.raises(pf.InvalidArgument, match="handed to warm_up.*Warmed.goblin"):
+            getattr(goblin, pipe)
     with pf.goblins.thaw("spawned", store) as copy:
         assert ask(copy, "b") == "2 b"
 
