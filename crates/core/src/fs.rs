@@ -1921,8 +1921,9 @@ fn remove_empty_dirs(dir: &Path) {
     let _ = fs::remove_dir(dir);
 }
 
-/// What a store's root holds (the first writer creates them; a reader's lock creates `lock`).
-const STORE_ENTRIES: [&str; 4] = ["blobs", "refs", "index", "lock"];
+/// What a store's root holds (the first writer creates them; a reader's lock creates `lock`;
+/// a push keeps its upload sessions in `registry`).
+const STORE_ENTRIES: [&str; 5] = ["blobs", "refs", "index", "lock", "registry"];
 
 /// An existing directory is a store when it holds one of [`STORE_ENTRIES`], or nothing at all
 /// (a store made and never written to, or a directory made for one): any other directory is a

@@ -175,9 +175,8 @@ pub(super) fn show(store: &dyn BlobStore, digest: Digest256, json_out: bool) -> 
     // user here: "`pf store show` says what it holds").
     let what = kind.is_none().then(|| {
         let manifests = graph.manifests();
-        let in_manifest = |pick: &dyn Fn(&pf_core::pages::PagesManifest) -> bool| {
-            manifests.values().any(pick)
-        };
+        let in_manifest =
+            |pick: &dyn Fn(&pf_core::pages::PagesManifest) -> bool| manifests.values().any(pick);
         if in_manifest(&|m| m.packs.contains(&digest)) {
             match pf_core::pack::Pack::parse(digest, &own) {
                 Ok(pack) => format!(
