@@ -10,7 +10,10 @@ registry is spoken to in plain http, any other in https (verified against the sy
 unless ``insecure=True``. Credentials come from the docker config (``$DOCKER_CONFIG``, else
 ``~/.docker/config.json``: ``docker login`` writes it), or ``docker_config=``; ``anonymous=True``
 uses none. Both calls release the GIL; Ctrl-C cancels them (a pull takes back what it stored, a
-push writes no tag and a rerun skips what the registry took) and raises ``KeyboardInterrupt``.
+push writes no tag and a rerun skips what the registry took) and raises ``KeyboardInterrupt``
+once the transfer has wound down: at once while bytes move, at ``idle_timeout`` at the latest
+while a registry that does not answer is waited for. A Ctrl-C that comes as the transfer
+finishes raises too; what it did then stands (the snapshot pulled and named, or pushed).
 """
 
 import os

@@ -3,7 +3,10 @@ back into other stores, and the errors a caller can act on."""
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,11 +62,50 @@ def test_what_cannot_be_pushed_or_pulled_raises_what_to_act_on(store, registry, 
         pf.registry.pull(f"{registry}/a/b:missing", pf.Store(str(fresh)))
     assert not fresh.exists()
     # No registry at that port.
+    target = pf.Store(str(fresh))
     with socket_free_port() as port:
         with pytest.raises(pf.RegistryUnreachable, match="cannot reach the registry") as err:
-            pf.registry.pull(f"127.0.0.1:{port}/a/b:c", pf.Store(str(fresh)))
+            pf.registry.pull(f"127.0.0.1:{port}/a/b:c", target)
     assert isinstance(err.value, ConnectionError)
     assert not fresh.exists()
+    # The same Store, after its failed pulls: still no store there, and a good pull makes it.
+    assert not target.exists
+    ref = f"{registry}/a/b:there"
+    pf.registry.push(root, ref, store)
+    assert pf.registry.pull(ref, target, tag="there").snapshot == root
+    assert target.exists and target.resolve("there") == root
+
+
+def test_ctrl_c_stops_a_pull_and_keeps_nothing(tmp_path):
+    # A registry that takes the connection and never answers: the pull waits; Ctrl-C raises
+    # KeyboardInterrupt once the transfer winds down (here at its 3 s idle timeout).
+    script = tmp_path / "pull.py"
+    script.write_text(
+        "import socket, sys, pf\n"
+        "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(8)\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    pf.registry.pull(f'127.0.0.1:{srv.getsockname()[1]}/a/b:c', pf.Store(sys.argv[1]),\n"
+        "                     idle_timeout=3)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    fresh = tmp_path / "fresh"
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(fresh)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert child.stdout.readline() == b"ready\n"
+        time.sleep(0.5)
+        started = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+        assert out == b"interrupted\n", err
+        assert time.monotonic() - started < 15
+        assert not fresh.exists()
+    finally:
+        child.kill()
+        child.wait()
 
 
 class socket_free_port:

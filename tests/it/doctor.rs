@@ -213,6 +213,46 @@ fn doctor_flags_a_store_others_can_read() {
     assert_eq!(check(&doc, "store")["ok"], true);
 }
 
+/// A directory of other things is no store to doctor either, as to every command: doctor
+/// says so (and stores nothing there), `pf store ls` refuses it and leaves it as it was.
+#[test]
+fn a_directory_of_other_things_is_no_store_to_doctor_nor_to_any_command() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let project = dir.path().join("project");
+    std::fs::create_dir(&project).expect("mkdir");
+    std::fs::set_permissions(&project, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    std::fs::write(project.join("notes.txt"), "mine").expect("write");
+    let doc = json_of(&doctor(
+        &project,
+        dir.path(),
+        Path::new("/nonexistent/criu"),
+        true,
+    ));
+    let c = check(&doc, "store");
+    assert_eq!(c["ok"], false, "{c}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("is not a pf store: the directory holds notes.txt")),
+        "{c}"
+    );
+    let out = crate::support::pf(&project)
+        .args(["store", "ls"])
+        .output()
+        .expect("pf store ls");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a pf store"),
+        "{out:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&project)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(left, ["notes.txt"], "nothing was added");
+}
+
 #[test]
 fn doctor_says_a_store_on_a_read_only_mount_is_read_only() {
     // A read-only tmpfs on the store, in a mount namespace of its own (CI runs as root).

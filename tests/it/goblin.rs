@@ -310,6 +310,25 @@ fn live_spawn_of_a_command_that_exits_says_what_it_printed() {
     assert!(!err.contains("seize"), "{err}");
 }
 
+/// A thaw of a name whose snapshot is gone from the store says so with the name and the fix
+/// (`pf store untag`), before anything runs.
+#[test]
+fn a_thaw_of_a_name_whose_snapshot_is_gone_names_it_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let s = pf_core::FsBlobStore::open(&store).expect("store");
+    let gone = s.put(b"a snapshot, once").expect("put");
+    s.set_name("old", &gone).expect("name");
+    assert!(s.remove(&gone).expect("remove"));
+    let err = failed(&thaw(&store, "old", b""), "a thaw of a dangling name");
+    assert!(
+        err.contains(&format!(
+            "the name \"old\" points at {gone}, which is not in the store"
+        )) && err.contains("`pf store untag old`"),
+        "{err}"
+    );
+}
+
 /// A spawn into a store on a read-only mount fails before the command starts, saying why and
 /// what to do: a warm-up of minutes is not run only to be lost. (It warmed the command up, then
 /// failed to name the snapshot.)

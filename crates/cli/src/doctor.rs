@@ -793,7 +793,17 @@ fn store_check(global: &Global) -> Check {
                     format!("chown to your user and chmod 700 {shown}, or pass --store DIR"),
                 )
             } else {
-                Check::pass(ID, LABEL, format!("{shown} (mode {mode:04o})"))
+                match pf_core::FsBlobStore::open_existing(&root) {
+                    // The rule every command goes by: a directory of other things is no store.
+                    Err(e @ pf_core::Error::NotAStore { .. }) => Check::fail(
+                        ID,
+                        LABEL,
+                        e.to_string(),
+                        "pass --store DIR (or set $PF_STORE) naming the store's own directory, or \
+                         a new or empty one",
+                    ),
+                    _ => Check::pass(ID, LABEL, format!("{shown} (mode {mode:04o})")),
+                }
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -678,11 +678,15 @@ impl Pidfile {
     /// stale one (its copy ended, or its pid names a process started since) is overwritten.
     fn check(path: &std::path::Path) -> anyhow::Result<()> {
         match std::fs::read_to_string(path) {
-            Ok(text) if text.trim().parse::<i32>().is_err() => anyhow::bail!(
-                "--pidfile {} is a file that does not hold a pid: not overwritten; nothing was \
+            // Empty (`--pidfile "$(mktemp)"`): made for it.
+            Ok(text) if !text.trim().is_empty() && text.trim().parse::<i32>().is_err() => {
+                anyhow::bail!(
+                    "--pidfile {} is a file that does not hold a pid: not overwritten; nothing was \
                  thawed (name a new file, or remove it first)",
-                path.display()
-            ),
+                    path.display()
+                )
+            }
+            Ok(text) if text.trim().is_empty() => {}
             Ok(_) => {
                 if let Ok(pid) = pid_from_pidfile(path) {
                     anyhow::bail!(
@@ -904,6 +908,9 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("nothing was thawed"), "{err}");
+        // An empty one (made with mktemp) is there to be written.
+        std::fs::write(&path, "").unwrap();
+        Pidfile::check(&path).unwrap();
         // A file that is not a pidfile is not overwritten.
         std::fs::write(&path, "fn main() {}\n").unwrap();
         let err = Pidfile::check(&path).unwrap_err().to_string();

@@ -986,11 +986,12 @@ fn gc(store: &FsBlobStore, args: &GcArgs) -> anyhow::Result<ExitCode> {
     if packs.packs > 0 {
         // After a repack, what is left dead is in packs above its threshold: a lower one is
         // not the hint; without one, the hint is the default's.
-        let hint = if repacked.is_some() {
+        let hint = if let Some(r) = &repacked {
             format!(
-                "packs at least {:.0}% live were kept as they are (a higher --threshold \
+                "packs at least {:.0}% live {} kept as they are (a higher --threshold \
                  rewrites more of them)",
-                args.threshold * 100.0
+                args.threshold * 100.0,
+                if r.gc.dry_run { "would be" } else { "were" }
             )
         } else {
             "`pf store gc --repack` rewrites the packs less than half live".to_owned()

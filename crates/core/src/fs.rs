@@ -184,15 +184,30 @@ impl FsBlobStore {
     /// Remove the store at `root` if nothing is in it: no blob and no name (a pull that made
     /// it and failed has taken back what it stored). Its lock file and the empty directories
     /// go; a file pf does not know, or a blob another process stored meanwhile, keeps it.
+    ///
+    /// Only while no one else uses the store: its lock is taken exclusively without waiting (a
+    /// writer or reader holding it, another pull into the same new store say, keeps the store
+    /// as it is), and held while the store is looked at and taken apart.
     pub fn forget_if_empty(root: &Path) {
-        let empty = Self::open_existing(root).is_ok_and(|store| {
-            store.list().is_ok_and(|blobs| blobs.is_empty())
-                && store.names().is_ok_and(|names| names.is_empty())
-        });
+        let Ok(store) = Self::open_existing(root) else {
+            return;
+        };
+        let Ok(lock) = File::open(root.join("lock")) else {
+            // No lock file: nothing ever locked it, so nothing was stored; only empty
+            // directories go.
+            remove_empty_dirs(root);
+            return;
+        };
+        if lock.try_lock().is_err() {
+            return;
+        }
+        let empty = store.list().is_ok_and(|blobs| blobs.is_empty())
+            && store.names().is_ok_and(|names| names.is_empty());
         if empty {
             let _ = fs::remove_file(root.join("lock"));
         }
         remove_empty_dirs(root);
+        drop(lock);
     }
 
     /// The store's root directory.
@@ -1941,6 +1956,10 @@ fn check_is_store(root: &Path) -> Result<()> {
         {
             return Ok(());
         }
+        // What mkfs leaves at the root of a file system made for the store.
+        if name == std::ffi::OsStr::new("lost+found") {
+            continue;
+        }
         names.push(name.to_string_lossy().into_owned());
     }
     if names.is_empty() {
@@ -2050,6 +2069,23 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_store_is_forgotten_unless_someone_holds_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("new");
+        let s = FsBlobStore::open(&root).unwrap();
+        let held = s.writer_lock().unwrap();
+        FsBlobStore::forget_if_empty(&root);
+        assert!(root.join("lock").exists(), "a writer holds it: kept");
+        drop(held);
+        let d = s.put(b"kept").unwrap();
+        FsBlobStore::forget_if_empty(&root);
+        assert_eq!(s.get(&d).unwrap(), b"kept", "a blob keeps it");
+        assert!(s.remove(&d).unwrap());
+        FsBlobStore::forget_if_empty(&root);
+        assert!(!root.exists(), "empty and unused: gone");
+    }
+
+    #[test]
     fn a_directory_that_holds_other_things_is_not_a_store() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("project");
@@ -2074,7 +2110,17 @@ mod tests {
             );
         }
         assert!(!root.join("blobs").exists() && !root.join("lock").exists());
-        // Any one of a store's own entries makes it one (a reader's lock file alone too).
+        // A file system made for the store holds lost+found: that alone is an empty store.
+        let volume = dir.path().join("volume");
+        fs::create_dir_all(volume.join("lost+found")).unwrap();
+        fs::set_permissions(&volume, fs::Permissions::from_mode(0o700)).unwrap();
+        FsBlobStore::open_existing(&volume).unwrap();
+        // Any one of a store's own entries makes it one (a reader's lock file alone too, or a
+        // push's upload sessions).
+        let pushed = dir.path().join("pushed");
+        fs::create_dir_all(pushed.join("registry/uploads")).unwrap();
+        fs::set_permissions(&pushed, fs::Permissions::from_mode(0o700)).unwrap();
+        FsBlobStore::open_existing(&pushed).unwrap();
         fs::write(root.join("lock"), b"").unwrap();
         fs::set_permissions(root.join("lock"), fs::Permissions::from_mode(0o600)).unwrap();
         FsBlobStore::open_existing(&root).unwrap();

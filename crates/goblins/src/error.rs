@@ -270,8 +270,13 @@ pub enum Error {
     },
     /// The store a warm-up is to freeze into cannot be written (read-only, not ours): found
     /// before the command was started, so no warm-up is lost.
-    #[error("cannot warm up a goblin to freeze into this store: nothing was started")]
+    #[error(
+        "cannot warm up a goblin to freeze into this store: {}",
+        if *.handed { "the goblin handed in was stopped, nothing was frozen" } else { "nothing was started" }
+    )]
     StoreUnwritable {
+        /// Whether a goblin was handed in (it was stopped), rather than a command to start.
+        handed: bool,
         /// The cause (it says what to do).
         #[source]
         source: Box<pf_core::Error>,
@@ -428,7 +433,7 @@ impl Error {
             | Self::Pattern { .. }
             | Self::TagWithImages { .. }
             | Self::InputCount { .. } => ErrorKind::InvalidInput,
-            Self::Tag { source, .. } | Self::StoreUnwritable { source } => {
+            Self::Tag { source, .. } | Self::StoreUnwritable { source, .. } => {
                 ErrorKind::of_store(source)
             }
             Self::KernelThread { .. } => ErrorKind::NotAGoblin,

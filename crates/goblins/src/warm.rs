@@ -179,6 +179,7 @@ pub fn warm_up(
             store
                 .writer_lock()
                 .map_err(|source| Error::StoreUnwritable {
+                    handed: matches!(from, WarmFrom::Goblin(_)),
                     source: Box::new(source),
                 })?,
         );

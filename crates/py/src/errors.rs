@@ -137,6 +137,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 fn in_python(text: &str) -> String {
     text.replace("--new-pidns", "new_pid_namespace=True")
         .replace("`pf goblin spawn`", "pf.goblins.spawn")
+        .replace("(--store DIR, $PF_STORE)", "(pf.Store(path), $PF_STORE)")
 }
 
 /// Build the exception of `class` with `message`.

@@ -437,6 +437,7 @@ fn cancellable<T: Send>(
     crate::interruptible(
         py,
         || cancel.cancel_with_signal(libc_sigint()),
+        false,
         work,
         errors::from_goblin,
     )

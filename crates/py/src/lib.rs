@@ -16,11 +16,13 @@ mod store;
 /// Run `work` on a thread of its own with the GIL released, while this thread watches for
 /// Python signals: the first exception a signal handler raises (Ctrl-C's KeyboardInterrupt)
 /// calls `interrupt` (which tells the work to stop) and is kept while the work winds down. Work
-/// that still completes returns its result; work that failed after the interrupt raises the
-/// interrupt; any other failure is `error`'s exception.
+/// that failed after the interrupt raises the interrupt; work that still completes returns its
+/// result, unless `always_raise` (the interrupt is raised then too: the work's effect stands);
+/// any other failure is `error`'s exception.
 pub(crate) fn interruptible<T: Send, E: Send>(
     py: Python<'_>,
     interrupt: impl Fn() + Sync,
+    always_raise: bool,
     work: impl FnOnce() -> Result<T, E> + Send,
     error: impl FnOnce(E) -> PyErr,
 ) -> PyResult<T> {
@@ -41,6 +43,7 @@ pub(crate) fn interruptible<T: Send, E: Send>(
         })
     });
     match (result, interrupted) {
+        (Ok(Ok(_)), Some(interrupt)) if always_raise => Err(interrupt),
         (Ok(Ok(done)), _) => Ok(done),
         (Ok(Err(_)), Some(interrupt)) => Err(interrupt),
         (Ok(Err(err)), None) => Err(error(err)),

@@ -55,7 +55,8 @@ fn reference(text: &str) -> PyResult<Reference> {
 }
 
 /// Run `work` with the GIL released; a Python signal (Ctrl-C) sets `cancel`, the work winds
-/// down, and the KeyboardInterrupt is raised if it then failed.
+/// down, and the KeyboardInterrupt is raised (also when the transfer had just finished: it
+/// stands, in the store or the registry).
 fn cancellable<T: Send>(
     py: Python<'_>,
     cancel: &Arc<AtomicBool>,
@@ -64,6 +65,7 @@ fn cancellable<T: Send>(
     crate::interruptible(
         py,
         || cancel.store(true, Ordering::SeqCst),
+        true,
         work,
         errors::from_registry,
     )
@@ -142,10 +144,11 @@ pub(crate) fn pull<'py>(
         cancel: Some(Arc::clone(&cancel)),
     };
     let started = std::time::Instant::now();
-    let pulled = store.for_writing().and_then(|blobs| {
+    let pulled = store.open_unkept().and_then(|blobs| {
         cancellable(py, &cancel, || {
             pf_registry::pull(blobs.as_ref(), &source, &options, &|_| {})
         })
+        .inspect(|_| store.keep_opened(&blobs))
     });
     let report = match pulled {
         Ok(report) => report,

@@ -91,6 +91,23 @@ impl Store {
         Arc::clone(self.opened.get_or_init(|| Arc::new(store)))
     }
 
+    /// The store to write into, created when missing, but not remembered: for work that removes
+    /// the store it made when it fails (a pull), so that this `Store` does not go on holding one
+    /// that is gone. [`keep_opened`](Self::keep_opened) it once the work succeeded.
+    pub(crate) fn open_unkept(&self) -> PyResult<Arc<FsBlobStore>> {
+        if let Some(store) = self.opened.get() {
+            return Ok(Arc::clone(store));
+        }
+        FsBlobStore::open(&self.root)
+            .map(Arc::new)
+            .map_err(errors::from_core)
+    }
+
+    /// Remember a store [`open_unkept`](Self::open_unkept) gave.
+    pub(crate) fn keep_opened(&self, store: &Arc<FsBlobStore>) {
+        let _ = self.opened.set(Arc::clone(store));
+    }
+
     /// A digest, a unique prefix of one, or a name, resolved in the store (which must be there;
     /// see `pf_core::BlobStore::resolve`).
     pub(crate) fn resolve_ref(&self, reference: &str) -> PyResult<Digest256> {

