@@ -143,7 +143,8 @@ def test_kill_of_a_detached_goblin_refuses_and_leaves_it_running():
 
 
 def test_leaving_with_leaves_a_goblin_detached_inside_it_running():
-    with pf.goblins.spawn([sys.executable, "-c", "import sys; sys.stdin.read()"]) as goblin:
+    # One that outlives the end of its input (leaving `with` closes our end of its stdin).
+    with pf.goblins.spawn([sys.executable, "-c", "import time; time.sleep(60)"]) as goblin:
         goblin.detach()
     try:
         assert alive(goblin.pid)
