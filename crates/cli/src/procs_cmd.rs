@@ -175,6 +175,24 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
         labels: args.label.iter().cloned().collect::<BTreeMap<_, _>>(),
         extra_args: args.criu_arg.clone(),
     };
+    // CRIU dumps a tree only from the leader of its session, or as a shell job: said before it
+    // runs (and keeps a log of its refusal). A session begun outside pf's pid namespace (0 here)
+    // is CRIU's to explain (see `pf_world_procs`' session check).
+    if !args.shell_job
+        && let Some(st) = pf_os::proc::stat(args.pid)
+        && st.session > 0
+        && st.session != args.pid
+        && !st.is_zombie()
+    {
+        bail!(
+            "process {pid} does not lead its session (its session leader is pid {sid}): CRIU \
+             dumps a tree from its session leader; capture that one (`--pid {sid}`, with \
+             everything it started), start the program under `setsid`, or pass --shell-job to \
+             dump it as a job of that session; nothing was dumped",
+            pid = args.pid,
+            sid = st.session,
+        );
+    }
     // Seen before the dump: once it is over the tree may be gone.
     let outside = pipes_leading_outside(&pf_os::proc::tree(args.pid));
     // Held from the first blob to the name (see agent_docs/formats.md).
@@ -227,6 +245,8 @@ fn capture(store: &FsBlobStore, args: &CaptureArgs) -> anyhow::Result<ExitCode> 
 #[derive(Debug, PartialEq, Eq)]
 struct OutsidePipe {
     pid: i32,
+    /// Its name, read before the dump (CRIU may end the process before the notes are said).
+    comm: String,
     fd: i32,
     pipe: u64,
     reads: bool,
@@ -243,10 +263,7 @@ fn outside_pipe_notes(ends: &[OutsidePipe]) -> Vec<String> {
         .map(|(pipe, ends)| {
             let holders = ends
                 .iter()
-                .map(|e| {
-                    let comm = pf_os::proc::comm(e.pid).unwrap_or_default();
-                    format!("pid {} ({comm}) fd {}", e.pid, e.fd)
-                })
+                .map(|e| format!("pid {} ({}) fd {}", e.pid, e.comm, e.fd))
                 .collect::<Vec<_>>()
                 .join(", ");
             if ends[0].reads {
@@ -278,6 +295,7 @@ fn outside_pipe_notes(ends: &[OutsidePipe]) -> Vec<String> {
 fn pipes_leading_outside(pids: &[i32]) -> Vec<OutsidePipe> {
     let mut ends: Vec<OutsidePipe> = Vec::new();
     for &pid in pids {
+        let comm = pf_os::proc::comm(pid).unwrap_or_default();
         for (fd, link) in pf_os::proc::open_fds(pid) {
             let (Some(pipe), Some(flags)) = (
                 pf_os::proc::link_inode(&link, "pipe"),
@@ -287,6 +305,7 @@ fn pipes_leading_outside(pids: &[i32]) -> Vec<OutsidePipe> {
             };
             ends.push(OutsidePipe {
                 pid,
+                comm: comm.clone(),
                 fd,
                 pipe,
                 reads: pf_os::proc::flags_read(flags),
@@ -490,6 +509,7 @@ mod tests {
     fn a_pipe_is_outside_when_the_tree_holds_only_one_of_its_ends() {
         let end = |pid, fd, pipe, reads| OutsidePipe {
             pid,
+            comm: String::new(),
             fd,
             pipe,
             reads,
@@ -530,6 +550,27 @@ mod tests {
             "{notes:?}"
         );
         assert!(notes.last().is_some_and(|n| n.contains("pf goblin")));
+        // The name was read with the ends: it is said even once the process is gone.
+        let me = pf_os::proc::comm(own).expect("our name");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains(&format!("pid {own} ({me}) fd"))),
+            "{notes:?}"
+        );
+        let gone: Vec<OutsidePipe> = mine
+            .into_iter()
+            .map(|e| OutsidePipe {
+                pid: 999_999_999,
+                ..e
+            })
+            .collect();
+        assert!(
+            outside_pipe_notes(&gone)
+                .iter()
+                .any(|n| n.contains(&format!("pid 999999999 ({me}) fd"))),
+            "the name comes from the ends, not from /proc now"
+        );
     }
 
     fn inode(fd: &impl std::os::fd::AsFd) -> u64 {

@@ -41,9 +41,9 @@ Examples:
 The original keeps running; the copy runs in fresh PID and mount namespaces beside it, in this
 terminal (its foreground job, with job control), until it exits; its jobs end with it. The copy,
 in this terminal's session whose leader is outside its namespace, cannot itself be frozen or
-beamed again: freeze the original. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original is dumped
-waits for the dump to end, and from then until the copy runs it stops the beam: pf kills CRIU
-and what it restored so far, removes the images, and exits 128 + the signal's number.";
+beamed again: freeze the original. A signal to pf (SIGINT, SIGTERM, SIGHUP) while the original
+is dumped waits for the dump to end, and from then until the copy runs it stops the beam: pf
+kills CRIU and what it restored so far, removes the images, and exits 128 + the signal's number.";
 
 /// Which shell: by pid or by a pattern over command lines.
 #[derive(Debug, clap::Args)]
